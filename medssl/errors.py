@@ -1,0 +1,103 @@
+"""Typed errors raised by medssl.
+
+Every error a user can cause (a bad file, a bad series, a bad argument) is a
+:class:`MedsslError`. The command line prints its message on stderr and exits
+non-zero, without a traceback. Errors about one input name that input in
+``path`` and say what was wrong in ``problem``, so a batch job can log them as
+a row instead of stopping.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "MedsslError",
+    "VolumeReadError",
+    "UnsupportedFormatError",
+    "CorruptFileError",
+    "NotAnImageError",
+    "SeriesGeometryError",
+    "MissingSliceError",
+    "DuplicateSliceError",
+    "NonUniformSpacingError",
+    "GantryTiltError",
+    "LocalizerError",
+    "MultipleSeriesError",
+    "DatasetLayoutError",
+]
+
+
+class MedsslError(Exception):
+    """Base class of every error medssl raises on purpose."""
+
+
+class VolumeReadError(MedsslError):
+    """A file or series could not be read as a CT volume.
+
+    Args:
+        path: the file or directory at fault.
+        problem: what was wrong, in words a user can act on.
+    """
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class UnsupportedFormatError(VolumeReadError):
+    """The path is not in a format medssl reads (DICOM, NIfTI, MetaImage)."""
+
+
+class CorruptFileError(VolumeReadError):
+    """The file is truncated or not parseable."""
+
+
+class NotAnImageError(VolumeReadError):
+    """The DICOM object is valid but holds no CT image (an SR, a SEG, ...)."""
+
+
+class SeriesGeometryError(VolumeReadError):
+    """The slices of a series do not form one regular 3D grid."""
+
+
+class MissingSliceError(SeriesGeometryError):
+    """A gap in slice positions shows that one or more slices are missing."""
+
+
+class DuplicateSliceError(SeriesGeometryError):
+    """Two or more slices share one position along the slice normal."""
+
+
+class NonUniformSpacingError(SeriesGeometryError):
+    """Slice spacing varies more than the tolerance, without a clean gap."""
+
+
+class GantryTiltError(SeriesGeometryError):
+    """The slice stack is sheared: positions do not move along the slice normal."""
+
+
+class LocalizerError(VolumeReadError):
+    """The series is a localizer (scout / topogram), not a volume."""
+
+
+class MultipleSeriesError(VolumeReadError):
+    """A directory holds more than one series and none was chosen.
+
+    Attributes:
+        series_uids: the SeriesInstanceUIDs found, for the user to pick one.
+    """
+
+    def __init__(self, path: str | Path, series_uids: list[str]) -> None:
+        self.series_uids = list(series_uids)
+        listed = ", ".join(self.series_uids)
+        super().__init__(
+            path,
+            f"holds {len(self.series_uids)} series ({listed}); pass series_uid= "
+            "(or --series-uid) to choose one",
+        )
+
+
+class DatasetLayoutError(MedsslError):
+    """A dataset folder does not follow the layout it claims (LUNA16, Decathlon)."""

@@ -1,0 +1,32 @@
+"""Small helpers shared by the volume readers and writers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["storage_array", "last_line"]
+
+
+def storage_array(array: np.ndarray) -> np.ndarray:
+    """The array to store on disk: int16 for whole-number floats in the int16 range (HU).
+
+    Label maps and other integer arrays are returned unchanged; floats that
+    are not whole numbers stay float32.
+    """
+    if array.dtype.kind != "f":
+        return array
+    if (
+        array.size
+        and np.all(np.isfinite(array))
+        and array.min() >= -32768
+        and array.max() <= 32767
+        and np.array_equal(array, np.round(array))
+    ):
+        return array.astype(np.int16)
+    return array.astype(np.float32, copy=False)
+
+
+def last_line(exc: BaseException) -> str:
+    """The last non-empty line of an exception's message (ITK messages are long)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

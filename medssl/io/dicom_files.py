@@ -1,0 +1,138 @@
+"""Reading single DICOM files with typed errors, and decoding their pixels.
+
+pydicom does the parsing and, through its decoder plugins (pylibjpeg,
+python-gdcm), the decompression of JPEG lossless, JPEG-LS, JPEG 2000 and RLE
+transfer syntaxes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from medssl.errors import CorruptFileError, NotAnImageError
+
+__all__ = [
+    "CT_IMAGE_STORAGE",
+    "ENHANCED_CT_IMAGE_STORAGE",
+    "is_dicom_file",
+    "iter_files",
+    "read_dataset",
+    "require_image",
+    "frame_pixels",
+    "is_localizer",
+    "series_meta",
+]
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+_NATIVE_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True when the file carries the DICOM Part 10 preamble and ``DICM`` magic."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    """Every regular file under ``root`` (recursively), in sorted order; hidden files skipped."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.name.startswith(".") and path.name != "DICOMDIR":
+            yield path
+
+
+def read_dataset(path: str | Path, stop_before_pixels: bool = False) -> Dataset:
+    """Read one DICOM Part 10 file.
+
+    Raises:
+        CorruptFileError: not DICOM, truncated, or malformed; the message names the problem.
+    """
+    path = Path(path)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        raise CorruptFileError(path, "not a DICOM file (no DICM preamble)") from None
+    except (OSError, EOFError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+        raise CorruptFileError(path, f"truncated or malformed DICOM: {exc}") from None
+
+
+def require_image(ds: Dataset, path: Path) -> None:
+    """Raise NotAnImageError unless ``ds`` holds a single-channel image with pixel data."""
+    sop = ds.get("SOPClassUID")
+    sop_name = getattr(sop, "name", None) or str(sop or "unknown SOP class")
+    if "PixelData" not in ds and "Rows" not in ds:
+        raise NotAnImageError(path, f"is a {sop_name} object, which holds no image")
+    if "PixelData" not in ds:
+        raise NotAnImageError(path, f"{sop_name} object has no PixelData")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise NotAnImageError(
+            path, f"has {ds.SamplesPerPixel} samples per pixel; CT is single-channel"
+        )
+
+
+def frame_pixels(ds: Dataset, path: Path) -> np.ndarray:
+    """Stored pixel values (before rescale), shape ``(frames, rows, columns)``.
+
+    Uncompressed little-endian data whose stored bits fill the allocated bits
+    is viewed straight from the buffer; anything else goes through pydicom's
+    decoders.
+
+    Raises:
+        CorruptFileError: the pixel data is shorter than the header says, or cannot be decoded.
+    """
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    bits = int(ds.BitsAllocated)
+    if (
+        ds.file_meta.TransferSyntaxUID in _NATIVE_LE
+        and bits in (8, 16, 32)
+        and int(ds.get("BitsStored", bits)) == bits
+    ):
+        dtype = np.dtype(f"<{'i' if ds.get('PixelRepresentation', 0) else 'u'}{bits // 8}")
+        expected = rows * cols * frames * dtype.itemsize
+        buffer = ds.PixelData
+        if len(buffer) < expected:
+            raise CorruptFileError(
+                path,
+                f"pixel data is truncated: {len(buffer)} of {expected} bytes "
+                f"({frames} x {rows} x {cols} x {bits} bits)",
+            )
+        return np.frombuffer(buffer, dtype=dtype, count=rows * cols * frames).reshape(
+            frames, rows, cols
+        )
+    try:
+        array = ds.pixel_array
+    except Exception as exc:  # decoder plugins raise assorted types
+        raise CorruptFileError(
+            path, f"pixel data could not be decoded ({ds.file_meta.TransferSyntaxUID.name}): {exc}"
+        ) from None
+    return array.reshape(frames, rows, cols)
+
+
+def is_localizer(ds: Dataset) -> bool:
+    """True for scout / topogram images (ImageType value 3 is LOCALIZER)."""
+    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+    return len(image_type) > 2 and image_type[2] == "LOCALIZER"
+
+
+def series_meta(ds: Dataset) -> dict[str, object]:
+    """Identifying tags of a series, taken from one of its datasets."""
+    return {
+        "patient_id": str(ds.get("PatientID", "")),
+        "study_uid": str(ds.get("StudyInstanceUID", "")),
+        "series_uid": str(ds.get("SeriesInstanceUID", "")),
+        "modality": str(ds.get("Modality", "")),
+        "sop_class_uid": str(ds.get("SOPClassUID", "")),
+        "series_description": str(ds.get("SeriesDescription", "")),
+    }

@@ -1,0 +1,168 @@
+"""Classic DICOM CT series (one file per slice) to a :class:`~medssl.volume.Volume` in HU.
+
+Files are grouped by SeriesInstanceUID, sorted along the slice normal from
+ImagePositionPatient / ImageOrientationPatient (never InstanceNumber), checked
+for one regular grid (:mod:`medssl.io.slice_stack`), and rescaled to HU with
+each slice's RescaleSlope / RescaleIntercept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from medssl.errors import (
+    LocalizerError,
+    MultipleSeriesError,
+    SeriesGeometryError,
+    VolumeReadError,
+)
+from medssl.io.dicom_enhanced import read_enhanced
+from medssl.io.dicom_files import (
+    ENHANCED_CT_IMAGE_STORAGE,
+    frame_pixels,
+    is_dicom_file,
+    is_localizer,
+    iter_files,
+    read_dataset,
+    require_image,
+    series_meta,
+)
+from medssl.io.slice_stack import PlaneGeometry, sort_slices
+from medssl.volume import Volume
+
+__all__ = ["read_dicom_series"]
+
+#: Threads reading files in parallel: file I/O and zlib/JPEG decoding release the GIL.
+DEFAULT_WORKERS = 4
+
+
+def read_dicom_series(
+    source: str | Path | Sequence[str | Path],
+    series_uid: str | None = None,
+    workers: int = DEFAULT_WORKERS,
+) -> Volume:
+    """Read one CT series from a directory, a list of files, or one file.
+
+    Args:
+        source: a directory (searched recursively), a list of files, or one file.
+            Files without the DICOM preamble are ignored; they are listed in
+            ``meta["ignored_files"]``.
+        series_uid: the SeriesInstanceUID to read when ``source`` holds several.
+        workers: threads reading files in parallel.
+
+    Returns:
+        Volume with float32 HU, shape ``(Z, Y, X)``, z ascending along the slice
+        normal. ``meta`` holds UIDs, modality, and ``files`` in slice order.
+
+    Raises:
+        CorruptFileError: a file is truncated or malformed (named).
+        NotAnImageError: no image series, or a non-image object in the chosen series.
+        MultipleSeriesError: several image series and no ``series_uid``.
+        LocalizerError: the series is a scout/localizer.
+        SeriesGeometryError: missing / duplicate slices, uneven spacing, gantry tilt,
+            mixed orientation or matrix size.
+    """
+    label = Path(source) if isinstance(source, (str, Path)) else Path(".")
+    paths, ignored = _collect(source)
+    if not paths:
+        raise VolumeReadError(label, "holds no DICOM files")
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        datasets = list(pool.map(read_dataset, paths))
+    series = _group(datasets, paths)
+    chosen = _choose(series, series_uid, label)
+    files = [paths[i] for i in chosen]
+    members = [datasets[i] for i in chosen]
+    for ds, path in zip(members, files):
+        require_image(ds, path)
+    if len(members) == 1 and (
+        members[0].SOPClassUID == ENHANCED_CT_IMAGE_STORAGE
+        or int(members[0].get("NumberOfFrames", 1) or 1) > 1
+    ):
+        return read_enhanced(members[0], files[0])
+    volume = _stack(members, files, label)
+    volume.meta["ignored_files"] = [str(p) for p in ignored]
+    return volume
+
+
+def _collect(source: str | Path | Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
+    if isinstance(source, (str, Path)):
+        root = Path(source)
+        if not root.exists():
+            raise VolumeReadError(root, "does not exist")
+        candidates = list(iter_files(root)) if root.is_dir() else [root]
+        dicom = [p for p in candidates if is_dicom_file(p)]
+        if root.is_file() and not dicom:
+            return [root], []  # let read_dataset say why it is not DICOM
+        return dicom, [p for p in candidates if p not in set(dicom)]
+    return [Path(p) for p in source], []
+
+
+def _group(datasets: list[Dataset], paths: list[Path]) -> dict[str, list[int]]:
+    series: dict[str, list[int]] = {}
+    for i, ds in enumerate(datasets):
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if not uid:
+            raise SeriesGeometryError(paths[i], "has no SeriesInstanceUID")
+        series.setdefault(uid, []).append(i)
+    return series
+
+
+def _choose(series: dict[str, list[int]], series_uid: str | None, label: Path) -> list[int]:
+    if series_uid is not None:
+        if series_uid not in series:
+            raise VolumeReadError(label, f"holds no series with SeriesInstanceUID {series_uid}")
+        return series[series_uid]
+    if len(series) == 1:
+        return next(iter(series.values()))
+    raise MultipleSeriesError(label, sorted(series))
+
+
+def _plane(ds: Dataset, path: Path) -> PlaneGeometry:
+    missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+               if k not in ds]
+    if missing:
+        raise SeriesGeometryError(path, f"lacks {', '.join(missing)}; cannot place it in space")
+    return PlaneGeometry(
+        position=tuple(float(v) for v in ds.ImagePositionPatient),
+        orientation=tuple(float(v) for v in ds.ImageOrientationPatient),
+        pixel_spacing=tuple(float(v) for v in ds.PixelSpacing),
+        name=path.name,
+    )
+
+
+def _stack(datasets: list[Dataset], files: list[Path], label: Path) -> Volume:
+    for ds, path in zip(datasets, files):
+        if is_localizer(ds):
+            raise LocalizerError(path, "is a LOCALIZER (scout) image, not part of a CT volume")
+    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    if len(shapes) > 1:
+        raise SeriesGeometryError(label, f"slices have different matrix sizes {sorted(shapes)}")
+    first = datasets[0]
+    thickness = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
+    stack = sort_slices(
+        [_plane(ds, p) for ds, p in zip(datasets, files)], label, float(thickness)
+    )
+    rows, cols = shapes.pop()
+    array = np.empty((len(datasets), rows, cols), dtype=np.float32)
+    for z, i in enumerate(stack.order):
+        ds = datasets[i]
+        pixels = frame_pixels(ds, files[i])[0]
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        np.multiply(pixels, np.float32(slope), out=array[z], casting="unsafe")
+        array[z] += np.float32(intercept)
+    meta = {
+        **series_meta(first),
+        "format": "dicom",
+        "files": [str(files[i]) for i in stack.order],
+        "slice_thickness": float(first.get("SliceThickness") or 0.0) or None,
+    }
+    if str(first.get("Modality", "")) not in ("CT", ""):
+        meta["warning"] = f"modality is {first.Modality}, not CT: values are not HU"
+    return Volume(array, stack.affine, meta)
+

@@ -1,0 +1,72 @@
+"""NIfTI-1/2 (``.nii``, ``.nii.gz``) through nibabel, converting RAS <-> LPS.
+
+A NIfTI affine maps the on-disk index ``(i, j, k)`` (i fastest) to RAS mm. A
+Volume maps ``(z, y, x) = (k, j, i)`` to LPS. So::
+
+    affine_volume = diag(-1, -1, 1, 1) @ affine_nifti @ P,   P swaps index 0 and 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medssl.errors import CorruptFileError
+from medssl.io.common import last_line, storage_array
+from medssl.volume import Volume
+
+__all__ = ["read_nifti", "write_nifti"]
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_SWAP_ZX = np.array(
+    [[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64
+)
+
+
+def read_nifti(path: str | Path, label: bool = False) -> Volume:
+    """Read a 3D NIfTI file.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz``.
+        label: keep integer values (label maps) instead of float32 intensities.
+
+    Returns:
+        Volume with array ``(Z, Y, X)``; float32 with scl_slope/scl_inter
+        applied, or the stored integer dtype when ``label``.
+
+    Raises:
+        CorruptFileError: unreadable, truncated, or not 3D.
+    """
+    path = Path(path)
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except Exception as exc:  # nibabel raises many types for bad files
+        raise CorruptFileError(path, f"NIfTI could not be read: {last_line(exc)}") from None
+    data = np.squeeze(data, axis=tuple(range(3, data.ndim))) if data.ndim > 3 else data
+    if data.ndim != 3:
+        raise CorruptFileError(path, f"expected a 3D image, found shape {data.shape}")
+    array = data.transpose(2, 1, 0)
+    array = np.ascontiguousarray(array if label else array.astype(np.float32, copy=False))
+    affine = _RAS_TO_LPS @ image.affine @ _SWAP_ZX
+    return Volume(array, affine, {"source": str(path), "format": "nifti"})
+
+
+def write_nifti(volume: Volume, path: str | Path) -> Path:
+    """Write ``volume`` as NIfTI-1 with qform and sform set (code 1, scanner).
+
+    Whole-number float images in the int16 range (HU) are stored as int16;
+    integer label maps keep their dtype.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = storage_array(volume.array).transpose(2, 1, 0)
+    affine = _RAS_TO_LPS @ volume.affine @ _SWAP_ZX
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    nib.save(image, str(path))
+    return path

@@ -1,0 +1,1 @@
+"""Synthetic CT with ground truth: the only data these machines have."""

@@ -1,0 +1,147 @@
+"""Building blocks shared by the synthetic phantoms.
+
+All functions work on arrays indexed ``(z, y, x)``. Physical sizes are in mm and
+are turned into voxels with the grid's ``spacing`` ``(sz, sy, sx)``. Random
+draws come only from the ``numpy.random.Generator`` passed in, so a phantom is
+a pure function of its seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "physical_grid",
+    "smooth_random_field",
+    "ellipsoid_distance",
+    "scanner_noise",
+    "kernel_blur",
+]
+
+
+def physical_grid(
+    shape: Sequence[int], spacing: Sequence[float], centre_mm: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Open (broadcastable) coordinate arrays in mm, centred on the volume.
+
+    Args:
+        shape: grid shape ``(Z, Y, X)``.
+        spacing: voxel size ``(sz, sy, sx)`` in mm.
+        centre_mm: the mm position, in the same centred frame, that becomes 0;
+            default 0 (the grid centre).
+
+    Returns:
+        ``(z, y, x)`` float32 arrays of shapes ``(Z,1,1)``, ``(1,Y,1)``, ``(1,1,X)``.
+    """
+    centre = np.zeros(3) if centre_mm is None else np.asarray(centre_mm, dtype=np.float64)
+    axes = []
+    for k, (n, s) in enumerate(zip(shape, spacing)):
+        coords = (np.arange(n, dtype=np.float32) - (n - 1) / 2.0) * np.float32(s)
+        coords = coords - np.float32(centre[k])
+        view = [1, 1, 1]
+        view[k] = n
+        axes.append(coords.reshape(view))
+    return axes[0], axes[1], axes[2]
+
+
+def smooth_random_field(
+    shape: Sequence[int],
+    correlation_vox: float | Sequence[float],
+    rng: np.random.Generator,
+    downsample: int = 4,
+) -> np.ndarray:
+    """Zero-mean, unit-variance Gaussian random field with a given correlation length.
+
+    The field is drawn on a grid ``downsample`` times coarser, smoothed there
+    and upsampled linearly, which keeps it cheap for large volumes.
+
+    Args:
+        shape: output shape ``(Z, Y, X)``.
+        correlation_vox: Gaussian smoothing sigma in output voxels, per axis or one value.
+        rng: the random generator.
+        downsample: coarsening factor of the drawing grid (>= 1).
+
+    Returns:
+        float32 array of ``shape``.
+    """
+    sigma = np.broadcast_to(np.asarray(correlation_vox, dtype=np.float64), (3,))
+    factor = np.maximum(1, np.minimum(downsample, np.floor(sigma).astype(int)))
+    coarse_shape = tuple(int(np.ceil(n / f)) + 1 for n, f in zip(shape, factor))
+    coarse = rng.standard_normal(coarse_shape, dtype=np.float32)
+    coarse = ndimage.gaussian_filter(coarse, sigma / factor, mode="wrap")
+    coarse /= max(float(coarse.std()), 1e-6)
+    zoom = [c / n for c, n in zip((np.asarray(coarse_shape) - 1), shape)]
+    coords = np.meshgrid(
+        *[np.arange(n, dtype=np.float32) * z for n, z in zip(shape, zoom)],
+        indexing="ij",
+        sparse=True,
+    )
+    # Separable linear upsampling: interpolate one axis at a time.
+    out = coarse
+    for axis, c in enumerate(coords):
+        c = c.ravel()
+        i0 = np.clip(np.floor(c).astype(int), 0, out.shape[axis] - 2)
+        w = (c - i0).reshape([-1 if a == axis else 1 for a in range(3)])
+        out = np.take(out, i0, axis=axis) * (1 - w) + np.take(out, i0 + 1, axis=axis) * w
+    return out.astype(np.float32, copy=False)
+
+
+def ellipsoid_distance(
+    z: np.ndarray,
+    y: np.ndarray,
+    x: np.ndarray,
+    centre: Sequence[float],
+    radii: Sequence[float],
+) -> np.ndarray:
+    """Normalised ellipsoid distance ``sum(((p - c) / r)^2)``; < 1 inside.
+
+    Args:
+        z, y, x: broadcastable coordinate arrays in mm (from :func:`physical_grid`).
+        centre: ellipsoid centre ``(z, y, x)`` in mm.
+        radii: semi-axes ``(rz, ry, rx)`` in mm, aligned with the grid axes.
+
+    Returns:
+        float32 array of the broadcast shape.
+    """
+    return (
+        ((z - centre[0]) / radii[0]) ** 2
+        + ((y - centre[1]) / radii[1]) ** 2
+        + ((x - centre[2]) / radii[2]) ** 2
+    ).astype(np.float32, copy=False)
+
+
+def kernel_blur(image: np.ndarray, fwhm_mm: float, spacing: Sequence[float]) -> np.ndarray:
+    """Blur with a Gaussian point-spread function, like a reconstruction kernel.
+
+    Args:
+        image: array ``(Z, Y, X)``.
+        fwhm_mm: in-plane full width at half maximum in mm (soft kernel ~1.2,
+            sharp ~0.6). Along z the slice thickness already blurs, so z is left alone.
+        spacing: ``(sz, sy, sx)`` in mm.
+    """
+    sigma_mm = fwhm_mm / 2.3548
+    sigma = (0.0, sigma_mm / spacing[1], sigma_mm / spacing[2])
+    return ndimage.gaussian_filter(image, sigma, mode="nearest")
+
+
+def scanner_noise(shape: Sequence[int], sigma_hu: float, rng: np.random.Generator) -> np.ndarray:
+    """CT-like noise: white noise given the fine in-plane texture of filtered back-projection.
+
+    The noise is correlated in-plane over about one voxel (``sigma`` 0.6 voxel)
+    and rescaled to the requested standard deviation.
+
+    Args:
+        shape: ``(Z, Y, X)``.
+        sigma_hu: standard deviation in HU.
+        rng: the random generator.
+
+    Returns:
+        float32 array of ``shape``.
+    """
+    noise = rng.standard_normal(tuple(shape), dtype=np.float32)
+    noise = ndimage.gaussian_filter(noise, (0.0, 0.6, 0.6), mode="wrap")
+    noise *= np.float32(sigma_hu / max(float(noise.std()), 1e-6))
+    return noise
