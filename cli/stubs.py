@@ -1,0 +1,29 @@
+"""Console scripts whose capabilities later issues build; each says which one."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+__all__ = ["train", "export", "serve", "score"]
+
+_CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+def _stub(name: str, what: str, issue: str) -> click.Command:
+    @click.command(name=name, context_settings=_CONTEXT, help=f"{what} (not built yet: {issue}).")
+    @click.pass_context
+    def command(ctx: click.Context) -> None:
+        click.echo(f"{name}: {what} is not built yet; {issue} completes it.", err=True)
+        sys.exit(2)
+
+    return command
+
+
+train = _stub("medssl-train", "semi-supervised training (FocalMix, A&D, BCP, ...)",
+              "the FocalMix issue (#3) and the A&D issue (#6)")
+export = _stub("medssl-export", "export to ONNX / TensorRT in a Triton repository",
+               "the export issue (#4)")
+serve = _stub("medssl-serve", "the DICOM gateway", "the gateway issue (#7)")
+score = _stub("medssl-score", "batch scoring of archives", "the scoring issue (#5)")

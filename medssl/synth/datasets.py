@@ -1,0 +1,180 @@
+"""Write synthetic cases in the layouts users' real data comes in.
+
+* Chest CT: the LUNA16 layout (:class:`~medssl.datasets.luna16.Luna16Writer`),
+  or one DICOM study per scan in an NLST-like ``patient/study/series/`` tree
+  with LUNA16-style CSVs beside it (``seriesuid`` = SeriesInstanceUID).
+* Multi-organ phantom: the Decathlon layout.
+
+Case ``i`` uses seed ``seed + i``; unlabeled chest scans continue the sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from medssl.datasets.decathlon import DecathlonWriter
+from medssl.datasets.luna16 import Finding, Luna16Writer, write_findings
+from medssl.io.dicom_writer import SeriesInfo, derived_uid, write_dicom_series
+from medssl.io.metaimage import write_metaimage
+from medssl.synth.chest import ChestCase, ChestConfig, generate_chest_ct
+from medssl.synth.organs import DOMAINS, LABELS, generate_organ_phantom
+
+__all__ = ["write_chest_dataset", "write_organ_dataset", "chest_series_info", "chest_findings"]
+
+#: Class-0 candidates drawn in the lungs per scan, like LUNA16's candidates_V2.
+NEGATIVE_CANDIDATES = 20
+
+
+def chest_series_info(seed: int, case: ChestCase) -> SeriesInfo:
+    """Plausible, deterministic patient / study / series tags for synthetic case ``seed``.
+
+    Patients are 55-74 years old, as NLST enrolled them; studies fall in
+    2002-2004. UIDs derive from the seed, so regenerating gives the same UIDs.
+    """
+    rng = np.random.default_rng([seed, 7])
+    age = int(rng.integers(55, 75))
+    year = int(rng.integers(2002, 2005))
+    month, day = int(rng.integers(1, 13)), int(rng.integers(1, 29))
+    thickness = float(case.volume.meta.get("slice_thickness", case.volume.spacing[0]))
+    kernel = str(case.volume.meta.get("kernel", "STANDARD"))
+    return SeriesInfo(
+        uid_seed=f"medssl-synth-chest-{seed}",
+        patient_id=f"SYN{seed:06d}",
+        patient_name=f"Synthetic^Chest{seed:06d}",
+        patient_birth_date=f"{year - age}0101",
+        patient_sex=str(rng.choice(["F", "M"])),
+        patient_age=f"{age:03d}Y",
+        study_id=str(seed),
+        study_date=f"{year}{month:02d}{day:02d}",
+        study_time=f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}00",
+        accession_number=f"A{seed:07d}",
+        study_description="CT CHEST LOW DOSE SCREENING",
+        series_description=f"CHEST {thickness:g}MM {kernel}",
+        slice_thickness=thickness,
+        convolution_kernel=kernel,
+        body_part="CHEST",
+        model_name="medssl synthetic chest",
+    )
+
+
+def chest_findings(seriesuid: str, case: ChestCase) -> tuple[list[Finding], list[Finding]]:
+    """``(nodules, excluded)`` as LUNA16 rows, nodules in ``case.nodules`` order."""
+    nodules = [Finding(seriesuid, n.centre_lps, n.diameter_mm) for n in case.nodules]
+    excluded = [Finding(seriesuid, c.centre_lps, c.diameter_mm) for c in case.confusers]
+    return nodules, excluded
+
+
+def write_chest_dataset(
+    out: str | Path,
+    cases: int,
+    fmt: str = "luna16",
+    seed: int = 0,
+    unlabeled: int = 0,
+    matrix: int = 512,
+    n_slices: int | None = None,
+    progress: Callable[[], None] | None = None,
+) -> list[Path]:
+    """Generate ``cases`` annotated and ``unlabeled`` plain chest CT scans into ``out``.
+
+    Args:
+        fmt: ``"luna16"`` or ``"dicom"``.
+        matrix, n_slices: grid size (see :class:`~medssl.synth.chest.ChestConfig`).
+        progress: called once per scan written.
+
+    Returns:
+        The written scans: ``.mhd`` files, or series folders for DICOM.
+    """
+    if fmt not in ("luna16", "dicom"):
+        raise ValueError(f"fmt must be 'luna16' or 'dicom', got {fmt!r}")
+    out = Path(out)
+    config = ChestConfig(matrix=matrix, n_slices=n_slices)
+    writer = Luna16Writer(out) if fmt == "luna16" else None
+    nodules_all: list[Finding] = []
+    excluded_all: list[Finding] = []
+    written = []
+    for i in range(cases + unlabeled):
+        case_seed = seed + i
+        case = generate_chest_ct(case_seed, config)
+        info = chest_series_info(case_seed, case)
+        uid = info.uid("series")
+        labeled = i < cases
+        if fmt == "dicom":
+            folder = out / info.patient_id / f"{info.study_date}-{info.accession_number}" / (
+                f"{info.series_number}-{info.series_description.replace(' ', '_')}")
+            write_dicom_series(case.volume, folder, info)
+            written.append(folder)
+            if labeled:
+                nodules, excluded = chest_findings(uid, case)
+                nodules_all += nodules
+                excluded_all += excluded
+        elif labeled:
+            nodules, excluded = chest_findings(uid, case)
+            written.append(writer.add(  # type: ignore[union-attr]
+                uid, case.volume, nodules, excluded,
+                lung_mask=case.lung_mask, nodule_mask=_relabel(case),
+                negatives=_lung_points(case, case_seed),
+                truth=[{"kind": n.kind, "location": n.location} for n in case.nodules],
+            ))
+        else:
+            written.append(write_metaimage(case.volume, out / "unlabeled" / f"{uid}.mhd"))
+        if progress:
+            progress()
+    if writer is not None:
+        writer.close()
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_findings(out / "annotations.csv", nodules_all)
+        write_findings(out / "annotations_excluded.csv", excluded_all)
+    return written
+
+
+def write_organ_dataset(
+    out: str | Path,
+    cases: int,
+    n_test: int = 0,
+    domain: str = "A",
+    seed: int = 0,
+    shape: tuple[int, int, int] | None = None,
+    progress: Callable[[], None] | None = None,
+) -> Path:
+    """Generate the multi-organ phantom in the Decathlon layout; returns ``dataset.json``.
+
+    Training case ``i`` is ``organs_{seed+i:04d}``; test cases follow.
+    """
+    writer = DecathlonWriter(
+        out, name=f"medssl synthetic organs, domain {domain}", labels=LABELS,
+        modality=DOMAINS[domain].modality,
+        description="Synthetic abdominal multi-organ phantom (medssl.synth.organs)",
+    )
+    for i in range(cases + n_test):
+        case = generate_organ_phantom(seed + i, domain, shape=shape)
+        case_id = f"organs_{seed + i:04d}"
+        if i < cases:
+            writer.add_training(case_id, case.image, case.label)
+        else:
+            writer.add_test(case_id, case.image, case.label)
+        if progress:
+            progress()
+    return writer.close()
+
+
+def _relabel(case: ChestCase) -> np.ndarray:
+    """Nodule mask with nodule ``k`` of ``case.nodules`` (from 1) as label ``k``."""
+    out = np.zeros(case.nodule_mask.shape, dtype=np.uint8)
+    for k, nodule in enumerate(case.nodules, start=1):
+        out[case.nodule_mask == nodule.label] = k
+    return out
+
+
+def _lung_points(case: ChestCase, seed: int) -> list[tuple[float, float, float]]:
+    """Random LPS points in the lungs, away from nodules: class-0 candidates."""
+    free = case.lung_mask & (case.nodule_mask == 0)
+    index = np.argwhere(free)
+    if len(index) == 0:
+        return []
+    rng = np.random.default_rng([seed, 11])
+    chosen = index[rng.choice(len(index), size=min(NEGATIVE_CANDIDATES, len(index)), replace=False)]
+    return [tuple(p) for p in case.volume.index_to_world(chosen.astype(np.float64))]
