@@ -6,16 +6,14 @@ import json
 from pathlib import Path
 
 import click
-import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from medssl import __version__
+from medssl.cli.errors import MedsslGroup
 from medssl.index import index_tree, write_index
 from medssl.io import read_volume
 from medssl.synth.datasets import write_chest_dataset, write_organ_dataset
 from medssl.synth.organs import DOMAINS
-from medssl.volume import Volume
-from medssl.cli.errors import MedsslGroup
 
 __all__ = ["cli"]
 
@@ -137,7 +135,7 @@ def info(path: Path, as_json: bool, series_uid: str | None) -> None:
     vectors of the z, y, x axes; affine maps (z, y, x, 1) to LPS (x, y, z, 1).
     """
     volume = read_volume(path, series_uid=series_uid)
-    summary = describe(volume)
+    summary = volume.summary()
     if as_json:
         click.echo(json.dumps(summary))
         return
@@ -148,20 +146,6 @@ def info(path: Path, as_json: bool, series_uid: str | None) -> None:
     click.echo(f"origin:      {_fmt(summary['origin'])} mm  (LPS x, y, z)")
     click.echo("direction:   " + "  ".join(_fmt(r) for r in summary["direction"]))
     click.echo(f"intensity:   {summary['min']:g} .. {summary['max']:g}")
-
-
-def describe(volume: Volume) -> dict[str, object]:
-    """The JSON-able summary ``medssl info --json`` prints."""
-    return {
-        "format": volume.meta.get("format", ""),
-        "shape": list(volume.shape),
-        "affine": volume.affine.round(6).tolist(),
-        "origin": volume.origin.round(6).tolist(),
-        "spacing": volume.spacing.round(6).tolist(),
-        "direction": volume.direction.round(6).tolist(),
-        "min": float(np.min(volume.array)),
-        "max": float(np.max(volume.array)),
-    }
 
 
 def _fmt(values: list[float]) -> str:

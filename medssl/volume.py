@@ -117,6 +117,24 @@ class Volume:
             raise ValueError(f"array shape {array.shape} does not match grid {self.array.shape}")
         return Volume(array, self.affine.copy(), {**self.meta, **meta})
 
+    def summary(self) -> dict[str, Any]:
+        """JSON-able geometry and intensity range (what ``medssl info --json`` prints).
+
+        Keys: ``format``, ``shape`` (z, y, x), ``affine`` (index (z, y, x, 1) -> LPS),
+        ``origin`` (LPS mm), ``spacing`` (z, y, x mm), ``direction`` (3x3, columns
+        z, y, x), ``min``, ``max``.
+        """
+        return {
+            "format": str(self.meta.get("format", "")),
+            "shape": list(self.shape),
+            "affine": self.affine.round(6).tolist(),
+            "origin": self.origin.round(6).tolist(),
+            "spacing": self.spacing.round(6).tolist(),
+            "direction": self.direction.round(6).tolist(),
+            "min": float(np.min(self.array)),
+            "max": float(np.max(self.array)),
+        }
+
     # -- resampling -------------------------------------------------------
     def resample(
         self,

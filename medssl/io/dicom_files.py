@@ -60,21 +60,32 @@ def read_dataset(path: str | Path, stop_before_pixels: bool = False) -> Dataset:
     """
     path = Path(path)
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
         raise CorruptFileError(path, "not a DICOM file (no DICM preamble)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
         raise CorruptFileError(path, f"truncated or malformed DICOM: {exc}") from None
+    # pydicom stops quietly at end of file: a file cut short parses as a shorter dataset.
+    if "SOPClassUID" not in ds:
+        raise CorruptFileError(
+            path, f"truncated or malformed DICOM: no SOPClassUID in {path.stat().st_size} bytes"
+        )
+    return ds
 
 
 def require_image(ds: Dataset, path: Path) -> None:
-    """Raise NotAnImageError unless ``ds`` holds a single-channel image with pixel data."""
-    sop = ds.get("SOPClassUID")
-    sop_name = getattr(sop, "name", None) or str(sop or "unknown SOP class")
-    if "PixelData" not in ds and "Rows" not in ds:
+    """Check that ``ds`` holds a single-channel image with its pixel data.
+
+    Raises:
+        NotAnImageError: a non-image SOP class (SR, SEG, RT Structure Set, ...) or a
+            colour image.
+        CorruptFileError: an image header whose pixel data is missing (a cut file).
+    """
+    sop_name = ds.SOPClassUID.name
+    if not sop_name.endswith("Image Storage"):
         raise NotAnImageError(path, f"is a {sop_name} object, which holds no image")
-    if "PixelData" not in ds:
-        raise NotAnImageError(path, f"{sop_name} object has no PixelData")
+    if "Rows" not in ds or "PixelData" not in ds:
+        raise CorruptFileError(path, "is truncated: the file ends before its pixel data")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise NotAnImageError(
             path, f"has {ds.SamplesPerPixel} samples per pixel; CT is single-channel"

@@ -148,7 +148,7 @@ def _check_spacing(distance: np.ndarray, names: list[str], source: str | Path) -
     i = int(np.argmax(deviation))
     ratio = gaps[i] / dz
     if ratio > 1.5 and abs(ratio - round(ratio)) * dz <= tolerance:
-        missing = int(np.sum(np.round(gaps / dz) - 1)[gaps / dz > 1.5])
+        missing = int(np.sum((np.round(gaps / dz) - 1)[gaps / dz > 1.5]))
         raise MissingSliceError(
             source,
             f"{missing} slice(s) missing: gap of {gaps[i]:.3f} mm between {names[i]} "

@@ -1,0 +1,44 @@
+# medssl: `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+DEMO   ?= demo
+
+.PHONY: demo test setup setup-test system-deps clean
+
+$(VENV)/.core: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -U pip
+	# torch first, pinned: the local CPU wheel. An unpinned torch pulls gigabytes of CUDA wheels.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[train,serve]"
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core
+	$(PIP) install -e ".[train,serve,scale,test]"
+	touch $@
+
+setup: $(VENV)/.core
+
+setup-test: $(VENV)/.test system-deps
+
+# Validators and DICOM tools the tests use; installed when running as root (CI, fresh machines).
+system-deps:
+	@if [ "$$(id -u)" = "0" ] && ! command -v dciodvfy >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk >/dev/null; \
+	fi
+	@command -v dciodvfy >/dev/null 2>&1 || echo "note: dciodvfy not found; DICOM validation tests will be skipped (apt-get install dicom3tools)"
+
+# The main job: a synthetic chest CT study as DICOM, its header index, and its geometry.
+demo: setup
+	rm -rf $(DEMO)
+	$(VENV)/bin/medssl synth chest --cases 1 --format dicom $(DEMO)
+	$(VENV)/bin/medssl index $(DEMO) --out $(DEMO)/index.parquet
+	$(VENV)/bin/medssl info "$$(dirname "$$(find $(DEMO) -name 'IM00001.dcm' | head -1)")"
+
+test: setup-test
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -1,0 +1,63 @@
+"""Shared fixtures: small volumes, DICOM series made by code, and the dciodvfy validator."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medssl import Volume, affine_from_geometry
+from medssl.io import SeriesInfo, write_dicom_series
+
+
+def oblique_direction(degrees: float = 20.0) -> np.ndarray:
+    """A rotation about the S axis: columns are the LPS directions of index z, y, x."""
+    a = np.radians(degrees)
+    rot = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    axial = np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    return rot @ axial
+
+
+def ramp_volume(shape=(6, 20, 24), spacing=(2.5, 0.7, 0.8), origin=(-90.0, -110.0, -250.0),
+                direction=None) -> Volume:
+    """A CT-like volume whose every voxel value differs (to catch flips and shifts)."""
+    values = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) % 3000 - 1000
+    return Volume(values, affine_from_geometry(origin, spacing, direction))
+
+
+@pytest.fixture
+def volume() -> Volume:
+    return ramp_volume()
+
+
+@pytest.fixture
+def dicom_series(tmp_path: Path, volume: Volume) -> Path:
+    """A 6-slice axial CT series in ``tmp_path/series``."""
+    folder = tmp_path / "series"
+    write_dicom_series(volume, folder, SeriesInfo(uid_seed="fixture"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dciodvfy():
+    """Run dicom3tools' validator on a file; returns the list of error lines.
+
+    Skipped where dciodvfy is not installed, except under CI, where .ci/run
+    installs it and its absence is a failure.
+    """
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("dciodvfy is not installed; .ci/run should install dicom3tools")
+        pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
+
+    def run(path: Path) -> list[str]:
+        result = subprocess.run([exe, str(path)], capture_output=True, text=True, check=False)
+        return [line for line in (result.stdout + result.stderr).splitlines()
+                if line.startswith("Error")]
+
+    return run
