@@ -37,8 +37,10 @@ from medssl.volume import Volume
 
 __all__ = ["read_dicom_series"]
 
-#: Threads reading files in parallel: file I/O and zlib/JPEG decoding release the GIL.
-DEFAULT_WORKERS = 4
+#: Threads reading files. Parsing holds the GIL, so one is fastest for uncompressed
+#: files on local disk; more help with compressed syntaxes (decoders release the GIL)
+#: and network file systems.
+DEFAULT_WORKERS = 1
 
 
 def read_dicom_series(
@@ -71,8 +73,11 @@ def read_dicom_series(
     paths, ignored = _collect(source)
     if not paths:
         raise VolumeReadError(label, "holds no DICOM files")
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        datasets = list(pool.map(read_dataset, paths))
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            datasets = list(pool.map(read_dataset, paths))
+    else:
+        datasets = [read_dataset(p) for p in paths]
     series = _group(datasets, paths)
     chosen = _choose(series, series_uid, label)
     files = [paths[i] for i in chosen]
@@ -95,10 +100,11 @@ def _collect(source: str | Path | Sequence[str | Path]) -> tuple[list[Path], lis
         if not root.exists():
             raise VolumeReadError(root, "does not exist")
         candidates = list(iter_files(root)) if root.is_dir() else [root]
-        dicom = [p for p in candidates if is_dicom_file(p)]
+        flags = [is_dicom_file(p) for p in candidates]
+        dicom = [p for p, ok in zip(candidates, flags) if ok]
         if root.is_file() and not dicom:
             return [root], []  # let read_dataset say why it is not DICOM
-        return dicom, [p for p in candidates if p not in set(dicom)]
+        return dicom, [p for p, ok in zip(candidates, flags) if not ok]
     return [Path(p) for p in source], []
 
 
@@ -151,11 +157,13 @@ def _stack(datasets: list[Dataset], files: list[Path], label: Path) -> Volume:
     array = np.empty((len(datasets), rows, cols), dtype=np.float32)
     for z, i in enumerate(stack.order):
         ds = datasets[i]
-        pixels = frame_pixels(ds, files[i])[0]
+        array[z] = frame_pixels(ds, files[i])[0]
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        np.multiply(pixels, np.float32(slope), out=array[z], casting="unsafe")
-        array[z] += np.float32(intercept)
+        if slope != 1.0:
+            array[z] *= np.float32(slope)
+        if intercept != 0.0:
+            array[z] += np.float32(intercept)
     meta = {
         **series_meta(first),
         "format": "dicom",

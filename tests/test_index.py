@@ -1,0 +1,79 @@
+"""Header-only index of DICOM trees, its tables, and `medssl index`."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from medssl.cli.main import cli
+from medssl.index import index_tree, read_index, write_index
+from medssl.io import SeriesInfo, write_dicom_series
+from tests.conftest import oblique_direction, ramp_volume
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """patient/study/series tree: 2 patients, 3 series (one sagittal), a stray text file."""
+    root = tmp_path / "tree"
+    write_dicom_series(ramp_volume(), root / "P1" / "ST1" / "SE1",
+                       SeriesInfo(uid_seed="a", patient_id="P1", series_number=1))
+    write_dicom_series(ramp_volume(shape=(4, 20, 24)), root / "P1" / "ST1" / "SE2",
+                       SeriesInfo(uid_seed="b", patient_id="P1", series_number=2,
+                                  study_uid=SeriesInfo(uid_seed="a").uid("study")))
+    sagittal = np.stack([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]], axis=1)
+    write_dicom_series(ramp_volume(direction=sagittal), root / "P2" / "ST" / "SE",
+                       SeriesInfo(uid_seed="c", patient_id="P2"))
+    (root / "README.txt").write_text("not dicom")
+    return root
+
+
+def test_one_row_per_series_with_counts_and_orientation(tree):
+    index = index_tree(tree)
+    assert len(index.series) == 3
+    by_patient = [(s.patient_id, s.n_slices, s.orientation) for s in index.series]
+    assert by_patient == [("P1", 6, "AXIAL"), ("P1", 4, "AXIAL"), ("P2", 6, "SAGITTAL")]
+    first = index.series[0]
+    assert first.modality == "CT" and first.image_type == "ORIGINAL\\PRIMARY\\AXIAL"
+    assert first.slice_thickness == pytest.approx(2.5)
+    assert index.series[0].study_uid == index.series[1].study_uid
+    assert all(f.endswith(".dcm") for f in first.files) and len(first.files) == 6
+    assert index.unreadable == [(str(tree / "README.txt"), "not a DICOM file (no DICM preamble)")]
+
+
+def test_oblique_series_is_labelled(tmp_path):
+    write_dicom_series(ramp_volume(direction=oblique_direction(60).T), tmp_path / "s")
+    assert index_tree(tmp_path).series[0].orientation == "OBLIQUE"
+
+
+def test_corrupt_files_are_listed_not_fatal(tree):
+    victim = sorted((tree / "P2").rglob("*.dcm"))[0]
+    victim.write_bytes(victim.read_bytes()[:300])
+    index = index_tree(tree)
+    assert [s.n_files for s in index.series] == [6, 4, 5]
+    assert (str(victim), ) == tuple(p for p, _ in index.unreadable if p.endswith(".dcm"))
+
+
+def test_parallel_and_serial_indexes_agree(tree):
+    assert index_tree(tree, workers=2).series == index_tree(tree, workers=1).series
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_tables_round_trip(tree, tmp_path, suffix):
+    index = index_tree(tree)
+    path = write_index(index, tmp_path / f"index{suffix}")
+    assert read_index(path).series == index.series
+
+
+def test_cli_prints_full_uids_and_writes_the_table(tree, tmp_path):
+    out = tmp_path / "idx.parquet"
+    result = CliRunner().invoke(cli, ["index", str(tree), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    index = index_tree(tree)
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 + 3
+    for series in index.series:
+        assert any(line.split()[0] == series.series_uid for line in lines[1:])
+    assert read_index(out).series == index.series

@@ -1,0 +1,30 @@
+"""Serving, scoring and the core never import torch: a deployment image has none."""
+
+import subprocess
+import sys
+
+import pytest
+
+TORCH_FREE = [
+    "medssl",
+    "medssl.io",
+    "medssl.index",
+    "medssl.datasets.luna16",
+    "medssl.datasets.decathlon",
+    "medssl.datasets.dicom_tree",
+    "medssl.synth.datasets",
+    "medssl.serving",
+    "medssl.cli.main",
+]
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_module_does_not_import_torch(module):
+    code = f"import sys, {module}; sys.exit(3 if 'torch' in sys.modules else 0)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr or f"{module} imported torch"
+
+
+def test_the_check_detects_torch():
+    code = "import sys, torch; sys.exit(3 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 3
