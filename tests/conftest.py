@@ -29,6 +29,17 @@ def ramp_volume(shape=(6, 20, 24), spacing=(2.5, 0.7, 0.8), origin=(-90.0, -110.
     return Volume(values, affine_from_geometry(origin, spacing, direction))
 
 
+def assert_same_in_world(ours: Volume, theirs: Volume) -> None:
+    """Same voxels at the same LPS positions (index order may differ, e.g. a flipped z)."""
+    assert sorted(ours.spacing.round(5)) == sorted(theirs.spacing.round(5))
+    corners = np.array([[0, 0, 0], [ours.shape[0] - 1, ours.shape[1] - 1, ours.shape[2] - 1]])
+    mapped = theirs.world_to_index(ours.index_to_world(corners))
+    assert np.allclose(mapped, np.round(mapped), atol=1e-3)
+    zz, yy, xx = np.indices(ours.shape).reshape(3, -1)
+    idx = np.round(theirs.world_to_index(ours.index_to_world(np.stack([zz, yy, xx], 1)))).astype(int)
+    assert np.array_equal(ours.array[zz, yy, xx], theirs.array[idx[:, 0], idx[:, 1], idx[:, 2]])
+
+
 @pytest.fixture
 def volume() -> Volume:
     return ramp_volume()

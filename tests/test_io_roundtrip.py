@@ -15,7 +15,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 from medssl import Volume
 from medssl.io import read_volume, write_dicom_series, write_volume
 from medssl.io.sitk_bridge import from_sitk
-from tests.conftest import oblique_direction, ramp_volume
+from tests.conftest import assert_same_in_world, oblique_direction, ramp_volume
 
 WORLD_POINT = np.array([-80.3, -101.7, -243.9])  # LPS mm, inside ramp_volume()
 
@@ -33,17 +33,6 @@ def _sitk_read(path: Path) -> Volume:
         reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
         return from_sitk(reader.Execute())
     return from_sitk(sitk.ReadImage(str(path)))
-
-
-def _same_in_world(ours: Volume, theirs: Volume) -> None:
-    """Same voxels at the same LPS positions (index order may differ, e.g. a flipped z)."""
-    assert sorted(ours.spacing.round(5)) == sorted(theirs.spacing.round(5))
-    corners = np.array([[0, 0, 0], [ours.shape[0] - 1, ours.shape[1] - 1, ours.shape[2] - 1]])
-    mapped = theirs.world_to_index(ours.index_to_world(corners))
-    assert np.allclose(mapped, np.round(mapped), atol=1e-3)
-    zz, yy, xx = np.indices(ours.shape).reshape(3, -1)
-    idx = np.round(theirs.world_to_index(ours.index_to_world(np.stack([zz, yy, xx], 1)))).astype(int)
-    assert np.array_equal(ours.array[zz, yy, xx], theirs.array[idx[:, 0], idx[:, 1], idx[:, 2]])
 
 
 @pytest.mark.parametrize("fmt", [".nii", ".nii.gz", ".mhd", "dicom"])
@@ -119,5 +108,5 @@ def test_enhanced_ct_supplemental_matches_simpleitk():
     assert np.allclose(ours.spacing, [10.0, 0.388672, 0.388672])
     # frames are sorted along the slice normal, (-x row) x (+y col) = -z: z descends
     assert np.allclose(ours.origin, [99.5, -301.5, -149.0])
-    _same_in_world(ours, theirs)
+    assert_same_in_world(ours, theirs)
     assert ours.array.min() == -1024.0  # shared-group RescaleIntercept applied
