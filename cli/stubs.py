@@ -15,7 +15,7 @@ def _stub(name: str, what: str, issue: str) -> click.Command:
     @click.command(name=name, context_settings=_CONTEXT, help=f"{what} (not built yet: {issue}).")
     @click.pass_context
     def command(ctx: click.Context) -> None:
-        click.echo(f"{name}: {what} is not built yet; {issue} completes it.", err=True)
+        click.echo(f"{name}: {what} is not built yet; it comes with {issue}.", err=True)
         sys.exit(2)
 
     return command

@@ -291,7 +291,7 @@ class _Sampler:
 
 def _trunk(s: _Sampler) -> Trunk:
     rng = s.rng
-    ax, ay = 160.0 * s.scale[2], 112.0 * s.scale[1]
+    ax, ay = 160.0 * s.scale[2], 118.0 * s.scale[1]
     obese = rng.uniform(0.6, 1.6)
     fat = (18.0 * obese * rng.uniform(0.8, 1.2), 16.0 * obese, 12.0 * obese)
     field = LatticeField.draw(rng, (-300.0, -150.0, -200.0), (300.0, 150.0, 200.0), 45.0)
@@ -303,7 +303,7 @@ def _trunk(s: _Sampler) -> Trunk:
         ay_ant=ay * rng.uniform(0.95, 1.08),
         ay_post=ay_post,
         fat=fat,
-        wall=rng.uniform(9.0, 14.0),
+        wall=rng.uniform(7.0, 11.0),
         taper=rng.uniform(0.02, 0.06),
         field=field,
         amplitude=0.03,
@@ -369,17 +369,17 @@ def _bowel(s: _Sampler) -> list[Stroke]:
             Clip(field=stool, above=s.rng.uniform(-0.1, 0.6)),
         ),
     ]
-    lo = np.array([-150.0, -80.0, -70.0]) * s.scale
-    hi = np.array([-20.0, 10.0, 70.0]) * s.scale
-    for _ in range(3):
-        loop = Tube(s.walk(lo, hi, 10, 26.0), np.full(11, 12.0 * s.size(0.1)))
+    lo = np.array([-150.0, -85.0, -85.0]) * s.scale
+    hi = np.array([-5.0, 20.0, 85.0]) * s.scale
+    for _ in range(8):
+        loop = Tube(s.walk(lo, hi, 14, 22.0), np.full(15, 13.0 * s.size(0.1)))
         strokes.append(Stroke(loop, Tissue.BOWEL, 0, "abdomen", FAT_ONLY))
     return strokes
 
 
 def _liver(s: _Sampler) -> list[Stroke]:
-    right = s.blob((55.0, -5.0, -68.0), (68.0, 72.0, 62.0), (0, 0, 0), spread=0.12)
-    left = s.blob((70.0, -48.0, 5.0), (38.0, 30.0, 55.0), (-12.0, 12.0, 0), spread=0.15)
+    right = s.blob((58.0, -5.0, -70.0), (72.0, 85.0, 68.0), (0, 0, 0), spread=0.1)
+    left = s.blob((68.0, -50.0, 10.0), (42.0, 32.0, 60.0), (-12.0, 12.0, 0), spread=0.15)
     portal = s.tube(
         [(5.0, -15.0, -5.0), (35.0, -10.0, -35.0), (50.0, -5.0, -75.0), (60.0, 0.0, -105.0)],
         [7.0, 7.0, 5.0, 3.0],
@@ -432,7 +432,7 @@ def _kidneys(s: _Sampler) -> list[Stroke]:
     strokes = []
     for side, label, z in ((1.0, LEFT_KIDNEY, -20.0), (-1.0, RIGHT_KIDNEY, -38.0)):
         kidney = s.blob(
-            (z, 40.0, side * 72.0), (50.0, 25.0, 24.0), (side * 25.0, side * 12.0, -10.0), spread=0.08
+            (z, 25.0, side * 72.0), (55.0, 28.0, 26.0), (side * 25.0, side * 12.0, -10.0), spread=0.08
         )
         c = np.asarray(kidney.centre)
         hilum_dir = np.array([0.0, -0.5, -side * 0.87])
@@ -451,7 +451,7 @@ def _kidneys(s: _Sampler) -> list[Stroke]:
 
 
 def _small_organs(s: _Sampler) -> list[Stroke]:
-    spleen = s.blob((70.0, 45.0, 88.0), (45.0, 48.0, 20.0), (-35.0, 0, 10.0), spread=0.15)
+    spleen = s.blob((72.0, 42.0, 92.0), (50.0, 52.0, 30.0), (-35.0, 0, 10.0), spread=0.15)
     pancreas = s.tube(
         [
             (0.0, -22.0, -32.0),
@@ -462,7 +462,7 @@ def _small_organs(s: _Sampler) -> list[Stroke]:
         ],
         [16.0, 11.0, 11.0, 10.0, 8.0],
     )
-    gallbladder = s.blob((20.0, -50.0, -50.0), (32.0, 15.0, 15.0), (20.0, 0, -25.0), spread=0.15)
+    gallbladder = s.blob((20.0, -50.0, -50.0), (28.0, 13.0, 13.0), (20.0, 0, -25.0), spread=0.15)
     return [
         Stroke(spleen, Tissue.SPLEEN, SPLEEN, "abdomen", ORGAN_ONTO),
         Stroke(pancreas, Tissue.PANCREAS, PANCREAS, "abdomen", ORGAN_ONTO),

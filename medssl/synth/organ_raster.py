@@ -114,8 +114,8 @@ def _paint_spine(canvas: Canvas, t: Trunk) -> None:
     canal = (dy - 26.0) ** 2 + x**2
     arch = (canal < 16.0**2) & (dy > 14.0)
     spinous = ((dy - 46.0) / 14.0) ** 2 + (x / 4.5) ** 2 < 1.0
-    transverse = (((dy - 22.0) / 6.0) ** 2 + ((np.abs(x) - 30.0) / 16.0) ** 2 < 1.0) & (
-        (level > 12.0) & (level < 28.0)
+    transverse = (((dy - 22.0) / 5.0) ** 2 + ((np.abs(x) - 28.0) / 12.0) ** 2 < 1.0) & (
+        (level > 14.0) & (level < 24.0)
     )
     not_air = np.ones(256, dtype=bool)
     not_air[Tissue.AIR] = False
@@ -133,7 +133,8 @@ def _paint_ribs(canvas: Canvas, t: Trunk, regions: dict[str, np.ndarray]) -> Non
     anterior = np.clip(-y / t.ay_ant, 0.0, 1.0)
     lowest = -35.0 + 110.0 * anterior**2  # the costal margin climbs towards the front
     phase = np.mod(z - 0.5 * y - t.rib_phase, _RIB_PERIOD)
-    rib = (z > lowest) & (phase < _RIB_WIDTH) & ~((anterior > 0.8) & (np.abs(x) < 45.0))
+    # No ribs over the spine, nor at the front midline (the xiphoid gap).
+    rib = (z > lowest) & (phase < _RIB_WIDTH) & (np.abs(x) > 45.0)
     rib &= canvas.tissue[iz, iy, ix] == Tissue.MUSCLE
     canvas.tissue[iz[rib], iy[rib], ix[rib]] = Tissue.BONE
 
