@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from medssl.cli.main import cli
 from medssl.datasets.luna16 import Luna16
 from medssl.index import index_tree
-from medssl.io import read_volume
+from medssl.io import read_dicom_series
 from medssl.volume import Volume
 from tests.conftest import assert_same_in_world
 
@@ -33,7 +33,7 @@ def test_synth_chest_dicom_studies_validate_and_index(tmp_path, dciodvfy):
     errors = {f.name: e for f in files if (e := dciodvfy(f))}
     assert errors == {}
     for series in index.series:
-        ours = read_volume(series.files)
+        ours = read_dicom_series(series.files)
         volume = hd.get_volume_from_series([hd.imread(f) for f in series.files])
         theirs = Volume(volume.array.astype(np.float32), volume.affine)
         assert_same_in_world(ours, theirs)

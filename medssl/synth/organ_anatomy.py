@@ -1,10 +1,9 @@
 """The anatomy of a synthetic abdominal subject, drawn from a seed.
 
-Everything here is physical: positions and sizes in mm in the *anatomy frame*
-(``z`` superior, ``y`` posterior, ``x`` patient-left, origin near the L1
-vertebra on the body axis), never voxels. An :class:`Anatomy` depends only on
-its seed, so one subject seen by two imaging domains has the same organs in
-the same places; :mod:`medssl.synth.organ_raster` draws it onto a grid and
+:func:`sample_anatomy` writes a subject in the vocabulary of
+:mod:`medssl.synth.organ_scene`, in mm in the anatomy frame. It depends only on
+its seed, so one subject seen by two imaging domains has the same organs in the
+same places; :mod:`medssl.synth.organ_raster` draws it onto a grid and
 :mod:`medssl.synth.domains` turns tissues into intensities.
 
 Variation between subjects: body width, depth and fat thickness; organ
@@ -15,215 +14,33 @@ vessels, stomach, colon and small bowel; diaphragm height.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import IntEnum
-from typing import Literal
-
 import numpy as np
 
-from medssl.synth.shapes import Canvas, LatticeField, Window, blob_masks, rotation, tube_masks
-
-__all__ = [
-    "LABELS",
-    "Anatomy",
-    "Blob",
-    "Clip",
-    "Stroke",
-    "Tissue",
-    "Trunk",
-    "Tube",
-    "sample_anatomy",
-]
-
-LABELS: dict[int, str] = {
-    1: "liver",
-    2: "spleen",
-    3: "left_kidney",
-    4: "right_kidney",
-    5: "aorta",
-    6: "inferior_vena_cava",
-    7: "stomach",
-    8: "gallbladder",
-    9: "pancreas",
-    10: "left_adrenal_gland",
-    11: "right_adrenal_gland",
-}
-"""Label code -> structure name; 0 is background (everything unlabelled)."""
-
-LIVER, SPLEEN, LEFT_KIDNEY, RIGHT_KIDNEY, AORTA, IVC, STOMACH = 1, 2, 3, 4, 5, 6, 7
-GALLBLADDER, PANCREAS, LEFT_ADRENAL, RIGHT_ADRENAL = 8, 9, 10, 11
-
-
-class Tissue(IntEnum):
-    """Tissue classes of the phantom; a domain maps each to an intensity."""
-
-    AIR = 0
-    FAT = 1
-    MUSCLE = 2
-    BONE = 3  # cortical bone
-    MARROW = 4  # cancellous bone
-    DISC = 5
-    CSF = 6
-    LUNG = 7
-    HEART = 8
-    BOWEL = 9  # small-bowel loops and the colon wall
-    COLON_CONTENT = 10
-    GAS = 11
-    VESSEL = 12  # unlabelled veins and arteries (portal, hepatic, renal, iliac)
-    LIVER = 13
-    SPLEEN = 14
-    KIDNEY = 15
-    AORTA = 16
-    IVC = 17
-    STOMACH_WALL = 18
-    STOMACH_CONTENT = 19
-    GALLBLADDER = 20
-    PANCREAS = 21
-    ADRENAL = 22
-
-
-Region = Literal["inner", "cavity", "abdomen", "thorax"]
-"""Where a stroke may paint: inside the subcutaneous fat, inside the muscle
-wall, the part of that below the diaphragm, or above it."""
-
-
-@dataclass(frozen=True)
-class Blob:
-    """A lobulated ellipsoid (see :func:`medssl.synth.shapes.blob_masks`), mm."""
-
-    centre: tuple[float, float, float]
-    radii: tuple[float, float, float]
-    rot: np.ndarray
-    field: LatticeField
-    amplitude: float
-
-    def masks(self, canvas: Canvas):
-        """Yield ``(window, mask)`` pairs on ``canvas``."""
-        return blob_masks(canvas, self.centre, self.radii, self.rot, self.field, self.amplitude)
-
-
-@dataclass(frozen=True)
-class Tube:
-    """A tube along a polyline ``points (n, 3)`` mm with radii ``(n,)`` mm."""
-
-    points: np.ndarray
-    radii: np.ndarray
-
-    def masks(self, canvas: Canvas):
-        """Yield ``(window, mask)`` pairs on ``canvas``."""
-        return tube_masks(canvas, self.points, self.radii)
-
-    def thinner(self, by_mm: float) -> Tube:
-        """The lumen of this tube inside a wall ``by_mm`` thick."""
-        return Tube(self.points, np.maximum(self.radii - by_mm, 0.5))
-
-
-@dataclass(frozen=True)
-class Clip:
-    """An extra condition on a stroke: anterior of a coronal plane, or a field above a threshold.
-
-    Attributes:
-        anterior_of: keep ``y < anterior_of`` (mm); gas floats anteriorly in a supine patient.
-        field, above: keep ``field > above``.
-    """
-
-    anterior_of: float | None = None
-    field: LatticeField | None = None
-    above: float = 0.0
-
-    def mask(self, win: Window) -> np.ndarray:
-        """Bool array broadcastable to the window's shape."""
-        keep = np.ones((1, 1, 1), dtype=bool)
-        if self.anterior_of is not None:
-            keep = keep & (win.y < self.anterior_of)
-        if self.field is not None:
-            keep = keep & (self.field.sample(*win.axes) > self.above)
-        return keep
-
-
-@dataclass(frozen=True)
-class Stroke:
-    """One painting step: a shape, the tissue and label it writes, and where it may write.
-
-    Attributes:
-        shape: a :class:`Blob` or :class:`Tube`.
-        tissue, label: what to write (label 0 for unlabelled structures).
-        region: the body compartment it is confined to.
-        onto: tissues it may overwrite.
-        clip: an optional extra condition.
-    """
-
-    shape: Blob | Tube
-    tissue: Tissue
-    label: int
-    region: Region
-    onto: frozenset[Tissue]
-    clip: Clip | None = None
-
-
-@dataclass(frozen=True)
-class Trunk:
-    """Body wall, spine, ribs and diaphragm; lengths in mm.
-
-    The body cross-section is an egg-shaped ellipse: semi-axis ``ax`` left-right,
-    ``ay_ant`` / ``ay_post`` towards the front / back. Subcutaneous fat is
-    ``fat = (anterior, lateral, posterior)`` thick, the muscle wall ``wall``;
-    ``taper`` widens the cross-section towards the ribs (relative per 100 mm
-    of ``z``); ``field`` and ``amplitude`` make the outline irregular.
-    """
-
-    ax: float
-    ay_ant: float
-    ay_post: float
-    fat: tuple[float, float, float]
-    wall: float
-    taper: float
-    field: LatticeField
-    amplitude: float
-    spine_y: float  # centre of the vertebral bodies
-    spine_curve: float  # lordosis: posterior shift of the spine per (100 mm)^2 of z
-    disc_phase: float
-    rib_phase: float
-    domes: tuple[tuple[float, float, float], tuple[float, float, float]]  # (z, y, x) right, left
-
-
-@dataclass(frozen=True)
-class Anatomy:
-    """A subject: trunk, then strokes painted in order (later strokes win).
-
-    Attributes:
-        seed: the seed it was drawn from.
-        offset: where the anatomy frame origin sits in the scanner frame, ``(z, y, x)`` mm.
-        trunk: body wall, spine, ribs and diaphragm.
-        muscles: paraspinal and psoas muscles, painted before the skeleton.
-        viscera: organs, vessels, bowel and heart, painted after the skeleton.
-    """
-
-    seed: int
-    offset: tuple[float, float, float]
-    trunk: Trunk
-    muscles: tuple[Stroke, ...]
-    viscera: tuple[Stroke, ...]
-
-
-_SOFT = frozenset({Tissue.FAT, Tissue.BOWEL, Tissue.COLON_CONTENT, Tissue.GAS, Tissue.VESSEL})
-_ORGANS = frozenset(
-    {
-        Tissue.LIVER,
-        Tissue.SPLEEN,
-        Tissue.KIDNEY,
-        Tissue.AORTA,
-        Tissue.IVC,
-        Tissue.STOMACH_WALL,
-        Tissue.STOMACH_CONTENT,
-        Tissue.GALLBLADDER,
-        Tissue.PANCREAS,
-        Tissue.ADRENAL,
-    }
+from medssl.synth.organ_scene import (
+    AORTA,
+    FAT_ONLY,
+    GALLBLADDER,
+    IVC,
+    LEFT_ADRENAL,
+    LEFT_KIDNEY,
+    LIVER,
+    ORGAN_ONTO,
+    PANCREAS,
+    RIGHT_ADRENAL,
+    RIGHT_KIDNEY,
+    SPLEEN,
+    STOMACH,
+    Anatomy,
+    Blob,
+    Clip,
+    Stroke,
+    Tissue,
+    Trunk,
+    Tube,
 )
-ORGAN_ONTO = _SOFT | _ORGANS
-"""What an organ may overwrite: fat, bowel, vessels and earlier organs, never muscle or bone."""
-FAT_ONLY = frozenset({Tissue.FAT})
+from medssl.synth.shapes import LatticeField, rotation
+
+__all__ = ["sample_anatomy"]
 
 
 class _Sampler:
@@ -255,14 +72,14 @@ class _Sampler:
         *,
         jitter: float = 6.0,
         spread: float = 0.1,
-        lobulation: float = 0.12,
+        lobulation: float = 0.1,
     ) -> Blob:
         """A lobulated ellipsoid around nominal ``centre`` / ``radii`` (mm) and ``angles`` (deg)."""
         c = self.point(centre, jitter)
-        r = np.asarray(radii) * self.scale * self.size(spread) * np.exp(self.rng.normal(0, 0.06, 3))
+        r = np.asarray(radii) * self.scale * self.size(spread) * np.exp(self.rng.normal(0, 0.05, 3))
         rot = rotation(np.asarray(angles) + self.rng.normal(0.0, 6.0, 3))
         reach = float(r.max()) * 1.5
-        step = max(float(np.mean(r)) * 0.6, 5.0)
+        step = max(float(np.mean(r)) * 0.4, 5.0)
         field = LatticeField.draw(self.rng, c - reach, c + reach, step)
         return Blob(tuple(c), tuple(r), rot, field, lobulation)
 
@@ -291,23 +108,21 @@ class _Sampler:
 
 def _trunk(s: _Sampler) -> Trunk:
     rng = s.rng
-    ax, ay = 160.0 * s.scale[2], 118.0 * s.scale[1]
-    obese = rng.uniform(0.6, 1.6)
-    fat = (18.0 * obese * rng.uniform(0.8, 1.2), 16.0 * obese, 12.0 * obese)
-    field = LatticeField.draw(rng, (-300.0, -150.0, -200.0), (300.0, 150.0, 200.0), 45.0)
-    ay_post = 0.88 * ay
-    dome_r = 110.0 * s.scale[0] + rng.normal(0.0, 8.0)
-    dome_l = dome_r - rng.uniform(5.0, 25.0)
+    obese = rng.uniform(0.5, 1.7)
+    ay_post = 78.0 * s.scale[1]
+    # The viscera and the diaphragm move together (breathing, body habitus).
+    dome_r = 110.0 * s.scale[0] + s.shift[0] + rng.normal(0.0, 3.0)
+    dome_l = dome_r - rng.uniform(5.0, 20.0)
     return Trunk(
-        ax=ax,
-        ay_ant=ay * rng.uniform(0.95, 1.08),
+        ax=130.0 * s.scale[2],
+        ay_ant=88.0 * s.scale[1] * rng.uniform(0.95, 1.08),
         ay_post=ay_post,
-        fat=fat,
+        fat=(20.0 * obese * rng.uniform(0.8, 1.2), 18.0 * obese, 13.0 * obese),
         wall=rng.uniform(7.0, 11.0),
         taper=rng.uniform(0.02, 0.06),
-        field=field,
+        field=LatticeField.draw(rng, (-300.0, -150.0, -200.0), (300.0, 150.0, 200.0), 45.0),
         amplitude=0.03,
-        spine_y=ay_post - 62.0,
+        spine_y=ay_post - 40.0,
         spine_curve=rng.uniform(0.0, 8.0),
         disc_phase=rng.uniform(0.0, 36.0),
         rib_phase=rng.uniform(0.0, 30.0),
@@ -319,9 +134,18 @@ def _trunk(s: _Sampler) -> Trunk:
 
 
 def _muscles(s: _Sampler, spine_y: float) -> tuple[Stroke, ...]:
+    """Paraspinal and psoas muscles, placed relative to the spine (body frame, not the viscera)."""
     strokes = []
     for side in (-1.0, 1.0):
-        para = s.blob((0.0, spine_y + 45.0, side * 38.0), (400.0, 22.0, 28.0), (0, 0, 0), jitter=2)
+        centre = np.array([0.0, spine_y + 45.0, side * 38.0 * s.scale[2]])
+        half = np.array([300.0, 40.0, 45.0])
+        para = Blob(
+            tuple(centre),
+            tuple(np.array([400.0, 22.0, 28.0]) * s.size(0.12)),
+            np.eye(3),
+            LatticeField.draw(s.rng, centre - half, centre + half, 15.0),
+            0.08,
+        )
         psoas = Tube(
             np.stack(
                 [
@@ -378,13 +202,15 @@ def _bowel(s: _Sampler) -> list[Stroke]:
 
 
 def _liver(s: _Sampler) -> list[Stroke]:
-    right = s.blob((58.0, -5.0, -70.0), (72.0, 85.0, 68.0), (0, 0, 0), spread=0.1)
-    left = s.blob((68.0, -50.0, 10.0), (42.0, 32.0, 60.0), (-12.0, 12.0, 0), spread=0.15)
+    right = s.blob((58.0, -5.0, -70.0), (72.0, 85.0, 68.0), (0, 0, 0), spread=0.06)
+    left = s.blob((58.0, -50.0, 10.0), (42.0, 32.0, 60.0), (-12.0, 12.0, 0), spread=0.1)
     portal = s.tube(
         [(5.0, -15.0, -5.0), (35.0, -10.0, -35.0), (50.0, -5.0, -75.0), (60.0, 0.0, -105.0)],
         [7.0, 7.0, 5.0, 3.0],
     )
-    portal_left = s.tube([(35.0, -10.0, -35.0), (55.0, -40.0, -5.0), (70.0, -55.0, 25.0)], [5, 4, 3])
+    portal_left = s.tube(
+        [(35.0, -10.0, -35.0), (55.0, -40.0, -5.0), (70.0, -55.0, 25.0)], [5, 4, 3]
+    )
     veins = [
         s.tube([(105.0, 0.0, -25.0), (85.0, -10.0, -70.0), (60.0, -20.0, -110.0)], [6, 5, 3]),
         s.tube([(105.0, 0.0, -25.0), (80.0, -40.0, -45.0), (55.0, -60.0, -55.0)], [5, 4, 3]),
@@ -413,7 +239,8 @@ def _stomach(s: _Sampler) -> list[Stroke]:
         [30.0, 29.0, 24.0, 17.0, 10.0],
     )
     lumen = wall.thinner(4.0)
-    gas_level = float(wall.points[:, 1].min() - wall.radii.max() * s.rng.uniform(0.3, 0.9))
+    # Supine patient: an air-fluid level 25-45 mm below the most anterior point of the lumen.
+    gas_level = float((lumen.points[:, 1] - lumen.radii).min() + s.rng.uniform(25.0, 45.0))
     return [
         Stroke(wall, Tissue.STOMACH_WALL, STOMACH, "abdomen", ORGAN_ONTO),
         Stroke(lumen, Tissue.STOMACH_CONTENT, STOMACH, "abdomen", frozenset({Tissue.STOMACH_WALL})),
@@ -428,11 +255,19 @@ def _stomach(s: _Sampler) -> list[Stroke]:
     ]
 
 
+def _spleen(s: _Sampler) -> Stroke:
+    spleen = s.blob((58.0, 38.0, 84.0), (48.0, 50.0, 28.0), (-35.0, 0, 10.0), spread=0.1)
+    return Stroke(spleen, Tissue.SPLEEN, SPLEEN, "abdomen", ORGAN_ONTO)
+
+
 def _kidneys(s: _Sampler) -> list[Stroke]:
     strokes = []
     for side, label, z in ((1.0, LEFT_KIDNEY, -20.0), (-1.0, RIGHT_KIDNEY, -38.0)):
         kidney = s.blob(
-            (z, 25.0, side * 72.0), (55.0, 28.0, 26.0), (side * 25.0, side * 12.0, -10.0), spread=0.08
+            (z, 25.0, side * 72.0),
+            (50.0, 26.0, 24.0),
+            (side * 25.0, side * 12.0, -10.0),
+            spread=0.08,
         )
         c = np.asarray(kidney.centre)
         hilum_dir = np.array([0.0, -0.5, -side * 0.87])
@@ -451,7 +286,6 @@ def _kidneys(s: _Sampler) -> list[Stroke]:
 
 
 def _small_organs(s: _Sampler) -> list[Stroke]:
-    spleen = s.blob((72.0, 42.0, 92.0), (50.0, 52.0, 30.0), (-35.0, 0, 10.0), spread=0.15)
     pancreas = s.tube(
         [
             (0.0, -22.0, -32.0),
@@ -464,7 +298,6 @@ def _small_organs(s: _Sampler) -> list[Stroke]:
     )
     gallbladder = s.blob((20.0, -50.0, -50.0), (28.0, 13.0, 13.0), (20.0, 0, -25.0), spread=0.15)
     return [
-        Stroke(spleen, Tissue.SPLEEN, SPLEEN, "abdomen", ORGAN_ONTO),
         Stroke(pancreas, Tissue.PANCREAS, PANCREAS, "abdomen", ORGAN_ONTO),
         Stroke(gallbladder, Tissue.GALLBLADDER, GALLBLADDER, "abdomen", ORGAN_ONTO),
     ]
@@ -483,7 +316,9 @@ def _great_vessels(s: _Sampler) -> list[Stroke]:
     )
     bifurcation = tuple(aorta.points[-1])
     iliacs = [
-        Tube(np.stack([bifurcation, s.point((-180.0, 10.0, side * 45.0), 4.0)]), np.array([6.0, 6.0]))
+        Tube(
+            np.stack([bifurcation, s.point((-180.0, 10.0, side * 45.0), 4.0)]), np.array([6.0, 6.0])
+        )
         for side in (-1.0, 1.0)
     ]
     strokes = [
@@ -503,14 +338,20 @@ def _adrenals(s: _Sampler) -> list[Stroke]:
         pts = s.polyline([feet[0], apex, feet[1]], 2.0)
         r = 4.5 * s.size(0.1)
         strokes.append(
-            Stroke(Tube(pts, np.array([r * 0.8, r, r * 0.8])), Tissue.ADRENAL, label, "abdomen", ORGAN_ONTO)
+            Stroke(
+                Tube(pts, np.array([r * 0.8, r, r * 0.8])),
+                Tissue.ADRENAL,
+                label,
+                "abdomen",
+                ORGAN_ONTO,
+            )
         )
     return strokes
 
 
-def _heart(s: _Sampler, trunk: Trunk) -> Stroke:
-    dome = trunk.domes[0][0]
-    heart = s.blob((dome / s.scale[0] + 30.0, -30.0, 25.0), (55.0, 55.0, 70.0), (20, 0, 0))
+def _heart(s: _Sampler) -> Stroke:
+    """The heart on the central diaphragm (nominal dome height 110 mm), above the abdomen."""
+    heart = s.blob((140.0, -30.0, 25.0), (55.0, 55.0, 70.0), (20, 0, 0))
     return Stroke(heart, Tissue.HEART, 0, "thorax", FAT_ONLY)
 
 
@@ -533,10 +374,11 @@ def sample_anatomy(seed: int) -> Anatomy:
         *_bowel(s),
         *_liver(s),
         *_stomach(s),
+        _spleen(s),
         *_kidneys(s),
         *_small_organs(s),
         *_great_vessels(s),
         *_adrenals(s),
-        _heart(s, trunk),
+        _heart(s),
     ]
     return Anatomy(seed, offset, trunk, muscles, tuple(viscera))

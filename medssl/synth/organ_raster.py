@@ -1,4 +1,4 @@
-"""Draw an :class:`~medssl.synth.organ_anatomy.Anatomy` onto a grid: tissue and label maps.
+"""Draw an :class:`~medssl.synth.organ_scene.Anatomy` onto a grid: tissue and label maps.
 
 The grid is three ascending 1-D axes ``(z, y, x)`` in mm of the scanner frame
 (``z`` superior, ``y`` posterior, ``x`` patient-left; the anatomy frame
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medssl.synth.organ_anatomy import Anatomy, Stroke, Tissue, Trunk
+from medssl.synth.organ_scene import Anatomy, Stroke, Tissue, Trunk
 from medssl.synth.shapes import Canvas
 
 __all__ = ["rasterise"]
@@ -35,7 +35,9 @@ def rasterise(anatomy: Anatomy, axes: Sequence[np.ndarray]) -> Canvas:
         A :class:`~medssl.synth.shapes.Canvas` with ``tissue`` (:class:`Tissue` codes)
         and ``label`` (``LABELS`` codes) uint8 maps of shape ``(Z, Y, X)``.
     """
-    canvas = Canvas([np.asarray(a, dtype=np.float64) - o for a, o in zip(axes, anatomy.offset)])
+    canvas = Canvas(
+        [np.asarray(a, dtype=np.float64) - o for a, o in zip(axes, anatomy.offset, strict=True)]
+    )
     trunk = anatomy.trunk
     regions, diaphragm = _paint_trunk(canvas, trunk)
     for stroke in anatomy.muscles:
@@ -72,21 +74,22 @@ def _paint_trunk(canvas: Canvas, t: Trunk) -> tuple[dict[str, np.ndarray], np.nd
     limit = (1.0 + t.taper * z / 100.0) * (1.0 + t.amplitude * t.field.sample(*canvas.axes))
 
     def outline(ant: float, lat: float, post: float) -> np.ndarray:
-        semi_y = np.where(y2 < 0, t.ay_ant - ant, t.ay_post - post)
-        return np.sqrt((x2 / (t.ax - lat)) ** 2 + (y2 / semi_y) ** 2).astype(np.float32)
+        """Relative radius of the cavity outline grown by the given thicknesses (mm)."""
+        semi_y = np.where(y2 < 0, t.ay_ant + ant, t.ay_post + post)
+        return np.sqrt((x2 / (t.ax + lat)) ** 2 + (y2 / semi_y) ** 2).astype(np.float32)
 
     fat_a, fat_l, fat_p = t.fat
     w = t.wall
-    body = outline(0.0, 0.0, 0.0) < limit
-    inner = outline(fat_a, fat_l, fat_p) < limit
-    cavity = outline(fat_a + w, fat_l + w, fat_p + w) < limit
+    body = outline(fat_a + w, fat_l + w, fat_p + w) < limit
+    inner = outline(w, w, w) < limit
+    cavity = outline(0.0, 0.0, 0.0) < limit
     canvas.tissue[body] = Tissue.FAT
     canvas.tissue[inner] = Tissue.MUSCLE
     canvas.tissue[cavity] = Tissue.FAT
 
     domes = []
     for dz, dy, dx in t.domes:
-        spread = ((x2 - dx) / (0.42 * t.ax)) ** 2 + ((y2 - dy) / (0.75 * t.ay_post)) ** 2
+        spread = ((x2 - dx) / (0.52 * t.ax)) ** 2 + ((y2 - dy) / t.ay_post) ** 2
         domes.append(dz - 45.0 * spread)
     diaphragm = np.maximum(*domes).astype(np.float32)  # (Y, X) height in mm
     below = z < diaphragm[None]
@@ -129,7 +132,7 @@ def _paint_ribs(canvas: Canvas, t: Trunk, regions: dict[str, np.ndarray]) -> Non
     """Oblique rib bands in the muscle wall of the upper abdomen."""
     wall = regions["inner"] & ~regions["cavity"]
     iz, iy, ix = np.nonzero(wall)
-    z, y, x = (a[i] for a, i in zip(canvas.axes, (iz, iy, ix)))
+    z, y, x = (a[i] for a, i in zip(canvas.axes, (iz, iy, ix), strict=True))
     anterior = np.clip(-y / t.ay_ant, 0.0, 1.0)
     lowest = -35.0 + 110.0 * anterior**2  # the costal margin climbs towards the front
     phase = np.mod(z - 0.5 * y - t.rib_phase, _RIB_PERIOD)

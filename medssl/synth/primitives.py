@@ -72,6 +72,7 @@ def smooth_random_field(
     coarse_shape = tuple(int(np.ceil(n / f)) + 1 for n, f in zip(shape, factor))
     coarse = rng.standard_normal(coarse_shape, dtype=np.float32)
     coarse = ndimage.gaussian_filter(coarse, sigma / factor, mode="wrap")
+    coarse -= coarse.mean()  # long correlations leave a finite grid with a non-zero mean
     coarse /= max(float(coarse.std()), 1e-6)
     zoom = [c / n for c, n in zip((np.asarray(coarse_shape) - 1), shape)]
     coords = np.meshgrid(

@@ -74,15 +74,15 @@ class Canvas:
 
     @property
     def open_grid(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Open coordinate arrays of the whole grid, shapes ``(Z,1,1)``, ``(1,Y,1)``, ``(1,1,X)``."""
+        """Open coordinate arrays of the whole grid: ``(Z,1,1)``, ``(1,Y,1)``, ``(1,1,X)``, mm."""
         z, y, x = self.axes
         return z[:, None, None], y[None, :, None], x[None, None, :]
 
     def window(self, lo: Sequence[float], hi: Sequence[float]) -> Window | None:
-        """The voxels whose centres lie in the box ``[lo, hi]`` (mm, ``(z, y, x)``); None if empty."""
+        """The voxels whose centres lie in the box ``[lo, hi]`` (mm, ``(z, y, x)``), or None."""
         slices = []
         coords = []
-        for axis, a, b in zip(self.axes, lo, hi):
+        for axis, a, b in zip(self.axes, lo, hi, strict=True):
             i0 = int(np.searchsorted(axis, a, side="left"))
             i1 = int(np.searchsorted(axis, b, side="right"))
             if i1 <= i0:
@@ -146,17 +146,18 @@ class LatticeField:
         hi: Sequence[float],
         step: float,
     ) -> LatticeField:
-        """A field covering the box ``[lo, hi]`` (mm, ``(z, y, x)``) with correlation ``step`` mm."""
+        """A field covering the box ``[lo, hi]`` (mm, ``(z, y, x)``), correlation ``step`` mm."""
         if step <= 0:
             raise ValueError(f"step must be positive, got {step}")
         lo_arr = np.asarray(lo, dtype=np.float64) - step
         counts = np.floor((np.asarray(hi, dtype=np.float64) + step - lo_arr) / step).astype(int) + 1
         values = rng.standard_normal(tuple(int(c) for c in counts)).astype(np.float32)
+        values -= values.mean()
         values /= np.float32(_LATTICE_STD_3D)
         return cls((float(lo_arr[0]), float(lo_arr[1]), float(lo_arr[2])), float(step), values)
 
     def sample(self, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Evaluate on the grid spanned by 1-D axes ``z, y, x`` (mm); returns float32 ``(Z, Y, X)``."""
+        """Evaluate on the grid spanned by 1-D axes ``z, y, x`` (mm); float32 ``(Z, Y, X)``."""
         weights = []
         for k, axis in enumerate((z, y, x)):
             nodes = self.origin[k] + self.step * np.arange(self.values.shape[k], dtype=np.float32)
@@ -253,8 +254,10 @@ def tube_masks(
     pts = np.asarray(points, dtype=np.float64)
     rad = np.asarray(radii, dtype=np.float64)
     if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] < 2 or rad.shape != (pts.shape[0],):
-        raise ValueError(f"tube needs points (n>=2, 3) and radii (n,), got {pts.shape}, {rad.shape}")
-    for a, b, ra, rb in zip(pts[:-1], pts[1:], rad[:-1], rad[1:]):
+        raise ValueError(
+            f"tube needs points (n>=2, 3) and radii (n,), got {pts.shape}, {rad.shape}"
+        )
+    for a, b, ra, rb in zip(pts[:-1], pts[1:], rad[:-1], rad[1:], strict=True):
         reach = max(ra, rb)
         win = canvas.window(np.minimum(a, b) - reach, np.maximum(a, b) + reach)
         if win is None:
