@@ -1,0 +1,502 @@
+"""Lung nodules and their look-alikes for the synthetic chest CT: shapes, placement, drawing.
+
+World points are LPS ``(x, y, z)`` in mm; arrays are indexed ``(z, y, x)``.
+
+A lesion is one or more star-shaped solids (:class:`LesionShape`): a sphere of
+radius ``R`` whose surface radius along a direction ``u`` is perturbed by a
+few smooth harmonics (lobulation) and narrow spikes (spiculation). Solid
+nodules are one sharp solid; ground-glass nodules one hazy solid (a wider
+partial-volume ramp); part-solid nodules a hazy halo around a solid core.
+
+The annotated diameter is the *designed* diameter ``2 R``: twice the mean
+surface radius of the lesion's outer solid over all directions, spikes
+excluded, before a juxta-pleural nodule is cut by the pleura.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from medssl.synth.chest_anatomy import (
+    ChestAnatomy,
+    ScanGrid,
+    Tubes,
+    round_coverage,
+    sphere_directions,
+    sphere_lung_occupancy,
+)
+
+__all__ = [
+    "NODULE_KINDS",
+    "LOCATIONS",
+    "MICRONODULE_DIAMETER",
+    "Nodule",
+    "Confuser",
+    "LesionShape",
+    "Lesion",
+    "place_lesions",
+    "paint_lesion",
+]
+
+_F32 = np.float32
+
+NODULE_KINDS = ("solid", "part-solid", "ground-glass")
+LOCATIONS = ("free", "juxta-pleural", "juxta-vascular")
+#: Draws (diameter, shape, location) per nodule before giving up on placing it.
+NODULE_TRIES = 5
+#: Diameters of micronodules (confusers below LUNA16's 3 mm threshold), mm.
+MICRONODULE_DIAMETER = (1.0, 2.9)
+
+
+@dataclass(frozen=True)
+class Nodule:
+    """A nodule as annotated: centre LPS ``(x, y, z)`` mm, designed diameter mm (see module doc)."""
+
+    centre_lps: tuple[float, float, float]
+    diameter_mm: float
+    kind: str          # "solid" | "part-solid" | "ground-glass"
+    location: str      # "free" | "juxta-pleural" | "juxta-vascular"
+    label: int         # value of this nodule in ChestCase.nodule_mask
+
+
+@dataclass(frozen=True)
+class Confuser:
+    """A nodule look-alike that is not a nodule (LUNA16's excluded annotations)."""
+
+    centre_lps: tuple[float, float, float]
+    diameter_mm: float
+    kind: str          # "micronodule" (< 3 mm) | "vessel-crossing"
+
+
+_DIRECTIONS = sphere_directions(512)
+
+
+@dataclass(frozen=True)
+class LesionShape:
+    """A star-shaped solid around ``centre``; its surface radius along unit direction ``u`` is
+
+    ``R * (1 + sum_k a_k (cos(w_k u.v_k + p_k) - m_k)) + sum_j L_j ((u.s_j - c_j) / (1 - c_j))+^2``
+
+    where ``m_k`` is the mean of the cosine over the sphere, so the mean radius
+    without spikes is exactly ``R``.
+
+    Attributes:
+        centre: LPS ``(x, y, z)`` mm. radius: ``R`` mm.
+        lobes: ``(K, 6)`` rows ``(v_x, v_y, v_z, w, p, a)``.
+        spikes: ``(S, 5)`` rows ``(s_x, s_y, s_z, c, L)``.
+    """
+
+    centre: np.ndarray
+    radius: float
+    lobes: np.ndarray
+    spikes: np.ndarray
+
+    @cached_property
+    def extent(self) -> float:
+        """Largest surface radius, mm (bounds the solid; lobes sampled in 512 directions)."""
+        u = _DIRECTIONS
+        surface = np.full(len(u), self.radius)
+        for vx, vy, vz, w, p, a in self.lobes:
+            mean = np.cos(p) * np.sin(w) / w
+            surface += self.radius * a * (np.cos(u @ np.array([vx, vy, vz]) * w + p) - mean)
+        spike = float(self.spikes[:, 4].max()) if len(self.spikes) else 0.0
+        return float(surface.max()) * 1.02 + spike
+
+    def moved(self, centre: np.ndarray) -> LesionShape:
+        """The same solid around another centre."""
+        return LesionShape(np.asarray(centre, dtype=np.float64), self.radius, self.lobes,
+                           self.spikes)
+
+    def field(self, x: np.ndarray, y: np.ndarray, z: np.ndarray,
+              spacing_xyz: tuple[float, float, float],
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(rho, surface_radius, width)``: distance from the centre, surface radius along
+
+        that direction and voxel width along it, float32 mm of the broadcast shape.
+        """
+        dx, dy, dz = x - _F32(self.centre[0]), y - _F32(self.centre[1]), z - _F32(self.centre[2])
+        rho = np.sqrt(dx * dx + dy * dy + dz * dz)
+        inv = 1.0 / np.maximum(rho, _F32(1e-3))
+        ux, uy, uz = dx * inv, dy * inv, dz * inv
+        surface = np.full(rho.shape, self.radius, dtype=_F32)
+        for vx, vy, vz, w, p, a in self.lobes:
+            mean = np.cos(p) * np.sin(w) / w
+            cos = np.cos((ux * _F32(vx) + uy * _F32(vy) + uz * _F32(vz)) * _F32(w) + _F32(p))
+            surface += _F32(self.radius * a) * (cos - _F32(mean))
+        for sx, sy, sz, c, length in self.spikes:
+            t = (ux * _F32(sx) + uy * _F32(sy) + uz * _F32(sz) - _F32(c)) * _F32(1.0 / (1.0 - c))
+            np.maximum(t, 0.0, out=t)
+            surface += _F32(length) * t * t
+        px, py, pz = spacing_xyz
+        width = np.abs(ux) * _F32(px) + np.abs(uy) * _F32(py) + np.abs(uz) * _F32(pz)
+        return rho, surface, width
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """What is drawn for one nodule or confuser.
+
+    Attributes:
+        layers: ``(shape, hu, haze_mm)`` drawn in order, each raising the image
+            towards ``hu`` where it covers the voxel; ``haze_mm`` widens the
+            edge. The first layer is the lesion's outline (the mask).
+        label: value in the nodule mask; 0 for confusers (not in the mask).
+        record: the annotation.
+    """
+
+    layers: tuple[tuple[LesionShape, float, float], ...]
+    label: int
+    record: Nodule | Confuser
+
+    @cached_property
+    def extent(self) -> float:
+        """Largest distance from the annotated centre to the lesion's surface, mm."""
+        return max(shape.extent + float(np.linalg.norm(shape.centre - self.centre))
+                   for shape, _, _ in self.layers)
+
+    @property
+    def centre(self) -> np.ndarray:
+        """The annotated centre, LPS ``(x, y, z)`` mm."""
+        return np.asarray(self.record.centre_lps, dtype=np.float64)
+
+
+# -- drawing shapes -------------------------------------------------------------------------------
+
+
+def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    v = rng.standard_normal((n, 3))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _shape(rng: np.random.Generator, radius: float, lobulation: float, n_spikes: int,
+           ) -> LesionShape:
+    """A solid of mean radius ``radius`` mm around the origin.
+
+    ``lobulation``: the sum of the lobe amplitudes (relative to the radius).
+    """
+    k = 3
+    lobes = np.column_stack([
+        _unit(rng, k), rng.uniform(2.0, 5.0, k), rng.uniform(0, 2 * np.pi, k),
+        lobulation * rng.dirichlet(np.ones(k)),
+    ])
+    spikes = np.zeros((0, 5))
+    if n_spikes:
+        lengths = np.minimum(rng.uniform(0.4, 1.0, n_spikes) * radius, 12.0)
+        spikes = np.column_stack([_unit(rng, n_spikes),
+                                  np.cos(np.radians(rng.uniform(6, 12, n_spikes))), lengths])
+    return LesionShape(np.zeros(3), radius, lobes, spikes)
+
+
+def _nodule_layers(rng: np.random.Generator, diameter: float, kind: str,
+                   ) -> tuple[tuple[LesionShape, float, float], ...]:
+    """Layers of a nodule of designed ``diameter`` mm around the origin."""
+    radius = diameter / 2
+    solid_hu = rng.uniform(15, 60)
+    ggo_hu = rng.uniform(-650, -350)
+    style = rng.choice(["round", "lobulated", "spiculated"], p=[0.4, 0.4, 0.2])
+    if diameter < 5 or (style == "spiculated" and (kind == "ground-glass" or diameter < 8)):
+        style = "round"
+    lobulation = rng.uniform(0.0, 0.06) if style == "round" else rng.uniform(0.12, 0.3)
+    n_spikes = int(rng.integers(6, 13)) if style == "spiculated" else 0
+    outer = _shape(rng, radius, lobulation, n_spikes)
+    if kind == "solid":
+        return ((outer, solid_hu, 0.0),)
+    haze = rng.uniform(0.8, 2.0)
+    if kind == "ground-glass":
+        return ((outer, ggo_hu, haze),)
+    core_r = rng.uniform(0.3, 0.6) * radius
+    offset = _unit(rng, 1)[0] * rng.uniform(0, 0.25) * radius
+    core = _shape(rng, core_r, rng.uniform(0.0, 0.15), 0).moved(offset)
+    return ((outer, ggo_hu, haze), (core, solid_hu, 0.0))
+
+
+def _draw_diameter(rng: np.random.Generator, lo: float, hi: float) -> float:
+    """Truncated log-normal between ``lo`` and ``hi``: mostly small, a long tail of large ones."""
+    if hi <= lo:
+        return lo
+    span = np.log(hi / lo)
+    while True:
+        d = lo * np.exp(rng.normal(0.3 * span, 0.35 * span))
+        if lo <= d <= hi:
+            return float(d)
+
+
+def _draw_kind(rng: np.random.Generator, diameter: float) -> str:
+    kind = str(rng.choice(NODULE_KINDS, p=[0.65, 0.15, 0.2]))
+    return "solid" if kind == "part-solid" and diameter < 6 else kind
+
+
+# -- placement ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Placer:
+    """Finds lesion centres in the lungs, inside the scan, apart from each other."""
+
+    anatomy: ChestAnatomy
+    grid: ScanGrid
+    vessels: Tubes
+    rng: np.random.Generator
+
+    @property
+    def widths(self) -> tuple[float, float]:
+        sx, _, sz = self.grid.spacing_xyz
+        return sx, sz
+
+    def _box(self, margin: float) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.grid.box()
+        llo, lhi = self.anatomy.lung_box()
+        return np.maximum(lo + margin, llo), np.minimum(hi - margin, lhi)
+
+    def _apart(self, centres: np.ndarray, extent: float, placed: list[Lesion], gap: float,
+               ) -> np.ndarray:
+        ok = np.ones(len(centres), dtype=bool)
+        for other in placed:
+            ok &= np.linalg.norm(centres - other.centre, axis=1) > extent + other.extent + gap
+        return ok
+
+    def _centre_inside(self, centres: np.ndarray) -> np.ndarray:
+        """True where the voxel holding the centre lies wholly in the lung, and a sphere
+
+        of the voxel's half-diagonal around the centre too.
+        """
+        vox = self.grid.voxel_centre(centres)
+        occ = self.anatomy.lung_occupancy(vox[:, 0], vox[:, 1], vox[:, 2], *self.widths)
+        half_diag = 0.5 * float(np.linalg.norm(self.grid.spacing)) + 0.3
+        shell = sphere_lung_occupancy(self.anatomy, centres, np.full(len(centres), half_diag),
+                                      *self.widths, n_directions=14)
+        return (occ >= 1) & (shell.min(axis=1) >= 1)
+
+    def find(self, location: str, extent: float, radius: float, placed: list[Lesion],
+             gap: float) -> np.ndarray | None:
+        """A centre for a lesion of outer ``extent`` and mean ``radius`` (mm), or None."""
+        lo, hi = self._box(extent + 1.0)
+        if np.any(hi <= lo):
+            return None
+        for _ in range(40):
+            if location == "juxta-vascular":
+                cand = self._near_vessels(64, radius, lo, hi)
+            else:  # half uniform, half near the centre of the field of view (deep in a lung)
+                mid, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
+                cand = np.concatenate([self.rng.uniform(lo, hi, size=(64, 3)),
+                                       np.clip(mid + 0.3 * half * self.rng.standard_normal((64, 3)),
+                                               lo, hi)])
+            if len(cand) == 0:
+                return None
+            cand = cand[self._apart(cand, extent, placed, gap)]
+            cand = cand[self._centre_inside(cand)] if len(cand) else cand
+            if len(cand) == 0:
+                continue
+            cand = cand[:32]
+            if location == "juxta-pleural":
+                shell = sphere_lung_occupancy(self.anatomy, cand, np.full(len(cand), radius),
+                                              *self.widths)
+                outside = (shell < 0.5).mean(axis=1)
+                ok = (outside > 0.0) & (outside <= 0.3)
+            else:
+                shell = sphere_lung_occupancy(self.anatomy, cand, np.full(len(cand), extent + 1.5),
+                                              *self.widths)
+                ok = shell.min(axis=1) >= 1
+            if ok.any():
+                return cand[np.argmax(ok)]
+        return None
+
+    def _segments(self, r_lo: float, r_hi: float, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Indices of lung vessel segments of mean radius in ``[r_lo, r_hi]`` inside the box."""
+        v = self.vessels
+        mid = 0.5 * (v.start + v.end)
+        r = 0.5 * (v.r0 + v.r1)
+        ok = v.clipped & (r >= r_lo) & (r <= r_hi) & np.all((mid >= lo) & (mid <= hi), axis=1)
+        return np.flatnonzero(ok)
+
+    def _on_vessels(self, n: int, lo: np.ndarray, hi: np.ndarray, r_lo: float, r_hi: float,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``n`` random points on vessel axes: ``(points, axis unit vectors, radii, normals)``."""
+        segs = self._segments(r_lo, r_hi, lo, hi)
+        if len(segs) == 0:
+            return (np.zeros((0, 3)),) * 2 + (np.zeros(0), np.zeros((0, 3)))
+        k = segs[self.rng.integers(0, len(segs), n)]
+        t = self.rng.uniform(0.15, 0.85, n)[:, None]
+        v = self.vessels
+        axis = v.end[k] - v.start[k]
+        points = v.start[k] + t * axis
+        axis /= np.maximum(np.linalg.norm(axis, axis=1, keepdims=True), 1e-9)
+        normal = np.cross(axis, _unit(self.rng, n))
+        normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-9)
+        radii = v.r0[k] + t[:, 0] * (v.r1[k] - v.r0[k])
+        return points, axis, radii, normal
+
+    def _near_vessels(self, n: int, radius: float, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        points, _, radii, normal = self._on_vessels(n, lo - radius, hi + radius, 0.8, 3.5)
+        offset = radii + radius * self.rng.uniform(0.4, 0.85, len(radii))
+        cand = points + offset[:, None] * normal
+        return cand[np.all((cand >= lo) & (cand <= hi), axis=1)]
+
+    def vessel_crossing(self, placed: list[Lesion], vessel_hu: float,
+                        ) -> tuple[Lesion, Tubes] | None:
+        """A bulge where a second vessel crosses a lung vessel, and that crossing vessel."""
+        lo, hi = self._box(6.0)
+        if np.any(hi <= lo):
+            return None
+        for _ in range(20):
+            points, axis, radii, normal = self._on_vessels(32, lo, hi, 0.9, 2.5)
+            if len(points) == 0:
+                return None
+            half = self.rng.uniform(8, 15, len(points))[:, None]
+            ends = np.concatenate([points - half * normal, points + half * normal])
+            occ = self.anatomy.lung_occupancy(ends[:, 0], ends[:, 1], ends[:, 2], *self.widths)
+            bulge = radii * self.rng.uniform(1.4, 1.8, len(points))
+            ok = (occ[: len(points)] >= 1) & (occ[len(points):] >= 1)
+            ok &= np.all((points >= lo) & (points <= hi), axis=1)
+            for i in np.flatnonzero(ok):
+                c = points[i : i + 1]
+                if not self._apart(c, bulge[i], placed, 3.0)[0]:
+                    continue
+                shell = sphere_lung_occupancy(self.anatomy, c, bulge[i : i + 1] + 2.0, *self.widths)
+                if shell.min() < 1:
+                    continue
+                r_cross = radii[i] * self.rng.uniform(0.8, 1.0)
+                crossing = Tubes(points[i : i + 1] - half[i] * normal[i],
+                                 points[i : i + 1] + half[i] * normal[i], np.array([r_cross]),
+                                 np.array([r_cross]), np.array([True]))
+                shape = _shape(self.rng, float(bulge[i]), 0.05, 0).moved(points[i])
+                record = Confuser(_tuple(points[i]), float(2 * bulge[i]), "vessel-crossing")
+                return Lesion(((shape, vessel_hu, 0.0),), 0, record), crossing
+        return None
+
+
+def _tuple(p: np.ndarray) -> tuple[float, float, float]:
+    return float(p[0]), float(p[1]), float(p[2])
+
+
+def place_lesions(
+    anatomy: ChestAnatomy,
+    grid: ScanGrid,
+    vessels: Tubes,
+    rng: np.random.Generator,
+    n_nodules: int,
+    diameter_range: tuple[float, float],
+    n_confusers: int,
+) -> tuple[list[Lesion], list[Lesion], Tubes]:
+    """Draw and place nodules and confusers inside the scan grid's field of view.
+
+    Nodules lie wholly in the lungs (juxta-pleural ones touch the pleura and
+    are cut by it) and wholly in the field of view; the voxel holding a
+    nodule's centre lies in the lung. Lesions keep 2 mm (nodules) or 3 mm
+    (confusers) apart. Diameters are drawn from ``diameter_range`` capped at
+    half the field of view's shortest side (a small crop holds small nodules
+    only); a nodule that finds no room is drawn again, up to
+    :data:`NODULE_TRIES` times.
+
+    Returns:
+        ``(nodules, confusers, crossing_vessels)``; nodule labels are 1, 2, ...
+
+    Raises:
+        RuntimeError: no room for a nodule: the field of view is too small for
+            the diameter range, or holds too little lung.
+    """
+    placer = _Placer(anatomy, grid, vessels, rng)
+    lo, hi = grid.box()
+    where = f"the field of view {np.round(lo, 1).tolist()} .. {np.round(hi, 1).tolist()} mm"
+    d_lo, d_hi = diameter_range
+    d_hi = min(d_hi, 0.5 * float(np.min(hi - lo)))
+    if n_nodules and d_lo > d_hi:
+        raise RuntimeError(f"no room for nodules of {d_lo:.1f} mm or more in {where} (they "
+                           "may span half its shortest side); use a larger matrix or n_slices")
+    nodules: list[Lesion] = []
+    for label in range(1, n_nodules + 1):
+        for _ in range(NODULE_TRIES):
+            diameter = _draw_diameter(rng, d_lo, d_hi)
+            kind = _draw_kind(rng, diameter)
+            layers = _nodule_layers(rng, diameter, kind)
+            extent = max(s.extent + float(np.linalg.norm(s.centre)) for s, _, _ in layers)
+            first = str(rng.choice(LOCATIONS, p=[0.5, 0.3, 0.2]))
+            for location in dict.fromkeys((first, "free")):
+                centre = placer.find(location, extent, diameter / 2, nodules, 2.0)
+                if centre is not None:
+                    break
+            if centre is not None:
+                break
+        else:
+            raise RuntimeError(
+                f"no room for nodule {label} ({n_nodules} drawn, {d_lo:.1f}-{d_hi:.1f} mm) in "
+                f"{where}; use a larger matrix or n_slices, or a smaller nodule_diameter_range")
+        record = Nodule(_tuple(centre), float(diameter), kind, location, label)
+        nodules.append(Lesion(tuple((s.moved(s.centre + centre), hu, haze)
+                                    for s, hu, haze in layers), label, record))
+
+    confusers: list[Lesion] = []
+    crossings: list[Tubes] = []
+    for _ in range(n_confusers):
+        if rng.uniform() < 0.5:
+            found = placer.vessel_crossing(nodules + confusers, anatomy.hu.vessel)
+            if found is not None:
+                confusers.append(found[0])
+                crossings.append(found[1])
+                continue
+        diameter = float(rng.uniform(*MICRONODULE_DIAMETER))
+        calcified = rng.uniform() < 0.25
+        hu = rng.uniform(250, 700) if calcified else rng.uniform(0, 60)
+        shape = _shape(rng, diameter / 2, 0.03, 0)
+        centre = placer.find("free", shape.extent, diameter / 2, nodules + confusers, 3.0)
+        if centre is None:
+            continue
+        record = Confuser(_tuple(centre), diameter, "micronodule")
+        confusers.append(Lesion(((shape.moved(centre), hu, 0.0),), 0, record))
+    return nodules, confusers, Tubes.concat(crossings)
+
+
+# -- drawing --------------------------------------------------------------------------------------
+
+
+def paint_lesion(
+    lesion: Lesion,
+    grid: ScanGrid,
+    zs: slice,
+    image: np.ndarray,
+    lung: np.ndarray,
+    mask: np.ndarray,
+) -> None:
+    """Draw a lesion into one slab of the scan, in place.
+
+    Each layer raises the image towards its HU in proportion to its voxel
+    coverage times the lung coverage (so juxta-pleural nodules stop at the
+    pleura). The outline's voxels (surface radius >= distance) in the lung get
+    the lesion's label, and so does the voxel holding the annotated centre.
+
+    Args:
+        lesion: what to draw. grid: the scan grid. zs: the slab's slices ``start:stop``.
+        image: float32 HU ``(nz, Y, X)`` of the slab. lung: float32 lung coverage, same shape.
+        mask: the slab's nodule label map, same shape.
+    """
+    z0 = zs.start
+    pad = lesion.extent + max(haze for _, _, haze in lesion.layers) + grid.reach
+    box = grid.index_slices(lesion.centre - pad, lesion.centre + pad)
+    if box is None:
+        return
+    bz = slice(max(box[0].start, zs.start), min(box[0].stop, zs.stop))
+    if bz.stop <= bz.start:
+        return
+    x, y, z = grid.axes(bz, box[1], box[2])
+    local = (slice(bz.start - z0, bz.stop - z0), box[1], box[2])
+    img, lung_sub = image[local], lung[local]
+    for k, (shape, hu, haze) in enumerate(lesion.layers):
+        rho, surface, width = shape.field(x, y, z, grid.spacing_xyz)
+        if haze:
+            width += _F32(haze)
+        occ = round_coverage(rho, surface, width)
+        occ *= lung_sub
+        rise = np.subtract(_F32(hu), img, dtype=_F32)
+        np.maximum(rise, 0.0, out=rise)
+        rise *= occ
+        img += rise
+        if k == 0 and lesion.label:
+            sub = mask[local]
+            sub[(rho <= surface) & (lung_sub >= 0.5) & (sub == 0)] = lesion.label
+    if lesion.label:
+        iz, iy, ix = (int(v) for v in np.rint(grid.to_index(lesion.centre)))
+        if zs.start <= iz < zs.stop:
+            mask[iz - z0, iy, ix] = lesion.label
