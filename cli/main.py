@@ -17,6 +17,9 @@ from medssl.synth.organs import DOMAINS
 
 __all__ = ["cli"]
 
+#: Skipped (non-DICOM or unreadable) files listed by ``medssl index`` before it only counts.
+SHOW_SKIPPED = 20
+
 
 def _progress(description: str, total: int) -> tuple[Progress, object]:
     progress = Progress(
@@ -116,8 +119,10 @@ def index(root: Path, out: Path | None, workers: int | None) -> None:
     for row in [columns, *rows]:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
     click.echo(f"{len(result.series)} series, {result.n_files} files", err=True)
-    for path, problem in result.unreadable:
+    for path, problem in result.unreadable[:SHOW_SKIPPED]:
         click.echo(f"skipped {path}: {problem}", err=True)
+    if len(result.unreadable) > SHOW_SKIPPED:
+        click.echo(f"... and {len(result.unreadable) - SHOW_SKIPPED} more files skipped", err=True)
     if out is not None:
         write_index(result, out)
         click.echo(f"wrote {out}", err=True)
@@ -144,7 +149,9 @@ def info(path: Path, as_json: bool, series_uid: str | None) -> None:
     click.echo(f"shape:       {summary['shape']}  (z, y, x)")
     click.echo(f"spacing:     {_fmt(summary['spacing'])} mm  (z, y, x)")
     click.echo(f"origin:      {_fmt(summary['origin'])} mm  (LPS x, y, z)")
-    click.echo("direction:   " + "  ".join(_fmt(r) for r in summary["direction"]))
+    columns = zip("zyx", zip(*summary["direction"]))
+    click.echo("direction:   " + "  ".join(f"{axis}->{_fmt(list(c))}" for axis, c in columns)
+               + "  (LPS unit vector of each index axis)")
     click.echo(f"intensity:   {summary['min']:g} .. {summary['max']:g}")
 
 

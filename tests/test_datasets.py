@@ -43,6 +43,16 @@ def test_luna16_round_trip(tmp_path):
     assert (tmp_path / "seriesuids.csv").read_text().splitlines()[0] == "1.2.3.0"
 
 
+def test_luna16_scans_are_stored_as_int16_hu(tmp_path):
+    scan = ramp_volume()
+    scan.array = scan.array + np.float32(0.4)
+    writer = Luna16Writer(tmp_path)
+    writer.add("s", scan, [])
+    writer.close()
+    assert "ElementType = MET_SHORT" in (tmp_path / "subset0" / "s.mhd").read_text()
+    assert np.array_equal(Luna16(tmp_path).scan("s").array, np.rint(scan.array))
+
+
 def test_luna16_errors_name_the_problem(tmp_path):
     with pytest.raises(DatasetLayoutError, match="subset"):
         Luna16(tmp_path)
@@ -67,6 +77,10 @@ def test_decathlon_msd_round_trip(tmp_path):
     assert [(c.case_id, c.label is not None) for c in data.test] == [("c2", True), ("c3", False)]
     back = data.label(data.training[0])
     assert back.array.dtype == np.uint8 and np.array_equal(back.array, label.array)
+    import nibabel as nib
+
+    stored = nib.load(str(data.training[0].image))
+    assert stored.get_data_dtype() == np.int16  # CT images as int16 HU
 
 
 def test_nnunet_v2_dialect(tmp_path):

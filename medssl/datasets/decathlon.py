@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medssl.errors import DatasetLayoutError
+from medssl.io.common import hu_int16
 from medssl.io.nifti import read_nifti, write_nifti
 from medssl.volume import Volume
 
@@ -109,7 +110,10 @@ class Decathlon:
 
 
 class DecathlonWriter:
-    """Write cases in MSD v1 layout; ``dataset.json`` is written by :meth:`close`."""
+    """Write cases in MSD v1 layout; ``dataset.json`` is written by :meth:`close`.
+
+    CT images are stored as int16 HU; other modalities as float32; labels keep their dtype.
+    """
 
     def __init__(
         self, root: str | Path, name: str, labels: Mapping[int, str], modality: str = "CT",
@@ -122,17 +126,21 @@ class DecathlonWriter:
 
     def add_training(self, case_id: str, image: Volume, label: Volume) -> None:
         """Write ``imagesTr/<id>.nii.gz`` and ``labelsTr/<id>.nii.gz``."""
-        write_nifti(image, self.root / "imagesTr" / f"{case_id}.nii.gz")
+        write_nifti(self._stored(image), self.root / "imagesTr" / f"{case_id}.nii.gz")
         write_nifti(label, self.root / "labelsTr" / f"{case_id}.nii.gz")
         self._training.append({"image": f"./imagesTr/{case_id}.nii.gz",
                                "label": f"./labelsTr/{case_id}.nii.gz"})
 
     def add_test(self, case_id: str, image: Volume, label: Volume | None = None) -> None:
         """Write ``imagesTs/<id>.nii.gz`` (and ``labelsTs/`` when the truth is known)."""
-        write_nifti(image, self.root / "imagesTs" / f"{case_id}.nii.gz")
+        write_nifti(self._stored(image), self.root / "imagesTs" / f"{case_id}.nii.gz")
         if label is not None:
             write_nifti(label, self.root / "labelsTs" / f"{case_id}.nii.gz")
         self._test.append(f"./imagesTs/{case_id}.nii.gz")
+
+    def _stored(self, image: Volume) -> Volume:
+        """CT images are stored as int16 HU, as the Decathlon's CT tasks are; others as float32."""
+        return image.with_array(hu_int16(image.array)) if self.modality == "CT" else image
 
     def close(self) -> Path:
         """Write ``dataset.json``."""

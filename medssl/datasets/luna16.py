@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from medssl.errors import DatasetLayoutError
+from medssl.io.common import hu_int16
 from medssl.io.metaimage import read_metaimage, write_metaimage
 from medssl.volume import Volume
 
@@ -150,7 +151,7 @@ class Luna16Writer:
         negatives: Iterable[tuple[float, float, float]] = (),
         truth: Sequence[dict[str, object]] = (),
     ) -> Path:
-        """Write one scan (and its masks) and queue its rows for the CSVs.
+        """Write one scan (int16 HU, as LUNA16 stores it) and its masks; queue its CSV rows.
 
         Args:
             seriesuid: the scan's name and key in every CSV.
@@ -164,7 +165,7 @@ class Luna16Writer:
             truth: extra per-nodule columns for ``truth.csv``, one dict per nodule.
         """
         subset = self.root / f"subset{len(self._uids) % N_SUBSETS}"
-        path = write_metaimage(scan, subset / f"{seriesuid}.mhd")
+        path = write_metaimage(scan.with_array(hu_int16(scan.array)), subset / f"{seriesuid}.mhd")
         if lung_mask is not None:
             write_metaimage(scan.with_array(lung_mask.astype(np.uint8)),
                             self.root / "seg-lungs-LUNA16" / f"{seriesuid}.mhd")

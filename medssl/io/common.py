@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["storage_array", "last_line"]
+__all__ = ["storage_array", "hu_int16", "last_line"]
 
 
 def storage_array(array: np.ndarray) -> np.ndarray:
@@ -24,6 +24,11 @@ def storage_array(array: np.ndarray) -> np.ndarray:
     ):
         return array.astype(np.int16)
     return array.astype(np.float32, copy=False)
+
+
+def hu_int16(array: np.ndarray) -> np.ndarray:
+    """CT intensities as a scanner stores them: rounded to whole HU, int16."""
+    return np.clip(np.rint(array), -32768, 32767).astype(np.int16)
 
 
 def last_line(exc: BaseException) -> str:

@@ -25,6 +25,7 @@ from pydicom.uid import (
 )
 
 from medssl import __version__
+from medssl.io.common import hu_int16
 from medssl.io.dicom_files import CT_IMAGE_STORAGE
 from medssl.volume import Volume
 
@@ -117,7 +118,7 @@ def write_dicom_series(
         raise ValueError("volume z axis is not perpendicular to its slices; cannot write DICOM")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hu = np.clip(np.rint(volume.array), -32768, 32767).astype(np.int16)
+    hu = hu_int16(volume.array)
     orientation = [*_ds_values(direction[:, 2]), *_ds_values(direction[:, 1])]
     sy, sx = float(volume.spacing[1]), float(volume.spacing[2])
     thickness = info.slice_thickness or float(volume.spacing[0])
