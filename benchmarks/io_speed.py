@@ -62,8 +62,11 @@ def bench_series(workdir: Path, repeats: int) -> dict[str, object]:
         times["medssl"].append(_timed(lambda: read_dicom_series(folder)))
         times["SimpleITK"].append(_timed(lambda: _sitk_read(folder)))
     med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
     return {
         "files": 300,
+        "min_seconds": best,
+        "ratio_of_min_medssl_over_sitk": best["SimpleITK"] / best["medssl"],
         "pixel_megabytes": megabytes,
         "median_seconds": med,
         "median_mb_per_s": {k: megabytes / v for k, v in med.items()},
@@ -123,10 +126,12 @@ def main() -> None:
     }
     print(f"\nSeries read: 300 x 512 x 512 int16 ({series['pixel_megabytes']:.0f} MB), "
           f"median of {args.repeats}")
-    print(f"{'reader':<24}{'seconds':>10}{'MB/s':>10}")
+    print(f"{'reader':<24}{'median s':>10}{'MB/s':>10}{'min s':>10}")
     for name, seconds in series["median_seconds"].items():
-        print(f"{name:<24}{seconds:>10.3f}{series['median_mb_per_s'][name]:>10.1f}")
-    print(f"ratio medssl / SimpleITK: {series['ratio_medssl_over_sitk']:.2f}x (target >= 0.8x)")
+        print(f"{name:<24}{seconds:>10.3f}{series['median_mb_per_s'][name]:>10.1f}"
+              f"{series['min_seconds'][name]:>10.3f}")
+    print(f"ratio medssl / SimpleITK (medians): {series['ratio_medssl_over_sitk']:.2f}x "
+          f"(target >= 0.8x); of the fastest runs: {series['ratio_of_min_medssl_over_sitk']:.2f}x")
     print(f"\nHeader index: {index['files']} files, {index['series']} series")
     print(f"{'indexer':<24}{'seconds':>10}{'files/s':>10}")
     for name, seconds in index["median_seconds"].items():

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from medssl.errors import CorruptFileError, MedsslError
-from medssl.io.dicom_files import is_dicom_file, iter_files, read_dataset
+from medssl.io.dicom_files import iter_files, read_dataset
 
 __all__ = ["SeriesRecord", "DicomIndex", "index_tree", "write_index", "read_index"]
 
@@ -89,12 +89,11 @@ def index_tree(
     root = Path(root)
     if not root.is_dir():
         raise MedsslError(f"{root}: not a directory")
-    candidates = list(iter_files(root))
-    is_dicom = [is_dicom_file(p) for p in candidates]
-    unreadable = [(str(p), "not a DICOM file (no DICM preamble)")
-                  for p, ok in zip(candidates, is_dicom) if not ok]
-    paths = [str(p.resolve()) for p, ok in zip(candidates, is_dicom) if ok]
-    workers = workers or (os.cpu_count() or 1 if len(paths) > PARALLEL_MIN_FILES else 1)
+    # Files that are not DICOM fail in read_dataset and are listed as unreadable.
+    paths = [str(p) for p in iter_files(root.absolute())]
+    if workers is None:
+        workers = (os.cpu_count() or 1) if len(paths) > PARALLEL_MIN_FILES else 1
+    unreadable: list[tuple[str, str]] = []
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
     headers: list[dict[str, object]] = []
     done = 0
@@ -194,11 +193,12 @@ def _build_series(headers: list[dict[str, object]]) -> list[SeriesRecord]:
 
 
 def _orientation_label(orientation: object) -> str:
+    """AXIAL / CORONAL / SAGITTAL / OBLIQUE from ImageOrientationPatient (plain floats: hot path)."""
     if orientation is None or len(orientation) != 6:  # type: ignore[arg-type]
         return ""
-    iop = np.asarray([float(v) for v in orientation], dtype=np.float64)  # type: ignore[union-attr]
-    normal = np.cross(iop[:3], iop[3:])
-    axis = int(np.argmax(np.abs(normal)))
+    rx, ry, rz, cx, cy, cz = (float(v) for v in orientation)  # type: ignore[union-attr]
+    normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
+    axis = max(range(3), key=lambda k: abs(normal[k]))
     if abs(normal[axis]) < 0.9:
         return "OBLIQUE"
     return ("SAGITTAL", "CORONAL", "AXIAL")[axis]

@@ -33,6 +33,9 @@ __all__ = [
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 _NATIVE_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_PIXEL_DATA = 0x7FE00010
+#: Values larger than this (bytes) are deferred by ``read_dataset(defer_pixels=True)``.
+DEFER_SIZE = 64 * 1024
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -52,15 +55,28 @@ def iter_files(root: Path) -> Iterator[Path]:
             yield path
 
 
-def read_dataset(path: str | Path, stop_before_pixels: bool = False) -> Dataset:
+def read_dataset(
+    path: str | Path, stop_before_pixels: bool = False, defer_pixels: bool = False
+) -> Dataset:
     """Read one DICOM Part 10 file.
+
+    Args:
+        path: the file.
+        stop_before_pixels: read the header only.
+        defer_pixels: leave values over :data:`DEFER_SIZE` (the pixel data) on disk;
+            :func:`frame_pixels` reads them straight into an array. This keeps a
+            series' headers in memory without its pixels.
 
     Raises:
         CorruptFileError: not DICOM, truncated, or malformed; the message names the problem.
     """
     path = Path(path)
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(
+            path,
+            stop_before_pixels=stop_before_pixels,
+            defer_size=DEFER_SIZE if defer_pixels else None,
+        )
     except InvalidDicomError:
         raise CorruptFileError(path, "not a DICOM file (no DICM preamble)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
@@ -96,8 +112,8 @@ def frame_pixels(ds: Dataset, path: Path) -> np.ndarray:
     """Stored pixel values (before rescale), shape ``(frames, rows, columns)``.
 
     Uncompressed little-endian data whose stored bits fill the allocated bits
-    is viewed straight from the buffer; anything else goes through pydicom's
-    decoders.
+    is read straight into the array (from the file when the value was deferred,
+    else from the buffer); anything else goes through pydicom's decoders.
 
     Raises:
         CorruptFileError: the pixel data is shorter than the header says, or cannot be decoded.
@@ -111,17 +127,22 @@ def frame_pixels(ds: Dataset, path: Path) -> np.ndarray:
         and int(ds.get("BitsStored", bits)) == bits
     ):
         dtype = np.dtype(f"<{'i' if ds.get('PixelRepresentation', 0) else 'u'}{bits // 8}")
-        expected = rows * cols * frames * dtype.itemsize
-        buffer = ds.PixelData
-        if len(buffer) < expected:
+        count = rows * cols * frames
+        element = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+        if element.value is None:  # deferred: pydicom recorded where the value starts
+            with open(path, "rb") as fh:
+                fh.seek(element.value_tell)
+                pixels = np.fromfile(fh, dtype=dtype, count=count)
+        else:
+            pixels = np.frombuffer(element.value, dtype=dtype, count=min(
+                count, len(element.value) // dtype.itemsize))
+        if pixels.size < count:
             raise CorruptFileError(
                 path,
-                f"pixel data is truncated: {len(buffer)} of {expected} bytes "
-                f"({frames} x {rows} x {cols} x {bits} bits)",
+                f"pixel data is truncated: {pixels.size * dtype.itemsize} of "
+                f"{count * dtype.itemsize} bytes ({frames} x {rows} x {cols} x {bits} bits)",
             )
-        return np.frombuffer(buffer, dtype=dtype, count=rows * cols * frames).reshape(
-            frames, rows, cols
-        )
+        return pixels.reshape(frames, rows, cols)
     try:
         array = ds.pixel_array
     except Exception as exc:  # decoder plugins raise assorted types

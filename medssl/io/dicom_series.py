@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -73,11 +74,12 @@ def read_dicom_series(
     paths, ignored = _collect(source)
     if not paths:
         raise VolumeReadError(label, "holds no DICOM files")
+    read = partial(read_dataset, defer_pixels=True)
     if workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            datasets = list(pool.map(read_dataset, paths))
+            datasets = list(pool.map(read, paths))
     else:
-        datasets = [read_dataset(p) for p in paths]
+        datasets = [read(p) for p in paths]
     series = _group(datasets, paths)
     chosen = _choose(series, series_uid, label)
     files = [paths[i] for i in chosen]
