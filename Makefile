@@ -25,10 +25,11 @@ setup-test: $(VENV)/.test system-deps
 
 # Validators and DICOM tools the tests use; installed when running as root (CI, fresh machines).
 system-deps:
-	@if [ "$$(id -u)" = "0" ] && ! command -v dciodvfy >/dev/null 2>&1; then \
+	@if [ "$$(id -u)" = "0" ] && ! { command -v dciodvfy && command -v dcmcjpeg; } >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk >/dev/null; \
 	fi
 	@command -v dciodvfy >/dev/null 2>&1 || echo "note: dciodvfy not found; DICOM validation tests will be skipped (apt-get install dicom3tools)"
+	@command -v dcmcjpeg >/dev/null 2>&1 || echo "note: dcmtk not found; JPEG Lossless tests will be skipped (apt-get install dcmtk)"
 
 # The main job: a synthetic chest CT study as DICOM, its header index, and its geometry.
 demo: setup

@@ -53,6 +53,16 @@ def dicom_series(tmp_path: Path, volume: Volume) -> Path:
     return folder
 
 
+def require_tool(name: str, package: str) -> str:
+    """Path of a command-line tool; skip without it, except under CI, where .ci/run installs it."""
+    exe = shutil.which(name)
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; .ci/run should install {package}")
+        pytest.skip(f"{name} not installed (apt-get install {package})")
+    return exe
+
+
 @pytest.fixture(scope="session")
 def dciodvfy():
     """Run dicom3tools' validator on a file; returns the list of error lines.
@@ -60,11 +70,7 @@ def dciodvfy():
     Skipped where dciodvfy is not installed, except under CI, where .ci/run
     installs it and its absence is a failure.
     """
-    exe = shutil.which("dciodvfy")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("dciodvfy is not installed; .ci/run should install dicom3tools")
-        pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
+    exe = require_tool("dciodvfy", "dicom3tools")
 
     def run(path: Path) -> list[str]:
         result = subprocess.run([exe, str(path)], capture_output=True, text=True, check=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 from medssl import Volume
 from medssl.io import read_volume, write_dicom_series, write_volume
 from medssl.io.sitk_bridge import from_sitk
-from tests.conftest import assert_same_in_world, oblique_direction, ramp_volume
+from tests.conftest import assert_same_in_world, oblique_direction, ramp_volume, require_tool
 
 WORLD_POINT = np.array([-80.3, -101.7, -243.9])  # LPS mm, inside ramp_volume()
 
@@ -77,9 +76,7 @@ def test_compressed_transfer_syntaxes_decode_to_the_same_volume(tmp_path, syntax
 
 
 def test_jpeg_lossless_from_dcmtk_decodes(tmp_path, dicom_series, volume):
-    dcmcjpeg = shutil.which("dcmcjpeg")
-    if dcmcjpeg is None:
-        pytest.skip("dcmtk not installed")
+    dcmcjpeg = require_tool("dcmcjpeg", "dcmtk")
     out = tmp_path / "jpeg"
     out.mkdir()
     for f in sorted(dicom_series.iterdir()):
