@@ -67,9 +67,10 @@ def test_nifti_is_stored_in_ras(tmp_path):
 
 
 @pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless])
-def test_compressed_transfer_syntaxes_decode_to_the_same_volume(tmp_path, syntax):
+def test_compressed_transfer_syntaxes_decode_to_the_same_volume(tmp_path, syntax, dciodvfy):
     original = ramp_volume(shape=(4, 64, 64))  # OpenJPEG needs images of at least 32x32
     path = _write(original, tmp_path, "dicom", transfer_syntax=syntax)
+    assert all(dciodvfy(f) == [] for f in sorted(path.glob("*.dcm")))
     back = read_volume(path)
     assert np.array_equal(back.array, original.array)
     assert np.allclose(back.affine, original.affine)
@@ -107,3 +108,14 @@ def test_enhanced_ct_supplemental_matches_simpleitk():
     assert np.allclose(ours.origin, [99.5, -301.5, -149.0])
     assert_same_in_world(ours, theirs)
     assert ours.array.min() == -1024.0  # shared-group RescaleIntercept applied
+
+
+def test_the_dciodvfy_check_catches_a_broken_object(tmp_path, dicom_series, dciodvfy):
+    import pydicom
+
+    victim = sorted(dicom_series.glob("*.dcm"))[0]
+    assert dciodvfy(victim) == []
+    ds = pydicom.dcmread(victim)
+    del ds.ImageOrientationPatient  # Type 1 in the Image Plane module
+    ds.save_as(victim)
+    assert any("ImageOrientationPatient" in line for line in dciodvfy(victim))
