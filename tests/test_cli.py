@@ -95,3 +95,15 @@ def test_later_commands_say_which_issue_builds_them(command):
     assert "not built yet" in result.stderr and "issue (#" in result.stderr
     helped = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "not built yet" in helped.stdout
+
+
+def test_unlabeled_pool_has_scans_but_no_annotations(tmp_path):
+    out = tmp_path / "pool"
+    result = CliRunner().invoke(cli, ["synth", "chest", "--cases", "1", "--unlabeled", "2",
+                                      str(out), "--matrix", "64", "--slices", "24"])
+    assert result.exit_code == 0, result.output
+    luna = Luna16(out)
+    unlabeled = sorted((out / "unlabeled").glob("*.mhd"))
+    assert len(luna.seriesuids) == 1 and len(unlabeled) == 2
+    assert {a.seriesuid for a in luna.annotations()} == set(luna.seriesuids)
+    assert not {p.stem for p in unlabeled} & set(luna.seriesuids)
