@@ -1,0 +1,125 @@
+"""The scanner side of a synthetic chest CT: acquisition parameters and the scan grid.
+
+:func:`draw_scanner` draws pixel size, slice thickness, noise, reconstruction
+kernel and patient size for a :class:`~medssl.synth.chest.ChestConfig`;
+:func:`place_grid` places the axial scan grid (field of view and table
+position) on a drawn patient. See :mod:`medssl.synth.chest` for the
+coordinate frame and the field-of-view rules.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from medssl.synth.chest_anatomy import ChestAnatomy, ScanGrid, sample_lung_points
+
+if TYPE_CHECKING:
+    from medssl.synth.chest import ChestConfig
+
+__all__ = ["SLICE_THICKNESSES", "TARGET_DEPTH_MM", "Scanner", "draw_scanner", "place_grid"]
+
+#: How deep inside a lung the centre of a targeted field of view lies, mm.
+TARGET_DEPTH_MM = 30.0
+#: Slice thicknesses scanners reconstruct (mm) and how often archives hold them.
+SLICE_THICKNESSES = (0.625, 0.75, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0)
+_THICKNESS_WEIGHTS = (1.0, 0.5, 0.5, 1.5, 2.0, 0.5, 2.0, 2.5, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Scanner:
+    """Per-scan acquisition parameters.
+
+    Attributes:
+        pixel: in-plane pixel size (rows = columns), mm.
+        thickness: slice thickness = slice spacing, mm.
+        noise_sigma: image noise standard deviation, HU.
+        kernel_fwhm: reconstruction kernel in-plane FWHM, mm.
+        patient_size: linear scale of the patient (1.0 = average adult).
+    """
+
+    pixel: float          # mm
+    thickness: float      # mm, = slice spacing
+    noise_sigma: float    # HU
+    kernel_fwhm: float    # mm
+    patient_size: float
+
+    @property
+    def kernel_name(self) -> str:
+        """A DICOM ConvolutionKernel-like name for the blur."""
+        if self.kernel_fwhm < 0.8:
+            return "LUNG"
+        return "STANDARD" if self.kernel_fwhm < 1.05 else "SOFT"
+
+
+def draw_scanner(rng: np.random.Generator, cfg: ChestConfig) -> Scanner:
+    """Draw one scan's :class:`Scanner` from the ranges of ``cfg``.
+
+    The slice thickness is drawn from :data:`SLICE_THICKNESSES` inside
+    ``cfg.slice_thickness_range`` (weighted by how often archives hold them),
+    uniformly in the range (rounded to um) if none is; the pixel size is
+    rounded to 0.1 um. Draws from ``rng`` in a fixed order.
+    """
+    lo, hi = cfg.slice_thickness_range
+    choices = [(t, w) for t, w in zip(SLICE_THICKNESSES, _THICKNESS_WEIGHTS) if lo <= t <= hi]
+    if choices:
+        values, weights = zip(*choices)
+        thickness = float(rng.choice(values, p=np.asarray(weights) / sum(weights)))
+    else:
+        thickness = round(float(rng.uniform(lo, hi)), 3)
+    return Scanner(
+        pixel=round(float(rng.uniform(*cfg.pixel_spacing_range)), 4),
+        thickness=thickness,
+        noise_sigma=float(rng.uniform(*cfg.noise_sigma_range)),
+        kernel_fwhm=float(rng.uniform(*cfg.kernel_fwhm_range)),
+        patient_size=float(rng.uniform(*cfg.patient_size_range)),
+    )
+
+
+def place_grid(rng: np.random.Generator, cfg: ChestConfig, scanner: Scanner,
+               anatomy: ChestAnatomy) -> tuple[ScanGrid, bool]:
+    """The scan grid and whether it is a targeted reconstruction.
+
+    The grid is ``(n_slices, cfg.matrix, cfg.matrix)`` voxels indexed ``(z, y, x)``,
+    spacing ``(thickness, pixel, pixel)`` mm, origin LPS ``(x, y, z)`` mm of voxel 0;
+    the field-of-view centre and table position follow the rules in
+    :mod:`medssl.synth.chest` (a targeted field is centred :data:`TARGET_DEPTH_MM`
+    inside a lung drawn at random).
+    """
+    fov = cfg.matrix * scanner.pixel
+    t = scanner.thickness
+    z_low, z_high = anatomy.lowest_lung_z, anatomy.z_apex
+    targeted = fov < cfg.full_fov_mm
+    short = cfg.n_slices is not None and (cfg.n_slices - 1) * t < z_high - z_low + 20
+    given = None if cfg.fov_centre_lps is None else np.asarray(cfg.fov_centre_lps, dtype=float)
+    target = None
+    if given is None and (targeted or short):
+        side = int(rng.integers(0, 2))
+        target = sample_lung_points(anatomy, rng, 1, TARGET_DEPTH_MM, scanner.pixel, t)[side][0]
+    if given is not None:
+        cx, cy = given[0], given[1]
+    elif targeted:
+        cx, cy = target[0], target[1]
+    else:  # the isocentre, give or take the reconstruction offset
+        cx, cy = rng.uniform(-10, 10), rng.uniform(-10, 10)
+    if cfg.n_slices is None:
+        z0 = z_low - rng.uniform(10, 30)
+        n_slices = int(math.ceil((z_high + rng.uniform(10, 30) - z0) / t)) + 1
+    else:
+        n_slices = cfg.n_slices
+        extent = (n_slices - 1) * t
+        if given is not None:
+            centre = float(given[2])
+        elif short:
+            centre = float(np.clip(target[2], z_low - 10 + extent / 2, z_high + 10 - extent / 2))
+        else:
+            slack = extent - (z_high - z_low)
+            centre = 0.5 * (z_low + z_high) + rng.uniform(-0.25, 0.25) * slack
+        z0 = centre - extent / 2
+    half = (cfg.matrix - 1) / 2 * scanner.pixel
+    grid = ScanGrid((cx - half, cy - half, z0), (t, scanner.pixel, scanner.pixel),
+                    (n_slices, cfg.matrix, cfg.matrix))
+    return grid, targeted
