@@ -11,7 +11,7 @@ same case twice gives the same objects.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +74,6 @@ class SeriesInfo:
     convolution_kernel: str = "STANDARD"
     slice_thickness: float | None = None
     window: tuple[float, float] = (-600.0, 1500.0)
-    extra: dict[str, object] = field(default_factory=dict)
 
     def uid(self, kind: str) -> str:
         """The study, series or frame-of-reference UID, given or derived."""
@@ -105,7 +104,8 @@ def write_dicom_series(
         The written paths, in slice order.
 
     Raises:
-        ValueError: a sheared grid, or an unsupported transfer syntax.
+        ValueError: a sheared grid, an unsupported transfer syntax, or pixels the
+            encoder refuses (OpenJPEG needs images of at least 32 x 32).
     """
     info = info or SeriesInfo()
     syntax = UID(str(transfer_syntax))
@@ -134,7 +134,10 @@ def write_dicom_series(
         ds.Rows, ds.Columns = int(hu.shape[1]), int(hu.shape[2])
         ds.PixelData = hu[z].tobytes()
         if syntax != ExplicitVRLittleEndian:
-            ds.compress(syntax, encoding_plugin="pylibjpeg" if syntax == JPEG2000Lossless else "")
+            try:
+                ds.compress(syntax, encoding_plugin="pylibjpeg" if syntax == JPEG2000Lossless else "")
+            except (RuntimeError, ValueError) as exc:  # encoder plugins raise either
+                raise ValueError(f"cannot encode slice {z} as {syntax.name}: {exc}") from None
         path = out / f"IM{z + 1:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -210,8 +213,6 @@ def _slice_dataset(info: SeriesInfo, z: int) -> Dataset:
     # VOI LUT
     ds.WindowCenter = _ds_value(info.window[0])
     ds.WindowWidth = _ds_value(info.window[1])
-    for keyword, value in info.extra.items():
-        setattr(ds, keyword, value)
     return ds
 
 
