@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import click
+from medssl.cli.errors import MedsslGroup
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from medssl import __version__
-from medssl.cli.errors import MedsslGroup
 from medssl.index import index_tree, write_index
 from medssl.io import read_volume
 from medssl.synth.datasets import write_chest_dataset, write_organ_dataset
@@ -23,8 +24,12 @@ SHOW_SKIPPED = 20
 
 def _progress(description: str, total: int) -> tuple[Progress, object]:
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
         transient=True,
+        console=Console(stderr=True),  # stdout carries only results
     )
     return progress, progress.add_task(description, total=total)
 
@@ -48,16 +53,35 @@ def synth() -> None:
 @synth.command("chest")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--cases", default=10, show_default=True, help="Annotated scans to generate.")
-@click.option("--unlabeled", default=0, show_default=True,
-              help="Extra scans without annotations (the unlabeled pool), in OUT/unlabeled.")
-@click.option("--format", "fmt", type=click.Choice(["luna16", "dicom"]), default="luna16",
-              show_default=True, help="LUNA16 layout (.mhd + CSVs) or one DICOM study per scan.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the first case; case i uses seed+i.")
-@click.option("--matrix", default=512, show_default=True, help="In-plane matrix size (rows = columns).")
-@click.option("--slices", type=int, default=None,
-              help="Slices per scan (default: enough for the chest at the drawn thickness).")
-def synth_chest(out: Path, cases: int, unlabeled: int, fmt: str, seed: int, matrix: int,
-                slices: int | None) -> None:
+@click.option(
+    "--unlabeled",
+    default=0,
+    show_default=True,
+    help="Extra scans without annotations (the unlabeled pool), in OUT/unlabeled.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["luna16", "dicom"]),
+    default="luna16",
+    show_default=True,
+    help="LUNA16 layout (.mhd + CSVs) or one DICOM study per scan.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, help="Seed of the first case; case i uses seed+i."
+)
+@click.option(
+    "--matrix", default=512, show_default=True, help="In-plane matrix size (rows = columns)."
+)
+@click.option(
+    "--slices",
+    type=int,
+    default=None,
+    help="Slices per scan (default: enough for the chest at the drawn thickness).",
+)
+def synth_chest(
+    out: Path, cases: int, unlabeled: int, fmt: str, seed: int, matrix: int, slices: int | None
+) -> None:
     """Chest CT with lung nodules (a LUNA16 lookalike), written to OUT.
 
     Each scan draws its own pixel spacing (0.6-0.9 mm), slice thickness
@@ -68,8 +92,14 @@ def synth_chest(out: Path, cases: int, unlabeled: int, fmt: str, seed: int, matr
     progress, task = _progress("chest CT", cases + unlabeled)
     with progress:
         written = write_chest_dataset(
-            out, cases=cases, unlabeled=unlabeled, fmt=fmt, seed=seed, matrix=matrix,
-            n_slices=slices, progress=lambda: progress.advance(task),  # type: ignore[arg-type]
+            out,
+            cases=cases,
+            unlabeled=unlabeled,
+            fmt=fmt,
+            seed=seed,
+            matrix=matrix,
+            n_slices=slices,
+            progress=lambda: progress.advance(task),  # type: ignore[arg-type]
         )
     click.echo(f"wrote {len(written)} scans ({fmt}) to {out}")
 
@@ -77,20 +107,39 @@ def synth_chest(out: Path, cases: int, unlabeled: int, fmt: str, seed: int, matr
 @synth.command("organs")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--cases", default=10, show_default=True, help="Labelled training cases (imagesTr).")
-@click.option("--test", "n_test", default=0, show_default=True,
-              help="Test cases (imagesTs, with their truth in labelsTs).")
-@click.option("--domain", type=click.Choice(sorted(DOMAINS)), default="A", show_default=True,
-              help="Scanner/modality domain: A-D (multi-vendor CT), ct / mr (UDA pair).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the first case; case i uses seed+i.")
-@click.option("--shape", nargs=3, type=int, default=None,
-              help="Grid size Z Y X (default: the domain's own).")
-def synth_organs(out: Path, cases: int, n_test: int, domain: str, seed: int,
-                 shape: tuple[int, int, int] | None) -> None:
+@click.option(
+    "--test",
+    "n_test",
+    default=0,
+    show_default=True,
+    help="Test cases (imagesTs, with their truth in labelsTs).",
+)
+@click.option(
+    "--domain",
+    type=click.Choice(sorted(DOMAINS)),
+    default="A",
+    show_default=True,
+    help="Scanner/modality domain: A-D (multi-vendor CT), ct / mr (UDA pair).",
+)
+@click.option(
+    "--seed", default=0, show_default=True, help="Seed of the first case; case i uses seed+i."
+)
+@click.option(
+    "--shape", nargs=3, type=int, default=None, help="Grid size Z Y X (default: the domain's own)."
+)
+def synth_organs(
+    out: Path, cases: int, n_test: int, domain: str, seed: int, shape: tuple[int, int, int] | None
+) -> None:
     """Abdominal multi-organ phantom for segmentation, in the Decathlon layout."""
     progress, task = _progress(f"organs ({domain})", cases + n_test)
     with progress:
         write_organ_dataset(
-            out, cases=cases, n_test=n_test, domain=domain, seed=seed, shape=shape or None,
+            out,
+            cases=cases,
+            n_test=n_test,
+            domain=domain,
+            seed=seed,
+            shape=shape or None,
             progress=lambda: progress.advance(task),  # type: ignore[arg-type]
         )
     click.echo(f"wrote {cases} training and {n_test} test cases (domain {domain}) to {out}")
@@ -98,8 +147,12 @@ def synth_organs(out: Path, cases: int, n_test: int, domain: str, seed: int,
 
 @cli.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the table: FILE.parquet or FILE.csv.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the table: FILE.parquet or FILE.csv.",
+)
 @click.option("--workers", type=int, default=None, help="Header-reading processes (default: auto).")
 def index(root: Path, out: Path | None, workers: int | None) -> None:
     """Index the DICOM files under ROOT by header: one row per series.
@@ -110,10 +163,19 @@ def index(root: Path, out: Path | None, workers: int | None) -> None:
     total = sum(1 for p in root.rglob("*") if p.is_file())
     progress, task = _progress("indexing", total)
     with progress:
-        result = index_tree(root, workers=workers,
-                            progress=lambda n: progress.update(task, completed=n))  # type: ignore[arg-type]
-    columns = ["series_uid", "study_uid", "patient_id", "modality", "n_slices",
-               "slice_thickness", "orientation", "series_description"]
+        result = index_tree(
+            root, workers=workers, progress=lambda n: progress.update(task, completed=n)
+        )  # type: ignore[arg-type]
+    columns = [
+        "series_uid",
+        "study_uid",
+        "patient_id",
+        "modality",
+        "n_slices",
+        "slice_thickness",
+        "orientation",
+        "series_description",
+    ]
     rows = [[_text(getattr(s, c)) for c in columns] for s in result.series]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
     for row in [columns, *rows]:
@@ -150,8 +212,11 @@ def info(path: Path, as_json: bool, series_uid: str | None) -> None:
     click.echo(f"spacing:     {_fmt(summary['spacing'])} mm  (z, y, x)")
     click.echo(f"origin:      {_fmt(summary['origin'])} mm  (LPS x, y, z)")
     columns = zip("zyx", zip(*summary["direction"]))
-    click.echo("direction:   " + "  ".join(f"{axis}->{_fmt(list(c))}" for axis, c in columns)
-               + "  (LPS unit vector of each index axis)")
+    click.echo(
+        "direction:   "
+        + "  ".join(f"{axis}->{_fmt(list(c))}" for axis, c in columns)
+        + "  (LPS unit vector of each index axis)"
+    )
     click.echo(f"intensity:   {summary['min']:g} .. {summary['max']:g}")
 
 

@@ -193,7 +193,7 @@ def _build_series(headers: list[dict[str, object]]) -> list[SeriesRecord]:
 
 
 def _orientation_label(orientation: object) -> str:
-    """AXIAL / CORONAL / SAGITTAL / OBLIQUE from ImageOrientationPatient (plain floats: hot path)."""
+    """AXIAL / CORONAL / SAGITTAL / OBLIQUE from ImageOrientationPatient (plain floats, hot)."""
     if orientation is None or len(orientation) != 6:  # type: ignore[arg-type]
         return ""
     rx, ry, rz, cx, cy, cz = (float(v) for v in orientation)  # type: ignore[union-attr]
@@ -276,12 +276,22 @@ def _arrow_schema(pa):  # type: ignore[no-untyped-def]
     text = pa.string()
     return pa.schema(
         [
-            ("patient_id", text), ("study_uid", text), ("series_uid", text),
-            ("modality", text), ("sop_class_uid", text), ("image_type", text),
-            ("series_description", text), ("series_number", pa.int64()),
-            ("study_date", text), ("body_part", text), ("n_files", pa.int64()),
-            ("n_slices", pa.int64()), ("slice_thickness", pa.float64()),
-            ("orientation", text), ("rows", pa.int64()), ("columns", pa.int64()),
+            ("patient_id", text),
+            ("study_uid", text),
+            ("series_uid", text),
+            ("modality", text),
+            ("sop_class_uid", text),
+            ("image_type", text),
+            ("series_description", text),
+            ("series_number", pa.int64()),
+            ("study_date", text),
+            ("body_part", text),
+            ("n_files", pa.int64()),
+            ("n_slices", pa.int64()),
+            ("slice_thickness", pa.float64()),
+            ("orientation", text),
+            ("rows", pa.int64()),
+            ("columns", pa.int64()),
             ("files", pa.list_(text)),
         ]
     )

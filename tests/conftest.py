@@ -22,8 +22,9 @@ def oblique_direction(degrees: float = 20.0) -> np.ndarray:
     return rot @ axial
 
 
-def ramp_volume(shape=(6, 20, 24), spacing=(2.5, 0.7, 0.8), origin=(-90.0, -110.0, -250.0),
-                direction=None) -> Volume:
+def ramp_volume(
+    shape=(6, 20, 24), spacing=(2.5, 0.7, 0.8), origin=(-90.0, -110.0, -250.0), direction=None
+) -> Volume:
     """A CT-like volume whose every voxel value differs (to catch flips and shifts)."""
     values = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) % 3000 - 1000
     return Volume(values, affine_from_geometry(origin, spacing, direction))
@@ -36,7 +37,9 @@ def assert_same_in_world(ours: Volume, theirs: Volume) -> None:
     mapped = theirs.world_to_index(ours.index_to_world(corners))
     assert np.allclose(mapped, np.round(mapped), atol=1e-3)
     zz, yy, xx = np.indices(ours.shape).reshape(3, -1)
-    idx = np.round(theirs.world_to_index(ours.index_to_world(np.stack([zz, yy, xx], 1)))).astype(int)
+    idx = np.round(theirs.world_to_index(ours.index_to_world(np.stack([zz, yy, xx], 1)))).astype(
+        int
+    )
     assert np.array_equal(ours.array[zz, yy, xx], theirs.array[idx[:, 0], idx[:, 1], idx[:, 2]])
 
 
@@ -74,7 +77,10 @@ def dciodvfy():
 
     def run(path: Path) -> list[str]:
         result = subprocess.run([exe, str(path)], capture_output=True, text=True, check=False)
-        return [line for line in (result.stdout + result.stderr).splitlines()
-                if line.startswith("Error")]
+        return [
+            line
+            for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith("Error")
+        ]
 
     return run

@@ -12,8 +12,8 @@ from medssl.datasets.dicom_tree import DicomTree
 from medssl.datasets.luna16 import Finding, Luna16, Luna16Writer
 from medssl.datasets.splits import make_split, read_split, write_split
 from medssl.errors import DatasetLayoutError, MedsslError
+from medssl.index import index_tree, write_index
 from medssl.io import write_dicom_series, write_nifti
-from medssl.index import write_index, index_tree
 from tests.conftest import ramp_volume
 
 
@@ -25,10 +25,16 @@ def test_luna16_round_trip(tmp_path):
         scans[uid] = ramp_volume()
         mask = np.zeros(scans[uid].shape, np.uint8)
         mask[2:4, 5:9, 5:9] = 1
-        writer.add(uid, scans[uid], [Finding(uid, (-80.0, -100.0, -245.0), 6.5)],
-                   excluded=[Finding(uid, (-85.0, -101.0, -244.0), 2.0)],
-                   lung_mask=mask, nodule_mask=mask, negatives=[(-70.0, -90.0, -240.0)],
-                   truth=[{"kind": "solid"}])
+        writer.add(
+            uid,
+            scans[uid],
+            [Finding(uid, (-80.0, -100.0, -245.0), 6.5)],
+            excluded=[Finding(uid, (-85.0, -101.0, -244.0), 2.0)],
+            lung_mask=mask,
+            nodule_mask=mask,
+            negatives=[(-70.0, -90.0, -240.0)],
+            truth=[{"kind": "solid"}],
+        )
     writer.close()
     luna = Luna16(tmp_path)
     assert len(luna.seriesuids) == 12
@@ -66,7 +72,9 @@ def test_luna16_errors_name_the_problem(tmp_path):
 def test_decathlon_msd_round_trip(tmp_path):
     labels = {1: "liver", 2: "spleen"}
     writer = DecathlonWriter(tmp_path, "demo", labels)
-    label = ramp_volume().with_array((np.arange(6 * 20 * 24) % 3).reshape(6, 20, 24).astype(np.uint8))
+    label = ramp_volume().with_array(
+        (np.arange(6 * 20 * 24) % 3).reshape(6, 20, 24).astype(np.uint8)
+    )
     writer.add_training("c1", ramp_volume(), label)
     writer.add_test("c2", ramp_volume(), label)
     writer.add_test("c3", ramp_volume())
@@ -84,9 +92,16 @@ def test_decathlon_msd_round_trip(tmp_path):
 
 
 def test_nnunet_v2_dialect(tmp_path):
-    (tmp_path / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1},
-        "numTraining": 1, "file_ending": ".nii.gz"}))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "CT"},
+                "labels": {"background": 0, "liver": 1},
+                "numTraining": 1,
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
     write_nifti(ramp_volume(), tmp_path / "imagesTr" / "case_001_0000.nii.gz")
     write_nifti(ramp_volume(), tmp_path / "labelsTr" / "case_001.nii.gz")
     data = Decathlon(tmp_path)
@@ -95,9 +110,14 @@ def test_nnunet_v2_dialect(tmp_path):
 
 
 def test_decathlon_missing_file_is_named(tmp_path):
-    (tmp_path / "dataset.json").write_text(json.dumps({
-        "labels": {"0": "background", "1": "x"},
-        "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps(
+            {
+                "labels": {"0": "background", "1": "x"},
+                "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}],
+            }
+        )
+    )
     with pytest.raises(DatasetLayoutError, match="imagesTr/a.nii.gz"):
         Decathlon(tmp_path)
 

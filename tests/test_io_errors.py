@@ -9,9 +9,9 @@ import numpy as np
 import pydicom
 import pytest
 from click.testing import CliRunner
+from medssl.cli.main import cli
 from pydicom.data import get_testdata_file
 
-from medssl.cli.main import cli
 from medssl.errors import (
     CorruptFileError,
     DuplicateSliceError,
@@ -65,10 +65,12 @@ def test_missing_slice_is_reported_with_its_neighbours(dicom_series):
     assert files[2].name in err.value.problem and files[4].name in err.value.problem
 
 
-def test_slices_are_sorted_by_position_not_instance_number(dicom_series, volume):
+def test_slices_are_sorted_by_position_not_instance_number_or_name(dicom_series, volume):
     files = _files(dicom_series)
+    shuffled = [3, 0, 5, 1, 4, 2]  # file names and instance numbers out of position order
     for k, f in enumerate(files):
-        _edit(f, InstanceNumber=len(files) - k if k % 2 else k + 100)
+        _edit(f, InstanceNumber=shuffled[k] + 1)
+        f.rename(dicom_series / f"slice_{shuffled[k]}.dcm")
     assert np.array_equal(read_volume(dicom_series).array, volume.array)
 
 

@@ -81,7 +81,7 @@ def test_jpeg_lossless_from_dcmtk_decodes(tmp_path, dicom_series, volume):
     out = tmp_path / "jpeg"
     out.mkdir()
     for f in sorted(dicom_series.iterdir()):
-        # --encode-lossless-sv1: JPEG Lossless, Process 14, first-order prediction (1.2.840.10008.1.2.4.70)
+        # --encode-lossless-sv1: JPEG Lossless, Process 14, first-order prediction (.4.70)
         subprocess.run([dcmcjpeg, "--encode-lossless-sv1", str(f), str(out / f.name)], check=True)
     back = read_volume(out)
     assert np.array_equal(back.array, volume.array)

@@ -77,24 +77,26 @@ class Decathlon:
     def _training_cases(self) -> list[DecathlonCase]:
         if "training" in self.spec:
             return [
-                DecathlonCase(_case_id(item["image"]), self._file(item["image"]),
-                              self._file(item["label"]))
+                DecathlonCase(
+                    _case_id(item["image"]), self._file(item["image"]), self._file(item["label"])
+                )
                 for item in self.spec["training"]
             ]
         ending = self.spec.get("file_ending", ".nii.gz")
         cases = []
         for image in sorted((self.root / "imagesTr").glob(f"*_0000{ending}")):
             case_id = image.name[: -len(f"_0000{ending}")]
-            cases.append(DecathlonCase(case_id, image,
-                                       self._file(f"labelsTr/{case_id}{ending}")))
+            cases.append(DecathlonCase(case_id, image, self._file(f"labelsTr/{case_id}{ending}")))
         return cases
 
     def _test_cases(self) -> list[DecathlonCase]:
         items = self.spec.get("test")
         if items is None:
             ending = self.spec.get("file_ending", ".nii.gz")
-            items = [str(p.relative_to(self.root))
-                     for p in sorted((self.root / "imagesTs").glob(f"*{ending}"))]
+            items = [
+                str(p.relative_to(self.root))
+                for p in sorted((self.root / "imagesTs").glob(f"*{ending}"))
+            ]
         cases = []
         for item in items:
             image = self._file(item)
@@ -116,11 +118,20 @@ class DecathlonWriter:
     """
 
     def __init__(
-        self, root: str | Path, name: str, labels: Mapping[int, str], modality: str = "CT",
+        self,
+        root: str | Path,
+        name: str,
+        labels: Mapping[int, str],
+        modality: str = "CT",
         description: str = "",
     ) -> None:
         self.root = Path(root)
-        self.name, self.labels, self.modality, self.description = name, labels, modality, description
+        self.name, self.labels, self.modality, self.description = (
+            name,
+            labels,
+            modality,
+            description,
+        )
         self._training: list[dict[str, str]] = []
         self._test: list[str] = []
 
@@ -128,8 +139,9 @@ class DecathlonWriter:
         """Write ``imagesTr/<id>.nii.gz`` and ``labelsTr/<id>.nii.gz``."""
         write_nifti(self._stored(image), self.root / "imagesTr" / f"{case_id}.nii.gz")
         write_nifti(label, self.root / "labelsTr" / f"{case_id}.nii.gz")
-        self._training.append({"image": f"./imagesTr/{case_id}.nii.gz",
-                               "label": f"./labelsTr/{case_id}.nii.gz"})
+        self._training.append(
+            {"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"}
+        )
 
     def add_test(self, case_id: str, image: Volume, label: Volume | None = None) -> None:
         """Write ``imagesTs/<id>.nii.gz`` (and ``labelsTs/`` when the truth is known)."""

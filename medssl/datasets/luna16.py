@@ -57,9 +57,7 @@ class Luna16:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self._scans = {
-            p.stem: p for p in sorted(self.root.glob("subset*/*.mhd"))
-        }
+        self._scans = {p.stem: p for p in sorted(self.root.glob("subset*/*.mhd"))}
         if not self._scans:
             raise DatasetLayoutError(
                 f"{self.root}: no subset*/<seriesuid>.mhd scans; expected the LUNA16 layout "
@@ -114,7 +112,9 @@ class Luna16:
         try:
             return self._scans[seriesuid]
         except KeyError:
-            raise DatasetLayoutError(f"{self.root}: no scan {seriesuid}.mhd in any subset") from None
+            raise DatasetLayoutError(
+                f"{self.root}: no scan {seriesuid}.mhd in any subset"
+            ) from None
 
     def _mask(self, folder: str, seriesuid: str) -> Volume:
         path = self.root / folder / f"{seriesuid}.mhd"
@@ -167,11 +167,15 @@ class Luna16Writer:
         subset = self.root / f"subset{len(self._uids) % N_SUBSETS}"
         path = write_metaimage(scan.with_array(hu_int16(scan.array)), subset / f"{seriesuid}.mhd")
         if lung_mask is not None:
-            write_metaimage(scan.with_array(lung_mask.astype(np.uint8)),
-                            self.root / "seg-lungs-LUNA16" / f"{seriesuid}.mhd")
+            write_metaimage(
+                scan.with_array(lung_mask.astype(np.uint8)),
+                self.root / "seg-lungs-LUNA16" / f"{seriesuid}.mhd",
+            )
         if nodule_mask is not None:
-            write_metaimage(scan.with_array(nodule_mask.astype(np.uint8)),
-                            self.root / "nodule-masks" / f"{seriesuid}.mhd")
+            write_metaimage(
+                scan.with_array(nodule_mask.astype(np.uint8)),
+                self.root / "nodule-masks" / f"{seriesuid}.mhd",
+            )
         self._uids.append(seriesuid)
         self._annotations.extend(nodules)
         self._excluded.extend(excluded)

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from medssl.errors import CorruptFileError, NotAnImageError
+from medssl.errors import CorruptFileError, NotAnImageError, VolumeReadError
 
 __all__ = [
     "CT_IMAGE_STORAGE",
@@ -77,6 +77,8 @@ def read_dataset(
             stop_before_pixels=stop_before_pixels,
             defer_size=DEFER_SIZE if defer_pixels else None,
         )
+    except FileNotFoundError:
+        raise VolumeReadError(path, "does not exist") from None
     except InvalidDicomError:
         raise CorruptFileError(path, "not a DICOM file (no DICM preamble)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError, NotImplementedError) as exc:

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     UID,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
-    PYDICOM_IMPLEMENTATION_UID,
     RLELossless,
 )
 
@@ -135,7 +135,9 @@ def write_dicom_series(
         ds.PixelData = hu[z].tobytes()
         if syntax != ExplicitVRLittleEndian:
             try:
-                ds.compress(syntax, encoding_plugin="pylibjpeg" if syntax == JPEG2000Lossless else "")
+                ds.compress(
+                    syntax, encoding_plugin="pylibjpeg" if syntax == JPEG2000Lossless else ""
+                )
             except (RuntimeError, ValueError) as exc:  # encoder plugins raise either
                 raise ValueError(f"cannot encode slice {z} as {syntax.name}: {exc}") from None
         path = out / f"IM{z + 1:05d}.dcm"

@@ -17,7 +17,7 @@ import numpy as np
 
 from medssl.datasets.decathlon import DecathlonWriter
 from medssl.datasets.luna16 import Finding, Luna16Writer, write_findings
-from medssl.io.dicom_writer import SeriesInfo, derived_uid, write_dicom_series
+from medssl.io.dicom_writer import SeriesInfo, write_dicom_series
 from medssl.io.metaimage import write_metaimage
 from medssl.synth.chest import ChestCase, ChestConfig, generate_chest_ct
 from medssl.synth.organs import DOMAINS, LABELS, generate_organ_phantom
