@@ -226,3 +226,94 @@ def _fmt(values: list[float]) -> str:
 
 def _text(value: object) -> str:
     return "" if value is None else str(value)
+
+
+# --- medssl evaluate -------------------------------------------------------------------------
+
+
+@cli.group(cls=MedsslGroup)
+def evaluate() -> None:
+    """Score CAD results against a benchmark's reference standard."""
+
+
+@evaluate.command("luna16")
+@click.option(
+    "--annotations",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="annotations.csv: seriesuid,coordX,coordY,coordZ,diameter_mm (world mm).",
+)
+@click.option(
+    "--excluded",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="annotations_excluded.csv: irrelevant findings, neither hits nor FPs.",
+)
+@click.option(
+    "--seriesuids",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="seriesuids.csv: the evaluated scans, one per line (the FP/scan divisor).",
+)
+@click.option(
+    "--predictions",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Submission CSV: seriesuid,coordX,coordY,coordZ,probability.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write froc.png and froc.json to this folder.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object and nothing else.")
+@click.option(
+    "--bootstrap",
+    "n_bootstrap",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Bootstrap samples over scans, for the 95% CIs.",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap.")
+def evaluate_luna16_command(
+    annotations: Path,
+    excluded: Path,
+    seriesuids: Path,
+    predictions: Path,
+    out: Path | None,
+    as_json: bool,
+    n_bootstrap: int,
+    seed: int,
+) -> None:
+    """LUNA16 FROC and CPM, as the official noduleCADEvaluationLUNA16.py computes them.
+
+    Sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 false positives per scan, their
+    mean (the CPM), and bootstrap 95% confidence intervals over scans.
+    """
+    from medssl.metrics.luna16 import evaluate_luna16_files, plot_froc  # sklearn: slow import
+
+    result = evaluate_luna16_files(
+        annotations, excluded, seriesuids, predictions, n_bootstrap=n_bootstrap, seed=seed
+    )
+    summary = result.to_json()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "froc.json").write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            plot_froc(result, out / "froc.png")
+        except ImportError as exc:
+            raise click.ClickException(f"froc.png needs matplotlib ({exc}); pip install matplotlib")
+        click.echo(f"wrote {out / 'froc.json'} and {out / 'froc.png'}", err=True)
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo("FP/scan  sensitivity  95% CI")
+    for rate, sens, (lo, hi) in zip(result.fp_rates, result.sensitivities, result.sensitivity_ci):
+        click.echo(f"{rate:>7g}  {sens:>11.4f}  [{lo:.4f}, {hi:.4f}]")
+    click.echo(f"{'CPM':>7}  {result.cpm:>11.4f}  [{result.cpm_ci[0]:.4f}, {result.cpm_ci[1]:.4f}]")
+    click.echo(
+        f"{result.n_scans} scans, {result.n_nodules} nodules, {result.n_candidates} marks: "
+        f"{result.n_true_positives} nodules hit, {result.n_false_positives} false positives"
+    )

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-__all__ = ["train", "export", "serve", "score"]
+__all__ = ["export", "serve", "score"]
 
 _CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -21,8 +21,6 @@ def _stub(name: str, what: str, issue: str) -> click.Command:
     return command
 
 
-train = _stub("medssl-train", "semi-supervised training (FocalMix, A&D, BCP, ...)",
-              "the FocalMix issue (#3) and the A&D issue (#6)")
 export = _stub("medssl-export", "export to ONNX / TensorRT in a Triton repository",
                "the export issue (#4)")
 serve = _stub("medssl-serve", "the DICOM gateway", "the gateway issue (#7)")

@@ -25,6 +25,9 @@ __all__ = [
     "LocalizerError",
     "MultipleSeriesError",
     "DatasetLayoutError",
+    "ConfigError",
+    "CheckpointError",
+    "EvaluationInputError",
 ]
 
 
@@ -101,3 +104,43 @@ class MultipleSeriesError(VolumeReadError):
 
 class DatasetLayoutError(MedsslError):
     """A dataset folder does not follow the layout it claims (LUNA16, Decathlon)."""
+
+
+class ConfigError(MedsslError):
+    """An experiment configuration (YAML file or override) is invalid.
+
+    Args:
+        message: what was wrong and what to do; names the key and the bad value.
+        key: the dotted key at fault (``"focalmix.sharpen_t"``), ``""`` for the whole file.
+    """
+
+    def __init__(self, message: str, *, key: str = "") -> None:
+        self.key = key
+        super().__init__(message)
+
+
+class CheckpointError(MedsslError):
+    """A checkpoint file is missing, truncated or not a medssl checkpoint.
+
+    Attributes:
+        path: the checkpoint file at fault.
+    """
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class EvaluationInputError(MedsslError):
+    """Input to an evaluation (annotations, seriesuids, predictions) is missing or malformed.
+
+    Args:
+        path: the file at fault, or None when the input came from memory.
+        problem: what was wrong, in words a user can act on.
+    """
+
+    def __init__(self, path: str | Path | None, problem: str) -> None:
+        self.path = None if path is None else Path(path)
+        self.problem = problem
+        super().__init__(problem if self.path is None else f"{self.path}: {problem}")

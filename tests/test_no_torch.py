@@ -13,6 +13,8 @@ TORCH_FREE = [
     "medssl.datasets.decathlon",
     "medssl.datasets.dicom_tree",
     "medssl.synth.datasets",
+    "medssl.pipeline",
+    "medssl.detection",
     "medssl.serving",
     "medssl.cli.main",
 ]

@@ -29,7 +29,7 @@ from medssl.io.common import hu_int16
 from medssl.io.metaimage import read_metaimage, write_metaimage
 from medssl.volume import Volume
 
-__all__ = ["Finding", "Luna16", "Luna16Writer", "write_findings"]
+__all__ = ["Finding", "Luna16", "Luna16Writer", "read_findings", "write_findings"]
 
 N_SUBSETS = 10
 ANNOTATION_FIELDS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
@@ -89,12 +89,12 @@ class Luna16:
 
     def annotations(self, seriesuid: str | None = None) -> list[Finding]:
         """Nodules from ``annotations.csv``, all or of one series."""
-        return _read_findings(self.root / "annotations.csv", seriesuid)
+        return read_findings(self.root / "annotations.csv", seriesuid)
 
     def excluded(self, seriesuid: str | None = None) -> list[Finding]:
         """Irrelevant findings from ``annotations_excluded.csv`` (empty if the file is absent)."""
         path = self.root / "annotations_excluded.csv"
-        return _read_findings(path, seriesuid) if path.is_file() else []
+        return read_findings(path, seriesuid) if path.is_file() else []
 
     def candidates(self, seriesuid: str | None = None) -> list[tuple[Finding, int]]:
         """``(finding, class)`` rows of ``candidates_V2.csv``; diameter is 0."""
@@ -226,7 +226,13 @@ def _read_rows(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
         return list(reader)
 
 
-def _read_findings(path: Path, seriesuid: str | None) -> list[Finding]:
+def read_findings(path: str | Path, seriesuid: str | None = None) -> list[Finding]:
+    """Findings from a CSV with the columns of LUNA16's ``annotations.csv``, all or of one series.
+
+    Raises:
+        DatasetLayoutError: a required column is missing.
+        ValueError: a coordinate or diameter is not a number.
+    """
     return [
         Finding(
             row["seriesuid"],

@@ -1,0 +1,505 @@
+"""LUNA16 evaluation: the FROC, CPM and bootstrap CIs of ``noduleCADEvaluationLUNA16.py``.
+
+Our own code, following the official script's semantics (function names of
+that script are cited where we follow it):
+
+* Matching (``evaluateCAD``): a candidate hits a finding when its squared
+  distance to the centre, in world mm (LPS/ITK ``coordX, coordY, coordZ``), is
+  strictly below ``(diameter / 2) ** 2``; a diameter < 0 counts as 10 mm.
+* A nodule is scored once, with the highest probability among the candidates
+  that hit it; its other hits are neither TP nor FP. A candidate that hits two
+  nodules is counted as a hit of both (the official script only prints "This is
+  strange: CAD mark ... detected two nodules!").
+* Nodules are checked before excluded findings, so a candidate that hits a
+  nodule and an excluded finding is a hit; one that hits only excluded findings
+  (``annotations_excluded.csv``) is ignored; every other candidate is a false
+  positive.
+* At most 100 marks per scan: when a scan has more, only marks scored strictly
+  above the 101st highest score are kept (ties at that score all go).
+* The scans are the lines of ``seriesuids.csv``; predictions and annotations of
+  other series are ignored; a listed scan without predictions still counts in
+  FP/scan and its nodules are missed.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medssl.datasets.luna16 import Finding, read_findings
+from medssl.errors import DatasetLayoutError, EvaluationInputError
+from medssl.metrics.froc import (
+    CPM_FP_POINTS,
+    FP_RATES,
+    bootstrap_sensitivities,
+    froc_curve,
+    order_statistic_interval,
+    sensitivities_at,
+)
+
+__all__ = [
+    "FrocResult",
+    "Prediction",
+    "evaluate_luna16",
+    "evaluate_luna16_files",
+    "plot_froc",
+    "read_predictions",
+    "read_seriesuids",
+    "write_predictions",
+]
+
+PREDICTION_FIELDS = ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+#: noduleCADEvaluationLUNA16.py, ``noduleCADEvaluation``: ``maxNumberOfCADMarks=100``.
+MAX_MARKS_PER_SCAN = 100
+#: A diameter below 0 (the excluded findings of LUNA16 have -1) matches as this, in mm.
+DEFAULT_DIAMETER_MM = 10.0
+CONFIDENCE = 0.95
+#: FP/scan grid of the plotted CI band (log-spaced between 1/8 and 8).
+BAND_FPS = np.geomspace(FP_RATES[0], FP_RATES[-1], num=241)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One CAD mark: a world centre (LPS ``(x, y, z)`` mm, the ITK frame of LUNA16) and a score."""
+
+    seriesuid: str
+    centre_lps: tuple[float, float, float]
+    probability: float
+
+
+@dataclass(frozen=True, eq=False)
+class FrocResult:
+    """The LUNA16 evaluation of one CAD system.
+
+    Attributes:
+        fp_rates: the seven nominal operating points, FP/scan.
+        sensitivities: sensitivity at each rate, read off the FROC curve at
+            :data:`~medssl.metrics.froc.CPM_FP_POINTS` (the official grid point
+            nearest each rate).
+        cpm: mean of ``sensitivities``.
+        cpm_ci: bootstrap 95% interval of the CPM.
+        sensitivity_ci: bootstrap 95% interval of each sensitivity.
+        froc_fps, froc_sens: ``(K,)`` the full FROC curve, FP/scan and sensitivity.
+        n_scans: scans evaluated (lines of ``seriesuids.csv``).
+        n_nodules: annotated nodules on those scans.
+        n_candidates: marks on those scans after the per-scan cap.
+        n_true_positives: nodules hit by at least one mark.
+        n_false_positives: marks that hit neither a nodule nor an excluded finding.
+        band_fps, band_lower, band_upper: ``(G,)`` the bootstrap interval along
+            the curve, for plotting.
+    """
+
+    fp_rates: tuple[float, ...]
+    sensitivities: tuple[float, ...]
+    cpm: float
+    cpm_ci: tuple[float, float]
+    sensitivity_ci: tuple[tuple[float, float], ...]
+    froc_fps: np.ndarray
+    froc_sens: np.ndarray
+    n_scans: int
+    n_nodules: int
+    n_candidates: int
+    n_true_positives: int
+    n_false_positives: int
+    band_fps: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    band_lower: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    band_upper: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types: the seven rates and sensitivities, CPM, intervals and counts."""
+        return {
+            "fp_rates": [float(r) for r in self.fp_rates],
+            "sensitivities": [float(s) for s in self.sensitivities],
+            "cpm": float(self.cpm),
+            "cpm_ci": [float(v) for v in self.cpm_ci],
+            "sensitivity_ci": [[float(lo), float(hi)] for lo, hi in self.sensitivity_ci],
+            "n_scans": self.n_scans,
+            "n_nodules": self.n_nodules,
+            "n_candidates": self.n_candidates,
+            "n_true_positives": self.n_true_positives,
+            "n_false_positives": self.n_false_positives,
+        }
+
+
+@dataclass
+class _FrocVectors:
+    """The official script's FROC vectors (``FROCGTList``, ``FROCProbList``, ``excludeList``,
+    ``FPDivisorList``) plus the counts of ``CADAnalysis.txt``."""
+
+    is_tp: list[float] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
+    missed: list[bool] = field(default_factory=list)
+    scan_index: list[int] = field(default_factory=list)
+    n_candidates: int = 0
+    n_true_positives: int = 0
+    n_false_positives: int = 0
+
+    def add(self, scan: int, is_tp: bool, probability: float, missed: bool = False) -> None:
+        self.is_tp.append(1.0 if is_tp else 0.0)
+        self.probabilities.append(probability)
+        self.missed.append(missed)
+        self.scan_index.append(scan)
+
+
+def evaluate_luna16(
+    annotations: Sequence[Finding],
+    excluded: Sequence[Finding],
+    seriesuids: Sequence[str],
+    predictions: Sequence[Prediction],
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    max_marks_per_scan: int = MAX_MARKS_PER_SCAN,
+) -> FrocResult:
+    """Evaluate CAD marks against LUNA16 annotations (``noduleCADEvaluation``).
+
+    Args:
+        annotations: the nodules (``annotations.csv``), world mm (LPS).
+        excluded: irrelevant findings (``annotations_excluded.csv``).
+        seriesuids: the scans to evaluate (``seriesuids.csv``); its length is the
+            FP/scan divisor. Findings and predictions of other series are ignored.
+        predictions: the CAD marks.
+        n_bootstrap: bootstrap samples over scans (official: 1000), >= 1.
+        seed: seed of the ``numpy.random.Generator`` that draws them.
+        max_marks_per_scan: the per-scan cap (official: 100); < 1 keeps every mark.
+
+    Returns:
+        The FROC curve, the sensitivities at the seven rates, the CPM and their
+        95% bootstrap intervals.
+
+    Raises:
+        EvaluationInputError: no seriesuids, a repeated seriesuid, or a
+            prediction with a non-finite coordinate or probability.
+        ValueError: ``n_bootstrap`` < 1.
+
+    With no annotated nodule, or no nodule hit, every sensitivity and the CPM are 0.
+    """
+    if n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    uids = _checked_seriesuids(seriesuids)
+    _check_predictions(predictions)
+    vectors = _froc_vectors(annotations, excluded, uids, predictions, max_marks_per_scan)
+    is_tp = np.asarray(vectors.is_tp)
+    probabilities = np.asarray(vectors.probabilities, dtype=float)
+    missed = np.asarray(vectors.missed, dtype=bool)
+    fps, sens = froc_curve(is_tp, probabilities, missed, len(uids))
+    at_points = sensitivities_at(fps, sens)
+    at_boot, on_band = bootstrap_sensitivities(
+        is_tp,
+        probabilities,
+        missed,
+        np.asarray(vectors.scan_index, dtype=np.int64),
+        len(uids),
+        n_bootstrap=n_bootstrap,
+        rng=np.random.default_rng(seed),
+        points=(CPM_FP_POINTS, BAND_FPS),
+    )
+    cpm_lo, cpm_hi = order_statistic_interval(at_boot.mean(axis=1), CONFIDENCE)
+    sens_lo, sens_hi = order_statistic_interval(at_boot, CONFIDENCE)
+    band_lo, band_hi = order_statistic_interval(on_band, CONFIDENCE)
+    return FrocResult(
+        fp_rates=FP_RATES,
+        sensitivities=tuple(float(s) for s in at_points),
+        cpm=float(np.mean(at_points)),
+        cpm_ci=(float(cpm_lo), float(cpm_hi)),
+        sensitivity_ci=tuple((float(lo), float(hi)) for lo, hi in zip(sens_lo, sens_hi)),
+        froc_fps=fps,
+        froc_sens=sens,
+        n_scans=len(uids),
+        n_nodules=int(is_tp.sum()),
+        n_candidates=vectors.n_candidates,
+        n_true_positives=vectors.n_true_positives,
+        n_false_positives=vectors.n_false_positives,
+        band_fps=BAND_FPS.copy(),
+        band_lower=band_lo,
+        band_upper=band_hi,
+    )
+
+
+def _froc_vectors(
+    annotations: Sequence[Finding],
+    excluded: Sequence[Finding],
+    seriesuids: Sequence[str],
+    predictions: Sequence[Prediction],
+    max_marks: int,
+) -> _FrocVectors:
+    """Match every listed scan's marks to its findings (``evaluateCAD``), scan by scan."""
+    wanted = set(seriesuids)
+    marks: dict[str, list[Prediction]] = {}
+    for p in predictions:
+        if p.seriesuid in wanted:  # marks on unlisted series are ignored, as officially
+            marks.setdefault(p.seriesuid, []).append(p)
+    nodules = _by_series(annotations, wanted)
+    irrelevant = _by_series(excluded, wanted)
+    vectors = _FrocVectors()
+    for scan, uid in enumerate(seriesuids):
+        kept = _cap_marks(marks.get(uid, []), max_marks)
+        _match_scan(scan, nodules.get(uid, []), irrelevant.get(uid, []), kept, vectors)
+    return vectors
+
+
+def _by_series(findings: Sequence[Finding], wanted: set[str]) -> dict[str, list[Finding]]:
+    grouped: dict[str, list[Finding]] = {}
+    for f in findings:
+        if f.seriesuid in wanted:
+            grouped.setdefault(f.seriesuid, []).append(f)
+    return grouped
+
+
+def _cap_marks(marks: list[Prediction], max_marks: int) -> list[Prediction]:
+    """At most ``max_marks`` marks (``evaluateCAD``, ``maxNumberOfCADMarks``).
+
+    With more marks than that, keep those scored strictly above the
+    ``(max_marks + 1)``-th highest score; ties at that score all go, so fewer
+    than ``max_marks`` may remain. ``max_marks`` < 1 keeps every mark.
+    """
+    if max_marks < 1 or len(marks) <= max_marks:
+        return marks
+    threshold = sorted((m.probability for m in marks), reverse=True)[max_marks]
+    return [m for m in marks if m.probability > threshold]
+
+
+def _hits(points: np.ndarray, findings: Sequence[Finding]) -> np.ndarray:
+    """``(C, F)`` bool: mark c lies strictly inside finding f's sphere.
+
+    Args:
+        points: ``(C, 3)`` mark centres, LPS mm.
+        findings: F findings; a diameter < 0 counts as :data:`DEFAULT_DIAMETER_MM`.
+    """
+    if not findings:
+        return np.zeros((len(points), 0), dtype=bool)
+    centres = np.array([f.centre_lps for f in findings], dtype=float)
+    diameters = np.array([f.diameter_mm for f in findings], dtype=float)
+    diameters = np.where(diameters < 0.0, DEFAULT_DIAMETER_MM, diameters)
+    d = centres[None, :, :] - points[:, None, :]
+    # Summed x, y, z in the official order: dist = dx**2 + dy**2 + dz**2 < (diameter / 2)**2.
+    dist2 = d[..., 0] ** 2 + d[..., 1] ** 2 + d[..., 2] ** 2
+    return dist2 < (diameters / 2.0) ** 2
+
+
+def _match_scan(
+    scan: int,
+    nodules: Sequence[Finding],
+    irrelevant: Sequence[Finding],
+    marks: Sequence[Prediction],
+    vectors: _FrocVectors,
+) -> None:
+    """Append one scan's entries to ``vectors``: one per nodule, one per false positive."""
+    points = np.array([m.centre_lps for m in marks], dtype=float).reshape(-1, 3)
+    scores = np.array([m.probability for m in marks], dtype=float)
+    on_nodule = _hits(points, nodules)
+    for k in range(len(nodules)):
+        hit_by = on_nodule[:, k]
+        if hit_by.any():  # scored once, with its best hit
+            vectors.add(scan, True, float(scores[hit_by].max()))
+            vectors.n_true_positives += 1
+        else:  # official: minProbValue, excludeList True: in the denominator only
+            vectors.add(scan, True, -math.inf, missed=True)
+    consumed = on_nodule.any(axis=1) | _hits(points, irrelevant).any(axis=1)
+    for score in scores[~consumed]:
+        vectors.add(scan, False, float(score))
+        vectors.n_false_positives += 1
+    vectors.n_candidates += len(marks)
+
+
+def _checked_seriesuids(seriesuids: Sequence[str], path: Path | None = None) -> list[str]:
+    uids = list(seriesuids)
+    if not uids:
+        raise EvaluationInputError(path, "no seriesuids: nothing to evaluate")
+    seen: set[str] = set()
+    for uid in uids:
+        if uid in seen:
+            raise EvaluationInputError(
+                path, f"seriesuid {uid} is listed more than once; list each scan once"
+            )
+        seen.add(uid)
+    return uids
+
+
+def _check_predictions(predictions: Sequence[Prediction]) -> None:
+    for i, p in enumerate(predictions):
+        values = (*p.centre_lps, p.probability)
+        if len(values) != 4 or not all(math.isfinite(v) for v in values):
+            raise EvaluationInputError(
+                None,
+                f"prediction {i} ({p.seriesuid}): centre {p.centre_lps} and probability "
+                f"{p.probability} must be 3 + 1 finite numbers",
+            )
+
+
+def evaluate_luna16_files(
+    annotations_csv: str | Path,
+    excluded_csv: str | Path,
+    seriesuids_csv: str | Path,
+    predictions_csv: str | Path,
+    **kw: Any,
+) -> FrocResult:
+    """:func:`evaluate_luna16` on the official files.
+
+    Args:
+        annotations_csv: ``annotations.csv`` (``seriesuid,coordX,coordY,coordZ,diameter_mm``).
+        excluded_csv: ``annotations_excluded.csv``, same columns.
+        seriesuids_csv: ``seriesuids.csv``, one seriesuid per line, no header.
+        predictions_csv: the submission (``seriesuid,coordX,coordY,coordZ,probability``).
+        **kw: passed to :func:`evaluate_luna16` (``n_bootstrap``, ``seed``, ``max_marks_per_scan``).
+
+    Raises:
+        EvaluationInputError: a file is missing, lacks a column or holds a bad value;
+            the message names the file.
+    """
+    return evaluate_luna16(
+        _read_findings_file(annotations_csv),
+        _read_findings_file(excluded_csv),
+        read_seriesuids(seriesuids_csv),
+        read_predictions(predictions_csv),
+        **kw,
+    )
+
+
+def _read_findings_file(path: str | Path) -> list[Finding]:
+    path = Path(path)
+    _require_file(path)
+    try:
+        return read_findings(path)
+    except DatasetLayoutError as exc:
+        raise EvaluationInputError(path, str(exc).removeprefix(f"{path}: ")) from None
+    except (ValueError, TypeError) as exc:  # float('') or a short row (None)
+        raise EvaluationInputError(
+            path, f"a coordinate or diameter is not a number ({exc})"
+        ) from None
+
+
+def read_seriesuids(path: str | Path) -> list[str]:
+    """The scans of ``seriesuids.csv``: the first field of each non-blank line.
+
+    Raises:
+        EvaluationInputError: missing file, no seriesuid, a header line, or a repeat.
+    """
+    path = Path(path)
+    _require_file(path)
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        uids = [row[0].strip() for row in csv.reader(fh) if row and row[0].strip()]
+    if uids and uids[0] == "seriesuid":
+        raise EvaluationInputError(
+            path,
+            "line 1 is a header ('seriesuid'); seriesuids.csv lists one seriesuid per "
+            "line without a header (every line counts as a scan)",
+        )
+    return _checked_seriesuids(uids, path)
+
+
+def read_predictions(path: str | Path) -> list[Prediction]:
+    """CAD marks from an official submission CSV: ``seriesuid,coordX,coordY,coordZ,probability``.
+
+    Coordinates are world mm (LPS, the ITK frame of the ``.mhd`` files); other
+    columns are ignored; a probability may be any finite score.
+
+    Raises:
+        EvaluationInputError: missing file, missing column, or a value that is
+            not a finite number (the message names the line).
+    """
+    path = Path(path)
+    _require_file(path)
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in PREDICTION_FIELDS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise EvaluationInputError(
+                path, f"missing columns {missing}; expected header {','.join(PREDICTION_FIELDS)}"
+            )
+        return [_prediction(path, reader.line_num, row) for row in reader]
+
+
+def _prediction(path: Path, line: int, row: dict[str, str]) -> Prediction:
+    values = []
+    for column in PREDICTION_FIELDS[1:]:
+        text = row[column]
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise EvaluationInputError(
+                path, f"line {line}: {column} {text!r} is not a number"
+            ) from None
+        if not math.isfinite(value):
+            raise EvaluationInputError(path, f"line {line}: {column} {text!r} is not finite")
+        values.append(value)
+    x, y, z, probability = values
+    return Prediction(row["seriesuid"], (x, y, z), probability)
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise EvaluationInputError(path, "no such file")
+
+
+def write_predictions(path: str | Path, predictions: Sequence[Prediction]) -> Path:
+    """Write an official submission CSV; values round-trip exactly through :func:`read_predictions`."""
+    path = Path(path)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(PREDICTION_FIELDS)
+        for p in predictions:
+            writer.writerow(
+                [p.seriesuid, *(repr(float(v)) for v in p.centre_lps), repr(float(p.probability))]
+            )
+    return path
+
+
+def plot_froc(result: FrocResult, path: str | Path) -> Path:
+    """Draw the FROC curve, its bootstrap 95% band and the seven CPM points to a PNG.
+
+    The x axis is FP/scan on a log scale from 1/8 to 8 (as the official plot);
+    the curve is drawn through its own vertices in that range, with its
+    ``np.interp`` values at both ends.
+    Needs matplotlib (Agg canvas; pyplot and the global backend are not touched).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    lo, hi = FP_RATES[0], FP_RATES[-1]
+    fps, sens = result.froc_fps, result.froc_sens
+    inside = (fps > lo) & (fps < hi)  # the curve's own vertices, clipped to the axis
+    xs = np.concatenate([[lo], fps[inside], [hi]])
+    ys = np.concatenate([[np.interp(lo, fps, sens)], sens[inside], [np.interp(hi, fps, sens)]])
+    fig = Figure(figsize=(6.4, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if result.band_fps.size:
+        ax.fill_between(
+            result.band_fps,
+            result.band_lower,
+            result.band_upper,
+            color="tab:blue",
+            alpha=0.15,
+            linewidth=0,
+            label=f"bootstrap {CONFIDENCE:.0%} CI",
+        )
+    ax.plot(
+        xs,
+        ys,
+        color="tab:blue",
+        lw=2,
+        label=f"CPM {result.cpm:.3f} [{result.cpm_ci[0]:.3f}, {result.cpm_ci[1]:.3f}]",
+    )
+    ax.plot(result.fp_rates, result.sensitivities, "o", color="tab:blue")
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(lo, hi)
+    ax.set_xticks(FP_RATES, ["1/8", "1/4", "1/2", "1", "2", "4", "8"])
+    ax.set_ylim(0, 1)
+    ax.set_yticks(np.linspace(0, 1, 11))
+    ax.grid(True, which="both", alpha=0.4)
+    ax.set_xlabel("Average number of false positives per scan")
+    ax.set_ylabel("Sensitivity")
+    ax.set_title(f"FROC: {result.n_scans} scans, {result.n_nodules} nodules")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    return path

@@ -1,0 +1,393 @@
+"""Nodule detection on a CT volume: preprocess, slide windows through a model, merge boxes.
+
+This is the one detection pipeline: training evaluation, batch scoring and the DICOM
+gateway all call :func:`detect` (or :func:`detect_preprocessed` on a cached, already
+preprocessed volume). The model itself is a :class:`DetectionRunner` (onnxruntime, a
+Triton client, a torch module wrapped by training, a fake in tests); this module never
+imports torch.
+
+Frames: the model sees windows of the preprocessed volume (isotropic
+``params.spacing_mm`` voxels); its boxes are cubes ``(z, y, x, d)`` in the window's voxel
+frame (voxel ``i`` centred at ``i``, see :mod:`medssl.detection.anchors`). Boxes move to
+the preprocessed volume's voxel frame by adding the window start, and to LPS mm through
+the preprocessed volume's affine, which places it in the same world as the input scan.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from time import perf_counter
+from typing import Any, Protocol
+
+import numpy as np
+
+from medssl.detection.nms import nms_3d
+from medssl.pipeline.preprocess import Intensity, preprocess_ct
+from medssl.pipeline.windows import extract_window, plan_windows
+from medssl.volume import Volume
+
+__all__ = [
+    "Detection",
+    "DetectionParams",
+    "DetectionResult",
+    "DetectionRunner",
+    "detect",
+    "detect_preprocessed",
+]
+
+#: Tolerance on runner probabilities slightly outside [0, 1] (float rounding in a graph).
+_PROB_TOLERANCE = 1e-5
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_prob(value: Any) -> bool:
+    return _is_number(value) and 0 <= value <= 1
+
+
+def _positive_int(value: Any, _: Any = None) -> bool:
+    return _is_int(value) and value >= 1
+
+
+#: ``field: (check(value, params), rule(params))`` — the rule text names what is expected.
+_RULES: dict[str, tuple[Callable[[Any, Any], bool], Callable[[Any], str]]] = {
+    "spacing_mm": (lambda v, _: _is_number(v) and v > 0, lambda _: "a positive number"),
+    "intensity": (lambda v, _: isinstance(v, Intensity), lambda _: "an Intensity"),
+    "divisor": (_positive_int, lambda _: "a positive integer"),
+    "window": (
+        lambda v, p: _positive_int(v) and _positive_int(p.divisor) and v % p.divisor == 0,
+        lambda p: f"a positive integer divisible by divisor={p.divisor!r}",
+    ),
+    "overlap": (lambda v, _: _is_number(v) and 0 <= v < 1, lambda _: "in [0, 1)"),
+    "batch_size": (_positive_int, lambda _: "a positive integer"),
+    "score_threshold": (lambda v, _: _is_prob(v), lambda _: "in [0, 1]"),
+    "pre_nms_top_k": (_positive_int, lambda _: "a positive integer"),
+    "nms_iou": (lambda v, _: _is_prob(v), lambda _: "in [0, 1]"),
+    "max_detections": (_positive_int, lambda _: "a positive integer"),
+    "min_diameter_mm": (lambda v, _: _is_number(v) and v >= 0, lambda _: "a number >= 0"),
+}
+
+
+class DetectionRunner(Protocol):
+    """A detection model behind a plain numpy call (any callable with this signature).
+
+    ``runner(patches) -> (boxes, scores)`` where
+
+    * ``patches``: ``(B, 1, Z, Y, X)`` float32, already preprocessed (:func:`preprocess_ct`);
+      ``B <= params.batch_size`` (the last batch may be smaller).
+    * ``boxes``: ``(B, N, 4)`` cubes ``(z, y, x, d)`` in each patch's voxel frame, decoded
+      (the model or its exported graph applies the anchor decoding); ``N`` = anchors.
+    * ``scores``: ``(B, N)`` probabilities in ``[0, 1]`` (after the sigmoid).
+    """
+
+    def __call__(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class DetectionParams:
+    """How a scan is prepared and how model boxes become detections (part of the model card).
+
+    Attributes:
+        spacing_mm: isotropic voxel size the model works at, mm.
+        intensity: HU window and padding value.
+        window: sliding-window edge, voxels of the preprocessed grid; a multiple of ``divisor``.
+        divisor: the model's largest stride; window edges must be divisible by it.
+        overlap: fraction of a window edge shared by neighbouring windows, ``[0, 1)``.
+        batch_size: windows per runner call.
+        score_threshold: boxes scoring below this are dropped before NMS, ``[0, 1]``.
+        pre_nms_top_k: best boxes kept per window before the global NMS.
+        nms_iou: cubes overlapping a better one by IoU above this are suppressed, ``[0, 1]``.
+        max_detections: detections reported per scan at most.
+        min_diameter_mm: boxes smaller than this (mm) are dropped before NMS.
+    """
+
+    spacing_mm: float = 1.0
+    intensity: Intensity = field(default_factory=Intensity)
+    window: int = 128
+    divisor: int = 16
+    overlap: float = 0.25
+    batch_size: int = 2
+    score_threshold: float = 0.01
+    pre_nms_top_k: int = 1000
+    nms_iou: float = 0.1
+    max_detections: int = 100
+    min_diameter_mm: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, (ok, rule) in _RULES.items():
+            value = getattr(self, name)
+            if not ok(value, self):
+                raise ValueError(f"DetectionParams.{name} must be {rule(self)}, got {value!r}")
+
+    @property
+    def window_shape(self) -> tuple[int, int, int]:
+        """The cubic window ``(w, w, w)``, voxels."""
+        return (self.window, self.window, self.window)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able dict for the model card; ``intensity`` is a nested dict."""
+        data = asdict(self)
+        data["intensity"] = self.intensity.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DetectionParams:
+        """Inverse of :meth:`to_json`. Missing keys take the defaults; unknown keys are errors.
+
+        Raises:
+            ValueError: an unknown key, or a value that fails validation (named).
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown DetectionParams keys {unknown}; expected some of {sorted(known)}"
+            )
+        values = dict(data)
+        if isinstance(values.get("intensity"), Mapping):
+            try:
+                values["intensity"] = Intensity(**values["intensity"])
+            except TypeError as exc:
+                raise ValueError(f"DetectionParams.intensity: {exc}") from None
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected nodule.
+
+    Attributes:
+        centre_lps: centre ``(x, y, z)`` in LPS mm.
+        diameter_mm: cube edge, mm.
+        probability: in ``[0, 1]``.
+        centre_voxel: centre ``(z, y, x)`` in the index frame of the input volume
+            (continuous; voxel ``i`` centred at ``i``).
+    """
+
+    centre_lps: tuple[float, float, float]
+    diameter_mm: float
+    probability: float
+    centre_voxel: tuple[float, float, float]
+
+
+@dataclass
+class DetectionResult:
+    """What :func:`detect` found, and what it cost.
+
+    Attributes:
+        detections: by descending probability.
+        timings: seconds per stage: ``preprocess``, ``inference`` (window extraction and
+            runner calls) and ``postprocess`` (filtering, NMS, coordinate conversion).
+        n_windows: windows run through the model.
+    """
+
+    detections: list[Detection]
+    timings: dict[str, float]
+    n_windows: int
+
+
+def detect(
+    volume: Volume, runner: DetectionRunner, params: DetectionParams = DetectionParams()
+) -> DetectionResult:
+    """Detect nodules in a HU volume.
+
+    Args:
+        volume: CT in Hounsfield units, any spacing and direction.
+        runner: the model (:class:`DetectionRunner`).
+        params: preprocessing, windowing and post-processing settings.
+
+    Returns:
+        Detections in LPS mm, with ``centre_voxel`` in ``volume``'s index frame.
+    """
+    start = perf_counter()
+    prepared = preprocess_ct(volume, params.spacing_mm, params.intensity)
+    elapsed = perf_counter() - start
+    result = detect_preprocessed(prepared, runner, params, reference_affine=volume.affine)
+    result.timings["preprocess"] = elapsed
+    return result
+
+
+def detect_preprocessed(
+    prepared: Volume,
+    runner: DetectionRunner,
+    params: DetectionParams = DetectionParams(),
+    *,
+    reference_affine: np.ndarray | None = None,
+) -> DetectionResult:
+    """Detect nodules in a volume already prepared by :func:`preprocess_ct` (e.g. cached).
+
+    Windows → runner in batches → per window: score threshold, drop boxes centred in
+    padding, minimum diameter, top-k → shift to the volume frame → global NMS → at most
+    ``max_detections`` → LPS mm through ``prepared.affine``.
+
+    Args:
+        prepared: preprocessed volume, spacing ``params.spacing_mm`` on every axis.
+        runner: the model (:class:`DetectionRunner`).
+        params: the settings ``prepared`` was made with.
+        reference_affine: 4x4 index ``(z, y, x)`` -> LPS affine of the grid that
+            ``centre_voxel`` is reported in (the original scan's); default ``prepared``'s.
+
+    Returns:
+        The detections; ``timings["preprocess"]`` is 0.
+
+    Raises:
+        ValueError: ``prepared`` is not at ``params.spacing_mm``, or the runner broke its
+            contract (shapes, non-finite values, scores outside [0, 1]).
+    """
+    _check_prepared(prepared, params)
+    reference = (
+        prepared.affine if reference_affine is None else np.asarray(reference_affine, np.float64)
+    )
+    starts = plan_windows(prepared.shape, params.window_shape, params.overlap)
+    timings = {"preprocess": 0.0, "inference": 0.0, "postprocess": 0.0}
+    boxes, scores = [], []
+    for batch_starts, batch_boxes, batch_scores in _run_batches(
+        prepared, starts, runner, params, timings
+    ):
+        tic = perf_counter()
+        for start, window_boxes, window_scores in zip(batch_starts, batch_boxes, batch_scores):
+            kept_boxes, kept_scores = _window_candidates(
+                window_boxes, window_scores, start, prepared.shape, params
+            )
+            boxes.append(kept_boxes)
+            scores.append(kept_scores)
+        timings["postprocess"] += perf_counter() - tic
+    tic = perf_counter()
+    detections = _merge(np.concatenate(boxes), np.concatenate(scores), prepared, reference, params)
+    timings["postprocess"] += perf_counter() - tic
+    return DetectionResult(detections, timings, len(starts))
+
+
+def _run_batches(
+    prepared: Volume,
+    starts: list[tuple[int, int, int]],
+    runner: DetectionRunner,
+    params: DetectionParams,
+    timings: dict[str, float],
+) -> Iterator[tuple[list[tuple[int, int, int]], np.ndarray, np.ndarray]]:
+    """Yield ``(starts, boxes (B, N, 4), scores (B, N))`` per batch.
+
+    Window extraction and the runner call are added to ``timings["inference"]``.
+    """
+    pad = params.intensity.pad_value
+    for first in range(0, len(starts), params.batch_size):
+        tic = perf_counter()
+        batch = starts[first : first + params.batch_size]
+        patches = np.stack(
+            [extract_window(prepared.array, s, params.window_shape, pad) for s in batch]
+        )
+        patches = patches[:, None].astype(np.float32, copy=False)
+        boxes, scores = runner(patches)
+        timings["inference"] += perf_counter() - tic
+        yield batch, *_checked_output(boxes, scores, len(batch))
+
+
+def _checked_output(boxes: Any, scores: Any, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Runner outputs as arrays ``(B, N, 4)`` and ``(B, N)`` (dtype kept), or a ValueError."""
+    boxes, scores = np.asarray(boxes), np.asarray(scores)
+    if (
+        boxes.ndim != 3
+        or boxes.shape[0] != batch
+        or boxes.shape[2] != 4
+        or scores.shape != boxes.shape[:2]
+    ):
+        raise ValueError(
+            f"runner must return boxes (B, N, 4) and scores (B, N) for B={batch} patches, "
+            f"got boxes {boxes.shape} and scores {scores.shape}"
+        )
+    if scores.size:
+        low, high = float(scores.min()), float(scores.max())  # NaN propagates
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("runner returned non-finite scores")
+        if low < -_PROB_TOLERANCE or high > 1 + _PROB_TOLERANCE:
+            raise ValueError(
+                f"runner scores must be probabilities in [0, 1], got range [{low:.4g}, "
+                f"{high:.4g}]; apply the sigmoid in the model graph"
+            )
+    return boxes, scores
+
+
+def _window_candidates(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    start: Sequence[int],
+    shape: Sequence[int],
+    params: DetectionParams,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One window's boxes worth merging, moved to the volume's voxel frame.
+
+    Keeps boxes scoring at least ``score_threshold``, centred inside the volume (not in
+    window padding) and at least ``min_diameter_mm`` wide, then the ``pre_nms_top_k`` best.
+
+    Args:
+        boxes: ``(N, 4)`` in the window frame; scores: ``(N,)``.
+        start: window start ``(z, y, x)`` in the volume; shape: volume ``(Z, Y, X)``.
+
+    Returns:
+        ``(M, 4)`` boxes in the volume frame and their ``(M,)`` scores, ``M <= pre_nms_top_k``.
+    """
+    origin = np.asarray(start, dtype=np.float64)
+    low, high = -0.5 - origin, np.asarray(shape, dtype=np.float64) - 0.5 - origin
+    keep = scores >= params.score_threshold
+    for axis in range(3):  # written so that NaN stays in, to be reported below
+        keep &= ~((boxes[:, axis] < low[axis]) | (boxes[:, axis] > high[axis]))
+    keep &= ~(boxes[:, 3] * params.spacing_mm < params.min_diameter_mm)
+    index = np.flatnonzero(keep)
+    if len(index) > params.pre_nms_top_k:
+        top = np.argpartition(-scores[index], params.pre_nms_top_k - 1)[: params.pre_nms_top_k]
+        index = index[top]
+    kept = boxes[index].astype(np.float64)
+    if not np.all(np.isfinite(kept)) or np.any(kept[:, 3] <= 0):
+        raise ValueError(
+            "runner returned a box above the score threshold with a non-finite value "
+            "or a non-positive diameter"
+        )
+    kept[:, :3] += origin
+    return kept, np.clip(scores[index].astype(np.float64), 0.0, 1.0)
+
+
+def _merge(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    prepared: Volume,
+    reference: np.ndarray,
+    params: DetectionParams,
+) -> list[Detection]:
+    """Global NMS over all windows' boxes ``(M, 4)`` (volume frame), then conversion to mm."""
+    keep = nms_3d(boxes, scores, params.nms_iou, max_keep=params.max_detections)
+    boxes, scores = boxes[keep], scores[keep]
+    lps = prepared.index_to_world(boxes[:, :3])
+    inverse = np.linalg.inv(reference)
+    voxels = lps @ inverse[:3, :3].T + inverse[:3, 3]
+    return [
+        Detection(
+            centre_lps=_triple(point),
+            diameter_mm=float(box[3] * params.spacing_mm),
+            probability=float(score),
+            centre_voxel=_triple(voxel),
+        )
+        for point, box, score, voxel in zip(lps, boxes, scores, voxels)
+    ]
+
+
+def _check_prepared(prepared: Volume, params: DetectionParams) -> None:
+    """Fail loudly when ``prepared`` is not on the grid ``params`` expects."""
+    if not np.allclose(prepared.spacing, params.spacing_mm, atol=1e-3):
+        raise ValueError(
+            f"prepared volume has spacing {prepared.spacing.round(4).tolist()} mm but "
+            f"params.spacing_mm is {params.spacing_mm}; prepare it with "
+            "preprocess_ct(volume, params.spacing_mm, params.intensity) or call detect()"
+        )
+
+
+def _triple(values: np.ndarray) -> tuple[float, float, float]:
+    return (float(values[0]), float(values[1]), float(values[2]))

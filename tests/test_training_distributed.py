@@ -1,0 +1,142 @@
+"""Data-parallel training on 2 CPU processes (gloo): ranks see different data, end identical."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+mp = pytest.importorskip("torch.multiprocessing")
+
+from medssl.training.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    init_distributed,
+    is_main,
+    shard_indices,
+    unwrap,
+    wrap_ddp,
+)
+
+WORLD = 2
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    """One torchrun-like process: env vars in, a tiny Conv3d trained 3 steps, results out."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    env = init_distributed(prefer_cuda=False)
+    try:
+        torch.manual_seed(100 + rank)  # different initial weights: DDP must broadcast rank 0's
+        model = wrap_ddp(torch.nn.Conv3d(1, 2, kernel_size=3, padding=1), env)
+        initial = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        data = torch.Generator().manual_seed(rank)  # different data on every rank
+        for _ in range(STEPS):
+            x = torch.randn(2, 1, 6, 6, 6, generator=data)
+            target = torch.randn(2, 2, 6, 6, 6, generator=data)
+            loss = torch.nn.functional.mse_loss(model(x), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        mean = all_reduce_mean(torch.tensor([float(rank)]))
+        barrier()
+        torch.save(
+            {
+                "env": (env.rank, env.local_rank, env.world_size, str(env.device)),
+                "is_main": is_main(),
+                "initial": initial,
+                "final": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()},
+                "mean": mean.item(),
+                "shard": shard_indices(7, env, seed=1, epoch=2),
+                "wrapped": type(model).__name__,
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        cleanup()
+
+
+def test_two_gloo_ranks_train_to_identical_parameters(tmp_path):
+    ctx = mp.start_processes(
+        _worker,
+        args=(_free_port(), str(tmp_path)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 90
+    try:
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "distributed workers did not finish in 90 s"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert [r["env"] for r in res] == [(0, 0, 2, "cpu"), (1, 1, 2, "cpu")]
+    assert [r["is_main"] for r in res] == [True, False]
+    assert all(r["wrapped"] == "DistributedDataParallel" for r in res)
+    for name in res[0]["final"]:
+        assert torch.equal(res[0]["initial"][name], res[1]["initial"][name]), name
+        assert torch.equal(res[0]["final"][name], res[1]["final"][name]), name
+        assert not torch.allclose(res[0]["final"][name], res[0]["initial"][name]), name
+    assert [r["mean"] for r in res] == [0.5, 0.5]
+    shards = [r["shard"] for r in res]
+    assert len(shards[0]) == len(shards[1]) == 4
+    assert set(shards[0]) | set(shards[1]) == set(range(7))
+
+
+def test_single_process_env_needs_no_process_group(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    env = init_distributed(prefer_cuda=False)
+    assert env == DistEnv(0, 0, 1, torch.device("cpu")) and env.is_main and is_main()
+    model = torch.nn.Linear(2, 2)
+    assert wrap_ddp(model, env) is model and unwrap(model) is model
+    t = torch.tensor([3.0])
+    assert torch.equal(all_reduce_mean(t), t)
+    barrier()
+    cleanup()
+
+
+def test_init_distributed_names_missing_master_addr(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        init_distributed(prefer_cuda=False)
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK=2"):
+        init_distributed(prefer_cuda=False)
+
+
+def test_shard_indices_are_disjoint_same_size_and_change_per_epoch():
+    envs = [DistEnv(rank=r, world_size=3) for r in range(3)]
+    shards = [shard_indices(10, e, seed=0, epoch=0) for e in envs]
+    assert [len(s) for s in shards] == [4, 4, 4]
+    assert set().union(*shards) == set(range(10))
+    assert sum(len(s) for s in shards) - 10 == 2  # two indices repeated as padding
+    assert shard_indices(10, envs[0], seed=0, epoch=1) != shards[0]
+    assert shard_indices(10, envs[0], seed=0, epoch=0) == shards[0]
+    assert shard_indices(6, envs[1], shuffle=False) == [1, 4]
+    with pytest.raises(ValueError, match="n=0"):
+        shard_indices(0, envs[0])

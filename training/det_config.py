@@ -1,0 +1,153 @@
+"""The experiment config of the nodule detector trainers (``focalmix``, ``supervised-det``).
+
+One YAML file per experiment (see ``training/configs/``); every value is validated at
+start (:func:`medssl.training.config.load_config`) and the whole config is stored in
+every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from medssl.detection import AnchorSpec
+from medssl.training.detector import DetectorConfig
+from medssl.training.losses import FocalConfig
+
+__all__ = ["DataConfig", "OptimConfig", "FocalMixConfig", "EvalConfig", "DetectionExperiment"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Data, splits and preprocessing.
+
+    Attributes:
+        spacing_mm: isotropic model grid (paper: 1 mm).
+        hu_min, hu_max: intensity window, HU, mapped to [-1, 1] (the lung window).
+        patch: training patch edge, voxels (paper: 160); divisible by the largest stride.
+        positive_fraction: share of labeled crops centred near a nodule.
+        test_subsets: LUNA16 subsets held out as the test split (never trained or validated on).
+        n_validation: scans of the training pool held out to select the best checkpoint.
+        split_seed: seed of the labeled / validation split of the training pool.
+        unlabeled_dirs: extra folders of unlabeled scans (``.mhd``/``.nii.gz`` files, or
+            DICOM trees such as NLST), used before the leftover training pool;
+            ``<data>/unlabeled`` is always included when it exists.
+        cache_dir: preprocessed-volume cache; default ``$MEDSSL_CACHE`` or ``~/.cache/medssl``.
+        workers: DataLoader worker processes per loader.
+    """
+
+    spacing_mm: float = 1.0
+    hu_min: float = -1200.0
+    hu_max: float = 600.0
+    patch: int = 160
+    positive_fraction: float = 0.5
+    test_subsets: tuple[int, ...] = (8, 9)
+    n_validation: int = 10
+    split_seed: int = 0
+    unlabeled_dirs: tuple[str, ...] = ()
+    cache_dir: str | None = None
+    workers: int = 4
+
+    def __post_init__(self) -> None:
+        if self.spacing_mm <= 0 or self.patch < 16:
+            raise ValueError(f"need spacing_mm > 0 and patch >= 16, got {self.spacing_mm}, {self.patch}")
+        if not 0 <= self.positive_fraction <= 1:
+            raise ValueError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
+        if any(not 0 <= s <= 9 for s in self.test_subsets):
+            raise ValueError(f"test_subsets must be LUNA16 subsets 0..9, got {self.test_subsets}")
+        if self.n_validation < 0 or self.workers < 0:
+            raise ValueError("n_validation and workers must be >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam with cosine annealing (paper §4.1: lr 1e-3, batch 8).
+
+    Attributes:
+        steps: optimisation steps (the same budget for supervised and FocalMix runs).
+        batch_size: labeled patches per step (FocalMix adds as many unlabeled).
+        lr, weight_decay: Adam parameters; the lr follows a cosine to 0 over ``steps``.
+        grad_clip: max gradient norm (0: off).
+    """
+
+    steps: int = 20000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.grad_clip < 0:
+            raise ValueError("need steps >= 1, batch_size >= 1, lr > 0 and grad_clip >= 0")
+
+
+@dataclass(frozen=True)
+class FocalMixConfig:
+    """FocalMix switches and parameters (paper §3, §4.1); each switch is a Table 3 ablation.
+
+    Attributes:
+        k: transforms ensembled for target prediction (paper: 4).
+        temperature: sharpening temperature T (paper: 0.7).
+        eta: MixUp Beta parameter η (paper: 0.2).
+        image_mixup, object_mixup: the two MixUp levels.
+        object_threshold: guessed probability that makes an unlabeled anchor an object.
+        unlabeled_weight: weight of the unlabeled SFL term after ramp-up. The paper does
+            not give it; SFL on mixed targets has the labeled loss's scale, so 1.0.
+        rampup_fraction: linear ramp-up of that weight over this share of the steps
+            (MixMatch ramps linearly; the paper does not say over how long).
+    """
+
+    k: int = 4
+    temperature: float = 0.7
+    eta: float = 0.2
+    image_mixup: bool = True
+    object_mixup: bool = True
+    object_threshold: float = 0.8
+    unlabeled_weight: float = 1.0
+    rampup_fraction: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= 48:
+            raise ValueError(f"k must be in 1..48 (the cube group has 48 elements), got {self.k}")
+        if self.temperature <= 0 or self.eta <= 0:
+            raise ValueError("temperature and eta must be positive")
+        if not 0 <= self.rampup_fraction <= 1 or self.unlabeled_weight < 0:
+            raise ValueError("rampup_fraction must be in [0, 1] and unlabeled_weight >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Validation and test inference (the shared pipeline's parameters).
+
+    Attributes:
+        every: validate (and checkpoint) every this many steps, and at the end.
+        window: sliding-window edge, voxels (divisible by the largest backbone stride).
+        overlap: window overlap fraction.
+        score_threshold, nms_iou, max_detections: post-processing; LUNA16 keeps at most
+            100 marks per scan.
+        bootstrap: bootstrap samples of the test CPM confidence interval.
+    """
+
+    every: int = 1000
+    window: int = 128
+    overlap: float = 0.25
+    score_threshold: float = 0.01
+    nms_iou: float = 0.1
+    max_detections: int = 100
+    bootstrap: int = 1000
+
+
+@dataclass(frozen=True)
+class DetectionExperiment:
+    """Everything a detector run needs; ``method`` picks the trainer."""
+
+    method: Literal["focalmix", "supervised-det"] = "focalmix"
+    seed: int = 0
+    amp: bool = True
+    model: DetectorConfig = field(default_factory=DetectorConfig)
+    anchors: AnchorSpec = field(default_factory=AnchorSpec)
+    loss: FocalConfig = field(default_factory=FocalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    focalmix: FocalMixConfig = field(default_factory=FocalMixConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

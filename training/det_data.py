@@ -1,0 +1,143 @@
+"""Training patches for the nodule detector, from cached preprocessed scans.
+
+Every sample is a pure function of ``(seed, index)``: the sampler hands out a running
+index, so a run is reproducible with any number of DataLoader workers and a resumed run
+continues the same sample stream.
+
+Frames: scans are cached on the model grid (1 mm isotropic by default, see
+:class:`medssl.training.cache.VolumeCache`); boxes are cubes ``(z, y, x, d)`` in the
+patch's voxel frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from medssl.detection import CUBE_GROUP, AnchorGrid, assign_anchors
+from medssl.pipeline.windows import extract_window
+from medssl.training.cache import CachedVolume
+
+__all__ = ["ScanBoxes", "LabeledPatches", "UnlabeledPatches", "IndexStream", "MAX_BOXES"]
+
+#: Ground-truth cubes returned per patch (padded with zeros); extra ones still get anchors.
+MAX_BOXES = 16
+
+
+@dataclass(frozen=True)
+class ScanBoxes:
+    """A cached scan and its nodules as cubes ``(z, y, x, d)`` on the cached grid, ``(M, 4)``."""
+
+    volume: CachedVolume
+    boxes: np.ndarray
+
+
+def _random_start(rng: np.random.Generator, shape: Sequence[int], patch: int) -> np.ndarray:
+    return np.array([rng.integers(0, max(n - patch, 0) + 1) for n in shape])
+
+
+def _start_around(rng: np.random.Generator, centre: np.ndarray, shape: Sequence[int], patch: int,
+                  margin: float) -> np.ndarray:
+    """A patch start that puts ``centre`` at least ``margin`` voxels inside the patch."""
+    lo = np.floor(centre + margin - patch + 1).astype(int)
+    hi = np.ceil(centre - margin).astype(int)
+    start = np.array([rng.integers(a, max(a, b) + 1) for a, b in zip(lo, hi)])
+    upper = np.maximum(np.asarray(shape) - patch, 0)
+    return np.clip(start, np.minimum(0, upper), upper)
+
+
+class LabeledPatches(Dataset):
+    """Patches balanced between nodule-centred and random crops, with anchor targets.
+
+    Args:
+        scans: labeled scans.
+        grid: anchors of a ``(P, P, P)`` patch.
+        positive_fraction: share of crops that contain a nodule (paper: balanced).
+        augment: apply a random element of the 48-element cube group.
+        pad_value: intensity outside the scan (preprocessed air).
+        seed: sample stream seed.
+
+    Item ``i``: ``image (1, P, P, P)`` float32, ``labels (N,)`` (1 / 0 / -1 ignored),
+    ``deltas (N, 4)``, ``boxes (MAX_BOXES, 4)`` (zero rows = padding), ``n_boxes``.
+    """
+
+    def __init__(self, scans: Sequence[ScanBoxes], grid: AnchorGrid, positive_fraction: float = 0.5,
+                 augment: bool = True, pad_value: float = -1.0, seed: int = 0) -> None:
+        if not scans:
+            raise ValueError("no labeled scans")
+        self.scans, self.grid = list(scans), grid
+        self.patch = grid.patch_shape[0]
+        self.positive_fraction, self.augment = positive_fraction, augment
+        self.pad_value, self.seed = pad_value, seed
+        self._with_nodules = [i for i, s in enumerate(self.scans) if len(s.boxes)]
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, 1, index])
+        if self._with_nodules and rng.random() < self.positive_fraction:
+            scan = self.scans[self._with_nodules[rng.integers(len(self._with_nodules))]]
+            box = scan.boxes[rng.integers(len(scan.boxes))]
+            margin = min(box[3] / 2, self.patch / 4)
+            start = _start_around(rng, box[:3], scan.volume.array.shape, self.patch, margin)
+        else:
+            scan = self.scans[rng.integers(len(self.scans))]
+            start = _random_start(rng, scan.volume.array.shape, self.patch)
+        image = extract_window(scan.volume.array, tuple(start), (self.patch,) * 3, self.pad_value)
+        boxes = scan.boxes.copy()
+        boxes[:, :3] -= start
+        inside = np.all((boxes[:, :3] >= 0) & (boxes[:, :3] <= self.patch - 1), axis=1)
+        boxes = boxes[inside]
+        if self.augment:
+            g = CUBE_GROUP[rng.integers(len(CUBE_GROUP))]
+            image = g.apply(image)
+            boxes[:, :3] = g.apply_points(boxes[:, :3], (self.patch,) * 3)
+        targets = assign_anchors(self.grid, boxes)
+        padded = np.zeros((MAX_BOXES, 4), dtype=np.float32)
+        padded[: min(len(boxes), MAX_BOXES)] = boxes[:MAX_BOXES]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None]),
+            "labels": torch.from_numpy(targets.labels),
+            "deltas": torch.from_numpy(targets.deltas),
+            "boxes": torch.from_numpy(padded),
+            "n_boxes": torch.tensor(min(len(boxes), MAX_BOXES)),
+        }
+
+
+class UnlabeledPatches(Dataset):
+    """Random ``(1, P, P, P)`` crops of unlabeled scans; augmentation happens in the
+    FocalMix step, where the guessed targets follow it."""
+
+    def __init__(self, scans: Sequence[CachedVolume], patch: int, pad_value: float = -1.0, seed: int = 0) -> None:
+        if not scans:
+            raise ValueError("no unlabeled scans")
+        self.scans, self.patch, self.pad_value, self.seed = list(scans), patch, pad_value, seed
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, 2, index])
+        scan = self.scans[rng.integers(len(self.scans))]
+        start = _random_start(rng, scan.array.shape, self.patch)
+        image = extract_window(scan.array, tuple(start), (self.patch,) * 3, self.pad_value)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None])}
+
+
+class IndexStream(Sampler[int]):
+    """Sample indices ``start, start + 1, ...`` (``count`` of them), strided over DDP ranks."""
+
+    def __init__(self, start: int, count: int, rank: int = 0, world_size: int = 1) -> None:
+        self.start, self.count, self.rank, self.world_size = start, count, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        for i in range(self.count):
+            yield (self.start + i) * self.world_size + self.rank
+
+    def __len__(self) -> int:
+        return self.count

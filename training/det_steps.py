@@ -1,0 +1,111 @@
+"""One optimisation step of the supervised detector and of FocalMix (paper §3, §4.1).
+
+Both return the loss terms; the trainer does backward, clipping and the optimiser.
+Batches come from :mod:`medssl.training.det_data`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from medssl.detection import CUBE_GROUP, AnchorGrid
+from medssl.training.det_config import DetectionExperiment
+from medssl.training.detector import flatten_levels
+from medssl.training.focalmix import (
+    apply_symmetry,
+    guess_targets,
+    image_mixup,
+    object_mixup,
+    objects_from_targets,
+    sample_lambda,
+    transform_anchor_targets,
+)
+from medssl.training.losses import detection_loss
+
+__all__ = ["supervised_step", "focalmix_step", "unlabeled_weight"]
+
+
+def supervised_step(model: nn.Module, batch: dict[str, torch.Tensor], cfg: DetectionExperiment) -> dict[str, torch.Tensor]:
+    """Focal loss + smooth L1 on a labeled batch (the fully supervised baseline)."""
+    out = flatten_levels(model(batch["image"]))
+    return detection_loss(out.float(), batch["labels"], batch["deltas"], batch["labels"] == 1, cfg.loss)
+
+
+def unlabeled_weight(step: int, cfg: DetectionExperiment) -> float:
+    """The unlabeled-loss weight at ``step``: linear ramp-up to ``focalmix.unlabeled_weight``."""
+    fm = cfg.focalmix
+    ramp = fm.rampup_fraction * cfg.optim.steps
+    return fm.unlabeled_weight * (1.0 if ramp <= 0 else min(1.0, step / ramp))
+
+
+def _boxes(batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    boxes, counts = batch["boxes"].cpu().numpy(), batch["n_boxes"].cpu().numpy()
+    return [b[:n] for b, n in zip(boxes, counts)]
+
+
+def focalmix_step(
+    model: nn.Module,
+    raw_model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    unlabeled: dict[str, torch.Tensor],
+    grid: AnchorGrid,
+    step: int,
+    cfg: DetectionExperiment,
+    rng: np.random.Generator,
+) -> dict[str, torch.Tensor]:
+    """One FocalMix step: guess, augment, MixUp (image then object level), SFL.
+
+    Args:
+        model: the (possibly DDP-wrapped) detector to train.
+        raw_model: the same network unwrapped, for the no-grad target guessing.
+        batch: labeled batch (images already augmented by the dataset).
+        unlabeled: unlabeled batch ``{"image": (B, 1, P, P, P)}``.
+        grid: anchors of a training patch.
+        step: the step number (for the ramp-up).
+        rng: this step's random generator.
+
+    Returns:
+        ``{"loss", "cls", "box", "unlabeled", "weight"}``.
+    """
+    fm = cfg.focalmix
+    x, y = batch["image"], batch["labels"]
+    u = unlabeled["image"]
+    n = x.shape[0]
+    elements = [CUBE_GROUP[i] for i in rng.choice(len(CUBE_GROUP), size=fm.k, replace=False)]
+    was_training = raw_model.training
+    raw_model.eval()
+    sharp, mean = guess_targets(raw_model, u, elements, fm.temperature)
+    raw_model.train(was_training)
+    # MixMatch trains on augmented unlabeled data; the guessed targets follow the transform.
+    g_u = [CUBE_GROUP[i] for i in rng.integers(len(CUBE_GROUP), size=u.shape[0])]
+    u = torch.stack([apply_symmetry(g, u[b]) for b, g in enumerate(g_u)])
+    sharp = torch.cat([transform_anchor_targets(g, sharp[b : b + 1], grid) for b, g in enumerate(g_u)])
+    mean = torch.cat([transform_anchor_targets(g, mean[b : b + 1], grid) for b, g in enumerate(g_u)])
+
+    images, targets = torch.cat([x, u]), torch.cat([y, sharp])
+    x_mix, y_mix, u_mix, t_mix = x, y, u, sharp
+    if fm.image_mixup:
+        lam = sample_lambda(fm.eta, rng)
+        perm = torch.from_numpy(rng.permutation(len(images))).to(x.device)
+        x_mix, y_mix = image_mixup(x, y, images[perm[:n]], targets[perm[:n]], lam)
+        u_mix, t_mix = image_mixup(u, sharp, images[perm[n:]], targets[perm[n:]], lam)
+    mixed = torch.cat([x_mix, u_mix])
+    if fm.object_mixup:
+        objects = _boxes(batch) + objects_from_targets(mean, grid, fm.object_threshold)
+        # λ̃ >= 0.5: a mixed image's objects are those of its dominant (first) source.
+        mixed = object_mixup(mixed, objects, images, objects, fm.eta, rng)
+
+    out = flatten_levels(model(mixed)).float()
+    labeled = detection_loss(out[:n], y_mix, batch["deltas"], y == 1, cfg.loss)
+    no_boxes = torch.zeros_like(t_mix, dtype=torch.bool)
+    unlabeled_loss = detection_loss(out[n:], t_mix, torch.zeros_like(out[n:, :, 1:]), no_boxes, cfg.loss)["cls"]
+    weight = unlabeled_weight(step, cfg)
+    return {
+        "loss": labeled["loss"] + weight * unlabeled_loss,
+        "cls": labeled["cls"],
+        "box": labeled["box"],
+        "unlabeled": unlabeled_loss,
+        "weight": torch.tensor(weight),
+    }

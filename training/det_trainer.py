@@ -1,0 +1,260 @@
+"""The detector trainer behind ``medssl-train focalmix`` and ``medssl-train supervised-det``.
+
+A run folder holds ``config.yaml``, ``split.json``, ``checkpoints/`` (periodic, ``last.pt``,
+``best.pt`` by validation CPM), ``tensorboard/``, ``log.jsonl`` and, at the end,
+``test/submission.csv`` (LUNA16 format), ``test/cpm.json`` and ``test/froc.png``
+computed with the best checkpoint on the held-out test subsets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from medssl.datasets.luna16 import Finding
+from medssl.datasets.splits import write_split
+from medssl.detection import AnchorGrid
+from medssl.errors import MedsslError
+from medssl.metrics import plot_froc, write_predictions
+from medssl.pipeline import Intensity
+from medssl.training.cache import CachedVolume, VolumeCache
+from medssl.training.checkpoint import CheckpointManager, rng_state, set_rng_state
+from medssl.training.config import config_to_dict, dump_config
+from medssl.training.det_config import DetectionExperiment
+from medssl.training.det_data import IndexStream, LabeledPatches, ScanBoxes, UnlabeledPatches
+from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
+from medssl.training.det_scans import DetectionSplit, split_luna16
+from medssl.training.det_steps import focalmix_step, supervised_step
+from medssl.training.detector import FPNDetector
+from medssl.training.distributed import DistEnv, cleanup, init_distributed, unwrap, wrap_ddp
+from medssl.training.logger import TrainLogger
+from medssl.training.seed import seed_everything, worker_init_fn
+
+__all__ = ["TrainingDivergedError", "DetectionRun", "train_detector", "default_cache_dir"]
+
+#: Validation CPM is computed without a bootstrap (only the point value selects checkpoints).
+VALIDATION_BOOTSTRAP = 1
+
+
+class TrainingDivergedError(MedsslError):
+    """The loss stopped being finite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class DetectionRun:
+    """What a finished run produced."""
+
+    out: Path
+    best_checkpoint: Path
+    test_cpm: float | None
+    test_report: dict[str, Any] | None
+
+
+def default_cache_dir() -> Path:
+    """``$MEDSSL_CACHE``, else ``~/.cache/medssl``."""
+    return Path(os.environ.get("MEDSSL_CACHE", Path.home() / ".cache" / "medssl"))
+
+
+def _cache(cfg: DetectionExperiment) -> VolumeCache:
+    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    return VolumeCache(root, cfg.data.spacing_mm, Intensity(cfg.data.hu_min, cfg.data.hu_max))
+
+
+def _scan_boxes(cached: CachedVolume, nodules: list[Finding], spacing_mm: float) -> ScanBoxes:
+    """Nodules (LPS mm) as cubes ``(z, y, x, d)`` on the cached grid."""
+    if not nodules:
+        return ScanBoxes(cached, np.zeros((0, 4), dtype=np.float32))
+    centres = cached.world_to_index(np.array([n.centre_lps for n in nodules]))
+    diameters = np.array([[max(n.diameter_mm, 1.0) / spacing_mm] for n in nodules])
+    return ScanBoxes(cached, np.concatenate([centres, diameters], axis=1).astype(np.float32))
+
+
+def _loader(dataset: Any, batch: int, start: int, count: int, cfg: DetectionExperiment,
+            env: DistEnv) -> Iterator[dict[str, torch.Tensor]]:
+    loader = DataLoader(
+        dataset, batch_size=batch, sampler=IndexStream(start * batch, count * batch, env.rank, env.world_size),
+        num_workers=cfg.data.workers, worker_init_fn=worker_init_fn, pin_memory=env.device.type == "cuda",
+        persistent_workers=cfg.data.workers > 0, drop_last=True,
+    )
+    return iter(loader)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+           cfg: DetectionExperiment, step: int) -> dict[str, Any]:
+    return {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "config": config_to_dict(cfg),
+        "step": step,
+        "rng": rng_state(),
+        "kind": "medssl.detector",
+    }
+
+
+def _validate(model: torch.nn.Module, split: DetectionSplit, volumes: dict[str, CachedVolume],
+              cfg: DetectionExperiment, device: torch.device) -> dict[str, float]:
+    """Validation CPM of the current weights (LUNA16 FROC, no bootstrap)."""
+    runner = TorchDetectionRunner(unwrap(model), cfg.eval.window, device, cfg.amp)
+    predictions = predict(runner, volumes, detection_params(cfg))
+    uids = list(volumes)
+    nodules = [f for u in uids for f in split.nodules(u)]
+    excluded = [f for u in uids for f in split.luna.excluded(u)]
+    result = evaluate(predictions, nodules, excluded, uids, VALIDATION_BOOTSTRAP)
+    unwrap(model).train()
+    return {"cpm": result.cpm, **{f"sens@{r:g}": s for r, s in zip(result.fp_rates, result.sensitivities)}}
+
+
+def _test(model: torch.nn.Module, split: DetectionSplit, cache: VolumeCache, cfg: DetectionExperiment,
+          device: torch.device, out: Path) -> dict[str, Any]:
+    """Submission CSV, CPM report and FROC plot on the test subsets."""
+    out.mkdir(parents=True, exist_ok=True)
+    volumes = {u: cache.get(u, split.source(u).load) for u in split.test}
+    runner = TorchDetectionRunner(model, cfg.eval.window, device, cfg.amp)
+    predictions = predict(runner, volumes, detection_params(cfg))
+    write_predictions(out / "submission.csv", predictions)
+    (out / "seriesuids.csv").write_text("".join(f"{u}\n" for u in split.test))
+    nodules = [f for u in split.test for f in split.nodules(u)]
+    excluded = [f for u in split.test for f in split.luna.excluded(u)]
+    result = evaluate(predictions, nodules, excluded, split.test, cfg.eval.bootstrap, cfg.seed)
+    report = result.to_json()
+    (out / "cpm.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_froc(result, out / "froc.png")
+    return report
+
+
+def train_detector(
+    cfg: DetectionExperiment,
+    data: str | Path,
+    out: str | Path,
+    n_labeled: int,
+    n_unlabeled: int = 0,
+    resume: bool = False,
+    device: str | None = None,
+) -> DetectionRun:
+    """Train (or resume) a detector run and evaluate it on the LUNA16 test subsets.
+
+    Args:
+        cfg: the validated experiment; ``cfg.method`` picks supervised or FocalMix.
+        data: a LUNA16 folder (optionally with ``unlabeled/``).
+        out: the run folder.
+        n_labeled, n_unlabeled: scans used with and without their annotations.
+        resume: continue from ``out/checkpoints/last.pt``.
+        device: ``"cpu"``, ``"cuda"``...; default: the DDP rank's GPU, else CPU.
+
+    Raises:
+        TrainingDivergedError: the loss became NaN/inf (the last good checkpoint stays).
+        MedsslError: bad data layout, or ``resume`` without a checkpoint.
+    """
+    env = init_distributed(prefer_cuda=device != "cpu")
+    dev = torch.device(device) if device else env.device
+    out = Path(out)
+    try:
+        return _train(cfg, Path(data), out, n_labeled, n_unlabeled, resume, env, dev)
+    finally:
+        cleanup()
+
+
+def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_unlabeled: int, resume: bool,
+           env: DistEnv, dev: torch.device) -> DetectionRun:
+    semi = cfg.method == "focalmix"
+    if semi and n_unlabeled < 1:
+        raise MedsslError("focalmix needs unlabeled scans: pass --unlabeled M with M >= 1")
+    seed_everything(cfg.seed + env.rank)
+    d = cfg.data
+    split = split_luna16(data, n_labeled, n_unlabeled if semi else 0, d.test_subsets, d.n_validation,
+                         d.split_seed, d.unlabeled_dirs)
+    if semi and not split.unlabeled:
+        raise MedsslError(f"{data}: no unlabeled scans found (unlabeled/ folder or leftover training pool)")
+    manager = CheckpointManager(out, metric="cpm")
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+        write_split(split.split, out / "split.json")
+    cache = _cache(cfg)
+    labeled = [_scan_boxes(cache.get(u, split.source(u).load), split.nodules(u), d.spacing_mm) for u in split.labeled]
+    validation = {u: cache.get(u, split.source(u).load) for u in split.validation}
+    unlabeled = [cache.get(s.key, s.load) for s in split.unlabeled]
+
+    grid = AnchorGrid.build(cfg.anchors, (d.patch,) * 3)
+    pad = Intensity(d.hu_min, d.hu_max).pad_value
+    model = FPNDetector(cfg.model, cfg.anchors).to(dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.optim.steps)
+    start = 0
+    if resume:
+        last = manager.latest()
+        if last is None:
+            raise MedsslError(f"{out}: nothing to resume (no checkpoints/last.pt)")
+        state = manager.load(last)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = int(state["step"])
+    model = wrap_ddp(model, env)
+    model.train()
+
+    steps = cfg.optim.steps
+    batch = cfg.optim.batch_size
+    labeled_stream = _loader(LabeledPatches(labeled, grid, d.positive_fraction, True, pad, cfg.seed),
+                             batch, start, steps - start, cfg, env)
+    unlabeled_stream = (
+        _loader(UnlabeledPatches(unlabeled, d.patch, pad, cfg.seed), batch, start, steps - start, cfg, env)
+        if semi else None
+    )
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dev.type == "cuda" else nullcontext()
+    with TrainLogger(out, steps, enabled=env.is_main) as logger:
+        for step in range(start, steps):
+            rng = np.random.default_rng([cfg.seed, 3, step, env.rank])
+            labeled_batch = _to(next(labeled_stream), dev)
+            with amp:
+                if unlabeled_stream is not None:
+                    losses = focalmix_step(model, unwrap(model), labeled_batch, _to(next(unlabeled_stream), dev),
+                                           grid, step, cfg, rng)
+                else:
+                    losses = supervised_step(model, labeled_batch, cfg)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"loss became {loss.item()} at step {step}; stopping. The last good checkpoint "
+                    f"({manager.latest() or 'none yet'}) is kept; lower optim.lr or check the data."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            scalars = {k: float(v) for k, v in losses.items()}
+            logger.log(step + 1, lr=scheduler.get_last_lr()[0], **scalars)
+            logger.advance(step + 1, loss=scalars["loss"])
+            if (step + 1) % cfg.eval.every == 0 or step + 1 == steps:
+                metrics = _validate(model, split, validation, cfg, dev) if (validation and env.is_main) else None
+                if env.is_main:
+                    if metrics:
+                        logger.log(step + 1, **{f"val/{k}": v for k, v in metrics.items()})
+                    manager.save(_state(model, optimizer, scheduler, cfg, step + 1), step + 1, metrics)
+    if not env.is_main:
+        return DetectionRun(out, manager.latest() or out, None, None)
+    best = manager.best() or manager.latest()
+    assert best is not None
+    net = FPNDetector(cfg.model, cfg.anchors)
+    net.load_state_dict(manager.load(best)["model"])
+    report = _test(net.to(dev), split, cache, cfg, dev, out / "test") if split.test else None
+    cpm = report["cpm"] if report else None
+    return DetectionRun(out, best, None if cpm is None or math.isnan(cpm) else cpm, report)
