@@ -69,3 +69,7 @@ def _detector_command(method: str, summary: str) -> click.Command:
 
 _detector_command("focalmix", "Train the FocalMix nodule detector (labeled + unlabeled scans).")
 _detector_command("supervised-det", "Train the fully supervised nodule detector (labeled scans only).")
+
+
+if __name__ == "__main__":
+    train()

@@ -151,3 +151,15 @@ class DetectionExperiment:
     optim: OptimConfig = field(default_factory=OptimConfig)
     focalmix: FocalMixConfig = field(default_factory=FocalMixConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        stride = self.model.strides[-1]
+        for name, edge in (("data.patch", self.data.patch), ("eval.window", self.eval.window)):
+            if edge % stride:
+                raise ValueError(
+                    f"{name} = {edge} must be divisible by the model's largest stride {stride} "
+                    "(model.widths sets the number of stages), so that flips and rotations map anchors "
+                    "onto anchors"
+                )
+        if not set(self.anchors.strides) <= set(self.model.strides):
+            raise ValueError(f"anchors.strides {self.anchors.strides} must be model strides {self.model.strides}")

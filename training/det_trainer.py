@@ -43,7 +43,7 @@ from medssl.training.seed import seed_everything, worker_init_fn
 __all__ = ["TrainingDivergedError", "DetectionRun", "train_detector", "default_cache_dir"]
 
 #: Validation CPM is computed without a bootstrap (only the point value selects checkpoints).
-VALIDATION_BOOTSTRAP = 1
+VALIDATION_BOOTSTRAP = 0
 
 
 class TrainingDivergedError(MedsslError):
@@ -240,7 +240,7 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             scheduler.step()
-            scalars = {k: float(v) for k, v in losses.items()}
+            scalars = {k: float(v.detach()) for k, v in losses.items()}
             logger.log(step + 1, lr=scheduler.get_last_lr()[0], **scalars)
             logger.advance(step + 1, loss=scalars["loss"])
             if (step + 1) % cfg.eval.every == 0 or step + 1 == steps:

@@ -165,7 +165,8 @@ def evaluate_luna16(
         seriesuids: the scans to evaluate (``seriesuids.csv``); its length is the
             FP/scan divisor. Findings and predictions of other series are ignored.
         predictions: the CAD marks.
-        n_bootstrap: bootstrap samples over scans (official: 1000), >= 1.
+        n_bootstrap: bootstrap samples over scans (official: 1000); 0 skips the
+            bootstrap (every interval is NaN), for quick validation during training.
         seed: seed of the ``numpy.random.Generator`` that draws them.
         max_marks_per_scan: the per-scan cap (official: 100); < 1 keeps every mark.
 
@@ -176,12 +177,12 @@ def evaluate_luna16(
     Raises:
         EvaluationInputError: no seriesuids, a repeated seriesuid, or a
             prediction with a non-finite coordinate or probability.
-        ValueError: ``n_bootstrap`` < 1.
+        ValueError: ``n_bootstrap`` < 0.
 
     With no annotated nodule, or no nodule hit, every sensitivity and the CPM are 0.
     """
-    if n_bootstrap < 1:
-        raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    if n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
     uids = _checked_seriesuids(seriesuids)
     _check_predictions(predictions)
     vectors = _froc_vectors(annotations, excluded, uids, predictions, max_marks_per_scan)
@@ -190,19 +191,24 @@ def evaluate_luna16(
     missed = np.asarray(vectors.missed, dtype=bool)
     fps, sens = froc_curve(is_tp, probabilities, missed, len(uids))
     at_points = sensitivities_at(fps, sens)
-    at_boot, on_band = bootstrap_sensitivities(
-        is_tp,
-        probabilities,
-        missed,
-        np.asarray(vectors.scan_index, dtype=np.int64),
-        len(uids),
-        n_bootstrap=n_bootstrap,
-        rng=np.random.default_rng(seed),
-        points=(CPM_FP_POINTS, BAND_FPS),
-    )
-    cpm_lo, cpm_hi = order_statistic_interval(at_boot.mean(axis=1), CONFIDENCE)
-    sens_lo, sens_hi = order_statistic_interval(at_boot, CONFIDENCE)
-    band_lo, band_hi = order_statistic_interval(on_band, CONFIDENCE)
+    if n_bootstrap:
+        at_boot, on_band = bootstrap_sensitivities(
+            is_tp,
+            probabilities,
+            missed,
+            np.asarray(vectors.scan_index, dtype=np.int64),
+            len(uids),
+            n_bootstrap=n_bootstrap,
+            rng=np.random.default_rng(seed),
+            points=(CPM_FP_POINTS, BAND_FPS),
+        )
+        cpm_lo, cpm_hi = order_statistic_interval(at_boot.mean(axis=1), CONFIDENCE)
+        sens_lo, sens_hi = order_statistic_interval(at_boot, CONFIDENCE)
+        band_lo, band_hi = order_statistic_interval(on_band, CONFIDENCE)
+    else:
+        cpm_lo = cpm_hi = np.nan
+        sens_lo = sens_hi = np.full(len(CPM_FP_POINTS), np.nan)
+        band_lo = band_hi = np.full(len(BAND_FPS), np.nan)
     return FrocResult(
         fp_rates=FP_RATES,
         sensitivities=tuple(float(s) for s in at_points),
