@@ -20,12 +20,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from medssl.synth.chest import ChestConfig, generate_chest_ct  # noqa: E402
-from medssl.synth.organs import DOMAINS, generate_organ_phantom  # noqa: E402
-from medssl.volume import Volume  # noqa: E402
+from medssl.synth.chest import ChestConfig, generate_chest_ct
+from medssl.synth.organs import DOMAINS, generate_organ_phantom
+from medssl.volume import Volume
 
 VIEWS = ("axial", "coronal", "sagittal")
 

@@ -8,7 +8,7 @@ import click
 
 from medssl.errors import MedsslError
 
-__all__ = ["MedsslGroup", "MedsslCommand"]
+__all__ = ["MedsslCommand", "MedsslGroup"]
 
 
 class _UserErrors:

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import click
-from medssl.cli.errors import MedsslGroup
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from medssl import __version__
+from medssl.cli.errors import MedsslGroup
 from medssl.index import index_tree, write_index
 from medssl.io import read_volume
 from medssl.synth.datasets import write_chest_dataset, write_organ_dataset

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-__all__ = ["export", "serve", "score"]
+__all__ = ["export", "score", "serve"]
 
 _CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True}
 

@@ -11,7 +11,7 @@ import click
 from medssl.cli.errors import MedsslGroup
 from medssl.errors import ConfigError
 
-__all__ = ["train", "resolve_config"]
+__all__ = ["resolve_config", "train"]
 
 
 def resolve_config(name: str) -> Path:

@@ -10,4 +10,4 @@ from medssl.volume import Volume, affine_from_geometry
 
 __version__ = "0.1.0"
 
-__all__ = ["MedsslError", "Volume", "affine_from_geometry", "__version__"]
+__all__ = ["MedsslError", "Volume", "__version__", "affine_from_geometry"]

@@ -12,22 +12,22 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
-    "MedsslError",
-    "VolumeReadError",
-    "UnsupportedFormatError",
+    "CheckpointError",
+    "ConfigError",
     "CorruptFileError",
-    "NotAnImageError",
-    "SeriesGeometryError",
-    "MissingSliceError",
+    "DatasetLayoutError",
     "DuplicateSliceError",
-    "NonUniformSpacingError",
+    "EvaluationInputError",
     "GantryTiltError",
     "LocalizerError",
+    "MedsslError",
+    "MissingSliceError",
     "MultipleSeriesError",
-    "DatasetLayoutError",
-    "ConfigError",
-    "CheckpointError",
-    "EvaluationInputError",
+    "NonUniformSpacingError",
+    "NotAnImageError",
+    "SeriesGeometryError",
+    "UnsupportedFormatError",
+    "VolumeReadError",
 ]
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from medssl.errors import CorruptFileError, MedsslError
 from medssl.io.dicom_files import iter_files, read_dataset
 
-__all__ = ["SeriesRecord", "DicomIndex", "index_tree", "write_index", "read_index"]
+__all__ = ["DicomIndex", "SeriesRecord", "index_tree", "read_index", "write_index"]
 
 #: Headers read per task when indexing in parallel processes.
 CHUNK = 256

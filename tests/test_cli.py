@@ -10,8 +10,8 @@ import highdicom as hd
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from medssl.cli.main import cli
 
+from medssl.cli.main import cli
 from medssl.datasets.luna16 import Luna16
 from medssl.index import index_tree
 from medssl.io import read_dicom_series

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medssl.detection import CUBE_GROUP, AnchorGrid, AnchorSpec, assign_anchors, cube_iou, encode_boxes
+from medssl.detection import (
+    CUBE_GROUP,
+    AnchorGrid,
+    AnchorSpec,
+    assign_anchors,
+    cube_iou,
+    encode_boxes,
+)
 from medssl.detection.anchors import IGNORE, NEGATIVE, POSITIVE
 
 

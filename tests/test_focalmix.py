@@ -7,17 +7,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from torch.nn import functional as F  # noqa: E402
+from torch.nn import functional as F
 
-from medssl.detection import CUBE_GROUP, AnchorGrid, AnchorSpec, assign_anchors  # noqa: E402
-from medssl.training.detector import (  # noqa: E402
+from medssl.detection import CUBE_GROUP, AnchorGrid, AnchorSpec, assign_anchors
+from medssl.training.detector import (
     CPU_SMALL,
     DetectorInference,
     FPNDetector,
     decode_boxes,
     flatten_levels,
 )
-from medssl.training.focalmix import (  # noqa: E402
+from medssl.training.focalmix import (
     apply_symmetry,
     guess_targets,
     image_mixup,
@@ -27,7 +27,7 @@ from medssl.training.focalmix import (  # noqa: E402
     sharpen,
     transform_anchor_targets,
 )
-from medssl.training.losses import FocalConfig, detection_loss, soft_focal_loss  # noqa: E402
+from medssl.training.losses import FocalConfig, detection_loss, soft_focal_loss
 
 SPEC = AnchorSpec()
 
@@ -132,7 +132,7 @@ def test_target_prediction_maps_each_transform_back_exactly():
     x = torch.randn(2, 1, 32, 32, 32)
     elements = [CUBE_GROUP[i] for i in (0, 5, 17, 46)]
     sharp, mean = guess_targets(PoolModel(), x, elements, 0.7)
-    single, single_mean = guess_targets(PoolModel(), x, elements[:1], 0.7)
+    _, single_mean = guess_targets(PoolModel(), x, elements[:1], 0.7)
     torch.testing.assert_close(mean, single_mean)  # an equivariant model agrees with itself
     torch.testing.assert_close(sharp, sharpen(single_mean, 0.7))
     _, skewed = guess_targets(CornerModel(), x, elements, 0.7)

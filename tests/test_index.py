@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from medssl.cli.main import cli
 
+from medssl.cli.main import cli
 from medssl.index import index_tree, read_index, write_index
 from medssl.io import SeriesInfo, write_dicom_series
 from tests.conftest import oblique_direction, ramp_volume

@@ -9,9 +9,9 @@ import numpy as np
 import pydicom
 import pytest
 from click.testing import CliRunner
-from medssl.cli.main import cli
 from pydicom.data import get_testdata_file
 
+from medssl.cli.main import cli
 from medssl.errors import (
     CorruptFileError,
     DuplicateSliceError,

@@ -18,8 +18,8 @@ import math
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from medssl.cli.main import cli
 
+from medssl.cli.main import cli
 from medssl.datasets.luna16 import Finding, write_findings
 from medssl.errors import EvaluationInputError, MedsslError
 from medssl.metrics import (

@@ -19,16 +19,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from click.testing import CliRunner  # noqa: E402
+from click.testing import CliRunner
 
-from medssl.cli.train import train  # noqa: E402
-from medssl.errors import ConfigError, MedsslError  # noqa: E402
-from medssl.synth.datasets import write_chest_dataset  # noqa: E402
-from medssl.training import det_trainer  # noqa: E402
-from medssl.training.config import load_config, parse_overrides  # noqa: E402
-from medssl.training.det_config import DetectionExperiment  # noqa: E402
-from medssl.training.det_trainer import TrainingDivergedError, train_detector  # noqa: E402
-from medssl.cli.train import resolve_config  # noqa: E402
+from medssl.cli.train import (
+    resolve_config,
+    train,
+)
+from medssl.errors import ConfigError, MedsslError
+from medssl.synth.datasets import write_chest_dataset
+from medssl.training import det_trainer
+from medssl.training.config import load_config, parse_overrides
+from medssl.training.det_config import DetectionExperiment
+from medssl.training.det_trainer import TrainingDivergedError, train_detector
 
 TINY = [
     "optim.steps=4", "eval.every=2", "eval.window=32", "eval.bootstrap=10", "data.patch=32",

@@ -7,10 +7,10 @@ import threading
 
 import numpy as np
 import pytest
-from medssl.training.cache import CachedVolume, VolumeCache
 
 from medssl import Volume, affine_from_geometry
 from medssl.pipeline import Intensity, preprocess_ct
+from medssl.training.cache import CachedVolume, VolumeCache
 
 SPACING = 1.5
 

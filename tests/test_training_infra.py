@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from medssl.errors import CheckpointError, ConfigError, MedsslError
 from medssl.training.checkpoint import (
     CheckpointManager,
     load_checkpoint,
@@ -27,8 +28,6 @@ from medssl.training.config import (
 )
 from medssl.training.logger import TrainLogger
 from medssl.training.seed import seed_everything, worker_init_fn
-
-from medssl.errors import CheckpointError, ConfigError, MedsslError
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from medssl.atomic import atomic_write
 from medssl.pipeline.preprocess import Intensity, preprocess_ct
 from medssl.volume import Volume
 
@@ -89,20 +88,6 @@ class CachedVolume:
         return idx @ self.affine[:3, :3].T + self.affine[:3, 3]
 
 
-def _atomic_save(path: Path, write: Callable[[Any], object], mode: str = "wb") -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; others may read the run/cache
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class VolumeCache:
     """Preprocessed CT volumes (and masks on their grid) cached as ``.npy`` under ``root``.
 
@@ -135,7 +120,7 @@ class VolumeCache:
         params_file = self.dir / "params.json"
         if not params_file.exists():
             text = json.dumps(self.params, indent=2)
-            _atomic_save(params_file, lambda fh: fh.write(text), "w")
+            atomic_write(params_file, lambda fh: fh.write(text), "w")
 
     # -- paths ------------------------------------------------------------------------------
     def _paths(self, key: str, mask: bool) -> tuple[Path, Path]:
@@ -190,9 +175,9 @@ class VolumeCache:
             "params": self.params,
         }
         array = np.ascontiguousarray(vol.array)
-        _atomic_save(npy, lambda fh: np.save(fh, array, allow_pickle=False))
+        atomic_write(npy, lambda fh: np.save(fh, array, allow_pickle=False))
         text = json.dumps(meta, indent=1)
-        _atomic_save(sidecar, lambda fh: fh.write(text), "w")
+        atomic_write(sidecar, lambda fh: fh.write(text), "w")
         cached = self._open(key, mask)
         if cached is None:  # pragma: no cover - only if the disk lost what we just wrote
             raise OSError(f"cache entry {npy} cannot be read back after writing it")

@@ -20,48 +20,19 @@ import os
 import random
 import re
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from medssl.atomic import atomic_write, fsync_dir
 from medssl.errors import CheckpointError
 
 __all__ = ["CheckpointManager", "load_checkpoint", "rng_state", "set_rng_state"]
 
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Call ``write(fh)`` on a temp file next to ``path``, fsync, then rename onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; others may read the run/cache
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _atomic_link(src: Path, dst: Path) -> None:
@@ -72,14 +43,14 @@ def _atomic_link(src: Path, dst: Path) -> None:
         os.link(src, tmp)
     except OSError:  # no hard links on this filesystem: copy instead
         with open(src, "rb") as source:
-            _atomic_write(dst, lambda fh: shutil.copyfileobj(source, fh))
+            atomic_write(dst, lambda fh: shutil.copyfileobj(source, fh))
         return
     try:
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def _to_float(value: Any) -> float:
@@ -183,7 +154,7 @@ class CheckpointManager:
 
     def _write_index(self) -> None:
         text = json.dumps(self._index, indent=2, allow_nan=False).encode("utf-8")
-        _atomic_write(self.index_path, lambda fh: fh.write(text))
+        atomic_write(self.index_path, lambda fh: fh.write(text))
 
     @property
     def index(self) -> dict[str, Any]:
@@ -222,7 +193,7 @@ class CheckpointManager:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         path = self.step_path(step)
-        _atomic_write(path, lambda fh: torch.save(dict(state), fh))
+        atomic_write(path, lambda fh: torch.save(dict(state), fh))
         _atomic_link(path, self.dir / "last.pt")
         plain = {str(k): _to_float(v) for k, v in (metrics or {}).items()}
         if self.metric in plain and self._improves(plain[self.metric]):

@@ -14,7 +14,7 @@ from medssl.detection import AnchorSpec
 from medssl.training.detector import DetectorConfig
 from medssl.training.losses import FocalConfig
 
-__all__ = ["DataConfig", "OptimConfig", "FocalMixConfig", "EvalConfig", "DetectionExperiment"]
+__all__ = ["DataConfig", "DetectionExperiment", "EvalConfig", "FocalMixConfig", "OptimConfig"]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from medssl.detection import CUBE_GROUP, AnchorGrid, assign_anchors
 from medssl.pipeline.windows import extract_window
 from medssl.training.cache import CachedVolume
 
-__all__ = ["ScanBoxes", "LabeledPatches", "UnlabeledPatches", "IndexStream", "MAX_BOXES"]
+__all__ = ["MAX_BOXES", "IndexStream", "LabeledPatches", "ScanBoxes", "UnlabeledPatches"]
 
 #: Ground-truth cubes returned per patch (padded with zeros); extra ones still get anchors.
 MAX_BOXES = 16

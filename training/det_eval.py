@@ -20,7 +20,7 @@ from medssl.training.cache import CachedVolume
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.detector import DetectorInference, FPNDetector
 
-__all__ = ["TorchDetectionRunner", "detection_params", "predict", "evaluate"]
+__all__ = ["TorchDetectionRunner", "detection_params", "evaluate", "predict"]
 
 
 class TorchDetectionRunner:

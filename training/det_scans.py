@@ -24,7 +24,7 @@ from medssl.errors import DatasetLayoutError
 from medssl.io import read_volume
 from medssl.volume import Volume
 
-__all__ = ["ScanSource", "DetectionSplit", "split_luna16"]
+__all__ = ["DetectionSplit", "ScanSource", "split_luna16"]
 
 VOLUME_SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz")
 

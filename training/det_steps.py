@@ -24,7 +24,7 @@ from medssl.training.focalmix import (
 )
 from medssl.training.losses import detection_loss
 
-__all__ = ["supervised_step", "focalmix_step", "unlabeled_weight"]
+__all__ = ["focalmix_step", "supervised_step", "unlabeled_weight"]
 
 
 def supervised_step(model: nn.Module, batch: dict[str, torch.Tensor], cfg: DetectionExperiment) -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ from medssl.training.distributed import DistEnv, cleanup, init_distributed, unwr
 from medssl.training.logger import TrainLogger
 from medssl.training.seed import seed_everything, worker_init_fn
 
-__all__ = ["TrainingDivergedError", "DetectionRun", "train_detector", "default_cache_dir"]
+__all__ = ["DetectionRun", "TrainingDivergedError", "default_cache_dir", "train_detector"]
 
 #: Validation CPM is computed without a bootstrap (only the point value selects checkpoints).
 VALIDATION_BOOTSTRAP = 0

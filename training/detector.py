@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from medssl.detection import AnchorGrid, AnchorSpec
 
-__all__ = ["DetectorConfig", "FPNDetector", "DetectorInference", "decode_boxes", "flatten_levels"]
+__all__ = ["DetectorConfig", "DetectorInference", "FPNDetector", "decode_boxes", "flatten_levels"]
 
 #: Objectness prior at initialisation (RetinaNet §4.1): the bias makes p = 0.01 everywhere,
 #: so the first steps are not swamped by the loss of ~10^5 background anchors.

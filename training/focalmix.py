@@ -34,19 +34,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from medssl.detection import CUBE_GROUP, AnchorGrid, CubeSymmetry
+from medssl.detection import AnchorGrid, CubeSymmetry
 from medssl.detection.nms import nms_3d
 from medssl.training.detector import flatten_levels
 
 __all__ = [
     "apply_symmetry",
-    "sharpen",
     "guess_targets",
-    "transform_anchor_targets",
-    "sample_lambda",
     "image_mixup",
     "object_mixup",
     "objects_from_targets",
+    "sample_lambda",
+    "sharpen",
+    "transform_anchor_targets",
 ]
 
 

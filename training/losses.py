@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-__all__ = ["FocalConfig", "soft_focal_loss", "detection_loss"]
+__all__ = ["FocalConfig", "detection_loss", "soft_focal_loss"]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from medssl.io.common import hu_int16
 from medssl.io.nifti import read_nifti, write_nifti
 from medssl.volume import Volume
 
-__all__ = ["DecathlonCase", "Decathlon", "DecathlonWriter"]
+__all__ = ["Decathlon", "DecathlonCase", "DecathlonWriter"]
 
 
 @dataclass(frozen=True)

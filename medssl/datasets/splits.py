@@ -15,7 +15,7 @@ import numpy as np
 
 from medssl.errors import MedsslError
 
-__all__ = ["Split", "make_split", "write_split", "read_split"]
+__all__ = ["Split", "make_split", "read_split", "write_split"]
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,13 @@ from medssl.detection.cube_group import CUBE_GROUP, CubeSymmetry
 from medssl.detection.nms import nms_3d
 
 __all__ = [
+    "CUBE_GROUP",
     "AnchorGrid",
     "AnchorSpec",
     "AnchorTargets",
+    "CubeSymmetry",
     "assign_anchors",
     "cube_iou",
     "encode_boxes",
-    "CUBE_GROUP",
-    "CubeSymmetry",
     "nms_3d",
 ]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["AnchorSpec", "AnchorGrid", "AnchorTargets", "cube_iou", "assign_anchors", "encode_boxes"]
+__all__ = ["AnchorGrid", "AnchorSpec", "AnchorTargets", "assign_anchors", "cube_iou", "encode_boxes"]
 
 #: Anchor labels: positive, negative, ignored (IoU between the two thresholds).
 POSITIVE, NEGATIVE, IGNORE = 1.0, 0.0, -1.0

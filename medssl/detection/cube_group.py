@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CubeSymmetry", "CUBE_GROUP"]
+__all__ = ["CUBE_GROUP", "CubeSymmetry"]
 
 
 @dataclass(frozen=True)

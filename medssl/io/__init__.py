@@ -17,15 +17,15 @@ from medssl.io.nifti import read_nifti, write_nifti
 from medssl.volume import Volume
 
 __all__ = [
-    "read_volume",
-    "write_volume",
-    "read_dicom_series",
-    "write_dicom_series",
     "SeriesInfo",
-    "read_nifti",
-    "write_nifti",
+    "read_dicom_series",
     "read_metaimage",
+    "read_nifti",
+    "read_volume",
+    "write_dicom_series",
     "write_metaimage",
+    "write_nifti",
+    "write_volume",
 ]
 
 _NIFTI = (".nii", ".nii.gz")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["storage_array", "hu_int16", "last_line"]
+__all__ = ["hu_int16", "last_line", "storage_array"]
 
 
 def storage_array(array: np.ndarray) -> np.ndarray:

@@ -21,12 +21,12 @@ from medssl.errors import CorruptFileError, NotAnImageError, VolumeReadError
 __all__ = [
     "CT_IMAGE_STORAGE",
     "ENHANCED_CT_IMAGE_STORAGE",
+    "frame_pixels",
     "is_dicom_file",
+    "is_localizer",
     "iter_files",
     "read_dataset",
     "require_image",
-    "frame_pixels",
-    "is_localizer",
     "series_meta",
 ]
 

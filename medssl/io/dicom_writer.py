@@ -29,7 +29,7 @@ from medssl.io.common import hu_int16
 from medssl.io.dicom_files import CT_IMAGE_STORAGE
 from medssl.volume import Volume
 
-__all__ = ["SeriesInfo", "write_dicom_series", "derived_uid"]
+__all__ = ["SeriesInfo", "derived_uid", "write_dicom_series"]
 
 #: Transfer syntaxes the writer can encode (native, or through pydicom's encoders).
 WRITABLE_SYNTAXES = (ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless)

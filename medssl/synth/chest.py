@@ -48,8 +48,14 @@ from medssl.synth.nodules import Confuser, Nodule, place_lesions
 from medssl.synth.primitives import scanner_noise
 from medssl.volume import Volume, affine_from_geometry
 
-__all__ = ["ChestConfig", "ChestCase", "Nodule", "Confuser", "SLICE_THICKNESSES",
-           "generate_chest_ct"]
+__all__ = [
+    "SLICE_THICKNESSES",
+    "ChestCase",
+    "ChestConfig",
+    "Confuser",
+    "Nodule",
+    "generate_chest_ct",
+]
 
 #: Noise bank: at most this many independent noise slices are drawn; every slice of a scan
 #: takes one of them at a random in-plane shift of up to ``NOISE_SHIFT`` pixels.

@@ -22,21 +22,21 @@ from functools import cached_property
 import numpy as np
 
 __all__ = [
-    "ScanGrid",
     "ChestAnatomy",
+    "ScanGrid",
     "TissueHU",
     "Tubes",
-    "draw_anatomy",
-    "ramp",
-    "cover",
-    "round_coverage",
-    "tube_field",
     "blend",
+    "cover",
+    "draw_anatomy",
     "draw_trees",
     "grow_tree",
+    "ramp",
+    "round_coverage",
     "sample_lung_points",
     "sphere_directions",
     "sphere_lung_occupancy",
+    "tube_field",
 ]
 
 _F32 = np.float32

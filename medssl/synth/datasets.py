@@ -22,7 +22,7 @@ from medssl.io.metaimage import write_metaimage
 from medssl.synth.chest import ChestCase, ChestConfig, generate_chest_ct
 from medssl.synth.organs import DOMAINS, LABELS, generate_organ_phantom
 
-__all__ = ["write_chest_dataset", "write_organ_dataset", "chest_series_info", "chest_findings"]
+__all__ = ["chest_findings", "chest_series_info", "write_chest_dataset", "write_organ_dataset"]
 
 #: Class-0 candidates drawn in the lungs per scan, like LUNA16's candidates_V2.
 NEGATIVE_CANDIDATES = 20

@@ -30,15 +30,15 @@ from medssl.synth.chest_anatomy import (
 )
 
 __all__ = [
-    "NODULE_KINDS",
     "LOCATIONS",
     "MICRONODULE_DIAMETER",
-    "Nodule",
+    "NODULE_KINDS",
     "Confuser",
-    "LesionShape",
     "Lesion",
-    "place_lesions",
+    "LesionShape",
+    "Nodule",
     "paint_lesion",
+    "place_lesions",
 ]
 
 _F32 = np.float32

@@ -14,11 +14,11 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
-    "physical_grid",
-    "smooth_random_field",
     "ellipsoid_distance",
-    "scanner_noise",
     "kernel_blur",
+    "physical_grid",
+    "scanner_noise",
+    "smooth_random_field",
 ]
 
 
