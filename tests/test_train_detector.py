@@ -87,9 +87,16 @@ def test_supervised_run_writes_checkpoints_logs_submission_and_report(luna, tmp_
 
 
 def test_focalmix_run_trains_on_labeled_and_unlabeled_patches(luna, tmp_path):
+    """Also: a corrupt unlabeled scan is skipped with a warning naming it; the run goes on."""
+    bad = tmp_path / "archive"
+    bad.mkdir()
+    (bad / "broken.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 10 10 10\n"
+                                    "ElementType = MET_SHORT\nElementDataFile = broken.raw\n")
+    (bad / "broken.raw").write_bytes(b"\0" * 100)
     cfg = tiny_config("focalmix", "optim.steps=3", "eval.every=3", "focalmix.k=2", "data.workers=1",
-                      "focalmix.object_threshold=0.0")
-    run = train_detector(cfg, luna, tmp_path / "fm", n_labeled=4, n_unlabeled=2, device="cpu")
+                      "focalmix.object_threshold=0.0", f"data.unlabeled_dirs=[{bad}]")
+    with pytest.warns(UserWarning, match="skipping unlabeled scan broken"):
+        run = train_detector(cfg, luna, tmp_path / "fm", n_labeled=4, n_unlabeled=3, device="cpu")
     logged = [json.loads(line) for line in (tmp_path / "fm" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in logged if "unlabeled" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]

@@ -3,8 +3,9 @@
 * test: the scans of ``data.test_subsets`` (never trained or validated on);
 * validation: ``n_validation`` scans of the remaining training pool (best checkpoint);
 * labeled: ``n_labeled`` further scans of the pool;
-* unlabeled: the scans of ``<data>/unlabeled`` and ``data.unlabeled_dirs`` (``.mhd``,
-  ``.nii``/``.nii.gz`` files, or DICOM trees such as NLST), then the leftover pool
+* unlabeled: the scans of ``<data>/unlabeled`` and ``data.unlabeled_dirs`` (folders of
+  ``.mhd``/``.nii``/``.nii.gz`` files, DICOM trees such as NLST, or the ``.parquet``/``.csv``
+  index ``medssl index`` wrote of such a tree), then the leftover pool
   with its labels hidden, capped at ``n_unlabeled``. A fixed unlabeled folder therefore
   gives the same unlabeled pool at every labeled count.
 
@@ -57,6 +58,11 @@ class DetectionSplit:
 
 
 def _folder_sources(folder: Path) -> list[ScanSource]:
+    """The scans of an unlabeled source: volume files, a DICOM tree, or a header index table
+    written by ``medssl index`` (so a 21M-file archive is walked once, not per run)."""
+    if folder.is_file():
+        table = DicomTree(folder)
+        return [ScanSource(r.series_uid, lambda r=r: table.volume(r)) for r in table.series()]
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(VOLUME_SUFFIXES))
     if files:
         return [ScanSource(p.name.removesuffix(".gz").rsplit(".", 1)[0], lambda p=p: read_volume(p)) for p in files]
@@ -85,8 +91,8 @@ def split_luna16(
     split = make_split(pool, n_labeled, split_seed, n_validation)
     folders = [Path(root) / "unlabeled"] if (Path(root) / "unlabeled").is_dir() else []
     for extra in unlabeled_dirs:
-        if not Path(extra).is_dir():
-            raise DatasetLayoutError(f"unlabeled folder {extra} does not exist")
+        if not Path(extra).exists():
+            raise DatasetLayoutError(f"unlabeled source {extra} does not exist (a folder or an index table)")
         folders.append(Path(extra))
     unlabeled = [s for folder in folders for s in _folder_sources(folder)]
     unlabeled += [ScanSource(u, lambda u=u: luna.scan(u)) for u in split.unlabeled]

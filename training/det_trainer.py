@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader
 from medssl.datasets.luna16 import Finding
 from medssl.datasets.splits import write_split
 from medssl.detection import AnchorGrid
-from medssl.errors import MedsslError
+from medssl.errors import MedsslError, VolumeReadError
 from medssl.metrics import plot_froc, write_predictions
 from medssl.pipeline import Intensity
 from medssl.training.cache import CachedVolume, VolumeCache
@@ -33,7 +34,7 @@ from medssl.training.config import config_to_dict, dump_config
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_data import IndexStream, LabeledPatches, ScanBoxes, UnlabeledPatches
 from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
-from medssl.training.det_scans import DetectionSplit, split_luna16
+from medssl.training.det_scans import DetectionSplit, ScanSource, split_luna16
 from medssl.training.det_steps import focalmix_step, supervised_step
 from medssl.training.detector import FPNDetector
 from medssl.training.distributed import DistEnv, cleanup, init_distributed, unwrap, wrap_ddp
@@ -77,6 +78,18 @@ def _scan_boxes(cached: CachedVolume, nodules: list[Finding], spacing_mm: float)
     centres = cached.world_to_index(np.array([n.centre_lps for n in nodules]))
     diameters = np.array([[max(n.diameter_mm, 1.0) / spacing_mm] for n in nodules])
     return ScanBoxes(cached, np.concatenate([centres, diameters], axis=1).astype(np.float32))
+
+
+def _readable(cache: VolumeCache, sources: list[ScanSource]) -> list[CachedVolume]:
+    """Cache the unlabeled scans, skipping (with a warning naming each) those that cannot be
+    read: one corrupt series in a 3000-scan archive must not stop a run."""
+    volumes = []
+    for source in sources:
+        try:
+            volumes.append(cache.get(source.key, source.load))
+        except VolumeReadError as exc:
+            warnings.warn(f"skipping unlabeled scan {source.key}: {exc}", stacklevel=2)
+    return volumes
 
 
 def _loader(dataset: Any, batch: int, start: int, count: int, cfg: DetectionExperiment,
@@ -188,7 +201,7 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
     cache = _cache(cfg)
     labeled = [_scan_boxes(cache.get(u, split.source(u).load), split.nodules(u), d.spacing_mm) for u in split.labeled]
     validation = {u: cache.get(u, split.source(u).load) for u in split.validation}
-    unlabeled = [cache.get(s.key, s.load) for s in split.unlabeled]
+    unlabeled = _readable(cache, split.unlabeled)
 
     grid = AnchorGrid.build(cfg.anchors, (d.patch,) * 3)
     pad = Intensity(d.hu_min, d.hu_max).pad_value
