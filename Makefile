@@ -31,12 +31,21 @@ system-deps:
 	@command -v dciodvfy >/dev/null 2>&1 || echo "note: dciodvfy not found; DICOM validation tests will be skipped (apt-get install dicom3tools)"
 	@command -v dcmcjpeg >/dev/null 2>&1 || echo "note: dcmtk not found; JPEG Lossless tests will be skipped (apt-get install dcmtk)"
 
-# The main job: a synthetic chest CT study as DICOM, its header index, and its geometry.
+# The main job: a synthetic chest CT study as DICOM, its header index and its geometry; then a
+# short FocalMix run (labeled + unlabeled synthetic LUNA16 scans) that ends with a LUNA16
+# submission and CPM report. 30 steps of a small network: it shows the machinery, not accuracy
+# (README: "Nodule detection" for real runs).
+DEMO_TRAIN := --config focalmix-cpu --set optim.steps=30 --set eval.every=15 --set data.patch=32 \
+	--set eval.window=64 --set data.n_validation=1 --set 'data.test_subsets=[9]' --set eval.bootstrap=100
 demo: setup
 	rm -rf $(DEMO)
-	$(VENV)/bin/medssl synth chest --cases 1 --format dicom $(DEMO)
-	$(VENV)/bin/medssl index $(DEMO) --out $(DEMO)/index.parquet
-	$(VENV)/bin/medssl info "$$(dirname "$$(find $(DEMO) -name 'IM00001.dcm' | head -1)")"
+	$(VENV)/bin/medssl synth chest --cases 1 --format dicom $(DEMO)/dicom
+	$(VENV)/bin/medssl index $(DEMO)/dicom --out $(DEMO)/index.parquet
+	$(VENV)/bin/medssl info "$$(dirname "$$(find $(DEMO)/dicom -name 'IM00001.dcm' | head -1)")"
+	$(VENV)/bin/medssl synth chest --cases 10 --unlabeled 4 --matrix 96 --slices 64 --seed 100 $(DEMO)/luna16
+	MEDSSL_CACHE=$(DEMO)/cache $(VENV)/bin/medssl-train focalmix $(DEMO_TRAIN) --data $(DEMO)/luna16 \
+		--labeled 6 --unlabeled 4 --out $(DEMO)/focalmix
+	@echo "FocalMix run: $(DEMO)/focalmix (submission: test/submission.csv, report: test/cpm.json, froc.png)"
 
 test: setup-test
 	$(PY) -m pytest -q

@@ -15,6 +15,11 @@ TORCH_FREE = [
     "medssl.synth.datasets",
     "medssl.pipeline",
     "medssl.detection",
+    "medssl.metrics",
+    "medssl.atomic",
+    "medssl.training.cache",
+    "medssl.training.config",
+    "medssl.cli.train",
     "medssl.serving",
     "medssl.cli.main",
 ]
