@@ -2,7 +2,7 @@
 
 1. Training throughput (patches/s, median step time over ``--steps`` steps after warm-up)
    of the supervised step and the FocalMix step (8 labeled + 8 unlabeled patches, K
-   guessing passes), for the CPU variant (``focalmix-cpu``: 48^3 patches) — or the paper
+   guessing passes), for the CPU variant (``focalmix-cpu``: 32^3 patches) — or the paper
    size (``--config focalmix``, 160^3) on a GPU.
 2. Inference on a 300x512x512 synthetic chest CT (0.6-0.9 mm pixels) through the shared
    pipeline (``medssl.pipeline.detect``), split into preprocess (resample to 1 mm +

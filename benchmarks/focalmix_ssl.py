@@ -14,7 +14,7 @@ already there is skipped, so an interrupted benchmark resumes) and summarised in
 
     python benchmarks/focalmix_ssl.py --data /tmp/medssl-focalmix/luna --work /tmp/medssl-focalmix \
         [--labeled 10 25] [--unlabeled-pool 100] [--seeds 0 1] [--steps 200] \
-        [--ablation-labeled 25] [--ablation-seeds 0] [--config focalmix-cpu] [--device cpu]
+        [--ablation-labeled 25] [--ablation-seeds 0] [--config focalmix-cpu] [--set data.patch=32] [--device cpu]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 
 from medssl.cli.train import resolve_config
 from medssl.synth.datasets import write_chest_dataset
-from medssl.training.config import load_config
+from medssl.training.config import load_config, parse_overrides
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_trainer import train_detector
 
@@ -88,7 +88,7 @@ def throughput(run_dir: Path, patches_per_step: int) -> float:
 
 def execute(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     overrides = {
-        **run.overrides, "method": run.method, "seed": run.seed, "data.split_seed": run.seed,
+        **parse_overrides(args.set), **run.overrides, "method": run.method, "seed": run.seed, "data.split_seed": run.seed,
         "optim.steps": args.steps, "eval.every": max(1, args.steps // 2), "data.workers": 1,
     }
     cfg = load_config(DetectionExperiment, resolve_config(args.config), overrides)
@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--ablation-seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--config", default="focalmix-cpu")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run, e.g. --set data.patch=32")
     parser.add_argument("--results", type=Path, default=RESULTS / "focalmix_ssl.json")
     args = parser.parse_args()
     if not (args.data / "annotations.csv").is_file():
@@ -160,12 +162,13 @@ def main() -> None:
             continue
         print(f"== {run.key}", flush=True)
         done.append(execute(run, args))
-        meta = {"device": device, "config": args.config, "steps": args.steps, "data": str(args.data),
+        meta = {"device": device, "config": args.config, "overrides": args.set, "steps": args.steps, "data": str(args.data),
                 "unlabeled_pool": args.unlabeled_pool, "platform": platform.platform()}
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps({"meta": meta, "runs": done}, indent=2) + "\n")
         args.results.with_suffix(".md").write_text(
-            f"# FocalMix vs supervised on synthetic chest CT\n\nDevice: {device}; config {args.config}; "
+            f"# FocalMix vs supervised on synthetic chest CT\n\nDevice: {device}; config {args.config} "
+            f"{' '.join(args.set)}; "
             f"{args.steps} steps per run; unlabeled pool {args.unlabeled_pool}.\n\n" + summarise(done))
         print(summarise(done), flush=True)
 
