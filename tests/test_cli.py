@@ -1,4 +1,4 @@
-"""The `medssl` commands end to end: synth, index, info, and the stubs of later issues."""
+"""The `medssl` commands end to end: synth, index, info, evaluate; medssl-train's listing; the stubs of later issues."""
 
 from __future__ import annotations
 
@@ -86,8 +86,7 @@ def test_info_text(dicom_series):
     assert "shape:       [6, 20, 24]" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["medssl-train", "medssl-export", "medssl-serve",
-                                     "medssl-score"])
+@pytest.mark.parametrize("command", ["medssl-export", "medssl-serve", "medssl-score"])
 def test_later_commands_say_which_issue_builds_them(command):
     exe = f"{sys.prefix}/bin/{command}"
     result = subprocess.run([exe, "anything"], capture_output=True, text=True)
@@ -95,6 +94,12 @@ def test_later_commands_say_which_issue_builds_them(command):
     assert "not built yet" in result.stderr and "issue (#" in result.stderr
     helped = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "not built yet" in helped.stdout
+
+
+def test_train_command_lists_the_detector_trainers():
+    helped = subprocess.run([f"{sys.prefix}/bin/medssl-train", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0
+    assert "focalmix" in helped.stdout and "supervised-det" in helped.stdout
 
 
 def test_unlabeled_pool_has_scans_but_no_annotations(tmp_path):
