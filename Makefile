@@ -36,7 +36,7 @@ system-deps:
 # submission and CPM report. 30 steps of a small network: it shows the machinery, not accuracy
 # (README: "Nodule detection" for real runs).
 DEMO_TRAIN := --config focalmix-cpu --set optim.steps=30 --set eval.every=15 \
-	--set eval.window=64 --set data.n_validation=1 --set 'data.test_subsets=[9]' --set eval.bootstrap=100
+	--set data.n_validation=1 --set 'data.test_subsets=[9]' --set eval.bootstrap=100
 demo: setup
 	rm -rf $(DEMO)
 	$(VENV)/bin/medssl synth chest --cases 1 --format dicom $(DEMO)/dicom

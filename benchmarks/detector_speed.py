@@ -106,7 +106,7 @@ def bench_inference(cfg: DetectionExperiment, device: torch.device, repeats: int
     case = generate_chest_ct(3, ChestConfig(matrix=512, n_slices=300))
     volume = case.volume
     params = detection_params(cfg, batch_size=2)
-    runner = TorchDetectionRunner(FPNDetector(cfg.model, cfg.anchors), cfg.eval.window, device, cfg.amp)
+    runner = TorchDetectionRunner(FPNDetector(cfg.model, cfg.anchors), cfg.window, device, cfg.amp)
     stages: dict[str, list[float]] = {"preprocess": [], "inference": [], "postprocess": [], "total": [],
                                       "SimpleITK resample": [], "plain PyTorch windows": []}
     n_windows = 0

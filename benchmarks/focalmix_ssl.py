@@ -14,7 +14,7 @@ already there is skipped, so an interrupted benchmark resumes) and summarised in
 
     python benchmarks/focalmix_ssl.py --data /tmp/medssl-focalmix/luna --work /tmp/medssl-focalmix \
         [--labeled 10 25] [--unlabeled-pool 100] [--seeds 0 1] [--steps 200] \
-        [--ablation-labeled 25] [--ablation-seeds 0] [--config focalmix-cpu] [--set data.patch=32] [--device cpu]
+        [--ablation-labeled 25] [--ablation-seeds 0] [--config focalmix-cpu] [--set data.n_validation=8] [--device cpu]
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_trainer import TrainingDivergedError, train_detector
 
 TINY = [
-    "optim.steps=4", "eval.every=2", "eval.window=32", "eval.bootstrap=10", "data.patch=32",
+    "optim.steps=4", "eval.every=2", "eval.bootstrap=10", "data.patch=32",
     "data.n_validation=1", "data.test_subsets=[9]", "data.workers=0",
 ]
 

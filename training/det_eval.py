@@ -52,7 +52,7 @@ def detection_params(cfg: DetectionExperiment, batch_size: int = 2) -> Detection
     return DetectionParams(
         spacing_mm=cfg.data.spacing_mm,
         intensity=Intensity(cfg.data.hu_min, cfg.data.hu_max),
-        window=cfg.eval.window,
+        window=cfg.window,
         divisor=cfg.model.strides[-1],
         overlap=cfg.eval.overlap,
         batch_size=batch_size,

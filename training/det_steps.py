@@ -74,10 +74,7 @@ def focalmix_step(
     u = unlabeled["image"]
     n = x.shape[0]
     elements = [CUBE_GROUP[i] for i in rng.choice(len(CUBE_GROUP), size=fm.k, replace=False)]
-    was_training = raw_model.training
-    raw_model.eval()
     sharp, mean = guess_targets(raw_model, u, elements, fm.temperature)
-    raw_model.train(was_training)
     # MixMatch trains on augmented unlabeled data; the guessed targets follow the transform.
     g_u = [CUBE_GROUP[i] for i in rng.integers(len(CUBE_GROUP), size=u.shape[0])]
     u = torch.stack([apply_symmetry(g, u[b]) for b, g in enumerate(g_u)])
@@ -108,4 +105,6 @@ def focalmix_step(
         "box": labeled["box"],
         "unlabeled": unlabeled_loss,
         "weight": torch.tensor(weight),
+        # Diagnostic: guessed positive anchors per unlabeled patch (a collapse shows here first).
+        "guessed_positives": (sharp >= 0.5).sum(dim=1).float().mean(),
     }

@@ -122,7 +122,7 @@ def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
 def _validate(model: torch.nn.Module, split: DetectionSplit, volumes: dict[str, CachedVolume],
               cfg: DetectionExperiment, device: torch.device) -> dict[str, float]:
     """Validation CPM of the current weights (LUNA16 FROC, no bootstrap)."""
-    runner = TorchDetectionRunner(unwrap(model), cfg.eval.window, device, cfg.amp)
+    runner = TorchDetectionRunner(unwrap(model), cfg.window, device, cfg.amp)
     predictions = predict(runner, volumes, detection_params(cfg))
     uids = list(volumes)
     nodules = [f for u in uids for f in split.nodules(u)]
@@ -137,7 +137,7 @@ def _test(model: torch.nn.Module, split: DetectionSplit, cache: VolumeCache, cfg
     """Submission CSV, CPM report and FROC plot on the test subsets."""
     out.mkdir(parents=True, exist_ok=True)
     volumes = {u: cache.get(u, split.source(u).load) for u in split.test}
-    runner = TorchDetectionRunner(model, cfg.eval.window, device, cfg.amp)
+    runner = TorchDetectionRunner(model, cfg.window, device, cfg.amp)
     predictions = predict(runner, volumes, detection_params(cfg))
     write_predictions(out / "submission.csv", predictions)
     (out / "seriesuids.csv").write_text("".join(f"{u}\n" for u in split.test))

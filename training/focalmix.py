@@ -13,8 +13,9 @@ Shapes: patches ``(B, 1, Z, Y, X)``; per-anchor targets ``(B, N)`` in the flat o
 
 Choices the paper leaves open (documented in README "FocalMix" and the model card):
 
-* Target guessing runs the model in eval mode (BatchNorm running statistics), without
-  gradients, on K *distinct* group elements (the identity may be among them).
+* Target guessing runs the model in train mode (BatchNorm batch statistics, as the MixMatch
+  reference implementations guess), without gradients, on K *distinct* group elements (the
+  identity may be among them).
 * The guessed targets of an unlabeled patch are carried through the random group
   element that augments it for training (MixMatch trains on augmented unlabeled data).
 * Image MixUp: one λ per step, as the official MixMatch code draws it. Ignored anchors
