@@ -63,29 +63,26 @@ class CachedVolume:
     key: str
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def to_volume(self) -> Volume:
+        """A :class:`Volume` over the memmap (no copy); geometry questions go through it."""
+        return Volume(self.array, self.affine.copy(), {"cache_key": self.key, **self.meta})
+
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+        return self.to_volume().shape
 
     @property
     def spacing(self) -> np.ndarray:
         """Voxel size ``(sz, sy, sx)`` in mm of the preprocessed grid."""
-        return np.linalg.norm(self.affine[:3, :3], axis=0)
-
-    def to_volume(self) -> Volume:
-        """A :class:`Volume` over the memmap (no copy)."""
-        return Volume(self.array, self.affine.copy(), {"cache_key": self.key, **self.meta})
+        return self.to_volume().spacing
 
     def world_to_index(self, points_lps: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
         """LPS points ``(N, 3)`` (x, y, z) in mm → continuous ``(z, y, x)`` indices ``(N, 3)``."""
-        pts = np.asarray(points_lps, dtype=np.float64)
-        inv = np.linalg.inv(self.affine)
-        return pts @ inv[:3, :3].T + inv[:3, 3]
+        return self.to_volume().world_to_index(points_lps)
 
     def index_to_world(self, index: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
         """Indices ``(N, 3)`` (z, y, x) → LPS points ``(N, 3)`` in mm."""
-        idx = np.asarray(index, dtype=np.float64)
-        return idx @ self.affine[:3, :3].T + self.affine[:3, 3]
+        return self.to_volume().index_to_world(index)
 
 
 class VolumeCache:
