@@ -11,6 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from medssl import __version__
 from medssl.cli.errors import MedsslGroup
+from medssl.cli.export import export
+from medssl.cli.train import train
 from medssl.index import index_tree, write_index
 from medssl.io import read_volume
 from medssl.synth.datasets import write_chest_dataset, write_organ_dataset
@@ -317,3 +319,7 @@ def evaluate_luna16_command(
         f"{result.n_scans} scans, {result.n_nodules} nodules, {result.n_candidates} marks: "
         f"{result.n_true_positives} nodules hit, {result.n_false_positives} false positives"
     )
+
+
+cli.add_command(train, "train")
+cli.add_command(export, "export")

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-__all__ = ["export", "score", "serve"]
+__all__ = ["score", "serve"]
 
 _CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -21,7 +21,5 @@ def _stub(name: str, what: str, issue: str) -> click.Command:
     return command
 
 
-export = _stub("medssl-export", "export to ONNX / TensorRT in a Triton repository",
-               "the export issue (#4)")
 serve = _stub("medssl-serve", "the DICOM gateway", "the gateway issue (#7)")
 score = _stub("medssl-score", "batch scoring of archives", "the scoring issue (#5)")

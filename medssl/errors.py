@@ -18,13 +18,18 @@ __all__ = [
     "DatasetLayoutError",
     "DuplicateSliceError",
     "EvaluationInputError",
+    "ExportError",
     "GantryTiltError",
     "LocalizerError",
     "MedsslError",
     "MissingSliceError",
+    "ModelCardError",
+    "ModelRepositoryError",
     "MultipleSeriesError",
     "NonUniformSpacingError",
     "NotAnImageError",
+    "ParityError",
+    "RunnerError",
     "SeriesGeometryError",
     "UnsupportedFormatError",
     "VolumeReadError",
@@ -144,3 +149,41 @@ class EvaluationInputError(MedsslError):
         self.path = None if path is None else Path(path)
         self.problem = problem
         super().__init__(problem if self.path is None else f"{self.path}: {problem}")
+
+
+class _PathProblem(MedsslError):
+    """An error about one file or folder: ``path`` and ``problem``, shown as ``path: problem``."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class ModelCardError(_PathProblem):
+    """A model card (``medssl.json``) is missing, unreadable or invalid."""
+
+
+class ModelRepositoryError(_PathProblem):
+    """A Triton model repository, model folder or ``config.pbtxt`` is missing or invalid."""
+
+
+class ExportError(MedsslError):
+    """A checkpoint cannot be exported (unknown model type, no TensorRT/GPU, bad options)."""
+
+
+class ParityError(ExportError):
+    """The exported graph disagrees with the PyTorch model beyond the tolerance.
+
+    Attributes:
+        report: the measured errors (:class:`medssl.export.parity.ParityReport`).
+    """
+
+    def __init__(self, message: str, report: object) -> None:
+        self.report = report
+        super().__init__(message)
+
+
+class RunnerError(MedsslError):
+    """A model runner cannot run: the server is unreachable or not ready, the model's
+    metadata disagrees with its card, or an inference call failed after its retries."""

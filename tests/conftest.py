@@ -84,3 +84,40 @@ def dciodvfy():
         ]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def detector_checkpoint(tmp_path_factory) -> Path:
+    """A FocalMix checkpoint as medssl-train writes it: the bundled CPU config (32³ windows,
+    8-block network), seeded random weights with trained-looking batch-norm statistics."""
+    import torch
+
+    from medssl.cli.train import resolve_config
+    from medssl.training.config import config_to_dict, load_config
+    from medssl.training.det_config import DetectionExperiment
+    from medssl.training.detector import FPNDetector
+
+    cfg = load_config(DetectionExperiment, resolve_config("focalmix-cpu"))
+    torch.manual_seed(0)
+    net = FPNDetector(cfg.model, cfg.anchors)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("checkpoint") / "best.pt"
+    torch.save({"model": net.state_dict(), "config": config_to_dict(cfg), "step": 500,
+                "kind": "medssl.detector", "metrics": {"cpm": 0.5},
+                "provenance": {"method": "focalmix", "data": "synthetic LUNA16 (medssl synth chest)",
+                               "n_labeled": 10, "n_unlabeled": 20, "n_validation": 4}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def exported_detector(tmp_path_factory, detector_checkpoint):
+    """``detector_checkpoint`` exported as model ``nodules`` (fp32, CPU instances, max batch 4)."""
+    from medssl.export import ExportOptions, export_checkpoint
+    from medssl.models.triton_config import ServingOptions
+
+    repository = tmp_path_factory.mktemp("model_repository")
+    return export_checkpoint(detector_checkpoint, repository, "nodules",
+                             ExportOptions(max_batch_size=4, serving=ServingOptions(kind="cpu")))

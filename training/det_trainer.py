@@ -107,7 +107,9 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-           cfg: DetectionExperiment, step: int) -> dict[str, Any]:
+           cfg: DetectionExperiment, step: int, provenance: dict[str, Any],
+           metrics: dict[str, float] | None) -> dict[str, Any]:
+    """A checkpoint; ``provenance`` and ``metrics`` (validation at this step) go to model cards."""
     return {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -116,6 +118,8 @@ def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
         "step": step,
         "rng": rng_state(),
         "kind": "medssl.detector",
+        "provenance": provenance,
+        "metrics": dict(metrics or {}),
     }
 
 
@@ -202,6 +206,8 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
     labeled = [_scan_boxes(cache.get(u, split.source(u).load), split.nodules(u), d.spacing_mm) for u in split.labeled]
     validation = {u: cache.get(u, split.source(u).load) for u in split.validation}
     unlabeled = _readable(cache, split.unlabeled)
+    provenance = {"method": cfg.method, "data": str(data.resolve()), "n_labeled": len(split.labeled),
+                  "n_unlabeled": len(unlabeled), "n_validation": len(split.validation)}
 
     grid = AnchorGrid.build(cfg.anchors, (d.patch,) * 3)
     pad = Intensity(d.hu_min, d.hu_max).pad_value
@@ -261,7 +267,8 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
                 if env.is_main:
                     if metrics:
                         logger.log(step + 1, **{f"val/{k}": v for k, v in metrics.items()})
-                    manager.save(_state(model, optimizer, scheduler, cfg, step + 1), step + 1, metrics)
+                    manager.save(_state(model, optimizer, scheduler, cfg, step + 1, provenance, metrics),
+                                 step + 1, metrics)
     if not env.is_main:
         return DetectionRun(out, manager.latest() or out, None, None)
     best = manager.best() or manager.latest()

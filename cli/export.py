@@ -1,0 +1,104 @@
+"""``medssl-export``: checkpoints into a Triton model repository, and repository checks.
+
+    medssl-export CHECKPOINT --repository model_repository/ --name NAME [options]
+    medssl-export check model_repository/
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from medssl.cli.errors import MedsslGroup
+
+__all__ = ["export"]
+
+
+class _ExportGroup(MedsslGroup):
+    """``medssl-export CHECKPOINT ...`` runs the ``model`` command; ``medssl-export check ...`` checks."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["model", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_ExportGroup)
+def export() -> None:
+    """Export medssl checkpoints to ONNX (and TensorRT) in a Triton model repository.
+
+    \b
+    medssl-export CHECKPOINT --repository model_repository/ --name NAME   export one model
+    medssl-export check model_repository/                                 check a repository
+    """
+
+
+@export.command("model")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--repository", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Triton model repository to write into (created if absent).")
+@click.option("--name", required=True, help="Model name: the folder under the repository.")
+@click.option("--version", type=int, default=None, help="Version folder to write [default: next free].")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Weights and arithmetic of the ONNX graph (inputs/outputs stay fp32).")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="Triton max_batch_size.")
+@click.option("--instances", type=int, default=1, show_default=True, help="Model instances per device.")
+@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="Triton instance_group kind.")
+@click.option("--warmup/--no-warmup", default=False, show_default=True,
+              help="Add a model_warmup request to config.pbtxt.")
+@click.option("--trt-accelerator/--no-trt-accelerator", default=False, show_default=True,
+              help="Ask Triton's onnxruntime backend for its TensorRT accelerator (FP16, GPU kind).")
+@click.option("--tensorrt", is_flag=True, help="Also build a TensorRT model.plan (needs a CUDA GPU).")
+@click.option("--intended-use", default=None, help="The card's intended-use statement.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def export_model(checkpoint: Path, repository: Path, name: str, version: int | None, precision: str,
+                 max_batch: int, instances: int, kind: str, warmup: bool, trt_accelerator: bool,
+                 tensorrt: bool, intended_use: str | None, as_json: bool) -> None:
+    """Export CHECKPOINT (a .pt file or a medssl-train run folder) as model NAME."""
+    from medssl.export import ExportOptions, export_checkpoint  # torch loads here, not for `check`
+    from medssl.models.triton_config import ServingOptions
+
+    try:
+        serving = ServingOptions(instances=instances, kind=kind, warmup=warmup,
+                                 tensorrt_accelerator=trt_accelerator)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    extra: dict[str, Any] = {"intended_use": intended_use} if intended_use else {}
+    options = ExportOptions(version=version, precision=precision, max_batch_size=max_batch,  # type: ignore[arg-type]
+                            serving=serving, tensorrt=tensorrt, **extra)
+    result = export_checkpoint(checkpoint, repository, name, options)
+    if as_json:
+        click.echo(json.dumps({
+            "model_dir": str(result.model_dir), "version": result.version, "onnx": str(result.onnx_path),
+            "parity": result.parity.to_json(),
+            "tensorrt_dir": str(result.tensorrt_dir) if result.tensorrt_dir else None,
+            "tensorrt_parity": result.tensorrt_parity.to_json() if result.tensorrt_parity else None,
+        }, indent=2))
+    else:
+        click.echo(result.summary())
+
+
+@export.command("check")
+@click.argument("repository", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model.")
+def check(repository: Path, as_json: bool) -> None:
+    """Validate every model of REPOSITORY: configs, cards, ONNX files. Exit 1 on any problem."""
+    from medssl.models.repository import check_repository
+
+    reports = check_repository(repository)
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in reports], indent=2))
+    else:
+        for report in reports:
+            state = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+            click.echo(f"{report.name}: versions {report.versions or 'none'}: {state}")
+            for problem in report.problems:
+                click.echo(f"  problem: {problem}")
+            for note in report.notes:
+                click.echo(f"  note: {note}")
+    if not all(r.ok for r in reports):
+        raise SystemExit(1)

@@ -1,0 +1,212 @@
+"""The default runner: an exported ``model.onnx`` in embedded onnxruntime.
+
+Needs ``onnxruntime`` (the ``serve`` extra; ``onnxruntime-gpu`` for CUDA/TensorRT), never torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medssl.errors import ModelRepositoryError, RunnerError
+from medssl.models.card import ModelCard, TensorSpec
+from medssl.runners.base import BatchedRunner
+from medssl.runners.repository import find_model_version
+
+__all__ = ["PROVIDER_PREFERENCE", "OnnxRunner", "select_providers"]
+
+#: Execution providers tried by default, fastest first.
+PROVIDER_PREFERENCE = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+
+#: ONNX element types as Triton data types (the card's vocabulary).
+_ORT_TYPES = {
+    "tensor(float)": "FP32",
+    "tensor(float16)": "FP16",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+    "tensor(uint8)": "UINT8",
+    "tensor(bool)": "BOOL",
+}
+
+
+def _ort() -> Any:
+    """The onnxruntime module, or a clear error."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ImportError(
+            "OnnxRunner needs onnxruntime: pip install 'medssl[serve]' (or onnxruntime-gpu)"
+        ) from exc
+    return onnxruntime
+
+
+def select_providers(available: Sequence[str]) -> list[str]:
+    """The providers of :data:`PROVIDER_PREFERENCE` found in ``available``, in that order.
+
+    Raises:
+        RunnerError: none of them is available.
+    """
+    chosen = [p for p in PROVIDER_PREFERENCE if p in available]
+    if not chosen:
+        raise RunnerError(
+            f"onnxruntime offers none of {list(PROVIDER_PREFERENCE)} (it has {list(available)}); "
+            "install onnxruntime or onnxruntime-gpu"
+        )
+    return chosen
+
+
+class OnnxRunner(BatchedRunner):
+    """``model.onnx`` in an onnxruntime session, checked against its model card at load.
+
+    Args:
+        model_path: the ONNX file.
+        card: the model card; its input/output names, data types and non-batch dims must
+            match the graph's.
+        providers: onnxruntime execution providers in priority order; ``None``: the
+            available ones of TensorRT, CUDA, CPU (:func:`select_providers`).
+        threads: intra-op threads; ``None``: onnxruntime's default (one per core).
+
+    Attributes:
+        card: the card.
+        model_path: the ONNX file.
+        providers: the providers the session actually uses, in priority order (a provider
+            that failed to initialise, e.g. CUDA without its libraries, is absent).
+
+    Raises:
+        ModelRepositoryError: ``model_path`` does not exist.
+        RunnerError: a requested provider is not available, the file is not a loadable
+            ONNX model, or the graph disagrees with the card (every mismatch listed).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        card: ModelCard,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        ort = _ort()
+        self.card = card
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise ModelRepositoryError(self.model_path, "no such ONNX file; export the model first")
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = select_providers(available)
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise RunnerError(
+                f"execution providers {missing} are not available in this onnxruntime "
+                f"(available: {available}); pass providers=None to choose automatically"
+            )
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {threads}")
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        try:
+            self._session = ort.InferenceSession(
+                str(self.model_path), sess_options=options, providers=list(providers)
+            )
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            raise RunnerError(f"{self.model_path}: onnxruntime cannot load the model: {exc}") from exc
+        self.providers: tuple[str, ...] = tuple(self._session.get_providers())
+        problems = _graph_problems(self._session, card)
+        if problems:
+            raise RunnerError(
+                f"{self.model_path} does not match the model card of {card.name!r} version "
+                f"{card.version}: " + "; ".join(problems)
+                + ". Re-export the model, or load the card written with it."
+            )
+
+    @classmethod
+    def from_repository(
+        cls, repository: str | Path, name: str, version: int | None = None, **kw: Any
+    ) -> OnnxRunner:
+        """Open ``<repository>/<name>/<version>/model.onnx`` with its card.
+
+        Args:
+            repository: the Triton model repository folder.
+            name: the model's folder name.
+            version: a version folder number; ``None``: the newest.
+            **kw: ``providers``, ``threads`` (see :class:`OnnxRunner`).
+
+        Raises:
+            ModelRepositoryError: no such model, version, ONNX file or card (what exists is
+                listed).
+        """
+        found = find_model_version(repository, name, version)
+        path = found.version_dir / "model.onnx"
+        if not path.is_file():
+            present = sorted(p.name for p in found.version_dir.iterdir())
+            raise ModelRepositoryError(
+                path, f"no model.onnx in this version folder (it holds {present or 'nothing'})"
+            )
+        return cls(path, found.card, **kw)
+
+    @property
+    def _source(self) -> str:
+        return str(self.model_path)
+
+    def _infer(self, batch: np.ndarray) -> Mapping[str, np.ndarray]:
+        if self._session is None:
+            raise RunnerError(f"{self.model_path}: the runner is closed; open a new one")
+        names = list(self.card.output_names)
+        try:
+            values = self._session.run(names, {self.card.input.name: batch})
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            raise RunnerError(f"{self.model_path}: inference failed: {exc}") from exc
+        return dict(zip(names, values))
+
+    def close(self) -> None:
+        """Drop the session (its memory is freed when no call is in flight)."""
+        self._session = None
+
+
+def _graph_problems(session: Any, card: ModelCard) -> list[str]:
+    """Every difference between the session's inputs/outputs and the card's tensors."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    problems = []
+    if set(inputs) != {card.input.name}:
+        problems.append(f"graph inputs {sorted(inputs)}, card input {card.input.name!r}")
+    wanted = set(card.output_names)
+    if set(outputs) != wanted:
+        problems.append(f"graph outputs {sorted(outputs)}, card outputs {sorted(wanted)}")
+    for spec in (card.input, *card.outputs):
+        node = inputs.get(spec.name) or outputs.get(spec.name)
+        if node is not None:
+            problems.extend(_tensor_problems(node, spec, card.max_batch_size))
+    return problems
+
+
+def _tensor_problems(node: Any, spec: TensorSpec, max_batch_size: int) -> list[str]:
+    """Data type, rank, batch axis and fixed dims of one graph tensor against its spec."""
+    problems = []
+    datatype = _ORT_TYPES.get(node.type, node.type)
+    if datatype != spec.datatype:
+        problems.append(f"{spec.name!r} is {datatype} in the graph, {spec.datatype} in the card")
+    shape = list(node.shape)
+    if len(shape) != len(spec.shape) + 1:
+        problems.append(
+            f"{spec.name!r} has shape {shape} in the graph, card (batch, *{list(spec.shape)})"
+        )
+        return problems
+    batch = shape[0]
+    if isinstance(batch, int) and not batch == max_batch_size == 1:
+        problems.append(
+            f"{spec.name!r} has a fixed batch axis of {batch} in the graph; the card's "
+            f"max_batch_size {max_batch_size} needs a dynamic one"
+        )
+    fixed = [(i + 1, g, c) for i, (g, c) in enumerate(zip(shape[1:], spec.shape))
+             if isinstance(g, int) and g != c]
+    for axis, graph_dim, card_dim in fixed:
+        problems.append(f"{spec.name!r} axis {axis} is {graph_dim} in the graph, {card_dim} in the card")
+    return problems
