@@ -22,6 +22,11 @@ TORCH_FREE = [
     "medssl.cli.train",
     "medssl.serving",
     "medssl.cli.main",
+    "medssl.cli.export",
+    "medssl.models",
+    "medssl.models.repository",
+    "medssl.models.triton_config",
+    "medssl.synth.patches",
 ]
 
 

@@ -84,6 +84,8 @@ def test_supervised_run_writes_checkpoints_logs_submission_and_report(luna, tmp_
     assert len(split["labeled"]) == 4 and not set(split["labeled"]) & set(test_uids)
     checkpoint = torch.load(out / "checkpoints" / "best.pt", weights_only=False)
     assert checkpoint["config"]["method"] == "supervised-det" and checkpoint["config"]["data"]["patch"] == 32
+    assert checkpoint["provenance"]["n_labeled"] == 4 and checkpoint["provenance"]["n_unlabeled"] == 0
+    assert "cpm" in checkpoint["metrics"]  # model cards carry the validation metrics
 
 
 def test_focalmix_run_trains_on_labeled_and_unlabeled_patches(luna, tmp_path):
