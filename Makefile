@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 DEMO   ?= demo
 
-.PHONY: demo test setup setup-test system-deps clean
+.PHONY: demo test setup setup-test system-deps triton-env clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,17 @@ $(VENV)/.test: $(VENV)/.core
 
 setup: $(VENV)/.core
 
-setup-test: $(VENV)/.test system-deps
+setup-test: $(VENV)/.test system-deps triton-env
+
+# The Triton env: a separate venv whose nvidia-pytriton wheel bundles the real tritonserver
+# the serving tests start (medssl.runners.LocalTritonServer). Its Python backend stub needs
+# numpy<2; 0.6.0 because 0.7 has no stub for Python 3.11. onnxruntime runs the test model.
+.venv-triton/.stamp:
+	$(PYTHON) -m venv .venv-triton
+	.venv-triton/bin/python -m pip --disable-pip-version-check -q install "numpy<2" nvidia-pytriton==0.6.0 onnxruntime
+	touch $@
+
+triton-env: .venv-triton/.stamp
 
 # Validators and DICOM tools the tests use; installed when running as root (CI, fresh machines).
 system-deps:
@@ -51,4 +61,4 @@ test: setup-test
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) .venv-triton $(DEMO) .pytest_cache

@@ -184,7 +184,7 @@ def test_check_finds_disagreements_between_config_card_and_graph(repo_copy):
     (model / "2" / "model.onnx").write_bytes(b"garbage")
     problems = "\n".join(check_model(model).problems)
     assert "declares 'boxes' as ('FP32', (4681, 4))" in problems
-    assert "tensor 'scores' is FP32" in problems  # version 1's card vs its graph
+    assert "'scores' axis 1 is 4680 in the graph, 99 in the card" in problems  # version 1's card
     assert "describes version 1, the newest is 2" in problems
     assert "onnxruntime cannot load it" in problems
 

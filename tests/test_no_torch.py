@@ -27,6 +27,12 @@ TORCH_FREE = [
     "medssl.models.repository",
     "medssl.models.triton_config",
     "medssl.synth.patches",
+    "medssl.runners",
+    # what the runners import when one opens
+    "onnxruntime",
+    "tritonclient.http",
+    "tritonclient.grpc",
+    "prometheus_client.parser",
 ]
 
 

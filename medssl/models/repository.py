@@ -16,10 +16,11 @@ from typing import Any
 
 from medssl.errors import ModelCardError, ModelRepositoryError
 from medssl.models.card import CARD_FILE, ModelCard, load_card
+from medssl.models.graph import graph_problems
 from medssl.models.triton_config import CONFIG_FILE, Backend, read_config
 
-__all__ = ["ModelReport", "check_model", "check_repository", "latest_version", "list_models",
-           "next_version", "versions"]
+__all__ = ["ModelReport", "ModelVersion", "check_model", "check_repository", "find_model_version",
+           "latest_version", "list_models", "next_version", "versions"]
 
 
 def versions(model_dir: str | Path) -> list[int]:
@@ -122,10 +123,6 @@ def _config_problems(config: Any, card: ModelCard) -> list[str]:
     return problems
 
 
-_ORT_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(int64)": "INT64",
-              "tensor(int32)": "INT32", "tensor(uint8)": "UINT8", "tensor(bool)": "BOOL"}
-
-
 def _onnx_problems(path: Path, card: ModelCard) -> list[str]:
     """Load ``model.onnx`` in onnxruntime (CPU) and compare its tensors with the card."""
     import onnxruntime as ort
@@ -134,19 +131,7 @@ def _onnx_problems(path: Path, card: ModelCard) -> list[str]:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         return [f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {exc})"]
-    graph = {t.name: (_ORT_TYPES.get(t.type, t.type), tuple(t.shape))
-             for t in [*session.get_inputs(), *session.get_outputs()]}
-    problems = []
-    for spec in (card.input, *card.outputs):
-        if spec.name not in graph:
-            problems.append(f"{path}: the graph has no tensor {spec.name!r} (it has {sorted(graph)})")
-            continue
-        dtype, shape = graph[spec.name]
-        if dtype != spec.datatype or tuple(shape[1:]) != spec.shape or isinstance(shape[0], int):
-            problems.append(f"{path}: tensor {spec.name!r} is {dtype} {list(shape)}, the card says "
-                            f"{spec.datatype} [batch, {', '.join(map(str, spec.shape))}]")
-    return problems
-
+    return [f"{path}: {problem}" for problem in graph_problems(session, card)]
 
 def check_model(model_dir: str | Path) -> ModelReport:
     """Check one model folder: config, cards, and every version's model file.
@@ -223,3 +208,56 @@ def check_repository(repository: str | Path) -> list[ModelReport]:
     if not names:
         raise ModelRepositoryError(repository, "holds no model folder (a folder with config.pbtxt)")
     return [check_model(Path(repository) / name) for name in names]
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One version of a model in a repository.
+
+    Attributes:
+        model_dir: ``<repository>/<name>``.
+        version: the numbered version folder.
+        card: the version folder's card, else the model folder's.
+    """
+
+    model_dir: Path
+    version: int
+    card: ModelCard
+
+    @property
+    def version_dir(self) -> Path:
+        return self.model_dir / str(self.version)
+
+
+def find_model_version(
+    repository: str | Path, name: str, version: int | None = None
+) -> ModelVersion:
+    """Locate ``<repository>/<name>/<version>`` and read its card.
+
+    Args:
+        repository: the model repository folder.
+        name: the model's folder name.
+        version: a numbered version folder; ``None``: the highest number.
+
+    Raises:
+        ModelRepositoryError: no such repository, model or version (the error lists what
+            exists).
+        ModelCardError: neither the version folder nor the model folder has a readable card.
+    """
+    repository = Path(repository)
+    models = list_models(repository)
+    model_dir = repository / name
+    if not model_dir.is_dir():
+        raise ModelRepositoryError(
+            model_dir, f"no model {name!r}; the repository holds {models or 'no models'}"
+        )
+    if version is None:
+        version = latest_version(model_dir)
+    elif version not in (present := versions(model_dir)):
+        raise ModelRepositoryError(
+            model_dir / str(version),
+            f"no version {version} of model {name!r}; versions present: {present or 'none'}",
+        )
+    version_dir = model_dir / str(version)
+    card = load_card(version_dir if (version_dir / CARD_FILE).is_file() else model_dir)
+    return ModelVersion(model_dir, version, card)

@@ -15,11 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medssl.models.repository import ModelVersion, find_model_version
 from medssl.runners.base import BatchedRunner, ModelRunner
 from medssl.runners.local_server import LocalTritonServer, find_triton_env
 from medssl.runners.metrics import read_metric
 from medssl.runners.onnx import OnnxRunner, select_providers
-from medssl.runners.repository import ModelVersion, find_model_version
 from medssl.runners.triton import TritonRunner
 
 __all__ = [

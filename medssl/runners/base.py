@@ -107,7 +107,9 @@ def check_outputs(
                 f"output {spec.name!r} has shape {shape}, the card says {(batch, *spec.shape)}"
             )
     if problems:
-        raise RunnerError(f"{source} broke the model card's output contract: " + "; ".join(problems))
+        raise RunnerError(
+            f"{source} broke the model card's output contract: " + "; ".join(problems)
+        )
     return tuple(np.asarray(outputs[spec.name]) for spec in specs)
 
 
@@ -139,11 +141,10 @@ class BatchedRunner(ABC):
         if len(batch) == 0:
             return tuple(np.empty((0, *s.shape), NUMPY_DTYPES[s.datatype]) for s in specs)
         step = self.card.max_batch_size
-        chunks = [
-            check_outputs(self._infer(batch[i : i + step]), specs, len(batch[i : i + step]),
-                          self._source)
-            for i in range(0, len(batch), step)
-        ]
+        chunks = []
+        for start in range(0, len(batch), step):
+            chunk = batch[start : start + step]
+            chunks.append(check_outputs(self._infer(chunk), specs, len(chunk), self._source))
         if len(chunks) == 1:
             return chunks[0]
         return tuple(np.concatenate(parts) for parts in zip(*chunks))

@@ -27,8 +27,21 @@ from pathlib import Path
 from types import TracebackType
 
 from medssl.errors import RunnerError
+from medssl.models.card import CARD_FILE, load_card
+from medssl.models.repository import latest_version
+from medssl.models.triton_config import ServingOptions, model_config, write_config
 
-__all__ = ["ENV_VARIABLE", "LocalTritonServer", "TritonEnv", "find_triton_env", "inspect_triton_env"]
+#: The Python-backend ``model.py`` that runs ``model.onnx`` with onnxruntime inside Triton.
+PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
+
+__all__ = [
+    "ENV_VARIABLE",
+    "LocalTritonServer",
+    "TritonEnv",
+    "find_triton_env",
+    "inspect_triton_env",
+    "python_backend_repository",
+]
 
 #: Environment variable naming the Triton env (a virtual environment folder).
 ENV_VARIABLE = "MEDSSL_TRITON_ENV"
@@ -100,8 +113,10 @@ def inspect_triton_env(env: str | Path | None = None) -> TritonEnv:
     """
     root = Path(env) if env is not None else find_triton_env()
     code = (
-        "import json, sys, sysconfig; print(json.dumps({'site': sysconfig.get_paths()['purelib'],"
-        " 'version': '%d.%d' % sys.version_info[:2], 'libdir': sysconfig.get_config_var('LIBDIR')}))"
+        "import json, sys, sysconfig; print(json.dumps({"
+        "'site': sysconfig.get_paths()['purelib'], "
+        "'version': '%d.%d' % sys.version_info[:2], "
+        "'libdir': sysconfig.get_config_var('LIBDIR')}))"
     )
     try:
         result = subprocess.run([str(root / "bin" / "python"), "-c", code], capture_output=True,
@@ -253,7 +268,9 @@ class LocalTritonServer:
         """
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
         libs = [str(self.env.site_packages / "nvidia_pytriton.libs"), str(self.env.libdir)]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
+        if env.get("LD_LIBRARY_PATH"):
+            libs.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
         env["PATH"] = os.pathsep.join([str(self.env.root / "bin"), env.get("PATH", "")])
         return env
 
@@ -292,3 +309,33 @@ def _free_ports(count: int) -> tuple[int, ...]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def python_backend_repository(model_dir: str | Path, repository: str | Path,
+                              version: int | None = None) -> Path:
+    """Copy an exported model into ``repository`` as a Python-backend Triton model.
+
+    The copy keeps the version folder (``model.onnx``, its card) and the card, adds
+    :data:`PYTHON_MODEL` as ``model.py`` and writes a ``backend: "python"`` config with one
+    CPU instance and the card's batching, so nvidia-pytriton's server (Python backend only)
+    serves the same graph as Triton's onnxruntime backend would.
+
+    Args:
+        model_dir: ``<exported repository>/<name>``.
+        repository: the folder to add the model to (created if absent).
+        version: which version; default the newest.
+
+    Returns:
+        ``repository/<name>``.
+    """
+    model_dir = Path(model_dir)
+    version = version or latest_version(model_dir)
+    source = model_dir / str(version)
+    card = load_card(source if (source / CARD_FILE).is_file() else model_dir)
+    target = Path(repository) / model_dir.name
+    shutil.copytree(source, target / str(version))
+    shutil.copy2(PYTHON_MODEL, target / str(version) / "model.py")
+    card.save(target / CARD_FILE)
+    write_config(model_config(card, backend="python", options=ServingOptions(kind="cpu")), target)
+    return target
+

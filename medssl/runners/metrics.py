@@ -14,7 +14,8 @@ __all__ = ["read_metric"]
 def read_metric(
     metrics_url: str, name: str, labels: Mapping[str, str] | None = None, timeout_s: float = 10.0
 ) -> float:
-    """The value of metric ``name`` at ``http://<metrics_url>/metrics``, summed over samples.
+    """The value of counter or gauge ``name`` at ``http://<metrics_url>/metrics``, summed over
+    the samples carrying ``labels``.
 
     Args:
         metrics_url: ``host:port`` of the metrics endpoint (Triton's default port 8002).
@@ -37,13 +38,12 @@ def read_metric(
     except (urllib.error.URLError, OSError) as exc:
         raise RunnerError(f"cannot read metrics from {url}: {exc}") from exc
     wanted = dict(labels or {})
-    named = [s for family in text_string_to_metric_families(text) for s in family.samples
-             if s.name == name]
+    base = name.removesuffix("_total")  # the parser names counter samples <family>_total
+    named = [s for family in text_string_to_metric_families(text) if family.name == base
+             for s in family.samples if s.name in (base, f"{base}_total")]
     matching = [s.value for s in named if wanted.items() <= s.labels.items()]
     if not matching:
         present = [dict(s.labels) for s in named]
-        raise RunnerError(
-            f"{url} has no sample {name!r} with labels {wanted}; "
-            + (f"its {name!r} samples have labels {present}" if named else "no sample has that name")
-        )
+        found = f"its {name!r} samples have labels {present}" if named else "none has that name"
+        raise RunnerError(f"{url} has no sample {name!r} with labels {wanted}; {found}")
     return float(sum(matching))

@@ -1,0 +1,165 @@
+"""Per-patch latency and throughput of an exported detector: PyTorch eager vs onnxruntime vs Triton.
+
+One run, one machine, the same checkpoint and the same patches for every runtime:
+
+* ``pytorch``: the checkpoint's graph (``DetectorInference``) in eager mode, ``torch.no_grad``;
+* ``onnxruntime``: the exported ``model.onnx`` in the embedded :class:`OnnxRunner`;
+* ``triton-http`` / ``triton-grpc``: :class:`TritonRunner` against a real ``tritonserver``
+  on 127.0.0.1 (nvidia-pytriton's build: the Python backend running the same ``model.onnx``
+  with onnxruntime, one CPU instance), so its figures add Triton's transport and batching
+  on top of onnxruntime.
+
+Models: the shipped CPU-sized network (8 blocks, 32³ windows) and the paper-sized one
+(20 blocks, ``--paper-window``³), both with seeded random weights (speed does not depend on
+the values). Batch sizes 1 and 4. Each cell: ``--warmup`` calls, then ``--repeats`` timed
+calls; the table reports medians.
+
+    .venv/bin/python benchmarks/export_speed.py            # table + benchmarks/results/export_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medssl.cli.train import resolve_config
+from medssl.export import ExportOptions, export_checkpoint
+from medssl.export.models import exportable
+from medssl.models.triton_config import ServingOptions
+from medssl.runners import LocalTritonServer, OnnxRunner, TritonRunner
+from medssl.runners.local_server import python_backend_repository
+from medssl.training.config import config_to_dict, load_config
+from medssl.training.det_config import DetectionExperiment
+from medssl.training.detector import FPNDetector
+
+BATCHES = (1, 4)
+
+
+def _checkpoint(folder: Path, config: str, window: int | None) -> Path:
+    """A checkpoint of ``config`` with seeded random weights (and ``window``-edge inference)."""
+    overrides = {"eval.window": window} if window else None
+    cfg = load_config(DetectionExperiment, resolve_config(config), overrides)
+    torch.manual_seed(0)
+    net = FPNDetector(cfg.model, cfg.anchors)
+    path = folder / f"{config}.pt"
+    torch.save({"model": net.state_dict(), "config": config_to_dict(cfg), "step": 0,
+                "kind": "medssl.detector"}, path)
+    return path
+
+
+def _time(call: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--paper-window", type=int, default=96, help="0 skips the paper-sized network")
+    parser.add_argument("--no-triton", action="store_true", help="skip the Triton rows")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "export_speed.json")
+    args = parser.parse_args()
+
+    models = [("cpu-small (shipped), 32^3", "focalmix-cpu", None)]
+    if args.paper_window:
+        models.append((f"paper (20 blocks), {args.paper_window}^3", "focalmix", args.paper_window))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        exported = []
+        for label, config, window in models:
+            ckpt = _checkpoint(tmp_path, config, window)
+            result = export_checkpoint(ckpt, tmp_path / "repo", config.replace("-", "_"),
+                                       ExportOptions(max_batch_size=max(BATCHES),
+                                                     serving=ServingOptions(kind="cpu")))
+            module = exportable(torch.load(ckpt, weights_only=False), ckpt).module.eval()
+            exported.append((label, result, module))
+        server = None
+        if not args.no_triton:
+            triton_repo = tmp_path / "triton"
+            for _, result, _ in exported:
+                python_backend_repository(result.model_dir, triton_repo)
+            server = LocalTritonServer(triton_repo).start()
+        try:
+            for label, result, module in exported:
+                runtimes: dict[str, Callable[[np.ndarray], object]] = {}
+
+                def eager(x: np.ndarray, module: torch.nn.Module = module) -> object:
+                    with torch.no_grad():
+                        return module(torch.from_numpy(x))
+
+                runtimes["pytorch"] = eager
+                runtimes["onnxruntime"] = OnnxRunner(result.onnx_path, result.card)
+                if server is not None:
+                    runtimes["triton-http"] = TritonRunner(server.http_url, result.card, protocol="http",
+                                                           timeout_s=600)
+                    runtimes["triton-grpc"] = TritonRunner(server.grpc_url, result.card, protocol="grpc",
+                                                           timeout_s=600)
+                rng = np.random.default_rng(0)
+                for batch in BATCHES:
+                    patches = rng.standard_normal((batch, *result.card.input.shape), dtype=np.float32)
+                    for runtime, run in runtimes.items():
+                        times = _time(lambda run=run: run(patches), args.warmup, args.repeats)
+                        median = statistics.median(times)
+                        rows.append({"model": label, "runtime": runtime, "batch": batch,
+                                     "median_call_s": median, "per_patch_ms": 1000 * median / batch,
+                                     "patches_per_s": batch / median, "calls_s": times})
+                        print(f"{label:32} {runtime:12} batch {batch}: {1000 * median / batch:9.1f} ms/patch",
+                              file=sys.stderr)
+        finally:
+            if server is not None:
+                server.stop()
+    for row in rows:
+        eager_row = next(r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"]
+                         and r["runtime"] == "pytorch")
+        row["speedup_vs_pytorch"] = row["patches_per_s"] / eager_row["patches_per_s"]
+    report = {
+        "benchmark": "export_speed",
+        "device": f"CPU: {_cpu()}, {os.cpu_count()} logical cores, no GPU",
+        "torch_threads": torch.get_num_threads(),
+        "repeats": args.repeats, "warmup": args.warmup,
+        "target": "onnxruntime >= 1.3x PyTorch eager patches/s on CPU",
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    header = "| model | runtime | batch | ms/patch (median) | patches/s | × PyTorch eager |"
+    lines = [header, "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['per_patch_ms']:.1f} | "
+                     f"{r['patches_per_s']:.2f} | {r['speedup_vs_pytorch']:.2f} |")
+    table = "\n".join(lines)
+    print(f"{report['device']}; torch threads {report['torch_threads']}\n\n{table}")
+    args.out.with_suffix(".md").write_text(f"# export_speed\n\n{report['device']}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
