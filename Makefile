@@ -44,7 +44,8 @@ system-deps:
 # The main job: a synthetic chest CT study as DICOM, its header index and its geometry; then a
 # short FocalMix run (labeled + unlabeled synthetic LUNA16 scans) that ends with a LUNA16
 # submission and CPM report. 30 steps of a small network: it shows the machinery, not accuracy
-# (README: "Nodule detection" for real runs).
+# (README: "Nodule detection" for real runs). Then it exports that run to a Triton model
+# repository with its parity check, and checks it and the shipped one.
 DEMO_TRAIN := --config focalmix-cpu --set optim.steps=30 --set eval.every=15 \
 	--set data.n_validation=1 --set 'data.test_subsets=[9]' --set eval.bootstrap=100
 demo: setup
@@ -56,6 +57,8 @@ demo: setup
 	MEDSSL_CACHE=$(DEMO)/cache $(VENV)/bin/medssl-train focalmix $(DEMO_TRAIN) --data $(DEMO)/luna16 \
 		--labeled 6 --unlabeled 4 --out $(DEMO)/focalmix
 	@echo "FocalMix run: $(DEMO)/focalmix (submission: test/submission.csv, report: test/cpm.json, froc.png)"
+	$(VENV)/bin/medssl-export $(DEMO)/focalmix --repository $(DEMO)/model_repository --name focalmix-demo --kind cpu
+	$(VENV)/bin/medssl-export check $(DEMO)/model_repository model_repository
 
 test: setup-test
 	$(PY) -m pytest -q

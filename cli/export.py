@@ -1,7 +1,7 @@
 """``medssl-export``: checkpoints into a Triton model repository, and repository checks.
 
     medssl-export CHECKPOINT --repository model_repository/ --name NAME [options]
-    medssl-export check model_repository/
+    medssl-export check model_repository/ [more repositories...]
 """
 
 from __future__ import annotations
@@ -83,13 +83,13 @@ def export_model(checkpoint: Path, repository: Path, name: str, version: int | N
 
 
 @export.command("check")
-@click.argument("repository", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model.")
-def check(repository: Path, as_json: bool) -> None:
-    """Validate every model of REPOSITORY: configs, cards, ONNX files. Exit 1 on any problem."""
+@click.argument("repositories", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per model.")
+def check(repositories: tuple[Path, ...], as_json: bool) -> None:
+    """Validate every model of each REPOSITORY: configs, cards, ONNX files. Exit 1 on any problem."""
     from medssl.models.repository import check_repository
 
-    reports = check_repository(repository)
+    reports = [report for repository in repositories for report in check_repository(repository)]
     if as_json:
         click.echo(json.dumps([r.to_json() for r in reports], indent=2))
     else:
