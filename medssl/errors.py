@@ -40,8 +40,8 @@ class MedsslError(Exception):
     """Base class of every error medssl raises on purpose."""
 
 
-class VolumeReadError(MedsslError):
-    """A file or series could not be read as a CT volume.
+class _PathProblem(MedsslError):
+    """An error about one file or folder, shown as ``path: problem``.
 
     Args:
         path: the file or directory at fault.
@@ -52,6 +52,10 @@ class VolumeReadError(MedsslError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class VolumeReadError(_PathProblem):
+    """A file or series could not be read as a CT volume (``path``, ``problem``)."""
 
 
 class UnsupportedFormatError(VolumeReadError):
@@ -124,18 +128,8 @@ class ConfigError(MedsslError):
         super().__init__(message)
 
 
-class CheckpointError(MedsslError):
-    """A checkpoint file is missing, truncated or not a medssl checkpoint.
-
-    Attributes:
-        path: the checkpoint file at fault.
-    """
-
-    def __init__(self, path: str | Path, problem: str) -> None:
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
+class CheckpointError(_PathProblem):
+    """A checkpoint file is missing, truncated or not a medssl checkpoint (``path``, ``problem``)."""
 
 class EvaluationInputError(MedsslError):
     """Input to an evaluation (annotations, seriesuids, predictions) is missing or malformed.
@@ -149,15 +143,6 @@ class EvaluationInputError(MedsslError):
         self.path = None if path is None else Path(path)
         self.problem = problem
         super().__init__(problem if self.path is None else f"{self.path}: {problem}")
-
-
-class _PathProblem(MedsslError):
-    """An error about one file or folder: ``path`` and ``problem``, shown as ``path: problem``."""
-
-    def __init__(self, path: str | Path, problem: str) -> None:
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 class ModelCardError(_PathProblem):

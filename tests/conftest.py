@@ -121,3 +121,19 @@ def exported_detector(tmp_path_factory, detector_checkpoint):
     repository = tmp_path_factory.mktemp("model_repository")
     return export_checkpoint(detector_checkpoint, repository, "nodules",
                              ExportOptions(max_batch_size=4, serving=ServingOptions(kind="cpu")))
+
+
+@pytest.fixture
+def mismatched_card(exported_detector):
+    """The exported card with three faults: input renamed to ``image``, one box too many,
+    scores declared FP16."""
+    import dataclasses
+
+    card = exported_detector.card
+    boxes, scores = card.outputs
+    return dataclasses.replace(
+        card,
+        input=dataclasses.replace(card.input, name="image"),
+        outputs=(dataclasses.replace(boxes, shape=(boxes.shape[0] + 1, 4)),
+                 dataclasses.replace(scores, datatype="FP16")),
+    )

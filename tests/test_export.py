@@ -14,7 +14,13 @@ import torch
 from click.testing import CliRunner
 
 from medssl.cli.export import export
-from medssl.errors import CheckpointError, ExportError, ModelCardError, ModelRepositoryError, ParityError
+from medssl.errors import (
+    CheckpointError,
+    ExportError,
+    ModelCardError,
+    ModelRepositoryError,
+    ParityError,
+)
 from medssl.export import ExportOptions, export_checkpoint
 from medssl.export.parity import compare
 from medssl.models import NODULE_LABEL, ModelCard, load_card

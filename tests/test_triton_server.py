@@ -108,16 +108,10 @@ def test_the_metrics_count_every_request(server, patches, exported_detector, rep
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_card_that_disagrees_with_the_served_model_lists_every_mismatch(
-    server, exported_detector, protocol
+    server, exported_detector, mismatched_card, protocol
 ):
-    card = exported_detector.card
-    boxes, scores = card.outputs
-    wrong = dataclasses.replace(
-        card,
-        input=dataclasses.replace(card.input, name="image"),
-        outputs=(dataclasses.replace(boxes, shape=(boxes.shape[0] + 1, 4)),
-                 dataclasses.replace(scores, datatype="FP16")),
-    )
+    wrong = mismatched_card
+    boxes = exported_detector.card.outputs[0]
     with pytest.raises(RunnerError) as caught:
         TritonRunner(url_of(server, protocol), wrong, protocol=protocol)
     message = str(caught.value)
