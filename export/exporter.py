@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -145,6 +146,17 @@ def _code_version() -> dict[str, Any]:
     return version
 
 
+def _test_metrics(checkpoint: Path) -> dict[str, Any]:
+    """``{"test_metrics": ...}`` from the run folder's ``test/cpm.json`` (medssl-train writes it
+    after the run), when the checkpoint sits in ``<run>/checkpoints/``; else ``{}``."""
+    report = checkpoint.parent.parent / "test" / "cpm.json"
+    if checkpoint.parent.name != "checkpoints" or not report.is_file():
+        return {}
+    data = json.loads(report.read_text(encoding="utf-8"))
+    keys = ("cpm", "cpm_ci", "fp_rates", "sensitivities", "n_scans", "n_nodules")
+    return {"test_metrics": {"source": str(report.resolve()), **{k: data[k] for k in keys if k in data}}}
+
+
 def _parity_inputs(ex: Exportable, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     shape = ex.input.shape
@@ -231,6 +243,7 @@ def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str,
         parity = _onnx_parity(ex, onnx_path, options.precision, inputs)
         provenance = {
             **ex.provenance,
+            **_test_metrics(path),
             "checkpoint": {"path": str(path.resolve()), "sha256": _sha256(path)},
             "code_version": _code_version(),
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -237,3 +237,25 @@ def test_repository_check_does_not_import_torch(exported_detector):
             f"assert all(r.ok for r in check_repository({str(exported_detector.repository)!r})); "
             "sys.exit(3 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_shipped_repository_passes_the_check_and_says_it_is_synthetic():
+    repository = Path(__file__).parents[1] / "model_repository"
+    reports = check_repository(repository)
+    assert [r.name for r in reports] == ["focalmix-nodules"] and all(r.ok for r in reports), reports
+    card = load_card(repository / "focalmix-nodules")
+    assert "synthetic" in card.intended_use and "Not for clinical use" in card.intended_use
+    assert card.provenance["n_labeled"] == 25 and card.provenance["n_unlabeled"] == 60
+    assert card.provenance["parity"]["passed"]
+
+
+def test_a_run_folder_exports_its_best_checkpoint_with_the_test_report(tmp_path, detector_checkpoint):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "test").mkdir()
+    shutil.copy(detector_checkpoint, run / "checkpoints" / "best.pt")
+    (run / "test" / "cpm.json").write_text(json.dumps({"cpm": 0.61, "cpm_ci": [0.4, 0.8], "n_scans": 8}))
+    result = export_checkpoint(run, tmp_path / "repo", "nodules", ExportOptions(max_batch_size=2))
+    assert result.card.provenance["checkpoint"]["path"] == str((run / "checkpoints" / "best.pt").resolve())
+    assert result.card.provenance["test_metrics"]["cpm"] == 0.61
+    assert result.card.provenance["test_metrics"]["n_scans"] == 8
