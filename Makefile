@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 DEMO   ?= demo
 
-.PHONY: demo test setup setup-test system-deps triton-env clean
+.PHONY: demo test setup setup-test system-deps triton-env openvino-env clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ setup-test: $(VENV)/.test system-deps triton-env
 	touch $@
 
 triton-env: .venv-triton/.stamp
+
+# For benchmarks/export_speed.py only: onnxruntime's OpenVINO provider ships in its own wheel,
+# which cannot share a venv with onnxruntime.
+openvino-env:
+	$(PYTHON) -m venv .venv-openvino
+	.venv-openvino/bin/python -m pip --disable-pip-version-check -q install onnxruntime-openvino numpy
 
 # Validators and DICOM tools the tests use; installed when running as root (CI, fresh machines).
 system-deps:
@@ -64,4 +70,4 @@ test: setup-test
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) .venv-triton $(DEMO) .pytest_cache
+	rm -rf $(VENV) .venv-triton .venv-openvino $(DEMO) .pytest_cache

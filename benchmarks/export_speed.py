@@ -4,6 +4,9 @@ One run, one machine, the same checkpoint and the same patches for every runtime
 
 * ``pytorch``: the checkpoint's graph (``DetectorInference``) in eager mode, ``torch.no_grad``;
 * ``onnxruntime``: the exported ``model.onnx`` in the embedded :class:`OnnxRunner`;
+* ``onnxruntime-openvino``: the same file with onnxruntime's OpenVINO execution provider (fp32,
+  CPU), timed by ``benchmarks/ort_timing.py`` in the ``--openvino-python`` environment
+  (``make openvino-env``), since that wheel cannot share a venv with ``onnxruntime``;
 * ``triton-http`` / ``triton-grpc``: :class:`TritonRunner` against a real ``tritonserver``
   on 127.0.0.1 (nvidia-pytriton's build: the Python backend running the same ``model.onnx``
   with onnxruntime, one CPU instance), so its figures add Triton's transport and batching
@@ -24,6 +27,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +48,7 @@ from medssl.training.det_config import DetectionExperiment
 from medssl.training.detector import FPNDetector
 
 BATCHES = (1, 4)
+RUNTIMES = ("pytorch", "onnxruntime", "onnxruntime-openvino", "triton-http", "triton-grpc")
 
 
 def _checkpoint(folder: Path, config: str, window: int | None) -> Path:
@@ -69,6 +74,30 @@ def _time(call: Callable[[], object], warmup: int, repeats: int) -> list[float]:
     return times
 
 
+def _row(label: str, runtime: str, batch: int, times: list[float]) -> dict:
+    median = statistics.median(times)
+    print(f"{label:32} {runtime:20} batch {batch}: {1000 * median / batch:9.1f} ms/patch", file=sys.stderr)
+    return {"model": label, "runtime": runtime, "batch": batch, "median_call_s": median,
+            "per_patch_ms": 1000 * median / batch, "patches_per_s": batch / median, "calls_s": times}
+
+
+def _openvino_rows(args: argparse.Namespace, label: str, onnx_path: Path) -> list[dict]:
+    """Time ``onnx_path`` with the OpenVINO provider in its own environment."""
+    run = subprocess.run(
+        [str(args.openvino_python), str(Path(__file__).with_name("ort_timing.py")), str(onnx_path),
+         "--provider", "OpenVINOExecutionProvider", "--batches", *map(str, BATCHES),
+         "--warmup", str(args.warmup), "--repeats", str(args.repeats)],
+        capture_output=True, text=True, check=True)
+    report = json.loads(run.stdout)
+    if report["providers"][0] != "OpenVINOExecutionProvider":
+        raise RuntimeError(f"OpenVINO provider did not load: {report['providers']}")
+    rows = [_row(label, "onnxruntime-openvino", r["batch"], r["calls_s"]) for r in report["rows"]]
+    for row in rows:
+        row["onnxruntime_version"] = report["version"]
+        row["max_abs_vs_cpu_provider"] = report["max_abs_vs_cpu_provider"]
+    return rows
+
+
 def _cpu() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -85,6 +114,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--paper-window", type=int, default=96, help="0 skips the paper-sized network")
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton rows")
+    parser.add_argument("--openvino-python", type=Path,
+                        default=Path(__file__).parents[1] / ".venv-openvino" / "bin" / "python",
+                        help="interpreter with onnxruntime-openvino (rows skipped if absent)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "export_speed.json")
     args = parser.parse_args()
 
@@ -123,20 +155,19 @@ def main() -> None:
                                                            timeout_s=600)
                     runtimes["triton-grpc"] = TritonRunner(server.grpc_url, result.card, protocol="grpc",
                                                            timeout_s=600)
+                if args.openvino_python.exists():
+                    rows += _openvino_rows(args, label, result.onnx_path)
                 rng = np.random.default_rng(0)
                 for batch in BATCHES:
                     patches = rng.standard_normal((batch, *result.card.input.shape), dtype=np.float32)
                     for runtime, run in runtimes.items():
                         times = _time(lambda run=run: run(patches), args.warmup, args.repeats)
-                        median = statistics.median(times)
-                        rows.append({"model": label, "runtime": runtime, "batch": batch,
-                                     "median_call_s": median, "per_patch_ms": 1000 * median / batch,
-                                     "patches_per_s": batch / median, "calls_s": times})
-                        print(f"{label:32} {runtime:12} batch {batch}: {1000 * median / batch:9.1f} ms/patch",
-                              file=sys.stderr)
+                        rows.append(_row(label, runtime, batch, times))
         finally:
             if server is not None:
                 server.stop()
+    labels = [m[0] for m in models]
+    rows.sort(key=lambda r: (labels.index(r["model"]), r["batch"], RUNTIMES.index(r["runtime"])))
     for row in rows:
         eager_row = next(r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"]
                          and r["runtime"] == "pytorch")

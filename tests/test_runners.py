@@ -161,6 +161,8 @@ def test_providers_fall_back_to_cpu_in_preference_order(exported_detector):
     assert select_providers(
         ["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]
     ) == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert select_providers(["CPUExecutionProvider", "OpenVINOExecutionProvider"]) == [
+        "OpenVINOExecutionProvider", "CPUExecutionProvider"]
     with pytest.raises(RunnerError, match="none of"):
         select_providers(["AzureExecutionProvider"])
     import onnxruntime
