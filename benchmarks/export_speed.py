@@ -118,7 +118,11 @@ def main() -> None:
                         default=Path(__file__).parents[1] / ".venv-openvino" / "bin" / "python",
                         help="interpreter with onnxruntime-openvino (rows skipped if absent)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "export_speed.json")
+    parser.add_argument("--render", action="store_true", help="only re-render --out's table")
     args = parser.parse_args()
+    if args.render:
+        args.out.with_suffix(".md").write_text(render(json.loads(args.out.read_text())))
+        return
 
     models = [("cpu-small (shipped), 32^3", "focalmix-cpu", None)]
     if args.paper_window:
@@ -182,15 +186,32 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    header = "| model | runtime | batch | ms/patch (median) | patches/s | × PyTorch eager |"
-    lines = [header, "|---|---|---:|---:|---:|---:|"]
+    text = render(report)
+    print(text)
+    args.out.with_suffix(".md").write_text(text)
+
+
+def render(report: dict) -> str:
+    """The Markdown table, and the target verdict per onnxruntime provider."""
+    rows = report["rows"]
+    lines = ["| model | runtime | batch | ms/patch (median) | patches/s | × PyTorch eager |",
+             "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['per_patch_ms']:.1f} | "
                      f"{r['patches_per_s']:.2f} | {r['speedup_vs_pytorch']:.2f} |")
-    table = "\n".join(lines)
-    print(f"{report['device']}; torch threads {report['torch_threads']}\n\n{table}")
-    args.out.with_suffix(".md").write_text(f"# export_speed\n\n{report['device']}\n\n{table}\n")
-
+    verdicts = []
+    for runtime in ("onnxruntime", "onnxruntime-openvino"):
+        ratios = [r["speedup_vs_pytorch"] for r in rows if r["runtime"] == runtime]
+        if ratios:
+            met = sum(x >= 1.3 for x in ratios)
+            verdicts.append(f"- {runtime}: {min(ratios):.2f}-{max(ratios):.2f}x PyTorch eager; "
+                            f">= 1.3x in {met} of {len(ratios)} cells")
+    gaps = {r["max_abs_vs_cpu_provider"] for r in rows if "max_abs_vs_cpu_provider" in r}
+    if gaps:
+        verdicts.append(f"- OpenVINO provider vs CPU provider outputs: max abs difference {max(gaps):.2g}")
+    return (f"# export_speed\n\n{report['device']}; torch threads {report['torch_threads']}; "
+            f"medians of {report['repeats']} calls after {report['warmup']} warm-up calls\n\n"
+            + "\n".join(lines) + f"\n\nTarget: {report['target']}\n\n" + "\n".join(verdicts) + "\n")
 
 if __name__ == "__main__":
     main()
