@@ -259,3 +259,15 @@ def test_a_run_folder_exports_its_best_checkpoint_with_the_test_report(tmp_path,
     assert result.card.provenance["checkpoint"]["path"] == str((run / "checkpoints" / "best.pt").resolve())
     assert result.card.provenance["test_metrics"]["cpm"] == 0.61
     assert result.card.provenance["test_metrics"]["n_scans"] == 8
+
+
+def test_parity_is_relative_to_each_outputs_scale_and_nan_fails():
+    module = torch.nn.Identity()
+    patches = np.array([[3.4, 900.0]], dtype=np.float32)  # a box near the origin, a large one
+    shifted = compare(module, lambda x: [x + np.array([2.5e-4, 0.0], dtype=np.float32)],
+                      {"boxes": patches}, ["boxes"], "test runtime", "fp32")
+    assert shifted.passed and shifted.per_output["boxes"]["scale"] == pytest.approx(900.0)
+    assert shifted.max_rel == pytest.approx(2.5e-4 / 900, rel=1e-2)
+    with pytest.raises(ParityError):
+        compare(module, lambda x: [np.where(x > 100, np.nan, x)], {"boxes": patches}, ["boxes"],
+                "test runtime", "fp32")
