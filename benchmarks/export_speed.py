@@ -165,7 +165,7 @@ def main() -> None:
                 for batch in BATCHES:
                     patches = rng.standard_normal((batch, *result.card.input.shape), dtype=np.float32)
                     for runtime, run in runtimes.items():
-                        times = _time(lambda run=run: run(patches), args.warmup, args.repeats)
+                        times = _time(lambda run=run, x=patches: run(x), args.warmup, args.repeats)
                         rows.append(_row(label, runtime, batch, times))
         finally:
             if server is not None:

@@ -4,7 +4,12 @@
 proving with onnxruntime that the exported graph computes what the checkpoint computes.
 """
 
-from medssl.export.exporter import ExportOptions, ExportResult, export_checkpoint, resolve_checkpoint
+from medssl.export.exporter import (
+           ExportOptions,
+           ExportResult,
+           export_checkpoint,
+           resolve_checkpoint,
+)
 from medssl.export.parity import TOLERANCES, ParityReport
 
 __all__ = ["TOLERANCES", "ExportOptions", "ExportResult", "ParityReport", "export_checkpoint",

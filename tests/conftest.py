@@ -137,3 +137,15 @@ def mismatched_card(exported_detector):
         outputs=(dataclasses.replace(boxes, shape=(boxes.shape[0] + 1, 4)),
                  dataclasses.replace(scores, datatype="FP16")),
     )
+
+
+@pytest.fixture(scope="session")
+def detector_patches(exported_detector):
+    """Six random patches in [-1, 1] and one synthetic chest CT patch centred on a nodule,
+    ``(7, 1, 32, 32, 32)`` float32: what the exported detector's runners are fed."""
+    from medssl.synth.patches import chest_patch
+
+    card = exported_detector.card
+    noise = np.random.default_rng(0).uniform(-1, 1, (6, *card.input.shape)).astype(np.float32)
+    ct = chest_patch(card.patch_size, card.input_spacing, card.normalisation, seed=3)
+    return np.concatenate([noise, ct])

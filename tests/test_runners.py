@@ -19,7 +19,6 @@ from medssl.runners import (
     open_runner,
     select_providers,
 )
-from medssl.synth.patches import chest_patch
 from medssl.volume import Volume
 
 
@@ -30,13 +29,8 @@ def runner(exported_detector):
 
 
 @pytest.fixture(scope="module")
-def patches(exported_detector):
-    """Six random patches and one synthetic chest CT patch centred on a nodule."""
-    shape = exported_detector.card.input.shape
-    noise = np.random.default_rng(0).uniform(-1, 1, (6, *shape)).astype(np.float32)
-    card = exported_detector.card
-    ct = chest_patch(card.patch_size, card.input_spacing, card.normalisation, seed=3)
-    return np.concatenate([noise, ct])
+def patches(detector_patches):
+    return detector_patches
 
 
 def closed_port() -> int:

@@ -27,7 +27,6 @@ from medssl.runners import (
     read_metric,
 )
 from medssl.runners.local_server import python_backend_repository
-from medssl.synth.patches import chest_patch
 
 PROTOCOLS = ["http", "grpc"]
 
@@ -63,12 +62,8 @@ def embedded(exported_detector):
 
 
 @pytest.fixture(scope="module")
-def patches(exported_detector):
-    """Six random patches and one synthetic chest CT patch centred on a nodule."""
-    card = exported_detector.card
-    noise = np.random.default_rng(1).uniform(-1, 1, (6, *card.input.shape)).astype(np.float32)
-    ct = chest_patch(card.patch_size, card.input_spacing, card.normalisation, seed=5)
-    return np.concatenate([noise, ct])
+def patches(detector_patches):
+    return detector_patches
 
 
 def url_of(server: LocalTritonServer, protocol: str) -> str:
