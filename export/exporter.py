@@ -46,6 +46,7 @@ from .parity import ParityReport, compare
 __all__ = ["ExportOptions", "ExportResult", "export_checkpoint", "resolve_checkpoint"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_STAGING = re.compile(r"staging-\d+-(\d+)")  # .staging-<version>-<pid>[.fp32.onnx]
 DEFAULT_INTENDED_USE = ("Research use only; not for clinical use. Validate on your own data "
                         "before drawing any conclusion from its output.")
 
@@ -183,6 +184,28 @@ def _card(ex: Exportable, name: str, version: int, options: ExportOptions, prove
     )
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _remove_abandoned_staging(model_dir: Path) -> None:
+    """Delete staging folders (and their fp32 copies) of exports whose process is gone:
+    what a killed export leaves behind. Triton and :func:`check_model` ignore them anyway."""
+    for leftover in model_dir.glob(".*staging-*"):
+        owner = _STAGING.search(leftover.name)
+        if owner and not _pid_alive(int(owner.group(1))):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
 def _install(staging: Path, model_dir: Path, version: int, card: ModelCard, backend: Backend,
              serving: ServingOptions) -> Path:
     """Move a staged version folder into place, then write the card and config.pbtxt."""
@@ -226,8 +249,8 @@ def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str,
         raise ExportError(f"{model_dir / str(version)} already exists; omit --version to take the "
                           f"next free one ({next_version(model_dir)})")
     model_dir.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(model_dir)
     staging = model_dir / f".staging-{version}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         onnx_path = export_onnx(ex.module, torch.from_numpy(ex.synthetic_patch(options.parity_seed)),

@@ -271,3 +271,36 @@ def test_parity_is_relative_to_each_outputs_scale_and_nan_fails():
     with pytest.raises(ParityError):
         compare(module, lambda x: [np.where(x > 100, np.nan, x)], {"boxes": patches}, ["boxes"],
                 "test runtime", "fp32")
+
+
+def test_an_export_killed_mid_way_leaves_no_version_and_the_next_one_cleans_up(tmp_path, detector_checkpoint):
+    import os
+    import signal
+    import time
+
+    repo = tmp_path / "repo"
+    exe = Path(sys.prefix) / "bin" / "medssl-export"
+    proc = subprocess.Popen([str(exe), str(detector_checkpoint), "--repository", str(repo), "--name", "m",
+                             "--kind", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((repo / "m").glob(".staging-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list((repo / "m").glob(".staging-*")), "the export never started staging"
+    assert versions(repo / "m") == [] and not (repo / "m" / "config.pbtxt").exists()
+    result = export_checkpoint(detector_checkpoint, repo, "m", ExportOptions(serving=ServingOptions(kind="cpu")))
+    assert result.version == 1 and not list((repo / "m").glob(".*staging*"))
+    assert check_model(repo / "m").ok
+
+
+def test_a_failed_parity_check_writes_nothing(tmp_path, detector_checkpoint, monkeypatch):
+    import medssl.export.exporter as exporter
+
+    def failing(*args, **kwargs):
+        raise ParityError("parity check failed: injected", None)
+
+    monkeypatch.setattr(exporter, "_onnx_parity", failing)
+    with pytest.raises(ParityError, match="injected"):
+        export_checkpoint(detector_checkpoint, tmp_path, "m")
+    assert list((tmp_path / "m").iterdir()) == []
