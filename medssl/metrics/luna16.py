@@ -24,6 +24,7 @@ that script are cited where we follow it):
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from medssl.datasets.luna16 import Finding, read_findings
+from medssl.atomic import atomic_write
 from medssl.errors import DatasetLayoutError, EvaluationInputError
 from medssl.metrics.froc import (
     CPM_FP_POINTS,
@@ -445,15 +447,18 @@ def _require_file(path: Path) -> None:
 
 
 def write_predictions(path: str | Path, predictions: Sequence[Prediction]) -> Path:
-    """Write an official submission CSV; values round-trip exactly through :func:`read_predictions`."""
+    """Write an official submission CSV (atomically); values round-trip exactly through
+    :func:`read_predictions`."""
     path = Path(path)
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(PREDICTION_FIELDS)
-        for p in predictions:
-            writer.writerow(
-                [p.seriesuid, *(repr(float(v)) for v in p.centre_lps), repr(float(p.probability))]
-            )
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(PREDICTION_FIELDS)
+    for p in predictions:
+        writer.writerow(
+            [p.seriesuid, *(repr(float(v)) for v in p.centre_lps), repr(float(p.probability))]
+        )
+    data = text.getvalue().encode("utf-8")
+    atomic_write(path, lambda fh: fh.write(data))
     return path
 
 

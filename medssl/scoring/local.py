@@ -1,0 +1,49 @@
+"""The local engine: read + preprocess in worker processes, inference in this process.
+
+Up to ``workers + 1`` series are prepared ahead of the model (a bounded queue), so the CPU
+decodes the next series while the model runs one, and memory stays bounded whatever the
+archive size: at most ``workers + 1`` preprocessed volumes exist at once (a 300×512×512 CT
+at 1 mm is about 350×350×300 float32 ≈ 150 MB), plus one being read per worker.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+
+from medssl.models.card import ModelCard
+from medssl.scoring.manifest import ScanItem
+from medssl.scoring.run import RunnerSpec, ScoreOptions
+from medssl.scoring.series import Prepared, Scored, infer, prepare
+
+__all__ = ["run_local"]
+
+
+def run_local(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, options: ScoreOptions) -> Iterator[Scored]:
+    """Score ``items`` in order; yields one result per item as soon as it is done."""
+    params = card.detection_params(options.batch_size)
+    runner = spec.open()
+    try:
+        if options.workers == 0:
+            for item in items:
+                yield infer(prepare(item, params), runner, card, params)
+            return
+        # spawn: workers must not inherit the runner's threads (onnxruntime, gRPC) by fork.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=options.workers, mp_context=context) as pool:
+            pending: deque[Future[Prepared]] = deque()
+            queue = iter(items)
+            for item in queue:
+                pending.append(pool.submit(prepare, item, params))
+                if len(pending) > options.workers:
+                    break
+            while pending:
+                prepared = pending.popleft().result()
+                nxt = next(queue, None)
+                if nxt is not None:
+                    pending.append(pool.submit(prepare, nxt, params))
+                yield infer(prepared, runner, card, params)
+    finally:
+        runner.close()

@@ -1,0 +1,159 @@
+"""What to score: an archive's series as a manifest of :class:`ScanItem` rows.
+
+Inputs understood by :func:`build_manifest`:
+
+* a DICOM tree of any layout: indexed by headers (:func:`medssl.index.index_tree`);
+* an index written by ``medssl index`` (``.parquet`` / ``.csv``), so a 21M-file archive is
+  indexed once;
+* a LUNA16 folder (``subset*/<seriesuid>.mhd``), or one of its ``subsetN`` folders;
+* a Decathlon / nnU-Net folder (``dataset.json``): its ``imagesTs`` cases;
+* a text file listing volume paths (NIfTI, MetaImage, DICOM file or folder), one per line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from medssl.datasets.decathlon import Decathlon
+from medssl.errors import DatasetLayoutError, MedsslError
+from medssl.index import DicomIndex, SeriesRecord, index_tree, read_index
+
+__all__ = ["Layout", "Manifest", "ScanItem", "build_manifest"]
+
+
+class Layout(str, Enum):
+    """Where a manifest came from (decides e.g. whether a LUNA16 submission is written)."""
+
+    DICOM = "dicom"
+    LUNA16 = "luna16"
+    DECATHLON = "decathlon"
+    PATHS = "paths"
+
+
+@dataclass(frozen=True)
+class ScanItem:
+    """One series to score.
+
+    Attributes:
+        key: unique id of the row: the SeriesInstanceUID (DICOM), the LUNA16 seriesuid, the
+            Decathlon case id or the file name.
+        paths: the series' DICOM files, or one volume file (NIfTI/MetaImage).
+        patient_id, study_uid, series_uid: identifiers ("" when unknown).
+        modality, image_type, orientation, n_slices, slice_thickness_mm: header values used
+            by the selection rules (DICOM only; None/"" when unknown).
+        series_description: for the report.
+    """
+
+    key: str
+    paths: tuple[str, ...]
+    patient_id: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    modality: str = ""
+    image_type: str = ""
+    orientation: str = ""
+    n_slices: int | None = None
+    slice_thickness_mm: float | None = None
+    series_description: str = ""
+
+    @property
+    def is_dicom(self) -> bool:
+        return bool(self.series_uid) and not self.paths[0].lower().endswith(_VOLUME_SUFFIXES)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["paths"] = list(self.paths)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ScanItem:
+        return cls(**{**data, "paths": tuple(data["paths"])})
+
+
+_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mhd", ".mha")
+
+
+@dataclass
+class Manifest:
+    """The series of an input, and what could not be read while listing them.
+
+    Attributes:
+        layout: the input's layout.
+        items: one row per series, in a stable order.
+        unreadable: ``(path, reason)`` of files the DICOM index could not parse.
+        root: the input folder or file.
+    """
+
+    layout: Layout
+    items: list[ScanItem]
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    root: Path | None = None
+
+
+def _from_record(record: SeriesRecord) -> ScanItem:
+    return ScanItem(
+        key=record.series_uid, paths=tuple(record.files), patient_id=record.patient_id,
+        study_uid=record.study_uid, series_uid=record.series_uid, modality=record.modality,
+        image_type=record.image_type, orientation=record.orientation, n_slices=record.n_slices,
+        slice_thickness_mm=record.slice_thickness, series_description=record.series_description,
+    )
+
+
+def _from_index(index: DicomIndex, root: Path) -> Manifest:
+    return Manifest(Layout.DICOM, [_from_record(r) for r in index.series], list(index.unreadable), root)
+
+
+def _luna16(folders: list[Path]) -> Manifest:
+    scans = sorted(p for folder in folders for p in folder.glob("*.mhd"))
+    items = [ScanItem(key=p.stem, paths=(str(p.resolve()),), series_uid=p.stem) for p in scans]
+    return Manifest(Layout.LUNA16, items, [], folders[0])
+
+
+def _volume_item(path: Path) -> ScanItem:
+    name = path.name
+    for suffix in _VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return ScanItem(key=name, paths=(str(path.resolve()),))
+
+
+def build_manifest(source: str | Path, workers: int | None = None) -> Manifest:
+    """The series to score in ``source`` (see the module docstring for what it may be).
+
+    Args:
+        source: a folder, an index table, or a text file of paths.
+        workers: header-reading processes when a DICOM tree is indexed.
+
+    Raises:
+        MedsslError: ``source`` does not exist or is none of the supported inputs.
+        DatasetLayoutError: a LUNA16/Decathlon folder is malformed.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise MedsslError(f"{source}: no such file or folder to score")
+    if source.is_file():
+        if source.suffix.lower() in (".parquet", ".csv"):
+            return _from_index(read_index(source), source)
+        if source.suffix.lower() == ".txt":
+            lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
+            paths = [Path(line) if Path(line).is_absolute() else source.parent / line
+                     for line in lines if line and not line.startswith("#")]
+            return Manifest(Layout.PATHS, [_volume_item(p) for p in paths], [], source)
+        raise MedsslError(f"{source}: expected a folder, an index (.parquet/.csv) or a list of "
+                          "paths (.txt)")
+    if list(source.glob("subset*/*.mhd")):
+        return _luna16(sorted(p for p in source.glob("subset*") if p.is_dir()))
+    if source.name.startswith("subset") and (source.parent / "annotations.csv").is_file():
+        return _luna16([source])
+    if (source / "dataset.json").is_file():
+        dataset = Decathlon(source)
+        if not dataset.test:
+            raise DatasetLayoutError(f"{source}: dataset.json lists no test cases (imagesTs)")
+        items = [ScanItem(key=case.case_id, paths=(str(Path(case.image).resolve()),))
+                 for case in dataset.test]
+        return Manifest(Layout.DECATHLON, items, [], source)
+    return _from_index(index_tree(source, workers=workers), source)

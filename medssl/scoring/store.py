@@ -1,0 +1,122 @@
+"""The result store of a scoring run: one committed row per series, resumable.
+
+``OUT_DIR/score.sqlite`` holds every series' row and findings. A series is written in one
+transaction (its row and all its findings, or nothing), so killing the process loses at
+most the series in flight; a re-run skips what is already ``ok`` or ``skipped`` for the same
+model version and retries ``failed`` rows. :meth:`ResultStore.export` writes the tables users
+read: ``series.parquet``, ``findings.parquet`` (and a LUNA16 submission), atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from medssl.atomic import atomic_write
+
+__all__ = ["FINDING_COLUMNS", "SERIES_COLUMNS", "ResultStore"]
+
+#: ``series.parquet`` columns and types.
+SERIES_COLUMNS: dict[str, pa.DataType] = {
+    "key": pa.string(), "patient_id": pa.string(), "study_uid": pa.string(), "series_uid": pa.string(),
+    "status": pa.string(), "error": pa.string(), "model": pa.string(), "model_version": pa.int64(),
+    "n_slices": pa.int64(), "source": pa.string(),
+    "read_s": pa.float64(), "preprocess_s": pa.float64(), "inference_s": pa.float64(),
+    "postprocess_s": pa.float64(), "n_windows": pa.int64(),
+    "n_findings": pa.int64(), "max_probability": pa.float64(), "dicom_outputs": pa.string(),
+}
+#: ``findings.parquet`` columns: one detection per row, LPS millimetres.
+FINDING_COLUMNS: dict[str, pa.DataType] = {
+    "key": pa.string(), "series_uid": pa.string(), "index": pa.int64(), "x_mm": pa.float64(),
+    "y_mm": pa.float64(), "z_mm": pa.float64(), "diameter_mm": pa.float64(),
+    "probability": pa.float64(), "model": pa.string(), "model_version": pa.int64(),
+}
+DONE = ("ok", "skipped")
+
+
+class ResultStore:
+    """SQLite-backed rows of one output folder.
+
+    Args:
+        out_dir: the run's output folder (created if absent).
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / "score.sqlite"
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS series (key TEXT PRIMARY KEY, status TEXT, "
+                         "model TEXT, version INTEGER, row TEXT)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS findings (key TEXT, idx INTEGER, row TEXT, "
+                         "PRIMARY KEY (key, idx))")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def done(self, model: str, version: int) -> set[str]:
+        """Keys already ``ok`` or ``skipped`` with this model version."""
+        rows = self._db.execute("SELECT key FROM series WHERE model = ? AND version = ? AND status IN (?, ?)",
+                                (model, version, *DONE))
+        return {key for (key,) in rows}
+
+    def commit(self, row: Mapping[str, Any], findings: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Replace ``row["key"]``'s row and findings, in one transaction."""
+        unknown = set(row) - set(SERIES_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown series columns {sorted(unknown)}")
+        key = row["key"]
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM findings WHERE key = ?", (key,))
+            self._db.execute("INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?)",
+                             (key, row["status"], row.get("model"), row.get("model_version"),
+                              json.dumps(dict(row), allow_nan=False)))
+            self._db.executemany("INSERT INTO findings VALUES (?, ?, ?)",
+                                 [(key, i, json.dumps(dict(f), allow_nan=False)) for i, f in enumerate(findings)])
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every series row, by key."""
+        return [json.loads(r) for (r,) in self._db.execute("SELECT row FROM series ORDER BY key")]
+
+    def findings(self) -> list[dict[str, Any]]:
+        """Every finding, by key then index."""
+        return [json.loads(r) for (r,) in self._db.execute("SELECT row FROM findings ORDER BY key, idx")]
+
+    def counts(self) -> dict[str, int]:
+        """Rows per status."""
+        return dict(self._db.execute("SELECT status, COUNT(*) FROM series GROUP BY status").fetchall())
+
+    def export(self, luna16_submission: bool = False) -> list[Path]:
+        """Write ``series.parquet``, ``findings.parquet`` and, for LUNA16 inputs,
+        ``submission.csv`` (seriesuid, coordX, coordY, coordZ, probability) atomically."""
+        written = [_write_parquet(self.out_dir / "series.parquet", self.rows(), SERIES_COLUMNS),
+                   _write_parquet(self.out_dir / "findings.parquet", self.findings(), FINDING_COLUMNS)]
+        if luna16_submission:
+            from medssl.metrics.luna16 import Prediction, write_predictions  # sklearn: slow import
+
+            predictions = [Prediction(f["key"], (f["x_mm"], f["y_mm"], f["z_mm"]), f["probability"])
+                           for f in self.findings()]
+            written.append(write_predictions(self.out_dir / "submission.csv", predictions))
+        return written
+
+
+def _write_parquet(path: Path, rows: Iterable[Mapping[str, Any]], columns: Mapping[str, pa.DataType]) -> Path:
+    rows = list(rows)
+    schema = pa.schema(list(columns.items()))
+    table = pa.table({name: pa.array([r.get(name) for r in rows], type=kind) for name, kind in columns.items()},
+                     schema=schema)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
+    return path
+
