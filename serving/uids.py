@@ -28,7 +28,9 @@ def derived_uid(source_series_uid: str, model_name: str, model_version: int, rol
             ``"seg-instance"``, or a finer role such as ``"finding-1"``.
 
     Returns:
-        A ``2.25.`` UID (PS3.5 B.2) hashed from the four values; equal inputs give equal UIDs.
+        A UID under pydicom's root hashed (SHA-512) from the four values: equal inputs give
+        equal UIDs. (``generate_uid`` ignores the entropy under the ``2.25`` root, so the
+        default root is used.)
 
     Raises:
         ValueError: an empty ``source_series_uid``, ``model_name`` or ``role``.
@@ -37,7 +39,7 @@ def derived_uid(source_series_uid: str, model_name: str, model_version: int, rol
                         ("role", role)):
         if not isinstance(value, str) or not value:
             raise ValueError(f"derived_uid: {name} must be a non-empty string, got {value!r}")
-    return str(generate_uid(prefix=None, entropy_srcs=[
+    return str(generate_uid(entropy_srcs=[
         "medssl.serving", source_series_uid, model_name, str(int(model_version)), role]))
 
 
@@ -45,7 +47,7 @@ def device_uid(model_name: str, model_version: int) -> str:
     """The Device Observer UID of a model version: the same for every series it scores."""
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"device_uid: model_name must be a non-empty string, got {model_name!r}")
-    return str(generate_uid(prefix=None, entropy_srcs=[
+    return str(generate_uid(entropy_srcs=[
         "medssl.serving.device", model_name, str(int(model_version))]))
 
 

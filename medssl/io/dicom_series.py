@@ -8,6 +8,8 @@ each slice's RescaleSlope / RescaleIntercept.
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -70,7 +72,10 @@ def read_dicom_series(
         SeriesGeometryError: missing / duplicate slices, uneven spacing, gantry tilt,
             mixed orientation or matrix size.
     """
-    label = Path(source) if isinstance(source, (str, Path)) else Path(".")
+    if isinstance(source, (str, Path)):
+        label = Path(source)
+    else:  # a list of files: name the folder they share
+        label = Path(os.path.commonpath([str(p) for p in source])) if source else Path(".")
     paths, ignored = _collect(source)
     if not paths:
         raise VolumeReadError(label, "holds no DICOM files")
