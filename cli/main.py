@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from medssl import __version__
 from medssl.cli.errors import MedsslGroup
 from medssl.cli.export import export
+from medssl.cli.score import score
 from medssl.cli.train import train
 from medssl.index import index_tree, write_index
 from medssl.io import read_volume
@@ -104,6 +105,23 @@ def synth_chest(
             progress=lambda: progress.advance(task),  # type: ignore[arg-type]
         )
     click.echo(f"wrote {len(written)} scans ({fmt}) to {out}")
+
+
+@synth.command("archive")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--studies", default=20, show_default=True, help="Intact chest CT studies.")
+@click.option("--broken", default=0, show_default=True,
+              help="Extra studies with a damaged CT series (truncated file, missing slice, displaced slice).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the first study; study i uses seed+i.")
+@click.option("--matrix", default=512, show_default=True, help="In-plane matrix size.")
+@click.option("--slices", type=int, default=None, help="Slices per CT series (default: the chest's extent).")
+def synth_archive(out: Path, studies: int, broken: int, seed: int, matrix: int, slices: int | None) -> None:
+    """An NLST-like DICOM archive: CT studies with localizers, plus deliberately broken series."""
+    from medssl.synth.archive import write_archive
+
+    info = write_archive(out, studies, broken=broken, seed=seed, matrix=matrix, n_slices=slices)
+    click.echo(f"wrote {len(info.good)} CT series, {len(info.localizers)} localizers and "
+               f"{len(info.broken)} broken series to {out}")
 
 
 @synth.command("organs")
@@ -323,3 +341,4 @@ def evaluate_luna16_command(
 
 cli.add_command(train, "train")
 cli.add_command(export, "export")
+cli.add_command(score, "score")

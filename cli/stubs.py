@@ -6,7 +6,7 @@ import sys
 
 import click
 
-__all__ = ["score", "serve"]
+__all__ = ["serve"]
 
 _CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -22,4 +22,3 @@ def _stub(name: str, what: str, issue: str) -> click.Command:
 
 
 serve = _stub("medssl-serve", "the DICOM gateway", "the gateway issue (#7)")
-score = _stub("medssl-score", "batch scoring of archives", "the scoring issue (#5)")

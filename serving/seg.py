@@ -4,8 +4,8 @@ dcmtk 3.6.7 or dciodvfy 2022).
 Segments follow the model card: segment ``i + 1`` is ``card.labels[i]``, always, whether the
 label occurs in the volume or not, so every SEG of a model has the same segment list and an
 empty segment says "looked, found nothing". Frames that are empty for a segment are omitted
-(a nodule SEG stays small); when the whole volume is empty, highdicom keeps every (empty)
-frame so the object still has pixel data, and the SEG is valid.
+(a nodule SEG stays small); when the whole volume is empty (nothing found), every frame is
+kept, empty, so the object still has pixel data and stays a valid SEG.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ def label_seg(
         device_serial_number=f"{card.name} v{card.version}",
         content_description=f"{card.name} v{card.version}"[:64],
         series_description=f"{card.name} v{card.version} segmentation"[:64],
+        omit_empty_frames=bool(masks.any()),
     )
 
 
@@ -106,14 +107,13 @@ def write_label_seg(
     labels: np.ndarray,
     card: ModelCard,
     path: str | Path,
-    **options: object,
+    *,
+    manufacturer: str = "medssl",
+    series_number: int = SEG_SERIES_NUMBER,
 ) -> Path:
-    """Build :func:`label_seg` and write it as a DICOM file (atomically); returns the path.
-
-    ``options`` are :func:`label_seg`'s keyword arguments.
-    """
+    """Build :func:`label_seg` and write it to ``path`` (atomically); returns the path."""
     path = Path(path)
-    seg = label_seg(source, labels, card, **options)  # type: ignore[arg-type]
+    seg = label_seg(source, labels, card, manufacturer=manufacturer, series_number=series_number)
     atomic_write(path, lambda fh: seg.save_as(fh, enforce_file_format=True))
     return path
 

@@ -56,7 +56,6 @@ from medssl.serving.uids import derived_uid, device_uid, source_series_uid
 __all__ = [
     "CT_UNSPECIFIED_BODY_REGION",
     "SR_SERIES_NUMBER",
-    "algorithm_identification",
     "coded",
     "detection_sr",
     "write_detection_sr",
@@ -73,14 +72,6 @@ _QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative E
 def coded(code: Code) -> hd.sr.CodedConcept:
     """A card :class:`~medssl.models.card.Code` as a highdicom coded concept."""
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
-
-
-def algorithm_identification(card: ModelCard, manufacturer: str) -> hd.sr.AlgorithmIdentification:
-    """TID 4019 Algorithm Identification of a model: name, version, manufacturer, family AI."""
-    return hd.sr.AlgorithmIdentification(
-        name=card.name, version=str(card.version), manufacturer=manufacturer,
-        family=codes.cid7162.ArtificialIntelligence,
-    )
 
 
 def detection_sr(
@@ -158,14 +149,15 @@ def write_detection_sr(
     detections: Sequence[Detection],
     card: ModelCard,
     path: str | Path,
-    **options: object,
+    *,
+    manufacturer: str = "medssl",
+    series_number: int = SR_SERIES_NUMBER,
+    procedure_reported: Code = CT_UNSPECIFIED_BODY_REGION,
 ) -> Path:
-    """Build :func:`detection_sr` and write it as a DICOM file (atomically); returns the path.
-
-    ``options`` are :func:`detection_sr`'s keyword arguments.
-    """
+    """Build :func:`detection_sr` and write it to ``path`` (atomically); returns the path."""
     path = Path(path)
-    sr = detection_sr(source, detections, card, **options)  # type: ignore[arg-type]
+    sr = detection_sr(source, detections, card, manufacturer=manufacturer,
+                      series_number=series_number, procedure_reported=procedure_reported)
     atomic_write(path, lambda fh: sr.save_as(fh, enforce_file_format=True))
     return path
 
@@ -197,12 +189,14 @@ def _measurement_group(
         finding_type=coded(label.type),
         finding_sites=[hd.sr.FindingSite(coded(label.anatomic_region))]
         if label.anatomic_region is not None else None,
-        algorithm_id=algorithm_identification(card, manufacturer),
+        algorithm_id=hd.sr.AlgorithmIdentification(
+            name=card.name, version=str(card.version), manufacturer=manufacturer,
+            family=codes.cid7162.ArtificialIntelligence),
         measurements=[
             hd.sr.Measurement(name=codes.SCT.Diameter, value=float(detection.diameter_mm),
                               unit=codes.UCUM.Millimeter),
             hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding,
-                              value=round(100.0 * float(detection.probability), 4),
+                              value=100.0 * float(detection.probability),
                               unit=codes.UCUM.Percent),
         ],
     )

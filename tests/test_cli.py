@@ -86,7 +86,7 @@ def test_info_text(dicom_series):
     assert "shape:       [6, 20, 24]" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["medssl-serve", "medssl-score"])
+@pytest.mark.parametrize("command", ["medssl-serve"])
 def test_later_commands_say_which_issue_builds_them(command):
     exe = f"{sys.prefix}/bin/{command}"
     result = subprocess.run([exe, "anything"], capture_output=True, text=True)

@@ -8,6 +8,8 @@ writes the final tables.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from medssl.atomic import atomic_write
 from medssl.errors import MedsslError
 from medssl.models.card import ModelCard, Task
 from medssl.scoring.manifest import Layout, ScanItem, build_manifest
@@ -71,6 +74,7 @@ class ScoreOptions:
         limit: score at most this many series (after selection and resume).
         ray_address: an existing Ray cluster (``auto``), or None for a local one.
         ray_num_gpus: GPUs per inference actor (ray engine).
+        write_dicom: write a TID 1500 SR for each scored DICOM series into ``OUT/dicom/``.
     """
 
     engine: str = "local"
@@ -79,6 +83,7 @@ class ScoreOptions:
     limit: int | None = None
     ray_address: str | None = None
     ray_num_gpus: float = 0.0
+    write_dicom: bool = False
 
     def __post_init__(self) -> None:
         if self.engine not in ("local", "ray"):
@@ -122,6 +127,17 @@ class ScoreSummary:
     @property
     def scans_per_hour(self) -> float:
         return 3600.0 * self.scored_now / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def _write_unreadable(path: Path, unreadable: Sequence[tuple[str, str]]) -> Path:
+    """``path,reason`` rows of the files the DICOM index could not parse."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", "reason"])
+    writer.writerows(unreadable)
+    data = text.getvalue().encode("utf-8")
+    atomic_write(path, lambda fh: fh.write(data))
+    return path
 
 
 def _engine(name: str) -> Engine:
@@ -169,6 +185,8 @@ def score(source: str | Path, out_dir: str | Path, spec: RunnerSpec, rules: Sele
                 progress(finished, len(todo), store.counts())
         elapsed = time.perf_counter() - start
         outputs = store.export(luna16_submission=manifest.layout is Layout.LUNA16)
+        if manifest.unreadable:
+            outputs.append(_write_unreadable(Path(out_dir) / "unreadable.csv", manifest.unreadable))
         return ScoreSummary(total=len(manifest.items), counts=store.counts(), scored_now=finished,
                             resumed=len([i for i in chosen if i.key in done]),
                             unreadable_files=len(manifest.unreadable), elapsed_s=elapsed, outputs=outputs)

@@ -1,0 +1,113 @@
+"""``medssl-score``: batch scoring of CT archives into Parquet tables (and DICOM results)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from medssl.cli.errors import MedsslCommand
+
+__all__ = ["score"]
+
+DEFAULT_MODEL = "focalmix-nodules"
+
+
+def _default_repository() -> Path:
+    """The repository shipped next to the package (a source checkout), else ./model_repository."""
+    shipped = Path(__file__).resolve().parents[1] / "model_repository"
+    return shipped if shipped.is_dir() else Path("model_repository")
+
+
+@click.command(cls=MedsslCommand)
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name in the repository.")
+@click.option("--repository", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model repository [default: the shipped model_repository/].")
+@click.option("--version", "model_version", type=int, default=None, help="Model version [default: newest].")
+@click.option("--backend", type=click.Choice(["onnxruntime", "triton"]), default="onnxruntime",
+              show_default=True, help="Embedded onnxruntime, or a Triton server (--triton-url).")
+@click.option("--triton-url", default=None, help="host:port of the Triton server (with --backend triton).")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="grpc", show_default=True,
+              help="Triton protocol.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: series.parquet, findings.parquet, score.sqlite (resumable).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--workers", type=int, default=None,
+              help="Read/preprocess workers [default: CPUs - 1; 0 = in the main process].")
+@click.option("--ray-address", default=None, help="Existing Ray cluster ('auto'); default: a local Ray.")
+@click.option("--select", "select_rules", default=None,
+              help="Selection rules: a YAML/JSON file or key=value pairs, e.g. per_study=thinnest,min_slices=64.")
+@click.option("--write-dicom", is_flag=True, help="Also write a TID 1500 SR per DICOM series (OUT/dicom/).")
+@click.option("--limit", type=int, default=None, help="Score at most N series (after selection).")
+@click.option("--batch-size", type=int, default=2, show_default=True, help="Windows per model call.")
+def score(source: Path, model: str, repository: Path | None, model_version: int | None, backend: str,
+          triton_url: str | None, protocol: str, out: Path, engine: str, workers: int | None,
+          ray_address: str | None, select_rules: str | None, write_dicom: bool, limit: int | None,
+          batch_size: int) -> None:
+    """Score every selected series of SOURCE with a detection model.
+
+    SOURCE is a DICOM tree, an index from `medssl index` (.parquet/.csv), a LUNA16 folder
+    (or one subsetN), a Decathlon folder (imagesTs) or a .txt list of volume paths.
+    Re-running the same command resumes: finished series are not scored again.
+    """
+    from medssl.scoring import RunnerSpec, ScoreOptions, parse_rules
+    from medssl.scoring import score as run_score
+
+    if backend == "triton" and not triton_url:
+        raise click.UsageError("--backend triton needs --triton-url host:port")
+    spec = RunnerSpec(repository or _default_repository(), model, model_version,
+                      triton_url if backend == "triton" else None, protocol)
+    options = ScoreOptions(engine=engine, batch_size=batch_size, limit=limit, ray_address=ray_address,
+                           write_dicom=write_dicom,
+                           **({"workers": workers} if workers is not None else {}))
+    console = Console(stderr=True)
+    start = time.perf_counter()
+
+    def progress(done: int, total: int, counts: dict[str, int]) -> None:
+        elapsed = time.perf_counter() - start
+        rate = done / elapsed * 3600 if elapsed > 0 else 0.0
+        eta = (total - done) / (done / elapsed) if done else float("nan")
+        console.print(f"{done}/{total} series | {rate:.0f} scans/h | ETA {eta:.0f} s | "
+                      f"failed {counts.get('failed', 0)}", highlight=False)
+
+    summary = run_score(source, out, spec, parse_rules(select_rules), options, progress)
+    table = Table(title=f"medssl-score: {source} → {out}")
+    for column in ("series", "ok", "skipped", "failed", "scored now", "resumed", "scans/hour"):
+        table.add_column(column, justify="right")
+    counts = summary.counts
+    table.add_row(str(summary.total), str(counts.get("ok", 0)), str(counts.get("skipped", 0)),
+                  str(counts.get("failed", 0)), str(summary.scored_now), str(summary.resumed),
+                  f"{summary.scans_per_hour:.0f}")
+    Console().print(table)
+    _print_findings(out)
+    if summary.unreadable_files:
+        click.echo(f"{summary.unreadable_files} file(s) under {source} are not DICOM or do not parse "
+                   "(listed in OUT/unreadable.csv)", err=True)
+    for path in summary.outputs:
+        click.echo(f"wrote {path}")
+    if counts.get("failed", 0):
+        click.echo(f"{counts['failed']} series failed; their reasons are in series.parquet (status 'failed')",
+                   err=True)
+        raise SystemExit(3)
+
+
+def _print_findings(out: Path, top: int = 10) -> None:
+    """The most probable findings of the run, one line each (LPS mm)."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(out / "findings.parquet").to_pylist()
+    if not rows:
+        click.echo("no findings")
+        return
+    rows.sort(key=lambda r: -r["probability"])
+    table = Table(title=f"top {min(top, len(rows))} of {len(rows)} findings (findings.parquet)")
+    for column in ("series", "x mm", "y mm", "z mm", "diameter mm", "probability"):
+        table.add_column(column, justify="right")
+    for r in rows[:top]:
+        table.add_row(r["series_uid"][-24:], f"{r['x_mm']:.1f}", f"{r['y_mm']:.1f}", f"{r['z_mm']:.1f}",
+                      f"{r['diameter_mm']:.1f}", f"{r['probability']:.3f}")
+    Console().print(table)
