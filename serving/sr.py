@@ -17,18 +17,18 @@ Structure of the document (PS3.16 template numbers)::
           Diameter (SCT 81827009), mm
           Certainty of Finding (DCM 111012), % = 100 x probability
       Qualitative Evaluations                               (no detections)
-        <Label.type> = Absent (SCT 272519000)
+        <Label.type> = Absent (SCT 272519000), e.g. "Nodule: Absent"
 
 Why TID 1411 with a POINT: a detection is a location in 3D patient space, not a region on
-one image. TID 1410 (planar) admits no POINT, and a TID 1501 group has no place for
-coordinates; TID 1411's Volume Surface takes a SCOORD3D POINT in a frame of reference and
-names the source series, which is what a detection is. The probability uses "Certainty of
-Finding", the concept CAD SR templates (TID 4108) use for a detector's confidence that a
-finding is real, in percent as those templates do; a model's score is not a probability of
-malignancy, so "Probability of cancer" would be wrong.
+one image. TID 1410 is for planar regions (a contour on one plane), and a TID 1501 group has
+no place for coordinates; TID 1411's Volume Surface takes a SCOORD3D POINT in a frame of
+reference and names the source series, which is what a detection is. The probability uses
+"Certainty of Finding", the concept the CAD SR templates (mammography, chest CAD) use for a
+detector's confidence that a finding is real, in percent as they do; a model's score is not
+a probability of malignancy, so "Probability of cancer" would be wrong.
 
 TID 1500 needs Imaging Measurements or Qualitative Evaluations, and a measurement group
-needs a region, so a report without detections carries one qualitative evaluation per label
+needs a region, so a report without detections carries one qualitative evaluation instead
 ("Nodule: Absent"): a valid "no findings" report rather than no report.
 
 The source instances are recorded as evidence (Pertinent Other Evidence), so the report
@@ -43,8 +43,8 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-from pydicom.dataset import Dataset
 from highdicom.sr.templates import DEFAULT_LANGUAGE
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from medssl import __version__
@@ -129,7 +129,7 @@ def detection_sr(
         ]
         content: Dataset = hd.sr.MeasurementReport(context, procedure, groups)[0]
     else:
-        content = _no_findings_report(context, procedure, card.labels)
+        content = _no_findings_report(context, procedure, label)
     return hd.sr.Comprehensive3DSR(
         evidence=source,
         content=content,
@@ -203,17 +203,17 @@ def _measurement_group(
 
 
 def _no_findings_report(
-    context: hd.sr.ObservationContext, procedure: hd.sr.CodedConcept, labels: Sequence[Label]
+    context: hd.sr.ObservationContext, procedure: hd.sr.CodedConcept, label: Label
 ) -> hd.sr.ContainerContentItem:
-    """The TID 1500 root of a report without findings: each label's type evaluated Absent."""
+    """The TID 1500 root of a report without findings: the label's type evaluated Absent
+    (rows 12-13, as dcmtk's TID1500_MeasurementReport writes qualitative evaluations)."""
     root = hd.sr.ContainerContentItem(name=codes.cid7021.ImagingMeasurementReport,
                                       template_id="1500")
     evaluations = hd.sr.ContainerContentItem(
         name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     evaluations.ContentSequence = hd.sr.ContentSequence([
         hd.sr.CodeContentItem(name=coded(label.type), value=codes.SCT.Absent,
-                              relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-        for label in labels
+                              relationship_type=hd.sr.RelationshipTypeValues.CONTAINS),
     ])
     root.ContentSequence = hd.sr.ContentSequence([
         *hd.sr.LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE),

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+
+from medssl.io.dicom_writer import derived_uid as _derived
 
 __all__ = ["derived_uid", "device_uid", "source_series_uid"]
 
@@ -28,9 +29,8 @@ def derived_uid(source_series_uid: str, model_name: str, model_version: int, rol
             ``"seg-instance"``, or a finer role such as ``"finding-1"``.
 
     Returns:
-        A UID under pydicom's root hashed (SHA-512) from the four values: equal inputs give
-        equal UIDs. (``generate_uid`` ignores the entropy under the ``2.25`` root, so the
-        default root is used.)
+        ``2.25.`` + a name-based UUID of the four values (the scheme every UID medssl writes
+        uses, :func:`medssl.io.dicom_writer.derived_uid`): equal inputs give equal UIDs.
 
     Raises:
         ValueError: an empty ``source_series_uid``, ``model_name`` or ``role``.
@@ -39,16 +39,14 @@ def derived_uid(source_series_uid: str, model_name: str, model_version: int, rol
                         ("role", role)):
         if not isinstance(value, str) or not value:
             raise ValueError(f"derived_uid: {name} must be a non-empty string, got {value!r}")
-    return str(generate_uid(entropy_srcs=[
-        "medssl.serving", source_series_uid, model_name, str(int(model_version)), role]))
+    return _derived("medssl.serving", source_series_uid, model_name, str(int(model_version)), role)
 
 
 def device_uid(model_name: str, model_version: int) -> str:
     """The Device Observer UID of a model version: the same for every series it scores."""
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"device_uid: model_name must be a non-empty string, got {model_name!r}")
-    return str(generate_uid(entropy_srcs=[
-        "medssl.serving.device", model_name, str(int(model_version))]))
+    return _derived("medssl.serving.device", model_name, str(int(model_version)))
 
 
 def source_series_uid(source: Sequence[Dataset]) -> str:

@@ -42,7 +42,8 @@ def ct(tmp_path_factory):
     volume = Volume(np.full(SHAPE, -800.0, np.float32),
                     affine_from_geometry((-40.0, -60.0, -120.0), (2.0, 1.25, 1.25),
                                          oblique_direction(20)))
-    paths = write_dicom_series(volume, tmp_path_factory.mktemp("ct"), SeriesInfo(uid_seed="serving"))
+    folder = tmp_path_factory.mktemp("ct")
+    paths = write_dicom_series(volume, folder, SeriesInfo(uid_seed="serving"))
     return volume, [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
 
 
@@ -154,11 +155,17 @@ def _uids(dataset) -> tuple[str, ...]:
     return str(dataset.SeriesInstanceUID), str(dataset.SOPInstanceUID)
 
 
-def test_output_uids_repeat_for_a_retry_and_change_with_the_model_version(ct, detections, card):
+def test_output_uids_repeat_for_a_retry_and_change_with_the_model_version(
+    tmp_path, ct, detections, card
+):
     volume, source = ct
     labels = _sphere(volume, *NODULES[0][:2])
-    sr_first, sr_again = (detection_sr(source, detections, card) for _ in range(2))
-    seg_first, seg_again = (label_seg(source, labels, card) for _ in range(2))
+    sr_first, sr_again = (
+        pydicom.dcmread(write_detection_sr(source, detections, card, tmp_path / f"sr{i}.dcm"))
+        for i in range(2))
+    seg_first, seg_again = (
+        pydicom.dcmread(write_label_seg(source, labels, card, tmp_path / f"seg{i}.dcm"))
+        for i in range(2))
     assert _uids(sr_first) == _uids(sr_again)
     assert _uids(seg_first) == _uids(seg_again)
     tracking = [g.tracking_uid for g in hd.sr.MeasurementReport.from_sequence(

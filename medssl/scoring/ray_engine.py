@@ -1,0 +1,207 @@
+"""The Ray engine: the local engine's stages as a Ray Data pipeline, for archives beyond one machine.
+
+::
+
+    manifest rows ──► prepare (CPU tasks) ──► infer (actor pool, model opened once per actor) ──► driver
+    (from_items)      read + preprocess        detect + postprocess                                 (commits)
+
+The stages are :func:`medssl.scoring.series.prepare` and :func:`~medssl.scoring.series.infer`,
+exactly as :func:`medssl.scoring.local.run_local` calls them, so both engines give the same
+rows and findings (only the timings differ).
+
+How data travels between stages (one row per series, ``batch_size=1`` everywhere):
+
+* manifest → prepare: ``item``, the :class:`ScanItem` as a JSON string (``to_json``), so Arrow
+  never has to infer types of optional header values.
+* prepare → infer: ``prepared``, the whole :class:`Prepared` (item, preprocessed
+  :class:`~medssl.volume.Volume` with its float32 array, 4×4 affine and meta, timings, error)
+  pickled into an Arrow ``large_binary`` cell. Pickle keeps every voxel and the affine
+  bit-exact and carries the volume's ``meta`` dict as it is; ``large_binary`` has 64-bit
+  offsets, so a block of large volumes (a 1 mm chest CT is ~150 MB) never overflows.
+* infer → driver: ``scored``, the pickled :class:`Scored` (series row and findings).
+
+Order: ``preserve_order`` is set on the dataset's own :class:`ray.data.DataContext`, so results
+arrive in manifest order, as with the local engine. Every row becomes a result: ``prepare``
+turns bad data into an error, and both stages here also turn any unexpected exception into a
+``failed`` row (the pipeline never dies for one series; ``max_errored_blocks`` is not used).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from typing import Any
+
+import pyarrow as pa
+
+from medssl.errors import MedsslError
+from medssl.models.card import ModelCard
+from medssl.pipeline.detect import DetectionParams
+from medssl.scoring.manifest import ScanItem
+from medssl.scoring.run import RunnerSpec, ScoreOptions
+from medssl.scoring.series import Prepared, Scored, failed_row, infer, prepare
+
+__all__ = ["run_ray"]
+
+_PICKLE = pickle.HIGHEST_PROTOCOL
+
+
+def _describe(exc: BaseException) -> str:
+    return f"unexpected {type(exc).__name__}: {exc}"
+
+
+def _prepare_batch(batch: pa.Table, params: DetectionParams) -> pa.Table:
+    """Ray task body: ``item`` (JSON) rows → ``key`` + pickled :class:`Prepared` rows."""
+    keys, blobs = [], []
+    for text in batch.column("item").to_pylist():
+        item = ScanItem.from_json(json.loads(text))
+        try:
+            prepared = prepare(item, params)
+        except Exception as exc:  # noqa: BLE001 - a service boundary: one series never stops the batch
+            prepared = Prepared(item, None, error=_describe(exc))
+        keys.append(item.key)
+        blobs.append(pickle.dumps(prepared, protocol=_PICKLE))
+    return pa.table({"key": pa.array(keys, pa.string()), "prepared": pa.array(blobs, pa.large_binary())})
+
+
+class _InferActor:
+    """Ray actor body: opens the model once, then scores pickled :class:`Prepared` rows.
+
+    Args:
+        spec: how to open the runner (once per actor).
+        card: the model card (for the result rows).
+        params: detection parameters (``card.detection_params(batch_size)``).
+    """
+
+    def __init__(self, spec: RunnerSpec, card: ModelCard, params: DetectionParams) -> None:
+        self.card = card
+        self.params = params
+        self.runner = spec.open()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys, blobs = [], []
+        for blob in batch.column("prepared").to_pylist():
+            prepared: Prepared = pickle.loads(blob)
+            try:
+                scored = infer(prepared, self.runner, self.card, self.params)
+            except Exception as exc:  # noqa: BLE001 - a failed row, not a dead pipeline
+                row = failed_row(prepared.item, self.card, _describe(exc), prepared.timings)
+                scored = Scored(row, [])
+            keys.append(prepared.item.key)
+            blobs.append(pickle.dumps(scored, protocol=_PICKLE))
+        return pa.table({"key": pa.array(keys, pa.string()), "scored": pa.array(blobs, pa.large_binary())})
+
+    def __del__(self) -> None:
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            self.runner = None
+            try:
+                runner.close()
+            except Exception:  # noqa: BLE001 - best effort at actor shutdown
+                pass
+
+
+def _start_ray(options: ScoreOptions) -> bool:
+    """Connect to (or start) Ray unless it is already initialised; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                              "logging_level": logging.ERROR, "configure_logging": True}
+    if options.ray_address is None:
+        kwargs["num_cpus"] = max(2, options.workers)  # a local Ray detects GPUs itself
+    try:
+        ray.init(address=options.ray_address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = options.ray_address or "a local Ray"
+        raise MedsslError(f"cannot start or connect to Ray at {where}: {exc} (start a cluster with "
+                          "`ray start --head`, or leave ray_address unset for a local one)") from exc
+    return True
+
+
+class _Quiet(logging.Filter):
+    """Drops Ray Data's console chatter below ERROR (execution summaries, progress-bar notices)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+_QUIET = _Quiet()
+
+
+def _quiet_console() -> list[logging.Handler]:
+    """Filter Ray Data's console handlers (its log file keeps everything); returns them to undo."""
+    import ray.data  # noqa: F401 - configures the "ray.data" logger
+
+    handlers = [h for h in logging.getLogger("ray.data").handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    for handler in handlers:
+        handler.addFilter(_QUIET)
+    return handlers
+
+
+def _dataset(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, options: ScoreOptions,
+             params: DetectionParams) -> Any:
+    """The lazy Ray Data pipeline (nothing runs until it is iterated)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current().copy()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+    context.enable_auto_log_stats = False
+    context.verbose_stats_logs = False
+    with ray.data.DataContext.current(context):
+        # One block per series, so series are prepared in parallel (a task maps a whole block).
+        ds = ray.data.from_items([{"item": json.dumps(item.to_json())} for item in items],
+                                 override_num_blocks=len(items))
+        ds = ds.map_batches(_prepare_batch, fn_kwargs={"params": params}, batch_size=1,
+                            batch_format="pyarrow", num_cpus=1,
+                            compute=ray.data.TaskPoolStrategy(size=max(1, options.workers)))
+        return ds.map_batches(_InferActor, fn_constructor_kwargs={"spec": spec, "card": card, "params": params},
+                              batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
+                              num_gpus=options.ray_num_gpus or None)
+
+
+def run_ray(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, options: ScoreOptions) -> Iterator[Scored]:
+    """Score ``items`` on Ray; yields one result per item, in the order of ``items``.
+
+    Ray is used as found when it is already initialised (and left running); otherwise this
+    starts a local Ray with ``max(2, options.workers)`` CPUs (``options.ray_address`` None) or
+    connects to ``options.ray_address`` (``"auto"``: the running cluster), and shuts it down
+    when the iterator finishes or is closed.
+
+    Args:
+        items: the series to score.
+        spec: how each inference actor opens the model (a relative repository is resolved
+            here, against the driver's working directory).
+        card: the model card.
+        options: ``workers`` (prepare tasks in flight), ``batch_size`` (windows per model
+            call), ``ray_address``, ``ray_num_gpus`` (GPUs per inference actor).
+
+    Raises:
+        MedsslError: Ray cannot be started or reached.
+    """
+    if not items:
+        return
+    params = card.detection_params(options.batch_size)
+    spec = replace(spec, repository=spec.repository.resolve())
+    started = _start_ray(options)
+    quiet = _quiet_console()
+    try:
+        ds = _dataset(items, spec, card, options, params)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+            for blob in batch.column("scored").to_pylist():
+                yield pickle.loads(blob)
+    finally:
+        for handler in quiet:
+            handler.removeFilter(_QUIET)
+        if started:
+            import ray
+
+            ray.shutdown()

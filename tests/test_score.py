@@ -1,0 +1,161 @@
+"""medssl-score: an NLST-like archive end to end, resume after SIGKILL, LUNA16 CPM, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from medssl.cli.score import score as score_command
+from medssl.errors import ConfigError, MedsslError
+from medssl.scoring import RunnerSpec, ScoreOptions, build_manifest, parse_rules, score, select_series
+from medssl.synth.archive import write_archive
+
+REPOSITORY = Path(__file__).parents[1] / "model_repository"
+SPEC = RunnerSpec(REPOSITORY, "focalmix-nodules")
+TIMINGS = ("read_s", "preprocess_s", "inference_s", "postprocess_s")
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    """20 intact studies and 3 broken ones, each with a localizer (small grids: fast)."""
+    root = tmp_path_factory.mktemp("archive")
+    write_archive(root, 20, broken=3, seed=40, matrix=64, n_slices=36)
+    return root
+
+
+def _series(out: Path) -> list[dict]:
+    return pq.read_table(out / "series.parquet").to_pylist()
+
+
+def test_an_archive_gives_ok_skipped_and_failed_rows_with_reasons(archive, tmp_path):
+    result = CliRunner().invoke(score_command, [str(archive), "--out", str(tmp_path), "--workers", "1"])
+    assert result.exit_code == 3, result.output  # some series failed: non-zero, and it says how many
+    assert "3 series failed" in result.output
+    rows = _series(tmp_path)
+    by_status = {s: [r for r in rows if r["status"] == s] for s in ("ok", "skipped", "failed")}
+    assert len(by_status["ok"]) == 20 and len(by_status["failed"]) == 3 and len(by_status["skipped"]) == 23
+    assert {r["error"] for r in by_status["skipped"]} == {"localizer (scout) series"}
+    errors = sorted(r["error"].split(":")[0] for r in by_status["failed"])
+    assert errors == ["CorruptFileError", "MissingSliceError", "NonUniformSpacingError"]
+    assert all(r["model"] == "focalmix-nodules" and r["model_version"] == 1 for r in rows)
+    assert all(r["inference_s"] > 0 and r["read_s"] > 0 and r["n_windows"] > 0 for r in by_status["ok"])
+    findings = pq.read_table(tmp_path / "findings.parquet").to_pylist()
+    ok_keys = {r["key"] for r in by_status["ok"]}
+    assert {f["key"] for f in findings} <= ok_keys
+    assert sum(r["n_findings"] for r in by_status["ok"]) == len(findings)
+    assert all(0 <= f["probability"] <= 1 and f["diameter_mm"] > 0 for f in findings)
+    assert "findings (findings.parquet)" in result.output  # the findings table is printed
+
+
+def test_a_rerun_resumes_and_retries_only_the_failed(archive, tmp_path):
+    first = score(archive, tmp_path, SPEC, options=ScoreOptions(workers=0, limit=5))
+    assert first.scored_now == 5 and first.counts["skipped"] == 23
+    second = score(archive, tmp_path, SPEC, options=ScoreOptions(workers=0))
+    assert second.resumed == first.counts.get("ok", 0) and second.scored_now == 23 - second.resumed
+    third = score(archive, tmp_path, SPEC, options=ScoreOptions(workers=0))
+    assert third.scored_now == 3 and third.counts == {"ok": 20, "skipped": 23, "failed": 3}
+
+
+def test_a_run_killed_midway_resumes_without_scoring_any_series_twice(archive, tmp_path):
+    exe = Path(sys.prefix) / "bin" / "medssl-score"
+    proc = subprocess.Popen([str(exe), str(archive), "--out", str(tmp_path), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = tmp_path / "score.sqlite"
+    deadline = time.monotonic() + 300
+    done = 0
+    while done < 5 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        if db.exists():
+            with sqlite3.connect(db) as con:
+                try:
+                    done = con.execute("SELECT COUNT(*) FROM series WHERE status = 'ok'").fetchone()[0]
+                except sqlite3.OperationalError:  # table not created yet
+                    done = 0
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(db) as con:
+        ok_before = {k for (k,) in con.execute("SELECT key FROM series WHERE status = 'ok'")}
+    assert 5 <= len(ok_before) < 20
+    resumed = score(archive, tmp_path, SPEC, options=ScoreOptions(workers=1))
+    assert resumed.resumed == len(ok_before)
+    rows = _series(tmp_path)
+    ok = [r["key"] for r in rows if r["status"] == "ok"]
+    assert len(ok) == len(set(ok)) == 20  # none missing, none twice
+    assert resumed.scored_now == 23 - len(ok_before)  # the 20 - done, plus the 3 broken ones
+
+
+def test_scoring_a_luna16_split_gives_the_cpm_of_the_training_evaluation(tmp_path):
+    torch = pytest.importorskip("torch")
+    from medssl.cli.main import cli
+    from medssl.datasets.luna16 import Luna16
+    from medssl.metrics import evaluate_luna16_files
+    from medssl.training.cache import VolumeCache
+    from medssl.training.config import config_from_dict
+    from medssl.training.det_config import DetectionExperiment
+    from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
+    from medssl.training.detector import FPNDetector
+
+    luna = tmp_path / "luna16"
+    made = CliRunner().invoke(cli, ["synth", "chest", "--cases", "4", "--matrix", "96", "--slices", "48",
+                                    "--seed", "7", str(luna)])
+    assert made.exit_code == 0, made.output
+    # The training issue's own evaluation of the shipped model's weights.
+    state = torch.load(Path(__file__).parents[1] / "benchmarks/assets/focalmix-nodules.pt", weights_only=False)
+    cfg = config_from_dict(DetectionExperiment, state["config"])
+    net = FPNDetector(cfg.model, cfg.anchors)
+    net.load_state_dict(state["model"])
+    dataset = Luna16(luna)
+    uids = dataset.seriesuids
+    cache = VolumeCache(tmp_path / "cache", cfg.data.spacing_mm, detection_params(cfg).intensity)
+    volumes = {u: cache.get(u, lambda u=u: dataset.scan(u)) for u in uids}
+    predictions = predict(TorchDetectionRunner(net, cfg.window), volumes, detection_params(cfg))
+    trained = evaluate(predictions, dataset.annotations(), dataset.excluded(), uids, bootstrap=0)
+    # medssl-score with the exported model, then `medssl evaluate luna16` on its CSV.
+    out = tmp_path / "scored"
+    summary = score(luna, out, SPEC, options=ScoreOptions(workers=0))
+    assert summary.counts == {"ok": 4}
+    (tmp_path / "seriesuids.csv").write_text("".join(f"{u}\n" for u in uids))
+    scored = evaluate_luna16_files(luna / "annotations.csv", luna / "annotations_excluded.csv",
+                                   tmp_path / "seriesuids.csv", out / "submission.csv", n_bootstrap=0)
+    assert trained.cpm > 0.2
+    assert scored.cpm == pytest.approx(trained.cpm, abs=1e-9)
+    assert scored.sensitivities == pytest.approx(trained.sensitivities, abs=1e-9)
+
+
+def test_selection_rules_thinnest_per_study_and_config_errors(archive, tmp_path):
+    items = build_manifest(archive).items
+    chosen, skipped = select_series(items, parse_rules("per_study=thinnest,max_thickness_mm=1.5"))
+    assert all(i.slice_thickness_mm <= 1.5 for i in chosen)
+    assert any("thicker than 1.5 mm" in s.reason for s in skipped)
+    assert len({i.study_uid for i in chosen}) == len(chosen)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("min_slices: 40\nimage_type: [ORIGINAL]\n")
+    chosen, skipped = select_series(items, parse_rules(str(rules)))
+    assert not chosen and any("36 slices, fewer than 40" in s.reason for s in skipped)
+    with pytest.raises(ConfigError, match="unknown selection rule.*min_slice"):
+        parse_rules("min_slice=3")
+    with pytest.raises(ConfigError, match="per_study must be"):
+        parse_rules("per_study=best")
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(MedsslError, match="no such file or folder"):
+        score(tmp_path / "absent", tmp_path / "out", SPEC)
+    (tmp_path / "list.json").write_text("{}")
+    with pytest.raises(MedsslError, match="expected a folder, an index"):
+        score(tmp_path / "list.json", tmp_path / "out", SPEC)
+    with pytest.raises(MedsslError, match="no model 'nope'"):
+        score(tmp_path, tmp_path / "out", RunnerSpec(REPOSITORY, "nope"))
+    result = CliRunner().invoke(score_command, [str(tmp_path), "--out", str(tmp_path / "o"),
+                                                "--backend", "triton"])
+    assert result.exit_code == 2 and "--triton-url" in result.output
