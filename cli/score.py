@@ -42,11 +42,14 @@ def _default_repository() -> Path:
 @click.option("--select", "select_rules", default=None,
               help="Selection rules: a YAML/JSON file or key=value pairs, e.g. per_study=thinnest,min_slices=64.")
 @click.option("--write-dicom", is_flag=True, help="Also write a TID 1500 SR per DICOM series (OUT/dicom/).")
+@click.option("--sr-threshold", type=float, default=0.5, show_default=True,
+              help="Findings at or above this probability go into the SR.")
 @click.option("--limit", type=int, default=None, help="Score at most N series (after selection).")
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Windows per model call.")
 def score(source: Path, model: str, repository: Path | None, model_version: int | None, backend: str,
           triton_url: str | None, protocol: str, out: Path, engine: str, workers: int | None,
-          ray_address: str | None, select_rules: str | None, write_dicom: bool, limit: int | None,
+          ray_address: str | None, select_rules: str | None, write_dicom: bool, sr_threshold: float,
+          limit: int | None,
           batch_size: int) -> None:
     """Score every selected series of SOURCE with a detection model.
 
@@ -55,6 +58,7 @@ def score(source: Path, model: str, repository: Path | None, model_version: int 
     Re-running the same command resumes: finished series are not scored again.
     """
     from medssl.scoring import RunnerSpec, ScoreOptions, parse_rules
+    from medssl.scoring.series import DicomOutput
     from medssl.scoring import score as run_score
 
     if backend == "triton" and not triton_url:
@@ -62,7 +66,7 @@ def score(source: Path, model: str, repository: Path | None, model_version: int 
     spec = RunnerSpec(repository or _default_repository(), model, model_version,
                       triton_url if backend == "triton" else None, protocol)
     options = ScoreOptions(engine=engine, batch_size=batch_size, limit=limit, ray_address=ray_address,
-                           write_dicom=write_dicom,
+                           dicom=DicomOutput(out / "dicom", sr_threshold) if write_dicom else None,
                            **({"workers": workers} if workers is not None else {}))
     console = Console(stderr=True)
     start = time.perf_counter()

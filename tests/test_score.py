@@ -159,3 +159,30 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     result = CliRunner().invoke(score_command, [str(tmp_path), "--out", str(tmp_path / "o"),
                                                 "--backend", "triton"])
     assert result.exit_code == 2 and "--triton-url" in result.output
+
+
+def test_write_dicom_gives_one_valid_sr_per_scored_series_and_retries_reuse_its_uids(archive, tmp_path,
+                                                                                     dciodvfy):
+    import highdicom as hd
+    import pydicom
+
+    from medssl.scoring.series import DicomOutput
+
+    options = ScoreOptions(workers=0, limit=2, dicom=DicomOutput(tmp_path / "dicom", min_probability=0.5))
+    score(archive, tmp_path, SPEC, options=options)
+    ok = [r for r in _series(tmp_path) if r["status"] == "ok"]
+    assert len(ok) == 2 and all(Path(r["dicom_outputs"]).is_file() for r in ok)
+    findings = pq.read_table(tmp_path / "findings.parquet").to_pylist()
+    first = ok[0]
+    for row in ok:
+        report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(row["dicom_outputs"])])
+        groups = report.get_volumetric_roi_measurement_groups()
+        reported = [f for f in findings if f["key"] == row["key"] and f["probability"] >= 0.5]
+        assert len(groups) == len(reported)
+        assert dciodvfy(Path(row["dicom_outputs"])) == []
+    uid = pydicom.dcmread(first["dicom_outputs"]).SOPInstanceUID
+    # a retry (the series failed in between) writes the same object again
+    with sqlite3.connect(tmp_path / "score.sqlite") as con:
+        con.execute("UPDATE series SET status = 'failed' WHERE key = ?", (first["key"],))
+    score(archive, tmp_path, SPEC, options=options)
+    assert pydicom.dcmread(first["dicom_outputs"]).SOPInstanceUID == uid

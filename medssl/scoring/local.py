@@ -28,7 +28,7 @@ def run_local(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, opti
     try:
         if options.workers == 0:
             for item in items:
-                yield infer(prepare(item, params), runner, card, params)
+                yield infer(prepare(item, params), runner, card, params, options.dicom)
             return
         # spawn: workers must not inherit the runner's threads (onnxruntime, gRPC) by fork.
         context = multiprocessing.get_context("spawn")
@@ -44,6 +44,6 @@ def run_local(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, opti
                 nxt = next(queue, None)
                 if nxt is not None:
                     pending.append(pool.submit(prepare, nxt, params))
-                yield infer(prepared, runner, card, params)
+                yield infer(prepared, runner, card, params, options.dicom)
     finally:
         runner.close()

@@ -105,7 +105,7 @@ class _InferActor:
 
 
 def _start_ray(options: ScoreOptions) -> bool:
-    """Connect to (or start) Ray unless it is already initialised; True when this call started it."""
+    """Start (or connect to) Ray unless it is already initialised; True when this call did."""
     import ray
 
     if ray.is_initialized():
@@ -117,9 +117,9 @@ def _start_ray(options: ScoreOptions) -> bool:
     try:
         ray.init(address=options.ray_address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = options.ray_address or "a local Ray"
-        raise MedsslError(f"cannot start or connect to Ray at {where}: {exc} (start a cluster with "
-                          "`ray start --head`, or leave ray_address unset for a local one)") from exc
+        where = f"connect to Ray at {options.ray_address!r}" if options.ray_address else "start a local Ray"
+        raise MedsslError(f"cannot {where}: {exc} (start a cluster with `ray start --head`, or leave "
+                          "ray_address unset for a local one)") from exc
     return True
 
 
@@ -184,6 +184,9 @@ def run_ray(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, option
         options: ``workers`` (prepare tasks in flight), ``batch_size`` (windows per model
             call), ``ray_address``, ``ray_num_gpus`` (GPUs per inference actor).
 
+    On a cluster, every node needs ``medssl`` installed and the series' paths and the model
+    repository at the same paths as the driver (a shared file system).
+
     Raises:
         MedsslError: Ray cannot be started or reached.
     """
@@ -192,8 +195,9 @@ def run_ray(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, option
     params = card.detection_params(options.batch_size)
     spec = replace(spec, repository=spec.repository.resolve())
     started = _start_ray(options)
-    quiet = _quiet_console()
+    quiet: list[logging.Handler] = []
     try:
+        quiet = _quiet_console()
         ds = _dataset(items, spec, card, options, params)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             for blob in batch.column("scored").to_pylist():

@@ -22,7 +22,7 @@ from medssl.errors import MedsslError
 from medssl.models.card import ModelCard, Task
 from medssl.scoring.manifest import Layout, ScanItem, build_manifest
 from medssl.scoring.select import SelectionRules, select_series
-from medssl.scoring.series import Scored, skipped_row
+from medssl.scoring.series import DicomOutput, Scored, skipped_row
 from medssl.scoring.store import ResultStore
 
 __all__ = ["Engine", "Progress", "RunnerSpec", "ScoreOptions", "ScoreSummary", "score"]
@@ -74,7 +74,8 @@ class ScoreOptions:
         limit: score at most this many series (after selection and resume).
         ray_address: an existing Ray cluster (``auto``), or None for a local one.
         ray_num_gpus: GPUs per inference actor (ray engine).
-        write_dicom: write a TID 1500 SR for each scored DICOM series into ``OUT/dicom/``.
+        dicom: write a TID 1500 SR for each scored DICOM series
+            (:class:`~medssl.scoring.series.DicomOutput`); None writes none.
     """
 
     engine: str = "local"
@@ -83,7 +84,7 @@ class ScoreOptions:
     limit: int | None = None
     ray_address: str | None = None
     ray_num_gpus: float = 0.0
-    write_dicom: bool = False
+    dicom: DicomOutput | None = None
 
     def __post_init__(self) -> None:
         if self.engine not in ("local", "ray"):

@@ -9,21 +9,24 @@ bad data.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 
 from medssl.errors import MedsslError
 from medssl.io import read_volume
 from medssl.io.dicom_series import read_dicom_series
 from medssl.models.card import ModelCard
-from medssl.pipeline.detect import DetectionParams, DetectionRunner, detect_preprocessed
+from medssl.pipeline.detect import Detection, DetectionParams, DetectionRunner, detect_preprocessed
 from medssl.pipeline.preprocess import preprocess_ct
 from medssl.scoring.manifest import ScanItem
 from medssl.volume import Volume
 
-__all__ = ["Prepared", "Scored", "failed_row", "infer", "prepare", "skipped_row"]
+__all__ = ["DicomOutput", "Prepared", "Scored", "failed_row", "infer", "prepare", "skipped_row"]
 
 
 @dataclass
@@ -98,8 +101,39 @@ def failed_row(item: ScanItem, card: ModelCard, error: str, timings: dict[str, f
             **{f"{k}_s": v for k, v in (timings or {}).items()}}
 
 
-def infer(prepared: Prepared, runner: DetectionRunner, card: ModelCard, params: DetectionParams) -> Scored:
+@dataclass(frozen=True)
+class DicomOutput:
+    """DICOM results of scored DICOM series.
+
+    Attributes:
+        folder: SRs go to ``<folder>/<SeriesInstanceUID>/sr.dcm``.
+        min_probability: findings below this are left out of the SR (the Parquet tables keep
+            every detection down to the model's FROC threshold); a report of 100 marks at
+            p = 0.01 helps no reader.
+    """
+
+    folder: Path
+    min_probability: float = 0.5
+
+
+def _write_sr(item: ScanItem, detections: Sequence[Detection], card: ModelCard, output: DicomOutput) -> Path:
+    """The series' TID 1500 SR (headers of the source files only)."""
+    from medssl.serving.sr import write_detection_sr
+
+    source = [pydicom.dcmread(p, stop_before_pixels=True) for p in item.paths]
+    folder = output.folder / item.series_uid
+    folder.mkdir(parents=True, exist_ok=True)
+    reported = [d for d in detections if d.probability >= output.min_probability]
+    return write_detection_sr(source, reported, card, folder / "sr.dcm")
+
+
+def infer(prepared: Prepared, runner: DetectionRunner, card: ModelCard, params: DetectionParams,
+          dicom: DicomOutput | None = None) -> Scored:
     """Run the detector on a prepared series (or pass its failure through).
+
+    Args:
+        dicom: also write the TID 1500 SR of a scored DICOM series (same UIDs on every
+            retry, so a re-run overwrites instead of duplicating).
 
     Returns:
         The series row (status ``ok`` with timings, ``n_findings``, ``max_probability``;
@@ -119,6 +153,12 @@ def infer(prepared: Prepared, runner: DetectionRunner, card: ModelCard, params: 
          "model_version": card.version}
         for i, d in enumerate(result.detections)
     ]
+    outputs = None
+    if dicom is not None and item.is_dicom:
+        try:
+            outputs = str(_write_sr(item, result.detections, card, dicom))
+        except (MedsslError, ValueError, OSError) as exc:
+            return Scored(failed_row(item, card, f"writing the SR failed: {_describe(exc)}", prepared.timings), [])
     probabilities = [f["probability"] for f in findings]
     row = {
         **_base_row(item, card, "ok"),
@@ -127,5 +167,6 @@ def infer(prepared: Prepared, runner: DetectionRunner, card: ModelCard, params: 
         "inference_s": result.timings["inference"], "postprocess_s": result.timings["postprocess"],
         "n_windows": result.n_windows, "n_findings": len(findings),
         "max_probability": float(np.max(probabilities)) if probabilities else 0.0,
+        "dicom_outputs": outputs,
     }
     return Scored(row, findings)
