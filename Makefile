@@ -47,7 +47,8 @@ system-deps:
 	@command -v dciodvfy >/dev/null 2>&1 || echo "note: dciodvfy not found; DICOM validation tests will be skipped (apt-get install dicom3tools)"
 	@command -v dcmcjpeg >/dev/null 2>&1 || echo "note: dcmtk not found; JPEG Lossless tests will be skipped (apt-get install dcmtk)"
 
-# The main job: a synthetic chest CT study as DICOM, its header index and its geometry; then a
+# The main job: a synthetic chest CT study as DICOM, its header index, its geometry and its
+# findings from the shipped detector (medssl-score, embedded onnxruntime); then a
 # short FocalMix run (labeled + unlabeled synthetic LUNA16 scans) that ends with a LUNA16
 # submission and CPM report. 30 steps of a small network: it shows the machinery, not accuracy
 # (README: "Nodule detection" for real runs). Then it exports that run to a Triton model
@@ -59,6 +60,7 @@ demo: setup
 	$(VENV)/bin/medssl synth chest --cases 1 --format dicom $(DEMO)/dicom
 	$(VENV)/bin/medssl index $(DEMO)/dicom --out $(DEMO)/index.parquet
 	$(VENV)/bin/medssl info "$$(dirname "$$(find $(DEMO)/dicom -name 'IM00001.dcm' | head -1)")"
+	$(VENV)/bin/medssl-score $(DEMO)/dicom --out $(DEMO)/scores --workers 1 --write-dicom
 	$(VENV)/bin/medssl synth chest --cases 10 --unlabeled 4 --matrix 96 --slices 64 --seed 100 $(DEMO)/luna16
 	MEDSSL_CACHE=$(DEMO)/cache $(VENV)/bin/medssl-train focalmix $(DEMO_TRAIN) --data $(DEMO)/luna16 \
 		--labeled 6 --unlabeled 4 --out $(DEMO)/focalmix
