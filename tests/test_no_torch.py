@@ -27,6 +27,11 @@ TORCH_FREE = [
     "medssl.models.repository",
     "medssl.models.triton_config",
     "medssl.synth.patches",
+    "medssl.synth.archive",
+    "medssl.scoring",
+    "medssl.scoring.local",
+    "medssl.scoring.series",
+    "medssl.cli.score",
     "medssl.runners",
     # what the runners import when one opens
     "onnxruntime",
