@@ -31,6 +31,7 @@ TORCH_FREE = [
     "medssl.scoring",
     "medssl.scoring.local",
     "medssl.scoring.series",
+    "medssl.scoring.ray_engine",
     "medssl.cli.score",
     "medssl.runners",
     # what the runners import when one opens

@@ -16,7 +16,14 @@ from click.testing import CliRunner
 
 from medssl.cli.score import score as score_command
 from medssl.errors import ConfigError, MedsslError
-from medssl.scoring import RunnerSpec, ScoreOptions, build_manifest, parse_rules, score, select_series
+from medssl.scoring import (
+    RunnerSpec,
+    ScoreOptions,
+    build_manifest,
+    parse_rules,
+    score,
+    select_series,
+)
 from medssl.synth.archive import write_archive
 
 REPOSITORY = Path(__file__).parents[1] / "model_repository"
@@ -186,3 +193,27 @@ def test_write_dicom_gives_one_valid_sr_per_scored_series_and_retries_reuse_its_
         con.execute("UPDATE series SET status = 'failed' WHERE key = ?", (first["key"],))
     score(archive, tmp_path, SPEC, options=options)
     assert pydicom.dcmread(first["dicom_outputs"]).SOPInstanceUID == uid
+
+
+def test_an_unexpected_exception_in_either_stage_becomes_a_failed_row(archive, monkeypatch):
+    from medssl.scoring import series
+
+    card = SPEC.card()
+    params = card.detection_params(2)
+    item = next(i for i in build_manifest(archive).items if "LOCALIZER" not in i.image_type)
+    prepared = series.prepare(item, params)
+
+    def crash(*_):
+        raise RuntimeError("runner crashed")
+
+    monkeypatch.setattr(series, "detect_preprocessed", crash)
+    scored = series.infer(prepared, None, card, params)
+    assert scored.row["status"] == "failed" and scored.findings == []
+    assert scored.row["error"] == "unexpected RuntimeError: runner crashed"
+
+    def unreadable(*_):
+        raise KeyError("PixelData")
+
+    monkeypatch.setattr(series, "_read", unreadable)
+    broken = series.prepare(item, params)
+    assert broken.volume is None and broken.error == "unexpected KeyError: 'PixelData'"

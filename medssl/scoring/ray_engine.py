@@ -1,13 +1,14 @@
-"""The Ray engine: the local engine's stages as a Ray Data pipeline, for archives beyond one machine.
+"""The Ray engine: the local engine's stages as a Ray Data pipeline, for archives beyond a machine.
 
 ::
 
-    manifest rows ──► prepare (CPU tasks) ──► infer (actor pool, model opened once per actor) ──► driver
-    (from_items)      read + preprocess        detect + postprocess                                 (commits)
+    manifest rows ──► prepare (CPU tasks) ──► infer (actor pool) ──► driver
+    (from_items)      read + preprocess       model opened once       (score() commits)
+                                              per actor
 
 The stages are :func:`medssl.scoring.series.prepare` and :func:`~medssl.scoring.series.infer`,
-exactly as :func:`medssl.scoring.local.run_local` calls them, so both engines give the same
-rows and findings (only the timings differ).
+called exactly as :func:`medssl.scoring.local.run_local` calls them, so both engines give the
+same rows and findings (only the timings differ).
 
 How data travels between stages (one row per series, ``batch_size=1`` everywhere):
 
@@ -20,10 +21,11 @@ How data travels between stages (one row per series, ``batch_size=1`` everywhere
   offsets, so a block of large volumes (a 1 mm chest CT is ~150 MB) never overflows.
 * infer → driver: ``scored``, the pickled :class:`Scored` (series row and findings).
 
-Order: ``preserve_order`` is set on the dataset's own :class:`ray.data.DataContext`, so results
-arrive in manifest order, as with the local engine. Every row becomes a result: ``prepare``
-turns bad data into an error, and both stages here also turn any unexpected exception into a
-``failed`` row (the pipeline never dies for one series; ``max_errored_blocks`` is not used).
+Order: ``preserve_order`` is set on the dataset's own :class:`ray.data.DataContext` (the
+caller's global context is not changed), so results arrive in manifest order, as with the
+local engine. Every row becomes a result: ``prepare`` and ``infer`` turn any exception of one
+series into a ``failed`` row (the same code as the local engine), so one series never stops
+the pipeline (``max_errored_blocks`` is not used).
 """
 
 from __future__ import annotations
@@ -42,15 +44,16 @@ from medssl.models.card import ModelCard
 from medssl.pipeline.detect import DetectionParams
 from medssl.scoring.manifest import ScanItem
 from medssl.scoring.run import RunnerSpec, ScoreOptions
-from medssl.scoring.series import Prepared, Scored, failed_row, infer, prepare
+from medssl.scoring.series import DicomOutput, Prepared, Scored, infer, prepare
 
 __all__ = ["run_ray"]
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
 
 
-def _describe(exc: BaseException) -> str:
-    return f"unexpected {type(exc).__name__}: {exc}"
+def _blobs(keys: list[str], column: str, blobs: list[bytes]) -> pa.Table:
+    return pa.table({"key": pa.array(keys, pa.string()),
+                     column: pa.array(blobs, pa.large_binary())})
 
 
 def _prepare_batch(batch: pa.Table, params: DetectionParams) -> pa.Table:
@@ -58,13 +61,10 @@ def _prepare_batch(batch: pa.Table, params: DetectionParams) -> pa.Table:
     keys, blobs = [], []
     for text in batch.column("item").to_pylist():
         item = ScanItem.from_json(json.loads(text))
-        try:
-            prepared = prepare(item, params)
-        except Exception as exc:  # noqa: BLE001 - a service boundary: one series never stops the batch
-            prepared = Prepared(item, None, error=_describe(exc))
+        prepared = prepare(item, params)  # errors become Prepared.error
         keys.append(item.key)
         blobs.append(pickle.dumps(prepared, protocol=_PICKLE))
-    return pa.table({"key": pa.array(keys, pa.string()), "prepared": pa.array(blobs, pa.large_binary())})
+    return _blobs(keys, "prepared", blobs)
 
 
 class _InferActor:
@@ -74,30 +74,28 @@ class _InferActor:
         spec: how to open the runner (once per actor).
         card: the model card (for the result rows).
         params: detection parameters (``card.detection_params(batch_size)``).
+        dicom: where SRs go (``ScoreOptions.dicom``), or None.
     """
 
-    def __init__(self, spec: RunnerSpec, card: ModelCard, params: DetectionParams) -> None:
+    def __init__(self, spec: RunnerSpec, card: ModelCard, params: DetectionParams,
+                 dicom: DicomOutput | None) -> None:
         self.card = card
         self.params = params
+        self.dicom = dicom
         self.runner = spec.open()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         keys, blobs = [], []
         for blob in batch.column("prepared").to_pylist():
             prepared: Prepared = pickle.loads(blob)
-            try:
-                scored = infer(prepared, self.runner, self.card, self.params)
-            except Exception as exc:  # noqa: BLE001 - a failed row, not a dead pipeline
-                row = failed_row(prepared.item, self.card, _describe(exc), prepared.timings)
-                scored = Scored(row, [])
+            scored = infer(prepared, self.runner, self.card, self.params, self.dicom)  # never raises
             keys.append(prepared.item.key)
             blobs.append(pickle.dumps(scored, protocol=_PICKLE))
-        return pa.table({"key": pa.array(keys, pa.string()), "scored": pa.array(blobs, pa.large_binary())})
+        return _blobs(keys, "scored", blobs)
 
     def __del__(self) -> None:
-        runner = getattr(self, "runner", None)
+        runner, self.runner = getattr(self, "runner", None), None
         if runner is not None:
-            self.runner = None
             try:
                 runner.close()
             except Exception:  # noqa: BLE001 - best effort at actor shutdown
@@ -111,20 +109,21 @@ def _start_ray(options: ScoreOptions) -> bool:
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                              "logging_level": logging.ERROR, "configure_logging": True}
+                              "logging_level": logging.ERROR}
     if options.ray_address is None:
-        kwargs["num_cpus"] = max(2, options.workers)  # a local Ray detects GPUs itself
+        kwargs["num_cpus"] = max(2, options.workers + 1)  # + the inference actor  # a local Ray detects GPUs itself
     try:
         ray.init(address=options.ray_address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"connect to Ray at {options.ray_address!r}" if options.ray_address else "start a local Ray"
-        raise MedsslError(f"cannot {where}: {exc} (start a cluster with `ray start --head`, or leave "
-                          "ray_address unset for a local one)") from exc
+        where = (f"connect to Ray at {options.ray_address!r}" if options.ray_address
+                 else "start a local Ray")
+        raise MedsslError(f"cannot {where}: {exc} (start a cluster with `ray start --head`, or "
+                          "leave ray_address unset for a local one)") from exc
     return True
 
 
 class _Quiet(logging.Filter):
-    """Drops Ray Data's console chatter below ERROR (execution summaries, progress-bar notices)."""
+    """Drops Ray Data's console lines below ERROR (execution summaries, progress-bar notices)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.ERROR
@@ -134,7 +133,7 @@ _QUIET = _Quiet()
 
 
 def _quiet_console() -> list[logging.Handler]:
-    """Filter Ray Data's console handlers (its log file keeps everything); returns them to undo."""
+    """Filter Ray Data's console handlers (its log file keeps everything); returns them."""
     import ray.data  # noqa: F401 - configures the "ray.data" logger
 
     handlers = [h for h in logging.getLogger("ray.data").handlers
@@ -156,25 +155,30 @@ def _dataset(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, optio
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
     context.verbose_stats_logs = False
-    with ray.data.DataContext.current(context):
+    with ray.data.DataContext.current(context):  # the dataset keeps a copy of this context
         # One block per series, so series are prepared in parallel (a task maps a whole block).
         ds = ray.data.from_items([{"item": json.dumps(item.to_json())} for item in items],
                                  override_num_blocks=len(items))
         ds = ds.map_batches(_prepare_batch, fn_kwargs={"params": params}, batch_size=1,
                             batch_format="pyarrow", num_cpus=1,
                             compute=ray.data.TaskPoolStrategy(size=max(1, options.workers)))
-        return ds.map_batches(_InferActor, fn_constructor_kwargs={"spec": spec, "card": card, "params": params},
-                              batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
+        return ds.map_batches(_InferActor,
+                              fn_constructor_kwargs={"spec": spec, "card": card, "params": params,
+                                                     "dicom": options.dicom},
+                              batch_size=1, batch_format="pyarrow",
+                              compute=ray.data.ActorPoolStrategy(size=1),
                               num_gpus=options.ray_num_gpus or None)
 
 
-def run_ray(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, options: ScoreOptions) -> Iterator[Scored]:
+def run_ray(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard,
+            options: ScoreOptions) -> Iterator[Scored]:
     """Score ``items`` on Ray; yields one result per item, in the order of ``items``.
 
     Ray is used as found when it is already initialised (and left running); otherwise this
     starts a local Ray with ``max(2, options.workers)`` CPUs (``options.ray_address`` None) or
     connects to ``options.ray_address`` (``"auto"``: the running cluster), and shuts it down
-    when the iterator finishes or is closed.
+    when the iterator finishes or is closed. On a cluster, every node needs ``medssl``
+    installed and the series and the model repository at the driver's paths (shared storage).
 
     Args:
         items: the series to score.
@@ -183,9 +187,6 @@ def run_ray(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, option
         card: the model card.
         options: ``workers`` (prepare tasks in flight), ``batch_size`` (windows per model
             call), ``ray_address``, ``ray_num_gpus`` (GPUs per inference actor).
-
-    On a cluster, every node needs ``medssl`` installed and the series' paths and the model
-    repository at the same paths as the driver (a shared file system).
 
     Raises:
         MedsslError: Ray cannot be started or reached.

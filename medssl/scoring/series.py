@@ -2,8 +2,8 @@
 
 The two halves are separate functions so an engine can run them in different places:
 :func:`prepare` in a worker process or a Ray task, :func:`infer` next to the model. Every
-error a series can cause becomes a ``failed`` row naming the reason; nothing here raises for
-bad data.
+error a series can cause becomes a ``failed`` row naming the reason (medssl's typed errors
+as they are; anything else prefixed "unexpected"); nothing here raises for one series.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def prepare(item: ScanItem, params: DetectionParams) -> Prepared:
         timings["preprocess"] = time.perf_counter() - start
     except MedsslError as exc:
         return Prepared(item, None, timings, error=_describe(exc))
-    except (MemoryError, ValueError, OSError, RuntimeError) as exc:  # a broken file can raise these
+    except Exception as exc:  # noqa: BLE001 - one series never stops the batch
         return Prepared(item, None, timings, error=f"unexpected {_describe(exc)}")
     return Prepared(item, volume, timings, n_slices=source.shape[0])
 
@@ -146,6 +146,8 @@ def infer(prepared: Prepared, runner: DetectionRunner, card: ModelCard, params: 
         result = detect_preprocessed(prepared.volume, runner, params)
     except MedsslError as exc:
         return Scored(failed_row(item, card, _describe(exc), prepared.timings), [])
+    except Exception as exc:  # noqa: BLE001 - a failed row, not a dead run
+        return Scored(failed_row(item, card, f"unexpected {_describe(exc)}", prepared.timings), [])
     findings = [
         {"key": item.key, "series_uid": item.series_uid or item.key, "index": i,
          "x_mm": float(d.centre_lps[0]), "y_mm": float(d.centre_lps[1]), "z_mm": float(d.centre_lps[2]),
@@ -157,7 +159,7 @@ def infer(prepared: Prepared, runner: DetectionRunner, card: ModelCard, params: 
     if dicom is not None and item.is_dicom:
         try:
             outputs = str(_write_sr(item, result.detections, card, dicom))
-        except (MedsslError, ValueError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed row, not a dead run
             return Scored(failed_row(item, card, f"writing the SR failed: {_describe(exc)}", prepared.timings), [])
     probabilities = [f["probability"] for f in findings]
     row = {

@@ -1,0 +1,537 @@
+"""Batch-scoring throughput on this CPU: ``medssl-score`` vs a PyTorch + MONAI baseline.
+
+Acceptance check of the batch scorer: with the shipped detection model
+(``model_repository/focalmix-nodules``) and synthetic 300x512x512 chest CT studies written
+as DICOM, report scans/hour, the per-stage time split (read, preprocess, inference,
+postprocess) and peak RSS, and compare in the same run against the same model in PyTorch
+driven by MONAI's ``sliding_window_inference`` on the same scans. Goal: medssl >= 1.5x
+the baseline's end-to-end scans/hour.
+
+Sides (each runs in its own subprocess, so its peak RSS is its own; the local engine's
+worker processes are part of its process tree and counted):
+
+* ``medssl-w1`` / ``medssl-w0``: :func:`medssl.scoring.run.score` on the DICOM folder,
+  ``ScoreOptions(engine="local", workers=1 | 0)``, onnxruntime (``model.onnx``) with its
+  default threads. End to end includes indexing the DICOM headers, opening the model,
+  and writing ``series.parquet``; the stage seconds come from ``series.parquet``.
+* ``monai`` (the baseline): the same weights (``benchmarks/assets/focalmix-nodules.pt``)
+  in PyTorch eager (``torch.set_num_threads(2)``, ``torch.no_grad``), one scan after the
+  other: SimpleITK ``ImageSeriesReader`` reads the DICOM files; MONAI ``Spacing`` (to the
+  card's 1 mm, bilinear, border padding, float32 compute — MONAI's default float64 is
+  ~2.5x slower here), ``ScaleIntensityRange`` (the card's HU window to [-1, 1], clipped)
+  and ``DivisiblePad`` (to the largest stride, 16, with the card's padding value);
+  ``sliding_window_inference`` with the card's patch (32^3) and overlap (0.25),
+  ``sw_batch_size`` = medssl's batch size, on the ``FPNDetector`` returning its four
+  pyramid levels (MONAI stitches each at its own resolution); then the anchors of the
+  whole padded volume are decoded (``AnchorGrid.build`` + ``decode_boxes``, sigmoid),
+  thresholded at the card's score threshold, boxes centred in the padding dropped, and
+  3D NMS (``medssl.detection.nms.nms_3d``) with the card's IoU and max detections.
+* ``monai-loader``: the same baseline with reading + MONAI preprocessing prefetched by a
+  ``torch.utils.data.DataLoader`` worker (``num_workers=1``), MONAI's usual way to
+  overlap I/O with inference — the analogue of medssl's ``workers=1``.
+
+Per scan: seconds between consecutive results (the first counted from the side's start,
+so it also carries model loading and, for medssl, header indexing); "scans/hour (median)"
+is 3600 / the median of those, "end to end" is scans x 3600 / the side's wall time.
+Stage seconds are medians over scans of each scan's own stage times (with a prefetching
+worker they overlap inference, so they add up to more than the wall time). CPU seconds
+(user + system of the whole process tree) are reported too: the machine is shared and
+wall times move with its load, CPU time much less. Peak RSS: the process tree's summed
+RSS sampled every 0.1 s (shared pages counted per process), and the largest single
+process (``ru_maxrss``).
+
+Detections are compared per scan: findings with p >= 0.5, and how far (mm) each of
+medssl's five best centres is from the nearest baseline finding; also how many of the
+synthetic ground-truth nodules have a p >= 0.5 finding within max(radius, 3 mm).
+
+    .venv/bin/python benchmarks/score_throughput.py [--scans 3] [--data DIR] \
+        [--sides medssl-w1,medssl-w0,monai,monai-loader]
+
+``--data DIR`` keeps the generated DICOM studies there (and reuses them on the next run).
+Writes ``benchmarks/results/score_throughput.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+REPOSITORY = ROOT / "model_repository"
+MODEL = "focalmix-nodules"
+WEIGHTS = Path(__file__).parent / "assets" / "focalmix-nodules.pt"
+SIDES = ("medssl-w1", "medssl-w0", "monai", "monai-loader")
+BASELINES = ("monai", "monai-loader")
+GOAL = 1.5
+TORCH_THREADS = 2
+STAGES = ("read", "preprocess", "inference", "postprocess")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def write_scans(folder: Path, n: int, seed: int) -> list[Path]:
+    """``n`` synthetic 300x512x512 chest CT series as DICOM under ``folder/scanNN`` (kept if present).
+
+    Each folder gets ``truth.json``: the nodules' LPS centres and diameters.
+    """
+    from medssl.io.dicom_writer import SeriesInfo, write_dicom_series
+    from medssl.synth.chest import ChestConfig, generate_chest_ct
+
+    folders = []
+    for i in range(n):
+        target = folder / f"scan{i:02d}"
+        folders.append(target)
+        if (target / "truth.json").is_file():
+            continue
+        start = time.perf_counter()
+        case = generate_chest_ct(seed + i, ChestConfig(matrix=512, n_slices=300))
+        info = SeriesInfo(uid_seed=f"score-throughput-{seed + i}", patient_id=f"ST{seed + i:04d}",
+                          series_description="Chest (score_throughput)")
+        write_dicom_series(case.volume, target, info)
+        truth = {"seed": seed + i, "shape": list(case.volume.shape),
+                 "spacing_mm": [float(s) for s in case.volume.spacing],
+                 "nodules": [{"centre_lps": list(map(float, n.centre_lps)), "diameter_mm": float(n.diameter_mm)}
+                             for n in case.nodules]}
+        (target / "truth.json").write_text(json.dumps(truth, indent=1))
+        print(f"wrote {target} {case.volume.shape} spacing {np.round(case.volume.spacing, 3).tolist()} "
+              f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return folders
+
+
+def _warm_page_cache(folders: list[Path]) -> None:
+    """Read every file once so that no side pays for a cold disk cache the others do not."""
+    for folder in folders:
+        for path in sorted(folder.glob("*.dcm")):
+            path.read_bytes()
+
+
+# --------------------------------------------------------------------------- process-tree memory
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class TreeMemory(threading.Thread):
+    """Samples the summed RSS of a process and its descendants; ``peak_mb`` is the largest sum."""
+
+    def __init__(self, pid: int, period_s: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.period_s = pid, period_s
+        self.peak_kb = 0
+        self.max_processes = 0
+        self.load: list[float] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        ticks = 0
+        while not self._stop_event.is_set():
+            tree, stack, total, count = _children(), [self.pid], 0, 0
+            while stack:
+                pid = stack.pop()
+                total += _rss_kb(pid)
+                count += 1
+                stack.extend(tree.get(pid, []))
+            self.peak_kb = max(self.peak_kb, total)
+            self.max_processes = max(self.max_processes, count)
+            if ticks % 50 == 0:
+                self.load.append(os.getloadavg()[0])
+            ticks += 1
+            self._stop_event.wait(self.period_s)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak_kb / 1024
+
+
+def run_side(side: str, data: Path, batch_size: int, workdir: Path) -> dict[str, Any]:
+    """Run one side in a subprocess (``nice`` level inherited); its result plus memory and CPU."""
+    out = workdir / f"{side}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--run-side", side, "--data", str(data),
+               "--batch-size", str(batch_size), "--side-out", str(out)]
+    print(f"running {side} ...", file=sys.stderr)
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT)
+    monitor = TreeMemory(process.pid)
+    monitor.start()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    monitor.stop()
+    if process.returncode != 0:
+        raise RuntimeError(f"side {side} failed with exit code {process.returncode}")
+    result = json.loads(out.read_text())
+    result.update({
+        "process_wall_s": time.perf_counter() - start,
+        "peak_rss_tree_mb": monitor.peak_mb,
+        "peak_rss_largest_process_mb": usage.ru_maxrss / 1024,  # includes waited-for grandchildren
+        "processes_max": monitor.max_processes,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "load_average_1min": [load_before, *monitor.load, os.getloadavg()[0]],
+    })
+    return result
+
+
+# --------------------------------------------------------------------------- medssl side
+
+
+def side_medssl(data: Path, workers: int, batch_size: int) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from medssl.scoring.run import RunnerSpec, ScoreOptions, score
+
+    spec = RunnerSpec(REPOSITORY, MODEL)
+    options = ScoreOptions(engine="local", workers=workers, batch_size=batch_size)
+    stamps: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="score_throughput_") as tmp:
+        start = time.perf_counter()
+        summary = score(data, tmp, spec, options=options,
+                        progress=lambda done, total, counts: stamps.append(time.perf_counter()))
+        wall = time.perf_counter() - start
+        series = pq.read_table(Path(tmp) / "series.parquet").to_pylist()
+        findings = pq.read_table(Path(tmp) / "findings.parquet").to_pylist()
+    scans = []
+    for row in series:
+        if row["status"] != "ok":
+            raise RuntimeError(f"medssl did not score {row['source']}: {row['status']} {row['error']}")
+        name = Path(row["source"]).parent.name
+        found = sorted(({"centre_lps": [f["x_mm"], f["y_mm"], f["z_mm"]], "diameter_mm": f["diameter_mm"],
+                         "probability": f["probability"]} for f in findings if f["key"] == row["key"]),
+                       key=lambda f: -f["probability"])
+        scans.append({"scan": name, "n_windows": row["n_windows"], "detections": found,
+                      **{f"{s}_s": row[f"{s}_s"] for s in STAGES}})
+    scans.sort(key=lambda s: s["scan"])
+    return {"side": f"medssl-w{workers}", "wall_s": wall, "scoring_stage_s": summary.elapsed_s,
+            "n_scans": summary.scored_now, "per_scan_s": list(np.diff([start, *stamps])),
+            "scans": scans,
+            "setup": f"medssl.scoring.score(engine='local', workers={workers}, batch_size={batch_size}); "
+                     "onnxruntime CPUExecutionProvider, default threads; reader: medssl (pydicom); "
+                     "preprocess: medssl.pipeline.preprocess_ct (scipy linear resample + HU window)"}
+
+
+# --------------------------------------------------------------------------- MONAI baseline side
+
+
+class _ReadAndPreprocess:
+    """DICOM folder -> ``(padded (1, Z, Y, X) float32 tensor, affine index->LPS, true shape, timings)``.
+
+    SimpleITK reads; MONAI transforms resample, window and pad. A class so that a
+    DataLoader worker can pickle it.
+    """
+
+    def __init__(self, spacing_mm: float, hu_min: float, hu_max: float, pad_value: float, divisor: int) -> None:
+        self.spacing_mm, self.hu_min, self.hu_max = spacing_mm, hu_min, hu_max
+        self.pad_value, self.divisor = pad_value, divisor
+
+    def __call__(self, folder: str) -> dict[str, Any]:
+        import SimpleITK as sitk
+        import torch
+        from monai.data import MetaTensor
+        from monai.transforms import Compose, DivisiblePad, ScaleIntensityRange, Spacing
+
+        from medssl.io.sitk_bridge import from_sitk
+
+        start = time.perf_counter()
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder))
+        volume = from_sitk(reader.Execute())  # (Z, Y, X) int16 HU + affine index (z, y, x) -> LPS
+        image = MetaTensor(torch.from_numpy(volume.array)[None], affine=torch.from_numpy(volume.affine))
+        read_s = time.perf_counter() - start
+        start = time.perf_counter()
+        transform = Compose([
+            Spacing(pixdim=(self.spacing_mm,) * 3, mode="bilinear", padding_mode="border", dtype=torch.float32),
+            ScaleIntensityRange(a_min=self.hu_min, a_max=self.hu_max, b_min=-1.0, b_max=1.0, clip=True),
+        ])
+        resampled = transform(image)
+        shape = list(resampled.shape[1:])
+        padded = DivisiblePad(k=self.divisor, method="end", mode="constant", value=self.pad_value)(resampled)
+        preprocess_s = time.perf_counter() - start
+        return {"folder": folder, "image": padded.as_tensor().contiguous(),
+                "affine": np.asarray(resampled.affine, dtype=np.float64), "shape": shape,
+                "read_s": read_s, "preprocess_s": preprocess_s}
+
+
+def side_monai(data: Path, batch_size: int, loader_workers: int) -> dict[str, Any]:
+    import torch
+    from monai.data import Dataset
+    from monai.inferers import sliding_window_inference
+    from torch.utils.data import DataLoader
+
+    from medssl.detection import AnchorGrid
+    from medssl.detection.nms import nms_3d
+    from medssl.scoring.run import RunnerSpec
+    from medssl.training.config import config_from_dict
+    from medssl.training.det_config import DetectionExperiment
+    from medssl.training.detector import FPNDetector, decode_boxes, flatten_levels
+
+    warnings.filterwarnings("ignore", message=".*output roi range is not int.*")  # stride-16 level stitching
+    torch.set_num_threads(TORCH_THREADS)
+    start = time.perf_counter()
+    card = RunnerSpec(REPOSITORY, MODEL).card()
+    params = card.detection_params(batch_size)
+    state = torch.load(WEIGHTS, map_location="cpu", weights_only=False)
+    cfg = config_from_dict(DetectionExperiment, state["config"])
+    net = FPNDetector(cfg.model, cfg.anchors)
+    net.load_state_dict(state["model"])
+    net.eval()
+    if tuple(card.patch_size) != params.window_shape or cfg.anchors.max_stride != params.divisor:
+        raise RuntimeError(f"card patch {card.patch_size} / divisor {params.divisor} do not match the checkpoint")
+
+    def predictor(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(net(x))
+
+    prepare = _ReadAndPreprocess(params.spacing_mm, params.intensity.hu_min, params.intensity.hu_max,
+                                 params.intensity.pad_value, params.divisor)
+    folders = [str(p) for p in sorted(data.glob("scan*")) if p.is_dir()]
+    dataset = Dataset(folders, transform=prepare)
+    source: Any = (DataLoader(dataset, batch_size=None, num_workers=loader_workers, prefetch_factor=1)
+                   if loader_workers else dataset)
+    scans, stamps = [], []
+    with torch.no_grad():
+        for item in source:
+            tic = time.perf_counter()
+            levels = sliding_window_inference(
+                item["image"][None], roi_size=params.window_shape, sw_batch_size=params.batch_size,
+                predictor=predictor, overlap=params.overlap, mode="constant", padding_mode="constant",
+                cval=params.intensity.pad_value)
+            inference_s = time.perf_counter() - tic
+            tic = time.perf_counter()
+            padded_shape = tuple(item["image"].shape[1:])
+            grid = AnchorGrid.build(cfg.anchors, padded_shape)
+            flat = flatten_levels(list(levels))[0]  # (N, 5) over the whole padded volume
+            scores = torch.sigmoid(flat[:, 0])
+            keep = torch.nonzero(scores >= params.score_threshold).flatten()
+            boxes = decode_boxes(flat[keep, 1:][None], torch.from_numpy(grid.centres[keep.numpy()]),
+                                 torch.from_numpy(grid.sizes[keep.numpy()]))[0].numpy().astype(np.float64)
+            kept_scores = scores[keep].numpy().astype(np.float64)
+            inside = np.all((boxes[:, :3] >= -0.5) & (boxes[:, :3] <= np.asarray(item["shape"]) - 0.5), axis=1)
+            boxes, kept_scores = boxes[inside], kept_scores[inside]
+            order = nms_3d(boxes, kept_scores, params.nms_iou, max_keep=params.max_detections)
+            affine = np.asarray(item["affine"], dtype=np.float64)  # a tensor after DataLoader's convert
+            lps = boxes[order, :3] @ affine[:3, :3].T + affine[:3, 3]
+            detections = [{"centre_lps": p.tolist(), "diameter_mm": float(b[3] * params.spacing_mm),
+                           "probability": float(s)} for p, b, s in zip(lps, boxes[order], kept_scores[order])]
+            postprocess_s = time.perf_counter() - tic
+            stamps.append(time.perf_counter())
+            scans.append({"scan": Path(item["folder"]).name, "volume_shape": item["shape"],
+                          "padded_shape": list(padded_shape), "n_candidates": int(len(keep)),
+                          "read_s": float(item["read_s"]), "preprocess_s": float(item["preprocess_s"]),
+                          "inference_s": inference_s, "postprocess_s": postprocess_s, "detections": detections})
+            del levels, flat, scores
+    wall = time.perf_counter() - start
+    name = "monai-loader" if loader_workers else "monai"
+    reading = (f"prefetched by a DataLoader ({loader_workers} worker)" if loader_workers else "in the main process")
+    return {"side": name, "wall_s": wall, "n_scans": len(scans), "per_scan_s": list(np.diff([start, *stamps])),
+            "scans": scans,
+            "setup": f"PyTorch {torch.__version__} eager, {TORCH_THREADS} threads, FPNDetector from {WEIGHTS.name}; "
+                     f"SimpleITK ImageSeriesReader + MONAI Spacing/ScaleIntensityRange/DivisiblePad {reading}; "
+                     f"monai.inferers.sliding_window_inference(roi {params.window}^3, overlap {params.overlap}, "
+                     f"sw_batch_size {params.batch_size}, constant blending); anchors decoded over the whole volume; "
+                     f"threshold {params.score_threshold}; nms_3d(iou {params.nms_iou}, max {params.max_detections})"}
+
+
+# --------------------------------------------------------------------------- comparison + report
+
+
+def _distance(a: list[float], b: list[float]) -> float:
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)))
+
+
+def compare_detections(medssl: dict[str, Any], baseline: dict[str, Any], data: Path) -> list[dict[str, Any]]:
+    """Per scan: findings with p >= 0.5 on each side, medssl's top-5 vs the nearest baseline finding, truth hits."""
+    rows = []
+    theirs = {s["scan"]: s["detections"] for s in baseline["scans"]}
+    for scan in medssl["scans"]:
+        ours, other = scan["detections"], theirs.get(scan["scan"], [])
+        top = [d for d in ours[:5]]
+        gaps = [min((_distance(d["centre_lps"], o["centre_lps"]) for o in other), default=float("inf")) for d in top]
+        truth_path = data / scan["scan"] / "truth.json"
+        truth = json.loads(truth_path.read_text())["nodules"] if truth_path.is_file() else []
+
+        def hits(found: list[dict[str, Any]]) -> int:
+            confident = [d for d in found if d["probability"] >= 0.5]
+            return sum(any(_distance(t["centre_lps"], d["centre_lps"]) <= max(t["diameter_mm"] / 2, 3.0)
+                           for d in confident) for t in truth)
+
+        rows.append({"scan": scan["scan"],
+                     "medssl_p50": sum(d["probability"] >= 0.5 for d in ours),
+                     "baseline_p50": sum(d["probability"] >= 0.5 for d in other),
+                     "top5_probabilities": [round(d["probability"], 3) for d in top],
+                     "top5_gap_mm": gaps, "truth_nodules": len(truth),
+                     "truth_found_medssl": hits(ours), "truth_found_baseline": hits(other)})
+    return rows
+
+
+def summarise(result: dict[str, Any]) -> dict[str, Any]:
+    n = result["n_scans"]
+    scans = result["scans"]
+    return {
+        "scans_per_hour_median": 3600 / statistics.median(result["per_scan_s"]),
+        "scans_per_hour_end_to_end": 3600 * n / result["wall_s"],
+        "median_stage_s": {s: statistics.median(x[f"{s}_s"] for x in scans) for s in STAGES},
+        "median_scan_s": statistics.median(result["per_scan_s"]),
+        "cpu_s_per_scan": result["cpu_s"] / n,
+        "peak_rss_tree_mb": result["peak_rss_tree_mb"],
+        "peak_rss_largest_process_mb": result["peak_rss_largest_process_mb"],
+    }
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def render(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    lines = ["| side | scans/h (median scan) | scans/h (end to end) | read s | preprocess s | inference s | "
+             "postprocess s | CPU s/scan | peak RSS MB (tree) | peak RSS MB (largest proc) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for side, row in s.items():
+        st = row["median_stage_s"]
+        lines.append(f"| {side} | {row['scans_per_hour_median']:.1f} | {row['scans_per_hour_end_to_end']:.1f} | "
+                     f"{st['read']:.2f} | {st['preprocess']:.2f} | {st['inference']:.2f} | {st['postprocess']:.2f} | "
+                     f"{row['cpu_s_per_scan']:.1f} | {row['peak_rss_tree_mb']:.0f} | "
+                     f"{row['peak_rss_largest_process_mb']:.0f} |")
+    ratio_lines = []
+    for r in report["ratios"]:
+        ratio_lines.append(f"| {r['medssl']} | {r['baseline']} | {r['end_to_end']:.2f}x | {r['median_scan']:.2f}x | "
+                           f"{r['cpu']:.2f}x | {'met' if r['end_to_end'] >= GOAL else 'NOT met'} |")
+    det_lines = ["| scan | p>=0.5 medssl | p>=0.5 baseline | medssl top-5 p | top-5 gap to nearest baseline "
+                 "finding, mm | truth nodules found (medssl / baseline / total) |", "|---|---:|---:|---|---|---|"]
+    for d in report["detections"]:
+        gaps = ", ".join(f"{g:.1f}" for g in d["top5_gap_mm"])
+        det_lines.append(f"| {d['scan']} | {d['medssl_p50']} | {d['baseline_p50']} | {d['top5_probabilities']} | "
+                         f"{gaps} | {d['truth_found_medssl']} / {d['truth_found_baseline']} / {d['truth_nodules']} |")
+    setups = "\n".join(f"- `{side}`: {report['sides'][side]['setup']}" for side in report["sides"])
+    shapes = "; ".join(f"{t['scan']}: {t['shape']} @ {t['spacing_mm']} mm" for t in report["scans"])
+    return (f"# score_throughput\n\n{report['device']}; {report['n_scans']} synthetic chest CT studies "
+            f"(DICOM, {shapes}); model `{MODEL}` (card patch 32^3, overlap 0.25, batch {report['batch_size']}); "
+            f"run under nice {report['nice']}; 1-min load average during the run "
+            f"{min(report['load_average']):.1f}-{max(report['load_average']):.1f} (shared machine)\n\n"
+            + "\n".join(lines)
+            + "\n\nStage seconds: medians over scans (with a prefetching worker they overlap inference). "
+              "scans/h (median scan): 3600 / median seconds between consecutive results; end to end: "
+              "scans x 3600 / wall time of the side (model loading, DICOM indexing and outputs included).\n\n"
+            + f"| medssl | baseline | end-to-end ratio | median-scan ratio | CPU-time ratio | goal >= {GOAL}x |\n"
+              "|---|---|---:|---:|---:|---|\n" + "\n".join(ratio_lines)
+            + "\n\nDetections ({} vs {}):\n\n".format(*report["detections_compared"]) + "\n".join(det_lines)
+            + f"\n\nSides:\n{setups}\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scans", type=int, default=3, help="synthetic studies to score")
+    parser.add_argument("--seed", type=int, default=100, help="seed of the first study")
+    parser.add_argument("--data", type=Path, help="folder for the studies (kept and reused); default a temp folder")
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
+    parser.add_argument("--batch-size", type=int, default=2, help="windows per model call (medssl's default: 2)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "score_throughput.json")
+    parser.add_argument("--render", action="store_true", help="only re-render --out's table")
+    parser.add_argument("--run-side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.render:
+        args.out.with_suffix(".md").write_text(render(json.loads(args.out.read_text())))
+        return
+    if args.run_side:
+        if args.run_side.startswith("medssl"):
+            result = side_medssl(args.data, int(args.run_side[-1]), args.batch_size)
+        else:
+            result = side_monai(args.data, args.batch_size, 1 if args.run_side == "monai-loader" else 0)
+        args.side_out.write_text(json.dumps(result))
+        return
+
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    unknown = sorted(set(sides) - set(SIDES))
+    if unknown or not any(s.startswith("medssl") for s in sides) or not any(s in BASELINES for s in sides):
+        parser.error(f"--sides needs a medssl side and a baseline from {SIDES}, got {sides}")
+    with tempfile.TemporaryDirectory(prefix="score_throughput_") as tmp:
+        data = args.data or Path(tmp) / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        folders = write_scans(data, args.scans, args.seed)
+        stray = [p for p in data.glob("scan*") if p.is_dir() and p not in folders]
+        if stray:
+            parser.error(f"{data} holds more studies than --scans {args.scans}: {[p.name for p in stray]}")
+        _warm_page_cache(folders)
+        work = Path(tmp) / "work"
+        work.mkdir()
+        results = {side: run_side(side, data, args.batch_size, work) for side in sides}
+        truth = [{"scan": f.name, **{k: v for k, v in json.loads((f / "truth.json").read_text()).items()
+                                     if k in ("shape", "spacing_mm", "seed")}} for f in folders]
+        reference = "medssl-w1" if "medssl-w1" in results else next(s for s in sides if s.startswith("medssl"))
+        baseline = "monai" if "monai" in results else next(s for s in sides if s in BASELINES)
+        detections = compare_detections(results[reference], results[baseline], data)
+    summary = {side: summarise(r) for side, r in results.items()}
+    ratios = []
+    for ours in (s for s in sides if s.startswith("medssl")):
+        for base in (s for s in sides if s in BASELINES):
+            a, b = summary[ours], summary[base]
+            ratios.append({"medssl": ours, "baseline": base,
+                           "end_to_end": a["scans_per_hour_end_to_end"] / b["scans_per_hour_end_to_end"],
+                           "median_scan": a["scans_per_hour_median"] / b["scans_per_hour_median"],
+                           "cpu": b["cpu_s_per_scan"] / a["cpu_s_per_scan"]})
+    load = [x for r in results.values() for x in r["load_average_1min"]]
+    report = {
+        "benchmark": "score_throughput",
+        "device": f"CPU: {_cpu()}, {os.cpu_count()} logical cores, no GPU",
+        "n_scans": args.scans, "batch_size": args.batch_size, "nice": os.nice(0), "scans": truth,
+        "goal": f"medssl end-to-end scans/hour >= {GOAL}x the baseline's",
+        "load_average": load,
+        "summary": summary, "ratios": ratios,
+        "detections_compared": [reference, baseline], "detections": detections,
+        "sides": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    text = render(report)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
