@@ -149,3 +149,14 @@ def detector_patches(exported_detector):
     noise = np.random.default_rng(0).uniform(-1, 1, (6, *card.input.shape)).astype(np.float32)
     ct = chest_patch(card.patch_size, card.input_spacing, card.normalisation, seed=3)
     return np.concatenate([noise, ct])
+
+
+@pytest.fixture(scope="session")
+def scoring_archive(tmp_path_factory) -> Path:
+    """An NLST-like DICOM archive: 20 intact chest CT studies and 3 broken ones (truncated
+    file, missing slice, displaced slice), each with a localizer; small grids (64² × 36)."""
+    from medssl.synth.archive import write_archive
+
+    root = tmp_path_factory.mktemp("archive")
+    write_archive(root, 20, broken=3, seed=40, matrix=64, n_slices=36)
+    return root

@@ -24,19 +24,15 @@ from medssl.scoring import (
     score,
     select_series,
 )
-from medssl.synth.archive import write_archive
 
 REPOSITORY = Path(__file__).parents[1] / "model_repository"
 SPEC = RunnerSpec(REPOSITORY, "focalmix-nodules")
 TIMINGS = ("read_s", "preprocess_s", "inference_s", "postprocess_s")
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    """20 intact studies and 3 broken ones, each with a localizer (small grids: fast)."""
-    root = tmp_path_factory.mktemp("archive")
-    write_archive(root, 20, broken=3, seed=40, matrix=64, n_slices=36)
-    return root
+@pytest.fixture
+def archive(scoring_archive) -> Path:
+    return scoring_archive
 
 
 def _series(out: Path) -> list[dict]:

@@ -19,7 +19,6 @@ from medssl.scoring import ray_engine  # noqa: E402
 from medssl.scoring.manifest import ScanItem, build_manifest  # noqa: E402
 from medssl.scoring.run import RunnerSpec, ScoreOptions, score  # noqa: E402
 from medssl.scoring.series import Scored  # noqa: E402
-from medssl.synth.archive import write_archive  # noqa: E402
 
 SPEC = RunnerSpec(Path(__file__).resolve().parents[1] / "model_repository", "focalmix-nodules")
 # DataContext.copy() (inside Ray Data too) warns about its own deprecated fields.
@@ -29,10 +28,8 @@ TIMINGS = ("read_s", "preprocess_s", "inference_s", "postprocess_s")
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("archive")
-    write_archive(out, studies=3, broken=2, matrix=96, n_slices=40)
-    return out
+def archive(scoring_archive) -> Path:
+    return scoring_archive
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +75,17 @@ def test_ray_findings_equal_local_ones(runs):
 
 def test_ray_run_scores_good_series_fails_broken_ones_and_skips_localizers(runs):
     summary, folder = runs["ray"]
-    assert summary.counts == {"ok": 3, "failed": 2, "skipped": 5}
-    assert summary.scored_now == 5
+    assert summary.counts == {"ok": 20, "failed": 3, "skipped": 23}
+    assert summary.scored_now == 23
     rows = _rows(folder, "series")
     failed = sorted(row["error"].split(":")[0] for row in rows if row["status"] == "failed")
-    assert failed == ["CorruptFileError", "MissingSliceError"]
+    assert failed == ["CorruptFileError", "MissingSliceError", "NonUniformSpacingError"]
     assert all("localizer" in row["error"] for row in rows if row["status"] == "skipped")
 
 
 def test_ray_results_arrive_in_manifest_order(runs):
     seen = runs["seen"]
-    assert len(seen["given"]) == 5
+    assert len(seen["given"]) == 23
     assert seen["yielded"] == seen["given"]
 
 
