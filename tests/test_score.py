@@ -68,6 +68,27 @@ def test_a_rerun_resumes_and_retries_only_the_failed(archive, tmp_path):
     assert third.scored_now == 3 and third.counts == {"ok": 20, "skipped": 23, "failed": 3}
 
 
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def test_a_run_killed_midway_resumes_without_scoring_any_series_twice(archive, tmp_path):
     exe = Path(sys.prefix) / "bin" / "medssl-score"
     proc = subprocess.Popen([str(exe), str(archive), "--out", str(tmp_path), "--workers", "1"],
@@ -84,8 +105,14 @@ def test_a_run_killed_midway_resumes_without_scoring_any_series_twice(archive, t
                 except sqlite3.OperationalError:  # table not created yet
                     done = 0
     assert proc.poll() is None, "the run finished before it could be killed"
+    workers = _children(proc.pid)
+    assert workers, "the run had no worker process"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)], "worker processes outlived the killed run"
     with sqlite3.connect(db) as con:
         ok_before = {k for (k,) in con.execute("SELECT key FROM series WHERE status = 'ok'")}
     assert 5 <= len(ok_before) < 20

@@ -8,7 +8,11 @@ at 1 mm is about 350×350×300 float32 ≈ 150 MB), plus one being read per work
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -19,6 +23,18 @@ from medssl.scoring.run import RunnerSpec, ScoreOptions
 from medssl.scoring.series import Prepared, Scored, infer, prepare
 
 __all__ = ["run_local"]
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """Worker initializer: on Linux, ask the kernel to kill this worker when the parent dies
+    (a SIGKILLed run must not leave workers holding a 150 MB volume behind)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 def run_local(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, options: ScoreOptions) -> Iterator[Scored]:
@@ -32,7 +48,8 @@ def run_local(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, opti
             return
         # spawn: workers must not inherit the runner's threads (onnxruntime, gRPC) by fork.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=options.workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(max_workers=options.workers, mp_context=context,
+                                 initializer=_die_with_parent) as pool:
             pending: deque[Future[Prepared]] = deque()
             queue = iter(items)
             for item in queue:
