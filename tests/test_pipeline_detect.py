@@ -347,3 +347,27 @@ def test_params_from_json_rejects_unknown_keys():
         DetectionParams.from_json({"nms_threshold": 0.1})
     with pytest.raises(ValueError, match="intensity"):
         DetectionParams.from_json({"intensity": {"window": 3}})
+
+
+def test_the_scan_wide_candidate_cap_keeps_the_same_detections_and_bounds_nms():
+    from medssl.pipeline.detect import DetectionParams, detect_preprocessed
+    from medssl.pipeline.preprocess import Intensity
+    from medssl.volume import Volume
+
+    rng = np.random.default_rng(0)
+    volume = Volume(rng.uniform(-1, 1, (48, 48, 48)).astype(np.float32), np.eye(4))
+
+    def noisy_runner(patches):  # every anchor clears the threshold, like an uncalibrated model
+        b = len(patches)
+        centres = rng.uniform(0, 32, (b, 500, 3))
+        boxes = np.concatenate([centres, rng.uniform(4, 12, (b, 500, 1))], axis=2)
+        return boxes.astype(np.float32), rng.uniform(0.02, 1.0, (b, 500)).astype(np.float32)
+
+    base = dict(intensity=Intensity(), window=32, divisor=16, overlap=0.5, pre_nms_top_k=500,
+                max_detections=20)
+    state = rng.bit_generator.state
+    uncapped = detect_preprocessed(volume, noisy_runner, DetectionParams(**base, max_nms_candidates=10**9))
+    rng.bit_generator.state = state
+    capped = detect_preprocessed(volume, noisy_runner, DetectionParams(**base, max_nms_candidates=800))
+    assert [d.probability for d in capped.detections] == [d.probability for d in uncapped.detections]
+    assert [d.centre_lps for d in capped.detections] == [d.centre_lps for d in uncapped.detections]

@@ -71,6 +71,7 @@ _RULES: dict[str, tuple[Callable[[Any, Any], bool], Callable[[Any], str]]] = {
     "batch_size": (_positive_int, lambda _: "a positive integer"),
     "score_threshold": (lambda v, _: _is_prob(v), lambda _: "in [0, 1]"),
     "pre_nms_top_k": (_positive_int, lambda _: "a positive integer"),
+    "max_nms_candidates": (_positive_int, lambda _: "a positive integer"),
     "nms_iou": (lambda v, _: _is_prob(v), lambda _: "in [0, 1]"),
     "max_detections": (_positive_int, lambda _: "a positive integer"),
     "min_diameter_mm": (lambda v, _: _is_number(v) and v >= 0, lambda _: "a number >= 0"),
@@ -105,6 +106,10 @@ class DetectionParams:
         batch_size: windows per runner call.
         score_threshold: boxes scoring below this are dropped before NMS, ``[0, 1]``.
         pre_nms_top_k: best boxes kept per window before the global NMS.
+        max_nms_candidates: best boxes of the whole scan entering the global NMS (a running
+            top-k over the windows). Without it a model whose scores all clear
+            ``score_threshold`` sends ``pre_nms_top_k`` boxes per window, millions per scan,
+            into NMS (minutes per scan, GBs of memory).
         nms_iou: cubes overlapping a better one by IoU above this are suppressed, ``[0, 1]``.
         max_detections: detections reported per scan at most.
         min_diameter_mm: boxes smaller than this (mm) are dropped before NMS.
@@ -118,6 +123,7 @@ class DetectionParams:
     batch_size: int = 2
     score_threshold: float = 0.01
     pre_nms_top_k: int = 1000
+    max_nms_candidates: int = 100_000
     nms_iou: float = 0.1
     max_detections: int = 100
     min_diameter_mm: float = 0.0
@@ -260,9 +266,12 @@ def detect_preprocessed(
             )
             boxes.append(kept_boxes)
             scores.append(kept_scores)
+        if sum(len(s) for s in scores) > 2 * params.max_nms_candidates:
+            best_boxes, best_scores = _best(boxes, scores, params.max_nms_candidates)
+            boxes, scores = [best_boxes], [best_scores]
         timings["postprocess"] += perf_counter() - tic
     tic = perf_counter()
-    detections = _merge(np.concatenate(boxes), np.concatenate(scores), prepared, reference, params)
+    detections = _merge(*_best(boxes, scores, params.max_nms_candidates), prepared, reference, params)
     timings["postprocess"] += perf_counter() - tic
     return DetectionResult(detections, timings, len(starts))
 
@@ -353,6 +362,15 @@ def _window_candidates(
         )
     kept[:, :3] += origin
     return kept, np.clip(scores[index].astype(np.float64), 0.0, 1.0)
+
+
+def _best(boxes: list[np.ndarray], scores: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of the collected candidates: ``(M, 4)`` boxes and ``(M,)`` scores, M <= k."""
+    all_boxes, all_scores = np.concatenate(boxes), np.concatenate(scores)
+    if len(all_scores) > k:
+        top = np.sort(np.argpartition(-all_scores, k - 1)[:k])  # keep the windows' order
+        all_boxes, all_scores = all_boxes[top], all_scores[top]
+    return all_boxes, all_scores
 
 
 def _merge(
