@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_device  # benchmarks/machine.py
 
 from medssl.cli.train import resolve_config
 from medssl.export import ExportOptions, export_checkpoint
@@ -96,16 +95,6 @@ def _openvino_rows(args: argparse.Namespace, label: str, onnx_path: Path) -> lis
         row["onnxruntime_version"] = report["version"]
         row["max_abs_vs_cpu_provider"] = report["max_abs_vs_cpu_provider"]
     return rows
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -178,7 +167,7 @@ def main() -> None:
         row["speedup_vs_pytorch"] = row["patches_per_s"] / eager_row["patches_per_s"]
     report = {
         "benchmark": "export_speed",
-        "device": f"CPU: {_cpu()}, {os.cpu_count()} logical cores, no GPU",
+        "device": cpu_device(),
         "torch_threads": torch.get_num_threads(),
         "repeats": args.repeats, "warmup": args.warmup,
         "target": "onnxruntime >= 1.3x PyTorch eager patches/s on CPU",

@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -70,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import cpu_device  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -432,16 +432,6 @@ def _n_anchors(padded_shape: list[int], strides: tuple[int, ...] = (2, 4, 8, 16)
     return sum(int(np.prod([n // s for n in padded_shape])) for s in strides)
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def render(report: dict[str, Any]) -> str:
     s = report["summary"]
     lines = ["| side | scans/h (median scan) | scans/h (end to end) | read s | preprocess s | inference s | "
@@ -552,7 +542,7 @@ def main() -> None:
     load = [x for r in results.values() for x in r["load_average_1min"]]
     report = {
         "benchmark": "score_throughput",
-        "device": f"CPU: {_cpu()}, {os.cpu_count()} logical cores, no GPU",
+        "device": cpu_device(),
         "n_scans": args.scans, "batch_size": args.batch_size, "nice": os.nice(0), "scans": truth,
         "goal": f"medssl end-to-end scans/hour >= {GOAL}x the baseline's",
         "load_average": load,
