@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 DEMO   ?= demo
 
-.PHONY: demo test setup setup-test system-deps triton-env openvino-env clean
+.PHONY: demo test setup setup-test system-deps triton-env openvino-env openvino-score-env clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ triton-env: .venv-triton/.stamp
 openvino-env:
 	$(PYTHON) -m venv .venv-openvino
 	.venv-openvino/bin/python -m pip --disable-pip-version-check -q install onnxruntime-openvino numpy
+
+# For benchmarks/score_throughput.py's medssl-openvino side: medssl's scoring with
+# onnxruntime-openvino in place of onnxruntime (what a CPU-only scoring machine installs).
+openvino-score-env:
+	$(PYTHON) -m venv .venv-openvino-score
+	.venv-openvino-score/bin/python -m pip --disable-pip-version-check -q install -e . onnxruntime-openvino
 
 # Validators and DICOM tools the tests use; installed when running as root (CI, fresh machines).
 system-deps:
@@ -72,4 +78,4 @@ test: setup-test
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) .venv-triton .venv-openvino $(DEMO) .pytest_cache
+	rm -rf $(VENV) .venv-triton .venv-openvino .venv-openvino-score $(DEMO) .pytest_cache

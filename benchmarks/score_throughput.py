@@ -14,6 +14,10 @@ worker processes are part of its process tree and counted):
   ``ScoreOptions(engine="local", workers=1 | 0)``, onnxruntime (``model.onnx``) with its
   default threads. End to end includes indexing the DICOM headers, opening the model,
   and writing ``series.parquet``; the stage seconds come from ``series.parquet``.
+* ``medssl-openvino``: as ``medssl-w1``, run by ``--openvino-python``: an environment where
+  ``onnxruntime-openvino`` replaces ``onnxruntime`` (``make openvino-score-env``), so
+  :class:`medssl.runners.OnnxRunner` picks the OpenVINO execution provider (fp32, CPU) —
+  the deployment README recommends for CPU-only scoring machines.
 * ``monai`` (the baseline): the same weights (``benchmarks/assets/focalmix-nodules.pt``)
   in PyTorch eager (``torch.set_num_threads(2)``, ``torch.no_grad``), one scan after the
   other: SimpleITK ``ImageSeriesReader`` reads the DICOM files; MONAI ``Spacing`` (to the
@@ -76,7 +80,7 @@ RESULTS = Path(__file__).parent / "results"
 REPOSITORY = ROOT / "model_repository"
 MODEL = "focalmix-nodules"
 WEIGHTS = Path(__file__).parent / "assets" / "focalmix-nodules.pt"
-SIDES = ("medssl-w1", "medssl-w0", "monai", "monai-loader")
+SIDES = ("medssl-w1", "medssl-w0", "medssl-openvino", "monai", "monai-loader")
 BASELINES = ("monai", "monai-loader")
 GOAL = 1.5
 TORCH_THREADS = 2
@@ -185,10 +189,11 @@ class TreeMemory(threading.Thread):
         return self.peak_kb / 1024
 
 
-def run_side(side: str, data: Path, batch_size: int, workdir: Path) -> dict[str, Any]:
-    """Run one side in a subprocess (``nice`` level inherited); its result plus memory and CPU."""
+def run_side(side: str, data: Path, batch_size: int, workdir: Path, python: str = sys.executable) -> dict[str, Any]:
+    """Run one side in a subprocess of ``python`` (``nice`` level inherited); its result plus
+    memory and CPU."""
     out = workdir / f"{side}.json"
-    command = [sys.executable, str(Path(__file__).resolve()), "--run-side", side, "--data", str(data),
+    command = [python, str(Path(__file__).resolve()), "--run-side", side, "--data", str(data),
                "--batch-size", str(batch_size), "--side-out", str(out)]
     print(f"running {side} ...", file=sys.stderr)
     load_before = os.getloadavg()[0]
@@ -216,12 +221,15 @@ def run_side(side: str, data: Path, batch_size: int, workdir: Path) -> dict[str,
 # --------------------------------------------------------------------------- medssl side
 
 
-def side_medssl(data: Path, workers: int, batch_size: int) -> dict[str, Any]:
+def side_medssl(data: Path, workers: int, batch_size: int, side: str) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from medssl.scoring.run import RunnerSpec, ScoreOptions, score
 
     spec = RunnerSpec(REPOSITORY, MODEL)
+    runner = spec.open()
+    providers, runner_version = runner.providers, __import__("onnxruntime").__version__
+    runner.close()
     options = ScoreOptions(engine="local", workers=workers, batch_size=batch_size)
     stamps: list[float] = []
     with tempfile.TemporaryDirectory(prefix="score_throughput_") as tmp:
@@ -242,11 +250,11 @@ def side_medssl(data: Path, workers: int, batch_size: int) -> dict[str, Any]:
         scans.append({"scan": name, "n_windows": row["n_windows"], "detections": found,
                       **{f"{s}_s": row[f"{s}_s"] for s in STAGES}})
     scans.sort(key=lambda s: s["scan"])
-    return {"side": f"medssl-w{workers}", "wall_s": wall, "scoring_stage_s": summary.elapsed_s,
+    return {"side": side, "wall_s": wall, "scoring_stage_s": summary.elapsed_s,
             "n_scans": summary.scored_now, "per_scan_s": list(np.diff([start, *stamps])),
             "scans": scans,
             "setup": f"medssl.scoring.score(engine='local', workers={workers}, batch_size={batch_size}); "
-                     "onnxruntime CPUExecutionProvider, default threads; reader: medssl (pydicom); "
+                     f"onnxruntime {runner_version} {providers[0]}, default threads; reader: medssl (pydicom); "
                      "preprocess: medssl.pipeline.preprocess_ct (scipy linear resample + HU window)"}
 
 
@@ -496,6 +504,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="windows per model call (medssl's default: 2)")
     parser.add_argument("--out", type=Path, default=RESULTS / "score_throughput.json")
     parser.add_argument("--render", action="store_true", help="only re-render --out's table")
+    parser.add_argument("--openvino-python", type=Path, default=ROOT / ".venv-openvino-score" / "bin" / "python",
+                        help="interpreter of an env with medssl and onnxruntime-openvino (instead of "
+                             "onnxruntime), for the medssl-openvino side")
     parser.add_argument("--run-side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -504,7 +515,8 @@ def main() -> None:
         return
     if args.run_side:
         if args.run_side.startswith("medssl"):
-            result = side_medssl(args.data, int(args.run_side[-1]), args.batch_size)
+            workers = 0 if args.run_side == "medssl-w0" else 1
+            result = side_medssl(args.data, workers, args.batch_size, args.run_side)
         else:
             result = side_monai(args.data, args.batch_size, 1 if args.run_side == "monai-loader" else 0)
         args.side_out.write_text(json.dumps(result))
@@ -524,7 +536,9 @@ def main() -> None:
         _warm_page_cache(folders)
         work = Path(tmp) / "work"
         work.mkdir()
-        results = {side: run_side(side, data, args.batch_size, work) for side in sides}
+        results = {side: run_side(side, data, args.batch_size, work,
+                                  str(args.openvino_python) if side == "medssl-openvino" else sys.executable)
+                   for side in sides}
         truth = [{"scan": f.name, **{k: v for k, v in json.loads((f / "truth.json").read_text()).items()
                                      if k in ("shape", "spacing_mm", "seed")}} for f in folders]
         reference = "medssl-w1" if "medssl-w1" in results else next(s for s in sides if s.startswith("medssl"))
