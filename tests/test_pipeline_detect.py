@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 
@@ -349,7 +350,8 @@ def test_params_from_json_rejects_unknown_keys():
         DetectionParams.from_json({"intensity": {"window": 3}})
 
 
-def test_the_scan_wide_candidate_cap_keeps_the_same_detections_and_bounds_nms():
+def test_the_scan_wide_candidate_cap_keeps_the_same_detections_and_bounds_nms(monkeypatch):
+    detect_module = importlib.import_module("medssl.pipeline.detect")
     from medssl.pipeline.detect import DetectionParams, detect_preprocessed
     from medssl.pipeline.preprocess import Intensity
     from medssl.volume import Volume
@@ -368,6 +370,15 @@ def test_the_scan_wide_candidate_cap_keeps_the_same_detections_and_bounds_nms():
     state = rng.bit_generator.state
     uncapped = detect_preprocessed(volume, noisy_runner, DetectionParams(**base, max_nms_candidates=10**9))
     rng.bit_generator.state = state
+    sizes = []
+    real_nms = detect_module.nms_3d
+
+    def recording_nms(boxes, scores, *args, **kwargs):
+        sizes.append(len(boxes))
+        return real_nms(boxes, scores, *args, **kwargs)
+
+    monkeypatch.setattr(detect_module, "nms_3d", recording_nms)
     capped = detect_preprocessed(volume, noisy_runner, DetectionParams(**base, max_nms_candidates=800))
+    assert sizes == [800]  # 8 windows x 500 candidates, capped before NMS
     assert [d.probability for d in capped.detections] == [d.probability for d in uncapped.detections]
     assert [d.centre_lps for d in capped.detections] == [d.centre_lps for d in uncapped.detections]
