@@ -136,10 +136,12 @@ def synth_archive(out: Path, studies: int, broken: int, seed: int, matrix: int, 
 )
 @click.option(
     "--domain",
+    "domains",
     type=click.Choice(sorted(DOMAINS)),
-    default="A",
-    show_default=True,
-    help="Scanner/modality domain: A-D (multi-vendor CT), ct / mr (UDA pair).",
+    multiple=True,
+    help="Scanner/modality domain: A-D (multi-vendor CT), ct / mr (UDA pair); default A. "
+    "Repeat it to write OUT/<domain>/ per domain (the layout medssl-train's segmentation "
+    "settings read), each domain with its own subjects.",
 )
 @click.option(
     "--seed", default=0, show_default=True, help="Seed of the first case; case i uses seed+i."
@@ -148,21 +150,26 @@ def synth_archive(out: Path, studies: int, broken: int, seed: int, matrix: int, 
     "--shape", nargs=3, type=int, default=None, help="Grid size Z Y X (default: the domain's own)."
 )
 def synth_organs(
-    out: Path, cases: int, n_test: int, domain: str, seed: int, shape: tuple[int, int, int] | None
+    out: Path, cases: int, n_test: int, domains: tuple[str, ...], seed: int, shape: tuple[int, int, int] | None
 ) -> None:
     """Abdominal multi-organ phantom for segmentation, in the Decathlon layout."""
-    progress, task = _progress(f"organs ({domain})", cases + n_test)
-    with progress:
-        write_organ_dataset(
-            out,
-            cases=cases,
-            n_test=n_test,
-            domain=domain,
-            seed=seed,
-            shape=shape or None,
-            progress=lambda: progress.advance(task),  # type: ignore[arg-type]
-        )
-    click.echo(f"wrote {cases} training and {n_test} test cases (domain {domain}) to {out}")
+    domains = domains or ("A",)
+    several = len(domains) > 1
+    for k, domain in enumerate(domains):
+        progress, task = _progress(f"organs ({domain})", cases + n_test)
+        with progress:
+            write_organ_dataset(
+                out / domain if several else out,
+                cases=cases,
+                n_test=n_test,
+                domain=domain,
+                # Distinct subjects per domain: a UDA target must not be the source's twins.
+                seed=seed + k * (cases + n_test),
+                shape=shape or None,
+                progress=lambda p=progress, t=task: p.advance(t),  # type: ignore[misc]
+            )
+    where = f"{out}/{{{','.join(domains)}}}" if several else str(out)
+    click.echo(f"wrote {cases} training and {n_test} test cases per domain ({', '.join(domains)}) to {where}")
 
 
 @cli.command()

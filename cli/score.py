@@ -58,8 +58,8 @@ def score(source: Path, model: str, repository: Path | None, model_version: int 
     Re-running the same command resumes: finished series are not scored again.
     """
     from medssl.scoring import RunnerSpec, ScoreOptions, parse_rules
-    from medssl.scoring.series import DicomOutput
     from medssl.scoring import score as run_score
+    from medssl.scoring.series import DicomOutput
 
     if backend == "triton" and not triton_url:
         raise click.UsageError("--backend triton needs --triton-url host:port")

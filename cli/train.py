@@ -1,4 +1,8 @@
-"""``medssl-train``: semi-supervised training. Detection: ``focalmix`` and ``supervised-det``."""
+"""``medssl-train``: semi-supervised training.
+
+Detection: ``focalmix`` and ``supervised-det``. Segmentation: ``ad`` (A&D), ``supervised-seg``
+and ``mean-teacher``, each in the settings ``ssl``, ``imbssl``, ``uda`` and ``semidg``.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +37,9 @@ def train() -> None:
 
     Detection (LUNA16 layout): `focalmix` (FocalMix, CVPR 2020) and its fully
     supervised baseline `supervised-det`, with the identical network and budget.
+
+    Segmentation (Decathlon datasets, one per domain): `ad` (A&D, NeurIPS 2023), and the
+    baselines `supervised-seg` and `mean-teacher`, in the settings ssl, imbssl, uda, semidg.
     """
 
 
@@ -69,6 +76,44 @@ def _detector_command(method: str, summary: str) -> click.Command:
 
 _detector_command("focalmix", "Train the FocalMix nodule detector (labeled + unlabeled scans).")
 _detector_command("supervised-det", "Train the fully supervised nodule detector (labeled scans only).")
+
+
+def _segmentation_command(method: str, summary: str) -> click.Command:
+    @train.command(method, help=summary)
+    @click.option("--setting", type=click.Choice(["ssl", "imbssl", "uda", "semidg"]), default="ssl",
+                  show_default=True, help="ssl: labeled fraction of one domain; imbssl: 11 imbalanced classes; "
+                  "uda: labeled source, unlabeled target; semidg: few labels from 3 domains, a 4th held out.")
+    @click.option("--profile", type=click.Choice(["paper", "cpu"]), default="paper", show_default=True,
+                  help="Bundled config size: paper (GPU, official sizes) or cpu (minutes on a laptop).")
+    @click.option("--config", "config_name", default=None,
+                  help="A YAML config file replacing the bundled seg-SETTING[-cpu] config.")
+    @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+                  help="Folder of Decathlon datasets, one per domain (DATA/<domain>/dataset.json), "
+                  "e.g. from `medssl synth organs --domain A --domain B ... DATA`.")
+    @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+    @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
+    @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: GPU if present).")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override a config value, e.g. --set optim.steps=500 --set ad.drs=false.")
+    def command(setting: str, profile: str, config_name: str | None, data: Path, out: Path, resume: bool,
+                device: str | None, overrides: tuple[str, ...]) -> None:
+        from medssl.training.config import load_config, parse_overrides
+        from medssl.training.seg_config import SegmentationExperiment
+        from medssl.training.seg_trainer import train_segmenter
+
+        bundled = f"seg-{setting}" + ("-cpu" if profile == "cpu" else "")
+        values = {**parse_overrides(overrides), "method": method}
+        cfg = load_config(SegmentationExperiment, resolve_config(config_name or bundled), values)
+        run = train_segmenter(cfg, data, out, resume=resume, device=device)
+        click.echo(json.dumps({"run": str(run.out), "best_checkpoint": str(run.best_checkpoint),
+                               "test": run.test_report}, indent=2))
+
+    return command
+
+
+_segmentation_command("ad", "Train A&D (Diff-VNet, SVDA, DRS, pseudo-label fusion) on labeled + unlabeled cases.")
+_segmentation_command("supervised-seg", "Train the supervised VNet baseline (labeled cases only).")
+_segmentation_command("mean-teacher", "Train the mean-teacher VNet baseline (labeled + unlabeled cases).")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from medssl.atomic import atomic_write
-from medssl.pipeline.preprocess import Intensity, preprocess_ct
+from medssl.pipeline.preprocess import Intensity, PercentileIntensity, preprocess_ct
 from medssl.volume import Volume
 
 __all__ = ["CachedVolume", "VolumeCache"]
@@ -91,17 +91,17 @@ class VolumeCache:
     Args:
         root: cache folder (created if missing); may be shared by experiments.
         spacing_mm: target voxel size in mm, one number (isotropic) or ``(z, y, x)``.
-        intensity: the HU window mapped onto ``[-1, 1]``.
+        intensity: the normalisation onto ``[-1, 1]`` (an HU window or per-volume percentiles).
     """
 
     def __init__(
-        self, root: str | Path, spacing_mm: float | Sequence[float], intensity: Intensity
+        self, root: str | Path, spacing_mm: float | Sequence[float], intensity: Intensity | PercentileIntensity
     ) -> None:
         spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
         if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
             raise ValueError(f"spacing_mm must be positive (z, y, x) mm, got {spacing_mm!r}")
-        if not isinstance(intensity, Intensity):
-            raise TypeError(f"intensity must be a medssl Intensity, got {intensity!r}")
+        if not isinstance(intensity, (Intensity, PercentileIntensity)):
+            raise TypeError(f"intensity must be a medssl Intensity or PercentileIntensity, got {intensity!r}")
         self.root = Path(root)
         self.spacing_mm = tuple(float(s) for s in spacing)
         self.intensity = intensity

@@ -9,7 +9,6 @@ each slice's RescaleSlope / RescaleIntercept.
 from __future__ import annotations
 
 import os
-
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial

@@ -1,4 +1,5 @@
-"""Evaluation metrics, torch-free: LUNA16 FROC and CPM (``noduleCADEvaluationLUNA16.py``)."""
+"""Evaluation metrics, torch-free: LUNA16 FROC and CPM (``noduleCADEvaluationLUNA16.py``),
+and per-class segmentation metrics (Dice, Jaccard, HD95, ASD)."""
 
 from medssl.metrics.froc import (
     CPM_FP_POINTS,
@@ -19,10 +20,16 @@ from medssl.metrics.luna16 import (
     read_seriesuids,
     write_predictions,
 )
+from medssl.metrics.segmentation import (
+    ClassMetrics,
+    segmentation_metrics,
+    summarize_cases,
+)
 
 __all__ = [
     "CPM_FP_POINTS",
     "FP_RATES",
+    "ClassMetrics",
     "FrocResult",
     "Prediction",
     "bootstrap_sensitivities",
@@ -34,6 +41,8 @@ __all__ = [
     "plot_froc",
     "read_predictions",
     "read_seriesuids",
+    "segmentation_metrics",
     "sensitivities_at",
+    "summarize_cases",
     "write_predictions",
 ]

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from medssl.datasets.luna16 import Finding, read_findings
 from medssl.atomic import atomic_write
+from medssl.datasets.luna16 import Finding, read_findings
 from medssl.errors import DatasetLayoutError, EvaluationInputError
 from medssl.metrics.froc import (
     CPM_FP_POINTS,

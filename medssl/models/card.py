@@ -20,7 +20,7 @@ from typing import Any
 from medssl.atomic import atomic_write
 from medssl.errors import ModelCardError
 from medssl.pipeline.detect import DetectionParams
-from medssl.pipeline.preprocess import Intensity
+from medssl.pipeline.preprocess import Intensity, PercentileIntensity, normalisation_from_json
 
 __all__ = [
     "CARD_FILE",
@@ -83,6 +83,7 @@ class Label:
         category: property category (e.g. Morphologically abnormal structure).
         type: property type (e.g. Nodule, SCT 27925004).
         anatomic_region: where it is found (e.g. Lung, SCT 39607008), optional.
+        colour: recommended display colour, RGB 0..255 (a SEG segment's display colour).
     """
 
     value: int
@@ -90,12 +91,19 @@ class Label:
     category: Code
     type: Code
     anatomic_region: Code | None = None
+    colour: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.colour is not None and (len(self.colour) != 3 or any(not 0 <= int(c) <= 255 for c in self.colour)):
+            raise ValueError(f"label {self.name!r}: colour must be three RGB values 0..255, got {self.colour}")
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"value": self.value, "name": self.name,
                                 "category": self.category.to_json(), "type": self.type.to_json()}
         if self.anatomic_region is not None:
             data["anatomic_region"] = self.anatomic_region.to_json()
+        if self.colour is not None:
+            data["colour"] = [int(c) for c in self.colour]
         return data
 
 
@@ -193,7 +201,7 @@ class ModelCard:
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int
     input_spacing: tuple[float, float, float]
-    normalisation: Intensity
+    normalisation: Intensity | PercentileIntensity
     overlap: float
     labels: tuple[Label, ...]
     decoding: Decoding | None = None
@@ -284,8 +292,7 @@ class ModelCard:
         with _naming("outputs"):
             outputs = tuple(_tensor(o) for o in body["outputs"])
         with _naming("normalisation"):
-            norm = {k: v for k, v in body["normalisation"].items() if k != "output_range"}
-            intensity = Intensity(**norm)
+            intensity = normalisation_from_json(body["normalisation"])
         with _naming("labels"):
             labels = tuple(_label(item) for item in body["labels"])
         decoding = None
@@ -364,9 +371,9 @@ def _code(data: Mapping[str, Any]) -> Code:
 
 
 def _label(data: Mapping[str, Any]) -> Label:
-    region = data.get("anatomic_region")
+    region, colour = data.get("anatomic_region"), data.get("colour")
     return Label(int(data["value"]), str(data["name"]), _code(data["category"]), _code(data["type"]),
-                 _code(region) if region else None)
+                 _code(region) if region else None, tuple(int(c) for c in colour) if colour else None)
 
 
 def _problems(card: ModelCard) -> list[str]:

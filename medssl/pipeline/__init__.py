@@ -1,7 +1,7 @@
 """The inference pipeline shared by training evaluation, batch scoring and the gateway.
 
 One implementation of each step: preprocessing (:mod:`~medssl.pipeline.preprocess`),
-sliding windows, and detection post-processing.
+sliding windows, detection post-processing and segmentation blending/resampling.
 """
 
 from medssl.pipeline.detect import (
@@ -12,18 +12,47 @@ from medssl.pipeline.detect import (
     detect,
     detect_preprocessed,
 )
-from medssl.pipeline.preprocess import Intensity, preprocess_ct
+from medssl.pipeline.preprocess import (
+    Intensity,
+    PercentileIntensity,
+    normalisation_from_json,
+    preprocess_ct,
+    resample_to_spacing,
+)
+from medssl.pipeline.segment import (
+    Blending,
+    Normalisation,
+    SegmentationParams,
+    SegmentationResult,
+    SegmentationRunner,
+    importance_map,
+    largest_component,
+    segment,
+    segment_preprocessed,
+)
 from medssl.pipeline.windows import extract_window, plan_windows
 
 __all__ = [
+    "Blending",
     "Detection",
     "DetectionParams",
     "DetectionResult",
     "DetectionRunner",
     "Intensity",
+    "Normalisation",
+    "PercentileIntensity",
+    "SegmentationParams",
+    "SegmentationResult",
+    "SegmentationRunner",
     "detect",
     "detect_preprocessed",
     "extract_window",
+    "importance_map",
+    "largest_component",
+    "normalisation_from_json",
     "plan_windows",
     "preprocess_ct",
+    "resample_to_spacing",
+    "segment",
+    "segment_preprocessed",
 ]

@@ -6,14 +6,15 @@ serving prepare a scan identically.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from medssl.volume import Volume
 
-__all__ = ["Intensity", "preprocess_ct"]
+__all__ = ["Intensity", "PercentileIntensity", "normalisation_from_json", "preprocess_ct", "resample_to_spacing"]
 
 
 @dataclass(frozen=True)
@@ -50,21 +51,87 @@ class Intensity:
         return {"hu_min": self.hu_min, "hu_max": self.hu_max, "pad_hu": self.pad_hu}
 
 
+@dataclass(frozen=True)
+class PercentileIntensity:
+    """Per-volume window: the ``lower``..``upper`` percentiles mapped onto ``[-1, 1]``.
+
+    For data without a calibrated scale (MR) or several domains with different ones: A&D's
+    M&Ms preprocessing clips to the 0.5 / 99.5 percentiles and rescales
+    (``code/utils/__init__.py: read_data``). The percentiles are taken over the whole
+    volume passed to :meth:`apply` (every 7th voxel, which moves them by far less than
+    the noise), so apply it to whole scans, never to patches. Padding is the lower end, -1.
+    """
+
+    lower: float = 0.5
+    upper: float = 99.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.lower < self.upper <= 100:
+            raise ValueError(f"need 0 <= lower < upper <= 100 percentiles, got {self.lower}, {self.upper}")
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """Any-shape array → float32 in ``[-1, 1]``."""
+        sample = np.asarray(array, dtype=np.float32).ravel()[::7]
+        lo, hi = np.percentile(sample, [self.lower, self.upper]) if sample.size else (0.0, 1.0)
+        scale = 2.0 / max(float(hi - lo), 1e-6)
+        out = np.clip(array, lo, hi).astype(np.float32)
+        out -= lo
+        out *= scale
+        out -= 1.0
+        return out
+
+    @property
+    def pad_value(self) -> float:
+        return -1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "percentile", "lower": self.lower, "upper": self.upper}
+
+
+def normalisation_from_json(data: Mapping[str, Any]) -> Intensity | PercentileIntensity:
+    """Inverse of ``to_json`` of either normalisation (no ``kind``: an HU window)."""
+    body = {k: v for k, v in data.items() if k not in ("kind", "output_range")}
+    kind = data.get("kind", "hu_window")
+    if kind == "percentile":
+        return PercentileIntensity(**body)
+    if kind == "hu_window":
+        return Intensity(**body)
+    raise ValueError(f"normalisation kind must be 'hu_window' or 'percentile', got {kind!r}")
+
+
 def preprocess_ct(
-    volume: Volume, spacing_mm: Sequence[float] | float = 1.0, intensity: Intensity | None = None
+    volume: Volume,
+    spacing_mm: Sequence[float] | float = 1.0,
+    intensity: Intensity | PercentileIntensity | None = None,
 ) -> Volume:
     """Resample a HU volume to ``spacing_mm`` (linear) and scale it with ``intensity``.
 
     Args:
         volume: HU volume, any spacing and direction.
         spacing_mm: target voxel size ``(z, y, x)`` mm or one number (isotropic).
-        intensity: the window; default :class:`Intensity()`.
+        intensity: the normalisation; default the HU window :class:`Intensity()`.
 
     Returns:
         A float32 Volume in ``[-1, 1]`` whose affine maps its voxels to the same LPS
         world as the input, so model outputs convert to world mm with ``index_to_world``.
     """
     intensity = intensity or Intensity()
-    target = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
-    resampled = volume if np.allclose(volume.spacing, target, atol=1e-3) else volume.resample(target)
+    resampled = resample_to_spacing(volume, spacing_mm)
     return resampled.with_array(intensity.apply(resampled.array))
+
+
+def resample_to_spacing(volume: Volume, spacing_mm: Sequence[float] | float) -> Volume:
+    """``volume`` on a grid of voxel size ``spacing_mm`` (linear), the step every model input takes.
+
+    A volume already within 1e-3 mm of ``spacing_mm`` on every axis is returned as it is
+    (same object, dtype kept); otherwise :meth:`Volume.resample` makes a float32 copy whose
+    first voxel centre is the input's and whose affine places it in the same LPS world.
+
+    Args:
+        volume: any volume, any spacing and direction.
+        spacing_mm: target voxel size ``(z, y, x)`` mm or one number (isotropic).
+    """
+    target = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
+    if np.allclose(volume.spacing, target, atol=1e-3):
+        return volume
+    return volume.resample(target)

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
+from typing_extensions import Self
 
 from medssl.errors import RunnerError
 from medssl.models.card import ModelCard, TensorSpec
@@ -162,7 +163,7 @@ class BatchedRunner(ABC):
     def close(self) -> None:
         """Release the session or connection."""
 
-    def __enter__(self: _Runner) -> _Runner:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -1,0 +1,187 @@
+"""Segmentation data: domain splits, cached volumes, and training crops.
+
+Every crop is a pure function of ``(seed, stream, index)``, as for the detector
+(:mod:`medssl.training.det_data`), so a run is reproducible with any number of workers
+and a resumed run continues the same stream. Volumes are cached on the model grid
+(:class:`~medssl.training.cache.VolumeCache`); labels are renumbered to ``0..K`` at crop time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medssl.datasets.decathlon import Decathlon, DecathlonCase
+from medssl.errors import MedsslError
+from medssl.pipeline.windows import extract_window
+from medssl.training.cache import CachedVolume, VolumeCache
+from medssl.training.seg_config import SegDataConfig
+from medssl.training.svda import SVDA, apply_svda
+
+__all__ = ["DomainCase", "LabeledVolume", "SegCrops", "SegSplit", "class_names", "label_lookup", "split_domains"]
+
+
+@dataclass(frozen=True)
+class DomainCase:
+    """One case of one domain's Decathlon dataset; ``key`` is unique across domains."""
+
+    domain: str
+    dataset: Decathlon
+    case: DecathlonCase
+
+    @property
+    def key(self) -> str:
+        prefix = "" if self.domain == "." else f"{self.domain}__"
+        return f"{prefix}{self.case.case_id}"
+
+
+@dataclass(frozen=True)
+class SegSplit:
+    """Labeled / unlabeled / validation / test cases of a run."""
+
+    labeled: list[DomainCase]
+    unlabeled: list[DomainCase]
+    validation: list[DomainCase]
+    test: list[DomainCase]
+    labels: dict[int, str]
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {name: [c.key for c in getattr(self, name)] for name in ("labeled", "unlabeled", "validation", "test")}
+
+
+def _open_domain(data: Path, domain: str) -> Decathlon:
+    root = data if domain == "." else data / domain
+    if not (root / "dataset.json").is_file():
+        raise MedsslError(
+            f"{root}: no dataset.json for domain {domain!r}. --data must hold one Decathlon dataset per "
+            f"domain (DATA/<domain>/dataset.json, e.g. from `medssl synth organs --domain {domain} DATA/{domain}`), "
+            "or be a Decathlon dataset itself (domain '.')"
+        )
+    return Decathlon(root)
+
+
+def split_domains(data: str | Path, cfg: SegDataConfig) -> SegSplit:
+    """The run's cases (see :class:`~medssl.training.seg_config.SegDataConfig`).
+
+    Per labeled-pool domain, training cases are shuffled with ``split_seed``; validation
+    cases are dealt round-robin over domains first, then ``labeled_fraction`` of each
+    domain's rest is labeled (at least one), and the remainder is unlabeled.
+
+    Raises:
+        MedsslError: a missing domain folder, a domain with too few cases, or test domains
+            without ``labelsTs``.
+    """
+    data = Path(data)
+    rng = np.random.default_rng(cfg.split_seed)
+    pools: dict[str, list[DomainCase]] = {}
+    labels: dict[int, str] | None = None
+    for domain in cfg.domains:
+        ds = _open_domain(data, domain)
+        labels = labels or dict(ds.labels)
+        cases = [DomainCase(domain, ds, c) for c in ds.training]
+        pools[domain] = [cases[i] for i in rng.permutation(len(cases))]
+    assert labels is not None
+    validation: list[DomainCase] = []
+    for i in range(cfg.n_validation):
+        pool = pools[cfg.domains[i % len(cfg.domains)]]
+        if len(pool) < 2:
+            raise MedsslError(f"not enough training cases to hold out {cfg.n_validation} for validation")
+        validation.append(pool.pop())
+    labeled, unlabeled = [], []
+    for domain, pool in pools.items():
+        n = max(1, round(cfg.labeled_fraction * len(pool)))
+        labeled += pool[:n]
+        unlabeled += pool[n:]
+    for domain in cfg.unlabeled_domains:
+        ds = _open_domain(data, domain)
+        unlabeled += [DomainCase(domain, ds, c) for c in ds.training]
+    test = []
+    for domain in cfg.tested_on:
+        ds = _open_domain(data, domain)
+        missing = [c.case_id for c in ds.test if c.label is None]
+        if missing:
+            raise MedsslError(f"test domain {domain!r}: no labelsTs for {missing[:3]}... (needed to score the test set)")
+        test += [DomainCase(domain, ds, c) for c in ds.test]
+    if cfg.classes:
+        unknown = sorted(set(cfg.classes) - set(labels))
+        if unknown:
+            raise MedsslError(f"data.classes {unknown} are not labels of the dataset ({labels})")
+    return SegSplit(labeled, unlabeled, validation, test, labels)
+
+
+def class_names(split: SegSplit, cfg: SegDataConfig) -> dict[int, str]:
+    """Model class index → name, background 0 included."""
+    codes = list(cfg.classes) or sorted(c for c in split.labels if c > 0)
+    return {0: "background", **{i: split.labels[c] for i, c in enumerate(codes, start=1)}}
+
+
+def label_lookup(split: SegSplit, cfg: SegDataConfig) -> np.ndarray:
+    """uint8 table: dataset label code → model class index (unlisted codes → 0)."""
+    table = np.zeros(256, dtype=np.uint8)
+    codes = list(cfg.classes) or sorted(c for c in split.labels if c > 0)
+    for i, code in enumerate(codes, start=1):
+        table[code] = i
+    return table
+
+
+@dataclass(frozen=True)
+class LabeledVolume:
+    """A cached image and (for labeled cases) its mask on the same grid."""
+
+    image: CachedVolume
+    label: CachedVolume | None
+
+
+def cache_case(cache: VolumeCache, case: DomainCase, with_label: bool) -> LabeledVolume:
+    """Preprocess (once) and memory-map a case, and its label when asked."""
+    image = cache.get(case.key, lambda: case.dataset.image(case.case))
+    label = cache.get_mask(case.key, lambda: case.dataset.label(case.case)) if with_label else None
+    return LabeledVolume(image, label)
+
+
+class SegCrops(Dataset):
+    """Random ``patch`` crops (padded where a volume is smaller), optionally with SVDA.
+
+    Item ``i``: ``image (1, Z, Y, X)`` float32 and, for labeled volumes, ``label (Z, Y, X)``
+    int64 model classes.
+
+    Args:
+        volumes: cached cases; all labeled or all unlabeled.
+        patch: crop ``(z, y, x)``.
+        lookup: label code → class table (:func:`label_lookup`).
+        svda: the augmentation, or ``None`` for crops only.
+        pad_value: normalised intensity outside a volume.
+        seed, stream: the sample stream (labeled and unlabeled crops use different streams).
+    """
+
+    def __init__(self, volumes: Sequence[LabeledVolume], patch: Sequence[int], lookup: np.ndarray,
+                 svda: SVDA | None, pad_value: float, seed: int, stream: int) -> None:
+        if not volumes:
+            raise ValueError("no volumes to crop")
+        self.volumes, self.patch = list(volumes), tuple(int(p) for p in patch)
+        self.lookup, self.svda, self.pad_value = lookup, svda, pad_value
+        self.seed, self.stream = seed, stream
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.stream, index])
+        vol = self.volumes[rng.integers(len(self.volumes))]
+        shape = vol.image.array.shape
+        start = [int(rng.integers(0, max(n - p, 0) + 1)) for n, p in zip(shape, self.patch)]
+        image = extract_window(vol.image.array, start, self.patch, self.pad_value)
+        label = None
+        if vol.label is not None:
+            label = self.lookup[extract_window(vol.label.array, start, self.patch, 0)]
+        if self.svda is not None:
+            image, label = apply_svda(image, label, self.svda.sample(rng), pad_value=self.pad_value)
+        item = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None])}
+        if label is not None:
+            item["label"] = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+        return item

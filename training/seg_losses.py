@@ -1,0 +1,108 @@
+"""Dice + cross-entropy segmentation loss of A&D (L_DiceCE; Wang & Li, NeurIPS 2023, §3.2-3.3).
+
+Follows ``DC_and_CE_loss`` of the official ``code/utils/loss.py`` as ``train_diffusion.py``
+builds it (``make_loss_function('w_ce+dice', weight)`` → ``DC_and_CE_loss(w_dc=weight,
+w_ce=weight)``, aggregate "sum", ``weight_ce = weight_dice = 1``) with its ``SoftDiceLoss``
+(softmax, batch Dice, ``do_bg=False``, smooth 1) and ``RobustCrossEntropyLoss``::
+
+    CE   = cross_entropy(logits, target, weight=w)        # torch mean: Σ w_y·ℓ / Σ w_y
+    dc_k = (2·TP_k + 1) / (2·TP_k + FP_k + FN_k + 1 + 1e-8)   k = 1..C−1, soft TP/FP/FN
+    loss = CE + 1 − mean_k(w_k · dc_k)                    # w_k = 1 when no weights
+
+Choice: the official returns ``−mean(w·dc)``; we add 1 so that an unweighted loss is >= 0. The
+difference is a constant: gradients and the optimum are identical. With DRS weights (which
+can exceed 1) the Dice term may still be negative.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+__all__ = ["as_label_map", "dice_ce_loss", "soft_dice"]
+
+
+def as_label_map(
+    logits: torch.Tensor, target: torch.Tensor, *, check_range: bool = False
+) -> torch.Tensor:
+    """Validate ``target`` against ``logits`` and return it as ``(B, *spatial)`` long.
+
+    Args:
+        logits: ``(B, C, *spatial)``.
+        target: ``(B, *spatial)`` or ``(B, 1, *spatial)`` integer labels.
+        check_range: also check that labels lie in ``[0, C)`` (one host sync on a GPU).
+
+    Returns:
+        The labels on the logits' device.
+    """
+    if logits.ndim < 3:
+        raise ValueError(f"logits must be (B, C, *spatial), got shape {tuple(logits.shape)}")
+    if target.ndim == logits.ndim:
+        if target.shape[1] != 1:
+            raise ValueError(f"target must be (B, 1, *spatial), got shape {tuple(target.shape)}")
+        target = target[:, 0]
+    if target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}"
+        )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer labels, got dtype {target.dtype}")
+    c = logits.shape[1]
+    if check_range and target.numel():
+        lo, hi = int(target.min()), int(target.max())
+        if lo < 0 or hi >= c:
+            raise ValueError(f"target labels must be in [0, {c}), got values in [{lo}, {hi}]")
+    return target.to(device=logits.device, dtype=torch.long)
+
+
+def soft_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft batch Dice per class of ``softmax(logits)`` against one-hot ``target``.
+
+    Args:
+        logits: ``(B, C, *spatial)``.
+        target: ``(B, *spatial)`` or ``(B, 1, *spatial)`` integer labels in ``[0, C)``.
+        smooth: added to numerator and denominator (official ``SoftDiceLoss`` smooth=1; the
+            official also adds 1e-8 to the denominator, kept here).
+
+    Returns:
+        ``(C,)`` float32 Dice per class (background included), summed over batch and space.
+    """
+    target = as_label_map(logits, target)
+    probs = logits.float().softmax(dim=1)
+    onehot = torch.zeros_like(probs).scatter_(1, target.unsqueeze(1), 1.0)
+    axes = [0, *range(2, probs.ndim)]
+    tp = (probs * onehot).sum(axes)
+    fp = probs.sum(axes) - tp
+    fn = onehot.sum(axes) - tp
+    return (2 * tp + smooth) / (2 * tp + fp + fn + smooth + 1e-8)
+
+
+def dice_ce_loss(
+    logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A&D's L_DiceCE: weighted CE + (1 − weighted soft foreground Dice).
+
+    Args:
+        logits: ``(B, C, Z, Y, X)`` raw scores (any number of spatial axes works).
+        target: ``(B, Z, Y, X)`` or ``(B, 1, Z, Y, X)`` integer labels in ``[0, C)``.
+        class_weights: ``(C,)`` weights for both terms (DRS weights), or None for all ones.
+            CE uses them as torch's ``weight`` (mean divided by the summed weights of the
+            targets); Dice multiplies the foreground Dice ``dc[1:]`` by ``w[1:]``.
+
+    Returns:
+        Scalar float32 loss.
+    """
+    target = as_label_map(logits, target)
+    c = logits.shape[1]
+    if class_weights is not None:
+        if class_weights.shape != (c,):
+            raise ValueError(
+                f"class_weights must have shape ({c},), got {tuple(class_weights.shape)}"
+            )
+        class_weights = class_weights.detach().to(device=logits.device, dtype=torch.float32)
+    logits = logits.float()
+    ce = F.cross_entropy(logits, target, weight=class_weights)
+    dice = soft_dice(logits, target)[1:]
+    if class_weights is not None:
+        dice = dice * class_weights[1:]
+    return ce + (1.0 - dice.mean())

@@ -1,0 +1,135 @@
+"""One optimisation step of each segmentation method: supervised, mean teacher, A&D.
+
+Each returns its loss terms; the trainer does backward and the optimiser. Batches come from
+:class:`medssl.training.seg_data.SegCrops`: ``image (B, 1, Z, Y, X)``, ``label (B, Z, Y, X)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from medssl.training.diffusion import LabelDiffusion, label_to_x0
+from medssl.training.drs import DifficultyWeights
+from medssl.training.seg_config import SegmentationExperiment
+from medssl.training.seg_losses import dice_ce_loss
+from medssl.training.vnet import DiffVNet
+
+__all__ = ["ad_step", "ema_update", "gaussian_smooth", "mean_teacher_step", "rampup", "supervised_seg_step"]
+
+
+def rampup(step: int, total_steps: int, fraction: float) -> float:
+    """Sigmoid-shaped ramp-up exp(−5(1 − t)²), t = step / (fraction·total) clipped to 1
+    (Laine & Aila 2017; the official ``sigmoid_rampup``)."""
+    length = fraction * total_steps
+    if length <= 0:
+        return 1.0
+    phase = 1.0 - min(step, length) / length
+    return math.exp(-5.0 * phase * phase)
+
+
+def supervised_seg_step(model: nn.Module, labeled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dice + CE on the labeled crops."""
+    loss = dice_ce_loss(model(labeled["image"]).float(), labeled["label"])
+    return {"loss": loss, "sup": loss}
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher ← decay·teacher + (1 − decay)·student, over parameters only (SSL4MIS
+    ``update_ema_variables``): the teacher runs in train mode, so its BatchNorm uses batch
+    statistics and keeps its own running statistics."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+
+
+def mean_teacher_step(model: nn.Module, teacher: nn.Module, labeled: dict[str, torch.Tensor],
+                      unlabeled: dict[str, torch.Tensor], step: int, cfg: SegmentationExperiment,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Mean teacher (Tarvainen & Valpola 2017) as SSL4MIS ``train_mean_teacher_3D.py``:
+    supervised Dice + CE on labeled crops, plus w(t)·MSE(softmax(student(x)),
+    softmax(teacher(x + noise))) over labeled and unlabeled crops."""
+    mt = cfg.mean_teacher
+    x = torch.cat([labeled["image"], unlabeled["image"]])
+    n = labeled["image"].shape[0]
+    logits = model(x).float()
+    sup = dice_ce_loss(logits[:n], labeled["label"])
+    noise = (torch.randn(x.shape, generator=generator) * mt.noise_std).clamp(-mt.noise_clip, mt.noise_clip)
+    with torch.no_grad():
+        target = torch.softmax(teacher(x + noise.to(x.device)).float(), dim=1)
+    consistency = F.mse_loss(torch.softmax(logits, dim=1), target)
+    weight = mt.consistency * rampup(step, cfg.optim.steps, mt.rampup_fraction)
+    return {"loss": sup + weight * consistency, "sup": sup, "consistency": consistency,
+            "weight": torch.tensor(weight)}
+
+
+def gaussian_smooth(probabilities: torch.Tensor, sigma: float = 1.0, size: int = 3) -> torch.Tensor:
+    """Per-channel ``size³`` Gaussian (normalised to sum 1), ``padding="same"`` with zeros
+    (official ``GaussianSmoothing(num_cls, 3, 1)``). ``(B, C, Z, Y, X)`` → same shape."""
+    r = torch.arange(size, dtype=torch.float32, device=probabilities.device) - (size - 1) / 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    kernel = g[:, None, None] * g[None, :, None] * g[None, None, :]
+    kernel = (kernel / kernel.sum()).to(probabilities.dtype)
+    c = probabilities.shape[1]
+    weight = kernel.expand(c, 1, size, size, size).contiguous()
+    return F.conv3d(probabilities, weight, padding=size // 2, groups=c)
+
+
+@torch.no_grad()
+def _pseudo_label(raw: DiffVNet, image: torch.Tensor, diffusion: LabelDiffusion, rs: bool,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """ŷ = argmax(p_ξ + p_ψ) on unlabeled crops ``(B, 1, Z, Y, X)`` → ``(B, Z, Y, X)``.
+
+    p_ξ: the 10-step DDIM x̂0 (or D_ξ's logits without diffusion), then with RS
+    GaussianSmooth(GumbelSoftmax_τ=1(·)), without RS softmax(·); p_ψ = softmax(D_ψ).
+    Official ``train_diffusion.py`` (``ddim_sample``, ``gumbel_softmax``, ``GaussianSmoothing``).
+    """
+    if raw.time_mlp is not None:
+        shape = (image.shape[0], raw.n_classes, *image.shape[2:])
+        xi = diffusion.ddim_x0(lambda x_t, t: raw.denoise(x_t, t, image), shape, image.device, generator)
+    else:
+        xi = raw.denoise(None, None, image)
+    xi = xi.float()
+    p_xi = gaussian_smooth(F.gumbel_softmax(xi, tau=1.0, dim=1)) if rs else torch.softmax(xi, dim=1)
+    p_psi = torch.softmax(raw.psi(image).float(), dim=1)
+    return torch.argmax(p_xi + p_psi, dim=1)
+
+
+def ad_step(model: nn.Module, raw: DiffVNet, labeled: dict[str, torch.Tensor], unlabeled: dict[str, torch.Tensor],
+            drs: DifficultyWeights | None, step: int, cfg: SegmentationExperiment,
+            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """One A&D step (official ``train_diffusion.py``):
+
+    1. θ ← 0.99·θ + 0.01·(ξ + ψ)/2;
+    2. L_deno = DiceCE(D_ξ(x_l, x_t, t), y) with x_t = q_sample(one_hot(y)·2 − 1, t);
+    3. L_diff = DiceCE(D_ψ(x_l), y) weighted per class by DRS (from D_ξ's hard Dice);
+    4. ŷ = argmax(p_ξ + p_ψ) on x_u (no grad), L_u = DiceCE(D_θ(x_u), ŷ);
+    5. L = L_deno + L_diff + μ·L_u, μ = w_u·exp(−5(1 − e/E)²).
+
+    Args:
+        model: the (possibly DDP-wrapped) :class:`DiffVNet`; ``raw`` is the same unwrapped.
+        drs: the re-weighting state, or ``None`` for uniform weights ("w/o DRS").
+    """
+    ad = cfg.ad
+    raw.average_into_theta(ad.ema)
+    x, y, u = labeled["image"], labeled["label"], unlabeled["image"]
+    x_t = t = None
+    if raw.time_mlp is not None:
+        diffusion = ad.diffusion_process
+        t = diffusion.sample_t(x.shape[0], generator, x.device)
+        noise = torch.randn(x.shape[:1] + (raw.n_classes,) + x.shape[2:], generator=generator).to(x.device)
+        x_t = diffusion.q_sample(label_to_x0(y, raw.n_classes), t, noise)
+    pseudo = _pseudo_label(raw, u, ad.diffusion_process, ad.rs, generator)
+    p_xi, p_psi, p_theta = model(x, x_t=x_t, t=t, unlabeled=u)
+    deno = dice_ce_loss(p_xi.float(), y)
+    weights = drs.update(p_xi.detach().float(), y) if drs is not None else None
+    diff = dice_ce_loss(p_psi.float(), y, weights)
+    unsup = dice_ce_loss(p_theta.float(), pseudo)
+    mu = ad.mu * rampup(step, cfg.optim.steps, ad.rampup_fraction)
+    out = {"loss": deno + diff + mu * unsup, "deno": deno, "diff": diff, "unsup": unsup, "mu": torch.tensor(mu)}
+    if weights is not None:
+        out.update({f"drs/{c}": w for c, w in enumerate(weights.detach().cpu())})
+    return out

@@ -1,0 +1,241 @@
+"""The segmentation trainer behind ``medssl-train ad``, ``supervised-seg`` and ``mean-teacher``.
+
+A run folder holds ``config.yaml``, ``split.json``, ``checkpoints/`` (periodic, ``last.pt``,
+``best.pt`` by validation Dice), ``tensorboard/``, ``log.jsonl`` and, at the end, ``test/``
+(``metrics.json``, ``cases.json``, ``predictions/*.nii.gz``) from the best checkpoint on the
+test domains. Conventions as the detector trainer (:mod:`medssl.training.det_trainer`):
+typed config, checkpoints with RNG state for an exact resume, DDP, cached volumes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medssl.errors import MedsslError
+from medssl.training.cache import VolumeCache
+from medssl.training.checkpoint import CheckpointManager, rng_state, set_rng_state
+from medssl.training.config import config_to_dict, dump_config
+from medssl.training.det_data import IndexStream
+from medssl.training.det_trainer import TrainingDivergedError, default_cache_dir
+from medssl.training.distributed import DistEnv, cleanup, init_distributed, unwrap, wrap_ddp
+from medssl.training.drs import DifficultyWeights
+from medssl.training.logger import TrainLogger
+from medssl.training.seed import seed_everything, worker_init_fn
+from medssl.training.seg_config import SegmentationExperiment
+from medssl.training.seg_data import SegCrops, cache_case, class_names, label_lookup, split_domains
+from medssl.training.seg_eval import (
+    normalisation,
+    segmentation_params,
+    test_segmenter,
+    validate_segmenter,
+)
+from medssl.training.seg_steps import ad_step, ema_update, mean_teacher_step, supervised_seg_step
+from medssl.training.svda import SVDA
+from medssl.training.vnet import DiffVNet, VNet
+
+__all__ = ["CHECKPOINT_KIND", "SegmentationRun", "build_segmenter", "train_segmenter"]
+
+#: ``kind`` of segmentation checkpoints (``medssl-export`` dispatches on it).
+CHECKPOINT_KIND = "medssl.segmenter"
+
+
+@dataclass(frozen=True)
+class SegmentationRun:
+    """What a finished run produced."""
+
+    out: Path
+    best_checkpoint: Path
+    test_report: dict[str, Any] | None
+
+
+def build_segmenter(cfg: SegmentationExperiment, n_classes: int) -> nn.Module:
+    """The trained network: :class:`DiffVNet` for A&D, :class:`VNet` for the baselines."""
+    if cfg.method == "ad":
+        return DiffVNet(cfg.model, n_classes, diffusion=cfg.ad.diffusion)
+    return VNet(cfg.model, n_classes)
+
+
+def inference_net(state: dict[str, Any]) -> nn.Module:
+    """The test-time network of a checkpoint (D_θ path for A&D), eval mode, on the CPU."""
+    from medssl.training.config import config_from_dict
+
+    cfg = config_from_dict(SegmentationExperiment, state["config"])
+    net = build_segmenter(cfg, len(state["classes"]))
+    net.load_state_dict(state["model"])
+    return net.eval()
+
+
+def _poly(step: int, total: int, power: float) -> float:
+    return (1 - step / total) ** power
+
+
+def _stream(dataset: SegCrops, batch: int, start: int, count: int, workers: int, env: DistEnv) -> Iterator[Any]:
+    loader = DataLoader(dataset, batch_size=batch,
+                        sampler=IndexStream(start * batch, count * batch, env.rank, env.world_size),
+                        num_workers=workers, worker_init_fn=worker_init_fn, persistent_workers=workers > 0,
+                        pin_memory=env.device.type == "cuda", drop_last=True)
+    return iter(loader)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_segmenter(cfg: SegmentationExperiment, data: str | Path, out: str | Path, resume: bool = False,
+                    device: str | None = None) -> SegmentationRun:
+    """Train (or resume) a segmentation run and test it on the test domains.
+
+    Args:
+        cfg: the validated experiment; ``cfg.method`` picks the step, ``cfg.data`` the setting.
+        data: a folder of per-domain Decathlon datasets (or one dataset: domain ``"."``).
+        out: the run folder.
+        resume: continue from ``out/checkpoints/last.pt``.
+        device: ``"cpu"``, ``"cuda"``...; default: the DDP rank's GPU, else CPU.
+
+    Raises:
+        TrainingDivergedError: the loss became NaN/inf (the last good checkpoint stays).
+        MedsslError: a bad data layout, no unlabeled cases for an SSL method, or ``resume``
+            without a checkpoint.
+    """
+    env = init_distributed(prefer_cuda=device != "cpu")
+    dev = torch.device(device) if device else env.device
+    try:
+        return _train(cfg, Path(data), Path(out), resume, env, dev)
+    finally:
+        cleanup()
+
+
+def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env: DistEnv,
+           dev: torch.device) -> SegmentationRun:
+    semi = cfg.method != "supervised-seg"
+    seed_everything(cfg.seed + env.rank)
+    d = cfg.data
+    split = split_domains(data, d)
+    if semi and not split.unlabeled:
+        raise MedsslError(f"{cfg.method} needs unlabeled cases: lower data.labeled_fraction or add "
+                          "data.unlabeled_domains")
+    names = class_names(split, d)
+    n_classes = len(names)
+    lookup = label_lookup(split, d)
+    manager = CheckpointManager(out, metric="dice")
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+        (out / "split.json").write_text(json.dumps(split.to_json(), indent=2) + "\n")
+    norm = normalisation(d)
+    cache = VolumeCache(Path(d.cache_dir) if d.cache_dir else default_cache_dir(), d.spacing_mm, norm)
+    labeled = [cache_case(cache, c, True) for c in split.labeled]
+    unlabeled = [cache_case(cache, c, False) for c in split.unlabeled] if semi else []
+    validation = [cache_case(cache, c, True) for c in split.validation]
+    provenance = {"method": cfg.method, "setting": cfg.setting, "data": str(data.resolve()),
+                  "domains": list(d.domains), "unlabeled_domains": list(d.unlabeled_domains),
+                  "test_domains": list(d.tested_on), "n_labeled": len(labeled), "n_unlabeled": len(unlabeled),
+                  "n_validation": len(validation), "n_test": len(split.test)}
+
+    model = build_segmenter(cfg, n_classes).to(dev)
+    teacher = build_segmenter(cfg, n_classes).to(dev) if cfg.method == "mean-teacher" else None
+    drs = DifficultyWeights(n_classes, momentum=cfg.ad.drs_momentum) if cfg.method == "ad" and cfg.ad.drs else None
+    o = cfg.optim
+    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _poly(s, o.steps, o.poly_power))
+    start = 0
+    if resume:
+        last = manager.latest()
+        if last is None:
+            raise MedsslError(f"{out}: nothing to resume (no checkpoints/last.pt)")
+        state = manager.load(last)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if teacher is not None:
+            teacher.load_state_dict(state["teacher"])
+        if drs is not None:
+            drs.load_state_dict(state["drs"])
+        set_rng_state(state["rng"])
+        start = int(state["step"])
+    elif teacher is not None:
+        teacher.load_state_dict(model.state_dict())
+    if teacher is not None:
+        teacher.train()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    model = wrap_ddp(model, env)
+    model.train()
+
+    svda = SVDA() if d.svda else None
+    pad = norm.pad_value
+    batch = o.batch_size
+    labeled_stream = _stream(SegCrops(labeled, d.patch, lookup, svda, pad, cfg.seed, 1), batch, start,
+                             o.steps - start, d.workers, env)
+    unlabeled_stream = (_stream(SegCrops(unlabeled, d.patch, lookup, svda, pad, cfg.seed, 2), batch, start,
+                                o.steps - start, d.workers, env) if semi else None)
+    params = segmentation_params(cfg, n_classes)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dev.type == "cuda" else nullcontext()
+
+    def state(step: int, metrics: dict[str, float] | None) -> dict[str, Any]:
+        return {
+            "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "config": config_to_dict(cfg), "step": step, "rng": rng_state(),
+            "kind": CHECKPOINT_KIND, "classes": {str(k): v for k, v in names.items()},
+            "teacher": teacher.state_dict() if teacher is not None else None,
+            "drs": drs.state_dict() if drs is not None else None,
+            "provenance": provenance, "metrics": dict(metrics or {}),
+        }
+
+    with TrainLogger(out, o.steps, enabled=env.is_main) as logger:
+        for step in range(start, o.steps):
+            generator = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, 5, step, env.rank])
+                                                          .integers(2**62)))
+            lab = _to(next(labeled_stream), dev)
+            with amp:
+                if cfg.method == "ad":
+                    assert unlabeled_stream is not None
+                    losses = ad_step(model, unwrap(model), lab, _to(next(unlabeled_stream), dev), drs, step, cfg,
+                                     generator)
+                elif teacher is not None:
+                    assert unlabeled_stream is not None
+                    losses = mean_teacher_step(model, teacher, lab, _to(next(unlabeled_stream), dev), step, cfg,
+                                               generator)
+                else:
+                    losses = supervised_seg_step(model, lab)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"loss became {loss.item()} at step {step}; stopping. The last good checkpoint "
+                    f"({manager.latest() or 'none yet'}) is kept; lower optim.lr or check the data.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if teacher is not None:
+                ema_update(teacher, unwrap(model), cfg.mean_teacher.ema)
+            scalars = {k: float(v.detach()) for k, v in losses.items()}
+            logger.log(step + 1, lr=scheduler.get_last_lr()[0], **scalars)
+            logger.advance(step + 1, loss=scalars["loss"])
+            if (step + 1) % cfg.eval.every == 0 or step + 1 == o.steps:
+                metrics = None
+                if env.is_main and validation:
+                    metrics = validate_segmenter(unwrap(model), validation, lookup, params, dev, cfg.amp)
+                    logger.log(step + 1, **{f"val/{k}": v for k, v in metrics.items()})
+                if env.is_main:
+                    manager.save(state(step + 1, metrics), step + 1, metrics)
+    if not env.is_main:
+        return SegmentationRun(out, manager.latest() or out, None)
+    best = manager.best() or manager.latest()
+    assert best is not None
+    net = inference_net(manager.load(best)).to(dev)
+    report = (test_segmenter(net, split.test, lookup, params, names, dev, cfg.amp, out / "test")
+              if split.test else None)
+    return SegmentationRun(out, best, report)
+
