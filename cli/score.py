@@ -100,12 +100,16 @@ def score(source: Path, model: str, repository: Path | None, model_version: int 
 
 
 def _print_findings(out: Path, top: int = 10) -> None:
-    """The most probable findings of the run, one line each (LPS mm)."""
+    """The most probable findings of the run, one line each (LPS mm); for a segmentation
+    model, the label volumes per series."""
     import pyarrow.parquet as pq
 
     rows = pq.read_table(out / "findings.parquet").to_pylist()
     if not rows:
         click.echo("no findings")
+        return
+    if rows[0]["volume_ml"] is not None:
+        _print_volumes(rows, top)
         return
     rows.sort(key=lambda r: -r["probability"])
     table = Table(title=f"top {min(top, len(rows))} of {len(rows)} findings (findings.parquet)")
@@ -114,4 +118,17 @@ def _print_findings(out: Path, top: int = 10) -> None:
     for r in rows[:top]:
         table.add_row(r["series_uid"][-24:], f"{r['x_mm']:.1f}", f"{r['y_mm']:.1f}", f"{r['z_mm']:.1f}",
                       f"{r['diameter_mm']:.1f}", f"{r['probability']:.3f}")
+    Console().print(table)
+
+
+def _print_volumes(rows: list[dict], top: int) -> None:
+    """Segmentation runs: the volume of each label per series (the first ``top`` series)."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    series = list(dict.fromkeys(r["key"] for r in rows))
+    table = Table(title=f"volumes (mL) of {min(top, len(series))} of {len(series)} series (findings.parquet)")
+    for column in ("series", *labels):
+        table.add_column(column, justify="right")
+    by_key = {(r["key"], r["label"]): r["volume_ml"] for r in rows}
+    for key in series[:top]:
+        table.add_row(key[-24:], *(f"{by_key.get((key, label), 0.0):.1f}" for label in labels))
     Console().print(table)

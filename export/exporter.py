@@ -148,14 +148,23 @@ def _code_version() -> dict[str, Any]:
 
 
 def _test_metrics(checkpoint: Path) -> dict[str, Any]:
-    """``{"test_metrics": ...}`` from the run folder's ``test/cpm.json`` (medssl-train writes it
-    after the run), when the checkpoint sits in ``<run>/checkpoints/``; else ``{}``."""
-    report = checkpoint.parent.parent / "test" / "cpm.json"
-    if checkpoint.parent.name != "checkpoints" or not report.is_file():
+    """``{"test_metrics": ...}`` from the run folder's test report (medssl-train writes it after
+    the run: ``test/cpm.json`` for detectors, ``test/metrics.json`` for segmenters), when the
+    checkpoint sits in ``<run>/checkpoints/``; else ``{}``."""
+    if checkpoint.parent.name != "checkpoints":
         return {}
-    data = json.loads(report.read_text(encoding="utf-8"))
-    keys = ("cpm", "cpm_ci", "fp_rates", "sensitivities", "n_scans", "n_nodules")
-    return {"test_metrics": {"source": str(report.resolve()), **{k: data[k] for k in keys if k in data}}}
+    test = checkpoint.parent.parent / "test"
+    if (test / "cpm.json").is_file():
+        report = test / "cpm.json"
+        data = json.loads(report.read_text(encoding="utf-8"))
+        keys = ("cpm", "cpm_ci", "fp_rates", "sensitivities", "n_scans", "n_nodules")
+        return {"test_metrics": {"source": str(report.resolve()), **{k: data[k] for k in keys if k in data}}}
+    if (test / "metrics.json").is_file():
+        report = test / "metrics.json"
+        data = json.loads(report.read_text(encoding="utf-8"))
+        return {"test_metrics": {"source": str(report.resolve()), "n_cases": data.get("n_cases"),
+                                 "mean": data.get("mean"), "classes": data.get("classes")}}
+    return {}
 
 
 def _parity_inputs(ex: Exportable, seed: int) -> dict[str, np.ndarray]:
@@ -164,7 +173,7 @@ def _parity_inputs(ex: Exportable, seed: int) -> dict[str, np.ndarray]:
     return {
         f"random normal, batch 2, {shape}": rng.standard_normal((2, *shape), dtype=np.float32),
         f"random uniform [-1, 1], batch 1, {shape}": rng.uniform(-1, 1, (1, *shape)).astype(np.float32),
-        "synthetic chest CT patch around a nodule, batch 1": ex.synthetic_patch(seed),
+        f"{ex.sample_name}, batch 1": ex.synthetic_patch(seed),
     }
 
 

@@ -1,8 +1,8 @@
 """What each kind of medssl checkpoint exports to: the graph, its card fields and test inputs.
 
 A checkpoint names its model type in ``state["kind"]``; :data:`EXPORTERS` maps a kind to a
-function building an :class:`Exportable`. Detection is here; segmentation kinds register
-next to their trainers' checkpoint format.
+function building an :class:`Exportable`: ``medssl.detector`` (FocalMix and its baseline) and
+``medssl.segmenter`` (A&D and the segmentation baselines).
 """
 
 from __future__ import annotations
@@ -17,14 +17,18 @@ import torch
 
 from medssl.errors import CheckpointError, ConfigError, ExportError
 from medssl.models.card import NODULE_LABEL, Decoding, Label, Task, TensorSpec
-from medssl.pipeline.preprocess import Intensity
-from medssl.synth.patches import chest_patch
+from medssl.models.anatomy import organ_label
+from medssl.pipeline.preprocess import Intensity, PercentileIntensity
+from medssl.synth.patches import chest_patch, organ_patch
 from medssl.training.config import config_from_dict
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_eval import detection_params
 from medssl.training.detector import DetectorInference, FPNDetector
+from medssl.training.seg_config import SegmentationExperiment
+from medssl.training.seg_eval import segmentation_params
+from medssl.training.seg_trainer import CHECKPOINT_KIND, inference_net
 
-__all__ = ["EXPORTERS", "Exportable", "exportable"]
+__all__ = ["EXPORTERS", "Exportable", "SegmenterInference", "exportable"]
 
 
 @dataclass
@@ -42,6 +46,9 @@ class Exportable:
         labels: output classes and their codes.
         decoding: detection post-processing (None for segmentation).
         provenance: what the checkpoint says about its training.
+        sample: ``seed -> (1, *input.shape)`` float32, a realistic preprocessed input for
+            parity checks (a synthetic CT patch of the anatomy the model is for).
+        sample_name: what ``sample`` is, for the parity report.
     """
 
     module: torch.nn.Module
@@ -49,15 +56,17 @@ class Exportable:
     input: TensorSpec
     outputs: tuple[TensorSpec, ...]
     input_spacing: tuple[float, float, float]
-    normalisation: Intensity
+    normalisation: Intensity | PercentileIntensity
     overlap: float
     labels: tuple[Label, ...]
+    sample: Callable[[int], np.ndarray]
+    sample_name: str
     decoding: Decoding | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def synthetic_patch(self, seed: int = 0) -> np.ndarray:
-        """A preprocessed synthetic chest CT patch ``(1, *input.shape)`` for parity checks."""
-        return chest_patch(self.input.shape[1:], self.input_spacing, self.normalisation, seed)
+        """:attr:`sample` for ``seed``: ``(1, *input.shape)`` float32."""
+        return self.sample(seed)
 
 
 def _detector(state: Mapping[str, Any], path: Path) -> Exportable:
@@ -92,6 +101,8 @@ def _detector(state: Mapping[str, Any], path: Path) -> Exportable:
         normalisation=params.intensity,
         overlap=params.overlap,
         labels=(NODULE_LABEL,),
+        sample=lambda seed: chest_patch((w, w, w), params.spacing_mm, params.intensity, seed),
+        sample_name="synthetic chest CT patch around a nodule",
         decoding=Decoding(
             divisor=params.divisor, score_threshold=params.score_threshold,
             pre_nms_top_k=params.pre_nms_top_k, nms_iou=params.nms_iou,
@@ -102,8 +113,56 @@ def _detector(state: Mapping[str, Any], path: Path) -> Exportable:
     )
 
 
+class SegmenterInference(torch.nn.Module):
+    """``patches (B, 1, Z, Y, X)`` → class probabilities ``(B, C, Z, Y, X)`` (softmax in the
+    graph); A&D's Diff-VNet runs its test-time path, the image stem, encoder and D_θ."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(patches), dim=1)
+
+
+def _segmenter(state: Mapping[str, Any], path: Path) -> Exportable:
+    """An A&D / supervised / mean-teacher segmenter checkpoint (``kind: medssl.segmenter``)."""
+    try:
+        cfg = config_from_dict(SegmentationExperiment, state["config"])
+        classes = {int(k): str(v) for k, v in state["classes"].items()}
+    except (KeyError, ValueError, ConfigError) as exc:
+        raise CheckpointError(path, f"the checkpoint's config or classes are missing or invalid ({exc})") from exc
+    try:
+        net = inference_net(state)
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(path, f"weights do not fit the configured network ({exc})") from exc
+    params = segmentation_params(cfg, len(classes))
+    z, y, x = params.window
+    grid = "x".join(f"{s:g}" for s in params.spacing_mm)
+    provenance = {**dict(state.get("provenance") or {}), "method": cfg.method, "setting": cfg.setting,
+                  "step": state.get("step"), "validation_metrics": dict(state.get("metrics") or {})}
+    return Exportable(
+        module=SegmenterInference(net).eval(),
+        task=Task.SEGMENTATION,
+        input=TensorSpec("patches", "FP32", (1, z, y, x),
+                         f"image patch (channel, z, y, x) on {grid} mm voxels, normalised to [-1, 1]"),
+        outputs=(TensorSpec("probabilities", "FP32", (len(classes), z, y, x),
+                            "softmax class probabilities per voxel, class 0 background"),),
+        input_spacing=params.spacing_mm,
+        normalisation=params.normalisation,
+        overlap=params.overlap,
+        labels=tuple(organ_label(c, n) for c, n in sorted(classes.items()) if c > 0),
+        sample=lambda seed: organ_patch((z, y, x), params.spacing_mm, params.normalisation, seed),
+        sample_name="synthetic abdominal CT patch around the liver",
+        provenance=provenance,
+    )
+
+
 #: checkpoint ``kind`` → builder.
-EXPORTERS: dict[str, Callable[[Mapping[str, Any], Path], Exportable]] = {"medssl.detector": _detector}
+EXPORTERS: dict[str, Callable[[Mapping[str, Any], Path], Exportable]] = {
+    "medssl.detector": _detector,
+    CHECKPOINT_KIND: _segmenter,
+}
 
 
 def exportable(state: Mapping[str, Any], path: str | Path) -> Exportable:

@@ -79,6 +79,7 @@ def label_seg(
             tracking_uid=derived_uid(series_uid, card.name, card.version, f"segment-{label.value}"),
             tracking_id=label.name,
             anatomic_regions=[coded(label.anatomic_region)] if label.anatomic_region else None,
+            display_color=hd.color.CIELabColor.from_rgb(*label.colour) if label.colour else None,
         )
         for number, label in enumerate(card.labels, start=1)
     ]

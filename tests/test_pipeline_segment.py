@@ -224,7 +224,7 @@ def test_a_rotated_model_grid_is_resampled_through_the_general_path(monkeypatch)
     probs = ndimage.gaussian_filter(rng.uniform(size=(n_classes, *model_grid.shape)), (0, 1, 1, 1))
     probs = probs.astype(np.float32)
     labels = MODULE._argmax_on_grid(
-        probs, np.argmax(probs, axis=0), model_grid.affine, source, np.uint8
+        probs, np.argmax(probs, axis=0), model_grid.affine, source.shape, source.affine, np.uint8
     )
     expected = _reference_labels(probs, model_grid, source)
     assert labels.dtype == np.uint8

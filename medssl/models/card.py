@@ -20,6 +20,7 @@ from typing import Any
 from medssl.atomic import atomic_write
 from medssl.errors import ModelCardError
 from medssl.pipeline.detect import DetectionParams
+from medssl.pipeline.segment import SegmentationParams
 from medssl.pipeline.preprocess import Intensity, PercentileIntensity, normalisation_from_json
 
 __all__ = [
@@ -245,6 +246,18 @@ class ModelCard:
             max_detections=d.max_detections, min_diameter_mm=d.min_diameter_mm,
         )
 
+    def segmentation_params(self, batch_size: int = 2) -> SegmentationParams:
+        """The shared pipeline's parameters for this segmenter (Gaussian blending).
+
+        Raises:
+            ValueError: the card is not a segmentation card.
+        """
+        if self.task is not Task.SEGMENTATION:
+            raise ValueError(f"model {self.name!r} is a {self.task.value} model, not a segmenter")
+        return SegmentationParams(spacing_mm=self.input_spacing, normalisation=self.normalisation,
+                                  window=self.patch_size, n_classes=len(self.labels) + 1, overlap=self.overlap,
+                                  batch_size=batch_size)
+
     def to_json(self) -> dict[str, Any]:
         """The card as a JSON object (key order as written to ``medssl.json``)."""
         return {
@@ -407,7 +420,15 @@ def _problems(card: ModelCard) -> list[str]:
             problems.append("a detection card needs 'decoding'")
         if card.output_names != ("boxes", "scores"):
             problems.append(f"detection outputs must be ('boxes', 'scores'), got {card.output_names}")
-    elif card.decoding is not None:
-        problems.append("'decoding' is for detection cards only")
+    else:
+        if card.decoding is not None:
+            problems.append("'decoding' is for detection cards only")
+        shape = card.outputs[0].shape if len(card.outputs) == 1 else ()
+        if len(shape) != 4 or shape[0] != len(card.labels) + 1 or tuple(shape[1:]) != tuple(card.input.shape[1:]):
+            problems.append(f"a segmentation card has one output (C, Z, Y, X) with C = {len(card.labels) + 1} "
+                            f"(background + labels) and the input's patch, got "
+                            f"{[o.shape for o in card.outputs]} for input {card.input.shape}")
+        if values and sorted(values) != list(range(1, len(values) + 1)):
+            problems.append(f"segmentation label values must be 1..{len(values)} (output channels), got {values}")
     return problems
 

@@ -27,7 +27,9 @@ from medssl.pipeline.segment import (
     SegmentationRunner,
     importance_map,
     largest_component,
+    prepare_segmentation,
     segment,
+    segment_prepared,
     segment_preprocessed,
 )
 from medssl.pipeline.windows import extract_window, plan_windows
@@ -51,8 +53,10 @@ __all__ = [
     "largest_component",
     "normalisation_from_json",
     "plan_windows",
+    "prepare_segmentation",
     "preprocess_ct",
     "resample_to_spacing",
     "segment",
+    "segment_prepared",
     "segment_preprocessed",
 ]

@@ -56,7 +56,9 @@ __all__ = [
     "SegmentationRunner",
     "importance_map",
     "largest_component",
+    "prepare_segmentation",
     "segment",
+    "segment_prepared",
     "segment_preprocessed",
 ]
 
@@ -81,7 +83,8 @@ class SegmentationRunner(Protocol):
     * ``scores``: ``(B, C, wz, wy, wx)`` per-class scores, ``C = params.n_classes``
       (background included). The exported graphs (ONNX, TensorRT) end with the softmax, so
       these are probabilities; the pipeline only needs them comparable across classes and
-      does not assume they sum exactly to 1 (float16 engines do not).
+      does not assume they sum exactly to 1 (float16 engines do not). A one-element tuple
+      holding that array is accepted too (the :mod:`medssl.runners` convention).
     """
 
     def __call__(self, patches: np.ndarray) -> np.ndarray: ...
@@ -321,17 +324,45 @@ def segment(
         ValueError: the normalisation changed the array's shape, or the runner broke its
             contract (shapes, non-finite scores).
     """
-    timings = dict.fromkeys(
-        ("resample", "normalise", "inference", "blend", "resample_back", "postprocess"), 0.0
-    )
+    timings = _new_timings()
+    prepared = prepare_segmentation(volume, params, timings)
+    result = segment_prepared(prepared, volume.shape, volume.affine, runner, params, timings)
+    result.labels.meta.update(volume.meta)
+    return result
+
+
+def _new_timings() -> dict[str, float]:
+    return dict.fromkeys(("resample", "normalise", "inference", "blend", "resample_back", "postprocess"), 0.0)
+
+
+def prepare_segmentation(volume: Volume, params: SegmentationParams,
+                         timings: dict[str, float] | None = None) -> Volume:
+    """Resample ``volume`` to the model grid and normalise it (the CPU half of :func:`segment`,
+    which batch scoring runs in worker processes). Adds ``resample`` and ``normalise`` seconds
+    to ``timings`` when given."""
     tic = perf_counter()
     resampled = resample_to_spacing(volume, params.spacing_mm)
-    timings["resample"] = perf_counter() - tic
-
+    if timings is not None:
+        timings["resample"] = perf_counter() - tic
     tic = perf_counter()
     prepared = resampled.with_array(_normalised(resampled.array, params.normalisation))
-    timings["normalise"] = perf_counter() - tic
+    if timings is not None:
+        timings["normalise"] = perf_counter() - tic
+    return prepared
 
+
+def segment_prepared(
+    prepared: Volume,
+    source_shape: Sequence[int],
+    source_affine: np.ndarray,
+    runner: SegmentationRunner,
+    params: SegmentationParams,
+    timings: dict[str, float] | None = None,
+) -> SegmentationResult:
+    """The model half of :func:`segment`: sliding windows on ``prepared`` (the output of
+    :func:`prepare_segmentation`), then labels on the source grid ``source_shape`` /
+    ``source_affine`` (index ``(z, y, x)`` → LPS), post-processing and volumes."""
+    timings = _new_timings() if timings is None else timings
     probabilities, n_windows = _blend_windows(prepared, runner, params, timings)
 
     tic = perf_counter()
@@ -340,18 +371,20 @@ def segment(
     timings["postprocess"] += perf_counter() - tic
 
     tic = perf_counter()
-    labels = _argmax_on_grid(probabilities, model_labels, prepared.affine, volume, dtype)
+    shape = tuple(int(n) for n in source_shape)
+    affine = np.asarray(source_affine, dtype=np.float64)
+    labels = _argmax_on_grid(probabilities, model_labels, prepared.affine, shape, affine, dtype)
     del probabilities
     timings["resample_back"] = perf_counter() - tic
 
     tic = perf_counter()
     if params.largest_component:
         labels = largest_component(labels, params.largest_component)
-    volumes_ml = _volumes_ml(labels, volume.affine, params.n_classes)
+    volumes_ml = _volumes_ml(labels, affine, params.n_classes)
     timings["postprocess"] += perf_counter() - tic
 
     return SegmentationResult(
-        labels=Volume(labels, volume.affine.copy(), dict(volume.meta)),
+        labels=Volume(labels, affine.copy()),
         model_grid_labels=prepared.with_array(model_labels),
         timings=timings,
         volumes_ml=volumes_ml,
@@ -475,7 +508,12 @@ def _overlap_slices(
 
 
 def _checked_scores(scores: Any, batch: int, params: SegmentationParams) -> np.ndarray:
-    """Runner output as float32 ``(B, C, wz, wy, wx)``, or a ValueError naming the shapes."""
+    """Runner output as float32 ``(B, C, wz, wy, wx)``, or a ValueError naming the shapes.
+
+    A one-element tuple (what :mod:`medssl.runners` return for a one-output card) is unwrapped.
+    """
+    if isinstance(scores, (tuple, list)) and len(scores) == 1:
+        scores = scores[0]
     scores = np.asarray(scores)
     expected = (batch, params.n_classes, *params.window)
     if scores.shape != expected:
@@ -493,12 +531,13 @@ def _argmax_on_grid(
     probabilities: np.ndarray,
     model_labels: np.ndarray,
     model_affine: np.ndarray,
-    source: Volume,
+    source_shape: tuple[int, ...],
+    source_affine: np.ndarray,
     dtype: type[np.unsignedinteger],
 ) -> np.ndarray:
-    """Argmax of ``probabilities (C, z, y, x)`` resampled, class by class, to ``source``'s grid.
+    """Argmax of ``probabilities (C, z, y, x)`` resampled, class by class, to the source grid.
 
-    Source voxel centres map into the model grid through ``inv(model_affine) @ source.affine``;
+    Source voxel centres map into the model grid through ``inv(model_affine) @ source_affine``;
     each class is interpolated linearly there, points past the model grid's last voxel centre
     taking the edge value: ``scipy.ndimage.map_coordinates(order=1, mode="nearest")`` on
     those points. The source grid is filled in slabs of whole z slices; per slab, a running
@@ -509,18 +548,18 @@ def _argmax_on_grid(
     interpolations (gathers and lerps; some 20x faster than scipy's generic interpolator);
     otherwise ``scipy.ndimage.affine_transform`` interpolates each slab.
     """
-    mapping = np.linalg.inv(model_affine) @ source.affine
-    if source.shape == model_labels.shape and np.allclose(mapping, np.eye(4), atol=1e-6):
+    mapping = np.linalg.inv(model_affine) @ source_affine
+    if source_shape == model_labels.shape and np.allclose(mapping, np.eye(4), atol=1e-6):
         return model_labels.copy()
     matrix, offset = mapping[:3, :3], mapping[:3, 3]
-    rows, cols = source.shape[1], source.shape[2]
-    labels = np.zeros(source.shape, dtype=dtype)
+    rows, cols = source_shape[1], source_shape[2]
+    labels = np.zeros(source_shape, dtype=dtype)
     step = max(1, _SLAB_VOXELS // (rows * cols))
     if np.allclose(matrix, np.diag(np.diag(matrix)), atol=1e-9):
         grid = probabilities.shape[1:]
         coords = [
             np.clip(matrix[a, a] * np.arange(n) + offset[a], 0.0, grid[a] - 1)
-            for a, n in enumerate(source.shape)
+            for a, n in enumerate(source_shape)
         ]
 
         def resample(channel: np.ndarray, z0: int, z1: int) -> np.ndarray:
@@ -538,8 +577,8 @@ def _argmax_on_grid(
                 output=np.float32, order=1, mode="nearest", prefilter=False,
             )
 
-    for z0 in range(0, source.shape[0], step):
-        z1 = min(z0 + step, source.shape[0])
+    for z0 in range(0, source_shape[0], step):
+        z1 = min(z0 + step, source_shape[0])
         best = resample(probabilities[0], z0, z1)
         slab_labels = labels[z0:z1]
         for label in range(1, probabilities.shape[0]):

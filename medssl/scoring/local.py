@@ -20,7 +20,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from medssl.models.card import ModelCard
 from medssl.scoring.manifest import ScanItem
 from medssl.scoring.run import RunnerSpec, ScoreOptions
-from medssl.scoring.series import Prepared, Scored, infer, prepare
+from medssl.scoring.series import Prepared, Scored, infer, model_params, prepare
 
 __all__ = ["run_local"]
 
@@ -39,12 +39,12 @@ def _die_with_parent() -> None:
 
 def run_local(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, options: ScoreOptions) -> Iterator[Scored]:
     """Score ``items`` in order; yields one result per item as soon as it is done."""
-    params = card.detection_params(options.batch_size)
+    params = model_params(card, options.batch_size)
     runner = spec.open()
     try:
         if options.workers == 0:
             for item in items:
-                yield infer(prepare(item, params), runner, card, params, options.dicom)
+                yield infer(prepare(item, params), runner, card, params, options.dicom, options.label_maps)
             return
         # spawn: workers must not inherit the runner's threads (onnxruntime, gRPC) by fork.
         context = multiprocessing.get_context("spawn")
@@ -61,6 +61,6 @@ def run_local(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, opti
                 nxt = next(queue, None)
                 if nxt is not None:
                     pending.append(pool.submit(prepare, nxt, params))
-                yield infer(prepared, runner, card, params, options.dicom)
+                yield infer(prepared, runner, card, params, options.dicom, options.label_maps)
     finally:
         runner.close()

@@ -35,16 +35,16 @@ import logging
 import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from medssl.errors import MedsslError
 from medssl.models.card import ModelCard
-from medssl.pipeline.detect import DetectionParams
 from medssl.scoring.manifest import ScanItem
 from medssl.scoring.run import RunnerSpec, ScoreOptions
-from medssl.scoring.series import DicomOutput, Prepared, Scored, infer, prepare
+from medssl.scoring.series import DicomOutput, ModelParams, Prepared, Scored, infer, model_params, prepare
 
 __all__ = ["run_ray"]
 
@@ -56,7 +56,7 @@ def _blobs(keys: list[str], column: str, blobs: list[bytes]) -> pa.Table:
                      column: pa.array(blobs, pa.large_binary())})
 
 
-def _prepare_batch(batch: pa.Table, params: DetectionParams) -> pa.Table:
+def _prepare_batch(batch: pa.Table, params: ModelParams) -> pa.Table:
     """Ray task body: ``item`` (JSON) rows → ``key`` + pickled :class:`Prepared` rows."""
     keys, blobs = [], []
     for text in batch.column("item").to_pylist():
@@ -74,21 +74,22 @@ class _InferActor:
         spec: how to open the runner (once per actor).
         card: the model card (for the result rows).
         params: detection parameters (``card.detection_params(batch_size)``).
-        dicom: where SRs go (``ScoreOptions.dicom``), or None.
+        dicom: where SRs / SEGs go (``ScoreOptions.dicom``), or None.
+        label_maps: where segmentation label maps go (``ScoreOptions.label_maps``).
     """
 
-    def __init__(self, spec: RunnerSpec, card: ModelCard, params: DetectionParams,
-                 dicom: DicomOutput | None) -> None:
+    def __init__(self, spec: RunnerSpec, card: ModelCard, params: ModelParams,
+                 dicom: DicomOutput | None, label_maps: Path | None = None) -> None:
         self.card = card
         self.params = params
-        self.dicom = dicom
+        self.dicom, self.label_maps = dicom, label_maps
         self.runner = spec.open()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         keys, blobs = [], []
         for blob in batch.column("prepared").to_pylist():
             prepared: Prepared = pickle.loads(blob)
-            scored = infer(prepared, self.runner, self.card, self.params, self.dicom)  # never raises
+            scored = infer(prepared, self.runner, self.card, self.params, self.dicom, self.label_maps)  # never raises
             keys.append(prepared.item.key)
             blobs.append(pickle.dumps(scored, protocol=_PICKLE))
         return _blobs(keys, "scored", blobs)
@@ -144,7 +145,7 @@ def _quiet_console() -> list[logging.Handler]:
 
 
 def _dataset(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, options: ScoreOptions,
-             params: DetectionParams) -> Any:
+             params: ModelParams) -> Any:
     """The lazy Ray Data pipeline (nothing runs until it is iterated)."""
     import ray.data
 
@@ -164,7 +165,7 @@ def _dataset(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, optio
                             compute=ray.data.TaskPoolStrategy(size=max(1, options.workers)))
         return ds.map_batches(_InferActor,
                               fn_constructor_kwargs={"spec": spec, "card": card, "params": params,
-                                                     "dicom": options.dicom},
+                                                     "dicom": options.dicom, "label_maps": options.label_maps},
                               batch_size=1, batch_format="pyarrow",
                               compute=ray.data.ActorPoolStrategy(size=1),
                               num_gpus=options.ray_num_gpus or None)
@@ -193,7 +194,7 @@ def run_ray(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard,
     """
     if not items:
         return
-    params = card.detection_params(options.batch_size)
+    params = model_params(card, options.batch_size)
     spec = replace(spec, repository=spec.repository.resolve())
     started = _start_ray(options)
     quiet: list[logging.Handler] = []

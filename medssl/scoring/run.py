@@ -13,7 +13,7 @@ import io
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,8 +74,9 @@ class ScoreOptions:
         limit: score at most this many series (after selection and resume).
         ray_address: an existing Ray cluster (``auto``), or None for a local one.
         ray_num_gpus: GPUs per inference actor (ray engine).
-        dicom: write a TID 1500 SR for each scored DICOM series
-            (:class:`~medssl.scoring.series.DicomOutput`); None writes none.
+        dicom: write a TID 1500 SR (detection) or DICOM SEG (segmentation) for each scored
+            DICOM series (:class:`~medssl.scoring.series.DicomOutput`); None writes none.
+        label_maps: segmentation label maps folder; :func:`score` sets ``OUT/labels``.
     """
 
     engine: str = "local"
@@ -85,6 +86,7 @@ class ScoreOptions:
     ray_address: str | None = None
     ray_num_gpus: float = 0.0
     dicom: DicomOutput | None = None
+    label_maps: Path | None = None
 
     def __post_init__(self) -> None:
         if self.engine not in ("local", "ray"):
@@ -163,9 +165,8 @@ def score(source: str | Path, out_dir: str | Path, spec: RunnerSpec, rules: Sele
     """
     options = options or ScoreOptions()
     card = spec.card()
-    if card.task is not Task.DETECTION:
-        raise MedsslError(f"model {card.name!r} is a {card.task.value} model; medssl-score scores "
-                          "detection models (segmentation summaries come with the segmentation models)")
+    if card.task is Task.SEGMENTATION:
+        options = replace(options, label_maps=(Path(out_dir) / "labels").resolve())
     manifest = build_manifest(source)
     store = ResultStore(out_dir)
     try:

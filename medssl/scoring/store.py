@@ -31,12 +31,16 @@ SERIES_COLUMNS: dict[str, pa.DataType] = {
     "read_s": pa.float64(), "preprocess_s": pa.float64(), "inference_s": pa.float64(),
     "postprocess_s": pa.float64(), "n_windows": pa.int64(),
     "n_findings": pa.int64(), "max_probability": pa.float64(), "dicom_outputs": pa.string(),
+    "label_map": pa.string(),
 }
-#: ``findings.parquet`` columns: one detection per row, LPS millimetres.
+#: ``findings.parquet`` columns. Detection: one detection per row, LPS millimetres (``x_mm`` ...
+#: ``probability``). Segmentation: one row per label, ``index`` the class value, ``label`` its
+#: name and ``volume_ml`` its volume on the source grid.
 FINDING_COLUMNS: dict[str, pa.DataType] = {
     "key": pa.string(), "series_uid": pa.string(), "index": pa.int64(), "x_mm": pa.float64(),
     "y_mm": pa.float64(), "z_mm": pa.float64(), "diameter_mm": pa.float64(),
-    "probability": pa.float64(), "model": pa.string(), "model_version": pa.int64(),
+    "probability": pa.float64(), "label": pa.string(), "volume_ml": pa.float64(),
+    "model": pa.string(), "model_version": pa.int64(),
 }
 DONE = ("ok", "skipped")
 

@@ -1,0 +1,490 @@
+"""A&D vs the supervised and mean-teacher VNet in the four A&D settings, plus the Table 5
+ablations, on synthetic abdominal CT/MR phantoms at a CPU-sized budget.
+
+The structure of the A&D paper (NeurIPS 2023): Tables 1-4 (one setting each: SSL, IBSSL,
+UDA, SemiDG; Dice % and ASD) and Table 5 (A&D w/o SVDA / Diffusion / DRS / RS in IBSSL,
+UDA and SemiDG). Here every setting is the bundled ``seg-<setting>-cpu`` config (width-8
+VNet, 8x6x6 mm grid) with a smaller budget (``--steps``, ``--every``, ``--patch``):
+
+* ``supervised-seg``: the VNet on the labeled cases only;
+* ``mean-teacher``: the VNet, labeled + unlabeled cases (SSL4MIS mean teacher);
+* ``ad``: A&D (Diff-VNet; SVDA, diffusion branch, DRS, RS all on);
+* ``ad-wo-svda`` / ``ad-wo-diffusion`` / ``ad-wo-drs`` / ``ad-wo-rs``: A&D with
+  ``data.svda=false`` / ``ad.diffusion=false`` / ``ad.drs=false`` / ``ad.rs=false``
+  (imbssl, uda and semidg only, as the paper's Table 5).
+
+Data (generated once into ``--data``, default ``WORK/data``): ``write_organ_dataset`` for the
+domains A, B, C, D, ct, mr, ``--cases`` training + ``--test-cases`` test cases each, the
+domain's native grid, domain k seeded ``--seed-base + k*(cases + test_cases)`` — what
+``medssl synth organs --domain A --domain B ... --domain mr`` writes. The split is the
+same for every method and every seed (``data.split_seed=0``): the seed changes only the
+training (``seed``: initialisation, crops, SVDA, noise). Every method trains the same
+number of steps on the same labeled cases, picks its checkpoint by validation Dice on the
+same held-out training cases, and is tested on the same test cases (``imagesTs`` of the
+setting's test domains, at their source resolution, through the shared pipeline).
+
+Each run is a fresh ``python benchmarks/ad_settings.py --one ...`` subprocess (no memory or
+torch-thread state leaks between runs) calling ``medssl.training.seg_trainer.train_segmenter``
+on the CPU with ``data.workers=0``; ``wall_s`` is that subprocess's wall-clock time (start-up,
+training, validation and test included). Preprocessed volumes are shared through
+``MEDSSL_CACHE=WORK/cache``, warmed once before the runs (its time is reported apart), so no
+run pays for preprocessing the others reuse. Each run's result is written to
+``WORK/results/<setting>-<method>-<seed>.json`` as soon as it ends; a rerun skips runs
+already there, so an interrupted benchmark continues where it stopped.
+
+Metrics (``run.test_report``, medssl.metrics.segmentation): per class Dice, Jaccard, HD95
+and ASD (mm, prediction -> reference, medpy ``asd``), averaged over test cases, then over
+classes. HD95/ASD are undefined (left out of the means) for a case where the class is
+predicted but absent or absent from the prediction; ``undefined_asd`` counts those
+(class, case) pairs so that an ASD that skipped missed organs stays visible.
+
+    .venv/bin/python benchmarks/ad_settings.py [--steps 150] [--every 50] [--patch 16 32 32] \
+        [--seeds 0 1] [--settings ssl imbssl uda semidg] [--methods ad mean-teacher ...] \
+        [--work /tmp/medssl-ad-bench] [--out benchmarks/results/ad_settings] [--quick]
+
+Writes ``OUT.json`` (device, config summary, every run, aggregates) and ``OUT.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from machine import cpu_device  # benchmarks/machine.py
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+SETTINGS = ("ssl", "imbssl", "uda", "semidg")
+DOMAINS = ("A", "B", "C", "D", "ct", "mr")
+#: Table 5 covers these settings.
+ABLATION_SETTINGS = ("imbssl", "uda", "semidg")
+#: variant -> (trainer method, config overrides)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "supervised-seg": ("supervised-seg", {}),
+    "mean-teacher": ("mean-teacher", {}),
+    "ad": ("ad", {}),
+    "ad-wo-svda": ("ad", {"data.svda": False}),
+    "ad-wo-diffusion": ("ad", {"ad.diffusion": False}),
+    "ad-wo-drs": ("ad", {"ad.drs": False}),
+    "ad-wo-rs": ("ad", {"ad.rs": False}),
+}
+BASELINES = ("supervised-seg", "mean-teacher", "ad")
+ABLATIONS = ("ad-wo-svda", "ad-wo-diffusion", "ad-wo-drs", "ad-wo-rs")
+LABELS = {"supervised-seg": "Supervised VNet", "mean-teacher": "Mean teacher", "ad": "A&D",
+          "ad-wo-svda": "w/o SVDA", "ad-wo-diffusion": "w/o Diffusion", "ad-wo-drs": "w/o DRS",
+          "ad-wo-rs": "w/o RS"}
+PAPER_SETTING = {"ssl": "SSL (one domain, 20% labeled)", "imbssl": "IBSSL (11 imbalanced classes, 20% labeled)",
+                 "uda": "UDA (ct labeled -> mr unlabeled, tested on mr)",
+                 "semidg": "SemiDG (A, B, C 10% labeled -> tested on D)"}
+
+
+@dataclass(frozen=True)
+class Run:
+    setting: str
+    variant: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}-{self.variant}-{self.seed}"
+
+
+def plan(settings: list[str], variants: list[str], seeds: list[int]) -> list[Run]:
+    """Seed-major, so a stopped benchmark has whole seeds done first."""
+    runs = []
+    for seed in seeds:
+        for setting in settings:
+            for variant in VARIANTS:
+                if variant not in variants or (variant in ABLATIONS and setting not in ABLATION_SETTINGS):
+                    continue
+                runs.append(Run(setting, variant, seed))
+    return runs
+
+
+def overrides_of(run: Run, budget: dict[str, Any]) -> dict[str, Any]:
+    method, extra = VARIANTS[run.variant]
+    return {"method": method, "seed": run.seed, "data.split_seed": 0, "data.workers": 0,
+            "optim.steps": budget["steps"], "eval.every": budget["every"], "data.patch": list(budget["patch"]),
+            **extra}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def ensure_data(data: Path, cases: int, test_cases: int, seed_base: int) -> dict[str, Any]:
+    """Write the six domains if missing; refuse a folder written with other parameters."""
+    from medssl.synth.datasets import write_organ_dataset
+
+    spec = {"cases": cases, "test_cases": test_cases, "seed_base": seed_base, "domains": list(DOMAINS),
+            "shape": "native"}
+    marker = data / "ad_settings_data.json"
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        if found != spec:
+            raise SystemExit(f"{data} holds data written with {found}, not {spec}: pass another --data/--work "
+                             "or delete that folder")
+        return spec
+    data.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for k, domain in enumerate(DOMAINS):
+        target = data / domain
+        if target.exists():
+            shutil.rmtree(target)  # a half-written domain of an interrupted generation
+        write_organ_dataset(target, cases=cases, n_test=test_cases, domain=domain,
+                            seed=seed_base + k * (cases + test_cases))
+        print(f"wrote domain {domain}: {cases} training + {test_cases} test cases", file=sys.stderr, flush=True)
+    marker.write_text(json.dumps(spec, indent=2) + "\n")
+    print(f"data generated in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return spec
+
+
+# --------------------------------------------------------------------------- child side
+
+
+def _config(setting: str, overrides: dict[str, Any]) -> Any:
+    from medssl.cli.train import resolve_config
+    from medssl.training.config import load_config
+    from medssl.training.seg_config import SegmentationExperiment
+
+    return load_config(SegmentationExperiment, resolve_config(f"seg-{setting}-cpu"), overrides)
+
+
+def warm_cache(data: Path, settings: list[str], budget: dict[str, Any]) -> dict[str, Any]:
+    """Preprocess every case a run of ``settings`` reads (in this process, once)."""
+    from medssl.training.cache import VolumeCache
+    from medssl.training.det_trainer import default_cache_dir
+    from medssl.training.seg_data import cache_case, split_domains
+    from medssl.training.seg_eval import normalisation
+
+    counts = {}
+    for setting in settings:
+        cfg = _config(setting, overrides_of(Run(setting, "ad", 0), budget))
+        d = cfg.data
+        split = split_domains(data, d)
+        cache = VolumeCache(default_cache_dir(), d.spacing_mm, normalisation(d))
+        for case in split.labeled + split.validation:
+            cache_case(cache, case, True)
+        for case in split.unlabeled:
+            cache_case(cache, case, False)
+        counts[setting] = {k: len(v) for k, v in split.to_json().items()}
+    return counts
+
+
+def _params(module: Any) -> int:
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Train and test one run in this process; the result row (without the parent's wall time)."""
+    import torch
+
+    from medssl.training.config import config_to_dict
+    from medssl.training.seg_data import class_names, split_domains
+    from medssl.training.seg_trainer import build_segmenter, train_segmenter
+
+    cfg = _config(job["setting"], job["overrides"])
+    out = Path(job["out"])
+    start = time.perf_counter()
+    run = train_segmenter(cfg, job["data"], out, device="cpu")
+    train_and_test_s = time.perf_counter() - start
+    names = class_names(split_domains(job["data"], cfg.data), cfg.data)
+    net = build_segmenter(cfg, len(names))
+    if cfg.method == "ad":
+        test_time = _params(net.image_stem) + _params(net.encoder) + _params(net.decoder_theta)
+    else:
+        test_time = _params(net)
+    report = run.test_report
+    if report is None:
+        raise RuntimeError(f"{out}: the run has no test cases")
+    mean = report["mean"]
+    classes = report["classes"]
+    split = json.loads((out / "split.json").read_text())
+    index = json.loads((out / "checkpoints" / "index.json").read_text())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    step_times = [row["time"] for row in log if "loss" in row]
+    return {
+        "setting": job["setting"], "variant": job["variant"], "method": cfg.method, "seed": cfg.seed,
+        "overrides": job["overrides"],
+        "dice": mean["dice"]["mean"], "jaccard": mean["jaccard"]["mean"],
+        "hd95_mm": mean["hd95_mm"]["mean"], "asd_mm": mean["asd_mm"]["mean"],
+        "asd_classes": mean["asd_mm"]["n_classes"],
+        "undefined_asd": sum(report["n_cases"] - c["asd_mm"]["n_cases"] for c in classes.values()),
+        "dice_per_class": {names[int(k)]: c["dice"]["mean"] for k, c in classes.items()},
+        "false_negative_cases": sum(c["false_negative_cases"] for c in classes.values()),
+        "n_test_cases": report["n_cases"], "n_classes": len(names) - 1,
+        "params_trained": _params(net), "params_test_time": test_time,
+        "best_step": index.get("best_step"), "best_val_dice": index.get("best_value"),
+        "split": {k: len(v) for k, v in split.items()},
+        "train_and_test_s": train_and_test_s,
+        "log_span_s": (step_times[-1] - step_times[0]) if len(step_times) > 1 else None,
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "config": config_to_dict(cfg), "run_dir": str(out),
+    }
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+def execute(run: Run, args: argparse.Namespace, budget: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    out = args.work / "runs" / run.name
+    if out.exists():
+        shutil.rmtree(out)  # an interrupted attempt: start it afresh, so its time is one whole run
+    scratch = args.work / "results" / f".{run.name}.partial.json"
+    job = {"setting": run.setting, "variant": run.variant, "seed": run.seed, "overrides": overrides_of(run, budget),
+           "data": str(args.data), "out": str(out), "result": str(scratch)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    process = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(job)],
+                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL if args.quiet_runs else None)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if process.returncode != 0:
+        raise SystemExit(f"run {run.name} failed (exit {process.returncode}); its folder is {out}")
+    result = json.loads(scratch.read_text())
+    scratch.unlink()
+    result.update({"name": run.name, "wall_s": wall, "budget": budget,
+                   "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+                   "load_average_1min_after": os.getloadavg()[0]})
+    return result
+
+
+def _mean_std(values: list[float | None]) -> dict[str, Any]:
+    xs = [float(v) for v in values if v is not None]
+    return {"mean": statistics.mean(xs) if xs else None,
+            "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs), "values": list(values)}
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per ``setting/variant``: mean ± sample std over seeds of each metric and of wall time."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(f"{row['setting']}/{row['variant']}", []).append(row)
+    out = {}
+    for key, group in groups.items():
+        group.sort(key=lambda r: r["seed"])
+        entry = {"setting": group[0]["setting"], "variant": group[0]["variant"], "seeds": [r["seed"] for r in group],
+                 "params_trained": group[0]["params_trained"], "params_test_time": group[0]["params_test_time"]}
+        for metric in ("dice", "jaccard", "hd95_mm", "asd_mm", "wall_s", "undefined_asd"):
+            entry[metric] = _mean_std([r[metric] for r in group])
+        entry["dice_per_class"] = {c: _mean_std([r["dice_per_class"][c] for r in group])["mean"]
+                                   for c in group[0]["dice_per_class"]}
+        out[key] = entry
+    return out
+
+
+def verdict(setting: str, agg: dict[str, dict[str, Any]]) -> str | None:
+    """One sentence: does A&D beat each baseline by more than the seed noise?
+
+    Noise = the larger of the two methods' sample std of Dice over seeds (no verdict beyond
+    "higher"/"lower" with a single seed)."""
+    ad = agg.get(f"{setting}/ad")
+    if ad is None or ad["dice"]["mean"] is None:
+        return None
+    parts = []
+    for base in ("supervised-seg", "mean-teacher"):
+        other = agg.get(f"{setting}/{base}")
+        if other is None or other["dice"]["mean"] is None:
+            continue
+        diff = 100 * (ad["dice"]["mean"] - other["dice"]["mean"])
+        stds = [s for s in (ad["dice"]["std"], other["dice"]["std"]) if s is not None]
+        name = LABELS[base].lower() if base != "mean-teacher" else "the mean teacher"
+        if not stds:
+            parts.append(f"{'above' if diff > 0 else 'below'} {name} by {abs(diff):.1f} Dice points "
+                         "(one seed: no noise estimate)")
+            continue
+        noise = 100 * max(stds)
+        if diff > noise:
+            parts.append(f"beats {name} by {diff:.1f} Dice points, more than the seed std ({noise:.1f})")
+        elif diff >= -noise:
+            parts.append(f"is within seed noise of {name} ({diff:+.1f} Dice points, seed std up to {noise:.1f})")
+        else:
+            parts.append(f"is worse than {name} by {-diff:.1f} Dice points, more than the seed std ({noise:.1f})")
+    if not parts:
+        return None
+    return f"**{setting}**: A&D " + "; it ".join(parts) + "."
+
+
+def _pm(stat: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
+    if stat["mean"] is None:
+        return "—"
+    text = f"{scale * stat['mean']:.{digits}f}"
+    if stat["std"] is not None:
+        text += f" ± {scale * stat['std']:.{digits}f}"
+    return text
+
+
+def render(report: dict[str, Any]) -> str:
+    agg = report["aggregates"]
+    b = report["budget"]
+    lines = [
+        "# A&D settings on synthetic phantoms (CPU budget)", "",
+        f"{report['device']}; torch {report.get('torch', '?')} with {report.get('torch_threads', '?')} threads, "
+        "one run at a time, each in a fresh process.",
+        f"Budget per run: {b['steps']} SGD steps (batch 2 labeled + 2 unlabeled crops), validation every "
+        f"{b['every']} steps (best checkpoint by validation Dice), crops {'x'.join(map(str, b['patch']))} on the "
+        f"{report['config']['spacing_mm']} mm grid, VNet width {report['config']['width']}, lr "
+        f"{report['config']['lr']}. Seeds {report['seeds']}: the split is the same for every method and seed "
+        "(split_seed 0); the seed changes only the training. Data: synthetic organ phantoms, "
+        f"{report['data']['cases']} training + {report['data']['test_cases']} test cases per domain.",
+        "",
+        "| setting | cases (labeled / unlabeled / validation / test) |", "|---|---|",
+    ]
+    for setting, c in report["split_counts"].items():
+        lines.append(f"| {PAPER_SETTING[setting]} | {c['labeled']} / {c['unlabeled']} / {c['validation']} / "
+                     f"{c['test']} |")
+    lines += ["", "## Setting x method (Tables 1-4 shape)", "",
+              "Dice % and ASD mm on the test cases: mean ± sample std over seeds. ASD (mm, prediction → "
+              "reference) leaves out (class, case) pairs with an empty prediction or reference: "
+              "*undef.* counts them (mean over seeds). Wall: seconds per run (process start to test end). "
+              "Params: trained / used at test time.", "",
+              "| setting | method | seeds | Dice % | ASD mm | HD95 mm | Jaccard % | undef. | wall s | params |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for setting in SETTINGS:
+        for variant in BASELINES:
+            a = agg.get(f"{setting}/{variant}")
+            if a is None:
+                continue
+            lines.append(
+                f"| {setting} | {LABELS[variant]} | {len(a['seeds'])} | {_pm(a['dice'], 100)} | {_pm(a['asd_mm'])} | "
+                f"{_pm(a['hd95_mm'])} | {_pm(a['jaccard'], 100)} | {a['undefined_asd']['mean']:.1f} | "
+                f"{a['wall_s']['mean']:.0f} | {a['params_trained'] / 1e3:.0f}k / {a['params_test_time'] / 1e3:.0f}k |")
+    if any(k.split("/")[1] in ABLATIONS for k in agg):
+        lines += ["", "## Ablations (Table 5 shape): Dice %, mean ± std over seeds", "",
+                  "| setting | " + " | ".join(LABELS[v] for v in ("ad", *ABLATIONS)) + " |",
+                  "|---|" + "---:|" * (1 + len(ABLATIONS))]
+        for setting in ABLATION_SETTINGS:
+            cells = [_pm(agg[f"{setting}/{v}"]["dice"], 100) if f"{setting}/{v}" in agg else "—"
+                     for v in ("ad", *ABLATIONS)]
+            if any(c != "—" for c in cells):
+                lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    imb = [v for v in BASELINES if f"imbssl/{v}" in agg]
+    if imb:
+        classes = list(agg[f"imbssl/{imb[0]}"]["dice_per_class"])
+        lines += ["", "## imbssl: Dice % per class (mean over seeds)", "",
+                  "| method | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+        for v in imb:
+            per = agg[f"imbssl/{v}"]["dice_per_class"]
+            lines.append(f"| {LABELS[v]} | " + " | ".join("—" if per[c] is None else f"{100 * per[c]:.1f}"
+                                                         for c in classes) + " |")
+    sentences = [s for s in (verdict(setting, agg) for setting in SETTINGS) if s]
+    if sentences:
+        lines += ["", "## Does A&D beat the baselines here?", "",
+                  "A difference counts only when it exceeds the larger of the two methods' seed std of Dice.", ""]
+        lines += [f"- {s}" for s in sentences]
+    lines += ["", f"Total wall time of the runs: {report['total_wall_s'] / 60:.1f} min "
+                  f"({len(report['runs'])} runs; cache warm-up {report['warm_s']:.0f} s apart). "
+                  "These are small-budget numbers on synthetic data: they check that the methods run and "
+                  "compare under one protocol, not the paper's absolute values."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--patch", type=int, nargs=3, default=[16, 32, 32], metavar=("Z", "Y", "X"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="run a subset of the variants (ablations only run in imbssl, uda, semidg)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="runs, results, cache (default /tmp/medssl-ad-bench, with --quick "
+                             "/tmp/medssl-ad-bench-quick)")
+    parser.add_argument("--data", type=Path, default=None, help="the phantom domains (default WORK/data)")
+    parser.add_argument("--cases", type=int, default=12, help="training cases per domain")
+    parser.add_argument("--test-cases", type=int, default=3, help="test cases per domain")
+    parser.add_argument("--seed-base", type=int, default=0, help="seed of domain A's first case")
+    parser.add_argument("--out", type=Path, default=RESULTS / "ad_settings", help="writes OUT.json and OUT.md")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, every 2, seed 0")
+    parser.add_argument("--quiet-runs", action="store_true", help="hide the runs' progress output")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.one:
+        job = json.loads(args.one)
+        Path(job["result"]).write_text(json.dumps(run_one(job), indent=2) + "\n")
+        return
+    if args.quick:
+        args.steps, args.every, args.seeds = 4, 2, [0]
+    args.work = args.work or Path("/tmp/medssl-ad-bench" + ("-quick" if args.quick else ""))
+    args.data = args.data or args.work / "data"
+    budget = {"steps": args.steps, "every": args.every, "patch": list(args.patch)}
+    data_spec = ensure_data(args.data, args.cases, args.test_cases, args.seed_base)
+    env = {**os.environ, "MEDSSL_CACHE": str(args.work / "cache")}
+    os.environ["MEDSSL_CACHE"] = env["MEDSSL_CACHE"]
+    results = args.work / "results"
+    results.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    warm = subprocess.run([sys.executable, "-c",
+                           "import json, sys; sys.path.insert(0, sys.argv[1]); import ad_settings as b; "
+                           "from pathlib import Path; "
+                           "print(json.dumps(b.warm_cache(Path(sys.argv[2]), json.loads(sys.argv[3]), "
+                           "json.loads(sys.argv[4]))))",
+                           str(Path(__file__).parent), str(args.data), json.dumps(args.settings), json.dumps(budget)],
+                          env=env, cwd=ROOT, capture_output=True, text=True)
+    if warm.returncode != 0:
+        raise SystemExit(f"cache warm-up failed:\n{warm.stderr}")
+    split_counts = json.loads(warm.stdout.strip().splitlines()[-1])
+    warm_s = time.perf_counter() - start
+    print(f"cache warm ({warm_s:.0f} s): {split_counts}", file=sys.stderr, flush=True)
+
+    runs = plan(args.settings, args.methods, args.seeds)
+    rows = []
+    for i, run in enumerate(runs, start=1):
+        path = results / f"{run.name}.json"
+        if path.is_file():
+            row = json.loads(path.read_text())
+            if row["budget"] != budget or row["split"] != split_counts[run.setting]:
+                raise SystemExit(f"{path} was made with budget {row['budget']} / split {row['split']}, not "
+                                 f"{budget} / {split_counts[run.setting]}: use another --work or delete it")
+            print(f"[{i}/{len(runs)}] {run.name}: done before ({row['wall_s']:.0f} s)", file=sys.stderr)
+        else:
+            print(f"[{i}/{len(runs)}] {run.name} ...", file=sys.stderr, flush=True)
+            row = execute(run, args, budget, env)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(row, indent=2) + "\n")
+            tmp.replace(path)
+            print(f"[{i}/{len(runs)}] {run.name}: Dice {100 * row['dice']:.1f} %, ASD "
+                  f"{row['asd_mm'] if row['asd_mm'] is None else round(row['asd_mm'], 2)} mm, "
+                  f"{row['wall_s']:.0f} s", file=sys.stderr, flush=True)
+        rows.append(row)
+
+    first = rows[0]["config"]
+    report = {
+        "benchmark": "ad_settings",
+        "device": cpu_device(),
+        "torch": rows[0]["torch"], "torch_threads": rows[0]["torch_threads"],
+        "budget": budget, "seeds": args.seeds, "settings": args.settings, "methods": args.methods,
+        "split_policy": "data.split_seed=0 for every method and seed; the seed changes only training",
+        "config": {"configs": {s: f"seg-{s}-cpu" for s in args.settings},
+                   "spacing_mm": first["data"]["spacing_mm"], "width": first["model"]["width"],
+                   "lr": first["optim"]["lr"], "batch_size": first["optim"]["batch_size"],
+                   "data.workers": 0, "device": "cpu"},
+        "data": {**data_spec, "path": str(args.data)},
+        "split_counts": split_counts,
+        "warm_s": warm_s,
+        "total_wall_s": sum(r["wall_s"] for r in rows),
+        "aggregates": aggregate(rows),
+        "runs": rows,
+    }
+    report["verdicts"] = {s: verdict(s, report["aggregates"]) for s in args.settings}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    text = render(report)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
