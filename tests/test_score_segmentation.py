@@ -1,0 +1,109 @@
+"""A trained segmenter exported (card, parity) and scored through medssl-score: label maps on
+the source grid whose Dice equals the trainer's own test evaluation, volumes per label, and a
+valid DICOM SEG for DICOM input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from medssl.io import SeriesInfo, write_dicom_series
+from medssl.io.nifti import read_nifti
+from medssl.metrics.segmentation import dice
+from medssl.models.card import ModelCard, Task, load_card
+from medssl.scoring import RunnerSpec, ScoreOptions, SelectionRules, score
+from medssl.scoring.series import DicomOutput
+from medssl.synth.datasets import write_organ_dataset
+from medssl.synth.organs import generate_organ_phantom
+
+SHAPE = (32, 48, 48)
+
+
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory) -> Path:
+    """A 4-step A&D run in the imbssl setting (11 organs) on a small phantom dataset."""
+    from medssl.cli.train import resolve_config
+    from medssl.training.config import load_config
+    from medssl.training.seg_config import SegmentationExperiment
+    from medssl.training.seg_trainer import train_segmenter
+
+    root = tmp_path_factory.mktemp("organs")
+    write_organ_dataset(root / "A", cases=5, n_test=2, domain="A", shape=SHAPE)
+    cfg = load_config(SegmentationExperiment, resolve_config("seg-imbssl-cpu"), {
+        "method": "ad", "optim.steps": 4, "eval.every": 2, "data.patch": [16, 32, 32], "data.workers": 0,
+        "data.cache_dir": str(root / "cache"), "data.labeled_fraction": 0.5})
+    return train_segmenter(cfg, root, root / "run", device="cpu").out
+
+
+@pytest.fixture(scope="module")
+def exported(seg_run, tmp_path_factory):
+    from medssl.export import ExportOptions, export_checkpoint
+
+    repository = tmp_path_factory.mktemp("repository")
+    return export_checkpoint(seg_run, repository, "organs", ExportOptions(max_batch_size=2))
+
+
+def test_exported_segmenter_card_names_organs_with_codes_and_colours(exported):
+    card = load_card(exported.model_dir)
+    assert card.task is Task.SEGMENTATION
+    assert [label.value for label in card.labels] == list(range(1, 12))
+    liver = card.labels[0]
+    assert (liver.name, liver.type.value, liver.category.value) == ("liver", "10200004", "91723000")
+    assert liver.colour is not None
+    assert card.outputs[0].shape == (12, 16, 32, 32)
+    assert card.input_spacing == (8.0, 6.0, 6.0)
+    assert card.provenance["method"] == "ad" and card.provenance["setting"] == "imbssl"
+    assert "test_metrics" in card.provenance
+    assert exported.parity.passed
+    assert ModelCard.from_json(card.to_json()) == card
+
+
+def test_scored_label_maps_match_the_trainers_own_dice(seg_run, exported, tmp_path):
+    """Acceptance: Dice from medssl-score's output files equals the trainer's evaluation."""
+    out = tmp_path / "scores"
+    summary = score(seg_run.parent / "A", out, RunnerSpec(exported.repository, "organs"), options=ScoreOptions(workers=0))
+    assert summary.counts == {"ok": 2}
+    trainer = json.loads((seg_run / "test" / "metrics.json").read_text())
+    for label in (1, 2, 7):  # liver, spleen, stomach
+        ours = []
+        for case in ("organs_0005", "organs_0006"):
+            pred = read_nifti(out / "labels" / f"{case}.nii.gz", label=True)
+            truth = read_nifti(seg_run.parent / "A" / "labelsTs" / f"{case}.nii.gz", label=True)
+            assert pred.shape == truth.shape and np.allclose(pred.affine, truth.affine)
+            ours.append(dice(pred.array == label, truth.array == label))
+        assert abs(np.mean(ours) - trainer["classes"][str(label)]["dice"]["mean"]) < 0.01
+    volumes = pq.read_table(out / "findings.parquet").to_pylist()
+    assert len(volumes) == 2 * 11
+    liver = next(r for r in volumes if r["key"] == "organs_0005" and r["label"] == "liver")
+    pred = read_nifti(out / "labels" / "organs_0005.nii.gz", label=True)
+    expected = (pred.array == 1).sum() * np.prod(pred.spacing) / 1000
+    assert liver["volume_ml"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_scoring_a_dicom_series_writes_a_valid_seg(exported, tmp_path, dciodvfy):
+    import highdicom as hd
+
+    case = generate_organ_phantom(11, "A", shape=SHAPE)
+    series = tmp_path / "dicom" / "series"
+    write_dicom_series(case.image, series, SeriesInfo(uid_seed="organ-seg-test"))
+    out = tmp_path / "scores"
+    # Abdominal series are 4 mm thick; the default rules are the lung-screening ones (<= 2.5 mm).
+    summary = score(tmp_path / "dicom", out, RunnerSpec(exported.repository, "organs"),
+                    SelectionRules(max_thickness_mm=5.0), options=ScoreOptions(workers=0, dicom=DicomOutput(out / "dicom")))
+    assert summary.counts == {"ok": 1}
+    row = pq.read_table(out / "series.parquet").to_pylist()[0]
+    seg_path = Path(row["dicom_outputs"])
+    assert dciodvfy(seg_path) == []
+    seg = hd.seg.segread(seg_path)
+    assert seg.number_of_segments == 11
+    description = seg.get_segment_description(1)
+    assert description.segment_label == "liver"
+    assert "RecommendedDisplayCIELabValue" in description
+    # The SEG's frames carry exactly the label map medssl-score wrote for that series.
+    labels = read_nifti(Path(row["label_map"]), label=True)
+    volume = seg.get_volume(combine_segments=True, skip_overlap_checks=True)
+    assert int((volume.array > 0).sum()) == int((labels.array > 0).sum())
