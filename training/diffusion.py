@@ -33,7 +33,11 @@ def spaced_steps(total: int, count: int) -> list[int]:
     if count == 1:
         return [0]
     stride = (total - 1) / (count - 1)
-    return [round(i * stride) for i in range(count)]
+    steps, cur = [], 0.0
+    for _ in range(count):  # accumulated as respace does, so .5 ties round the same way
+        steps.append(round(cur))
+        cur += stride
+    return steps
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,10 @@ def _stream(dataset: SegCrops, batch: int, start: int, count: int, workers: int,
     loader = DataLoader(dataset, batch_size=batch,
                         sampler=IndexStream(start * batch, count * batch, env.rank, env.world_size),
                         num_workers=workers, worker_init_fn=worker_init_fn, persistent_workers=workers > 0,
-                        pin_memory=env.device.type == "cuda", drop_last=True)
+                        pin_memory=env.device.type == "cuda", drop_last=True,
+                        # iter() draws the workers' base seed from this generator, not from the global
+                        # RNG that set_rng_state() restored, so a resumed run continues the same stream.
+                        generator=torch.Generator().manual_seed(0))
     return iter(loader)
 
 

@@ -1,0 +1,231 @@
+"""`medssl-train ad` / `supervised-seg` / `mean-teacher` end to end on tiny synthetic organs.
+
+Four domains (CT A and B, the UDA pair ct and mr) of 5 training + 1 test case on 32x48x48
+grids; runs are 4 steps of a width-4 network on 16^3 (or 16x32x32) crops. They check the
+machinery (settings and their splits, cache, checkpoints, resume, logs, test predictions and
+metrics, errors), not segmentation quality: that is benchmarks/ad_settings.py's job.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from click.testing import CliRunner
+
+from medssl.cli.main import cli
+from medssl.cli.train import resolve_config, train
+from medssl.io.nifti import read_nifti
+from medssl.synth.datasets import write_organ_dataset
+from medssl.synth.organ_scene import LABELS
+from medssl.synth.organs import generate_organ_phantom
+from medssl.training import seg_trainer
+from medssl.training.config import load_config, parse_overrides
+from medssl.training.seg_config import SegmentationExperiment
+from medssl.training.seg_trainer import train_segmenter
+
+DOMAINS = ("A", "B", "ct", "mr")
+TINY = ["optim.steps=4", "eval.every=2", "data.patch=[16,16,16]", "data.workers=0", "model.width=4",
+        "ad.diffusion_process.sample_steps=2"]
+METRICS = {"dice", "jaccard", "hd95_mm", "asd_mm"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions on a loaded 2-core machine: one thread is many times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def organs(tmp_path_factory) -> Path:
+    """DATA/<domain>/ for A, B, ct, mr: 5 training and 1 test case each, distinct subjects."""
+    root = tmp_path_factory.mktemp("organs")
+    for k, domain in enumerate(DOMAINS):
+        write_organ_dataset(root / domain, cases=5, n_test=1, domain=domain, seed=6 * k, shape=(32, 48, 48))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path_factory.getbasetemp() / "seg-cache"))
+
+
+def sets(*overrides: str) -> list[str]:
+    return [a for s in [*TINY, *overrides] for a in ("--set", s)]
+
+
+def run_cli(method: str, setting: str, data: Path, out: Path, *overrides: str):
+    return CliRunner().invoke(train, [method, "--setting", setting, "--profile", "cpu", "--data", str(data),
+                                      "--out", str(out), "--device", "cpu", *sets(*overrides)])
+
+
+def tiny_config(method: str, setting: str, *overrides: str) -> SegmentationExperiment:
+    return load_config(SegmentationExperiment, resolve_config(f"seg-{setting}-cpu"),
+                       {**parse_overrides([*TINY, *overrides]), "method": method})
+
+
+def checkpoint(run: Path, name: str = "last.pt") -> dict:
+    return torch.load(run / "checkpoints" / name, weights_only=False)
+
+
+def test_ad_run_writes_config_split_checkpoints_logs_and_test_predictions(organs, tmp_path):
+    out, cache_dir = tmp_path / "run", tmp_path / "cache"
+    result = CliRunner().invoke(train, [
+        "ad", "--setting", "ssl", "--profile", "cpu", "--data", str(organs), "--out", str(out), "--device", "cpu",
+        "--set", "optim.steps=4", "--set", "eval.every=2", "--set", "data.patch=[16,32,32]",
+        "--set", "data.workers=0", "--set", f"data.cache_dir={cache_dir}", "--set", "model.width=4"])
+    assert result.exit_code == 0, result.output
+    assert (out / "config.yaml").is_file() and "patch" in (out / "config.yaml").read_text()
+    assert any(cache_dir.rglob("*")), "data.cache_dir was not used"
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["validation"]) == 2 and split["labeled"] and split["unlabeled"]
+    assert split["test"] == ["A__organs_0005"]
+    labeled, unlabeled, validation = (set(split[k]) for k in ("labeled", "unlabeled", "validation"))
+    assert not labeled & unlabeled and not labeled & validation and not unlabeled & validation
+    assert {p.name for p in (out / "checkpoints").iterdir()} >= {"best.pt", "last.pt", "step_00000002.pt",
+                                                                 "step_00000004.pt"}
+    assert list((out / "tensorboard").iterdir()), "no TensorBoard event file"
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all({"deno", "diff", "unsup", "mu", "lr"} <= set(r) for r in steps)
+    assert steps[0]["mu"] < steps[-1]["mu"]
+    assert any("val/dice" in r for r in logged)
+
+    metrics = json.loads((out / "test" / "metrics.json").read_text())
+    assert metrics["classes_named"] == {"1": "liver"}
+    assert set(metrics["classes"]["1"]) >= METRICS
+    assert json.loads(result.stdout)["test"] == metrics
+    state = checkpoint(out)
+    assert state["kind"] == "medssl.segmenter" and state["classes"] == {"0": "background", "1": "liver"}
+    assert list(state["config"]["data"]["patch"]) == [16, 32, 32]
+    assert state["provenance"]["n_labeled"] == len(split["labeled"])
+    assert state["drs"] is not None
+
+    source = read_nifti(organs / "A" / "imagesTs" / "organs_0005.nii.gz")
+    predicted = read_nifti(out / "test" / "predictions" / "A__organs_0005.nii.gz", label=True)
+    assert predicted.shape == source.shape
+    np.testing.assert_allclose(predicted.affine, source.affine, atol=1e-4)
+    assert set(np.unique(predicted.array)) <= {0, 1}
+
+
+@pytest.mark.parametrize("setting, extra", [
+    ("imbssl", []),
+    ("uda", []),
+    ("semidg", ["data.domains=[A,B]", "data.test_domains=[ct]"]),
+])
+def test_each_setting_runs_end_to_end_with_its_split(organs, tmp_path, setting, extra):
+    out = tmp_path / setting
+    result = run_cli("ad", setting, organs, out, *extra)
+    assert result.exit_code == 0, result.output
+    split = json.loads((out / "split.json").read_text())
+    domain = {name: {key.split("__")[0] for key in keys} for name, keys in split.items()}
+    metrics = json.loads((out / "test" / "metrics.json").read_text())
+    if setting == "imbssl":  # every organ of the phantom, of very different sizes
+        assert len(metrics["classes"]) == len(LABELS)
+        assert domain["test"] == {"A"}
+    if setting == "uda":
+        assert domain["labeled"] == domain["validation"] == {"ct"}  # no target case carries a label
+        assert "mr" in domain["unlabeled"] and domain["test"] == {"mr"}
+        assert len(split["labeled"]) == 3  # labeled_fraction 1.0: every source case but validation
+    if setting == "semidg":
+        seen = domain["labeled"] | domain["unlabeled"] | domain["validation"]
+        assert seen == {"A", "B"} and domain["test"] == {"ct"}
+        assert domain["labeled"] == {"A", "B"}  # a few labels from every training domain
+    assert set(metrics["classes"][next(iter(metrics["classes"]))]) >= METRICS
+
+
+def test_supervised_baseline_trains_on_labeled_cases_only(organs, tmp_path):
+    out = tmp_path / "sup"
+    result = run_cli("supervised-seg", "ssl", organs, out)
+    assert result.exit_code == 0, result.output
+    state = checkpoint(out, "best.pt")
+    assert state["config"]["method"] == "supervised-seg" and state["provenance"]["n_unlabeled"] == 0
+    assert state["teacher"] is None and state["drs"] is None
+    assert not any(".time." in k or k.startswith("decoder_") for k in state["model"])  # a plain VNet
+    assert (out / "test" / "metrics.json").is_file()
+
+
+def test_mean_teacher_keeps_an_ema_teacher_and_logs_the_consistency(organs, tmp_path):
+    out = tmp_path / "mt"
+    result = run_cli("mean-teacher", "uda", organs, out)
+    assert result.exit_code == 0, result.output
+    state = checkpoint(out)
+    assert state["teacher"] is not None
+    student, teacher = state["model"], state["teacher"]
+    weight = next(k for k in student if k.endswith("conv.weight"))
+    assert not torch.equal(student[weight], teacher[weight])
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all("consistency" in r for r in logged if "loss" in r)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(organs, tmp_path, monkeypatch):
+    """4 straight steps == 2 steps, an interruption at step 3, then --resume (exact RNG restore)."""
+    cfg = tiny_config("ad", "ssl", "data.n_validation=1")
+    train_segmenter(cfg, organs, tmp_path / "straight", device="cpu")
+
+    real_step, calls = seg_trainer.ad_step, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(seg_trainer, "ad_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_segmenter(cfg, organs, tmp_path / "resumed", device="cpu")
+    assert json.loads((tmp_path / "resumed" / "checkpoints" / "index.json").read_text())["last_step"] == 2
+    monkeypatch.setattr(seg_trainer, "ad_step", real_step)
+    train_segmenter(cfg, organs, tmp_path / "resumed", resume=True, device="cpu")
+
+    straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
+    assert resumed["step"] == 4 and resumed["classes"] == straight["classes"]
+    assert set(resumed["drs"]) and resumed["drs"].keys() == straight["drs"].keys()
+    for name, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name} differs after resume: {m}")
+    for key, value in straight["drs"].items():
+        torch.testing.assert_close(torch.as_tensor(resumed["drs"][key]), torch.as_tensor(value), msg=key)
+
+
+def test_resume_without_a_checkpoint_is_refused(organs, tmp_path):
+    result = CliRunner().invoke(train, ["ad", "--setting", "ssl", "--profile", "cpu", "--data", str(organs),
+                                        "--out", str(tmp_path / "nothing"), "--resume", *sets()])
+    assert result.exit_code == 1 and "nothing to resume" in result.output
+
+
+def test_a_missing_domain_folder_names_it_and_the_synth_command(organs, tmp_path):
+    result = run_cli("ad", "ssl", organs, tmp_path / "x", "data.domains=[C]")
+    assert result.exit_code == 1
+    assert str(organs / "C") in result.output and "medssl synth organs" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_mean_teacher_without_unlabeled_cases_is_refused(organs, tmp_path):
+    result = run_cli("mean-teacher", "ssl", organs, tmp_path / "x", "data.labeled_fraction=1.0")
+    assert result.exit_code == 1 and "needs unlabeled cases" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_synth_organs_writes_one_dataset_per_domain_with_distinct_subjects(tmp_path):
+    out = tmp_path / "data"
+    result = CliRunner().invoke(cli, ["synth", "organs", "--cases", "1", "--domain", "A", "--domain", "mr",
+                                      "--shape", "16", "24", "24", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "A" / "dataset.json").is_file() and (out / "mr" / "dataset.json").is_file()
+    a_label = read_nifti(out / "A" / "labelsTr" / "organs_0000.nii.gz", label=True)
+    mr_label = read_nifti(out / "mr" / "labelsTr" / "organs_0001.nii.gz", label=True)
+    assert a_label.shape == mr_label.shape == (16, 24, 24)
+    # mr's case is subject 1, not A's subject 0 seen by another scanner
+    np.testing.assert_array_equal(mr_label.array, generate_organ_phantom(1, "mr", shape=(16, 24, 24)).label.array)
+    assert not np.array_equal(mr_label.array, generate_organ_phantom(0, "mr", shape=(16, 24, 24)).label.array)
