@@ -297,9 +297,9 @@ def verdict(setting: str, agg: dict[str, dict[str, Any]]) -> str | None:
             continue
         diff = 100 * (ad["dice"]["mean"] - other["dice"]["mean"])
         stds = [s for s in (ad["dice"]["std"], other["dice"]["std"]) if s is not None]
-        name = LABELS[base].lower() if base != "mean-teacher" else "the mean teacher"
+        name = "the supervised VNet" if base == "supervised-seg" else "the mean teacher"
         if not stds:
-            parts.append(f"{'above' if diff > 0 else 'below'} {name} by {abs(diff):.1f} Dice points "
+            parts.append(f"is {'above' if diff > 0 else 'below'} {name} by {abs(diff):.1f} Dice points "
                          "(one seed: no noise estimate)")
             continue
         noise = 100 * max(stds)

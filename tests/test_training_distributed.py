@@ -140,3 +140,56 @@ def test_shard_indices_are_disjoint_same_size_and_change_per_epoch():
     assert shard_indices(6, envs[1], shuffle=False) == [1, 4]
     with pytest.raises(ValueError, match="n=0"):
         shard_indices(0, envs[0])
+
+
+def _ad_worker(rank: int, port: int, out_dir: str) -> None:
+    """One rank of A&D under DDP: the whole Diff-VNet step is one forward (three decoders,
+    shared encoder), so find_unused_parameters=False must hold and ranks must stay identical."""
+    from medssl.cli.train import resolve_config
+    from medssl.training.config import load_config
+    from medssl.training.drs import DifficultyWeights
+    from medssl.training.seg_config import SegmentationExperiment
+    from medssl.training.seg_steps import ad_step
+    from medssl.training.vnet import DiffVNet, VNetConfig
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env = init_distributed(prefer_cuda=False)
+    try:
+        cfg = load_config(SegmentationExperiment, resolve_config("seg-imbssl-cpu"),
+                          {"ad.diffusion_process.sample_steps": 2})
+        torch.manual_seed(100 + rank)
+        model = wrap_ddp(DiffVNet(VNetConfig(width=4), 3), env)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        drs = DifficultyWeights(3)
+        data = torch.Generator().manual_seed(rank)
+        for step in range(2):
+            labeled = {"image": torch.randn(2, 1, 16, 32, 32, generator=data),
+                       "label": torch.randint(0, 3, (2, 16, 32, 32), generator=data)}
+            unlabeled = {"image": torch.randn(2, 1, 16, 32, 32, generator=data)}
+            loss = ad_step(model, unwrap(model), labeled, unlabeled, drs, step, cfg, data)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.save({k: v.detach().clone() for k, v in unwrap(model).named_parameters()},
+                   os.path.join(out_dir, f"ad{rank}.pt"))
+    finally:
+        cleanup()
+
+
+def test_ad_step_trains_under_ddp_with_every_parameter_used(tmp_path):
+    ctx = mp.start_processes(_ad_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 180
+    try:
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "distributed A&D workers did not finish in 180 s"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    ranks = [torch.load(tmp_path / f"ad{r}.pt") for r in range(WORLD)]
+    assert ranks[0].keys() == ranks[1].keys()
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
