@@ -38,7 +38,16 @@ classes. HD95/ASD are undefined (left out of the means) for a case where the cla
 predicted but absent or absent from the prediction; ``undefined_asd`` counts those
 (class, case) pairs so that an ASD that skipped missed organs stays visible.
 
-    .venv/bin/python benchmarks/ad_settings.py [--steps 150] [--every 50] [--patch 16 32 32] \
+Time (idle machine, 2-core Xeon @ 2.8 GHz, torch 2 threads; measured at 20 steps and
+extrapolated): ~0.1 s/step supervised, ~0.2 mean teacher, ~0.55-0.7 A&D (its 10-step DDIM
+pseudo-labels are half of it), ~0.35 w/o Diffusion, plus ~10-20 s per run for start-up,
+validations and the test; 24 runs per seed: ~22 min per seed at 100 steps (the default,
+~45 min for 2 seeds), ~31 min per seed at 150 steps. Checked at 100 steps: uda supervised
+18 s, uda A&D 71 s, imbssl supervised 21 s, imbssl A&D 80 s. Another CPU-bound process on the
+machine slows the runs down up to ~20x (torch's threads contend); ``load_average_1min``
+around each run is recorded and a busy machine is flagged in the table.
+
+    .venv/bin/python benchmarks/ad_settings.py [--steps 100] [--every 50] [--patch 16 32 32] \
         [--seeds 0 1] [--settings ssl imbssl uda semidg] [--methods ad mean-teacher ...] \
         [--work /tmp/medssl-ad-bench] [--out benchmarks/results/ad_settings] [--quick]
 
@@ -56,6 +65,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +90,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 BASELINES = ("supervised-seg", "mean-teacher", "ad")
 ABLATIONS = ("ad-wo-svda", "ad-wo-diffusion", "ad-wo-drs", "ad-wo-rs")
+#: a 1-min load average above this (around a run) marks its wall time as disturbed
+BUSY_LOAD = (os.cpu_count() or 1) + 0.5
 LABELS = {"supervised-seg": "Supervised VNet", "mean-teacher": "Mean teacher", "ad": "A&D",
           "ad-wo-svda": "w/o SVDA", "ad-wo-diffusion": "w/o Diffusion", "ad-wo-drs": "w/o DRS",
           "ad-wo-rs": "w/o RS"}
@@ -212,6 +224,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     index = json.loads((out / "checkpoints" / "index.json").read_text())
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     step_times = [row["time"] for row in log if "loss" in row]
+    # seconds between consecutive training steps, leaving out the intervals that hold a validation
+    intervals = [b["time"] - a["time"] for a, b in zip(log, log[1:]) if "loss" in a and "loss" in b]
     return {
         "setting": job["setting"], "variant": job["variant"], "method": cfg.method, "seed": cfg.seed,
         "overrides": job["overrides"],
@@ -227,6 +241,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "split": {k: len(v) for k, v in split.items()},
         "train_and_test_s": train_and_test_s,
         "log_span_s": (step_times[-1] - step_times[0]) if len(step_times) > 1 else None,
+        "step_s_median": statistics.median(intervals) if intervals else None,
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "config": config_to_dict(cfg), "run_dir": str(out),
     }
@@ -242,6 +257,7 @@ def execute(run: Run, args: argparse.Namespace, budget: dict[str, Any], env: dic
     scratch = args.work / "results" / f".{run.name}.partial.json"
     job = {"setting": run.setting, "variant": run.variant, "seed": run.seed, "overrides": overrides_of(run, budget),
            "data": str(args.data), "out": str(out), "result": str(scratch)}
+    load_before = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     process = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(job)],
@@ -253,8 +269,10 @@ def execute(run: Run, args: argparse.Namespace, budget: dict[str, Any], env: dic
     result = json.loads(scratch.read_text())
     scratch.unlink()
     result.update({"name": run.name, "wall_s": wall, "budget": budget,
-                   "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-                   "load_average_1min_after": os.getloadavg()[0]})
+                   # children's CPU time is only attributable to this run when runs go one at a time
+                   "cpu_s": ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+                             if args.jobs == 1 else None),
+                   "load_average_1min": [load_before, os.getloadavg()[0]]})
     return result
 
 
@@ -274,7 +292,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         group.sort(key=lambda r: r["seed"])
         entry = {"setting": group[0]["setting"], "variant": group[0]["variant"], "seeds": [r["seed"] for r in group],
                  "params_trained": group[0]["params_trained"], "params_test_time": group[0]["params_test_time"]}
-        for metric in ("dice", "jaccard", "hd95_mm", "asd_mm", "wall_s", "undefined_asd"):
+        for metric in ("dice", "jaccard", "hd95_mm", "asd_mm", "wall_s", "step_s_median", "undefined_asd"):
             entry[metric] = _mean_std([r[metric] for r in group])
         entry["dice_per_class"] = {c: _mean_std([r["dice_per_class"][c] for r in group])["mean"]
                                    for c in group[0]["dice_per_class"]}
@@ -314,6 +332,10 @@ def verdict(setting: str, agg: dict[str, dict[str, Any]]) -> str | None:
     return f"**{setting}**: A&D " + "; it ".join(parts) + "."
 
 
+def _num(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
 def _pm(stat: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
     if stat["mean"] is None:
         return "—"
@@ -345,10 +367,12 @@ def render(report: dict[str, Any]) -> str:
     lines += ["", "## Setting x method (Tables 1-4 shape)", "",
               "Dice % and ASD mm on the test cases: mean ± sample std over seeds. ASD (mm, prediction → "
               "reference) leaves out (class, case) pairs with an empty prediction or reference: "
-              "*undef.* counts them (mean over seeds). Wall: seconds per run (process start to test end). "
-              "Params: trained / used at test time.", "",
-              "| setting | method | seeds | Dice % | ASD mm | HD95 mm | Jaccard % | undef. | wall s | params |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "*undef.* counts them (mean over seeds). Wall: seconds per run, mean over seeds (process start "
+              "to test end: training, validations and test); s/step: median seconds per training step. "
+              "Params: trained / used at test time (A&D: image stem + encoder + D_θ).", "",
+              "| setting | method | seeds | Dice % | ASD mm | HD95 mm | Jaccard % | undef. | wall s | s/step "
+              "| params |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for setting in SETTINGS:
         for variant in BASELINES:
             a = agg.get(f"{setting}/{variant}")
@@ -357,7 +381,8 @@ def render(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {setting} | {LABELS[variant]} | {len(a['seeds'])} | {_pm(a['dice'], 100)} | {_pm(a['asd_mm'])} | "
                 f"{_pm(a['hd95_mm'])} | {_pm(a['jaccard'], 100)} | {a['undefined_asd']['mean']:.1f} | "
-                f"{a['wall_s']['mean']:.0f} | {a['params_trained'] / 1e3:.0f}k / {a['params_test_time'] / 1e3:.0f}k |")
+                f"{a['wall_s']['mean']:.0f} | {_num(a['step_s_median']['mean'], 2)} | "
+                f"{a['params_trained'] / 1e3:.0f}k / {a['params_test_time'] / 1e3:.0f}k |")
     if any(k.split("/")[1] in ABLATIONS for k in agg):
         lines += ["", "## Ablations (Table 5 shape): Dice %, mean ± std over seeds", "",
                   "| setting | " + " | ".join(LABELS[v] for v in ("ad", *ABLATIONS)) + " |",
@@ -381,6 +406,12 @@ def render(report: dict[str, Any]) -> str:
         lines += ["", "## Does A&D beat the baselines here?", "",
                   "A difference counts only when it exceeds the larger of the two methods' seed std of Dice.", ""]
         lines += [f"- {s}" for s in sentences]
+    load = report.get("load_average_1min")
+    if load and load["max"] > BUSY_LOAD:
+        lines += ["", f"**Wall times are not clean:** the 1-min load average around the runs reached "
+                      f"{load['max']:.1f} on {os.cpu_count()} cores (other work on the machine). With another "
+                      "CPU-bound process running, torch's 2 threads here slowed down up to ~20x; the quality "
+                      "numbers do not depend on it (the runs are deterministic per seed)."]
     lines += ["", f"Total wall time of the runs: {report['total_wall_s'] / 60:.1f} min "
                   f"({len(report['runs'])} runs; cache warm-up {report['warm_s']:.0f} s apart). "
                   "These are small-budget numbers on synthetic data: they check that the methods run and "
@@ -390,7 +421,9 @@ def render(report: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=100,
+                        help="SGD steps per run (100: ~45 min for the whole default run on an idle 2-core CPU; "
+                             "150: ~62 min)")
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--patch", type=int, nargs=3, default=[16, 32, 32], metavar=("Z", "Y", "X"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -405,14 +438,21 @@ def main() -> None:
     parser.add_argument("--test-cases", type=int, default=3, help="test cases per domain")
     parser.add_argument("--seed-base", type=int, default=0, help="seed of domain A's first case")
     parser.add_argument("--out", type=Path, default=RESULTS / "ad_settings", help="writes OUT.json and OUT.md")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs in parallel; with more than one, each run's torch uses one thread")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, every 2, seed 0")
     parser.add_argument("--quiet-runs", action="store_true", help="hide the runs' progress output")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--warm", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.one:
         job = json.loads(args.one)
         Path(job["result"]).write_text(json.dumps(run_one(job), indent=2) + "\n")
+        return
+    if args.warm:
+        job = json.loads(args.warm)
+        print(json.dumps(warm_cache(Path(job["data"]), job["settings"], job["budget"])))
         return
     if args.quick:
         args.steps, args.every, args.seeds = 4, 2, [0]
@@ -426,12 +466,8 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    warm = subprocess.run([sys.executable, "-c",
-                           "import json, sys; sys.path.insert(0, sys.argv[1]); import ad_settings as b; "
-                           "from pathlib import Path; "
-                           "print(json.dumps(b.warm_cache(Path(sys.argv[2]), json.loads(sys.argv[3]), "
-                           "json.loads(sys.argv[4]))))",
-                           str(Path(__file__).parent), str(args.data), json.dumps(args.settings), json.dumps(budget)],
+    job = {"data": str(args.data), "settings": args.settings, "budget": budget}
+    warm = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--warm", json.dumps(job)],
                           env=env, cwd=ROOT, capture_output=True, text=True)
     if warm.returncode != 0:
         raise SystemExit(f"cache warm-up failed:\n{warm.stderr}")
@@ -440,8 +476,10 @@ def main() -> None:
     print(f"cache warm ({warm_s:.0f} s): {split_counts}", file=sys.stderr, flush=True)
 
     runs = plan(args.settings, args.methods, args.seeds)
-    rows = []
-    for i, run in enumerate(runs, start=1):
+    if args.jobs > 1:
+        env["OMP_NUM_THREADS"] = "1"  # two 2-thread torch processes on 2 cores run 10-20x slower
+
+    def one(i: int, run: Run) -> dict[str, Any]:
         path = results / f"{run.name}.json"
         if path.is_file():
             row = json.loads(path.read_text())
@@ -449,30 +487,47 @@ def main() -> None:
                 raise SystemExit(f"{path} was made with budget {row['budget']} / split {row['split']}, not "
                                  f"{budget} / {split_counts[run.setting]}: use another --work or delete it")
             print(f"[{i}/{len(runs)}] {run.name}: done before ({row['wall_s']:.0f} s)", file=sys.stderr)
-        else:
-            print(f"[{i}/{len(runs)}] {run.name} ...", file=sys.stderr, flush=True)
-            row = execute(run, args, budget, env)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(row, indent=2) + "\n")
-            tmp.replace(path)
-            print(f"[{i}/{len(runs)}] {run.name}: Dice {100 * row['dice']:.1f} %, ASD "
-                  f"{row['asd_mm'] if row['asd_mm'] is None else round(row['asd_mm'], 2)} mm, "
-                  f"{row['wall_s']:.0f} s", file=sys.stderr, flush=True)
-        rows.append(row)
+            return row
+        print(f"[{i}/{len(runs)}] {run.name} ...", file=sys.stderr, flush=True)
+        row = execute(run, args, budget, env)
+        if row["split"] != split_counts[run.setting]:
+            raise SystemExit(f"{run.name}: split.json has {row['split']}, the warm-up saw "
+                             f"{split_counts[run.setting]}")
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(row, indent=2) + "\n")
+        tmp.replace(path)
+        print(f"[{i}/{len(runs)}] {run.name}: Dice {100 * row['dice']:.1f} %, ASD "
+              f"{row['asd_mm'] if row['asd_mm'] is None else round(row['asd_mm'], 2)} mm, "
+              f"{row['wall_s']:.0f} s", file=sys.stderr, flush=True)
+        return row
 
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        rows = list(pool.map(one, range(1, len(runs) + 1), runs))
+
+    configs = {}
+    for row in rows:
+        c = row["config"]
+        configs.setdefault(row["setting"], {
+            "config": f"seg-{row['setting']}-cpu", "spacing_mm": c["data"]["spacing_mm"],
+            "width": c["model"]["width"], "lr": c["optim"]["lr"], "batch_size": c["optim"]["batch_size"],
+            "normalisation": c["data"]["normalisation"], "domains": c["data"]["domains"],
+            "unlabeled_domains": c["data"]["unlabeled_domains"], "test_domains": c["data"]["test_domains"],
+            "classes": c["data"]["classes"], "labeled_fraction": c["data"]["labeled_fraction"],
+            "n_validation": c["data"]["n_validation"], "split_json": row["split"]})
     first = rows[0]["config"]
+    loads = [x for r in rows if "load_average_1min" in r for x in r["load_average_1min"]]
     report = {
         "benchmark": "ad_settings",
         "device": cpu_device(),
         "torch": rows[0]["torch"], "torch_threads": rows[0]["torch_threads"],
         "budget": budget, "seeds": args.seeds, "settings": args.settings, "methods": args.methods,
         "split_policy": "data.split_seed=0 for every method and seed; the seed changes only training",
-        "config": {"configs": {s: f"seg-{s}-cpu" for s in args.settings},
-                   "spacing_mm": first["data"]["spacing_mm"], "width": first["model"]["width"],
+        "config": {"spacing_mm": first["data"]["spacing_mm"], "width": first["model"]["width"],
                    "lr": first["optim"]["lr"], "batch_size": first["optim"]["batch_size"],
-                   "data.workers": 0, "device": "cpu"},
+                   "data.workers": 0, "device": "cpu", "per_setting": configs},
+        "load_average_1min": {"min": min(loads), "max": max(loads)} if loads else None,
         "data": {**data_spec, "path": str(args.data)},
-        "split_counts": split_counts,
+        "split_counts": {s: configs[s]["split_json"] for s in args.settings if s in configs},
         "warm_s": warm_s,
         "total_wall_s": sum(r["wall_s"] for r in rows),
         "aggregates": aggregate(rows),

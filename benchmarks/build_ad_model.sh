@@ -2,7 +2,7 @@
 # Rebuild the A&D organ segmenter shipped in model_repository/ad-organs from nothing but this
 # code: the synthetic multi-organ phantom (medssl synth organs, CT domain A), an A&D run in the
 # class-imbalanced SSL setting on the CPU profile (medssl-train ad --setting imbssl), and an
-# fp32 export with its parity check (medssl-export). About 15 minutes on 2 CPU cores.
+# fp32 export with its parity check (medssl-export). About 15 minutes on 2 idle CPU cores.
 #
 #   benchmarks/build_ad_model.sh            # writes model_repository/ad-organs/1
 #
@@ -17,7 +17,7 @@ export MEDSSL_CACHE=$WORK/cache
 rm -rf "$WORK"
 "$BIN/medssl" synth organs --cases 20 --test 4 --domain A --seed 3000 "$WORK/organs/A"
 "$BIN/medssl-train" ad --setting imbssl --profile cpu --data "$WORK/organs" --out "$WORK/ad" \
-    --set optim.steps=${STEPS:-500} --set eval.every=250 --set data.workers=0 --device cpu
+    --set optim.steps=${STEPS:-300} --set eval.every=250 --set data.workers=0 --device cpu
 rm -rf "model_repository/$NAME"
 "$BIN/medssl-export" "$WORK/ad" --repository model_repository --name "$NAME" --version 1 \
     --max-batch 8 --intended-use "Demonstration model trained only on the synthetic abdominal phantom \

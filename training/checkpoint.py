@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from medssl.atomic import atomic_write, fsync_dir
-from medssl.errors import CheckpointError
+from medssl.errors import CheckpointError, MedsslError
 
-__all__ = ["CheckpointManager", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointManager", "load_checkpoint", "resume_from_last", "rng_state", "set_rng_state"]
 
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
 
@@ -224,6 +224,27 @@ class CheckpointManager:
     def load(self, path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
         """:func:`load_checkpoint`: the saved dict, or CheckpointError naming the file."""
         return load_checkpoint(path, map_location)
+
+
+def resume_from_last(manager: CheckpointManager, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: Any) -> dict[str, Any]:
+    """Load ``last.pt`` into the model, optimiser, scheduler and the global RNGs.
+
+    Returns:
+        The checkpoint, for trainer-specific state (``step``, an EMA teacher, ...).
+
+    Raises:
+        MedsslError: the run folder has no checkpoint to resume.
+    """
+    last = manager.latest()
+    if last is None:
+        raise MedsslError(f"{manager.run_dir}: nothing to resume (no checkpoints/last.pt)")
+    state = manager.load(last)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state
 
 
 # -- RNG state ----------------------------------------------------------------------------------

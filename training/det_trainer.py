@@ -29,7 +29,7 @@ from medssl.errors import MedsslError, VolumeReadError
 from medssl.metrics import plot_froc, write_predictions
 from medssl.pipeline import Intensity
 from medssl.training.cache import CachedVolume, VolumeCache
-from medssl.training.checkpoint import CheckpointManager, rng_state, set_rng_state
+from medssl.training.checkpoint import CheckpointManager, resume_from_last, rng_state
 from medssl.training.config import config_to_dict, dump_config
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_data import IndexStream, LabeledPatches, ScanBoxes, UnlabeledPatches
@@ -216,15 +216,7 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.optim.steps)
     start = 0
     if resume:
-        last = manager.latest()
-        if last is None:
-            raise MedsslError(f"{out}: nothing to resume (no checkpoints/last.pt)")
-        state = manager.load(last)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start = int(state["step"])
+        start = int(resume_from_last(manager, model, optimizer, scheduler)["step"])
     model = wrap_ddp(model, env)
     model.train()
 

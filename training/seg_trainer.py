@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from medssl.errors import MedsslError
 from medssl.training.cache import VolumeCache
-from medssl.training.checkpoint import CheckpointManager, rng_state, set_rng_state
+from medssl.training.checkpoint import CheckpointManager, resume_from_last, rng_state
 from medssl.training.config import config_to_dict, dump_config
 from medssl.training.det_data import IndexStream
 from medssl.training.det_trainer import TrainingDivergedError, default_cache_dir
@@ -154,18 +154,11 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _poly(s, o.steps, o.poly_power))
     start = 0
     if resume:
-        last = manager.latest()
-        if last is None:
-            raise MedsslError(f"{out}: nothing to resume (no checkpoints/last.pt)")
-        state = manager.load(last)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = resume_from_last(manager, model, optimizer, scheduler)
         if teacher is not None:
             teacher.load_state_dict(state["teacher"])
         if drs is not None:
             drs.load_state_dict(state["drs"])
-        set_rng_state(state["rng"])
         start = int(state["step"])
     elif teacher is not None:
         teacher.load_state_dict(model.state_dict())

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from medssl.detection.nms import nms_3d
-from medssl.pipeline.preprocess import Intensity, preprocess_ct
+from medssl.pipeline.preprocess import Intensity, check_model_grid, preprocess_ct
 from medssl.pipeline.windows import extract_window, plan_windows
 from medssl.volume import Volume
 
@@ -399,12 +399,8 @@ def _merge(
 
 def _check_prepared(prepared: Volume, params: DetectionParams) -> None:
     """Fail loudly when ``prepared`` is not on the grid ``params`` expects."""
-    if not np.allclose(prepared.spacing, params.spacing_mm, atol=1e-3):
-        raise ValueError(
-            f"prepared volume has spacing {prepared.spacing.round(4).tolist()} mm but "
-            f"params.spacing_mm is {params.spacing_mm}; prepare it with "
-            "preprocess_ct(volume, params.spacing_mm, params.intensity) or call detect()"
-        )
+    check_model_grid(prepared, params.spacing_mm,
+                     "preprocess_ct(volume, params.spacing_mm, params.intensity) or call detect()")
 
 
 def _triple(values: np.ndarray) -> tuple[float, float, float]:

@@ -14,7 +14,14 @@ import numpy as np
 
 from medssl.volume import Volume
 
-__all__ = ["Intensity", "PercentileIntensity", "normalisation_from_json", "preprocess_ct", "resample_to_spacing"]
+__all__ = [
+    "Intensity",
+    "PercentileIntensity",
+    "check_model_grid",
+    "normalisation_from_json",
+    "preprocess_ct",
+    "resample_to_spacing",
+]
 
 
 @dataclass(frozen=True)
@@ -135,3 +142,19 @@ def resample_to_spacing(volume: Volume, spacing_mm: Sequence[float] | float) -> 
     if np.allclose(volume.spacing, target, atol=1e-3):
         return volume
     return volume.resample(target)
+
+
+def check_model_grid(prepared: Volume, spacing_mm: Sequence[float] | float, how: str) -> None:
+    """Fail loudly when ``prepared`` is not on the model grid ``spacing_mm``.
+
+    Args:
+        how: what to call to prepare a volume properly (named in the error).
+
+    Raises:
+        ValueError: the spacing differs by more than 1e-3 mm.
+    """
+    if not np.allclose(prepared.spacing, spacing_mm, atol=1e-3):
+        raise ValueError(
+            f"prepared volume has spacing {prepared.spacing.round(4).tolist()} mm but the model grid is "
+            f"{np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,)).tolist()} mm; prepare it with {how}"
+        )

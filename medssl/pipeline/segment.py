@@ -44,7 +44,11 @@ from typing import Any, Protocol
 import numpy as np
 from scipy import ndimage
 
-from medssl.pipeline.preprocess import normalisation_from_json, resample_to_spacing
+from medssl.pipeline.preprocess import (
+    check_model_grid,
+    normalisation_from_json,
+    resample_to_spacing,
+)
 from medssl.pipeline.windows import extract_window, plan_windows
 from medssl.volume import Volume
 
@@ -631,10 +635,4 @@ def _label_dtype(n_classes: int) -> type[np.unsignedinteger]:
 
 def _check_prepared(prepared: Volume, params: SegmentationParams) -> None:
     """Fail loudly when ``prepared`` is not on the grid ``params`` expects."""
-    if not np.allclose(prepared.spacing, params.spacing_mm, atol=1e-3):
-        raise ValueError(
-            f"prepared volume has spacing {prepared.spacing.round(4).tolist()} mm but "
-            f"params.spacing_mm is {list(params.spacing_mm)}; prepare it with "
-            "resample_to_spacing(volume, params.spacing_mm) and params.normalisation, "
-            "or call segment()"
-        )
+    check_model_grid(prepared, params.spacing_mm, "prepare_segmentation(volume, params), or call segment()")
