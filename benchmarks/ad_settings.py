@@ -438,6 +438,9 @@ def main() -> None:
     parser.add_argument("--test-cases", type=int, default=3, help="test cases per domain")
     parser.add_argument("--seed-base", type=int, default=0, help="seed of domain A's first case")
     parser.add_argument("--out", type=Path, default=RESULTS / "ad_settings", help="writes OUT.json and OUT.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="render the tables from the runs already finished (missing runs are left out "
+                        "and the seed counts say so); runs nothing")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs in parallel; with more than one, each run's torch uses one thread")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, every 2, seed 0")
@@ -476,6 +479,8 @@ def main() -> None:
     print(f"cache warm ({warm_s:.0f} s): {split_counts}", file=sys.stderr, flush=True)
 
     runs = plan(args.settings, args.methods, args.seeds)
+    if args.report_only:
+        runs = [run for run in runs if (results / f"{run.name}.json").is_file()]
     if args.jobs > 1:
         env["OMP_NUM_THREADS"] = "1"  # two 2-thread torch processes on 2 cores run 10-20x slower
 
