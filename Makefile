@@ -67,6 +67,8 @@ demo: setup
 	$(VENV)/bin/medssl index $(DEMO)/dicom --out $(DEMO)/index.parquet
 	$(VENV)/bin/medssl info "$$(dirname "$$(find $(DEMO)/dicom -name 'IM00001.dcm' | head -1)")"
 	$(VENV)/bin/medssl-score $(DEMO)/dicom --out $(DEMO)/scores --workers 1 --write-dicom
+	$(VENV)/bin/medssl synth organs --cases 0 --test 2 --seed 500 $(DEMO)/organs
+	$(VENV)/bin/medssl-score $(DEMO)/organs --model ad-organs --out $(DEMO)/organ-scores --workers 1
 	$(VENV)/bin/medssl synth chest --cases 10 --unlabeled 4 --matrix 96 --slices 64 --seed 100 $(DEMO)/luna16
 	MEDSSL_CACHE=$(DEMO)/cache $(VENV)/bin/medssl-train focalmix $(DEMO_TRAIN) --data $(DEMO)/luna16 \
 		--labeled 6 --unlabeled 4 --out $(DEMO)/focalmix

@@ -109,7 +109,7 @@ def _print_findings(out: Path, top: int = 10) -> None:
         click.echo("no findings")
         return
     if rows[0]["volume_ml"] is not None:
-        _print_volumes(rows, top)
+        _print_volumes(rows)
         return
     rows.sort(key=lambda r: -r["probability"])
     table = Table(title=f"top {min(top, len(rows))} of {len(rows)} findings (findings.parquet)")
@@ -121,14 +121,16 @@ def _print_findings(out: Path, top: int = 10) -> None:
     Console().print(table)
 
 
-def _print_volumes(rows: list[dict], top: int) -> None:
-    """Segmentation runs: the volume of each label per series (the first ``top`` series)."""
+def _print_volumes(rows: list[dict], top: int = 4) -> None:
+    """Segmentation runs: the volume (mL) of each label, one column per series (the first ``top``)."""
     labels = list(dict.fromkeys(r["label"] for r in rows))
-    series = list(dict.fromkeys(r["key"] for r in rows))
-    table = Table(title=f"volumes (mL) of {min(top, len(series))} of {len(series)} series (findings.parquet)")
-    for column in ("series", *labels):
-        table.add_column(column, justify="right")
+    series = list(dict.fromkeys(r["key"] for r in rows))[:top]
+    total = len({r["key"] for r in rows})
+    table = Table(title=f"label volumes, mL ({len(series)} of {total} series; all in findings.parquet)")
+    table.add_column("label")
+    for key in series:
+        table.add_column(key[-20:], justify="right")
     by_key = {(r["key"], r["label"]): r["volume_ml"] for r in rows}
-    for key in series[:top]:
-        table.add_row(key[-24:], *(f"{by_key.get((key, label), 0.0):.1f}" for label in labels))
+    for label in labels:
+        table.add_row(label, *(f"{by_key.get((key, label), 0.0):.1f}" for key in series))
     Console().print(table)

@@ -107,3 +107,15 @@ def test_scoring_a_dicom_series_writes_a_valid_seg(exported, tmp_path, dciodvfy)
     labels = read_nifti(Path(row["label_map"]), label=True)
     volume = seg.get_volume(combine_segments=True, skip_overlap_checks=True)
     assert int((volume.array > 0).sum()) == int((labels.array > 0).sum())
+
+
+def test_medssl_score_prints_the_label_volumes_of_a_segmenter(seg_run, exported, tmp_path):
+    from click.testing import CliRunner
+
+    from medssl.cli.score import score as score_command
+
+    result = CliRunner().invoke(score_command, [str(seg_run.parent / "A"), "--repository", str(exported.repository),
+                                                "--model", "organs", "--out", str(tmp_path / "o"), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "label volumes, mL" in result.output
+    assert "liver" in result.output and "organs_0005" in result.output
