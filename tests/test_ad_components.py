@@ -332,19 +332,6 @@ def test_drs_rejects_bad_inputs():
         DifficultyWeights(1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_drs_follows_the_logits_to_cuda_and_back():
-    target = torch.randint(0, 3, (2, 1, 4, 4, 4))
-    logits = torch.randn(2, 3, 4, 4, 4)
-    cpu = DifficultyWeights(3)
-    gpu = DifficultyWeights(3)
-    w_cpu = cpu.update(logits, target)
-    w_gpu = gpu.update(logits.cuda(), target.cuda())
-    assert w_gpu.device.type == "cuda"
-    torch.testing.assert_close(w_gpu.cpu(), w_cpu)
-    assert gpu.state_dict()["last_dice"].device.type == "cpu"
-
-
 # ---------------------------------------------------------------- Dice + CE
 
 
