@@ -172,6 +172,48 @@ def synth_organs(
     click.echo(f"wrote {cases} training and {n_test} test cases per domain ({', '.join(domains)}) to {where}")
 
 
+@cli.group(cls=MedsslGroup)
+def convert() -> None:
+    """Convert the layouts the SSL literature ships into the Decathlon layout medssl-train reads."""
+
+
+@convert.command("la-h5")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--lists", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of train.list / test.list (default: SRC, then its parent).")
+def convert_la_h5(src: Path, out: Path, lists: Path | None) -> None:
+    """UA-MT's Left Atrium (<case>/mri_norm2.h5, the 80/20 lists) → Decathlon OUT."""
+    from medssl.datasets.convert import la_h5_to_decathlon
+
+    click.echo(f"wrote {la_h5_to_decathlon(src, out, lists)}")
+
+
+@convert.command("ad-npy")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--label", "labels", multiple=True, required=True, metavar="CODE=NAME",
+              help="A label of the dataset, e.g. --label 1=spleen (repeat; background is added).")
+@click.option("--spacing", nargs=3, type=float, default=(1.0, 1.0, 1.0), show_default=True,
+              help="Voxel size Z Y X mm (the npy layout does not store it).")
+@click.option("--axis-order", type=click.Choice(["zyx", "xyz"]), default="zyx", show_default=True,
+              help="How the arrays are stored: zyx (Synapse, MMWHS, M&Ms) or xyz (LA).")
+@click.option("--modality", default="CT", show_default=True)
+def convert_ad_npy(src: Path, out: Path, labels: tuple[str, ...], spacing: tuple[float, float, float],
+                   axis_order: str, modality: str) -> None:
+    """A&D's npy/ + split_txts/ → Decathlon OUT (the test split becomes imagesTs)."""
+    from medssl.datasets.convert import ad_npy_to_decathlon
+
+    names = {0: "background"}
+    for item in labels:
+        code, sep, name = item.partition("=")
+        if not sep or not code.strip().isdigit() or not name.strip():
+            raise click.BadParameter(f"{item!r} must look like CODE=NAME, e.g. 1=spleen", param_hint="--label")
+        names[int(code)] = name.strip()
+    path = ad_npy_to_decathlon(src, out, names, modality, spacing=spacing, axis_order=axis_order)
+    click.echo(f"wrote {path}")
+
+
 @cli.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
