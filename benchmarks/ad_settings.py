@@ -351,7 +351,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         "# A&D settings on synthetic phantoms (CPU budget)", "",
         f"{report['device']}; torch {report.get('torch', '?')} with {report.get('torch_threads', '?')} threads, "
-        "one run at a time, each in a fresh process.",
+        f"{report.get('jobs', 1)} run(s) at a time, each in a fresh process.",
         f"Budget per run: {b['steps']} SGD steps (batch 2 labeled + 2 unlabeled crops), validation every "
         f"{b['every']} steps (best checkpoint by validation Dice), crops {'x'.join(map(str, b['patch']))} on the "
         f"{report['config']['spacing_mm']} mm grid, VNet width {report['config']['width']}, lr "
@@ -412,7 +412,7 @@ def render(report: dict[str, Any]) -> str:
                       f"{load['max']:.1f} on {os.cpu_count()} cores (other work on the machine). With another "
                       "CPU-bound process running, torch's 2 threads here slowed down up to ~20x; the quality "
                       "numbers do not depend on it (the runs are deterministic per seed)."]
-    lines += ["", f"Total wall time of the runs: {report['total_wall_s'] / 60:.1f} min "
+    lines += ["", f"Total wall time of the runs (summed; {report.get("jobs", 1)} at a time): {report['total_wall_s'] / 60:.1f} min "
                   f"({len(report['runs'])} runs; cache warm-up {report['warm_s']:.0f} s apart). "
                   "These are small-budget numbers on synthetic data: they check that the methods run and "
                   "compare under one protocol, not the paper's absolute values."]
@@ -525,7 +525,7 @@ def main() -> None:
         "benchmark": "ad_settings",
         "device": cpu_device(),
         "torch": rows[0]["torch"], "torch_threads": rows[0]["torch_threads"],
-        "budget": budget, "seeds": args.seeds, "settings": args.settings, "methods": args.methods,
+        "budget": budget, "jobs": args.jobs, "seeds": args.seeds, "settings": args.settings, "methods": args.methods,
         "split_policy": "data.split_seed=0 for every method and seed; the seed changes only training",
         "config": {"spacing_mm": first["data"]["spacing_mm"], "width": first["model"]["width"],
                    "lr": first["optim"]["lr"], "batch_size": first["optim"]["batch_size"],
