@@ -412,7 +412,7 @@ def render(report: dict[str, Any]) -> str:
                       f"{load['max']:.1f} on {os.cpu_count()} cores (other work on the machine). With another "
                       "CPU-bound process running, torch's 2 threads here slowed down up to ~20x; the quality "
                       "numbers do not depend on it (the runs are deterministic per seed)."]
-    lines += ["", f"Total wall time of the runs (summed; {report.get("jobs", 1)} at a time): {report['total_wall_s'] / 60:.1f} min "
+    lines += ["", f"Total wall time of the runs (summed; {report.get('jobs', 1)} at a time): {report['total_wall_s'] / 60:.1f} min "
                   f"({len(report['runs'])} runs; cache warm-up {report['warm_s']:.0f} s apart). "
                   "These are small-budget numbers on synthetic data: they check that the methods run and "
                   "compare under one protocol, not the paper's absolute values."]
