@@ -160,3 +160,14 @@ def scoring_archive(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("archive")
     write_archive(root, 20, broken=3, seed=40, matrix=64, n_slices=36)
     return root
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny convolutions on a loaded 2-core machine: one torch thread is many times faster."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

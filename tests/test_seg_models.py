@@ -35,13 +35,7 @@ W, C = 4, 3  # network width, classes (background included)
 SHAPE = (16, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions on a loaded 2-core machine: one thread is many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def image(batch=2, seed=0) -> torch.Tensor:

@@ -35,13 +35,7 @@ TINY = ["optim.steps=4", "eval.every=2", "data.patch=[16,16,16]", "data.workers=
 METRICS = {"dice", "jaccard", "hd95_mm", "asd_mm"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions on a loaded 2-core machine: one thread is many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="session")
