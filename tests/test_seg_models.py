@@ -480,3 +480,15 @@ def test_an_unknown_key_is_named_with_a_suggestion():
     with pytest.raises(ConfigError, match=r"'ad\.diffusion_process'.*steps >= 2") as info:
         experiment("ad.diffusion_process.steps=1")
     assert info.value.key == "ad.diffusion_process"
+
+
+def test_gumbel_softmax_draws_from_the_step_generator_and_samples_the_softmax():
+    from medssl.training.seg_steps import _gumbel_softmax
+
+    logits = torch.tensor([0.0, float(np.log(3.0))]).view(1, 2, 1, 1, 1).expand(20000, 2, 1, 1, 1)
+    first = _gumbel_softmax(logits, torch.Generator().manual_seed(7))
+    again = _gumbel_softmax(logits, torch.Generator().manual_seed(7))
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first.sum(dim=1), torch.ones(20000, 1, 1, 1))
+    # Gumbel-max: the argmax of logits + Gumbel noise is a sample of softmax(logits) = (1/4, 3/4).
+    assert abs(first.argmax(dim=1).float().mean().item() - 0.75) < 0.015

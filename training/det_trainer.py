@@ -98,6 +98,9 @@ def _loader(dataset: Any, batch: int, start: int, count: int, cfg: DetectionExpe
         dataset, batch_size=batch, sampler=IndexStream(start * batch, count * batch, env.rank, env.world_size),
         num_workers=cfg.data.workers, worker_init_fn=worker_init_fn, pin_memory=env.device.type == "cuda",
         persistent_workers=cfg.data.workers > 0, drop_last=True,
+        # iter() draws the workers' base seed from this generator, not from the global RNG that
+        # a resume restored (samples depend only on their index, so a fixed seed costs nothing).
+        generator=torch.Generator().manual_seed(0),
     )
     return iter(loader)
 

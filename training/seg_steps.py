@@ -78,6 +78,13 @@ def gaussian_smooth(probabilities: torch.Tensor, sigma: float = 1.0, size: int =
     return F.conv3d(probabilities, weight, padding=size // 2, groups=c)
 
 
+def _gumbel_softmax(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``F.gumbel_softmax(logits, tau=1, dim=1)`` (soft), with the noise drawn from ``generator``
+    so the step's random stream stays in one place: softmax(logits − log(−log U)), U ~ U(0, 1)."""
+    u = torch.rand(logits.shape, generator=generator).clamp_(1e-20, 1.0).to(logits.device)
+    return torch.softmax(logits - torch.log(-torch.log(u)), dim=1)
+
+
 @torch.no_grad()
 def _pseudo_label(raw: DiffVNet, image: torch.Tensor, diffusion: LabelDiffusion, rs: bool,
                   generator: torch.Generator | None) -> torch.Tensor:
@@ -93,7 +100,7 @@ def _pseudo_label(raw: DiffVNet, image: torch.Tensor, diffusion: LabelDiffusion,
     else:
         xi = raw.denoise(None, None, image)
     xi = xi.float()
-    p_xi = gaussian_smooth(F.gumbel_softmax(xi, tau=1.0, dim=1)) if rs else torch.softmax(xi, dim=1)
+    p_xi = gaussian_smooth(_gumbel_softmax(xi, generator)) if rs else torch.softmax(xi, dim=1)
     p_psi = torch.softmax(raw.psi(image).float(), dim=1)
     return torch.argmax(p_xi + p_psi, dim=1)
 
