@@ -67,13 +67,17 @@ demo: setup
 	$(VENV)/bin/medssl index $(DEMO)/dicom --out $(DEMO)/index.parquet
 	$(VENV)/bin/medssl info "$$(dirname "$$(find $(DEMO)/dicom -name 'IM00001.dcm' | head -1)")"
 	$(VENV)/bin/medssl-score $(DEMO)/dicom --out $(DEMO)/scores --workers 1 --write-dicom
-	$(VENV)/bin/medssl synth organs --cases 0 --test 2 --seed 500 $(DEMO)/organs
-	$(VENV)/bin/medssl-score $(DEMO)/organs --model ad-organs --out $(DEMO)/organ-scores --workers 1
 	$(VENV)/bin/medssl synth chest --cases 10 --unlabeled 4 --matrix 96 --slices 64 --seed 100 $(DEMO)/luna16
 	MEDSSL_CACHE=$(DEMO)/cache $(VENV)/bin/medssl-train focalmix $(DEMO_TRAIN) --data $(DEMO)/luna16 \
 		--labeled 6 --unlabeled 4 --out $(DEMO)/focalmix
 	@echo "FocalMix run: $(DEMO)/focalmix (submission: test/submission.csv, report: test/cpm.json, froc.png)"
 	$(VENV)/bin/medssl-export $(DEMO)/focalmix --repository $(DEMO)/model_repository --name focalmix-demo --kind cpu
+	$(VENV)/bin/medssl synth organs --cases 6 --test 2 --seed 500 $(DEMO)/organs/A
+	MEDSSL_CACHE=$(DEMO)/cache $(VENV)/bin/medssl-train ad --setting ssl --profile cpu --data $(DEMO)/organs \
+		--out $(DEMO)/ad --set optim.steps=20 --set eval.every=10 --set data.patch=[16,32,32] --set data.workers=0
+	$(VENV)/bin/medssl-export $(DEMO)/ad --repository $(DEMO)/model_repository --name ad-demo --kind cpu
+	$(VENV)/bin/medssl-score $(DEMO)/organs/A --repository $(DEMO)/model_repository --model ad-demo \
+		--out $(DEMO)/organ-scores --workers 1
 	$(VENV)/bin/medssl-export check $(DEMO)/model_repository model_repository
 
 test: setup-test
