@@ -165,7 +165,7 @@ def ensure_data(data: Path, cases: int, test_cases: int, seed_base: int) -> dict
 
 def _config(setting: str, overrides: dict[str, Any]) -> Any:
     from medssl.cli.train import resolve_config
-    from medssl.training.config import load_config
+    from medssl.config import load_config
     from medssl.training.seg_config import SegmentationExperiment
 
     return load_config(SegmentationExperiment, resolve_config(f"seg-{setting}-cpu"), overrides)
@@ -200,7 +200,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Train and test one run in this process; the result row (without the parent's wall time)."""
     import torch
 
-    from medssl.training.config import config_to_dict
+    from medssl.config import config_to_dict
     from medssl.training.seg_data import class_names, split_domains
     from medssl.training.seg_trainer import build_segmenter, train_segmenter
 

@@ -36,7 +36,7 @@ from medssl.pipeline import preprocess_ct
 from medssl.pipeline.detect import detect
 from medssl.pipeline.windows import extract_window, plan_windows
 from medssl.synth.chest import ChestConfig, generate_chest_ct
-from medssl.training.config import load_config
+from medssl.config import load_config
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_eval import TorchDetectionRunner, detection_params
 from medssl.training.det_steps import focalmix_step, supervised_step

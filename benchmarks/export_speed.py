@@ -42,7 +42,7 @@ from medssl.export.models import exportable
 from medssl.models.triton_config import ServingOptions
 from medssl.runners import LocalTritonServer, OnnxRunner, TritonRunner
 from medssl.runners.local_server import python_backend_repository
-from medssl.training.config import config_to_dict, load_config
+from medssl.config import config_to_dict, load_config
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.detector import FPNDetector
 

@@ -33,7 +33,7 @@ import torch
 
 from medssl.cli.train import resolve_config
 from medssl.synth.datasets import write_chest_dataset
-from medssl.training.config import load_config, parse_overrides
+from medssl.config import load_config, parse_overrides
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_trainer import train_detector
 

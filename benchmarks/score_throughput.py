@@ -309,7 +309,7 @@ def side_monai(data: Path, batch_size: int, loader_workers: int) -> dict[str, An
     from medssl.detection import AnchorGrid
     from medssl.detection.nms import nms_3d
     from medssl.scoring.run import RunnerSpec
-    from medssl.training.config import config_from_dict
+    from medssl.config import config_from_dict
     from medssl.training.det_config import DetectionExperiment
     from medssl.training.detector import FPNDetector, decode_boxes, flatten_levels
 

@@ -60,7 +60,7 @@ def _detector_command(method: str, summary: str) -> click.Command:
     def command(config_name: str, data: Path, labeled: int, unlabeled: int, out: Path, resume: bool,
                 device: str | None, overrides: tuple[str, ...]) -> None:
         # Imported here: torch loads only when training actually starts.
-        from medssl.training.config import load_config, parse_overrides
+        from medssl.config import load_config, parse_overrides
         from medssl.training.det_config import DetectionExperiment
         from medssl.training.det_trainer import train_detector
 
@@ -97,7 +97,7 @@ def _segmentation_command(method: str, summary: str) -> click.Command:
                   help="Override a config value, e.g. --set optim.steps=500 --set ad.drs=false.")
     def command(setting: str, profile: str, config_name: str | None, data: Path, out: Path, resume: bool,
                 device: str | None, overrides: tuple[str, ...]) -> None:
-        from medssl.training.config import load_config, parse_overrides
+        from medssl.config import load_config, parse_overrides
         from medssl.training.seg_config import SegmentationExperiment
         from medssl.training.seg_trainer import train_segmenter
 

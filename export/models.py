@@ -20,7 +20,7 @@ from medssl.models.card import NODULE_LABEL, Decoding, Label, Task, TensorSpec
 from medssl.models.anatomy import organ_label
 from medssl.pipeline.preprocess import Intensity, PercentileIntensity
 from medssl.synth.patches import chest_patch, organ_patch
-from medssl.training.config import config_from_dict
+from medssl.config import config_from_dict
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_eval import detection_params
 from medssl.training.detector import DetectorInference, FPNDetector

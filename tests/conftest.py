@@ -93,7 +93,7 @@ def detector_checkpoint(tmp_path_factory) -> Path:
     import torch
 
     from medssl.cli.train import resolve_config
-    from medssl.training.config import config_to_dict, load_config
+    from medssl.config import config_to_dict, load_config
     from medssl.training.det_config import DetectionExperiment
     from medssl.training.detector import FPNDetector
 

@@ -18,7 +18,7 @@ TORCH_FREE = [
     "medssl.metrics",
     "medssl.atomic",
     "medssl.training.cache",
-    "medssl.training.config",
+    "medssl.config",
     "medssl.cli.train",
     "medssl.serving",
     "medssl.cli.main",

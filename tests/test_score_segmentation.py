@@ -27,7 +27,7 @@ SHAPE = (32, 48, 48)
 def seg_run(tmp_path_factory) -> Path:
     """A 4-step A&D run in the imbssl setting (11 organs) on a small phantom dataset."""
     from medssl.cli.train import resolve_config
-    from medssl.training.config import load_config
+    from medssl.config import load_config
     from medssl.training.seg_config import SegmentationExperiment
     from medssl.training.seg_trainer import train_segmenter
 

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 from medssl.cli.train import resolve_config
 from medssl.errors import ConfigError
-from medssl.training.config import load_config, parse_overrides
+from medssl.config import load_config, parse_overrides
 from medssl.training.diffusion import LabelDiffusion, label_to_x0, spaced_steps
 from medssl.training.drs import DifficultyWeights
 from medssl.training.seg_config import SegmentationExperiment

@@ -25,7 +25,7 @@ from medssl.synth.datasets import write_organ_dataset
 from medssl.synth.organ_scene import LABELS
 from medssl.synth.organs import generate_organ_phantom
 from medssl.training import seg_trainer
-from medssl.training.config import load_config, parse_overrides
+from medssl.config import load_config, parse_overrides
 from medssl.training.seg_config import SegmentationExperiment
 from medssl.training.seg_trainer import train_segmenter
 

@@ -28,7 +28,7 @@ from medssl.cli.train import (
 from medssl.errors import ConfigError, MedsslError
 from medssl.synth.datasets import write_chest_dataset
 from medssl.training import det_trainer
-from medssl.training.config import load_config, parse_overrides
+from medssl.config import load_config, parse_overrides
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_trainer import TrainingDivergedError, train_detector
 

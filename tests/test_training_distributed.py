@@ -146,7 +146,7 @@ def _ad_worker(rank: int, port: int, out_dir: str) -> None:
     """One rank of A&D under DDP: the whole Diff-VNet step is one forward (three decoders,
     shared encoder), so find_unused_parameters=False must hold and ranks must stay identical."""
     from medssl.cli.train import resolve_config
-    from medssl.training.config import load_config
+    from medssl.config import load_config
     from medssl.training.drs import DifficultyWeights
     from medssl.training.seg_config import SegmentationExperiment
     from medssl.training.seg_steps import ad_step

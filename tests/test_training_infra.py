@@ -19,7 +19,7 @@ from medssl.training.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from medssl.training.config import (
+from medssl.config import (
     config_from_dict,
     config_to_dict,
     dump_config,

@@ -1,7 +1,7 @@
 """The experiment config of the nodule detector trainers (``focalmix``, ``supervised-det``).
 
 One YAML file per experiment (see ``training/configs/``); every value is validated at
-start (:func:`medssl.training.config.load_config`) and the whole config is stored in
+start (:func:`medssl.config.load_config`) and the whole config is stored in
 every checkpoint.
 """
 

@@ -30,7 +30,7 @@ from medssl.metrics import plot_froc, write_predictions
 from medssl.pipeline import Intensity
 from medssl.training.cache import CachedVolume, VolumeCache
 from medssl.training.checkpoint import CheckpointManager, resume_from_last, rng_state
-from medssl.training.config import config_to_dict, dump_config
+from medssl.config import config_to_dict, dump_config
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_data import IndexStream, LabeledPatches, ScanBoxes, UnlabeledPatches
 from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict

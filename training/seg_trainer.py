@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from medssl.errors import MedsslError
 from medssl.training.cache import VolumeCache
 from medssl.training.checkpoint import CheckpointManager, resume_from_last, rng_state
-from medssl.training.config import config_to_dict, dump_config
+from medssl.config import config_to_dict, dump_config
 from medssl.training.det_data import IndexStream
 from medssl.training.det_trainer import TrainingDivergedError, default_cache_dir
 from medssl.training.distributed import DistEnv, cleanup, init_distributed, unwrap, wrap_ddp
@@ -67,7 +67,7 @@ def build_segmenter(cfg: SegmentationExperiment, n_classes: int) -> nn.Module:
 
 def inference_net(state: dict[str, Any]) -> nn.Module:
     """The test-time network of a checkpoint (D_θ path for A&D), eval mode, on the CPU."""
-    from medssl.training.config import config_from_dict
+    from medssl.config import config_from_dict
 
     cfg = config_from_dict(SegmentationExperiment, state["config"])
     net = build_segmenter(cfg, len(state["classes"]))
