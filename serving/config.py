@@ -1,0 +1,387 @@
+"""The gateway's configuration: one YAML file, environment overrides, validation at start.
+
+``medssl-serve --config gateway.yaml`` reads a :class:`GatewayConfig` (``examples/gateway.yaml``
+is the documented example). Every key is validated before anything starts; a bad key or value
+is a :class:`~medssl.errors.ConfigError` naming its dotted path (``scp.port``), with a
+"did you mean" for a misspelt key.
+
+Environment overrides: ``MEDSSL_GATEWAY__<SECTION>__<KEY>=<value>`` sets ``section.key``
+(double underscores separate levels, names are lower-cased, the value is parsed as YAML, so
+``MEDSSL_GATEWAY__SCP__PORT=11113`` or ``MEDSSL_GATEWAY__MODELS__TRITON_URL=null`` work). The
+environment wins over the file, and a command-line option wins over both. A container sets
+its ports and paths this way without editing the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from medssl.config import config_to_dict, load_config
+from medssl.errors import ConfigError
+from medssl.scoring.select import SelectionRules
+
+__all__ = [
+    "ENV_PREFIX",
+    "AllowedCaller",
+    "DeliveryConfig",
+    "DestinationConfig",
+    "GatewayConfig",
+    "HttpConfig",
+    "ModelsConfig",
+    "ProcessingConfig",
+    "RouteConfig",
+    "ScpConfig",
+    "SpoolConfig",
+    "TlsConfig",
+    "env_overrides",
+    "load_gateway_config",
+]
+
+#: Prefix of environment overrides: ``MEDSSL_GATEWAY__SCP__PORT=11113``.
+ENV_PREFIX = "MEDSSL_GATEWAY__"
+
+
+def _port(value: int, key: str, allow_zero: bool = True) -> None:
+    low = 0 if allow_zero else 1
+    if not low <= value <= 65535:
+        raise ValueError(f"{key} must be a TCP port in [{low}, 65535], got {value}")
+
+
+def _ae_title(value: str, key: str) -> None:
+    if not 1 <= len(value.strip()) <= 16 or "\\" in value:
+        raise ValueError(f"{key} must be 1-16 characters without a backslash, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AllowedCaller:
+    """A calling AE title the SCP accepts, optionally only from some hosts.
+
+    Attributes:
+        ae_title: the calling AE title (compared after stripping spaces).
+        hosts: source IP addresses it may call from; empty accepts any host.
+    """
+
+    ae_title: str
+    hosts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _ae_title(self.ae_title, "ae_title")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """DICOM TLS (PS3.15 B.1) of the SCP.
+
+    Attributes:
+        enabled: serve TLS instead of plain TCP.
+        certificate: the server's PEM certificate (chain).
+        private_key: its PEM private key.
+        ca_certificate: PEM CA bundle; when set, callers must present a certificate it signed.
+    """
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificate: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("enabled TLS needs certificate and private_key")
+
+
+@dataclass(frozen=True)
+class ScpConfig:
+    """The receiving side (a pynetdicom Storage SCP).
+
+    Attributes:
+        ae_title: the gateway's AE title (what the PACS calls).
+        host: bind address (``0.0.0.0`` all interfaces; ``127.0.0.1`` loopback only).
+        port: DICOM port (104 and 11112 are customary; 0 picks a free one, for tests).
+        max_associations: concurrent associations; more are rejected (transient).
+        allowed_callers: callers let in; an empty list lets nobody in unless ``allow_any``.
+        allow_any: accept every calling AE title (a lab setting, never a hospital's).
+        other_sop_classes: SOP classes other than CT / Enhanced CT Image Storage:
+            ``refuse`` (the presentation context is rejected, the sender sees it refused)
+            or ``ignore`` (accepted with success and discarded, so a router that sends a
+            whole study does not retry forever).
+        tls: DICOM TLS.
+        acse_timeout_s / dimse_timeout_s / network_timeout_s: pynetdicom timeouts (s): a
+            stalled peer never holds an association forever.
+    """
+
+    ae_title: str = "MEDSSL"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    max_associations: int = 8
+    allowed_callers: tuple[AllowedCaller, ...] = ()
+    allow_any: bool = False
+    other_sop_classes: Literal["refuse", "ignore"] = "refuse"
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _ae_title(self.ae_title, "ae_title")
+        _port(self.port, "port")
+        if self.max_associations < 1:
+            raise ValueError(f"max_associations must be >= 1, got {self.max_associations}")
+        for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    """Where received instances, the job store and results live (one filesystem).
+
+    Attributes:
+        path: the spool directory (created if missing).
+        min_free_mb: refuse instances (failure status, not acknowledged) while the spool's
+            filesystem has less free space than this.
+        study_idle_s: a study is complete this long after its last instance.
+        keep_done_h: spooled instances and outputs of done studies are removed after this
+            many hours (0 keeps them).
+    """
+
+    path: Path = Path("spool")
+    min_free_mb: float = 1024.0
+    study_idle_s: float = 10.0
+    keep_done_h: float = 24.0
+
+    def __post_init__(self) -> None:
+        if self.min_free_mb < 0 or self.study_idle_s < 0 or self.keep_done_h < 0:
+            raise ValueError("min_free_mb, study_idle_s and keep_done_h must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Where the models come from.
+
+    Attributes:
+        repository: the model repository (Triton layout + ``medssl.json`` cards).
+        triton_url: run on this Triton server (``host:port``) instead of the embedded
+            onnxruntime; None runs embedded.
+        protocol: Triton protocol, ``http`` or ``grpc``.
+        providers: onnxruntime providers for the embedded runner (empty: best available).
+        batch_size: windows per inference request.
+    """
+
+    repository: Path = Path("model_repository")
+    triton_url: str | None = None
+    protocol: Literal["http", "grpc"] = "http"
+    providers: tuple[str, ...] = ()
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """Which model runs on which series.
+
+    Attributes:
+        model: model name in the repository.
+        select: series selection rules (as ``medssl-score --select``); a series of the study
+            that passes them is run through ``model``.
+        version: model version; None takes the newest.
+        min_probability: detection: findings below this stay out of the SR.
+        companion_seg: detection: also send a SEG of the findings (spheres of their
+            diameter), referenced from the SR's volumetric groups.
+    """
+
+    model: str
+    select: SelectionRules = field(default_factory=SelectionRules)
+    version: int | None = None
+    min_probability: float = 0.5
+    companion_seg: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model must name a model of the repository")
+        if not 0.0 <= self.min_probability <= 1.0:
+            raise ValueError(f"min_probability must be in [0, 1], got {self.min_probability}")
+
+
+@dataclass(frozen=True)
+class ProcessingConfig:
+    """Inference workers.
+
+    Attributes:
+        workers: concurrent studies in inference.
+        max_attempts: a study whose processing fails (or whose worker dies) this many times
+            goes to dead-letter.
+        retry_backoff_s: wait before retrying a failed attempt (doubles per attempt).
+    """
+
+    workers: int = 1
+    max_attempts: int = 3
+    retry_backoff_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.max_attempts < 1 or self.retry_backoff_s < 0:
+            raise ValueError("workers and max_attempts must be >= 1, retry_backoff_s >= 0")
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """Where results are sent.
+
+    Attributes:
+        name: a short name (logs, metrics, the job store).
+        kind: ``dimse`` (C-STORE SCU) or ``stow`` (DICOMweb STOW-RS).
+        ae_title / host / port: the DIMSE peer (``kind: dimse``).
+        calling_ae_title: our AE title on outgoing associations (default: the SCP's).
+        url: the STOW-RS base URL, e.g. ``http://pacs:8042/dicom-web`` (``kind: stow``).
+        timeout_s: connection and DIMSE timeout.
+    """
+
+    name: str
+    kind: Literal["dimse", "stow"] = "dimse"
+    ae_title: str = ""
+    host: str = ""
+    port: int = 104
+    calling_ae_title: str = ""
+    url: str = ""
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("name must be non-empty")
+        if self.kind == "dimse":
+            _ae_title(self.ae_title, "ae_title")
+            if not self.host:
+                raise ValueError("a dimse destination needs host")
+            _port(self.port, "port", allow_zero=False)
+        elif not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"a stow destination needs an http(s) url, got {self.url!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Retries of sending results.
+
+    Attributes:
+        max_attempts: a delivery that fails this many times goes to dead-letter, its last
+            error kept.
+        backoff_initial_s: wait after the first failure; doubled after each.
+        backoff_max_s: the longest wait between attempts.
+    """
+
+    max_attempts: int = 12
+    backoff_initial_s: float = 5.0
+    backoff_max_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.backoff_initial_s < 0:
+            raise ValueError("max_attempts must be >= 1 and backoff_initial_s >= 0")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be >= backoff_initial_s")
+
+    def backoff_s(self, attempts: int) -> float:
+        """Seconds to wait after ``attempts`` failed attempts (>= 1): exponential, capped."""
+        return float(min(self.backoff_max_s, self.backoff_initial_s * 2 ** max(attempts - 1, 0)))
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """Prometheus ``/metrics``, ``/healthz`` and ``/readyz``.
+
+    Attributes:
+        enabled: serve them.
+        host / port: bind address and port (0 picks a free one).
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9110
+
+    def __post_init__(self) -> None:
+        _port(self.port, "port")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything ``medssl-serve`` needs (``examples/gateway.yaml`` documents each key)."""
+
+    scp: ScpConfig = field(default_factory=ScpConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    routes: tuple[RouteConfig, ...] = ()
+    processing: ProcessingConfig = field(default_factory=ProcessingConfig)
+    destinations: tuple[DestinationConfig, ...] = ()
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.routes:
+            raise ValueError("routes: at least one route (model + series selection) is needed")
+        names = [d.name for d in self.destinations]
+        if len(set(names)) != len(names):
+            raise ValueError(f"destinations: names must be unique, got {names}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain YAML-able values (what ``--print-config`` shows)."""
+        return config_to_dict(self)
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``MEDSSL_GATEWAY__SCP__PORT=11113`` → ``{"scp.port": 11113}`` (values parsed as YAML)."""
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        dotted = ".".join(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+        if not dotted or "" in dotted.split("."):
+            raise ConfigError(f"environment variable {name}: expected {ENV_PREFIX}SECTION__KEY",
+                              key=name)
+        try:
+            out[dotted] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"environment variable {name}: not a YAML value: {exc}", key=name) from exc
+    return out
+
+
+def load_gateway_config(path: str | Path, overrides: Mapping[str, Any] | None = None,
+                        environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read and validate the gateway config: file, then environment, then ``overrides``.
+
+    Relative paths in the file (spool, repository, TLS files) are relative to the file's folder.
+
+    Raises:
+        ConfigError: the file is missing or invalid; the message names the dotted key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: gateway config not found (see examples/gateway.yaml)")
+    merged = {**env_overrides(environ), **(overrides or {})}
+    cfg = load_config(GatewayConfig, path, merged)
+    base = path.resolve().parent
+    tls = cfg.scp.tls
+    return replace(
+        cfg,
+        spool=replace(cfg.spool, path=_under(base, cfg.spool.path)),
+        models=replace(cfg.models, repository=_under(base, cfg.models.repository)),
+        scp=replace(cfg.scp, tls=replace(
+            tls, certificate=_under(base, tls.certificate), private_key=_under(base, tls.private_key),
+            ca_certificate=_under(base, tls.ca_certificate))),
+    )
+
+
+def _under(base: Path, path: Path | None) -> Any:
+    if path is None:
+        return None
+    path = path.expanduser()
+    return path if path.is_absolute() else base / path
