@@ -13,6 +13,7 @@ from medssl import __version__
 from medssl.cli.errors import MedsslGroup
 from medssl.cli.export import export
 from medssl.cli.score import score
+from medssl.cli.serve import serve
 from medssl.cli.train import train
 from medssl.index import index_tree, write_index
 from medssl.io import read_volume
@@ -391,3 +392,4 @@ def evaluate_luna16_command(
 cli.add_command(train, "train")
 cli.add_command(export, "export")
 cli.add_command(score, "score")
+cli.add_command(serve, "serve")

@@ -1,4 +1,4 @@
-"""The `medssl` commands end to end: synth, index, info, evaluate; medssl-train's listing; the stubs of later issues."""
+"""The `medssl` commands end to end: synth, index, info, evaluate; medssl-train's listing."""
 
 from __future__ import annotations
 
@@ -84,16 +84,6 @@ def test_info_text(dicom_series):
     result = CliRunner().invoke(cli, ["info", str(dicom_series)])
     assert result.exit_code == 0
     assert "shape:       [6, 20, 24]" in result.stdout
-
-
-@pytest.mark.parametrize("command", ["medssl-serve"])
-def test_later_commands_say_which_issue_builds_them(command):
-    exe = f"{sys.prefix}/bin/{command}"
-    result = subprocess.run([exe, "anything"], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "not built yet" in result.stderr and "issue (#" in result.stderr
-    helped = subprocess.run([exe, "--help"], capture_output=True, text=True)
-    assert helped.returncode == 0 and "not built yet" in helped.stdout
 
 
 def test_train_command_lists_the_detector_trainers():

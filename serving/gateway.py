@@ -1,0 +1,316 @@
+"""The gateway: receive (SCP) → spool → assemble studies → infer (workers) → send (SCU).
+
+One process, a few threads around one job store:
+
+* the **SCP** (:class:`~medssl.serving.scp.StorageSCP`) makes every instance durable in the
+  spool, then counts it in the job store, and only then acknowledges it;
+* the **assembler** queues a study once it has been idle ``spool.study_idle_s``;
+* **workers** (``processing.workers``) run the routed models on a queued study
+  (:func:`~medssl.serving.process.process_study`) and record its result files;
+* the **sender** delivers each job's results to every destination, one association per
+  job and destination, retrying with exponential backoff (state in the job store);
+* **housekeeping** refreshes the queue/spool gauges and removes the files of studies done
+  more than ``spool.keep_done_h`` ago;
+* the **health server** serves ``/metrics``, ``/healthz`` and ``/readyz``.
+
+Start-up order: the job store recovers (``running`` jobs back to ``queued``; spooled studies
+without a job get one), then the HTTP server, the models (in the background when a Triton
+server is not reachable yet: the gateway receives and spools meanwhile, and is not ready),
+then the SCP. :meth:`Gateway.stop` (SIGTERM) stops accepting associations first, lets the
+open ones finish, lets workers finish the study in hand (bounded by ``timeout_s``; an
+unfinished job stays ``running`` and is resumed at the next start), then stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from medssl.errors import MedsslError, RunnerError
+from medssl.serving.config import GatewayConfig
+from medssl.serving.http import HealthServer
+from medssl.serving.jobstore import Job, JobState, JobStore, Output
+from medssl.serving.metrics import GatewayMetrics
+from medssl.serving.process import ModelSet, TransientError, process_study
+from medssl.serving.scp import StorageSCP
+from medssl.serving.sender import DeliveryError, send_files
+from medssl.serving.spool import Spool, StoredInstance
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("medssl.serving.gateway")
+
+_TICK_S = 0.2
+_HOUSEKEEPING_S = 5.0
+_MODEL_RETRY_S = 5.0
+
+
+@dataclass(frozen=True)
+class _Loop:
+    name: str
+    body: Callable[[], bool]  # one round; True when it did work (then it runs again at once)
+    idle_s: float
+
+
+class Gateway:
+    """The DICOM gateway of one :class:`~medssl.serving.config.GatewayConfig`.
+
+    Args:
+        cfg: the validated configuration.
+        metrics: the metrics to update (a fresh registry by default).
+
+    Use ``start()`` then ``stop()``, or ``run()`` to block until ``stop()`` is called (the
+    command line wires SIGTERM/SIGINT to it).
+    """
+
+    def __init__(self, cfg: GatewayConfig, metrics: GatewayMetrics | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics or GatewayMetrics()
+        self.spool = Spool(cfg.spool.path, min_free_bytes=int(cfg.spool.min_free_mb * 2**20))
+        self.store = JobStore(cfg.spool.path / "jobs.sqlite")
+        self.scp = StorageSCP(cfg.scp, self.spool, self._on_stored, self.metrics)
+        self.http = HealthServer(cfg.http, self.metrics, self.ready, self.healthy) if cfg.http.enabled else None
+        self.models: ModelSet | None = None
+        self._model_error = "models not loaded yet"
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._destinations = {d.name: d for d in cfg.destinations}
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover the job store, then start the HTTP server, the models, the loops and the SCP.
+
+        Raises:
+            MedsslError: a model that is missing or invalid in the repository (a
+                configuration error: fix the config, nothing would ever process).
+        """
+        requeued = self.store.recover(self.cfg.processing.max_attempts)
+        opened = self.store.reconcile(self.spool.recover())
+        if requeued or opened:
+            log.info("recovered unfinished work", extra={
+                "requeued_jobs": [j.id for j in requeued if j.state is JobState.QUEUED],
+                "dead_lettered_jobs": [j.id for j in requeued if j.state is JobState.DEAD_LETTER],
+                "reconciled_studies": [j.study_uid for j in opened]})
+        if self.http is not None:
+            self.http.start()
+        if not self._load_models():
+            thread = threading.Thread(target=self._load_models_until_loaded, name="models", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        loops = [_Loop("assembler", self._assemble_round, _TICK_S),
+                 _Loop("sender", self._send_round, _TICK_S),
+                 _Loop("housekeeping", self._housekeeping_round, _HOUSEKEEPING_S)]
+        loops += [_Loop(f"worker-{i}", self._work_round, _TICK_S) for i in range(self.cfg.processing.workers)]
+        for loop in loops:
+            self._spawn(loop)
+        self.scp.start()
+        log.info("gateway started", extra={
+            "ae_title": self.cfg.scp.ae_title, "host": self.cfg.scp.host, "port": self.scp.port,
+            "http_port": self.http.port if self.http else None, "spool": str(self.spool.root),
+            "models": [r.model for r in self.cfg.routes], "triton_url": self.cfg.models.triton_url})
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop accepting associations, finish or persist in-flight work, stop (idempotent)."""
+        if self._stopped.is_set():
+            return
+        log.info("gateway stopping")
+        self.scp.stop(timeout_s=min(timeout_s, 30.0))
+        self._stopping.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        busy = [t.name for t in self._threads if t.is_alive()]
+        if busy:
+            log.warning("stopped with work in hand; it resumes at the next start", extra={"threads": busy})
+        if self.http is not None:
+            self.http.stop()
+        if self.models is not None and not busy:
+            self.models.close()
+        if not busy:
+            self.store.close()
+        self._stopped.set()
+        log.info("gateway stopped")
+
+    def run(self) -> None:
+        """``start()``, then block until ``stop()`` has finished."""
+        self.start()
+        self._stopped.wait()
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready: the SCP listens, the models are loaded, Triton (if configured) is reachable."""
+        if self._stopping.is_set():
+            return False, "stopping"
+        if self.models is None:
+            return False, self._model_error
+        if not self.models.ready():
+            return False, f"Triton server at {self.cfg.models.triton_url} is not ready"
+        return True, "ready"
+
+    def healthy(self) -> tuple[bool, str]:
+        """Healthy: every loop thread is alive (a dead loop means restart the gateway)."""
+        dead = [t.name for t in self._threads if not t.is_alive() and t.name != "models"]
+        if dead and not self._stopping.is_set():
+            return False, f"threads died: {', '.join(dead)}"
+        return True, "ok"
+
+    def _spawn(self, loop: _Loop) -> None:
+        def run() -> None:
+            while not self._stopping.is_set():
+                try:
+                    busy = loop.body()
+                except Exception:  # noqa: BLE001 - a loop never dies of one bad round
+                    log.exception("loop round failed", extra={"loop": loop.name})
+                    busy = False
+                if not busy:
+                    self._stopping.wait(loop.idle_s)
+
+        thread = threading.Thread(target=run, name=loop.name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    # --- receiving -------------------------------------------------------------------------
+
+    def _on_stored(self, instance: StoredInstance) -> None:
+        self.store.record_instance(instance.study_uid, instance.received_at)
+
+    def _assemble_round(self) -> bool:
+        for job in self.store.assemble(self.cfg.spool.study_idle_s):
+            self.metrics.studies.labels(state="queued").inc()
+            self.metrics.stage_seconds.labels(stage="assemble").observe(job.queued_at - job.last_instance_at)
+            log.info("study complete", extra={"job_id": job.id, "study_uid": job.study_uid,
+                                              "instances": job.n_instances})
+        return False
+
+    # --- models and inference --------------------------------------------------------------
+
+    def _load_models(self) -> bool:
+        m = self.cfg.models
+        try:
+            self.models = ModelSet(m.repository, self.cfg.routes, triton_url=m.triton_url,
+                                   protocol=m.protocol, providers=m.providers, batch_size=m.batch_size)
+        except RunnerError as exc:
+            if m.triton_url is None:
+                raise
+            self._model_error = f"models not loaded: {exc}"
+            log.warning("models not loaded; retrying", extra={"error": str(exc)})
+            return False
+        log.info("models loaded", extra={"models": [r.model for r in self.cfg.routes]})
+        return True
+
+    def _load_models_until_loaded(self) -> None:
+        while self.models is None and not self._stopping.wait(_MODEL_RETRY_S):
+            self._load_models()
+
+    def _work_round(self) -> bool:
+        if self.models is None:
+            return False
+        job = self.store.claim()
+        if job is None:
+            return False
+        self.metrics.studies.labels(state="running").inc()
+        if job.queued_at is not None and job.started_at is not None:
+            self.metrics.stage_seconds.labels(stage="queue").observe(job.started_at - job.queued_at)
+        self._run_job(job)
+        return True
+
+    def _run_job(self, job: Job) -> None:
+        fields = {"job_id": job.id, "study_uid": job.study_uid, "attempt": job.attempts}
+        log.info("study processing", extra=fields)
+        p = self.cfg.processing
+        backoff = p.retry_backoff_s * 2 ** max(job.attempts - 1, 0)
+        assert self.models is not None
+        try:
+            result = process_study(self.spool.study_files(job.study_uid), self.cfg.routes, self.models,
+                                   self.spool.output_dir(job.id))
+        except TransientError as exc:
+            self._settled(self.store.retry_or_dead(job.id, str(exc), p.max_attempts, backoff), fields)
+            return
+        except MedsslError as exc:
+            self._settled(self.store.fail(job.id, f"{type(exc).__name__}: {exc}"), fields)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug or an environment fault: retry, then dead-letter
+            log.exception("study processing raised", extra=fields)
+            self._settled(self.store.retry_or_dead(job.id, f"unexpected {type(exc).__name__}: {exc}",
+                                                   p.max_attempts, backoff), fields)
+            return
+        ok = [s for s in result.series if s.status == "ok"]
+        failed = [s for s in result.series if s.status == "failed"]
+        if failed and not ok:
+            reasons = "; ".join(f"{s.series_uid} ({s.model}): {s.reason}" for s in failed)
+            self._settled(self.store.fail(job.id, f"no series could be processed: {reasons}"), fields)
+            return
+        skipped = [s for s in result.series if s.status == "skipped"]
+        note = None if ok else "no series selected by the routes" if skipped or not result.series else None
+        outputs = [Output(o.path, o.kind, o.model, o.sop_instance_uid) for o in result.outputs]
+        done = self.store.finish_inference(job.id, outputs, list(self._destinations), note=note)
+        if done.started_at is not None and done.inferred_at is not None:
+            self.metrics.stage_seconds.labels(stage="inference").observe(done.inferred_at - done.started_at)
+        log.info("study processed", extra={**fields, "state": done.state.value, "outputs": len(outputs),
+                                           "series_ok": len(ok), "series_failed": len(failed),
+                                           "series_skipped": len(skipped), "note": note,
+                                           **{f"{k}_s": round(v, 3) for k, v in result.timings.items()}})
+        self._settled(done, fields)
+
+    def _settled(self, job: Job, fields: dict[str, object]) -> None:
+        if job.state in (JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER):
+            self.metrics.studies.labels(state=job.state.value).inc()
+        if job.state is JobState.DONE and job.finished_at is not None:
+            self.metrics.stage_seconds.labels(stage="total").observe(job.finished_at - job.last_instance_at)
+            if job.inferred_at is not None:
+                self.metrics.stage_seconds.labels(stage="send").observe(job.finished_at - job.inferred_at)
+        level = logging.INFO if job.state in (JobState.DONE, JobState.SENDING) else logging.WARNING
+        log.log(level, f"study {job.state.value}", extra={**fields, "state": job.state.value,
+                                                          "error": job.error})
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def _send_round(self) -> bool:
+        due = self.store.due_deliveries()
+        for delivery in due:
+            if self._stopping.is_set():
+                break
+            fields = {"job_id": delivery.job_id, "destination": delivery.destination,
+                      "attempt": delivery.attempts + 1}
+            destination = self._destinations.get(delivery.destination)
+            files = [o.path for o in self.store.outputs(delivery.job_id)]
+            d = self.cfg.delivery
+            try:
+                if destination is None:
+                    raise DeliveryError(f"destination {delivery.destination!r} is no longer configured")
+                send_files(destination, files, self.cfg.scp.ae_title)
+            except DeliveryError as exc:
+                failed = self.store.delivery_failed(delivery.id, str(exc), d.max_attempts,
+                                                    d.backoff_s(delivery.attempts + 1))
+                result = "dead-letter" if failed.state == "dead-letter" else "retry"
+                self.metrics.deliveries.labels(destination=delivery.destination, result=result).inc()
+                log.warning("delivery failed", extra={**fields, "result": result, "error": str(exc),
+                                                      "next_attempt_in_s": round(failed.next_attempt_at - time.time(), 1)})
+                job = self.store.job(delivery.job_id)
+                if job.state is JobState.DEAD_LETTER:
+                    self._settled(job, {"job_id": job.id, "study_uid": job.study_uid})
+                continue
+            self.metrics.deliveries.labels(destination=delivery.destination, result="sent").inc()
+            job = self.store.delivery_sent(delivery.id)
+            log.info("delivered", extra={**fields, "files": len(files)})
+            self._settled(job, {"job_id": job.id, "study_uid": job.study_uid})
+        return bool(due)
+
+    # --- housekeeping ----------------------------------------------------------------------
+
+    def _housekeeping_round(self) -> bool:
+        counts = self.store.counts()
+        for state in (JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING, JobState.SENDING):
+            self.metrics.queue_depth.labels(state=state.value).set(counts[state])
+        keep_h = self.cfg.spool.keep_done_h
+        if keep_h > 0:
+            for job in self.store.expired(time.time() - keep_h * 3600.0):
+                self.spool.remove_study(job.study_uid)
+                self.spool.remove_outputs(job.id)
+                self.store.mark_purged(job.id)
+        self.metrics.spool_bytes.set(self.spool.usage_bytes())
+        return False

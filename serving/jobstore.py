@@ -1,0 +1,422 @@
+"""The gateway's job store: one SQLite database (WAL mode) in the spool directory.
+
+A job is one study's processing. Its states::
+
+    received ──(idle time passed)──► queued ──(a worker claims it)──► running
+    running ──► sending (results written, one delivery per destination)   ──► done
+            ──► done    (nothing to send: no series selected, or no destinations)
+            ──► queued  (a retryable failure: after a backoff, attempts < max)
+            ──► failed  (the study's input cannot be processed: every routed series failed)
+            ──► dead-letter (attempts exhausted; or a delivery exhausted its attempts)
+
+Late instances (documented behaviour): an instance of a study whose job is ``received``
+restarts its idle timer; one whose job is ``queued`` puts it back to ``received`` (re-opened,
+the timer restarts); one whose job is already ``running`` or past it opens a new job for the
+study, which after the idle time re-processes every instance of the study. Its results carry
+the same deterministic UIDs, so a PACS replaces (or, if it keeps the first copy, ignores) the
+earlier ones rather than storing duplicates.
+
+Durability: the instance files are fsynced before acknowledgment (:mod:`medssl.serving.spool`);
+the database runs ``synchronous=NORMAL`` in WAL mode, which survives a killed process (every
+committed transaction is in the WAL). A power cut may lose the last transactions, which
+:meth:`JobStore.reconcile` makes good at start: a study folder without a job gets one. After a
+crash, :meth:`JobStore.recover` puts every ``running`` job back in the queue (its attempt
+counted), so a worker that died mid-job leaves the job retried, not lost.
+
+Times are ``time.time()`` seconds (UTC epoch).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+__all__ = ["Delivery", "Job", "JobState", "JobStore", "Output"]
+
+
+class JobState(str, Enum):
+    """A job's state (see the module docstring)."""
+
+    RECEIVED = "received"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+    DEAD_LETTER = "dead-letter"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    n_instances INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    last_instance_at REAL NOT NULL,
+    queued_at REAL,
+    started_at REAL,
+    inferred_at REAL,
+    finished_at REAL,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    error TEXT,
+    purged INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, next_attempt_at);
+CREATE UNIQUE INDEX IF NOT EXISTS one_open_job_per_study ON jobs (study_uid)
+    WHERE state IN ('received', 'queued');
+CREATE TABLE IF NOT EXISTS outputs (
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    path TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    model TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    sent_at REAL,
+    error TEXT,
+    UNIQUE (job_id, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of ``jobs``; times in epoch seconds (None: not reached)."""
+
+    id: int
+    study_uid: str
+    state: JobState
+    attempts: int
+    n_instances: int
+    created_at: float
+    last_instance_at: float
+    queued_at: float | None
+    started_at: float | None
+    inferred_at: float | None
+    finished_at: float | None
+    next_attempt_at: float
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Output:
+    """A result file of a job (an SR or a SEG) to be delivered."""
+
+    path: Path
+    kind: str
+    model: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The results of one job to one destination; ``state`` is pending, sent or dead-letter."""
+
+    id: int
+    job_id: int
+    destination: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    error: str | None
+
+
+class JobStore:
+    """Thread-safe access to the job database at ``path`` (created if missing).
+
+    Every method is one transaction. The gateway's threads (SCP handlers, assembler,
+    workers, sender) share one instance.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                   timeout=30.0)
+        self._db.row_factory = sqlite3.Row
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise RuntimeError(f"{self.path}: SQLite refused WAL mode (got {mode}); put the spool "
+                               f"on a local filesystem")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- receiving -------------------------------------------------------------------------
+
+    def record_instance(self, study_uid: str, received_at: float | None = None) -> Job:
+        """Count a stored instance of ``study_uid``: open, extend or re-open its job.
+
+        Returns:
+            The study's open job (state ``received``).
+        """
+        now = time.time() if received_at is None else received_at
+        with self._tx() as db:
+            row = db.execute("SELECT id FROM jobs WHERE study_uid = ? AND state IN ('received', 'queued')",
+                             (study_uid,)).fetchone()
+            if row is None:
+                job_id = db.execute(
+                    "INSERT INTO jobs (study_uid, state, n_instances, created_at, last_instance_at) "
+                    "VALUES (?, 'received', 1, ?, ?)", (study_uid, now, now)).lastrowid
+            else:
+                job_id = row["id"]
+                db.execute("UPDATE jobs SET state = 'received', queued_at = NULL, "
+                           "n_instances = n_instances + 1, last_instance_at = ? WHERE id = ?",
+                           (now, job_id))
+            return self._job(db, job_id)
+
+    def reconcile(self, study_uids: Sequence[str], now: float | None = None) -> list[Job]:
+        """Open a ``received`` job for every spooled study that has no job at all (instances
+        made durable just before a crash, whose rows the crash lost)."""
+        now = time.time() if now is None else now
+        opened = []
+        with self._tx() as db:
+            for uid in study_uids:
+                if db.execute("SELECT 1 FROM jobs WHERE study_uid = ?", (uid,)).fetchone() is None:
+                    job_id = db.execute(
+                        "INSERT INTO jobs (study_uid, state, created_at, last_instance_at) "
+                        "VALUES (?, 'received', ?, ?)", (uid, now, now)).lastrowid
+                    opened.append(self._job(db, job_id))
+        return opened
+
+    def recover(self, max_attempts: int, now: float | None = None) -> list[Job]:
+        """At start: every ``running`` job (its process died) goes back to ``queued``, or to
+        dead-letter when it has used ``max_attempts``. Returns the jobs touched."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE state = 'running'")]
+            for job_id in ids:
+                db.execute(
+                    "UPDATE jobs SET state = CASE WHEN attempts >= ? THEN 'dead-letter' ELSE 'queued' END, "
+                    "error = 'the gateway stopped while the job was running', next_attempt_at = ?, "
+                    "finished_at = CASE WHEN attempts >= ? THEN ? ELSE NULL END WHERE id = ?",
+                    (max_attempts, now, max_attempts, now, job_id))
+            return [self._job(db, job_id) for job_id in ids]
+
+    def assemble(self, idle_s: float, now: float | None = None) -> list[Job]:
+        """Queue every ``received`` study whose last instance is ``idle_s`` old or older."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            ids = [r["id"] for r in db.execute(
+                "SELECT id FROM jobs WHERE state = 'received' AND last_instance_at <= ? ORDER BY id",
+                (now - idle_s,))]
+            for job_id in ids:
+                db.execute("UPDATE jobs SET state = 'queued', queued_at = ? WHERE id = ?", (now, job_id))
+            return [self._job(db, job_id) for job_id in ids]
+
+    # --- processing ------------------------------------------------------------------------
+
+    def claim(self, now: float | None = None) -> Job | None:
+        """Take the oldest due ``queued`` job: it becomes ``running``, one more attempt."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' AND next_attempt_at <= ? "
+                             "ORDER BY next_attempt_at, id LIMIT 1", (now,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, "
+                       "error = NULL WHERE id = ?", (now, row["id"]))
+            return self._job(db, row["id"])
+
+    def finish_inference(self, job_id: int, outputs: Sequence[Output], destinations: Sequence[str],
+                         note: str | None = None, now: float | None = None) -> Job:
+        """Record a running job's results: ``sending`` with one pending delivery per
+        destination, or ``done`` when there is nothing to send (``note`` says why)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            self._require(db, job_id, JobState.RUNNING)
+            db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
+            db.executemany("INSERT INTO outputs (job_id, path, kind, model, sop_instance_uid) "
+                           "VALUES (?, ?, ?, ?, ?)",
+                           [(job_id, str(o.path), o.kind, o.model, o.sop_instance_uid) for o in outputs])
+            if outputs and destinations:
+                db.executemany("INSERT OR IGNORE INTO deliveries (job_id, destination, state) "
+                               "VALUES (?, ?, 'pending')", [(job_id, d) for d in destinations])
+                db.execute("UPDATE jobs SET state = 'sending', inferred_at = ?, error = ? WHERE id = ?",
+                           (now, note, job_id))
+            else:
+                db.execute("UPDATE jobs SET state = 'done', inferred_at = ?, finished_at = ?, error = ? "
+                           "WHERE id = ?", (now, now, note, job_id))
+            return self._job(db, job_id)
+
+    def retry_or_dead(self, job_id: int, error: str, max_attempts: int, backoff_s: float,
+                      now: float | None = None) -> Job:
+        """A running job's attempt failed: back to ``queued`` after ``backoff_s``, or
+        ``dead-letter`` with ``error`` once it has used ``max_attempts``."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            job = self._require(db, job_id, JobState.RUNNING)
+            if job.attempts >= max_attempts:
+                db.execute("UPDATE jobs SET state = 'dead-letter', error = ?, finished_at = ? WHERE id = ?",
+                           (error, now, job_id))
+            else:
+                db.execute("UPDATE jobs SET state = 'queued', error = ?, next_attempt_at = ? WHERE id = ?",
+                           (error, now + backoff_s, job_id))
+            return self._job(db, job_id)
+
+    def fail(self, job_id: int, error: str, now: float | None = None) -> Job:
+        """A running job's study cannot be processed (bad input): ``failed`` with ``error``."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            self._require(db, job_id, JobState.RUNNING)
+            db.execute("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ?",
+                       (error, now, job_id))
+            return self._job(db, job_id)
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def due_deliveries(self, now: float | None = None, limit: int = 16) -> list[Delivery]:
+        """Pending deliveries whose next attempt is due, oldest first."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ? "
+                "ORDER BY next_attempt_at, id LIMIT ?", (now, limit)).fetchall()
+        return [_delivery(r) for r in rows]
+
+    def outputs(self, job_id: int) -> list[Output]:
+        """The result files of a job, in the order they were recorded."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM outputs WHERE job_id = ? ORDER BY rowid",
+                                    (job_id,)).fetchall()
+        return [Output(Path(r["path"]), r["kind"], r["model"], r["sop_instance_uid"]) for r in rows]
+
+    def delivery_sent(self, delivery_id: int, now: float | None = None) -> Job:
+        """A delivery succeeded; its job becomes ``done`` when none is left pending."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("UPDATE deliveries SET state = 'sent', sent_at = ?, attempts = attempts + 1, "
+                       "error = NULL WHERE id = ?", (now, delivery_id))
+            job_id = db.execute("SELECT job_id FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()[0]
+            self._settle(db, job_id, now)
+            return self._job(db, job_id)
+
+    def delivery_failed(self, delivery_id: int, error: str, max_attempts: int, backoff_s: float,
+                        now: float | None = None) -> Delivery:
+        """A delivery attempt failed: retried after ``backoff_s``, or dead-letter (and its job
+        with it, the reason kept) once it has used ``max_attempts``."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, error = ?, next_attempt_at = ?, "
+                "state = CASE WHEN attempts + 1 >= ? THEN 'dead-letter' ELSE 'pending' END WHERE id = ?",
+                (error, now + backoff_s, max_attempts, delivery_id))
+            row = db.execute("SELECT * FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+            self._settle(db, row["job_id"], now)
+            return _delivery(row)
+
+    def _settle(self, db: sqlite3.Connection, job_id: int, now: float) -> None:
+        states = {r[0] for r in db.execute("SELECT state FROM deliveries WHERE job_id = ?", (job_id,))}
+        if "pending" in states:
+            return
+        if "dead-letter" in states:
+            errors = [f"{r['destination']}: {r['error']}" for r in db.execute(
+                "SELECT destination, error FROM deliveries WHERE job_id = ? AND state = 'dead-letter'",
+                (job_id,))]
+            db.execute("UPDATE jobs SET state = 'dead-letter', error = ?, finished_at = ? "
+                       "WHERE id = ? AND state = 'sending'", ("; ".join(errors), now, job_id))
+        else:
+            db.execute("UPDATE jobs SET state = 'done', finished_at = ? WHERE id = ? AND state = 'sending'",
+                       (now, job_id))
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def job(self, job_id: int) -> Job:
+        """One job by id (KeyError if unknown)."""
+        with self._lock:
+            return self._job(self._db, job_id)
+
+    def jobs(self, study_uid: str | None = None) -> list[Job]:
+        """Every job, or a study's, by id."""
+        with self._lock:
+            if study_uid is None:
+                rows = self._db.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+            else:
+                rows = self._db.execute("SELECT * FROM jobs WHERE study_uid = ? ORDER BY id",
+                                        (study_uid,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def deliveries(self, job_id: int) -> list[Delivery]:
+        """A job's deliveries, by id."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM deliveries WHERE job_id = ? ORDER BY id",
+                                    (job_id,)).fetchall()
+        return [_delivery(r) for r in rows]
+
+    def counts(self) -> dict[JobState, int]:
+        """Jobs per state (every state present, zeros included)."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        found = {JobState(r[0]): r[1] for r in rows}
+        return {state: found.get(state, 0) for state in JobState}
+
+    def expired(self, before: float) -> list[Job]:
+        """Finished jobs (done, failed, dead-letter) finished before ``before``, not yet purged,
+        whose study has no unfinished job: their spooled files may be removed."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs j WHERE state IN ('done', 'failed', 'dead-letter') AND finished_at < ? AND NOT purged "
+                "AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.study_uid = j.study_uid AND k.state IN "
+                "('received', 'queued', 'running', 'sending')) ORDER BY id", (before,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def mark_purged(self, job_id: int) -> None:
+        """Record that a finished job's spooled files were removed (``expired`` skips it)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET purged = 1 WHERE id = ?", (job_id,))
+
+    def _job(self, db: sqlite3.Connection, job_id: int) -> Job:
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no job {job_id} in {self.path}")
+        return _job(row)
+
+    def _require(self, db: sqlite3.Connection, job_id: int, state: JobState) -> Job:
+        job = self._job(db, job_id)
+        if job.state is not state:
+            raise ValueError(f"job {job_id} is {job.state.value}, not {state.value}")
+        return job
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(id=row["id"], study_uid=row["study_uid"], state=JobState(row["state"]),
+               attempts=row["attempts"], n_instances=row["n_instances"], created_at=row["created_at"],
+               last_instance_at=row["last_instance_at"], queued_at=row["queued_at"],
+               started_at=row["started_at"], inferred_at=row["inferred_at"],
+               finished_at=row["finished_at"], next_attempt_at=row["next_attempt_at"], error=row["error"])
+
+
+def _delivery(row: sqlite3.Row) -> Delivery:
+    return Delivery(id=row["id"], job_id=row["job_id"], destination=row["destination"], state=row["state"],
+                    attempts=row["attempts"], next_attempt_at=row["next_attempt_at"], error=row["error"])
