@@ -171,3 +171,33 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: Grid of the phantom cases ``seg_run`` trains on.
+ORGAN_SHAPE = (32, 48, 48)
+
+
+@pytest.fixture(scope="session")
+def seg_run(tmp_path_factory) -> Path:
+    """A 4-step A&D run in the imbssl setting (11 organs) on a small phantom dataset."""
+    from medssl.cli.train import resolve_config
+    from medssl.config import load_config
+    from medssl.synth.datasets import write_organ_dataset
+    from medssl.training.seg_config import SegmentationExperiment
+    from medssl.training.seg_trainer import train_segmenter
+
+    root = tmp_path_factory.mktemp("organs")
+    write_organ_dataset(root / "A", cases=5, n_test=2, domain="A", shape=ORGAN_SHAPE)
+    cfg = load_config(SegmentationExperiment, resolve_config("seg-imbssl-cpu"), {
+        "method": "ad", "optim.steps": 4, "eval.every": 2, "data.patch": [16, 32, 32], "data.workers": 0,
+        "data.cache_dir": str(root / "cache"), "data.labeled_fraction": 0.5})
+    return train_segmenter(cfg, root, root / "run", device="cpu").out
+
+
+@pytest.fixture(scope="session")
+def exported_segmenter(seg_run, tmp_path_factory):
+    """``seg_run`` exported as model ``organs`` (max batch 2)."""
+    from medssl.export import ExportOptions, export_checkpoint
+
+    repository = tmp_path_factory.mktemp("seg_repository")
+    return export_checkpoint(seg_run, repository, "organs", ExportOptions(max_batch_size=2))

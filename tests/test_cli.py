@@ -8,7 +8,6 @@ import sys
 
 import highdicom as hd
 import numpy as np
-import pytest
 from click.testing import CliRunner
 
 from medssl.cli.main import cli

@@ -17,38 +17,12 @@ from medssl.metrics.segmentation import dice
 from medssl.models.card import ModelCard, Task, load_card
 from medssl.scoring import RunnerSpec, ScoreOptions, SelectionRules, score
 from medssl.scoring.series import DicomOutput
-from medssl.synth.datasets import write_organ_dataset
 from medssl.synth.organs import generate_organ_phantom
-
-SHAPE = (32, 48, 48)
-
-
-@pytest.fixture(scope="module")
-def seg_run(tmp_path_factory) -> Path:
-    """A 4-step A&D run in the imbssl setting (11 organs) on a small phantom dataset."""
-    from medssl.cli.train import resolve_config
-    from medssl.config import load_config
-    from medssl.training.seg_config import SegmentationExperiment
-    from medssl.training.seg_trainer import train_segmenter
-
-    root = tmp_path_factory.mktemp("organs")
-    write_organ_dataset(root / "A", cases=5, n_test=2, domain="A", shape=SHAPE)
-    cfg = load_config(SegmentationExperiment, resolve_config("seg-imbssl-cpu"), {
-        "method": "ad", "optim.steps": 4, "eval.every": 2, "data.patch": [16, 32, 32], "data.workers": 0,
-        "data.cache_dir": str(root / "cache"), "data.labeled_fraction": 0.5})
-    return train_segmenter(cfg, root, root / "run", device="cpu").out
+from tests.conftest import ORGAN_SHAPE
 
 
-@pytest.fixture(scope="module")
-def exported(seg_run, tmp_path_factory):
-    from medssl.export import ExportOptions, export_checkpoint
-
-    repository = tmp_path_factory.mktemp("repository")
-    return export_checkpoint(seg_run, repository, "organs", ExportOptions(max_batch_size=2))
-
-
-def test_exported_segmenter_card_names_organs_with_codes_and_colours(exported):
-    card = load_card(exported.model_dir)
+def test_exported_segmenter_card_names_organs_with_codes_and_colours(exported_segmenter):
+    card = load_card(exported_segmenter.model_dir)
     assert card.task is Task.SEGMENTATION
     assert [label.value for label in card.labels] == list(range(1, 12))
     liver = card.labels[0]
@@ -58,14 +32,14 @@ def test_exported_segmenter_card_names_organs_with_codes_and_colours(exported):
     assert card.input_spacing == (8.0, 6.0, 6.0)
     assert card.provenance["method"] == "ad" and card.provenance["setting"] == "imbssl"
     assert "test_metrics" in card.provenance
-    assert exported.parity.passed
+    assert exported_segmenter.parity.passed
     assert ModelCard.from_json(card.to_json()) == card
 
 
-def test_scored_label_maps_match_the_trainers_own_dice(seg_run, exported, tmp_path):
+def test_scored_label_maps_match_the_trainers_own_dice(seg_run, exported_segmenter, tmp_path):
     """Acceptance: Dice from medssl-score's output files equals the trainer's evaluation."""
     out = tmp_path / "scores"
-    summary = score(seg_run.parent / "A", out, RunnerSpec(exported.repository, "organs"), options=ScoreOptions(workers=0))
+    summary = score(seg_run.parent / "A", out, RunnerSpec(exported_segmenter.repository, "organs"), options=ScoreOptions(workers=0))
     assert summary.counts == {"ok": 2}
     trainer = json.loads((seg_run / "test" / "metrics.json").read_text())
     for label in (1, 2, 7):  # liver, spleen, stomach
@@ -84,15 +58,15 @@ def test_scored_label_maps_match_the_trainers_own_dice(seg_run, exported, tmp_pa
     assert liver["volume_ml"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_scoring_a_dicom_series_writes_a_valid_seg(exported, tmp_path, dciodvfy):
+def test_scoring_a_dicom_series_writes_a_valid_seg(exported_segmenter, tmp_path, dciodvfy):
     import highdicom as hd
 
-    case = generate_organ_phantom(11, "A", shape=SHAPE)
+    case = generate_organ_phantom(11, "A", shape=ORGAN_SHAPE)
     series = tmp_path / "dicom" / "series"
     write_dicom_series(case.image, series, SeriesInfo(uid_seed="organ-seg-test"))
     out = tmp_path / "scores"
     # Abdominal series are 4 mm thick; the default rules are the lung-screening ones (<= 2.5 mm).
-    summary = score(tmp_path / "dicom", out, RunnerSpec(exported.repository, "organs"),
+    summary = score(tmp_path / "dicom", out, RunnerSpec(exported_segmenter.repository, "organs"),
                     SelectionRules(max_thickness_mm=5.0), options=ScoreOptions(workers=0, dicom=DicomOutput(out / "dicom")))
     assert summary.counts == {"ok": 1}
     row = pq.read_table(out / "series.parquet").to_pylist()[0]
@@ -109,12 +83,12 @@ def test_scoring_a_dicom_series_writes_a_valid_seg(exported, tmp_path, dciodvfy)
     assert int((volume.array > 0).sum()) == int((labels.array > 0).sum())
 
 
-def test_medssl_score_prints_the_label_volumes_of_a_segmenter(seg_run, exported, tmp_path):
+def test_medssl_score_prints_the_label_volumes_of_a_segmenter(seg_run, exported_segmenter, tmp_path):
     from click.testing import CliRunner
 
     from medssl.cli.score import score as score_command
 
-    result = CliRunner().invoke(score_command, [str(seg_run.parent / "A"), "--repository", str(exported.repository),
+    result = CliRunner().invoke(score_command, [str(seg_run.parent / "A"), "--repository", str(exported_segmenter.repository),
                                                 "--model", "organs", "--out", str(tmp_path / "o"), "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert "label volumes, mL" in result.output

@@ -1,0 +1,315 @@
+"""The gateway end to end against a real PACS: Orthanc (Debian package) pushes studies by
+C-STORE to ``medssl-serve`` (a real process), and the SR / SEG come back into Orthanc's study.
+
+Every test starts its own gateway (its own spool, free loopback ports) and uses its own
+synthetic chest CT study; Orthanc is shared by the module.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+
+from medssl.models.card import load_card
+from tests.conftest import require_tool
+from tests.gateway_process import GatewayProcess, gateway_config
+from tests.orthanc import OrthancServer
+
+REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+DETECTOR = "focalmix-nodules"
+MIN_PROBABILITY = 0.5
+NODULE = codes.SCT.Nodule
+LUNG = codes.SCT.Lung
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    require_tool("Orthanc", "orthanc")
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> list[list[Path]]:
+    """Eight synthetic chest CT studies (128² × 96 slices, 1 series each), files per study."""
+    root = tmp_path_factory.mktemp("chest")
+    subprocess.run([f"{sys.prefix}/bin/medssl", "synth", "chest", "--cases", "8", "--format", "dicom",
+                    "--matrix", "128", "--slices", "96", "--seed", "3", str(root)], check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    by_study: dict[str, list[Path]] = {}
+    for path in sorted(root.rglob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        by_study.setdefault(str(ds.StudyInstanceUID), []).append(path)
+    assert len(by_study) == 8
+    return list(by_study.values())
+
+
+def _study_uid(files: list[Path]) -> str:
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def _routes(segmenter_repository: Path | None = None) -> list[dict]:
+    routes = [{"model": DETECTOR, "min_probability": MIN_PROBABILITY,
+               "select": {"modality": "CT", "min_slices": 32, "max_thickness_mm": 2.5}}]
+    if segmenter_repository is not None:
+        routes.append({"model": "organs", "select": {"modality": "CT", "min_slices": 16,
+                                                     "max_thickness_mm": 5.0}})
+    return routes
+
+
+def _repository(tmp_path: Path, segmenter=None) -> Path:
+    """The shipped detector, plus the test segmenter when given, in one repository."""
+    repository = tmp_path / "model_repository"
+    shutil.copytree(REPOSITORY / DETECTOR, repository / DETECTOR)
+    if segmenter is not None:
+        shutil.copytree(segmenter.model_dir, repository / "organs")
+    return repository
+
+
+@pytest.fixture
+def start_gateway(tmp_path, orthanc):
+    """Start a gateway sending to ``orthanc``, known to Orthanc as modality ``<name>``."""
+    gateways: list[GatewayProcess] = []
+
+    def start(name: str = "GW", segmenter=None, **sections) -> GatewayProcess:
+        root = tmp_path / name
+        repository = _repository(root, segmenter)
+        cfg = gateway_config(root, _routes(repository if segmenter else None), repository,
+                             [{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                               "port": orthanc.dicom_port, "timeout_s": 5}], **sections)
+        gateway = GatewayProcess(root, cfg)
+        gateway.start()
+        orthanc.add_modality(name, "MEDSSL", "127.0.0.1", gateway.port)
+        gateways.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in gateways:
+        gateway.stop()
+
+
+def _push(orthanc: OrthancServer, modality: str, files: list[Path], synchronous: bool = True):
+    ids = orthanc.upload(files)
+    return orthanc.store_to(modality, ids, synchronous=synchronous)
+
+
+def _results(orthanc: OrthancServer, study_uid: str, modality: str) -> list[dict]:
+    return [i for i in orthanc.instances_of_study(study_uid) if i["Modality"] == modality]
+
+
+def _wait_results(orthanc: OrthancServer, gateway: GatewayProcess, study_uid: str,
+                  modalities: tuple[str, ...] = ("SR",), timeout_s: float = 180.0) -> dict[str, list[dict]]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = {m: _results(orthanc, study_uid, m) for m in modalities}
+        if all(found.values()):
+            return found
+        time.sleep(0.25)
+    raise AssertionError(f"no {modalities} for study {study_uid} in Orthanc after {timeout_s} s; "
+                         f"jobs {gateway.jobs()}, deliveries {gateway.deliveries()}\n{gateway.log_tail()}")
+
+
+def _wait_settled(gateway: GatewayProcess, timeout_s: float = 60.0) -> list[dict]:
+    """Wait until no job is unfinished; returns the jobs."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        jobs = gateway.jobs()
+        if jobs and all(j["state"] in ("done", "failed", "dead-letter") for j in jobs):
+            return jobs
+        time.sleep(0.2)
+    raise AssertionError(f"jobs unfinished after {timeout_s} s: {gateway.jobs()}\n{gateway.log_tail()}")
+
+
+def _dataset(orthanc: OrthancServer, instance: dict) -> pydicom.Dataset:
+    return pydicom.dcmread(io.BytesIO(orthanc.file(instance["ID"])))
+
+
+def _scored_findings(files: list[Path], tmp_path: Path) -> np.ndarray:
+    """medssl-score's findings (LPS mm) with p >= MIN_PROBABILITY for the same series."""
+    folder = tmp_path / "score-input"
+    folder.mkdir()
+    for f in files:
+        shutil.copy(f, folder / f.name)
+    out = tmp_path / "scores"
+    subprocess.run([f"{sys.prefix}/bin/medssl-score", str(folder), "--out", str(out), "--workers", "0"],
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    table = pq.read_table(out / "findings.parquet").to_pandas()
+    table = table[table["probability"] >= MIN_PROBABILITY]
+    return table[["x_mm", "y_mm", "z_mm"]].to_numpy()
+
+
+def _sr_points(sr: pydicom.Dataset) -> np.ndarray:
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    groups = report.content.get_planar_roi_measurement_groups()
+    return np.array([g.roi.value.reshape(-1) for g in groups]).reshape(-1, 3)
+
+
+def test_a_study_pushed_by_orthanc_comes_back_as_an_sr_and_a_seg(
+        start_gateway, orthanc, studies, exported_segmenter, tmp_path, dciodvfy):
+    files = studies[0]
+    study_uid = _study_uid(files)
+    gateway = start_gateway(segmenter=exported_segmenter)
+    _push(orthanc, "GW", files)
+    found = _wait_results(orthanc, gateway, study_uid, ("SR", "SEG"))
+    assert len(found["SR"]) == 1 and len(found["SEG"]) == 1
+    sr = _dataset(orthanc, found["SR"][0])
+    seg = _dataset(orthanc, found["SEG"][0])
+    for ds, name in ((sr, "sr.dcm"), (seg, "seg.dcm")):
+        path = tmp_path / name
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy(path) == [], name
+        assert ds.StudyInstanceUID == study_uid
+        equipment = ds.ContributingEquipmentSequence[0]
+        assert equipment.ManufacturerModelName in (DETECTOR, "organs")
+
+    # The SR: one planar ROI group per finding, at medssl-score's coordinates, with the codes.
+    expected = _scored_findings(files, tmp_path)
+    points = _sr_points(sr)
+    assert len(points) == len(expected) > 0
+    distances = np.linalg.norm(points[:, None, :] - expected[None, :, :], axis=2)
+    assert distances.min(axis=1).max() <= 2.0
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    for group in report.content.get_planar_roi_measurement_groups():
+        assert group.finding_type == NODULE
+        assert [site.value for site in group.finding_sites] == [LUNG]
+        assert group.get_measurements(name=codes.SCT.Diameter)
+        assert group.tracking_uid and group.tracking_identifier
+    assert sr.SeriesDescription.startswith(DETECTOR)
+
+    # The SEG: BINARY, every frame of every segment kept, segments coded from the card.
+    card = load_card(exported_segmenter.model_dir)
+    segmentation = hd.seg.Segmentation.from_dataset(seg)
+    assert seg.SegmentationType == "BINARY"
+    assert int(seg.NumberOfFrames) == len(files) * len(card.labels)
+    described = [(d.segmented_property_type.value, d.segment_label) for d in segmentation.SegmentSequence]
+    assert described == [(label.type.value, label.name) for label in card.labels]
+    assert segmentation.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[0].CodingSchemeDesignator == "SCT"
+
+    jobs = _wait_settled(gateway)
+    assert [j["state"] for j in jobs] == ["done"]
+    status, metrics = gateway.http_get("/metrics")
+    assert status == 200
+    assert 'medssl_gateway_instances_received_total{sop_class="CT Image Storage"} 96.0' in metrics
+    assert 'medssl_gateway_studies_total{state="done"} 1.0' in metrics
+    assert 'medssl_gateway_stage_seconds_count{stage="total"} 1.0' in metrics
+
+
+def test_a_jpeg_lossless_study_is_received_compressed_and_processed(start_gateway, orthanc, studies, tmp_path):
+    exe = require_tool("dcmcjpeg", "dcmtk")
+    compressed = []
+    for f in studies[1]:
+        out = tmp_path / "jpeg" / f.name
+        out.parent.mkdir(exist_ok=True)
+        subprocess.run([exe, "+e14", str(f), str(out)], check=True, capture_output=True)
+        compressed.append(out)
+    assert pydicom.dcmread(compressed[0]).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    gateway = start_gateway()
+    _push(orthanc, "GW", compressed)
+    _wait_results(orthanc, gateway, _study_uid(compressed))
+    spooled = gateway.spooled()
+    assert len(spooled) == len(compressed)
+    assert pydicom.dcmread(spooled[0], stop_before_pixels=True).file_meta.TransferSyntaxUID.is_compressed
+
+
+def test_an_unknown_calling_ae_is_rejected(start_gateway, studies):
+    echoscu = require_tool("echoscu", "dcmtk")
+    storescu = require_tool("storescu", "dcmtk")
+    gateway = start_gateway()
+    ok = subprocess.run([echoscu, "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1", str(gateway.port)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    refused = subprocess.run([storescu, "-aet", "INTRUDER", "-aec", "MEDSSL", "127.0.0.1", str(gateway.port),
+                              str(studies[2][0])], capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert "reject" in (refused.stdout + refused.stderr).lower()
+    assert gateway.spooled() == []
+
+
+def test_a_gateway_killed_during_reception_loses_nothing(start_gateway, orthanc, studies):
+    files = studies[3]
+    study_uid = _study_uid(files)
+    gateway = start_gateway(spool={"study_idle_s": 2.0})
+    ids = orthanc.upload(files)
+    orthanc.store_to("GW", ids, synchronous=False)
+    deadline = time.monotonic() + 60
+    while len(gateway.spooled()) < 10 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    gateway.kill()
+    received_before_kill = len(gateway.spooled())
+    assert 0 < received_before_kill < len(files), "the kill did not land during reception"
+    gateway.start()
+    orthanc.store_to("GW", ids, synchronous=True)  # the PACS re-sends what failed
+    _wait_results(orthanc, gateway, study_uid)
+    _wait_settled(gateway)
+    time.sleep(2.0)
+    assert len(_results(orthanc, study_uid, "SR")) == 1
+    assert len(gateway.spooled()) == len(files)
+
+
+def test_a_gateway_killed_during_inference_resumes_the_job(start_gateway, orthanc, studies):
+    files = studies[4]
+    study_uid = _study_uid(files)
+    gateway = start_gateway()
+    _push(orthanc, "GW", files)
+    deadline = time.monotonic() + 60
+    while not any(j["state"] == "running" for j in gateway.jobs()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gateway.kill()
+    assert [j["state"] for j in gateway.jobs()] == ["running"]
+    gateway.start()
+    _wait_results(orthanc, gateway, study_uid)
+    jobs = _wait_settled(gateway)
+    assert [(j["state"], j["attempts"]) for j in jobs] == [("done", 2)]
+    time.sleep(1.0)
+    assert len(_results(orthanc, study_uid, "SR")) == 1
+
+
+def test_results_wait_for_a_stopped_pacs_and_arrive_when_it_is_back(start_gateway, orthanc, studies):
+    files = studies[5]
+    study_uid = _study_uid(files)
+    gateway = start_gateway(spool={"study_idle_s": 1.0})
+    _push(orthanc, "GW", files)
+    orthanc.stop()
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            failed = [d for d in gateway.deliveries() if d["attempts"] >= 2 and d["state"] == "pending"]
+            if failed:
+                break
+            time.sleep(0.2)
+        assert failed, f"no failed delivery attempt: {gateway.deliveries()}\n{gateway.log_tail()}"
+        assert "orthanc" in failed[0]["error"].lower() or "127.0.0.1" in failed[0]["error"]
+    finally:
+        orthanc.start()
+    _wait_results(orthanc, gateway, study_uid)
+    assert [j["state"] for j in _wait_settled(gateway)] == ["done"]
+
+
+def test_garbage_and_truncated_datasets_are_rejected_while_a_good_study_goes_through(
+        start_gateway, orthanc, studies, tmp_path):
+    pytest.skip("written after the SCP lands")
+
+
+def test_sigterm_stops_accepting_and_a_restart_resumes(start_gateway, orthanc, studies):
+    files = studies[6]
+    study_uid = _study_uid(files)
+    gateway = start_gateway(spool={"study_idle_s": 3.0})
+    _push(orthanc, "GW", files)
+    assert gateway.terminate(60) == 0
+    assert [j["state"] for j in gateway.jobs()] == ["received"]
+    gateway.start()
+    _wait_results(orthanc, gateway, study_uid)
+    assert [j["state"] for j in _wait_settled(gateway)] == ["done"]

@@ -1,0 +1,431 @@
+"""The gateway's Storage SCP and spool over real DICOM networking on loopback.
+
+Senders are dcmtk (``storescu``, ``echoscu``) and pynetdicom SCUs; every SCP binds port 0.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import pynetdicom
+from pydicom.data import get_testdata_file
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    generate_uid,
+)
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    MRImageStorage,
+    Verification,
+)
+
+from medssl.io import SeriesInfo, write_dicom_series
+from medssl.serving.config import AllowedCaller, ScpConfig, TlsConfig
+from medssl.serving.metrics import GatewayMetrics
+from medssl.serving.scp import StorageSCP
+from medssl.serving.spool import Spool, SpoolError, SpoolFullError, StoredInstance
+from tests.conftest import ramp_volume, require_tool
+
+SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+
+@dataclass
+class Gateway:
+    scp: StorageSCP
+    spool: Spool
+    metrics: GatewayMetrics
+    stored: list[StoredInstance] = field(default_factory=list)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    def incoming_files(self) -> list[Path]:
+        return sorted(self.spool.incoming.rglob("*.dcm"))
+
+
+@pytest.fixture
+def gateway(tmp_path) -> Iterator:
+    """Start a StorageSCP on a free loopback port: ``gateway(**ScpConfig overrides)``."""
+    running: list[StorageSCP] = []
+
+    def start(*, min_free_bytes: int = 0, on_stored=None, **overrides) -> Gateway:
+        settings = dict(port=0, allowed_callers=(AllowedCaller("SCU"), AllowedCaller("STORESCU")),
+                        acse_timeout_s=5, dimse_timeout_s=10, network_timeout_s=10)
+        settings.update(overrides)
+        spool = Spool(tmp_path / f"spool{len(running)}", min_free_bytes=min_free_bytes)
+        metrics = GatewayMetrics()
+        gw = Gateway(None, spool, metrics)  # type: ignore[arg-type]
+        gw.scp = StorageSCP(ScpConfig(**settings), spool, on_stored or gw.stored.append, metrics)
+        gw.scp.start()
+        running.append(gw.scp)
+        return gw
+
+    yield start
+    for scp in running:
+        scp.stop(timeout_s=2)
+
+
+@contextmanager
+def associated(port: int, calling: str = "SCU", contexts=((CTImageStorage, SYNTAXES),),
+               tls_args=None) -> Iterator[pynetdicom.association.Association]:
+    """A pynetdicom SCU association (released or aborted on exit; may be rejected)."""
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.network_timeout = 5
+    ae.dimse_timeout = 10
+    ae.add_requested_context(Verification)
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, syntaxes)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDSSL", tls_args=tls_args)
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+
+
+def status_of(rsp: pydicom.Dataset) -> int:
+    assert "Status" in rsp, "no response from the SCP (association aborted or timed out)"
+    return int(rsp.Status)
+
+
+@pytest.fixture
+def series(tmp_path) -> list[Path]:
+    """A 4-slice 16 x 18 CT series (Explicit VR Little Endian)."""
+    return write_dicom_series(ramp_volume(shape=(4, 16, 18)), tmp_path / "series",
+                              SeriesInfo(uid_seed="scp-test"))
+
+
+def _assert_spooled(gw: Gateway, sources: list[Path]) -> None:
+    """Each source instance is stored once at incoming/<study>/<series>/<sop>.dcm, same pixels."""
+    assert len(gw.stored) == len(sources)
+    by_sop = {s.sop_instance_uid: s for s in gw.stored}
+    for source in sources:
+        original = pydicom.dcmread(source)
+        got = by_sop[original.SOPInstanceUID]
+        assert (got.study_uid, got.series_uid) == (original.StudyInstanceUID,
+                                                   original.SeriesInstanceUID)
+        assert got.sop_class_uid == CTImageStorage and got.calling_ae in ("SCU", "STORESCU")
+        expected = (gw.spool.incoming / original.StudyInstanceUID / original.SeriesInstanceUID
+                    / f"{original.SOPInstanceUID}.dcm")
+        assert got.path == expected and got.n_bytes == expected.stat().st_size
+        spooled = pydicom.dcmread(expected)
+        assert np.array_equal(spooled.pixel_array, original.pixel_array)
+    assert gw.incoming_files() == sorted(s.path for s in gw.stored)
+    assert list(gw.spool.tmp.iterdir()) == []
+
+
+def _part10(dataset_bytes: bytes, sop_instance_uid: str) -> bytes:
+    """File meta (CT, Explicit VR Little Endian) followed by ``dataset_bytes`` as they are."""
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = DicomBytesIO()
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return b"\0" * 128 + b"DICM" + buffer.getvalue() + dataset_bytes
+
+
+# -- spool -----------------------------------------------------------------------------------
+
+
+def test_spool_stores_durably_replaces_a_resent_instance_and_recovers(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    path = spool.store(b"first", "1.2.3", "1.2.3.4", "1.2.3.4.5")
+    assert path == spool.incoming / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
+    assert spool.store(b"second", "1.2.3", "1.2.3.4", "1.2.3.4.5") == path
+    assert path.read_bytes() == b"second" and spool.study_files("1.2.3") == [path]
+    (spool.tmp / "deadbeef.part").write_bytes(b"half a write")  # a killed process's leftover
+    assert spool.recover() == ["1.2.3"] and list(spool.tmp.iterdir()) == []
+    out = spool.output_dir(7)
+    (out / "seg.dcm").write_bytes(b"12345")
+    assert spool.usage_bytes() == len(b"second") + 5
+    spool.remove_outputs(7)
+    spool.remove_study("1.2.3")
+    assert spool.study_files("1.2.3") == [] and not out.exists() and spool.recover() == []
+
+
+def test_spool_refuses_uids_that_are_not_uids_and_writes_below_the_floor(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    with pytest.raises(SpoolError, match=r"SeriesInstanceUID '\.\./\.\./etc'"):
+        spool.store(b"x", "1.2", "../../etc", "1.2.3")
+    with pytest.raises(SpoolError, match="SOPInstanceUID '1" + "1" * 64):
+        spool.store(b"x", "1.2", "1.2.3", "1" * 65)
+    full = Spool(tmp_path / "spool", min_free_bytes=2**62)
+    with pytest.raises(SpoolFullError, match=r"bytes free.*floor of 4611686018427387904 bytes"):
+        full.store(b"x", "1.2", "1.2.3", "1.2.3.4")
+    assert list(full.incoming.iterdir()) == [] and list(full.tmp.iterdir()) == []
+
+
+def test_spool_quarantine_keeps_the_bytes_and_a_json_reason(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    path = spool.quarantine(b"junk", "no Pixel Data", calling_ae="SCU")
+    assert path.parent == spool.quarantine_dir and path.read_bytes() == b"junk"
+    note = json.loads(path.with_suffix(".json").read_text())
+    assert note["reason"] == "no Pixel Data" and note["calling_ae"] == "SCU" and note["time"]
+
+
+# -- association level ---------------------------------------------------------------------
+
+
+def test_c_echo_is_answered_with_success(gateway):
+    gw = gateway()
+    with associated(gw.scp.port) as assoc:
+        assert assoc.is_established
+        assert status_of(assoc.send_c_echo()) == 0x0000
+    echoscu = require_tool("echoscu", "dcmtk")
+    result = subprocess.run([echoscu, "-aet", "SCU", "-aec", "MEDSSL", "127.0.0.1",
+                             str(gw.scp.port)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert gw.metric("medssl_gateway_associations_total", result="accepted") == 2
+
+
+def test_unknown_calling_ae_is_rejected_at_association(gateway):
+    gw = gateway()
+    with associated(gw.scp.port, calling="INTRUDER") as assoc:
+        assert assoc.is_rejected and not assoc.is_established and not assoc.is_aborted
+        rj = assoc.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
+    echoscu = require_tool("echoscu", "dcmtk")
+    result = subprocess.run([echoscu, "-aet", "INTRUDER", "-aec", "MEDSSL", "127.0.0.1",
+                             str(gw.scp.port)], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "Association Rejected" in result.stderr + result.stdout
+    assert "Calling AE Title Not Recognized" in result.stderr + result.stdout
+    assert gw.metric("medssl_gateway_associations_total", result="rejected") == 2
+    assert gw.metric("medssl_gateway_associations_total", result="accepted") == 0
+
+
+def test_allowed_ae_from_a_wrong_host_is_rejected(gateway):
+    gw = gateway(allowed_callers=(AllowedCaller("LOCAL", hosts=("127.0.0.1",)),
+                                  AllowedCaller("REMOTE", hosts=("192.0.2.7",))))
+    with associated(gw.scp.port, calling="LOCAL") as assoc:
+        assert assoc.is_established
+    with associated(gw.scp.port, calling="REMOTE") as assoc:
+        assert assoc.is_rejected
+        assert assoc.acceptor.primitive.diagnostic == 0x03
+
+
+def test_max_associations_is_honoured(gateway):
+    gw = gateway(max_associations=1)
+    with associated(gw.scp.port) as first:
+        assert first.is_established
+        with associated(gw.scp.port) as second:
+            assert second.is_rejected
+            rj = second.acceptor.primitive
+            assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
+    deadline = time.monotonic() + 5  # the first association's thread ends just after release
+    while True:
+        with associated(gw.scp.port) as third:
+            if third.is_established or time.monotonic() > deadline:
+                assert third.is_established
+                break
+        time.sleep(0.05)
+
+
+# -- C-STORE -------------------------------------------------------------------------------
+
+
+def test_series_sent_with_storescu_is_spooled_durably(gateway, series):
+    storescu = require_tool("storescu", "dcmtk")
+    gw = gateway()
+    result = subprocess.run([storescu, "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1",
+                             str(gw.scp.port), *map(str, series)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    _assert_spooled(gw, series)
+    assert gw.metric("medssl_gateway_instances_received_total",
+                     sop_class="CT Image Storage") == len(series)
+
+
+def test_series_sent_with_pynetdicom_is_spooled_durably(gateway, series):
+    gw = gateway()
+    with associated(gw.scp.port) as assoc:
+        assert [status_of(assoc.send_c_store(pydicom.dcmread(p))) for p in series] == [0] * 4
+    _assert_spooled(gw, series)
+
+
+def test_jpeg_lossless_instance_is_spooled_still_compressed(gateway, series, tmp_path):
+    dcmcjpeg = require_tool("dcmcjpeg", "dcmtk")
+    storescu = require_tool("storescu", "dcmtk")
+    jpeg = tmp_path / "jpeg.dcm"
+    subprocess.run([dcmcjpeg, str(series[0]), str(jpeg)], check=True, timeout=30)
+    assert pydicom.dcmread(jpeg).file_meta.TransferSyntaxUID == JPEGLosslessSV1
+    gw = gateway()
+    result = subprocess.run([storescu, "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1",
+                             str(gw.scp.port), str(jpeg)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    (stored,) = gw.stored
+    spooled = pydicom.dcmread(stored.path)
+    assert spooled.file_meta.TransferSyntaxUID == JPEGLosslessSV1
+    assert np.array_equal(spooled.pixel_array, pydicom.dcmread(series[0]).pixel_array)
+
+
+def test_enhanced_ct_instance_is_accepted(gateway):
+    path = get_testdata_file("eCT_Supplemental.dcm")
+    if path is None:
+        pytest.skip("pydicom-data is not installed")
+    gw = gateway()
+    with associated(gw.scp.port, contexts=((EnhancedCTImageStorage, SYNTAXES),)) as assoc:
+        assert status_of(assoc.send_c_store(path)) == 0x0000
+    (stored,) = gw.stored
+    original = pydicom.dcmread(path)
+    assert stored.sop_class_uid == EnhancedCTImageStorage
+    assert stored.sop_instance_uid == original.SOPInstanceUID
+    assert pydicom.dcmread(stored.path).PixelData == original.PixelData
+    assert gw.metric("medssl_gateway_instances_received_total",
+                     sop_class="Enhanced CT Image Storage") == 1
+
+
+def _mr_dataset(ct: Path) -> pydicom.Dataset:
+    ds = pydicom.dcmread(ct)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality = "MR"
+    return ds
+
+
+def test_other_sop_class_is_refused_at_negotiation(gateway, series):
+    gw = gateway(other_sop_classes="refuse")
+    contexts = ((CTImageStorage, SYNTAXES), (MRImageStorage, SYNTAXES))
+    with associated(gw.scp.port, contexts=contexts) as assoc:
+        assert assoc.is_established
+        assert {cx.abstract_syntax for cx in assoc.rejected_contexts} == {MRImageStorage}
+        with pytest.raises(ValueError, match="No presentation context"):
+            assoc.send_c_store(_mr_dataset(series[0]))
+    assert gw.stored == [] and gw.incoming_files() == []
+
+
+def test_other_sop_class_is_acknowledged_and_discarded_when_ignored(gateway, series):
+    gw = gateway(other_sop_classes="ignore")
+    contexts = ((CTImageStorage, SYNTAXES), (MRImageStorage, SYNTAXES))
+    with associated(gw.scp.port, contexts=contexts) as assoc:
+        assert status_of(assoc.send_c_store(_mr_dataset(series[0]))) == 0x0000
+        assert status_of(assoc.send_c_store(pydicom.dcmread(series[1]))) == 0x0000
+    assert [s.sop_class_uid for s in gw.stored] == [CTImageStorage]
+    assert len(gw.incoming_files()) == 1
+    assert gw.metric("medssl_gateway_instances_rejected_total", reason="ignored-sop-class") == 1
+
+
+def test_garbage_and_truncated_instances_are_quarantined_while_a_good_one_is_stored(
+        gateway, series, tmp_path, monkeypatch):
+    # send the files' bytes as they are (pynetdicom would otherwise decode and re-encode them)
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(_part10(b"\x13\x37 not a dataset \xff" * 40, generate_uid()))
+    truncated = tmp_path / "truncated.dcm"
+    whole = series[1].read_bytes()
+    truncated.write_bytes(whole[:-200])  # cut inside Pixel Data
+    gw = gateway()
+    with associated(gw.scp.port) as assoc:
+        statuses = [status_of(assoc.send_c_store(p)) for p in (garbage, truncated, series[2])]
+    assert statuses == [0xC210, 0xC210, 0x0000]
+    assert [s.sop_instance_uid for s in gw.stored] == [pydicom.dcmread(series[2]).SOPInstanceUID]
+    assert len(gw.incoming_files()) == 1
+    quarantined = sorted(gw.spool.quarantine_dir.glob("*.dcm"))
+    notes = [json.loads(p.with_suffix(".json").read_text()) for p in quarantined]
+    assert len(quarantined) == 2 and all(n["reason"] and n["calling_ae"] == "SCU" for n in notes)
+    assert any("Pixel Data has" in n["reason"] for n in notes)
+    assert any(p.read_bytes().endswith(whole[-1000:-200]) for p in quarantined)
+    assert gw.metric("medssl_gateway_instances_rejected_total", reason="undecodable") == 2
+
+
+def test_spool_below_its_free_space_floor_answers_out_of_resources(gateway, series):
+    gw = gateway(min_free_bytes=2**62)
+    with associated(gw.scp.port) as assoc:
+        assert status_of(assoc.send_c_store(pydicom.dcmread(series[0]))) == 0xA700
+    assert gw.stored == [] and gw.incoming_files() == [] and list(gw.spool.tmp.iterdir()) == []
+    assert gw.metric("medssl_gateway_instances_rejected_total", reason="spool-full") == 1
+
+
+def test_on_stored_raising_answers_processing_failure_and_the_server_lives_on(gateway, series):
+    def broken(instance: StoredInstance) -> None:
+        raise RuntimeError("job store is down")
+
+    gw = gateway(on_stored=broken)
+    with associated(gw.scp.port) as assoc:
+        assert status_of(assoc.send_c_store(pydicom.dcmread(series[0]))) == 0x0110
+        assert status_of(assoc.send_c_echo()) == 0x0000
+    assert gw.metric("medssl_gateway_instances_received_total", sop_class="CT Image Storage") == 0
+
+
+# -- TLS -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost / 127.0.0.1 and its key, made with openssl."""
+    openssl = require_tool("openssl", "openssl")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def _client_context(cert: Path, key: Path | None = None):
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    if key is not None:
+        context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def test_tls_scu_can_store_and_a_plain_tcp_scu_cannot(gateway, series, certificate):
+    cert, key = certificate
+    gw = gateway(tls=TlsConfig(enabled=True, certificate=cert, private_key=key))
+    with associated(gw.scp.port, tls_args=(_client_context(cert), "localhost")) as assoc:
+        assert assoc.is_established
+        assert status_of(assoc.send_c_store(pydicom.dcmread(series[0]))) == 0x0000
+    with associated(gw.scp.port) as plain:
+        assert not plain.is_established
+    assert len(gw.stored) == 1
+
+
+def test_tls_with_a_ca_requires_a_client_certificate(gateway, series, certificate):
+    cert, key = certificate  # self-signed: it is its own CA
+    gw = gateway(tls=TlsConfig(enabled=True, certificate=cert, private_key=key,
+                               ca_certificate=cert))
+    with associated(gw.scp.port, tls_args=(_client_context(cert, key), "localhost")) as assoc:
+        assert status_of(assoc.send_c_echo()) == 0x0000
+    with associated(gw.scp.port, tls_args=(_client_context(cert), "localhost")) as anonymous:
+        assert not anonymous.is_established
+
+
+# -- stop ----------------------------------------------------------------------------------
+
+
+def test_stop_refuses_new_associations_and_lets_active_ones_finish(gateway, series):
+    gw = gateway()
+    with associated(gw.scp.port) as active:
+        assert active.is_established
+        stopper = threading.Thread(target=gw.scp.stop, kwargs={"timeout_s": 20})
+        stopper.start()
+        time.sleep(0.8)  # the accept loop has been shut down by now
+        with associated(gw.scp.port) as late:
+            assert not late.is_established
+        assert status_of(active.send_c_store(pydicom.dcmread(series[0]))) == 0x0000
+        assert stopper.is_alive()  # stop() waits for the active association
+    stopper.join(timeout=10)
+    assert not stopper.is_alive() and len(gw.stored) == 1
