@@ -1,4 +1,4 @@
-"""The gateway's Storage SCP: CT instances in over DICOM (TLS optional), durable before acknowledged.
+"""The gateway's Storage SCP: CT in over DICOM (TLS optional), durable before acknowledged.
 
 :class:`StorageSCP` is a pynetdicom association server that
 
@@ -40,7 +40,17 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
@@ -56,6 +66,7 @@ __all__ = [
     "OUT_OF_RESOURCES",
     "PROCESSING_FAILURE",
     "SUCCESS",
+    "TRANSFER_SYNTAXES",
     "StorageSCP",
 ]
 
@@ -72,6 +83,16 @@ CT_SOP_CLASSES: dict[str, str] = {
     CTImageStorage: "CT Image Storage",
     EnhancedCTImageStorage: "Enhanced CT Image Storage",
 }
+
+#: Transfer syntaxes accepted for CT, best first. When a presentation context proposes several,
+#: pynetdicom takes the first of this list that the sender offers: lossless compressed ones
+#: (what a sender holding compressed images offers; bit-exact, 2-3x smaller), then Explicit VR
+#: Little Endian, then the rest of pynetdicom's ALL_TRANSFER_SYNTAXES in its order, which puts
+#: the other uncompressed ones before the lossy ones.
+TRANSFER_SYNTAXES: list[str] = [JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEG2000Lossless,
+                                HTJ2KLossless, HTJ2KLosslessRPCL, RLELossless,
+                                ExplicitVRLittleEndian]
+TRANSFER_SYNTAXES += [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in TRANSFER_SYNTAXES]
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 _RJ_CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)  # permanent, service user
@@ -134,6 +155,24 @@ def _checked_uids(ds: Dataset, affected_sop_instance_uid: str) -> tuple[str, str
     return uids[0], uids[1], uids[2]
 
 
+class _ServerTlsContext(ssl.SSLContext):
+    """An SSL context whose server-side handshake is bounded in time.
+
+    pynetdicom wraps each accepted socket on its accept loop (``AssociationServer.get_request``)
+    and the accepted socket has no timeout: without a bound, one peer that connects and sends
+    nothing would stall every later caller and :meth:`StorageSCP.stop`.
+    """
+
+    handshake_timeout_s: float = 30.0
+
+    def wrap_socket(  # type: ignore[override]
+            self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        sock.settimeout(self.handshake_timeout_s)
+        wrapped = super().wrap_socket(sock, *args, **kwargs)
+        wrapped.settimeout(None)  # as plain-TCP associations: blocking, pynetdicom polls first
+        return wrapped
+
+
 class StorageSCP:
     """A Storage SCP that spools CT instances durably before acknowledging them.
 
@@ -180,18 +219,19 @@ class StorageSCP:
         ae.network_timeout = cfg.network_timeout_s
         ae.add_supported_context(Verification)
         for sop_class in CT_SOP_CLASSES:
-            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         if cfg.other_sop_classes == "ignore":
             for context in AllStoragePresentationContexts:
                 if context.abstract_syntax not in CT_SOP_CLASSES:
-                    ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+                    ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         return ae
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         tls = self.cfg.tls
         if not tls.enabled:
             return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context = _ServerTlsContext(ssl.PROTOCOL_TLS_SERVER)
+        context.handshake_timeout_s = self.cfg.acse_timeout_s
         context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.private_key))
         if tls.ca_certificate is not None:
             context.verify_mode = ssl.CERT_REQUIRED
@@ -202,11 +242,14 @@ class StorageSCP:
         """Bind ``cfg.host:cfg.port`` and serve in background threads; returns at once.
 
         Raises:
-            RuntimeError: already started (or stopped: make a new StorageSCP).
+            RuntimeError: already started, or stopped (a stopped SCP is not restarted: make
+                a new one).
             OSError: the address cannot be bound, or a TLS file cannot be read.
         """
-        if self._server is not None or self._stopping.is_set():
-            raise RuntimeError("StorageSCP.start: already started; a stopped SCP cannot restart")
+        if self._stopping.is_set():
+            raise RuntimeError("StorageSCP.start: this SCP was stopped; make a new one")
+        if self._server is not None:
+            raise RuntimeError("StorageSCP.start: already started")
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -218,8 +261,7 @@ class StorageSCP:
         self._server = cast(ThreadedAssociationServer, server)  # block=False returns it
         self._port = int(self._server.server_address[1])
         LOGGER.info("storage SCP %s listening on %s:%d%s", self.cfg.ae_title, self.cfg.host,
-                    self._port, " (TLS)" if self.cfg.tls.enabled else "",
-                    extra={"peer": f"{self.cfg.host}:{self._port}"})
+                    self._port, " (TLS)" if self.cfg.tls.enabled else "")
 
     @property
     def port(self) -> int:
@@ -235,16 +277,17 @@ class StorageSCP:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop serving: refuse new associations at once, let active ones finish, shut down.
 
-        The listening socket is closed immediately (a connection attempt is refused; one
-        that raced in gets an A-ASSOCIATE-RJ, transient). Active associations get up to
-        ``timeout_s`` seconds to release; those still running are then aborted (what they
-        had not been acknowledged for is not stored, and the sender will resend it).
-        Calling it again, or before :meth:`start`, does nothing.
+        The listening socket is closed within about half a second (pynetdicom's accept loop
+        polls); a connection attempt is then refused, and one that raced in gets an
+        A-ASSOCIATE-RJ (rejected transient). Active associations get up to ``timeout_s``
+        seconds to release; those still running are then aborted: their unacknowledged
+        instance, if any, is resent by the sender (and replaces a stored copy).
+        Calling it before :meth:`start`, or again, does nothing.
         """
         server = self._server
-        self._stopping.set()
         if server is None:
             return
+        self._stopping.set()
         self._server = None
         server.shutdown()
         deadline = time.monotonic() + max(timeout_s, 0.0)
@@ -343,8 +386,9 @@ class StorageSCP:
             study_uid, series_uid, sop_uid = _checked_uids(ds, fields["sop_instance_uid"])
         except _Refused as exc:
             return self._refuse(event, fields, exc.label, str(exc))
-        except Exception as exc:  # pydicom cannot decode it
-            return self._refuse(event, fields, "undecodable", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # pydicom cannot decode it; its message may quote values (PHI)
+            return self._refuse(event, fields, "undecodable",
+                                f"the dataset does not decode ({type(exc).__name__})")
 
         data = event.encoded_dataset()
         try:

@@ -271,5 +271,7 @@ class Spool:
         except BaseException as exc:
             part.unlink(missing_ok=True)
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                raise SpoolFullError(f"spool {self.root}: no space left writing {target.name}") from exc
+                raise SpoolFullError(
+                    f"spool {self.root}: no space left on the device writing {target.name}"
+                ) from exc
             raise

@@ -6,6 +6,8 @@ Senders are dcmtk (``storescu``, ``echoscu``) and pynetdicom SCUs; every SCP bin
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import subprocess
 import threading
 import time
@@ -43,6 +45,16 @@ from medssl.serving.spool import Spool, SpoolError, SpoolFullError, StoredInstan
 from tests.conftest import ramp_volume, require_tool
 
 SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+PHI = {"patient_name": "Doe^Jane", "patient_id": "MRN-424242"}
+
+
+def assert_no_phi_logged(records: list[logging.LogRecord]) -> None:
+    """No record of the SCP's logger holds the patient's name or ID (message or extra)."""
+    ours = [r for r in records if r.name == "medssl.serving.scp"]
+    assert ours
+    for record in ours:
+        text = record.getMessage() + repr(vars(record))
+        assert "Doe^Jane" not in text and "MRN-424242" not in text
 
 
 @dataclass
@@ -69,12 +81,11 @@ def gateway(tmp_path) -> Iterator:
                         acse_timeout_s=5, dimse_timeout_s=10, network_timeout_s=10)
         settings.update(overrides)
         spool = Spool(tmp_path / f"spool{len(running)}", min_free_bytes=min_free_bytes)
-        metrics = GatewayMetrics()
-        gw = Gateway(None, spool, metrics)  # type: ignore[arg-type]
-        gw.scp = StorageSCP(ScpConfig(**settings), spool, on_stored or gw.stored.append, metrics)
-        gw.scp.start()
-        running.append(gw.scp)
-        return gw
+        metrics, stored = GatewayMetrics(), []
+        scp = StorageSCP(ScpConfig(**settings), spool, on_stored or stored.append, metrics)
+        scp.start()
+        running.append(scp)
+        return Gateway(scp, spool, metrics, stored)
 
     yield start
     for scp in running:
@@ -107,9 +118,9 @@ def status_of(rsp: pydicom.Dataset) -> int:
 
 @pytest.fixture
 def series(tmp_path) -> list[Path]:
-    """A 4-slice 16 x 18 CT series (Explicit VR Little Endian)."""
+    """A 4-slice 16 x 18 CT series (Explicit VR Little Endian) of patient ``PHI``."""
     return write_dicom_series(ramp_volume(shape=(4, 16, 18)), tmp_path / "series",
-                              SeriesInfo(uid_seed="scp-test"))
+                              SeriesInfo(uid_seed="scp-test", **PHI))
 
 
 def _assert_spooled(gw: Gateway, sources: list[Path]) -> None:
@@ -230,6 +241,7 @@ def test_max_associations_is_honoured(gateway):
             assert second.is_rejected
             rj = second.acceptor.primitive
             assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
+    assert gw.metric("medssl_gateway_associations_total", result="rejected") == 1
     deadline = time.monotonic() + 5  # the first association's thread ends just after release
     while True:
         with associated(gw.scp.port) as third:
@@ -254,11 +266,13 @@ def test_series_sent_with_storescu_is_spooled_durably(gateway, series):
                      sop_class="CT Image Storage") == len(series)
 
 
-def test_series_sent_with_pynetdicom_is_spooled_durably(gateway, series):
+def test_series_sent_with_pynetdicom_is_spooled_durably(gateway, series, caplog):
+    caplog.set_level(logging.DEBUG, logger="medssl.serving.scp")
     gw = gateway()
     with associated(gw.scp.port) as assoc:
         assert [status_of(assoc.send_c_store(pydicom.dcmread(p))) for p in series] == [0] * 4
     _assert_spooled(gw, series)
+    assert_no_phi_logged(caplog.records)
 
 
 def test_jpeg_lossless_instance_is_spooled_still_compressed(gateway, series, tmp_path):
@@ -268,12 +282,20 @@ def test_jpeg_lossless_instance_is_spooled_still_compressed(gateway, series, tmp
     subprocess.run([dcmcjpeg, str(series[0]), str(jpeg)], check=True, timeout=30)
     assert pydicom.dcmread(jpeg).file_meta.TransferSyntaxUID == JPEGLosslessSV1
     gw = gateway()
-    result = subprocess.run([storescu, "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1",
+    # -xs: one presentation context per SOP class, JPEG Lossless SV1 proposed before the
+    # uncompressed syntaxes (plain storescu proposes only uncompressed ones)
+    result = subprocess.run([storescu, "-xs", "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1",
                              str(gw.scp.port), str(jpeg)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    (stored,) = gw.stored
-    spooled = pydicom.dcmread(stored.path)
+    # one context offering uncompressed and JPEG Lossless: the SCP prefers the lossless one
+    offer = ((CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1]),)
+    with associated(gw.scp.port, contexts=offer) as assoc:
+        (context,) = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage]
+        assert context.transfer_syntax == [JPEGLosslessSV1]
+        assert status_of(assoc.send_c_store(jpeg)) == 0x0000
+    assert len(gw.stored) == 2 and gw.stored[0].path == gw.stored[1].path  # re-sent: replaced
+    spooled = pydicom.dcmread(gw.stored[0].path)
     assert spooled.file_meta.TransferSyntaxUID == JPEGLosslessSV1
     assert np.array_equal(spooled.pixel_array, pydicom.dcmread(series[0]).pixel_array)
 
@@ -324,8 +346,10 @@ def test_other_sop_class_is_acknowledged_and_discarded_when_ignored(gateway, ser
     assert gw.metric("medssl_gateway_instances_rejected_total", reason="ignored-sop-class") == 1
 
 
+@pytest.mark.filterwarnings("ignore:Expected explicit VR")
 def test_garbage_and_truncated_instances_are_quarantined_while_a_good_one_is_stored(
-        gateway, series, tmp_path, monkeypatch):
+        gateway, series, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG, logger="medssl.serving.scp")
     # send the files' bytes as they are (pynetdicom would otherwise decode and re-encode them)
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
     garbage = tmp_path / "garbage.dcm"
@@ -333,18 +357,25 @@ def test_garbage_and_truncated_instances_are_quarantined_while_a_good_one_is_sto
     truncated = tmp_path / "truncated.dcm"
     whole = series[1].read_bytes()
     truncated.write_bytes(whole[:-200])  # cut inside Pixel Data
+    no_study = pydicom.dcmread(series[3])
+    del no_study.StudyInstanceUID
     gw = gateway()
     with associated(gw.scp.port) as assoc:
-        statuses = [status_of(assoc.send_c_store(p)) for p in (garbage, truncated, series[2])]
-    assert statuses == [0xC210, 0xC210, 0x0000]
+        statuses = [status_of(assoc.send_c_store(p))
+                    for p in (garbage, truncated, series[2], no_study)]
+    assert statuses == [0xC210, 0xC210, 0x0000, 0xC210]
     assert [s.sop_instance_uid for s in gw.stored] == [pydicom.dcmread(series[2]).SOPInstanceUID]
     assert len(gw.incoming_files()) == 1
     quarantined = sorted(gw.spool.quarantine_dir.glob("*.dcm"))
     notes = [json.loads(p.with_suffix(".json").read_text()) for p in quarantined]
-    assert len(quarantined) == 2 and all(n["reason"] and n["calling_ae"] == "SCU" for n in notes)
-    assert any("Pixel Data has" in n["reason"] for n in notes)
+    assert len(quarantined) == 3 and all(n["reason"] and n["calling_ae"] == "SCU" for n in notes)
+    assert sorted(n["reason"].split(" ")[0] for n in notes) == ["Pixel", "no", "no"]
+    assert any("Pixel Data has 376 bytes, 576 expected" in n["reason"] for n in notes)
     assert any(p.read_bytes().endswith(whole[-1000:-200]) for p in quarantined)
     assert gw.metric("medssl_gateway_instances_rejected_total", reason="undecodable") == 2
+    assert gw.metric("medssl_gateway_instances_rejected_total", reason="missing-uid") == 1
+    assert_no_phi_logged(caplog.records)
+    assert not any("Doe^Jane" in p.with_suffix(".json").read_text() for p in quarantined)
 
 
 def test_spool_below_its_free_space_floor_answers_out_of_resources(gateway, series):
@@ -401,6 +432,16 @@ def test_tls_scu_can_store_and_a_plain_tcp_scu_cannot(gateway, series, certifica
     with associated(gw.scp.port) as plain:
         assert not plain.is_established
     assert len(gw.stored) == 1
+
+
+def test_tls_peer_that_connects_and_sends_nothing_does_not_stall_other_callers(
+        gateway, certificate):
+    cert, key = certificate
+    gw = gateway(tls=TlsConfig(enabled=True, certificate=cert, private_key=key), acse_timeout_s=1)
+    with socket.create_connection(("127.0.0.1", gw.scp.port)):  # idle: no TLS handshake
+        time.sleep(0.2)
+        with associated(gw.scp.port, tls_args=(_client_context(cert), "localhost")) as assoc:
+            assert status_of(assoc.send_c_echo()) == 0x0000
 
 
 def test_tls_with_a_ca_requires_a_client_certificate(gateway, series, certificate):
