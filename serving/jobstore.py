@@ -14,7 +14,10 @@ restarts its idle timer; one whose job is ``queued`` puts it back to ``received`
 the timer restarts); one whose job is already ``running`` or past it opens a new job for the
 study, which after the idle time re-processes every instance of the study. Its results carry
 the same deterministic UIDs, so a PACS replaces (or, if it keeps the first copy, ignores) the
-earlier ones rather than storing duplicates.
+earlier ones rather than storing duplicates. A study has at most one open (``received`` or
+``queued``) job: when a running job would go back to ``queued`` (a retry, or
+:meth:`JobStore.recover`) while a late instance has opened a newer job of its study, it ends
+``done`` instead, its error saying "superseded by job N", and the newer job processes the study.
 
 Durability: the instance files are fsynced before acknowledgment (:mod:`medssl.serving.spool`);
 the database runs ``synchronous=NORMAL`` in WAL mode, which survives a killed process (every
@@ -217,6 +220,9 @@ class JobStore:
         with self._tx() as db:
             ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE state = 'running'")]
             for job_id in ids:
+                if self._superseded(db, job_id, "the gateway stopped while the job was running",
+                                    max_attempts, now):
+                    continue
                 db.execute(
                     "UPDATE jobs SET state = CASE WHEN attempts >= ? THEN 'dead-letter' ELSE 'queued' END, "
                     "error = 'the gateway stopped while the job was running', next_attempt_at = ?, "
@@ -280,7 +286,7 @@ class JobStore:
             if job.attempts >= max_attempts:
                 db.execute("UPDATE jobs SET state = 'dead-letter', error = ?, finished_at = ? WHERE id = ?",
                            (error, now, job_id))
-            else:
+            elif not self._superseded(db, job_id, error, max_attempts, now):
                 db.execute("UPDATE jobs SET state = 'queued', error = ?, next_attempt_at = ? WHERE id = ?",
                            (error, now + backoff_s, job_id))
             return self._job(db, job_id)
@@ -401,6 +407,21 @@ class JobStore:
         if row is None:
             raise KeyError(f"no job {job_id} in {self.path}")
         return _job(row)
+
+    def _superseded(self, db: sqlite3.Connection, job_id: int, error: str, max_attempts: int,
+                    now: float) -> bool:
+        """A running job with attempts left that a newer open job of its study makes redundant
+        ends ``done`` (a second open job would break ``one_open_job_per_study``)."""
+        row = db.execute(
+            "SELECT k.id FROM jobs j JOIN jobs k ON k.study_uid = j.study_uid AND k.id != j.id "
+            "WHERE j.id = ? AND j.attempts < ? AND k.state IN ('received', 'queued')",
+            (job_id, max_attempts)).fetchone()
+        if row is None:
+            return False
+        db.execute("UPDATE jobs SET state = 'done', finished_at = ?, error = ? WHERE id = ?",
+                   (now, f"superseded by job {row['id']}, which re-processes the study "
+                         f"(this attempt: {error})", job_id))
+        return True
 
     def _require(self, db: sqlite3.Connection, job_id: int, state: JobState) -> Job:
         job = self._job(db, job_id)

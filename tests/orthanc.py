@@ -18,10 +18,14 @@ from typing import Any
 
 import requests
 
-__all__ = ["ORTHANC", "OrthancServer", "free_port"]
+__all__ = ["INSTANCE_TAGS", "ORTHANC", "OrthancServer", "free_port"]
 
 #: The Orthanc executable of the Debian package ``orthanc``.
 ORTHANC = "/usr/sbin/Orthanc"
+
+#: Tags :meth:`OrthancServer.instances_of_study` puts at the top of each instance's dict.
+INSTANCE_TAGS = ("SOPClassUID", "SOPInstanceUID", "Modality", "SeriesDescription",
+                 "SeriesInstanceUID", "SeriesNumber", "InstanceNumber")
 
 
 def free_port() -> int:
@@ -40,18 +44,22 @@ class OrthancServer:
        DICOM ports picked by :func:`free_port` (Orthanc 1.10 listens on all interfaces, so a
        test never uses a fixed port), HTTP for localhost only (``RemoteAccessAllowed: false``)
        without authentication, no plugins, no saved jobs (a restart does not replay old
-       transfers), ``DicomAet: aet``, echo and store allowed from any AE, and
-       ``UnknownSopClassAccepted: true`` (Orthanc's DCMTK list knows SEG and Comprehensive 3D
-       SR, but a PACS in a test should never refuse a storage SOP class).
+       transfers), modalities kept in the database (they survive a restart),
+       ``DicomAet: aet``, echo and store allowed from any AE, and
+       ``UnknownSopClassAccepted: true`` (Orthanc's DCMTK list already has CT, Enhanced CT,
+       SEG and Comprehensive 3D SR; promiscuous mode makes the test PACS accept any other
+       storage SOP class too).
     2. ``/usr/sbin/Orthanc --logfile=root/orthanc.log root/config.json`` runs as a subprocess
-       (its stdout/stderr also go to the log).
-    3. ``GET /system`` is polled every 50 ms until it answers (about 1 s); if the process exits
+       (stdout and stderr, which get what it prints before its log is open, go to
+       ``root/orthanc.stdout``).
+    3. ``GET /system`` is polled every 50 ms until it answers (0.1-1 s); if the process exits
        first, or ``timeout_s`` passes, a :class:`RuntimeError` carries the log's tail. On a
        first start that dies because a port was taken meanwhile, fresh ports are drawn and it
        is tried again (at most 3 times).
 
-    :meth:`stop` sends SIGTERM and waits; the storage stays, so :meth:`start` again brings
-    back the same content on the same ports (a PACS that went down and came back).
+    :meth:`stop` sends SIGTERM and waits (Orthanc takes about 3 s to shut down); the storage
+    stays, so :meth:`start` again brings back the same content, modalities and ports (a PACS
+    that went down and came back).
 
     Args:
         root: a folder of its own (created); everything Orthanc writes goes under it.
@@ -137,10 +145,12 @@ class OrthancServer:
             process.wait()
 
     def log_tail(self, n_lines: int = 40) -> str:
-        """The last lines of Orthanc's log."""
-        if not self.log_path.is_file():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n_lines:])
+        """The last lines of Orthanc's log and of its stdout/stderr."""
+        lines = []
+        for path in (self.root / "orthanc.stdout", self.log_path):
+            if path.is_file():
+                lines += path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n_lines:]) or "(no log)"
 
     def _config(self) -> dict[str, Any]:
         storage = self.root / "storage"
@@ -168,7 +178,7 @@ class OrthancServer:
             "DicomAssociationCloseDelay": 0,
             "OverwriteInstances": self.overwrite,
             "DicomModalities": {},
-            "DicomModalitiesInDatabase": False,
+            "DicomModalitiesInDatabase": True,
             "StableAge": 1,
         }
 
@@ -176,7 +186,7 @@ class OrthancServer:
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self._config(), indent=2))
         self.log_path.unlink(missing_ok=True)
-        with open(self.root / "orthanc.stdout", "ab") as out:
+        with open(self.root / "orthanc.stdout", "wb") as out:
             self._process = subprocess.Popen(
                 [ORTHANC, f"--logfile={self.log_path}", str(self.config_path)],
                 stdout=out, stderr=subprocess.STDOUT, cwd=self.root,
@@ -231,20 +241,23 @@ class OrthancServer:
     def instances_of_study(self, study_uid: str) -> list[dict[str, Any]]:
         """Every instance of a study (``/tools/find``, level Instance, expanded), in Orthanc's
         order. Each dict is Orthanc's expanded instance (``ID``, ``ParentSeries``,
-        ``MainDicomTags``, ...) plus ``Tags``: the instance's simplified tags
-        (``SOPClassUID``, ``Modality``, ``SeriesDescription``, ``SeriesInstanceUID``, ...;
-        Orthanc 1.10 has no ``RequestedTags``, so they come from ``/simplified-tags``)."""
+        ``MainDicomTags``, ...) plus the keys of :data:`INSTANCE_TAGS` (``SOPClassUID``,
+        ``Modality``, ``SeriesDescription``, ...; None where the instance lacks one) and
+        ``Tags``: every simplified tag of the instance. Orthanc 1.10 has no ``RequestedTags``,
+        so they come from ``/instances/{id}/simplified-tags``."""
         found = self._request("POST", "/tools/find", json={
             "Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}).json()
         for instance in found:
-            instance["Tags"] = self.get(f"/instances/{instance['ID']}/simplified-tags")
+            tags = self.get(f"/instances/{instance['ID']}/simplified-tags")
+            instance.update({name: tags.get(name) for name in INSTANCE_TAGS}, Tags=tags)
         return found
 
     def file(self, instance_id: str) -> bytes:
         """The stored DICOM file of an instance (``/instances/{id}/file``)."""
         return self._request("GET", f"/instances/{instance_id}/file").content
 
-    def _request(self, method: str, path: str, timeout: float = 30, **kwargs: Any) -> requests.Response:
+    def _request(self, method: str, path: str, timeout: float = 30,
+                 **kwargs: Any) -> requests.Response:
         response = self._session.request(method, f"{self.url}{path}", timeout=timeout, **kwargs)
         if not response.ok:
             raise RuntimeError(f"Orthanc {method} {path}: HTTP {response.status_code}: "
