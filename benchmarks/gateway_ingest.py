@@ -95,7 +95,7 @@ def _delete_study(orthanc: OrthancServer, study_uid: str) -> None:
 def _wait_sr(orthanc: OrthancServer, study_uid: str, timeout_s: float = 600.0) -> float:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if any(i["Modality"] == "SR" for i in orthanc.instances_of_study(study_uid)):
+        if orthanc.instances_of(study_uid, "SR"):
             return time.time()
         time.sleep(0.05)
     raise TimeoutError(f"no SR for {study_uid} in Orthanc after {timeout_s} s")

@@ -20,7 +20,7 @@ import numpy as np
 from medssl.errors import CorruptFileError, MedsslError
 from medssl.io.dicom_files import iter_files, read_dataset
 
-__all__ = ["DicomIndex", "SeriesRecord", "index_tree", "read_index", "write_index"]
+__all__ = ["DicomIndex", "SeriesRecord", "index_files", "index_tree", "read_index", "write_index"]
 
 #: Headers read per task when indexing in parallel processes.
 CHUNK = 256
@@ -93,7 +93,6 @@ def index_tree(
     paths = [str(p) for p in iter_files(root.absolute())]
     if workers is None:
         workers = (os.cpu_count() or 1) if len(paths) > PARALLEL_MIN_FILES else 1
-    unreadable: list[tuple[str, str]] = []
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
     headers: list[dict[str, object]] = []
     done = 0
@@ -111,9 +110,22 @@ def index_tree(
             done += len(chunk)
             if progress:
                 progress(done)
-    for header in headers:
-        if "error" in header:
-            unreadable.append((str(header["path"]), str(header["error"])))
+    return _index(headers)
+
+
+def index_files(paths: Sequence[str | Path]) -> DicomIndex:
+    """Index the given files by their headers, in this process (e.g. one study's instances).
+
+    Returns:
+        As :func:`index_tree`: series sorted by (patient, study, series number, series UID),
+        files within a series sorted by path (absolute), files that do not parse listed.
+    """
+    return _index(_read_headers([str(Path(p).absolute()) for p in paths]))
+
+
+def _index(headers: list[dict[str, object]]) -> DicomIndex:
+    """Series and unreadable files of :func:`_read_headers`' output."""
+    unreadable = [(str(h["path"]), str(h["error"])) for h in headers if "error" in h]
     series = _build_series([h for h in headers if "error" not in h])
     return DicomIndex(series=series, unreadable=sorted(unreadable))
 

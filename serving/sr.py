@@ -1,4 +1,4 @@
-"""Detections as a DICOM Comprehensive 3D SR: a TID 1500 Measurement Report.
+"""Detections as a DICOM Comprehensive 3D SR: a TID 1500 Measurement Report (IHE AI Results).
 
 Structure of the document (PS3.16 template numbers)::
 
@@ -7,45 +7,58 @@ Structure of the document (PS3.16 template numbers)::
       TID 1001  Observation context: device observer = the model (UID, "name vN", manufacturer)
       Procedure reported (default: CT unspecified body region)
       Imaging Measurements                                  (one or more detections)
-        TID 1411  Volumetric ROI Measurements, one group per detection:
+        TID 1410  Planar ROI Measurements, one group per detection:
           Tracking Identifier "<label name> <i>" + Tracking Unique Identifier (derived UID)
           Finding category / Finding          <- Label.category / Label.type (e.g. Nodule)
           Finding Site                        <- Label.anatomic_region (e.g. Lung), if any
           Algorithm Identification (TID 4019) <- card name and version, family AI
-          Volume Surface: SCOORD3D POINT at the centre (LPS mm, the source's frame of reference)
-          Source Series for Segmentation      <- the source SeriesInstanceUID
+          Image Region: SCOORD3D POINT at the centre (LPS mm, the source's frame of reference)
           Diameter (SCT 81827009), mm
           Certainty of Finding (DCM 111012), % = 100 x probability
+        TID 1411  Volumetric ROI Measurements    (only with a companion SEG, one per detection)
+          the same tracking identifier and UID, codes, algorithm and measurements
+          Referenced Segment                  <- segment i of the companion SEG
+          Source Series for Segmentation      <- the source SeriesInstanceUID
       Qualitative Evaluations                               (no detections)
         <Label.type> = Absent (SCT 272519000), e.g. "Nodule: Absent"
 
-Why TID 1411 with a POINT: a detection is a location in 3D patient space, not a region on
-one image. TID 1410 is for planar regions (a contour on one plane), and a TID 1501 group has
-no place for coordinates; TID 1411's Volume Surface takes a SCOORD3D POINT in a frame of
-reference and names the source series, which is what a detection is. The probability uses
-"Certainty of Finding", the concept the CAD SR templates (mammography, chest CAD) use for a
-detector's confidence that a finding is real, in percent as they do; a model's score is not
-a probability of malignancy, so "Probability of cancer" would be wrong.
+Why TID 1410 with a SCOORD3D POINT: a detection is a location in 3D patient space. The IHE
+AI Results profile and the issue ask for a planar ROI group whose image region is a point,
+and that is the practice of IDC and highdicom for point findings (TID 1410's Image Region
+accepts SCOORD3D in a frame of reference, so no single image has to be chosen). A TID 1501
+group has no place for coordinates. When the detections are also sent as a SEG
+(:func:`medssl.serving.seg.detection_seg`: one sphere segment per detection), each finding
+gets a TID 1411 group too, referencing its segment, with the same tracking identifier and
+UID, so a viewer links the point, the sphere and the measurements of one nodule.
+
+The probability uses "Certainty of Finding", the concept the CAD SR templates (mammography,
+chest CAD) use for a detector's confidence that a finding is real, in percent as they do; a
+model's score is not a probability of malignancy, so "Probability of cancer" would be wrong.
 
 TID 1500 needs Imaging Measurements or Qualitative Evaluations, and a measurement group
 needs a region, so a report without detections carries one qualitative evaluation instead
 ("Nodule: Absent"): a valid "no findings" report rather than no report.
 
-The source instances are recorded as evidence (Pertinent Other Evidence), so the report
-references every image of the scored series.
+The source instances (and the companion SEG) are recorded as evidence (Current Requested
+Procedure Evidence), so the report references every image of the scored series. Every
+object medssl writes names the model in its Contributing Equipment Sequence
+(:func:`processing_equipment`); patient and study attributes are copied from the source.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 from highdicom.sr.templates import DEFAULT_LANGUAGE
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import SegmentationStorage
 
 from medssl import __version__
 from medssl.atomic import atomic_write
@@ -58,6 +71,9 @@ __all__ = [
     "SR_SERIES_NUMBER",
     "coded",
     "detection_sr",
+    "finding_label",
+    "finding_tracking",
+    "processing_equipment",
     "write_detection_sr",
 ]
 
@@ -74,6 +90,31 @@ def coded(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
 
+def processing_equipment(card: ModelCard, manufacturer: str = "medssl",
+                         when: datetime | None = None) -> hd.ContributingEquipment:
+    """The Contributing Equipment Sequence (0018,A001) item naming the model behind an object.
+
+    Purpose of Reference is (109102, DCM, "Processing Equipment") of CID 7005 "Contributing
+    Equipment Purposes of Reference": the equipment that processed the source images into
+    this object (acquisition equipment, the CT scanner, is 109101 and highdicom adds it from
+    the source when the source names its scanner).
+
+    Args:
+        card: the model: ManufacturerModelName is its name, SoftwareVersions its name and
+            version, then medssl's version.
+        manufacturer: Manufacturer of the equipment.
+        when: ContributionDateTime; None: now.
+    """
+    return hd.ContributingEquipment(
+        manufacturer=manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=card.name,
+        software_versions=[f"{card.name} v{card.version}", f"medssl {__version__}"],
+        contribution_datetime=when or datetime.now(),
+        contribution_description=f"automated {card.task.value} by {card.name} v{card.version}",
+    )
+
+
 def detection_sr(
     source: Sequence[Dataset],
     detections: Sequence[Detection],
@@ -82,13 +123,14 @@ def detection_sr(
     manufacturer: str = "medssl",
     series_number: int = SR_SERIES_NUMBER,
     procedure_reported: Code = CT_UNSPECIFIED_BODY_REGION,
+    companion_seg: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 Measurement Report of a detector's findings on one CT series.
 
     Args:
         source: the scored CT series' datasets (headers suffice; pixel data is not read), one
-            series, one frame of reference. Patient and study attributes are copied from
-            ``source[0]``.
+            series, one frame of reference: single-frame CT images, or one Enhanced CT
+            (multi-frame) image. Patient and study attributes are copied from ``source[0]``.
         detections: findings, reported in the given order (``detect`` sorts by descending
             probability); centres in LPS mm in the source's frame of reference, diameters in
             mm, probabilities in ``[0, 1]``. Empty gives a "no findings" report.
@@ -97,22 +139,29 @@ def detection_sr(
         manufacturer: Manufacturer of the SR and of the algorithm.
         series_number: SeriesNumber of the SR series.
         procedure_reported: TID 1500 "Procedure reported" (CID 100).
+        companion_seg: the SEG of these detections (:func:`~medssl.serving.seg.detection_seg`,
+            segment ``i + 1`` = ``detections[i]``); each finding then also gets a TID 1411
+            group referencing its segment, and the SEG is recorded as evidence.
 
     Returns:
         The SR document (a ``pydicom.Dataset``), SeriesInstanceUID and SOPInstanceUID from
         :func:`~medssl.serving.uids.derived_uid` roles ``"sr-series"`` and ``"sr-instance"``,
-        tracking UIDs from roles ``"finding-<i>"`` (1-based, in ``detections`` order).
+        tracking UIDs from roles ``"finding-<i>"`` (1-based, in ``detections`` order); its
+        Contributing Equipment names the model (:func:`processing_equipment`).
 
     Raises:
         ValueError: no or several source series or frames of reference, a card with other
-            than one label, or a detection with a non-finite centre, a diameter <= 0 or a
-            probability outside ``[0, 1]`` (its index and value named).
+            than one label, a detection with a non-finite centre, a diameter <= 0 or a
+            probability outside ``[0, 1]`` (its index and value named), or a
+            ``companion_seg`` that is not a SEG of one segment per detection.
     """
     series_uid = source_series_uid(source)
     frame_of_reference = _frame_of_reference(source)
-    label = _finding_label(card)
+    label = finding_label(card)
     for i, detection in enumerate(detections):
         _check_detection(i, detection)
+    if companion_seg is not None:
+        _check_companion(companion_seg, len(detections))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -124,23 +173,27 @@ def detection_sr(
     procedure = coded(procedure_reported)
     if detections:
         groups = [
-            _measurement_group(i, d, label, card, manufacturer, series_uid, frame_of_reference)
+            group
             for i, d in enumerate(detections)
+            for group in _measurement_groups(i, d, label, card, manufacturer, series_uid,
+                                             frame_of_reference, companion_seg)
         ]
         content: Dataset = hd.sr.MeasurementReport(context, procedure, groups)[0]
     else:
         content = _no_findings_report(context, procedure, label)
     return hd.sr.Comprehensive3DSR(
-        evidence=source,
+        evidence=[*source, companion_seg] if companion_seg is not None else source,
         content=content,
         series_instance_uid=derived_uid(series_uid, card.name, card.version, "sr-series"),
         series_number=series_number,
         sop_instance_uid=derived_uid(series_uid, card.name, card.version, "sr-instance"),
         instance_number=1,
         manufacturer=manufacturer,
+        manufacturer_model_name=card.name,
         is_complete=True,
         series_description=f"{card.name} v{card.version} findings"[:64],
         software_versions=f"medssl {__version__}",
+        contributing_equipment=[processing_equipment(card, manufacturer)],
     )
 
 
@@ -153,16 +206,27 @@ def write_detection_sr(
     manufacturer: str = "medssl",
     series_number: int = SR_SERIES_NUMBER,
     procedure_reported: Code = CT_UNSPECIFIED_BODY_REGION,
+    companion_seg: Dataset | None = None,
 ) -> Path:
     """Build :func:`detection_sr` and write it to ``path`` (atomically); returns the path."""
     path = Path(path)
     sr = detection_sr(source, detections, card, manufacturer=manufacturer,
-                      series_number=series_number, procedure_reported=procedure_reported)
+                      series_number=series_number, procedure_reported=procedure_reported,
+                      companion_seg=companion_seg)
     atomic_write(path, lambda fh: sr.save_as(fh, enforce_file_format=True))
     return path
 
 
-def _measurement_group(
+def finding_tracking(series_uid: str, card: ModelCard, index: int) -> tuple[str, str]:
+    """``(identifier, UID)`` tracking detection ``index`` (0-based) of a series: the
+    identifier is ``"<label name> <index + 1>"``, the UID :func:`derived_uid` role
+    ``"finding-<index + 1>"``. The SR's groups and the companion SEG's segments share them."""
+    number = index + 1
+    return (f"{finding_label(card).name} {number}",
+            derived_uid(series_uid, card.name, card.version, f"finding-{number}"))
+
+
+def _measurement_groups(
     index: int,
     detection: Detection,
     label: Label,
@@ -170,36 +234,49 @@ def _measurement_group(
     manufacturer: str,
     series_uid: str,
     frame_of_reference: str,
-) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    """The TID 1411 group of detection ``index`` (0-based)."""
-    number = index + 1
+    companion_seg: Dataset | None,
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+          | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    """The TID 1410 group of detection ``index`` (0-based), and its TID 1411 group when
+    there is a companion SEG."""
+    identifier, uid = finding_tracking(series_uid, card, index)
+
+    def common() -> dict[str, Any]:  # fresh content items for each group
+        return dict(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
+            finding_category=coded(label.category),
+            finding_type=coded(label.type),
+            finding_sites=[hd.sr.FindingSite(coded(label.anatomic_region))]
+            if label.anatomic_region is not None else None,
+            algorithm_id=hd.sr.AlgorithmIdentification(
+                name=card.name, version=str(card.version), manufacturer=manufacturer,
+                family=codes.cid7162.ArtificialIntelligence),
+            measurements=[
+                hd.sr.Measurement(name=codes.SCT.Diameter, value=float(detection.diameter_mm),
+                                  unit=codes.UCUM.Millimeter),
+                hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding,
+                                  value=100.0 * float(detection.probability),
+                                  unit=codes.UCUM.Percent),
+            ],
+        )
+
     centre = np.asarray(detection.centre_lps, dtype=np.float64).reshape(1, 3)
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(series_uid, card.name, card.version, f"finding-{number}"),
-            identifier=f"{label.name} {number}",
-        ),
-        referenced_volume_surface=hd.sr.VolumeSurface(
-            graphic_type=hd.sr.GraphicTypeValues3D.POINT,
-            graphic_data=centre,
-            frame_of_reference_uid=frame_of_reference,
-            source_series=hd.sr.SourceSeriesForSegmentation(series_uid),
-        ),
-        finding_category=coded(label.category),
-        finding_type=coded(label.type),
-        finding_sites=[hd.sr.FindingSite(coded(label.anatomic_region))]
-        if label.anatomic_region is not None else None,
-        algorithm_id=hd.sr.AlgorithmIdentification(
-            name=card.name, version=str(card.version), manufacturer=manufacturer,
-            family=codes.cid7162.ArtificialIntelligence),
-        measurements=[
-            hd.sr.Measurement(name=codes.SCT.Diameter, value=float(detection.diameter_mm),
-                              unit=codes.UCUM.Millimeter),
-            hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding,
-                              value=100.0 * float(detection.probability),
-                              unit=codes.UCUM.Percent),
-        ],
-    )
+    groups: list[Any] = [hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        referenced_region=hd.sr.ImageRegion3D(
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT, graphic_data=centre,
+            frame_of_reference_uid=frame_of_reference),
+        **common(),
+    )]
+    if companion_seg is not None:
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=str(companion_seg.SOPClassUID),
+                sop_instance_uid=str(companion_seg.SOPInstanceUID),
+                segment_number=index + 1,
+                source_series=hd.sr.SourceSeriesForSegmentation(series_uid)),
+            **common(),
+        ))
+    return groups
 
 
 def _no_findings_report(
@@ -232,12 +309,27 @@ def _frame_of_reference(source: Sequence[Dataset]) -> str:
     return uids.pop()
 
 
-def _finding_label(card: ModelCard) -> Label:
+def finding_label(card: ModelCard) -> Label:
+    """The one label of a detector's card (the codes of its findings).
+
+    Raises:
+        ValueError: the card has no or several labels (named).
+    """
     if len(card.labels) != 1:
         names = [label.name for label in card.labels]
         raise ValueError(f"model {card.name!r}: a detection report needs a card with one label, "
                          f"got {len(card.labels)}: {names}")
     return card.labels[0]
+
+
+def _check_companion(seg: Dataset, n_detections: int) -> None:
+    if str(getattr(seg, "SOPClassUID", "")) != SegmentationStorage:
+        raise ValueError(f"companion_seg must be a Segmentation Storage object, got SOP class "
+                         f"{getattr(seg, 'SOPClassUID', 'missing')}")
+    n_segments = len(seg.get("SegmentSequence", []))
+    if n_segments != n_detections:
+        raise ValueError(f"companion_seg has {n_segments} segments; one per detection "
+                         f"({n_detections}) is needed")
 
 
 def _check_detection(index: int, detection: Detection) -> None:

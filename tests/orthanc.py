@@ -252,6 +252,29 @@ class OrthancServer:
             instance.update({name: tags.get(name) for name in INSTANCE_TAGS}, Tags=tags)
         return found
 
+    def instances_of(self, study_uid: str, modality: str) -> list[dict[str, Any]]:
+        """The instances of a study's series of one Modality (e.g. ``SR``), expanded; one
+        ``/tools/find`` request, cheap enough to poll."""
+        return self._request("POST", "/tools/find", json={
+            "Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": modality},
+            "Expand": True}).json()
+
+    def find_studies(self, study_uid: str) -> list[str]:
+        """Orthanc ids of the studies with this StudyInstanceUID (none or one)."""
+        return self._request("POST", "/tools/find", json={
+            "Level": "Study", "Query": {"StudyInstanceUID": study_uid}}).json()
+
+    def delete(self, path: str) -> None:
+        """``DELETE`` a resource, e.g. ``/studies/{id}``."""
+        self._request("DELETE", path)
+
+    @property
+    def pid(self) -> int:
+        """The running Orthanc's process id."""
+        if self._process is None:
+            raise RuntimeError("Orthanc is not running")
+        return self._process.pid
+
     def file(self, instance_id: str) -> bytes:
         """The stored DICOM file of an instance (``/instances/{id}/file``)."""
         return self._request("GET", f"/instances/{instance_id}/file").content

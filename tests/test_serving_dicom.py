@@ -1,4 +1,5 @@
-"""SR and SEG result writers: valid DICOM (dciodvfy, dcmtk), read back by highdicom, stable UIDs."""
+"""SR and SEG result writers: valid DICOM (dciodvfy, dcmtk), read back by highdicom, stable UIDs,
+on classic and Enhanced CT sources; the Enhanced CT writer that makes the latter."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from medssl import Volume, affine_from_geometry
-from medssl.io import SeriesInfo, write_dicom_series
+from medssl import Volume, __version__, affine_from_geometry
+from medssl.io import SeriesInfo, read_volume, write_dicom_series
+from medssl.io.dicom_enhanced import write_enhanced_ct
 from medssl.models import load_card
 from medssl.pipeline.detect import Detection
 from medssl.serving import (
@@ -23,6 +25,7 @@ from medssl.serving import (
     write_detection_sr,
     write_label_seg,
 )
+from medssl.serving.seg import detection_seg, frame_slices, write_detection_seg
 from tests.conftest import oblique_direction, require_tool
 
 CARD_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "focalmix-nodules"
@@ -35,16 +38,49 @@ def card():
     return load_card(CARD_DIR)
 
 
+#: Patient and study attributes every result object copies from its source.
+COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+          "StudyID", "AccessionNumber", "StudyDate", "StudyTime", "ReferringPhysicianName")
+INFO = dict(patient_name="Doe^Jane", patient_id="P-0042", patient_birth_date="19580214",
+            patient_sex="F", study_id="77", accession_number="ACC-9", study_date="20250304",
+            study_time="101500")
+
+
+def _oblique_volume() -> Volume:
+    """16 slices of 64 x 64 (2 x 1.25 x 1.25 mm), rotated 20 degrees about S; every voxel
+    value differs (a flipped or shifted frame would show)."""
+    values = (np.arange(np.prod(SHAPE)) % 2000 - 1000).astype(np.float32).reshape(SHAPE)
+    return Volume(values, affine_from_geometry((-40.0, -60.0, -120.0), (2.0, 1.25, 1.25),
+                                               oblique_direction(20)))
+
+
 @pytest.fixture(scope="module")
 def ct(tmp_path_factory):
     """A 16-slice 64 x 64 oblique CT series: its Volume and its datasets (headers only), in
     slice order."""
-    volume = Volume(np.full(SHAPE, -800.0, np.float32),
-                    affine_from_geometry((-40.0, -60.0, -120.0), (2.0, 1.25, 1.25),
-                                         oblique_direction(20)))
+    volume = _oblique_volume()
     folder = tmp_path_factory.mktemp("ct")
-    paths = write_dicom_series(volume, folder, SeriesInfo(uid_seed="serving"))
+    paths = write_dicom_series(volume, folder, SeriesInfo(uid_seed="serving", **INFO))
     return volume, [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def enhanced_ct(tmp_path_factory):
+    """The same volume as one Enhanced CT file whose frames are stored out of slice order
+    (frame k is slice ``ORDER[k]``): the path, the volume, the dataset (headers only)."""
+    volume = _oblique_volume()
+    path = write_enhanced_ct(volume, tmp_path_factory.mktemp("enhanced") / "ct.dcm",
+                             SeriesInfo(uid_seed="serving-enhanced", **INFO))
+    ds = pydicom.dcmread(path)
+    frames = ds.pixel_array.reshape(SHAPE)
+    items = list(ds.PerFrameFunctionalGroupsSequence)
+    ds.PerFrameFunctionalGroupsSequence = [items[z] for z in ORDER]
+    ds.PixelData = np.ascontiguousarray(frames[ORDER]).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path, volume, pydicom.dcmread(path, stop_before_pixels=True)
+
+
+ORDER = np.random.default_rng(7).permutation(SHAPE[0])
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +102,32 @@ def _report(path: Path) -> tuple[hd.sr.Comprehensive3DSR, hd.sr.MeasurementRepor
     return sr, hd.sr.MeasurementReport.from_sequence([sr])
 
 
+def _assert_names_model_and_copies_source(output, source, card) -> None:
+    """The object carries the source's patient and study, and a Contributing Equipment item
+    naming the model as processing equipment (CID 7005)."""
+    for keyword in COPIED:
+        assert output.get(keyword) == source.get(keyword), keyword
+    [item] = [e for e in output.ContributingEquipmentSequence
+              if e.ManufacturerModelName == card.name]
+    purpose = item.PurposeOfReferenceCodeSequence[0]
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("109102", "DCM")
+    assert list(item.SoftwareVersions) == [f"{card.name} v{card.version}", f"medssl {__version__}"]
+    assert item.Manufacturer == "medssl" and item.ContributionDateTime
+    assert card.name in item.ContributionDescription
+
+
 # -- SR --------------------------------------------------------------------------------------
 
 
-def test_sr_with_detections_is_a_valid_tid1500_report(tmp_path, ct, detections, card, dciodvfy):
+def test_sr_with_detections_is_a_valid_tid1500_report_of_planar_point_groups(
+        tmp_path, ct, detections, card, dciodvfy):
     volume, source = ct
     path = write_detection_sr(source, detections, card, tmp_path / "sr.dcm")
     assert dciodvfy(path) == []
     sr, report = _report(path)
     assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
-    assert (sr.PatientID, sr.StudyInstanceUID) == (source[0].PatientID, source[0].StudyInstanceUID)
+    _assert_names_model_and_copies_source(sr, source[0], card)
+    assert sr.SeriesDescription == "focalmix-nodules v1 findings"
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     series_uid, frame_uid = source[0].SeriesInstanceUID, source[0].FrameOfReferenceUID
     assert sr.get_evidence_series() == [(source[0].StudyInstanceUID, series_uid)]
@@ -85,7 +137,9 @@ def test_sr_with_detections_is_a_valid_tid1500_report(tmp_path, ct, detections, 
     assert observer.observer_type == codes.DCM.Device
     assert observer.observer_identifying_attributes.name == "focalmix-nodules v1"
 
-    groups = report.get_volumetric_roi_measurement_groups()
+    assert report.get_volumetric_roi_measurement_groups() == []
+    groups = report.get_planar_roi_measurement_groups()
+    assert [g[0].ContentTemplateSequence[0].TemplateIdentifier for g in groups] == ["1410"] * 2
     assert [g.tracking_identifier for g in groups] == ["Nodule 1", "Nodule 2"]
     assert len({g.tracking_uid for g in groups}) == 2
     for group, detection in zip(groups, detections):
@@ -99,13 +153,13 @@ def test_sr_with_detections_is_a_valid_tid1500_report(tmp_path, ct, detections, 
         [certainty] = group.get_measurements(name=codes.DCM.CertaintyOfFinding)
         assert certainty.value == pytest.approx(100 * detection.probability)
         assert certainty.unit == codes.UCUM.Percent
-        surface = group.roi
-        assert surface.graphic_type == hd.sr.GraphicTypeValues3D.POINT
-        assert surface.frame_of_reference_uid == frame_uid
-        assert np.allclose(surface.graphic_data, [detection.centre_lps], atol=1e-3)
-        assert surface.source_series_for_segmentation.value == series_uid
+        region = group.roi
+        assert isinstance(region, hd.sr.ImageRegion3D)  # SCOORD3D, no image to choose
+        assert region.graphic_type == hd.sr.GraphicTypeValues3D.POINT
+        assert region.frame_of_reference_uid == frame_uid
+        assert np.allclose(region.value, [detection.centre_lps], atol=1e-3)
         # the point is the detection's voxel centre in the source volume (LPS mm)
-        index = volume.world_to_index(np.asarray(surface.graphic_data[0]))
+        index = volume.world_to_index(np.asarray(region.value[0]))
         assert np.allclose(index, detection.centre_voxel, atol=1e-3)
         algorithm = group[0].ContentSequence
         names = {item.ConceptNameCodeSequence[0].CodeMeaning: item.get("TextValue")
@@ -119,7 +173,8 @@ def test_sr_without_detections_is_a_valid_no_findings_report(tmp_path, ct, card,
     path = write_detection_sr(source, [], card, tmp_path / "sr.dcm")
     assert dciodvfy(path) == []
     sr, report = _report(path)
-    assert report.get_volumetric_roi_measurement_groups() == []
+    assert report.get_planar_roi_measurement_groups() == []
+    _assert_names_model_and_copies_source(sr, source[0], card)
     [evaluations] = [item for item in sr.ContentSequence
                      if item.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"]
     [absent] = evaluations.ContentSequence
@@ -169,9 +224,9 @@ def test_output_uids_repeat_for_a_retry_and_change_with_the_model_version(
     assert _uids(sr_first) == _uids(sr_again)
     assert _uids(seg_first) == _uids(seg_again)
     tracking = [g.tracking_uid for g in hd.sr.MeasurementReport.from_sequence(
-        [sr_first]).get_volumetric_roi_measurement_groups()]
+        [sr_first]).get_planar_roi_measurement_groups()]
     assert tracking == [g.tracking_uid for g in hd.sr.MeasurementReport.from_sequence(
-        [sr_again]).get_volumetric_roi_measurement_groups()]
+        [sr_again]).get_planar_roi_measurement_groups()]
 
     v2 = dataclasses.replace(card, version=2)
     every = {*_uids(sr_first), *_uids(seg_first), *_uids(detection_sr(source, detections, v2)),
@@ -186,7 +241,8 @@ def test_output_uids_repeat_for_a_retry_and_change_with_the_model_version(
 # -- SEG -------------------------------------------------------------------------------------
 
 
-def test_seg_of_a_nodule_is_a_valid_binary_seg_with_the_same_mask(tmp_path, ct, card, dciodvfy):
+def test_seg_of_a_nodule_is_a_valid_binary_seg_with_the_same_mask_and_every_frame(
+        tmp_path, ct, card, dciodvfy):
     volume, source = ct
     labels = _sphere(volume, *NODULES[0][:2])
     assert labels.sum() > 20
@@ -194,6 +250,8 @@ def test_seg_of_a_nodule_is_a_valid_binary_seg_with_the_same_mask(tmp_path, ct, 
     assert dciodvfy(path) == []
     seg = hd.seg.segread(path)
     assert seg.SegmentationType == "BINARY"
+    assert seg.NumberOfFrames == SHAPE[0]  # empty frames kept: pixel-aligned with the series
+    _assert_names_model_and_copies_source(seg, source[0], card)
     assert seg.FrameOfReferenceUID == source[0].FrameOfReferenceUID
     description = seg.get_segment_description(1)
     assert seg.number_of_segments == 1
@@ -225,9 +283,124 @@ def test_seg_rejects_labels_whose_shape_disagrees_with_the_series(ct, card):
         label_seg(source, np.zeros((15, 64, 64), np.uint8), card)
 
 
+def test_frames_off_the_grid_are_refused_with_the_frame_named(ct):
+    volume, source = ct
+    shifted = volume.affine.copy()
+    shifted[:3, 3] += 0.5 * volume.affine[:3, 1]  # half a row
+    with pytest.raises(ValueError, match=r"source frame 1 at .* not the first voxel"):
+        frame_slices(source, shifted, SHAPE[0])
+
+
 def test_seg_rejects_a_label_value_not_in_the_card(ct, card):
     _, source = ct
     labels = np.zeros(SHAPE, np.uint8)
     labels[3, 4, 5] = 7
     with pytest.raises(ValueError, match=r"values \[7\].*focalmix-nodules"):
         label_seg(source, labels, card)
+
+
+# -- companion SEG of the detections -----------------------------------------------------------
+
+
+def test_companion_seg_has_a_sphere_per_detection_tracked_like_the_sr_findings(
+        tmp_path, ct, detections, card, dciodvfy):
+    volume, source = ct
+    seg_path, seg = write_detection_seg(source, detections, card, volume.affine, volume.shape,
+                                        tmp_path / "findings-seg.dcm")
+    sr_path = write_detection_sr(source, detections, card, tmp_path / "sr.dcm", companion_seg=seg)
+    assert dciodvfy(seg_path) == [] and dciodvfy(sr_path) == []
+    series = source[0].SeriesInstanceUID
+    seg = hd.seg.segread(seg_path)
+    assert seg.SegmentationType == "BINARY" and seg.number_of_segments == 2
+    assert (seg.SeriesInstanceUID, seg.SOPInstanceUID) == tuple(
+        derived_uid(series, card.name, card.version, f"nodule-seg-{role}")
+        for role in ("series", "instance"))
+    _assert_names_model_and_copies_source(seg, source[0], card)
+    masks = seg.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in source], segment_numbers=[1, 2],
+        assert_missing_frames_are_empty=True)
+    for i, (zyx, diameter, _) in enumerate(NODULES):
+        assert np.array_equal(masks[..., i], _sphere(volume, zyx, diameter))
+
+    sr, report = _report(sr_path)
+    _assert_names_model_and_copies_source(sr, source[0], card)
+    planar = report.get_planar_roi_measurement_groups()
+    volumetric = report.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in volumetric] == ["Nodule 1", "Nodule 2"]
+    assert [g.tracking_uid for g in volumetric] == [g.tracking_uid for g in planar]
+    for number, (group, detection) in enumerate(zip(volumetric, detections), start=1):
+        description = seg.get_segment_description(number)
+        assert (description.tracking_id, description.tracking_uid) == (
+            group.tracking_identifier, group.tracking_uid)
+        assert description.segment_label == f"Nodule {number}"
+        assert group.reference_type == codes.DCM.ReferencedSegment
+        segment, source_series = group.referenced_segment
+        assert source_series.value == series
+        [sop] = segment.ReferencedSOPSequence
+        assert sop.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert sop.ReferencedSegmentNumber == number
+        [diameter] = group.get_measurements(name=codes.SCT.Diameter)
+        assert diameter.value == pytest.approx(detection.diameter_mm)
+    # the SEG is evidence of the report, beside the CT series
+    assert (sr.StudyInstanceUID, seg.SeriesInstanceUID) in sr.get_evidence_series()
+
+
+def test_companion_seg_refuses_no_detections_and_a_mismatched_report(ct, detections, card):
+    volume, source = ct
+    with pytest.raises(ValueError, match="at least one detection"):
+        detection_seg(source, [], card, volume.affine, volume.shape)
+    seg = detection_seg(source, detections[:1], card, volume.affine, volume.shape)
+    with pytest.raises(ValueError, match=r"companion_seg has 1 segments; one per detection \(2\)"):
+        detection_sr(source, detections, card, companion_seg=seg)
+    outside = dataclasses.replace(detections[0], centre_lps=(900.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match=r"detection 0: centre \(900.0, 0.0, 0.0\) mm .* outside"):
+        detection_seg(source, [outside], card, volume.affine, volume.shape)
+
+
+# -- Enhanced CT sources -----------------------------------------------------------------------
+
+
+def test_enhanced_ct_writer_gives_a_valid_file_that_reads_back_as_the_volume(
+        tmp_path, enhanced_ct, dciodvfy):
+    volume = _oblique_volume()
+    path = write_enhanced_ct(volume, tmp_path / "ct.dcm", SeriesInfo(uid_seed="roundtrip"))
+    assert dciodvfy(path) == []
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2.1" and ds.NumberOfFrames == SHAPE[0]
+    for written in (path, enhanced_ct[0]):  # frames in slice order, and shuffled
+        back = read_volume(written)
+        assert back.meta["format"] == "dicom-enhanced"
+        assert np.array_equal(back.array, volume.array)
+        assert np.allclose(back.affine, volume.affine, atol=1e-4)
+
+
+def test_reports_on_an_enhanced_ct_are_valid_and_reference_it(
+        tmp_path, enhanced_ct, detections, card, dciodvfy):
+    _, _, ds = enhanced_ct
+    seg_path, seg = write_detection_seg([ds], detections, card, _oblique_volume().affine, SHAPE,
+                                        tmp_path / "findings-seg.dcm")
+    for found, companion in ((detections, seg), (detections, None), ([], None)):
+        path = write_detection_sr([ds], found, card, tmp_path / "sr.dcm", companion_seg=companion)
+        assert dciodvfy(path) == []
+        sr, report = _report(path)
+        _assert_names_model_and_copies_source(sr, ds, card)
+        assert (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) in [
+            e[:3] for e in sr.get_evidence()]
+        assert len(report.get_planar_roi_measurement_groups()) == len(found)
+    assert dciodvfy(seg_path) == []
+
+
+def test_seg_on_an_enhanced_ct_follows_its_frame_order(tmp_path, enhanced_ct, card, dciodvfy):
+    """Mask frame k is the file's frame k (here slice ORDER[k]), mapped by plane position."""
+    _, volume, ds = enhanced_ct
+    labels = _sphere(volume, *NODULES[0][:2])
+    slices = frame_slices([ds], volume.affine, SHAPE[0])
+    assert np.array_equal(slices, ORDER)
+    path = write_label_seg([ds], labels[slices], card, tmp_path / "seg.dcm")
+    assert dciodvfy(path) == []
+    seg = hd.seg.segread(path)
+    assert seg.NumberOfFrames == SHAPE[0]
+    _assert_names_model_and_copies_source(seg, ds, card)
+    frames = seg.get_pixels_by_source_frame(ds.SOPInstanceUID, list(range(1, SHAPE[0] + 1)),
+                                            segment_numbers=[1])
+    assert np.array_equal(frames[..., 0], labels[ORDER])

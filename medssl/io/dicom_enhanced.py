@@ -267,7 +267,8 @@ def _shared_groups(volume: Volume, info: SeriesInfo) -> Dataset:
             PixelSpacing=[spacing_y, spacing_x],
             SliceThickness=info.slice_thickness or spacing_z,
             SpacingBetweenSlices=spacing_z)],
-        PlaneOrientationSequence=[_item(ImageOrientationPatient=[*direction[:, 2], *direction[:, 1]])],
+        PlaneOrientationSequence=[
+            _item(ImageOrientationPatient=[*direction[:, 2], *direction[:, 1]])],
         FrameAnatomySequence=[_item(
             AnatomicRegionSequence=[_item(CodeValue="51185008", CodingSchemeDesignator="SCT",
                                           CodeMeaning="Thorax")],

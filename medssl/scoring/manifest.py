@@ -72,6 +72,16 @@ class ScanItem:
     def from_json(cls, data: dict[str, Any]) -> ScanItem:
         return cls(**{**data, "paths": tuple(data["paths"])})
 
+    @classmethod
+    def from_record(cls, record: SeriesRecord) -> ScanItem:
+        """The row of a series of a DICOM index."""
+        return cls(
+            key=record.series_uid, paths=tuple(record.files), patient_id=record.patient_id,
+            study_uid=record.study_uid, series_uid=record.series_uid, modality=record.modality,
+            image_type=record.image_type, orientation=record.orientation, n_slices=record.n_slices,
+            slice_thickness_mm=record.slice_thickness, series_description=record.series_description,
+        )
+
 
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mhd", ".mha")
 
@@ -93,17 +103,9 @@ class Manifest:
     root: Path | None = None
 
 
-def _from_record(record: SeriesRecord) -> ScanItem:
-    return ScanItem(
-        key=record.series_uid, paths=tuple(record.files), patient_id=record.patient_id,
-        study_uid=record.study_uid, series_uid=record.series_uid, modality=record.modality,
-        image_type=record.image_type, orientation=record.orientation, n_slices=record.n_slices,
-        slice_thickness_mm=record.slice_thickness, series_description=record.series_description,
-    )
-
-
 def _from_index(index: DicomIndex, root: Path) -> Manifest:
-    return Manifest(Layout.DICOM, [_from_record(r) for r in index.series], list(index.unreadable), root)
+    items = [ScanItem.from_record(r) for r in index.series]
+    return Manifest(Layout.DICOM, items, list(index.unreadable), root)
 
 
 def _luna16(folders: list[Path]) -> Manifest:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from medssl.errors import MedsslError
+from medssl.errors import MedsslError, RunnerError
 from medssl.io import read_volume
 from medssl.io.dicom_series import read_dicom_series
 from medssl.io.nifti import write_nifti
@@ -59,6 +59,8 @@ class Prepared:
         error: ``"ErrorType: message"`` when it failed.
         source_affine: the source grid's index → LPS affine (segmentation maps labels back).
         source_shape: the source grid ``(Z, Y, X)``.
+        transient: it failed for want of memory, not because of the series: a retry may
+            succeed.
     """
 
     item: ScanItem
@@ -68,14 +70,28 @@ class Prepared:
     error: str | None = None
     source_affine: np.ndarray | None = None
     source_shape: tuple[int, int, int] | None = None
+    transient: bool = False
 
 
 @dataclass
 class Scored:
-    """The result rows of one series (``series.parquet`` and ``findings.parquet`` rows)."""
+    """The result of one series.
+
+    Attributes:
+        row: its ``series.parquet`` row.
+        findings: its ``findings.parquet`` rows.
+        dicom_files: the DICOM objects written (:class:`DicomOutput`): the SR or SEG first,
+            then the companion SEG of the detections, if any.
+        write_s: seconds spent writing them.
+        transient: the series failed in the model runner (``RunnerError``) or ran out of
+            memory: the input is not at fault and a retry may succeed.
+    """
 
     row: dict[str, Any]
     findings: list[dict[str, Any]]
+    dicom_files: list[Path] = field(default_factory=list)
+    write_s: float = 0.0
+    transient: bool = False
 
 
 def _describe(exc: BaseException) -> str:
@@ -104,7 +120,8 @@ def prepare(item: ScanItem, params: ModelParams) -> Prepared:
     except MedsslError as exc:
         return Prepared(item, None, timings, error=_describe(exc))
     except Exception as exc:  # noqa: BLE001 - one series never stops the batch
-        return Prepared(item, None, timings, error=f"unexpected {_describe(exc)}")
+        return Prepared(item, None, timings, error=f"unexpected {_describe(exc)}",
+                        transient=isinstance(exc, MemoryError))
     return Prepared(item, volume, timings, n_slices=source.shape[0], source_affine=source.affine.copy(),
                     source_shape=source.shape)
 
@@ -131,25 +148,51 @@ class DicomOutput:
     """DICOM results of scored DICOM series.
 
     Attributes:
-        folder: SRs go to ``<folder>/<SeriesInstanceUID>/sr.dcm``, SEGs to ``.../seg.dcm``.
+        folder: SRs go to ``<folder>/<SeriesInstanceUID>/sr.dcm``, SEGs to ``.../seg.dcm``,
+            companion SEGs of detections to ``.../findings-seg.dcm``.
         min_probability: findings below this are left out of the SR (the Parquet tables keep
             every detection down to the model's FROC threshold); a report of 100 marks at
             p = 0.01 helps no reader.
+        companion_seg: detection: also write a SEG of the reported findings (a sphere of
+            its diameter each), referenced from the SR's TID 1411 groups.
     """
 
     folder: Path
     min_probability: float = 0.5
+    companion_seg: bool = False
 
 
-def _write_sr(item: ScanItem, detections: Sequence[Detection], card: ModelCard, output: DicomOutput) -> Path:
-    """The series' TID 1500 SR (headers of the source files only)."""
+def _source_headers(item: ScanItem) -> list[pydicom.Dataset]:
+    """The series' datasets without pixel data, in ``item.paths`` order."""
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in item.paths]
+
+
+def _write_sr(prepared: Prepared, detections: Sequence[Detection], card: ModelCard,
+              output: DicomOutput) -> list[Path]:
+    """The series' TID 1500 SR, and its companion SEG if asked for and anything is reported
+    (headers of the source files only); the SR's path first."""
+    from medssl.serving.seg import write_detection_seg
     from medssl.serving.sr import write_detection_sr
 
-    source = [pydicom.dcmread(p, stop_before_pixels=True) for p in item.paths]
+    item = prepared.item
+    source = _source_headers(item)
     folder = output.folder / item.series_uid
     folder.mkdir(parents=True, exist_ok=True)
     reported = [d for d in detections if d.probability >= output.min_probability]
-    return write_detection_sr(source, reported, card, folder / "sr.dcm")
+    if not (output.companion_seg and reported):
+        return [write_detection_sr(source, reported, card, folder / "sr.dcm")]
+    assert prepared.source_affine is not None and prepared.source_shape is not None
+    seg_path, seg = write_detection_seg(source, reported, card, prepared.source_affine, prepared.source_shape,
+                                        folder / "findings-seg.dcm")
+    return [write_detection_sr(source, reported, card, folder / "sr.dcm", companion_seg=seg), seg_path]
+
+
+def _failure(prepared: Prepared, card: ModelCard, exc: BaseException) -> Scored:
+    """The failed result of a series whose inference raised ``exc`` (medssl's typed errors as
+    they are, anything else prefixed "unexpected")."""
+    reason = _describe(exc) if isinstance(exc, MedsslError) else f"unexpected {_describe(exc)}"
+    return Scored(failed_row(prepared.item, card, reason, prepared.timings), [],
+                  transient=isinstance(exc, (RunnerError, MemoryError)))
 
 
 def infer(prepared: Prepared, runner: DetectionRunner | SegmentationRunner, card: ModelCard, params: ModelParams,
@@ -160,23 +203,23 @@ def infer(prepared: Prepared, runner: DetectionRunner | SegmentationRunner, card
         dicom: also write the TID 1500 SR (detection) or DICOM SEG (segmentation) of a
             scored DICOM series (same UIDs on every retry, so a re-run overwrites).
         label_maps: segmentation: the folder of ``<key>.nii.gz`` label maps on the source
-            grid (required for segmentation models).
+            grid; None writes none.
 
     Returns:
-        The series row (status ``ok`` with timings, ``n_findings``, ``max_probability``;
-        or ``failed`` with the reason) and one row per detection (LPS mm) or per label.
+        The series row (status ``ok`` with timings, ``n_findings``, ``max_probability``,
+        ``dicom_outputs`` = the SR or SEG; or ``failed`` with the reason), one row per
+        detection (LPS mm) or per label, and the DICOM files written.
     """
     item = prepared.item
     if prepared.volume is None:
-        return Scored(failed_row(item, card, prepared.error or "unknown error", prepared.timings), [])
+        return Scored(failed_row(item, card, prepared.error or "unknown error", prepared.timings), [],
+                      transient=prepared.transient)
     if isinstance(params, SegmentationParams):
         return _infer_segmentation(prepared, runner, card, params, dicom, label_maps)  # type: ignore[arg-type]
     try:
         result = detect_preprocessed(prepared.volume, runner, params)
-    except MedsslError as exc:
-        return Scored(failed_row(item, card, _describe(exc), prepared.timings), [])
     except Exception as exc:  # noqa: BLE001 - a failed row, not a dead run
-        return Scored(failed_row(item, card, f"unexpected {_describe(exc)}", prepared.timings), [])
+        return _failure(prepared, card, exc)
     findings = [
         {"key": item.key, "series_uid": item.series_uid or item.key, "index": i,
          "x_mm": float(d.centre_lps[0]), "y_mm": float(d.centre_lps[1]), "z_mm": float(d.centre_lps[2]),
@@ -184,12 +227,14 @@ def infer(prepared: Prepared, runner: DetectionRunner | SegmentationRunner, card
          "model_version": card.version}
         for i, d in enumerate(result.detections)
     ]
-    outputs = None
+    files: list[Path] = []
+    start = time.perf_counter()
     if dicom is not None and item.is_dicom:
         try:
-            outputs = str(_write_sr(item, result.detections, card, dicom))
+            files = _write_sr(prepared, result.detections, card, dicom)
         except Exception as exc:  # noqa: BLE001 - a failed row, not a dead run
             return Scored(failed_row(item, card, f"writing the SR failed: {_describe(exc)}", prepared.timings), [])
+    write_s = time.perf_counter() - start
     probabilities = [f["probability"] for f in findings]
     row = {
         **_base_row(item, card, "ok"),
@@ -198,19 +243,18 @@ def infer(prepared: Prepared, runner: DetectionRunner | SegmentationRunner, card
         "inference_s": result.timings["inference"], "postprocess_s": result.timings["postprocess"],
         "n_windows": result.n_windows, "n_findings": len(findings),
         "max_probability": float(np.max(probabilities)) if probabilities else 0.0,
-        "dicom_outputs": outputs,
+        "dicom_outputs": str(files[0]) if files else None,
     }
-    return Scored(row, findings)
+    return Scored(row, findings, files, write_s)
 
 
 def _write_seg(item: ScanItem, labels: Volume, card: ModelCard, output: DicomOutput) -> Path:
-    """The series' BINARY DICOM SEG, pixel-aligned with the source series."""
-    from medssl.serving.seg import write_label_seg
+    """The series' BINARY DICOM SEG, pixel-aligned with the source series' frames."""
+    from medssl.serving.seg import frame_slices, write_label_seg
 
-    source = [pydicom.dcmread(p, stop_before_pixels=True) for p in item.paths]
-    # label_seg's contract: mask k belongs to source[k]; find each file's slice in the volume.
-    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in source])
-    slices = np.rint(labels.world_to_index(positions)[:, 0]).astype(int)
+    source = _source_headers(item)
+    # label_seg's contract: mask k belongs to the source's frame k; find each frame's slice.
+    slices = frame_slices(source, labels.affine, labels.shape[0])
     folder = output.folder / item.series_uid
     folder.mkdir(parents=True, exist_ok=True)
     return write_label_seg(source, np.asarray(labels.array)[slices], card, folder / "seg.dcm")
@@ -222,17 +266,13 @@ def _infer_segmentation(prepared: Prepared, runner: SegmentationRunner, card: Mo
     item = prepared.item
     assert prepared.volume is not None and prepared.source_affine is not None and prepared.source_shape
     try:
-        if label_maps is None:
-            raise MedsslError("segmentation scoring needs a label_maps folder")
         result = segment_prepared(prepared.volume, prepared.source_shape, prepared.source_affine, runner, params)
-        label_map = write_nifti(result.labels, label_maps / f"{item.key}.nii.gz")
-        outputs = None
-        if dicom is not None and item.is_dicom:
-            outputs = str(_write_seg(item, result.labels, card, dicom))
-    except MedsslError as exc:
-        return Scored(failed_row(item, card, _describe(exc), prepared.timings), [])
+        start = time.perf_counter()
+        label_map = None if label_maps is None else write_nifti(result.labels, label_maps / f"{item.key}.nii.gz")
+        files = [_write_seg(item, result.labels, card, dicom)] if dicom is not None and item.is_dicom else []
+        write_s = time.perf_counter() - start
     except Exception as exc:  # noqa: BLE001 - a failed row, not a dead run
-        return Scored(failed_row(item, card, f"unexpected {_describe(exc)}", prepared.timings), [])
+        return _failure(prepared, card, exc)
     findings = [
         {"key": item.key, "series_uid": item.series_uid or item.key, "index": label.value, "label": label.name,
          "volume_ml": float(result.volumes_ml.get(label.value, 0.0)), "model": card.name,
@@ -246,6 +286,7 @@ def _infer_segmentation(prepared: Prepared, runner: SegmentationRunner, card: Mo
         "read_s": prepared.timings.get("read"), "preprocess_s": prepared.timings.get("preprocess"),
         "inference_s": t["inference"] + t["blend"], "postprocess_s": t["resample_back"] + t["postprocess"],
         "n_windows": result.n_windows, "n_findings": sum(1 for f in findings if f["volume_ml"] > 0),
-        "dicom_outputs": outputs, "label_map": str(label_map),
+        "dicom_outputs": str(files[0]) if files else None,
+        "label_map": str(label_map) if label_map is not None else None,
     }
-    return Scored(row, findings)
+    return Scored(row, findings, files, write_s)

@@ -1,0 +1,204 @@
+"""process_study: one received study in, the routed models' SR/SEG files out; the findings are
+medssl-score's, bad series fail alone, runner failures are transient."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+
+from medssl.errors import ModelRepositoryError, RunnerError
+from medssl.io import write_dicom_series
+from medssl.io.dicom_enhanced import write_enhanced_ct
+from medssl.scoring import RunnerSpec, ScoreOptions, SelectionRules, score
+from medssl.serving.config import RouteConfig
+from medssl.serving.process import ModelSet, TransientError, process_study
+from medssl.synth.chest import ChestConfig, generate_chest_ct
+from medssl.synth.datasets import chest_series_info
+from medssl.synth.organs import generate_organ_phantom
+from tests.conftest import ORGAN_SHAPE
+
+#: The shipped detector: trained, so its scores spread and the route's threshold matters (the
+#: random-weight ``exported_detector`` scores every box 0.0101).
+REPOSITORY = Path(__file__).parents[1] / "model_repository"
+MODEL = "focalmix-nodules"
+SEED = 5
+ROUTE = RouteConfig(MODEL, min_probability=0.5)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def chest(tmp_path_factory):
+    """One synthetic chest CT (64 x 64 x 40) written three ways into one study: a classic
+    series (``good``), the same with a slice missing (``broken``), and one Enhanced CT file
+    (``enhanced``), each in its own folder with its own SeriesInstanceUID."""
+    case = generate_chest_ct(SEED, ChestConfig(matrix=64, n_slices=40))
+    info = chest_series_info(SEED, case)
+    study = {"study_uid": info.uid("study"),
+             "frame_of_reference_uid": info.uid("frame_of_reference")}
+    root = tmp_path_factory.mktemp("study")
+    write_dicom_series(case.volume, root / "good", info)
+    broken = write_dicom_series(case.volume, root / "broken", dataclasses.replace(
+        info, uid_seed=f"{info.uid_seed}-broken", series_number=2, **study))
+    broken[len(broken) // 2].unlink()
+    write_enhanced_ct(case.volume, root / "enhanced" / "ct.dcm", dataclasses.replace(
+        info, uid_seed=f"{info.uid_seed}-enhanced", series_number=3, **study))
+    return root
+
+
+@pytest.fixture(scope="module")
+def detector():
+    models = ModelSet(REPOSITORY, [ROUTE], batch_size=2)
+    yield models
+    models.close()
+
+
+def _series_uid(folder: Path) -> str:
+    return str(pydicom.dcmread(_files(folder)[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+def _points(sr_path: Path) -> np.ndarray:
+    """The SR's findings: ``(n, 5)`` centre x, y, z (LPS mm), diameter (mm), probability."""
+    report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(sr_path)])
+    rows = []
+    for group in report.get_planar_roi_measurement_groups():
+        [diameter] = group.get_measurements(name=hd.sr.CodedConcept("81827009", "SCT", "Diameter"))
+        [certainty] = group.get_measurements(
+            name=hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding"))
+        rows.append([*group.roi.value[0], diameter.value, certainty.value / 100])
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+
+
+def _columns(findings) -> np.ndarray:
+    keys = ("x_mm", "y_mm", "z_mm", "diameter_mm", "probability")
+    return np.asarray([[f[k] for k in keys] for f in findings], dtype=np.float64).reshape(-1, 5)
+
+
+def test_sr_findings_equal_medssl_scores_on_the_same_series(chest, detector, tmp_path, dciodvfy,
+                                                             caplog):
+    good = chest / "good"
+    with caplog.at_level(logging.INFO, logger="medssl.serving.process"):
+        result = process_study(_files(good), [ROUTE], detector, tmp_path / "out")
+    uid = _series_uid(good)
+    [outcome] = result.series
+    assert (outcome.series_uid, outcome.model, outcome.status) == (uid, MODEL, "ok")
+    [output] = result.outputs
+    assert output.path == tmp_path / "out" / MODEL / uid / "sr.dcm"
+    assert (output.kind, output.model, output.model_version, output.source_series_uid) == (
+        "sr", MODEL, 1, uid)
+    assert output.sop_instance_uid == pydicom.dcmread(output.path).SOPInstanceUID
+    assert dciodvfy(output.path) == []
+    assert set(result.timings) == {"read", "preprocess", "inference", "write"}
+    assert all(t > 0 for t in result.timings.values())
+
+    scored = tmp_path / "score"
+    summary = score(good, scored, RunnerSpec(REPOSITORY, MODEL), options=ScoreOptions(workers=0))
+    assert summary.counts == {"ok": 1}
+    every = _columns(pq.read_table(scored / "findings.parquet").to_pylist())
+    expected = every[every[:, 4] >= ROUTE.min_probability]
+    assert 0 < len(expected) < len(every) and outcome.n_findings == len(expected)
+    np.testing.assert_allclose(_points(output.path), expected, atol=1e-3)
+    np.testing.assert_allclose(_columns(outcome.findings), expected, atol=1e-3)
+    # the log names series by UID, never the patient
+    patient = pydicom.dcmread(output.path)
+    assert uid in caplog.text
+    assert str(patient.PatientID) not in caplog.text
+    assert str(patient.PatientName) not in caplog.text
+
+
+def test_a_study_whose_series_fail_selection_gives_no_outputs_with_the_reasons(
+        chest, detector, tmp_path):
+    strict = dataclasses.replace(ROUTE, select=SelectionRules(min_slices=100))
+    models = ModelSet(detector.repository, [strict])
+    try:
+        result = process_study(_files(chest / "good") + _files(chest / "enhanced"), [strict],
+                               models, tmp_path)
+    finally:
+        models.close()
+    assert result.outputs == [] and _files(tmp_path) == []
+    assert [(o.status, o.reason, o.n_findings) for o in result.series] == [
+        ("skipped", "40 slices, fewer than 100", None)] * 2
+
+
+def test_a_broken_series_fails_with_its_reason_and_the_good_one_goes_on(chest, detector, tmp_path):
+    result = process_study(_files(chest), [ROUTE], detector, tmp_path)
+    outcomes = {o.series_uid: o for o in result.series}
+    broken = outcomes[_series_uid(chest / "broken")]
+    assert broken.status == "failed" and broken.reason.startswith("MissingSliceError")
+    assert outcomes[_series_uid(chest / "good")].status == "ok"
+    assert outcomes[_series_uid(chest / "enhanced")].status == "ok"
+    assert {o.source_series_uid for o in result.outputs} == {
+        _series_uid(chest / "good"), _series_uid(chest / "enhanced")}
+
+
+def test_an_enhanced_ct_study_gives_a_valid_sr_with_a_companion_seg(chest, detector, tmp_path,
+                                                                     dciodvfy):
+    """Same volume, same findings as the classic series; the companion SEG holds them."""
+    companion = dataclasses.replace(ROUTE, companion_seg=True)
+    models = ModelSet(detector.repository, [companion], batch_size=2)
+    try:
+        enhanced = process_study(_files(chest / "enhanced"), [companion], models, tmp_path / "e")
+    finally:
+        models.close()
+    classic = process_study(_files(chest / "good"), [ROUTE], detector, tmp_path / "c")
+    sr, seg = enhanced.outputs
+    assert (sr.kind, seg.kind) == ("sr", "seg")
+    assert seg.path.name == "findings-seg.dcm"
+    assert dciodvfy(sr.path) == [] and dciodvfy(seg.path) == []
+    np.testing.assert_allclose(_points(sr.path), _points(classic.outputs[0].path), atol=1e-3)
+    segmentation = hd.seg.segread(seg.path)
+    assert segmentation.number_of_segments == enhanced.series[0].n_findings
+    report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(sr.path)])
+    assert len(report.get_volumetric_roi_measurement_groups()) == enhanced.series[0].n_findings
+
+
+def test_a_runner_failure_is_transient(chest, detector, tmp_path, monkeypatch):
+    from medssl.scoring import series
+
+    def unreachable(*_):
+        raise RunnerError("Triton http endpoint 127.0.0.1:1 is not reachable")
+
+    monkeypatch.setattr(series, "detect_preprocessed", unreachable)
+    with pytest.raises(TransientError, match=r"model 'focalmix-nodules' v1: RunnerError: Triton"):
+        process_study(_files(chest / "good"), [ROUTE], detector, tmp_path)
+
+
+def test_model_set_names_a_missing_model_and_is_ready_until_closed():
+    with pytest.raises(ModelRepositoryError, match="no model 'lesions'"):
+        ModelSet(REPOSITORY, [ROUTE, RouteConfig("lesions")])
+    models = ModelSet(REPOSITORY, [ROUTE, dataclasses.replace(ROUTE, version=1)])
+    assert models.ready()
+    models.close()
+    assert not models.ready()
+
+
+def test_a_segmentation_route_gives_a_seg_with_every_frame_kept(exported_segmenter, tmp_path,
+                                                                dciodvfy):
+    case = generate_organ_phantom(11, "A", shape=ORGAN_SHAPE)
+    files = write_dicom_series(case.image, tmp_path / "abdomen")
+    # abdominal series are 4 mm thick; the default rules are the lung-screening ones
+    route = RouteConfig("organs", select=SelectionRules(max_thickness_mm=5.0, min_slices=16))
+    models = ModelSet(exported_segmenter.repository, [route], batch_size=2)
+    try:
+        result = process_study(files, [route], models, tmp_path / "out")
+    finally:
+        models.close()
+    [outcome] = result.series
+    [output] = result.outputs
+    assert outcome.status == "ok" and output.kind == "seg" and output.path.name == "seg.dcm"
+    assert dciodvfy(output.path) == []
+    seg = hd.seg.segread(output.path)
+    labels = exported_segmenter.card.labels
+    assert seg.number_of_segments == len(labels)
+    assert seg.NumberOfFrames == ORGAN_SHAPE[0] * len(labels)  # empty frames kept
+    assert [f["label"] for f in outcome.findings] == [label.name for label in labels]
+    assert outcome.n_findings == sum(f["volume_ml"] > 0 for f in outcome.findings)
