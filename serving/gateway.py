@@ -23,6 +23,7 @@ unfinished job stays ``running`` and is resumed at the next start), then stops.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -74,7 +75,9 @@ class Gateway:
         self.scp = StorageSCP(cfg.scp, self.spool, self._on_stored, self.metrics)
         self.http = HealthServer(cfg.http, self.metrics, self.ready, self.healthy) if cfg.http.enabled else None
         self.models: ModelSet | None = None
-        self._model_error = "models not loaded yet"
+        self._worker_models: dict[int, ModelSet] = {}
+        self._model_error = (f"models not loaded yet: waiting for the Triton server at {cfg.models.triton_url}"
+                             if cfg.models.triton_url else "models not loaded yet")
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -98,14 +101,17 @@ class Gateway:
                 "reconciled_studies": [j.study_uid for j in opened]})
         if self.http is not None:
             self.http.start()
-        if not self._load_models():
+        if self.cfg.models.triton_url is None:
+            self.models = self._open_models()  # embedded: a bad model fails the start at once
+        else:  # Triton may come up after the gateway: receive and spool meanwhile, not ready
             thread = threading.Thread(target=self._load_models_until_loaded, name="models", daemon=True)
             self._threads.append(thread)
             thread.start()
         loops = [_Loop("assembler", self._assemble_round, _TICK_S),
                  _Loop("sender", self._send_round, _TICK_S),
                  _Loop("housekeeping", self._housekeeping_round, _HOUSEKEEPING_S)]
-        loops += [_Loop(f"worker-{i}", self._work_round, _TICK_S) for i in range(self.cfg.processing.workers)]
+        loops += [_Loop(f"worker-{i}", functools.partial(self._work_round, i), _TICK_S)
+                  for i in range(self.cfg.processing.workers)]
         for loop in loops:
             self._spawn(loop)
         self.scp.start()
@@ -129,8 +135,9 @@ class Gateway:
             log.warning("stopped with work in hand; it resumes at the next start", extra={"threads": busy})
         if self.http is not None:
             self.http.stop()
-        if self.models is not None and not busy:
-            self.models.close()
+        if not busy:
+            for models in {id(m): m for m in [self.models, *self._worker_models.values()] if m}.values():
+                models.close()
         if not busy:
             self.store.close()
         self._stopped.set()
@@ -188,26 +195,35 @@ class Gateway:
 
     # --- models and inference --------------------------------------------------------------
 
-    def _load_models(self) -> bool:
+    def _open_models(self) -> ModelSet:
         m = self.cfg.models
-        try:
-            self.models = ModelSet(m.repository, self.cfg.routes, triton_url=m.triton_url,
-                                   protocol=m.protocol, providers=m.providers, batch_size=m.batch_size)
-        except RunnerError as exc:
-            if m.triton_url is None:
-                raise
-            self._model_error = f"models not loaded: {exc}"
-            log.warning("models not loaded; retrying", extra={"error": str(exc)})
-            return False
-        log.info("models loaded", extra={"models": [r.model for r in self.cfg.routes]})
-        return True
+        models = ModelSet(m.repository, self.cfg.routes, triton_url=m.triton_url, protocol=m.protocol,
+                          providers=m.providers, batch_size=m.batch_size)
+        log.info("models loaded", extra={"models": [r.model for r in self.cfg.routes],
+                                         "triton_url": m.triton_url})
+        return models
 
     def _load_models_until_loaded(self) -> None:
-        while self.models is None and not self._stopping.wait(_MODEL_RETRY_S):
-            self._load_models()
+        while self.models is None and not self._stopping.is_set():
+            try:
+                self.models = self._open_models()
+            except RunnerError as exc:
+                self._model_error = f"models not loaded: {exc}"
+                log.warning("models not loaded; retrying", extra={"error": str(exc)})
+                self._stopping.wait(_MODEL_RETRY_S)
 
-    def _work_round(self) -> bool:
-        if self.models is None:
+    def _models_of(self, worker: int) -> ModelSet | None:
+        """Worker ``worker``'s models: the shared embedded sessions (onnxruntime's ``run`` is
+        thread-safe), or, with Triton, a client set of its own (its HTTP client is not)."""
+        if self.models is None or self.cfg.models.triton_url is None or worker == 0:
+            return self.models
+        if worker not in self._worker_models:
+            self._worker_models[worker] = self._open_models()
+        return self._worker_models[worker]
+
+    def _work_round(self, worker: int) -> bool:
+        models = self._models_of(worker)
+        if models is None:
             return False
         job = self.store.claim()
         if job is None:
@@ -215,17 +231,16 @@ class Gateway:
         self.metrics.studies.labels(state="running").inc()
         if job.queued_at is not None and job.started_at is not None:
             self.metrics.stage_seconds.labels(stage="queue").observe(job.started_at - job.queued_at)
-        self._run_job(job)
+        self._run_job(job, models)
         return True
 
-    def _run_job(self, job: Job) -> None:
+    def _run_job(self, job: Job, models: ModelSet) -> None:
         fields = {"job_id": job.id, "study_uid": job.study_uid, "attempt": job.attempts}
         log.info("study processing", extra=fields)
         p = self.cfg.processing
         backoff = p.retry_backoff_s * 2 ** max(job.attempts - 1, 0)
-        assert self.models is not None
         try:
-            result = process_study(self.spool.study_files(job.study_uid), self.cfg.routes, self.models,
+            result = process_study(self.spool.study_files(job.study_uid), self.cfg.routes, models,
                                    self.spool.output_dir(job.id))
         except TransientError as exc:
             self._settled(self.store.retry_or_dead(job.id, str(exc), p.max_attempts, backoff), fields)

@@ -201,3 +201,17 @@ def exported_segmenter(seg_run, tmp_path_factory):
 
     repository = tmp_path_factory.mktemp("seg_repository")
     return export_checkpoint(seg_run, repository, "organs", ExportOptions(max_batch_size=2))
+
+
+@pytest.fixture(scope="session")
+def triton_env() -> Path:
+    """The Triton env (``make triton-env``): skipped without it, except under CI."""
+    from medssl.errors import RunnerError
+    from medssl.runners import find_triton_env
+
+    try:
+        return find_triton_env()
+    except RunnerError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc}. CI must run the Triton tests: `make setup-test` builds the env")
+        pytest.skip(str(exc))

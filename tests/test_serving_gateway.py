@@ -84,14 +84,15 @@ def start_gateway(tmp_path, orthanc):
     """Start a gateway sending to ``orthanc``, known to Orthanc as modality ``<name>``."""
     gateways: list[GatewayProcess] = []
 
-    def start(name: str = "GW", segmenter=None, **sections) -> GatewayProcess:
+    def start(name: str = "GW", segmenter=None, repository: Path | None = None, wait_ready: bool = True,
+              **sections) -> GatewayProcess:
         root = tmp_path / name
-        repository = _repository(root, segmenter)
+        repository = repository or _repository(root, segmenter)
         cfg = gateway_config(root, _routes(repository if segmenter else None), repository,
                              [{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
                                "port": orthanc.dicom_port, "timeout_s": 5}], **sections)
         gateway = GatewayProcess(root, cfg)
-        gateway.start()
+        gateway.start(wait_ready=wait_ready)
         orthanc.add_modality(name, "MEDSSL", "127.0.0.1", gateway.port)
         gateways.append(gateway)
         return gateway
@@ -214,7 +215,7 @@ def test_a_jpeg_lossless_study_is_received_compressed_and_processed(start_gatewa
     for f in studies[1]:
         out = tmp_path / "jpeg" / f.name
         out.parent.mkdir(exist_ok=True)
-        subprocess.run([exe, "+e14", str(f), str(out)], check=True, capture_output=True)
+        subprocess.run([exe, "--encode-lossless-sv1", str(f), str(out)], check=True, capture_output=True)
         compressed.append(out)
     assert pydicom.dcmread(compressed[0]).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
     gateway = start_gateway()
@@ -223,6 +224,25 @@ def test_a_jpeg_lossless_study_is_received_compressed_and_processed(start_gatewa
     spooled = gateway.spooled()
     assert len(spooled) == len(compressed)
     assert pydicom.dcmread(spooled[0], stop_before_pixels=True).file_meta.TransferSyntaxUID.is_compressed
+
+
+def test_an_enhanced_ct_study_is_processed(start_gateway, orthanc, studies, tmp_path, dciodvfy):
+    from medssl.io import SeriesInfo, read_volume
+    from medssl.io.dicom_enhanced import write_enhanced_ct
+
+    volume = read_volume(studies[7][0].parent)
+    path = write_enhanced_ct(volume, tmp_path / "enhanced.dcm", SeriesInfo(uid_seed="gateway-enhanced"))
+    enhanced = pydicom.dcmread(path, stop_before_pixels=True)
+    assert enhanced.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2.1"
+    gateway = start_gateway()
+    _push(orthanc, "GW", [path])
+    found = _wait_results(orthanc, gateway, str(enhanced.StudyInstanceUID))
+    sr = _dataset(orthanc, found["SR"][0])
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    assert dciodvfy(tmp_path / "sr.dcm") == []
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPClassUID == enhanced.SOPClassUID
+    assert len(_sr_points(sr)) > 0
 
 
 def test_an_unknown_calling_ae_is_rejected(start_gateway, studies):
@@ -299,9 +319,43 @@ def test_results_wait_for_a_stopped_pacs_and_arrive_when_it_is_back(start_gatewa
     assert [j["state"] for j in _wait_settled(gateway)] == ["done"]
 
 
+@pytest.mark.filterwarnings("ignore:Expected explicit VR")
 def test_garbage_and_truncated_datasets_are_rejected_while_a_good_study_goes_through(
-        start_gateway, orthanc, studies, tmp_path):
-    pytest.skip("written after the SCP lands")
+        start_gateway, orthanc, studies, tmp_path, monkeypatch):
+    import threading
+
+    import pynetdicom
+    from pydicom.uid import generate_uid
+
+    from tests.test_serving_scp import _part10
+
+    files = studies[2]
+    gateway = start_gateway()
+    # send the bad files' bytes as they are (pynetdicom would decode and re-encode them)
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(_part10(b"\x13\x37 not a dataset \xff" * 40, generate_uid()))
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(studies[6][0].read_bytes()[:-5000])  # cut inside Pixel Data
+    pushed = threading.Thread(target=_push, args=(orthanc, "GW", files))
+    pushed.start()
+    ae = pynetdicom.AE(ae_title="STORESCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", gateway.port, ae_title="MEDSSL")
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(p).Status) for p in (garbage, truncated)]
+    finally:
+        assoc.release()
+    pushed.join(120)
+    assert statuses == [0xC210, 0xC210]
+    _wait_results(orthanc, gateway, _study_uid(files))
+    assert [j["state"] for j in _wait_settled(gateway)] == ["done"]
+    quarantined = sorted((gateway.spool / "quarantine").glob("*.json"))
+    assert len(quarantined) == 2
+    assert len(gateway.spooled()) == len(files)
+    status, metrics = gateway.http_get("/metrics")
+    assert 'medssl_gateway_instances_rejected_total{reason="undecodable"} 2.0' in metrics
 
 
 def test_sigterm_stops_accepting_and_a_restart_resumes(start_gateway, orthanc, studies):
@@ -314,3 +368,38 @@ def test_sigterm_stops_accepting_and_a_restart_resumes(start_gateway, orthanc, s
     gateway.start()
     _wait_results(orthanc, gateway, study_uid)
     assert [j["state"] for j in _wait_settled(gateway)] == ["done"]
+
+
+def test_the_models_can_run_on_a_triton_server(start_gateway, orthanc, studies, triton_env, tmp_path):
+    from medssl.runners import LocalTritonServer
+    from medssl.runners.local_server import python_backend_repository
+
+    repository = tmp_path / "triton_repository"
+    python_backend_repository(REPOSITORY / DETECTOR, repository)
+    files = studies[1]
+    with LocalTritonServer(repository, env=triton_env) as server:
+        gateway = start_gateway(repository=repository, models={"triton_url": server.http_url})
+        assert gateway.http_get("/readyz")[0] == 200
+        _push(orthanc, "GW", files)
+        found = _wait_results(orthanc, gateway, _study_uid(files))
+        points = _sr_points(_dataset(orthanc, found["SR"][0]))
+    expected = _scored_findings(files, tmp_path)
+    assert len(points) == len(expected) > 0
+    assert np.linalg.norm(points[:, None, :] - expected[None, :, :], axis=2).min(axis=1).max() <= 2.0
+
+
+def test_without_its_triton_server_the_gateway_receives_but_is_not_ready(start_gateway, studies, tmp_path):
+    from tests.orthanc import free_port
+
+    storescu = require_tool("storescu", "dcmtk")
+    dead = f"127.0.0.1:{free_port()}"
+    gateway = start_gateway(models={"triton_url": dead}, wait_ready=False)
+    deadline = time.monotonic() + 30
+    while gateway.http_get("/healthz")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    status, reason = gateway.http_get("/readyz")
+    assert status == 503 and dead in reason
+    sent = subprocess.run([storescu, "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1", str(gateway.port),
+                           *map(str, studies[2][:5])], capture_output=True, text=True)
+    assert sent.returncode == 0, sent.stderr
+    assert len(gateway.spooled()) == 5

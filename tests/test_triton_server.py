@@ -9,7 +9,6 @@ these tests skip locally and fail under CI.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -22,23 +21,12 @@ from medssl.runners import (
     LocalTritonServer,
     OnnxRunner,
     TritonRunner,
-    find_triton_env,
     open_runner,
     read_metric,
 )
 from medssl.runners.local_server import python_backend_repository
 
 PROTOCOLS = ["http", "grpc"]
-
-
-@pytest.fixture(scope="module")
-def triton_env() -> Path:
-    try:
-        return find_triton_env()
-    except RunnerError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"{exc}. CI must run the Triton tests: `make setup-test` builds the env")
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
