@@ -45,13 +45,16 @@ openvino-score-env:
 	$(PYTHON) -m venv .venv-openvino-score
 	.venv-openvino-score/bin/python -m pip --disable-pip-version-check -q install -e . onnxruntime-openvino
 
-# Validators and DICOM tools the tests use; installed when running as root (CI, fresh machines).
+# Validators, DICOM tools and the PACS (Orthanc) the tests use; installed when running as root
+# (CI, fresh machines). The Debian package also starts an Orthanc service on ports 4242/8042;
+# the tests start their own instances on free ports and do not use it.
 system-deps:
-	@if [ "$$(id -u)" = "0" ] && ! { command -v dciodvfy && command -v dcmcjpeg; } >/dev/null 2>&1; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk >/dev/null; \
+	@if [ "$$(id -u)" = "0" ] && ! { command -v dciodvfy && command -v dcmcjpeg && command -v Orthanc; } >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk orthanc >/dev/null; \
 	fi
 	@command -v dciodvfy >/dev/null 2>&1 || echo "note: dciodvfy not found; DICOM validation tests will be skipped (apt-get install dicom3tools)"
 	@command -v dcmcjpeg >/dev/null 2>&1 || echo "note: dcmtk not found; JPEG Lossless tests will be skipped (apt-get install dcmtk)"
+	@command -v Orthanc >/dev/null 2>&1 || echo "note: Orthanc not found; the gateway's PACS tests will be skipped (apt-get install orthanc)"
 
 # The main job: a synthetic chest CT study as DICOM, its header index, its geometry and its
 # findings from the shipped detector (medssl-score, embedded onnxruntime); then a
@@ -79,6 +82,7 @@ demo: setup
 	$(VENV)/bin/medssl-score $(DEMO)/organs/A --repository $(DEMO)/model_repository --model ad-demo \
 		--out $(DEMO)/organ-scores --workers 1
 	$(VENV)/bin/medssl-export check $(DEMO)/model_repository model_repository
+	$(VENV)/bin/medssl-serve --config examples/gateway.yaml --check
 
 test: setup-test
 	$(PY) -m pytest -q

@@ -75,11 +75,18 @@ def _copy_with_new_uids(source: Path, target: Path, tag: str) -> Path:
     return target
 
 
+def _storescu_command(aet: str, port: int, folder: Path) -> list[str]:
+    """storescu sending every ``.dcm`` of ``folder`` in one association."""
+    return ["storescu", "-aet", "BENCH", "-aec", aet, "127.0.0.1", str(port),
+            *map(str, sorted(folder.glob("*.dcm")))]
+
+
 def _storescu(aet: str, port: int, folder: Path) -> float:
     """Send every file of ``folder`` in one association; returns the wall seconds."""
     start = time.perf_counter()
-    subprocess.run(["storescu", "-aet", "BENCH", "-aec", aet, "127.0.0.1", str(port), "+sd", str(folder)],
-                   check=True, capture_output=True)
+    result = subprocess.run(_storescu_command(aet, port, folder), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu to {aet}@{port} failed: {result.stderr[-2000:]}")
     return time.perf_counter() - start
 
 
@@ -183,8 +190,7 @@ def memory(work: Path, copies: list[Path], orthanc: OrthancServer, idle_s: float
         monitor = TreeMemory(gateway.process.pid)
         monitor.start()
         start = time.time()
-        senders = [subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", "MEDSSL", "127.0.0.1",
-                                     str(gateway.port), "+sd", str(c)], stdout=subprocess.DEVNULL,
+        senders = [subprocess.Popen(_storescu_command("MEDSSL", gateway.port, c), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL) for c in copies]
         for s in senders:
             s.wait()
@@ -199,9 +205,8 @@ def memory(work: Path, copies: list[Path], orthanc: OrthancServer, idle_s: float
     for c in copies:
         _delete_study(orthanc, _study_uid(c))
     orthanc_monitor.start()
-    senders = [subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", orthanc.aet, "127.0.0.1",
-                                 str(orthanc.dicom_port), "+sd", str(c)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL) for c in copies]
+    senders = [subprocess.Popen(_storescu_command(orthanc.aet, orthanc.dicom_port, c),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in copies]
     for s in senders:
         s.wait()
     orthanc_monitor.stop()

@@ -11,6 +11,7 @@ synthetic counterpart of what modern scanners send, for tests and demos.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +47,7 @@ def read_enhanced(ds: Dataset, path: Path) -> Volume:
     image_type = [str(v).upper() for v in ds.get("ImageType", [])]
     if "LOCALIZER" in image_type:
         raise LocalizerError(path, "is a LOCALIZER (scout) image, not a CT volume")
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
-    if len(per_frame) != n_frames:
-        raise SeriesGeometryError(
-            path, f"has {n_frames} frames but {len(per_frame)} per-frame functional group items"
-        )
+    _, shared, per_frame = _functional_groups(ds, path)
     planes, slopes, intercepts = [], [], []
     for k, frame in enumerate(per_frame):
         position = _group_attr(frame, shared, "PlanePositionSequence", "ImagePositionPatient")
@@ -95,6 +90,19 @@ def read_enhanced(ds: Dataset, path: Path) -> Volume:
     return Volume(array, stack.affine, meta)
 
 
+def _functional_groups(ds: Dataset, path: Path) -> tuple[int, Dataset, Sequence[Dataset]]:
+    """``(NumberOfFrames, the shared item, the per-frame items)``; raises SeriesGeometryError
+    when the per-frame items do not match the number of frames."""
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
+    if len(per_frame) != n_frames:
+        raise SeriesGeometryError(
+            path, f"has {n_frames} frames but {len(per_frame)} per-frame functional group items"
+        )
+    return n_frames, shared, per_frame
+
+
 def _group_attr(frame: Dataset, shared: Dataset, sequence: str, keyword: str) -> Any:
     """``keyword`` from the frame's ``sequence`` item, else from the shared group's."""
     for group in (frame, shared):
@@ -119,13 +127,7 @@ def frame_positions(ds: Dataset) -> np.ndarray:
             no plane position (its number named).
     """
     path = Path(str(getattr(ds, "filename", None) or ds.get("SOPInstanceUID", "dataset")))
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
-    if len(per_frame) != n_frames:
-        raise SeriesGeometryError(
-            path, f"has {n_frames} frames but {len(per_frame)} per-frame functional group items"
-        )
+    n_frames, shared, per_frame = _functional_groups(ds, path)
     positions = []
     for k, frame in enumerate(per_frame):
         position = _group_attr(frame, shared, "PlanePositionSequence", "ImagePositionPatient")
