@@ -49,8 +49,8 @@ openvino-score-env:
 # (CI, fresh machines). The Debian package also starts an Orthanc service on ports 4242/8042;
 # the tests start their own instances on free ports and do not use it.
 system-deps:
-	@if [ "$$(id -u)" = "0" ] && ! { command -v dciodvfy && command -v dcmcjpeg && command -v Orthanc; } >/dev/null 2>&1; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk orthanc >/dev/null; \
+	@if [ "$$(id -u)" = "0" ] && ! { command -v dciodvfy && command -v dcmcjpeg && command -v Orthanc && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; } >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk orthanc orthanc-dicomweb >/dev/null; \
 	fi
 	@command -v dciodvfy >/dev/null 2>&1 || echo "note: dciodvfy not found; DICOM validation tests will be skipped (apt-get install dicom3tools)"
 	@command -v dcmcjpeg >/dev/null 2>&1 || echo "note: dcmtk not found; JPEG Lossless tests will be skipped (apt-get install dcmtk)"

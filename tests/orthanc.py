@@ -35,6 +35,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: The DICOMweb plugin of Debian's ``orthanc-dicomweb`` package.
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
 class OrthancServer:
     """One Orthanc process with its own storage, configuration, log and ports, under ``root``.
 
@@ -77,13 +81,14 @@ class OrthancServer:
     """
 
     def __init__(self, root: Path, aet: str = "ORTHANC", overwrite: bool = False,
-                 check_called_aet: bool = False) -> None:
+                 check_called_aet: bool = False, dicomweb: bool = False) -> None:
         if not 1 <= len(aet) <= 16:
             raise ValueError(f"aet must be 1-16 characters, got {aet!r}")
         self.root = Path(root)
         self.aet = aet
         self.overwrite = overwrite
         self.check_called_aet = check_called_aet
+        self.dicomweb = dicomweb
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.config_path = self.root / "config.json"
@@ -159,7 +164,9 @@ class OrthancServer:
             "StorageDirectory": str(storage),
             "IndexDirectory": str(storage),
             "StorageCompression": False,
-            "Plugins": [],
+            # DICOMweb (STOW-RS at <url>/dicom-web) from Debian's orthanc-dicomweb package.
+            "Plugins": [DICOMWEB_PLUGIN] if self.dicomweb else [],
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "ConcurrentJobs": 2,
             "SaveJobs": False,
             "HttpServerEnabled": True,

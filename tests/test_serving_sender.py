@@ -24,7 +24,7 @@ from medssl.io import SeriesInfo, write_dicom_series
 from medssl.serving.config import DestinationConfig
 from medssl.serving.sender import DeliveryError, send_files
 from tests.conftest import ramp_volume
-from tests.orthanc import ORTHANC, OrthancServer, free_port
+from tests.orthanc import DICOMWEB_PLUGIN, ORTHANC, OrthancServer, free_port
 
 CARD_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "focalmix-nodules"
 
@@ -447,3 +447,16 @@ def test_stow_to_a_server_that_never_answers_fails_within_the_timeout(stow_facto
     with pytest.raises(DeliveryError, match="timed out"):
         send_files(stow(server.url, timeout_s=1), ct_files[:1], "MEDSSL")
     assert time.monotonic() - started < 2.5
+
+
+def test_stow_stores_results_in_orthancs_dicomweb(tmp_path, ct_files, results):
+    require_orthanc()
+    if not Path(DICOMWEB_PLUGIN).is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{DICOMWEB_PLUGIN} is missing; .ci/run should install orthanc-dicomweb")
+        pytest.skip("orthanc-dicomweb not installed (apt-get install orthanc-dicomweb)")
+    with OrthancServer(tmp_path / "web", dicomweb=True) as pacs:
+        send_files(stow(f"{pacs.url}/dicom-web"), [*results, ct_files[0]], "MEDSSL")
+        study = str(pydicom.dcmread(ct_files[0], stop_before_pixels=True).StudyInstanceUID)
+        stored = {i["Modality"] for i in pacs.instances_of_study(study)}
+    assert stored == {"CT", "SR", "SEG"}
