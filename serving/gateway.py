@@ -128,9 +128,10 @@ class Gateway:
         self.scp.stop(timeout_s=min(timeout_s, 30.0))
         self._stopping.set()
         deadline = time.monotonic() + timeout_s
-        for thread in self._threads:
+        loops = [t for t in self._threads if t.name != "models"]  # a Triton wait holds no work
+        for thread in loops:
             thread.join(max(0.0, deadline - time.monotonic()))
-        busy = [t.name for t in self._threads if t.is_alive()]
+        busy = [t.name for t in loops if t.is_alive()]
         if busy:
             log.warning("stopped with work in hand; it resumes at the next start", extra={"threads": busy})
         if self.http is not None:

@@ -403,3 +403,6 @@ def test_without_its_triton_server_the_gateway_receives_but_is_not_ready(start_g
                            *map(str, studies[2][:5])], capture_output=True, text=True)
     assert sent.returncode == 0, sent.stderr
     assert len(gateway.spooled()) == 5
+    started = time.monotonic()
+    assert gateway.terminate(60) == 0
+    assert time.monotonic() - started < 10, "SIGTERM waited for the Triton connection attempt"
