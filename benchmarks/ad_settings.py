@@ -30,7 +30,8 @@ training, validation and test included). Preprocessed volumes are shared through
 ``MEDSSL_CACHE=WORK/cache``, warmed once before the runs (its time is reported apart), so no
 run pays for preprocessing the others reuse. Each run's result is written to
 ``WORK/results/<setting>-<method>-<seed>.json`` as soon as it ends; a rerun skips runs
-already there, so an interrupted benchmark continues where it stopped.
+already there, so an interrupted benchmark continues where it stopped. That protocol lives in
+``benchmarks/seg_bench.py``, shared with ``benchmarks/seg_methods.py``.
 
 Metrics (``run.test_report``, medssl.metrics.segmentation): per class Dice, Jaccard, HD95
 and ASD (mm, prediction -> reference, medpy ``asd``), averaged over test cases, then over
@@ -59,18 +60,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import shutil
-import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import seg_bench  # benchmarks/seg_bench.py: the run protocol shared with seg_methods.py
 from machine import cpu_device  # benchmarks/machine.py
+from seg_bench import BUSY_LOAD, aggregate, dice_gap
+from seg_bench import num as _num
+from seg_bench import pm as _pm
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -90,8 +91,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 BASELINES = ("supervised-seg", "mean-teacher", "ad")
 ABLATIONS = ("ad-wo-svda", "ad-wo-diffusion", "ad-wo-drs", "ad-wo-rs")
-#: a 1-min load average above this (around a run) marks its wall time as disturbed
-BUSY_LOAD = (os.cpu_count() or 1) + 0.5
 LABELS = {"supervised-seg": "Supervised VNet", "mean-teacher": "Mean teacher", "ad": "A&D",
           "ad-wo-svda": "w/o SVDA", "ad-wo-diffusion": "w/o Diffusion", "ad-wo-drs": "w/o DRS",
           "ad-wo-rs": "w/o RS"}
@@ -135,116 +134,25 @@ def overrides_of(run: Run, budget: dict[str, Any]) -> dict[str, Any]:
 
 def ensure_data(data: Path, cases: int, test_cases: int, seed_base: int) -> dict[str, Any]:
     """Write the six domains if missing; refuse a folder written with other parameters."""
-    from medssl.synth.datasets import write_organ_dataset
-
-    spec = {"cases": cases, "test_cases": test_cases, "seed_base": seed_base, "domains": list(DOMAINS),
-            "shape": "native"}
-    marker = data / "ad_settings_data.json"
-    if marker.is_file():
-        found = json.loads(marker.read_text())
-        if found != spec:
-            raise SystemExit(f"{data} holds data written with {found}, not {spec}: pass another --data/--work "
-                             "or delete that folder")
-        return spec
-    data.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    for k, domain in enumerate(DOMAINS):
-        target = data / domain
-        if target.exists():
-            shutil.rmtree(target)  # a half-written domain of an interrupted generation
-        write_organ_dataset(target, cases=cases, n_test=test_cases, domain=domain,
-                            seed=seed_base + k * (cases + test_cases))
-        print(f"wrote domain {domain}: {cases} training + {test_cases} test cases", file=sys.stderr, flush=True)
-    marker.write_text(json.dumps(spec, indent=2) + "\n")
-    print(f"data generated in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    return spec
+    return seg_bench.ensure_data(data, cases, test_cases, seed_base, DOMAINS, "ad_settings_data.json")
 
 
 # --------------------------------------------------------------------------- child side
 
 
 def _config(setting: str, overrides: dict[str, Any]) -> Any:
-    from medssl.cli.train import resolve_config
-    from medssl.config import load_config
-    from medssl.training.seg_config import SegmentationExperiment
-
-    return load_config(SegmentationExperiment, resolve_config(f"seg-{setting}-cpu"), overrides)
+    return seg_bench.experiment(f"seg-{setting}-cpu", overrides)
 
 
 def warm_cache(data: Path, settings: list[str], budget: dict[str, Any]) -> dict[str, Any]:
     """Preprocess every case a run of ``settings`` reads (in this process, once)."""
-    from medssl.training.cache import VolumeCache
-    from medssl.training.det_trainer import default_cache_dir
-    from medssl.training.seg_data import cache_case, split_domains
-    from medssl.training.seg_eval import normalisation
-
-    counts = {}
-    for setting in settings:
-        cfg = _config(setting, overrides_of(Run(setting, "ad", 0), budget))
-        d = cfg.data
-        split = split_domains(data, d)
-        cache = VolumeCache(default_cache_dir(), d.spacing_mm, normalisation(d))
-        for case in split.labeled + split.validation:
-            cache_case(cache, case, True)
-        for case in split.unlabeled:
-            cache_case(cache, case, False)
-        counts[setting] = {k: len(v) for k, v in split.to_json().items()}
-    return counts
-
-
-def _params(module: Any) -> int:
-    return int(sum(p.numel() for p in module.parameters()))
+    return seg_bench.warm_cache(data, {s: _config(s, overrides_of(Run(s, "ad", 0), budget)) for s in settings})
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Train and test one run in this process; the result row (without the parent's wall time)."""
-    import torch
-
-    from medssl.config import config_to_dict
-    from medssl.training.seg_data import class_names, split_domains
-    from medssl.training.seg_trainer import build_segmenter, train_segmenter
-
-    cfg = _config(job["setting"], job["overrides"])
-    out = Path(job["out"])
-    start = time.perf_counter()
-    run = train_segmenter(cfg, job["data"], out, device="cpu")
-    train_and_test_s = time.perf_counter() - start
-    names = class_names(split_domains(job["data"], cfg.data), cfg.data)
-    net = build_segmenter(cfg, len(names))
-    if cfg.method == "ad":
-        test_time = _params(net.image_stem) + _params(net.encoder) + _params(net.decoder_theta)
-    else:
-        test_time = _params(net)
-    report = run.test_report
-    if report is None:
-        raise RuntimeError(f"{out}: the run has no test cases")
-    mean = report["mean"]
-    classes = report["classes"]
-    split = json.loads((out / "split.json").read_text())
-    index = json.loads((out / "checkpoints" / "index.json").read_text())
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    step_times = [row["time"] for row in log if "loss" in row]
-    # seconds between consecutive training steps, leaving out the intervals that hold a validation
-    intervals = [b["time"] - a["time"] for a, b in zip(log, log[1:]) if "loss" in a and "loss" in b]
-    return {
-        "setting": job["setting"], "variant": job["variant"], "method": cfg.method, "seed": cfg.seed,
-        "overrides": job["overrides"],
-        "dice": mean["dice"]["mean"], "jaccard": mean["jaccard"]["mean"],
-        "hd95_mm": mean["hd95_mm"]["mean"], "asd_mm": mean["asd_mm"]["mean"],
-        "asd_classes": mean["asd_mm"]["n_classes"],
-        "undefined_asd": sum(report["n_cases"] - c["asd_mm"]["n_cases"] for c in classes.values()),
-        "dice_per_class": {names[int(k)]: c["dice"]["mean"] for k, c in classes.items()},
-        "false_negative_cases": sum(c["false_negative_cases"] for c in classes.values()),
-        "n_test_cases": report["n_cases"], "n_classes": len(names) - 1,
-        "params_trained": _params(net), "params_test_time": test_time,
-        "best_step": index.get("best_step"), "best_val_dice": index.get("best_value"),
-        "split": {k: len(v) for k, v in split.items()},
-        "train_and_test_s": train_and_test_s,
-        "log_span_s": (step_times[-1] - step_times[0]) if len(step_times) > 1 else None,
-        "step_s_median": statistics.median(intervals) if intervals else None,
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "config": config_to_dict(cfg), "run_dir": str(out),
-    }
+    return seg_bench.run_one({**job, "config": f"seg-{job['setting']}-cpu",
+                              "fields": {"setting": job["setting"], "variant": job["variant"]}})
 
 
 # --------------------------------------------------------------------------- parent side
@@ -252,52 +160,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 def execute(run: Run, args: argparse.Namespace, budget: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     out = args.work / "runs" / run.name
-    if out.exists():
-        shutil.rmtree(out)  # an interrupted attempt: start it afresh, so its time is one whole run
     scratch = args.work / "results" / f".{run.name}.partial.json"
     job = {"setting": run.setting, "variant": run.variant, "seed": run.seed, "overrides": overrides_of(run, budget),
            "data": str(args.data), "out": str(out), "result": str(scratch)}
-    load_before = os.getloadavg()[0]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    process = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(job)],
-                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL if args.quiet_runs else None)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if process.returncode != 0:
-        raise SystemExit(f"run {run.name} failed (exit {process.returncode}); its folder is {out}")
-    result = json.loads(scratch.read_text())
-    scratch.unlink()
-    result.update({"name": run.name, "wall_s": wall, "budget": budget,
-                   # children's CPU time is only attributable to this run when runs go one at a time
-                   "cpu_s": ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-                             if args.jobs == 1 else None),
-                   "load_average_1min": [load_before, os.getloadavg()[0]]})
-    return result
-
-
-def _mean_std(values: list[float | None]) -> dict[str, Any]:
-    xs = [float(v) for v in values if v is not None]
-    return {"mean": statistics.mean(xs) if xs else None,
-            "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs), "values": list(values)}
-
-
-def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per ``setting/variant``: mean ± sample std over seeds of each metric and of wall time."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(f"{row['setting']}/{row['variant']}", []).append(row)
-    out = {}
-    for key, group in groups.items():
-        group.sort(key=lambda r: r["seed"])
-        entry = {"setting": group[0]["setting"], "variant": group[0]["variant"], "seeds": [r["seed"] for r in group],
-                 "params_trained": group[0]["params_trained"], "params_test_time": group[0]["params_test_time"]}
-        for metric in ("dice", "jaccard", "hd95_mm", "asd_mm", "wall_s", "step_s_median", "undefined_asd"):
-            entry[metric] = _mean_std([r[metric] for r in group])
-        entry["dice_per_class"] = {c: _mean_std([r["dice_per_class"][c] for r in group])["mean"]
-                                   for c in group[0]["dice_per_class"]}
-        out[key] = entry
-    return out
+    return seg_bench.execute(Path(__file__), job, env, name=run.name, quiet=args.quiet_runs,
+                             sequential=args.jobs == 1, extra={"budget": budget})
 
 
 def verdict(setting: str, agg: dict[str, dict[str, Any]]) -> str | None:
@@ -313,14 +180,12 @@ def verdict(setting: str, agg: dict[str, dict[str, Any]]) -> str | None:
         other = agg.get(f"{setting}/{base}")
         if other is None or other["dice"]["mean"] is None:
             continue
-        diff = 100 * (ad["dice"]["mean"] - other["dice"]["mean"])
-        stds = [s for s in (ad["dice"]["std"], other["dice"]["std"]) if s is not None]
+        diff, noise = dice_gap(ad, other)
         name = "the supervised VNet" if base == "supervised-seg" else "the mean teacher"
-        if not stds:
+        if noise is None:
             parts.append(f"is {'above' if diff > 0 else 'below'} {name} by {abs(diff):.1f} Dice points "
                          "(one seed: no noise estimate)")
             continue
-        noise = 100 * max(stds)
         if diff > noise:
             parts.append(f"beats {name} by {diff:.1f} Dice points, more than the seed std ({noise:.1f})")
         elif diff >= -noise:
@@ -330,19 +195,6 @@ def verdict(setting: str, agg: dict[str, dict[str, Any]]) -> str | None:
     if not parts:
         return None
     return f"**{setting}**: A&D " + "; it ".join(parts) + "."
-
-
-def _num(value: float | None, digits: int) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _pm(stat: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
-    if stat["mean"] is None:
-        return "—"
-    text = f"{scale * stat['mean']:.{digits}f}"
-    if stat["std"] is not None:
-        text += f" ± {scale * stat['std']:.{digits}f}"
-    return text
 
 
 def render(report: dict[str, Any]) -> str:
@@ -484,30 +336,9 @@ def main() -> None:
     if args.jobs > 1:
         env["OMP_NUM_THREADS"] = "1"  # two 2-thread torch processes on 2 cores run 10-20x slower
 
-    def one(i: int, run: Run) -> dict[str, Any]:
-        path = results / f"{run.name}.json"
-        if path.is_file():
-            row = json.loads(path.read_text())
-            if row["budget"] != budget or row["split"] != split_counts[run.setting]:
-                raise SystemExit(f"{path} was made with budget {row['budget']} / split {row['split']}, not "
-                                 f"{budget} / {split_counts[run.setting]}: use another --work or delete it")
-            print(f"[{i}/{len(runs)}] {run.name}: done before ({row['wall_s']:.0f} s)", file=sys.stderr)
-            return row
-        print(f"[{i}/{len(runs)}] {run.name} ...", file=sys.stderr, flush=True)
-        row = execute(run, args, budget, env)
-        if row["split"] != split_counts[run.setting]:
-            raise SystemExit(f"{run.name}: split.json has {row['split']}, the warm-up saw "
-                             f"{split_counts[run.setting]}")
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(row, indent=2) + "\n")
-        tmp.replace(path)
-        print(f"[{i}/{len(runs)}] {run.name}: Dice {100 * row['dice']:.1f} %, ASD "
-              f"{row['asd_mm'] if row['asd_mm'] is None else round(row['asd_mm'], 2)} mm, "
-              f"{row['wall_s']:.0f} s", file=sys.stderr, flush=True)
-        return row
-
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        rows = list(pool.map(one, range(1, len(runs) + 1), runs))
+    rows = seg_bench.run_all(runs, results,
+                             lambda run: {"budget": budget, "split": split_counts[run.setting]},
+                             lambda run: execute(run, args, budget, env), args.jobs)
 
     configs = {}
     for row in rows:

@@ -1,7 +1,7 @@
 """``medssl-train``: semi-supervised training.
 
-Detection: ``focalmix`` and ``supervised-det``. Segmentation: ``ad`` (A&D), ``supervised-seg``
-and ``mean-teacher``, each in the settings ``ssl``, ``imbssl``, ``uda`` and ``semidg``.
+Detection: ``focalmix`` and ``supervised-det``. Segmentation: ``ad`` (A&D), ``bcp`` (BCP),
+``supervised-seg`` and ``mean-teacher``, each in the settings ``ssl``, ``imbssl``, ``uda`` and ``semidg``.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def train() -> None:
     Detection (LUNA16 layout): `focalmix` (FocalMix, CVPR 2020) and its fully
     supervised baseline `supervised-det`, with the identical network and budget.
 
-    Segmentation (Decathlon datasets, one per domain): `ad` (A&D, NeurIPS 2023), and the
-    baselines `supervised-seg` and `mean-teacher`, in the settings ssl, imbssl, uda, semidg.
+    Segmentation (Decathlon datasets, one per domain): `ad` (A&D, NeurIPS 2023), `bcp` (BCP,
+    CVPR 2023), and the baselines `supervised-seg` and `mean-teacher`, in the settings ssl,
+    imbssl, uda, semidg.
     """
 
 
@@ -114,6 +115,9 @@ def _segmentation_command(method: str, summary: str) -> click.Command:
 _segmentation_command("ad", "Train A&D (Diff-VNet, SVDA, DRS, pseudo-label fusion) on labeled + unlabeled cases.")
 _segmentation_command("supervised-seg", "Train the supervised VNet baseline (labeled cases only).")
 _segmentation_command("mean-teacher", "Train the mean-teacher VNet baseline (labeled + unlabeled cases).")
+_segmentation_command("bcp", "Train BCP (bidirectional copy-paste: copy-paste pre-training, then an EMA teacher's "
+                      "pseudo-labels) on labeled + unlabeled cases. --config seg-bcp-la is the official LA "
+                      "configuration (VNet width 16, 80x112x112 crops, 2000 + 15000 steps).")
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ def _segmenter(state: Mapping[str, Any], path: Path) -> Exportable:
     z, y, x = params.window
     grid = "x".join(f"{s:g}" for s in params.spacing_mm)
     provenance = {**dict(state.get("provenance") or {}), "method": cfg.method, "setting": cfg.setting,
-                  "step": state.get("step"), "validation_metrics": dict(state.get("metrics") or {})}
+                  "network": cfg.model.network, "step": state.get("step"),
+                  "validation_metrics": dict(state.get("metrics") or {})}
     return Exportable(
         module=SegmenterInference(net).eval(),
         task=Task.SEGMENTATION,

@@ -1,4 +1,4 @@
-"""`medssl-train ad` / `supervised-seg` / `mean-teacher` end to end on tiny synthetic organs.
+"""`medssl-train ad` / `supervised-seg` / `mean-teacher` / `bcp` end to end on tiny synthetic organs.
 
 Four domains (CT A and B, the UDA pair ct and mr) of 5 training + 1 test case on 32x48x48
 grids; runs are 4 steps of a width-4 network on 16^3 (or 16x32x32) crops. They check the
@@ -223,3 +223,110 @@ def test_synth_organs_writes_one_dataset_per_domain_with_distinct_subjects(tmp_p
     # mr's case is subject 1, not A's subject 0 seen by another scanner
     np.testing.assert_array_equal(mr_label.array, generate_organ_phantom(1, "mr", shape=(16, 24, 24)).label.array)
     assert not np.array_equal(mr_label.array, generate_organ_phantom(0, "mr", shape=(16, 24, 24)).label.array)
+
+
+# ---------------------------------------------------------------- BCP
+
+BCP = ("bcp.pretrain_steps=2", "data.patch=[16,32,32]")  # B/2 = 1 mixed crop: BatchNorm needs > 1 value
+
+
+def logged_steps(run: Path) -> dict[int, dict]:
+    rows: dict[int, dict] = {}
+    for line in (run / "log.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row["step"], {}).update(row)
+    return rows
+
+
+def test_bcp_pretrains_then_self_trains_and_exports_and_scores_like_ad(organs, tmp_path):
+    from medssl.export import ExportOptions, export_checkpoint
+    from medssl.models.card import load_card
+    from medssl.metrics.segmentation import dice
+    from medssl.scoring import RunnerSpec, ScoreOptions, score
+
+    out = tmp_path / "bcp"
+    result = run_cli("bcp", "ssl", organs, out, *BCP)
+    assert result.exit_code == 0, result.output
+    rows = logged_steps(out)
+    for step in (1, 2):  # copy-paste pre-training at the constant lr
+        assert {"loss", "pretrain/dice", "pretrain/ce"} <= set(rows[step]) and rows[step]["lr"] == 0.01
+    for step in (3, 4):  # self-training: both mixes, each with its Dice and CE
+        assert {"loss", "in/loss", "in/dice", "in/ce", "out/loss", "out/dice", "out/ce"} <= set(rows[step])
+        assert not {"pretrain/dice"} & set(rows[step])
+    assert "val/pretrain_dice" in rows[2] and "val/dice" not in rows[2] and "val/dice" in rows[4]
+    index = json.loads((out / "checkpoints" / "index.json").read_text())
+    assert index["best_step"] == 4  # best.pt is a self-trained student, never a pre-trained one
+    pretrained, final = checkpoint(out, "step_00000002.pt"), checkpoint(out)
+    assert pretrained["bcp"]["best_model"] is not None and pretrained["bcp"]["best_step"] == 2
+    assert final["bcp"]["best_model"] is None and final["bcp"]["best_step"] == 2
+    weight = next(k for k in final["model"] if k.endswith("conv.weight"))
+    assert not torch.equal(final["model"][weight], final["teacher"][weight])
+    metrics = json.loads((out / "test" / "metrics.json").read_text())
+    assert set(metrics["classes"]["1"]) >= METRICS
+    assert (out / "test" / "predictions" / "A__organs_0005.nii.gz").is_file()
+
+    exported = export_checkpoint(out, tmp_path / "repository", "bcp-liver", ExportOptions(max_batch_size=2))
+    card = load_card(exported.model_dir)
+    assert card.provenance["method"] == "bcp" and exported.parity.passed
+    assert [label.name for label in card.labels] == ["liver"]
+    summary = score(organs / "A", tmp_path / "scores", RunnerSpec(exported.repository, "bcp-liver"),
+                    options=ScoreOptions(workers=0))
+    assert summary.counts == {"ok": 1}
+    pred = read_nifti(tmp_path / "scores" / "labels" / "organs_0005.nii.gz", label=True)
+    truth = read_nifti(organs / "A" / "labelsTs" / "organs_0005.nii.gz", label=True)
+    assert abs(dice(pred.array == 1, truth.array == 1) - metrics["classes"]["1"]["dice"]["mean"]) < 0.01
+
+
+def test_bcp_self_training_starts_from_the_best_pretrained_checkpoint(organs, tmp_path, monkeypatch):
+    """Validation Dice 0.9 after step 1, 0.1 after step 2: student and teacher start step 3 from
+    step 1's weights, so teacher_3 = 0.99·w_1 + 0.01·student_3 (one EMA update)."""
+    scripted = iter([0.9, 0.1, 0.5])
+    monkeypatch.setattr(seg_trainer, "validate_segmenter", lambda *a, **k: {"dice": next(scripted)})
+    cfg = tiny_config("bcp", "ssl", *BCP, "optim.steps=3", "eval.every=1")
+    train_segmenter(cfg, organs, tmp_path / "run", device="cpu")
+    first, last = checkpoint(tmp_path / "run", "step_00000001.pt"), checkpoint(tmp_path / "run", "step_00000003.pt")
+    assert (last["bcp"]["best_step"], last["bcp"]["best_dice"]) == (1, 0.9)
+    assert last["metrics"] == {"dice": 0.5} and first["metrics"] == {"pretrain_dice": 0.9}
+    for name, _ in seg_trainer.build_segmenter(cfg, 2).named_parameters():  # the EMA skips BatchNorm buffers
+        expected = 0.99 * first["model"][name] + 0.01 * last["model"][name]
+        torch.testing.assert_close(last["teacher"][name], expected, rtol=0, atol=1e-6, msg=name)
+
+
+def test_an_interrupted_bcp_run_resumes_to_the_same_student_and_teacher_in_either_phase(organs, tmp_path,
+                                                                                        monkeypatch):
+    """6 straight steps (2 pre-training) == a run stopped in the first self-training step (resumed from
+    the pre-training checkpoint at step 2), stopped again at step 5 (resumed from step 4), finished."""
+    cfg = tiny_config("bcp", "ssl", *BCP, "optim.steps=6", "data.n_validation=1")
+    train_segmenter(cfg, organs, tmp_path / "straight", device="cpu")
+
+    real_step = seg_trainer.bcp_self_train_step
+
+    def stop_at(call: int):
+        calls = {"n": 0}
+
+        def step(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == call:
+                raise KeyboardInterrupt
+            return real_step(*args, **kwargs)
+        return step
+
+    run = tmp_path / "resumed"
+    monkeypatch.setattr(seg_trainer, "bcp_self_train_step", stop_at(1))
+    with pytest.raises(KeyboardInterrupt):
+        train_segmenter(cfg, organs, run, device="cpu")
+    assert json.loads((run / "checkpoints" / "index.json").read_text())["last_step"] == 2
+    monkeypatch.setattr(seg_trainer, "bcp_self_train_step", stop_at(3))
+    with pytest.raises(KeyboardInterrupt):
+        train_segmenter(cfg, organs, run, resume=True, device="cpu")
+    assert json.loads((run / "checkpoints" / "index.json").read_text())["last_step"] == 4
+    monkeypatch.setattr(seg_trainer, "bcp_self_train_step", real_step)
+    train_segmenter(cfg, organs, run, resume=True, device="cpu")
+
+    straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(run)
+    assert resumed["step"] == 6 and resumed["bcp"]["best_step"] == straight["bcp"]["best_step"]
+    for key in ("model", "teacher"):
+        for name, value in straight[key].items():
+            torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=1e-6,
+                                       msg=lambda m, key=key, name=name: f"{key}.{name} differs after resume: {m}")
+    assert resumed["optimizer"]["param_groups"][0]["lr"] == straight["optimizer"]["param_groups"][0]["lr"]

@@ -1,4 +1,5 @@
-"""The experiment config of the segmentation trainers (``ad``, ``supervised-seg``, ``mean-teacher``).
+"""The experiment config of the segmentation trainers (``ad``, ``supervised-seg``, ``mean-teacher``,
+``bcp``).
 
 The four A&D settings are configuration, not code (see ``training/configs/seg-*.yaml``):
 
@@ -17,14 +18,31 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from medssl.errors import ConfigError
 from medssl.training.diffusion import LabelDiffusion
 from medssl.training.vnet import VNetConfig
 
-__all__ = ["ADConfig", "MeanTeacherConfig", "SegDataConfig", "SegEvalConfig", "SegOptimConfig",
-           "SegmentationExperiment"]
+__all__ = ["ADConfig", "BCPConfig", "MeanTeacherConfig", "SegDataConfig", "SegEvalConfig", "SegModelConfig",
+           "SegOptimConfig", "SegmentationExperiment"]
 
 Setting = Literal["ssl", "imbssl", "uda", "semidg"]
-Method = Literal["ad", "supervised-seg", "mean-teacher"]
+Method = Literal["ad", "supervised-seg", "mean-teacher", "bcp"]
+Network = Literal["vnet", "unet2d"]
+
+
+@dataclass(frozen=True)
+class SegModelConfig(VNetConfig):
+    """The network: :class:`VNetConfig`'s shape plus which network.
+
+    Attributes:
+        network: ``"vnet"`` (3D VNet; A&D's Diff-VNet for ``ad``) or ``"unet2d"``: SSL4MIS's 2D
+            UNet run on every axial slice (:mod:`medssl.training.unet2d`), for slice-wise
+            (ACDC-style) data; ``width: 16`` and ``dropout: true`` are SSL4MIS's UNet. Every
+            method but ``ad`` (whose Diff-VNet is 3D) takes it. Any patch depth works (``1``:
+            one slice per crop); the in-plane edges stay multiples of 16.
+    """
+
+    network: Network = "vnet"
 
 
 @dataclass(frozen=True)
@@ -48,7 +66,8 @@ class SegDataConfig:
             Synapse clips to [-75, 275]); ``"percentile"``: per-volume 0.5–99.5 percentile
             window onto ``[-1, 1]`` (A&D's M&Ms / MR preprocessing; needed when domains
             differ in modality).
-        patch: training crop ``(z, y, x)``, multiples of 16.
+        patch: training crop ``(z, y, x)``; ``y`` and ``x`` multiples of 16, ``z`` too for
+            the VNet (any depth for ``model.network: unet2d``).
         svda: SVDA on every crop, labeled and unlabeled, for every method (off: random
             crop only; A&D's "w/o SVDA" ablation).
         split_seed: seed of the split.
@@ -77,7 +96,7 @@ class SegDataConfig:
             raise ValueError("data.domains must name at least one domain")
         if not 0 < self.labeled_fraction <= 1:
             raise ValueError(f"labeled_fraction must be in (0, 1], got {self.labeled_fraction}")
-        if any(p < 16 or p % 16 for p in self.patch):
+        if self.patch[0] < 1 or any(p < 16 or p % 16 for p in self.patch[1:]):
             raise ValueError(f"patch edges must be multiples of 16 (four stride-2 stages), got {self.patch}")
         if min(self.spacing_mm) <= 0 or self.n_validation < 0 or self.workers < 0:
             raise ValueError("need spacing_mm > 0, n_validation >= 0 and workers >= 0")
@@ -93,6 +112,9 @@ class SegDataConfig:
 class SegOptimConfig:
     """SGD, Nesterov, momentum 0.9, weight decay 3e-5, poly lr (power 0.9): official
     ``train_diffusion.py``; ``batch_size`` labeled + as many unlabeled crops per step.
+
+    ``bcp`` keeps ``steps``, ``batch_size`` and ``momentum`` but uses its own SGD (``bcp.lr``,
+    ``bcp.weight_decay``, no Nesterov) and step schedule instead of the poly one.
 
     Attributes:
         steps: optimisation steps (the same budget for every method).
@@ -161,6 +183,57 @@ class MeanTeacherConfig:
 
 
 @dataclass(frozen=True)
+class BCPConfig:
+    """Bidirectional Copy-Paste (Bai et al., CVPR 2023), official LA configuration
+    (DeepMed-Lab-ECNU/BCP ``code/LA_BCP_train.py``, ``code/LA&ACDC/utils/BCP_utils.py``).
+
+    A run is ``pretrain_steps`` of copy-paste pre-training on labeled pairs, then
+    ``optim.steps - pretrain_steps`` of self-training with an EMA teacher (official: 2000 +
+    15000). Both phases validate on the held-out labeled-pool cases
+    (``data.n_validation``), never on the test set (the official code picks its checkpoints on
+    the test set every 200 iterations); self-training starts from the best pre-trained one.
+
+    Attributes:
+        pretrain_steps: steps of the pre-training phase (official ``--pre_max_iteration``).
+        mask_ratio: each edge of the zeroed box is ``int(edge * mask_ratio)`` (``--mask_ratio``);
+            with ``model.network: unet2d`` the box spans the crop's depth (2D BCP on each slice,
+            ``ACDC_BCP_train.py``).
+        u_weight: α, the loss weight of pseudo-labeled voxels; ground truth weighs 1
+            (``--u_weight``).
+        ema: teacher decay (``update_ema_variables(model, ema_model, 0.99)``).
+        lr, weight_decay: SGD (momentum ``optim.momentum``, no Nesterov) in both phases.
+        lr_step, lr_gamma: self-training lr ×``lr_gamma`` every ``lr_step`` steps;
+            pre-training keeps ``lr``.
+        pseudo_threshold: two classes: foreground where the teacher's softmax ≥ this
+            (``get_cut_mask``); more classes: argmax.
+        largest_cc: keep the largest 26-connected component of each pseudo-labeled class
+            (``LargestCC_pancreas``, ``nms=1``).
+    """
+
+    pretrain_steps: int = 2000
+    mask_ratio: float = 2 / 3
+    u_weight: float = 0.5
+    ema: float = 0.99
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    lr_step: int = 2500
+    lr_gamma: float = 0.1
+    pseudo_threshold: float = 0.5
+    largest_cc: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pretrain_steps < 1 or self.lr_step < 1:
+            raise ValueError(f"need pretrain_steps >= 1 and lr_step >= 1, got {self.pretrain_steps}, {self.lr_step}")
+        if not 0 < self.mask_ratio < 1 or not 0 < self.pseudo_threshold < 1:
+            raise ValueError(f"mask_ratio and pseudo_threshold must be in (0, 1), got {self.mask_ratio}, "
+                             f"{self.pseudo_threshold}")
+        if not 0 <= self.ema < 1 or self.u_weight < 0 or self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("need 0 <= ema < 1, u_weight >= 0, lr > 0 and weight_decay >= 0")
+        if not 0 < self.lr_gamma <= 1:
+            raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+
+
+@dataclass(frozen=True)
 class SegEvalConfig:
     """Validation and test inference (the shared pipeline's parameters).
 
@@ -185,9 +258,27 @@ class SegmentationExperiment:
     setting: Setting = "ssl"
     seed: int = 0
     amp: bool = True
-    model: VNetConfig = field(default_factory=VNetConfig)
+    model: SegModelConfig = field(default_factory=SegModelConfig)
     data: SegDataConfig = field(default_factory=SegDataConfig)
     optim: SegOptimConfig = field(default_factory=SegOptimConfig)
     ad: ADConfig = field(default_factory=ADConfig)
     mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
+    bcp: BCPConfig = field(default_factory=BCPConfig)
     eval: SegEvalConfig = field(default_factory=SegEvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.method == "bcp" and self.bcp.pretrain_steps >= self.optim.steps:
+            raise ConfigError(f"config key 'bcp.pretrain_steps': {self.bcp.pretrain_steps} must be below "
+                              f"optim.steps ({self.optim.steps}), the rest of the run is self-training",
+                              key="bcp.pretrain_steps")
+        if self.method == "bcp" and self.optim.batch_size % 2:
+            raise ConfigError(f"config key 'optim.batch_size': bcp copy-pastes pairs of crops and needs an even "
+                              f"batch size, got {self.optim.batch_size}", key="optim.batch_size")
+        network, depth = self.model.network, self.data.patch[0]
+        if network == "unet2d" and self.method == "ad":
+            raise ConfigError("config key 'model.network': 'unet2d' does not fit method 'ad' (A&D's Diff-VNet "
+                              "is 3D); use 'vnet', or unet2d with another method", key="model.network")
+        if network == "vnet" and (depth < 16 or depth % 16):
+            raise ConfigError(f"config key 'data.patch': the VNet needs a depth that is a multiple of 16 (four "
+                              f"stride-2 stages), got {list(self.data.patch)}; only model.network 'unet2d' "
+                              f"takes any depth", key="data.patch")

@@ -1,4 +1,4 @@
-"""One optimisation step of each segmentation method: supervised, mean teacher, A&D.
+"""One optimisation step of each segmentation method: supervised, mean teacher, A&D, BCP.
 
 Each returns its loss terms; the trainer does backward and the optimiser. Batches come from
 :class:`medssl.training.seg_data.SegCrops`: ``image (B, 1, Z, Y, X)``, ``label (B, Z, Y, X)``.
@@ -12,13 +12,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from medssl.training.bcp import (
+    bidirectional_mix,
+    box_mask,
+    copy_paste,
+    masked_dice_loss,
+    mix_loss,
+    pseudo_labels,
+    sample_box,
+)
 from medssl.training.diffusion import LabelDiffusion, label_to_x0
 from medssl.training.drs import DifficultyWeights
 from medssl.training.seg_config import SegmentationExperiment
 from medssl.training.seg_losses import dice_ce_loss
 from medssl.training.vnet import DiffVNet
 
-__all__ = ["ad_step", "ema_update", "gaussian_smooth", "mean_teacher_step", "rampup", "supervised_seg_step"]
+__all__ = ["ad_step", "bcp_pretrain_step", "bcp_self_train_step", "ema_update", "gaussian_smooth",
+           "mean_teacher_step", "rampup", "supervised_seg_step"]
 
 
 def rampup(step: int, total_steps: int, fraction: float) -> float:
@@ -140,3 +150,60 @@ def ad_step(model: nn.Module, raw: DiffVNet, labeled: dict[str, torch.Tensor], u
     if weights is not None:
         out.update({f"drs/{c}": w for c, w in enumerate(weights.detach().cpu())})
     return out
+
+
+def _bcp_mask(image: torch.Tensor, cfg: SegmentationExperiment, generator: torch.Generator | None) -> torch.Tensor:
+    """One iteration's copy-paste mask for crops ``image (B, 1, *spatial)``: bool ``spatial``."""
+    spatial = image.shape[2:]
+    box = sample_box(spatial, cfg.bcp.mask_ratio, generator, whole_depth=cfg.model.network == "unet2d")
+    return box_mask(spatial, box, image.device)
+
+
+def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[0] // 2
+    return x[:n], x[n:2 * n]
+
+
+def bcp_pretrain_step(model: nn.Module, labeled: dict[str, torch.Tensor], cfg: SegmentationExperiment,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """BCP pre-training (official ``LA_BCP_train.py`` ``pre_train``): the labeled crops' two
+    halves ``a, b`` (``B/2`` each) copy-pasted, ``a·M + b·(1 − M)`` for images and labels, and
+    ``(CE + Dice) / 2`` with ``mask_DiceLoss`` over the whole crop."""
+    (image_a, image_b), (label_a, label_b) = _halves(labeled["image"]), _halves(labeled["label"])
+    mask = _bcp_mask(image_a, cfg, generator)
+    target = copy_paste(label_a, label_b, mask)
+    logits = model(copy_paste(image_a, image_b, mask)).float()
+    dice = masked_dice_loss(logits, target)
+    ce = F.cross_entropy(logits, target)
+    return {"loss": (dice + ce) / 2, "pretrain/dice": dice, "pretrain/ce": ce}
+
+
+def bcp_self_train_step(model: nn.Module, teacher: nn.Module, labeled: dict[str, torch.Tensor],
+                        unlabeled: dict[str, torch.Tensor], cfg: SegmentationExperiment,
+                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """BCP self-training (official ``LA_BCP_train.py`` ``self_train``).
+
+    1. The teacher's pseudo-labels on the unlabeled crops (no grad; threshold 0.5 or argmax,
+       then the largest connected component per class);
+    2. one box mask ``M`` for both mixes: ``in = x_a·M + u_a·(1 − M)``,
+       ``out = u_b·M + x_b·(1 − M)``, targets mixed alike from ground truth and pseudo-labels;
+    3. ``loss = mix_loss(in; GT 1, pseudo α) + mix_loss(out; pseudo α, GT 1)``.
+
+    The EMA update of the teacher follows the optimiser step, in the trainer. Choice: the
+    student sees both mixes in one forward (the official runs two) and the teacher the
+    unlabeled crops in one (the official: each half), so DDP's one-reduction-per-backward
+    contract holds; in train mode BatchNorm then normalises over ``B`` crops, not ``B/2``.
+    """
+    b = cfg.bcp
+    with torch.no_grad():
+        pseudo = pseudo_labels(teacher(unlabeled["image"]), b.pseudo_threshold, b.largest_cc)
+    (image_a, image_b), (label_a, label_b) = _halves(labeled["image"]), _halves(labeled["label"])
+    (unl_a, unl_b), (pseudo_a, pseudo_b) = _halves(unlabeled["image"]), _halves(pseudo)
+    mask = _bcp_mask(image_a, cfg, generator)
+    image_in, image_out = bidirectional_mix(image_a, image_b, unl_a, unl_b, mask)
+    target_in, target_out = bidirectional_mix(label_a, label_b, pseudo_a, pseudo_b, mask)
+    logits_in, logits_out = model(torch.cat([image_in, image_out])).float().split(image_in.shape[0])
+    loss_in = mix_loss(logits_in, target_in, mask, outside_weight=1.0, inside_weight=b.u_weight)
+    loss_out = mix_loss(logits_out, target_out, mask, outside_weight=b.u_weight, inside_weight=1.0)
+    return {"loss": loss_in["loss"] + loss_out["loss"],
+            **{f"in/{k}": v for k, v in loss_in.items()}, **{f"out/{k}": v for k, v in loss_out.items()}}

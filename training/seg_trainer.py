@@ -1,10 +1,16 @@
-"""The segmentation trainer behind ``medssl-train ad``, ``supervised-seg`` and ``mean-teacher``.
+"""The segmentation trainer behind ``medssl-train ad``, ``supervised-seg``, ``mean-teacher`` and
+``bcp``.
 
 A run folder holds ``config.yaml``, ``split.json``, ``checkpoints/`` (periodic, ``last.pt``,
 ``best.pt`` by validation Dice), ``tensorboard/``, ``log.jsonl`` and, at the end, ``test/``
 (``metrics.json``, ``cases.json``, ``predictions/*.nii.gz``) from the best checkpoint on the
 test domains. Conventions as the detector trainer (:mod:`medssl.training.det_trainer`):
 typed config, checkpoints with RNG state for an exact resume, DDP, cached volumes.
+
+Validation (checkpoint choice) uses only the held-out labeled-pool cases (``data.n_validation``),
+never the test set. BCP runs in two phases (:class:`~medssl.training.bcp.BCPPhases`):
+pre-training checkpoints record ``pretrain_dice`` (so ``best.pt`` is always a self-trained
+student) and carry the best pre-trained weights, from which self-training starts.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medssl.errors import MedsslError
+from medssl.training.bcp import BCPPhases
 from medssl.training.cache import VolumeCache
 from medssl.training.checkpoint import CheckpointManager, resume_from_last, rng_state
 from medssl.config import config_to_dict, dump_config
@@ -39,8 +46,16 @@ from medssl.training.seg_eval import (
     test_segmenter,
     validate_segmenter,
 )
-from medssl.training.seg_steps import ad_step, ema_update, mean_teacher_step, supervised_seg_step
+from medssl.training.seg_steps import (
+    ad_step,
+    bcp_pretrain_step,
+    bcp_self_train_step,
+    ema_update,
+    mean_teacher_step,
+    supervised_seg_step,
+)
 from medssl.training.svda import SVDA
+from medssl.training.unet2d import UNet2D
 from medssl.training.vnet import DiffVNet, VNet
 
 __all__ = ["CHECKPOINT_KIND", "SegmentationRun", "build_segmenter", "train_segmenter"]
@@ -59,10 +74,14 @@ class SegmentationRun:
 
 
 def build_segmenter(cfg: SegmentationExperiment, n_classes: int) -> nn.Module:
-    """The trained network: :class:`DiffVNet` for A&D, :class:`VNet` for the baselines."""
+    """The trained network: :class:`DiffVNet` for A&D; for the other methods :class:`VNet`, or
+    :class:`UNet2D` slice by slice with ``model.network: unet2d``."""
     if cfg.method == "ad":
         return DiffVNet(cfg.model, n_classes, diffusion=cfg.ad.diffusion)
-    return VNet(cfg.model, n_classes)
+    m = cfg.model
+    if m.network == "unet2d":
+        return UNet2D(n_classes, width=m.width, in_channels=m.in_channels, dropout=m.dropout)
+    return VNet(m, n_classes)
 
 
 def inference_net(state: dict[str, Any]) -> nn.Module:
@@ -77,6 +96,22 @@ def inference_net(state: dict[str, Any]) -> nn.Module:
 
 def _poly(step: int, total: int, power: float) -> float:
     return (1 - step / total) ** power
+
+
+def _optimiser(cfg: SegmentationExperiment, model: nn.Module,
+               phases: BCPPhases | None) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD and its schedule: Nesterov and the poly lr (official A&D ``train_diffusion.py``), or for
+    BCP plain SGD at ``bcp.lr`` / ``bcp.weight_decay`` with :meth:`BCPPhases.lr_factor`
+    (official ``LA_BCP_train.py``)."""
+    o = cfg.optim
+    if phases is not None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.bcp.lr, momentum=o.momentum,
+                                    weight_decay=cfg.bcp.weight_decay)
+        factor = phases.lr_factor
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s))
+    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                nesterov=True)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _poly(s, o.steps, o.poly_power))
 
 
 def _stream(dataset: SegCrops, batch: int, start: int, count: int, workers: int, env: DistEnv) -> Iterator[Any]:
@@ -146,12 +181,12 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
                   "n_validation": len(validation), "n_test": len(split.test)}
 
     model = build_segmenter(cfg, n_classes).to(dev)
-    teacher = build_segmenter(cfg, n_classes).to(dev) if cfg.method == "mean-teacher" else None
+    teacher = build_segmenter(cfg, n_classes).to(dev) if cfg.method in ("mean-teacher", "bcp") else None
+    ema = cfg.bcp.ema if cfg.method == "bcp" else cfg.mean_teacher.ema
+    phases = BCPPhases(cfg.bcp) if cfg.method == "bcp" else None
     drs = DifficultyWeights(n_classes, momentum=cfg.ad.drs_momentum) if cfg.method == "ad" and cfg.ad.drs else None
     o = cfg.optim
-    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                nesterov=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _poly(s, o.steps, o.poly_power))
+    optimizer, scheduler = _optimiser(cfg, model, phases)
     start = 0
     if resume:
         state = resume_from_last(manager, model, optimizer, scheduler)
@@ -159,6 +194,8 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
             teacher.load_state_dict(state["teacher"])
         if drs is not None:
             drs.load_state_dict(state["drs"])
+        if phases is not None:
+            phases.load_state_dict(state["bcp"])
         start = int(state["step"])
     elif teacher is not None:
         teacher.load_state_dict(model.state_dict())
@@ -174,8 +211,10 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
     batch = o.batch_size
     labeled_stream = _stream(SegCrops(labeled, d.patch, lookup, svda, pad, cfg.seed, 1), batch, start,
                              o.steps - start, d.workers, env)
-    unlabeled_stream = (_stream(SegCrops(unlabeled, d.patch, lookup, svda, pad, cfg.seed, 2), batch, start,
-                                o.steps - start, d.workers, env) if semi else None)
+    # Unlabeled crop i·batch.. feeds step i; BCP draws none while it pre-trains.
+    unlabeled_start = max(start, phases.pretrain_steps if phases is not None else 0)
+    unlabeled_stream = (_stream(SegCrops(unlabeled, d.patch, lookup, svda, pad, cfg.seed, 2), batch,
+                                unlabeled_start, o.steps - unlabeled_start, d.workers, env) if semi else None)
     params = segmentation_params(cfg, n_classes)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dev.type == "cuda" else nullcontext()
 
@@ -186,11 +225,16 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
             "kind": CHECKPOINT_KIND, "classes": {str(k): v for k, v in names.items()},
             "teacher": teacher.state_dict() if teacher is not None else None,
             "drs": drs.state_dict() if drs is not None else None,
+            "bcp": phases.state_dict() if phases is not None else None,
             "provenance": provenance, "metrics": dict(metrics or {}),
         }
 
     with TrainLogger(out, o.steps, enabled=env.is_main) as logger:
         for step in range(start, o.steps):
+            pretraining = phases is not None and phases.pretraining(step)
+            if phases is not None and step == phases.pretrain_steps:
+                assert teacher is not None
+                phases.start_self_training(unwrap(model), teacher, optimizer)
             generator = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, 5, step, env.rank])
                                                           .integers(2**62)))
             lab = _to(next(labeled_stream), dev)
@@ -199,10 +243,15 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
                     assert unlabeled_stream is not None
                     losses = ad_step(model, unwrap(model), lab, _to(next(unlabeled_stream), dev), drs, step, cfg,
                                      generator)
-                elif teacher is not None:
-                    assert unlabeled_stream is not None
+                elif cfg.method == "mean-teacher":
+                    assert teacher is not None and unlabeled_stream is not None
                     losses = mean_teacher_step(model, teacher, lab, _to(next(unlabeled_stream), dev), step, cfg,
                                                generator)
+                elif pretraining:
+                    losses = bcp_pretrain_step(model, lab, cfg, generator)
+                elif cfg.method == "bcp":
+                    assert teacher is not None and unlabeled_stream is not None
+                    losses = bcp_self_train_step(model, teacher, lab, _to(next(unlabeled_stream), dev), cfg, generator)
                 else:
                     losses = supervised_seg_step(model, lab)
             loss = losses["loss"]
@@ -214,16 +263,21 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
             loss.backward()
             optimizer.step()
             scheduler.step()
-            if teacher is not None:
-                ema_update(teacher, unwrap(model), cfg.mean_teacher.ema)
+            if teacher is not None and not pretraining:
+                ema_update(teacher, unwrap(model), ema)
             scalars = {k: float(v.detach()) for k, v in losses.items()}
             logger.log(step + 1, lr=scheduler.get_last_lr()[0], **scalars)
             logger.advance(step + 1, loss=scalars["loss"])
-            if (step + 1) % cfg.eval.every == 0 or step + 1 == o.steps:
+            last_pretraining = phases is not None and step + 1 == phases.pretrain_steps
+            if (step + 1) % cfg.eval.every == 0 or step + 1 == o.steps or last_pretraining:
                 metrics = None
                 if env.is_main and validation:
                     metrics = validate_segmenter(unwrap(model), validation, lookup, params, dev, cfg.amp)
+                    if pretraining:
+                        metrics = {f"pretrain_{k}": v for k, v in metrics.items()}
                     logger.log(step + 1, **{f"val/{k}": v for k, v in metrics.items()})
+                if phases is not None and pretraining:
+                    phases.observe_pretrained(step + 1, unwrap(model), metrics["pretrain_dice"] if metrics else None)
                 if env.is_main:
                     manager.save(state(step + 1, metrics), step + 1, metrics)
     if not env.is_main:
