@@ -259,3 +259,20 @@ def test_the_unet2d_exports_with_parity_and_scores_like_the_trainer(run_2d, orga
     trained = read_nifti(run_2d / "test" / "predictions" / "A__organs_0005.nii.gz", label=True).array
     assert scored.shape == trained.shape
     assert np.mean(scored == trained) > 0.999  # onnxruntime vs torch: argmax ties aside, the same labels
+
+
+def test_bcp_trains_the_unet2d_slice_wise(organs, tmp_path):
+    """BCP with the 2D UNet (the official ACDC variant): both phases run on single slices."""
+    out = tmp_path / "bcp2d"
+    overrides = ["optim.steps=4", "eval.every=2", "data.workers=0", "model.width=8", "bcp.pretrain_steps=2",
+                 "bcp.lr_step=1", f"data.cache_dir={organs / 'cache'}", "model.network=unet2d",
+                 "data.patch=[1,48,48]"]
+    result = CliRunner().invoke(train, ["bcp", "--setting", "ssl", "--profile", "cpu", "--data", str(organs),
+                                        "--out", str(out), "--device", "cpu",
+                                        *[a for s in overrides for a in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] == 4 and state["teacher"] is not None
+    assert any(v.ndim == 4 for k, v in state["model"].items() if k.endswith("weight"))
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any("in/loss" in row for row in logged) and any("pretrain/dice" in row for row in logged)
