@@ -191,6 +191,34 @@ def test_an_interrupted_run_resumes_to_the_same_weights(organs, tmp_path, monkey
         torch.testing.assert_close(torch.as_tensor(resumed["drs"][key]), torch.as_tensor(value), msg=key)
 
 
+def test_an_interrupted_mean_teacher_run_resumes_to_the_same_student_and_teacher(organs, tmp_path, monkeypatch):
+    """4 straight steps == 2 steps, an interruption at step 3, then --resume: student and EMA
+    teacher both restored (the teacher lives in the checkpoint, not rebuilt from the student)."""
+    cfg = tiny_config("mean-teacher", "ssl", "data.n_validation=1")
+    train_segmenter(cfg, organs, tmp_path / "straight", device="cpu")
+
+    real_step, calls = seg_trainer.mean_teacher_step, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(seg_trainer, "mean_teacher_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_segmenter(cfg, organs, tmp_path / "resumed", device="cpu")
+    monkeypatch.setattr(seg_trainer, "mean_teacher_step", real_step)
+    train_segmenter(cfg, organs, tmp_path / "resumed", resume=True, device="cpu")
+
+    straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
+    assert resumed["step"] == 4
+    for part in ("model", "teacher"):
+        for name, value in straight[part].items():
+            torch.testing.assert_close(resumed[part][name], value, rtol=0, atol=1e-6,
+                                       msg=lambda m, name=name, part=part: f"{part} {name} differs: {m}")
+
+
 def test_resume_without_a_checkpoint_is_refused(organs, tmp_path):
     result = CliRunner().invoke(train, ["ad", "--setting", "ssl", "--profile", "cpu", "--data", str(organs),
                                         "--out", str(tmp_path / "nothing"), "--resume", *sets()])
