@@ -1,7 +1,7 @@
 """``medssl-train``: semi-supervised training.
 
 Detection: ``focalmix`` and ``supervised-det``. Segmentation: ``ad`` (A&D), ``bcp`` (BCP),
-``supervised-seg`` and ``mean-teacher``, each in the settings ``ssl``, ``imbssl``, ``uda`` and ``semidg``.
+``supervised-seg``, ``mean-teacher``, ``fixmatch`` and ``flexmatch``, each in the settings ``ssl``, ``imbssl``, ``uda`` and ``semidg``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def train() -> None:
     supervised baseline `supervised-det`, with the identical network and budget.
 
     Segmentation (Decathlon datasets, one per domain): `ad` (A&D, NeurIPS 2023), `bcp` (BCP,
-    CVPR 2023), and the baselines `supervised-seg` and `mean-teacher`, in the settings ssl,
+    CVPR 2023), `fixmatch` (FixMatch, fixed threshold) and `flexmatch` (FlexMatch CPL
+    thresholds), and the baselines `supervised-seg` and `mean-teacher`, in the settings ssl,
     imbssl, uda, semidg.
     """
 
@@ -118,6 +119,10 @@ _segmentation_command("mean-teacher", "Train the mean-teacher VNet baseline (lab
 _segmentation_command("bcp", "Train BCP (bidirectional copy-paste: copy-paste pre-training, then an EMA teacher's "
                       "pseudo-labels) on labeled + unlabeled cases. --config seg-bcp-la is the official LA "
                       "configuration (VNet width 16, 80x112x112 crops, 2000 + 15000 steps).")
+_segmentation_command("fixmatch", "Train FixMatch for segmentation: pseudo-labels from the weak view kept where the "
+                      "softmax >= fixmatch.tau (0.95), cross-entropy on the strong (SVDA intensity) view.")
+_segmentation_command("flexmatch", "Train FlexMatch for segmentation: FixMatch with curriculum pseudo-labelling (CPL) "
+                      "class thresholds from a voxel-grid memory over the unlabeled cases (fixmatch.* settings).")
 
 
 if __name__ == "__main__":

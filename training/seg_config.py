@@ -1,5 +1,5 @@
 """The experiment config of the segmentation trainers (``ad``, ``supervised-seg``, ``mean-teacher``,
-``bcp``).
+``bcp``, ``fixmatch``, ``flexmatch``).
 
 The four A&D settings are configuration, not code (see ``training/configs/seg-*.yaml``):
 
@@ -22,11 +22,11 @@ from medssl.errors import ConfigError
 from medssl.training.diffusion import LabelDiffusion
 from medssl.training.vnet import VNetConfig
 
-__all__ = ["ADConfig", "BCPConfig", "MeanTeacherConfig", "SegDataConfig", "SegEvalConfig", "SegModelConfig",
+__all__ = ["ADConfig", "BCPConfig", "FixMatchConfig", "MeanTeacherConfig", "SegDataConfig", "SegEvalConfig", "SegModelConfig",
            "SegOptimConfig", "SegmentationExperiment"]
 
 Setting = Literal["ssl", "imbssl", "uda", "semidg"]
-Method = Literal["ad", "supervised-seg", "mean-teacher", "bcp"]
+Method = Literal["ad", "supervised-seg", "mean-teacher", "bcp", "fixmatch", "flexmatch"]
 Network = Literal["vnet", "unet2d"]
 
 
@@ -234,6 +234,41 @@ class BCPConfig:
 
 
 @dataclass(frozen=True)
+class FixMatchConfig:
+    """FixMatch for segmentation (Sohn et al., 2020) and its FlexMatch variant (Zhang et al., 2021):
+    ``medssl-train fixmatch`` (fixed threshold) and ``medssl-train flexmatch`` (CPL).
+
+    Per step: Dice + CE on the labeled crops; the unlabeled crop as drawn (the weak view: no SVDA)
+    through the model without grad gives softmax probabilities, the threshold policy
+    (:mod:`medssl.training.threshold`) turns them into pseudo-labels and a keep mask; the strong
+    view (SVDA's intensity ops only, so voxels stay aligned with the weak view) through the model
+    with grad is trained with CE on the kept voxels (mean over kept voxels, 0 if none), weighted
+    ``lambda_u``. No EMA teacher: the model labels its own weak view, as in FixMatch.
+
+    Attributes:
+        tau: τ, the fixed threshold (``fixmatch``) or CPL's base threshold and memory-write
+            cut-off (``flexmatch``); FixMatch's and FlexMatch's 0.95.
+        lambda_u: weight of the unlabeled loss (FixMatch's default 1).
+        memory_stride: ``flexmatch``: the CPL memory holds every ``memory_stride``-th voxel along
+            each axis of every unlabeled case's cached volume
+            (:class:`~medssl.training.threshold.VoxelMemoryLayout`).
+        mapping: ``flexmatch``: ``"convex"`` M(x) = x/(2 − x) (official) or ``"linear"`` M(x) = x.
+        warmup: ``flexmatch``: threshold warm-up (official ``thresh_warmup``).
+    """
+
+    tau: float = 0.95
+    lambda_u: float = 1.0
+    memory_stride: int = 4
+    mapping: Literal["convex", "linear"] = "convex"
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.tau <= 1 or self.lambda_u < 0 or self.memory_stride < 1:
+            raise ValueError(f"need tau in (0, 1], lambda_u >= 0 and memory_stride >= 1, got {self.tau}, "
+                             f"{self.lambda_u}, {self.memory_stride}")
+
+
+@dataclass(frozen=True)
 class SegEvalConfig:
     """Validation and test inference (the shared pipeline's parameters).
 
@@ -264,6 +299,7 @@ class SegmentationExperiment:
     ad: ADConfig = field(default_factory=ADConfig)
     mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
     bcp: BCPConfig = field(default_factory=BCPConfig)
+    fixmatch: FixMatchConfig = field(default_factory=FixMatchConfig)
     eval: SegEvalConfig = field(default_factory=SegEvalConfig)
 
     def __post_init__(self) -> None:

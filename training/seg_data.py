@@ -9,7 +9,7 @@ and a resumed run continues the same stream. Volumes are cached on the model gri
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +150,13 @@ class SegCrops(Dataset):
     Item ``i``: ``image (1, Z, Y, X)`` float32 and, for labeled volumes, ``label (Z, Y, X)``
     int64 model classes.
 
+    With ``weak_strong`` (FixMatch/FlexMatch's unlabeled crops) ``image`` is the weak view, the
+    crop as drawn (no SVDA), and the item also carries ``strong (1, Z, Y, X)``: the same crop
+    with SVDA's intensity ops only (blur, brightness, contrast, gamma; the drawn rotation and zoom
+    are dropped so the two views stay voxel-aligned; without ``svda`` it equals the weak view),
+    ``case ()`` int64, the volume's index in ``volumes``, and ``start (3,)`` int64, the crop
+    corner in that volume's voxels. The draws are the same as without ``weak_strong``.
+
     Args:
         volumes: cached cases; all labeled or all unlabeled.
         patch: crop ``(z, y, x)``.
@@ -157,31 +164,50 @@ class SegCrops(Dataset):
         svda: the augmentation, or ``None`` for crops only.
         pad_value: normalised intensity outside a volume.
         seed, stream: the sample stream (labeled and unlabeled crops use different streams).
+        weak_strong: return weak and strong views and the crop's location (see above).
     """
 
     def __init__(self, volumes: Sequence[LabeledVolume], patch: Sequence[int], lookup: np.ndarray,
-                 svda: SVDA | None, pad_value: float, seed: int, stream: int) -> None:
+                 svda: SVDA | None, pad_value: float, seed: int, stream: int, weak_strong: bool = False) -> None:
         if not volumes:
             raise ValueError("no volumes to crop")
         self.volumes, self.patch = list(volumes), tuple(int(p) for p in patch)
         self.lookup, self.svda, self.pad_value = lookup, svda, pad_value
         self.seed, self.stream = seed, stream
+        self.weak_strong = weak_strong
 
     def __len__(self) -> int:
         return 2**62
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.stream, index])
-        vol = self.volumes[rng.integers(len(self.volumes))]
+        case = int(rng.integers(len(self.volumes)))
+        vol = self.volumes[case]
         shape = vol.image.array.shape
         start = [int(rng.integers(0, max(n - p, 0) + 1)) for n, p in zip(shape, self.patch)]
         image = extract_window(vol.image.array, start, self.patch, self.pad_value)
         label = None
         if vol.label is not None:
             label = self.lookup[extract_window(vol.label.array, start, self.patch, 0)]
+        if self.weak_strong:
+            return self._views(image, label, case, start, rng)
         if self.svda is not None:
             image, label = apply_svda(image, label, self.svda.sample(rng), pad_value=self.pad_value)
         item = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None])}
+        if label is not None:
+            item["label"] = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+        return item
+
+    def _views(self, image: np.ndarray, label: np.ndarray | None, case: int, start: list[int],
+               rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        strong = image
+        if self.svda is not None:
+            params = replace(self.svda.sample(rng), rotation_deg=None, scale=None)  # keep voxels aligned
+            strong, _ = apply_svda(image, None, params, pad_value=self.pad_value)
+        item = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None]),
+                "strong": torch.from_numpy(np.ascontiguousarray(strong, dtype=np.float32)[None]),
+                "case": torch.tensor(case, dtype=torch.int64),
+                "start": torch.tensor(start, dtype=torch.int64)}
         if label is not None:
             item["label"] = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
         return item

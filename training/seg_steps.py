@@ -1,4 +1,5 @@
-"""One optimisation step of each segmentation method: supervised, mean teacher, A&D, BCP.
+"""One optimisation step of each segmentation method: supervised, mean teacher, A&D, BCP,
+FixMatch/FlexMatch.
 
 Each returns its loss terms; the trainer does backward and the optimiser. Batches come from
 :class:`medssl.training.seg_data.SegCrops`: ``image (B, 1, Z, Y, X)``, ``label (B, Z, Y, X)``.
@@ -25,10 +26,12 @@ from medssl.training.diffusion import LabelDiffusion, label_to_x0
 from medssl.training.drs import DifficultyWeights
 from medssl.training.seg_config import SegmentationExperiment
 from medssl.training.seg_losses import dice_ce_loss
+from medssl.training.threshold import FlexMatchThreshold, ThresholdPolicy, VoxelMemoryLayout
 from medssl.training.vnet import DiffVNet
 
-__all__ = ["ad_step", "bcp_pretrain_step", "bcp_self_train_step", "ema_update", "gaussian_smooth",
-           "mean_teacher_step", "rampup", "supervised_seg_step"]
+__all__ = ["ad_step", "bcp_pretrain_step", "bcp_self_train_step", "crop_sample_ids", "ema_update",
+           "fixmatch_step", "gaussian_smooth", "mean_teacher_step", "rampup", "supervised_seg_step",
+           "unlabeled_ce"]
 
 
 def rampup(step: int, total_steps: int, fraction: float) -> float:
@@ -207,3 +210,62 @@ def bcp_self_train_step(model: nn.Module, teacher: nn.Module, labeled: dict[str,
     loss_out = mix_loss(logits_out, target_out, mask, outside_weight=b.u_weight, inside_weight=1.0)
     return {"loss": loss_in["loss"] + loss_out["loss"],
             **{f"in/{k}": v for k, v in loss_in.items()}, **{f"out/{k}": v for k, v in loss_out.items()}}
+
+
+def unlabeled_ce(logits: torch.Tensor, pseudo: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """FixMatch's unlabeled term for segmentation: cross-entropy of the strong view's ``logits
+    (B, C, *S)`` against ``pseudo (B, *S)``, averaged over the kept voxels ``keep (B, *S)`` only;
+    0 (still attached to the graph) when none is kept. (FixMatch averages over the whole batch
+    with the mask as a weight; over voxels of a 3D crop that would let the kept fraction,
+    mostly background early on, scale the term, so the mean is over kept voxels.)"""
+    ce = F.cross_entropy(logits.float(), pseudo, reduction="none")
+    kept = keep.to(ce.dtype)
+    return (ce * kept).sum() / kept.sum().clamp_min(1.0)
+
+
+def crop_sample_ids(layout: VoxelMemoryLayout, case: torch.Tensor, start: torch.Tensor,
+                    shape: tuple[int, ...]) -> torch.Tensor:
+    """``(B, Z, Y, X)`` CPL memory ids of a batch of crops (``case (B,)``, ``start (B, 3)``), ``-1``
+    off the memory grid (:meth:`VoxelMemoryLayout.crop_id_map`)."""
+    return torch.stack([layout.crop_id_map(int(k), [int(a) for a in corner], shape)
+                        for k, corner in zip(case.cpu(), start.cpu())])
+
+
+def fixmatch_step(model: nn.Module, labeled: dict[str, torch.Tensor], unlabeled: dict[str, torch.Tensor],
+                  policy: ThresholdPolicy, layout: VoxelMemoryLayout | None,
+                  cfg: SegmentationExperiment) -> dict[str, torch.Tensor]:
+    """FixMatch (Sohn et al. 2020) for segmentation, with any :class:`ThresholdPolicy`:
+
+    1. ``sup = DiceCE(model(x_l), y)``;
+    2. weak view ``u`` (``unlabeled["image"]``) through the model without grad, ``p = softmax``;
+       ``ŷ, keep = policy.pseudo_label(p, ids)`` (ids from ``layout`` for FlexMatch, else None);
+    3. strong view (``unlabeled["strong"]``, voxel-aligned with ``u``):
+       ``u_ce = CE(model(strong), ŷ)`` over kept voxels (:func:`unlabeled_ce`);
+    4. ``loss = sup + λ_u·u_ce``.
+
+    The labeled and strong crops share one forward (one DDP reduction per backward); the weak
+    pass is a separate no-grad forward (in train mode, as FixMatch's single forward is).
+    """
+    fm = cfg.fixmatch
+    n = labeled["image"].shape[0]
+    with torch.no_grad():
+        probs = torch.softmax(model(unlabeled["image"]).float(), dim=1)
+    ids = None
+    if layout is not None:
+        ids = crop_sample_ids(layout, unlabeled["case"], unlabeled["start"], tuple(probs.shape[2:]))
+    # the thresholds this batch is masked with (pseudo_label updates the memory afterwards)
+    thresholds = policy.thresholds().float() if isinstance(policy, FlexMatchThreshold) else None
+    pseudo, keep = policy.pseudo_label(probs, ids)
+    pseudo, keep = pseudo.to(probs.device), keep.to(probs.device)
+    logits = model(torch.cat([labeled["image"], unlabeled["strong"]])).float()
+    sup = dice_ce_loss(logits[:n], labeled["label"])
+    u_ce = unlabeled_ce(logits[n:], pseudo, keep)
+    out = {"loss": sup + fm.lambda_u * u_ce, "sup": sup, "u/ce": u_ce,
+           "u/kept": keep.float().mean(), "u/lambda": torch.tensor(fm.lambda_u)}
+    c = probs.shape[1]
+    counts = torch.bincount(pseudo[keep].reshape(-1), minlength=c).float()
+    total = max(float(keep.sum()), 1.0)
+    out.update({f"u/kept_share/{k}": counts[k] / total for k in range(c)})  # kept voxels' classes
+    if thresholds is not None:
+        out.update({f"threshold/{k}": t for k, t in enumerate(thresholds)})
+    return out

@@ -1,5 +1,5 @@
-"""The segmentation trainer behind ``medssl-train ad``, ``supervised-seg``, ``mean-teacher`` and
-``bcp``.
+"""The segmentation trainer behind ``medssl-train ad``, ``supervised-seg``, ``mean-teacher``,
+``bcp``, ``fixmatch`` and ``flexmatch``.
 
 A run folder holds ``config.yaml``, ``split.json``, ``checkpoints/`` (periodic, ``last.pt``,
 ``best.pt`` by validation Dice), ``tensorboard/``, ``log.jsonl`` and, at the end, ``test/``
@@ -11,6 +11,10 @@ Validation (checkpoint choice) uses only the held-out labeled-pool cases (``data
 never the test set. BCP runs in two phases (:class:`~medssl.training.bcp.BCPPhases`):
 pre-training checkpoints record ``pretrain_dice`` (so ``best.pt`` is always a self-trained
 student) and carry the best pre-trained weights, from which self-training starts.
+FixMatch/FlexMatch (:func:`~medssl.training.seg_steps.fixmatch_step`) draw weak + strong views of
+the unlabeled crops; FlexMatch's CPL memory is keyed by a voxel grid over the unlabeled cases'
+cached volumes (:class:`~medssl.training.threshold.VoxelMemoryLayout`, ``fixmatch.memory_stride``)
+and saved in the checkpoints (``threshold``), so a resumed run continues with the same thresholds.
 """
 
 from __future__ import annotations
@@ -51,10 +55,12 @@ from medssl.training.seg_steps import (
     bcp_pretrain_step,
     bcp_self_train_step,
     ema_update,
+    fixmatch_step,
     mean_teacher_step,
     supervised_seg_step,
 )
 from medssl.training.svda import SVDA
+from medssl.training.threshold import FixedThreshold, FlexMatchThreshold, ThresholdPolicy, VoxelMemoryLayout
 from medssl.training.unet2d import UNet2D
 from medssl.training.vnet import DiffVNet, VNet
 
@@ -185,6 +191,16 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
     ema = cfg.bcp.ema if cfg.method == "bcp" else cfg.mean_teacher.ema
     phases = BCPPhases(cfg.bcp) if cfg.method == "bcp" else None
     drs = DifficultyWeights(n_classes, momentum=cfg.ad.drs_momentum) if cfg.method == "ad" and cfg.ad.drs else None
+    fixmatch = cfg.method in ("fixmatch", "flexmatch")
+    policy: ThresholdPolicy | None = None
+    layout: VoxelMemoryLayout | None = None
+    if cfg.method == "fixmatch":
+        policy = FixedThreshold(cfg.fixmatch.tau)
+    elif cfg.method == "flexmatch":
+        fm = cfg.fixmatch
+        layout = VoxelMemoryLayout([v.image.array.shape for v in unlabeled], fm.memory_stride)
+        policy = FlexMatchThreshold(n_classes, layout.n_samples, tau=fm.tau, warmup=fm.warmup,
+                                    mapping=fm.mapping, device=dev)
     o = cfg.optim
     optimizer, scheduler = _optimiser(cfg, model, phases)
     start = 0
@@ -196,6 +212,8 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
             drs.load_state_dict(state["drs"])
         if phases is not None:
             phases.load_state_dict(state["bcp"])
+        if policy is not None:
+            policy.load_state_dict(state["threshold"])
         start = int(state["step"])
     elif teacher is not None:
         teacher.load_state_dict(model.state_dict())
@@ -213,8 +231,10 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
                              o.steps - start, d.workers, env)
     # Unlabeled crop i·batch.. feeds step i; BCP draws none while it pre-trains.
     unlabeled_start = max(start, phases.pretrain_steps if phases is not None else 0)
-    unlabeled_stream = (_stream(SegCrops(unlabeled, d.patch, lookup, svda, pad, cfg.seed, 2), batch,
-                                unlabeled_start, o.steps - unlabeled_start, d.workers, env) if semi else None)
+    unlabeled_crops = (SegCrops(unlabeled, d.patch, lookup, svda, pad, cfg.seed, 2, weak_strong=fixmatch)
+                       if semi else None)
+    unlabeled_stream = (_stream(unlabeled_crops, batch, unlabeled_start, o.steps - unlabeled_start, d.workers, env)
+                        if unlabeled_crops is not None else None)
     params = segmentation_params(cfg, n_classes)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dev.type == "cuda" else nullcontext()
 
@@ -226,6 +246,7 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
             "teacher": teacher.state_dict() if teacher is not None else None,
             "drs": drs.state_dict() if drs is not None else None,
             "bcp": phases.state_dict() if phases is not None else None,
+            "threshold": policy.state_dict() if policy is not None else None,
             "provenance": provenance, "metrics": dict(metrics or {}),
         }
 
@@ -247,6 +268,9 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
                     assert teacher is not None and unlabeled_stream is not None
                     losses = mean_teacher_step(model, teacher, lab, _to(next(unlabeled_stream), dev), step, cfg,
                                                generator)
+                elif fixmatch:
+                    assert policy is not None and unlabeled_stream is not None
+                    losses = fixmatch_step(model, lab, _to(next(unlabeled_stream), dev), policy, layout, cfg)
                 elif pretraining:
                     losses = bcp_pretrain_step(model, lab, cfg, generator)
                 elif cfg.method == "bcp":
