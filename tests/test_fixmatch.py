@@ -17,13 +17,13 @@ from click.testing import CliRunner
 from medssl.cli.train import resolve_config, train
 from medssl.config import load_config, parse_overrides
 from medssl.synth.datasets import write_organ_dataset
-from medssl.training import seg_trainer
 from medssl.training.seg_config import FixMatchConfig, SegmentationExperiment
 from medssl.training.seg_data import LabeledVolume, SegCrops
 from medssl.training.seg_steps import crop_sample_ids, unlabeled_ce
 from medssl.training.seg_trainer import train_segmenter
 from medssl.training.svda import SVDA, apply_svda
 from medssl.training.threshold import VoxelMemoryLayout
+from tests.test_seg_trainer import train_interrupted_then_resumed
 
 TINY = ["optim.steps=4", "eval.every=2", "data.patch=[16,16,16]", "data.workers=0", "model.width=4",
         "data.n_validation=1"]
@@ -177,19 +177,7 @@ def test_an_interrupted_flexmatch_run_resumes_to_the_same_weights_and_memory(org
     cfg = tiny_config("flexmatch", "fixmatch.memory_stride=2", "fixmatch.tau=0.6")
     train_segmenter(cfg, organs, tmp_path / "straight", device="cpu")
 
-    real_step, calls = seg_trainer.fixmatch_step, {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(seg_trainer, "fixmatch_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_segmenter(cfg, organs, tmp_path / "resumed", device="cpu")
-    monkeypatch.setattr(seg_trainer, "fixmatch_step", real_step)
-    train_segmenter(cfg, organs, tmp_path / "resumed", resume=True, device="cpu")
+    train_interrupted_then_resumed(cfg, organs, tmp_path / "resumed", monkeypatch, "fixmatch_step")
 
     straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
     assert resumed["step"] == 4

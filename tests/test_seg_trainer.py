@@ -70,6 +70,25 @@ def checkpoint(run: Path, name: str = "last.pt") -> dict:
     return torch.load(run / "checkpoints" / name, weights_only=False)
 
 
+def train_interrupted_then_resumed(cfg, data, out, monkeypatch, step_name: str, at_call: int = 3) -> None:
+    """Train ``cfg`` into ``out``, interrupted by a KeyboardInterrupt at the ``at_call``-th call of
+    ``seg_trainer.<step_name>``, then resume it to the end (the straight-vs-resumed tests)."""
+    real_step, calls = getattr(seg_trainer, step_name), {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(seg_trainer, step_name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_segmenter(cfg, data, out, device="cpu")
+    assert json.loads((out / "checkpoints" / "index.json").read_text())["last_step"] == at_call - 1
+    monkeypatch.setattr(seg_trainer, step_name, real_step)
+    train_segmenter(cfg, data, out, resume=True, device="cpu")
+
+
 def test_ad_run_writes_config_split_checkpoints_logs_and_test_predictions(organs, tmp_path):
     out, cache_dir = tmp_path / "run", tmp_path / "cache"
     result = CliRunner().invoke(train, [
@@ -166,20 +185,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(organs, tmp_path, monkey
     cfg = tiny_config("ad", "ssl", "data.n_validation=1")
     train_segmenter(cfg, organs, tmp_path / "straight", device="cpu")
 
-    real_step, calls = seg_trainer.ad_step, {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(seg_trainer, "ad_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_segmenter(cfg, organs, tmp_path / "resumed", device="cpu")
-    assert json.loads((tmp_path / "resumed" / "checkpoints" / "index.json").read_text())["last_step"] == 2
-    monkeypatch.setattr(seg_trainer, "ad_step", real_step)
-    train_segmenter(cfg, organs, tmp_path / "resumed", resume=True, device="cpu")
+    train_interrupted_then_resumed(cfg, organs, tmp_path / "resumed", monkeypatch, "ad_step")
 
     straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
     assert resumed["step"] == 4 and resumed["classes"] == straight["classes"]
@@ -197,19 +203,7 @@ def test_an_interrupted_mean_teacher_run_resumes_to_the_same_student_and_teacher
     cfg = tiny_config("mean-teacher", "ssl", "data.n_validation=1")
     train_segmenter(cfg, organs, tmp_path / "straight", device="cpu")
 
-    real_step, calls = seg_trainer.mean_teacher_step, {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(seg_trainer, "mean_teacher_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_segmenter(cfg, organs, tmp_path / "resumed", device="cpu")
-    monkeypatch.setattr(seg_trainer, "mean_teacher_step", real_step)
-    train_segmenter(cfg, organs, tmp_path / "resumed", resume=True, device="cpu")
+    train_interrupted_then_resumed(cfg, organs, tmp_path / "resumed", monkeypatch, "mean_teacher_step")
 
     straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
     assert resumed["step"] == 4
