@@ -115,14 +115,16 @@ def _segmentation_command(method: str, summary: str) -> click.Command:
 
 _segmentation_command("ad", "Train A&D (Diff-VNet, SVDA, DRS, pseudo-label fusion) on labeled + unlabeled cases.")
 _segmentation_command("supervised-seg", "Train the supervised VNet baseline (labeled cases only).")
-_segmentation_command("mean-teacher", "Train the mean-teacher VNet baseline (labeled + unlabeled cases).")
+_segmentation_command("mean-teacher", "Train the mean-teacher VNet baseline (labeled + unlabeled cases). "
+                      "--set threshold.policy=fixed|flexmatch masks its consistency to confident voxels.")
 _segmentation_command("bcp", "Train BCP (bidirectional copy-paste: copy-paste pre-training, then an EMA teacher's "
                       "pseudo-labels) on labeled + unlabeled cases. --config seg-bcp-la is the official LA "
-                      "configuration (VNet width 16, 80x112x112 crops, 2000 + 15000 steps).")
+                      "configuration (VNet width 16, 80x112x112 crops, 2000 + 15000 steps). --set "
+                      "threshold.policy=fixed|flexmatch filters its pseudo-labels.")
 _segmentation_command("fixmatch", "Train FixMatch for segmentation: pseudo-labels from the weak view kept where the "
-                      "softmax >= fixmatch.tau (0.95), cross-entropy on the strong (SVDA intensity) view.")
+                      "softmax >= threshold.tau (0.95), cross-entropy on the strong (SVDA intensity) view.")
 _segmentation_command("flexmatch", "Train FlexMatch for segmentation: FixMatch with curriculum pseudo-labelling (CPL) "
-                      "class thresholds from a voxel-grid memory over the unlabeled cases (fixmatch.* settings).")
+                      "class thresholds from a voxel-grid memory over the unlabeled cases (threshold.* settings).")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from medssl.cli.train import resolve_config, train
 from medssl.config import load_config, parse_overrides
 from medssl.synth.datasets import write_organ_dataset
-from medssl.training.seg_config import FixMatchConfig, SegmentationExperiment
+from medssl.training.seg_config import FixMatchConfig, SegmentationExperiment, ThresholdConfig
 from medssl.training.seg_data import LabeledVolume, SegCrops
-from medssl.training.seg_steps import crop_sample_ids, unlabeled_ce
+from medssl.training.seg_steps import unlabeled_ce
 from medssl.training.seg_trainer import train_segmenter
 from medssl.training.svda import SVDA, apply_svda
 from medssl.training.threshold import VoxelMemoryLayout
@@ -90,8 +90,9 @@ def test_the_step_weights_the_unlabeled_term_by_lambda_u():
     batch = {"image": torch.randn(1, 1, 4, 4, 4), "label": torch.zeros(1, 4, 4, 4, dtype=torch.int64)}
     unl = {"image": torch.randn(1, 1, 4, 4, 4), "strong": torch.randn(1, 1, 4, 4, 4)}
     for lam in (0.0, 1.0, 2.5):
-        cfg = SegmentationExperiment(method="fixmatch", fixmatch=FixMatchConfig(tau=0.5, lambda_u=lam))
-        out = fixmatch_step(net, batch, unl, FixedThreshold(0.5), None, cfg)
+        cfg = SegmentationExperiment(method="fixmatch", fixmatch=FixMatchConfig(lambda_u=lam),
+                                     threshold=ThresholdConfig(tau=0.5))
+        out = fixmatch_step(net, batch, unl, FixedThreshold(0.5), cfg)
         torch.testing.assert_close(out["loss"], out["sup"] + lam * out["u/ce"])
         assert out["u/kept"].item() == 1.0  # two classes: max p >= 0.5 everywhere
 
@@ -130,12 +131,33 @@ def test_weak_strong_crops_are_voxel_aligned_and_carry_their_location():
     assert "case" not in plain[0] and "strong" not in plain[0]
 
 
-def test_crop_sample_ids_stack_the_layouts_id_maps():
-    layout = VoxelMemoryLayout([(8, 8, 8), (4, 8, 8)], stride=2)
-    ids = crop_sample_ids(layout, torch.tensor([1, 0]), torch.tensor([[0, 0, 0], [-1, 2, 2]]), (4, 4, 4))
-    assert ids.shape == (2, 4, 4, 4)
-    torch.testing.assert_close(ids[0], layout.crop_id_map(1, [0, 0, 0], (4, 4, 4)))
-    torch.testing.assert_close(ids[1], layout.crop_id_map(0, [-1, 2, 2], (4, 4, 4)))
+def test_crops_carry_cpl_ids_that_follow_their_voxels_through_svda():
+    """With a layout, ``ids`` are the crop's memory ids, moved by SVDA's rotation and zoom exactly
+    as a label is: the same volume labelled with 1 + its voxel ids gives label - 1 == ids."""
+    shape = (12, 20, 20)
+    layout = VoxelMemoryLayout([shape], stride=1)
+    grid = layout.crop_id_map(0, (0, 0, 0), shape).numpy()  # stride 1: every voxel's id
+    image = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    unlabeled = [LabeledVolume(_Array(image), None)]
+    labeled = [LabeledVolume(_Array(image), _Array(grid + 1))]
+    lookup = np.arange(grid.size + 1, dtype=np.int64)
+    svda = SVDA(n_ops=6, p=1.0)
+    crops = SegCrops(unlabeled, (8, 16, 16), lookup, svda, -1.0, seed=0, stream=2, layout=layout)
+    twins = SegCrops(labeled, (8, 16, 16), lookup, svda, -1.0, seed=0, stream=2)
+    moved = 0
+    for i in range(4):
+        ids, label = crops[i]["ids"], twins[i]["label"]
+        assert ids.dtype == torch.int64 and ids.shape == (8, 16, 16)
+        torch.testing.assert_close(crops[i]["image"], twins[i]["image"])
+        torch.testing.assert_close(ids, label - 1, rtol=0, atol=0)
+        assert (ids >= -1).all() and ids.max() < layout.n_samples
+        moved += int((ids == -1).any())  # rotated/zoomed-out corners fall off the volume
+    assert moved, "the draws should rotate or zoom some crop"
+    weak = SegCrops(unlabeled, (8, 16, 16), lookup, svda, -1.0, seed=0, stream=2, weak_strong=True, layout=layout)
+    item = weak[0]
+    torch.testing.assert_close(item["ids"], layout.crop_id_map(0, item["start"].tolist(), (8, 16, 16)))
+    with pytest.raises(ValueError, match="unlabeled"):
+        SegCrops(labeled, (8, 16, 16), lookup, svda, -1.0, seed=0, stream=2, layout=layout)
 
 
 # -- end to end -----------------------------------------------------------------------------------
@@ -159,7 +181,7 @@ def test_fixmatch_cli_runs_and_logs_every_term_and_the_kept_fraction(organs, tmp
 
 
 def test_flexmatch_logs_thresholds_and_checkpoints_its_memory(organs, tmp_path):
-    cfg = tiny_config("flexmatch", "fixmatch.memory_stride=2")
+    cfg = tiny_config("flexmatch", "threshold.memory_stride=2")
     run = train_segmenter(cfg, organs, tmp_path / "flex", device="cpu")
     steps = [r for r in logged(run.out) if "loss" in r]
     assert all({"u/kept", "u/ce", "threshold/0", "threshold/1"} <= set(r) for r in steps)
@@ -174,7 +196,7 @@ def test_flexmatch_logs_thresholds_and_checkpoints_its_memory(organs, tmp_path):
 
 def test_an_interrupted_flexmatch_run_resumes_to_the_same_weights_and_memory(organs, tmp_path, monkeypatch):
     """4 straight steps == 2 steps, an interruption at step 3, then resume: model and CPL memory."""
-    cfg = tiny_config("flexmatch", "fixmatch.memory_stride=2", "fixmatch.tau=0.6")
+    cfg = tiny_config("flexmatch", "threshold.memory_stride=2", "threshold.tau=0.6")
     train_segmenter(cfg, organs, tmp_path / "straight", device="cpu")
 
     train_interrupted_then_resumed(cfg, organs, tmp_path / "resumed", monkeypatch, "fixmatch_step")

@@ -148,7 +148,7 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, region: tor
 
 
 def mix_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, outside_weight: float,
-             inside_weight: float) -> dict[str, torch.Tensor]:
+             inside_weight: float, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The loss of one mix (official ``mix_loss``): masked Dice + masked CE on the two sources.
 
     ``dice = w_out·Dice(M) + w_in·Dice(1 − M)``, ``ce = w_out·CE(M) + w_in·CE(1 − M)``,
@@ -160,14 +160,18 @@ def mix_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, out
         logits: ``(B, C, *spatial)``.
         target: ``(B, *spatial)``, the copy-pasted target of this mix.
         mask: bool ``spatial``, True outside the box.
+        valid: bool ``(B, *spatial)``, the voxels to train on (a pseudo-label filter's keep mask,
+            mixed like the targets, True on ground truth); None: every voxel (official).
 
     Returns:
         ``loss``, ``dice`` and ``ce`` scalars.
     """
-    inside = ~mask
-    dice = (outside_weight * masked_dice_loss(logits, target, mask)
+    outside, inside = mask, ~mask
+    if valid is not None:
+        outside, inside = outside & valid, inside & valid
+    dice = (outside_weight * masked_dice_loss(logits, target, outside)
             + inside_weight * masked_dice_loss(logits, target, inside))
-    ce = (outside_weight * masked_cross_entropy(logits, target, mask)
+    ce = (outside_weight * masked_cross_entropy(logits, target, outside)
           + inside_weight * masked_cross_entropy(logits, target, inside))
     return {"loss": (dice + ce) / 2, "dice": dice, "ce": ce}
 

@@ -22,7 +22,7 @@ from medssl.errors import ConfigError
 from medssl.training.diffusion import LabelDiffusion
 from medssl.training.vnet import VNetConfig
 
-__all__ = ["ADConfig", "BCPConfig", "FixMatchConfig", "MeanTeacherConfig", "SegDataConfig", "SegEvalConfig", "SegModelConfig",
+__all__ = ["ADConfig", "BCPConfig", "FixMatchConfig", "MeanTeacherConfig", "ThresholdConfig", "SegDataConfig", "SegEvalConfig", "SegModelConfig",
            "SegOptimConfig", "SegmentationExperiment"]
 
 Setting = Literal["ssl", "imbssl", "uda", "semidg"]
@@ -233,39 +233,71 @@ class BCPConfig:
             raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
 
 
-@dataclass(frozen=True)
-class FixMatchConfig:
-    """FixMatch for segmentation (Sohn et al., 2020) and its FlexMatch variant (Zhang et al., 2021):
-    ``medssl-train fixmatch`` (fixed threshold) and ``medssl-train flexmatch`` (CPL).
+PolicyName = Literal["auto", "none", "fixed", "flexmatch"]
 
-    Per step: Dice + CE on the labeled crops; the unlabeled crop as drawn (the weak view: no SVDA)
-    through the model without grad gives softmax probabilities, the threshold policy
-    (:mod:`medssl.training.threshold`) turns them into pseudo-labels and a keep mask; the strong
-    view (SVDA's intensity ops only, so voxels stay aligned with the weak view) through the model
-    with grad is trained with CE on the kept voxels (mean over kept voxels, 0 if none), weighted
-    ``lambda_u``. No EMA teacher: the model labels its own weak view, as in FixMatch.
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    """Which pseudo-labels the unlabeled losses train on: a
+    :class:`~medssl.training.threshold.ThresholdPolicy` (FixMatch's fixed threshold or FlexMatch's
+    curriculum pseudo-labelling, CPL) wherever a trainer turns the teacher's (weak view's)
+    probabilities into pseudo-labels.
+
+    * ``fixmatch`` / ``flexmatch``: the policy defines the method (fixed / CPL);
+    * ``mean-teacher``: with a policy the consistency MSE is averaged over the voxels the policy
+      keeps (confidence-masked mean teacher, French et al. 2018), instead of every voxel;
+    * ``bcp``: pseudo-labelled voxels the policy rejects get weight 0 in the mix losses (ground
+      truth voxels keep theirs);
+    * ``patchcl``: the consistency CE (``L^Reg``) and the pseudo-labels of the patch sampling use
+      the kept voxels only.
 
     Attributes:
-        tau: τ, the fixed threshold (``fixmatch``) or CPL's base threshold and memory-write
-            cut-off (``flexmatch``); FixMatch's and FlexMatch's 0.95.
-        lambda_u: weight of the unlabeled loss (FixMatch's default 1).
-        memory_stride: ``flexmatch``: the CPL memory holds every ``memory_stride``-th voxel along
-            each axis of every unlabeled case's cached volume
-            (:class:`~medssl.training.threshold.VoxelMemoryLayout`).
-        mapping: ``flexmatch``: ``"convex"`` M(x) = x/(2 − x) (official) or ``"linear"`` M(x) = x.
-        warmup: ``flexmatch``: threshold warm-up (official ``thresh_warmup``).
+        policy: ``"auto"``: ``fixed`` for ``fixmatch``, ``flexmatch`` for ``flexmatch``, ``none``
+            for every other method (their published form); ``"none"``: every voxel, argmax (or
+            BCP's 0.5 cut); ``"fixed"``: keep where max_c p ≥ ``tau``; ``"flexmatch"``: CPL.
+            ``supervised-seg`` and ``ad`` take no policy.
+        tau: τ, the fixed threshold or CPL's base threshold and memory-write cut-off (FixMatch's
+            and FlexMatch's 0.95).
+        memory_stride: CPL: the memory holds every ``memory_stride``-th voxel along each axis of
+            every unlabeled case's cached volume
+            (:class:`~medssl.training.threshold.VoxelMemoryLayout`); choose it from the smallest
+            class (see that module).
+        mapping: CPL: ``"convex"`` M(x) = x/(2 − x) (official) or ``"linear"`` M(x) = x.
+        warmup: CPL: threshold warm-up (official ``thresh_warmup``).
     """
 
+    policy: PolicyName = "auto"
     tau: float = 0.95
-    lambda_u: float = 1.0
     memory_stride: int = 4
     mapping: Literal["convex", "linear"] = "convex"
     warmup: bool = True
 
     def __post_init__(self) -> None:
-        if not 0 < self.tau <= 1 or self.lambda_u < 0 or self.memory_stride < 1:
-            raise ValueError(f"need tau in (0, 1], lambda_u >= 0 and memory_stride >= 1, got {self.tau}, "
-                             f"{self.lambda_u}, {self.memory_stride}")
+        if not 0 < self.tau <= 1 or self.memory_stride < 1:
+            raise ValueError(f"need tau in (0, 1] and memory_stride >= 1, got {self.tau}, {self.memory_stride}")
+
+
+@dataclass(frozen=True)
+class FixMatchConfig:
+    """FixMatch for segmentation (Sohn et al., 2020) and its FlexMatch variant (Zhang et al., 2021):
+    ``medssl-train fixmatch`` (``threshold.policy`` fixed) and ``medssl-train flexmatch`` (CPL).
+
+    Per step: Dice + CE on the labeled crops; the unlabeled crop as drawn (the weak view: no SVDA)
+    through the model without grad gives softmax probabilities, the threshold policy
+    (``threshold:``, :mod:`medssl.training.threshold`) turns them into pseudo-labels and a keep
+    mask; the strong view (SVDA's intensity ops only, so voxels stay aligned with the weak view)
+    through the model with grad is trained with CE on the kept voxels (mean over kept voxels, 0 if
+    none), weighted ``lambda_u``. No EMA teacher: the model labels its own weak view, as in FixMatch.
+
+    Attributes:
+        lambda_u: weight of the unlabeled loss (FixMatch's default 1).
+    """
+
+    lambda_u: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lambda_u < 0:
+            raise ValueError(f"need lambda_u >= 0, got {self.lambda_u}")
 
 
 @dataclass(frozen=True)
@@ -300,9 +332,26 @@ class SegmentationExperiment:
     mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
     bcp: BCPConfig = field(default_factory=BCPConfig)
     fixmatch: FixMatchConfig = field(default_factory=FixMatchConfig)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     eval: SegEvalConfig = field(default_factory=SegEvalConfig)
 
+    @property
+    def pseudo_label_policy(self) -> Literal["none", "fixed", "flexmatch"]:
+        """``threshold.policy`` with ``"auto"`` resolved for ``method``."""
+        policy = self.threshold.policy
+        if policy != "auto":
+            return policy
+        return {"fixmatch": "fixed", "flexmatch": "flexmatch"}.get(self.method, "none")  # type: ignore[return-value]
+
     def __post_init__(self) -> None:
+        policy, own = self.threshold.policy, {"fixmatch": "fixed", "flexmatch": "flexmatch"}.get(self.method)
+        if own is not None and policy not in ("auto", own):
+            raise ConfigError(f"config key 'threshold.policy': method {self.method!r} is the {own!r} policy; got "
+                              f"{policy!r} (use method {'flexmatch' if policy == 'flexmatch' else 'fixmatch'} or "
+                              f"policy 'auto')", key="threshold.policy")
+        if self.method in ("supervised-seg", "ad") and policy not in ("auto", "none"):
+            raise ConfigError(f"config key 'threshold.policy': method {self.method!r} has no pseudo-label filter; "
+                              f"it applies to mean-teacher, bcp, patchcl, fixmatch and flexmatch", key="threshold.policy")
         if self.method == "bcp" and self.bcp.pretrain_steps >= self.optim.steps:
             raise ConfigError(f"config key 'bcp.pretrain_steps': {self.bcp.pretrain_steps} must be below "
                               f"optim.steps ({self.optim.steps}), the rest of the run is self-training",

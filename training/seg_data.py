@@ -22,6 +22,7 @@ from medssl.pipeline.windows import extract_window
 from medssl.training.cache import CachedVolume, VolumeCache
 from medssl.training.seg_config import SegDataConfig
 from medssl.training.svda import SVDA, apply_svda
+from medssl.training.threshold import VoxelMemoryLayout
 
 __all__ = ["DomainCase", "LabeledVolume", "SegCrops", "SegSplit", "class_names", "label_lookup", "split_domains"]
 
@@ -157,6 +158,11 @@ class SegCrops(Dataset):
     ``case ()`` int64, the volume's index in ``volumes``, and ``start (3,)`` int64, the crop
     corner in that volume's voxels. The draws are the same as without ``weak_strong``.
 
+    With a CPL ``layout`` (unlabeled volumes only) the item also carries ``ids (Z, Y, X)`` int64:
+    each voxel's FlexMatch memory index (:meth:`VoxelMemoryLayout.crop_id_map`, ``-1`` off the
+    memory grid), moved by SVDA's rotation and zoom like a label (nearest neighbour), so the ids
+    follow the voxels of ``image``.
+
     Args:
         volumes: cached cases; all labeled or all unlabeled.
         patch: crop ``(z, y, x)``.
@@ -165,16 +171,20 @@ class SegCrops(Dataset):
         pad_value: normalised intensity outside a volume.
         seed, stream: the sample stream (labeled and unlabeled crops use different streams).
         weak_strong: return weak and strong views and the crop's location (see above).
+        layout: the CPL memory layout of ``volumes`` (in their order), to return ``ids``.
     """
 
     def __init__(self, volumes: Sequence[LabeledVolume], patch: Sequence[int], lookup: np.ndarray,
-                 svda: SVDA | None, pad_value: float, seed: int, stream: int, weak_strong: bool = False) -> None:
+                 svda: SVDA | None, pad_value: float, seed: int, stream: int, weak_strong: bool = False,
+                 layout: VoxelMemoryLayout | None = None) -> None:
         if not volumes:
             raise ValueError("no volumes to crop")
+        if layout is not None and (layout.n_cases != len(volumes) or any(v.label is not None for v in volumes)):
+            raise ValueError("a CPL layout needs unlabeled volumes, one layout case per volume")
         self.volumes, self.patch = list(volumes), tuple(int(p) for p in patch)
         self.lookup, self.svda, self.pad_value = lookup, svda, pad_value
         self.seed, self.stream = seed, stream
-        self.weak_strong = weak_strong
+        self.weak_strong, self.layout = weak_strong, layout
 
     def __len__(self) -> int:
         return 2**62
@@ -189,13 +199,20 @@ class SegCrops(Dataset):
         label = None
         if vol.label is not None:
             label = self.lookup[extract_window(vol.label.array, start, self.patch, 0)]
+        ids = self.layout.crop_id_map(case, start, self.patch).numpy() if self.layout is not None else None
         if self.weak_strong:
-            return self._views(image, label, case, start, rng)
-        if self.svda is not None:
-            image, label = apply_svda(image, label, self.svda.sample(rng), pad_value=self.pad_value)
-        item = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None])}
-        if label is not None:
-            item["label"] = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+            item = self._views(image, label, case, start, rng)
+        else:
+            if self.svda is not None:
+                params = self.svda.sample(rng)
+                image, label = apply_svda(image, label, params, pad_value=self.pad_value)
+                if ids is not None:  # shifted by one so that the zero padding reads "off the grid"
+                    ids = apply_svda(np.zeros(ids.shape, np.float32), ids + 1, params)[1] - 1
+            item = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None])}
+            if label is not None:
+                item["label"] = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+        if ids is not None:
+            item["ids"] = torch.from_numpy(np.ascontiguousarray(ids))
         return item
 
     def _views(self, image: np.ndarray, label: np.ndarray | None, case: int, start: list[int],

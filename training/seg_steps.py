@@ -17,6 +17,7 @@ from medssl.training.bcp import (
     bidirectional_mix,
     box_mask,
     copy_paste,
+    keep_largest_components,
     masked_dice_loss,
     mix_loss,
     pseudo_labels,
@@ -26,10 +27,10 @@ from medssl.training.diffusion import LabelDiffusion, label_to_x0
 from medssl.training.drs import DifficultyWeights
 from medssl.training.seg_config import SegmentationExperiment
 from medssl.training.seg_losses import dice_ce_loss
-from medssl.training.threshold import FlexMatchThreshold, ThresholdPolicy, VoxelMemoryLayout
+from medssl.training.threshold import FlexMatchThreshold, ThresholdPolicy
 from medssl.training.vnet import DiffVNet
 
-__all__ = ["ad_step", "bcp_pretrain_step", "bcp_self_train_step", "crop_sample_ids", "ema_update",
+__all__ = ["ad_step", "bcp_pretrain_step", "bcp_self_train_step", "ema_update", "filter_pseudo_labels",
            "fixmatch_step", "gaussian_smooth", "mean_teacher_step", "rampup", "supervised_seg_step",
            "unlabeled_ce"]
 
@@ -59,12 +60,32 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
         t.mul_(decay).add_(s.detach(), alpha=1 - decay)
 
 
+def _ids(unlabeled: dict[str, torch.Tensor], probs: torch.Tensor) -> torch.Tensor | None:
+    """The CPL memory ids of the unlabeled crops (``SegCrops(layout=...)``), else None."""
+    ids = unlabeled.get("ids")
+    return ids.to(probs.device) if ids is not None else None
+
+
+def filter_pseudo_labels(policy: ThresholdPolicy, probs: torch.Tensor,
+                         ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``policy.pseudo_label`` on the teacher's ``probs (B, C, *S)`` with memory ``ids (B, *S)``
+    (None for a fixed threshold): ``(labels, keep)``, both ``(B, *S)`` on ``probs``' device."""
+    labels, keep = policy.pseudo_label(probs, ids)
+    return labels.to(probs.device), keep.to(probs.device)
+
+
 def mean_teacher_step(model: nn.Module, teacher: nn.Module, labeled: dict[str, torch.Tensor],
                       unlabeled: dict[str, torch.Tensor], step: int, cfg: SegmentationExperiment,
-                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                      generator: torch.Generator | None = None,
+                      policy: ThresholdPolicy | None = None) -> dict[str, torch.Tensor]:
     """Mean teacher (Tarvainen & Valpola 2017) as SSL4MIS ``train_mean_teacher_3D.py``:
     supervised Dice + CE on labeled crops, plus w(t)·MSE(softmax(student(x)),
-    softmax(teacher(x + noise))) over labeled and unlabeled crops."""
+    softmax(teacher(x + noise))) over labeled and unlabeled crops.
+
+    With a ``policy`` (``threshold.policy``) the MSE is averaged over the voxels the policy keeps
+    on the teacher's probabilities only (confidence-masked consistency, French et al. 2018);
+    labeled crops are thresholded too but are not CPL memory samples (ids ``-1``).
+    """
     mt = cfg.mean_teacher
     x = torch.cat([labeled["image"], unlabeled["image"]])
     n = labeled["image"].shape[0]
@@ -73,10 +94,21 @@ def mean_teacher_step(model: nn.Module, teacher: nn.Module, labeled: dict[str, t
     noise = (torch.randn(x.shape, generator=generator) * mt.noise_std).clamp(-mt.noise_clip, mt.noise_clip)
     with torch.no_grad():
         target = torch.softmax(teacher(x + noise.to(x.device)).float(), dim=1)
-    consistency = F.mse_loss(torch.softmax(logits, dim=1), target)
+    out: dict[str, torch.Tensor] = {}
+    if policy is None:
+        consistency = F.mse_loss(torch.softmax(logits, dim=1), target)
+    else:
+        ids = _ids(unlabeled, target)
+        if ids is not None:
+            ids = torch.cat([torch.full_like(labeled["label"], -1), ids])
+        _, keep = filter_pseudo_labels(policy, target, ids)
+        squared = (torch.softmax(logits, dim=1) - target).pow(2).mean(dim=1)
+        kept = keep.to(squared.dtype)
+        consistency = (squared * kept).sum() / kept.sum().clamp_min(1.0)
+        out["u/kept"] = kept[n:].mean()
     weight = mt.consistency * rampup(step, cfg.optim.steps, mt.rampup_fraction)
     return {"loss": sup + weight * consistency, "sup": sup, "consistency": consistency,
-            "weight": torch.tensor(weight)}
+            "weight": torch.tensor(weight), **out}
 
 
 def gaussian_smooth(probabilities: torch.Tensor, sigma: float = 1.0, size: int = 3) -> torch.Tensor:
@@ -183,7 +215,8 @@ def bcp_pretrain_step(model: nn.Module, labeled: dict[str, torch.Tensor], cfg: S
 
 def bcp_self_train_step(model: nn.Module, teacher: nn.Module, labeled: dict[str, torch.Tensor],
                         unlabeled: dict[str, torch.Tensor], cfg: SegmentationExperiment,
-                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                        generator: torch.Generator | None = None,
+                        policy: ThresholdPolicy | None = None) -> dict[str, torch.Tensor]:
     """BCP self-training (official ``LA_BCP_train.py`` ``self_train``).
 
     1. The teacher's pseudo-labels on the unlabeled crops (no grad; threshold 0.5 or argmax,
@@ -192,24 +225,43 @@ def bcp_self_train_step(model: nn.Module, teacher: nn.Module, labeled: dict[str,
        ``out = u_b·M + x_b·(1 − M)``, targets mixed alike from ground truth and pseudo-labels;
     3. ``loss = mix_loss(in; GT 1, pseudo α) + mix_loss(out; pseudo α, GT 1)``.
 
+    With a ``policy`` (``threshold.policy``) step 1 takes the policy's labels (argmax) and keep
+    mask instead of BCP's cut, then the largest components; rejected pseudo-labelled voxels
+    weigh 0 in the mix losses (``mix_loss(valid=...)``).
+
     The EMA update of the teacher follows the optimiser step, in the trainer. Choice: the
     student sees both mixes in one forward (the official runs two) and the teacher the
     unlabeled crops in one (the official: each half), so DDP's one-reduction-per-backward
     contract holds; in train mode BatchNorm then normalises over ``B`` crops, not ``B/2``.
     """
     b = cfg.bcp
+    valid_in = valid_out = None
     with torch.no_grad():
-        pseudo = pseudo_labels(teacher(unlabeled["image"]), b.pseudo_threshold, b.largest_cc)
+        teacher_logits = teacher(unlabeled["image"])
+        if policy is None:
+            pseudo = pseudo_labels(teacher_logits, b.pseudo_threshold, b.largest_cc)
+        else:
+            probs = teacher_logits.float().softmax(dim=1)
+            pseudo, keep = filter_pseudo_labels(policy, probs, _ids(unlabeled, probs))
+            if b.largest_cc:
+                pseudo = keep_largest_components(pseudo, probs.shape[1])
     (image_a, image_b), (label_a, label_b) = _halves(labeled["image"]), _halves(labeled["label"])
     (unl_a, unl_b), (pseudo_a, pseudo_b) = _halves(unlabeled["image"]), _halves(pseudo)
     mask = _bcp_mask(image_a, cfg, generator)
     image_in, image_out = bidirectional_mix(image_a, image_b, unl_a, unl_b, mask)
     target_in, target_out = bidirectional_mix(label_a, label_b, pseudo_a, pseudo_b, mask)
+    if policy is not None:
+        truth = torch.ones_like(label_a, dtype=torch.bool)
+        valid_in, valid_out = bidirectional_mix(truth, truth, *_halves(keep), mask)
     logits_in, logits_out = model(torch.cat([image_in, image_out])).float().split(image_in.shape[0])
-    loss_in = mix_loss(logits_in, target_in, mask, outside_weight=1.0, inside_weight=b.u_weight)
-    loss_out = mix_loss(logits_out, target_out, mask, outside_weight=b.u_weight, inside_weight=1.0)
-    return {"loss": loss_in["loss"] + loss_out["loss"],
-            **{f"in/{k}": v for k, v in loss_in.items()}, **{f"out/{k}": v for k, v in loss_out.items()}}
+    loss_in = mix_loss(logits_in, target_in, mask, outside_weight=1.0, inside_weight=b.u_weight, valid=valid_in)
+    loss_out = mix_loss(logits_out, target_out, mask, outside_weight=b.u_weight, inside_weight=1.0,
+                        valid=valid_out)
+    out = {"loss": loss_in["loss"] + loss_out["loss"],
+           **{f"in/{k}": v for k, v in loss_in.items()}, **{f"out/{k}": v for k, v in loss_out.items()}}
+    if policy is not None:
+        out["u/kept"] = keep.float().mean()
+    return out
 
 
 def unlabeled_ce(logits: torch.Tensor, pseudo: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -223,22 +275,14 @@ def unlabeled_ce(logits: torch.Tensor, pseudo: torch.Tensor, keep: torch.Tensor)
     return (ce * kept).sum() / kept.sum().clamp_min(1.0)
 
 
-def crop_sample_ids(layout: VoxelMemoryLayout, case: torch.Tensor, start: torch.Tensor,
-                    shape: tuple[int, ...]) -> torch.Tensor:
-    """``(B, Z, Y, X)`` CPL memory ids of a batch of crops (``case (B,)``, ``start (B, 3)``), ``-1``
-    off the memory grid (:meth:`VoxelMemoryLayout.crop_id_map`)."""
-    return torch.stack([layout.crop_id_map(int(k), [int(a) for a in corner], shape)
-                        for k, corner in zip(case.cpu(), start.cpu())])
-
-
 def fixmatch_step(model: nn.Module, labeled: dict[str, torch.Tensor], unlabeled: dict[str, torch.Tensor],
-                  policy: ThresholdPolicy, layout: VoxelMemoryLayout | None,
-                  cfg: SegmentationExperiment) -> dict[str, torch.Tensor]:
+                  policy: ThresholdPolicy, cfg: SegmentationExperiment) -> dict[str, torch.Tensor]:
     """FixMatch (Sohn et al. 2020) for segmentation, with any :class:`ThresholdPolicy`:
 
     1. ``sup = DiceCE(model(x_l), y)``;
     2. weak view ``u`` (``unlabeled["image"]``) through the model without grad, ``p = softmax``;
-       ``ŷ, keep = policy.pseudo_label(p, ids)`` (ids from ``layout`` for FlexMatch, else None);
+       ``ŷ, keep = policy.pseudo_label(p, ids)`` (``unlabeled["ids"]``: the CPL memory ids of
+       the crop's voxels, for FlexMatch);
     3. strong view (``unlabeled["strong"]``, voxel-aligned with ``u``):
        ``u_ce = CE(model(strong), ŷ)`` over kept voxels (:func:`unlabeled_ce`);
     4. ``loss = sup + λ_u·u_ce``.
@@ -250,13 +294,9 @@ def fixmatch_step(model: nn.Module, labeled: dict[str, torch.Tensor], unlabeled:
     n = labeled["image"].shape[0]
     with torch.no_grad():
         probs = torch.softmax(model(unlabeled["image"]).float(), dim=1)
-    ids = None
-    if layout is not None:
-        ids = crop_sample_ids(layout, unlabeled["case"], unlabeled["start"], tuple(probs.shape[2:]))
     # the thresholds this batch is masked with (pseudo_label updates the memory afterwards)
     thresholds = policy.thresholds().float() if isinstance(policy, FlexMatchThreshold) else None
-    pseudo, keep = policy.pseudo_label(probs, ids)
-    pseudo, keep = pseudo.to(probs.device), keep.to(probs.device)
+    pseudo, keep = filter_pseudo_labels(policy, probs, _ids(unlabeled, probs))
     logits = model(torch.cat([labeled["image"], unlabeled["strong"]])).float()
     sup = dice_ce_loss(logits[:n], labeled["label"])
     u_ce = unlabeled_ce(logits[n:], pseudo, keep)

@@ -12,9 +12,11 @@ never the test set. BCP runs in two phases (:class:`~medssl.training.bcp.BCPPhas
 pre-training checkpoints record ``pretrain_dice`` (so ``best.pt`` is always a self-trained
 student) and carry the best pre-trained weights, from which self-training starts.
 FixMatch/FlexMatch (:func:`~medssl.training.seg_steps.fixmatch_step`) draw weak + strong views of
-the unlabeled crops; FlexMatch's CPL memory is keyed by a voxel grid over the unlabeled cases'
-cached volumes (:class:`~medssl.training.threshold.VoxelMemoryLayout`, ``fixmatch.memory_stride``)
-and saved in the checkpoints (``threshold``), so a resumed run continues with the same thresholds.
+the unlabeled crops. The pseudo-label policy (``threshold:``; fixed or CPL, also as a filter in
+mean teacher and BCP) is built here; CPL's memory is keyed by a voxel grid over the unlabeled
+cases' cached volumes (:class:`~medssl.training.threshold.VoxelMemoryLayout`,
+``threshold.memory_stride``; the crops carry their voxels' ids) and saved in the checkpoints
+(``threshold``), so a resumed run continues with the same thresholds.
 """
 
 from __future__ import annotations
@@ -194,13 +196,13 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
     fixmatch = cfg.method in ("fixmatch", "flexmatch")
     policy: ThresholdPolicy | None = None
     layout: VoxelMemoryLayout | None = None
-    if cfg.method == "fixmatch":
-        policy = FixedThreshold(cfg.fixmatch.tau)
-    elif cfg.method == "flexmatch":
-        fm = cfg.fixmatch
-        layout = VoxelMemoryLayout([v.image.array.shape for v in unlabeled], fm.memory_stride)
-        policy = FlexMatchThreshold(n_classes, layout.n_samples, tau=fm.tau, warmup=fm.warmup,
-                                    mapping=fm.mapping, device=dev)
+    th = cfg.threshold
+    if cfg.pseudo_label_policy == "fixed":
+        policy = FixedThreshold(th.tau)
+    elif cfg.pseudo_label_policy == "flexmatch":
+        layout = VoxelMemoryLayout([v.image.array.shape for v in unlabeled], th.memory_stride)
+        policy = FlexMatchThreshold(n_classes, layout.n_samples, tau=th.tau, warmup=th.warmup,
+                                    mapping=th.mapping, device=dev)
     o = cfg.optim
     optimizer, scheduler = _optimiser(cfg, model, phases)
     start = 0
@@ -231,8 +233,8 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
                              o.steps - start, d.workers, env)
     # Unlabeled crop i·batch.. feeds step i; BCP draws none while it pre-trains.
     unlabeled_start = max(start, phases.pretrain_steps if phases is not None else 0)
-    unlabeled_crops = (SegCrops(unlabeled, d.patch, lookup, svda, pad, cfg.seed, 2, weak_strong=fixmatch)
-                       if semi else None)
+    unlabeled_crops = (SegCrops(unlabeled, d.patch, lookup, svda, pad, cfg.seed, 2, weak_strong=fixmatch,
+                                layout=layout) if semi else None)
     unlabeled_stream = (_stream(unlabeled_crops, batch, unlabeled_start, o.steps - unlabeled_start, d.workers, env)
                         if unlabeled_crops is not None else None)
     params = segmentation_params(cfg, n_classes)
@@ -267,15 +269,16 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
                 elif cfg.method == "mean-teacher":
                     assert teacher is not None and unlabeled_stream is not None
                     losses = mean_teacher_step(model, teacher, lab, _to(next(unlabeled_stream), dev), step, cfg,
-                                               generator)
+                                               generator, policy)
                 elif fixmatch:
                     assert policy is not None and unlabeled_stream is not None
-                    losses = fixmatch_step(model, lab, _to(next(unlabeled_stream), dev), policy, layout, cfg)
+                    losses = fixmatch_step(model, lab, _to(next(unlabeled_stream), dev), policy, cfg)
                 elif pretraining:
                     losses = bcp_pretrain_step(model, lab, cfg, generator)
                 elif cfg.method == "bcp":
                     assert teacher is not None and unlabeled_stream is not None
-                    losses = bcp_self_train_step(model, teacher, lab, _to(next(unlabeled_stream), dev), cfg, generator)
+                    losses = bcp_self_train_step(model, teacher, lab, _to(next(unlabeled_stream), dev), cfg, generator,
+                                                 policy)
                 else:
                     losses = supervised_seg_step(model, lab)
             loss = losses["loss"]
