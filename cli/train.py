@@ -126,6 +126,10 @@ _segmentation_command("fixmatch", "Train FixMatch for segmentation: pseudo-label
 _segmentation_command("flexmatch", "Train FlexMatch for segmentation: FixMatch with curriculum pseudo-labelling (CPL) "
                       "class thresholds from a voxel-grid memory over the unlabeled cases (threshold.* settings).")
 
+_segmentation_command("patchcl", "Train PatchCL: the mean teacher (strong/weak views, CE on the teacher's pseudo-labels) "
+                      "plus the pseudo-label guided patch contrastive loss (PLGCL) on 3D class-aware patches after a "
+                      "warm-up (patchcl.* settings; threshold.policy filters its pseudo-labels).")
+
 
 if __name__ == "__main__":
     train()

@@ -1,5 +1,5 @@
 """The experiment config of the segmentation trainers (``ad``, ``supervised-seg``, ``mean-teacher``,
-``bcp``, ``fixmatch``, ``flexmatch``).
+``bcp``, ``fixmatch``, ``flexmatch``, ``patchcl``).
 
 The four A&D settings are configuration, not code (see ``training/configs/seg-*.yaml``):
 
@@ -22,11 +22,11 @@ from medssl.errors import ConfigError
 from medssl.training.diffusion import LabelDiffusion
 from medssl.training.vnet import VNetConfig
 
-__all__ = ["ADConfig", "BCPConfig", "FixMatchConfig", "MeanTeacherConfig", "ThresholdConfig", "SegDataConfig", "SegEvalConfig", "SegModelConfig",
+__all__ = ["ADConfig", "BCPConfig", "FixMatchConfig", "MeanTeacherConfig", "PatchCLConfig", "ThresholdConfig", "SegDataConfig", "SegEvalConfig", "SegModelConfig",
            "SegOptimConfig", "SegmentationExperiment"]
 
 Setting = Literal["ssl", "imbssl", "uda", "semidg"]
-Method = Literal["ad", "supervised-seg", "mean-teacher", "bcp", "fixmatch", "flexmatch"]
+Method = Literal["ad", "supervised-seg", "mean-teacher", "bcp", "fixmatch", "flexmatch", "patchcl"]
 Network = Literal["vnet", "unet2d"]
 
 
@@ -301,6 +301,67 @@ class FixMatchConfig:
 
 
 @dataclass(frozen=True)
+class PatchCLConfig:
+    """PatchCL (Basak & Yin, CVPR 2023): pseudo-label guided patch contrastive learning on top of
+    the mean-teacher trainer (:mod:`medssl.training.patchcl`). Loss (eq. 8)::
+
+        L = Sup + β·w(t)·Reg + γ·PLGCL      (PLGCL from step warmup_fraction·steps on)
+
+    ``Sup``: Dice + CE on labeled crops (the paper: CE; Dice + CE as every other method here, for
+    a like-for-like table); ``Reg``: CE of the student on the strong view against the EMA
+    teacher's pseudo-labels on the weak view (eq. 7), over the voxels ``threshold.policy`` keeps
+    (``none``: all), with the mean teacher's sigmoid ramp-up ``w(t)``
+    (``mean_teacher.rampup_fraction``; ours, the paper has none); the teacher is the mean
+    teacher's (``mean_teacher.ema``). ``PLGCL`` (eq. 6) on 3D patches of labeled (ground truth)
+    and unlabeled (teacher) crops.
+
+    The paper leaves these open; the values and their sources:
+
+    Attributes:
+        patch: 3D patch ``(z, y, x)`` on the model grid, multiples of 16 (the VNet encoder's four
+            stride-2 stages embed a patch to 1×1×1); ours (the paper's patches are 2D).
+        stride: patch tiling stride; ours (half a patch: overlapping candidates).
+        per_class: patches per class per step (§3.1's N nearest in entropy); ours, a CPU budget.
+        min_voxels: a patch is a candidate for class k when it holds this many voxels of k.
+        tau: τ, temperature (official ``PCGJCL(..., 1, 10)`` in the SSL phase: τ = 1).
+        lam: λ, scale of the covariance term (official SSL phase: 10).
+        zeta: ζ, weight of the negative classes; None: the official ``psi / classes present``
+            with psi = ``queue_length`` (``plg_loss.py``).
+        beta: β, weight of Reg (official ``4*consistency_loss``).
+        gamma: γ, weight of PLGCL (official ``0.5*PCGJCL_loss``).
+        warmup_fraction: share of the steps trained without PLGCL (§3.4: a 50-epoch warm-up of
+            Sup + Reg to get pseudo-labels); ours.
+        queue_length: teacher embeddings kept per class (official ``Embedding_Queues`` 4096).
+        embedding_dim, hidden: projection head (official embeddings of 128).
+    """
+
+    patch: tuple[int, int, int] = (16, 16, 16)
+    stride: tuple[int, int, int] = (8, 8, 8)
+    per_class: int = 4
+    min_voxels: int = 1
+    tau: float = 1.0
+    lam: float = 10.0
+    zeta: float | None = None
+    beta: float = 4.0
+    gamma: float = 0.5
+    warmup_fraction: float = 0.2
+    queue_length: int = 4096
+    embedding_dim: int = 128
+    hidden: int = 256
+
+    def __post_init__(self) -> None:
+        if any(p < 16 or p % 16 for p in self.patch) or any(s < 1 for s in self.stride):
+            raise ValueError(f"patchcl.patch edges must be multiples of 16 and strides >= 1, got {self.patch}, "
+                             f"{self.stride}")
+        if self.per_class < 1 or self.min_voxels < 1 or self.queue_length < 1 or self.embedding_dim < 1:
+            raise ValueError("need per_class, min_voxels, queue_length and embedding_dim >= 1")
+        if self.tau <= 0 or self.lam < 0 or (self.zeta is not None and self.zeta <= 0):
+            raise ValueError(f"need tau > 0, lam >= 0 and zeta > 0, got {self.tau}, {self.lam}, {self.zeta}")
+        if self.beta < 0 or self.gamma < 0 or not 0 <= self.warmup_fraction < 1:
+            raise ValueError("need beta >= 0, gamma >= 0 and warmup_fraction in [0, 1)")
+
+
+@dataclass(frozen=True)
 class SegEvalConfig:
     """Validation and test inference (the shared pipeline's parameters).
 
@@ -333,6 +394,7 @@ class SegmentationExperiment:
     bcp: BCPConfig = field(default_factory=BCPConfig)
     fixmatch: FixMatchConfig = field(default_factory=FixMatchConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    patchcl: PatchCLConfig = field(default_factory=PatchCLConfig)
     eval: SegEvalConfig = field(default_factory=SegEvalConfig)
 
     @property
@@ -360,6 +422,12 @@ class SegmentationExperiment:
             raise ConfigError(f"config key 'optim.batch_size': bcp copy-pastes pairs of crops and needs an even "
                               f"batch size, got {self.optim.batch_size}", key="optim.batch_size")
         network, depth = self.model.network, self.data.patch[0]
+        if self.method == "patchcl" and network != "vnet":
+            raise ConfigError("config key 'model.network': patchcl embeds 3D patches with the VNet encoder; use "
+                              "'vnet'", key="model.network")
+        if self.method == "patchcl" and any(p > c for p, c in zip(self.patchcl.patch, self.data.patch)):
+            raise ConfigError(f"config key 'patchcl.patch': {list(self.patchcl.patch)} does not fit in the crop "
+                              f"data.patch {list(self.data.patch)}", key="patchcl.patch")
         if network == "unet2d" and self.method == "ad":
             raise ConfigError("config key 'model.network': 'unet2d' does not fit method 'ad' (A&D's Diff-VNet "
                               "is 3D); use 'vnet', or unet2d with another method", key="model.network")

@@ -1,5 +1,5 @@
 """One optimisation step of each segmentation method: supervised, mean teacher, A&D, BCP,
-FixMatch/FlexMatch.
+FixMatch/FlexMatch, PatchCL.
 
 Each returns its loss terms; the trainer does backward and the optimiser. Batches come from
 :class:`medssl.training.seg_data.SegCrops`: ``image (B, 1, Z, Y, X)``, ``label (B, Z, Y, X)``.
@@ -8,6 +8,9 @@ Each returns its loss terms; the trainer does backward and the optimiser. Batche
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,14 +27,16 @@ from medssl.training.bcp import (
     sample_box,
 )
 from medssl.training.diffusion import LabelDiffusion, label_to_x0
+from medssl.training.distributed import unwrap
 from medssl.training.drs import DifficultyWeights
+from medssl.training.patchcl import EmbeddingQueues, attended_patches, plgcl_loss, sample_class_patches
 from medssl.training.seg_config import SegmentationExperiment
 from medssl.training.seg_losses import dice_ce_loss
 from medssl.training.threshold import FlexMatchThreshold, ThresholdPolicy
 from medssl.training.vnet import DiffVNet
 
-__all__ = ["ad_step", "bcp_pretrain_step", "bcp_self_train_step", "ema_update", "filter_pseudo_labels",
-           "fixmatch_step", "gaussian_smooth", "mean_teacher_step", "rampup", "supervised_seg_step",
+__all__ = ["PatchCLParts", "ad_step", "bcp_pretrain_step", "bcp_self_train_step", "ema_update",
+           "filter_pseudo_labels", "fixmatch_step", "gaussian_smooth", "patchcl_step", "mean_teacher_step", "rampup", "supervised_seg_step",
            "unlabeled_ce"]
 
 
@@ -309,3 +314,93 @@ def fixmatch_step(model: nn.Module, labeled: dict[str, torch.Tensor], unlabeled:
     if thresholds is not None:
         out.update({f"threshold/{k}": t for k, t in enumerate(thresholds)})
     return out
+
+
+@dataclass
+class PatchCLParts:
+    """PatchCL's state beside the student and teacher networks: the student projection head
+    (possibly DDP-wrapped), the teacher's (an EMA of the student's, like the teacher network) and
+    the per-class queues of teacher embeddings."""
+
+    head: nn.Module
+    teacher_head: nn.Module
+    queues: EmbeddingQueues
+
+
+@contextmanager
+def _batch_statistics_only(module: nn.Module) -> Iterator[None]:
+    """BatchNorm normalises with the batch's statistics but leaves the running statistics alone
+    (momentum 0): the attended patches (mostly zeros outside their class) must not move the
+    statistics the segmenter is tested with."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+
+
+def _embed(net: nn.Module, head: nn.Module, patches: torch.Tensor) -> torch.Tensor:
+    with _batch_statistics_only(net):
+        return head(unwrap(net).encode(patches).float())
+
+
+def patchcl_step(model: nn.Module, teacher: nn.Module, parts: PatchCLParts, labeled: dict[str, torch.Tensor],
+                 unlabeled: dict[str, torch.Tensor], step: int, cfg: SegmentationExperiment,
+                 policy: ThresholdPolicy | None = None) -> dict[str, torch.Tensor]:
+    """PatchCL (Basak & Yin, CVPR 2023) on the mean-teacher trainer, eq. 8::
+
+        L = Sup + β·w(t)·Reg + γ·PLGCL
+
+    1. teacher on the weak view ``unlabeled["image"]`` (no grad): ``p_T``; pseudo-labels
+       ``argmax p_T``, or ``threshold.policy``'s labels and keep mask;
+    2. one student forward of the labeled crops and the strong view: ``Sup = DiceCE(·, y)``,
+       ``Reg = CE(student(strong), pseudo)`` over kept voxels (eq. 7, :func:`unlabeled_ce`),
+       ``w(t)`` the mean teacher's ramp-up;
+    3. after ``patchcl.warmup_fraction`` of the steps (§3.4), class-aware patch sampling (§3.1)
+       over labeled crops (ground truth one-hot as ``C^k``) and weak unlabeled crops (``p_T``;
+       rejected voxels count for no class), intensities mapped from the normalised ``[-1, 1]``
+       to ``[0, 1]`` for the entropy; the attended patches through the student encoder + head
+       (grad) and the teacher's (no grad, enqueued first, as the official ``train.py``); PLGCL
+       (eq. 6) against the queues' class statistics, ζ = ``patchcl.zeta`` or the official
+       ``queue_length / classes in the batch``.
+
+    The teacher network and head are EMA-updated after the optimiser step, in the trainer.
+    """
+    pc, mt = cfg.patchcl, cfg.mean_teacher
+    n = labeled["image"].shape[0]
+    with torch.no_grad():
+        probs = torch.softmax(teacher(unlabeled["image"]).float(), dim=1)
+    if policy is None:
+        pseudo = probs.argmax(dim=1)
+        keep = torch.ones_like(pseudo, dtype=torch.bool)
+    else:
+        pseudo, keep = filter_pseudo_labels(policy, probs, _ids(unlabeled, probs))
+    logits = model(torch.cat([labeled["image"], unlabeled["strong"]])).float()
+    sup = dice_ce_loss(logits[:n], labeled["label"])
+    reg = unlabeled_ce(logits[n:], pseudo, keep)
+    weight = pc.beta * rampup(step, cfg.optim.steps, mt.rampup_fraction)
+    loss = sup + weight * reg
+    out = {"sup": sup, "reg": reg, "reg/weight": torch.tensor(weight), "u/kept": keep.float().mean()}
+    if step >= round(pc.warmup_fraction * cfg.optim.steps):
+        n_classes = probs.shape[1]
+        image01 = ((torch.cat([labeled["image"], unlabeled["image"]]).float() + 1) / 2).clamp(0, 1)
+        confidence = torch.cat([F.one_hot(labeled["label"], n_classes).movedim(-1, 1).float(), probs])
+        labels = torch.cat([labeled["label"], pseudo.masked_fill(~keep, -1)])
+        selection = sample_class_patches(image01, confidence, labels, pc.patch, pc.stride, pc.per_class,
+                                         pc.min_voxels)
+        contrastive = logits.new_zeros(())
+        if len(selection):
+            patches = attended_patches(image01, confidence, selection, pc.patch)
+            student = _embed(model, parts.head, patches)
+            with torch.no_grad():
+                parts.queues.enqueue(_embed(teacher, parts.teacher_head, patches), selection.cls)
+            means, covariances, present = parts.queues.statistics()
+            zeta = pc.zeta or pc.queue_length / len(torch.unique(selection.cls))
+            contrastive = plgcl_loss(student, selection.cls, means, covariances, present, pc.tau, pc.lam, zeta)
+        loss = loss + pc.gamma * contrastive
+        out.update({"plgcl": contrastive, "plgcl/patches": torch.tensor(float(len(selection)))})
+    return {"loss": loss, **out}

@@ -1,5 +1,5 @@
 """The segmentation trainer behind ``medssl-train ad``, ``supervised-seg``, ``mean-teacher``,
-``bcp``, ``fixmatch`` and ``flexmatch``.
+``bcp``, ``fixmatch``, ``flexmatch`` and ``patchcl``.
 
 A run folder holds ``config.yaml``, ``split.json``, ``checkpoints/`` (periodic, ``last.pt``,
 ``best.pt`` by validation Dice), ``tensorboard/``, ``log.jsonl`` and, at the end, ``test/``
@@ -16,11 +16,15 @@ the unlabeled crops. The pseudo-label policy (``threshold:``; fixed or CPL, also
 mean teacher and BCP) is built here; CPL's memory is keyed by a voxel grid over the unlabeled
 cases' cached volumes (:class:`~medssl.training.threshold.VoxelMemoryLayout`,
 ``threshold.memory_stride``; the crops carry their voxels' ids) and saved in the checkpoints
-(``threshold``), so a resumed run continues with the same thresholds.
+(``threshold``), so a resumed run continues with the same thresholds. PatchCL
+(:func:`~medssl.training.seg_steps.patchcl_step`) is the mean teacher plus a projection head, its
+EMA twin and the embedding queues, all in the checkpoints (``patchcl``); the exported network is
+the VNet alone.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -43,6 +47,7 @@ from medssl.training.det_trainer import TrainingDivergedError, default_cache_dir
 from medssl.training.distributed import DistEnv, cleanup, init_distributed, unwrap, wrap_ddp
 from medssl.training.drs import DifficultyWeights
 from medssl.training.logger import TrainLogger
+from medssl.training.patchcl import EmbeddingQueues, ProjectionHead
 from medssl.training.seed import seed_everything, worker_init_fn
 from medssl.training.seg_config import SegmentationExperiment
 from medssl.training.seg_data import SegCrops, cache_case, class_names, label_lookup, split_domains
@@ -53,12 +58,14 @@ from medssl.training.seg_eval import (
     validate_segmenter,
 )
 from medssl.training.seg_steps import (
+    PatchCLParts,
     ad_step,
     bcp_pretrain_step,
     bcp_self_train_step,
     ema_update,
     fixmatch_step,
     mean_teacher_step,
+    patchcl_step,
     supervised_seg_step,
 )
 from medssl.training.svda import SVDA
@@ -106,18 +113,19 @@ def _poly(step: int, total: int, power: float) -> float:
     return (1 - step / total) ** power
 
 
-def _optimiser(cfg: SegmentationExperiment, model: nn.Module,
-               phases: BCPPhases | None) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+def _optimiser(cfg: SegmentationExperiment, model: nn.Module, phases: BCPPhases | None,
+               head: nn.Module | None = None) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
     """SGD and its schedule: Nesterov and the poly lr (official A&D ``train_diffusion.py``), or for
     BCP plain SGD at ``bcp.lr`` / ``bcp.weight_decay`` with :meth:`BCPPhases.lr_factor`
-    (official ``LA_BCP_train.py``)."""
+    (official ``LA_BCP_train.py``). PatchCL's projection ``head`` trains with the network."""
     o = cfg.optim
+    params = [*model.parameters(), *(head.parameters() if head is not None else ())]
     if phases is not None:
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.bcp.lr, momentum=o.momentum,
+        optimizer = torch.optim.SGD(params, lr=cfg.bcp.lr, momentum=o.momentum,
                                     weight_decay=cfg.bcp.weight_decay)
         factor = phases.lr_factor
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s))
-    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+    optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                 nesterov=True)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _poly(s, o.steps, o.poly_power))
 
@@ -189,7 +197,7 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
                   "n_validation": len(validation), "n_test": len(split.test)}
 
     model = build_segmenter(cfg, n_classes).to(dev)
-    teacher = build_segmenter(cfg, n_classes).to(dev) if cfg.method in ("mean-teacher", "bcp") else None
+    teacher = build_segmenter(cfg, n_classes).to(dev) if cfg.method in ("mean-teacher", "bcp", "patchcl") else None
     ema = cfg.bcp.ema if cfg.method == "bcp" else cfg.mean_teacher.ema
     phases = BCPPhases(cfg.bcp) if cfg.method == "bcp" else None
     drs = DifficultyWeights(n_classes, momentum=cfg.ad.drs_momentum) if cfg.method == "ad" and cfg.ad.drs else None
@@ -203,8 +211,14 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
         layout = VoxelMemoryLayout([v.image.array.shape for v in unlabeled], th.memory_stride)
         policy = FlexMatchThreshold(n_classes, layout.n_samples, tau=th.tau, warmup=th.warmup,
                                     mapping=th.mapping, device=dev)
+    parts: PatchCLParts | None = None
+    if cfg.method == "patchcl":
+        pc = cfg.patchcl
+        head = ProjectionHead(16 * cfg.model.width, pc.hidden, pc.embedding_dim).to(dev)
+        parts = PatchCLParts(head, copy.deepcopy(head), EmbeddingQueues(n_classes, pc.embedding_dim, pc.queue_length,
+                                                                        device=dev))
     o = cfg.optim
-    optimizer, scheduler = _optimiser(cfg, model, phases)
+    optimizer, scheduler = _optimiser(cfg, model, phases, parts.head if parts is not None else None)
     start = 0
     if resume:
         state = resume_from_last(manager, model, optimizer, scheduler)
@@ -216,6 +230,10 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
             phases.load_state_dict(state["bcp"])
         if policy is not None:
             policy.load_state_dict(state["threshold"])
+        if parts is not None:
+            parts.head.load_state_dict(state["patchcl"]["head"])
+            parts.teacher_head.load_state_dict(state["patchcl"]["teacher_head"])
+            parts.queues.load_state_dict(state["patchcl"]["queues"])
         start = int(state["step"])
     elif teacher is not None:
         teacher.load_state_dict(model.state_dict())
@@ -225,6 +243,10 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
             p.requires_grad_(False)
     model = wrap_ddp(model, env)
     model.train()
+    if parts is not None:
+        parts.head = wrap_ddp(parts.head, env)
+        for p in parts.teacher_head.parameters():
+            p.requires_grad_(False)
 
     svda = SVDA() if d.svda else None
     pad = norm.pad_value
@@ -233,7 +255,7 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
                              o.steps - start, d.workers, env)
     # Unlabeled crop i·batch.. feeds step i; BCP draws none while it pre-trains.
     unlabeled_start = max(start, phases.pretrain_steps if phases is not None else 0)
-    unlabeled_crops = (SegCrops(unlabeled, d.patch, lookup, svda, pad, cfg.seed, 2, weak_strong=fixmatch,
+    unlabeled_crops = (SegCrops(unlabeled, d.patch, lookup, svda, pad, cfg.seed, 2, weak_strong=fixmatch or parts is not None,
                                 layout=layout) if semi else None)
     unlabeled_stream = (_stream(unlabeled_crops, batch, unlabeled_start, o.steps - unlabeled_start, d.workers, env)
                         if unlabeled_crops is not None else None)
@@ -249,6 +271,8 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
             "drs": drs.state_dict() if drs is not None else None,
             "bcp": phases.state_dict() if phases is not None else None,
             "threshold": policy.state_dict() if policy is not None else None,
+            "patchcl": {"head": unwrap(parts.head).state_dict(), "teacher_head": parts.teacher_head.state_dict(),
+                        "queues": parts.queues.state_dict()} if parts is not None else None,
             "provenance": provenance, "metrics": dict(metrics or {}),
         }
 
@@ -270,6 +294,10 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
                     assert teacher is not None and unlabeled_stream is not None
                     losses = mean_teacher_step(model, teacher, lab, _to(next(unlabeled_stream), dev), step, cfg,
                                                generator, policy)
+                elif parts is not None:
+                    assert teacher is not None and unlabeled_stream is not None
+                    losses = patchcl_step(model, teacher, parts, lab, _to(next(unlabeled_stream), dev), step, cfg,
+                                          policy)
                 elif fixmatch:
                     assert policy is not None and unlabeled_stream is not None
                     losses = fixmatch_step(model, lab, _to(next(unlabeled_stream), dev), policy, cfg)
@@ -292,6 +320,8 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
             scheduler.step()
             if teacher is not None and not pretraining:
                 ema_update(teacher, unwrap(model), ema)
+            if parts is not None:
+                ema_update(parts.teacher_head, unwrap(parts.head), ema)
             scalars = {k: float(v.detach()) for k, v in losses.items()}
             logger.log(step + 1, lr=scheduler.get_last_lr()[0], **scalars)
             logger.advance(step + 1, loss=scalars["loss"])

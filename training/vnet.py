@@ -185,6 +185,11 @@ class VNet(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(self.stem(image, None)))
 
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """The deepest encoder features ``(B, 16·width, Z/16, Y/16, X/16)`` of ``image (B, 1, Z, Y, X)``
+        (PatchCL's patch embeddings start from them)."""
+        return self.encoder(self.stem(image, None))[-1]
+
 
 class DiffVNet(nn.Module):
     """A&D's Diff-VNet: one shared (time-aware) encoder, two stems, three decoders.
