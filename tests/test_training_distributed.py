@@ -13,6 +13,7 @@ mp = pytest.importorskip("torch.multiprocessing")
 
 from medssl.training.distributed import (
     DistEnv,
+    all_gather_cat,
     all_reduce_mean,
     barrier,
     cleanup,
@@ -193,3 +194,83 @@ def test_ad_step_trains_under_ddp_with_every_parameter_used(tmp_path):
     assert ranks[0].keys() == ranks[1].keys()
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
+
+
+def _issue9_worker(rank: int, port: int, out_dir: str) -> None:
+    """CPL memory and PatchCL under DDP: ranks with different batches must end with the same
+    memory, the same weights and the same embedding queues."""
+    from medssl.training.patchcl import EmbeddingQueues, ProjectionHead
+    from medssl.training.seg_config import SegmentationExperiment, SegModelConfig
+    from medssl.training.seg_steps import PatchCLParts, ema_update, filter_pseudo_labels, patchcl_step
+    from medssl.training.threshold import FlexMatchThreshold
+    from medssl.training.vnet import VNet
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env = init_distributed(prefer_cuda=False)
+    try:
+        data = torch.Generator().manual_seed(rank)
+        gathered = all_gather_cat(torch.full((rank + 1, 2), float(rank)))  # different sizes per rank
+        policy = FlexMatchThreshold(3, 40, tau=0.5)
+        probs = torch.softmax(torch.randn(2, 3, 4, generator=data) * 3, dim=1)
+        ids = torch.randint(0, 40, (2, 4), generator=data)
+        filter_pseudo_labels(policy, probs, ids)
+
+        cfg = SegmentationExperiment(method="patchcl", model=SegModelConfig(width=4))
+        torch.manual_seed(100 + rank)
+        model = wrap_ddp(VNet(cfg.model, 2), env)
+        teacher = VNet(cfg.model, 2)
+        teacher.load_state_dict(unwrap(model).state_dict())
+        head = ProjectionHead(64)
+        parts = PatchCLParts(wrap_ddp(head, env), ProjectionHead(64), EmbeddingQueues(2, 128, 64))
+        parts.teacher_head.load_state_dict(head.state_dict())
+        opt = torch.optim.SGD([*model.parameters(), *parts.head.parameters()], lr=0.05)
+        for step in (0, 8000):  # warm-up (0.2 of the default 30000 steps: no PLGCL), then with PLGCL
+            labeled = {"image": torch.rand(2, 1, 16, 32, 32, generator=data) * 2 - 1,
+                       "label": torch.randint(0, 2, (2, 16, 32, 32), generator=data)}
+            unlabeled = {"image": torch.rand(2, 1, 16, 32, 32, generator=data) * 2 - 1}
+            unlabeled["strong"] = unlabeled["image"] * 0.9
+            losses = patchcl_step(model, teacher, parts, labeled, unlabeled, step, cfg)
+            opt.zero_grad()
+            losses["loss"].backward()
+            opt.step()
+            ema_update(teacher, unwrap(model), 0.99)
+            ema_update(parts.teacher_head, unwrap(parts.head), 0.99)
+        torch.save({"gathered": gathered, "memory": policy.memory.clone(), "probs": probs, "ids": ids,
+                    "plgcl": float(losses["plgcl"]), "queues": parts.queues.state_dict(),
+                    "model": {k: v.detach().clone() for k, v in unwrap(model).named_parameters()},
+                    "head": {k: v.detach().clone() for k, v in unwrap(parts.head).named_parameters()}},
+                   os.path.join(out_dir, f"i9-{rank}.pt"))
+    finally:
+        cleanup()
+
+
+def test_cpl_memory_and_patchcl_queues_and_weights_agree_across_ddp_ranks(tmp_path):
+    from medssl.training.threshold import FlexMatchThreshold
+
+    ctx = mp.start_processes(_issue9_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 180
+    try:
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "distributed workers did not finish in 180 s"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    ranks = [torch.load(tmp_path / f"i9-{r}.pt", weights_only=False) for r in range(WORLD)]
+    expected = torch.cat([torch.full((1, 2), 0.0), torch.full((2, 2), 1.0)])
+    assert all(torch.equal(r["gathered"], expected) for r in ranks)
+    # the memory is what one process gets from both ranks' batches, on both ranks
+    single = FlexMatchThreshold(3, 40, tau=0.5)
+    single.update(torch.cat([r["probs"] for r in ranks]), torch.cat([r["ids"] for r in ranks]))
+    assert torch.equal(ranks[0]["memory"], ranks[1]["memory"])
+    assert torch.equal(ranks[0]["memory"], single.memory)
+    assert ranks[0]["plgcl"] > 0
+    for part in ("model", "head"):
+        for name in ranks[0][part]:
+            assert torch.equal(ranks[0][part][name], ranks[1][part][name]), f"{part}.{name}"
+    for name in ("buffer", "fill", "pointer"):
+        assert torch.equal(ranks[0]["queues"][name], ranks[1]["queues"][name]), name
+    assert int(ranks[0]["queues"]["fill"].sum()) > 0

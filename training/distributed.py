@@ -145,6 +145,26 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order (MoCo's
+    ``concat_all_gather``), the same result on every rank; the first dimension may differ from
+    rank to rank (padded for the collective, trimmed after). No gradient flows through it.
+    Without a process group it returns ``tensor`` detached.
+    """
+    tensor = tensor.detach()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=tensor.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device))
+    longest = int(max(int(n) for n in sizes))
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)])
+
+
 def wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
     """Move ``model`` to ``env.device``; wrap it in DistributedDataParallel when world_size > 1.
 

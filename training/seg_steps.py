@@ -27,7 +27,7 @@ from medssl.training.bcp import (
     sample_box,
 )
 from medssl.training.diffusion import LabelDiffusion, label_to_x0
-from medssl.training.distributed import unwrap
+from medssl.training.distributed import all_gather_cat, unwrap
 from medssl.training.drs import DifficultyWeights
 from medssl.training.patchcl import EmbeddingQueues, attended_patches, plgcl_loss, sample_class_patches
 from medssl.training.seg_config import SegmentationExperiment
@@ -74,8 +74,16 @@ def _ids(unlabeled: dict[str, torch.Tensor], probs: torch.Tensor) -> torch.Tenso
 def filter_pseudo_labels(policy: ThresholdPolicy, probs: torch.Tensor,
                          ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``policy.pseudo_label`` on the teacher's ``probs (B, C, *S)`` with memory ``ids (B, *S)``
-    (None for a fixed threshold): ``(labels, keep)``, both ``(B, *S)`` on ``probs``' device."""
-    labels, keep = policy.pseudo_label(probs, ids)
+    (None for a fixed threshold): ``(labels, keep)``, both ``(B, *S)`` on ``probs``' device.
+
+    Masked with this rank's batch; under DDP the memory is then updated with every rank's batch
+    (:func:`all_gather_cat`), so all ranks keep the same CPL memory and thresholds.
+    """
+    labels, keep = policy.mask(probs, ids)
+    if ids is None:
+        policy.update(probs, ids)
+    else:
+        policy.update(all_gather_cat(probs), all_gather_cat(ids))
     return labels.to(probs.device), keep.to(probs.device)
 
 
@@ -396,8 +404,9 @@ def patchcl_step(model: nn.Module, teacher: nn.Module, parts: PatchCLParts, labe
         if len(selection):
             patches = attended_patches(image01, confidence, selection, pc.patch)
             student = _embed(model, parts.head, patches)
-            with torch.no_grad():
-                parts.queues.enqueue(_embed(teacher, parts.teacher_head, patches), selection.cls)
+            with torch.no_grad():  # every rank's teacher embeddings (MoCo-style), same queues everywhere
+                keys = _embed(teacher, parts.teacher_head, patches)
+                parts.queues.enqueue(all_gather_cat(keys), all_gather_cat(selection.cls))
             means, covariances, present = parts.queues.statistics()
             zeta = pc.zeta or pc.queue_length / len(torch.unique(selection.cls))
             contrastive = plgcl_loss(student, selection.cls, means, covariances, present, pc.tau, pc.lam, zeta)

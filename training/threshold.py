@@ -88,9 +88,10 @@ of 64×128×128 voxels at stride 4: 100 · 16·32·32 = 1,638,400 entries = 1,63
 (1.56 MiB) in ``int8``; at stride 2, 13.1 MB. Per-class counts are kept incrementally (O(batch)
 per update, never a pass over the memory).
 
-Distributed training: every rank must apply the same updates (all-gather the batch's ids and
-probabilities, or the pseudo-labels, before :meth:`FlexMatchThreshold.update`), or the ranks'
-memories and thresholds drift apart.
+Distributed training: every rank must apply the same updates, or the ranks' memories and
+thresholds drift apart. The segmentation trainers do (:func:`medssl.training.seg_steps.filter_pseudo_labels`
+masks with the rank's own batch, then updates with every rank's probabilities and ids,
+all-gathered), so every rank holds the same memory — tested on two gloo ranks.
 """
 
 from __future__ import annotations
