@@ -27,9 +27,13 @@ Methods are rows of :data:`METHODS` (trainer method + budget-dependent overrides
   15000 self-training iterations is scaled the same way: ``bcp.lr_step = round(self-training
   steps / 6)``;
 * ``ad``: A&D (Diff-VNet; SVDA, diffusion branch, DRS, RS on);
-* ``fixmatch``, ``flexmatch``, ``patchcl`` (issue 9): rows already listed; a method that the
-  installed medssl does not know (not in ``seg_config.Method``) is reported "not available"
-  instead of run. When one lands, add its budget-dependent overrides to its row, if any.
+* ``fixmatch``: FixMatch for segmentation (weak = the crop, strong = SVDA intensity ops, fixed
+  τ 0.95); ``flexmatch``: the same with FlexMatch's CPL thresholds over a memory of every voxel of
+  every unlabeled case (``threshold.memory_stride`` 1); ``patchcl``: mean teacher + PLGCL after a
+  20% warm-up (defaults of ``PatchCLConfig``).
+
+A method that the installed medssl does not know (not in ``seg_config.Method``) is reported "not
+available" instead of run.
 
 Same budget: every method trains ``--steps`` SGD steps of 2 labeled (+ 2 unlabeled) crops of
 ``--patch`` on the 8x6x6 mm grid, validates every ``--every`` steps (BCP also at the end of
@@ -153,7 +157,6 @@ METHODS: dict[str, MethodRow] = {
     "bcp-long-pretrain": MethodRow("BCP, 1/3 pre-training, constant lr", "bcp", _bcp_long_pretrain, cost=0.35,
                                    source="BCP, a third of the budget pre-training, no step decay"),
     "ad": MethodRow("A&D", "ad", cost=1.2, source="NeurIPS 2023"),
-    # issue 9: these rows run as soon as medssl's seg_config.Method names them
     "fixmatch": MethodRow("FixMatch (τ 0.95)", "fixmatch", source="Sohn et al. 2020, segmentation variant"),
     # Every voxel of every unlabeled case is a CPL sample (memory_stride 1): the phantoms' 32x64x64
     # cached volumes make that 4 MB, and the adrenal glands own only a few voxels on this grid.

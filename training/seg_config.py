@@ -22,8 +22,19 @@ from medssl.errors import ConfigError
 from medssl.training.diffusion import LabelDiffusion
 from medssl.training.vnet import VNetConfig
 
-__all__ = ["ADConfig", "BCPConfig", "FixMatchConfig", "MeanTeacherConfig", "PatchCLConfig", "ThresholdConfig", "SegDataConfig", "SegEvalConfig", "SegModelConfig",
-           "SegOptimConfig", "SegmentationExperiment"]
+__all__ = [
+    "ADConfig",
+    "BCPConfig",
+    "FixMatchConfig",
+    "MeanTeacherConfig",
+    "PatchCLConfig",
+    "SegDataConfig",
+    "SegEvalConfig",
+    "SegModelConfig",
+    "SegOptimConfig",
+    "SegmentationExperiment",
+    "ThresholdConfig",
+]
 
 Setting = Literal["ssl", "imbssl", "uda", "semidg"]
 Method = Literal["ad", "supervised-seg", "mean-teacher", "bcp", "fixmatch", "flexmatch", "patchcl"]

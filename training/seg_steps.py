@@ -29,15 +29,32 @@ from medssl.training.bcp import (
 from medssl.training.diffusion import LabelDiffusion, label_to_x0
 from medssl.training.distributed import all_gather_cat, unwrap
 from medssl.training.drs import DifficultyWeights
-from medssl.training.patchcl import EmbeddingQueues, attended_patches, plgcl_loss, sample_class_patches
+from medssl.training.patchcl import (
+    EmbeddingQueues,
+    attended_patches,
+    plgcl_loss,
+    sample_class_patches,
+)
 from medssl.training.seg_config import SegmentationExperiment
 from medssl.training.seg_losses import dice_ce_loss
 from medssl.training.threshold import FlexMatchThreshold, ThresholdPolicy
 from medssl.training.vnet import DiffVNet
 
-__all__ = ["PatchCLParts", "ad_step", "bcp_pretrain_step", "bcp_self_train_step", "ema_update",
-           "filter_pseudo_labels", "fixmatch_step", "gaussian_smooth", "patchcl_step", "mean_teacher_step", "rampup", "supervised_seg_step",
-           "unlabeled_ce"]
+__all__ = [
+    "PatchCLParts",
+    "ad_step",
+    "bcp_pretrain_step",
+    "bcp_self_train_step",
+    "ema_update",
+    "filter_pseudo_labels",
+    "fixmatch_step",
+    "gaussian_smooth",
+    "mean_teacher_step",
+    "patchcl_step",
+    "rampup",
+    "supervised_seg_step",
+    "unlabeled_ce",
+]
 
 
 def rampup(step: int, total_steps: int, fraction: float) -> float:

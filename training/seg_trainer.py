@@ -37,11 +37,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from medssl.config import config_to_dict, dump_config
 from medssl.errors import MedsslError
 from medssl.training.bcp import BCPPhases
 from medssl.training.cache import VolumeCache
 from medssl.training.checkpoint import CheckpointManager, resume_from_last, rng_state
-from medssl.config import config_to_dict, dump_config
 from medssl.training.det_data import IndexStream
 from medssl.training.det_trainer import TrainingDivergedError, default_cache_dir
 from medssl.training.distributed import DistEnv, cleanup, init_distributed, unwrap, wrap_ddp
@@ -69,7 +69,12 @@ from medssl.training.seg_steps import (
     supervised_seg_step,
 )
 from medssl.training.svda import SVDA
-from medssl.training.threshold import FixedThreshold, FlexMatchThreshold, ThresholdPolicy, VoxelMemoryLayout
+from medssl.training.threshold import (
+    FixedThreshold,
+    FlexMatchThreshold,
+    ThresholdPolicy,
+    VoxelMemoryLayout,
+)
 from medssl.training.unet2d import UNet2D
 from medssl.training.vnet import DiffVNet, VNet
 
