@@ -71,8 +71,10 @@ Values the paper leaves open (the trainer's defaults, with their source)
   (``tau = 0.2``, ``lam = 4``); we follow the paper.
 * queue length 4096 and embedding dim 128 — official ``Embedding_Queues(max_length=4096)``
   and ``Network(embedding_size=128)``.
-* EMA α = 0.999 — official ``train.py`` (``0.001*student + 0.999*teacher``); the mean teacher
-  elsewhere in this package uses 0.99.
+* EMA α: the trainer uses the mean teacher's ``mean_teacher.ema`` = 0.99 (UA-MT's official value)
+  for the teacher network and head; the official PatchCL ``train.py`` uses 0.999
+  (``0.001*student + 0.999*teacher``), which at a few hundred CPU steps would leave the teacher
+  mostly at its initial weights (``--set mean_teacher.ema=0.999`` restores it).
 """
 
 from __future__ import annotations
