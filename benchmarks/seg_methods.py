@@ -163,6 +163,8 @@ METHODS: dict[str, MethodRow] = {
     "flexmatch": MethodRow("FlexMatch (CPL)", "flexmatch", lambda budget: {"threshold.memory_stride": 1},
                            source="Zhang et al., NeurIPS 2021"),
     "patchcl": MethodRow("PatchCL", "patchcl", source="Basak & Yin, CVPR 2023"),
+    "patchcl-no-plgcl": MethodRow("PatchCL without PLGCL (γ 0)", "patchcl", lambda budget: {"patchcl.gamma": 0.0},
+                                  source="PatchCL's mean teacher alone: strong/weak views, β·CE on pseudo-labels"),
 }
 
 

@@ -90,7 +90,14 @@ class FocalMixConfig:
         temperature: sharpening temperature T (paper: 0.7).
         eta: MixUp Beta parameter η (paper: 0.2).
         image_mixup, object_mixup: the two MixUp levels.
-        object_threshold: guessed probability that makes an unlabeled anchor an object.
+        object_threshold: guessed probability that makes an unlabeled anchor an object
+            (``object_policy: fixed``); with ``flexmatch``, CPL's τ: the memory-write cut and
+            the ceiling of the curriculum thresholds (:mod:`medssl.training.focalmix`).
+        object_policy: how unlabeled objects for object MixUp are chosen: ``"fixed"``
+            (FocalMix: ``p ≥ object_threshold``) or ``"flexmatch"`` (FlexMatch CPL over two
+            classes, background / nodule, :class:`~medssl.training.focalmix.CPLObjectSelection`).
+        object_memory_stride: CPL: memory cell edge, voxels of the model grid; one entry per
+            cell of each unlabeled scan (default 8: about one nodule centre per cell).
         unlabeled_weight: weight of the unlabeled SFL term after ramp-up. The paper does
             not give it; SFL on mixed targets has the labeled loss's scale, so 1.0.
         rampup_fraction: linear ramp-up of that weight over this share of the steps
@@ -103,6 +110,8 @@ class FocalMixConfig:
     image_mixup: bool = True
     object_mixup: bool = True
     object_threshold: float = 0.8
+    object_policy: Literal["fixed", "flexmatch"] = "fixed"
+    object_memory_stride: int = 8
     unlabeled_weight: float = 1.0
     rampup_fraction: float = 0.3
 
@@ -113,6 +122,14 @@ class FocalMixConfig:
             raise ValueError("temperature and eta must be positive")
         if not 0 <= self.rampup_fraction <= 1 or self.unlabeled_weight < 0:
             raise ValueError("rampup_fraction must be in [0, 1] and unlabeled_weight >= 0")
+        if self.object_policy == "flexmatch":
+            if not 0 < self.object_threshold <= 1 or self.object_memory_stride < 1:
+                raise ValueError("object_policy flexmatch needs object_threshold (CPL's tau) in (0, 1] and "
+                                 f"object_memory_stride >= 1, got {self.object_threshold}, "
+                                 f"{self.object_memory_stride}")
+            if not self.object_mixup:
+                raise ValueError("object_policy flexmatch chooses the objects of object MixUp: "
+                                 "set object_mixup: true, or object_policy: fixed")
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,11 @@ class LabeledPatches(Dataset):
 
 class UnlabeledPatches(Dataset):
     """Random ``(1, P, P, P)`` crops of unlabeled scans; augmentation happens in the
-    FocalMix step, where the guessed targets follow it."""
+    FocalMix step, where the guessed targets follow it.
+
+    Item: ``image (1, P, P, P)`` float32, ``case ()`` int64, the crop's scan index in ``scans``,
+    and ``start (3,)`` int64, its corner in that scan's voxels (CPL object selection keys its
+    memory by them)."""
 
     def __init__(self, scans: Sequence[CachedVolume], patch: int, pad_value: float = -1.0, seed: int = 0) -> None:
         if not scans:
@@ -123,10 +127,11 @@ class UnlabeledPatches(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, 2, index])
-        scan = self.scans[rng.integers(len(self.scans))]
-        start = _random_start(rng, scan.array.shape, self.patch)
-        image = extract_window(scan.array, tuple(start), (self.patch,) * 3, self.pad_value)
-        return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None])}
+        case = int(rng.integers(len(self.scans)))
+        start = _random_start(rng, self.scans[case].array.shape, self.patch)
+        image = extract_window(self.scans[case].array, tuple(start), (self.patch,) * 3, self.pad_value)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None]),
+                "case": torch.tensor(case, dtype=torch.int64), "start": torch.as_tensor(start, dtype=torch.int64)}
 
 
 class IndexStream(Sampler[int]):

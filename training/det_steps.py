@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import distributed as dist
 from torch import nn
 
 from medssl.detection import CUBE_GROUP, AnchorGrid
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.detector import flatten_levels
 from medssl.training.focalmix import (
+    CPLObjectSelection,
     apply_symmetry,
     guess_targets,
     image_mixup,
     object_mixup,
+    objects_from_mask,
     objects_from_targets,
     sample_lambda,
     transform_anchor_targets,
@@ -54,6 +57,7 @@ def focalmix_step(
     step: int,
     cfg: DetectionExperiment,
     rng: np.random.Generator,
+    objects: CPLObjectSelection | None = None,
 ) -> dict[str, torch.Tensor]:
     """One FocalMix step: guess, augment, MixUp (image then object level), SFL.
 
@@ -61,20 +65,30 @@ def focalmix_step(
         model: the (possibly DDP-wrapped) detector to train.
         raw_model: the same network unwrapped, for the no-grad target guessing.
         batch: labeled batch (images already augmented by the dataset).
-        unlabeled: unlabeled batch ``{"image": (B, 1, P, P, P)}``.
+        unlabeled: unlabeled batch ``{"image": (B, 1, P, P, P)}``; with ``objects`` also
+            ``"case" (B,)`` and ``"start" (B, 3)``, each crop's scan index and corner.
         grid: anchors of a training patch.
         step: the step number (for the ramp-up).
         rng: this step's random generator.
+        objects: CPL object selection (``focalmix.object_policy: flexmatch``), updated in
+            place; None: FocalMix's fixed ``object_threshold``.
 
     Returns:
-        ``{"loss", "cls", "box", "unlabeled", "weight"}``.
+        ``{"loss", "cls", "box", "unlabeled", "weight", "guessed_positives"}``, with object
+        MixUp also ``"objects"`` (mean unlabeled objects per patch) and, with CPL,
+        ``"cpl_threshold"`` (T(nodule) this batch was selected with) and
+        ``"cpl_nodule_cells"`` / ``"cpl_background_cells"`` (σ after the update).
     """
     fm = cfg.focalmix
+    if (objects is None) != (fm.object_policy == "fixed"):
+        raise ValueError(f"focalmix.object_policy is {fm.object_policy!r}: pass a CPLObjectSelection "
+                         "exactly when it is 'flexmatch'")
     x, y = batch["image"], batch["labels"]
     u = unlabeled["image"]
     n = x.shape[0]
     elements = [CUBE_GROUP[i] for i in rng.choice(len(CUBE_GROUP), size=fm.k, replace=False)]
     sharp, mean = guess_targets(raw_model, u, elements, fm.temperature)
+    guessed = mean  # in the crops' own frame, which their "start" corners refer to
     # MixMatch trains on augmented unlabeled data; the guessed targets follow the transform.
     g_u = [CUBE_GROUP[i] for i in rng.integers(len(CUBE_GROUP), size=u.shape[0])]
     u = torch.stack([apply_symmetry(g, u[b]) for b, g in enumerate(g_u)])
@@ -89,10 +103,22 @@ def focalmix_step(
         x_mix, y_mix = image_mixup(x, y, images[perm[:n]], targets[perm[:n]], lam)
         u_mix, t_mix = image_mixup(u, sharp, images[perm[n:]], targets[perm[n:]], lam)
     mixed = torch.cat([x_mix, u_mix])
+    stats: dict[str, torch.Tensor] = {}
     if fm.object_mixup:
-        objects = _boxes(batch) + objects_from_targets(mean, grid, fm.object_threshold)
+        if objects is None:
+            found = objects_from_targets(mean, grid, fm.object_threshold)
+        else:
+            stats["cpl_threshold"] = torch.tensor(objects.nodule_threshold())
+            found = objects_from_mask(mean, objects.select(mean), grid)
+            all_guessed, cases, starts = _gathered(guessed, unlabeled["case"], unlabeled["start"])
+            objects.update(all_guessed, grid, cases, starts)
+            background, nodule = objects.learning_effect()
+            stats["cpl_nodule_cells"] = torch.tensor(nodule)
+            stats["cpl_background_cells"] = torch.tensor(background)
+        stats["objects"] = torch.tensor(float(np.mean([len(f) for f in found])))
+        boxes = _boxes(batch) + found
         # λ̃ >= 0.5: a mixed image's objects are those of its dominant (first) source.
-        mixed = object_mixup(mixed, objects, images, objects, fm.eta, rng)
+        mixed = object_mixup(mixed, boxes, images, boxes, fm.eta, rng)
 
     out = flatten_levels(model(mixed)).float()
     labeled = detection_loss(out[:n], y_mix, batch["deltas"], y == 1, cfg.loss)
@@ -107,4 +133,19 @@ def focalmix_step(
         "weight": torch.tensor(weight),
         # Diagnostic: guessed positive anchors per unlabeled patch (a collapse shows here first).
         "guessed_positives": (sharp >= 0.5).sum(dim=1).float().mean(),
+        **stats,
     }
+
+
+def _gathered(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor concatenated over the DDP ranks along dim 0 (as is without DDP), so every
+    rank writes the same batches into its CPL memory (:mod:`medssl.training.threshold`,
+    "Distributed training")."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(tensors)
+    out = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        out.append(torch.cat(parts))
+    return out

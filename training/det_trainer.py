@@ -4,6 +4,11 @@ A run folder holds ``config.yaml``, ``split.json``, ``checkpoints/`` (periodic, 
 ``best.pt`` by validation CPM), ``tensorboard/``, ``log.jsonl`` and, at the end,
 ``test/submission.csv`` (LUNA16 format), ``test/cpm.json`` and ``test/froc.png``
 computed with the best checkpoint on the held-out test subsets.
+
+With ``focalmix.object_policy: flexmatch`` the CPL memory of the object choice
+(:class:`~medssl.training.focalmix.CPLObjectSelection`, keyed by cells of the unlabeled scans'
+cached volumes) is saved in the checkpoints (``threshold``), so a resumed run continues with the
+same memory and thresholds.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from medssl.training.det_eval import TorchDetectionRunner, detection_params, eva
 from medssl.training.det_scans import DetectionSplit, ScanSource, split_luna16
 from medssl.training.det_steps import focalmix_step, supervised_step
 from medssl.training.detector import FPNDetector
+from medssl.training.focalmix import CPLObjectSelection
 from medssl.training.distributed import DistEnv, cleanup, init_distributed, unwrap, wrap_ddp
 from medssl.training.logger import TrainLogger
 from medssl.training.seed import seed_everything, worker_init_fn
@@ -111,8 +117,9 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
            cfg: DetectionExperiment, step: int, provenance: dict[str, Any],
-           metrics: dict[str, float] | None) -> dict[str, Any]:
-    """A checkpoint; ``provenance`` and ``metrics`` (validation at this step) go to model cards."""
+           metrics: dict[str, float] | None, objects: CPLObjectSelection | None) -> dict[str, Any]:
+    """A checkpoint; ``provenance`` and ``metrics`` (validation at this step) go to model cards;
+    ``threshold``: the CPL object selection's memory (None without CPL)."""
     return {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -123,6 +130,7 @@ def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
         "kind": "medssl.detector",
         "provenance": provenance,
         "metrics": dict(metrics or {}),
+        "threshold": objects.state_dict() if objects is not None else None,
     }
 
 
@@ -217,9 +225,19 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
     model = FPNDetector(cfg.model, cfg.anchors).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.optim.steps)
+    fm = cfg.focalmix
+    objects = (CPLObjectSelection([v.array.shape for v in unlabeled], tau=fm.object_threshold,
+                                  memory_stride=fm.object_memory_stride)
+               if semi and fm.object_policy == "flexmatch" else None)
     start = 0
     if resume:
-        start = int(resume_from_last(manager, model, optimizer, scheduler)["step"])
+        state = resume_from_last(manager, model, optimizer, scheduler)
+        if objects is not None:
+            if state.get("threshold") is None:
+                raise MedsslError(f"{out}: the last checkpoint has no CPL memory (written with "
+                                  "focalmix.object_policy fixed?); resume with the run's own config")
+            objects.load_state_dict(state["threshold"])
+        start = int(state["step"])
     model = wrap_ddp(model, env)
     model.train()
 
@@ -239,7 +257,7 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
             with amp:
                 if unlabeled_stream is not None:
                     losses = focalmix_step(model, unwrap(model), labeled_batch, _to(next(unlabeled_stream), dev),
-                                           grid, step, cfg, rng)
+                                           grid, step, cfg, rng, objects)
                 else:
                     losses = supervised_step(model, labeled_batch, cfg)
             loss = losses["loss"]
@@ -262,8 +280,8 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
                 if env.is_main:
                     if metrics:
                         logger.log(step + 1, **{f"val/{k}": v for k, v in metrics.items()})
-                    manager.save(_state(model, optimizer, scheduler, cfg, step + 1, provenance, metrics),
-                                 step + 1, metrics)
+                    manager.save(_state(model, optimizer, scheduler, cfg, step + 1, provenance, metrics,
+                                        objects), step + 1, metrics)
     if not env.is_main:
         return DetectionRun(out, manager.latest() or out, None, None)
     best = manager.best() or manager.latest()

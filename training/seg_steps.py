@@ -385,8 +385,8 @@ def patchcl_step(model: nn.Module, teacher: nn.Module, parts: PatchCLParts, labe
     2. one student forward of the labeled crops and the strong view: ``Sup = DiceCE(·, y)``,
        ``Reg = CE(student(strong), pseudo)`` over kept voxels (eq. 7, :func:`unlabeled_ce`),
        ``w(t)`` the mean teacher's ramp-up;
-    3. after ``patchcl.warmup_fraction`` of the steps (§3.4), class-aware patch sampling (§3.1)
-       over labeled crops (ground truth one-hot as ``C^k``) and weak unlabeled crops (``p_T``;
+    3. after ``patchcl.warmup_fraction`` of the steps (§3.4; never with γ = 0), class-aware patch
+       sampling (§3.1) over labeled crops (ground truth one-hot as ``C^k``) and weak unlabeled crops (``p_T``;
        rejected voxels count for no class), intensities mapped from the normalised ``[-1, 1]``
        to ``[0, 1]`` for the entropy; the attended patches through the student encoder + head
        (grad) and the teacher's (no grad, enqueued first, as the official ``train.py``); PLGCL
@@ -410,7 +410,7 @@ def patchcl_step(model: nn.Module, teacher: nn.Module, parts: PatchCLParts, labe
     weight = pc.beta * rampup(step, cfg.optim.steps, mt.rampup_fraction)
     loss = sup + weight * reg
     out = {"sup": sup, "reg": reg, "reg/weight": torch.tensor(weight), "u/kept": keep.float().mean()}
-    if step >= round(pc.warmup_fraction * cfg.optim.steps):
+    if pc.gamma > 0 and step >= round(pc.warmup_fraction * cfg.optim.steps):
         n_classes = probs.shape[1]
         image01 = ((torch.cat([labeled["image"], unlabeled["image"]]).float() + 1) / 2).clamp(0, 1)
         confidence = torch.cat([F.one_hot(labeled["label"], n_classes).movedim(-1, 1).float(), probs])
