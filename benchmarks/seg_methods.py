@@ -30,7 +30,8 @@ Methods are rows of :data:`METHODS` (trainer method + budget-dependent overrides
 * ``fixmatch``: FixMatch for segmentation (weak = the crop, strong = SVDA intensity ops, fixed
   τ 0.95); ``flexmatch``: the same with FlexMatch's CPL thresholds over a memory of every voxel of
   every unlabeled case (``threshold.memory_stride`` 1); ``patchcl``: mean teacher + PLGCL after a
-  20% warm-up (defaults of ``PatchCLConfig``).
+  20% warm-up (defaults of ``PatchCLConfig``); ``patchcl-no-plgcl`` (γ 0: what PLGCL adds) and
+  ``patchcl-beta1`` (β 1 instead of the official 4: what the consistency weight costs).
 
 A method that the installed medssl does not know (not in ``seg_config.Method``) is reported "not
 available" instead of run.
@@ -165,6 +166,8 @@ METHODS: dict[str, MethodRow] = {
     "patchcl": MethodRow("PatchCL", "patchcl", source="Basak & Yin, CVPR 2023"),
     "patchcl-no-plgcl": MethodRow("PatchCL without PLGCL (γ 0)", "patchcl", lambda budget: {"patchcl.gamma": 0.0},
                                   source="PatchCL's mean teacher alone: strong/weak views, β·CE on pseudo-labels"),
+    "patchcl-beta1": MethodRow("PatchCL, β 1", "patchcl", lambda budget: {"patchcl.beta": 1.0},
+                               source="PatchCL with FixMatch's unlabeled weight instead of the official β 4"),
 }
 
 

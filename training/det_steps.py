@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import distributed as dist
 from torch import nn
 
 from medssl.detection import CUBE_GROUP, AnchorGrid
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.detector import flatten_levels
+from medssl.training.distributed import all_gather_cat
 from medssl.training.focalmix import (
     CPLObjectSelection,
     apply_symmetry,
@@ -110,8 +110,9 @@ def focalmix_step(
         else:
             stats["cpl_threshold"] = torch.tensor(objects.nodule_threshold())
             found = objects_from_mask(mean, objects.select(mean), grid)
-            all_guessed, cases, starts = _gathered(guessed, unlabeled["case"], unlabeled["start"])
-            objects.update(all_guessed, grid, cases, starts)
+            # every rank writes every rank's batch, so the CPL memories stay identical under DDP
+            objects.update(all_gather_cat(guessed), grid, all_gather_cat(unlabeled["case"]),
+                           all_gather_cat(unlabeled["start"]))
             background, nodule = objects.learning_effect()
             stats["cpl_nodule_cells"] = torch.tensor(nodule)
             stats["cpl_background_cells"] = torch.tensor(background)
@@ -136,16 +137,3 @@ def focalmix_step(
         **stats,
     }
 
-
-def _gathered(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Each tensor concatenated over the DDP ranks along dim 0 (as is without DDP), so every
-    rank writes the same batches into its CPL memory (:mod:`medssl.training.threshold`,
-    "Distributed training")."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(tensors)
-    out = []
-    for t in tensors:
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t.contiguous())
-        out.append(torch.cat(parts))
-    return out
