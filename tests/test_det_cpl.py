@@ -13,36 +13,20 @@ torch = pytest.importorskip("torch")
 
 from medssl.cli.train import resolve_config
 from medssl.config import load_config, parse_overrides
-from medssl.synth.datasets import write_chest_dataset
 from medssl.training import det_trainer
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_trainer import TrainingDivergedError, train_detector
+from tests.test_train_detector import TINY as DETECTOR_TINY
+from tests.test_train_detector import cache, luna  # noqa: F401 (fixtures)
 
-TINY = [
-    "method=focalmix", "optim.steps=4", "eval.every=2", "eval.bootstrap=10", "data.patch=32",
-    "data.n_validation=1", "data.test_subsets=[9]", "data.workers=0", "focalmix.k=2",
-    "focalmix.object_policy=flexmatch",
-]
-
-
-@pytest.fixture(scope="module")
-def luna(tmp_path_factory) -> Path:
-    """10 annotated scans and 2 unlabeled, 64x64x40 voxels."""
-    root = tmp_path_factory.mktemp("luna")
-    write_chest_dataset(root, cases=10, unlabeled=2, matrix=64, n_slices=40, seed=500)
-    return root
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path_factory.getbasetemp() / "medssl-cache"))
+TINY = [*DETECTOR_TINY, "method=focalmix", "focalmix.k=2", "focalmix.object_policy=flexmatch"]
 
 
 def last(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=False)
 
 
-def test_cpl_focalmix_checkpoints_its_memory_and_resumes_with_it(luna, tmp_path, monkeypatch):
+def test_cpl_focalmix_checkpoints_its_memory_and_resumes_with_it(luna, tmp_path, monkeypatch):  # noqa: F811
     cfg = load_config(DetectionExperiment, resolve_config("focalmix-cpu"), parse_overrides(TINY))
     train_detector(cfg, luna, tmp_path / "straight", n_labeled=4, n_unlabeled=2, device="cpu")
     logged = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
@@ -78,7 +62,7 @@ def test_cpl_focalmix_checkpoints_its_memory_and_resumes_with_it(luna, tmp_path,
         torch.testing.assert_close(resumed["model"][name], value, msg=f"{name} differs after resume")
 
 
-def test_resuming_a_fixed_threshold_run_with_cpl_is_refused(luna, tmp_path):
+def test_resuming_a_fixed_threshold_run_with_cpl_is_refused(luna, tmp_path):  # noqa: F811
     fixed = load_config(DetectionExperiment, resolve_config("focalmix-cpu"),
                         parse_overrides([*TINY[:-1], "optim.steps=2", "focalmix.object_mixup=false"]))
     train_detector(fixed, luna, tmp_path / "run", n_labeled=4, n_unlabeled=2, device="cpu")

@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 
 from medssl.cli.train import resolve_config
 from medssl.config import load_config
-from medssl.errors import ConfigError
 from medssl.detection import AnchorGrid, AnchorSpec
+from medssl.errors import ConfigError
 from medssl.pipeline.windows import extract_window
 from medssl.training.det_config import DetectionExperiment, FocalMixConfig
 from medssl.training.det_data import UnlabeledPatches

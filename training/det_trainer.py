@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from medssl.config import config_to_dict, dump_config
 from medssl.datasets.luna16 import Finding
 from medssl.datasets.splits import write_split
 from medssl.detection import AnchorGrid
@@ -35,15 +36,14 @@ from medssl.metrics import plot_froc, write_predictions
 from medssl.pipeline import Intensity
 from medssl.training.cache import CachedVolume, VolumeCache
 from medssl.training.checkpoint import CheckpointManager, resume_from_last, rng_state
-from medssl.config import config_to_dict, dump_config
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_data import IndexStream, LabeledPatches, ScanBoxes, UnlabeledPatches
 from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
 from medssl.training.det_scans import DetectionSplit, ScanSource, split_luna16
 from medssl.training.det_steps import focalmix_step, supervised_step
 from medssl.training.detector import FPNDetector
-from medssl.training.focalmix import CPLObjectSelection
 from medssl.training.distributed import DistEnv, cleanup, init_distributed, unwrap, wrap_ddp
+from medssl.training.focalmix import CPLObjectSelection
 from medssl.training.logger import TrainLogger
 from medssl.training.seed import seed_everything, worker_init_fn
 
