@@ -105,7 +105,7 @@ class _Array:
         self.array = array
 
 
-def test_weak_strong_crops_are_voxel_aligned_and_carry_their_location():
+def test_weak_strong_crops_are_voxel_aligned():
     rng = np.random.default_rng(0)
     volumes = [LabeledVolume(_Array(rng.normal(size=(20, 32, 32)).astype(np.float32)), None) for _ in range(3)]
     lookup = np.arange(256, dtype=np.uint8)
@@ -114,21 +114,20 @@ def test_weak_strong_crops_are_voxel_aligned_and_carry_their_location():
     plain = SegCrops(volumes, (16, 16, 16), lookup, None, -1.0, seed=0, stream=2)
     for i in range(3):
         item = crops[i]
-        assert set(item) == {"image", "strong", "case", "start"}
-        k, start = int(item["case"]), item["start"].tolist()
+        assert set(item) == {"image", "strong"}
+        draw = np.random.default_rng([0, 2, i])  # the dataset's draws: case, corner, then SVDA
+        k, start = int(draw.integers(3)), [int(draw.integers(0, n - 16 + 1)) for n in (20, 32, 32)]
         window = volumes[k].image.array[start[0]:start[0] + 16, start[1]:start[1] + 16, start[2]:start[2] + 16]
         np.testing.assert_array_equal(item["image"][0].numpy(), window)  # weak view: the crop as drawn
         np.testing.assert_array_equal(item["image"].numpy(), plain[i]["image"].numpy())  # same draws
         assert not torch.equal(item["strong"], item["image"])
         # the strong view is the same draw's intensity ops (no rotation, no zoom) on the same crop
-        draw = np.random.default_rng([0, 2, i])
-        draw.integers(3), [draw.integers(0, n - 16 + 1) for n in (20, 32, 32)]
         draw_params = svda.sample(draw)
         assert {"rotation", "scale"} & set(draw_params.applied)  # the test does exercise the drop
         params = replace(draw_params, rotation_deg=None, scale=None)
         expected, _ = apply_svda(window, None, params, pad_value=-1.0)
         np.testing.assert_allclose(item["strong"][0].numpy(), expected, rtol=0, atol=0)
-    assert "case" not in plain[0] and "strong" not in plain[0]
+    assert "strong" not in plain[0]
 
 
 def test_crops_carry_cpl_ids_that_follow_their_voxels_through_svda():
@@ -154,8 +153,10 @@ def test_crops_carry_cpl_ids_that_follow_their_voxels_through_svda():
         moved += int((ids == -1).any())  # rotated/zoomed-out corners fall off the volume
     assert moved, "the draws should rotate or zoom some crop"
     weak = SegCrops(unlabeled, (8, 16, 16), lookup, svda, -1.0, seed=0, stream=2, weak_strong=True, layout=layout)
-    item = weak[0]
-    torch.testing.assert_close(item["ids"], layout.crop_id_map(0, item["start"].tolist(), (8, 16, 16)))
+    draw = np.random.default_rng([0, 2, 0])
+    draw.integers(1)
+    start = [int(draw.integers(0, n - p + 1)) for n, p in zip(shape, (8, 16, 16))]
+    torch.testing.assert_close(weak[0]["ids"], layout.crop_id_map(0, start, (8, 16, 16)))  # weak view: not moved
     with pytest.raises(ValueError, match="unlabeled"):
         SegCrops(labeled, (8, 16, 16), lookup, svda, -1.0, seed=0, stream=2, layout=layout)
 

@@ -154,14 +154,13 @@ class SegCrops(Dataset):
     With ``weak_strong`` (FixMatch/FlexMatch's unlabeled crops) ``image`` is the weak view, the
     crop as drawn (no SVDA), and the item also carries ``strong (1, Z, Y, X)``: the same crop
     with SVDA's intensity ops only (blur, brightness, contrast, gamma; the drawn rotation and zoom
-    are dropped so the two views stay voxel-aligned; without ``svda`` it equals the weak view),
-    ``case ()`` int64, the volume's index in ``volumes``, and ``start (3,)`` int64, the crop
-    corner in that volume's voxels. The draws are the same as without ``weak_strong``.
+    are dropped so the two views stay voxel-aligned; without ``svda`` it equals the weak view).
+    The draws are the same as without ``weak_strong``.
 
     With a CPL ``layout`` (unlabeled volumes only) the item also carries ``ids (Z, Y, X)`` int64:
     each voxel's FlexMatch memory index (:meth:`VoxelMemoryLayout.crop_id_map`, ``-1`` off the
     memory grid), moved by SVDA's rotation and zoom like a label (nearest neighbour), so the ids
-    follow the voxels of ``image``.
+    follow the voxels of ``image`` (of the weak view with ``weak_strong``).
 
     Args:
         volumes: cached cases; all labeled or all unlabeled.
@@ -170,7 +169,7 @@ class SegCrops(Dataset):
         svda: the augmentation, or ``None`` for crops only.
         pad_value: normalised intensity outside a volume.
         seed, stream: the sample stream (labeled and unlabeled crops use different streams).
-        weak_strong: return weak and strong views and the crop's location (see above).
+        weak_strong: return weak and strong views (see above).
         layout: the CPL memory layout of ``volumes`` (in their order), to return ``ids``.
     """
 
@@ -201,7 +200,7 @@ class SegCrops(Dataset):
             label = self.lookup[extract_window(vol.label.array, start, self.patch, 0)]
         ids = self.layout.crop_id_map(case, start, self.patch).numpy() if self.layout is not None else None
         if self.weak_strong:
-            item = self._views(image, label, case, start, rng)
+            item = self._views(image, label, rng)
         else:
             if self.svda is not None:
                 params = self.svda.sample(rng)
@@ -215,16 +214,14 @@ class SegCrops(Dataset):
             item["ids"] = torch.from_numpy(np.ascontiguousarray(ids))
         return item
 
-    def _views(self, image: np.ndarray, label: np.ndarray | None, case: int, start: list[int],
+    def _views(self, image: np.ndarray, label: np.ndarray | None,
                rng: np.random.Generator) -> dict[str, torch.Tensor]:
         strong = image
         if self.svda is not None:
             params = replace(self.svda.sample(rng), rotation_deg=None, scale=None)  # keep voxels aligned
             strong, _ = apply_svda(image, None, params, pad_value=self.pad_value)
         item = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None]),
-                "strong": torch.from_numpy(np.ascontiguousarray(strong, dtype=np.float32)[None]),
-                "case": torch.tensor(case, dtype=torch.int64),
-                "start": torch.tensor(start, dtype=torch.int64)}
+                "strong": torch.from_numpy(np.ascontiguousarray(strong, dtype=np.float32)[None])}
         if label is not None:
             item["label"] = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
         return item
