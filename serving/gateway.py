@@ -13,8 +13,8 @@ One process, a few threads around one job store:
   more than ``spool.keep_done_h`` ago;
 * the **health server** serves ``/metrics``, ``/healthz`` and ``/readyz``.
 
-Start-up order: the job store recovers (``running`` jobs back to ``queued``; spooled studies
-without a job get one), then the HTTP server, the models (in the background when a Triton
+Start-up order: the job store recovers (jobs not processed to their end wait a fresh idle time,
+as their studies may still be arriving; spooled studies without a job get one), then the HTTP server, the models (in the background when a Triton
 server is not reachable yet: the gateway receives and spools meanwhile, and is not ready),
 then the SCP. :meth:`Gateway.stop` (SIGTERM) stops accepting associations first, lets the
 open ones finish, lets workers finish the study in hand (bounded by ``timeout_s``; an
@@ -92,13 +92,15 @@ class Gateway:
             MedsslError: a model that is missing or invalid in the repository (a
                 configuration error: fix the config, nothing would ever process).
         """
-        requeued = self.store.recover(self.cfg.processing.max_attempts)
+        recovered = self.store.recover(self.cfg.processing.max_attempts)
         opened = self.store.reconcile(self.spool.recover())
-        if requeued or opened:
+        if recovered or opened:
             log.info("recovered unfinished work", extra={
-                "requeued_jobs": [j.id for j in requeued if j.state is JobState.QUEUED],
-                "dead_lettered_jobs": [j.id for j in requeued if j.state is JobState.DEAD_LETTER],
-                "reconciled_studies": [j.study_uid for j in opened]})
+                "waiting_jobs": [j.id for j in recovered if j.state is JobState.RECEIVED],
+                "dead_lettered_jobs": [j.id for j in recovered if j.state is JobState.DEAD_LETTER],
+                "superseded_jobs": [j.id for j in recovered if j.state is JobState.DONE],
+                "reconciled_studies": [j.study_uid for j in opened],
+                "idle_s": self.cfg.spool.study_idle_s})
         if self.http is not None:
             self.http.start()
         if self.cfg.models.triton_url is None:
@@ -150,9 +152,13 @@ class Gateway:
         self._stopped.wait()
 
     def ready(self) -> tuple[bool, str]:
-        """Ready: the SCP listens, the models are loaded, Triton (if configured) is reachable."""
+        """Ready: the spool has room above its free-space floor (``spool.min_free_mb``), the
+        models are loaded, Triton (if configured) is reachable."""
         if self._stopping.is_set():
             return False, "stopping"
+        full = self.spool.below_floor()
+        if full is not None:
+            return False, full
         if self.models is None:
             return False, self._model_error
         if not self.models.ready():
@@ -191,7 +197,7 @@ class Gateway:
             self.metrics.studies.labels(state="queued").inc()
             self.metrics.stage_seconds.labels(stage="assemble").observe(job.queued_at - job.last_instance_at)
             log.info("study complete", extra={"job_id": job.id, "study_uid": job.study_uid,
-                                              "instances": job.n_instances})
+                                              "instances": job.n_instances, "supersedes": job.supersedes})
         return False
 
     # --- models and inference --------------------------------------------------------------
@@ -237,17 +243,17 @@ class Gateway:
 
     def _run_job(self, job: Job, models: ModelSet) -> None:
         fields = {"job_id": job.id, "study_uid": job.study_uid, "attempt": job.attempts}
-        log.info("study processing", extra=fields)
+        files = self.spool.study_files(job.study_uid)  # the whole study, earlier jobs' instances too
+        log.info("study processing", extra={**fields, "instances": len(files), "supersedes": job.supersedes})
         p = self.cfg.processing
         backoff = p.retry_backoff_s * 2 ** max(job.attempts - 1, 0)
         try:
-            result = process_study(self.spool.study_files(job.study_uid), self.cfg.routes, models,
-                                   self.spool.output_dir(job.id))
+            result = process_study(files, self.cfg.routes, models, self.spool.output_dir(job.id))
         except TransientError as exc:
             self._settled(self.store.retry_or_dead(job.id, str(exc), p.max_attempts, backoff), fields)
             return
         except MedsslError as exc:
-            self._settled(self.store.fail(job.id, f"{type(exc).__name__}: {exc}"), fields)
+            self._settled(self.store.fail(job.id, f"{type(exc).__name__}: {exc}", instances=len(files)), fields)
             return
         except Exception as exc:  # noqa: BLE001 - a bug or an environment fault: retry, then dead-letter
             log.exception("study processing raised", extra=fields)
@@ -258,12 +264,14 @@ class Gateway:
         failed = [s for s in result.series if s.status == "failed"]
         if failed and not ok:
             reasons = "; ".join(f"{s.series_uid} ({s.model}): {s.reason}" for s in failed)
-            self._settled(self.store.fail(job.id, f"no series could be processed: {reasons}"), fields)
+            self._settled(self.store.fail(job.id, f"no series could be processed: {reasons}",
+                                          instances=len(files)), fields)
             return
         skipped = [s for s in result.series if s.status == "skipped"]
         note = None if ok else "no series selected by the routes" if skipped or not result.series else None
         outputs = [Output(o.path, o.kind, o.model, o.sop_instance_uid) for o in result.outputs]
-        done = self.store.finish_inference(job.id, outputs, list(self._destinations), note=note)
+        done = self.store.finish_inference(job.id, outputs, list(self._destinations), note=note,
+                                           instances=len(files))
         if done.started_at is not None and done.inferred_at is not None:
             self.metrics.stage_seconds.labels(stage="inference").observe(done.inferred_at - done.started_at)
         log.info("study processed", extra={**fields, "state": done.state.value, "outputs": len(outputs),

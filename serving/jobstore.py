@@ -9,22 +9,37 @@ A job is one study's processing. Its states::
             ──► failed  (the study's input cannot be processed: every routed series failed)
             ──► dead-letter (attempts exhausted; or a delivery exhausted its attempts)
 
+The idle timer of a job starts at ``idle_since``: its last instance's arrival, or the restart
+that recovered the job (see below), whichever is later.
+
 Late instances (documented behaviour): an instance of a study whose job is ``received``
 restarts its idle timer; one whose job is ``queued`` puts it back to ``received`` (re-opened,
-the timer restarts); one whose job is already ``running`` or past it opens a new job for the
-study, which after the idle time re-processes every instance of the study. Its results carry
-the same deterministic UIDs, so a PACS replaces (or, if it keeps the first copy, ignores) the
-earlier ones rather than storing duplicates. A study has at most one open (``received`` or
-``queued``) job: when a running job would go back to ``queued`` (a retry, or
-:meth:`JobStore.recover`) while a late instance has opened a newer job of its study, it ends
-``done`` instead, its error saying "superseded by job N", and the newer job processes the study.
+the timer restarts); one whose job is already ``running`` or past it (``sending``, ``done``,
+``failed``, ``dead-letter``) opens a new job for the study that **supersedes** the latest
+earlier one (its ``supersedes`` column holds that job's id). After the idle time the new job
+re-processes every instance of the study, the earlier ones included (the worker reads the
+study's whole spool folder; ``n_processed`` records how many instances the job's processing
+read, whereas ``n_instances`` counts those received while the job was open). Results of the
+same content carry the same deterministic UIDs (a re-sent study is idempotent at the PACS);
+results over more instances are different content and carry new UIDs, so the PACS stores
+the complete result beside the partial one instead of keeping whichever came first. A job
+whose study folder was purged (``spool.keep_done_h``) is not superseded: its instances are
+gone, and a later instance of its study is processed with what is spooled then.
+
+A study has at most one open (``received`` or ``queued``) job: when a running job would go back
+to ``queued`` (a retry, or :meth:`JobStore.recover`) while a late instance has opened a newer
+job of its study, it ends ``done`` instead, its error saying "superseded by job N", and the
+newer job processes the study.
 
 Durability: the instance files are fsynced before acknowledgment (:mod:`medssl.serving.spool`);
 the database runs ``synchronous=NORMAL`` in WAL mode, which survives a killed process (every
 committed transaction is in the WAL). A power cut may lose the last transactions, which
 :meth:`JobStore.reconcile` makes good at start: a study folder without a job gets one. After a
-crash, :meth:`JobStore.recover` puts every ``running`` job back in the queue (its attempt
-counted), so a worker that died mid-job leaves the job retried, not lost.
+crash, :meth:`JobStore.recover` puts every job that was not yet processed to its end
+(``received``, ``queued``, or ``running``: a worker died mid-job, its attempt counted) back to
+``received`` with a fresh idle timer: the sender may still be sending the study (re-sending
+what the crash left unacknowledged), so the study is processed once it has been idle again,
+with every instance, instead of at once with the part received before the crash.
 
 Times are ``time.time()`` seconds (UTC epoch).
 """
@@ -64,13 +79,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     n_instances INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     last_instance_at REAL NOT NULL,
+    idle_since REAL NOT NULL,
     queued_at REAL,
     started_at REAL,
     inferred_at REAL,
     finished_at REAL,
     next_attempt_at REAL NOT NULL DEFAULT 0,
     error TEXT,
-    purged INTEGER NOT NULL DEFAULT 0
+    purged INTEGER NOT NULL DEFAULT 0,
+    supersedes INTEGER REFERENCES jobs (id),
+    n_processed INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, next_attempt_at);
 CREATE UNIQUE INDEX IF NOT EXISTS one_open_job_per_study ON jobs (study_uid)
@@ -96,10 +114,28 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
 """
 
+#: Columns added after the first release, with the statement that adds each to an older
+#: database (``CREATE TABLE IF NOT EXISTS`` leaves an existing table as it was).
+_ADDED_COLUMNS = {
+    "idle_since": "ALTER TABLE jobs ADD COLUMN idle_since REAL NOT NULL DEFAULT 0",
+    "supersedes": "ALTER TABLE jobs ADD COLUMN supersedes INTEGER REFERENCES jobs (id)",
+    "n_processed": "ALTER TABLE jobs ADD COLUMN n_processed INTEGER",
+}
+
 
 @dataclass(frozen=True)
 class Job:
-    """One row of ``jobs``; times in epoch seconds (None: not reached)."""
+    """One row of ``jobs``; times in epoch seconds (None: not reached).
+
+    Attributes:
+        n_instances: instances received (stored) while this job was the study's open job.
+        idle_since: when the idle timer started: the last instance, or the restart that
+            recovered the job (module docstring).
+        supersedes: the id of the earlier job of the study that this one re-does with every
+            instance (a late instance arrived after that job ran), or None.
+        n_processed: instances of the study that the job's last processing attempt read
+            (the whole study, earlier instances included); None until it recorded a result.
+    """
 
     id: int
     study_uid: str
@@ -108,12 +144,15 @@ class Job:
     n_instances: int
     created_at: float
     last_instance_at: float
+    idle_since: float
     queued_at: float | None
     started_at: float | None
     inferred_at: float | None
     finished_at: float | None
     next_attempt_at: float
     error: str | None
+    supersedes: int | None
+    n_processed: int | None
 
 
 @dataclass(frozen=True)
@@ -159,6 +198,17 @@ class JobStore:
                                f"on a local filesystem")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns a database made by an earlier version lacks."""
+        with self._tx() as db:
+            present = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+            for column, statement in _ADDED_COLUMNS.items():
+                if column not in present:
+                    db.execute(statement)
+            if "idle_since" not in present:
+                db.execute("UPDATE jobs SET idle_since = last_instance_at")
 
     def close(self) -> None:
         """Close the database."""
@@ -181,22 +231,29 @@ class JobStore:
     def record_instance(self, study_uid: str, received_at: float | None = None) -> Job:
         """Count a stored instance of ``study_uid``: open, extend or re-open its job.
 
+        With no open job, the new job supersedes the study's latest earlier job whose files
+        are still spooled (module docstring: late instances).
+
         Returns:
-            The study's open job (state ``received``).
+            The study's open job (state ``received``, idle timer restarted at ``received_at``).
         """
         now = time.time() if received_at is None else received_at
         with self._tx() as db:
             row = db.execute("SELECT id FROM jobs WHERE study_uid = ? AND state IN ('received', 'queued')",
                              (study_uid,)).fetchone()
             if row is None:
+                earlier = db.execute("SELECT id, purged FROM jobs WHERE study_uid = ? ORDER BY id DESC "
+                                     "LIMIT 1", (study_uid,)).fetchone()
+                supersedes = earlier["id"] if earlier is not None and not earlier["purged"] else None
                 job_id = db.execute(
-                    "INSERT INTO jobs (study_uid, state, n_instances, created_at, last_instance_at) "
-                    "VALUES (?, 'received', 1, ?, ?)", (study_uid, now, now)).lastrowid
+                    "INSERT INTO jobs (study_uid, state, n_instances, created_at, last_instance_at, "
+                    "idle_since, supersedes) VALUES (?, 'received', 1, ?, ?, ?, ?)",
+                    (study_uid, now, now, now, supersedes)).lastrowid
             else:
                 job_id = row["id"]
                 db.execute("UPDATE jobs SET state = 'received', queued_at = NULL, "
-                           "n_instances = n_instances + 1, last_instance_at = ? WHERE id = ?",
-                           (now, job_id))
+                           "n_instances = n_instances + 1, last_instance_at = ?, "
+                           "idle_since = MAX(idle_since, ?) WHERE id = ?", (now, now, job_id))
             return self._job(db, job_id)
 
     def reconcile(self, study_uids: Sequence[str], now: float | None = None) -> list[Job]:
@@ -208,34 +265,48 @@ class JobStore:
             for uid in study_uids:
                 if db.execute("SELECT 1 FROM jobs WHERE study_uid = ?", (uid,)).fetchone() is None:
                     job_id = db.execute(
-                        "INSERT INTO jobs (study_uid, state, created_at, last_instance_at) "
-                        "VALUES (?, 'received', ?, ?)", (uid, now, now)).lastrowid
+                        "INSERT INTO jobs (study_uid, state, created_at, last_instance_at, idle_since) "
+                        "VALUES (?, 'received', ?, ?, ?)", (uid, now, now, now)).lastrowid
                     opened.append(self._job(db, job_id))
         return opened
 
     def recover(self, max_attempts: int, now: float | None = None) -> list[Job]:
-        """At start: every ``running`` job (its process died) goes back to ``queued``, or to
-        dead-letter when it has used ``max_attempts``. Returns the jobs touched."""
+        """At start, after a stop or a crash: every job not yet processed to its end waits a
+        fresh idle time, because its study's instances may still be arriving.
+
+        ``received`` and ``queued`` jobs become ``received`` with ``idle_since = now``. A
+        ``running`` job (its process died; its attempt counted) does too, or goes to
+        dead-letter when it has used ``max_attempts``, or ends ``done`` as superseded when a
+        late instance already opened a newer job of its study. ``sending`` jobs are left to
+        the sender.
+
+        Returns:
+            The jobs touched, by id.
+        """
         now = time.time() if now is None else now
+        stopped = "the gateway stopped while the job was running"
         with self._tx() as db:
-            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE state = 'running'")]
+            # newest first: of two running jobs of one study, the newer stays and supersedes
+            ids = [r["id"] for r in db.execute(
+                "SELECT id FROM jobs WHERE state IN ('received', 'queued', 'running') ORDER BY id DESC")]
             for job_id in ids:
-                if self._superseded(db, job_id, "the gateway stopped while the job was running",
-                                    max_attempts, now):
+                if self._superseded(db, job_id, stopped, max_attempts, now):
                     continue
                 db.execute(
-                    "UPDATE jobs SET state = CASE WHEN attempts >= ? THEN 'dead-letter' ELSE 'queued' END, "
-                    "error = 'the gateway stopped while the job was running', next_attempt_at = ?, "
-                    "finished_at = CASE WHEN attempts >= ? THEN ? ELSE NULL END WHERE id = ?",
-                    (max_attempts, now, max_attempts, now, job_id))
-            return [self._job(db, job_id) for job_id in ids]
+                    "UPDATE jobs SET error = CASE WHEN state = 'running' THEN ? ELSE error END, "
+                    "state = CASE WHEN state = 'running' AND attempts >= ? THEN 'dead-letter' "
+                    "ELSE 'received' END, "
+                    "finished_at = CASE WHEN state = 'running' AND attempts >= ? THEN ? ELSE NULL END, "
+                    "queued_at = NULL, idle_since = MAX(idle_since, ?), next_attempt_at = MAX(next_attempt_at, ?) "
+                    "WHERE id = ?", (stopped, max_attempts, max_attempts, now, now, now, job_id))
+            return [self._job(db, job_id) for job_id in sorted(ids)]
 
     def assemble(self, idle_s: float, now: float | None = None) -> list[Job]:
-        """Queue every ``received`` study whose last instance is ``idle_s`` old or older."""
+        """Queue every ``received`` study idle for ``idle_s`` seconds or more (since ``idle_since``)."""
         now = time.time() if now is None else now
         with self._tx() as db:
             ids = [r["id"] for r in db.execute(
-                "SELECT id FROM jobs WHERE state = 'received' AND last_instance_at <= ? ORDER BY id",
+                "SELECT id FROM jobs WHERE state = 'received' AND idle_since <= ? ORDER BY id",
                 (now - idle_s,))]
             for job_id in ids:
                 db.execute("UPDATE jobs SET state = 'queued', queued_at = ? WHERE id = ?", (now, job_id))
@@ -256,12 +327,16 @@ class JobStore:
             return self._job(db, row["id"])
 
     def finish_inference(self, job_id: int, outputs: Sequence[Output], destinations: Sequence[str],
-                         note: str | None = None, now: float | None = None) -> Job:
+                         note: str | None = None, now: float | None = None,
+                         instances: int | None = None) -> Job:
         """Record a running job's results: ``sending`` with one pending delivery per
-        destination, or ``done`` when there is nothing to send (``note`` says why)."""
+        destination, or ``done`` when there is nothing to send (``note`` says why).
+        ``instances``: how many instance files of the study the processing read
+        (``n_processed``)."""
         now = time.time() if now is None else now
         with self._tx() as db:
             self._require(db, job_id, JobState.RUNNING)
+            self._set_processed(db, job_id, instances)
             db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
             db.executemany("INSERT INTO outputs (job_id, path, kind, model, sop_instance_uid) "
                            "VALUES (?, ?, ?, ?, ?)",
@@ -291,11 +366,13 @@ class JobStore:
                            (error, now + backoff_s, job_id))
             return self._job(db, job_id)
 
-    def fail(self, job_id: int, error: str, now: float | None = None) -> Job:
-        """A running job's study cannot be processed (bad input): ``failed`` with ``error``."""
+    def fail(self, job_id: int, error: str, now: float | None = None, instances: int | None = None) -> Job:
+        """A running job's study cannot be processed (bad input): ``failed`` with ``error``.
+        ``instances``: how many instance files of the study the processing read."""
         now = time.time() if now is None else now
         with self._tx() as db:
             self._require(db, job_id, JobState.RUNNING)
+            self._set_processed(db, job_id, instances)
             db.execute("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ?",
                        (error, now, job_id))
             return self._job(db, job_id)
@@ -423,6 +500,14 @@ class JobStore:
                          f"(this attempt: {error})", job_id))
         return True
 
+    @staticmethod
+    def _set_processed(db: sqlite3.Connection, job_id: int, instances: int | None) -> None:
+        if instances is None:
+            return
+        if isinstance(instances, bool) or not isinstance(instances, int) or instances < 0:
+            raise ValueError(f"instances must be a non-negative integer, got {instances!r}")
+        db.execute("UPDATE jobs SET n_processed = ? WHERE id = ?", (instances, job_id))
+
     def _require(self, db: sqlite3.Connection, job_id: int, state: JobState) -> Job:
         job = self._job(db, job_id)
         if job.state is not state:
@@ -433,9 +518,10 @@ class JobStore:
 def _job(row: sqlite3.Row) -> Job:
     return Job(id=row["id"], study_uid=row["study_uid"], state=JobState(row["state"]),
                attempts=row["attempts"], n_instances=row["n_instances"], created_at=row["created_at"],
-               last_instance_at=row["last_instance_at"], queued_at=row["queued_at"],
-               started_at=row["started_at"], inferred_at=row["inferred_at"],
-               finished_at=row["finished_at"], next_attempt_at=row["next_attempt_at"], error=row["error"])
+               last_instance_at=row["last_instance_at"], idle_since=row["idle_since"],
+               queued_at=row["queued_at"], started_at=row["started_at"], inferred_at=row["inferred_at"],
+               finished_at=row["finished_at"], next_attempt_at=row["next_attempt_at"], error=row["error"],
+               supersedes=row["supersedes"], n_processed=row["n_processed"])
 
 
 def _delivery(row: sqlite3.Row) -> Delivery:

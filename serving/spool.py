@@ -228,6 +228,23 @@ class Spool:
         if folder.exists():
             shutil.rmtree(folder)
 
+    def free_bytes(self) -> int:
+        """Free bytes on ``root``'s filesystem for this (unprivileged) process."""
+        return int(shutil.disk_usage(self.root).free)
+
+    def below_floor(self) -> str | None:
+        """Why the spool cannot take instances now, or None when it can.
+
+        Returns:
+            A reason naming the free space and the floor, in MiB, while ``root``'s filesystem
+            has less than ``min_free_bytes`` free (every store would be refused); else None.
+        """
+        free = self.free_bytes()
+        if free >= self.min_free_bytes:
+            return None
+        return (f"spool {self.root}: {free / 2**20:.0f} MiB free, below its floor of "
+                f"{self.min_free_bytes / 2**20:.0f} MiB (spool.min_free_mb); instances are refused")
+
     def usage_bytes(self) -> int:
         """Bytes held under ``root`` (the sum of file sizes, not counting directories)."""
         return _tree_bytes(self.root)
@@ -253,7 +270,7 @@ class Spool:
 
     def _write_durably(self, data: bytes, target: Path) -> None:
         """Write ``data`` to ``tmp/``, fsync, rename onto ``target``, fsync the directories."""
-        free = shutil.disk_usage(self.root).free
+        free = self.free_bytes()
         if free - len(data) < self.min_free_bytes:
             raise SpoolFullError(
                 f"spool {self.root}: {free} bytes free; writing {len(data)} bytes would go below "

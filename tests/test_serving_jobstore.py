@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from medssl.serving.jobstore import JobState, JobStore, Output
+from medssl.serving.spool import Spool
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 OTHER = "1.2.826.0.1.3680043.8.498.2"
@@ -83,15 +84,55 @@ def test_a_late_instance_reopens_a_queued_job_and_restarts_its_timer(store):
     assert [j.id for j in store.assemble(5, now=T0 + 12)] == [job.id]
 
 
-@pytest.mark.parametrize("past", ["running", "sending", "done"])
-def test_a_late_instance_of_a_study_in_progress_opens_a_new_job(store, past):
+@pytest.mark.parametrize("past", ["running", "sending", "done", "failed"])
+def test_a_late_instance_of_a_study_in_progress_opens_a_new_job_superseding_it(store, past):
     job_id = running(store)
-    if past != "running":
+    if past == "failed":
+        store.fail(job_id, "no series could be processed", now=T0 + 5)
+    elif past != "running":
         store.finish_inference(job_id, outputs(), ["pacs"] if past == "sending" else [], now=T0 + 5)
     late = store.record_instance(STUDY, T0 + 6)
     assert late.id != job_id and late.state is JobState.RECEIVED and late.n_instances == 1
+    assert late.supersedes == job_id
     assert store.job(job_id).state.value == past
     assert [j.id for j in store.jobs(STUDY)] == [job_id, late.id]
+    assert store.record_instance(STUDY, T0 + 7).supersedes == job_id  # the same open job
+
+
+def test_instances_after_a_study_was_done_make_a_new_job_process_the_whole_study(tmp_path, store):
+    """40 of 48 instances are processed; the last 8 arrive after: the new job supersedes the
+    first and, after a fresh idle time, its processing reads all 48 (what the gateway does)."""
+    spool = Spool(tmp_path / "spool")
+    series = f"{STUDY}.1"
+
+    def receive(numbers: range, at: float) -> None:
+        for i in numbers:
+            spool.store(b"DICM", STUDY, series, f"{series}.{i}")
+            store.record_instance(STUDY, at)
+
+    def process(at: float) -> int:
+        store.assemble(10, now=at)
+        job = store.claim(now=at)
+        assert job is not None, store.jobs()
+        store.finish_inference(job.id, outputs(), ["pacs"], now=at + 1,
+                               instances=len(spool.study_files(job.study_uid)))
+        return job.id
+
+    receive(range(1, 41), T0)
+    first = process(T0 + 10)
+    receive(range(41, 49), T0 + 20)
+    assert store.assemble(10, now=T0 + 29.9) == []
+    second = process(T0 + 30)
+    jobs = {j.id: j for j in store.jobs(STUDY)}
+    assert (jobs[first].supersedes, jobs[first].n_instances, jobs[first].n_processed) == (None, 40, 40)
+    assert (jobs[second].supersedes, jobs[second].n_instances, jobs[second].n_processed) == (first, 8, 48)
+
+
+def test_a_late_instance_after_the_study_was_purged_supersedes_nothing(store):
+    job_id = running(store)
+    store.finish_inference(job_id, [], [], now=T0 + 1)
+    store.mark_purged(job_id)
+    assert store.record_instance(STUDY, T0 + 2).supersedes is None
 
 
 # --- processing ------------------------------------------------------------------------------
@@ -223,28 +264,90 @@ def test_one_dead_delivery_dead_letters_the_job_once_the_others_settle(store):
 # --- restart ---------------------------------------------------------------------------------
 
 
-def test_recover_requeues_running_jobs_and_dead_letters_exhausted_ones(store):
+def test_recover_resumes_running_jobs_after_a_fresh_idle_time_and_dead_letters_exhausted_ones(store):
     fresh = running(store, STUDY)
     tired = running(store, OTHER)
     store.retry_or_dead(tired, "x", max_attempts=2, backoff_s=0, now=T0)
     assert store.claim(now=T0).attempts == 2
     touched = {j.id: j for j in store.recover(max_attempts=2, now=T0 + 50)}
     assert set(touched) == {fresh, tired}
-    assert (touched[fresh].state, touched[fresh].next_attempt_at, touched[fresh].finished_at) == (
-        JobState.QUEUED, T0 + 50, None)
+    assert (touched[fresh].state, touched[fresh].idle_since, touched[fresh].finished_at) == (
+        JobState.RECEIVED, T0 + 50, None)
+    assert touched[fresh].last_instance_at == T0 and touched[fresh].attempts == 1
     assert "stopped while the job was running" in touched[fresh].error
     assert (touched[tired].state, touched[tired].finished_at) == (JobState.DEAD_LETTER, T0 + 50)
-    assert store.claim(now=T0 + 50).id == fresh
-    assert store.recover(max_attempts=2, now=T0 + 60)[0].attempts == 2
+    assert store.assemble(10, now=T0 + 59.9) == []
+    assert [j.id for j in store.assemble(10, now=T0 + 60)] == [fresh]
+    assert store.claim(now=T0 + 60).attempts == 2
+    assert store.recover(max_attempts=2, now=T0 + 70)[0].state is JobState.DEAD_LETTER
+
+
+@pytest.mark.parametrize("state", ["received", "queued"])
+def test_a_study_recovered_at_restart_waits_a_fresh_idle_time(store, state):
+    """Its last instance came long before the restart, but more may still be on their way
+    (the sender re-sends what the crash left unacknowledged): the timer restarts at recovery."""
+    job = store.record_instance(STUDY, T0)
+    if state == "queued":
+        assert store.assemble(10, now=T0 + 10)
+    (recovered,) = store.recover(max_attempts=3, now=T0 + 100)
+    assert (recovered.id, recovered.state, recovered.idle_since, recovered.last_instance_at,
+            recovered.queued_at, recovered.attempts) == (job.id, JobState.RECEIVED, T0 + 100, T0, None, 0)
+    assert store.assemble(10, now=T0 + 109.9) == []
+    late = store.record_instance(STUDY, T0 + 105)  # the re-sent rest joins the same job
+    assert (late.id, late.n_instances, late.supersedes) == (job.id, 2, None)
+    assert store.assemble(10, now=T0 + 114.9) == []
+    assert [j.id for j in store.assemble(10, now=T0 + 115)] == [job.id]
+
+
+def test_recover_keeps_a_pending_retry_backoff(store):
+    job_id = running(store)
+    store.retry_or_dead(job_id, "Triton unavailable", max_attempts=3, backoff_s=100, now=T0 + 1)
+    (recovered,) = store.recover(max_attempts=3, now=T0 + 2)
+    assert (recovered.state, recovered.next_attempt_at, recovered.error) == (
+        JobState.RECEIVED, T0 + 101, "Triton unavailable")
+    store.assemble(0, now=T0 + 50)
+    assert store.claim(now=T0 + 100) is None
+    assert store.claim(now=T0 + 101).id == job_id
 
 
 def test_recover_with_a_newer_open_job_of_the_study_leaves_it_to_that_job(store):
     died = running(store)
     late = store.record_instance(STUDY, T0 + 1)
-    (touched,) = store.recover(max_attempts=3, now=T0 + 50)
-    assert (touched.id, touched.state) == (died, JobState.DONE)
-    assert f"superseded by job {late.id}" in touched.error
-    assert store.job(late.id).state is JobState.RECEIVED
+    touched = store.recover(max_attempts=3, now=T0 + 50)
+    assert [(j.id, j.state) for j in touched] == [(died, JobState.DONE), (late.id, JobState.RECEIVED)]
+    assert f"superseded by job {late.id}" in touched[0].error
+    assert (touched[1].supersedes, touched[1].idle_since) == (died, T0 + 50)
+
+
+def test_recover_with_two_running_jobs_of_a_study_keeps_the_newer(store):
+    older = running(store)
+    newer = store.record_instance(STUDY, T0 + 1)
+    store.assemble(0, now=T0 + 2)
+    assert store.claim(now=T0 + 2).id == newer.id
+    touched = {j.id: j for j in store.recover(max_attempts=3, now=T0 + 50)}
+    assert touched[older].state is JobState.DONE and f"superseded by job {newer.id}" in touched[older].error
+    assert touched[newer.id].state is JobState.RECEIVED
+
+
+def test_a_database_of_the_earlier_schema_gains_the_new_columns(tmp_path):
+    path = tmp_path / "jobs.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript("""
+            CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, study_uid TEXT NOT NULL,
+                state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+                n_instances INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,
+                last_instance_at REAL NOT NULL, queued_at REAL, started_at REAL, inferred_at REAL,
+                finished_at REAL, next_attempt_at REAL NOT NULL DEFAULT 0, error TEXT,
+                purged INTEGER NOT NULL DEFAULT 0);""")
+        db.execute("INSERT INTO jobs (study_uid, state, n_instances, created_at, last_instance_at) "
+                   "VALUES (?, 'received', 3, ?, ?)", (STUDY, T0, T0 + 4))
+    store = JobStore(path)
+    try:
+        (job,) = store.jobs()
+        assert (job.idle_since, job.supersedes, job.n_processed, job.n_instances) == (T0 + 4, None, None, 3)
+        assert [j.id for j in store.assemble(10, now=T0 + 14)] == [job.id]
+    finally:
+        store.close()
 
 
 def test_reconcile_opens_jobs_only_for_unknown_studies(store):
