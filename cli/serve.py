@@ -40,7 +40,7 @@ def serve(config_path: Path, triton_url: str | None, overrides: tuple[str, ...],
     /healthz and /readyz on the http port.
     """
     from medssl.serving.config import load_gateway_config
-    from medssl.serving.logs import configure_logging
+    from medssl.serving.logs import capture_stray_output, configure_logging
 
     values = parse_overrides(overrides)
     if triton_url is not None:
@@ -58,7 +58,8 @@ def serve(config_path: Path, triton_url: str | None, overrides: tuple[str, ...],
         models.close()
         click.echo(f"{config_path}: valid; models loaded: {', '.join(r.model for r in cfg.routes)}")
         return
-    configure_logging(cfg.log_level)
+    # every line on stderr is a JSON log record: what libraries print or warn is withheld
+    configure_logging(cfg.log_level, stream=capture_stray_output())
     from medssl.serving.gateway import Gateway
 
     gateway = Gateway(cfg)
