@@ -1,18 +1,38 @@
-"""Results as DICOM Segmentations (BINARY; LABELMAP is not understood by Orthanc 1.10, dcmtk
-3.6.7 or dciodvfy 2022).
+"""Results as DICOM Segmentations: BINARY by default, LABELMAP on request.
 
 * :func:`label_seg`: a segmenter's label volume. Segments follow the model card: segment
   ``i + 1`` is ``card.labels[i]``, always, whether the label occurs in the volume or not, so
   every SEG of a model has the same segment list and an empty segment says "looked, found
-  nothing". Every frame of the source is kept, empty or not (``omit_empty_frames=False``):
-  the SEG is pixel-aligned with the source series frame for frame, which is what viewers
-  and the IHE AI Results profile expect of a segmentation result, and it stays valid when
-  nothing was found.
+  nothing".
 * :func:`detection_seg`: a detector's findings as spheres, the companion of the SR
   (:func:`medssl.serving.sr.detection_sr` with ``companion_seg``): segment ``i + 1`` is
   detection ``i``, a sphere of its diameter around its centre on the source grid, tracked
-  with the same identifier and UID as the SR's groups of that finding. A sphere covers a
-  few frames, so frames empty for a segment are omitted here.
+  with the same identifier and UID as the SR's groups of that finding, shown in its own
+  display colour (:data:`FINDING_COLOURS`, recommended CIELab values).
+
+**Empty frames are omitted by default** (``omit_empty_frames=True``): a BINARY SEG stores
+one frame per source frame *and segment*, and most of them are empty (an 11-organ label SEG
+of a 300 x 512 x 512 study: 91 % of 3,300 frames, 110 MB dense). A sparse SEG keeps each
+frame's Per-Frame Functional Groups (source image reference, plane position, segment
+number), so highdicom, dcmqi, OHIF and 3D Slicer rebuild the full volume, with the missing
+frames empty; a SEG with nothing found still keeps one (empty) frame, as the IOD needs one.
+``omit_empty_frames=False`` writes every frame (dense), for receivers that expect a SEG
+frame-aligned with the source.
+
+**Segmentation type** (:class:`SegType`): ``binary`` (default) is one bit-packed frame per
+segment and source frame, understood everywhere; ``labelmap`` (DICOM 2024c, highdicom >=
+0.24) is one 8- or 16-bit frame per source frame holding segment numbers, smaller and
+faster for many non-overlapping segments, but Orthanc 1.10, dcmtk 3.6.7 and dciodvfy 2022
+do not know it, so it is an option for receivers that support it. LABELMAP needs
+non-overlapping segments, so it applies to label SEGs only: the companion SEG of findings
+(spheres may overlap) is always BINARY.
+
+**UIDs** come from :mod:`medssl.serving.uids`: a SEG's Series and SOP Instance UIDs are
+derived from its content (the masks' digest or the findings, the source instances, the
+segmentation type and frame options, the card's labels), so different content never shares
+a UID and a retry repeats them. Patient and study attributes are copied as
+:mod:`medssl.serving.source` describes (invalid values in real archives never make the
+writer fail); a series without a Frame of Reference UID gets a derived one.
 
 Sources are single-frame CT images (one frame each) or one Enhanced CT (multi-frame) image;
 masks are given in the source's frame order, and :func:`frame_slices` maps a volume on the
@@ -22,6 +42,7 @@ source grid (what the readers return) to that order by each frame's plane positi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 
 import highdicom as hd
@@ -34,12 +55,24 @@ from medssl.atomic import atomic_write
 from medssl.io.dicom_enhanced import frame_positions
 from medssl.models.card import ModelCard
 from medssl.pipeline.detect import Detection
+from medssl.serving.source import output_source
 from medssl.serving.sr import coded, finding_label, finding_tracking, processing_equipment
-from medssl.serving.uids import derived_uid, source_series_uid
+from medssl.serving.uids import (
+    array_key,
+    card_key,
+    content_key,
+    derived_uid,
+    detections_key,
+    instances_key,
+    label_key,
+    source_series_uid,
+)
 
 __all__ = [
     "DETECTION_SEG_SERIES_NUMBER",
+    "FINDING_COLOURS",
     "SEG_SERIES_NUMBER",
+    "SegType",
     "detection_seg",
     "frame_slices",
     "label_seg",
@@ -53,6 +86,31 @@ SEG_SERIES_NUMBER = 9002
 DETECTION_SEG_SERIES_NUMBER = 9003
 #: How far (in voxels) a frame's position may lie off the grid's slice it is mapped to.
 GRID_TOLERANCE = 0.01
+#: Display colours (RGB 0..255, written as CIELab) of the companion SEG's findings: finding
+#: ``i`` gets ``FINDING_COLOURS[i % 10]`` (Tableau 10: neighbours stay distinguishable).
+FINDING_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)
+
+
+class SegType(str, Enum):
+    """Segmentation Type of a label SEG (module docs): ``binary`` or ``labelmap``."""
+
+    BINARY = "binary"
+    LABELMAP = "labelmap"
+
+    @classmethod
+    def parse(cls, value: str | SegType) -> SegType:
+        """``value`` as a SegType (case-insensitive).
+
+        Raises:
+            ValueError: not one of the values (the value and the choices named).
+        """
+        try:
+            return cls(value.lower() if isinstance(value, str) else value)
+        except ValueError:
+            raise ValueError(f"seg_type must be one of {[t.value for t in cls]}, got {value!r}") from None
 
 
 def frame_slices(source: Sequence[Dataset], affine: np.ndarray, n_slices: int) -> np.ndarray:
@@ -98,8 +156,11 @@ def label_seg(
     *,
     manufacturer: str = "medssl",
     series_number: int = SEG_SERIES_NUMBER,
+    seg_type: str | SegType = SegType.BINARY,
+    omit_empty_frames: bool = True,
 ) -> hd.seg.Segmentation:
-    """A BINARY DICOM SEG of a label volume on its source CT series, every frame kept.
+    """A DICOM SEG of a label volume on its source CT series (BINARY, empty frames omitted,
+    unless asked otherwise).
 
     Args:
         source: the CT series' datasets (headers suffice), one series: single-frame images,
@@ -114,13 +175,21 @@ def label_seg(
             version identify the algorithm and seed the UIDs.
         manufacturer: Manufacturer of the SEG.
         series_number: SeriesNumber of the SEG series.
+        seg_type: ``binary`` or ``labelmap`` (:class:`SegType`, module docs).
+        omit_empty_frames: leave out frames without a segmented pixel (default; module
+            docs); False writes every frame.
 
     Returns:
-        The Segmentation (a ``pydicom.Dataset``): ``n_frames`` x ``len(card.labels)``
-        frames, algorithm type AUTOMATIC, SeriesInstanceUID and SOPInstanceUID from
-        :func:`~medssl.serving.uids.derived_uid` roles ``"seg-series"`` and
-        ``"seg-instance"``, segment tracking UIDs from ``"segment-<label value>"``, the model
-        in its Contributing Equipment.
+        The Segmentation (a ``pydicom.Dataset``): BINARY: up to ``n_frames`` x
+        ``len(card.labels)`` frames (only the non-empty ones by default); LABELMAP: up to
+        ``n_frames`` frames of segment numbers. Algorithm type AUTOMATIC, each segment in
+        its label's colour (CIELab) when the card gives one; SeriesInstanceUID and
+        SOPInstanceUID from :func:`~medssl.serving.uids.derived_uid` roles
+        ``"seg-series"`` and ``"seg-instance"`` with a content key of the labels' digest,
+        the source instances, the card's labels and the options; segment tracking UIDs
+        from ``"segment-<label value>"`` and the label (the same for every SEG of that
+        label); the model in its Contributing Equipment. Memory: about the label volume
+        again (the segment-number map handed to highdicom) plus highdicom's frames.
 
     Raises:
         ValueError: no or several source series, source images of different sizes, a
@@ -129,6 +198,7 @@ def label_seg(
     """
     series_uid = source_series_uid(source)
     _check_labels(source, labels, card)
+    seg_type = SegType.parse(seg_type)
     algorithm = _algorithm(card)
     descriptions = [
         hd.seg.SegmentDescription(
@@ -138,17 +208,27 @@ def label_seg(
             segmented_property_type=coded(label.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=derived_uid(series_uid, card.name, card.version, f"segment-{label.value}"),
+            tracking_uid=derived_uid(series_uid, card.name, card.version, f"segment-{label.value}",
+                                     content=content_key(label=label_key(label))),
             tracking_id=label.name,
             anatomic_regions=[coded(label.anatomic_region)] if label.anatomic_region else None,
             display_color=hd.color.CIELabColor.from_rgb(*label.colour) if label.colour else None,
         )
         for number, label in enumerate(card.labels, start=1)
     ]
-    masks = np.stack([labels == label.value for label in card.labels], axis=-1).astype(np.uint8)
-    return _segmentation(source, masks, descriptions, card, manufacturer, series_number,
+    # the label-map style array highdicom takes for both types: segment numbers (card order)
+    numbers = np.zeros(max(int(label.value) for label in card.labels) + 1,
+                       dtype=np.uint8 if len(card.labels) < 256 else np.uint16)
+    for number, label in enumerate(card.labels, start=1):
+        numbers[label.value] = number
+    segments = numbers[labels]
+    content = content_key(labels=array_key(labels), evidence=instances_key(source),
+                          card=card_key(card), seg_type=seg_type.value,
+                          omit_empty_frames=bool(omit_empty_frames), manufacturer=manufacturer,
+                          series_number=int(series_number))
+    return _segmentation(source, segments, descriptions, card, manufacturer, series_number,
                          roles=("seg-series", "seg-instance"), what="segmentation",
-                         omit_empty_frames=False)
+                         omit_empty_frames=omit_empty_frames, seg_type=seg_type, content=content)
 
 
 def detection_seg(
@@ -161,7 +241,8 @@ def detection_seg(
     manufacturer: str = "medssl",
     series_number: int = DETECTION_SEG_SERIES_NUMBER,
 ) -> hd.seg.Segmentation:
-    """A BINARY DICOM SEG of detections: one sphere segment per detection.
+    """A BINARY DICOM SEG of detections: one sphere segment per detection, empty frames
+    omitted.
 
     Args:
         source: the scored CT series' datasets (headers suffice), as for :func:`label_seg`.
@@ -179,11 +260,13 @@ def detection_seg(
 
     Returns:
         The Segmentation: segments labelled and tracked as the SR tracks the findings
-        (``"Nodule 1"`` and the ``"finding-1"`` UID, ...), SeriesInstanceUID and
-        SOPInstanceUID from :func:`~medssl.serving.uids.derived_uid` roles
-        ``"nodule-seg-series"`` and ``"nodule-seg-instance"``, frames empty for a segment
-        omitted, the model in its Contributing Equipment. Memory: one byte per voxel and
-        detection while it is built.
+        (``"Nodule 1"`` and its tracking UID, :func:`~medssl.serving.sr.finding_tracking`),
+        coloured :data:`FINDING_COLOURS` in order, SeriesInstanceUID and SOPInstanceUID
+        from :func:`~medssl.serving.uids.derived_uid` roles ``"nodule-seg-series"`` and
+        ``"nodule-seg-instance"`` with a content key of the findings (rounded as
+        :func:`~medssl.serving.uids.detections_key` states), the source instances, the
+        grid and the card's labels; frames empty for a segment omitted, the model in its
+        Contributing Equipment. Memory: one byte per voxel and detection while it is built.
 
     Raises:
         ValueError: no detections, a grid whose in-plane size is not the source's, a
@@ -207,8 +290,8 @@ def detection_seg(
             masks[slices == z, :, :, i] = block[z - z0]
     algorithm = _algorithm(card)
     descriptions = []
-    for i in range(len(detections)):
-        identifier, uid = finding_tracking(series_uid, card, i)
+    for i, detection in enumerate(detections):
+        identifier, uid = finding_tracking(series_uid, card, i, detection)
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=i + 1,
             segment_label=identifier,
@@ -219,10 +302,16 @@ def detection_seg(
             tracking_uid=uid,
             tracking_id=identifier,
             anatomic_regions=[coded(label.anatomic_region)] if label.anatomic_region else None,
+            display_color=hd.color.CIELabColor.from_rgb(*FINDING_COLOURS[i % len(FINDING_COLOURS)]),
         ))
+    content = content_key(findings=detections_key(detections), evidence=instances_key(source),
+                          card=card_key(card), grid=[np.round(np.asarray(affine, dtype=np.float64), 6).tolist(),
+                                                     list(shape)],
+                          seg_type=SegType.BINARY.value, omit_empty_frames=True,
+                          manufacturer=manufacturer, series_number=int(series_number))
     return _segmentation(source, masks, descriptions, card, manufacturer, series_number,
                          roles=("nodule-seg-series", "nodule-seg-instance"), what="finding spheres",
-                         omit_empty_frames=True)
+                         omit_empty_frames=True, seg_type=SegType.BINARY, content=content)
 
 
 def write_label_seg(
@@ -233,9 +322,12 @@ def write_label_seg(
     *,
     manufacturer: str = "medssl",
     series_number: int = SEG_SERIES_NUMBER,
+    seg_type: str | SegType = SegType.BINARY,
+    omit_empty_frames: bool = True,
 ) -> Path:
     """Build :func:`label_seg` and write it to ``path`` (atomically); returns the path."""
-    seg = label_seg(source, labels, card, manufacturer=manufacturer, series_number=series_number)
+    seg = label_seg(source, labels, card, manufacturer=manufacturer, series_number=series_number,
+                    seg_type=seg_type, omit_empty_frames=omit_empty_frames)
     return _write(seg, path)
 
 
@@ -274,17 +366,21 @@ def _algorithm(card: ModelCard) -> hd.AlgorithmIdentificationSequence:
 def _segmentation(source: Sequence[Dataset], masks: np.ndarray,
                   descriptions: Sequence[hd.seg.SegmentDescription], card: ModelCard,
                   manufacturer: str, series_number: int, roles: tuple[str, str], what: str,
-                  omit_empty_frames: bool) -> hd.seg.Segmentation:
-    """The BINARY SEG of ``masks`` ``(n_frames, Rows, Columns, segments)`` on ``source``."""
+                  omit_empty_frames: bool, seg_type: SegType, content: str) -> hd.seg.Segmentation:
+    """The SEG of ``masks`` on ``source``: ``(n_frames, Rows, Columns, segments)`` binary
+    masks, or ``(n_frames, Rows, Columns)`` segment numbers; UIDs from ``content``."""
     series_uid = source_series_uid(source)
-    return hd.seg.Segmentation(
-        source_images=source,
+    prepared = output_source(source)
+    segmentation_type = (hd.seg.SegmentationTypeValues.LABELMAP if seg_type is SegType.LABELMAP
+                         else hd.seg.SegmentationTypeValues.BINARY)
+    return prepared.restore(hd.seg.Segmentation(
+        source_images=prepared.datasets,
         pixel_array=masks,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=segmentation_type,
         segment_descriptions=descriptions,
-        series_instance_uid=derived_uid(series_uid, card.name, card.version, roles[0]),
+        series_instance_uid=derived_uid(series_uid, card.name, card.version, roles[0], content=content),
         series_number=series_number,
-        sop_instance_uid=derived_uid(series_uid, card.name, card.version, roles[1]),
+        sop_instance_uid=derived_uid(series_uid, card.name, card.version, roles[1], content=content),
         instance_number=1,
         manufacturer=manufacturer,
         manufacturer_model_name=card.name,
@@ -294,7 +390,7 @@ def _segmentation(source: Sequence[Dataset], masks: np.ndarray,
         series_description=f"{card.name} v{card.version} {what}"[:64],
         omit_empty_frames=omit_empty_frames,
         contributing_equipment=[processing_equipment(card, manufacturer)],
-    )
+    ))
 
 
 def _sphere(index: int, detection: Detection, affine: np.ndarray,

@@ -48,7 +48,7 @@ object medssl writes names the model in its Contributing Equipment Sequence
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,8 @@ from medssl import __version__
 from medssl.atomic import atomic_write
 from medssl.models.card import Code, Label, ModelCard
 from medssl.pipeline.detect import Detection
-from medssl.serving.uids import derived_uid, device_uid, source_series_uid
+from medssl.serving.source import output_source
+from medssl.serving.uids import content_key, derived_uid, detection_key, device_uid, report_key, source_series_uid
 
 __all__ = [
     "CT_UNSPECIFIED_BODY_REGION",
@@ -124,6 +125,7 @@ def detection_sr(
     series_number: int = SR_SERIES_NUMBER,
     procedure_reported: Code = CT_UNSPECIFIED_BODY_REGION,
     companion_seg: Dataset | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 Measurement Report of a detector's findings on one CT series.
 
@@ -142,10 +144,15 @@ def detection_sr(
         companion_seg: the SEG of these detections (:func:`~medssl.serving.seg.detection_seg`,
             segment ``i + 1`` = ``detections[i]``); each finding then also gets a TID 1411
             group referencing its segment, and the SEG is recorded as evidence.
+        settings: what chose the reported findings and outputs (e.g. ``{"min_probability":
+            0.5, "companion_seg": True}``); part of the content key the UIDs derive from.
 
     Returns:
         The SR document (a ``pydicom.Dataset``), SeriesInstanceUID and SOPInstanceUID from
-        :func:`~medssl.serving.uids.derived_uid` roles ``"sr-series"`` and ``"sr-instance"``,
+        :func:`~medssl.serving.uids.derived_uid` roles ``"sr-series"`` and ``"sr-instance"``
+        with the report's content key (:func:`~medssl.serving.uids.report_key`: findings,
+        evidence, companion SEG, ``settings``, options); patient and study attributes as
+        :mod:`medssl.serving.source` copies them,
         tracking UIDs from roles ``"finding-<i>"`` (1-based, in ``detections`` order); its
         Contributing Equipment names the model (:func:`processing_equipment`).
 
@@ -156,6 +163,8 @@ def detection_sr(
             ``companion_seg`` that is not a SEG of one segment per detection.
     """
     series_uid = source_series_uid(source)
+    prepared = output_source(source)  # copies highdicom accepts; received values restored below
+    source = prepared.datasets
     frame_of_reference = _frame_of_reference(source)
     label = finding_label(card)
     for i, detection in enumerate(detections):
@@ -181,12 +190,15 @@ def detection_sr(
         content: Dataset = hd.sr.MeasurementReport(context, procedure, groups)[0]
     else:
         content = _no_findings_report(context, procedure, label)
-    return hd.sr.Comprehensive3DSR(
+    key = report_key(source, detections, card, companion_seg=companion_seg, settings=settings,
+                     manufacturer=manufacturer, series_number=series_number,
+                     procedure_reported=procedure_reported)
+    return prepared.restore(hd.sr.Comprehensive3DSR(
         evidence=[*source, companion_seg] if companion_seg is not None else source,
         content=content,
-        series_instance_uid=derived_uid(series_uid, card.name, card.version, "sr-series"),
+        series_instance_uid=derived_uid(series_uid, card.name, card.version, "sr-series", content=key),
         series_number=series_number,
-        sop_instance_uid=derived_uid(series_uid, card.name, card.version, "sr-instance"),
+        sop_instance_uid=derived_uid(series_uid, card.name, card.version, "sr-instance", content=key),
         instance_number=1,
         manufacturer=manufacturer,
         manufacturer_model_name=card.name,
@@ -194,7 +206,7 @@ def detection_sr(
         series_description=f"{card.name} v{card.version} findings"[:64],
         software_versions=f"medssl {__version__}",
         contributing_equipment=[processing_equipment(card, manufacturer)],
-    )
+    ))
 
 
 def write_detection_sr(
@@ -207,23 +219,29 @@ def write_detection_sr(
     series_number: int = SR_SERIES_NUMBER,
     procedure_reported: Code = CT_UNSPECIFIED_BODY_REGION,
     companion_seg: Dataset | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> Path:
     """Build :func:`detection_sr` and write it to ``path`` (atomically); returns the path."""
     path = Path(path)
     sr = detection_sr(source, detections, card, manufacturer=manufacturer,
                       series_number=series_number, procedure_reported=procedure_reported,
-                      companion_seg=companion_seg)
+                      companion_seg=companion_seg, settings=settings)
     atomic_write(path, lambda fh: sr.save_as(fh, enforce_file_format=True))
     return path
 
 
-def finding_tracking(series_uid: str, card: ModelCard, index: int) -> tuple[str, str]:
+def finding_tracking(series_uid: str, card: ModelCard, index: int,
+                     detection: Detection) -> tuple[str, str]:
     """``(identifier, UID)`` tracking detection ``index`` (0-based) of a series: the
     identifier is ``"<label name> <index + 1>"``, the UID :func:`derived_uid` role
-    ``"finding-<index + 1>"``. The SR's groups and the companion SEG's segments share them."""
+    ``"finding-<index + 1>"`` with the finding's content (centre, diameter, probability,
+    rounded as :func:`~medssl.serving.uids.detection_key` states), so it stays the same for
+    the same finding at the same rank (a report at another threshold keeps it) and changes
+    when the finding does. The SR's groups and the companion SEG's segments share them."""
     number = index + 1
     return (f"{finding_label(card).name} {number}",
-            derived_uid(series_uid, card.name, card.version, f"finding-{number}"))
+            derived_uid(series_uid, card.name, card.version, f"finding-{number}",
+                        content=content_key(finding=detection_key(detection))))
 
 
 def _measurement_groups(
@@ -239,7 +257,7 @@ def _measurement_groups(
           | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
     """The TID 1410 group of detection ``index`` (0-based), and its TID 1411 group when
     there is a companion SEG."""
-    identifier, uid = finding_tracking(series_uid, card, index)
+    identifier, uid = finding_tracking(series_uid, card, index, detection)
 
     def common() -> dict[str, Any]:  # fresh content items for each group
         return dict(

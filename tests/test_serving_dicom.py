@@ -233,15 +233,16 @@ def test_output_uids_repeat_for_a_retry_and_change_with_the_model_version(
              *_uids(label_seg(source, labels, v2))}
     assert len(every) == 8
     series = source[0].SeriesInstanceUID
-    assert _uids(sr_first)[0] == derived_uid(series, card.name, card.version, "sr-series")
-    assert derived_uid(series, card.name, 1, "sr-series") != derived_uid("1.2.3", card.name, 1,
-                                                                         "sr-series")
+    assert derived_uid(series, card.name, 1, "sr-series", content="a") != derived_uid(
+        "1.2.3", card.name, 1, "sr-series", content="a")
+    assert derived_uid(series, card.name, 1, "sr-series", content="a") != derived_uid(
+        series, card.name, 1, "sr-series", content="b")
 
 
 # -- SEG -------------------------------------------------------------------------------------
 
 
-def test_seg_of_a_nodule_is_a_valid_binary_seg_with_the_same_mask_and_every_frame(
+def test_seg_of_a_nodule_is_a_valid_binary_seg_with_the_same_mask_and_only_non_empty_frames(
         tmp_path, ct, card, dciodvfy):
     volume, source = ct
     labels = _sphere(volume, *NODULES[0][:2])
@@ -250,7 +251,9 @@ def test_seg_of_a_nodule_is_a_valid_binary_seg_with_the_same_mask_and_every_fram
     assert dciodvfy(path) == []
     seg = hd.seg.segread(path)
     assert seg.SegmentationType == "BINARY"
-    assert seg.NumberOfFrames == SHAPE[0]  # empty frames kept: pixel-aligned with the series
+    assert seg.NumberOfFrames == int(labels.any(axis=(1, 2)).sum()) < SHAPE[0]  # sparse
+    dense = write_label_seg(source, labels, card, tmp_path / "dense.dcm", omit_empty_frames=False)
+    assert dciodvfy(dense) == [] and hd.seg.segread(dense).NumberOfFrames == SHAPE[0]
     _assert_names_model_and_copies_source(seg, source[0], card)
     assert seg.FrameOfReferenceUID == source[0].FrameOfReferenceUID
     description = seg.get_segment_description(1)
@@ -312,9 +315,10 @@ def test_companion_seg_has_a_sphere_per_detection_tracked_like_the_sr_findings(
     series = source[0].SeriesInstanceUID
     seg = hd.seg.segread(seg_path)
     assert seg.SegmentationType == "BINARY" and seg.number_of_segments == 2
-    assert (seg.SeriesInstanceUID, seg.SOPInstanceUID) == tuple(
-        derived_uid(series, card.name, card.version, f"nodule-seg-{role}")
-        for role in ("series", "instance"))
+    again = detection_seg(source, detections, card, volume.affine, volume.shape)
+    assert (seg.SeriesInstanceUID, seg.SOPInstanceUID) == _uids(again)  # a retry repeats them
+    assert seg.SOPInstanceUID not in _uids(detection_seg(source, detections[:1], card, volume.affine,
+                                                         volume.shape))
     _assert_names_model_and_copies_source(seg, source[0], card)
     masks = seg.get_pixels_by_source_instance(
         [ds.SOPInstanceUID for ds in source], segment_numbers=[1, 2],
@@ -399,8 +403,8 @@ def test_seg_on_an_enhanced_ct_follows_its_frame_order(tmp_path, enhanced_ct, ca
     path = write_label_seg([ds], labels[slices], card, tmp_path / "seg.dcm")
     assert dciodvfy(path) == []
     seg = hd.seg.segread(path)
-    assert seg.NumberOfFrames == SHAPE[0]
+    assert seg.NumberOfFrames == int(labels.any(axis=(1, 2)).sum())  # empty frames omitted
     _assert_names_model_and_copies_source(seg, ds, card)
     frames = seg.get_pixels_by_source_frame(ds.SOPInstanceUID, list(range(1, SHAPE[0] + 1)),
-                                            segment_numbers=[1])
+                                            segment_numbers=[1], assert_missing_frames_are_empty=True)
     assert np.array_equal(frames[..., 0], labels[ORDER])

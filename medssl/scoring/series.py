@@ -143,6 +143,10 @@ def failed_row(item: ScanItem, card: ModelCard, error: str, timings: dict[str, f
             **{f"{k}_s": v for k, v in (timings or {}).items()}}
 
 
+#: Segmentation types a label SEG can be written as (:class:`medssl.serving.seg.SegType`).
+SEG_TYPES = ("binary", "labelmap")
+
+
 @dataclass(frozen=True)
 class DicomOutput:
     """DICOM results of scored DICOM series.
@@ -155,11 +159,32 @@ class DicomOutput:
             p = 0.01 helps no reader.
         companion_seg: detection: also write a SEG of the reported findings (a sphere of
             its diameter each), referenced from the SR's TID 1411 groups.
+        seg_type: segmentation: ``"binary"`` (default, understood everywhere) or
+            ``"labelmap"`` (DICOM 2024c; not understood by Orthanc 1.10, dcmtk 3.6.7,
+            dciodvfy 2022), :class:`medssl.serving.seg.SegType`.
+        dense_seg: segmentation: write every frame of the SEG, empty ones too (default:
+            empty frames are omitted, :mod:`medssl.serving.seg`).
+
+    The threshold and the options are part of the objects' content keys, so outputs written
+    with other settings never share a UID with these (:mod:`medssl.serving.uids`).
+
+    Raises:
+        ValueError: ``min_probability`` outside ``[0, 1]`` or an unknown ``seg_type``.
     """
 
     folder: Path
     min_probability: float = 0.5
     companion_seg: bool = False
+    seg_type: str = "binary"
+    dense_seg: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.min_probability) <= 1.0:
+            raise ValueError(f"DicomOutput.min_probability must be in [0, 1], got {self.min_probability}")
+        seg_type = str(self.seg_type).lower()
+        if seg_type not in SEG_TYPES:
+            raise ValueError(f"DicomOutput.seg_type must be one of {list(SEG_TYPES)}, got {self.seg_type!r}")
+        object.__setattr__(self, "seg_type", seg_type)
 
 
 def _source_headers(item: ScanItem) -> list[pydicom.Dataset]:
@@ -179,12 +204,15 @@ def _write_sr(prepared: Prepared, detections: Sequence[Detection], card: ModelCa
     folder = output.folder / item.series_uid
     folder.mkdir(parents=True, exist_ok=True)
     reported = [d for d in detections if d.probability >= output.min_probability]
+    # what chose these findings and outputs: part of the SR's content key (its UIDs)
+    settings = {"min_probability": float(output.min_probability), "companion_seg": bool(output.companion_seg)}
     if not (output.companion_seg and reported):
-        return [write_detection_sr(source, reported, card, folder / "sr.dcm")]
+        return [write_detection_sr(source, reported, card, folder / "sr.dcm", settings=settings)]
     assert prepared.source_affine is not None and prepared.source_shape is not None
     seg_path, seg = write_detection_seg(source, reported, card, prepared.source_affine, prepared.source_shape,
                                         folder / "findings-seg.dcm")
-    return [write_detection_sr(source, reported, card, folder / "sr.dcm", companion_seg=seg), seg_path]
+    return [write_detection_sr(source, reported, card, folder / "sr.dcm", companion_seg=seg, settings=settings),
+            seg_path]
 
 
 def _failure(prepared: Prepared, card: ModelCard, exc: BaseException) -> Scored:
@@ -257,7 +285,8 @@ def _write_seg(item: ScanItem, labels: Volume, card: ModelCard, output: DicomOut
     slices = frame_slices(source, labels.affine, labels.shape[0])
     folder = output.folder / item.series_uid
     folder.mkdir(parents=True, exist_ok=True)
-    return write_label_seg(source, np.asarray(labels.array)[slices], card, folder / "seg.dcm")
+    return write_label_seg(source, np.asarray(labels.array)[slices], card, folder / "seg.dcm",
+                           seg_type=output.seg_type, omit_empty_frames=not output.dense_seg)
 
 
 def _infer_segmentation(prepared: Prepared, runner: SegmentationRunner, card: ModelCard,

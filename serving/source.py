@@ -1,0 +1,154 @@
+"""The source series' headers as the result writers use them: what real archives hold.
+
+highdicom parses the patient and study attributes it copies into a new object (dates and
+times into ``datetime`` values, the sex into an enumeration, names through a check that logs
+the name when it looks odd), so values that real archives hold (a birth date ``00000000``,
+a study date ``20230231``, a sex ``Q``) made the SR and SEG writers fail, and an odd name
+reached the log. :func:`output_source` hands the writers copies of the headers in which
+those attributes are empty, and :meth:`OutputSource.restore` then puts the received values
+into the written object. The rule, per attribute (all Type 2 in the Patient and General
+Study modules, so empty is valid):
+
+=============================  ==============================================================
+PatientName,                   copied as received when it is one value of valid PN syntax
+ReferringPhysicianName         (pydicom's VR check); otherwise left empty
+PatientBirthDate, StudyDate    copied as received when it has DA syntax (``YYYYMMDD`` digits,
+                               month and day in range as the VR's syntax checks them), even
+                               if the calendar has no such day (``20230231``: the PACS holds
+                               it, and matches on it); otherwise (``00000000``, ``1958-02-14``)
+                               left empty
+StudyTime                      copied as received when it has TM syntax, else left empty
+PatientSex                     copied when ``M``, ``F`` or ``O`` (the enumerated values);
+                               otherwise left empty
+=============================  ==============================================================
+
+Values that are copied pass dciodvfy; values left empty would not (an invalid VR or an
+unknown enumerated value is an error), so an output never fails validation because of what
+the archive sent. Everything else highdicom copies (IDs, UIDs, accession number) it copies
+verbatim already.
+
+**A series without a Frame of Reference UID** (LIDC-style slices) gets a derived one
+(:func:`medssl.serving.uids.frame_of_reference_uid`, from the SeriesInstanceUID only) in
+the copies, so its SR and SEG can be written and share one frame of reference. Why derive
+rather than skip: the SR's SCOORD3D points and the SEG's plane positions are in the
+patient coordinate system the slices' ImagePositionPatient/ImageOrientationPatient
+already use; the Frame of Reference UID only names that system, and PS3.3 C.7.4.1.1.1 lets
+an application that creates objects in a frame of reference give it a UID (each series has
+one; several series may share it). The outputs still reference the source images by SOP
+Instance UID (SEG derivation images, SR evidence), which is how viewers link them. What it
+does not do: a viewer that registers objects *by* Frame of Reference cannot match the
+outputs to the source images (they have none to match); that is the source's defect, and
+the derived UID never pretends to be the source's. Only a series in which *no* dataset has
+one gets a derived UID; datasets that disagree stay an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydicom import config
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import Tag
+from pydicom.valuerep import validate_value
+
+from medssl.serving.uids import frame_of_reference_uid, source_series_uid
+
+__all__ = ["OutputSource", "PARSED_ATTRIBUTES", "output_source"]
+
+#: The patient and study attributes highdicom parses (and may refuse, or log): keyword -> VR.
+PARSED_ATTRIBUTES: dict[str, str] = {
+    "PatientName": "PN",
+    "PatientBirthDate": "DA",
+    "PatientSex": "CS",
+    "StudyDate": "DA",
+    "StudyTime": "TM",
+    "ReferringPhysicianName": "PN",
+}
+_SEX_VALUES = frozenset({"M", "F", "O"})
+_FRAME_OF_REFERENCE = Tag("FrameOfReferenceUID")
+
+
+@dataclass(frozen=True)
+class OutputSource:
+    """Headers of a source series prepared for highdicom, and what to put back.
+
+    Attributes:
+        datasets: the headers, in the given order: copies with the
+            :data:`PARSED_ATTRIBUTES` empty (and a derived FrameOfReferenceUID where the
+            series has none); the received datasets themselves are never changed.
+        received: the :data:`PARSED_ATTRIBUTES` of the first dataset that are copied as
+            received (keyword -> element); the others stay empty.
+        derived_frame_of_reference: the series had no FrameOfReferenceUID and the copies
+            carry a derived one.
+    """
+
+    datasets: list[Dataset]
+    received: dict[str, DataElement]
+    derived_frame_of_reference: bool
+
+    def restore(self, output: Dataset) -> Dataset:
+        """Put the received patient and study values into ``output`` (the SR or SEG built
+        from :attr:`datasets`); the others are set empty. Returns ``output``."""
+        for keyword, vr in PARSED_ATTRIBUTES.items():
+            element = self.received.get(keyword)
+            output[Tag(keyword)] = (DataElement(element.tag, vr, element.value) if element is not None
+                                    else DataElement(Tag(keyword), vr, None))
+        return output
+
+
+def output_source(source: Sequence[Dataset]) -> OutputSource:
+    """Copies of ``source`` that highdicom accepts whatever the archive sent (module docs).
+
+    Args:
+        source: the datasets (headers suffice) of one series, in frame order.
+
+    Returns:
+        The :class:`OutputSource`: copies (shallow: elements are shared, the changed ones
+        replaced) and the received values to restore.
+
+    Raises:
+        ValueError: ``source`` is empty or names no or several series
+            (:func:`~medssl.serving.uids.source_series_uid`).
+    """
+    series_uid = source_series_uid(source)
+    first = source[0]
+    received = {keyword: first[Tag(keyword)] for keyword, vr in PARSED_ATTRIBUTES.items()
+                if Tag(keyword) in first and _keep(first[Tag(keyword)], vr)}
+    frames_of_reference = {str(ds.get("FrameOfReferenceUID", "") or "") for ds in source}
+    derive = frames_of_reference == {""}
+    derived = frame_of_reference_uid(series_uid) if derive else None
+    copies = []
+    for ds in source:
+        copy = Dataset()
+        copy.update(ds)
+        for attribute in ("file_meta", "preamble"):
+            if hasattr(ds, attribute):
+                setattr(copy, attribute, getattr(ds, attribute))
+        for keyword, vr in PARSED_ATTRIBUTES.items():
+            if Tag(keyword) in copy:
+                copy[Tag(keyword)] = DataElement(Tag(keyword), vr, None)
+        if derived is not None:
+            copy[_FRAME_OF_REFERENCE] = DataElement(_FRAME_OF_REFERENCE, "UI", derived)
+        copies.append(copy)
+    return OutputSource(copies, received, derive)
+
+
+def _keep(element: DataElement, vr: str) -> bool:
+    """Whether a received value is copied as it is (module docs): one value, valid syntax
+    for ``vr``, and for PatientSex an enumerated value. Empty values are kept (empty)."""
+    value = element.value
+    if value is None or value == "":
+        return True
+    if isinstance(value, (MultiValue, list, tuple)) or (isinstance(value, bytes)):
+        return False
+    text = str(value)
+    if element.keyword == "PatientSex":
+        return text in _SEX_VALUES
+    try:
+        validate_value(vr, text, config.RAISE)
+    except (ValueError, TypeError):
+        return False
+    return True
