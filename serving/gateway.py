@@ -80,6 +80,7 @@ class Gateway:
                              if cfg.models.triton_url else "models not loaded yet")
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self._listening = threading.Event()
         self._threads: list[threading.Thread] = []
         self._destinations = {d.name: d for d in cfg.destinations}
 
@@ -117,6 +118,7 @@ class Gateway:
         for loop in loops:
             self._spawn(loop)
         self.scp.start()
+        self._listening.set()
         log.info("gateway started", extra={
             "ae_title": self.cfg.scp.ae_title, "host": self.cfg.scp.host, "port": self.scp.port,
             "http_port": self.http.port if self.http else None, "spool": str(self.spool.root),
@@ -153,7 +155,7 @@ class Gateway:
 
     def ready(self) -> tuple[bool, str]:
         """Ready: the spool has room above its free-space floor (``spool.min_free_mb``), the
-        models are loaded, Triton (if configured) is reachable."""
+        models are loaded, Triton (if configured) is reachable, the SCP listens."""
         if self._stopping.is_set():
             return False, "stopping"
         full = self.spool.below_floor()
@@ -163,6 +165,8 @@ class Gateway:
             return False, self._model_error
         if not self.models.ready():
             return False, f"Triton server at {self.cfg.models.triton_url} is not ready"
+        if not self._listening.is_set():
+            return False, "the storage SCP is not listening yet"
         return True, "ready"
 
     def healthy(self) -> tuple[bool, str]:

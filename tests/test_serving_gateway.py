@@ -280,6 +280,141 @@ def test_a_gateway_killed_during_reception_loses_nothing(start_gateway, orthanc,
     assert len(gateway.spooled()) == len(files)
 
 
+def _partial_copy(files: list[Path], folder: Path, n: int, seed: str) -> list[Path]:
+    """The first ``n`` slices (by InstanceNumber) of a study as a new study: fresh Study,
+    Series and SOP Instance UIDs (derived from ``seed``), so its results are its own."""
+    from pydicom.uid import generate_uid
+
+    datasets = sorted((pydicom.dcmread(f) for f in files), key=lambda ds: int(ds.InstanceNumber))[:n]
+    study, series = generate_uid(entropy_srcs=[seed, "study"]), generate_uid(entropy_srcs=[seed, "series"])
+    folder.mkdir(parents=True)
+    out = []
+    for ds in datasets:
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+            entropy_srcs=[seed, str(ds.InstanceNumber)])
+        out.append(folder / f"{int(ds.InstanceNumber):03d}.dcm")
+        ds.save_as(out[-1], enforce_file_format=True)
+    return out
+
+
+def _storescu(gateway: GatewayProcess, files: list[Path]) -> None:
+    storescu = require_tool("storescu", "dcmtk")
+    sent = subprocess.run([storescu, "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1", str(gateway.port),
+                           *map(str, files)], capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+
+
+def _evidence(sr: pydicom.Dataset) -> set[str]:
+    """The SOP Instance UIDs of the CT instances an SR lists as evidence."""
+    return {sop.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence for sop in series.ReferencedSOPSequence
+            if sop.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"}
+
+
+def _sop(instance: dict) -> str:
+    """The SOP Instance UID of an instance as Orthanc's ``/tools/find`` expands it."""
+    return instance["MainDicomTags"]["SOPInstanceUID"]
+
+
+def _store_jobs(gateway: GatewayProcess) -> tuple[list, dict[int, list]]:
+    """The job store as the operator reads it: its jobs and each job's outputs."""
+    from medssl.serving.jobstore import JobStore
+
+    store = JobStore(gateway.spool / "jobs.sqlite")
+    try:
+        jobs = store.jobs()
+        return jobs, {j.id: store.outputs(j.id) for j in jobs}
+    finally:
+        store.close()
+
+
+def test_a_study_cut_by_a_crash_waits_at_restart_for_its_missing_instances(
+        start_gateway, orthanc, studies, tmp_path):
+    """Issue 17 item 6: 40 of 48 instances, kill -9, a restart slower than the idle time, the
+    PACS re-sends the missing 8: one job processes all 48 (the recovered job waited a fresh
+    idle time). Then the PACS re-sends the whole study: a job superseding the first
+    re-processes all 48, and the PACS still holds one SR (same content, same UIDs)."""
+    idle_s = 4.0
+    files = _partial_copy(studies[0], tmp_path / "cut", 48, "cut-by-a-crash")
+    sops = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    study_uid = _study_uid(files)
+    gateway = start_gateway(spool={"study_idle_s": idle_s})
+    _storescu(gateway, files[:40])
+    gateway.kill()
+    assert [(j["state"], j["n_instances"]) for j in gateway.jobs()] == [("received", 40)]
+    time.sleep(idle_s + 1.0)  # the restart takes longer than the idle time
+    gateway.start()
+    _storescu(gateway, files[40:])
+    found = _wait_results(orthanc, gateway, study_uid)
+    _wait_settled(gateway)
+    jobs, outputs = _store_jobs(gateway)
+    assert [(j.state.value, j.n_instances, j.n_processed, j.supersedes) for j in jobs] == [
+        ("done", 48, 48, None)], jobs
+    (sr,) = found["SR"]
+    assert _evidence(_dataset(orthanc, sr)) == sops
+
+    _storescu(gateway, files)  # the PACS re-sends the whole study
+    deadline = time.monotonic() + 120
+    while len(gateway.jobs()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _wait_settled(gateway, 120)
+    jobs, outputs = _store_jobs(gateway)
+    assert [(j.state.value, j.n_processed, j.supersedes) for j in jobs] == [
+        ("done", 48, None), ("done", 48, jobs[0].id)], jobs
+    assert [o.sop_instance_uid for o in outputs[jobs[1].id] if o.kind == "sr"] == [_sop(sr)]
+    assert [_sop(i) for i in _results(orthanc, study_uid, "SR")] == [_sop(sr)]
+
+
+def test_instances_after_a_study_was_processed_make_the_whole_study_processed_again(
+        start_gateway, orthanc, studies, tmp_path):
+    """Issue 17 item 6: 40 of 48 instances are processed and delivered; the missing 8 come
+    after. A new job supersedes the first, processes all 48, and its SR (new content: more
+    evidence) carries new UIDs, so the PACS holds it beside the partial one."""
+    files = _partial_copy(studies[0], tmp_path / "late", 48, "late-instances")
+    sops = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    study_uid = _study_uid(files)
+    gateway = start_gateway(spool={"study_idle_s": 1.0})
+    _storescu(gateway, files[:40])
+    (partial,) = _wait_results(orthanc, gateway, study_uid)["SR"]
+    _wait_settled(gateway)
+    _storescu(gateway, files[40:])
+    deadline = time.monotonic() + 120
+    while len(gateway.jobs()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _wait_settled(gateway, 120)
+    jobs, outputs = _store_jobs(gateway)
+    assert [(j.state.value, j.n_instances, j.n_processed, j.supersedes) for j in jobs] == [
+        ("done", 40, 40, None), ("done", 8, 48, jobs[0].id)], jobs
+    (first_sr,) = [o.sop_instance_uid for o in outputs[jobs[0].id] if o.kind == "sr"]
+    (newest_sr,) = [o.sop_instance_uid for o in outputs[jobs[1].id] if o.kind == "sr"]
+    assert first_sr == _sop(partial) and newest_sr != first_sr
+    deadline = time.monotonic() + 30
+    while len(_results(orthanc, study_uid, "SR")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    held = {_sop(i): _dataset(orthanc, i) for i in _results(orthanc, study_uid, "SR")}
+    assert set(held) == {first_sr, newest_sr}
+    assert _evidence(held[first_sr]) == set(sops[:40])
+    assert _evidence(held[newest_sr]) == set(sops)
+    assert held[newest_sr].SeriesInstanceUID != held[first_sr].SeriesInstanceUID
+
+
+def test_readyz_is_not_ready_while_the_spool_is_below_its_free_space_floor(start_gateway, tmp_path, studies):
+    """Issue 17 item 9: a floor above the disk's free space makes /readyz 503 with the reason."""
+    floor_mb = shutil.disk_usage(tmp_path).free / 2**20 + 1024
+    gateway = start_gateway(spool={"min_free_mb": floor_mb}, wait_ready=False)
+    deadline = time.monotonic() + 60  # started: models loaded, SCP listening; only the floor is left
+    while '"gateway started"' not in gateway.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    status, reason = gateway.http_get("/readyz")
+    assert status == 503, reason
+    assert "below its floor" in reason and "spool.min_free_mb" in reason and f"{floor_mb:.0f} MiB" in reason
+    storescu = require_tool("storescu", "dcmtk")
+    refused = subprocess.run([storescu, "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1", str(gateway.port),
+                              str(studies[2][0])], capture_output=True, text=True, timeout=60)
+    assert gateway.spooled() == [], refused.stdout + refused.stderr
+
+
 def test_a_gateway_killed_during_inference_resumes_the_job(start_gateway, orthanc, studies):
     files = studies[4]
     study_uid = _study_uid(files)
