@@ -41,9 +41,10 @@ source grid (what the readers return) to that order by each frame's plane positi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -64,6 +65,7 @@ from medssl.serving.uids import (
     derived_uid,
     detections_key,
     instances_key,
+    jsonable,
     label_key,
     source_series_uid,
 )
@@ -240,6 +242,7 @@ def detection_seg(
     *,
     manufacturer: str = "medssl",
     series_number: int = DETECTION_SEG_SERIES_NUMBER,
+    settings: Mapping[str, Any] | None = None,
 ) -> hd.seg.Segmentation:
     """A BINARY DICOM SEG of detections: one sphere segment per detection, empty frames
     omitted.
@@ -257,6 +260,9 @@ def detection_seg(
         shape: the source grid ``(Z, Y, X)``; ``(Y, X)`` must be ``(Rows, Columns)``.
         manufacturer: Manufacturer of the SEG.
         series_number: SeriesNumber of the SEG series.
+        settings: what chose the findings (e.g. ``{"min_probability": 0.5,
+            "companion_seg": True}``, as the SR gets them); part of the content key, so the
+            SEG of a report at another threshold is another SEG, as its report is another.
 
     Returns:
         The Segmentation: segments labelled and tracked as the SR tracks the findings
@@ -264,8 +270,8 @@ def detection_seg(
         coloured :data:`FINDING_COLOURS` in order, SeriesInstanceUID and SOPInstanceUID
         from :func:`~medssl.serving.uids.derived_uid` roles ``"nodule-seg-series"`` and
         ``"nodule-seg-instance"`` with a content key of the findings (rounded as
-        :func:`~medssl.serving.uids.detections_key` states), the source instances, the
-        grid and the card's labels; frames empty for a segment omitted, the model in its
+        :func:`~medssl.serving.uids.detections_key` states), ``settings``, the source
+        instances, the grid and the card's labels; frames empty for a segment omitted, the model in its
         Contributing Equipment. Memory: one byte per voxel and detection while it is built.
 
     Raises:
@@ -308,7 +314,8 @@ def detection_seg(
                           card=card_key(card), grid=[np.round(np.asarray(affine, dtype=np.float64), 6).tolist(),
                                                      list(shape)],
                           seg_type=SegType.BINARY.value, omit_empty_frames=True,
-                          manufacturer=manufacturer, series_number=int(series_number))
+                          manufacturer=manufacturer, series_number=int(series_number),
+                          settings=jsonable(dict(settings or {})))
     return _segmentation(source, masks, descriptions, card, manufacturer, series_number,
                          roles=("nodule-seg-series", "nodule-seg-instance"), what="finding spheres",
                          omit_empty_frames=True, seg_type=SegType.BINARY, content=content)
@@ -341,6 +348,7 @@ def write_detection_seg(
     *,
     manufacturer: str = "medssl",
     series_number: int = DETECTION_SEG_SERIES_NUMBER,
+    settings: Mapping[str, Any] | None = None,
 ) -> tuple[Path, hd.seg.Segmentation]:
     """Build :func:`detection_seg` and write it to ``path`` (atomically).
 
@@ -348,7 +356,7 @@ def write_detection_seg(
         The path and the SEG (the SR's ``companion_seg``).
     """
     seg = detection_seg(source, detections, card, affine, shape, manufacturer=manufacturer,
-                        series_number=series_number)
+                        series_number=series_number, settings=settings)
     return _write(seg, path), seg
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "device_uid",
     "frame_of_reference_uid",
     "instances_key",
+    "jsonable",
     "label_key",
     "report_key",
     "source_series_uid",
@@ -171,8 +172,8 @@ def report_key(source: Sequence[Dataset], detections: Sequence[Detection], card:
         evidence=instances_key(source),
         labels=card_key(card),
         companion_seg=None if companion_seg is None else str(companion_seg.SOPInstanceUID),
-        settings=_jsonable(dict(settings or {})),
-        options=_jsonable(options),
+        settings=jsonable(dict(settings or {})),
+        options=jsonable(options),
     )
 
 
@@ -208,13 +209,13 @@ def source_series_uid(source: Sequence[Dataset]) -> str:
     return uids.pop()
 
 
-def _jsonable(value: Any) -> Any:
-    """``value`` with floats rounded (:data:`PROBABILITY_DECIMALS`), tuples as lists, and
+def jsonable(value: Any) -> Any:
+    """``value`` as it enters a content key: floats rounded (:data:`PROBABILITY_DECIMALS`), tuples as lists, and
     anything else JSON cannot hold as its ``repr`` (enums, dataclasses such as a Code)."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
         return value
     if isinstance(value, float):

@@ -210,7 +210,7 @@ def _write_sr(prepared: Prepared, detections: Sequence[Detection], card: ModelCa
         return [write_detection_sr(source, reported, card, folder / "sr.dcm", settings=settings)]
     assert prepared.source_affine is not None and prepared.source_shape is not None
     seg_path, seg = write_detection_seg(source, reported, card, prepared.source_affine, prepared.source_shape,
-                                        folder / "findings-seg.dcm")
+                                        folder / "findings-seg.dcm", settings=settings)
     return [write_detection_sr(source, reported, card, folder / "sr.dcm", companion_seg=seg, settings=settings),
             seg_path]
 
