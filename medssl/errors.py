@@ -20,6 +20,7 @@ __all__ = [
     "EvaluationInputError",
     "ExportError",
     "GantryTiltError",
+    "ImplausibleGeometryError",
     "LocalizerError",
     "MedsslError",
     "MissingSliceError",
@@ -88,6 +89,23 @@ class NonUniformSpacingError(SeriesGeometryError):
 
 class GantryTiltError(SeriesGeometryError):
     """The slice stack is sheared: positions do not move along the slice normal."""
+
+
+class ImplausibleGeometryError(SeriesGeometryError):
+    """A series' spacing, extent or voxel count is beyond the plausible limits of CT
+    (:class:`medssl.io.limits.GeometryLimits`); refused before its pixels are allocated.
+
+    Attributes:
+        quantity: what was out of range (``"PixelSpacing (row)"``, ``"extent along z"``, ...).
+        value: its value, with the unit.
+        limit: the allowed range.
+    """
+
+    def __init__(self, path: str | Path, quantity: str, value: str, limit: str) -> None:
+        self.quantity, self.value, self.limit = quantity, value, limit
+        super().__init__(
+            path, f"implausible geometry: {quantity} is {value}, the limit is {limit} "
+            "(medssl.io.limits.GeometryLimits)")
 
 
 class LocalizerError(VolumeReadError):

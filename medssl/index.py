@@ -2,7 +2,15 @@
 
 Only headers are read (``stop_before_pixels``), in parallel processes for big
 trees, so indexing 10,000 files takes seconds. Files that are not DICOM or do
-not parse are listed with the reason instead of stopping the index.
+not parse are listed with the reason instead of stopping the index: whatever one
+file's header raises makes that file unreadable (named by the exception type only,
+as a message may quote header values), never the index fail.
+
+Series are grouped by SeriesInstanceUID. Anonymised files whose SeriesInstanceUID is
+blank or missing are grouped by folder and geometry instead
+(:func:`medssl.io.dicom_files.series_key`; the folder relative to the indexed root, so the
+key survives moving the archive), flagged ``series_uid_absent``; their SOP Class and
+Instance UIDs are taken from the file meta when the dataset's are blank.
 """
 
 from __future__ import annotations
@@ -13,12 +21,13 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from medssl.errors import CorruptFileError, MedsslError
-from medssl.io.dicom_files import iter_files, read_dataset
+from medssl.io.dicom_files import iter_files, read_dataset, series_key
 
 __all__ = ["DicomIndex", "SeriesRecord", "index_files", "index_tree", "read_index", "write_index"]
 
@@ -35,6 +44,10 @@ class SeriesRecord:
     ``orientation`` is AXIAL, CORONAL, SAGITTAL (slice normal within ~25 degrees
     of an axis), OBLIQUE, or MIXED when slices disagree. ``n_slices`` counts
     frames (enhanced CT holds many in one file). ``files`` are absolute paths.
+
+    ``series_key`` is the SeriesInstanceUID, or for a series without one
+    (``series_uid_absent``, ``series_uid == ""``) the derived ``nouid-<20 hex>`` key of
+    its folder and geometry: unique within the archive and the same on every run.
     """
 
     patient_id: str
@@ -54,6 +67,12 @@ class SeriesRecord:
     rows: int | None
     columns: int | None
     files: list[str] = field(default_factory=list)
+    series_key: str = ""
+    series_uid_absent: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.series_key:  # tables written before the key existed
+            self.series_key = self.series_uid
 
 
 @dataclass
@@ -96,9 +115,10 @@ def index_tree(
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
     headers: list[dict[str, object]] = []
     done = 0
+    read = partial(_read_headers, root=str(root.absolute()))
     if workers > 1 and len(chunks) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            results: Iterable[list[dict[str, object]]] = pool.map(_read_headers, chunks)
+            results: Iterable[list[dict[str, object]]] = pool.map(read, chunks)
             for chunk, result in zip(chunks, results):
                 headers.extend(result)
                 done += len(chunk)
@@ -106,7 +126,7 @@ def index_tree(
                     progress(done)
     else:
         for chunk in chunks:
-            headers.extend(_read_headers(chunk))
+            headers.extend(read(chunk))
             done += len(chunk)
             if progress:
                 progress(done)
@@ -117,8 +137,10 @@ def index_files(paths: Sequence[str | Path]) -> DicomIndex:
     """Index the given files by their headers, in this process (e.g. one study's instances).
 
     Returns:
-        As :func:`index_tree`: series sorted by (patient, study, series number, series UID),
-        files within a series sorted by path (absolute), files that do not parse listed.
+        As :func:`index_tree`: series sorted by (patient, study, series number, series key),
+        files within a series sorted by path (absolute), files whose header does not parse
+        (or raises anything) listed. Keys derived for series without a SeriesInstanceUID
+        use the absolute folder.
     """
     return _index(_read_headers([str(Path(p).absolute()) for p in paths]))
 
@@ -130,51 +152,72 @@ def _index(headers: list[dict[str, object]]) -> DicomIndex:
     return DicomIndex(series=series, unreadable=sorted(unreadable))
 
 
-def _read_headers(paths: Sequence[str]) -> list[dict[str, object]]:
-    """Header fields of each file (picklable dicts, for worker processes)."""
+def _read_headers(paths: Sequence[str], root: str | None = None) -> list[dict[str, object]]:
+    """Header fields of each file (picklable dicts, for worker processes).
+
+    A file whose header raises anything is ``{"path", "error"}``: the reason of a
+    CorruptFileError, else the exception's type only (its message may quote header values).
+    ``root``: derived series keys name folders relative to it (absolute without it).
+    """
     out: list[dict[str, object]] = []
     for path in paths:
         try:
-            ds = read_dataset(path, stop_before_pixels=True)
+            out.append(_header(path, root))
         except CorruptFileError as exc:
             out.append({"path": path, "error": exc.problem})
-            continue
-        if "SeriesInstanceUID" not in ds:
-            out.append({"path": path, "error": "no SeriesInstanceUID"})
-            continue
-        orientation = ds.get("ImageOrientationPatient")
-        if orientation is None and "SharedFunctionalGroupsSequence" in ds:
-            plane = ds.SharedFunctionalGroupsSequence[0].get("PlaneOrientationSequence")
-            orientation = plane[0].get("ImageOrientationPatient") if plane else None
-        out.append(
-            {
-                "path": path,
-                "patient_id": str(ds.get("PatientID", "")),
-                "study_uid": str(ds.get("StudyInstanceUID", "")),
-                "series_uid": str(ds.SeriesInstanceUID),
-                "modality": str(ds.get("Modality", "")),
-                "sop_class_uid": str(ds.get("SOPClassUID", "")),
-                "image_type": "\\".join(str(v) for v in ds.get("ImageType", [])),
-                "series_description": str(ds.get("SeriesDescription", "")),
-                "series_number": _int_or_none(ds.get("SeriesNumber")),
-                "study_date": str(ds.get("StudyDate", "")),
-                "body_part": str(ds.get("BodyPartExamined", "")),
-                "slice_thickness": _float_or_none(ds.get("SliceThickness")),
-                "orientation": _orientation_label(orientation),
-                "rows": _int_or_none(ds.get("Rows")),
-                "columns": _int_or_none(ds.get("Columns")),
-                "frames": _int_or_none(ds.get("NumberOfFrames")) or 1,
-            }
-        )
+        except Exception as exc:  # noqa: BLE001 - one file's header never stops the index
+            out.append({"path": path, "error": f"header could not be read ({type(exc).__name__})"})
     return out
+
+
+def _header(path: str, root: str | None) -> dict[str, object]:
+    ds = read_dataset(path, stop_before_pixels=True)
+    folder = os.path.dirname(path)
+    if root is not None:
+        folder = os.path.relpath(folder, root)
+    key, absent = series_key(ds, folder)
+    orientation = ds.get("ImageOrientationPatient")
+    if orientation is None and "SharedFunctionalGroupsSequence" in ds:
+        shared = ds.SharedFunctionalGroupsSequence
+        plane = shared[0].get("PlaneOrientationSequence") if shared else None
+        orientation = plane[0].get("ImageOrientationPatient") if plane else None
+    return {
+        "path": path,
+        "patient_id": str(ds.get("PatientID", "")),
+        "study_uid": str(ds.get("StudyInstanceUID", "") or "").strip(),
+        "series_uid": "" if absent else key,
+        "series_key": key,
+        "series_uid_absent": absent,
+        "modality": str(ds.get("Modality", "")),
+        "sop_class_uid": str(ds.get("SOPClassUID", "")),
+        "image_type": "\\".join(str(v) for v in _values(ds.get("ImageType"))),
+        "series_description": str(ds.get("SeriesDescription", "")),
+        "series_number": _int_or_none(ds.get("SeriesNumber")),
+        "study_date": str(ds.get("StudyDate", "")),
+        "body_part": str(ds.get("BodyPartExamined", "")),
+        "slice_thickness": _float_or_none(ds.get("SliceThickness")),
+        "orientation": _orientation_label(orientation),
+        "rows": _int_or_none(ds.get("Rows")),
+        "columns": _int_or_none(ds.get("Columns")),
+        "frames": _int_or_none(ds.get("NumberOfFrames")) or 1,
+    }
+
+
+def _values(value: object) -> list[object]:
+    """A header value as a list (a one-valued attribute is not a sequence)."""
+    if value is None:
+        return []
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return list(value)
+    return [value]
 
 
 def _build_series(headers: list[dict[str, object]]) -> list[SeriesRecord]:
     groups: dict[str, list[dict[str, object]]] = {}
     for header in headers:
-        groups.setdefault(str(header["series_uid"]), []).append(header)
+        groups.setdefault(str(header["series_key"]), []).append(header)
     records = []
-    for uid, members in groups.items():
+    for key, members in groups.items():
         members.sort(key=lambda h: str(h["path"]))
         first = members[0]
         orientations = {m["orientation"] for m in members}
@@ -183,7 +226,7 @@ def _build_series(headers: list[dict[str, object]]) -> list[SeriesRecord]:
             SeriesRecord(
                 patient_id=str(first["patient_id"]),
                 study_uid=str(first["study_uid"]),
-                series_uid=uid,
+                series_uid=str(first["series_uid"]),
                 modality=str(first["modality"]),
                 sop_class_uid=str(first["sop_class_uid"]),
                 image_type=str(first["image_type"]),
@@ -198,17 +241,24 @@ def _build_series(headers: list[dict[str, object]]) -> list[SeriesRecord]:
                 rows=first["rows"],  # type: ignore[arg-type]
                 columns=first["columns"],  # type: ignore[arg-type]
                 files=[str(m["path"]) for m in members],
+                series_key=key,
+                series_uid_absent=bool(first["series_uid_absent"]),
             )
         )
-    records.sort(key=lambda r: (r.patient_id, r.study_uid, r.series_number or 0, r.series_uid))
+    records.sort(key=lambda r: (r.patient_id, r.study_uid, r.series_number or 0, r.series_key))
     return records
 
 
 def _orientation_label(orientation: object) -> str:
-    """AXIAL / CORONAL / SAGITTAL / OBLIQUE from ImageOrientationPatient (plain floats, hot)."""
-    if orientation is None or len(orientation) != 6:  # type: ignore[arg-type]
+    """AXIAL / CORONAL / SAGITTAL / OBLIQUE from ImageOrientationPatient (plain floats, hot);
+    ``""`` when it is absent or malformed (not 6 numbers)."""
+    values = _values(orientation)
+    if len(values) != 6:
         return ""
-    rx, ry, rz, cx, cy, cz = (float(v) for v in orientation)  # type: ignore[union-attr]
+    try:
+        rx, ry, rz, cx, cy, cz = (float(v) for v in values)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return ""
     normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
     axis = max(range(3), key=lambda k: abs(normal[k]))
     if abs(normal[axis]) < 0.9:
@@ -281,6 +331,8 @@ def _parse_csv_row(row: dict[str, str]) -> dict[str, object]:
     for key in ("series_number", "rows", "columns", "n_files", "n_slices"):
         parsed[key] = _int_or_none(row[key])
     parsed["slice_thickness"] = _float_or_none(row["slice_thickness"])
+    if "series_uid_absent" in row:
+        parsed["series_uid_absent"] = row["series_uid_absent"] == "True"
     return parsed
 
 
@@ -305,5 +357,7 @@ def _arrow_schema(pa):  # type: ignore[no-untyped-def]
             ("rows", pa.int64()),
             ("columns", pa.int64()),
             ("files", pa.list_(text)),
+            ("series_key", text),
+            ("series_uid_absent", pa.bool_()),
         ]
     )

@@ -16,10 +16,13 @@
    from ``route.min_probability`` up) and, with ``route.companion_seg``, the SEG of its
    findings (``findings-seg.dcm``); a segmenter's SEG (``seg.dcm``).
 
-A series that cannot be read or scored (a missing slice, corrupt pixels) is a ``failed``
-outcome with the reason, and the other series go on. A failure of the model runner (Triton
-unreachable, an inference error) or of memory is not the study's fault: it raises
-:class:`TransientError` so the caller retries the study later. Output UIDs derive from the
+A series that cannot be read or scored (a missing slice, corrupt pixels, a malformed header,
+implausible geometry: :mod:`medssl.io.limits`, or a size this host cannot hold) is a ``failed``
+outcome with the reason, and the other series go on; it is not retried, since a retry would
+read the same files. A file whose header does not parse at all is skipped and logged by name
+and exception type. A failure of the model runner (Triton unreachable, an inference error, the
+runner out of memory) is not the study's fault: it raises :class:`TransientError` so the
+caller retries the study later. Output UIDs derive from the
 source series and the model, so a retry rewrites the same objects.
 
 Logs go to ``medssl.serving.process`` and name studies and series by UID only, never a
@@ -68,7 +71,7 @@ _KINDS = {Comprehensive3DSRStorage: "sr", SegmentationStorage: "seg"}
 
 class TransientError(MedsslError):
     """Processing a study failed for a reason a retry may cure: the model runner or Triton
-    failed, or memory ran out. The study itself is not at fault; the caller retries it."""
+    failed (or ran out of memory). The study itself is not at fault; the caller retries it."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,8 @@ class SeriesOutcome:
     """What one route did with one series of the study.
 
     Attributes:
-        series_uid: the series' SeriesInstanceUID.
+        series_uid: the series' SeriesInstanceUID, or the derived ``nouid-...`` key of a series
+            whose files have none (:attr:`medssl.scoring.manifest.ScanItem.key`).
         model: the route's model.
         status: ``ok`` (results written), ``skipped`` (the route's selection rules left it
             out) or ``failed`` (it could not be read or scored).
@@ -270,8 +274,8 @@ def process_study(
         No eligible series gives no outputs (the study is done).
 
     Raises:
-        TransientError: a model runner failed (Triton unreachable, inference error) or
-            memory ran out; the outputs of series finished before stay on disk and are
+        TransientError: a model runner failed (Triton unreachable, inference error, out of
+            memory); never one series' headers, pixels or size; the outputs of series finished before stay on disk and are
             rewritten identically by the retry.
     """
     index = index_files(files)
@@ -283,9 +287,9 @@ def process_study(
         loaded = models.model(route)
         chosen, skipped = select_series(items, route.select)
         for skip in skipped:
-            log.info("series %s, model %s: skipped (%s)", skip.item.series_uid, route.model,
+            log.info("series %s, model %s: skipped (%s)", skip.item.key, route.model,
                      skip.reason)
-            result.series.append(SeriesOutcome(skip.item.series_uid, loaded.card.name, "skipped",
+            result.series.append(SeriesOutcome(skip.item.key, loaded.card.name, "skipped",
                                                skip.reason, None))
         for item in chosen:
             _run_series(item, route, loaded, Path(out_dir), result)
@@ -301,14 +305,14 @@ def _run_series(item: ScanItem, route: RouteConfig, loaded: LoadedModel, out_dir
     scored = infer(prepared, loaded.runner, card, loaded.params, output)
     row = scored.row
     if scored.transient:
-        raise TransientError(f"series {item.series_uid}, model {card.name!r} v{card.version}: "
+        raise TransientError(f"series {item.key}, model {card.name!r} v{card.version}: "
                              f"{row['error']}")
     for stage in ("read", "preprocess"):
         result.timings[stage] += prepared.timings.get(stage, 0.0)
     if row["status"] != "ok":
-        log.warning("series %s, model %s: failed (%s)", item.series_uid, card.name, row["error"])
+        log.warning("series %s, model %s: failed (%s)", item.key, card.name, row["error"])
         result.series.append(
-            SeriesOutcome(item.series_uid, card.name, "failed", row["error"], None))
+            SeriesOutcome(item.key, card.name, "failed", row["error"], None))
         return
     result.timings["inference"] += row["inference_s"] + row["postprocess_s"]
     result.timings["write"] += scored.write_s
@@ -318,11 +322,11 @@ def _run_series(item: ScanItem, route: RouteConfig, loaded: LoadedModel, out_dir
     else:
         findings, n_findings = scored.findings, int(row["n_findings"])
     result.series.append(
-        SeriesOutcome(item.series_uid, card.name, "ok", None, n_findings, findings))
+        SeriesOutcome(item.key, card.name, "ok", None, n_findings, findings))
     for path in scored.dicom_files:
         header = pydicom.dcmread(path, stop_before_pixels=True,
                                  specific_tags=["SOPClassUID", "SOPInstanceUID"])
         result.outputs.append(OutputFile(Path(path), _KINDS[header.SOPClassUID], card.name,
                                          card.version, item.series_uid, str(header.SOPInstanceUID)))
-    log.info("series %s, model %s v%d: %d findings, wrote %d objects", item.series_uid, card.name,
+    log.info("series %s, model %s v%d: %d findings, wrote %d objects", item.key, card.name,
              card.version, n_findings, len(scored.dicom_files))

@@ -235,8 +235,27 @@ def test_an_unexpected_exception_in_either_stage_becomes_a_failed_row(archive, m
     assert scored.row["error"] == "unexpected RuntimeError: runner crashed"
 
     def unreadable(*_):
-        raise KeyError("PixelData")
+        raise KeyError("PixelData of John Doe")
 
     monkeypatch.setattr(series, "_read", unreadable)
     broken = series.prepare(item, params)
-    assert broken.volume is None and broken.error == "unexpected KeyError: 'PixelData'"
+    # the type only: an unexpected message may quote header values
+    assert broken.volume is None and not broken.transient
+    assert broken.error == "unexpected KeyError while reading or preprocessing the series"
+
+
+def test_a_series_out_of_memory_while_preparing_fails_alone_and_is_not_retried(archive, monkeypatch):
+    """Its size is the series' own: retrying the study would read the same files again."""
+    from medssl.scoring import series
+
+    card = SPEC.card()
+    item = next(i for i in build_manifest(archive).items if "LOCALIZER" not in i.image_type)
+
+    def too_big(*_):
+        raise MemoryError
+
+    monkeypatch.setattr(series, "_read", too_big)
+    prepared = series.prepare(item, card.detection_params(2))
+    scored = series.infer(prepared, None, card, card.detection_params(2))
+    assert not prepared.transient and not scored.transient
+    assert scored.row["status"] == "failed" and "MemoryError" in scored.row["error"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-__all__ = ["hu_int16", "last_line", "storage_array"]
+__all__ = ["hu_int16", "last_line", "positive_number", "storage_array"]
 
 
 def storage_array(array: np.ndarray) -> np.ndarray:
@@ -35,3 +37,16 @@ def last_line(exc: BaseException) -> str:
     """The last non-empty line of an exception's message (ITK messages are long)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
+
+
+def positive_number(value: object) -> float | None:
+    """A header value (the first of several) as a positive finite float; None when it is
+    absent, zero, negative or not a number, so a malformed optional attribute (SliceThickness,
+    SpacingBetweenSlices) does not stop reading."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        value = value[0] if len(value) else None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) and number > 0 else None

@@ -20,27 +20,32 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
 from medssl.errors import LocalizerError, SeriesGeometryError
-from medssl.io.common import hu_int16
+from medssl.io.common import hu_int16, positive_number
 from medssl.io.dicom_files import ENHANCED_CT_IMAGE_STORAGE, frame_pixels, series_meta
 from medssl.io.dicom_writer import SeriesInfo, _ds_value, _ds_values, _slice_dataset, derived_uid
-from medssl.io.slice_stack import PlaneGeometry, sort_slices
+from medssl.io.limits import GeometryLimits
+from medssl.io.slice_stack import plane_geometry, sort_slices
 from medssl.volume import Volume
 
 __all__ = ["frame_positions", "read_enhanced", "write_enhanced_ct"]
 
 
-def read_enhanced(ds: Dataset, path: Path) -> Volume:
+def read_enhanced(ds: Dataset, path: Path, limits: GeometryLimits | None = None,
+                  target_spacing_mm: Sequence[float] | float | None = None) -> Volume:
     """Stack the frames of a multi-frame CT dataset into a Volume in HU.
 
     Args:
-        ds: the dataset, read with its pixel data.
+        ds: the dataset, read with its pixel data (or with it deferred).
         path: its file, named in errors.
+        limits: refuse geometry beyond these limits before the pixels are decoded.
+        target_spacing_mm: with ``limits``: the model grid, to check the resampled size.
 
     Returns:
         float32 HU volume ``(Z, Y, X)``, frames sorted along the slice normal.
 
     Raises:
         LocalizerError: the image is a localizer.
+        ImplausibleGeometryError: spacing, extent or voxel count beyond ``limits``.
         SeriesGeometryError: frames lack plane position/orientation, or do not
             form one regular grid.
     """
@@ -59,14 +64,7 @@ def read_enhanced(ds: Dataset, path: Path) -> Volume:
             raise SeriesGeometryError(
                 path, f"frame {k + 1} lacks plane position, orientation or pixel spacing"
             )
-        planes.append(
-            PlaneGeometry(
-                position=tuple(float(v) for v in position),
-                orientation=tuple(float(v) for v in orientation),
-                pixel_spacing=tuple(float(v) for v in spacing),
-                name=f"{path.name} frame {k + 1}",
-            )
-        )
+        planes.append(plane_geometry(position, orientation, spacing, f"{path.name} frame {k + 1}", path))
         slope = _group_attr(frame, shared, "PixelValueTransformationSequence", "RescaleSlope")
         intercept = _group_attr(
             frame, shared, "PixelValueTransformationSequence", "RescaleIntercept"
@@ -75,7 +73,11 @@ def read_enhanced(ds: Dataset, path: Path) -> Volume:
         intercepts.append(float(intercept) if intercept is not None else 0.0)
     between = _group_attr(per_frame[0], shared, "PixelMeasuresSequence", "SpacingBetweenSlices")
     thickness = _group_attr(per_frame[0], shared, "PixelMeasuresSequence", "SliceThickness")
-    stack = sort_slices(planes, path, float(between or thickness or 1.0))
+    stack = sort_slices(planes, path, positive_number(between) or positive_number(thickness) or 1.0)
+    if limits is not None:  # from the headers, before the frames are decoded
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        limits.check((len(planes), rows, columns), np.linalg.norm(stack.affine[:3, :3], axis=0),
+                     path, target_spacing_mm)
     pixels = frame_pixels(ds, path)
     order = stack.order
     array = pixels[order].astype(np.float32)
@@ -85,17 +87,21 @@ def read_enhanced(ds: Dataset, path: Path) -> Volume:
         **series_meta(ds),
         "format": "dicom-enhanced",
         "files": [str(path)],
-        "slice_thickness": float(thickness) if thickness is not None else None,
+        "slice_thickness": positive_number(thickness),
     }
     return Volume(array, stack.affine, meta)
+
 
 
 def _functional_groups(ds: Dataset, path: Path) -> tuple[int, Dataset, Sequence[Dataset]]:
     """``(NumberOfFrames, the shared item, the per-frame items)``; raises SeriesGeometryError
     when the per-frame items do not match the number of frames."""
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
+    # An empty (or absent) shared sequence is read as an empty item: each frame must then
+    # carry its geometry, and a frame that does not is named.
+    shared_items = ds.get("SharedFunctionalGroupsSequence") or [Dataset()]
+    shared = shared_items[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     if len(per_frame) != n_frames:
         raise SeriesGeometryError(
             path, f"has {n_frames} frames but {len(per_frame)} per-frame functional group items"

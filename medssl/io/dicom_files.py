@@ -7,6 +7,7 @@ transfer syntaxes.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medssl.errors import CorruptFileError, NotAnImageError, VolumeReadError
@@ -27,6 +29,7 @@ __all__ = [
     "iter_files",
     "read_dataset",
     "require_image",
+    "series_key",
     "series_meta",
 ]
 
@@ -83,12 +86,33 @@ def read_dataset(
         raise CorruptFileError(path, "not a DICOM file (no DICM preamble)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
         raise CorruptFileError(path, f"truncated or malformed DICOM: {exc}") from None
+    _sop_identity_from_meta(ds)
     # pydicom stops quietly at end of file: a file cut short parses as a shorter dataset.
     if "SOPClassUID" not in ds:
         raise CorruptFileError(
             path, f"truncated or malformed DICOM: no SOPClassUID in {path.stat().st_size} bytes"
         )
     return ds
+
+
+def _sop_identity_from_meta(ds: Dataset) -> None:
+    """Fill a blank or missing SOPClassUID / SOPInstanceUID from the file meta (in memory).
+
+    Anonymisers blank the dataset's UIDs and keep MediaStorageSOPClassUID /
+    MediaStorageSOPInstanceUID, which name the same object (PS3.10 7.1). A SOPClassUID
+    missing altogether is taken from the meta only when the dataset reached its image
+    module (``Rows``): a file cut short before that stays a truncated file.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        return
+    for keyword, meta_keyword in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                                  ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+        if str(ds.get(keyword, "") or "").strip():
+            continue
+        value = str(meta.get(meta_keyword, "") or "").strip()
+        if value and (keyword in ds or "Rows" in ds):
+            setattr(ds, keyword, value)
 
 
 def require_image(ds: Dataset, path: Path) -> None:
@@ -158,6 +182,58 @@ def is_localizer(ds: Dataset) -> bool:
     """True for scout / topogram images (ImageType value 3 is LOCALIZER)."""
     image_type = [str(v).upper() for v in ds.get("ImageType", [])]
     return len(image_type) > 2 and image_type[2] == "LOCALIZER"
+
+
+def _text_values(ds: Dataset, keyword: str, digits: int = 4) -> str:
+    """A header value as stable text for a signature: numbers rounded, never raising."""
+    try:
+        value = ds.get(keyword)
+        if value is None:
+            return ""
+        values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+        out = []
+        for v in values:
+            try:
+                out.append(f"{round(float(v), digits):g}")
+            except (TypeError, ValueError):
+                out.append(str(v).strip())
+        return "\\".join(out)
+    except Exception:  # noqa: BLE001 - a signature of a malformed header is still a signature
+        return "?"
+
+
+def series_key(ds: Dataset, folder: str) -> tuple[str, bool]:
+    """The key that groups a file into its series: ``(key, uid_absent)``.
+
+    The SeriesInstanceUID when the dataset has one. Otherwise (anonymisers blank it) a
+    derived key ``nouid-<20 hex>``: a SHA-256 of the file's folder and the geometry and
+    identity a series shares: StudyInstanceUID, FrameOfReferenceUID and SeriesNumber (when
+    present), ImageOrientationPatient and PixelSpacing (rounded to 1e-4), Rows and Columns.
+    Two blank-UID series in one folder with the same geometry and no SeriesNumber fall in one
+    group (which then fails the slice checks, e.g. as duplicate slices).
+
+    Args:
+        ds: a dataset, headers suffice.
+        folder: the folder to name the group by; pass a path relative to an archive's root
+            so the key survives moving the archive.
+
+    Returns:
+        The key, and True when it was derived (the series has no SeriesInstanceUID).
+    """
+    uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+    if uid:
+        return uid, False
+    signature = "|".join([
+        folder,
+        str(ds.get("StudyInstanceUID", "") or "").strip(),
+        str(ds.get("FrameOfReferenceUID", "") or "").strip(),
+        _text_values(ds, "SeriesNumber"),
+        _text_values(ds, "ImageOrientationPatient"),
+        _text_values(ds, "PixelSpacing"),
+        _text_values(ds, "Rows"),
+        _text_values(ds, "Columns"),
+    ])
+    return "nouid-" + hashlib.sha256(signature.encode("utf-8", "replace")).hexdigest()[:20], True
 
 
 def series_meta(ds: Dataset) -> dict[str, object]:

@@ -1,6 +1,7 @@
 """Classic DICOM CT series (one file per slice) to a :class:`~medssl.volume.Volume` in HU.
 
-Files are grouped by SeriesInstanceUID, sorted along the slice normal from
+Files are grouped by SeriesInstanceUID (by folder and geometry where an anonymiser blanked
+it: :func:`medssl.io.dicom_files.series_key`), sorted along the slice normal from
 ImagePositionPatient / ImageOrientationPatient (never InstanceNumber), checked
 for one regular grid (:mod:`medssl.io.slice_stack`), and rescaled to HU with
 each slice's RescaleSlope / RescaleIntercept.
@@ -23,6 +24,7 @@ from medssl.errors import (
     SeriesGeometryError,
     VolumeReadError,
 )
+from medssl.io.common import positive_number
 from medssl.io.dicom_enhanced import read_enhanced
 from medssl.io.dicom_files import (
     ENHANCED_CT_IMAGE_STORAGE,
@@ -32,9 +34,11 @@ from medssl.io.dicom_files import (
     iter_files,
     read_dataset,
     require_image,
+    series_key,
     series_meta,
 )
-from medssl.io.slice_stack import PlaneGeometry, sort_slices
+from medssl.io.limits import GeometryLimits
+from medssl.io.slice_stack import PlaneGeometry, plane_geometry, sort_slices
 from medssl.volume import Volume
 
 __all__ = ["read_dicom_series"]
@@ -49,6 +53,8 @@ def read_dicom_series(
     source: str | Path | Sequence[str | Path],
     series_uid: str | None = None,
     workers: int = DEFAULT_WORKERS,
+    limits: GeometryLimits | None = None,
+    target_spacing_mm: Sequence[float] | float | None = None,
 ) -> Volume:
     """Read one CT series from a directory, a list of files, or one file.
 
@@ -56,18 +62,25 @@ def read_dicom_series(
         source: a directory (searched recursively), a list of files, or one file.
             Files without the DICOM preamble are ignored; they are listed in
             ``meta["ignored_files"]``.
-        series_uid: the SeriesInstanceUID to read when ``source`` holds several.
+        series_uid: the SeriesInstanceUID to read when ``source`` holds several, or the
+            derived ``nouid-...`` key of a series without one.
         workers: threads reading files in parallel.
+        limits: refuse geometry beyond these limits from the headers, before the pixels
+            are read (:class:`~medssl.io.limits.GeometryLimits`); None checks nothing.
+        target_spacing_mm: with ``limits``: the model grid the volume will be resampled
+            to, so the resampled voxel count is checked too.
 
     Returns:
         Volume with float32 HU, shape ``(Z, Y, X)``, z ascending along the slice
-        normal. ``meta`` holds UIDs, modality, and ``files`` in slice order.
+        normal. ``meta`` holds UIDs, modality, and ``files`` in slice order;
+        ``series_key`` (the SeriesInstanceUID or the derived key) and ``series_uid_absent``.
 
     Raises:
         CorruptFileError: a file is truncated or malformed (named).
         NotAnImageError: no image series, or a non-image object in the chosen series.
         MultipleSeriesError: several image series and no ``series_uid``.
         LocalizerError: the series is a scout/localizer.
+        ImplausibleGeometryError: spacing, extent or voxel count beyond ``limits``.
         SeriesGeometryError: missing / duplicate slices, uneven spacing, gantry tilt,
             mixed orientation or matrix size.
     """
@@ -94,9 +107,12 @@ def read_dicom_series(
         members[0].SOPClassUID == ENHANCED_CT_IMAGE_STORAGE
         or int(members[0].get("NumberOfFrames", 1) or 1) > 1
     ):
-        return read_enhanced(members[0], files[0])
-    volume = _stack(members, files, label)
-    volume.meta["ignored_files"] = [str(p) for p in ignored]
+        volume = read_enhanced(members[0], files[0], limits, target_spacing_mm)
+    else:
+        volume = _stack(members, files, label, limits, target_spacing_mm)
+        volume.meta["ignored_files"] = [str(p) for p in ignored]
+    key, absent = series_key(members[0], str(files[0].parent.absolute()))
+    volume.meta.update(series_key=key, series_uid_absent=absent)
     return volume
 
 
@@ -115,12 +131,12 @@ def _collect(source: str | Path | Sequence[str | Path]) -> tuple[list[Path], lis
 
 
 def _group(datasets: list[Dataset], paths: list[Path]) -> dict[str, list[int]]:
+    """File indices per series key (the SeriesInstanceUID, or the folder + geometry key of a
+    file without one; the folder is absolute here)."""
     series: dict[str, list[int]] = {}
     for i, ds in enumerate(datasets):
-        uid = str(ds.get("SeriesInstanceUID", ""))
-        if not uid:
-            raise SeriesGeometryError(paths[i], "has no SeriesInstanceUID")
-        series.setdefault(uid, []).append(i)
+        key, _ = series_key(ds, str(paths[i].parent.absolute()))
+        series.setdefault(key, []).append(i)
     return series
 
 
@@ -139,15 +155,13 @@ def _plane(ds: Dataset, path: Path) -> PlaneGeometry:
                if k not in ds]
     if missing:
         raise SeriesGeometryError(path, f"lacks {', '.join(missing)}; cannot place it in space")
-    return PlaneGeometry(
-        position=tuple(float(v) for v in ds.ImagePositionPatient),
-        orientation=tuple(float(v) for v in ds.ImageOrientationPatient),
-        pixel_spacing=tuple(float(v) for v in ds.PixelSpacing),
-        name=path.name,
-    )
+    return plane_geometry(ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing,
+                          path.name, path)
 
 
-def _stack(datasets: list[Dataset], files: list[Path], label: Path) -> Volume:
+def _stack(datasets: list[Dataset], files: list[Path], label: Path,
+           limits: GeometryLimits | None = None,
+           target_spacing_mm: Sequence[float] | float | None = None) -> Volume:
     for ds, path in zip(datasets, files):
         if is_localizer(ds):
             raise LocalizerError(path, "is a LOCALIZER (scout) image, not part of a CT volume")
@@ -155,11 +169,15 @@ def _stack(datasets: list[Dataset], files: list[Path], label: Path) -> Volume:
     if len(shapes) > 1:
         raise SeriesGeometryError(label, f"slices have different matrix sizes {sorted(shapes)}")
     first = datasets[0]
-    thickness = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
+    thickness = positive_number(first.get("SpacingBetweenSlices")) or positive_number(
+        first.get("SliceThickness")) or 1.0
     stack = sort_slices(
         [_plane(ds, p) for ds, p in zip(datasets, files)], label, float(thickness)
     )
     rows, cols = shapes.pop()
+    if limits is not None:  # from the headers, before the volume is allocated
+        spacing = np.linalg.norm(stack.affine[:3, :3], axis=0)
+        limits.check((len(datasets), rows, cols), spacing, label, target_spacing_mm)
     array = np.empty((len(datasets), rows, cols), dtype=np.float32)
     for z, i in enumerate(stack.order):
         ds = datasets[i]
@@ -174,9 +192,10 @@ def _stack(datasets: list[Dataset], files: list[Path], label: Path) -> Volume:
         **series_meta(first),
         "format": "dicom",
         "files": [str(files[i]) for i in stack.order],
-        "slice_thickness": float(first.get("SliceThickness") or 0.0) or None,
+        "slice_thickness": positive_number(first.get("SliceThickness")),
     }
     if str(first.get("Modality", "")) not in ("CT", ""):
         meta["warning"] = f"modality is {first.Modality}, not CT: values are not HU"
     return Volume(array, stack.affine, meta)
+
 

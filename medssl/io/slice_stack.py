@@ -24,7 +24,7 @@ from medssl.errors import (
 )
 from medssl.volume import affine_from_geometry
 
-__all__ = ["PlaneGeometry", "SliceStack", "sort_slices"]
+__all__ = ["PlaneGeometry", "SliceStack", "plane_geometry", "sort_slices"]
 
 #: Largest deviation of one slice gap from the median, relative to the median.
 SPACING_TOLERANCE = 0.05
@@ -49,6 +49,49 @@ class PlaneGeometry:
     orientation: tuple[float, ...]
     pixel_spacing: tuple[float, float]
     name: str
+
+
+def _numbers(value: object, count: int, keyword: str, name: str, source: str | Path) -> tuple[float, ...]:
+    """``count`` finite floats of a header value (a one-valued DS is not a list), or a
+    SeriesGeometryError naming the attribute, the slice and what it held."""
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) \
+        else [value]
+    if len(values) != count:
+        raise SeriesGeometryError(source, f"{name}: {keyword} has {len(values)} value(s), "
+                                          f"{count} expected")
+    try:
+        numbers = tuple(float(v) for v in values)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SeriesGeometryError(source, f"{name}: {keyword} is not numeric") from None
+    if not all(np.isfinite(numbers)):
+        raise SeriesGeometryError(source, f"{name}: {keyword} is not finite")
+    return numbers
+
+
+def plane_geometry(position: object, orientation: object, pixel_spacing: object, name: str,
+                   source: str | Path) -> PlaneGeometry:
+    """A :class:`PlaneGeometry` from raw header values, checked.
+
+    Args:
+        position: ImagePositionPatient (3 numbers, LPS mm).
+        orientation: ImageOrientationPatient (6 direction cosines, neither vector zero).
+        pixel_spacing: PixelSpacing (2 numbers, mm).
+        name: the slice, for errors.
+        source: the file or folder named in errors.
+
+    Raises:
+        SeriesGeometryError: a value has the wrong count (a one-valued ImageOrientationPatient),
+            is not numeric or finite, or a direction vector is zero.
+    """
+    cosines = _numbers(orientation, 6, "ImageOrientationPatient", name, source)
+    if min(np.linalg.norm(cosines[:3]), np.linalg.norm(cosines[3:])) < 1e-6:
+        raise SeriesGeometryError(source, f"{name}: ImageOrientationPatient has a zero direction")
+    return PlaneGeometry(
+        position=_numbers(position, 3, "ImagePositionPatient", name, source),  # type: ignore[arg-type]
+        orientation=cosines,
+        pixel_spacing=_numbers(pixel_spacing, 2, "PixelSpacing", name, source),  # type: ignore[arg-type]
+        name=name,
+    )
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,18 @@ class ScanItem:
     """One series to score.
 
     Attributes:
-        key: unique id of the row: the SeriesInstanceUID (DICOM), the LUNA16 seriesuid, the
-            Decathlon case id or the file name.
+        key: unique id of the row, the same on every run: the SeriesInstanceUID (DICOM), or
+            for a DICOM series without one the ``nouid-<20 hex>`` key derived from its folder
+            and geometry (:func:`medssl.io.dicom_files.series_key`); the LUNA16 seriesuid,
+            the Decathlon case id or the file name.
         paths: the series' DICOM files, or one volume file (NIfTI/MetaImage).
         patient_id, study_uid, series_uid: identifiers ("" when unknown).
         modality, image_type, orientation, n_slices, slice_thickness_mm: header values used
             by the selection rules (DICOM only; None/"" when unknown).
         series_description: for the report.
+        series_uid_absent: a DICOM series whose files have no SeriesInstanceUID (blanked by
+            an anonymiser): ``key`` was derived, ``series_uid`` is ``""``, and DICOM outputs,
+            which must reference the source's UIDs, are not written for it.
     """
 
     key: str
@@ -58,10 +63,24 @@ class ScanItem:
     n_slices: int | None = None
     slice_thickness_mm: float | None = None
     series_description: str = ""
+    series_uid_absent: bool = False
 
     @property
     def is_dicom(self) -> bool:
-        return bool(self.series_uid) and not self.paths[0].lower().endswith(_VOLUME_SUFFIXES)
+        """A DICOM series (files of an index), not a volume file."""
+        return (bool(self.series_uid) or self.series_uid_absent) and \
+            not self.paths[0].lower().endswith(_VOLUME_SUFFIXES)
+
+    @property
+    def missing_output_uids(self) -> str | None:
+        """Why DICOM outputs (SR, SEG) cannot be written for this series: they must name the
+        source's StudyInstanceUID and SeriesInstanceUID, and medssl does not invent them for
+        an object it did not make. None when they can be written."""
+        missing = [name for name, value in (("SeriesInstanceUID", self.series_uid),
+                                            ("StudyInstanceUID", self.study_uid)) if not value]
+        if not missing:
+            return None
+        return f"no DICOM outputs: the source has no {' or '.join(missing)}"
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -76,10 +95,12 @@ class ScanItem:
     def from_record(cls, record: SeriesRecord) -> ScanItem:
         """The row of a series of a DICOM index."""
         return cls(
-            key=record.series_uid, paths=tuple(record.files), patient_id=record.patient_id,
-            study_uid=record.study_uid, series_uid=record.series_uid, modality=record.modality,
-            image_type=record.image_type, orientation=record.orientation, n_slices=record.n_slices,
-            slice_thickness_mm=record.slice_thickness, series_description=record.series_description,
+            key=record.series_key or record.series_uid, paths=tuple(record.files),
+            patient_id=record.patient_id, study_uid=record.study_uid, series_uid=record.series_uid,
+            modality=record.modality, image_type=record.image_type, orientation=record.orientation,
+            n_slices=record.n_slices, slice_thickness_mm=record.slice_thickness,
+            series_description=record.series_description,
+            series_uid_absent=record.series_uid_absent,
         )
 
 

@@ -23,7 +23,9 @@ from medssl.atomic import atomic_write
 
 __all__ = ["FINDING_COLUMNS", "SERIES_COLUMNS", "ResultStore"]
 
-#: ``series.parquet`` columns and types.
+#: ``series.parquet`` columns and types. ``key`` is the SeriesInstanceUID, or the derived
+#: ``nouid-...`` key of a series without one (``series_uid_absent`` true, ``series_uid`` empty);
+#: ``note`` says why asked-for DICOM outputs were not written (the source lacks a UID).
 SERIES_COLUMNS: dict[str, pa.DataType] = {
     "key": pa.string(), "patient_id": pa.string(), "study_uid": pa.string(), "series_uid": pa.string(),
     "status": pa.string(), "error": pa.string(), "model": pa.string(), "model_version": pa.int64(),
@@ -31,7 +33,7 @@ SERIES_COLUMNS: dict[str, pa.DataType] = {
     "read_s": pa.float64(), "preprocess_s": pa.float64(), "inference_s": pa.float64(),
     "postprocess_s": pa.float64(), "n_windows": pa.int64(),
     "n_findings": pa.int64(), "max_probability": pa.float64(), "dicom_outputs": pa.string(),
-    "label_map": pa.string(),
+    "label_map": pa.string(), "note": pa.string(), "series_uid_absent": pa.bool_(),
 }
 #: ``findings.parquet`` columns. Detection: one detection per row, LPS millimetres (``x_mm`` ...
 #: ``probability``). Segmentation: one row per label, ``index`` the class value, ``label`` its
