@@ -35,10 +35,14 @@ The corpus is deterministic for a seed and takes well under a second to make.
 from __future__ import annotations
 
 import random
+import socket
+import sqlite3
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from pydicom.datadict import tag_for_keyword
@@ -73,9 +77,15 @@ __all__ = [
     "base_dataset",
     "encode",
     "find_phi",
+    "NOT_SENT",
+    "NO_RESPONSE",
     "garbage_pdus",
+    "gateway_texts",
     "hostile_corpus",
     "lying_length_case",
+    "phi_found",
+    "send_cases",
+    "send_garbage",
 ]
 
 #: Planted PHI: values no log line, note, metric or error text may ever hold.
@@ -360,14 +370,19 @@ def lying_length_case(seed: int = 0) -> FuzzCase:
     """The case of issue 17 item 2: SOPClassUID's length claims every byte up to the end of
     the PatientBirthDate value, so pydicom reads the elements between, the patient's name, ID
     and birth date among them, as one UID value and warns that it is invalid, quoting it. The
-    request names the SOP class and the other UIDs are intact, so the SCP stores the instance
-    and a worker reads it again."""
+    request names the SOP class, the SOP Instance UID follows (again) after the birth date and
+    the other UIDs are intact, so the SCP stores the instance and a worker reads it again."""
     b = _Builder(seed)
     ds, sop = b.base("lying_length")
     body = encode(ds)
     elements = {e.tag: e for e in _elements(body)}
     sop_class = elements[tag_for_keyword("SOPClassUID")]
     birth = elements[tag_for_keyword("PatientBirthDate")]
+    # the SOPInstanceUID swallowed with the rest comes again after the birth date (out of
+    # order, as pydicom reads it anyway)
+    sop_instance = elements[tag_for_keyword("SOPInstanceUID")]
+    again = body[sop_instance.offset:sop_instance.end]
+    body = body[:birth.end] + again + body[birth.end:]
     body = _set_length(body, sop_class, birth.end - sop_class.value_at)
     b.add("lying_length", body, sop, detail="phi")
     return b.cases[0]
@@ -697,3 +712,113 @@ def garbage_pdus(seed: int = 17, count: int = 40) -> list[bytes]:
         pdus.append(bytes([rng.choice([1, 2, 3, 4, 5, 6, 7, 0, 8, 0x41])]) + junk[:at] + phi
                     + junk[at:])
     return pdus
+
+
+# -- sending the corpus and reading back what the gateway wrote ------------------------------
+
+#: What :func:`send_cases` records for a case whose C-STORE got no response (the association
+#: was aborted or timed out), and for one that could not be sent (no presentation context).
+NO_RESPONSE = -1
+NOT_SENT = -2
+
+
+def send_cases(port: int, cases: list[FuzzCase], folder: Path, *, calling_ae: str = "STORESCU",
+               called_ae: str = "MEDSSL", timeout_s: float = 30.0) -> dict[str, int]:
+    """C-STORE every case's bytes as they are to ``127.0.0.1:port``; the status of each.
+
+    One association proposes CT Image Storage in every :data:`TRANSFER_SYNTAXES` (one
+    presentation context each), so each case goes in the transfer syntax it declares; the
+    cases are written to ``folder`` as Part 10 files and sent unparsed (pynetdicom's chunked
+    sending). An association that ends (aborted by the SCP, timed out) is opened again for
+    the next case.
+
+    Returns:
+        ``{case.name: status}``: the DICOM status of the response, :data:`NO_RESPONSE` or
+        :data:`NOT_SENT`.
+    """
+    import pynetdicom
+    from pynetdicom import AE, _config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout_s
+    for syntax in TRANSFER_SYNTAXES:
+        ae.add_requested_context(CT_IMAGE_STORAGE, [syntax])
+    statuses: dict[str, int] = {}
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    assoc: pynetdicom.association.Association | None = None
+    try:
+        for case in cases:
+            path = folder / f"{case.name}.dcm"
+            path.write_bytes(case.part10())
+            if assoc is None or not assoc.is_established:
+                assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+                if not assoc.is_established:
+                    raise AssertionError(f"the SCP on port {port} refused the association "
+                                         f"before case {case.name}")
+            try:
+                response = assoc.send_c_store(path)
+            except ValueError:  # no accepted presentation context for its transfer syntax
+                statuses[case.name] = NOT_SENT
+                continue
+            statuses[case.name] = int(response.Status) if "Status" in response else NO_RESPONSE
+            path.unlink()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+        if assoc is not None and assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+    return statuses
+
+
+def send_garbage(port: int, pdus: list[bytes], *, read_s: float = 1.0) -> list[bytes]:
+    """Write each of ``pdus`` on a new TCP connection to ``127.0.0.1:port`` (all at once, one
+    thread each), read for up to ``read_s`` seconds, close. What came back on each connection
+    (empty if nothing came before the SCP closed it or the time was up)."""
+    answers: list[bytes] = [b""] * len(pdus)
+
+    def one(i: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            try:
+                sock.sendall(pdus[i])
+                sock.settimeout(read_s)
+                answers[i] = sock.recv(4096)
+            except OSError:  # reset by the SCP, or nothing within read_s: both are answers
+                pass
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(pdus))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return answers
+
+
+def gateway_texts(log: Path, spool: Path, metrics: str) -> dict[str, str]:
+    """Every text a gateway wrote that is not a DICOM object: its log (stdout + stderr), the
+    quarantine notes, the job store (an SQL dump of every table) and the ``/metrics`` body;
+    ``{where: text}``. The spooled and quarantined ``.dcm`` files are the input as received
+    and the outputs copy the patient module by design, so they are not in it."""
+    texts = {"log": log.read_text(errors="replace"), "metrics": metrics}
+    for note in sorted((spool / "quarantine").glob("*.json")):
+        texts[f"quarantine/{note.name}"] = note.read_text(errors="replace")
+    database = spool / "jobs.sqlite"
+    if database.exists():
+        db = sqlite3.connect(database, timeout=10)
+        try:
+            texts["jobs.sqlite"] = "\n".join(db.iterdump())
+        finally:
+            db.close()
+    return texts
+
+
+def phi_found(texts: dict[str, str]) -> dict[str, list[str]]:
+    """``{where: [lines holding planted PHI]}`` over :func:`gateway_texts`' output (the
+    lines cut to 300 characters); empty when no PHI is anywhere."""
+    found: dict[str, list[str]] = {}
+    for where, text in texts.items():
+        lines = [line[:300] for line in text.splitlines() if find_phi(line)]
+        if lines:
+            found[where] = lines
+    return found
