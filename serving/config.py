@@ -195,7 +195,7 @@ class RouteConfig:
         version: model version; None takes the newest.
         min_probability: detection: findings below this stay out of the SR.
         companion_seg: detection: also send a SEG of the findings (spheres of their
-            diameter), referenced from the SR's volumetric groups.
+            diameter), tracked like the SR's findings and listed in its evidence.
     """
 
     model: str

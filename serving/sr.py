@@ -55,7 +55,6 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
-from highdicom.sr.templates import DEFAULT_LANGUAGE
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import SegmentationStorage
@@ -84,6 +83,8 @@ SR_SERIES_NUMBER = 9001
 CT_UNSPECIFIED_BODY_REGION = Code("25045-6", "LN", "CT unspecified body region")
 
 _QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+#: (112040, DCM, "Tracking Unique Identifier")
+_TRACKING_UID_CODE = "112040"
 
 
 def coded(code: Code) -> hd.sr.CodedConcept:
@@ -142,8 +143,9 @@ def detection_sr(
         series_number: SeriesNumber of the SR series.
         procedure_reported: TID 1500 "Procedure reported" (CID 100).
         companion_seg: the SEG of these detections (:func:`~medssl.serving.seg.detection_seg`,
-            segment ``i + 1`` = ``detections[i]``); each finding then also gets a TID 1411
-            group referencing its segment, and the SEG is recorded as evidence.
+            segment ``i + 1`` = ``detections[i]``, tracked with the same identifier and UID
+            as finding ``i``'s group); it is recorded as evidence, and each finding keeps
+            one TID 1410 group (no TID 1411 group: see the module docstring).
         settings: what chose the reported findings and outputs (e.g. ``{"min_probability":
             0.5, "companion_seg": True}``); part of the content key the UIDs derive from.
 
@@ -181,15 +183,12 @@ def detection_sr(
     context = hd.sr.ObservationContext(observer_device_context=observer)
     procedure = coded(procedure_reported)
     if detections:
-        groups = [
-            group
-            for i, d in enumerate(detections)
-            for group in _measurement_groups(i, d, label, card, manufacturer, series_uid,
-                                             frame_of_reference, companion_seg)
-        ]
+        groups = [_measurement_group(i, d, label, card, manufacturer, series_uid,
+                                     frame_of_reference)
+                  for i, d in enumerate(detections)]
         content: Dataset = hd.sr.MeasurementReport(context, procedure, groups)[0]
     else:
-        content = _no_findings_report(context, procedure, label)
+        content = _no_findings_report(context, procedure, label, card, manufacturer)
     key = report_key(source, detections, card, companion_seg=companion_seg, settings=settings,
                      manufacturer=manufacturer, series_number=series_number,
                      procedure_reported=procedure_reported)
@@ -244,7 +243,7 @@ def finding_tracking(series_uid: str, card: ModelCard, index: int,
                         content=content_key(finding=detection_key(detection))))
 
 
-def _measurement_groups(
+def _measurement_group(
     index: int,
     detection: Detection,
     label: Label,
@@ -252,71 +251,77 @@ def _measurement_groups(
     manufacturer: str,
     series_uid: str,
     frame_of_reference: str,
-    companion_seg: Dataset | None,
-) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-          | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
-    """The TID 1410 group of detection ``index`` (0-based), and its TID 1411 group when
-    there is a companion SEG."""
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The one TID 1410 group of detection ``index`` (0-based): its SCOORD3D POINT, codes,
+    algorithm, diameter and certainty. A companion SEG's segment ``index + 1`` carries the
+    same tracking identifier and UID (see the module docstring for why there is no TID 1411
+    group)."""
     identifier, uid = finding_tracking(series_uid, card, index, detection)
-
-    def common() -> dict[str, Any]:  # fresh content items for each group
-        return dict(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
-            finding_category=coded(label.category),
-            finding_type=coded(label.type),
-            finding_sites=[hd.sr.FindingSite(coded(label.anatomic_region))]
-            if label.anatomic_region is not None else None,
-            algorithm_id=hd.sr.AlgorithmIdentification(
-                name=card.name, version=str(card.version), manufacturer=manufacturer,
-                family=codes.cid7162.ArtificialIntelligence),
-            measurements=[
-                hd.sr.Measurement(name=codes.SCT.Diameter, value=float(detection.diameter_mm),
-                                  unit=codes.UCUM.Millimeter),
-                hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding,
-                                  value=100.0 * float(detection.probability),
-                                  unit=codes.UCUM.Percent),
-            ],
-        )
-
     centre = np.asarray(detection.centre_lps, dtype=np.float64).reshape(1, 3)
-    groups: list[Any] = [hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
         referenced_region=hd.sr.ImageRegion3D(
             graphic_type=hd.sr.GraphicTypeValues3D.POINT, graphic_data=centre,
             frame_of_reference_uid=frame_of_reference),
-        **common(),
-    )]
-    if companion_seg is not None:
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=str(companion_seg.SOPClassUID),
-                sop_instance_uid=str(companion_seg.SOPInstanceUID),
-                segment_number=index + 1,
-                source_series=hd.sr.SourceSeriesForSegmentation(series_uid)),
-            **common(),
-        ))
-    return groups
+        measurements=[
+            hd.sr.Measurement(name=codes.SCT.Diameter, value=float(detection.diameter_mm),
+                              unit=codes.UCUM.Millimeter),
+            hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding,
+                              value=100.0 * float(detection.probability),
+                              unit=codes.UCUM.Percent),
+        ],
+        **_finding_codes(label, card, manufacturer),
+    )
+
+
+def _finding_codes(label: Label, card: ModelCard, manufacturer: str) -> dict[str, Any]:
+    """Finding category, finding, finding site and algorithm of a measurement group (fresh
+    content items on each call: a content item belongs to one group)."""
+    return dict(
+        finding_category=coded(label.category),
+        finding_type=coded(label.type),
+        finding_sites=[hd.sr.FindingSite(coded(label.anatomic_region))]
+        if label.anatomic_region is not None else None,
+        algorithm_id=hd.sr.AlgorithmIdentification(
+            name=card.name, version=str(card.version), manufacturer=manufacturer,
+            family=codes.cid7162.ArtificialIntelligence),
+    )
 
 
 def _no_findings_report(
-    context: hd.sr.ObservationContext, procedure: hd.sr.CodedConcept, label: Label
+    context: hd.sr.ObservationContext, procedure: hd.sr.CodedConcept, label: Label,
+    card: ModelCard, manufacturer: str,
 ) -> hd.sr.ContainerContentItem:
-    """The TID 1500 root of a report without findings: the label's type evaluated Absent
-    (rows 12-13, as dcmtk's TID1500_MeasurementReport writes qualitative evaluations)."""
-    root = hd.sr.ContainerContentItem(name=codes.cid7021.ImagingMeasurementReport,
-                                      template_id="1500")
+    """The TID 1500 root of a report without findings, "<finding>: Absent" said twice:
+
+    * in Imaging Measurements, one TID 1501 group: Tracking Identifier
+      ``"<finding>: Absent"`` (no Tracking Unique Identifier: there is nothing to track, and
+      OHIF skips a group without one instead of failing on a group without coordinates),
+      the finding's codes and algorithm, and the qualitative evaluation ``<finding> =
+      Absent``. dcmqi's ``tid1500reader`` (3D Slicer) lists measurement groups only, so this
+      is what makes the absence visible there;
+    * in Qualitative Evaluations (TID 1500 row 12, as dcmtk's TID1500_MeasurementReport
+      writes them): ``<finding> = Absent`` (SCT 272519000) for readers of the document tree.
+    """
+    absent = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            identifier=f"{label.type.meaning}: Absent"),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(coded(label.type),
+                                                             codes.SCT.Absent)],
+        **_finding_codes(label, card, manufacturer),
+    )
+    group = absent[0]
+    group.ContentSequence = hd.sr.ContentSequence([  # TID 1501 row 3 is optional (U)
+        item for item in group.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue != _TRACKING_UID_CODE])
+    root = hd.sr.MeasurementReport(context, procedure, [absent])[0]
     evaluations = hd.sr.ContainerContentItem(
         name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     evaluations.ContentSequence = hd.sr.ContentSequence([
         hd.sr.CodeContentItem(name=coded(label.type), value=codes.SCT.Absent,
                               relationship_type=hd.sr.RelationshipTypeValues.CONTAINS),
     ])
-    root.ContentSequence = hd.sr.ContentSequence([
-        *hd.sr.LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE),
-        *context,
-        hd.sr.CodeContentItem(name=codes.DCM.ProcedureReported, value=procedure,
-                              relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD),
-        evaluations,
-    ])
+    root.ContentSequence.append(evaluations)
     return root
 
 

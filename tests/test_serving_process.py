@@ -158,7 +158,10 @@ def test_an_enhanced_ct_study_gives_a_valid_sr_with_a_companion_seg(chest, detec
     segmentation = hd.seg.segread(seg.path)
     assert segmentation.number_of_segments == enhanced.series[0].n_findings
     report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(sr.path)])
-    assert len(report.get_volumetric_roi_measurement_groups()) == enhanced.series[0].n_findings
+    groups = report.get_planar_roi_measurement_groups()  # one per finding, tracked like its segment
+    assert [g.tracking_uid for g in groups] == [
+        segmentation.get_segment_description(i + 1).tracking_uid for i in range(len(groups))]
+    assert len(groups) == enhanced.series[0].n_findings
 
 
 def test_a_runner_failure_is_transient(chest, detector, tmp_path, monkeypatch):

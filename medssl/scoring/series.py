@@ -158,7 +158,7 @@ class DicomOutput:
             every detection down to the model's FROC threshold); a report of 100 marks at
             p = 0.01 helps no reader.
         companion_seg: detection: also write a SEG of the reported findings (a sphere of
-            its diameter each), referenced from the SR's TID 1411 groups.
+            its diameter each), tracked like the SR's findings and listed in its evidence.
         seg_type: segmentation: ``"binary"`` (default, understood everywhere) or
             ``"labelmap"`` (DICOM 2024c; not understood by Orthanc 1.10, dcmtk 3.6.7,
             dciodvfy 2022), :class:`medssl.serving.seg.SegType`.
