@@ -113,6 +113,17 @@ class ScpConfig:
         tls: DICOM TLS.
         acse_timeout_s / dimse_timeout_s / network_timeout_s: pynetdicom timeouts (s): a
             stalled peer never holds an association forever.
+        association_request_timeout_s: total time (s) from the TCP connection to a complete
+            A-ASSOCIATE-RQ PDU, TLS handshake included, however slowly its bytes come; a
+            connection that has not sent one by then is closed. Until then a connection
+            holds no association slot.
+        max_associations_per_peer: concurrent associations from one source address; more are
+            rejected (transient, local limit exceeded), so one host cannot take every slot.
+            The effective value is at most ``max_associations``.
+        max_pending_connections: connections still waiting for their A-ASSOCIATE-RQ, in all;
+            one more closes the oldest such connection of the host that holds the most.
+        max_inflated_bytes: a Deflated Explicit VR Little Endian dataset that inflates past
+            this many bytes is refused (0xC210) without inflating the rest (a deflate bomb).
     """
 
     ae_title: str = "MEDSSL"
@@ -126,13 +137,20 @@ class ScpConfig:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    association_request_timeout_s: float = 10.0
+    max_associations_per_peer: int = 4
+    max_pending_connections: int = 64
+    max_inflated_bytes: int = 256 * 2**20
 
     def __post_init__(self) -> None:
         _ae_title(self.ae_title, "ae_title")
         _port(self.port, "port")
-        if self.max_associations < 1:
-            raise ValueError(f"max_associations must be >= 1, got {self.max_associations}")
-        for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+        for name in ("max_associations", "max_associations_per_peer", "max_pending_connections",
+                     "max_inflated_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s",
+                     "association_request_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -196,6 +214,11 @@ class RouteConfig:
         min_probability: detection: findings below this stay out of the SR.
         companion_seg: detection: also send a SEG of the findings (spheres of their
             diameter), tracked like the SR's findings and listed in its evidence.
+        seg_type: segmentation: ``binary`` (default) or ``labelmap`` (DICOM 2024c; Orthanc
+            1.10, dcmtk 3.6.7 and dciodvfy 2022 do not understand it: only for receivers
+            that do).
+        dense_seg: segmentation: send every SEG frame, empty ones too (default: empty
+            frames are omitted, a tenth of the size for a multi-organ SEG).
     """
 
     model: str
@@ -203,12 +226,16 @@ class RouteConfig:
     version: int | None = None
     min_probability: float = 0.5
     companion_seg: bool = False
+    seg_type: Literal["binary", "labelmap"] = "binary"
+    dense_seg: bool = False
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model must name a model of the repository")
         if not 0.0 <= self.min_probability <= 1.0:
             raise ValueError(f"min_probability must be in [0, 1], got {self.min_probability}")
+        if self.seg_type not in ("binary", "labelmap"):
+            raise ValueError(f"seg_type must be 'binary' or 'labelmap', got {self.seg_type!r}")
 
 
 @dataclass(frozen=True)

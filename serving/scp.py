@@ -9,14 +9,32 @@
 * refuses other SOP classes at presentation-context negotiation (``other_sop_classes:
   refuse``), or accepts them and discards the data with Success (``ignore``);
 * lets in only the configured callers (calling AE title, optionally source address); others
-  get an A-ASSOCIATE-RJ "rejected permanent, calling AE title not recognised".
+  get an A-ASSOCIATE-RJ "rejected permanent, calling AE title not recognised", and a call to
+  another AE title than ``ae_title`` gets "rejected permanent, called AE title not
+  recognised" (PS3.8 9.3.4: service user, diagnostic 7).
+
+Slow, idle and broken clients (PS3.8 9.1, 9.3): each TCP connection is served on a thread of
+its own, never on the accept loop. Its TLS handshake and its whole A-ASSOCIATE-RQ PDU must
+arrive within ``association_request_timeout_s`` in total (a trickle of bytes does not extend
+it), or the connection is closed. Until its A-ASSOCIATE-RQ is complete a connection holds no
+association slot, so idle, trickling and half-open connections lock nobody out; at most
+``max_pending_connections`` wait at once (beyond, the oldest one of the host with the most is
+closed). Slots are counted per association past its A-ASSOCIATE-RQ, in all
+(``max_associations``) and per source address (``max_associations_per_peer``); beyond either
+the caller gets A-ASSOCIATE-RJ "rejected transient, local limit exceeded", and a slot is
+free again the moment its association ends (released, aborted, or the connection dropped).
+A first PDU that is not a well-formed A-ASSOCIATE-RQ, or that proposes a presentation context
+ID that is not odd in 1-255 or proposes one twice (PS3.8 9.3.2.2), is answered with an
+A-ABORT (service provider, reason "invalid PDU parameter value" or "unexpected PDU") and the
+connection is closed, holding nothing.
 
 C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 Annex C):
 
 =========  ===================================================================================
 0x0000     stored durably (written, fsynced, renamed into the spool), then ``on_stored`` ran
 0xC210     cannot understand: the dataset does not decode, lacks a UID, names another SOP
-           Instance UID than the request, or has no/short pixel data; the bytes are quarantined
+           Instance UID than the request, has no/short pixel data, or is deflated and inflates
+           past ``max_inflated_bytes``; the bytes are quarantined (as received)
 0xA700     out of resources: the spool is below its free-space floor or the write failed;
            nothing is stored, so the sender may retry later
 0x0110     processing failure: stored, but ``on_stored`` raised (the instance stays spooled and
@@ -32,16 +50,23 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import ssl
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from io import BytesIO
 from typing import Any, cast
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
@@ -52,9 +77,12 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.dsutils import decode
 from pynetdicom.events import Event
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from medssl.serving.config import ScpConfig
 from medssl.serving.metrics import GatewayMetrics
@@ -96,7 +124,22 @@ TRANSFER_SYNTAXES += [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in TRANSFER_S
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 _RJ_CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)  # permanent, service user
+_RJ_CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)  # permanent, service user
 _RJ_SHUTTING_DOWN = (0x02, 0x01, 0x01)  # transient, service user, no reason given
+_RJ_LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)  # transient, service provider (presentation)
+
+# A-ABORT reasons of the service provider (source 2), PS3.8 Table 9-26.
+_ABORT_UNEXPECTED_PDU = 0x02
+_ABORT_INVALID_PARAMETER = 0x06
+
+#: The largest A-ASSOCIATE-RQ PDU read (bytes): 128 presentation contexts of 64-character
+#: UIDs with 30 transfer syntaxes each stay far below it.
+_MAX_ASSOCIATE_RQ_BYTES = 1 << 20
+
+#: pynetdicom's own association limit counts every acceptor thread, those still waiting for
+#: their A-ASSOCIATE-RQ and those being rejected included; the SCP counts slots itself
+#: (:class:`_Slots`) and sets pynetdicom's limit out of the way.
+_PYNETDICOM_MAX_ASSOCIATIONS = 1 << 20
 
 _POLL_S = 0.05
 
@@ -141,6 +184,18 @@ def _check_pixel_data(ds: Dataset, syntax: UID) -> None:
                                           f"at {bits} bits")
 
 
+def _check_complete(ds: Dataset) -> None:
+    """Raise :class:`_Refused` if an element of ``ds`` (not yet parsed) holds fewer bytes than
+    its declared length: pydicom reads what is there, so a dataset cut short, or whose last
+    element declares a huge length, would otherwise pass. Call it before touching values."""
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        if (isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF
+                and raw.value is not None and len(raw.value) < raw.length):
+            raise _Refused("undecodable", f"element {tag} holds {len(raw.value)} bytes of the "
+                                          f"{raw.length} it declares (truncated)")
+
+
 def _checked_uids(ds: Dataset, affected_sop_instance_uid: str) -> tuple[str, str, str]:
     """(study, series, SOP instance) UIDs of ``ds``; :class:`_Refused` if missing or mismatched."""
     uids = []
@@ -155,22 +210,242 @@ def _checked_uids(ds: Dataset, affected_sop_instance_uid: str) -> tuple[str, str
     return uids[0], uids[1], uids[2]
 
 
-class _ServerTlsContext(ssl.SSLContext):
-    """An SSL context whose server-side handshake is bounded in time.
+def _inflated_dataset(deflated: bytes, limit: int) -> Dataset:
+    """Decode a Deflated Explicit VR Little Endian dataset, inflating at most ``limit`` bytes.
 
-    pynetdicom wraps each accepted socket on its accept loop (``AssociationServer.get_request``)
-    and the accepted socket has no timeout: without a bound, one peer that connects and sends
-    nothing would stall every later caller and :meth:`StorageSCP.stop`.
+    Args:
+        deflated: the dataset as received (raw deflate, PS3.5 A.5), without file meta.
+        limit: the most bytes it may inflate to.
+
+    Raises:
+        _Refused: it inflates past ``limit`` (nothing past ``limit`` + 1 bytes is inflated), or
+            the deflate stream is corrupt or incomplete.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(deflated, limit + 1)
+    except zlib.error:
+        raise _Refused("undecodable", "the deflated dataset does not inflate") from None
+    if len(inflated) > limit:
+        raise _Refused("too-large", f"the deflated dataset inflates past {limit} bytes "
+                                    f"({len(deflated)} bytes received)")
+    if not inflater.eof:
+        raise _Refused("undecodable", "the deflated dataset ends before its deflate stream")
+    return decode(BytesIO(inflated), False, True, False)
+
+
+def _peer_key(address: str) -> str:
+    """The source address a connection is counted under (IPv4-mapped IPv6 as IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+class _Dropped(Exception):
+    """A connection closed before it became an association; ``str()`` says why (no PHI)."""
+
+
+class _BadRequest(_Dropped):
+    """The first PDU is not an acceptable A-ASSOCIATE-RQ: answer A-ABORT with ``reason``."""
+
+    def __init__(self, message: str, reason: int) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A connection waiting for its A-ASSOCIATE-RQ (see :class:`_Slots`)."""
+
+    peer: str
+    sock: socket.socket
+    since: float = field(default_factory=time.monotonic)
+    evicted: bool = False
+
+
+class _Slots:
+    """Connections waiting for their A-ASSOCIATE-RQ, and association slots, by source address.
+
+    Thread-safe. A pending connection costs a thread and a socket but no slot; beyond
+    ``max_pending`` the oldest pending connection of the peer with the most is shut down (its
+    owner's blocked read returns and it closes). A slot is held from the admission of an
+    A-ASSOCIATE-RQ to the end of its association.
     """
 
-    handshake_timeout_s: float = 30.0
+    def __init__(self, max_total: int, max_per_peer: int, max_pending: int) -> None:
+        self.max_total = max_total
+        self.max_per_peer = min(max_per_peer, max_total)
+        self.max_pending = max_pending
+        self._lock = threading.Lock()
+        self._pending: list[_Pending] = []
+        self._active: dict[Association, str] = {}
 
-    def wrap_socket(  # type: ignore[override]
-            self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        sock.settimeout(self.handshake_timeout_s)
-        wrapped = super().wrap_socket(sock, *args, **kwargs)
-        wrapped.settimeout(None)  # as plain-TCP associations: blocking, pynetdicom polls first
-        return wrapped
+    def enter_pending(self, peer: str, sock: socket.socket) -> tuple[_Pending, _Pending | None]:
+        """Register a new connection; returns it and the one evicted to make room (or None)."""
+        entry = _Pending(peer, sock)
+        with self._lock:
+            self._pending.append(entry)
+            victim = None
+            if len(self._pending) > self.max_pending:
+                counts: dict[str, int] = {}
+                for pending in self._pending:
+                    counts[pending.peer] = counts.get(pending.peer, 0) + 1
+                busiest = max(counts.values())
+                victim = min((p for p in self._pending if counts[p.peer] == busiest),
+                             key=lambda p: p.since)
+                self._evict(victim)
+        return entry, victim
+
+    def replace_socket(self, entry: _Pending, sock: socket.socket) -> None:
+        """The connection's socket is now ``sock`` (TLS wraps and detaches the plain one)."""
+        with self._lock:
+            entry.sock = sock
+            if entry.evicted:  # evicted while it was being wrapped
+                self._shutdown(sock)
+
+    def leave_pending(self, entry: _Pending) -> None:
+        """The connection got its A-ASSOCIATE-RQ or is closed: it no longer waits."""
+        with self._lock:
+            if entry in self._pending:
+                self._pending.remove(entry)
+
+    def drop_pending(self) -> int:
+        """Shut down every waiting connection (stopping); returns how many."""
+        with self._lock:
+            victims = list(self._pending)
+            for victim in victims:
+                self._evict(victim)
+        return len(victims)
+
+    def _evict(self, victim: _Pending) -> None:  # under the lock
+        self._pending.remove(victim)
+        victim.evicted = True
+        self._shutdown(victim.sock)
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
+        # socket.socket's own shutdown, also for an SSLSocket: it only wakes the owner's read
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
+
+    def acquire(self, assoc: Association, peer: str) -> str | None:
+        """Take a slot for ``assoc``; None if taken, else why not (no PHI)."""
+        with self._lock:
+            total = len(self._active)
+            mine = sum(1 for p in self._active.values() if p == peer)
+            if total >= self.max_total:
+                return f"too many associations ({total} of {self.max_total})"
+            if mine >= self.max_per_peer:
+                return f"too many associations from this host ({mine} of {self.max_per_peer})"
+            self._active[assoc] = peer
+        return None
+
+    def release(self, assoc: Association) -> None:
+        """Free ``assoc``'s slot, if it holds one."""
+        with self._lock:
+            self._active.pop(assoc, None)
+
+
+def _recv_exactly(sock: socket.socket, n_bytes: int, deadline: float) -> bytes:
+    """Read exactly ``n_bytes`` before ``deadline`` (time.monotonic()), however they trickle.
+
+    Raises:
+        _Dropped: the peer closed the connection, or the deadline passed.
+    """
+    data = bytearray()
+    while len(data) < n_bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Dropped(f"no complete A-ASSOCIATE-RQ in time ({len(data)} of {n_bytes} "
+                           "bytes of a read)")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(min(n_bytes - len(data), 65536))
+        except TimeoutError:
+            continue  # the loop reports the deadline
+        if not chunk:
+            raise _Dropped("the peer closed the connection before its A-ASSOCIATE-RQ")
+        data += chunk
+    return bytes(data)
+
+
+def _read_associate_rq(sock: socket.socket, deadline: float) -> bytes:
+    """The first PDU of a connection, which must be an A-ASSOCIATE-RQ, read before ``deadline``.
+
+    Reads exactly one PDU (nothing past it), checks it decodes as an A-ASSOCIATE-RQ and that
+    its presentation context IDs are odd, in 1-255 and distinct (PS3.8 9.3.2.2).
+
+    Raises:
+        _BadRequest: another PDU type, an implausible length, an undecodable PDU or a bad
+            presentation context ID (the message names which, never a value of the peer's).
+        _Dropped: closed, or too slow.
+    """
+    header = _recv_exactly(sock, 6, deadline)
+    pdu_type, _, length = struct.unpack(">BBL", header)
+    if pdu_type != 0x01:
+        raise _BadRequest(f"the first PDU is of type 0x{pdu_type:02X}, not an A-ASSOCIATE-RQ",
+                          _ABORT_UNEXPECTED_PDU)
+    if not 68 <= length <= _MAX_ASSOCIATE_RQ_BYTES:
+        raise _BadRequest(f"an A-ASSOCIATE-RQ of {length} bytes (68 to "
+                          f"{_MAX_ASSOCIATE_RQ_BYTES} accepted)", _ABORT_INVALID_PARAMETER)
+    raw = header + _recv_exactly(sock, length, deadline)
+    pdu = A_ASSOCIATE_RQ()
+    try:
+        pdu.decode(raw)
+        ids = [item.presentation_context_id for item in pdu.presentation_context]
+    except Exception as exc:  # the decoder's message may quote the peer's bytes
+        raise _BadRequest(f"the A-ASSOCIATE-RQ does not decode ({type(exc).__name__})",
+                          _ABORT_INVALID_PARAMETER) from None
+    for i, context_id in enumerate(ids):
+        if context_id is None or not 1 <= context_id <= 255 or context_id % 2 == 0:
+            raise _BadRequest(f"presentation context ID {context_id} is not an odd integer "
+                              "in 1-255 (PS3.8 9.3.2.2)", _ABORT_INVALID_PARAMETER)
+        if context_id in ids[:i]:
+            raise _BadRequest(f"presentation context ID {context_id} is proposed twice",
+                              _ABORT_INVALID_PARAMETER)
+    return raw
+
+
+class _GatedRequestHandler(RequestHandler):
+    """pynetdicom's request handler, run on a thread of its own per TCP connection: the
+    TLS handshake and the A-ASSOCIATE-RQ are read here under a total deadline, and the thread
+    holds the association's slot until it ends (see :meth:`StorageSCP._serve_connection`)."""
+
+    server: _GatedServer
+
+    def handle(self) -> None:
+        self.server.scp._serve_connection(self)
+
+
+class _GatedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with nothing slow on its accept loop: ``get_request`` only
+    accepts (no TLS handshake there), and per-connection threads are not joined at close
+    (:meth:`StorageSCP.stop` ends associations itself)."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, scp: StorageSCP, **kwargs: Any) -> None:
+        self.scp = scp
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = cast(socket.socket, self.socket).accept()
+        return client, address
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver prints a traceback to stderr: log the exception type only instead."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        LOGGER.error("connection handler failed: %s", type(exc).__name__,
+                     extra={"peer": str(client_address[0]) if client_address else ""})
 
 
 class StorageSCP:
@@ -206,6 +481,9 @@ class StorageSCP:
                                      "address") from None
             self._callers[caller.ae_title.strip()] = frozenset(hosts)
         self._stopping = threading.Event()
+        self._slots = _Slots(cfg.max_associations, cfg.max_associations_per_peer,
+                             cfg.max_pending_connections)
+        self._tls: ssl.SSLContext | None = None
         self._server: ThreadedAssociationServer | None = None
         self._port: int | None = None
         self._ae = self._make_ae()
@@ -213,7 +491,7 @@ class StorageSCP:
     def _make_ae(self) -> AE:
         cfg = self.cfg
         ae = AE(ae_title=cfg.ae_title)
-        ae.maximum_associations = cfg.max_associations
+        ae.maximum_associations = _PYNETDICOM_MAX_ASSOCIATIONS  # the SCP's _Slots count
         ae.acse_timeout = cfg.acse_timeout_s
         ae.dimse_timeout = cfg.dimse_timeout_s
         ae.network_timeout = cfg.network_timeout_s
@@ -230,8 +508,7 @@ class StorageSCP:
         tls = self.cfg.tls
         if not tls.enabled:
             return None
-        context = _ServerTlsContext(ssl.PROTOCOL_TLS_SERVER)
-        context.handshake_timeout_s = self.cfg.acse_timeout_s
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.private_key))
         if tls.ca_certificate is not None:
             context.verify_mode = ssl.CERT_REQUIRED
@@ -256,10 +533,18 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        server = self._ae.start_server((self.cfg.host, self.cfg.port), block=False,
-                                       evt_handlers=handlers, ssl_context=self._ssl_context())
-        self._server = cast(ThreadedAssociationServer, server)  # block=False returns it
-        self._port = int(self._server.server_address[1])
+        self._tls = self._ssl_context()
+        # As AE.start_server(block=False), with a server whose accept loop only accepts: the
+        # TLS handshake happens on the connection's thread (_serve_connection), so the server
+        # gets no ssl_context.
+        server = self._ae.make_server((self.cfg.host, self.cfg.port), evt_handlers=handlers,
+                                      server_class=_GatedServer,
+                                      request_handler=_GatedRequestHandler, scp=self)
+        threading.Thread(target=server.serve_forever, name="medssl-scp-accept",
+                         daemon=True).start()
+        self._ae._servers.append(server)  # AssociationServer.shutdown removes it
+        self._server = server
+        self._port = int(server.server_address[1])
         LOGGER.info("storage SCP %s listening on %s:%d%s", self.cfg.ae_title, self.cfg.host,
                     self._port, " (TLS)" if self.cfg.tls.enabled else "")
 
@@ -290,6 +575,7 @@ class StorageSCP:
         self._stopping.set()
         self._server = None
         server.shutdown()
+        self._slots.drop_pending()
         deadline = time.monotonic() + max(timeout_s, 0.0)
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(_POLL_S)
@@ -299,6 +585,88 @@ class StorageSCP:
                                   "peer": assoc.requestor.address})
             assoc.abort()
         LOGGER.info("storage SCP %s stopped", self.cfg.ae_title)
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _serve_connection(self, handler: RequestHandler) -> None:
+        """One TCP connection, on its own thread: TLS handshake and A-ASSOCIATE-RQ under a
+        total deadline (holding no slot), then the association (holding its slot, taken in
+        :meth:`_on_requested`, until it ends). Never raises."""
+        peer = _peer_key(str(handler.client_address[0]))
+        raw = cast(socket.socket, handler.request)
+        deadline = time.monotonic() + self.cfg.association_request_timeout_s
+        entry, victim = self._slots.enter_pending(peer, raw)
+        if victim is not None:
+            LOGGER.warning("closed a connection still without A-ASSOCIATE-RQ after %.1f s: "
+                           "more than %d connections wait for theirs",
+                           time.monotonic() - victim.since, self._slots.max_pending,
+                           extra={"peer": victim.peer, "reason": "too-many-pending"})
+        sock = raw
+        try:
+            try:
+                if self._tls is not None:
+                    sock = self._tls.wrap_socket(raw, server_side=True,
+                                                 do_handshake_on_connect=False)
+                    self._slots.replace_socket(entry, sock)
+                    sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+                    sock.do_handshake()  # one deadline for the whole handshake (CPython _ssl)
+                request = _read_associate_rq(sock, deadline)
+            finally:
+                self._slots.leave_pending(entry)
+        except _BadRequest as exc:
+            self._drop(sock, peer, str(exc), abort_reason=exc.reason)
+            return
+        except (_Dropped, OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            why = str(exc) if isinstance(exc, _Dropped) else type(exc).__name__
+            if entry.evicted:
+                why = "closed to make room for other connections"
+            elif isinstance(exc, TimeoutError):
+                why = "no complete TLS handshake in time"
+            self._drop(sock, peer, why)
+            return
+        except Exception as exc:  # the service boundary: a log record, never a dead server
+            LOGGER.error("connection failed: %s", type(exc).__name__, extra={"peer": peer})
+            self._drop(sock, peer, type(exc).__name__)
+            return
+
+        assoc: Association | None = None
+        try:
+            sock.settimeout(None)  # as pynetdicom's own sockets: blocking, it polls first
+            handler.request = sock
+            assoc = handler._create_association()
+            # Hand pynetdicom the A-ASSOCIATE-RQ as its DUL would have read it (Evt6 after
+            # the Evt5 the AssociationSocket queued): the DUL reads from the socket next.
+            pdu, event = assoc.dul._decode_pdu(bytearray(request))
+            assoc.dul._recv_pdu.put(pdu)
+            assoc.dul.event_queue.put(event)
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": handler.client_address})
+            assoc.start()
+            assoc.join()
+        except Exception as exc:
+            LOGGER.error("association failed: %s", type(exc).__name__, extra={"peer": peer})
+            if assoc is None or not assoc.is_alive():
+                self._drop(sock, peer, type(exc).__name__)
+        finally:
+            if assoc is not None:
+                self._slots.release(assoc)
+
+    def _drop(self, sock: socket.socket, peer: str, reason: str,
+              abort_reason: int | None = None) -> None:
+        """Close a connection that is no association (sending an A-ABORT first if asked)."""
+        self.metrics.associations.labels(result="dropped").inc()
+        LOGGER.warning("connection closed without an association: %s", reason,
+                       extra={"peer": peer, "reason": reason})
+        try:
+            if abort_reason is not None:
+                abort = A_ABORT_RQ()
+                abort.source, abort.reason_diagnostic = 0x02, abort_reason
+                sock.settimeout(1.0)
+                sock.sendall(abort.encode())
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
+        finally:
+            sock.close()
 
     # -- association events ------------------------------------------------------------------
 
@@ -318,18 +686,25 @@ class StorageSCP:
         return None
 
     def _on_requested(self, event: Event) -> None:
-        """A-ASSOCIATE-RQ received: reject unknown callers and everyone while stopping."""
+        """A-ASSOCIATE-RQ received: reject everyone while stopping, calls to another AE
+        title, unknown callers, and callers beyond the slot limits; else take a slot."""
         assoc = event.assoc
         calling_ae = str(assoc.requestor.primitive.calling_ae_title).strip()
+        called_ae = str(assoc.requestor.primitive.called_ae_title).strip()
         peer = str(assoc.requestor.address)
+        reason: str | None
         if self._stopping.is_set():
             reason, rj = "the SCP is stopping", _RJ_SHUTTING_DOWN
+        elif called_ae != self.cfg.ae_title.strip():
+            reason, rj = "called AE title not recognised", _RJ_CALLED_AE_NOT_RECOGNISED
         else:
             rj = _RJ_CALLING_AE_NOT_RECOGNISED
             try:
                 reason = self._caller_refusal(calling_ae, peer)
             except Exception as exc:  # fail closed: pynetdicom would log it and accept
-                reason = f"caller check failed: {type(exc).__name__}: {exc}"
+                reason = f"caller check failed: {type(exc).__name__}"
+            if reason is None:
+                reason, rj = self._slots.acquire(assoc, _peer_key(peer)), _RJ_LOCAL_LIMIT_EXCEEDED
         if reason is None:
             return
         # The same steps as pynetdicom's own rejection (acse._negotiate_as_acceptor): send the
@@ -337,7 +712,8 @@ class StorageSCP:
         assoc.acse.send_reject(*rj)
         self.metrics.associations.labels(result="rejected").inc()
         LOGGER.warning("association rejected: %s", reason,
-                       extra={"calling_ae": calling_ae, "peer": peer, "reason": reason})
+                       extra={"calling_ae": calling_ae, "called_ae": called_ae, "peer": peer,
+                              "reason": reason})
         assoc.kill()
 
     def _on_accepted(self, event: Event) -> None:
@@ -347,11 +723,12 @@ class StorageSCP:
             "peer": event.assoc.requestor.address})
 
     def _on_rejected(self, event: Event) -> None:
-        """pynetdicom rejected the association itself (more than max_associations)."""
+        """pynetdicom rejected the association itself (its own checks; the SCP's limits are
+        in :meth:`_on_requested`, pynetdicom's association limit is set out of reach)."""
         self.metrics.associations.labels(result="rejected").inc()
-        LOGGER.warning("association rejected: too many associations", extra={
+        LOGGER.warning("association rejected by pynetdicom", extra={
             "calling_ae": event.assoc.requestor.ae_title.strip(),
-            "peer": event.assoc.requestor.address, "reason": "max-associations"})
+            "peer": event.assoc.requestor.address, "reason": "pynetdicom"})
 
     # -- C-STORE -----------------------------------------------------------------------------
 
@@ -379,10 +756,16 @@ class StorageSCP:
                                           "reason": "ignored-sop-class"})
             return SUCCESS
         try:
-            ds = event.dataset
+            syntax = UID(event.context.transfer_syntax)
+            if syntax == DeflatedExplicitVRLittleEndian:  # event.dataset inflates without bound
+                ds = _inflated_dataset(event.encoded_dataset(include_meta=False),
+                                       self.cfg.max_inflated_bytes)
+            else:
+                ds = event.dataset
+            _check_complete(ds)
             for _ in ds.iterall():  # pydicom parses lazily: force every element now
                 pass
-            _check_pixel_data(ds, UID(event.context.transfer_syntax))
+            _check_pixel_data(ds, syntax)
             study_uid, series_uid, sop_uid = _checked_uids(ds, fields["sop_instance_uid"])
         except _Refused as exc:
             return self._refuse(event, fields, exc.label, str(exc))

@@ -94,15 +94,18 @@ def gateway(tmp_path) -> Iterator:
 
 @contextmanager
 def associated(port: int, calling: str = "SCU", contexts=((CTImageStorage, SYNTAXES),),
-               tls_args=None) -> Iterator[pynetdicom.association.Association]:
-    """A pynetdicom SCU association (released or aborted on exit; may be rejected)."""
+               tls_args=None, called: str = "MEDSSL",
+               bind_address: tuple[str, int] = ("", 0)) -> Iterator[pynetdicom.association.Association]:
+    """A pynetdicom SCU association (released or aborted on exit; may be rejected), calling
+    ``called`` on 127.0.0.1 from ``bind_address`` (e.g. ``("127.0.0.2", 0)``: another host)."""
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.network_timeout = 5
     ae.dimse_timeout = 10
     ae.add_requested_context(Verification)
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MEDSSL", tls_args=tls_args)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls_args,
+                         bind_address=bind_address)
     try:
         yield assoc
     finally:
@@ -142,12 +145,13 @@ def _assert_spooled(gw: Gateway, sources: list[Path]) -> None:
     assert list(gw.spool.tmp.iterdir()) == []
 
 
-def _part10(dataset_bytes: bytes, sop_instance_uid: str) -> bytes:
-    """File meta (CT, Explicit VR Little Endian) followed by ``dataset_bytes`` as they are."""
+def _part10(dataset_bytes: bytes, sop_instance_uid: str,
+            transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """File meta (CT, ``transfer_syntax``) followed by ``dataset_bytes`` as they are."""
     meta = pydicom.dataset.FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = transfer_syntax
     buffer = DicomBytesIO()
     write_file_meta_info(buffer, meta, enforce_standard=True)
     return b"\0" * 128 + b"DICM" + buffer.getvalue() + dataset_bytes
@@ -369,8 +373,10 @@ def test_garbage_and_truncated_instances_are_quarantined_while_a_good_one_is_sto
     quarantined = sorted(gw.spool.quarantine_dir.glob("*.dcm"))
     notes = [json.loads(p.with_suffix(".json").read_text()) for p in quarantined]
     assert len(quarantined) == 3 and all(n["reason"] and n["calling_ae"] == "SCU" for n in notes)
-    assert sorted(n["reason"].split(" ")[0] for n in notes) == ["Pixel", "no", "no"]
-    assert any("Pixel Data has 376 bytes, 576 expected" in n["reason"] for n in notes)
+    # the garbage's first "element" declares more bytes than follow, as the truncated one's
+    assert sorted(n["reason"].split(" ")[0] for n in notes) == ["element", "element", "no"]
+    assert any("element (7FE0,0010) holds 376 bytes of the 576 it declares (truncated)"
+               in n["reason"] for n in notes)
     assert any(p.read_bytes().endswith(whole[-1000:-200]) for p in quarantined)
     assert gw.metric("medssl_gateway_instances_rejected_total", reason="undecodable") == 2
     assert gw.metric("medssl_gateway_instances_rejected_total", reason="missing-uid") == 1
