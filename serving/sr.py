@@ -6,8 +6,8 @@ Structure of the document (PS3.16 template numbers)::
       TID 1204  Language of content: English
       TID 1001  Observation context: device observer = the model (UID, "name vN", manufacturer)
       Procedure reported (default: CT unspecified body region)
-      Imaging Measurements                                  (one or more detections)
-        TID 1410  Planar ROI Measurements, one group per detection:
+      Imaging Measurements
+        TID 1410  Planar ROI Measurements, exactly one group per detection:
           Tracking Identifier "<label name> <i>" + Tracking Unique Identifier (derived UID)
           Finding category / Finding          <- Label.category / Label.type (e.g. Nodule)
           Finding Site                        <- Label.anatomic_region (e.g. Lung), if any
@@ -15,29 +15,63 @@ Structure of the document (PS3.16 template numbers)::
           Image Region: SCOORD3D POINT at the centre (LPS mm, the source's frame of reference)
           Diameter (SCT 81827009), mm
           Certainty of Finding (DCM 111012), % = 100 x probability
-        TID 1411  Volumetric ROI Measurements    (only with a companion SEG, one per detection)
-          the same tracking identifier and UID, codes, algorithm and measurements
-          Referenced Segment                  <- segment i of the companion SEG
-          Source Series for Segmentation      <- the source SeriesInstanceUID
+        TID 1501  Measurement Group                         (no detections)
+          Tracking Identifier "<finding>: Absent" (no Tracking Unique Identifier)
+          Finding category / Finding / Finding Site / Algorithm Identification
+          <Label.type> = Absent (SCT 272519000)
       Qualitative Evaluations                               (no detections)
         <Label.type> = Absent (SCT 272519000), e.g. "Nodule: Absent"
 
-Why TID 1410 with a SCOORD3D POINT: a detection is a location in 3D patient space. The IHE
-AI Results profile and the issue ask for a planar ROI group whose image region is a point,
-and that is the practice of IDC and highdicom for point findings (TID 1410's Image Region
-accepts SCOORD3D in a frame of reference, so no single image has to be chosen). A TID 1501
-group has no place for coordinates. When the detections are also sent as a SEG
-(:func:`medssl.serving.seg.detection_seg`: one sphere segment per detection), each finding
-gets a TID 1411 group too, referencing its segment, with the same tracking identifier and
-UID, so a viewer links the point, the sphere and the measurements of one nodule.
+A companion SEG (:func:`medssl.serving.seg.detection_seg`: segment ``i + 1`` a sphere around
+detection ``i``) is listed in the evidence, and its segment ``i + 1`` carries the tracking
+identifier and UID of finding ``i``'s group: that UID is what ties point, sphere and
+measurements of one nodule together. There is no TID 1411 group (see below).
+
+How the viewers read it (sources read for issue 17, item 8; outputs measured with dcmqi 1.5.7
+and highdicom 0.28 in tests/test_sr_viewers.py):
+
+* 3D Slicer, QuantitativeReporting (QIICR/QuantitativeReporting,
+  ``DICOMPlugins/DICOMTID1500Plugin.py``, planar branch added 2025-04): a report with any
+  TID 1410 "Image Region" group is read with highdicom; SCOORD3D POINT groups
+  (``get_planar_roi_measurement_groups(graphic_type=GraphicTypeValues3D.POINT)``) become
+  markups points named by the tracking identifier, with a table, and the view jumps to the
+  first. 2D SCOORD POINT/CIRCLE groups are not shown there (only POLYLINE lines and boxes),
+  and a report whose only image regions are 2D loads nothing. A report without image regions
+  goes to dcmqi's ``tid1500reader`` instead: the SEGs listed in the evidence are loaded,
+  measurement ``i`` of its JSON is tagged onto segment ``i``, and the table needs
+  ``Measurements[0]``. Older QuantitativeReporting (and dcmqi users) always take that branch.
+* dcmqi ``tid1500reader`` (QIICR/dcmqi, ``libsrc/TID1500Reader.cpp``): lists every
+  "Measurement Group" under Imaging Measurements (TID 1410, 1411 and 1501 alike) with its
+  codes, tracking identifier/UID, NUM items and "Referenced Segment"; it reads no SCOORD or
+  SCOORD3D at all (measured: a 2D CIRCLE on the source image comes out as nothing either) and
+  nothing outside Imaging Measurements. So the previous TID 1410 + TID 1411 pair listed each
+  finding twice (and Slicer then paired measurements past the SEG's last segment), and a
+  report with only document-level Qualitative Evaluations came out as an empty list: hence
+  one group per finding, and the TID 1501 "Absent" group.
+* OHIF (OHIF/Viewers, ``extensions/cornerstone-dicom-sr/src/getSopClassHandlerModule.ts``,
+  a version with SCOORD3D support): Comprehensive 3D SR has its own handler; groups under Imaging Measurements are
+  merged by Tracking Unique Identifier (a group without one is skipped); a merged measurement
+  is placed by its first top-level SCOORD or SCOORD3D (a SCOORD3D POINT is drawn when its
+  ReferencedFrameOfReferenceUID is the image series' frame of reference; a 2D SCOORD needs
+  its SELECTED FROM image, by SOP instance and frame), else by SCOORD/SCOORD3D children of
+  its NUM items; in that version a measurement with no coordinates fails the placement
+  loop (``measurement.coords[0]``), hence no tracking UID on the "Absent" group. Older OHIF 3
+  versions look only for a 2D SCOORD in TID 1410 and also require an Image Library
+  container; this report does not serve them.
+* highdicom refuses coordinates on the NUM items of TID 1410/1411 groups (TID 1419), and
+  TID 1410 and TID 1411 take exactly one region reference each (SCOORD, SCOORD3D or a
+  segment), so no single group can carry both a point and a segment reference; a second
+  group per finding (a 2D SCOORD on the nearest slice, or a TID 1411 segment reference)
+  would be listed twice by dcmqi and break Slicer's measurement-to-segment pairing. One
+  SCOORD3D POINT group per finding is what both current viewers place.
 
 The probability uses "Certainty of Finding", the concept the CAD SR templates (mammography,
 chest CAD) use for a detector's confidence that a finding is real, in percent as they do; a
 model's score is not a probability of malignancy, so "Probability of cancer" would be wrong.
 
-TID 1500 needs Imaging Measurements or Qualitative Evaluations, and a measurement group
-needs a region, so a report without detections carries one qualitative evaluation instead
-("Nodule: Absent"): a valid "no findings" report rather than no report.
+A report without detections is a valid "no findings" report, not no report: "Nodule:
+Absent" both as a TID 1501 group (what dcmqi, Slicer and highdicom's group getters see) and
+as a document-level qualitative evaluation (what dsrdump shows at the top).
 
 The source instances (and the companion SEG) are recorded as evidence (Current Requested
 Procedure Evidence), so the report references every image of the scored series. Every
