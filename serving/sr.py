@@ -49,8 +49,9 @@ and highdicom 0.28 in tests/test_sr_viewers.py):
   report with only document-level Qualitative Evaluations came out as an empty list: hence
   one group per finding, and the TID 1501 "Absent" group.
 * OHIF (OHIF/Viewers, ``extensions/cornerstone-dicom-sr/src/getSopClassHandlerModule.ts``,
-  a version with SCOORD3D support): Comprehensive 3D SR has its own handler; groups under Imaging Measurements are
-  merged by Tracking Unique Identifier (a group without one is skipped); a merged measurement
+  a version with SCOORD3D support): Comprehensive 3D SR has its own handler; groups under
+  Imaging Measurements are merged by Tracking Unique Identifier (a group without one is
+  skipped); a merged measurement
   is placed by its first top-level SCOORD or SCOORD3D (a SCOORD3D POINT is drawn when its
   ReferencedFrameOfReferenceUID is the image series' frame of reference; a 2D SCOORD needs
   its SELECTED FROM image, by SOP instance and frame), else by SCOORD/SCOORD3D children of
