@@ -51,14 +51,13 @@ and highdicom 0.28 in tests/test_sr_viewers.py):
 * OHIF (OHIF/Viewers, ``extensions/cornerstone-dicom-sr/src/getSopClassHandlerModule.ts``,
   a version with SCOORD3D support): Comprehensive 3D SR has its own handler; groups under
   Imaging Measurements are merged by Tracking Unique Identifier (a group without one is
-  skipped); a merged measurement
-  is placed by its first top-level SCOORD or SCOORD3D (a SCOORD3D POINT is drawn when its
-  ReferencedFrameOfReferenceUID is the image series' frame of reference; a 2D SCOORD needs
-  its SELECTED FROM image, by SOP instance and frame), else by SCOORD/SCOORD3D children of
-  its NUM items; in that version a measurement with no coordinates fails the placement
-  loop (``measurement.coords[0]``), hence no tracking UID on the "Absent" group. Older OHIF 3
-  versions look only for a 2D SCOORD in TID 1410 and also require an Image Library
-  container; this report does not serve them.
+  skipped); a merged measurement is placed by its first top-level SCOORD or SCOORD3D (a
+  SCOORD3D POINT is drawn when its ReferencedFrameOfReferenceUID is the image series' frame
+  of reference; a 2D SCOORD needs its SELECTED FROM image, by SOP instance and frame), else
+  by SCOORD/SCOORD3D children of its NUM items; in that version a measurement with no
+  coordinates fails the placement loop (``measurement.coords[0]``), hence no tracking UID
+  on the "Absent" group. Older OHIF 3 versions look only for a 2D SCOORD in TID 1410 and
+  also require an Image Library container; this report does not serve them.
 * highdicom refuses coordinates on the NUM items of TID 1410/1411 groups (TID 1419), and
   TID 1410 and TID 1411 take exactly one region reference each (SCOORD, SCOORD3D or a
   segment), so no single group can carry both a point and a segment reference; a second
