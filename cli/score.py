@@ -44,12 +44,16 @@ def _default_repository() -> Path:
 @click.option("--write-dicom", is_flag=True, help="Also write a TID 1500 SR per DICOM series (OUT/dicom/).")
 @click.option("--sr-threshold", type=float, default=0.5, show_default=True,
               help="Findings at or above this probability go into the SR.")
+@click.option("--seg-type", type=click.Choice(["binary", "labelmap"]), default="binary", show_default=True,
+              help="Segmentation models with --write-dicom: SEG type; LABELMAP (DICOM 2024c) is not read by "
+                   "Orthanc 1.10, dcmtk 3.6.7 or dciodvfy 2022.")
+@click.option("--dense-seg", is_flag=True, help="With --write-dicom: keep the SEG's empty frames (default: omitted).")
 @click.option("--limit", type=int, default=None, help="Score at most N series (after selection).")
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Windows per model call.")
 def score(source: Path, model: str, repository: Path | None, model_version: int | None, backend: str,
           triton_url: str | None, protocol: str, out: Path, engine: str, workers: int | None,
           ray_address: str | None, select_rules: str | None, write_dicom: bool, sr_threshold: float,
-          limit: int | None,
+          seg_type: str, dense_seg: bool, limit: int | None,
           batch_size: int) -> None:
     """Score every selected series of SOURCE with a detection model.
 
@@ -66,7 +70,8 @@ def score(source: Path, model: str, repository: Path | None, model_version: int 
     spec = RunnerSpec(repository or _default_repository(), model, model_version,
                       triton_url if backend == "triton" else None, protocol)
     options = ScoreOptions(engine=engine, batch_size=batch_size, limit=limit, ray_address=ray_address,
-                           dicom=DicomOutput(out / "dicom", sr_threshold) if write_dicom else None,
+                           dicom=DicomOutput(out / "dicom", sr_threshold, seg_type=seg_type, dense_seg=dense_seg)
+                           if write_dicom else None,
                            **({"workers": workers} if workers is not None else {}))
     console = Console(stderr=True)
     start = time.perf_counter()

@@ -301,7 +301,8 @@ def _run_series(item: ScanItem, route: RouteConfig, loaded: LoadedModel, out_dir
     """Score one series with one route's model; add its outcome, outputs and timings."""
     card = loaded.card
     prepared = prepare(item, loaded.params)
-    output = DicomOutput(out_dir / card.name, route.min_probability, route.companion_seg)
+    output = DicomOutput(out_dir / card.name, route.min_probability, route.companion_seg,
+                         seg_type=route.seg_type, dense_seg=route.dense_seg)
     scored = infer(prepared, loaded.runner, card, loaded.params, output)
     row = scored.row
     if scored.transient:

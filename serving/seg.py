@@ -112,7 +112,8 @@ class SegType(str, Enum):
         try:
             return cls(value.lower() if isinstance(value, str) else value)
         except ValueError:
-            raise ValueError(f"seg_type must be one of {[t.value for t in cls]}, got {value!r}") from None
+            choices = [t.value for t in cls]
+            raise ValueError(f"seg_type must be one of {choices}, got {value!r}") from None
 
 
 def frame_slices(source: Sequence[Dataset], affine: np.ndarray, n_slices: int) -> np.ndarray:
@@ -271,7 +272,8 @@ def detection_seg(
         from :func:`~medssl.serving.uids.derived_uid` roles ``"nodule-seg-series"`` and
         ``"nodule-seg-instance"`` with a content key of the findings (rounded as
         :func:`~medssl.serving.uids.detections_key` states), ``settings``, the source
-        instances, the grid and the card's labels; frames empty for a segment omitted, the model in its
+        instances, the grid and the card's labels; frames empty for a segment omitted, the
+        model in its
         Contributing Equipment. Memory: one byte per voxel and detection while it is built.
 
     Raises:
@@ -310,9 +312,9 @@ def detection_seg(
             anatomic_regions=[coded(label.anatomic_region)] if label.anatomic_region else None,
             display_color=hd.color.CIELabColor.from_rgb(*FINDING_COLOURS[i % len(FINDING_COLOURS)]),
         ))
+    grid = [np.round(np.asarray(affine, dtype=np.float64), 6).tolist(), list(shape)]
     content = content_key(findings=detections_key(detections), evidence=instances_key(source),
-                          card=card_key(card), grid=[np.round(np.asarray(affine, dtype=np.float64), 6).tolist(),
-                                                     list(shape)],
+                          card=card_key(card), grid=grid,
                           seg_type=SegType.BINARY.value, omit_empty_frames=True,
                           manufacturer=manufacturer, series_number=int(series_number),
                           settings=jsonable(dict(settings or {})))
@@ -386,9 +388,11 @@ def _segmentation(source: Sequence[Dataset], masks: np.ndarray,
         pixel_array=masks,
         segmentation_type=segmentation_type,
         segment_descriptions=descriptions,
-        series_instance_uid=derived_uid(series_uid, card.name, card.version, roles[0], content=content),
+        series_instance_uid=derived_uid(series_uid, card.name, card.version, roles[0],
+                                        content=content),
         series_number=series_number,
-        sop_instance_uid=derived_uid(series_uid, card.name, card.version, roles[1], content=content),
+        sop_instance_uid=derived_uid(series_uid, card.name, card.version, roles[1],
+                                     content=content),
         instance_number=1,
         manufacturer=manufacturer,
         manufacturer_model_name=card.name,

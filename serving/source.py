@@ -94,8 +94,8 @@ class OutputSource:
         from :attr:`datasets`); the others are set empty. Returns ``output``."""
         for keyword, vr in PARSED_ATTRIBUTES.items():
             element = self.received.get(keyword)
-            output[Tag(keyword)] = (DataElement(element.tag, vr, element.value) if element is not None
-                                    else DataElement(Tag(keyword), vr, None))
+            value = element.value if element is not None else None
+            output[Tag(keyword)] = DataElement(Tag(keyword), vr, value)
         return output
 
 

@@ -210,7 +210,8 @@ def source_series_uid(source: Sequence[Dataset]) -> str:
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` as it enters a content key: floats rounded (:data:`PROBABILITY_DECIMALS`), tuples as lists, and
+    """``value`` as it enters a content key: floats rounded (:data:`PROBABILITY_DECIMALS`),
+    tuples as lists, and
     anything else JSON cannot hold as its ``repr`` (enums, dataclasses such as a Code)."""
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}

@@ -33,14 +33,15 @@ def card():
 
 
 def _volume() -> Volume:
-    return Volume(np.zeros(SHAPE, np.float32), affine_from_geometry((-12.0, -12.0, -6.0), (2.0, 1.0, 1.0)))
+    return Volume(np.zeros(SHAPE, np.float32),
+                  affine_from_geometry((-12.0, -12.0, -6.0), (2.0, 1.0, 1.0)))
 
 
 def _series(folder: Path, **values: str | None) -> list[pydicom.Dataset]:
     """A CT series written by medssl's writer, then given ``values`` (keyword -> value; None
     deletes the attribute) as an archive would hold them; its headers."""
-    paths = write_dicom_series(_volume(), folder, SeriesInfo(uid_seed=folder.name, patient_name=NAME,
-                                                             patient_birth_date="19580214"))
+    info = SeriesInfo(uid_seed=folder.name, patient_name=NAME, patient_birth_date="19580214")
+    paths = write_dicom_series(_volume(), folder, info)
     for path in paths:
         ds = pydicom.dcmread(path)
         for keyword, value in values.items():
@@ -57,7 +58,8 @@ def _outputs(folder: Path, source: list[pydicom.Dataset], card) -> list[Path]:
     volume = _volume()
     found = [Detection(tuple(float(c) for c in volume.index_to_world(np.array([3.0, 12.0, 12.0]))),
                        6.0, 0.9, (3.0, 12.0, 12.0))]
-    seg_path, seg = write_detection_seg(source, found, card, volume.affine, SHAPE, folder / "findings-seg.dcm")
+    seg_path, seg = write_detection_seg(source, found, card, volume.affine, SHAPE,
+                                        folder / "findings-seg.dcm")
     labels = np.zeros(SHAPE, np.uint8)
     labels[2:4, 8:14, 8:14] = 1
     return [write_detection_sr(source, found, card, folder / "sr.dcm", companion_seg=seg), seg_path,
@@ -101,7 +103,8 @@ def test_valid_values_are_copied_as_received(tmp_path, card, dciodvfy):
         output = _read_back(path)
         for keyword in ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                         "ReferringPhysicianName", "PatientID", "AccessionNumber", "StudyID"):
-            assert str(output.get(keyword, "")) == str(source[0].get(keyword, "")), (path.name, keyword)
+            received = str(source[0].get(keyword, ""))
+            assert str(output.get(keyword, "")) == received, (path.name, keyword)
 
 
 def test_the_received_datasets_are_not_changed(tmp_path):
@@ -137,6 +140,7 @@ def test_a_series_without_frame_of_reference_gets_outputs_in_a_derived_one(
         seg = hd.seg.segread(path)
         assert seg.FrameOfReferenceUID == derived
         mask = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in source],
-                                                 segment_numbers=[1], assert_missing_frames_are_empty=True)
+                                                 segment_numbers=[1],
+                                                 assert_missing_frames_are_empty=True)
         assert mask.any()
     assert derived != frame_of_reference_uid("1.2.3")

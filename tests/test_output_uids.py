@@ -214,7 +214,8 @@ def test_a_series_that_gained_instances_gets_new_report_and_seg_uids(tmp_path, s
     found = [_detection(volume, (4, 16, 16), 6.0, 0.9)]
     partial = (dataclasses.replace(item, paths=item.paths[:-1]), volume)
     for companion in (False, True):
-        complete = _write(tmp_path / f"all-{companion}", series, found, card, companion_seg=companion)
+        complete = _write(tmp_path / f"all-{companion}", series, found, card,
+                          companion_seg=companion)
         _assert_all_differ(complete, _write(tmp_path / f"part-{companion}", partial, found, card,
                                             companion_seg=companion), "an instance more")
 
