@@ -259,3 +259,59 @@ def test_a_series_out_of_memory_while_preparing_fails_alone_and_is_not_retried(a
     scored = series.infer(prepared, None, card, card.detection_params(2))
     assert not prepared.transient and not scored.transient
     assert scored.row["status"] == "failed" and "MemoryError" in scored.row["error"]
+
+
+# -- anonymised archives: blank UIDs (issue 17, item 5) ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def anonymised_archive(tmp_path_factory) -> Path:
+    """Two chest CT series (64 x 64 x 36) whose dataset UIDs an anonymiser blanked (the file meta
+    keeps the SOP UIDs): one JPEG 2000 compressed, like the Siemens series of issue 17, and one
+    without a FrameOfReferenceUID, like LIDC slices; a folder each, same geometry."""
+    from medssl.io import write_dicom_series
+    from medssl.synth.chest import ChestConfig, generate_chest_ct
+    from medssl.synth.datasets import chest_series_info
+    from tests.dicom_edits import blank_uids, edit, to_jpeg2000
+
+    root = tmp_path_factory.mktemp("anonymised")
+    for seed, name in ((11, "j2k"), (12, "no-frame-of-reference")):
+        case = generate_chest_ct(seed, ChestConfig(matrix=64, n_slices=36))
+        files = write_dicom_series(case.volume, root / "anon" / name, chest_series_info(seed, case))
+        if name == "j2k":
+            to_jpeg2000(files)
+        else:
+            edit(files, FrameOfReferenceUID=None, PositionReferenceIndicator=None)
+        blank_uids(files)
+    return root
+
+
+def test_blank_uid_series_get_two_keys_are_both_scored_and_resumed(anonymised_archive, tmp_path):
+    """They shared the key '' (the second 'resumed' as done) and failed 'has no SeriesInstanceUID';
+    no SR can name a source series that has no UID, so none is written, with the reason."""
+    out = tmp_path / "out"
+    args = [str(anonymised_archive), "--out", str(out), "--workers", "0", "--write-dicom"]
+    result = CliRunner().invoke(score_command, args)
+    assert result.exit_code == 0, result.output
+    rows = _series(out)
+    assert len(rows) == 2 and len({r["key"] for r in rows}) == 2
+    assert all(r["key"].startswith("nouid-") and r["series_uid"] == "" for r in rows)
+    assert all(r["status"] == "ok" and r["series_uid_absent"] and r["dicom_outputs"] is None for r in rows)
+    assert {r["note"] for r in rows} == {
+        "no DICOM outputs: the source has no SeriesInstanceUID or StudyInstanceUID"}
+    assert not (out / "dicom").exists() or not any((out / "dicom").rglob("*.dcm"))
+    findings = pq.read_table(out / "findings.parquet").to_pylist()
+    assert {f["key"] for f in findings} <= {r["key"] for r in rows}
+
+    again = score(anonymised_archive, out, SPEC, options=ScoreOptions(workers=0))
+    assert (again.resumed, again.scored_now) == (2, 0)
+    assert {r["key"] for r in _series(out)} == {r["key"] for r in rows}
+
+
+def test_medssl_info_reads_each_anonymised_series(anonymised_archive):
+    from medssl.cli.main import cli
+
+    for folder in sorted((anonymised_archive / "anon").iterdir()):
+        result = CliRunner().invoke(cli, ["info", str(folder)])
+        assert result.exit_code == 0, result.output
+        assert "shape:       [36, 64, 64]" in result.output

@@ -23,6 +23,7 @@ from medssl.synth.chest import ChestConfig, generate_chest_ct
 from medssl.synth.datasets import chest_series_info
 from medssl.synth.organs import generate_organ_phantom
 from tests.conftest import ORGAN_SHAPE
+from tests.dicom_edits import copy_series
 
 #: The shipped detector: trained, so its scores spread and the route's threshold matters (the
 #: random-weight ``exported_detector`` scores every box 0.0101).
@@ -205,3 +206,68 @@ def test_a_segmentation_route_gives_a_seg_with_every_frame_kept(exported_segment
     assert seg.NumberOfFrames == ORGAN_SHAPE[0] * len(labels)  # empty frames kept
     assert [f["label"] for f in outcome.findings] == [label.name for label in labels]
     assert outcome.n_findings == sum(f["volume_ml"] > 0 for f in outcome.findings)
+
+
+# -- poison series and implausible geometry (issue 17, item 4) ------------------------------------
+
+#: A route whose rules admit any series, so a malformed one is run and fails instead of skipped.
+ANY = dataclasses.replace(ROUTE, select=SelectionRules(min_slices=1, orientation="", image_type=(),
+                                                       max_thickness_mm=100.0))
+
+
+@pytest.fixture(scope="module")
+def poisoned(chest, tmp_path_factory):
+    """Next to the good 40-slice series: one instance of another series with a one-valued
+    ImageOrientationPatient, one Enhanced CT file with an empty Shared Functional Groups
+    Sequence, and two copies of the good series with PixelSpacing 1000 mm and 12 mm."""
+    root = tmp_path_factory.mktemp("poisoned")
+    good = chest / "good"
+    copy_series(good, root / "one-valued", "one-valued", count=1, ImageOrientationPatient="1")
+    enhanced = copy_series(chest / "enhanced", root / "empty-shared", "empty-shared",
+                           SharedFunctionalGroupsSequence=[])
+    copy_series(good, root / "huge", "huge", PixelSpacing=[1000.0, 1000.0])
+    copy_series(good, root / "coarse", "coarse", PixelSpacing=[12.0, 12.0])
+    assert len(enhanced) == 1
+    return root
+
+
+def test_a_poison_instance_fails_its_own_series_and_the_good_one_is_delivered(chest, poisoned,
+                                                                               detector, tmp_path):
+    """A one-valued orientation (TypeError) or an empty shared group (IndexError) in another
+    series' header sent the whole study to dead-letter after 3 attempts."""
+    files = _files(chest / "good") + _files(poisoned / "one-valued") + _files(poisoned / "empty-shared")
+    result = process_study(files, [ROUTE], detector, tmp_path / "default")
+    outcomes = {o.series_uid: o for o in result.series}
+    good = _series_uid(chest / "good")
+    assert outcomes.pop(good).status == "ok"
+    assert [o.path.parent.name for o in result.outputs] == [good]
+    assert {o.status for o in outcomes.values()} == {"skipped"}  # the default rules leave them out
+
+    models = ModelSet(detector.repository, [ANY], batch_size=2)
+    try:
+        result = process_study(files, [ANY], models, tmp_path / "any")
+    finally:
+        models.close()
+    outcomes = {o.series_uid: o for o in result.series}
+    assert outcomes.pop(good).status == "ok" and [o.source_series_uid for o in result.outputs] == [good]
+    one_valued = outcomes[_series_uid(poisoned / "one-valued")]
+    assert one_valued.status == "failed"
+    assert one_valued.reason.startswith("SeriesGeometryError") and "has 1 value(s)" in one_valued.reason
+    empty = outcomes[_series_uid(poisoned / "empty-shared")]
+    assert empty.status == "failed" and "frame 1 lacks plane position" in empty.reason
+
+
+def test_implausible_geometry_fails_fast_with_the_value_and_the_limit(chest, poisoned, detector,
+                                                                      tmp_path):
+    """PixelSpacing 1000 mm asked for ~1.2 TiB (3 MemoryErrors, then dead-letter); 12 mm made a
+    330 KB study take 57x as long. Both are refused from the headers; the good series goes on."""
+    files = _files(chest / "good") + _files(poisoned / "huge") + _files(poisoned / "coarse")
+    result = process_study(files, [ROUTE], detector, tmp_path)
+    outcomes = {o.series_uid: o for o in result.series}
+    assert outcomes[_series_uid(chest / "good")].status == "ok"
+    for name, value in (("huge", "1000 mm"), ("coarse", "12 mm")):
+        outcome = outcomes[_series_uid(poisoned / name)]
+        assert outcome.status == "failed" and outcome.reason.startswith("ImplausibleGeometryError")
+        assert f"PixelSpacing (row) is {value}, the limit is [0.05, 5] mm" in outcome.reason
+    # refused before reading pixels: the two bad series cost less than the good one
+    assert result.timings["read"] < 5.0

@@ -56,15 +56,16 @@ def _numbers(value: object, count: int, keyword: str, name: str, source: str | P
     SeriesGeometryError naming the attribute, the slice and what it held."""
     values = list(value) if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) \
         else [value]
+    where = "" if name == Path(source).name else f" of {name}"
     if len(values) != count:
-        raise SeriesGeometryError(source, f"{name}: {keyword} has {len(values)} value(s), "
+        raise SeriesGeometryError(source, f"{keyword}{where} has {len(values)} value(s), "
                                           f"{count} expected")
     try:
         numbers = tuple(float(v) for v in values)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise SeriesGeometryError(source, f"{name}: {keyword} is not numeric") from None
+        raise SeriesGeometryError(source, f"{keyword}{where} is not numeric") from None
     if not all(np.isfinite(numbers)):
-        raise SeriesGeometryError(source, f"{name}: {keyword} is not finite")
+        raise SeriesGeometryError(source, f"{keyword}{where} is not finite")
     return numbers
 
 
@@ -85,7 +86,8 @@ def plane_geometry(position: object, orientation: object, pixel_spacing: object,
     """
     cosines = _numbers(orientation, 6, "ImageOrientationPatient", name, source)
     if min(np.linalg.norm(cosines[:3]), np.linalg.norm(cosines[3:])) < 1e-6:
-        raise SeriesGeometryError(source, f"{name}: ImageOrientationPatient has a zero direction")
+        where = "" if name == Path(source).name else f" of {name}"
+        raise SeriesGeometryError(source, f"ImageOrientationPatient{where} has a zero direction")
     return PlaneGeometry(
         position=_numbers(position, 3, "ImagePositionPatient", name, source),  # type: ignore[arg-type]
         orientation=cosines,
