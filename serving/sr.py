@@ -333,7 +333,10 @@ def _no_findings_report(
       OHIF skips a group without one instead of failing on a group without coordinates),
       the finding's codes and algorithm, and the qualitative evaluation ``<finding> =
       Absent``. dcmqi's ``tid1500reader`` (3D Slicer) lists measurement groups only, so this
-      is what makes the absence visible there;
+      is what makes the absence visible there (one caveat: QuantitativeReporting tags
+      segments of a segmentation already in its scene with each listed tracking UID, and
+      fails on this group's missing one; OHIF would fail on a tracked group without
+      coordinates, which weighs more);
     * in Qualitative Evaluations (TID 1500 row 12, as dcmtk's TID1500_MeasurementReport
       writes them): ``<finding> = Absent`` (SCT 272519000) for readers of the document tree.
     """
