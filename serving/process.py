@@ -42,6 +42,7 @@ from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 
 from medssl.errors import MedsslError, RunnerError
 from medssl.index import index_files
+from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
 from medssl.models.card import ModelCard, Task
 from medssl.runners import OnnxRunner, TritonRunner, open_runner
 from medssl.runners.triton_client import connect
@@ -258,6 +259,8 @@ def process_study(
     routes: Sequence[RouteConfig],
     models: ModelSet,
     out_dir: Path,
+    *,
+    limits: GeometryLimits = DEFAULT_LIMITS,
 ) -> StudyResult:
     """Run the routed models on the eligible series of one study and write their results.
 
@@ -268,6 +271,9 @@ def process_study(
             outcomes and outputs are independent of the others'.
         models: the routes' loaded models.
         out_dir: results go to ``out_dir/<model>/<SeriesInstanceUID>/`` (created).
+        limits: the plausible geometry of a series (:mod:`medssl.io.limits`): a series beyond
+            them fails with the value and the limit, from its headers, before its pixels are
+            read; they bound the memory one series may take.
 
     Returns:
         The files written, one outcome per (route, series), and the time spent per stage.
@@ -292,15 +298,15 @@ def process_study(
             result.series.append(SeriesOutcome(skip.item.key, loaded.card.name, "skipped",
                                                skip.reason, None))
         for item in chosen:
-            _run_series(item, route, loaded, Path(out_dir), result)
+            _run_series(item, route, loaded, Path(out_dir), result, limits)
     return result
 
 
 def _run_series(item: ScanItem, route: RouteConfig, loaded: LoadedModel, out_dir: Path,
-                result: StudyResult) -> None:
+                result: StudyResult, limits: GeometryLimits) -> None:
     """Score one series with one route's model; add its outcome, outputs and timings."""
     card = loaded.card
-    prepared = prepare(item, loaded.params)
+    prepared = prepare(item, loaded.params, limits)
     output = DicomOutput(out_dir / card.name, route.min_probability, route.companion_seg,
                          seg_type=route.seg_type, dense_seg=route.dense_seg)
     scored = infer(prepared, loaded.runner, card, loaded.params, output)

@@ -315,3 +315,13 @@ def test_medssl_info_reads_each_anonymised_series(anonymised_archive):
         result = CliRunner().invoke(cli, ["info", str(folder)])
         assert result.exit_code == 0, result.output
         assert "shape:       [36, 64, 64]" in result.output
+
+
+def test_score_options_limits_refuse_a_series_beyond_them(anonymised_archive, tmp_path):
+    from medssl.io.limits import GeometryLimits
+
+    tight = GeometryLimits(max_resampled_voxels=10_000)  # 64 x 64 x 36 voxels under 1 mm: more
+    summary = score(anonymised_archive, tmp_path, SPEC, options=ScoreOptions(workers=0, limits=tight))
+    assert summary.counts == {"failed": 2}
+    for row in _series(tmp_path):
+        assert row["error"].startswith("ImplausibleGeometryError") and "at most 10,000" in row["error"]

@@ -44,7 +44,8 @@ def run_local(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, opti
     try:
         if options.workers == 0:
             for item in items:
-                yield infer(prepare(item, params), runner, card, params, options.dicom, options.label_maps)
+                yield infer(prepare(item, params, options.limits), runner, card, params, options.dicom,
+                            options.label_maps)
             return
         # spawn: workers must not inherit the runner's threads (onnxruntime, gRPC) by fork.
         context = multiprocessing.get_context("spawn")
@@ -53,14 +54,14 @@ def run_local(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, opti
             pending: deque[Future[Prepared]] = deque()
             queue = iter(items)
             for item in queue:
-                pending.append(pool.submit(prepare, item, params))
+                pending.append(pool.submit(prepare, item, params, options.limits))
                 if len(pending) > options.workers:
                     break
             while pending:
                 prepared = pending.popleft().result()
                 nxt = next(queue, None)
                 if nxt is not None:
-                    pending.append(pool.submit(prepare, nxt, params))
+                    pending.append(pool.submit(prepare, nxt, params, options.limits))
                 yield infer(prepared, runner, card, params, options.dicom, options.label_maps)
     finally:
         runner.close()

@@ -44,6 +44,7 @@ from medssl.errors import MedsslError
 from medssl.models.card import ModelCard
 from medssl.scoring.manifest import ScanItem
 from medssl.scoring.run import RunnerSpec, ScoreOptions
+from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
 from medssl.scoring.series import DicomOutput, ModelParams, Prepared, Scored, infer, model_params, prepare
 
 __all__ = ["run_ray"]
@@ -56,12 +57,12 @@ def _blobs(keys: list[str], column: str, blobs: list[bytes]) -> pa.Table:
                      column: pa.array(blobs, pa.large_binary())})
 
 
-def _prepare_batch(batch: pa.Table, params: ModelParams) -> pa.Table:
+def _prepare_batch(batch: pa.Table, params: ModelParams, limits: GeometryLimits = DEFAULT_LIMITS) -> pa.Table:
     """Ray task body: ``item`` (JSON) rows → ``key`` + pickled :class:`Prepared` rows."""
     keys, blobs = [], []
     for text in batch.column("item").to_pylist():
         item = ScanItem.from_json(json.loads(text))
-        prepared = prepare(item, params)  # errors become Prepared.error
+        prepared = prepare(item, params, limits)  # errors become Prepared.error
         keys.append(item.key)
         blobs.append(pickle.dumps(prepared, protocol=_PICKLE))
     return _blobs(keys, "prepared", blobs)
@@ -160,7 +161,7 @@ def _dataset(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, optio
         # One block per series, so series are prepared in parallel (a task maps a whole block).
         ds = ray.data.from_items([{"item": json.dumps(item.to_json())} for item in items],
                                  override_num_blocks=len(items))
-        ds = ds.map_batches(_prepare_batch, fn_kwargs={"params": params}, batch_size=1,
+        ds = ds.map_batches(_prepare_batch, fn_kwargs={"params": params, "limits": options.limits}, batch_size=1,
                             batch_format="pyarrow", num_cpus=1,
                             compute=ray.data.TaskPoolStrategy(size=max(1, options.workers)))
         return ds.map_batches(_InferActor,

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from medssl.atomic import atomic_write
 from medssl.errors import MedsslError
+from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
 from medssl.models.card import ModelCard, Task
 from medssl.scoring.manifest import Layout, ScanItem, build_manifest
 from medssl.scoring.select import SelectionRules, select_series
@@ -77,6 +78,9 @@ class ScoreOptions:
         dicom: write a TID 1500 SR (detection) or DICOM SEG (segmentation) for each scored
             DICOM series (:class:`~medssl.scoring.series.DicomOutput`); None writes none.
         label_maps: segmentation label maps folder; :func:`score` sets ``OUT/labels``.
+        limits: the plausible geometry of a series (:mod:`medssl.io.limits`); a series beyond
+            them fails with the value and the limit before its pixels are read, which bounds
+            the memory one series may take.
     """
 
     engine: str = "local"
@@ -87,6 +91,7 @@ class ScoreOptions:
     ray_num_gpus: float = 0.0
     dicom: DicomOutput | None = None
     label_maps: Path | None = None
+    limits: GeometryLimits = DEFAULT_LIMITS
 
     def __post_init__(self) -> None:
         if self.engine not in ("local", "ray"):
