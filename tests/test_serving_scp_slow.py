@@ -414,7 +414,8 @@ def test_a_deflate_bomb_is_refused_without_inflating_it(gateway, series, send_ra
 
 
 def test_a_huge_declared_length_is_refused_without_allocating_it(gateway, series, send_raw):
-    """A guard (this held before issue 17): pydicom reads what is there, not what is declared."""
+    """pydicom reads what is there, not what is declared (so memory stays low, a guard), but
+    it did not say the element was cut short: before issue 17 this was stored with Success."""
     from pydicom.uid import ExplicitVRLittleEndian
 
     gw = gateway()
