@@ -24,6 +24,7 @@ import pydicom
 from medssl.errors import MedsslError, RunnerError
 from medssl.io import read_volume
 from medssl.io.dicom_series import read_dicom_series
+from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
 from medssl.io.nifti import write_nifti
 from medssl.models.card import ModelCard, Task
 from medssl.pipeline.detect import Detection, DetectionParams, DetectionRunner, detect_preprocessed
@@ -59,8 +60,8 @@ class Prepared:
         error: ``"ErrorType: message"`` when it failed.
         source_affine: the source grid's index → LPS affine (segmentation maps labels back).
         source_shape: the source grid ``(Z, Y, X)``.
-        transient: it failed for want of memory, not because of the series: a retry may
-            succeed.
+        transient: always False: a series' reading and preprocessing fail for the series'
+            own reasons (kept so engines treat prepared and scored results alike).
     """
 
     item: ScanItem
@@ -98,18 +99,36 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _read(item: ScanItem) -> Volume:
+def _read(item: ScanItem, limits: GeometryLimits, spacing_mm: Sequence[float] | float) -> Volume:
+    """The series in HU, its geometry checked against ``limits`` (with the resampled size on
+    the model grid ``spacing_mm``) before its pixels are allocated (DICOM) or resampled
+    (volume files, which their readers load whole)."""
     if item.is_dicom:
-        return read_dicom_series(list(item.paths))
-    return read_volume(item.paths[0])
+        return read_dicom_series(list(item.paths), limits=limits, target_spacing_mm=spacing_mm)
+    volume = read_volume(item.paths[0])
+    limits.check(volume.shape, volume.spacing, item.paths[0], spacing_mm)
+    return volume
 
 
-def prepare(item: ScanItem, params: ModelParams) -> Prepared:
-    """Read a series and preprocess it for the model; errors become ``Prepared.error``."""
+def prepare(item: ScanItem, params: ModelParams, limits: GeometryLimits = DEFAULT_LIMITS) -> Prepared:
+    """Read a series and preprocess it for the model; errors become ``Prepared.error``.
+
+    Every failure here is the series' own (its headers, its pixels, its size), so none is
+    transient: an unexpected ``TypeError``/``IndexError`` from a malformed header, or a
+    ``MemoryError`` of a series within ``limits`` on a host that cannot hold it, fails this
+    series with the reason and is not retried. Only the model runner's failures (in
+    :func:`infer`) are transient.
+
+    Args:
+        item: the series.
+        params: the model's pipeline parameters (its grid ``spacing_mm``).
+        limits: the plausible geometry (:mod:`medssl.io.limits`); they bound the memory one
+            series may take.
+    """
     timings = {"read": 0.0, "preprocess": 0.0}
     start = time.perf_counter()
     try:
-        source = _read(item)
+        source = _read(item, limits, params.spacing_mm)
         timings["read"] = time.perf_counter() - start
         start = time.perf_counter()
         if isinstance(params, SegmentationParams):
@@ -120,16 +139,24 @@ def prepare(item: ScanItem, params: ModelParams) -> Prepared:
     except MedsslError as exc:
         return Prepared(item, None, timings, error=_describe(exc))
     except Exception as exc:  # noqa: BLE001 - one series never stops the batch
-        return Prepared(item, None, timings, error=f"unexpected {_describe(exc)}",
-                        transient=isinstance(exc, MemoryError))
+        # The type only: the message of an unexpected error may quote header values (PHI).
+        return Prepared(item, None, timings, error=f"unexpected {type(exc).__name__} while reading "
+                        "or preprocessing the series")
     return Prepared(item, volume, timings, n_slices=source.shape[0], source_affine=source.affine.copy(),
                     source_shape=source.shape)
+
+
+def _dicom_skipped(item: ScanItem, dicom: DicomOutput | None) -> str | None:
+    """Why the asked-for DICOM outputs of ``item`` are not written (its source lacks a UID they
+    must reference), or None."""
+    return item.missing_output_uids if dicom is not None and item.is_dicom else None
 
 
 def _base_row(item: ScanItem, card: ModelCard, status: str) -> dict[str, Any]:
     return {"key": item.key, "patient_id": item.patient_id, "study_uid": item.study_uid,
             "series_uid": item.series_uid, "status": status, "error": None, "model": card.name,
-            "model_version": card.version, "n_slices": item.n_slices, "source": item.paths[0]}
+            "model_version": card.version, "n_slices": item.n_slices, "source": item.paths[0],
+            "series_uid_absent": item.series_uid_absent}
 
 
 def skipped_row(item: ScanItem, card: ModelCard, reason: str) -> dict[str, Any]:
@@ -257,7 +284,7 @@ def infer(prepared: Prepared, runner: DetectionRunner | SegmentationRunner, card
     ]
     files: list[Path] = []
     start = time.perf_counter()
-    if dicom is not None and item.is_dicom:
+    if dicom is not None and item.is_dicom and not _dicom_skipped(item, dicom):
         try:
             files = _write_sr(prepared, result.detections, card, dicom)
         except Exception as exc:  # noqa: BLE001 - a failed row, not a dead run
@@ -271,13 +298,14 @@ def infer(prepared: Prepared, runner: DetectionRunner | SegmentationRunner, card
         "inference_s": result.timings["inference"], "postprocess_s": result.timings["postprocess"],
         "n_windows": result.n_windows, "n_findings": len(findings),
         "max_probability": float(np.max(probabilities)) if probabilities else 0.0,
-        "dicom_outputs": str(files[0]) if files else None,
+        "dicom_outputs": str(files[0]) if files else None, "note": _dicom_skipped(item, dicom),
     }
     return Scored(row, findings, files, write_s)
 
 
 def _write_seg(item: ScanItem, labels: Volume, card: ModelCard, output: DicomOutput) -> Path:
-    """The series' BINARY DICOM SEG, pixel-aligned with the source series' frames."""
+    """The series' DICOM SEG (``output.seg_type``, empty frames omitted unless
+    ``output.dense_seg``), its frames mapped to the source series' frames."""
     from medssl.serving.seg import frame_slices, write_label_seg
 
     source = _source_headers(item)
@@ -298,7 +326,8 @@ def _infer_segmentation(prepared: Prepared, runner: SegmentationRunner, card: Mo
         result = segment_prepared(prepared.volume, prepared.source_shape, prepared.source_affine, runner, params)
         start = time.perf_counter()
         label_map = None if label_maps is None else write_nifti(result.labels, label_maps / f"{item.key}.nii.gz")
-        files = [_write_seg(item, result.labels, card, dicom)] if dicom is not None and item.is_dicom else []
+        files = [_write_seg(item, result.labels, card, dicom)] if (
+            dicom is not None and item.is_dicom and not _dicom_skipped(item, dicom)) else []
         write_s = time.perf_counter() - start
     except Exception as exc:  # noqa: BLE001 - a failed row, not a dead run
         return _failure(prepared, card, exc)
@@ -315,7 +344,7 @@ def _infer_segmentation(prepared: Prepared, runner: SegmentationRunner, card: Mo
         "read_s": prepared.timings.get("read"), "preprocess_s": prepared.timings.get("preprocess"),
         "inference_s": t["inference"] + t["blend"], "postprocess_s": t["resample_back"] + t["postprocess"],
         "n_windows": result.n_windows, "n_findings": sum(1 for f in findings if f["volume_ml"] > 0),
-        "dicom_outputs": str(files[0]) if files else None,
+        "dicom_outputs": str(files[0]) if files else None, "note": _dicom_skipped(item, dicom),
         "label_map": str(label_map) if label_map is not None else None,
     }
     return Scored(row, findings, files, write_s)
