@@ -267,17 +267,26 @@ def index(root: Path, out: Path | None, workers: int | None) -> None:
 def info(path: Path, as_json: bool, series_uid: str | None) -> None:
     """Geometry and intensity range of a volume (DICOM file/folder, NIfTI, MetaImage).
 
+    A DICOM series is named by its SeriesInstanceUID, or, where an anonymiser blanked it, by
+    a ``nouid-...`` key derived from its folder and geometry (``--series-uid`` takes either).
+
     shape and spacing are in array order (z, y, x); origin is the LPS position
     (x, y, z) of voxel (0, 0, 0) in mm; direction columns are the LPS unit
     vectors of the z, y, x axes; affine maps (z, y, x, 1) to LPS (x, y, z, 1).
     """
     volume = read_volume(path, series_uid=series_uid)
     summary = volume.summary()
+    if "series_key" in volume.meta:  # DICOM: the SeriesInstanceUID, or the key derived without one
+        summary["series_key"] = volume.meta["series_key"]
+        summary["series_uid_absent"] = bool(volume.meta.get("series_uid_absent"))
     if as_json:
         click.echo(json.dumps(summary))
         return
     click.echo(f"path:        {path}")
     click.echo(f"format:      {summary['format']}")
+    if "series_key" in summary:
+        absent = "  (no SeriesInstanceUID: key derived from folder and geometry)"
+        click.echo(f"series:      {summary['series_key']}{absent if summary['series_uid_absent'] else ''}")
     click.echo(f"shape:       {summary['shape']}  (z, y, x)")
     click.echo(f"spacing:     {_fmt(summary['spacing'])} mm  (z, y, x)")
     click.echo(f"origin:      {_fmt(summary['origin'])} mm  (LPS x, y, z)")

@@ -315,6 +315,7 @@ def test_medssl_info_reads_each_anonymised_series(anonymised_archive):
         result = CliRunner().invoke(cli, ["info", str(folder)])
         assert result.exit_code == 0, result.output
         assert "shape:       [36, 64, 64]" in result.output
+        assert "series:      nouid-" in result.output and "no SeriesInstanceUID" in result.output
 
 
 def test_score_options_limits_refuse_a_series_beyond_them(anonymised_archive, tmp_path):

@@ -33,4 +33,4 @@ class DicomTree:
 
     def volume(self, record: SeriesRecord) -> Volume:
         """Read one series as a HU Volume (typed errors as :func:`read_dicom_series`)."""
-        return read_dicom_series(record.files, series_uid=record.series_uid)
+        return read_dicom_series(record.files, series_uid=record.series_uid or None)
