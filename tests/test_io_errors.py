@@ -317,3 +317,17 @@ def test_medssl_info_reads_an_anonymised_series(dicom_series):
     result = CliRunner().invoke(cli, ["info", str(dicom_series), "--json"])
     assert result.exit_code == 0, result.output
     assert '"shape": [6, 20, 24]' in result.output
+
+
+def test_a_parser_error_is_named_by_its_type_not_its_message(dicom_series, monkeypatch):
+    """A parser message may quote element values (a patient's name); the error keeps the type."""
+    from medssl.io import dicom_files
+
+    def quoting(*_, **__):
+        raise ValueError("invalid literal for int() with base 10: 'DOE^JANE'")
+
+    monkeypatch.setattr(dicom_files.pydicom, "dcmread", quoting)
+    with pytest.raises(CorruptFileError) as err:
+        dicom_files.read_dataset(_files(dicom_series)[0])
+    assert err.value.problem == "truncated or malformed DICOM (ValueError)"
+    assert "DOE" not in str(err.value)

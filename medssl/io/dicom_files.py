@@ -85,7 +85,8 @@ def read_dataset(
     except InvalidDicomError:
         raise CorruptFileError(path, "not a DICOM file (no DICM preamble)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
-        raise CorruptFileError(path, f"truncated or malformed DICOM: {exc}") from None
+        # The exception's type only: a parser's message may quote element values (PHI).
+        raise CorruptFileError(path, f"truncated or malformed DICOM ({type(exc).__name__})") from None
     _sop_identity_from_meta(ds)
     # pydicom stops quietly at end of file: a file cut short parses as a shorter dataset.
     if "SOPClassUID" not in ds:
