@@ -125,9 +125,10 @@ def detections_key(detections: Sequence[Detection]) -> list[list[float]]:
 
 
 def instances_key(source: Sequence[Dataset]) -> str:
-    """Digest of the source instances an object references (its evidence): their
-    SOPInstanceUIDs in the given order, so a series that gained instances gives a new key."""
-    uids = "\\".join(str(ds.get("SOPInstanceUID", "")) for ds in source)
+    """Digest of the source instances an object references (its evidence): the set of their
+    SOPInstanceUIDs (sorted: the order files were listed in is no content), so a series that
+    gained instances gives a new key."""
+    uids = "\\".join(sorted(str(ds.get("SOPInstanceUID", "")) for ds in source))
     return hashlib.sha256(uids.encode()).hexdigest()
 
 

@@ -213,11 +213,15 @@ def test_a_series_that_gained_instances_gets_new_report_and_seg_uids(tmp_path, s
     item, volume = series
     found = [_detection(volume, (4, 16, 16), 6.0, 0.9)]
     partial = (dataclasses.replace(item, paths=item.paths[:-1]), volume)
+    reordered = (dataclasses.replace(item, paths=item.paths[::-1]), volume)
     for companion in (False, True):
         complete = _write(tmp_path / f"all-{companion}", series, found, card,
                           companion_seg=companion)
         _assert_all_differ(complete, _write(tmp_path / f"part-{companion}", partial, found, card,
                                             companion_seg=companion), "an instance more")
+        # the same instances listed in another order are the same evidence
+        assert _write(tmp_path / f"rev-{companion}", reordered, found, card,
+                      companion_seg=companion)["sr"] == complete["sr"]
 
 
 def test_label_segs_differ_by_masks_type_and_frames_and_repeat_on_retry(tmp_path, series, card):
