@@ -22,6 +22,8 @@ kind                 what is wrong
 ``compressed``       encapsulated pixel data that no decoder can decode
 ``deflate``          corrupt or truncated deflate streams, and a moderate deflate bomb
 ``combo``            two of the damages above on one dataset
+``companion``        not hostile: the valid second slice of a case's series (see
+                     :data:`WITH_COMPANION`)
 ===================  ===========================================================================
 
 A :class:`FuzzCase` is what an SCU puts on the wire: its ``body`` (the data set, as P-DATA
@@ -74,6 +76,7 @@ __all__ = [
     "PHI_ID",
     "PHI_NAME",
     "TRANSFER_SYNTAXES",
+    "WITH_COMPANION",
     "base_dataset",
     "encode",
     "find_phi",
@@ -298,6 +301,12 @@ def _encapsulated(fragments: list[bytes], *, offsets: bool = False) -> bytes:
     return out + _SEQ_END + b"\0\0\0\0"
 
 
+#: Kinds whose every case is followed by a valid second slice of its series (kind
+#: ``companion``): a route that selects series of 2 or more slices then reads, decodes and
+#: runs the model on these cases' series, and only selects (reads the headers of) the rest.
+WITH_COMPANION = frozenset({"pixels", "compressed", "charset"})
+
+
 class _Builder:
     """Makes the cases of one corpus: UIDs derived from the seed, one study per kind."""
 
@@ -322,6 +331,14 @@ class _Builder:
         self._count[kind] = n + 1
         name = f"{kind}-{n}" + (f"-{detail}" if detail else "")
         self.cases.append(FuzzCase(name, kind, body, syntax, sop_class, sop))
+        if kind in WITH_COMPANION:
+            companion = base_dataset(self.uid(kind, "study"), self.uid(kind, n, "series"),
+                                     self.uid(kind, n, "companion"))
+            companion.ImagePositionPatient = ["-8.0", "-8.0", "1.0"]
+            companion.InstanceNumber = "2"
+            self.cases.append(FuzzCase(f"{name}-companion", "companion", encode(companion),
+                                       ExplicitVRLittleEndian, CT_IMAGE_STORAGE,
+                                       companion.SOPInstanceUID))
 
 
 # -- the damages, one function per kind: (builder, rng, body) -> body, for combos too ----------
@@ -460,7 +477,8 @@ def _without_pixels(ds: Dataset) -> bytes:
 
 _BAD_UIDS = ["../../etc", "1.2/../3", "..", ".", "/etc/passwd", "1.2.3\\..\\4", "1.2.3\x00.4",
              "~root", "1.2.3/", "abc", "1.2.03.4", "1..2", "1.2.3.", "", " ", "9" * 65,
-             "1.2." + "3" * 200, "1.2.840.10008.1.2", "\u00e9.1", "1.2\n3", "*", "1.2.3 .4"]
+             "1.2." + "3" * 200, "1.2.840.10008.1.2", "\u00e9.1", "1.2\n3", "*", "1.2.3 .4",
+             PHI_NAME, PHI_ID, f"1.2.{PHI_BIRTH_DATE}.{PHI_ID}"]
 
 
 def _kind_uid(b: _Builder, count: int) -> None:
@@ -669,7 +687,8 @@ def hostile_corpus(seed: int = 17) -> list[FuzzCase]:
     """The whole corpus (see the module docstring): :data:`KINDS` cases per family,
     deterministic for ``seed``, with one study per family and one series per case.
 
-    Every case but ``deflate``'s holds the planted PHI in its bytes as sent."""
+    Every case but ``deflate``'s holds the planted PHI in its bytes as sent; the
+    ``companion`` cases come on top of the :data:`KINDS` counts."""
     b = _Builder(seed)
     for kind, count in KINDS.items():
         if kind in _DAMAGES and kind != "lying_length":

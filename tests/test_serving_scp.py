@@ -178,9 +178,9 @@ def test_spool_stores_durably_replaces_a_resent_instance_and_recovers(tmp_path):
 
 def test_spool_refuses_uids_that_are_not_uids_and_writes_below_the_floor(tmp_path):
     spool = Spool(tmp_path / "spool")
-    with pytest.raises(SpoolError, match=r"SeriesInstanceUID '\.\./\.\./etc'"):
+    with pytest.raises(SpoolError, match=r"SeriesInstanceUID \(9 characters, not quoted\)"):
         spool.store(b"x", "1.2", "../../etc", "1.2.3")
-    with pytest.raises(SpoolError, match="SOPInstanceUID '1" + "1" * 64):
+    with pytest.raises(SpoolError, match=r"SOPInstanceUID \(65 characters"):
         spool.store(b"x", "1.2", "1.2.3", "1" * 65)
     full = Spool(tmp_path / "spool", min_free_bytes=2**62)
     with pytest.raises(SpoolFullError, match=r"bytes free.*floor of 4611686018427387904 bytes"):

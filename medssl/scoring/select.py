@@ -19,6 +19,24 @@ from medssl.scoring.manifest import ScanItem
 __all__ = ["SelectionRules", "Skip", "parse_rules", "select_series"]
 
 
+#: Modality defined terms (PS3.3 C.7.3.1.1.1) a skip reason may quote; any other value is
+#: not quoted, since a damaged or hostile header may hold anything there, PHI included.
+_MODALITIES = frozenset({
+    "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CR", "CT", "CTPROTOCOL", "DG", "DOC", "DX", "ECG",
+    "EPS", "ES", "FID", "GM", "HC", "HD", "IO", "IOL", "IVOCT", "IVUS", "KER", "KO", "LEN", "LS",
+    "MG", "MR", "M3D", "NM", "OAM", "OCT", "OP", "OPM", "OPT", "OPTBSV", "OPTENF", "OPV", "OSS",
+    "OT", "PLAN", "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE", "RTIMAGE", "RTPLAN",
+    "RTRECORD", "RTSTRUCT", "RWV", "SEG", "SM", "SMR", "SR", "SRF", "STAIN", "TEXTUREMAP", "TG",
+    "US", "VA", "XA", "XC"})
+
+
+def _shown_modality(value: str) -> str:
+    """``value`` if it is a Modality defined term; else words that quote nothing of it."""
+    if not value:
+        return "missing"
+    return value if value in _MODALITIES else "not a defined term"
+
+
 @dataclass(frozen=True)
 class SelectionRules:
     """Series selection.
@@ -58,10 +76,10 @@ class SelectionRules:
         if "LOCALIZER" in values:
             return "localizer (scout) series"
         if self.modality and item.modality != self.modality:
-            return f"modality {item.modality or 'missing'}, not {self.modality}"
+            return f"modality {_shown_modality(item.modality)}, not {self.modality}"
         missing = [v for v in self.image_type if v not in values]
-        if missing:
-            return f"image type {item.image_type or 'missing'} lacks {'/'.join(missing)}"
+        if missing:  # the value itself is not quoted: a damaged header may hold anything (PHI)
+            return f"image type {'lacks' if item.image_type else 'missing, so lacks'} {'/'.join(missing)}"
         if self.orientation and item.orientation != self.orientation:
             return f"{item.orientation.lower() or 'unknown'} slices, not {self.orientation.lower()}"
         if item.n_slices is not None and item.n_slices < self.min_slices:
