@@ -205,7 +205,8 @@ def _checked_uids(ds: Dataset, affected_sop_instance_uid: str) -> tuple[str, str
             raise _Refused("missing-uid", f"no {keyword}")
         uids.append(value)
     if uids[2] != affected_sop_instance_uid:
-        raise _Refused("missing-uid", f"SOPInstanceUID {uids[2]} differs from the request's "
+        # the dataset's value is not quoted: a damaged one may hold anything (PHI)
+        raise _Refused("missing-uid", "the dataset's SOPInstanceUID differs from the request's "
                                       f"AffectedSOPInstanceUID {affected_sop_instance_uid}")
     return uids[0], uids[1], uids[2]
 
