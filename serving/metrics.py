@@ -28,7 +28,8 @@ class GatewayMetrics:
     """The gateway's metrics; ``render()`` is the ``/metrics`` body.
 
     Attributes:
-        associations: associations, by ``result`` (``accepted``, ``rejected``).
+        associations: associations, by ``result`` (``accepted``, ``rejected``, ``dropped``:
+            a connection closed before it became one, e.g. no A-ASSOCIATE-RQ in time).
         instances: instances stored and acknowledged, by SOP class name.
         rejected: instances not stored, by ``reason`` (``undecodable``, ``sop-class``,
             ``spool-full``, ``write-failed``, ``missing-uid``).

@@ -53,6 +53,7 @@ import logging
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -250,6 +251,10 @@ class _Dropped(Exception):
     """A connection closed before it became an association; ``str()`` says why (no PHI)."""
 
 
+class _ClosedSilently(_Dropped):
+    """The peer closed without sending a byte (a port probe, a TCP health check)."""
+
+
 class _BadRequest(_Dropped):
     """The first PDU is not an acceptable A-ASSOCIATE-RQ: answer A-ABORT with ``reason``."""
 
@@ -371,6 +376,8 @@ def _recv_exactly(sock: socket.socket, n_bytes: int, deadline: float) -> bytes:
         except TimeoutError:
             continue  # the loop reports the deadline
         if not chunk:
+            if not data and n_bytes == 6:  # the first read of the connection
+                raise _ClosedSilently("the peer closed the connection without sending anything")
             raise _Dropped("the peer closed the connection before its A-ASSOCIATE-RQ")
         data += chunk
     return bytes(data)
@@ -442,8 +449,6 @@ class _GatedServer(ThreadedAssociationServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """socketserver prints a traceback to stderr: log the exception type only instead."""
-        import sys
-
         exc = sys.exc_info()[1]
         LOGGER.error("connection handler failed: %s", type(exc).__name__,
                      extra={"peer": str(client_address[0]) if client_address else ""})
@@ -565,7 +570,8 @@ class StorageSCP:
 
         The listening socket is closed within about half a second (pynetdicom's accept loop
         polls); a connection attempt is then refused, and one that raced in gets an
-        A-ASSOCIATE-RJ (rejected transient). Active associations get up to ``timeout_s``
+        A-ASSOCIATE-RJ (rejected transient). Connections still without an A-ASSOCIATE-RQ
+        are closed at once. Active associations get up to ``timeout_s``
         seconds to release; those still running are then aborted: their unacknowledged
         instance, if any, is resent by the sender (and replaces a stored copy).
         Calling it before :meth:`start`, or again, does nothing.
@@ -623,7 +629,8 @@ class StorageSCP:
                 why = "closed to make room for other connections"
             elif isinstance(exc, TimeoutError):
                 why = "no complete TLS handshake in time"
-            self._drop(sock, peer, why)
+            self._drop(sock, peer, why, level=logging.INFO
+                       if isinstance(exc, _ClosedSilently) else logging.WARNING)
             return
         except Exception as exc:  # the service boundary: a log record, never a dead server
             LOGGER.error("connection failed: %s", type(exc).__name__, extra={"peer": peer})
@@ -652,11 +659,11 @@ class StorageSCP:
                 self._slots.release(assoc)
 
     def _drop(self, sock: socket.socket, peer: str, reason: str,
-              abort_reason: int | None = None) -> None:
+              abort_reason: int | None = None, level: int = logging.WARNING) -> None:
         """Close a connection that is no association (sending an A-ABORT first if asked)."""
         self.metrics.associations.labels(result="dropped").inc()
-        LOGGER.warning("connection closed without an association: %s", reason,
-                       extra={"peer": peer, "reason": reason})
+        LOGGER.log(level, "connection closed without an association: %s", reason,
+                   extra={"peer": peer, "reason": reason})
         try:
             if abort_reason is not None:
                 abort = A_ABORT_RQ()
