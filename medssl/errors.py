@@ -9,9 +9,11 @@ a row instead of stopping.
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 __all__ = [
+    "describe_error",
     "CheckpointError",
     "ConfigError",
     "CorruptFileError",
@@ -190,3 +192,22 @@ class ParityError(ExportError):
 class RunnerError(MedsslError):
     """A model runner cannot run: the server is unreachable or not ready, the model's
     metadata disagrees with its card, or an inference call failed after its retries."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """``exc`` as text that quotes no input value, for logs, job stores and result tables.
+
+    medssl's own errors (:class:`MedsslError`) say what was wrong in words that name paths,
+    UIDs and limits, never a header's value: ``"Type: message"``. Any other exception's
+    message may quote the bytes or values it failed on (pydicom, highdicom and numpy quote
+    them, a damaged header may put the patient's name there): ``"Type at file.py:line"``,
+    where it was raised, its message withheld.
+    """
+    name = type(exc).__name__
+    if isinstance(exc, MedsslError):
+        message = str(exc)
+        return f"{name}: {message}" if message else name
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else []
+    if not frames:
+        return name
+    return f"{name} at {Path(frames[-1].filename).name}:{frames[-1].lineno}"

@@ -34,6 +34,7 @@ from medssl.errors import MedsslError, RunnerError
 from medssl.serving.config import GatewayConfig
 from medssl.serving.http import HealthServer
 from medssl.serving.jobstore import Job, JobState, JobStore, Output
+from medssl.serving.logs import safe_error
 from medssl.serving.metrics import GatewayMetrics
 from medssl.serving.process import ModelSet, TransientError, process_study
 from medssl.serving.scp import StorageSCP
@@ -261,7 +262,7 @@ class Gateway:
             return
         except Exception as exc:  # noqa: BLE001 - a bug or an environment fault: retry, then dead-letter
             log.exception("study processing raised", extra=fields)
-            self._settled(self.store.retry_or_dead(job.id, f"unexpected {type(exc).__name__}: {exc}",
+            self._settled(self.store.retry_or_dead(job.id, f"unexpected {safe_error(exc)}",
                                                    p.max_attempts, backoff), fields)
             return
         ok = [s for s in result.series if s.status == "ok"]

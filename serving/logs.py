@@ -49,7 +49,7 @@ from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any, TextIO
 
-from medssl.errors import MedsslError
+from medssl.errors import describe_error
 
 __all__ = ["JsonFormatter", "capture_stray_output", "configure_logging", "safe_error",
            "safe_traceback"]
@@ -67,13 +67,10 @@ _OURS = "medssl"
 def safe_error(exc: BaseException) -> str:
     """``exc`` as text that quotes no dataset value: ``"Type: message"`` for medssl's own
     errors (:class:`~medssl.errors.MedsslError`, whose messages name paths, UIDs and what was
-    wrong, never patient data), ``"Type"`` alone for any other exception (pydicom's,
-    numpy's, a decoder's messages may quote the bytes they failed on)."""
-    name = type(exc).__name__
-    if isinstance(exc, MedsslError):
-        message = str(exc)
-        return f"{name}: {message}" if message else name
-    return name
+    wrong, never patient data), ``"Type at file.py:line"`` for any other exception (pydicom's,
+    numpy's, a decoder's messages may quote the bytes they failed on). The one rule
+    (:func:`medssl.errors.describe_error`) that the scorer's rows follow too."""
+    return describe_error(exc)
 
 
 def safe_traceback(exc: BaseException) -> str:

@@ -174,7 +174,9 @@ def frame_pixels(ds: Dataset, path: Path) -> np.ndarray:
         array = ds.pixel_array
     except Exception as exc:  # decoder plugins raise assorted types
         raise CorruptFileError(
-            path, f"pixel data could not be decoded ({ds.file_meta.TransferSyntaxUID.name}): {exc}"
+            # the decoder's type only: its message may quote the data (PHI)
+            path, f"pixel data could not be decoded ({ds.file_meta.TransferSyntaxUID.name}, "
+                  f"{type(exc).__name__})"
         ) from None
     return array.reshape(frames, rows, cols)
 

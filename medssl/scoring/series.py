@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from medssl.errors import MedsslError, RunnerError
+from medssl.errors import MedsslError, RunnerError, describe_error
 from medssl.io import read_volume
 from medssl.io.dicom_series import read_dicom_series
 from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
@@ -96,7 +96,9 @@ class Scored:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    """The type and message of medssl's errors, only the type and place of others (whose
+    messages may quote header values: PHI); see :func:`medssl.errors.describe_error`."""
+    return describe_error(exc)
 
 
 def _read(item: ScanItem, limits: GeometryLimits, spacing_mm: Sequence[float] | float) -> Volume:
