@@ -192,11 +192,14 @@ def test_a_study_pushed_by_orthanc_comes_back_as_an_sr_and_a_seg(
         assert group.tracking_uid and group.tracking_identifier
     assert sr.SeriesDescription.startswith(DETECTOR)
 
-    # The SEG: BINARY, every frame of every segment kept, segments coded from the card.
+    # The SEG: BINARY, empty frames omitted (the default since issue 17 item 7), segments
+    # coded from the card.
     card = load_card(exported_segmenter.model_dir)
     segmentation = hd.seg.Segmentation.from_dataset(seg)
     assert seg.SegmentationType == "BINARY"
-    assert int(seg.NumberOfFrames) == len(files) * len(card.labels)
+    n_frames = int(seg.NumberOfFrames)
+    assert 0 < n_frames < len(files) * len(card.labels)
+    assert all(frame.any() for frame in segmentation.pixel_array.reshape(n_frames, -1))
     described = [(d.segmented_property_type.value, d.segment_label) for d in segmentation.SegmentSequence]
     assert described == [(label.type.value, label.name) for label in card.labels]
     assert segmentation.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[0].CodingSchemeDesignator == "SCT"
