@@ -190,7 +190,8 @@ def test_a_segmentation_route_gives_a_seg_with_every_frame_kept(exported_segment
     case = generate_organ_phantom(11, "A", shape=ORGAN_SHAPE)
     files = write_dicom_series(case.image, tmp_path / "abdomen")
     # abdominal series are 4 mm thick; the default rules are the lung-screening ones
-    route = RouteConfig("organs", select=SelectionRules(max_thickness_mm=5.0, min_slices=16))
+    route = RouteConfig("organs", select=SelectionRules(max_thickness_mm=5.0, min_slices=16),
+                        dense_seg=True)  # empty frames are omitted by default (issue 17, item 7)
     models = ModelSet(exported_segmenter.repository, [route], batch_size=2)
     try:
         result = process_study(files, [route], models, tmp_path / "out")
