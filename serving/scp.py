@@ -142,6 +142,9 @@ _MAX_ASSOCIATE_RQ_BYTES = 1 << 20
 #: (:class:`_Slots`) and sets pynetdicom's limit out of the way.
 _PYNETDICOM_MAX_ASSOCIATIONS = 1 << 20
 
+#: Bytes inflated per step while a deflated dataset is measured (:func:`_inflated_dataset`).
+_INFLATE_CHUNK = 1 << 20
+
 _POLL_S = 0.05
 
 
@@ -213,26 +216,37 @@ def _checked_uids(ds: Dataset, affected_sop_instance_uid: str) -> tuple[str, str
 
 
 def _inflated_dataset(deflated: bytes, limit: int) -> Dataset:
-    """Decode a Deflated Explicit VR Little Endian dataset, inflating at most ``limit`` bytes.
+    """Decode a Deflated Explicit VR Little Endian dataset that inflates to ``limit`` bytes or
+    fewer.
+
+    A first pass inflates 1 MiB at a time and keeps only the count, so a deflate bomb is
+    refused holding ~1 MiB, whatever ``limit``; a dataset within it is then inflated once
+    into a buffer of its exact size.
 
     Args:
         deflated: the dataset as received (raw deflate, PS3.5 A.5), without file meta.
         limit: the most bytes it may inflate to.
 
     Raises:
-        _Refused: it inflates past ``limit`` (nothing past ``limit`` + 1 bytes is inflated), or
+        _Refused: it inflates past ``limit`` (nothing past ``limit`` + 1 MiB is inflated), or
             the deflate stream is corrupt or incomplete.
     """
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflater, pending, size = zlib.decompressobj(-zlib.MAX_WBITS), deflated, 0
     try:
-        inflated = inflater.decompress(deflated, limit + 1)
+        while not inflater.eof:
+            chunk = inflater.decompress(pending, _INFLATE_CHUNK)
+            size += len(chunk)
+            if size > limit:
+                raise _Refused("too-large", f"the deflated dataset inflates past {limit} bytes "
+                                            f"({len(deflated)} bytes received)")
+            pending = inflater.unconsumed_tail
+            if not chunk and not pending:
+                break
     except zlib.error:
         raise _Refused("undecodable", "the deflated dataset does not inflate") from None
-    if len(inflated) > limit:
-        raise _Refused("too-large", f"the deflated dataset inflates past {limit} bytes "
-                                    f"({len(deflated)} bytes received)")
     if not inflater.eof:
         raise _Refused("undecodable", "the deflated dataset ends before its deflate stream")
+    inflated = zlib.decompress(deflated, -zlib.MAX_WBITS, max(size, 1))
     return decode(BytesIO(inflated), False, True, False)
 
 

@@ -94,8 +94,8 @@ def gateway(tmp_path) -> Iterator:
 
 @contextmanager
 def associated(port: int, calling: str = "SCU", contexts=((CTImageStorage, SYNTAXES),),
-               tls_args=None, called: str = "MEDSSL",
-               bind_address: tuple[str, int] = ("", 0)) -> Iterator[pynetdicom.association.Association]:
+               tls_args=None, called: str = "MEDSSL", bind_address: tuple[str, int] = ("", 0),
+               ) -> Iterator[pynetdicom.association.Association]:
     """A pynetdicom SCU association (released or aborted on exit; may be rejected), calling
     ``called`` on 127.0.0.1 from ``bind_address`` (e.g. ``("127.0.0.2", 0)``: another host)."""
     ae = AE(ae_title=calling)
