@@ -268,7 +268,7 @@ def info(path: Path, as_json: bool, series_uid: str | None) -> None:
     """Geometry and intensity range of a volume (DICOM file/folder, NIfTI, MetaImage).
 
     A DICOM series is named by its SeriesInstanceUID, or, where an anonymiser blanked it, by
-    a ``nouid-...`` key derived from its folder and geometry (``--series-uid`` takes either).
+    the ``nouid-...`` key medssl-score gives it (``--series-uid`` takes either).
 
     shape and spacing are in array order (z, y, x); origin is the LPS position
     (x, y, z) of voxel (0, 0, 0) in mm; direction columns are the LPS unit
@@ -285,7 +285,7 @@ def info(path: Path, as_json: bool, series_uid: str | None) -> None:
     click.echo(f"path:        {path}")
     click.echo(f"format:      {summary['format']}")
     if "series_key" in summary:
-        absent = "  (no SeriesInstanceUID: key derived from folder and geometry)"
+        absent = "  (no SeriesInstanceUID: key derived from its SOP Instance UIDs)"
         click.echo(f"series:      {summary['series_key']}{absent if summary['series_uid_absent'] else ''}")
     click.echo(f"shape:       {summary['shape']}  (z, y, x)")
     click.echo(f"spacing:     {_fmt(summary['spacing'])} mm  (z, y, x)")

@@ -8,9 +8,11 @@ as a message may quote header values), never the index fail.
 
 Series are grouped by SeriesInstanceUID. Anonymised files whose SeriesInstanceUID is
 blank or missing are grouped by folder and geometry instead
-(:func:`medssl.io.dicom_files.series_key`; the folder relative to the indexed root, so the
-key survives moving the archive), flagged ``series_uid_absent``; their SOP Class and
-Instance UIDs are taken from the file meta when the dataset's are blank.
+(:func:`medssl.io.dicom_files.series_key`) and flagged ``series_uid_absent``; their SOP Class
+and Instance UIDs are taken from the file meta when the dataset's are blank, and the series
+is keyed by a hash of its members' SOP Instance UIDs
+(:func:`medssl.io.dicom_files.derived_series_key`), the same on every run, wherever the
+archive lies, and the same key the readers give it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from medssl.errors import CorruptFileError, MedsslError
-from medssl.io.dicom_files import iter_files, read_dataset, series_key
+from medssl.io.dicom_files import derived_series_key, iter_files, read_dataset, series_key
 
 __all__ = ["DicomIndex", "SeriesRecord", "index_files", "index_tree", "read_index", "write_index"]
 
@@ -47,7 +49,8 @@ class SeriesRecord:
 
     ``series_key`` is the SeriesInstanceUID, or for a series without one
     (``series_uid_absent``, ``series_uid == ""``) the derived ``nouid-<20 hex>`` key of
-    its folder and geometry: unique within the archive and the same on every run.
+    its members' SOP Instance UIDs (:func:`medssl.io.dicom_files.derived_series_key`):
+    unique and the same on every run.
     """
 
     patient_id: str
@@ -139,8 +142,7 @@ def index_files(paths: Sequence[str | Path]) -> DicomIndex:
     Returns:
         As :func:`index_tree`: series sorted by (patient, study, series number, series key),
         files within a series sorted by path (absolute), files whose header does not parse
-        (or raises anything) listed. Keys derived for series without a SeriesInstanceUID
-        use the absolute folder.
+        (or raises anything) listed.
     """
     return _index(_read_headers([str(Path(p).absolute()) for p in paths]))
 
@@ -188,6 +190,7 @@ def _header(path: str, root: str | None) -> dict[str, object]:
         "series_uid": "" if absent else key,
         "series_key": key,
         "series_uid_absent": absent,
+        "sop_uid": str(ds.get("SOPInstanceUID", "") or ""),
         "modality": str(ds.get("Modality", "")),
         "sop_class_uid": str(ds.get("SOPClassUID", "")),
         "image_type": "\\".join(str(v) for v in _values(ds.get("ImageType"))),
@@ -220,6 +223,8 @@ def _build_series(headers: list[dict[str, object]]) -> list[SeriesRecord]:
     for key, members in groups.items():
         members.sort(key=lambda h: str(h["path"]))
         first = members[0]
+        if first["series_uid_absent"]:
+            key = derived_series_key([str(m["sop_uid"]) for m in members], key)
         orientations = {m["orientation"] for m in members}
         thicknesses = [m["slice_thickness"] for m in members if m["slice_thickness"] is not None]
         records.append(

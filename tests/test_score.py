@@ -309,14 +309,24 @@ def test_blank_uid_series_get_two_keys_are_both_scored_and_resumed(anonymised_ar
     assert {r["key"] for r in _series(out)} == {r["key"] for r in rows}
 
 
-def test_medssl_info_reads_each_anonymised_series(anonymised_archive):
+def test_medssl_info_reads_each_anonymised_series_under_the_scorer_s_key(anonymised_archive):
+    import json
+
     from medssl.cli.main import cli
 
+    keys = {item.key for item in build_manifest(anonymised_archive).items}
+    shown = set()
     for folder in sorted((anonymised_archive / "anon").iterdir()):
         result = CliRunner().invoke(cli, ["info", str(folder)])
         assert result.exit_code == 0, result.output
         assert "shape:       [36, 64, 64]" in result.output
         assert "series:      nouid-" in result.output and "no SeriesInstanceUID" in result.output
+        shown.add(json.loads(CliRunner().invoke(cli, ["info", str(folder), "--json"]).output)["series_key"])
+    assert shown == keys
+    # from the archive's root, either series is chosen by that key
+    for key in keys:
+        result = CliRunner().invoke(cli, ["info", str(anonymised_archive), "--series-uid", key])
+        assert result.exit_code == 0 and key in result.output, result.output
 
 
 def test_score_options_limits_refuse_a_series_beyond_them(anonymised_archive, tmp_path):

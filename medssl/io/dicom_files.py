@@ -8,7 +8,7 @@ transfer syntaxes.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ __all__ = [
     "iter_files",
     "read_dataset",
     "require_image",
+    "derived_series_key",
     "series_key",
     "series_meta",
 ]
@@ -209,16 +210,16 @@ def series_key(ds: Dataset, folder: str) -> tuple[str, bool]:
     """The key that groups a file into its series: ``(key, uid_absent)``.
 
     The SeriesInstanceUID when the dataset has one. Otherwise (anonymisers blank it) a
-    derived key ``nouid-<20 hex>``: a SHA-256 of the file's folder and the geometry and
+    grouping key ``nouid-<20 hex>``: a SHA-256 of the file's folder and the geometry and
     identity a series shares: StudyInstanceUID, FrameOfReferenceUID and SeriesNumber (when
     present), ImageOrientationPatient and PixelSpacing (rounded to 1e-4), Rows and Columns.
     Two blank-UID series in one folder with the same geometry and no SeriesNumber fall in one
-    group (which then fails the slice checks, e.g. as duplicate slices).
+    group (which then fails the slice checks, e.g. as duplicate slices). Once a group's
+    members are known, :func:`derived_series_key` names it.
 
     Args:
         ds: a dataset, headers suffice.
-        folder: the folder to name the group by; pass a path relative to an archive's root
-            so the key survives moving the archive.
+        folder: the folder to group by.
 
     Returns:
         The key, and True when it was derived (the series has no SeriesInstanceUID).
@@ -237,6 +238,23 @@ def series_key(ds: Dataset, folder: str) -> tuple[str, bool]:
         _text_values(ds, "Columns"),
     ])
     return "nouid-" + hashlib.sha256(signature.encode("utf-8", "replace")).hexdigest()[:20], True
+
+
+def derived_series_key(sop_instance_uids: Sequence[str], group_key: str) -> str:
+    """The key of a series without a SeriesInstanceUID, unique and the same on every run.
+
+    ``nouid-`` + 20 hex digits of a SHA-256 of its members' SOP Instance UIDs (sorted; from the
+    file meta where the dataset's were blank): globally unique like the UIDs themselves, and
+    independent of where the archive lies or which folder a reader was given, so
+    ``medssl index``, ``medssl-score`` and ``medssl info`` name the series alike. Where a member
+    has no SOP Instance UID at all, the ``group_key`` of :func:`series_key` (folder and
+    geometry) is the key.
+    """
+    uids = [str(u).strip() for u in sop_instance_uids]
+    if not uids or not all(uids):
+        return group_key
+    digest = hashlib.sha256("\n".join(sorted(uids)).encode("utf-8", "replace")).hexdigest()
+    return "nouid-" + digest[:20]
 
 
 def series_meta(ds: Dataset) -> dict[str, object]:

@@ -34,6 +34,7 @@ from medssl.io.dicom_files import (
     iter_files,
     read_dataset,
     require_image,
+    derived_series_key,
     series_key,
     series_meta,
 )
@@ -73,7 +74,8 @@ def read_dicom_series(
     Returns:
         Volume with float32 HU, shape ``(Z, Y, X)``, z ascending along the slice
         normal. ``meta`` holds UIDs, modality, and ``files`` in slice order;
-        ``series_key`` (the SeriesInstanceUID or the derived key) and ``series_uid_absent``.
+        ``series_key`` (the SeriesInstanceUID, or the ``nouid-...`` key of
+        :func:`~medssl.io.dicom_files.derived_series_key`) and ``series_uid_absent``.
 
     Raises:
         CorruptFileError: a file is truncated or malformed (named).
@@ -111,8 +113,8 @@ def read_dicom_series(
     else:
         volume = _stack(members, files, label, limits, target_spacing_mm)
         volume.meta["ignored_files"] = [str(p) for p in ignored]
-    key, absent = series_key(members[0], str(files[0].parent.absolute()))
-    volume.meta.update(series_key=key, series_uid_absent=absent)
+    key = next(k for k, indices in series.items() if indices is chosen)
+    volume.meta.update(series_key=key, series_uid_absent=not volume.meta.get("series_uid"))
     return volume
 
 
@@ -131,12 +133,16 @@ def _collect(source: str | Path | Sequence[str | Path]) -> tuple[list[Path], lis
 
 
 def _group(datasets: list[Dataset], paths: list[Path]) -> dict[str, list[int]]:
-    """File indices per series key (the SeriesInstanceUID, or the folder + geometry key of a
-    file without one; the folder is absolute here)."""
-    series: dict[str, list[int]] = {}
+    """File indices per series: by SeriesInstanceUID, or for files without one by folder and
+    geometry, such a group keyed by :func:`derived_series_key` of its members."""
+    groups: dict[tuple[str, bool], list[int]] = {}
     for i, ds in enumerate(datasets):
-        key, _ = series_key(ds, str(paths[i].parent.absolute()))
-        series.setdefault(key, []).append(i)
+        groups.setdefault(series_key(ds, str(paths[i].parent.absolute())), []).append(i)
+    series: dict[str, list[int]] = {}
+    for (key, absent), indices in groups.items():
+        if absent:
+            key = derived_series_key([str(datasets[i].get("SOPInstanceUID", "")) for i in indices], key)
+        series[key] = indices
     return series
 
 

@@ -39,8 +39,8 @@ class ScanItem:
 
     Attributes:
         key: unique id of the row, the same on every run: the SeriesInstanceUID (DICOM), or
-            for a DICOM series without one the ``nouid-<20 hex>`` key derived from its folder
-            and geometry (:func:`medssl.io.dicom_files.series_key`); the LUNA16 seriesuid,
+            for a DICOM series without one the ``nouid-<20 hex>`` key derived from its members'
+            SOP Instance UIDs (:func:`medssl.io.dicom_files.derived_series_key`); the LUNA16 seriesuid,
             the Decathlon case id or the file name.
         paths: the series' DICOM files, or one volume file (NIfTI/MetaImage).
         patient_id, study_uid, series_uid: identifiers ("" when unknown).
