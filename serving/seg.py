@@ -12,18 +12,22 @@
 
 **Empty frames are omitted by default** (``omit_empty_frames=True``): a BINARY SEG stores
 one frame per source frame *and segment*, and most of them are empty (an 11-organ label SEG
-of a 300 x 512 x 512 study: 91 % of 3,300 frames, 110 MB dense). A sparse SEG keeps each
+of a 300 x 512 x 512 study: 91 % of 3,300 frames, 110 MB dense; medssl's organ phantom in
+``benchmarks/seg_size.py``: 64 % empty, 109.6 MB dense, 39.4 MB sparse). A sparse SEG keeps each
 frame's Per-Frame Functional Groups (source image reference, plane position, segment
 number), so highdicom, dcmqi, OHIF and 3D Slicer rebuild the full volume, with the missing
-frames empty; a SEG with nothing found still keeps one (empty) frame, as the IOD needs one.
+frames empty; a SEG in which nothing was found is written with every frame (highdicom
+reverts to dense, as a SEG needs at least one frame).
 ``omit_empty_frames=False`` writes every frame (dense), for receivers that expect a SEG
 frame-aligned with the source.
 
 **Segmentation type** (:class:`SegType`): ``binary`` (default) is one bit-packed frame per
 segment and source frame, understood everywhere; ``labelmap`` (DICOM 2024c, highdicom >=
-0.24) is one 8- or 16-bit frame per source frame holding segment numbers, smaller and
-faster for many non-overlapping segments, but Orthanc 1.10, dcmtk 3.6.7 and dciodvfy 2022
-do not know it, so it is an option for receivers that support it. LABELMAP needs
+0.24) is one 8- or 16-bit frame per source frame holding segment numbers. Written
+uncompressed, as here, it is smaller than a dense BINARY SEG but larger than a sparse one
+unless labelled slices hold more than 8 segments on average (the benchmark: 69.4 MB vs
+39.4 MB; it writes faster). Orthanc 1.10, dcmtk 3.6.7 and dciodvfy 2022 do not know it,
+so it is an option for receivers that support it. LABELMAP needs
 non-overlapping segments, so it applies to label SEGs only: the companion SEG of findings
 (spheres may overlap) is always BINARY.
 
