@@ -23,13 +23,13 @@ from medssl.errors import CorruptFileError, NotAnImageError, VolumeReadError
 __all__ = [
     "CT_IMAGE_STORAGE",
     "ENHANCED_CT_IMAGE_STORAGE",
+    "derived_series_key",
     "frame_pixels",
     "is_dicom_file",
     "is_localizer",
     "iter_files",
     "read_dataset",
     "require_image",
-    "derived_series_key",
     "series_key",
     "series_meta",
 ]

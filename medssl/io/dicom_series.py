@@ -28,13 +28,13 @@ from medssl.io.common import positive_number
 from medssl.io.dicom_enhanced import read_enhanced
 from medssl.io.dicom_files import (
     ENHANCED_CT_IMAGE_STORAGE,
+    derived_series_key,
     frame_pixels,
     is_dicom_file,
     is_localizer,
     iter_files,
     read_dataset,
     require_image,
-    derived_series_key,
     series_key,
     series_meta,
 )
