@@ -27,6 +27,12 @@ unknown enumerated value is an error), so an output never fails validation becau
 the archive sent. Everything else highdicom copies (IDs, UIDs, accession number) it copies
 verbatim already.
 
+**Character sets.** highdicom takes the source's Specific Character Set only when every value
+is one it knows, and refuses a valid ISO 2022 code-extension set whose first value is empty
+(``\ISO 2022 IR 87``, common in Japanese archives) as well as unknown terms. Such a source's
+outputs are written in UTF-8 (``ISO_IR 192``): pydicom decodes the received text with the
+source's character set and the writer encodes it again in UTF-8, which holds any text.
+
 **A series without a Frame of Reference UID** (LIDC-style slices) gets a derived one
 (:func:`medssl.serving.uids.frame_of_reference_uid`, from the SeriesInstanceUID only) in
 the copies, so its SR and SEG can be written and share one frame of reference. Why derive
@@ -47,6 +53,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import highdicom as hd
 from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -56,7 +63,7 @@ from pydicom.valuerep import validate_value
 
 from medssl.serving.uids import frame_of_reference_uid, source_series_uid
 
-__all__ = ["OutputSource", "PARSED_ATTRIBUTES", "output_source"]
+__all__ = ["OutputSource", "PARSED_ATTRIBUTES", "UTF8", "output_source"]
 
 #: The patient and study attributes highdicom parses (and may refuse, or log): keyword -> VR.
 PARSED_ATTRIBUTES: dict[str, str] = {
@@ -69,6 +76,9 @@ PARSED_ATTRIBUTES: dict[str, str] = {
 }
 _SEX_VALUES = frozenset({"M", "F", "O"})
 _FRAME_OF_REFERENCE = Tag("FrameOfReferenceUID")
+_CHARACTER_SET = Tag("SpecificCharacterSet")
+#: The Specific Character Set outputs use when highdicom does not take the source's.
+UTF8 = "ISO_IR 192"
 
 
 @dataclass(frozen=True)
@@ -83,11 +93,14 @@ class OutputSource:
             received (keyword -> element); the others stay empty.
         derived_frame_of_reference: the series had no FrameOfReferenceUID and the copies
             carry a derived one.
+        utf8: highdicom does not take the source's Specific Character Set; the copies (so
+            the outputs) say ``ISO_IR 192`` (module docs).
     """
 
     datasets: list[Dataset]
     received: dict[str, DataElement]
     derived_frame_of_reference: bool
+    utf8: bool = False
 
     def restore(self, output: Dataset) -> Dataset:
         """Put the received patient and study values into ``output`` (the SR or SEG built
@@ -120,6 +133,7 @@ def output_source(source: Sequence[Dataset]) -> OutputSource:
     frames_of_reference = {str(ds.get("FrameOfReferenceUID", "") or "") for ds in source}
     derive = frames_of_reference == {""}
     derived = frame_of_reference_uid(series_uid) if derive else None
+    utf8 = not _highdicom_takes(first.get("SpecificCharacterSet"))
     copies = []
     for ds in source:
         copy = Dataset()
@@ -132,8 +146,23 @@ def output_source(source: Sequence[Dataset]) -> OutputSource:
                 copy[Tag(keyword)] = DataElement(Tag(keyword), vr, None)
         if derived is not None:
             copy[_FRAME_OF_REFERENCE] = DataElement(_FRAME_OF_REFERENCE, "UI", derived)
+        if utf8:
+            copy[_CHARACTER_SET] = DataElement(_CHARACTER_SET, "CS", UTF8)
         copies.append(copy)
-    return OutputSource(copies, received, derive)
+    return OutputSource(copies, received, derive, utf8)
+
+
+def _highdicom_takes(charset: object) -> bool:
+    """Whether highdicom accepts a Specific Character Set value (absent: the default)."""
+    if charset is None or charset == "":
+        return True
+    values = [charset] if isinstance(charset, str) else list(charset)  # type: ignore[call-overload]
+    try:
+        for value in values:
+            hd.SpecificCharacterSetValues(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _keep(element: DataElement, vr: str) -> bool:

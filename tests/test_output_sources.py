@@ -8,6 +8,7 @@ Each output is checked with dciodvfy (0 errors) and read back with highdicom.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -144,3 +145,19 @@ def test_a_series_without_frame_of_reference_gets_outputs_in_a_derived_one(
                                                  assert_missing_frames_are_empty=True)
         assert mask.any()
     assert derived != frame_of_reference_uid("1.2.3")
+
+
+@pytest.mark.parametrize("charset", [["", "ISO 2022 IR 87"], "ISO_IR 999"])
+def test_character_sets_highdicom_refuses_give_utf8_outputs_with_the_same_text(
+        tmp_path, card, dciodvfy, charset):
+    """A Japanese archive's code-extension set (first value empty: valid DICOM, refused by
+    highdicom) and an unknown term: the outputs are UTF-8 and hold the received name."""
+    name = "Yamada^Tarou=山田^太郎=やまだ^たろう" if isinstance(charset, list) else "Doe^Jane"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom: unknown character set, default used
+        source = _series(tmp_path / "ct", SpecificCharacterSet=charset, PatientName=name)
+    for path in _outputs(tmp_path, source, card):
+        assert dciodvfy(path) == [], path.name
+        output = _read_back(path)
+        assert output.SpecificCharacterSet == "ISO_IR 192"
+        assert str(output.PatientName) == str(source[0].PatientName) == name
