@@ -331,3 +331,28 @@ def test_a_parser_error_is_named_by_its_type_not_its_message(dicom_series, monke
         dicom_files.read_dataset(_files(dicom_series)[0])
     assert err.value.problem == "truncated or malformed DICOM (ValueError)"
     assert "DOE" not in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".mhd"])
+def test_volume_file_headers_give_the_grid_without_reading_the_data(tmp_path, suffix):
+    from medssl.io import read_grid, write_volume
+
+    volume = ramp_volume(spacing=(2.5, 0.7, 0.8))
+    path = write_volume(volume, tmp_path / f"v{suffix}")
+    shape, spacing = read_grid(path)
+    read = read_volume(path)
+    assert shape == read.shape and np.allclose(spacing, read.spacing)
+
+
+def test_a_volume_file_of_implausible_spacing_is_refused_before_its_data_is_read(tmp_path, monkeypatch):
+    from medssl.io import write_volume
+    from medssl.models.card import load_card
+    from medssl.scoring import series
+    from medssl.scoring.manifest import ScanItem
+
+    path = write_volume(ramp_volume(spacing=(2.5, 1000.0, 1000.0)), tmp_path / "huge.nii.gz")
+    monkeypatch.setattr(series, "read_volume", lambda *_: pytest.fail("the data was read"))
+    card = load_card(Path(__file__).parents[1] / "model_repository" / "focalmix-nodules" / "medssl.json")
+    prepared = series.prepare(ScanItem(key="huge", paths=(str(path),)), card.detection_params(2))
+    assert prepared.error.startswith("ImplausibleGeometryError") and "is 1000 mm" in prepared.error
+    assert not prepared.transient

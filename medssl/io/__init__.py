@@ -12,13 +12,14 @@ from medssl.errors import UnsupportedFormatError
 from medssl.io.dicom_files import is_dicom_file
 from medssl.io.dicom_series import read_dicom_series
 from medssl.io.dicom_writer import SeriesInfo, write_dicom_series
-from medssl.io.metaimage import read_metaimage, write_metaimage
-from medssl.io.nifti import read_nifti, write_nifti
+from medssl.io.metaimage import metaimage_grid, read_metaimage, write_metaimage
+from medssl.io.nifti import nifti_grid, read_nifti, write_nifti
 from medssl.volume import Volume
 
 __all__ = [
     "SeriesInfo",
     "read_dicom_series",
+    "read_grid",
     "read_metaimage",
     "read_nifti",
     "read_volume",
@@ -58,6 +59,23 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
     raise UnsupportedFormatError(
         path, "is not DICOM, NIfTI (.nii, .nii.gz) or MetaImage (.mhd, .mha)"
     )
+
+
+def read_grid(path: str | Path) -> tuple[tuple[int, int, int], tuple[float, float, float]] | None:
+    """Shape ``(Z, Y, X)`` and spacing ``(z, y, x)`` mm of a NIfTI or MetaImage file from its
+    header, without reading the data (so its size can be checked before it is allocated);
+    None for other paths (DICOM: its reader checks the headers itself).
+
+    Raises:
+        CorruptFileError: the header cannot be read or the image is not 3D.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if path.is_file() and name.endswith(_NIFTI):
+        return nifti_grid(path)
+    if path.is_file() and name.endswith(_METAIMAGE):
+        return metaimage_grid(path)
+    return None
 
 
 def write_volume(volume: Volume, path: str | Path) -> Path:

@@ -15,7 +15,7 @@ from medssl.io.common import last_line, storage_array
 from medssl.io.sitk_bridge import from_sitk, to_sitk
 from medssl.volume import Volume
 
-__all__ = ["read_metaimage", "write_metaimage"]
+__all__ = ["metaimage_grid", "read_metaimage", "write_metaimage"]
 
 
 def read_metaimage(path: str | Path) -> Volume:
@@ -34,6 +34,27 @@ def read_metaimage(path: str | Path) -> Volume:
     volume = from_sitk(image, source=str(path), format="metaimage")
     volume.array = volume.array.astype(np.float32, copy=False)
     return volume
+
+
+def metaimage_grid(path: str | Path) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """Shape ``(Z, Y, X)`` and spacing ``(z, y, x)`` mm of a MetaImage, from its header only
+    (the raw data is not read).
+
+    Raises:
+        CorruptFileError: the header cannot be read or the image is not 3D.
+    """
+    path = Path(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise CorruptFileError(path, f"MetaImage could not be read: {last_line(exc)}") from None
+    if reader.GetDimension() != 3:
+        raise CorruptFileError(path, f"expected a 3D image, found {reader.GetDimension()}D")
+    x, y, z = (int(n) for n in reader.GetSize())
+    sx, sy, sz = (float(s) for s in reader.GetSpacing())
+    return (z, y, x), (sz, sy, sx)
 
 
 def write_metaimage(volume: Volume, path: str | Path, compress: bool = True) -> Path:

@@ -17,7 +17,7 @@ from medssl.errors import CorruptFileError
 from medssl.io.common import last_line, storage_array
 from medssl.volume import Volume
 
-__all__ = ["read_nifti", "write_nifti"]
+__all__ = ["nifti_grid", "read_nifti", "write_nifti"]
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _SWAP_ZX = np.array(
@@ -52,6 +52,25 @@ def read_nifti(path: str | Path, label: bool = False) -> Volume:
     array = np.ascontiguousarray(array if label else array.astype(np.float32, copy=False))
     affine = _RAS_TO_LPS @ image.affine @ _SWAP_ZX
     return Volume(array, affine, {"source": str(path), "format": "nifti"})
+
+
+def nifti_grid(path: str | Path) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """Shape ``(Z, Y, X)`` and spacing ``(z, y, x)`` mm of a NIfTI file, from its header only
+    (the data is not read), as :func:`read_nifti` would return them.
+
+    Raises:
+        CorruptFileError: the header cannot be read or the image is not 3D.
+    """
+    path = Path(path)
+    try:
+        image = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for bad files
+        raise CorruptFileError(path, f"NIfTI could not be read: {last_line(exc)}") from None
+    shape = tuple(int(n) for n in image.shape)
+    if len(shape) < 3 or any(n != 1 for n in shape[3:]):
+        raise CorruptFileError(path, f"expected a 3D image, found shape {shape}")
+    spacing = np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0)
+    return (shape[2], shape[1], shape[0]), (float(spacing[2]), float(spacing[1]), float(spacing[0]))
 
 
 def write_nifti(volume: Volume, path: str | Path) -> Path:

@@ -22,7 +22,7 @@ import numpy as np
 import pydicom
 
 from medssl.errors import MedsslError, RunnerError, describe_error
-from medssl.io import read_volume
+from medssl.io import read_grid, read_volume
 from medssl.io.dicom_series import read_dicom_series
 from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
 from medssl.io.nifti import write_nifti
@@ -103,10 +103,13 @@ def _describe(exc: BaseException) -> str:
 
 def _read(item: ScanItem, limits: GeometryLimits, spacing_mm: Sequence[float] | float) -> Volume:
     """The series in HU, its geometry checked against ``limits`` (with the resampled size on
-    the model grid ``spacing_mm``) before its pixels are allocated (DICOM) or resampled
-    (volume files, which their readers load whole)."""
+    the model grid ``spacing_mm``) from its headers before its pixels are read (DICOM, NIfTI,
+    MetaImage), and for any other volume path after reading, before resampling."""
     if item.is_dicom:
         return read_dicom_series(list(item.paths), limits=limits, target_spacing_mm=spacing_mm)
+    grid = read_grid(item.paths[0])  # NIfTI / MetaImage headers: checked before the data is read
+    if grid is not None:
+        limits.check(*grid, item.paths[0], spacing_mm)
     volume = read_volume(item.paths[0])
     limits.check(volume.shape, volume.spacing, item.paths[0], spacing_mm)
     return volume
