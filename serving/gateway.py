@@ -274,6 +274,8 @@ class Gateway:
             return
         skipped = [s for s in result.series if s.status == "skipped"]
         note = None if ok else "no series selected by the routes" if skipped or not result.series else None
+        if ok and failed:  # the study is done; the job keeps why its other series were not
+            note = "series failed: " + "; ".join(f"{s.series_uid} ({s.model}): {s.reason}" for s in failed)
         outputs = [Output(o.path, o.kind, o.model, o.sop_instance_uid) for o in result.outputs]
         done = self.store.finish_inference(job.id, outputs, list(self._destinations), note=note,
                                            instances=len(files))

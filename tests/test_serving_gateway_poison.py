@@ -73,10 +73,12 @@ def test_poison_instances_fail_their_series_and_the_good_series_is_delivered(tmp
             evidence = _dataset(orthanc, sr).CurrentRequestedProcedureEvidenceSequence[0]
             assert {s.SeriesInstanceUID for s in evidence.ReferencedSeriesSequence} == {good_series}
             log = gateway.log.read_text()
+            assert job["error"].startswith("series failed: ")  # the job store keeps the reasons
             for name, reason in (("one-valued", "ImageOrientationPatient has 1 value(s)"),
                                  ("empty-shared", "frame 1 lacks plane position"),
                                  ("huge", "PixelSpacing (row) is 1000 mm")):
                 uid = str(pydicom.dcmread(poisoned_study[name][0], stop_before_pixels=True).SeriesInstanceUID)
+                assert f"{uid} (focalmix-nodules): " in job["error"] and reason in job["error"], name
                 assert any(uid in line and "failed" in line and reason in line for line in log.splitlines()), name
         finally:
             gateway.stop()
