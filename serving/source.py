@@ -24,8 +24,12 @@ PatientSex                     copied when ``M``, ``F`` or ``O`` (the enumerated
 
 Values that are copied pass dciodvfy; values left empty would not (an invalid VR or an
 unknown enumerated value is an error), so an output never fails validation because of what
-the archive sent. Everything else highdicom copies (IDs, UIDs, accession number) it copies
-verbatim already.
+the archive sent. The identifiers a PACS files the result by (PatientID, IssuerOfPatientID,
+AccessionNumber, StudyID, the UIDs) are copied as received whatever they hold, since any
+change would file it under another patient or study: an over-long one stays a dciodvfy error
+the source already had. Any other patient or study attribute highdicom copies verbatim (Type 3:
+PatientAge, StudyDescription, ...) is dropped from the output when its value is not valid for
+its VR (pydicom's check), so it adds no error.
 
 **Character sets.** highdicom takes the source's Specific Character Set only when every value
 is one it knows, and refuses a valid ISO 2022 code-extension set whose first value is empty
@@ -74,6 +78,9 @@ PARSED_ATTRIBUTES: dict[str, str] = {
     "StudyTime": "TM",
     "ReferringPhysicianName": "PN",
 }
+#: Identifiers copied as received whatever they hold (the PACS files results by them).
+KEPT_AS_RECEIVED = frozenset({"PatientID", "IssuerOfPatientID", "AccessionNumber", "StudyID",
+                              *PARSED_ATTRIBUTES})
 _SEX_VALUES = frozenset({"M", "F", "O"})
 _FRAME_OF_REFERENCE = Tag("FrameOfReferenceUID")
 _CHARACTER_SET = Tag("SpecificCharacterSet")
@@ -104,7 +111,16 @@ class OutputSource:
 
     def restore(self, output: Dataset) -> Dataset:
         """Put the received patient and study values into ``output`` (the SR or SEG built
-        from :attr:`datasets`); the others are set empty. Returns ``output``."""
+        from :attr:`datasets`); the others are set empty; other attributes copied verbatim
+        from the source with values invalid for their VR are dropped (module docs).
+        Returns ``output``."""
+        first = self.datasets[0]
+        for element in list(output):
+            tag = element.tag
+            if (tag.group in (0x0008, 0x0010, 0x0020, 0x0032) and element.VR not in ("SQ", "UI")
+                    and element.keyword not in KEPT_AS_RECEIVED and tag in first
+                    and first[tag].value == element.value and not _keep(element, element.VR)):
+                del output[tag]
         for keyword, vr in PARSED_ATTRIBUTES.items():
             element = self.received.get(keyword)
             value = element.value if element is not None else None
@@ -166,13 +182,35 @@ def _highdicom_takes(charset: object) -> bool:
 
 
 def _keep(element: DataElement, vr: str) -> bool:
-    """Whether a received value is copied as it is (module docs): one value, valid syntax
-    for ``vr``, and for PatientSex an enumerated value. Empty values are kept (empty)."""
+    """Whether a received value is copied as it is (module docs): valid syntax for ``vr``
+    (each value; the :data:`PARSED_ATTRIBUTES` must have one), and for PatientSex an
+    enumerated value. Empty values are kept (empty)."""
     value = element.value
     if value is None or value == "":
         return True
-    if isinstance(value, (MultiValue, list, tuple)) or (isinstance(value, bytes)):
+    if isinstance(value, bytes):
         return False
+    if isinstance(value, (MultiValue, list, tuple)):
+        return element.keyword not in PARSED_ATTRIBUTES and all(_valid(vr, v) for v in value)
+    if element.keyword == "PatientSex":
+        return str(value) in _SEX_VALUES
+    return _valid(vr, value)
+
+
+def _valid(vr: str, value: object) -> bool:
+    """One value's syntax is valid for ``vr`` (pydicom's check; numbers are)."""
+    if isinstance(value, (int, float)):
+        return True
+    try:
+        validate_value(vr, str(value), config.RAISE)
+    except (ValueError, TypeError):
+        return False
+    return True
+    if isinstance(value, (MultiValue, list, tuple)) or (isinstance(value, bytes)):
+        return all(_keep(DataElement(element.tag, vr, v), vr) for v in value) \
+            if element.keyword not in PARSED_ATTRIBUTES and not isinstance(value, bytes) else False
+    if isinstance(value, (int, float)):
+        return True
     text = str(value)
     if element.keyword == "PatientSex":
         return text in _SEX_VALUES

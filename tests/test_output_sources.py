@@ -161,3 +161,18 @@ def test_character_sets_highdicom_refuses_give_utf8_outputs_with_the_same_text(
         output = _read_back(path)
         assert output.SpecificCharacterSet == "ISO_IR 192"
         assert str(output.PatientName) == str(source[0].PatientName) == name
+
+
+def test_identifiers_are_kept_as_received_and_invalid_descriptive_values_dropped(
+        tmp_path, card, dciodvfy):
+    """An over-long PatientID is what the PACS files the study under: copied as it is (the one
+    dciodvfy error, which the source has too); an invalid PatientAge and an over-long
+    StudyDescription (Type 3) are left out rather than copied."""
+    source = _series(tmp_path / "ct", PatientID="P" * 70, PatientAge="45",
+                     StudyDescription="x" * 80)
+    for path in _outputs(tmp_path, source, card):
+        errors = dciodvfy(path)
+        assert errors and all("Patient ID" in e or "invalid data values" in e for e in errors)
+        output = pydicom.dcmread(path)
+        assert output.PatientID == "P" * 70
+        assert "PatientAge" not in output and "StudyDescription" not in output
