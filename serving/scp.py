@@ -86,6 +86,7 @@ from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verific
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from medssl.serving.config import ScpConfig
+from medssl.serving.logs import loggable_uid
 from medssl.serving.metrics import GatewayMetrics
 from medssl.serving.spool import Spool, SpoolError, SpoolFullError, StoredInstance
 
@@ -759,8 +760,9 @@ class StorageSCP:
         fields: dict[str, Any] = {
             "calling_ae": event.assoc.requestor.ae_title.strip(),
             "peer": event.assoc.requestor.address,
-            "sop_instance_uid": str(event.request.AffectedSOPInstanceUID),
-            "sop_class_uid": str(event.request.AffectedSOPClassUID),
+            # a peer may put anything in the request's UIDs: logged and noted only when UIDs
+            "sop_instance_uid": loggable_uid(event.request.AffectedSOPInstanceUID),
+            "sop_class_uid": loggable_uid(event.request.AffectedSOPClassUID),
         }
         try:
             return self._store(event, fields)
