@@ -41,6 +41,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import sys
 import threading
 import traceback
@@ -51,8 +52,8 @@ from typing import Any, TextIO
 
 from medssl.errors import describe_error
 
-__all__ = ["JsonFormatter", "capture_stray_output", "configure_logging", "safe_error",
-           "safe_traceback"]
+__all__ = ["JsonFormatter", "capture_stray_output", "configure_logging", "loggable_uid",
+           "safe_error", "safe_traceback"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -62,6 +63,20 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 LIBRARY_LEVELS = {"pydicom": logging.ERROR, "pynetdicom": logging.WARNING}
 
 _OURS = "medssl"
+
+
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def loggable_uid(value: object) -> str:
+    """``value`` if it is a well-formed DICOM UID (digits and dots, at most 64 characters: no
+    name fits in one), else a placeholder that quotes nothing of it. For UIDs a peer sent
+    (a C-STORE request's Affected SOP Instance UID) before they are logged or written into a
+    quarantine note: a hostile or broken sender may put anything there."""
+    text = str(value)
+    if len(text) <= 64 and _UID.fullmatch(text):
+        return text
+    return f"(not a UID: {len(text)} characters, not quoted)"
 
 
 def safe_error(exc: BaseException) -> str:

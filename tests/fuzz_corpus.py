@@ -41,6 +41,7 @@ import socket
 import sqlite3
 import struct
 import threading
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -144,7 +145,9 @@ class FuzzCase:
         meta.MediaStorageSOPInstanceUID = self.sop_instance_uid
         meta.TransferSyntaxUID = self.transfer_syntax
         buffer = DicomBytesIO()
-        write_file_meta_info(buffer, meta, enforce_standard=True)
+        with warnings.catch_warnings():  # pydicom warns of (and quotes) a hostile UID
+            warnings.simplefilter("ignore")
+            write_file_meta_info(buffer, meta, enforce_standard=True)
         return b"\0" * 128 + b"DICM" + buffer.getvalue() + self.body
 
 
@@ -484,7 +487,14 @@ _BAD_UIDS = ["../../etc", "1.2/../3", "..", ".", "/etc/passwd", "1.2.3\\..\\4", 
 def _kind_uid(b: _Builder, count: int) -> None:
     keywords = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
                 "SOPClassUID"]
-    for i in range(count):
+    # the C-STORE request's own Affected SOP Instance UID is no UID (the data set's agrees)
+    for value in (PHI_ID, PHI_NAME, "1.2.3/../../etc"):
+        ds, _ = b.base("uid")
+        ds.SOPInstanceUID = "1.2.3"  # replaced below, unchecked
+        body = _set_raw(encode(ds), tag_for_keyword("SOPInstanceUID"), b"UI",
+                        value.encode() + b"\0" * (len(value) % 2))
+        b.add("uid", body, value, detail="request-uid")
+    for i in range(count - 3):
         ds, sop = b.base("uid")
         keyword = keywords[i % len(keywords)]
         if i % 7 == 6:

@@ -118,9 +118,14 @@ def test_the_gateway_survives_a_hostile_corpus_and_then_delivers_a_valid_study(t
     print(json.dumps(summary, indent=1))
     no_status = [name for name, status in statuses.items() if status < 0]
     assert no_status == [], f"no DICOM status for {len(no_status)} cases: {no_status[:20]}"
-    leaks = phi_found(gateway_texts(gateway.log, gateway.spool, metrics))
+    texts = gateway_texts(gateway.log, gateway.spool, metrics)
+    leaks = phi_found(texts)
     assert leaks == {}, "planted PHI in " + json.dumps(
         {where: lines[:3] for where, lines in leaks.items()}, indent=1)[:6000]
+    strays = [line[:200] for line in texts["log"].splitlines() if not line.startswith("{")]
+    assert strays == [], f"{len(strays)} lines on stdout/stderr are not JSON log records: {strays[:5]}"
+    # a damaged series is a deterministic failure: never retried into dead-letter
+    assert "dead-letter" not in summary["jobs"], [j for j in jobs if j["state"] == "dead-letter"]
     assert peak <= baseline + RSS_MARGIN_MIB, summary
     valid_uid = str(pydicom.dcmread(valid[0]).StudyInstanceUID)
     assert [j["state"] for j in jobs if j["study_uid"] == valid_uid] == ["done"]

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from medssl.errors import CorruptFileError
-from medssl.serving.logs import JsonFormatter, safe_error, safe_traceback
+from medssl.serving.logs import JsonFormatter, loggable_uid, safe_error, safe_traceback
 from tests.fuzz_corpus import (
     PHI_ID,
     PHI_NAME,
@@ -80,6 +80,12 @@ def test_tracebacks_and_stored_errors_keep_medssl_messages_and_only_the_type_of_
     assert "valuerep.IS(PHI_ID)" in text  # the frames are kept
     assert error == "CorruptFileError: /spool/x.dcm: truncated or malformed DICOM"
     assert safe_error(cause).startswith(f"{type(cause).__name__} at valuerep.py:")
+
+
+def test_only_well_formed_uids_from_a_peer_are_logged():
+    assert loggable_uid("1.2.840.10008.5.1.4.1.1.2") == "1.2.840.10008.5.1.4.1.1.2"
+    for hostile in (PHI_ID, PHI_NAME, "../../etc", "1.2." + "3" * 70, "1.02.3", ""):
+        assert not find_phi(loggable_uid(hostile)) and "not a UID" in loggable_uid(hostile)
 
 
 def test_warnings_are_logged_with_their_category_only(monkeypatch):
