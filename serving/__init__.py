@@ -11,10 +11,13 @@ The result writers, shared by batch scoring (``medssl-score --write-dicom``) and
 
 * :func:`detection_sr` / :func:`write_detection_sr`: detections as a TID 1500 Measurement
   Report (Comprehensive 3D SR), :mod:`medssl.serving.sr`;
-* :func:`label_seg` / :func:`write_label_seg`: a label volume as a BINARY DICOM SEG,
-  :mod:`medssl.serving.seg`; :func:`detection_seg` / :func:`write_detection_seg`: the
-  findings' companion SEG (one sphere segment per detection);
-* :func:`derived_uid`: the deterministic UIDs both use, :mod:`medssl.serving.uids`.
+* :func:`label_seg` / :func:`write_label_seg`: a label volume as a DICOM SEG (BINARY with
+  empty frames omitted by default; dense or LABELMAP on request), :mod:`medssl.serving.seg`;
+  :func:`detection_seg` / :func:`write_detection_seg`: the findings' companion SEG (one
+  sphere segment per detection);
+* :func:`derived_uid`: the deterministic UIDs both use, derived from each object's content,
+  :mod:`medssl.serving.uids`; :mod:`medssl.serving.source`: the source headers as the
+  writers copy them (odd archive values, no Frame of Reference UID).
 """
 
 from __future__ import annotations
