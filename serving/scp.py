@@ -251,6 +251,15 @@ def _inflated_dataset(deflated: bytes, limit: int) -> Dataset:
     return decode(BytesIO(inflated), False, True, False)
 
 
+def _shutdown(sock: socket.socket) -> None:
+    """Shut ``sock`` down both ways (socket.socket's own, also for an SSLSocket, whose TLS
+    state it leaves alone): a read blocked on it in another thread returns."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except (OSError, ValueError):
+        pass
+
+
 def _peer_key(address: str) -> str:
     """The source address a connection is counted under (IPv4-mapped IPv6 as IPv4)."""
     try:
@@ -304,6 +313,7 @@ class _Slots:
         self._lock = threading.Lock()
         self._pending: list[_Pending] = []
         self._active: dict[Association, str] = {}
+        self._cut: set[Association] = set()
 
     def enter_pending(self, peer: str, sock: socket.socket) -> tuple[_Pending, _Pending | None]:
         """Register a new connection; returns it and the one evicted to make room (or None)."""
@@ -326,7 +336,7 @@ class _Slots:
         with self._lock:
             entry.sock = sock
             if entry.evicted:  # evicted while it was being wrapped
-                self._shutdown(sock)
+                _shutdown(sock)
 
     def leave_pending(self, entry: _Pending) -> None:
         """The connection got its A-ASSOCIATE-RQ or is closed: it no longer waits."""
@@ -345,19 +355,18 @@ class _Slots:
     def _evict(self, victim: _Pending) -> None:  # under the lock
         self._pending.remove(victim)
         victim.evicted = True
-        self._shutdown(victim.sock)
+        _shutdown(victim.sock)
 
-    @staticmethod
-    def _shutdown(sock: socket.socket) -> None:
-        # socket.socket's own shutdown, also for an SSLSocket: it only wakes the owner's read
-        try:
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except (OSError, ValueError):
-            pass
+    def cut(self, assoc: Association) -> None:
+        """``assoc``'s connection is being closed by the SCP: it gets no slot any more."""
+        with self._lock:
+            self._cut.add(assoc)
 
     def acquire(self, assoc: Association, peer: str) -> str | None:
         """Take a slot for ``assoc``; None if taken, else why not (no PHI)."""
         with self._lock:
+            if assoc in self._cut:
+                return "the connection was closed before its A-ASSOCIATE-RQ was answered"
             total = len(self._active)
             mine = sum(1 for p in self._active.values() if p == peer)
             if total >= self.max_total:
@@ -368,9 +377,10 @@ class _Slots:
         return None
 
     def release(self, assoc: Association) -> None:
-        """Free ``assoc``'s slot, if it holds one."""
+        """Free ``assoc``'s slot, if it holds one; forget it."""
         with self._lock:
             self._active.pop(assoc, None)
+            self._cut.discard(assoc)
 
 
 def _recv_exactly(sock: socket.socket, n_bytes: int, deadline: float) -> bytes:
@@ -654,7 +664,9 @@ class StorageSCP:
 
         assoc: Association | None = None
         try:
-            sock.settimeout(None)  # as pynetdicom's own sockets: blocking, it polls first
+            # pynetdicom reads only once select() says there is data, but then blocks until a
+            # whole PDU is in: bound each read and write by the network timeout
+            sock.settimeout(self.cfg.network_timeout_s)
             handler.request = sock
             assoc = handler._create_association()
             # Hand pynetdicom the A-ASSOCIATE-RQ as its DUL would have read it (Evt6 after
@@ -664,6 +676,16 @@ class StorageSCP:
             assoc.dul.event_queue.put(event)
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": handler.client_address})
             assoc.start()
+            assoc.join(self.cfg.acse_timeout_s)
+            if assoc.is_alive() and not assoc.is_established:
+                # Not established (nor ended) after the ACSE timeout: its DUL is blocked in
+                # the read of a PDU that trickles in behind the request, or waits after a
+                # rejection for a peer that does not close; its ARTIM timer is not checked
+                # while a read blocks. Closing the socket ends the read.
+                LOGGER.warning("closing a connection not associated %.1f s after its "
+                               "A-ASSOCIATE-RQ", self.cfg.acse_timeout_s, extra={"peer": peer})
+                self._slots.cut(assoc)
+                _shutdown(sock)
             assoc.join()
         except Exception as exc:
             LOGGER.error("association failed: %s", type(exc).__name__, extra={"peer": peer})
@@ -685,10 +707,10 @@ class StorageSCP:
                 abort.source, abort.reason_diagnostic = 0x02, abort_reason
                 sock.settimeout(1.0)
                 sock.sendall(abort.encode())
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
         except (OSError, ValueError):
             pass
         finally:
+            _shutdown(sock)
             sock.close()
 
     # -- association events ------------------------------------------------------------------
@@ -735,8 +757,7 @@ class StorageSCP:
         assoc.acse.send_reject(*rj)
         self.metrics.associations.labels(result="rejected").inc()
         LOGGER.warning("association rejected: %s", reason,
-                       extra={"calling_ae": calling_ae, "called_ae": called_ae, "peer": peer,
-                              "reason": reason})
+                       extra={"calling_ae": calling_ae, "peer": peer, "reason": reason})
         assoc.kill()
 
     def _on_accepted(self, event: Event) -> None:

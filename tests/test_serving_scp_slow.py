@@ -171,6 +171,29 @@ def test_an_association_request_has_a_total_deadline_however_slowly_it_trickles(
     assert gw.metric("medssl_gateway_associations_total", result="dropped") == 1
 
 
+def test_a_pdu_trickled_right_behind_an_association_request_is_cut_at_the_acse_timeout(
+        gateway):
+    gw = gateway(acse_timeout_s=1.0)
+    with connect(gw.scp.port) as sock:
+        # an A-ASSOCIATE-RQ with, right behind it, the header of a 1 MiB PDU whose bytes then
+        # come one per 0.2 s: pynetdicom's DUL reads that PDU before it answers the request,
+        # and would wait in the read for as long as the bytes trickle
+        sock.sendall(ECHO_RQ + b"\x04\x00\x00\x10\x00\x00")
+        start = time.monotonic()
+        for _ in range(50):
+            try:
+                sock.send(b"\x00")
+            except OSError:
+                break
+            if closed_by_peer(sock):
+                break
+            assert time.monotonic() - start < 5.0, "still open after 5 s of trickling"
+            time.sleep(0.2)
+        assert time.monotonic() - start < 2.5
+    assert gw.metric("medssl_gateway_associations_total", result="accepted") == 0
+    assert_echo_within(gw.scp.port, 2.0)
+
+
 GARBAGE = [
     b"\x04\x00\x00\x00\x00\x08\x00\x00\x00\x04\x01\x03\x00\x00",  # P-DATA, no association
     b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00",  # A-RELEASE-RQ, no association
