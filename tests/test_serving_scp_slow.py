@@ -194,6 +194,23 @@ def test_a_pdu_trickled_right_behind_an_association_request_is_cut_at_the_acse_t
     assert_echo_within(gw.scp.port, 2.0)
 
 
+def test_an_association_stalled_inside_a_pdu_frees_its_slot_after_the_network_timeout(gateway):
+    gw = gateway(max_associations=1, network_timeout_s=1.0)
+    with connect(gw.scp.port) as sock:
+        sock.sendall(ECHO_RQ)
+        sock.settimeout(5)
+        assert sock.recv(1) == b"\x02"  # established; then 10 bytes of a 1 MiB P-DATA, silence
+        sock.sendall(b"\x04\x00\x00\x10\x00\x00" + bytes(10))
+        start = time.monotonic()
+        while True:
+            with associated(gw.scp.port) as assoc:
+                if assoc.is_established:
+                    assert status_of(assoc.send_c_echo()) == 0x0000
+                    break
+            assert time.monotonic() - start < 4.0, "the stalled association kept its slot"
+            time.sleep(0.1)
+
+
 GARBAGE = [
     b"\x04\x00\x00\x00\x00\x08\x00\x00\x00\x04\x01\x03\x00\x00",  # P-DATA, no association
     b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00",  # A-RELEASE-RQ, no association
