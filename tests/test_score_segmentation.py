@@ -93,3 +93,31 @@ def test_medssl_score_prints_the_label_volumes_of_a_segmenter(seg_run, exported_
     assert result.exit_code == 0, result.output
     assert "label volumes, mL" in result.output
     assert "liver" in result.output and "organs_0005" in result.output
+
+
+def test_medssl_score_writes_a_labelmap_seg_when_asked(exported_segmenter, tmp_path):
+    """``--write-dicom --seg-type labelmap`` (issue 17 item 7): a LABELMAP SEG holding the label
+    map medssl-score wrote; the default stays BINARY with empty frames omitted."""
+    import highdicom as hd
+    from click.testing import CliRunner
+
+    from medssl.cli.score import score as score_command
+
+    case = generate_organ_phantom(12, "A", shape=ORGAN_SHAPE)
+    write_dicom_series(case.image, tmp_path / "dicom" / "series", SeriesInfo(uid_seed="labelmap"))
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"max_thickness_mm": 5.0}))
+    for extra, kind in (([], "BINARY"), (["--seg-type", "labelmap"], "LABELMAP")):
+        out = tmp_path / kind
+        result = CliRunner().invoke(score_command, [
+            str(tmp_path / "dicom"), "--repository", str(exported_segmenter.repository),
+            "--model", "organs", "--out", str(out), "--workers", "0", "--select", str(rules),
+            "--write-dicom", *extra])
+        assert result.exit_code == 0, result.output
+        row = pq.read_table(out / "series.parquet").to_pylist()[0]
+        seg = hd.seg.segread(row["dicom_outputs"])
+        assert seg.SegmentationType == kind
+        labels = read_nifti(Path(row["label_map"]), label=True)
+        assert int(seg.NumberOfFrames) < ORGAN_SHAPE[0] * 11  # empty frames omitted
+        volume = seg.get_volume(combine_segments=True, skip_overlap_checks=True)
+        assert int((volume.array > 0).sum()) == int((labels.array > 0).sum())
