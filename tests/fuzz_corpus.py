@@ -36,10 +36,13 @@ The corpus is deterministic for a seed and takes well under a second to make.
 
 from __future__ import annotations
 
+import copy
+import functools
 import random
 import socket
 import sqlite3
 import struct
+import tempfile
 import threading
 import warnings
 import zlib
@@ -47,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
+from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -67,6 +70,9 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+
+from medssl.io import SeriesInfo, write_dicom_series
+from tests.conftest import ramp_volume
 
 __all__ = [
     "CT_IMAGE_STORAGE",
@@ -166,50 +172,31 @@ def find_phi(text: str | bytes) -> list[str]:
     return found
 
 
+@functools.lru_cache(maxsize=1)
+def _template() -> Dataset:
+    """One slice as medssl's own DICOM writer makes it, of the planted patient."""
+    with tempfile.TemporaryDirectory() as folder:
+        (path,) = write_dicom_series(
+            ramp_volume(shape=(1, _ROWS, _COLUMNS), spacing=(1.0, 1.0, 1.0)), folder,
+            SeriesInfo(uid_seed="fuzz", patient_name=PHI_NAME, patient_id=PHI_ID,
+                       patient_birth_date=PHI_BIRTH_DATE, accession_number="ACC1"))
+        return dcmread(path)
+
+
 def base_dataset(study_uid: str, series_uid: str, sop_uid: str) -> Dataset:
-    """A valid one-slice CT Image (16 x 16, int16, 1 mm voxels) holding the planted PHI."""
+    """A valid one-slice CT Image (16 x 16, int16, 1 mm voxels) holding the planted PHI, also
+    inside a sequence (OtherPatientIDsSequence)."""
     ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CT_IMAGE_STORAGE
+    for element in _template():  # copies of the elements (values are replaced, not mutated)
+        ds.add(copy.copy(element))
     ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = "20240102"
-    ds.StudyTime = "101010"
-    ds.AccessionNumber = "ACC1"
-    ds.Modality = "CT"
-    ds.Manufacturer = "medssl-fuzz"
-    ds.ReferringPhysicianName = ""
-    ds.PatientName = PHI_NAME
-    ds.PatientID = PHI_ID
-    ds.PatientBirthDate = PHI_BIRTH_DATE
-    ds.PatientSex = "O"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[series_uid, "frame"])
     other = Dataset()
     other.PatientID = PHI_ID
     other.IssuerOfPatientID = PHI_NAME
     ds.OtherPatientIDsSequence = [other]
-    ds.SliceThickness = "1.0"
-    ds.KVP = "120"
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = "1"
-    ds.InstanceNumber = "1"
-    ds.ImagePositionPatient = ["-8.0", "-8.0", "0.0"]
-    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[series_uid, "frame"])
-    ds.PositionReferenceIndicator = ""
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = _ROWS
-    ds.Columns = _COLUMNS
-    ds.PixelSpacing = ["1.0", "1.0"]
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.RescaleIntercept = "0"
-    ds.RescaleSlope = "1"
-    ds.PixelData = (np.arange(_ROWS * _COLUMNS, dtype=np.int16) * 7 - 900).tobytes()
     return ds
 
 
@@ -337,7 +324,8 @@ class _Builder:
         if kind in WITH_COMPANION:
             companion = base_dataset(self.uid(kind, "study"), self.uid(kind, n, "series"),
                                      self.uid(kind, n, "companion"))
-            companion.ImagePositionPatient = ["-8.0", "-8.0", "1.0"]
+            x, y, z = (float(v) for v in companion.ImagePositionPatient)
+            companion.ImagePositionPatient = [x, y, z + 1.0]  # the next 1 mm slice (axial)
             companion.InstanceNumber = "2"
             self.cases.append(FuzzCase(f"{name}-companion", "companion", encode(companion),
                                        ExplicitVRLittleEndian, CT_IMAGE_STORAGE,
@@ -787,7 +775,9 @@ def send_cases(port: int, cases: list[FuzzCase], folder: Path, *, calling_ae: st
                     raise AssertionError(f"the SCP on port {port} refused the association "
                                          f"before case {case.name}")
             try:
-                response = assoc.send_c_store(path)
+                with warnings.catch_warnings():  # pydicom warns of (and quotes) a hostile UID
+                    warnings.simplefilter("ignore")
+                    response = assoc.send_c_store(path)
             except ValueError:  # no accepted presentation context for its transfer syntax
                 statuses[case.name] = NOT_SENT
                 continue
