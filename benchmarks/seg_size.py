@@ -11,7 +11,8 @@ Writers, each measured on the same label volume (file bytes and seconds to build
 write the file, medians of ``--repeats`` runs, alternated):
 
 * medssl ``label_seg`` BINARY dense (every frame: what medssl wrote before item 7),
-  BINARY sparse (empty frames omitted: the default now), LABELMAP (empty frames omitted);
+  BINARY sparse (empty frames omitted: the default now), LABELMAP (empty frames omitted),
+  uncompressed and RLE Lossless;
 * the peer: dcmqi's ``itkimage2segimage`` (PyPI ``dcmqi``; the converter 3D Slicer uses) on
   the same labels as NIfTI, BINARY and LABELMAP, empty slices skipped (its default). Its time
   includes reading the 300 source files and the NIfTI, which medssl's does not (the gateway
@@ -63,6 +64,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "medssl BINARY dense": {"seg_type": "binary", "omit_empty_frames": False},
     "medssl BINARY sparse (default)": {"seg_type": "binary", "omit_empty_frames": True},
     "medssl LABELMAP": {"seg_type": "labelmap", "omit_empty_frames": True},
+    "medssl LABELMAP RLE": {"seg_type": "labelmap-rle", "omit_empty_frames": True},
 }
 #: dcmqi's variants: name -> itkimage2segimage --segmentationType.
 DCMQI_VARIANTS = {"dcmqi BINARY (skip empty)": "binary", "dcmqi LABELMAP (skip empty)": "labelmap"}

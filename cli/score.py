@@ -44,7 +44,8 @@ def _default_repository() -> Path:
 @click.option("--write-dicom", is_flag=True, help="Also write a TID 1500 SR per DICOM series (OUT/dicom/).")
 @click.option("--sr-threshold", type=float, default=0.5, show_default=True,
               help="Findings at or above this probability go into the SR.")
-@click.option("--seg-type", type=click.Choice(["binary", "labelmap"]), default="binary", show_default=True,
+@click.option("--seg-type", type=click.Choice(["binary", "labelmap", "labelmap-rle"]), default="binary",
+              show_default=True,
               help="Segmentation models with --write-dicom: SEG type; LABELMAP (DICOM 2024c) is not read by "
                    "Orthanc 1.10, dcmtk 3.6.7 or dciodvfy 2022.")
 @click.option("--dense-seg", is_flag=True, help="With --write-dicom: keep the SEG's empty frames (default: omitted).")

@@ -214,9 +214,9 @@ class RouteConfig:
         min_probability: detection: findings below this stay out of the SR.
         companion_seg: detection: also send a SEG of the findings (spheres of their
             diameter), tracked like the SR's findings and listed in its evidence.
-        seg_type: segmentation: ``binary`` (default) or ``labelmap`` (DICOM 2024c; Orthanc
-            1.10, dcmtk 3.6.7 and dciodvfy 2022 do not understand it: only for receivers
-            that do).
+        seg_type: segmentation: ``binary`` (default), ``labelmap`` or ``labelmap-rle``
+            (DICOM 2024c, the latter RLE Lossless compressed; Orthanc 1.10, dcmtk 3.6.7 and
+            dciodvfy 2022 do not understand it: only for receivers that do).
         dense_seg: segmentation: send every SEG frame, empty ones too (default: empty
             frames are omitted, a tenth of the size for a multi-organ SEG).
     """
@@ -226,7 +226,7 @@ class RouteConfig:
     version: int | None = None
     min_probability: float = 0.5
     companion_seg: bool = False
-    seg_type: Literal["binary", "labelmap"] = "binary"
+    seg_type: Literal["binary", "labelmap", "labelmap-rle"] = "binary"
     dense_seg: bool = False
 
     def __post_init__(self) -> None:
@@ -234,8 +234,9 @@ class RouteConfig:
             raise ValueError("model must name a model of the repository")
         if not 0.0 <= self.min_probability <= 1.0:
             raise ValueError(f"min_probability must be in [0, 1], got {self.min_probability}")
-        if self.seg_type not in ("binary", "labelmap"):
-            raise ValueError(f"seg_type must be 'binary' or 'labelmap', got {self.seg_type!r}")
+        if self.seg_type not in ("binary", "labelmap", "labelmap-rle"):
+            raise ValueError(f"seg_type must be 'binary', 'labelmap' or 'labelmap-rle', "
+                             f"got {self.seg_type!r}")
 
 
 @dataclass(frozen=True)

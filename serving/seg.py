@@ -26,8 +26,10 @@ segment and source frame, understood everywhere; ``labelmap`` (DICOM 2024c, high
 0.24) is one 8- or 16-bit frame per source frame holding segment numbers. Written
 uncompressed, as here, it is smaller than a dense BINARY SEG but larger than a sparse one
 unless labelled slices hold more than 8 segments on average (the benchmark: 69.4 MB vs
-39.4 MB; it writes faster). Orthanc 1.10, dcmtk 3.6.7 and dciodvfy 2022 do not know it,
-so it is an option for receivers that support it. LABELMAP needs
+39.4 MB; it writes faster); ``labelmap-rle`` writes its frames RLE Lossless compressed
+(encapsulated; decoded by pydicom, highdicom, dcmtk, GDCM), a fraction of either, for a
+receiver that accepts that transfer syntax. Orthanc 1.10, dcmtk 3.6.7 and dciodvfy 2022 do
+not know LABELMAP, so both are options for receivers that support it. LABELMAP needs
 non-overlapping segments, so it applies to label SEGs only: the companion SEG of findings
 (spheres may overlap) is always BINARY.
 
@@ -54,6 +56,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from medssl import __version__
 from medssl.atomic import atomic_write
@@ -101,10 +104,12 @@ FINDING_COLOURS: tuple[tuple[int, int, int], ...] = (
 
 
 class SegType(str, Enum):
-    """Segmentation Type of a label SEG (module docs): ``binary`` or ``labelmap``."""
+    """Segmentation Type of a label SEG (module docs): ``binary``, ``labelmap``, or
+    ``labelmap-rle`` (LABELMAP, frames RLE Lossless compressed)."""
 
     BINARY = "binary"
     LABELMAP = "labelmap"
+    LABELMAP_RLE = "labelmap-rle"
 
     @classmethod
     def parse(cls, value: str | SegType) -> SegType:
@@ -182,7 +187,8 @@ def label_seg(
             version identify the algorithm and seed the UIDs.
         manufacturer: Manufacturer of the SEG.
         series_number: SeriesNumber of the SEG series.
-        seg_type: ``binary`` or ``labelmap`` (:class:`SegType`, module docs).
+        seg_type: ``binary``, ``labelmap`` or ``labelmap-rle`` (:class:`SegType`, module
+            docs).
         omit_empty_frames: leave out frames without a segmented pixel (default; module
             docs); False writes every frame.
 
@@ -385,12 +391,15 @@ def _segmentation(source: Sequence[Dataset], masks: np.ndarray,
     masks, or ``(n_frames, Rows, Columns)`` segment numbers; UIDs from ``content``."""
     series_uid = source_series_uid(source)
     prepared = output_source(source)
-    segmentation_type = (hd.seg.SegmentationTypeValues.LABELMAP if seg_type is SegType.LABELMAP
+    labelmap = seg_type in (SegType.LABELMAP, SegType.LABELMAP_RLE)
+    segmentation_type = (hd.seg.SegmentationTypeValues.LABELMAP if labelmap
                          else hd.seg.SegmentationTypeValues.BINARY)
     return prepared.restore(hd.seg.Segmentation(
         source_images=prepared.datasets,
         pixel_array=masks,
         segmentation_type=segmentation_type,
+        transfer_syntax_uid=(RLELossless if seg_type is SegType.LABELMAP_RLE
+                             else ExplicitVRLittleEndian),
         segment_descriptions=descriptions,
         series_instance_uid=derived_uid(series_uid, card.name, card.version, roles[0],
                                         content=content),

@@ -46,6 +46,9 @@ def test_the_benchmark_writers_agree_with_the_labels_and_sparse_is_smaller(tmp_p
     assert sparse["bytes"] < dense["bytes"]
     assert labelmap["segmentation_type"] == "LABELMAP"
     assert labelmap["frames"] == result["slices_with_any_label"]
+    rle = rows["medssl LABELMAP RLE"]
+    assert rle["segmentation_type"] == "LABELMAP" and rle["transfer_syntax"] == "RLE Lossless"
+    assert rle["frames"] == labelmap["frames"] and rle["bytes"] < sparse["bytes"] / 4
     for path in tmp_path.glob("medssl_BINARY*.dcm"):
         assert dciodvfy(path) == [], path.name
 
@@ -114,16 +117,16 @@ def test_the_scorer_and_gateway_pass_the_seg_type_and_refuse_unknown_ones(tmp_pa
     uid = str(source[0].SeriesInstanceUID)
     item = ScanItem(key=uid, paths=tuple(str(p) for p in paths), series_uid=uid,
                     study_uid=str(source[0].StudyInstanceUID))
-    for seg_type, dense in (("labelmap", False), ("binary", True)):
+    for seg_type, dense in (("labelmap", False), ("binary", True), ("labelmap-rle", False)):
         output = DicomOutput(tmp_path / seg_type, seg_type=seg_type, dense_seg=dense)
         path = _write_seg(item, labels, card, output)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        assert ds.SegmentationType == seg_type.upper()
+        assert ds.SegmentationType == seg_type.split("-")[0].upper()
         assert (int(ds.NumberOfFrames) == SHAPE[0] * len(card.labels)) is dense
-    with pytest.raises(ValueError, match=r"one of \['binary', 'labelmap'\], got 'rle'"):
+    with pytest.raises(ValueError, match=r"\['binary', 'labelmap', 'labelmap-rle'\], got 'rle'"):
         DicomOutput(tmp_path, seg_type="rle")
     assert RouteConfig(model="organs", seg_type="labelmap", dense_seg=True).seg_type == "labelmap"
-    with pytest.raises(ValueError, match="seg_type must be 'binary' or 'labelmap', got 'rle'"):
+    with pytest.raises(ValueError, match="'binary', 'labelmap' or 'labelmap-rle', got 'rle'"):
         RouteConfig(model="organs", seg_type="rle")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="seg_type must be one of"):
         label_seg(source, np.asarray(labels.array), dataclasses.replace(card), seg_type="rle")

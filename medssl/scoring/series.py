@@ -176,7 +176,7 @@ def failed_row(item: ScanItem, card: ModelCard, error: str, timings: dict[str, f
 
 
 #: Segmentation types a label SEG can be written as (:class:`medssl.serving.seg.SegType`).
-SEG_TYPES = ("binary", "labelmap")
+SEG_TYPES = ("binary", "labelmap", "labelmap-rle")
 
 
 @dataclass(frozen=True)
@@ -191,9 +191,10 @@ class DicomOutput:
             p = 0.01 helps no reader.
         companion_seg: detection: also write a SEG of the reported findings (a sphere of
             its diameter each), tracked like the SR's findings and listed in its evidence.
-        seg_type: segmentation: ``"binary"`` (default, understood everywhere) or
-            ``"labelmap"`` (DICOM 2024c; not understood by Orthanc 1.10, dcmtk 3.6.7,
-            dciodvfy 2022), :class:`medssl.serving.seg.SegType`.
+        seg_type: segmentation: ``"binary"`` (default, understood everywhere),
+            ``"labelmap"`` or ``"labelmap-rle"`` (DICOM 2024c, the latter RLE Lossless
+            compressed; not understood by Orthanc 1.10, dcmtk 3.6.7, dciodvfy 2022),
+            :class:`medssl.serving.seg.SegType`.
         dense_seg: segmentation: write every frame of the SEG, empty ones too (default:
             empty frames are omitted, :mod:`medssl.serving.seg`).
 
