@@ -22,6 +22,8 @@ PatientSex                     copied when ``M``, ``F`` or ``O`` (the enumerated
                                otherwise left empty
 =============================  ==============================================================
 
+The six attributes, and PatientID, AccessionNumber and StudyID, are written empty when the
+source lacks them (anonymisers remove Type 2 attributes; highdicom needs them present).
 Values that are copied pass dciodvfy; values left empty would not (an invalid VR or an
 unknown enumerated value is an error), so an output never fails validation because of what
 the archive sent. The identifiers a PACS files the result by (PatientID, IssuerOfPatientID,
@@ -81,6 +83,8 @@ PARSED_ATTRIBUTES: dict[str, str] = {
 #: Identifiers copied as received whatever they hold (the PACS files results by them).
 KEPT_AS_RECEIVED = frozenset({"PatientID", "IssuerOfPatientID", "AccessionNumber", "StudyID",
                               *PARSED_ATTRIBUTES})
+#: Type 2 identifiers highdicom reads from the source: empty in the copies when absent.
+_TYPE2_IDENTIFIERS = {"PatientID": "LO", "AccessionNumber": "SH", "StudyID": "SH"}
 _SEX_VALUES = frozenset({"M", "F", "O"})
 _FRAME_OF_REFERENCE = Tag("FrameOfReferenceUID")
 _CHARACTER_SET = Tag("SpecificCharacterSet")
@@ -158,7 +162,9 @@ def output_source(source: Sequence[Dataset]) -> OutputSource:
             if hasattr(ds, attribute):
                 setattr(copy, attribute, getattr(ds, attribute))
         for keyword, vr in PARSED_ATTRIBUTES.items():
-            if Tag(keyword) in copy:
+            copy[Tag(keyword)] = DataElement(Tag(keyword), vr, None)
+        for keyword, vr in _TYPE2_IDENTIFIERS.items():
+            if Tag(keyword) not in copy:  # removed by an anonymiser: empty, as Type 2 allows
                 copy[Tag(keyword)] = DataElement(Tag(keyword), vr, None)
         if derived is not None:
             copy[_FRAME_OF_REFERENCE] = DataElement(_FRAME_OF_REFERENCE, "UI", derived)
