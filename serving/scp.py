@@ -26,15 +26,19 @@ free again the moment its association ends (released, aborted, or the connection
 A first PDU that is not a well-formed A-ASSOCIATE-RQ, or that proposes a presentation context
 ID that is not odd in 1-255 or proposes one twice (PS3.8 9.3.2.2), is answered with an
 A-ABORT (service provider, reason "invalid PDU parameter value" or "unexpected PDU") and the
-connection is closed, holding nothing.
+connection is closed, holding nothing. Past the request, each read and write of the
+association waits at most ``network_timeout_s``, and a connection still not associated
+``acse_timeout_s`` after its request (a PDU trickling in right behind it) is closed: pynetdicom
+checks neither its idle nor its ARTIM timer while its DUL is blocked inside a PDU.
 
 C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 Annex C):
 
 =========  ===================================================================================
 0x0000     stored durably (written, fsynced, renamed into the spool), then ``on_stored`` ran
-0xC210     cannot understand: the dataset does not decode, lacks a UID, names another SOP
-           Instance UID than the request, has no/short pixel data, or is deflated and inflates
-           past ``max_inflated_bytes``; the bytes are quarantined (as received)
+0xC210     cannot understand: the dataset does not decode, is cut short (an element holds
+           fewer bytes than its length says), lacks a UID, names another SOP Instance UID than
+           the request, has no/short pixel data, or is deflated and inflates past
+           ``max_inflated_bytes``; the bytes are quarantined (as received)
 0xA700     out of resources: the spool is below its free-space floor or the write failed;
            nothing is stored, so the sender may retry later
 0x0110     processing failure: stored, but ``on_stored`` raised (the instance stays spooled and
@@ -411,8 +415,9 @@ def _recv_exactly(sock: socket.socket, n_bytes: int, deadline: float) -> bytes:
 def _read_associate_rq(sock: socket.socket, deadline: float) -> bytes:
     """The first PDU of a connection, which must be an A-ASSOCIATE-RQ, read before ``deadline``.
 
-    Reads exactly one PDU (nothing past it), checks it decodes as an A-ASSOCIATE-RQ and that
-    its presentation context IDs are odd, in 1-255 and distinct (PS3.8 9.3.2.2).
+    Reads exactly one PDU (nothing past it), checks that its presentation context IDs are
+    odd, in 1-255 and distinct (PS3.8 9.3.2.2) and that pynetdicom can decode it and make it
+    a primitive (its DUL thread would otherwise die on it, and leave the request unanswered).
 
     Raises:
         _BadRequest: another PDU type, an implausible length, an undecodable PDU or a bad
@@ -442,6 +447,11 @@ def _read_associate_rq(sock: socket.socket, deadline: float) -> bytes:
         if context_id in ids[:i]:
             raise _BadRequest(f"presentation context ID {context_id} is proposed twice",
                               _ABORT_INVALID_PARAMETER)
+    try:
+        pdu.to_primitive()
+    except Exception as exc:  # its message may quote the peer's bytes
+        raise _BadRequest(f"the A-ASSOCIATE-RQ has an invalid value ({type(exc).__name__})",
+                          _ABORT_INVALID_PARAMETER) from None
     return raw
 
 
