@@ -12,28 +12,28 @@ damaged dataset can put the patient's name, ID and birth date there. So once
 :func:`configure_logging` has run, every way text reaches the process's output goes through
 :class:`JsonFormatter`, which keeps what a library says only as its *type*:
 
-========================================  =======================================================
-source                                    what the log line keeps
-========================================  =======================================================
-``medssl.*`` loggers                      message and extras (medssl's own words); an attached
-                                          exception as :func:`safe_traceback`
-other libraries' loggers (pydicom,        level, logger, the source location (``module:line``)
-pynetdicom, highdicom, PIL, urllib3,      and the exception type; the message is withheld
-onnxruntime, the root logger...)
-``warnings.warn`` (any module)            the category and the warning's source location,
-                                          logger ``medssl.warnings``; the text is withheld
-an uncaught exception (main thread, any   :func:`safe_traceback`, logger ``medssl.uncaught``
+============================================  ===================================================
+source                                        what the log line keeps
+============================================  ===================================================
+``medssl.*`` loggers                          message and extras (medssl's own words); an
+                                              attached exception as :func:`safe_traceback`
+other libraries' loggers (pydicom,            level, logger, the source location
+pynetdicom, highdicom, PIL, urllib3,          (``module:line``) and the exception type; the
+onnxruntime, the root logger...)              message is withheld
+``warnings.warn`` (any module)                the category and the warning's source location,
+                                              logger ``medssl.warnings``; the text is withheld
+an uncaught exception (main thread, any       :func:`safe_traceback`, logger ``medssl.uncaught``
 thread, ``unraisable``)
-``print`` to ``sys.stdout``/``sys.stderr``  with :func:`capture_stray_output`: one record per
-                                          line written, its text withheld (logger
-                                          ``medssl.stray``)
-========================================  =======================================================
+``print`` to ``sys.stdout``/``sys.stderr``    with :func:`capture_stray_output`: one record per
+                                              line written, its text withheld (``medssl.stray``)
+============================================  ===================================================
 
 :func:`safe_error` is the one way the gateway turns an exception into stored text (the job
 store's ``error``, a quarantine note, a log field): medssl's own errors keep their message,
-any other exception only its type name. Text that C libraries write straight to file
-descriptor 2 (decoders, onnxruntime) is not Python's to see; none of them quotes dataset
-values.
+any other exception only its type and where it was raised. :func:`loggable_uid` keeps a UID a
+peer sent only when it is one. Text that C libraries write straight to file descriptor 2
+(decoders, onnxruntime) is not Python's to see; ``tests/test_serving_fuzz.py`` checks the
+gateway process's whole output, descriptor 2 included.
 """
 
 from __future__ import annotations
