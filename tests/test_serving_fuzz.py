@@ -79,8 +79,9 @@ def test_the_gateway_survives_a_hostile_corpus_and_then_delivers_a_valid_study(t
     # series of 2+ slices: the valid studies and the hostile cases that have a companion slice
     # are read, decoded and run through the detector; the others are indexed and skipped.
     # A family's study goes on arriving for seconds: a longer idle time spares re-processing.
+    # The deflate bombs inflate to 48 MiB: a 32 MiB bound refuses them.
     gateway = fuzz_gateway(tmp_path / "gw", destinations=[destination], min_slices=2,
-                           spool={"study_idle_s": 3.0},
+                           spool={"study_idle_s": 3.0}, scp={"max_inflated_bytes": 32 * 2**20},
                            processing={"workers": 1, "max_attempts": 2, "retry_backoff_s": 0.2})
     gateway.start()
     try:
@@ -118,6 +119,8 @@ def test_the_gateway_survives_a_hostile_corpus_and_then_delivers_a_valid_study(t
     print(json.dumps(summary, indent=1))
     no_status = [name for name, status in statuses.items() if status < 0]
     assert no_status == [], f"no DICOM status for {len(no_status)} cases: {no_status[:20]}"
+    bombs = {name: status for name, status in statuses.items() if name.endswith("-bomb")}
+    assert bombs and set(bombs.values()) == {0xC210}, bombs
     texts = gateway_texts(gateway.log, gateway.spool, metrics)
     leaks = phi_found(texts)
     assert leaks == {}, "planted PHI in " + json.dumps(
