@@ -257,6 +257,29 @@ def test_an_empty_shared_functional_groups_sequence_is_a_typed_geometry_error(tm
         read_volume(path)
 
 
+@pytest.mark.parametrize("keyword, value", [("RescaleSlope", "x"), ("RescaleIntercept", "ZZPHI"),
+                                            ("RescaleSlope", "nan"), ("RescaleSlope", "0")])
+def test_a_rescale_value_that_is_no_finite_number_is_a_typed_error(dicom_series, keyword, value):
+    """HU computed from a nonsense slope or intercept would be silently wrong; the error names
+    the attribute and the file, never the value (a hostile header may hold PHI there)."""
+    victim = _files(dicom_series)[1]
+    raw = pydicom.dcmread(victim)
+    tag = raw[keyword].tag
+    del raw[keyword]
+    raw.add_new(tag, "DS", None)
+    raw[tag]._value = [value]  # the bytes a hostile sender writes, past pydicom's checks
+    raw.save_as(victim)
+    with pytest.raises(VolumeReadError) as err:
+        read_volume(dicom_series)
+    assert err.value.path == victim
+    assert keyword in err.value.problem and value not in err.value.problem
+
+
+def test_a_missing_rescale_keeps_the_defaults(dicom_series, volume):
+    edit(_files(dicom_series), RescaleSlope=None, RescaleIntercept=None)
+    assert np.array_equal(read_volume(dicom_series).array, volume.array)
+
+
 def test_invalid_dates_do_not_stop_reading(dicom_series, volume):
     """``00000000`` birth dates are common in real archives; 20230231 is no date."""
     edit(_files(dicom_series), PatientBirthDate="00000000", StudyDate="20230231",

@@ -12,6 +12,7 @@ synthetic counterpart of what modern scanners send, for tests and demos.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
 from medssl.errors import LocalizerError, SeriesGeometryError
-from medssl.io.common import hu_int16, positive_number
+from medssl.io.common import hu_int16, positive_number, rescale_number
 from medssl.io.dicom_files import ENHANCED_CT_IMAGE_STORAGE, frame_pixels, series_meta
 from medssl.io.dicom_writer import SeriesInfo, _ds_value, _ds_values, _slice_dataset, derived_uid
 from medssl.io.limits import GeometryLimits
@@ -65,12 +66,11 @@ def read_enhanced(ds: Dataset, path: Path, limits: GeometryLimits | None = None,
                 path, f"frame {k + 1} lacks plane position, orientation or pixel spacing"
             )
         planes.append(plane_geometry(position, orientation, spacing, f"{path.name} frame {k + 1}", path))
-        slope = _group_attr(frame, shared, "PixelValueTransformationSequence", "RescaleSlope")
-        intercept = _group_attr(
-            frame, shared, "PixelValueTransformationSequence", "RescaleIntercept"
-        )
-        slopes.append(float(slope) if slope is not None else 1.0)
-        intercepts.append(float(intercept) if intercept is not None else 0.0)
+        for keyword, default, values in (("RescaleSlope", 1.0, slopes),
+                                         ("RescaleIntercept", 0.0, intercepts)):
+            values.append(rescale_number(
+                partial(_group_attr, frame, shared, "PixelValueTransformationSequence", keyword),
+                default, keyword, path))
     between = _group_attr(per_frame[0], shared, "PixelMeasuresSequence", "SpacingBetweenSlices")
     thickness = _group_attr(per_frame[0], shared, "PixelMeasuresSequence", "SliceThickness")
     stack = sort_slices(planes, path, positive_number(between) or positive_number(thickness) or 1.0)

@@ -24,7 +24,7 @@ from medssl.errors import (
     SeriesGeometryError,
     VolumeReadError,
 )
-from medssl.io.common import positive_number
+from medssl.io.common import positive_number, rescale_number
 from medssl.io.dicom_enhanced import read_enhanced
 from medssl.io.dicom_files import (
     ENHANCED_CT_IMAGE_STORAGE,
@@ -188,8 +188,9 @@ def _stack(datasets: list[Dataset], files: list[Path], label: Path,
     for z, i in enumerate(stack.order):
         ds = datasets[i]
         array[z] = frame_pixels(ds, files[i])[0]
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        slope = rescale_number(partial(ds.get, "RescaleSlope"), 1.0, "RescaleSlope", files[i])
+        intercept = rescale_number(partial(ds.get, "RescaleIntercept"), 0.0, "RescaleIntercept",
+                                   files[i])
         if slope != 1.0:
             array[z] *= np.float32(slope)
         if intercept != 0.0:
