@@ -733,10 +733,7 @@ class StorageSCP:
             return "calling AE title not allowed"
         hosts = self._callers[calling_ae]
         if hosts:
-            address = ipaddress.ip_address(peer)
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-                address = address.ipv4_mapped
-            if address not in hosts:
+            if ipaddress.ip_address(_peer_key(peer)) not in hosts:
                 return "calling AE title not allowed from this host"
         return None
 

@@ -309,8 +309,11 @@ def test_slots_are_limited_per_host_so_one_host_cannot_take_them_all(gateway):
 def test_beyond_max_pending_connections_the_busiest_hosts_oldest_one_is_closed(gateway):
     gw = gateway(max_pending_connections=4)
     with ExitStack() as stack:
-        hogs = [stack.enter_context(connect(gw.scp.port, "127.0.0.2")) for _ in range(4)]
-        time.sleep(0.3)
+        hogs = []
+        for _ in range(4):  # apart, so that their threads register them in this order
+            hogs.append(stack.enter_context(connect(gw.scp.port, "127.0.0.2")))
+            time.sleep(0.1)
+        time.sleep(0.2)
         mine = stack.enter_context(connect(gw.scp.port))
         time.sleep(0.3)
         assert [closed_by_peer(s) for s in hogs] == [True, False, False, False]
