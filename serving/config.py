@@ -24,6 +24,7 @@ import yaml
 
 from medssl.config import config_to_dict, load_config
 from medssl.errors import ConfigError
+from medssl.io.limits import GeometryLimits
 from medssl.scoring.select import SelectionRules
 
 __all__ = [
@@ -248,11 +249,17 @@ class ProcessingConfig:
         max_attempts: a study whose processing fails (or whose worker dies) this many times
             goes to dead-letter.
         retry_backoff_s: wait before retrying a failed attempt (doubles per attempt).
+        geometry: the plausible geometry of a series (:class:`~medssl.io.limits.GeometryLimits`:
+            spacing, extent, source and resampled voxel counts), checked from the headers
+            before any pixel is read; a series beyond it fails with the value and the limit
+            named, and is not retried. The limits bound the memory one series takes; lower
+            them on a small host.
     """
 
     workers: int = 1
     max_attempts: int = 3
     retry_backoff_s: float = 5.0
+    geometry: GeometryLimits = field(default_factory=GeometryLimits)
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.max_attempts < 1 or self.retry_backoff_s < 0:

@@ -253,7 +253,8 @@ class Gateway:
         p = self.cfg.processing
         backoff = p.retry_backoff_s * 2 ** max(job.attempts - 1, 0)
         try:
-            result = process_study(files, self.cfg.routes, models, self.spool.output_dir(job.id))
+            result = process_study(files, self.cfg.routes, models, self.spool.output_dir(job.id),
+                                   limits=p.geometry)
         except TransientError as exc:
             self._settled(self.store.retry_or_dead(job.id, str(exc), p.max_attempts, backoff), fields)
             return

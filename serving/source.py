@@ -1,4 +1,4 @@
-"""The source series' headers as the result writers use them: what real archives hold.
+r"""The source series' headers as the result writers use them: what real archives hold.
 
 highdicom parses the patient and study attributes it copies into a new object (dates and
 times into ``datetime`` values, the sex into an enumeration, names through a check that logs

@@ -83,3 +83,17 @@ def test_environment_and_set_override_the_file():
     bad = subprocess.run([SERVE, "--config", str(EXAMPLE), "--print-config"], capture_output=True, text=True,
                          env={**os.environ, "MEDSSL_GATEWAY__SCP__PROT": "1"})
     assert bad.returncode == 1 and "scp.prot" in bad.stderr
+
+
+def test_the_geometry_limits_are_gateway_settings_validated_at_start(tmp_path):
+    """``processing.geometry`` bounds what one series may take (issue 17, item 4): set from the
+    file or ``--set``, refused at start when inconsistent, and passed to every job."""
+    from medssl.io.limits import GeometryLimits
+    from medssl.serving.config import load_gateway_config
+
+    cfg = load_gateway_config(EXAMPLE, {"processing.geometry.max_resampled_voxels": 2**24})
+    assert cfg.processing.geometry == GeometryLimits(max_resampled_voxels=2**24)
+    assert load_gateway_config(EXAMPLE).processing.geometry == GeometryLimits()
+    bad = subprocess.run([SERVE, "--config", str(EXAMPLE), "--print-config", "--set",
+                          "processing.geometry.min_spacing_mm=0"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "processing.geometry" in bad.stderr

@@ -56,6 +56,9 @@ def test_poison_instances_fail_their_series_and_the_good_series_is_delivered(tmp
         cfg = gateway_config(tmp_path / "gw", routes, REPOSITORY,
                              [{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
                                "port": orthanc.dicom_port, "timeout_s": 5}])
+        # the limits are the gateway's settings (processing.geometry): a stated, odd limit
+        # shows that the jobs use the configured ones, not the defaults
+        cfg["processing"]["geometry"] = {"max_pixel_spacing_mm": 500.0}
         gateway = GatewayProcess(tmp_path / "gw", cfg)
         gateway.start()
         try:
@@ -76,7 +79,7 @@ def test_poison_instances_fail_their_series_and_the_good_series_is_delivered(tmp
             assert job["error"].startswith("series failed: ")  # the job store keeps the reasons
             for name, reason in (("one-valued", "ImageOrientationPatient has 1 value(s)"),
                                  ("empty-shared", "frame 1 lacks plane position"),
-                                 ("huge", "PixelSpacing (row) is 1000 mm")):
+                                 ("huge", "PixelSpacing (row) is 1000 mm, the limit is [0.05, 500] mm")):
                 uid = str(pydicom.dcmread(poisoned_study[name][0], stop_before_pixels=True).SeriesInstanceUID)
                 assert f"{uid} (focalmix-nodules): " in job["error"] and reason in job["error"], name
                 assert any(uid in line and "failed" in line and reason in line for line in log.splitlines()), name
