@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 DEMO   ?= demo
 
-.PHONY: demo test setup setup-test system-deps triton-env openvino-env openvino-score-env clean
+.PHONY: demo test setup setup-test system-deps triton-env ohif openvino-env openvino-score-env clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,17 @@ $(VENV)/.test: $(VENV)/.core
 
 setup: $(VENV)/.core
 
-setup-test: $(VENV)/.test system-deps triton-env
+setup-test: $(VENV)/.test system-deps triton-env ohif
+
+# The OHIF viewer tests/test_viewer_ohif.py opens our SR in: the prebuilt app of npm
+# @ohif/app (50 MB tarball, its package/dist is the site), unpacked under .cache/ohif/.
+OHIF_VERSION := 3.13.2
+.cache/ohif/$(OHIF_VERSION).stamp:
+	rm -rf .cache/ohif && mkdir -p .cache/ohif
+	cd .cache/ohif && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null && tar xzf ohif-app-$(OHIF_VERSION).tgz && rm ohif-app-$(OHIF_VERSION).tgz
+	touch $@
+
+ohif: .cache/ohif/$(OHIF_VERSION).stamp
 
 # The Triton env: a separate venv whose nvidia-pytriton wheel bundles the real tritonserver
 # the serving tests start (medssl.runners.LocalTritonServer). Its Python backend stub needs
@@ -45,12 +55,12 @@ openvino-score-env:
 	$(PYTHON) -m venv .venv-openvino-score
 	.venv-openvino-score/bin/python -m pip --disable-pip-version-check -q install -e . onnxruntime-openvino
 
-# Validators, DICOM tools and the PACS (Orthanc) the tests use; installed when running as root
+# Validators, DICOM tools, the PACS (Orthanc) and the browser (chromium, for OHIF) the tests use; installed when running as root
 # (CI, fresh machines). The Debian package also starts an Orthanc service on ports 4242/8042;
 # the tests start their own instances on free ports and do not use it.
 system-deps:
-	@if [ "$$(id -u)" = "0" ] && ! { command -v dciodvfy && command -v dcmcjpeg && command -v Orthanc && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; } >/dev/null 2>&1; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk orthanc orthanc-dicomweb >/dev/null; \
+	@if [ "$$(id -u)" = "0" ] && ! { command -v dciodvfy && command -v dcmcjpeg && command -v Orthanc && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && command -v chromium; } >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools dcmtk orthanc orthanc-dicomweb chromium >/dev/null; \
 	fi
 	@command -v dciodvfy >/dev/null 2>&1 || echo "note: dciodvfy not found; DICOM validation tests will be skipped (apt-get install dicom3tools)"
 	@command -v dcmcjpeg >/dev/null 2>&1 || echo "note: dcmtk not found; JPEG Lossless tests will be skipped (apt-get install dcmtk)"
