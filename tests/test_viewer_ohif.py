@@ -44,8 +44,13 @@ What OHIF 3.13.2 showed (measured here, December 2026):
   black under "Something went wrong" (console: ``No Tracking Unique Identifier, skipping
   ambiguous measurement.`` then ``TypeError: Cannot read properties of undefined (reading
   'UID') at _getMergedContentSequencesByTrackingUniqueIdentifiers``: OHIF's SR handler warns
-  that it skips a group without a Tracking Unique Identifier but reads its UID anyway). OHIF
-  3.13.2 needs a Tracking Unique Identifier in every Measurement Group of Imaging Measurements.
+  that it skips a group without a Tracking Unique Identifier but reads its UID anyway). No
+  encoding of "no findings" avoids a crash (tried by editing the file): the group with a
+  Tracking Unique Identifier throws at ``measurement.coords[0].ReferencedSOPSequence`` (a
+  tracked group needs a SCOORD/SCOORD3D), and a report with no Imaging Measurements at all
+  (only the document-level "Nodule: Absent") throws ``Cannot destructure property
+  'displaySetInstanceUID' of 'measurement'``: OHIF 3.13.2's SR viewport needs at least one
+  located measurement. The test stays an xfail for OHIF to fix.
 """
 
 from __future__ import annotations
