@@ -7,11 +7,16 @@ Structure of the document (PS3.16 template numbers)::
       TID 1001  Observation context: device observer = the model (UID, "name vN", manufacturer)
       Procedure reported (default: CT unspecified body region)
       Imaging Measurements
-        TID 1410  Planar ROI Measurements, exactly one group per detection:
+        TID 1410  Planar ROI Measurements, two groups per detection, in this order:
+          (a) the finding on an image
           Tracking Identifier "<label name> <i>" + Tracking Unique Identifier (derived UID)
           Finding category / Finding          <- Label.category / Label.type (e.g. Nodule)
           Finding Site                        <- Label.anatomic_region (e.g. Lung), if any
           Algorithm Identification (TID 4019) <- card name and version, family AI
+          Image Region: SCOORD POINT (column, row) at the centre, SELECTED FROM the source
+                        image (and frame) whose plane is nearest the centre
+          (b) the finding in 3D, with its measurements
+          the same tracking identifier and UID, codes, site and algorithm
           Image Region: SCOORD3D POINT at the centre (LPS mm, the source's frame of reference)
           Diameter (SCT 81827009), mm
           Certainty of Finding (DCM 111012), % = 100 x probability
@@ -44,26 +49,32 @@ and highdicom 0.28 in tests/test_sr_viewers.py):
   "Measurement Group" under Imaging Measurements (TID 1410, 1411 and 1501 alike) with its
   codes, tracking identifier/UID, NUM items and "Referenced Segment"; it reads no SCOORD or
   SCOORD3D at all (measured: a 2D CIRCLE on the source image comes out as nothing either) and
-  nothing outside Imaging Measurements. So the previous TID 1410 + TID 1411 pair listed each
-  finding twice (and Slicer then paired measurements past the SEG's last segment), and a
-  report with only document-level Qualitative Evaluations came out as an empty list: hence
-  one group per finding, and the TID 1501 "Absent" group.
-* OHIF (OHIF/Viewers, ``extensions/cornerstone-dicom-sr/src/getSopClassHandlerModule.ts``,
-  a version with SCOORD3D support): Comprehensive 3D SR has its own handler; groups under
+  nothing outside Imaging Measurements. A report with only document-level Qualitative
+  Evaluations came out as an empty list: hence the TID 1501 "Absent" group.
+* OHIF 3.13.2, run for real (tests/test_viewer_ohif.py: npm ``@ohif/app``, headless
+  chromium): a SCOORD3D POINT is parsed but not drawn in its SR (stack) viewport ("Unable to
+  apply reference viewable", the annotation names no image); a 2D SCOORD POINT SELECTED FROM
+  the CT image is drawn at the centre with the measurements of the merged groups. Hence group
+  (a) first: OHIF merges the two groups by tracking UID and places the first point. Its
+  source, read before that run (OHIF/Viewers,
+  ``extensions/cornerstone-dicom-sr/src/getSopClassHandlerModule.ts``): Comprehensive 3D SR has its own handler; groups under
   Imaging Measurements are merged by Tracking Unique Identifier (a group without one is
   skipped); a merged measurement is placed by its first top-level SCOORD or SCOORD3D (a
   SCOORD3D POINT is drawn when its ReferencedFrameOfReferenceUID is the image series' frame
   of reference; a 2D SCOORD needs its SELECTED FROM image, by SOP instance and frame), else
   by SCOORD/SCOORD3D children of its NUM items; in that version a measurement with no
   coordinates fails the placement loop (``measurement.coords[0]``), hence no tracking UID
-  on the "Absent" group. Older OHIF 3 versions look only for a 2D SCOORD in TID 1410 and
-  also require an Image Library container; this report does not serve them.
+  on the "Absent" group (which, measured in 3.13.2, still breaks its SR viewport: OHIF
+  reads the UID of the group it says it skips). Older OHIF 3 versions look only for a 2D
+  SCOORD in TID 1410 but also require an Image Library container, which this report lacks.
 * highdicom refuses coordinates on the NUM items of TID 1410/1411 groups (TID 1419), and
   TID 1410 and TID 1411 take exactly one region reference each (SCOORD, SCOORD3D or a
-  segment), so no single group can carry both a point and a segment reference; a second
-  group per finding (a 2D SCOORD on the nearest slice, or a TID 1411 segment reference)
-  would be listed twice by dcmqi and break Slicer's measurement-to-segment pairing. One
-  SCOORD3D POINT group per finding is what both current viewers place.
+  segment), so no single group can carry both a 2D and a 3D point. Current OHIF draws only
+  the 2D point and current QuantitativeReporting shows only the 3D one, so each finding gets
+  both groups. The cost: dcmqi lists two rows per finding (one tracking UID; the measurements
+  in the second), and older QuantitativeReporting (dcmqi branch) with a companion SEG pairs
+  row i with segment i, which no longer lines up. A TID 1411 segment-reference group is not
+  added (a third row, and the SEG already carries each finding's tracking UID).
 
 The probability uses "Certainty of Finding", the concept the CAD SR templates (mammography,
 chest CAD) use for a detector's confidence that a finding is real, in percent as they do; a
@@ -83,6 +94,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -95,6 +107,7 @@ from pydicom.uid import SegmentationStorage
 
 from medssl import __version__
 from medssl.atomic import atomic_write
+from medssl.io.dicom_enhanced import frame_planes
 from medssl.models.card import Code, Label, ModelCard
 from medssl.pipeline.detect import Detection
 from medssl.serving.source import output_source
@@ -178,8 +191,8 @@ def detection_sr(
         procedure_reported: TID 1500 "Procedure reported" (CID 100).
         companion_seg: the SEG of these detections (:func:`~medssl.serving.seg.detection_seg`,
             segment ``i + 1`` = ``detections[i]``, tracked with the same identifier and UID
-            as finding ``i``'s group); it is recorded as evidence, and each finding keeps
-            one TID 1410 group (no TID 1411 group: see the module docstring).
+            as finding ``i``'s groups); it is recorded as evidence, and each finding keeps
+            its two TID 1410 groups (no TID 1411 group: see the module docstring).
         settings: what chose the reported findings and outputs (e.g. ``{"min_probability":
             0.5, "companion_seg": True}``); part of the content key the UIDs derive from.
 
@@ -217,9 +230,13 @@ def detection_sr(
     context = hd.sr.ObservationContext(observer_device_context=observer)
     procedure = coded(procedure_reported)
     if detections:
-        groups = [_measurement_group(i, d, label, card, manufacturer, series_uid,
-                                     frame_of_reference)
-                  for i, d in enumerate(detections)]
+        planes = _source_planes(source)
+        groups = [group
+                  for i, d in enumerate(detections)
+                  for group in (
+                      _image_point_group(i, d, label, card, manufacturer, series_uid, planes),
+                      _measurement_group(i, d, label, card, manufacturer, series_uid,
+                                         frame_of_reference))]
         content: Dataset = hd.sr.MeasurementReport(context, procedure, groups)[0]
     else:
         content = _no_findings_report(context, procedure, label, card, manufacturer)
@@ -286,10 +303,10 @@ def _measurement_group(
     series_uid: str,
     frame_of_reference: str,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """The one TID 1410 group of detection ``index`` (0-based): its SCOORD3D POINT, codes,
-    algorithm, diameter and certainty. A companion SEG's segment ``index + 1`` carries the
-    same tracking identifier and UID (see the module docstring for why there is no TID 1411
-    group)."""
+    """The 3D TID 1410 group of detection ``index`` (0-based): its SCOORD3D POINT, codes,
+    algorithm, diameter and certainty; it follows the 2D group of :func:`_image_point_group`
+    with the same tracking identifier and UID, which a companion SEG's segment ``index + 1``
+    carries too (see the module docstring for why there is no TID 1411 group)."""
     identifier, uid = finding_tracking(series_uid, card, index, detection)
     centre = np.asarray(detection.centre_lps, dtype=np.float64).reshape(1, 3)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -304,6 +321,79 @@ def _measurement_group(
                               value=100.0 * float(detection.probability),
                               unit=codes.UCUM.Percent),
         ],
+        **_finding_codes(label, card, manufacturer),
+    )
+
+
+@dataclass(frozen=True)
+class _Plane:
+    """One source frame's geometry: the image (and frame number of a multi-frame image) and
+    its ImagePositionPatient, ImageOrientationPatient and PixelSpacing."""
+
+    image: Dataset
+    frame: int | None
+    position: tuple[float, ...]
+    orientation: tuple[float, ...]
+    spacing: tuple[float, ...]
+
+
+def _source_planes(source: Sequence[Dataset]) -> list[_Plane]:
+    """Every frame of the source series with its plane geometry (single-frame images: their
+    own attributes; multi-frame images: their functional groups, frames numbered from 1)."""
+    planes = []
+    for ds in source:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+            for k, (position, orientation, spacing) in enumerate(zip(*frame_planes(ds)), start=1):
+                planes.append(_Plane(ds, k, tuple(position), tuple(orientation), tuple(spacing)))
+        else:
+            planes.append(_Plane(ds, None, tuple(map(float, ds.ImagePositionPatient)),
+                                 tuple(map(float, ds.ImageOrientationPatient)),
+                                 tuple(map(float, ds.PixelSpacing))))
+    return planes
+
+
+def _image_point(centre_lps: Sequence[float], planes: Sequence[_Plane]
+                 ) -> tuple[_Plane, np.ndarray]:
+    """The source frame whose plane is nearest ``centre_lps`` (LPS mm), and the centre in its
+    pixel matrix as SCOORD ``[[column, row]]`` (pixel units, (0, 0) the top left corner of the
+    top left pixel, so a pixel centre is at .5; highdicom's ReferenceToImageTransformer)."""
+    centre = np.asarray(centre_lps, dtype=np.float64).reshape(1, 3)
+    best: tuple[float, _Plane, np.ndarray] | None = None
+    for plane in planes:
+        to_image = hd.spatial.ReferenceToImageTransformer(
+            image_position=plane.position, image_orientation=plane.orientation,
+            pixel_spacing=plane.spacing)
+        column, row, off_plane_mm = to_image(centre)[0]
+        if best is None or abs(off_plane_mm) < best[0]:
+            best = (abs(off_plane_mm), plane, np.array([[column, row]]))
+    assert best is not None  # source_series_uid refused an empty source
+    return best[1], best[2]
+
+
+def _image_point_group(
+    index: int,
+    detection: Detection,
+    label: Label,
+    card: ModelCard,
+    manufacturer: str,
+    series_uid: str,
+    planes: Sequence[_Plane],
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The TID 1410 group that places detection ``index`` on an image: a 2D SCOORD POINT at
+    its centre on the source frame nearest it (SELECTED FROM that image and frame), with the
+    finding's tracking identifier and UID and codes, no measurements (they are in its
+    SCOORD3D group, :func:`_measurement_group`). This is what OHIF 3.13.2 draws
+    (tests/test_viewer_ohif.py); see the module docstring."""
+    identifier, uid = finding_tracking(series_uid, card, index, detection)
+    plane, point = _image_point(detection.centre_lps, planes)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=point,
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=str(plane.image.SOPClassUID),
+                referenced_sop_instance_uid=str(plane.image.SOPInstanceUID),
+                referenced_frame_numbers=None if plane.frame is None else [plane.frame])),
         **_finding_codes(label, card, manufacturer),
     )
 

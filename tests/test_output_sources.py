@@ -23,6 +23,10 @@ from medssl.pipeline.detect import Detection
 from medssl.serving.seg import write_detection_seg, write_label_seg
 from medssl.serving.sr import write_detection_sr
 
+#: A finding's SCOORD3D group in our SRs (each finding also has a 2D point group first:
+#: tests/test_sr_viewers.py).
+POINT3D = hd.sr.GraphicTypeValues3D.POINT
+
 CARD_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "focalmix-nodules"
 SHAPE = (6, 24, 24)
 NAME = "Doe Jane"  # no "^": highdicom's name check would log it
@@ -141,7 +145,7 @@ def test_a_series_without_frame_of_reference_gets_outputs_in_a_derived_one(
         assert dciodvfy(path) == [], path.name
     sr, seg_path, _, label_path = paths
     report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(sr)])
-    [group] = report.get_planar_roi_measurement_groups()
+    [group] = report.get_planar_roi_measurement_groups(graphic_type=POINT3D)
     assert group.roi.ReferencedFrameOfReferenceUID == derived
     for path in (seg_path, label_path):
         seg = hd.seg.segread(path)

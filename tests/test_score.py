@@ -206,7 +206,8 @@ def test_write_dicom_gives_one_valid_sr_per_scored_series_and_retries_reuse_its_
     first = ok[0]
     for row in ok:
         report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(row["dicom_outputs"])])
-        groups = report.get_planar_roi_measurement_groups()
+        groups = report.get_planar_roi_measurement_groups(
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT)
         reported = [f for f in findings if f["key"] == row["key"] and f["probability"] >= 0.5]
         assert len(groups) == len(reported)
         assert dciodvfy(Path(row["dicom_outputs"])) == []

@@ -28,6 +28,10 @@ from medssl.serving import (
 from medssl.serving.seg import detection_seg, frame_slices, write_detection_seg
 from tests.conftest import oblique_direction, require_tool
 
+#: A finding's SCOORD3D group in our SRs (each finding also has a 2D point group first:
+#: tests/test_sr_viewers.py).
+POINT3D = hd.sr.GraphicTypeValues3D.POINT
+
 CARD_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "focalmix-nodules"
 SHAPE = (16, 64, 64)
 NODULES = [((8.0, 30.0, 35.0), 8.0, 0.93), ((4.0, 50.0, 12.0), 5.0, 0.41)]  # voxel zyx, mm, p
@@ -138,10 +142,13 @@ def test_sr_with_detections_is_a_valid_tid1500_report_of_planar_point_groups(
     assert observer.observer_identifying_attributes.name == "focalmix-nodules v1"
 
     assert report.get_volumetric_roi_measurement_groups() == []
-    groups = report.get_planar_roi_measurement_groups()
-    assert [g[0].ContentTemplateSequence[0].TemplateIdentifier for g in groups] == ["1410"] * 2
+    every = report.get_planar_roi_measurement_groups()
+    assert [g[0].ContentTemplateSequence[0].TemplateIdentifier for g in every] == ["1410"] * 4
+    # each finding: a 2D point group on its image (tests/test_sr_viewers.py), then this one
+    groups = report.get_planar_roi_measurement_groups(graphic_type=POINT3D)
     assert [g.tracking_identifier for g in groups] == ["Nodule 1", "Nodule 2"]
     assert len({g.tracking_uid for g in groups}) == 2
+    assert [g.tracking_uid for g in every] == [g.tracking_uid for g in groups for _ in "2D"]
     for group, detection in zip(groups, detections):
         assert group.finding_type == codes.SCT.Nodule
         assert group.finding_category == hd.sr.CodedConcept(
@@ -173,7 +180,7 @@ def test_sr_without_detections_is_a_valid_no_findings_report(tmp_path, ct, card,
     path = write_detection_sr(source, [], card, tmp_path / "sr.dcm")
     assert dciodvfy(path) == []
     sr, report = _report(path)
-    assert report.get_planar_roi_measurement_groups() == []
+    assert report.get_planar_roi_measurement_groups(graphic_type=POINT3D) == []
     _assert_names_model_and_copies_source(sr, source[0], card)
     [evaluations] = [item for item in sr.ContentSequence
                      if item.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"]
@@ -224,9 +231,9 @@ def test_output_uids_repeat_for_a_retry_and_change_with_the_model_version(
     assert _uids(sr_first) == _uids(sr_again)
     assert _uids(seg_first) == _uids(seg_again)
     tracking = [g.tracking_uid for g in hd.sr.MeasurementReport.from_sequence(
-        [sr_first]).get_planar_roi_measurement_groups()]
+        [sr_first]).get_planar_roi_measurement_groups(graphic_type=POINT3D)]
     assert tracking == [g.tracking_uid for g in hd.sr.MeasurementReport.from_sequence(
-        [sr_again]).get_planar_roi_measurement_groups()]
+        [sr_again]).get_planar_roi_measurement_groups(graphic_type=POINT3D)]
 
     v2 = dataclasses.replace(card, version=2)
     every = {*_uids(sr_first), *_uids(seg_first), *_uids(detection_sr(source, detections, v2)),
@@ -329,7 +336,7 @@ def test_companion_seg_has_a_sphere_per_detection_tracked_like_the_sr_findings(
     _assert_names_model_and_copies_source(sr, source[0], card)
     # one TID 1410 group per finding (tests/test_sr_viewers.py: why no TID 1411 group);
     # segment i of the SEG is tracked like finding i's group
-    planar = report.get_planar_roi_measurement_groups()
+    planar = report.get_planar_roi_measurement_groups(graphic_type=POINT3D)
     assert report.get_volumetric_roi_measurement_groups() == []
     assert [g.tracking_identifier for g in planar] == ["Nodule 1", "Nodule 2"]
     for number, (group, detection) in enumerate(zip(planar, detections), start=1):
@@ -385,7 +392,15 @@ def test_reports_on_an_enhanced_ct_are_valid_and_reference_it(
         _assert_names_model_and_copies_source(sr, ds, card)
         assert (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) in [
             e[:3] for e in sr.get_evidence()]
-        assert len(report.get_planar_roi_measurement_groups()) == len(found)
+        assert len(report.get_planar_roi_measurement_groups(graphic_type=POINT3D)) == len(found)
+        # each finding's 2D point names the frame holding its slice (frames are out of order)
+        images = report.get_planar_roi_measurement_groups(graphic_type=hd.sr.GraphicTypeValues.POINT)
+        for group, detection in zip(images, found):
+            [reference] = group.roi.ContentSequence[0].ReferencedSOPSequence
+            assert reference.ReferencedSOPInstanceUID == ds.SOPInstanceUID
+            z, y, x = detection.centre_voxel
+            assert ORDER[int(reference.ReferencedFrameNumber) - 1] == round(z)
+            assert np.allclose(group.roi.value, [[x + 0.5, y + 0.5]], atol=1e-3)
     assert dciodvfy(seg_path) == []
 
 

@@ -27,6 +27,10 @@ from tests.conftest import require_tool
 from tests.gateway_process import GatewayProcess, gateway_config
 from tests.orthanc import OrthancServer
 
+#: A finding's SCOORD3D group in our SRs (each finding also has a 2D point group first:
+#: tests/test_sr_viewers.py).
+POINT3D = hd.sr.GraphicTypeValues3D.POINT
+
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 DETECTOR = "focalmix-nodules"
 MIN_PROBABILITY = 0.5
@@ -155,7 +159,7 @@ def _scored_findings(files: list[Path], tmp_path: Path) -> np.ndarray:
 
 def _sr_points(sr: pydicom.Dataset) -> np.ndarray:
     report = hd.sr.Comprehensive3DSR.from_dataset(sr)
-    groups = report.content.get_planar_roi_measurement_groups()
+    groups = report.content.get_planar_roi_measurement_groups(graphic_type=POINT3D)
     return np.array([g.roi.value.reshape(-1) for g in groups]).reshape(-1, 3)
 
 
@@ -185,7 +189,7 @@ def test_a_study_pushed_by_orthanc_comes_back_as_an_sr_and_a_seg(
     distances = np.linalg.norm(points[:, None, :] - expected[None, :, :], axis=2)
     assert distances.min(axis=1).max() <= 2.0
     report = hd.sr.Comprehensive3DSR.from_dataset(sr)
-    for group in report.content.get_planar_roi_measurement_groups():
+    for group in report.content.get_planar_roi_measurement_groups(graphic_type=POINT3D):
         assert group.finding_type == NODULE
         assert [site.value for site in group.finding_sites] == [LUNG]
         assert group.get_measurements(name=codes.SCT.Diameter)

@@ -25,6 +25,10 @@ from medssl.synth.organs import generate_organ_phantom
 from tests.conftest import ORGAN_SHAPE
 from tests.dicom_edits import copy_series
 
+#: A finding's SCOORD3D group in our SRs (each finding also has a 2D point group first:
+#: tests/test_sr_viewers.py).
+POINT3D = hd.sr.GraphicTypeValues3D.POINT
+
 #: The shipped detector: trained, so its scores spread and the route's threshold matters (the
 #: random-weight ``exported_detector`` scores every box 0.0101).
 REPOSITORY = Path(__file__).parents[1] / "model_repository"
@@ -71,7 +75,7 @@ def _points(sr_path: Path) -> np.ndarray:
     """The SR's findings: ``(n, 5)`` centre x, y, z (LPS mm), diameter (mm), probability."""
     report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(sr_path)])
     rows = []
-    for group in report.get_planar_roi_measurement_groups():
+    for group in report.get_planar_roi_measurement_groups(graphic_type=POINT3D):
         [diameter] = group.get_measurements(name=hd.sr.CodedConcept("81827009", "SCT", "Diameter"))
         [certainty] = group.get_measurements(
             name=hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding"))
@@ -159,7 +163,7 @@ def test_an_enhanced_ct_study_gives_a_valid_sr_with_a_companion_seg(chest, detec
     segmentation = hd.seg.segread(seg.path)
     assert segmentation.number_of_segments == enhanced.series[0].n_findings
     report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(sr.path)])
-    groups = report.get_planar_roi_measurement_groups()  # one per finding, tracked like its segment
+    groups = report.get_planar_roi_measurement_groups(graphic_type=POINT3D)  # one per finding, tracked like its segment
     assert [g.tracking_uid for g in groups] == [
         segmentation.get_segment_description(i + 1).tracking_uid for i in range(len(groups))]
     assert len(groups) == enhanced.series[0].n_findings

@@ -1,4 +1,4 @@
-"""What viewers find in the detection SR: each finding once and where it is, and "Absent".
+"""What viewers find in the detection SR: each finding and where it is, and "Absent".
 
 Read three ways, as the viewers read it (see serving/sr.py's module docstring for the sources):
 
@@ -7,7 +7,7 @@ Read three ways, as the viewers read it (see serving/sr.py's module docstring fo
   and never a SCOORD/SCOORD3D, and Slicer pairs measurement ``i`` with segment ``i`` of the
   SEG the report lists as evidence;
 * highdicom, as QuantitativeReporting does for planar reports (a SCOORD3D POINT group becomes
-  a markups point);
+  a markups point; 2D SCOORD groups are not shown there);
 * the rules of OHIF's TID 1500 parser (``_ohif_measurements`` below), which merges groups by
   Tracking Unique Identifier and needs a SCOORD or SCOORD3D in each merged measurement.
 
@@ -102,13 +102,14 @@ def _ohif_measurements(sr: pydicom.Dataset) -> list[dict]:
     return measurements
 
 
-def test_slicer_and_ohif_find_each_finding_once_at_its_centre(
+def test_slicer_and_ohif_find_each_finding_at_its_centre(
         tmp_path, ct, detections, card, dciodvfy, tid1500reader):  # noqa: F811
-    """Without and with the companion SEG: one measurement group per finding (dcmqi lists
-    each once; before, the SEG doubled them with TID 1411 groups, and Slicer, pairing
-    measurement i with segment i, ran past the SEG's segments), located by a SCOORD3D POINT
-    in the source's frame of reference (what QuantitativeReporting shows as a point and OHIF
-    draws in a Comprehensive 3D SR), and with the SEG, segment i tracked as finding i."""
+    """Without and with the companion SEG, each finding is two TID 1410 groups with one
+    tracking identifier and UID: first a 2D SCOORD POINT at its centre on the source image
+    nearest it (what OHIF 3.13.2 draws: tests/test_viewer_ohif.py), then a SCOORD3D POINT in
+    the source's frame of reference with the measurements (what QuantitativeReporting shows as
+    a markups point). No TID 1411 group (before, the SEG doubled every finding with one); with
+    the SEG, segment i is tracked as finding i."""
     volume, source = ct
     seg_path, seg = write_detection_seg(source, detections, card, volume.affine, volume.shape,
                                         tmp_path / "findings-seg.dcm")
@@ -125,29 +126,52 @@ def test_slicer_and_ohif_find_each_finding_once_at_its_centre(
         points = report.get_planar_roi_measurement_groups(
             graphic_type=hd.sr.GraphicTypeValues3D.POINT, reference_type=codes.DCM.ImageRegion)
         assert [g.tracking_identifier for g in points] == ["Nodule 1", "Nodule 2"]
-        assert len(report.get_planar_roi_measurement_groups()) == len(detections)
+        assert len(report.get_planar_roi_measurement_groups()) == 2 * len(detections)
         assert report.get_volumetric_roi_measurement_groups() == []
         for group, detection in zip(points, detections):
             assert group.roi.frame_of_reference_uid == frame_of_reference
             assert np.allclose(group.roi.value, [detection.centre_lps], atol=1e-3)
 
-        # dcmqi: each finding once, in order, with its measurements and tracking UID
+        # the 2D point of each finding: on the image whose plane is nearest the centre, at
+        # the centre's (column, row) + 0.5 (SCOORD pixel coordinates), same tracking UID
+        images = report.get_planar_roi_measurement_groups(
+            graphic_type=hd.sr.GraphicTypeValues.POINT)
+        assert [(g.tracking_identifier, g.tracking_uid) for g in images] == [
+            (g.tracking_identifier, g.tracking_uid) for g in points]
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in source}
+        for group, detection in zip(images, detections):
+            z, y, x = volume.world_to_index(np.array([detection.centre_lps]))[0]
+            referenced = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+            image = by_uid[referenced.ReferencedSOPInstanceUID]
+            [nearest] = [ds for ds in source if np.allclose(
+                [float(v) for v in ds.ImagePositionPatient],
+                volume.index_to_world(np.array([[round(z), 0, 0]]))[0], atol=1e-3)]
+            assert image.SOPInstanceUID == nearest.SOPInstanceUID
+            assert np.allclose(group.roi.value, [[x + 0.5, y + 0.5]], atol=1e-3)
+            assert group.get_measurements() == []  # measurements once, in the 3D group
+
+        # dcmqi: each finding's two groups in order, its measurements once, one tracking UID
         listed = tid1500reader(path)["Measurements"]
-        assert [m["TrackingIdentifier"] for m in listed] == ["Nodule 1", "Nodule 2"]
-        assert [m["TrackingUniqueIdentifier"] for m in listed] == [g.tracking_uid for g in points]
-        for measurement, detection in zip(listed, detections):
+        assert [m["TrackingIdentifier"] for m in listed] == [
+            "Nodule 1", "Nodule 1", "Nodule 2", "Nodule 2"]
+        assert [m["TrackingUniqueIdentifier"] for m in listed] == [
+            uid for g in points for uid in (g.tracking_uid, g.tracking_uid)]
+        for measurement, detection in zip(listed[1::2], detections):
             values = {item["quantity"]["CodeMeaning"]: float(item["value"])
                       for item in measurement["measurementItems"]}
             assert values == pytest.approx({"Diameter": detection.diameter_mm,
                                             "Certainty of Finding": 100 * detection.probability})
+        assert all(m["measurementItems"] == [] for m in listed[::2])
 
-        # OHIF: one measurement per finding, each with a SCOORD3D POINT it can place
+        # OHIF: one measurement per finding, placed by its first (2D) point on its image
         ohif = _ohif_measurements(sr)
         assert [m["label"] for m in ohif] == ["Nodule 1", "Nodule 2"]
-        for measurement, detection in zip(ohif, detections):
+        for measurement, group in zip(ohif, images):
             [(value_type, graphic_type, data, where)] = measurement["coords"]
-            assert (value_type, graphic_type, where) == ("SCOORD3D", "POINT", frame_of_reference)
-            assert np.allclose(data, detection.centre_lps, atol=1e-3)
+            assert (value_type, graphic_type) == ("SCOORD", "POINT")
+            referenced = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+            assert where == referenced.ReferencedSOPInstanceUID
+            assert np.allclose(data, np.asarray(group.roi.value).ravel(), atol=1e-3)
 
     # with the SEG: it is evidence (dcmqi's composite context, what Slicer loads with the
     # report), and its segment i carries finding i's tracking identifier and UID

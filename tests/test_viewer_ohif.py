@@ -22,18 +22,19 @@ text box (``data-annotation-uid`` = the finding's Tracking Unique Identifier).
 
 What OHIF 3.13.2 showed (measured here, December 2026):
 
-* Our SR (SCOORD3D POINT, the TID 1410 Image Region at group level): OHIF lists the SR
-  series, parses both groups into ``DICOMSRDisplay`` annotations with the right LPS points and
-  frame of reference, but draws neither, on the finding's slice or any other: the SR viewport
-  is a stack viewport, the annotation has no referenced image, and cornerstone's
-  ``isReferenceViewable`` rejects the plane restriction (console: ``Unable to apply reference
-  viewable {planeRestriction, FrameOfReferenceUID, referencedImageId: null}``); the viewport
-  stays on its first image. With the companion SEG, the same.
-* The same SR with each SCOORD3D replaced by a 2D SCOORD POINT (pixel column/row of the
-  centre, SELECTED FROM the CT image that contains it; built here with highdicom): OHIF jumps
-  to the slice of the first finding and draws an arrow at the centre with "Diameter",
-  "Certainty of Finding" and the finding site: this is the encoding OHIF 3.13.2 can show.
-* Neither encoding becomes a tracked measurement: answering "Yes" to "continue tracking" logs
+* An SR whose findings are only SCOORD3D POINTs (TID 1410 Image Region at group level; the
+  encoding before this test existed): OHIF lists the SR series, parses both groups into
+  ``DICOMSRDisplay`` annotations with the right LPS points and frame of reference, but draws
+  neither, on the finding's slice or any other: the SR viewport is a stack viewport, the
+  annotation has no referenced image, and cornerstone's ``isReferenceViewable`` rejects the
+  plane restriction (console: ``Unable to apply reference viewable {planeRestriction,
+  FrameOfReferenceUID, referencedImageId: null}``). With the companion SEG, the same.
+* A 2D SCOORD POINT (pixel column/row of the centre, SELECTED FROM the CT image that contains
+  it) is drawn: OHIF jumps to the slice of the first finding and draws an arrow at the centre
+  with "Diameter", "Certainty of Finding" and the finding site. So our SR now gives each
+  finding a 2D group first and its SCOORD3D group second, with one tracking UID
+  (``serving/sr.py``); OHIF merges them by that UID and places the first (2D) point.
+* No encoding becomes a tracked measurement: answering "Yes" to "continue tracking" logs
   ``Unable to generate tool state ... No spatial coordinates group found`` (cornerstone's
   adapters look for the SCOORD/SCOORD3D inside the group's first NUM, and only without a NUM
   at group level), and the Measurements panel stays at "Measurements (0)". Hydration also
@@ -86,7 +87,6 @@ SHAPE, SPACING, ORIGIN = (16, 64, 64), (2.0, 1.25, 1.25), (-40.0, -60.0, -120.0)
 #: Screenshots of finding 1's slice, our SR and its 2D-point variant (committed; rewritten by
 #: these tests only when ``MEDSSL_OHIF_FIGURES=1``).
 FIGURE = ROOT / "benchmarks" / "results" / "ohif_sr.png"
-FIGURE_2D = ROOT / "benchmarks" / "results" / "ohif_sr_2d_points.png"
 #: OHIF's "Basic Viewer" (measurement tracking) mode waits this long at most for a step.
 STEP_MS = 20_000
 
@@ -130,27 +130,6 @@ def _chest(path: Path, seed: str) -> tuple[Volume, list[Path], list[pydicom.Data
     detections = [Detection(tuple(float(c) for c in volume.index_to_world(centre)), d, p, centre)
                   for centre, d, p in NODULES]
     return volume, paths, source, detections
-
-
-def _with_2d_points(sr_path: Path, volume: Volume, source: list[pydicom.Dataset]) -> Path:
-    """The SR with each group's SCOORD3D POINT replaced by a 2D SCOORD POINT (highdicom's
-    ImageRegion: column, row of the centre + 0.5, on the CT image that contains it): the
-    encoding OHIF 3.13.2 draws (the module docstring). Written beside, ``*-2d.dcm``."""
-    sr = pydicom.dcmread(sr_path)
-    [measurements] = [c for c in sr.ContentSequence
-                      if c.ConceptNameCodeSequence[0].CodeValue == "126010"]
-    for group in measurements.ContentSequence:
-        items = list(group.ContentSequence)
-        [point] = [i for i in items if i.ValueType == "SCOORD3D"]
-        z, y, x = volume.world_to_index(np.array([[float(v) for v in point.GraphicData]]))[0]
-        image = source[int(round(z))]
-        items[items.index(point)] = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=np.array([[x + 0.5, y + 0.5]]),
-            source_image=hd.sr.SourceImageForRegion(image.SOPClassUID, image.SOPInstanceUID))
-        group.ContentSequence = items
-    out = sr_path.with_name(sr_path.stem + "-2d.dcm")
-    sr.save_as(out, enforce_file_format=True)
-    return out
 
 
 class _OhifSite:
@@ -302,13 +281,14 @@ def _drawn_at(page, slice_uid: str, centre_lps: tuple[float, float, float],
 
 
 def _findings(sr_path: Path) -> list[tuple[str, str]]:
-    """(tracking identifier, tracking UID) of each planar ROI group of the SR, in order."""
+    """(tracking identifier, tracking UID) of each finding of the SR, in order."""
     report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(sr_path)])
-    return [(g.tracking_identifier, g.tracking_uid)
-            for g in report.get_planar_roi_measurement_groups()]
+    found = [(g.tracking_identifier, g.tracking_uid)
+             for g in report.get_planar_roi_measurement_groups()]
+    return list(dict.fromkeys(found))  # a finding's 2D and 3D groups share one tracking UID
 
 
-def _check(tmp_path: Path, card, companion_seg: bool, points_2d: bool,  # noqa: F811
+def _check(tmp_path: Path, card, companion_seg: bool,  # noqa: F811
            figure: Path | None = None) -> list[dict]:
     """Upload CT (+ SEG) + SR, open the SR in OHIF, and read what it draws at each finding."""
     volume, paths, source, detections = _chest(tmp_path / "ct", f"ohif-{companion_seg}")
@@ -322,8 +302,6 @@ def _check(tmp_path: Path, card, companion_seg: bool, points_2d: bool,  # noqa: 
                                  companion_seg=seg)
     groups = _findings(sr_path)
     assert [g[0] for g in groups] == ["Nodule 1", "Nodule 2"]
-    if points_2d:
-        sr_path = _with_2d_points(sr_path, volume, source)
     files.append(sr_path)
     description = pydicom.dcmread(sr_path, stop_before_pixels=True).SeriesDescription
     seen = []
@@ -349,27 +327,13 @@ def ohif() -> None:
     _installed()
 
 
-def test_ohif_draws_findings_given_as_2d_image_points(tmp_path, card, ohif):  # noqa: F811
-    """The harness can see a drawn finding: the SR with 2D SCOORD points (what OHIF 3.13.2
-    needs) is drawn as an arrow whose tip is on each finding's centre (within 2 canvas px),
-    on that finding's slice, with the finding's Tracking Unique Identifier."""
-    seen = _check(tmp_path, card, companion_seg=False, points_2d=True,
-                  figure=FIGURE_2D if os.environ.get("MEDSSL_OHIF_FIGURES") else None)
-    for entry in seen:
-        assert entry["image"] == entry["slice"], entry
-        assert entry["shown"] and entry["tip_px"] is not None and entry["tip_px"] < 2, entry
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "OHIF 3.13.2 does not draw a SCOORD3D POINT in its SR (stack) viewport: 'Unable to apply "
-    "reference viewable {planeRestriction, referencedImageId: null}' (module docstring)"))
 @pytest.mark.parametrize("companion_seg", [False, True], ids=["sr", "sr+seg"])
 def test_ohif_draws_each_finding_of_our_sr_at_its_centre(
         tmp_path, card, ohif, companion_seg):  # noqa: F811
-    """Our SR as the gateway writes it (SCOORD3D POINT per finding), with and without the
-    companion SEG: each finding drawn at its centre on its slice. Fails today (xfail, strict:
-    it turns into a failure the day OHIF draws them, and the marker must go)."""
-    seen = _check(tmp_path, card, companion_seg=companion_seg, points_2d=False,
+    """Our SR as the gateway writes it, with and without the companion SEG: each finding is
+    drawn (an arrow tagged with its Tracking Unique Identifier) with its tip within 2 canvas
+    px of its centre, on its own slice. Failed on the SCOORD3D-only encoding (nothing drawn)."""
+    seen = _check(tmp_path, card, companion_seg=companion_seg,
                   figure=FIGURE if os.environ.get("MEDSSL_OHIF_FIGURES") and not companion_seg
                   else None)
     for entry in seen:

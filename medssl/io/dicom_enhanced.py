@@ -28,7 +28,7 @@ from medssl.io.limits import GeometryLimits
 from medssl.io.slice_stack import plane_geometry, sort_slices
 from medssl.volume import Volume
 
-__all__ = ["frame_positions", "read_enhanced", "write_enhanced_ct"]
+__all__ = ["frame_planes", "frame_positions", "read_enhanced", "write_enhanced_ct"]
 
 
 def read_enhanced(ds: Dataset, path: Path, limits: GeometryLimits | None = None,
@@ -132,15 +132,47 @@ def frame_positions(ds: Dataset) -> np.ndarray:
         SeriesGeometryError: the per-frame items do not match NumberOfFrames, or a frame has
             no plane position (its number named).
     """
+    return frame_planes(ds, orientation=False)[0]
+
+
+def frame_planes(ds: Dataset, orientation: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Plane position, orientation and pixel spacing of every frame of a multi-frame dataset.
+
+    Args:
+        ds: an enhanced (multi-frame) image dataset; headers suffice.
+        orientation: also read orientations and spacings (False: positions only; the other
+            two arrays are then empty).
+
+    Returns:
+        ``positions`` ``(NumberOfFrames, 3)`` (LPS mm of each frame's first pixel centre),
+        ``orientations`` ``(NumberOfFrames, 6)`` (ImageOrientationPatient: row then column
+        direction cosines) and ``spacings`` ``(NumberOfFrames, 2)`` (PixelSpacing: between
+        rows, between columns, mm), float64, each from the frame's functional group, else
+        the shared one.
+
+    Raises:
+        SeriesGeometryError: the per-frame items do not match NumberOfFrames, or a frame
+            lacks one of them (its number named).
+    """
     path = Path(str(getattr(ds, "filename", None) or ds.get("SOPInstanceUID", "dataset")))
     n_frames, shared, per_frame = _functional_groups(ds, path)
-    positions = []
-    for k, frame in enumerate(per_frame):
-        position = _group_attr(frame, shared, "PlanePositionSequence", "ImagePositionPatient")
-        if position is None:
-            raise SeriesGeometryError(path, f"frame {k + 1} lacks a plane position")
-        positions.append([float(v) for v in position])
-    return np.asarray(positions, dtype=np.float64).reshape(n_frames, 3)
+    groups = [("PlanePositionSequence", "ImagePositionPatient", "a plane position", 3)]
+    if orientation:
+        groups += [("PlaneOrientationSequence", "ImageOrientationPatient", "an orientation", 6),
+                   ("PixelMeasuresSequence", "PixelSpacing", "a pixel spacing", 2)]
+    out = []
+    for sequence, keyword, what, count in groups:
+        values = []
+        for k, frame in enumerate(per_frame):
+            value = _group_attr(frame, shared, sequence, keyword)
+            if value is None or len(value) != count:
+                raise SeriesGeometryError(path, f"frame {k + 1} lacks {what}")
+            values.append([float(v) for v in value])
+        out.append(np.asarray(values, dtype=np.float64).reshape(n_frames, count))
+    while len(out) < 3:
+        out.append(np.empty((n_frames, 0)))
+    return out[0], out[1], out[2]
 
 
 #: Attributes of the classic CT header that Enhanced CT keeps in functional groups instead
