@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +57,16 @@ def dicom_series(tmp_path: Path, volume: Volume) -> Path:
     return folder
 
 
-def require_tool(name: str, package: str) -> str:
-    """Path of a command-line tool; skip without it, except under CI, where .ci/run installs it."""
-    exe = shutil.which(name)
+def require_tool(name: str, package: str, installer: str = "apt-get install") -> str:
+    """Path of a command-line tool (on PATH or beside this interpreter, where pip puts the
+    tools of packages such as dcmqi); skip without it, except under CI, where .ci/run
+    installs it."""
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    exe = shutil.which(name, path=search)
     if exe is None:
         if os.environ.get("CI"):
             pytest.fail(f"{name} is not installed; .ci/run should install {package}")
-        pytest.skip(f"{name} not installed (apt-get install {package})")
+        pytest.skip(f"{name} not installed ({installer} {package})")
     return exe
 
 

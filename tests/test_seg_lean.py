@@ -9,6 +9,7 @@ so the benchmark's measurement path is tested too.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -23,6 +24,7 @@ from medssl.scoring.manifest import ScanItem
 from medssl.scoring.series import DicomOutput, _write_seg
 from medssl.serving.config import RouteConfig
 from medssl.serving.seg import detection_seg, label_seg
+from tests.conftest import require_tool
 
 CARD_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "focalmix-nodules"
 SHAPE = (16, 80, 80)  # the benchmark's study, small: phantom at 8 x 40 x 40, repeated 2x
@@ -130,3 +132,49 @@ def test_the_scorer_and_gateway_pass_the_seg_type_and_refuse_unknown_ones(tmp_pa
         RouteConfig(model="organs", seg_type="rle")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="seg_type must be one of"):
         label_seg(source, np.asarray(labels.array), dataclasses.replace(card), seg_type="rle")
+
+
+def test_dcmqi_reads_the_sparse_segs_back_to_the_same_voxels(tmp_path, study, dicom_series,
+                                                            volume):
+    """dcmqi's ``segimage2itkimage`` (what 3D Slicer converts SEGs with) rebuilds every segment
+    of a sparse label SEG (half its slices empty, so omitted) and of a companion SEG at the
+    voxels we wrote: compared in LPS mm, through each output image's own geometry."""
+    import SimpleITK as sitk
+
+    exe = require_tool("segimage2itkimage", "dcmqi", installer="pip install")
+    paths, labels, source = study
+    half = np.asarray(labels.array).copy()
+    half[: SHAPE[0] // 2] = 0
+    card = load_card(CARD_DIR)
+    ct = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(dicom_series.glob("*.dcm"))]
+    found = [Detection(tuple(float(c) for c in volume.index_to_world(np.array(zyx, float))), 4.0,
+                       0.9, zyx) for zyx in [(1, 5, 5), (4, 15, 18)]]
+    cases = [
+        ("labels", label_seg(source, half, organ_card()), labels.affine,
+         {label.value: half == label.value for label in organ_card().labels}),
+        ("spheres", detection_seg(ct, found, card, volume.affine, volume.shape), volume.affine,
+         None),
+    ]
+    for name, seg, affine, expected in cases:
+        path = tmp_path / f"{name}.dcm"
+        seg.save_as(path, enforce_file_format=True)
+        out = tmp_path / name
+        out.mkdir()
+        result = subprocess.run([exe, "--inputDICOM", str(path), "--outputDirectory", str(out),
+                                 "-t", "nrrd"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        if expected is None:  # the spheres: what highdicom reads from the same file
+            back = hd.seg.segread(path)
+            uids = [ds.SOPInstanceUID for ds in ct]
+            expected = {i + 1: back.get_pixels_by_source_instance(
+                uids, segment_numbers=[i + 1], combine_segments=True).astype(bool)
+                for i in range(len(found))}
+            assert all(mask.any() for mask in expected.values())
+        for number, mask in expected.items():
+            image = sitk.ReadImage(str(out / f"{number}.nrrd"))
+            xyz = np.argwhere(sitk.GetArrayFromImage(image) > 0)[:, ::-1].astype(float)
+            lps = (np.asarray(image.GetOrigin()) + (np.asarray(image.GetDirection()).reshape(3, 3)
+                   @ (xyz * np.asarray(image.GetSpacing())).T).T)
+            index = np.linalg.inv(affine) @ np.c_[lps, np.ones(len(lps))].T
+            got = {tuple(v) for v in np.rint(index[:3].T).astype(int)}
+            assert got == {tuple(v) for v in np.argwhere(mask)}, (name, number)

@@ -17,10 +17,7 @@ Fixtures (CT series, model card, two detections) come from tests/test_serving_di
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import highdicom as hd
@@ -31,6 +28,7 @@ from pydicom.sr.codedict import codes
 
 from medssl.serving import write_detection_sr
 from medssl.serving.seg import write_detection_seg
+from tests.conftest import require_tool
 from tests.test_serving_dicom import card, ct, detections  # noqa: F401  (fixtures)
 
 #: DCM codes of the TID 1500 containers and items OHIF's parser looks for.
@@ -44,12 +42,7 @@ def tid1500reader():
     Skipped where dcmqi is not installed (``pip install dcmqi``, the test extra), except
     under CI, where its absence is a failure.
     """
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    exe = shutil.which("tid1500reader", path=path)
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("tid1500reader is not installed; the test extra installs dcmqi")
-        pytest.skip("tid1500reader not installed (pip install dcmqi)")
+    exe = require_tool("tid1500reader", "dcmqi", installer="pip install")
 
     def run(sr_path: Path) -> dict:
         out = sr_path.with_suffix(".json")
