@@ -233,10 +233,8 @@ def detection_sr(
         planes = _source_planes(source)
         groups = [group
                   for i, d in enumerate(detections)
-                  for group in (
-                      _image_point_group(i, d, label, card, manufacturer, series_uid, planes),
-                      _measurement_group(i, d, label, card, manufacturer, series_uid,
-                                         frame_of_reference))]
+                  for group in _finding_groups(i, d, label, card, manufacturer, series_uid,
+                                               frame_of_reference, planes)]
         content: Dataset = hd.sr.MeasurementReport(context, procedure, groups)[0]
     else:
         content = _no_findings_report(context, procedure, label, card, manufacturer)
@@ -294,37 +292,6 @@ def finding_tracking(series_uid: str, card: ModelCard, index: int,
                         content=content_key(finding=detection_key(detection))))
 
 
-def _measurement_group(
-    index: int,
-    detection: Detection,
-    label: Label,
-    card: ModelCard,
-    manufacturer: str,
-    series_uid: str,
-    frame_of_reference: str,
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """The 3D TID 1410 group of detection ``index`` (0-based): its SCOORD3D POINT, codes,
-    algorithm, diameter and certainty; it follows the 2D group of :func:`_image_point_group`
-    with the same tracking identifier and UID, which a companion SEG's segment ``index + 1``
-    carries too (see the module docstring for why there is no TID 1411 group)."""
-    identifier, uid = finding_tracking(series_uid, card, index, detection)
-    centre = np.asarray(detection.centre_lps, dtype=np.float64).reshape(1, 3)
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
-        referenced_region=hd.sr.ImageRegion3D(
-            graphic_type=hd.sr.GraphicTypeValues3D.POINT, graphic_data=centre,
-            frame_of_reference_uid=frame_of_reference),
-        measurements=[
-            hd.sr.Measurement(name=codes.SCT.Diameter, value=float(detection.diameter_mm),
-                              unit=codes.UCUM.Millimeter),
-            hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding,
-                              value=100.0 * float(detection.probability),
-                              unit=codes.UCUM.Percent),
-        ],
-        **_finding_codes(label, card, manufacturer),
-    )
-
-
 @dataclass(frozen=True)
 class _Plane:
     """One source frame's geometry: the image (and frame number of a multi-frame image) and
@@ -370,32 +337,50 @@ def _image_point(centre_lps: Sequence[float], planes: Sequence[_Plane]
     return best[1], best[2]
 
 
-def _image_point_group(
+def _finding_groups(
     index: int,
     detection: Detection,
     label: Label,
     card: ModelCard,
     manufacturer: str,
     series_uid: str,
+    frame_of_reference: str,
     planes: Sequence[_Plane],
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """The TID 1410 group that places detection ``index`` on an image: a 2D SCOORD POINT at
-    its centre on the source frame nearest it (SELECTED FROM that image and frame), with the
-    finding's tracking identifier and UID and codes, no measurements (they are in its
-    SCOORD3D group, :func:`_measurement_group`). This is what OHIF 3.13.2 draws
-    (tests/test_viewer_ohif.py); see the module docstring."""
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """The two TID 1410 groups of detection ``index`` (0-based), with one tracking identifier
+    and UID (which a companion SEG's segment ``index + 1`` carries too), codes and algorithm:
+
+    1. the finding on an image: a 2D SCOORD POINT at its centre on the source frame nearest
+       it (SELECTED FROM that image and frame), no measurements: what OHIF 3.13.2 draws
+       (tests/test_viewer_ohif.py);
+    2. the finding in 3D: its SCOORD3D POINT, diameter and certainty: what QuantitativeReporting
+       shows.
+
+    See the module docstring for why both, in this order, and no TID 1411 group."""
     identifier, uid = finding_tracking(series_uid, card, index, detection)
     plane, point = _image_point(detection.centre_lps, planes)
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
-        referenced_region=hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=point,
-            source_image=hd.sr.SourceImageForRegion(
-                referenced_sop_class_uid=str(plane.image.SOPClassUID),
-                referenced_sop_instance_uid=str(plane.image.SOPInstanceUID),
-                referenced_frame_numbers=None if plane.frame is None else [plane.frame])),
-        **_finding_codes(label, card, manufacturer),
-    )
+    centre = np.asarray(detection.centre_lps, dtype=np.float64).reshape(1, 3)
+    on_image = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=point,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=str(plane.image.SOPClassUID),
+            referenced_sop_instance_uid=str(plane.image.SOPInstanceUID),
+            referenced_frame_numbers=None if plane.frame is None else [plane.frame]))
+    in_3d = hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                                graphic_data=centre, frame_of_reference_uid=frame_of_reference)
+    measurements = [
+        hd.sr.Measurement(name=codes.SCT.Diameter, value=float(detection.diameter_mm),
+                          unit=codes.UCUM.Millimeter),
+        hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding,
+                          value=100.0 * float(detection.probability), unit=codes.UCUM.Percent),
+    ]
+    return [
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
+            referenced_region=region, measurements=values,
+            **_finding_codes(label, card, manufacturer))
+        for region, values in ((on_image, None), (in_3d, measurements))
+    ]
 
 
 def _finding_codes(label: Label, card: ModelCard, manufacturer: str) -> dict[str, Any]:
