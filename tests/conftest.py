@@ -58,11 +58,10 @@ def dicom_series(tmp_path: Path, volume: Volume) -> Path:
 
 
 def require_tool(name: str, package: str, installer: str = "apt-get install") -> str:
-    """Path of a command-line tool (on PATH or beside this interpreter, where pip puts the
-    tools of packages such as dcmqi); skip without it, except under CI, where .ci/run
-    installs it."""
-    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    exe = shutil.which(name, path=search)
+    """Path of a command-line tool: on PATH, else beside this interpreter (where pip puts the
+    tools of packages such as dcmqi; PATH first, since pynetdicom's apps there are also named
+    storescu, echoscu, ...); skip without it, except under CI, where .ci/run installs it."""
+    exe = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if exe is None:
         if os.environ.get("CI"):
             pytest.fail(f"{name} is not installed; .ci/run should install {package}")
