@@ -100,6 +100,23 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
+def trickle_until_closed(sock: socket.socket, data: bytes, every_s: float = 0.2,
+                         limit_s: float = 5.0) -> float:
+    """Send ``data`` one byte per ``every_s`` until the SCP closes ``sock``; returns the
+    seconds that took. Fails if the socket is still open after ``limit_s``."""
+    start = time.monotonic()
+    for i in range(len(data)):
+        try:
+            sock.send(data[i:i + 1])
+        except OSError:
+            break
+        if closed_by_peer(sock):
+            break
+        assert time.monotonic() - start < limit_s, f"still open after {limit_s} s of trickling"
+        time.sleep(every_s)
+    return time.monotonic() - start
+
+
 @contextmanager
 def trickling(sockets: list[socket.socket], payload: bytes, every_s: float) -> Iterator[None]:
     """Write ``payload`` one byte per ``every_s`` to each socket, in a thread, while inside."""
@@ -151,17 +168,8 @@ def test_a_c_echo_succeeds_within_2_s_while_50_idle_or_trickling_connections_are
 def test_an_association_request_has_a_total_deadline_however_slowly_it_trickles(gateway):
     gw = gateway(association_request_timeout_s=1.0)
     with connect(gw.scp.port) as sock:
-        start = time.monotonic()
-        for i in range(len(ECHO_RQ)):  # one byte per 0.2 s: the whole PDU would take ~40 s
-            try:
-                sock.send(ECHO_RQ[i:i + 1])
-            except OSError:
-                break
-            if closed_by_peer(sock):
-                break
-            assert time.monotonic() - start < 5.0, "still open after 5 s of trickling"
-            time.sleep(0.2)
-        assert 0.9 < time.monotonic() - start < 2.5
+        # one byte per 0.2 s: the whole PDU would take ~40 s
+        assert 0.9 < trickle_until_closed(sock, ECHO_RQ) < 2.5
     with connect(gw.scp.port) as sock:  # slow but complete in time: answered
         for part in (ECHO_RQ[:3], ECHO_RQ[3:50], ECHO_RQ[50:]):
             sock.sendall(part)
@@ -179,17 +187,7 @@ def test_a_pdu_trickled_right_behind_an_association_request_is_cut_at_the_acse_t
         # come one per 0.2 s: pynetdicom's DUL reads that PDU before it answers the request,
         # and would wait in the read for as long as the bytes trickle
         sock.sendall(ECHO_RQ + b"\x04\x00\x00\x10\x00\x00")
-        start = time.monotonic()
-        for _ in range(50):
-            try:
-                sock.send(b"\x00")
-            except OSError:
-                break
-            if closed_by_peer(sock):
-                break
-            assert time.monotonic() - start < 5.0, "still open after 5 s of trickling"
-            time.sleep(0.2)
-        assert time.monotonic() - start < 2.5
+        assert trickle_until_closed(sock, bytes(50)) < 2.5
     assert gw.metric("medssl_gateway_associations_total", result="accepted") == 0
     assert_echo_within(gw.scp.port, 2.0)
 
