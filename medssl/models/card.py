@@ -10,15 +10,17 @@ Coordinates follow medssl's conventions: arrays ``(z, y, x)``, world points LPS 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from medssl.atomic import atomic_write
 from medssl.errors import ModelCardError
+from medssl.metrics.operating_point import OperatingPoint
 from medssl.pipeline.detect import DetectionParams
 from medssl.pipeline.segment import SegmentationParams
 from medssl.pipeline.preprocess import Intensity, PercentileIntensity, normalisation_from_json
@@ -26,6 +28,7 @@ from medssl.pipeline.preprocess import Intensity, PercentileIntensity, normalisa
 __all__ = [
     "CARD_FILE",
     "CARD_FORMAT",
+    "LEGACY_REPORT_THRESHOLD",
     "LUNG",
     "NODULE",
     "NODULE_LABEL",
@@ -34,14 +37,21 @@ __all__ = [
     "Label",
     "ModelCard",
     "Task",
+    "ReportThreshold",
     "TensorSpec",
     "load_card",
+    "warn_without_operating_point",
 ]
+
+log = logging.getLogger("medssl.models.card")
 
 CARD_FILE = "medssl.json"
 CARD_FORMAT = "medssl.model-card/1"
 #: Triton data types a card may name (``TYPE_`` prefix dropped, as in Triton's model metadata).
 DATATYPES = ("FP32", "FP16", "INT64", "INT32", "UINT8", "BOOL")
+#: What a detector card without an ``operating_point`` reports from (the threshold used before
+#: cards carried one).
+LEGACY_REPORT_THRESHOLD = 0.5
 
 
 class Task(str, Enum):
@@ -189,6 +199,10 @@ class ModelCard:
         overlap: recommended sliding-window overlap, fraction of a window edge.
         labels: the output classes with their SNOMED CT codes.
         decoding: detection post-processing; ``None`` for segmentation.
+        operating_point: detection: the reporting threshold chosen on validation and the
+            rule that chose it (:class:`~medssl.metrics.operating_point.OperatingPoint`);
+            DICOM outputs hold the findings at or above it. None: a card written before
+            cards carried one (reports from :data:`LEGACY_REPORT_THRESHOLD`, with a warning).
         precision: ``fp32`` or ``fp16`` weights of the exported graph.
         intended_use: a plain statement of what the model is (and is not) for.
         provenance: method, data, labeled/unlabeled counts, metrics, code version, export
@@ -206,6 +220,7 @@ class ModelCard:
     overlap: float
     labels: tuple[Label, ...]
     decoding: Decoding | None = None
+    operating_point: OperatingPoint | None = None
     precision: str = "fp32"
     intended_use: str = "Research use only; not for clinical use."
     provenance: Mapping[str, Any] = field(default_factory=dict)
@@ -246,6 +261,28 @@ class ModelCard:
             max_detections=d.max_detections, min_diameter_mm=d.min_diameter_mm,
         )
 
+    def report_threshold(self, override: float | None = None) -> ReportThreshold:
+        """The probability from which a detector's findings are reported (SR, SEG, the
+        ``passed`` column of ``findings.parquet``), and where it comes from.
+
+        Args:
+            override: a threshold the user set (``--sr-threshold``, a route's
+                ``min_probability``); None takes the card's operating point, or
+                :data:`LEGACY_REPORT_THRESHOLD` for a card without one.
+
+        Raises:
+            ValueError: ``override`` outside [0, 1], or the card is not a detector's.
+        """
+        if self.task is not Task.DETECTION:
+            raise ValueError(f"model {self.name!r} is a {self.task.value} model: it has no report threshold")
+        if override is not None:
+            if not 0.0 <= float(override) <= 1.0:
+                raise ValueError(f"a report threshold must be a probability in [0, 1], got {override}")
+            return ReportThreshold(float(override), "override")
+        if self.operating_point is not None:
+            return ReportThreshold(float(self.operating_point.threshold), "operating_point")
+        return ReportThreshold(LEGACY_REPORT_THRESHOLD, "legacy_default")
+
     def segmentation_params(self, batch_size: int = 2) -> SegmentationParams:
         """The shared pipeline's parameters for this segmenter (Gaussian blending).
 
@@ -274,6 +311,7 @@ class ModelCard:
             "normalisation": {**self.normalisation.to_json(), "output_range": [-1.0, 1.0]},
             "overlap": self.overlap,
             "decoding": self.decoding.to_json() if self.decoding else None,
+            "operating_point": self.operating_point.to_json() if self.operating_point else None,
             "labels": [label.to_json() for label in self.labels],
             "precision": self.precision,
             "provenance": dict(self.provenance),
@@ -315,13 +353,17 @@ class ModelCard:
                 dec["anchor_strides"] = tuple(dec.get("anchor_strides", ()))
                 dec["anchor_sizes"] = tuple(float(s) for s in dec.get("anchor_sizes", ()))
                 decoding = Decoding(**dec)
+        operating_point = None
+        if body.get("operating_point") is not None:
+            with _naming("operating_point"):
+                operating_point = OperatingPoint.from_json(body["operating_point"])
         with _naming("card"):
             return cls(
                 name=body["name"], version=int(body["version"]), task=body["task"], input=tensor_in,
                 outputs=outputs, max_batch_size=int(body["max_batch_size"]),
                 input_spacing=tuple(float(s) for s in body["input_spacing"]),  # type: ignore[arg-type]
                 normalisation=intensity, overlap=float(body["overlap"]), labels=labels,
-                decoding=decoding, precision=body.get("precision", "fp32"),
+                decoding=decoding, operating_point=operating_point, precision=body.get("precision", "fp32"),
                 intended_use=body.get("intended_use", cls.intended_use),
                 provenance=dict(body.get("provenance") or {}),
             )
@@ -332,6 +374,38 @@ class ModelCard:
         text = (json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n").encode("utf-8")
         atomic_write(path, lambda fh: fh.write(text))
         return path
+
+
+class ReportThreshold(NamedTuple):
+    """A detector's reporting threshold (:meth:`ModelCard.report_threshold`).
+
+    Attributes:
+        value: findings with ``probability >= value`` are reported, in [0, 1].
+        source: ``"override"`` (the user's setting), ``"operating_point"`` (the card's, chosen
+            on validation) or ``"legacy_default"`` (a card without an operating point:
+            :data:`LEGACY_REPORT_THRESHOLD`).
+    """
+
+    value: float
+    source: str
+
+
+def warn_without_operating_point(card: ModelCard, override: float | None = None) -> bool:
+    """Log one warning (``medssl.models.card``) when detector ``card`` has no operating point,
+    naming the model and the threshold used instead; call it once per model load.
+
+    Returns:
+        True when it warned.
+    """
+    if card.task is not Task.DETECTION or card.operating_point is not None:
+        return False
+    used = card.report_threshold(override)
+    instead = (f"the threshold set for it ({used.value:g})" if used.source == "override"
+               else f"{used.value:g}, as before cards carried one")
+    log.warning("model %s v%d: its card has no operating point (exported before medssl chose one on "
+                "validation); reporting findings with probability >= %s. Re-export it with medssl-export "
+                "to record one.", card.name, card.version, instead)
+    return True
 
 
 def load_card(path: str | Path) -> ModelCard:
@@ -423,6 +497,8 @@ def _problems(card: ModelCard) -> list[str]:
     else:
         if card.decoding is not None:
             problems.append("'decoding' is for detection cards only")
+        if card.operating_point is not None:
+            problems.append("'operating_point' is for detection cards only")
         shape = card.outputs[0].shape if len(card.outputs) == 1 else ()
         if len(shape) != 4 or shape[0] != len(card.labels) + 1 or tuple(shape[1:]) != tuple(card.input.shape[1:]):
             problems.append(f"a segmentation card has one output (C, Z, Y, X) with C = {len(card.labels) + 1} "
