@@ -42,8 +42,10 @@ def _default_repository() -> Path:
 @click.option("--select", "select_rules", default=None,
               help="Selection rules: a YAML/JSON file or key=value pairs, e.g. per_study=thinnest,min_slices=64.")
 @click.option("--write-dicom", is_flag=True, help="Also write a TID 1500 SR per DICOM series (OUT/dicom/).")
-@click.option("--sr-threshold", type=float, default=0.5, show_default=True,
-              help="Findings at or above this probability go into the SR.")
+@click.option("--sr-threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="With --write-dicom: findings at or above this probability go into the SR/SEG "
+                   "[default: the model card's operating point, chosen on validation; 0.5 for a card "
+                   "without one]. findings.parquet keeps every candidate with a 'passed' column.")
 @click.option("--seg-type", type=click.Choice(["binary", "labelmap", "labelmap-rle"]), default="binary",
               show_default=True,
               help="Segmentation models with --write-dicom: SEG type; LABELMAP (DICOM 2024c) is not read by "
@@ -53,7 +55,7 @@ def _default_repository() -> Path:
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Windows per model call.")
 def score(source: Path, model: str, repository: Path | None, model_version: int | None, backend: str,
           triton_url: str | None, protocol: str, out: Path, engine: str, workers: int | None,
-          ray_address: str | None, select_rules: str | None, write_dicom: bool, sr_threshold: float,
+          ray_address: str | None, select_rules: str | None, write_dicom: bool, sr_threshold: float | None,
           seg_type: str, dense_seg: bool, limit: int | None,
           batch_size: int) -> None:
     """Score every selected series of SOURCE with a detection model.
@@ -66,6 +68,8 @@ def score(source: Path, model: str, repository: Path | None, model_version: int 
     from medssl.scoring import score as run_score
     from medssl.scoring.series import DicomOutput
 
+    if sr_threshold is not None and not write_dicom:
+        raise click.UsageError("--sr-threshold sets what goes into the SR/SEG: use it with --write-dicom")
     if backend == "triton" and not triton_url:
         raise click.UsageError("--backend triton needs --triton-url host:port")
     spec = RunnerSpec(repository or _default_repository(), model, model_version,
@@ -119,11 +123,11 @@ def _print_findings(out: Path, top: int = 10) -> None:
         return
     rows.sort(key=lambda r: -r["probability"])
     table = Table(title=f"top {min(top, len(rows))} of {len(rows)} findings (findings.parquet)")
-    for column in ("series", "x mm", "y mm", "z mm", "diameter mm", "probability"):
+    for column in ("series", "x mm", "y mm", "z mm", "diameter mm", "probability", "passed"):
         table.add_column(column, justify="right")
     for r in rows[:top]:
         table.add_row(r["series_uid"][-24:], f"{r['x_mm']:.1f}", f"{r['y_mm']:.1f}", f"{r['z_mm']:.1f}",
-                      f"{r['diameter_mm']:.1f}", f"{r['probability']:.3f}")
+                      f"{r['diameter_mm']:.1f}", f"{r['probability']:.3f}", "yes" if r["passed"] else "no")
     Console().print(table)
 
 

@@ -212,7 +212,9 @@ class RouteConfig:
         select: series selection rules (as ``medssl-score --select``); a series of the study
             that passes them is run through ``model``.
         version: model version; None takes the newest.
-        min_probability: detection: findings below this stay out of the SR.
+        min_probability: detection: findings below this stay out of the SR and its SEG; None
+            (default) takes the model card's operating point, chosen on validation (0.5 for a
+            card without one, with a warning at load).
         companion_seg: detection: also send a SEG of the findings (spheres of their
             diameter), tracked like the SR's findings and listed in its evidence.
         seg_type: segmentation: ``binary`` (default), ``labelmap`` or ``labelmap-rle``
@@ -225,7 +227,7 @@ class RouteConfig:
     model: str
     select: SelectionRules = field(default_factory=SelectionRules)
     version: int | None = None
-    min_probability: float = 0.5
+    min_probability: float | None = None
     companion_seg: bool = False
     seg_type: Literal["binary", "labelmap", "labelmap-rle"] = "binary"
     dense_seg: bool = False
@@ -233,8 +235,9 @@ class RouteConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model must name a model of the repository")
-        if not 0.0 <= self.min_probability <= 1.0:
-            raise ValueError(f"min_probability must be in [0, 1], got {self.min_probability}")
+        if self.min_probability is not None and not 0.0 <= self.min_probability <= 1.0:
+            raise ValueError(f"min_probability must be in [0, 1] (or null: the card's operating point), "
+                             f"got {self.min_probability}")
         if self.seg_type not in ("binary", "labelmap", "labelmap-rle"):
             raise ValueError(f"seg_type must be 'binary', 'labelmap' or 'labelmap-rle', "
                              f"got {self.seg_type!r}")

@@ -13,8 +13,8 @@
    then :func:`~medssl.scoring.series.infer`), the code ``medssl-score`` runs, so the
    gateway's findings on a series are ``medssl-score``'s; results go to
    ``out_dir/<model>/<SeriesInstanceUID>/``: a detector's TID 1500 SR (``sr.dcm``, findings
-   from ``route.min_probability`` up) and, with ``route.companion_seg``, the SEG of its
-   findings (``findings-seg.dcm``); a segmenter's SEG (``seg.dcm``).
+   from ``route.min_probability`` up, or from the card's operating point when the route sets
+   none) and, with ``route.companion_seg``, the SEG of its findings (``findings-seg.dcm``); a segmenter's SEG (``seg.dcm``).
 
 A series that cannot be read or scored (a missing slice, corrupt pixels, a malformed header,
 implausible geometry: :mod:`medssl.io.limits`, or a size this host cannot hold) is a ``failed``
@@ -43,7 +43,7 @@ from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 from medssl.errors import MedsslError, RunnerError
 from medssl.index import index_files
 from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
-from medssl.models.card import ModelCard, Task
+from medssl.models.card import ModelCard, Task, warn_without_operating_point
 from medssl.runners import OnnxRunner, TritonRunner, open_runner
 from medssl.runners.triton_client import connect
 from medssl.scoring.manifest import ScanItem
@@ -109,7 +109,8 @@ class SeriesOutcome:
         n_findings: ok detection: findings reported (``len(findings)``); ok segmentation:
             labels found (volume > 0); None otherwise.
         findings: scoring's rows (:func:`medssl.scoring.series.infer`): detection, one per
-            reported finding (probability >= ``route.min_probability``) with its centre
+            reported finding (probability >= the route's ``min_probability``, else the card's
+            operating point: scoring's ``passed``) with its centre
             ``x_mm, y_mm, z_mm`` (LPS), ``diameter_mm`` and ``probability``; segmentation,
             one per label of the card with its ``volume_ml``.
     """
@@ -207,6 +208,7 @@ class ModelSet:
                     raise RunnerError(f"model {route.model!r}: {exc}") from exc
                 self._models[key] = LoadedModel(runner.card, runner,
                                                 model_params(runner.card, batch_size))
+                warn_without_operating_point(runner.card, route.min_probability)
                 log.info("loaded model %s v%d (%s)", runner.card.name, runner.card.version,
                          f"Triton {protocol}://{triton_url}" if triton_url else "onnxruntime")
         except BaseException:
@@ -324,7 +326,7 @@ def _run_series(item: ScanItem, route: RouteConfig, loaded: LoadedModel, out_dir
     result.timings["inference"] += row["inference_s"] + row["postprocess_s"]
     result.timings["write"] += scored.write_s
     if card.task is Task.DETECTION:
-        findings = [f for f in scored.findings if f["probability"] >= route.min_probability]
+        findings = [f for f in scored.findings if f["passed"]]
         n_findings = len(findings)
     else:
         findings, n_findings = scored.findings, int(row["n_findings"])

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from medssl.atomic import atomic_write
 from medssl.errors import MedsslError
 from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
-from medssl.models.card import ModelCard, Task
+from medssl.models.card import ModelCard, Task, warn_without_operating_point
 from medssl.scoring.manifest import Layout, ScanItem, build_manifest
 from medssl.scoring.select import SelectionRules, select_series
 from medssl.scoring.series import DicomOutput, Scored, skipped_row
@@ -170,6 +170,8 @@ def score(source: str | Path, out_dir: str | Path, spec: RunnerSpec, rules: Sele
     """
     options = options or ScoreOptions()
     card = spec.card()
+    # once per run: a detector without an operating point reports from the legacy threshold
+    warn_without_operating_point(card, options.dicom.min_probability if options.dicom else None)
     if card.task is Task.SEGMENTATION:
         options = replace(options, label_maps=(Path(out_dir) / "labels").resolve())
     manifest = build_manifest(source)

@@ -186,8 +186,10 @@ class DicomOutput:
     Attributes:
         folder: SRs go to ``<folder>/<SeriesInstanceUID>/sr.dcm``, SEGs to ``.../seg.dcm``,
             companion SEGs of detections to ``.../findings-seg.dcm``.
-        min_probability: findings below this are left out of the SR (the Parquet tables keep
-            every detection down to the model's FROC threshold); a report of 100 marks at
+        min_probability: findings below this are left out of the SR and its SEG (the Parquet
+            tables keep every detection down to the model's FROC threshold, with ``passed``);
+            None (default) takes the card's operating point, chosen on validation
+            (:meth:`~medssl.models.card.ModelCard.report_threshold`); a report of 100 marks at
             p = 0.01 helps no reader.
         companion_seg: detection: also write a SEG of the reported findings (a sphere of
             its diameter each), tracked like the SR's findings and listed in its evidence.
@@ -206,13 +208,13 @@ class DicomOutput:
     """
 
     folder: Path
-    min_probability: float = 0.5
+    min_probability: float | None = None
     companion_seg: bool = False
     seg_type: str = "binary"
     dense_seg: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.min_probability) <= 1.0:
+        if self.min_probability is not None and not 0.0 <= float(self.min_probability) <= 1.0:
             raise ValueError(f"DicomOutput.min_probability must be in [0, 1], got {self.min_probability}")
         seg_type = str(self.seg_type).lower()
         if seg_type not in SEG_TYPES:
@@ -227,8 +229,9 @@ def _source_headers(item: ScanItem) -> list[pydicom.Dataset]:
 
 def _write_sr(prepared: Prepared, detections: Sequence[Detection], card: ModelCard,
               output: DicomOutput) -> list[Path]:
-    """The series' TID 1500 SR, and its companion SEG if asked for and anything is reported
-    (headers of the source files only); the SR's path first."""
+    """The series' TID 1500 SR of the detections at or above the threshold in effect
+    (``output.min_probability``, else the card's operating point), and its companion SEG if
+    asked for and anything is reported (headers of the source files only); the SR's path first."""
     from medssl.serving.seg import write_detection_seg
     from medssl.serving.sr import write_detection_sr
 
@@ -236,9 +239,11 @@ def _write_sr(prepared: Prepared, detections: Sequence[Detection], card: ModelCa
     source = _source_headers(item)
     folder = output.folder / item.series_uid
     folder.mkdir(parents=True, exist_ok=True)
-    reported = [d for d in detections if d.probability >= output.min_probability]
-    # what chose these findings and outputs: part of the SR's content key (its UIDs)
-    settings = {"min_probability": float(output.min_probability), "companion_seg": bool(output.companion_seg)}
+    threshold = card.report_threshold(output.min_probability).value
+    reported = [d for d in detections if d.probability >= threshold]
+    # what chose these findings and outputs: part of the SR's content key (its UIDs); the
+    # threshold in effect, so another threshold (set or the card's) never shares a UID
+    settings = {"min_probability": float(threshold), "companion_seg": bool(output.companion_seg)}
     if not (output.companion_seg and reported):
         return [write_detection_sr(source, reported, card, folder / "sr.dcm", settings=settings)]
     assert prepared.source_affine is not None and prepared.source_shape is not None
@@ -268,8 +273,11 @@ def infer(prepared: Prepared, runner: DetectionRunner | SegmentationRunner, card
 
     Returns:
         The series row (status ``ok`` with timings, ``n_findings``, ``max_probability``,
-        ``dicom_outputs`` = the SR or SEG; or ``failed`` with the reason), one row per
-        detection (LPS mm) or per label, and the DICOM files written.
+        ``dicom_outputs`` = the SR or SEG, and for a detector ``report_threshold`` and
+        ``threshold_source``: the threshold in effect and where it came from, see
+        :meth:`~medssl.models.card.ModelCard.report_threshold`; or ``failed`` with the
+        reason), one row per detection (LPS mm; ``passed``: its probability reached
+        ``report_threshold``, i.e. it is in the SR) or per label, and the DICOM files written.
     """
     item = prepared.item
     if prepared.volume is None:
@@ -281,11 +289,12 @@ def infer(prepared: Prepared, runner: DetectionRunner | SegmentationRunner, card
         result = detect_preprocessed(prepared.volume, runner, params)
     except Exception as exc:  # noqa: BLE001 - a failed row, not a dead run
         return _failure(prepared, card, exc)
+    threshold = card.report_threshold(dicom.min_probability if dicom is not None else None)
     findings = [
         {"key": item.key, "series_uid": item.series_uid or item.key, "index": i,
          "x_mm": float(d.centre_lps[0]), "y_mm": float(d.centre_lps[1]), "z_mm": float(d.centre_lps[2]),
-         "diameter_mm": float(d.diameter_mm), "probability": float(d.probability), "model": card.name,
-         "model_version": card.version}
+         "diameter_mm": float(d.diameter_mm), "probability": float(d.probability),
+         "passed": bool(d.probability >= threshold.value), "model": card.name, "model_version": card.version}
         for i, d in enumerate(result.detections)
     ]
     files: list[Path] = []
@@ -304,6 +313,7 @@ def infer(prepared: Prepared, runner: DetectionRunner | SegmentationRunner, card
         "inference_s": result.timings["inference"], "postprocess_s": result.timings["postprocess"],
         "n_windows": result.n_windows, "n_findings": len(findings),
         "max_probability": float(np.max(probabilities)) if probabilities else 0.0,
+        "report_threshold": threshold.value, "threshold_source": threshold.source,
         "dicom_outputs": str(files[0]) if files else None, "note": _dicom_skipped(item, dicom),
     }
     return Scored(row, findings, files, write_s)

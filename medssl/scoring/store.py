@@ -26,6 +26,9 @@ __all__ = ["FINDING_COLUMNS", "SERIES_COLUMNS", "ResultStore"]
 #: ``series.parquet`` columns and types. ``key`` is the SeriesInstanceUID, or the derived
 #: ``nouid-...`` key of a series without one (``series_uid_absent`` true, ``series_uid`` empty);
 #: ``note`` says why asked-for DICOM outputs were not written (the source lacks a UID).
+#: ``report_threshold``: a detector's threshold in effect for the series (findings at or above
+#: it are ``passed`` and in its SR/SEG); ``threshold_source`` says where it came from
+#: (``operating_point``: the card's, chosen on validation; ``override``; ``legacy_default``).
 SERIES_COLUMNS: dict[str, pa.DataType] = {
     "key": pa.string(), "patient_id": pa.string(), "study_uid": pa.string(), "series_uid": pa.string(),
     "status": pa.string(), "error": pa.string(), "model": pa.string(), "model_version": pa.int64(),
@@ -34,14 +37,16 @@ SERIES_COLUMNS: dict[str, pa.DataType] = {
     "postprocess_s": pa.float64(), "n_windows": pa.int64(),
     "n_findings": pa.int64(), "max_probability": pa.float64(), "dicom_outputs": pa.string(),
     "label_map": pa.string(), "note": pa.string(), "series_uid_absent": pa.bool_(),
+    "report_threshold": pa.float64(), "threshold_source": pa.string(),
 }
 #: ``findings.parquet`` columns. Detection: one detection per row, LPS millimetres (``x_mm`` ...
-#: ``probability``). Segmentation: one row per label, ``index`` the class value, ``label`` its
+#: ``probability``); every candidate is kept, and ``passed`` says whether it reached the series'
+#: ``report_threshold`` (is in the SR/SEG). Segmentation: one row per label, ``index`` the class value, ``label`` its
 #: name and ``volume_ml`` its volume on the source grid.
 FINDING_COLUMNS: dict[str, pa.DataType] = {
     "key": pa.string(), "series_uid": pa.string(), "index": pa.int64(), "x_mm": pa.float64(),
     "y_mm": pa.float64(), "z_mm": pa.float64(), "diameter_mm": pa.float64(),
-    "probability": pa.float64(), "label": pa.string(), "volume_ml": pa.float64(),
+    "probability": pa.float64(), "passed": pa.bool_(), "label": pa.string(), "volume_ml": pa.float64(),
     "model": pa.string(), "model_version": pa.int64(),
 }
 DONE = ("ok", "skipped")
