@@ -83,15 +83,25 @@ def synth() -> None:
     default=None,
     help="Slices per scan (default: enough for the chest at the drawn thickness).",
 )
+@click.option(
+    "--family",
+    type=click.Choice(["train", "heldout"]),
+    default="train",
+    show_default=True,
+    help="Generator family: parameter ranges and seed space (train on one, test on the other).",
+)
 def synth_chest(
-    out: Path, cases: int, unlabeled: int, fmt: str, seed: int, matrix: int, slices: int | None
+    out: Path, cases: int, unlabeled: int, fmt: str, seed: int, matrix: int, slices: int | None,
+    family: str,
 ) -> None:
     """Chest CT with lung nodules (a LUNA16 lookalike), written to OUT.
 
-    Each scan draws its own pixel spacing (0.6-0.9 mm), slice thickness
-    (0.625-2.5 mm), noise, kernel and patient size. Nodules are solid,
-    part-solid or ground-glass, 3-30 mm; sub-3 mm nodules and vessel crossings
-    are listed as excluded findings.
+    Each scan draws its own pixel spacing, slice thickness, noise, kernel
+    (smooth or edge-enhancing), habitus and IV contrast from its family's
+    ranges (medssl.synth.chest.FAMILIES). Nodules are solid, part-solid or
+    ground-glass, 3-30 mm, free, juxta-pleural or juxta-vascular; sub-3 mm
+    nodules and vessel crossings are listed as excluded findings. The
+    unlabeled pool's hidden truth goes to OUT/unlabeled/truth_annotations*.csv.
     """
     progress, task = _progress("chest CT", cases + unlabeled)
     with progress:
@@ -104,6 +114,7 @@ def synth_chest(
             matrix=matrix,
             n_slices=slices,
             progress=lambda: progress.advance(task),  # type: ignore[arg-type]
+            family=family,
         )
     click.echo(f"wrote {len(written)} scans ({fmt}) to {out}")
 
@@ -116,11 +127,15 @@ def synth_chest(
 @click.option("--seed", default=0, show_default=True, help="Seed of the first study; study i uses seed+i.")
 @click.option("--matrix", default=512, show_default=True, help="In-plane matrix size.")
 @click.option("--slices", type=int, default=None, help="Slices per CT series (default: the chest's extent).")
-def synth_archive(out: Path, studies: int, broken: int, seed: int, matrix: int, slices: int | None) -> None:
+@click.option("--family", type=click.Choice(["train", "heldout"]), default="train", show_default=True,
+              help="Chest generator family (parameter ranges and seed space).")
+def synth_archive(out: Path, studies: int, broken: int, seed: int, matrix: int, slices: int | None,
+                  family: str) -> None:
     """An NLST-like DICOM archive: CT studies with localizers, plus deliberately broken series."""
     from medssl.synth.archive import write_archive
 
-    info = write_archive(out, studies, broken=broken, seed=seed, matrix=matrix, n_slices=slices)
+    info = write_archive(out, studies, broken=broken, seed=seed, matrix=matrix, n_slices=slices,
+                         family=family)
     click.echo(f"wrote {len(info.good)} CT series, {len(info.localizers)} localizers and "
                f"{len(info.broken)} broken series to {out}")
 
@@ -356,6 +371,14 @@ def evaluate() -> None:
     help="Bootstrap samples over scans, for the 95% CIs.",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap.")
+@click.option(
+    "--cpm-definition",
+    type=click.Choice(["interpolated", "grid"]),
+    default="interpolated",
+    show_default=True,
+    help="interpolated: read the FROC at exactly 1/8 ... 8 FP/scan (LUNA16 paper, MONAI); "
+    "grid: at the official script's 10001-point grid (0.2502125 for 1/4, ...).",
+)
 def evaluate_luna16_command(
     annotations: Path,
     excluded: Path,
@@ -365,16 +388,25 @@ def evaluate_luna16_command(
     as_json: bool,
     n_bootstrap: int,
     seed: int,
+    cpm_definition: str,
 ) -> None:
-    """LUNA16 FROC and CPM, as the official noduleCADEvaluationLUNA16.py computes them.
+    """LUNA16 FROC and CPM, with the matching rules of the official noduleCADEvaluationLUNA16.py.
 
     Sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 false positives per scan, their
-    mean (the CPM), and bootstrap 95% confidence intervals over scans.
+    mean (the CPM), and bootstrap 95% confidence intervals over scans. By default
+    the FROC is interpolated at exactly those rates (the LUNA16 paper's
+    definition); --cpm-definition grid reproduces the official script's printout.
     """
     from medssl.metrics.luna16 import evaluate_luna16_files, plot_froc  # sklearn: slow import
 
     result = evaluate_luna16_files(
-        annotations, excluded, seriesuids, predictions, n_bootstrap=n_bootstrap, seed=seed
+        annotations,
+        excluded,
+        seriesuids,
+        predictions,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        cpm_definition=cpm_definition,
     )
     summary = result.to_json()
     if out is not None:

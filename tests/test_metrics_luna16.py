@@ -1,13 +1,15 @@
 """LUNA16 FROC/CPM evaluation: hand-made cases with hand-computed answers, and a cross-check.
 
-Reading the expected values: the CPM reads the FROC curve at the official
+Reading the expected values: by default (``cpm_definition="interpolated"``, the
+LUNA16 paper) the CPM reads the FROC curve at exactly 1/8, 1/4, 1/2, 1, 2, 4, 8
+FP/scan. With ``cpm_definition="grid"`` it reads it at the official
 ``linspace(0.125, 8, 10001)`` grid points nearest the seven rates:
 
     0.125, 0.2502125, 0.49985, 0.9999125, 2.0000375, 4.0002875, 8.0   (FP/scan)
 
-so a step of the curve at exactly 0.5 or 1 FP/scan is *not yet* reached at
-0.49985 or 0.9999125. ``np.interp`` on a vertical step returns its top; past the
-curve's last FP/scan it returns the final sensitivity.
+so a step of the curve at exactly 0.5 or 1 FP/scan is reached by the exact
+reading but *not yet* at 0.49985 or 0.9999125. ``np.interp`` on a vertical step
+returns its top; past the curve's last FP/scan it returns the final sensitivity.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from medssl.metrics import (
     FP_RATES,
     Prediction,
     bootstrap_sensitivities,
+    cpm_points,
     evaluate_luna16,
     evaluate_luna16_files,
     froc_curve,
@@ -51,9 +54,13 @@ def evaluate(annotations, predictions, uids, excluded=(), n_bootstrap=10, **kw):
     return evaluate_luna16(annotations, excluded, uids, predictions, n_bootstrap=n_bootstrap, **kw)
 
 
-def test_cpm_reads_the_curve_at_the_official_grid_points():
+def test_cpm_reads_the_curve_at_the_exact_rates_or_at_the_official_grid_points():
     assert FP_RATES == (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     assert CPM_FP_POINTS == pytest.approx(OFFICIAL_POINTS, abs=1e-12)
+    assert cpm_points() == cpm_points("interpolated") == FP_RATES
+    assert cpm_points("grid") == CPM_FP_POINTS
+    with pytest.raises(ValueError, match=r"cpm_definition must be one of .* got 'official'"):
+        cpm_points("official")
 
 
 # --- matching -------------------------------------------------------------------------------
@@ -167,8 +174,10 @@ def test_cap_keeps_exactly_100_of_105_distinct_scores():
 def test_a_scan_without_marks_counts_in_fp_per_scan_and_misses_its_nodules():
     # sA: nodule hit at .9 and an FP at .95; sB: one nodule, no marks. Marks on "ghost" (not in
     # seriesuids) are ignored. 2 scans, 2 nodules: curve (0,0) (.5,0) (.5,.5).
-    # At 0.125, 0.2502125, 0.49985: 0; from 0.9999125 on (past the end): .5. CPM = 4 * .5 / 7.
-    # (With 1 scan the step would be at 1 FP/scan: CPM 1.5/7; without sB's nodule: CPM 4/7.)
+    # Exact rates: 0 at 1/8 and 1/4; at 1/2 the top of the vertical step, .5; then (past the
+    # end) .5: CPM = 5 * .5 / 7. Grid: 0 at 0.125, 0.2502125, 0.49985 (below the step); from
+    # 0.9999125 on .5: CPM = 4 * .5 / 7.
+    # (With 1 scan the step would be at 1 FP/scan: CPM 2/7; without sB's nodule: CPM 5/7.)
     annotations = [nodule("sA", 0, 0, 0, 10), nodule("sB", 0, 0, 0, 10)]
     predictions = [
         mark("sA", 1, 1, 1, 0.9),
@@ -176,9 +185,12 @@ def test_a_scan_without_marks_counts_in_fp_per_scan_and_misses_its_nodules():
         mark("ghost", 0, 0, 0, 0.99),
     ]
     result = evaluate(annotations, predictions, ["sA", "sB"])
-    assert result.sensitivities == pytest.approx((0, 0, 0, 0.5, 0.5, 0.5, 0.5))
-    assert result.cpm == pytest.approx(2 / 7)
+    assert result.sensitivities == pytest.approx((0, 0, 0.5, 0.5, 0.5, 0.5, 0.5))
+    assert result.cpm == pytest.approx(2.5 / 7)
     assert (result.n_scans, result.n_nodules, result.n_candidates) == (2, 2, 2)
+    grid = evaluate(annotations, predictions, ["sA", "sB"], cpm_definition="grid")
+    assert grid.sensitivities == pytest.approx((0, 0, 0, 0.5, 0.5, 0.5, 0.5))
+    assert grid.cpm == pytest.approx(2 / 7)
 
 
 @pytest.mark.filterwarnings("error")
@@ -242,19 +254,25 @@ def test_froc_curve_scales_fpr_by_false_positives_per_scan_and_tpr_by_all_nodule
 
 def one_scan_case():
     # N1 hit at .9, N2 hit at .3, FP at .6, 1 scan: curve (0,0) (0,.5) (1,.5) (1,1).
-    # .5 up to 0.9999125, then (past the end) 1: CPM (4 * .5 + 3 * 1) / 7 = 5/7.
+    # Exact rates: .5 up to 1/2, 1 from 1 FP/scan on (top of the step): CPM 5.5/7.
+    # Grid: .5 up to 0.9999125, then (past the end) 1: CPM (4 * .5 + 3 * 1) / 7 = 5/7.
     annotations = [nodule("s1", 0, 0, 0, 10), nodule("s1", 100, 0, 0, 10)]
     predictions = [mark("s1", 0, 0, 1, 0.9), mark("s1", 100, 1, 0, 0.3), mark("s1", 50, 0, 0, 0.6)]
     return annotations, predictions
 
 
-def test_bootstrap_of_one_scan_reproduces_the_estimate():
-    # Every bootstrap sample draws the only scan: every interval collapses on the estimate.
+@pytest.mark.parametrize(
+    "definition, sensitivities",
+    [("interpolated", (0.5,) * 3 + (1.0,) * 4), ("grid", (0.5,) * 4 + (1.0,) * 3)],
+)
+def test_bootstrap_of_one_scan_reproduces_the_estimate(definition, sensitivities):
+    # Every bootstrap sample draws the only scan: every interval collapses on the estimate,
+    # read with the estimate's own CPM definition.
     annotations, predictions = one_scan_case()
-    result = evaluate(annotations, predictions, ["s1"], n_bootstrap=25)
-    assert result.sensitivities == pytest.approx((0.5,) * 4 + (1.0,) * 3)
-    assert result.cpm == pytest.approx(5 / 7)
-    assert result.cpm_ci == pytest.approx((5 / 7, 5 / 7))
+    result = evaluate(annotations, predictions, ["s1"], n_bootstrap=25, cpm_definition=definition)
+    assert result.sensitivities == pytest.approx(sensitivities)
+    assert result.cpm == pytest.approx(np.mean(sensitivities))
+    assert result.cpm_ci == pytest.approx((result.cpm, result.cpm))
     assert [lo for lo, _ in result.sensitivity_ci] == pytest.approx(result.sensitivities)
     assert [hi for _, hi in result.sensitivity_ci] == pytest.approx(result.sensitivities)
 
@@ -345,7 +363,8 @@ def threshold_sensitivities(annotations, excluded, predictions, uids, points):
     """Sensitivity with at most floor(rate * n_scans) false positives, by brute force.
 
     For tie-free scores the FROC curve is a staircase (right for an FP, up for a nodule), so
-    ``np.interp`` at a rate whose ``rate * n_scans`` is not an integer equals this count.
+    ``np.interp`` at a rate whose ``rate * n_scans`` is not an integer equals this count; at
+    an integer ``k`` it reads the top of the vertical step at k FPs, which is this count too.
     """
 
     def inside(m: Prediction, f: Finding) -> bool:
@@ -371,15 +390,19 @@ def threshold_sensitivities(annotations, excluded, predictions, uids, points):
     return out, len(false_positives)
 
 
+@pytest.mark.parametrize("definition", ["interpolated", "grid"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_cpm_agrees_with_thresholding_on_random_cases(seed):
+def test_cpm_agrees_with_thresholding_on_random_cases(seed, definition):
+    # 20 scans: 1/4 ... 8 FP/scan are whole FP counts (5, 10, ...), where the exact reading
+    # sits on a vertical step; the grid points sit just beside them.
     annotations, excluded, predictions, uids = random_case(seed)
-    expected, n_fp = threshold_sensitivities(
-        annotations, excluded, predictions, uids, OFFICIAL_POINTS
-    )
+    points = FP_RATES if definition == "interpolated" else OFFICIAL_POINTS
+    expected, n_fp = threshold_sensitivities(annotations, excluded, predictions, uids, points)
     # Rate 8 reads past the curve's end only when there are fewer than 8 * 20 FPs.
     assert n_fp < 8 * len(uids) and 0 < sum(expected)
-    result = evaluate_luna16(annotations, excluded, uids, predictions, n_bootstrap=1)
+    result = evaluate_luna16(
+        annotations, excluded, uids, predictions, n_bootstrap=1, cpm_definition=definition
+    )
     assert result.sensitivities == pytest.approx(expected, abs=1e-12)
     assert result.cpm == pytest.approx(np.mean(expected), abs=1e-12)
     assert result.n_false_positives == n_fp
@@ -433,6 +456,8 @@ def test_cli_json_prints_the_result_and_out_writes_the_plot(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)  # one JSON object, nothing else on stdout
     assert set(summary) == {
+        "cpm_definition",
+        "cpm_fp_points",
         "fp_rates",
         "sensitivities",
         "cpm",
@@ -445,8 +470,10 @@ def test_cli_json_prints_the_result_and_out_writes_the_plot(tmp_path):
         "n_false_positives",
     }
     # As test_a_scan_without_marks_...: the mark at .99 sits on the excluded finding.
-    assert summary["sensitivities"] == pytest.approx([0, 0, 0, 0.5, 0.5, 0.5, 0.5])
-    assert summary["cpm"] == pytest.approx(2 / 7)
+    assert summary["cpm_definition"] == "interpolated"
+    assert summary["cpm_fp_points"] == list(FP_RATES)
+    assert summary["sensitivities"] == pytest.approx([0, 0, 0.5, 0.5, 0.5, 0.5, 0.5])
+    assert summary["cpm"] == pytest.approx(2.5 / 7)
     assert len(summary["cpm_ci"]) == 2 and len(summary["sensitivity_ci"]) == 7
     assert (summary["n_scans"], summary["n_nodules"], summary["n_candidates"]) == (2, 2, 3)
     assert (summary["n_true_positives"], summary["n_false_positives"]) == (1, 1)
@@ -455,7 +482,18 @@ def test_cli_json_prints_the_result_and_out_writes_the_plot(tmp_path):
 
     table = CliRunner().invoke(cli, ["evaluate", "luna16", *args, "--bootstrap", "5"])
     assert table.exit_code == 0, table.output
-    assert "CPM" in table.stdout and "0.2857" in table.stdout and "0.125" in table.stdout
+    assert "CPM" in table.stdout and "0.3571" in table.stdout and "0.125" in table.stdout
+
+    grid = CliRunner().invoke(
+        cli, ["evaluate", "luna16", *args, "--json", "--bootstrap", "5", "--cpm-definition", "grid"]
+    )
+    assert grid.exit_code == 0, grid.output
+    grid_summary = json.loads(grid.stdout)
+    assert grid_summary["cpm_definition"] == "grid"
+    assert grid_summary["cpm_fp_points"] == pytest.approx(OFFICIAL_POINTS, abs=1e-12)
+    assert grid_summary["cpm"] == pytest.approx(2 / 7)
+    bad = CliRunner().invoke(cli, ["evaluate", "luna16", *args, "--cpm-definition", "nearest"])
+    assert bad.exit_code == 2 and "nearest" in bad.output
 
 
 @pytest.mark.parametrize(

@@ -1,20 +1,33 @@
-"""Evaluation metrics, torch-free: LUNA16 FROC and CPM (``noduleCADEvaluationLUNA16.py``),
-and per-class segmentation metrics (Dice, Jaccard, HD95, ASD)."""
+"""Evaluation metrics, torch-free: LUNA16 FROC and CPM (``noduleCADEvaluationLUNA16.py``; the
+CPM read at exactly 1/8 ... 8 FP/scan by default, as the LUNA16 paper), paired bootstrap
+comparisons and per-candidate labels, and per-class segmentation metrics (Dice, Jaccard,
+HD95, ASD)."""
 
 from medssl.metrics.froc import (
+    CPM_DEFINITIONS,
     CPM_FP_POINTS,
     FP_RATES,
+    CpmDefinition,
+    FrocVectors,
     bootstrap_sensitivities,
     cpm,
+    cpm_points,
     froc_curve,
     order_statistic_interval,
+    paired_bootstrap_sensitivities,
     sensitivities_at,
+    threshold_froc,
 )
 from medssl.metrics.luna16 import (
+    MAX_MARKS_PER_SCAN,
     FrocResult,
+    PairedDifference,
     Prediction,
     evaluate_luna16,
     evaluate_luna16_files,
+    froc_at_thresholds,
+    label_candidates,
+    paired_bootstrap_cpm,
     plot_froc,
     read_predictions,
     read_seriesuids,
@@ -27,22 +40,33 @@ from medssl.metrics.segmentation import (
 )
 
 __all__ = [
+    "CPM_DEFINITIONS",
     "CPM_FP_POINTS",
     "FP_RATES",
+    "MAX_MARKS_PER_SCAN",
     "ClassMetrics",
+    "CpmDefinition",
     "FrocResult",
+    "FrocVectors",
+    "PairedDifference",
     "Prediction",
     "bootstrap_sensitivities",
     "cpm",
+    "cpm_points",
     "evaluate_luna16",
     "evaluate_luna16_files",
+    "froc_at_thresholds",
     "froc_curve",
+    "label_candidates",
     "order_statistic_interval",
+    "paired_bootstrap_cpm",
+    "paired_bootstrap_sensitivities",
     "plot_froc",
     "read_predictions",
     "read_seriesuids",
     "segmentation_metrics",
     "sensitivities_at",
     "summarize_cases",
+    "threshold_froc",
     "write_predictions",
 ]

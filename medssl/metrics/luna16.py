@@ -19,6 +19,9 @@ that script are cited where we follow it):
 * The scans are the lines of ``seriesuids.csv``; predictions and annotations of
   other series are ignored; a listed scan without predictions still counts in
   FP/scan and its nodules are missed.
+* The CPM reads the FROC curve at exactly 1/8 ... 8 FP/scan by default (the
+  LUNA16 paper's definition); ``cpm_definition="grid"`` reads it at the official
+  script's 10001-point grid instead (see :mod:`medssl.metrics.froc`).
 """
 
 from __future__ import annotations
@@ -37,19 +40,28 @@ from medssl.atomic import atomic_write
 from medssl.datasets.luna16 import Finding, read_findings
 from medssl.errors import DatasetLayoutError, EvaluationInputError
 from medssl.metrics.froc import (
-    CPM_FP_POINTS,
     FP_RATES,
+    CpmDefinition,
+    FrocVectors,
     bootstrap_sensitivities,
+    cpm_points,
     froc_curve,
     order_statistic_interval,
+    paired_bootstrap_sensitivities,
     sensitivities_at,
+    threshold_froc,
 )
 
 __all__ = [
+    "MAX_MARKS_PER_SCAN",
     "FrocResult",
+    "PairedDifference",
     "Prediction",
     "evaluate_luna16",
     "evaluate_luna16_files",
+    "froc_at_thresholds",
+    "label_candidates",
+    "paired_bootstrap_cpm",
     "plot_froc",
     "read_predictions",
     "read_seriesuids",
@@ -82,10 +94,9 @@ class FrocResult:
     Attributes:
         fp_rates: the seven nominal operating points, FP/scan.
         sensitivities: sensitivity at each rate, read off the FROC curve at
-            :data:`~medssl.metrics.froc.CPM_FP_POINTS` (the official grid point
-            nearest each rate).
+            ``cpm_fp_points``.
         cpm: mean of ``sensitivities``.
-        cpm_ci: bootstrap 95% interval of the CPM.
+        cpm_ci: bootstrap 95% interval of the CPM (same reading as ``cpm``).
         sensitivity_ci: bootstrap 95% interval of each sensitivity.
         froc_fps, froc_sens: ``(K,)`` the full FROC curve, FP/scan and sensitivity.
         n_scans: scans evaluated (lines of ``seriesuids.csv``).
@@ -95,6 +106,12 @@ class FrocResult:
         n_false_positives: marks that hit neither a nodule nor an excluded finding.
         band_fps, band_lower, band_upper: ``(G,)`` the bootstrap interval along
             the curve, for plotting.
+        cpm_definition: ``"interpolated"`` (exactly 1/8 ... 8 FP/scan, the LUNA16
+            paper) or ``"grid"`` (the official script's grid points).
+        cpm_fp_points: the seven FP/scan values the sensitivities were read at.
+        seriesuids: the evaluated scans, in order (scan ``i`` of ``vectors``).
+        vectors: the per-scan FROC vectors, for :func:`paired_bootstrap_cpm`;
+            None when not kept.
     """
 
     fp_rates: tuple[float, ...]
@@ -112,10 +129,17 @@ class FrocResult:
     band_fps: np.ndarray = field(default_factory=lambda: np.zeros(0))
     band_lower: np.ndarray = field(default_factory=lambda: np.zeros(0))
     band_upper: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    cpm_definition: str = "interpolated"
+    cpm_fp_points: tuple[float, ...] = FP_RATES
+    seriesuids: tuple[str, ...] = ()
+    vectors: FrocVectors | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """Plain JSON types: the seven rates and sensitivities, CPM, intervals and counts."""
+        """Plain JSON types: the seven rates and sensitivities, CPM, intervals, counts, and
+        the CPM definition with the FP/scan points it read."""
         return {
+            "cpm_definition": self.cpm_definition,
+            "cpm_fp_points": [float(r) for r in self.cpm_fp_points],
             "fp_rates": [float(r) for r in self.fp_rates],
             "sensitivities": [float(s) for s in self.sensitivities],
             "cpm": float(self.cpm),
@@ -148,6 +172,15 @@ class _FrocVectors:
         self.missed.append(missed)
         self.scan_index.append(scan)
 
+    def frozen(self, n_scans: int) -> FrocVectors:
+        return FrocVectors(
+            np.asarray(self.is_tp, dtype=float),
+            np.asarray(self.probabilities, dtype=float),
+            np.asarray(self.missed, dtype=bool),
+            np.asarray(self.scan_index, dtype=np.int64),
+            n_scans,
+        )
+
 
 def evaluate_luna16(
     annotations: Sequence[Finding],
@@ -158,6 +191,7 @@ def evaluate_luna16(
     n_bootstrap: int = 1000,
     seed: int = 0,
     max_marks_per_scan: int = MAX_MARKS_PER_SCAN,
+    cpm_definition: CpmDefinition = "interpolated",
 ) -> FrocResult:
     """Evaluate CAD marks against LUNA16 annotations (``noduleCADEvaluation``).
 
@@ -171,45 +205,52 @@ def evaluate_luna16(
             bootstrap (every interval is NaN), for quick validation during training.
         seed: seed of the ``numpy.random.Generator`` that draws them.
         max_marks_per_scan: the per-scan cap (official: 100); < 1 keeps every mark.
+        cpm_definition: where the sensitivities (and the CPM, and every bootstrap
+            sample) read the FROC curve: ``"interpolated"`` (default), by linear
+            interpolation at exactly 1/8, 1/4, 1/2, 1, 2, 4, 8 FP/scan, the LUNA16
+            paper's definition (Setio et al. 2017) and MONAI's ``compute_froc_score``;
+            ``"grid"``, at the point of the official script's
+            ``linspace(0.125, 8, 10001)`` grid nearest each rate, what
+            ``noduleCADEvaluationLUNA16.py`` prints.
 
     Returns:
         The FROC curve, the sensitivities at the seven rates, the CPM and their
-        95% bootstrap intervals.
+        95% bootstrap intervals, with the per-scan FROC vectors (``vectors``) that
+        :func:`paired_bootstrap_cpm` resamples.
 
     Raises:
         EvaluationInputError: no seriesuids, a repeated seriesuid, or a
             prediction with a non-finite coordinate or probability.
-        ValueError: ``n_bootstrap`` < 0.
+        ValueError: ``n_bootstrap`` < 0, or an unknown ``cpm_definition``.
 
     With no annotated nodule, or no nodule hit, every sensitivity and the CPM are 0.
     """
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
+    points = cpm_points(cpm_definition)
     uids = _checked_seriesuids(seriesuids)
     _check_predictions(predictions)
-    vectors = _froc_vectors(annotations, excluded, uids, predictions, max_marks_per_scan)
-    is_tp = np.asarray(vectors.is_tp)
-    probabilities = np.asarray(vectors.probabilities, dtype=float)
-    missed = np.asarray(vectors.missed, dtype=bool)
-    fps, sens = froc_curve(is_tp, probabilities, missed, len(uids))
-    at_points = sensitivities_at(fps, sens)
+    found, _ = _match(annotations, excluded, uids, predictions, max_marks_per_scan)
+    v = found.frozen(len(uids))
+    fps, sens = froc_curve(v.is_tp, v.probabilities, v.missed, v.n_scans)
+    at_points = sensitivities_at(fps, sens, points)
     if n_bootstrap:
         at_boot, on_band = bootstrap_sensitivities(
-            is_tp,
-            probabilities,
-            missed,
-            np.asarray(vectors.scan_index, dtype=np.int64),
-            len(uids),
+            v.is_tp,
+            v.probabilities,
+            v.missed,
+            v.scan_index,
+            v.n_scans,
             n_bootstrap=n_bootstrap,
             rng=np.random.default_rng(seed),
-            points=(CPM_FP_POINTS, BAND_FPS),
+            points=(points, BAND_FPS),
         )
         cpm_lo, cpm_hi = order_statistic_interval(at_boot.mean(axis=1), CONFIDENCE)
         sens_lo, sens_hi = order_statistic_interval(at_boot, CONFIDENCE)
         band_lo, band_hi = order_statistic_interval(on_band, CONFIDENCE)
     else:
         cpm_lo = cpm_hi = np.nan
-        sens_lo = sens_hi = np.full(len(CPM_FP_POINTS), np.nan)
+        sens_lo = sens_hi = np.full(len(points), np.nan)
         band_lo = band_hi = np.full(len(BAND_FPS), np.nan)
     return FrocResult(
         fp_rates=FP_RATES,
@@ -220,36 +261,243 @@ def evaluate_luna16(
         froc_fps=fps,
         froc_sens=sens,
         n_scans=len(uids),
-        n_nodules=int(is_tp.sum()),
-        n_candidates=vectors.n_candidates,
-        n_true_positives=vectors.n_true_positives,
-        n_false_positives=vectors.n_false_positives,
+        n_nodules=v.n_nodules,
+        n_candidates=found.n_candidates,
+        n_true_positives=found.n_true_positives,
+        n_false_positives=found.n_false_positives,
         band_fps=BAND_FPS.copy(),
         band_lower=band_lo,
         band_upper=band_hi,
+        cpm_definition=cpm_definition,
+        cpm_fp_points=points,
+        seriesuids=tuple(uids),
+        vectors=v,
     )
 
 
-def _froc_vectors(
+@dataclass(frozen=True)
+class PairedDifference:
+    """ΔCPM = CPM(a) − CPM(b) of two systems on the same scans, with a paired bootstrap.
+
+    Attributes:
+        delta: CPM(a) − CPM(b) of the point estimates.
+        ci: ``(lo, hi)`` bootstrap interval of the difference (the order statistics of
+            :func:`~medssl.metrics.froc.order_statistic_interval`).
+        p_value: two-sided bootstrap p-value of "no difference":
+            ``min(1, 2 * min(1 + #{Δ* <= 0}, 1 + #{Δ* >= 0}) / (B + 1))``
+            (the usual ``(1 + count) / (B + 1)`` bootstrap p-value, Davison & Hinkley
+            1997, ch. 4, doubled for two sides).
+        fraction_not_positive: share of the bootstrap differences that are <= 0.
+        cpm_a, cpm_b: the two CPMs.
+        n_scans: scans resampled.
+        n_bootstrap: bootstrap samples B.
+        confidence: the interval's level.
+        cpm_definition: the CPM reading of both systems.
+    """
+
+    delta: float
+    ci: tuple[float, float]
+    p_value: float
+    fraction_not_positive: float
+    cpm_a: float
+    cpm_b: float
+    n_scans: int
+    n_bootstrap: int
+    confidence: float
+    cpm_definition: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types, one key per attribute."""
+        return {
+            "delta": self.delta,
+            "ci": [self.ci[0], self.ci[1]],
+            "p_value": self.p_value,
+            "fraction_not_positive": self.fraction_not_positive,
+            "cpm_a": self.cpm_a,
+            "cpm_b": self.cpm_b,
+            "n_scans": self.n_scans,
+            "n_bootstrap": self.n_bootstrap,
+            "confidence": self.confidence,
+            "cpm_definition": self.cpm_definition,
+        }
+
+
+def paired_bootstrap_cpm(
+    a: FrocResult,
+    b: FrocResult,
+    *,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> PairedDifference:
+    """Paired bootstrap over scans of ΔCPM = CPM(a) − CPM(b).
+
+    Each sample draws ``n_scans`` scan indices with replacement, once, and
+    recomputes both systems' FROC curves and CPMs on those same scans (as the
+    official ``computeFROC_bootstrap`` does for one system), so the difficulty of
+    a scan, shared by both systems, cancels in the difference. The CPM reading is
+    the results' ``cpm_definition``.
+
+    Args:
+        a, b: results of :func:`evaluate_luna16` (which keeps the per-scan FROC
+            vectors) on the same seriesuids in the same order, with the same
+            ``cpm_definition``.
+        n_bootstrap: number of samples, >= 1.
+        seed: seed of the ``numpy.random.Generator`` that draws the scans.
+        confidence: level of the interval, in (0, 1).
+
+    Raises:
+        ValueError: a result without FROC vectors, different scans or scan order,
+            different CPM definitions, ``n_bootstrap`` < 1 or ``confidence``
+            outside (0, 1).
+    """
+    if n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    for name, result in (("a", a), ("b", b)):
+        if result.vectors is None:
+            raise ValueError(
+                f"result {name} has no per-scan FROC vectors; compute it with evaluate_luna16, "
+                "which keeps them"
+            )
+    if a.seriesuids != b.seriesuids:
+        if set(a.seriesuids) == set(b.seriesuids):
+            problem = "the same scans in another order"
+        else:
+            only_a = sorted(set(a.seriesuids) - set(b.seriesuids))[:3]
+            only_b = sorted(set(b.seriesuids) - set(a.seriesuids))[:3]
+            problem = f"scans only in a: {only_a}, only in b: {only_b}"
+        raise ValueError(
+            f"a paired comparison needs both systems evaluated on the same seriesuids in the "
+            f"same order; got {problem}: evaluate both with one seriesuids list"
+        )
+    if a.cpm_definition != b.cpm_definition:
+        raise ValueError(
+            f"the results read the CPM differently (a: {a.cpm_definition!r}, b: "
+            f"{b.cpm_definition!r}); evaluate both with one cpm_definition"
+        )
+    assert a.vectors is not None and b.vectors is not None
+    points = cpm_points(a.cpm_definition)  # type: ignore[arg-type]
+    sens_a, sens_b = paired_bootstrap_sensitivities(
+        a.vectors, b.vectors, n_bootstrap=n_bootstrap, rng=np.random.default_rng(seed), points=points
+    )
+    deltas = sens_a.mean(axis=1) - sens_b.mean(axis=1)
+    lo, hi = order_statistic_interval(deltas, confidence)
+    not_positive = int(np.sum(deltas <= 0))
+    not_negative = int(np.sum(deltas >= 0))
+    p_value = min(1.0, 2.0 * (1 + min(not_positive, not_negative)) / (n_bootstrap + 1))
+    return PairedDifference(
+        delta=float(a.cpm - b.cpm),
+        ci=(float(lo), float(hi)),
+        p_value=float(p_value),
+        fraction_not_positive=not_positive / n_bootstrap,
+        cpm_a=float(a.cpm),
+        cpm_b=float(b.cpm),
+        n_scans=a.n_scans,
+        n_bootstrap=n_bootstrap,
+        confidence=confidence,
+        cpm_definition=a.cpm_definition,
+    )
+
+
+def label_candidates(
+    annotations: Sequence[Finding],
+    excluded: Sequence[Finding],
+    seriesuids: Sequence[str],
+    predictions: Sequence[Prediction],
+    *,
+    max_marks_per_scan: int = MAX_MARKS_PER_SCAN,
+) -> np.ndarray:
+    """The LUNA16 label of every mark, for calibration and operating points.
+
+    The same matching as :func:`evaluate_luna16` (hit rule, excluded findings,
+    per-scan cap).
+
+    Args:
+        annotations, excluded, seriesuids, predictions: as :func:`evaluate_luna16`.
+        max_marks_per_scan: the per-scan cap (official: 100); < 1 keeps every mark.
+
+    Returns:
+        ``(len(predictions),)`` int8, in the order of ``predictions``: 1 the mark hits
+        an annotated nodule (every hitting mark, not only the best), 0 a false
+        positive, -1 ignored (hits only an excluded finding, is on a series not in
+        ``seriesuids``, or fell to the per-scan cap).
+
+    Raises:
+        EvaluationInputError: as :func:`evaluate_luna16`.
+    """
+    uids = _checked_seriesuids(seriesuids)
+    _check_predictions(predictions)
+    _, labels = _match(annotations, excluded, uids, predictions, max_marks_per_scan)
+    return labels
+
+
+def froc_at_thresholds(
+    annotations: Sequence[Finding],
+    excluded: Sequence[Finding],
+    seriesuids: Sequence[str],
+    predictions: Sequence[Prediction],
+    thresholds: Sequence[float] | np.ndarray,
+    *,
+    max_marks_per_scan: int = MAX_MARKS_PER_SCAN,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sensitivity and FP/scan at each probability threshold (marks with ``p >= t`` kept).
+
+    For each ``t``: sensitivity = nodules hit by at least one mark with ``p >= t`` /
+    all annotated nodules of the listed scans; FP/scan = marks with ``p >= t``
+    labelled 0 by :func:`label_candidates` / number of scans. The per-scan cap
+    applies first, as in :func:`evaluate_luna16`, so at a threshold equal to the
+    score of a point of ``FrocResult.froc_fps``/``froc_sens`` the pair is that point.
+
+    Args:
+        annotations, excluded, seriesuids, predictions: as :func:`evaluate_luna16`.
+        thresholds: ``(T,)`` probabilities (any order, not NaN).
+        max_marks_per_scan: the per-scan cap (official: 100); < 1 keeps every mark.
+
+    Returns:
+        ``(sensitivity, fp_per_scan)``, each ``(T,)`` float.
+
+    Raises:
+        EvaluationInputError: as :func:`evaluate_luna16`.
+        ValueError: ``thresholds`` is not 1-D or holds NaN.
+    """
+    uids = _checked_seriesuids(seriesuids)
+    _check_predictions(predictions)
+    found, _ = _match(annotations, excluded, uids, predictions, max_marks_per_scan)
+    return threshold_froc(found.frozen(len(uids)), np.asarray(thresholds, dtype=float))
+
+
+def _match(
     annotations: Sequence[Finding],
     excluded: Sequence[Finding],
     seriesuids: Sequence[str],
     predictions: Sequence[Prediction],
     max_marks: int,
-) -> _FrocVectors:
-    """Match every listed scan's marks to its findings (``evaluateCAD``), scan by scan."""
+) -> tuple[_FrocVectors, np.ndarray]:
+    """Match every listed scan's marks to its findings (``evaluateCAD``), scan by scan.
+
+    Returns:
+        The FROC vectors, and the ``(len(predictions),)`` int8 label of each mark
+        (1 hit, 0 false positive, -1 ignored; see :func:`label_candidates`).
+    """
     wanted = set(seriesuids)
-    marks: dict[str, list[Prediction]] = {}
-    for p in predictions:
+    marks: dict[str, list[int]] = {}
+    for i, p in enumerate(predictions):
         if p.seriesuid in wanted:  # marks on unlisted series are ignored, as officially
-            marks.setdefault(p.seriesuid, []).append(p)
+            marks.setdefault(p.seriesuid, []).append(i)
     nodules = _by_series(annotations, wanted)
     irrelevant = _by_series(excluded, wanted)
     vectors = _FrocVectors()
+    labels = np.full(len(predictions), -1, dtype=np.int8)
     for scan, uid in enumerate(seriesuids):
-        kept = _cap_marks(marks.get(uid, []), max_marks)
-        _match_scan(scan, nodules.get(uid, []), irrelevant.get(uid, []), kept, vectors)
-    return vectors
+        indices = np.asarray(marks.get(uid, []), dtype=np.int64)
+        scores = np.array([predictions[i].probability for i in indices], dtype=float)
+        kept = indices[_cap_marks(scores, max_marks)]
+        labels[kept] = _match_scan(
+            scan, nodules.get(uid, []), irrelevant.get(uid, []), [predictions[i] for i in kept], vectors
+        )
+    return vectors, labels
 
 
 def _by_series(findings: Sequence[Finding], wanted: set[str]) -> dict[str, list[Finding]]:
@@ -260,17 +508,17 @@ def _by_series(findings: Sequence[Finding], wanted: set[str]) -> dict[str, list[
     return grouped
 
 
-def _cap_marks(marks: list[Prediction], max_marks: int) -> list[Prediction]:
-    """At most ``max_marks`` marks (``evaluateCAD``, ``maxNumberOfCADMarks``).
+def _cap_marks(scores: np.ndarray, max_marks: int) -> np.ndarray:
+    """``(C,)`` bool: which of a scan's marks the cap keeps (``evaluateCAD``, ``maxNumberOfCADMarks``).
 
-    With more marks than that, keep those scored strictly above the
+    With more marks than ``max_marks``, keep those scored strictly above the
     ``(max_marks + 1)``-th highest score; ties at that score all go, so fewer
     than ``max_marks`` may remain. ``max_marks`` < 1 keeps every mark.
     """
-    if max_marks < 1 or len(marks) <= max_marks:
-        return marks
-    threshold = sorted((m.probability for m in marks), reverse=True)[max_marks]
-    return [m for m in marks if m.probability > threshold]
+    if max_marks < 1 or len(scores) <= max_marks:
+        return np.ones(len(scores), dtype=bool)
+    threshold = np.sort(scores)[::-1][max_marks]
+    return scores > threshold
 
 
 def _hits(points: np.ndarray, findings: Sequence[Finding]) -> np.ndarray:
@@ -297,8 +545,13 @@ def _match_scan(
     irrelevant: Sequence[Finding],
     marks: Sequence[Prediction],
     vectors: _FrocVectors,
-) -> None:
-    """Append one scan's entries to ``vectors``: one per nodule, one per false positive."""
+) -> np.ndarray:
+    """Append one scan's entries to ``vectors``: one per nodule, one per false positive.
+
+    Returns:
+        ``(C,)`` int8 label of each mark: 1 hits a nodule, -1 hits only excluded
+        findings, 0 a false positive.
+    """
     points = np.array([m.centre_lps for m in marks], dtype=float).reshape(-1, 3)
     scores = np.array([m.probability for m in marks], dtype=float)
     on_nodule = _hits(points, nodules)
@@ -309,11 +562,13 @@ def _match_scan(
             vectors.n_true_positives += 1
         else:  # official: minProbValue, excludeList True: in the denominator only
             vectors.add(scan, True, -math.inf, missed=True)
-    consumed = on_nodule.any(axis=1) | _hits(points, irrelevant).any(axis=1)
+    hit = on_nodule.any(axis=1)
+    consumed = hit | _hits(points, irrelevant).any(axis=1)
     for score in scores[~consumed]:
         vectors.add(scan, False, float(score))
         vectors.n_false_positives += 1
     vectors.n_candidates += len(marks)
+    return np.where(hit, 1, np.where(consumed, -1, 0)).astype(np.int8)
 
 
 def _checked_seriesuids(seriesuids: Sequence[str], path: Path | None = None) -> list[str]:
@@ -355,7 +610,8 @@ def evaluate_luna16_files(
         excluded_csv: ``annotations_excluded.csv``, same columns.
         seriesuids_csv: ``seriesuids.csv``, one seriesuid per line, no header.
         predictions_csv: the submission (``seriesuid,coordX,coordY,coordZ,probability``).
-        **kw: passed to :func:`evaluate_luna16` (``n_bootstrap``, ``seed``, ``max_marks_per_scan``).
+        **kw: passed to :func:`evaluate_luna16` (``n_bootstrap``, ``seed``,
+            ``max_marks_per_scan``, ``cpm_definition``).
 
     Raises:
         EvaluationInputError: a file is missing, lacks a column or holds a bad value;
