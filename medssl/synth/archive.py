@@ -75,7 +75,7 @@ def _break(series: Path, breakage: str) -> None:
 
 
 def write_archive(out: str | Path, studies: int, broken: int = 0, seed: int = 0, matrix: int = 512,
-                  n_slices: int | None = None) -> ArchiveInfo:
+                  n_slices: int | None = None, *, family: str = "train") -> ArchiveInfo:
     """Write ``studies`` intact and ``broken`` damaged chest CT studies, each with a localizer.
 
     Args:
@@ -84,6 +84,8 @@ def write_archive(out: str | Path, studies: int, broken: int = 0, seed: int = 0,
         broken: extra studies whose CT series is damaged (at most ``len(BREAKAGES)``).
         seed: seed of the first study; study ``i`` uses ``seed + i``.
         matrix, n_slices: CT grid (see :class:`medssl.synth.chest.ChestConfig`).
+        family: the chest generator family, ``"train"`` or ``"heldout"``
+            (:data:`medssl.synth.chest.FAMILIES`).
 
     Returns:
         The series folders written, by kind.
@@ -93,7 +95,7 @@ def write_archive(out: str | Path, studies: int, broken: int = 0, seed: int = 0,
     out = Path(out)
     staging = out / ".write"
     series = write_chest_dataset(staging, studies + broken, fmt="dicom", seed=seed, matrix=matrix,
-                                 n_slices=n_slices)
+                                 n_slices=n_slices, family=family)
     info = ArchiveInfo()
     for i, folder in enumerate(series):
         target = out / folder.relative_to(staging)

@@ -25,10 +25,34 @@ the voxel box (a linear ramp of the signed distance across the box's extent
 along the surface normal, slice thickness through-plane, pixel size in-plane;
 thin structures get the exact box-filtered profile), so thick slices average
 structures over their thickness without supersampling. The reconstruction
-kernel is a Gaussian in-plane blur (:func:`~medssl.synth.primitives.kernel_blur`).
-Noise is CT-textured white noise (:func:`~medssl.synth.primitives.scanner_noise`)
-drawn for a bank of up to 24 slices; every slice takes a bank slice at a random
-in-plane shift (a speed trade-off: noise statistics per slice are exact).
+kernel is a Gaussian in-plane blur, for the sharp (lung) kernels with edge
+enhancement and its overshoot (:func:`~medssl.synth.primitives.kernel_blur`).
+Noise is CT-textured white noise (:func:`~medssl.synth.primitives.scanner_noise`,
+grainier under a sharp kernel) drawn for a bank of up to 24 slices; every slice
+takes a bank slice at a random in-plane shift (a speed trade-off: noise
+statistics per slice are exact). Noise grows with the patient's size (obese
+patients are noisier). IV contrast raises the blood in the heart and
+mediastinal vessels to 150-350 HU and the pulmonary vessels to 70-100 % of it.
+
+Families (:data:`FAMILIES`, :meth:`ChestConfig.for_family`, ``medssl synth chest
+--family``): a detector is trained on one family of parameter ranges and tested
+on another. ``"train"`` is the :class:`ChestConfig` default; ``"heldout"``
+differs in every scanner and patient range and draws from other seeds (seed
+``s`` of a family starts the random stream ``s + offset``, offsets 0 and
+:data:`SEED_SPAN`; seeds must lie in ``[0, SEED_SPAN)``)::
+
+    range                          train              heldout
+    pixel spacing, mm              0.6-0.9            0.55-0.98
+    slice thickness, mm            0.625-2.5          0.6-3.0
+    noise (average patient), HU    10-60              15-80
+    kernel FWHM, mm                0.6-1.2            0.5-1.4
+    sharp (edge-enhancing) kernels 40 %, a 0.2-0.7    50 %, a 0.3-1.0
+    patient size                   0.85-1.15          0.8-1.25
+    subcutaneous fat, mm           6-40               4-60
+    IV contrast                    30 %               50 %   (150-350 HU both)
+    free / juxta-pleural / -vasc.  45 / 30 / 25 %     35 / 35 / 30 %
+    solid / part-solid / GGO       65 / 15 / 20 %     55 / 20 / 25 %
+    nodules 1-4 per scan, 3-30 mm (log-normal), in both families.
 
 Rendering runs in z-slabs on a few threads; every random draw happens before,
 so the output is bit-identical for a seed and config whatever the threading.
@@ -38,17 +62,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from medssl.synth.chest_anatomy import Tubes, draw_anatomy, draw_trees
 from medssl.synth.chest_render import Scene, Texture, body_and_lung_boxes, render
-from medssl.synth.chest_scanner import SLICE_THICKNESSES, draw_scanner, place_grid
+from medssl.synth.chest_scanner import SLICE_THICKNESSES, draw_scanner, place_grid, with_contrast
 from medssl.synth.nodules import Confuser, Nodule, place_lesions
 from medssl.synth.primitives import scanner_noise
 from medssl.volume import Volume, affine_from_geometry
 
 __all__ = [
+    "FAMILIES",
+    "FAMILY_SEED_OFFSETS",
+    "SEED_SPAN",
     "SLICE_THICKNESSES",
     "ChestCase",
     "ChestConfig",
@@ -63,13 +91,26 @@ NOISE_BANK_SLICES = 24
 NOISE_SHIFT = 32
 
 
+#: Seeds of one family lie in ``[0, SEED_SPAN)``; the generator's random stream starts at
+#: ``seed + ChestConfig.seed_offset``, so two families never share a stream.
+SEED_SPAN = 1_000_000
+#: Each family's seed offset (a multiple of :data:`SEED_SPAN`).
+FAMILY_SEED_OFFSETS = {"train": 0, "heldout": SEED_SPAN}
+
+
 @dataclass(frozen=True)
 class ChestConfig:
     """What to generate. Ranges are ``(low, high)``, drawn uniformly per scan unless noted.
 
+    The defaults are the ``"train"`` family; :meth:`for_family` builds a
+    family's config (see :data:`FAMILIES` and the module doc).
+
     Attributes:
         matrix: in-plane rows = columns.
         n_slices: slices; default: cover the lungs plus 10-30 mm above and below.
+        family: the parameter family's name (:data:`FAMILIES`); it sets the seed
+            offset (:data:`FAMILY_SEED_OFFSETS`), so scans of two families never
+            share a random stream, whatever their ranges.
         pixel_spacing_range: in-plane pixel size, mm.
         slice_thickness_range: slice thickness = slice spacing, mm; drawn from the
             thicknesses scanners use (:data:`SLICE_THICKNESSES`) inside the range,
@@ -79,9 +120,24 @@ class ChestConfig:
             log-normal, mostly small; capped at half the field of view's shortest side.
         n_confusers_range: micronodules and vessel crossings per scan (inclusive; fewer
             where the field of view has no room for them).
-        noise_sigma_range: image noise standard deviation, HU.
+        noise_sigma_range: image noise standard deviation, HU; the drawn value grows
+            with the patient's size (:data:`~medssl.synth.chest_scanner.NOISE_SIZE_POWER`)
+            and stays in the range.
         kernel_fwhm_range: reconstruction kernel in-plane FWHM, mm (0.6 sharp, 1.2 soft).
+        sharp_kernel_share: fraction of scans reconstructed with an edge-enhancing
+            (lung) kernel; the others get a plain Gaussian.
+        edge_enhance_range: edge enhancement ``a`` of the sharp kernels
+            (:func:`~medssl.synth.primitives.kernel_blur`; overshoot grows with it).
         patient_size_range: linear scale of the patient (1.0 = average adult).
+        fat_mm_range: subcutaneous fat at the side of an average-size patient, mm
+            (40-60: obese).
+        contrast_share: fraction of scans with IV contrast.
+        contrast_hu_range: blood attenuation with contrast, HU (heart, mediastinal
+            vessels; pulmonary vessels 70-100 % of it).
+        location_shares: probabilities of the nodule locations
+            (:data:`~medssl.synth.nodules.LOCATIONS`: free, juxta-pleural, juxta-vascular).
+        kind_shares: probabilities of the nodule kinds
+            (:data:`~medssl.synth.nodules.NODULE_KINDS`: solid, part-solid, ground-glass).
         full_fov_mm: a field of view at least this wide is centred on the isocentre;
             a narrower one is a targeted reconstruction centred in a lung.
         fov_centre_lps: LPS ``(x, y, z)`` mm overriding the field-of-view centre
@@ -92,25 +148,36 @@ class ChestConfig:
 
     matrix: int = 512
     n_slices: int | None = None
+    family: str = "train"
     pixel_spacing_range: tuple[float, float] = (0.6, 0.9)
     slice_thickness_range: tuple[float, float] = (0.625, 2.5)
     n_nodules_range: tuple[int, int] = (1, 4)
     nodule_diameter_range: tuple[float, float] = (3.0, 30.0)
     n_confusers_range: tuple[int, int] = (1, 4)
-    noise_sigma_range: tuple[float, float] = (10.0, 40.0)
+    noise_sigma_range: tuple[float, float] = (10.0, 60.0)
     kernel_fwhm_range: tuple[float, float] = (0.6, 1.2)
-    patient_size_range: tuple[float, float] = (0.88, 1.12)
+    sharp_kernel_share: float = 0.4
+    edge_enhance_range: tuple[float, float] = (0.2, 0.7)
+    patient_size_range: tuple[float, float] = (0.85, 1.15)
+    fat_mm_range: tuple[float, float] = (6.0, 40.0)
+    contrast_share: float = 0.3
+    contrast_hu_range: tuple[float, float] = (150.0, 350.0)
+    location_shares: tuple[float, float, float] = (0.45, 0.3, 0.25)
+    kind_shares: tuple[float, float, float] = (0.65, 0.15, 0.2)
     full_fov_mm: float = 250.0
     fov_centre_lps: tuple[float, float, float] | None = None
     render_threads: int = 0
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {self.family!r}")
         if self.matrix < 16:
             raise ValueError(f"matrix must be at least 16, got {self.matrix}")
         if self.n_slices is not None and self.n_slices < 1:
             raise ValueError(f"n_slices must be positive or None, got {self.n_slices}")
         for name in ("pixel_spacing_range", "slice_thickness_range", "nodule_diameter_range",
-                     "noise_sigma_range", "kernel_fwhm_range", "patient_size_range"):
+                     "noise_sigma_range", "kernel_fwhm_range", "patient_size_range",
+                     "edge_enhance_range", "fat_mm_range", "contrast_hu_range"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise ValueError(f"{name} must be (low, high) with 0 < low <= high, "
@@ -120,6 +187,15 @@ class ChestConfig:
             if not 0 <= lo <= hi:
                 raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, "
                                  f"got {(lo, hi)}")
+        for name in ("sharp_kernel_share", "contrast_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], "
+                                 f"got {getattr(self, name)}")
+        for name in ("location_shares", "kind_shares"):
+            shares = getattr(self, name)
+            if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
+                raise ValueError(f"{name} must be 3 non-negative probabilities summing to 1, "
+                                 f"got {shares}")
         if self.n_nodules_range[1] > 255:
             raise ValueError(f"n_nodules_range allows at most 255 nodules (uint8 labels), "
                              f"got {self.n_nodules_range}")
@@ -128,6 +204,52 @@ class ChestConfig:
                              f"got {self.nodule_diameter_range}")
         if self.render_threads < 0:
             raise ValueError(f"render_threads must be >= 0, got {self.render_threads}")
+
+    @property
+    def seed_offset(self) -> int:
+        """Added to a case's seed to start its random stream (:data:`FAMILY_SEED_OFFSETS`)."""
+        return FAMILY_SEED_OFFSETS[self.family]
+
+    @classmethod
+    def for_family(cls, family: str, **overrides: Any) -> ChestConfig:
+        """The config of a named family (:data:`FAMILIES`), with ``overrides`` on top.
+
+        Args:
+            family: ``"train"`` or ``"heldout"``.
+            overrides: any other :class:`ChestConfig` fields (``matrix``, ``n_slices``, ...).
+
+        Raises:
+            ValueError: an unknown family, or ``family`` among the overrides.
+        """
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+        if "family" in overrides:
+            raise ValueError("give the family as the first argument, not among the overrides")
+        return cls(family=family, **{**FAMILIES[family], **overrides})
+
+
+#: The parameter families: the ranges each sets apart from the :class:`ChestConfig`
+#: defaults (which are the ``"train"`` family). A detector is trained on ``"train"`` and
+#: tested on ``"heldout"``: other pixel sizes and thicker and thinner slices, more noise,
+#: softer and sharper kernels with stronger edge enhancement, a wider habitus (more obese
+#: patients), more contrast scans, more juxta-pleural / juxta-vascular and subsolid
+#: nodules -- and other seeds (:data:`FAMILY_SEED_OFFSETS`).
+FAMILIES: dict[str, dict[str, Any]] = {
+    "train": {},
+    "heldout": {
+        "pixel_spacing_range": (0.55, 0.98),
+        "slice_thickness_range": (0.6, 3.0),
+        "noise_sigma_range": (15.0, 80.0),
+        "kernel_fwhm_range": (0.5, 1.4),
+        "sharp_kernel_share": 0.5,
+        "edge_enhance_range": (0.3, 1.0),
+        "patient_size_range": (0.8, 1.25),
+        "fat_mm_range": (4.0, 60.0),
+        "contrast_share": 0.5,
+        "location_shares": (0.35, 0.35, 0.3),
+        "kind_shares": (0.55, 0.2, 0.25),
+    },
+}
 
 
 @dataclass
@@ -171,22 +293,28 @@ def generate_chest_ct(seed: int, config: ChestConfig | None = None) -> ChestCase
             :func:`~medssl.synth.nodules.place_lesions`).
     """
     cfg = config if config is not None else ChestConfig()
-    rng = np.random.default_rng(seed)
+    if not 0 <= seed < SEED_SPAN:
+        raise ValueError(f"seed must be in [0, {SEED_SPAN}) (the family's seed offset is added "
+                         f"to it), got {seed}")
+    rng = np.random.default_rng(seed + cfg.seed_offset)
     scanner = draw_scanner(rng, cfg)
-    anatomy = draw_anatomy(rng, scanner.patient_size)
+    anatomy = with_contrast(draw_anatomy(rng, scanner.patient_size, fat_mm=scanner.fat_mm),
+                            scanner)
     grid, targeted = place_grid(rng, cfg, scanner, anatomy)
     sx, _, sz = grid.spacing_xyz
     vessels, airways = draw_trees(anatomy, rng, sx, sz)
     n_nodules = int(rng.integers(cfg.n_nodules_range[0], cfg.n_nodules_range[1] + 1))
     n_confusers = int(rng.integers(cfg.n_confusers_range[0], cfg.n_confusers_range[1] + 1))
     nodules, confusers, crossings = place_lesions(
-        anatomy, grid, vessels, rng, n_nodules, cfg.nodule_diameter_range, n_confusers)
+        anatomy, grid, vessels, rng, n_nodules, cfg.nodule_diameter_range, n_confusers,
+        location_shares=cfg.location_shares, kind_shares=cfg.kind_shares)
 
     body_box, region = body_and_lung_boxes(anatomy, grid)
     texture = Texture.draw(rng, grid, region, 2.0) if region is not None else None
     n_z, n_y, n_x = grid.shape
     n_bank = min(n_z, NOISE_BANK_SLICES)
-    bank = scanner_noise((n_bank, n_y + NOISE_SHIFT, n_x + NOISE_SHIFT), scanner.noise_sigma, rng)
+    bank = scanner_noise((n_bank, n_y + NOISE_SHIFT, n_x + NOISE_SHIFT), scanner.noise_sigma, rng,
+                         edge_enhance=scanner.edge_enhance)
     pick = np.column_stack([
         rng.permutation(n_z) if n_z <= n_bank else rng.integers(0, n_bank, n_z),
         rng.integers(0, NOISE_SHIFT + 1, (n_z, 2)),
@@ -199,6 +327,9 @@ def generate_chest_ct(seed: int, config: ChestConfig | None = None) -> ChestCase
 
     meta = {
         "generator": "medssl.synth.chest", "modality": "CT", "seed": int(seed),
+        "family": cfg.family, "rng_seed": int(seed + cfg.seed_offset),
+        "edge_enhance": scanner.edge_enhance, "fat_mm": scanner.fat_mm,
+        "contrast_hu": scanner.contrast_hu,
         "pixel_spacing": scanner.pixel, "slice_thickness": scanner.thickness,
         "noise_sigma_hu": scanner.noise_sigma, "kernel_fwhm_mm": scanner.kernel_fwhm,
         "kernel": scanner.kernel_name, "patient_size": scanner.patient_size,

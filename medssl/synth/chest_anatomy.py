@@ -471,16 +471,22 @@ HEART_FAT_MM = 3.0
 MEDIASTINAL_FAT_MM = 2.5
 
 
-def draw_anatomy(rng: np.random.Generator, size: float) -> ChestAnatomy:
+def draw_anatomy(rng: np.random.Generator, size: float, *, fat_mm: float | None = None,
+                 ) -> ChestAnatomy:
     """Draw a patient: body habitus, organ positions and tissue attenuations.
 
     Args:
         rng: the random generator (the only source of randomness).
         size: overall linear scale of the patient (1.0 = average adult).
+        fat_mm: subcutaneous fat at the side of the chest for ``size`` 1, mm (scaled
+            by ``size``; thinner at the back, where the patient lies on it); default
+            drawn in 6-28 mm. An obese patient has 40-60 mm.
     """
+    if fat_mm is not None and not 0 < fat_mm <= 150:
+        raise ValueError(f"fat_mm must be in (0, 150] mm, got {fat_mm}")
     sw, sd, sh = (size * rng.uniform(0.94, 1.06) for _ in range(3))
     xm, cy, zc = rng.uniform(-15, 15), rng.uniform(-30, 10), rng.uniform(-220, 40)
-    fat = rng.uniform(6, 28) * size
+    fat = (rng.uniform(6, 28) if fat_mm is None else fat_mm) * size
     wall_lat, wall_ant, wall_post = 14 * sw, 18 * sd, 55 * sd
     cav_a, cav_ant, cav_post = 130 * sw, 80 * sd, 72 * sd
     body_a = cav_a + wall_lat + fat

@@ -40,7 +40,7 @@ from medssl.synth.chest_anatomy import (
 )
 from medssl.synth.chest_scanner import Scanner
 from medssl.synth.nodules import Lesion, paint_lesion
-from medssl.synth.primitives import kernel_blur
+from medssl.synth.primitives import kernel_blur, kernel_reach_mm
 
 __all__ = ["Scene", "Texture", "body_and_lung_boxes", "render"]
 
@@ -197,10 +197,11 @@ class Scene:
         wall, marrow = (1.15, 0.4, hu.muscle, True), (1.0, 0.0, -1000.0, False)
         bone = ((1.0, 0.0, hu.cortical, False), (1.0, -1.5, hu.cancellous, False))
         maps = _inplane_maps(anatomy, grid)
-        margin = int(np.ceil(4.0 * scanner.kernel_fwhm / 2.3548 / scanner.pixel)) + 1
+        margin = int(np.ceil(kernel_reach_mm(scanner.kernel_fwhm, scanner.edge_enhance)
+                             / scanner.pixel)) + 1
         blur_y = slice(max(body_y.start - margin, 0), min(body_y.stop + margin, n_y))
         blur_x = slice(max(body_x.start - margin, 0), min(body_x.stop + margin, n_x))
-        table_rows, table = _table(anatomy, grid, scanner.kernel_fwhm)
+        table_rows, table = _table(anatomy, grid, scanner)
         return Scene(
             anatomy=anatomy, grid=grid, scanner=scanner, maps=maps,
             body_box=(body_y, body_x), blur_box=(blur_y, blur_x), table_rows=table_rows,
@@ -514,7 +515,7 @@ def _paint_bone(img: np.ndarray, a: np.ndarray, b: np.ndarray, ha: np.ndarray, h
     blend(img, inner, marrow)
 
 
-def _table(anatomy: ChestAnatomy, grid: ScanGrid, kernel_fwhm: float,
+def _table(anatomy: ChestAnatomy, grid: ScanGrid, scanner: Scanner,
            ) -> tuple[slice, np.ndarray]:
     """The patient table under the back, carbon-fibre plates around a foam core, as seen
 
@@ -530,7 +531,7 @@ def _table(anatomy: ChestAnatomy, grid: ScanGrid, kernel_fwhm: float,
                                                             sx)
     core = ramp(np.minimum(depth - 3.0, 33.0 - depth), sx)
     hu = (plate * _F32(200.0 + 1000.0) + core * _F32(-900.0 + 1000.0)) * across
-    hu = kernel_blur(hu, kernel_fwhm, grid.spacing)
+    hu = kernel_blur(hu, scanner.kernel_fwhm, grid.spacing, edge_enhance=scanner.edge_enhance)
     rows = np.flatnonzero(np.abs(hu).max(axis=(0, 2)) > 1e-3)
     sl = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) else slice(0, 0)
     return sl, np.ascontiguousarray(hu[:, sl], dtype=_F32)
@@ -653,7 +654,8 @@ def _render_slab(scene: Scene, zs: slice) -> None:
     # the scanner: reconstruction kernel (outside the blur box all is air, save the table,
     # which comes blurred), noise, the stored HU range
     ky, kx = scene.blur_box
-    image[:, ky, kx] = kernel_blur(image[:, ky, kx], scene.scanner.kernel_fwhm, grid.spacing)
+    image[:, ky, kx] = kernel_blur(image[:, ky, kx], scene.scanner.kernel_fwhm, grid.spacing,
+                                   edge_enhance=scene.scanner.edge_enhance)
     image[:, scene.table_rows] += scene.table
     _, ny, nx = image.shape
     for i, (b, r, c) in enumerate(scene.noise_pick[zs]):

@@ -1,7 +1,9 @@
 """The scanner side of a synthetic chest CT: acquisition parameters and the scan grid.
 
 :func:`draw_scanner` draws pixel size, slice thickness, noise, reconstruction
-kernel and patient size for a :class:`~medssl.synth.chest.ChestConfig`;
+kernel (blur and edge enhancement), patient size and subcutaneous fat, and
+the IV contrast for a :class:`~medssl.synth.chest.ChestConfig`;
+:func:`with_contrast` gives the patient's blood its enhanced attenuation;
 :func:`place_grid` places the axial scan grid (field of view and table
 position) on a drawn patient. See :mod:`medssl.synth.chest` for the
 coordinate frame and the field-of-view rules.
@@ -9,6 +11,7 @@ coordinate frame and the field-of-view rules.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,18 +23,29 @@ from medssl.synth.chest_anatomy import ChestAnatomy, ScanGrid, sample_lung_point
 if TYPE_CHECKING:
     from medssl.synth.chest import ChestConfig
 
-__all__ = ["SLICE_THICKNESSES", "TARGET_DEPTH_MM", "Scanner", "draw_scanner", "place_grid"]
+__all__ = [
+    "SLICE_THICKNESSES",
+    "TARGET_DEPTH_MM",
+    "Scanner",
+    "draw_scanner",
+    "place_grid",
+    "with_contrast",
+]
 
 #: How deep inside a lung the centre of a targeted field of view lies, mm.
 TARGET_DEPTH_MM = 30.0
 #: Slice thicknesses scanners reconstruct (mm) and how often archives hold them.
-SLICE_THICKNESSES = (0.625, 0.75, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0)
-_THICKNESS_WEIGHTS = (1.0, 0.5, 0.5, 1.5, 2.0, 0.5, 2.0, 2.5, 1.0, 1.0)
+SLICE_THICKNESSES = (0.6, 0.625, 0.75, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0)
+_THICKNESS_WEIGHTS = (0.5, 1.0, 0.5, 0.5, 1.5, 2.0, 0.5, 2.0, 2.5, 1.0, 1.0)
+#: Noise grows with the patient: the drawn noise times ``patient_size ** NOISE_SIZE_POWER``
+#: (fewer photons through a wider body at the same dose; AEC makes up part of it), kept
+#: inside ``noise_sigma_range``.
+NOISE_SIZE_POWER = 2.0
 
 
 @dataclass(frozen=True)
 class Scanner:
-    """Per-scan acquisition parameters.
+    """Per-scan acquisition parameters (and the patient's habitus, which they depend on).
 
     Attributes:
         pixel: in-plane pixel size (rows = columns), mm.
@@ -39,6 +53,13 @@ class Scanner:
         noise_sigma: image noise standard deviation, HU.
         kernel_fwhm: reconstruction kernel in-plane FWHM, mm.
         patient_size: linear scale of the patient (1.0 = average adult).
+        edge_enhance: the kernel's edge enhancement ``a`` (0: a smooth Gaussian kernel;
+            see :func:`~medssl.synth.primitives.kernel_blur`).
+        fat_mm: subcutaneous fat at the side of the chest of an average-size patient, mm
+            (scaled by ``patient_size``).
+        contrast_hu: attenuation of enhanced blood in the heart and mediastinal
+            vessels, HU; None without IV contrast.
+        contrast_lung_fraction: pulmonary vessels reach this fraction of ``contrast_hu``.
     """
 
     pixel: float          # mm
@@ -46,12 +67,18 @@ class Scanner:
     noise_sigma: float    # HU
     kernel_fwhm: float    # mm
     patient_size: float
+    edge_enhance: float = 0.0
+    fat_mm: float = 17.0
+    contrast_hu: float | None = None
+    contrast_lung_fraction: float = 1.0
 
     @property
     def kernel_name(self) -> str:
-        """A DICOM ConvolutionKernel-like name for the blur."""
-        if self.kernel_fwhm < 0.8:
+        """A DICOM ConvolutionKernel-like name (GE's vocabulary) for the kernel."""
+        if self.edge_enhance > 0:
             return "LUNG"
+        if self.kernel_fwhm < 0.8:
+            return "DETAIL"
         return "STANDARD" if self.kernel_fwhm < 1.05 else "SOFT"
 
 
@@ -61,7 +88,11 @@ def draw_scanner(rng: np.random.Generator, cfg: ChestConfig) -> Scanner:
     The slice thickness is drawn from :data:`SLICE_THICKNESSES` inside
     ``cfg.slice_thickness_range`` (weighted by how often archives hold them),
     uniformly in the range (rounded to um) if none is; the pixel size is
-    rounded to 0.1 um. Draws from ``rng`` in a fixed order.
+    rounded to 0.1 um. The noise is a uniform draw scaled by the patient's
+    size (:data:`NOISE_SIZE_POWER`) and kept in ``cfg.noise_sigma_range``.
+    A sharp kernel (``edge_enhance > 0``) is drawn with probability
+    ``cfg.sharp_kernel_share``; contrast with ``cfg.contrast_share``.
+    Draws from ``rng`` in a fixed order.
     """
     lo, hi = cfg.slice_thickness_range
     choices = [(t, w) for t, w in zip(SLICE_THICKNESSES, _THICKNESS_WEIGHTS) if lo <= t <= hi]
@@ -70,13 +101,45 @@ def draw_scanner(rng: np.random.Generator, cfg: ChestConfig) -> Scanner:
         thickness = float(rng.choice(values, p=np.asarray(weights) / sum(weights)))
     else:
         thickness = round(float(rng.uniform(lo, hi)), 3)
+    pixel = round(float(rng.uniform(*cfg.pixel_spacing_range)), 4)
+    noise = float(rng.uniform(*cfg.noise_sigma_range))
+    fwhm = float(rng.uniform(*cfg.kernel_fwhm_range))
+    size = float(rng.uniform(*cfg.patient_size_range))
+    sharp = rng.uniform() < cfg.sharp_kernel_share
+    enhance = float(rng.uniform(*cfg.edge_enhance_range))
+    fat = float(rng.uniform(*cfg.fat_mm_range))
+    contrast = rng.uniform() < cfg.contrast_share
+    contrast_hu = float(rng.uniform(*cfg.contrast_hu_range))
+    lung_fraction = float(rng.uniform(0.7, 1.0))
     return Scanner(
-        pixel=round(float(rng.uniform(*cfg.pixel_spacing_range)), 4),
+        pixel=pixel,
         thickness=thickness,
-        noise_sigma=float(rng.uniform(*cfg.noise_sigma_range)),
-        kernel_fwhm=float(rng.uniform(*cfg.kernel_fwhm_range)),
-        patient_size=float(rng.uniform(*cfg.patient_size_range)),
+        noise_sigma=float(np.clip(noise * size**NOISE_SIZE_POWER, *cfg.noise_sigma_range)),
+        kernel_fwhm=fwhm,
+        patient_size=size,
+        edge_enhance=enhance if sharp else 0.0,
+        fat_mm=fat,
+        contrast_hu=contrast_hu if contrast else None,
+        contrast_lung_fraction=lung_fraction if contrast else 1.0,
     )
+
+
+def with_contrast(anatomy: ChestAnatomy, scanner: Scanner) -> ChestAnatomy:
+    """The patient as scanned: with IV contrast, blood (heart, mediastinal vessels) at
+
+    ``scanner.contrast_hu``, pulmonary vessels at ``contrast_lung_fraction`` of it and
+    the liver enhanced by a fifth of the blood's rise (a venous-phase chest CT);
+    ``anatomy`` itself when the scan has no contrast.
+    """
+    if scanner.contrast_hu is None:
+        return anatomy
+    hu = anatomy.hu
+    rise = scanner.contrast_hu - hu.blood
+    enhanced = dataclasses.replace(
+        hu, blood=scanner.contrast_hu,
+        vessel=max(hu.vessel, scanner.contrast_hu * scanner.contrast_lung_fraction),
+        liver=hu.liver + 0.2 * rise)
+    return dataclasses.replace(anatomy, hu=enhanced)
 
 
 def place_grid(rng: np.random.Generator, cfg: ChestConfig, scanner: Scanner,

@@ -5,7 +5,14 @@
   with LUNA16-style CSVs beside it (``seriesuid`` = SeriesInstanceUID).
 * Multi-organ phantom: the Decathlon layout.
 
-Case ``i`` uses seed ``seed + i``; unlabeled chest scans continue the sequence.
+Case ``i`` uses seed ``seed + i``; unlabeled chest scans continue the sequence. A chest
+family (:data:`~medssl.synth.chest.FAMILIES`) adds its seed offset, so the scans, patient
+IDs and UIDs of two families never coincide.
+
+The unlabeled pool's hidden truth goes to ``unlabeled/truth_annotations.csv`` and
+``unlabeled/truth_annotations_excluded.csv`` (LUNA16 columns): for diagnostics such as
+the precision of pseudo-labels, never for training (the trainer reads only volume files
+from ``unlabeled/``).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from medssl.datasets.decathlon import DecathlonWriter
 from medssl.datasets.luna16 import Finding, Luna16Writer, write_findings
 from medssl.io.dicom_writer import SeriesInfo, write_dicom_series
 from medssl.io.metaimage import write_metaimage
-from medssl.synth.chest import ChestCase, ChestConfig, generate_chest_ct
+from medssl.synth.chest import SEED_SPAN, ChestCase, ChestConfig, generate_chest_ct
 from medssl.synth.organs import DOMAINS, LABELS, generate_organ_phantom
 
 __all__ = ["chest_findings", "chest_series_info", "write_chest_dataset", "write_organ_dataset"]
@@ -30,6 +37,8 @@ NEGATIVE_CANDIDATES = 20
 
 def chest_series_info(seed: int, case: ChestCase) -> SeriesInfo:
     """Plausible, deterministic patient / study / series tags for synthetic case ``seed``.
+
+    ``seed``: the case's seed plus its family's seed offset (its random stream's seed).
 
     Patients are 55-74 years old, as NLST enrolled them; studies fall in
     2002-2004. UIDs derive from the seed, so regenerating gives the same UIDs.
@@ -76,13 +85,19 @@ def write_chest_dataset(
     matrix: int = 512,
     n_slices: int | None = None,
     progress: Callable[[], None] | None = None,
+    *,
+    family: str = "train",
 ) -> list[Path]:
     """Generate ``cases`` annotated and ``unlabeled`` plain chest CT scans into ``out``.
 
     Args:
         fmt: ``"luna16"`` or ``"dicom"``.
+        seed: seed of the first case, in ``[0, SEED_SPAN - cases - unlabeled]``; the
+            family's seed offset is added (:class:`~medssl.synth.chest.ChestConfig`).
         matrix, n_slices: grid size (see :class:`~medssl.synth.chest.ChestConfig`).
         progress: called once per scan written.
+        family: the generator family, ``"train"`` or ``"heldout"``
+            (:data:`~medssl.synth.chest.FAMILIES`).
 
     Returns:
         The written scans: ``.mhd`` files, or series folders for DICOM.
@@ -90,17 +105,26 @@ def write_chest_dataset(
     if fmt not in ("luna16", "dicom"):
         raise ValueError(f"fmt must be 'luna16' or 'dicom', got {fmt!r}")
     out = Path(out)
-    config = ChestConfig(matrix=matrix, n_slices=n_slices)
+    config = ChestConfig.for_family(family, matrix=matrix, n_slices=n_slices)
+    if not 0 <= seed <= SEED_SPAN - cases - unlabeled:
+        raise ValueError(f"seed must be in [0, {SEED_SPAN - cases - unlabeled}] for "
+                         f"{cases + unlabeled} scans (seeds stay below {SEED_SPAN}), got {seed}")
     writer = Luna16Writer(out) if fmt == "luna16" else None
     nodules_all: list[Finding] = []
     excluded_all: list[Finding] = []
+    hidden: list[Finding] = []
+    hidden_excluded: list[Finding] = []
     written = []
     for i in range(cases + unlabeled):
         case_seed = seed + i
         case = generate_chest_ct(case_seed, config)
-        info = chest_series_info(case_seed, case)
+        info = chest_series_info(case_seed + config.seed_offset, case)
         uid = info.uid("series")
         labeled = i < cases
+        if not labeled:
+            nodules, excluded = chest_findings(uid, case)
+            hidden += nodules
+            hidden_excluded += excluded
         if fmt == "dicom":
             folder = out / info.patient_id / f"{info.study_date}-{info.accession_number}" / (
                 f"{info.series_number}-{info.series_description.replace(' ', '_')}")
@@ -122,6 +146,10 @@ def write_chest_dataset(
             written.append(write_metaimage(case.volume, out / "unlabeled" / f"{uid}.mhd"))
         if progress:
             progress()
+    if unlabeled:
+        (out / "unlabeled").mkdir(parents=True, exist_ok=True)
+        write_findings(out / "unlabeled" / "truth_annotations.csv", hidden)
+        write_findings(out / "unlabeled" / "truth_annotations_excluded.csv", hidden_excluded)
     if writer is not None:
         writer.close()
     else:

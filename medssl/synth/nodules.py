@@ -224,8 +224,9 @@ def _draw_diameter(rng: np.random.Generator, lo: float, hi: float) -> float:
             return float(d)
 
 
-def _draw_kind(rng: np.random.Generator, diameter: float) -> str:
-    kind = str(rng.choice(NODULE_KINDS, p=[0.65, 0.15, 0.2]))
+def _draw_kind(rng: np.random.Generator, diameter: float, shares: tuple[float, ...]) -> str:
+    """A kind from :data:`NODULE_KINDS` with probabilities ``shares``; part-solid needs 6 mm."""
+    kind = str(rng.choice(NODULE_KINDS, p=shares))
     return "solid" if kind == "part-solid" and diameter < 6 else kind
 
 
@@ -380,8 +381,16 @@ def place_lesions(
     n_nodules: int,
     diameter_range: tuple[float, float],
     n_confusers: int,
+    *,
+    location_shares: tuple[float, float, float] = (0.5, 0.3, 0.2),
+    kind_shares: tuple[float, float, float] = (0.65, 0.15, 0.2),
 ) -> tuple[list[Lesion], list[Lesion], Tubes]:
     """Draw and place nodules and confusers inside the scan grid's field of view.
+
+    A nodule's location is drawn from :data:`LOCATIONS` with probabilities
+    ``location_shares`` (a juxta-pleural or juxta-vascular nodule that finds no
+    such place in the field of view becomes a free one, and is recorded so);
+    its kind from :data:`NODULE_KINDS` with ``kind_shares``.
 
     Nodules lie wholly in the lungs (juxta-pleural ones touch the pleura and
     are cut by it) and wholly in the field of view; the voxel holding a
@@ -397,7 +406,11 @@ def place_lesions(
     Raises:
         RuntimeError: no room for a nodule: the field of view is too small for
             the diameter range, or holds too little lung.
+        ValueError: shares that are not three non-negative numbers summing to 1.
     """
+    for name, shares in (("location_shares", location_shares), ("kind_shares", kind_shares)):
+        if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
+            raise ValueError(f"{name} must be 3 non-negative numbers summing to 1, got {shares}")
     placer = _Placer(anatomy, grid, vessels, rng)
     lo, hi = grid.box()
     where = f"the field of view {np.round(lo, 1).tolist()} .. {np.round(hi, 1).tolist()} mm"
@@ -410,10 +423,10 @@ def place_lesions(
     for label in range(1, n_nodules + 1):
         for _ in range(NODULE_TRIES):
             diameter = _draw_diameter(rng, d_lo, d_hi)
-            kind = _draw_kind(rng, diameter)
+            kind = _draw_kind(rng, diameter, kind_shares)
             layers = _nodule_layers(rng, diameter, kind)
             extent = max(s.extent + float(np.linalg.norm(s.centre)) for s, _, _ in layers)
-            first = str(rng.choice(LOCATIONS, p=[0.5, 0.3, 0.2]))
+            first = str(rng.choice(LOCATIONS, p=location_shares))
             for location in dict.fromkeys((first, "free")):
                 centre = placer.find(location, extent, diameter / 2, nodules, 2.0)
                 if centre is not None:
