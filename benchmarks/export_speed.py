@@ -124,7 +124,8 @@ def main() -> None:
             ckpt = _checkpoint(tmp_path, config, window)
             result = export_checkpoint(ckpt, tmp_path / "repo", config.replace("-", "_"),
                                        ExportOptions(max_batch_size=max(BATCHES),
-                                                     serving=ServingOptions(kind="cpu")))
+                                                     serving=ServingOptions(kind="cpu"),
+                                                     operating_point="none"))
             module = exportable(torch.load(ckpt, weights_only=False), ckpt).module.eval()
             exported.append((label, result, module))
         server = None

@@ -7,7 +7,9 @@ Steps, for ``export_checkpoint(ckpt, repo, name)``:
 3. compare onnxruntime (CPU) with PyTorch on random patches and a synthetic CT patch; a
    parity failure stops the export;
 4. optionally build a TensorRT ``model.plan`` (its own model ``<name>_trt``) with its own check;
-5. write the version folder (staged, then renamed into place: a crash leaves no half
+5. a detector: choose the card's operating point with the exported graph on the run's
+   validation scans (:mod:`medssl.export.operating`), or take the run's, or none;
+6. write the version folder (staged, then renamed into place: a crash leaves no half
    version), the card ``medssl.json`` (also in the version folder) and ``config.pbtxt``,
    which is parsed back into Triton's ``ModelConfig``.
 """
@@ -33,13 +35,15 @@ import torch
 
 from medssl.atomic import fsync_dir
 from medssl.errors import ExportError
-from medssl.models.card import CARD_FILE, ModelCard
+from medssl.metrics.operating_point import check_rule
+from medssl.models.card import CARD_FILE, ModelCard, Task
 from medssl.models.repository import next_version
 from medssl.models.triton_config import Backend, ServingOptions, model_config, write_config
 from medssl.training.checkpoint import load_checkpoint
 
 from . import tensorrt as trt_export
 from .models import Exportable, exportable
+from .operating import operating_point_from_run, operating_point_on_validation, validation_inputs
 from .onnx_export import OPSET, convert_fp16, export_onnx
 from .parity import ParityReport, compare
 
@@ -63,6 +67,15 @@ class ExportOptions:
         tensorrt: also build a TensorRT engine (needs a CUDA GPU and the tensorrt package).
         intended_use: the card's statement of what the model is for.
         parity_seed: seed of the random parity patches and the synthetic scan.
+        operating_point: detectors: ``"validation"`` (default) chooses the card's operating
+            point with the exported graph on the run's validation scans
+            (:func:`~medssl.export.operating.operating_point_on_validation`); ``"run"`` takes
+            the one medssl-train chose (``<run>/validation/operating_point.json``);
+            ``"none"`` writes a card without one (scoring reports from 0.5, with a warning).
+            Ignored for segmenters.
+        op_rule: ``"fp_per_scan"`` or ``"sensitivity"``
+            (:class:`~medssl.metrics.operating_point.OperatingRule`), with ``"validation"``.
+        op_target: the rule's target: FP per scan (default 1.0) or a sensitivity in (0, 1].
     """
 
     version: int | None = None
@@ -72,8 +85,17 @@ class ExportOptions:
     tensorrt: bool = False
     intended_use: str = DEFAULT_INTENDED_USE
     parity_seed: int = 0
+    operating_point: Literal["validation", "run", "none"] = "validation"
+    op_rule: str = "fp_per_scan"
+    op_target: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.operating_point not in ("validation", "run", "none"):
+            raise ExportError(f"operating_point must be 'validation', 'run' or 'none', got {self.operating_point!r}")
+        try:
+            check_rule(self.op_rule, self.op_target)
+        except ValueError as exc:
+            raise ExportError(f"operating point: {exc}") from None
         if self.precision not in ("fp32", "fp16"):
             raise ExportError(f"precision must be 'fp32' or 'fp16', got {self.precision!r}")
         if self.max_batch_size < 1:
@@ -109,6 +131,10 @@ class ExportResult:
     def summary(self) -> str:
         lines = [f"exported {self.card.name} version {self.version} → {self.onnx_path}",
                  f"parity: {self.parity.summary()}"]
+        if self.card.task is Task.DETECTION:
+            op = self.card.operating_point
+            lines.append(f"operating point: {op.describe()}" if op else
+                         "operating point: none (scoring reports from 0.5, with a warning)")
         if self.tensorrt_parity is not None:
             lines += [f"TensorRT model: {self.tensorrt_dir}", f"parity: {self.tensorrt_parity.summary()}"]
         return "\n".join(lines)
@@ -243,6 +269,8 @@ def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str,
             run, or an exporter failure.
         ParityError: the exported model disagrees with PyTorch beyond the tolerance; nothing
             is written to the repository.
+        ExportError: also, a detector's operating point cannot be chosen (no run folder,
+            split or data; the target unreachable) or read from the run; nothing is written.
     """
     options = options or ExportOptions()
     if not _NAME.match(name):
@@ -251,6 +279,11 @@ def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str,
         raise ExportError(f"--tensorrt: {reason}")
     path = resolve_checkpoint(checkpoint)
     ex = exportable(load_checkpoint(path), path)
+    run_point = None  # what the operating point needs is checked before anything is exported
+    if ex.task is Task.DETECTION and options.operating_point == "run":
+        run_point = operating_point_from_run(path)
+    elif ex.task is Task.DETECTION and options.operating_point == "validation":
+        validation_inputs(path, ex.provenance)
     repository = Path(repository)
     model_dir = repository / name
     version = options.version or next_version(model_dir)
@@ -284,6 +317,11 @@ def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str,
             "parity": parity.to_json(),
         }
         card = _card(ex, name, version, options, provenance)
+        if card.task is Task.DETECTION and options.operating_point == "validation":
+            card = dataclasses.replace(card, operating_point=operating_point_on_validation(
+                onnx_path, card, path, ex.provenance, rule=options.op_rule, target=options.op_target))
+        elif card.task is Task.DETECTION:
+            card = dataclasses.replace(card, operating_point=run_point)
         trt_dir, trt_parity = None, None
         if options.tensorrt:
             trt_dir, trt_parity = _export_tensorrt(ex, fp32_copy, repository, card, options, inputs)

@@ -117,13 +117,15 @@ def detector_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported_detector(tmp_path_factory, detector_checkpoint):
-    """``detector_checkpoint`` exported as model ``nodules`` (fp32, CPU instances, max batch 4)."""
+    """``detector_checkpoint`` exported as model ``nodules`` (fp32, CPU instances, max batch 4);
+    a bare checkpoint has no run to choose an operating point on: its card has none."""
     from medssl.export import ExportOptions, export_checkpoint
     from medssl.models.triton_config import ServingOptions
 
     repository = tmp_path_factory.mktemp("model_repository")
     return export_checkpoint(detector_checkpoint, repository, "nodules",
-                             ExportOptions(max_batch_size=4, serving=ServingOptions(kind="cpu")))
+                             ExportOptions(max_batch_size=4, serving=ServingOptions(kind="cpu"),
+                                           operating_point="none"))
 
 
 @pytest.fixture

@@ -99,21 +99,21 @@ def test_optional_warmup_and_tensorrt_accelerator(tmp_path, exported_detector):
 
 def test_versions_count_up_and_a_taken_version_is_refused(tmp_path, detector_checkpoint):
     repo = tmp_path / "repo"
-    options = ExportOptions(max_batch_size=2, serving=ServingOptions(kind="cpu"))
+    options = ExportOptions(max_batch_size=2, serving=ServingOptions(kind="cpu"), operating_point="none")
     first = export_checkpoint(detector_checkpoint, repo, "nodules", options)
     second = export_checkpoint(detector_checkpoint, repo, "nodules", options)
     assert (first.version, second.version) == (1, 2)
     assert versions(repo / "nodules") == [1, 2] and next_version(repo / "nodules") == 3
     assert load_card(repo / "nodules").version == 2 and load_card(repo / "nodules" / "1").version == 1
     with pytest.raises(ExportError, match="already exists"):
-        export_checkpoint(detector_checkpoint, repo, "nodules", ExportOptions(version=1))
+        export_checkpoint(detector_checkpoint, repo, "nodules", ExportOptions(version=1, operating_point="none"))
     assert not list((repo / "nodules").glob(".staging*"))
     assert all(r.ok for r in check_repository(repo))
 
 
 def test_fp16_export_meets_the_looser_tolerance(tmp_path, detector_checkpoint):
     result = export_checkpoint(detector_checkpoint, tmp_path, "nodules16",
-                               ExportOptions(precision="fp16", max_batch_size=2))
+                               ExportOptions(precision="fp16", max_batch_size=2, operating_point="none"))
     assert result.card.precision == "fp16" and result.parity.precision == "fp16"
     assert result.parity.passed and 1e-6 < result.parity.max_abs < 0.1  # it is really fp16
     assert result.parity.tolerance.rtol > 1e-4
@@ -223,7 +223,7 @@ def test_cli_exports_and_checks(tmp_path, detector_checkpoint):
     repo = tmp_path / "repo"
     exe = Path(sys.prefix) / "bin" / "medssl-export"
     run = subprocess.run([str(exe), str(detector_checkpoint), "--repository", str(repo), "--name", "fm",
-                          "--kind", "cpu", "--max-batch", "2", "--warmup", "--json"],
+                          "--kind", "cpu", "--max-batch", "2", "--warmup", "--no-operating-point", "--json"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
@@ -256,7 +256,8 @@ def test_a_run_folder_exports_its_best_checkpoint_with_the_test_report(tmp_path,
     (run / "test").mkdir()
     shutil.copy(detector_checkpoint, run / "checkpoints" / "best.pt")
     (run / "test" / "cpm.json").write_text(json.dumps({"cpm": 0.61, "cpm_ci": [0.4, 0.8], "n_scans": 8}))
-    result = export_checkpoint(run, tmp_path / "repo", "nodules", ExportOptions(max_batch_size=2))
+    result = export_checkpoint(run, tmp_path / "repo", "nodules",
+                               ExportOptions(max_batch_size=2, operating_point="none"))
     assert result.card.provenance["checkpoint"]["path"] == str((run / "checkpoints" / "best.pt").resolve())
     assert result.card.provenance["test_metrics"]["cpm"] == 0.61
     assert result.card.provenance["test_metrics"]["n_scans"] == 8
@@ -282,7 +283,8 @@ def test_an_export_killed_mid_way_leaves_no_version_and_the_next_one_cleans_up(t
     repo = tmp_path / "repo"
     exe = Path(sys.prefix) / "bin" / "medssl-export"
     proc = subprocess.Popen([str(exe), str(detector_checkpoint), "--repository", str(repo), "--name", "m",
-                             "--kind", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--kind", "cpu", "--no-operating-point"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list((repo / "m").glob(".staging-*")) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -290,7 +292,8 @@ def test_an_export_killed_mid_way_leaves_no_version_and_the_next_one_cleans_up(t
     proc.wait()
     assert list((repo / "m").glob(".staging-*")), "the export never started staging"
     assert versions(repo / "m") == [] and not (repo / "m" / "config.pbtxt").exists()
-    result = export_checkpoint(detector_checkpoint, repo, "m", ExportOptions(serving=ServingOptions(kind="cpu")))
+    result = export_checkpoint(detector_checkpoint, repo, "m", ExportOptions(serving=ServingOptions(kind="cpu"),
+                                                                             operating_point="none"))
     assert result.version == 1 and not list((repo / "m").glob(".*staging*"))
     assert check_model(repo / "m").ok
 
@@ -303,5 +306,5 @@ def test_a_failed_parity_check_writes_nothing(tmp_path, detector_checkpoint, mon
 
     monkeypatch.setattr(exporter, "_onnx_parity", failing)
     with pytest.raises(ParityError, match="injected"):
-        export_checkpoint(detector_checkpoint, tmp_path, "m")
+        export_checkpoint(detector_checkpoint, tmp_path, "m", ExportOptions(operating_point="none"))
     assert list((tmp_path / "m").iterdir()) == []

@@ -30,7 +30,7 @@ from medssl.datasets.luna16 import Finding
 from medssl.errors import MedsslError
 from medssl.metrics.luna16 import Prediction
 
-__all__ = ["OperatingPoint", "OperatingPointError", "OperatingRule", "choose_operating_point",
+__all__ = ["OperatingPoint", "OperatingPointError", "OperatingRule", "check_rule", "choose_operating_point",
            "choose_threshold"]
 
 
@@ -61,6 +61,16 @@ def _check_target(rule: OperatingRule, target: float) -> float:
     if rule is OperatingRule.SENSITIVITY and not 0.0 < target <= 1.0:
         raise ValueError(f"target of rule 'sensitivity' must be in (0, 1], got {target}")
     return target
+
+
+def check_rule(rule: str | OperatingRule, target: float) -> tuple[OperatingRule, float]:
+    """The rule and target, validated (as the other functions here take them).
+
+    Raises:
+        ValueError: an unknown rule, or a target out of the rule's range (both named).
+    """
+    rule = _rule(rule)
+    return rule, _check_target(rule, target)
 
 
 @dataclass(frozen=True)

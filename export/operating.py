@@ -1,0 +1,144 @@
+"""The exported detector's operating point, measured again with the exported graph.
+
+``medssl-export`` chooses the card's operating point (:mod:`medssl.metrics.operating_point`)
+by running the ONNX model it just wrote (onnxruntime, CPU) through the shared pipeline
+(:func:`medssl.pipeline.preprocess.preprocess_ct`, :func:`medssl.pipeline.detect.detect_preprocessed`,
+the code ``medssl-score`` runs) on the run's validation scans: the ``validation`` list of the
+run's ``split.json`` (``<run>/checkpoints/<ckpt>.pt`` → ``<run>/split.json``) in the LUNA16
+folder the checkpoint's provenance names (``provenance.data``). The threshold is therefore
+the one that holds for the probabilities the exported model reports.
+
+Alternatively :func:`operating_point_from_run` takes the one medssl-train chose at the end of
+training (``<run>/validation/operating_point.json``, PyTorch weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from medssl.errors import ExportError, MedsslError
+from medssl.metrics.luna16 import Prediction
+from medssl.metrics.operating_point import OperatingPoint, OperatingPointError, OperatingRule, choose_operating_point
+from medssl.models.card import ModelCard
+
+__all__ = ["RUN_OPERATING_POINT", "operating_point_from_run", "operating_point_on_validation", "run_folder",
+           "validation_inputs"]
+
+#: Where medssl-train writes the operating point it chose, relative to the run folder.
+RUN_OPERATING_POINT = Path("validation") / "operating_point.json"
+
+_ALTERNATIVES = ("pass --operating-point-from-run to take the one chosen at the end of training, or "
+                 "--no-operating-point to export without one (scoring then reports from 0.5, with a warning)")
+
+
+def run_folder(checkpoint: Path) -> Path | None:
+    """The medssl-train run folder of ``checkpoint`` (``<run>/checkpoints/x.pt``), or None."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+def _run(checkpoint: Path) -> Path:
+    run = run_folder(checkpoint)
+    if run is None:
+        raise ExportError(f"{checkpoint} is not in a medssl-train run folder (<run>/checkpoints/): the "
+                          f"validation scans of its run are unknown, so no operating point can be chosen; "
+                          f"export the run folder, or {_ALTERNATIVES}")
+    return run
+
+
+def operating_point_from_run(checkpoint: Path) -> OperatingPoint:
+    """The operating point medssl-train chose for ``checkpoint``'s run.
+
+    Raises:
+        ExportError: the checkpoint is not in a run folder, or the run has no readable
+            ``validation/operating_point.json`` (the path named).
+    """
+    import json
+
+    path = _run(checkpoint) / RUN_OPERATING_POINT
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: the run was trained before medssl-train chose an operating "
+                          "point; drop --operating-point-from-run to choose one with the exported model")
+    try:
+        return OperatingPoint.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{path}: not a valid operating point ({exc})") from exc
+
+
+def validation_inputs(checkpoint: Path, provenance: Mapping[str, Any]) -> tuple[Path, list[str], Path]:
+    """The run's ``split.json``, its validation seriesuids and the LUNA16 data folder, checked
+    (before anything is exported).
+
+    Raises:
+        ExportError: no run folder, no readable ``split.json``, no validation scans, or the
+            data folder of ``provenance["data"]`` gone (what is missing named, with the
+            alternatives).
+    """
+    from medssl.datasets.splits import read_split
+
+    split_path = _run(checkpoint) / "split.json"
+    if not split_path.is_file():
+        raise ExportError(f"{split_path} is missing: the run's validation scans are unknown; {_ALTERNATIVES}")
+    try:
+        uids = list(read_split(split_path).validation)
+    except MedsslError as exc:
+        raise ExportError(f"{exc}; {_ALTERNATIVES}") from exc
+    if not uids:
+        raise ExportError(f"{split_path} lists no validation scans (data.n_validation 0); {_ALTERNATIVES}")
+    data = provenance.get("data")
+    if not data or not Path(str(data)).is_dir():
+        raise ExportError(f"the training data folder of the checkpoint's provenance ({data!r}) is gone; it "
+                          f"holds the {len(uids)} validation scans of {split_path}; restore it there, or "
+                          f"{_ALTERNATIVES}")
+    return split_path, uids, Path(str(data))
+
+
+def operating_point_on_validation(onnx_path: Path, card: ModelCard, checkpoint: Path,
+                                  provenance: Mapping[str, Any], *, rule: str | OperatingRule,
+                                  target: float) -> OperatingPoint:
+    """Choose the operating point with the exported graph on the run's validation scans.
+
+    Args:
+        onnx_path: the exported ``model.onnx`` (onnxruntime, CPU).
+        card: its card (pipeline parameters, decoding); its ``operating_point`` is ignored.
+        checkpoint: the exported checkpoint, in ``<run>/checkpoints/``.
+        provenance: the checkpoint's provenance; ``data`` is the LUNA16 folder it trained on.
+        rule, target: see :func:`medssl.metrics.operating_point.choose_operating_point`.
+
+    Raises:
+        ExportError: no run folder, no ``split.json``, no validation scans, the data folder
+            gone or unreadable (what is missing named, with the alternatives), or no
+            threshold meets the rule.
+    """
+    from medssl.datasets.luna16 import Luna16
+    from medssl.pipeline.detect import detect_preprocessed
+    from medssl.pipeline.preprocess import preprocess_ct
+    from medssl.runners.onnx import OnnxRunner
+
+    split_path, uids, data = validation_inputs(checkpoint, provenance)
+    params = card.detection_params()
+    runner = OnnxRunner(onnx_path, replace(card, operating_point=None), providers=["CPUExecutionProvider"])
+    predictions: list[Prediction] = []
+    try:
+        luna = Luna16(data)
+        for uid in uids:
+            volume = preprocess_ct(luna.scan(uid), params.spacing_mm, params.intensity)
+            result = detect_preprocessed(volume, runner, params)
+            predictions += [Prediction(uid, d.centre_lps, d.probability) for d in result.detections]
+        nodules = [f for u in uids for f in luna.annotations(u)]
+        excluded = [f for u in uids for f in luna.excluded(u)]
+    except MedsslError as exc:
+        raise ExportError(f"reading the validation scans of {split_path} from {data}: {exc}; "
+                          f"{_ALTERNATIVES}") from exc
+    finally:
+        runner.close()
+    try:
+        return choose_operating_point(
+            nodules, excluded, uids, predictions, rule=rule, target=target,
+            source=f"medssl-export: {onnx_path.name} in onnxruntime (CPU) on the {len(uids)} validation "
+                   f"scans of {split_path} ({data})")
+    except OperatingPointError as exc:
+        raise ExportError(f"operating point: {exc}") from exc
