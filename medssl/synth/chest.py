@@ -52,7 +52,13 @@ differs in every scanner and patient range and draws from other seeds (seed
     IV contrast                    30 %               50 %   (150-350 HU both)
     free / juxta-pleural / -vasc.  45 / 30 / 25 %     35 / 35 / 30 %
     solid / part-solid / GGO       65 / 15 / 20 %     55 / 20 / 25 %
+    granulomas + scars per scan    0-3, 50 % gran.    0-4, 60 % gran.
     nodules 1-4 per scan, 3-30 mm (log-normal), in both families.
+
+Look-alikes (:mod:`medssl.synth.nodules`): micronodules and vessel crossings are
+excluded findings (``confusers``: LUNA16's ``annotations_excluded.csv``, a mark
+counts neither way); calcified granulomas and scars are ``lookalikes``: in no
+annotation file, so a mark on one is a false positive.
 
 Rendering runs in z-slabs on a few threads; every random draw happens before,
 so the output is bit-identical for a seed and config whatever the threading.
@@ -61,7 +67,7 @@ so the output is bit-identical for a seed and config whatever the threading.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,7 +75,7 @@ import numpy as np
 from medssl.synth.chest_anatomy import Tubes, draw_anatomy, draw_trees
 from medssl.synth.chest_render import Scene, Texture, body_and_lung_boxes, render
 from medssl.synth.chest_scanner import SLICE_THICKNESSES, draw_scanner, place_grid, with_contrast
-from medssl.synth.nodules import Confuser, Nodule, place_lesions
+from medssl.synth.nodules import Confuser, Nodule, check_shares, place_lesions, place_lookalikes
 from medssl.synth.primitives import scanner_noise
 from medssl.volume import Volume, affine_from_geometry
 
@@ -119,7 +125,11 @@ class ChestConfig:
         nodule_diameter_range: designed diameters (:mod:`medssl.synth.nodules`), mm;
             log-normal, mostly small; capped at half the field of view's shortest side.
         n_confusers_range: micronodules and vessel crossings per scan (inclusive; fewer
-            where the field of view has no room for them).
+            where the field of view has no room for them): excluded findings.
+        n_lookalikes_range: calcified granulomas and scars per scan (inclusive; fewer
+            where there is no room): not nodules, a mark on one is a false positive
+            (:mod:`medssl.synth.nodules`).
+        granuloma_share: fraction of the look-alikes that are granulomas (the rest scars).
         noise_sigma_range: image noise standard deviation, HU; the drawn value grows
             with the patient's size (:data:`~medssl.synth.chest_scanner.NOISE_SIZE_POWER`)
             and stays in the range.
@@ -154,6 +164,8 @@ class ChestConfig:
     n_nodules_range: tuple[int, int] = (1, 4)
     nodule_diameter_range: tuple[float, float] = (3.0, 30.0)
     n_confusers_range: tuple[int, int] = (1, 4)
+    n_lookalikes_range: tuple[int, int] = (0, 3)
+    granuloma_share: float = 0.5
     noise_sigma_range: tuple[float, float] = (10.0, 60.0)
     kernel_fwhm_range: tuple[float, float] = (0.6, 1.2)
     sharp_kernel_share: float = 0.4
@@ -182,20 +194,17 @@ class ChestConfig:
             if not 0 < lo <= hi:
                 raise ValueError(f"{name} must be (low, high) with 0 < low <= high, "
                                  f"got {(lo, hi)}")
-        for name in ("n_nodules_range", "n_confusers_range"):
+        for name in ("n_nodules_range", "n_confusers_range", "n_lookalikes_range"):
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi:
                 raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, "
                                  f"got {(lo, hi)}")
-        for name in ("sharp_kernel_share", "contrast_share"):
+        for name in ("sharp_kernel_share", "contrast_share", "granuloma_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], "
                                  f"got {getattr(self, name)}")
-        for name in ("location_shares", "kind_shares"):
-            shares = getattr(self, name)
-            if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
-                raise ValueError(f"{name} must be 3 non-negative probabilities summing to 1, "
-                                 f"got {shares}")
+        check_shares("location_shares", self.location_shares)
+        check_shares("kind_shares", self.kind_shares)
         if self.n_nodules_range[1] > 255:
             raise ValueError(f"n_nodules_range allows at most 255 nodules (uint8 labels), "
                              f"got {self.n_nodules_range}")
@@ -248,6 +257,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "contrast_share": 0.5,
         "location_shares": (0.35, 0.35, 0.3),
         "kind_shares": (0.55, 0.2, 0.25),
+        "n_lookalikes_range": (0, 4),
+        "granuloma_share": 0.6,
     },
 }
 
@@ -264,7 +275,10 @@ class ChestCase:
         nodule_mask: uint8 ``(Z, Y, X)``; 0 background, ``nodule.label`` inside each nodule.
         lung_mask: bool ``(Z, Y, X)``: both lungs, with their vessels, airways and nodules.
         nodules: annotations (centre LPS mm, designed diameter mm, kind, location).
-        confusers: look-alikes that are not nodules (LUNA16's excluded annotations).
+        confusers: micronodules and vessel crossings (LUNA16's excluded annotations:
+            a mark on one counts neither way).
+        lookalikes: calcified granulomas and scars: not nodules and not excluded, so a
+            mark on one is a false positive.
     """
 
     volume: Volume
@@ -272,6 +286,7 @@ class ChestCase:
     lung_mask: np.ndarray
     nodules: list[Nodule]
     confusers: list[Confuser]
+    lookalikes: list[Confuser] = field(default_factory=list)
 
 
 def generate_chest_ct(seed: int, config: ChestConfig | None = None) -> ChestCase:
@@ -308,6 +323,10 @@ def generate_chest_ct(seed: int, config: ChestConfig | None = None) -> ChestCase
     nodules, confusers, crossings = place_lesions(
         anatomy, grid, vessels, rng, n_nodules, cfg.nodule_diameter_range, n_confusers,
         location_shares=cfg.location_shares, kind_shares=cfg.kind_shares)
+    n_lookalikes = int(rng.integers(cfg.n_lookalikes_range[0], cfg.n_lookalikes_range[1] + 1))
+    granulomas, scars, lookalikes, scar_hu = place_lookalikes(
+        anatomy, grid, vessels, rng, n_lookalikes, nodules + confusers,
+        granuloma_share=cfg.granuloma_share)
 
     body_box, region = body_and_lung_boxes(anatomy, grid)
     texture = Texture.draw(rng, grid, region, 2.0) if region is not None else None
@@ -321,8 +340,9 @@ def generate_chest_ct(seed: int, config: ChestConfig | None = None) -> ChestCase
     ])
 
     scene = Scene.build(anatomy, grid, scanner, body_box, region, texture,
-                        Tubes.concat([vessels, crossings]), airways, nodules + confusers,
-                        bank, pick)
+                        Tubes.concat([vessels, crossings]), airways,
+                        nodules + confusers + granulomas, bank, pick, scars=scars,
+                        scar_hu=scar_hu)
     render(scene, cfg.render_threads or min(4, os.cpu_count() or 1))
 
     meta = {
@@ -341,4 +361,5 @@ def generate_chest_ct(seed: int, config: ChestConfig | None = None) -> ChestCase
         volume=volume, nodule_mask=scene.out["nodules"], lung_mask=scene.out["lung"],
         nodules=[n.record for n in nodules],  # type: ignore[misc]
         confusers=[c.record for c in confusers],  # type: ignore[misc]
+        lookalikes=lookalikes,
     )

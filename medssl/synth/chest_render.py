@@ -10,7 +10,7 @@ Painting order, each layer blending towards its HU over the ones before: the
 body (skin and fat, chest-wall muscle, the cavity, the abdomen; ribs, sternum,
 scapulae), the gastric bubble, the spine, the clavicles; the lung coverage,
 the heart and mediastinal vessels carved out of it, the lung parenchyma with
-its texture, pulmonary vessels, airways, lesions; then the reconstruction
+its texture, pulmonary vessels, airways, scars, lesions; then the reconstruction
 kernel, the patient table, noise, and the stored HU range.
 
 Frames: arrays are indexed ``(z, y, x)`` (``z`` head-ward, ``y`` posterior,
@@ -178,7 +178,8 @@ class Scene:
     def build(anatomy: ChestAnatomy, grid: ScanGrid, scanner: Scanner,
               body_box: tuple[slice, slice], lung_region: tuple[slice, slice, slice] | None,
               texture: Texture | None, vessels: Tubes, airways: Tubes, lesions: list[Lesion],
-              noise_bank: np.ndarray, noise_pick: np.ndarray) -> Scene:
+              noise_bank: np.ndarray, noise_pick: np.ndarray, *, scars: Tubes | None = None,
+              scar_hu: float = 0.0) -> Scene:
         """Prepare a scene (no random draws) and allocate its outputs.
 
         Args:
@@ -188,6 +189,7 @@ class Scene:
             vessels, airways: pulmonary vessels (with any confuser crossings) and
                 airways, LPS mm.
             lesions: nodules and confusers, painted in order.
+            scars: band-like scars (lung-clipped tubes) raising the lung to ``scar_hu``.
             noise_bank: float HU noise ``(B, Y + s, X + s)``, ``s`` the largest shift.
             noise_pick: int ``(Z, 3)``: each slice's bank slice, row and column offset.
         """
@@ -210,7 +212,9 @@ class Scene:
                        if v.shape[1:] == grid.shape[1:]},
             tubes=[_TubeSet.build(vessels, grid, ((1.0, 0.0, hu.vessel, False),)),
                    _TubeSet.build(airways, grid, (wall, marrow)),
-                   _TubeSet.build(anatomy.clavicles, grid, bone)],
+                   _TubeSet.build(anatomy.clavicles, grid, bone),
+                   _TubeSet.build(scars if scars is not None else Tubes.concat([]), grid,
+                                  ((1.0, 0.0, scar_hu, True),))],
             mediastinal=_TubeSet.build(anatomy.mediastinal, grid,
                                        ((1.0, 0.0, hu.blood, False),), MEDIASTINAL_FAT_MM),
             lesions=lesions, noise_bank=noise_bank, noise_pick=noise_pick,
@@ -648,6 +652,7 @@ def _render_slab(scene: Scene, zs: slice) -> None:
     # vessels and airways, lesions
     _paint_tubes(scene, zs, image, lung, scene.tubes[0], axes)
     _paint_tubes(scene, zs, image, lung, scene.tubes[1], axes)
+    _paint_tubes(scene, zs, image, lung, scene.tubes[3], axes)
     mask = scene.out["nodules"][zs]
     for lesion in scene.lesions:
         paint_lesion(lesion, grid, zs, image, lung, mask)

@@ -9,10 +9,16 @@ Case ``i`` uses seed ``seed + i``; unlabeled chest scans continue the sequence. 
 family (:data:`~medssl.synth.chest.FAMILIES`) adds its seed offset, so the scans, patient
 IDs and UIDs of two families never coincide.
 
-The unlabeled pool's hidden truth goes to ``unlabeled/truth_annotations.csv`` and
-``unlabeled/truth_annotations_excluded.csv`` (LUNA16 columns): for diagnostics such as
-the precision of pseudo-labels, never for training (the trainer reads only volume files
-from ``unlabeled/``).
+CSV semantics (LUNA16 columns ``seriesuid,coordX,coordY,coordZ,diameter_mm``):
+``annotations.csv`` holds the nodules (a hit is a true positive),
+``annotations_excluded.csv`` the micronodules and vessel crossings (LUNA16's irrelevant
+findings: a hit counts neither way), ``lookalikes.csv`` the calcified granulomas and scars
+(not nodules, not excluded: a hit is a false positive; in the LUNA16 layout they are also
+class-0 rows of ``candidates_V2.csv``). See :mod:`medssl.synth.nodules`.
+
+The unlabeled pool's hidden truth goes to ``unlabeled/`` (:data:`UNLABELED_TRUTH`):
+for diagnostics such as the precision of pseudo-labels, never for training (the
+trainer reads only volume files from ``unlabeled/``).
 """
 
 from __future__ import annotations
@@ -29,10 +35,21 @@ from medssl.io.metaimage import write_metaimage
 from medssl.synth.chest import SEED_SPAN, ChestCase, ChestConfig, generate_chest_ct
 from medssl.synth.organs import DOMAINS, LABELS, generate_organ_phantom
 
-__all__ = ["chest_findings", "chest_series_info", "write_chest_dataset", "write_organ_dataset"]
+__all__ = [
+    "UNLABELED_TRUTH",
+    "chest_findings",
+    "chest_lookalikes",
+    "chest_series_info",
+    "write_chest_dataset",
+    "write_organ_dataset",
+]
 
 #: Class-0 candidates drawn in the lungs per scan, like LUNA16's candidates_V2.
 NEGATIVE_CANDIDATES = 20
+#: The unlabeled pool's hidden truth, in ``unlabeled/``: nodules, excluded findings and
+#: false-positive look-alikes (LUNA16 columns).
+UNLABELED_TRUTH = ("truth_annotations.csv", "truth_annotations_excluded.csv",
+                   "truth_lookalikes.csv")
 
 
 def chest_series_info(seed: int, case: ChestCase) -> SeriesInfo:
@@ -76,6 +93,14 @@ def chest_findings(seriesuid: str, case: ChestCase) -> tuple[list[Finding], list
     return nodules, excluded
 
 
+def chest_lookalikes(seriesuid: str, case: ChestCase) -> list[Finding]:
+    """The granulomas and scars as LUNA16 rows (diameter: a scar's length): false positives
+
+    if marked, so in neither ``annotations.csv`` nor ``annotations_excluded.csv``.
+    """
+    return [Finding(seriesuid, c.centre_lps, c.diameter_mm) for c in case.lookalikes]
+
+
 def write_chest_dataset(
     out: str | Path,
     cases: int,
@@ -110,10 +135,9 @@ def write_chest_dataset(
         raise ValueError(f"seed must be in [0, {SEED_SPAN - cases - unlabeled}] for "
                          f"{cases + unlabeled} scans (seeds stay below {SEED_SPAN}), got {seed}")
     writer = Luna16Writer(out) if fmt == "luna16" else None
-    nodules_all: list[Finding] = []
-    excluded_all: list[Finding] = []
-    hidden: list[Finding] = []
-    hidden_excluded: list[Finding] = []
+    # (annotations, excluded, lookalikes) of the labeled scans, and of the unlabeled pool
+    tables: dict[bool, tuple[list[Finding], list[Finding], list[Finding]]] = {
+        True: ([], [], []), False: ([], [], [])}
     written = []
     for i in range(cases + unlabeled):
         case_seed = seed + i
@@ -121,25 +145,21 @@ def write_chest_dataset(
         info = chest_series_info(case_seed + config.seed_offset, case)
         uid = info.uid("series")
         labeled = i < cases
-        if not labeled:
-            nodules, excluded = chest_findings(uid, case)
-            hidden += nodules
-            hidden_excluded += excluded
+        nodules, excluded = chest_findings(uid, case)
+        lookalikes = chest_lookalikes(uid, case)
+        for table, rows in zip(tables[labeled], (nodules, excluded, lookalikes)):
+            table += rows
         if fmt == "dicom":
             folder = out / info.patient_id / f"{info.study_date}-{info.accession_number}" / (
                 f"{info.series_number}-{info.series_description.replace(' ', '_')}")
             write_dicom_series(case.volume, folder, info)
             written.append(folder)
-            if labeled:
-                nodules, excluded = chest_findings(uid, case)
-                nodules_all += nodules
-                excluded_all += excluded
         elif labeled:
-            nodules, excluded = chest_findings(uid, case)
             written.append(writer.add(  # type: ignore[union-attr]
                 uid, case.volume, nodules, excluded,
                 lung_mask=case.lung_mask, nodule_mask=_relabel(case),
-                negatives=_lung_points(case, case_seed),
+                negatives=[f.centre_lps for f in lookalikes]
+                + _lung_points(case, case_seed + config.seed_offset),
                 truth=[{"kind": n.kind, "location": n.location} for n in case.nodules],
             ))
         else:
@@ -147,15 +167,17 @@ def write_chest_dataset(
         if progress:
             progress()
     if unlabeled:
-        (out / "unlabeled").mkdir(parents=True, exist_ok=True)
-        write_findings(out / "unlabeled" / "truth_annotations.csv", hidden)
-        write_findings(out / "unlabeled" / "truth_annotations_excluded.csv", hidden_excluded)
+        hidden = out / "unlabeled"
+        hidden.mkdir(parents=True, exist_ok=True)
+        for name, rows in zip(UNLABELED_TRUTH, tables[False]):
+            write_findings(hidden / name, rows)
     if writer is not None:
         writer.close()
     else:
         out.mkdir(parents=True, exist_ok=True)
-        write_findings(out / "annotations.csv", nodules_all)
-        write_findings(out / "annotations_excluded.csv", excluded_all)
+        write_findings(out / "annotations.csv", tables[True][0])
+        write_findings(out / "annotations_excluded.csv", tables[True][1])
+    write_findings(out / "lookalikes.csv", tables[True][2])
     return written
 
 

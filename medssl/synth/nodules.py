@@ -11,6 +11,20 @@ partial-volume ramp); part-solid nodules a hazy halo around a solid core.
 The annotated diameter is the *designed* diameter ``2 R``: twice the mean
 surface radius of the lesion's outer solid over all directions, spikes
 excluded, before a juxta-pleural nodule is cut by the pleura.
+
+Look-alikes come in two groups, scored differently (LUNA16 semantics):
+
+* confusers (:data:`CONFUSER_KINDS`): micronodules below 3 mm (some calcified)
+  and vessel crossings -- LUNA16's "irrelevant findings"
+  (``annotations_excluded.csv``): a mark on one is neither a true nor a false
+  positive;
+* lookalikes (:data:`LOOKALIKE_KINDS`): calcified granulomas (3-8 mm, 400-1000
+  HU: benign, Lung-RADS category 1) and scars (linear or band-like
+  opacities, 10-30 mm long, 1.2-3 mm thick): findings a radiologist would not
+  accept as nodules, so a mark on one is a false positive. They are in no
+  annotation file (the LUNA16 layout lists them as class-0 candidates and in
+  ``lookalikes.csv``). Unlike LIDC, whose readers also annotated calcified
+  nodules of 3 mm or more, a benign-calcified granuloma here is not a nodule.
 """
 
 from __future__ import annotations
@@ -30,15 +44,19 @@ from medssl.synth.chest_anatomy import (
 )
 
 __all__ = [
+    "CONFUSER_KINDS",
     "LOCATIONS",
+    "LOOKALIKE_KINDS",
     "MICRONODULE_DIAMETER",
     "NODULE_KINDS",
     "Confuser",
     "Lesion",
     "LesionShape",
     "Nodule",
+    "check_shares",
     "paint_lesion",
     "place_lesions",
+    "place_lookalikes",
 ]
 
 _F32 = np.float32
@@ -49,6 +67,16 @@ LOCATIONS = ("free", "juxta-pleural", "juxta-vascular")
 NODULE_TRIES = 5
 #: Diameters of micronodules (confusers below LUNA16's 3 mm threshold), mm.
 MICRONODULE_DIAMETER = (1.0, 2.9)
+#: Excluded look-alikes (a mark on one does not count) and false-positive ones (it does).
+CONFUSER_KINDS = ("micronodule", "vessel-crossing")
+LOOKALIKE_KINDS = ("granuloma", "scar")
+#: Calcified granulomas: diameter (mm) and attenuation (HU) ranges.
+GRANULOMA_DIAMETER = (3.0, 8.0)
+GRANULOMA_HU = (400.0, 1000.0)
+#: Scars: length, half-thickness (mm) and attenuation (HU) ranges.
+SCAR_LENGTH = (10.0, 30.0)
+SCAR_HALF_THICKNESS = (0.6, 1.5)
+SCAR_HU = (-100.0, 40.0)
 
 
 @dataclass(frozen=True)
@@ -64,11 +92,15 @@ class Nodule:
 
 @dataclass(frozen=True)
 class Confuser:
-    """A nodule look-alike that is not a nodule (LUNA16's excluded annotations)."""
+    """A nodule look-alike that is not a nodule (see the module doc for how each is scored).
+
+    ``diameter_mm``: a granuloma's or micronodule's diameter, a crossing's bulge, a
+    scar's length.
+    """
 
     centre_lps: tuple[float, float, float]
     diameter_mm: float
-    kind: str          # "micronodule" (< 3 mm) | "vessel-crossing"
+    kind: str          # CONFUSER_KINDS (excluded) | LOOKALIKE_KINDS (false positives)
 
 
 _DIRECTIONS = sphere_directions(512)
@@ -330,10 +362,42 @@ class _Placer:
         radii = v.r0[k] + t[:, 0] * (v.r1[k] - v.r0[k])
         return points, axis, radii, normal
 
+    @cached_property
+    def _branchings(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where lung vessels divide: ``(points (B, 3) LPS mm, parent radii (B,) mm)``.
+
+        A branching is the end of a clipped (lung) segment where other segments start.
+        """
+        v = self.vessels
+        starts = {tuple(p) for p in np.round(v.start[v.clipped], 6)}
+        ends = np.round(v.end, 6)
+        keep = v.clipped & np.array([tuple(p) in starts for p in ends], dtype=bool)
+        return v.end[keep], v.r1[keep]
+
+    def _at_branchings(self, n: int, lo: np.ndarray, hi: np.ndarray, r_lo: float, r_hi: float,
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` random vessel branchings inside the box: ``(points, parent radii)``."""
+        points, radii = self._branchings
+        ok = (radii >= r_lo) & (radii <= r_hi) & np.all((points >= lo) & (points <= hi), axis=1)
+        if not ok.any():
+            return np.zeros((0, 3)), np.zeros(0)
+        k = np.flatnonzero(ok)[self.rng.integers(0, int(ok.sum()), n)]
+        return points[k], radii[k]
+
     def _near_vessels(self, n: int, radius: float, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Centres of juxta-vascular nodules: overlapping a vessel by 15-60 % of their radius,
+
+        half beside a vessel segment, half at a branching (in the crotch or beside it, so
+        the nodule touches the parent vessel and usually a child).
+        """
         points, _, radii, normal = self._on_vessels(n, lo - radius, hi + radius, 0.8, 3.5)
+        fork, fork_r = self._at_branchings(n // 2, lo - radius, hi + radius, 0.8, 3.5)
+        m = n - len(fork)
+        points = np.concatenate([fork, points[:m]])
+        radii = np.concatenate([fork_r, radii[:m]])
+        normal = np.concatenate([_unit(self.rng, len(fork)), normal[:m]])
         offset = radii + radius * self.rng.uniform(0.4, 0.85, len(radii))
-        cand = points + offset[:, None] * normal
+        cand = (points + offset[:, None] * normal)[self.rng.permutation(len(radii))]
         return cand[np.all((cand >= lo) & (cand <= hi), axis=1)]
 
     def vessel_crossing(self, placed: list[Lesion], vessel_hu: float,
@@ -367,6 +431,13 @@ class _Placer:
                 record = Confuser(_tuple(points[i]), float(2 * bulge[i]), "vessel-crossing")
                 return Lesion(((shape, vessel_hu, 0.0),), 0, record), crossing
         return None
+
+
+def check_shares(name: str, shares: tuple[float, ...]) -> None:
+    """Raise ValueError naming ``name`` unless ``shares`` are 3 probabilities summing to 1."""
+    if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
+        raise ValueError(f"{name} must be 3 non-negative probabilities summing to 1, "
+                         f"got {shares}")
 
 
 def _tuple(p: np.ndarray) -> tuple[float, float, float]:
@@ -408,9 +479,8 @@ def place_lesions(
             the diameter range, or holds too little lung.
         ValueError: shares that are not three non-negative numbers summing to 1.
     """
-    for name, shares in (("location_shares", location_shares), ("kind_shares", kind_shares)):
-        if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
-            raise ValueError(f"{name} must be 3 non-negative numbers summing to 1, got {shares}")
+    check_shares("location_shares", location_shares)
+    check_shares("kind_shares", kind_shares)
     placer = _Placer(anatomy, grid, vessels, rng)
     lo, hi = grid.box()
     where = f"the field of view {np.round(lo, 1).tolist()} .. {np.round(hi, 1).tolist()} mm"
@@ -460,6 +530,71 @@ def place_lesions(
         record = Confuser(_tuple(centre), diameter, "micronodule")
         confusers.append(Lesion(((shape.moved(centre), hu, 0.0),), 0, record))
     return nodules, confusers, Tubes.concat(crossings)
+
+
+def place_lookalikes(
+    anatomy: ChestAnatomy,
+    grid: ScanGrid,
+    vessels: Tubes,
+    rng: np.random.Generator,
+    n: int,
+    placed: list[Lesion],
+    *,
+    granuloma_share: float,
+) -> tuple[list[Lesion], Tubes, list[Confuser], float]:
+    """Draw and place ``n`` false-positive look-alikes: calcified granulomas and scars.
+
+    Each is a granuloma with probability ``granuloma_share``, else a scar (see the
+    module doc for sizes and attenuations). Both lie wholly in the lungs and the
+    field of view, 3 mm or more apart from ``placed`` lesions and each other; one
+    that finds no room is left out.
+
+    Returns:
+        ``(granulomas, scars, records, scar_hu)``: granuloma lesions (label 0), the
+        scars as lung-clipped tubes (a bent band, two segments each), every
+        look-alike's record in drawing order, and the scars' attenuation (HU).
+    """
+    if not 0 <= granuloma_share <= 1:
+        raise ValueError(f"granuloma_share must be in [0, 1], got {granuloma_share}")
+    placer = _Placer(anatomy, grid, vessels, rng)
+    scar_hu = float(rng.uniform(*SCAR_HU))
+    granulomas: list[Lesion] = []
+    scars: list[Tubes] = []
+    records: list[Confuser] = []
+    taken = list(placed)
+    for _ in range(n):
+        if rng.uniform() < granuloma_share:
+            diameter = float(rng.uniform(*GRANULOMA_DIAMETER))
+            shape = _shape(rng, diameter / 2, 0.03, 0)
+            hu = float(rng.uniform(*GRANULOMA_HU))
+            centre = placer.find("free", shape.extent, diameter / 2, taken, 3.0)
+            if centre is None:
+                continue
+            record = Confuser(_tuple(centre), diameter, "granuloma")
+            lesion = Lesion(((shape.moved(centre), hu, 0.0),), 0, record)
+            granulomas.append(lesion)
+        else:
+            length = float(rng.uniform(*SCAR_LENGTH))
+            half = float(rng.uniform(*SCAR_HALF_THICKNESS))
+            axis = _unit(rng, 1)[0]
+            bend = np.cross(axis, _unit(rng, 1)[0])
+            bend *= rng.uniform(0.05, 0.15) * length / max(float(np.linalg.norm(bend)), 1e-9)
+            centre = placer.find("free", 0.5 * length + half, half, taken, 3.0)
+            if centre is None:
+                continue
+            points = np.stack([centre - 0.5 * length * axis, centre + bend,
+                               centre + 0.5 * length * axis])
+            occ = anatomy.lung_occupancy(points[:, 0], points[:, 1], points[:, 2],
+                                         *placer.widths)
+            if occ.min() < 1:
+                continue
+            scars.append(Tubes.polyline(points, np.array([0.7, 1.0, 0.7]) * half, clipped=True))
+            record = Confuser(_tuple(points[1]), length, "scar")   # the band's middle
+            shape = _shape(rng, 0.5 * length, 0.0, 0).moved(centre)   # its room, never drawn
+            lesion = Lesion(((shape, scar_hu, 0.0),), 0, record)
+        taken.append(lesion)
+        records.append(record)
+    return granulomas, Tubes.concat(scars), records, scar_hu
 
 
 # -- drawing --------------------------------------------------------------------------------------
