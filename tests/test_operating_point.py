@@ -119,6 +119,7 @@ def test_operating_point_json_round_trips_and_names_bad_keys():
 
 def test_the_card_carries_the_operating_point_and_an_old_card_loads_without_one(exported_detector, tmp_path):
     card = dataclasses.replace(exported_detector.card, operating_point=_point(threshold=0.42))
+    (tmp_path / "new").mkdir()
     saved = json.loads(card.save(tmp_path / "new" / CARD_FILE).read_text())
     assert saved["operating_point"]["threshold"] == 0.42 and saved["operating_point"]["rule"] == "fp_per_scan"
     loaded = load_card(tmp_path / "new")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 
 import highdicom as hd
@@ -118,6 +119,39 @@ def test_sr_findings_equal_medssl_scores_on_the_same_series(chest, detector, tmp
     assert uid in caplog.text
     assert str(patient.PatientID) not in caplog.text
     assert str(patient.PatientName) not in caplog.text
+
+
+def test_a_route_without_min_probability_reports_from_the_card_s_operating_point(chest, tmp_path, caplog):
+    """Issue 18 item 1: the card's threshold when the route sets none; an old card warns once
+    at load and reports from 0.5."""
+    from medssl.metrics.operating_point import OperatingPoint
+    from medssl.models.card import CARD_FILE, load_card
+
+    good = _files(chest / "good")
+    route = RouteConfig(MODEL)  # no min_probability
+    scored = score(chest / "good", tmp_path / "score", RunnerSpec(REPOSITORY, MODEL), options=ScoreOptions(workers=0))
+    assert scored.counts == {"ok": 1}
+    every = _columns(pq.read_table(tmp_path / "score" / "findings.parquet").to_pylist())
+    threshold = float(np.sort(every[:, 4])[-3])  # three findings at or above it
+    for card_op, folder in ((OperatingPoint(threshold, "fp_per_scan", 1.0, 0.8, 1.0, 4, 5), "new"), (None, "old")):
+        shutil.copytree(REPOSITORY / MODEL, tmp_path / folder / MODEL)
+        for path in (tmp_path / folder / MODEL).rglob(CARD_FILE):
+            dataclasses.replace(load_card(path), operating_point=card_op).save(path)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="medssl.models.card"):
+            models = ModelSet(tmp_path / folder, [route], batch_size=2)
+        try:
+            result = process_study(good, [route], models, tmp_path / folder / "out")
+        finally:
+            models.close()
+        [outcome] = result.series
+        expected = every[every[:, 4] >= (threshold if card_op else 0.5)]
+        np.testing.assert_allclose(_points(result.outputs[0].path), expected, atol=1e-3)
+        np.testing.assert_allclose(_columns(outcome.findings), expected, atol=1e-3)
+        warned = [r.getMessage() for r in caplog.records if "no operating point" in r.getMessage()]
+        assert len(warned) == (0 if card_op else 1)
+    assert len(every[every[:, 4] >= threshold]) == 3 != len(every[every[:, 4] >= 0.5])
+    assert f"model {MODEL} v1" in warned[0] and ">= 0.5" in warned[0]
 
 
 def test_a_study_whose_series_fail_selection_gives_no_outputs_with_the_reasons(
