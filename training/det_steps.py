@@ -25,9 +25,9 @@ from medssl.training.focalmix import (
     sample_lambda,
     transform_anchor_targets,
 )
-from medssl.training.losses import detection_loss
+from medssl.training.losses import FocalConfig, detection_loss, positive_count
 
-__all__ = ["focalmix_step", "supervised_step", "unlabeled_weight"]
+__all__ = ["focalmix_step", "joint_loss", "supervised_step", "unlabeled_weight"]
 
 
 def supervised_step(model: nn.Module, batch: dict[str, torch.Tensor], cfg: DetectionExperiment) -> dict[str, torch.Tensor]:
@@ -41,6 +41,48 @@ def unlabeled_weight(step: int, cfg: DetectionExperiment) -> float:
     fm = cfg.focalmix
     ramp = fm.rampup_fraction * cfg.optim.steps
     return fm.unlabeled_weight * (1.0 if ramp <= 0 else min(1.0, step / ramp))
+
+
+def joint_loss(
+    outputs: torch.Tensor,
+    labeled_targets: torch.Tensor,
+    deltas: torch.Tensor,
+    box_mask: torch.Tensor,
+    unlabeled_targets: torch.Tensor,
+    weight: float,
+    config: FocalConfig,
+) -> dict[str, torch.Tensor]:
+    """FocalMix's loss of one mixed batch: labeled SFL + box loss + ``weight`` × unlabeled SFL.
+
+    Both objectness sums are divided by **one** normaliser, the number of anchors with target
+    >= 0.5 over the whole mixed batch (at least 1): RetinaNet normalises a batch's focal loss by
+    its positives, and MixMatch trains the labeled and unlabeled halves as one batch. Each half
+    normalised by its own positives (the unlabeled half usually has none, so its sum was divided
+    by 1) weighted an unlabeled anchor up to ~#positives times a labeled one, differently at
+    every step (issue 18). The box loss (labeled half only; guessed targets carry no boxes)
+    keeps its own normaliser, the anchors with a box target.
+
+    Args:
+        outputs: ``(B_l + B_u, N, 5)`` network outputs, labeled rows first.
+        labeled_targets: ``(B_l, N)`` mixed labeled targets (-1 ignored).
+        deltas, box_mask: ``(B_l, N, 4)`` and ``(B_l, N)`` the labeled box targets.
+        unlabeled_targets: ``(B_u, N)`` mixed guessed targets.
+        weight: the unlabeled weight at this step (:func:`unlabeled_weight`).
+
+    Returns:
+        ``{"loss", "cls", "box", "unlabeled", "normaliser"}``: ``cls`` and ``unlabeled`` are
+        the two objectness terms (unweighted), each already divided by ``normaliser``.
+    """
+    n = labeled_targets.shape[0]
+    if outputs.shape[0] != n + unlabeled_targets.shape[0]:
+        raise ValueError(f"outputs has {outputs.shape[0]} rows, targets {n} + {unlabeled_targets.shape[0]}")
+    count = positive_count(labeled_targets, unlabeled_targets)
+    labeled = detection_loss(outputs[:n], labeled_targets, deltas, box_mask, config, normaliser=count)
+    no_boxes = torch.zeros_like(unlabeled_targets, dtype=torch.bool)
+    unlabeled = detection_loss(outputs[n:], unlabeled_targets, torch.zeros_like(outputs[n:, :, 1:]), no_boxes,
+                               config, normaliser=count)["cls"]
+    return {"loss": labeled["loss"] + weight * unlabeled, "cls": labeled["cls"], "box": labeled["box"],
+            "unlabeled": unlabeled, "normaliser": count}
 
 
 def _boxes(batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
@@ -74,7 +116,8 @@ def focalmix_step(
             place; None: FocalMix's fixed ``object_threshold``.
 
     Returns:
-        ``{"loss", "cls", "box", "unlabeled", "weight", "guessed_positives"}``, with object
+        ``{"loss", "cls", "box", "unlabeled", "normaliser", "weight", "guessed_positives"}``
+        (:func:`joint_loss`), with object
         MixUp also ``"objects"`` (mean unlabeled objects per patch) and, with CPL,
         ``"cpl_threshold"`` (T(nodule) this batch was selected with) and
         ``"cpl_nodule_cells"`` / ``"cpl_background_cells"`` (σ after the update).
@@ -122,15 +165,10 @@ def focalmix_step(
         mixed = object_mixup(mixed, boxes, images, boxes, fm.eta, rng)
 
     out = flatten_levels(model(mixed)).float()
-    labeled = detection_loss(out[:n], y_mix, batch["deltas"], y == 1, cfg.loss)
-    no_boxes = torch.zeros_like(t_mix, dtype=torch.bool)
-    unlabeled_loss = detection_loss(out[n:], t_mix, torch.zeros_like(out[n:, :, 1:]), no_boxes, cfg.loss)["cls"]
     weight = unlabeled_weight(step, cfg)
+    losses = joint_loss(out, y_mix, batch["deltas"], y == 1, t_mix, weight, cfg.loss)
     return {
-        "loss": labeled["loss"] + weight * unlabeled_loss,
-        "cls": labeled["cls"],
-        "box": labeled["box"],
-        "unlabeled": unlabeled_loss,
+        **losses,
         "weight": torch.tensor(weight),
         # Diagnostic: guessed positive anchors per unlabeled patch (a collapse shows here first).
         "guessed_positives": (sharp >= 0.5).sum(dim=1).float().mean(),

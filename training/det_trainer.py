@@ -1,5 +1,10 @@
 """The detector trainer behind ``medssl-train focalmix`` and ``medssl-train supervised-det``.
 
+Before every validation and checkpoint the BatchNorm running statistics are re-estimated on
+``eval.bn_windows`` sliding windows of the labeled training scans (:mod:`medssl.training.batchnorm`),
+so validation, the checkpoints (and so the test and the export) use the statistics of the
+windows inference runs on.
+
 A run folder holds ``config.yaml``, ``split.json``, ``checkpoints/`` (periodic, ``last.pt``,
 ``best.pt`` by validation CPM), ``tensorboard/``, ``log.jsonl`` and, at the end,
 ``test/submission.csv`` (LUNA16 format), ``test/cpm.json`` and ``test/froc.png``
@@ -34,11 +39,13 @@ from medssl.detection import AnchorGrid
 from medssl.errors import MedsslError, VolumeReadError
 from medssl.metrics import plot_froc, write_predictions
 from medssl.pipeline import Intensity
+from medssl.training.batchnorm import inference_windows, reestimate_batchnorm
 from medssl.training.cache import CachedVolume, VolumeCache
 from medssl.training.checkpoint import CheckpointManager, resume_from_last, rng_state
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_data import IndexStream, LabeledPatches, ScanBoxes, UnlabeledPatches
 from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
+from medssl.training.det_operating import write_operating_point
 from medssl.training.det_scans import DetectionSplit, ScanSource, split_luna16
 from medssl.training.det_steps import focalmix_step, supervised_step
 from medssl.training.detector import FPNDetector
@@ -250,6 +257,9 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
         if semi else None
     )
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dev.type == "cuda" else nullcontext()
+    statistics_windows = (inference_windows([s.volume.array.shape for s in labeled], window=cfg.window,
+                                            overlap=cfg.eval.overlap, count=cfg.eval.bn_windows, seed=cfg.seed)
+                          if cfg.eval.bn_windows else [])
     with TrainLogger(out, steps, enabled=env.is_main) as logger:
         for step in range(start, steps):
             rng = np.random.default_rng([cfg.seed, 3, step, env.rank])
@@ -276,6 +286,12 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
             logger.log(step + 1, lr=scheduler.get_last_lr()[0], **scalars)
             logger.advance(step + 1, loss=scalars["loss"])
             if (step + 1) % cfg.eval.every == 0 or step + 1 == steps:
+                if env.is_main and statistics_windows:
+                    # the statistics validation, the checkpoint and the export use (DDP broadcasts
+                    # rank 0's buffers to the other ranks at the next forward pass)
+                    with amp:
+                        reestimate_batchnorm(unwrap(model), [s.volume.array for s in labeled], statistics_windows,
+                                             window=cfg.window, pad_value=pad, batch_size=batch, device=dev)
                 metrics = _validate(model, split, validation, cfg, dev) if (validation and env.is_main) else None
                 if env.is_main:
                     if metrics:
@@ -289,5 +305,6 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
     net = FPNDetector(cfg.model, cfg.anchors)
     net.load_state_dict(manager.load(best)["model"])
     report = _test(net.to(dev), split, cache, cfg, dev, out / "test") if split.test else None
+    write_operating_point(net, split, cache, cfg, dev, out, report)  # validation/, and the test report at it
     cpm = report["cpm"] if report else None
     return DetectionRun(out, best, None if cpm is None or math.isnan(cpm) else cpm, report)

@@ -15,7 +15,10 @@ Choices the paper leaves open (documented in README "FocalMix" and the model car
 
 * Target guessing runs the model in train mode (BatchNorm batch statistics, as the MixMatch
   reference implementations guess), without gradients, on K *distinct* group elements (the
-  identity may be among them).
+  identity may be among them), and leaves the BatchNorm running statistics exactly as they
+  were (:func:`~medssl.training.batchnorm.batch_statistics_only`): MixMatch's official code
+  drops the update ops its guessing passes create (``skip_ops``), so the K augmented unlabeled
+  passes never move the statistics inference uses (issue 18: they did, and cost CPM).
 * The guessed targets of an unlabeled patch are carried through the random group
   element that augments it for training (MixMatch trains on augmented unlabeled data).
 * Image MixUp: one λ per step, as the official MixMatch code draws it. Ignored anchors
@@ -79,6 +82,7 @@ from torch.nn import functional as F
 
 from medssl.detection import AnchorGrid, CubeSymmetry
 from medssl.detection.nms import nms_3d
+from medssl.training.batchnorm import batch_statistics_only
 from medssl.training.detector import flatten_levels
 from medssl.training.threshold import FlexMatchThreshold, VoxelMemoryLayout
 
@@ -134,16 +138,20 @@ def guess_targets(
         elements: the K group elements to ensemble over.
         temperature: sharpening temperature T (paper: 0.7).
 
+    The model runs in the mode it is in (train mode: BatchNorm batch statistics); its BatchNorm
+    running statistics are left unchanged.
+
     Returns:
         ``(sharpened, averaged)`` anchor probabilities, both ``(B, N)`` in the original
         patch's anchor order.
     """
     total = None
-    for g in elements:
-        levels = model(apply_symmetry(g, patches))
-        back = [apply_symmetry(g.inverse(), torch.sigmoid(m[:, :1].float())) for m in levels]
-        probs = flatten_levels(back)[..., 0]
-        total = probs if total is None else total + probs
+    with batch_statistics_only(model):
+        for g in elements:
+            levels = model(apply_symmetry(g, patches))
+            back = [apply_symmetry(g.inverse(), torch.sigmoid(m[:, :1].float())) for m in levels]
+            probs = flatten_levels(back)[..., 0]
+            total = probs if total is None else total + probs
     assert total is not None, "need at least one group element"
     mean = total / len(elements)
     return sharpen(mean, temperature), mean

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-__all__ = ["FocalConfig", "detection_loss", "soft_focal_loss"]
+__all__ = ["FocalConfig", "detection_loss", "positive_count", "soft_focal_loss"]
 
 
 @dataclass(frozen=True)
@@ -66,12 +66,22 @@ def soft_focal_loss(logits: torch.Tensor, targets: torch.Tensor, config: FocalCo
     return alpha * beta * ce
 
 
+def positive_count(*targets: torch.Tensor) -> torch.Tensor:
+    """RetinaNet's focal-loss normaliser: ``max(1, #anchors with target >= 0.5)`` over all of
+    ``targets`` (each ``(B, N)``, -1 = ignored), a float scalar tensor."""
+    if not targets:
+        raise ValueError("positive_count needs at least one target tensor")
+    return torch.stack([(t >= 0.5).sum() for t in targets]).sum().clamp(min=1).float()
+
+
 def detection_loss(
     outputs: torch.Tensor,
     targets: torch.Tensor,
     deltas: torch.Tensor,
     box_mask: torch.Tensor,
     config: FocalConfig = FocalConfig(),
+    *,
+    normaliser: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Objectness + box loss of a batch, normalised by its number of positive anchors.
 
@@ -81,16 +91,20 @@ def detection_loss(
         deltas: ``(B, N, 4)`` regression targets.
         box_mask: ``(B, N)`` bool, anchors with a box target.
         config: loss parameters.
+        normaliser: the count the objectness sum is divided by; default this batch's
+            :func:`positive_count`. A batch scored in parts (FocalMix's labeled and unlabeled
+            halves) passes the whole batch's count, so every part has the same scale.
 
     Returns:
         ``{"cls", "box", "loss"}`` scalars. Normalisation (RetinaNet): the sum over anchors
         is divided by ``max(1, #anchors with target >= 0.5)``, so a soft or mixed batch
-        is normalised like a hard one with the same dominant objects.
+        is normalised like a hard one with the same dominant objects. The box loss is
+        divided by the number of anchors in ``box_mask``.
     """
     valid = targets >= 0
     y = targets.clamp(min=0)
     cls = (soft_focal_loss(outputs[..., 0], y, config) * valid).sum()
-    n_pos = (y >= 0.5).sum().clamp(min=1)
+    n_pos = positive_count(targets) if normaliser is None else normaliser
     if box_mask.any():
         box = F.smooth_l1_loss(outputs[..., 1:][box_mask], deltas[box_mask], beta=config.smooth_l1_beta,
                                reduction="sum") / box_mask.sum().clamp(min=1) / 4

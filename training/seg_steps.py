@@ -8,14 +8,13 @@ Each returns its loss terms; the trainer does backward and the optimiser. Batche
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from medssl.training.batchnorm import batch_statistics_only
 from medssl.training.bcp import (
     bidirectional_mix,
     box_mask,
@@ -352,24 +351,10 @@ class PatchCLParts:
     queues: EmbeddingQueues
 
 
-@contextmanager
-def _batch_statistics_only(module: nn.Module) -> Iterator[None]:
-    """BatchNorm normalises with the batch's statistics but leaves the running statistics alone
-    (momentum 0): the attended patches (mostly zeros outside their class) must not move the
-    statistics the segmenter is tested with."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
-
-
 def _embed(net: nn.Module, head: nn.Module, patches: torch.Tensor) -> torch.Tensor:
-    with _batch_statistics_only(net):
+    # the attended patches (mostly zeros outside their class) must not move the statistics
+    # the segmenter is tested with
+    with batch_statistics_only(net):
         return head(unwrap(net).encode(patches).float())
 
 
