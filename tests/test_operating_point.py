@@ -336,3 +336,60 @@ def test_the_uid_content_key_uses_the_threshold_in_effect(exported, dicom_archiv
     at_025 = dataclasses.replace(exported.card, operating_point=_point(threshold=0.25))
     assert uid(at_07, "a") == uid(at_02, "b", min_probability=0.7)
     assert uid(at_02, "c") != uid(at_025, "d")  # the same two findings, another threshold
+
+
+# -- end of training: calibration and the operating point on validation -----------------------
+
+
+def test_end_of_training_writes_the_validation_operating_point_and_the_test_report_at_it(tmp_path):
+    torch = pytest.importorskip("torch")
+    from medssl.config import config_from_dict
+    from medssl.metrics import froc_at_thresholds, read_predictions, write_predictions
+    from medssl.metrics.calibration import Calibration
+    from medssl.synth.datasets import write_chest_dataset
+    from medssl.training.cache import VolumeCache
+    from medssl.training.det_config import DetectionExperiment
+    from medssl.training.det_eval import TorchDetectionRunner, detection_params, predict
+    from medssl.training.det_operating import write_operating_point
+    from medssl.training.det_scans import split_luna16
+    from medssl.training.detector import FPNDetector
+
+    write_chest_dataset(tmp_path / "luna16", cases=4, matrix=96, n_slices=48, seed=31)  # subsets 0..3
+    state = torch.load(SHIPPED_WEIGHTS, weights_only=False)
+    cfg = config_from_dict(DetectionExperiment, state["config"])
+    net = FPNDetector(cfg.model, cfg.anchors)
+    net.load_state_dict(state["model"])
+    split = split_luna16(tmp_path / "luna16", 1, 0, (3,), 2, 0)
+    cache = VolumeCache(tmp_path / "cache", cfg.data.spacing_mm, detection_params(cfg).intensity)
+    run = tmp_path / "run"
+    (run / "test").mkdir(parents=True)
+    test_volumes = {u: cache.get(u, split.source(u).load) for u in split.test}
+    write_predictions(run / "test" / "submission.csv",
+                      predict(TorchDetectionRunner(net, cfg.window), test_volumes, detection_params(cfg)))
+    report: dict = {"cpm": 0.5}
+    point = write_operating_point(net, split, cache, cfg, torch.device("cpu"), run, report)
+
+    assert point is not None and point.n_scans == 2 and point.rule is OperatingRule.FP_PER_SCAN
+    assert OperatingPoint.from_json(json.loads((run / "validation" / "operating_point.json").read_text())) == point
+    calibration = json.loads((run / "validation" / "calibration.json").read_text())
+    assert calibration["n_true_positives"] > 0, "the shipped weights find validation nodules"
+    assert calibration["calibration"]["method"] == "platt" and "ece_calibrated" in calibration
+    assert (run / "validation" / "reliability.png").stat().st_size > 0
+    # the point holds for the calibrated validation marks
+    marks = read_predictions(run / "validation" / "submission.csv")
+    nodules = [f for u in split.validation for f in split.nodules(u)]
+    excluded = [f for u in split.validation for f in split.luna.excluded(u)]
+    sens, fps = froc_at_thresholds(nodules, excluded, split.validation, marks, [point.threshold])
+    assert (sens[0], fps[0]) == pytest.approx((point.validation_sensitivity, point.validation_fp_per_scan))
+    assert point.threshold in {m.probability for m in marks} and fps[0] <= 1.0
+    # the test report, in memory and on disk, at the validation threshold (calibrated test marks)
+    at = report["at_validation_operating_point"]
+    assert json.loads((run / "test" / "cpm.json").read_text())["at_validation_operating_point"] == at
+    fitted = Calibration.from_json(calibration["calibration"])
+    test_marks = [Prediction(m.seriesuid, m.centre_lps, float(fitted.apply(m.probability)))
+                  for m in read_predictions(run / "test" / "submission.csv")]
+    test_nodules = [f for u in split.test for f in split.nodules(u)]
+    test_excluded = [f for u in split.test for f in split.luna.excluded(u)]
+    sens, fps = froc_at_thresholds(test_nodules, test_excluded, split.test, test_marks, [point.threshold])
+    assert (at["sensitivity"], at["fp_per_scan"]) == pytest.approx((sens[0], fps[0]))
+    assert at["marks_per_scan"] == sum(m.probability >= point.threshold for m in test_marks) / len(split.test)
