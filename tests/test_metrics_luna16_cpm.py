@@ -167,4 +167,5 @@ def test_cpm_agrees_with_the_hand_count_and_monai_on_random_tied_curves(seed):
     expected = [read_at(points, rate) for rate in FP_RATES]
     result = evaluate_luna16(nodules, [], uids, predictions, n_bootstrap=0)
     assert result.sensitivities == pytest.approx(expected, abs=1e-12)
-    assert result.cpm == pytest.approx(monai_cpm(tp_scores, fp_scores, len(nodules), n_scans), abs=1e-12)
+    monai = monai_cpm(tp_scores, fp_scores, len(nodules), n_scans)
+    assert result.cpm == pytest.approx(monai, abs=1e-12)

@@ -239,7 +239,9 @@ def sensitivities_at(
     return np.interp(np.asarray(points, dtype=float), fps, sens)
 
 
-def cpm(fps: np.ndarray, sens: np.ndarray, *, cpm_definition: CpmDefinition = "interpolated") -> float:
+def cpm(
+    fps: np.ndarray, sens: np.ndarray, *, cpm_definition: CpmDefinition = "interpolated"
+) -> float:
     """Competition performance metric: mean sensitivity at the seven CPM points.
 
     Args:
@@ -384,7 +386,9 @@ def threshold_froc(vectors: FrocVectors, thresholds: np.ndarray) -> tuple[np.nda
     """
     t = np.asarray(thresholds, dtype=float)
     if t.ndim != 1 or np.isnan(t).any():
-        raise ValueError(f"thresholds must be a 1-D array of scores without NaN, got {thresholds!r}")
+        raise ValueError(
+            f"thresholds must be a 1-D array of scores without NaN, got {thresholds!r}"
+        )
     counted = ~vectors.missed
     hit = vectors.probabilities[counted & (vectors.is_tp == 1)]
     false = vectors.probabilities[counted & (vectors.is_tp == 0)]

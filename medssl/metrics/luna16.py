@@ -380,7 +380,11 @@ def paired_bootstrap_cpm(
     assert a.vectors is not None and b.vectors is not None
     points = cpm_points(a.cpm_definition)  # type: ignore[arg-type]
     sens_a, sens_b = paired_bootstrap_sensitivities(
-        a.vectors, b.vectors, n_bootstrap=n_bootstrap, rng=np.random.default_rng(seed), points=points
+        a.vectors,
+        b.vectors,
+        n_bootstrap=n_bootstrap,
+        rng=np.random.default_rng(seed),
+        points=points,
     )
     deltas = sens_a.mean(axis=1) - sens_b.mean(axis=1)
     lo, hi = order_statistic_interval(deltas, confidence)
@@ -495,7 +499,11 @@ def _match(
         scores = np.array([predictions[i].probability for i in indices], dtype=float)
         kept = indices[_cap_marks(scores, max_marks)]
         labels[kept] = _match_scan(
-            scan, nodules.get(uid, []), irrelevant.get(uid, []), [predictions[i] for i in kept], vectors
+            scan,
+            nodules.get(uid, []),
+            irrelevant.get(uid, []),
+            [predictions[i] for i in kept],
+            vectors,
         )
     return vectors, labels
 
@@ -509,7 +517,9 @@ def _by_series(findings: Sequence[Finding], wanted: set[str]) -> dict[str, list[
 
 
 def _cap_marks(scores: np.ndarray, max_marks: int) -> np.ndarray:
-    """``(C,)`` bool: which of a scan's marks the cap keeps (``evaluateCAD``, ``maxNumberOfCADMarks``).
+    """``(C,)`` bool: which of a scan's marks the per-scan cap keeps.
+
+    ``evaluateCAD``, ``maxNumberOfCADMarks``.
 
     With more marks than ``max_marks``, keep those scored strictly above the
     ``(max_marks + 1)``-th highest score; ties at that score all go, so fewer
