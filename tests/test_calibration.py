@@ -141,3 +141,36 @@ def test_reliability_diagram_writes_a_png(tmp_path):
     p, y = miscalibrated_sample(2_000, 2.0, 0.5)
     out = reliability_diagram(p, y, tmp_path / "sub" / "reliability.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- in the detection pipeline --------------------------------------------------------------
+
+
+def test_detections_report_the_calibrated_probability_in_the_raw_score_order():
+    from tests.test_pipeline_detect import BLOBS, BlobRunner, blob_volume, params
+
+    from medssl.pipeline import detect
+
+    volume, _ = blob_volume(BLOBS)
+    extra = [((16.0, 16.0, 16.0), 6.0, 0.3), ((8.0, 8.0, 24.0), 5.0, 0.6)]
+    cal = Calibration(method="platt", a=2.0, b=0.5)
+    raw = detect(volume, BlobRunner(extra=extra), params(max_detections=50)).detections
+    calibrated = detect(volume, BlobRunner(extra=extra), params(max_detections=50, calibration=cal)).detections
+    assert len(calibrated) == len(raw) > 2
+    assert [d.centre_lps for d in calibrated] == [d.centre_lps for d in raw]  # same NMS, same order
+    assert [d.score for d in calibrated] == [d.probability for d in raw]
+    for d in calibrated:
+        assert d.probability == pytest.approx(float(expit(2.0 * logit(d.score) + 0.5)))
+    assert all(d.score == d.probability for d in raw)  # the identity by default
+
+
+def test_the_score_threshold_stays_on_the_raw_score():
+    from tests.test_pipeline_detect import BLOBS, BlobRunner, blob_volume, params
+
+    from medssl.pipeline import detect
+
+    volume, _ = blob_volume(BLOBS)
+    lift = Calibration(method="platt", a=1.0, b=4.0)  # raw 0.05 -> 0.74
+    found = detect(volume, BlobRunner(junk_score=0.05), params(score_threshold=0.1, calibration=lift)).detections
+    assert len(found) == len(BLOBS)
+    assert all(d.score >= 0.1 for d in found)

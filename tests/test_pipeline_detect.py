@@ -195,7 +195,8 @@ def test_detect_sends_preprocessed_windows_in_batches_and_times_each_stage():
     assert result.n_windows == len(plan_windows(prepared_shape, p.window_shape, p.overlap)) > 1
     assert sum(shape[0] for shape in runner.batches) == result.n_windows
     assert all(shape[0] <= 5 and shape[1:] == (1, 32, 32, 32) for shape in runner.batches)
-    assert set(result.timings) == {"preprocess", "inference", "postprocess"}
+    assert set(result.timings) == {"preprocess", "lung_mask", "inference", "postprocess"}
+    assert result.timings["lung_mask"] == 0.0 and result.n_windows_skipped == 0  # off by default
     assert all(t >= 0 for t in result.timings.values())
     assert result.timings["preprocess"] > 0 and result.timings["inference"] > 0
 

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
+from medssl.metrics.calibration import Calibration
+from medssl.pipeline import DetectionParams, Intensity, detect, detect_preprocessed, preprocess_ct
 from medssl.pipeline.lungmask import LungMaskParams, lung_mask
+from medssl.pipeline.windows import plan_windows
 from medssl.synth.chest import ChestConfig, generate_chest_ct
 from medssl.synth.organ_anatomy import sample_anatomy
 from medssl.synth.organ_raster import rasterise
 from medssl.synth.organ_scene import Tissue
 from medssl.synth.organs import generate_organ_phantom, organ_grid
+from medssl.volume import Volume
 
 TIGHT = LungMaskParams(margin_mm=0.0)
 
@@ -126,3 +134,97 @@ def test_bad_inputs_are_named(args, kwargs, match):
 def test_invalid_lung_mask_params_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LungMaskParams(**kwargs)
+
+
+# -- detect restricted to the lungs ---------------------------------------------------------
+
+
+class GridRunner:
+    """Fake detector: 27 boxes per window on a 3 x 3 x 3 grid of the window, score 0.5.
+
+    Records how many windows it saw."""
+
+    def __init__(self, score: float = 0.5):
+        self.windows = 0
+        self.score = score
+
+    def __call__(self, patches):
+        n, edge = len(patches), patches.shape[-1]
+        axis = np.array([edge / 6, edge / 2, 5 * edge / 6])
+        centres = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+        boxes = np.concatenate([centres, np.full((len(centres), 1), 6.0)], axis=1)
+        self.windows += n
+        return (np.broadcast_to(boxes, (n, *boxes.shape)).astype(np.float32),
+                np.full((n, len(boxes)), self.score, np.float32))
+
+
+def hu_of(prepared, intensity):
+    """Preprocessed values back to HU (the inverse of Intensity.apply inside its window)."""
+    return intensity.hu_min + (prepared.array + 1.0) * (intensity.hu_max - intensity.hu_min) / 2.0
+
+
+@pytest.fixture(scope="module")
+def chest_1mm():
+    """A full-field chest on a 1 mm grid (as the detector sees it) and its grid mask."""
+    case = generate_chest_ct(5, ChestConfig(matrix=256, pixel_spacing_range=(1.0, 1.0),
+                                            slice_thickness_range=(2.5, 2.5), n_slices=56))
+    assert not case.volume.meta["targeted"]
+    return case
+
+
+def test_detect_with_the_lung_mask_skips_windows_without_lung_and_drops_boxes_outside(chest_1mm):
+    p = DetectionParams(window=64, overlap=0.25, max_detections=1000, nms_iou=0.5, lung_mask=True)
+    prepared = preprocess_ct(chest_1mm.volume, p.spacing_mm, p.intensity)
+    mask = lung_mask(hu_of(prepared, p.intensity), prepared.spacing)
+    starts = plan_windows(prepared.shape, p.window_shape, p.overlap)
+    touching = [s for s in starts if mask[tuple(slice(a, a + 64) for a in s)].any()]
+    assert 0 < len(touching) < len(starts)
+
+    plain_runner, masked_runner = GridRunner(), GridRunner()
+    plain = detect_preprocessed(prepared, plain_runner, replace(p, lung_mask=False))
+    masked = detect_preprocessed(prepared, masked_runner, p)
+
+    assert masked.n_windows == masked_runner.windows == len(touching)
+    assert masked.n_windows_skipped == len(starts) - len(touching)
+    assert plain.n_windows == len(starts) and plain.n_windows_skipped == 0
+    assert masked.timings["lung_mask"] > 0 and not masked.warnings
+
+    def inside(result):
+        voxels = np.rint([d.centre_voxel for d in result.detections]).astype(int)
+        return mask[tuple(voxels.T)]
+
+    assert inside(masked).all() and len(masked.detections) > 0
+    assert not inside(plain).all()  # the fake detector fires outside the lungs too
+
+
+def test_detect_on_a_scan_without_lungs_runs_every_window_and_says_why(caplog):
+    volume = Volume(np.full((40, 64, 64), 40.0, np.float32), np.eye(4))  # soft tissue only
+    runner = GridRunner()
+    p = DetectionParams(window=32, overlap=0.25, max_detections=1000, lung_mask=True)
+    with caplog.at_level(logging.WARNING, logger="medssl.pipeline.detect"):
+        result = detect(volume, runner, p)
+    plain = detect(volume, GridRunner(), replace(p, lung_mask=False))
+    assert result.n_windows == runner.windows == plain.n_windows and result.n_windows_skipped == 0
+    assert [d.centre_lps for d in result.detections] == [d.centre_lps for d in plain.detections]
+    assert len(result.warnings) == 1 and "no lung found" in result.warnings[0]
+    assert "no lung found" in caplog.text
+
+
+def test_the_lung_mask_needs_an_intensity_window_holding_its_thresholds():
+    with pytest.raises(ValueError, match=r"lung_mask needs the intensity window.*\[-160.0, 240.0\]"):
+        DetectionParams(intensity=Intensity(-160.0, 240.0, -160.0), lung_mask=True)
+    DetectionParams(intensity=Intensity(-160.0, 240.0, -160.0))  # fine without the mask
+
+
+def test_old_cards_read_with_the_mask_off_and_the_identity_calibration():
+    old = {"spacing_mm": 1.0, "window": 96, "divisor": 16, "overlap": 0.25, "batch_size": 2,
+           "score_threshold": 0.01, "pre_nms_top_k": 1000, "max_nms_candidates": 100000,
+           "nms_iou": 0.1, "max_detections": 100, "min_diameter_mm": 0.0,
+           "intensity": {"hu_min": -1200.0, "hu_max": 600.0, "pad_hu": -1000.0}}
+    params = DetectionParams.from_json(old)
+    assert params.lung_mask is False and params.calibration.is_identity
+    new = replace(params, lung_mask=True, lung_margin_mm=8.0,
+                  calibration=Calibration(method="platt", a=1.5, b=-0.25))
+    assert DetectionParams.from_json(json.loads(json.dumps(new.to_json()))) == new
+    with pytest.raises(ValueError, match=r"DetectionParams.calibration: Calibration.a must be > 0.*-1.0"):
+        DetectionParams.from_json({**old, "calibration": {"method": "platt", "a": -1.0, "b": 0.0}})

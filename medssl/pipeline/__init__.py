@@ -1,7 +1,8 @@
 """The inference pipeline shared by training evaluation, batch scoring and the gateway.
 
 One implementation of each step: preprocessing (:mod:`~medssl.pipeline.preprocess`),
-sliding windows, detection post-processing and segmentation blending/resampling.
+sliding windows, the lung mask (:mod:`~medssl.pipeline.lungmask`), detection
+post-processing and segmentation blending/resampling.
 """
 
 from medssl.pipeline.detect import (
@@ -12,6 +13,7 @@ from medssl.pipeline.detect import (
     detect,
     detect_preprocessed,
 )
+from medssl.pipeline.lungmask import LungMaskParams, lung_mask
 from medssl.pipeline.preprocess import (
     Intensity,
     PercentileIntensity,
@@ -41,6 +43,7 @@ __all__ = [
     "DetectionResult",
     "DetectionRunner",
     "Intensity",
+    "LungMaskParams",
     "Normalisation",
     "PercentileIntensity",
     "SegmentationParams",
@@ -51,6 +54,7 @@ __all__ = [
     "extract_window",
     "importance_map",
     "largest_component",
+    "lung_mask",
     "normalisation_from_json",
     "plan_windows",
     "prepare_segmentation",

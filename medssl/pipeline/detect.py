@@ -11,10 +11,27 @@ Frames: the model sees windows of the preprocessed volume (isotropic
 frame (voxel ``i`` centred at ``i``, see :mod:`medssl.detection.anchors`). Boxes move to
 the preprocessed volume's voxel frame by adding the window start, and to LPS mm through
 the preprocessed volume's affine, which places it in the same world as the input scan.
+
+False-positive control (both off by default, so an old card detects as it always did):
+
+* ``params.lung_mask``: a lung mask (:func:`medssl.pipeline.lungmask.lung_mask`) is computed
+  on the preprocessed volume, its intensities mapped back to HU through ``params.intensity``
+  (exact inside the window, which must hold the mask's thresholds). Computing it there, not
+  on the input scan, gives :func:`detect_preprocessed` (cached volumes, training evaluation)
+  the same behaviour as :func:`detect`, on the 1 mm grid that is cheap to process. Windows
+  that hold no mask voxel are not run; boxes centred outside the mask are dropped before NMS
+  (so a box outside cannot suppress one inside). A scan where no lung is found (an abdomen)
+  runs every window, keeps every box, and says so in ``DetectionResult.warnings`` and the
+  log: skipping everything would report a scan as clean that was never looked at.
+* ``params.calibration``: a monotone map (:class:`~medssl.metrics.calibration.Calibration`)
+  applied to the merged detections' scores after NMS. ``score_threshold`` stays a floor on
+  the raw model score; ``Detection.probability`` is the calibrated probability and
+  ``Detection.score`` the raw one.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,6 +42,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from medssl.detection.nms import nms_3d
+from medssl.metrics.calibration import Calibration
+from medssl.pipeline.lungmask import LungMaskParams, lung_mask
 from medssl.pipeline.preprocess import Intensity, check_model_grid, preprocess_ct
 from medssl.pipeline.windows import extract_window, plan_windows
 from medssl.volume import Volume
@@ -37,6 +56,8 @@ __all__ = [
     "detect",
     "detect_preprocessed",
 ]
+
+log = logging.getLogger("medssl.pipeline.detect")
 
 #: Tolerance on runner probabilities slightly outside [0, 1] (float rounding in a graph).
 _PROB_TOLERANCE = 1e-5
@@ -75,6 +96,9 @@ _RULES: dict[str, tuple[Callable[[Any, Any], bool], Callable[[Any], str]]] = {
     "nms_iou": (lambda v, _: _is_prob(v), lambda _: "in [0, 1]"),
     "max_detections": (_positive_int, lambda _: "a positive integer"),
     "min_diameter_mm": (lambda v, _: _is_number(v) and v >= 0, lambda _: "a number >= 0"),
+    "lung_mask": (lambda v, _: isinstance(v, bool), lambda _: "a bool"),
+    "lung_margin_mm": (lambda v, _: _is_number(v) and v >= 0, lambda _: "a number >= 0 (mm)"),
+    "calibration": (lambda v, _: isinstance(v, Calibration), lambda _: "a Calibration"),
 }
 
 
@@ -113,6 +137,12 @@ class DetectionParams:
         nms_iou: cubes overlapping a better one by IoU above this are suppressed, ``[0, 1]``.
         max_detections: detections reported per scan at most.
         min_diameter_mm: boxes smaller than this (mm) are dropped before NMS.
+        lung_mask: restrict detection to the lungs: skip windows without lung, drop boxes
+            centred outside it (see the module doc). Needs ``intensity`` to hold the mask's
+            HU thresholds (-950 and -400 HU).
+        lung_margin_mm: the lung mask's dilation, mm (nodules on the pleura stay inside).
+        calibration: maps the merged detections' raw scores to probabilities (identity by
+            default); ``score_threshold`` applies to the raw score.
     """
 
     spacing_mm: float = 1.0
@@ -127,12 +157,28 @@ class DetectionParams:
     nms_iou: float = 0.1
     max_detections: int = 100
     min_diameter_mm: float = 0.0
+    lung_mask: bool = False
+    lung_margin_mm: float = 5.0
+    calibration: Calibration = field(default_factory=Calibration)
 
     def __post_init__(self) -> None:
         for name, (ok, rule) in _RULES.items():
             value = getattr(self, name)
             if not ok(value, self):
                 raise ValueError(f"DetectionParams.{name} must be {rule(self)}, got {value!r}")
+        if self.lung_mask:
+            needed = self.lung_mask_params
+            if not (self.intensity.hu_min < needed.air_hu and self.intensity.hu_max > needed.threshold_hu):
+                raise ValueError(
+                    f"DetectionParams.lung_mask needs the intensity window to hold the lung mask's "
+                    f"thresholds ({needed.air_hu} and {needed.threshold_hu} HU), got "
+                    f"[{self.intensity.hu_min}, {self.intensity.hu_max}] HU; set lung_mask=False"
+                )
+
+    @property
+    def lung_mask_params(self) -> LungMaskParams:
+        """The lung mask's settings: the defaults of :class:`LungMaskParams` with this margin."""
+        return LungMaskParams(margin_mm=float(self.lung_margin_mm))
 
     @property
     def window_shape(self) -> tuple[int, int, int]:
@@ -143,11 +189,15 @@ class DetectionParams:
         """JSON-able dict for the model card; ``intensity`` is a nested dict."""
         data = asdict(self)
         data["intensity"] = self.intensity.to_json()
+        data["calibration"] = self.calibration.to_json()
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> DetectionParams:
         """Inverse of :meth:`to_json`. Missing keys take the defaults; unknown keys are errors.
+
+        A card written before a field existed reads as it always did: no lung mask, the
+        identity calibration.
 
         Raises:
             ValueError: an unknown key, or a value that fails validation (named).
@@ -164,6 +214,11 @@ class DetectionParams:
                 values["intensity"] = Intensity(**values["intensity"])
             except TypeError as exc:
                 raise ValueError(f"DetectionParams.intensity: {exc}") from None
+        if isinstance(values.get("calibration"), Mapping):
+            try:
+                values["calibration"] = Calibration.from_json(values["calibration"])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"DetectionParams.calibration: {exc}") from None
         return cls(**values)
 
 
@@ -174,15 +229,18 @@ class Detection:
     Attributes:
         centre_lps: centre ``(x, y, z)`` in LPS mm.
         diameter_mm: cube edge, mm.
-        probability: in ``[0, 1]``.
+        probability: in ``[0, 1]``; calibrated by ``DetectionParams.calibration``.
         centre_voxel: centre ``(z, y, x)`` in the index frame of the input volume
             (continuous; voxel ``i`` centred at ``i``).
+        score: the model's raw score before calibration, ``[0, 1]`` (equal to
+            ``probability`` under the identity calibration); None where not recorded.
     """
 
     centre_lps: tuple[float, float, float]
     diameter_mm: float
     probability: float
     centre_voxel: tuple[float, float, float]
+    score: float | None = None
 
 
 @dataclass
@@ -191,14 +249,20 @@ class DetectionResult:
 
     Attributes:
         detections: by descending probability.
-        timings: seconds per stage: ``preprocess``, ``inference`` (window extraction and
-            runner calls) and ``postprocess`` (filtering, NMS, coordinate conversion).
+        timings: seconds per stage: ``preprocess``, ``lung_mask`` (0 without it),
+            ``inference`` (window extraction and runner calls) and ``postprocess``
+            (filtering, NMS, calibration, coordinate conversion).
         n_windows: windows run through the model.
+        n_windows_skipped: windows not run because they hold no lung (``params.lung_mask``).
+        warnings: what the caller should know about this scan (e.g. no lung found, so
+            every window ran and no box was dropped).
     """
 
     detections: list[Detection]
     timings: dict[str, float]
     n_windows: int
+    n_windows_skipped: int = 0
+    warnings: list[str] = field(default_factory=list)
 
 
 def detect(
@@ -231,9 +295,10 @@ def detect_preprocessed(
 ) -> DetectionResult:
     """Detect nodules in a volume already prepared by :func:`preprocess_ct` (e.g. cached).
 
-    Windows → runner in batches → per window: score threshold, drop boxes centred in
-    padding, minimum diameter, top-k → shift to the volume frame → global NMS → at most
-    ``max_detections`` → LPS mm through ``prepared.affine``.
+    [lung mask → windows without lung skipped] → windows → runner in batches → per window:
+    score threshold, drop boxes centred in padding [or outside the lung mask], minimum
+    diameter, top-k → shift to the volume frame → global NMS → at most ``max_detections``
+    → calibration of the scores → LPS mm through ``prepared.affine``.
 
     Args:
         prepared: preprocessed volume, spacing ``params.spacing_mm`` on every axis.
@@ -254,7 +319,19 @@ def detect_preprocessed(
         prepared.affine if reference_affine is None else np.asarray(reference_affine, np.float64)
     )
     starts = plan_windows(prepared.shape, params.window_shape, params.overlap)
-    timings = {"preprocess": 0.0, "inference": 0.0, "postprocess": 0.0}
+    timings = {"preprocess": 0.0, "lung_mask": 0.0, "inference": 0.0, "postprocess": 0.0}
+    inside, notes = None, []
+    if params.lung_mask:
+        tic = perf_counter()
+        inside = _prepared_lung_mask(prepared, params)
+        if inside.any():
+            starts_all, starts = starts, [s for s in starts if _touches(inside, s, params.window_shape)]
+        else:
+            starts_all, inside = starts, None
+            notes.append("lung mask: no lung found (not a chest CT, or the field of view misses "
+                         "the lungs); every window was run and no finding was dropped")
+            log.warning("%s", notes[-1])
+        timings["lung_mask"] = perf_counter() - tic
     boxes, scores = [], []
     for batch_starts, batch_boxes, batch_scores in _run_batches(
         prepared, starts, runner, params, timings
@@ -262,7 +339,7 @@ def detect_preprocessed(
         tic = perf_counter()
         for start, window_boxes, window_scores in zip(batch_starts, batch_boxes, batch_scores):
             kept_boxes, kept_scores = _window_candidates(
-                window_boxes, window_scores, start, prepared.shape, params
+                window_boxes, window_scores, start, prepared.shape, params, inside
             )
             boxes.append(kept_boxes)
             scores.append(kept_scores)
@@ -273,7 +350,26 @@ def detect_preprocessed(
     tic = perf_counter()
     detections = _merge(*_best(boxes, scores, params.max_nms_candidates), prepared, reference, params)
     timings["postprocess"] += perf_counter() - tic
-    return DetectionResult(detections, timings, len(starts))
+    skipped = len(starts_all) - len(starts) if params.lung_mask else 0
+    return DetectionResult(detections, timings, len(starts), skipped, notes)
+
+
+def _prepared_lung_mask(prepared: Volume, params: DetectionParams) -> np.ndarray:
+    """The lung mask ``(Z, Y, X)`` bool of a preprocessed volume, its values mapped back to HU.
+
+    The inverse of :meth:`Intensity.apply` is exact inside ``[hu_min, hu_max]``; the mask's
+    thresholds lie inside it (checked by :class:`DetectionParams`).
+    """
+    window = params.intensity
+    hu = (prepared.array.astype(np.float32) + 1.0) * ((window.hu_max - window.hu_min) / 2.0)
+    hu += window.hu_min
+    return lung_mask(hu, prepared.spacing, params=params.lung_mask_params)
+
+
+def _touches(mask: np.ndarray, start: Sequence[int], window: Sequence[int]) -> bool:
+    """True when the window ``[start, start + window)`` holds a voxel of ``mask``."""
+    box = tuple(slice(max(int(s), 0), int(s) + int(w)) for s, w in zip(start, window))
+    return bool(mask[box].any())
 
 
 def _run_batches(
@@ -331,15 +427,18 @@ def _window_candidates(
     start: Sequence[int],
     shape: Sequence[int],
     params: DetectionParams,
+    inside: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One window's boxes worth merging, moved to the volume's voxel frame.
 
     Keeps boxes scoring at least ``score_threshold``, centred inside the volume (not in
-    window padding) and at least ``min_diameter_mm`` wide, then the ``pre_nms_top_k`` best.
+    window padding) and at least ``min_diameter_mm`` wide, [centred in ``inside``,] then
+    the ``pre_nms_top_k`` best.
 
     Args:
         boxes: ``(N, 4)`` in the window frame; scores: ``(N,)``.
         start: window start ``(z, y, x)`` in the volume; shape: volume ``(Z, Y, X)``.
+        inside: bool ``(Z, Y, X)`` lung mask of the volume, or None (no restriction).
 
     Returns:
         ``(M, 4)`` boxes in the volume frame and their ``(M,)`` scores, ``M <= pre_nms_top_k``.
@@ -350,6 +449,13 @@ def _window_candidates(
     for axis in range(3):  # written so that NaN stays in, to be reported below
         keep &= ~((boxes[:, axis] < low[axis]) | (boxes[:, axis] > high[axis]))
     keep &= ~(boxes[:, 3] * params.spacing_mm < params.min_diameter_mm)
+    if inside is not None:  # the nearest voxel of the centre; non-finite boxes stay, reported below
+        index = np.flatnonzero(keep)
+        centre = boxes[index, :3].astype(np.float64) + origin
+        finite = np.all(np.isfinite(centre), axis=1)
+        voxel = np.rint(np.where(finite[:, None], centre, 0.0)).astype(np.intp)
+        voxel = np.clip(voxel, 0, np.asarray(shape) - 1)
+        keep[index] = ~finite | inside[voxel[:, 0], voxel[:, 1], voxel[:, 2]]
     index = np.flatnonzero(keep)
     if len(index) > params.pre_nms_top_k:
         top = np.argpartition(-scores[index], params.pre_nms_top_k - 1)[: params.pre_nms_top_k]
@@ -380,9 +486,13 @@ def _merge(
     reference: np.ndarray,
     params: DetectionParams,
 ) -> list[Detection]:
-    """Global NMS over all windows' boxes ``(M, 4)`` (volume frame), then conversion to mm."""
+    """Global NMS over all windows' boxes ``(M, 4)`` (volume frame), calibration, then mm.
+
+    The calibration is strictly increasing, so it leaves the NMS order unchanged.
+    """
     keep = nms_3d(boxes, scores, params.nms_iou, max_keep=params.max_detections)
     boxes, scores = boxes[keep], scores[keep]
+    probabilities = params.calibration.apply(scores)
     lps = prepared.index_to_world(boxes[:, :3])
     inverse = np.linalg.inv(reference)
     voxels = lps @ inverse[:3, :3].T + inverse[:3, 3]
@@ -390,10 +500,11 @@ def _merge(
         Detection(
             centre_lps=_triple(point),
             diameter_mm=float(box[3] * params.spacing_mm),
-            probability=float(score),
+            probability=float(probability),
             centre_voxel=_triple(voxel),
+            score=float(score),
         )
-        for point, box, score, voxel in zip(lps, boxes, scores, voxels)
+        for point, box, score, probability, voxel in zip(lps, boxes, scores, probabilities, voxels)
     ]
 
 
