@@ -129,7 +129,7 @@ class FrocResult:
     band_fps: np.ndarray = field(default_factory=lambda: np.zeros(0))
     band_lower: np.ndarray = field(default_factory=lambda: np.zeros(0))
     band_upper: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    cpm_definition: str = "interpolated"
+    cpm_definition: CpmDefinition = "interpolated"
     cpm_fp_points: tuple[float, ...] = FP_RATES
     seriesuids: tuple[str, ...] = ()
     vectors: FrocVectors | None = None
@@ -304,7 +304,7 @@ class PairedDifference:
     n_scans: int
     n_bootstrap: int
     confidence: float
-    cpm_definition: str
+    cpm_definition: CpmDefinition
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types, one key per attribute."""
@@ -378,7 +378,7 @@ def paired_bootstrap_cpm(
             f"{b.cpm_definition!r}); evaluate both with one cpm_definition"
         )
     assert a.vectors is not None and b.vectors is not None
-    points = cpm_points(a.cpm_definition)  # type: ignore[arg-type]
+    points = cpm_points(a.cpm_definition)
     sens_a, sens_b = paired_bootstrap_sensitivities(
         a.vectors,
         b.vectors,
