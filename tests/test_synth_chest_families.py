@@ -18,8 +18,10 @@ from medssl.synth.chest import (
     ChestConfig,
     generate_chest_ct,
 )
-from medssl.synth.chest_scanner import draw_scanner
+from medssl.synth.chest_anatomy import ScanGrid, draw_anatomy, draw_trees
+from medssl.synth.chest_scanner import draw_scanner, place_grid
 from medssl.synth.datasets import chest_series_info, write_chest_dataset
+from medssl.synth.nodules import place_lesions
 from medssl.synth.primitives import kernel_blur, scanner_noise
 
 #: A small targeted field of view (~70 mm): fast enough for several seeds.
@@ -175,13 +177,33 @@ def test_contrast_raises_the_blood_and_the_lung_vessels() -> None:
 # -- nodules ----------------------------------------------------------------------------------
 
 
+def _placed_locations(config: ChestConfig, seeds: range) -> list[str]:
+    """Nodule locations as :func:`generate_chest_ct` places them (4 per scan), unrendered."""
+    locations = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        scanner = draw_scanner(rng, config)
+        anatomy = draw_anatomy(rng, scanner.patient_size, fat_mm=scanner.fat_mm)
+        grid, _ = place_grid(rng, config, scanner, anatomy)
+        sx, _, sz = grid.spacing_xyz
+        vessels, _ = draw_trees(anatomy, rng, sx, sz)
+        nodules, _, _ = place_lesions(anatomy, grid, vessels, rng, 4,
+                                      config.nodule_diameter_range, 0,
+                                      location_shares=config.location_shares)
+        locations += [n.record.location for n in nodules]
+    return locations
+
+
 def test_location_shares_decide_where_nodules_lie() -> None:
-    config = dataclasses.replace(SMALL, n_nodules_range=(3, 3), location_shares=(0.0, 0.0, 1.0))
-    locations = [n.location for s in range(4) for n in generate_chest_ct(s, config).nodules]
-    assert locations.count("juxta-vascular") >= 0.7 * len(locations)
-    config = dataclasses.replace(config, location_shares=(0.0, 1.0, 0.0))
-    locations = [n.location for s in range(4) for n in generate_chest_ct(s, config).nodules]
-    assert locations.count("juxta-pleural") >= 0.7 * len(locations)
+    # at the full 512 x 512 geometry: a small crop may have no pleura for a nodule to touch
+    for k, location in enumerate(("juxta-pleural", "juxta-vascular")):
+        shares = [0.0, 0.0, 0.0]
+        shares[k + 1] = 1.0
+        placed = _placed_locations(ChestConfig(location_shares=tuple(shares)), range(5))
+        assert placed.count(location) >= 0.9 * len(placed)
+    placed = _placed_locations(ChestConfig(), range(10))   # 45 / 30 / 25 %
+    assert 0.2 <= placed.count("juxta-pleural") / len(placed) <= 0.45
+    assert 0.15 <= placed.count("juxta-vascular") / len(placed) <= 0.4
 
 
 def test_kind_shares_decide_the_nodule_kinds() -> None:
@@ -239,3 +261,42 @@ def test_the_cli_family_option_writes_the_heldout_family(tmp_path) -> None:
     assert set(a.seriesuids).isdisjoint(b.seriesuids)      # other seeds, so other UIDs
     case = generate_chest_ct(0, ChestConfig.for_family("heldout", matrix=48, n_slices=24))
     assert b.seriesuids == [chest_series_info(SEED_SPAN, case).uid("series")]
+
+
+# -- breathing motion -------------------------------------------------------------------------
+
+
+def test_a_breathing_grid_shows_shifted_levels_and_finds_them_again() -> None:
+    still = ScanGrid((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (6, 4, 4))
+    shift = (0.0, 0.5, 1.0, -2.5, -2.5, 0.0)     # slice 3 shows level 0.5: a level shown twice
+    moving = dataclasses.replace(still, z_shift=shift)
+    assert np.allclose(moving.axes()[2].ravel(), [0.0, 1.5, 3.0, 0.5, 1.5, 5.0])
+    assert np.allclose(moving.axes()[0], still.axes()[0])           # in-plane unchanged
+    assert np.array_equal(moving.box(), still.box()) and moving.motion_mm == 2.5
+    assert moving.index_slices(np.array([0, 0, 1.2]), np.array([3, 3, 1.8]))[0] == slice(1, 5)
+    assert still.index_slices(np.array([0, 0, 1.2]), np.array([3, 3, 1.8])) is None
+    assert moving.apparent_z(3.0) == pytest.approx(2.0)
+    assert still.apparent_z(3.3) == 3.3
+    with pytest.raises(ValueError, match="z_shift"):
+        dataclasses.replace(still, z_shift=(0.0, 1.0))
+
+
+def test_breathing_makes_a_nodule_span_other_slices_and_annotations_follow_it() -> None:
+    still = ChestConfig(matrix=96, n_slices=48, nodule_diameter_range=(3.0, 12.0),
+                        slice_thickness_range=(1.0, 1.0), motion_share=0.0,
+                        motion_amplitude_range=(10.0, 10.0))
+    changed = 0
+    for seed in range(2):
+        a = generate_chest_ct(seed, still)
+        b = generate_chest_ct(seed, dataclasses.replace(still, motion_share=1.0))
+        assert a.volume.meta["motion_mm"] == 0 and b.volume.meta["motion_mm"] == 10.0
+        assert np.array_equal(a.volume.affine, b.volume.affine)     # same nominal slices
+        for na, nb in zip(a.nodules, b.nodules):
+            slices_a = (a.nodule_mask == na.label).any(axis=(1, 2)).sum()
+            slices_b = (b.nodule_mask == nb.label).any(axis=(1, 2)).sum()
+            changed += slices_a != slices_b
+            # annotated where the moving patient shows it: the drawn nodule is around it
+            z, y, x = np.rint(b.volume.world_to_index(nb.centre_lps)).astype(int)
+            around = b.nodule_mask[max(z - 1, 0):z + 2, y - 1:y + 2, x - 1:x + 2] == nb.label
+            assert around.sum() >= 5, nb
+    assert changed >= 2

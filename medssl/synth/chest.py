@@ -33,6 +33,10 @@ takes a bank slice at a random in-plane shift (a speed trade-off: noise
 statistics per slice are exact). Noise grows with the patient's size (obese
 patients are noisier). IV contrast raises the blood in the heart and
 mediastinal vessels to 150-350 HU and the pulmonary vessels to 70-100 % of it.
+Breathing motion (:func:`~medssl.synth.chest_scanner.with_breathing`) shows each
+slice's anatomy displaced along z (smoothly, most over the diaphragm), so
+structures stretch, shrink, or appear twice across slices; the annotations give
+the level where a lesion is shown.
 
 Families (:data:`FAMILIES`, :meth:`ChestConfig.for_family`, ``medssl synth chest
 --family``): a detector is trained on one family of parameter ranges and tested
@@ -53,6 +57,7 @@ differs in every scanner and patient range and draws from other seeds (seed
     free / juxta-pleural / -vasc.  45 / 30 / 25 %     35 / 35 / 30 %
     solid / part-solid / GGO       65 / 15 / 20 %     55 / 20 / 25 %
     granulomas + scars per scan    0-3, 50 % gran.    0-4, 60 % gran.
+    breathing motion               20 %, 1-6 mm       35 %, 2-10 mm
     nodules 1-4 per scan, 3-30 mm (log-normal), in both families.
 
 Look-alikes (:mod:`medssl.synth.nodules`): micronodules and vessel crossings are
@@ -66,16 +71,30 @@ so the output is bit-identical for a seed and config whatever the threading.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from medssl.synth.chest_anatomy import Tubes, draw_anatomy, draw_trees
+from medssl.synth.chest_anatomy import ScanGrid, Tubes, draw_anatomy, draw_trees
 from medssl.synth.chest_render import Scene, Texture, body_and_lung_boxes, render
-from medssl.synth.chest_scanner import SLICE_THICKNESSES, draw_scanner, place_grid, with_contrast
-from medssl.synth.nodules import Confuser, Nodule, check_shares, place_lesions, place_lookalikes
+from medssl.synth.chest_scanner import (
+    SLICE_THICKNESSES,
+    draw_scanner,
+    place_grid,
+    with_breathing,
+    with_contrast,
+)
+from medssl.synth.nodules import (
+    Confuser,
+    Lesion,
+    Nodule,
+    check_shares,
+    place_lesions,
+    place_lookalikes,
+)
 from medssl.synth.primitives import scanner_noise
 from medssl.volume import Volume, affine_from_geometry
 
@@ -144,6 +163,9 @@ class ChestConfig:
         contrast_share: fraction of scans with IV contrast.
         contrast_hu_range: blood attenuation with contrast, HU (heart, mediastinal
             vessels; pulmonary vessels 70-100 % of it).
+        motion_share: fraction of scans with breathing motion
+            (:func:`~medssl.synth.chest_scanner.with_breathing`).
+        motion_amplitude_range: breathing displacement at the lung bases, mm.
         location_shares: probabilities of the nodule locations
             (:data:`~medssl.synth.nodules.LOCATIONS`: free, juxta-pleural, juxta-vascular).
         kind_shares: probabilities of the nodule kinds
@@ -174,6 +196,8 @@ class ChestConfig:
     fat_mm_range: tuple[float, float] = (6.0, 40.0)
     contrast_share: float = 0.3
     contrast_hu_range: tuple[float, float] = (150.0, 350.0)
+    motion_share: float = 0.2
+    motion_amplitude_range: tuple[float, float] = (1.0, 6.0)
     location_shares: tuple[float, float, float] = (0.45, 0.3, 0.25)
     kind_shares: tuple[float, float, float] = (0.65, 0.15, 0.2)
     full_fov_mm: float = 250.0
@@ -189,7 +213,8 @@ class ChestConfig:
             raise ValueError(f"n_slices must be positive or None, got {self.n_slices}")
         for name in ("pixel_spacing_range", "slice_thickness_range", "nodule_diameter_range",
                      "noise_sigma_range", "kernel_fwhm_range", "patient_size_range",
-                     "edge_enhance_range", "fat_mm_range", "contrast_hu_range"):
+                     "edge_enhance_range", "fat_mm_range", "contrast_hu_range",
+                     "motion_amplitude_range"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise ValueError(f"{name} must be (low, high) with 0 < low <= high, "
@@ -199,7 +224,7 @@ class ChestConfig:
             if not 0 <= lo <= hi:
                 raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, "
                                  f"got {(lo, hi)}")
-        for name in ("sharp_kernel_share", "contrast_share", "granuloma_share"):
+        for name in ("sharp_kernel_share", "contrast_share", "granuloma_share", "motion_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], "
                                  f"got {getattr(self, name)}")
@@ -259,6 +284,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "kind_shares": (0.55, 0.2, 0.25),
         "n_lookalikes_range": (0, 4),
         "granuloma_share": 0.6,
+        "motion_share": 0.35,
+        "motion_amplitude_range": (2.0, 10.0),
     },
 }
 
@@ -316,6 +343,7 @@ def generate_chest_ct(seed: int, config: ChestConfig | None = None) -> ChestCase
     anatomy = with_contrast(draw_anatomy(rng, scanner.patient_size, fat_mm=scanner.fat_mm),
                             scanner)
     grid, targeted = place_grid(rng, cfg, scanner, anatomy)
+    grid = with_breathing(grid, scanner, anatomy)
     sx, _, sz = grid.spacing_xyz
     vessels, airways = draw_trees(anatomy, rng, sx, sz)
     n_nodules = int(rng.integers(cfg.n_nodules_range[0], cfg.n_nodules_range[1] + 1))
@@ -327,6 +355,10 @@ def generate_chest_ct(seed: int, config: ChestConfig | None = None) -> ChestCase
     granulomas, scars, lookalikes, scar_hu = place_lookalikes(
         anatomy, grid, vessels, rng, n_lookalikes, nodules + confusers,
         granuloma_share=cfg.granuloma_share)
+    if grid.z_shift:  # annotate lesions where the moving patient shows them
+        nodules, confusers, granulomas = (
+            [_shown(grid, lesion) for lesion in group] for group in (nodules, confusers, granulomas))
+        lookalikes = [_shown_record(grid, record) for record in lookalikes]
 
     body_box, region = body_and_lung_boxes(anatomy, grid)
     texture = Texture.draw(rng, grid, region, 2.0) if region is not None else None
@@ -349,7 +381,7 @@ def generate_chest_ct(seed: int, config: ChestConfig | None = None) -> ChestCase
         "generator": "medssl.synth.chest", "modality": "CT", "seed": int(seed),
         "family": cfg.family, "rng_seed": int(seed + cfg.seed_offset),
         "edge_enhance": scanner.edge_enhance, "fat_mm": scanner.fat_mm,
-        "contrast_hu": scanner.contrast_hu,
+        "contrast_hu": scanner.contrast_hu, "motion_mm": scanner.motion_mm,
         "pixel_spacing": scanner.pixel, "slice_thickness": scanner.thickness,
         "noise_sigma_hu": scanner.noise_sigma, "kernel_fwhm_mm": scanner.kernel_fwhm,
         "kernel": scanner.kernel_name, "patient_size": scanner.patient_size,
@@ -363,3 +395,14 @@ def generate_chest_ct(seed: int, config: ChestConfig | None = None) -> ChestCase
         confusers=[c.record for c in confusers],  # type: ignore[misc]
         lookalikes=lookalikes,
     )
+
+
+def _shown_record(grid: ScanGrid, record: Any) -> Any:
+    """``record`` with its centre at the level where the moving patient shows it."""
+    x, y, z = record.centre_lps
+    return dataclasses.replace(record, centre_lps=(x, y, grid.apparent_z(z)))
+
+
+def _shown(grid: ScanGrid, lesion: Lesion) -> Lesion:
+    """``lesion`` annotated where the moving patient shows it (its solids stay put)."""
+    return dataclasses.replace(lesion, record=_shown_record(grid, lesion.record))

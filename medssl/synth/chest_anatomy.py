@@ -46,15 +46,50 @@ _F32 = np.float32
 class ScanGrid:
     """An axial scan grid (index ``z -> +S``, ``y -> +P``, ``x -> +L``).
 
+    Breathing motion: slice ``k`` nominally lies at ``z_k = origin_z + k * sz`` (what
+    the scanner records) but shows the patient's level ``z_k + z_shift[k]``;
+    :meth:`axes` gives the levels shown, :meth:`index_slices` the slices showing
+    a box, and :meth:`box`, :meth:`to_index`, :meth:`voxel_centre` the nominal grid.
+
     Attributes:
         origin: LPS ``(x, y, z)`` mm of the centre of voxel ``(0, 0, 0)``.
         spacing: voxel size ``(sz, sy, sx)`` in mm.
         shape: ``(Z, Y, X)``.
+        z_shift: per-slice displacement of the anatomy shown, ``Z`` values in mm; empty
+            without motion.
     """
 
     origin: tuple[float, float, float]
     spacing: tuple[float, float, float]
     shape: tuple[int, int, int]
+    z_shift: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.z_shift and len(self.z_shift) != self.shape[0]:
+            raise ValueError(f"z_shift must have one value per slice ({self.shape[0]}), "
+                             f"got {len(self.z_shift)}")
+
+    @property
+    def motion_mm(self) -> float:
+        """Largest breathing displacement of a slice, mm (0 without motion)."""
+        return float(np.max(np.abs(self.z_shift))) if self.z_shift else 0.0
+
+    def apparent_z(self, z: float) -> float:
+        """The nominal level (mm) at which the anatomy at level ``z`` appears.
+
+        Solves ``t + shift(t) = z`` (the shift interpolated linearly between slices)
+        on a grid of an eighth of a slice; where motion shows the level more than once,
+        the solution nearest ``z``. ``z`` itself without motion.
+        """
+        if not self.z_shift:
+            return float(z)
+        sz = self.spacing[0]
+        nominal = self.origin[2] + np.arange(self.shape[0]) * sz
+        fine = np.arange(nominal[0], nominal[-1] + 1e-9, sz / 8)
+        shown = fine + np.interp(fine, nominal, np.asarray(self.z_shift))
+        miss = np.abs(shown - z)
+        best = np.flatnonzero(miss <= miss.min() + sz / 16)
+        return float(fine[best[np.argmin(np.abs(fine[best] - z))]])
 
     @property
     def spacing_xyz(self) -> tuple[float, float, float]:
@@ -68,11 +103,17 @@ class ScanGrid:
 
     def axes(self, zs: slice = slice(None), ys: slice = slice(None), xs: slice = slice(None),
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Open float32 LPS axes ``x (1,1,nx)``, ``y (1,ny,1)``, ``z (nz,1,1)`` of a sub-grid."""
+        """Open float32 LPS axes ``x (1,1,nx)``, ``y (1,ny,1)``, ``z (nz,1,1)`` of a sub-grid
+
+        (``z``: the levels shown, breathing shift included).
+        """
         out = []
         for k, (sl, n) in enumerate(zip((xs, ys, zs), self.shape[::-1])):
             idx = np.arange(n)[sl]
-            coord = (self.origin[k] + idx * self.spacing_xyz[k]).astype(_F32)
+            coord = self.origin[k] + idx * self.spacing_xyz[k]
+            if k == 2 and self.z_shift:
+                coord = coord + np.asarray(self.z_shift)[idx]
+            coord = coord.astype(_F32)
             view = [1, 1, 1]
             view[2 - k] = len(idx)
             out.append(coord.reshape(view))
@@ -94,10 +135,19 @@ class ScanGrid:
         return self.origin + idx * np.asarray(self.spacing_xyz)
 
     def index_slices(self, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice, slice] | None:
-        """Index ranges ``(z, y, x)`` of the voxel centres inside the LPS box, or None if empty."""
+        """Index ranges ``(z, y, x)`` of the voxel centres inside the LPS box, or None if empty.
+
+        With breathing motion, the z range runs from the first to the last slice
+        whose shown level lies in the box.
+        """
         limit = np.asarray(self.shape)
         a = np.clip(np.ceil(self.to_index(lo) - 1e-9), 0, limit).astype(int)
         b = np.clip(np.floor(self.to_index(hi) + 1e-9) + 1, 0, limit).astype(int)
+        if self.z_shift:
+            shown = self.axes()[2].ravel().astype(np.float64)
+            inside = np.flatnonzero((shown >= float(lo[2]) - 1e-6)
+                                    & (shown <= float(hi[2]) + 1e-6))
+            a[0], b[0] = (inside[0], inside[-1] + 1) if len(inside) else (0, 0)
         if np.any(b <= a):
             return None
         return slice(a[0], b[0]), slice(a[1], b[1]), slice(a[2], b[2])

@@ -109,6 +109,8 @@ class _TubeSet:
         extra = max(offset for _, offset, _, _ in layers) + grid.reach + (carve or 0.0)
         pad = np.maximum(tubes.r0, tubes.r1) * grow + extra
         lo, hi = grid.box()
+        lo[2] -= grid.motion_mm
+        hi[2] += grid.motion_mm
         keep = np.all((np.maximum(tubes.start, tubes.end) + pad[:, None] >= lo)
                       & (np.minimum(tubes.start, tubes.end) - pad[:, None] <= hi), axis=1)
         kept = Tubes(*(getattr(tubes, f)[keep] for f in ("start", "end", "r0", "r1", "clipped")))
@@ -121,9 +123,9 @@ class _TubeSet:
         part of each axis within reach of the slab.
         """
         t = self.tubes
-        z_first, z_last = grid.axes(zs)[2].ravel()[[0, -1]].astype(np.float64)
+        levels = grid.axes(zs)[2].astype(np.float64)   # shown levels (breathing shift)
         half = 0.5 * grid.spacing[0]
-        z_lo, z_hi = min(z_first, z_last) - half, max(z_first, z_last) + half
+        z_lo, z_hi = float(levels.min()) - half, float(levels.max()) + half
         a, d, pad = t.start, t.end - t.start, self.pad
         flat = np.abs(d[:, 2]) < 1e-9
         dz = np.where(flat, 1.0, d[:, 2])
@@ -136,6 +138,10 @@ class _TubeSet:
         p, q = a + lo_t[:, None] * d, a + hi_t[:, None] * d
         first = np.ceil(grid.to_index(np.minimum(p, q) - pad[:, None]) - 1e-9)
         last = np.floor(grid.to_index(np.maximum(p, q) + pad[:, None]) + 1e-9) + 1
+        if grid.z_shift:  # a slice shows a level up to the largest shift off its own
+            slack = math.ceil(grid.motion_mm / grid.spacing[0])
+            first[:, 0] -= slack
+            last[:, 0] += slack
         top = np.array([zs.stop, grid.shape[1], grid.shape[2]])
         first = np.clip(first, [zs.start, 0, 0], top).astype(int)
         last = np.clip(last, [zs.start, 0, 0], top).astype(int)
@@ -247,11 +253,11 @@ class Texture:
         factor = max(1, round(step_mm / grid.spacing[1]))
         ny, nx = ys.stop - ys.start, xs.stop - xs.start
         z = grid.axes(zs)[2].ravel()
-        n_z = int(np.ceil(abs(float(z[-1] - z[0])) / step_mm)) + 2
+        n_z = int(np.ceil(float(z.max() - z.min()) / step_mm)) + 2
         shape = (n_z, -(-ny // factor) + 1, -(-nx // factor) + 1)
         values = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=_F32), 1.0, mode="wrap")
         values /= max(float(values.std()), 1e-6)
-        return Texture(values, factor, float(min(z[0], z[-1])), step_mm, (ny, nx))
+        return Texture(values, factor, float(z.min()), step_mm, (ny, nx))
 
     def sample(self, z: np.ndarray) -> np.ndarray:
         """Values ``(nz, ny, nx)`` over the region at LPS levels ``z`` ``(nz, 1, 1)``."""

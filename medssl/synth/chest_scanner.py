@@ -29,6 +29,7 @@ __all__ = [
     "Scanner",
     "draw_scanner",
     "place_grid",
+    "with_breathing",
     "with_contrast",
 ]
 
@@ -41,6 +42,10 @@ _THICKNESS_WEIGHTS = (0.5, 1.0, 0.5, 0.5, 1.5, 2.0, 0.5, 2.0, 2.5, 1.0, 1.0)
 #: (fewer photons through a wider body at the same dose; AEC makes up part of it), kept
 #: inside ``noise_sigma_range``.
 NOISE_SIZE_POWER = 2.0
+#: Breathing during the scan: table travel per breathing cycle, mm, and the fraction of
+#: the displacement left at the apex (the lung bases, over the diaphragm, move most).
+BREATH_PERIOD_MM = (30.0, 120.0)
+APEX_MOTION = 0.3
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class Scanner:
         contrast_hu: attenuation of enhanced blood in the heart and mediastinal
             vessels, HU; None without IV contrast.
         contrast_lung_fraction: pulmonary vessels reach this fraction of ``contrast_hu``.
+        motion_mm: breathing displacement amplitude at the lung bases, mm (0: none).
+        motion_period_mm: table travel per breathing cycle, mm.
+        motion_phase: phase of the cycle at the first slice, radians.
     """
 
     pixel: float          # mm
@@ -71,6 +79,9 @@ class Scanner:
     fat_mm: float = 17.0
     contrast_hu: float | None = None
     contrast_lung_fraction: float = 1.0
+    motion_mm: float = 0.0
+    motion_period_mm: float = 60.0
+    motion_phase: float = 0.0
 
     @property
     def kernel_name(self) -> str:
@@ -91,7 +102,8 @@ def draw_scanner(rng: np.random.Generator, cfg: ChestConfig) -> Scanner:
     rounded to 0.1 um. The noise is a uniform draw scaled by the patient's
     size (:data:`NOISE_SIZE_POWER`) and kept in ``cfg.noise_sigma_range``.
     A sharp kernel (``edge_enhance > 0``) is drawn with probability
-    ``cfg.sharp_kernel_share``; contrast with ``cfg.contrast_share``.
+    ``cfg.sharp_kernel_share``; contrast with ``cfg.contrast_share``; breathing
+    motion with ``cfg.motion_share``.
     Draws from ``rng`` in a fixed order.
     """
     lo, hi = cfg.slice_thickness_range
@@ -111,6 +123,10 @@ def draw_scanner(rng: np.random.Generator, cfg: ChestConfig) -> Scanner:
     contrast = rng.uniform() < cfg.contrast_share
     contrast_hu = float(rng.uniform(*cfg.contrast_hu_range))
     lung_fraction = float(rng.uniform(0.7, 1.0))
+    moves = rng.uniform() < cfg.motion_share
+    motion = float(rng.uniform(*cfg.motion_amplitude_range))
+    period = float(rng.uniform(*BREATH_PERIOD_MM))
+    phase = float(rng.uniform(0, 2 * np.pi))
     return Scanner(
         pixel=pixel,
         thickness=thickness,
@@ -121,6 +137,9 @@ def draw_scanner(rng: np.random.Generator, cfg: ChestConfig) -> Scanner:
         fat_mm=fat,
         contrast_hu=contrast_hu if contrast else None,
         contrast_lung_fraction=lung_fraction if contrast else 1.0,
+        motion_mm=motion if moves else 0.0,
+        motion_period_mm=period,
+        motion_phase=phase,
     )
 
 
@@ -186,3 +205,24 @@ def place_grid(rng: np.random.Generator, cfg: ChestConfig, scanner: Scanner,
     grid = ScanGrid((cx - half, cy - half, z0), (t, scanner.pixel, scanner.pixel),
                     (n_slices, cfg.matrix, cfg.matrix))
     return grid, targeted
+
+
+def with_breathing(grid: ScanGrid, scanner: Scanner, anatomy: ChestAnatomy) -> ScanGrid:
+    """The scan grid with the patient breathing during the scan (``grid`` if not).
+
+    Slice ``k`` at nominal level ``z_k`` shows the anatomy displaced along z by
+    ``A w(z_k) sin(2 pi (z_k - z_0) / P + phase)``: ``A = scanner.motion_mm``, ``P`` the
+    table travel per breathing cycle, ``w`` 1 below the diaphragm's top falling
+    linearly to :data:`APEX_MOTION` at the apex. Where the displacement changes
+    faster than the table moves, structures are skipped or shown twice in
+    consecutive slices, as in a scan of a patient who did not hold their breath.
+    """
+    if scanner.motion_mm == 0:
+        return grid
+    z = grid.origin[2] + np.arange(grid.shape[0]) * grid.spacing[0]
+    top = max(anatomy.dome_z)
+    w = APEX_MOTION + (1 - APEX_MOTION) * np.clip((anatomy.z_apex - z) / (anatomy.z_apex - top),
+                                                  0.0, 1.0)
+    shift = scanner.motion_mm * w * np.sin(2 * np.pi * (z - z[0]) / scanner.motion_period_mm
+                                           + scanner.motion_phase)
+    return dataclasses.replace(grid, z_shift=tuple(float(v) for v in shift))

@@ -280,9 +280,14 @@ class _Placer:
         return sx, sz
 
     def _box(self, margin: float) -> tuple[np.ndarray, np.ndarray]:
+        """Where centres may lie: ``margin`` mm inside the grid (and its breathing shift
+
+        along z, so a lesion stays in the field of view) and inside the lungs' box.
+        """
         lo, hi = self.grid.box()
         llo, lhi = self.anatomy.lung_box()
-        return np.maximum(lo + margin, llo), np.minimum(hi - margin, lhi)
+        pad = np.array([margin, margin, margin + self.grid.motion_mm])
+        return np.maximum(lo + pad, llo), np.minimum(hi - pad, lhi)
 
     def _apart(self, centres: np.ndarray, extent: float, placed: list[Lesion], gap: float,
                ) -> np.ndarray:
