@@ -1,23 +1,58 @@
-"""FocalMix vs the fully supervised detector on synthetic chest CT: the structure of the
-paper's Table 1 (labeled counts, fixed unlabeled pool, identical budget and test set)
-and Table 3 (ablations), plus FocalMix with FlexMatch CPL choosing the unlabeled objects of
-object MixUp (``focalmix.object_policy: flexmatch``, :mod:`medssl.training.focalmix`) at the
-same labeled counts and seeds.
+"""FocalMix vs the fully supervised detector on synthetic chest CT: a benchmark that can decide
+(issue 18 item 5), with the structure of the paper's Table 1 (labeled counts, one fixed
+unlabeled pool, one budget and one test set for every run) and Table 3 (ablations).
 
-Every run trains with ``medssl.training.det_trainer.train_detector`` on the same LUNA16
-folder (generated here if missing: ``--cases`` annotated 128-matrix scans, ``--unlabeled``
-more in ``unlabeled/``), the same test subsets (8, 9), the same number of steps, and is
-scored with the LUNA16 FROC/CPM on the test split. Per run: the 7 recalls, the CPM with
-its bootstrap CI, training throughput (median patches/s) and wall time; FocalMix runs also
-log the unlabeled objects per patch, CPL runs the nodule threshold and memory counts.
+Data (generated into ``--data`` if missing, all of the generator's ``train`` family, 128-matrix
+scans by default, ``--matrix``): ``--cases`` annotated scans in a LUNA16 folder (scan ``i`` in
+``subset{i % 10}``) and ``--unlabeled-pool`` plain scans in ``unlabeled/``. The test split is
+the ``--test-subsets`` (default 7, 8, 9: 57 of the default 190 scans, about 140 nodules), of the
+same family as the training data: this benchmark asks whether unlabeled scans help on the
+distribution they come from, as the paper's LUNA16 test folds do. Generalisation to the
+held-out family is ``benchmarks/detector_quality.py``'s question. The training pool (the other
+subsets) holds ``data.n_validation`` validation scans and the labeled scans.
 
-Results are appended to ``benchmarks/results/focalmix_ssl.json`` after every run (a run
-already there is skipped, so an interrupted benchmark resumes) and summarised in
-``focalmix_ssl.md``.
+Arms, per labeled count (default 5, 10, 25) and seed (default 0..4):
 
-    python benchmarks/focalmix_ssl.py --data /tmp/medssl-focalmix/luna --work /tmp/medssl-focalmix \
-        [--labeled 10 25] [--unlabeled-pool 100] [--seeds 0 1] [--steps 200] \
-        [--ablation-labeled 25] [--ablation-seeds 0] [--config focalmix-cpu] [--set data.n_validation=8] [--device cpu]
+* ``supervised``: labeled scans only;
+* ``FocalMix``: the same labeled scans plus the whole unlabeled pool (default 100 scans, the
+  same pool at every labeled count: ``unlabeled/`` is read first);
+* ``FocalMix, unlabeled weight 0``: FocalMix's pipeline with ``focalmix.unlabeled_weight: 0``
+  (what the unlabeled loss itself buys);
+
+per seed, the ceiling ``all labeled``: supervised on every scan of the training pool but the
+validation ones (as many scans as FocalMix sees at the largest labeled count with the default
+sizes: 25 + 100); and at ``--ablation-labeled`` the Table 3 ablations (SFL without soft alpha /
+soft beta, K = 1 and 2, image MixUp only, object MixUp only).
+
+One split for every run: ``data.split_seed`` is ``--split-seed`` (constant), so labeled and
+validation scans do not change with the seed (the labeled sets are nested: 5 within 10 within
+25); the seed (``seed``) moves only initialisation and sampling, and both methods share it.
+
+Statistics. Every run's test CPM comes from its ``test/submission.csv``. ΔCPM = method −
+supervised is paired: per seed, :func:`medssl.metrics.paired_bootstrap_cpm` draws test scans
+with replacement and scores both runs on the same draw. Pooled over seeds, ΔCPM is the mean of
+the per-seed deltas; its 95 % interval comes from a two-level bootstrap: each replicate draws
+the seeds with replacement and the test scans with replacement (one scan draw shared by every
+seed, as every run scores the same test scans), and averages the paired deltas
+(:func:`pooled_paired_delta`). The verdict: FocalMix better (or worse) where that interval
+excludes 0, else no difference shown.
+
+Budget. ``--learning-curve`` trains supervised once at the largest labeled count for
+``--steps`` steps, keeps a checkpoint every ``--curve-every`` steps and scores each on the test
+split (``focalmix_ssl_budget.{json,md,png}``): choose ``--steps`` where the curve flattens. The
+cosine learning rate has not reached 0 at an intermediate checkpoint, so the curve is, if
+anything, pessimistic for shorter budgets.
+
+Results are appended to ``benchmarks/results/focalmix_ssl.json`` after every run (a run already
+there is skipped, so an interrupted benchmark resumes), with its wall time, and summarised in
+``focalmix_ssl.md`` and ``focalmix_ssl.png`` (CPM vs labeled count). ``--jobs N`` runs N
+trainings side by side, each in its own process with ``--threads`` (default 1) torch/OpenMP
+threads.
+
+    python benchmarks/focalmix_ssl.py --learning-curve --steps 3000 --curve-every 250
+    python benchmarks/focalmix_ssl.py --steps 1500 --jobs 2
+    python benchmarks/focalmix_ssl.py --smoke --cases 20 --unlabeled-pool 4 --labeled 2 --seeds 0 \\
+        --steps 10 --matrix 64 --test-subsets 8 9 --set data.n_validation=2 --work /tmp/fm-smoke
 """
 
 from __future__ import annotations
@@ -25,28 +60,62 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
+import math
+import multiprocessing
+import os
 import statistics
+import sys
+import threading
 import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
-from medssl.cli.train import resolve_config
-from medssl.synth.datasets import write_chest_dataset
-from medssl.config import load_config, parse_overrides
-from medssl.training.det_config import DetectionExperiment
-from medssl.training.det_trainer import train_detector
+from medssl.datasets.luna16 import Luna16
+from medssl.metrics import FrocResult, evaluate_luna16, paired_bootstrap_cpm, read_predictions, read_seriesuids
+from medssl.metrics.froc import cpm_points, order_statistic_interval, paired_bootstrap_sensitivities
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_device  # noqa: E402  (benchmarks/machine.py)
 
 RESULTS = Path(__file__).parent / "results"
-FP_RATES = ("0.125", "0.25", "0.5", "1", "2", "4", "8")
+#: The issue's minimum test set (item 5); ``--smoke`` runs below it and say so.
+MIN_TEST_SCANS = 40
+MIN_TEST_NODULES = 100
+CONFIDENCE = 0.95
+
+SUPERVISED = "supervised"
+FOCALMIX = "FocalMix"
+ZERO_WEIGHT = "FocalMix, unlabeled weight 0"
+CEILING = "all labeled (ceiling)"
+
+#: Table 3 of the paper, at one labeled count: each removes one part of FocalMix.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "FocalMix, SFL without soft alpha": {"loss.soft_alpha": False},
+    "FocalMix, SFL without soft beta": {"loss.soft_beta": False},
+    "FocalMix, K=1": {"focalmix.k": 1},
+    "FocalMix, K=2": {"focalmix.k": 2},
+    "FocalMix, image MixUp only": {"focalmix.object_mixup": False},
+    "FocalMix, object MixUp only": {"focalmix.image_mixup": False},
+}
 
 
 @dataclass(frozen=True)
 class Run:
-    """One training run of the table."""
+    """One training run of the benchmark.
+
+    Attributes:
+        name: the arm (:data:`SUPERVISED`, :data:`FOCALMIX`, ... or an ablation name).
+        method: the trainer's ``method``.
+        labeled: labeled scans.
+        seed: the training seed (initialisation and sampling); the split is fixed.
+        overrides: config overrides of this arm.
+    """
 
     name: str
     method: str
@@ -58,30 +127,80 @@ class Run:
     def key(self) -> str:
         return f"{self.name}|L{self.labeled}|s{self.seed}"
 
-
-FOCALMIX = "FocalMix (K=4, image + object MixUp)"
-CPL = "FocalMix, CPL object selection"
-
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "FocalMix, SFL without soft alpha": {"loss.soft_alpha": False},
-    "FocalMix, SFL without soft beta": {"loss.soft_beta": False},
-    "FocalMix, K=1": {"focalmix.k": 1},
-    "FocalMix, K=2": {"focalmix.k": 2},
-    "FocalMix, image MixUp only": {"focalmix.object_mixup": False},
-}
+    @property
+    def folder(self) -> str:
+        return "".join(c if c.isalnum() or c in "-=." else "_" for c in self.key)
 
 
-def plan(args: argparse.Namespace) -> list[Run]:
+def plan(*, labeled: Sequence[int], seeds: Sequence[int], ceiling_labeled: int | None,
+         ablation_labeled: int | None, ablation_seeds: Sequence[int]) -> list[Run]:
+    """Every run of the benchmark, the main comparison first (seed by seed, so a partial
+    benchmark already holds complete pairs), then the ceiling, then the ablations."""
     runs = []
-    for labeled in args.labeled:
-        for seed in args.seeds:
-            runs.append(Run("supervised", "supervised-det", labeled, seed, {}))
-            runs.append(Run(FOCALMIX, "focalmix", labeled, seed, {}))
-            runs.append(Run(CPL, "focalmix", labeled, seed, {"focalmix.object_policy": "flexmatch"}))
-    for seed in args.ablation_seeds:
-        for name, overrides in ABLATIONS.items():
-            runs.append(Run(name, "focalmix", args.ablation_labeled, seed, overrides))
+    for seed in seeds:
+        for n in labeled:
+            runs += [Run(SUPERVISED, "supervised-det", n, seed, {}),
+                     Run(FOCALMIX, "focalmix", n, seed, {}),
+                     Run(ZERO_WEIGHT, "focalmix", n, seed, {"focalmix.unlabeled_weight": 0.0})]
+    if ceiling_labeled is not None:
+        runs += [Run(CEILING, "supervised-det", ceiling_labeled, seed, {}) for seed in seeds]
+    if ablation_labeled is not None:
+        for seed in ablation_seeds:
+            runs += [Run(name, "focalmix", ablation_labeled, seed, o) for name, o in ABLATIONS.items()]
     return runs
+
+
+# --------------------------------------------------------------------------- data
+
+
+def prepare_data(data: Path, *, cases: int, unlabeled: int, matrix: int, seed: int = 1000) -> dict[str, Any]:
+    """Generate the benchmark's LUNA16 folder (``train`` family) if missing; check it otherwise.
+
+    ``data/benchmark_data.json`` records how it was made; an existing folder made otherwise
+    (another matrix, count or family) is an error rather than silently reused.
+
+    Raises:
+        SystemExit: the folder exists with other settings.
+    """
+    from medssl.synth.datasets import write_chest_dataset
+
+    wanted = {"cases": cases, "unlabeled": unlabeled, "matrix": matrix, "family": "train", "seed": seed}
+    record = data / "benchmark_data.json"
+    if record.is_file():
+        made = json.loads(record.read_text())
+        if made != wanted:
+            raise SystemExit(f"{data} was generated with {made}, not {wanted}: pass matching options "
+                             "or another --data folder")
+        return made
+    if (data / "annotations.csv").exists():
+        raise SystemExit(f"{data} holds a dataset without benchmark_data.json (made by an older version "
+                         "of this script?): pass another --data folder")
+    write_chest_dataset(data, cases=cases, unlabeled=unlabeled, matrix=matrix, seed=seed, family="train")
+    record.write_text(json.dumps(wanted, indent=2) + "\n")
+    return wanted
+
+
+def test_set_size(data: Path, test_subsets: Sequence[int]) -> tuple[int, int]:
+    """``(scans, nodules)`` of the test subsets."""
+    luna = Luna16(data)
+    test = [u for u in luna.seriesuids if luna.subset_of(u) in test_subsets]
+    return len(test), sum(len(luna.annotations(u)) for u in test)
+
+
+def pool_size(data: Path, test_subsets: Sequence[int]) -> int:
+    """Annotated scans outside the test subsets (validation + labeled)."""
+    luna = Luna16(data)
+    return sum(luna.subset_of(u) not in test_subsets for u in luna.seriesuids)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _one_process_threads(threads: int) -> None:
+    """Pool initializer: ``threads`` torch intra-op threads in this worker."""
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def throughput(run_dir: Path, patches_per_step: int) -> float:
@@ -89,151 +208,503 @@ def throughput(run_dir: Path, patches_per_step: int) -> float:
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     times = [r["time"] for r in rows if "loss" in r]
     deltas = sorted(b - a for a, b in itertools.pairwise(times))
+    if not deltas:
+        return float("nan")
     deltas = deltas[: max(1, int(len(deltas) * 0.95))]  # drop the steps that include a validation
     return patches_per_step / statistics.median(deltas)
 
 
 def object_stats(run_dir: Path) -> dict[str, float]:
-    """From ``log.jsonl``: mean unlabeled objects per patch over the steps and, for CPL runs,
-    the nodule threshold (mean over steps, last) and the memory counts at the end."""
+    """Mean unlabeled objects per patch over the steps, from ``log.jsonl`` (FocalMix runs)."""
     rows = [r for r in (json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines())
             if "objects" in r]
-    if not rows:
-        return {}
-    out = {"objects_per_patch": statistics.mean(r["objects"] for r in rows)}
-    if "cpl_threshold" in rows[-1]:
-        out.update(cpl_threshold_mean=statistics.mean(r["cpl_threshold"] for r in rows),
-                   cpl_threshold_last=rows[-1]["cpl_threshold"], cpl_nodule_cells=rows[-1]["cpl_nodule_cells"],
-                   cpl_background_cells=rows[-1]["cpl_background_cells"])
-    return out
+    return {"objects_per_patch": statistics.mean(r["objects"] for r in rows)} if rows else {}
 
 
-def execute(run: Run, args: argparse.Namespace) -> dict[str, Any]:
+def experiment(settings: dict[str, Any], run: Run, *, steps: int, every: int) -> Any:
+    """The validated config of ``run``: the base config, ``--set`` overrides, the arm's overrides,
+    the method, the seed and the fixed split seed."""
+    from medssl.cli.train import resolve_config
+    from medssl.config import load_config, parse_overrides
+    from medssl.training.det_config import DetectionExperiment
+
     overrides = {
-        **parse_overrides(args.set), **run.overrides, "method": run.method, "seed": run.seed, "data.split_seed": run.seed,
-        "optim.steps": args.steps, "eval.every": max(1, args.steps // 2), "data.workers": 1,
+        **parse_overrides(settings["set"]), **run.overrides, "method": run.method, "seed": run.seed,
+        "data.split_seed": settings["split_seed"], "data.test_subsets": list(settings["test_subsets"]),
+        "optim.steps": steps, "eval.every": every, "data.workers": settings["data_workers"],
     }
-    cfg = load_config(DetectionExperiment, resolve_config(args.config), overrides)
-    out = args.work / "runs" / run.key.replace("|", "_").replace(" ", "_").replace(",", "").replace("+", "")
+    return load_config(DetectionExperiment, resolve_config(settings["config"]), overrides)
+
+
+def execute(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
+    """Train and test one run (in this process); its result record."""
+    import torch
+
+    from medssl.training.det_trainer import train_detector
+
+    steps = settings["steps"]
+    cfg = experiment(settings, run, steps=steps, every=max(1, steps // 2))
+    out = Path(settings["work"]) / "runs" / run.folder
+    unlabeled = settings["unlabeled_pool"] if run.method == "focalmix" else 0
     start = time.perf_counter()
-    result = train_detector(cfg, args.data, out, run.labeled, args.unlabeled_pool if run.method == "focalmix" else 0,
-                            device=args.device)
+    result = train_detector(cfg, settings["data"], out, run.labeled, unlabeled, device=settings["device"])
     wall = time.perf_counter() - start
-    per_step = cfg.optim.batch_size * (2 if run.method == "focalmix" else 1)
     report = result.test_report or {}
     return {
-        "key": run.key, "name": run.name, "method": run.method, "labeled": run.labeled,
-        "unlabeled": args.unlabeled_pool if run.method == "focalmix" else 0, "seed": run.seed,
-        "overrides": run.overrides, "steps": args.steps, "sensitivities": report.get("sensitivities"),
-        "cpm": report.get("cpm"), "cpm_ci": report.get("cpm_ci"), "n_test_scans": report.get("n_scans"),
-        "n_test_nodules": report.get("n_nodules"), "patches_per_s": throughput(out, per_step),
-        "wall_s": wall, "run_dir": str(out), **object_stats(out),
+        "key": run.key, "name": run.name, "method": run.method, "labeled": run.labeled, "unlabeled": unlabeled,
+        "seed": run.seed, "split_seed": settings["split_seed"], "overrides": run.overrides, "steps": steps,
+        "sensitivities": report.get("sensitivities"), "cpm": report.get("cpm"), "cpm_ci": report.get("cpm_ci"),
+        "n_test_scans": report.get("n_scans"), "n_test_nodules": report.get("n_nodules"),
+        "patches_per_s": throughput(out, cfg.optim.batch_size * (2 if run.method == "focalmix" else 1)),
+        "wall_s": wall, "threads": torch.get_num_threads(), "run_dir": str(out), **object_stats(out),
     }
 
 
-def summarise(results: list[dict[str, Any]]) -> str:
-    lines = ["| method | labeled | seed | " + " | ".join(f"{r} FP/scan" for r in FP_RATES) + " | CPM | CPM 95% CI |",
-             "|---|---|---|" + "---|" * (len(FP_RATES) + 2)]
-    for r in results:
+def run_all(runs: Sequence[Run], settings: dict[str, Any], done: list[dict[str, Any]], jobs: int,
+            save: Any) -> None:
+    """Run ``runs`` not yet in ``done``, ``jobs`` at a time, each in a spawned process with
+    ``settings["threads"]`` threads; ``save(done)`` after every finished run."""
+    finished = {r["key"] for r in done}
+    todo = [r for r in runs if r.key not in finished]
+    if not todo:
+        return
+    os.environ["OMP_NUM_THREADS"] = str(settings["threads"])  # read by torch when a child imports it
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_process_threads,
+                             initargs=(settings["threads"],)) as pool:
+        pending: dict[Future[dict[str, Any]], Run] = {}
+        queue = iter(todo)
+        for run in itertools.islice(queue, jobs):
+            print(f"== {run.key}", flush=True)
+            pending[pool.submit(execute, run, settings)] = run
+        while pending:
+            ready, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in ready:
+                del pending[future]
+                done.append(future.result())
+                save(done)
+                nxt = next(queue, None)
+                if nxt is not None:
+                    print(f"== {nxt.key}", flush=True)
+                    pending[pool.submit(execute, nxt, settings)] = nxt
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def run_froc(record: dict[str, Any], luna: Luna16) -> FrocResult:
+    """The LUNA16 evaluation of a finished run, from its ``test/submission.csv`` (no bootstrap:
+    the paired analysis draws its own)."""
+    test = Path(record["run_dir"]) / "test"
+    uids = read_seriesuids(test / "seriesuids.csv")
+    return evaluate_luna16([f for u in uids for f in luna.annotations(u)],
+                           [f for u in uids for f in luna.excluded(u)], uids,
+                           read_predictions(test / "submission.csv"), n_bootstrap=0)
+
+
+@dataclass(frozen=True)
+class PooledDelta:
+    """ΔCPM = method − baseline over seeds.
+
+    Attributes:
+        seeds: the seeds with both runs.
+        per_seed: ``(delta, (lo, hi))`` per seed: the paired bootstrap over test scans.
+        delta: mean of the per-seed deltas.
+        ci: 95 % interval of ``delta`` from the two-level bootstrap (seeds, then scans).
+    """
+
+    seeds: tuple[int, ...]
+    per_seed: tuple[tuple[float, tuple[float, float]], ...]
+    delta: float
+    ci: tuple[float, float]
+
+
+def pooled_paired_delta(pairs: Sequence[tuple[FrocResult, FrocResult]], seeds: Sequence[int], *,
+                        n_bootstrap: int = 1000, seed: int = 0) -> PooledDelta:
+    """Paired ΔCPM of ``(method, baseline)`` FROC results, one pair per seed, all on the same
+    test scans in the same order.
+
+    Per seed: :func:`medssl.metrics.paired_bootstrap_cpm`. Pooled: replicate ``b`` draws the
+    test scans once (:func:`medssl.metrics.froc.paired_bootstrap_sensitivities` with the same
+    generator seed for every pair, hence the same scan draws) and ``len(pairs)`` seeds with
+    replacement, and averages those seeds' paired deltas on those scans; the interval is the
+    order statistics of :func:`~medssl.metrics.froc.order_statistic_interval`. Seed-to-seed
+    spread and test-scan sampling both enter it; with one seed it is that seed's paired interval.
+
+    Raises:
+        ValueError: no pairs, ``seeds`` of another length, runs on different test scans, or
+            ``n_bootstrap`` < 1.
+    """
+    if not pairs or len(pairs) != len(seeds):
+        raise ValueError(f"need one (method, baseline) pair per seed, got {len(pairs)} pairs for seeds {list(seeds)}")
+    if n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    if len({r.seriesuids for pair in pairs for r in pair}) != 1:
+        raise ValueError("every run must be scored on the same test scans in the same order; evaluate them "
+                         "with one seriesuids list")
+    per_seed = [paired_bootstrap_cpm(a, b, n_bootstrap=n_bootstrap, seed=seed) for a, b in pairs]
+    points = cpm_points(pairs[0][0].cpm_definition)  # type: ignore[arg-type]
+    replicates = []
+    for a, b in pairs:
+        assert a.vectors is not None and b.vectors is not None  # paired_bootstrap_cpm checked
+        sens_a, sens_b = paired_bootstrap_sensitivities(a.vectors, b.vectors, n_bootstrap=n_bootstrap,
+                                                        rng=np.random.default_rng(seed), points=points)
+        replicates.append(sens_a.mean(axis=1) - sens_b.mean(axis=1))
+    samples = np.stack(replicates)  # (seeds, n_bootstrap), column b: the same scan draw for every seed
+    if len(pairs) == 1:
+        pooled = samples[0]
+    else:
+        drawn = np.random.default_rng([seed, 1]).integers(0, len(pairs), size=(n_bootstrap, len(pairs)))
+        pooled = samples[drawn, np.arange(n_bootstrap)[:, None]].mean(axis=1)
+    lo, hi = order_statistic_interval(pooled, CONFIDENCE)
+    return PooledDelta(
+        seeds=tuple(seeds),
+        per_seed=tuple((d.delta, d.ci) for d in per_seed),
+        delta=float(np.mean([d.delta for d in per_seed])),
+        ci=(float(lo), float(hi)),
+    )
+
+
+def verdict(ci: tuple[float, float], method: str = FOCALMIX, baseline: str = SUPERVISED) -> str:
+    """What a 95 % interval of ΔCPM = method − baseline decides."""
+    if ci[0] > 0:
+        return f"{method} better"
+    if ci[1] < 0:
+        return f"{baseline} better"
+    return "no difference shown"
+
+
+def seed_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """``(mean, lo, hi)``: mean over seeds ± Student's t 95 % half-width (NaN half-width with one
+    value)."""
+    from scipy import stats
+
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def compare(results: Sequence[dict[str, Any]], frocs: dict[str, FrocResult], method: str, baseline: str,
+            labeled: int, *, n_bootstrap: int) -> PooledDelta | None:
+    """Pooled paired ΔCPM of arm ``method`` against ``baseline`` at ``labeled`` over the seeds
+    both have; None where they share none."""
+    a = {r["seed"]: r["key"] for r in results if r["name"] == method and r["labeled"] == labeled}
+    b = {r["seed"]: r["key"] for r in results if r["name"] == baseline and r["labeled"] == labeled}
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    return pooled_paired_delta([(frocs[a[s]], frocs[b[s]]) for s in seeds], seeds, n_bootstrap=n_bootstrap)
+
+
+def _ci(ci: tuple[float, float]) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def summarise(results: Sequence[dict[str, Any]], frocs: dict[str, FrocResult], *,
+              ablation_labeled: int | None, n_bootstrap: int = 1000) -> str:
+    """The markdown report: the decisive table per labeled count, the reference arms, the
+    ablations, then every run."""
+    def mean_cpm(name: str, labeled: int) -> str:
+        cpms = [r["cpm"] for r in results if r["name"] == name and r["labeled"] == labeled]
+        return f"{statistics.mean(cpms):.3f} (n={len(cpms)})" if cpms else "—"
+
+    counts = sorted({r["labeled"] for r in results if r["name"] == SUPERVISED})
+    lines = ["## FocalMix − supervised (paired over test scans, pooled over seeds)", "",
+             "| labeled | supervised mean CPM | FocalMix mean CPM | ΔCPM | 95 % CI | verdict |",
+             "|---:|---:|---:|---:|---|---|"]
+    for n in counts:
+        d = compare(results, frocs, FOCALMIX, SUPERVISED, n, n_bootstrap=n_bootstrap)
+        if d is not None:
+            lines.append(f"| {n} | {mean_cpm(SUPERVISED, n)} | {mean_cpm(FOCALMIX, n)} | {d.delta:+.3f} | "
+                         f"{_ci(d.ci)} | {verdict(d.ci)} |")
+    lines += ["", "Per seed (paired bootstrap over test scans):", "",
+              "| labeled | seed | supervised CPM | FocalMix CPM | ΔCPM | 95 % CI |", "|---:|---:|---:|---:|---:|---|"]
+    for n in counts:
+        d = compare(results, frocs, FOCALMIX, SUPERVISED, n, n_bootstrap=n_bootstrap)
+        if d is None:
+            continue
+        for s, (delta, ci) in zip(d.seeds, d.per_seed):
+            cpm = {r["name"]: r["cpm"] for r in results if r["labeled"] == n and r["seed"] == s}
+            lines.append(f"| {n} | {s} | {cpm[SUPERVISED]:.3f} | {cpm[FOCALMIX]:.3f} | {delta:+.3f} | {_ci(ci)} |")
+
+    lines += ["", "## Reference arms", "", "| arm | labeled | mean CPM | against | ΔCPM | 95 % CI | verdict |",
+              "|---|---:|---:|---|---:|---|---|"]
+    for n in counts:
+        d = compare(results, frocs, ZERO_WEIGHT, SUPERVISED, n, n_bootstrap=n_bootstrap)
+        if d is not None:
+            lines.append(f"| {ZERO_WEIGHT} | {n} | {mean_cpm(ZERO_WEIGHT, n)} | supervised | {d.delta:+.3f} | "
+                         f"{_ci(d.ci)} | {verdict(d.ci, ZERO_WEIGHT)} |")
+        d = compare(results, frocs, FOCALMIX, ZERO_WEIGHT, n, n_bootstrap=n_bootstrap)
+        if d is not None:
+            lines.append(f"| {FOCALMIX} | {n} | {mean_cpm(FOCALMIX, n)} | unlabeled weight 0 | {d.delta:+.3f} | "
+                         f"{_ci(d.ci)} | {verdict(d.ci, FOCALMIX, ZERO_WEIGHT)} |")
+    for n in sorted({r["labeled"] for r in results if r["name"] == CEILING}):
+        cpms = [r["cpm"] for r in results if r["name"] == CEILING]
+        mean, lo, hi = seed_interval(cpms)
+        lines.append(f"| {CEILING} | {n} | {mean:.3f} (n={len(cpms)}, seeds 95 % [{lo:.3f}, {hi:.3f}]) | | | | |")
+
+    if ablation_labeled is not None and any(r["name"] in ABLATIONS for r in results):
+        lines += ["", f"## Table 3 ablations at {ablation_labeled} labeled (against full FocalMix, same seeds)", "",
+                  "| ablation | mean CPM | ΔCPM vs FocalMix | 95 % CI | verdict |", "|---|---:|---:|---|---|"]
+        for name in ABLATIONS:
+            d = compare(results, frocs, name, FOCALMIX, ablation_labeled, n_bootstrap=n_bootstrap)
+            if d is not None:
+                lines.append(f"| {name} | {mean_cpm(name, ablation_labeled)} | {d.delta:+.3f} | {_ci(d.ci)} | "
+                             f"{verdict(d.ci, 'ablation', 'full FocalMix')} |")
+
+    rates = ("1/8", "1/4", "1/2", "1", "2", "4", "8")
+    lines += ["", "## Every run", "", "| arm | labeled | seed | " + " | ".join(f"{r} FP/scan" for r in rates)
+              + " | CPM | CPM 95 % CI | wall s | threads |", "|---|---:|---:|" + "---:|" * (len(rates) + 4)]
+    for r in sorted(results, key=lambda r: (r["labeled"], r["name"], r["seed"])):
         sens = " | ".join(f"{s:.3f}" for s in r["sensitivities"])
-        ci = "[{:.3f}, {:.3f}]".format(*r["cpm_ci"])
-        lines.append(f"| {r['name']} | {r['labeled']} | {r['seed']} | {sens} | {r['cpm']:.3f} | {ci} |")
-    lines += ["", "| labeled | method | seeds | mean CPM | relative to supervised |", "|---|---|---|---|---|"]
-    groups: dict[tuple[int, str], list[float]] = {}
-    for r in results:
-        groups.setdefault((r["labeled"], r["name"]), []).append(r["cpm"])
-    for (labeled, name), cpms in sorted(groups.items()):
-        base = groups.get((labeled, "supervised"))
-        mean = statistics.mean(cpms)
-        rel = "—" if not base or name == "supervised" or statistics.mean(base) == 0 else \
-            f"{(mean - statistics.mean(base)) / statistics.mean(base):+.1%}"
-        lines.append(f"| {labeled} | {name} | {len(cpms)} | {mean:.3f} | {rel} |")
-    lines += cpl_summary(results, groups)
-    speeds: dict[str, list[float]] = {}
-    for r in results:
-        speeds.setdefault(r["method"], []).append(r["patches_per_s"])
-    lines += ["", "| method | training patches/s (median over runs) |", "|---|---|"]
-    lines += [f"| {m} | {statistics.median(v):.2f} |" for m, v in speeds.items()]
+        lines.append(f"| {r['name']} | {r['labeled']} | {r['seed']} | {sens} | {r['cpm']:.3f} | "
+                     f"[{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] | {r['wall_s']:.0f} | {r['threads']} |")
     return "\n".join(lines) + "\n"
 
 
-def cpl_summary(results: list[dict[str, Any]], groups: dict[tuple[int, str], list[float]]) -> list[str]:
-    """Does CPL object selection help? Mean CPM against FocalMix's fixed threshold per labeled
-    count (same seeds), and the per-run thresholds and objects."""
-    cpl_runs = [r for r in results if r["name"] == CPL]
-    if not cpl_runs:
-        return []
-    lines = ["", "## CPL object selection vs FocalMix's fixed threshold (0.8)", ""]
-    for labeled in sorted({r["labeled"] for r in cpl_runs}):
-        cpl = {r["seed"]: r["cpm"] for r in cpl_runs if r["labeled"] == labeled}
-        fixed = {r["seed"]: r["cpm"] for r in results if r["name"] == FOCALMIX and r["labeled"] == labeled}
-        seeds = sorted(set(cpl) & set(fixed))
-        if not seeds:
+def plot_learning_curve(results: Sequence[dict[str, Any]], path: Path) -> Path:
+    """CPM vs labeled count: mean ± 95 % t-interval over seeds for supervised, FocalMix and
+    FocalMix with unlabeled weight 0; the ceiling as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, style in ((SUPERVISED, "o-"), (FOCALMIX, "s-"), (ZERO_WEIGHT, "^--")):
+        counts = sorted({r["labeled"] for r in results if r["name"] == name})
+        if not counts:
             continue
-        a, b = statistics.mean(cpl[s] for s in seeds), statistics.mean(fixed[s] for s in seeds)
-        base = groups.get((labeled, "supervised"))
-        sup = f"; supervised {statistics.mean(base):.3f}" if base else ""
-        wins = sum(cpl[s] > fixed[s] for s in seeds)
-        verdict = "higher" if a > b else "lower" if a < b else "equal"
-        lines.append(f"- {labeled} labeled, seeds {seeds}: CPL mean CPM {verdict}: {a:.3f} vs {b:.3f} with the "
-                     f"fixed threshold ({a - b:+.3f}; CPL better on {wins}/{len(seeds)} seeds){sup}.")
-    half = statistics.mean((r["cpm_ci"][1] - r["cpm_ci"][0]) / 2 for r in results)
-    lines += ["", f"Every CPM rests on the same {cpl_runs[0]['n_test_nodules']} test nodules (95% bootstrap CIs "
-              f"±{half:.2f} on average), so differences of a few hundredths are within noise."]
-    logged = [r["cpl_threshold_last"] for r in cpl_runs if "cpl_threshold_last" in r]
-    if logged and max(logged) < 0.5:
-        lines += ["", f"T(nodule) was at most {max(logged):.2g} at the end of every CPL run: nodule cells are "
-                  "rare next to background cells in the memory, so CPL keeps every anchor whose guessed "
-                  "probability is above 0.5 (its argmax), a constant, lower cut than the fixed 0.8 rather "
-                  "than a curriculum (see medssl.training.focalmix, \"Class imbalance\")."]
-    lines += ["", "| labeled | seed | CPM | objects per unlabeled patch | T(nodule) mean / last | "
-              "memory cells nodule / background |", "|---|---|---|---|---|---|"]
-    for r in cpl_runs:
-        if "cpl_threshold_last" not in r:
-            continue
-        lines.append(f"| {r['labeled']} | {r['seed']} | {r['cpm']:.3f} | {r['objects_per_patch']:.2f} | "
-                     f"{r['cpl_threshold_mean']:.2g} / {r['cpl_threshold_last']:.2g} | "
-                     f"{r['cpl_nodule_cells']:.0f} / {r['cpl_background_cells']:.0f} |")
-    return lines
+        stats_ = [seed_interval([r["cpm"] for r in results if r["name"] == name and r["labeled"] == n])
+                  for n in counts]
+        mean = np.array([s[0] for s in stats_])
+        lo = np.array([s[1] for s in stats_])
+        hi = np.array([s[2] for s in stats_])
+        ax.plot(counts, mean, style, label=name)
+        ax.fill_between(counts, np.where(np.isnan(lo), mean, lo), np.where(np.isnan(hi), mean, hi), alpha=0.2)
+    ceiling = [r for r in results if r["name"] == CEILING]
+    if ceiling:
+        mean, lo, hi = seed_interval([r["cpm"] for r in ceiling])
+        ax.axhline(mean, color="k", lw=1, label=f"{CEILING}, {ceiling[0]['labeled']} scans")
+        if not math.isnan(lo):
+            ax.axhspan(lo, hi, color="k", alpha=0.08)
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    counts = sorted({r["labeled"] for r in results if r["name"] != CEILING})
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("labeled scans")
+    ax.set_ylabel("test CPM (mean ± 95 % CI over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- budget curve
+
+
+@contextmanager
+def keep_checkpoints(run_dir: Path, into: Path, *, poll_s: float = 0.5) -> Iterator[None]:
+    """Hard-link every ``checkpoints/step_*.pt`` the trainer writes into ``into`` while the block
+    runs (the trainer prunes all but its last three; a step file lives at least three
+    validation intervals, far longer than ``poll_s``)."""
+    into.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while True:
+            for path in (run_dir / "checkpoints").glob("step_*.pt"):
+                target = into / path.name
+                if not target.exists():
+                    try:
+                        os.link(path, target)
+                    except FileNotFoundError:  # pruned between glob and link: reported below
+                        pass
+            if stop.is_set():
+                return
+            stop.wait(poll_s)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def budget_curve(settings: dict[str, Any], labeled: int, seed: int, every: int) -> list[dict[str, Any]]:
+    """Train supervised once at ``labeled`` for ``settings["steps"]`` steps and score the
+    checkpoint of every ``every`` steps on the test split (same pipeline as the trainer's test)."""
+    import torch
+
+    from medssl.training.cache import VolumeCache
+    from medssl.training.checkpoint import load_checkpoint
+    from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
+    from medssl.training.det_scans import split_luna16
+    from medssl.training.det_trainer import default_cache_dir, train_detector
+    from medssl.training.detector import FPNDetector
+    from medssl.pipeline import Intensity
+
+    steps = settings["steps"]
+    run = Run(SUPERVISED, "supervised-det", labeled, seed, {})
+    cfg = experiment(settings, run, steps=steps, every=every)
+    out = Path(settings["work"]) / "budget" / run.folder
+    kept = out / "kept_checkpoints"
+    start = time.perf_counter()
+    with keep_checkpoints(out, kept):
+        train_detector(cfg, settings["data"], out, labeled, 0, device=settings["device"])
+    wall = time.perf_counter() - start
+    wanted = sorted({*range(every, steps + 1, every), steps})
+    missing = [s for s in wanted if not (kept / f"step_{s:08d}.pt").is_file()]
+    if missing:
+        raise RuntimeError(f"checkpoints of steps {missing} were pruned before they could be kept; "
+                           "rerun with a larger --curve-every")
+    d = cfg.data
+    split = split_luna16(settings["data"], labeled, 0, d.test_subsets, d.n_validation, d.split_seed)
+    cache = VolumeCache(Path(d.cache_dir) if d.cache_dir else default_cache_dir(), d.spacing_mm,
+                        Intensity(d.hu_min, d.hu_max))
+    volumes = {u: cache.get(u, split.source(u).load) for u in split.test}
+    nodules = [f for u in split.test for f in split.nodules(u)]
+    excluded = [f for u in split.test for f in split.luna.excluded(u)]
+    rows = []
+    for step in wanted:
+        net = FPNDetector(cfg.model, cfg.anchors)
+        net.load_state_dict(load_checkpoint(kept / f"step_{step:08d}.pt")["model"])
+        runner = TorchDetectionRunner(net, cfg.window, torch.device(settings["device"] or "cpu"), cfg.amp)
+        result = evaluate(predict(runner, volumes, detection_params(cfg)), nodules, excluded, split.test,
+                          cfg.eval.bootstrap, cfg.seed)
+        rows.append({"step": step, "cpm": result.cpm, "cpm_ci": list(result.cpm_ci),
+                     "sensitivities": list(result.sensitivities), "train_wall_s": wall,
+                     "n_test_scans": result.n_scans, "n_test_nodules": result.n_nodules})
+        print(f"step {step}: test CPM {result.cpm:.3f} [{result.cpm_ci[0]:.3f}, {result.cpm_ci[1]:.3f}]", flush=True)
+    return rows
+
+
+def budget_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], stem: Path) -> None:
+    """``stem.{json,md,png}`` of the budget curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "checkpoints": list(rows)}, indent=2) + "\n")
+    lines = [f"# Supervised test CPM vs training steps ({meta['labeled']} labeled, seed {meta['seed']})", "",
+             f"Device: {meta['device']}; config {meta['config']} {' '.join(meta['overrides'])}; one run of "
+             f"{meta['steps']} steps (cosine to 0 at the last step), {rows[0]['train_wall_s']:.0f} s of training; "
+             f"{rows[0]['n_test_scans']} test scans, {rows[0]['n_test_nodules']} nodules.", "",
+             "| step | test CPM | 95 % CI |", "|---:|---:|---|"]
+    lines += [f"| {r['step']} | {r['cpm']:.3f} | [{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] |" for r in rows]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["cpm"] for r in rows], "o-")
+    ax.fill_between(steps, [r["cpm_ci"][0] for r in rows], [r["cpm_ci"][1] for r in rows], alpha=0.2)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("test CPM (95 % bootstrap CI over scans)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("/tmp/medssl-focalmix/luna"))
+    parser.add_argument("--data", type=Path, default=Path("/tmp/medssl-focalmix/luna18"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/medssl-focalmix"))
-    parser.add_argument("--cases", type=int, default=50, help="annotated scans to generate if --data is missing")
-    parser.add_argument("--labeled", type=int, nargs="+", default=[10, 25])
+    parser.add_argument("--cases", type=int, default=190, help="annotated scans to generate if --data is missing")
     parser.add_argument("--unlabeled-pool", type=int, default=100)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--ablation-labeled", type=int, default=25)
-    parser.add_argument("--ablation-seeds", type=int, nargs="*", default=[0])
+    parser.add_argument("--matrix", type=int, default=128, help="in-plane matrix of the generated scans")
+    parser.add_argument("--test-subsets", type=int, nargs="+", default=[7, 8, 9])
+    parser.add_argument("--labeled", type=int, nargs="+", default=[5, 10, 25])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--split-seed", type=int, default=0, help="data.split_seed of every run")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps of every run (choose with "
+                        "--learning-curve); with --learning-curve: the longest budget")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the all-labeled arm")
+    parser.add_argument("--ablation-labeled", type=int, default=10)
+    parser.add_argument("--ablation-seeds", type=int, nargs="*", default=None,
+                        help="seeds of the ablations (default: --seeds; none: no ablations)")
+    parser.add_argument("--learning-curve", action="store_true", help="only the budget curve (see above)")
+    parser.add_argument("--curve-every", type=int, default=250)
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each")
+    parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per run")
+    parser.add_argument("--data-workers", type=int, default=0, help="data.workers of every run")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of the paired CIs")
     parser.add_argument("--config", default="focalmix-cpu")
     parser.add_argument("--device", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every run, e.g. --set data.patch=32")
+                        help="config override for every run, e.g. --set data.n_validation=8")
+    parser.add_argument("--smoke", action="store_true", help=f"allow a test set below the issue's minimum "
+                        f"({MIN_TEST_SCANS} scans, {MIN_TEST_NODULES} nodules); the report says SMOKE")
     parser.add_argument("--results", type=Path, default=RESULTS / "focalmix_ssl.json")
     args = parser.parse_args()
-    if not (args.data / "annotations.csv").is_file():
-        write_chest_dataset(args.data, cases=args.cases, unlabeled=args.unlabeled_pool, matrix=128, seed=1000)
+    for name in ("jobs", "threads", "steps", "curve_every", "bootstrap", "unlabeled_pool", "cases", "matrix"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    prepare_data(args.data, cases=args.cases, unlabeled=args.unlabeled_pool, matrix=args.matrix)
+    n_test, n_nodules = test_set_size(args.data, args.test_subsets)
+    if (n_test < MIN_TEST_SCANS or n_nodules < MIN_TEST_NODULES) and not args.smoke:
+        raise SystemExit(f"the test subsets {args.test_subsets} hold {n_test} scans and {n_nodules} nodules; the "
+                         f"benchmark needs >= {MIN_TEST_SCANS} and >= {MIN_TEST_NODULES}: generate more --cases "
+                         "(into a new --data folder) or pass more --test-subsets")
+    settings = {"data": str(args.data), "work": str(args.work), "config": args.config, "set": args.set,
+                "split_seed": args.split_seed, "test_subsets": args.test_subsets, "steps": args.steps,
+                "unlabeled_pool": args.unlabeled_pool, "device": args.device, "threads": args.threads,
+                "data_workers": args.data_workers}
+    n_validation = experiment(settings, Run(SUPERVISED, "supervised-det", 1, 0, {}), steps=1, every=1).data.n_validation
+    meta = {"device": cpu_device() if args.device in (None, "cpu") else args.device, "config": args.config,
+            "overrides": args.set, "steps": args.steps, "data": str(args.data), "matrix": args.matrix,
+            "generator_family": "train (training, validation, unlabeled and test scans)",
+            "test_subsets": args.test_subsets, "n_test_scans": n_test, "n_test_nodules": n_nodules,
+            "unlabeled_pool": args.unlabeled_pool, "split_seed": args.split_seed, "n_validation": n_validation,
+            "jobs": args.jobs, "threads_per_run": args.threads, "smoke": args.smoke}
+    if args.learning_curve:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        _one_process_threads(args.threads)
+        labeled, seed = max(args.labeled), args.seeds[0]
+        rows = budget_curve(settings, labeled, seed, args.curve_every)
+        stem = args.results.with_name(args.results.stem + "_budget")
+        budget_report(rows, {**meta, "labeled": labeled, "seed": seed, "curve_every": args.curve_every}, stem)
+        print(stem.with_suffix(".md").read_text())
+        return
+    ceiling = None if args.no_ceiling else pool_size(args.data, args.test_subsets) - n_validation
+    ablation_seeds = args.seeds if args.ablation_seeds is None else args.ablation_seeds
+    runs = plan(labeled=args.labeled, seeds=args.seeds, ceiling_labeled=ceiling,
+                ablation_labeled=args.ablation_labeled if ablation_seeds else None, ablation_seeds=ablation_seeds)
     done = json.loads(args.results.read_text())["runs"] if args.results.is_file() else []
-    finished = {r["key"] for r in done}
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else \
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    for run in plan(args):
-        if run.key in finished:
-            continue
-        print(f"== {run.key}", flush=True)
-        done.append(execute(run, args))
-        meta = {"device": device, "config": args.config, "overrides": args.set, "steps": args.steps, "data": str(args.data),
-                "unlabeled_pool": args.unlabeled_pool, "platform": platform.platform()}
+    luna = Luna16(args.data)
+    frocs: dict[str, FrocResult] = {}
+
+    def save(results: list[dict[str, Any]]) -> None:
+        for r in results:
+            if r["key"] not in frocs:
+                frocs[r["key"]] = run_froc(r, luna)
         args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps({"meta": meta, "runs": done}, indent=2) + "\n")
+        args.results.write_text(json.dumps({"meta": meta, "runs": results}, indent=2) + "\n")
+        title = "# FocalMix vs supervised on synthetic chest CT" + (" — SMOKE RUN, NOT A RESULT" if args.smoke else "")
+        head = (f"{title}\n\nDevice: {meta['device']}; {args.jobs} run(s) side by side, {args.threads} thread(s) each; "
+                f"config {args.config} {' '.join(args.set)}; {args.steps} steps per run; one split "
+                f"(data.split_seed {args.split_seed}, {n_validation} validation scans) for every seed and method; "
+                f"unlabeled pool {args.unlabeled_pool} scans; test: subsets {args.test_subsets}, {n_test} scans, "
+                f"{n_nodules} nodules, generator family train (as the training data), matrix {args.matrix}.\n\n")
         args.results.with_suffix(".md").write_text(
-            f"# FocalMix vs supervised on synthetic chest CT\n\nDevice: {device}; config {args.config} "
-            f"{' '.join(args.set)}; "
-            f"{args.steps} steps per run; unlabeled pool {args.unlabeled_pool}.\n\n" + summarise(done))
-        print(summarise(done), flush=True)
+            head + summarise(results, frocs, ablation_labeled=args.ablation_labeled, n_bootstrap=args.bootstrap))
+        plot_learning_curve(results, args.results.with_suffix(".png"))
+
+    if done:
+        save(done)
+    run_all(runs, settings, done, args.jobs, save)
+    print(args.results.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,301 @@
+"""Detector quality and what each false-positive control buys (issue 18, Acceptance "Ablation").
+
+A detector of a model repository (default ``model_repository/focalmix-nodules``) is scored
+through the pipeline ``medssl-score`` runs (:func:`medssl.scoring.series.prepare` +
+:func:`~medssl.scoring.series.infer`, onnxruntime :class:`~medssl.runners.onnx.OnnxRunner`,
+the card's :class:`~medssl.pipeline.detect.DetectionParams`) on a synthetic test set of the
+generator's *held-out* family (``medssl synth chest --family heldout``: other parameter ranges
+and seeds than the training family), generated into ``--data`` if missing: ``--cases`` scans
+(default 40, the issue's minimum) at ``--matrix`` 512 (realistic 512² geometry; a smaller
+``--cases``/``--matrix`` makes a smoke run, and the report says so).
+
+Rows:
+
+* ``shipped``: the model as its card says (lung mask, calibration, operating point);
+* inference-side ablations, the same exported model with one :class:`DetectionParams` switch
+  changed (:func:`inference_ablations`): ``lung mask off`` (every window runs, no finding is
+  dropped for lying outside the lungs; ``lung mask on`` for a card without it),
+  ``calibration off`` (the network's raw scores; the ranking, hence CPM and sensitivities, is
+  unchanged, the probabilities and so the marks at the card's threshold and the ECE are not);
+* training-side ablations, other model repositories the lead trained (``--variant NAME=PATH``,
+  PATH a model folder holding ``medssl.json``, e.g. ``--variant "no hard negatives=/tmp/nohn/
+  model_repository/focalmix-nodules"``), scored with their own cards.
+
+Per row: CPM (LUNA16, the paper's exact-rate definition) with its 95 % bootstrap interval over
+scans, sensitivity at 1 FP per scan, marks per scan at the operating point (findings with
+probability >= the card's threshold, :meth:`~medssl.models.card.ModelCard.report_threshold`:
+what the SR carries), ECE of the reported probabilities against the LUNA16 label of every
+mark (:func:`medssl.metrics.label_candidates`; marks on excluded findings left out), windows
+per scan (mean) and seconds per scan (median of read + preprocess + inference + postprocess).
+The shipped row also gets a reliability diagram, and a peer timing: the same windows through
+a plain onnxruntime loop (no pipeline around it) on ``--peer-scans`` scans, with the ratio.
+
+Writes ``benchmarks/results/detector_quality.{json,md}`` (``--results``) and prints the table.
+
+    python benchmarks/detector_quality.py [--model model_repository/focalmix-nodules] \\
+        [--data /tmp/medssl-quality/heldout] [--cases 40] [--matrix 512] \\
+        [--variant "no hard negatives=PATH"] [--variant "no BN re-estimation=PATH"] [--threads 2]
+    python benchmarks/detector_quality.py --smoke --cases 2 --matrix 128 --data /tmp/q-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medssl.datasets.luna16 import Luna16
+from medssl.metrics import FP_RATES, Prediction, evaluate_luna16, label_candidates
+from medssl.metrics.calibration import Calibration, expected_calibration_error, reliability_diagram
+from medssl.models.card import load_card
+from medssl.pipeline.detect import DetectionParams
+from medssl.pipeline.windows import extract_window, plan_windows
+from medssl.runners.onnx import OnnxRunner
+from medssl.scoring.manifest import build_manifest
+from medssl.scoring.series import infer, prepare
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_device  # noqa: E402  (benchmarks/machine.py)
+
+RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+#: The Acceptance's minimum test set: >= 40 held-out scans at 512^2.
+MIN_CASES = 40
+MIN_MATRIX = 512
+
+
+
+def inference_ablations(params: DetectionParams) -> dict[str, dict[str, Any]]:
+    """The inference-side rows of a card's parameters: ``DetectionParams`` fields to replace.
+
+    The lung mask is switched to the other setting than the card's (off if the card uses it,
+    on if not: both tell what it buys); the calibration is switched off (the identity) where
+    the card has one; a card without one has no calibration row (nothing to switch).
+    """
+    rows: dict[str, dict[str, Any]] = {
+        f"lung mask {'off' if params.lung_mask else 'on'}": {"lung_mask": not params.lung_mask}}
+    if not params.calibration.is_identity:
+        rows["calibration off"] = {"calibration": Calibration()}
+    return rows
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: a model folder (``<repository>/<name>`` holding ``medssl.json``) and the
+    DetectionParams fields replaced for this row."""
+
+    name: str
+    model_dir: Path
+    params: Mapping[str, Any]
+
+
+def parse_variant(text: str) -> tuple[str, Path]:
+    """``"NAME=PATH"`` → ``(NAME, PATH)``; PATH must be a model folder with ``medssl.json``.
+
+    Raises:
+        argparse.ArgumentTypeError: no ``=``, an empty name, or no card at PATH.
+    """
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=PATH (a model folder)")
+    folder = Path(path).expanduser()
+    if not (folder / "medssl.json").is_file():
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: {folder} holds no medssl.json; give the model "
+                                         "folder, e.g. /tmp/run/model_repository/focalmix-nodules")
+    return name.strip(), folder
+
+
+def prepare_data(data: Path, *, cases: int, matrix: int, seed: int = 7000) -> dict[str, Any]:
+    """Generate the held-out-family LUNA16 test folder if missing; check it otherwise.
+
+    ``data/benchmark_data.json`` records how it was made; a folder made otherwise is an error.
+
+    Raises:
+        SystemExit: the folder exists with other settings.
+    """
+    from medssl.synth.datasets import write_chest_dataset
+
+    wanted = {"cases": cases, "matrix": matrix, "family": "heldout", "seed": seed}
+    record = data / "benchmark_data.json"
+    if record.is_file():
+        made = json.loads(record.read_text())
+        if made != wanted:
+            raise SystemExit(f"{data} was generated with {made}, not {wanted}: pass matching options or "
+                             "another --data folder")
+        return made
+    if (data / "annotations.csv").exists():
+        raise SystemExit(f"{data} holds a dataset without benchmark_data.json: pass another --data folder")
+    write_chest_dataset(data, cases=cases, matrix=matrix, seed=seed, family="heldout")
+    record.write_text(json.dumps(wanted, indent=2) + "\n")
+    return wanted
+
+
+def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_size: int,
+                  n_bootstrap: int, reliability: Path | None = None) -> dict[str, Any]:
+    """Score every scan of ``data`` with ``variant`` through the scoring pipeline; its row.
+
+    Returns:
+        ``cpm``, ``cpm_ci``, ``sensitivities`` (at :data:`~medssl.metrics.FP_RATES`),
+        ``sensitivity_at_1fp``, ``marks_per_scan`` (mean count at the operating point, and
+        ``marks_per_scan_max``), ``ece``, ``windows_per_scan`` (mean), ``seconds_per_scan``
+        (median), the threshold and its source, and counts.
+    """
+    runner = OnnxRunner.from_repository(variant.model_dir.parent, variant.model_dir.name, threads=threads)
+    card = runner.card
+    params = replace(card.detection_params(batch_size), **variant.params)
+    luna = Luna16(data)
+    items = build_manifest(data).items
+    predictions: list[Prediction] = []
+    marks, windows, seconds = [], [], []
+    threshold = card.report_threshold()
+    try:
+        for item in items:
+            start = time.perf_counter()
+            scored = infer(prepare(item, params), runner, card, params)
+            seconds.append(time.perf_counter() - start)
+            if scored.row["status"] != "ok":
+                raise RuntimeError(f"{variant.name}: scoring {item.key} failed: {scored.row.get('error')}")
+            windows.append(scored.row["n_windows"])
+            marks.append(sum(f["probability"] >= threshold.value for f in scored.findings))
+            predictions += [Prediction(item.key, (f["x_mm"], f["y_mm"], f["z_mm"]), f["probability"])
+                            for f in scored.findings]
+    finally:
+        runner.close()
+    uids = [item.key for item in items]
+    nodules = [f for u in uids for f in luna.annotations(u)]
+    excluded = [f for u in uids for f in luna.excluded(u)]
+    froc = evaluate_luna16(nodules, excluded, uids, predictions, n_bootstrap=n_bootstrap)
+    labels = label_candidates(nodules, excluded, uids, predictions)
+    counted = labels >= 0
+    probabilities = np.array([p.probability for p in predictions], dtype=float)[counted]
+    ece = expected_calibration_error(probabilities, labels[counted]) if counted.any() else float("nan")
+    if reliability is not None and counted.any():
+        reliability_diagram(probabilities, labels[counted], reliability, title=f"{variant.name}: reliability")
+    return {
+        "name": variant.name, "model": str(variant.model_dir), "model_version": card.version,
+        "params_changed": {k: _jsonable(v) for k, v in variant.params.items()},
+        "cpm": froc.cpm, "cpm_ci": list(froc.cpm_ci), "cpm_definition": froc.cpm_definition,
+        "sensitivities": list(froc.sensitivities), "sensitivity_at_1fp": froc.sensitivities[FP_RATES.index(1.0)],
+        "threshold": threshold.value, "threshold_source": threshold.source,
+        "marks_per_scan": statistics.mean(marks), "marks_per_scan_max": max(marks),
+        "ece": ece, "n_marks_labelled": int(counted.sum()), "n_true_marks": int(labels[counted].sum()),
+        "windows_per_scan": statistics.mean(windows), "seconds_per_scan": statistics.median(seconds),
+        "n_scans": froc.n_scans, "n_nodules": froc.n_nodules,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    return value.to_json() if hasattr(value, "to_json") else value
+
+
+def peer_timing(model_dir: Path, data: Path, *, scans: int, threads: int | None, batch_size: int) -> dict[str, Any]:
+    """Inference seconds per scan of the pipeline vs a plain onnxruntime loop over the same
+    windows of the same preprocessed scans (no lung mask: every window; medians over ``scans``)."""
+    runner = OnnxRunner.from_repository(model_dir.parent, model_dir.name, threads=threads)
+    card = runner.card
+    params = replace(card.detection_params(batch_size), lung_mask=False)
+    pipeline_s, plain_s = [], []
+    try:
+        for item in build_manifest(data).items[:scans]:
+            prepared = prepare(item, params)
+            scored = infer(prepared, runner, card, params)
+            pipeline_s.append(scored.row["inference_s"])
+            volume = prepared.volume
+            assert volume is not None
+            starts = plan_windows(volume.shape, params.window_shape, params.overlap)
+            start = time.perf_counter()
+            for i in range(0, len(starts), params.batch_size):
+                batch = np.stack([extract_window(volume.array, s, params.window_shape, params.intensity.pad_value)
+                                  for s in starts[i:i + params.batch_size]])[:, None]
+                runner(batch)
+            plain_s.append(time.perf_counter() - start)
+    finally:
+        runner.close()
+    pipe, plain = statistics.median(pipeline_s), statistics.median(plain_s)
+    return {"scans": len(pipeline_s), "pipeline_inference_s": pipe, "plain_onnxruntime_s": plain,
+            "ratio": pipe / plain}
+
+
+def report(rows: Sequence[dict[str, Any]], meta: Mapping[str, Any], peer: Mapping[str, Any] | None) -> str:
+    """The markdown table (and the peer timing)."""
+    title = "# Detector quality on the held-out generator family"
+    if meta["smoke"]:
+        title += " — SMOKE RUN, NOT A RESULT"
+    lines = [title, "",
+             f"Device: {meta['device']}; onnxruntime, {meta['threads'] or 'default'} thread(s); test set {meta['data']}: "
+             f"{meta['n_scans']} scans, {meta['n_nodules']} nodules, held-out family, matrix {meta['matrix']}. "
+             "CPM by the LUNA16 paper's exact rates, 95 % bootstrap over scans; marks: findings at or above the "
+             "card's operating point (what the SR carries); ECE over every mark, labelled by the LUNA16 matching.", "",
+             "| model | CPM | CPM 95 % CI | sens. @ 1 FP/scan | threshold | marks/scan (max) | ECE | windows/scan "
+             "| s/scan (median) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['cpm']:.3f} | [{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] | "
+                     f"{r['sensitivity_at_1fp']:.3f} | {r['threshold']:.3f} ({r['threshold_source']}) | "
+                     f"{r['marks_per_scan']:.1f} ({r['marks_per_scan_max']}) | {r['ece']:.3f} | "
+                     f"{r['windows_per_scan']:.0f} | {r['seconds_per_scan']:.1f} |")
+    if peer:
+        lines += ["", f"Peer timing (shipped model, every window, {peer['scans']} scans, medians): the pipeline's "
+                  f"inference {peer['pipeline_inference_s']:.2f} s/scan vs a plain onnxruntime loop over the same "
+                  f"windows {peer['plain_onnxruntime_s']:.2f} s/scan: ratio {peer['ratio']:.2f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "model_repository" / "focalmix-nodules",
+                        help="the shipped model's folder (holding medssl.json and version folders)")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME=PATH",
+                        help="a training-side ablation: another model folder (repeatable)")
+    parser.add_argument("--no-inference-ablations", action="store_true",
+                        help="skip the lung mask and calibration switches on the shipped model")
+    parser.add_argument("--data", type=Path, default=Path("/tmp/medssl-quality/heldout"))
+    parser.add_argument("--cases", type=int, default=MIN_CASES)
+    parser.add_argument("--matrix", type=int, default=MIN_MATRIX)
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--batch-size", type=int, default=2, help="windows per runner call")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--peer-scans", type=int, default=3, help="scans of the peer timing (0: none)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"allow fewer than {MIN_CASES} scans or a matrix below {MIN_MATRIX}")
+    parser.add_argument("--results", type=Path, default=RESULTS / "detector_quality.json")
+    args = parser.parse_args()
+    if (args.cases < MIN_CASES or args.matrix < MIN_MATRIX) and not args.smoke:
+        raise SystemExit(f"--cases {args.cases} / --matrix {args.matrix}: the acceptance test set is >= {MIN_CASES} "
+                         f"scans at {MIN_MATRIX}^2; pass --smoke for a smaller trial run")
+    if not (args.model / "medssl.json").is_file():
+        raise SystemExit(f"--model {args.model}: no medssl.json there; give a model folder of a repository")
+    prepare_data(args.data, cases=args.cases, matrix=args.matrix)
+    variants = [Variant("shipped", args.model, {})]
+    if not args.no_inference_ablations:
+        shipped = load_card(args.model / "medssl.json").detection_params(args.batch_size)
+        variants += [Variant(f"shipped, {name}", args.model, change)
+                     for name, change in inference_ablations(shipped).items()]
+    variants += [Variant(name, path, {}) for name, path in args.variant]
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for variant in variants:
+        print(f"== {variant.name}", flush=True)
+        diagram = args.results.with_name(args.results.stem + "_reliability.png") if variant.name == "shipped" else None
+        rows.append(score_variant(variant, args.data, threads=args.threads, batch_size=args.batch_size,
+                                  n_bootstrap=args.bootstrap, reliability=diagram))
+    peer = peer_timing(args.model, args.data, scans=args.peer_scans, threads=args.threads,
+                       batch_size=args.batch_size) if args.peer_scans > 0 else None
+    meta = {"device": cpu_device(), "threads": args.threads, "data": str(args.data), "matrix": args.matrix,
+            "n_scans": rows[0]["n_scans"], "n_nodules": rows[0]["n_nodules"], "generator_family": "heldout",
+            "smoke": args.smoke}
+    args.results.write_text(json.dumps({"meta": meta, "rows": rows, "peer": peer}, indent=2) + "\n")
+    text = report(rows, meta, peer)
+    args.results.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""benchmarks/focalmix_ssl.py: the plan, the fixed split, and the paired statistics, on hand-made
+FROC results (no training)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.focalmix_ssl import (
+    ABLATIONS,
+    CEILING,
+    FOCALMIX,
+    SUPERVISED,
+    ZERO_WEIGHT,
+    Run,
+    experiment,
+    plan,
+    pooled_paired_delta,
+    summarise,
+    verdict,
+)
+from medssl.datasets.luna16 import Finding
+from medssl.metrics import FrocResult, Prediction, evaluate_luna16, paired_bootstrap_cpm
+
+N_SCANS = 30
+
+
+def _system(found: np.ndarray, fp_score: float) -> FrocResult:
+    """One nodule per scan at the origin; the system marks it (score 0.9) where ``found``,
+    and puts one false positive of ``fp_score`` far away on every scan."""
+    uids = [f"scan{i:02d}" for i in range(N_SCANS)]
+    nodules = [Finding(u, (0.0, 0.0, 0.0), 10.0) for u in uids]
+    marks = [Prediction(u, (0.0, 0.0, 0.0), 0.9) for u, hit in zip(uids, found) if hit]
+    marks += [Prediction(u, (100.0, 0.0, 0.0), fp_score) for u in uids]
+    return evaluate_luna16(nodules, [], uids, marks, n_bootstrap=0)
+
+
+def _found(share: float, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(N_SCANS) < round(share * N_SCANS)
+
+
+def test_every_run_of_a_seed_trains_on_one_split_whatever_the_seed() -> None:
+    # issue 18: data.split_seed = seed mixed split noise into training noise.
+    settings = {"set": [], "split_seed": 0, "test_subsets": [7, 8, 9], "data_workers": 0, "config": "focalmix-cpu"}
+    configs = [experiment(settings, Run(SUPERVISED, "supervised-det", 5, seed, {}), steps=10, every=5)
+               for seed in (0, 3)]
+    assert [c.data.split_seed for c in configs] == [0, 0]
+    assert [c.seed for c in configs] == [0, 3]
+    assert configs[0].data.test_subsets == (7, 8, 9)
+
+
+def test_plan_pairs_both_methods_on_each_seed_and_adds_the_reference_arms() -> None:
+    runs = plan(labeled=[5, 10], seeds=[0, 1], ceiling_labeled=125, ablation_labeled=10, ablation_seeds=[0])
+    keys = [r.key for r in runs]
+    assert len(keys) == len(set(keys))
+    for n in (5, 10):
+        for seed in (0, 1):
+            arms = {r.name: r for r in runs if r.labeled == n and r.seed == seed}
+            assert {SUPERVISED, FOCALMIX, ZERO_WEIGHT} <= set(arms)
+            assert arms[ZERO_WEIGHT].overrides == {"focalmix.unlabeled_weight": 0.0}
+    assert [(r.labeled, r.seed) for r in runs if r.name == CEILING] == [(125, 0), (125, 1)]
+    assert {r.name for r in runs if r.labeled == 10 and r.seed == 0} >= set(ABLATIONS)
+    assert "FocalMix, object MixUp only" in ABLATIONS
+
+
+def test_pooled_delta_of_one_seed_is_the_paired_bootstrap() -> None:
+    a, b = _system(_found(0.9, 1), 0.5), _system(_found(0.6, 2), 0.5)
+    pooled = pooled_paired_delta([(a, b)], [0], n_bootstrap=300, seed=4)
+    paired = paired_bootstrap_cpm(a, b, n_bootstrap=300, seed=4)
+    assert pooled.delta == pytest.approx(paired.delta)
+    assert pooled.ci == pytest.approx(paired.ci)
+    assert pooled.per_seed == ((pytest.approx(paired.delta), pytest.approx(paired.ci)),)
+
+
+def test_pooled_interval_carries_the_seed_to_seed_spread() -> None:
+    # Seed 0: a clearly better; seed 1: clearly worse. Each paired interval excludes 0, the
+    # pooled mean is about 0 and its interval, which resamples seeds too, covers 0.
+    better = (_system(_found(0.95, 1), 0.5), _system(_found(0.4, 2), 0.5))
+    worse = (_system(_found(0.4, 3), 0.5), _system(_found(0.95, 4), 0.5))
+    pooled = pooled_paired_delta([better, worse], [0, 1], n_bootstrap=400, seed=0)
+    (d0, ci0), (d1, ci1) = pooled.per_seed
+    assert ci0[0] > 0 and ci1[1] < 0
+    assert pooled.delta == pytest.approx((d0 + d1) / 2)
+    assert pooled.ci[0] < 0 < pooled.ci[1]
+    assert pooled.ci[1] - pooled.ci[0] > max(ci0[1] - ci0[0], ci1[1] - ci1[0])
+
+
+def test_pooled_delta_refuses_runs_on_other_scans() -> None:
+    a = _system(_found(0.9, 1), 0.5)
+    uids = [f"other{i}" for i in range(N_SCANS)]
+    b = evaluate_luna16([], [], uids, [], n_bootstrap=0)
+    with pytest.raises(ValueError, match="same test scans"):
+        pooled_paired_delta([(a, b)], [0])
+    with pytest.raises(ValueError, match="one \\(method, baseline\\) pair per seed"):
+        pooled_paired_delta([(a, a)], [0, 1])
+
+
+def test_verdict_needs_an_interval_that_excludes_zero() -> None:
+    assert verdict((0.01, 0.2)) == "FocalMix better"
+    assert verdict((-0.2, -0.01)) == "supervised better"
+    assert verdict((-0.05, 0.1)) == "no difference shown"
+
+
+def test_summary_table_has_one_decisive_row_per_labeled_count() -> None:
+    frocs, records = {}, []
+    for seed in (0, 1):
+        for name, share in ((SUPERVISED, 0.4), (FOCALMIX, 0.95)):
+            result = _system(_found(share, 10 * seed + len(name)), 0.5)
+            run = Run(name, "x", 5, seed, {})
+            frocs[run.key] = result
+            records.append({"key": run.key, "name": name, "labeled": 5, "seed": seed, "cpm": result.cpm,
+                            "sensitivities": list(result.sensitivities), "cpm_ci": [0.0, 1.0], "wall_s": 1.0,
+                            "threads": 1})
+    text = summarise(records, frocs, ablation_labeled=None, n_bootstrap=200)
+    row = next(line for line in text.splitlines() if line.startswith("| 5 |"))
+    assert row.endswith("| FocalMix better |")
+    assert "(n=2)" in row
