@@ -361,8 +361,9 @@ def _prepared_lung_mask(prepared: Volume, params: DetectionParams) -> np.ndarray
     thresholds lie inside it (checked by :class:`DetectionParams`).
     """
     window = params.intensity
-    hu = (prepared.array.astype(np.float32) + 1.0) * ((window.hu_max - window.hu_min) / 2.0)
-    hu += window.hu_min
+    scale = np.float32((window.hu_max - window.hu_min) / 2.0)
+    hu = prepared.array * scale
+    hu += np.float32(window.hu_min + scale)
     return lung_mask(hu, prepared.spacing, params=params.lung_mask_params)
 
 

@@ -154,9 +154,7 @@ def lung_mask(
     for lung in lungs:
         mask |= _close(lung, work_spacing, params.closing_mm)
     mask = ndimage.binary_fill_holes(mask)
-    if params.margin_mm > 0:
-        mask = ndimage.distance_transform_edt(~mask, sampling=work_spacing) <= params.margin_mm
-    return _upsample(mask, factors, hu.shape)
+    return _upsample(_dilate(mask, work_spacing, params.margin_mm), factors, hu.shape)
 
 
 def _inputs(volume_hu: Volume | np.ndarray, spacing: Sequence[float] | None) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -191,21 +189,36 @@ def _block_mean(array: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
         out = np.add.reduceat(out, starts, axis=axis)
         shape = [1, 1, 1]
         shape[axis] = len(starts)
-        out = (out / counts.reshape(shape)).astype(np.float32)
+        out /= counts.reshape(shape).astype(np.float32)
     if not np.all(np.isfinite(out)):
         raise ValueError("lung_mask needs finite HU values; the volume holds NaN or inf")
     return out
 
 
 def _outside_body(labels: np.ndarray, air_ids: np.ndarray, spacing: np.ndarray, gap_mm: float) -> np.ndarray:
-    """Labels of the components within ``gap_mm`` of the air touching the in-plane border."""
-    rim = np.concatenate([labels[:, [0, -1], :].ravel(), labels[:, :, [0, -1]].ravel()])
+    """Labels of the non-air components that touch the in-plane border within ``gap_mm`` of
+    outside air (the air components touching that border).
+
+    Each is tested in its own bounding box grown by the gap, so the cost follows those
+    components (the table: a thin slab), not the scan.
+    """
+    rim = np.unique(np.concatenate([labels[:, [0, -1], :].ravel(), labels[:, :, [0, -1]].ravel()]))
     outside_air = np.intersect1d(air_ids, rim)
-    if len(outside_air) == 0:  # no outside air: a targeted reconstruction
-        return outside_air
-    distance = ndimage.distance_transform_edt(~np.isin(labels, outside_air), sampling=spacing)
-    near = np.unique(labels[distance <= gap_mm])
-    return near[near > 0]
+    touching = np.setdiff1d(rim[rim > 0], air_ids)
+    if len(outside_air) == 0 or len(touching) == 0:  # e.g. a targeted reconstruction
+        return np.zeros(0, dtype=np.int64)
+    pad = [int(math.ceil(gap_mm / s)) + 1 for s in spacing]
+    boxes = ndimage.find_objects(labels)
+    near = []
+    for index in touching:
+        box = tuple(slice(max(b.start - p, 0), b.stop + p) for b, p in zip(boxes[index - 1], pad))
+        crop = labels[box]
+        air = np.isin(crop, outside_air)
+        if air.any():
+            distance = ndimage.distance_transform_edt(~air, sampling=spacing)
+            if np.any(distance[crop == index] <= gap_mm):
+                near.append(index)
+    return np.asarray(near, dtype=np.int64)
 
 
 def _airways(coarse: np.ndarray, candidates: np.ndarray, air_hu: float) -> np.ndarray:
@@ -232,6 +245,18 @@ def _largest_components(candidates: np.ndarray, voxel_ml: float, params: LungMas
                 and sizes[second] * voxel_ml >= params.min_volume_ml):
             kept.append(second)
     return [labels == index + 1 for index in kept]
+
+
+def _dilate(mask: np.ndarray, spacing: np.ndarray, radius_mm: float) -> np.ndarray:
+    """Dilation of ``mask`` by a ball of ``radius_mm`` (exact Euclidean, mm), in its grown bounding box."""
+    if radius_mm <= 0 or not mask.any():
+        return mask
+    pad = [int(math.ceil(radius_mm / s)) + 1 for s in spacing]
+    (box,) = ndimage.find_objects(mask.astype(np.uint8))
+    grown = tuple(slice(max(b.start - p, 0), b.stop + p) for b, p in zip(box, pad))
+    out = np.zeros_like(mask)
+    out[grown] = ndimage.distance_transform_edt(~mask[grown], sampling=spacing) <= radius_mm
+    return out
 
 
 def _close(mask: np.ndarray, spacing: np.ndarray, radius_mm: float) -> np.ndarray:
