@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from torch import nn
 
+from medssl.detection import AnchorGrid, AnchorSpec
 from medssl.pipeline import Intensity
 from medssl.training import det_trainer
 from medssl.training.batchnorm import inference_windows, reestimate_batchnorm
@@ -72,3 +75,130 @@ def test_every_seed_trains_on_the_same_split(luna, tmp_path):  # noqa: F811
     splits = [json.loads((tmp_path / f"s{seed}" / "split.json").read_text()) for seed in (0, 3)]
     assert splits[0] == splits[1]
     assert tiny_config("supervised-det", "seed=5").data.split_seed == 0
+
+
+# --- hard negatives (item 2 / 5d) and candidate-centred unlabeled crops (5e) -------------------
+
+def _scans(n: int = 2, shape: tuple[int, int, int] = (40, 64, 64)) -> list:
+    from medssl.training.cache import CachedVolume
+    from medssl.training.det_data import ScanBoxes
+
+    rng = np.random.default_rng(0)
+    scans = []
+    for i in range(n):
+        volume = CachedVolume(rng.normal(size=shape).astype(np.float32), np.eye(4), f"s{i}")
+        scans.append(ScanBoxes(volume, np.array([[20.0, 30.0, 30.0, 6.0]], dtype=np.float32)))
+    return scans
+
+
+def _crop_holds(start: np.ndarray, centre: np.ndarray, patch: int, margin: float) -> bool:
+    return bool(np.all(centre - start >= margin - 1) and np.all(start + patch - 1 - centre >= margin - 1))
+
+
+def test_labeled_crops_centre_on_hard_negatives_as_a_pure_function_of_seed_index_and_list():
+    from medssl.training.det_data import LabeledPatches
+
+    grid = AnchorGrid.build(AnchorSpec(), (32, 32, 32))
+    scans = _scans()
+    negatives = [np.array([[10.0, 50.0, 12.0]], np.float32), np.zeros((0, 3), np.float32)]
+    plain = LabeledPatches(scans, grid, 0.5, False, -1.0, 7)
+    off = LabeledPatches(scans, grid, 0.5, False, -1.0, 7, hard_negatives=negatives, hard_negative_fraction=0.0)
+    mined = LabeledPatches(scans, grid, 0.5, False, -1.0, 7, hard_negatives=negatives, hard_negative_fraction=0.3)
+    again = LabeledPatches(scans, grid, 0.5, False, -1.0, 7, hard_negatives=[n.copy() for n in negatives],
+                           hard_negative_fraction=0.3)
+    negative = scans[0].volume.array[5:15, 45:55, 7:17]  # voxels around the negative
+    on_negative = 0
+    for index in range(200):
+        a, b = plain[index], mined[index]
+        torch.testing.assert_close(off[index]["image"], a["image"])  # fraction 0 = the plain stream
+        torch.testing.assert_close(again[index]["image"], b["image"])  # same (seed, index, list)
+        image = b["image"][0].numpy()
+        hits = [(z, y, x) for z in range(0, 33 - 10) for y in range(0, 33 - 10) for x in range(0, 33 - 10)
+                if np.array_equal(image[z:z + 10, y:y + 10, x:x + 10], negative)]
+        on_negative += bool(hits)
+    # 30 % centred on the negative (plus the few random crops that happen to hold it)
+    assert 0.2 < on_negative / 200 < 0.45
+    with pytest.raises(ValueError, match="hard_negative_fraction"):
+        LabeledPatches(scans, grid, 0.8, hard_negatives=negatives, hard_negative_fraction=0.3)
+
+
+def test_unlabeled_crops_centre_on_candidates_with_jitter():
+    from medssl.training.det_data import UnlabeledPatches
+
+    volumes = [s.volume for s in _scans(3)]
+    candidates = [np.zeros((0, 3), np.float32), np.array([[20.0, 40.0, 25.0]], np.float32),
+                  np.zeros((0, 3), np.float32)]
+    plain = UnlabeledPatches(volumes, 32, -1.0, 3)
+    centred = UnlabeledPatches(volumes, 32, -1.0, 3, candidates=candidates, candidate_fraction=0.5)
+    on, starts = 0, set()
+    for index in range(200):
+        item = centred[index]
+        assert torch.equal(item["image"], centred[index]["image"])
+        start = item["start"].numpy()
+        if int(item["case"]) == 1 and _crop_holds(start, candidates[1][0], 32, 8):
+            on += 1
+            starts.add(tuple(start))
+    assert 0.45 < on / 200 < 0.75  # half centred, plus random crops of scan 1 that hold it
+    assert len(starts) > 10  # jittered, not one fixed crop
+    assert torch.equal(UnlabeledPatches(volumes, 32, -1.0, 3, candidates=candidates,
+                                        candidate_fraction=0.0)[5]["image"], plain[5]["image"])
+
+
+def test_hard_negatives_keep_away_from_nodules_and_excluded_findings():
+    from medssl.training.det_mining import hard_negatives, refresh_scans
+
+    candidates = np.array([[10, 10, 10, 0.9], [30, 30, 30, 0.8], [50, 50, 50, 0.7], [12, 40, 40, 0.6]], np.float32)
+    nodules = np.array([[10, 12, 10, 6]], np.float32)  # 2 mm from the first candidate
+    excluded = np.array([[30, 30, 45, 20]], np.float32)  # 15 mm from the second, diameter 20 mm
+    kept = hard_negatives(candidates, nodules, excluded, spacing_mm=1.0)
+    np.testing.assert_array_equal(kept, candidates[2:, :3])
+    assert refresh_scans(5, 2, 0) == [0, 1] and refresh_scans(5, 2, 2) == [4, 0]
+    assert refresh_scans(5, 0, 3) == list(range(5)) and refresh_scans(3, 8, 1) == [0, 1, 2]
+
+
+def test_pseudo_precision_counts_guessed_objects_on_true_nodules():
+    from medssl.training.det_mining import NoduleTruth
+
+    truth = NoduleTruth([np.array([[10, 10, 10, 8]], np.float32), None])
+    assert truth.hits(0, np.array([[12, 10, 10], [20, 10, 10]])).tolist() == [True, False]
+    assert truth.precision({0: np.array([[12, 10, 10], [20, 10, 10]]), 1: np.zeros((3, 3))}) == (1, 2)
+    with pytest.raises(ValueError, match="unknown"):
+        truth.hits(1, np.zeros((1, 3)))
+
+
+def test_mining_runs_logs_checkpoints_its_lists_and_resume_continues_the_same_stream(luna, tmp_path,  # noqa: F811
+                                                                                     monkeypatch):
+    """FocalMix with hard negatives and candidate-centred unlabeled crops: mined at step 2,
+    saved in the checkpoint; a run stopped at step 3 and resumed ends with the same weights."""
+    extra = ("optim.steps=4", "eval.every=2", "data.test_subsets=[]", "focalmix.k=2", "eval.bn_windows=8",
+             "data.hard_negative_fraction=0.5", "focalmix.candidate_fraction=0.5",
+             "eval.score_threshold=0.0", "focalmix.object_threshold=0.0")
+    cfg = tiny_config("focalmix", *extra)
+    train_detector(cfg, luna, tmp_path / "straight", n_labeled=3, n_unlabeled=2, device="cpu")
+    state = torch.load(tmp_path / "straight" / "checkpoints" / "step_00000002.pt", weights_only=False)
+    assert state["mined"]["hard_negatives"]["version"] == 1
+    assert state["mined"]["unlabeled_candidates"]["version"] == 1
+    assert sum(len(c) for c in state["mined"]["unlabeled_candidates"]["centres"]) > 0
+    assert sum(len(c) for c in state["mined"]["hard_negatives"]["centres"]) > 0
+    logged = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert any("mining/candidate_precision" in r for r in logged)  # the synthetic pool's hidden truth
+    assert any("pseudo_objects" in r for r in logged)
+
+    real = det_trainer.focalmix_step
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        losses = real(*args, **kwargs)
+        if calls["n"] == 4:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(det_trainer, "focalmix_step", poisoned)
+    with pytest.raises(det_trainer.TrainingDivergedError):
+        train_detector(cfg, luna, tmp_path / "resumed", n_labeled=3, n_unlabeled=2, device="cpu")
+    monkeypatch.setattr(det_trainer, "focalmix_step", real)
+    train_detector(cfg, luna, tmp_path / "resumed", n_labeled=3, n_unlabeled=2, resume=True, device="cpu")
+    straight, resumed = checkpoint(tmp_path / "straight")["model"], checkpoint(tmp_path / "resumed")["model"]
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, msg=f"{name} differs after resume")

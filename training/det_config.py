@@ -34,6 +34,12 @@ class DataConfig:
             ``<data>/unlabeled`` is always included when it exists.
         cache_dir: preprocessed-volume cache; default ``$MEDSSL_CACHE`` or ``~/.cache/medssl``.
         workers: DataLoader worker processes per loader.
+        hard_negative_fraction: share of labeled crops centred on hard negatives: candidates
+            the current model finds on the labeled training scans away from every nodule and
+            excluded finding, mined at every validation round (:mod:`medssl.training.det_mining`);
+            random crops until the first round. 0: off (the ablation; the paper has none).
+        hard_negatives_per_scan: the best candidates of a scan kept as hard negatives at most.
+        hard_negative_scans: labeled scans mined per round, in turn (0: all of them).
     """
 
     spacing_mm: float = 1.0
@@ -47,8 +53,17 @@ class DataConfig:
     unlabeled_dirs: tuple[str, ...] = ()
     cache_dir: str | None = None
     workers: int = 4
+    hard_negative_fraction: float = 0.0
+    hard_negatives_per_scan: int = 8
+    hard_negative_scans: int = 0
 
     def __post_init__(self) -> None:
+        if not (0 <= self.hard_negative_fraction and self.positive_fraction + self.hard_negative_fraction <= 1):
+            raise ValueError(f"need hard_negative_fraction >= 0 and positive_fraction + hard_negative_fraction <= 1, "
+                             f"got {self.positive_fraction} + {self.hard_negative_fraction}")
+        if self.hard_negatives_per_scan < 1 or self.hard_negative_scans < 0:
+            raise ValueError(f"need hard_negatives_per_scan >= 1 and hard_negative_scans >= 0, got "
+                             f"{self.hard_negatives_per_scan}, {self.hard_negative_scans}")
         if self.spacing_mm <= 0 or self.patch < 16:
             raise ValueError(f"need spacing_mm > 0 and patch >= 16, got {self.spacing_mm}, {self.patch}")
         if not 0 <= self.positive_fraction <= 1:
@@ -102,6 +117,13 @@ class FocalMixConfig:
             not give it; SFL on mixed targets has the labeled loss's scale, so 1.0.
         rampup_fraction: linear ramp-up of that weight over this share of the steps
             (MixMatch ramps linearly; the paper does not say over how long).
+        candidate_fraction: share of unlabeled crops centred (with jitter) on candidates the
+            current model finds on the unlabeled scans, refreshed at every validation round;
+            random crops until the first round. 0: random crops only (the paper's sampling;
+            its unlabeled NLST scans were pre-selected by a detector, §4.4).
+        candidates_per_scan: the best candidates of an unlabeled scan kept at most.
+        candidate_scans: unlabeled scans searched per refresh, in turn (bounds the cost;
+            0: all of them).
     """
 
     k: int = 4
@@ -114,8 +136,14 @@ class FocalMixConfig:
     object_memory_stride: int = 8
     unlabeled_weight: float = 1.0
     rampup_fraction: float = 0.3
+    candidate_fraction: float = 0.0
+    candidates_per_scan: int = 8
+    candidate_scans: int = 16
 
     def __post_init__(self) -> None:
+        if not 0 <= self.candidate_fraction <= 1 or self.candidates_per_scan < 1 or self.candidate_scans < 0:
+            raise ValueError(f"need candidate_fraction in [0, 1], candidates_per_scan >= 1 and candidate_scans >= 0, "
+                             f"got {self.candidate_fraction}, {self.candidates_per_scan}, {self.candidate_scans}")
         if not 1 <= self.k <= 48:
             raise ValueError(f"k must be in 1..48 (the cube group has 48 elements), got {self.k}")
         if self.temperature <= 0 or self.eta <= 0:
@@ -147,6 +175,10 @@ class EvalConfig:
         score_threshold, nms_iou, max_detections: post-processing; LUNA16 keeps at most
             100 marks per scan.
         bootstrap: bootstrap samples of the test CPM confidence interval.
+        lung_mask: validation and test inference skip windows without lung and drop findings
+            outside it (:attr:`medssl.pipeline.detect.DetectionParams.lung_mask`); the
+            BatchNorm windows (``bn_windows``) are then drawn among the windows touching the
+            lung mask, as inference runs only those.
         bn_windows: before every validation and checkpoint, the BatchNorm running statistics
             are re-estimated (cumulative average) on this many sliding windows of the labeled
             training scans, drawn as inference draws them (same window and overlap; a fixed,
@@ -163,6 +195,7 @@ class EvalConfig:
     nms_iou: float = 0.1
     max_detections: int = 100
     bootstrap: int = 1000
+    lung_mask: bool = False
     bn_windows: int = 64
 
     def __post_init__(self) -> None:

@@ -59,6 +59,7 @@ def detection_params(cfg: DetectionExperiment, batch_size: int = 2) -> Detection
         score_threshold=cfg.eval.score_threshold,
         nms_iou=cfg.eval.nms_iou,
         max_detections=cfg.eval.max_detections,
+        lung_mask=cfg.eval.lung_mask,
     )
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from medssl.detection import CUBE_GROUP, AnchorGrid
+from medssl.detection import CUBE_GROUP, AnchorGrid, CubeSymmetry
 from medssl.training.det_config import DetectionExperiment
+from medssl.training.det_mining import NoduleTruth
 from medssl.training.detector import flatten_levels
 from medssl.training.distributed import all_gather_cat
 from medssl.training.focalmix import (
@@ -90,6 +91,22 @@ def _boxes(batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
     return [b[:n] for b, n in zip(boxes, counts)]
 
 
+def _pseudo_precision(found: list[np.ndarray], elements: list[CubeSymmetry], unlabeled: dict[str, torch.Tensor],
+                      truth: NoduleTruth, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Guessed objects (cubes in the augmented crops' frames) mapped back to their scans and
+    checked against the hidden truth."""
+    centres: dict[int, list[np.ndarray]] = {}
+    cases, starts = unlabeled["case"].cpu().numpy(), unlabeled["start"].cpu().numpy()
+    for boxes, g, case, start in zip(found, elements, cases, starts):
+        back = g.inverse().apply_points(boxes[:, :3], shape) + start
+        centres.setdefault(int(case), []).append(back)
+    hits, total = truth.precision({c: np.concatenate(v) for c, v in centres.items()})
+    stats = {"pseudo_objects": torch.tensor(float(total))}
+    if total:
+        stats["pseudo_precision"] = torch.tensor(hits / total)
+    return stats
+
+
 def focalmix_step(
     model: nn.Module,
     raw_model: nn.Module,
@@ -100,6 +117,7 @@ def focalmix_step(
     cfg: DetectionExperiment,
     rng: np.random.Generator,
     objects: CPLObjectSelection | None = None,
+    truth: NoduleTruth | None = None,
 ) -> dict[str, torch.Tensor]:
     """One FocalMix step: guess, augment, MixUp (image then object level), SFL.
 
@@ -114,6 +132,10 @@ def focalmix_step(
         rng: this step's random generator.
         objects: CPL object selection (``focalmix.object_policy: flexmatch``), updated in
             place; None: FocalMix's fixed ``object_threshold``.
+        truth: the unlabeled scans' hidden nodules, for diagnostics only (needs ``"case"`` and
+            ``"start"``): adds ``"pseudo_objects"`` (guessed objects of this batch on scans
+            with a known truth) and, when there are any, ``"pseudo_precision"`` (their share
+            lying on a true nodule). Nothing trained depends on it.
 
     Returns:
         ``{"loss", "cls", "box", "unlabeled", "normaliser", "weight", "guessed_positives"}``
@@ -163,6 +185,11 @@ def focalmix_step(
         boxes = _boxes(batch) + found
         # λ̃ >= 0.5: a mixed image's objects are those of its dominant (first) source.
         mixed = object_mixup(mixed, boxes, images, boxes, fm.eta, rng)
+
+    if truth is not None:
+        if not fm.object_mixup:
+            found = objects_from_targets(mean, grid, fm.object_threshold)
+        stats.update(_pseudo_precision(found, g_u, unlabeled, truth, tuple(u.shape[2:])))
 
     out = flatten_levels(model(mixed)).float()
     weight = unlabeled_weight(step, cfg)

@@ -33,12 +33,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from medssl.config import config_to_dict, dump_config
-from medssl.datasets.luna16 import Finding
+from medssl.datasets.luna16 import Finding, read_findings
 from medssl.datasets.splits import write_split
 from medssl.detection import AnchorGrid
 from medssl.errors import MedsslError, VolumeReadError
 from medssl.metrics import plot_froc, write_predictions
 from medssl.pipeline import Intensity
+from medssl.pipeline.detect import _prepared_lung_mask, _touches
 from medssl.training.batchnorm import inference_windows, reestimate_batchnorm
 from medssl.training.cache import CachedVolume, VolumeCache
 from medssl.training.checkpoint import CheckpointManager, resume_from_last, rng_state
@@ -46,7 +47,8 @@ from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_data import IndexStream, LabeledPatches, ScanBoxes, UnlabeledPatches
 from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
 from medssl.training.det_operating import write_operating_point
-from medssl.training.det_scans import DetectionSplit, ScanSource, split_luna16
+from medssl.training.det_mining import CandidateLists, NoduleTruth, hard_negatives, refresh_scans, scan_candidates
+from medssl.training.det_scans import DetectionSplit, ScanSource, _folder_sources, split_luna16
 from medssl.training.det_steps import focalmix_step, supervised_step
 from medssl.training.detector import FPNDetector
 from medssl.training.distributed import DistEnv, cleanup, init_distributed, unwrap, wrap_ddp
@@ -124,9 +126,11 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
            cfg: DetectionExperiment, step: int, provenance: dict[str, Any],
-           metrics: dict[str, float] | None, objects: CPLObjectSelection | None) -> dict[str, Any]:
+           metrics: dict[str, float] | None, objects: CPLObjectSelection | None,
+           mined: dict[str, CandidateLists]) -> dict[str, Any]:
     """A checkpoint; ``provenance`` and ``metrics`` (validation at this step) go to model cards;
-    ``threshold``: the CPL object selection's memory (None without CPL)."""
+    ``threshold``: the CPL object selection's memory (None without CPL); ``mined``: the hard
+    negatives and unlabeled crop centres the following steps sample from."""
     return {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -138,7 +142,52 @@ def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
         "provenance": provenance,
         "metrics": dict(metrics or {}),
         "threshold": objects.state_dict() if objects is not None else None,
+        "mined": {name: lists.state_dict() for name, lists in mined.items()},
     }
+
+
+def _unlabeled_truth(data: Path, split: DetectionSplit, unlabeled: list[CachedVolume],
+                     spacing_mm: float) -> NoduleTruth | None:
+    """The hidden nodules of the unlabeled scans, for diagnostics only: ``<data>/unlabeled/
+    truth_annotations.csv`` (``medssl synth chest`` writes it) for the scans of that folder, the
+    annotations of the leftover LUNA16 pool for those. None when no scan's truth is known."""
+    folder = data / "unlabeled"
+    truth_file = folder / "truth_annotations.csv"
+    known: dict[str, list[Finding]] = {}
+    if truth_file.is_file():
+        known = {source.key: [] for source in _folder_sources(folder)}
+        for finding in read_findings(truth_file):
+            known.setdefault(finding.seriesuid, []).append(finding)
+    for uid in split.split.unlabeled:
+        known[uid] = split.nodules(uid)
+    nodules = [_scan_boxes(v, known[v.key], spacing_mm).boxes if v.key in known else None for v in unlabeled]
+    return NoduleTruth(nodules) if any(n is not None for n in nodules) else None
+
+
+def _mine(model: torch.nn.Module, volumes: list[CachedVolume], scans: list[int], cfg: DetectionExperiment,
+          device: torch.device, top_k: int) -> dict[int, np.ndarray]:
+    """The current weights' best ``top_k`` candidates ``(M, 4)`` (z, y, x voxels, probability) on
+    the scans ``scans`` of ``volumes``, through the shared pipeline (validation's parameters)."""
+    runner = TorchDetectionRunner(unwrap(model), cfg.window, device, cfg.amp)
+    params = detection_params(cfg)
+    found = {i: scan_candidates(runner, volumes[i], params, top_k=top_k) for i in scans}
+    unwrap(model).train()
+    return found
+
+
+def _statistics_windows(labeled: list[ScanBoxes], cfg: DetectionExperiment) -> list[tuple[int, tuple[int, int, int]]]:
+    """The windows BatchNorm statistics are re-estimated on (``eval.bn_windows``): sliding windows
+    of the labeled scans, those touching the lung mask when inference uses it."""
+    if not cfg.eval.bn_windows:
+        return []
+    keep = None
+    if cfg.eval.lung_mask:
+        params = detection_params(cfg)
+        masks = [_prepared_lung_mask(s.volume.to_volume(), params) for s in labeled]
+        # a scan where no lung is found is run whole by inference (detect_preprocessed)
+        keep = lambda i, start: not masks[i].any() or _touches(masks[i], start, params.window_shape)  # noqa: E731
+    return inference_windows([s.volume.array.shape for s in labeled], window=cfg.window, overlap=cfg.eval.overlap,
+                             count=cfg.eval.bn_windows, seed=cfg.seed, keep=keep)
 
 
 def _validate(model: torch.nn.Module, split: DetectionSplit, volumes: dict[str, CachedVolume],
@@ -224,6 +273,13 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
     labeled = [_scan_boxes(cache.get(u, split.source(u).load), split.nodules(u), d.spacing_mm) for u in split.labeled]
     validation = {u: cache.get(u, split.source(u).load) for u in split.validation}
     unlabeled = _readable(cache, split.unlabeled)
+    mine_negatives = d.hard_negative_fraction > 0
+    mine_unlabeled = semi and cfg.focalmix.candidate_fraction > 0
+    excluded = ([_scan_boxes(s.volume, split.luna.excluded(u), d.spacing_mm).boxes
+                 for s, u in zip(labeled, split.labeled)] if mine_negatives else [])
+    truth = _unlabeled_truth(data, split, unlabeled, d.spacing_mm) if semi else None
+    mined = {"hard_negatives": CandidateLists.empty(len(labeled)),
+             "unlabeled_candidates": CandidateLists.empty(len(unlabeled))}
     provenance = {"method": cfg.method, "data": str(data.resolve()), "n_labeled": len(split.labeled),
                   "n_unlabeled": len(unlabeled), "n_validation": len(split.validation)}
 
@@ -245,21 +301,31 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
                                   "focalmix.object_policy fixed?); resume with the run's own config")
             objects.load_state_dict(state["threshold"])
         start = int(state["step"])
+        saved = state.get("mined") or {}
+        sizes = {"hard_negatives": len(labeled), "unlabeled_candidates": len(unlabeled)}
+        mined.update({name: CandidateLists.from_state(saved[name], sizes[name]) for name in mined if name in saved})
     model = wrap_ddp(model, env)
     model.train()
 
     steps = cfg.optim.steps
     batch = cfg.optim.batch_size
-    labeled_stream = _loader(LabeledPatches(labeled, grid, d.positive_fraction, True, pad, cfg.seed),
-                             batch, start, steps - start, cfg, env)
-    unlabeled_stream = (
-        _loader(UnlabeledPatches(unlabeled, d.patch, pad, cfg.seed), batch, start, steps - start, cfg, env)
-        if semi else None
-    )
+
+    def labeled_loader(first: int) -> Iterator[dict[str, torch.Tensor]]:
+        # samples are a pure function of (seed, index, mined list): rebuilt when the list changes
+        patches = LabeledPatches(labeled, grid, d.positive_fraction, True, pad, cfg.seed,
+                                 hard_negatives=mined["hard_negatives"].centres,
+                                 hard_negative_fraction=d.hard_negative_fraction)
+        return _loader(patches, batch, first, steps - first, cfg, env)
+
+    def unlabeled_loader(first: int) -> Iterator[dict[str, torch.Tensor]]:
+        patches = UnlabeledPatches(unlabeled, d.patch, pad, cfg.seed, candidates=mined["unlabeled_candidates"].centres,
+                                   candidate_fraction=cfg.focalmix.candidate_fraction)
+        return _loader(patches, batch, first, steps - first, cfg, env)
+
+    labeled_stream = labeled_loader(start)
+    unlabeled_stream = unlabeled_loader(start) if semi else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dev.type == "cuda" else nullcontext()
-    statistics_windows = (inference_windows([s.volume.array.shape for s in labeled], window=cfg.window,
-                                            overlap=cfg.eval.overlap, count=cfg.eval.bn_windows, seed=cfg.seed)
-                          if cfg.eval.bn_windows else [])
+    statistics_windows = _statistics_windows(labeled, cfg)
     with TrainLogger(out, steps, enabled=env.is_main) as logger:
         for step in range(start, steps):
             rng = np.random.default_rng([cfg.seed, 3, step, env.rank])
@@ -267,7 +333,7 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
             with amp:
                 if unlabeled_stream is not None:
                     losses = focalmix_step(model, unwrap(model), labeled_batch, _to(next(unlabeled_stream), dev),
-                                           grid, step, cfg, rng, objects)
+                                           grid, step, cfg, rng, objects, truth)
                 else:
                     losses = supervised_step(model, labeled_batch, cfg)
             loss = losses["loss"]
@@ -286,18 +352,41 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
             logger.log(step + 1, lr=scheduler.get_last_lr()[0], **scalars)
             logger.advance(step + 1, loss=scalars["loss"])
             if (step + 1) % cfg.eval.every == 0 or step + 1 == steps:
-                if env.is_main and statistics_windows:
-                    # the statistics validation, the checkpoint and the export use (DDP broadcasts
-                    # rank 0's buffers to the other ranks at the next forward pass)
+                if statistics_windows:
+                    # the statistics validation, mining, the checkpoint and the export use; every
+                    # rank computes the same (same weights, same windows), so mining agrees
                     with amp:
                         reestimate_batchnorm(unwrap(model), [s.volume.array for s in labeled], statistics_windows,
                                              window=cfg.window, pad_value=pad, batch_size=batch, device=dev)
                 metrics = _validate(model, split, validation, cfg, dev) if (validation and env.is_main) else None
+                round_index, more = (step + 1) // cfg.eval.every, step + 1 < steps
+                mining: dict[str, float] = {}
+                if mine_negatives and more:
+                    scans = refresh_scans(len(labeled), d.hard_negative_scans, round_index)
+                    found = _mine(model, [s.volume for s in labeled], scans, cfg, dev, d.hard_negatives_per_scan)
+                    mined["hard_negatives"] = mined["hard_negatives"].replace(
+                        {i: hard_negatives(c, labeled[i].boxes, excluded[i], spacing_mm=d.spacing_mm)
+                         for i, c in found.items()})
+                    mining["hard_negatives"] = float(sum(len(c) for c in mined["hard_negatives"].centres))
+                    labeled_stream = labeled_loader(step + 1)
+                if mine_unlabeled and more:
+                    scans = refresh_scans(len(unlabeled), cfg.focalmix.candidate_scans, round_index)
+                    found = _mine(model, unlabeled, scans, cfg, dev, cfg.focalmix.candidates_per_scan)
+                    mined["unlabeled_candidates"] = mined["unlabeled_candidates"].replace(
+                        {i: c[:, :3] for i, c in found.items()})
+                    mining["unlabeled_candidates"] = float(sum(len(c) for c in found.values()))
+                    if truth is not None:  # diagnostics only
+                        hits, total = truth.precision({i: c[:, :3] for i, c in found.items()})
+                        if total:
+                            mining["candidate_precision"] = hits / total
+                    unlabeled_stream = unlabeled_loader(step + 1)
                 if env.is_main:
                     if metrics:
                         logger.log(step + 1, **{f"val/{k}": v for k, v in metrics.items()})
+                    if mining:
+                        logger.log(step + 1, **{f"mining/{k}": v for k, v in mining.items()})
                     manager.save(_state(model, optimizer, scheduler, cfg, step + 1, provenance, metrics,
-                                        objects), step + 1, metrics)
+                                        objects, mined), step + 1, metrics)
     if not env.is_main:
         return DetectionRun(out, manager.latest() or out, None, None)
     best = manager.best() or manager.latest()
