@@ -21,7 +21,9 @@ Choices the paper leaves open (documented in README "FocalMix" and the model car
   passes never move the statistics inference uses (issue 18: they did, and cost CPM).
 * The guessed targets of an unlabeled patch are carried through the random group
   element that augments it for training (MixMatch trains on augmented unlabeled data).
-* Image MixUp: one λ per step, as the official MixMatch code draws it. Ignored anchors
+* Image MixUp: one λ per step, as the common PyTorch MixMatch code draws it (the official
+  TensorFlow code, google-research/mixmatch ``MixMode.augment_pair``, draws one per sample;
+  the paper's eq. 10-13 do not say). Ignored anchors
   (IoU in [0.1, 0.3]) stay ignored after mixing if either source ignores them.
   Box regression is trained only on the labeled half, on the positive anchors of the
   dominant (λ̃ >= 0.5) image with its own box targets; guessed targets carry no boxes.
