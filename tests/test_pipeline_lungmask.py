@@ -228,3 +228,26 @@ def test_old_cards_read_with_the_mask_off_and_the_identity_calibration():
     assert DetectionParams.from_json(json.loads(json.dumps(new.to_json()))) == new
     with pytest.raises(ValueError, match=r"DetectionParams.calibration: Calibration.a must be > 0.*-1.0"):
         DetectionParams.from_json({**old, "calibration": {"method": "platt", "a": -1.0, "b": 0.0}})
+
+
+def phantom_with_table() -> tuple[np.ndarray, np.ndarray]:
+    """Air, a soft-tissue body with one block of lung (-850 HU, 216 mL), and under it a
+    table whose foam core (-880 HU, larger than the lung) spans the field between two
+    +300 HU shells. 2 mm voxels. Returns (HU, lung truth)."""
+    hu = np.full((40, 100, 100), -1000.0, np.float32)
+    _, y, x = np.ogrid[:40, :100, :100]
+    hu[:, (((y - 45) / 38.0) ** 2 + ((x - 50) / 45.0) ** 2 <= 1)[0]] = 40.0
+    lung = np.zeros(hu.shape, bool)
+    lung[5:35, 30:60, 35:65] = True
+    hu[lung] = -850.0
+    hu[:, 86:88] = 300.0
+    hu[:, 88:96] = -880.0
+    hu[:, 96:98] = 300.0
+    return hu, lung
+
+
+def test_a_table_foam_core_near_outside_air_is_not_taken_for_a_lung():
+    hu, lung = phantom_with_table()
+    mask = lung_mask(hu, (2.0, 2.0, 2.0), params=TIGHT)
+    assert not mask[:, 88:96].any()
+    assert dice(mask, lung) > 0.95
