@@ -7,8 +7,9 @@ Steps, for ``export_checkpoint(ckpt, repo, name)``:
 3. compare onnxruntime (CPU) with PyTorch on random patches and a synthetic CT patch; a
    parity failure stops the export;
 4. optionally build a TensorRT ``model.plan`` (its own model ``<name>_trt``) with its own check;
-5. a detector: choose the card's operating point with the exported graph on the run's
-   validation scans (:mod:`medssl.export.operating`), or take the run's, or none;
+5. a detector: its decoding takes the run's validation calibration, and the card's operating
+   point is chosen with the exported graph on the run's validation scans
+   (:mod:`medssl.export.operating`), or taken from the run, or left out;
 6. write the version folder (staged, then renamed into place: a crash leaves no half
    version), the card ``medssl.json`` (also in the version folder) and ``config.pbtxt``,
    which is parsed back into Triton's ``ModelConfig``.
@@ -43,7 +44,7 @@ from medssl.training.checkpoint import load_checkpoint
 
 from . import tensorrt as trt_export
 from .models import Exportable, exportable
-from .operating import operating_point_from_run, operating_point_on_validation, validation_inputs
+from .operating import operating_point_from_run, operating_point_on_validation, run_calibration, validation_inputs
 from .onnx_export import OPSET, convert_fp16, export_onnx
 from .parity import ParityReport, compare
 
@@ -279,6 +280,8 @@ def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str,
         raise ExportError(f"--tensorrt: {reason}")
     path = resolve_checkpoint(checkpoint)
     ex = exportable(load_checkpoint(path), path)
+    if ex.task is Task.DETECTION and ex.decoding is not None and (calibration := run_calibration(path)):
+        ex = dataclasses.replace(ex, decoding=dataclasses.replace(ex.decoding, calibration=calibration))
     run_point = None  # what the operating point needs is checked before anything is exported
     if ex.task is Task.DETECTION and options.operating_point == "run":
         run_point = operating_point_from_run(path)

@@ -9,7 +9,9 @@ folder the checkpoint's provenance names (``provenance.data``). The threshold is
 the one that holds for the probabilities the exported model reports.
 
 Alternatively :func:`operating_point_from_run` takes the one medssl-train chose at the end of
-training (``<run>/validation/operating_point.json``, PyTorch weights).
+training (``<run>/validation/operating_point.json``, PyTorch weights). The card's decoding
+carries the run's calibration (:func:`run_calibration`), so the threshold is chosen on, and
+applies to, the calibrated probabilities scoring reports.
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from medssl.errors import ExportError, MedsslError
+from medssl.metrics.calibration import Calibration
 from medssl.metrics.luna16 import Prediction
 from medssl.metrics.operating_point import OperatingPoint, OperatingPointError, OperatingRule, choose_operating_point
 from medssl.models.card import ModelCard
 
-__all__ = ["RUN_OPERATING_POINT", "operating_point_from_run", "operating_point_on_validation", "run_folder",
-           "validation_inputs"]
+__all__ = ["RUN_CALIBRATION", "RUN_OPERATING_POINT", "operating_point_from_run", "operating_point_on_validation",
+           "run_calibration", "run_folder", "validation_inputs"]
 
 #: Where medssl-train writes the operating point it chose, relative to the run folder.
 RUN_OPERATING_POINT = Path("validation") / "operating_point.json"
+#: Where medssl-train writes the calibration it fitted on the validation marks.
+RUN_CALIBRATION = Path("validation") / "calibration.json"
 
 _ALTERNATIVES = ("pass --operating-point-from-run to take the one chosen at the end of training, or "
                  "--no-operating-point to export without one (scoring then reports from 0.5, with a warning)")
@@ -47,6 +52,26 @@ def _run(checkpoint: Path) -> Path:
                           f"validation scans of its run are unknown, so no operating point can be chosen; "
                           f"export the run folder, or {_ALTERNATIVES}")
     return run
+
+
+def run_calibration(checkpoint: Path) -> Calibration | None:
+    """The calibration medssl-train fitted on the validation marks of ``checkpoint``'s run
+    (``<run>/validation/calibration.json``), or None when the checkpoint is not in a run
+    folder or the run has none (trained before runs fitted one).
+
+    Raises:
+        ExportError: the file exists but does not hold a calibration.
+    """
+    import json
+
+    run = run_folder(checkpoint)
+    path = None if run is None else run / RUN_CALIBRATION
+    if path is None or not path.is_file():
+        return None
+    try:
+        return Calibration.from_json(json.loads(path.read_text(encoding="utf-8"))["calibration"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{path}: not a calibration written by medssl-train ({exc})") from exc
 
 
 def operating_point_from_run(checkpoint: Path) -> OperatingPoint:

@@ -29,6 +29,8 @@ from medssl.metrics.operating_point import (
 from medssl.models.card import CARD_FILE, LEGACY_REPORT_THRESHOLD, ModelCard, load_card
 
 SHIPPED_WEIGHTS = Path(__file__).parents[1] / "benchmarks" / "assets" / "focalmix-nodules.pt"
+#: The run fixture's validation calibration (Platt: sigmoid(1.5 logit p - 0.5)).
+RUN_CALIBRATION = {"method": "platt", "a": 1.5, "b": -0.5}
 
 
 def _point(**change) -> OperatingPoint:
@@ -124,11 +126,19 @@ def test_the_card_carries_the_operating_point_and_an_old_card_loads_without_one(
     assert saved["operating_point"]["threshold"] == 0.42 and saved["operating_point"]["rule"] == "fp_per_scan"
     loaded = load_card(tmp_path / "new")
     assert loaded == card and loaded.report_threshold() == (0.42, "operating_point")
+    from medssl.metrics.calibration import Calibration
+
+    platt = Calibration.from_json(RUN_CALIBRATION)
+    with_calibration = dataclasses.replace(card, decoding=dataclasses.replace(card.decoding, calibration=platt))
+    assert ModelCard.from_json(json.loads(json.dumps(with_calibration.to_json()))) == with_calibration
+    assert with_calibration.detection_params().calibration == platt
     assert loaded.report_threshold(0.8) == (0.8, "override")
     del saved["operating_point"]  # a card written before cards carried one
     (tmp_path / "old").mkdir()
+    del saved["decoding"]["calibration"]  # nor a calibration: the identity
     (tmp_path / "old" / CARD_FILE).write_text(json.dumps(saved))
     old = load_card(tmp_path / "old")
+    assert old.decoding.calibration.is_identity
     assert old.operating_point is None and old.report_threshold() == (LEGACY_REPORT_THRESHOLD, "legacy_default")
     saved["operating_point"] = {**card.operating_point.to_json(), "rule": "youden"}
     (tmp_path / "old" / CARD_FILE).write_text(json.dumps(saved))
@@ -136,9 +146,18 @@ def test_the_card_carries_the_operating_point_and_an_old_card_loads_without_one(
         load_card(tmp_path / "old")
 
 
-def test_a_segmentation_card_refuses_an_operating_point(exported_segmenter):
+def test_a_segmentation_card_refuses_an_operating_point():
+    from medssl.models.card import LUNG, MORPHOLOGICALLY_ABNORMAL_STRUCTURE, Label, TensorSpec
+    from medssl.pipeline.preprocess import Intensity
+
+    card = ModelCard(name="organs", version=1, task="segmentation", input=TensorSpec("image", "FP32", (1, 16, 16, 16)),
+                     outputs=(TensorSpec("logits", "FP32", (2, 16, 16, 16)),), max_batch_size=1,
+                     input_spacing=(1.0, 1.0, 1.0), normalisation=Intensity(-1000.0, 400.0), overlap=0.5,
+                     labels=(Label(1, "Lung", MORPHOLOGICALLY_ABNORMAL_STRUCTURE, LUNG),))
     with pytest.raises(ValueError, match="'operating_point' is for detection cards only"):
-        dataclasses.replace(exported_segmenter.card, operating_point=_point())
+        dataclasses.replace(card, operating_point=_point())
+    with pytest.raises(ValueError, match="segmentation model, not a detector|has no report threshold"):
+        card.report_threshold()
 
 
 # -- export: measured again with the exported model on the run's validation scans --------------
@@ -148,7 +167,7 @@ def test_a_segmentation_card_refuses_an_operating_point(exported_segmenter):
 def run(tmp_path_factory) -> Path:
     """A medssl-train run folder of the shipped weights: ``checkpoints/best.pt`` (provenance
     ``data`` = a 3-scan synthetic LUNA16 folder), ``split.json`` (all 3 validate) and the
-    training-time ``validation/operating_point.json``."""
+    training-time ``validation/operating_point.json`` and ``calibration.json``."""
     torch = pytest.importorskip("torch")
     from medssl.cli.main import cli
     from medssl.datasets.luna16 import Luna16
@@ -167,6 +186,7 @@ def run(tmp_path_factory) -> Path:
     (root / "run" / "validation").mkdir()
     (root / "run" / "validation" / "operating_point.json").write_text(
         json.dumps(_point(threshold=0.77, source="medssl-train").to_json()))
+    (root / "run" / "validation" / "calibration.json").write_text(json.dumps({"calibration": RUN_CALIBRATION}))
     return root / "run"
 
 
@@ -187,8 +207,12 @@ def test_export_chooses_the_operating_point_with_the_exported_model_on_validatio
     from medssl.pipeline.preprocess import preprocess_ct
     from medssl.runners.onnx import OnnxRunner
 
+    from medssl.metrics.calibration import Calibration
+
     point = load_card(exported.model_dir).operating_point
     assert point is not None and point == exported.card.operating_point
+    # the card's decoding carries the run's calibration; the point is on calibrated probabilities
+    assert load_card(exported.model_dir).decoding.calibration == Calibration.from_json(RUN_CALIBRATION)
     assert point.rule is OperatingRule.FP_PER_SCAN and point.target == 1.0 and point.n_scans == 3
     assert "onnxruntime" in point.source and "split.json" in point.source
     # independently: the exported model's marks on the three scans, the FROC at the chosen

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from medssl.atomic import atomic_write
 from medssl.errors import ModelCardError
+from medssl.metrics.calibration import Calibration
 from medssl.metrics.operating_point import OperatingPoint
 from medssl.pipeline.detect import DetectionParams
 from medssl.pipeline.segment import SegmentationParams
@@ -165,6 +166,10 @@ class Decoding:
             see :class:`medssl.pipeline.detect.DetectionParams`.
         anchor_strides: feature strides (voxels) of the anchor levels.
         anchor_sizes: cube edge (voxels) of each level's anchors.
+        calibration: the monotone map from the network's scores to the probabilities the
+            pipeline reports (:class:`~medssl.metrics.calibration.Calibration`, fitted on the
+            run's validation marks; the identity for a card without one). The operating
+            point is chosen on these calibrated probabilities.
     """
 
     divisor: int
@@ -175,11 +180,13 @@ class Decoding:
     min_diameter_mm: float = 0.0
     anchor_strides: tuple[int, ...] = ()
     anchor_sizes: tuple[float, ...] = ()
+    calibration: Calibration = field(default_factory=Calibration)
 
     def to_json(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["anchor_strides"] = list(self.anchor_strides)
         data["anchor_sizes"] = list(self.anchor_sizes)
+        data["calibration"] = self.calibration.to_json()
         return data
 
 
@@ -258,7 +265,7 @@ class ModelCard:
             spacing_mm=float(self.input_spacing[0]), intensity=self.normalisation, window=z,
             divisor=d.divisor, overlap=self.overlap, batch_size=batch_size,
             score_threshold=d.score_threshold, pre_nms_top_k=d.pre_nms_top_k, nms_iou=d.nms_iou,
-            max_detections=d.max_detections, min_diameter_mm=d.min_diameter_mm,
+            max_detections=d.max_detections, min_diameter_mm=d.min_diameter_mm, calibration=d.calibration,
         )
 
     def report_threshold(self, override: float | None = None) -> ReportThreshold:
@@ -352,6 +359,11 @@ class ModelCard:
                 dec = dict(body["decoding"])
                 dec["anchor_strides"] = tuple(dec.get("anchor_strides", ()))
                 dec["anchor_sizes"] = tuple(float(s) for s in dec.get("anchor_sizes", ()))
+                if dec.get("calibration") is not None:
+                    with _naming("calibration"):
+                        dec["calibration"] = Calibration.from_json(dec["calibration"])
+                else:
+                    dec.pop("calibration", None)
                 decoding = Decoding(**dec)
         operating_point = None
         if body.get("operating_point") is not None:
