@@ -1,8 +1,14 @@
 """Evaluation metrics, torch-free: LUNA16 FROC and CPM (``noduleCADEvaluationLUNA16.py``; the
 CPM read at exactly 1/8 ... 8 FP/scan by default, as the LUNA16 paper), paired bootstrap
-comparisons and per-candidate labels, and per-class segmentation metrics (Dice, Jaccard,
+comparisons and per-candidate labels, probability calibration (Platt/temperature, ECE), and per-class segmentation metrics (Dice, Jaccard,
 HD95, ASD)."""
 
+from medssl.metrics.calibration import (
+    Calibration,
+    expected_calibration_error,
+    fit_calibration,
+    reliability_diagram,
+)
 from medssl.metrics.froc import (
     CPM_DEFINITIONS,
     CPM_FP_POINTS,
@@ -40,6 +46,10 @@ from medssl.metrics.segmentation import (
 )
 
 __all__ = [
+    "Calibration",
+    "expected_calibration_error",
+    "fit_calibration",
+    "reliability_diagram",
     "CPM_DEFINITIONS",
     "CPM_FP_POINTS",
     "FP_RATES",
