@@ -20,8 +20,8 @@ Arms, per labeled count (default 5, 10, 25) and seed (default 0..4):
   (what the unlabeled loss itself buys);
 
 per seed, the ceiling ``all labeled``: supervised on every scan of the training pool but the
-validation ones (as many scans as FocalMix sees at the largest labeled count with the default
-sizes: 25 + 100); and at ``--ablation-labeled`` the Table 3 ablations (SFL without soft alpha /
+validation ones (129 with the defaults and ``focalmix-cpu``'s 4 validation scans: at least as
+many scans as FocalMix sees at 25 labeled, 25 + 100, all with labels); and at ``--ablation-labeled`` the Table 3 ablations (SFL without soft alpha /
 soft beta, K = 1 and 2, image MixUp only, object MixUp only).
 
 One split for every run: ``data.split_seed`` is ``--split-seed`` (constant), so labeled and
@@ -38,7 +38,8 @@ seed, as every run scores the same test scans), and averages the paired deltas
 excludes 0, else no difference shown.
 
 Budget. ``--learning-curve`` trains supervised once at the largest labeled count for
-``--steps`` steps, keeps a checkpoint every ``--curve-every`` steps and scores each on the test
+``--steps`` steps, keeps its checkpoint of every ``eval.every`` steps (the config's, 250 for
+``focalmix-cpu``; it also paces hard-negative mining, so it is the runs' own) and scores each on the test
 split (``focalmix_ssl_budget.{json,md,png}``): choose ``--steps`` where the curve flattens. The
 cosine learning rate has not reached 0 at an intermediate checkpoint, so the curve is, if
 anything, pessimistic for shorter budgets.
@@ -49,7 +50,7 @@ there is skipped, so an interrupted benchmark resumes), with its wall time, and 
 trainings side by side, each in its own process with ``--threads`` (default 1) torch/OpenMP
 threads.
 
-    python benchmarks/focalmix_ssl.py --learning-curve --steps 3000 --curve-every 250
+    python benchmarks/focalmix_ssl.py --learning-curve --steps 3000
     python benchmarks/focalmix_ssl.py --steps 1500 --jobs 2
     python benchmarks/focalmix_ssl.py --smoke --cases 20 --unlabeled-pool 4 --labeled 2 --seeds 0 \\
         --steps 10 --matrix 64 --test-subsets 8 9 --set data.n_validation=2 --work /tmp/fm-smoke
@@ -221,9 +222,11 @@ def object_stats(run_dir: Path) -> dict[str, float]:
     return {"objects_per_patch": statistics.mean(r["objects"] for r in rows)} if rows else {}
 
 
-def experiment(settings: dict[str, Any], run: Run, *, steps: int, every: int) -> Any:
+def experiment(settings: dict[str, Any], run: Run, *, steps: int) -> Any:
     """The validated config of ``run``: the base config, ``--set`` overrides, the arm's overrides,
-    the method, the seed and the fixed split seed."""
+    the method, the seed, the fixed split seed and the budget. ``eval.every`` stays the config's
+    (or ``--set``'s): it also paces hard-negative and candidate mining, which must not differ
+    between the budget curve and the runs."""
     from medssl.cli.train import resolve_config
     from medssl.config import load_config, parse_overrides
     from medssl.training.det_config import DetectionExperiment
@@ -231,7 +234,7 @@ def experiment(settings: dict[str, Any], run: Run, *, steps: int, every: int) ->
     overrides = {
         **parse_overrides(settings["set"]), **run.overrides, "method": run.method, "seed": run.seed,
         "data.split_seed": settings["split_seed"], "data.test_subsets": list(settings["test_subsets"]),
-        "optim.steps": steps, "eval.every": every, "data.workers": settings["data_workers"],
+        "optim.steps": steps, "data.workers": settings["data_workers"],
     }
     return load_config(DetectionExperiment, resolve_config(settings["config"]), overrides)
 
@@ -243,7 +246,7 @@ def execute(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
     from medssl.training.det_trainer import train_detector
 
     steps = settings["steps"]
-    cfg = experiment(settings, run, steps=steps, every=max(1, steps // 2))
+    cfg = experiment(settings, run, steps=steps)
     out = Path(settings["work"]) / "runs" / run.folder
     unlabeled = settings["unlabeled_pool"] if run.method == "focalmix" else 0
     start = time.perf_counter()
@@ -538,9 +541,10 @@ def keep_checkpoints(run_dir: Path, into: Path, *, poll_s: float = 0.5) -> Itera
         thread.join()
 
 
-def budget_curve(settings: dict[str, Any], labeled: int, seed: int, every: int) -> list[dict[str, Any]]:
+def budget_curve(settings: dict[str, Any], labeled: int, seed: int) -> list[dict[str, Any]]:
     """Train supervised once at ``labeled`` for ``settings["steps"]`` steps and score the
-    checkpoint of every ``every`` steps on the test split (same pipeline as the trainer's test)."""
+    checkpoint of every ``eval.every`` steps on the test split as the trainer's test does
+    (the checkpoints hold the re-estimated BatchNorm statistics)."""
     import torch
 
     from medssl.training.cache import VolumeCache
@@ -553,7 +557,8 @@ def budget_curve(settings: dict[str, Any], labeled: int, seed: int, every: int) 
 
     steps = settings["steps"]
     run = Run(SUPERVISED, "supervised-det", labeled, seed, {})
-    cfg = experiment(settings, run, steps=steps, every=every)
+    cfg = experiment(settings, run, steps=steps)
+    every = cfg.eval.every
     out = Path(settings["work"]) / "budget" / run.folder
     kept = out / "kept_checkpoints"
     start = time.perf_counter()
@@ -564,7 +569,7 @@ def budget_curve(settings: dict[str, Any], labeled: int, seed: int, every: int) 
     missing = [s for s in wanted if not (kept / f"step_{s:08d}.pt").is_file()]
     if missing:
         raise RuntimeError(f"checkpoints of steps {missing} were pruned before they could be kept; "
-                           "rerun with a larger --curve-every")
+                           "rerun with a larger eval.every (--set eval.every=N)")
     d = cfg.data
     split = split_luna16(settings["data"], labeled, 0, d.test_subsets, d.n_validation, d.split_seed)
     cache = VolumeCache(Path(d.cache_dir) if d.cache_dir else default_cache_dir(), d.spacing_mm,
@@ -635,7 +640,6 @@ def main() -> None:
     parser.add_argument("--ablation-seeds", type=int, nargs="*", default=None,
                         help="seeds of the ablations (default: --seeds; none: no ablations)")
     parser.add_argument("--learning-curve", action="store_true", help="only the budget curve (see above)")
-    parser.add_argument("--curve-every", type=int, default=250)
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per run")
     parser.add_argument("--data-workers", type=int, default=0, help="data.workers of every run")
@@ -648,7 +652,7 @@ def main() -> None:
                         f"({MIN_TEST_SCANS} scans, {MIN_TEST_NODULES} nodules); the report says SMOKE")
     parser.add_argument("--results", type=Path, default=RESULTS / "focalmix_ssl.json")
     args = parser.parse_args()
-    for name in ("jobs", "threads", "steps", "curve_every", "bootstrap", "unlabeled_pool", "cases", "matrix"):
+    for name in ("jobs", "threads", "steps", "bootstrap", "unlabeled_pool", "cases", "matrix"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     prepare_data(args.data, cases=args.cases, unlabeled=args.unlabeled_pool, matrix=args.matrix)
@@ -661,7 +665,8 @@ def main() -> None:
                 "split_seed": args.split_seed, "test_subsets": args.test_subsets, "steps": args.steps,
                 "unlabeled_pool": args.unlabeled_pool, "device": args.device, "threads": args.threads,
                 "data_workers": args.data_workers}
-    n_validation = experiment(settings, Run(SUPERVISED, "supervised-det", 1, 0, {}), steps=1, every=1).data.n_validation
+    base = experiment(settings, Run(SUPERVISED, "supervised-det", 1, 0, {}), steps=args.steps)
+    n_validation, every = base.data.n_validation, base.eval.every
     meta = {"device": cpu_device() if args.device in (None, "cpu") else args.device, "config": args.config,
             "overrides": args.set, "steps": args.steps, "data": str(args.data), "matrix": args.matrix,
             "generator_family": "train (training, validation, unlabeled and test scans)",
@@ -672,9 +677,9 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         _one_process_threads(args.threads)
         labeled, seed = max(args.labeled), args.seeds[0]
-        rows = budget_curve(settings, labeled, seed, args.curve_every)
+        rows = budget_curve(settings, labeled, seed)
         stem = args.results.with_name(args.results.stem + "_budget")
-        budget_report(rows, {**meta, "labeled": labeled, "seed": seed, "curve_every": args.curve_every}, stem)
+        budget_report(rows, {**meta, "labeled": labeled, "seed": seed, "checkpoint_every": every}, stem)
         print(stem.with_suffix(".md").read_text())
         return
     ceiling = None if args.no_ceiling else pool_size(args.data, args.test_subsets) - n_validation

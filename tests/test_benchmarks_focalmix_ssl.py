@@ -3,6 +3,9 @@ FROC results (no training)."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -14,6 +17,7 @@ from benchmarks.focalmix_ssl import (
     ZERO_WEIGHT,
     Run,
     experiment,
+    keep_checkpoints,
     plan,
     pooled_paired_delta,
     summarise,
@@ -42,7 +46,7 @@ def _found(share: float, seed: int) -> np.ndarray:
 def test_every_run_of_a_seed_trains_on_one_split_whatever_the_seed() -> None:
     # issue 18: data.split_seed = seed mixed split noise into training noise.
     settings = {"set": [], "split_seed": 0, "test_subsets": [7, 8, 9], "data_workers": 0, "config": "focalmix-cpu"}
-    configs = [experiment(settings, Run(SUPERVISED, "supervised-det", 5, seed, {}), steps=10, every=5)
+    configs = [experiment(settings, Run(SUPERVISED, "supervised-det", 5, seed, {}), steps=10)
                for seed in (0, 3)]
     assert [c.data.split_seed for c in configs] == [0, 0]
     assert [c.seed for c in configs] == [0, 3]
@@ -115,3 +119,16 @@ def test_summary_table_has_one_decisive_row_per_labeled_count() -> None:
     row = next(line for line in text.splitlines() if line.startswith("| 5 |"))
     assert row.endswith("| FocalMix better |")
     assert "(n=2)" in row
+
+
+def test_budget_curve_keeps_the_checkpoints_the_trainer_prunes(tmp_path: Path) -> None:
+    run, kept = tmp_path / "run", tmp_path / "kept"
+    (run / "checkpoints").mkdir(parents=True)
+    with keep_checkpoints(run, kept, poll_s=0.01):
+        for step in (1, 2, 3, 4):
+            (run / "checkpoints" / f"step_{step:08d}.pt").write_bytes(bytes([step]))
+            time.sleep(0.1)
+            if step > 3:  # the trainer keeps its last three
+                (run / "checkpoints" / f"step_{step - 3:08d}.pt").unlink()
+    assert sorted(p.name for p in kept.iterdir()) == [f"step_{s:08d}.pt" for s in (1, 2, 3, 4)]
+    assert (kept / "step_00000001.pt").read_bytes() == bytes([1])

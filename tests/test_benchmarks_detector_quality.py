@@ -1,0 +1,62 @@
+"""benchmarks/detector_quality.py: which inference switches make rows, the --variant option,
+and one scan scored end to end with the shipped model through the scoring pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from benchmarks.detector_quality import (
+    ROOT,
+    Variant,
+    inference_ablations,
+    parse_variant,
+    prepare_data,
+    score_variant,
+)
+from medssl.metrics.calibration import Calibration
+from medssl.pipeline.detect import DetectionParams
+
+SHIPPED = ROOT / "model_repository" / "focalmix-nodules"
+
+
+def test_inference_rows_switch_the_cards_own_settings() -> None:
+    plain = DetectionParams()
+    assert inference_ablations(plain) == {"lung mask on": {"lung_mask": True}}
+    fitted = replace(plain, lung_mask=True, calibration=Calibration(method="platt", a=0.5, b=-1.0))
+    rows = inference_ablations(fitted)
+    assert rows["lung mask off"] == {"lung_mask": False}
+    assert rows["calibration off"]["calibration"].is_identity
+
+
+def test_variant_needs_a_model_folder(tmp_path: Path) -> None:
+    assert parse_variant(f"no hard negatives={SHIPPED}") == ("no hard negatives", SHIPPED)
+    with pytest.raises(argparse.ArgumentTypeError, match="no medssl.json"):
+        parse_variant(f"x={tmp_path}")
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME=PATH"):
+        parse_variant(str(SHIPPED))
+
+
+def test_generated_test_set_is_checked_against_how_it_was_made(tmp_path: Path) -> None:
+    data = tmp_path / "heldout"
+    made = prepare_data(data, cases=1, matrix=64)
+    assert made["family"] == "heldout"
+    assert json.loads((data / "benchmark_data.json").read_text()) == made
+    with pytest.raises(SystemExit, match="was generated with"):
+        prepare_data(data, cases=2, matrix=64)
+
+
+def test_one_scan_scored_through_the_scoring_pipeline(tmp_path: Path) -> None:
+    data = tmp_path / "heldout"
+    prepare_data(data, cases=1, matrix=64)
+    row = score_variant(Variant("shipped", SHIPPED, {}), data, threads=1, batch_size=2, n_bootstrap=20,
+                        reliability=tmp_path / "r.png")
+    assert row["n_scans"] == 1 and row["n_nodules"] >= 1
+    assert 0 <= row["cpm"] <= 1 and 0 <= row["ece"] <= 1
+    assert row["windows_per_scan"] >= 1 and row["seconds_per_scan"] > 0
+    assert 0 <= row["marks_per_scan"] <= 100 and 0 < row["n_marks_labelled"] <= 100  # the card: max_detections 100
+    assert (tmp_path / "r.png").is_file()
