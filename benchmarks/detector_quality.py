@@ -63,6 +63,7 @@ from medssl.scoring.manifest import build_manifest
 from medssl.scoring.series import infer, prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from focalmix_ssl import generated_dataset  # noqa: E402  (benchmarks/focalmix_ssl.py)
 from machine import cpu_device  # noqa: E402  (benchmarks/machine.py)
 
 RESULTS = Path(__file__).parent / "results"
@@ -116,26 +117,13 @@ def parse_variant(text: str) -> tuple[str, Path]:
 def prepare_data(data: Path, *, cases: int, matrix: int, seed: int = 7000) -> dict[str, Any]:
     """Generate the held-out-family LUNA16 test folder if missing; check it otherwise.
 
-    ``data/benchmark_data.json`` records how it was made; a folder made otherwise is an error.
+    ``data/benchmark_data.json`` records how it was made; a folder made otherwise is an error
+    (:func:`focalmix_ssl.generated_dataset`).
 
     Raises:
         SystemExit: the folder exists with other settings.
     """
-    from medssl.synth.datasets import write_chest_dataset
-
-    wanted = {"cases": cases, "matrix": matrix, "family": "heldout", "seed": seed}
-    record = data / "benchmark_data.json"
-    if record.is_file():
-        made = json.loads(record.read_text())
-        if made != wanted:
-            raise SystemExit(f"{data} was generated with {made}, not {wanted}: pass matching options or "
-                             "another --data folder")
-        return made
-    if (data / "annotations.csv").exists():
-        raise SystemExit(f"{data} holds a dataset without benchmark_data.json: pass another --data folder")
-    write_chest_dataset(data, cases=cases, matrix=matrix, seed=seed, family="heldout")
-    record.write_text(json.dumps(wanted, indent=2) + "\n")
-    return wanted
+    return generated_dataset(data, {"cases": cases, "matrix": matrix, "family": "heldout", "seed": seed})
 
 
 def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_size: int,

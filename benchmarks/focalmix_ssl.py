@@ -163,9 +163,20 @@ def prepare_data(data: Path, *, cases: int, unlabeled: int, matrix: int, seed: i
     Raises:
         SystemExit: the folder exists with other settings.
     """
+    return generated_dataset(data, {"cases": cases, "unlabeled": unlabeled, "matrix": matrix, "family": "train",
+                                    "seed": seed})
+
+
+def generated_dataset(data: Path, wanted: dict[str, Any]) -> dict[str, Any]:
+    """Make ``data`` with :func:`medssl.synth.datasets.write_chest_dataset` (keyword arguments
+    ``wanted``) unless it exists; ``data/benchmark_data.json`` records them, and an existing
+    folder made otherwise is an error rather than silently reused.
+
+    Raises:
+        SystemExit: the folder exists with other settings, or without the record.
+    """
     from medssl.synth.datasets import write_chest_dataset
 
-    wanted = {"cases": cases, "unlabeled": unlabeled, "matrix": matrix, "family": "train", "seed": seed}
     record = data / "benchmark_data.json"
     if record.is_file():
         made = json.loads(record.read_text())
@@ -175,8 +186,8 @@ def prepare_data(data: Path, *, cases: int, unlabeled: int, matrix: int, seed: i
         return made
     if (data / "annotations.csv").exists():
         raise SystemExit(f"{data} holds a dataset without benchmark_data.json (made by an older version "
-                         "of this script?): pass another --data folder")
-    write_chest_dataset(data, cases=cases, unlabeled=unlabeled, matrix=matrix, seed=seed, family="train")
+                         "of a benchmark?): pass another --data folder")
+    write_chest_dataset(data, **wanted)
     record.write_text(json.dumps(wanted, indent=2) + "\n")
     return wanted
 
@@ -414,20 +425,15 @@ def summarise(results: Sequence[dict[str, Any]], frocs: dict[str, FrocResult], *
         return f"{statistics.mean(cpms):.3f} (n={len(cpms)})" if cpms else "—"
 
     counts = sorted({r["labeled"] for r in results if r["name"] == SUPERVISED})
+    main = {n: d for n in counts if (d := compare(results, frocs, FOCALMIX, SUPERVISED, n, n_bootstrap=n_bootstrap))}
     lines = ["## FocalMix − supervised (paired over test scans, pooled over seeds)", "",
              "| labeled | supervised mean CPM | FocalMix mean CPM | ΔCPM | 95 % CI | verdict |",
              "|---:|---:|---:|---:|---|---|"]
-    for n in counts:
-        d = compare(results, frocs, FOCALMIX, SUPERVISED, n, n_bootstrap=n_bootstrap)
-        if d is not None:
-            lines.append(f"| {n} | {mean_cpm(SUPERVISED, n)} | {mean_cpm(FOCALMIX, n)} | {d.delta:+.3f} | "
-                         f"{_ci(d.ci)} | {verdict(d.ci)} |")
+    lines += [f"| {n} | {mean_cpm(SUPERVISED, n)} | {mean_cpm(FOCALMIX, n)} | {d.delta:+.3f} | {_ci(d.ci)} | "
+              f"{verdict(d.ci)} |" for n, d in main.items()]
     lines += ["", "Per seed (paired bootstrap over test scans):", "",
               "| labeled | seed | supervised CPM | FocalMix CPM | ΔCPM | 95 % CI |", "|---:|---:|---:|---:|---:|---|"]
-    for n in counts:
-        d = compare(results, frocs, FOCALMIX, SUPERVISED, n, n_bootstrap=n_bootstrap)
-        if d is None:
-            continue
+    for n, d in main.items():
         for s, (delta, ci) in zip(d.seeds, d.per_seed):
             cpm = {r["name"]: r["cpm"] for r in results if r["labeled"] == n and r["seed"] == s}
             lines.append(f"| {n} | {s} | {cpm[SUPERVISED]:.3f} | {cpm[FOCALMIX]:.3f} | {delta:+.3f} | {_ci(ci)} |")
