@@ -152,7 +152,7 @@ def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_si
             if scored.row["status"] != "ok":
                 raise RuntimeError(f"{variant.name}: scoring {item.key} failed: {scored.row.get('error')}")
             windows.append(scored.row["n_windows"])
-            marks.append(sum(f["probability"] >= threshold.value for f in scored.findings))
+            marks.append(sum(f["passed"] for f in scored.findings))  # what the SR/SEG carry
             predictions += [Prediction(item.key, (f["x_mm"], f["y_mm"], f["z_mm"]), f["probability"])
                             for f in scored.findings]
     finally:

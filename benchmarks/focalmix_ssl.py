@@ -627,11 +627,35 @@ def budget_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], stem: Pa
 
 # --------------------------------------------------------------------------- main
 
+#: The meta keys that define the experiment: a results file is resumed only where they agree.
+EXPERIMENT_KEYS = ("config", "overrides", "steps", "data", "matrix", "test_subsets", "unlabeled_pool", "split_seed",
+                   "n_validation", "smoke")
+
+
+def resumable_runs(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs already in the results file ``path`` (none if it does not exist).
+
+    Raises:
+        SystemExit: the file holds another experiment (another budget, data, split, config...):
+            its runs must not be mixed into this one.
+    """
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    old = {k: saved.get("meta", {}).get(k) for k in EXPERIMENT_KEYS}
+    new = {k: meta[k] for k in EXPERIMENT_KEYS}
+    if old != new:
+        differ = {k: (old[k], new[k]) for k in EXPERIMENT_KEYS if old[k] != new[k]}
+        raise SystemExit(f"{path} holds another experiment (saved vs now: {differ}); move it away to start "
+                         "afresh, or pass --results with another file")
+    return list(saved["runs"])
+
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("/tmp/medssl-focalmix/luna18"))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/medssl-focalmix"))
+    parser.add_argument("--data", type=Path, default=Path("/tmp/medssl-focalmix18/luna"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/medssl-focalmix18"))
     parser.add_argument("--cases", type=int, default=190, help="annotated scans to generate if --data is missing")
     parser.add_argument("--unlabeled-pool", type=int, default=100)
     parser.add_argument("--matrix", type=int, default=128, help="in-plane matrix of the generated scans")
@@ -692,7 +716,7 @@ def main() -> None:
     ablation_seeds = args.seeds if args.ablation_seeds is None else args.ablation_seeds
     runs = plan(labeled=args.labeled, seeds=args.seeds, ceiling_labeled=ceiling,
                 ablation_labeled=args.ablation_labeled if ablation_seeds else None, ablation_seeds=ablation_seeds)
-    done = json.loads(args.results.read_text())["runs"] if args.results.is_file() else []
+    done = resumable_runs(args.results, meta)
     luna = Luna16(args.data)
     frocs: dict[str, FrocResult] = {}
 

@@ -3,6 +3,7 @@ FROC results (no training)."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,9 +18,11 @@ from benchmarks.focalmix_ssl import (
     ZERO_WEIGHT,
     Run,
     experiment,
+    EXPERIMENT_KEYS,
     keep_checkpoints,
     plan,
     pooled_paired_delta,
+    resumable_runs,
     summarise,
     verdict,
 )
@@ -132,3 +135,16 @@ def test_budget_curve_keeps_the_checkpoints_the_trainer_prunes(tmp_path: Path) -
                 (run / "checkpoints" / f"step_{step - 3:08d}.pt").unlink()
     assert sorted(p.name for p in kept.iterdir()) == [f"step_{s:08d}.pt" for s in (1, 2, 3, 4)]
     assert (kept / "step_00000001.pt").read_bytes() == bytes([1])
+
+
+def test_a_results_file_of_another_experiment_is_not_resumed(tmp_path: Path) -> None:
+    # The previous benchmark's file (500 steps, split_seed = seed, no split_seed in its meta)
+    # must not lend its runs to this one.
+    path = tmp_path / "focalmix_ssl.json"
+    meta = {k: None for k in EXPERIMENT_KEYS} | {"steps": 1500, "split_seed": 0, "device": "here"}
+    assert resumable_runs(path, meta) == []
+    path.write_text(json.dumps({"meta": meta | {"device": "elsewhere", "jobs": 2}, "runs": [{"key": "a"}]}))
+    assert resumable_runs(path, meta) == [{"key": "a"}]
+    path.write_text(json.dumps({"meta": {"steps": 500, "config": None}, "runs": [{"key": "a"}]}))
+    with pytest.raises(SystemExit, match="another experiment.*steps"):
+        resumable_runs(path, meta)
