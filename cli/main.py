@@ -100,8 +100,10 @@ def synth_chest(
     (smooth or edge-enhancing), habitus and IV contrast from its family's
     ranges (medssl.synth.chest.FAMILIES). Nodules are solid, part-solid or
     ground-glass, 3-30 mm, free, juxta-pleural or juxta-vascular; sub-3 mm
-    nodules and vessel crossings are listed as excluded findings. The
-    unlabeled pool's hidden truth goes to OUT/unlabeled/truth_annotations*.csv.
+    nodules and vessel crossings are listed as excluded findings; calcified
+    granulomas and scars (lookalikes.csv) are not nodules: a mark on one is a
+    false positive. Some scans show breathing motion. The unlabeled pool's
+    hidden truth goes to OUT/unlabeled/truth_*.csv.
     """
     progress, task = _progress("chest CT", cases + unlabeled)
     with progress:

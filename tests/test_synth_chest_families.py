@@ -83,14 +83,17 @@ def test_a_seed_outside_the_family_span_is_rejected() -> None:
 
 def test_a_family_with_every_new_feature_is_bit_identical_for_a_seed() -> None:
     config = ChestConfig.for_family("heldout", matrix=64, n_slices=32, sharp_kernel_share=1.0,
-                                    contrast_share=1.0, nodule_diameter_range=(3.0, 10.0))
+                                    contrast_share=1.0, motion_share=1.0,
+                                    n_lookalikes_range=(3, 3), nodule_diameter_range=(3.0, 10.0))
     a = generate_chest_ct(7, config)
     b = generate_chest_ct(7, dataclasses.replace(config, render_threads=1))
     assert np.array_equal(a.volume.array, b.volume.array)
     assert np.array_equal(a.nodule_mask, b.nodule_mask)
     assert a.nodules == b.nodules and a.confusers == b.confusers
+    assert a.lookalikes == b.lookalikes and a.lookalikes
     assert a.volume.meta == b.volume.meta
     assert a.volume.meta["edge_enhance"] > 0 and a.volume.meta["contrast_hu"] is not None
+    assert a.volume.meta["motion_mm"] > 0
 
 
 # -- scanner ----------------------------------------------------------------------------------
@@ -300,3 +303,13 @@ def test_breathing_makes_a_nodule_span_other_slices_and_annotations_follow_it() 
             around = b.nodule_mask[max(z - 1, 0):z + 2, y - 1:y + 2, x - 1:x + 2] == nb.label
             assert around.sum() >= 5, nb
     assert changed >= 2
+
+
+def test_an_archive_of_the_heldout_family_uses_its_seeds(tmp_path) -> None:
+    import pydicom
+
+    from medssl.synth.archive import write_archive
+
+    info = write_archive(tmp_path / "archive", 1, matrix=32, n_slices=8, family="heldout")
+    first = pydicom.dcmread(sorted(info.good[0].glob("*.dcm"))[0])
+    assert first.PatientID == f"SYN{SEED_SPAN:06d}"
