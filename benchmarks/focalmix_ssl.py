@@ -226,11 +226,22 @@ def throughput(run_dir: Path, patches_per_step: int) -> float:
     return patches_per_step / statistics.median(deltas)
 
 
+#: ``log.jsonl`` keys of the FocalMix diagnostics → result keys (means over the logged steps).
+DIAGNOSTICS = {"objects": "objects_per_patch", "pseudo_precision": "pseudo_object_precision",
+               "mining/candidate_precision": "candidate_precision"}
+
+
 def object_stats(run_dir: Path) -> dict[str, float]:
-    """Mean unlabeled objects per patch over the steps, from ``log.jsonl`` (FocalMix runs)."""
-    rows = [r for r in (json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines())
-            if "objects" in r]
-    return {"objects_per_patch": statistics.mean(r["objects"] for r in rows)} if rows else {}
+    """FocalMix diagnostics from ``log.jsonl``, means over the steps that logged them: unlabeled
+    objects per patch, the share of those pseudo-objects that are true nodules (the unlabeled
+    pool's hidden truth), and the share of mined unlabeled candidates that are."""
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    out = {}
+    for key, name in DIAGNOSTICS.items():
+        values = [r[key] for r in rows if key in r]
+        if values:
+            out[name] = statistics.mean(values)
+    return out
 
 
 def experiment(settings: dict[str, Any], run: Run, *, steps: int) -> Any:
@@ -465,11 +476,13 @@ def summarise(results: Sequence[dict[str, Any]], frocs: dict[str, FrocResult], *
 
     rates = ("1/8", "1/4", "1/2", "1", "2", "4", "8")
     lines += ["", "## Every run", "", "| arm | labeled | seed | " + " | ".join(f"{r} FP/scan" for r in rates)
-              + " | CPM | CPM 95 % CI | wall s | threads |", "|---|---:|---:|" + "---:|" * (len(rates) + 4)]
+              + " | CPM | CPM 95 % CI | objects/patch | pseudo-object precision | wall s | threads |",
+              "|---|---:|---:|" + "---:|" * (len(rates) + 6)]
     for r in sorted(results, key=lambda r: (r["labeled"], r["name"], r["seed"])):
         sens = " | ".join(f"{s:.3f}" for s in r["sensitivities"])
+        diag = " | ".join(f"{r[k]:.2f}" if k in r else "—" for k in ("objects_per_patch", "pseudo_object_precision"))
         lines.append(f"| {r['name']} | {r['labeled']} | {r['seed']} | {sens} | {r['cpm']:.3f} | "
-                     f"[{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] | {r['wall_s']:.0f} | {r['threads']} |")
+                     f"[{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] | {diag} | {r['wall_s']:.0f} | {r['threads']} |")
     return "\n".join(lines) + "\n"
 
 
