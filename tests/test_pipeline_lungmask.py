@@ -251,3 +251,15 @@ def test_a_table_foam_core_near_outside_air_is_not_taken_for_a_lung():
     mask = lung_mask(hu, (2.0, 2.0, 2.0), params=TIGHT)
     assert not mask[:, 88:96].any()
     assert dice(mask, lung) > 0.95
+
+
+def test_the_trachea_above_the_lungs_is_left_out():
+    case = generate_chest_ct(0, ChestConfig(matrix=256, pixel_spacing_range=(1.0, 1.0),
+                                            slice_thickness_range=(2.5, 2.5)))
+    apex = int(np.flatnonzero(case.lung_mask.any(axis=(1, 2))).max())
+    assert apex + 3 < case.volume.shape[0]  # the scan runs on above the lungs: the trachea
+    kept = lung_mask(case.volume, params=LungMaskParams(margin_mm=0.0, drop_airways=False))
+    assert kept[apex + 3:].sum() > 500
+    mask = lung_mask(case.volume, params=TIGHT)
+    assert not mask[apex + 3:].any()
+    assert dice(mask, case.lung_mask) > 0.97

@@ -24,8 +24,10 @@ which also average the noise away):
    chest wall of 15 mm or more. A targeted reconstruction has no outside air, so the
    lung touching its border stays.
 3. Airways: voxels below ``air_hu`` connected to the first or last slice (the trachea
-   leaves the scan through its top) are taken out of what remains, which separates the
-   lungs where only the trachea and main bronchi join them.
+   leaves the scan through its top), grown by :data:`AIRWAY_WALL_MM` to take the lumen's
+   partial-volume rim, are taken out of what remains: the trachea and main bronchi leave
+   the mask, which also separates the lungs where only they join them. Inside the lung
+   the closing (step 5) puts the bronchi back.
 4. Keep the largest component, and the second if it holds at least ``second_fraction``
    of the largest's volume; components below ``min_volume_ml`` are never lungs. No
    component left: an empty mask (an abdomen, a head): the caller decides what to do.
@@ -53,6 +55,10 @@ from scipy import ndimage
 from medssl.volume import Volume
 
 __all__ = ["LungMaskParams", "lung_mask"]
+
+#: The airways taken out (``drop_airways``) are the air-density lumen grown by this much, mm:
+#: the lumen's rim, partial-volumed with the wall on the working grid, goes with it.
+AIRWAY_WALL_MM = 4.0
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,7 @@ def lung_mask(
     outside_ids = _outside_body(labels, air_ids, work_spacing, params.outside_gap_mm)
     candidates = low & ~np.isin(labels, np.union1d(air_ids, outside_ids))
     if params.drop_airways:
-        candidates &= ~_airways(coarse, candidates, params.air_hu)
+        candidates &= ~_dilate(_airways(coarse, candidates, params.air_hu), work_spacing, AIRWAY_WALL_MM)
     lungs = _largest_components(candidates, voxel_ml, params)
     if not lungs:
         return np.zeros(hu.shape, dtype=bool)
