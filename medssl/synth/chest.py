@@ -358,7 +358,7 @@ def generate_chest_ct(seed: int, config: ChestConfig | None = None) -> ChestCase
     if grid.z_shift:  # annotate lesions where the moving patient shows them
         nodules, confusers, granulomas = (
             [_shown(grid, lesion) for lesion in group] for group in (nodules, confusers, granulomas))
-        lookalikes = [_shown_record(grid, record) for record in lookalikes]
+        lookalikes = [_shown_record(grid, record) for record in lookalikes]  # type: ignore[misc]
 
     body_box, region = body_and_lung_boxes(anatomy, grid)
     texture = Texture.draw(rng, grid, region, 2.0) if region is not None else None
@@ -397,7 +397,7 @@ def generate_chest_ct(seed: int, config: ChestConfig | None = None) -> ChestCase
     )
 
 
-def _shown_record(grid: ScanGrid, record: Any) -> Any:
+def _shown_record(grid: ScanGrid, record: Nodule | Confuser) -> Nodule | Confuser:
     """``record`` with its centre at the level where the moving patient shows it."""
     x, y, z = record.centre_lps
     return dataclasses.replace(record, centre_lps=(x, y, grid.apparent_z(z)))
