@@ -19,10 +19,10 @@ which also average the noise away):
 1. ``low = hu < threshold_hu`` (-400 HU); label its 6-connected components.
 2. Drop the air components (mean HU below ``air_hu``): outside air, bowel gas, a
    trachea that is its own component. Outside air is the air components touching the
-   in-plane image border; every low-HU component within ``outside_gap_mm`` of it is
-   outside the body too (the foam core of the table, blankets): a lung lies behind a
-   chest wall of 15 mm or more. A targeted reconstruction has no outside air, so the
-   lung touching its border stays.
+   in-plane image border; every other low-HU component that touches that border within
+   ``outside_gap_mm`` of outside air is outside the body too (the foam core of the
+   table, blankets): a lung lies behind a chest wall of 15 mm or more. A targeted
+   reconstruction has no outside air, so the lung touching its border stays.
 3. Airways: voxels below ``air_hu`` connected to the first or last slice (the trachea
    leaves the scan through its top), grown by :data:`AIRWAY_WALL_MM` to take the lumen's
    partial-volume rim, are taken out of what remains: the trachea and main bronchi leave
