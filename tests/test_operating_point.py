@@ -417,3 +417,13 @@ def test_end_of_training_writes_the_validation_operating_point_and_the_test_repo
     sens, fps = froc_at_thresholds(test_nodules, test_excluded, split.test, test_marks, [point.threshold])
     assert (at["sensitivity"], at["fp_per_scan"]) == pytest.approx((sens[0], fps[0]))
     assert at["marks_per_scan"] == sum(m.probability >= point.threshold for m in test_marks) / len(split.test)
+
+
+def test_sr_threshold_needs_write_dicom_and_a_probability(tmp_path):
+    from medssl.cli.score import score
+
+    alone = CliRunner().invoke(score, [str(tmp_path), "--out", str(tmp_path / "o"), "--sr-threshold", "0.7"])
+    assert alone.exit_code == 2 and "use it with --write-dicom" in alone.output
+    wrong = CliRunner().invoke(score, [str(tmp_path), "--out", str(tmp_path / "o"), "--write-dicom",
+                                       "--sr-threshold", "1.5"])
+    assert wrong.exit_code == 2 and "1.5" in wrong.output
