@@ -108,6 +108,7 @@ def _detector(state: Mapping[str, Any], path: Path) -> Exportable:
             pre_nms_top_k=params.pre_nms_top_k, nms_iou=params.nms_iou,
             max_detections=params.max_detections, min_diameter_mm=params.min_diameter_mm,
             anchor_strides=tuple(cfg.anchors.strides), anchor_sizes=tuple(cfg.anchors.sizes),
+            lung_mask=params.lung_mask, lung_margin_mm=params.lung_margin_mm,
         ),
         provenance=provenance,
     )

@@ -427,3 +427,21 @@ def test_sr_threshold_needs_write_dicom_and_a_probability(tmp_path):
     wrong = CliRunner().invoke(score, [str(tmp_path), "--out", str(tmp_path / "o"), "--write-dicom",
                                        "--sr-threshold", "1.5"])
     assert wrong.exit_code == 2 and "1.5" in wrong.output
+
+
+def test_the_card_carries_the_lung_mask_setting_of_the_training_config(tmp_path, detector_checkpoint):
+    """A detector evaluated with eval.lung_mask scores with it too: the card's decoding carries
+    it to the pipeline; an older card (no key) runs without."""
+    torch = pytest.importorskip("torch")
+    from medssl.export import ExportOptions, export_checkpoint
+
+    state = torch.load(detector_checkpoint, weights_only=False)
+    state["config"]["eval"]["lung_mask"] = True
+    torch.save(state, tmp_path / "masked.pt")
+    card = export_checkpoint(tmp_path / "masked.pt", tmp_path / "repo", "m",
+                             ExportOptions(max_batch_size=1, operating_point="none")).card
+    assert card.decoding.lung_mask and card.detection_params().lung_mask
+    data = card.to_json()
+    assert ModelCard.from_json(data) == card
+    del data["decoding"]["lung_mask"], data["decoding"]["lung_margin_mm"]
+    assert not ModelCard.from_json(data).detection_params().lung_mask

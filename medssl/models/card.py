@@ -166,6 +166,8 @@ class Decoding:
             see :class:`medssl.pipeline.detect.DetectionParams`.
         anchor_strides: feature strides (voxels) of the anchor levels.
         anchor_sizes: cube edge (voxels) of each level's anchors.
+        lung_mask, lung_margin_mm: restrict detection to the lungs (and the mask's dilation,
+            mm), see :class:`medssl.pipeline.detect.DetectionParams`; off in older cards.
         calibration: the monotone map from the network's scores to the probabilities the
             pipeline reports (:class:`~medssl.metrics.calibration.Calibration`, fitted on the
             run's validation marks; the identity for a card without one). The operating
@@ -180,6 +182,8 @@ class Decoding:
     min_diameter_mm: float = 0.0
     anchor_strides: tuple[int, ...] = ()
     anchor_sizes: tuple[float, ...] = ()
+    lung_mask: bool = False
+    lung_margin_mm: float = 5.0
     calibration: Calibration = field(default_factory=Calibration)
 
     def to_json(self) -> dict[str, Any]:
@@ -265,7 +269,8 @@ class ModelCard:
             spacing_mm=float(self.input_spacing[0]), intensity=self.normalisation, window=z,
             divisor=d.divisor, overlap=self.overlap, batch_size=batch_size,
             score_threshold=d.score_threshold, pre_nms_top_k=d.pre_nms_top_k, nms_iou=d.nms_iou,
-            max_detections=d.max_detections, min_diameter_mm=d.min_diameter_mm, calibration=d.calibration,
+            max_detections=d.max_detections, min_diameter_mm=d.min_diameter_mm, lung_mask=d.lung_mask,
+            lung_margin_mm=d.lung_margin_mm, calibration=d.calibration,
         )
 
     def report_threshold(self, override: float | None = None) -> ReportThreshold:
