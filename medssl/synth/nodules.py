@@ -489,6 +489,9 @@ def place_lesions(
     placer = _Placer(anatomy, grid, vessels, rng)
     lo, hi = grid.box()
     where = f"the field of view {np.round(lo, 1).tolist()} .. {np.round(hi, 1).tolist()} mm"
+    if grid.motion_mm:
+        where += (f" (less {grid.motion_mm:.1f} mm of breathing motion at each end; "
+                  "motion_share=0 keeps it whole)")
     d_lo, d_hi = diameter_range
     d_hi = min(d_hi, 0.5 * float(np.min(hi - lo)))
     if n_nodules and d_lo > d_hi:
