@@ -16,6 +16,7 @@ from torch import nn
 
 from medssl.detection import AnchorGrid, AnchorSpec
 from medssl.pipeline import Intensity
+from medssl.pipeline.windows import plan_windows
 from medssl.training import det_trainer
 from medssl.training.batchnorm import inference_windows, reestimate_batchnorm
 from medssl.training.det_scans import split_luna16
@@ -202,3 +203,22 @@ def test_mining_runs_logs_checkpoints_its_lists_and_resume_continues_the_same_st
     straight, resumed = checkpoint(tmp_path / "straight")["model"], checkpoint(tmp_path / "resumed")["model"]
     for name, value in straight.items():
         torch.testing.assert_close(resumed[name], value, msg=f"{name} differs after resume")
+
+
+def test_batchnorm_windows_touch_the_lung_mask_when_inference_uses_it(monkeypatch):
+    """With ``eval.lung_mask`` inference runs only windows touching the lung mask, so the
+    statistics are estimated on those only; a scan without lung is run (and drawn) whole."""
+    scans = _scans(2, shape=(40, 96, 96))
+    lungs = np.zeros((40, 96, 96), dtype=bool)
+    lungs[5:10, 70:80, 70:80] = True
+    masks = {float(scans[0].volume.array[0, 0, 0]): lungs, float(scans[1].volume.array[0, 0, 0]): np.zeros_like(lungs)}
+    monkeypatch.setattr(det_trainer, "_prepared_lung_mask", lambda volume, params: masks[float(volume.array[0, 0, 0])])
+    cfg = tiny_config("supervised-det", "eval.lung_mask=true", "eval.bn_windows=1000")
+    windows = det_trainer._statistics_windows(scans, cfg)
+    first = [s for i, s in windows if i == 0]
+    every_first = plan_windows((40, 96, 96), (32, 32, 32), cfg.eval.overlap)
+    assert first and len(first) < len(every_first)
+    assert all(lungs[s[0]:s[0] + 32, s[1]:s[1] + 32, s[2]:s[2] + 32].any() for s in first)
+    assert len([s for i, s in windows if i == 1]) == len(every_first)
+    assert len(det_trainer._statistics_windows(scans, tiny_config("supervised-det", "eval.bn_windows=1000"))) \
+        == 2 * len(every_first)
