@@ -114,7 +114,11 @@ class FocalMixConfig:
         object_memory_stride: CPL: memory cell edge, voxels of the model grid; one entry per
             cell of each unlabeled scan (default 8: about one nodule centre per cell).
         unlabeled_weight: weight of the unlabeled SFL term after ramp-up. The paper does
-            not give it; SFL on mixed targets has the labeled loss's scale, so 1.0.
+            not give it; SFL on mixed targets has the labeled loss's scale, and with one
+            normaliser for the joint batch (:func:`~medssl.training.det_steps.joint_loss`)
+            weight 1.0 gives an unlabeled anchor the weight of a labeled one. (MixMatch's
+            λ_U = 100, ramped linearly over its first 16k steps, goes with an L2 unlabeled
+            loss over class probabilities, about 100 times smaller than a cross-entropy.)
         rampup_fraction: linear ramp-up of that weight over this share of the steps
             (MixMatch ramps linearly; the paper does not say over how long).
         candidate_fraction: share of unlabeled crops centred (with jitter) on candidates the

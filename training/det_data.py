@@ -1,8 +1,9 @@
 """Training patches for the nodule detector, from cached preprocessed scans.
 
-Every sample is a pure function of ``(seed, index)``: the sampler hands out a running
-index, so a run is reproducible with any number of DataLoader workers and a resumed run
-continues the same sample stream.
+Every sample is a pure function of ``(seed, index)`` and the mined crop centres the dataset
+holds (hard negatives, unlabeled candidates: :mod:`medssl.training.det_mining`): the sampler
+hands out a running index, so a run is reproducible with any number of DataLoader workers and
+a resumed run (with its checkpoint's mined lists) continues the same sample stream.
 
 Frames: scans are cached on the model grid (1 mm isotropic by default, see
 :class:`medssl.training.cache.VolumeCache`); boxes are cubes ``(z, y, x, d)`` in the
