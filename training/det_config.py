@@ -118,7 +118,8 @@ class FocalMixConfig:
             normaliser for the joint batch (:func:`~medssl.training.det_steps.joint_loss`)
             weight 1.0 gives an unlabeled anchor the weight of a labeled one. (MixMatch's
             λ_U = 100, ramped linearly over its first 16k steps, goes with an L2 unlabeled
-            loss over class probabilities, about 100 times smaller than a cross-entropy.)
+            loss between probability vectors averaged over the classes, on a far smaller
+            scale than a cross-entropy.)
         rampup_fraction: linear ramp-up of that weight over this share of the steps
             (MixMatch ramps linearly; the paper does not say over how long).
         candidate_fraction: share of unlabeled crops centred (with jitter) on candidates the
