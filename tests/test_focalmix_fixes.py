@@ -137,3 +137,15 @@ def test_reestimated_statistics_are_the_mean_and_variance_of_the_windows_activat
     variance = np.mean([patches[:4].var(ddof=1), patches[4:].var(ddof=1)])
     assert net[1].running_var.item() == pytest.approx(variance, rel=1e-5)
     assert not net.training and net[1].momentum == 0.3  # mode and momentum restored
+
+
+def test_batch_statistics_only_keeps_a_graph_built_inside_it_differentiable():
+    """PatchCL embeds with gradients inside the block: backward after it must still work (the
+    statistics are swapped back, not written into tensors batch norm saved for backward)."""
+    net = nn.Sequential(nn.Conv1d(2, 3, 1), nn.BatchNorm1d(3)).train()
+    before = bn_buffers(net)
+    with batch_statistics_only(net):
+        out = net(torch.randn(4, 2, 5))
+    out.square().sum().backward()
+    assert net[0].weight.grad is not None
+    assert_same(before, bn_buffers(net))

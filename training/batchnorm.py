@@ -36,22 +36,26 @@ def _norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def batch_statistics_only(module: nn.Module) -> Iterator[None]:
     """Within the block, BatchNorm layers of ``module`` keep their running statistics.
 
-    The layers still normalise as their mode says (train mode: the batch's statistics);
-    on exit ``running_mean``, ``running_var`` and ``num_batches_tracked`` of every
-    BatchNorm layer are restored bit for bit (also after an exception, and also where a
-    pass produced non-finite statistics).
+    The layers still normalise as their mode says (train mode: the batch's statistics), with
+    or without gradients. Inside the block each layer's ``running_mean``, ``running_var`` and
+    ``num_batches_tracked`` are stand-in copies the forward passes may update; on exit the
+    original tensors are put back untouched (also after an exception, and also where a pass
+    produced non-finite statistics). The originals are swapped, never written, so an autograd
+    graph built inside the block stays valid (batch norm saves these tensors for backward).
     """
     saved = []
     for m in _norms(module):
-        buffers = {name: getattr(m, name) for name in ("running_mean", "running_var", "num_batches_tracked")}
-        saved.append((m, {name: b.detach().clone() for name, b in buffers.items() if b is not None}))
+        originals = {name: getattr(m, name) for name in ("running_mean", "running_var", "num_batches_tracked")
+                     if getattr(m, name) is not None}
+        for name, tensor in originals.items():
+            setattr(m, name, tensor.detach().clone())
+        saved.append((m, originals))
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, buffers in saved:
-                for name, value in buffers.items():
-                    getattr(m, name).copy_(value)
+        for m, originals in saved:
+            for name, tensor in originals.items():
+                setattr(m, name, tensor)
 
 
 def inference_windows(
