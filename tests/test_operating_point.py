@@ -445,3 +445,34 @@ def test_the_card_carries_the_lung_mask_setting_of_the_training_config(tmp_path,
     assert ModelCard.from_json(data) == card
     del data["decoding"]["lung_mask"], data["decoding"]["lung_margin_mm"]
     assert not ModelCard.from_json(data).detection_params().lung_mask
+
+
+def test_series_table_reports_lung_mask_skips_and_the_no_lung_warning(exported, dicom_archive, tmp_path):
+    """A card that restricts detection to the lungs: series.parquet says how many windows the
+    mask skipped and how long it took, and a volume without lungs is scored whole with the
+    pipeline's warning in the ``warning`` column (not silently)."""
+    from medssl.io import write_volume
+    from medssl.volume import Volume
+
+    repository = tmp_path / "repository"
+    shutil.copytree(exported.model_dir, repository / "nodules")
+    for path in (repository / "nodules").rglob(CARD_FILE):
+        data = json.loads(path.read_text())
+        data["decoding"]["lung_mask"] = True
+        path.write_text(json.dumps(data))
+    result = _score(dicom_archive, repository, tmp_path / "chest")
+    assert result.exit_code == 0, result.output
+    chest = pq.read_table(tmp_path / "chest" / "series.parquet").to_pylist()
+    assert len(chest) == 3 and all(s["status"] == "ok" and s["warning"] is None for s in chest)
+    assert all(s["lung_mask_s"] > 0 and 0 <= s["n_windows_skipped"] < s["n_windows"] for s in chest)
+    water = np.zeros((40, 64, 64), dtype=np.float32)  # soft tissue only: no lung anywhere
+    write_volume(Volume(water, np.diag([2.0, 1.5, 1.5, 1.0])), tmp_path / "water" / "water.nii.gz")
+    from medssl.cli.score import score
+
+    (tmp_path / "water.txt").write_text(f"{tmp_path / 'water' / 'water.nii.gz'}\n")
+    result = CliRunner().invoke(score, [str(tmp_path / "water.txt"), "--repository", str(repository), "--model",
+                                        "nodules", "--out", str(tmp_path / "out"), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    (row,) = pq.read_table(tmp_path / "out" / "series.parquet").to_pylist()
+    assert row["status"] == "ok" and row["n_windows_skipped"] == 0 and row["n_windows"] > 0
+    assert "lung" in row["warning"]

@@ -29,6 +29,9 @@ __all__ = ["FINDING_COLUMNS", "SERIES_COLUMNS", "ResultStore"]
 #: ``report_threshold``: a detector's threshold in effect for the series (findings at or above
 #: it are ``passed`` and in its SR/SEG); ``threshold_source`` says where it came from
 #: (``operating_point``: the card's, chosen on validation; ``override``; ``legacy_default``).
+#: ``n_windows_skipped`` and ``lung_mask_s``: windows a detector's lung mask skipped and the
+#: mask's time; ``warning``: what the pipeline reported about the series (e.g. no lung found,
+#: so every window ran).
 SERIES_COLUMNS: dict[str, pa.DataType] = {
     "key": pa.string(), "patient_id": pa.string(), "study_uid": pa.string(), "series_uid": pa.string(),
     "status": pa.string(), "error": pa.string(), "model": pa.string(), "model_version": pa.int64(),
@@ -38,6 +41,7 @@ SERIES_COLUMNS: dict[str, pa.DataType] = {
     "n_findings": pa.int64(), "max_probability": pa.float64(), "dicom_outputs": pa.string(),
     "label_map": pa.string(), "note": pa.string(), "series_uid_absent": pa.bool_(),
     "report_threshold": pa.float64(), "threshold_source": pa.string(),
+    "n_windows_skipped": pa.int64(), "lung_mask_s": pa.float64(), "warning": pa.string(),
 }
 #: ``findings.parquet`` columns. Detection: one detection per row, LPS millimetres (``x_mm`` ...
 #: ``probability``); every candidate is kept, and ``passed`` says whether it reached the series'
