@@ -55,6 +55,7 @@ differs in every scanner and patient range and draws from other seeds (seed
     subcutaneous fat, mm           6-40               4-60
     IV contrast                    30 %               50 %   (150-350 HU both)
     free / juxta-pleural / -vasc.  45 / 30 / 25 %     35 / 35 / 30 %
+    juxta-vasc. at an airway wall  25 %               35 %
     solid / part-solid / GGO       65 / 15 / 20 %     55 / 20 / 25 %
     granulomas + scars per scan    0-3, 50 % gran.    0-4, 60 % gran.
     breathing motion               20 %, 1-6 mm       35 %, 2-10 mm
@@ -168,6 +169,9 @@ class ChestConfig:
         motion_amplitude_range: breathing displacement at the lung bases, mm.
         location_shares: probabilities of the nodule locations
             (:data:`~medssl.synth.nodules.LOCATIONS`: free, juxta-pleural, juxta-vascular).
+        airway_share: fraction of the juxta-vascular nodules that are peribronchial:
+            they abut an airway wall where the airway divides instead of a vessel
+            (both lie in the bronchovascular bundle; ``Nodule.attached_to`` says which).
         kind_shares: probabilities of the nodule kinds
             (:data:`~medssl.synth.nodules.NODULE_KINDS`: solid, part-solid, ground-glass).
         full_fov_mm: a field of view at least this wide is centred on the isocentre;
@@ -199,6 +203,7 @@ class ChestConfig:
     motion_share: float = 0.2
     motion_amplitude_range: tuple[float, float] = (1.0, 6.0)
     location_shares: tuple[float, float, float] = (0.45, 0.3, 0.25)
+    airway_share: float = 0.25
     kind_shares: tuple[float, float, float] = (0.65, 0.15, 0.2)
     full_fov_mm: float = 250.0
     fov_centre_lps: tuple[float, float, float] | None = None
@@ -224,7 +229,8 @@ class ChestConfig:
             if not 0 <= lo <= hi:
                 raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, "
                                  f"got {(lo, hi)}")
-        for name in ("sharp_kernel_share", "contrast_share", "granuloma_share", "motion_share"):
+        for name in ("sharp_kernel_share", "contrast_share", "granuloma_share", "motion_share",
+                     "airway_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], "
                                  f"got {getattr(self, name)}")
@@ -281,6 +287,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "fat_mm_range": (4.0, 60.0),
         "contrast_share": 0.5,
         "location_shares": (0.35, 0.35, 0.3),
+        "airway_share": 0.35,
         "kind_shares": (0.55, 0.2, 0.25),
         "n_lookalikes_range": (0, 4),
         "granuloma_share": 0.6,
@@ -350,7 +357,8 @@ def generate_chest_ct(seed: int, config: ChestConfig | None = None) -> ChestCase
     n_confusers = int(rng.integers(cfg.n_confusers_range[0], cfg.n_confusers_range[1] + 1))
     nodules, confusers, crossings = place_lesions(
         anatomy, grid, vessels, rng, n_nodules, cfg.nodule_diameter_range, n_confusers,
-        location_shares=cfg.location_shares, kind_shares=cfg.kind_shares)
+        location_shares=cfg.location_shares, kind_shares=cfg.kind_shares,
+        airways=airways, airway_share=cfg.airway_share)
     n_lookalikes = int(rng.integers(cfg.n_lookalikes_range[0], cfg.n_lookalikes_range[1] + 1))
     granulomas, scars, lookalikes, scar_hu = place_lookalikes(
         anatomy, grid, vessels, rng, n_lookalikes, nodules + confusers,

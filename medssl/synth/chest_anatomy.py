@@ -22,6 +22,7 @@ from functools import cached_property
 import numpy as np
 
 __all__ = [
+    "AIRWAY_WALL",
     "ChestAnatomy",
     "ScanGrid",
     "TissueHU",
@@ -40,6 +41,10 @@ __all__ = [
 ]
 
 _F32 = np.float32
+
+#: The airway wall around a lumen of radius ``r`` mm reaches ``r * scale + offset_mm``:
+#: ``(scale, offset_mm)``, so it is 0.15 r + 0.4 mm thick (0.6-1.1 mm in the lungs).
+AIRWAY_WALL = (1.15, 0.4)
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,33 @@ class Tubes:
 
     def __len__(self) -> int:
         return len(self.r0)
+
+    def branchings(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where the lung-clipped tubes divide: ``(points (B, 3) LPS mm, parent radii (B,) mm)``.
+
+        A branching is the end of a clipped segment where other clipped segments
+        start (as :func:`grow_tree` builds a tree); the radius is the parent's there.
+        """
+        starts = {tuple(p) for p in np.round(self.start[self.clipped], 6)}
+        ends = np.round(self.end, 6)
+        keep = self.clipped & np.array([tuple(p) in starts for p in ends], dtype=bool)
+        return self.end[keep], self.r1[keep]
+
+    def axis_distance(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distance from ``points`` ``(M, 3)`` LPS mm to every segment's axis, and the
+
+        segment's radius at the nearest axis point: ``(dist, radius)``, float64 ``(M, N)`` mm
+        (a point is inside segment ``k`` where ``dist[:, k] < radius[:, k]``).
+        """
+        p = np.asarray(points, dtype=np.float64)
+        ab = self.end - self.start
+        length2 = np.maximum((ab * ab).sum(axis=1), 1e-12)
+        # with q = (p - start) . ab: |p - start - t ab|^2 = |p - start|^2 - 2 t q + t^2 |ab|^2
+        q = p @ ab.T - (self.start * ab).sum(axis=1)
+        t = np.clip(q / length2, 0.0, 1.0)
+        d2 = (p * p).sum(axis=1)[:, None] - 2 * (p @ self.start.T) + (self.start ** 2).sum(axis=1)
+        d2 += t * (t * length2 - 2 * q)
+        return np.sqrt(np.maximum(d2, 0.0)), self.r0 + t * (self.r1 - self.r0)
 
 
 def tube_field(

@@ -27,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from medssl.synth.chest_anatomy import (
+    AIRWAY_WALL,
     HEART_FAT_MM,
     MEDIASTINAL_FAT_MM,
     ChestAnatomy,
@@ -202,7 +203,7 @@ class Scene:
         hu = anatomy.hu
         body_y, body_x = body_box
         _, n_y, n_x = grid.shape
-        wall, marrow = (1.15, 0.4, hu.muscle, True), (1.0, 0.0, -1000.0, False)
+        wall, marrow = (*AIRWAY_WALL, hu.muscle, True), (1.0, 0.0, -1000.0, False)
         bone = ((1.0, 0.0, hu.cortical, False), (1.0, -1.5, hu.cancellous, False))
         maps = _inplane_maps(anatomy, grid)
         margin = int(np.ceil(kernel_reach_mm(scanner.kernel_fwhm, scanner.edge_enhance)

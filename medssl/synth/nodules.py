@@ -12,6 +12,15 @@ The annotated diameter is the *designed* diameter ``2 R``: twice the mean
 surface radius of the lesion's outer solid over all directions, spikes
 excluded, before a juxta-pleural nodule is cut by the pleura.
 
+Locations (:data:`LOCATIONS`): a free nodule lies in aerated lung; a
+juxta-pleural one touches the pleura; a juxta-vascular one lies in the
+bronchovascular bundle, abutting a vessel -- along it or, half the time, at
+a branching -- or, a fraction ``airway_share`` of the time (peribronchial),
+the wall of a bronchus where it divides: its mean surface reaches into the
+wall (:data:`~medssl.synth.chest_anatomy.AIRWAY_WALL`) but not the lumen.
+:attr:`Nodule.attached_to` records which structure the nodule abuts
+(:data:`ATTACHMENTS`).
+
 Look-alikes come in two groups, scored differently (LUNA16 semantics):
 
 * confusers (:data:`CONFUSER_KINDS`): micronodules below 3 mm (some calcified)
@@ -35,6 +44,7 @@ from functools import cached_property
 import numpy as np
 
 from medssl.synth.chest_anatomy import (
+    AIRWAY_WALL,
     ChestAnatomy,
     ScanGrid,
     Tubes,
@@ -44,6 +54,7 @@ from medssl.synth.chest_anatomy import (
 )
 
 __all__ = [
+    "ATTACHMENTS",
     "CONFUSER_KINDS",
     "LOCATIONS",
     "LOOKALIKE_KINDS",
@@ -63,6 +74,14 @@ _F32 = np.float32
 
 NODULE_KINDS = ("solid", "part-solid", "ground-glass")
 LOCATIONS = ("free", "juxta-pleural", "juxta-vascular")
+#: What a nodule abuts (:attr:`Nodule.attached_to`): nothing (free), the pleura
+#: (juxta-pleural), a vessel or an airway wall (juxta-vascular: the bronchovascular bundle).
+ATTACHMENTS = ("none", "pleura", "vessel", "airway")
+#: How a placement mode (a location, or a peribronchial juxta-vascular nodule) is recorded:
+#: ``mode: (location, attached_to)``.
+_RECORDED = {"free": ("free", "none"), "juxta-pleural": ("juxta-pleural", "pleura"),
+             "juxta-vascular": ("juxta-vascular", "vessel"),
+             "peribronchial": ("juxta-vascular", "airway")}
 #: Draws (diameter, shape, location) per nodule before giving up on placing it.
 NODULE_TRIES = 5
 #: Diameters of micronodules (confusers below LUNA16's 3 mm threshold), mm.
@@ -81,13 +100,18 @@ SCAR_HU = (-100.0, 40.0)
 
 @dataclass(frozen=True)
 class Nodule:
-    """A nodule as annotated: centre LPS ``(x, y, z)`` mm, designed diameter mm (see module doc)."""
+    """A nodule as annotated: centre LPS ``(x, y, z)`` mm, designed diameter mm (see module doc).
+
+    ``attached_to`` (:data:`ATTACHMENTS`): what it abuts; a juxta-vascular nodule abuts a
+    ``"vessel"`` or (peribronchial) an ``"airway"`` wall.
+    """
 
     centre_lps: tuple[float, float, float]
     diameter_mm: float
     kind: str          # "solid" | "part-solid" | "ground-glass"
     location: str      # "free" | "juxta-pleural" | "juxta-vascular"
     label: int         # value of this nodule in ChestCase.nodule_mask
+    attached_to: str = "none"   # "none" | "pleura" | "vessel" | "airway"
 
 
 @dataclass(frozen=True)
@@ -264,6 +288,8 @@ def _draw_kind(rng: np.random.Generator, diameter: float, shares: tuple[float, .
 
 # -- placement ------------------------------------------------------------------------------------
 
+_NO_TUBES = Tubes.concat([])
+
 
 @dataclass(frozen=True)
 class _Placer:
@@ -273,6 +299,7 @@ class _Placer:
     grid: ScanGrid
     vessels: Tubes
     rng: np.random.Generator
+    airways: Tubes = _NO_TUBES      # none: no peribronchial places
 
     @property
     def widths(self) -> tuple[float, float]:
@@ -310,13 +337,18 @@ class _Placer:
 
     def find(self, location: str, extent: float, radius: float, placed: list[Lesion],
              gap: float) -> np.ndarray | None:
-        """A centre for a lesion of outer ``extent`` and mean ``radius`` (mm), or None."""
+        """A centre for a lesion of outer ``extent`` and mean ``radius`` (mm), or None.
+
+        ``location``: a placement mode of :data:`_RECORDED`.
+        """
         lo, hi = self._box(extent + 1.0)
         if np.any(hi <= lo):
             return None
         for _ in range(40):
             if location == "juxta-vascular":
                 cand = self._near_vessels(64, radius, lo, hi)
+            elif location == "peribronchial":
+                cand = self._at_airway_branchings(32, radius, lo, hi)
             else:  # half uniform, half near the centre of the field of view (deep in a lung)
                 mid, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
                 cand = np.concatenate([self.rng.uniform(lo, hi, size=(64, 3)),
@@ -369,15 +401,56 @@ class _Placer:
 
     @cached_property
     def _branchings(self) -> tuple[np.ndarray, np.ndarray]:
-        """Where lung vessels divide: ``(points (B, 3) LPS mm, parent radii (B,) mm)``.
+        """Where lung vessels divide: ``(points (B, 3) LPS mm, parent radii (B,) mm)``."""
+        return self.vessels.branchings()
 
-        A branching is the end of a clipped (lung) segment where other segments start.
+    @cached_property
+    def _airway_branchings(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where lung airways divide: ``(points (B, 3) LPS mm, parent lumen radii (B,) mm)``."""
+        return self.airways.branchings()
+
+    def _at_airway_branchings(self, n: int, radius: float, lo: np.ndarray, hi: np.ndarray,
+                              ) -> np.ndarray:
+        """Centres of peribronchial nodules of mean ``radius`` mm at airway branchings.
+
+        From a branching inside the box (widened by the radius), a random direction;
+        along it, the first point (0.2 mm steps) whose distance to every airway lumen
+        is ``radius + g``, ``g`` drawn from 10-50 % of the local wall thickness: the
+        nodule's mean surface reaches into the wall of the nearest airway (it abuts
+        it) but not into any lumen. Only points whose mean surface comes within 1 mm
+        of the parent's wall at the branching count (the nodule sits in the fork or
+        on its shoulder); a direction along an airway reaches none and gives no
+        centre. Returns ``(<= n, 3)`` LPS mm centres inside the box.
         """
-        v = self.vessels
-        starts = {tuple(p) for p in np.round(v.start[v.clipped], 6)}
-        ends = np.round(v.end, 6)
-        keep = v.clipped & np.array([tuple(p) in starts for p in ends], dtype=bool)
-        return v.end[keep], v.r1[keep]
+        points, radii = self._airway_branchings
+        near = np.all((points >= lo - radius) & (points <= hi + radius), axis=1)
+        if not near.any():
+            return np.zeros((0, 3))
+        k = np.flatnonzero(near)[self.rng.integers(0, int(near.sum()), n)]
+        u = _unit(self.rng, n)
+        reach = self.rng.uniform(0.1, 0.5, n)
+        a = self.airways
+        scale, offset = AIRWAY_WALL
+        fork = radii[k] * scale + offset + radius + 1.0       # farthest centre from the branching
+        steps = np.arange(0.0, float(fork.max()) + 1e-9, 0.2)
+        cand = points[k][:, None, :] + steps[None, :, None] * u[:, None, :]     # (n, S, 3)
+        # only the airways that can be nearest a centre's surface (a centre lies within
+        # `fork` of its branching): the others' lumens are too far from every branching
+        dist, lumen = a.axis_distance(points[np.unique(k)])
+        wall_max = float(np.maximum(a.r0, a.r1).max()) * (scale - 1.0) + offset
+        mine = (dist - lumen).min(axis=0) <= float(fork.max()) + radius + wall_max + 0.5
+        sub = Tubes(*(getattr(a, f)[mine] for f in ("start", "end", "r0", "r1", "clipped")))
+        dist, lumen = sub.axis_distance(cand.reshape(-1, 3))
+        clear = (dist - lumen).reshape(n, len(steps), -1)        # to each lumen's surface
+        nearest = clear.argmin(axis=2)
+        wall = (lumen * (scale - 1.0) + offset).reshape(n, len(steps), -1)
+        wall = np.take_along_axis(wall, nearest[:, :, None], axis=2)[:, :, 0]
+        gap = np.take_along_axis(clear, nearest[:, :, None], axis=2)[:, :, 0]
+        ok = (gap >= radius + reach[:, None] * wall) & (steps[None, :] <= fork[:, None])
+        found = ok.any(axis=1)
+        first = ok.argmax(axis=1)
+        out = cand[np.arange(n), first][found]
+        return out[np.all((out >= lo) & (out <= hi), axis=1)]
 
     def _at_branchings(self, n: int, lo: np.ndarray, hi: np.ndarray, r_lo: float, r_hi: float,
                        ) -> tuple[np.ndarray, np.ndarray]:
@@ -460,13 +533,20 @@ def place_lesions(
     *,
     location_shares: tuple[float, float, float] = (0.5, 0.3, 0.2),
     kind_shares: tuple[float, float, float] = (0.65, 0.15, 0.2),
+    airways: Tubes | None = None,
+    airway_share: float = 0.0,
 ) -> tuple[list[Lesion], list[Lesion], Tubes]:
     """Draw and place nodules and confusers inside the scan grid's field of view.
 
     A nodule's location is drawn from :data:`LOCATIONS` with probabilities
     ``location_shares`` (a juxta-pleural or juxta-vascular nodule that finds no
     such place in the field of view becomes a free one, and is recorded so);
-    its kind from :data:`NODULE_KINDS` with ``kind_shares``.
+    its kind from :data:`NODULE_KINDS` with ``kind_shares``. A juxta-vascular
+    nodule is peribronchial with probability ``airway_share``: it abuts the wall
+    of one of ``airways`` where it divides (see the module doc), or, where none
+    in the field of view has room, a vessel; ``Nodule.attached_to`` records
+    which. ``airway_share`` 0 draws nothing more (the outputs of earlier
+    versions).
 
     Nodules lie wholly in the lungs (juxta-pleural ones touch the pleura and
     are cut by it) and wholly in the field of view; the voxel holding a
@@ -482,11 +562,17 @@ def place_lesions(
     Raises:
         RuntimeError: no room for a nodule: the field of view is too small for
             the diameter range, or holds too little lung.
-        ValueError: shares that are not three non-negative numbers summing to 1.
+        ValueError: shares that are not three non-negative numbers summing to 1,
+            an ``airway_share`` outside ``[0, 1]``, or one above 0 without ``airways``.
     """
     check_shares("location_shares", location_shares)
     check_shares("kind_shares", kind_shares)
-    placer = _Placer(anatomy, grid, vessels, rng)
+    if not 0 <= airway_share <= 1:
+        raise ValueError(f"airway_share must be a probability in [0, 1], got {airway_share}")
+    if airway_share > 0 and airways is None:
+        raise ValueError(f"airway_share={airway_share} needs the airways (the tree "
+                         "draw_trees returns); pass airways=...")
+    placer = _Placer(anatomy, grid, vessels, rng, airways if airways is not None else _NO_TUBES)
     lo, hi = grid.box()
     where = f"the field of view {np.round(lo, 1).tolist()} .. {np.round(hi, 1).tolist()} mm"
     if grid.motion_mm:
@@ -505,8 +591,11 @@ def place_lesions(
             layers = _nodule_layers(rng, diameter, kind)
             extent = max(s.extent + float(np.linalg.norm(s.centre)) for s, _, _ in layers)
             first = str(rng.choice(LOCATIONS, p=location_shares))
-            for location in dict.fromkeys((first, "free")):
-                centre = placer.find(location, extent, diameter / 2, nodules, 2.0)
+            if first == "juxta-vascular" and airway_share > 0 and rng.uniform() < airway_share:
+                first = "peribronchial"
+            for mode in dict.fromkeys((first, "juxta-vascular" if first == "peribronchial"
+                                       else first, "free")):
+                centre = placer.find(mode, extent, diameter / 2, nodules, 2.0)
                 if centre is not None:
                     break
             if centre is not None:
@@ -515,7 +604,8 @@ def place_lesions(
             raise RuntimeError(
                 f"no room for nodule {label} ({n_nodules} drawn, {d_lo:.1f}-{d_hi:.1f} mm) in "
                 f"{where}; use a larger matrix or n_slices, or a smaller nodule_diameter_range")
-        record = Nodule(_tuple(centre), float(diameter), kind, location, label)
+        location, attached_to = _RECORDED[mode]
+        record = Nodule(_tuple(centre), float(diameter), kind, location, label, attached_to)
         nodules.append(Lesion(tuple((s.moved(s.centre + centre), hu, haze)
                                     for s, hu, haze in layers), label, record))
 
