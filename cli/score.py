@@ -109,26 +109,37 @@ def score(source: Path, model: str, repository: Path | None, model_version: int 
         raise SystemExit(3)
 
 
-def _print_findings(out: Path, top: int = 10) -> None:
-    """The most probable findings of the run, one line each (LPS mm); for a segmentation
-    model, the label volumes per series."""
+def _print_findings(out: Path, top: int = 20) -> None:
+    """What the run reports: the findings at or above each series' operating point (the ones in
+    its SR/SEG), by series and descending probability, in LPS mm, at most ``top`` lines; then how
+    many candidates below it findings.parquet keeps. A segmentation run prints label volumes."""
     import pyarrow.parquet as pq
 
     rows = pq.read_table(out / "findings.parquet").to_pylist()
-    if not rows:
-        click.echo("no findings")
-        return
-    if rows[0]["volume_ml"] is not None:
+    if rows and rows[0]["volume_ml"] is not None:
         _print_volumes(rows)
         return
-    rows.sort(key=lambda r: -r["probability"])
-    table = Table(title=f"top {min(top, len(rows))} of {len(rows)} findings (findings.parquet)")
-    for column in ("series", "x mm", "y mm", "z mm", "diameter mm", "probability", "passed"):
+    series = {r["key"]: r for r in pq.read_table(out / "series.parquet").to_pylist()}
+    thresholds = sorted({s["report_threshold"] for s in series.values() if s["report_threshold"] is not None})
+    at = ", ".join(f"{t:.3f}" for t in thresholds) or "none"
+    reported = sorted((r for r in rows if r["passed"]), key=lambda r: (r["series_uid"], -r["probability"]))
+    below = len(rows) - len(reported)
+    scanned = sum(1 for s in series.values() if s["status"] == "ok")
+    if not reported:
+        click.echo(f"no findings at the operating point (p >= {at}) in {scanned} series; "
+                   f"{below} candidate(s) below it are in findings.parquet")
+        return
+    table = Table(title=f"{len(reported)} finding(s) at the operating point (p >= {at}) in {scanned} series"
+                  + (f", first {top}" if len(reported) > top else ""))
+    for column in ("series", "finding", "x mm (L)", "y mm (P)", "z mm (S)", "diameter mm", "probability"):
         table.add_column(column, justify="right")
-    for r in rows[:top]:
-        table.add_row(r["series_uid"][-24:], f"{r['x_mm']:.1f}", f"{r['y_mm']:.1f}", f"{r['z_mm']:.1f}",
-                      f"{r['diameter_mm']:.1f}", f"{r['probability']:.3f}", "yes" if r["passed"] else "no")
+    number: dict[str, int] = {}
+    for r in reported[:top]:
+        number[r["series_uid"]] = number.get(r["series_uid"], 0) + 1
+        table.add_row(r["series_uid"][-24:], str(number[r["series_uid"]]), f"{r['x_mm']:.1f}", f"{r['y_mm']:.1f}",
+                      f"{r['z_mm']:.1f}", f"{r['diameter_mm']:.1f}", f"{r['probability']:.2f}")
     Console().print(table)
+    click.echo(f"{below} candidate(s) below the operating point are kept in findings.parquet (passed = false)")
 
 
 def _print_volumes(rows: list[dict], top: int = 4) -> None:

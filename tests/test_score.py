@@ -56,7 +56,11 @@ def test_an_archive_gives_ok_skipped_and_failed_rows_with_reasons(archive, tmp_p
     assert {f["key"] for f in findings} <= ok_keys
     assert sum(r["n_findings"] for r in by_status["ok"]) == len(findings)
     assert all(0 <= f["probability"] <= 1 and f["diameter_mm"] > 0 for f in findings)
-    assert "findings (findings.parquet)" in result.output  # the findings table is printed
+    # the printout is what the run reports: the findings at the operating point, and a count of the rest
+    reported = sum(f["passed"] for f in findings)
+    assert (f"{reported} finding(s) at the operating point" in result.output if reported
+            else "no findings at the operating point" in result.output)
+    assert f"{len(findings) - reported} candidate(s) below" in result.output
 
 
 def test_a_rerun_resumes_and_retries_only_the_failed(archive, tmp_path):
