@@ -14,9 +14,10 @@ Rows:
 * ``shipped``: the model as its card says (lung mask, calibration, operating point);
 * inference-side ablations, the same exported model with one :class:`DetectionParams` switch
   changed (:func:`inference_ablations`): ``lung mask off`` (every window runs, no finding is
-  dropped for lying outside the lungs; ``lung mask on`` for a card without it),
-  ``calibration off`` (the network's raw scores; the ranking, hence CPM and sensitivities, is
-  unchanged, the probabilities and so the marks at the card's threshold and the ECE are not);
+  dropped for lying outside the lungs; ``lung mask on`` for a card without it). Calibration is
+  monotone: without it the ranking, CPM, sensitivities and the marks at the operating point
+  (chosen on the calibrated scale) are the same, only the probabilities are not, so its
+  ablation is a column, the ECE of the raw scores (``ECE raw``), not a second inference pass;
 * training-side ablations, other model repositories the lead trained (``--variant NAME=PATH``,
   PATH a model folder holding ``medssl.json``, e.g. ``--variant "no hard negatives=/tmp/nohn/
   model_repository/focalmix-nodules"``), scored with their own cards.
@@ -54,7 +55,7 @@ import numpy as np
 
 from medssl.datasets.luna16 import Luna16
 from medssl.metrics import FP_RATES, Prediction, evaluate_luna16, label_candidates
-from medssl.metrics.calibration import Calibration, expected_calibration_error, reliability_diagram
+from medssl.metrics.calibration import expected_calibration_error, reliability_diagram
 from medssl.models.card import load_card
 from medssl.pipeline.detect import DetectionParams
 from medssl.pipeline.windows import extract_window, plan_windows
@@ -78,14 +79,10 @@ def inference_ablations(params: DetectionParams) -> dict[str, dict[str, Any]]:
     """The inference-side rows of a card's parameters: ``DetectionParams`` fields to replace.
 
     The lung mask is switched to the other setting than the card's (off if the card uses it,
-    on if not: both tell what it buys); the calibration is switched off (the identity) where
-    the card has one; a card without one has no calibration row (nothing to switch).
+    on if not: both tell what it buys). Calibration gets no row: it is monotone, and its effect
+    (the ECE before and after) is read off every row (``ece_uncalibrated``).
     """
-    rows: dict[str, dict[str, Any]] = {
-        f"lung mask {'off' if params.lung_mask else 'on'}": {"lung_mask": not params.lung_mask}}
-    if not params.calibration.is_identity:
-        rows["calibration off"] = {"calibration": Calibration()}
-    return rows
+    return {f"lung mask {'off' if params.lung_mask else 'on'}": {"lung_mask": not params.lung_mask}}
 
 
 @dataclass(frozen=True)
@@ -165,6 +162,11 @@ def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_si
     counted = labels >= 0
     probabilities = np.array([p.probability for p in predictions], dtype=float)[counted]
     ece = expected_calibration_error(probabilities, labels[counted]) if counted.any() else float("nan")
+    # The calibration is monotone, so switching it off changes no ranking, CPM or mark: only the
+    # probabilities. Their ECE before calibration is the raw scores', recovered exactly.
+    calibration = params.calibration
+    raw = _uncalibrated(probabilities, calibration.a, calibration.b)
+    ece_raw = expected_calibration_error(raw, labels[counted]) if counted.any() else float("nan")
     if reliability is not None and counted.any():
         reliability_diagram(probabilities, labels[counted], reliability, title=f"{variant.name}: reliability")
     return {
@@ -174,10 +176,17 @@ def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_si
         "sensitivities": list(froc.sensitivities), "sensitivity_at_1fp": froc.sensitivities[FP_RATES.index(1.0)],
         "threshold": threshold.value, "threshold_source": threshold.source,
         "marks_per_scan": statistics.mean(marks), "marks_per_scan_max": max(marks),
-        "ece": ece, "n_marks_labelled": int(counted.sum()), "n_true_marks": int(labels[counted].sum()),
+        "ece": ece, "ece_uncalibrated": ece_raw, "calibration": _jsonable(calibration),
+        "n_marks_labelled": int(counted.sum()), "n_true_marks": int(labels[counted].sum()),
         "windows_per_scan": statistics.mean(windows), "seconds_per_scan": statistics.median(seconds),
         "n_scans": froc.n_scans, "n_nodules": froc.n_nodules,
     }
+
+
+def _uncalibrated(p: np.ndarray, a: float, b: float) -> np.ndarray:
+    """Invert ``p = sigmoid(a * logit(raw) + b)`` (a > 0): the model's raw scores ``(N,)``."""
+    q = np.clip(p, 1e-12, 1 - 1e-12)
+    return 1.0 / (1.0 + np.exp(-((np.log(q / (1 - q)) - b) / a)))
 
 
 def _jsonable(value: Any) -> Any:
@@ -222,12 +231,12 @@ def report(rows: Sequence[dict[str, Any]], meta: Mapping[str, Any], peer: Mappin
              f"{meta['n_scans']} scans, {meta['n_nodules']} nodules, held-out family, matrix {meta['matrix']}. "
              "CPM by the LUNA16 paper's exact rates, 95 % bootstrap over scans; marks: findings at or above the "
              "card's operating point (what the SR carries); ECE over every mark, labelled by the LUNA16 matching.", "",
-             "| model | CPM | CPM 95 % CI | sens. @ 1 FP/scan | threshold | marks/scan (max) | ECE | windows/scan "
-             "| s/scan (median) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | CPM | CPM 95 % CI | sens. @ 1 FP/scan | threshold | marks/scan (max) | ECE | ECE raw "
+             "| windows/scan | s/scan (median) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['cpm']:.3f} | [{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] | "
                      f"{r['sensitivity_at_1fp']:.3f} | {r['threshold']:.3f} ({r['threshold_source']}) | "
-                     f"{r['marks_per_scan']:.1f} ({r['marks_per_scan_max']}) | {r['ece']:.3f} | "
+                     f"{r['marks_per_scan']:.1f} ({r['marks_per_scan_max']}) | {r['ece']:.3f} | {r['ece_uncalibrated']:.3f} | "
                      f"{r['windows_per_scan']:.0f} | {r['seconds_per_scan']:.1f} |")
     if peer:
         lines += ["", f"Peer timing (shipped model, every window, {peer['scans']} scans, medians): the pipeline's "

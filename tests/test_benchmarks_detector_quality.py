@@ -8,9 +8,11 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks.detector_quality import (
+    _uncalibrated,
     ROOT,
     Variant,
     inference_ablations,
@@ -28,9 +30,13 @@ def test_inference_rows_switch_the_cards_own_settings() -> None:
     plain = DetectionParams()
     assert inference_ablations(plain) == {"lung mask on": {"lung_mask": True}}
     fitted = replace(plain, lung_mask=True, calibration=Calibration(method="platt", a=0.5, b=-1.0))
-    rows = inference_ablations(fitted)
-    assert rows["lung mask off"] == {"lung_mask": False}
-    assert rows["calibration off"]["calibration"].is_identity
+    assert inference_ablations(fitted) == {"lung mask off": {"lung_mask": False}}
+
+
+def test_uncalibrated_scores_are_recovered_exactly() -> None:
+    raw = np.linspace(0.01, 0.99, 25)
+    calibration = Calibration(method="platt", a=0.5, b=-1.0)
+    np.testing.assert_allclose(_uncalibrated(calibration.apply(raw), calibration.a, calibration.b), raw, rtol=1e-9)
 
 
 def test_variant_needs_a_model_folder(tmp_path: Path) -> None:
