@@ -212,7 +212,7 @@ def test_batchnorm_windows_touch_the_lung_mask_when_inference_uses_it(monkeypatc
     lungs = np.zeros((40, 96, 96), dtype=bool)
     lungs[5:10, 70:80, 70:80] = True
     masks = {float(scans[0].volume.array[0, 0, 0]): lungs, float(scans[1].volume.array[0, 0, 0]): np.zeros_like(lungs)}
-    monkeypatch.setattr(det_trainer, "_prepared_lung_mask", lambda volume, params: masks[float(volume.array[0, 0, 0])])
+    monkeypatch.setattr(det_trainer, "prepared_lung_mask", lambda volume, params: masks[float(volume.array[0, 0, 0])])
     cfg = tiny_config("supervised-det", "eval.lung_mask=true", "eval.bn_windows=1000")
     windows = det_trainer._statistics_windows(scans, cfg)
     first = [s for i, s in windows if i == 0]

@@ -39,7 +39,7 @@ from medssl.detection import AnchorGrid
 from medssl.errors import MedsslError, VolumeReadError
 from medssl.metrics import plot_froc, write_predictions
 from medssl.pipeline import Intensity
-from medssl.pipeline.detect import _prepared_lung_mask, _touches
+from medssl.pipeline.detect import prepared_lung_mask, window_touches
 from medssl.training.batchnorm import inference_windows, reestimate_batchnorm
 from medssl.training.cache import CachedVolume, VolumeCache
 from medssl.training.checkpoint import CheckpointManager, resume_from_last, rng_state
@@ -183,9 +183,9 @@ def _statistics_windows(labeled: list[ScanBoxes], cfg: DetectionExperiment) -> l
     keep = None
     if cfg.eval.lung_mask:
         params = detection_params(cfg)
-        masks = [_prepared_lung_mask(s.volume.to_volume(), params) for s in labeled]
+        masks = [prepared_lung_mask(s.volume.to_volume(), params) for s in labeled]
         # a scan where no lung is found is run whole by inference (detect_preprocessed)
-        keep = lambda i, start: not masks[i].any() or _touches(masks[i], start, params.window_shape)  # noqa: E731
+        keep = lambda i, start: not masks[i].any() or window_touches(masks[i], start, params.window_shape)  # noqa: E731
     return inference_windows([s.volume.array.shape for s in labeled], window=cfg.window, overlap=cfg.eval.overlap,
                              count=cfg.eval.bn_windows, seed=cfg.seed, keep=keep)
 

@@ -55,6 +55,8 @@ __all__ = [
     "DetectionRunner",
     "detect",
     "detect_preprocessed",
+    "prepared_lung_mask",
+    "window_touches",
 ]
 
 log = logging.getLogger("medssl.pipeline.detect")
@@ -323,9 +325,9 @@ def detect_preprocessed(
     inside, notes = None, []
     if params.lung_mask:
         tic = perf_counter()
-        inside = _prepared_lung_mask(prepared, params)
+        inside = prepared_lung_mask(prepared, params)
         if inside.any():
-            starts_all, starts = starts, [s for s in starts if _touches(inside, s, params.window_shape)]
+            starts_all, starts = starts, [s for s in starts if window_touches(inside, s, params.window_shape)]
         else:
             starts_all, inside = starts, None
             notes.append("lung mask: no lung found (not a chest CT, or the field of view misses "
@@ -354,7 +356,7 @@ def detect_preprocessed(
     return DetectionResult(detections, timings, len(starts), skipped, notes)
 
 
-def _prepared_lung_mask(prepared: Volume, params: DetectionParams) -> np.ndarray:
+def prepared_lung_mask(prepared: Volume, params: DetectionParams) -> np.ndarray:
     """The lung mask ``(Z, Y, X)`` bool of a preprocessed volume, its values mapped back to HU.
 
     The inverse of :meth:`Intensity.apply` is exact inside ``[hu_min, hu_max]``; the mask's
@@ -367,7 +369,7 @@ def _prepared_lung_mask(prepared: Volume, params: DetectionParams) -> np.ndarray
     return lung_mask(hu, prepared.spacing, params=params.lung_mask_params)
 
 
-def _touches(mask: np.ndarray, start: Sequence[int], window: Sequence[int]) -> bool:
+def window_touches(mask: np.ndarray, start: Sequence[int], window: Sequence[int]) -> bool:
     """True when the window ``[start, start + window)`` holds a voxel of ``mask``."""
     box = tuple(slice(max(int(s), 0), int(s) + int(w)) for s, w in zip(start, window))
     return bool(mask[box].any())
