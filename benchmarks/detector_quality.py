@@ -189,6 +189,22 @@ def _uncalibrated(p: np.ndarray, a: float, b: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-((np.log(q / (1 - q)) - b) / a)))
 
 
+def _resumed(results: Path, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The rows and peer timing already in ``results``, if they were scored on the same test set.
+
+    Raises:
+        SystemExit: ``results`` was made on another test set (data, matrix or smoke flag).
+    """
+    if not results.is_file():
+        return [], None
+    old = json.loads(results.read_text())
+    same = ("data", "matrix", "generator_family", "smoke")
+    if any(old["meta"].get(k) != meta[k] for k in same):
+        raise SystemExit(f"{results} was scored on another test set ({ {k: old['meta'].get(k) for k in same} }); "
+                         "give another --results or drop --resume")
+    return list(old["rows"]), old.get("peer")
+
+
 def _jsonable(value: Any) -> Any:
     return value.to_json() if hasattr(value, "to_json") else value
 
@@ -263,6 +279,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help=f"allow fewer than {MIN_CASES} scans or a matrix below {MIN_MATRIX}")
     parser.add_argument("--results", type=Path, default=RESULTS / "detector_quality.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --results (same test set), score only the missing ones")
     args = parser.parse_args()
     if (args.cases < MIN_CASES or args.matrix < MIN_MATRIX) and not args.smoke:
         raise SystemExit(f"--cases {args.cases} / --matrix {args.matrix}: the acceptance test set is >= {MIN_CASES} "
@@ -277,17 +295,24 @@ def main() -> None:
                      for name, change in inference_ablations(shipped).items()]
     variants += [Variant(name, path, {}) for name, path in args.variant]
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
+    meta = {"device": cpu_device(), "threads": args.threads, "data": str(args.data), "matrix": args.matrix,
+            "generator_family": "heldout", "smoke": args.smoke}
+    rows, peer = _resumed(args.results, meta) if args.resume else ([], None)
+    done = {r["name"] for r in rows}
     for variant in variants:
+        if variant.name in done:
+            print(f"== {variant.name}: kept from {args.results}", flush=True)
+            continue
         print(f"== {variant.name}", flush=True)
         diagram = args.results.with_name(args.results.stem + "_reliability.png") if variant.name == "shipped" else None
         rows.append(score_variant(variant, args.data, threads=args.threads, batch_size=args.batch_size,
                                   n_bootstrap=args.bootstrap, reliability=diagram))
-    peer = peer_timing(args.model, args.data, scans=args.peer_scans, threads=args.threads,
-                       batch_size=args.batch_size) if args.peer_scans > 0 else None
-    meta = {"device": cpu_device(), "threads": args.threads, "data": str(args.data), "matrix": args.matrix,
-            "n_scans": rows[0]["n_scans"], "n_nodules": rows[0]["n_nodules"], "generator_family": "heldout",
-            "smoke": args.smoke}
+        meta.update(n_scans=rows[0]["n_scans"], n_nodules=rows[0]["n_nodules"])
+        args.results.write_text(json.dumps({"meta": meta, "rows": rows, "peer": peer}, indent=2) + "\n")
+    if peer is None and args.peer_scans > 0:
+        peer = peer_timing(args.model, args.data, scans=args.peer_scans, threads=args.threads,
+                           batch_size=args.batch_size)
+    meta.update(n_scans=rows[0]["n_scans"], n_nodules=rows[0]["n_nodules"])
     args.results.write_text(json.dumps({"meta": meta, "rows": rows, "peer": peer}, indent=2) + "\n")
     text = report(rows, meta, peer)
     args.results.with_suffix(".md").write_text(text)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks.detector_quality import (
+    _resumed,
     _uncalibrated,
     ROOT,
     Variant,
@@ -66,3 +67,13 @@ def test_one_scan_scored_through_the_scoring_pipeline(tmp_path: Path) -> None:
     assert row["windows_per_scan"] >= 1 and row["seconds_per_scan"] > 0
     assert 0 <= row["marks_per_scan"] <= 100 and 0 < row["n_marks_labelled"] <= 100  # the card: max_detections 100
     assert (tmp_path / "r.png").is_file()
+
+
+def test_resume_keeps_rows_of_the_same_test_set_and_refuses_another(tmp_path: Path) -> None:
+    meta = {"data": "/d", "matrix": 512, "generator_family": "heldout", "smoke": False}
+    results = tmp_path / "q.json"
+    assert _resumed(results, meta) == ([], None)
+    results.write_text(json.dumps({"meta": {**meta, "n_scans": 40}, "rows": [{"name": "shipped"}], "peer": None}))
+    assert _resumed(results, meta) == ([{"name": "shipped"}], None)
+    with pytest.raises(SystemExit, match="another test set"):
+        _resumed(results, {**meta, "matrix": 128})
