@@ -47,4 +47,17 @@ medssl synth (train family; 70 labeled scans, supervised, CPU-sized network; lun
 calibration and an operating point of 1 FP per scan chosen on 20 validation scans). Not for clinical \
 use; it shows the pipeline end to end and is no measure of accuracy on real scans."
 "$BIN/medssl-export" check "$REPO"
+if [ "$REPO" = model_repository ]; then
+    # the weights as a bare checkpoint (no optimiser state), for tests and benchmarks that run
+    # the shipped network in PyTorch (tests/test_score.py, benchmarks/score_throughput.py)
+    "$BIN/python" - "$WORK/supervised/checkpoints/best.pt" benchmarks/assets/focalmix-nodules.pt <<'PY'
+import hashlib, sys
+import torch
+source, target = sys.argv[1], sys.argv[2]
+state = torch.load(source, map_location="cpu", weights_only=False)
+keep = {k: state[k] for k in ("model", "config", "kind", "step", "provenance", "metrics")}
+keep["source_sha256"] = hashlib.sha256(open(source, "rb").read()).hexdigest()
+torch.save(keep, target)
+PY
+fi
 echo "WALL $(( $(date +%s) - start )) s"

@@ -246,7 +246,11 @@ def test_the_shipped_repository_passes_the_check_and_says_it_is_synthetic():
     assert "focalmix-nodules" in [r.name for r in reports] and all(r.ok for r in reports), reports
     card = load_card(repository / "focalmix-nodules")
     assert "synthetic" in card.intended_use and "Not for clinical use" in card.intended_use
-    assert card.provenance["n_labeled"] == 25 and card.provenance["n_unlabeled"] == 60
+    assert card.provenance["method"] == "supervised-det" and card.provenance["n_labeled"] == 70
+    # a detector's card carries the operating point chosen on validation, and the calibration
+    assert card.operating_point is not None and card.operating_point.rule == "fp_per_scan"
+    assert 0 < card.operating_point.threshold < 1 and card.operating_point.n_scans == 20
+    assert card.detection_params().lung_mask and not card.detection_params().calibration.is_identity
     assert card.provenance["parity"]["passed"]
 
 
