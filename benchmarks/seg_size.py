@@ -77,7 +77,7 @@ def organ_card() -> ModelCard:
     labels = tuple(organ_label(value, name) for value, name in LABELS.items())
     output = TensorSpec("logits", "FP32", (len(labels) + 1, *base.patch_size), "class logits")
     return dataclasses.replace(base, name="organs", task=Task.SEGMENTATION, decoding=None,
-                               outputs=(output,), labels=labels)
+                               outputs=(output,), labels=labels, operating_point=None)
 
 
 def organ_study(folder: Path, shape: tuple[int, int, int], factor: int = 4,

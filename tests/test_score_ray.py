@@ -24,7 +24,7 @@ SPEC = RunnerSpec(Path(__file__).resolve().parents[1] / "model_repository", "foc
 # DataContext.copy() (inside Ray Data too) warns about its own deprecated fields.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
-TIMINGS = ("read_s", "preprocess_s", "inference_s", "postprocess_s")
+TIMINGS = ("read_s", "preprocess_s", "inference_s", "postprocess_s", "lung_mask_s")
 
 
 @pytest.fixture(scope="module")

@@ -238,7 +238,9 @@ def test_an_enhanced_ct_study_is_processed(start_gateway, orthanc, studies, tmp_
     from medssl.io import SeriesInfo, read_volume
     from medssl.io.dicom_enhanced import write_enhanced_ct
 
-    volume = read_volume(studies[7][0].parent)
+    # a study where the shipped detector reports a finding at the route's 0.5 (SYN000007: p 0.95),
+    # so the SR has frame references to check
+    volume = read_volume(studies[4][0].parent)
     path = write_enhanced_ct(volume, tmp_path / "enhanced.dcm", SeriesInfo(uid_seed="gateway-enhanced"))
     enhanced = pydicom.dcmread(path, stop_before_pixels=True)
     assert enhanced.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2.1"
