@@ -130,8 +130,8 @@ def _print_findings(out: Path, top: int = 20) -> None:
                    f"{below} candidate(s) below it are in findings.parquet")
         return
     table = Table(title=f"{len(reported)} finding(s) at the operating point (p >= {at}) in {scanned} series"
-                  + (f", first {top}" if len(reported) > top else ""))
-    for column in ("series", "finding", "x mm (L)", "y mm (P)", "z mm (S)", "diameter mm", "probability"):
+                  + (f", first {top}" if len(reported) > top else "") + "; centres in LPS mm")
+    for column in ("series", "#", "x (L)", "y (P)", "z (S)", "diam. mm", "p"):
         table.add_column(column, justify="right")
     number: dict[str, int] = {}
     for r in reported[:top]:
