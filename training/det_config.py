@@ -172,10 +172,11 @@ class EvalConfig:
     Attributes:
         every: validate (and checkpoint) every this many steps, and at the end.
         window: sliding-window edge, voxels (divisible by the largest backbone stride);
-            default: the training patch edge. Keep it there: a network trained on small
-            patches sees deep features of a larger window (more cells away from the zero
-            padding) it never saw in training; a 32^3-trained CPU model scored p = 1.0 on
-            soft tissue with 64^3 windows and CPM 0.0, against sane outputs at 32^3.
+            default: the training patch edge. A larger window sees more context, but its
+            BatchNorm statistics must come from windows of that size (``bn_windows`` does
+            this): before BatchNorm re-estimation a 32^3-trained CPU model scored p = 1.0 on
+            soft tissue with 64^3 windows (CPM 0.0); with it, the shipped run scored validation
+            CPM 0.834 at 64 against 0.770 at 32 (benchmarks/results/detector_window.md).
         overlap: window overlap fraction.
         score_threshold, nms_iou, max_detections: post-processing; LUNA16 keeps at most
             100 marks per scan.
