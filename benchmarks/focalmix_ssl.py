@@ -261,6 +261,21 @@ def experiment(settings: dict[str, Any], run: Run, *, steps: int) -> Any:
     return load_config(DetectionExperiment, resolve_config(settings["config"]), overrides)
 
 
+def resumable(cfg: Any, out: Path) -> bool:
+    """Whether ``out`` holds an interrupted (or finished) run of exactly ``cfg``: its
+    ``checkpoints/last.pt`` exists and its ``config.yaml`` is ``cfg``'s. Such a run continues from
+    its last checkpoint (a finished one only re-runs its test); a folder of another experiment
+    (another budget, say) is trained afresh, as resuming it would mix two learning-rate schedules."""
+    import tempfile
+
+    from medssl.config import dump_config
+
+    if not (out / "checkpoints" / "last.pt").is_file() or not (out / "config.yaml").is_file():
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        return dump_config(cfg, Path(tmp) / "config.yaml").read_text() == (out / "config.yaml").read_text()
+
+
 def execute(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
     """Train and test one run (in this process); its result record."""
     import torch
@@ -272,7 +287,8 @@ def execute(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
     out = Path(settings["work"]) / "runs" / run.folder
     unlabeled = settings["unlabeled_pool"] if run.method == "focalmix" else 0
     start = time.perf_counter()
-    result = train_detector(cfg, settings["data"], out, run.labeled, unlabeled, device=settings["device"])
+    result = train_detector(cfg, settings["data"], out, run.labeled, unlabeled, device=settings["device"],
+                            resume=resumable(cfg, out))
     wall = time.perf_counter() - start
     report = result.test_report or {}
     return {
@@ -582,7 +598,7 @@ def budget_curve(settings: dict[str, Any], labeled: int, seed: int) -> list[dict
     kept = out / "kept_checkpoints"
     start = time.perf_counter()
     with keep_checkpoints(out, kept):
-        train_detector(cfg, settings["data"], out, labeled, 0, device=settings["device"])
+        train_detector(cfg, settings["data"], out, labeled, 0, device=settings["device"], resume=resumable(cfg, out))
     wall = time.perf_counter() - start
     wanted = sorted({*range(every, steps + 1, every), steps})
     missing = [s for s in wanted if not (kept / f"step_{s:08d}.pt").is_file()]

@@ -40,6 +40,10 @@ class DataConfig:
             random crops until the first round. 0: off (the ablation; the paper has none).
         hard_negatives_per_scan: the best candidates of a scan kept as hard negatives at most.
         hard_negative_scans: labeled scans mined per round, in turn (0: all of them).
+        scanner_augment: probability that a labeled crop gets scanner augmentation: noise,
+            a softer or sharper kernel, thicker slices (:mod:`medssl.training.det_augment`;
+            0: off, the paper has none). For a detector that must work on other scanners
+            and protocols than its training data's.
     """
 
     spacing_mm: float = 1.0
@@ -56,6 +60,7 @@ class DataConfig:
     hard_negative_fraction: float = 0.0
     hard_negatives_per_scan: int = 8
     hard_negative_scans: int = 0
+    scanner_augment: float = 0.0
 
     def __post_init__(self) -> None:
         if not (0 <= self.hard_negative_fraction and self.positive_fraction + self.hard_negative_fraction <= 1):
@@ -64,6 +69,8 @@ class DataConfig:
         if self.hard_negatives_per_scan < 1 or self.hard_negative_scans < 0:
             raise ValueError(f"need hard_negatives_per_scan >= 1 and hard_negative_scans >= 0, got "
                              f"{self.hard_negatives_per_scan}, {self.hard_negative_scans}")
+        if not 0 <= self.scanner_augment <= 1:
+            raise ValueError(f"scanner_augment is a probability, got {self.scanner_augment}")
         if self.spacing_mm <= 0 or self.patch < 16:
             raise ValueError(f"need spacing_mm > 0 and patch >= 16, got {self.spacing_mm}, {self.patch}")
         if not 0 <= self.positive_fraction <= 1:

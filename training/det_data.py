@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, Sampler
 from medssl.detection import CUBE_GROUP, AnchorGrid, assign_anchors
 from medssl.pipeline.windows import extract_window
 from medssl.training.cache import CachedVolume
+from medssl.training.det_augment import ScannerAugment
 
 __all__ = ["MAX_BOXES", "IndexStream", "LabeledPatches", "ScanBoxes", "UnlabeledPatches"]
 
@@ -76,6 +77,10 @@ class LabeledPatches(Dataset):
         hard_negative_fraction: share of crops centred (with jitter: the centre anywhere at
             least ``P/4`` inside the crop) on a hard negative, drawn from the random share;
             ``positive_fraction + hard_negative_fraction <= 1``.
+        scanner: scanner augmentation (noise, kernel, slice thickness) of the crop's
+            intensities after the cube-group transform (:mod:`medssl.training.det_augment`);
+            None: none. Its draws come after every other draw of the item, so the crops and
+            targets are those of the stream without it.
 
     Item ``i`` is a pure function of ``(seed, i, hard_negatives)``: ``image (1, P, P, P)``
     float32, ``labels (N,)`` (1 / 0 / -1 ignored), ``deltas (N, 4)``, ``boxes (MAX_BOXES, 4)``
@@ -85,7 +90,8 @@ class LabeledPatches(Dataset):
 
     def __init__(self, scans: Sequence[ScanBoxes], grid: AnchorGrid, positive_fraction: float = 0.5,
                  augment: bool = True, pad_value: float = -1.0, seed: int = 0, *,
-                 hard_negatives: Sequence[np.ndarray] | None = None, hard_negative_fraction: float = 0.0) -> None:
+                 hard_negatives: Sequence[np.ndarray] | None = None, hard_negative_fraction: float = 0.0,
+                 scanner: ScannerAugment | None = None) -> None:
         if not scans:
             raise ValueError("no labeled scans")
         if not (0 <= hard_negative_fraction and positive_fraction + hard_negative_fraction <= 1):
@@ -98,6 +104,7 @@ class LabeledPatches(Dataset):
         self._with_nodules = [i for i, s in enumerate(self.scans) if len(s.boxes)]
         self.hard_negatives = None if hard_negatives is None else [np.asarray(c, np.float32) for c in hard_negatives]
         self.hard_negative_fraction = hard_negative_fraction
+        self.scanner = scanner
         self._with_negatives = (_with_centres(self.hard_negatives, len(self.scans), "hard_negatives")
                                 if hard_negative_fraction > 0 else [])
 
@@ -130,6 +137,8 @@ class LabeledPatches(Dataset):
             g = CUBE_GROUP[rng.integers(len(CUBE_GROUP))]
             image = g.apply(image)
             boxes[:, :3] = g.apply_points(boxes[:, :3], (self.patch,) * 3)
+        if self.scanner is not None:
+            image = self.scanner(image, rng)
         targets = assign_anchors(self.grid, boxes)
         padded = np.zeros((MAX_BOXES, 4), dtype=np.float32)
         padded[: min(len(boxes), MAX_BOXES)] = boxes[:MAX_BOXES]

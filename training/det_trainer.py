@@ -43,6 +43,7 @@ from medssl.pipeline.detect import prepared_lung_mask, window_touches
 from medssl.training.batchnorm import inference_windows, reestimate_batchnorm
 from medssl.training.cache import CachedVolume, VolumeCache
 from medssl.training.checkpoint import CheckpointManager, resume_from_last, rng_state
+from medssl.training.det_augment import ScannerAugment
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_data import IndexStream, LabeledPatches, ScanBoxes, UnlabeledPatches
 from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
@@ -314,7 +315,9 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
         # samples are a pure function of (seed, index, mined list): rebuilt when the list changes
         patches = LabeledPatches(labeled, grid, d.positive_fraction, True, pad, cfg.seed,
                                  hard_negatives=mined["hard_negatives"].centres,
-                                 hard_negative_fraction=d.hard_negative_fraction)
+                                 hard_negative_fraction=d.hard_negative_fraction,
+                                 scanner=ScannerAugment(d.scanner_augment, d.hu_max - d.hu_min)
+                                 if d.scanner_augment > 0 else None)
         return _loader(patches, batch, first, steps - first, cfg, env)
 
     def unlabeled_loader(first: int) -> Iterator[dict[str, torch.Tensor]]:
