@@ -11,18 +11,23 @@ distribution they come from, as the paper's LUNA16 test folds do. Generalisation
 held-out family is ``benchmarks/detector_quality.py``'s question. The training pool (the other
 subsets) holds ``data.n_validation`` validation scans and the labeled scans.
 
-Arms, per labeled count (default 5, 10, 25) and seed (default 0..4):
+Arms, per labeled count (default 5, 10, 25) and seed (default 0..4), the main comparison:
 
 * ``supervised``: labeled scans only;
 * ``FocalMix``: the same labeled scans plus the whole unlabeled pool (default 100 scans, the
   same pool at every labeled count: ``unlabeled/`` is read first);
-* ``FocalMix, unlabeled weight 0``: FocalMix's pipeline with ``focalmix.unlabeled_weight: 0``
-  (what the unlabeled loss itself buys);
 
-per seed, the ceiling ``all labeled``: supervised on every scan of the training pool but the
-validation ones (129 with the defaults and ``focalmix-cpu``'s 4 validation scans: at least as
-many scans as FocalMix sees at 25 labeled, 25 + 100, all with labels); and at ``--ablation-labeled`` the Table 3 ablations (SFL without soft alpha /
-soft beta, K = 1 and 2, image MixUp only, object MixUp only).
+the reference arms, per seed: ``FocalMix, unlabeled weight 0`` (FocalMix's pipeline with
+``focalmix.unlabeled_weight: 0``: what the unlabeled loss itself buys) at
+``--zero-weight-labeled`` (default: the ablation count, 10), and the ceiling ``all labeled``:
+supervised on every scan of the training pool but the validation ones (129 with the defaults
+and ``focalmix-cpu``'s 4 validation scans: at least as many scans as FocalMix sees at 25
+labeled, 25 + 100, all with labels); and at ``--ablation-labeled`` the Table 3 ablations (SFL
+without soft alpha / soft beta, K = 1 and 2, image MixUp only, object MixUp only) for
+``--ablation-seeds`` (default: the first 3 seeds). The reference arms and ablations are
+descriptive and cost most of the CPU (a FocalMix run costs about 3 supervised ones), so they
+run at one labeled count and, for the ablations, fewer seeds; the decisive comparison has every
+count and every seed, and runs first.
 
 One split for every run: ``data.split_seed`` is ``--split-seed`` (constant), so labeled and
 validation scans do not change with the seed (the labeled sets are nested: 5 within 10 within
@@ -133,16 +138,19 @@ class Run:
         return "".join(c if c.isalnum() or c in "-=." else "_" for c in self.key)
 
 
-def plan(*, labeled: Sequence[int], seeds: Sequence[int], ceiling_labeled: int | None,
-         ablation_labeled: int | None, ablation_seeds: Sequence[int]) -> list[Run]:
-    """Every run of the benchmark, the main comparison first (seed by seed, so a partial
-    benchmark already holds complete pairs), then the ceiling, then the ablations."""
+def plan(*, labeled: Sequence[int], seeds: Sequence[int], zero_weight_labeled: Sequence[int],
+         ceiling_labeled: int | None, ablation_labeled: int | None, ablation_seeds: Sequence[int]) -> list[Run]:
+    """Every run of the benchmark, in the order that makes a partial benchmark most useful:
+    the main comparison first, seed by seed (supervised and FocalMix at every labeled count, so
+    a partial benchmark already holds complete pairs), then the unlabeled-weight-0 arm at
+    ``zero_weight_labeled``, the ceiling, and the ablations at ``ablation_labeled`` for
+    ``ablation_seeds``."""
     runs = []
     for seed in seeds:
         for n in labeled:
-            runs += [Run(SUPERVISED, "supervised-det", n, seed, {}),
-                     Run(FOCALMIX, "focalmix", n, seed, {}),
-                     Run(ZERO_WEIGHT, "focalmix", n, seed, {"focalmix.unlabeled_weight": 0.0})]
+            runs += [Run(SUPERVISED, "supervised-det", n, seed, {}), Run(FOCALMIX, "focalmix", n, seed, {})]
+    for seed in seeds:
+        runs += [Run(ZERO_WEIGHT, "focalmix", n, seed, {"focalmix.unlabeled_weight": 0.0}) for n in zero_weight_labeled]
     if ceiling_labeled is not None:
         runs += [Run(CEILING, "supervised-det", ceiling_labeled, seed, {}) for seed in seeds]
     if ablation_labeled is not None:
@@ -596,15 +604,21 @@ def budget_curve(settings: dict[str, Any], labeled: int, seed: int) -> list[dict
     every = cfg.eval.every
     out = Path(settings["work"]) / "budget" / run.folder
     kept = out / "kept_checkpoints"
-    start = time.perf_counter()
-    with keep_checkpoints(out, kept):
-        train_detector(cfg, settings["data"], out, labeled, 0, device=settings["device"], resume=resumable(cfg, out))
-    wall = time.perf_counter() - start
     wanted = sorted({*range(every, steps + 1, every), steps})
+    trained = resumable(cfg, out) and all((kept / f"step_{s:08d}.pt").is_file() for s in wanted)
+    if not trained:  # (an interrupted training resumes from its last checkpoint)
+        with keep_checkpoints(out, kept):
+            train_detector(cfg, settings["data"], out, labeled, 0, device=settings["device"],
+                           resume=resumable(cfg, out))
+    times = [json.loads(line)["time"] for line in (out / "log.jsonl").read_text().splitlines()]
+    wall = times[-1] - times[0]  # training wall time from its log (validation included)
     missing = [s for s in wanted if not (kept / f"step_{s:08d}.pt").is_file()]
     if missing:
         raise RuntimeError(f"checkpoints of steps {missing} were pruned before they could be kept; "
                            "rerun with a larger eval.every (--set eval.every=N)")
+    done_path = out / "curve.jsonl"  # one row per scored checkpoint: an interrupted curve resumes
+    rows = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.is_file() else []
+    scored = {r["step"] for r in rows}
     d = cfg.data
     split = split_luna16(settings["data"], labeled, 0, d.test_subsets, d.n_validation, d.split_seed)
     cache = VolumeCache(Path(d.cache_dir) if d.cache_dir else default_cache_dir(), d.spacing_mm,
@@ -612,8 +626,7 @@ def budget_curve(settings: dict[str, Any], labeled: int, seed: int) -> list[dict
     volumes = {u: cache.get(u, split.source(u).load) for u in split.test}
     nodules = [f for u in split.test for f in split.nodules(u)]
     excluded = [f for u in split.test for f in split.luna.excluded(u)]
-    rows = []
-    for step in wanted:
+    for step in (s for s in wanted if s not in scored):
         net = FPNDetector(cfg.model, cfg.anchors)
         net.load_state_dict(load_checkpoint(kept / f"step_{step:08d}.pt")["model"])
         runner = TorchDetectionRunner(net, cfg.window, torch.device(settings["device"] or "cpu"), cfg.amp)
@@ -622,8 +635,10 @@ def budget_curve(settings: dict[str, Any], labeled: int, seed: int) -> list[dict
         rows.append({"step": step, "cpm": result.cpm, "cpm_ci": list(result.cpm_ci),
                      "sensitivities": list(result.sensitivities), "train_wall_s": wall,
                      "n_test_scans": result.n_scans, "n_test_nodules": result.n_nodules})
+        with done_path.open("a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
         print(f"step {step}: test CPM {result.cpm:.3f} [{result.cpm_ci[0]:.3f}, {result.cpm_ci[1]:.3f}]", flush=True)
-    return rows
+    return sorted(rows, key=lambda r: r["step"])
 
 
 def budget_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], stem: Path) -> None:
@@ -697,7 +712,10 @@ def main() -> None:
     parser.add_argument("--no-ceiling", action="store_true", help="skip the all-labeled arm")
     parser.add_argument("--ablation-labeled", type=int, default=10)
     parser.add_argument("--ablation-seeds", type=int, nargs="*", default=None,
-                        help="seeds of the ablations (default: --seeds; none: no ablations)")
+                        help="seeds of the ablations (default: the first 3 of --seeds; none: no ablations)")
+    parser.add_argument("--zero-weight-labeled", type=int, nargs="*", default=None,
+                        help="labeled counts of the unlabeled-weight-0 arm (default: --ablation-labeled; none: no "
+                        "such arm)")
     parser.add_argument("--learning-curve", action="store_true", help="only the budget curve (see above)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per run")
@@ -742,8 +760,9 @@ def main() -> None:
         print(stem.with_suffix(".md").read_text())
         return
     ceiling = None if args.no_ceiling else pool_size(args.data, args.test_subsets) - n_validation
-    ablation_seeds = args.seeds if args.ablation_seeds is None else args.ablation_seeds
-    runs = plan(labeled=args.labeled, seeds=args.seeds, ceiling_labeled=ceiling,
+    ablation_seeds = args.seeds[:3] if args.ablation_seeds is None else args.ablation_seeds
+    zero_weight = [args.ablation_labeled] if args.zero_weight_labeled is None else args.zero_weight_labeled
+    runs = plan(labeled=args.labeled, seeds=args.seeds, zero_weight_labeled=zero_weight, ceiling_labeled=ceiling,
                 ablation_labeled=args.ablation_labeled if ablation_seeds else None, ablation_seeds=ablation_seeds)
     done = resumable_runs(args.results, meta)
     luna = Luna16(args.data)

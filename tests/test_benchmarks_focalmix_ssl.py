@@ -22,6 +22,7 @@ from benchmarks.focalmix_ssl import (
     keep_checkpoints,
     plan,
     pooled_paired_delta,
+    resumable,
     resumable_runs,
     summarise,
     verdict,
@@ -56,17 +57,20 @@ def test_every_run_of_a_seed_trains_on_one_split_whatever_the_seed() -> None:
     assert configs[0].data.test_subsets == (7, 8, 9)
 
 
-def test_plan_pairs_both_methods_on_each_seed_and_adds_the_reference_arms() -> None:
-    runs = plan(labeled=[5, 10], seeds=[0, 1], ceiling_labeled=125, ablation_labeled=10, ablation_seeds=[0])
+def test_plan_pairs_both_methods_on_each_seed_first_then_adds_the_reference_arms() -> None:
+    runs = plan(labeled=[5, 10], seeds=[0, 1], zero_weight_labeled=[10], ceiling_labeled=125, ablation_labeled=10,
+                ablation_seeds=[0])
     keys = [r.key for r in runs]
     assert len(keys) == len(set(keys))
-    for n in (5, 10):
-        for seed in (0, 1):
-            arms = {r.name: r for r in runs if r.labeled == n and r.seed == seed}
-            assert {SUPERVISED, FOCALMIX, ZERO_WEIGHT} <= set(arms)
-            assert arms[ZERO_WEIGHT].overrides == {"focalmix.unlabeled_weight": 0.0}
+    # the decisive comparison comes first, complete pairs seed by seed
+    assert [(r.name, r.labeled, r.seed) for r in runs[:8]] == [
+        (name, n, seed) for seed in (0, 1) for n in (5, 10) for name in (SUPERVISED, FOCALMIX)]
+    zero = [r for r in runs if r.name == ZERO_WEIGHT]
+    assert [(r.labeled, r.seed) for r in zero] == [(10, 0), (10, 1)]
+    assert all(r.overrides == {"focalmix.unlabeled_weight": 0.0} for r in zero)
     assert [(r.labeled, r.seed) for r in runs if r.name == CEILING] == [(125, 0), (125, 1)]
     assert {r.name for r in runs if r.labeled == 10 and r.seed == 0} >= set(ABLATIONS)
+    assert not any(r.name in ABLATIONS for r in runs if r.seed == 1)
     assert "FocalMix, object MixUp only" in ABLATIONS
 
 
@@ -148,3 +152,22 @@ def test_a_results_file_of_another_experiment_is_not_resumed(tmp_path: Path) -> 
     path.write_text(json.dumps({"meta": {"steps": 500, "config": None}, "runs": [{"key": "a"}]}))
     with pytest.raises(SystemExit, match="another experiment.*steps"):
         resumable_runs(path, meta)
+
+
+def test_an_interrupted_run_resumes_only_with_its_own_config(tmp_path: Path) -> None:
+    """Sessions end without warning: a run folder with a last checkpoint of the same config
+    continues; one of another budget (another cosine schedule) is trained afresh."""
+    from medssl.config import dump_config
+
+    settings = {"set": [], "split_seed": 0, "test_subsets": [7, 8, 9], "data_workers": 0, "config": "focalmix-cpu"}
+    run = Run(FOCALMIX, "focalmix", 10, 1, {})
+    cfg = experiment(settings, run, steps=1500)
+    out = tmp_path / run.folder
+    assert not resumable(cfg, out)  # nothing there
+    (out / "checkpoints").mkdir(parents=True)
+    dump_config(cfg, out / "config.yaml")
+    assert not resumable(cfg, out)  # no checkpoint yet
+    (out / "checkpoints" / "last.pt").write_bytes(b"")
+    assert resumable(cfg, out)
+    assert not resumable(experiment(settings, run, steps=3000), out)
+    assert not resumable(experiment(settings, Run(FOCALMIX, "focalmix", 10, 2, {}), steps=1500), out)
