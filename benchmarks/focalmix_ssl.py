@@ -271,17 +271,19 @@ def experiment(settings: dict[str, Any], run: Run, *, steps: int) -> Any:
 
 def resumable(cfg: Any, out: Path) -> bool:
     """Whether ``out`` holds an interrupted (or finished) run of exactly ``cfg``: its
-    ``checkpoints/last.pt`` exists and its ``config.yaml`` is ``cfg``'s. Such a run continues from
-    its last checkpoint (a finished one only re-runs its test); a folder of another experiment
-    (another budget, say) is trained afresh, as resuming it would mix two learning-rate schedules."""
-    import tempfile
-
-    from medssl.config import dump_config
+    ``checkpoints/last.pt`` exists and its ``config.yaml`` reads back as ``cfg`` (compared as
+    configs, so a field added since, at its default, does not count as a change). Such a run
+    continues from its last checkpoint (a finished one only re-runs its test); a folder of another
+    experiment (another budget, say) is trained afresh, as resuming it would mix two
+    learning-rate schedules."""
+    from medssl.config import ConfigError, load_config
 
     if not (out / "checkpoints" / "last.pt").is_file() or not (out / "config.yaml").is_file():
         return False
-    with tempfile.TemporaryDirectory() as tmp:
-        return dump_config(cfg, Path(tmp) / "config.yaml").read_text() == (out / "config.yaml").read_text()
+    try:
+        return load_config(type(cfg), out / "config.yaml") == cfg
+    except ConfigError:  # written by another version of the config classes
+        return False
 
 
 def execute(run: Run, settings: dict[str, Any]) -> dict[str, Any]:

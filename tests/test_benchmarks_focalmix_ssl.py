@@ -171,3 +171,8 @@ def test_an_interrupted_run_resumes_only_with_its_own_config(tmp_path: Path) -> 
     assert resumable(cfg, out)
     assert not resumable(experiment(settings, run, steps=3000), out)
     assert not resumable(experiment(settings, Run(FOCALMIX, "focalmix", 10, 2, {}), steps=1500), out)
+    # a config written before a field existed reads back with the field's default: same config
+    text = (out / "config.yaml").read_text()
+    assert "scanner_augment: 0.0" in text
+    (out / "config.yaml").write_text(text.replace("  scanner_augment: 0.0\n", ""))
+    assert resumable(cfg, out)
