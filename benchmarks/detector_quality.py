@@ -140,6 +140,7 @@ def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_si
     items = build_manifest(data).items
     predictions: list[Prediction] = []
     marks, windows, seconds = [], [], []
+    passed: list[bool] = []
     threshold = card.report_threshold()
     try:
         for item in items:
@@ -152,6 +153,7 @@ def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_si
             marks.append(sum(f["passed"] for f in scored.findings))  # what the SR/SEG carry
             predictions += [Prediction(item.key, (f["x_mm"], f["y_mm"], f["z_mm"]), f["probability"])
                             for f in scored.findings]
+            passed += [bool(f["passed"]) for f in scored.findings]
     finally:
         runner.close()
     uids = [item.key for item in items]
@@ -160,6 +162,9 @@ def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_si
     froc = evaluate_luna16(nodules, excluded, uids, predictions, n_bootstrap=n_bootstrap)
     labels = label_candidates(nodules, excluded, uids, predictions)
     counted = labels >= 0
+    # false marks in the SR: reported marks that hit no nodule (marks on excluded findings not counted)
+    reported_false = np.asarray(passed, bool) & (labels == 0)
+    false_marks = [int(sum(f for f, p in zip(reported_false, predictions) if p.seriesuid == u)) for u in uids]
     probabilities = np.array([p.probability for p in predictions], dtype=float)[counted]
     ece = expected_calibration_error(probabilities, labels[counted]) if counted.any() else float("nan")
     # The calibration is monotone, so switching it off changes no ranking, CPM or mark: only the
@@ -176,11 +181,21 @@ def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_si
         "sensitivities": list(froc.sensitivities), "sensitivity_at_1fp": froc.sensitivities[FP_RATES.index(1.0)],
         "threshold": threshold.value, "threshold_source": threshold.source,
         "marks_per_scan": statistics.mean(marks), "marks_per_scan_max": max(marks),
+        "false_marks_per_scan_median": statistics.median(false_marks), "false_marks_per_scan_max": max(false_marks),
+        "false_marks_per_scan_mean": statistics.mean(false_marks),
         "ece": ece, "ece_uncalibrated": ece_raw, "calibration": _jsonable(calibration),
         "n_marks_labelled": int(counted.sum()), "n_true_marks": int(labels[counted].sum()),
         "windows_per_scan": statistics.mean(windows), "seconds_per_scan": statistics.median(seconds),
         "n_scans": froc.n_scans, "n_nodules": froc.n_nodules,
     }
+
+
+def _false_marks(row: Mapping[str, Any]) -> str:
+    """``median (max)`` false marks per scan at the operating point; a dash for rows scored before
+    this column existed."""
+    if "false_marks_per_scan_median" not in row:
+        return "—"
+    return f"{row['false_marks_per_scan_median']:g} ({row['false_marks_per_scan_max']})"
 
 
 def _uncalibrated(p: np.ndarray, a: float, b: float) -> np.ndarray:
@@ -247,12 +262,14 @@ def report(rows: Sequence[dict[str, Any]], meta: Mapping[str, Any], peer: Mappin
              f"{meta['n_scans']} scans, {meta['n_nodules']} nodules, held-out family, matrix {meta['matrix']}. "
              "CPM by the LUNA16 paper's exact rates, 95 % bootstrap over scans; marks: findings at or above the "
              "card's operating point (what the SR carries); ECE over every mark, labelled by the LUNA16 matching.", "",
-             "| model | CPM | CPM 95 % CI | sens. @ 1 FP/scan | threshold | marks/scan (max) | ECE | ECE raw "
-             "| windows/scan | s/scan (median) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | CPM | CPM 95 % CI | sens. @ 1 FP/scan | threshold | marks/scan (max) | false marks/scan "
+             "median (max) | ECE | ECE raw | windows/scan | s/scan (median) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['cpm']:.3f} | [{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] | "
                      f"{r['sensitivity_at_1fp']:.3f} | {r['threshold']:.3f} ({r['threshold_source']}) | "
-                     f"{r['marks_per_scan']:.1f} ({r['marks_per_scan_max']}) | {r['ece']:.3f} | {r['ece_uncalibrated']:.3f} | "
+                     f"{r['marks_per_scan']:.1f} ({r['marks_per_scan_max']}) | {_false_marks(r)} | "
+                     f"{r['ece']:.3f} | {r['ece_uncalibrated']:.3f} | "
                      f"{r['windows_per_scan']:.0f} | {r['seconds_per_scan']:.1f} |")
     if peer:
         lines += ["", f"Peer timing (shipped model, every window, {peer['scans']} scans, medians): the pipeline's "

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks.detector_quality import (
+    _false_marks,
     _resumed,
     _uncalibrated,
     ROOT,
@@ -66,6 +67,11 @@ def test_one_scan_scored_through_the_scoring_pipeline(tmp_path: Path) -> None:
     assert 0 <= row["cpm"] <= 1 and 0 <= row["ece"] <= 1
     assert row["windows_per_scan"] >= 1 and row["seconds_per_scan"] > 0
     assert 0 <= row["marks_per_scan"] <= 100 and 0 < row["n_marks_labelled"] <= 100  # the card: max_detections 100
+    # the false marks are among the reported ones: no more than them, and no more than the labelled false marks
+    assert 0 <= row["false_marks_per_scan_max"] <= row["marks_per_scan_max"]
+    assert row["false_marks_per_scan_median"] <= row["n_marks_labelled"] - row["n_true_marks"]
+    assert _false_marks(row) == f"{row['false_marks_per_scan_median']:g} ({row['false_marks_per_scan_max']})"
+    assert _false_marks({"name": "old row"}) == "—"
     assert (tmp_path / "r.png").is_file()
 
 
