@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from medssl.datasets.luna16 import Luna16
-from medssl.metrics import FP_RATES, Prediction, evaluate_luna16, label_candidates
+from medssl.metrics import FP_RATES, Prediction, evaluate_luna16, froc_at_thresholds, label_candidates
 from medssl.metrics.calibration import expected_calibration_error, reliability_diagram
 from medssl.models.card import load_card
 from medssl.pipeline.detect import DetectionParams
@@ -160,6 +160,8 @@ def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_si
     nodules = [f for u in uids for f in luna.annotations(u)]
     excluded = [f for u in uids for f in luna.excluded(u)]
     froc = evaluate_luna16(nodules, excluded, uids, predictions, n_bootstrap=n_bootstrap)
+    by_group = sensitivity_by_group(nodules, [t for u in uids for t in luna.nodule_truth(u)], excluded, uids,
+                                    predictions, threshold.value)
     labels = label_candidates(nodules, excluded, uids, predictions)
     counted = labels >= 0
     # false marks in the SR: reported marks that hit no nodule (marks on excluded findings not counted)
@@ -187,7 +189,34 @@ def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_si
         "n_marks_labelled": int(counted.sum()), "n_true_marks": int(labels[counted].sum()),
         "windows_per_scan": statistics.mean(windows), "seconds_per_scan": statistics.median(seconds),
         "n_scans": froc.n_scans, "n_nodules": froc.n_nodules,
+        "sensitivity_at_operating_point": by_group.pop("all", {}).get("all", [float("nan")])[0],
+        "sensitivity_at_operating_point_by": by_group,
     }
+
+
+def sensitivity_by_group(nodules: Sequence[Any], truth: Sequence[Mapping[str, str]], excluded: Sequence[Any],
+                         uids: Sequence[str], predictions: Sequence[Prediction],
+                         threshold: float) -> dict[str, dict[str, list[float]]]:
+    """Which nodules the SR finds: the sensitivity at the operating point (marks with
+    ``p >= threshold``, the LUNA16 hit rule), overall and per value of each ``truth`` column.
+
+    Args:
+        nodules: the annotated nodules; ``truth``: their ``truth.csv`` columns, aligned (may be
+            empty: then only ``"all"``).
+
+    Returns:
+        ``{"all": {"all": [sensitivity, n]}, column: {value: [sensitivity, n], ...}, ...}``.
+    """
+    def sensitivity(group: Sequence[Any]) -> list[float]:
+        sens, _ = froc_at_thresholds(list(group), excluded, uids, predictions, [threshold])
+        return [float(sens[0]), len(group)]
+
+    out = {"all": {"all": sensitivity(nodules)}}
+    if truth:
+        for column in truth[0]:
+            values = sorted({t[column] for t in truth})
+            out[column] = {v: sensitivity([n for n, t in zip(nodules, truth) if t[column] == v]) for v in values}
+    return out
 
 
 def _false_marks(row: Mapping[str, Any]) -> str:
@@ -271,6 +300,13 @@ def report(rows: Sequence[dict[str, Any]], meta: Mapping[str, Any], peer: Mappin
                      f"{r['marks_per_scan']:.1f} ({r['marks_per_scan_max']}) | {_false_marks(r)} | "
                      f"{r['ece']:.3f} | {r['ece_uncalibrated']:.3f} | "
                      f"{r['windows_per_scan']:.0f} | {r['seconds_per_scan']:.1f} |")
+    shipped = next((r for r in rows if r["name"] == "shipped" and r.get("sensitivity_at_operating_point_by")), None)
+    if shipped:
+        lines += ["", f"Which nodules the shipped model's SR finds (sensitivity at its operating point, "
+                  f"{shipped['sensitivity_at_operating_point']:.3f} overall):", "",
+                  "| nodules | sensitivity | n |", "|---|---:|---:|"]
+        for column, groups in shipped["sensitivity_at_operating_point_by"].items():
+            lines += [f"| {column} {value} | {sens:.3f} | {n:.0f} |" for value, (sens, n) in groups.items()]
     if peer:
         lines += ["", f"Peer timing (shipped model, every window, {peer['scans']} scans, medians): the pipeline's "
                   f"inference {peer['pipeline_inference_s']:.2f} s/scan vs a plain onnxruntime loop over the same "

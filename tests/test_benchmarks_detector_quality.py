@@ -14,6 +14,7 @@ import pytest
 from benchmarks.detector_quality import (
     _false_marks,
     _resumed,
+    sensitivity_by_group,
     _uncalibrated,
     ROOT,
     Variant,
@@ -22,6 +23,7 @@ from benchmarks.detector_quality import (
     prepare_data,
     score_variant,
 )
+from medssl.metrics import Prediction
 from medssl.metrics.calibration import Calibration
 from medssl.pipeline.detect import DetectionParams
 
@@ -72,6 +74,8 @@ def test_one_scan_scored_through_the_scoring_pipeline(tmp_path: Path) -> None:
     assert row["false_marks_per_scan_median"] <= row["n_marks_labelled"] - row["n_true_marks"]
     assert _false_marks(row) == f"{row['false_marks_per_scan_median']:g} ({row['false_marks_per_scan_max']})"
     assert _false_marks({"name": "old row"}) == "—"
+    assert {"kind", "location"} <= set(row["sensitivity_at_operating_point_by"])  # from the data's truth.csv
+    assert 0 <= row["sensitivity_at_operating_point"] <= 1
     assert (tmp_path / "r.png").is_file()
 
 
@@ -83,3 +87,34 @@ def test_resume_keeps_rows_of_the_same_test_set_and_refuses_another(tmp_path: Pa
     assert _resumed(results, meta) == ([{"name": "shipped"}], None)
     with pytest.raises(SystemExit, match="another test set"):
         _resumed(results, {**meta, "matrix": 128})
+
+
+def test_sensitivity_by_group_counts_the_nodules_each_reported_mark_finds() -> None:
+    from medssl.datasets.luna16 import Finding
+
+    uids = ["a", "b"]
+    nodules = [Finding("a", (0.0, 0.0, 0.0), 10.0), Finding("a", (50.0, 0.0, 0.0), 10.0),
+               Finding("b", (0.0, 0.0, 0.0), 10.0)]
+    truth = [{"kind": "solid"}, {"kind": "ground-glass"}, {"kind": "solid"}]
+    marks = [Prediction("a", (1.0, 0.0, 0.0), 0.9),  # finds a's solid nodule
+             Prediction("a", (50.0, 1.0, 0.0), 0.2),  # a's ground-glass one, below the threshold
+             Prediction("b", (90.0, 0.0, 0.0), 0.8)]  # a false mark
+    out = sensitivity_by_group(nodules, truth, [], uids, marks, threshold=0.5)
+    assert out["all"] == {"all": [pytest.approx(1 / 3), 3]}
+    assert out["kind"] == {"ground-glass": [0.0, 1], "solid": [0.5, 2]}
+    assert sensitivity_by_group(nodules, [], [], uids, marks, threshold=0.1) == {"all": {"all": [pytest.approx(2 / 3), 3]}}
+
+
+def test_truth_columns_follow_the_annotations(tmp_path: Path) -> None:
+    from medssl.datasets.luna16 import Luna16
+
+    data = tmp_path / "heldout"
+    prepare_data(data, cases=1, matrix=64)
+    luna = Luna16(data)
+    uid = luna.seriesuids[0]
+    truth = luna.nodule_truth(uid)
+    assert len(truth) == len(luna.annotations(uid)) >= 1
+    assert {"kind", "location"} <= set(truth[0])
+    (data / "truth.csv").write_text("seriesuid,label,kind,location\nother,1,solid,free\n")
+    with pytest.raises(Exception, match="do not follow"):
+        luna.nodule_truth()

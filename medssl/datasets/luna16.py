@@ -91,6 +91,23 @@ class Luna16:
         """Nodules from ``annotations.csv``, all or of one series."""
         return read_findings(self.root / "annotations.csv", seriesuid)
 
+    def nodule_truth(self, seriesuid: str | None = None) -> list[dict[str, str]]:
+        """The extra per-nodule columns of ``truth.csv`` (medssl's synthetic data: ``kind``,
+        ``location``), one dict per nodule in the order of :meth:`annotations` for the same
+        ``seriesuid``; empty where the file is absent (real LUNA16).
+
+        Raises:
+            DatasetLayoutError: ``truth.csv`` does not list the same nodules as ``annotations.csv``.
+        """
+        path = self.root / "truth.csv"
+        if not path.is_file():
+            return []
+        rows = [r for r in _read_rows(path, ("seriesuid", "label")) if seriesuid is None or r["seriesuid"] == seriesuid]
+        nodules = self.annotations(seriesuid)
+        if [r["seriesuid"] for r in rows] != [f.seriesuid for f in nodules]:
+            raise DatasetLayoutError(f"{path}: its rows do not follow annotations.csv's nodules")
+        return [{k: v for k, v in r.items() if k not in ("seriesuid", "label")} for r in rows]
+
     def excluded(self, seriesuid: str | None = None) -> list[Finding]:
         """Irrelevant findings from ``annotations_excluded.csv`` (empty if the file is absent)."""
         path = self.root / "annotations_excluded.csv"
