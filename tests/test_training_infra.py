@@ -369,3 +369,25 @@ def test_disabled_logger_writes_nothing(tmp_path):
     logger.advance(5, loss=1.0)
     logger.close()
     assert not (tmp_path / "rank1").exists() and stream.text == ""
+
+
+def test_a_resumed_run_logs_every_step_once(tmp_path):
+    """A process killed past its last checkpoint (step 4) logged steps 5-6 and half a line; the
+    resumed run redoes 5-6: log.jsonl must hold each step once, the cut line gone."""
+    import io
+
+    with TrainLogger(tmp_path, total_steps=8, stream=io.StringIO()) as logger:
+        for step in range(1, 7):
+            logger.log(step, loss=float(step))
+    with open(tmp_path / "log.jsonl", "a") as fh:
+        fh.write('{"step": 7, "lo')  # killed mid-write
+    with TrainLogger(tmp_path, total_steps=8, stream=io.StringIO(), resume_step=4) as logger:
+        for step in range(5, 9):
+            logger.log(step, loss=10.0 * step)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["loss"] for r in rows] == [1.0, 2.0, 3.0, 4.0, 50.0, 60.0, 70.0, 80.0]
+    # a fresh logger (no resume step) appends, as before
+    with TrainLogger(tmp_path, total_steps=8, stream=io.StringIO()) as logger:
+        logger.log(9, loss=0.0)
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 9

@@ -329,7 +329,7 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
     unlabeled_stream = unlabeled_loader(start) if semi else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dev.type == "cuda" else nullcontext()
     statistics_windows = _statistics_windows(labeled, cfg)
-    with TrainLogger(out, steps, enabled=env.is_main) as logger:
+    with TrainLogger(out, steps, enabled=env.is_main, resume_step=start if resume else None) as logger:
         for step in range(start, steps):
             rng = np.random.default_rng([cfg.seed, 3, step, env.rank])
             labeled_batch = _to(next(labeled_stream), dev)

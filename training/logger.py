@@ -67,6 +67,15 @@ class _RateColumn(ProgressColumn):
         return Text("? it/s" if speed is None else f"{speed:.2f} it/s", style="progress.data.speed")
 
 
+def _step_of(line: str) -> float:
+    """The ``step`` of a ``log.jsonl`` line; a line cut off mid-write (the process was killed)
+    counts as past every step, so it is dropped."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class TrainLogger:
     """Log scalars and show progress for one run.
 
@@ -79,6 +88,10 @@ class TrainLogger:
         stream: where progress goes; default ``sys.stderr``.
         tty: force the rich bar (``True``) or plain lines (``False``); default
             ``stream.isatty()``.
+        resume_step: the step a resumed run continues from: what an interrupted process logged
+            after it (past its last checkpoint, so about to be redone) is dropped from
+            ``log.jsonl``, and TensorBoard purges it (``purge_step``), so every step is logged
+            once. None: a fresh run, or nothing to drop.
 
     Use as a context manager, or call :meth:`close`.
     """
@@ -92,6 +105,7 @@ class TrainLogger:
         print_every: int = 50,
         stream: IO[str] | None = None,
         tty: bool | None = None,
+        resume_step: int | None = None,
     ) -> None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
@@ -112,7 +126,12 @@ class TrainLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+                                     purge_step=None if resume_step is None else resume_step + 1)
+        if resume_step is not None and self.jsonl_path.is_file():
+            kept = [line for line in self.jsonl_path.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if _step_of(line) <= resume_step]
+            self.jsonl_path.write_text("".join(kept), encoding="utf-8")
         # Held open for the logger's lifetime (closed in close()); line-buffered.
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
 

@@ -281,7 +281,7 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
             "provenance": provenance, "metrics": dict(metrics or {}),
         }
 
-    with TrainLogger(out, o.steps, enabled=env.is_main) as logger:
+    with TrainLogger(out, o.steps, enabled=env.is_main, resume_step=start if resume else None) as logger:
         for step in range(start, o.steps):
             pretraining = phases is not None and phases.pretraining(step)
             if phases is not None and step == phases.pretrain_steps:
