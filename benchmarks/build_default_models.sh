@@ -16,6 +16,8 @@
 #   WORK=build/variant-nohn REPO=build/variant-nohn/repository DATA=build/default-models/luna16 \
 #       MEDSSL_CACHE=build/default-models/cache EXTRA="--set data.hard_negative_fraction=0" \
 #       benchmarks/build_default_models.sh
+#   # (the same with EXTRA="--set data.scanner_augment=0" for the twin without scanner augmentation,
+#   # or "--set eval.bn_windows=0" for the one without BatchNorm re-estimation; later --set wins)
 #
 # Supervised, not FocalMix: benchmarks/focalmix_ssl.py has not shown FocalMix better than
 # the supervised baseline on this data (README, "FocalMix vs supervised"), and it costs 3x
