@@ -164,9 +164,7 @@ def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_si
                                     predictions, threshold.value)
     labels = label_candidates(nodules, excluded, uids, predictions)
     counted = labels >= 0
-    # false marks in the SR: reported marks that hit no nodule (marks on excluded findings not counted)
-    reported_false = np.asarray(passed, bool) & (labels == 0)
-    false_marks = [int(sum(f for f, p in zip(reported_false, predictions) if p.seriesuid == u)) for u in uids]
+    false_marks = false_marks_per_scan(predictions, passed, labels, uids)
     probabilities = np.array([p.probability for p in predictions], dtype=float)[counted]
     ece = expected_calibration_error(probabilities, labels[counted]) if counted.any() else float("nan")
     # The calibration is monotone, so switching it off changes no ranking, CPM or mark: only the
@@ -192,6 +190,18 @@ def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_si
         "sensitivity_at_operating_point": by_group.pop("all", {}).get("all", [float("nan")])[0],
         "sensitivity_at_operating_point_by": by_group,
     }
+
+
+def false_marks_per_scan(predictions: Sequence[Prediction], passed: Sequence[bool], labels: np.ndarray,
+                         uids: Sequence[str]) -> list[int]:
+    """False marks each scan's SR carries: reported marks (``passed``) that hit no nodule
+    (LUNA16 label 0; marks on excluded findings, -1, are not counted), one count per ``uids``."""
+    reported_false = np.asarray(passed, bool) & (np.asarray(labels) == 0)
+    counts = dict.fromkeys(uids, 0)
+    for bad, p in zip(reported_false, predictions):
+        if bad and p.seriesuid in counts:
+            counts[p.seriesuid] += 1
+    return [counts[u] for u in uids]
 
 
 def sensitivity_by_group(nodules: Sequence[Any], truth: Sequence[Mapping[str, str]], excluded: Sequence[Any],

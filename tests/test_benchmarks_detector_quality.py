@@ -14,6 +14,7 @@ import pytest
 from benchmarks.detector_quality import (
     _false_marks,
     _resumed,
+    false_marks_per_scan,
     sensitivity_by_group,
     _uncalibrated,
     ROOT,
@@ -118,3 +119,12 @@ def test_truth_columns_follow_the_annotations(tmp_path: Path) -> None:
     (data / "truth.csv").write_text("seriesuid,label,kind,location\nother,1,solid,free\n")
     with pytest.raises(Exception, match="do not follow"):
         luna.nodule_truth()
+
+
+def test_false_marks_count_only_reported_marks_that_hit_no_nodule() -> None:
+    marks = [Prediction("a", (0.0, 0.0, 0.0), 0.9), Prediction("a", (9.0, 0.0, 0.0), 0.8),
+             Prediction("a", (5.0, 0.0, 0.0), 0.7), Prediction("b", (0.0, 0.0, 0.0), 0.1),
+             Prediction("b", (1.0, 0.0, 0.0), 0.6)]
+    passed = [True, True, True, False, True]
+    labels = np.array([1, 0, -1, 0, 0])  # a true mark, a false one, one on an excluded finding; b: below, false
+    assert false_marks_per_scan(marks, passed, labels, ["a", "b", "c"]) == [1, 1, 0]
