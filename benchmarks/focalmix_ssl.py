@@ -73,7 +73,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -234,6 +234,22 @@ def throughput(run_dir: Path, patches_per_step: int) -> float:
     return patches_per_step / statistics.median(deltas)
 
 
+#: A gap between two ``log.jsonl`` lines longer than this, in s, is a pause (the run was
+#: interrupted and resumed later), not training: a validation round here takes 1-3 minutes.
+PAUSE_S = 600.0
+
+
+def train_wall_s(run_dir: Path, pause_s: float = PAUSE_S) -> float:
+    """Training wall time in s from the timestamps of ``run_dir/log.jsonl``: validation rounds
+    included, the pauses of an interrupted and resumed run (gaps over ``pause_s``) left out.
+
+    A run's ``wall_s`` is the time of the process that finished it, so it misses the part done
+    before an interruption; this counts every segment.
+    """
+    times = [json.loads(line)["time"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return float(sum(d for a, b in itertools.pairwise(times) if 0 <= (d := b - a) <= pause_s))
+
+
 #: ``log.jsonl`` keys of the FocalMix diagnostics → result keys (means over the logged steps).
 DIAGNOSTICS = {"objects": "objects_per_patch", "pseudo_precision": "pseudo_object_precision",
                "mining/candidate_precision": "candidate_precision"}
@@ -307,7 +323,8 @@ def execute(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
         "sensitivities": report.get("sensitivities"), "cpm": report.get("cpm"), "cpm_ci": report.get("cpm_ci"),
         "n_test_scans": report.get("n_scans"), "n_test_nodules": report.get("n_nodules"),
         "patches_per_s": throughput(out, cfg.optim.batch_size * (2 if run.method == "focalmix" else 1)),
-        "wall_s": wall, "threads": torch.get_num_threads(), "run_dir": str(out), **object_stats(out),
+        "wall_s": wall, "train_wall_s": train_wall_s(out), "threads": torch.get_num_threads(), "run_dir": str(out),
+        **object_stats(out),
     }
 
 
@@ -502,14 +519,22 @@ def summarise(results: Sequence[dict[str, Any]], frocs: dict[str, FrocResult], *
 
     rates = ("1/8", "1/4", "1/2", "1", "2", "4", "8")
     lines += ["", "## Every run", "", "| arm | labeled | seed | " + " | ".join(f"{r} FP/scan" for r in rates)
-              + " | CPM | CPM 95 % CI | objects/patch | pseudo-object precision | wall s | threads |",
+              + " | CPM | CPM 95 % CI | objects/patch | pseudo-object precision | training wall s | threads |",
               "|---|---:|---:|" + "---:|" * (len(rates) + 6)]
     for r in sorted(results, key=lambda r: (r["labeled"], r["name"], r["seed"])):
         sens = " | ".join(f"{s:.3f}" for s in r["sensitivities"])
         diag = " | ".join(f"{r[k]:.2f}" if k in r else "—" for k in ("objects_per_patch", "pseudo_object_precision"))
         lines.append(f"| {r['name']} | {r['labeled']} | {r['seed']} | {sens} | {r['cpm']:.3f} | "
-                     f"[{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] | {diag} | {r['wall_s']:.0f} | {r['threads']} |")
+                     f"[{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] | {diag} | {_wall(r)} | {r['threads']} |")
     return "\n".join(lines) + "\n"
+
+
+def _wall(record: Mapping[str, Any]) -> str:
+    """A run's training wall time for the table (``train_wall_s``; records written before it
+    existed show the finishing process's ``wall_s``, marked)."""
+    if "train_wall_s" in record:
+        return f"{record['train_wall_s']:.0f}"
+    return f"{record['wall_s']:.0f} (last process)"
 
 
 def plot_learning_curve(results: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -612,8 +637,7 @@ def budget_curve(settings: dict[str, Any], labeled: int, seed: int) -> list[dict
         with keep_checkpoints(out, kept):
             train_detector(cfg, settings["data"], out, labeled, 0, device=settings["device"],
                            resume=resumable(cfg, out))
-    times = [json.loads(line)["time"] for line in (out / "log.jsonl").read_text().splitlines()]
-    wall = times[-1] - times[0]  # training wall time from its log (validation included)
+    wall = train_wall_s(out)
     missing = [s for s in wanted if not (kept / f"step_{s:08d}.pt").is_file()]
     if missing:
         raise RuntimeError(f"checkpoints of steps {missing} were pruned before they could be kept; "
@@ -694,8 +718,11 @@ def resumable_runs(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
         differ = {k: (old[k], new[k]) for k in EXPERIMENT_KEYS if old[k] != new[k]}
         raise SystemExit(f"{path} holds another experiment (saved vs now: {differ}); move it away to start "
                          "afresh, or pass --results with another file")
-    return list(saved["runs"])
-
+    runs = list(saved["runs"])
+    for r in runs:  # records written before train_wall_s existed: counted from their logs
+        if "train_wall_s" not in r and "run_dir" in r and (Path(r["run_dir"]) / "log.jsonl").is_file():
+            r["train_wall_s"] = train_wall_s(Path(r["run_dir"]))
+    return runs
 
 
 def main() -> None:

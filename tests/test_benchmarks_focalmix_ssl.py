@@ -25,6 +25,7 @@ from benchmarks.focalmix_ssl import (
     resumable,
     resumable_runs,
     summarise,
+    train_wall_s,
     verdict,
 )
 from medssl.datasets.luna16 import Finding
@@ -176,3 +177,21 @@ def test_an_interrupted_run_resumes_only_with_its_own_config(tmp_path: Path) -> 
     assert "scanner_augment: 0.0" in text
     (out / "config.yaml").write_text(text.replace("  scanner_augment: 0.0\n", ""))
     assert resumable(cfg, out)
+
+
+def test_training_wall_time_counts_every_segment_of_a_resumed_run_and_no_pause(tmp_path: Path) -> None:
+    # 10 steps of 2 s, a 100 s validation, killed; resumed 3 hours later for 5 more steps of 2 s
+    times = [2.0 * i for i in range(10)] + [118.0] + [118.0 + 3 * 3600 + 2.0 * i for i in range(5)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": i, "time": t}) + "\n"
+                                                for i, t in enumerate(times)))
+    assert train_wall_s(tmp_path) == pytest.approx(18.0 + 100.0 + 8.0)
+    assert train_wall_s(tmp_path, pause_s=50.0) == pytest.approx(18.0 + 8.0)
+
+
+def test_results_written_before_training_wall_time_get_it_from_their_logs(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "log.jsonl").write_text('{"step": 1, "time": 10.0}\n{"step": 2, "time": 13.0}\n')
+    meta = {k: None for k in EXPERIMENT_KEYS}
+    (tmp_path / "r.json").write_text(json.dumps({"meta": meta, "runs": [{"run_dir": str(run_dir), "wall_s": 1.0}]}))
+    assert resumable_runs(tmp_path / "r.json", meta)[0]["train_wall_s"] == pytest.approx(3.0)
