@@ -61,6 +61,10 @@ def export() -> None:
                    "per scan, or the highest one reaching sensitivity --op-target.")
 @click.option("--op-target", type=float, default=None,
               help="The rule's target [default: 1.0 FP per scan; required with --op-rule sensitivity].")
+@click.option("--op-data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Detectors: choose the operating point on every scan of this LUNA16 folder instead of the "
+                   "run's validation scans: scans of the geometry the model will score (whole chests, where "
+                   "the run validated on what it trained on), never the test set.")
 @click.option("--operating-point-from-run", "op_from_run", is_flag=True,
               help="Detectors: take the operating point medssl-train chose (RUN/validation/operating_point.json) "
                    "instead of measuring it again (when the training data is gone).")
@@ -70,7 +74,7 @@ def export() -> None:
 def export_model(checkpoint: Path, repository: Path, name: str, version: int | None, precision: str,
                  max_batch: int, instances: int, kind: str, warmup: bool, trt_accelerator: bool,
                  tensorrt: bool, intended_use: str | None, op_rule: str, op_target: float | None,
-                 op_from_run: bool, no_op: bool, as_json: bool) -> None:
+                 op_data: Path | None, op_from_run: bool, no_op: bool, as_json: bool) -> None:
     """Export CHECKPOINT (a .pt file or a medssl-train run folder) as model NAME.
 
     A detector's card gets an operating point: the threshold chosen on the run's validation
@@ -87,8 +91,8 @@ def export_model(checkpoint: Path, repository: Path, name: str, version: int | N
         raise click.UsageError(str(exc)) from None
     if op_from_run and no_op:
         raise click.UsageError("--operating-point-from-run and --no-operating-point exclude each other")
-    if (op_from_run or no_op) and (op_target is not None or op_rule != "fp_per_scan"):
-        raise click.UsageError("--op-rule/--op-target choose a new operating point: they do not go with "
+    if (op_from_run or no_op) and (op_target is not None or op_rule != "fp_per_scan" or op_data is not None):
+        raise click.UsageError("--op-rule/--op-target/--op-data choose a new operating point: they do not go with "
                                "--operating-point-from-run or --no-operating-point")
     if op_rule == "sensitivity" and op_target is None:
         raise click.UsageError("--op-rule sensitivity needs --op-target, the sensitivity to reach (e.g. 0.9)")
@@ -96,7 +100,8 @@ def export_model(checkpoint: Path, repository: Path, name: str, version: int | N
     options = ExportOptions(version=version, precision=precision, max_batch_size=max_batch,  # type: ignore[arg-type]
                             serving=serving, tensorrt=tensorrt,
                             operating_point="run" if op_from_run else "none" if no_op else "validation",
-                            op_rule=op_rule, op_target=1.0 if op_target is None else op_target, **extra)
+                            op_rule=op_rule, op_target=1.0 if op_target is None else op_target,
+                            op_data=op_data, **extra)
     result = export_checkpoint(checkpoint, repository, name, options)
     if as_json:
         click.echo(json.dumps({

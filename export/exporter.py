@@ -77,6 +77,9 @@ class ExportOptions:
         op_rule: ``"fp_per_scan"`` or ``"sensitivity"``
             (:class:`~medssl.metrics.operating_point.OperatingRule`), with ``"validation"``.
         op_target: the rule's target: FP per scan (default 1.0) or a sensitivity in (0, 1].
+        op_data: with ``"validation"``, a LUNA16 folder whose every scan validates the operating
+            point instead of the run's validation split: scans of the geometry the model will
+            score (:func:`~medssl.export.operating.operating_point_on_validation`).
     """
 
     version: int | None = None
@@ -89,6 +92,7 @@ class ExportOptions:
     operating_point: Literal["validation", "run", "none"] = "validation"
     op_rule: str = "fp_per_scan"
     op_target: float = 1.0
+    op_data: Path | None = None
 
     def __post_init__(self) -> None:
         if self.operating_point not in ("validation", "run", "none"):
@@ -97,6 +101,8 @@ class ExportOptions:
             check_rule(self.op_rule, self.op_target)
         except ValueError as exc:
             raise ExportError(f"operating point: {exc}") from None
+        if self.op_data is not None and self.operating_point != "validation":
+            raise ExportError("op_data chooses a new operating point: it needs operating_point='validation'")
         if self.precision not in ("fp32", "fp16"):
             raise ExportError(f"precision must be 'fp32' or 'fp16', got {self.precision!r}")
         if self.max_batch_size < 1:
@@ -286,7 +292,7 @@ def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str,
     if ex.task is Task.DETECTION and options.operating_point == "run":
         run_point = operating_point_from_run(path)
     elif ex.task is Task.DETECTION and options.operating_point == "validation":
-        validation_inputs(path, ex.provenance)
+        validation_inputs(path, ex.provenance, options.op_data)
     repository = Path(repository)
     model_dir = repository / name
     version = options.version or next_version(model_dir)
@@ -322,7 +328,8 @@ def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str,
         card = _card(ex, name, version, options, provenance)
         if card.task is Task.DETECTION and options.operating_point == "validation":
             card = dataclasses.replace(card, operating_point=operating_point_on_validation(
-                onnx_path, card, path, ex.provenance, rule=options.op_rule, target=options.op_target))
+                onnx_path, card, path, ex.provenance, rule=options.op_rule, target=options.op_target,
+                data=options.op_data))
         elif card.task is Task.DETECTION:
             card = dataclasses.replace(card, operating_point=run_point)
         trt_dir, trt_parity = None, None

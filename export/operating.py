@@ -93,17 +93,30 @@ def operating_point_from_run(checkpoint: Path) -> OperatingPoint:
         raise ExportError(f"{path}: not a valid operating point ({exc})") from exc
 
 
-def validation_inputs(checkpoint: Path, provenance: Mapping[str, Any]) -> tuple[Path, list[str], Path]:
-    """The run's ``split.json``, its validation seriesuids and the LUNA16 data folder, checked
-    (before anything is exported).
+def validation_inputs(checkpoint: Path, provenance: Mapping[str, Any],
+                      data: Path | None = None) -> tuple[str, list[str], Path]:
+    """What the operating point is chosen on, checked (before anything is exported): a
+    description for the card and messages, the validation seriesuids and their LUNA16 folder.
+
+    Args:
+        checkpoint, provenance: the exported checkpoint and its provenance.
+        data: a LUNA16 folder whose every scan validates the operating point, in place of the
+            run's validation split (``split.json`` in the folder ``provenance["data"]``).
 
     Raises:
-        ExportError: no run folder, no readable ``split.json``, no validation scans, or the
-            data folder of ``provenance["data"]`` gone (what is missing named, with the
-            alternatives).
+        ExportError: ``data`` is not a LUNA16 folder with scans (the layout error); or, without it: no run folder,
+            no readable ``split.json``, no validation scans, or the data folder of
+            ``provenance["data"]`` gone (what is missing named, with the alternatives).
     """
+    from medssl.datasets.luna16 import Luna16
     from medssl.datasets.splits import read_split
 
+    if data is not None:
+        try:
+            uids = Luna16(data).seriesuids
+        except MedsslError as exc:
+            raise ExportError(f"operating-point data: {exc}") from exc
+        return f"every scan of {data}", list(uids), Path(data)
     split_path = _run(checkpoint) / "split.json"
     if not split_path.is_file():
         raise ExportError(f"{split_path} is missing: the run's validation scans are unknown; {_ALTERNATIVES}")
@@ -113,18 +126,24 @@ def validation_inputs(checkpoint: Path, provenance: Mapping[str, Any]) -> tuple[
         raise ExportError(f"{exc}; {_ALTERNATIVES}") from exc
     if not uids:
         raise ExportError(f"{split_path} lists no validation scans (data.n_validation 0); {_ALTERNATIVES}")
-    data = provenance.get("data")
-    if not data or not Path(str(data)).is_dir():
-        raise ExportError(f"the training data folder of the checkpoint's provenance ({data!r}) is gone; it "
+    folder = provenance.get("data")
+    if not folder or not Path(str(folder)).is_dir():
+        raise ExportError(f"the training data folder of the checkpoint's provenance ({folder!r}) is gone; it "
                           f"holds the {len(uids)} validation scans of {split_path}; restore it there, or "
                           f"{_ALTERNATIVES}")
-    return split_path, uids, Path(str(data))
+    return f"the validation scans of {split_path} ({folder})", uids, Path(str(folder))
 
 
 def operating_point_on_validation(onnx_path: Path, card: ModelCard, checkpoint: Path,
                                   provenance: Mapping[str, Any], *, rule: str | OperatingRule,
-                                  target: float) -> OperatingPoint:
-    """Choose the operating point with the exported graph on the run's validation scans.
+                                  target: float, data: Path | None = None) -> OperatingPoint:
+    """Choose the operating point with the exported graph on the run's validation scans, or
+    on every scan of ``data``.
+
+    A run validates on scans like those it trained on. Where those differ from what the model
+    will score (targeted one-lung reconstructions vs whole chests, which hold twice the lung
+    and so about twice the false positives per scan), pass ``data``: scans of the deployment
+    geometry, never the test set.
 
     Args:
         onnx_path: the exported ``model.onnx`` (onnxruntime, CPU).
@@ -132,9 +151,10 @@ def operating_point_on_validation(onnx_path: Path, card: ModelCard, checkpoint: 
         checkpoint: the exported checkpoint, in ``<run>/checkpoints/``.
         provenance: the checkpoint's provenance; ``data`` is the LUNA16 folder it trained on.
         rule, target: see :func:`medssl.metrics.operating_point.choose_operating_point`.
+        data: a LUNA16 folder whose every scan validates the operating point (see above).
 
     Raises:
-        ExportError: no run folder, no ``split.json``, no validation scans, the data folder
+        ExportError: ``data`` not a LUNA16 folder with scans; no run folder, no ``split.json``, no validation scans, the data folder
             gone or unreadable (what is missing named, with the alternatives), or no
             threshold meets the rule.
     """
@@ -143,7 +163,7 @@ def operating_point_on_validation(onnx_path: Path, card: ModelCard, checkpoint: 
     from medssl.pipeline.preprocess import preprocess_ct
     from medssl.runners.onnx import OnnxRunner
 
-    split_path, uids, data = validation_inputs(checkpoint, provenance)
+    what, uids, data = validation_inputs(checkpoint, provenance, data)
     params = card.detection_params()
     runner = OnnxRunner(onnx_path, replace(card, operating_point=None), providers=["CPUExecutionProvider"])
     predictions: list[Prediction] = []
@@ -156,14 +176,12 @@ def operating_point_on_validation(onnx_path: Path, card: ModelCard, checkpoint: 
         nodules = [f for u in uids for f in luna.annotations(u)]
         excluded = [f for u in uids for f in luna.excluded(u)]
     except MedsslError as exc:
-        raise ExportError(f"reading the validation scans of {split_path} from {data}: {exc}; "
-                          f"{_ALTERNATIVES}") from exc
+        raise ExportError(f"reading {what}: {exc}; {_ALTERNATIVES}") from exc
     finally:
         runner.close()
     try:
         return choose_operating_point(
             nodules, excluded, uids, predictions, rule=rule, target=target,
-            source=f"medssl-export: {onnx_path.name} in onnxruntime (CPU) on the {len(uids)} validation "
-                   f"scans of {split_path} ({data})")
+            source=f"medssl-export: {onnx_path.name} in onnxruntime (CPU) on {len(uids)} scans: {what}")
     except OperatingPointError as exc:
         raise ExportError(f"operating point: {exc}") from exc

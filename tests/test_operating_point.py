@@ -265,6 +265,32 @@ def test_export_names_what_is_missing_and_takes_the_run_s_point_when_asked(run, 
         ExportOptions(op_rule="sensitivity", op_target=2.0)
 
 
+def test_export_chooses_the_operating_point_on_other_scans_when_given_them(run, tmp_path):
+    # --op-data: scans of the deployment geometry instead of the run's validation split
+    from medssl.cli.export import export
+    from medssl.cli.main import cli
+    from medssl.errors import ExportError
+    from medssl.export import ExportOptions, export_checkpoint
+    from medssl.models.triton_config import ServingOptions
+
+    other = tmp_path / "whole-chests"
+    made = CliRunner().invoke(cli, ["synth", "chest", "--cases", "2", "--matrix", "96", "--slices", "48",
+                                    "--seed", "40", str(other)])
+    assert made.exit_code == 0, made.output
+    with pytest.raises(ExportError, match="operating-point data: .*no subset"):
+        export_checkpoint(run, tmp_path / "r0", "m", ExportOptions(op_data=tmp_path))
+    assert not (tmp_path / "r0").exists()  # checked before anything is written
+    with pytest.raises(ExportError, match="op_data .* needs operating_point='validation'"):
+        ExportOptions(op_data=other, operating_point="run")
+    result = export_checkpoint(run, tmp_path / "repo", "m", ExportOptions(
+        max_batch_size=2, serving=ServingOptions(kind="cpu"), op_data=other))
+    point = load_card(result.model_dir).operating_point
+    assert point.n_scans == 2 and f"every scan of {other}" in point.source and "split.json" not in point.source
+    bad = CliRunner().invoke(export, [str(run), "--repository", str(tmp_path / "r2"), "--name", "m",
+                                      "--op-data", str(other), "--no-operating-point"])
+    assert bad.exit_code == 2 and "--op-data" in bad.output
+
+
 # -- scoring: the Acceptance "Card" check ------------------------------------------------------
 
 
