@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -204,24 +205,39 @@ def false_marks_per_scan(predictions: Sequence[Prediction], passed: Sequence[boo
     return [counts[u] for u in uids]
 
 
+#: Diameter groups (mm) of the size breakdown: Lung-RADS v2022's solid-nodule cut points.
+SIZE_GROUPS: tuple[tuple[str, float, float], ...] = (
+    ("< 6 mm", 0.0, 6.0), ("6-8 mm", 6.0, 8.0), ("8-15 mm", 8.0, 15.0), (">= 15 mm", 15.0, math.inf))
+
+
+def size_group(diameter_mm: float) -> str:
+    """The :data:`SIZE_GROUPS` name of a nodule diameter in mm."""
+    return next(name for name, low, high in SIZE_GROUPS if low <= diameter_mm < high)
+
+
 def sensitivity_by_group(nodules: Sequence[Any], truth: Sequence[Mapping[str, str]], excluded: Sequence[Any],
                          uids: Sequence[str], predictions: Sequence[Prediction],
                          threshold: float) -> dict[str, dict[str, list[float]]]:
     """Which nodules the SR finds: the sensitivity at the operating point (marks with
-    ``p >= threshold``, the LUNA16 hit rule), overall and per value of each ``truth`` column.
+    ``p >= threshold``, the LUNA16 hit rule), overall, per diameter group
+    (:data:`SIZE_GROUPS`, from the annotations) and per value of each ``truth`` column.
 
     Args:
-        nodules: the annotated nodules; ``truth``: their ``truth.csv`` columns, aligned (may be
-            empty: then only ``"all"``).
+        nodules: the annotated nodules (``diameter_mm``); ``truth``: their ``truth.csv``
+            columns, aligned (may be empty: then only ``"all"`` and ``"size"``).
 
     Returns:
-        ``{"all": {"all": [sensitivity, n]}, column: {value: [sensitivity, n], ...}, ...}``.
+        ``{"all": {"all": [sensitivity, n]}, "size": {group: [sensitivity, n], ...},
+        column: {value: [sensitivity, n], ...}, ...}``; a size group without nodules is left out.
     """
     def sensitivity(group: Sequence[Any]) -> list[float]:
         sens, _ = froc_at_thresholds(list(group), excluded, uids, predictions, [threshold])
         return [float(sens[0]), len(group)]
 
     out = {"all": {"all": sensitivity(nodules)}}
+    sizes = [size_group(n.diameter_mm) for n in nodules]
+    out["size"] = {name: sensitivity([n for n, g in zip(nodules, sizes) if g == name])
+                   for name, _, _ in SIZE_GROUPS if name in sizes}
     if truth:
         for column in truth[0]:
             values = sorted({t[column] for t in truth})

@@ -16,6 +16,7 @@ from benchmarks.detector_quality import (
     _resumed,
     false_marks_per_scan,
     sensitivity_by_group,
+    size_group,
     _uncalibrated,
     ROOT,
     Variant,
@@ -95,7 +96,7 @@ def test_sensitivity_by_group_counts_the_nodules_each_reported_mark_finds() -> N
 
     uids = ["a", "b"]
     nodules = [Finding("a", (0.0, 0.0, 0.0), 10.0), Finding("a", (50.0, 0.0, 0.0), 10.0),
-               Finding("b", (0.0, 0.0, 0.0), 10.0)]
+               Finding("b", (0.0, 0.0, 0.0), 5.9)]
     truth = [{"kind": "solid"}, {"kind": "ground-glass"}, {"kind": "solid"}]
     marks = [Prediction("a", (1.0, 0.0, 0.0), 0.9),  # finds a's solid nodule
              Prediction("a", (50.0, 1.0, 0.0), 0.2),  # a's ground-glass one, below the threshold
@@ -103,7 +104,14 @@ def test_sensitivity_by_group_counts_the_nodules_each_reported_mark_finds() -> N
     out = sensitivity_by_group(nodules, truth, [], uids, marks, threshold=0.5)
     assert out["all"] == {"all": [pytest.approx(1 / 3), 3]}
     assert out["kind"] == {"ground-glass": [0.0, 1], "solid": [0.5, 2]}
-    assert sensitivity_by_group(nodules, [], [], uids, marks, threshold=0.1) == {"all": {"all": [pytest.approx(2 / 3), 3]}}
+    assert out["size"] == {"< 6 mm": [0.0, 1], "8-15 mm": [0.5, 2]}  # Lung-RADS cut points; empty groups left out
+    assert sensitivity_by_group(nodules, [], [], uids, marks, threshold=0.1) == {
+        "all": {"all": [pytest.approx(2 / 3), 3]}, "size": {"< 6 mm": [0.0, 1], "8-15 mm": [1.0, 2]}}
+
+
+def test_size_groups_are_half_open_at_the_lung_rads_cut_points() -> None:
+    assert [size_group(d) for d in (3.0, 5.99, 6.0, 7.9, 8.0, 14.9, 15.0, 30.0)] == [
+        "< 6 mm", "< 6 mm", "6-8 mm", "6-8 mm", "8-15 mm", "8-15 mm", ">= 15 mm", ">= 15 mm"]
 
 
 def test_truth_columns_follow_the_annotations(tmp_path: Path) -> None:
