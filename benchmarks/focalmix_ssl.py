@@ -23,7 +23,7 @@ the reference arms, per seed: ``FocalMix, unlabeled weight 0`` (FocalMix's pipel
 supervised on every scan of the training pool but the validation ones (129 with the defaults
 and ``focalmix-cpu``'s 4 validation scans: at least as many scans as FocalMix sees at 25
 labeled, 25 + 100, all with labels); and at ``--ablation-labeled`` the Table 3 ablations (SFL
-without soft alpha / soft beta, K = 1 and 2, image MixUp only, object MixUp only) for
+without soft alpha / soft beta, K = 1 and 2, image MixUp only, no MixUp: the rows of Table 3 (a)-(c)) for
 ``--ablation-seeds`` (default: the first 3 seeds). The reference arms and ablations are
 descriptive and cost most of the CPU (a FocalMix run costs about 3 supervised ones), so they
 run at one labeled count and, for the ablations, fewer seeds; the decisive comparison has every
@@ -107,7 +107,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "FocalMix, K=1": {"focalmix.k": 1},
     "FocalMix, K=2": {"focalmix.k": 2},
     "FocalMix, image MixUp only": {"focalmix.object_mixup": False},
-    "FocalMix, object MixUp only": {"focalmix.image_mixup": False},
+    "FocalMix, no MixUp": {"focalmix.image_mixup": False, "focalmix.object_mixup": False},
 }
 
 
