@@ -72,7 +72,7 @@ def test_plan_pairs_both_methods_on_each_seed_first_then_adds_the_reference_arms
     assert [(r.labeled, r.seed) for r in runs if r.name == CEILING] == [(125, 0), (125, 1)]
     assert {r.name for r in runs if r.labeled == 10 and r.seed == 0} >= set(ABLATIONS)
     assert not any(r.name in ABLATIONS for r in runs if r.seed == 1)
-    assert "FocalMix, object MixUp only" in ABLATIONS
+    assert ABLATIONS["FocalMix, no MixUp"] == {"focalmix.image_mixup": False, "focalmix.object_mixup": False}
 
 
 def test_pooled_delta_of_one_seed_is_the_paired_bootstrap() -> None:
