@@ -104,8 +104,8 @@ def validation_inputs(checkpoint: Path, provenance: Mapping[str, Any],
             run's validation split (``split.json`` in the folder ``provenance["data"]``).
 
     Raises:
-        ExportError: ``data`` is not a LUNA16 folder with scans (the layout error); or, without it: no run folder,
-            no readable ``split.json``, no validation scans, or the data folder of
+        ExportError: ``data`` is not a LUNA16 folder with scans (the layout error); or,
+            without it: no run folder, no readable ``split.json``, no validation scans, or the data folder of
             ``provenance["data"]`` gone (what is missing named, with the alternatives).
     """
     from medssl.datasets.luna16 import Luna16
@@ -154,8 +154,8 @@ def operating_point_on_validation(onnx_path: Path, card: ModelCard, checkpoint: 
         data: a LUNA16 folder whose every scan validates the operating point (see above).
 
     Raises:
-        ExportError: ``data`` not a LUNA16 folder with scans; no run folder, no ``split.json``, no validation scans, the data folder
-            gone or unreadable (what is missing named, with the alternatives), or no
+        ExportError: ``data`` not a LUNA16 folder with scans; no run folder, no
+            ``split.json``, no validation scans, the data folder gone or unreadable (what is missing named, with the alternatives), or no
             threshold meets the rule.
     """
     from medssl.datasets.luna16 import Luna16
