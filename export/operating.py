@@ -155,8 +155,8 @@ def operating_point_on_validation(onnx_path: Path, card: ModelCard, checkpoint: 
 
     Raises:
         ExportError: ``data`` not a LUNA16 folder with scans; no run folder, no
-            ``split.json``, no validation scans, the data folder gone or unreadable (what is missing named, with the alternatives), or no
-            threshold meets the rule.
+            ``split.json``, no validation scans, the data folder gone or unreadable (what
+            is missing named, with the alternatives), or no threshold meets the rule.
     """
     from medssl.datasets.luna16 import Luna16
     from medssl.pipeline.detect import detect_preprocessed
