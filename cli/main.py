@@ -167,11 +167,25 @@ def synth_archive(out: Path, studies: int, broken: int, seed: int, matrix: int, 
 @click.option(
     "--shape", nargs=3, type=int, default=None, help="Grid size Z Y X (default: the domain's own)."
 )
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["decathlon", "dicom"]),
+    default="decathlon",
+    show_default=True,
+    help="Decathlon layout (NIfTI), or one DICOM CT study per case (BodyPartExamined ABDOMEN) "
+    "with its truth in OUT/labels and OUT/cases.csv; CT domains only.",
+)
 def synth_organs(
-    out: Path, cases: int, n_test: int, domains: tuple[str, ...], seed: int, shape: tuple[int, int, int] | None
+    out: Path, cases: int, n_test: int, domains: tuple[str, ...], seed: int, shape: tuple[int, int, int] | None,
+    fmt: str,
 ) -> None:
-    """Abdominal multi-organ phantom for segmentation, in the Decathlon layout."""
+    """Abdominal multi-organ phantom for segmentation, in the Decathlon layout or as DICOM studies."""
     domains = domains or ("A",)
+    not_ct = [d for d in domains if DOMAINS[d].modality != "CT"]
+    if fmt == "dicom" and not_ct:
+        raise click.BadParameter(f"domain(s) {', '.join(not_ct)} are MR; --format dicom writes CT series only",
+                                 param_hint="--domain")
     several = len(domains) > 1
     for k, domain in enumerate(domains):
         progress, task = _progress(f"organs ({domain})", cases + n_test)
@@ -185,6 +199,7 @@ def synth_organs(
                 seed=seed + k * (cases + n_test),
                 shape=shape or None,
                 progress=lambda p=progress, t=task: p.advance(t),  # type: ignore[misc]
+                fmt=fmt,
             )
     where = f"{out}/{{{','.join(domains)}}}" if several else str(out)
     click.echo(f"wrote {cases} training and {n_test} test cases per domain ({', '.join(domains)}) to {where}")

@@ -81,6 +81,11 @@ class SegDataConfig:
             the VNet (any depth for ``model.network: unet2d``).
         svda: SVDA on every crop, labeled and unlabeled, for every method (off: random
             crop only; A&D's "w/o SVDA" ablation).
+        foreground_fraction: share of labeled crops centred on a voxel of a class drawn
+            uniformly among those present (nnU-Net's ``oversample_foreground_percent`` 0.33;
+            :class:`~medssl.training.seg_data.SegCrops`). Every method's labeled crops use it;
+            unlabeled crops stay uniform. 0: uniform random crops only, as the official A&D,
+            BCP and SSL4MIS loaders (the paper-size configs keep 0).
         split_seed: seed of the split.
         cache_dir: preprocessed-volume cache; default ``$MEDSSL_CACHE`` or ``~/.cache/medssl``.
         workers: DataLoader worker processes per loader.
@@ -98,6 +103,7 @@ class SegDataConfig:
     hu_max: float = 275.0
     patch: tuple[int, int, int] = (64, 128, 128)
     svda: bool = True
+    foreground_fraction: float = 0.0
     split_seed: int = 0
     cache_dir: str | None = None
     workers: int = 2
@@ -105,6 +111,8 @@ class SegDataConfig:
     def __post_init__(self) -> None:
         if not self.domains:
             raise ValueError("data.domains must name at least one domain")
+        if not 0 <= self.foreground_fraction <= 1:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
         if not 0 < self.labeled_fraction <= 1:
             raise ValueError(f"labeled_fraction must be in (0, 1], got {self.labeled_fraction}")
         if self.patch[0] < 1 or any(p < 16 or p % 16 for p in self.patch[1:]):

@@ -256,8 +256,8 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
     svda = SVDA() if d.svda else None
     pad = norm.pad_value
     batch = o.batch_size
-    labeled_stream = _stream(SegCrops(labeled, d.patch, lookup, svda, pad, cfg.seed, 1), batch, start,
-                             o.steps - start, d.workers, env)
+    labeled_crops = SegCrops(labeled, d.patch, lookup, svda, pad, cfg.seed, 1, foreground=d.foreground_fraction)
+    labeled_stream = _stream(labeled_crops, batch, start, o.steps - start, d.workers, env)
     # Unlabeled crop i·batch.. feeds step i; BCP draws none while it pre-trains.
     unlabeled_start = max(start, phases.pretrain_steps if phases is not None else 0)
     unlabeled_crops = (SegCrops(unlabeled, d.patch, lookup, svda, pad, cfg.seed, 2, weak_strong=fixmatch or parts is not None,

@@ -2,7 +2,7 @@
 
 Follows the official ``code/DiffVNet/diff_vnet.py`` (xmed-lab/GenericSSL): a VNet with
 four stride-2 downsamplings (width ``w, 2w, 4w, 8w, 16w``; the paper uses w = 32, so
-32 → 512), BatchNorm, Dropout3d(0.1) after every convolution, Dropout3d(0.5) on the
+32 → 512), BatchNorm, Dropout3d(0.1) after every convolution (``stage_dropout``), Dropout3d(0.5) on the
 deepest features and before the output convolution (when ``dropout`` is on), residual
 additions (not concatenations) between encoder and decoder.
 
@@ -42,16 +42,22 @@ class VNetConfig:
         width: channels of the first stage; the deepest has 16× (official ``n_filters``: 32
             for every A&D task; 16 is the classic VNet of UA-MT / BCP).
         dropout: the 0.5 dropouts on the deepest features and before the output layer.
+        stage_dropout: Dropout3d rate after every convolution (official 0.1). Dropout3d drops
+            whole channels: at width 8 a 0.1 rate silences most of a stage's channels in some
+            crops, which is why the CPU configs set it (and ``dropout``) off.
         in_channels: image channels.
     """
 
     width: int = 32
     dropout: bool = True
+    stage_dropout: float = STAGE_DROPOUT
     in_channels: int = 1
 
     def __post_init__(self) -> None:
         if self.width < 1 or self.in_channels < 1:
             raise ValueError(f"width and in_channels must be >= 1, got {self.width}, {self.in_channels}")
+        if not 0 <= self.stage_dropout < 1:
+            raise ValueError(f"stage_dropout must be in [0, 1), got {self.stage_dropout}")
 
     @property
     def divisor(self) -> int:
@@ -85,11 +91,11 @@ class _TimeAdd(nn.Module):
 class _Conv(nn.Module):
     """conv3×3×3 → ReLU → BatchNorm → Dropout3d(0.1) [→ + time projection]."""
 
-    def __init__(self, cin: int, cout: int, time_dim: int | None) -> None:
+    def __init__(self, cin: int, cout: int, time_dim: int | None, drop: float = STAGE_DROPOUT) -> None:
         super().__init__()
         self.conv = nn.Conv3d(cin, cout, 3, padding=1)
         self.norm = nn.BatchNorm3d(cout)
-        self.drop = nn.Dropout3d(STAGE_DROPOUT)
+        self.drop = nn.Dropout3d(drop) if drop else nn.Identity()
         self.time = _TimeAdd(cout, time_dim) if time_dim else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
@@ -100,10 +106,10 @@ class _Conv(nn.Module):
 class _Stage(nn.Module):
     """``n`` convolutions; all but the last take the time embedding."""
 
-    def __init__(self, n: int, cin: int, cout: int, time_dim: int | None) -> None:
+    def __init__(self, n: int, cin: int, cout: int, time_dim: int | None, drop: float = STAGE_DROPOUT) -> None:
         super().__init__()
         self.convs = nn.ModuleList(
-            _Conv(cin if i == 0 else cout, cout, time_dim if i < n - 1 else None) for i in range(n)
+            _Conv(cin if i == 0 else cout, cout, time_dim if i < n - 1 else None, drop) for i in range(n)
         )
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
@@ -135,11 +141,12 @@ _DECODER_CONVS = (3, 3, 2, 1)
 class Encoder(nn.Module):
     """Stem output ``(B, w, Z, Y, X)`` → five feature maps, deepest ``(B, 16w, Z/16, ...)``."""
 
-    def __init__(self, width: int, dropout: bool, time_dim: int | None) -> None:
+    def __init__(self, width: int, dropout: bool, time_dim: int | None, drop: float = STAGE_DROPOUT) -> None:
         super().__init__()
         w = [width * 2**i for i in range(5)]
         self.down = nn.ModuleList(_Resample(w[i], w[i + 1], False, time_dim) for i in range(4))
-        self.stages = nn.ModuleList(_Stage(n, w[i + 1], w[i + 1], time_dim) for i, n in enumerate(_ENCODER_CONVS))
+        self.stages = nn.ModuleList(_Stage(n, w[i + 1], w[i + 1], time_dim, drop)
+                                    for i, n in enumerate(_ENCODER_CONVS))
         self.dropout = nn.Dropout3d(0.5) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -154,11 +161,13 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Five feature maps → logits ``(B, C, Z, Y, X)``; skips are added."""
 
-    def __init__(self, width: int, n_classes: int, dropout: bool, time_dim: int | None) -> None:
+    def __init__(self, width: int, n_classes: int, dropout: bool, time_dim: int | None,
+                 drop: float = STAGE_DROPOUT) -> None:
         super().__init__()
         w = [width * 2**i for i in range(5)]
         self.up = nn.ModuleList(_Resample(w[4 - i], w[3 - i], True, time_dim) for i in range(4))
-        self.stages = nn.ModuleList(_Stage(n, w[3 - i], w[3 - i], time_dim) for i, n in enumerate(_DECODER_CONVS))
+        self.stages = nn.ModuleList(_Stage(n, w[3 - i], w[3 - i], time_dim, drop)
+                                    for i, n in enumerate(_DECODER_CONVS))
         self.dropout = nn.Dropout3d(0.5) if dropout else nn.Identity()
         self.out = nn.Conv3d(width, n_classes, 1)
 
@@ -178,9 +187,10 @@ class VNet(nn.Module):
     def __init__(self, config: VNetConfig, n_classes: int) -> None:
         super().__init__()
         self.config, self.n_classes = config, n_classes
-        self.stem = _Stage(1, config.in_channels, config.width, None)
-        self.encoder = Encoder(config.width, config.dropout, None)
-        self.decoder = Decoder(config.width, n_classes, config.dropout, None)
+        drop = config.stage_dropout
+        self.stem = _Stage(1, config.in_channels, config.width, None, drop)
+        self.encoder = Encoder(config.width, config.dropout, None, drop)
+        self.decoder = Decoder(config.width, n_classes, config.dropout, None, drop)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(self.stem(image, None)))
@@ -208,18 +218,18 @@ class DiffVNet(nn.Module):
     def __init__(self, config: VNetConfig, n_classes: int, diffusion: bool = True) -> None:
         super().__init__()
         self.config, self.n_classes, self.diffusion = config, n_classes, diffusion
-        w, drop = config.width, config.dropout
+        w, drop, p = config.width, config.dropout, config.stage_dropout
         # Without diffusion nothing is time-conditioned: no unused parameters (DDP needs that).
         time_dim = TIME_EMBED_OUT if diffusion else None
         self.time_mlp = nn.Sequential(nn.Linear(TIME_EMBED_IN, TIME_EMBED_OUT), nn.SiLU(),
                                       nn.Linear(TIME_EMBED_OUT, TIME_EMBED_OUT)) if diffusion else None
         noisy_in = config.in_channels + (n_classes if diffusion else 0)
-        self.noisy_stem = _Stage(1, noisy_in, w, None)
-        self.image_stem = _Stage(1, config.in_channels, w, None)
-        self.encoder = Encoder(w, drop, time_dim)
-        self.decoder_xi = Decoder(w, n_classes, drop, time_dim)
-        self.decoder_psi = Decoder(w, n_classes, drop, None)
-        self.decoder_theta = Decoder(w, n_classes, drop, None)
+        self.noisy_stem = _Stage(1, noisy_in, w, None, p)
+        self.image_stem = _Stage(1, config.in_channels, w, None, p)
+        self.encoder = Encoder(w, drop, time_dim, p)
+        self.decoder_xi = Decoder(w, n_classes, drop, time_dim, p)
+        self.decoder_psi = Decoder(w, n_classes, drop, None, p)
+        self.decoder_theta = Decoder(w, n_classes, drop, None, p)
 
     def denoise(self, x_t: torch.Tensor | None, t: torch.Tensor | None, image: torch.Tensor) -> torch.Tensor:
         """D_ξ: x̂0 logits from the noisy label ``x_t`` at step ``t`` given ``image``."""

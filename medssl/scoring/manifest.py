@@ -47,6 +47,7 @@ class ScanItem:
         modality, image_type, orientation, n_slices, slice_thickness_mm: header values used
             by the selection rules (DICOM only; None/"" when unknown).
         series_description: for the report.
+        body_part: BodyPartExamined, upper case as stored ("" when absent; DICOM only).
         series_uid_absent: a DICOM series whose files have no SeriesInstanceUID (blanked by
             an anonymiser): ``key`` was derived, ``series_uid`` is ``""``, and DICOM outputs,
             which must reference the source's UIDs, are not written for it.
@@ -64,6 +65,7 @@ class ScanItem:
     slice_thickness_mm: float | None = None
     series_description: str = ""
     series_uid_absent: bool = False
+    body_part: str = ""
 
     @property
     def is_dicom(self) -> bool:
@@ -100,7 +102,7 @@ class ScanItem:
             modality=record.modality, image_type=record.image_type, orientation=record.orientation,
             n_slices=record.n_slices, slice_thickness_mm=record.slice_thickness,
             series_description=record.series_description,
-            series_uid_absent=record.series_uid_absent,
+            series_uid_absent=record.series_uid_absent, body_part=record.body_part,
         )
 
 

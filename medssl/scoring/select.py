@@ -30,6 +30,24 @@ _MODALITIES = frozenset({
     "US", "VA", "XA", "XC"})
 
 
+#: Body Part Examined defined terms (PS3.16 CID 4031 and PS3.16 Annex L's common CT values) a
+#: skip reason may quote; anything else is not quoted (free text from a damaged header).
+_BODY_PARTS = frozenset({
+    "ABDOMEN", "ABDOMENPELVIS", "ADRENAL", "ANKLE", "AORTA", "ARM", "BRAIN", "BREAST", "CHEST",
+    "CHESTABDOMEN", "CHESTABDPELVIS", "CSPINE", "ELBOW", "EXTREMITY", "FOOT", "HAND", "HEAD",
+    "HEADNECK", "HEART", "HIP", "JAW", "KIDNEY", "KNEE", "LEG", "LIVER", "LSPINE", "LUNG",
+    "NECK", "PANCREAS", "PELVIS", "SHOULDER", "SKULL", "SPINE", "SPLEEN", "THORAX", "TSPINE",
+    "WHOLEBODY", "WRIST"})
+
+
+def _shown_body_part(value: str) -> str:
+    """``value`` if it is a known Body Part Examined term; else words that quote nothing of it."""
+    value = value.strip().upper()
+    if not value:
+        return "missing"
+    return value if value in _BODY_PARTS else "not a defined term"
+
+
 def _shown_modality(value: str) -> str:
     """``value`` if it is a Modality defined term; else words that quote nothing of it."""
     if not value:
@@ -47,6 +65,11 @@ class SelectionRules:
         min_slices: fewest slices (frames).
         max_thickness_mm: thickest slices accepted; a series without SliceThickness passes.
         orientation: required slice orientation from the index (``""``: any).
+        body_part: BodyPartExamined must be one of these (upper case, e.g. ``CHEST`` or
+            ``ABDOMEN``/``ABDOMENPELVIS``); empty: any, a series without the tag included. This
+            is how the gateway routes chest CT to a nodule detector and abdominal CT to an organ
+            model. A series without BodyPartExamined fails a non-empty rule: an unlabeled body
+            part is not guessed from free text.
         per_study: ``"all"`` eligible series, or ``"thinnest"`` one per study (thinnest
             slices, then most slices, then lowest SeriesInstanceUID).
 
@@ -59,12 +82,14 @@ class SelectionRules:
     min_slices: int = 32
     max_thickness_mm: float = 2.5
     orientation: str = "AXIAL"
+    body_part: tuple[str, ...] = ()
     per_study: str = "all"
 
     def __post_init__(self) -> None:
         if self.per_study not in ("all", "thinnest"):
             raise ConfigError(f"per_study must be 'all' or 'thinnest', got {self.per_study!r}",
                               key="per_study")
+        object.__setattr__(self, "body_part", tuple(str(v).strip().upper() for v in self.body_part))
         if self.min_slices < 1 or self.max_thickness_mm <= 0:
             raise ConfigError("min_slices must be >= 1 and max_thickness_mm > 0")
 
@@ -77,6 +102,8 @@ class SelectionRules:
             return "localizer (scout) series"
         if self.modality and item.modality != self.modality:
             return f"modality {_shown_modality(item.modality)}, not {self.modality}"
+        if self.body_part and item.body_part.strip().upper() not in self.body_part:
+            return f"body part {_shown_body_part(item.body_part)}, not {'/'.join(self.body_part)}"
         missing = [v for v in self.image_type if v not in values]
         if missing:  # the value itself is not quoted: a damaged header may hold anything (PHI)
             return f"image type {'lacks' if item.image_type else 'missing, so lacks'} {'/'.join(missing)}"
@@ -132,7 +159,8 @@ def _thinner(a: ScanItem, b: ScanItem) -> bool:
 def parse_rules(text: str | None) -> SelectionRules:
     """Rules from a YAML/JSON file path, or ``key=value[,key=value...]``; None → defaults.
 
-    ``image_type`` takes values joined by ``/`` (``ORIGINAL/PRIMARY``) in the pair form.
+    ``image_type`` and ``body_part`` take values joined by ``/`` (``ORIGINAL/PRIMARY``,
+    ``ABDOMEN/ABDOMENPELVIS``) in the pair form.
 
     Raises:
         ConfigError: unreadable file, unknown key (named, with the known ones), bad value.
@@ -172,7 +200,7 @@ def _rules(data: Mapping[str, Any]) -> SelectionRules:
     values: dict[str, Any] = {}
     for key, value in data.items():
         try:
-            if key == "image_type":
+            if key in ("image_type", "body_part"):
                 items = value.split("/") if isinstance(value, str) else list(value or [])
                 values[key] = tuple(str(v).strip().upper() for v in items if str(v).strip())
             elif key == "min_slices":

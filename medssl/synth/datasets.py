@@ -3,7 +3,9 @@
 * Chest CT: the LUNA16 layout (:class:`~medssl.datasets.luna16.Luna16Writer`),
   or one DICOM study per scan in an NLST-like ``patient/study/series/`` tree
   with LUNA16-style CSVs beside it (``seriesuid`` = SeriesInstanceUID).
-* Multi-organ phantom: the Decathlon layout.
+* Multi-organ phantom: the Decathlon layout, or (CT domains) one DICOM study per case with
+  BodyPartExamined ``ABDOMEN``, its truth beside it as NIfTI (``labels/<case_id>.nii.gz``) and
+  ``cases.csv`` mapping each case to its series.
 
 Case ``i`` uses seed ``seed + i``; unlabeled chest scans continue the sequence. A chest
 family (:data:`~medssl.synth.chest.FAMILIES`) adds its seed offset, so the scans, patient
@@ -32,6 +34,7 @@ from medssl.datasets.decathlon import DecathlonWriter
 from medssl.datasets.luna16 import Finding, Luna16Writer, write_findings
 from medssl.io.dicom_writer import SeriesInfo, write_dicom_series
 from medssl.io.metaimage import write_metaimage
+from medssl.io.nifti import write_nifti
 from medssl.synth.chest import SEED_SPAN, ChestCase, ChestConfig, generate_chest_ct
 from medssl.synth.organs import DOMAINS, LABELS, generate_organ_phantom
 
@@ -40,6 +43,7 @@ __all__ = [
     "chest_findings",
     "chest_lookalikes",
     "chest_series_info",
+    "organ_series_info",
     "write_chest_dataset",
     "write_organ_dataset",
 ]
@@ -181,6 +185,36 @@ def write_chest_dataset(
     return written
 
 
+def organ_series_info(seed: int, domain: str, thickness_mm: float) -> SeriesInfo:
+    """Plausible, deterministic tags for abdominal phantom ``seed`` seen by ``domain``.
+
+    Adults of 30-84 years, portal-venous CT of 2020-2024; UIDs derive from the seed and the
+    domain, so regenerating gives the same UIDs and two domains never share them.
+    """
+    rng = np.random.default_rng([seed, 17])
+    age = int(rng.integers(30, 85))
+    year = int(rng.integers(2020, 2025))
+    month, day = int(rng.integers(1, 13)), int(rng.integers(1, 29))
+    return SeriesInfo(
+        uid_seed=f"medssl-synth-organs-{domain}-{seed}",
+        patient_id=f"SYNABD{seed:06d}{domain.upper()}",
+        patient_name=f"Synthetic^Abdomen{seed:06d}",
+        patient_birth_date=f"{year - age}0101",
+        patient_sex=str(rng.choice(["F", "M"])),
+        patient_age=f"{age:03d}Y",
+        study_id=str(seed),
+        study_date=f"{year}{month:02d}{day:02d}",
+        study_time=f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}00",
+        accession_number=f"B{seed:07d}",
+        study_description="CT ABDOMEN WITH CONTRAST",
+        series_description=f"ABDOMEN PV {thickness_mm:g}MM",
+        slice_thickness=thickness_mm,
+        body_part="ABDOMEN",
+        model_name=f"medssl synthetic organs {domain}",
+        window=(40.0, 400.0),
+    )
+
+
 def write_organ_dataset(
     out: str | Path,
     cases: int,
@@ -189,11 +223,28 @@ def write_organ_dataset(
     seed: int = 0,
     shape: tuple[int, int, int] | None = None,
     progress: Callable[[], None] | None = None,
+    *,
+    fmt: str = "decathlon",
 ) -> Path:
-    """Generate the multi-organ phantom in the Decathlon layout; returns ``dataset.json``.
+    """Generate the multi-organ phantom; returns ``dataset.json`` (Decathlon) or ``cases.csv``.
 
     Training case ``i`` is ``organs_{seed+i:04d}``; test cases follow.
+
+    Args:
+        fmt: ``"decathlon"`` (imagesTr/labelsTr/imagesTs/labelsTs), or ``"dicom"``: every
+            case, training and test alike, as one CT study
+            ``OUT/<PatientID>/<StudyDate>-<Accession>/1-<description>/`` (BodyPartExamined
+            ``ABDOMEN``), its label map as ``OUT/labels/<case_id>.nii.gz`` and a row of
+            ``OUT/cases.csv`` (``case_id,split,series_uid,series_dir,label``). CT domains only.
+
+    Raises:
+        ValueError: an unknown ``fmt``, or ``"dicom"`` for an MR domain (medssl writes CT
+            Image Storage only).
     """
+    if fmt not in ("decathlon", "dicom"):
+        raise ValueError(f"fmt must be 'decathlon' or 'dicom', got {fmt!r}")
+    if fmt == "dicom":
+        return _write_organ_dicom(Path(out), cases, n_test, domain, seed, shape, progress)
     writer = DecathlonWriter(
         out, name=f"medssl synthetic organs, domain {domain}", labels=LABELS,
         modality=DOMAINS[domain].modality,
@@ -209,6 +260,30 @@ def write_organ_dataset(
         if progress:
             progress()
     return writer.close()
+
+
+def _write_organ_dicom(out: Path, cases: int, n_test: int, domain: str, seed: int,
+                       shape: tuple[int, int, int] | None, progress: Callable[[], None] | None) -> Path:
+    if DOMAINS[domain].modality != "CT":
+        raise ValueError(f"domain {domain!r} is {DOMAINS[domain].modality}; --format dicom writes CT "
+                         f"series only (choose a CT domain: "
+                         f"{', '.join(sorted(d for d, v in DOMAINS.items() if v.modality == 'CT'))})")
+    rows = ["case_id,split,series_uid,series_dir,label"]
+    for i in range(cases + n_test):
+        case = generate_organ_phantom(seed + i, domain, shape=shape)
+        case_id = f"organs_{seed + i:04d}"
+        info = organ_series_info(seed + i, domain, float(case.image.spacing[0]))
+        folder = Path(info.patient_id) / f"{info.study_date}-{info.accession_number}" / (
+            f"{info.series_number}-{info.series_description.replace(' ', '_')}")
+        write_dicom_series(case.image, out / folder, info)
+        label = Path("labels") / f"{case_id}.nii.gz"
+        write_nifti(case.label, out / label)
+        rows.append(f"{case_id},{'training' if i < cases else 'test'},{info.uid('series')},{folder},{label}")
+        if progress:
+            progress()
+    table = out / "cases.csv"
+    table.write_text("\n".join(rows) + "\n")
+    return table
 
 
 def _relabel(case: ChestCase) -> np.ndarray:
