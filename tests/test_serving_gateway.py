@@ -2,7 +2,9 @@
 C-STORE to ``medssl-serve`` (a real process), and the SR / SEG come back into Orthanc's study.
 
 Every test starts its own gateway (its own spool, free loopback ports) and uses its own
-synthetic chest CT study; Orthanc is shared by the module.
+synthetic chest CT study (the routing test also an abdominal one); Orthanc is shared by the
+module. Routes select by BodyPartExamined, as ``examples/gateway.yaml`` does: chest CT to the
+detector, abdominal CT to the organ segmenter.
 """
 
 from __future__ import annotations
@@ -61,16 +63,26 @@ def studies(tmp_path_factory) -> list[list[Path]]:
     return list(by_study.values())
 
 
+@pytest.fixture(scope="module")
+def abdomen(tmp_path_factory) -> list[Path]:
+    """One synthetic abdominal CT study (BodyPartExamined ABDOMEN, 24 slices of 4 mm, 64²)."""
+    root = tmp_path_factory.mktemp("abdomen")
+    subprocess.run([f"{sys.prefix}/bin/medssl", "synth", "organs", "--cases", "1", "--format", "dicom",
+                    "--shape", "24", "64", "64", "--seed", "11", str(root)], check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return sorted(root.rglob("*.dcm"))
+
+
 def _study_uid(files: list[Path]) -> str:
     return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
 
 
 def _routes(segmenter_repository: Path | None = None) -> list[dict]:
     routes = [{"model": DETECTOR, "min_probability": MIN_PROBABILITY,
-               "select": {"modality": "CT", "min_slices": 32, "max_thickness_mm": 2.5}}]
+               "select": {"modality": "CT", "min_slices": 32, "max_thickness_mm": 2.5, "body_part": ["CHEST"]}}]
     if segmenter_repository is not None:
-        routes.append({"model": "organs", "select": {"modality": "CT", "min_slices": 16,
-                                                     "max_thickness_mm": 5.0}})
+        routes.append({"model": "organs", "select": {"modality": "CT", "min_slices": 16, "max_thickness_mm": 5.0,
+                                                     "body_part": ["ABDOMEN", "ABDOMENPELVIS"]}})
     return routes
 
 
@@ -163,24 +175,29 @@ def _sr_points(sr: pydicom.Dataset) -> np.ndarray:
     return np.array([g.roi.value.reshape(-1) for g in groups]).reshape(-1, 3)
 
 
-def test_a_study_pushed_by_orthanc_comes_back_as_an_sr_and_a_seg(
-        start_gateway, orthanc, studies, exported_segmenter, tmp_path, dciodvfy):
+def test_chest_ct_comes_back_as_an_sr_and_abdominal_ct_as_a_seg_routed_by_body_part(
+        start_gateway, orthanc, studies, abdomen, exported_segmenter, tmp_path, dciodvfy):
     files = studies[0]
-    study_uid = _study_uid(files)
+    study_uid, abdomen_uid = _study_uid(files), _study_uid(abdomen)
     gateway = start_gateway(segmenter=exported_segmenter)
     _push(orthanc, "GW", files)
-    found = _wait_results(orthanc, gateway, study_uid, ("SR", "SEG"))
-    assert len(found["SR"]) == 1 and len(found["SEG"]) == 1
+    _push(orthanc, "GW", abdomen)
+    found = _wait_results(orthanc, gateway, study_uid, ("SR",))
+    found_abdomen = _wait_results(orthanc, gateway, abdomen_uid, ("SEG",))
+    jobs = _wait_settled(gateway, jobs=2)
+    assert [j["state"] for j in jobs] == ["done", "done"]
+    assert len(found["SR"]) == 1 and len(found_abdomen["SEG"]) == 1
+    assert _results(orthanc, study_uid, "SEG") == [] and _results(orthanc, abdomen_uid, "SR") == []
     sr = _dataset(orthanc, found["SR"][0])
-    seg = _dataset(orthanc, found["SEG"][0])
-    for ds, name in ((sr, "sr.dcm"), (seg, "seg.dcm")):
+    seg = _dataset(orthanc, found_abdomen["SEG"][0])
+    for ds, name, uid, model in ((sr, "sr.dcm", study_uid, DETECTOR), (seg, "seg.dcm", abdomen_uid, "organs")):
         path = tmp_path / name
         ds.save_as(path, enforce_file_format=True)
         assert dciodvfy(path) == [], name
-        assert ds.StudyInstanceUID == study_uid
+        assert ds.StudyInstanceUID == uid
         models = [e.ManufacturerModelName for e in ds.ContributingEquipmentSequence
                   if e.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"]  # Processing Equipment
-        assert DETECTOR in models or "organs" in models
+        assert model in models and ({DETECTOR, "organs"} - {model}).isdisjoint(models)
 
     # The SR: one planar ROI group per finding, at medssl-score's coordinates, with the codes.
     expected = _scored_findings(files, tmp_path)
@@ -202,19 +219,17 @@ def test_a_study_pushed_by_orthanc_comes_back_as_an_sr_and_a_seg(
     segmentation = hd.seg.Segmentation.from_dataset(seg)
     assert seg.SegmentationType == "BINARY"
     n_frames = int(seg.NumberOfFrames)
-    assert 0 < n_frames < len(files) * len(card.labels)
+    assert 0 < n_frames < len(abdomen) * len(card.labels)
     assert all(frame.any() for frame in segmentation.pixel_array.reshape(n_frames, -1))
     described = [(d.segmented_property_type.value, d.segment_label) for d in segmentation.SegmentSequence]
     assert described == [(label.type.value, label.name) for label in card.labels]
     assert segmentation.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[0].CodingSchemeDesignator == "SCT"
 
-    jobs = _wait_settled(gateway)
-    assert [j["state"] for j in jobs] == ["done"]
     status, metrics = gateway.http_get("/metrics")
     assert status == 200
-    assert 'medssl_gateway_instances_received_total{sop_class="CT Image Storage"} 96.0' in metrics
-    assert 'medssl_gateway_studies_total{state="done"} 1.0' in metrics
-    assert 'medssl_gateway_stage_seconds_count{stage="total"} 1.0' in metrics
+    assert f'medssl_gateway_instances_received_total{{sop_class="CT Image Storage"}} {96 + len(abdomen)}.0' in metrics
+    assert 'medssl_gateway_studies_total{state="done"} 2.0' in metrics
+    assert 'medssl_gateway_stage_seconds_count{stage="total"} 2.0' in metrics
 
 
 def test_a_jpeg_lossless_study_is_received_compressed_and_processed(start_gateway, orthanc, studies, tmp_path):
