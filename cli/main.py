@@ -18,7 +18,7 @@ from medssl.cli.train import train
 from medssl.index import index_tree, write_index
 from medssl.io import read_volume
 from medssl.synth.datasets import write_chest_dataset, write_organ_dataset
-from medssl.synth.organs import DOMAINS
+from medssl.synth.organs import DOMAINS, RANDOMISED, domain_modality
 
 __all__ = ["cli"]
 
@@ -155,9 +155,11 @@ def synth_archive(out: Path, studies: int, broken: int, seed: int, matrix: int, 
 @click.option(
     "--domain",
     "domains",
-    type=click.Choice(sorted(DOMAINS)),
+    type=click.Choice([*sorted(DOMAINS), RANDOMISED]),
     multiple=True,
-    help="Scanner/modality domain: A-D (multi-vendor CT), ct / mr (UDA pair); default A. "
+    help="Scanner/modality domain: A-D (multi-vendor CT), ct / mr (UDA pair), or rand "
+    "(SynthSeg-style domain randomisation: every case its own contrast, noise, blur, "
+    "resolution, bias, body size, shape deformation and FOV); default A. "
     "Repeat it to write OUT/<domain>/ per domain (the layout medssl-train's segmentation "
     "settings read), each domain with its own subjects.",
 )
@@ -182,10 +184,12 @@ def synth_organs(
 ) -> None:
     """Abdominal multi-organ phantom for segmentation, in the Decathlon layout or as DICOM studies."""
     domains = domains or ("A",)
-    not_ct = [d for d in domains if DOMAINS[d].modality != "CT"]
+    not_ct = [d for d in domains if domain_modality(d) != "CT"]
     if fmt == "dicom" and not_ct:
         raise click.BadParameter(f"domain(s) {', '.join(not_ct)} are MR; --format dicom writes CT series only",
                                  param_hint="--domain")
+    if shape and RANDOMISED in domains:
+        raise click.BadParameter(f"domain {RANDOMISED} draws its own grid per case", param_hint="--shape")
     several = len(domains) > 1
     for k, domain in enumerate(domains):
         progress, task = _progress(f"organs ({domain})", cases + n_test)

@@ -36,7 +36,7 @@ from medssl.io.dicom_writer import SeriesInfo, write_dicom_series
 from medssl.io.metaimage import write_metaimage
 from medssl.io.nifti import write_nifti
 from medssl.synth.chest import SEED_SPAN, ChestCase, ChestConfig, generate_chest_ct
-from medssl.synth.organs import DOMAINS, LABELS, generate_organ_phantom
+from medssl.synth.organs import DOMAINS, LABELS, domain_modality, generate_organ_phantom
 
 __all__ = [
     "UNLABELED_TRUTH",
@@ -247,7 +247,7 @@ def write_organ_dataset(
         return _write_organ_dicom(Path(out), cases, n_test, domain, seed, shape, progress)
     writer = DecathlonWriter(
         out, name=f"medssl synthetic organs, domain {domain}", labels=LABELS,
-        modality=DOMAINS[domain].modality,
+        modality=domain_modality(domain),
         description="Synthetic abdominal multi-organ phantom (medssl.synth.organs)",
     )
     for i in range(cases + n_test):
@@ -264,8 +264,8 @@ def write_organ_dataset(
 
 def _write_organ_dicom(out: Path, cases: int, n_test: int, domain: str, seed: int,
                        shape: tuple[int, int, int] | None, progress: Callable[[], None] | None) -> Path:
-    if DOMAINS[domain].modality != "CT":
-        raise ValueError(f"domain {domain!r} is {DOMAINS[domain].modality}; --format dicom writes CT "
+    if domain_modality(domain) != "CT":
+        raise ValueError(f"domain {domain!r} is {domain_modality(domain)}; --format dicom writes CT "
                          f"series only (choose a CT domain: "
                          f"{', '.join(sorted(d for d, v in DOMAINS.items() if v.modality == 'CT'))})")
     rows = ["case_id,split,series_uid,series_dir,label"]

@@ -21,13 +21,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from medssl.synth.domains import DOMAINS, Domain, render_image
+
+#: The domain-randomised pseudo-domain (:mod:`medssl.synth.randomise`; ``--domain rand``).
+RANDOMISED = "rand"
 from medssl.synth.organ_anatomy import sample_anatomy
 from medssl.synth.organ_raster import rasterise
 from medssl.synth.organ_scene import LABELS
 from medssl.synth.primitives import physical_grid
 from medssl.volume import Volume, affine_from_geometry
 
-__all__ = ["DOMAINS", "LABELS", "Domain", "OrganCase", "generate_organ_phantom", "organ_grid"]
+__all__ = ["DOMAINS", "LABELS", "RANDOMISED", "Domain", "OrganCase", "domain_modality", "generate_organ_phantom",
+           "organ_grid"]
 
 _BODY_CENTRE_LPS = np.array([0.0, 0.0, -200.0])  # (x, y, z) mm
 
@@ -46,6 +50,11 @@ class OrganCase:
     image: Volume
     label: Volume
     domain: Domain
+
+
+def domain_modality(name: str) -> str:
+    """``"CT"`` or ``"MR"``: the modality of a preset domain or of ``"rand"`` (CT)."""
+    return "CT" if name == RANDOMISED else _resolve(name).modality
 
 
 def _resolve(domain: Domain | str) -> Domain:
@@ -90,13 +99,22 @@ def generate_organ_phantom(
     Args:
         seed: non-negative subject seed; fixes the anatomy and, with the domain
             name, the noise and bias draws.
-        domain: a :class:`Domain` or a preset name (``"A"``-``"D"``, ``"ct"``, ``"mr"``).
+        domain: a :class:`Domain` or a preset name (``"A"``-``"D"``, ``"ct"``, ``"mr"``), or
+            ``"rand"``: SynthSeg-style domain randomisation, every case its own contrast,
+            noise, blur, resolution, bias, body size, shape deformation and FOV
+            (:mod:`medssl.synth.randomise`).
         shape: grid ``(Z, Y, X)`` overriding the domain's (spacing stays the domain's,
             so the field of view changes).
 
     Returns:
         An :class:`OrganCase`.
     """
+    if isinstance(domain, str) and domain == RANDOMISED:
+        if shape is not None:
+            raise ValueError(f"domain {RANDOMISED!r} draws its own grid per case; shape cannot be set")
+        from medssl.synth.randomise import randomised_organ_phantom
+
+        return randomised_organ_phantom(seed)
     dom = _resolve(domain)
     affine, axes = organ_grid(dom, shape)
     canvas = rasterise(sample_anatomy(seed), axes)
