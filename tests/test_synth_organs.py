@@ -128,7 +128,11 @@ def test_domains_have_clearly_different_intensities(cases):
         assert largest > 15.0, f"domains {a} and {b} look alike (max label-mean gap {largest:.1f})"
 
 
-def test_adjacent_organs_are_separable_by_intensity_in_every_domain(cases):
+def test_adjacent_organs_are_separable_by_intensity_in_every_domain():
+    """The domains' contrast separates touching organs (a case's own variation aside: see
+    the next test)."""
+    steady = {name: dataclasses.replace(dom, case_intensity_sd=0.0, case_noise_sd=0.0) for name, dom in DOMAINS.items()}
+    cases = {name: generate_organ_phantom(SEED, dom) for name, dom in steady.items()}
     for name, case in cases.items():
         label = case.label.array
         means = _label_means(case)
@@ -141,6 +145,17 @@ def test_adjacent_organs_are_separable_by_intensity_in_every_domain(cases):
         for a, b in touching:
             gap = abs(means[a] - means[b])
             assert gap > 10.0, f"{name}: {LABELS[a]} vs {LABELS[b]} differ by only {gap:.1f}"
+
+
+def test_cases_of_one_ct_domain_differ_in_organ_intensity():
+    """Between-case variation: the same domain does not give every patient the same liver HU."""
+    def liver_hu(domain, seed: int) -> float:
+        case = generate_organ_phantom(seed, domain, shape=(16, 64, 64))
+        return float(np.median(case.image.array[case.label.array == 1]))
+
+    frozen = dataclasses.replace(DOMAINS["A"], case_intensity_sd=0.0, case_noise_sd=0.0)
+    varied, steady = ([liver_hu(d, s) for s in range(10)] for d in ("A", frozen))
+    assert np.std(varied) > 2 * np.std(steady)  # anatomy and bias alone move the median ~3 HU
 
 
 def test_mr_inverts_fat_and_soft_tissue_contrast(cases):

@@ -118,6 +118,12 @@ class Domain:
         texture_std: within-tissue heterogeneity (correlated over about 8 mm), image units.
         bias_correlation_mm: length scale of the bias field, mm.
         fov_centre_mm: grid centre relative to the phantom's body centre, ``(z, y, x)`` mm.
+        case_intensity_sd: between-case variation: each case shifts every tissue's mean by one
+            common N(0, sd) plus its own N(0, sd/2) (image units): patients differ in contrast
+            timing, hydration and calibration drift, so one organ's intensity is not a
+            constant of the domain.
+        case_noise_sd: between-case variation of the noise level: each case's noise SD is
+            ``noise_std * exp(N(0, sd))`` (dose and body size).
     """
 
     name: str
@@ -131,6 +137,8 @@ class Domain:
     texture_std: float = 0.0
     bias_correlation_mm: float = 150.0
     fov_centre_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    case_intensity_sd: float = 0.0
+    case_noise_sd: float = 0.0
 
     def __post_init__(self) -> None:
         if self.modality not in ("CT", "MR"):
@@ -157,7 +165,8 @@ class Domain:
             raise ValueError(
                 f"Domain {self.name!r}: shape must be three positive ints, got {self.shape}"
             )
-        for attr in ("noise_std", "bias_strength", "blur_fwhm_mm", "texture_std"):
+        for attr in ("noise_std", "bias_strength", "blur_fwhm_mm", "texture_std", "case_intensity_sd",
+                     "case_noise_sd"):
             if getattr(self, attr) < 0:
                 raise ValueError(
                     f"Domain {self.name!r}: {attr} must be >= 0, got {getattr(self, attr)}"
@@ -178,7 +187,8 @@ class Domain:
 def render_image(tissue: np.ndarray, domain: Domain, rng: np.random.Generator) -> np.ndarray:
     """Turn a tissue map into an image of ``domain``.
 
-    Steps: mean intensity per tissue, smooth texture, multiplicative bias
+    Steps: mean intensity per tissue (shifted per case by ``case_intensity_sd``), smooth
+    texture, multiplicative bias
     (relative to air), blur (in-plane PSF, slice profile along z), noise
     (CT: in-plane correlated Gaussian; MR: Rician), CT range clipping.
 
@@ -192,6 +202,11 @@ def render_image(tissue: np.ndarray, domain: Domain, rng: np.random.Generator) -
         float32 image ``(Z, Y, X)``: HU for CT, arbitrary units for MR.
     """
     lut = domain.lookup_table()
+    noise_std = domain.noise_std
+    if domain.case_intensity_sd > 0 or domain.case_noise_sd > 0:
+        shift = rng.normal(0.0, domain.case_intensity_sd) + rng.normal(0.0, domain.case_intensity_sd / 2, lut.shape)
+        lut = lut + shift.astype(np.float32)
+        noise_std = float(noise_std * np.exp(rng.normal(0.0, domain.case_noise_sd)))
     image = lut[tissue]
     spacing = domain.spacing
     sz, sy, sx = spacing
@@ -211,10 +226,10 @@ def render_image(tissue: np.ndarray, domain: Domain, rng: np.random.Generator) -
     sigma_mm = domain.blur_fwhm_mm / 2.3548
     image = ndimage.gaussian_filter(image, (0.425, sigma_mm / sy, sigma_mm / sx), mode="nearest")
     if domain.modality == "CT":
-        image += scanner_noise(tissue.shape, domain.noise_std, rng)
+        image += scanner_noise(tissue.shape, noise_std, rng)
         np.clip(image, *_CT_RANGE, out=image)
     else:
-        std = np.float32(domain.noise_std)
+        std = np.float32(noise_std)
         real = image + std * rng.standard_normal(tissue.shape, dtype=np.float32)
         imag = std * rng.standard_normal(tissue.shape, dtype=np.float32)
         image = np.sqrt(real * real + imag * imag)
@@ -232,6 +247,8 @@ DOMAINS: dict[str, Domain] = {
         spacing=(4.0, 3.0, 3.0),
         shape=(64, 128, 128),
         texture_std=6.0,
+        case_intensity_sd=8.0,
+        case_noise_sd=0.25,
     ),
     "B": Domain(
         name="B",
@@ -243,6 +260,8 @@ DOMAINS: dict[str, Domain] = {
         spacing=(2.5, 3.4, 3.4),
         shape=(104, 112, 112),
         texture_std=8.0,
+        case_intensity_sd=8.0,
+        case_noise_sd=0.25,
     ),
     "C": Domain(
         name="C",
@@ -254,6 +273,8 @@ DOMAINS: dict[str, Domain] = {
         spacing=(5.0, 2.7, 2.7),
         shape=(52, 144, 144),
         texture_std=5.0,
+        case_intensity_sd=8.0,
+        case_noise_sd=0.25,
     ),
     "D": Domain(
         name="D",
@@ -266,6 +287,8 @@ DOMAINS: dict[str, Domain] = {
         shape=(84, 128, 128),
         texture_std=6.0,
         fov_centre_mm=(10.0, 0.0, 0.0),
+        case_intensity_sd=8.0,
+        case_noise_sd=0.25,
     ),
     "ct": Domain(
         name="ct",
@@ -277,6 +300,8 @@ DOMAINS: dict[str, Domain] = {
         spacing=(3.0, 2.8, 2.8),
         shape=(84, 136, 136),
         texture_std=6.0,
+        case_intensity_sd=8.0,
+        case_noise_sd=0.25,
     ),
     "mr": Domain(
         name="mr",
