@@ -85,6 +85,7 @@ import numpy as np
 from medssl.datasets.luna16 import Luna16
 from medssl.metrics import FrocResult, evaluate_luna16, paired_bootstrap_cpm, read_predictions, read_seriesuids
 from medssl.metrics.froc import cpm_points, order_statistic_interval, paired_bootstrap_sensitivities
+from medssl.metrics.seeds import seed_interval
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_device  # noqa: E402  (benchmarks/machine.py)
@@ -442,18 +443,6 @@ def verdict(ci: tuple[float, float], method: str = FOCALMIX, baseline: str = SUP
     return "no difference shown"
 
 
-def seed_interval(values: Sequence[float]) -> tuple[float, float, float]:
-    """``(mean, lo, hi)``: mean over seeds ± Student's t 95 % half-width (NaN half-width with one
-    value)."""
-    from scipy import stats
-
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
 def compare(results: Sequence[dict[str, Any]], frocs: dict[str, FrocResult], method: str, baseline: str,
             labeled: int, *, n_bootstrap: int) -> PooledDelta | None:
     """Pooled paired ΔCPM of arm ``method`` against ``baseline`` at ``labeled`` over the seeds
@@ -505,7 +494,8 @@ def summarise(results: Sequence[dict[str, Any]], frocs: dict[str, FrocResult], *
                          f"{_ci(d.ci)} | {verdict(d.ci, FOCALMIX, ZERO_WEIGHT)} |")
     for n in sorted({r["labeled"] for r in results if r["name"] == CEILING}):
         cpms = [r["cpm"] for r in results if r["name"] == CEILING]
-        mean, lo, hi = seed_interval(cpms)
+        iv = seed_interval(cpms)
+        mean, lo, hi = iv.value, iv.lo, iv.hi
         lines.append(f"| {CEILING} | {n} | {mean:.3f} (n={len(cpms)}, seeds 95 % [{lo:.3f}, {hi:.3f}]) | | | | |")
 
     if ablation_labeled is not None and any(r["name"] in ABLATIONS for r in results):
@@ -552,14 +542,15 @@ def plot_learning_curve(results: Sequence[dict[str, Any]], path: Path) -> Path:
             continue
         stats_ = [seed_interval([r["cpm"] for r in results if r["name"] == name and r["labeled"] == n])
                   for n in counts]
-        mean = np.array([s[0] for s in stats_])
-        lo = np.array([s[1] for s in stats_])
+        mean = np.array([s.value for s in stats_])
+        lo = np.array([s.lo for s in stats_])
         hi = np.array([s[2] for s in stats_])
         ax.plot(counts, mean, style, label=name)
         ax.fill_between(counts, np.where(np.isnan(lo), mean, lo), np.where(np.isnan(hi), mean, hi), alpha=0.2)
     ceiling = [r for r in results if r["name"] == CEILING]
     if ceiling:
-        mean, lo, hi = seed_interval([r["cpm"] for r in ceiling])
+        iv = seed_interval([r["cpm"] for r in ceiling])
+        mean, lo, hi = iv.value, iv.lo, iv.hi
         ax.axhline(mean, color="k", lw=1, label=f"{CEILING}, {ceiling[0]['labeled']} scans")
         if not math.isnan(lo):
             ax.axhspan(lo, hi, color="k", alpha=0.08)
