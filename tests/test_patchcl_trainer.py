@@ -50,22 +50,27 @@ def test_each_method_trains_exports_and_scores(method, organs, tmp_path):  # noq
     assert "1" in metrics["classes"]
 
 
-def test_patchcl_warms_up_without_plgcl_then_adds_it_and_checkpoints_head_and_queues(organs, tmp_path):  # noqa: F811
+def test_patchcl_warms_up_supervised_then_adds_the_teachers_pseudo_labels_at_full_weight(organs, tmp_path):  # noqa: F811
+    """The official train.py: a warm-up of Sup + PLGCL on labeled patches (no Reg: the teacher is
+    still random), then Sup + β·Reg + γ·PLGCL with β at full weight (no ramp-up)."""
     cfg = tiny_config("patchcl", *PATCHCL)
     run = train_segmenter(cfg, organs, tmp_path / "pc", device="cpu")
     steps = {r["step"]: r for r in logged(run.out) if "loss" in r}
-    assert all({"sup", "reg", "reg/weight", "u/kept"} <= set(steps[s]) for s in steps)
-    assert "plgcl" not in steps[1] and "plgcl" not in steps[2]  # warm-up: Sup + β·Reg only
+    for s in (1, 2):  # warm-up
+        assert steps[s]["reg"] == 0 and steps[s]["reg/weight"] == 0 and "u/kept" not in steps[s]
+        assert steps[s]["plgcl/patches"] > 0
+        assert steps[s]["loss"] == pytest.approx(steps[s]["sup"] + 0.5 * steps[s]["plgcl"], rel=1e-5)
     for s in (3, 4):
+        assert steps[s]["reg/weight"] == cfg.patchcl.beta == 4.0 and steps[s]["reg"] > 0 and "u/kept" in steps[s]
         assert steps[s]["plgcl/patches"] > 0 and steps[s]["plgcl"] > 0
-        assert steps[s]["loss"] == pytest.approx(steps[s]["sup"] + steps[s]["reg/weight"] * steps[s]["reg"]
+        assert steps[s]["loss"] == pytest.approx(steps[s]["sup"] + 4.0 * steps[s]["reg"]
                                                  + 0.5 * steps[s]["plgcl"], rel=1e-5)
     state = checkpoint(run.out)
     pc = state["patchcl"]
     assert set(pc) == {"head", "teacher_head", "queues"}
-    # two PLGCL steps enqueued at most per_class (4) teacher embeddings per class each
+    # four PLGCL steps enqueued at most per_class (4) teacher embeddings per class each
     fill = pc["queues"]["fill"].tolist()
-    assert len(fill) == 2 and 0 < fill[0] <= 8 and fill[1] <= 8
+    assert len(fill) == 2 and 0 < fill[0] <= 16 and fill[1] <= 16
     head = ProjectionHead(16 * cfg.model.width, cfg.patchcl.hidden, cfg.patchcl.embedding_dim)
     head.load_state_dict(pc["head"])
     weight = next(k for k in pc["head"] if k.endswith("weight"))
@@ -76,7 +81,7 @@ def test_patchcl_warms_up_without_plgcl_then_adds_it_and_checkpoints_head_and_qu
 
 def test_an_interrupted_patchcl_run_resumes_to_the_same_weights_head_and_queues(organs, tmp_path, monkeypatch):  # noqa: F811
     """Checkpoints every step; interrupted at step 4, so the resumed run restarts from queues that
-    the first PLGCL step (step 3) filled."""
+    the PLGCL steps before it filled."""
     cfg = tiny_config("patchcl", *PATCHCL, "eval.every=1")
     train_segmenter(cfg, organs, tmp_path / "straight", device="cpu")
     train_interrupted_then_resumed(cfg, organs, tmp_path / "resumed", monkeypatch, "patchcl_step", at_call=4)

@@ -137,12 +137,15 @@ class SegOptimConfig:
 
     Attributes:
         steps: optimisation steps (the same budget for every method).
-        lr: base learning rate (official 1e-3 for A&D; the baselines use the same).
+        lr: base learning rate: 1e-2, the official A&D training command (GenericSSL
+            ``README.md``: ``train.sh ... -l 1e-2 -w 10``; 1e-3 is only ``train_diffusion.py``'s
+            unused argparse default) and the official lr of SSL4MIS's mean teacher, UA-MT and
+            BCP alike; the baselines use the same.
     """
 
     steps: int = 30000
     batch_size: int = 2
-    lr: float = 1e-3
+    lr: float = 1e-2
     momentum: float = 0.9
     weight_decay: float = 3e-5
     poly_power: float = 0.9
@@ -162,7 +165,9 @@ class ADConfig:
         rs: Reparameterize & Smooth of p_ξ, Gumbel-softmax τ=1 then a 3×3×3 Gaussian σ=1
             (off: softmax, "w/o RS").
         ema: θ ← ema·θ + (1 − ema)·(ξ + ψ)/2 before every step.
-        mu: w_u, the unlabeled weight after ramp-up (official ``--mu 2.0``).
+        mu: w_u, the unlabeled weight after ramp-up: 10, the official training command
+            (GenericSSL ``README.md``: ``train.sh ... -w 10``; ``train_diffusion.py``'s argparse
+            default 2.0 is overridden by ``train.sh`` for every task).
         rampup_fraction: μ = w_u·exp(−5(1 − e/E)²) over this share of the steps (official:
             the whole run).
         drs_momentum: EMA momentum of DRS (official ``accumulate_iters=50`` → 0.98).
@@ -173,7 +178,7 @@ class ADConfig:
     drs: bool = True
     rs: bool = True
     ema: float = 0.99
-    mu: float = 2.0
+    mu: float = 10.0
     rampup_fraction: float = 1.0
     drs_momentum: float = 0.98
     diffusion_process: LabelDiffusion = field(default_factory=LabelDiffusion)
@@ -190,13 +195,15 @@ class MeanTeacherConfig:
     Attributes:
         ema: teacher decay (0.99).
         consistency: weight of the MSE between softmaxes after ramp-up (0.1).
-        rampup_fraction: sigmoid ramp-up exp(−5(1 − t)²) over this share of the steps.
+        rampup_fraction: sigmoid ramp-up exp(−5(1 − t)²) over this share of the steps: the
+            whole run, as SSL4MIS (``train_mean_teacher_3D.py``: ``consistency_rampup`` 200 of
+            ``iter_num // 150`` = 30000 iterations, its ``max_iterations``).
         noise_std, noise_clip: the teacher's input noise, clamp(N(0, σ), −c, c) (0.1, 0.2).
     """
 
     ema: float = 0.99
     consistency: float = 0.1
-    rampup_fraction: float = 0.25
+    rampup_fraction: float = 1.0
     noise_std: float = 0.1
     noise_clip: float = 0.2
 
@@ -324,15 +331,17 @@ class PatchCLConfig:
     """PatchCL (Basak & Yin, CVPR 2023): pseudo-label guided patch contrastive learning on top of
     the mean-teacher trainer (:mod:`medssl.training.patchcl`). Loss (eq. 8)::
 
-        L = Sup + β·w(t)·Reg + γ·PLGCL      (PLGCL from step warmup_fraction·steps on)
+        warm-up: L = Sup + γ·PLGCL(labeled)      (step < warmup_fraction·steps)
+        then:    L = Sup + β·Reg + γ·PLGCL
 
     ``Sup``: Dice + CE on labeled crops (the paper: CE; Dice + CE as every other method here, for
     a like-for-like table); ``Reg``: CE of the student on the strong view against the EMA
     teacher's pseudo-labels on the weak view (eq. 7), over the voxels ``threshold.policy`` keeps
-    (``none``: all), with the mean teacher's sigmoid ramp-up ``w(t)``
-    (``mean_teacher.rampup_fraction``; ours, the paper has none); the teacher is the mean
-    teacher's (``mean_teacher.ema``). ``PLGCL`` (eq. 6) on 3D patches of labeled (ground truth)
-    and unlabeled (teacher) crops.
+    (``none``: all), at full weight from the end of the warm-up (official ``train.py``:
+    ``4*consistency_loss``, no ramp-up); the teacher is an EMA of the student (``ema``).
+    ``PLGCL`` (eq. 6) on 3D patches of labeled (ground truth) and, after the warm-up, unlabeled
+    (teacher) crops. The official warm-up (100 epochs) trains Sup + PLGCL on labeled data only,
+    as here.
 
     The paper leaves these open; the values and their sources:
 
@@ -348,8 +357,9 @@ class PatchCLConfig:
             with psi = ``queue_length`` (``plg_loss.py``).
         beta: β, weight of Reg (official ``4*consistency_loss``).
         gamma: γ, weight of PLGCL (official ``0.5*PCGJCL_loss``).
-        warmup_fraction: share of the steps trained without PLGCL (§3.4: a 50-epoch warm-up of
-            Sup + Reg to get pseudo-labels); ours.
+        warmup_fraction: share of the steps in the supervised warm-up, before the teacher's
+            pseudo-labels are used (official: 100 of 300 epochs; ours 0.2 of the steps; §3.4).
+        ema: teacher decay (official ``train.py``: 0.999).
         queue_length: teacher embeddings kept per class (official ``Embedding_Queues`` 4096).
         embedding_dim, hidden: projection head (official embeddings of 128).
     """
@@ -364,6 +374,7 @@ class PatchCLConfig:
     beta: float = 4.0
     gamma: float = 0.5
     warmup_fraction: float = 0.2
+    ema: float = 0.999
     queue_length: int = 4096
     embedding_dim: int = 128
     hidden: int = 256
@@ -378,6 +389,8 @@ class PatchCLConfig:
             raise ValueError(f"need tau > 0, lam >= 0 and zeta > 0, got {self.tau}, {self.lam}, {self.zeta}")
         if self.beta < 0 or self.gamma < 0 or not 0 <= self.warmup_fraction < 1:
             raise ValueError("need beta >= 0, gamma >= 0 and warmup_fraction in [0, 1)")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"need 0 <= patchcl.ema < 1, got {self.ema}")
 
 
 @dataclass(frozen=True)

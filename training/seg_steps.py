@@ -363,43 +363,59 @@ def patchcl_step(model: nn.Module, teacher: nn.Module, parts: PatchCLParts, labe
                  policy: ThresholdPolicy | None = None) -> dict[str, torch.Tensor]:
     """PatchCL (Basak & Yin, CVPR 2023) on the mean-teacher trainer, eq. 8::
 
-        L = Sup + β·w(t)·Reg + γ·PLGCL
+        warm-up (step < patchcl.warmup_fraction · steps):  L = Sup + γ·PLGCL(labeled patches)
+        then:                                               L = Sup + β·Reg + γ·PLGCL
 
-    1. teacher on the weak view ``unlabeled["image"]`` (no grad): ``p_T``; pseudo-labels
-       ``argmax p_T``, or ``threshold.policy``'s labels and keep mask;
-    2. one student forward of the labeled crops and the strong view: ``Sup = DiceCE(·, y)``,
-       ``Reg = CE(student(strong), pseudo)`` over kept voxels (eq. 7, :func:`unlabeled_ce`),
-       ``w(t)`` the mean teacher's ramp-up;
-    3. after ``patchcl.warmup_fraction`` of the steps (§3.4; never with γ = 0), class-aware patch
-       sampling (§3.1) over labeled crops (ground truth one-hot as ``C^k``) and weak unlabeled crops (``p_T``;
-       rejected voxels count for no class), intensities mapped from the normalised ``[-1, 1]``
-       to ``[0, 1]`` for the entropy; the attended patches through the student encoder + head
-       (grad) and the teacher's (no grad, enqueued first, as the official ``train.py``); PLGCL
-       (eq. 6) against the queues' class statistics, ζ = ``patchcl.zeta`` or the official
+    as the official ``train.py`` runs it: a supervised warm-up whose contrastive loss sees the
+    labeled crops only (ground truth), then the SSL phase with the consistency term at full
+    weight (no ramp-up: ``4*consistency_loss``) on the teacher's pseudo-labels. Before this
+    change Reg applied β to a random teacher's argmax from step 0 (issue 19).
+
+    1. SSL phase: teacher on the weak view ``unlabeled["image"]`` (no grad): ``p_T``;
+       pseudo-labels ``argmax p_T``, or ``threshold.policy``'s labels and keep mask;
+    2. one student forward of the labeled crops (and, in the SSL phase, the strong view):
+       ``Sup = DiceCE(·, y)``, ``Reg = CE(student(strong), pseudo)`` over kept voxels (eq. 7,
+       :func:`unlabeled_ce`);
+    3. with γ > 0: class-aware patch sampling (§3.1) over labeled crops (ground truth one-hot as
+       ``C^k``) and, in the SSL phase, weak unlabeled crops (``p_T``; rejected voxels count
+       for no class), intensities mapped from the normalised ``[-1, 1]`` to ``[0, 1]`` for the
+       entropy; the attended patches through the student encoder + head (grad) and the
+       teacher's (no grad, enqueued first, as the official ``train.py``); PLGCL (eq. 6) against
+       the queues' class statistics, ζ = ``patchcl.zeta`` or the official
        ``queue_length / classes in the batch``.
 
-    The teacher network and head are EMA-updated after the optimiser step, in the trainer.
+    The teacher network and head are EMA-updated (``patchcl.ema``) after the optimiser step, in
+    the trainer.
     """
-    pc, mt = cfg.patchcl, cfg.mean_teacher
+    pc = cfg.patchcl
     n = labeled["image"].shape[0]
-    with torch.no_grad():
-        probs = torch.softmax(teacher(unlabeled["image"]).float(), dim=1)
-    if policy is None:
-        pseudo = probs.argmax(dim=1)
-        keep = torch.ones_like(pseudo, dtype=torch.bool)
+    warm = step < round(pc.warmup_fraction * cfg.optim.steps)
+    n_classes = unwrap(model).n_classes
+    if warm:
+        logits = model(labeled["image"]).float()
+        sup = dice_ce_loss(logits, labeled["label"])
+        loss = sup
+        out = {"sup": sup, "reg": logits.new_zeros(()), "reg/weight": torch.tensor(0.0)}
+        image01 = ((labeled["image"].float() + 1) / 2).clamp(0, 1)
+        confidence = F.one_hot(labeled["label"], n_classes).movedim(-1, 1).float()
+        labels = labeled["label"]
     else:
-        pseudo, keep = filter_pseudo_labels(policy, probs, _ids(unlabeled, probs))
-    logits = model(torch.cat([labeled["image"], unlabeled["strong"]])).float()
-    sup = dice_ce_loss(logits[:n], labeled["label"])
-    reg = unlabeled_ce(logits[n:], pseudo, keep)
-    weight = pc.beta * rampup(step, cfg.optim.steps, mt.rampup_fraction)
-    loss = sup + weight * reg
-    out = {"sup": sup, "reg": reg, "reg/weight": torch.tensor(weight), "u/kept": keep.float().mean()}
-    if pc.gamma > 0 and step >= round(pc.warmup_fraction * cfg.optim.steps):
-        n_classes = probs.shape[1]
+        with torch.no_grad():
+            probs = torch.softmax(teacher(unlabeled["image"]).float(), dim=1)
+        if policy is None:
+            pseudo = probs.argmax(dim=1)
+            keep = torch.ones_like(pseudo, dtype=torch.bool)
+        else:
+            pseudo, keep = filter_pseudo_labels(policy, probs, _ids(unlabeled, probs))
+        logits = model(torch.cat([labeled["image"], unlabeled["strong"]])).float()
+        sup = dice_ce_loss(logits[:n], labeled["label"])
+        reg = unlabeled_ce(logits[n:], pseudo, keep)
+        loss = sup + pc.beta * reg
+        out = {"sup": sup, "reg": reg, "reg/weight": torch.tensor(pc.beta), "u/kept": keep.float().mean()}
         image01 = ((torch.cat([labeled["image"], unlabeled["image"]]).float() + 1) / 2).clamp(0, 1)
         confidence = torch.cat([F.one_hot(labeled["label"], n_classes).movedim(-1, 1).float(), probs])
         labels = torch.cat([labeled["label"], pseudo.masked_fill(~keep, -1)])
+    if pc.gamma > 0:
         selection = sample_class_patches(image01, confidence, labels, pc.patch, pc.stride, pc.per_class,
                                          pc.min_voxels)
         contrastive = logits.new_zeros(())

@@ -203,7 +203,7 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
 
     model = build_segmenter(cfg, n_classes).to(dev)
     teacher = build_segmenter(cfg, n_classes).to(dev) if cfg.method in ("mean-teacher", "bcp", "patchcl") else None
-    ema = cfg.bcp.ema if cfg.method == "bcp" else cfg.mean_teacher.ema
+    ema = {"bcp": cfg.bcp.ema, "patchcl": cfg.patchcl.ema}.get(cfg.method, cfg.mean_teacher.ema)
     phases = BCPPhases(cfg.bcp) if cfg.method == "bcp" else None
     drs = DifficultyWeights(n_classes, momentum=cfg.ad.drs_momentum) if cfg.method == "ad" and cfg.ad.drs else None
     fixmatch = cfg.method in ("fixmatch", "flexmatch")
