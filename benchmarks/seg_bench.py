@@ -253,6 +253,51 @@ def aggregate(rows: Sequence[dict[str, Any]], by: Sequence[str] = ("setting", "v
     return out
 
 
+def evidence(cell: Mapping[str, Sequence[dict[str, Any]]], baseline: str = "supervised-seg",
+             ceiling: Sequence[dict[str, Any]] = ()) -> dict[str, dict[str, Any]]:
+    """What the seeds of one cell (one task and labeled fraction, or one setting) say, per
+    variant (``cell``: variant -> its rows, one per seed), in Dice points:
+
+    * ``dice``: mean over seeds and its Student's t 95 % interval;
+    * ``vs_baseline``: the paired per-seed difference to ``baseline`` on the same seeds, with
+      its t interval (``None`` for the baseline itself or without common seeds);
+    * ``gap_recovered``: ``(variant − baseline) / (ceiling − baseline)`` with a bootstrap
+      interval, where ``ceiling`` are the rows of supervised training on every label (or, for
+      a domain-shift setting, on the labeled target domain); ``None`` without a ceiling.
+    """
+    from medssl.metrics.seeds import gap_recovered, paired_difference, seed_interval
+
+    def by_seed(rows: Sequence[dict[str, Any]]) -> dict[int, float]:
+        return {int(r["seed"]): 100 * float(r["dice"]) for r in rows if r.get("dice") is not None}
+
+    base = by_seed(cell.get(baseline, ()))
+    top = list(by_seed(ceiling).values())
+    out = {}
+    for variant, rows in cell.items():
+        scores = by_seed(rows)
+        if not scores:
+            continue
+        entry: dict[str, Any] = {"dice": seed_interval(list(scores.values())).to_json(), "vs_baseline": None,
+                                 "gap_recovered": None}
+        if variant != baseline and set(scores) & set(base):
+            entry["vs_baseline"] = paired_difference(scores, base).to_json()
+            if top:
+                entry["gap_recovered"] = gap_recovered(scores, base, top).to_json()
+        out[variant] = entry
+    return out
+
+
+def interval(entry: Mapping[str, Any] | None, digits: int = 1, signed: bool = False) -> str:
+    """``"value [lo, hi]"`` of an :func:`evidence` interval (``—`` when absent)."""
+    if not entry or entry.get("value") is None:
+        return "—"
+    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
+    text = fmt.format(entry["value"])
+    if entry.get("lo") is not None:
+        text += f" [{fmt.format(entry['lo'])}, {fmt.format(entry['hi'])}]"
+    return text
+
+
 def dice_gap(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[float, float | None]:
     """``a``'s mean Dice minus ``b``'s, in points, and the seed noise: the larger of the two
     sample stds of Dice over seeds, in points (None with a single seed each)."""
