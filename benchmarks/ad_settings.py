@@ -1,58 +1,40 @@
-"""A&D vs the supervised and mean-teacher VNet in the four A&D settings, plus the Table 5
-ablations, on synthetic abdominal CT/MR phantoms at a CPU-sized budget.
+"""A&D against the supervised and mean-teacher VNet in the four A&D settings, on synthetic
+abdominal CT/MR phantoms at a CPU-sized budget, measured as the share of each setting's gap it
+recovers (issue 19); the Table 5 ablations on request (``--ablations``).
 
-The structure of the A&D paper (NeurIPS 2023): Tables 1-4 (one setting each: SSL, IBSSL,
-UDA, SemiDG; Dice % and ASD) and Table 5 (A&D w/o SVDA / Diffusion / DRS / RS in IBSSL,
-UDA and SemiDG). Here every setting is the bundled ``seg-<setting>-cpu`` config (width-8
-VNet, 8x6x6 mm grid) with a smaller budget (``--steps``, ``--every``, ``--patch``):
+The structure of the A&D paper (NeurIPS 2023): Tables 1-4, one setting each (Dice % and ASD):
 
-* ``supervised-seg``: the VNet on the labeled cases only;
-* ``mean-teacher``: the VNet, labeled + unlabeled cases (SSL4MIS mean teacher);
-* ``ad``: A&D (Diff-VNet; SVDA, diffusion branch, DRS, RS all on);
-* ``ad-wo-svda`` / ``ad-wo-diffusion`` / ``ad-wo-drs`` / ``ad-wo-rs``: A&D with
-  ``data.svda=false`` / ``ad.diffusion=false`` / ``ad.drs=false`` / ``ad.rs=false``
-  (imbssl, uda and semidg only, as the paper's Table 5).
+* ``ssl``: one structure of one domain, 20 % labeled (``seg-ssl-cpu``);
+* ``imbssl``: 11 imbalanced organs of one domain, 20 % labeled (``seg-imbssl-cpu``);
+* ``uda``: CT (every case labeled) → MR (unlabeled), tested on MR (``seg-uda-cpu``);
+* ``semidg``: CT vendors A, B, C at 10 % labeled, tested on vendor D, never seen
+  (``seg-semidg-cpu``).
 
-Data (generated once into ``--data``, default ``WORK/data``): ``write_organ_dataset`` for the
-domains A, B, C, D, ct, mr, ``--cases`` training + ``--test-cases`` test cases each, the
-domain's native grid, domain k seeded ``--seed-base + k*(cases + test_cases)`` — what
-``medssl synth organs --domain A --domain B ... --domain mr`` writes. The split is the
-same for every method and every seed (``data.split_seed=0``): the seed changes only the
-training (``seed``: initialisation, crops, SVDA, noise). Every method trains the same
-number of steps on the same labeled cases, picks its checkpoint by validation Dice on the
-same held-out training cases, and is tested on the same test cases (``imagesTs`` of the
-setting's test domains, at their source resolution, through the shared pipeline).
+**Ceilings.** Each setting's gap closes at its ceiling: supervised training on every case of the
+test domain labeled (ssl, imbssl: every training case; uda: the labeled MR cases; semidg: the
+labeled vendor-D cases). The gap recovered is ``(method − supervised) / (ceiling − supervised)``.
 
-Each run is a fresh ``python benchmarks/ad_settings.py --one ...`` subprocess (no memory or
-torch-thread state leaks between runs) calling ``medssl.training.seg_trainer.train_segmenter``
-on the CPU with ``data.workers=0``; ``wall_s`` is that subprocess's wall-clock time (start-up,
-training, validation and test included). Preprocessed volumes are shared through
-``MEDSSL_CACHE=WORK/cache``, warmed once before the runs (its time is reported apart), so no
-run pays for preprocessing the others reuse. Each run's result is written to
-``WORK/results/<setting>-<method>-<seed>.json`` as soon as it ends; a rerun skips runs
-already there, so an interrupted benchmark continues where it stopped. That protocol lives in
-``benchmarks/seg_bench.py``, shared with ``benchmarks/seg_methods.py``.
+**Source-domain sanity** (uda, semidg): every run is also tested on its source domains' test
+cases. A transfer number means something only when the method segments its own domains: a
+method below :data:`SANE_SOURCE_DICE` there gets no transfer figure (the previous version of this
+benchmark reported "+13 on domain D" for networks that scored 0 on every domain).
 
-Metrics (``run.test_report``, medssl.metrics.segmentation): per class Dice, Jaccard, HD95
-and ASD (mm, prediction -> reference, medpy ``asd``), averaged over test cases, then over
-classes. HD95/ASD are undefined (left out of the means) for a case where the class is
-predicted but absent or absent from the prediction; ``undefined_asd`` counts those
-(class, case) pairs so that an ASD that skipped missed organs stays visible.
+Data (generated once into ``--data``): ``write_organ_dataset`` for the domains A, B, C, D, ct,
+mr, ``--cases`` training + ``--test-cases`` test cases each, the domain's native grid, domain k
+seeded ``--seed-base + k*(cases + test_cases)`` (``medssl synth organs --domain A ... --domain
+mr``). The split is the same for every method and every seed (``data.split_seed=0``): the seed
+changes only the training.
 
-Time (idle machine, 2-core Xeon @ 2.8 GHz, torch 2 threads; measured at 20 steps and
-extrapolated): ~0.1 s/step supervised, ~0.2 mean teacher, ~0.55-0.7 A&D (its 10-step DDIM
-pseudo-labels are half of it), ~0.35 w/o Diffusion, plus ~10-20 s per run for start-up,
-validations and the test; 24 runs per seed: ~22 min per seed at 100 steps (the default,
-~45 min for 2 seeds), ~31 min per seed at 150 steps. Checked at 100 steps: uda supervised
-18 s, uda A&D 71 s, imbssl supervised 21 s, imbssl A&D 80 s. Another CPU-bound process on the
-machine slows the runs down up to ~20x (torch's threads contend); ``load_average_1min``
-around each run is recorded and a busy machine is flagged in the table.
+Statistics (``seg_bench.evidence``, ``medssl.metrics.seeds``): per (setting, method) the mean
+Dice over seeds with its Student's t 95 % interval, the paired per-seed difference to the
+supervised VNet and the gap recovered with a bootstrap interval. Protocol (fresh subprocess per
+run, shared cache, resumable results) as ``benchmarks/seg_bench.py``.
 
-    .venv/bin/python benchmarks/ad_settings.py [--steps 100] [--every 50] [--patch 16 32 32] \
-        [--seeds 0 1] [--settings ssl imbssl uda semidg] [--methods ad mean-teacher ...] \
-        [--work /tmp/medssl-ad-bench] [--out benchmarks/results/ad_settings] [--quick]
+    .venv/bin/python benchmarks/ad_settings.py [--steps N] [--every N] [--seeds 0 1 2 3 4] \
+        [--settings ssl imbssl uda semidg] [--methods supervised-seg mean-teacher ad] [--ablations] \
+        [--jobs 2] [--work /tmp/medssl-ad-bench] [--out benchmarks/results/ad_settings] [--quick]
 
-Writes ``OUT.json`` (device, config summary, every run, aggregates) and ``OUT.md``.
+Writes ``OUT.json`` (device, config summary, every run, the evidence) and ``OUT.md``.
 """
 
 from __future__ import annotations
@@ -63,13 +45,13 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import seg_bench  # benchmarks/seg_bench.py: the run protocol shared with seg_methods.py
 from machine import cpu_device  # benchmarks/machine.py
-from seg_bench import BUSY_LOAD, aggregate, dice_gap
+from seg_bench import BUSY_LOAD, aggregate, interval
 from seg_bench import num as _num
 from seg_bench import pm as _pm
 
@@ -79,6 +61,11 @@ SETTINGS = ("ssl", "imbssl", "uda", "semidg")
 DOMAINS = ("A", "B", "C", "D", "ct", "mr")
 #: Table 5 covers these settings.
 ABLATION_SETTINGS = ("imbssl", "uda", "semidg")
+#: a method whose source-domain Dice (%) is below this gets no domain-transfer figure
+SANE_SOURCE_DICE = 70.0
+BASELINE, CEILING = "supervised-seg", "ceiling"
+#: the budget, from the supervised learning curves (benchmarks/results/seg_learning_curve.md)
+STEPS, EVERY = 2000, 250
 #: variant -> (trainer method, config overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "supervised-seg": ("supervised-seg", {}),
@@ -93,10 +80,21 @@ BASELINES = ("supervised-seg", "mean-teacher", "ad")
 ABLATIONS = ("ad-wo-svda", "ad-wo-diffusion", "ad-wo-drs", "ad-wo-rs")
 LABELS = {"supervised-seg": "Supervised VNet", "mean-teacher": "Mean teacher", "ad": "A&D",
           "ad-wo-svda": "w/o SVDA", "ad-wo-diffusion": "w/o Diffusion", "ad-wo-drs": "w/o DRS",
-          "ad-wo-rs": "w/o RS"}
-PAPER_SETTING = {"ssl": "SSL (one domain, 20% labeled)", "imbssl": "IBSSL (11 imbalanced classes, 20% labeled)",
+          "ad-wo-rs": "w/o RS", CEILING: "Supervised, target labeled (ceiling)"}
+PAPER_SETTING = {"ssl": "SSL (one structure, one domain, 20% labeled)",
+                 "imbssl": "IBSSL (11 imbalanced organs, 20% labeled)",
                  "uda": "UDA (ct labeled -> mr unlabeled, tested on mr)",
                  "semidg": "SemiDG (A, B, C 10% labeled -> tested on D)"}
+#: the ceiling of each setting: supervised, every case of the test domain labeled
+CEILING_OVERRIDES: dict[str, dict[str, Any]] = {
+    "ssl": {"data.labeled_fraction": 1.0},
+    "imbssl": {"data.labeled_fraction": 1.0},
+    "uda": {"data.domains": ["mr"], "data.unlabeled_domains": [], "data.test_domains": ["mr"],
+            "data.labeled_fraction": 1.0},
+    "semidg": {"data.domains": ["D"], "data.test_domains": ["D"], "data.labeled_fraction": 1.0},
+}
+#: settings whose test domain is not a training domain: their runs are also tested on the source
+SHIFTED = ("uda", "semidg")
 
 
 @dataclass(frozen=True)
@@ -111,11 +109,16 @@ class Run:
 
 
 def plan(settings: list[str], variants: list[str], seeds: list[int]) -> list[Run]:
-    """Seed-major, so a stopped benchmark has whole seeds done first."""
+    """Seed-major, so a stopped benchmark has whole seeds done first; every setting's ceiling
+    with its supervised baseline."""
     runs = []
     for seed in seeds:
         for setting in settings:
-            for variant in VARIANTS:
+            for variant in (*VARIANTS, CEILING):
+                if variant == CEILING:
+                    if BASELINE in variants:
+                        runs.append(Run(setting, CEILING, seed))
+                    continue
                 if variant not in variants or (variant in ABLATIONS and setting not in ABLATION_SETTINGS):
                     continue
                 runs.append(Run(setting, variant, seed))
@@ -123,10 +126,12 @@ def plan(settings: list[str], variants: list[str], seeds: list[int]) -> list[Run
 
 
 def overrides_of(run: Run, budget: dict[str, Any]) -> dict[str, Any]:
-    method, extra = VARIANTS[run.variant]
+    method, extra = VARIANTS[BASELINE] if run.variant == CEILING else VARIANTS[run.variant]
+    if run.variant == CEILING:
+        extra = CEILING_OVERRIDES[run.setting]
+    patch = {"data.patch": list(budget["patch"])} if budget.get("patch") else {}
     return {"method": method, "seed": run.seed, "data.split_seed": 0, "data.workers": 0,
-            "optim.steps": budget["steps"], "eval.every": budget["every"], "data.patch": list(budget["patch"]),
-            **extra}
+            "optim.steps": budget["steps"], "eval.every": budget["every"], **patch, **extra}
 
 
 # --------------------------------------------------------------------------- data
@@ -145,14 +150,44 @@ def _config(setting: str, overrides: dict[str, Any]) -> Any:
 
 
 def warm_cache(data: Path, settings: list[str], budget: dict[str, Any]) -> dict[str, Any]:
-    """Preprocess every case a run of ``settings`` reads (in this process, once)."""
-    return seg_bench.warm_cache(data, {s: _config(s, overrides_of(Run(s, "ad", 0), budget)) for s in settings})
+    """Preprocess every case a run of ``settings`` reads (in this process, once); split counts
+    per setting and per setting's ceiling (``<setting>/ceiling``)."""
+    configs = {}
+    for s in settings:
+        configs[s] = _config(s, overrides_of(Run(s, "ad", 0), budget))
+        configs[f"{s}/{CEILING}"] = _config(s, overrides_of(Run(s, CEILING, 0), budget))
+    return seg_bench.warm_cache(data, configs)
+
+
+def source_dice(out: Path, data: str) -> dict[str, Any]:
+    """The run's best checkpoint tested on the test cases of its labeled domains (its source)."""
+    import torch
+
+    from medssl.config import config_from_dict
+    from medssl.training.seg_config import SegmentationExperiment
+    from medssl.training.seg_data import class_names, label_lookup, split_domains
+    from medssl.training.seg_eval import segmentation_params, test_segmenter
+    from medssl.training.seg_trainer import inference_net
+
+    state = torch.load(out / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    cfg = config_from_dict(SegmentationExperiment, state["config"])
+    source = replace(cfg.data, test_domains=cfg.data.domains)
+    split = split_domains(data, source)
+    names = class_names(split, source)
+    report = test_segmenter(inference_net(state), split.test, label_lookup(split, source),
+                            segmentation_params(cfg, len(names)), names, torch.device("cpu"), False,
+                            out / "test-source")
+    return {"dice": report["mean"]["dice"]["mean"], "n_cases": report["n_cases"], "domains": list(cfg.data.domains)}
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    """Train and test one run in this process; the result row (without the parent's wall time)."""
-    return seg_bench.run_one({**job, "config": f"seg-{job['setting']}-cpu",
-                              "fields": {"setting": job["setting"], "variant": job["variant"]}})
+    """Train and test one run in this process; the result row (without the parent's wall time).
+    Runs of a shifted setting (not their ceiling) are also tested on their source domains."""
+    row = seg_bench.run_one({**job, "config": f"seg-{job['setting']}-cpu",
+                             "fields": {"setting": job["setting"], "variant": job["variant"]}})
+    if job["setting"] in SHIFTED and job["variant"] != CEILING:
+        row["source"] = source_dice(Path(job["out"]), job["data"])
+    return row
 
 
 # --------------------------------------------------------------------------- parent side
@@ -167,84 +202,108 @@ def execute(run: Run, args: argparse.Namespace, budget: dict[str, Any], env: dic
                              sequential=args.jobs == 1, extra={"budget": budget})
 
 
-def verdict(setting: str, agg: dict[str, dict[str, Any]]) -> str | None:
-    """One sentence: does A&D beat each baseline by more than the seed noise?
+def evidence(rows: list[dict[str, Any]], agg: dict[str, dict[str, Any]]) -> None:
+    """Adds ``evidence`` (interval, paired difference to supervised, gap recovered against the
+    setting's ceiling) and, for shifted settings, ``source`` (source-domain Dice over seeds and
+    whether it is sane) to each aggregate entry."""
+    from medssl.metrics.seeds import seed_interval
 
-    Noise = the larger of the two methods' sample std of Dice over seeds (no verdict beyond
-    "higher"/"lower" with a single seed)."""
-    ad = agg.get(f"{setting}/ad")
-    if ad is None or ad["dice"]["mean"] is None:
-        return None
+    for setting in {r["setting"] for r in rows}:
+        members: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            if r["setting"] == setting:
+                members.setdefault(r["variant"], []).append(r)
+        ceiling = members.get(CEILING, [])
+        found = seg_bench.evidence({v: m for v, m in members.items() if v != CEILING}, BASELINE, ceiling)
+        found.update(seg_bench.evidence({CEILING: ceiling}) if ceiling else {})
+        for variant, entry in found.items():
+            agg[f"{setting}/{variant}"]["evidence"] = entry
+        for variant, group in members.items():
+            sources = [100 * r["source"]["dice"] for r in group if r.get("source")]
+            if sources:
+                iv = seed_interval(sources).to_json()
+                agg[f"{setting}/{variant}"]["source"] = {**iv, "sane": iv["value"] >= SANE_SOURCE_DICE,
+                                                         "domains": group[0]["source"]["domains"]}
+
+
+def verdict(setting: str, agg: dict[str, dict[str, Any]]) -> str | None:
+    """One sentence per setting from the intervals: A&D's and the mean teacher's paired
+    difference to supervised, their gap recovered, and (shifted settings) whether their
+    source-domain Dice is sane enough for the transfer figure to count."""
     parts = []
-    for base in ("supervised-seg", "mean-teacher"):
-        other = agg.get(f"{setting}/{base}")
-        if other is None or other["dice"]["mean"] is None:
+    for variant in ("ad", "mean-teacher"):
+        a = agg.get(f"{setting}/{variant}")
+        if a is None or "evidence" not in a:
             continue
-        diff, noise = dice_gap(ad, other)
-        name = "the supervised VNet" if base == "supervised-seg" else "the mean teacher"
-        if noise is None:
-            parts.append(f"is {'above' if diff > 0 else 'below'} {name} by {abs(diff):.1f} Dice points "
-                         "(one seed: no noise estimate)")
+        source = a.get("source")
+        if source is not None and not source["sane"]:
+            parts.append(f"{LABELS[variant]}: source-domain Dice {source['value']:.1f} % is below "
+                         f"{SANE_SOURCE_DICE:.0f} %, so no transfer figure")
             continue
-        if diff > noise:
-            parts.append(f"beats {name} by {diff:.1f} Dice points, more than the seed std ({noise:.1f})")
-        elif diff >= -noise:
-            parts.append(f"is within seed noise of {name} ({diff:+.1f} Dice points, seed std up to {noise:.1f})")
-        else:
-            parts.append(f"is worse than {name} by {-diff:.1f} Dice points, more than the seed std ({noise:.1f})")
-    if not parts:
-        return None
-    return f"**{setting}**: A&D " + "; it ".join(parts) + "."
+        d, gap = a["evidence"]["vs_baseline"], a["evidence"]["gap_recovered"]
+        if d is None:
+            continue
+        call = ("better than" if d["lo"] is not None and d["lo"] > 0 else
+                "worse than" if d["hi"] is not None and d["hi"] < 0 else "not shown different from")
+        text = f"{LABELS[variant]} is {call} supervised (Δ {interval(d, signed=True)} points"
+        if gap and gap.get("value") is not None:
+            text += f"; gap recovered {interval(gap, 2)}"
+        parts.append(text + ")")
+    base = agg.get(f"{setting}/{BASELINE}", {}).get("source")
+    if base is not None and not base["sane"]:
+        parts.append(f"the supervised VNet itself scores {base['value']:.1f} % on its source domains: the "
+                     "setting does not measure transfer at this budget")
+    return f"**{setting}**: " + "; ".join(parts) + "." if parts else None
 
 
 def render(report: dict[str, Any]) -> str:
     agg = report["aggregates"]
     b = report["budget"]
+    cfg = report["config"]
     lines = [
-        "# A&D settings on synthetic phantoms (CPU budget)", "",
+        "# A&D settings on synthetic phantoms: the gap each method recovers (CPU budget)", "",
         f"{report['device']}; torch {report.get('torch', '?')} with {report.get('torch_threads', '?')} threads, "
         f"{report.get('jobs', 1)} run(s) at a time, each in a fresh process.",
         f"Budget per run: {b['steps']} SGD steps (batch 2 labeled + 2 unlabeled crops), validation every "
-        f"{b['every']} steps (best checkpoint by validation Dice), crops {'x'.join(map(str, b['patch']))} on the "
-        f"{report['config']['spacing_mm']} mm grid, VNet width {report['config']['width']}, lr "
-        f"{report['config']['lr']}. Seeds {report['seeds']}: the split is the same for every method and seed "
-        "(split_seed 0); the seed changes only the training. Data: synthetic organ phantoms, "
+        f"{b['every']} steps (best checkpoint by validation Dice), VNet width {cfg['width']}, lr {cfg['lr']}, "
+        f"the {cfg['spacing_mm']} mm grid. Seeds {report['seeds']}: the split is the same for every method and "
+        "seed (split_seed 0); the seed changes only the training. Data: synthetic organ phantoms, "
         f"{report['data']['cases']} training + {report['data']['test_cases']} test cases per domain.",
         "",
-        "| setting | cases (labeled / unlabeled / validation / test) |", "|---|---|",
+        "| setting | cases (labeled / unlabeled / validation / test) | ceiling's cases |", "|---|---|---|",
     ]
-    for setting, c in report["split_counts"].items():
-        lines.append(f"| {PAPER_SETTING[setting]} | {c['labeled']} / {c['unlabeled']} / {c['validation']} / "
-                     f"{c['test']} |")
-    lines += ["", "## Setting x method (Tables 1-4 shape)", "",
-              "Dice % and ASD mm on the test cases: mean ± sample std over seeds. ASD (mm, prediction → "
-              "reference) leaves out (class, case) pairs with an empty prediction or reference: "
-              "*undef.* counts them (mean over seeds). Wall: seconds per run, mean over seeds (process start "
-              "to test end: training, validations and test); s/step: median seconds per training step. "
-              "Params: trained / used at test time (A&D: image stem + encoder + D_θ).", "",
-              "| setting | method | seeds | Dice % | ASD mm | HD95 mm | Jaccard % | undef. | wall s | s/step "
-              "| params |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for setting in report["settings"]:
+        c, top = report["split_counts"].get(setting), report["split_counts"].get(f"{setting}/{CEILING}")
+        if c:
+            ceiling = f"{top['labeled']} / {top['unlabeled']} / {top['validation']} / {top['test']}" if top else "—"
+            lines.append(f"| {PAPER_SETTING[setting]} | {c['labeled']} / {c['unlabeled']} / {c['validation']} / "
+                         f"{c['test']} | {ceiling} |")
+    lines += ["", "## Setting × method (Tables 1-4 shape)", "",
+              "Dice % on the test domain's test cases: mean over seeds [Student's t 95 % CI]. Δ: the paired "
+              "per-seed difference to the supervised VNet [t 95 % CI]. Gap: (method − supervised) / (ceiling − "
+              "supervised) [bootstrap 95 % CI], the ceiling being supervised training with the test domain "
+              f"labeled. Source: Dice % on the source domains' test cases (shifted settings); below "
+              f"{SANE_SOURCE_DICE:.0f} % the transfer figures are struck (~~x~~). ASD mm: mean ± std over seeds. "
+              "Wall: seconds per run; s/step: median seconds per training step.", "",
+              "| setting | method | seeds | Dice % | Δ Dice points | gap recovered | source Dice % | ASD mm | wall s "
+              "| s/step |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for setting in SETTINGS:
-        for variant in BASELINES:
+        for variant in (*BASELINES, *ABLATIONS, CEILING):
             a = agg.get(f"{setting}/{variant}")
             if a is None:
                 continue
+            e, source = a.get("evidence", {}), a.get("source")
+            strike = source is not None and not source["sane"]
+            delta, gap = interval(e.get("vs_baseline"), signed=True), e.get("gap_recovered")
+            gap_text = interval(gap, 2) if gap else "—"
+            if strike:
+                delta, gap_text = f"~~{delta}~~", f"~~{gap_text}~~"
             lines.append(
-                f"| {setting} | {LABELS[variant]} | {len(a['seeds'])} | {_pm(a['dice'], 100)} | {_pm(a['asd_mm'])} | "
-                f"{_pm(a['hd95_mm'])} | {_pm(a['jaccard'], 100)} | {a['undefined_asd']['mean']:.1f} | "
-                f"{a['wall_s']['mean']:.0f} | {_num(a['step_s_median']['mean'], 2)} | "
-                f"{a['params_trained'] / 1e3:.0f}k / {a['params_test_time'] / 1e3:.0f}k |")
-    if any(k.split("/")[1] in ABLATIONS for k in agg):
-        lines += ["", "## Ablations (Table 5 shape): Dice %, mean ± std over seeds", "",
-                  "| setting | " + " | ".join(LABELS[v] for v in ("ad", *ABLATIONS)) + " |",
-                  "|---|" + "---:|" * (1 + len(ABLATIONS))]
-        for setting in ABLATION_SETTINGS:
-            cells = [_pm(agg[f"{setting}/{v}"]["dice"], 100) if f"{setting}/{v}" in agg else "—"
-                     for v in ("ad", *ABLATIONS)]
-            if any(c != "—" for c in cells):
-                lines.append(f"| {setting} | " + " | ".join(cells) + " |")
-    imb = [v for v in BASELINES if f"imbssl/{v}" in agg]
+                f"| {setting} | {LABELS[variant]} | {len(a['seeds'])} | {interval(e.get('dice'))} | {delta} | "
+                f"{gap_text} | {interval(source) if source else '—'} | {_pm(a['asd_mm'])} | "
+                f"{a['wall_s']['mean']:.0f} | {_num(a['step_s_median']['mean'], 2)} |")
+    imb = [v for v in (*BASELINES, CEILING) if f"imbssl/{v}" in agg]
     if imb:
         classes = list(agg[f"imbssl/{imb[0]}"]["dice_per_class"])
         lines += ["", "## imbssl: Dice % per class (mean over seeds)", "",
@@ -255,47 +314,44 @@ def render(report: dict[str, Any]) -> str:
                                                          for c in classes) + " |")
     sentences = [s for s in (verdict(setting, agg) for setting in SETTINGS) if s]
     if sentences:
-        lines += ["", "## Does A&D beat the baselines here?", "",
-                  "A difference counts only when it exceeds the larger of the two methods' seed std of Dice.", ""]
+        lines += ["", "## What the intervals say", "",
+                  "A difference counts only when its paired 95 % interval excludes zero.", ""]
         lines += [f"- {s}" for s in sentences]
     load = report.get("load_average_1min")
     if load and load["max"] > BUSY_LOAD:
         lines += ["", f"**Wall times are not clean:** the 1-min load average around the runs reached "
-                      f"{load['max']:.1f} on {os.cpu_count()} cores (other work on the machine). With another "
-                      "CPU-bound process running, torch's 2 threads here slowed down up to ~20x; the quality "
+                      f"{load['max']:.1f} on {os.cpu_count()} cores (other work on the machine); the quality "
                       "numbers do not depend on it (the runs are deterministic per seed)."]
-    lines += ["", f"Total wall time of the runs (summed; {report.get('jobs', 1)} at a time): {report['total_wall_s'] / 60:.1f} min "
-                  f"({len(report['runs'])} runs; cache warm-up {report['warm_s']:.0f} s apart). "
-                  "These are small-budget numbers on synthetic data: they check that the methods run and "
-                  "compare under one protocol, not the paper's absolute values."]
+    lines += ["", f"Total wall time of the runs (summed; {report.get('jobs', 1)} at a time): "
+                  f"{report['total_wall_s'] / 3600:.1f} h ({len(report['runs'])} runs). Synthetic data at a CPU "
+                  "budget: the table compares the methods under one protocol, not the paper's absolute values."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=100,
-                        help="SGD steps per run (100: ~45 min for the whole default run on an idle 2-core CPU; "
-                             "150: ~62 min)")
-    parser.add_argument("--every", type=int, default=50)
-    parser.add_argument("--patch", type=int, nargs=3, default=[16, 32, 32], metavar=("Z", "Y", "X"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=STEPS, help=f"SGD steps per run (default {STEPS})")
+    parser.add_argument("--every", type=int, default=EVERY)
+    parser.add_argument("--patch", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                        help="training crop (default: each setting's config)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
-    parser.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                        help="run a subset of the variants (ablations only run in imbssl, uda, semidg)")
+    parser.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(BASELINES),
+                        help="the variants to run (default: supervised, mean teacher, A&D)")
+    parser.add_argument("--ablations", action="store_true", help="add A&D's Table 5 ablations (imbssl, uda, semidg)")
     parser.add_argument("--work", type=Path, default=None,
                         help="runs, results, cache (default /tmp/medssl-ad-bench, with --quick "
                              "/tmp/medssl-ad-bench-quick)")
     parser.add_argument("--data", type=Path, default=None, help="the phantom domains (default WORK/data)")
-    parser.add_argument("--cases", type=int, default=12, help="training cases per domain")
-    parser.add_argument("--test-cases", type=int, default=3, help="test cases per domain")
+    parser.add_argument("--cases", type=int, default=24, help="training cases per domain")
+    parser.add_argument("--test-cases", type=int, default=6, help="test cases per domain")
     parser.add_argument("--seed-base", type=int, default=0, help="seed of domain A's first case")
     parser.add_argument("--out", type=Path, default=RESULTS / "ad_settings", help="writes OUT.json and OUT.md")
     parser.add_argument("--report-only", action="store_true",
-                        help="render the tables from the runs already finished (missing runs are left out "
-                        "and the seed counts say so); runs nothing")
-    parser.add_argument("--jobs", type=int, default=1,
+                        help="render the tables from the runs already finished; runs nothing")
+    parser.add_argument("--jobs", type=int, default=2,
                         help="runs in parallel; with more than one, each run's torch uses one thread")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, every 2, seed 0")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, every 2, seed 0, 6 + 2 cases")
     parser.add_argument("--quiet-runs", action="store_true", help="hide the runs' progress output")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--warm", help=argparse.SUPPRESS)
@@ -310,10 +366,12 @@ def main() -> None:
         print(json.dumps(warm_cache(Path(job["data"]), job["settings"], job["budget"])))
         return
     if args.quick:
-        args.steps, args.every, args.seeds = 4, 2, [0]
+        args.steps, args.every, args.seeds, args.cases, args.test_cases = 4, 2, [0], 6, 2
+    if args.ablations:
+        args.methods = [*args.methods, *(a for a in ABLATIONS if a not in args.methods)]
     args.work = args.work or Path("/tmp/medssl-ad-bench" + ("-quick" if args.quick else ""))
     args.data = args.data or args.work / "data"
-    budget = {"steps": args.steps, "every": args.every, "patch": list(args.patch)}
+    budget = {"steps": args.steps, "every": args.every, "patch": list(args.patch) if args.patch else None}
     data_spec = ensure_data(args.data, args.cases, args.test_cases, args.seed_base)
     env = {**os.environ, "MEDSSL_CACHE": str(args.work / "cache")}
     os.environ["MEDSSL_CACHE"] = env["MEDSSL_CACHE"]
@@ -336,40 +394,36 @@ def main() -> None:
     if args.jobs > 1:
         env["OMP_NUM_THREADS"] = "1"  # two 2-thread torch processes on 2 cores run 10-20x slower
 
-    rows = seg_bench.run_all(runs, results,
-                             lambda run: {"budget": budget, "split": split_counts[run.setting]},
-                             lambda run: execute(run, args, budget, env), args.jobs)
+    def split_of(run: Run) -> dict[str, int]:
+        return split_counts[f"{run.setting}/{CEILING}" if run.variant == CEILING else run.setting]
 
-    configs = {}
-    for row in rows:
-        c = row["config"]
-        configs.setdefault(row["setting"], {
-            "config": f"seg-{row['setting']}-cpu", "spacing_mm": c["data"]["spacing_mm"],
-            "width": c["model"]["width"], "lr": c["optim"]["lr"], "batch_size": c["optim"]["batch_size"],
-            "normalisation": c["data"]["normalisation"], "domains": c["data"]["domains"],
-            "unlabeled_domains": c["data"]["unlabeled_domains"], "test_domains": c["data"]["test_domains"],
-            "classes": c["data"]["classes"], "labeled_fraction": c["data"]["labeled_fraction"],
-            "n_validation": c["data"]["n_validation"], "split_json": row["split"]})
+    rows = seg_bench.run_all(runs, results, lambda run: {"budget": budget, "split": split_of(run)},
+                             lambda run: execute(run, args, budget, env), args.jobs)
+    if not rows:
+        raise SystemExit("no runs to report")
     first = rows[0]["config"]
     loads = [x for r in rows if "load_average_1min" in r for x in r["load_average_1min"]]
+    agg = aggregate(rows)
+    evidence(rows, agg)
     report = {
         "benchmark": "ad_settings",
         "device": cpu_device(),
         "torch": rows[0]["torch"], "torch_threads": rows[0]["torch_threads"],
         "budget": budget, "jobs": args.jobs, "seeds": args.seeds, "settings": args.settings, "methods": args.methods,
         "split_policy": "data.split_seed=0 for every method and seed; the seed changes only training",
+        "sane_source_dice": SANE_SOURCE_DICE,
         "config": {"spacing_mm": first["data"]["spacing_mm"], "width": first["model"]["width"],
                    "lr": first["optim"]["lr"], "batch_size": first["optim"]["batch_size"],
-                   "data.workers": 0, "device": "cpu", "per_setting": configs},
+                   "data.workers": 0, "device": "cpu"},
         "load_average_1min": {"min": min(loads), "max": max(loads)} if loads else None,
         "data": {**data_spec, "path": str(args.data)},
-        "split_counts": {s: configs[s]["split_json"] for s in args.settings if s in configs},
+        "split_counts": split_counts,
         "warm_s": warm_s,
         "total_wall_s": sum(r["wall_s"] for r in rows),
-        "aggregates": aggregate(rows),
+        "aggregates": agg,
         "runs": rows,
     }
-    report["verdicts"] = {s: verdict(s, report["aggregates"]) for s in args.settings}
+    report["verdicts"] = {s: verdict(s, agg) for s in args.settings}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     text = render(report)
