@@ -30,6 +30,7 @@ __all__ = [
     "PatchCLConfig",
     "SegDataConfig",
     "SegEvalConfig",
+    "SegLossConfig",
     "SegModelConfig",
     "SegOptimConfig",
     "SegmentationExperiment",
@@ -394,6 +395,29 @@ class PatchCLConfig:
 
 
 @dataclass(frozen=True)
+class SegLossConfig:
+    """The loss every method puts on labeled crops (Dice + CE, :func:`~medssl.training.seg_steps.supervised_loss`).
+
+    Attributes:
+        class_weighting: ``"none"`` (the official A&D / SSL4MIS / BCP losses) or ``"frequency"``:
+            the CE term weighs class k by ``(n_0 / n_k) ** weight_power``, ``n`` the voxel counts
+            of the labeled training cases on the model grid
+            (:func:`~medssl.training.seg_losses.frequency_weights`), so that a 40-voxel adrenal
+            gland is not drowned by 60 000 background voxels in its crop. A&D's L_diff keeps its
+            DRS weights and BCP's self-training its mix losses.
+        weight_power: the damping exponent of ``"frequency"``.
+    """
+
+    class_weighting: Literal["none", "frequency"] = "none"
+    weight_power: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.class_weighting not in ("none", "frequency") or self.weight_power < 0:
+            raise ValueError(f"need class_weighting 'none' or 'frequency' and weight_power >= 0, got "
+                             f"{self.class_weighting!r}, {self.weight_power}")
+
+
+@dataclass(frozen=True)
 class SegEvalConfig:
     """Validation and test inference (the shared pipeline's parameters).
 
@@ -421,6 +445,7 @@ class SegmentationExperiment:
     model: SegModelConfig = field(default_factory=SegModelConfig)
     data: SegDataConfig = field(default_factory=SegDataConfig)
     optim: SegOptimConfig = field(default_factory=SegOptimConfig)
+    loss: SegLossConfig = field(default_factory=SegLossConfig)
     ad: ADConfig = field(default_factory=ADConfig)
     mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
     bcp: BCPConfig = field(default_factory=BCPConfig)

@@ -16,10 +16,12 @@ can exceed 1) the Dice term may still be negative.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch.nn import functional as F
 
-__all__ = ["as_label_map", "dice_ce_loss", "soft_dice"]
+__all__ = ["as_label_map", "dice_ce_loss", "frequency_weights", "soft_dice"]
 
 
 def as_label_map(
@@ -78,7 +80,10 @@ def soft_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -
 
 
 def dice_ce_loss(
-    logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_weights: torch.Tensor | None = None,
+    ce_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A&D's L_DiceCE: weighted CE + (1 − weighted soft foreground Dice).
 
@@ -88,21 +93,53 @@ def dice_ce_loss(
         class_weights: ``(C,)`` weights for both terms (DRS weights), or None for all ones.
             CE uses them as torch's ``weight`` (mean divided by the summed weights of the
             targets); Dice multiplies the foreground Dice ``dc[1:]`` by ``w[1:]``.
+        ce_weights: ``(C,)`` weights for the CE term only (the frequency weighting of
+            ``loss.class_weighting``); ``class_weights`` wins where both are given.
 
     Returns:
         Scalar float32 loss.
     """
     target = as_label_map(logits, target)
     c = logits.shape[1]
+    for name, w in (("class_weights", class_weights), ("ce_weights", ce_weights)):
+        if w is not None and w.shape != (c,):
+            raise ValueError(f"{name} must have shape ({c},), got {tuple(w.shape)}")
     if class_weights is not None:
-        if class_weights.shape != (c,):
-            raise ValueError(
-                f"class_weights must have shape ({c},), got {tuple(class_weights.shape)}"
-            )
         class_weights = class_weights.detach().to(device=logits.device, dtype=torch.float32)
+    ce_weight = class_weights if class_weights is not None else (
+        None if ce_weights is None else ce_weights.detach().to(device=logits.device, dtype=torch.float32))
     logits = logits.float()
-    ce = F.cross_entropy(logits, target, weight=class_weights)
+    ce = F.cross_entropy(logits, target, weight=ce_weight)
     dice = soft_dice(logits, target)[1:]
     if class_weights is not None:
         dice = dice * class_weights[1:]
     return ce + (1.0 - dice.mean())
+
+
+def frequency_weights(counts: torch.Tensor | Sequence[int], power: float = 0.25) -> torch.Tensor:
+    """Cross-entropy class weights from voxel counts: ``w_k = (n_0 / n_k) ** power``, background
+    (class 0) weighing 1; a class with no voxel gets the largest weight of the others.
+
+    Inverse-frequency weighting (power 1) would weigh an adrenal gland 10^4 times the background
+    on the abdominal phantom; the fourth root (10x) is what let the width-8 VNet learn it at all
+    on a CPU budget (issue 19: the adrenals stayed at 0 Dice after 4000 steps unweighted, 0.85
+    after 1500 weighted), while the large organs keep weights of 2-4.
+
+    Args:
+        counts: ``(C,)`` voxel count per class, background first.
+        power: the damping exponent.
+
+    Returns:
+        ``(C,)`` float32 weights.
+    """
+    n = torch.as_tensor(counts, dtype=torch.float64)
+    if n.ndim != 1 or len(n) < 2 or n[0] <= 0 or (n < 0).any():
+        raise ValueError(f"counts must be (C >= 2,) non-negative with background voxels, got {n.tolist()}")
+    if power < 0:
+        raise ValueError(f"power must be >= 0, got {power}")
+    present = n > 0
+    w = torch.ones_like(n)
+    w[present] = (n[0] / n[present]) ** power
+    if not present.all():
+        w[~present] = w[present].max()
+    return w.float()

@@ -66,9 +66,15 @@ def rampup(step: int, total_steps: int, fraction: float) -> float:
     return math.exp(-5.0 * phase * phase)
 
 
+def supervised_loss(logits: torch.Tensor, labeled: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Every method's loss on labeled crops: Dice + CE against ``labeled["label"]``, the CE
+    weighted by ``labeled["ce_weights"]`` when the trainer adds them (``loss.class_weighting``)."""
+    return dice_ce_loss(logits, labeled["label"], ce_weights=labeled.get("ce_weights"))
+
+
 def supervised_seg_step(model: nn.Module, labeled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Dice + CE on the labeled crops."""
-    loss = dice_ce_loss(model(labeled["image"]).float(), labeled["label"])
+    loss = supervised_loss(model(labeled["image"]).float(), labeled)
     return {"loss": loss, "sup": loss}
 
 
@@ -119,7 +125,7 @@ def mean_teacher_step(model: nn.Module, teacher: nn.Module, labeled: dict[str, t
     x = torch.cat([labeled["image"], unlabeled["image"]])
     n = labeled["image"].shape[0]
     logits = model(x).float()
-    sup = dice_ce_loss(logits[:n], labeled["label"])
+    sup = supervised_loss(logits[:n], labeled)
     noise = (torch.randn(x.shape, generator=generator) * mt.noise_std).clamp(-mt.noise_clip, mt.noise_clip)
     with torch.no_grad():
         target = torch.softmax(teacher(x + noise.to(x.device)).float(), dim=1)
@@ -205,7 +211,7 @@ def ad_step(model: nn.Module, raw: DiffVNet, labeled: dict[str, torch.Tensor], u
         x_t = diffusion.q_sample(label_to_x0(y, raw.n_classes), t, noise)
     pseudo = _pseudo_label(raw, u, ad.diffusion_process, ad.rs, generator)
     p_xi, p_psi, p_theta = model(x, x_t=x_t, t=t, unlabeled=u)
-    deno = dice_ce_loss(p_xi.float(), y)
+    deno = supervised_loss(p_xi.float(), labeled)
     weights = drs.update(p_xi.detach().float(), y) if drs is not None else None
     diff = dice_ce_loss(p_psi.float(), y, weights)
     unsup = dice_ce_loss(p_theta.float(), pseudo)
@@ -232,13 +238,15 @@ def bcp_pretrain_step(model: nn.Module, labeled: dict[str, torch.Tensor], cfg: S
                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """BCP pre-training (official ``LA_BCP_train.py`` ``pre_train``): the labeled crops' two
     halves ``a, b`` (``B/2`` each) copy-pasted, ``a·M + b·(1 − M)`` for images and labels, and
-    ``(CE + Dice) / 2`` with ``mask_DiceLoss`` over the whole crop."""
+    ``(CE + Dice) / 2`` with ``mask_DiceLoss`` over the whole crop; the CE takes
+    ``labeled["ce_weights"]`` when given (``loss.class_weighting``; the self-training's mix
+    losses stay the official unweighted ones)."""
     (image_a, image_b), (label_a, label_b) = _halves(labeled["image"]), _halves(labeled["label"])
     mask = _bcp_mask(image_a, cfg, generator)
     target = copy_paste(label_a, label_b, mask)
     logits = model(copy_paste(image_a, image_b, mask)).float()
     dice = masked_dice_loss(logits, target)
-    ce = F.cross_entropy(logits, target)
+    ce = F.cross_entropy(logits, target, weight=labeled.get("ce_weights"))
     return {"loss": (dice + ce) / 2, "pretrain/dice": dice, "pretrain/ce": ce}
 
 
@@ -327,7 +335,7 @@ def fixmatch_step(model: nn.Module, labeled: dict[str, torch.Tensor], unlabeled:
     thresholds = policy.thresholds().float() if isinstance(policy, FlexMatchThreshold) else None
     pseudo, keep = filter_pseudo_labels(policy, probs, _ids(unlabeled, probs))
     logits = model(torch.cat([labeled["image"], unlabeled["strong"]])).float()
-    sup = dice_ce_loss(logits[:n], labeled["label"])
+    sup = supervised_loss(logits[:n], labeled)
     u_ce = unlabeled_ce(logits[n:], pseudo, keep)
     out = {"loss": sup + fm.lambda_u * u_ce, "sup": sup, "u/ce": u_ce,
            "u/kept": keep.float().mean(), "u/lambda": torch.tensor(fm.lambda_u)}
@@ -393,7 +401,7 @@ def patchcl_step(model: nn.Module, teacher: nn.Module, parts: PatchCLParts, labe
     n_classes = unwrap(model).n_classes
     if warm:
         logits = model(labeled["image"]).float()
-        sup = dice_ce_loss(logits, labeled["label"])
+        sup = supervised_loss(logits, labeled)
         loss = sup
         out = {"sup": sup, "reg": logits.new_zeros(()), "reg/weight": torch.tensor(0.0)}
         image01 = ((labeled["image"].float() + 1) / 2).clamp(0, 1)
@@ -408,7 +416,7 @@ def patchcl_step(model: nn.Module, teacher: nn.Module, parts: PatchCLParts, labe
         else:
             pseudo, keep = filter_pseudo_labels(policy, probs, _ids(unlabeled, probs))
         logits = model(torch.cat([labeled["image"], unlabeled["strong"]])).float()
-        sup = dice_ce_loss(logits[:n], labeled["label"])
+        sup = supervised_loss(logits[:n], labeled)
         reg = unlabeled_ce(logits[n:], pseudo, keep)
         loss = sup + pc.beta * reg
         out = {"sup": sup, "reg": reg, "reg/weight": torch.tensor(pc.beta), "u/kept": keep.float().mean()}

@@ -50,7 +50,8 @@ from medssl.training.logger import TrainLogger
 from medssl.training.patchcl import EmbeddingQueues, ProjectionHead
 from medssl.training.seed import seed_everything, worker_init_fn
 from medssl.training.seg_config import SegmentationExperiment
-from medssl.training.seg_data import SegCrops, cache_case, class_names, label_lookup, split_domains
+from medssl.training.seg_data import LabeledVolume, SegCrops, cache_case, class_names, label_lookup, split_domains
+from medssl.training.seg_losses import frequency_weights
 from medssl.training.seg_eval import (
     normalisation,
     segmentation_params,
@@ -102,6 +103,19 @@ def build_segmenter(cfg: SegmentationExperiment, n_classes: int) -> nn.Module:
     if m.network == "unet2d":
         return UNet2D(n_classes, width=m.width, in_channels=m.in_channels, dropout=m.dropout)
     return VNet(m, n_classes)
+
+
+def class_weights(cfg: SegmentationExperiment, labeled: list[LabeledVolume], lookup: np.ndarray,
+                  n_classes: int) -> torch.Tensor | None:
+    """``loss.class_weighting``'s CE weights ``(n_classes,)`` from the labeled volumes' voxel
+    counts on the model grid, or None for ``"none"``."""
+    if cfg.loss.class_weighting == "none":
+        return None
+    counts = np.zeros(n_classes, dtype=np.int64)
+    for volume in labeled:
+        assert volume.label is not None
+        counts += np.bincount(lookup[np.asarray(volume.label.array)].ravel(), minlength=n_classes)[:n_classes]
+    return frequency_weights(counts, cfg.loss.weight_power)
 
 
 def inference_net(state: dict[str, Any]) -> nn.Module:
@@ -200,6 +214,9 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
                   "domains": list(d.domains), "unlabeled_domains": list(d.unlabeled_domains),
                   "test_domains": list(d.tested_on), "n_labeled": len(labeled), "n_unlabeled": len(unlabeled),
                   "n_validation": len(validation), "n_test": len(split.test)}
+    ce_weights = class_weights(cfg, labeled, lookup, n_classes)
+    if ce_weights is not None:
+        provenance["ce_weights"] = [round(float(w), 4) for w in ce_weights]
 
     model = build_segmenter(cfg, n_classes).to(dev)
     teacher = build_segmenter(cfg, n_classes).to(dev) if cfg.method in ("mean-teacher", "bcp", "patchcl") else None
@@ -290,6 +307,8 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
             generator = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, 5, step, env.rank])
                                                           .integers(2**62)))
             lab = _to(next(labeled_stream), dev)
+            if ce_weights is not None:
+                lab["ce_weights"] = ce_weights.to(dev)
             with amp:
                 if cfg.method == "ad":
                     assert unlabeled_stream is not None
