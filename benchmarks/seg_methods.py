@@ -89,9 +89,9 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "pancreas": Task("seg-ssl-cpu", {"data.domains": ["A"], "data.classes": [9]},
+    "pancreas": Task("seg-ssl-cpu", {"data.domains": ["A"], "data.classes": [9], "data.n_validation": 4},
                      "one structure (pancreas), one domain", (0.05, 0.10, 0.20)),
-    "organs": Task("seg-imbssl-cpu", {"data.domains": ["A"]},
+    "organs": Task("seg-imbssl-cpu", {"data.domains": ["A"], "data.n_validation": 4},
                    "11 imbalanced organs (liver to adrenal glands), one domain", (0.20,)),
 }
 

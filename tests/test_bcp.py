@@ -325,9 +325,9 @@ def test_the_official_la_configuration_is_bundled():
 
 
 @pytest.mark.parametrize("setting", ["ssl", "imbssl", "uda", "semidg"])
-def test_cpu_profiles_scale_the_two_phases_to_their_budget(setting):
+def test_cpu_profiles_pretrain_half_the_budget_and_keep_the_official_absolute_lr_schedule(setting):
     cfg = load_config(SegmentationExperiment, resolve_config(f"seg-{setting}-cpu"), {"method": "bcp"})
-    assert (cfg.bcp.pretrain_steps, cfg.bcp.lr_step, cfg.optim.steps) == (35, 44, 300)
+    assert (cfg.bcp.pretrain_steps, cfg.bcp.lr_step, cfg.optim.steps) == (1000, 2500, 2000)
 
 
 def test_bad_bcp_configs_name_the_key():

@@ -29,7 +29,7 @@ def test_exported_segmenter_card_names_organs_with_codes_and_colours(exported_se
     assert (liver.name, liver.type.value, liver.category.value) == ("liver", "10200004", "91723000")
     assert liver.colour is not None
     assert card.outputs[0].shape == (12, 16, 32, 32)
-    assert card.input_spacing == (8.0, 6.0, 6.0)
+    assert card.input_spacing == (8.0, 3.0, 3.0)
     assert card.provenance["method"] == "ad" and card.provenance["setting"] == "imbssl"
     assert "test_metrics" in card.provenance
     assert exported_segmenter.parity.passed
