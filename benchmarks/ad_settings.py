@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import seg_bench  # benchmarks/seg_bench.py: the run protocol shared with seg_methods.py
-from machine import cpu_device  # benchmarks/machine.py
+from machine import cpu_device, write_report  # benchmarks/machine.py
 from seg_bench import BUSY_LOAD, aggregate, interval
 from seg_bench import num as _num
 from seg_bench import pm as _pm
@@ -428,11 +428,7 @@ def main() -> None:
         "runs": rows,
     }
     report["verdicts"] = {s: verdict(s, agg) for s in args.settings}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    text = render(report)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_report(args.out, report, render(report))
 
 
 if __name__ == "__main__":

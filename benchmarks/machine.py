@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
-__all__ = ["cpu_device"]
+__all__ = ["cpu_device", "write_report"]
 
 
 def cpu_device() -> str:
@@ -20,3 +21,13 @@ def cpu_device() -> str:
     except OSError:
         pass
     return f"CPU: {name}, {os.cpu_count()} logical cores, no GPU"
+
+
+def write_report(out: Path, report: dict[str, Any], text: str) -> None:
+    """``OUT.json`` (the report) and ``OUT.md`` (its table), then the table on stdout."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(text)
+    print(text)

@@ -27,7 +27,6 @@ Writes ``OUT.json`` and ``OUT.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from machine import cpu_device  # benchmarks/machine.py
+from machine import cpu_device, write_report  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -152,11 +151,7 @@ def main() -> None:
             a = np.array([c["dice"] for c in report["models"][label][family]["cases"].values()])
             b = np.array([c["dice"] for c in first[family]["cases"].values()])
             report["models"][label][family]["delta"] = bootstrap_mean(a - b)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    text = render(report)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_report(args.out, report, render(report))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import seg_bench  # benchmarks/seg_bench.py
-from machine import cpu_device  # benchmarks/machine.py
+from machine import cpu_device, write_report  # benchmarks/machine.py
 from seg_bench import BUSY_LOAD, interval, mean_std, num, pm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -511,11 +511,7 @@ def main() -> None:
         "runs": rows,
     }
     report["facts"] = facts(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    text = render(report)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    write_report(args.out, report, render(report))
 
 
 if __name__ == "__main__":

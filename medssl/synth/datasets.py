@@ -56,6 +56,18 @@ UNLABELED_TRUTH = ("truth_annotations.csv", "truth_annotations_excluded.csv",
                    "truth_lookalikes.csv")
 
 
+def _synthetic_visit(rng: np.random.Generator, seed: int, ages: tuple[int, int],
+                     years: tuple[int, int]) -> dict[str, str]:
+    """Deterministic demographics and study date/time of a synthetic subject (``SeriesInfo``
+    fields): age in ``ages``, a study in ``years`` (half-open ranges)."""
+    age = int(rng.integers(*ages))
+    year = int(rng.integers(*years))
+    month, day = int(rng.integers(1, 13)), int(rng.integers(1, 29))
+    return {"patient_birth_date": f"{year - age}0101", "patient_sex": str(rng.choice(["F", "M"])),
+            "patient_age": f"{age:03d}Y", "study_id": str(seed), "study_date": f"{year}{month:02d}{day:02d}",
+            "study_time": f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}00"}
+
+
 def chest_series_info(seed: int, case: ChestCase) -> SeriesInfo:
     """Plausible, deterministic patient / study / series tags for synthetic case ``seed``.
 
@@ -64,22 +76,14 @@ def chest_series_info(seed: int, case: ChestCase) -> SeriesInfo:
     Patients are 55-74 years old, as NLST enrolled them; studies fall in
     2002-2004. UIDs derive from the seed, so regenerating gives the same UIDs.
     """
-    rng = np.random.default_rng([seed, 7])
-    age = int(rng.integers(55, 75))
-    year = int(rng.integers(2002, 2005))
-    month, day = int(rng.integers(1, 13)), int(rng.integers(1, 29))
+    visit = _synthetic_visit(np.random.default_rng([seed, 7]), seed, (55, 75), (2002, 2005))
     thickness = float(case.volume.meta.get("slice_thickness", case.volume.spacing[0]))
     kernel = str(case.volume.meta.get("kernel", "STANDARD"))
     return SeriesInfo(
         uid_seed=f"medssl-synth-chest-{seed}",
         patient_id=f"SYN{seed:06d}",
         patient_name=f"Synthetic^Chest{seed:06d}",
-        patient_birth_date=f"{year - age}0101",
-        patient_sex=str(rng.choice(["F", "M"])),
-        patient_age=f"{age:03d}Y",
-        study_id=str(seed),
-        study_date=f"{year}{month:02d}{day:02d}",
-        study_time=f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}00",
+        **visit,
         accession_number=f"A{seed:07d}",
         study_description="CT CHEST LOW DOSE SCREENING",
         series_description=f"CHEST {thickness:g}MM {kernel}",
@@ -191,20 +195,11 @@ def organ_series_info(seed: int, domain: str, thickness_mm: float) -> SeriesInfo
     Adults of 30-84 years, portal-venous CT of 2020-2024; UIDs derive from the seed and the
     domain, so regenerating gives the same UIDs and two domains never share them.
     """
-    rng = np.random.default_rng([seed, 17])
-    age = int(rng.integers(30, 85))
-    year = int(rng.integers(2020, 2025))
-    month, day = int(rng.integers(1, 13)), int(rng.integers(1, 29))
     return SeriesInfo(
         uid_seed=f"medssl-synth-organs-{domain}-{seed}",
         patient_id=f"SYNABD{seed:06d}{domain.upper()}",
         patient_name=f"Synthetic^Abdomen{seed:06d}",
-        patient_birth_date=f"{year - age}0101",
-        patient_sex=str(rng.choice(["F", "M"])),
-        patient_age=f"{age:03d}Y",
-        study_id=str(seed),
-        study_date=f"{year}{month:02d}{day:02d}",
-        study_time=f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}00",
+        **_synthetic_visit(np.random.default_rng([seed, 17]), seed, (30, 85), (2020, 2025)),
         accession_number=f"B{seed:07d}",
         study_description="CT ABDOMEN WITH CONTRAST",
         series_description=f"ABDOMEN PV {thickness_mm:g}MM",
