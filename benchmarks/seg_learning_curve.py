@@ -103,7 +103,7 @@ def main() -> None:
         env["OMP_NUM_THREADS"] = "1"
     results = args.work / "curves" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    budget = {"steps": args.steps, "every": args.every, "patch": None, "bcp_pretrain_steps": 1}
+    budget = {"steps": args.steps, "every": args.every, "patch": None, "bcp_pretrain_steps": None}
 
     class Item:
         def __init__(self, cell: str) -> None:

@@ -74,32 +74,43 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 DOMAINS = ("A",)
 BASELINE = "supervised-seg"
-#: the budget, from the supervised learning curves (benchmarks/results/seg_learning_curve.md)
-STEPS, EVERY = 2000, 250
+#: validation interval (the step budgets are per task: Task.steps)
+EVERY = 250
 #: the labeled fraction of the ceiling rows
 CEILING = 1.0
 
 
 @dataclass(frozen=True)
 class Task:
+    """A task: its config, overrides, title, labeled fractions and its step budget (read off
+    the supervised learning curve of its ceiling: benchmarks/results/seg_learning_curve.md)."""
+
     config: str
     overrides: dict[str, Any]
     title: str
     fractions: tuple[float, ...]
+    steps: int
 
 
 TASKS: dict[str, Task] = {
     "pancreas": Task("seg-ssl-cpu", {"data.domains": ["A"], "data.classes": [9], "data.n_validation": 4},
-                     "one structure (pancreas), one domain", (0.05, 0.10, 0.20)),
+                     "one structure (pancreas), one domain", (0.05, 0.10, 0.20), steps=2000),
     "organs": Task("seg-imbssl-cpu", {"data.domains": ["A"], "data.n_validation": 4},
-                   "11 imbalanced organs (liver to adrenal glands), one domain", (0.20,)),
+                   "11 imbalanced organs (liver to adrenal glands), one domain", (0.20,), steps=4000),
 }
 
 
-def _bcp(budget: dict[str, Any]) -> dict[str, Any]:
-    """BCP's pre-training inside the budget (absolute steps, ``--bcp-pretrain-steps``); the
-    self-training keeps the official absolute schedule (lr x0.1 every 2500 steps)."""
-    return {"bcp.pretrain_steps": min(budget["bcp_pretrain_steps"], budget["steps"] - 1)}
+def steps_of(task: str, budget: dict[str, Any]) -> int:
+    """The task's step budget, or ``--steps`` for every task when given."""
+    return int(budget["steps"] or TASKS[task].steps)
+
+
+def _bcp(budget: dict[str, Any], steps: int) -> dict[str, Any]:
+    """BCP's pre-training inside the budget: half of it (where the supervised learning curve
+    has flattened), or ``--bcp-pretrain-steps``; the self-training keeps the official absolute
+    schedule (lr x0.1 every 2500 steps)."""
+    pretrain = budget["bcp_pretrain_steps"] or steps // 2
+    return {"bcp.pretrain_steps": max(1, min(pretrain, steps - 1))}
 
 
 @dataclass(frozen=True)
@@ -110,7 +121,7 @@ class MethodRow:
 
     label: str
     method: str
-    overrides: Callable[[dict[str, Any]], dict[str, Any]] = field(default=lambda budget: {})
+    overrides: Callable[[dict[str, Any], int], dict[str, Any]] = field(default=lambda budget, steps: {})
     cost: float = 0.35
     source: str = ""
 
@@ -123,7 +134,7 @@ METHODS: dict[str, MethodRow] = {
     "fixmatch": MethodRow("FixMatch (τ 0.95)", "fixmatch", source="Sohn et al. 2020, segmentation variant"),
     # Every voxel of every unlabeled case is a CPL sample (memory_stride 1); the adrenal glands
     # own only a few voxels on the model grid.
-    "flexmatch": MethodRow("FlexMatch (CPL)", "flexmatch", lambda budget: {"threshold.memory_stride": 1},
+    "flexmatch": MethodRow("FlexMatch (CPL)", "flexmatch", lambda budget, steps: {"threshold.memory_stride": 1},
                            source="Zhang et al., NeurIPS 2021"),
     "patchcl": MethodRow("PatchCL", "patchcl", cost=0.6, source="Basak & Yin, CVPR 2023"),
 }
@@ -166,10 +177,11 @@ def plan(tasks: Sequence[str], variants: Sequence[str], seeds: Sequence[int],
 
 def overrides_of(run: Run, budget: dict[str, Any]) -> dict[str, Any]:
     row = METHODS[run.variant]
+    steps = steps_of(run.task, budget)
     extra = {"data.patch": list(budget["patch"])} if budget.get("patch") else {}
     return {"method": row.method, "seed": run.seed, "data.split_seed": 0, "data.workers": 0,
-            "optim.steps": budget["steps"], "eval.every": budget["every"], **extra,
-            **TASKS[run.task].overrides, "data.labeled_fraction": run.fraction, **row.overrides(budget)}
+            "optim.steps": steps, "eval.every": budget["every"], **extra,
+            **TASKS[run.task].overrides, "data.labeled_fraction": run.fraction, **row.overrides(budget, steps)}
 
 
 # --------------------------------------------------------------------------- child side
@@ -319,12 +331,14 @@ def render(report: dict[str, Any]) -> str:
         "# Segmentation methods on one protocol: the supervised gap each recovers", "",
         f"{report['device']}; torch {report.get('torch', '?')} with {report.get('torch_threads', '?')} thread(s), "
         f"{report['jobs']} run(s) at a time, each in a fresh process.",
-        f"Budget per run, the same for every method: {b['steps']} SGD steps (batch {cfg['batch_size']} labeled + "
+        "Budget per run, the same for every method of a task: "
+        + ", ".join(f"{t} {steps_of(t, b)}" for t in report["tasks"])
+        + f" SGD steps (batch {cfg['batch_size']} labeled + "
         f"{cfg['batch_size']} unlabeled crops), validation every {b['every']} steps on {cfg['n_validation']} "
         f"held-out training cases (best checkpoint by validation Dice; never the test set), crops "
         f"{'x'.join(map(str, cfg['patch']))} on the {cfg['spacing_mm']} mm grid ({cfg['foreground_fraction']:.0%} "
         f"centred on foreground), VNet width {cfg['width']}, lr {cfg['lr']}. BCP pre-trains "
-        f"{b['bcp_pretrain_steps']} of the steps. Seeds {report['seeds']}: the split is the same for every method "
+        f"{b['bcp_pretrain_steps'] or 'half'} of the steps. Seeds {report['seeds']}: the split is the same for every method "
         "and seed (split_seed 0); the seed changes only the training.",
     ]
     d = report["data"]
@@ -398,7 +412,9 @@ def render(report: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=STEPS, help=f"SGD steps per run, every method (default {STEPS})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="SGD steps per run for every task (default: each task's own budget, "
+                             + ", ".join(f"{t} {task.steps}" for t, task in TASKS.items()) + ")")
     parser.add_argument("--every", type=int, default=EVERY, help=f"validate every this many steps (default {EVERY})")
     parser.add_argument("--patch", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
                         help="training crop (default: the task's config)")
@@ -409,8 +425,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                         help="rows to run; a method the installed medssl lacks is reported 'not available'")
     parser.add_argument("--bcp-pretrain-steps", type=int, default=None,
-                        help="BCP's copy-paste pre-training steps inside the budget (default: half of --steps, "
-                             "where the supervised learning curve has reached its plateau)")
+                        help="BCP's copy-paste pre-training steps inside the budget (default: half of the task's "
+                             "budget, where the supervised learning curve has flattened)")
     parser.add_argument("--work", type=Path, default=None,
                         help="runs, results, cache (default /tmp/medssl-seg-methods, with --quick "
                              "/tmp/medssl-seg-methods-quick)")
@@ -440,9 +456,9 @@ def main() -> None:
         args.steps, args.every, args.seeds = 4, 2, [0]
     cases = args.cases if args.cases is not None else (12 if args.quick else 40)
     test_cases = args.test_cases if args.test_cases is not None else (2 if args.quick else 8)
-    pretrain = args.bcp_pretrain_steps if args.bcp_pretrain_steps is not None else max(1, args.steps // 2)
-    if not 0 < pretrain < args.steps:
-        parser.error("--bcp-pretrain-steps must be in (0, --steps)")
+    pretrain = args.bcp_pretrain_steps
+    if pretrain is not None and not 0 < pretrain < min((args.steps or TASKS[t].steps) for t in args.tasks):
+        parser.error("--bcp-pretrain-steps must be in (0, the smallest task budget)")
     args.work = args.work or Path("/tmp/medssl-seg-methods" + ("-quick" if args.quick else ""))
     args.data = args.data or args.work / "data"
     budget = {"steps": args.steps, "every": args.every, "patch": list(args.patch) if args.patch else None,
