@@ -98,6 +98,17 @@ class GatewayProcess:
             time.sleep(0.1)
         raise TimeoutError(f"medssl-serve not ready after {timeout_s} s:\n{self.log_tail()}")
 
+    def wait_listening(self, timeout_s: float = 60.0) -> None:
+        """Wait until the gateway logs "gateway started" (its SCP listens): ``/healthz`` answers
+        before the SCP binds (the HTTP server starts first), and without its models ``/readyz``
+        never says so."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.log.is_file() and '"gateway started"' in self.log.read_text():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"the gateway did not start within {timeout_s} s:\n{self.log_tail()}")
+
     def http_get(self, path: str) -> tuple[int, str]:
         """(status, body) of a GET on the gateway's HTTP port; (0, reason) when unreachable."""
         try:

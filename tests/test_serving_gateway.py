@@ -422,9 +422,7 @@ def test_readyz_is_not_ready_while_the_spool_is_below_its_free_space_floor(start
     """Issue 17 item 9: a floor above the disk's free space makes /readyz 503 with the reason."""
     floor_mb = shutil.disk_usage(tmp_path).free / 2**20 + 1024
     gateway = start_gateway(spool={"min_free_mb": floor_mb}, wait_ready=False)
-    deadline = time.monotonic() + 60  # started: models loaded, SCP listening; only the floor is left
-    while '"gateway started"' not in gateway.log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    gateway.wait_listening()  # started: models loaded, SCP listening; only the floor is left
     status, reason = gateway.http_get("/readyz")
     assert status == 503, reason
     assert "below its floor" in reason and "spool.min_free_mb" in reason and f"{floor_mb:.0f} MiB" in reason
@@ -552,6 +550,7 @@ def test_without_its_triton_server_the_gateway_receives_but_is_not_ready(start_g
         time.sleep(0.1)
     status, reason = gateway.http_get("/readyz")
     assert status == 503 and dead in reason
+    gateway.wait_listening()  # receiving does not wait for the models
     _storescu(gateway, studies[2][:5])
     assert len(gateway.spooled()) == 5
     started = time.monotonic()
