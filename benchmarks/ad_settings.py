@@ -64,8 +64,12 @@ ABLATION_SETTINGS = ("imbssl", "uda", "semidg")
 #: a method whose source-domain Dice (%) is below this gets no domain-transfer figure
 SANE_SOURCE_DICE = 70.0
 BASELINE, CEILING = "supervised-seg", "ceiling"
-#: the budget, from the supervised learning curves (benchmarks/results/seg_learning_curve.md)
-STEPS, EVERY = 2000, 250
+#: the step budget per setting, from the supervised learning curves
+#: (benchmarks/results/seg_learning_curve.md: the pancreas at 5 % flat from ~2000 steps, its
+#: ceiling within ~2 points of 5000 from 2500; the 11 organs flat from 3750); uda and semidg
+#: (4 large organs) take the one-structure budget
+SETTING_STEPS = {"ssl": 3000, "imbssl": 4000, "uda": 3000, "semidg": 3000}
+EVERY = 250
 #: variant -> (trainer method, config overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "supervised-seg": ("supervised-seg", {}),
@@ -134,8 +138,10 @@ def overrides_of(run: Run, budget: dict[str, Any]) -> dict[str, Any]:
         extra = CEILING_OVERRIDES[run.setting]
     patch = {"data.patch": list(budget["patch"])} if budget.get("patch") else {}
     task = {"data.n_validation": 4, **SETTING_OVERRIDES.get(run.setting, {})}
+    steps = int(budget["steps"] or SETTING_STEPS[run.setting])
     return {"method": method, "seed": run.seed, "data.split_seed": 0, "data.workers": 0,
-            "optim.steps": budget["steps"], "eval.every": budget["every"], **patch, **task, **extra}
+            "optim.steps": steps, "eval.every": budget["every"], "bcp.pretrain_steps": steps // 2,
+            **patch, **task, **extra}
 
 
 # --------------------------------------------------------------------------- data
@@ -268,7 +274,7 @@ def render(report: dict[str, Any]) -> str:
         "# A&D settings on synthetic phantoms: the gap each method recovers (CPU budget)", "",
         f"{report['device']}; torch {report.get('torch', '?')} with {report.get('torch_threads', '?')} threads, "
         f"{report.get('jobs', 1)} run(s) at a time, each in a fresh process.",
-        f"Budget per run: {b['steps']} SGD steps (batch 2 labeled + 2 unlabeled crops), validation every "
+        f"Budget per run: {b['steps'] or SETTING_STEPS} SGD steps (batch 2 labeled + 2 unlabeled crops), validation every "
         f"{b['every']} steps (best checkpoint by validation Dice), VNet width {cfg['width']}, lr {cfg['lr']}, "
         f"the {cfg['spacing_mm']} mm grid. Seeds {report['seeds']}: the split is the same for every method and "
         "seed (split_seed 0); the seed changes only the training. Data: synthetic organ phantoms, "
@@ -334,7 +340,8 @@ def render(report: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=STEPS, help=f"SGD steps per run (default {STEPS})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"SGD steps per run in every setting (default: per setting, {SETTING_STEPS})")
     parser.add_argument("--every", type=int, default=EVERY)
     parser.add_argument("--patch", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
                         help="training crop (default: each setting's config)")

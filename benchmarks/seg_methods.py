@@ -94,7 +94,7 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "pancreas": Task("seg-ssl-cpu", {"data.domains": ["A"], "data.classes": [9], "data.n_validation": 4},
-                     "one structure (pancreas), one domain", (0.05, 0.10, 0.20), steps=2000),
+                     "one structure (pancreas), one domain", (0.05, 0.10, 0.20), steps=3000),
     "organs": Task("seg-imbssl-cpu", {"data.domains": ["A"], "data.n_validation": 4},
                    "11 imbalanced organs (liver to adrenal glands), one domain", (0.20,), steps=4000),
 }
