@@ -121,3 +121,36 @@ def test_medssl_score_writes_a_labelmap_seg_when_asked(exported_segmenter, tmp_p
         assert int(seg.NumberOfFrames) < ORGAN_SHAPE[0] * 11  # empty frames omitted
         volume = seg.get_volume(combine_segments=True, skip_overlap_checks=True)
         assert int((volume.array > 0).sum()) == int((labels.array > 0).sum())
+
+
+def test_an_abdominal_dicom_study_from_synth_organs_scores_to_a_seg_in_the_cards_colours(
+        exported_segmenter, tmp_path, dciodvfy):
+    """The issue-19 acceptance path: `medssl synth organs --format dicom` → `medssl-score
+    --write-dicom` → a BINARY SEG that dciodvfy accepts and highdicom reads back with every
+    segment in its card label's display colour."""
+    import subprocess
+    import sys
+
+    import highdicom as hd
+
+    study = tmp_path / "abdomen"
+    subprocess.run([f"{sys.prefix}/bin/medssl", "synth", "organs", "--cases", "1", "--format", "dicom", "--shape",
+                    *map(str, ORGAN_SHAPE), "--seed", "21", str(study)], check=True, capture_output=True)
+    out = tmp_path / "scores"
+    done = subprocess.run([f"{sys.prefix}/bin/medssl-score", str(study), "--out", str(out), "--workers", "0",
+                           "--repository", str(exported_segmenter.repository), "--model", "organs",
+                           "--select", "max_thickness_mm=5,min_slices=16,body_part=ABDOMEN", "--write-dicom"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    row = pq.read_table(out / "series.parquet").to_pylist()[0]
+    assert row["status"] == "ok"
+    seg_path = Path(row["dicom_outputs"])
+    assert dciodvfy(seg_path) == []
+    seg = hd.seg.segread(seg_path)
+    card = load_card(exported_segmenter.model_dir)
+    assert seg.number_of_segments == len(card.labels)
+    for label in card.labels:
+        description = seg.get_segment_description(label.value)
+        assert description.segment_label == label.name
+        shown = hd.color.CIELabColor.from_dicom_value(description.RecommendedDisplayCIELabValue).to_rgb()
+        assert max(abs(int(a) - int(b)) for a, b in zip(shown, label.colour)) <= 1, label.name
