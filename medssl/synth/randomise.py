@@ -125,6 +125,7 @@ class DomainRandomisation:
             texture_std=rng.uniform(*self.texture_hu), blur_fwhm_mm=rng.uniform(*self.blur_fwhm_mm),
             bias_strength=rng.uniform(*self.bias_strength), spacing=(thickness, pixel, pixel), shape=shape,
             fov_centre_mm=tuple(float(v) for v in rng.normal(0.0, self.fov_shift_mm)),
+            case_intensity_sd=0.0, case_noise_sd=0.0,  # drawn here already, once per case
         )
         return RandomisedDraw(domain, realistic, float(rng.uniform(*self.body_scale)),
                               float(rng.uniform(*self.deformation_mm)))
