@@ -45,7 +45,7 @@ are shared through ``MEDSSL_CACHE=WORK/cache``; each run's result is written to
 ``WORK/results/<name>.json`` as soon as it ends and a rerun skips those, so an interrupted
 benchmark continues where it stopped (``--report-only`` renders what is done).
 
-Cost: 30 runs per seed with the default rows (22 pancreas, 8 organs); on this 2-core CPU, two
+Cost: 26 runs per seed with the default rows (19 pancreas, 7 organs); on this 2-core CPU, two
 at a time, about 5 hours of wall time per seed (A&D is about half of it), so ~25 h for 5 seeds:
 a job for several sittings (it resumes run by run) or for a GPU.
 
