@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from medssl import __version__
 from medssl.cli.errors import MedsslGroup
 from medssl.cli.export import export
-from medssl.cli.score import score
+from medssl.cli.score import score_group
 from medssl.cli.serve import serve
 from medssl.cli.train import train
 from medssl.index import index_tree, write_index
@@ -453,5 +453,5 @@ def evaluate_luna16_command(
 
 cli.add_command(train, "train")
 cli.add_command(export, "export")
-cli.add_command(score, "score")
+cli.add_command(score_group, "score")
 cli.add_command(serve, "serve")

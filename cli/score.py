@@ -9,9 +9,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from medssl.cli.errors import MedsslCommand
+from medssl.cli.errors import MedsslCommand, MedsslGroup
 
-__all__ = ["score"]
+__all__ = ["merge", "score", "score_group"]
 
 DEFAULT_MODEL = "focalmix-nodules"
 
@@ -53,11 +53,14 @@ def _default_repository() -> Path:
 @click.option("--dense-seg", is_flag=True, help="With --write-dicom: keep the SEG's empty frames (default: omitted).")
 @click.option("--limit", type=int, default=None, help="Score at most N series (after selection).")
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Windows per model call.")
+@click.option("--shard", "shard_text", default=None, metavar="I/N",
+              help="Score only shard I of N (1-based; split by study, the same on every machine). "
+                   "Join the shards' --out folders with `medssl score merge`.")
 def score(source: Path, model: str, repository: Path | None, model_version: int | None, backend: str,
           triton_url: str | None, protocol: str, out: Path, engine: str, workers: int | None,
           ray_address: str | None, select_rules: str | None, write_dicom: bool, sr_threshold: float | None,
           seg_type: str, dense_seg: bool, limit: int | None,
-          batch_size: int) -> None:
+          batch_size: int, shard_text: str | None) -> None:
     """Score every selected series of SOURCE with a detection model.
 
     SOURCE is a DICOM tree, an index from `medssl index` (.parquet/.csv), a LUNA16 folder
@@ -67,6 +70,7 @@ def score(source: Path, model: str, repository: Path | None, model_version: int 
     from medssl.scoring import RunnerSpec, ScoreOptions, parse_rules
     from medssl.scoring import score as run_score
     from medssl.scoring.series import DicomOutput
+    from medssl.scoring.shard import parse_shard
 
     if sr_threshold is not None and not write_dicom:
         raise click.UsageError("--sr-threshold sets what goes into the SR/SEG: use it with --write-dicom")
@@ -75,6 +79,7 @@ def score(source: Path, model: str, repository: Path | None, model_version: int 
     spec = RunnerSpec(repository or _default_repository(), model, model_version,
                       triton_url if backend == "triton" else None, protocol)
     options = ScoreOptions(engine=engine, batch_size=batch_size, limit=limit, ray_address=ray_address,
+                           shard=parse_shard(shard_text) if shard_text else None,
                            dicom=DicomOutput(out / "dicom", sr_threshold, seg_type=seg_type, dense_seg=dense_seg)
                            if write_dicom else None,
                            **({"workers": workers} if workers is not None else {}))
@@ -89,7 +94,7 @@ def score(source: Path, model: str, repository: Path | None, model_version: int 
                       f"failed {counts.get('failed', 0)}", highlight=False)
 
     summary = run_score(source, out, spec, parse_rules(select_rules), options, progress)
-    table = Table(title=f"medssl-score: {source} → {out}")
+    table = Table(title=f"medssl-score: {source} → {out}" + (f" (shard {options.shard})" if options.shard else ""))
     for column in ("series", "ok", "skipped", "failed", "scored now", "resumed", "scans/hour"):
         table.add_column(column, justify="right")
     counts = summary.counts
@@ -155,3 +160,42 @@ def _print_volumes(rows: list[dict], top: int = 4) -> None:
     for label in labels:
         table.add_row(label, *(f"{by_key.get((key, label), 0.0):.1f}" for key in series))
     Console().print(table)
+
+
+@click.command(cls=MedsslCommand)
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The merged output folder (new).")
+def merge(shards: tuple[Path, ...], out: Path) -> None:
+    """Join the --out folders of sharded medssl-score runs (--shard I/N) into one.
+
+    Writes OUT/series.parquet, OUT/findings.parquet (and a LUNA16 submission.csv,
+    unreadable.csv when the shards wrote them): the tables one run over the whole
+    archive gives. Label maps and DICOM outputs stay in the shards' folders.
+    """
+    from medssl.scoring.merge import merge_outputs
+
+    summary = merge_outputs(shards, out)
+    counts = ", ".join(f"{status} {n}" for status, n in sorted(summary.counts.items()))
+    click.echo(f"merged {len(shards)} folder(s): {summary.series} series ({counts})")
+    for path in summary.outputs:
+        click.echo(f"wrote {path}")
+
+
+class _ScoreGroup(MedsslGroup):
+    """``medssl score``: ``merge``, or anything else is ``medssl-score``'s arguments."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_ScoreGroup)
+def score_group() -> None:
+    """Score archives: `medssl score SOURCE --out DIR ...` is medssl-score; `medssl score merge`
+    joins the outputs of sharded runs."""
+
+
+score_group.add_command(score, "run")
+score_group.add_command(merge, "merge")

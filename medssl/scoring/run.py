@@ -8,8 +8,6 @@ writes the final tables.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,14 +15,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from medssl.atomic import atomic_write
 from medssl.errors import MedsslError
 from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
 from medssl.models.card import ModelCard, Task, warn_without_operating_point
 from medssl.scoring.manifest import Layout, ScanItem, build_manifest
 from medssl.scoring.select import SelectionRules, select_series
+from medssl.scoring.shard import Shard
 from medssl.scoring.series import DicomOutput, Scored, skipped_row
-from medssl.scoring.store import ResultStore
+from medssl.scoring.store import ResultStore, write_unreadable
 
 __all__ = ["Engine", "Progress", "RunnerSpec", "ScoreOptions", "ScoreSummary", "score"]
 
@@ -81,6 +79,8 @@ class ScoreOptions:
         limits: the plausible geometry of a series (:mod:`medssl.io.limits`); a series beyond
             them fails with the value and the limit before its pixels are read, which bounds
             the memory one series may take.
+        shard: score only this shard of the manifest (:mod:`medssl.scoring.shard`), so N
+            machines share an archive; None scores all of it.
     """
 
     engine: str = "local"
@@ -92,6 +92,7 @@ class ScoreOptions:
     dicom: DicomOutput | None = None
     label_maps: Path | None = None
     limits: GeometryLimits = DEFAULT_LIMITS
+    shard: Shard | None = None
 
     def __post_init__(self) -> None:
         if self.engine not in ("local", "ray"):
@@ -115,7 +116,7 @@ class ScoreSummary:
     """What a run did.
 
     Attributes:
-        total: series in the manifest.
+        total: series in the manifest (in the shard, with ``ScoreOptions.shard``).
         counts: rows per status in the store after the run (``ok``, ``skipped``, ``failed``).
         scored_now: series run through the model in this run.
         resumed: series skipped because an earlier run already finished them.
@@ -135,17 +136,6 @@ class ScoreSummary:
     @property
     def scans_per_hour(self) -> float:
         return 3600.0 * self.scored_now / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-
-def _write_unreadable(path: Path, unreadable: Sequence[tuple[str, str]]) -> Path:
-    """``path,reason`` rows of the files the DICOM index could not parse."""
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["path", "reason"])
-    writer.writerows(unreadable)
-    data = text.getvalue().encode("utf-8")
-    atomic_write(path, lambda fh: fh.write(data))
-    return path
 
 
 def _engine(name: str) -> Engine:
@@ -175,9 +165,10 @@ def score(source: str | Path, out_dir: str | Path, spec: RunnerSpec, rules: Sele
     if card.task is Task.SEGMENTATION:
         options = replace(options, label_maps=(Path(out_dir) / "labels").resolve())
     manifest = build_manifest(source)
+    items = manifest.items if options.shard is None else options.shard.select(manifest.items)
     store = ResultStore(out_dir)
     try:
-        chosen, skipped = select_series(manifest.items, rules or SelectionRules())
+        chosen, skipped = select_series(items, rules or SelectionRules())
         done = store.done(card.name, card.version)
         for skip in skipped:
             if skip.item.key not in done:
@@ -195,8 +186,8 @@ def score(source: str | Path, out_dir: str | Path, spec: RunnerSpec, rules: Sele
         elapsed = time.perf_counter() - start
         outputs = store.export(luna16_submission=manifest.layout is Layout.LUNA16)
         if manifest.unreadable:
-            outputs.append(_write_unreadable(Path(out_dir) / "unreadable.csv", manifest.unreadable))
-        return ScoreSummary(total=len(manifest.items), counts=store.counts(), scored_now=finished,
+            outputs.append(write_unreadable(Path(out_dir) / "unreadable.csv", manifest.unreadable))
+        return ScoreSummary(total=len(items), counts=store.counts(), scored_now=finished,
                             resumed=len([i for i in chosen if i.key in done]),
                             unreadable_files=len(manifest.unreadable), elapsed_s=elapsed, outputs=outputs)
     finally:

@@ -9,6 +9,7 @@ read: ``series.parquet``, ``findings.parquet`` (and a LUNA16 submission), atomic
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import sqlite3
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 
 from medssl.atomic import atomic_write
 
-__all__ = ["FINDING_COLUMNS", "SERIES_COLUMNS", "ResultStore"]
+__all__ = ["FINDING_COLUMNS", "SERIES_COLUMNS", "ResultStore", "write_unreadable"]
 
 #: ``series.parquet`` columns and types. ``key`` is the SeriesInstanceUID, or the derived
 #: ``nouid-...`` key of a series without one (``series_uid_absent`` true, ``series_uid`` empty);
@@ -135,3 +136,14 @@ def _write_parquet(path: Path, rows: Iterable[Mapping[str, Any]], columns: Mappi
     atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
     return path
 
+
+
+def write_unreadable(path: Path, unreadable: Sequence[tuple[str, str]]) -> Path:
+    """Write ``path,reason`` rows (the files a DICOM index could not parse) as CSV, atomically."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", "reason"])
+    writer.writerows(unreadable)
+    data = text.getvalue().encode("utf-8")
+    atomic_write(path, lambda fh: fh.write(data))
+    return path
