@@ -39,8 +39,13 @@ def runs(archive, tmp_path_factory):
         pytest.skip("another test left Ray running; this module checks that run_ray starts its own")
     out = tmp_path_factory.mktemp("runs")
     local = score(archive, out / "local", SPEC, options=ScoreOptions(engine="local", workers=1))
-    seen: dict[str, list[str]] = {"given": [], "yielded": []}
+    seen: dict[str, list] = {"given": [], "yielded": [], "chunks": []}
     real = ray_engine.run_ray
+    real_dataset = ray_engine._dataset
+
+    def chunk(items, *args):
+        seen["chunks"].append([item.key for item in items])
+        return real_dataset(items, *args)
 
     def recording(items, spec, card, options):
         seen["given"] = [item.key for item in items]
@@ -50,7 +55,9 @@ def runs(archive, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ray_engine, "run_ray", recording)
-        on_ray = score(archive, out / "ray", SPEC, options=ScoreOptions(engine="ray", workers=2))
+        patch.setattr(ray_engine, "_dataset", chunk)
+        # chunks of 7: the 23 series cross three chunk boundaries
+        on_ray = score(archive, out / "ray", SPEC, options=ScoreOptions(engine="ray", workers=2, ray_chunk=7))
     return {"local": (local, out / "local"), "ray": (on_ray, out / "ray"), "seen": seen,
             "ray_left_running": ray.is_initialized()}
 
@@ -87,6 +94,12 @@ def test_ray_results_arrive_in_manifest_order(runs):
     seen = runs["seen"]
     assert len(seen["given"]) == 23
     assert seen["yielded"] == seen["given"]
+
+
+def test_the_manifest_is_fed_to_ray_in_chunks_in_order(runs):
+    chunks = runs["seen"]["chunks"]
+    assert [len(c) for c in chunks] == [7, 7, 7, 2]
+    assert [key for c in chunks for key in c] == runs["seen"]["given"]
 
 
 def test_run_ray_shuts_down_the_ray_it_started(runs):

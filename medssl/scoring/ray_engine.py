@@ -10,6 +10,12 @@ The stages are :func:`medssl.scoring.series.prepare` and :func:`~medssl.scoring.
 called exactly as :func:`medssl.scoring.local.run_local` calls them, so both engines give the
 same rows and findings (only the timings differ).
 
+Chunks: the manifest is fed to Ray ``ScoreOptions.ray_chunk`` series at a time (one dataset per
+chunk, one block per series inside it), so an NLST-sized manifest (~200k series) never becomes
+200k blocks planned at once: planning time and the object store's share of the manifest are
+bounded by the chunk. Each chunk starts its own inference actor (the model is opened once per
+chunk; about a second against a chunk's hours of scoring).
+
 How data travels between stages (one row per series, ``batch_size=1`` everywhere):
 
 * manifest → prepare: ``item``, the :class:`ScanItem` as a JSON string (``to_json``), so Arrow
@@ -188,7 +194,8 @@ def run_ray(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard,
             here, against the driver's working directory).
         card: the model card.
         options: ``workers`` (prepare tasks in flight), ``batch_size`` (windows per model
-            call), ``ray_address``, ``ray_num_gpus`` (GPUs per inference actor).
+            call), ``ray_address``, ``ray_num_gpus`` (GPUs per inference actor), ``ray_chunk``
+            (series per dataset).
 
     Raises:
         MedsslError: Ray cannot be started or reached.
@@ -201,10 +208,11 @@ def run_ray(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard,
     quiet: list[logging.Handler] = []
     try:
         quiet = _quiet_console()
-        ds = _dataset(items, spec, card, options, params)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-            for blob in batch.column("scored").to_pylist():
-                yield pickle.loads(blob)
+        for start in range(0, len(items), options.ray_chunk):
+            ds = _dataset(items[start:start + options.ray_chunk], spec, card, options, params)
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                for blob in batch.column("scored").to_pylist():
+                    yield pickle.loads(blob)
     finally:
         for handler in quiet:
             handler.removeFilter(_QUIET)

@@ -79,6 +79,9 @@ class ScoreOptions:
         limits: the plausible geometry of a series (:mod:`medssl.io.limits`); a series beyond
             them fails with the value and the limit before its pixels are read, which bounds
             the memory one series may take.
+        ray_chunk: series per Ray dataset (ray engine): the manifest is fed to Ray in chunks
+            of this many series, one block per series within a chunk, so planning time and
+            the driver's object-store footprint stay bounded whatever the archive size.
         shard: score only this shard of the manifest (:mod:`medssl.scoring.shard`), so N
             machines share an archive; None scores all of it.
     """
@@ -92,13 +95,14 @@ class ScoreOptions:
     dicom: DicomOutput | None = None
     label_maps: Path | None = None
     limits: GeometryLimits = DEFAULT_LIMITS
+    ray_chunk: int = 512
     shard: Shard | None = None
 
     def __post_init__(self) -> None:
         if self.engine not in ("local", "ray"):
             raise MedsslError(f"engine must be 'local' or 'ray', got {self.engine!r}")
-        if self.workers < 0 or self.batch_size < 1:
-            raise MedsslError("workers must be >= 0 and batch_size >= 1")
+        if self.workers < 0 or self.batch_size < 1 or self.ray_chunk < 1:
+            raise MedsslError("workers must be >= 0, batch_size >= 1 and ray_chunk >= 1")
 
 
 class Engine(Protocol):
