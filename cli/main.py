@@ -15,7 +15,7 @@ from medssl.cli.export import export
 from medssl.cli.score import score_group
 from medssl.cli.serve import serve
 from medssl.cli.train import train
-from medssl.index import index_tree, write_index
+from medssl.index import index_table, write_index_table
 from medssl.io import read_volume
 from medssl.synth.datasets import write_chest_dataset, write_organ_dataset
 from medssl.synth.organs import DOMAINS, RANDOMISED, domain_modality
@@ -24,6 +24,8 @@ __all__ = ["cli"]
 
 #: Skipped (non-DICOM or unreadable) files listed by ``medssl index`` before it only counts.
 SHOW_SKIPPED = 20
+#: Series ``medssl index`` prints; an archive's index is read from its table.
+SHOW_SERIES = 200
 
 
 def _progress(description: str, total: int) -> tuple[Progress, object]:
@@ -257,21 +259,29 @@ def convert_ad_npy(src: Path, out: Path, labels: tuple[str, ...], spacing: tuple
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Also write the table: FILE.parquet or FILE.csv.",
+    help="Also write the table: FILE.parquet or FILE.csv. Resumable: progress is kept in "
+    "FILE.parts/ until the table is written.",
 )
 @click.option("--workers", type=int, default=None, help="Header-reading processes (default: auto).")
 def index(root: Path, out: Path | None, workers: int | None) -> None:
     """Index the DICOM files under ROOT by header: one row per series.
 
-    Prints full UIDs, modality, slice count, thickness and orientation. Files
-    that are not DICOM or do not parse are counted and listed on stderr.
+    Prints full UIDs, modality, slice count, thickness and orientation (the first
+    SHOW_SERIES series; the table holds all). Files that are not DICOM or do not parse
+    are counted and listed on stderr. With --out, an interrupted run picks up where it
+    stopped when run again with the same ROOT and --out.
     """
-    total = sum(1 for p in root.rglob("*") if p.is_file())
-    progress, task = _progress("indexing", total)
+    import shutil
+
+    if out is not None and out.suffix not in (".parquet", ".csv"):
+        raise click.UsageError(f"--out {out}: index tables are .parquet or .csv")
+    parts = None if out is None else out.with_name(out.name + ".parts")
+    progress, task = _progress("indexing", None)  # type: ignore[arg-type]
     with progress:
-        result = index_tree(
-            root, workers=workers, progress=lambda n: progress.update(task, completed=n)
-        )  # type: ignore[arg-type]
+        def update(n: int) -> None:
+            progress.update(task, completed=n)  # type: ignore[arg-type]
+
+        table, unreadable = index_table(root, workers=workers, progress=update, parts=parts)
     columns = [
         "series_uid",
         "study_uid",
@@ -282,17 +292,23 @@ def index(root: Path, out: Path | None, workers: int | None) -> None:
         "orientation",
         "series_description",
     ]
-    rows = [[_text(getattr(s, c)) for c in columns] for s in result.series]
+    shown = table.slice(0, SHOW_SERIES).select(columns).to_pylist()
+    rows = [[_text(r[c]) for c in columns] for r in shown]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
     for row in [columns, *rows]:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
-    click.echo(f"{len(result.series)} series, {result.n_files} files", err=True)
-    for path, problem in result.unreadable[:SHOW_SKIPPED]:
+    if table.num_rows > SHOW_SERIES:
+        click.echo(f"... and {table.num_rows - SHOW_SERIES} more series" + (f" (all in {out})" if out else ""))
+    n_files = sum(table["n_files"].to_pylist())
+    click.echo(f"{table.num_rows} series, {n_files} files", err=True)
+    for path, problem in unreadable[:SHOW_SKIPPED]:
         click.echo(f"skipped {path}: {problem}", err=True)
-    if len(result.unreadable) > SHOW_SKIPPED:
-        click.echo(f"... and {len(result.unreadable) - SHOW_SKIPPED} more files skipped", err=True)
+    if len(unreadable) > SHOW_SKIPPED:
+        click.echo(f"... and {len(unreadable) - SHOW_SKIPPED} more files skipped", err=True)
     if out is not None:
-        write_index(result, out)
+        write_index_table(table, out)
+        if parts is not None:
+            shutil.rmtree(parts, ignore_errors=True)
         click.echo(f"wrote {out}", err=True)
 
 

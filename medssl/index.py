@@ -6,6 +6,12 @@ not parse are listed with the reason instead of stopping the index: whatever one
 file's header raises makes that file unreadable (named by the exception type only,
 as a message may quote header values), never the index fail.
 
+Large trees: with ``parts`` (``medssl index --out FILE`` uses ``FILE.parts/``) the file listing
+and every chunk's header rows are written to Parquet part files as they are read, by the worker
+processes themselves, so memory holds one chunk per worker and an interrupted index (killed,
+rebooted) resumes at the first chunk without a part file. Series are grouped from the part
+files with Arrow at the end, never as one Python object per file.
+
 Series are grouped by SeriesInstanceUID. Anonymised files whose SeriesInstanceUID is
 blank or missing are grouped by folder and geometry instead
 (:func:`medssl.io.dicom_files.series_key`) and flagged ``series_uid_absent``; their SOP Class
@@ -18,20 +24,26 @@ archive lies, and the same key the readers give it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, fields
-from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from medssl.atomic import atomic_write
 from medssl.errors import CorruptFileError, MedsslError
 from medssl.io.dicom_files import derived_series_key, iter_files, read_dataset, series_key
 
-__all__ = ["DicomIndex", "SeriesRecord", "index_files", "index_tree", "read_index", "write_index"]
+__all__ = ["INDEX_SCHEMA", "DicomIndex", "SeriesRecord", "index_files", "index_table", "index_tree", "read_index",
+           "write_index", "write_index_table"]
 
 #: Headers read per task when indexing in parallel processes.
 CHUNK = 256
@@ -95,6 +107,7 @@ def index_tree(
     root: str | Path,
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
+    parts: str | Path | None = None,
 ) -> DicomIndex:
     """Index every DICOM file under ``root`` by its header.
 
@@ -102,38 +115,137 @@ def index_tree(
         root: a directory of any layout (``patient/study/series/*.dcm``, flat, ...).
         workers: processes reading headers; default: CPU count when the tree
             has more than :data:`PARALLEL_MIN_FILES` files, else 1.
-        progress: called with the number of files done after each chunk.
+        progress: called with the number of files done after each chunk (on resume,
+            first with the files the earlier run already did).
+        parts: a folder for the listing and the per-chunk header tables, which makes the
+            index resumable (see :func:`index_table`); None keeps them in memory.
 
     Returns:
-        Series sorted by (patient, study, series number, series UID); files
+        Series sorted by (patient, study, series number, series key); files
         within a series sorted by path.
     """
-    root = Path(root)
+    table, unreadable = index_table(root, workers=workers, progress=progress, parts=parts)
+    return DicomIndex(series=[SeriesRecord(**row) for row in table.to_pylist()], unreadable=unreadable)
+
+
+def index_table(
+    root: str | Path,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    parts: str | Path | None = None,
+) -> tuple[pa.Table, list[tuple[str, str]]]:
+    """The index of ``root`` as an Arrow table (one row per series, the columns of
+    :class:`SeriesRecord`), and the unreadable files; the form :func:`write_index_table`
+    writes without a Python object per file.
+
+    With ``parts``, the sorted file listing is saved once (``listing.parquet``, with the
+    root and chunk size in ``index.json``), and each chunk of :data:`CHUNK` files is written
+    by the worker that read it to ``part-NNNNNNNN.parquet`` (atomically). A re-run with the
+    same ``parts`` reads only the chunks without a part file. Files added to the tree after
+    the listing are not seen by that resume; delete the folder to re-list.
+
+    Raises:
+        MedsslError: ``root`` is not a directory, or ``parts`` belongs to another root.
+    """
+    root = Path(root).absolute()
     if not root.is_dir():
         raise MedsslError(f"{root}: not a directory")
-    # Files that are not DICOM fail in read_dataset and are listed as unreadable.
-    paths = [str(p) for p in iter_files(root.absolute())]
+    parts_dir = Path(parts) if parts is not None else None
+    paths = _listing(root, parts_dir)
     if workers is None:
         workers = (os.cpu_count() or 1) if len(paths) > PARALLEL_MIN_FILES else 1
-    chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
-    headers: list[dict[str, object]] = []
+    chunks = [(i, paths[i * CHUNK : (i + 1) * CHUNK]) for i in range((len(paths) + CHUNK - 1) // CHUNK)]
+    tables: dict[int, pa.Table] = {}
     done = 0
-    read = partial(_read_headers, root=str(root.absolute()))
+    if parts_dir is not None:
+        finished = [(i, c) for i, c in chunks if _part_path(parts_dir, i).is_file()]
+        done = sum(len(c) for _, c in finished)
+        chunks = [(i, c) for i, c in chunks if not _part_path(parts_dir, i).is_file()]
+        if progress and done:
+            progress(done)
     if workers > 1 and len(chunks) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            results: Iterable[list[dict[str, object]]] = pool.map(read, chunks)
-            for chunk, result in zip(chunks, results):
-                headers.extend(result)
-                done += len(chunk)
-                if progress:
-                    progress(done)
+            pending: dict[Future[pa.Table | None], int] = {}
+            queue = iter(chunks)
+            for i, chunk in queue:  # a bounded number of chunks in flight: memory stays flat
+                pending[pool.submit(_index_chunk, chunk, str(root), _part_or_none(parts_dir, i))] = i
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                finished_now, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished_now:
+                    i = pending.pop(future)
+                    table = future.result()
+                    if table is not None:
+                        tables[i] = table
+                    done += CHUNK if (i + 1) * CHUNK <= len(paths) else len(paths) - i * CHUNK
+                    if progress:
+                        progress(done)
+                    nxt = next(queue, None)
+                    if nxt is not None:
+                        pending[pool.submit(_index_chunk, nxt[1], str(root), _part_or_none(parts_dir, nxt[0]))] = nxt[0]
     else:
-        for chunk in chunks:
-            headers.extend(read(chunk))
+        for i, chunk in chunks:
+            table = _index_chunk(chunk, str(root), _part_or_none(parts_dir, i))
+            if table is not None:
+                tables[i] = table
             done += len(chunk)
             if progress:
                 progress(done)
-    return _index(headers)
+    if parts_dir is not None:
+        headers = _read_parts(parts_dir, (len(paths) + CHUNK - 1) // CHUNK)
+    else:
+        headers = pa.concat_tables([tables[i] for i in sorted(tables)]) if tables else _HEADER_SCHEMA.empty_table()
+    return _series_table(headers)
+
+
+def _part_path(parts: Path, i: int) -> Path:
+    return parts / f"part-{i:08d}.parquet"
+
+
+def _part_or_none(parts: Path | None, i: int) -> str | None:
+    return None if parts is None else str(_part_path(parts, i))
+
+
+def _listing(root: Path, parts: Path | None) -> list[str]:
+    """The sorted files under ``root``; saved in (and on resume read from) ``parts``."""
+    if parts is None:
+        return [str(p) for p in iter_files(root)]
+    meta = {"root": str(root), "chunk": CHUNK}
+    listing, described = parts / "listing.parquet", parts / "index.json"
+    if described.is_file():
+        found = json.loads(described.read_text(encoding="utf-8"))
+        if {k: found.get(k) for k in meta} != meta:
+            raise MedsslError(f"{parts}: holds a partial index of another tree or chunk size "
+                              f"({found.get('root')}); delete the folder or give another --out")
+        if listing.is_file():
+            return pq.read_table(listing).column("path").to_pylist()
+    parts.mkdir(parents=True, exist_ok=True)
+    paths = [str(p) for p in iter_files(root)]
+    _write_parquet(listing, pa.table({"path": pa.array(paths, pa.string())}))
+    atomic_write(described, lambda fh: fh.write(json.dumps({**meta, "files": len(paths)}).encode()))
+    return paths
+
+
+def _index_chunk(paths: Sequence[str], root: str, part: str | None) -> pa.Table | None:
+    """Worker body: one chunk's header rows; written to ``part`` (and None returned) when given,
+    so large indexes never send their rows back through the pool."""
+    table = pa.Table.from_pylist(_read_headers(paths, root), schema=_HEADER_SCHEMA)
+    if part is None:
+        return table
+    _write_parquet(Path(part), table)
+    return None
+
+
+def _read_parts(parts: Path, n_chunks: int) -> pa.Table:
+    tables = [pq.read_table(_part_path(parts, i), schema=_HEADER_SCHEMA) for i in range(n_chunks)]
+    return pa.concat_tables(tables) if tables else _HEADER_SCHEMA.empty_table()
+
+
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
 
 
 def index_files(paths: Sequence[str | Path]) -> DicomIndex:
@@ -149,9 +261,8 @@ def index_files(paths: Sequence[str | Path]) -> DicomIndex:
 
 def _index(headers: list[dict[str, object]]) -> DicomIndex:
     """Series and unreadable files of :func:`_read_headers`' output."""
-    unreadable = [(str(h["path"]), str(h["error"])) for h in headers if "error" in h]
-    series = _build_series([h for h in headers if "error" not in h])
-    return DicomIndex(series=series, unreadable=sorted(unreadable))
+    table, unreadable = _series_table(pa.Table.from_pylist(headers, schema=_HEADER_SCHEMA))
+    return DicomIndex(series=[SeriesRecord(**row) for row in table.to_pylist()], unreadable=unreadable)
 
 
 def _read_headers(paths: Sequence[str], root: str | None = None) -> list[dict[str, object]]:
@@ -215,43 +326,72 @@ def _values(value: object) -> list[object]:
     return [value]
 
 
-def _build_series(headers: list[dict[str, object]]) -> list[SeriesRecord]:
-    groups: dict[str, list[dict[str, object]]] = {}
-    for header in headers:
-        groups.setdefault(str(header["series_key"]), []).append(header)
-    records = []
-    for key, members in groups.items():
-        members.sort(key=lambda h: str(h["path"]))
-        first = members[0]
-        if first["series_uid_absent"]:
-            key = derived_series_key([str(m["sop_uid"]) for m in members], key)
-        orientations = {m["orientation"] for m in members}
-        thicknesses = [m["slice_thickness"] for m in members if m["slice_thickness"] is not None]
-        records.append(
-            SeriesRecord(
-                patient_id=str(first["patient_id"]),
-                study_uid=str(first["study_uid"]),
-                series_uid=str(first["series_uid"]),
-                modality=str(first["modality"]),
-                sop_class_uid=str(first["sop_class_uid"]),
-                image_type=str(first["image_type"]),
-                series_description=str(first["series_description"]),
-                series_number=first["series_number"],  # type: ignore[arg-type]
-                study_date=str(first["study_date"]),
-                body_part=str(first["body_part"]),
-                n_files=len(members),
-                n_slices=int(sum(int(m["frames"]) for m in members)),  # type: ignore[call-overload]
-                slice_thickness=float(np.median(thicknesses)) if thicknesses else None,
-                orientation=str(orientations.pop()) if len(orientations) == 1 else "MIXED",
-                rows=first["rows"],  # type: ignore[arg-type]
-                columns=first["columns"],  # type: ignore[arg-type]
-                files=[str(m["path"]) for m in members],
-                series_key=key,
-                series_uid_absent=bool(first["series_uid_absent"]),
-            )
-        )
-    records.sort(key=lambda r: (r.patient_id, r.study_uid, r.series_number or 0, r.series_key))
-    return records
+#: One row per file: the header fields :func:`_header` reads, or ``path`` + ``error``.
+_HEADER_SCHEMA = pa.schema([
+    ("path", pa.string()), ("error", pa.string()), ("patient_id", pa.string()), ("study_uid", pa.string()),
+    ("series_uid", pa.string()), ("series_key", pa.string()), ("series_uid_absent", pa.bool_()),
+    ("sop_uid", pa.string()), ("modality", pa.string()), ("sop_class_uid", pa.string()),
+    ("image_type", pa.string()), ("series_description", pa.string()), ("series_number", pa.int64()),
+    ("study_date", pa.string()), ("body_part", pa.string()), ("slice_thickness", pa.float64()),
+    ("orientation", pa.string()), ("rows", pa.int64()), ("columns", pa.int64()), ("frames", pa.int64()),
+])
+#: Series fields taken from the first file (by path) of the series.
+_FIRST = ("patient_id", "study_uid", "series_uid", "modality", "sop_class_uid", "image_type",
+          "series_description", "series_number", "study_date", "body_part", "rows", "columns",
+          "series_uid_absent")
+
+
+def _series_table(headers: pa.Table) -> tuple[pa.Table, list[tuple[str, str]]]:
+    """Group per-file header rows into series (Arrow group-by; no Python object per file).
+
+    Returns:
+        The series table (:func:`_arrow_schema`), sorted by (patient, study, series number,
+        series key), files sorted by path; and ``(path, reason)`` of the unreadable files, sorted.
+    """
+    failed = headers.filter(pc.is_valid(headers["error"]))
+    unreadable = sorted(zip(failed["path"].to_pylist(), failed["error"].to_pylist()))
+    ok = headers.filter(pc.is_null(headers["error"])).sort_by([("series_key", "ascending"), ("path", "ascending")])
+    if ok.num_rows == 0:
+        return _arrow_schema(pa).empty_table(), unreadable
+    ok = _derive_absent_keys(ok)
+    first = pc.ScalarAggregateOptions(skip_nulls=False)
+    grouped = ok.group_by("series_key", use_threads=False).aggregate(
+        [(name, "first", first) for name in _FIRST]
+        + [("path", "list"), ("path", "count"), ("frames", "sum"), ("slice_thickness", "list"),
+           ("orientation", "count_distinct", pc.CountOptions(mode="all")), ("orientation", "first", first)])
+    thickness = [float(np.median([t for t in ts if t is not None])) if any(t is not None for t in ts) else None
+                 for ts in grouped["slice_thickness_list"].to_pylist()]
+    orientation = pc.if_else(pc.equal(grouped["orientation_count_distinct"], 1),
+                             grouped["orientation_first"], pa.scalar("MIXED"))
+    columns: dict[str, Any] = {name: grouped[f"{name}_first"] for name in _FIRST}
+    columns.update(n_files=grouped["path_count"], n_slices=grouped["frames_sum"],
+                   slice_thickness=pa.array(thickness, pa.float64()), orientation=orientation,
+                   files=grouped["path_list"], series_key=grouped["series_key"])
+    schema = _arrow_schema(pa)
+    table = pa.table({name: pc.cast(columns[name], schema.field(name).type) for name in schema.names}, schema=schema)
+    order = pa.table({"p": table["patient_id"], "s": table["study_uid"],
+                      "n": pc.fill_null(table["series_number"], 0), "k": table["series_key"]})
+    indices = pc.sort_indices(order, sort_keys=[("p", "ascending"), ("s", "ascending"), ("n", "ascending"),
+                                                 ("k", "ascending")])
+    return table.take(indices), unreadable
+
+
+def _derive_absent_keys(ok: pa.Table) -> pa.Table:
+    """Give the files of each series without a SeriesInstanceUID the derived key of its members'
+    SOP Instance UIDs (:func:`medssl.io.dicom_files.derived_series_key`). ``ok`` is sorted by
+    (series key, path); the absent series are few, so they are grouped in Python."""
+    absent = ok["series_uid_absent"]
+    if not pc.any(absent).as_py():
+        return ok
+    rows = ok.filter(absent).select(["series_key", "sop_uid"]).to_pylist()
+    members: dict[str, list[str]] = {}
+    for row in rows:
+        members.setdefault(row["series_key"], []).append(row["sop_uid"] or "")
+    derived = {key: derived_series_key(uids, key) for key, uids in members.items()}
+    keys = ok["series_key"].to_pylist()
+    flags = absent.to_pylist()
+    new = [derived[k] if flag else k for k, flag in zip(keys, flags)]
+    return ok.set_column(ok.schema.get_field_index("series_key"), "series_key", pa.array(new, pa.string()))
 
 
 def _orientation_label(orientation: object) -> str:
@@ -272,10 +412,13 @@ def _orientation_label(orientation: object) -> str:
 
 
 def _int_or_none(value: object) -> int | None:
+    """An integer header value; None when absent, not a number, or beyond 64 bits (a damaged
+    header must not stop the index's Arrow tables)."""
     try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        number = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if -(2**63) <= number < 2**63 else None
 
 
 def _float_or_none(value: object) -> float | None:
@@ -295,23 +438,27 @@ def write_index(index: DicomIndex, path: str | Path) -> Path:
 
     In CSV the ``files`` column holds a JSON list.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [asdict(s) for s in index.series]
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    table = pa.Table.from_pylist([asdict(s) for s in index.series], schema=_arrow_schema(pa))
+    return write_index_table(table, path)
 
-        table = pa.Table.from_pylist(rows, schema=_arrow_schema(pa))
-        pq.write_table(table, path)
-    elif path.suffix == ".csv":
-        with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=_COLUMNS)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({**row, "files": json.dumps(row["files"])})
-    else:
+
+def write_index_table(table: pa.Table, path: str | Path) -> Path:
+    """Write a series table of :func:`index_table` as Parquet or CSV (atomically), as
+    :func:`write_index` does."""
+    path = Path(path)
+    if path.suffix not in (".parquet", ".csv"):
         raise MedsslError(f"{path}: index tables are .parquet or .csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        _write_parquet(path, table)
+        return path
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in table.to_pylist():
+        writer.writerow({**row, "files": json.dumps(row["files"])})
+    data = text.getvalue().encode("utf-8")
+    atomic_write(path, lambda fh: fh.write(data))
     return path
 
 
@@ -366,3 +513,7 @@ def _arrow_schema(pa):  # type: ignore[no-untyped-def]
             ("series_uid_absent", pa.bool_()),
         ]
     )
+
+
+#: The Arrow schema of an index table (the fields of :class:`SeriesRecord`).
+INDEX_SCHEMA = _arrow_schema(pa)
