@@ -27,7 +27,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -42,7 +42,7 @@ from medssl.atomic import atomic_write
 from medssl.errors import CorruptFileError, MedsslError
 from medssl.io.dicom_files import derived_series_key, iter_files, read_dataset, series_key
 
-__all__ = ["INDEX_SCHEMA", "DicomIndex", "SeriesRecord", "index_files", "index_table", "index_tree", "read_index",
+__all__ = ["INDEX_SCHEMA", "DicomIndex", "SeriesRecord", "index_files", "index_table", "index_tree", "iter_index", "read_index",
            "write_index", "write_index_table"]
 
 #: Headers read per task when indexing in parallel processes.
@@ -464,17 +464,27 @@ def write_index_table(table: pa.Table, path: str | Path) -> Path:
 
 def read_index(path: str | Path) -> DicomIndex:
     """Read a table written by :func:`write_index` (unreadable files are not stored)."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    return DicomIndex(series=list(iter_index(path)), unreadable=[])
 
-        rows = pq.read_table(path).to_pylist()
-    elif path.suffix == ".csv":
+
+def iter_index(path: str | Path, batch_rows: int = 2048) -> Iterator[SeriesRecord]:
+    """The series of an index table one at a time, read ``batch_rows`` rows at a time from
+    Parquet, so a 200k-series index (~21M file paths) is never in memory as Python objects at once.
+
+    Raises:
+        MedsslError: not a ``.parquet`` / ``.csv`` table.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+            for row in batch.to_pylist():
+                yield SeriesRecord(**row)
+    elif path.suffix.lower() == ".csv":
         with open(path, newline="") as fh:
-            rows = [_parse_csv_row(r) for r in csv.DictReader(fh)]
+            for row in csv.DictReader(fh):
+                yield SeriesRecord(**_parse_csv_row(row))  # type: ignore[arg-type]
     else:
         raise MedsslError(f"{path}: index tables are .parquet or .csv")
-    return DicomIndex(series=[SeriesRecord(**r) for r in rows], unreadable=[])
 
 
 def _parse_csv_row(row: dict[str, str]) -> dict[str, object]:

@@ -174,9 +174,8 @@ def score(source: str | Path, out_dir: str | Path, spec: RunnerSpec, rules: Sele
     try:
         chosen, skipped = select_series(items, rules or SelectionRules())
         done = store.done(card.name, card.version)
-        for skip in skipped:
-            if skip.item.key not in done:
-                store.commit(skipped_row(skip.item, card, skip.reason))
+        store.commit_many([(skipped_row(skip.item, card, skip.reason), ()) for skip in skipped
+                           if skip.item.key not in done])
         todo = [item for item in chosen if item.key not in done]
         if options.limit is not None:
             todo = todo[: options.limit]
