@@ -11,9 +11,17 @@
    * preprocess vs SimpleITK's linear ``ResampleImageFilter`` to the same 1 mm grid;
    * inference vs plain PyTorch running the same windows with no pipeline around it.
 
+3. Preprocessing alone (``--preprocess-only``, or always after 2.), alternated over
+   ``--preprocess-repeats`` rounds on the same scan: ``preprocess_ct`` (resample to 1 mm + HU
+   window), its resample alone, SimpleITK's ``Resample`` to the same grid (the peer; all cores),
+   and ``scipy.ndimage.affine_transform`` (order 1, one thread: medssl's resampler until
+   2026-12). Ratios are peer time / medssl time (> 1: medssl is faster). Writes
+   ``benchmarks/results/detector_speed_preprocess.{json,md}``.
+
 Medians of ``--repeats`` runs. Prints a table; writes ``benchmarks/results/detector_speed.json``.
 
     python benchmarks/detector_speed.py [--repeats 3] [--steps 20] [--config focalmix-cpu] [--device cpu]
+    python benchmarks/detector_speed.py --preprocess-only [--preprocess-repeats 15]
 """
 
 from __future__ import annotations
@@ -144,6 +152,52 @@ def bench_inference(cfg: DetectionExperiment, device: torch.device, repeats: int
     }
 
 
+def bench_preprocess(repeats: int) -> dict[str, object]:
+    """Preprocessing against SimpleITK and scipy on a 300 x 512 x 512 chest CT, alternated."""
+    from scipy import ndimage
+
+    from medssl.pipeline.preprocess import Intensity
+
+    volume = generate_chest_ct(3, ChestConfig(matrix=512, n_slices=300)).volume
+    image = to_sitk(volume)
+    size = [int(n) for n in np.floor((np.array(image.GetSize()) - 1) * np.array(image.GetSpacing()) + 1e-6) + 1]
+    scale = 1.0 / volume.spacing
+    shape = tuple(size[::-1])
+
+    def simpleitk() -> None:
+        sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), (1.0, 1.0, 1.0),
+                      image.GetDirection(), -1000.0, sitk.sitkFloat32)
+
+    def scipy_one_thread() -> None:
+        ndimage.affine_transform(volume.array.astype(np.float32, copy=False), scale, output_shape=shape, order=1,
+                                 mode="nearest")
+
+    runs = {"medssl preprocess_ct (resample + window)": lambda: preprocess_ct(volume, 1.0, Intensity()),
+            "medssl resample": lambda: volume.resample(1.0),
+            "SimpleITK Resample": simpleitk,
+            "scipy affine_transform (previous)": scipy_one_thread}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    peer = medians["SimpleITK Resample"]
+    return {"scan_shape": list(volume.shape), "scan_spacing_mm": [float(v) for v in volume.spacing],
+            "output_shape": list(shape), "repeats": repeats, "median_s": medians, "all_s": times,
+            "speed_vs_simpleitk": {k: peer / v for k, v in medians.items()}}
+
+
+def _preprocess_table(result: dict[str, object]) -> str:
+    lines = [f"## Preprocessing a {result['scan_shape']} chest CT to 1 mm "
+             f"(median of {result['repeats']}, alternated)", "",
+             "| step | median s | speed vs SimpleITK |", "|---|---:|---:|"]
+    for name, seconds in result["median_s"].items():  # type: ignore[union-attr]
+        lines.append(f"| {name} | {seconds:.3f} | {result['speed_vs_simpleitk'][name]:.2f}x |")  # type: ignore[index]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="focalmix-cpu")
@@ -151,7 +205,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--preprocess-only", action="store_true", help="only part 3 (preprocessing)")
+    parser.add_argument("--preprocess-repeats", type=int, default=15)
     args = parser.parse_args()
+    if args.preprocess_only:
+        from machine import cpu_device, write_report  # type: ignore[import-not-found]
+
+        prep = bench_preprocess(args.preprocess_repeats)
+        prep["device"] = cpu_device()
+        write_report(RESULTS / "detector_speed_preprocess", prep, _preprocess_table(prep))
+        return
     device = torch.device(args.device)
     cfg = load_config(DetectionExperiment, resolve_config(args.config))
     name = torch.cuda.get_device_name() if device.type == "cuda" else \

@@ -58,3 +58,33 @@ def test_summary_has_the_info_keys():
     assert {"shape", "affine", "origin", "spacing", "direction", "min", "max"} <= set(summary)
     assert summary["shape"] == [6, 20, 24]
     assert summary["min"] == -1000.0
+
+
+@pytest.mark.parametrize("scale, shape", [((1.6, 1.4, 1.4), (37, 64, 57)), ((0.5, 0.7, 0.7), (119, 128, 113)),
+                                          ((1.0, 1.0, 1.0), (60, 90, 80))])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_resample_array_equals_scipy_affine_transform(scale, shape, threads):
+    from scipy import ndimage
+
+    from medssl.volume import resample_array
+
+    rng = np.random.default_rng(0)
+    image = (rng.normal(size=(60, 90, 80)) * 300).astype(np.float32)
+    labels = rng.integers(0, 12, (60, 90, 80)).astype(np.uint8)
+    linear = ndimage.affine_transform(image, np.array(scale), output_shape=shape, order=1, mode="nearest")
+    nearest = ndimage.affine_transform(labels, np.array(scale), output_shape=shape, order=0, mode="nearest")
+    out = resample_array(image, scale, shape, threads=threads)
+    assert out.dtype == np.float32 and out.shape == shape
+    np.testing.assert_allclose(out, linear, atol=1e-3)
+    labelled = resample_array(labels, scale, shape, "nearest", threads=threads)
+    assert labelled.dtype == np.uint8 and np.array_equal(labelled, nearest)
+
+
+def test_resample_array_fills_samples_outside_the_input():
+    from medssl.volume import resample_array
+
+    image = np.arange(4, dtype=np.float32).reshape(4, 1, 1) * np.ones((4, 2, 2), np.float32)
+    out = resample_array(image, (1.0, 1.0, 1.0), (6, 2, 2), fill_value=-5.0)
+    assert out[:, 0, 0].tolist() == [0, 1, 2, 3, -5, -5]
+    edge = resample_array(image, (1.0, 1.0, 1.0), (6, 2, 2))
+    assert edge[:, 0, 0].tolist() == [0, 1, 2, 3, 3, 3]

@@ -42,13 +42,22 @@ class Intensity:
             raise ValueError(f"intensity window needs hu_max > hu_min, got [{self.hu_min}, {self.hu_max}]")
 
     def apply(self, hu: np.ndarray) -> np.ndarray:
-        """HU array of any shape → float32 in ``[-1, 1]``."""
-        scale = 2.0 / (self.hu_max - self.hu_min)
-        out = np.clip(hu, self.hu_min, self.hu_max).astype(np.float32)
-        out -= self.hu_min
-        out *= scale
-        out -= 1.0
+        """HU array of any shape → a new float32 array in ``[-1, 1]``."""
+        out = np.empty(np.shape(hu), np.float32)
+        np.clip(hu, self.hu_min, self.hu_max, out=out)
+        self._scale(out)
         return out
+
+    def apply_inplace(self, hu: np.ndarray) -> None:
+        """:meth:`apply` on a float32 HU array, in place (what :func:`preprocess_ct` runs on each
+        resampled block while it is in cache)."""
+        np.clip(hu, self.hu_min, self.hu_max, out=hu)
+        self._scale(hu)
+
+    def _scale(self, clipped: np.ndarray) -> None:
+        clipped -= self.hu_min
+        clipped *= 2.0 / (self.hu_max - self.hu_min)
+        clipped -= 1.0
 
     @property
     def pad_value(self) -> float:
@@ -123,6 +132,10 @@ def preprocess_ct(
         world as the input, so model outputs convert to world mm with ``index_to_world``.
     """
     intensity = intensity or Intensity()
+    target = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
+    if isinstance(intensity, Intensity) and not np.allclose(volume.spacing, target, atol=1e-3):
+        # the window is elementwise: applied to each resampled block in its thread, while in cache
+        return volume.resample(target, post=intensity.apply_inplace)
     resampled = resample_to_spacing(volume, spacing_mm)
     return resampled.with_array(intensity.apply(resampled.array))
 

@@ -50,7 +50,7 @@ from medssl.pipeline.preprocess import (
     resample_to_spacing,
 )
 from medssl.pipeline.windows import extract_window, plan_windows
-from medssl.volume import Volume
+from medssl.volume import Volume, lerp_axis
 
 __all__ = [
     "Blending",
@@ -570,8 +570,8 @@ def _argmax_on_grid(
             z = coords[0][z0:z1]
             first = int(np.floor(z.min()))
             slab = channel[first : int(np.ceil(z.max())) + 1]
-            slab = _lerp_axis(slab, z - first, 0)
-            return _lerp_axis(_lerp_axis(slab, coords[1], 1), coords[2], 2)
+            slab = lerp_axis(slab, z - first, 0)
+            return lerp_axis(lerp_axis(slab, coords[1], 1), coords[2], 2)
 
     else:
 
@@ -590,26 +590,6 @@ def _argmax_on_grid(
             slab_labels[current > best] = label
             np.maximum(best, current, out=best)
     return labels
-
-
-def _lerp_axis(array: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
-    """Linear interpolation of ``array`` along ``axis`` at ``coords`` in ``[0, n - 1]``.
-
-    Returns float32 with ``len(coords)`` entries along ``axis``.
-    """
-    n = array.shape[axis]
-    if n == 1:
-        return np.repeat(array, len(coords), axis=axis).astype(np.float32, copy=False)
-    low = np.minimum(np.floor(coords).astype(np.intp), n - 2)
-    shape = [1, 1, 1]
-    shape[axis] = -1
-    fraction = (coords - low).astype(np.float32).reshape(shape)
-    out = np.take(array, low, axis=axis).astype(np.float32, copy=False)
-    high = np.take(array, low + 1, axis=axis).astype(np.float32, copy=False)
-    high -= out
-    high *= fraction
-    out += high
-    return out
 
 
 def _volumes_ml(labels: np.ndarray, affine: np.ndarray, n_classes: int) -> dict[int, float]:
