@@ -31,6 +31,9 @@ def _default_repository() -> Path:
 @click.option("--backend", type=click.Choice(["onnxruntime", "triton"]), default="onnxruntime",
               show_default=True, help="Embedded onnxruntime, or a Triton server (--triton-url).")
 @click.option("--triton-url", default=None, help="host:port of the Triton server (with --backend triton).")
+@click.option("--runtime", type=click.Choice(["auto", "onnxruntime", "openvino"]), default="auto", show_default=True,
+              help="Embedded runtime (--backend onnxruntime): auto = OpenVINO on a CPU when installed "
+                   "(the fastest), onnxruntime when it has a GPU provider.")
 @click.option("--protocol", type=click.Choice(["http", "grpc"]), default="grpc", show_default=True,
               help="Triton protocol.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -57,7 +60,7 @@ def _default_repository() -> Path:
               help="Score only shard I of N (1-based; split by study, the same on every machine). "
                    "Join the shards' --out folders with `medssl score merge`.")
 def score(source: Path, model: str, repository: Path | None, model_version: int | None, backend: str,
-          triton_url: str | None, protocol: str, out: Path, engine: str, workers: int | None,
+          triton_url: str | None, runtime: str, protocol: str, out: Path, engine: str, workers: int | None,
           ray_address: str | None, select_rules: str | None, write_dicom: bool, sr_threshold: float | None,
           seg_type: str, dense_seg: bool, limit: int | None,
           batch_size: int, shard_text: str | None) -> None:
@@ -77,7 +80,7 @@ def score(source: Path, model: str, repository: Path | None, model_version: int 
     if backend == "triton" and not triton_url:
         raise click.UsageError("--backend triton needs --triton-url host:port")
     spec = RunnerSpec(repository or _default_repository(), model, model_version,
-                      triton_url if backend == "triton" else None, protocol)
+                      triton_url if backend == "triton" else None, protocol, runtime=runtime)
     options = ScoreOptions(engine=engine, batch_size=batch_size, limit=limit, ray_address=ray_address,
                            shard=parse_shard(shard_text) if shard_text else None,
                            dicom=DicomOutput(out / "dicom", sr_threshold, seg_type=seg_type, dense_seg=dense_seg)

@@ -54,7 +54,7 @@ def serve(config_path: Path, triton_url: str | None, overrides: tuple[str, ...],
 
         m = cfg.models
         models = ModelSet(m.repository, cfg.routes, triton_url=m.triton_url, protocol=m.protocol,
-                          providers=m.providers, batch_size=m.batch_size)
+                          providers=m.providers, batch_size=m.batch_size, runtime=m.runtime)
         models.close()
         click.echo(f"{config_path}: valid; models loaded: {', '.join(r.model for r in cfg.routes)}")
         return

@@ -188,6 +188,9 @@ class ModelsConfig:
         triton_url: run on this Triton server (``host:port``) instead of the embedded
             onnxruntime; None runs embedded.
         protocol: Triton protocol, ``http`` or ``grpc``.
+        runtime: the embedded runtime: ``auto`` (OpenVINO on a CPU when installed, onnxruntime
+            when it has a GPU provider or ``providers`` are given), ``onnxruntime`` or
+            ``openvino``. The choice is logged when the models load.
         providers: onnxruntime providers for the embedded runner (empty: best available).
         batch_size: windows per inference request.
     """
@@ -195,6 +198,7 @@ class ModelsConfig:
     repository: Path = Path("model_repository")
     triton_url: str | None = None
     protocol: Literal["http", "grpc"] = "http"
+    runtime: Literal["auto", "onnxruntime", "openvino"] = "auto"
     providers: tuple[str, ...] = ()
     batch_size: int = 4
 

@@ -210,7 +210,7 @@ class Gateway:
     def _open_models(self) -> ModelSet:
         m = self.cfg.models
         models = ModelSet(m.repository, self.cfg.routes, triton_url=m.triton_url, protocol=m.protocol,
-                          providers=m.providers, batch_size=m.batch_size)
+                          providers=m.providers, batch_size=m.batch_size, runtime=m.runtime)
         log.info("models loaded", extra={"models": [r.model for r in self.cfg.routes],
                                          "triton_url": m.triton_url})
         return models

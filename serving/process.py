@@ -167,6 +167,7 @@ class ModelSet:
         providers: onnxruntime execution providers (embedded only); empty: the best
             available.
         batch_size: windows per inference request.
+        runtime: the embedded runtime (:func:`medssl.runners.choose_runtime`).
 
     Raises:
         ModelRepositoryError: a route names a model or version the repository lacks (the
@@ -188,6 +189,7 @@ class ModelSet:
         protocol: str = "http",
         providers: Sequence[str] = (),
         batch_size: int = 4,
+        runtime: str = "auto",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -195,7 +197,7 @@ class ModelSet:
         self.triton_url = triton_url
         self.protocol = protocol
         self._models: dict[tuple[str, int | None], LoadedModel] = {}
-        extra: dict[str, Any] = {} if triton_url else {"providers": list(providers) or None}
+        extra: dict[str, Any] = {} if triton_url else {"providers": list(providers) or None, "runtime": runtime}
         try:
             for route in routes:
                 key = (route.model, route.version)
@@ -210,7 +212,7 @@ class ModelSet:
                                                 model_params(runner.card, batch_size))
                 warn_without_operating_point(runner.card, route.min_probability)
                 log.info("loaded model %s v%d (%s)", runner.card.name, runner.card.version,
-                         f"Triton {protocol}://{triton_url}" if triton_url else "onnxruntime")
+                         f"Triton {protocol}://{triton_url}" if triton_url else ", ".join(runner.providers))
         except BaseException:
             self.close()
             raise

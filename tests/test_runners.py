@@ -144,7 +144,7 @@ def test_from_repository_names_what_is_missing(exported_detector):
 
 
 def test_open_runner_without_a_server_is_the_embedded_runner(exported_detector):
-    with open_runner(exported_detector.repository, "nodules", threads=1) as opened:
+    with open_runner(exported_detector.repository, "nodules", threads=1, runtime="onnxruntime") as opened:
         assert isinstance(opened, OnnxRunner) and opened.card == exported_detector.card
 
 

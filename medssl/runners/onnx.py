@@ -17,7 +17,8 @@ from medssl.models.graph import graph_problems
 from medssl.models.repository import find_model_version
 from medssl.runners.base import BatchedRunner
 
-__all__ = ["PROVIDER_OPTIONS", "PROVIDER_PREFERENCE", "OnnxRunner", "select_providers"]
+__all__ = ["PROVIDER_OPTIONS", "PROVIDER_PREFERENCE", "OnnxRunner", "find_onnx", "gpu_providers",
+           "select_providers"]
 
 #: Execution providers tried by default, fastest first. OpenVINO comes with the
 #: ``onnxruntime-openvino`` wheel (installed instead of ``onnxruntime``); on CPUs it runs 3D
@@ -44,6 +45,32 @@ def _ort() -> Any:
             "OnnxRunner needs onnxruntime: pip install 'medssl[serve]' (or onnxruntime-gpu)"
         ) from exc
     return onnxruntime
+
+
+def find_onnx(repository: str | Path, name: str, version: int | None = None) -> tuple[Path, ModelCard]:
+    """``<repository>/<name>/<version>/model.onnx`` and its card.
+
+    Raises:
+        ModelRepositoryError: no such model, version, ONNX file or card (what exists is listed).
+    """
+    found = find_model_version(repository, name, version)
+    path = found.version_dir / "model.onnx"
+    if not path.is_file():
+        present = sorted(p.name for p in found.version_dir.iterdir())
+        raise ModelRepositoryError(
+            path, f"no model.onnx in this version folder (it holds {present or 'nothing'})"
+        )
+    return path, found.card
+
+
+def gpu_providers() -> list[str]:
+    """The GPU execution providers (TensorRT, CUDA) this onnxruntime offers; [] without one
+    (or without onnxruntime)."""
+    try:
+        available = _ort().get_available_providers()
+    except ImportError:
+        return []
+    return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
 
 
 def select_providers(available: Sequence[str]) -> list[str]:
@@ -144,14 +171,7 @@ class OnnxRunner(BatchedRunner):
             ModelRepositoryError: no such model, version, ONNX file or card (what exists is
                 listed).
         """
-        found = find_model_version(repository, name, version)
-        path = found.version_dir / "model.onnx"
-        if not path.is_file():
-            present = sorted(p.name for p in found.version_dir.iterdir())
-            raise ModelRepositoryError(
-                path, f"no model.onnx in this version folder (it holds {present or 'nothing'})"
-            )
-        return cls(path, found.card, **kw)
+        return cls(*find_onnx(repository, name, version), **kw)
 
     @property
     def _source(self) -> str:

@@ -37,7 +37,9 @@ class RunnerSpec:
         version: a version, or None for the newest.
         triton_url: ``host:port`` of a Triton server; None runs onnxruntime in-process.
         protocol: ``http`` or ``grpc`` with ``triton_url``.
-        threads: onnxruntime intra-op threads (None: its default).
+        threads: inference threads of the embedded runtime (None: its default).
+        runtime: the embedded runtime, ``auto`` (OpenVINO on a CPU when installed, onnxruntime
+            with a GPU), ``onnxruntime`` or ``openvino`` (:func:`medssl.runners.choose_runtime`).
     """
 
     repository: Path
@@ -46,6 +48,7 @@ class RunnerSpec:
     triton_url: str | None = None
     protocol: str = "http"
     threads: int | None = None
+    runtime: str = "auto"
 
     def open(self) -> Any:
         """The runner (:func:`medssl.runners.open_runner`)."""
@@ -53,7 +56,7 @@ class RunnerSpec:
 
         extra = {"threads": self.threads} if self.triton_url is None and self.threads else {}
         return open_runner(self.repository, self.name, triton_url=self.triton_url, protocol=self.protocol,
-                           version=self.version, **extra)
+                           version=self.version, runtime=self.runtime, **extra)
 
     def card(self) -> ModelCard:
         from medssl.models.repository import find_model_version
