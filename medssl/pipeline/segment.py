@@ -14,7 +14,10 @@ Frames and steps:
 2. ``params.normalisation`` maps intensities to what the model was trained on.
 3. Windows ``params.window`` tile the model grid (:func:`~medssl.pipeline.windows.plan_windows`),
    padded with ``normalisation.pad_value`` where they leave it, and run through the model in
-   batches of ``params.batch_size``.
+   batches of ``params.batch_size``. For CT (an HU-window normalisation) only the body's
+   bounding box is tiled (:func:`body_box`, found on the resampled HU before normalisation and
+   kept in the prepared volume's ``meta["body_box"]``); the air around it is background
+   without running the model there.
 4. Each window's class scores are weighted by :func:`importance_map` (Gaussian or constant,
    MONAI's ``sliding_window_inference`` blending) and accumulated; dividing by the summed
    weights gives per-class probabilities ``(C, Z, Y, X)`` on the model grid.
@@ -45,6 +48,7 @@ import numpy as np
 from scipy import ndimage
 
 from medssl.pipeline.preprocess import (
+    Intensity,
     check_model_grid,
     normalisation_from_json,
     resample_to_spacing,
@@ -270,6 +274,8 @@ class SegmentationResult:
         volumes_ml: per label ``1 .. n_classes - 1``, its volume on the source grid in ml
             (voxel count × voxel volume mm³ / 1000); 0.0 for labels not found.
         n_windows: windows run through the model.
+        n_windows_skipped: windows of the whole model grid not run because they lie outside
+            the body box (0 without a box).
     """
 
     labels: Volume
@@ -277,6 +283,7 @@ class SegmentationResult:
     timings: dict[str, float]
     volumes_ml: dict[int, float]
     n_windows: int
+    n_windows_skipped: int = 0
 
 
 def importance_map(
@@ -350,9 +357,52 @@ def prepare_segmentation(volume: Volume, params: SegmentationParams,
         timings["resample"] = perf_counter() - tic
     tic = perf_counter()
     prepared = resampled.with_array(_normalised(resampled.array, params.normalisation))
+    if isinstance(params.normalisation, Intensity):  # HU: the body can be found
+        box = body_box(resampled.array, params.window)
+        if box is not None:
+            prepared.meta["body_box"] = [[b.start, b.stop] for b in box]
     if timings is not None:
         timings["normalise"] = perf_counter() - tic
     return prepared
+
+
+#: HU above which a voxel is body, not air (fat is about -100, lung about -850, air -1000).
+BODY_HU = -500.0
+#: Voxels above :data:`BODY_HU` a plane must hold to count as body (drops noise and specks).
+BODY_MIN_VOXELS = 50
+#: Model-grid voxels added around the body box.
+BODY_MARGIN = 4
+
+
+def body_box(hu: np.ndarray, window: Sequence[int]) -> tuple[slice, slice, slice] | None:
+    """The bounding box of the body in a HU volume, for sliding-window segmentation.
+
+    A plane (along each axis) belongs to the body when it holds at least
+    :data:`BODY_MIN_VOXELS` voxels above :data:`BODY_HU`; the box spans those planes plus
+    :data:`BODY_MARGIN` voxels, grown to at least ``window`` and clipped to the volume. The
+    lungs, inside the chest wall, are inside the box; the table, when dense, widens it.
+
+    Args:
+        hu: ``(Z, Y, X)`` HU on the model grid.
+        window: the sliding window ``(wz, wy, wx)``.
+
+    Returns:
+        Slices ``(z, y, x)``, or None when the volume holds no body (nothing is skipped then).
+    """
+    mask = hu > BODY_HU
+    box = []
+    for axis in range(3):
+        counts = mask.sum(axis=tuple(a for a in range(3) if a != axis))
+        planes = np.flatnonzero(counts >= BODY_MIN_VOXELS)
+        if planes.size == 0:
+            return None
+        n, w = hu.shape[axis], int(window[axis])
+        lo, hi = max(int(planes[0]) - BODY_MARGIN, 0), min(int(planes[-1]) + 1 + BODY_MARGIN, n)
+        if hi - lo < w:  # at least one window, centred on the body where the volume allows
+            lo = max(0, min(lo - (w - (hi - lo)) // 2, n - w))
+            hi = min(n, lo + w)
+        box.append(slice(lo, hi))
+    return box[0], box[1], box[2]
 
 
 def segment_prepared(
@@ -367,7 +417,7 @@ def segment_prepared(
     :func:`prepare_segmentation`), then labels on the source grid ``source_shape`` /
     ``source_affine`` (index ``(z, y, x)`` → LPS), post-processing and volumes."""
     timings = _new_timings() if timings is None else timings
-    probabilities, n_windows = _blend_windows(prepared, runner, params, timings)
+    probabilities, n_windows, n_skipped = _blend_windows(prepared, runner, params, timings)
 
     tic = perf_counter()
     dtype = _label_dtype(params.n_classes)
@@ -393,6 +443,7 @@ def segment_prepared(
         timings=timings,
         volumes_ml=volumes_ml,
         n_windows=n_windows,
+        n_windows_skipped=n_skipped,
     )
 
 
@@ -469,15 +520,36 @@ def _blend_windows(
     runner: SegmentationRunner,
     params: SegmentationParams,
     timings: dict[str, float],
-) -> tuple[np.ndarray, int]:
-    """``(C, Z, Y, X)`` float32 blended scores and the window count; adds to ``timings``."""
+) -> tuple[np.ndarray, int, int]:
+    """``(C, Z, Y, X)`` float32 blended scores, the windows run and the windows skipped outside
+    the body box (``prepared.meta["body_box"]``: voxels outside it are background, score 1
+    for class 0); adds to ``timings``."""
     _check_prepared(prepared, params)
-    shape, window = prepared.shape, params.window
+    full = prepared.array.astype(np.float32, copy=False)
+    box = prepared.meta.get("body_box")
+    if box is None:
+        return (*_blend_box(full, runner, params, timings), 0)
+    region = tuple(slice(int(lo), int(hi)) for lo, hi in box)
+    scores, n_windows = _blend_box(full[region], runner, params, timings)
+    out = np.zeros((params.n_classes, *full.shape), dtype=np.float32)
+    out[0] = 1.0
+    out[(slice(None), *region)] = scores
+    every = len(plan_windows(full.shape, params.window, params.overlap))
+    return out, n_windows, max(every - n_windows, 0)
+
+
+def _blend_box(
+    array: np.ndarray,
+    runner: SegmentationRunner,
+    params: SegmentationParams,
+    timings: dict[str, float],
+) -> tuple[np.ndarray, int]:
+    """Sliding windows over all of ``array`` (the model grid or its body box)."""
+    shape, window = array.shape, params.window
     starts = plan_windows(shape, window, params.overlap)
     weights = importance_map(window, params.blending, params.sigma_scale)
     scores_sum = np.zeros((params.n_classes, *shape), dtype=np.float32)
     weight_sum = np.zeros(shape, dtype=np.float32)
-    array = prepared.array.astype(np.float32, copy=False)
     pad = float(params.normalisation.pad_value)
     for first in range(0, len(starts), params.batch_size):
         tic = perf_counter()

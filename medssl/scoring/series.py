@@ -361,7 +361,8 @@ def _infer_segmentation(prepared: Prepared, runner: SegmentationRunner, card: Mo
         "n_slices": prepared.n_slices if prepared.n_slices is not None else item.n_slices,
         "read_s": prepared.timings.get("read"), "preprocess_s": prepared.timings.get("preprocess"),
         "inference_s": t["inference"] + t["blend"], "postprocess_s": t["resample_back"] + t["postprocess"],
-        "n_windows": result.n_windows, "n_findings": sum(1 for f in findings if f["volume_ml"] > 0),
+        "n_windows": result.n_windows, "n_windows_skipped": result.n_windows_skipped,
+        "n_findings": sum(1 for f in findings if f["volume_ml"] > 0),
         "dicom_outputs": str(files[0]) if files else None, "note": _dicom_skipped(item, dicom),
         "label_map": str(label_map) if label_map is not None else None,
     }
