@@ -67,7 +67,7 @@ system-deps:
 	@command -v Orthanc >/dev/null 2>&1 || echo "note: Orthanc not found; the gateway's PACS tests will be skipped (apt-get install orthanc)"
 
 # The main job: a synthetic chest CT study as DICOM, its header index, its geometry and its
-# findings from the shipped detector (medssl-score, embedded onnxruntime); then a
+# findings from the shipped detector (medssl-score, embedded runtime: OpenVINO on a CPU); then a
 # short FocalMix run (labeled + unlabeled synthetic LUNA16 scans) that ends with a LUNA16
 # submission and CPM report. 30 steps of a small network: it shows the machinery, not accuracy
 # (README: "Nodule detection" for real runs). Then it exports that run to a Triton model
