@@ -16,6 +16,9 @@ worker processes are part of its process tree and counted):
   threads. End to end includes indexing the DICOM headers, opening the model, and writing
   ``series.parquet``; the stage seconds come from ``series.parquet``.
 * ``medssl-w1-ort``: as ``medssl-w1`` with runtime ``onnxruntime`` (its CPU provider).
+* ``medssl-w1-nomask``: as ``medssl-w1`` with the card's lung mask switched off (a copy of the
+  model folder whose ``decoding.lung_mask`` is false): every window of the scan runs, which
+  shows what skipping the windows that cannot hold a nodule buys.
 * ``medssl-openvino-ep``: as ``medssl-w1`` with runtime ``onnxruntime``, run by
   ``--openvino-python``: an environment where ``onnxruntime-openvino`` replaces
   ``onnxruntime`` (``make openvino-score-env``), so the OpenVINO execution provider runs it.
@@ -67,22 +70,22 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import cpu_device  # benchmarks/machine.py
+from machine import TreeMemory, cpu_device  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 REPOSITORY = ROOT / "model_repository"
 MODEL = "focalmix-nodules"
 WEIGHTS = Path(__file__).parent / "assets" / "focalmix-nodules.pt"
-SIDES = ("medssl-w1", "medssl-w1-ort", "medssl-w0", "medssl-openvino-ep", "monai", "monai-loader")
-DEFAULT_SIDES = ("medssl-w1", "medssl-w1-ort", "monai")
+SIDES = ("medssl-w1", "medssl-w1-ort", "medssl-w1-nomask", "medssl-w0", "medssl-openvino-ep", "monai",
+         "monai-loader")
+DEFAULT_SIDES = ("medssl-w1", "medssl-w1-nomask", "medssl-w1-ort", "monai", "monai-loader")
 BASELINES = ("monai", "monai-loader")
 GOAL = 2.5
 TORCH_THREADS = 2
@@ -128,69 +131,6 @@ def _warm_page_cache(folders: list[Path]) -> None:
             path.read_bytes()
 
 
-# --------------------------------------------------------------------------- process-tree memory
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def _rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class TreeMemory(threading.Thread):
-    """Samples the summed RSS of a process and its descendants; ``peak_mb`` is the largest sum."""
-
-    def __init__(self, pid: int, period_s: float = 0.1) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.period_s = pid, period_s
-        self.peak_kb = 0
-        self.max_processes = 0
-        self.load: list[float] = []
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        ticks = 0
-        while not self._stop_event.is_set():
-            tree, stack, total, count = _children(), [self.pid], 0, 0
-            while stack:
-                pid = stack.pop()
-                total += _rss_kb(pid)
-                count += 1
-                stack.extend(tree.get(pid, []))
-            self.peak_kb = max(self.peak_kb, total)
-            self.max_processes = max(self.max_processes, count)
-            if ticks % 50 == 0:
-                self.load.append(os.getloadavg()[0])
-            ticks += 1
-            self._stop_event.wait(self.period_s)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak_kb / 1024
-
-
 def run_side(side: str, data: Path, batch_size: int, workdir: Path, python: str = sys.executable) -> dict[str, Any]:
     """Run one side in a subprocess of ``python`` (``nice`` level inherited); its result plus
     memory and CPU."""
@@ -229,7 +169,19 @@ def side_medssl(data: Path, workers: int, batch_size: int, side: str, runtime: s
     from medssl.runners import OpenVinoRunner
     from medssl.scoring.run import RunnerSpec, ScoreOptions, score
 
-    spec = RunnerSpec(REPOSITORY, MODEL, runtime=runtime)
+    repository = REPOSITORY
+    keep: tempfile.TemporaryDirectory[str] | None = None
+    if side == "medssl-w1-nomask":  # the same model, its card's lung mask off
+        import shutil
+
+        keep = tempfile.TemporaryDirectory(prefix="nomask_")
+        repository = Path(keep.name)
+        shutil.copytree(REPOSITORY / MODEL, repository / MODEL)
+        for card_path in (repository / MODEL).glob("*/medssl.json"):
+            card = json.loads(card_path.read_text())
+            card["decoding"]["lung_mask"] = False
+            card_path.write_text(json.dumps(card, indent=2))
+    spec = RunnerSpec(repository, MODEL, runtime=runtime)
     runner = spec.open()
     providers = runner.providers
     runner_version = (f"openvino {__import__('openvino').__version__}" if isinstance(runner, OpenVinoRunner)
@@ -255,10 +207,13 @@ def side_medssl(data: Path, workers: int, batch_size: int, side: str, runtime: s
         scans.append({"scan": name, "n_windows": row["n_windows"], "detections": found,
                       **{f"{s}_s": row[f"{s}_s"] for s in STAGES}})
     scans.sort(key=lambda s: s["scan"])
+    if keep is not None:
+        keep.cleanup()
     return {"side": side, "wall_s": wall, "scoring_stage_s": summary.elapsed_s,
             "n_scans": summary.scored_now, "per_scan_s": list(np.diff([start, *stamps])),
             "scans": scans,
-            "setup": f"medssl.scoring.score(engine='local', workers={workers}, batch_size={batch_size}); "
+            "setup": f"medssl.scoring.score(engine='local', workers={workers}, batch_size={batch_size}"
+                     f"{'; lung mask off' if keep is not None else ''}); "
                      f"runtime {runtime}: {runner_version} {providers[0]}, default threads; reader: medssl (pydicom); "
                      "preprocess: medssl.pipeline.preprocess_ct (separable threaded resample + HU window, "
                      "lung mask)"}
@@ -485,10 +440,9 @@ def render(report: dict[str, Any]) -> str:
                      f"{100 * max(fractions):.1f}% of all anchors (so the threshold removes "
                      f"{'almost nothing' if min(fractions) > 0.9 else 'some'}; the top-k per level bounds NMS)")
         break
-    windows = [x["n_windows"] for side in report["sides"] if side.startswith("medssl")
-               for x in report["sides"][side]["scans"]]
-    if windows:
-        notes.append(f"- medssl windows per scan: {min(windows)}-{max(windows)}; each keeps up to "
+    for side in (x for x in report["sides"] if x.startswith("medssl")):
+        windows = [x["n_windows"] for x in report["sides"][side]["scans"]]
+        notes.append(f"- {side}: windows per scan {min(windows)}-{max(windows)}; each keeps up to "
                      "pre_nms_top_k = 1000 candidates before one global NMS")
     setups = "\n".join(f"- `{side}`: {report['sides'][side]['setup']}" for side in report["sides"])
     shapes = "; ".join(f"{t['scan']}: {t['shape']} @ {t['spacing_mm']} mm" for t in report["scans"])
