@@ -23,9 +23,19 @@
    files (the peer), and the bare parse without reading values (a floor: pydicom converts values
    only when they are read). Files/s, median of ``--repeats``.
 
+3. **Scoring end to end** on ``--score-series`` tiny series (NIfTI volumes of 48 x 64 x 64
+   voxels listed in a ``.txt``: chest-like noise with a few nodule-like spheres, 20 variants
+   cycled) with the shipped detector, through the local engine and the Ray engine (local Ray),
+   each ``medssl-score`` in its own process, its process tree's RSS sampled every second:
+   memory must stay flat (the peak over the last fifth of the series against the first
+   fifth), the two engines' tables must be identical (timings aside), and a local run killed
+   (SIGKILL) half-way and run again must score exactly the series left and end with the same
+   tables.
+
 Prints a table and writes ``benchmarks/results/scale.{json,md}``.
 
-    python benchmarks/scale.py [--sizes 1000 10000 100000 200000] [--index-files 200000]
+    python benchmarks/scale.py [--sizes 1000 10000 100000 200000] [--index-files 200000] \
+        [--score-series 5000]
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -212,10 +223,138 @@ def bench_index(n_files: int, work: Path, repeats: int) -> dict[str, Any]:
             "all_seconds": times}
 
 
-def _table(metadata: list[dict[str, Any]], index: dict[str, Any] | None) -> str:
-    lines = ["## Metadata path (NLST-like index rows; fresh process per size)", "",
-             "| series | files | " + " | ".join(f"{s} s" for s in STAGES) + " | peak memory MB |",
-             "|---:|---:|" + "---:|" * len(STAGES) + "---:|"]
+_TIMINGS = ("read_s", "preprocess_s", "inference_s", "postprocess_s", "lung_mask_s")
+
+
+def _tiny_series(n: int, folder: Path) -> Path:
+    """``n`` NIfTI volumes (20 variants cycled) listed in ``folder/series.txt``."""
+    import nibabel as nib
+    import numpy as np
+
+    listing = folder / "series.txt"
+    if listing.exists() and len(listing.read_text().split()) == n:
+        return listing
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    z, y, x = np.indices((48, 64, 64))
+    variants = []
+    for _ in range(20):
+        hu = -800.0 + rng.normal(0, 30, (48, 64, 64))
+        for _ in range(rng.integers(1, 4)):
+            c = rng.uniform((8, 12, 12), (40, 52, 52))
+            r = rng.uniform(2.5, 5.0)
+            hu[(z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= r * r] = 40.0
+        variants.append(hu.astype(np.int16))
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS on disk; 1 mm
+    paths = []
+    for i in range(n):
+        path = folder / f"{i // 1000:02d}" / f"s{i:05d}.nii.gz"
+        path.parent.mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(variants[i % 20].transpose(2, 1, 0)), affine), path)
+        paths.append(str(path))
+    listing.write_text("\n".join(paths) + "\n")
+    return listing
+
+
+def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None) -> dict[str, Any]:
+    """``medssl-score`` in its own process; RSS of its tree and rows committed, sampled each second."""
+    import sqlite3
+
+    from machine import TreeMemory  # type: ignore[import-not-found]
+
+    command = [str(Path(sys.executable).parent / "medssl-score"), str(listing), "--out", str(out),
+               "--engine", engine, "--workers", "1"]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    monitor = TreeMemory(process.pid, period_s=1.0)
+    monitor.start()
+    progress: list[tuple[float, int]] = []
+    killed = False
+    while process.poll() is None:
+        time.sleep(1.0)
+        done = 0
+        if (out / "score.sqlite").exists():
+            try:
+                with sqlite3.connect(f"file:{out / 'score.sqlite'}?mode=ro", uri=True, timeout=5) as db:
+                    done = db.execute("SELECT COUNT(*) FROM series").fetchone()[0]
+            except sqlite3.Error:
+                done = progress[-1][1] if progress else 0
+        progress.append((time.perf_counter() - start, done))
+        if kill_after is not None and done >= kill_after:
+            process.send_signal(signal.SIGKILL)
+            killed = True
+            break
+    process.wait()
+    monitor.stop()
+    stderr = process.stderr.read() if process.stderr else ""
+    if not killed and process.returncode not in (0, 3):
+        raise SystemExit(f"medssl-score ({engine}) failed:\n{stderr[-3000:]}")
+    return {"engine": engine, "wall_s": time.perf_counter() - start, "killed": killed,
+            "peak_mb": monitor.peak_mb, "rss_samples": monitor.samples, "progress": progress}
+
+
+def _rss_by_fifth(run: dict[str, Any], n: int) -> tuple[float, float]:
+    """Peak tree RSS (MB) while the first fifth of the series was scored, and the last fifth."""
+    rss = dict((round(t), kb) for t, kb in run["rss_samples"])
+    first = [rss.get(round(t), 0) for t, done in run["progress"] if done <= n / 5]
+    last = [rss.get(round(t), 0) for t, done in run["progress"] if done >= 4 * n / 5]
+    return max(first, default=0) / 1024, max(last, default=0) / 1024
+
+
+def _tables(out: Path) -> tuple[list[dict], list[dict]]:
+    import pyarrow.parquet as pq
+
+    def rows(name: str, keys: tuple[str, ...]) -> list[dict]:
+        table = pq.read_table(out / f"{name}.parquet").to_pylist()
+        return sorted(({k: v for k, v in r.items() if k not in _TIMINGS} for r in table),
+                      key=lambda r: tuple(str(r.get(k)) for k in keys))
+
+    return rows("series", ("key",)), rows("findings", ("key", "index"))
+
+
+def bench_scoring(n: int, work: Path) -> dict[str, Any]:
+    import shutil as sh
+
+    listing = _tiny_series(n, work / f"tiny-{n}")
+    outs = {name: work / f"score-{name}" for name in ("local", "ray", "resumed")}
+    for folder in outs.values():
+        sh.rmtree(folder, ignore_errors=True)
+    runs = {"local": _score(listing, outs["local"], "local")}
+    print(f"  local: {runs['local']['wall_s']:.0f} s", flush=True)
+    runs["ray"] = _score(listing, outs["ray"], "ray")
+    print(f"  ray: {runs['ray']['wall_s']:.0f} s", flush=True)
+    runs["killed"] = _score(listing, outs["resumed"], "local", kill_after=n // 2)
+    import sqlite3
+
+    with sqlite3.connect(outs["resumed"] / "score.sqlite") as db:
+        committed = db.execute("SELECT COUNT(*) FROM series").fetchone()[0]
+    runs["resumed"] = _score(listing, outs["resumed"], "local")
+    with sqlite3.connect(outs["resumed"] / "score.sqlite") as db:
+        total = db.execute("SELECT COUNT(*) FROM series").fetchone()[0]
+    local, ray, resumed = (_tables(outs[k]) for k in ("local", "ray", "resumed"))
+    result: dict[str, Any] = {
+        "series": n, "wall_s": {k: v["wall_s"] for k, v in runs.items()},
+        "peak_mb": {k: v["peak_mb"] for k, v in runs.items()},
+        "rss_first_fifth_mb": {k: _rss_by_fifth(runs[k], n)[0] for k in ("local", "ray")},
+        "rss_last_fifth_mb": {k: _rss_by_fifth(runs[k], n)[1] for k in ("local", "ray")},
+        "ray_equals_local": ray == local, "resumed_equals_local": resumed == local,
+        "killed_after_rows": committed, "rows_after_resume": total,
+        "findings": len(local[1]),
+        "scored_in_resumed_run": total - committed,
+    }
+    for k in ("local", "ray", "killed", "resumed"):
+        result[f"{k}_progress"] = runs[k]["progress"]
+        result[f"{k}_rss_samples"] = runs[k]["rss_samples"]
+    return result
+
+
+def _table(metadata: list[dict[str, Any]], index: dict[str, Any] | None,
+           scoring: dict[str, Any] | None = None) -> str:
+    lines = [] if not metadata else [
+        "## Metadata path (NLST-like index rows; fresh process per size)", "",
+        "| series | files | " + " | ".join(f"{s} s" for s in STAGES) + " | peak memory MB |",
+        "|---:|---:|" + "---:|" * len(STAGES) + "---:|"]
     for row in metadata:
         peak = max(row[s]["peak_mb"] for s in STAGES)
         lines.append(f"| {row['size']:,} | {row['files']:,} | "
@@ -233,14 +372,30 @@ def _table(metadata: list[dict[str, Any]], index: dict[str, Any] | None) -> str:
         for name, seconds in index["median_seconds"].items():
             lines.append(f"| {name} | {seconds:.1f} | {index['files_per_s'][name]:,.0f} | "
                          f"{index['ratio_to_serial_pydicom'][name]:.2f} |")
+    if scoring:
+        n = scoring["series"]
+        lines += ["", f"## Scoring {n:,} tiny series end to end (medssl-score, shipped detector, 1 worker)", "",
+                  "| run | wall s | series/s | peak tree RSS MB | RSS first fifth MB | RSS last fifth MB |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for k in ("local", "ray"):
+            lines.append(f"| {k} engine | {scoring['wall_s'][k]:.0f} | {n / scoring['wall_s'][k]:.1f} | "
+                         f"{scoring['peak_mb'][k]:,.0f} | {scoring['rss_first_fifth_mb'][k]:,.0f} | "
+                         f"{scoring['rss_last_fifth_mb'][k]:,.0f} |")
+        lines += ["", f"- Ray tables equal the local engine's (timings aside): **{scoring['ray_equals_local']}** "
+                  f"({n:,} series rows, {scoring['findings']:,} findings).",
+                  f"- Resume: killed (SIGKILL) after {scoring['killed_after_rows']:,} committed rows; the re-run "
+                  f"scored {scoring['scored_in_resumed_run']:,} more ({scoring['rows_after_resume']:,} in all) and "
+                  f"its tables equal the uninterrupted run's: **{scoring['resumed_equals_local']}**."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000, 200000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000, 100000, 200000],
+                        help="series counts of the metadata path (none: skip it)")
     parser.add_argument("--index-files", type=int, default=200000, help="0: skip the index benchmark")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--score-series", type=int, default=5000, help="0: skip the end-to-end scoring")
     parser.add_argument("--ray-chunk", type=int, default=512)
     parser.add_argument("--work", type=Path, default=Path("/tmp/medssl-scale"))
     parser.add_argument("--out", type=Path, default=RESULTS / "scale")
@@ -251,14 +406,18 @@ def main() -> None:
         return
     args.work.mkdir(parents=True, exist_ok=True)
     print("metadata path:", flush=True)
-    metadata = bench_metadata(args.sizes, args.work, args.ray_chunk)
+    metadata = bench_metadata(args.sizes, args.work, args.ray_chunk) if args.sizes else []
     index = None
     if args.index_files:
         print("index:", flush=True)
         index = bench_index(args.index_files, args.work, args.repeats)
+    scoring = None
+    if args.score_series:
+        print("scoring:", flush=True)
+        scoring = bench_scoring(args.score_series, args.work)
     report = {"benchmark": "scale", "device": cpu_device(), "load_average_at_end": os.getloadavg(),
-              "ray_chunk": args.ray_chunk, "metadata": metadata, "index": index}
-    write_report(args.out, report, _table(metadata, index))
+              "ray_chunk": args.ray_chunk, "metadata": metadata, "index": index, "scoring": scoring}
+    write_report(args.out, report, _table(metadata, index, scoring))
 
 
 if __name__ == "__main__":
