@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cpu_device", "write_report"]
+__all__ = ["TreeMemory", "cpu_device", "write_report"]
 
 
 def cpu_device() -> str:
@@ -31,3 +33,67 @@ def write_report(out: Path, report: dict[str, Any], text: str) -> None:
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(text)
     print(text)
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class TreeMemory(threading.Thread):
+    """Samples the summed RSS of a process and its descendants every ``period_s``; ``peak_mb`` is
+    the largest sum, ``samples`` every ``(seconds since start, kB)``."""
+
+    def __init__(self, pid: int, period_s: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.period_s = pid, period_s
+        self.peak_kb = 0
+        self.max_processes = 0
+        self.load: list[float] = []
+        self.samples: list[tuple[float, int]] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        ticks = 0
+        start = time.perf_counter()
+        while not self._stop_event.is_set():
+            tree, stack, total, count = _children(), [self.pid], 0, 0
+            while stack:
+                pid = stack.pop()
+                total += _rss_kb(pid)
+                count += 1
+                stack.extend(tree.get(pid, []))
+            self.peak_kb = max(self.peak_kb, total)
+            self.samples.append((time.perf_counter() - start, total))
+            self.max_processes = max(self.max_processes, count)
+            if ticks % 50 == 0:
+                self.load.append(os.getloadavg()[0])
+            ticks += 1
+            self._stop_event.wait(self.period_s)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak_kb / 1024
