@@ -265,7 +265,9 @@ def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None)
     command = [str(Path(sys.executable).parent / "medssl-score"), str(listing), "--out", str(out),
                "--engine", engine, "--workers", "1"]
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    log = out.parent / f"{out.name}.{engine}{'.killed' if kill_after else ''}.log"
+    log_file = open(log, "w")  # a file, not a pipe: the progress lines would fill a pipe and block it
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log_file,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     monitor = TreeMemory(process.pid, period_s=1.0)
     monitor.start()
@@ -287,7 +289,8 @@ def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None)
             break
     process.wait()
     monitor.stop()
-    stderr = process.stderr.read() if process.stderr else ""
+    log_file.close()
+    stderr = log.read_text()
     if not killed and process.returncode not in (0, 3):
         raise SystemExit(f"medssl-score ({engine}) failed:\n{stderr[-3000:]}")
     return {"engine": engine, "wall_s": time.perf_counter() - start, "killed": killed,

@@ -15,6 +15,21 @@ from medssl import Volume, affine_from_geometry
 from medssl.io import SeriesInfo, write_dicom_series
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_openvino_beside_torch():
+    """Keep OpenVINO's runtime out of the test process, which also runs torch: the two in one
+    process crashed the suite (a thread's stack overflow in the dynamic linker, in a torch test
+    after OpenVINO had been loaded). Production never mixes them (scoring and the gateway never
+    import torch; export's parity check uses onnxruntime). In this process ``runtime="auto"``
+    therefore picks onnxruntime; the subprocesses tests start (``medssl-score``, gateways) use the
+    real default, and ``tests/test_runners_openvino.py`` runs OpenVINO in a child process."""
+    import medssl.runners
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(medssl.runners, "openvino_available", lambda: False)
+        yield
+
+
 def oblique_direction(degrees: float = 20.0) -> np.ndarray:
     """A rotation about the S axis: columns are the LPS directions of index z, y, x."""
     a = np.radians(degrees)

@@ -123,3 +123,22 @@ def test_merge_refuses_an_existing_store_a_folder_without_one_and_conflicting_ro
     db.close()
     with pytest.raises(MedsslError, match="different results in two inputs"):
         merge_outputs([runs["shard1"], changed], tmp_path / "m2")
+
+
+def test_the_result_tables_are_written_a_row_group_at_a_time(tmp_path, monkeypatch):
+    from medssl.scoring import store as store_module
+
+    monkeypatch.setattr(store_module, "_BATCH", 4)
+    results = store_module.ResultStore(tmp_path)
+    results.commit_many([({"key": f"1.2.{i}", "status": "ok", "model": "m", "model_version": 1},
+                          [{"key": f"1.2.{i}", "index": j, "probability": 0.5} for j in range(3)]) for i in range(7)])
+    results.export()
+    results.close()
+    findings = pq.ParquetFile(tmp_path / "findings.parquet")
+    assert findings.metadata.num_rows == 21 and findings.num_row_groups == 6  # 4 + 4 + ... + 1
+    assert [(f["key"], f["index"]) for f in findings.read().to_pylist()] == \
+        [(f"1.2.{i}", j) for i in range(7) for j in range(3)]
+    empty = store_module.ResultStore(tmp_path / "empty")
+    empty.export()
+    empty.close()
+    assert pq.read_table(tmp_path / "empty" / "series.parquet").num_rows == 0

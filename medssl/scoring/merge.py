@@ -10,7 +10,9 @@ outputs stay where the shards wrote them; the rows keep their paths.
 from __future__ import annotations
 
 import csv
+import sqlite3
 from collections.abc import Sequence
+from itertools import groupby
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ __all__ = ["MergeSummary", "merge_outputs"]
 _TIMINGS = ("read_s", "preprocess_s", "inference_s", "postprocess_s", "lung_mask_s")
 
 _STORE = "score.sqlite"
+#: Series per transaction of the merged store.
+_COMMIT_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -42,15 +46,13 @@ class MergeSummary:
     outputs: list[Path]
 
 
-def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return {k: v for k, v in a.items() if k not in _TIMINGS} == {k: v for k, v in b.items() if k not in _TIMINGS}
-
-
 def merge_outputs(sources: Sequence[str | Path], out_dir: str | Path) -> MergeSummary:
     """Merge the output folders of sharded ``medssl-score`` runs into ``out_dir``.
 
     A series found in two inputs (a shard given twice, or overlapping runs) is kept once when
-    both rows agree except for timings.
+    both rows agree except for timings (the row carries the findings' count and top
+    probability). Rows and findings are streamed in key order, so memory holds one row per
+    series, never the findings of a whole archive. A failed merge leaves no result store.
 
     Args:
         sources: the shards' ``--out`` folders.
@@ -69,41 +71,64 @@ def merge_outputs(sources: Sequence[str | Path], out_dir: str | Path) -> MergeSu
             raise MedsslError(f"{folder}: no {_STORE} (not a medssl-score output folder)")
     if (out_dir / _STORE).exists():
         raise MedsslError(f"{out_dir}: already holds a result store; merge into a new folder")
-    rows: dict[str, dict[str, Any]] = {}
-    findings: dict[str, list[dict[str, Any]]] = {}
     models: set[tuple[str, int]] = set()
     for folder in folders:
-        store = ResultStore(folder)
-        try:
-            found: dict[str, list[dict[str, Any]]] = {}
-            for finding in store.findings():
-                found.setdefault(finding["key"], []).append(finding)
-            for row in store.rows():
-                key = row["key"]
-                models.add((row.get("model"), row.get("model_version")))
-                if key in rows:
-                    if not _same(rows[key], row) or [_drop(f) for f in findings[key]] != \
-                            [_drop(f) for f in found.get(key, [])]:
-                        raise MedsslError(f"series {key} has different results in two inputs "
-                                          f"(one of them is {folder}); merge outputs of one sharded run")
-                    continue
-                rows[key], findings[key] = row, found.get(key, [])
-        finally:
-            store.close()
+        with sqlite3.connect(f"file:{folder / _STORE}?mode=ro", uri=True) as db:
+            models.update(db.execute("SELECT DISTINCT model, version FROM series").fetchall())
     if len(models) > 1:
         shown = ", ".join(f"{name} v{version}" for name, version in sorted(models, key=str))
         raise MedsslError(f"merge: the inputs were scored by different models ({shown})")
     merged = ResultStore(out_dir)
     try:
-        for key in sorted(rows):
-            merged.commit(rows[key], findings[key])
+        seen: dict[str, dict[str, Any]] = {}  # key -> row without timings (one per series, not per finding)
+        for folder in folders:
+            _merge_one(folder, merged, seen)
         outputs = merged.export(luna16_submission=any((f / "submission.csv").is_file() for f in folders))
         unreadable = _unreadable(folders)
         if unreadable:
             outputs.append(write_unreadable(out_dir / "unreadable.csv", unreadable))
-        return MergeSummary(len(rows), merged.counts(), outputs)
+        return MergeSummary(len(seen), merged.counts(), outputs)
+    except BaseException:
+        merged.close()
+        for leftover in out_dir.glob(_STORE + "*"):  # a partial merge is not a result
+            leftover.unlink()
+        raise
     finally:
         merged.close()
+
+
+def _merge_one(folder: Path, merged: ResultStore, seen: dict[str, dict[str, Any]]) -> None:
+    """Copy ``folder``'s rows and findings into ``merged``, streaming both in key order (an NLST
+    shard holds millions of findings), a batch of series per transaction."""
+    store = ResultStore(folder)
+    try:
+        groups = groupby(store.iter_findings(), key=lambda f: f["key"])
+        current: tuple[str, list[dict[str, Any]]] | None = None
+        batch: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+        for row in store.iter_rows():
+            key = row["key"]
+            while current is None or current[0] < key:
+                nxt = next(groups, None)
+                if nxt is None:
+                    current = (chr(0x10FFFF) * 4, [])  # past every key
+                    break
+                current = (nxt[0], list(nxt[1]))
+            found = current[1] if current[0] == key else []
+            plain = _drop(row)
+            if key in seen:
+                if seen[key] != plain:
+                    raise MedsslError(f"series {key} has different results in two inputs "
+                                      f"(one of them is {folder}); merge outputs of one sharded run")
+                continue
+            seen[key] = plain
+            batch.append((row, found))
+            if len(batch) >= _COMMIT_BATCH:
+                merged.commit_many(batch)
+                batch = []
+        if batch:
+            merged.commit_many(batch)
+    finally:
+        store.close()
 
 
 def _drop(finding: dict[str, Any]) -> dict[str, Any]:

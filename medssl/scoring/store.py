@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ FINDING_COLUMNS: dict[str, pa.DataType] = {
     "model": pa.string(), "model_version": pa.int64(),
 }
 DONE = ("ok", "skipped")
+#: Rows read from the store and written per Parquet row group by :meth:`ResultStore.export`.
+_BATCH = 50_000
 
 
 class ResultStore:
@@ -110,11 +112,19 @@ class ResultStore:
 
     def rows(self) -> list[dict[str, Any]]:
         """Every series row, by key."""
-        return [json.loads(r) for (r,) in self._db.execute("SELECT row FROM series ORDER BY key")]
+        return list(self.iter_rows())
 
     def findings(self) -> list[dict[str, Any]]:
         """Every finding, by key then index."""
-        return [json.loads(r) for (r,) in self._db.execute("SELECT row FROM findings ORDER BY key, idx")]
+        return list(self.iter_findings())
+
+    def iter_rows(self) -> Iterator[dict[str, Any]]:
+        """Every series row, by key, read a batch at a time."""
+        return _iter_json(self._db.execute("SELECT row FROM series ORDER BY key"))
+
+    def iter_findings(self) -> Iterator[dict[str, Any]]:
+        """Every finding, by key then index, read a batch at a time (an NLST run holds millions)."""
+        return _iter_json(self._db.execute("SELECT row FROM findings ORDER BY key, idx"))
 
     def counts(self) -> dict[str, int]:
         """Rows per status."""
@@ -123,8 +133,8 @@ class ResultStore:
     def export(self, luna16_submission: bool = False) -> list[Path]:
         """Write ``series.parquet``, ``findings.parquet`` and, for LUNA16 inputs,
         ``submission.csv`` (seriesuid, coordX, coordY, coordZ, probability) atomically."""
-        written = [_write_parquet(self.out_dir / "series.parquet", self.rows(), SERIES_COLUMNS),
-                   _write_parquet(self.out_dir / "findings.parquet", self.findings(), FINDING_COLUMNS)]
+        written = [_write_parquet(self.out_dir / "series.parquet", self.iter_rows(), SERIES_COLUMNS),
+                   _write_parquet(self.out_dir / "findings.parquet", self.iter_findings(), FINDING_COLUMNS)]
         if luna16_submission:
             from medssl.metrics.luna16 import Prediction, write_predictions  # sklearn: slow import
 
@@ -134,16 +144,39 @@ class ResultStore:
         return written
 
 
-def _write_parquet(path: Path, rows: Iterable[Mapping[str, Any]], columns: Mapping[str, pa.DataType]) -> Path:
-    rows = list(rows)
-    schema = pa.schema(list(columns.items()))
-    table = pa.table({name: pa.array([r.get(name) for r in rows], type=kind) for name, kind in columns.items()},
-                     schema=schema)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
-    return path
+def _iter_json(cursor: sqlite3.Cursor) -> Iterator[dict[str, Any]]:
+    while True:
+        chunk = cursor.fetchmany(_BATCH)
+        if not chunk:
+            return
+        for (text,) in chunk:
+            yield json.loads(text)
 
+
+def _write_parquet(path: Path, rows: Iterable[Mapping[str, Any]], columns: Mapping[str, pa.DataType]) -> Path:
+    """Write ``rows`` as Parquet :data:`_BATCH` rows (one row group) at a time, atomically: memory
+    stays flat whatever the number of rows."""
+    batch = _BATCH
+    schema = pa.schema(list(columns.items()))
+
+    def table(chunk: list[Mapping[str, Any]]) -> pa.Table:
+        return pa.table({name: pa.array([r.get(name) for r in chunk], type=kind) for name, kind in columns.items()},
+                        schema=schema)
+
+    def write(fh: Any) -> None:
+        with pq.ParquetWriter(fh, schema) as writer:
+            chunk: list[Mapping[str, Any]] = []
+            wrote = False
+            for row in rows:
+                chunk.append(row)
+                if len(chunk) == batch:
+                    writer.write_table(table(chunk))
+                    chunk, wrote = [], True
+            if chunk or not wrote:
+                writer.write_table(table(chunk))
+
+    atomic_write(path, write)
+    return path
 
 
 def write_unreadable(path: Path, unreadable: Sequence[tuple[str, str]]) -> Path:
