@@ -298,10 +298,11 @@ def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None)
 
 
 def _rss_by_fifth(run: dict[str, Any], n: int) -> tuple[float, float]:
-    """Peak tree RSS (MB) while the first fifth of the series was scored, and the last fifth."""
+    """Peak tree RSS (MB) while the first fifth of the series was scored, and while the last
+    fifth was (before the final tables are written: ``done < n``)."""
     rss = dict((round(t), kb) for t, kb in run["rss_samples"])
     first = [rss.get(round(t), 0) for t, done in run["progress"] if done <= n / 5]
-    last = [rss.get(round(t), 0) for t, done in run["progress"] if done >= 4 * n / 5]
+    last = [rss.get(round(t), 0) for t, done in run["progress"] if 4 * n / 5 <= done < n]
     return max(first, default=0) / 1024, max(last, default=0) / 1024
 
 
@@ -378,17 +379,19 @@ def _table(metadata: list[dict[str, Any]], index: dict[str, Any] | None,
     if scoring:
         n = scoring["series"]
         lines += ["", f"## Scoring {n:,} tiny series end to end (medssl-score, shipped detector, 1 worker)", "",
-                  "| run | wall s | series/s | peak tree RSS MB | RSS first fifth MB | RSS last fifth MB |",
+                  "| run | wall s | series/s | RSS scoring the first fifth, MB | RSS scoring the last fifth, MB | "
+                  "peak RSS with the final tables, MB |",
                   "|---|---:|---:|---:|---:|---:|"]
         for k in ("local", "ray"):
             lines.append(f"| {k} engine | {scoring['wall_s'][k]:.0f} | {n / scoring['wall_s'][k]:.1f} | "
-                         f"{scoring['peak_mb'][k]:,.0f} | {scoring['rss_first_fifth_mb'][k]:,.0f} | "
-                         f"{scoring['rss_last_fifth_mb'][k]:,.0f} |")
+                         f"{scoring['rss_first_fifth_mb'][k]:,.0f} | {scoring['rss_last_fifth_mb'][k]:,.0f} | "
+                         f"{scoring['peak_mb'][k]:,.0f} |")
         lines += ["", f"- Ray tables equal the local engine's (timings aside): **{scoring['ray_equals_local']}** "
                   f"({n:,} series rows, {scoring['findings']:,} findings).",
                   f"- Resume: killed (SIGKILL) after {scoring['killed_after_rows']:,} committed rows; the re-run "
                   f"scored {scoring['scored_in_resumed_run']:,} more ({scoring['rows_after_resume']:,} in all) and "
                   f"its tables equal the uninterrupted run's: **{scoring['resumed_equals_local']}**."]
+        lines += [f"- {note}" for note in scoring.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -403,9 +406,21 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/medssl-scale"))
     parser.add_argument("--out", type=Path, default=RESULTS / "scale")
     parser.add_argument("--stages", type=Path, default=None, help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--render", action="store_true", help="only re-render --out's table from its JSON")
     args = parser.parse_args()
     if args.stages is not None:
         print(json.dumps(run_stages(args.stages, args.work, args.ray_chunk)))
+        return
+    if args.render:
+        report = json.loads(args.out.with_suffix(".json").read_text())
+        scoring = report.get("scoring")
+        if scoring:
+            runs = {k: {"rss_samples": scoring[f"{k}_rss_samples"], "progress": scoring[f"{k}_progress"]}
+                    for k in ("local", "ray")}
+            for k, run in runs.items():
+                first, last = _rss_by_fifth(run, scoring["series"])
+                scoring["rss_first_fifth_mb"][k], scoring["rss_last_fifth_mb"][k] = first, last
+        write_report(args.out, report, _table(report.get("metadata") or [], report.get("index"), scoring))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     print("metadata path:", flush=True)
