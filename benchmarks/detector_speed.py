@@ -176,12 +176,9 @@ def bench_preprocess(repeats: int) -> dict[str, object]:
             "medssl resample": lambda: volume.resample(1.0),
             "SimpleITK Resample": simpleitk,
             "scipy affine_transform (previous)": scipy_one_thread}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    from machine import alternate  # type: ignore[import-not-found]
+
+    times = alternate(runs, repeats)
     medians = {k: statistics.median(v) for k, v in times.items()}
     peer = medians["SimpleITK Resample"]
     return {"scan_shape": list(volume.shape), "scan_spacing_mm": [float(v) for v in volume.spacing],

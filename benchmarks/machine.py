@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TreeMemory", "cpu_device", "write_report"]
+__all__ = ["TreeMemory", "alternate", "cpu_device", "write_report"]
 
 
 def cpu_device() -> str:
@@ -23,6 +23,20 @@ def cpu_device() -> str:
     except OSError:
         pass
     return f"CPU: {name}, {os.cpu_count()} logical cores, no GPU"
+
+
+def alternate(runs: dict[str, Any], repeats: int, verbose: bool = False) -> dict[str, list[float]]:
+    """Wall seconds of each of ``runs`` (name -> callable), the runs alternated ``repeats`` times
+    so that a change in the machine's load hits every one of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+            if verbose:
+                print(f"  {name}: {times[name][-1]:.1f} s", flush=True)
+    return times
 
 
 def write_report(out: Path, report: dict[str, Any], text: str) -> None:

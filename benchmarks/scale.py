@@ -56,7 +56,7 @@ from typing import Any
 
 import pydicom
 
-from machine import cpu_device, write_report  # type: ignore[import-not-found]
+from machine import alternate, cpu_device, write_report  # type: ignore[import-not-found]
 
 RESULTS = Path(__file__).parent / "results"
 STAGES = ("manifest", "selection", "resume store", "Ray planning", "export")
@@ -209,13 +209,7 @@ def bench_index(n_files: int, work: Path, repeats: int) -> dict[str, Any]:
             "medssl index, 1 worker": lambda: index_tree(root, workers=1),
             "medssl index, 2 workers": lambda: index_tree(root, workers=2),
             "medssl index, 2 workers, part files": lambda: parted(2)}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-            print(f"  {name}: {times[name][-1]:.1f} s", flush=True)
+    times = alternate(runs, repeats, verbose=True)
     median = {k: statistics.median(v) for k, v in times.items()}
     return {"files": len(files), "median_seconds": median,
             "files_per_s": {k: len(files) / v for k, v in median.items()},

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from typing_extensions import Self
 
 from medssl.errors import ModelRepositoryError, RunnerError
 from medssl.models.card import ModelCard
@@ -17,7 +18,7 @@ from medssl.models.graph import graph_problems
 from medssl.models.repository import find_model_version
 from medssl.runners.base import BatchedRunner
 
-__all__ = ["PROVIDER_OPTIONS", "PROVIDER_PREFERENCE", "OnnxRunner", "find_onnx", "gpu_providers",
+__all__ = ["PROVIDER_OPTIONS", "PROVIDER_PREFERENCE", "OnnxFileRunner", "OnnxRunner", "find_onnx", "gpu_providers",
            "select_providers"]
 
 #: Execution providers tried by default, fastest first. OpenVINO comes with the
@@ -88,7 +89,35 @@ def select_providers(available: Sequence[str]) -> list[str]:
     return chosen
 
 
-class OnnxRunner(BatchedRunner):
+class OnnxFileRunner(BatchedRunner):
+    """Base of the embedded runners of one ``model.onnx`` (onnxruntime, OpenVINO): the file, and
+    opening it from a repository. Subclasses set :attr:`model_path` and :attr:`card`."""
+
+    model_path: Path
+
+    @classmethod
+    def from_repository(cls, repository: str | Path, name: str, version: int | None = None,
+                        **kw: Any) -> Self:
+        """Open ``<repository>/<name>/<version>/model.onnx`` with its card.
+
+        Args:
+            repository: the Triton model repository folder.
+            name: the model's folder name.
+            version: a version folder number; ``None``: the newest.
+            **kw: the runner's options (``threads``, and ``providers`` for onnxruntime).
+
+        Raises:
+            ModelRepositoryError: no such model, version, ONNX file or card (what exists is
+                listed).
+        """
+        return cls(*find_onnx(repository, name, version), **kw)  # type: ignore[call-arg]
+
+    @property
+    def _source(self) -> str:
+        return str(self.model_path)
+
+
+class OnnxRunner(OnnxFileRunner):
     """``model.onnx`` in an onnxruntime session, checked against its model card at load.
 
     Args:
@@ -154,28 +183,6 @@ class OnnxRunner(BatchedRunner):
                 f"{card.version}: " + "; ".join(problems)
                 + ". Re-export the model, or load the card written with it."
             )
-
-    @classmethod
-    def from_repository(
-        cls, repository: str | Path, name: str, version: int | None = None, **kw: Any
-    ) -> OnnxRunner:
-        """Open ``<repository>/<name>/<version>/model.onnx`` with its card.
-
-        Args:
-            repository: the Triton model repository folder.
-            name: the model's folder name.
-            version: a version folder number; ``None``: the newest.
-            **kw: ``providers``, ``threads`` (see :class:`OnnxRunner`).
-
-        Raises:
-            ModelRepositoryError: no such model, version, ONNX file or card (what exists is
-                listed).
-        """
-        return cls(*find_onnx(repository, name, version), **kw)
-
-    @property
-    def _source(self) -> str:
-        return str(self.model_path)
 
     def _infer(self, batch: np.ndarray) -> Mapping[str, np.ndarray]:
         if self._session is None:

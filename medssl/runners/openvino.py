@@ -22,8 +22,7 @@ import numpy as np
 from medssl.errors import ModelRepositoryError, RunnerError
 from medssl.models.card import ModelCard
 from medssl.models.graph import graph_problems
-from medssl.runners.base import BatchedRunner
-from medssl.runners.onnx import find_onnx
+from medssl.runners.onnx import OnnxFileRunner
 
 __all__ = ["OPENVINO_CONFIG", "OpenVinoRunner", "openvino_available"]
 
@@ -68,7 +67,7 @@ class _Graph:
         return self._outputs
 
 
-class OpenVinoRunner(BatchedRunner):
+class OpenVinoRunner(OnnxFileRunner):
     """``model.onnx`` compiled by OpenVINO for the CPU, checked against its model card at load.
 
     Args:
@@ -118,17 +117,6 @@ class OpenVinoRunner(BatchedRunner):
                 f"{card.version}: " + "; ".join(problems)
                 + ". Re-export the model, or load the card written with it."
             )
-
-    @classmethod
-    def from_repository(cls, repository: str | Path, name: str, version: int | None = None,
-                        **kw: Any) -> OpenVinoRunner:
-        """Open ``<repository>/<name>/<version>/model.onnx`` with its card (as
-        :meth:`medssl.runners.OnnxRunner.from_repository`)."""
-        return cls(*find_onnx(repository, name, version), **kw)
-
-    @property
-    def _source(self) -> str:
-        return str(self.model_path)
 
     def _infer(self, batch: np.ndarray) -> Mapping[str, np.ndarray]:
         if self._request is None:
