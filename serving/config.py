@@ -30,6 +30,8 @@ from medssl.scoring.select import SelectionRules
 __all__ = [
     "ENV_PREFIX",
     "AllowedCaller",
+    "ApiConfig",
+    "ApiTlsConfig",
     "DeliveryConfig",
     "DestinationConfig",
     "GatewayConfig",
@@ -43,6 +45,9 @@ __all__ = [
     "env_overrides",
     "load_gateway_config",
 ]
+
+#: Keys of the ``api`` section that hold secrets (masked where the config is shown).
+SECRET_KEYS = ("token", "password")
 
 #: Prefix of environment overrides: ``MEDSSL_GATEWAY__SCP__PORT=11113``.
 ENV_PREFIX = "MEDSSL_GATEWAY__"
@@ -353,6 +358,73 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class ApiTlsConfig:
+    """HTTPS for the operator API and console.
+
+    Attributes:
+        certificate: the server's PEM certificate (chain); with ``private_key``, HTTPS.
+        private_key: its PEM private key.
+    """
+
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("HTTPS needs both certificate and private_key")
+
+    @property
+    def enabled(self) -> bool:
+        return self.certificate is not None
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The operator REST API (``/api/v1``) and web console (``/``), on a listener of their own.
+
+    Off unless ``enabled``. Every request needs credentials: the bearer ``token``, or HTTP
+    basic ``username``/``password`` (both compared in constant time); give secrets by
+    environment (``MEDSSL_GATEWAY__API__PASSWORD``, ``MEDSSL_GATEWAY__API__TOKEN``), not in
+    the file. Actions are POSTs that carry the page's CSRF token.
+
+    Attributes:
+        enabled: serve the API and console.
+        host / port: bind address (loopback by default: put a TLS reverse proxy or
+            ``tls`` in front before binding elsewhere) and port (0 picks a free one).
+        token: bearer token (at least 16 characters).
+        username / password: HTTP basic credentials (the browser's login prompt).
+        tls: HTTPS certificate and key.
+        show_patient_id: show the studies' PatientID to the operators (off: responses and
+            pages hold UIDs, accession numbers and series descriptions only).
+        refusals_kept: refused associations kept in the job store (newest first).
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9111
+    token: str | None = None
+    username: str | None = None
+    password: str | None = None
+    tls: ApiTlsConfig = field(default_factory=ApiTlsConfig)
+    show_patient_id: bool = False
+    refusals_kept: int = 10000
+
+    def __post_init__(self) -> None:
+        _port(self.port, "port")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("HTTP basic credentials need both username and password")
+        if self.token is not None and len(self.token) < 16:
+            raise ValueError("token must have at least 16 characters")
+        if self.password is not None and len(self.password) < 8:
+            raise ValueError("password must have at least 8 characters")
+        if self.enabled and self.token is None and self.username is None:
+            raise ValueError("the API needs credentials: token, or username and password "
+                             "(e.g. MEDSSL_GATEWAY__API__PASSWORD in the environment)")
+        if self.refusals_kept < 1:
+            raise ValueError(f"refusals_kept must be >= 1, got {self.refusals_kept}")
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Everything ``medssl-serve`` needs (``examples/gateway.yaml`` documents each key)."""
 
@@ -364,6 +436,7 @@ class GatewayConfig:
     destinations: tuple[DestinationConfig, ...] = ()
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def __post_init__(self) -> None:
@@ -373,9 +446,15 @@ class GatewayConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"destinations: names must be unique, got {names}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """The configuration as plain YAML-able values (what ``--print-config`` shows)."""
-        return config_to_dict(self)
+    def to_dict(self, *, mask_secrets: bool = False) -> dict[str, Any]:
+        """The configuration as plain YAML-able values (what ``--print-config`` shows); with
+        ``mask_secrets``, the API's token and password read ``"***"`` (what the console shows)."""
+        values = config_to_dict(self)
+        if mask_secrets:
+            for key in SECRET_KEYS:
+                if values["api"].get(key) is not None:
+                    values["api"][key] = "***"
+        return values
 
 
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -419,6 +498,8 @@ def load_gateway_config(path: str | Path, overrides: Mapping[str, Any] | None = 
         scp=replace(cfg.scp, tls=replace(
             tls, certificate=_under(base, tls.certificate), private_key=_under(base, tls.private_key),
             ca_certificate=_under(base, tls.ca_certificate))),
+        api=replace(cfg.api, tls=replace(cfg.api.tls, certificate=_under(base, cfg.api.tls.certificate),
+                                         private_key=_under(base, cfg.api.tls.private_key))),
     )
 
 

@@ -11,7 +11,10 @@ One process, a few threads around one job store:
   job and destination, retrying with exponential backoff (state in the job store);
 * **housekeeping** refreshes the queue/spool gauges and removes the files of studies done
   more than ``spool.keep_done_h`` ago;
-* the **health server** serves ``/metrics``, ``/healthz`` and ``/readyz``.
+* the **health server** serves ``/metrics``, ``/healthz`` and ``/readyz``;
+* the **operator API and console** (``api.enabled``, :mod:`medssl.serving.api`) answer the
+  operators' questions and take their actions (retry, re-deliver, cancel, purge quarantine),
+  on a listener of their own with credentials.
 
 Start-up order: the job store recovers (jobs not processed to their end wait a fresh idle time,
 as their studies may still be arriving; spooled studies without a job get one), then the HTTP server, the models (in the background when a Triton
@@ -33,9 +36,11 @@ from dataclasses import dataclass
 from medssl.errors import MedsslError, RunnerError
 from medssl.serving.config import GatewayConfig
 from medssl.serving.http import HealthServer
-from medssl.serving.jobstore import Job, JobState, JobStore, Output
+from medssl.serving.api import ApiServer
+from medssl.serving.jobstore import Job, JobState, JobStore, Output, SeriesRecord
 from medssl.serving.logs import safe_error
 from medssl.serving.metrics import GatewayMetrics
+from medssl.serving.operations import Operations
 from medssl.serving.process import ModelSet, TransientError, process_study
 from medssl.serving.scp import StorageSCP
 from medssl.serving.sender import DeliveryError, send_files
@@ -73,8 +78,11 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics()
         self.spool = Spool(cfg.spool.path, min_free_bytes=int(cfg.spool.min_free_mb * 2**20))
         self.store = JobStore(cfg.spool.path / "jobs.sqlite")
-        self.scp = StorageSCP(cfg.scp, self.spool, self._on_stored, self.metrics)
+        self.scp = StorageSCP(cfg.scp, self.spool, self._on_stored, self.metrics,
+                              on_refused=self.store.record_refusal)
         self.http = HealthServer(cfg.http, self.metrics, self.ready, self.healthy) if cfg.http.enabled else None
+        self.operations = Operations(self.store, self.spool, cfg, ready=self.ready)
+        self.api = ApiServer(cfg.api, self.operations) if cfg.api.enabled else None
         self.models: ModelSet | None = None
         self._worker_models: dict[int, ModelSet] = {}
         self._model_error = (f"models not loaded yet: waiting for the Triton server at {cfg.models.triton_url}"
@@ -105,6 +113,8 @@ class Gateway:
                 "idle_s": self.cfg.spool.study_idle_s})
         if self.http is not None:
             self.http.start()
+        if self.api is not None:
+            self.api.start()
         if self.cfg.models.triton_url is None:
             self.models = self._open_models()  # embedded: a bad model fails the start at once
         else:  # Triton may come up after the gateway: receive and spool meanwhile, not ready
@@ -122,7 +132,8 @@ class Gateway:
         self._listening.set()
         log.info("gateway started", extra={
             "ae_title": self.cfg.scp.ae_title, "host": self.cfg.scp.host, "port": self.scp.port,
-            "http_port": self.http.port if self.http else None, "spool": str(self.spool.root),
+            "http_port": self.http.port if self.http else None,
+            "api_port": self.api.port if self.api else None, "spool": str(self.spool.root),
             "models": [r.model for r in self.cfg.routes], "triton_url": self.cfg.models.triton_url})
 
     def stop(self, timeout_s: float = 60.0) -> None:
@@ -141,6 +152,8 @@ class Gateway:
             log.warning("stopped with work in hand; it resumes at the next start", extra={"threads": busy})
         if self.http is not None:
             self.http.stop()
+        if self.api is not None:
+            self.api.stop()
         if not busy:
             for models in {id(m): m for m in [self.models, *self._worker_models.values()] if m}.values():
                 models.close()
@@ -195,7 +208,9 @@ class Gateway:
     # --- receiving -------------------------------------------------------------------------
 
     def _on_stored(self, instance: StoredInstance) -> None:
-        self.store.record_instance(instance.study_uid, instance.received_at)
+        self.store.record_instance(instance.study_uid, instance.received_at,
+                                   accession_number=instance.accession_number,
+                                   patient_id=instance.patient_id)
 
     def _assemble_round(self) -> bool:
         for job in self.store.assemble(self.cfg.spool.study_idle_s):
@@ -268,10 +283,12 @@ class Gateway:
             return
         ok = [s for s in result.series if s.status == "ok"]
         failed = [s for s in result.series if s.status == "failed"]
+        series = [SeriesRecord(s.series_uid, s.model, s.status, s.reason, s.n_findings, s.description)
+                  for s in result.series]
         if failed and not ok:
             reasons = "; ".join(f"{s.series_uid} ({s.model}): {s.reason}" for s in failed)
             self._settled(self.store.fail(job.id, f"no series could be processed: {reasons}",
-                                          instances=len(files)), fields)
+                                          instances=len(files), series=series), fields)
             return
         skipped = [s for s in result.series if s.status == "skipped"]
         note = None if ok else "no series selected by the routes" if skipped or not result.series else None
@@ -279,7 +296,7 @@ class Gateway:
             note = "series failed: " + "; ".join(f"{s.series_uid} ({s.model}): {s.reason}" for s in failed)
         outputs = [Output(o.path, o.kind, o.model, o.sop_instance_uid) for o in result.outputs]
         done = self.store.finish_inference(job.id, outputs, list(self._destinations), note=note,
-                                           instances=len(files))
+                                           instances=len(files), series=series)
         if done.started_at is not None and done.inferred_at is not None:
             self.metrics.stage_seconds.labels(stage="inference").observe(done.inferred_at - done.started_at)
         log.info("study processed", extra={**fields, "state": done.state.value, "outputs": len(outputs),
@@ -345,4 +362,5 @@ class Gateway:
                 self.spool.remove_outputs(job.id)
                 self.store.mark_purged(job.id)
         self.metrics.spool_bytes.set(self.spool.usage_bytes())
+        self.store.prune_refusals(self.cfg.api.refusals_kept)
         return False

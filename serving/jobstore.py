@@ -8,6 +8,14 @@ A job is one study's processing. Its states::
             ──► queued  (a retryable failure: after a backoff, attempts < max)
             ──► failed  (the study's input cannot be processed: every routed series failed)
             ──► dead-letter (attempts exhausted; or a delivery exhausted its attempts)
+    received, queued ──(an operator cancels it)──► cancelled
+
+Operator actions (:mod:`medssl.serving.operations`, the REST API, the console and
+``medssl-serve jobs``) move finished jobs back: *retry* puts a ``failed`` or ``dead-letter``
+job back to ``queued`` with its attempts reset (or, when its results were written and only
+their delivery was dead-lettered, its dead-lettered deliveries back to pending: the job is
+``sending`` again); *redeliver* sends a ``done`` job's results to a destination once more.
+Each action is a row of ``actions`` (who, when, what, why, and the outcome).
 
 The idle timer of a job starts at ``idle_since``: its last instance's arrival, or the restart
 that recovered the job (see below), whichever is later.
@@ -49,13 +57,14 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-__all__ = ["Delivery", "Job", "JobState", "JobStore", "Output"]
+__all__ = ["FINISHED", "Action", "ActionRefused", "Delivery", "Job", "JobState", "JobStore", "Output",
+           "SeriesRecord"]
 
 
 class JobState(str, Enum):
@@ -68,6 +77,11 @@ class JobState(str, Enum):
     DONE = "done"
     FAILED = "failed"
     DEAD_LETTER = "dead-letter"
+    CANCELLED = "cancelled"
+
+
+#: States a job ends in (nothing more happens to it unless an operator acts).
+FINISHED = (JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER, JobState.CANCELLED)
 
 
 _SCHEMA = """
@@ -88,7 +102,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     purged INTEGER NOT NULL DEFAULT 0,
     supersedes INTEGER REFERENCES jobs (id),
-    n_processed INTEGER
+    n_processed INTEGER,
+    accession_number TEXT NOT NULL DEFAULT '',
+    patient_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, next_attempt_at);
 CREATE UNIQUE INDEX IF NOT EXISTS one_open_job_per_study ON jobs (study_uid)
@@ -109,17 +125,52 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_attempt_at REAL NOT NULL DEFAULT 0,
     sent_at REAL,
     error TEXT,
+    last_attempt_at REAL,
     UNIQUE (job_id, destination)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS series (
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    series_uid TEXT NOT NULL,
+    model TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    n_findings INTEGER,
+    description TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS series_by_job ON series (job_id);
+CREATE TABLE IF NOT EXISTS actions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    job_id INTEGER,
+    detail TEXT,
+    reason TEXT,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS actions_by_job ON actions (job_id);
+CREATE TABLE IF NOT EXISTS refusals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    calling_ae TEXT NOT NULL,
+    called_ae TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS refusals_by_time ON refusals (at);
+CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (created_at);
 """
 
 #: Columns added after the first release, with the statement that adds each to an older
 #: database (``CREATE TABLE IF NOT EXISTS`` leaves an existing table as it was).
 _ADDED_COLUMNS = {
-    "idle_since": "ALTER TABLE jobs ADD COLUMN idle_since REAL NOT NULL DEFAULT 0",
-    "supersedes": "ALTER TABLE jobs ADD COLUMN supersedes INTEGER REFERENCES jobs (id)",
-    "n_processed": "ALTER TABLE jobs ADD COLUMN n_processed INTEGER",
+    ("jobs", "idle_since"): "ALTER TABLE jobs ADD COLUMN idle_since REAL NOT NULL DEFAULT 0",
+    ("jobs", "supersedes"): "ALTER TABLE jobs ADD COLUMN supersedes INTEGER REFERENCES jobs (id)",
+    ("jobs", "n_processed"): "ALTER TABLE jobs ADD COLUMN n_processed INTEGER",
+    ("jobs", "accession_number"): "ALTER TABLE jobs ADD COLUMN accession_number TEXT NOT NULL DEFAULT ''",
+    ("jobs", "patient_id"): "ALTER TABLE jobs ADD COLUMN patient_id TEXT NOT NULL DEFAULT ''",
+    ("deliveries", "last_attempt_at"): "ALTER TABLE deliveries ADD COLUMN last_attempt_at REAL",
 }
 
 
@@ -135,6 +186,10 @@ class Job:
             instance (a late instance arrived after that job ran), or None.
         n_processed: instances of the study that the job's last processing attempt read
             (the whole study, earlier instances included); None until it recorded a result.
+        accession_number: the study's AccessionNumber as its first instance gave it ("" when
+            it had none).
+        patient_id: its PatientID: identifying, shown only where an operator switched it on
+            (``api.show_patient_id``); never logged.
     """
 
     id: int
@@ -153,6 +208,8 @@ class Job:
     error: str | None
     supersedes: int | None
     n_processed: int | None
+    accession_number: str = ""
+    patient_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -167,7 +224,8 @@ class Output:
 
 @dataclass(frozen=True)
 class Delivery:
-    """The results of one job to one destination; ``state`` is pending, sent or dead-letter."""
+    """The results of one job to one destination; ``state`` is pending, sent or dead-letter.
+    ``error`` is the last failed attempt's; ``last_attempt_at`` when the last attempt ended."""
 
     id: int
     job_id: int
@@ -176,6 +234,53 @@ class Delivery:
     attempts: int
     next_attempt_at: float
     error: str | None
+    sent_at: float | None = None
+    last_attempt_at: float | None = None
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    """What one route did with one series of a job's study (the job's last processing attempt).
+
+    Attributes:
+        series_uid: SeriesInstanceUID (or scoring's ``nouid-...`` key of a series without one).
+        model: the route's model.
+        status: ``ok``, ``skipped`` or ``failed``.
+        reason: why it was skipped or failed (no patient-identifying values); None when ok.
+        n_findings: findings reported (detection) or labels found (segmentation) when ok.
+        description: its SeriesDescription ("" when none).
+    """
+
+    series_uid: str
+    model: str
+    status: str
+    reason: str | None
+    n_findings: int | None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Action:
+    """An operator action, as recorded: who (``actor``), when (``at``, epoch s), what
+    (``action``, on ``job_id`` with ``detail``), why (``reason``) and its ``outcome``."""
+
+    id: int
+    at: float
+    actor: str
+    action: str
+    job_id: int | None
+    detail: str | None
+    reason: str | None
+    outcome: str
+
+
+class ActionRefused(ValueError):
+    """An operator action that the job's state does not allow; ``conflict`` is False when the
+    job does not exist (an API answers 404 rather than 409)."""
+
+    def __init__(self, message: str, conflict: bool = True) -> None:
+        super().__init__(message)
+        self.conflict = conflict
 
 
 class JobStore:
@@ -203,11 +308,12 @@ class JobStore:
     def _migrate(self) -> None:
         """Add the columns a database made by an earlier version lacks."""
         with self._tx() as db:
-            present = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+            present = {(table, r["name"]) for table in ("jobs", "deliveries")
+                       for r in db.execute(f"PRAGMA table_info({table})")}
             for column, statement in _ADDED_COLUMNS.items():
                 if column not in present:
                     db.execute(statement)
-            if "idle_since" not in present:
+            if ("jobs", "idle_since") not in present:
                 db.execute("UPDATE jobs SET idle_since = last_instance_at")
 
     def close(self) -> None:
@@ -228,11 +334,13 @@ class JobStore:
 
     # --- receiving -------------------------------------------------------------------------
 
-    def record_instance(self, study_uid: str, received_at: float | None = None) -> Job:
+    def record_instance(self, study_uid: str, received_at: float | None = None, *,
+                        accession_number: str = "", patient_id: str = "") -> Job:
         """Count a stored instance of ``study_uid``: open, extend or re-open its job.
 
         With no open job, the new job supersedes the study's latest earlier job whose files
-        are still spooled (module docstring: late instances).
+        are still spooled (module docstring: late instances). ``accession_number`` and
+        ``patient_id`` fill the job's columns while they are empty.
 
         Returns:
             The study's open job (state ``received``, idle timer restarted at ``received_at``).
@@ -247,13 +355,17 @@ class JobStore:
                 supersedes = earlier["id"] if earlier is not None and not earlier["purged"] else None
                 job_id = db.execute(
                     "INSERT INTO jobs (study_uid, state, n_instances, created_at, last_instance_at, "
-                    "idle_since, supersedes) VALUES (?, 'received', 1, ?, ?, ?, ?)",
-                    (study_uid, now, now, now, supersedes)).lastrowid
+                    "idle_since, supersedes, accession_number, patient_id) "
+                    "VALUES (?, 'received', 1, ?, ?, ?, ?, ?, ?)",
+                    (study_uid, now, now, now, supersedes, accession_number, patient_id)).lastrowid
             else:
                 job_id = row["id"]
                 db.execute("UPDATE jobs SET state = 'received', queued_at = NULL, "
                            "n_instances = n_instances + 1, last_instance_at = ?, "
-                           "idle_since = MAX(idle_since, ?) WHERE id = ?", (now, now, job_id))
+                           "idle_since = MAX(idle_since, ?), "
+                           "accession_number = CASE WHEN accession_number = '' THEN ? ELSE accession_number END, "
+                           "patient_id = CASE WHEN patient_id = '' THEN ? ELSE patient_id END "
+                           "WHERE id = ?", (now, now, accession_number, patient_id, job_id))
             return self._job(db, job_id)
 
     def reconcile(self, study_uids: Sequence[str], now: float | None = None) -> list[Job]:
@@ -328,15 +440,16 @@ class JobStore:
 
     def finish_inference(self, job_id: int, outputs: Sequence[Output], destinations: Sequence[str],
                          note: str | None = None, now: float | None = None,
-                         instances: int | None = None) -> Job:
+                         instances: int | None = None, series: Sequence[SeriesRecord] = ()) -> Job:
         """Record a running job's results: ``sending`` with one pending delivery per
         destination, or ``done`` when there is nothing to send (``note`` says why).
         ``instances``: how many instance files of the study the processing read
-        (``n_processed``)."""
+        (``n_processed``); ``series``: what each route did with each series."""
         now = time.time() if now is None else now
         with self._tx() as db:
             self._require(db, job_id, JobState.RUNNING)
             self._set_processed(db, job_id, instances)
+            self._set_series(db, job_id, series)
             db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
             db.executemany("INSERT INTO outputs (job_id, path, kind, model, sop_instance_uid) "
                            "VALUES (?, ?, ?, ?, ?)",
@@ -366,13 +479,16 @@ class JobStore:
                            (error, now + backoff_s, job_id))
             return self._job(db, job_id)
 
-    def fail(self, job_id: int, error: str, now: float | None = None, instances: int | None = None) -> Job:
+    def fail(self, job_id: int, error: str, now: float | None = None, instances: int | None = None,
+             series: Sequence[SeriesRecord] = ()) -> Job:
         """A running job's study cannot be processed (bad input): ``failed`` with ``error``.
-        ``instances``: how many instance files of the study the processing read."""
+        ``instances``: how many instance files of the study the processing read; ``series``:
+        what each route did with each series."""
         now = time.time() if now is None else now
         with self._tx() as db:
             self._require(db, job_id, JobState.RUNNING)
             self._set_processed(db, job_id, instances)
+            self._set_series(db, job_id, series)
             db.execute("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ?",
                        (error, now, job_id))
             return self._job(db, job_id)
@@ -399,8 +515,8 @@ class JobStore:
         """A delivery succeeded; its job becomes ``done`` when none is left pending."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            db.execute("UPDATE deliveries SET state = 'sent', sent_at = ?, attempts = attempts + 1, "
-                       "error = NULL WHERE id = ?", (now, delivery_id))
+            db.execute("UPDATE deliveries SET state = 'sent', sent_at = ?, last_attempt_at = ?, "
+                       "attempts = attempts + 1, error = NULL WHERE id = ?", (now, now, delivery_id))
             job_id = db.execute("SELECT job_id FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()[0]
             self._settle(db, job_id, now)
             return self._job(db, job_id)
@@ -413,8 +529,9 @@ class JobStore:
         with self._tx() as db:
             db.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, error = ?, next_attempt_at = ?, "
+                "last_attempt_at = ?, "
                 "state = CASE WHEN attempts + 1 >= ? THEN 'dead-letter' ELSE 'pending' END WHERE id = ?",
-                (error, now + backoff_s, max_attempts, delivery_id))
+                (error, now + backoff_s, now, max_attempts, delivery_id))
             row = db.execute("SELECT * FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
             self._settle(db, row["job_id"], now)
             return _delivery(row)
@@ -432,6 +549,145 @@ class JobStore:
         else:
             db.execute("UPDATE jobs SET state = 'done', finished_at = ? WHERE id = ? AND state = 'sending'",
                        (now, job_id))
+
+    # --- operator actions ------------------------------------------------------------------
+
+    def retry(self, job_id: int, actor: str, reason: str | None = None, now: float | None = None) -> Job:
+        """Retry a ``failed`` or ``dead-letter`` job, recorded as ``actor``'s action.
+
+        A job whose results were written but whose delivery was dead-lettered gets those
+        deliveries back to pending (attempts reset; the job is ``sending``): its results are
+        not recomputed. Any other goes back to ``queued``, attempts reset, due now.
+
+        Raises:
+            ActionRefused: no such job (``conflict`` False), or it is in another state, its
+                instances were purged from the spool, or a newer job of its study is open
+                (that job processes the study). The refusal is recorded too.
+        """
+        now = time.time() if now is None else now
+
+        def act(db: sqlite3.Connection, job: Job) -> str:
+            if job.state not in (JobState.FAILED, JobState.DEAD_LETTER):
+                raise ActionRefused(f"job {job.id} is {job.state.value}; only failed and dead-letter jobs "
+                                    f"can be retried")
+            dead = [r["destination"] for r in db.execute(
+                "SELECT destination FROM deliveries WHERE job_id = ? AND state = 'dead-letter' ORDER BY id",
+                (job.id,))]
+            has_outputs = db.execute("SELECT 1 FROM outputs WHERE job_id = ?", (job.id,)).fetchone()
+            if self._purged(db, job.id):
+                raise ActionRefused(f"job {job.id}'s files were removed from the spool (spool.keep_done_h); "
+                                    f"send the study again")
+            if dead and has_outputs and job.inferred_at is not None:
+                db.execute("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+                           "error = NULL WHERE job_id = ? AND state = 'dead-letter'", (now, job.id))
+                db.execute("UPDATE jobs SET state = 'sending', finished_at = NULL, error = NULL WHERE id = ?",
+                           (job.id,))
+                return "deliver again to " + ", ".join(dead)
+            open_job = db.execute("SELECT id FROM jobs WHERE study_uid = ? AND state IN ('received', 'queued')",
+                                  (job.study_uid,)).fetchone()
+            if open_job is not None:
+                raise ActionRefused(f"job {open_job['id']} of the same study is open and will process it")
+            db.execute("DELETE FROM deliveries WHERE job_id = ?", (job.id,))
+            db.execute("UPDATE jobs SET state = 'queued', attempts = 0, queued_at = ?, next_attempt_at = ?, "
+                       "started_at = NULL, inferred_at = NULL, finished_at = NULL, error = NULL WHERE id = ?",
+                       (now, now, job.id))
+            return "process again"
+
+        return self._act(job_id, "retry", actor, reason, now, act)
+
+    def redeliver(self, job_id: int, destination: str, actor: str, reason: str | None = None,
+                  now: float | None = None) -> Job:
+        """Send a ``done`` job's results to ``destination`` again (the job is ``sending`` until
+        that delivery ends). The caller checks that ``destination`` is configured.
+
+        Raises:
+            ActionRefused: no such job, it is not done, it has no results, or they were purged.
+        """
+        now = time.time() if now is None else now
+
+        def act(db: sqlite3.Connection, job: Job) -> str:
+            if job.state is not JobState.DONE:
+                raise ActionRefused(f"job {job.id} is {job.state.value}; only done jobs can be re-delivered")
+            if db.execute("SELECT 1 FROM outputs WHERE job_id = ?", (job.id,)).fetchone() is None:
+                raise ActionRefused(f"job {job.id} wrote no results: nothing to deliver")
+            if self._purged(db, job.id):
+                raise ActionRefused(f"job {job.id}'s results were removed from the spool (spool.keep_done_h)")
+            db.execute("INSERT INTO deliveries (job_id, destination, state, next_attempt_at) "
+                       "VALUES (?, ?, 'pending', ?) ON CONFLICT (job_id, destination) DO UPDATE SET "
+                       "state = 'pending', attempts = 0, next_attempt_at = excluded.next_attempt_at, "
+                       "error = NULL, sent_at = NULL", (job.id, destination, now))
+            db.execute("UPDATE jobs SET state = 'sending', finished_at = NULL WHERE id = ?", (job.id,))
+            return f"deliver to {destination}"
+
+        return self._act(job_id, "redeliver", actor, reason, now, act)
+
+    def cancel(self, job_id: int, actor: str, reason: str | None = None, now: float | None = None) -> Job:
+        """Cancel a ``received`` or ``queued`` job: it ends ``cancelled``; its study's files are
+        kept until ``spool.keep_done_h`` (a later instance opens a new job as usual).
+
+        Raises:
+            ActionRefused: no such job, or it is no longer waiting (running or finished).
+        """
+        now = time.time() if now is None else now
+
+        def act(db: sqlite3.Connection, job: Job) -> str:
+            if job.state not in (JobState.RECEIVED, JobState.QUEUED):
+                raise ActionRefused(f"job {job.id} is {job.state.value}; only received and queued jobs "
+                                    f"can be cancelled")
+            db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ?, error = ? WHERE id = ?",
+                       (now, f"cancelled by {actor}" + (f": {reason}" if reason else ""), job.id))
+            return "cancelled"
+
+        return self._act(job_id, "cancel", actor, reason, now, act)
+
+    def record_action(self, action: str, actor: str, *, job_id: int | None = None, detail: str | None = None,
+                      reason: str | None = None, outcome: str = "ok", now: float | None = None) -> Action:
+        """Record an operator action that is not a job transition (e.g. a quarantine purge)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row_id = db.execute("INSERT INTO actions (at, actor, action, job_id, detail, reason, outcome) "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                (now, actor, action, job_id, detail, reason, outcome)).lastrowid
+            return _action(db.execute("SELECT * FROM actions WHERE id = ?", (row_id,)).fetchone())
+
+    def _act(self, job_id: int, action: str, actor: str, reason: str | None, now: float,
+             act: Callable[[sqlite3.Connection, Job], str]) -> Job:
+        """Run ``act`` on the job in one transaction with its ``actions`` row; a refusal is
+        recorded (in a transaction of its own) and raised."""
+        try:
+            with self._tx() as db:
+                try:
+                    job = self._job(db, job_id)
+                except KeyError:
+                    raise ActionRefused(f"no job {job_id}", conflict=False) from None
+                detail = act(db, job)
+                db.execute("INSERT INTO actions (at, actor, action, job_id, detail, reason, outcome) "
+                           "VALUES (?, ?, ?, ?, ?, ?, 'ok')", (now, actor, action, job_id, detail, reason))
+                return self._job(db, job_id)
+        except ActionRefused as exc:
+            self.record_action(action, actor, job_id=job_id, reason=reason, outcome=f"refused: {exc}", now=now)
+            raise
+
+    @staticmethod
+    def _purged(db: sqlite3.Connection, job_id: int) -> bool:
+        return bool(db.execute("SELECT purged FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
+
+    # --- refused associations --------------------------------------------------------------
+
+    def record_refusal(self, calling_ae: str, called_ae: str, peer: str, reason: str,
+                       now: float | None = None) -> None:
+        """Record a refused association (AE titles and address as the caller sent them)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("INSERT INTO refusals (at, calling_ae, called_ae, peer, reason) VALUES (?, ?, ?, ?, ?)",
+                       (now, calling_ae[:64], called_ae[:64], peer[:64], reason[:200]))
+
+    def prune_refusals(self, keep: int) -> int:
+        """Keep the newest ``keep`` refusals (a caller retrying all night cannot grow the
+        database without bound); returns how many were removed."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM refusals WHERE id <= (SELECT id FROM refusals ORDER BY id DESC "
+                              "LIMIT 1 OFFSET ?)", (keep,)).rowcount
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -457,6 +713,92 @@ class JobStore:
                                     (job_id,)).fetchall()
         return [_delivery(r) for r in rows]
 
+    def series(self, job_id: int) -> list[SeriesRecord]:
+        """What the job's last processing attempt did with each (route, series)."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM series WHERE job_id = ? ORDER BY rowid", (job_id,)).fetchall()
+        return [SeriesRecord(r["series_uid"], r["model"], r["status"], r["reason"], r["n_findings"],
+                             r["description"]) for r in rows]
+
+    def actions(self, job_id: int | None = None, limit: int = 100) -> list[Action]:
+        """Operator actions, newest first (a job's, or all)."""
+        with self._lock:
+            if job_id is None:
+                rows = self._db.execute("SELECT * FROM actions ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            else:
+                rows = self._db.execute("SELECT * FROM actions WHERE job_id = ? ORDER BY id DESC LIMIT ?",
+                                        (job_id, limit)).fetchall()
+        return [_action(r) for r in rows]
+
+    def page(self, *, states: Sequence[str] = (), since: float | None = None, until: float | None = None,
+             uid: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
+        """Jobs newest first, filtered: ``states``; created in ``[since, until)``; ``uid`` a
+        StudyInstanceUID, a SeriesInstanceUID of a routed series, an output's SOPInstanceUID or
+        an AccessionNumber. Returns ``(jobs[offset:offset+limit], total matching)``."""
+        where, args = self._filters(states, since, until, uid)
+        with self._lock:
+            total = self._db.execute(f"SELECT COUNT(*) FROM jobs j {where}", args).fetchone()[0]
+            rows = self._db.execute(f"SELECT * FROM jobs j {where} ORDER BY id DESC LIMIT ? OFFSET ?",
+                                    [*args, limit, offset]).fetchall()
+        return [_job(r) for r in rows], int(total)
+
+    @staticmethod
+    def _filters(states: Sequence[str], since: float | None, until: float | None,
+                 uid: str | None) -> tuple[str, list[object]]:
+        clauses: list[str] = []
+        args: list[object] = []
+        if states:
+            clauses.append(f"j.state IN ({', '.join('?' * len(states))})")
+            args += [JobState(s).value for s in states]
+        if since is not None:
+            clauses.append("j.created_at >= ?")
+            args.append(since)
+        if until is not None:
+            clauses.append("j.created_at < ?")
+            args.append(until)
+        if uid:
+            clauses.append("(j.study_uid = ? OR j.accession_number = ? OR EXISTS (SELECT 1 FROM series s "
+                           "WHERE s.job_id = j.id AND s.series_uid = ?) OR EXISTS (SELECT 1 FROM outputs o "
+                           "WHERE o.job_id = j.id AND o.sop_instance_uid = ?))")
+            args += [uid] * 4
+        return ("WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+    def delivery_page(self, *, states: Sequence[str] = (), limit: int = 50,
+                      offset: int = 0) -> tuple[list[Delivery], int]:
+        """Deliveries newest first (by their last attempt, then id), optionally by state."""
+        where = f"WHERE state IN ({', '.join('?' * len(states))})" if states else ""
+        with self._lock:
+            total = self._db.execute(f"SELECT COUNT(*) FROM deliveries {where}", list(states)).fetchone()[0]
+            rows = self._db.execute(f"SELECT * FROM deliveries {where} ORDER BY COALESCE(last_attempt_at, 0) "
+                                    f"DESC, id DESC LIMIT ? OFFSET ?", [*states, limit, offset]).fetchall()
+        return [_delivery(r) for r in rows], int(total)
+
+    def last_attempts(self) -> dict[str, Delivery]:
+        """Per destination, the delivery whose attempt ended last (its state and error tell
+        whether the destination answered then)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT d.* FROM deliveries d JOIN (SELECT destination, MAX(last_attempt_at) AS t FROM deliveries "
+                "WHERE last_attempt_at IS NOT NULL GROUP BY destination) m ON m.destination = d.destination "
+                "AND m.t = d.last_attempt_at ORDER BY d.id").fetchall()
+        return {r["destination"]: _delivery(r) for r in rows}
+
+    def finished_since(self, since: float) -> list[tuple[float, str]]:
+        """``(finished_at, state)`` of every job finished at or after ``since``, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT finished_at, state FROM jobs WHERE finished_at >= ? "
+                                    "ORDER BY finished_at", (since,)).fetchall()
+        return [(float(r[0]), str(r[1])) for r in rows]
+
+    def refusals(self, limit: int = 50, offset: int = 0) -> tuple[list[dict[str, object]], int]:
+        """Refused associations newest first: ``(rows, total)``; a row has ``at``,
+        ``calling_ae``, ``called_ae``, ``peer`` and ``reason``."""
+        with self._lock:
+            total = self._db.execute("SELECT COUNT(*) FROM refusals").fetchone()[0]
+            rows = self._db.execute("SELECT at, calling_ae, called_ae, peer, reason FROM refusals "
+                                    "ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+        return [dict(r) for r in rows], int(total)
+
     def counts(self) -> dict[JobState, int]:
         """Jobs per state (every state present, zeros included)."""
         with self._lock:
@@ -465,11 +807,12 @@ class JobStore:
         return {state: found.get(state, 0) for state in JobState}
 
     def expired(self, before: float) -> list[Job]:
-        """Finished jobs (done, failed, dead-letter) finished before ``before``, not yet purged,
-        whose study has no unfinished job: their spooled files may be removed."""
+        """Finished jobs (done, failed, dead-letter, cancelled) finished before ``before``, not yet
+        purged, whose study has no unfinished job: their spooled files may be removed."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM jobs j WHERE state IN ('done', 'failed', 'dead-letter') AND finished_at < ? AND NOT purged "
+                "SELECT * FROM jobs j WHERE state IN ('done', 'failed', 'dead-letter', 'cancelled') "
+                "AND finished_at < ? AND NOT purged "
                 "AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.study_uid = j.study_uid AND k.state IN "
                 "('received', 'queued', 'running', 'sending')) ORDER BY id", (before,)).fetchall()
         return [_job(r) for r in rows]
@@ -501,6 +844,14 @@ class JobStore:
         return True
 
     @staticmethod
+    def _set_series(db: sqlite3.Connection, job_id: int, series: Sequence[SeriesRecord]) -> None:
+        db.execute("DELETE FROM series WHERE job_id = ?", (job_id,))
+        db.executemany("INSERT INTO series (job_id, series_uid, model, status, reason, n_findings, description) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       [(job_id, s.series_uid, s.model, s.status, s.reason, s.n_findings, s.description)
+                        for s in series])
+
+    @staticmethod
     def _set_processed(db: sqlite3.Connection, job_id: int, instances: int | None) -> None:
         if instances is None:
             return
@@ -521,9 +872,16 @@ def _job(row: sqlite3.Row) -> Job:
                last_instance_at=row["last_instance_at"], idle_since=row["idle_since"],
                queued_at=row["queued_at"], started_at=row["started_at"], inferred_at=row["inferred_at"],
                finished_at=row["finished_at"], next_attempt_at=row["next_attempt_at"], error=row["error"],
-               supersedes=row["supersedes"], n_processed=row["n_processed"])
+               supersedes=row["supersedes"], n_processed=row["n_processed"],
+               accession_number=row["accession_number"], patient_id=row["patient_id"])
+
+
+def _action(row: sqlite3.Row) -> Action:
+    return Action(id=row["id"], at=row["at"], actor=row["actor"], action=row["action"], job_id=row["job_id"],
+                  detail=row["detail"], reason=row["reason"], outcome=row["outcome"])
 
 
 def _delivery(row: sqlite3.Row) -> Delivery:
     return Delivery(id=row["id"], job_id=row["job_id"], destination=row["destination"], state=row["state"],
-                    attempts=row["attempts"], next_attempt_at=row["next_attempt_at"], error=row["error"])
+                    attempts=row["attempts"], next_attempt_at=row["next_attempt_at"], error=row["error"],
+                    sent_at=row["sent_at"], last_attempt_at=row["last_attempt_at"])

@@ -113,6 +113,7 @@ class SeriesOutcome:
             operating point: scoring's ``passed``) with its centre
             ``x_mm, y_mm, z_mm`` (LPS), ``diameter_mm`` and ``probability``; segmentation,
             one per label of the card with its ``volume_ml``.
+        description: the series' SeriesDescription ("" when none).
     """
 
     series_uid: str
@@ -121,6 +122,7 @@ class SeriesOutcome:
     reason: str | None
     n_findings: int | None
     findings: list[dict[str, Any]] = field(default_factory=list)
+    description: str = ""
 
 
 @dataclass
@@ -300,7 +302,8 @@ def process_study(
             log.info("series %s, model %s: skipped (%s)", skip.item.key, route.model,
                      skip.reason)
             result.series.append(SeriesOutcome(skip.item.key, loaded.card.name, "skipped",
-                                               skip.reason, None))
+                                               skip.reason, None,
+                                               description=skip.item.series_description))
         for item in chosen:
             _run_series(item, route, loaded, Path(out_dir), result, limits)
     return result
@@ -322,8 +325,8 @@ def _run_series(item: ScanItem, route: RouteConfig, loaded: LoadedModel, out_dir
         result.timings[stage] += prepared.timings.get(stage, 0.0)
     if row["status"] != "ok":
         log.warning("series %s, model %s: failed (%s)", item.key, card.name, row["error"])
-        result.series.append(
-            SeriesOutcome(item.key, card.name, "failed", row["error"], None))
+        result.series.append(SeriesOutcome(item.key, card.name, "failed", row["error"], None,
+                                           description=item.series_description))
         return
     result.timings["inference"] += row["inference_s"] + row["postprocess_s"]
     result.timings["write"] += scored.write_s
@@ -332,8 +335,8 @@ def _run_series(item: ScanItem, route: RouteConfig, loaded: LoadedModel, out_dir
         n_findings = len(findings)
     else:
         findings, n_findings = scored.findings, int(row["n_findings"])
-    result.series.append(
-        SeriesOutcome(item.key, card.name, "ok", None, n_findings, findings))
+    result.series.append(SeriesOutcome(item.key, card.name, "ok", None, n_findings, findings,
+                                       description=item.series_description))
     for path in scored.dicom_files:
         header = pydicom.dcmread(path, stop_before_pixels=True,
                                  specific_tags=["SOPClassUID", "SOPInstanceUID"])

@@ -193,6 +193,14 @@ def _check_pixel_data(ds: Dataset, syntax: UID) -> None:
                                           f"at {bits} bits")
 
 
+def _text(ds: Dataset, keyword: str, max_chars: int = 64) -> str:
+    """A short text element as a string ("" when absent or undecodable)."""
+    try:
+        return str(ds.get(keyword, "") or "").strip()[:max_chars]
+    except Exception:  # noqa: BLE001 - a value pydicom cannot decode is no value
+        return ""
+
+
 def _check_complete(ds: Dataset) -> None:
     """Raise :class:`_Refused` if an element of ``ds`` (not yet parsed) holds fewer bytes than
     its declared length: pydicom reads what is there, so a dataset cut short, or whose last
@@ -500,16 +508,21 @@ class StorageSCP:
             should be quick (record the instance, e.g. in the job store). If it raises, the
             sender gets 0x0110 (Processing failure).
         metrics: counters to update; None keeps private ones.
+        on_refused: called with ``(calling_ae, called_ae, peer, reason)`` for every refused
+            association (e.g. recorded in the job store for the operators); its failure is
+            logged, never raised.
 
     Raises:
         ValueError: an ``allowed_callers[i].hosts`` entry is not an IP address (it names it).
     """
 
     def __init__(self, cfg: ScpConfig, spool: Spool, on_stored: Callable[[StoredInstance], None],
-                 metrics: GatewayMetrics | None = None) -> None:
+                 metrics: GatewayMetrics | None = None,
+                 on_refused: Callable[[str, str, str, str], None] | None = None) -> None:
         self.cfg = cfg
         self.spool = spool
         self.on_stored = on_stored
+        self.on_refused = on_refused
         self.metrics = metrics if metrics is not None else GatewayMetrics()
         self._callers: dict[str, frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {}
         for i, caller in enumerate(cfg.allowed_callers):
@@ -765,6 +778,7 @@ class StorageSCP:
         self.metrics.associations.labels(result="rejected").inc()
         LOGGER.warning("association rejected: %s", reason,
                        extra={"calling_ae": calling_ae, "peer": peer, "reason": reason})
+        self._refused(calling_ae, called_ae, peer, reason)
         assoc.kill()
 
     def _on_accepted(self, event: Event) -> None:
@@ -777,9 +791,19 @@ class StorageSCP:
         """pynetdicom rejected the association itself (its own checks; the SCP's limits are
         in :meth:`_on_requested`, pynetdicom's association limit is set out of reach)."""
         self.metrics.associations.labels(result="rejected").inc()
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
         LOGGER.warning("association rejected by pynetdicom", extra={
-            "calling_ae": event.assoc.requestor.ae_title.strip(),
-            "peer": event.assoc.requestor.address, "reason": "pynetdicom"})
+            "calling_ae": calling_ae, "peer": event.assoc.requestor.address, "reason": "pynetdicom"})
+        self._refused(calling_ae, self.cfg.ae_title, str(event.assoc.requestor.address),
+                      "rejected by pynetdicom (association negotiation)")
+
+    def _refused(self, calling_ae: str, called_ae: str, peer: str, reason: str) -> None:
+        if self.on_refused is None:
+            return
+        try:
+            self.on_refused(calling_ae, called_ae, peer, reason)
+        except Exception as exc:  # recording is a courtesy; the refusal stands
+            LOGGER.error("recording a refused association failed: %s", type(exc).__name__)
 
     # -- C-STORE -----------------------------------------------------------------------------
 
@@ -839,7 +863,9 @@ class StorageSCP:
         stored = StoredInstance(study_uid=study_uid, series_uid=series_uid,
                                 sop_instance_uid=sop_uid, sop_class_uid=sop_class, path=path,
                                 n_bytes=len(data), received_at=time.time(),
-                                calling_ae=fields["calling_ae"])
+                                calling_ae=fields["calling_ae"],
+                                accession_number=_text(ds, "AccessionNumber"),
+                                patient_id=_text(ds, "PatientID"))
         try:
             self.on_stored(stored)
         except Exception as exc:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from medssl.errors import MedsslError
 
-__all__ = ["Spool", "SpoolError", "SpoolFullError", "StoredInstance"]
+__all__ = ["QuarantineEntry", "Spool", "SpoolError", "SpoolFullError", "StoredInstance"]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UID_MAX_CHARS = 64
@@ -53,6 +53,8 @@ class StoredInstance:
         n_bytes: size of ``path`` in bytes.
         received_at: when it was stored, seconds since the epoch (:func:`time.time`).
         calling_ae: the AE title of the sender (stripped).
+        accession_number / patient_id: the instance's AccessionNumber and PatientID ("" when
+            absent), for the job store; never logged.
     """
 
     study_uid: str
@@ -63,6 +65,27 @@ class StoredInstance:
     n_bytes: int
     received_at: float
     calling_ae: str
+    accession_number: str = ""
+    patient_id: str = ""
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """One quarantined input (see :meth:`Spool.quarantine`).
+
+    Attributes:
+        name: the file's stem (``<UTC yyyymmddTHHMMSS>-<uuid>``).
+        time: when it was stored (the file's mtime, epoch s).
+        n_bytes: size of the refused bytes.
+        reason: why it was refused.
+        context: the note's other fields (calling AE, peer, UIDs; never PHI).
+    """
+
+    name: str
+    time: float
+    n_bytes: int
+    reason: str
+    context: dict[str, str]
 
 
 def _check_uid(uid: str, what: str) -> str:
@@ -194,6 +217,44 @@ class Spool:
         self._write_durably(data, target)
         self._write_durably(json.dumps(note, indent=2).encode(), target.with_suffix(".json"))
         return target
+
+    def quarantined(self) -> list[QuarantineEntry]:
+        """The quarantined files, newest first, each with its note (a missing or unreadable
+        ``.json`` gives the reason "no note")."""
+        entries = []
+        for path in self.quarantine_dir.glob("*.dcm"):
+            try:
+                note = json.loads(path.with_suffix(".json").read_text())
+                if not isinstance(note, dict):
+                    raise ValueError("not an object")
+            except (OSError, ValueError):
+                note = {"reason": "no note"}
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # purged meanwhile
+                continue
+            entries.append(QuarantineEntry(name=path.stem, time=stat.st_mtime, n_bytes=stat.st_size,
+                                           reason=str(note.get("reason", "")),
+                                           context={str(k): str(v) for k, v in note.items()
+                                                    if k not in ("reason", "time")}))
+        return sorted(entries, key=lambda e: (e.time, e.name), reverse=True)
+
+    def purge_quarantine(self, before: float) -> int:
+        """Delete quarantined files (and their notes) stored before ``before`` (epoch s);
+        returns how many entries were removed."""
+        removed = 0
+        for path in list(self.quarantine_dir.glob("*.dcm")):
+            try:
+                if path.stat().st_mtime >= before:
+                    continue
+            except FileNotFoundError:
+                continue
+            path.with_suffix(".json").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            _fsync_dir(self.quarantine_dir)
+        return removed
 
     def study_dir(self, study_uid: str) -> Path:
         """``incoming/<study_uid>`` (not created).
