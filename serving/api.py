@@ -124,7 +124,9 @@ class ApiServer:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(str(self.cfg.tls.certificate), str(self.cfg.tls.private_key))
-            server.socket = context.wrap_socket(server.socket, server_side=True)
+            # the handshake happens in the request's thread (bounded by the handler's timeout),
+            # so a client that connects and never says hello cannot stall the listener
+            server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="medssl-api", daemon=True)

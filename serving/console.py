@@ -65,6 +65,20 @@ def _table(caption: str, headers: list[str], rows: list[list[str]], empty: str =
             f'</div></section>')
 
 
+def _t(iso: str | None) -> str:
+    """An ISO 8601 UTC time as ``<time>`` (``2026-12-07 10:15:02``; the column says UTC)."""
+    if not iso:
+        return ""
+    return f'<time datetime="{_e(iso)}">{_e(iso.replace("T", " ").rstrip("Z"))}</time>'
+
+
+def _short(text: str | None, limit: int = 160) -> str:
+    """Long text cut for a table cell; the whole text is on the study page and in the title."""
+    if not text or len(text) <= limit:
+        return _e(text)
+    return f'<span title="{_e(text)}">{_e(text[:limit - 1])}…</span>'
+
+
 def _state(state: str) -> str:
     return f'<span class="state state-{_e(state)}">{_e(state)}</span>'
 
@@ -106,7 +120,7 @@ def _studies_rows(items: list[dict[str, Any]], show_pid: bool, csrf: str = "", n
         row = [_study_link(j), _state(j["state"]), _uid(j["study_uid"]), _e(j["accession_number"])]
         if show_pid:
             row.append(_e(j.get("patient_id")))
-        row += [_e(j["received_at"]), _e(j["finished_at"]), _e(j["attempts"]), _e(j["error"])]
+        row += [_t(j["received_at"]), _t(j["finished_at"]), _e(j["attempts"]), _short(j["error"])]
         if retry:
             row.append(_button("retry", j["id"], "Retry", csrf, next_page, reason=False)
                        if j["state"] in ("failed", "dead-letter") else "")
@@ -142,10 +156,10 @@ def _overview(ops: Operations, csrf: str) -> str:
     hours = []
     for h in data["throughput_per_hour"]:
         total = sum(h[s.value] for s in FINISHED)
-        hours.append([_e(h["hour"]), f'<meter min="0" max="{top}" value="{total}">{total}</meter> {total}',
+        hours.append([_t(h["hour"]), f'<meter min="0" max="{top}" value="{total}">{total}</meter> {total}',
                       _e(h["done"]), _e(h["failed"]), _e(h["dead-letter"])])
     destinations = [[_e(d["name"]), _e(d["address"]), f'<span class="dest dest-{_e(d["status"])}">{_e(d["status"])}</span>',
-                     _e(d["last_attempt_at"]), _e(d["pending"]), _e(d["dead_letter"]), _e(d["last_error"])]
+                     _t(d["last_attempt_at"]), _e(d["pending"]), _e(d["dead_letter"]), _short(d["last_error"])]
                     for d in data["destinations"]]
     failures = data["failures_24h"]
     return (f'<section aria-live="polite"><h2>Queue</h2><div class="cards">{cards}</div>{ready_html}</section>'
@@ -183,7 +197,7 @@ def _study(ops: Operations, ref: str, csrf: str) -> str:
               ("Results written", "inferred_at", "inference"), ("Finished", "finished_at", "send")]
     timeline = "".join(
         f'<li class="{"reached" if j[key] else "pending"}"><span class="stage">{label}</span> '
-        f'<time>{_e(j[key] or "not yet")}</time>'
+        + (_t(j[key]) or "not yet")
         + (f' <span class="took">({j["durations_s"][span]:.1f} s)</span>' if span and j["durations_s"][span] is not None else "")
         + "</li>" for label, key, span in stages)
     facts = [("State", _state(j["state"])), ("Study UID", _uid(j["study_uid"])),
@@ -211,9 +225,9 @@ def _study(ops: Operations, ref: str, csrf: str) -> str:
     series = [[_uid(s["series_uid"]), _e(s["description"]), _e(s["model"]), _state(s["status"]),
                _e(s["n_findings"]), _e(s["reason"])] for s in j["series"]]
     outputs = [[_e(o["kind"].upper()), _e(o["model"]), _uid(o["sop_instance_uid"])] for o in j["outputs"]]
-    deliveries = [[_e(d["destination"]), _state(d["state"]), _e(d["attempts"]), _e(d["last_attempt_at"]),
-                   _e(d["next_attempt_at"]), _e(d["last_error"])] for d in j["deliveries"]]
-    acted = [[_e(a["at"]), _e(a["actor"]), _e(a["action"]), _e(a["detail"]), _e(a["reason"]), _e(a["outcome"])]
+    deliveries = [[_e(d["destination"]), _state(d["state"]), _e(d["attempts"]), _t(d["last_attempt_at"]),
+                   _t(d["next_attempt_at"]), _e(d["last_error"])] for d in j["deliveries"]]
+    acted = [[_t(a["at"]), _e(a["actor"]), _e(a["action"]), _e(a["detail"]), _e(a["reason"]), _e(a["outcome"])]
              for a in j["actions"]]
     return (f'<dl class="facts">{dl}</dl>'
             + (f'<section><h2>Actions</h2><div class="actions">{"".join(actions)}</div></section>' if actions else "")
@@ -243,7 +257,7 @@ def _deliveries(ops: Operations, query: dict[str, list[str]]) -> str:
     form = ('<form method="get" action="/deliveries" class="filters"><label>State <select name="state">'
             f'<option value="">any</option>{options}</select></label><button type="submit">Filter</button></form>')
     rows = [[f'<a href="/studies/{d["job_id"]}">{d["job_id"]}</a>', _e(d["destination"]), _state(d["state"]),
-             _e(d["attempts"]), _e(d["last_attempt_at"]), _e(d["next_attempt_at"]), _e(d["last_error"])]
+             _e(d["attempts"]), _t(d["last_attempt_at"]), _t(d["next_attempt_at"]), _short(d["last_error"])]
             for d in data["items"]]
     return (form + _table(f"Deliveries ({data['total']})", ["Job", "Destination", "State", "Attempts",
                                                             "Last attempt (UTC)", "Next attempt (UTC)", "Last error"],
@@ -253,7 +267,7 @@ def _deliveries(ops: Operations, query: dict[str, list[str]]) -> str:
 def _quarantine(ops: Operations, query: dict[str, list[str]], csrf: str) -> str:
     offset = int_param(query, "offset", 0)
     data = ops.quarantine(limit=_PAGE, offset=offset)
-    rows = [[_e(q["at"]), _e(q["reason"]), _e(q["context"].get("calling_ae")), _e(q["context"].get("peer")),
+    rows = [[_t(q["at"]), _e(q["reason"]), _e(q["context"].get("calling_ae")), _e(q["context"].get("peer")),
              _uid(q["context"].get("sop_instance_uid", "")), _e(q["bytes"]), f'<code>{_e(q["name"])}</code>']
             for q in data["items"]]
     purge = ('<form method="post" action="/api/v1/quarantine/purge" class="action">'
@@ -270,7 +284,7 @@ def _quarantine(ops: Operations, query: dict[str, list[str]], csrf: str) -> str:
 def _refused(ops: Operations, query: dict[str, list[str]]) -> str:
     offset = int_param(query, "offset", 0)
     data = ops.refusals(limit=_PAGE, offset=offset)
-    rows = [[_e(r["at"]), f'<code>{_e(r["calling_ae"])}</code>', f'<code>{_e(r["called_ae"])}</code>',
+    rows = [[_t(r["at"]), f'<code>{_e(r["calling_ae"])}</code>', f'<code>{_e(r["called_ae"])}</code>',
              _e(r["peer"]), _e(r["reason"])] for r in data["items"]]
     return (_table(f"Refused associations ({data['total']})", ["At (UTC)", "Calling AE", "Called AE", "Peer",
                                                                 "Reason"], rows, "none")

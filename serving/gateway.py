@@ -209,8 +209,7 @@ class Gateway:
 
     def _on_stored(self, instance: StoredInstance) -> None:
         self.store.record_instance(instance.study_uid, instance.received_at,
-                                   accession_number=instance.accession_number,
-                                   patient_id=instance.patient_id)
+                                   accession_number=instance.accession_number)
 
     def _assemble_round(self) -> bool:
         for job in self.store.assemble(self.cfg.spool.study_idle_s):

@@ -103,8 +103,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     purged INTEGER NOT NULL DEFAULT 0,
     supersedes INTEGER REFERENCES jobs (id),
     n_processed INTEGER,
-    accession_number TEXT NOT NULL DEFAULT '',
-    patient_id TEXT NOT NULL DEFAULT ''
+    accession_number TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, next_attempt_at);
 CREATE UNIQUE INDEX IF NOT EXISTS one_open_job_per_study ON jobs (study_uid)
@@ -169,7 +168,6 @@ _ADDED_COLUMNS = {
     ("jobs", "supersedes"): "ALTER TABLE jobs ADD COLUMN supersedes INTEGER REFERENCES jobs (id)",
     ("jobs", "n_processed"): "ALTER TABLE jobs ADD COLUMN n_processed INTEGER",
     ("jobs", "accession_number"): "ALTER TABLE jobs ADD COLUMN accession_number TEXT NOT NULL DEFAULT ''",
-    ("jobs", "patient_id"): "ALTER TABLE jobs ADD COLUMN patient_id TEXT NOT NULL DEFAULT ''",
     ("deliveries", "last_attempt_at"): "ALTER TABLE deliveries ADD COLUMN last_attempt_at REAL",
 }
 
@@ -187,9 +185,7 @@ class Job:
         n_processed: instances of the study that the job's last processing attempt read
             (the whole study, earlier instances included); None until it recorded a result.
         accession_number: the study's AccessionNumber as its first instance gave it ("" when
-            it had none).
-        patient_id: its PatientID: identifying, shown only where an operator switched it on
-            (``api.show_patient_id``); never logged.
+            it had none). The store holds no patient-identifying value (no PatientID, no name).
     """
 
     id: int
@@ -209,7 +205,6 @@ class Job:
     supersedes: int | None
     n_processed: int | None
     accession_number: str = ""
-    patient_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -335,12 +330,12 @@ class JobStore:
     # --- receiving -------------------------------------------------------------------------
 
     def record_instance(self, study_uid: str, received_at: float | None = None, *,
-                        accession_number: str = "", patient_id: str = "") -> Job:
+                        accession_number: str = "") -> Job:
         """Count a stored instance of ``study_uid``: open, extend or re-open its job.
 
         With no open job, the new job supersedes the study's latest earlier job whose files
-        are still spooled (module docstring: late instances). ``accession_number`` and
-        ``patient_id`` fill the job's columns while they are empty.
+        are still spooled (module docstring: late instances). ``accession_number`` fills the
+        job's column while it is empty.
 
         Returns:
             The study's open job (state ``received``, idle timer restarted at ``received_at``).
@@ -355,17 +350,15 @@ class JobStore:
                 supersedes = earlier["id"] if earlier is not None and not earlier["purged"] else None
                 job_id = db.execute(
                     "INSERT INTO jobs (study_uid, state, n_instances, created_at, last_instance_at, "
-                    "idle_since, supersedes, accession_number, patient_id) "
-                    "VALUES (?, 'received', 1, ?, ?, ?, ?, ?, ?)",
-                    (study_uid, now, now, now, supersedes, accession_number, patient_id)).lastrowid
+                    "idle_since, supersedes, accession_number) VALUES (?, 'received', 1, ?, ?, ?, ?, ?)",
+                    (study_uid, now, now, now, supersedes, accession_number)).lastrowid
             else:
                 job_id = row["id"]
                 db.execute("UPDATE jobs SET state = 'received', queued_at = NULL, "
                            "n_instances = n_instances + 1, last_instance_at = ?, "
                            "idle_since = MAX(idle_since, ?), "
-                           "accession_number = CASE WHEN accession_number = '' THEN ? ELSE accession_number END, "
-                           "patient_id = CASE WHEN patient_id = '' THEN ? ELSE patient_id END "
-                           "WHERE id = ?", (now, now, accession_number, patient_id, job_id))
+                           "accession_number = CASE WHEN accession_number = '' THEN ? ELSE accession_number END "
+                           "WHERE id = ?", (now, now, accession_number, job_id))
             return self._job(db, job_id)
 
     def reconcile(self, study_uids: Sequence[str], now: float | None = None) -> list[Job]:
@@ -873,7 +866,7 @@ def _job(row: sqlite3.Row) -> Job:
                queued_at=row["queued_at"], started_at=row["started_at"], inferred_at=row["inferred_at"],
                finished_at=row["finished_at"], next_attempt_at=row["next_attempt_at"], error=row["error"],
                supersedes=row["supersedes"], n_processed=row["n_processed"],
-               accession_number=row["accession_number"], patient_id=row["patient_id"])
+               accession_number=row["accession_number"])
 
 
 def _action(row: sqlite3.Row) -> Action:

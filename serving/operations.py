@@ -12,7 +12,8 @@ old quarantine; each is recorded in the job store with who, when and why.
 
 Every value returned is JSON-able: times are ISO 8601 UTC strings, durations seconds. No
 patient-identifying value is returned unless the configuration says so
-(``api.show_patient_id``): a study is named by its StudyInstanceUID and AccessionNumber, a
+(``api.show_patient_id``: the PatientID, read from the spooled study on demand, as the job
+store never holds it): a study is named by its StudyInstanceUID and AccessionNumber, a
 series by its SeriesInstanceUID and SeriesDescription.
 """
 
@@ -22,6 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
+
+import pydicom
 
 from medssl.serving.config import GatewayConfig
 from medssl.serving.jobstore import FINISHED, Action, ActionRefused, Delivery, Job, JobState, JobStore
@@ -68,6 +71,7 @@ class Operations:
         self.spool = spool
         self.cfg = cfg
         self.ready = ready
+        self._patient_ids: dict[str, str] = {}
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -278,8 +282,25 @@ class Operations:
                             "total": _span(job.created_at, job.finished_at)},
         }
         if self.cfg.api.show_patient_id:
-            out["patient_id"] = job.patient_id
+            out["patient_id"] = self._patient_id(job.study_uid)
         return out
+
+    def _patient_id(self, study_uid: str) -> str:
+        """The PatientID of a study's first spooled instance ("" once purged): read from the
+        spool on demand, so that the job store never holds it."""
+        if study_uid not in self._patient_ids:
+            files = self.spool.study_files(study_uid)
+            value = ""
+            if files:
+                try:
+                    header = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["PatientID"])
+                    value = str(header.get("PatientID", "") or "")
+                except Exception:  # noqa: BLE001 - an unreadable file shows no ID
+                    value = ""
+            if len(self._patient_ids) > 4096:
+                self._patient_ids.clear()
+            self._patient_ids[study_uid] = value
+        return self._patient_ids[study_uid]
 
 
 def _page(limit: int, offset: int) -> tuple[int, int]:

@@ -864,8 +864,7 @@ class StorageSCP:
                                 sop_instance_uid=sop_uid, sop_class_uid=sop_class, path=path,
                                 n_bytes=len(data), received_at=time.time(),
                                 calling_ae=fields["calling_ae"],
-                                accession_number=_text(ds, "AccessionNumber"),
-                                patient_id=_text(ds, "PatientID"))
+                                accession_number=_text(ds, "AccessionNumber"))
         try:
             self.on_stored(stored)
         except Exception as exc:

@@ -53,8 +53,8 @@ class StoredInstance:
         n_bytes: size of ``path`` in bytes.
         received_at: when it was stored, seconds since the epoch (:func:`time.time`).
         calling_ae: the AE title of the sender (stripped).
-        accession_number / patient_id: the instance's AccessionNumber and PatientID ("" when
-            absent), for the job store; never logged.
+        accession_number: the instance's AccessionNumber ("" when absent), for the job store
+            and the operators; never logged.
     """
 
     study_uid: str
@@ -66,7 +66,6 @@ class StoredInstance:
     received_at: float
     calling_ae: str
     accession_number: str = ""
-    patient_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -235,3 +235,41 @@ def triton_env() -> Path:
         if os.environ.get("CI"):
             pytest.fail(f"{exc}. CI must run the Triton tests: `make setup-test` builds the env")
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost / 127.0.0.1 and its key, made with openssl."""
+    openssl = require_tool("openssl", "openssl")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+#: Debian's chromium, the real browser of the viewer and console tests (driven by playwright).
+CHROMIUM = "/usr/bin/chromium"
+#: Chromium flags for tests: no sandbox (root in CI), software GL, and no name resolves to
+#: anything but 127.0.0.1 (nothing may be fetched from elsewhere).
+CHROMIUM_ARGS = ["--no-sandbox", "--enable-unsafe-swiftshader", "--no-proxy-server",
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
+
+
+def require_browser(*more: tuple[str, bool]) -> None:
+    """Chromium and playwright (and the ``(what, present)`` pairs in ``more``): skip without
+    them, except as root (CI, where ``make setup-test`` installs them) or under ``CI``, where
+    their absence is a failure."""
+    must = os.geteuid() == 0 or bool(os.environ.get("CI"))
+    try:
+        import playwright.sync_api  # noqa: F401
+        has_playwright = True
+    except ImportError:
+        has_playwright = False
+    missing = [what for what, ok in (("chromium (apt-get install chromium)", Path(CHROMIUM).is_file()),
+                                     ("playwright (pip install playwright)", has_playwright), *more) if not ok]
+    if missing:
+        (pytest.fail if must else pytest.skip)("not installed: " + ", ".join(missing))

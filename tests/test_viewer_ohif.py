@@ -75,14 +75,13 @@ from medssl.io import SeriesInfo, write_dicom_series
 from medssl.pipeline.detect import Detection
 from medssl.serving import write_detection_sr
 from medssl.serving.seg import write_detection_seg
-from tests.conftest import require_tool
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, require_browser, require_tool
 from tests.orthanc import OrthancServer
 from tests.test_serving_dicom import INFO, NODULES, card  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Where ``make ohif`` unpacks ``npm pack @ohif/app@3.13.2`` (its ``package/dist``).
 OHIF_DIST = Path(os.environ.get("MEDSSL_OHIF_DIST", ROOT / ".cache" / "ohif" / "package" / "dist"))
-CHROMIUM = "/usr/bin/chromium"
 SHAPE, SPACING, ORIGIN = (16, 64, 64), (2.0, 1.25, 1.25), (-40.0, -60.0, -120.0)
 #: Screenshots of finding 1's slice, our SR and its 2D-point variant (committed; rewritten by
 #: these tests only when ``MEDSSL_OHIF_FIGURES=1``).
@@ -92,25 +91,9 @@ STEP_MS = 20_000
 
 
 def _installed() -> None:
-    """Chromium, playwright and OHIF's dist: skip without them, except as root (CI, where
-    ``make setup-test`` installs them) or under ``CI``, where their absence is a failure."""
-    must = os.geteuid() == 0 or bool(os.environ.get("CI"))
-    missing = [what for what, ok in (
-        ("chromium (apt-get install chromium)", Path(CHROMIUM).is_file()),
-        ("playwright (pip install playwright)", _has_playwright()),
-        (f"OHIF's dist in {OHIF_DIST} (make ohif)", (OHIF_DIST / "index.html").is_file()),
-    ) if not ok]
-    if missing:
-        (pytest.fail if must else pytest.skip)("not installed: " + ", ".join(missing))
+    """Chromium, playwright and OHIF's dist (see :func:`tests.conftest.require_browser`)."""
+    require_browser((f"OHIF's dist in {OHIF_DIST} (make ohif)", (OHIF_DIST / "index.html").is_file()))
     require_tool("Orthanc", "orthanc")
-
-
-def _has_playwright() -> bool:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _chest(path: Path, seed: str) -> tuple[Volume, list[Path], list[pydicom.Dataset],
@@ -202,9 +185,7 @@ def _viewer(tmp_path: Path, files: list[Path]) -> Iterator[tuple]:
     with OrthancServer(tmp_path / "orthanc", dicomweb=True) as pacs:
         pacs.upload(files)
         with _OhifSite(OHIF_DIST, pacs.url) as site, sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--enable-unsafe-swiftshader", "--no-proxy-server",
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"])
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page(viewport={"width": 1280, "height": 800})
                 console: list[str] = []
