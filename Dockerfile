@@ -105,7 +105,7 @@ USER 10001:10001
 VOLUME ["/var/lib/medssl/spool"]
 
 # DICOM (scp.port) and HTTP /metrics, /healthz, /readyz (http.port).
-EXPOSE 11112 9110
+EXPOSE 11112 9110 9111
 
 # medssl-serve handles SIGTERM itself: it stops accepting associations, finishes the study in
 # hand or leaves it to be resumed, then exits. That takes up to ~90 s, more than docker's 10 s

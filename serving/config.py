@@ -411,8 +411,9 @@ class ApiConfig:
 
     def __post_init__(self) -> None:
         _port(self.port, "port")
-        if (self.username is None) != (self.password is None):
-            raise ValueError("HTTP basic credentials need both username and password")
+        if self.enabled and (self.username is None) != (self.password is None):
+            raise ValueError("HTTP basic credentials need both username and password (give the password "
+                             "by environment: MEDSSL_GATEWAY__API__PASSWORD)")
         if self.token is not None and len(self.token) < 16:
             raise ValueError("token must have at least 16 characters")
         if self.password is not None and len(self.password) < 8:

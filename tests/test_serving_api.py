@@ -362,7 +362,7 @@ def test_https_when_a_certificate_is_given(tmp_path, certificate):
 def test_the_api_is_off_by_default_and_refuses_to_start_without_credentials(tmp_path):
     assert GatewayConfig(routes=_cfg(tmp_path).routes).api.enabled is False
     for api in ({"username": None, "password": None, "token": None}, {"token": "short"},
-                {"password": "short"}, {"username": None}):
+                {"password": "short"}, {"username": None}, {"password": None}):
         with pytest.raises(ConfigError):
             _cfg(tmp_path, **api)
     with pytest.raises(ValueError):

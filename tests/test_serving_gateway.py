@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -282,6 +283,13 @@ def test_an_unknown_calling_ae_is_rejected(start_gateway, studies):
     assert refused.returncode != 0
     assert "reject" in (refused.stdout + refused.stderr).lower()
     assert gateway.spooled() == []
+    # recorded for the operators (the console's "Refused" page, /api/v1/refusals)
+    db = sqlite3.connect(gateway.spool / "jobs.sqlite", timeout=10)
+    try:
+        rows = db.execute("SELECT calling_ae, called_ae, peer, reason FROM refusals").fetchall()
+    finally:
+        db.close()
+    assert rows == [("INTRUDER", "MEDSSL", "127.0.0.1", "calling AE title not allowed")]
 
 
 def test_a_gateway_killed_during_reception_loses_nothing(start_gateway, orthanc, studies):
