@@ -35,7 +35,6 @@ import json
 import logging
 import secrets
 import ssl
-import threading
 import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,6 +43,7 @@ from typing import Any
 
 from medssl.serving import console
 from medssl.serving.config import ApiConfig
+from medssl.serving.http import HttpListener
 from medssl.serving.httpquery import int_param as _int
 from medssl.serving.httpquery import list_param as _list
 from medssl.serving.httpquery import one_param as _one
@@ -79,7 +79,7 @@ class _HttpError(Exception):
         self.headers = headers or {}
 
 
-class ApiServer:
+class ApiServer(HttpListener):
     """Serves the API and console of one gateway (module docstring).
 
     Args:
@@ -87,62 +87,38 @@ class ApiServer:
         ops: what the endpoints read and do.
     """
 
+    what = "operator API"
+
     def __init__(self, cfg: ApiConfig, ops: Operations) -> None:
+        super().__init__(cfg.host, cfg.port)
         self.cfg = cfg
         self.ops = ops
+        self.handler = _Handler
         self._secret = secrets.token_bytes(32)  # per process: CSRF tokens change at restart
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        """The bound port. Raises RuntimeError when not started."""
-        if self._server is None:
-            raise RuntimeError("the API server is not started")
-        return int(self._server.server_address[1])
 
     @property
     def scheme(self) -> str:
         return "https" if self.cfg.tls.enabled else "http"
 
     def start(self) -> None:
-        """Bind (wrapping the socket in TLS when configured) and serve on a daemon thread.
+        """Bind (in TLS when configured) and serve on a daemon thread.
 
         Raises:
             OSError: the address cannot be bound.
             ssl.SSLError: the certificate or key cannot be loaded.
         """
-        if self._server is not None:
-            raise RuntimeError(f"the API server already serves on port {self.port}")
-        handler = type("Handler", (_Handler,), {"owner": self})
-        try:
-            server = _Server((self.cfg.host, self.cfg.port), handler)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot serve the API on {self.cfg.host}:{self.cfg.port}: "
-                                     f"{exc.strerror or exc}") from exc
-        if self.cfg.tls.enabled:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.load_cert_chain(str(self.cfg.tls.certificate), str(self.cfg.tls.private_key))
-            # the handshake happens in the request's thread (bounded by the handler's timeout),
-            # so a client that connects and never says hello cannot stall the listener
-            server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="medssl-api", daemon=True)
-        self._thread.start()
+        super().start()
         LOGGER.info("operator API and console on %s://%s:%d/", self.scheme, self.cfg.host, self.port)
 
-    def stop(self) -> None:
-        """Stop serving (a no-op when not started)."""
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None:
+    def _wrap(self, server: ThreadingHTTPServer) -> None:
+        if not self.cfg.tls.enabled:
             return
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(self.cfg.tls.certificate), str(self.cfg.tls.private_key))
+        # the handshake happens in the request's thread (bounded by the handler's timeout),
+        # so a client that connects and never says hello cannot stall the listener
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
 
     # --- credentials ------------------------------------------------------------------------
 
@@ -169,13 +145,6 @@ class ApiServer:
     def csrf_token(self, principal: str) -> str:
         """The CSRF token of ``principal``'s session (HMAC of a per-process secret)."""
         return hmac.new(self._secret, b"csrf:" + principal.encode(), hashlib.sha256).hexdigest()
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        LOGGER.debug("API connection from %s failed", client_address, exc_info=True)
 
 
 class _Handler(BaseHTTPRequestHandler):

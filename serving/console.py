@@ -204,8 +204,8 @@ def _study(ops: Operations, ref: str, csrf: str) -> str:
              ("Accession", _e(j["accession_number"]))]
     if ops.cfg.api.show_patient_id:
         facts.append(("Patient ID", _e(j.get("patient_id"))))
-    facts += [("Attempts", _e(j["attempts"])), ("Instances", f'{_e(j["instances"])} received, '
-                                                             f'{_e(j["instances_processed"])} processed'),
+    facts += [("Attempts", _e(j["attempts"])), ("Instances", (f'{_e(j["instances"])} received, '
+                                                              f'{_e(j["instances_processed"])} processed')),
               ("Error or note", _e(j["error"] or "—"))]
     if j["supersedes"]:
         facts.append(("Supersedes", f'<a href="/studies/{j["supersedes"]}">job {j["supersedes"]}</a>'))

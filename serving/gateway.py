@@ -34,9 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from medssl.errors import MedsslError, RunnerError
+from medssl.serving.api import ApiServer
 from medssl.serving.config import GatewayConfig
 from medssl.serving.http import HealthServer
-from medssl.serving.api import ApiServer
 from medssl.serving.jobstore import Job, JobState, JobStore, Output, SeriesRecord
 from medssl.serving.logs import safe_error
 from medssl.serving.metrics import GatewayMetrics

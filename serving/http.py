@@ -24,7 +24,7 @@ from typing import Any
 from medssl.serving.config import HttpConfig
 from medssl.serving.metrics import GatewayMetrics
 
-__all__ = ["METRICS_CONTENT_TYPE", "HealthServer"]
+__all__ = ["METRICS_CONTENT_TYPE", "HealthServer", "HttpListener"]
 
 LOGGER = logging.getLogger("medssl.serving.http")
 
@@ -35,34 +35,32 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 Check = Callable[[], tuple[bool, str]]
 
 
-class HealthServer:
-    """``/metrics``, ``/healthz`` and ``/readyz`` on ``cfg.host:cfg.port`` (module docstring).
+class HttpListener:
+    """A threaded HTTP server on its own daemon thread: what :class:`HealthServer` and the
+    operator API (:class:`~medssl.serving.api.ApiServer`) share.
 
-    Args:
-        cfg: bind address and port (0 picks a free port, see :attr:`port`).
-        metrics: what ``/metrics`` renders.
-        ready: the readiness check, called on every ``/readyz``.
-        healthy: the liveness check, called on every ``/healthz``.
+    Subclasses set :attr:`what` (named in errors and the log), :attr:`handler` (a
+    :class:`BaseHTTPRequestHandler` subclass that finds the listener as ``self.owner``) and
+    may wrap the socket (:meth:`_wrap`, e.g. in TLS).
     """
 
-    def __init__(self, cfg: HttpConfig, metrics: GatewayMetrics, ready: Check,
-                 healthy: Check) -> None:
-        self.cfg = cfg
-        self.metrics = metrics
-        self.ready = ready
-        self.healthy = healthy
+    what = "HTTP"
+    handler: type[BaseHTTPRequestHandler]
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.requested_port = host, port
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
-        """The bound port (the one the OS picked when ``cfg.port`` is 0).
+        """The bound port (the one the OS picked when the requested port is 0).
 
         Raises:
             RuntimeError: not started.
         """
         if self._server is None:
-            raise RuntimeError("the health server is not started")
+            raise RuntimeError(f"the {self.what} server is not started")
         return int(self._server.server_address[1])
 
     def start(self) -> None:
@@ -73,18 +71,25 @@ class HealthServer:
             RuntimeError: already started.
         """
         if self._server is not None:
-            raise RuntimeError(f"the health server already serves on port {self.port}")
-        handler = type("Handler", (_Handler,), {"owner": self})
+            raise RuntimeError(f"the {self.what} server already serves on port {self.port}")
+        handler = type("Handler", (self.handler,), {"owner": self})
         try:
-            server = _Server((self.cfg.host, self.cfg.port), handler)
+            server = _Server((self.host, self.requested_port), handler)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot serve HTTP on {self.cfg.host}:{self.cfg.port}: "
+            raise OSError(exc.errno, f"cannot serve {self.what} on {self.host}:{self.requested_port}: "
                                      f"{exc.strerror or exc}") from exc
+        try:
+            self._wrap(server)
+        except BaseException:
+            server.server_close()
+            raise
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="medssl-http", daemon=True)
+                                        name=f"medssl-{self.what.lower().replace(' ', '-')}", daemon=True)
         self._thread.start()
-        LOGGER.info("metrics and health checks on http://%s:%d", self.cfg.host, self.port)
+
+    def _wrap(self, server: ThreadingHTTPServer) -> None:
+        """Change the bound server before it serves (nothing here)."""
 
     def stop(self) -> None:
         """Stop serving and close the socket (a no-op when not started)."""
@@ -96,6 +101,33 @@ class HealthServer:
         server.server_close()
         if thread is not None:
             thread.join(timeout=5)
+
+
+class HealthServer(HttpListener):
+    """``/metrics``, ``/healthz`` and ``/readyz`` on ``cfg.host:cfg.port`` (module docstring).
+
+    Args:
+        cfg: bind address and port (0 picks a free port, see :attr:`port`).
+        metrics: what ``/metrics`` renders.
+        ready: the readiness check, called on every ``/readyz``.
+        healthy: the liveness check, called on every ``/healthz``.
+    """
+
+    what = "HTTP"
+
+    def __init__(self, cfg: HttpConfig, metrics: GatewayMetrics, ready: Check,
+                 healthy: Check) -> None:
+        super().__init__(cfg.host, cfg.port)
+        self.cfg = cfg
+        self.metrics = metrics
+        self.ready = ready
+        self.healthy = healthy
+        self.handler = _Handler
+
+    def start(self) -> None:
+        """Bind and serve on a daemon thread (see :meth:`HttpListener.start`)."""
+        super().start()
+        LOGGER.info("metrics and health checks on http://%s:%d", self.cfg.host, self.port)
 
 
 class _Server(ThreadingHTTPServer):

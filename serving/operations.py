@@ -27,7 +27,15 @@ from typing import Any
 import pydicom
 
 from medssl.serving.config import GatewayConfig
-from medssl.serving.jobstore import FINISHED, Action, ActionRefused, Delivery, Job, JobState, JobStore
+from medssl.serving.jobstore import (
+    FINISHED,
+    Action,
+    ActionRefused,
+    Delivery,
+    Job,
+    JobState,
+    JobStore,
+)
 from medssl.serving.spool import QuarantineEntry, Spool
 
 __all__ = ["MAX_PAGE", "NotFound", "Operations", "iso"]
