@@ -15,6 +15,7 @@ its ports and paths this way without editing the file.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +45,7 @@ __all__ = [
     "TlsConfig",
     "env_overrides",
     "load_gateway_config",
+    "redact_url",
 ]
 
 #: Keys of the ``api`` section that hold secrets (masked where the config is shown).
@@ -455,7 +457,14 @@ class GatewayConfig:
             for key in SECRET_KEYS:
                 if values["api"].get(key) is not None:
                     values["api"][key] = "***"
+            for destination in values["destinations"]:  # a STOW URL may carry user:password@
+                destination["url"] = redact_url(destination.get("url") or "")
         return values
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@``."""
+    return re.sub(r"//[^/@]*@", "//***@", url)
 
 
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import pydicom
 
-from medssl.serving.config import GatewayConfig
+from medssl.serving.config import GatewayConfig, redact_url
 from medssl.serving.jobstore import (
     FINISHED,
     Action,
@@ -167,7 +167,7 @@ class Operations:
             attempt = last.get(d.name)
             status = ("unknown" if attempt is None else
                       "up" if attempt.state == "sent" and attempt.sent_at == attempt.last_attempt_at else "down")
-            where = d.url if d.kind == "stow" else f"{d.ae_title}@{d.host}:{d.port}"
+            where = redact_url(d.url) if d.kind == "stow" else f"{d.ae_title}@{d.host}:{d.port}"
             out.append({"name": d.name, "kind": d.kind, "address": where, "status": status, "last_attempt_at": iso(attempt.last_attempt_at) if attempt else None,
                         "last_error": attempt.error if attempt is not None and status == "down" else None,
                         "pending": sum(p.destination == d.name for p in pending),

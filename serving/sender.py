@@ -28,7 +28,7 @@ from pynetdicom import AE, Association, evt
 from pynetdicom.status import code_to_category
 
 from medssl.errors import MedsslError
-from medssl.serving.config import DestinationConfig
+from medssl.serving.config import DestinationConfig, redact_url
 
 __all__ = ["SUCCESS_STATUSES", "DeliveryError", "send_files"]
 
@@ -89,7 +89,7 @@ def _describe(destination: DestinationConfig) -> str:
     if destination.kind == "dimse":
         return (f"destination {destination.name!r} "
                 f"({destination.ae_title}@{destination.host}:{destination.port})")
-    return f"destination {destination.name!r} ({destination.url})"
+    return f"destination {destination.name!r} ({redact_url(destination.url)})"
 
 
 # --- DIMSE ---------------------------------------------------------------------------------
