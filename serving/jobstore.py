@@ -776,6 +776,19 @@ class JobStore:
                 "AND m.t = d.last_attempt_at ORDER BY d.id").fetchall()
         return {r["destination"]: _delivery(r) for r in rows}
 
+    def oldest_waiting(self) -> float | None:
+        """When the oldest ``received`` or ``queued`` job received its first instance (None: none)."""
+        with self._lock:
+            row = self._db.execute("SELECT MIN(created_at) FROM jobs WHERE state IN ('received', 'queued')").fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def delivery_counts(self) -> dict[tuple[str, str], int]:
+        """Deliveries per ``(destination, state)``."""
+        with self._lock:
+            rows = self._db.execute("SELECT destination, state, COUNT(*) FROM deliveries "
+                                    "GROUP BY destination, state").fetchall()
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
     def finished_since(self, since: float) -> list[tuple[float, str]]:
         """``(finished_at, state)`` of every job finished at or after ``since``, oldest first."""
         with self._lock:

@@ -150,8 +150,7 @@ class Operations:
         """Jobs per state, and the queue: ``waiting`` (received + queued), ``in_progress``
         (running + sending) and the age of the oldest waiting job in seconds."""
         counts = {s.value: n for s, n in self.store.counts().items()}
-        waiting, _ = self.store.page(states=("received", "queued"), limit=1_000_000)
-        oldest = min((j.created_at for j in waiting), default=None)
+        oldest = self.store.oldest_waiting()
         return {"jobs": counts, "waiting": counts["received"] + counts["queued"],
                 "in_progress": counts["running"] + counts["sending"],
                 "oldest_waiting_s": None if oldest is None else round(time.time() - oldest, 1)}
@@ -160,8 +159,7 @@ class Operations:
         """Each configured destination, up or down by its last delivery attempt (``unknown``
         before any), with that attempt's time and error, and its pending/dead-letter counts."""
         last = self.store.last_attempts()
-        pending, _ = self.store.delivery_page(states=("pending",), limit=1_000_000)
-        dead, _ = self.store.delivery_page(states=("dead-letter",), limit=1_000_000)
+        counts = self.store.delivery_counts()
         out = []
         for d in self.cfg.destinations:
             attempt = last.get(d.name)
@@ -170,8 +168,8 @@ class Operations:
             where = redact_url(d.url) if d.kind == "stow" else f"{d.ae_title}@{d.host}:{d.port}"
             out.append({"name": d.name, "kind": d.kind, "address": where, "status": status, "last_attempt_at": iso(attempt.last_attempt_at) if attempt else None,
                         "last_error": attempt.error if attempt is not None and status == "down" else None,
-                        "pending": sum(p.destination == d.name for p in pending),
-                        "dead_letter": sum(x.destination == d.name for x in dead)})
+                        "pending": counts.get((d.name, "pending"), 0),
+                        "dead_letter": counts.get((d.name, "dead-letter"), 0)})
         return out
 
     def overview(self, now: float | None = None) -> dict[str, Any]:

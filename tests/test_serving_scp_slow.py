@@ -30,11 +30,10 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from medssl.serving.config import ScpConfig, TlsConfig
 from tests.conftest import require_tool
-from tests.test_serving_scp import (  # noqa: F401  (fixtures: gateway, series, certificate)
+from tests.test_serving_scp import (  # noqa: F401  (fixtures: gateway, series; certificate is in conftest)
     _client_context,
     _part10,
     associated,
-    certificate,
     gateway,
     series,
     status_of,
