@@ -172,6 +172,19 @@ _ADDED_COLUMNS = {
 }
 
 
+#: Indexes of the operator's lookups (by study, accession, series, result UID; the last
+#: attempt per destination), created after the columns they need.
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_uid)",
+    "CREATE INDEX IF NOT EXISTS jobs_by_accession ON jobs (accession_number)",
+    "CREATE INDEX IF NOT EXISTS series_by_uid ON series (series_uid)",
+    "CREATE INDEX IF NOT EXISTS outputs_by_uid ON outputs (sop_instance_uid)",
+    "CREATE INDEX IF NOT EXISTS outputs_by_job ON outputs (job_id)",
+    "CREATE INDEX IF NOT EXISTS deliveries_by_destination ON deliveries (destination, last_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at)",
+)
+
+
 @dataclass(frozen=True)
 class Job:
     """One row of ``jobs``; times in epoch seconds (None: not reached).
@@ -310,6 +323,8 @@ class JobStore:
                     db.execute(statement)
             if ("jobs", "idle_since") not in present:
                 db.execute("UPDATE jobs SET idle_since = last_instance_at")
+            for statement in _INDEXES:  # after the columns they index exist
+                db.execute(statement)
 
     def close(self) -> None:
         """Close the database."""
@@ -750,9 +765,9 @@ class JobStore:
             clauses.append("j.created_at < ?")
             args.append(until)
         if uid:
-            clauses.append("(j.study_uid = ? OR j.accession_number = ? OR EXISTS (SELECT 1 FROM series s "
-                           "WHERE s.job_id = j.id AND s.series_uid = ?) OR EXISTS (SELECT 1 FROM outputs o "
-                           "WHERE o.job_id = j.id AND o.sop_instance_uid = ?))")
+            clauses.append("j.id IN (SELECT id FROM jobs WHERE study_uid = ? UNION SELECT id FROM jobs WHERE "
+                           "accession_number = ? UNION SELECT job_id FROM series WHERE series_uid = ? UNION "
+                           "SELECT job_id FROM outputs WHERE sop_instance_uid = ?)")
             args += [uid] * 4
         return ("WHERE " + " AND ".join(clauses)) if clauses else "", args
 
@@ -766,15 +781,17 @@ class JobStore:
                                     f"DESC, id DESC LIMIT ? OFFSET ?", [*states, limit, offset]).fetchall()
         return [_delivery(r) for r in rows], int(total)
 
-    def last_attempts(self) -> dict[str, Delivery]:
-        """Per destination, the delivery whose attempt ended last (its state and error tell
-        whether the destination answered then)."""
+    def last_attempts(self, destinations: Sequence[str]) -> dict[str, Delivery]:
+        """Per destination (of those named), the delivery whose attempt ended last (its state
+        and error tell whether the destination answered then); none before any attempt."""
+        out = {}
         with self._lock:
-            rows = self._db.execute(
-                "SELECT d.* FROM deliveries d JOIN (SELECT destination, MAX(last_attempt_at) AS t FROM deliveries "
-                "WHERE last_attempt_at IS NOT NULL GROUP BY destination) m ON m.destination = d.destination "
-                "AND m.t = d.last_attempt_at ORDER BY d.id").fetchall()
-        return {r["destination"]: _delivery(r) for r in rows}
+            for name in destinations:
+                row = self._db.execute("SELECT * FROM deliveries WHERE destination = ? AND last_attempt_at IS NOT "
+                                       "NULL ORDER BY last_attempt_at DESC, id DESC LIMIT 1", (name,)).fetchone()
+                if row is not None:
+                    out[name] = _delivery(row)
+        return out
 
     def oldest_waiting(self) -> float | None:
         """When the oldest ``received`` or ``queued`` job received its first instance (None: none)."""

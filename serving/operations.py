@@ -158,7 +158,7 @@ class Operations:
     def destinations(self) -> list[dict[str, Any]]:
         """Each configured destination, up or down by its last delivery attempt (``unknown``
         before any), with that attempt's time and error, and its pending/dead-letter counts."""
-        last = self.store.last_attempts()
+        last = self.store.last_attempts([d.name for d in self.cfg.destinations])
         counts = self.store.delivery_counts()
         out = []
         for d in self.cfg.destinations:
