@@ -456,3 +456,32 @@ def test_committed_work_survives_a_process_killed_with_sigkill(tmp_path):
     store.recover(max_attempts=3)
     assert store.counts()[JobState.RUNNING] == 0
     store.close()
+
+
+def test_a_database_of_the_first_release_is_migrated_in_place(tmp_path):
+    """A spool written before the operator API (no accession, no last attempt, no series,
+    actions or refusals tables) opens with its jobs intact and every operator lookup working."""
+    import sqlite3
+
+    path = tmp_path / "jobs.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, study_uid TEXT NOT NULL, state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, n_instances INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,
+            last_instance_at REAL NOT NULL, queued_at REAL, started_at REAL, inferred_at REAL, finished_at REAL,
+            next_attempt_at REAL NOT NULL DEFAULT 0, error TEXT, purged INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL, destination TEXT NOT NULL,
+            state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL DEFAULT 0,
+            sent_at REAL, error TEXT, UNIQUE (job_id, destination));
+        INSERT INTO jobs (study_uid, state, attempts, created_at, last_instance_at, finished_at, error)
+            VALUES ('1.2.3', 'failed', 1, 100.0, 101.0, 105.0, 'bad series');
+    """)
+    db.commit()
+    db.close()
+    store = JobStore(path)
+    job = store.job(1)
+    assert (job.state, job.accession_number, job.idle_since, job.error) == (JobState.FAILED, "", 101.0, "bad series")
+    assert store.page(uid="1.2.3")[1] == 1 and store.series(1) == [] and store.last_attempts(["pacs"]) == {}
+    retried = store.retry(1, "admin", "re-sent", now=200.0)
+    assert retried.state is JobState.QUEUED and store.actions(1)[0].reason == "re-sent"
+    store.close()
