@@ -49,7 +49,7 @@ from medssl.io.nifti import write_nifti
 from medssl.models import load_card
 from medssl.models.anatomy import organ_label
 from medssl.models.card import ModelCard, TensorSpec, Task
-from medssl.serving.seg import frame_slices, write_label_seg
+from medssl.dicom.seg import frame_slices, write_label_seg
 from medssl.synth.organ_scene import LABELS
 from medssl.synth.organs import generate_organ_phantom
 

@@ -20,8 +20,8 @@ from medssl import Volume, affine_from_geometry
 from medssl.io import SeriesInfo, write_dicom_series
 from medssl.models import load_card
 from medssl.pipeline.detect import Detection
-from medssl.serving.seg import write_detection_seg, write_label_seg
-from medssl.serving.sr import write_detection_sr
+from medssl.dicom.seg import write_detection_seg, write_label_seg
+from medssl.dicom.sr import write_detection_sr
 
 #: A finding's SCOORD3D group in our SRs (each finding also has a 2D point group first:
 #: tests/test_sr_viewers.py).
@@ -119,8 +119,8 @@ def test_valid_values_are_copied_as_received(tmp_path, card, dciodvfy):
 
 
 def test_the_received_datasets_are_not_changed(tmp_path):
-    from medssl.serving.source import output_source
-    from medssl.serving.uids import frame_of_reference_uid
+    from medssl.dicom.source import output_source
+    from medssl.dicom.uids import frame_of_reference_uid
 
     source = _series(tmp_path / "ct", FrameOfReferenceUID=None, PatientBirthDate="00000000")
     prepared = output_source(source)
@@ -135,7 +135,7 @@ def test_a_series_without_frame_of_reference_gets_outputs_in_a_derived_one(
         tmp_path, card, dciodvfy, missing):
     """LIDC-style slices: SR and SEGs are written, valid, and share one derived frame of
     reference that names the series (not the source's, which it lacks)."""
-    from medssl.serving.uids import frame_of_reference_uid
+    from medssl.dicom.uids import frame_of_reference_uid
 
     source = _series(tmp_path / "ct", FrameOfReferenceUID=None if missing == "absent" else "")
     assert not source[0].get("FrameOfReferenceUID")

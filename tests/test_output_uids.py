@@ -24,7 +24,7 @@ from medssl.models import load_card
 from medssl.pipeline.detect import Detection
 from medssl.scoring.manifest import ScanItem
 from medssl.scoring.series import DicomOutput, Prepared, _write_sr
-from medssl.serving.seg import write_label_seg
+from medssl.dicom.seg import write_label_seg
 
 CARD_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "focalmix-nodules"
 SHAPE = (8, 32, 32)

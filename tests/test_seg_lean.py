@@ -23,7 +23,7 @@ from medssl.pipeline.detect import Detection
 from medssl.scoring.manifest import ScanItem
 from medssl.scoring.series import DicomOutput, _write_seg
 from medssl.serving.config import RouteConfig
-from medssl.serving.seg import detection_seg, label_seg
+from medssl.dicom.seg import detection_seg, label_seg
 from tests.conftest import require_tool
 
 CARD_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "focalmix-nodules"
@@ -106,7 +106,7 @@ def test_companion_seg_findings_get_distinct_display_colours(tmp_path, dicom_ser
     descriptions = [back.get_segment_description(i + 1) for i in range(len(found))]
     assert all("RecommendedDisplayCIELabValue" in d for d in descriptions)
     colours = [tuple(d.RecommendedDisplayCIELabValue) for d in descriptions]
-    from medssl.serving.seg import FINDING_COLOURS
+    from medssl.dicom.seg import FINDING_COLOURS
 
     assert colours == [tuple(hd.color.CIELabColor.from_rgb(*FINDING_COLOURS[i]).value)
                        for i in range(len(found))]

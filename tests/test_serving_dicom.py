@@ -18,14 +18,14 @@ from medssl.io import SeriesInfo, read_volume, write_dicom_series
 from medssl.io.dicom_enhanced import write_enhanced_ct
 from medssl.models import load_card
 from medssl.pipeline.detect import Detection
-from medssl.serving import (
+from medssl.dicom import (
     derived_uid,
     detection_sr,
     label_seg,
     write_detection_sr,
     write_label_seg,
 )
-from medssl.serving.seg import detection_seg, frame_slices, write_detection_seg
+from medssl.dicom.seg import detection_seg, frame_slices, write_detection_seg
 from tests.conftest import oblique_direction, require_tool
 
 #: A finding's SCOORD3D group in our SRs (each finding also has a 2D point group first:

@@ -54,7 +54,7 @@ def results(tmp_path_factory, ct_files) -> list[Path]:
     """What the gateway sends for the CT: a BINARY SEG and a TID 1500 SR."""
     from medssl.models import load_card
     from medssl.pipeline.detect import Detection
-    from medssl.serving import write_detection_sr, write_label_seg
+    from medssl.dicom import write_detection_sr, write_label_seg
 
     folder = tmp_path_factory.mktemp("results")
     volume = ramp_volume()

@@ -1,6 +1,6 @@
 """What viewers find in the detection SR: each finding and where it is, and "Absent".
 
-Read three ways, as the viewers read it (see serving/sr.py's module docstring for the sources):
+Read three ways, as the viewers read it (see medssl/dicom/sr.py's module docstring for the sources):
 
 * dcmqi's ``tid1500reader`` (PyPI ``dcmqi``), which 3D Slicer's QuantitativeReporting runs
   for a TID 1500 report without planar image regions; its JSON lists every measurement group
@@ -26,8 +26,8 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from medssl.serving import write_detection_sr
-from medssl.serving.seg import write_detection_seg
+from medssl.dicom import write_detection_sr
+from medssl.dicom.seg import write_detection_seg
 from tests.conftest import require_tool
 from tests.test_serving_dicom import card, ct, detections  # noqa: F401  (fixtures)
 

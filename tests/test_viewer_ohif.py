@@ -33,7 +33,7 @@ What OHIF 3.13.2 showed (measured here, December 2026):
   it) is drawn: OHIF jumps to the slice of the first finding and draws an arrow at the centre
   with "Diameter", "Certainty of Finding" and the finding site. So our SR now gives each
   finding a 2D group first and its SCOORD3D group second, with one tracking UID
-  (``serving/sr.py``); OHIF merges them by that UID and places the first (2D) point.
+  (``medssl/dicom/sr.py``); OHIF merges them by that UID and places the first (2D) point.
 * No encoding becomes a tracked measurement: answering "Yes" to "continue tracking" logs
   ``Unable to generate tool state ... No spatial coordinates group found`` (cornerstone's
   adapters look for the SCOORD/SCOORD3D inside the group's first NUM, and only without a NUM
@@ -73,8 +73,8 @@ import requests
 from medssl import Volume, affine_from_geometry
 from medssl.io import SeriesInfo, write_dicom_series
 from medssl.pipeline.detect import Detection
-from medssl.serving import write_detection_sr
-from medssl.serving.seg import write_detection_seg
+from medssl.dicom import write_detection_sr
+from medssl.dicom.seg import write_detection_seg
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS, require_browser, require_tool
 from tests.orthanc import OrthancServer
 from tests.test_serving_dicom import INFO, NODULES, card  # noqa: F401  (fixture)

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from medssl.dicom.seg import frame_slices, write_detection_seg, write_label_seg
+from medssl.dicom.sr import write_detection_sr
 from medssl.errors import MedsslError, RunnerError, describe_error
 from medssl.io import read_grid, read_volume
 from medssl.io.dicom_series import read_dicom_series
@@ -175,7 +177,7 @@ def failed_row(item: ScanItem, card: ModelCard, error: str, timings: dict[str, f
             **{f"{k}_s": v for k, v in (timings or {}).items()}}
 
 
-#: Segmentation types a label SEG can be written as (:class:`medssl.serving.seg.SegType`).
+#: Segmentation types a label SEG can be written as (:class:`medssl.dicom.seg.SegType`).
 SEG_TYPES = ("binary", "labelmap", "labelmap-rle")
 
 
@@ -196,12 +198,12 @@ class DicomOutput:
         seg_type: segmentation: ``"binary"`` (default, understood everywhere),
             ``"labelmap"`` or ``"labelmap-rle"`` (DICOM 2024c, the latter RLE Lossless
             compressed; not understood by Orthanc 1.10, dcmtk 3.6.7, dciodvfy 2022),
-            :class:`medssl.serving.seg.SegType`.
+            :class:`medssl.dicom.seg.SegType`.
         dense_seg: segmentation: write every frame of the SEG, empty ones too (default:
-            empty frames are omitted, :mod:`medssl.serving.seg`).
+            empty frames are omitted, :mod:`medssl.dicom.seg`).
 
     The threshold and the options are part of the objects' content keys, so outputs written
-    with other settings never share a UID with these (:mod:`medssl.serving.uids`).
+    with other settings never share a UID with these (:mod:`medssl.dicom.uids`).
 
     Raises:
         ValueError: ``min_probability`` outside ``[0, 1]`` or an unknown ``seg_type``.
@@ -232,9 +234,6 @@ def _write_sr(prepared: Prepared, detections: Sequence[Detection], card: ModelCa
     """The series' TID 1500 SR of the detections at or above the threshold in effect
     (``output.min_probability``, else the card's operating point), and its companion SEG if
     asked for and anything is reported (headers of the source files only); the SR's path first."""
-    from medssl.serving.seg import write_detection_seg
-    from medssl.serving.sr import write_detection_sr
-
     item = prepared.item
     source = _source_headers(item)
     folder = output.folder / item.series_uid
@@ -324,8 +323,6 @@ def infer(prepared: Prepared, runner: DetectionRunner | SegmentationRunner, card
 def _write_seg(item: ScanItem, labels: Volume, card: ModelCard, output: DicomOutput) -> Path:
     """The series' DICOM SEG (``output.seg_type``, empty frames omitted unless
     ``output.dense_seg``), its frames mapped to the source series' frames."""
-    from medssl.serving.seg import frame_slices, write_label_seg
-
     source = _source_headers(item)
     # label_seg's contract: mask k belongs to the source's frame k; find each frame's slice.
     slices = frame_slices(source, labels.affine, labels.shape[0])

@@ -22,7 +22,7 @@ stays idempotent.
 
 The keys are built by :func:`content_key` from JSON-able parts (:func:`detections_key`,
 :func:`instances_key`, :func:`card_key`, :func:`array_key`); the writers
-(:mod:`medssl.serving.sr`, :mod:`medssl.serving.seg`) assemble them.
+(:mod:`medssl.dicom.sr`, :mod:`medssl.dicom.seg`) assemble them.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def device_uid(model_name: str, model_version: int) -> str:
 
 def frame_of_reference_uid(source_series_uid: str) -> str:
     """The Frame of Reference UID medssl's outputs use for a source series that carries none
-    (:mod:`medssl.serving.source`): derived from the series UID only, so every output of
+    (:mod:`medssl.dicom.source`): derived from the series UID only, so every output of
     the series (SR and SEG, any model) shares it."""
     if not isinstance(source_series_uid, str) or not source_series_uid:
         raise ValueError(f"frame_of_reference_uid: source_series_uid must be a non-empty "

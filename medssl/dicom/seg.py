@@ -5,7 +5,7 @@
   every SEG of a model has the same segment list and an empty segment says "looked, found
   nothing".
 * :func:`detection_seg`: a detector's findings as spheres, the companion of the SR
-  (:func:`medssl.serving.sr.detection_sr` with ``companion_seg``): segment ``i + 1`` is
+  (:func:`medssl.dicom.sr.detection_sr` with ``companion_seg``): segment ``i + 1`` is
   detection ``i``, a sphere of its diameter around its centre on the source grid, tracked
   with the same identifier and UID as the SR's groups of that finding, shown in its own
   display colour (:data:`FINDING_COLOURS`, recommended CIELab values).
@@ -33,11 +33,11 @@ not know LABELMAP, so both are options for receivers that support it. LABELMAP n
 non-overlapping segments, so it applies to label SEGs only: the companion SEG of findings
 (spheres may overlap) is always BINARY.
 
-**UIDs** come from :mod:`medssl.serving.uids`: a SEG's Series and SOP Instance UIDs are
+**UIDs** come from :mod:`medssl.dicom.uids`: a SEG's Series and SOP Instance UIDs are
 derived from its content (the masks' digest or the findings, the source instances, the
 segmentation type and frame options, the card's labels), so different content never shares
 a UID and a retry repeats them. Patient and study attributes are copied as
-:mod:`medssl.serving.source` describes (invalid values in real archives never make the
+:mod:`medssl.dicom.source` describes (invalid values in real archives never make the
 writer fail); a series without a Frame of Reference UID gets a derived one.
 
 Sources are single-frame CT images (one frame each) or one Enhanced CT (multi-frame) image;
@@ -63,9 +63,9 @@ from medssl.atomic import atomic_write
 from medssl.io.dicom_enhanced import frame_positions
 from medssl.models.card import ModelCard
 from medssl.pipeline.detect import Detection
-from medssl.serving.source import output_source
-from medssl.serving.sr import coded, finding_label, finding_tracking, processing_equipment
-from medssl.serving.uids import (
+from medssl.dicom.source import output_source
+from medssl.dicom.sr import coded, finding_label, finding_tracking, processing_equipment
+from medssl.dicom.uids import (
     array_key,
     card_key,
     content_key,
@@ -197,7 +197,7 @@ def label_seg(
         ``len(card.labels)`` frames (only the non-empty ones by default); LABELMAP: up to
         ``n_frames`` frames of segment numbers. Algorithm type AUTOMATIC, each segment in
         its label's colour (CIELab) when the card gives one; SeriesInstanceUID and
-        SOPInstanceUID from :func:`~medssl.serving.uids.derived_uid` roles
+        SOPInstanceUID from :func:`~medssl.dicom.uids.derived_uid` roles
         ``"seg-series"`` and ``"seg-instance"`` with a content key of the labels' digest,
         the source instances, the card's labels and the options; segment tracking UIDs
         from ``"segment-<label value>"`` and the label (the same for every SEG of that
@@ -277,11 +277,11 @@ def detection_seg(
 
     Returns:
         The Segmentation: segments labelled and tracked as the SR tracks the findings
-        (``"Nodule 1"`` and its tracking UID, :func:`~medssl.serving.sr.finding_tracking`),
+        (``"Nodule 1"`` and its tracking UID, :func:`~medssl.dicom.sr.finding_tracking`),
         coloured :data:`FINDING_COLOURS` in order, SeriesInstanceUID and SOPInstanceUID
-        from :func:`~medssl.serving.uids.derived_uid` roles ``"nodule-seg-series"`` and
+        from :func:`~medssl.dicom.uids.derived_uid` roles ``"nodule-seg-series"`` and
         ``"nodule-seg-instance"`` with a content key of the findings (rounded as
-        :func:`~medssl.serving.uids.detections_key` states), ``settings``, the source
+        :func:`~medssl.dicom.uids.detections_key` states), ``settings``, the source
         instances, the grid and the card's labels; frames empty for a segment omitted, the
         model in its
         Contributing Equipment. Memory: one byte per voxel and detection while it is built.

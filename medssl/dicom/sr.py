@@ -27,7 +27,7 @@ Structure of the document (PS3.16 template numbers)::
       Qualitative Evaluations                               (no detections)
         <Label.type> = Absent (SCT 272519000), e.g. "Nodule: Absent"
 
-A companion SEG (:func:`medssl.serving.seg.detection_seg`: segment ``i + 1`` a sphere around
+A companion SEG (:func:`medssl.dicom.seg.detection_seg`: segment ``i + 1`` a sphere around
 detection ``i``) is listed in the evidence, and its segment ``i + 1`` carries the tracking
 identifier and UID of finding ``i``'s group: that UID is what ties point, sphere and
 measurements of one nodule together. There is no TID 1411 group (see below).
@@ -110,8 +110,8 @@ from medssl.atomic import atomic_write
 from medssl.io.dicom_enhanced import frame_planes
 from medssl.models.card import Code, Label, ModelCard
 from medssl.pipeline.detect import Detection
-from medssl.serving.source import output_source
-from medssl.serving.uids import content_key, derived_uid, detection_key, device_uid, report_key, source_series_uid
+from medssl.dicom.source import output_source
+from medssl.dicom.uids import content_key, derived_uid, detection_key, device_uid, report_key, source_series_uid
 
 __all__ = [
     "CT_UNSPECIFIED_BODY_REGION",
@@ -189,7 +189,7 @@ def detection_sr(
         manufacturer: Manufacturer of the SR and of the algorithm.
         series_number: SeriesNumber of the SR series.
         procedure_reported: TID 1500 "Procedure reported" (CID 100).
-        companion_seg: the SEG of these detections (:func:`~medssl.serving.seg.detection_seg`,
+        companion_seg: the SEG of these detections (:func:`~medssl.dicom.seg.detection_seg`,
             segment ``i + 1`` = ``detections[i]``, tracked with the same identifier and UID
             as finding ``i``'s groups); it is recorded as evidence, and each finding keeps
             its two TID 1410 groups (no TID 1411 group: see the module docstring).
@@ -198,10 +198,10 @@ def detection_sr(
 
     Returns:
         The SR document (a ``pydicom.Dataset``), SeriesInstanceUID and SOPInstanceUID from
-        :func:`~medssl.serving.uids.derived_uid` roles ``"sr-series"`` and ``"sr-instance"``
-        with the report's content key (:func:`~medssl.serving.uids.report_key`: findings,
+        :func:`~medssl.dicom.uids.derived_uid` roles ``"sr-series"`` and ``"sr-instance"``
+        with the report's content key (:func:`~medssl.dicom.uids.report_key`: findings,
         evidence, companion SEG, ``settings``, options); patient and study attributes as
-        :mod:`medssl.serving.source` copies them,
+        :mod:`medssl.dicom.source` copies them,
         tracking UIDs from roles ``"finding-<i>"`` (1-based, in ``detections`` order); its
         Contributing Equipment names the model (:func:`processing_equipment`).
 
@@ -283,7 +283,7 @@ def finding_tracking(series_uid: str, card: ModelCard, index: int,
     """``(identifier, UID)`` tracking detection ``index`` (0-based) of a series: the
     identifier is ``"<label name> <index + 1>"``, the UID :func:`derived_uid` role
     ``"finding-<index + 1>"`` with the finding's content (centre, diameter, probability,
-    rounded as :func:`~medssl.serving.uids.detection_key` states), so it stays the same for
+    rounded as :func:`~medssl.dicom.uids.detection_key` states), so it stays the same for
     the same finding at the same rank (a report at another threshold keeps it) and changes
     when the finding does. The SR's groups and the companion SEG's segments share them."""
     number = index + 1

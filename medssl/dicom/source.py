@@ -40,7 +40,7 @@ outputs are written in UTF-8 (``ISO_IR 192``): pydicom decodes the received text
 source's character set and the writer encodes it again in UTF-8, which holds any text.
 
 **A series without a Frame of Reference UID** (LIDC-style slices) gets a derived one
-(:func:`medssl.serving.uids.frame_of_reference_uid`, from the SeriesInstanceUID only) in
+(:func:`medssl.dicom.uids.frame_of_reference_uid`, from the SeriesInstanceUID only) in
 the copies, so its SR and SEG can be written and share one frame of reference. Why derive
 rather than skip: the SR's SCOORD3D points and the SEG's plane positions are in the
 patient coordinate system the slices' ImagePositionPatient/ImageOrientationPatient
@@ -67,7 +67,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.valuerep import validate_value
 
-from medssl.serving.uids import frame_of_reference_uid, source_series_uid
+from medssl.dicom.uids import frame_of_reference_uid, source_series_uid
 
 __all__ = ["OutputSource", "PARSED_ATTRIBUTES", "UTF8", "output_source"]
 
@@ -144,7 +144,7 @@ def output_source(source: Sequence[Dataset]) -> OutputSource:
 
     Raises:
         ValueError: ``source`` is empty or names no or several series
-            (:func:`~medssl.serving.uids.source_series_uid`).
+            (:func:`~medssl.dicom.uids.source_series_uid`).
     """
     series_uid = source_series_uid(source)
     first = source[0]
