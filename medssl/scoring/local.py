@@ -19,7 +19,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 
 from medssl.models.card import ModelCard
 from medssl.scoring.manifest import ScanItem
-from medssl.scoring.run import RunnerSpec, ScoreOptions
+from medssl.scoring.options import RunnerSpec, ScoreOptions
 from medssl.scoring.series import Prepared, Scored, infer, model_params, prepare
 
 __all__ = ["run_local"]

@@ -49,7 +49,7 @@ import pyarrow as pa
 from medssl.errors import MedsslError
 from medssl.models.card import ModelCard
 from medssl.scoring.manifest import ScanItem
-from medssl.scoring.run import RunnerSpec, ScoreOptions
+from medssl.scoring.options import RunnerSpec, ScoreOptions
 from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
 from medssl.scoring.series import DicomOutput, ModelParams, Prepared, Scored, infer, model_params, prepare
 

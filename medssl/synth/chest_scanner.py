@@ -2,7 +2,7 @@
 
 :func:`draw_scanner` draws pixel size, slice thickness, noise, reconstruction
 kernel (blur and edge enhancement), patient size and subcutaneous fat, and
-the IV contrast for a :class:`~medssl.synth.chest.ChestConfig`;
+the IV contrast for a :class:`~medssl.synth.chest_config.ChestConfig`;
 :func:`with_contrast` gives the patient's blood its enhanced attenuation;
 :func:`place_grid` places the axial scan grid (field of view and table
 position) on a drawn patient. See :mod:`medssl.synth.chest` for the
@@ -14,14 +14,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medssl.synth.chest_anatomy import ChestAnatomy, ScanGrid, sample_lung_points
-
-if TYPE_CHECKING:
-    from medssl.synth.chest import ChestConfig
+from medssl.synth.chest_config import ChestConfig
 
 __all__ = [
     "SLICE_THICKNESSES",

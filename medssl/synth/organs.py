@@ -16,79 +16,24 @@ centre sits at LPS ``(x, y, z) = (0, 0, -200) mm`` plus the domain's
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 
 from medssl.synth.domains import DOMAINS, Domain, render_image
-
-#: The domain-randomised pseudo-domain (:mod:`medssl.synth.randomise`; ``--domain rand``).
-RANDOMISED = "rand"
 from medssl.synth.organ_anatomy import sample_anatomy
+from medssl.synth.organ_case import (
+    RANDOMISED,
+    OrganCase,
+    domain_modality,
+    organ_grid,
+    resolve_domain,
+)
 from medssl.synth.organ_raster import rasterise
 from medssl.synth.organ_scene import LABELS
-from medssl.synth.primitives import physical_grid
-from medssl.volume import Volume, affine_from_geometry
+from medssl.volume import Volume
 
 __all__ = ["DOMAINS", "LABELS", "RANDOMISED", "Domain", "OrganCase", "domain_modality", "generate_organ_phantom",
            "organ_grid"]
-
-_BODY_CENTRE_LPS = np.array([0.0, 0.0, -200.0])  # (x, y, z) mm
-
-
-@dataclass
-class OrganCase:
-    """One synthetic subject seen by one domain.
-
-    Attributes:
-        image: float32 ``(Z, Y, X)``; HU for CT domains, arbitrary units for MR.
-            ``meta`` holds ``seed``, ``domain`` and ``modality``.
-        label: uint8 label map on the same grid, codes of :data:`LABELS`, 0 background.
-        domain: the domain that produced the image.
-    """
-
-    image: Volume
-    label: Volume
-    domain: Domain
-
-
-def domain_modality(name: str) -> str:
-    """``"CT"`` or ``"MR"``: the modality of a preset domain or of ``"rand"`` (CT)."""
-    return "CT" if name == RANDOMISED else _resolve(name).modality
-
-
-def _resolve(domain: Domain | str) -> Domain:
-    if isinstance(domain, Domain):
-        return domain
-    if domain not in DOMAINS:
-        raise ValueError(
-            f"unknown domain {domain!r}; choose one of {sorted(DOMAINS)} or pass a Domain"
-        )
-    return DOMAINS[domain]
-
-
-def organ_grid(
-    domain: Domain | str, shape: tuple[int, int, int] | None = None
-) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The sampling grid of a domain.
-
-    Args:
-        domain: a :class:`Domain` or the name of a preset.
-        shape: grid ``(Z, Y, X)``; default the domain's. The spacing is always the domain's.
-
-    Returns:
-        ``(affine, axes)``: the 4x4 index ``(z, y, x)`` -> LPS affine, and the
-        voxel-centre coordinates ``(z, y, x)`` in mm as 1-D arrays in the frame
-        :func:`medssl.synth.organ_raster.rasterise` expects (body centre at 0).
-    """
-    dom = _resolve(domain)
-    shape = dom.shape if shape is None else tuple(int(n) for n in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"shape must be three positive ints (Z, Y, X), got {shape}")
-    centre = np.asarray(dom.fov_centre_mm, dtype=np.float64)
-    z, y, x = (a.ravel().astype(np.float64) for a in physical_grid(shape, dom.spacing, -centre))
-    origin = _BODY_CENTRE_LPS + [x[0], y[0], z[0]]
-    return affine_from_geometry(origin, dom.spacing), (z, y, x)
 
 
 def generate_organ_phantom(
@@ -115,7 +60,7 @@ def generate_organ_phantom(
         from medssl.synth.randomise import randomised_organ_phantom
 
         return randomised_organ_phantom(seed)
-    dom = _resolve(domain)
+    dom = resolve_domain(domain)
     affine, axes = organ_grid(dom, shape)
     canvas = rasterise(sample_anatomy(seed), axes)
     rng = np.random.default_rng([seed, 1, zlib.crc32(dom.name.encode())])

@@ -36,10 +36,10 @@ from scipy import ndimage
 
 from medssl.synth.domains import DOMAINS, Domain, ct_intensities, render_image
 from medssl.synth.organ_anatomy import sample_anatomy
+from medssl.synth.organ_case import RANDOMISED, OrganCase, organ_grid
 from medssl.synth.organ_raster import rasterise
 from medssl.synth.organ_scene import LABELS, Tissue
 from medssl.synth.primitives import smooth_random_field
-from medssl.synth.organs import RANDOMISED, OrganCase, organ_grid
 from medssl.volume import Volume
 
 __all__ = ["RANDOMISED", "DomainRandomisation", "RandomisedDraw", "randomised_organ_phantom"]
