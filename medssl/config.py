@@ -39,9 +39,7 @@ import dataclasses
 import difflib
 import enum
 import json
-import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -50,6 +48,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from medssl.atomic import atomic_write
 from medssl.errors import ConfigError
 
 __all__ = [
@@ -338,17 +337,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump_config(cfg: Any, path: str | Path) -> Path:
-    """Write ``cfg`` as YAML to ``path`` atomically (temp file + rename); returns the path."""
+    """Write ``cfg`` as YAML to ``path`` atomically (:func:`medssl.atomic.atomic_write`); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: fh.write(text), "w")
     return path

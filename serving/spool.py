@@ -3,7 +3,7 @@
 Layout under ``root``::
 
     incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   stored instances
-    tmp/<uuid>.part                                                        writes in progress
+    tmp/.<name>.<random>.part                                              writes in progress
     quarantine/<UTC yyyymmddTHHMMSS>-<uuid>.dcm + .json                    refused input + reason
     outputs/<job_id>/                                                      results of one job
 
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from medssl.atomic import atomic_write, fsync_dir, make_dirs
 from medssl.errors import MedsslError
 
 __all__ = ["QuarantineEntry", "Spool", "SpoolError", "SpoolFullError", "StoredInstance"]
@@ -97,26 +98,6 @@ def _check_uid(uid: str, what: str) -> str:
     return uid
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_dirs(path: Path) -> None:
-    """Create ``path`` and its missing parents, fsyncing each parent that gained an entry."""
-    missing: list[Path] = []
-    probe = path
-    while not probe.is_dir():
-        missing.append(probe)
-        probe = probe.parent
-    for folder in reversed(missing):
-        folder.mkdir(exist_ok=True)  # another association may create it at the same time
-        _fsync_dir(folder.parent)
-
-
 def _tree_bytes(path: Path) -> int:
     total = 0
     try:
@@ -160,7 +141,7 @@ class Spool:
         self.quarantine_dir = self.root / "quarantine"
         self.outputs = self.root / "outputs"
         for folder in (self.incoming, self.tmp, self.quarantine_dir, self.outputs):
-            _make_dirs(folder)
+            make_dirs(folder)
 
     def store(self, data: bytes, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         """Store one instance durably at ``incoming/<study>/<series>/<sop>.dcm``.
@@ -252,7 +233,7 @@ class Spool:
             path.unlink(missing_ok=True)
             removed += 1
         if removed:
-            _fsync_dir(self.quarantine_dir)
+            fsync_dir(self.quarantine_dir)
         return removed
 
     def study_dir(self, study_uid: str) -> Path:
@@ -274,7 +255,7 @@ class Spool:
             ValueError: ``job_id`` is not a non-negative integer.
         """
         folder = self._output_path(job_id)
-        _make_dirs(folder)
+        make_dirs(folder)
         return folder
 
     def remove_study(self, study_uid: str) -> None:
@@ -321,7 +302,7 @@ class Spool:
         """
         for leftover in self.tmp.glob("*.part"):
             leftover.unlink(missing_ok=True)
-        _fsync_dir(self.tmp)
+        fsync_dir(self.tmp)
         return sorted(p.name for p in self.incoming.iterdir() if p.is_dir() and _UID.match(p.name))
 
     def _output_path(self, job_id: int) -> Path:
@@ -337,18 +318,10 @@ class Spool:
                 f"spool {self.root}: {free} bytes free; writing {len(data)} bytes would go below "
                 f"the floor of {self.min_free_bytes} bytes (spool.min_free_mb)"
             )
-        part = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
-            with open(part, "xb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            _make_dirs(target.parent)
-            os.replace(part, target)
-            _fsync_dir(target.parent)
-        except BaseException as exc:
-            part.unlink(missing_ok=True)
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            atomic_write(target, lambda handle: handle.write(data), tmp_dir=self.tmp, suffix=".part")
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
                 raise SpoolFullError(
                     f"spool {self.root}: no space left on the device writing {target.name}"
                 ) from exc
