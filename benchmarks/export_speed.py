@@ -40,8 +40,9 @@ from medssl.cli.train import resolve_config
 from medssl.export import ExportOptions, export_checkpoint
 from medssl.export.models import exportable
 from medssl.models.triton_config import ServingOptions
-from medssl.runners import LocalTritonServer, OnnxRunner, TritonRunner
-from medssl.runners.local_server import python_backend_repository
+from medssl.runners import OnnxRunner, TritonRunner
+from medssl.testing import LocalTritonServer
+from medssl.testing.triton import python_backend_repository
 from medssl.config import config_to_dict, load_config
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.detector import FPNDetector

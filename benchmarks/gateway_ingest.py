@@ -44,11 +44,9 @@ import pydicom
 from machine import cpu_device  # benchmarks/machine.py
 from score_throughput import TreeMemory, write_scans  # benchmarks/score_throughput.py
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from medssl.testing import GatewayProcess, OrthancServer, gateway_config
 
-from tests.gateway_process import GatewayProcess, gateway_config  # noqa: E402
-from tests.orthanc import OrthancServer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "focalmix-nodules"

@@ -227,7 +227,7 @@ def exported_segmenter(seg_run, tmp_path_factory):
 def triton_env() -> Path:
     """The Triton env (``make triton-env``): skipped without it, except under CI."""
     from medssl.errors import RunnerError
-    from medssl.runners import find_triton_env
+    from medssl.testing import find_triton_env
 
     try:
         return find_triton_env()

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import require_tool
-from tests.orthanc import free_port
+from medssl.testing.orthanc import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "gateway.yaml"

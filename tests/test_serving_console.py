@@ -33,8 +33,8 @@ import pydicom
 
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS, require_browser, require_tool
 from tests.fuzz_corpus import PHI_ID, PHI_NAME, find_phi
-from tests.gateway_process import GatewayProcess, gateway_config
-from tests.orthanc import OrthancServer, free_port
+from medssl.testing.gateway import GatewayProcess, gateway_config
+from medssl.testing.orthanc import OrthancServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"

@@ -32,7 +32,7 @@ from tests.fuzz_corpus import (
     send_cases,
     send_garbage,
 )
-from tests.gateway_process import GatewayProcess
+from medssl.testing.gateway import GatewayProcess
 from tests.test_serving_gateway import _wait_results, _wait_settled, orthanc  # noqa: F401 - fixture
 from tests.test_serving_phi import fuzz_gateway
 from tests.test_serving_scp import associated, status_of

@@ -27,8 +27,8 @@ from pydicom.sr.codedict import codes
 
 from medssl.models.card import load_card
 from tests.conftest import require_tool
-from tests.gateway_process import GatewayProcess, gateway_config
-from tests.orthanc import OrthancServer
+from medssl.testing.gateway import GatewayProcess, gateway_config
+from medssl.testing.orthanc import OrthancServer
 
 #: A finding's SCOORD3D group in our SRs (each finding also has a 2D point group first:
 #: tests/test_sr_viewers.py).
@@ -531,8 +531,8 @@ def test_sigterm_stops_accepting_and_a_restart_resumes(start_gateway, orthanc, s
 
 
 def test_the_models_can_run_on_a_triton_server(start_gateway, orthanc, studies, triton_env, tmp_path):
-    from medssl.runners import LocalTritonServer
-    from medssl.runners.local_server import python_backend_repository
+    from medssl.testing import LocalTritonServer
+    from medssl.testing.triton import python_backend_repository
 
     repository = tmp_path / "triton_repository"
     python_backend_repository(REPOSITORY / DETECTOR, repository)
@@ -549,7 +549,7 @@ def test_the_models_can_run_on_a_triton_server(start_gateway, orthanc, studies, 
 
 
 def test_without_its_triton_server_the_gateway_receives_but_is_not_ready(start_gateway, studies, tmp_path):
-    from tests.orthanc import free_port
+    from medssl.testing.orthanc import free_port
 
     dead = f"127.0.0.1:{free_port()}"
     gateway = start_gateway(models={"triton_url": dead}, wait_ready=False)

@@ -18,8 +18,8 @@ from medssl.synth.chest import ChestConfig, generate_chest_ct
 from medssl.synth.datasets import chest_series_info
 from tests.conftest import require_tool
 from tests.dicom_edits import copy_series, series_files
-from tests.gateway_process import GatewayProcess, gateway_config
-from tests.orthanc import OrthancServer
+from medssl.testing.gateway import GatewayProcess, gateway_config
+from medssl.testing.orthanc import OrthancServer
 from tests.test_serving_gateway import _dataset, _storescu
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"

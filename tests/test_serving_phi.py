@@ -28,7 +28,7 @@ from tests.fuzz_corpus import (
     phi_found,
     send_cases,
 )
-from tests.gateway_process import GatewayProcess, gateway_config
+from medssl.testing.gateway import GatewayProcess, gateway_config
 from tests.test_serving_gateway import DETECTOR, REPOSITORY, _wait_settled
 
 def fuzz_gateway(root: Path, destinations: list[dict] | None = None, min_slices: int = 1,

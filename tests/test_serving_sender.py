@@ -24,7 +24,7 @@ from medssl.io import SeriesInfo, write_dicom_series
 from medssl.serving.config import DestinationConfig
 from medssl.serving.sender import DeliveryError, send_files
 from tests.conftest import ramp_volume
-from tests.orthanc import DICOMWEB_PLUGIN, ORTHANC, OrthancServer, free_port
+from medssl.testing.orthanc import DICOMWEB_PLUGIN, ORTHANC, OrthancServer, free_port
 
 CARD_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "focalmix-nodules"
 

@@ -1,7 +1,7 @@
 """A real Triton server (nvidia-pytriton's ``tritonserver``) serving the exported detector.
 
 The server runs the exported ``model.onnx`` through a Python-backend ``model.py``
-(medssl/runners/triton_python_model.py) in the Triton env (``make triton-env``); the runners must
+(medssl/testing/triton_python_model.py) in the Triton env (``make triton-env``); the runners must
 return what the embedded OnnxRunner returns, over HTTP and gRPC. Without the Triton env
 these tests skip locally and fail under CI.
 """
@@ -18,13 +18,13 @@ import pytest
 from medssl.errors import RunnerError
 from medssl.models.triton_config import read_config
 from medssl.runners import (
-    LocalTritonServer,
     OnnxRunner,
     TritonRunner,
     open_runner,
     read_metric,
 )
-from medssl.runners.local_server import python_backend_repository
+from medssl.testing import LocalTritonServer
+from medssl.testing.triton import python_backend_repository
 
 PROTOCOLS = ["http", "grpc"]
 

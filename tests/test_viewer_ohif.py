@@ -76,7 +76,7 @@ from medssl.pipeline.detect import Detection
 from medssl.dicom import write_detection_sr
 from medssl.dicom.seg import write_detection_seg
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS, require_browser, require_tool
-from tests.orthanc import OrthancServer
+from medssl.testing.orthanc import OrthancServer
 from tests.test_serving_dicom import INFO, NODULES, card  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,6 @@
 * :func:`open_runner`: one of them, from a model repository and an optional server URL;
   ``runtime="auto"`` picks onnxruntime when it has a GPU provider, else OpenVINO when
   installed, else onnxruntime's CPU provider, and logs what it chose.
-* :class:`LocalTritonServer`: a real ``tritonserver`` on this machine, for tests and benchmarks.
 
 Every runner checks the model against its card (:mod:`medssl.models`) when it opens and
 returns the card's outputs in order, so a detector's runner is a
@@ -21,7 +20,6 @@ from typing import Any
 
 from medssl.models.repository import ModelVersion, find_model_version
 from medssl.runners.base import BatchedRunner, ModelRunner
-from medssl.runners.local_server import LocalTritonServer, find_triton_env
 from medssl.runners.metrics import read_metric
 from medssl.runners.onnx import OnnxRunner, gpu_providers, select_providers
 from medssl.runners.openvino import OpenVinoRunner, openvino_available
@@ -34,7 +32,6 @@ RUNTIMES = ("auto", "onnxruntime", "openvino")
 
 __all__ = [
     "BatchedRunner",
-    "LocalTritonServer",
     "ModelRunner",
     "ModelVersion",
     "OnnxRunner",
@@ -42,7 +39,6 @@ __all__ = [
     "RUNTIMES",
     "TritonRunner",
     "find_model_version",
-    "find_triton_env",
     "choose_runtime",
     "open_runner",
     "read_metric",

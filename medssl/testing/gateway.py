@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from tests.orthanc import free_port
+from medssl.testing.orthanc import free_port
 
 __all__ = ["GatewayProcess", "gateway_config"]
 

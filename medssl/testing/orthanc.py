@@ -1,6 +1,6 @@
 """A real Orthanc for tests: the PACS that sends studies to the gateway and receives its results.
 
-Not a test module: tests import :class:`OrthancServer` (``from tests.orthanc import
+Not a test module: tests import :class:`OrthancServer` (``from medssl.testing.orthanc import
 OrthancServer``) and wrap it in fixtures of their own.
 """
 

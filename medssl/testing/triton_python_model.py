@@ -1,7 +1,7 @@
 """Triton Python-backend ``model.py`` serving ``model.onnx`` from its version folder.
 
 nvidia-pytriton's ``tritonserver`` has only the Python backend, so
-:func:`medssl.runners.local_server.python_backend_repository` copies this file to
+:func:`medssl.testing.triton.python_backend_repository` copies this file to
 ``<repository>/<name>/<version>/model.py`` next to the exported ``model.onnx``; medssl never
 imports it.
 It runs inside the Triton env (numpy<2, onnxruntime), never in the test process. Each
