@@ -28,7 +28,7 @@ changes only the training.
 Statistics (``seg_bench.evidence``, ``medssl.metrics.seeds``): per (setting, method) the mean
 Dice over seeds with its Student's t 95 % interval, the paired per-seed difference to the
 supervised VNet and the gap recovered with a bootstrap interval. Protocol (fresh subprocess per
-run, shared cache, resumable results) as ``benchmarks/seg_bench.py``.
+run, shared cache, resumable results) as ``benchmarks/lib/seg_bench.py``.
 
     .venv/bin/python benchmarks/ad_settings.py [--steps N] [--every N] [--seeds 0 1 2 3 4] \
         [--settings ssl imbssl uda semidg] [--methods supervised-seg mean-teacher ad] [--ablations] \
@@ -49,11 +49,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import seg_bench  # benchmarks/seg_bench.py: the run protocol shared with seg_methods.py
-from machine import cpu_device, write_report  # benchmarks/machine.py
-from seg_bench import BUSY_LOAD, aggregate, interval
-from seg_bench import num as _num
-from seg_bench import pm as _pm
+from medssl.bench import (
+    seg_bench,  # the run protocol shared with seg_methods.py (benchmarks/lib/seg_bench.py)
+)
+from medssl.bench.machine import cpu_device, write_report
+from medssl.bench.seg_bench import BUSY_LOAD, aggregate, interval
+from medssl.bench.seg_bench import num as _num
+from medssl.bench.seg_bench import pm as _pm
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"

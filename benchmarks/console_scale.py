@@ -25,10 +25,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-from machine import cpu_device, write_report  # type: ignore[import-not-found]  (benchmarks/machine.py)
-
+from medssl.bench.machine import cpu_device, write_report
 from medssl.serving.api import ApiServer
-from medssl.serving.config import ApiConfig, DestinationConfig, GatewayConfig, RouteConfig, SpoolConfig
+from medssl.serving.config import (
+    ApiConfig,
+    DestinationConfig,
+    GatewayConfig,
+    RouteConfig,
+    SpoolConfig,
+)
 from medssl.serving.jobstore import JobStore
 from medssl.serving.operations import Operations
 from medssl.serving.spool import Spool

@@ -45,7 +45,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -54,8 +53,16 @@ from typing import Any
 
 import numpy as np
 
+from medssl.bench.data import generated_dataset
+from medssl.bench.machine import cpu_device
 from medssl.datasets.luna16 import Luna16
-from medssl.metrics import FP_RATES, Prediction, evaluate_luna16, froc_at_thresholds, label_candidates
+from medssl.metrics import (
+    FP_RATES,
+    Prediction,
+    evaluate_luna16,
+    froc_at_thresholds,
+    label_candidates,
+)
 from medssl.metrics.calibration import expected_calibration_error, reliability_diagram
 from medssl.models.card import load_card
 from medssl.pipeline.detect import DetectionParams
@@ -63,10 +70,6 @@ from medssl.pipeline.windows import extract_window, plan_windows
 from medssl.runners.onnx import OnnxRunner
 from medssl.scoring.manifest import build_manifest
 from medssl.scoring.series import infer, prepare
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from focalmix_ssl import generated_dataset  # noqa: E402  (benchmarks/focalmix_ssl.py)
-from machine import cpu_device  # noqa: E402  (benchmarks/machine.py)
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +119,7 @@ def prepare_data(data: Path, *, cases: int, matrix: int, seed: int = 7000) -> di
     """Generate the held-out-family LUNA16 test folder if missing; check it otherwise.
 
     ``data/benchmark_data.json`` records how it was made; a folder made otherwise is an error
-    (:func:`focalmix_ssl.generated_dataset`).
+    (:func:`medssl.bench.data.generated_dataset`).
 
     Raises:
         SystemExit: the folder exists with other settings.

@@ -38,13 +38,13 @@ import SimpleITK as sitk
 import torch
 
 from medssl.cli.train import resolve_config
+from medssl.config import load_config
 from medssl.detection import AnchorGrid
 from medssl.io.sitk_bridge import to_sitk
 from medssl.pipeline import preprocess_ct
 from medssl.pipeline.detect import detect
 from medssl.pipeline.windows import extract_window, plan_windows
 from medssl.synth.chest import ChestConfig, generate_chest_ct
-from medssl.config import load_config
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_eval import TorchDetectionRunner, detection_params
 from medssl.training.det_steps import focalmix_step, supervised_step
@@ -176,7 +176,7 @@ def bench_preprocess(repeats: int) -> dict[str, object]:
             "medssl resample": lambda: volume.resample(1.0),
             "SimpleITK Resample": simpleitk,
             "scipy affine_transform (previous)": scipy_one_thread}
-    from machine import alternate  # type: ignore[import-not-found]
+    from medssl.bench.machine import alternate
 
     times = alternate(runs, repeats)
     medians = {k: statistics.median(v) for k, v in times.items()}
@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--preprocess-repeats", type=int, default=15)
     args = parser.parse_args()
     if args.preprocess_only:
-        from machine import cpu_device, write_report  # type: ignore[import-not-found]
+        from medssl.bench.machine import cpu_device, write_report
 
         prep = bench_preprocess(args.preprocess_repeats)
         prep["device"] = cpu_device()

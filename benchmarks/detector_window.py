@@ -32,6 +32,7 @@ import torch
 from medssl.config import load_config
 from medssl.datasets.splits import read_split
 from medssl.metrics import FP_RATES
+from medssl.metrics.luna16 import Prediction
 from medssl.pipeline.detect import detect_preprocessed
 from medssl.training.batchnorm import reestimate_batchnorm
 from medssl.training.det_config import DetectionExperiment
@@ -39,7 +40,6 @@ from medssl.training.det_eval import TorchDetectionRunner, detection_params, eva
 from medssl.training.det_scans import split_luna16
 from medssl.training.det_trainer import _cache, _scan_boxes, _statistics_windows
 from medssl.training.detector import FPNDetector
-from medssl.metrics.luna16 import Prediction
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -34,16 +34,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_device  # benchmarks/machine.py
 
+from medssl.bench.machine import cpu_device
 from medssl.cli.train import resolve_config
+from medssl.config import config_to_dict, load_config
 from medssl.export import ExportOptions, export_checkpoint
 from medssl.export.models import exportable
 from medssl.models.triton_config import ServingOptions
 from medssl.runners import OnnxRunner, TritonRunner
 from medssl.testing import LocalTritonServer
 from medssl.testing.triton import python_backend_repository
-from medssl.config import config_to_dict, load_config
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.detector import FPNDetector
 

@@ -70,7 +70,6 @@ import math
 import multiprocessing
 import os
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -82,13 +81,18 @@ from typing import Any
 
 import numpy as np
 
+from medssl.bench.data import generated_dataset
+from medssl.bench.machine import cpu_device
 from medssl.datasets.luna16 import Luna16
-from medssl.metrics import FrocResult, evaluate_luna16, paired_bootstrap_cpm, read_predictions, read_seriesuids
+from medssl.metrics import (
+    FrocResult,
+    evaluate_luna16,
+    paired_bootstrap_cpm,
+    read_predictions,
+    read_seriesuids,
+)
 from medssl.metrics.froc import cpm_points, order_statistic_interval, paired_bootstrap_sensitivities
 from medssl.metrics.seeds import seed_interval
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_device  # noqa: E402  (benchmarks/machine.py)
 
 RESULTS = Path(__file__).parent / "results"
 #: The issue's minimum test set (item 5); ``--smoke`` runs below it and say so.
@@ -174,31 +178,6 @@ def prepare_data(data: Path, *, cases: int, unlabeled: int, matrix: int, seed: i
     """
     return generated_dataset(data, {"cases": cases, "unlabeled": unlabeled, "matrix": matrix, "family": "train",
                                     "seed": seed})
-
-
-def generated_dataset(data: Path, wanted: dict[str, Any]) -> dict[str, Any]:
-    """Make ``data`` with :func:`medssl.synth.datasets.write_chest_dataset` (keyword arguments
-    ``wanted``) unless it exists; ``data/benchmark_data.json`` records them, and an existing
-    folder made otherwise is an error rather than silently reused.
-
-    Raises:
-        SystemExit: the folder exists with other settings, or without the record.
-    """
-    from medssl.synth.datasets import write_chest_dataset
-
-    record = data / "benchmark_data.json"
-    if record.is_file():
-        made = json.loads(record.read_text())
-        if made != wanted:
-            raise SystemExit(f"{data} was generated with {made}, not {wanted}: pass matching options "
-                             "or another --data folder")
-        return made
-    if (data / "annotations.csv").exists():
-        raise SystemExit(f"{data} holds a dataset without benchmark_data.json (made by an older version "
-                         "of a benchmark?): pass another --data folder")
-    write_chest_dataset(data, **wanted)
-    record.write_text(json.dumps(wanted, indent=2) + "\n")
-    return wanted
 
 
 def test_set_size(data: Path, test_subsets: Sequence[int]) -> tuple[int, int]:
@@ -608,13 +587,13 @@ def budget_curve(settings: dict[str, Any], labeled: int, seed: int) -> list[dict
     (the checkpoints hold the re-estimated BatchNorm statistics)."""
     import torch
 
+    from medssl.pipeline import Intensity
     from medssl.training.cache import VolumeCache
     from medssl.training.checkpoint import load_checkpoint
     from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
     from medssl.training.det_scans import split_luna16
     from medssl.training.det_trainer import default_cache_dir, train_detector
     from medssl.training.detector import FPNDetector
-    from medssl.pipeline import Intensity
 
     steps = settings["steps"]
     run = Run(SUPERVISED, "supervised-det", labeled, seed, {})

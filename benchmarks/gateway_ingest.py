@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from machine import cpu_device  # benchmarks/machine.py
-from score_throughput import TreeMemory, write_scans  # benchmarks/score_throughput.py
 
+from medssl.bench.data import write_scans
+from medssl.bench.machine import TreeMemory, cpu_device
 from medssl.testing import GatewayProcess, OrthancServer, gateway_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from machine import cpu_device, write_report  # benchmarks/machine.py
+from medssl.bench.machine import cpu_device, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"

@@ -56,7 +56,7 @@ from typing import Any
 
 import pydicom
 
-from machine import alternate, cpu_device, write_report  # type: ignore[import-not-found]
+from medssl.bench.machine import alternate, cpu_device, write_report
 
 RESULTS = Path(__file__).parent / "results"
 STAGES = ("manifest", "selection", "resume store", "Ray planning", "export")
@@ -254,7 +254,7 @@ def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None)
     """``medssl-score`` in its own process; RSS of its tree and rows committed, sampled each second."""
     import sqlite3
 
-    from machine import TreeMemory  # type: ignore[import-not-found]
+    from medssl.bench.machine import TreeMemory
 
     command = [str(Path(sys.executable).parent / "medssl-score"), str(listing), "--out", str(out),
                "--engine", engine, "--workers", "1"]

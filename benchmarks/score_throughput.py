@@ -76,7 +76,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from machine import TreeMemory, cpu_device  # benchmarks/machine.py
+
+from medssl.bench.data import write_scans
+from medssl.bench.machine import TreeMemory, cpu_device
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -93,35 +95,6 @@ STAGES = ("read", "preprocess", "inference", "postprocess")
 
 
 # --------------------------------------------------------------------------- data
-
-
-def write_scans(folder: Path, n: int, seed: int) -> list[Path]:
-    """``n`` synthetic 300x512x512 chest CT series as DICOM under ``folder/scanNN`` (kept if present).
-
-    Each folder gets ``truth.json``: the nodules' LPS centres and diameters.
-    """
-    from medssl.io.dicom_writer import SeriesInfo, write_dicom_series
-    from medssl.synth.chest import ChestConfig, generate_chest_ct
-
-    folders = []
-    for i in range(n):
-        target = folder / f"scan{i:02d}"
-        folders.append(target)
-        if (target / "truth.json").is_file():
-            continue
-        start = time.perf_counter()
-        case = generate_chest_ct(seed + i, ChestConfig(matrix=512, n_slices=300))
-        info = SeriesInfo(uid_seed=f"score-throughput-{seed + i}", patient_id=f"ST{seed + i:04d}",
-                          series_description="Chest (score_throughput)")
-        write_dicom_series(case.volume, target, info)
-        truth = {"seed": seed + i, "shape": list(case.volume.shape),
-                 "spacing_mm": [float(s) for s in case.volume.spacing],
-                 "nodules": [{"centre_lps": list(map(float, n.centre_lps)), "diameter_mm": float(n.diameter_mm)}
-                             for n in case.nodules]}
-        (target / "truth.json").write_text(json.dumps(truth, indent=1))
-        print(f"wrote {target} {case.volume.shape} spacing {np.round(case.volume.spacing, 3).tolist()} "
-              f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return folders
 
 
 def _warm_page_cache(folders: list[Path]) -> None:
@@ -267,10 +240,10 @@ def side_monai(data: Path, batch_size: int, loader_workers: int) -> dict[str, An
     from monai.inferers import sliding_window_inference
     from torch.utils.data import DataLoader
 
+    from medssl.config import config_from_dict
     from medssl.detection import AnchorGrid
     from medssl.detection.nms import nms_3d
     from medssl.scoring.run import RunnerSpec
-    from medssl.config import config_from_dict
     from medssl.training.det_config import DetectionExperiment
     from medssl.training.detector import FPNDetector, decode_boxes, flatten_levels
 

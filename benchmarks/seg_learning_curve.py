@@ -24,9 +24,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import seg_bench  # benchmarks/seg_bench.py
 import seg_methods  # benchmarks/seg_methods.py
-from machine import cpu_device  # benchmarks/machine.py
+
+from medssl.bench import seg_bench  # benchmarks/lib/seg_bench.py
+from medssl.bench.machine import cpu_device
 
 RESULTS = Path(__file__).parent / "results"
 

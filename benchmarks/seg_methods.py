@@ -38,7 +38,7 @@ and labeled cases, with its t interval; and the **gap recovered**
 dominates (per-case spread is far smaller), so the seeds, not the test cases, carry the
 interval.
 
-Protocol (``benchmarks/seg_bench.py``, shared with ``ad_settings.py``): each run is a fresh
+Protocol (``benchmarks/lib/seg_bench.py``, shared with ``ad_settings.py``): each run is a fresh
 ``python benchmarks/seg_methods.py --one ...`` subprocess on the CPU (``data.workers=0``;
 ``--jobs`` runs at a time, each torch with one thread when more than one); preprocessed volumes
 are shared through ``MEDSSL_CACHE=WORK/cache``; each run's result is written to
@@ -70,9 +70,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import seg_bench  # benchmarks/seg_bench.py
-from machine import cpu_device, write_report  # benchmarks/machine.py
-from seg_bench import BUSY_LOAD, interval, mean_std, num, pm
+from medssl.bench import seg_bench  # benchmarks/lib/seg_bench.py
+from medssl.bench.machine import cpu_device, write_report
+from medssl.bench.seg_bench import BUSY_LOAD, interval, mean_std, num, pm
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"

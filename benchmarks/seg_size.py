@@ -44,17 +44,15 @@ import numpy as np
 import pydicom
 
 from medssl import Volume
+from medssl.bench.machine import cpu_device
+from medssl.dicom.seg import frame_slices, write_label_seg
 from medssl.io import SeriesInfo, write_dicom_series
 from medssl.io.nifti import write_nifti
 from medssl.models import load_card
 from medssl.models.anatomy import organ_label
-from medssl.models.card import ModelCard, TensorSpec, Task
-from medssl.dicom.seg import frame_slices, write_label_seg
+from medssl.models.card import ModelCard, Task, TensorSpec
 from medssl.synth.organ_scene import LABELS
 from medssl.synth.organs import generate_organ_phantom
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_device  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
