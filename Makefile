@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 DEMO   ?= demo
 
-.PHONY: demo test setup setup-test system-deps triton-env ohif openvino-env openvino-score-env clean
+.PHONY: demo test test-fast setup setup-test system-deps triton-env ohif openvino-env openvino-score-env clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -96,6 +96,12 @@ demo: setup
 
 test: setup-test
 	$(PY) -m pytest -q
+
+# The unit tests: no real servers, browsers, distributed runs or training runs (markers in
+# pyproject.toml; each heavy module says what it is with pytestmark). Minutes, not a quarter hour.
+FAST := not (integration or orthanc or triton or ddp or browser or slow)
+test-fast: $(VENV)/.test
+	$(PY) -m pytest -q -m "$(FAST)"
 
 clean:
 	rm -rf $(VENV) .venv-triton .venv-openvino .venv-openvino-score $(DEMO) .pytest_cache

@@ -8,6 +8,7 @@ import sys
 
 import highdicom as hd
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from medssl.cli.main import cli
@@ -16,6 +17,8 @@ from medssl.index import index_tree
 from medssl.io import read_dicom_series
 from medssl.volume import Volume
 from tests.conftest import assert_same_in_world
+
+pytestmark = [pytest.mark.integration]
 
 SMALL = ["--matrix", "96", "--slices", "40"]
 

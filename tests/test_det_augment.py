@@ -14,6 +14,8 @@ from medssl.training.det_config import DataConfig
 from tests.test_train_detector import luna, tiny_config  # noqa: F401 (fixtures)
 from tests.test_training_det_fixes import _scans, checkpoint
 
+pytestmark = [pytest.mark.slow]
+
 HU_RANGE = 1800.0  # the lung window [-1200, 600]
 PER_HU = 2.0 / HU_RANGE
 

@@ -19,6 +19,8 @@ from medssl.training.det_trainer import TrainingDivergedError, train_detector
 from tests.test_train_detector import TINY as DETECTOR_TINY
 from tests.test_train_detector import cache, luna  # noqa: F401 (fixtures)
 
+pytestmark = [pytest.mark.slow]
+
 TINY = [*DETECTOR_TINY, "method=focalmix", "focalmix.k=2", "focalmix.object_policy=flexmatch"]
 
 

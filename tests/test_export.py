@@ -27,6 +27,8 @@ from medssl.models import NODULE_LABEL, ModelCard, load_card
 from medssl.models.repository import check_model, check_repository, next_version, versions
 from medssl.models.triton_config import ServingOptions, model_config, read_config, write_config
 
+pytestmark = [pytest.mark.slow]
+
 
 @pytest.fixture
 def repo_copy(tmp_path, exported_detector) -> Path:

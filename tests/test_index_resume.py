@@ -18,6 +18,8 @@ from medssl.errors import MedsslError
 from medssl.index import CHUNK, index_tree, read_index
 from medssl.synth.scale import write_header_files
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def big_tree(tmp_path_factory) -> Path:

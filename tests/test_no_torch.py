@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+pytestmark = [pytest.mark.integration]
+
 TORCH_FREE = [
     "medssl",
     "medssl.io",

@@ -28,6 +28,8 @@ from medssl.metrics.operating_point import (
 )
 from medssl.models.card import CARD_FILE, LEGACY_REPORT_THRESHOLD, ModelCard, load_card
 
+pytestmark = [pytest.mark.slow]
+
 SHIPPED_WEIGHTS = Path(__file__).parents[1] / "benchmarks" / "assets" / "focalmix-nodules.pt"
 #: The run fixture's validation calibration (Platt: sigmoid(1.5 logit p - 0.5)).
 RUN_CALIBRATION = {"method": "platt", "a": 1.5, "b": -0.5}

@@ -22,7 +22,7 @@ from medssl.training.vnet import VNet
 from tests.test_fixmatch import TINY, cache, checkpoint, logged, organs, tiny_config  # noqa: F401 (fixtures)
 from tests.test_seg_trainer import train_interrupted_then_resumed
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
+pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.slow]
 
 PATCHCL = ("data.patch=[16,32,32]", "patchcl.warmup_fraction=0.5")  # 2 warm-up steps of 4
 

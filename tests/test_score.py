@@ -25,6 +25,8 @@ from medssl.scoring import (
     select_series,
 )
 
+pytestmark = [pytest.mark.slow]
+
 REPOSITORY = Path(__file__).parents[1] / "model_repository"
 SPEC = RunnerSpec(REPOSITORY, "focalmix-nodules")
 TIMINGS = ("read_s", "preprocess_s", "inference_s", "postprocess_s")

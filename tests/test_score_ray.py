@@ -26,7 +26,7 @@ from medssl.scoring.series import Scored  # noqa: E402
 SPEC = RunnerSpec(Path(__file__).resolve().parents[1] / "model_repository", "focalmix-nodules",
                   runtime="onnxruntime")
 # DataContext.copy() (inside Ray Data too) warns about its own deprecated fields.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"), pytest.mark.integration, pytest.mark.slow]
 
 TIMINGS = ("read_s", "preprocess_s", "inference_s", "postprocess_s", "lung_mask_s")
 

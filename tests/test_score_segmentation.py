@@ -20,6 +20,8 @@ from medssl.scoring.series import DicomOutput
 from medssl.synth.organs import generate_organ_phantom
 from tests.conftest import ORGAN_SHAPE
 
+pytestmark = [pytest.mark.integration]
+
 
 def test_exported_segmenter_card_names_organs_with_codes_and_colours(exported_segmenter):
     card = load_card(exported_segmenter.model_dir)

@@ -16,6 +16,8 @@ from medssl.scoring import RunnerSpec, ScanItem, ScoreOptions, build_manifest, s
 from medssl.scoring.merge import merge_outputs
 from medssl.scoring.shard import Shard, parse_shard
 
+pytestmark = [pytest.mark.slow]
+
 REPOSITORY = Path(__file__).parents[1] / "model_repository"
 SPEC = RunnerSpec(REPOSITORY, "focalmix-nodules")
 TIMINGS = {"read_s", "preprocess_s", "inference_s", "postprocess_s", "lung_mask_s"}

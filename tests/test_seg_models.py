@@ -35,7 +35,7 @@ W, C = 4, 3  # network width, classes (background included)
 SHAPE = (16, 16, 16)
 
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
+pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.slow]
 
 
 def image(batch=2, seed=0) -> torch.Tensor:

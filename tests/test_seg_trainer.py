@@ -35,7 +35,7 @@ TINY = ["optim.steps=4", "eval.every=2", "data.patch=[16,16,16]", "data.workers=
 METRICS = {"dice", "jaccard", "hd95_mm", "asd_mm"}
 
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
+pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
 
-from tests.conftest import require_tool
 from medssl.testing.orthanc import free_port
+from tests.conftest import require_tool
+
+pytestmark = [pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "gateway.yaml"

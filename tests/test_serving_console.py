@@ -30,11 +30,14 @@ import urllib.request
 from pathlib import Path
 
 import pydicom
+import pytest
 
-from tests.conftest import CHROMIUM, CHROMIUM_ARGS, require_browser, require_tool
-from tests.fuzz_corpus import PHI_ID, PHI_NAME, find_phi
 from medssl.testing.gateway import GatewayProcess, gateway_config
 from medssl.testing.orthanc import OrthancServer, free_port
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, require_browser, require_tool
+from tests.fuzz_corpus import PHI_ID, PHI_NAME, find_phi
+
+pytestmark = [pytest.mark.integration, pytest.mark.orthanc, pytest.mark.browser]
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"

@@ -37,6 +37,8 @@ from tests.test_serving_gateway import _wait_results, _wait_settled, orthanc  # 
 from tests.test_serving_phi import fuzz_gateway
 from tests.test_serving_scp import associated, status_of
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 #: How far the gateway's RSS may stay above its baseline after the corpus (MiB): the baseline
 #: is taken after a first valid study, so models, decoders and arenas are loaded already; what
 #: is left is allocator slack and SQLite's page cache.

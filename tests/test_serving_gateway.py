@@ -30,6 +30,8 @@ from tests.conftest import require_tool
 from medssl.testing.gateway import GatewayProcess, gateway_config
 from medssl.testing.orthanc import OrthancServer
 
+pytestmark = [pytest.mark.integration, pytest.mark.orthanc, pytest.mark.triton]
+
 #: A finding's SCOORD3D group in our SRs (each finding also has a 2D point group first:
 #: tests/test_sr_viewers.py).
 POINT3D = hd.sr.GraphicTypeValues3D.POINT

@@ -22,6 +22,8 @@ from medssl.testing.gateway import GatewayProcess, gateway_config
 from medssl.testing.orthanc import OrthancServer
 from tests.test_serving_gateway import _dataset, _storescu
 
+pytestmark = [pytest.mark.integration, pytest.mark.orthanc]
+
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 
 

@@ -31,6 +31,8 @@ from tests.fuzz_corpus import (
 from medssl.testing.gateway import GatewayProcess, gateway_config
 from tests.test_serving_gateway import DETECTOR, REPOSITORY, _wait_settled
 
+pytestmark = [pytest.mark.integration]
+
 def fuzz_gateway(root: Path, destinations: list[dict] | None = None, min_slices: int = 1,
                  **sections: dict) -> GatewayProcess:
     """A ``medssl-serve`` on free loopback ports running the shipped detector on the CT series

@@ -26,6 +26,8 @@ from medssl.synth.organs import generate_organ_phantom
 from tests.conftest import ORGAN_SHAPE
 from tests.dicom_edits import copy_series
 
+pytestmark = [pytest.mark.slow]
+
 #: A finding's SCOORD3D group in our SRs (each finding also has a 2D point group first:
 #: tests/test_sr_viewers.py).
 POINT3D = hd.sr.GraphicTypeValues3D.POINT

@@ -39,6 +39,8 @@ from tests.test_serving_scp import (  # noqa: F401  (fixtures: gateway, series; 
     status_of,
 )
 
+pytestmark = [pytest.mark.slow]
+
 A_ABORT_INVALID_PARAMETER = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"  # source 2, reason 6
 
 

@@ -26,6 +26,8 @@ from medssl.serving.sender import DeliveryError, send_files
 from tests.conftest import ramp_volume
 from medssl.testing.orthanc import DICOMWEB_PLUGIN, ORTHANC, OrthancServer, free_port
 
+pytestmark = [pytest.mark.integration, pytest.mark.orthanc]
+
 CARD_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "focalmix-nodules"
 
 

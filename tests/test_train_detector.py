@@ -32,6 +32,8 @@ from medssl.config import load_config, parse_overrides
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_trainer import TrainingDivergedError, train_detector
 
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
+
 TINY = [
     "optim.steps=4", "eval.every=2", "eval.bootstrap=10", "data.patch=32",
     "data.n_validation=1", "data.test_subsets=[9]", "data.workers=0",

@@ -24,6 +24,8 @@ from medssl.training.det_trainer import train_detector
 from medssl.training.detector import FPNDetector
 from tests.test_train_detector import cache, luna, tiny_config  # noqa: F401 (fixtures)
 
+pytestmark = [pytest.mark.slow]
+
 SHORT = ("optim.steps=2", "eval.every=2", "data.test_subsets=[]")
 
 

@@ -24,6 +24,8 @@ from medssl.training.distributed import (
     wrap_ddp,
 )
 
+pytestmark = [pytest.mark.integration, pytest.mark.ddp, pytest.mark.slow]
+
 WORLD = 2
 STEPS = 3
 

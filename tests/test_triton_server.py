@@ -26,6 +26,8 @@ from medssl.runners import (
 from medssl.testing import LocalTritonServer
 from medssl.testing.triton import python_backend_repository
 
+pytestmark = [pytest.mark.integration, pytest.mark.triton]
+
 PROTOCOLS = ["http", "grpc"]
 
 

@@ -79,6 +79,8 @@ from tests.conftest import CHROMIUM, CHROMIUM_ARGS, require_browser, require_too
 from medssl.testing.orthanc import OrthancServer
 from tests.test_serving_dicom import INFO, NODULES, card  # noqa: F401  (fixture)
 
+pytestmark = [pytest.mark.integration, pytest.mark.orthanc, pytest.mark.browser]
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Where ``make ohif`` unpacks ``npm pack @ohif/app@3.13.2`` (its ``package/dist``).
 OHIF_DIST = Path(os.environ.get("MEDSSL_OHIF_DIST", ROOT / ".cache" / "ohif" / "package" / "dist"))
