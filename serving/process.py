@@ -37,9 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import pydicom
-from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
-
 from medssl.errors import MedsslError, RunnerError
 from medssl.index import index_files
 from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
@@ -67,7 +64,6 @@ log = logging.getLogger("medssl.serving.process")
 READY_TIMEOUT_S = 5.0
 #: The stages :attr:`StudyResult.timings` sums.
 STAGES = ("read", "preprocess", "inference", "write")
-_KINDS = {Comprehensive3DSRStorage: "sr", SegmentationStorage: "seg"}
 
 
 class TransientError(MedsslError):
@@ -337,10 +333,8 @@ def _run_series(item: ScanItem, route: RouteConfig, loaded: LoadedModel, out_dir
         findings, n_findings = scored.findings, int(row["n_findings"])
     result.series.append(SeriesOutcome(item.key, card.name, "ok", None, n_findings, findings,
                                        description=item.series_description))
-    for path in scored.dicom_files:
-        header = pydicom.dcmread(path, stop_before_pixels=True,
-                                 specific_tags=["SOPClassUID", "SOPInstanceUID"])
-        result.outputs.append(OutputFile(Path(path), _KINDS[header.SOPClassUID], card.name,
-                                         card.version, item.series_uid, str(header.SOPInstanceUID)))
+    for written in scored.dicom_files:  # their UIDs as written: no file is read back
+        result.outputs.append(OutputFile(written.path, written.kind, card.name, card.version, item.series_uid,
+                                         written.sop_instance_uid))
     log.info("series %s, model %s v%d: %d findings, wrote %d objects", item.key, card.name,
              card.version, n_findings, len(scored.dicom_files))

@@ -380,8 +380,8 @@ def test_the_uid_content_key_uses_the_threshold_in_effect(exported, dicom_archiv
     prepared = Prepared(item, None)
 
     def uid(card: ModelCard, folder: str, **output) -> str:
-        [path] = _write_sr(prepared, found, card, DicomOutput(tmp_path / folder, **output))
-        return str(pydicom.dcmread(path).SOPInstanceUID)
+        [written] = _write_sr(prepared, found, card, DicomOutput(tmp_path / folder, **output))
+        return str(pydicom.dcmread(written.path).SOPInstanceUID)
 
     at_07 = dataclasses.replace(exported.card, operating_point=_point(threshold=0.7))
     at_02 = dataclasses.replace(exported.card, operating_point=_point(threshold=0.2))

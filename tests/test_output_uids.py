@@ -70,10 +70,13 @@ def _write(folder: Path, series, detections, card, **output) -> dict[str, tuple[
     prepared = Prepared(item, None, source_affine=volume.affine, source_shape=volume.shape)
     files = _write_sr(prepared, detections, card, DicomOutput(folder, **output))
     uids: dict[str, tuple[str, ...]] = {}
-    for path in files:
-        ds = pydicom.dcmread(path)
+    for written in files:
+        ds = pydicom.dcmread(written.path)
         role = "seg" if ds.Modality == "SEG" else "sr"
         uids[role] = (str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+        # what the writer says it wrote is what the file holds (the gateway reads no file back)
+        assert (written.kind, written.sop_class_uid, written.series_instance_uid, written.sop_instance_uid) == (
+            role, str(ds.SOPClassUID), *uids[role])
         if role == "sr":
             uids["sr->seg"] = tuple(
                 str(sop.ReferencedSOPInstanceUID)

@@ -121,8 +121,9 @@ def test_the_scorer_and_gateway_pass_the_seg_type_and_refuse_unknown_ones(tmp_pa
                     study_uid=str(source[0].StudyInstanceUID))
     for seg_type, dense in (("labelmap", False), ("binary", True), ("labelmap-rle", False)):
         output = DicomOutput(tmp_path / seg_type, seg_type=seg_type, dense_seg=dense)
-        path = _write_seg(item, labels, card, output)
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        written = _write_seg(item, labels, card, output)
+        ds = pydicom.dcmread(written.path, stop_before_pixels=True)
+        assert (written.kind, written.sop_instance_uid) == ("seg", str(ds.SOPInstanceUID))
         assert ds.SegmentationType == seg_type.split("-")[0].upper()
         assert (int(ds.NumberOfFrames) == SHAPE[0] * len(card.labels)) is dense
     with pytest.raises(ValueError, match=r"\['binary', 'labelmap', 'labelmap-rle'\], got 'rle'"):

@@ -6,6 +6,8 @@
   empty frames omitted by default; dense or LABELMAP on request), :mod:`medssl.dicom.seg`;
   :func:`detection_seg` / :func:`write_detection_seg`: the findings' companion SEG (one
   sphere segment per detection);
+* :func:`save` → :class:`WrittenObject`: an object written atomically, with its kind and UIDs
+  (scoring and the gateway pass these on instead of re-reading the files);
 * :func:`derived_uid`: the deterministic UIDs both use, derived from each object's content,
   :mod:`medssl.dicom.uids`; :mod:`medssl.dicom.source`: the source headers as the writers
   copy them (odd archive values, no Frame of Reference UID).
@@ -18,6 +20,7 @@ from __future__ import annotations
 from medssl.dicom.seg import detection_seg, label_seg, write_detection_seg, write_label_seg
 from medssl.dicom.sr import detection_sr, write_detection_sr
 from medssl.dicom.uids import derived_uid
+from medssl.dicom.written import WrittenObject, save
 
-__all__ = ["derived_uid", "detection_seg", "detection_sr", "label_seg", "write_detection_seg", "write_detection_sr",
-           "write_label_seg"]
+__all__ = ["WrittenObject", "derived_uid", "detection_seg", "detection_sr", "label_seg", "save", "write_detection_seg",
+           "write_detection_sr", "write_label_seg"]

@@ -59,10 +59,6 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from medssl import __version__
-from medssl.atomic import atomic_write
-from medssl.io.dicom_enhanced import frame_positions
-from medssl.models.card import ModelCard
-from medssl.pipeline.detect import Detection
 from medssl.dicom.source import output_source
 from medssl.dicom.sr import coded, finding_label, finding_tracking, processing_equipment
 from medssl.dicom.uids import (
@@ -76,6 +72,10 @@ from medssl.dicom.uids import (
     label_key,
     source_series_uid,
 )
+from medssl.dicom.written import save
+from medssl.io.dicom_enhanced import frame_positions
+from medssl.models.card import ModelCard
+from medssl.pipeline.detect import Detection
 
 __all__ = [
     "DETECTION_SEG_SERIES_NUMBER",
@@ -373,9 +373,7 @@ def write_detection_seg(
 
 
 def _write(seg: hd.seg.Segmentation, path: str | Path) -> Path:
-    path = Path(path)
-    atomic_write(path, lambda fh: seg.save_as(fh, enforce_file_format=True))
-    return path
+    return save(seg, path).path
 
 
 def _algorithm(card: ModelCard) -> hd.AlgorithmIdentificationSequence:

@@ -106,12 +106,19 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import SegmentationStorage
 
 from medssl import __version__
-from medssl.atomic import atomic_write
+from medssl.dicom.source import output_source
+from medssl.dicom.uids import (
+    content_key,
+    derived_uid,
+    detection_key,
+    device_uid,
+    report_key,
+    source_series_uid,
+)
+from medssl.dicom.written import save
 from medssl.io.dicom_enhanced import frame_planes
 from medssl.models.card import Code, Label, ModelCard
 from medssl.pipeline.detect import Detection
-from medssl.dicom.source import output_source
-from medssl.dicom.uids import content_key, derived_uid, detection_key, device_uid, report_key, source_series_uid
 
 __all__ = [
     "CT_UNSPECIFIED_BODY_REGION",
@@ -274,8 +281,7 @@ def write_detection_sr(
     sr = detection_sr(source, detections, card, manufacturer=manufacturer,
                       series_number=series_number, procedure_reported=procedure_reported,
                       companion_seg=companion_seg, settings=settings)
-    atomic_write(path, lambda fh: sr.save_as(fh, enforce_file_format=True))
-    return path
+    return save(sr, path).path
 
 
 def finding_tracking(series_uid: str, card: ModelCard, index: int,

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from medssl.dicom.seg import frame_slices, write_detection_seg, write_label_seg
-from medssl.dicom.sr import write_detection_sr
+from medssl.dicom.seg import detection_seg, frame_slices, label_seg
+from medssl.dicom.sr import detection_sr
+from medssl.dicom.written import WrittenObject, save
 from medssl.errors import MedsslError, RunnerError, describe_error
 from medssl.io import read_grid, read_volume
 from medssl.io.dicom_series import read_dicom_series
@@ -31,7 +32,12 @@ from medssl.io.nifti import write_nifti
 from medssl.models.card import ModelCard, Task
 from medssl.pipeline.detect import Detection, DetectionParams, DetectionRunner, detect_preprocessed
 from medssl.pipeline.preprocess import preprocess_ct
-from medssl.pipeline.segment import SegmentationParams, SegmentationRunner, prepare_segmentation, segment_prepared
+from medssl.pipeline.segment import (
+    SegmentationParams,
+    SegmentationRunner,
+    prepare_segmentation,
+    segment_prepared,
+)
 from medssl.scoring.manifest import ScanItem
 from medssl.volume import Volume
 
@@ -83,7 +89,7 @@ class Scored:
     Attributes:
         row: its ``series.parquet`` row.
         findings: its ``findings.parquet`` rows.
-        dicom_files: the DICOM objects written (:class:`DicomOutput`): the SR or SEG first,
+        dicom_files: the DICOM objects written (:class:`DicomOutput`), with their UIDs: the SR or SEG first,
             then the companion SEG of the detections, if any.
         write_s: seconds spent writing them.
         transient: the series failed in the model runner (``RunnerError``) or ran out of
@@ -92,7 +98,7 @@ class Scored:
 
     row: dict[str, Any]
     findings: list[dict[str, Any]]
-    dicom_files: list[Path] = field(default_factory=list)
+    dicom_files: list[WrittenObject] = field(default_factory=list)
     write_s: float = 0.0
     transient: bool = False
 
@@ -230,10 +236,10 @@ def _source_headers(item: ScanItem) -> list[pydicom.Dataset]:
 
 
 def _write_sr(prepared: Prepared, detections: Sequence[Detection], card: ModelCard,
-              output: DicomOutput) -> list[Path]:
+              output: DicomOutput) -> list[WrittenObject]:
     """The series' TID 1500 SR of the detections at or above the threshold in effect
     (``output.min_probability``, else the card's operating point), and its companion SEG if
-    asked for and anything is reported (headers of the source files only); the SR's path first."""
+    asked for and anything is reported (headers of the source files only); the SR first."""
     item = prepared.item
     source = _source_headers(item)
     folder = output.folder / item.series_uid
@@ -244,12 +250,12 @@ def _write_sr(prepared: Prepared, detections: Sequence[Detection], card: ModelCa
     # threshold in effect, so another threshold (set or the card's) never shares a UID
     settings = {"min_probability": float(threshold), "companion_seg": bool(output.companion_seg)}
     if not (output.companion_seg and reported):
-        return [write_detection_sr(source, reported, card, folder / "sr.dcm", settings=settings)]
+        return [save(detection_sr(source, reported, card, settings=settings), folder / "sr.dcm")]
     assert prepared.source_affine is not None and prepared.source_shape is not None
-    seg_path, seg = write_detection_seg(source, reported, card, prepared.source_affine, prepared.source_shape,
-                                        folder / "findings-seg.dcm", settings=settings)
-    return [write_detection_sr(source, reported, card, folder / "sr.dcm", companion_seg=seg, settings=settings),
-            seg_path]
+    seg = detection_seg(source, reported, card, prepared.source_affine, prepared.source_shape, settings=settings)
+    seg_written = save(seg, folder / "findings-seg.dcm")
+    return [save(detection_sr(source, reported, card, companion_seg=seg, settings=settings), folder / "sr.dcm"),
+            seg_written]
 
 
 def _failure(prepared: Prepared, card: ModelCard, exc: BaseException) -> Scored:
@@ -315,12 +321,12 @@ def infer(prepared: Prepared, runner: DetectionRunner | SegmentationRunner, card
         "n_findings": len(findings),
         "max_probability": float(np.max(probabilities)) if probabilities else 0.0,
         "report_threshold": threshold.value, "threshold_source": threshold.source,
-        "dicom_outputs": str(files[0]) if files else None, "note": _dicom_skipped(item, dicom),
+        "dicom_outputs": str(files[0].path) if files else None, "note": _dicom_skipped(item, dicom),
     }
     return Scored(row, findings, files, write_s)
 
 
-def _write_seg(item: ScanItem, labels: Volume, card: ModelCard, output: DicomOutput) -> Path:
+def _write_seg(item: ScanItem, labels: Volume, card: ModelCard, output: DicomOutput) -> WrittenObject:
     """The series' DICOM SEG (``output.seg_type``, empty frames omitted unless
     ``output.dense_seg``), its frames mapped to the source series' frames."""
     source = _source_headers(item)
@@ -328,8 +334,8 @@ def _write_seg(item: ScanItem, labels: Volume, card: ModelCard, output: DicomOut
     slices = frame_slices(source, labels.affine, labels.shape[0])
     folder = output.folder / item.series_uid
     folder.mkdir(parents=True, exist_ok=True)
-    return write_label_seg(source, np.asarray(labels.array)[slices], card, folder / "seg.dcm",
-                           seg_type=output.seg_type, omit_empty_frames=not output.dense_seg)
+    return save(label_seg(source, np.asarray(labels.array)[slices], card, seg_type=output.seg_type,
+                          omit_empty_frames=not output.dense_seg), folder / "seg.dcm")
 
 
 def _infer_segmentation(prepared: Prepared, runner: SegmentationRunner, card: ModelCard,
@@ -360,7 +366,7 @@ def _infer_segmentation(prepared: Prepared, runner: SegmentationRunner, card: Mo
         "inference_s": t["inference"] + t["blend"], "postprocess_s": t["resample_back"] + t["postprocess"],
         "n_windows": result.n_windows, "n_windows_skipped": result.n_windows_skipped,
         "n_findings": sum(1 for f in findings if f["volume_ml"] > 0),
-        "dicom_outputs": str(files[0]) if files else None, "note": _dicom_skipped(item, dicom),
+        "dicom_outputs": str(files[0].path) if files else None, "note": _dicom_skipped(item, dicom),
         "label_map": str(label_map) if label_map is not None else None,
     }
     return Scored(row, findings, files, write_s)
