@@ -84,19 +84,32 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 BASELINES = ("supervised-seg", "mean-teacher", "ad")
 ABLATIONS = ("ad-wo-svda", "ad-wo-diffusion", "ad-wo-drs", "ad-wo-rs")
-LABELS = {"supervised-seg": "Supervised VNet", "mean-teacher": "Mean teacher", "ad": "A&D",
-          "ad-wo-svda": "w/o SVDA", "ad-wo-diffusion": "w/o Diffusion", "ad-wo-drs": "w/o DRS",
-          "ad-wo-rs": "w/o RS", CEILING: "Supervised, target labeled (ceiling)"}
-PAPER_SETTING = {"ssl": "SSL (one structure, one domain, 20% labeled)",
-                 "imbssl": "IBSSL (11 imbalanced organs, 20% labeled)",
-                 "uda": "UDA (ct labeled -> mr unlabeled, tested on mr)",
-                 "semidg": "SemiDG (A, B, C 10% labeled -> tested on D)"}
+LABELS = {
+    "supervised-seg": "Supervised VNet",
+    "mean-teacher": "Mean teacher",
+    "ad": "A&D",
+    "ad-wo-svda": "w/o SVDA",
+    "ad-wo-diffusion": "w/o Diffusion",
+    "ad-wo-drs": "w/o DRS",
+    "ad-wo-rs": "w/o RS",
+    CEILING: "Supervised, target labeled (ceiling)",
+}
+PAPER_SETTING = {
+    "ssl": "SSL (one structure, one domain, 20% labeled)",
+    "imbssl": "IBSSL (11 imbalanced organs, 20% labeled)",
+    "uda": "UDA (ct labeled -> mr unlabeled, tested on mr)",
+    "semidg": "SemiDG (A, B, C 10% labeled -> tested on D)",
+}
 #: the ceiling of each setting: supervised, every case of the test domain labeled
 CEILING_OVERRIDES: dict[str, dict[str, Any]] = {
     "ssl": {"data.labeled_fraction": 1.0},
     "imbssl": {"data.labeled_fraction": 1.0},
-    "uda": {"data.domains": ["mr"], "data.unlabeled_domains": [], "data.test_domains": ["mr"],
-            "data.labeled_fraction": 1.0},
+    "uda": {
+        "data.domains": ["mr"],
+        "data.unlabeled_domains": [],
+        "data.test_domains": ["mr"],
+        "data.labeled_fraction": 1.0,
+    },
     "semidg": {"data.domains": ["D"], "data.test_domains": ["D"], "data.labeled_fraction": 1.0},
 }
 #: the SSL setting's one structure: the pancreas, as seg_methods.py's one-structure task (the
@@ -128,7 +141,9 @@ def plan(settings: list[str], variants: list[str], seeds: list[int]) -> list[Run
                     if BASELINE in variants:
                         runs.append(Run(setting, CEILING, seed))
                     continue
-                if variant not in variants or (variant in ABLATIONS and setting not in ABLATION_SETTINGS):
+                if variant not in variants or (
+                    variant in ABLATIONS and setting not in ABLATION_SETTINGS
+                ):
                     continue
                 runs.append(Run(setting, variant, seed))
     return runs
@@ -141,9 +156,18 @@ def overrides_of(run: Run, budget: dict[str, Any]) -> dict[str, Any]:
     patch = {"data.patch": list(budget["patch"])} if budget.get("patch") else {}
     task = {"data.n_validation": 4, **SETTING_OVERRIDES.get(run.setting, {})}
     steps = int(budget["steps"] or SETTING_STEPS[run.setting])
-    return {"method": method, "seed": run.seed, "data.split_seed": 0, "data.workers": 0,
-            "optim.steps": steps, "eval.every": budget["every"], "bcp.pretrain_steps": steps // 2,
-            **patch, **task, **extra}
+    return {
+        "method": method,
+        "seed": run.seed,
+        "data.split_seed": 0,
+        "data.workers": 0,
+        "optim.steps": steps,
+        "eval.every": budget["every"],
+        "bcp.pretrain_steps": steps // 2,
+        **patch,
+        **task,
+        **extra,
+    }
 
 
 # --------------------------------------------------------------------------- data
@@ -151,7 +175,9 @@ def overrides_of(run: Run, budget: dict[str, Any]) -> dict[str, Any]:
 
 def ensure_data(data: Path, cases: int, test_cases: int, seed_base: int) -> dict[str, Any]:
     """Write the six domains if missing; refuse a folder written with other parameters."""
-    return seg_bench.ensure_data(data, cases, test_cases, seed_base, DOMAINS, "ad_settings_data.json")
+    return seg_bench.ensure_data(
+        data, cases, test_cases, seed_base, DOMAINS, "ad_settings_data.json"
+    )
 
 
 # --------------------------------------------------------------------------- child side
@@ -186,17 +212,33 @@ def source_dice(out: Path, data: str) -> dict[str, Any]:
     source = replace(cfg.data, test_domains=cfg.data.domains)
     split = split_domains(data, source)
     names = class_names(split, source)
-    report = test_segmenter(inference_net(state), split.test, label_lookup(split, source),
-                            segmentation_params(cfg, len(names)), names, torch.device("cpu"), False,
-                            out / "test-source")
-    return {"dice": report["mean"]["dice"]["mean"], "n_cases": report["n_cases"], "domains": list(cfg.data.domains)}
+    report = test_segmenter(
+        inference_net(state),
+        split.test,
+        label_lookup(split, source),
+        segmentation_params(cfg, len(names)),
+        names,
+        torch.device("cpu"),
+        False,
+        out / "test-source",
+    )
+    return {
+        "dice": report["mean"]["dice"]["mean"],
+        "n_cases": report["n_cases"],
+        "domains": list(cfg.data.domains),
+    }
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Train and test one run in this process; the result row (without the parent's wall time).
     Runs of a shifted setting (not their ceiling) are also tested on their source domains."""
-    row = seg_bench.run_one({**job, "config": f"seg-{job['setting']}-cpu",
-                             "fields": {"setting": job["setting"], "variant": job["variant"]}})
+    row = seg_bench.run_one(
+        {
+            **job,
+            "config": f"seg-{job['setting']}-cpu",
+            "fields": {"setting": job["setting"], "variant": job["variant"]},
+        }
+    )
     if job["setting"] in SHIFTED and job["variant"] != CEILING:
         row["source"] = source_dice(Path(job["out"]), job["data"])
     return row
@@ -205,13 +247,29 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- parent side
 
 
-def execute(run: Run, args: argparse.Namespace, budget: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+def execute(
+    run: Run, args: argparse.Namespace, budget: dict[str, Any], env: dict[str, str]
+) -> dict[str, Any]:
     out = args.work / "runs" / run.name
     scratch = args.work / "results" / f".{run.name}.partial.json"
-    job = {"setting": run.setting, "variant": run.variant, "seed": run.seed, "overrides": overrides_of(run, budget),
-           "data": str(args.data), "out": str(out), "result": str(scratch)}
-    return seg_bench.execute(Path(__file__), job, env, name=run.name, quiet=args.quiet_runs,
-                             sequential=args.jobs == 1, extra={"budget": budget})
+    job = {
+        "setting": run.setting,
+        "variant": run.variant,
+        "seed": run.seed,
+        "overrides": overrides_of(run, budget),
+        "data": str(args.data),
+        "out": str(out),
+        "result": str(scratch),
+    }
+    return seg_bench.execute(
+        Path(__file__),
+        job,
+        env,
+        name=run.name,
+        quiet=args.quiet_runs,
+        sequential=args.jobs == 1,
+        extra={"budget": budget},
+    )
 
 
 def evidence(rows: list[dict[str, Any]], agg: dict[str, dict[str, Any]]) -> None:
@@ -226,7 +284,9 @@ def evidence(rows: list[dict[str, Any]], agg: dict[str, dict[str, Any]]) -> None
             if r["setting"] == setting:
                 members.setdefault(r["variant"], []).append(r)
         ceiling = members.get(CEILING, [])
-        found = seg_bench.evidence({v: m for v, m in members.items() if v != CEILING}, BASELINE, ceiling)
+        found = seg_bench.evidence(
+            {v: m for v, m in members.items() if v != CEILING}, BASELINE, ceiling
+        )
         found.update(seg_bench.evidence({CEILING: ceiling}) if ceiling else {})
         for variant, entry in found.items():
             agg[f"{setting}/{variant}"]["evidence"] = entry
@@ -234,8 +294,11 @@ def evidence(rows: list[dict[str, Any]], agg: dict[str, dict[str, Any]]) -> None
             sources = [100 * r["source"]["dice"] for r in group if r.get("source")]
             if sources:
                 iv = seed_interval(sources).to_json()
-                agg[f"{setting}/{variant}"]["source"] = {**iv, "sane": iv["value"] >= SANE_SOURCE_DICE,
-                                                         "domains": group[0]["source"]["domains"]}
+                agg[f"{setting}/{variant}"]["source"] = {
+                    **iv,
+                    "sane": iv["value"] >= SANE_SOURCE_DICE,
+                    "domains": group[0]["source"]["domains"],
+                }
 
 
 def verdict(setting: str, agg: dict[str, dict[str, Any]]) -> str | None:
@@ -249,22 +312,31 @@ def verdict(setting: str, agg: dict[str, dict[str, Any]]) -> str | None:
             continue
         source = a.get("source")
         if source is not None and not source["sane"]:
-            parts.append(f"{LABELS[variant]}: source-domain Dice {source['value']:.1f} % is below "
-                         f"{SANE_SOURCE_DICE:.0f} %, so no transfer figure")
+            parts.append(
+                f"{LABELS[variant]}: source-domain Dice {source['value']:.1f} % is below "
+                f"{SANE_SOURCE_DICE:.0f} %, so no transfer figure"
+            )
             continue
         d, gap = a["evidence"]["vs_baseline"], a["evidence"]["gap_recovered"]
         if d is None:
             continue
-        call = ("better than" if d["lo"] is not None and d["lo"] > 0 else
-                "worse than" if d["hi"] is not None and d["hi"] < 0 else "not shown different from")
+        call = (
+            "better than"
+            if d["lo"] is not None and d["lo"] > 0
+            else "worse than"
+            if d["hi"] is not None and d["hi"] < 0
+            else "not shown different from"
+        )
         text = f"{LABELS[variant]} is {call} supervised (Δ {interval(d, signed=True)} points"
         if gap and gap.get("value") is not None:
             text += f"; gap recovered {interval(gap, 2)}"
         parts.append(text + ")")
     base = agg.get(f"{setting}/{BASELINE}", {}).get("source")
     if base is not None and not base["sane"]:
-        parts.append(f"the supervised VNet itself scores {base['value']:.1f} % on its source domains: the "
-                     "setting does not measure transfer at this budget")
+        parts.append(
+            f"the supervised VNet itself scores {base['value']:.1f} % on its source domains: the "
+            "setting does not measure transfer at this budget"
+        )
     return f"**{setting}**: " + "; ".join(parts) + "." if parts else None
 
 
@@ -273,7 +345,8 @@ def render(report: dict[str, Any]) -> str:
     b = report["budget"]
     cfg = report["config"]
     lines = [
-        "# A&D settings on synthetic phantoms: the gap each method recovers (CPU budget)", "",
+        "# A&D settings on synthetic phantoms: the gap each method recovers (CPU budget)",
+        "",
         f"{report['device']}; torch {report.get('torch', '?')} with {report.get('torch_threads', '?')} threads, "
         f"{report.get('jobs', 1)} run(s) at a time, each in a fresh process.",
         f"Budget per run: {b['steps'] or SETTING_STEPS} SGD steps (batch 2 labeled + 2 unlabeled crops), validation every "
@@ -282,24 +355,39 @@ def render(report: dict[str, Any]) -> str:
         "seed (split_seed 0); the seed changes only the training. Data: synthetic organ phantoms, "
         f"{report['data']['cases']} training + {report['data']['test_cases']} test cases per domain.",
         "",
-        "| setting | cases (labeled / unlabeled / validation / test) | ceiling's cases |", "|---|---|---|",
+        "| setting | cases (labeled / unlabeled / validation / test) | ceiling's cases |",
+        "|---|---|---|",
     ]
     for setting in report["settings"]:
-        c, top = report["split_counts"].get(setting), report["split_counts"].get(f"{setting}/{CEILING}")
+        c, top = (
+            report["split_counts"].get(setting),
+            report["split_counts"].get(f"{setting}/{CEILING}"),
+        )
         if c:
-            ceiling = f"{top['labeled']} / {top['unlabeled']} / {top['validation']} / {top['test']}" if top else "—"
-            lines.append(f"| {PAPER_SETTING[setting]} | {c['labeled']} / {c['unlabeled']} / {c['validation']} / "
-                         f"{c['test']} | {ceiling} |")
-    lines += ["", "## Setting × method (Tables 1-4 shape)", "",
-              "Dice % on the test domain's test cases: mean over seeds [Student's t 95 % CI]. Δ: the paired "
-              "per-seed difference to the supervised VNet [t 95 % CI]. Gap: (method − supervised) / (ceiling − "
-              "supervised) [bootstrap 95 % CI], the ceiling being supervised training with the test domain "
-              f"labeled. Source: Dice % on the source domains' test cases (shifted settings); below "
-              f"{SANE_SOURCE_DICE:.0f} % the transfer figures are struck (~~x~~). ASD mm: mean ± std over seeds. "
-              "Wall: seconds per run; s/step: median seconds per training step.", "",
-              "| setting | method | seeds | Dice % | Δ Dice points | gap recovered | source Dice % | ASD mm | wall s "
-              "| s/step |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            ceiling = (
+                f"{top['labeled']} / {top['unlabeled']} / {top['validation']} / {top['test']}"
+                if top
+                else "—"
+            )
+            lines.append(
+                f"| {PAPER_SETTING[setting]} | {c['labeled']} / {c['unlabeled']} / {c['validation']} / "
+                f"{c['test']} | {ceiling} |"
+            )
+    lines += [
+        "",
+        "## Setting × method (Tables 1-4 shape)",
+        "",
+        "Dice % on the test domain's test cases: mean over seeds [Student's t 95 % CI]. Δ: the paired "
+        "per-seed difference to the supervised VNet [t 95 % CI]. Gap: (method − supervised) / (ceiling − "
+        "supervised) [bootstrap 95 % CI], the ceiling being supervised training with the test domain "
+        f"labeled. Source: Dice % on the source domains' test cases (shifted settings); below "
+        f"{SANE_SOURCE_DICE:.0f} % the transfer figures are struck (~~x~~). ASD mm: mean ± std over seeds. "
+        "Wall: seconds per run; s/step: median seconds per training step.",
+        "",
+        "| setting | method | seeds | Dice % | Δ Dice points | gap recovered | source Dice % | ASD mm | wall s "
+        "| s/step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for setting in SETTINGS:
         for variant in (*BASELINES, *ABLATIONS, CEILING):
             a = agg.get(f"{setting}/{variant}")
@@ -314,57 +402,113 @@ def render(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {setting} | {LABELS[variant]} | {len(a['seeds'])} | {interval(e.get('dice'))} | {delta} | "
                 f"{gap_text} | {interval(source) if source else '—'} | {_pm(a['asd_mm'])} | "
-                f"{a['wall_s']['mean']:.0f} | {_num(a['step_s_median']['mean'], 2)} |")
+                f"{a['wall_s']['mean']:.0f} | {_num(a['step_s_median']['mean'], 2)} |"
+            )
     imb = [v for v in (*BASELINES, CEILING) if f"imbssl/{v}" in agg]
     if imb:
         classes = list(agg[f"imbssl/{imb[0]}"]["dice_per_class"])
-        lines += ["", "## imbssl: Dice % per class (mean over seeds)", "",
-                  "| method | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+        lines += [
+            "",
+            "## imbssl: Dice % per class (mean over seeds)",
+            "",
+            "| method | " + " | ".join(classes) + " |",
+            "|---|" + "---:|" * len(classes),
+        ]
         for v in imb:
             per = agg[f"imbssl/{v}"]["dice_per_class"]
-            lines.append(f"| {LABELS[v]} | " + " | ".join("—" if per[c] is None else f"{100 * per[c]:.1f}"
-                                                         for c in classes) + " |")
+            lines.append(
+                f"| {LABELS[v]} | "
+                + " | ".join("—" if per[c] is None else f"{100 * per[c]:.1f}" for c in classes)
+                + " |"
+            )
     sentences = [s for s in (verdict(setting, agg) for setting in SETTINGS) if s]
     if sentences:
-        lines += ["", "## What the intervals say", "",
-                  "A difference counts only when its paired 95 % interval excludes zero.", ""]
+        lines += [
+            "",
+            "## What the intervals say",
+            "",
+            "A difference counts only when its paired 95 % interval excludes zero.",
+            "",
+        ]
         lines += [f"- {s}" for s in sentences]
     load = report.get("load_average_1min")
     if load and load["max"] > BUSY_LOAD:
-        lines += ["", f"**Wall times are not clean:** the 1-min load average around the runs reached "
-                      f"{load['max']:.1f} on {os.cpu_count()} cores (other work on the machine); the quality "
-                      "numbers do not depend on it (the runs are deterministic per seed)."]
-    lines += ["", f"Total wall time of the runs (summed; {report.get('jobs', 1)} at a time): "
-                  f"{report['total_wall_s'] / 3600:.1f} h ({len(report['runs'])} runs). Synthetic data at a CPU "
-                  "budget: the table compares the methods under one protocol, not the paper's absolute values."]
+        lines += [
+            "",
+            f"**Wall times are not clean:** the 1-min load average around the runs reached "
+            f"{load['max']:.1f} on {os.cpu_count()} cores (other work on the machine); the quality "
+            "numbers do not depend on it (the runs are deterministic per seed).",
+        ]
+    lines += [
+        "",
+        f"Total wall time of the runs (summed; {report.get('jobs', 1)} at a time): "
+        f"{report['total_wall_s'] / 3600:.1f} h ({len(report['runs'])} runs). Synthetic data at a CPU "
+        "budget: the table compares the methods under one protocol, not the paper's absolute values.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"SGD steps per run in every setting (default: per setting, {SETTING_STEPS})")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"SGD steps per run in every setting (default: per setting, {SETTING_STEPS})",
+    )
     parser.add_argument("--every", type=int, default=EVERY)
-    parser.add_argument("--patch", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
-                        help="training crop (default: each setting's config)")
+    parser.add_argument(
+        "--patch",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("Z", "Y", "X"),
+        help="training crop (default: each setting's config)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
-    parser.add_argument("--methods", nargs="+", choices=list(VARIANTS), default=list(BASELINES),
-                        help="the variants to run (default: supervised, mean teacher, A&D)")
-    parser.add_argument("--ablations", action="store_true", help="add A&D's Table 5 ablations (imbssl, uda, semidg)")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="runs, results, cache (default /tmp/medssl-ad-bench, with --quick "
-                             "/tmp/medssl-ad-bench-quick)")
-    parser.add_argument("--data", type=Path, default=None, help="the phantom domains (default WORK/data)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(BASELINES),
+        help="the variants to run (default: supervised, mean teacher, A&D)",
+    )
+    parser.add_argument(
+        "--ablations", action="store_true", help="add A&D's Table 5 ablations (imbssl, uda, semidg)"
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="runs, results, cache (default /tmp/medssl-ad-bench, with --quick "
+        "/tmp/medssl-ad-bench-quick)",
+    )
+    parser.add_argument(
+        "--data", type=Path, default=None, help="the phantom domains (default WORK/data)"
+    )
     parser.add_argument("--cases", type=int, default=24, help="training cases per domain")
     parser.add_argument("--test-cases", type=int, default=6, help="test cases per domain")
     parser.add_argument("--seed-base", type=int, default=0, help="seed of domain A's first case")
-    parser.add_argument("--out", type=Path, default=RESULTS / "ad_settings", help="writes OUT.json and OUT.md")
-    parser.add_argument("--report-only", action="store_true",
-                        help="render the tables from the runs already finished; runs nothing")
-    parser.add_argument("--jobs", type=int, default=2,
-                        help="runs in parallel; with more than one, each run's torch uses one thread")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, every 2, seed 0, 6 + 2 cases")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS / "ad_settings", help="writes OUT.json and OUT.md"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="render the tables from the runs already finished; runs nothing",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="runs in parallel; with more than one, each run's torch uses one thread",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 4 steps, every 2, seed 0, 6 + 2 cases"
+    )
     parser.add_argument("--quiet-runs", action="store_true", help="hide the runs' progress output")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--warm", help=argparse.SUPPRESS)
@@ -384,7 +528,11 @@ def main() -> None:
         args.methods = [*args.methods, *(a for a in ABLATIONS if a not in args.methods)]
     args.work = args.work or Path("/tmp/medssl-ad-bench" + ("-quick" if args.quick else ""))
     args.data = args.data or args.work / "data"
-    budget = {"steps": args.steps, "every": args.every, "patch": list(args.patch) if args.patch else None}
+    budget = {
+        "steps": args.steps,
+        "every": args.every,
+        "patch": list(args.patch) if args.patch else None,
+    }
     data_spec = ensure_data(args.data, args.cases, args.test_cases, args.seed_base)
     env = {**os.environ, "MEDSSL_CACHE": str(args.work / "cache")}
     os.environ["MEDSSL_CACHE"] = env["MEDSSL_CACHE"]
@@ -393,8 +541,13 @@ def main() -> None:
 
     start = time.perf_counter()
     job = {"data": str(args.data), "settings": args.settings, "budget": budget}
-    warm = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--warm", json.dumps(job)],
-                          env=env, cwd=ROOT, capture_output=True, text=True)
+    warm = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--warm", json.dumps(job)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if warm.returncode != 0:
         raise SystemExit(f"cache warm-up failed:\n{warm.stderr}")
     split_counts = json.loads(warm.stdout.strip().splitlines()[-1])
@@ -410,8 +563,13 @@ def main() -> None:
     def split_of(run: Run) -> dict[str, int]:
         return split_counts[f"{run.setting}/{CEILING}" if run.variant == CEILING else run.setting]
 
-    rows = seg_bench.run_all(runs, results, lambda run: {"budget": budget, "split": split_of(run)},
-                             lambda run: execute(run, args, budget, env), args.jobs)
+    rows = seg_bench.run_all(
+        runs,
+        results,
+        lambda run: {"budget": budget, "split": split_of(run)},
+        lambda run: execute(run, args, budget, env),
+        args.jobs,
+    )
     if not rows:
         raise SystemExit("no runs to report")
     first = rows[0]["config"]
@@ -421,13 +579,23 @@ def main() -> None:
     report = {
         "benchmark": "ad_settings",
         "device": cpu_device(),
-        "torch": rows[0]["torch"], "torch_threads": rows[0]["torch_threads"],
-        "budget": budget, "jobs": args.jobs, "seeds": args.seeds, "settings": args.settings, "methods": args.methods,
+        "torch": rows[0]["torch"],
+        "torch_threads": rows[0]["torch_threads"],
+        "budget": budget,
+        "jobs": args.jobs,
+        "seeds": args.seeds,
+        "settings": args.settings,
+        "methods": args.methods,
         "split_policy": "data.split_seed=0 for every method and seed; the seed changes only training",
         "sane_source_dice": SANE_SOURCE_DICE,
-        "config": {"spacing_mm": first["data"]["spacing_mm"], "width": first["model"]["width"],
-                   "lr": first["optim"]["lr"], "batch_size": first["optim"]["batch_size"],
-                   "data.workers": 0, "device": "cpu"},
+        "config": {
+            "spacing_mm": first["data"]["spacing_mm"],
+            "width": first["model"]["width"],
+            "lr": first["optim"]["lr"],
+            "batch_size": first["optim"]["batch_size"],
+            "data.workers": 0,
+            "device": "cpu",
+        },
         "load_average_1min": {"min": min(loads), "max": max(loads)} if loads else None,
         "data": {**data_spec, "path": str(args.data)},
         "split_counts": split_counts,

@@ -40,9 +40,20 @@ from medssl.serving.spool import Spool
 
 OUT = Path(__file__).resolve().parent / "results" / "console_scale"
 TOKEN = "benchmark-token-0123456789"
-PATHS = ["/", "/studies", "/failures", "/deliveries?state=dead-letter", "/api/v1/overview", "/api/v1/counters",
-         "/api/v1/studies", "/api/v1/studies?state=dead-letter", "/api/v1/studies?uid={accession}",
-         "/api/v1/studies?offset={deep}", "/api/v1/studies/{job}", "/api/v1/destinations"]
+PATHS = [
+    "/",
+    "/studies",
+    "/failures",
+    "/deliveries?state=dead-letter",
+    "/api/v1/overview",
+    "/api/v1/counters",
+    "/api/v1/studies",
+    "/api/v1/studies?state=dead-letter",
+    "/api/v1/studies?uid={accession}",
+    "/api/v1/studies?offset={deep}",
+    "/api/v1/studies/{job}",
+    "/api/v1/destinations",
+]
 _MIX = ["done"] * 90 + ["failed"] * 5 + ["dead-letter"] * 4 + ["queued"]
 
 
@@ -51,18 +62,46 @@ def fill(store: JobStore, n: int, now: float) -> None:
     jobs, deliveries = [], []
     for i in range(n):
         t, state = now - (n - i) * 26.0, _MIX[i % len(_MIX)]
-        jobs.append((f"1.2.826.0.1.3680043.10.{i}", state, 1, 300, t, t + 20, t + 20, t + 30, t + 31, t + 60,
-                     None if state == "queued" else t + 62, "no series could be processed" if state == "failed" else None,
-                     f"A{i:07d}"))
+        jobs.append(
+            (
+                f"1.2.826.0.1.3680043.10.{i}",
+                state,
+                1,
+                300,
+                t,
+                t + 20,
+                t + 20,
+                t + 30,
+                t + 31,
+                t + 60,
+                None if state == "queued" else t + 62,
+                "no series could be processed" if state == "failed" else None,
+                f"A{i:07d}",
+            )
+        )
         if state in ("done", "dead-letter"):
-            deliveries.append((i + 1, "pacs", "sent" if state == "done" else "dead-letter", 1, t + 62,
-                               t + 62 if state == "done" else None))
+            deliveries.append(
+                (
+                    i + 1,
+                    "pacs",
+                    "sent" if state == "done" else "dead-letter",
+                    1,
+                    t + 62,
+                    t + 62 if state == "done" else None,
+                )
+            )
     with store._tx() as db:  # noqa: SLF001 - a benchmark fills the tables directly
-        db.executemany("INSERT INTO jobs (study_uid, state, attempts, n_instances, created_at, last_instance_at, "
-                       "idle_since, queued_at, started_at, inferred_at, finished_at, error, accession_number) "
-                       "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", jobs)
-        db.executemany("INSERT INTO deliveries (job_id, destination, state, attempts, last_attempt_at, sent_at) "
-                       "VALUES (?,?,?,?,?,?)", deliveries)
+        db.executemany(
+            "INSERT INTO jobs (study_uid, state, attempts, n_instances, created_at, last_instance_at, "
+            "idle_since, queued_at, started_at, inferred_at, finished_at, error, accession_number) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            jobs,
+        )
+        db.executemany(
+            "INSERT INTO deliveries (job_id, destination, state, attempts, last_attempt_at, sent_at) "
+            "VALUES (?,?,?,?,?,?)",
+            deliveries,
+        )
 
 
 def main() -> None:
@@ -75,36 +114,68 @@ def main() -> None:
     start = time.perf_counter()
     fill(store, args.jobs, time.time())
     fill_s = time.perf_counter() - start
-    cfg = GatewayConfig(routes=(RouteConfig(model="m"),), spool=SpoolConfig(path=root),
-                        destinations=(DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=104),),
-                        api=ApiConfig(enabled=True, port=0, token=TOKEN))
+    cfg = GatewayConfig(
+        routes=(RouteConfig(model="m"),),
+        spool=SpoolConfig(path=root),
+        destinations=(DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=104),),
+        api=ApiConfig(enabled=True, port=0, token=TOKEN),
+    )
     server = ApiServer(cfg.api, Operations(store, Spool(root), cfg))
     server.start()
     base = f"http://127.0.0.1:{server.port}"
-    values = {"accession": f"A{args.jobs * 7 // 9:07d}", "deep": args.jobs - 100, "job": args.jobs * 7 // 9}
+    values = {
+        "accession": f"A{args.jobs * 7 // 9:07d}",
+        "deep": args.jobs - 100,
+        "job": args.jobs * 7 // 9,
+    }
     rows = []
     try:
         for template in PATHS:
             path = template.format(**values)
             times, size = [], 0
             for _ in range(args.reps):
-                request = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {TOKEN}"})
+                request = urllib.request.Request(
+                    base + path, headers={"Authorization": f"Bearer {TOKEN}"}
+                )
                 t = time.perf_counter()
                 with urllib.request.urlopen(request, timeout=60) as response:
                     size = len(response.read())
                 times.append(time.perf_counter() - t)
-            rows.append({"path": template, "median_ms": round(statistics.median(times) * 1000, 1),
-                         "max_ms": round(max(times) * 1000, 1), "bytes": size})
+            rows.append(
+                {
+                    "path": template,
+                    "median_ms": round(statistics.median(times) * 1000, 1),
+                    "max_ms": round(max(times) * 1000, 1),
+                    "bytes": size,
+                }
+            )
     finally:
         server.stop()
         store.close()
-    text = [f"# Operator API and console with {args.jobs:,} jobs in the store", "",
-            f"{cpu_device()}; {args.reps} requests each, median and slowest; the store filled in {fill_s:.1f} s.",
-            "No peer (see the script's docstring).", "",
-            "| request | median ms | slowest ms | bytes |", "|---|---:|---:|---:|"]
-    text += [f"| `{r['path']}` | {r['median_ms']:.1f} | {r['max_ms']:.1f} | {r['bytes']:,} |" for r in rows]
-    write_report(OUT, {"device": cpu_device(), "jobs": args.jobs, "reps": args.reps, "fill_s": round(fill_s, 2),
-                       "requests": rows}, "\n".join(text) + "\n")
+    text = [
+        f"# Operator API and console with {args.jobs:,} jobs in the store",
+        "",
+        f"{cpu_device()}; {args.reps} requests each, median and slowest; the store filled in {fill_s:.1f} s.",
+        "No peer (see the script's docstring).",
+        "",
+        "| request | median ms | slowest ms | bytes |",
+        "|---|---:|---:|---:|",
+    ]
+    text += [
+        f"| `{r['path']}` | {r['median_ms']:.1f} | {r['max_ms']:.1f} | {r['bytes']:,} |"
+        for r in rows
+    ]
+    write_report(
+        OUT,
+        {
+            "device": cpu_device(),
+            "jobs": args.jobs,
+            "reps": args.reps,
+            "fill_s": round(fill_s, 2),
+            "requests": rows,
+        },
+        "\n".join(text) + "\n",
+    )
 
 
 if __name__ == "__main__":

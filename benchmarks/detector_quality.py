@@ -78,7 +78,6 @@ MIN_CASES = 40
 MIN_MATRIX = 512
 
 
-
 def inference_ablations(params: DetectionParams) -> dict[str, dict[str, Any]]:
     """The inference-side rows of a card's parameters: ``DetectionParams`` fields to replace.
 
@@ -110,8 +109,10 @@ def parse_variant(text: str) -> tuple[str, Path]:
         raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=PATH (a model folder)")
     folder = Path(path).expanduser()
     if not (folder / "medssl.json").is_file():
-        raise argparse.ArgumentTypeError(f"--variant {text!r}: {folder} holds no medssl.json; give the model "
-                                         "folder, e.g. /tmp/run/model_repository/focalmix-nodules")
+        raise argparse.ArgumentTypeError(
+            f"--variant {text!r}: {folder} holds no medssl.json; give the model "
+            "folder, e.g. /tmp/run/model_repository/focalmix-nodules"
+        )
     return name.strip(), folder
 
 
@@ -124,11 +125,20 @@ def prepare_data(data: Path, *, cases: int, matrix: int, seed: int = 7000) -> di
     Raises:
         SystemExit: the folder exists with other settings.
     """
-    return generated_dataset(data, {"cases": cases, "matrix": matrix, "family": "heldout", "seed": seed})
+    return generated_dataset(
+        data, {"cases": cases, "matrix": matrix, "family": "heldout", "seed": seed}
+    )
 
 
-def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_size: int,
-                  n_bootstrap: int, reliability: Path | None = None) -> dict[str, Any]:
+def score_variant(
+    variant: Variant,
+    data: Path,
+    *,
+    threads: int | None,
+    batch_size: int,
+    n_bootstrap: int,
+    reliability: Path | None = None,
+) -> dict[str, Any]:
     """Score every scan of ``data`` with ``variant`` through the scoring pipeline; its row.
 
     Returns:
@@ -137,7 +147,9 @@ def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_si
         ``marks_per_scan_max``), ``ece``, ``windows_per_scan`` (mean), ``seconds_per_scan``
         (median), the threshold and its source, and counts.
     """
-    runner = OnnxRunner.from_repository(variant.model_dir.parent, variant.model_dir.name, threads=threads)
+    runner = OnnxRunner.from_repository(
+        variant.model_dir.parent, variant.model_dir.name, threads=threads
+    )
     card = runner.card
     params = replace(card.detection_params(batch_size), **variant.params)
     luna = Luna16(data)
@@ -152,11 +164,15 @@ def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_si
             scored = infer(prepare(item, params), runner, card, params)
             seconds.append(time.perf_counter() - start)
             if scored.row["status"] != "ok":
-                raise RuntimeError(f"{variant.name}: scoring {item.key} failed: {scored.row.get('error')}")
+                raise RuntimeError(
+                    f"{variant.name}: scoring {item.key} failed: {scored.row.get('error')}"
+                )
             windows.append(scored.row["n_windows"])
             marks.append(sum(f["passed"] for f in scored.findings))  # what the SR/SEG carry
-            predictions += [Prediction(item.key, (f["x_mm"], f["y_mm"], f["z_mm"]), f["probability"])
-                            for f in scored.findings]
+            predictions += [
+                Prediction(item.key, (f["x_mm"], f["y_mm"], f["z_mm"]), f["probability"])
+                for f in scored.findings
+            ]
             passed += [bool(f["passed"]) for f in scored.findings]
     finally:
         runner.close()
@@ -164,40 +180,69 @@ def score_variant(variant: Variant, data: Path, *, threads: int | None, batch_si
     nodules = [f for u in uids for f in luna.annotations(u)]
     excluded = [f for u in uids for f in luna.excluded(u)]
     froc = evaluate_luna16(nodules, excluded, uids, predictions, n_bootstrap=n_bootstrap)
-    by_group = sensitivity_by_group(nodules, [t for u in uids for t in luna.nodule_truth(u)], excluded, uids,
-                                    predictions, threshold.value)
+    by_group = sensitivity_by_group(
+        nodules,
+        [t for u in uids for t in luna.nodule_truth(u)],
+        excluded,
+        uids,
+        predictions,
+        threshold.value,
+    )
     labels = label_candidates(nodules, excluded, uids, predictions)
     counted = labels >= 0
     false_marks = false_marks_per_scan(predictions, passed, labels, uids)
     probabilities = np.array([p.probability for p in predictions], dtype=float)[counted]
-    ece = expected_calibration_error(probabilities, labels[counted]) if counted.any() else float("nan")
+    ece = (
+        expected_calibration_error(probabilities, labels[counted])
+        if counted.any()
+        else float("nan")
+    )
     # The calibration is monotone, so switching it off changes no ranking, CPM or mark: only the
     # probabilities. Their ECE before calibration is the raw scores', recovered exactly.
     calibration = params.calibration
     raw = _uncalibrated(probabilities, calibration.a, calibration.b)
     ece_raw = expected_calibration_error(raw, labels[counted]) if counted.any() else float("nan")
     if reliability is not None and counted.any():
-        reliability_diagram(probabilities, labels[counted], reliability, title=f"{variant.name}: reliability")
+        reliability_diagram(
+            probabilities, labels[counted], reliability, title=f"{variant.name}: reliability"
+        )
     return {
-        "name": variant.name, "model": str(variant.model_dir), "model_version": card.version,
+        "name": variant.name,
+        "model": str(variant.model_dir),
+        "model_version": card.version,
         "params_changed": {k: _jsonable(v) for k, v in variant.params.items()},
-        "cpm": froc.cpm, "cpm_ci": list(froc.cpm_ci), "cpm_definition": froc.cpm_definition,
-        "sensitivities": list(froc.sensitivities), "sensitivity_at_1fp": froc.sensitivities[FP_RATES.index(1.0)],
-        "threshold": threshold.value, "threshold_source": threshold.source,
-        "marks_per_scan": statistics.mean(marks), "marks_per_scan_max": max(marks),
-        "false_marks_per_scan_median": statistics.median(false_marks), "false_marks_per_scan_max": max(false_marks),
+        "cpm": froc.cpm,
+        "cpm_ci": list(froc.cpm_ci),
+        "cpm_definition": froc.cpm_definition,
+        "sensitivities": list(froc.sensitivities),
+        "sensitivity_at_1fp": froc.sensitivities[FP_RATES.index(1.0)],
+        "threshold": threshold.value,
+        "threshold_source": threshold.source,
+        "marks_per_scan": statistics.mean(marks),
+        "marks_per_scan_max": max(marks),
+        "false_marks_per_scan_median": statistics.median(false_marks),
+        "false_marks_per_scan_max": max(false_marks),
         "false_marks_per_scan_mean": statistics.mean(false_marks),
-        "ece": ece, "ece_uncalibrated": ece_raw, "calibration": _jsonable(calibration),
-        "n_marks_labelled": int(counted.sum()), "n_true_marks": int(labels[counted].sum()),
-        "windows_per_scan": statistics.mean(windows), "seconds_per_scan": statistics.median(seconds),
-        "n_scans": froc.n_scans, "n_nodules": froc.n_nodules,
+        "ece": ece,
+        "ece_uncalibrated": ece_raw,
+        "calibration": _jsonable(calibration),
+        "n_marks_labelled": int(counted.sum()),
+        "n_true_marks": int(labels[counted].sum()),
+        "windows_per_scan": statistics.mean(windows),
+        "seconds_per_scan": statistics.median(seconds),
+        "n_scans": froc.n_scans,
+        "n_nodules": froc.n_nodules,
         "sensitivity_at_operating_point": by_group.pop("all", {}).get("all", [float("nan")])[0],
         "sensitivity_at_operating_point_by": by_group,
     }
 
 
-def false_marks_per_scan(predictions: Sequence[Prediction], passed: Sequence[bool], labels: np.ndarray,
-                         uids: Sequence[str]) -> list[int]:
+def false_marks_per_scan(
+    predictions: Sequence[Prediction],
+    passed: Sequence[bool],
+    labels: np.ndarray,
+    uids: Sequence[str],
+) -> list[int]:
     """False marks each scan's SR carries: reported marks (``passed``) that hit no nodule
     (LUNA16 label 0; marks on excluded findings, -1, are not counted), one count per ``uids``."""
     reported_false = np.asarray(passed, bool) & (np.asarray(labels) == 0)
@@ -210,7 +255,11 @@ def false_marks_per_scan(predictions: Sequence[Prediction], passed: Sequence[boo
 
 #: Diameter groups (mm) of the size breakdown: Lung-RADS v2022's solid-nodule cut points.
 SIZE_GROUPS: tuple[tuple[str, float, float], ...] = (
-    ("< 6 mm", 0.0, 6.0), ("6-8 mm", 6.0, 8.0), ("8-15 mm", 8.0, 15.0), (">= 15 mm", 15.0, math.inf))
+    ("< 6 mm", 0.0, 6.0),
+    ("6-8 mm", 6.0, 8.0),
+    ("8-15 mm", 8.0, 15.0),
+    (">= 15 mm", 15.0, math.inf),
+)
 
 
 def size_group(diameter_mm: float) -> str:
@@ -218,9 +267,14 @@ def size_group(diameter_mm: float) -> str:
     return next(name for name, low, high in SIZE_GROUPS if low <= diameter_mm < high)
 
 
-def sensitivity_by_group(nodules: Sequence[Any], truth: Sequence[Mapping[str, str]], excluded: Sequence[Any],
-                         uids: Sequence[str], predictions: Sequence[Prediction],
-                         threshold: float) -> dict[str, dict[str, list[float]]]:
+def sensitivity_by_group(
+    nodules: Sequence[Any],
+    truth: Sequence[Mapping[str, str]],
+    excluded: Sequence[Any],
+    uids: Sequence[str],
+    predictions: Sequence[Prediction],
+    threshold: float,
+) -> dict[str, dict[str, list[float]]]:
     """Which nodules the SR finds: the sensitivity at the operating point (marks with
     ``p >= threshold``, the LUNA16 hit rule), overall, per diameter group
     (:data:`SIZE_GROUPS`, from the annotations) and per value of each ``truth`` column.
@@ -233,18 +287,25 @@ def sensitivity_by_group(nodules: Sequence[Any], truth: Sequence[Mapping[str, st
         ``{"all": {"all": [sensitivity, n]}, "size": {group: [sensitivity, n], ...},
         column: {value: [sensitivity, n], ...}, ...}``; a size group without nodules is left out.
     """
+
     def sensitivity(group: Sequence[Any]) -> list[float]:
         sens, _ = froc_at_thresholds(list(group), excluded, uids, predictions, [threshold])
         return [float(sens[0]), len(group)]
 
     out = {"all": {"all": sensitivity(nodules)}}
     sizes = [size_group(n.diameter_mm) for n in nodules]
-    out["size"] = {name: sensitivity([n for n, g in zip(nodules, sizes) if g == name])
-                   for name, _, _ in SIZE_GROUPS if name in sizes}
+    out["size"] = {
+        name: sensitivity([n for n, g in zip(nodules, sizes) if g == name])
+        for name, _, _ in SIZE_GROUPS
+        if name in sizes
+    }
     if truth:
         for column in truth[0]:
             values = sorted({t[column] for t in truth})
-            out[column] = {v: sensitivity([n for n, t in zip(nodules, truth) if t[column] == v]) for v in values}
+            out[column] = {
+                v: sensitivity([n for n, t in zip(nodules, truth) if t[column] == v])
+                for v in values
+            }
     return out
 
 
@@ -262,7 +323,9 @@ def _uncalibrated(p: np.ndarray, a: float, b: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-((np.log(q / (1 - q)) - b) / a)))
 
 
-def _resumed(results: Path, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def _resumed(
+    results: Path, meta: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """The rows and peer timing already in ``results``, if they were scored on the same test set.
 
     Raises:
@@ -273,8 +336,10 @@ def _resumed(results: Path, meta: dict[str, Any]) -> tuple[list[dict[str, Any]],
     old = json.loads(results.read_text())
     same = ("data", "matrix", "generator_family", "smoke")
     if any(old["meta"].get(k) != meta[k] for k in same):
-        raise SystemExit(f"{results} was scored on another test set ({ {k: old['meta'].get(k) for k in same} }); "
-                         "give another --results or drop --resume")
+        raise SystemExit(
+            f"{results} was scored on another test set ({ {k: old['meta'].get(k) for k in same} }); "
+            "give another --results or drop --resume"
+        )
     return list(old["rows"]), old.get("peer")
 
 
@@ -282,7 +347,9 @@ def _jsonable(value: Any) -> Any:
     return value.to_json() if hasattr(value, "to_json") else value
 
 
-def peer_timing(model_dir: Path, data: Path, *, scans: int, threads: int | None, batch_size: int) -> dict[str, Any]:
+def peer_timing(
+    model_dir: Path, data: Path, *, scans: int, threads: int | None, batch_size: int
+) -> dict[str, Any]:
     """Inference seconds per scan of the pipeline vs a plain onnxruntime loop over the same
     windows of the same preprocessed scans (no lung mask: every window; medians over ``scans``)."""
     runner = OnnxRunner.from_repository(model_dir.parent, model_dir.name, threads=threads)
@@ -299,86 +366,153 @@ def peer_timing(model_dir: Path, data: Path, *, scans: int, threads: int | None,
             starts = plan_windows(volume.shape, params.window_shape, params.overlap)
             start = time.perf_counter()
             for i in range(0, len(starts), params.batch_size):
-                batch = np.stack([extract_window(volume.array, s, params.window_shape, params.intensity.pad_value)
-                                  for s in starts[i:i + params.batch_size]])[:, None]
+                batch = np.stack(
+                    [
+                        extract_window(
+                            volume.array, s, params.window_shape, params.intensity.pad_value
+                        )
+                        for s in starts[i : i + params.batch_size]
+                    ]
+                )[:, None]
                 runner(batch)
             plain_s.append(time.perf_counter() - start)
     finally:
         runner.close()
     pipe, plain = statistics.median(pipeline_s), statistics.median(plain_s)
-    return {"scans": len(pipeline_s), "pipeline_inference_s": pipe, "plain_onnxruntime_s": plain,
-            "ratio": pipe / plain}
+    return {
+        "scans": len(pipeline_s),
+        "pipeline_inference_s": pipe,
+        "plain_onnxruntime_s": plain,
+        "ratio": pipe / plain,
+    }
 
 
-def report(rows: Sequence[dict[str, Any]], meta: Mapping[str, Any], peer: Mapping[str, Any] | None) -> str:
+def report(
+    rows: Sequence[dict[str, Any]], meta: Mapping[str, Any], peer: Mapping[str, Any] | None
+) -> str:
     """The markdown table (and the peer timing)."""
     title = "# Detector quality on the held-out generator family"
     if meta["smoke"]:
         title += " — SMOKE RUN, NOT A RESULT"
-    lines = [title, "",
-             f"Device: {meta['device']}; onnxruntime, {meta['threads'] or 'default'} thread(s); test set {meta['data']}: "
-             f"{meta['n_scans']} scans, {meta['n_nodules']} nodules, held-out family, matrix {meta['matrix']}. "
-             "CPM by the LUNA16 paper's exact rates, 95 % bootstrap over scans; marks: findings at or above the "
-             "card's operating point (what the SR carries); ECE over every mark, labelled by the LUNA16 matching.", "",
-             "| model | CPM | CPM 95 % CI | sens. @ 1 FP/scan | threshold | marks/scan (max) | false marks/scan "
-             "median (max) | ECE | ECE raw | windows/scan | s/scan (median) |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        title,
+        "",
+        f"Device: {meta['device']}; onnxruntime, {meta['threads'] or 'default'} thread(s); test set {meta['data']}: "
+        f"{meta['n_scans']} scans, {meta['n_nodules']} nodules, held-out family, matrix {meta['matrix']}. "
+        "CPM by the LUNA16 paper's exact rates, 95 % bootstrap over scans; marks: findings at or above the "
+        "card's operating point (what the SR carries); ECE over every mark, labelled by the LUNA16 matching.",
+        "",
+        "| model | CPM | CPM 95 % CI | sens. @ 1 FP/scan | threshold | marks/scan (max) | false marks/scan "
+        "median (max) | ECE | ECE raw | windows/scan | s/scan (median) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['cpm']:.3f} | [{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] | "
-                     f"{r['sensitivity_at_1fp']:.3f} | {r['threshold']:.3f} ({r['threshold_source']}) | "
-                     f"{r['marks_per_scan']:.1f} ({r['marks_per_scan_max']}) | {_false_marks(r)} | "
-                     f"{r['ece']:.3f} | {r['ece_uncalibrated']:.3f} | "
-                     f"{r['windows_per_scan']:.0f} | {r['seconds_per_scan']:.1f} |")
-    shipped = next((r for r in rows if r["name"] == "shipped" and r.get("sensitivity_at_operating_point_by")), None)
+        lines.append(
+            f"| {r['name']} | {r['cpm']:.3f} | [{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] | "
+            f"{r['sensitivity_at_1fp']:.3f} | {r['threshold']:.3f} ({r['threshold_source']}) | "
+            f"{r['marks_per_scan']:.1f} ({r['marks_per_scan_max']}) | {_false_marks(r)} | "
+            f"{r['ece']:.3f} | {r['ece_uncalibrated']:.3f} | "
+            f"{r['windows_per_scan']:.0f} | {r['seconds_per_scan']:.1f} |"
+        )
+    shipped = next(
+        (r for r in rows if r["name"] == "shipped" and r.get("sensitivity_at_operating_point_by")),
+        None,
+    )
     if shipped:
-        lines += ["", f"Which nodules the shipped model's SR finds (sensitivity at its operating point, "
-                  f"{shipped['sensitivity_at_operating_point']:.3f} overall):", "",
-                  "| nodules | sensitivity | n |", "|---|---:|---:|"]
+        lines += [
+            "",
+            f"Which nodules the shipped model's SR finds (sensitivity at its operating point, "
+            f"{shipped['sensitivity_at_operating_point']:.3f} overall):",
+            "",
+            "| nodules | sensitivity | n |",
+            "|---|---:|---:|",
+        ]
         for column, groups in shipped["sensitivity_at_operating_point_by"].items():
-            lines += [f"| {column} {value} | {sens:.3f} | {n:.0f} |" for value, (sens, n) in groups.items()]
+            lines += [
+                f"| {column} {value} | {sens:.3f} | {n:.0f} |"
+                for value, (sens, n) in groups.items()
+            ]
     if peer:
-        lines += ["", f"Peer timing (shipped model, every window, {peer['scans']} scans, medians): the pipeline's "
-                  f"inference {peer['pipeline_inference_s']:.2f} s/scan vs a plain onnxruntime loop over the same "
-                  f"windows {peer['plain_onnxruntime_s']:.2f} s/scan: ratio {peer['ratio']:.2f}."]
+        lines += [
+            "",
+            f"Peer timing (shipped model, every window, {peer['scans']} scans, medians): the pipeline's "
+            f"inference {peer['pipeline_inference_s']:.2f} s/scan vs a plain onnxruntime loop over the same "
+            f"windows {peer['plain_onnxruntime_s']:.2f} s/scan: ratio {peer['ratio']:.2f}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "model_repository" / "focalmix-nodules",
-                        help="the shipped model's folder (holding medssl.json and version folders)")
-    parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME=PATH",
-                        help="a training-side ablation: another model folder (repeatable)")
-    parser.add_argument("--no-inference-ablations", action="store_true",
-                        help="skip the lung mask and calibration switches on the shipped model")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=ROOT / "model_repository" / "focalmix-nodules",
+        help="the shipped model's folder (holding medssl.json and version folders)",
+    )
+    parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a training-side ablation: another model folder (repeatable)",
+    )
+    parser.add_argument(
+        "--no-inference-ablations",
+        action="store_true",
+        help="skip the lung mask and calibration switches on the shipped model",
+    )
     parser.add_argument("--data", type=Path, default=Path("/tmp/medssl-quality/heldout"))
     parser.add_argument("--cases", type=int, default=MIN_CASES)
     parser.add_argument("--matrix", type=int, default=MIN_MATRIX)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     parser.add_argument("--batch-size", type=int, default=2, help="windows per runner call")
     parser.add_argument("--bootstrap", type=int, default=1000)
-    parser.add_argument("--peer-scans", type=int, default=3, help="scans of the peer timing (0: none)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"allow fewer than {MIN_CASES} scans or a matrix below {MIN_MATRIX}")
+    parser.add_argument(
+        "--peer-scans", type=int, default=3, help="scans of the peer timing (0: none)"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"allow fewer than {MIN_CASES} scans or a matrix below {MIN_MATRIX}",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS / "detector_quality.json")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the rows already in --results (same test set), score only the missing ones")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in --results (same test set), score only the missing ones",
+    )
     args = parser.parse_args()
     if (args.cases < MIN_CASES or args.matrix < MIN_MATRIX) and not args.smoke:
-        raise SystemExit(f"--cases {args.cases} / --matrix {args.matrix}: the acceptance test set is >= {MIN_CASES} "
-                         f"scans at {MIN_MATRIX}^2; pass --smoke for a smaller trial run")
+        raise SystemExit(
+            f"--cases {args.cases} / --matrix {args.matrix}: the acceptance test set is >= {MIN_CASES} "
+            f"scans at {MIN_MATRIX}^2; pass --smoke for a smaller trial run"
+        )
     if not (args.model / "medssl.json").is_file():
-        raise SystemExit(f"--model {args.model}: no medssl.json there; give a model folder of a repository")
+        raise SystemExit(
+            f"--model {args.model}: no medssl.json there; give a model folder of a repository"
+        )
     prepare_data(args.data, cases=args.cases, matrix=args.matrix)
     variants = [Variant("shipped", args.model, {})]
     if not args.no_inference_ablations:
         shipped = load_card(args.model / "medssl.json").detection_params(args.batch_size)
-        variants += [Variant(f"shipped, {name}", args.model, change)
-                     for name, change in inference_ablations(shipped).items()]
+        variants += [
+            Variant(f"shipped, {name}", args.model, change)
+            for name, change in inference_ablations(shipped).items()
+        ]
     variants += [Variant(name, path, {}) for name, path in args.variant]
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": cpu_device(), "threads": args.threads, "data": str(args.data), "matrix": args.matrix,
-            "generator_family": "heldout", "smoke": args.smoke}
+    meta = {
+        "device": cpu_device(),
+        "threads": args.threads,
+        "data": str(args.data),
+        "matrix": args.matrix,
+        "generator_family": "heldout",
+        "smoke": args.smoke,
+    }
     rows, peer = _resumed(args.results, meta) if args.resume else ([], None)
     done = {r["name"] for r in rows}
     for variant in variants:
@@ -386,14 +520,33 @@ def main() -> None:
             print(f"== {variant.name}: kept from {args.results}", flush=True)
             continue
         print(f"== {variant.name}", flush=True)
-        diagram = args.results.with_name(args.results.stem + "_reliability.png") if variant.name == "shipped" else None
-        rows.append(score_variant(variant, args.data, threads=args.threads, batch_size=args.batch_size,
-                                  n_bootstrap=args.bootstrap, reliability=diagram))
+        diagram = (
+            args.results.with_name(args.results.stem + "_reliability.png")
+            if variant.name == "shipped"
+            else None
+        )
+        rows.append(
+            score_variant(
+                variant,
+                args.data,
+                threads=args.threads,
+                batch_size=args.batch_size,
+                n_bootstrap=args.bootstrap,
+                reliability=diagram,
+            )
+        )
         meta.update(n_scans=rows[0]["n_scans"], n_nodules=rows[0]["n_nodules"])
-        args.results.write_text(json.dumps({"meta": meta, "rows": rows, "peer": peer}, indent=2) + "\n")
+        args.results.write_text(
+            json.dumps({"meta": meta, "rows": rows, "peer": peer}, indent=2) + "\n"
+        )
     if peer is None and args.peer_scans > 0:
-        peer = peer_timing(args.model, args.data, scans=args.peer_scans, threads=args.threads,
-                           batch_size=args.batch_size)
+        peer = peer_timing(
+            args.model,
+            args.data,
+            scans=args.peer_scans,
+            threads=args.threads,
+            batch_size=args.batch_size,
+        )
     meta.update(n_scans=rows[0]["n_scans"], n_nodules=rows[0]["n_nodules"])
     args.results.write_text(json.dumps({"meta": meta, "rows": rows, "peer": peer}, indent=2) + "\n")
     text = report(rows, meta, peer)

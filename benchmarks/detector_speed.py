@@ -53,7 +53,9 @@ from medssl.training.detector import FPNDetector
 RESULTS = Path(__file__).parent / "results"
 
 
-def _batch(cfg: DetectionExperiment, grid: AnchorGrid, device: torch.device) -> dict[str, torch.Tensor]:
+def _batch(
+    cfg: DetectionExperiment, grid: AnchorGrid, device: torch.device
+) -> dict[str, torch.Tensor]:
     """A synthetic labeled batch: random patches, one nodule-sized box each (shapes as the loader's)."""
     from medssl.detection import assign_anchors
 
@@ -86,8 +88,11 @@ def bench_training(cfg: DetectionExperiment, device: torch.device, steps: int) -
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     batch = _batch(cfg, grid, device)
     unlabeled = {"image": torch.randn_like(batch["image"])}
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp else torch.autocast(
-        "cpu", enabled=False)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda" and cfg.amp
+        else torch.autocast("cpu", enabled=False)
+    )
     out = {}
     for method in ("supervised-det", "focalmix"):
         times = []
@@ -96,7 +101,9 @@ def bench_training(cfg: DetectionExperiment, device: torch.device, steps: int) -
             start = time.perf_counter()
             with amp:
                 if method == "focalmix":
-                    losses = focalmix_step(model, model, batch, unlabeled, grid, step, cfg, np.random.default_rng(step))
+                    losses = focalmix_step(
+                        model, model, batch, unlabeled, grid, step, cfg, np.random.default_rng(step)
+                    )
                 else:
                     losses = supervised_step(model, batch, cfg)
             optimizer.zero_grad()
@@ -110,13 +117,21 @@ def bench_training(cfg: DetectionExperiment, device: torch.device, steps: int) -
     return out
 
 
-def bench_inference(cfg: DetectionExperiment, device: torch.device, repeats: int) -> dict[str, object]:
+def bench_inference(
+    cfg: DetectionExperiment, device: torch.device, repeats: int
+) -> dict[str, object]:
     case = generate_chest_ct(3, ChestConfig(matrix=512, n_slices=300))
     volume = case.volume
     params = detection_params(cfg, batch_size=2)
     runner = TorchDetectionRunner(FPNDetector(cfg.model, cfg.anchors), cfg.window, device, cfg.amp)
-    stages: dict[str, list[float]] = {"preprocess": [], "inference": [], "postprocess": [], "total": [],
-                                      "SimpleITK resample": [], "plain PyTorch windows": []}
+    stages: dict[str, list[float]] = {
+        "preprocess": [],
+        "inference": [],
+        "postprocess": [],
+        "total": [],
+        "SimpleITK resample": [],
+        "plain PyTorch windows": [],
+    }
     n_windows = 0
     for _ in range(repeats):
         start = time.perf_counter()
@@ -127,26 +142,47 @@ def bench_inference(cfg: DetectionExperiment, device: torch.device, repeats: int
         n_windows = result.n_windows
         image = to_sitk(volume)
         start = time.perf_counter()
-        size = [int(n) for n in np.floor((np.array(image.GetSize()) - 1) * np.array(image.GetSpacing()) + 1e-6) + 1]
-        sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), (1.0, 1.0, 1.0),
-                      image.GetDirection(), -1000.0, sitk.sitkFloat32)
+        size = [
+            int(n)
+            for n in np.floor((np.array(image.GetSize()) - 1) * np.array(image.GetSpacing()) + 1e-6)
+            + 1
+        ]
+        sitk.Resample(
+            image,
+            size,
+            sitk.Transform(),
+            sitk.sitkLinear,
+            image.GetOrigin(),
+            (1.0, 1.0, 1.0),
+            image.GetDirection(),
+            -1000.0,
+            sitk.sitkFloat32,
+        )
         stages["SimpleITK resample"].append(time.perf_counter() - start)
         prepared = preprocess_ct(volume, params.spacing_mm, params.intensity)
         window = (params.window,) * 3
         starts = plan_windows(prepared.shape, window, params.overlap)
-        patches = [extract_window(prepared.array, s, window, params.intensity.pad_value) for s in starts]
+        patches = [
+            extract_window(prepared.array, s, window, params.intensity.pad_value) for s in starts
+        ]
         start = time.perf_counter()
         with torch.no_grad():
             for i in range(0, len(patches), params.batch_size):
-                x = torch.from_numpy(np.stack(patches[i : i + params.batch_size])[:, None]).to(device)
+                x = torch.from_numpy(np.stack(patches[i : i + params.batch_size])[:, None]).to(
+                    device
+                )
                 runner.net(x)
         _sync(device)
         stages["plain PyTorch windows"].append(time.perf_counter() - start)
     medians = {k: statistics.median(v) for k, v in stages.items()}
     return {
-        "scan_shape": list(volume.shape), "scan_spacing_mm": [float(s) for s in volume.spacing],
-        "window": params.window, "overlap": params.overlap, "n_windows": n_windows,
-        "median_s": medians, "all_s": stages,
+        "scan_shape": list(volume.shape),
+        "scan_spacing_mm": [float(s) for s in volume.spacing],
+        "window": params.window,
+        "overlap": params.overlap,
+        "n_windows": n_windows,
+        "median_s": medians,
+        "all_s": stages,
         "preprocess_vs_simpleitk_resample": medians["preprocess"] / medians["SimpleITK resample"],
         "inference_vs_plain_pytorch": medians["inference"] / medians["plain PyTorch windows"],
     }
@@ -160,49 +196,82 @@ def bench_preprocess(repeats: int) -> dict[str, object]:
 
     volume = generate_chest_ct(3, ChestConfig(matrix=512, n_slices=300)).volume
     image = to_sitk(volume)
-    size = [int(n) for n in np.floor((np.array(image.GetSize()) - 1) * np.array(image.GetSpacing()) + 1e-6) + 1]
+    size = [
+        int(n)
+        for n in np.floor((np.array(image.GetSize()) - 1) * np.array(image.GetSpacing()) + 1e-6) + 1
+    ]
     scale = 1.0 / volume.spacing
     shape = tuple(size[::-1])
 
     def simpleitk() -> None:
-        sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), (1.0, 1.0, 1.0),
-                      image.GetDirection(), -1000.0, sitk.sitkFloat32)
+        sitk.Resample(
+            image,
+            size,
+            sitk.Transform(),
+            sitk.sitkLinear,
+            image.GetOrigin(),
+            (1.0, 1.0, 1.0),
+            image.GetDirection(),
+            -1000.0,
+            sitk.sitkFloat32,
+        )
 
     def scipy_one_thread() -> None:
-        ndimage.affine_transform(volume.array.astype(np.float32, copy=False), scale, output_shape=shape, order=1,
-                                 mode="nearest")
+        ndimage.affine_transform(
+            volume.array.astype(np.float32, copy=False),
+            scale,
+            output_shape=shape,
+            order=1,
+            mode="nearest",
+        )
 
-    runs = {"medssl preprocess_ct (resample + window)": lambda: preprocess_ct(volume, 1.0, Intensity()),
-            "medssl resample": lambda: volume.resample(1.0),
-            "SimpleITK Resample": simpleitk,
-            "scipy affine_transform (previous)": scipy_one_thread}
+    runs = {
+        "medssl preprocess_ct (resample + window)": lambda: preprocess_ct(volume, 1.0, Intensity()),
+        "medssl resample": lambda: volume.resample(1.0),
+        "SimpleITK Resample": simpleitk,
+        "scipy affine_transform (previous)": scipy_one_thread,
+    }
     from medssl.bench.machine import alternate
 
     times = alternate(runs, repeats)
     medians = {k: statistics.median(v) for k, v in times.items()}
     peer = medians["SimpleITK Resample"]
-    return {"scan_shape": list(volume.shape), "scan_spacing_mm": [float(v) for v in volume.spacing],
-            "output_shape": list(shape), "repeats": repeats, "median_s": medians, "all_s": times,
-            "speed_vs_simpleitk": {k: peer / v for k, v in medians.items()}}
+    return {
+        "scan_shape": list(volume.shape),
+        "scan_spacing_mm": [float(v) for v in volume.spacing],
+        "output_shape": list(shape),
+        "repeats": repeats,
+        "median_s": medians,
+        "all_s": times,
+        "speed_vs_simpleitk": {k: peer / v for k, v in medians.items()},
+    }
 
 
 def _preprocess_table(result: dict[str, object]) -> str:
-    lines = [f"## Preprocessing a {result['scan_shape']} chest CT to 1 mm "
-             f"(median of {result['repeats']}, alternated)", "",
-             "| step | median s | speed vs SimpleITK |", "|---|---:|---:|"]
+    lines = [
+        f"## Preprocessing a {result['scan_shape']} chest CT to 1 mm "
+        f"(median of {result['repeats']}, alternated)",
+        "",
+        "| step | median s | speed vs SimpleITK |",
+        "|---|---:|---:|",
+    ]
     for name, seconds in result["median_s"].items():  # type: ignore[union-attr]
         lines.append(f"| {name} | {seconds:.3f} | {result['speed_vs_simpleitk'][name]:.2f}x |")  # type: ignore[index]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="focalmix-cpu")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--skip-inference", action="store_true")
-    parser.add_argument("--preprocess-only", action="store_true", help="only part 3 (preprocessing)")
+    parser.add_argument(
+        "--preprocess-only", action="store_true", help="only part 3 (preprocessing)"
+    )
     parser.add_argument("--preprocess-repeats", type=int, default=15)
     args = parser.parse_args()
     if args.preprocess_only:
@@ -214,10 +283,17 @@ def main() -> None:
         return
     device = torch.device(args.device)
     cfg = load_config(DetectionExperiment, resolve_config(args.config))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else \
-        f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    result: dict[str, object] = {"device": name, "config": args.config, "patch": cfg.data.patch,
-                                 "training_patches_per_s": bench_training(cfg, device, args.steps)}
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    result: dict[str, object] = {
+        "device": name,
+        "config": args.config,
+        "patch": cfg.data.patch,
+        "training_patches_per_s": bench_training(cfg, device, args.steps),
+    }
     if not args.skip_inference:
         result["inference"] = bench_inference(cfg, device, args.repeats)
     print(f"device: {name}; config {args.config}; patch {cfg.data.patch}^3")
@@ -225,11 +301,15 @@ def main() -> None:
         print(f"  training {method:15s} {rate:8.2f} patches/s")
     if "inference" in result:
         inf = result["inference"]
-        print(f"  inference on {inf['scan_shape']} ({inf['n_windows']} windows of {inf['window']}^3), median s:")
+        print(
+            f"  inference on {inf['scan_shape']} ({inf['n_windows']} windows of {inf['window']}^3), median s:"
+        )
         for stage, seconds in inf["median_s"].items():
             print(f"    {stage:22s} {seconds:8.2f}")
-        print(f"  preprocess / SimpleITK resample = {inf['preprocess_vs_simpleitk_resample']:.2f}x; "
-              f"inference / plain PyTorch = {inf['inference_vs_plain_pytorch']:.2f}x")
+        print(
+            f"  preprocess / SimpleITK resample = {inf['preprocess_vs_simpleitk_resample']:.2f}x; "
+            f"inference / plain PyTorch = {inf['inference_vs_plain_pytorch']:.2f}x"
+        )
     RESULTS.mkdir(exist_ok=True)
     suffix = "" if device.type == "cpu" else "_gpu"
     (RESULTS / f"detector_speed{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")

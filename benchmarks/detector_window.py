@@ -51,12 +51,22 @@ def measure(run: Path, windows: list[int], *, bootstrap: int = 1000) -> list[dic
     split_file = read_split(run / "split.json")
     data = Path(state["provenance"]["data"])
     d = cfg.data
-    split = split_luna16(data, len(split_file.labeled), 0, d.test_subsets, d.n_validation, d.split_seed,
-                         d.unlabeled_dirs)
+    split = split_luna16(
+        data,
+        len(split_file.labeled),
+        0,
+        d.test_subsets,
+        d.n_validation,
+        d.split_seed,
+        d.unlabeled_dirs,
+    )
     if split.validation != split_file.validation:
         raise SystemExit(f"{run}: split.json's validation scans differ from a re-split of {data}")
     cache = _cache(cfg)
-    labeled = [_scan_boxes(cache.get(u, split.source(u).load), split.nodules(u), d.spacing_mm) for u in split.labeled]
+    labeled = [
+        _scan_boxes(cache.get(u, split.source(u).load), split.nodules(u), d.spacing_mm)
+        for u in split.labeled
+    ]
     validation = {u: cache.get(u, split.source(u).load) for u in split.validation}
     nodules = [f for u in split.validation for f in split.nodules(u)]
     excluded = [f for u in split.validation for f in split.luna.excluded(u)]
@@ -67,8 +77,14 @@ def measure(run: Path, windows: list[int], *, bootstrap: int = 1000) -> list[dic
         net = FPNDetector(cfg.model, cfg.anchors)
         net.load_state_dict(state["model"])
         picked = _statistics_windows(labeled, wcfg)
-        reestimate_batchnorm(net, [s.volume.array for s in labeled], picked, window=w, pad_value=pad,
-                             batch_size=cfg.optim.batch_size)
+        reestimate_batchnorm(
+            net,
+            [s.volume.array for s in labeled],
+            picked,
+            window=w,
+            pad_value=pad,
+            batch_size=cfg.optim.batch_size,
+        )
         runner = TorchDetectionRunner(net, w)
         params = detection_params(wcfg, batch_size=4)
         predictions, seconds, counts = [], [], []
@@ -79,31 +95,50 @@ def measure(run: Path, windows: list[int], *, bootstrap: int = 1000) -> list[dic
             counts.append(result.n_windows - result.n_windows_skipped)
             predictions += [Prediction(uid, p.centre_lps, p.probability) for p in result.detections]
         froc = evaluate(predictions, nodules, excluded, split.validation, bootstrap, cfg.seed)
-        rows.append({"window": w, "cpm": froc.cpm, "cpm_ci": list(froc.cpm_ci),
-                     "sensitivity_at_1fp": froc.sensitivities[FP_RATES.index(1.0)],
-                     "sensitivities": list(froc.sensitivities), "windows_per_scan": statistics.mean(counts),
-                     "seconds_per_scan": statistics.median(seconds), "n_scans": froc.n_scans,
-                     "n_nodules": froc.n_nodules, "bn_windows": len(picked)})
-        print(f"window {w}: CPM {froc.cpm:.3f} {rows[-1]['seconds_per_scan']:.2f} s/scan", flush=True)
+        rows.append(
+            {
+                "window": w,
+                "cpm": froc.cpm,
+                "cpm_ci": list(froc.cpm_ci),
+                "sensitivity_at_1fp": froc.sensitivities[FP_RATES.index(1.0)],
+                "sensitivities": list(froc.sensitivities),
+                "windows_per_scan": statistics.mean(counts),
+                "seconds_per_scan": statistics.median(seconds),
+                "n_scans": froc.n_scans,
+                "n_nodules": froc.n_nodules,
+                "bn_windows": len(picked),
+            }
+        )
+        print(
+            f"window {w}: CPM {froc.cpm:.3f} {rows[-1]['seconds_per_scan']:.2f} s/scan", flush=True
+        )
     return rows
 
 
 def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The markdown report."""
-    lines = ["# Detector window size: validation FROC and time", "",
-             f"Run {meta['run']} (trained on {meta['patch']}^3 patches); {rows[0]['n_scans']} validation scans, "
-             f"{rows[0]['n_nodules']} nodules; PyTorch CPU, {meta['threads']} thread(s), {meta['machine']}. "
-             "BatchNorm statistics re-estimated on each window size; CPM by the exact LUNA16 rates.", "",
-             "| window | CPM | CPM 95 % CI | sens. @ 1 FP/scan | windows/scan | s/scan (median) |",
-             "|---:|---:|---|---:|---:|---:|"]
+    lines = [
+        "# Detector window size: validation FROC and time",
+        "",
+        f"Run {meta['run']} (trained on {meta['patch']}^3 patches); {rows[0]['n_scans']} validation scans, "
+        f"{rows[0]['n_nodules']} nodules; PyTorch CPU, {meta['threads']} thread(s), {meta['machine']}. "
+        "BatchNorm statistics re-estimated on each window size; CPM by the exact LUNA16 rates.",
+        "",
+        "| window | CPM | CPM 95 % CI | sens. @ 1 FP/scan | windows/scan | s/scan (median) |",
+        "|---:|---:|---|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['window']} | {r['cpm']:.3f} | [{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] | "
-                     f"{r['sensitivity_at_1fp']:.3f} | {r['windows_per_scan']:.0f} | {r['seconds_per_scan']:.2f} |")
+        lines.append(
+            f"| {r['window']} | {r['cpm']:.3f} | [{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] | "
+            f"{r['sensitivity_at_1fp']:.3f} | {r['windows_per_scan']:.0f} | {r['seconds_per_scan']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run", type=Path, help="a finished medssl-train detector run folder")
     parser.add_argument("--windows", type=int, nargs="+", default=[32, 48, 64])
     parser.add_argument("--threads", type=int, default=2)
@@ -113,8 +148,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config(DetectionExperiment, args.run / "config.yaml")
     rows = measure(args.run, args.windows, bootstrap=args.bootstrap)
-    meta = {"run": str(args.run), "patch": cfg.data.patch, "threads": args.threads,
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"}
+    meta = {
+        "run": str(args.run),
+        "patch": cfg.data.patch,
+        "threads": args.threads,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+    }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     report = table(rows, meta)

@@ -143,8 +143,15 @@ class Run:
         return "".join(c if c.isalnum() or c in "-=." else "_" for c in self.key)
 
 
-def plan(*, labeled: Sequence[int], seeds: Sequence[int], zero_weight_labeled: Sequence[int],
-         ceiling_labeled: int | None, ablation_labeled: int | None, ablation_seeds: Sequence[int]) -> list[Run]:
+def plan(
+    *,
+    labeled: Sequence[int],
+    seeds: Sequence[int],
+    zero_weight_labeled: Sequence[int],
+    ceiling_labeled: int | None,
+    ablation_labeled: int | None,
+    ablation_seeds: Sequence[int],
+) -> list[Run]:
     """Every run of the benchmark, in the order that makes a partial benchmark most useful:
     the main comparison first, seed by seed (supervised and FocalMix at every labeled count, so
     a partial benchmark already holds complete pairs), then the unlabeled-weight-0 arm at
@@ -153,21 +160,31 @@ def plan(*, labeled: Sequence[int], seeds: Sequence[int], zero_weight_labeled: S
     runs = []
     for seed in seeds:
         for n in labeled:
-            runs += [Run(SUPERVISED, "supervised-det", n, seed, {}), Run(FOCALMIX, "focalmix", n, seed, {})]
+            runs += [
+                Run(SUPERVISED, "supervised-det", n, seed, {}),
+                Run(FOCALMIX, "focalmix", n, seed, {}),
+            ]
     for seed in seeds:
-        runs += [Run(ZERO_WEIGHT, "focalmix", n, seed, {"focalmix.unlabeled_weight": 0.0}) for n in zero_weight_labeled]
+        runs += [
+            Run(ZERO_WEIGHT, "focalmix", n, seed, {"focalmix.unlabeled_weight": 0.0})
+            for n in zero_weight_labeled
+        ]
     if ceiling_labeled is not None:
         runs += [Run(CEILING, "supervised-det", ceiling_labeled, seed, {}) for seed in seeds]
     if ablation_labeled is not None:
         for seed in ablation_seeds:
-            runs += [Run(name, "focalmix", ablation_labeled, seed, o) for name, o in ABLATIONS.items()]
+            runs += [
+                Run(name, "focalmix", ablation_labeled, seed, o) for name, o in ABLATIONS.items()
+            ]
     return runs
 
 
 # --------------------------------------------------------------------------- data
 
 
-def prepare_data(data: Path, *, cases: int, unlabeled: int, matrix: int, seed: int = 1000) -> dict[str, Any]:
+def prepare_data(
+    data: Path, *, cases: int, unlabeled: int, matrix: int, seed: int = 1000
+) -> dict[str, Any]:
     """Generate the benchmark's LUNA16 folder (``train`` family) if missing; check it otherwise.
 
     ``data/benchmark_data.json`` records how it was made; an existing folder made otherwise
@@ -176,8 +193,10 @@ def prepare_data(data: Path, *, cases: int, unlabeled: int, matrix: int, seed: i
     Raises:
         SystemExit: the folder exists with other settings.
     """
-    return generated_dataset(data, {"cases": cases, "unlabeled": unlabeled, "matrix": matrix, "family": "train",
-                                    "seed": seed})
+    return generated_dataset(
+        data,
+        {"cases": cases, "unlabeled": unlabeled, "matrix": matrix, "family": "train", "seed": seed},
+    )
 
 
 def test_set_size(data: Path, test_subsets: Sequence[int]) -> tuple[int, int]:
@@ -231,8 +250,11 @@ def train_wall_s(run_dir: Path, pause_s: float = PAUSE_S) -> float:
 
 
 #: ``log.jsonl`` keys of the FocalMix diagnostics → result keys (means over the logged steps).
-DIAGNOSTICS = {"objects": "objects_per_patch", "pseudo_precision": "pseudo_object_precision",
-               "mining/candidate_precision": "candidate_precision"}
+DIAGNOSTICS = {
+    "objects": "objects_per_patch",
+    "pseudo_precision": "pseudo_object_precision",
+    "mining/candidate_precision": "candidate_precision",
+}
 
 
 def object_stats(run_dir: Path) -> dict[str, float]:
@@ -258,9 +280,14 @@ def experiment(settings: dict[str, Any], run: Run, *, steps: int) -> Any:
     from medssl.training.det_config import DetectionExperiment
 
     overrides = {
-        **parse_overrides(settings["set"]), **run.overrides, "method": run.method, "seed": run.seed,
-        "data.split_seed": settings["split_seed"], "data.test_subsets": list(settings["test_subsets"]),
-        "optim.steps": steps, "data.workers": settings["data_workers"],
+        **parse_overrides(settings["set"]),
+        **run.overrides,
+        "method": run.method,
+        "seed": run.seed,
+        "data.split_seed": settings["split_seed"],
+        "data.test_subsets": list(settings["test_subsets"]),
+        "optim.steps": steps,
+        "data.workers": settings["data_workers"],
     }
     return load_config(DetectionExperiment, resolve_config(settings["config"]), overrides)
 
@@ -293,33 +320,62 @@ def execute(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
     out = Path(settings["work"]) / "runs" / run.folder
     unlabeled = settings["unlabeled_pool"] if run.method == "focalmix" else 0
     start = time.perf_counter()
-    result = train_detector(cfg, settings["data"], out, run.labeled, unlabeled, device=settings["device"],
-                            resume=resumable(cfg, out))
+    result = train_detector(
+        cfg,
+        settings["data"],
+        out,
+        run.labeled,
+        unlabeled,
+        device=settings["device"],
+        resume=resumable(cfg, out),
+    )
     wall = time.perf_counter() - start
     report = result.test_report or {}
     return {
-        "key": run.key, "name": run.name, "method": run.method, "labeled": run.labeled, "unlabeled": unlabeled,
-        "seed": run.seed, "split_seed": settings["split_seed"], "overrides": run.overrides, "steps": steps,
-        "sensitivities": report.get("sensitivities"), "cpm": report.get("cpm"), "cpm_ci": report.get("cpm_ci"),
-        "n_test_scans": report.get("n_scans"), "n_test_nodules": report.get("n_nodules"),
-        "patches_per_s": throughput(out, cfg.optim.batch_size * (2 if run.method == "focalmix" else 1)),
-        "wall_s": wall, "train_wall_s": train_wall_s(out), "threads": torch.get_num_threads(), "run_dir": str(out),
+        "key": run.key,
+        "name": run.name,
+        "method": run.method,
+        "labeled": run.labeled,
+        "unlabeled": unlabeled,
+        "seed": run.seed,
+        "split_seed": settings["split_seed"],
+        "overrides": run.overrides,
+        "steps": steps,
+        "sensitivities": report.get("sensitivities"),
+        "cpm": report.get("cpm"),
+        "cpm_ci": report.get("cpm_ci"),
+        "n_test_scans": report.get("n_scans"),
+        "n_test_nodules": report.get("n_nodules"),
+        "patches_per_s": throughput(
+            out, cfg.optim.batch_size * (2 if run.method == "focalmix" else 1)
+        ),
+        "wall_s": wall,
+        "train_wall_s": train_wall_s(out),
+        "threads": torch.get_num_threads(),
+        "run_dir": str(out),
         **object_stats(out),
     }
 
 
-def run_all(runs: Sequence[Run], settings: dict[str, Any], done: list[dict[str, Any]], jobs: int,
-            save: Any) -> None:
+def run_all(
+    runs: Sequence[Run], settings: dict[str, Any], done: list[dict[str, Any]], jobs: int, save: Any
+) -> None:
     """Run ``runs`` not yet in ``done``, ``jobs`` at a time, each in a spawned process with
     ``settings["threads"]`` threads; ``save(done)`` after every finished run."""
     finished = {r["key"] for r in done}
     todo = [r for r in runs if r.key not in finished]
     if not todo:
         return
-    os.environ["OMP_NUM_THREADS"] = str(settings["threads"])  # read by torch when a child imports it
+    os.environ["OMP_NUM_THREADS"] = str(
+        settings["threads"]
+    )  # read by torch when a child imports it
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_one_process_threads,
-                             initargs=(settings["threads"],)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=context,
+        initializer=_one_process_threads,
+        initargs=(settings["threads"],),
+    ) as pool:
         pending: dict[Future[dict[str, Any]], Run] = {}
         queue = iter(todo)
         for run in itertools.islice(queue, jobs):
@@ -345,9 +401,13 @@ def run_froc(record: dict[str, Any], luna: Luna16) -> FrocResult:
     the paired analysis draws its own)."""
     test = Path(record["run_dir"]) / "test"
     uids = read_seriesuids(test / "seriesuids.csv")
-    return evaluate_luna16([f for u in uids for f in luna.annotations(u)],
-                           [f for u in uids for f in luna.excluded(u)], uids,
-                           read_predictions(test / "submission.csv"), n_bootstrap=0)
+    return evaluate_luna16(
+        [f for u in uids for f in luna.annotations(u)],
+        [f for u in uids for f in luna.excluded(u)],
+        uids,
+        read_predictions(test / "submission.csv"),
+        n_bootstrap=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -367,8 +427,13 @@ class PooledDelta:
     ci: tuple[float, float]
 
 
-def pooled_paired_delta(pairs: Sequence[tuple[FrocResult, FrocResult]], seeds: Sequence[int], *,
-                        n_bootstrap: int = 1000, seed: int = 0) -> PooledDelta:
+def pooled_paired_delta(
+    pairs: Sequence[tuple[FrocResult, FrocResult]],
+    seeds: Sequence[int],
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> PooledDelta:
     """Paired ΔCPM of ``(method, baseline)`` FROC results, one pair per seed, all on the same
     test scans in the same order.
 
@@ -384,25 +449,38 @@ def pooled_paired_delta(pairs: Sequence[tuple[FrocResult, FrocResult]], seeds: S
             ``n_bootstrap`` < 1.
     """
     if not pairs or len(pairs) != len(seeds):
-        raise ValueError(f"need one (method, baseline) pair per seed, got {len(pairs)} pairs for seeds {list(seeds)}")
+        raise ValueError(
+            f"need one (method, baseline) pair per seed, got {len(pairs)} pairs for seeds {list(seeds)}"
+        )
     if n_bootstrap < 1:
         raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
     if len({r.seriesuids for pair in pairs for r in pair}) != 1:
-        raise ValueError("every run must be scored on the same test scans in the same order; evaluate them "
-                         "with one seriesuids list")
+        raise ValueError(
+            "every run must be scored on the same test scans in the same order; evaluate them "
+            "with one seriesuids list"
+        )
     per_seed = [paired_bootstrap_cpm(a, b, n_bootstrap=n_bootstrap, seed=seed) for a, b in pairs]
     points = cpm_points(pairs[0][0].cpm_definition)  # type: ignore[arg-type]
     replicates = []
     for a, b in pairs:
         assert a.vectors is not None and b.vectors is not None  # paired_bootstrap_cpm checked
-        sens_a, sens_b = paired_bootstrap_sensitivities(a.vectors, b.vectors, n_bootstrap=n_bootstrap,
-                                                        rng=np.random.default_rng(seed), points=points)
+        sens_a, sens_b = paired_bootstrap_sensitivities(
+            a.vectors,
+            b.vectors,
+            n_bootstrap=n_bootstrap,
+            rng=np.random.default_rng(seed),
+            points=points,
+        )
         replicates.append(sens_a.mean(axis=1) - sens_b.mean(axis=1))
-    samples = np.stack(replicates)  # (seeds, n_bootstrap), column b: the same scan draw for every seed
+    samples = np.stack(
+        replicates
+    )  # (seeds, n_bootstrap), column b: the same scan draw for every seed
     if len(pairs) == 1:
         pooled = samples[0]
     else:
-        drawn = np.random.default_rng([seed, 1]).integers(0, len(pairs), size=(n_bootstrap, len(pairs)))
+        drawn = np.random.default_rng([seed, 1]).integers(
+            0, len(pairs), size=(n_bootstrap, len(pairs))
+        )
         pooled = samples[drawn, np.arange(n_bootstrap)[:, None]].mean(axis=1)
     lo, hi = order_statistic_interval(pooled, CONFIDENCE)
     return PooledDelta(
@@ -422,8 +500,15 @@ def verdict(ci: tuple[float, float], method: str = FOCALMIX, baseline: str = SUP
     return "no difference shown"
 
 
-def compare(results: Sequence[dict[str, Any]], frocs: dict[str, FrocResult], method: str, baseline: str,
-            labeled: int, *, n_bootstrap: int) -> PooledDelta | None:
+def compare(
+    results: Sequence[dict[str, Any]],
+    frocs: dict[str, FrocResult],
+    method: str,
+    baseline: str,
+    labeled: int,
+    *,
+    n_bootstrap: int,
+) -> PooledDelta | None:
     """Pooled paired ΔCPM of arm ``method`` against ``baseline`` at ``labeled`` over the seeds
     both have; None where they share none."""
     a = {r["seed"]: r["key"] for r in results if r["name"] == method and r["labeled"] == labeled}
@@ -431,70 +516,124 @@ def compare(results: Sequence[dict[str, Any]], frocs: dict[str, FrocResult], met
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return None
-    return pooled_paired_delta([(frocs[a[s]], frocs[b[s]]) for s in seeds], seeds, n_bootstrap=n_bootstrap)
+    return pooled_paired_delta(
+        [(frocs[a[s]], frocs[b[s]]) for s in seeds], seeds, n_bootstrap=n_bootstrap
+    )
 
 
 def _ci(ci: tuple[float, float]) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
-def summarise(results: Sequence[dict[str, Any]], frocs: dict[str, FrocResult], *,
-              ablation_labeled: int | None, n_bootstrap: int = 1000) -> str:
+def summarise(
+    results: Sequence[dict[str, Any]],
+    frocs: dict[str, FrocResult],
+    *,
+    ablation_labeled: int | None,
+    n_bootstrap: int = 1000,
+) -> str:
     """The markdown report: the decisive table per labeled count, the reference arms, the
     ablations, then every run."""
+
     def mean_cpm(name: str, labeled: int) -> str:
         cpms = [r["cpm"] for r in results if r["name"] == name and r["labeled"] == labeled]
         return f"{statistics.mean(cpms):.3f} (n={len(cpms)})" if cpms else "—"
 
     counts = sorted({r["labeled"] for r in results if r["name"] == SUPERVISED})
-    main = {n: d for n in counts if (d := compare(results, frocs, FOCALMIX, SUPERVISED, n, n_bootstrap=n_bootstrap))}
-    lines = ["## FocalMix − supervised (paired over test scans, pooled over seeds)", "",
-             "| labeled | supervised mean CPM | FocalMix mean CPM | ΔCPM | 95 % CI | verdict |",
-             "|---:|---:|---:|---:|---|---|"]
-    lines += [f"| {n} | {mean_cpm(SUPERVISED, n)} | {mean_cpm(FOCALMIX, n)} | {d.delta:+.3f} | {_ci(d.ci)} | "
-              f"{verdict(d.ci)} |" for n, d in main.items()]
-    lines += ["", "Per seed (paired bootstrap over test scans):", "",
-              "| labeled | seed | supervised CPM | FocalMix CPM | ΔCPM | 95 % CI |", "|---:|---:|---:|---:|---:|---|"]
+    main = {
+        n: d
+        for n in counts
+        if (d := compare(results, frocs, FOCALMIX, SUPERVISED, n, n_bootstrap=n_bootstrap))
+    }
+    lines = [
+        "## FocalMix − supervised (paired over test scans, pooled over seeds)",
+        "",
+        "| labeled | supervised mean CPM | FocalMix mean CPM | ΔCPM | 95 % CI | verdict |",
+        "|---:|---:|---:|---:|---|---|",
+    ]
+    lines += [
+        f"| {n} | {mean_cpm(SUPERVISED, n)} | {mean_cpm(FOCALMIX, n)} | {d.delta:+.3f} | {_ci(d.ci)} | "
+        f"{verdict(d.ci)} |"
+        for n, d in main.items()
+    ]
+    lines += [
+        "",
+        "Per seed (paired bootstrap over test scans):",
+        "",
+        "| labeled | seed | supervised CPM | FocalMix CPM | ΔCPM | 95 % CI |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
     for n, d in main.items():
         for s, (delta, ci) in zip(d.seeds, d.per_seed):
             cpm = {r["name"]: r["cpm"] for r in results if r["labeled"] == n and r["seed"] == s}
-            lines.append(f"| {n} | {s} | {cpm[SUPERVISED]:.3f} | {cpm[FOCALMIX]:.3f} | {delta:+.3f} | {_ci(ci)} |")
+            lines.append(
+                f"| {n} | {s} | {cpm[SUPERVISED]:.3f} | {cpm[FOCALMIX]:.3f} | {delta:+.3f} | {_ci(ci)} |"
+            )
 
-    lines += ["", "## Reference arms", "", "| arm | labeled | mean CPM | against | ΔCPM | 95 % CI | verdict |",
-              "|---|---:|---:|---|---:|---|---|"]
+    lines += [
+        "",
+        "## Reference arms",
+        "",
+        "| arm | labeled | mean CPM | against | ΔCPM | 95 % CI | verdict |",
+        "|---|---:|---:|---|---:|---|---|",
+    ]
     for n in counts:
         d = compare(results, frocs, ZERO_WEIGHT, SUPERVISED, n, n_bootstrap=n_bootstrap)
         if d is not None:
-            lines.append(f"| {ZERO_WEIGHT} | {n} | {mean_cpm(ZERO_WEIGHT, n)} | supervised | {d.delta:+.3f} | "
-                         f"{_ci(d.ci)} | {verdict(d.ci, ZERO_WEIGHT)} |")
+            lines.append(
+                f"| {ZERO_WEIGHT} | {n} | {mean_cpm(ZERO_WEIGHT, n)} | supervised | {d.delta:+.3f} | "
+                f"{_ci(d.ci)} | {verdict(d.ci, ZERO_WEIGHT)} |"
+            )
         d = compare(results, frocs, FOCALMIX, ZERO_WEIGHT, n, n_bootstrap=n_bootstrap)
         if d is not None:
-            lines.append(f"| {FOCALMIX} | {n} | {mean_cpm(FOCALMIX, n)} | unlabeled weight 0 | {d.delta:+.3f} | "
-                         f"{_ci(d.ci)} | {verdict(d.ci, FOCALMIX, ZERO_WEIGHT)} |")
+            lines.append(
+                f"| {FOCALMIX} | {n} | {mean_cpm(FOCALMIX, n)} | unlabeled weight 0 | {d.delta:+.3f} | "
+                f"{_ci(d.ci)} | {verdict(d.ci, FOCALMIX, ZERO_WEIGHT)} |"
+            )
     for n in sorted({r["labeled"] for r in results if r["name"] == CEILING}):
         cpms = [r["cpm"] for r in results if r["name"] == CEILING]
         iv = seed_interval(cpms)
         mean, lo, hi = iv.value, iv.lo, iv.hi
-        lines.append(f"| {CEILING} | {n} | {mean:.3f} (n={len(cpms)}, seeds 95 % [{lo:.3f}, {hi:.3f}]) | | | | |")
+        lines.append(
+            f"| {CEILING} | {n} | {mean:.3f} (n={len(cpms)}, seeds 95 % [{lo:.3f}, {hi:.3f}]) | | | | |"
+        )
 
     if ablation_labeled is not None and any(r["name"] in ABLATIONS for r in results):
-        lines += ["", f"## Table 3 ablations at {ablation_labeled} labeled (against full FocalMix, same seeds)", "",
-                  "| ablation | mean CPM | ΔCPM vs FocalMix | 95 % CI | verdict |", "|---|---:|---:|---|---|"]
+        lines += [
+            "",
+            f"## Table 3 ablations at {ablation_labeled} labeled (against full FocalMix, same seeds)",
+            "",
+            "| ablation | mean CPM | ΔCPM vs FocalMix | 95 % CI | verdict |",
+            "|---|---:|---:|---|---|",
+        ]
         for name in ABLATIONS:
             d = compare(results, frocs, name, FOCALMIX, ablation_labeled, n_bootstrap=n_bootstrap)
             if d is not None:
-                lines.append(f"| {name} | {mean_cpm(name, ablation_labeled)} | {d.delta:+.3f} | {_ci(d.ci)} | "
-                             f"{verdict(d.ci, 'ablation', 'full FocalMix')} |")
+                lines.append(
+                    f"| {name} | {mean_cpm(name, ablation_labeled)} | {d.delta:+.3f} | {_ci(d.ci)} | "
+                    f"{verdict(d.ci, 'ablation', 'full FocalMix')} |"
+                )
 
     rates = ("1/8", "1/4", "1/2", "1", "2", "4", "8")
-    lines += ["", "## Every run", "", "| arm | labeled | seed | " + " | ".join(f"{r} FP/scan" for r in rates)
-              + " | CPM | CPM 95 % CI | objects/patch | pseudo-object precision | training wall s | threads |",
-              "|---|---:|---:|" + "---:|" * (len(rates) + 6)]
+    lines += [
+        "",
+        "## Every run",
+        "",
+        "| arm | labeled | seed | "
+        + " | ".join(f"{r} FP/scan" for r in rates)
+        + " | CPM | CPM 95 % CI | objects/patch | pseudo-object precision | training wall s | threads |",
+        "|---|---:|---:|" + "---:|" * (len(rates) + 6),
+    ]
     for r in sorted(results, key=lambda r: (r["labeled"], r["name"], r["seed"])):
         sens = " | ".join(f"{s:.3f}" for s in r["sensitivities"])
-        diag = " | ".join(f"{r[k]:.2f}" if k in r else "—" for k in ("objects_per_patch", "pseudo_object_precision"))
-        lines.append(f"| {r['name']} | {r['labeled']} | {r['seed']} | {sens} | {r['cpm']:.3f} | "
-                     f"[{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] | {diag} | {_wall(r)} | {r['threads']} |")
+        diag = " | ".join(
+            f"{r[k]:.2f}" if k in r else "—"
+            for k in ("objects_per_patch", "pseudo_object_precision")
+        )
+        lines.append(
+            f"| {r['name']} | {r['labeled']} | {r['seed']} | {sens} | {r['cpm']:.3f} | "
+            f"[{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] | {diag} | {_wall(r)} | {r['threads']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -519,13 +658,17 @@ def plot_learning_curve(results: Sequence[dict[str, Any]], path: Path) -> Path:
         counts = sorted({r["labeled"] for r in results if r["name"] == name})
         if not counts:
             continue
-        stats_ = [seed_interval([r["cpm"] for r in results if r["name"] == name and r["labeled"] == n])
-                  for n in counts]
+        stats_ = [
+            seed_interval([r["cpm"] for r in results if r["name"] == name and r["labeled"] == n])
+            for n in counts
+        ]
         mean = np.array([s.value for s in stats_])
         lo = np.array([s.lo for s in stats_])
         hi = np.array([s[2] for s in stats_])
         ax.plot(counts, mean, style, label=name)
-        ax.fill_between(counts, np.where(np.isnan(lo), mean, lo), np.where(np.isnan(hi), mean, hi), alpha=0.2)
+        ax.fill_between(
+            counts, np.where(np.isnan(lo), mean, lo), np.where(np.isnan(hi), mean, hi), alpha=0.2
+        )
     ceiling = [r for r in results if r["name"] == CEILING]
     if ceiling:
         iv = seed_interval([r["cpm"] for r in ceiling])
@@ -605,35 +748,70 @@ def budget_curve(settings: dict[str, Any], labeled: int, seed: int) -> list[dict
     trained = resumable(cfg, out) and all((kept / f"step_{s:08d}.pt").is_file() for s in wanted)
     if not trained:  # (an interrupted training resumes from its last checkpoint)
         with keep_checkpoints(out, kept):
-            train_detector(cfg, settings["data"], out, labeled, 0, device=settings["device"],
-                           resume=resumable(cfg, out))
+            train_detector(
+                cfg,
+                settings["data"],
+                out,
+                labeled,
+                0,
+                device=settings["device"],
+                resume=resumable(cfg, out),
+            )
     wall = train_wall_s(out)
     missing = [s for s in wanted if not (kept / f"step_{s:08d}.pt").is_file()]
     if missing:
-        raise RuntimeError(f"checkpoints of steps {missing} were pruned before they could be kept; "
-                           "rerun with a larger eval.every (--set eval.every=N)")
+        raise RuntimeError(
+            f"checkpoints of steps {missing} were pruned before they could be kept; "
+            "rerun with a larger eval.every (--set eval.every=N)"
+        )
     done_path = out / "curve.jsonl"  # one row per scored checkpoint: an interrupted curve resumes
-    rows = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.is_file() else []
+    rows = (
+        [json.loads(line) for line in done_path.read_text().splitlines()]
+        if done_path.is_file()
+        else []
+    )
     scored = {r["step"] for r in rows}
     d = cfg.data
     split = split_luna16(settings["data"], labeled, 0, d.test_subsets, d.n_validation, d.split_seed)
-    cache = VolumeCache(Path(d.cache_dir) if d.cache_dir else default_cache_dir(), d.spacing_mm,
-                        Intensity(d.hu_min, d.hu_max))
+    cache = VolumeCache(
+        Path(d.cache_dir) if d.cache_dir else default_cache_dir(),
+        d.spacing_mm,
+        Intensity(d.hu_min, d.hu_max),
+    )
     volumes = {u: cache.get(u, split.source(u).load) for u in split.test}
     nodules = [f for u in split.test for f in split.nodules(u)]
     excluded = [f for u in split.test for f in split.luna.excluded(u)]
     for step in (s for s in wanted if s not in scored):
         net = FPNDetector(cfg.model, cfg.anchors)
         net.load_state_dict(load_checkpoint(kept / f"step_{step:08d}.pt")["model"])
-        runner = TorchDetectionRunner(net, cfg.window, torch.device(settings["device"] or "cpu"), cfg.amp)
-        result = evaluate(predict(runner, volumes, detection_params(cfg)), nodules, excluded, split.test,
-                          cfg.eval.bootstrap, cfg.seed)
-        rows.append({"step": step, "cpm": result.cpm, "cpm_ci": list(result.cpm_ci),
-                     "sensitivities": list(result.sensitivities), "train_wall_s": wall,
-                     "n_test_scans": result.n_scans, "n_test_nodules": result.n_nodules})
+        runner = TorchDetectionRunner(
+            net, cfg.window, torch.device(settings["device"] or "cpu"), cfg.amp
+        )
+        result = evaluate(
+            predict(runner, volumes, detection_params(cfg)),
+            nodules,
+            excluded,
+            split.test,
+            cfg.eval.bootstrap,
+            cfg.seed,
+        )
+        rows.append(
+            {
+                "step": step,
+                "cpm": result.cpm,
+                "cpm_ci": list(result.cpm_ci),
+                "sensitivities": list(result.sensitivities),
+                "train_wall_s": wall,
+                "n_test_scans": result.n_scans,
+                "n_test_nodules": result.n_nodules,
+            }
+        )
         with done_path.open("a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
-        print(f"step {step}: test CPM {result.cpm:.3f} [{result.cpm_ci[0]:.3f}, {result.cpm_ci[1]:.3f}]", flush=True)
+        print(
+            f"step {step}: test CPM {result.cpm:.3f} [{result.cpm_ci[0]:.3f}, {result.cpm_ci[1]:.3f}]",
+            flush=True,
+        )
     return sorted(rows, key=lambda r: r["step"])
 
 
@@ -645,18 +823,30 @@ def budget_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], stem: Pa
     import matplotlib.pyplot as plt
 
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "checkpoints": list(rows)}, indent=2) + "\n")
-    lines = [f"# Supervised test CPM vs training steps ({meta['labeled']} labeled, seed {meta['seed']})", "",
-             f"Device: {meta['device']}; config {meta['config']} {' '.join(meta['overrides'])}; one run of "
-             f"{meta['steps']} steps (cosine to 0 at the last step), {rows[0]['train_wall_s']:.0f} s of training; "
-             f"{rows[0]['n_test_scans']} test scans, {rows[0]['n_test_nodules']} nodules.", "",
-             "| step | test CPM | 95 % CI |", "|---:|---:|---|"]
-    lines += [f"| {r['step']} | {r['cpm']:.3f} | [{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] |" for r in rows]
+    stem.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "checkpoints": list(rows)}, indent=2) + "\n"
+    )
+    lines = [
+        f"# Supervised test CPM vs training steps ({meta['labeled']} labeled, seed {meta['seed']})",
+        "",
+        f"Device: {meta['device']}; config {meta['config']} {' '.join(meta['overrides'])}; one run of "
+        f"{meta['steps']} steps (cosine to 0 at the last step), {rows[0]['train_wall_s']:.0f} s of training; "
+        f"{rows[0]['n_test_scans']} test scans, {rows[0]['n_test_nodules']} nodules.",
+        "",
+        "| step | test CPM | 95 % CI |",
+        "|---:|---:|---|",
+    ]
+    lines += [
+        f"| {r['step']} | {r['cpm']:.3f} | [{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] |"
+        for r in rows
+    ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [r["step"] for r in rows]
     ax.plot(steps, [r["cpm"] for r in rows], "o-")
-    ax.fill_between(steps, [r["cpm_ci"][0] for r in rows], [r["cpm_ci"][1] for r in rows], alpha=0.2)
+    ax.fill_between(
+        steps, [r["cpm_ci"][0] for r in rows], [r["cpm_ci"][1] for r in rows], alpha=0.2
+    )
     ax.set_xlabel("training step")
     ax.set_ylabel("test CPM (95 % bootstrap CI over scans)")
     ax.grid(alpha=0.3)
@@ -668,8 +858,18 @@ def budget_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], stem: Pa
 # --------------------------------------------------------------------------- main
 
 #: The meta keys that define the experiment: a results file is resumed only where they agree.
-EXPERIMENT_KEYS = ("config", "overrides", "steps", "data", "matrix", "test_subsets", "unlabeled_pool", "split_seed",
-                   "n_validation", "smoke")
+EXPERIMENT_KEYS = (
+    "config",
+    "overrides",
+    "steps",
+    "data",
+    "matrix",
+    "test_subsets",
+    "unlabeled_pool",
+    "split_seed",
+    "n_validation",
+    "smoke",
+)
 
 
 def resumable_runs(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -686,46 +886,86 @@ def resumable_runs(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
     new = {k: meta[k] for k in EXPERIMENT_KEYS}
     if old != new:
         differ = {k: (old[k], new[k]) for k in EXPERIMENT_KEYS if old[k] != new[k]}
-        raise SystemExit(f"{path} holds another experiment (saved vs now: {differ}); move it away to start "
-                         "afresh, or pass --results with another file")
+        raise SystemExit(
+            f"{path} holds another experiment (saved vs now: {differ}); move it away to start "
+            "afresh, or pass --results with another file"
+        )
     runs = list(saved["runs"])
     for r in runs:  # records written before train_wall_s existed: counted from their logs
-        if "train_wall_s" not in r and "run_dir" in r and (Path(r["run_dir"]) / "log.jsonl").is_file():
+        if (
+            "train_wall_s" not in r
+            and "run_dir" in r
+            and (Path(r["run_dir"]) / "log.jsonl").is_file()
+        ):
             r["train_wall_s"] = train_wall_s(Path(r["run_dir"]))
     return runs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=Path("/tmp/medssl-focalmix18/luna"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/medssl-focalmix18"))
-    parser.add_argument("--cases", type=int, default=190, help="annotated scans to generate if --data is missing")
+    parser.add_argument(
+        "--cases", type=int, default=190, help="annotated scans to generate if --data is missing"
+    )
     parser.add_argument("--unlabeled-pool", type=int, default=100)
-    parser.add_argument("--matrix", type=int, default=128, help="in-plane matrix of the generated scans")
+    parser.add_argument(
+        "--matrix", type=int, default=128, help="in-plane matrix of the generated scans"
+    )
     parser.add_argument("--test-subsets", type=int, nargs="+", default=[7, 8, 9])
     parser.add_argument("--labeled", type=int, nargs="+", default=[5, 10, 25])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--split-seed", type=int, default=0, help="data.split_seed of every run")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps of every run (choose with "
-                        "--learning-curve); with --learning-curve: the longest budget")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=1500,
+        help="training steps of every run (choose with "
+        "--learning-curve); with --learning-curve: the longest budget",
+    )
     parser.add_argument("--no-ceiling", action="store_true", help="skip the all-labeled arm")
     parser.add_argument("--ablation-labeled", type=int, default=10)
-    parser.add_argument("--ablation-seeds", type=int, nargs="*", default=None,
-                        help="seeds of the ablations (default: the first 3 of --seeds; none: no ablations)")
-    parser.add_argument("--zero-weight-labeled", type=int, nargs="*", default=None,
-                        help="labeled counts of the unlabeled-weight-0 arm (default: --ablation-labeled; none: no "
-                        "such arm)")
-    parser.add_argument("--learning-curve", action="store_true", help="only the budget curve (see above)")
+    parser.add_argument(
+        "--ablation-seeds",
+        type=int,
+        nargs="*",
+        default=None,
+        help="seeds of the ablations (default: the first 3 of --seeds; none: no ablations)",
+    )
+    parser.add_argument(
+        "--zero-weight-labeled",
+        type=int,
+        nargs="*",
+        default=None,
+        help="labeled counts of the unlabeled-weight-0 arm (default: --ablation-labeled; none: no "
+        "such arm)",
+    )
+    parser.add_argument(
+        "--learning-curve", action="store_true", help="only the budget curve (see above)"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per run")
     parser.add_argument("--data-workers", type=int, default=0, help="data.workers of every run")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of the paired CIs")
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap replicates of the paired CIs"
+    )
     parser.add_argument("--config", default="focalmix-cpu")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every run, e.g. --set data.n_validation=8")
-    parser.add_argument("--smoke", action="store_true", help=f"allow a test set below the issue's minimum "
-                        f"({MIN_TEST_SCANS} scans, {MIN_TEST_NODULES} nodules); the report says SMOKE")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run, e.g. --set data.n_validation=8",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"allow a test set below the issue's minimum "
+        f"({MIN_TEST_SCANS} scans, {MIN_TEST_NODULES} nodules); the report says SMOKE",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS / "focalmix_ssl.json")
     args = parser.parse_args()
     for name in ("jobs", "threads", "steps", "bootstrap", "unlabeled_pool", "cases", "matrix"):
@@ -734,35 +974,68 @@ def main() -> None:
     prepare_data(args.data, cases=args.cases, unlabeled=args.unlabeled_pool, matrix=args.matrix)
     n_test, n_nodules = test_set_size(args.data, args.test_subsets)
     if (n_test < MIN_TEST_SCANS or n_nodules < MIN_TEST_NODULES) and not args.smoke:
-        raise SystemExit(f"the test subsets {args.test_subsets} hold {n_test} scans and {n_nodules} nodules; the "
-                         f"benchmark needs >= {MIN_TEST_SCANS} and >= {MIN_TEST_NODULES}: generate more --cases "
-                         "(into a new --data folder) or pass more --test-subsets")
-    settings = {"data": str(args.data), "work": str(args.work), "config": args.config, "set": args.set,
-                "split_seed": args.split_seed, "test_subsets": args.test_subsets, "steps": args.steps,
-                "unlabeled_pool": args.unlabeled_pool, "device": args.device, "threads": args.threads,
-                "data_workers": args.data_workers}
+        raise SystemExit(
+            f"the test subsets {args.test_subsets} hold {n_test} scans and {n_nodules} nodules; the "
+            f"benchmark needs >= {MIN_TEST_SCANS} and >= {MIN_TEST_NODULES}: generate more --cases "
+            "(into a new --data folder) or pass more --test-subsets"
+        )
+    settings = {
+        "data": str(args.data),
+        "work": str(args.work),
+        "config": args.config,
+        "set": args.set,
+        "split_seed": args.split_seed,
+        "test_subsets": args.test_subsets,
+        "steps": args.steps,
+        "unlabeled_pool": args.unlabeled_pool,
+        "device": args.device,
+        "threads": args.threads,
+        "data_workers": args.data_workers,
+    }
     base = experiment(settings, Run(SUPERVISED, "supervised-det", 1, 0, {}), steps=args.steps)
     n_validation, every = base.data.n_validation, base.eval.every
-    meta = {"device": cpu_device() if args.device in (None, "cpu") else args.device, "config": args.config,
-            "overrides": args.set, "steps": args.steps, "data": str(args.data), "matrix": args.matrix,
-            "generator_family": "train (training, validation, unlabeled and test scans)",
-            "test_subsets": args.test_subsets, "n_test_scans": n_test, "n_test_nodules": n_nodules,
-            "unlabeled_pool": args.unlabeled_pool, "split_seed": args.split_seed, "n_validation": n_validation,
-            "jobs": args.jobs, "threads_per_run": args.threads, "smoke": args.smoke}
+    meta = {
+        "device": cpu_device() if args.device in (None, "cpu") else args.device,
+        "config": args.config,
+        "overrides": args.set,
+        "steps": args.steps,
+        "data": str(args.data),
+        "matrix": args.matrix,
+        "generator_family": "train (training, validation, unlabeled and test scans)",
+        "test_subsets": args.test_subsets,
+        "n_test_scans": n_test,
+        "n_test_nodules": n_nodules,
+        "unlabeled_pool": args.unlabeled_pool,
+        "split_seed": args.split_seed,
+        "n_validation": n_validation,
+        "jobs": args.jobs,
+        "threads_per_run": args.threads,
+        "smoke": args.smoke,
+    }
     if args.learning_curve:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         _one_process_threads(args.threads)
         labeled, seed = max(args.labeled), args.seeds[0]
         rows = budget_curve(settings, labeled, seed)
         stem = args.results.with_name(args.results.stem + "_budget")
-        budget_report(rows, {**meta, "labeled": labeled, "seed": seed, "checkpoint_every": every}, stem)
+        budget_report(
+            rows, {**meta, "labeled": labeled, "seed": seed, "checkpoint_every": every}, stem
+        )
         print(stem.with_suffix(".md").read_text())
         return
     ceiling = None if args.no_ceiling else pool_size(args.data, args.test_subsets) - n_validation
     ablation_seeds = args.seeds[:3] if args.ablation_seeds is None else args.ablation_seeds
-    zero_weight = [args.ablation_labeled] if args.zero_weight_labeled is None else args.zero_weight_labeled
-    runs = plan(labeled=args.labeled, seeds=args.seeds, zero_weight_labeled=zero_weight, ceiling_labeled=ceiling,
-                ablation_labeled=args.ablation_labeled if ablation_seeds else None, ablation_seeds=ablation_seeds)
+    zero_weight = (
+        [args.ablation_labeled] if args.zero_weight_labeled is None else args.zero_weight_labeled
+    )
+    runs = plan(
+        labeled=args.labeled,
+        seeds=args.seeds,
+        zero_weight_labeled=zero_weight,
+        ceiling_labeled=ceiling,
+        ablation_labeled=args.ablation_labeled if ablation_seeds else None,
+        ablation_seeds=ablation_seeds,
+    )
     done = resumable_runs(args.results, meta)
     luna = Luna16(args.data)
     frocs: dict[str, FrocResult] = {}
@@ -773,14 +1046,22 @@ def main() -> None:
                 frocs[r["key"]] = run_froc(r, luna)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps({"meta": meta, "runs": results}, indent=2) + "\n")
-        title = "# FocalMix vs supervised on synthetic chest CT" + (" — SMOKE RUN, NOT A RESULT" if args.smoke else "")
-        head = (f"{title}\n\nDevice: {meta['device']}; {args.jobs} run(s) side by side, {args.threads} thread(s) each; "
-                f"config {args.config} {' '.join(args.set)}; {args.steps} steps per run; one split "
-                f"(data.split_seed {args.split_seed}, {n_validation} validation scans) for every seed and method; "
-                f"unlabeled pool {args.unlabeled_pool} scans; test: subsets {args.test_subsets}, {n_test} scans, "
-                f"{n_nodules} nodules, generator family train (as the training data), matrix {args.matrix}.\n\n")
+        title = "# FocalMix vs supervised on synthetic chest CT" + (
+            " — SMOKE RUN, NOT A RESULT" if args.smoke else ""
+        )
+        head = (
+            f"{title}\n\nDevice: {meta['device']}; {args.jobs} run(s) side by side, {args.threads} thread(s) each; "
+            f"config {args.config} {' '.join(args.set)}; {args.steps} steps per run; one split "
+            f"(data.split_seed {args.split_seed}, {n_validation} validation scans) for every seed and method; "
+            f"unlabeled pool {args.unlabeled_pool} scans; test: subsets {args.test_subsets}, {n_test} scans, "
+            f"{n_nodules} nodules, generator family train (as the training data), matrix {args.matrix}.\n\n"
+        )
         args.results.with_suffix(".md").write_text(
-            head + summarise(results, frocs, ablation_labeled=args.ablation_labeled, n_bootstrap=args.bootstrap))
+            head
+            + summarise(
+                results, frocs, ablation_labeled=args.ablation_labeled, n_bootstrap=args.bootstrap
+            )
+        )
         plot_learning_curve(results, args.results.with_suffix(".png"))
 
     if done:

@@ -66,7 +66,12 @@ def _copy_with_new_uids(source: Path, target: Path, tag: str) -> Path:
 
     for path in sorted(source.glob("*.dcm")):
         ds = pydicom.dcmread(path)
-        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+        for keyword in (
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+            "FrameOfReferenceUID",
+        ):
             setattr(ds, keyword, new(str(getattr(ds, keyword))))
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.save_as(target / path.name, enforce_file_format=True)
@@ -75,8 +80,16 @@ def _copy_with_new_uids(source: Path, target: Path, tag: str) -> Path:
 
 def _storescu_command(aet: str, port: int, folder: Path) -> list[str]:
     """storescu sending every ``.dcm`` of ``folder`` in one association."""
-    return ["storescu", "-aet", "BENCH", "-aec", aet, "127.0.0.1", str(port),
-            *map(str, sorted(folder.glob("*.dcm")))]
+    return [
+        "storescu",
+        "-aet",
+        "BENCH",
+        "-aec",
+        aet,
+        "127.0.0.1",
+        str(port),
+        *map(str, sorted(folder.glob("*.dcm"))),
+    ]
 
 
 def _storescu(aet: str, port: int, folder: Path) -> float:
@@ -89,7 +102,9 @@ def _storescu(aet: str, port: int, folder: Path) -> float:
 
 
 def _study_uid(folder: Path) -> str:
-    return str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+    return str(
+        pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+    )
 
 
 def _delete_study(orthanc: OrthancServer, study_uid: str) -> None:
@@ -107,11 +122,26 @@ def _wait_sr(orthanc: OrthancServer, study_uid: str, timeout_s: float = 600.0) -
 
 
 def _gateway(work: Path, name: str, orthanc: OrthancServer | None, idle_s: float) -> GatewayProcess:
-    destinations = [] if orthanc is None else [
-        {"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}]
+    destinations = (
+        []
+        if orthanc is None
+        else [
+            {
+                "name": "orthanc",
+                "ae_title": orthanc.aet,
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+            }
+        ]
+    )
     routes = [{"model": MODEL, "min_probability": 0.5}]
-    cfg = gateway_config(work / name, routes, ROOT / "model_repository", destinations,
-                         spool={"study_idle_s": idle_s, "min_free_mb": 256})
+    cfg = gateway_config(
+        work / name,
+        routes,
+        ROOT / "model_repository",
+        destinations,
+        spool={"study_idle_s": idle_s, "min_free_mb": 256},
+    )
     gateway = GatewayProcess(work / name, cfg, env={"OMP_NUM_THREADS": "2"})
     gateway.start()
     return gateway
@@ -133,16 +163,25 @@ def ingest(work: Path, study: Path, orthanc: OrthancServer, reps: int) -> dict[s
                     shutil.rmtree(gateway.spool / "incoming", ignore_errors=True)
                     seconds = _storescu("MEDSSL", gateway.port, study)
                 runs[side].append(n / seconds)
-                print(f"ingest rep {rep + 1} {side}: {n / seconds:.1f} instances/s", file=sys.stderr)
+                print(
+                    f"ingest rep {rep + 1} {side}: {n / seconds:.1f} instances/s", file=sys.stderr
+                )
     finally:
         gateway.stop()
     med = {side: statistics.median(v) for side, v in runs.items()}
-    return {"instances": n, "study_mb": sum(p.stat().st_size for p in study.glob("*.dcm")) / 2**20,
-            "instances_per_s": runs, "median_instances_per_s": med,
-            "ratio_gateway_to_orthanc": med["gateway"] / med["orthanc"], "goal": GOAL}
+    return {
+        "instances": n,
+        "study_mb": sum(p.stat().st_size for p in study.glob("*.dcm")) / 2**20,
+        "instances_per_s": runs,
+        "median_instances_per_s": med,
+        "ratio_gateway_to_orthanc": med["gateway"] / med["orthanc"],
+        "goal": GOAL,
+    }
 
 
-def latency(work: Path, study: Path, orthanc: OrthancServer, reps: int, idle_s: float) -> dict[str, Any]:
+def latency(
+    work: Path, study: Path, orthanc: OrthancServer, reps: int, idle_s: float
+) -> dict[str, Any]:
     gateway = _gateway(work, "gw-latency", orthanc, idle_s=idle_s)
     uid = _study_uid(study)
     rows = []
@@ -153,18 +192,23 @@ def latency(work: Path, study: Path, orthanc: OrthancServer, reps: int, idle_s: 
             acked = time.time()
             stored = _wait_sr(orthanc, uid)
             job = _last_done_job(gateway)
-            rows.append({
-                "total_s": stored - acked,
-                "assemble_s": job["queued_at"] - job["last_instance_at"],
-                "queue_s": job["started_at"] - job["queued_at"],
-                "inference_s": job["inferred_at"] - job["started_at"],
-                "send_s": job["finished_at"] - job["inferred_at"],
-            })
+            rows.append(
+                {
+                    "total_s": stored - acked,
+                    "assemble_s": job["queued_at"] - job["last_instance_at"],
+                    "queue_s": job["started_at"] - job["queued_at"],
+                    "inference_s": job["inferred_at"] - job["started_at"],
+                    "send_s": job["finished_at"] - job["inferred_at"],
+                }
+            )
             print(f"latency rep {rep + 1}: {rows[-1]}", file=sys.stderr)
     finally:
         gateway.stop()
-    return {"idle_s": idle_s, "runs": rows,
-            "median": {k: statistics.median(r[k] for r in rows) for k in rows[0]}}
+    return {
+        "idle_s": idle_s,
+        "runs": rows,
+        "median": {k: statistics.median(r[k] for r in rows) for k in rows[0]},
+    }
 
 
 def _last_done_job(gateway: GatewayProcess, timeout_s: float = 60.0) -> dict[str, Any]:
@@ -188,8 +232,14 @@ def memory(work: Path, copies: list[Path], orthanc: OrthancServer, idle_s: float
         monitor = TreeMemory(gateway.process.pid)
         monitor.start()
         start = time.time()
-        senders = [subprocess.Popen(_storescu_command("MEDSSL", gateway.port, c), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL) for c in copies]
+        senders = [
+            subprocess.Popen(
+                _storescu_command("MEDSSL", gateway.port, c),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for c in copies
+        ]
         for s in senders:
             s.wait()
         received = time.time() - start
@@ -203,59 +253,92 @@ def memory(work: Path, copies: list[Path], orthanc: OrthancServer, idle_s: float
     for c in copies:
         _delete_study(orthanc, _study_uid(c))
     orthanc_monitor.start()
-    senders = [subprocess.Popen(_storescu_command(orthanc.aet, orthanc.dicom_port, c),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in copies]
+    senders = [
+        subprocess.Popen(
+            _storescu_command(orthanc.aet, orthanc.dicom_port, c),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for c in copies
+    ]
     for s in senders:
         s.wait()
     orthanc_monitor.stop()
-    return {"studies": len(copies), "gateway_idle_rss_mb": idle_monitor.peak_mb,
-            "gateway_peak_rss_mb": monitor.peak_mb, "gateway_received_s": received,
-            "gateway_all_srs_s": processed, "orthanc_peak_rss_mb": orthanc_monitor.peak_mb}
+    return {
+        "studies": len(copies),
+        "gateway_idle_rss_mb": idle_monitor.peak_mb,
+        "gateway_peak_rss_mb": monitor.peak_mb,
+        "gateway_received_s": received,
+        "gateway_all_srs_s": processed,
+        "orthanc_peak_rss_mb": orthanc_monitor.peak_mb,
+    }
 
 
 def render(report: dict[str, Any]) -> str:
     ing, lat, mem = report["ingest"], report["latency"], report["memory"]
     med = ing["median_instances_per_s"]
-    lines = [f"# Gateway ingest, latency and memory ({report['device']})", "",
-             f"Study: {ing['instances']} instances, {ing['study_mb']:.0f} MB (synthetic chest CT, 512², "
-             f"uncompressed); storescu, one association; medians of {len(ing['instances_per_s']['gateway'])} runs.",
-             "", "| receiver | instances/s (median) | runs |", "|---|---|---|"]
+    lines = [
+        f"# Gateway ingest, latency and memory ({report['device']})",
+        "",
+        f"Study: {ing['instances']} instances, {ing['study_mb']:.0f} MB (synthetic chest CT, 512², "
+        f"uncompressed); storescu, one association; medians of {len(ing['instances_per_s']['gateway'])} runs.",
+        "",
+        "| receiver | instances/s (median) | runs |",
+        "|---|---|---|",
+    ]
     for side in ("gateway", "orthanc"):
         runs = ", ".join(f"{v:.0f}" for v in ing["instances_per_s"][side])
         lines.append(f"| {side} | {med[side]:.1f} | {runs} |")
     ratio = ing["ratio_gateway_to_orthanc"]
-    lines += ["", f"Gateway / Orthanc: **{ratio:.2f}×** (goal ≥ {GOAL:.1f}×: "
-                  f"{'met' if ratio >= GOAL else 'NOT met'}).", "",
-              f"Latency, last instance acknowledged → SR stored in Orthanc (shipped detector, embedded "
-              f"onnxruntime, study idle time {lat['idle_s']:g} s), medians of {len(lat['runs'])} runs:", "",
-              "| stage | seconds |", "|---|---|"]
+    lines += [
+        "",
+        f"Gateway / Orthanc: **{ratio:.2f}×** (goal ≥ {GOAL:.1f}×: "
+        f"{'met' if ratio >= GOAL else 'NOT met'}).",
+        "",
+        f"Latency, last instance acknowledged → SR stored in Orthanc (shipped detector, embedded "
+        f"onnxruntime, study idle time {lat['idle_s']:g} s), medians of {len(lat['runs'])} runs:",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
     for key in ("assemble_s", "queue_s", "inference_s", "send_s", "total_s"):
         lines.append(f"| {key[:-2]} | {lat['median'][key]:.2f} |")
-    lines += ["", f"Memory, {mem['studies']} studies arriving at once and processed: gateway peak RSS "
-                  f"{mem['gateway_peak_rss_mb']:.0f} MB (idle {mem['gateway_idle_rss_mb']:.0f} MB; all received "
-                  f"in {mem['gateway_received_s']:.1f} s, all SRs in Orthanc after {mem['gateway_all_srs_s']:.1f} s); "
-                  f"Orthanc receiving the same: {mem['orthanc_peak_rss_mb']:.0f} MB.", ""]
+    lines += [
+        "",
+        f"Memory, {mem['studies']} studies arriving at once and processed: gateway peak RSS "
+        f"{mem['gateway_peak_rss_mb']:.0f} MB (idle {mem['gateway_idle_rss_mb']:.0f} MB; all received "
+        f"in {mem['gateway_received_s']:.1f} s, all SRs in Orthanc after {mem['gateway_all_srs_s']:.1f} s); "
+        f"Orthanc receiving the same: {mem['orthanc_peak_rss_mb']:.0f} MB.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--idle", type=float, default=2.0, help="study idle time (s) for the latency runs")
+    parser.add_argument(
+        "--idle", type=float, default=2.0, help="study idle time (s) for the latency runs"
+    )
     parser.add_argument("--data", type=Path, default=None, help="keep the generated studies here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         work = Path(tmp)
         data = args.data or work / "data"
         study = write_scans(data, 1, seed=700)[0]
-        copies = [_copy_with_new_uids(study, data / f"copy{i}", f"copy{i}") for i in range(N_CONCURRENT)]
+        copies = [
+            _copy_with_new_uids(study, data / f"copy{i}", f"copy{i}") for i in range(N_CONCURRENT)
+        ]
         orthanc = OrthancServer(work / "orthanc")
         orthanc.start()
         try:
-            report = {"device": cpu_device(), "model": MODEL,
-                      "ingest": ingest(work, study, orthanc, args.reps),
-                      "latency": latency(work, study, orthanc, args.reps, args.idle),
-                      "memory": memory(work, copies, orthanc, args.idle)}
+            report = {
+                "device": cpu_device(),
+                "model": MODEL,
+                "ingest": ingest(work, study, orthanc, args.reps),
+                "latency": latency(work, study, orthanc, args.reps, args.idle),
+                "memory": memory(work, copies, orthanc, args.idle),
+            }
         finally:
             orthanc.stop()
     RESULTS.mkdir(exist_ok=True)

@@ -82,8 +82,11 @@ def bench_index(workdir: Path, repeats: int, n_series: int = 40, per_series: int
         for s in range(n_series):
             array = rng.integers(-1000, 1000, (per_series, 64, 64)).astype(np.float32)
             volume = Volume(array, affine_from_geometry((-20, -20, -100), (1.25, 0.7, 0.7)))
-            write_dicom_series(volume, root / f"P{s // 2:03d}" / f"S{s:03d}",
-                               SeriesInfo(uid_seed=f"index-bench-{s}", patient_id=f"P{s // 2:03d}"))
+            write_dicom_series(
+                volume,
+                root / f"P{s // 2:03d}" / f"S{s:03d}",
+                SeriesInfo(uid_seed=f"index-bench-{s}", patient_id=f"P{s // 2:03d}"),
+            )
     files = [p for p in root.rglob("*.dcm")]
     index = index_tree(root)
     assert len(index.series) == n_series and index.n_files == len(files)
@@ -124,14 +127,20 @@ def main() -> None:
         "series_read": series,
         "index": index,
     }
-    print(f"\nSeries read: 300 x 512 x 512 int16 ({series['pixel_megabytes']:.0f} MB), "
-          f"median of {args.repeats}")
+    print(
+        f"\nSeries read: 300 x 512 x 512 int16 ({series['pixel_megabytes']:.0f} MB), "
+        f"median of {args.repeats}"
+    )
     print(f"{'reader':<24}{'median s':>10}{'MB/s':>10}{'min s':>10}")
     for name, seconds in series["median_seconds"].items():
-        print(f"{name:<24}{seconds:>10.3f}{series['median_mb_per_s'][name]:>10.1f}"
-              f"{series['min_seconds'][name]:>10.3f}")
-    print(f"ratio medssl / SimpleITK (medians): {series['ratio_medssl_over_sitk']:.2f}x "
-          f"(target >= 0.8x); of the fastest runs: {series['ratio_of_min_medssl_over_sitk']:.2f}x")
+        print(
+            f"{name:<24}{seconds:>10.3f}{series['median_mb_per_s'][name]:>10.1f}"
+            f"{series['min_seconds'][name]:>10.3f}"
+        )
+    print(
+        f"ratio medssl / SimpleITK (medians): {series['ratio_medssl_over_sitk']:.2f}x "
+        f"(target >= 0.8x); of the fastest runs: {series['ratio_of_min_medssl_over_sitk']:.2f}x"
+    )
     print(f"\nHeader index: {index['files']} files, {index['series']} series")
     print(f"{'indexer':<24}{'seconds':>10}{'files/s':>10}")
     for name, seconds in index["median_seconds"].items():

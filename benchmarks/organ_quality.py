@@ -60,10 +60,17 @@ def score_family(repository: Path, name: str, data: Path) -> dict[str, Any]:
         start = time.perf_counter()
         result = segment(image, runner, params)
         seconds.append(time.perf_counter() - start)
-        metrics = segmentation_metrics(np.asarray(result.labels.array), np.asarray(truth.array, dtype=np.int64),
-                                       sorted(names), image.spacing)
+        metrics = segmentation_metrics(
+            np.asarray(result.labels.array),
+            np.asarray(truth.array, dtype=np.int64),
+            sorted(names),
+            image.spacing,
+        )
         per_organ = {names[k]: float(m.dice) for k, m in metrics.items()}
-        cases[case.case_id] = {"dice": float(np.mean(list(per_organ.values()))), "organs": per_organ}
+        cases[case.case_id] = {
+            "dice": float(np.mean(list(per_organ.values()))),
+            "organs": per_organ,
+        }
     return {"cases": cases, "s_per_case_median": float(np.median(seconds))}
 
 
@@ -79,42 +86,68 @@ def bootstrap_mean(values: np.ndarray, seed: int = 0) -> tuple[float, float, flo
 
 def render(report: dict[str, Any]) -> str:
     models = list(report["models"])
-    lines = ["# The shipped organ segmenter on phantom families it was not trained on", "",
-             f"{report['device']}; {report['cases']} test subjects per family (seeds from {report['seed']}, none used "
-             "in training); Dice on the source grid through the exported ONNX model (`medssl-score`'s pipeline): "
-             "mean over the 11 organs per case, then over cases [95 % bootstrap CI over cases].", "",
-             "| family | trained on it | " + " | ".join(f"{m} Dice %" for m in models)
-             + (" | Δ vs shipped, paired [95 % CI]" if len(models) > 1 else "") + " | s/case |",
-             "|---|---|" + "---:|" * len(models) + ("---:|" if len(models) > 1 else "") + "---:|"]
+    lines = [
+        "# The shipped organ segmenter on phantom families it was not trained on",
+        "",
+        f"{report['device']}; {report['cases']} test subjects per family (seeds from {report['seed']}, none used "
+        "in training); Dice on the source grid through the exported ONNX model (`medssl-score`'s pipeline): "
+        "mean over the 11 organs per case, then over cases [95 % bootstrap CI over cases].",
+        "",
+        "| family | trained on it | "
+        + " | ".join(f"{m} Dice %" for m in models)
+        + (" | Δ vs shipped, paired [95 % CI]" if len(models) > 1 else "")
+        + " | s/case |",
+        "|---|---|" + "---:|" * len(models) + ("---:|" if len(models) > 1 else "") + "---:|",
+    ]
     for family in report["families"]:
         cells = []
         for m in models:
             mean, lo, hi = report["models"][m][family]["summary"]
             cells.append(f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
-        row = f"| {family} | {'yes' if family in report['trained_on'] else 'no (held out)'} | " + " | ".join(cells)
+        row = (
+            f"| {family} | {'yes' if family in report['trained_on'] else 'no (held out)'} | "
+            + " | ".join(cells)
+        )
         if len(models) > 1:
             d = report["models"][models[1]][family].get("delta")
             row += f" | {100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]" if d else " | —"
         lines.append(row + f" | {report['models'][models[0]][family]['s_per_case_median']:.1f} |")
     shipped = report["models"][models[0]]
     organs = list(next(iter(next(iter(shipped.values()))["cases"].values()))["organs"])
-    lines += ["", f"Dice % per organ of `{models[0]}` (mean over cases):", "",
-              "| family | " + " | ".join(organs) + " |", "|---|" + "---:|" * len(organs)]
+    lines += [
+        "",
+        f"Dice % per organ of `{models[0]}` (mean over cases):",
+        "",
+        "| family | " + " | ".join(organs) + " |",
+        "|---|" + "---:|" * len(organs),
+    ]
     for family in report["families"]:
         cases = shipped[family]["cases"].values()
-        lines.append(f"| {family} | " + " | ".join(f"{100 * np.mean([c['organs'][o] for c in cases]):.1f}"
-                                                 for o in organs) + " |")
+        lines.append(
+            f"| {family} | "
+            + " | ".join(f"{100 * np.mean([c['organs'][o] for c in cases]):.1f}" for o in organs)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--model", default="abdomen-organs")
-    parser.add_argument("--variant", action="append", default=[], metavar="REPO:NAME",
-                        help="another model to score on the same cases (paired against the shipped one)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="REPO:NAME",
+        help="another model to score on the same cases (paired against the shipped one)",
+    )
     parser.add_argument("--families", nargs="+", default=["A", "B", "C", "D"])
-    parser.add_argument("--trained-on", nargs="+", default=["A"], help="families the shipped model saw")
+    parser.add_argument(
+        "--trained-on", nargs="+", default=["A"], help="families the shipped model saw"
+    )
     parser.add_argument("--cases", type=int, default=8, help="test subjects per family")
     parser.add_argument("--seed", type=int, default=9000, help="seed of the first test subject")
     parser.add_argument("--work", type=Path, default=Path("/tmp/medssl-organ-quality"))
@@ -127,16 +160,23 @@ def main() -> None:
     for k, family in enumerate(args.families):
         folder = args.work / "data" / family
         if not (folder / "dataset.json").is_file():
-            write_organ_dataset(folder, cases=0, n_test=args.cases, domain=family,
-                                seed=args.seed + k * args.cases)
+            write_organ_dataset(
+                folder, cases=0, n_test=args.cases, domain=family, seed=args.seed + k * args.cases
+            )
         data[family] = folder
     models = {args.model: (args.repository, args.model)}
     for spec in args.variant:
         repo, _, name = spec.rpartition(":")
         models[f"{name} ({repo})"] = (Path(repo), name)
-    report: dict[str, Any] = {"benchmark": "organ_quality", "device": cpu_device(), "cases": args.cases,
-                              "seed": args.seed, "families": args.families, "trained_on": args.trained_on,
-                              "models": {}}
+    report: dict[str, Any] = {
+        "benchmark": "organ_quality",
+        "device": cpu_device(),
+        "cases": args.cases,
+        "seed": args.seed,
+        "families": args.families,
+        "trained_on": args.trained_on,
+        "models": {},
+    }
     for label, (repo, name) in models.items():
         report["models"][label] = {}
         for family, folder in data.items():

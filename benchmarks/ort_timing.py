@@ -29,14 +29,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    session = ort.InferenceSession(args.model, providers=[(args.provider, OPTIONS.get(args.provider, {}))])
+    session = ort.InferenceSession(
+        args.model, providers=[(args.provider, OPTIONS.get(args.provider, {}))]
+    )
     node = session.get_inputs()[0]
     reference = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
     rows = []
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((1, *node.shape[1:]), dtype=np.float32)
-    max_abs = max(float(np.abs(a - b).max()) for a, b in
-                  zip(session.run(None, {node.name: sample}), reference.run(None, {node.name: sample})))
+    max_abs = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(
+            session.run(None, {node.name: sample}), reference.run(None, {node.name: sample})
+        )
+    )
     for batch in args.batches:
         x = rng.standard_normal((batch, *node.shape[1:]), dtype=np.float32)
         for _ in range(args.warmup):
@@ -47,8 +53,16 @@ def main() -> None:
             session.run(None, {node.name: x})
             calls.append(time.perf_counter() - start)
         rows.append({"batch": batch, "calls_s": calls})
-    print(json.dumps({"version": ort.__version__, "providers": session.get_providers(),
-                      "max_abs_vs_cpu_provider": max_abs, "rows": rows}))
+    print(
+        json.dumps(
+            {
+                "version": ort.__version__,
+                "providers": session.get_providers(),
+                "max_abs_vs_cpu_provider": max_abs,
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

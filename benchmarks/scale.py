@@ -96,16 +96,53 @@ def run_stages(index: Path, work: Path, ray_chunk: int) -> dict[str, Any]:
 
     start = time.perf_counter()
     store = ResultStore(work / "out")
-    store.commit_many([({"key": skip.item.key, "status": "skipped", "error": skip.reason, "model": "m",
-                         "model_version": 1}, ()) for skip in skipped])  # as score() does
+    store.commit_many(
+        [
+            (
+                {
+                    "key": skip.item.key,
+                    "status": "skipped",
+                    "error": skip.reason,
+                    "model": "m",
+                    "model_version": 1,
+                },
+                (),
+            )
+            for skip in skipped
+        ]
+    )  # as score() does
     for i, item in enumerate(chosen):
-        row = {"key": item.key, "patient_id": item.patient_id, "study_uid": item.study_uid,
-               "series_uid": item.series_uid, "status": "ok", "model": "m", "model_version": 1,
-               "n_slices": item.n_slices, "n_findings": 2, "max_probability": 0.9, "read_s": 1.0,
-               "inference_s": 10.0, "n_windows": 400}
-        findings = [{"key": item.key, "series_uid": item.series_uid, "index": j, "x_mm": 1.0 * i, "y_mm": 2.0,
-                     "z_mm": 3.0, "diameter_mm": 6.0, "probability": 0.9 - j / 10, "passed": j == 0,
-                     "model": "m", "model_version": 1} for j in range(2)]
+        row = {
+            "key": item.key,
+            "patient_id": item.patient_id,
+            "study_uid": item.study_uid,
+            "series_uid": item.series_uid,
+            "status": "ok",
+            "model": "m",
+            "model_version": 1,
+            "n_slices": item.n_slices,
+            "n_findings": 2,
+            "max_probability": 0.9,
+            "read_s": 1.0,
+            "inference_s": 10.0,
+            "n_windows": 400,
+        }
+        findings = [
+            {
+                "key": item.key,
+                "series_uid": item.series_uid,
+                "index": j,
+                "x_mm": 1.0 * i,
+                "y_mm": 2.0,
+                "z_mm": 3.0,
+                "diameter_mm": 6.0,
+                "probability": 0.9 - j / 10,
+                "passed": j == 0,
+                "model": "m",
+                "model_version": 1,
+            }
+            for j in range(2)
+        ]
         store.commit(row, findings)
     done = store.done("m", 1)
     assert len(done) == len(manifest.items)
@@ -137,9 +174,11 @@ def _plan_ray(items: list, chunk: int) -> int:
     try:
         chunks = 0
         for start in range(0, len(items), chunk):
-            part = items[start:start + chunk]
-            ds = ray.data.from_items([{"item": json.dumps(item.to_json())} for item in part],
-                                     override_num_blocks=len(part))
+            part = items[start : start + chunk]
+            ds = ray.data.from_items(
+                [{"item": json.dumps(item.to_json())} for item in part],
+                override_num_blocks=len(part),
+            )
             ds = ds.map_batches(_prepare_batch, batch_size=1, batch_format="pyarrow", num_cpus=1)
             ds.stats()  # the plan exists; nothing is executed
             chunks += 1
@@ -157,17 +196,33 @@ def bench_metadata(sizes: list[int], work: Path, ray_chunk: int) -> list[dict[st
         if not index.exists():
             write_header_index(index, n)
         folder = Path(tempfile.mkdtemp(dir=work))
-        proc = subprocess.run([sys.executable, __file__, "--stages", str(index), "--work", str(folder),
-                               "--ray-chunk", str(ray_chunk)], capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--stages",
+                str(index),
+                "--work",
+                str(folder),
+                "--ray-chunk",
+                str(ray_chunk),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         shutil.rmtree(folder, ignore_errors=True)
         if proc.returncode != 0:
             raise SystemExit(f"stages at {n} series failed:\n{proc.stderr[-3000:]}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         result["size"] = n
         rows.append(result)
-        print(f"  {n} series: " + ", ".join(f"{s} {result[s]['seconds']:.1f} s" for s in STAGES)
-              + f"; peak {max(result[s]['peak_mb'] for s in STAGES):.0f} MB", flush=True)
+        print(
+            f"  {n} series: "
+            + ", ".join(f"{s} {result[s]['seconds']:.1f} s" for s in STAGES)
+            + f"; peak {max(result[s]['peak_mb'] for s in STAGES):.0f} MB",
+            flush=True,
+        )
     return rows
 
 
@@ -184,10 +239,24 @@ def bench_index(n_files: int, work: Path, repeats: int) -> dict[str, Any]:
         print(f"  wrote {n_files} files in {time.perf_counter() - start:.0f} s", flush=True)
     files = sorted(str(p) for p in root.rglob("*.dcm"))
 
-    fields = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality",
-              "SOPClassUID", "ImageType", "SeriesDescription", "SeriesNumber", "StudyDate",
-              "BodyPartExamined", "SliceThickness", "ImageOrientationPatient", "Rows", "Columns",
-              "NumberOfFrames")
+    fields = (
+        "PatientID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "Modality",
+        "SOPClassUID",
+        "ImageType",
+        "SeriesDescription",
+        "SeriesNumber",
+        "StudyDate",
+        "BodyPartExamined",
+        "SliceThickness",
+        "ImageOrientationPatient",
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
+    )
 
     def serial() -> None:  # the peer: what a hand-written indexer does, one file after another
         for f in files:
@@ -205,16 +274,24 @@ def bench_index(n_files: int, work: Path, repeats: int) -> dict[str, Any]:
         index_tree(root, workers=workers, parts=parts)
         shutil.rmtree(parts, ignore_errors=True)
 
-    runs = {"pydicom loop (serial)": serial, "pydicom parse only, no values read (floor)": bare,
-            "medssl index, 1 worker": lambda: index_tree(root, workers=1),
-            "medssl index, 2 workers": lambda: index_tree(root, workers=2),
-            "medssl index, 2 workers, part files": lambda: parted(2)}
+    runs = {
+        "pydicom loop (serial)": serial,
+        "pydicom parse only, no values read (floor)": bare,
+        "medssl index, 1 worker": lambda: index_tree(root, workers=1),
+        "medssl index, 2 workers": lambda: index_tree(root, workers=2),
+        "medssl index, 2 workers, part files": lambda: parted(2),
+    }
     times = alternate(runs, repeats, verbose=True)
     median = {k: statistics.median(v) for k, v in times.items()}
-    return {"files": len(files), "median_seconds": median,
-            "files_per_s": {k: len(files) / v for k, v in median.items()},
-            "ratio_to_serial_pydicom": {k: median["pydicom loop (serial)"] / v for k, v in median.items()},
-            "all_seconds": times}
+    return {
+        "files": len(files),
+        "median_seconds": median,
+        "files_per_s": {k: len(files) / v for k, v in median.items()},
+        "ratio_to_serial_pydicom": {
+            k: median["pydicom loop (serial)"] / v for k, v in median.items()
+        },
+        "all_seconds": times,
+    }
 
 
 _TIMINGS = ("read_s", "preprocess_s", "inference_s", "postprocess_s", "lung_mask_s")
@@ -244,7 +321,9 @@ def _tiny_series(n: int, folder: Path) -> Path:
     for i in range(n):
         path = folder / f"{i // 1000:02d}" / f"s{i:05d}.nii.gz"
         path.parent.mkdir(exist_ok=True)
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(variants[i % 20].transpose(2, 1, 0)), affine), path)
+        nib.save(
+            nib.Nifti1Image(np.ascontiguousarray(variants[i % 20].transpose(2, 1, 0)), affine), path
+        )
         paths.append(str(path))
     listing.write_text("\n".join(paths) + "\n")
     return listing
@@ -256,13 +335,27 @@ def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None)
 
     from medssl.bench.machine import TreeMemory
 
-    command = [str(Path(sys.executable).parent / "medssl-score"), str(listing), "--out", str(out),
-               "--engine", engine, "--workers", "1"]
+    command = [
+        str(Path(sys.executable).parent / "medssl-score"),
+        str(listing),
+        "--out",
+        str(out),
+        "--engine",
+        engine,
+        "--workers",
+        "1",
+    ]
     start = time.perf_counter()
     log = out.parent / f"{out.name}.{engine}{'.killed' if kill_after else ''}.log"
-    log_file = open(log, "w")  # a file, not a pipe: the progress lines would fill a pipe and block it
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log_file,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log_file = open(
+        log, "w"
+    )  # a file, not a pipe: the progress lines would fill a pipe and block it
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=log_file,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     monitor = TreeMemory(process.pid, period_s=1.0)
     monitor.start()
     progress: list[tuple[float, int]] = []
@@ -272,7 +365,9 @@ def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None)
         done = 0
         if (out / "score.sqlite").exists():
             try:
-                with sqlite3.connect(f"file:{out / 'score.sqlite'}?mode=ro", uri=True, timeout=5) as db:
+                with sqlite3.connect(
+                    f"file:{out / 'score.sqlite'}?mode=ro", uri=True, timeout=5
+                ) as db:
                     done = db.execute("SELECT COUNT(*) FROM series").fetchone()[0]
             except sqlite3.Error:
                 done = progress[-1][1] if progress else 0
@@ -287,8 +382,14 @@ def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None)
     stderr = log.read_text()
     if not killed and process.returncode not in (0, 3):
         raise SystemExit(f"medssl-score ({engine}) failed:\n{stderr[-3000:]}")
-    return {"engine": engine, "wall_s": time.perf_counter() - start, "killed": killed,
-            "peak_mb": monitor.peak_mb, "rss_samples": monitor.samples, "progress": progress}
+    return {
+        "engine": engine,
+        "wall_s": time.perf_counter() - start,
+        "killed": killed,
+        "peak_mb": monitor.peak_mb,
+        "rss_samples": monitor.samples,
+        "progress": progress,
+    }
 
 
 def _rss_by_fifth(run: dict[str, Any], n: int) -> tuple[float, float]:
@@ -305,8 +406,10 @@ def _tables(out: Path) -> tuple[list[dict], list[dict]]:
 
     def rows(name: str, keys: tuple[str, ...]) -> list[dict]:
         table = pq.read_table(out / f"{name}.parquet").to_pylist()
-        return sorted(({k: v for k, v in r.items() if k not in _TIMINGS} for r in table),
-                      key=lambda r: tuple(str(r.get(k)) for k in keys))
+        return sorted(
+            ({k: v for k, v in r.items() if k not in _TIMINGS} for r in table),
+            key=lambda r: tuple(str(r.get(k)) for k in keys),
+        )
 
     return rows("series", ("key",)), rows("findings", ("key", "index"))
 
@@ -332,12 +435,15 @@ def bench_scoring(n: int, work: Path) -> dict[str, Any]:
         total = db.execute("SELECT COUNT(*) FROM series").fetchone()[0]
     local, ray, resumed = (_tables(outs[k]) for k in ("local", "ray", "resumed"))
     result: dict[str, Any] = {
-        "series": n, "wall_s": {k: v["wall_s"] for k, v in runs.items()},
+        "series": n,
+        "wall_s": {k: v["wall_s"] for k, v in runs.items()},
         "peak_mb": {k: v["peak_mb"] for k, v in runs.items()},
         "rss_first_fifth_mb": {k: _rss_by_fifth(runs[k], n)[0] for k in ("local", "ray")},
         "rss_last_fifth_mb": {k: _rss_by_fifth(runs[k], n)[1] for k in ("local", "ray")},
-        "ray_equals_local": ray == local, "resumed_equals_local": resumed == local,
-        "killed_after_rows": committed, "rows_after_resume": total,
+        "ray_equals_local": ray == local,
+        "resumed_equals_local": resumed == local,
+        "killed_after_rows": committed,
+        "rows_after_resume": total,
         "findings": len(local[1]),
         "scored_in_resumed_run": total - committed,
     }
@@ -347,60 +453,104 @@ def bench_scoring(n: int, work: Path) -> dict[str, Any]:
     return result
 
 
-def _table(metadata: list[dict[str, Any]], index: dict[str, Any] | None,
-           scoring: dict[str, Any] | None = None) -> str:
-    lines = [] if not metadata else [
-        "## Metadata path (NLST-like index rows; fresh process per size)", "",
-        "| series | files | " + " | ".join(f"{s} s" for s in STAGES) + " | peak memory MB |",
-        "|---:|---:|" + "---:|" * len(STAGES) + "---:|"]
+def _table(
+    metadata: list[dict[str, Any]],
+    index: dict[str, Any] | None,
+    scoring: dict[str, Any] | None = None,
+) -> str:
+    lines = (
+        []
+        if not metadata
+        else [
+            "## Metadata path (NLST-like index rows; fresh process per size)",
+            "",
+            "| series | files | " + " | ".join(f"{s} s" for s in STAGES) + " | peak memory MB |",
+            "|---:|---:|" + "---:|" * len(STAGES) + "---:|",
+        ]
+    )
     for row in metadata:
         peak = max(row[s]["peak_mb"] for s in STAGES)
-        lines.append(f"| {row['size']:,} | {row['files']:,} | "
-                     + " | ".join(f"{row[s]['seconds']:.1f}" for s in STAGES) + f" | {peak:,.0f} |")
+        lines.append(
+            f"| {row['size']:,} | {row['files']:,} | "
+            + " | ".join(f"{row[s]['seconds']:.1f}" for s in STAGES)
+            + f" | {peak:,.0f} |"
+        )
     if len(metadata) > 1:
         a, b = metadata[0], metadata[-1]
-        lines += ["", f"Growth from {a['size']:,} to {b['size']:,} series ({b['size'] / a['size']:.0f}× the rows): "
-                  + ", ".join(f"{s} {b[s]['seconds'] / max(a[s]['seconds'], 1e-9):.0f}×" for s in STAGES)
-                  + f"; peak memory above the interpreter with its imports ({b['baseline_mb']:.0f} MB): "
-                  f"{max(a[s]['peak_mb'] for s in STAGES) - a['baseline_mb']:.0f} → "
-                  f"{max(b[s]['peak_mb'] for s in STAGES) - b['baseline_mb']:.0f} MB."]
+        lines += [
+            "",
+            f"Growth from {a['size']:,} to {b['size']:,} series ({b['size'] / a['size']:.0f}× the rows): "
+            + ", ".join(f"{s} {b[s]['seconds'] / max(a[s]['seconds'], 1e-9):.0f}×" for s in STAGES)
+            + f"; peak memory above the interpreter with its imports ({b['baseline_mb']:.0f} MB): "
+            f"{max(a[s]['peak_mb'] for s in STAGES) - a['baseline_mb']:.0f} → "
+            f"{max(b[s]['peak_mb'] for s in STAGES) - b['baseline_mb']:.0f} MB.",
+        ]
     if index:
-        lines += ["", f"## medssl index on {index['files']:,} tiny DICOM files (median)", "",
-                  "| indexer | seconds | files/s | × serial pydicom |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            f"## medssl index on {index['files']:,} tiny DICOM files (median)",
+            "",
+            "| indexer | seconds | files/s | × serial pydicom |",
+            "|---|---:|---:|---:|",
+        ]
         for name, seconds in index["median_seconds"].items():
-            lines.append(f"| {name} | {seconds:.1f} | {index['files_per_s'][name]:,.0f} | "
-                         f"{index['ratio_to_serial_pydicom'][name]:.2f} |")
+            lines.append(
+                f"| {name} | {seconds:.1f} | {index['files_per_s'][name]:,.0f} | "
+                f"{index['ratio_to_serial_pydicom'][name]:.2f} |"
+            )
     if scoring:
         n = scoring["series"]
-        lines += ["", f"## Scoring {n:,} tiny series end to end (medssl-score, shipped detector, 1 worker)", "",
-                  "| run | wall s | series/s | RSS scoring the first fifth, MB | RSS scoring the last fifth, MB | "
-                  "peak RSS with the final tables, MB |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"## Scoring {n:,} tiny series end to end (medssl-score, shipped detector, 1 worker)",
+            "",
+            "| run | wall s | series/s | RSS scoring the first fifth, MB | RSS scoring the last fifth, MB | "
+            "peak RSS with the final tables, MB |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for k in ("local", "ray"):
-            lines.append(f"| {k} engine | {scoring['wall_s'][k]:.0f} | {n / scoring['wall_s'][k]:.1f} | "
-                         f"{scoring['rss_first_fifth_mb'][k]:,.0f} | {scoring['rss_last_fifth_mb'][k]:,.0f} | "
-                         f"{scoring['peak_mb'][k]:,.0f} |")
-        lines += ["", f"- Ray tables equal the local engine's (timings aside): **{scoring['ray_equals_local']}** "
-                  f"({n:,} series rows, {scoring['findings']:,} findings).",
-                  f"- Resume: killed (SIGKILL) after {scoring['killed_after_rows']:,} committed rows; the re-run "
-                  f"scored {scoring['scored_in_resumed_run']:,} more ({scoring['rows_after_resume']:,} in all) and "
-                  f"its tables equal the uninterrupted run's: **{scoring['resumed_equals_local']}**."]
+            lines.append(
+                f"| {k} engine | {scoring['wall_s'][k]:.0f} | {n / scoring['wall_s'][k]:.1f} | "
+                f"{scoring['rss_first_fifth_mb'][k]:,.0f} | {scoring['rss_last_fifth_mb'][k]:,.0f} | "
+                f"{scoring['peak_mb'][k]:,.0f} |"
+            )
+        lines += [
+            "",
+            f"- Ray tables equal the local engine's (timings aside): **{scoring['ray_equals_local']}** "
+            f"({n:,} series rows, {scoring['findings']:,} findings).",
+            f"- Resume: killed (SIGKILL) after {scoring['killed_after_rows']:,} committed rows; the re-run "
+            f"scored {scoring['scored_in_resumed_run']:,} more ({scoring['rows_after_resume']:,} in all) and "
+            f"its tables equal the uninterrupted run's: **{scoring['resumed_equals_local']}**.",
+        ]
         lines += [f"- {note}" for note in scoring.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000, 100000, 200000],
-                        help="series counts of the metadata path (none: skip it)")
-    parser.add_argument("--index-files", type=int, default=200000, help="0: skip the index benchmark")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="*",
+        default=[1000, 10000, 100000, 200000],
+        help="series counts of the metadata path (none: skip it)",
+    )
+    parser.add_argument(
+        "--index-files", type=int, default=200000, help="0: skip the index benchmark"
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--score-series", type=int, default=5000, help="0: skip the end-to-end scoring")
+    parser.add_argument(
+        "--score-series", type=int, default=5000, help="0: skip the end-to-end scoring"
+    )
     parser.add_argument("--ray-chunk", type=int, default=512)
     parser.add_argument("--work", type=Path, default=Path("/tmp/medssl-scale"))
     parser.add_argument("--out", type=Path, default=RESULTS / "scale")
-    parser.add_argument("--stages", type=Path, default=None, help=argparse.SUPPRESS)  # child process
-    parser.add_argument("--render", action="store_true", help="only re-render --out's table from its JSON")
+    parser.add_argument(
+        "--stages", type=Path, default=None, help=argparse.SUPPRESS
+    )  # child process
+    parser.add_argument(
+        "--render", action="store_true", help="only re-render --out's table from its JSON"
+    )
     args = parser.parse_args()
     if args.stages is not None:
         print(json.dumps(run_stages(args.stages, args.work, args.ray_chunk)))
@@ -409,12 +559,19 @@ def main() -> None:
         report = json.loads(args.out.with_suffix(".json").read_text())
         scoring = report.get("scoring")
         if scoring:
-            runs = {k: {"rss_samples": scoring[f"{k}_rss_samples"], "progress": scoring[f"{k}_progress"]}
-                    for k in ("local", "ray")}
+            runs = {
+                k: {
+                    "rss_samples": scoring[f"{k}_rss_samples"],
+                    "progress": scoring[f"{k}_progress"],
+                }
+                for k in ("local", "ray")
+            }
             for k, run in runs.items():
                 first, last = _rss_by_fifth(run, scoring["series"])
                 scoring["rss_first_fifth_mb"][k], scoring["rss_last_fifth_mb"][k] = first, last
-        write_report(args.out, report, _table(report.get("metadata") or [], report.get("index"), scoring))
+        write_report(
+            args.out, report, _table(report.get("metadata") or [], report.get("index"), scoring)
+        )
         return
     args.work.mkdir(parents=True, exist_ok=True)
     print("metadata path:", flush=True)
@@ -427,8 +584,15 @@ def main() -> None:
     if args.score_series:
         print("scoring:", flush=True)
         scoring = bench_scoring(args.score_series, args.work)
-    report = {"benchmark": "scale", "device": cpu_device(), "load_average_at_end": os.getloadavg(),
-              "ray_chunk": args.ray_chunk, "metadata": metadata, "index": index, "scoring": scoring}
+    report = {
+        "benchmark": "scale",
+        "device": cpu_device(),
+        "load_average_at_end": os.getloadavg(),
+        "ray_chunk": args.ray_chunk,
+        "metadata": metadata,
+        "index": index,
+        "scoring": scoring,
+    }
     write_report(args.out, report, _table(metadata, index, scoring))
 
 

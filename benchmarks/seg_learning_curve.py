@@ -36,8 +36,10 @@ def parse_cell(cell: str) -> tuple[str, float]:
     """``pancreas5`` → ``("pancreas", 0.05)``."""
     task = cell.rstrip("0123456789")
     if task not in seg_methods.TASKS or task == cell:
-        raise SystemExit(f"unknown cell {cell!r}: a task of {list(seg_methods.TASKS)} followed by a percentage")
-    return task, int(cell[len(task):]) / 100
+        raise SystemExit(
+            f"unknown cell {cell!r}: a task of {list(seg_methods.TASKS)} followed by a percentage"
+        )
+    return task, int(cell[len(task) :]) / 100
 
 
 def curve(out: Path) -> list[dict[str, float]]:
@@ -55,19 +57,30 @@ def plateau(points: list[dict[str, float]], tolerance: float) -> int | None:
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = ["# Supervised learning curves of the segmentation benchmarks", "",
-             f"{report['device']}; seed {report['seed']}; validation every {report['every']} steps on the "
-             "benchmark's held-out training cases; test Dice of the best checkpoint. Plateau: the first step within "
-             f"{100 * report['tolerance']:.0f} Dice points of the best validation Dice.", "",
-             "| cell | labeled | steps | best val Dice % (step) | plateau step | test Dice % | wall s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Supervised learning curves of the segmentation benchmarks",
+        "",
+        f"{report['device']}; seed {report['seed']}; validation every {report['every']} steps on the "
+        "benchmark's held-out training cases; test Dice of the best checkpoint. Plateau: the first step within "
+        f"{100 * report['tolerance']:.0f} Dice points of the best validation Dice.",
+        "",
+        "| cell | labeled | steps | best val Dice % (step) | plateau step | test Dice % | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for cell, r in report["runs"].items():
         best = max(r["curve"], key=lambda p: p["dice"])
-        lines.append(f"| {cell} | {r['split']['labeled']} | {r['steps']} | {100 * best['dice']:.1f} ({best['step']}) | "
-                     f"{r['plateau_step']} | {100 * r['dice']:.1f} | {r['wall_s']:.0f} |")
+        lines.append(
+            f"| {cell} | {r['split']['labeled']} | {r['steps']} | {100 * best['dice']:.1f} ({best['step']}) | "
+            f"{r['plateau_step']} | {100 * r['dice']:.1f} | {r['wall_s']:.0f} |"
+        )
     steps = sorted({p["step"] for r in report["runs"].values() for p in r["curve"]})
-    lines += ["", "Validation Dice % per step:", "",
-              "| step | " + " | ".join(report["runs"]) + " |", "|---:|" + "---:|" * len(report["runs"])]
+    lines += [
+        "",
+        "Validation Dice % per step:",
+        "",
+        "| step | " + " | ".join(report["runs"]) + " |",
+        "|---:|" + "---:|" * len(report["runs"]),
+    ]
     for step in steps:
         cells = []
         for r in report["runs"].values():
@@ -78,12 +91,19 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--cells", nargs="+", default=["pancreas5", "pancreas100", "organs100"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tolerance", type=float, default=0.01, help="plateau: within this Dice fraction of the best")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="plateau: within this Dice fraction of the best",
+    )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/medssl-seg-methods"))
     parser.add_argument("--cases", type=int, default=40)
@@ -98,7 +118,9 @@ def main() -> None:
         Path(job["result"]).write_text(json.dumps(row, indent=2) + "\n")
         return
     data = args.work / "data"
-    seg_bench.ensure_data(data, args.cases, args.test_cases, 0, seg_methods.DOMAINS, "seg_methods_data.json")
+    seg_bench.ensure_data(
+        data, args.cases, args.test_cases, 0, seg_methods.DOMAINS, "seg_methods_data.json"
+    )
     env = {**os.environ, "MEDSSL_CACHE": str(args.work / "cache")}
     if args.jobs > 1:
         env["OMP_NUM_THREADS"] = "1"
@@ -114,21 +136,47 @@ def main() -> None:
 
     def execute(item: Item) -> dict[str, Any]:
         run = item.run
-        job = {"task": run.task, "fraction": run.fraction, "cell": run.cell, "variant": run.variant,
-               "seed": run.seed, "overrides": seg_methods.overrides_of(run, budget), "data": str(data),
-               "out": str(args.work / "curves" / item.name), "result": str(results / f".{item.name}.partial.json")}
-        return seg_bench.execute(Path(__file__), job, env, name=item.name, quiet=True, sequential=args.jobs == 1,
-                                 extra={})
+        job = {
+            "task": run.task,
+            "fraction": run.fraction,
+            "cell": run.cell,
+            "variant": run.variant,
+            "seed": run.seed,
+            "overrides": seg_methods.overrides_of(run, budget),
+            "data": str(data),
+            "out": str(args.work / "curves" / item.name),
+            "result": str(results / f".{item.name}.partial.json"),
+        }
+        return seg_bench.execute(
+            Path(__file__),
+            job,
+            env,
+            name=item.name,
+            quiet=True,
+            sequential=args.jobs == 1,
+            extra={},
+        )
 
     items = [Item(c) for c in args.cells]
     rows = seg_bench.run_all(items, results, lambda item: {}, execute, args.jobs)
-    report = {"benchmark": "seg_learning_curve", "device": cpu_device(), "seed": args.seed, "every": args.every,
-              "tolerance": args.tolerance,
-              "runs": {item.name.rsplit("-", 1)[0]: {**{k: r[k] for k in ("dice", "dice_per_class", "split", "wall_s",
-                                                                         "best_step", "curve")},
-                                                     "steps": args.steps,
-                                                     "plateau_step": plateau(r["curve"], args.tolerance)}
-                       for item, r in zip(items, rows)}}
+    report = {
+        "benchmark": "seg_learning_curve",
+        "device": cpu_device(),
+        "seed": args.seed,
+        "every": args.every,
+        "tolerance": args.tolerance,
+        "runs": {
+            item.name.rsplit("-", 1)[0]: {
+                **{
+                    k: r[k]
+                    for k in ("dice", "dice_per_class", "split", "wall_s", "best_step", "curve")
+                },
+                "steps": args.steps,
+                "plateau_step": plateau(r["curve"], args.tolerance),
+            }
+            for item, r in zip(items, rows)
+        },
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     text = render(report)

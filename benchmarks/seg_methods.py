@@ -97,10 +97,20 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "pancreas": Task("seg-ssl-cpu", {"data.domains": ["A"], "data.classes": [9], "data.n_validation": 4},
-                     "one structure (pancreas), one domain", (0.05, 0.10, 0.20), steps=3000),
-    "organs": Task("seg-imbssl-cpu", {"data.domains": ["A"], "data.n_validation": 4},
-                   "11 imbalanced organs (liver to adrenal glands), one domain", (0.20,), steps=4000),
+    "pancreas": Task(
+        "seg-ssl-cpu",
+        {"data.domains": ["A"], "data.classes": [9], "data.n_validation": 4},
+        "one structure (pancreas), one domain",
+        (0.05, 0.10, 0.20),
+        steps=3000,
+    ),
+    "organs": Task(
+        "seg-imbssl-cpu",
+        {"data.domains": ["A"], "data.n_validation": 4},
+        "11 imbalanced organs (liver to adrenal glands), one domain",
+        (0.20,),
+        steps=4000,
+    ),
 }
 
 
@@ -125,21 +135,33 @@ class MethodRow:
 
     label: str
     method: str
-    overrides: Callable[[dict[str, Any], int], dict[str, Any]] = field(default=lambda budget, steps: {})
+    overrides: Callable[[dict[str, Any], int], dict[str, Any]] = field(
+        default=lambda budget, steps: {}
+    )
     cost: float = 0.35
     source: str = ""
 
 
 METHODS: dict[str, MethodRow] = {
-    "supervised-seg": MethodRow("Supervised VNet", "supervised-seg", cost=0.15, source="labeled cases only"),
-    "mean-teacher": MethodRow("Mean teacher", "mean-teacher", cost=0.33, source="Tarvainen & Valpola 2017"),
+    "supervised-seg": MethodRow(
+        "Supervised VNet", "supervised-seg", cost=0.15, source="labeled cases only"
+    ),
+    "mean-teacher": MethodRow(
+        "Mean teacher", "mean-teacher", cost=0.33, source="Tarvainen & Valpola 2017"
+    ),
     "bcp": MethodRow("BCP", "bcp", _bcp, cost=0.35, source="Bai et al., CVPR 2023"),
     "ad": MethodRow("A&D", "ad", cost=1.2, source="Wang & Li, NeurIPS 2023"),
-    "fixmatch": MethodRow("FixMatch (τ 0.95)", "fixmatch", source="Sohn et al. 2020, segmentation variant"),
+    "fixmatch": MethodRow(
+        "FixMatch (τ 0.95)", "fixmatch", source="Sohn et al. 2020, segmentation variant"
+    ),
     # Every voxel of every unlabeled case is a CPL sample (memory_stride 1); the adrenal glands
     # own only a few voxels on the model grid.
-    "flexmatch": MethodRow("FlexMatch (CPL)", "flexmatch", lambda budget, steps: {"threshold.memory_stride": 1},
-                           source="Zhang et al., NeurIPS 2021"),
+    "flexmatch": MethodRow(
+        "FlexMatch (CPL)",
+        "flexmatch",
+        lambda budget, steps: {"threshold.memory_stride": 1},
+        source="Zhang et al., NeurIPS 2021",
+    ),
     "patchcl": MethodRow("PatchCL", "patchcl", cost=0.6, source="Basak & Yin, CVPR 2023"),
 }
 
@@ -166,8 +188,12 @@ class Run:
         return f"{self.cell}-{self.variant}-{self.seed}"
 
 
-def plan(tasks: Sequence[str], variants: Sequence[str], seeds: Sequence[int],
-         fractions: Sequence[float] | None = None) -> list[Run]:
+def plan(
+    tasks: Sequence[str],
+    variants: Sequence[str],
+    seeds: Sequence[int],
+    fractions: Sequence[float] | None = None,
+) -> list[Run]:
     """Seed-major (a stopped benchmark has whole seeds done first); each seed has every task's
     ceiling and every (fraction, method); within a seed the expensive runs first, so two
     parallel workers finish close together."""
@@ -188,9 +214,18 @@ def overrides_of(run: Run, budget: dict[str, Any]) -> dict[str, Any]:
     row = METHODS[run.variant]
     steps = steps_of(run.task, budget)
     extra = {"data.patch": list(budget["patch"])} if budget.get("patch") else {}
-    return {"method": row.method, "seed": run.seed, "data.split_seed": 0, "data.workers": 0,
-            "optim.steps": steps, "eval.every": budget["every"], **extra,
-            **TASKS[run.task].overrides, "data.labeled_fraction": run.fraction, **row.overrides(budget, steps)}
+    return {
+        "method": row.method,
+        "seed": run.seed,
+        "data.split_seed": 0,
+        "data.workers": 0,
+        "optim.steps": steps,
+        "eval.every": budget["every"],
+        **extra,
+        **TASKS[run.task].overrides,
+        "data.labeled_fraction": run.fraction,
+        **row.overrides(budget, steps),
+    }
 
 
 # --------------------------------------------------------------------------- child side
@@ -210,22 +245,39 @@ def warm(job: dict[str, Any]) -> dict[str, Any]:
     loads; return the split counts per cell and the known methods."""
     budget = job["budget"]
     known = known_methods()
-    runs = plan(job["tasks"], [v for v in job["variants"] if METHODS[v].method in known], [0],
-                job.get("fractions"))
+    runs = plan(
+        job["tasks"],
+        [v for v in job["variants"] if METHODS[v].method in known],
+        [0],
+        job.get("fractions"),
+    )
     for run in runs:
         seg_bench.experiment(TASKS[run.task].config, overrides_of(run, budget))
     cells = {run.cell: run for run in runs if run.variant == BASELINE}
-    configs = {cell: seg_bench.experiment(TASKS[run.task].config, overrides_of(run, budget))
-               for cell, run in cells.items()}
+    configs = {
+        cell: seg_bench.experiment(TASKS[run.task].config, overrides_of(run, budget))
+        for cell, run in cells.items()
+    }
     splits = seg_bench.warm_cache(Path(job["data"]), configs)
     first = {run.task: configs[cell] for cell, run in cells.items()}
-    return {"splits": splits, "known_methods": known,
-            "test_class_share": {t: class_share(Path(job["data"]), c) for t, c in first.items()},
-            "config": {t: {"spacing_mm": list(c.data.spacing_mm), "patch": list(c.data.patch),
-                           "width": c.model.width, "lr": c.optim.lr, "batch_size": c.optim.batch_size,
-                           "n_validation": c.data.n_validation, "classes": list(c.data.classes),
-                           "foreground_fraction": c.data.foreground_fraction}
-                       for t, c in first.items()}}
+    return {
+        "splits": splits,
+        "known_methods": known,
+        "test_class_share": {t: class_share(Path(job["data"]), c) for t, c in first.items()},
+        "config": {
+            t: {
+                "spacing_mm": list(c.data.spacing_mm),
+                "patch": list(c.data.patch),
+                "width": c.model.width,
+                "lr": c.optim.lr,
+                "batch_size": c.optim.batch_size,
+                "n_validation": c.data.n_validation,
+                "classes": list(c.data.classes),
+                "foreground_fraction": c.data.foreground_fraction,
+            }
+            for t, c in first.items()
+        },
+    }
 
 
 def class_share(data: Path, cfg: Any) -> dict[str, float]:
@@ -248,9 +300,18 @@ def class_share(data: Path, cfg: Any) -> dict[str, float]:
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """One run (seg_bench.run_one) plus the logged loss terms (what the trainer optimised)."""
     task = TASKS[job["task"]]
-    row = seg_bench.run_one({**job, "config": task.config,
-                             "fields": {"task": job["task"], "fraction": job["fraction"], "cell": job["cell"],
-                                        "variant": job["variant"]}})
+    row = seg_bench.run_one(
+        {
+            **job,
+            "config": task.config,
+            "fields": {
+                "task": job["task"],
+                "fraction": job["fraction"],
+                "cell": job["cell"],
+                "variant": job["variant"],
+            },
+        }
+    )
     log = [json.loads(line) for line in (Path(job["out"]) / "log.jsonl").read_text().splitlines()]
     row["loss_terms"] = sorted({k for r in log if "loss" in r for k in r} - {"step", "time", "lr"})
     return row
@@ -270,12 +331,17 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for key, entry in agg.items():
         group = [r for r in rows if f"{r['cell']}/{r['variant']}" == key]
         entry["task"], entry["fraction"] = group[0]["task"], group[0]["fraction"]
-        entry["dice_per_class_stats"] = {c: mean_std(r["dice_per_class"][c] for r in group)
-                                         for c in group[0]["dice_per_class"]}
+        entry["dice_per_class_stats"] = {
+            c: mean_std(r["dice_per_class"][c] for r in group) for c in group[0]["dice_per_class"]
+        }
         entry["busy_runs"] = sum(_busy(r) for r in group)
     for cell in {r["cell"] for r in rows}:
         task = next(r["task"] for r in rows if r["cell"] == cell)
-        ceiling = [r for r in rows if r["task"] == task and r["fraction"] == CEILING and r["variant"] == BASELINE]
+        ceiling = [
+            r
+            for r in rows
+            if r["task"] == task and r["fraction"] == CEILING and r["variant"] == BASELINE
+        ]
         members: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             if r["cell"] == cell:
@@ -306,7 +372,9 @@ def facts(report: dict[str, Any]) -> list[str]:
         base, top = agg.get(f"{cell}/{BASELINE}"), agg.get(f"{task}100/{BASELINE}")
         if base is None:
             continue
-        text = f"**{cell}** ({fraction:.0%} labeled): supervised {interval(base['evidence']['dice'])}"
+        text = (
+            f"**{cell}** ({fraction:.0%} labeled): supervised {interval(base['evidence']['dice'])}"
+        )
         if top is not None:
             text += f", ceiling {interval(top['evidence']['dice'])}"
         better, worse, level = [], [], []
@@ -337,7 +405,8 @@ def render(report: dict[str, Any]) -> str:
     b = report["budget"]
     cfg = next(iter(report["config"].values()))
     lines = [
-        "# Segmentation methods on one protocol: the supervised gap each recovers", "",
+        "# Segmentation methods on one protocol: the supervised gap each recovers",
+        "",
         f"{report['device']}; torch {report.get('torch', '?')} with {report.get('torch_threads', '?')} thread(s), "
         f"{report['jobs']} run(s) at a time, each in a fresh process.",
         "Budget per run, the same for every method of a task: "
@@ -351,39 +420,60 @@ def render(report: dict[str, Any]) -> str:
         "and seed (split_seed 0); the seed changes only the training.",
     ]
     d = report["data"]
-    lines += [f"Data: synthetic abdominal CT phantoms (`write_organ_dataset`), domain {', '.join(d['domains'])}, "
-              f"{d['cases']} training + {d['test_cases']} test cases (seed base {d['seed_base']}), native grid.", "",
-              "| cell | task | labeled / unlabeled / validation / test |", "|---|---|---|"]
+    lines += [
+        f"Data: synthetic abdominal CT phantoms (`write_organ_dataset`), domain {', '.join(d['domains'])}, "
+        f"{d['cases']} training + {d['test_cases']} test cases (seed base {d['seed_base']}), native grid.",
+        "",
+        "| cell | task | labeled / unlabeled / validation / test |",
+        "|---|---|---|",
+    ]
     for task, cell, fraction in _cells(report):
         c = report["split_counts"].get(cell)
         if c:
-            lines.append(f"| {cell} | {TASKS[task].title}, {fraction:.0%} labeled | {c['labeled']} / "
-                         f"{c['unlabeled']} / {c['validation']} / {c['test']} |")
+            lines.append(
+                f"| {cell} | {TASKS[task].title}, {fraction:.0%} labeled | {c['labeled']} / "
+                f"{c['unlabeled']} / {c['validation']} / {c['test']} |"
+            )
     busy_any = any(e["busy_runs"] for e in agg.values())
-    lines += ["", "## Dice, paired difference to supervised, gap recovered", "",
-              "Dice % on the test cases: mean over seeds [Student's t 95 % CI]. Δ: the paired per-seed "
-              "difference to the supervised VNet at the same labels [t 95 % CI]. Gap: (method − supervised) / "
-              "(ceiling − supervised) [bootstrap 95 % CI]; 1 = all of the gap to every label closed. HD95 and ASD "
-              "mm: mean ± std over seeds. Wall: seconds per run (mean over seeds)"
-              + (", † when the machine was busy during a run" if busy_any else "") + "; s/step: median.", "",
-              "| cell | method | seeds | Dice % | Δ Dice points | gap recovered | HD95 mm | ASD mm | wall s | s/step |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Dice, paired difference to supervised, gap recovered",
+        "",
+        "Dice % on the test cases: mean over seeds [Student's t 95 % CI]. Δ: the paired per-seed "
+        "difference to the supervised VNet at the same labels [t 95 % CI]. Gap: (method − supervised) / "
+        "(ceiling − supervised) [bootstrap 95 % CI]; 1 = all of the gap to every label closed. HD95 and ASD "
+        "mm: mean ± std over seeds. Wall: seconds per run (mean over seeds)"
+        + (", † when the machine was busy during a run" if busy_any else "")
+        + "; s/step: median.",
+        "",
+        "| cell | method | seeds | Dice % | Δ Dice points | gap recovered | HD95 mm | ASD mm | wall s | s/step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for task, cell, fraction in _cells(report):
         for variant in report["methods"]:
             a = agg.get(f"{cell}/{variant}")
             if a is None:
                 continue
             e = a.get("evidence", {})
-            label = METHODS[variant].label + (" — ceiling (every label)" if fraction == CEILING else "")
+            label = METHODS[variant].label + (
+                " — ceiling (every label)" if fraction == CEILING else ""
+            )
             wall = f"{a['wall_s']['mean']:.0f}" + (" †" if a["busy_runs"] else "")
             gap = e.get("gap_recovered")
             lines.append(
                 f"| {cell} | {label} | {len(a['seeds'])} | {interval(e.get('dice'))} | "
                 f"{interval(e.get('vs_baseline'), signed=True)} | {interval(gap, 2) if gap else '—'} | "
-                f"{pm(a['hd95_mm'])} | {pm(a['asd_mm'])} | {wall} | {num(a['step_s_median']['mean'], 2)} |")
+                f"{pm(a['hd95_mm'])} | {pm(a['asd_mm'])} | {wall} | {num(a['step_s_median']['mean'], 2)} |"
+            )
     if report["not_available"]:
-        lines += ["", "**Not available** in the installed medssl, so not run: "
-                  + ", ".join(f"{METHODS[v].label} (`{METHODS[v].method}`)" for v in report["not_available"]) + "."]
+        lines += [
+            "",
+            "**Not available** in the installed medssl, so not run: "
+            + ", ".join(
+                f"{METHODS[v].label} (`{METHODS[v].method}`)" for v in report["not_available"]
+            )
+            + ".",
+        ]
     organ_cells = [(cell, f) for task, cell, f in _cells(report) if task == "organs"]
     if organ_cells:
         share = report.get("test_class_share", {}).get("organs", {})
@@ -392,27 +482,52 @@ def render(report: dict[str, Any]) -> str:
             if not present:
                 continue
             classes = list(agg[f"{cell}/{present[0]}"]["dice_per_class"])
-            lines += ["", f"## {cell}: Dice % per organ (mean ± std over seeds)", "",
-                      "| method | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+            lines += [
+                "",
+                f"## {cell}: Dice % per organ (mean ± std over seeds)",
+                "",
+                "| method | " + " | ".join(classes) + " |",
+                "|---|" + "---:|" * len(classes),
+            ]
             if share:
-                lines.append("| *voxel share %* | " + " | ".join(
-                    "—" if c not in share else f"{100 * share[c]:.{1 if share[c] >= 0.01 else 2}f}" for c in classes)
-                    + " |")
+                lines.append(
+                    "| *voxel share %* | "
+                    + " | ".join(
+                        "—"
+                        if c not in share
+                        else f"{100 * share[c]:.{1 if share[c] >= 0.01 else 2}f}"
+                        for c in classes
+                    )
+                    + " |"
+                )
             for v in present:
                 per = agg[f"{cell}/{v}"]["dice_per_class_stats"]
-                lines.append(f"| {METHODS[v].label} | " + " | ".join(pm(per[c], 100) for c in classes) + " |")
+                lines.append(
+                    f"| {METHODS[v].label} | " + " | ".join(pm(per[c], 100) for c in classes) + " |"
+                )
     if report["facts"]:
-        lines += ["", "## What the intervals say", "",
-                  "A difference counts only when its paired 95 % interval excludes zero.", ""]
+        lines += [
+            "",
+            "## What the intervals say",
+            "",
+            "A difference counts only when its paired 95 % interval excludes zero.",
+            "",
+        ]
         lines += [f"- {s}" for s in report["facts"]]
     load = report.get("load_average_1min")
     if load and load["max"] > BUSY_LOAD:
-        lines += ["", f"**Wall times are not clean:** the 1-min load average around the runs reached "
-                      f"{load['max']:.1f} on {os.cpu_count()} cores (other work on the machine); the runs marked † "
-                      "saw it. The quality numbers do not depend on it (the runs are deterministic per seed)."]
-    lines += ["", f"Total wall time of the runs: {report['total_wall_s'] / 3600:.1f} h summed over "
-                  f"{len(report['runs'])} runs, {report['jobs']} at a time. Synthetic data at a CPU budget: the "
-                  "table compares the methods under one protocol, not the papers' absolute values."]
+        lines += [
+            "",
+            f"**Wall times are not clean:** the 1-min load average around the runs reached "
+            f"{load['max']:.1f} on {os.cpu_count()} cores (other work on the machine); the runs marked † "
+            "saw it. The quality numbers do not depend on it (the runs are deterministic per seed).",
+        ]
+    lines += [
+        "",
+        f"Total wall time of the runs: {report['total_wall_s'] / 3600:.1f} h summed over "
+        f"{len(report['runs'])} runs, {report['jobs']} at a time. Synthetic data at a CPU budget: the "
+        "table compares the methods under one protocol, not the papers' absolute values.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -420,36 +535,86 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=None,
-                        help="SGD steps per run for every task (default: each task's own budget, "
-                             + ", ".join(f"{t} {task.steps}" for t, task in TASKS.items()) + ")")
-    parser.add_argument("--every", type=int, default=EVERY, help=f"validate every this many steps (default {EVERY})")
-    parser.add_argument("--patch", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
-                        help="training crop (default: the task's config)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="SGD steps per run for every task (default: each task's own budget, "
+        + ", ".join(f"{t} {task.steps}" for t, task in TASKS.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--every", type=int, default=EVERY, help=f"validate every this many steps (default {EVERY})"
+    )
+    parser.add_argument(
+        "--patch",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("Z", "Y", "X"),
+        help="training crop (default: the task's config)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    parser.add_argument("--fractions", type=float, nargs="+", default=None,
-                        help="labeled fractions (default: each task's own; the ceiling always runs)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS,
-                        help="rows to run (default: every method but FixMatch, FlexMatch's fixed-threshold base); "
-                             "a method the installed medssl lacks is reported 'not available'")
-    parser.add_argument("--bcp-pretrain-steps", type=int, default=None,
-                        help="BCP's copy-paste pre-training steps inside the budget (default: half of the task's "
-                             "budget, where the supervised learning curve has flattened)")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="runs, results, cache (default /tmp/medssl-seg-methods, with --quick "
-                             "/tmp/medssl-seg-methods-quick)")
-    parser.add_argument("--data", type=Path, default=None, help="the phantom domain (default WORK/data)")
-    parser.add_argument("--cases", type=int, default=None, help="training cases (default 40; --quick 12)")
-    parser.add_argument("--test-cases", type=int, default=None, help="test cases (default 8; --quick 2)")
+    parser.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=None,
+        help="labeled fractions (default: each task's own; the ceiling always runs)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=DEFAULT_METHODS,
+        help="rows to run (default: every method but FixMatch, FlexMatch's fixed-threshold base); "
+        "a method the installed medssl lacks is reported 'not available'",
+    )
+    parser.add_argument(
+        "--bcp-pretrain-steps",
+        type=int,
+        default=None,
+        help="BCP's copy-paste pre-training steps inside the budget (default: half of the task's "
+        "budget, where the supervised learning curve has flattened)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="runs, results, cache (default /tmp/medssl-seg-methods, with --quick "
+        "/tmp/medssl-seg-methods-quick)",
+    )
+    parser.add_argument(
+        "--data", type=Path, default=None, help="the phantom domain (default WORK/data)"
+    )
+    parser.add_argument(
+        "--cases", type=int, default=None, help="training cases (default 40; --quick 12)"
+    )
+    parser.add_argument(
+        "--test-cases", type=int, default=None, help="test cases (default 8; --quick 2)"
+    )
     parser.add_argument("--seed-base", type=int, default=0, help="seed of the first case")
-    parser.add_argument("--out", type=Path, default=RESULTS / "seg_methods", help="writes OUT.json and OUT.md")
-    parser.add_argument("--jobs", type=int, default=2,
-                        help="runs in parallel (default 2); with more than one, each run's torch uses one thread")
-    parser.add_argument("--report-only", action="store_true",
-                        help="render the tables from the runs already finished; runs nothing")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 4 steps, every 2, seed 0, 12 + 2 cases")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS / "seg_methods", help="writes OUT.json and OUT.md"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="runs in parallel (default 2); with more than one, each run's torch uses one thread",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="render the tables from the runs already finished; runs nothing",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 4 steps, every 2, seed 0, 12 + 2 cases"
+    )
     parser.add_argument("--quiet-runs", action="store_true", help="hide the runs' progress output")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--warm", help=argparse.SUPPRESS)
@@ -467,31 +632,52 @@ def main() -> None:
     cases = args.cases if args.cases is not None else (12 if args.quick else 40)
     test_cases = args.test_cases if args.test_cases is not None else (2 if args.quick else 8)
     pretrain = args.bcp_pretrain_steps
-    if pretrain is not None and not 0 < pretrain < min((args.steps or TASKS[t].steps) for t in args.tasks):
+    if pretrain is not None and not 0 < pretrain < min(
+        (args.steps or TASKS[t].steps) for t in args.tasks
+    ):
         parser.error("--bcp-pretrain-steps must be in (0, the smallest task budget)")
     args.work = args.work or Path("/tmp/medssl-seg-methods" + ("-quick" if args.quick else ""))
     args.data = args.data or args.work / "data"
-    budget = {"steps": args.steps, "every": args.every, "patch": list(args.patch) if args.patch else None,
-              "bcp_pretrain_steps": pretrain}
-    data_spec = seg_bench.ensure_data(args.data, cases, test_cases, args.seed_base, DOMAINS, "seg_methods_data.json")
+    budget = {
+        "steps": args.steps,
+        "every": args.every,
+        "patch": list(args.patch) if args.patch else None,
+        "bcp_pretrain_steps": pretrain,
+    }
+    data_spec = seg_bench.ensure_data(
+        args.data, cases, test_cases, args.seed_base, DOMAINS, "seg_methods_data.json"
+    )
     env = {**os.environ, "MEDSSL_CACHE": str(args.work / "cache")}
     os.environ["MEDSSL_CACHE"] = env["MEDSSL_CACHE"]
     results = args.work / "results"
     results.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    job = {"data": str(args.data), "tasks": args.tasks, "variants": args.methods, "budget": budget,
-           "fractions": args.fractions}
-    warmed = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--warm", json.dumps(job)],
-                            env=env, cwd=ROOT, capture_output=True, text=True)
+    job = {
+        "data": str(args.data),
+        "tasks": args.tasks,
+        "variants": args.methods,
+        "budget": budget,
+        "fractions": args.fractions,
+    }
+    warmed = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--warm", json.dumps(job)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if warmed.returncode != 0:
         raise SystemExit(f"cache warm-up / config check failed:\n{warmed.stderr}")
     info = json.loads(warmed.stdout.strip().splitlines()[-1])
     split_counts = info["splits"]
     warm_s = time.perf_counter() - start
     print(f"cache warm ({warm_s:.0f} s): {split_counts}", file=sys.stderr, flush=True)
-    not_available = {v: f"medssl has no segmentation method {METHODS[v].method!r} yet"
-                     for v in args.methods if METHODS[v].method not in info["known_methods"]}
+    not_available = {
+        v: f"medssl has no segmentation method {METHODS[v].method!r} yet"
+        for v in args.methods
+        if METHODS[v].method not in info["known_methods"]
+    }
     variants = [v for v in args.methods if v not in not_available]
     runs = plan(args.tasks, variants, args.seeds, args.fractions)
     if args.report_only:
@@ -500,17 +686,39 @@ def main() -> None:
         env["OMP_NUM_THREADS"] = "1"  # two 2-thread torch processes on 2 cores run 10-20x slower
 
     def execute(run: Run) -> dict[str, Any]:
-        job = {"task": run.task, "fraction": run.fraction, "cell": run.cell, "variant": run.variant, "seed": run.seed,
-               "overrides": overrides_of(run, budget), "data": str(args.data),
-               "out": str(args.work / "runs" / run.name), "result": str(results / f".{run.name}.partial.json")}
-        return seg_bench.execute(Path(__file__), job, env, name=run.name, quiet=args.quiet_runs,
-                                 sequential=args.jobs == 1, extra={"budget": budget})
+        job = {
+            "task": run.task,
+            "fraction": run.fraction,
+            "cell": run.cell,
+            "variant": run.variant,
+            "seed": run.seed,
+            "overrides": overrides_of(run, budget),
+            "data": str(args.data),
+            "out": str(args.work / "runs" / run.name),
+            "result": str(results / f".{run.name}.partial.json"),
+        }
+        return seg_bench.execute(
+            Path(__file__),
+            job,
+            env,
+            name=run.name,
+            quiet=args.quiet_runs,
+            sequential=args.jobs == 1,
+            extra={"budget": budget},
+        )
 
     started = time.perf_counter()
     rows = seg_bench.run_all(
-        runs, results,
-        lambda run: {"budget": budget, "split": split_counts[run.cell], "overrides": overrides_of(run, budget)},
-        execute, args.jobs)
+        runs,
+        results,
+        lambda run: {
+            "budget": budget,
+            "split": split_counts[run.cell],
+            "overrides": overrides_of(run, budget),
+        },
+        execute,
+        args.jobs,
+    )
     elapsed = time.perf_counter() - started
     if not rows:
         raise SystemExit("no runs to report")
@@ -519,14 +727,30 @@ def main() -> None:
     report: dict[str, Any] = {
         "benchmark": "seg_methods",
         "device": cpu_device(),
-        "torch": rows[0]["torch"], "torch_threads": rows[0]["torch_threads"],
-        "budget": budget, "jobs": args.jobs, "seeds": args.seeds, "tasks": args.tasks, "fractions": args.fractions,
-        "methods": args.methods, "not_available": not_available, "known_methods": info["known_methods"],
-        "task_definitions": {t: {"config": TASKS[t].config, "overrides": TASKS[t].overrides, "title": TASKS[t].title,
-                                 "fractions": list(TASKS[t].fractions)} for t in args.tasks},
+        "torch": rows[0]["torch"],
+        "torch_threads": rows[0]["torch_threads"],
+        "budget": budget,
+        "jobs": args.jobs,
+        "seeds": args.seeds,
+        "tasks": args.tasks,
+        "fractions": args.fractions,
+        "methods": args.methods,
+        "not_available": not_available,
+        "known_methods": info["known_methods"],
+        "task_definitions": {
+            t: {
+                "config": TASKS[t].config,
+                "overrides": TASKS[t].overrides,
+                "title": TASKS[t].title,
+                "fractions": list(TASKS[t].fractions),
+            }
+            for t in args.tasks
+        },
         "split_policy": "data.split_seed=0 for every method and seed; the seed changes only training",
         "config": info["config"],
-        "load_average_1min": {"min": min(loads), "max": max(loads), "busy_above": BUSY_LOAD} if loads else None,
+        "load_average_1min": {"min": min(loads), "max": max(loads), "busy_above": BUSY_LOAD}
+        if loads
+        else None,
         "data": {**data_spec, "path": str(args.data)},
         "split_counts": split_counts,
         "test_class_share": info["test_class_share"],

@@ -74,12 +74,20 @@ def organ_card() -> ModelCard:
     base = load_card(ROOT / "model_repository" / "focalmix-nodules")
     labels = tuple(organ_label(value, name) for value, name in LABELS.items())
     output = TensorSpec("logits", "FP32", (len(labels) + 1, *base.patch_size), "class logits")
-    return dataclasses.replace(base, name="organs", task=Task.SEGMENTATION, decoding=None,
-                               outputs=(output,), labels=labels, operating_point=None)
+    return dataclasses.replace(
+        base,
+        name="organs",
+        task=Task.SEGMENTATION,
+        decoding=None,
+        outputs=(output,),
+        labels=labels,
+        operating_point=None,
+    )
 
 
-def organ_study(folder: Path, shape: tuple[int, int, int], factor: int = 4,
-                seed: int = 0) -> tuple[list[Path], Volume]:
+def organ_study(
+    folder: Path, shape: tuple[int, int, int], factor: int = 4, seed: int = 0
+) -> tuple[list[Path], Volume]:
     """A CT series of ``shape`` in ``folder`` and its organ labels on the same grid.
 
     The phantom is made at ``shape // factor`` on the organ domain's grid and repeated
@@ -107,20 +115,37 @@ def _dcmqi_metadata(card: ModelCard, path: Path) -> Path:
     def code(c) -> dict[str, str]:
         return {"CodeValue": c.value, "CodingSchemeDesignator": c.scheme, "CodeMeaning": c.meaning}
 
-    path.write_text(json.dumps({
-        "ContentCreatorName": "medssl^benchmark", "ClinicalTrialSeriesID": "1",
-        "ClinicalTrialTimePointID": "1", "ClinicalTrialCoordinatingCenterName": "medssl",
-        "SeriesDescription": "organs (dcmqi)", "SeriesNumber": "9102", "InstanceNumber": "1",
-        "BodyPartExamined": "ABDOMEN",
-        "segmentAttributes": [[{
-            "labelID": label.value, "SegmentDescription": label.name, "SegmentLabel": label.name,
-            "SegmentAlgorithmType": "AUTOMATIC", "SegmentAlgorithmName": card.name,
-            "SegmentedPropertyCategoryCodeSequence": code(label.category),
-            "SegmentedPropertyTypeCodeSequence": code(label.type),
-            "recommendedDisplayRGBValue": list(label.colour or (128, 128, 128)),
-        } for label in card.labels]],
-        "ContentLabel": "SEGMENTATION", "ContentDescription": "organs",
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "ContentCreatorName": "medssl^benchmark",
+                "ClinicalTrialSeriesID": "1",
+                "ClinicalTrialTimePointID": "1",
+                "ClinicalTrialCoordinatingCenterName": "medssl",
+                "SeriesDescription": "organs (dcmqi)",
+                "SeriesNumber": "9102",
+                "InstanceNumber": "1",
+                "BodyPartExamined": "ABDOMEN",
+                "segmentAttributes": [
+                    [
+                        {
+                            "labelID": label.value,
+                            "SegmentDescription": label.name,
+                            "SegmentLabel": label.name,
+                            "SegmentAlgorithmType": "AUTOMATIC",
+                            "SegmentAlgorithmName": card.name,
+                            "SegmentedPropertyCategoryCodeSequence": code(label.category),
+                            "SegmentedPropertyTypeCodeSequence": code(label.type),
+                            "recommendedDisplayRGBValue": list(label.colour or (128, 128, 128)),
+                        }
+                        for label in card.labels
+                    ]
+                ],
+                "ContentLabel": "SEGMENTATION",
+                "ContentDescription": "organs",
+            }
+        )
+    )
     return path
 
 
@@ -131,8 +156,11 @@ def read_back(path: Path, sop_uids: list[str]) -> np.ndarray:
     # LABELMAP SEGs describe the background as segment 0
     numbers = [int(item.SegmentNumber) for item in seg.SegmentSequence if int(item.SegmentNumber)]
     masks = seg.get_pixels_by_source_instance(
-        sop_uids, segment_numbers=numbers, assert_missing_frames_are_empty=True,
-        ignore_spatial_locations=True)  # dcmqi does not state SpatialLocationsPreserved
+        sop_uids,
+        segment_numbers=numbers,
+        assert_missing_frames_are_empty=True,
+        ignore_spatial_locations=True,
+    )  # dcmqi does not state SpatialLocationsPreserved
     out = np.zeros(masks.shape[:3], np.uint8)
     for i, number in enumerate(numbers):
         out[masks[..., i] > 0] = number
@@ -147,8 +175,14 @@ def _dciodvfy_errors(path: Path) -> int | None:
     return sum(line.startswith("Error") for line in (result.stdout + result.stderr).splitlines())
 
 
-def run(shape: tuple[int, int, int], repeats: int, workdir: Path, factor: int = 4,
-        dcmqi: bool = True, validate: bool = True) -> dict[str, Any]:
+def run(
+    shape: tuple[int, int, int],
+    repeats: int,
+    workdir: Path,
+    factor: int = 4,
+    dcmqi: bool = True,
+    validate: bool = True,
+) -> dict[str, Any]:
     """Write the study, then every variant ``repeats`` times (alternated); returns the rows
     (bytes, frames, median/min seconds, read-back agreement, dciodvfy errors) and the study's
     facts (shape, label frames, empty fraction)."""
@@ -162,17 +196,33 @@ def run(shape: tuple[int, int, int], repeats: int, workdir: Path, factor: int = 
     present = np.stack([(frames == label.value).any(axis=(1, 2)) for label in card.labels])
     writers: dict[str, Any] = {
         name: (lambda out, o=options: write_label_seg(source, frames, card, out, **o))
-        for name, options in VARIANTS.items()}
-    exe = (shutil.which("itkimage2segimage")
-           or str(Path(sys.executable).parent / "itkimage2segimage"))
+        for name, options in VARIANTS.items()
+    }
+    exe = shutil.which("itkimage2segimage") or str(
+        Path(sys.executable).parent / "itkimage2segimage"
+    )
     if dcmqi and Path(exe).exists():
         nifti = write_nifti(labels, workdir / "labels.nii.gz")
         meta = _dcmqi_metadata(card, workdir / "meta.json")
         for name, kind in DCMQI_VARIANTS.items():
-            writers[name] = (lambda out, k=kind: subprocess.run(
-                [exe, "--inputImageList", str(nifti), "--inputDICOMDirectory", str(workdir / "ct"),
-                 "--outputDICOM", str(out), "--inputMetadata", str(meta), "--segmentationType", k,
-                 "--useLabelIDAsSegmentNumber"], check=True, capture_output=True))
+            writers[name] = lambda out, k=kind: subprocess.run(
+                [
+                    exe,
+                    "--inputImageList",
+                    str(nifti),
+                    "--inputDICOMDirectory",
+                    str(workdir / "ct"),
+                    "--outputDICOM",
+                    str(out),
+                    "--inputMetadata",
+                    str(meta),
+                    "--segmentationType",
+                    k,
+                    "--useLabelIDAsSegmentNumber",
+                ],
+                check=True,
+                capture_output=True,
+            )
     seconds: dict[str, list[float]] = {name: [] for name in writers}
     for rep in range(repeats):
         for name, write in writers.items():
@@ -185,19 +235,30 @@ def run(shape: tuple[int, int, int], repeats: int, workdir: Path, factor: int = 
     for name in writers:
         out = workdir / f"{name.replace(' ', '_').replace('(', '').replace(')', '')}.dcm"
         ds = pydicom.dcmread(out, stop_before_pixels=True)
-        row = {"writer": name, "bytes": out.stat().st_size, "frames": int(ds.NumberOfFrames),
-               "segmentation_type": str(ds.SegmentationType),
-               "transfer_syntax": str(ds.file_meta.TransferSyntaxUID.name),
-               "seconds_median": statistics.median(seconds[name]),
-               "seconds_min": min(seconds[name]), "seconds_all": seconds[name]}
+        row = {
+            "writer": name,
+            "bytes": out.stat().st_size,
+            "frames": int(ds.NumberOfFrames),
+            "segmentation_type": str(ds.SegmentationType),
+            "transfer_syntax": str(ds.file_meta.TransferSyntaxUID.name),
+            "seconds_median": statistics.median(seconds[name]),
+            "seconds_min": min(seconds[name]),
+            "seconds_all": seconds[name],
+        }
         if validate:
             row["read_back_equal"] = bool(np.array_equal(read_back(out, sop_uids), frames))
-            row["dciodvfy_errors"] = (_dciodvfy_errors(out) if ds.SegmentationType == "BINARY"
-                                      else "n/a (LABELMAP is newer than dciodvfy 2022)")
+            row["dciodvfy_errors"] = (
+                _dciodvfy_errors(out)
+                if ds.SegmentationType == "BINARY"
+                else "n/a (LABELMAP is newer than dciodvfy 2022)"
+            )
         rows.append(row)
     return {
-        "shape": list(shape), "labels": len(card.labels), "repeats": repeats,
-        "label_frames_dense": int(present.size), "label_frames_non_empty": int(present.sum()),
+        "shape": list(shape),
+        "labels": len(card.labels),
+        "repeats": repeats,
+        "label_frames_dense": int(present.size),
+        "label_frames_non_empty": int(present.sum()),
         "empty_fraction": round(1.0 - float(present.sum()) / present.size, 4),
         "slices_with_any_label": int(present.any(axis=0).sum()),
         "rows": rows,
@@ -206,14 +267,19 @@ def run(shape: tuple[int, int, int], repeats: int, workdir: Path, factor: int = 
 
 def table(result: dict[str, Any]) -> str:
     dense = next(r["bytes"] for r in result["rows"] if r["writer"] == "medssl BINARY dense")
-    lines = ["| writer | type | frames | MB | x dense | write s (median) | write s (min) | "
-             "read back = labels | dciodvfy errors |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    lines = [
+        "| writer | type | frames | MB | x dense | write s (median) | write s (min) | "
+        "read back = labels | dciodvfy errors |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['writer']} | {r['segmentation_type']} | {r['frames']} | "
-                     f"{r['bytes'] / 1e6:.1f} | {r['bytes'] / dense:.3f} | "
-                     f"{r['seconds_median']:.2f} | "
-                     f"{r['seconds_min']:.2f} | {r.get('read_back_equal', '-')} | "
-                     f"{r.get('dciodvfy_errors', '-')} |")
+        lines.append(
+            f"| {r['writer']} | {r['segmentation_type']} | {r['frames']} | "
+            f"{r['bytes'] / 1e6:.1f} | {r['bytes'] / dense:.3f} | "
+            f"{r['seconds_median']:.2f} | "
+            f"{r['seconds_min']:.2f} | {r.get('read_back_equal', '-')} | "
+            f"{r.get('dciodvfy_errors', '-')} |"
+        )
     return "\n".join(lines)
 
 
@@ -241,16 +307,20 @@ def notes(result: dict[str, Any]) -> str:
             f"{rle['bytes'] / 1e6:.1f} MB: {rle['bytes'] / sparse['bytes']:.3f}x the sparse "
             f"BINARY SEG, {rle['bytes'] / dense['bytes']:.3f}x the dense one, for receivers that "
             f"read LABELMAP and accept RLE. The labels here are the phantom's repeated 4x per "
-            f"axis, long runs that suit RLE; real masks compress less.")
+            f"axis, long runs that suit RLE; real masks compress less."
+        )
     peer = rows.get("dcmqi BINARY (skip empty)")
     if peer is not None:
         lines.append(
             f"- dcmqi's converter writes the same frames ({peer['frames']}, "
             f"{peer['bytes'] / sparse['bytes']:.3f}x medssl's bytes) in "
             f"{peer['seconds_median']:.1f} s (median, including reading the series and NIfTI) "
-            f"against medssl's {sparse['seconds_median']:.1f} s.")
-    lines.append("- Timings are from a 2-core machine shared with other jobs; the min column is "
-                 "the least disturbed run. Every output read back equal to the labels (highdicom).")
+            f"against medssl's {sparse['seconds_median']:.1f} s."
+        )
+    lines.append(
+        "- Timings are from a 2-core machine shared with other jobs; the min column is "
+        "the least disturbed run. Every output read back equal to the labels (highdicom)."
+    )
     return "\n".join(lines)
 
 
@@ -263,14 +333,19 @@ def main() -> None:
     args = parser.parse_args()
     result = run(tuple(args.shape), args.repeats, args.workdir, dcmqi=not args.no_dcmqi)
     result["device"] = cpu_device()
-    result["versions"] = {"highdicom": hd.__version__, "pydicom": pydicom.__version__,
-                          "numpy": np.__version__}
+    result["versions"] = {
+        "highdicom": hd.__version__,
+        "pydicom": pydicom.__version__,
+        "numpy": np.__version__,
+    }
     text = table(result)
-    head = (f"# seg_size\n\n{result['device']}; medians of {args.repeats} runs, alternated\n\n"
-            f"Study: {' x '.join(map(str, result['shape']))} CT, {result['labels']} organ labels; "
-            f"{result['label_frames_non_empty']} of {result['label_frames_dense']} (frame, label) "
-            f"pairs non-empty ({100 * result['empty_fraction']:.0f} % empty); "
-            f"{result['slices_with_any_label']} of {result['shape'][0]} slices hold a label.\n\n")
+    head = (
+        f"# seg_size\n\n{result['device']}; medians of {args.repeats} runs, alternated\n\n"
+        f"Study: {' x '.join(map(str, result['shape']))} CT, {result['labels']} organ labels; "
+        f"{result['label_frames_non_empty']} of {result['label_frames_dense']} (frame, label) "
+        f"pairs non-empty ({100 * result['empty_fraction']:.0f} % empty); "
+        f"{result['slices_with_any_label']} of {result['shape'][0]} slices hold a label.\n\n"
+    )
     text += "\n\n" + notes(result)
     print(head + text)
     RESULTS.mkdir(exist_ok=True)

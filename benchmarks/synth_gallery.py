@@ -58,15 +58,21 @@ def chest_gallery(seeds: list[int], out: Path, matrix: int) -> list[dict[str, ob
             ax = axes[row, col]
             ax.imshow(image, cmap="gray", vmin=-1350, vmax=150, aspect=aspect)
             ax.contour(outline, levels=[0.5], colors="tab:red", linewidths=0.8)
-            ax.set_title(f"seed {seed} {VIEWS[col]}: {largest.kind} {largest.diameter_mm:.1f} mm "
-                         f"{largest.location}", fontsize=8)
+            ax.set_title(
+                f"seed {seed} {VIEWS[col]}: {largest.kind} {largest.diameter_mm:.1f} mm "
+                f"{largest.location}",
+                fontsize=8,
+            )
             ax.axis("off")
-        panels.append({
-            "seed": seed, "shape": list(case.volume.shape),
-            "spacing_mm": case.volume.spacing.round(3).tolist(),
-            "nodules": [(n.kind, round(n.diameter_mm, 1), n.location) for n in case.nodules],
-            "confusers": [(c.kind, round(c.diameter_mm, 1)) for c in case.confusers],
-        })
+        panels.append(
+            {
+                "seed": seed,
+                "shape": list(case.volume.shape),
+                "spacing_mm": case.volume.spacing.round(3).tolist(),
+                "nodules": [(n.kind, round(n.diameter_mm, 1), n.location) for n in case.nodules],
+                "confusers": [(c.kind, round(c.diameter_mm, 1)) for c in case.confusers],
+            }
+        )
     fig.tight_layout()
     fig.savefig(out / "synth_gallery_chest.png", dpi=90)
     plt.close(fig)
@@ -87,12 +93,18 @@ def organ_gallery(seed: int, out: Path) -> list[dict[str, object]]:
         ):
             ax = axes[row, col]
             ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
-            ax.contour(labels, levels=np.arange(0.5, labels.max() + 1), cmap="tab10",
-                       linewidths=0.6)
+            ax.contour(
+                labels, levels=np.arange(0.5, labels.max() + 1), cmap="tab10", linewidths=0.6
+            )
             ax.set_title(f"domain {name} ({case.domain.modality}) {VIEWS[col]}", fontsize=8)
             ax.axis("off")
-        panels.append({"domain": name, "shape": list(case.image.shape),
-                       "spacing_mm": case.image.spacing.round(3).tolist()})
+        panels.append(
+            {
+                "domain": name,
+                "shape": list(case.image.shape),
+                "spacing_mm": case.image.spacing.round(3).tolist(),
+            }
+        )
     fig.tight_layout()
     fig.savefig(out / "synth_gallery_organs.png", dpi=90)
     plt.close(fig)
@@ -112,8 +124,10 @@ def main() -> None:
     }
     (args.out / "synth_gallery.json").write_text(json.dumps(summary, indent=2) + "\n")
     for row in summary["chest"]:
-        print(f"chest seed {row['seed']}: shape {row['shape']} spacing {row['spacing_mm']} "
-              f"nodules {row['nodules']}")
+        print(
+            f"chest seed {row['seed']}: shape {row['shape']} spacing {row['spacing_mm']} "
+            f"nodules {row['nodules']}"
+        )
     for row in summary["organs"]:
         print(f"organs domain {row['domain']}: shape {row['shape']} spacing {row['spacing_mm']}")
     print(f"wrote {args.out}/synth_gallery_chest.png, synth_gallery_organs.png")

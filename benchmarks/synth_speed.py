@@ -90,8 +90,11 @@ def main() -> None:
     args = parser.parse_args()
     rows = [run_case(case, args.repeats) for case in CASES]
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "repeats": args.repeats,
         "cases": rows,
     }
@@ -100,8 +103,10 @@ def main() -> None:
     print(f"{'case':<24} {'median s':>9} {'min s':>7} {'max s':>7} {'target s':>9}  shape (seed 0)")
     for row in rows:
         target = f"{row['target_s']:.1f}" if row["target_s"] is not None else "-"
-        print(f"{row['name']:<24} {row['median_s']:>9.2f} {row['min_s']:>7.2f} "
-              f"{row['max_s']:>7.2f} {target:>9}  {row['shapes'][0]}")
+        print(
+            f"{row['name']:<24} {row['median_s']:>9.2f} {row['min_s']:>7.2f} "
+            f"{row['max_s']:>7.2f} {target:>9}  {row['shapes'][0]}"
+        )
     print(f"wrote {args.out / 'synth_speed.json'}")
 
 

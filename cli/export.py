@@ -1,7 +1,7 @@
 """``medssl-export``: checkpoints into a Triton model repository, and repository checks.
 
-    medssl-export CHECKPOINT --repository model_repository/ --name NAME [options]
-    medssl-export check model_repository/ [more repositories...]
+medssl-export CHECKPOINT --repository model_repository/ --name NAME [options]
+medssl-export check model_repository/ [more repositories...]
 """
 
 from __future__ import annotations
@@ -38,43 +38,107 @@ def export() -> None:
 
 @export.command("model")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--repository", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Triton model repository to write into (created if absent).")
+@click.option(
+    "--repository",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Triton model repository to write into (created if absent).",
+)
 @click.option("--name", required=True, help="Model name: the folder under the repository.")
-@click.option("--version", type=int, default=None, help="Version folder to write [default: next free].")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="Weights and arithmetic of the ONNX graph (inputs/outputs stay fp32).")
+@click.option(
+    "--version", type=int, default=None, help="Version folder to write [default: next free]."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Weights and arithmetic of the ONNX graph (inputs/outputs stay fp32).",
+)
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Triton max_batch_size.")
-@click.option("--instances", type=int, default=1, show_default=True, help="Model instances per device.")
-@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
-              help="Triton instance_group kind.")
-@click.option("--warmup/--no-warmup", default=False, show_default=True,
-              help="Add a model_warmup request to config.pbtxt.")
-@click.option("--trt-accelerator/--no-trt-accelerator", default=False, show_default=True,
-              help="Ask Triton's onnxruntime backend for its TensorRT accelerator (FP16, GPU kind).")
-@click.option("--tensorrt", is_flag=True, help="Also build a TensorRT model.plan (needs a CUDA GPU).")
+@click.option(
+    "--instances", type=int, default=1, show_default=True, help="Model instances per device."
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["gpu", "cpu"]),
+    default="gpu",
+    show_default=True,
+    help="Triton instance_group kind.",
+)
+@click.option(
+    "--warmup/--no-warmup",
+    default=False,
+    show_default=True,
+    help="Add a model_warmup request to config.pbtxt.",
+)
+@click.option(
+    "--trt-accelerator/--no-trt-accelerator",
+    default=False,
+    show_default=True,
+    help="Ask Triton's onnxruntime backend for its TensorRT accelerator (FP16, GPU kind).",
+)
+@click.option(
+    "--tensorrt", is_flag=True, help="Also build a TensorRT model.plan (needs a CUDA GPU)."
+)
 @click.option("--intended-use", default=None, help="The card's intended-use statement.")
-@click.option("--op-rule", type=click.Choice(["fp_per_scan", "sensitivity"]), default="fp_per_scan",
-              show_default=True,
-              help="Detectors: how the card's operating point is chosen on the run's validation scans "
-                   "(the exported model in onnxruntime): the lowest threshold with at most --op-target FP "
-                   "per scan, or the highest one reaching sensitivity --op-target.")
-@click.option("--op-target", type=float, default=None,
-              help="The rule's target [default: 1.0 FP per scan; required with --op-rule sensitivity].")
-@click.option("--op-data", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Detectors: choose the operating point on every scan of this LUNA16 folder instead of the "
-                   "run's validation scans: scans of the geometry the model will score (whole chests, where "
-                   "the run validated on what it trained on), never the test set.")
-@click.option("--operating-point-from-run", "op_from_run", is_flag=True,
-              help="Detectors: take the operating point medssl-train chose (RUN/validation/operating_point.json) "
-                   "instead of measuring it again (when the training data is gone).")
-@click.option("--no-operating-point", "no_op", is_flag=True,
-              help="Detectors: write a card without an operating point (scoring reports from 0.5, with a warning).")
+@click.option(
+    "--op-rule",
+    type=click.Choice(["fp_per_scan", "sensitivity"]),
+    default="fp_per_scan",
+    show_default=True,
+    help="Detectors: how the card's operating point is chosen on the run's validation scans "
+    "(the exported model in onnxruntime): the lowest threshold with at most --op-target FP "
+    "per scan, or the highest one reaching sensitivity --op-target.",
+)
+@click.option(
+    "--op-target",
+    type=float,
+    default=None,
+    help="The rule's target [default: 1.0 FP per scan; required with --op-rule sensitivity].",
+)
+@click.option(
+    "--op-data",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Detectors: choose the operating point on every scan of this LUNA16 folder instead of the "
+    "run's validation scans: scans of the geometry the model will score (whole chests, where "
+    "the run validated on what it trained on), never the test set.",
+)
+@click.option(
+    "--operating-point-from-run",
+    "op_from_run",
+    is_flag=True,
+    help="Detectors: take the operating point medssl-train chose (RUN/validation/operating_point.json) "
+    "instead of measuring it again (when the training data is gone).",
+)
+@click.option(
+    "--no-operating-point",
+    "no_op",
+    is_flag=True,
+    help="Detectors: write a card without an operating point (scoring reports from 0.5, with a warning).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def export_model(checkpoint: Path, repository: Path, name: str, version: int | None, precision: str,
-                 max_batch: int, instances: int, kind: str, warmup: bool, trt_accelerator: bool,
-                 tensorrt: bool, intended_use: str | None, op_rule: str, op_target: float | None,
-                 op_data: Path | None, op_from_run: bool, no_op: bool, as_json: bool) -> None:
+def export_model(
+    checkpoint: Path,
+    repository: Path,
+    name: str,
+    version: int | None,
+    precision: str,
+    max_batch: int,
+    instances: int,
+    kind: str,
+    warmup: bool,
+    trt_accelerator: bool,
+    tensorrt: bool,
+    intended_use: str | None,
+    op_rule: str,
+    op_target: float | None,
+    op_data: Path | None,
+    op_from_run: bool,
+    no_op: bool,
+    as_json: bool,
+) -> None:
     """Export CHECKPOINT (a .pt file or a medssl-train run folder) as model NAME.
 
     A detector's card gets an operating point: the threshold chosen on the run's validation
@@ -85,32 +149,59 @@ def export_model(checkpoint: Path, repository: Path, name: str, version: int | N
     from medssl.models.triton_config import ServingOptions
 
     try:
-        serving = ServingOptions(instances=instances, kind=kind, warmup=warmup,
-                                 tensorrt_accelerator=trt_accelerator)
+        serving = ServingOptions(
+            instances=instances, kind=kind, warmup=warmup, tensorrt_accelerator=trt_accelerator
+        )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if op_from_run and no_op:
-        raise click.UsageError("--operating-point-from-run and --no-operating-point exclude each other")
-    if (op_from_run or no_op) and (op_target is not None or op_rule != "fp_per_scan" or op_data is not None):
-        raise click.UsageError("--op-rule/--op-target/--op-data choose a new operating point: they do not go with "
-                               "--operating-point-from-run or --no-operating-point")
+        raise click.UsageError(
+            "--operating-point-from-run and --no-operating-point exclude each other"
+        )
+    if (op_from_run or no_op) and (
+        op_target is not None or op_rule != "fp_per_scan" or op_data is not None
+    ):
+        raise click.UsageError(
+            "--op-rule/--op-target/--op-data choose a new operating point: they do not go with "
+            "--operating-point-from-run or --no-operating-point"
+        )
     if op_rule == "sensitivity" and op_target is None:
-        raise click.UsageError("--op-rule sensitivity needs --op-target, the sensitivity to reach (e.g. 0.9)")
+        raise click.UsageError(
+            "--op-rule sensitivity needs --op-target, the sensitivity to reach (e.g. 0.9)"
+        )
     extra: dict[str, Any] = {"intended_use": intended_use} if intended_use else {}
-    options = ExportOptions(version=version, precision=precision, max_batch_size=max_batch,  # type: ignore[arg-type]
-                            serving=serving, tensorrt=tensorrt,
-                            operating_point="run" if op_from_run else "none" if no_op else "validation",
-                            op_rule=op_rule, op_target=1.0 if op_target is None else op_target,
-                            op_data=op_data, **extra)
+    options = ExportOptions(
+        version=version,
+        precision=precision,
+        max_batch_size=max_batch,  # type: ignore[arg-type]
+        serving=serving,
+        tensorrt=tensorrt,
+        operating_point="run" if op_from_run else "none" if no_op else "validation",
+        op_rule=op_rule,
+        op_target=1.0 if op_target is None else op_target,
+        op_data=op_data,
+        **extra,
+    )
     result = export_checkpoint(checkpoint, repository, name, options)
     if as_json:
-        click.echo(json.dumps({
-            "model_dir": str(result.model_dir), "version": result.version, "onnx": str(result.onnx_path),
-            "parity": result.parity.to_json(),
-            "operating_point": result.card.operating_point.to_json() if result.card.operating_point else None,
-            "tensorrt_dir": str(result.tensorrt_dir) if result.tensorrt_dir else None,
-            "tensorrt_parity": result.tensorrt_parity.to_json() if result.tensorrt_parity else None,
-        }, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "model_dir": str(result.model_dir),
+                    "version": result.version,
+                    "onnx": str(result.onnx_path),
+                    "parity": result.parity.to_json(),
+                    "operating_point": result.card.operating_point.to_json()
+                    if result.card.operating_point
+                    else None,
+                    "tensorrt_dir": str(result.tensorrt_dir) if result.tensorrt_dir else None,
+                    "tensorrt_parity": result.tensorrt_parity.to_json()
+                    if result.tensorrt_parity
+                    else None,
+                },
+                indent=2,
+            )
+        )
     else:
         click.echo(result.summary())
 

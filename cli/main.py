@@ -93,7 +93,13 @@ def synth() -> None:
     help="Generator family: parameter ranges and seed space (train on one, test on the other).",
 )
 def synth_chest(
-    out: Path, cases: int, unlabeled: int, fmt: str, seed: int, matrix: int, slices: int | None,
+    out: Path,
+    cases: int,
+    unlabeled: int,
+    fmt: str,
+    seed: int,
+    matrix: int,
+    slices: int | None,
     family: str,
 ) -> None:
     """Chest CT with lung nodules (a LUNA16 lookalike), written to OUT.
@@ -126,22 +132,39 @@ def synth_chest(
 @synth.command("archive")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--studies", default=20, show_default=True, help="Intact chest CT studies.")
-@click.option("--broken", default=0, show_default=True,
-              help="Extra studies with a damaged CT series (truncated file, missing slice, displaced slice).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the first study; study i uses seed+i.")
+@click.option(
+    "--broken",
+    default=0,
+    show_default=True,
+    help="Extra studies with a damaged CT series (truncated file, missing slice, displaced slice).",
+)
+@click.option(
+    "--seed", default=0, show_default=True, help="Seed of the first study; study i uses seed+i."
+)
 @click.option("--matrix", default=512, show_default=True, help="In-plane matrix size.")
-@click.option("--slices", type=int, default=None, help="Slices per CT series (default: the chest's extent).")
-@click.option("--family", type=click.Choice(["train", "heldout"]), default="train", show_default=True,
-              help="Chest generator family (parameter ranges and seed space).")
-def synth_archive(out: Path, studies: int, broken: int, seed: int, matrix: int, slices: int | None,
-                  family: str) -> None:
+@click.option(
+    "--slices", type=int, default=None, help="Slices per CT series (default: the chest's extent)."
+)
+@click.option(
+    "--family",
+    type=click.Choice(["train", "heldout"]),
+    default="train",
+    show_default=True,
+    help="Chest generator family (parameter ranges and seed space).",
+)
+def synth_archive(
+    out: Path, studies: int, broken: int, seed: int, matrix: int, slices: int | None, family: str
+) -> None:
     """An NLST-like DICOM archive: CT studies with localizers, plus deliberately broken series."""
     from medssl.synth.archive import write_archive
 
-    info = write_archive(out, studies, broken=broken, seed=seed, matrix=matrix, n_slices=slices,
-                         family=family)
-    click.echo(f"wrote {len(info.good)} CT series, {len(info.localizers)} localizers and "
-               f"{len(info.broken)} broken series to {out}")
+    info = write_archive(
+        out, studies, broken=broken, seed=seed, matrix=matrix, n_slices=slices, family=family
+    )
+    click.echo(
+        f"wrote {len(info.good)} CT series, {len(info.localizers)} localizers and "
+        f"{len(info.broken)} broken series to {out}"
+    )
 
 
 @synth.command("organs")
@@ -181,17 +204,26 @@ def synth_archive(out: Path, studies: int, broken: int, seed: int, matrix: int, 
     "with its truth in OUT/labels and OUT/cases.csv; CT domains only.",
 )
 def synth_organs(
-    out: Path, cases: int, n_test: int, domains: tuple[str, ...], seed: int, shape: tuple[int, int, int] | None,
+    out: Path,
+    cases: int,
+    n_test: int,
+    domains: tuple[str, ...],
+    seed: int,
+    shape: tuple[int, int, int] | None,
     fmt: str,
 ) -> None:
     """Abdominal multi-organ phantom for segmentation, in the Decathlon layout or as DICOM studies."""
     domains = domains or ("A",)
     not_ct = [d for d in domains if domain_modality(d) != "CT"]
     if fmt == "dicom" and not_ct:
-        raise click.BadParameter(f"domain(s) {', '.join(not_ct)} are MR; --format dicom writes CT series only",
-                                 param_hint="--domain")
+        raise click.BadParameter(
+            f"domain(s) {', '.join(not_ct)} are MR; --format dicom writes CT series only",
+            param_hint="--domain",
+        )
     if shape and RANDOMISED in domains:
-        raise click.BadParameter(f"domain {RANDOMISED} draws its own grid per case", param_hint="--shape")
+        raise click.BadParameter(
+            f"domain {RANDOMISED} draws its own grid per case", param_hint="--shape"
+        )
     several = len(domains) > 1
     for k, domain in enumerate(domains):
         progress, task = _progress(f"organs ({domain})", cases + n_test)
@@ -208,7 +240,9 @@ def synth_organs(
                 fmt=fmt,
             )
     where = f"{out}/{{{','.join(domains)}}}" if several else str(out)
-    click.echo(f"wrote {cases} training and {n_test} test cases per domain ({', '.join(domains)}) to {where}")
+    click.echo(
+        f"wrote {cases} training and {n_test} test cases per domain ({', '.join(domains)}) to {where}"
+    )
 
 
 @cli.group(cls=MedsslGroup)
@@ -219,8 +253,12 @@ def convert() -> None:
 @convert.command("la-h5")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--lists", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Folder of train.list / test.list (default: SRC, then its parent).")
+@click.option(
+    "--lists",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of train.list / test.list (default: SRC, then its parent).",
+)
 def convert_la_h5(src: Path, out: Path, lists: Path | None) -> None:
     """UA-MT's Left Atrium (<case>/mri_norm2.h5, the 80/20 lists) → Decathlon OUT."""
     from medssl.datasets.convert import la_h5_to_decathlon
@@ -231,15 +269,38 @@ def convert_la_h5(src: Path, out: Path, lists: Path | None) -> None:
 @convert.command("ad-npy")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--label", "labels", multiple=True, required=True, metavar="CODE=NAME",
-              help="A label of the dataset, e.g. --label 1=spleen (repeat; background is added).")
-@click.option("--spacing", nargs=3, type=float, default=(1.0, 1.0, 1.0), show_default=True,
-              help="Voxel size Z Y X mm (the npy layout does not store it).")
-@click.option("--axis-order", type=click.Choice(["zyx", "xyz"]), default="zyx", show_default=True,
-              help="How the arrays are stored: zyx (Synapse, MMWHS, M&Ms) or xyz (LA).")
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    required=True,
+    metavar="CODE=NAME",
+    help="A label of the dataset, e.g. --label 1=spleen (repeat; background is added).",
+)
+@click.option(
+    "--spacing",
+    nargs=3,
+    type=float,
+    default=(1.0, 1.0, 1.0),
+    show_default=True,
+    help="Voxel size Z Y X mm (the npy layout does not store it).",
+)
+@click.option(
+    "--axis-order",
+    type=click.Choice(["zyx", "xyz"]),
+    default="zyx",
+    show_default=True,
+    help="How the arrays are stored: zyx (Synapse, MMWHS, M&Ms) or xyz (LA).",
+)
 @click.option("--modality", default="CT", show_default=True)
-def convert_ad_npy(src: Path, out: Path, labels: tuple[str, ...], spacing: tuple[float, float, float],
-                   axis_order: str, modality: str) -> None:
+def convert_ad_npy(
+    src: Path,
+    out: Path,
+    labels: tuple[str, ...],
+    spacing: tuple[float, float, float],
+    axis_order: str,
+    modality: str,
+) -> None:
     """A&D's npy/ + split_txts/ → Decathlon OUT (the test split becomes imagesTs)."""
     from medssl.datasets.convert import ad_npy_to_decathlon
 
@@ -247,7 +308,9 @@ def convert_ad_npy(src: Path, out: Path, labels: tuple[str, ...], spacing: tuple
     for item in labels:
         code, sep, name = item.partition("=")
         if not sep or not code.strip().isdigit() or not name.strip():
-            raise click.BadParameter(f"{item!r} must look like CODE=NAME, e.g. 1=spleen", param_hint="--label")
+            raise click.BadParameter(
+                f"{item!r} must look like CODE=NAME, e.g. 1=spleen", param_hint="--label"
+            )
         names[int(code)] = name.strip()
     path = ad_npy_to_decathlon(src, out, names, modality, spacing=spacing, axis_order=axis_order)
     click.echo(f"wrote {path}")
@@ -278,6 +341,7 @@ def index(root: Path, out: Path | None, workers: int | None) -> None:
     parts = None if out is None else out.with_name(out.name + ".parts")
     progress, task = _progress("indexing", None)  # type: ignore[arg-type]
     with progress:
+
         def update(n: int) -> None:
             progress.update(task, completed=n)  # type: ignore[arg-type]
 
@@ -298,7 +362,10 @@ def index(root: Path, out: Path | None, workers: int | None) -> None:
     for row in [columns, *rows]:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
     if table.num_rows > SHOW_SERIES:
-        click.echo(f"... and {table.num_rows - SHOW_SERIES} more series" + (f" (all in {out})" if out else ""))
+        click.echo(
+            f"... and {table.num_rows - SHOW_SERIES} more series"
+            + (f" (all in {out})" if out else "")
+        )
     n_files = sum(table["n_files"].to_pylist())
     click.echo(f"{table.num_rows} series, {n_files} files", err=True)
     for path, problem in unreadable[:SHOW_SKIPPED]:
@@ -338,7 +405,9 @@ def info(path: Path, as_json: bool, series_uid: str | None) -> None:
     click.echo(f"format:      {summary['format']}")
     if "series_key" in summary:
         absent = "  (no SeriesInstanceUID: key derived from its SOP Instance UIDs)"
-        click.echo(f"series:      {summary['series_key']}{absent if summary['series_uid_absent'] else ''}")
+        click.echo(
+            f"series:      {summary['series_key']}{absent if summary['series_uid_absent'] else ''}"
+        )
     click.echo(f"shape:       {summary['shape']}  (z, y, x)")
     click.echo(f"spacing:     {_fmt(summary['spacing'])} mm  (z, y, x)")
     click.echo(f"origin:      {_fmt(summary['origin'])} mm  (LPS x, y, z)")

@@ -20,19 +20,42 @@ _CONFIG_ENV = "MEDSSL_GATEWAY_CONFIG"
 
 
 @click.group(cls=MedsslGroup, invoke_without_command=True)
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Gateway YAML config (see examples/gateway.yaml). Required to run the gateway.")
-@click.option("--triton-url", default=None,
-              help="Run the models on this Triton server (host:port) [default: models.triton_url; "
-                   "none: embedded onnxruntime].")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key, e.g. --set scp.port=11113 (repeatable; wins over the "
-                   "file and MEDSSL_GATEWAY__* environment variables).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Gateway YAML config (see examples/gateway.yaml). Required to run the gateway.",
+)
+@click.option(
+    "--triton-url",
+    default=None,
+    help="Run the models on this Triton server (host:port) [default: models.triton_url; "
+    "none: embedded onnxruntime].",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set scp.port=11113 (repeatable; wins over the "
+    "file and MEDSSL_GATEWAY__* environment variables).",
+)
 @click.option("--check", is_flag=True, help="Validate the config and load the models, then exit.")
-@click.option("--print-config", is_flag=True, help="Print the effective config (file + environment + --set) and exit.")
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print the effective config (file + environment + --set) and exit.",
+)
 @click.pass_context
-def serve(ctx: click.Context, config_path: Path | None, triton_url: str | None, overrides: tuple[str, ...],
-          check: bool, print_config: bool) -> None:
+def serve(
+    ctx: click.Context,
+    config_path: Path | None,
+    triton_url: str | None,
+    overrides: tuple[str, ...],
+    check: bool,
+    print_config: bool,
+) -> None:
     """Run the DICOM gateway until SIGTERM / Ctrl-C (``medssl-serve --config gateway.yaml``);
     ``medssl-serve jobs ...`` looks after its jobs.
 
@@ -62,8 +85,15 @@ def serve(ctx: click.Context, config_path: Path | None, triton_url: str | None, 
         from medssl.serving.process import ModelSet
 
         m = cfg.models
-        models = ModelSet(m.repository, cfg.routes, triton_url=m.triton_url, protocol=m.protocol,
-                          providers=m.providers, batch_size=m.batch_size, runtime=m.runtime)
+        models = ModelSet(
+            m.repository,
+            cfg.routes,
+            triton_url=m.triton_url,
+            protocol=m.protocol,
+            providers=m.providers,
+            batch_size=m.batch_size,
+            runtime=m.runtime,
+        )
         models.close()
         click.echo(f"{config_path}: valid; models loaded: {', '.join(r.model for r in cfg.routes)}")
         return
@@ -85,11 +115,20 @@ def serve(ctx: click.Context, config_path: Path | None, triton_url: str | None, 
 # --- medssl-serve jobs ------------------------------------------------------------------------
 
 _config_option = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), envvar=_CONFIG_ENV,
-    required=True, help=f"The gateway's YAML config [env {_CONFIG_ENV}].")
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_CONFIG_ENV,
+    required=True,
+    help=f"The gateway's YAML config [env {_CONFIG_ENV}].",
+)
 _via_option = click.option(
-    "--via", type=click.Choice(["auto", "api", "spool"]), default="auto", show_default=True,
-    help="auto: the running gateway's API when it answers, else the spool directly.")
+    "--via",
+    type=click.Choice(["auto", "api", "spool"]),
+    default="auto",
+    show_default=True,
+    help="auto: the running gateway's API when it answers, else the spool directly.",
+)
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
 
@@ -106,7 +145,9 @@ def _echo_job(job: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(job, indent=1))
         return
-    click.echo(f"job {job['id']}: {job['state']} (attempts {job['attempts']})  study {job['study_uid']}")
+    click.echo(
+        f"job {job['id']}: {job['state']} (attempts {job['attempts']})  study {job['study_uid']}"
+    )
     if job.get("error"):
         click.echo(f"  {job['error']}")
 
@@ -125,11 +166,24 @@ def jobs() -> None:
 @click.option("--state", "states", multiple=True, help="Keep jobs in this state (repeatable).")
 @click.option("--since", default=None, help="Received at or after (ISO 8601 or epoch seconds).")
 @click.option("--until", default=None, help="Received before (ISO 8601 or epoch seconds).")
-@click.option("--uid", default=None, help="A StudyInstanceUID, SeriesInstanceUID, result UID or accession number.")
+@click.option(
+    "--uid",
+    default=None,
+    help="A StudyInstanceUID, SeriesInstanceUID, result UID or accession number.",
+)
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--offset", type=int, default=0, show_default=True)
-def jobs_list(config_path: Path, via: str, as_json: bool, states: tuple[str, ...], since: str | None,
-              until: str | None, uid: str | None, limit: int, offset: int) -> None:
+def jobs_list(
+    config_path: Path,
+    via: str,
+    as_json: bool,
+    states: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+    uid: str | None,
+    limit: int,
+    offset: int,
+) -> None:
     """Jobs newest first."""
     import json
 
@@ -137,18 +191,27 @@ def jobs_list(config_path: Path, via: str, as_json: bool, states: tuple[str, ...
 
     client = _open(config_path, via)
     try:
-        page = client.studies(states=list(states), since=time_param({"since": [since]} if since else {}, "since"),
-                              until=time_param({"until": [until]} if until else {}, "until"), uid=uid,
-                              limit=limit, offset=offset)
+        page = client.studies(
+            states=list(states),
+            since=time_param({"since": [since]} if since else {}, "since"),
+            until=time_param({"until": [until]} if until else {}, "until"),
+            uid=uid,
+            limit=limit,
+            offset=offset,
+        )
     finally:
         client.close()
     if as_json:
         click.echo(json.dumps(page, indent=1))
         return
-    click.echo(f"{page['total']} jobs ({client.where}); showing {len(page['items'])} from {page['offset']}")
+    click.echo(
+        f"{page['total']} jobs ({client.where}); showing {len(page['items'])} from {page['offset']}"
+    )
     for j in page["items"]:
         error = (j["error"] or "")[:80]
-        click.echo(f"{j['id']:>6}  {j['state']:<11}  {j['received_at'] or '':<20}  {j['study_uid']}  {error}")
+        click.echo(
+            f"{j['id']:>6}  {j['state']:<11}  {j['received_at'] or '':<20}  {j['study_uid']}  {error}"
+        )
 
 
 @jobs.command("show")
@@ -185,11 +248,14 @@ def jobs_retry(config_path: Path, via: str, as_json: bool, reason: str | None, j
 @_config_option
 @_via_option
 @_json_option
-@click.option("--to", "destination", required=True, help="The destination's name (config destinations).")
+@click.option(
+    "--to", "destination", required=True, help="The destination's name (config destinations)."
+)
 @click.option("--reason", default=None, help="Why (recorded with the action).")
 @click.argument("job")
-def jobs_redeliver(config_path: Path, via: str, as_json: bool, destination: str, reason: str | None,
-                   job: str) -> None:
+def jobs_redeliver(
+    config_path: Path, via: str, as_json: bool, destination: str, reason: str | None, job: str
+) -> None:
     """Send a done job's results to a destination again."""
     client = _open(config_path, via)
     try:

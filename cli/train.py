@@ -26,9 +26,15 @@ def resolve_config(name: str) -> Path:
     bundled = resources.files("medssl.training") / "configs" / f"{name}.yaml"
     if bundled.is_file():
         return Path(str(bundled))
-    choices = sorted(p.name.removesuffix(".yaml") for p in (resources.files("medssl.training") / "configs").iterdir()
-                     if p.name.endswith(".yaml"))
-    raise ConfigError(f"config {name!r} is neither a file nor a bundled config ({', '.join(choices)})", key="--config")
+    choices = sorted(
+        p.name.removesuffix(".yaml")
+        for p in (resources.files("medssl.training") / "configs").iterdir()
+        if p.name.endswith(".yaml")
+    )
+    raise ConfigError(
+        f"config {name!r} is neither a file nor a bundled config ({', '.join(choices)})",
+        key="--config",
+    )
 
 
 @click.group(cls=MedsslGroup)
@@ -47,20 +53,49 @@ def train() -> None:
 
 def _detector_command(method: str, summary: str) -> click.Command:
     @train.command(method, help=summary)
-    @click.option("--config", "config_name", default="focalmix", show_default=True,
-                  help="YAML config file, or a bundled one: focalmix (paper size, GPU), focalmix-cpu.")
-    @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-                  help="LUNA16 folder (subset0..9, annotations.csv; optional unlabeled/).")
+    @click.option(
+        "--config",
+        "config_name",
+        default="focalmix",
+        show_default=True,
+        help="YAML config file, or a bundled one: focalmix (paper size, GPU), focalmix-cpu.",
+    )
+    @click.option(
+        "--data",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        required=True,
+        help="LUNA16 folder (subset0..9, annotations.csv; optional unlabeled/).",
+    )
     @click.option("--labeled", type=int, required=True, help="Annotated training scans to use.")
-    @click.option("--unlabeled", type=int, default=0, show_default=True,
-                  help="Unlabeled scans (unlabeled/ and --set data.unlabeled_dirs first, then the leftover pool).")
-    @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+    @click.option(
+        "--unlabeled",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Unlabeled scans (unlabeled/ and --set data.unlabeled_dirs first, then the leftover pool).",
+    )
+    @click.option(
+        "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder."
+    )
     @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
     @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: GPU if present).")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="Override a config value, e.g. --set optim.steps=500 --set focalmix.k=2.")
-    def command(config_name: str, data: Path, labeled: int, unlabeled: int, out: Path, resume: bool,
-                device: str | None, overrides: tuple[str, ...]) -> None:
+    @click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a config value, e.g. --set optim.steps=500 --set focalmix.k=2.",
+    )
+    def command(
+        config_name: str,
+        data: Path,
+        labeled: int,
+        unlabeled: int,
+        out: Path,
+        resume: bool,
+        device: str | None,
+        overrides: tuple[str, ...],
+    ) -> None:
         # Imported here: torch loads only when training actually starts.
         from medssl.config import load_config, parse_overrides
         from medssl.training.det_config import DetectionExperiment
@@ -70,35 +105,78 @@ def _detector_command(method: str, summary: str) -> click.Command:
         cfg = load_config(DetectionExperiment, resolve_config(config_name), values)
         run = train_detector(cfg, data, out, labeled, unlabeled, resume=resume, device=device)
         if run.test_report is not None:
-            click.echo(json.dumps({"run": str(run.out), "best_checkpoint": str(run.best_checkpoint),
-                                   "test": run.test_report}, indent=2))
+            click.echo(
+                json.dumps(
+                    {
+                        "run": str(run.out),
+                        "best_checkpoint": str(run.best_checkpoint),
+                        "test": run.test_report,
+                    },
+                    indent=2,
+                )
+            )
 
     return command
 
 
 _detector_command("focalmix", "Train the FocalMix nodule detector (labeled + unlabeled scans).")
-_detector_command("supervised-det", "Train the fully supervised nodule detector (labeled scans only).")
+_detector_command(
+    "supervised-det", "Train the fully supervised nodule detector (labeled scans only)."
+)
 
 
 def _segmentation_command(method: str, summary: str) -> click.Command:
     @train.command(method, help=summary)
-    @click.option("--setting", type=click.Choice(["ssl", "imbssl", "uda", "semidg"]), default="ssl",
-                  show_default=True, help="ssl: labeled fraction of one domain; imbssl: 11 imbalanced classes; "
-                  "uda: labeled source, unlabeled target; semidg: few labels from 3 domains, a 4th held out.")
-    @click.option("--profile", type=click.Choice(["paper", "cpu"]), default="paper", show_default=True,
-                  help="Bundled config size: paper (GPU, official sizes) or cpu (minutes on a laptop).")
-    @click.option("--config", "config_name", default=None,
-                  help="A YAML config file replacing the bundled seg-SETTING[-cpu] config.")
-    @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-                  help="Folder of Decathlon datasets, one per domain (DATA/<domain>/dataset.json), "
-                  "e.g. from `medssl synth organs --domain A --domain B ... DATA`.")
-    @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder.")
+    @click.option(
+        "--setting",
+        type=click.Choice(["ssl", "imbssl", "uda", "semidg"]),
+        default="ssl",
+        show_default=True,
+        help="ssl: labeled fraction of one domain; imbssl: 11 imbalanced classes; "
+        "uda: labeled source, unlabeled target; semidg: few labels from 3 domains, a 4th held out.",
+    )
+    @click.option(
+        "--profile",
+        type=click.Choice(["paper", "cpu"]),
+        default="paper",
+        show_default=True,
+        help="Bundled config size: paper (GPU, official sizes) or cpu (minutes on a laptop).",
+    )
+    @click.option(
+        "--config",
+        "config_name",
+        default=None,
+        help="A YAML config file replacing the bundled seg-SETTING[-cpu] config.",
+    )
+    @click.option(
+        "--data",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        required=True,
+        help="Folder of Decathlon datasets, one per domain (DATA/<domain>/dataset.json), "
+        "e.g. from `medssl synth organs --domain A --domain B ... DATA`.",
+    )
+    @click.option(
+        "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder."
+    )
     @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
     @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: GPU if present).")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="Override a config value, e.g. --set optim.steps=500 --set ad.drs=false.")
-    def command(setting: str, profile: str, config_name: str | None, data: Path, out: Path, resume: bool,
-                device: str | None, overrides: tuple[str, ...]) -> None:
+    @click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a config value, e.g. --set optim.steps=500 --set ad.drs=false.",
+    )
+    def command(
+        setting: str,
+        profile: str,
+        config_name: str | None,
+        data: Path,
+        out: Path,
+        resume: bool,
+        device: str | None,
+        overrides: tuple[str, ...],
+    ) -> None:
         from medssl.config import load_config, parse_overrides
         from medssl.training.seg_config import SegmentationExperiment
         from medssl.training.seg_trainer import train_segmenter
@@ -107,28 +185,53 @@ def _segmentation_command(method: str, summary: str) -> click.Command:
         values = {**parse_overrides(overrides), "method": method}
         cfg = load_config(SegmentationExperiment, resolve_config(config_name or bundled), values)
         run = train_segmenter(cfg, data, out, resume=resume, device=device)
-        click.echo(json.dumps({"run": str(run.out), "best_checkpoint": str(run.best_checkpoint),
-                               "test": run.test_report}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "run": str(run.out),
+                    "best_checkpoint": str(run.best_checkpoint),
+                    "test": run.test_report,
+                },
+                indent=2,
+            )
+        )
 
     return command
 
 
-_segmentation_command("ad", "Train A&D (Diff-VNet, SVDA, DRS, pseudo-label fusion) on labeled + unlabeled cases.")
+_segmentation_command(
+    "ad", "Train A&D (Diff-VNet, SVDA, DRS, pseudo-label fusion) on labeled + unlabeled cases."
+)
 _segmentation_command("supervised-seg", "Train the supervised VNet baseline (labeled cases only).")
-_segmentation_command("mean-teacher", "Train the mean-teacher VNet baseline (labeled + unlabeled cases). "
-                      "--set threshold.policy=fixed|flexmatch masks its consistency to confident voxels.")
-_segmentation_command("bcp", "Train BCP (bidirectional copy-paste: copy-paste pre-training, then an EMA teacher's "
-                      "pseudo-labels) on labeled + unlabeled cases. --config seg-bcp-la is the official LA "
-                      "configuration (VNet width 16, 80x112x112 crops, 2000 + 15000 steps). --set "
-                      "threshold.policy=fixed|flexmatch filters its pseudo-labels.")
-_segmentation_command("fixmatch", "Train FixMatch for segmentation: pseudo-labels from the weak view kept where the "
-                      "softmax >= threshold.tau (0.95), cross-entropy on the strong (SVDA intensity) view.")
-_segmentation_command("flexmatch", "Train FlexMatch for segmentation: FixMatch with curriculum pseudo-labelling (CPL) "
-                      "class thresholds from a voxel-grid memory over the unlabeled cases (threshold.* settings).")
+_segmentation_command(
+    "mean-teacher",
+    "Train the mean-teacher VNet baseline (labeled + unlabeled cases). "
+    "--set threshold.policy=fixed|flexmatch masks its consistency to confident voxels.",
+)
+_segmentation_command(
+    "bcp",
+    "Train BCP (bidirectional copy-paste: copy-paste pre-training, then an EMA teacher's "
+    "pseudo-labels) on labeled + unlabeled cases. --config seg-bcp-la is the official LA "
+    "configuration (VNet width 16, 80x112x112 crops, 2000 + 15000 steps). --set "
+    "threshold.policy=fixed|flexmatch filters its pseudo-labels.",
+)
+_segmentation_command(
+    "fixmatch",
+    "Train FixMatch for segmentation: pseudo-labels from the weak view kept where the "
+    "softmax >= threshold.tau (0.95), cross-entropy on the strong (SVDA intensity) view.",
+)
+_segmentation_command(
+    "flexmatch",
+    "Train FlexMatch for segmentation: FixMatch with curriculum pseudo-labelling (CPL) "
+    "class thresholds from a voxel-grid memory over the unlabeled cases (threshold.* settings).",
+)
 
-_segmentation_command("patchcl", "Train PatchCL: the mean teacher (strong/weak views, CE on the teacher's pseudo-labels) "
-                      "plus the pseudo-label guided patch contrastive loss (PLGCL) on 3D class-aware patches after a "
-                      "warm-up (patchcl.* settings; threshold.policy filters its pseudo-labels).")
+_segmentation_command(
+    "patchcl",
+    "Train PatchCL: the mean teacher (strong/weak views, CE on the teacher's pseudo-labels) "
+    "plus the pseudo-label guided patch contrastive loss (PLGCL) on 3D class-aware patches after a "
+    "warm-up (patchcl.* settings; threshold.policy filters its pseudo-labels).",
+)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,18 @@ proving with onnxruntime that the exported graph computes what the checkpoint co
 """
 
 from medssl.export.exporter import (
-           ExportOptions,
-           ExportResult,
-           export_checkpoint,
-           resolve_checkpoint,
+    ExportOptions,
+    ExportResult,
+    export_checkpoint,
+    resolve_checkpoint,
 )
 from medssl.export.parity import TOLERANCES, ParityReport
 
-__all__ = ["TOLERANCES", "ExportOptions", "ExportResult", "ParityReport", "export_checkpoint",
-           "resolve_checkpoint"]
+__all__ = [
+    "TOLERANCES",
+    "ExportOptions",
+    "ExportResult",
+    "ParityReport",
+    "export_checkpoint",
+    "resolve_checkpoint",
+]

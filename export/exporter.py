@@ -44,7 +44,12 @@ from medssl.training.checkpoint import load_checkpoint
 
 from . import tensorrt as trt_export
 from .models import Exportable, exportable
-from .operating import operating_point_from_run, operating_point_on_validation, run_calibration, validation_inputs
+from .operating import (
+    operating_point_from_run,
+    operating_point_on_validation,
+    run_calibration,
+    validation_inputs,
+)
 from .onnx_export import OPSET, convert_fp16, export_onnx
 from .parity import ParityReport, compare
 
@@ -52,8 +57,10 @@ __all__ = ["ExportOptions", "ExportResult", "export_checkpoint", "resolve_checkp
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STAGING = re.compile(r"staging-\d+-(\d+)")  # .staging-<version>-<pid>[.fp32.onnx]
-DEFAULT_INTENDED_USE = ("Research use only; not for clinical use. Validate on your own data "
-                        "before drawing any conclusion from its output.")
+DEFAULT_INTENDED_USE = (
+    "Research use only; not for clinical use. Validate on your own data "
+    "before drawing any conclusion from its output."
+)
 
 
 @dataclass(frozen=True)
@@ -96,13 +103,17 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         if self.operating_point not in ("validation", "run", "none"):
-            raise ExportError(f"operating_point must be 'validation', 'run' or 'none', got {self.operating_point!r}")
+            raise ExportError(
+                f"operating_point must be 'validation', 'run' or 'none', got {self.operating_point!r}"
+            )
         try:
             check_rule(self.op_rule, self.op_target)
         except ValueError as exc:
             raise ExportError(f"operating point: {exc}") from None
         if self.op_data is not None and self.operating_point != "validation":
-            raise ExportError("op_data chooses a new operating point: it needs operating_point='validation'")
+            raise ExportError(
+                "op_data chooses a new operating point: it needs operating_point='validation'"
+            )
         if self.precision not in ("fp32", "fp16"):
             raise ExportError(f"precision must be 'fp32' or 'fp16', got {self.precision!r}")
         if self.max_batch_size < 1:
@@ -136,14 +147,22 @@ class ExportResult:
     tensorrt_parity: ParityReport | None = None
 
     def summary(self) -> str:
-        lines = [f"exported {self.card.name} version {self.version} → {self.onnx_path}",
-                 f"parity: {self.parity.summary()}"]
+        lines = [
+            f"exported {self.card.name} version {self.version} → {self.onnx_path}",
+            f"parity: {self.parity.summary()}",
+        ]
         if self.card.task is Task.DETECTION:
             op = self.card.operating_point
-            lines.append(f"operating point: {op.describe()}" if op else
-                         "operating point: none (scoring reports from 0.5, with a warning)")
+            lines.append(
+                f"operating point: {op.describe()}"
+                if op
+                else "operating point: none (scoring reports from 0.5, with a warning)"
+            )
         if self.tensorrt_parity is not None:
-            lines += [f"TensorRT model: {self.tensorrt_dir}", f"parity: {self.tensorrt_parity.summary()}"]
+            lines += [
+                f"TensorRT model: {self.tensorrt_dir}",
+                f"parity: {self.tensorrt_parity.summary()}",
+            ]
         return "\n".join(lines)
 
 
@@ -169,11 +188,22 @@ def _code_version() -> dict[str, Any]:
     """medssl's version, and the git commit when running from a checkout."""
     version: dict[str, Any] = {"medssl": importlib.metadata.version("medssl")}
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10,
-                               check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
         version["git_commit"] = commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         version["git_commit"] = None  # an installed wheel: the package version is the record
@@ -191,12 +221,23 @@ def _test_metrics(checkpoint: Path) -> dict[str, Any]:
         report = test / "cpm.json"
         data = json.loads(report.read_text(encoding="utf-8"))
         keys = ("cpm", "cpm_ci", "fp_rates", "sensitivities", "n_scans", "n_nodules")
-        return {"test_metrics": {"source": str(report.resolve()), **{k: data[k] for k in keys if k in data}}}
+        return {
+            "test_metrics": {
+                "source": str(report.resolve()),
+                **{k: data[k] for k in keys if k in data},
+            }
+        }
     if (test / "metrics.json").is_file():
         report = test / "metrics.json"
         data = json.loads(report.read_text(encoding="utf-8"))
-        return {"test_metrics": {"source": str(report.resolve()), "n_cases": data.get("n_cases"),
-                                 "mean": data.get("mean"), "classes": data.get("classes")}}
+        return {
+            "test_metrics": {
+                "source": str(report.resolve()),
+                "n_cases": data.get("n_cases"),
+                "mean": data.get("mean"),
+                "classes": data.get("classes"),
+            }
+        }
     return {}
 
 
@@ -205,24 +246,46 @@ def _parity_inputs(ex: Exportable, seed: int) -> dict[str, np.ndarray]:
     shape = ex.input.shape
     return {
         f"random normal, batch 2, {shape}": rng.standard_normal((2, *shape), dtype=np.float32),
-        f"random uniform [-1, 1], batch 1, {shape}": rng.uniform(-1, 1, (1, *shape)).astype(np.float32),
+        f"random uniform [-1, 1], batch 1, {shape}": rng.uniform(-1, 1, (1, *shape)).astype(
+            np.float32
+        ),
         f"{ex.sample_name}, batch 1": ex.synthetic_patch(seed),
     }
 
 
-def _onnx_parity(ex: Exportable, onnx_path: Path, precision: str, inputs: dict[str, np.ndarray]) -> ParityReport:
+def _onnx_parity(
+    ex: Exportable, onnx_path: Path, precision: str, inputs: dict[str, np.ndarray]
+) -> ParityReport:
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in ex.outputs]
-    return compare(ex.module, lambda x: session.run(names, {ex.input.name: x}), inputs, names,
-                   "onnxruntime (CPUExecutionProvider)", precision)
+    return compare(
+        ex.module,
+        lambda x: session.run(names, {ex.input.name: x}),
+        inputs,
+        names,
+        "onnxruntime (CPUExecutionProvider)",
+        precision,
+    )
 
 
-def _card(ex: Exportable, name: str, version: int, options: ExportOptions, provenance: dict[str, Any]) -> ModelCard:
+def _card(
+    ex: Exportable, name: str, version: int, options: ExportOptions, provenance: dict[str, Any]
+) -> ModelCard:
     return ModelCard(
-        name=name, version=version, task=ex.task, input=ex.input, outputs=ex.outputs,
-        max_batch_size=options.max_batch_size, input_spacing=ex.input_spacing,
-        normalisation=ex.normalisation, overlap=ex.overlap, labels=ex.labels, decoding=ex.decoding,
-        precision=options.precision, intended_use=options.intended_use, provenance=provenance,
+        name=name,
+        version=version,
+        task=ex.task,
+        input=ex.input,
+        outputs=ex.outputs,
+        max_batch_size=options.max_batch_size,
+        input_spacing=ex.input_spacing,
+        normalisation=ex.normalisation,
+        overlap=ex.overlap,
+        labels=ex.labels,
+        decoding=ex.decoding,
+        precision=options.precision,
+        intended_use=options.intended_use,
+        provenance=provenance,
     )
 
 
@@ -248,8 +311,14 @@ def _remove_abandoned_staging(model_dir: Path) -> None:
                 leftover.unlink(missing_ok=True)
 
 
-def _install(staging: Path, model_dir: Path, version: int, card: ModelCard, backend: Backend,
-             serving: ServingOptions) -> Path:
+def _install(
+    staging: Path,
+    model_dir: Path,
+    version: int,
+    card: ModelCard,
+    backend: Backend,
+    serving: ServingOptions,
+) -> Path:
     """Move a staged version folder into place, then write the card and config.pbtxt."""
     card.save(staging / CARD_FILE)
     target = model_dir / str(version)
@@ -260,8 +329,9 @@ def _install(staging: Path, model_dir: Path, version: int, card: ModelCard, back
     return target
 
 
-def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str,
-                      options: ExportOptions | None = None) -> ExportResult:
+def export_checkpoint(
+    checkpoint: str | Path, repository: str | Path, name: str, options: ExportOptions | None = None
+) -> ExportResult:
     """Export a medssl checkpoint into ``repository/<name>/<version>/``.
 
     Args:
@@ -286,8 +356,14 @@ def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str,
         raise ExportError(f"--tensorrt: {reason}")
     path = resolve_checkpoint(checkpoint)
     ex = exportable(load_checkpoint(path), path)
-    if ex.task is Task.DETECTION and ex.decoding is not None and (calibration := run_calibration(path)):
-        ex = dataclasses.replace(ex, decoding=dataclasses.replace(ex.decoding, calibration=calibration))
+    if (
+        ex.task is Task.DETECTION
+        and ex.decoding is not None
+        and (calibration := run_calibration(path))
+    ):
+        ex = dataclasses.replace(
+            ex, decoding=dataclasses.replace(ex.decoding, calibration=calibration)
+        )
     run_point = None  # what the operating point needs is checked before anything is exported
     if ex.task is Task.DETECTION and options.operating_point == "run":
         run_point = operating_point_from_run(path)
@@ -297,17 +373,23 @@ def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str,
     model_dir = repository / name
     version = options.version or next_version(model_dir)
     if (model_dir / str(version)).exists():
-        raise ExportError(f"{model_dir / str(version)} already exists; omit --version to take the "
-                          f"next free one ({next_version(model_dir)})")
+        raise ExportError(
+            f"{model_dir / str(version)} already exists; omit --version to take the "
+            f"next free one ({next_version(model_dir)})"
+        )
     model_dir.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(model_dir)
     staging = model_dir / f".staging-{version}-{os.getpid()}"
     staging.mkdir()
     try:
-        onnx_path = export_onnx(ex.module, torch.from_numpy(ex.synthetic_patch(options.parity_seed)),
-                                staging / "model.onnx", input_name=ex.input.name,
-                                output_names=[o.name for o in ex.outputs],
-                                max_batch_size=options.max_batch_size)
+        onnx_path = export_onnx(
+            ex.module,
+            torch.from_numpy(ex.synthetic_patch(options.parity_seed)),
+            staging / "model.onnx",
+            input_name=ex.input.name,
+            output_names=[o.name for o in ex.outputs],
+            max_batch_size=options.max_batch_size,
+        )
         fp32_copy = staging.parent / f".{staging.name}.fp32.onnx"
         if options.tensorrt:
             shutil.copyfile(onnx_path, fp32_copy)  # TensorRT builds its own fp16 from fp32
@@ -321,15 +403,29 @@ def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str,
             "checkpoint": {"path": str(path.resolve()), "sha256": _sha256(path)},
             "code_version": _code_version(),
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "export": {"format": "onnx", "opset": OPSET, "torch": torch.__version__,
-                       "onnxruntime": ort.__version__, "precision": options.precision},
+            "export": {
+                "format": "onnx",
+                "opset": OPSET,
+                "torch": torch.__version__,
+                "onnxruntime": ort.__version__,
+                "precision": options.precision,
+            },
             "parity": parity.to_json(),
         }
         card = _card(ex, name, version, options, provenance)
         if card.task is Task.DETECTION and options.operating_point == "validation":
-            card = dataclasses.replace(card, operating_point=operating_point_on_validation(
-                onnx_path, card, path, ex.provenance, rule=options.op_rule, target=options.op_target,
-                data=options.op_data))
+            card = dataclasses.replace(
+                card,
+                operating_point=operating_point_on_validation(
+                    onnx_path,
+                    card,
+                    path,
+                    ex.provenance,
+                    rule=options.op_rule,
+                    target=options.op_target,
+                    data=options.op_data,
+                ),
+            )
         elif card.task is Task.DETECTION:
             card = dataclasses.replace(card, operating_point=run_point)
         trt_dir, trt_parity = None, None
@@ -341,11 +437,19 @@ def export_checkpoint(checkpoint: str | Path, repository: str | Path, name: str,
         shutil.rmtree(staging, ignore_errors=True)
         for stray in model_dir.glob(f".{staging.name}.*"):
             stray.unlink()
-    return ExportResult(repository, model_dir, version, target / "model.onnx", card, parity, trt_dir, trt_parity)
+    return ExportResult(
+        repository, model_dir, version, target / "model.onnx", card, parity, trt_dir, trt_parity
+    )
 
 
-def _export_tensorrt(ex: Exportable, onnx_fp32: Path, repository: Path, card: ModelCard,
-                     options: ExportOptions, inputs: dict[str, np.ndarray]) -> tuple[Path, ParityReport]:
+def _export_tensorrt(
+    ex: Exportable,
+    onnx_fp32: Path,
+    repository: Path,
+    card: ModelCard,
+    options: ExportOptions,
+    inputs: dict[str, np.ndarray],
+) -> tuple[Path, ParityReport]:
     """Build ``<name>_trt/<version>/model.plan`` (platform tensorrt_plan) and check it."""
     name = f"{card.name}_trt"
     model_dir = repository / name
@@ -355,18 +459,35 @@ def _export_tensorrt(ex: Exportable, onnx_fp32: Path, repository: Path, card: Mo
     staging.mkdir()
     try:
         plan = trt_export.build_engine(
-            onnx_fp32, staging / "model.plan", input_name=ex.input.name, input_shape=ex.input.shape,
-            max_batch_size=options.max_batch_size, fp16=options.precision == "fp16",
-            workspace_bytes=options.serving.workspace_bytes)
+            onnx_fp32,
+            staging / "model.plan",
+            input_name=ex.input.name,
+            input_shape=ex.input.shape,
+            max_batch_size=options.max_batch_size,
+            fp16=options.precision == "fp16",
+            workspace_bytes=options.serving.workspace_bytes,
+        )
         runner = trt_export.TensorRTRunner(plan, ex.input.name, [o.name for o in ex.outputs])
         module = ex.module.cuda()
-        parity = compare(_OnDevice(module), runner, inputs, [o.name for o in ex.outputs], "tensorrt",
-                         options.precision)
+        parity = compare(
+            _OnDevice(module),
+            runner,
+            inputs,
+            [o.name for o in ex.outputs],
+            "tensorrt",
+            options.precision,
+        )
         ex.module.cpu()
-        trt_card = dataclasses.replace(card, name=name, version=version,
-                                       provenance={**card.provenance, "parity": parity.to_json(),
-                                                   "export": {**card.provenance["export"],
-                                                              "format": "tensorrt_plan"}})
+        trt_card = dataclasses.replace(
+            card,
+            name=name,
+            version=version,
+            provenance={
+                **card.provenance,
+                "parity": parity.to_json(),
+                "export": {**card.provenance["export"], "format": "tensorrt_plan"},
+            },
+        )
         gpu = dataclasses.replace(options.serving, kind="gpu", tensorrt_accelerator=False)
         _install(staging, model_dir, version, trt_card, Backend.TENSORRT, gpu)
     finally:

@@ -74,7 +74,9 @@ def _detector(state: Mapping[str, Any], path: Path) -> Exportable:
     try:
         cfg = config_from_dict(DetectionExperiment, state["config"])
     except (KeyError, ConfigError) as exc:
-        raise CheckpointError(path, f"the checkpoint's config is missing or invalid ({exc})") from exc
+        raise CheckpointError(
+            path, f"the checkpoint's config is missing or invalid ({exc})"
+        ) from exc
     net = FPNDetector(cfg.model, cfg.anchors)
     try:
         net.load_state_dict(state["model"])
@@ -85,16 +87,28 @@ def _detector(state: Mapping[str, Any], path: Path) -> Exportable:
     n_anchors = int(module.centres.shape[0])
     params = detection_params(cfg)
     grid = f"{params.spacing_mm:g} mm voxels"
-    provenance = {**dict(state.get("provenance") or {}), "method": cfg.method, "step": state.get("step"),
-                  "validation_metrics": dict(state.get("metrics") or {})}
+    provenance = {
+        **dict(state.get("provenance") or {}),
+        "method": cfg.method,
+        "step": state.get("step"),
+        "validation_metrics": dict(state.get("metrics") or {}),
+    }
     return Exportable(
         module=module,
         task=Task.DETECTION,
-        input=TensorSpec("patches", "FP32", (1, w, w, w),
-                         f"CT patch (channel, z, y, x) on {grid}, HU window mapped to [-1, 1]"),
+        input=TensorSpec(
+            "patches",
+            "FP32",
+            (1, w, w, w),
+            f"CT patch (channel, z, y, x) on {grid}, HU window mapped to [-1, 1]",
+        ),
         outputs=(
-            TensorSpec("boxes", "FP32", (n_anchors, 4),
-                       "decoded anchor boxes (z, y, x, d): centre and cube edge in patch voxels"),
+            TensorSpec(
+                "boxes",
+                "FP32",
+                (n_anchors, 4),
+                "decoded anchor boxes (z, y, x, d): centre and cube edge in patch voxels",
+            ),
             TensorSpec("scores", "FP32", (n_anchors,), "nodule probability of each box, [0, 1]"),
         ),
         input_spacing=(params.spacing_mm,) * 3,
@@ -104,11 +118,16 @@ def _detector(state: Mapping[str, Any], path: Path) -> Exportable:
         sample=lambda seed: chest_patch((w, w, w), params.spacing_mm, params.intensity, seed),
         sample_name="synthetic chest CT patch around a nodule",
         decoding=Decoding(
-            divisor=params.divisor, score_threshold=params.score_threshold,
-            pre_nms_top_k=params.pre_nms_top_k, nms_iou=params.nms_iou,
-            max_detections=params.max_detections, min_diameter_mm=params.min_diameter_mm,
-            anchor_strides=tuple(cfg.anchors.strides), anchor_sizes=tuple(cfg.anchors.sizes),
-            lung_mask=params.lung_mask, lung_margin_mm=params.lung_margin_mm,
+            divisor=params.divisor,
+            score_threshold=params.score_threshold,
+            pre_nms_top_k=params.pre_nms_top_k,
+            nms_iou=params.nms_iou,
+            max_detections=params.max_detections,
+            min_diameter_mm=params.min_diameter_mm,
+            anchor_strides=tuple(cfg.anchors.strides),
+            anchor_sizes=tuple(cfg.anchors.sizes),
+            lung_mask=params.lung_mask,
+            lung_margin_mm=params.lung_margin_mm,
         ),
         provenance=provenance,
     )
@@ -132,7 +151,9 @@ def _segmenter(state: Mapping[str, Any], path: Path) -> Exportable:
         cfg = config_from_dict(SegmentationExperiment, state["config"])
         classes = {int(k): str(v) for k, v in state["classes"].items()}
     except (KeyError, ValueError, ConfigError) as exc:
-        raise CheckpointError(path, f"the checkpoint's config or classes are missing or invalid ({exc})") from exc
+        raise CheckpointError(
+            path, f"the checkpoint's config or classes are missing or invalid ({exc})"
+        ) from exc
     try:
         net = inference_net(state)
     except (KeyError, RuntimeError) as exc:
@@ -140,16 +161,31 @@ def _segmenter(state: Mapping[str, Any], path: Path) -> Exportable:
     params = segmentation_params(cfg, len(classes))
     z, y, x = params.window
     grid = "x".join(f"{s:g}" for s in params.spacing_mm)
-    provenance = {**dict(state.get("provenance") or {}), "method": cfg.method, "setting": cfg.setting,
-                  "network": cfg.model.network, "step": state.get("step"),
-                  "validation_metrics": dict(state.get("metrics") or {})}
+    provenance = {
+        **dict(state.get("provenance") or {}),
+        "method": cfg.method,
+        "setting": cfg.setting,
+        "network": cfg.model.network,
+        "step": state.get("step"),
+        "validation_metrics": dict(state.get("metrics") or {}),
+    }
     return Exportable(
         module=SegmenterInference(net).eval(),
         task=Task.SEGMENTATION,
-        input=TensorSpec("patches", "FP32", (1, z, y, x),
-                         f"image patch (channel, z, y, x) on {grid} mm voxels, normalised to [-1, 1]"),
-        outputs=(TensorSpec("probabilities", "FP32", (len(classes), z, y, x),
-                            "softmax class probabilities per voxel, class 0 background"),),
+        input=TensorSpec(
+            "patches",
+            "FP32",
+            (1, z, y, x),
+            f"image patch (channel, z, y, x) on {grid} mm voxels, normalised to [-1, 1]",
+        ),
+        outputs=(
+            TensorSpec(
+                "probabilities",
+                "FP32",
+                (len(classes), z, y, x),
+                "softmax class probabilities per voxel, class 0 background",
+            ),
+        ),
         input_spacing=params.spacing_mm,
         normalisation=params.normalisation,
         overlap=params.overlap,
@@ -176,9 +212,12 @@ def exportable(state: Mapping[str, Any], path: str | Path) -> Exportable:
     """
     kind = state.get("kind")
     if kind is None:
-        raise ExportError(f"{path}: not a medssl checkpoint (no 'kind' key); export checkpoints "
-                          f"written by medssl-train (checkpoints/best.pt or last.pt)")
+        raise ExportError(
+            f"{path}: not a medssl checkpoint (no 'kind' key); export checkpoints "
+            f"written by medssl-train (checkpoints/best.pt or last.pt)"
+        )
     if kind not in EXPORTERS:
-        raise ExportError(f"{path}: unknown model type {kind!r}; medssl-export knows "
-                          f"{sorted(EXPORTERS)}")
+        raise ExportError(
+            f"{path}: unknown model type {kind!r}; medssl-export knows {sorted(EXPORTERS)}"
+        )
     return EXPORTERS[kind](state, Path(path))

@@ -26,8 +26,16 @@ OPSET = 18
 MIN_OPSET = 17
 
 
-def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: str | Path, *, input_name: str,
-                output_names: Sequence[str], max_batch_size: int, opset: int = OPSET) -> Path:
+def export_onnx(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    path: str | Path,
+    *,
+    input_name: str,
+    output_names: Sequence[str],
+    max_batch_size: int,
+    opset: int = OPSET,
+) -> Path:
     """Export ``module`` (in eval mode, on CPU) with a dynamic batch axis and check the file.
 
     Args:
@@ -54,9 +62,18 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: str | Path
     try:
         with contextlib.redirect_stdout(chatter), torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            torch.onnx.export(module, (example,), path, input_names=[input_name],
-                              output_names=list(output_names), opset_version=opset, dynamo=True,
-                              dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+            torch.onnx.export(
+                module,
+                (example,),
+                path,
+                input_names=[input_name],
+                output_names=list(output_names),
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                verbose=False,
+            )
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # torch.export / onnx raise many types; keep the message
         raise ExportError(f"ONNX export failed ({type(exc).__name__}): {exc}") from exc
@@ -78,4 +95,3 @@ def convert_fp16(path: str | Path) -> Path:
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     return path
-

@@ -24,19 +24,33 @@ from typing import Any
 from medssl.errors import ExportError, MedsslError
 from medssl.metrics.calibration import Calibration
 from medssl.metrics.luna16 import Prediction
-from medssl.metrics.operating_point import OperatingPoint, OperatingPointError, OperatingRule, choose_operating_point
+from medssl.metrics.operating_point import (
+    OperatingPoint,
+    OperatingPointError,
+    OperatingRule,
+    choose_operating_point,
+)
 from medssl.models.card import ModelCard
 
-__all__ = ["RUN_CALIBRATION", "RUN_OPERATING_POINT", "operating_point_from_run", "operating_point_on_validation",
-           "run_calibration", "run_folder", "validation_inputs"]
+__all__ = [
+    "RUN_CALIBRATION",
+    "RUN_OPERATING_POINT",
+    "operating_point_from_run",
+    "operating_point_on_validation",
+    "run_calibration",
+    "run_folder",
+    "validation_inputs",
+]
 
 #: Where medssl-train writes the operating point it chose, relative to the run folder.
 RUN_OPERATING_POINT = Path("validation") / "operating_point.json"
 #: Where medssl-train writes the calibration it fitted on the validation marks.
 RUN_CALIBRATION = Path("validation") / "calibration.json"
 
-_ALTERNATIVES = ("pass --operating-point-from-run to take the one chosen at the end of training, or "
-                 "--no-operating-point to export without one (scoring then reports from 0.5, with a warning)")
+_ALTERNATIVES = (
+    "pass --operating-point-from-run to take the one chosen at the end of training, or "
+    "--no-operating-point to export without one (scoring then reports from 0.5, with a warning)"
+)
 
 
 def run_folder(checkpoint: Path) -> Path | None:
@@ -48,9 +62,11 @@ def run_folder(checkpoint: Path) -> Path | None:
 def _run(checkpoint: Path) -> Path:
     run = run_folder(checkpoint)
     if run is None:
-        raise ExportError(f"{checkpoint} is not in a medssl-train run folder (<run>/checkpoints/): the "
-                          f"validation scans of its run are unknown, so no operating point can be chosen; "
-                          f"export the run folder, or {_ALTERNATIVES}")
+        raise ExportError(
+            f"{checkpoint} is not in a medssl-train run folder (<run>/checkpoints/): the "
+            f"validation scans of its run are unknown, so no operating point can be chosen; "
+            f"export the run folder, or {_ALTERNATIVES}"
+        )
     return run
 
 
@@ -85,16 +101,19 @@ def operating_point_from_run(checkpoint: Path) -> OperatingPoint:
 
     path = _run(checkpoint) / RUN_OPERATING_POINT
     if not path.is_file():
-        raise ExportError(f"{path} is missing: the run was trained before medssl-train chose an operating "
-                          "point; drop --operating-point-from-run to choose one with the exported model")
+        raise ExportError(
+            f"{path} is missing: the run was trained before medssl-train chose an operating "
+            "point; drop --operating-point-from-run to choose one with the exported model"
+        )
     try:
         return OperatingPoint.from_json(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError) as exc:
         raise ExportError(f"{path}: not a valid operating point ({exc})") from exc
 
 
-def validation_inputs(checkpoint: Path, provenance: Mapping[str, Any],
-                      data: Path | None = None) -> tuple[str, list[str], Path]:
+def validation_inputs(
+    checkpoint: Path, provenance: Mapping[str, Any], data: Path | None = None
+) -> tuple[str, list[str], Path]:
     """What the operating point is chosen on, checked (before anything is exported): a
     description for the card and messages, the validation seriesuids and their LUNA16 folder.
 
@@ -119,24 +138,37 @@ def validation_inputs(checkpoint: Path, provenance: Mapping[str, Any],
         return f"every scan of {data}", list(uids), Path(data)
     split_path = _run(checkpoint) / "split.json"
     if not split_path.is_file():
-        raise ExportError(f"{split_path} is missing: the run's validation scans are unknown; {_ALTERNATIVES}")
+        raise ExportError(
+            f"{split_path} is missing: the run's validation scans are unknown; {_ALTERNATIVES}"
+        )
     try:
         uids = list(read_split(split_path).validation)
     except MedsslError as exc:
         raise ExportError(f"{exc}; {_ALTERNATIVES}") from exc
     if not uids:
-        raise ExportError(f"{split_path} lists no validation scans (data.n_validation 0); {_ALTERNATIVES}")
+        raise ExportError(
+            f"{split_path} lists no validation scans (data.n_validation 0); {_ALTERNATIVES}"
+        )
     folder = provenance.get("data")
     if not folder or not Path(str(folder)).is_dir():
-        raise ExportError(f"the training data folder of the checkpoint's provenance ({folder!r}) is gone; it "
-                          f"holds the {len(uids)} validation scans of {split_path}; restore it there, or "
-                          f"{_ALTERNATIVES}")
+        raise ExportError(
+            f"the training data folder of the checkpoint's provenance ({folder!r}) is gone; it "
+            f"holds the {len(uids)} validation scans of {split_path}; restore it there, or "
+            f"{_ALTERNATIVES}"
+        )
     return f"the validation scans of {split_path} ({folder})", uids, Path(str(folder))
 
 
-def operating_point_on_validation(onnx_path: Path, card: ModelCard, checkpoint: Path,
-                                  provenance: Mapping[str, Any], *, rule: str | OperatingRule,
-                                  target: float, data: Path | None = None) -> OperatingPoint:
+def operating_point_on_validation(
+    onnx_path: Path,
+    card: ModelCard,
+    checkpoint: Path,
+    provenance: Mapping[str, Any],
+    *,
+    rule: str | OperatingRule,
+    target: float,
+    data: Path | None = None,
+) -> OperatingPoint:
     """Choose the operating point with the exported graph on the run's validation scans, or
     on every scan of ``data``.
 
@@ -165,7 +197,9 @@ def operating_point_on_validation(onnx_path: Path, card: ModelCard, checkpoint: 
 
     what, uids, data = validation_inputs(checkpoint, provenance, data)
     params = card.detection_params()
-    runner = OnnxRunner(onnx_path, replace(card, operating_point=None), providers=["CPUExecutionProvider"])
+    runner = OnnxRunner(
+        onnx_path, replace(card, operating_point=None), providers=["CPUExecutionProvider"]
+    )
     predictions: list[Prediction] = []
     try:
         luna = Luna16(data)
@@ -181,7 +215,13 @@ def operating_point_on_validation(onnx_path: Path, card: ModelCard, checkpoint: 
         runner.close()
     try:
         return choose_operating_point(
-            nodules, excluded, uids, predictions, rule=rule, target=target,
-            source=f"medssl-export: {onnx_path.name} in onnxruntime (CPU) on {len(uids)} scans: {what}")
+            nodules,
+            excluded,
+            uids,
+            predictions,
+            rule=rule,
+            target=target,
+            source=f"medssl-export: {onnx_path.name} in onnxruntime (CPU) on {len(uids)} scans: {what}",
+        )
     except OperatingPointError as exc:
         raise ExportError(f"operating point: {exc}") from exc

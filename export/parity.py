@@ -40,8 +40,10 @@ class Tolerance:
 #: fp32: what float32 re-association in another runtime costs (onnxruntime fuses conv +
 #: batch norm and reorders sums). fp16: half precision weights and activations (10-bit
 #: mantissa, ~5e-4 relative per op, accumulated over a few dozen layers).
-TOLERANCES: dict[str, Tolerance] = {"fp32": Tolerance(rtol=1e-4, atol=1e-5),
-                                    "fp16": Tolerance(rtol=2e-2, atol=2e-3)}
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(rtol=1e-4, atol=1e-5),
+    "fp16": Tolerance(rtol=2e-2, atol=2e-3),
+}
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,11 @@ class ParityReport:
 
     def summary(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
-        return (f"{self.runtime} vs PyTorch ({self.precision}): max abs error {self.max_abs:.3g}, "
-                f"max rel error {self.max_rel:.3g} (tolerance rtol {self.tolerance.rtol:g}, "
-                f"atol {self.tolerance.atol:g}): {verdict}")
+        return (
+            f"{self.runtime} vs PyTorch ({self.precision}): max abs error {self.max_abs:.3g}, "
+            f"max rel error {self.max_rel:.3g} (tolerance rtol {self.tolerance.rtol:g}, "
+            f"atol {self.tolerance.atol:g}): {verdict}"
+        )
 
 
 @torch.no_grad()
@@ -87,9 +91,15 @@ def torch_outputs(module: torch.nn.Module, patches: np.ndarray) -> list[np.ndarr
     return [t.float().numpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
-def compare(module: torch.nn.Module, exported: Callable[[np.ndarray], Sequence[np.ndarray]],
-            inputs: Mapping[str, np.ndarray], output_names: Sequence[str], runtime: str,
-            precision: str, raise_on_failure: bool = True) -> ParityReport:
+def compare(
+    module: torch.nn.Module,
+    exported: Callable[[np.ndarray], Sequence[np.ndarray]],
+    inputs: Mapping[str, np.ndarray],
+    output_names: Sequence[str],
+    runtime: str,
+    precision: str,
+    raise_on_failure: bool = True,
+) -> ParityReport:
     """Run ``inputs`` through both and measure the error.
 
     Args:
@@ -112,19 +122,32 @@ def compare(module: torch.nn.Module, exported: Callable[[np.ndarray], Sequence[n
         got = exported(patches)
         for name, want, have in zip(output_names, expected, got, strict=True):
             if want.shape != have.shape:
-                raise ParityError(f"{runtime}: output {name!r} has shape {have.shape}, PyTorch "
-                                  f"{want.shape}", None)
+                raise ParityError(
+                    f"{runtime}: output {name!r} has shape {have.shape}, PyTorch {want.shape}", None
+                )
             err = np.abs(have.astype(np.float64) - want)
-            max_err[name] = max(max_err[name], float(np.nan_to_num(err, nan=np.inf).max(initial=0.0)))
+            max_err[name] = max(
+                max_err[name], float(np.nan_to_num(err, nan=np.inf).max(initial=0.0))
+            )
             scale[name] = max(scale[name], float(np.abs(want).max(initial=0.0)))
-    per_output = {name: {"max_abs": max_err[name], "max_rel": max_err[name] / max(scale[name], tol.atol),
-                         "scale": scale[name]} for name in output_names}
+    per_output = {
+        name: {
+            "max_abs": max_err[name],
+            "max_rel": max_err[name] / max(scale[name], tol.atol),
+            "scale": scale[name],
+        }
+        for name in output_names
+    }
     passed = all(max_err[n] <= tol.atol + tol.rtol * scale[n] for n in output_names)
     report = ParityReport(
-        runtime=runtime, precision=precision, tolerance=tol,
+        runtime=runtime,
+        precision=precision,
+        tolerance=tol,
         max_abs=max(s["max_abs"] for s in per_output.values()),
         max_rel=max(s["max_rel"] for s in per_output.values()),
-        per_output=per_output, inputs=list(inputs), passed=passed,
+        per_output=per_output,
+        inputs=list(inputs),
+        passed=passed,
     )
     if not passed and raise_on_failure:
         raise ParityError(f"parity check failed: {report.summary()}", report)

@@ -22,9 +22,11 @@ __all__ = ["TensorRTRunner", "build_engine", "unavailable_reason"]
 def unavailable_reason() -> str | None:
     """Why a TensorRT engine cannot be built here, or None when it can."""
     if not torch.cuda.is_available():
-        return ("no CUDA GPU is visible on this machine; TensorRT engines are built on the GPU "
-                "they will run on. Export without --tensorrt here (the ONNX model serves on CPU "
-                "and GPU), and build the plan on the serving machine")
+        return (
+            "no CUDA GPU is visible on this machine; TensorRT engines are built on the GPU "
+            "they will run on. Export without --tensorrt here (the ONNX model serves on CPU "
+            "and GPU), and build the plan on the serving machine"
+        )
     try:
         import tensorrt  # noqa: F401
     except ImportError:
@@ -32,9 +34,16 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def build_engine(onnx_path: str | Path, plan_path: str | Path, *, input_name: str,
-                 input_shape: Sequence[int], max_batch_size: int, fp16: bool,
-                 workspace_bytes: int = 1 << 30) -> Path:
+def build_engine(
+    onnx_path: str | Path,
+    plan_path: str | Path,
+    *,
+    input_name: str,
+    input_shape: Sequence[int],
+    max_batch_size: int,
+    fp16: bool,
+    workspace_bytes: int = 1 << 30,
+) -> Path:
     """Build and write a serialized engine for batches ``1..max_batch_size``.
 
     Args:
@@ -64,11 +73,15 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, input_name: st
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     dims = tuple(input_shape)
-    profile.set_shape(input_name, (1, *dims), (max(1, max_batch_size // 2), *dims), (max_batch_size, *dims))
+    profile.set_shape(
+        input_name, (1, *dims), (max(1, max_batch_size // 2), *dims), (max_batch_size, *dims)
+    )
     config.add_optimization_profile(profile)
     engine = builder.build_serialized_network(network, config)
     if engine is None:
-        raise ExportError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
+        raise ExportError(
+            f"TensorRT failed to build an engine from {onnx_path} (see its log above)"
+        )
     data = bytes(engine)
     plan_path = Path(plan_path)
     atomic_write(plan_path, lambda fh: fh.write(data))
@@ -102,7 +115,9 @@ class TensorRTRunner:
         self.context.set_tensor_address(self.input_name, x.data_ptr())
         outputs = []
         for name in self.output_names:
-            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=torch.float32, device="cuda")
+            out = torch.empty(
+                tuple(self.context.get_tensor_shape(name)), dtype=torch.float32, device="cuda"
+            )
             self.context.set_tensor_address(name, out.data_ptr())
             outputs.append(out)
         stream = torch.cuda.current_stream()

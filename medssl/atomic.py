@@ -45,8 +45,14 @@ def make_dirs(path: Path) -> None:
         fsync_dir(folder.parent)
 
 
-def atomic_write(path: Path, write: Callable[[Any], object], mode: str = "wb", *,
-                 tmp_dir: Path | None = None, suffix: str = ".tmp") -> None:
+def atomic_write(
+    path: Path,
+    write: Callable[[Any], object],
+    mode: str = "wb",
+    *,
+    tmp_dir: Path | None = None,
+    suffix: str = ".tmp",
+) -> None:
     """Call ``write(fh)`` on a temp file, fsync it, rename it onto ``path``, fsync the folder.
 
     Args:

@@ -106,8 +106,10 @@ class ImplausibleGeometryError(SeriesGeometryError):
     def __init__(self, path: str | Path, quantity: str, value: str, limit: str) -> None:
         self.quantity, self.value, self.limit = quantity, value, limit
         super().__init__(
-            path, f"implausible geometry: {quantity} is {value}, the limit is {limit} "
-            "(medssl.io.limits.GeometryLimits)")
+            path,
+            f"implausible geometry: {quantity} is {value}, the limit is {limit} "
+            "(medssl.io.limits.GeometryLimits)",
+        )
 
 
 class LocalizerError(VolumeReadError):
@@ -150,6 +152,7 @@ class ConfigError(MedsslError):
 
 class CheckpointError(_PathProblem):
     """A checkpoint file is missing, truncated or not a medssl checkpoint (``path``, ``problem``)."""
+
 
 class EvaluationInputError(MedsslError):
     """Input to an evaluation (annotations, seriesuids, predictions) is missing or malformed.

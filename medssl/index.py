@@ -42,8 +42,18 @@ from medssl.atomic import atomic_write
 from medssl.errors import CorruptFileError, MedsslError
 from medssl.io.dicom_files import derived_series_key, iter_files, read_dataset, series_key
 
-__all__ = ["INDEX_SCHEMA", "DicomIndex", "SeriesRecord", "index_files", "index_table", "index_tree", "iter_index", "read_index",
-           "write_index", "write_index_table"]
+__all__ = [
+    "INDEX_SCHEMA",
+    "DicomIndex",
+    "SeriesRecord",
+    "index_files",
+    "index_table",
+    "index_tree",
+    "iter_index",
+    "read_index",
+    "write_index",
+    "write_index_table",
+]
 
 #: Headers read per task when indexing in parallel processes.
 CHUNK = 256
@@ -125,7 +135,9 @@ def index_tree(
         within a series sorted by path.
     """
     table, unreadable = index_table(root, workers=workers, progress=progress, parts=parts)
-    return DicomIndex(series=[SeriesRecord(**row) for row in table.to_pylist()], unreadable=unreadable)
+    return DicomIndex(
+        series=[SeriesRecord(**row) for row in table.to_pylist()], unreadable=unreadable
+    )
 
 
 def index_table(
@@ -154,7 +166,9 @@ def index_table(
     paths = _listing(root, parts_dir)
     if workers is None:
         workers = (os.cpu_count() or 1) if len(paths) > PARALLEL_MIN_FILES else 1
-    chunks = [(i, paths[i * CHUNK : (i + 1) * CHUNK]) for i in range((len(paths) + CHUNK - 1) // CHUNK)]
+    chunks = [
+        (i, paths[i * CHUNK : (i + 1) * CHUNK]) for i in range((len(paths) + CHUNK - 1) // CHUNK)
+    ]
     tables: dict[int, pa.Table] = {}
     done = 0
     if parts_dir is not None:
@@ -168,7 +182,9 @@ def index_table(
             pending: dict[Future[pa.Table | None], int] = {}
             queue = iter(chunks)
             for i, chunk in queue:  # a bounded number of chunks in flight: memory stays flat
-                pending[pool.submit(_index_chunk, chunk, str(root), _part_or_none(parts_dir, i))] = i
+                pending[
+                    pool.submit(_index_chunk, chunk, str(root), _part_or_none(parts_dir, i))
+                ] = i
                 if len(pending) >= 2 * workers:
                     break
             while pending:
@@ -183,7 +199,11 @@ def index_table(
                         progress(done)
                     nxt = next(queue, None)
                     if nxt is not None:
-                        pending[pool.submit(_index_chunk, nxt[1], str(root), _part_or_none(parts_dir, nxt[0]))] = nxt[0]
+                        pending[
+                            pool.submit(
+                                _index_chunk, nxt[1], str(root), _part_or_none(parts_dir, nxt[0])
+                            )
+                        ] = nxt[0]
     else:
         for i, chunk in chunks:
             table = _index_chunk(chunk, str(root), _part_or_none(parts_dir, i))
@@ -195,7 +215,11 @@ def index_table(
     if parts_dir is not None:
         headers = _read_parts(parts_dir, (len(paths) + CHUNK - 1) // CHUNK)
     else:
-        headers = pa.concat_tables([tables[i] for i in sorted(tables)]) if tables else _HEADER_SCHEMA.empty_table()
+        headers = (
+            pa.concat_tables([tables[i] for i in sorted(tables)])
+            if tables
+            else _HEADER_SCHEMA.empty_table()
+        )
     return _series_table(headers)
 
 
@@ -216,8 +240,10 @@ def _listing(root: Path, parts: Path | None) -> list[str]:
     if described.is_file():
         found = json.loads(described.read_text(encoding="utf-8"))
         if {k: found.get(k) for k in meta} != meta:
-            raise MedsslError(f"{parts}: holds a partial index of another tree or chunk size "
-                              f"({found.get('root')}); delete the folder or give another --out")
+            raise MedsslError(
+                f"{parts}: holds a partial index of another tree or chunk size "
+                f"({found.get('root')}); delete the folder or give another --out"
+            )
         if listing.is_file():
             return pq.read_table(listing).column("path").to_pylist()
     parts.mkdir(parents=True, exist_ok=True)
@@ -262,7 +288,9 @@ def index_files(paths: Sequence[str | Path]) -> DicomIndex:
 def _index(headers: list[dict[str, object]]) -> DicomIndex:
     """Series and unreadable files of :func:`_read_headers`' output."""
     table, unreadable = _series_table(pa.Table.from_pylist(headers, schema=_HEADER_SCHEMA))
-    return DicomIndex(series=[SeriesRecord(**row) for row in table.to_pylist()], unreadable=unreadable)
+    return DicomIndex(
+        series=[SeriesRecord(**row) for row in table.to_pylist()], unreadable=unreadable
+    )
 
 
 def _read_headers(paths: Sequence[str], root: str | None = None) -> list[dict[str, object]]:
@@ -327,18 +355,46 @@ def _values(value: object) -> list[object]:
 
 
 #: One row per file: the header fields :func:`_header` reads, or ``path`` + ``error``.
-_HEADER_SCHEMA = pa.schema([
-    ("path", pa.string()), ("error", pa.string()), ("patient_id", pa.string()), ("study_uid", pa.string()),
-    ("series_uid", pa.string()), ("series_key", pa.string()), ("series_uid_absent", pa.bool_()),
-    ("sop_uid", pa.string()), ("modality", pa.string()), ("sop_class_uid", pa.string()),
-    ("image_type", pa.string()), ("series_description", pa.string()), ("series_number", pa.int64()),
-    ("study_date", pa.string()), ("body_part", pa.string()), ("slice_thickness", pa.float64()),
-    ("orientation", pa.string()), ("rows", pa.int64()), ("columns", pa.int64()), ("frames", pa.int64()),
-])
+_HEADER_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("error", pa.string()),
+        ("patient_id", pa.string()),
+        ("study_uid", pa.string()),
+        ("series_uid", pa.string()),
+        ("series_key", pa.string()),
+        ("series_uid_absent", pa.bool_()),
+        ("sop_uid", pa.string()),
+        ("modality", pa.string()),
+        ("sop_class_uid", pa.string()),
+        ("image_type", pa.string()),
+        ("series_description", pa.string()),
+        ("series_number", pa.int64()),
+        ("study_date", pa.string()),
+        ("body_part", pa.string()),
+        ("slice_thickness", pa.float64()),
+        ("orientation", pa.string()),
+        ("rows", pa.int64()),
+        ("columns", pa.int64()),
+        ("frames", pa.int64()),
+    ]
+)
 #: Series fields taken from the first file (by path) of the series.
-_FIRST = ("patient_id", "study_uid", "series_uid", "modality", "sop_class_uid", "image_type",
-          "series_description", "series_number", "study_date", "body_part", "rows", "columns",
-          "series_uid_absent")
+_FIRST = (
+    "patient_id",
+    "study_uid",
+    "series_uid",
+    "modality",
+    "sop_class_uid",
+    "image_type",
+    "series_description",
+    "series_number",
+    "study_date",
+    "body_part",
+    "rows",
+    "columns",
+    "series_uid_absent",
+)
 
 
 def _series_table(headers: pa.Table) -> tuple[pa.Table, list[tuple[str, str]]]:
@@ -350,29 +406,61 @@ def _series_table(headers: pa.Table) -> tuple[pa.Table, list[tuple[str, str]]]:
     """
     failed = headers.filter(pc.is_valid(headers["error"]))
     unreadable = sorted(zip(failed["path"].to_pylist(), failed["error"].to_pylist()))
-    ok = headers.filter(pc.is_null(headers["error"])).sort_by([("series_key", "ascending"), ("path", "ascending")])
+    ok = headers.filter(pc.is_null(headers["error"])).sort_by(
+        [("series_key", "ascending"), ("path", "ascending")]
+    )
     if ok.num_rows == 0:
         return _arrow_schema(pa).empty_table(), unreadable
     ok = _derive_absent_keys(ok)
     first = pc.ScalarAggregateOptions(skip_nulls=False)
     grouped = ok.group_by("series_key", use_threads=False).aggregate(
         [(name, "first", first) for name in _FIRST]
-        + [("path", "list"), ("path", "count"), ("frames", "sum"), ("slice_thickness", "list"),
-           ("orientation", "count_distinct", pc.CountOptions(mode="all")), ("orientation", "first", first)])
-    thickness = [float(np.median([t for t in ts if t is not None])) if any(t is not None for t in ts) else None
-                 for ts in grouped["slice_thickness_list"].to_pylist()]
-    orientation = pc.if_else(pc.equal(grouped["orientation_count_distinct"], 1),
-                             grouped["orientation_first"], pa.scalar("MIXED"))
+        + [
+            ("path", "list"),
+            ("path", "count"),
+            ("frames", "sum"),
+            ("slice_thickness", "list"),
+            ("orientation", "count_distinct", pc.CountOptions(mode="all")),
+            ("orientation", "first", first),
+        ]
+    )
+    thickness = [
+        float(np.median([t for t in ts if t is not None]))
+        if any(t is not None for t in ts)
+        else None
+        for ts in grouped["slice_thickness_list"].to_pylist()
+    ]
+    orientation = pc.if_else(
+        pc.equal(grouped["orientation_count_distinct"], 1),
+        grouped["orientation_first"],
+        pa.scalar("MIXED"),
+    )
     columns: dict[str, Any] = {name: grouped[f"{name}_first"] for name in _FIRST}
-    columns.update(n_files=grouped["path_count"], n_slices=grouped["frames_sum"],
-                   slice_thickness=pa.array(thickness, pa.float64()), orientation=orientation,
-                   files=grouped["path_list"], series_key=grouped["series_key"])
+    columns.update(
+        n_files=grouped["path_count"],
+        n_slices=grouped["frames_sum"],
+        slice_thickness=pa.array(thickness, pa.float64()),
+        orientation=orientation,
+        files=grouped["path_list"],
+        series_key=grouped["series_key"],
+    )
     schema = _arrow_schema(pa)
-    table = pa.table({name: pc.cast(columns[name], schema.field(name).type) for name in schema.names}, schema=schema)
-    order = pa.table({"p": table["patient_id"], "s": table["study_uid"],
-                      "n": pc.fill_null(table["series_number"], 0), "k": table["series_key"]})
-    indices = pc.sort_indices(order, sort_keys=[("p", "ascending"), ("s", "ascending"), ("n", "ascending"),
-                                                 ("k", "ascending")])
+    table = pa.table(
+        {name: pc.cast(columns[name], schema.field(name).type) for name in schema.names},
+        schema=schema,
+    )
+    order = pa.table(
+        {
+            "p": table["patient_id"],
+            "s": table["study_uid"],
+            "n": pc.fill_null(table["series_number"], 0),
+            "k": table["series_key"],
+        }
+    )
+    indices = pc.sort_indices(
+        order,
+        sort_keys=[("p", "ascending"), ("s", "ascending"), ("n", "ascending"), ("k", "ascending")],
+    )
     return table.take(indices), unreadable
 
 
@@ -391,7 +479,9 @@ def _derive_absent_keys(ok: pa.Table) -> pa.Table:
     keys = ok["series_key"].to_pylist()
     flags = absent.to_pylist()
     new = [derived[k] if flag else k for k, flag in zip(keys, flags)]
-    return ok.set_column(ok.schema.get_field_index("series_key"), "series_key", pa.array(new, pa.string()))
+    return ok.set_column(
+        ok.schema.get_field_index("series_key"), "series_key", pa.array(new, pa.string())
+    )
 
 
 def _orientation_label(orientation: object) -> str:

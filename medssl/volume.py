@@ -219,11 +219,15 @@ def resample_array(
     from concurrent.futures import ThreadPoolExecutor
 
     if array.ndim != 3 or len(scale) != 3 or len(out_shape) != 3:
-        raise ValueError(f"expected a 3D array, 3 scales and a 3D shape, got {array.shape}, {scale}, {out_shape}")
+        raise ValueError(
+            f"expected a 3D array, 3 scales and a 3D shape, got {array.shape}, {scale}, {out_shape}"
+        )
     linear = interpolation == "linear"
     src = array.astype(np.float32, copy=False) if linear else array
-    coords = [np.clip(np.arange(int(m), dtype=np.float64) * float(f), 0.0, n - 1)
-              for n, f, m in zip(src.shape, scale, out_shape)]
+    coords = [
+        np.clip(np.arange(int(m), dtype=np.float64) * float(f), 0.0, n - 1)
+        for n, f, m in zip(src.shape, scale, out_shape)
+    ]
     if not linear:  # nearest: round half up, per axis
         index = [np.floor(c + 0.5).astype(np.intp) for c in coords]
         return _fill_outside(src[np.ix_(*index)], src.shape, scale, fill_value)
@@ -233,7 +237,7 @@ def resample_array(
         o1 = min(o0 + _BLOCK_SLICES, out.shape[0])
         z = coords[0][o0:o1]
         first = min(int(np.floor(z.min())), src.shape[0] - 2) if src.shape[0] > 1 else 0
-        part = src[first:int(np.ceil(z.max())) + 2]
+        part = src[first : int(np.ceil(z.max())) + 2]
         out[o0:o1] = lerp_axis(lerp_axis(lerp_axis(part, coords[2], 2), coords[1], 1), z - first, 0)
         if post is not None:
             post(out[o0:o1])
@@ -249,8 +253,9 @@ def resample_array(
     return _fill_outside(out, src.shape, scale, fill_value)
 
 
-def _fill_outside(out: np.ndarray, in_shape: Sequence[int], scale: Sequence[float],
-                  fill_value: float | None) -> np.ndarray:
+def _fill_outside(
+    out: np.ndarray, in_shape: Sequence[int], scale: Sequence[float], fill_value: float | None
+) -> np.ndarray:
     """Set output voxels whose sample point lies outside the input to ``fill_value``."""
     if fill_value is not None:
         for axis, n, s, m in zip(range(3), in_shape, scale, out.shape):

@@ -58,22 +58,29 @@ LOGGER = logging.getLogger("medssl.serving.api")
 
 _MAX_BODY = 64 * 1024
 _STATIC = Path(__file__).with_name("static")
-_STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                 ".png": "image/png"}
+_STATIC_TYPES = {
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".png": "image/png",
+}
 _SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
-    "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-                                "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
 }
 _JSON = "application/json"
 _HTML = "text/html; charset=utf-8"
 
 
 class _HttpError(Exception):
-    def __init__(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.headers = headers or {}
@@ -108,7 +115,9 @@ class ApiServer(HttpListener):
             ssl.SSLError: the certificate or key cannot be loaded.
         """
         super().start()
-        LOGGER.info("operator API and console on %s://%s:%d/", self.scheme, self.cfg.host, self.port)
+        LOGGER.info(
+            "operator API and console on %s://%s:%d/", self.scheme, self.cfg.host, self.port
+        )
 
     def _wrap(self, server: ThreadingHTTPServer) -> None:
         if not self.cfg.tls.enabled:
@@ -118,7 +127,9 @@ class ApiServer(HttpListener):
         context.load_cert_chain(str(self.cfg.tls.certificate), str(self.cfg.tls.private_key))
         # the handshake happens in the request's thread (bounded by the handler's timeout),
         # so a client that connects and never says hello cannot stall the listener
-        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+        server.socket = context.wrap_socket(
+            server.socket, server_side=True, do_handshake_on_connect=False
+        )
 
     # --- credentials ------------------------------------------------------------------------
 
@@ -131,9 +142,15 @@ class ApiServer(HttpListener):
         if scheme.lower() == "bearer" and self.cfg.token is not None:
             if hmac.compare_digest(value.encode(), self.cfg.token.encode()):
                 return "token"
-        elif scheme.lower() == "basic" and self.cfg.username is not None and self.cfg.password is not None:
+        elif (
+            scheme.lower() == "basic"
+            and self.cfg.username is not None
+            and self.cfg.password is not None
+        ):
             try:
-                user, _, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+                user, _, password = (
+                    base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+                )
             except (binascii.Error, UnicodeDecodeError):
                 return None
             user_ok = hmac.compare_digest(user.encode(), self.cfg.username.encode())
@@ -178,9 +195,15 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             principal = self.owner.principal(self.headers.get("Authorization"))
             if principal is None:
-                raise _HttpError(HTTPStatus.UNAUTHORIZED, "credentials required", {
-                    "WWW-Authenticate": 'Basic realm="medssl gateway", charset="UTF-8"'
-                    if self.owner.cfg.username is not None else 'Bearer realm="medssl gateway"'})
+                raise _HttpError(
+                    HTTPStatus.UNAUTHORIZED,
+                    "credentials required",
+                    {
+                        "WWW-Authenticate": 'Basic realm="medssl gateway", charset="UTF-8"'
+                        if self.owner.cfg.username is not None
+                        else 'Bearer realm="medssl gateway"'
+                    },
+                )
             url = urllib.parse.urlsplit(self.path)
             query = urllib.parse.parse_qs(url.query, keep_blank_values=False)
             path = urllib.parse.unquote(url.path)
@@ -190,8 +213,11 @@ class _Handler(BaseHTTPRequestHandler):
                 status, content_type, payload = self._get(path, query, principal)
                 self._send(status, content_type, payload, body=method == "GET")
             else:
-                raise _HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not supported",
-                                 {"Allow": "GET, HEAD, POST"})
+                raise _HttpError(
+                    HTTPStatus.METHOD_NOT_ALLOWED,
+                    f"{method} is not supported",
+                    {"Allow": "GET, HEAD, POST"},
+                )
         except _HttpError as exc:
             self._error(exc.status, str(exc), exc.headers, body=method != "HEAD")
         except NotFound as exc:
@@ -202,21 +228,32 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.BAD_REQUEST, str(exc), body=method != "HEAD")
         except Exception as exc:  # the service boundary: an answer, never a dead server
             LOGGER.exception("API %s failed: %s", method, type(exc).__name__)
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error ({type(exc).__name__})",
-                        body=method != "HEAD")
+            self._error(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                f"internal error ({type(exc).__name__})",
+                body=method != "HEAD",
+            )
 
-    def _get(self, path: str, query: dict[str, list[str]], principal: str) -> tuple[HTTPStatus, str, bytes]:
+    def _get(
+        self, path: str, query: dict[str, list[str]], principal: str
+    ) -> tuple[HTTPStatus, str, bytes]:
         ops = self.owner.ops
         if path.startswith("/api/v1/"):
-            route = path[len("/api/v1/"):].rstrip("/")
+            route = path[len("/api/v1/") :].rstrip("/")
             parts = route.split("/")
-            if route in _ACTION_ROUTES or (len(parts) == 3 and parts[0] == "studies" and parts[2] in _ACTIONS):
-                raise _HttpError(HTTPStatus.METHOD_NOT_ALLOWED, "actions need POST", {"Allow": "POST"})
+            if route in _ACTION_ROUTES or (
+                len(parts) == 3 and parts[0] == "studies" and parts[2] in _ACTIONS
+            ):
+                raise _HttpError(
+                    HTTPStatus.METHOD_NOT_ALLOWED, "actions need POST", {"Allow": "POST"}
+                )
             data = self._api_read(parts, query, principal)
             return HTTPStatus.OK, _JSON, json.dumps(data, indent=1).encode()
         if path.startswith("/static/"):
-            return self._static(path[len("/static/"):])
-        page = console.render(path, query, ops, csrf=self.owner.csrf_token(principal), user=principal)
+            return self._static(path[len("/static/") :])
+        page = console.render(
+            path, query, ops, csrf=self.owner.csrf_token(principal), user=principal
+        )
         if page is None:
             raise _HttpError(HTTPStatus.NOT_FOUND, f"no page {path}")
         return HTTPStatus.OK, _HTML, page.encode()
@@ -228,11 +265,19 @@ class _Handler(BaseHTTPRequestHandler):
             case ["openapi.json"]:
                 return OPENAPI
             case ["session"]:
-                return {"user": principal, "csrf_token": self.owner.csrf_token(principal),
-                        "show_patient_id": ops.cfg.api.show_patient_id}
+                return {
+                    "user": principal,
+                    "csrf_token": self.owner.csrf_token(principal),
+                    "show_patient_id": ops.cfg.api.show_patient_id,
+                }
             case ["studies"]:
-                return ops.studies(states=_list(query, "state"), since=_time(query, "since"),
-                                   until=_time(query, "until"), uid=_one(query, "uid"), **page)
+                return ops.studies(
+                    states=_list(query, "state"),
+                    since=_time(query, "since"),
+                    until=_time(query, "until"),
+                    uid=_one(query, "uid"),
+                    **page,
+                )
             case ["studies", ref]:
                 return ops.study(ref)
             case ["deliveries"]:
@@ -256,16 +301,22 @@ class _Handler(BaseHTTPRequestHandler):
     def _post(self, path: str, principal: str) -> None:
         form = self._body()
         origin = self.headers.get("Origin")
-        if origin is not None and origin != "null" and urllib.parse.urlsplit(origin).netloc != self.headers.get("Host"):
+        if (
+            origin is not None
+            and origin != "null"
+            and urllib.parse.urlsplit(origin).netloc != self.headers.get("Host")
+        ):
             raise _HttpError(HTTPStatus.FORBIDDEN, "cross-origin request refused")
         token = self.headers.get("X-CSRF-Token") or str(form.get("csrf_token") or "")
         if not hmac.compare_digest(token.encode(), self.owner.csrf_token(principal).encode()):
-            raise _HttpError(HTTPStatus.FORBIDDEN, "missing or wrong CSRF token (GET /api/v1/session gives it)")
+            raise _HttpError(
+                HTTPStatus.FORBIDDEN, "missing or wrong CSRF token (GET /api/v1/session gives it)"
+            )
         from_console = "csrf_token" in form and self.headers.get("X-CSRF-Token") is None
         actor = f"{principal} ({'console' if from_console else 'api'})"
         if not path.startswith("/api/v1/"):
             raise _HttpError(HTTPStatus.NOT_FOUND, f"no action at {path}")
-        parts = path[len("/api/v1/"):].rstrip("/").split("/")
+        parts = path[len("/api/v1/") :].rstrip("/").split("/")
         reason = str(form.get("reason") or "").strip()[:500] or None
         ops = self.owner.ops
         match parts:
@@ -284,8 +335,15 @@ class _Handler(BaseHTTPRequestHandler):
                 result = ops.purge_quarantine(float(form["older_than_days"]), actor, reason)
             case _:
                 raise _HttpError(HTTPStatus.NOT_FOUND, f"no action at {path}")
-        LOGGER.info("operator action", extra={"action": parts[-1], "actor": actor,
-                                              "job_id": result.get("id"), "state": result.get("state")})
+        LOGGER.info(
+            "operator action",
+            extra={
+                "action": parts[-1],
+                "actor": actor,
+                "job_id": result.get("id"),
+                "state": result.get("state"),
+            },
+        )
         if from_console:
             target = str(form.get("next") or "/")
             if not target.startswith("/") or target.startswith("//"):
@@ -320,19 +378,32 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _HttpError(HTTPStatus.BAD_REQUEST, "the JSON body must be an object")
             return value
         if kind == "application/x-www-form-urlencoded":
-            return {k: v[-1] for k, v in urllib.parse.parse_qs(raw.decode("utf-8", "replace")).items()}
+            return {
+                k: v[-1] for k, v in urllib.parse.parse_qs(raw.decode("utf-8", "replace")).items()
+            }
         raise _HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json or a form")
 
     def _static(self, name: str) -> tuple[HTTPStatus, str, bytes]:
         path = _STATIC / name
-        if "/" in name or name.startswith(".") or path.suffix not in _STATIC_TYPES or not path.is_file():
+        if (
+            "/" in name
+            or name.startswith(".")
+            or path.suffix not in _STATIC_TYPES
+            or not path.is_file()
+        ):
             raise _HttpError(HTTPStatus.NOT_FOUND, f"no static file {name}")
         return HTTPStatus.OK, _STATIC_TYPES[path.suffix], path.read_bytes()
 
     # --- answers ----------------------------------------------------------------------------
 
-    def _send(self, status: HTTPStatus, content_type: str, payload: bytes, body: bool = True,
-              headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        status: HTTPStatus,
+        content_type: str,
+        payload: bytes,
+        body: bool = True,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -345,9 +416,16 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # the client went away
             self.close_connection = True
 
-    def _error(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None,
-               body: bool = True) -> None:
-        wants_html = "text/html" in (self.headers.get("Accept") or "") and not self.path.startswith("/api/")
+    def _error(
+        self,
+        status: HTTPStatus,
+        message: str,
+        headers: dict[str, str] | None = None,
+        body: bool = True,
+    ) -> None:
+        wants_html = "text/html" in (self.headers.get("Accept") or "") and not self.path.startswith(
+            "/api/"
+        )
         if wants_html:
             payload = console.error_page(int(status), status.phrase, message).encode()
             self._send(status, _HTML, payload, body, headers)

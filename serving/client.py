@@ -42,7 +42,9 @@ class Jobs(Protocol):
     def studies(self, **filters: Any) -> dict[str, Any]: ...
     def study(self, ref: str) -> dict[str, Any]: ...
     def retry(self, ref: str, reason: str | None = None) -> dict[str, Any]: ...
-    def redeliver(self, ref: str, destination: str, reason: str | None = None) -> dict[str, Any]: ...
+    def redeliver(
+        self, ref: str, destination: str, reason: str | None = None
+    ) -> dict[str, Any]: ...
     def cancel(self, ref: str, reason: str | None = None) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
@@ -94,14 +96,18 @@ class ApiClient:
 
     def __init__(self, cfg: GatewayConfig, timeout_s: float = 10.0) -> None:
         api = cfg.api
-        host = "127.0.0.1" if api.host in ("0.0.0.0", "") else "::1" if api.host == "::" else api.host
+        host = (
+            "127.0.0.1" if api.host in ("0.0.0.0", "") else "::1" if api.host == "::" else api.host
+        )
         scheme = "https" if api.tls.enabled else "http"
         self.base = f"{scheme}://{host if ':' not in host else f'[{host}]'}:{api.port}"
         self.where = f"the gateway's API at {self.base}"
         if api.token is not None:
             self._auth = f"Bearer {api.token}"
         elif api.username is not None and api.password is not None:
-            self._auth = "Basic " + base64.b64encode(f"{api.username}:{api.password}".encode()).decode()
+            self._auth = (
+                "Basic " + base64.b64encode(f"{api.username}:{api.password}".encode()).decode()
+            )
         else:
             raise JobsError("the API has no credentials in the config")
         self._context: ssl.SSLContext | None = None
@@ -119,9 +125,13 @@ class ApiClient:
                 self._csrf = str(self._request("GET", "/api/v1/session")["csrf_token"])
             headers.update({"Content-Type": "application/json", "X-CSRF-Token": self._csrf})
             data = json.dumps(body or {}).encode()
-        request = urllib.request.Request(self.base + path, data=data, headers=headers, method=method)
+        request = urllib.request.Request(
+            self.base + path, data=data, headers=headers, method=method
+        )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s, context=self._context) as response:
+            with urllib.request.urlopen(
+                request, timeout=self.timeout_s, context=self._context
+            ) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             try:
@@ -143,20 +153,29 @@ class ApiClient:
                 query += [("state", s) for s in value]
             else:
                 query.append((key, str(value)))
-        return self._request("GET", "/api/v1/studies" + ("?" + urllib.parse.urlencode(query) if query else ""))
+        return self._request(
+            "GET", "/api/v1/studies" + ("?" + urllib.parse.urlencode(query) if query else "")
+        )
 
     def study(self, ref: str) -> dict[str, Any]:
         return self._request("GET", f"/api/v1/studies/{urllib.parse.quote(ref, safe='')}")
 
     def retry(self, ref: str, reason: str | None = None) -> dict[str, Any]:
-        return self._request("POST", f"/api/v1/studies/{urllib.parse.quote(ref, safe='')}/retry", {"reason": reason})
+        return self._request(
+            "POST", f"/api/v1/studies/{urllib.parse.quote(ref, safe='')}/retry", {"reason": reason}
+        )
 
     def redeliver(self, ref: str, destination: str, reason: str | None = None) -> dict[str, Any]:
-        return self._request("POST", f"/api/v1/studies/{urllib.parse.quote(ref, safe='')}/redeliver",
-                             {"destination": destination, "reason": reason})
+        return self._request(
+            "POST",
+            f"/api/v1/studies/{urllib.parse.quote(ref, safe='')}/redeliver",
+            {"destination": destination, "reason": reason},
+        )
 
     def cancel(self, ref: str, reason: str | None = None) -> dict[str, Any]:
-        return self._request("POST", f"/api/v1/studies/{urllib.parse.quote(ref, safe='')}/cancel", {"reason": reason})
+        return self._request(
+            "POST", f"/api/v1/studies/{urllib.parse.quote(ref, safe='')}/cancel", {"reason": reason}
+        )
 
     def close(self) -> None:
         pass
@@ -178,7 +197,9 @@ def open_jobs(cfg: GatewayConfig, mode: str = "auto") -> Jobs:
             return client
         except (OSError, urllib.error.URLError) as exc:
             if mode == "api":
-                raise JobsError(f"{client.where} does not answer ({exc}); is the gateway running?") from None
+                raise JobsError(
+                    f"{client.where} does not answer ({exc}); is the gateway running?"
+                ) from None
     elif mode == "api":
         raise JobsError("the operator API is not enabled in this config (api.enabled)")
     return LocalJobs(cfg)

@@ -153,12 +153,20 @@ class ScpConfig:
     def __post_init__(self) -> None:
         _ae_title(self.ae_title, "ae_title")
         _port(self.port, "port")
-        for name in ("max_associations", "max_associations_per_peer", "max_pending_connections",
-                     "max_inflated_bytes"):
+        for name in (
+            "max_associations",
+            "max_associations_per_peer",
+            "max_pending_connections",
+            "max_inflated_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s",
-                     "association_request_timeout_s"):
+        for name in (
+            "acse_timeout_s",
+            "dimse_timeout_s",
+            "network_timeout_s",
+            "association_request_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -247,11 +255,14 @@ class RouteConfig:
         if not self.model:
             raise ValueError("model must name a model of the repository")
         if self.min_probability is not None and not 0.0 <= self.min_probability <= 1.0:
-            raise ValueError(f"min_probability must be in [0, 1] (or null: the card's operating point), "
-                             f"got {self.min_probability}")
+            raise ValueError(
+                f"min_probability must be in [0, 1] (or null: the card's operating point), "
+                f"got {self.min_probability}"
+            )
         if self.seg_type not in ("binary", "labelmap", "labelmap-rle"):
-            raise ValueError(f"seg_type must be 'binary', 'labelmap' or 'labelmap-rle', "
-                             f"got {self.seg_type!r}")
+            raise ValueError(
+                f"seg_type must be 'binary', 'labelmap' or 'labelmap-rle', got {self.seg_type!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -414,15 +425,19 @@ class ApiConfig:
     def __post_init__(self) -> None:
         _port(self.port, "port")
         if self.enabled and (self.username is None) != (self.password is None):
-            raise ValueError("HTTP basic credentials need both username and password (give the password "
-                             "by environment: MEDSSL_GATEWAY__API__PASSWORD)")
+            raise ValueError(
+                "HTTP basic credentials need both username and password (give the password "
+                "by environment: MEDSSL_GATEWAY__API__PASSWORD)"
+            )
         if self.token is not None and len(self.token) < 16:
             raise ValueError("token must have at least 16 characters")
         if self.password is not None and len(self.password) < 8:
             raise ValueError("password must have at least 8 characters")
         if self.enabled and self.token is None and self.username is None:
-            raise ValueError("the API needs credentials: token, or username and password "
-                             "(e.g. MEDSSL_GATEWAY__API__PASSWORD in the environment)")
+            raise ValueError(
+                "the API needs credentials: token, or username and password "
+                "(e.g. MEDSSL_GATEWAY__API__PASSWORD in the environment)"
+            )
         if self.refusals_kept < 1:
             raise ValueError(f"refusals_kept must be >= 1, got {self.refusals_kept}")
 
@@ -474,19 +489,25 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        dotted = ".".join(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+        dotted = ".".join(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
         if not dotted or "" in dotted.split("."):
-            raise ConfigError(f"environment variable {name}: expected {ENV_PREFIX}SECTION__KEY",
-                              key=name)
+            raise ConfigError(
+                f"environment variable {name}: expected {ENV_PREFIX}SECTION__KEY", key=name
+            )
         try:
             out[dotted] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"environment variable {name}: not a YAML value: {exc}", key=name) from exc
+            raise ConfigError(
+                f"environment variable {name}: not a YAML value: {exc}", key=name
+            ) from exc
     return out
 
 
-def load_gateway_config(path: str | Path, overrides: Mapping[str, Any] | None = None,
-                        environ: Mapping[str, str] | None = None) -> GatewayConfig:
+def load_gateway_config(
+    path: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> GatewayConfig:
     """Read and validate the gateway config: file, then environment, then ``overrides``.
 
     Relative paths in the file (spool, repository, TLS files) are relative to the file's folder.
@@ -505,11 +526,23 @@ def load_gateway_config(path: str | Path, overrides: Mapping[str, Any] | None = 
         cfg,
         spool=replace(cfg.spool, path=_under(base, cfg.spool.path)),
         models=replace(cfg.models, repository=_under(base, cfg.models.repository)),
-        scp=replace(cfg.scp, tls=replace(
-            tls, certificate=_under(base, tls.certificate), private_key=_under(base, tls.private_key),
-            ca_certificate=_under(base, tls.ca_certificate))),
-        api=replace(cfg.api, tls=replace(cfg.api.tls, certificate=_under(base, cfg.api.tls.certificate),
-                                         private_key=_under(base, cfg.api.tls.private_key))),
+        scp=replace(
+            cfg.scp,
+            tls=replace(
+                tls,
+                certificate=_under(base, tls.certificate),
+                private_key=_under(base, tls.private_key),
+                ca_certificate=_under(base, tls.ca_certificate),
+            ),
+        ),
+        api=replace(
+            cfg.api,
+            tls=replace(
+                cfg.api.tls,
+                certificate=_under(base, cfg.api.tls.certificate),
+                private_key=_under(base, cfg.api.tls.private_key),
+            ),
+        ),
     )
 
 

@@ -78,15 +78,23 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics()
         self.spool = Spool(cfg.spool.path, min_free_bytes=int(cfg.spool.min_free_mb * 2**20))
         self.store = JobStore(cfg.spool.path / "jobs.sqlite")
-        self.scp = StorageSCP(cfg.scp, self.spool, self._on_stored, self.metrics,
-                              on_refused=self.store.record_refusal)
-        self.http = HealthServer(cfg.http, self.metrics, self.ready, self.healthy) if cfg.http.enabled else None
+        self.scp = StorageSCP(
+            cfg.scp, self.spool, self._on_stored, self.metrics, on_refused=self.store.record_refusal
+        )
+        self.http = (
+            HealthServer(cfg.http, self.metrics, self.ready, self.healthy)
+            if cfg.http.enabled
+            else None
+        )
         self.operations = Operations(self.store, self.spool, cfg, ready=self.ready)
         self.api = ApiServer(cfg.api, self.operations) if cfg.api.enabled else None
         self.models: ModelSet | None = None
         self._worker_models: dict[int, ModelSet] = {}
-        self._model_error = (f"models not loaded yet: waiting for the Triton server at {cfg.models.triton_url}"
-                             if cfg.models.triton_url else "models not loaded yet")
+        self._model_error = (
+            f"models not loaded yet: waiting for the Triton server at {cfg.models.triton_url}"
+            if cfg.models.triton_url
+            else "models not loaded yet"
+        )
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._listening = threading.Event()
@@ -105,12 +113,18 @@ class Gateway:
         recovered = self.store.recover(self.cfg.processing.max_attempts)
         opened = self.store.reconcile(self.spool.recover())
         if recovered or opened:
-            log.info("recovered unfinished work", extra={
-                "waiting_jobs": [j.id for j in recovered if j.state is JobState.RECEIVED],
-                "dead_lettered_jobs": [j.id for j in recovered if j.state is JobState.DEAD_LETTER],
-                "superseded_jobs": [j.id for j in recovered if j.state is JobState.DONE],
-                "reconciled_studies": [j.study_uid for j in opened],
-                "idle_s": self.cfg.spool.study_idle_s})
+            log.info(
+                "recovered unfinished work",
+                extra={
+                    "waiting_jobs": [j.id for j in recovered if j.state is JobState.RECEIVED],
+                    "dead_lettered_jobs": [
+                        j.id for j in recovered if j.state is JobState.DEAD_LETTER
+                    ],
+                    "superseded_jobs": [j.id for j in recovered if j.state is JobState.DONE],
+                    "reconciled_studies": [j.study_uid for j in opened],
+                    "idle_s": self.cfg.spool.study_idle_s,
+                },
+            )
         if self.http is not None:
             self.http.start()
         if self.api is not None:
@@ -118,23 +132,37 @@ class Gateway:
         if self.cfg.models.triton_url is None:
             self.models = self._open_models()  # embedded: a bad model fails the start at once
         else:  # Triton may come up after the gateway: receive and spool meanwhile, not ready
-            thread = threading.Thread(target=self._load_models_until_loaded, name="models", daemon=True)
+            thread = threading.Thread(
+                target=self._load_models_until_loaded, name="models", daemon=True
+            )
             self._threads.append(thread)
             thread.start()
-        loops = [_Loop("assembler", self._assemble_round, _TICK_S),
-                 _Loop("sender", self._send_round, _TICK_S),
-                 _Loop("housekeeping", self._housekeeping_round, _HOUSEKEEPING_S)]
-        loops += [_Loop(f"worker-{i}", functools.partial(self._work_round, i), _TICK_S)
-                  for i in range(self.cfg.processing.workers)]
+        loops = [
+            _Loop("assembler", self._assemble_round, _TICK_S),
+            _Loop("sender", self._send_round, _TICK_S),
+            _Loop("housekeeping", self._housekeeping_round, _HOUSEKEEPING_S),
+        ]
+        loops += [
+            _Loop(f"worker-{i}", functools.partial(self._work_round, i), _TICK_S)
+            for i in range(self.cfg.processing.workers)
+        ]
         for loop in loops:
             self._spawn(loop)
         self.scp.start()
         self._listening.set()
-        log.info("gateway started", extra={
-            "ae_title": self.cfg.scp.ae_title, "host": self.cfg.scp.host, "port": self.scp.port,
-            "http_port": self.http.port if self.http else None,
-            "api_port": self.api.port if self.api else None, "spool": str(self.spool.root),
-            "models": [r.model for r in self.cfg.routes], "triton_url": self.cfg.models.triton_url})
+        log.info(
+            "gateway started",
+            extra={
+                "ae_title": self.cfg.scp.ae_title,
+                "host": self.cfg.scp.host,
+                "port": self.scp.port,
+                "http_port": self.http.port if self.http else None,
+                "api_port": self.api.port if self.api else None,
+                "spool": str(self.spool.root),
+                "models": [r.model for r in self.cfg.routes],
+                "triton_url": self.cfg.models.triton_url,
+            },
+        )
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Stop accepting associations, finish or persist in-flight work, stop (idempotent)."""
@@ -149,13 +177,17 @@ class Gateway:
             thread.join(max(0.0, deadline - time.monotonic()))
         busy = [t.name for t in loops if t.is_alive()]
         if busy:
-            log.warning("stopped with work in hand; it resumes at the next start", extra={"threads": busy})
+            log.warning(
+                "stopped with work in hand; it resumes at the next start", extra={"threads": busy}
+            )
         if self.http is not None:
             self.http.stop()
         if self.api is not None:
             self.api.stop()
         if not busy:
-            for models in {id(m): m for m in [self.models, *self._worker_models.values()] if m}.values():
+            for models in {
+                id(m): m for m in [self.models, *self._worker_models.values()] if m
+            }.values():
                 models.close()
         if not busy:
             self.store.close()
@@ -208,25 +240,44 @@ class Gateway:
     # --- receiving -------------------------------------------------------------------------
 
     def _on_stored(self, instance: StoredInstance) -> None:
-        self.store.record_instance(instance.study_uid, instance.received_at,
-                                   accession_number=instance.accession_number)
+        self.store.record_instance(
+            instance.study_uid, instance.received_at, accession_number=instance.accession_number
+        )
 
     def _assemble_round(self) -> bool:
         for job in self.store.assemble(self.cfg.spool.study_idle_s):
             self.metrics.studies.labels(state="queued").inc()
-            self.metrics.stage_seconds.labels(stage="assemble").observe(job.queued_at - job.last_instance_at)
-            log.info("study complete", extra={"job_id": job.id, "study_uid": job.study_uid,
-                                              "instances": job.n_instances, "supersedes": job.supersedes})
+            self.metrics.stage_seconds.labels(stage="assemble").observe(
+                job.queued_at - job.last_instance_at
+            )
+            log.info(
+                "study complete",
+                extra={
+                    "job_id": job.id,
+                    "study_uid": job.study_uid,
+                    "instances": job.n_instances,
+                    "supersedes": job.supersedes,
+                },
+            )
         return False
 
     # --- models and inference --------------------------------------------------------------
 
     def _open_models(self) -> ModelSet:
         m = self.cfg.models
-        models = ModelSet(m.repository, self.cfg.routes, triton_url=m.triton_url, protocol=m.protocol,
-                          providers=m.providers, batch_size=m.batch_size, runtime=m.runtime)
-        log.info("models loaded", extra={"models": [r.model for r in self.cfg.routes],
-                                         "triton_url": m.triton_url})
+        models = ModelSet(
+            m.repository,
+            self.cfg.routes,
+            triton_url=m.triton_url,
+            protocol=m.protocol,
+            providers=m.providers,
+            batch_size=m.batch_size,
+            runtime=m.runtime,
+        )
+        log.info(
+            "models loaded",
+            extra={"models": [r.model for r in self.cfg.routes], "triton_url": m.triton_url},
+        )
         return models
 
     def _load_models_until_loaded(self) -> None:
@@ -262,58 +313,114 @@ class Gateway:
 
     def _run_job(self, job: Job, models: ModelSet) -> None:
         fields = {"job_id": job.id, "study_uid": job.study_uid, "attempt": job.attempts}
-        files = self.spool.study_files(job.study_uid)  # the whole study, earlier jobs' instances too
-        log.info("study processing", extra={**fields, "instances": len(files), "supersedes": job.supersedes})
+        files = self.spool.study_files(
+            job.study_uid
+        )  # the whole study, earlier jobs' instances too
+        log.info(
+            "study processing",
+            extra={**fields, "instances": len(files), "supersedes": job.supersedes},
+        )
         p = self.cfg.processing
         backoff = p.retry_backoff_s * 2 ** max(job.attempts - 1, 0)
         try:
-            result = process_study(files, self.cfg.routes, models, self.spool.output_dir(job.id),
-                                   limits=p.geometry)
+            result = process_study(
+                files, self.cfg.routes, models, self.spool.output_dir(job.id), limits=p.geometry
+            )
         except TransientError as exc:
-            self._settled(self.store.retry_or_dead(job.id, str(exc), p.max_attempts, backoff), fields)
+            self._settled(
+                self.store.retry_or_dead(job.id, str(exc), p.max_attempts, backoff), fields
+            )
             return
         except MedsslError as exc:
-            self._settled(self.store.fail(job.id, f"{type(exc).__name__}: {exc}", instances=len(files)), fields)
+            self._settled(
+                self.store.fail(job.id, f"{type(exc).__name__}: {exc}", instances=len(files)),
+                fields,
+            )
             return
         except Exception as exc:  # noqa: BLE001 - a bug or an environment fault: retry, then dead-letter
             log.exception("study processing raised", extra=fields)
-            self._settled(self.store.retry_or_dead(job.id, f"unexpected {safe_error(exc)}",
-                                                   p.max_attempts, backoff), fields)
+            self._settled(
+                self.store.retry_or_dead(
+                    job.id, f"unexpected {safe_error(exc)}", p.max_attempts, backoff
+                ),
+                fields,
+            )
             return
         ok = [s for s in result.series if s.status == "ok"]
         failed = [s for s in result.series if s.status == "failed"]
-        series = [SeriesRecord(s.series_uid, s.model, s.status, s.reason, s.n_findings, s.description)
-                  for s in result.series]
+        series = [
+            SeriesRecord(s.series_uid, s.model, s.status, s.reason, s.n_findings, s.description)
+            for s in result.series
+        ]
         if failed and not ok:
             reasons = "; ".join(f"{s.series_uid} ({s.model}): {s.reason}" for s in failed)
-            self._settled(self.store.fail(job.id, f"no series could be processed: {reasons}",
-                                          instances=len(files), series=series), fields)
+            self._settled(
+                self.store.fail(
+                    job.id,
+                    f"no series could be processed: {reasons}",
+                    instances=len(files),
+                    series=series,
+                ),
+                fields,
+            )
             return
         skipped = [s for s in result.series if s.status == "skipped"]
-        note = None if ok else "no series selected by the routes" if skipped or not result.series else None
+        note = (
+            None
+            if ok
+            else "no series selected by the routes"
+            if skipped or not result.series
+            else None
+        )
         if ok and failed:  # the study is done; the job keeps why its other series were not
-            note = "series failed: " + "; ".join(f"{s.series_uid} ({s.model}): {s.reason}" for s in failed)
+            note = "series failed: " + "; ".join(
+                f"{s.series_uid} ({s.model}): {s.reason}" for s in failed
+            )
         outputs = [Output(o.path, o.kind, o.model, o.sop_instance_uid) for o in result.outputs]
-        done = self.store.finish_inference(job.id, outputs, list(self._destinations), note=note,
-                                           instances=len(files), series=series)
+        done = self.store.finish_inference(
+            job.id,
+            outputs,
+            list(self._destinations),
+            note=note,
+            instances=len(files),
+            series=series,
+        )
         if done.started_at is not None and done.inferred_at is not None:
-            self.metrics.stage_seconds.labels(stage="inference").observe(done.inferred_at - done.started_at)
-        log.info("study processed", extra={**fields, "state": done.state.value, "outputs": len(outputs),
-                                           "series_ok": len(ok), "series_failed": len(failed),
-                                           "series_skipped": len(skipped), "note": note,
-                                           **{f"{k}_s": round(v, 3) for k, v in result.timings.items()}})
+            self.metrics.stage_seconds.labels(stage="inference").observe(
+                done.inferred_at - done.started_at
+            )
+        log.info(
+            "study processed",
+            extra={
+                **fields,
+                "state": done.state.value,
+                "outputs": len(outputs),
+                "series_ok": len(ok),
+                "series_failed": len(failed),
+                "series_skipped": len(skipped),
+                "note": note,
+                **{f"{k}_s": round(v, 3) for k, v in result.timings.items()},
+            },
+        )
         self._settled(done, fields)
 
     def _settled(self, job: Job, fields: dict[str, object]) -> None:
         if job.state in (JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER):
             self.metrics.studies.labels(state=job.state.value).inc()
         if job.state is JobState.DONE and job.finished_at is not None:
-            self.metrics.stage_seconds.labels(stage="total").observe(job.finished_at - job.last_instance_at)
+            self.metrics.stage_seconds.labels(stage="total").observe(
+                job.finished_at - job.last_instance_at
+            )
             if job.inferred_at is not None:
-                self.metrics.stage_seconds.labels(stage="send").observe(job.finished_at - job.inferred_at)
+                self.metrics.stage_seconds.labels(stage="send").observe(
+                    job.finished_at - job.inferred_at
+                )
         level = logging.INFO if job.state in (JobState.DONE, JobState.SENDING) else logging.WARNING
-        log.log(level, f"study {job.state.value}", extra={**fields, "state": job.state.value,
-                                                          "error": job.error})
+        log.log(
+            level,
+            f"study {job.state.value}",
+            extra={**fields, "state": job.state.value, "error": job.error},
+        )
 
     # --- sending ---------------------------------------------------------------------------
 
@@ -322,22 +429,37 @@ class Gateway:
         for delivery in due:
             if self._stopping.is_set():
                 break
-            fields = {"job_id": delivery.job_id, "destination": delivery.destination,
-                      "attempt": delivery.attempts + 1}
+            fields = {
+                "job_id": delivery.job_id,
+                "destination": delivery.destination,
+                "attempt": delivery.attempts + 1,
+            }
             destination = self._destinations.get(delivery.destination)
             files = [o.path for o in self.store.outputs(delivery.job_id)]
             d = self.cfg.delivery
             try:
                 if destination is None:
-                    raise DeliveryError(f"destination {delivery.destination!r} is no longer configured")
+                    raise DeliveryError(
+                        f"destination {delivery.destination!r} is no longer configured"
+                    )
                 send_files(destination, files, self.cfg.scp.ae_title)
             except DeliveryError as exc:
-                failed = self.store.delivery_failed(delivery.id, str(exc), d.max_attempts,
-                                                    d.backoff_s(delivery.attempts + 1))
+                failed = self.store.delivery_failed(
+                    delivery.id, str(exc), d.max_attempts, d.backoff_s(delivery.attempts + 1)
+                )
                 result = "dead-letter" if failed.state == "dead-letter" else "retry"
-                self.metrics.deliveries.labels(destination=delivery.destination, result=result).inc()
-                log.warning("delivery failed", extra={**fields, "result": result, "error": str(exc),
-                                                      "next_attempt_in_s": round(failed.next_attempt_at - time.time(), 1)})
+                self.metrics.deliveries.labels(
+                    destination=delivery.destination, result=result
+                ).inc()
+                log.warning(
+                    "delivery failed",
+                    extra={
+                        **fields,
+                        "result": result,
+                        "error": str(exc),
+                        "next_attempt_in_s": round(failed.next_attempt_at - time.time(), 1),
+                    },
+                )
                 job = self.store.job(delivery.job_id)
                 if job.state is JobState.DEAD_LETTER:
                     self._settled(job, {"job_id": job.id, "study_uid": job.study_uid})

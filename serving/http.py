@@ -76,16 +76,23 @@ class HttpListener:
         try:
             server = _Server((self.host, self.requested_port), handler)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot serve {self.what} on {self.host}:{self.requested_port}: "
-                                     f"{exc.strerror or exc}") from exc
+            raise OSError(
+                exc.errno,
+                f"cannot serve {self.what} on {self.host}:{self.requested_port}: "
+                f"{exc.strerror or exc}",
+            ) from exc
         try:
             self._wrap(server)
         except BaseException:
             server.server_close()
             raise
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name=f"medssl-{self.what.lower().replace(' ', '-')}", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name=f"medssl-{self.what.lower().replace(' ', '-')}",
+            daemon=True,
+        )
         self._thread.start()
 
     def _wrap(self, server: ThreadingHTTPServer) -> None:
@@ -115,8 +122,9 @@ class HealthServer(HttpListener):
 
     what = "HTTP"
 
-    def __init__(self, cfg: HttpConfig, metrics: GatewayMetrics, ready: Check,
-                 healthy: Check) -> None:
+    def __init__(
+        self, cfg: HttpConfig, metrics: GatewayMetrics, ready: Check, healthy: Check
+    ) -> None:
         super().__init__(cfg.host, cfg.port)
         self.cfg = cfg
         self.metrics = metrics
@@ -182,8 +190,11 @@ class _Handler(BaseHTTPRequestHandler):
             passed, reason = self.owner.ready()
             status = HTTPStatus.OK if passed else HTTPStatus.SERVICE_UNAVAILABLE
             return status, text, f"{reason or ('ready' if passed else 'not ready')}\n".encode()
-        return (HTTPStatus.NOT_FOUND, text,
-                f"not found: {path} (try /metrics, /healthz, /readyz)\n".encode())
+        return (
+            HTTPStatus.NOT_FOUND,
+            text,
+            f"not found: {path} (try /metrics, /healthz, /readyz)\n".encode(),
+        )
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
         """Quiet: no line per request on stderr."""

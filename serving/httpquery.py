@@ -46,4 +46,3 @@ def time_param(query: dict[str, list[str]], key: str) -> float | None:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed.timestamp()
-

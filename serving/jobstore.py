@@ -63,8 +63,17 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-__all__ = ["FINISHED", "Action", "ActionRefused", "Delivery", "Job", "JobState", "JobStore", "Output",
-           "SeriesRecord"]
+__all__ = [
+    "FINISHED",
+    "Action",
+    "ActionRefused",
+    "Delivery",
+    "Job",
+    "JobState",
+    "JobStore",
+    "Output",
+    "SeriesRecord",
+]
 
 
 class JobState(str, Enum):
@@ -167,7 +176,10 @@ _ADDED_COLUMNS = {
     ("jobs", "idle_since"): "ALTER TABLE jobs ADD COLUMN idle_since REAL NOT NULL DEFAULT 0",
     ("jobs", "supersedes"): "ALTER TABLE jobs ADD COLUMN supersedes INTEGER REFERENCES jobs (id)",
     ("jobs", "n_processed"): "ALTER TABLE jobs ADD COLUMN n_processed INTEGER",
-    ("jobs", "accession_number"): "ALTER TABLE jobs ADD COLUMN accession_number TEXT NOT NULL DEFAULT ''",
+    (
+        "jobs",
+        "accession_number",
+    ): "ALTER TABLE jobs ADD COLUMN accession_number TEXT NOT NULL DEFAULT ''",
     ("deliveries", "last_attempt_at"): "ALTER TABLE deliveries ADD COLUMN last_attempt_at REAL",
 }
 
@@ -302,13 +314,16 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                   timeout=30.0)
+        self._db = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+        )
         self._db.row_factory = sqlite3.Row
         mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
-            raise RuntimeError(f"{self.path}: SQLite refused WAL mode (got {mode}); put the spool "
-                               f"on a local filesystem")
+            raise RuntimeError(
+                f"{self.path}: SQLite refused WAL mode (got {mode}); put the spool "
+                f"on a local filesystem"
+            )
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._migrate()
@@ -316,8 +331,11 @@ class JobStore:
     def _migrate(self) -> None:
         """Add the columns a database made by an earlier version lacks."""
         with self._tx() as db:
-            present = {(table, r["name"]) for table in ("jobs", "deliveries")
-                       for r in db.execute(f"PRAGMA table_info({table})")}
+            present = {
+                (table, r["name"])
+                for table in ("jobs", "deliveries")
+                for r in db.execute(f"PRAGMA table_info({table})")
+            }
             for column, statement in _ADDED_COLUMNS.items():
                 if column not in present:
                     db.execute(statement)
@@ -344,8 +362,9 @@ class JobStore:
 
     # --- receiving -------------------------------------------------------------------------
 
-    def record_instance(self, study_uid: str, received_at: float | None = None, *,
-                        accession_number: str = "") -> Job:
+    def record_instance(
+        self, study_uid: str, received_at: float | None = None, *, accession_number: str = ""
+    ) -> Job:
         """Count a stored instance of ``study_uid``: open, extend or re-open its job.
 
         With no open job, the new job supersedes the study's latest earlier job whose files
@@ -357,23 +376,33 @@ class JobStore:
         """
         now = time.time() if received_at is None else received_at
         with self._tx() as db:
-            row = db.execute("SELECT id FROM jobs WHERE study_uid = ? AND state IN ('received', 'queued')",
-                             (study_uid,)).fetchone()
+            row = db.execute(
+                "SELECT id FROM jobs WHERE study_uid = ? AND state IN ('received', 'queued')",
+                (study_uid,),
+            ).fetchone()
             if row is None:
-                earlier = db.execute("SELECT id, purged FROM jobs WHERE study_uid = ? ORDER BY id DESC "
-                                     "LIMIT 1", (study_uid,)).fetchone()
-                supersedes = earlier["id"] if earlier is not None and not earlier["purged"] else None
+                earlier = db.execute(
+                    "SELECT id, purged FROM jobs WHERE study_uid = ? ORDER BY id DESC LIMIT 1",
+                    (study_uid,),
+                ).fetchone()
+                supersedes = (
+                    earlier["id"] if earlier is not None and not earlier["purged"] else None
+                )
                 job_id = db.execute(
                     "INSERT INTO jobs (study_uid, state, n_instances, created_at, last_instance_at, "
                     "idle_since, supersedes, accession_number) VALUES (?, 'received', 1, ?, ?, ?, ?, ?)",
-                    (study_uid, now, now, now, supersedes, accession_number)).lastrowid
+                    (study_uid, now, now, now, supersedes, accession_number),
+                ).lastrowid
             else:
                 job_id = row["id"]
-                db.execute("UPDATE jobs SET state = 'received', queued_at = NULL, "
-                           "n_instances = n_instances + 1, last_instance_at = ?, "
-                           "idle_since = MAX(idle_since, ?), "
-                           "accession_number = CASE WHEN accession_number = '' THEN ? ELSE accession_number END "
-                           "WHERE id = ?", (now, now, accession_number, job_id))
+                db.execute(
+                    "UPDATE jobs SET state = 'received', queued_at = NULL, "
+                    "n_instances = n_instances + 1, last_instance_at = ?, "
+                    "idle_since = MAX(idle_since, ?), "
+                    "accession_number = CASE WHEN accession_number = '' THEN ? ELSE accession_number END "
+                    "WHERE id = ?",
+                    (now, now, accession_number, job_id),
+                )
             return self._job(db, job_id)
 
     def reconcile(self, study_uids: Sequence[str], now: float | None = None) -> list[Job]:
@@ -386,7 +415,9 @@ class JobStore:
                 if db.execute("SELECT 1 FROM jobs WHERE study_uid = ?", (uid,)).fetchone() is None:
                     job_id = db.execute(
                         "INSERT INTO jobs (study_uid, state, created_at, last_instance_at, idle_since) "
-                        "VALUES (?, 'received', ?, ?, ?)", (uid, now, now, now)).lastrowid
+                        "VALUES (?, 'received', ?, ?, ?)",
+                        (uid, now, now, now),
+                    ).lastrowid
                     opened.append(self._job(db, job_id))
         return opened
 
@@ -407,8 +438,12 @@ class JobStore:
         stopped = "the gateway stopped while the job was running"
         with self._tx() as db:
             # newest first: of two running jobs of one study, the newer stays and supersedes
-            ids = [r["id"] for r in db.execute(
-                "SELECT id FROM jobs WHERE state IN ('received', 'queued', 'running') ORDER BY id DESC")]
+            ids = [
+                r["id"]
+                for r in db.execute(
+                    "SELECT id FROM jobs WHERE state IN ('received', 'queued', 'running') ORDER BY id DESC"
+                )
+            ]
             for job_id in ids:
                 if self._superseded(db, job_id, stopped, max_attempts, now):
                     continue
@@ -418,18 +453,26 @@ class JobStore:
                     "ELSE 'received' END, "
                     "finished_at = CASE WHEN state = 'running' AND attempts >= ? THEN ? ELSE NULL END, "
                     "queued_at = NULL, idle_since = MAX(idle_since, ?), next_attempt_at = MAX(next_attempt_at, ?) "
-                    "WHERE id = ?", (stopped, max_attempts, max_attempts, now, now, now, job_id))
+                    "WHERE id = ?",
+                    (stopped, max_attempts, max_attempts, now, now, now, job_id),
+                )
             return [self._job(db, job_id) for job_id in sorted(ids)]
 
     def assemble(self, idle_s: float, now: float | None = None) -> list[Job]:
         """Queue every ``received`` study idle for ``idle_s`` seconds or more (since ``idle_since``)."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            ids = [r["id"] for r in db.execute(
-                "SELECT id FROM jobs WHERE state = 'received' AND idle_since <= ? ORDER BY id",
-                (now - idle_s,))]
+            ids = [
+                r["id"]
+                for r in db.execute(
+                    "SELECT id FROM jobs WHERE state = 'received' AND idle_since <= ? ORDER BY id",
+                    (now - idle_s,),
+                )
+            ]
             for job_id in ids:
-                db.execute("UPDATE jobs SET state = 'queued', queued_at = ? WHERE id = ?", (now, job_id))
+                db.execute(
+                    "UPDATE jobs SET state = 'queued', queued_at = ? WHERE id = ?", (now, job_id)
+                )
             return [self._job(db, job_id) for job_id in ids]
 
     # --- processing ------------------------------------------------------------------------
@@ -438,17 +481,30 @@ class JobStore:
         """Take the oldest due ``queued`` job: it becomes ``running``, one more attempt."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' AND next_attempt_at <= ? "
-                             "ORDER BY next_attempt_at, id LIMIT 1", (now,)).fetchone()
+            row = db.execute(
+                "SELECT id FROM jobs WHERE state = 'queued' AND next_attempt_at <= ? "
+                "ORDER BY next_attempt_at, id LIMIT 1",
+                (now,),
+            ).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, "
-                       "error = NULL WHERE id = ?", (now, row["id"]))
+            db.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, "
+                "error = NULL WHERE id = ?",
+                (now, row["id"]),
+            )
             return self._job(db, row["id"])
 
-    def finish_inference(self, job_id: int, outputs: Sequence[Output], destinations: Sequence[str],
-                         note: str | None = None, now: float | None = None,
-                         instances: int | None = None, series: Sequence[SeriesRecord] = ()) -> Job:
+    def finish_inference(
+        self,
+        job_id: int,
+        outputs: Sequence[Output],
+        destinations: Sequence[str],
+        note: str | None = None,
+        now: float | None = None,
+        instances: int | None = None,
+        series: Sequence[SeriesRecord] = (),
+    ) -> Job:
         """Record a running job's results: ``sending`` with one pending delivery per
         destination, or ``done`` when there is nothing to send (``note`` says why).
         ``instances``: how many instance files of the study the processing read
@@ -459,36 +515,57 @@ class JobStore:
             self._set_processed(db, job_id, instances)
             self._set_series(db, job_id, series)
             db.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
-            db.executemany("INSERT INTO outputs (job_id, path, kind, model, sop_instance_uid) "
-                           "VALUES (?, ?, ?, ?, ?)",
-                           [(job_id, str(o.path), o.kind, o.model, o.sop_instance_uid) for o in outputs])
+            db.executemany(
+                "INSERT INTO outputs (job_id, path, kind, model, sop_instance_uid) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(job_id, str(o.path), o.kind, o.model, o.sop_instance_uid) for o in outputs],
+            )
             if outputs and destinations:
-                db.executemany("INSERT OR IGNORE INTO deliveries (job_id, destination, state) "
-                               "VALUES (?, ?, 'pending')", [(job_id, d) for d in destinations])
-                db.execute("UPDATE jobs SET state = 'sending', inferred_at = ?, error = ? WHERE id = ?",
-                           (now, note, job_id))
+                db.executemany(
+                    "INSERT OR IGNORE INTO deliveries (job_id, destination, state) "
+                    "VALUES (?, ?, 'pending')",
+                    [(job_id, d) for d in destinations],
+                )
+                db.execute(
+                    "UPDATE jobs SET state = 'sending', inferred_at = ?, error = ? WHERE id = ?",
+                    (now, note, job_id),
+                )
             else:
-                db.execute("UPDATE jobs SET state = 'done', inferred_at = ?, finished_at = ?, error = ? "
-                           "WHERE id = ?", (now, now, note, job_id))
+                db.execute(
+                    "UPDATE jobs SET state = 'done', inferred_at = ?, finished_at = ?, error = ? "
+                    "WHERE id = ?",
+                    (now, now, note, job_id),
+                )
             return self._job(db, job_id)
 
-    def retry_or_dead(self, job_id: int, error: str, max_attempts: int, backoff_s: float,
-                      now: float | None = None) -> Job:
+    def retry_or_dead(
+        self, job_id: int, error: str, max_attempts: int, backoff_s: float, now: float | None = None
+    ) -> Job:
         """A running job's attempt failed: back to ``queued`` after ``backoff_s``, or
         ``dead-letter`` with ``error`` once it has used ``max_attempts``."""
         now = time.time() if now is None else now
         with self._tx() as db:
             job = self._require(db, job_id, JobState.RUNNING)
             if job.attempts >= max_attempts:
-                db.execute("UPDATE jobs SET state = 'dead-letter', error = ?, finished_at = ? WHERE id = ?",
-                           (error, now, job_id))
+                db.execute(
+                    "UPDATE jobs SET state = 'dead-letter', error = ?, finished_at = ? WHERE id = ?",
+                    (error, now, job_id),
+                )
             elif not self._superseded(db, job_id, error, max_attempts, now):
-                db.execute("UPDATE jobs SET state = 'queued', error = ?, next_attempt_at = ? WHERE id = ?",
-                           (error, now + backoff_s, job_id))
+                db.execute(
+                    "UPDATE jobs SET state = 'queued', error = ?, next_attempt_at = ? WHERE id = ?",
+                    (error, now + backoff_s, job_id),
+                )
             return self._job(db, job_id)
 
-    def fail(self, job_id: int, error: str, now: float | None = None, instances: int | None = None,
-             series: Sequence[SeriesRecord] = ()) -> Job:
+    def fail(
+        self,
+        job_id: int,
+        error: str,
+        now: float | None = None,
+        instances: int | None = None,
+        series: Sequence[SeriesRecord] = (),
+    ) -> Job:
         """A running job's study cannot be processed (bad input): ``failed`` with ``error``.
         ``instances``: how many instance files of the study the processing read; ``series``:
         what each route did with each series."""
@@ -497,8 +574,10 @@ class JobStore:
             self._require(db, job_id, JobState.RUNNING)
             self._set_processed(db, job_id, instances)
             self._set_series(db, job_id, series)
-            db.execute("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ?",
-                       (error, now, job_id))
+            db.execute(
+                "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE id = ?",
+                (error, now, job_id),
+            )
             return self._job(db, job_id)
 
     # --- sending ---------------------------------------------------------------------------
@@ -509,28 +588,42 @@ class JobStore:
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ? "
-                "ORDER BY next_attempt_at, id LIMIT ?", (now, limit)).fetchall()
+                "ORDER BY next_attempt_at, id LIMIT ?",
+                (now, limit),
+            ).fetchall()
         return [_delivery(r) for r in rows]
 
     def outputs(self, job_id: int) -> list[Output]:
         """The result files of a job, in the order they were recorded."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM outputs WHERE job_id = ? ORDER BY rowid",
-                                    (job_id,)).fetchall()
+            rows = self._db.execute(
+                "SELECT * FROM outputs WHERE job_id = ? ORDER BY rowid", (job_id,)
+            ).fetchall()
         return [Output(Path(r["path"]), r["kind"], r["model"], r["sop_instance_uid"]) for r in rows]
 
     def delivery_sent(self, delivery_id: int, now: float | None = None) -> Job:
         """A delivery succeeded; its job becomes ``done`` when none is left pending."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            db.execute("UPDATE deliveries SET state = 'sent', sent_at = ?, last_attempt_at = ?, "
-                       "attempts = attempts + 1, error = NULL WHERE id = ?", (now, now, delivery_id))
-            job_id = db.execute("SELECT job_id FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()[0]
+            db.execute(
+                "UPDATE deliveries SET state = 'sent', sent_at = ?, last_attempt_at = ?, "
+                "attempts = attempts + 1, error = NULL WHERE id = ?",
+                (now, now, delivery_id),
+            )
+            job_id = db.execute(
+                "SELECT job_id FROM deliveries WHERE id = ?", (delivery_id,)
+            ).fetchone()[0]
             self._settle(db, job_id, now)
             return self._job(db, job_id)
 
-    def delivery_failed(self, delivery_id: int, error: str, max_attempts: int, backoff_s: float,
-                        now: float | None = None) -> Delivery:
+    def delivery_failed(
+        self,
+        delivery_id: int,
+        error: str,
+        max_attempts: int,
+        backoff_s: float,
+        now: float | None = None,
+    ) -> Delivery:
         """A delivery attempt failed: retried after ``backoff_s``, or dead-letter (and its job
         with it, the reason kept) once it has used ``max_attempts``."""
         now = time.time() if now is None else now
@@ -539,28 +632,42 @@ class JobStore:
                 "UPDATE deliveries SET attempts = attempts + 1, error = ?, next_attempt_at = ?, "
                 "last_attempt_at = ?, "
                 "state = CASE WHEN attempts + 1 >= ? THEN 'dead-letter' ELSE 'pending' END WHERE id = ?",
-                (error, now + backoff_s, now, max_attempts, delivery_id))
+                (error, now + backoff_s, now, max_attempts, delivery_id),
+            )
             row = db.execute("SELECT * FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
             self._settle(db, row["job_id"], now)
             return _delivery(row)
 
     def _settle(self, db: sqlite3.Connection, job_id: int, now: float) -> None:
-        states = {r[0] for r in db.execute("SELECT state FROM deliveries WHERE job_id = ?", (job_id,))}
+        states = {
+            r[0] for r in db.execute("SELECT state FROM deliveries WHERE job_id = ?", (job_id,))
+        }
         if "pending" in states:
             return
         if "dead-letter" in states:
-            errors = [f"{r['destination']}: {r['error']}" for r in db.execute(
-                "SELECT destination, error FROM deliveries WHERE job_id = ? AND state = 'dead-letter'",
-                (job_id,))]
-            db.execute("UPDATE jobs SET state = 'dead-letter', error = ?, finished_at = ? "
-                       "WHERE id = ? AND state = 'sending'", ("; ".join(errors), now, job_id))
+            errors = [
+                f"{r['destination']}: {r['error']}"
+                for r in db.execute(
+                    "SELECT destination, error FROM deliveries WHERE job_id = ? AND state = 'dead-letter'",
+                    (job_id,),
+                )
+            ]
+            db.execute(
+                "UPDATE jobs SET state = 'dead-letter', error = ?, finished_at = ? "
+                "WHERE id = ? AND state = 'sending'",
+                ("; ".join(errors), now, job_id),
+            )
         else:
-            db.execute("UPDATE jobs SET state = 'done', finished_at = ? WHERE id = ? AND state = 'sending'",
-                       (now, job_id))
+            db.execute(
+                "UPDATE jobs SET state = 'done', finished_at = ? WHERE id = ? AND state = 'sending'",
+                (now, job_id),
+            )
 
     # --- operator actions ------------------------------------------------------------------
 
-    def retry(self, job_id: int, actor: str, reason: str | None = None, now: float | None = None) -> Job:
+    def retry(
+        self, job_id: int, actor: str, reason: str | None = None, now: float | None = None
+    ) -> Job:
         """Retry a ``failed`` or ``dead-letter`` job, recorded as ``actor``'s action.
 
         A job whose results were written but whose delivery was dead-lettered gets those
@@ -576,35 +683,60 @@ class JobStore:
 
         def act(db: sqlite3.Connection, job: Job) -> str:
             if job.state not in (JobState.FAILED, JobState.DEAD_LETTER):
-                raise ActionRefused(f"job {job.id} is {job.state.value}; only failed and dead-letter jobs "
-                                    f"can be retried")
-            dead = [r["destination"] for r in db.execute(
-                "SELECT destination FROM deliveries WHERE job_id = ? AND state = 'dead-letter' ORDER BY id",
-                (job.id,))]
+                raise ActionRefused(
+                    f"job {job.id} is {job.state.value}; only failed and dead-letter jobs "
+                    f"can be retried"
+                )
+            dead = [
+                r["destination"]
+                for r in db.execute(
+                    "SELECT destination FROM deliveries WHERE job_id = ? AND state = 'dead-letter' ORDER BY id",
+                    (job.id,),
+                )
+            ]
             has_outputs = db.execute("SELECT 1 FROM outputs WHERE job_id = ?", (job.id,)).fetchone()
             if self._purged(db, job.id):
-                raise ActionRefused(f"job {job.id}'s files were removed from the spool (spool.keep_done_h); "
-                                    f"send the study again")
+                raise ActionRefused(
+                    f"job {job.id}'s files were removed from the spool (spool.keep_done_h); "
+                    f"send the study again"
+                )
             if dead and has_outputs and job.inferred_at is not None:
-                db.execute("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, "
-                           "error = NULL WHERE job_id = ? AND state = 'dead-letter'", (now, job.id))
-                db.execute("UPDATE jobs SET state = 'sending', finished_at = NULL, error = NULL WHERE id = ?",
-                           (job.id,))
+                db.execute(
+                    "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+                    "error = NULL WHERE job_id = ? AND state = 'dead-letter'",
+                    (now, job.id),
+                )
+                db.execute(
+                    "UPDATE jobs SET state = 'sending', finished_at = NULL, error = NULL WHERE id = ?",
+                    (job.id,),
+                )
                 return "deliver again to " + ", ".join(dead)
-            open_job = db.execute("SELECT id FROM jobs WHERE study_uid = ? AND state IN ('received', 'queued')",
-                                  (job.study_uid,)).fetchone()
+            open_job = db.execute(
+                "SELECT id FROM jobs WHERE study_uid = ? AND state IN ('received', 'queued')",
+                (job.study_uid,),
+            ).fetchone()
             if open_job is not None:
-                raise ActionRefused(f"job {open_job['id']} of the same study is open and will process it")
+                raise ActionRefused(
+                    f"job {open_job['id']} of the same study is open and will process it"
+                )
             db.execute("DELETE FROM deliveries WHERE job_id = ?", (job.id,))
-            db.execute("UPDATE jobs SET state = 'queued', attempts = 0, queued_at = ?, next_attempt_at = ?, "
-                       "started_at = NULL, inferred_at = NULL, finished_at = NULL, error = NULL WHERE id = ?",
-                       (now, now, job.id))
+            db.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, queued_at = ?, next_attempt_at = ?, "
+                "started_at = NULL, inferred_at = NULL, finished_at = NULL, error = NULL WHERE id = ?",
+                (now, now, job.id),
+            )
             return "process again"
 
         return self._act(job_id, "retry", actor, reason, now, act)
 
-    def redeliver(self, job_id: int, destination: str, actor: str, reason: str | None = None,
-                  now: float | None = None) -> Job:
+    def redeliver(
+        self,
+        job_id: int,
+        destination: str,
+        actor: str,
+        reason: str | None = None,
+        now: float | None = None,
+    ) -> Job:
         """Send a ``done`` job's results to ``destination`` again (the job is ``sending`` until
         that delivery ends). The caller checks that ``destination`` is configured.
 
@@ -615,21 +747,32 @@ class JobStore:
 
         def act(db: sqlite3.Connection, job: Job) -> str:
             if job.state is not JobState.DONE:
-                raise ActionRefused(f"job {job.id} is {job.state.value}; only done jobs can be re-delivered")
+                raise ActionRefused(
+                    f"job {job.id} is {job.state.value}; only done jobs can be re-delivered"
+                )
             if db.execute("SELECT 1 FROM outputs WHERE job_id = ?", (job.id,)).fetchone() is None:
                 raise ActionRefused(f"job {job.id} wrote no results: nothing to deliver")
             if self._purged(db, job.id):
-                raise ActionRefused(f"job {job.id}'s results were removed from the spool (spool.keep_done_h)")
-            db.execute("INSERT INTO deliveries (job_id, destination, state, next_attempt_at) "
-                       "VALUES (?, ?, 'pending', ?) ON CONFLICT (job_id, destination) DO UPDATE SET "
-                       "state = 'pending', attempts = 0, next_attempt_at = excluded.next_attempt_at, "
-                       "error = NULL, sent_at = NULL", (job.id, destination, now))
-            db.execute("UPDATE jobs SET state = 'sending', finished_at = NULL WHERE id = ?", (job.id,))
+                raise ActionRefused(
+                    f"job {job.id}'s results were removed from the spool (spool.keep_done_h)"
+                )
+            db.execute(
+                "INSERT INTO deliveries (job_id, destination, state, next_attempt_at) "
+                "VALUES (?, ?, 'pending', ?) ON CONFLICT (job_id, destination) DO UPDATE SET "
+                "state = 'pending', attempts = 0, next_attempt_at = excluded.next_attempt_at, "
+                "error = NULL, sent_at = NULL",
+                (job.id, destination, now),
+            )
+            db.execute(
+                "UPDATE jobs SET state = 'sending', finished_at = NULL WHERE id = ?", (job.id,)
+            )
             return f"deliver to {destination}"
 
         return self._act(job_id, "redeliver", actor, reason, now, act)
 
-    def cancel(self, job_id: int, actor: str, reason: str | None = None, now: float | None = None) -> Job:
+    def cancel(
+        self, job_id: int, actor: str, reason: str | None = None, now: float | None = None
+    ) -> Job:
         """Cancel a ``received`` or ``queued`` job: it ends ``cancelled``; its study's files are
         kept until ``spool.keep_done_h`` (a later instance opens a new job as usual).
 
@@ -640,26 +783,48 @@ class JobStore:
 
         def act(db: sqlite3.Connection, job: Job) -> str:
             if job.state not in (JobState.RECEIVED, JobState.QUEUED):
-                raise ActionRefused(f"job {job.id} is {job.state.value}; only received and queued jobs "
-                                    f"can be cancelled")
-            db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ?, error = ? WHERE id = ?",
-                       (now, f"cancelled by {actor}" + (f": {reason}" if reason else ""), job.id))
+                raise ActionRefused(
+                    f"job {job.id} is {job.state.value}; only received and queued jobs "
+                    f"can be cancelled"
+                )
+            db.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?, error = ? WHERE id = ?",
+                (now, f"cancelled by {actor}" + (f": {reason}" if reason else ""), job.id),
+            )
             return "cancelled"
 
         return self._act(job_id, "cancel", actor, reason, now, act)
 
-    def record_action(self, action: str, actor: str, *, job_id: int | None = None, detail: str | None = None,
-                      reason: str | None = None, outcome: str = "ok", now: float | None = None) -> Action:
+    def record_action(
+        self,
+        action: str,
+        actor: str,
+        *,
+        job_id: int | None = None,
+        detail: str | None = None,
+        reason: str | None = None,
+        outcome: str = "ok",
+        now: float | None = None,
+    ) -> Action:
         """Record an operator action that is not a job transition (e.g. a quarantine purge)."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            row_id = db.execute("INSERT INTO actions (at, actor, action, job_id, detail, reason, outcome) "
-                                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                (now, actor, action, job_id, detail, reason, outcome)).lastrowid
+            row_id = db.execute(
+                "INSERT INTO actions (at, actor, action, job_id, detail, reason, outcome) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (now, actor, action, job_id, detail, reason, outcome),
+            ).lastrowid
             return _action(db.execute("SELECT * FROM actions WHERE id = ?", (row_id,)).fetchone())
 
-    def _act(self, job_id: int, action: str, actor: str, reason: str | None, now: float,
-             act: Callable[[sqlite3.Connection, Job], str]) -> Job:
+    def _act(
+        self,
+        job_id: int,
+        action: str,
+        actor: str,
+        reason: str | None,
+        now: float,
+        act: Callable[[sqlite3.Connection, Job], str],
+    ) -> Job:
         """Run ``act`` on the job in one transaction with its ``actions`` row; a refusal is
         recorded (in a transaction of its own) and raised."""
         try:
@@ -669,11 +834,16 @@ class JobStore:
                 except KeyError:
                     raise ActionRefused(f"no job {job_id}", conflict=False) from None
                 detail = act(db, job)
-                db.execute("INSERT INTO actions (at, actor, action, job_id, detail, reason, outcome) "
-                           "VALUES (?, ?, ?, ?, ?, ?, 'ok')", (now, actor, action, job_id, detail, reason))
+                db.execute(
+                    "INSERT INTO actions (at, actor, action, job_id, detail, reason, outcome) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 'ok')",
+                    (now, actor, action, job_id, detail, reason),
+                )
                 return self._job(db, job_id)
         except ActionRefused as exc:
-            self.record_action(action, actor, job_id=job_id, reason=reason, outcome=f"refused: {exc}", now=now)
+            self.record_action(
+                action, actor, job_id=job_id, reason=reason, outcome=f"refused: {exc}", now=now
+            )
             raise
 
     @staticmethod
@@ -682,20 +852,26 @@ class JobStore:
 
     # --- refused associations --------------------------------------------------------------
 
-    def record_refusal(self, calling_ae: str, called_ae: str, peer: str, reason: str,
-                       now: float | None = None) -> None:
+    def record_refusal(
+        self, calling_ae: str, called_ae: str, peer: str, reason: str, now: float | None = None
+    ) -> None:
         """Record a refused association (AE titles and address as the caller sent them)."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            db.execute("INSERT INTO refusals (at, calling_ae, called_ae, peer, reason) VALUES (?, ?, ?, ?, ?)",
-                       (now, calling_ae[:64], called_ae[:64], peer[:64], reason[:200]))
+            db.execute(
+                "INSERT INTO refusals (at, calling_ae, called_ae, peer, reason) VALUES (?, ?, ?, ?, ?)",
+                (now, calling_ae[:64], called_ae[:64], peer[:64], reason[:200]),
+            )
 
     def prune_refusals(self, keep: int) -> int:
         """Keep the newest ``keep`` refusals (a caller retrying all night cannot grow the
         database without bound); returns how many were removed."""
         with self._tx() as db:
-            return db.execute("DELETE FROM refusals WHERE id <= (SELECT id FROM refusals ORDER BY id DESC "
-                              "LIMIT 1 OFFSET ?)", (keep,)).rowcount
+            return db.execute(
+                "DELETE FROM refusals WHERE id <= (SELECT id FROM refusals ORDER BY id DESC "
+                "LIMIT 1 OFFSET ?)",
+                (keep,),
+            ).rowcount
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -710,49 +886,77 @@ class JobStore:
             if study_uid is None:
                 rows = self._db.execute("SELECT * FROM jobs ORDER BY id").fetchall()
             else:
-                rows = self._db.execute("SELECT * FROM jobs WHERE study_uid = ? ORDER BY id",
-                                        (study_uid,)).fetchall()
+                rows = self._db.execute(
+                    "SELECT * FROM jobs WHERE study_uid = ? ORDER BY id", (study_uid,)
+                ).fetchall()
         return [_job(r) for r in rows]
 
     def deliveries(self, job_id: int) -> list[Delivery]:
         """A job's deliveries, by id."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM deliveries WHERE job_id = ? ORDER BY id",
-                                    (job_id,)).fetchall()
+            rows = self._db.execute(
+                "SELECT * FROM deliveries WHERE job_id = ? ORDER BY id", (job_id,)
+            ).fetchall()
         return [_delivery(r) for r in rows]
 
     def series(self, job_id: int) -> list[SeriesRecord]:
         """What the job's last processing attempt did with each (route, series)."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM series WHERE job_id = ? ORDER BY rowid", (job_id,)).fetchall()
-        return [SeriesRecord(r["series_uid"], r["model"], r["status"], r["reason"], r["n_findings"],
-                             r["description"]) for r in rows]
+            rows = self._db.execute(
+                "SELECT * FROM series WHERE job_id = ? ORDER BY rowid", (job_id,)
+            ).fetchall()
+        return [
+            SeriesRecord(
+                r["series_uid"],
+                r["model"],
+                r["status"],
+                r["reason"],
+                r["n_findings"],
+                r["description"],
+            )
+            for r in rows
+        ]
 
     def actions(self, job_id: int | None = None, limit: int = 100) -> list[Action]:
         """Operator actions, newest first (a job's, or all)."""
         with self._lock:
             if job_id is None:
-                rows = self._db.execute("SELECT * FROM actions ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+                rows = self._db.execute(
+                    "SELECT * FROM actions ORDER BY id DESC LIMIT ?", (limit,)
+                ).fetchall()
             else:
-                rows = self._db.execute("SELECT * FROM actions WHERE job_id = ? ORDER BY id DESC LIMIT ?",
-                                        (job_id, limit)).fetchall()
+                rows = self._db.execute(
+                    "SELECT * FROM actions WHERE job_id = ? ORDER BY id DESC LIMIT ?",
+                    (job_id, limit),
+                ).fetchall()
         return [_action(r) for r in rows]
 
-    def page(self, *, states: Sequence[str] = (), since: float | None = None, until: float | None = None,
-             uid: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
+    def page(
+        self,
+        *,
+        states: Sequence[str] = (),
+        since: float | None = None,
+        until: float | None = None,
+        uid: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[Job], int]:
         """Jobs newest first, filtered: ``states``; created in ``[since, until)``; ``uid`` a
         StudyInstanceUID, a SeriesInstanceUID of a routed series, an output's SOPInstanceUID or
         an AccessionNumber. Returns ``(jobs[offset:offset+limit], total matching)``."""
         where, args = self._filters(states, since, until, uid)
         with self._lock:
             total = self._db.execute(f"SELECT COUNT(*) FROM jobs j {where}", args).fetchone()[0]
-            rows = self._db.execute(f"SELECT * FROM jobs j {where} ORDER BY id DESC LIMIT ? OFFSET ?",
-                                    [*args, limit, offset]).fetchall()
+            rows = self._db.execute(
+                f"SELECT * FROM jobs j {where} ORDER BY id DESC LIMIT ? OFFSET ?",
+                [*args, limit, offset],
+            ).fetchall()
         return [_job(r) for r in rows], int(total)
 
     @staticmethod
-    def _filters(states: Sequence[str], since: float | None, until: float | None,
-                 uid: str | None) -> tuple[str, list[object]]:
+    def _filters(
+        states: Sequence[str], since: float | None, until: float | None, uid: str | None
+    ) -> tuple[str, list[object]]:
         clauses: list[str] = []
         args: list[object] = []
         if states:
@@ -765,20 +969,28 @@ class JobStore:
             clauses.append("j.created_at < ?")
             args.append(until)
         if uid:
-            clauses.append("j.id IN (SELECT id FROM jobs WHERE study_uid = ? UNION SELECT id FROM jobs WHERE "
-                           "accession_number = ? UNION SELECT job_id FROM series WHERE series_uid = ? UNION "
-                           "SELECT job_id FROM outputs WHERE sop_instance_uid = ?)")
+            clauses.append(
+                "j.id IN (SELECT id FROM jobs WHERE study_uid = ? UNION SELECT id FROM jobs WHERE "
+                "accession_number = ? UNION SELECT job_id FROM series WHERE series_uid = ? UNION "
+                "SELECT job_id FROM outputs WHERE sop_instance_uid = ?)"
+            )
             args += [uid] * 4
         return ("WHERE " + " AND ".join(clauses)) if clauses else "", args
 
-    def delivery_page(self, *, states: Sequence[str] = (), limit: int = 50,
-                      offset: int = 0) -> tuple[list[Delivery], int]:
+    def delivery_page(
+        self, *, states: Sequence[str] = (), limit: int = 50, offset: int = 0
+    ) -> tuple[list[Delivery], int]:
         """Deliveries newest first (by their last attempt, then id), optionally by state."""
         where = f"WHERE state IN ({', '.join('?' * len(states))})" if states else ""
         with self._lock:
-            total = self._db.execute(f"SELECT COUNT(*) FROM deliveries {where}", list(states)).fetchone()[0]
-            rows = self._db.execute(f"SELECT * FROM deliveries {where} ORDER BY COALESCE(last_attempt_at, 0) "
-                                    f"DESC, id DESC LIMIT ? OFFSET ?", [*states, limit, offset]).fetchall()
+            total = self._db.execute(
+                f"SELECT COUNT(*) FROM deliveries {where}", list(states)
+            ).fetchone()[0]
+            rows = self._db.execute(
+                f"SELECT * FROM deliveries {where} ORDER BY COALESCE(last_attempt_at, 0) "
+                f"DESC, id DESC LIMIT ? OFFSET ?",
+                [*states, limit, offset],
+            ).fetchall()
         return [_delivery(r) for r in rows], int(total)
 
     def last_attempts(self, destinations: Sequence[str]) -> dict[str, Delivery]:
@@ -787,8 +999,11 @@ class JobStore:
         out = {}
         with self._lock:
             for name in destinations:
-                row = self._db.execute("SELECT * FROM deliveries WHERE destination = ? AND last_attempt_at IS NOT "
-                                       "NULL ORDER BY last_attempt_at DESC, id DESC LIMIT 1", (name,)).fetchone()
+                row = self._db.execute(
+                    "SELECT * FROM deliveries WHERE destination = ? AND last_attempt_at IS NOT "
+                    "NULL ORDER BY last_attempt_at DESC, id DESC LIMIT 1",
+                    (name,),
+                ).fetchone()
                 if row is not None:
                     out[name] = _delivery(row)
         return out
@@ -796,21 +1011,26 @@ class JobStore:
     def oldest_waiting(self) -> float | None:
         """When the oldest ``received`` or ``queued`` job received its first instance (None: none)."""
         with self._lock:
-            row = self._db.execute("SELECT MIN(created_at) FROM jobs WHERE state IN ('received', 'queued')").fetchone()
+            row = self._db.execute(
+                "SELECT MIN(created_at) FROM jobs WHERE state IN ('received', 'queued')"
+            ).fetchone()
         return None if row[0] is None else float(row[0])
 
     def delivery_counts(self) -> dict[tuple[str, str], int]:
         """Deliveries per ``(destination, state)``."""
         with self._lock:
-            rows = self._db.execute("SELECT destination, state, COUNT(*) FROM deliveries "
-                                    "GROUP BY destination, state").fetchall()
+            rows = self._db.execute(
+                "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"
+            ).fetchall()
         return {(r[0], r[1]): int(r[2]) for r in rows}
 
     def finished_since(self, since: float) -> list[tuple[float, str]]:
         """``(finished_at, state)`` of every job finished at or after ``since``, oldest first."""
         with self._lock:
-            rows = self._db.execute("SELECT finished_at, state FROM jobs WHERE finished_at >= ? "
-                                    "ORDER BY finished_at", (since,)).fetchall()
+            rows = self._db.execute(
+                "SELECT finished_at, state FROM jobs WHERE finished_at >= ? ORDER BY finished_at",
+                (since,),
+            ).fetchall()
         return [(float(r[0]), str(r[1])) for r in rows]
 
     def refusals(self, limit: int = 50, offset: int = 0) -> tuple[list[dict[str, object]], int]:
@@ -818,8 +1038,11 @@ class JobStore:
         ``calling_ae``, ``called_ae``, ``peer`` and ``reason``."""
         with self._lock:
             total = self._db.execute("SELECT COUNT(*) FROM refusals").fetchone()[0]
-            rows = self._db.execute("SELECT at, calling_ae, called_ae, peer, reason FROM refusals "
-                                    "ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+            rows = self._db.execute(
+                "SELECT at, calling_ae, called_ae, peer, reason FROM refusals "
+                "ORDER BY id DESC LIMIT ? OFFSET ?",
+                (limit, offset),
+            ).fetchall()
         return [dict(r) for r in rows], int(total)
 
     def counts(self) -> dict[JobState, int]:
@@ -837,7 +1060,9 @@ class JobStore:
                 "SELECT * FROM jobs j WHERE state IN ('done', 'failed', 'dead-letter', 'cancelled') "
                 "AND finished_at < ? AND NOT purged "
                 "AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.study_uid = j.study_uid AND k.state IN "
-                "('received', 'queued', 'running', 'sending')) ORDER BY id", (before,)).fetchall()
+                "('received', 'queued', 'running', 'sending')) ORDER BY id",
+                (before,),
+            ).fetchall()
         return [_job(r) for r in rows]
 
     def mark_purged(self, job_id: int) -> None:
@@ -851,28 +1076,40 @@ class JobStore:
             raise KeyError(f"no job {job_id} in {self.path}")
         return _job(row)
 
-    def _superseded(self, db: sqlite3.Connection, job_id: int, error: str, max_attempts: int,
-                    now: float) -> bool:
+    def _superseded(
+        self, db: sqlite3.Connection, job_id: int, error: str, max_attempts: int, now: float
+    ) -> bool:
         """A running job with attempts left that a newer open job of its study makes redundant
         ends ``done`` (a second open job would break ``one_open_job_per_study``)."""
         row = db.execute(
             "SELECT k.id FROM jobs j JOIN jobs k ON k.study_uid = j.study_uid AND k.id != j.id "
             "WHERE j.id = ? AND j.attempts < ? AND k.state IN ('received', 'queued')",
-            (job_id, max_attempts)).fetchone()
+            (job_id, max_attempts),
+        ).fetchone()
         if row is None:
             return False
-        db.execute("UPDATE jobs SET state = 'done', finished_at = ?, error = ? WHERE id = ?",
-                   (now, f"superseded by job {row['id']}, which re-processes the study "
-                         f"(this attempt: {error})", job_id))
+        db.execute(
+            "UPDATE jobs SET state = 'done', finished_at = ?, error = ? WHERE id = ?",
+            (
+                now,
+                f"superseded by job {row['id']}, which re-processes the study "
+                f"(this attempt: {error})",
+                job_id,
+            ),
+        )
         return True
 
     @staticmethod
     def _set_series(db: sqlite3.Connection, job_id: int, series: Sequence[SeriesRecord]) -> None:
         db.execute("DELETE FROM series WHERE job_id = ?", (job_id,))
-        db.executemany("INSERT INTO series (job_id, series_uid, model, status, reason, n_findings, description) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       [(job_id, s.series_uid, s.model, s.status, s.reason, s.n_findings, s.description)
-                        for s in series])
+        db.executemany(
+            "INSERT INTO series (job_id, series_uid, model, status, reason, n_findings, description) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (job_id, s.series_uid, s.model, s.status, s.reason, s.n_findings, s.description)
+                for s in series
+            ],
+        )
 
     @staticmethod
     def _set_processed(db: sqlite3.Connection, job_id: int, instances: int | None) -> None:
@@ -890,21 +1127,49 @@ class JobStore:
 
 
 def _job(row: sqlite3.Row) -> Job:
-    return Job(id=row["id"], study_uid=row["study_uid"], state=JobState(row["state"]),
-               attempts=row["attempts"], n_instances=row["n_instances"], created_at=row["created_at"],
-               last_instance_at=row["last_instance_at"], idle_since=row["idle_since"],
-               queued_at=row["queued_at"], started_at=row["started_at"], inferred_at=row["inferred_at"],
-               finished_at=row["finished_at"], next_attempt_at=row["next_attempt_at"], error=row["error"],
-               supersedes=row["supersedes"], n_processed=row["n_processed"],
-               accession_number=row["accession_number"])
+    return Job(
+        id=row["id"],
+        study_uid=row["study_uid"],
+        state=JobState(row["state"]),
+        attempts=row["attempts"],
+        n_instances=row["n_instances"],
+        created_at=row["created_at"],
+        last_instance_at=row["last_instance_at"],
+        idle_since=row["idle_since"],
+        queued_at=row["queued_at"],
+        started_at=row["started_at"],
+        inferred_at=row["inferred_at"],
+        finished_at=row["finished_at"],
+        next_attempt_at=row["next_attempt_at"],
+        error=row["error"],
+        supersedes=row["supersedes"],
+        n_processed=row["n_processed"],
+        accession_number=row["accession_number"],
+    )
 
 
 def _action(row: sqlite3.Row) -> Action:
-    return Action(id=row["id"], at=row["at"], actor=row["actor"], action=row["action"], job_id=row["job_id"],
-                  detail=row["detail"], reason=row["reason"], outcome=row["outcome"])
+    return Action(
+        id=row["id"],
+        at=row["at"],
+        actor=row["actor"],
+        action=row["action"],
+        job_id=row["job_id"],
+        detail=row["detail"],
+        reason=row["reason"],
+        outcome=row["outcome"],
+    )
 
 
 def _delivery(row: sqlite3.Row) -> Delivery:
-    return Delivery(id=row["id"], job_id=row["job_id"], destination=row["destination"], state=row["state"],
-                    attempts=row["attempts"], next_attempt_at=row["next_attempt_at"], error=row["error"],
-                    sent_at=row["sent_at"], last_attempt_at=row["last_attempt_at"])
+    return Delivery(
+        id=row["id"],
+        job_id=row["job_id"],
+        destination=row["destination"],
+        state=row["state"],
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        error=row["error"],
+        sent_at=row["sent_at"],
+        last_attempt_at=row["last_attempt_at"],
+    )

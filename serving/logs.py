@@ -52,8 +52,14 @@ from typing import Any, TextIO
 
 from medssl.errors import describe_error
 
-__all__ = ["JsonFormatter", "capture_stray_output", "configure_logging", "loggable_uid",
-           "safe_error", "safe_traceback"]
+__all__ = [
+    "JsonFormatter",
+    "capture_stray_output",
+    "configure_logging",
+    "loggable_uid",
+    "safe_error",
+    "safe_traceback",
+]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -100,11 +106,15 @@ def safe_traceback(exc: BaseException) -> str:
         seen.add(id(current))
         chain.append((current, link))
         if current.__cause__ is not None:
-            current, link = current.__cause__, ("The above exception was the direct cause of "
-                                                "the following exception:")
+            current, link = (
+                current.__cause__,
+                ("The above exception was the direct cause of the following exception:"),
+            )
         elif current.__context__ is not None and not current.__suppress_context__:
-            current, link = current.__context__, ("During handling of the above exception, "
-                                                  "another exception occurred:")
+            current, link = (
+                current.__context__,
+                ("During handling of the above exception, another exception occurred:"),
+            )
         else:
             current = None
     parts: list[str] = []
@@ -133,7 +143,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
             "level": record.levelname,
             "logger": record.name,
         }
@@ -151,19 +163,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                  file: TextIO | None = None, line: str | None = None) -> None:
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     """``warnings.showwarning``: a ``medssl.warnings`` record with the category and where the
     warning was raised; the warning's text is withheld."""
     module = filename.rsplit("/", 1)[-1]
     logging.getLogger("medssl.warnings").warning(
-        "%s at %s:%d (text withheld: it may quote DICOM values)", category.__name__, module,
-        lineno, extra={"category": category.__name__})
+        "%s at %s:%d (text withheld: it may quote DICOM values)",
+        category.__name__,
+        module,
+        lineno,
+        extra={"category": category.__name__},
+    )
 
 
 def _log_uncaught(exc: BaseException, where: str) -> None:
-    logging.getLogger("medssl.uncaught").error("uncaught %s in %s", type(exc).__name__, where,
-                                               extra={"error": safe_traceback(exc)})
+    logging.getLogger("medssl.uncaught").error(
+        "uncaught %s in %s", type(exc).__name__, where, extra={"error": safe_traceback(exc)}
+    )
 
 
 def _excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
@@ -241,16 +264,24 @@ class _StrayOutput(io.TextIOBase):
                     lines.append(self._pending)
                     self._pending = 0
         for n in lines:
-            self._logger.warning("a line of %d characters written to %s, withheld (it may quote "
-                                 "DICOM values)", n, self.name, extra={"stream": self.name})
+            self._logger.warning(
+                "a line of %d characters written to %s, withheld (it may quote DICOM values)",
+                n,
+                self.name,
+                extra={"stream": self.name},
+            )
         return len(text)
 
     def flush(self) -> None:
         with self._lock:
             n, self._pending = self._pending, 0
         if n:
-            self._logger.warning("%d characters written to %s, withheld (it may quote DICOM "
-                                 "values)", n, self.name, extra={"stream": self.name})
+            self._logger.warning(
+                "%d characters written to %s, withheld (it may quote DICOM values)",
+                n,
+                self.name,
+                extra={"stream": self.name},
+            )
 
 
 def capture_stray_output() -> TextIO:

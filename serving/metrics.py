@@ -46,20 +46,37 @@ class GatewayMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.associations = Counter("medssl_gateway_associations", "DICOM associations requested",
-                                    ["result"], registry=r)
-        self.instances = Counter("medssl_gateway_instances_received",
-                                 "instances stored durably and acknowledged", ["sop_class"], registry=r)
-        self.rejected = Counter("medssl_gateway_instances_rejected", "instances not stored",
-                                ["reason"], registry=r)
-        self.studies = Counter("medssl_gateway_studies", "studies entering a state", ["state"],
-                               registry=r)
-        self.deliveries = Counter("medssl_gateway_deliveries", "result deliveries",
-                                  ["destination", "result"], registry=r)
-        self.queue_depth = Gauge("medssl_gateway_queue_depth", "jobs by state", ["state"], registry=r)
-        self.spool_bytes = Gauge("medssl_gateway_spool_bytes", "bytes held in the spool", registry=r)
-        self.stage_seconds = Histogram("medssl_gateway_stage_seconds", "study latency by stage",
-                                       ["stage"], buckets=_BUCKETS, registry=r)
+        self.associations = Counter(
+            "medssl_gateway_associations", "DICOM associations requested", ["result"], registry=r
+        )
+        self.instances = Counter(
+            "medssl_gateway_instances_received",
+            "instances stored durably and acknowledged",
+            ["sop_class"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "medssl_gateway_instances_rejected", "instances not stored", ["reason"], registry=r
+        )
+        self.studies = Counter(
+            "medssl_gateway_studies", "studies entering a state", ["state"], registry=r
+        )
+        self.deliveries = Counter(
+            "medssl_gateway_deliveries", "result deliveries", ["destination", "result"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "medssl_gateway_queue_depth", "jobs by state", ["state"], registry=r
+        )
+        self.spool_bytes = Gauge(
+            "medssl_gateway_spool_bytes", "bytes held in the spool", registry=r
+        )
+        self.stage_seconds = Histogram(
+            "medssl_gateway_stage_seconds",
+            "study latency by stage",
+            ["stage"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -73,8 +73,13 @@ class Operations:
         ready: the gateway's readiness check, when it runs (the overview shows it).
     """
 
-    def __init__(self, store: JobStore, spool: Spool, cfg: GatewayConfig,
-                 ready: Callable[[], tuple[bool, str]] | None = None) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        spool: Spool,
+        cfg: GatewayConfig,
+        ready: Callable[[], tuple[bool, str]] | None = None,
+    ) -> None:
         self.store = store
         self.spool = spool
         self.cfg = cfg
@@ -83,9 +88,16 @@ class Operations:
 
     # --- reads -----------------------------------------------------------------------------
 
-    def studies(self, *, states: Sequence[str] = (), since: float | None = None,
-                until: float | None = None, uid: str | None = None, limit: int = 50,
-                offset: int = 0) -> dict[str, Any]:
+    def studies(
+        self,
+        *,
+        states: Sequence[str] = (),
+        since: float | None = None,
+        until: float | None = None,
+        uid: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> dict[str, Any]:
         """A page of jobs, newest first: ``{"total", "limit", "offset", "items"}``.
 
         Args:
@@ -100,9 +112,15 @@ class Operations:
         limit, offset = _page(limit, offset)
         for state in states:
             JobState(state)  # ValueError names the bad value
-        jobs, total = self.store.page(states=states, since=since, until=until, uid=uid or None,
-                                      limit=limit, offset=offset)
-        return {"total": total, "limit": limit, "offset": offset, "items": [self._summary(j) for j in jobs]}
+        jobs, total = self.store.page(
+            states=states, since=since, until=until, uid=uid or None, limit=limit, offset=offset
+        )
+        return {
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "items": [self._summary(j) for j in jobs],
+        }
 
     def study(self, ref: int | str) -> dict[str, Any]:
         """One job in full: its summary, the routed series and their outcomes, its results with
@@ -115,45 +133,74 @@ class Operations:
             NotFound: no such job.
         """
         job = self._job(ref)
-        return {**self._summary(job),
-                "series": [vars(s) for s in self.store.series(job.id)],
-                "outputs": [{"kind": o.kind, "model": o.model, "sop_instance_uid": o.sop_instance_uid,
-                             "file": o.path.name} for o in self.store.outputs(job.id)],
-                "deliveries": [_delivery(d) for d in self.store.deliveries(job.id)],
-                "actions": [_action(a) for a in self.store.actions(job.id)],
-                "later_jobs": [j.id for j in self.store.jobs(job.study_uid) if j.id > job.id]}
+        return {
+            **self._summary(job),
+            "series": [vars(s) for s in self.store.series(job.id)],
+            "outputs": [
+                {
+                    "kind": o.kind,
+                    "model": o.model,
+                    "sop_instance_uid": o.sop_instance_uid,
+                    "file": o.path.name,
+                }
+                for o in self.store.outputs(job.id)
+            ],
+            "deliveries": [_delivery(d) for d in self.store.deliveries(job.id)],
+            "actions": [_action(a) for a in self.store.actions(job.id)],
+            "later_jobs": [j.id for j in self.store.jobs(job.study_uid) if j.id > job.id],
+        }
 
-    def deliveries(self, *, states: Sequence[str] = (), limit: int = 50, offset: int = 0) -> dict[str, Any]:
+    def deliveries(
+        self, *, states: Sequence[str] = (), limit: int = 50, offset: int = 0
+    ) -> dict[str, Any]:
         """A page of deliveries, the latest attempts first."""
         limit, offset = _page(limit, offset)
         for state in states:
             if state not in ("pending", "sent", "dead-letter"):
-                raise ValueError(f"delivery state must be pending, sent or dead-letter, got {state!r}")
+                raise ValueError(
+                    f"delivery state must be pending, sent or dead-letter, got {state!r}"
+                )
         rows, total = self.store.delivery_page(states=states, limit=limit, offset=offset)
-        return {"total": total, "limit": limit, "offset": offset, "items": [_delivery(d) for d in rows]}
+        return {
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "items": [_delivery(d) for d in rows],
+        }
 
     def quarantine(self, *, limit: int = 50, offset: int = 0) -> dict[str, Any]:
         """A page of quarantined inputs, newest first, with the reason each was refused."""
         limit, offset = _page(limit, offset)
         entries = self.spool.quarantined()
-        return {"total": len(entries), "limit": limit, "offset": offset,
-                "items": [_quarantined(e) for e in entries[offset:offset + limit]]}
+        return {
+            "total": len(entries),
+            "limit": limit,
+            "offset": offset,
+            "items": [_quarantined(e) for e in entries[offset : offset + limit]],
+        }
 
     def refusals(self, *, limit: int = 50, offset: int = 0) -> dict[str, Any]:
         """A page of refused associations, newest first (calling AE, called AE, peer, reason)."""
         limit, offset = _page(limit, offset)
         rows, total = self.store.refusals(limit=limit, offset=offset)
-        return {"total": total, "limit": limit, "offset": offset,
-                "items": [{**r, "at": iso(r["at"])} for r in rows]}  # type: ignore[arg-type]
+        return {
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "items": [{**r, "at": iso(r["at"])} for r in rows],
+        }  # type: ignore[arg-type]
 
     def counters(self) -> dict[str, Any]:
         """Jobs per state, and the queue: ``waiting`` (received + queued), ``in_progress``
         (running + sending) and the age of the oldest waiting job in seconds."""
         counts = {s.value: n for s, n in self.store.counts().items()}
         oldest = self.store.oldest_waiting()
-        return {"jobs": counts, "waiting": counts["received"] + counts["queued"],
-                "in_progress": counts["running"] + counts["sending"],
-                "oldest_waiting_s": None if oldest is None else round(time.time() - oldest, 1)}
+        return {
+            "jobs": counts,
+            "waiting": counts["received"] + counts["queued"],
+            "in_progress": counts["running"] + counts["sending"],
+            "oldest_waiting_s": None if oldest is None else round(time.time() - oldest, 1),
+        }
 
     def destinations(self) -> list[dict[str, Any]]:
         """Each configured destination, up or down by its last delivery attempt (``unknown``
@@ -163,13 +210,28 @@ class Operations:
         out = []
         for d in self.cfg.destinations:
             attempt = last.get(d.name)
-            status = ("unknown" if attempt is None else
-                      "up" if attempt.state == "sent" and attempt.sent_at == attempt.last_attempt_at else "down")
+            status = (
+                "unknown"
+                if attempt is None
+                else "up"
+                if attempt.state == "sent" and attempt.sent_at == attempt.last_attempt_at
+                else "down"
+            )
             where = redact_url(d.url) if d.kind == "stow" else f"{d.ae_title}@{d.host}:{d.port}"
-            out.append({"name": d.name, "kind": d.kind, "address": where, "status": status, "last_attempt_at": iso(attempt.last_attempt_at) if attempt else None,
-                        "last_error": attempt.error if attempt is not None and status == "down" else None,
-                        "pending": counts.get((d.name, "pending"), 0),
-                        "dead_letter": counts.get((d.name, "dead-letter"), 0)})
+            out.append(
+                {
+                    "name": d.name,
+                    "kind": d.kind,
+                    "address": where,
+                    "status": status,
+                    "last_attempt_at": iso(attempt.last_attempt_at) if attempt else None,
+                    "last_error": attempt.error
+                    if attempt is not None and status == "down"
+                    else None,
+                    "pending": counts.get((d.name, "pending"), 0),
+                    "dead_letter": counts.get((d.name, "dead-letter"), 0),
+                }
+            )
         return out
 
     def overview(self, now: float | None = None) -> dict[str, Any]:
@@ -177,17 +239,26 @@ class Operations:
         (by outcome), the failures of the last 24 h, the destinations and readiness."""
         now = time.time() if now is None else now
         start = (now // 3600.0 - 23) * 3600.0  # 24 whole hours, the current one last
-        hours = [{"hour": iso(start + 3600.0 * i), **{s.value: 0 for s in FINISHED}} for i in range(24)]
+        hours = [
+            {"hour": iso(start + 3600.0 * i), **{s.value: 0 for s in FINISHED}} for i in range(24)
+        ]
         for finished_at, state in self.store.finished_since(start):
             hours[min(int((finished_at - start) // 3600.0), 23)][state] += 1
-        failures, n_failures = self.store.page(states=("failed", "dead-letter"), since=now - _DAY_S, limit=20)
+        failures, n_failures = self.store.page(
+            states=("failed", "dead-letter"), since=now - _DAY_S, limit=20
+        )
         ready = None
         if self.ready is not None:
             ok, reason = self.ready()
             ready = {"ready": ok, "reason": reason}
-        return {"now": iso(now), "counters": self.counters(), "throughput_per_hour": hours,
-                "failures_24h": {"total": n_failures, "items": [self._summary(j) for j in failures]},
-                "destinations": self.destinations(), "readiness": ready}
+        return {
+            "now": iso(now),
+            "counters": self.counters(),
+            "throughput_per_hour": hours,
+            "failures_24h": {"total": n_failures, "items": [self._summary(j) for j in failures]},
+            "destinations": self.destinations(),
+            "readiness": ready,
+        }
 
     def config(self) -> dict[str, Any]:
         """The effective configuration, secrets masked."""
@@ -206,10 +277,13 @@ class Operations:
             NotFound: no such job.
             ActionRefused: its state does not allow it (the message says why).
         """
-        return self._summary(self._checked(lambda: self.store.retry(self._job(ref).id, actor, reason)))
+        return self._summary(
+            self._checked(lambda: self.store.retry(self._job(ref).id, actor, reason))
+        )
 
-    def redeliver(self, ref: int | str, destination: str, actor: str,
-                  reason: str | None = None) -> dict[str, Any]:
+    def redeliver(
+        self, ref: int | str, destination: str, actor: str, reason: str | None = None
+    ) -> dict[str, Any]:
         """Send a done job's results to ``destination`` (a configured one) again.
 
         Raises:
@@ -219,10 +293,20 @@ class Operations:
         names = [d.name for d in self.cfg.destinations]
         job = self._job(ref)
         if destination not in names:
-            self.store.record_action("redeliver", actor, job_id=job.id, detail=f"deliver to {destination}",
-                                     reason=reason, outcome="refused: unknown destination")
-            raise NotFound(f"no destination {destination!r} (configured: {', '.join(names) or 'none'})")
-        return self._summary(self._checked(lambda: self.store.redeliver(job.id, destination, actor, reason)))
+            self.store.record_action(
+                "redeliver",
+                actor,
+                job_id=job.id,
+                detail=f"deliver to {destination}",
+                reason=reason,
+                outcome="refused: unknown destination",
+            )
+            raise NotFound(
+                f"no destination {destination!r} (configured: {', '.join(names) or 'none'})"
+            )
+        return self._summary(
+            self._checked(lambda: self.store.redeliver(job.id, destination, actor, reason))
+        )
 
     def cancel(self, ref: int | str, actor: str, reason: str | None = None) -> dict[str, Any]:
         """Cancel a received or queued job.
@@ -231,9 +315,13 @@ class Operations:
             NotFound: no such job.
             ActionRefused: it is running or finished.
         """
-        return self._summary(self._checked(lambda: self.store.cancel(self._job(ref).id, actor, reason)))
+        return self._summary(
+            self._checked(lambda: self.store.cancel(self._job(ref).id, actor, reason))
+        )
 
-    def purge_quarantine(self, older_than_days: float, actor: str, reason: str | None = None) -> dict[str, Any]:
+    def purge_quarantine(
+        self, older_than_days: float, actor: str, reason: str | None = None
+    ) -> dict[str, Any]:
         """Delete quarantined inputs older than ``older_than_days`` days (recorded).
 
         Raises:
@@ -241,10 +329,16 @@ class Operations:
         """
         days = float(older_than_days)
         if not days >= 0 or days == float("inf"):
-            raise ValueError(f"older_than_days must be a finite number >= 0, got {older_than_days!r}")
+            raise ValueError(
+                f"older_than_days must be a finite number >= 0, got {older_than_days!r}"
+            )
         removed = self.spool.purge_quarantine(time.time() - days * _DAY_S)
-        self.store.record_action("purge-quarantine", actor, detail=f"older than {days:g} days: removed {removed}",
-                                 reason=reason)
+        self.store.record_action(
+            "purge-quarantine",
+            actor,
+            detail=f"older than {days:g} days: removed {removed}",
+            reason=reason,
+        )
         return {"removed": removed, "older_than_days": days}
 
     # --- helpers ---------------------------------------------------------------------------
@@ -273,19 +367,31 @@ class Operations:
 
     def _summary(self, job: Job) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "id": job.id, "study_uid": job.study_uid, "accession_number": job.accession_number,
-            "state": job.state.value, "attempts": job.attempts, "instances": job.n_instances,
-            "instances_processed": job.n_processed, "supersedes": job.supersedes, "error": job.error,
-            "received_at": iso(job.created_at), "last_instance_at": iso(job.last_instance_at),
-            "queued_at": iso(job.queued_at), "started_at": iso(job.started_at),
-            "inferred_at": iso(job.inferred_at), "finished_at": iso(job.finished_at),
-            "durations_s": {"receive": _span(job.created_at, job.last_instance_at),
-                            "assemble": _span(job.last_instance_at, job.queued_at),
-                            "queue": _span(job.queued_at, job.started_at),
-                            "inference": _span(job.started_at, job.inferred_at),
-                            "send": _span(job.inferred_at, job.finished_at) if job.state is not JobState.CANCELLED
-                            else None,
-                            "total": _span(job.created_at, job.finished_at)},
+            "id": job.id,
+            "study_uid": job.study_uid,
+            "accession_number": job.accession_number,
+            "state": job.state.value,
+            "attempts": job.attempts,
+            "instances": job.n_instances,
+            "instances_processed": job.n_processed,
+            "supersedes": job.supersedes,
+            "error": job.error,
+            "received_at": iso(job.created_at),
+            "last_instance_at": iso(job.last_instance_at),
+            "queued_at": iso(job.queued_at),
+            "started_at": iso(job.started_at),
+            "inferred_at": iso(job.inferred_at),
+            "finished_at": iso(job.finished_at),
+            "durations_s": {
+                "receive": _span(job.created_at, job.last_instance_at),
+                "assemble": _span(job.last_instance_at, job.queued_at),
+                "queue": _span(job.queued_at, job.started_at),
+                "inference": _span(job.started_at, job.inferred_at),
+                "send": _span(job.inferred_at, job.finished_at)
+                if job.state is not JobState.CANCELLED
+                else None,
+                "total": _span(job.created_at, job.finished_at),
+            },
         }
         if self.cfg.api.show_patient_id:
             out["patient_id"] = self._patient_id(job.study_uid)
@@ -299,7 +405,9 @@ class Operations:
             value = ""
             if files:
                 try:
-                    header = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["PatientID"])
+                    header = pydicom.dcmread(
+                        files[0], stop_before_pixels=True, specific_tags=["PatientID"]
+                    )
                     value = str(header.get("PatientID", "") or "")
                 except Exception:  # noqa: BLE001 - an unreadable file shows no ID
                     value = ""
@@ -312,20 +420,44 @@ class Operations:
 def _page(limit: int, offset: int) -> tuple[int, int]:
     limit, offset = int(limit), int(offset)
     if not 1 <= limit <= MAX_PAGE or offset < 0:
-        raise ValueError(f"limit must be in 1..{MAX_PAGE} and offset >= 0, got limit={limit}, offset={offset}")
+        raise ValueError(
+            f"limit must be in 1..{MAX_PAGE} and offset >= 0, got limit={limit}, offset={offset}"
+        )
     return limit, offset
 
 
 def _delivery(d: Delivery) -> dict[str, Any]:
-    return {"id": d.id, "job_id": d.job_id, "destination": d.destination, "state": d.state,
-            "attempts": d.attempts, "last_attempt_at": iso(d.last_attempt_at), "sent_at": iso(d.sent_at),
-            "next_attempt_at": iso(d.next_attempt_at) if d.state == "pending" else None, "last_error": d.error}
+    return {
+        "id": d.id,
+        "job_id": d.job_id,
+        "destination": d.destination,
+        "state": d.state,
+        "attempts": d.attempts,
+        "last_attempt_at": iso(d.last_attempt_at),
+        "sent_at": iso(d.sent_at),
+        "next_attempt_at": iso(d.next_attempt_at) if d.state == "pending" else None,
+        "last_error": d.error,
+    }
 
 
 def _action(a: Action) -> dict[str, Any]:
-    return {"id": a.id, "at": iso(a.at), "actor": a.actor, "action": a.action, "job_id": a.job_id,
-            "detail": a.detail, "reason": a.reason, "outcome": a.outcome}
+    return {
+        "id": a.id,
+        "at": iso(a.at),
+        "actor": a.actor,
+        "action": a.action,
+        "job_id": a.job_id,
+        "detail": a.detail,
+        "reason": a.reason,
+        "outcome": a.outcome,
+    }
 
 
 def _quarantined(e: QuarantineEntry) -> dict[str, Any]:
-    return {"name": e.name, "at": iso(e.time), "bytes": e.n_bytes, "reason": e.reason, "context": e.context}
+    return {
+        "name": e.name,
+        "at": iso(e.time),
+        "bytes": e.n_bytes,
+        "reason": e.reason,
+        "context": e.context,
+    }

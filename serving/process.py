@@ -195,22 +195,37 @@ class ModelSet:
         self.triton_url = triton_url
         self.protocol = protocol
         self._models: dict[tuple[str, int | None], LoadedModel] = {}
-        extra: dict[str, Any] = {} if triton_url else {"providers": list(providers) or None, "runtime": runtime}
+        extra: dict[str, Any] = (
+            {} if triton_url else {"providers": list(providers) or None, "runtime": runtime}
+        )
         try:
             for route in routes:
                 key = (route.model, route.version)
                 if key in self._models:
                     continue
                 try:
-                    runner = open_runner(self.repository, route.model, triton_url=triton_url,
-                                         protocol=protocol, version=route.version, **extra)
+                    runner = open_runner(
+                        self.repository,
+                        route.model,
+                        triton_url=triton_url,
+                        protocol=protocol,
+                        version=route.version,
+                        **extra,
+                    )
                 except RunnerError as exc:
                     raise RunnerError(f"model {route.model!r}: {exc}") from exc
-                self._models[key] = LoadedModel(runner.card, runner,
-                                                model_params(runner.card, batch_size))
+                self._models[key] = LoadedModel(
+                    runner.card, runner, model_params(runner.card, batch_size)
+                )
                 warn_without_operating_point(runner.card, route.min_probability)
-                log.info("loaded model %s v%d (%s)", runner.card.name, runner.card.version,
-                         f"Triton {protocol}://{triton_url}" if triton_url else ", ".join(runner.providers))
+                log.info(
+                    "loaded model %s v%d (%s)",
+                    runner.card.name,
+                    runner.card.version,
+                    f"Triton {protocol}://{triton_url}"
+                    if triton_url
+                    else ", ".join(runner.providers),
+                )
         except BaseException:
             self.close()
             raise
@@ -225,8 +240,10 @@ class ModelSet:
             return self._models[(route.model, route.version)]
         except KeyError:
             loaded = sorted(_named(*key) for key in self._models)
-            raise ValueError(f"{_named(route.model, route.version)} is not loaded (loaded: "
-                             f"{loaded}); build the ModelSet with this route") from None
+            raise ValueError(
+                f"{_named(route.model, route.version)} is not loaded (loaded: "
+                f"{loaded}); build the ModelSet with this route"
+            ) from None
 
     def ready(self) -> bool:
         """True when the models are loaded and, with a Triton URL, the server is live and
@@ -237,9 +254,14 @@ class ModelSet:
             return True
         api = connect(self.triton_url, self.protocol, READY_TIMEOUT_S)
         try:
-            return api.live() and api.ready() and all(
-                api.model_ready(name, "" if version is None else str(version))
-                for name, version in self._models)
+            return (
+                api.live()
+                and api.ready()
+                and all(
+                    api.model_ready(name, "" if version is None else str(version))
+                    for name, version in self._models
+                )
+            )
         except Exception:  # noqa: BLE001 - the client libraries raise many types: not ready
             return False
         finally:
@@ -295,34 +317,60 @@ def process_study(
         loaded = models.model(route)
         chosen, skipped = select_series(items, route.select)
         for skip in skipped:
-            log.info("series %s, model %s: skipped (%s)", skip.item.key, route.model,
-                     skip.reason)
-            result.series.append(SeriesOutcome(skip.item.key, loaded.card.name, "skipped",
-                                               skip.reason, None,
-                                               description=skip.item.series_description))
+            log.info("series %s, model %s: skipped (%s)", skip.item.key, route.model, skip.reason)
+            result.series.append(
+                SeriesOutcome(
+                    skip.item.key,
+                    loaded.card.name,
+                    "skipped",
+                    skip.reason,
+                    None,
+                    description=skip.item.series_description,
+                )
+            )
         for item in chosen:
             _run_series(item, route, loaded, Path(out_dir), result, limits)
     return result
 
 
-def _run_series(item: ScanItem, route: RouteConfig, loaded: LoadedModel, out_dir: Path,
-                result: StudyResult, limits: GeometryLimits) -> None:
+def _run_series(
+    item: ScanItem,
+    route: RouteConfig,
+    loaded: LoadedModel,
+    out_dir: Path,
+    result: StudyResult,
+    limits: GeometryLimits,
+) -> None:
     """Score one series with one route's model; add its outcome, outputs and timings."""
     card = loaded.card
     prepared = prepare(item, loaded.params, limits)
-    output = DicomOutput(out_dir / card.name, route.min_probability, route.companion_seg,
-                         seg_type=route.seg_type, dense_seg=route.dense_seg)
+    output = DicomOutput(
+        out_dir / card.name,
+        route.min_probability,
+        route.companion_seg,
+        seg_type=route.seg_type,
+        dense_seg=route.dense_seg,
+    )
     scored = infer(prepared, loaded.runner, card, loaded.params, output)
     row = scored.row
     if scored.transient:
-        raise TransientError(f"series {item.key}, model {card.name!r} v{card.version}: "
-                             f"{row['error']}")
+        raise TransientError(
+            f"series {item.key}, model {card.name!r} v{card.version}: {row['error']}"
+        )
     for stage in ("read", "preprocess"):
         result.timings[stage] += prepared.timings.get(stage, 0.0)
     if row["status"] != "ok":
         log.warning("series %s, model %s: failed (%s)", item.key, card.name, row["error"])
-        result.series.append(SeriesOutcome(item.key, card.name, "failed", row["error"], None,
-                                           description=item.series_description))
+        result.series.append(
+            SeriesOutcome(
+                item.key,
+                card.name,
+                "failed",
+                row["error"],
+                None,
+                description=item.series_description,
+            )
+        )
         return
     result.timings["inference"] += row["inference_s"] + row["postprocess_s"]
     result.timings["write"] += scored.write_s
@@ -331,10 +379,33 @@ def _run_series(item: ScanItem, route: RouteConfig, loaded: LoadedModel, out_dir
         n_findings = len(findings)
     else:
         findings, n_findings = scored.findings, int(row["n_findings"])
-    result.series.append(SeriesOutcome(item.key, card.name, "ok", None, n_findings, findings,
-                                       description=item.series_description))
+    result.series.append(
+        SeriesOutcome(
+            item.key,
+            card.name,
+            "ok",
+            None,
+            n_findings,
+            findings,
+            description=item.series_description,
+        )
+    )
     for written in scored.dicom_files:  # their UIDs as written: no file is read back
-        result.outputs.append(OutputFile(written.path, written.kind, card.name, card.version, item.series_uid,
-                                         written.sop_instance_uid))
-    log.info("series %s, model %s v%d: %d findings, wrote %d objects", item.key, card.name,
-             card.version, n_findings, len(scored.dicom_files))
+        result.outputs.append(
+            OutputFile(
+                written.path,
+                written.kind,
+                card.name,
+                card.version,
+                item.series_uid,
+                written.sop_instance_uid,
+            )
+        )
+    log.info(
+        "series %s, model %s v%d: %d findings, wrote %d objects",
+        item.key,
+        card.name,
+        card.version,
+        n_findings,
+        len(scored.dicom_files),
+    )

@@ -123,9 +123,16 @@ CT_SOP_CLASSES: dict[str, str] = {
 #: (what a sender holding compressed images offers; bit-exact, 2-3x smaller), then Explicit VR
 #: Little Endian, then the rest of pynetdicom's ALL_TRANSFER_SYNTAXES in its order, which puts
 #: the other uncompressed ones before the lossy ones.
-TRANSFER_SYNTAXES: list[str] = [JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEG2000Lossless,
-                                HTJ2KLossless, HTJ2KLosslessRPCL, RLELossless,
-                                ExplicitVRLittleEndian]
+TRANSFER_SYNTAXES: list[str] = [
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    RLELossless,
+    ExplicitVRLittleEndian,
+]
 TRANSFER_SYNTAXES += [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in TRANSFER_SYNTAXES]
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
@@ -173,24 +180,36 @@ def _check_pixel_data(ds: Dataset, syntax: UID) -> None:
     frames = int(ds.get("NumberOfFrames") or 1)
     samples = int(ds.get("SamplesPerPixel") or 1)
     if min(rows, columns, bits, frames, samples) < 1:
-        raise _Refused("undecodable", f"image size {frames}x{rows}x{columns}x{samples}, "
-                                      f"{bits} bits allocated: a value is < 1")
+        raise _Refused(
+            "undecodable",
+            f"image size {frames}x{rows}x{columns}x{samples}, "
+            f"{bits} bits allocated: a value is < 1",
+        )
     pixels = ds.PixelData
     if syntax.is_encapsulated:
         offsets = None
         if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
             offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
-        found = sum(1 for frame in generate_frames(pixels, number_of_frames=frames,
-                                                   extended_offsets=offsets) if frame)
+        found = sum(
+            1
+            for frame in generate_frames(pixels, number_of_frames=frames, extended_offsets=offsets)
+            if frame
+        )
         if found < frames:
-            raise _Refused("undecodable", f"encapsulated Pixel Data holds {found} non-empty "
-                                          f"frames, NumberOfFrames is {frames}")
+            raise _Refused(
+                "undecodable",
+                f"encapsulated Pixel Data holds {found} non-empty "
+                f"frames, NumberOfFrames is {frames}",
+            )
     else:
         expected = (rows * columns * samples * bits * frames + 7) // 8
         if len(pixels) < expected:
-            raise _Refused("undecodable", f"Pixel Data has {len(pixels)} bytes, {expected} "
-                                          f"expected for {frames}x{rows}x{columns}x{samples} "
-                                          f"at {bits} bits")
+            raise _Refused(
+                "undecodable",
+                f"Pixel Data has {len(pixels)} bytes, {expected} "
+                f"expected for {frames}x{rows}x{columns}x{samples} "
+                f"at {bits} bits",
+            )
 
 
 def _text(ds: Dataset, keyword: str, max_chars: int = 64) -> str:
@@ -207,10 +226,17 @@ def _check_complete(ds: Dataset) -> None:
     element declares a huge length, would otherwise pass. Call it before touching values."""
     for tag in ds.keys():
         raw = ds.get_item(tag)
-        if (isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF
-                and raw.value is not None and len(raw.value) < raw.length):
-            raise _Refused("undecodable", f"element {tag} holds {len(raw.value)} bytes of the "
-                                          f"{raw.length} it declares (truncated)")
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.length != 0xFFFFFFFF
+            and raw.value is not None
+            and len(raw.value) < raw.length
+        ):
+            raise _Refused(
+                "undecodable",
+                f"element {tag} holds {len(raw.value)} bytes of the "
+                f"{raw.length} it declares (truncated)",
+            )
 
 
 def _checked_uids(ds: Dataset, affected_sop_instance_uid: str) -> tuple[str, str, str]:
@@ -223,8 +249,11 @@ def _checked_uids(ds: Dataset, affected_sop_instance_uid: str) -> tuple[str, str
         uids.append(value)
     if uids[2] != affected_sop_instance_uid:
         # the dataset's value is not quoted: a damaged one may hold anything (PHI)
-        raise _Refused("missing-uid", "the dataset's SOPInstanceUID differs from the request's "
-                                      f"AffectedSOPInstanceUID {affected_sop_instance_uid}")
+        raise _Refused(
+            "missing-uid",
+            "the dataset's SOPInstanceUID differs from the request's "
+            f"AffectedSOPInstanceUID {affected_sop_instance_uid}",
+        )
     return uids[0], uids[1], uids[2]
 
 
@@ -250,8 +279,11 @@ def _inflated_dataset(deflated: bytes, limit: int) -> Dataset:
             chunk = inflater.decompress(pending, _INFLATE_CHUNK)
             size += len(chunk)
             if size > limit:
-                raise _Refused("too-large", f"the deflated dataset inflates past {limit} bytes "
-                                            f"({len(deflated)} bytes received)")
+                raise _Refused(
+                    "too-large",
+                    f"the deflated dataset inflates past {limit} bytes "
+                    f"({len(deflated)} bytes received)",
+                )
             pending = inflater.unconsumed_tail
             if not chunk and not pending:
                 break
@@ -338,8 +370,9 @@ class _Slots:
                 for pending in self._pending:
                     counts[pending.peer] = counts.get(pending.peer, 0) + 1
                 busiest = max(counts.values())
-                victim = min((p for p in self._pending if counts[p.peer] == busiest),
-                             key=lambda p: p.since)
+                victim = min(
+                    (p for p in self._pending if counts[p.peer] == busiest), key=lambda p: p.since
+                )
                 self._evict(victim)
         return entry, victim
 
@@ -405,8 +438,9 @@ def _recv_exactly(sock: socket.socket, n_bytes: int, deadline: float) -> bytes:
     while len(data) < n_bytes:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise _Dropped(f"no complete A-ASSOCIATE-RQ in time ({len(data)} of {n_bytes} "
-                           "bytes of a read)")
+            raise _Dropped(
+                f"no complete A-ASSOCIATE-RQ in time ({len(data)} of {n_bytes} bytes of a read)"
+            )
         sock.settimeout(remaining)
         try:
             chunk = sock.recv(min(n_bytes - len(data), 65536))
@@ -435,31 +469,42 @@ def _read_associate_rq(sock: socket.socket, deadline: float) -> bytes:
     header = _recv_exactly(sock, 6, deadline)
     pdu_type, _, length = struct.unpack(">BBL", header)
     if pdu_type != 0x01:
-        raise _BadRequest(f"the first PDU is of type 0x{pdu_type:02X}, not an A-ASSOCIATE-RQ",
-                          _ABORT_UNEXPECTED_PDU)
+        raise _BadRequest(
+            f"the first PDU is of type 0x{pdu_type:02X}, not an A-ASSOCIATE-RQ",
+            _ABORT_UNEXPECTED_PDU,
+        )
     if not 68 <= length <= _MAX_ASSOCIATE_RQ_BYTES:
-        raise _BadRequest(f"an A-ASSOCIATE-RQ of {length} bytes (68 to "
-                          f"{_MAX_ASSOCIATE_RQ_BYTES} accepted)", _ABORT_INVALID_PARAMETER)
+        raise _BadRequest(
+            f"an A-ASSOCIATE-RQ of {length} bytes (68 to {_MAX_ASSOCIATE_RQ_BYTES} accepted)",
+            _ABORT_INVALID_PARAMETER,
+        )
     raw = header + _recv_exactly(sock, length, deadline)
     pdu = A_ASSOCIATE_RQ()
     try:
         pdu.decode(raw)
         ids = [item.presentation_context_id for item in pdu.presentation_context]
     except Exception as exc:  # the decoder's message may quote the peer's bytes
-        raise _BadRequest(f"the A-ASSOCIATE-RQ does not decode ({type(exc).__name__})",
-                          _ABORT_INVALID_PARAMETER) from None
+        raise _BadRequest(
+            f"the A-ASSOCIATE-RQ does not decode ({type(exc).__name__})", _ABORT_INVALID_PARAMETER
+        ) from None
     for i, context_id in enumerate(ids):
         if context_id is None or not 1 <= context_id <= 255 or context_id % 2 == 0:
-            raise _BadRequest(f"presentation context ID {context_id} is not an odd integer "
-                              "in 1-255 (PS3.8 9.3.2.2)", _ABORT_INVALID_PARAMETER)
+            raise _BadRequest(
+                f"presentation context ID {context_id} is not an odd integer "
+                "in 1-255 (PS3.8 9.3.2.2)",
+                _ABORT_INVALID_PARAMETER,
+            )
         if context_id in ids[:i]:
-            raise _BadRequest(f"presentation context ID {context_id} is proposed twice",
-                              _ABORT_INVALID_PARAMETER)
+            raise _BadRequest(
+                f"presentation context ID {context_id} is proposed twice", _ABORT_INVALID_PARAMETER
+            )
     try:
         pdu.to_primitive()
     except Exception as exc:  # its message may quote the peer's bytes
-        raise _BadRequest(f"the A-ASSOCIATE-RQ has an invalid value ({type(exc).__name__})",
-                          _ABORT_INVALID_PARAMETER) from None
+        raise _BadRequest(
+            f"the A-ASSOCIATE-RQ has an invalid value ({type(exc).__name__})",
+            _ABORT_INVALID_PARAMETER,
+        ) from None
     return raw
 
 
@@ -493,8 +538,11 @@ class _GatedServer(ThreadedAssociationServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         """socketserver prints a traceback to stderr: log the exception type only instead."""
         exc = sys.exc_info()[1]
-        LOGGER.error("connection handler failed: %s", type(exc).__name__,
-                     extra={"peer": str(client_address[0]) if client_address else ""})
+        LOGGER.error(
+            "connection handler failed: %s",
+            type(exc).__name__,
+            extra={"peer": str(client_address[0]) if client_address else ""},
+        )
 
 
 class StorageSCP:
@@ -516,9 +564,14 @@ class StorageSCP:
         ValueError: an ``allowed_callers[i].hosts`` entry is not an IP address (it names it).
     """
 
-    def __init__(self, cfg: ScpConfig, spool: Spool, on_stored: Callable[[StoredInstance], None],
-                 metrics: GatewayMetrics | None = None,
-                 on_refused: Callable[[str, str, str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ScpConfig,
+        spool: Spool,
+        on_stored: Callable[[StoredInstance], None],
+        metrics: GatewayMetrics | None = None,
+        on_refused: Callable[[str, str, str, str], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.spool = spool
         self.on_stored = on_stored
@@ -531,12 +584,14 @@ class StorageSCP:
                 try:
                     hosts.add(ipaddress.ip_address(host))
                 except ValueError:
-                    raise ValueError(f"allowed_callers[{i}].hosts: {host!r} is not an IP "
-                                     "address") from None
+                    raise ValueError(
+                        f"allowed_callers[{i}].hosts: {host!r} is not an IP address"
+                    ) from None
             self._callers[caller.ae_title.strip()] = frozenset(hosts)
         self._stopping = threading.Event()
-        self._slots = _Slots(cfg.max_associations, cfg.max_associations_per_peer,
-                             cfg.max_pending_connections)
+        self._slots = _Slots(
+            cfg.max_associations, cfg.max_associations_per_peer, cfg.max_pending_connections
+        )
         self._tls: ssl.SSLContext | None = None
         self._server: ThreadedAssociationServer | None = None
         self._port: int | None = None
@@ -591,16 +646,24 @@ class StorageSCP:
         # As AE.start_server(block=False), with a server whose accept loop only accepts: the
         # TLS handshake happens on the connection's thread (_serve_connection), so the server
         # gets no ssl_context.
-        server = self._ae.make_server((self.cfg.host, self.cfg.port), evt_handlers=handlers,
-                                      server_class=_GatedServer,
-                                      request_handler=_GatedRequestHandler, scp=self)
-        threading.Thread(target=server.serve_forever, name="medssl-scp-accept",
-                         daemon=True).start()
+        server = self._ae.make_server(
+            (self.cfg.host, self.cfg.port),
+            evt_handlers=handlers,
+            server_class=_GatedServer,
+            request_handler=_GatedRequestHandler,
+            scp=self,
+        )
+        threading.Thread(target=server.serve_forever, name="medssl-scp-accept", daemon=True).start()
         self._ae._servers.append(server)  # AssociationServer.shutdown removes it
         self._server = server
         self._port = int(server.server_address[1])
-        LOGGER.info("storage SCP %s listening on %s:%d%s", self.cfg.ae_title, self.cfg.host,
-                    self._port, " (TLS)" if self.cfg.tls.enabled else "")
+        LOGGER.info(
+            "storage SCP %s listening on %s:%d%s",
+            self.cfg.ae_title,
+            self.cfg.host,
+            self._port,
+            " (TLS)" if self.cfg.tls.enabled else "",
+        )
 
     @property
     def port(self) -> int:
@@ -635,9 +698,14 @@ class StorageSCP:
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(_POLL_S)
         for assoc in server.active_associations:
-            LOGGER.warning("aborting an association still active after %.1f s", timeout_s,
-                           extra={"calling_ae": assoc.requestor.ae_title.strip(),
-                                  "peer": assoc.requestor.address})
+            LOGGER.warning(
+                "aborting an association still active after %.1f s",
+                timeout_s,
+                extra={
+                    "calling_ae": assoc.requestor.ae_title.strip(),
+                    "peer": assoc.requestor.address,
+                },
+            )
             assoc.abort()
         LOGGER.info("storage SCP %s stopped", self.cfg.ae_title)
 
@@ -652,16 +720,20 @@ class StorageSCP:
         deadline = time.monotonic() + self.cfg.association_request_timeout_s
         entry, victim = self._slots.enter_pending(peer, raw)
         if victim is not None:
-            LOGGER.warning("closed a connection still without A-ASSOCIATE-RQ after %.1f s: "
-                           "more than %d connections wait for theirs",
-                           time.monotonic() - victim.since, self._slots.max_pending,
-                           extra={"peer": victim.peer, "reason": "too-many-pending"})
+            LOGGER.warning(
+                "closed a connection still without A-ASSOCIATE-RQ after %.1f s: "
+                "more than %d connections wait for theirs",
+                time.monotonic() - victim.since,
+                self._slots.max_pending,
+                extra={"peer": victim.peer, "reason": "too-many-pending"},
+            )
         sock = raw
         try:
             try:
                 if self._tls is not None:
-                    sock = self._tls.wrap_socket(raw, server_side=True,
-                                                 do_handshake_on_connect=False)
+                    sock = self._tls.wrap_socket(
+                        raw, server_side=True, do_handshake_on_connect=False
+                    )
                     self._slots.replace_socket(entry, sock)
                     sock.settimeout(max(deadline - time.monotonic(), 1e-3))
                     sock.do_handshake()  # one deadline for the whole handshake (CPython _ssl)
@@ -677,8 +749,12 @@ class StorageSCP:
                 why = "closed to make room for other connections"
             elif isinstance(exc, TimeoutError):
                 why = "no complete TLS handshake in time"
-            self._drop(sock, peer, why, level=logging.INFO
-                       if isinstance(exc, _ClosedSilently) else logging.WARNING)
+            self._drop(
+                sock,
+                peer,
+                why,
+                level=logging.INFO if isinstance(exc, _ClosedSilently) else logging.WARNING,
+            )
             return
         except Exception as exc:  # the service boundary: a log record, never a dead server
             LOGGER.error("connection failed: %s", type(exc).__name__, extra={"peer": peer})
@@ -705,8 +781,11 @@ class StorageSCP:
                 # the read of a PDU that trickles in behind the request, or waits after a
                 # rejection for a peer that does not close; its ARTIM timer is not checked
                 # while a read blocks. Closing the socket ends the read.
-                LOGGER.warning("closing a connection not associated %.1f s after its "
-                               "A-ASSOCIATE-RQ", self.cfg.acse_timeout_s, extra={"peer": peer})
+                LOGGER.warning(
+                    "closing a connection not associated %.1f s after its A-ASSOCIATE-RQ",
+                    self.cfg.acse_timeout_s,
+                    extra={"peer": peer},
+                )
                 self._slots.cut(assoc)
                 _shutdown(sock)
             assoc.join()
@@ -718,12 +797,22 @@ class StorageSCP:
             if assoc is not None:
                 self._slots.release(assoc)
 
-    def _drop(self, sock: socket.socket, peer: str, reason: str,
-              abort_reason: int | None = None, level: int = logging.WARNING) -> None:
+    def _drop(
+        self,
+        sock: socket.socket,
+        peer: str,
+        reason: str,
+        abort_reason: int | None = None,
+        level: int = logging.WARNING,
+    ) -> None:
         """Close a connection that is no association (sending an A-ABORT first if asked)."""
         self.metrics.associations.labels(result="dropped").inc()
-        LOGGER.log(level, "connection closed without an association: %s", reason,
-                   extra={"peer": peer, "reason": reason})
+        LOGGER.log(
+            level,
+            "connection closed without an association: %s",
+            reason,
+            extra={"peer": peer, "reason": reason},
+        )
         try:
             if abort_reason is not None:
                 abort = A_ABORT_RQ()
@@ -776,26 +865,43 @@ class StorageSCP:
         # A-ASSOCIATE-RJ, then wait for the peer to close; negotiation is then skipped.
         assoc.acse.send_reject(*rj)
         self.metrics.associations.labels(result="rejected").inc()
-        LOGGER.warning("association rejected: %s", reason,
-                       extra={"calling_ae": calling_ae, "peer": peer, "reason": reason})
+        LOGGER.warning(
+            "association rejected: %s",
+            reason,
+            extra={"calling_ae": calling_ae, "peer": peer, "reason": reason},
+        )
         self._refused(calling_ae, called_ae, peer, reason)
         assoc.kill()
 
     def _on_accepted(self, event: Event) -> None:
         self.metrics.associations.labels(result="accepted").inc()
-        LOGGER.info("association accepted", extra={
-            "calling_ae": event.assoc.requestor.ae_title.strip(),
-            "peer": event.assoc.requestor.address})
+        LOGGER.info(
+            "association accepted",
+            extra={
+                "calling_ae": event.assoc.requestor.ae_title.strip(),
+                "peer": event.assoc.requestor.address,
+            },
+        )
 
     def _on_rejected(self, event: Event) -> None:
         """pynetdicom rejected the association itself (its own checks; the SCP's limits are
         in :meth:`_on_requested`, pynetdicom's association limit is set out of reach)."""
         self.metrics.associations.labels(result="rejected").inc()
         calling_ae = str(event.assoc.requestor.ae_title).strip()
-        LOGGER.warning("association rejected by pynetdicom", extra={
-            "calling_ae": calling_ae, "peer": event.assoc.requestor.address, "reason": "pynetdicom"})
-        self._refused(calling_ae, self.cfg.ae_title, str(event.assoc.requestor.address),
-                      "rejected by pynetdicom (association negotiation)")
+        LOGGER.warning(
+            "association rejected by pynetdicom",
+            extra={
+                "calling_ae": calling_ae,
+                "peer": event.assoc.requestor.address,
+                "reason": "pynetdicom",
+            },
+        )
+        self._refused(
+            calling_ae,
+            self.cfg.ae_title,
+            str(event.assoc.requestor.address),
+            "rejected by pynetdicom (association negotiation)",
+        )
 
     def _refused(self, calling_ae: str, called_ae: str, peer: str, reason: str) -> None:
         if self.on_refused is None:
@@ -819,23 +925,29 @@ class StorageSCP:
         try:
             return self._store(event, fields)
         except Exception as exc:  # the service boundary: a status, never a dead association
-            LOGGER.exception("C-STORE failed unexpectedly: %s", type(exc).__name__,
-                             extra={**fields, "status": PROCESSING_FAILURE, "reason": "error"})
+            LOGGER.exception(
+                "C-STORE failed unexpectedly: %s",
+                type(exc).__name__,
+                extra={**fields, "status": PROCESSING_FAILURE, "reason": "error"},
+            )
             return PROCESSING_FAILURE
 
     def _store(self, event: Event, fields: dict[str, Any]) -> int:
         sop_class = fields["sop_class_uid"]
         if sop_class not in CT_SOP_CLASSES:  # only negotiated with other_sop_classes: ignore
             self.metrics.rejected.labels(reason="ignored-sop-class").inc()
-            LOGGER.info("discarded an instance of SOP class %s (other_sop_classes: ignore)",
-                        sop_class, extra={**fields, "status": SUCCESS,
-                                          "reason": "ignored-sop-class"})
+            LOGGER.info(
+                "discarded an instance of SOP class %s (other_sop_classes: ignore)",
+                sop_class,
+                extra={**fields, "status": SUCCESS, "reason": "ignored-sop-class"},
+            )
             return SUCCESS
         try:
             syntax = UID(event.context.transfer_syntax)
             if syntax == DeflatedExplicitVRLittleEndian:  # event.dataset inflates without bound
-                ds = _inflated_dataset(event.encoded_dataset(include_meta=False),
-                                       self.cfg.max_inflated_bytes)
+                ds = _inflated_dataset(
+                    event.encoded_dataset(include_meta=False), self.cfg.max_inflated_bytes
+                )
             else:
                 ds = event.dataset
             _check_complete(ds)
@@ -846,8 +958,9 @@ class StorageSCP:
         except _Refused as exc:
             return self._refuse(event, fields, exc.label, str(exc))
         except Exception as exc:  # pydicom cannot decode it; its message may quote values (PHI)
-            return self._refuse(event, fields, "undecodable",
-                                f"the dataset does not decode ({type(exc).__name__})")
+            return self._refuse(
+                event, fields, "undecodable", f"the dataset does not decode ({type(exc).__name__})"
+            )
 
         data = event.encoded_dataset()
         try:
@@ -860,17 +973,25 @@ class StorageSCP:
             return self._out_of_resources(fields, "write-failed", exc)
 
         fields.update(study_uid=study_uid, series_uid=series_uid)
-        stored = StoredInstance(study_uid=study_uid, series_uid=series_uid,
-                                sop_instance_uid=sop_uid, sop_class_uid=sop_class, path=path,
-                                n_bytes=len(data), received_at=time.time(),
-                                calling_ae=fields["calling_ae"],
-                                accession_number=_text(ds, "AccessionNumber"))
+        stored = StoredInstance(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class,
+            path=path,
+            n_bytes=len(data),
+            received_at=time.time(),
+            calling_ae=fields["calling_ae"],
+            accession_number=_text(ds, "AccessionNumber"),
+        )
         try:
             self.on_stored(stored)
         except Exception as exc:
-            LOGGER.exception("stored, but on_stored failed: %s", type(exc).__name__,
-                             extra={**fields, "status": PROCESSING_FAILURE,
-                                    "reason": "on-stored-failed"})
+            LOGGER.exception(
+                "stored, but on_stored failed: %s",
+                type(exc).__name__,
+                extra={**fields, "status": PROCESSING_FAILURE, "reason": "on-stored-failed"},
+            )
             return PROCESSING_FAILURE
         self.metrics.instances.labels(sop_class=CT_SOP_CLASSES[sop_class]).inc()
         LOGGER.debug("stored %s", sop_uid, extra={**fields, "status": SUCCESS})
@@ -882,15 +1003,26 @@ class StorageSCP:
         try:
             raw = event.encoded_dataset()
             where = self.spool.quarantine(raw, reason, **{k: str(v) for k, v in fields.items()})
-            LOGGER.warning("instance refused (%s), quarantined as %s", reason, where.name,
-                           extra={**fields, "status": CANNOT_UNDERSTAND, "reason": label})
+            LOGGER.warning(
+                "instance refused (%s), quarantined as %s",
+                reason,
+                where.name,
+                extra={**fields, "status": CANNOT_UNDERSTAND, "reason": label},
+            )
         except (OSError, SpoolError) as exc:
-            LOGGER.error("instance refused (%s); quarantining it failed: %s", reason, exc,
-                         extra={**fields, "status": CANNOT_UNDERSTAND, "reason": label})
+            LOGGER.error(
+                "instance refused (%s); quarantining it failed: %s",
+                reason,
+                exc,
+                extra={**fields, "status": CANNOT_UNDERSTAND, "reason": label},
+            )
         return CANNOT_UNDERSTAND
 
     def _out_of_resources(self, fields: dict[str, Any], label: str, exc: Exception) -> int:
         self.metrics.rejected.labels(reason=label).inc()
-        LOGGER.error("instance not stored: %s", exc,
-                     extra={**fields, "status": OUT_OF_RESOURCES, "reason": label})
+        LOGGER.error(
+            "instance not stored: %s",
+            exc,
+            extra={**fields, "status": OUT_OF_RESOURCES, "reason": label},
+        )
         return OUT_OF_RESOURCES

@@ -47,8 +47,9 @@ class DeliveryError(MedsslError):
     or aborted, a failure status and the file it answered, an HTTP error)."""
 
 
-def send_files(destination: DestinationConfig, files: Sequence[Path],
-               calling_ae_title: str) -> None:
+def send_files(
+    destination: DestinationConfig, files: Sequence[Path], calling_ae_title: str
+) -> None:
     """Send ``files`` (DICOM Part 10 files) to ``destination``, all or nothing.
 
     ``dimse``: one association from ``destination.calling_ae_title`` (or ``calling_ae_title``
@@ -78,8 +79,9 @@ def send_files(destination: DestinationConfig, files: Sequence[Path],
     if destination.kind == "dimse":
         calling = (destination.calling_ae_title or calling_ae_title).strip()
         if not 1 <= len(calling) <= 16 or "\\" in calling:
-            raise ValueError(f"calling AE title must be 1-16 characters without a backslash, "
-                             f"got {calling!r}")
+            raise ValueError(
+                f"calling AE title must be 1-16 characters without a backslash, got {calling!r}"
+            )
         _send_dimse(destination, [Path(f) for f in files], calling, where)
     else:
         _send_stow(destination, [Path(f) for f in files], where)
@@ -87,21 +89,26 @@ def send_files(destination: DestinationConfig, files: Sequence[Path],
 
 def _describe(destination: DestinationConfig) -> str:
     if destination.kind == "dimse":
-        return (f"destination {destination.name!r} "
-                f"({destination.ae_title}@{destination.host}:{destination.port})")
+        return (
+            f"destination {destination.name!r} "
+            f"({destination.ae_title}@{destination.host}:{destination.port})"
+        )
     return f"destination {destination.name!r} ({redact_url(destination.url)})"
 
 
 # --- DIMSE ---------------------------------------------------------------------------------
 
 
-def _send_dimse(destination: DestinationConfig, files: list[Path], calling: str,
-                where: str) -> None:
+def _send_dimse(
+    destination: DestinationConfig, files: list[Path], calling: str, where: str
+) -> None:
     contexts = _presentation_contexts(files, where)
     if len(contexts) > _MAX_CONTEXTS:
-        raise DeliveryError(f"{where}: the files need {len(contexts)} presentation contexts "
-                            f"(SOP class x transfer syntax), more than the {_MAX_CONTEXTS} of "
-                            f"one association")
+        raise DeliveryError(
+            f"{where}: the files need {len(contexts)} presentation contexts "
+            f"(SOP class x transfer syntax), more than the {_MAX_CONTEXTS} of "
+            f"one association"
+        )
     timeout = destination.timeout_s
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
@@ -112,8 +119,11 @@ def _send_dimse(destination: DestinationConfig, files: list[Path], calling: str,
     started = time.monotonic()
     try:
         assoc = ae.associate(
-            destination.host, destination.port, ae_title=destination.ae_title.strip(),
-            evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))])
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title.strip(),
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))],
+        )
     except OSError as exc:  # the host name does not resolve
         raise DeliveryError(f"{where}: cannot connect: {exc.strerror or exc}") from exc
     if not assoc.is_established:
@@ -137,8 +147,10 @@ def _presentation_contexts(files: list[Path], where: str) -> dict[tuple[UID, UID
             sop_class = UID(ds.file_meta.get("MediaStorageSOPClassUID") or ds.SOPClassUID)
             syntax = UID(ds.file_meta.TransferSyntaxUID)
         except (OSError, InvalidDicomError, AttributeError, KeyError) as exc:
-            raise DeliveryError(f"{where}: cannot read {path} as a DICOM file with a SOP class "
-                                f"and a transfer syntax: {exc}") from exc
+            raise DeliveryError(
+                f"{where}: cannot read {path} as a DICOM file with a SOP class "
+                f"and a transfer syntax: {exc}"
+            ) from exc
         uncompressed = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
         others = [s for s in uncompressed if s != syntax]
         contexts.setdefault((sop_class, syntax), [syntax, *others])
@@ -151,35 +163,46 @@ def _store(assoc: Association, path: Path, timeout: float, where: str) -> None:
     except (OSError, InvalidDicomError, AttributeError, ValueError, RuntimeError) as exc:
         raise DeliveryError(f"{where}: cannot send {path}: {exc}") from exc
     if "Status" not in status:
-        raise DeliveryError(f"{where}: no C-STORE response for {path}: the association was "
-                            f"aborted or the peer did not answer within {timeout:g} s")
+        raise DeliveryError(
+            f"{where}: no C-STORE response for {path}: the association was "
+            f"aborted or the peer did not answer within {timeout:g} s"
+        )
     code = int(status.Status)
     if code not in SUCCESS_STATUSES:
         comment = status.get("ErrorComment")
-        raise DeliveryError(f"{where}: C-STORE of {path} answered status 0x{code:04X} "
-                            f"({code_to_category(code)}){f': {comment}' if comment else ''}")
+        raise DeliveryError(
+            f"{where}: C-STORE of {path} answered status 0x{code:04X} "
+            f"({code_to_category(code)}){f': {comment}' if comment else ''}"
+        )
 
 
-def _why_not_established(assoc: Association, connected: bool, destination: DestinationConfig,
-                         elapsed_s: float) -> str:
+def _why_not_established(
+    assoc: Association, connected: bool, destination: DestinationConfig, elapsed_s: float
+) -> str:
     """Words for an association that did not come up."""
     timeout = destination.timeout_s
     if assoc.is_rejected:
         rsp = assoc.acceptor.primitive
         if rsp is None:
             return "association rejected"
-        return (f"association rejected ({rsp.result_str}, source: {rsp.source_str}, "
-                f"reason: {rsp.reason_str})")
+        return (
+            f"association rejected ({rsp.result_str}, source: {rsp.source_str}, "
+            f"reason: {rsp.reason_str})"
+        )
     if not connected:
         if elapsed_s >= timeout:
             return f"cannot connect: no TCP connection within {timeout:g} s (timed out)"
         return f"cannot connect: {_connect_error(destination.host, destination.port, timeout)}"
     if assoc.rejected_contexts and not assoc.accepted_contexts:
         refused = sorted({str(cx.abstract_syntax.name) for cx in assoc.rejected_contexts})
-        return (f"association aborted: the peer accepted none of the presentation contexts "
-                f"({', '.join(refused)})")
-    return (f"association aborted (the peer aborted, or sent no association response within "
-            f"{timeout:g} s)")
+        return (
+            f"association aborted: the peer accepted none of the presentation contexts "
+            f"({', '.join(refused)})"
+        )
+    return (
+        f"association aborted (the peer aborted, or sent no association response within "
+        f"{timeout:g} s)"
+    )
 
 
 def _connect_error(host: str, port: int, timeout: float) -> str:
@@ -204,22 +227,26 @@ def _send_stow(destination: DestinationConfig, files: list[Path], where: str) ->
             raise DeliveryError(f"{where}: cannot read {path}: {exc}") from exc
     with requests.Session() as session:
         try:
-            client = DICOMwebClient(url=destination.url, session=session,
-                                    timeout=destination.timeout_s)
+            client = DICOMwebClient(
+                url=destination.url, session=session, timeout=destination.timeout_s
+            )
             client.set_http_retry_params(retry=False)  # the gateway retries, with its backoff
             answer = client.store_instances(datasets)
         except requests.HTTPError as exc:
             response = exc.response
             body = " ".join((response.text if response is not None else "").split())[:300]
             code = response.status_code if response is not None else "?"
-            raise DeliveryError(f"{where}: STOW-RS of {len(files)} files answered HTTP {code}"
-                                f"{f': {body}' if body else ''}") from exc
+            raise DeliveryError(
+                f"{where}: STOW-RS of {len(files)} files answered HTTP {code}"
+                f"{f': {body}' if body else ''}"
+            ) from exc
         except (requests.RequestException, ValueError) as exc:
             raise DeliveryError(f"{where}: STOW-RS of {len(files)} files failed: {exc}") from exc
     failed = _failed_instances(answer)
     if failed:
-        raise DeliveryError(f"{where}: STOW-RS refused {len(failed)} of {len(files)} instances: "
-                            f"{'; '.join(failed)}")
+        raise DeliveryError(
+            f"{where}: STOW-RS refused {len(failed)} of {len(files)} instances: {'; '.join(failed)}"
+        )
 
 
 def _failed_instances(answer: Dataset) -> list[str]:
@@ -227,6 +254,8 @@ def _failed_instances(answer: Dataset) -> list[str]:
     failed = []
     for item in answer.get("FailedSOPSequence", []):
         reason = item.get("FailureReason")
-        failed.append(f"{item.get('ReferencedSOPInstanceUID', '?')} "
-                      f"(reason {'?' if reason is None else f'0x{int(reason):04X}'})")
+        failed.append(
+            f"{item.get('ReferencedSOPInstanceUID', '?')} "
+            f"(reason {'?' if reason is None else f'0x{int(reason):04X}'})"
+        )
     return failed

@@ -213,10 +213,17 @@ class Spool:
                 stat = path.stat()
             except FileNotFoundError:  # purged meanwhile
                 continue
-            entries.append(QuarantineEntry(name=path.stem, time=stat.st_mtime, n_bytes=stat.st_size,
-                                           reason=str(note.get("reason", "")),
-                                           context={str(k): str(v) for k, v in note.items()
-                                                    if k not in ("reason", "time")}))
+            entries.append(
+                QuarantineEntry(
+                    name=path.stem,
+                    time=stat.st_mtime,
+                    n_bytes=stat.st_size,
+                    reason=str(note.get("reason", "")),
+                    context={
+                        str(k): str(v) for k, v in note.items() if k not in ("reason", "time")
+                    },
+                )
+            )
         return sorted(entries, key=lambda e: (e.time, e.name), reverse=True)
 
     def purge_quarantine(self, before: float) -> int:
@@ -284,8 +291,10 @@ class Spool:
         free = self.free_bytes()
         if free >= self.min_free_bytes:
             return None
-        return (f"spool {self.root}: {free / 2**20:.0f} MiB free, below its floor of "
-                f"{self.min_free_bytes / 2**20:.0f} MiB (spool.min_free_mb); instances are refused")
+        return (
+            f"spool {self.root}: {free / 2**20:.0f} MiB free, below its floor of "
+            f"{self.min_free_bytes / 2**20:.0f} MiB (spool.min_free_mb); instances are refused"
+        )
 
     def usage_bytes(self) -> int:
         """Bytes held under ``root`` (the sum of file sizes, not counting directories)."""
@@ -319,7 +328,9 @@ class Spool:
                 f"the floor of {self.min_free_bytes} bytes (spool.min_free_mb)"
             )
         try:
-            atomic_write(target, lambda handle: handle.write(data), tmp_dir=self.tmp, suffix=".part")
+            atomic_write(
+                target, lambda handle: handle.write(data), tmp_dir=self.tmp, suffix=".part"
+            )
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise SpoolFullError(

@@ -123,10 +123,23 @@ def detector_checkpoint(tmp_path_factory) -> Path:
             module.running_mean.uniform_(-0.2, 0.2)
             module.running_var.uniform_(0.5, 2.0)
     path = tmp_path_factory.mktemp("checkpoint") / "best.pt"
-    torch.save({"model": net.state_dict(), "config": config_to_dict(cfg), "step": 500,
-                "kind": "medssl.detector", "metrics": {"cpm": 0.5},
-                "provenance": {"method": "focalmix", "data": "synthetic LUNA16 (medssl synth chest)",
-                               "n_labeled": 10, "n_unlabeled": 20, "n_validation": 4}}, path)
+    torch.save(
+        {
+            "model": net.state_dict(),
+            "config": config_to_dict(cfg),
+            "step": 500,
+            "kind": "medssl.detector",
+            "metrics": {"cpm": 0.5},
+            "provenance": {
+                "method": "focalmix",
+                "data": "synthetic LUNA16 (medssl synth chest)",
+                "n_labeled": 10,
+                "n_unlabeled": 20,
+                "n_validation": 4,
+            },
+        },
+        path,
+    )
     return path
 
 
@@ -138,9 +151,12 @@ def exported_detector(tmp_path_factory, detector_checkpoint):
     from medssl.models.triton_config import ServingOptions
 
     repository = tmp_path_factory.mktemp("model_repository")
-    return export_checkpoint(detector_checkpoint, repository, "nodules",
-                             ExportOptions(max_batch_size=4, serving=ServingOptions(kind="cpu"),
-                                           operating_point="none"))
+    return export_checkpoint(
+        detector_checkpoint,
+        repository,
+        "nodules",
+        ExportOptions(max_batch_size=4, serving=ServingOptions(kind="cpu"), operating_point="none"),
+    )
 
 
 @pytest.fixture
@@ -154,8 +170,10 @@ def mismatched_card(exported_detector):
     return dataclasses.replace(
         card,
         input=dataclasses.replace(card.input, name="image"),
-        outputs=(dataclasses.replace(boxes, shape=(boxes.shape[0] + 1, 4)),
-                 dataclasses.replace(scores, datatype="FP16")),
+        outputs=(
+            dataclasses.replace(boxes, shape=(boxes.shape[0] + 1, 4)),
+            dataclasses.replace(scores, datatype="FP16"),
+        ),
     )
 
 
@@ -208,9 +226,19 @@ def seg_run(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("organs")
     write_organ_dataset(root / "A", cases=5, n_test=2, domain="A", shape=ORGAN_SHAPE)
-    cfg = load_config(SegmentationExperiment, resolve_config("seg-imbssl-cpu"), {
-        "method": "ad", "optim.steps": 4, "eval.every": 2, "data.patch": [16, 32, 32], "data.workers": 0,
-        "data.cache_dir": str(root / "cache"), "data.labeled_fraction": 0.5})
+    cfg = load_config(
+        SegmentationExperiment,
+        resolve_config("seg-imbssl-cpu"),
+        {
+            "method": "ad",
+            "optim.steps": 4,
+            "eval.every": 2,
+            "data.patch": [16, 32, 32],
+            "data.workers": 0,
+            "data.cache_dir": str(root / "cache"),
+            "data.labeled_fraction": 0.5,
+        },
+    )
     return train_segmenter(cfg, root, root / "run", device="cpu").out
 
 
@@ -243,11 +271,31 @@ def certificate(tmp_path_factory) -> tuple[Path, Path]:
     openssl = require_tool("openssl", "openssl")
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return cert, key
 
 
@@ -255,8 +303,12 @@ def certificate(tmp_path_factory) -> tuple[Path, Path]:
 CHROMIUM = "/usr/bin/chromium"
 #: Chromium flags for tests: no sandbox (root in CI), software GL, and no name resolves to
 #: anything but 127.0.0.1 (nothing may be fetched from elsewhere).
-CHROMIUM_ARGS = ["--no-sandbox", "--enable-unsafe-swiftshader", "--no-proxy-server",
-                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--enable-unsafe-swiftshader",
+    "--no-proxy-server",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]
 
 
 def require_browser(*more: tuple[str, bool]) -> None:
@@ -266,10 +318,18 @@ def require_browser(*more: tuple[str, bool]) -> None:
     must = os.geteuid() == 0 or bool(os.environ.get("CI"))
     try:
         import playwright.sync_api  # noqa: F401
+
         has_playwright = True
     except ImportError:
         has_playwright = False
-    missing = [what for what, ok in (("chromium (apt-get install chromium)", Path(CHROMIUM).is_file()),
-                                     ("playwright (pip install playwright)", has_playwright), *more) if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ("chromium (apt-get install chromium)", Path(CHROMIUM).is_file()),
+            ("playwright (pip install playwright)", has_playwright),
+            *more,
+        )
+        if not ok
+    ]
     if missing:
         (pytest.fail if must else pytest.skip)("not installed: " + ", ".join(missing))

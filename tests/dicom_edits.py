@@ -47,8 +47,9 @@ def series_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def copy_series(source: Path, target: Path, seed: str, count: int | None = None,
-                **attributes: Any) -> list[Path]:
+def copy_series(
+    source: Path, target: Path, seed: str, count: int | None = None, **attributes: Any
+) -> list[Path]:
     """Copy the first ``count`` files of a series folder (all: None) as a new series of the same
     study: a SeriesInstanceUID and SOPInstanceUIDs derived from ``seed`` (file meta too), and
     ``attributes`` set as in :func:`edit`."""
@@ -60,7 +61,8 @@ def copy_series(source: Path, target: Path, seed: str, count: int | None = None,
         ds = pydicom.dcmread(path)
         ds.SeriesInstanceUID = generate_uid(entropy_srcs=[seed, "series"])
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
-            entropy_srcs=[seed, str(k)])
+            entropy_srcs=[seed, str(k)]
+        )
         copy = target / path.name
         ds.save_as(copy)
         copies.append(copy)

@@ -107,17 +107,73 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
 #: Every transfer syntax a case may declare (an SCU proposes one presentation context each).
-TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
-                     DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit,
-                     JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless, JPEG2000, HTJ2KLossless,
-                     RLELossless)
+TRANSFER_SYNTAXES = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    RLELossless,
+)
 
 _ROWS = _COLUMNS = 16
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
-             b"UV"}
-_VRS = [b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB",
-        b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM",
-        b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV"]
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
+_VRS = [
+    b"AE",
+    b"AS",
+    b"AT",
+    b"CS",
+    b"DA",
+    b"DS",
+    b"DT",
+    b"FD",
+    b"FL",
+    b"IS",
+    b"LO",
+    b"LT",
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"PN",
+    b"SH",
+    b"SL",
+    b"SQ",
+    b"SS",
+    b"ST",
+    b"SV",
+    b"TM",
+    b"UC",
+    b"UI",
+    b"UL",
+    b"UN",
+    b"UR",
+    b"US",
+    b"UT",
+    b"UV",
+]
 _PIXEL_DATA = 0x7FE00010
 _ITEM, _ITEM_END, _SEQ_END = b"\xfe\xff\x00\xe0", b"\xfe\xff\x0d\xe0", b"\xfe\xff\xdd\xe0"
 
@@ -177,9 +233,16 @@ def _template() -> Dataset:
     """One slice as medssl's own DICOM writer makes it, of the planted patient."""
     with tempfile.TemporaryDirectory() as folder:
         (path,) = write_dicom_series(
-            ramp_volume(shape=(1, _ROWS, _COLUMNS), spacing=(1.0, 1.0, 1.0)), folder,
-            SeriesInfo(uid_seed="fuzz", patient_name=PHI_NAME, patient_id=PHI_ID,
-                       patient_birth_date=PHI_BIRTH_DATE, accession_number="ACC1"))
+            ramp_volume(shape=(1, _ROWS, _COLUMNS), spacing=(1.0, 1.0, 1.0)),
+            folder,
+            SeriesInfo(
+                uid_seed="fuzz",
+                patient_name=PHI_NAME,
+                patient_id=PHI_ID,
+                patient_birth_date=PHI_BIRTH_DATE,
+                accession_number="ACC1",
+            ),
+        )
         return dcmread(path)
 
 
@@ -227,7 +290,7 @@ def _elements(body: bytes) -> list[_Element]:
     out, i = [], 0
     while i + 8 <= len(body):
         group, element = struct.unpack_from("<HH", body, i)
-        vr = body[i + 4:i + 6]
+        vr = body[i + 4 : i + 6]
         if vr in _LONG_VRS:
             (length,) = struct.unpack_from("<L", body, i + 8)
             length_at, size, value_at = i + 8, 4, i + 12
@@ -249,8 +312,12 @@ def _sequence(tag: int, depth: int, inner: bytes, *, delimited: bool = True) -> 
     blob = inner
     for _ in range(depth):
         item = _ITEM + b"\xff\xff\xff\xff" + blob + (_ITEM_END + b"\0\0\0\0" if delimited else b"")
-        blob = (struct.pack("<HH", group, element) + b"SQ\0\0\xff\xff\xff\xff" + item
-                + (_SEQ_END + b"\0\0\0\0" if delimited else b""))
+        blob = (
+            struct.pack("<HH", group, element)
+            + b"SQ\0\0\xff\xff\xff\xff"
+            + item
+            + (_SEQ_END + b"\0\0\0\0" if delimited else b"")
+        )
     return blob
 
 
@@ -272,7 +339,7 @@ def _set_length(body: bytes, element: _Element, length: int) -> bytes:
     size = element.length_size
     length &= 0xFFFF if size == 2 else 0xFFFFFFFF
     packed = struct.pack("<H" if size == 2 else "<L", length)
-    return body[:element.length_at] + packed + body[element.length_at + size:]
+    return body[: element.length_at] + packed + body[element.length_at + size :]
 
 
 def _encapsulated(fragments: list[bytes], *, offsets: bool = False) -> bytes:
@@ -315,21 +382,37 @@ class _Builder:
         sop = self.uid(kind, n, "sop")
         return base_dataset(self.uid(kind, "study"), self.uid(kind, n, "series"), sop), sop
 
-    def add(self, kind: str, body: bytes, sop: str, *, detail: str = "",
-            syntax: str = ExplicitVRLittleEndian, sop_class: str = CT_IMAGE_STORAGE) -> None:
+    def add(
+        self,
+        kind: str,
+        body: bytes,
+        sop: str,
+        *,
+        detail: str = "",
+        syntax: str = ExplicitVRLittleEndian,
+        sop_class: str = CT_IMAGE_STORAGE,
+    ) -> None:
         n = self._count.get(kind, 0)
         self._count[kind] = n + 1
         name = f"{kind}-{n}" + (f"-{detail}" if detail else "")
         self.cases.append(FuzzCase(name, kind, body, syntax, sop_class, sop))
         if kind in WITH_COMPANION:
-            companion = base_dataset(self.uid(kind, "study"), self.uid(kind, n, "series"),
-                                     self.uid(kind, n, "companion"))
+            companion = base_dataset(
+                self.uid(kind, "study"), self.uid(kind, n, "series"), self.uid(kind, n, "companion")
+            )
             x, y, z = (float(v) for v in companion.ImagePositionPatient)
             companion.ImagePositionPatient = [x, y, z + 1.0]  # the next 1 mm slice (axial)
             companion.InstanceNumber = "2"
-            self.cases.append(FuzzCase(f"{name}-companion", "companion", encode(companion),
-                                       ExplicitVRLittleEndian, CT_IMAGE_STORAGE,
-                                       companion.SOPInstanceUID))
+            self.cases.append(
+                FuzzCase(
+                    f"{name}-companion",
+                    "companion",
+                    encode(companion),
+                    ExplicitVRLittleEndian,
+                    CT_IMAGE_STORAGE,
+                    companion.SOPInstanceUID,
+                )
+            )
 
 
 # -- the damages, one function per kind: (builder, rng, body) -> body, for combos too ----------
@@ -344,22 +427,30 @@ def _bitflip(rng: random.Random, body: bytes) -> bytes:
 
 
 def _truncate(rng: random.Random, body: bytes) -> bytes:
-    return body[:rng.randrange(1, len(body))]
+    return body[: rng.randrange(1, len(body))]
 
 
 def _lying_length(rng: random.Random, body: bytes) -> bytes:
     elements = [e for e in _elements(body) if e.length_size == 2 or e.tag == _PIXEL_DATA]
     element = rng.choice(elements)
     current = element.end - element.value_at
-    length = rng.choice([current + rng.randint(1, 64), max(current - rng.randint(1, 8), 0),
-                         current + 1, rng.randrange(0x10000), 0xFFFF, current * 3 + 7])
+    length = rng.choice(
+        [
+            current + rng.randint(1, 64),
+            max(current - rng.randint(1, 8), 0),
+            current + 1,
+            rng.randrange(0x10000),
+            0xFFFF,
+            current * 3 + 7,
+        ]
+    )
     return _set_length(body, element, length)
 
 
 def _lying_vr(rng: random.Random, body: bytes) -> bytes:
     element = rng.choice(_elements(body))
     vr = rng.choice(_VRS + [b"ZZ", b"\0\0", b"pn", b"\xff\xfe", b"  "])
-    return body[:element.offset + 4] + vr + body[element.offset + 6:]
+    return body[: element.offset + 4] + vr + body[element.offset + 6 :]
 
 
 def _huge_length(rng: random.Random, body: bytes) -> bytes:
@@ -369,8 +460,11 @@ def _huge_length(rng: random.Random, body: bytes) -> bytes:
 
 
 _DAMAGES: dict[str, Callable[[random.Random, bytes], bytes]] = {
-    "bitflip": _bitflip, "truncate": _truncate, "lying_length": _lying_length,
-    "lying_vr": _lying_vr, "huge_length": _huge_length,
+    "bitflip": _bitflip,
+    "truncate": _truncate,
+    "lying_length": _lying_length,
+    "lying_vr": _lying_vr,
+    "huge_length": _huge_length,
 }
 
 
@@ -389,8 +483,8 @@ def lying_length_case(seed: int = 0) -> FuzzCase:
     # the SOPInstanceUID swallowed with the rest comes again after the birth date (out of
     # order, as pydicom reads it anyway)
     sop_instance = elements[tag_for_keyword("SOPInstanceUID")]
-    again = body[sop_instance.offset:sop_instance.end]
-    body = body[:birth.end] + again + body[birth.end:]
+    again = body[sop_instance.offset : sop_instance.end]
+    body = body[: birth.end] + again + body[birth.end :]
     body = _set_length(body, sop_class, birth.end - sop_class.value_at)
     b.add("lying_length", body, sop, detail="phi")
     return b.cases[0]
@@ -410,11 +504,21 @@ def _kind_lying_length(b: _Builder, count: int) -> None:
         body = encode(ds)
         elements = {e.tag: e for e in _elements(body)}
         element, birth = elements[tag_for_keyword(keyword)], elements[0x00100030]
-        b.add("lying_length", _set_length(body, element, birth.end - element.value_at), sop,
-              detail=f"{keyword}-swallows")
+        b.add(
+            "lying_length",
+            _set_length(body, element, birth.end - element.value_at),
+            sop,
+            detail=f"{keyword}-swallows",
+        )
     # the elements just before the PHI: a reader out of step there quotes the PHI's bytes
-    for keyword in ("ReferringPhysicianName", "Manufacturer", "Modality", "AccessionNumber",
-                    "StudyTime", "StudyDate"):
+    for keyword in (
+        "ReferringPhysicianName",
+        "Manufacturer",
+        "Modality",
+        "AccessionNumber",
+        "StudyTime",
+        "StudyDate",
+    ):
         for delta in (1, 2, 3, 5, 8, 13, 21, -1, -2):
             ds, sop = b.base("lying_length")
             body = encode(ds)
@@ -434,8 +538,10 @@ def _kind_deep_sequence(b: _Builder, count: int) -> None:
         blob = _sequence(0x0040A730, depth, _phi_elements(), delimited=delimited)
         body = _insert_before_pixels(encode(ds), blob)
         if i % 5 == 4:  # the nesting runs to the end of the data: no Pixel Data after it
-            body = encode(ds)[:next(e.offset for e in _elements(encode(ds))
-                                    if e.tag == _PIXEL_DATA)] + blob[:len(blob) // 2]
+            body = (
+                encode(ds)[: next(e.offset for e in _elements(encode(ds)) if e.tag == _PIXEL_DATA)]
+                + blob[: len(blob) // 2]
+            )
         b.add("deep_sequence", body, sop, detail=f"depth{depth}{'' if delimited else '-open'}")
 
 
@@ -446,13 +552,19 @@ def _kind_ts_mismatch(b: _Builder, count: int) -> None:
         ("little-as-big", ExplicitVRBigEndian, lambda ds: encode(ds)),
         ("big-as-little", ExplicitVRLittleEndian, lambda ds: encode(ds, little_endian=False)),
         ("plain-as-deflated", DeflatedExplicitVRLittleEndian, lambda ds: encode(ds)),
-        ("deflated-as-plain", ExplicitVRLittleEndian,
-         lambda ds: zlib.compress(encode(ds), 9)[2:-4]),
+        (
+            "deflated-as-plain",
+            ExplicitVRLittleEndian,
+            lambda ds: zlib.compress(encode(ds), 9)[2:-4],
+        ),
         ("native-as-jpeg", JPEGBaseline8Bit, lambda ds: encode(ds)),
         ("native-as-j2k", JPEG2000Lossless, lambda ds: encode(ds)),
         ("native-as-rle", RLELossless, lambda ds: encode(ds)),
-        ("encapsulated-as-native", ExplicitVRLittleEndian,
-         lambda ds: _without_pixels(ds) + _encapsulated([b"\xff\xd8junk"])),
+        (
+            "encapsulated-as-native",
+            ExplicitVRLittleEndian,
+            lambda ds: _without_pixels(ds) + _encapsulated([b"\xff\xd8junk"]),
+        ),
     ]
     for i in range(count):
         detail, syntax, make = variants[i % len(variants)]
@@ -466,21 +578,53 @@ def _without_pixels(ds: Dataset) -> bytes:
     return encode(copy)
 
 
-_BAD_UIDS = ["../../etc", "1.2/../3", "..", ".", "/etc/passwd", "1.2.3\\..\\4", "1.2.3\x00.4",
-             "~root", "1.2.3/", "abc", "1.2.03.4", "1..2", "1.2.3.", "", " ", "9" * 65,
-             "1.2." + "3" * 200, "1.2.840.10008.1.2", "\u00e9.1", "1.2\n3", "*", "1.2.3 .4",
-             PHI_NAME, PHI_ID, f"1.2.{PHI_BIRTH_DATE}.{PHI_ID}"]
+_BAD_UIDS = [
+    "../../etc",
+    "1.2/../3",
+    "..",
+    ".",
+    "/etc/passwd",
+    "1.2.3\\..\\4",
+    "1.2.3\x00.4",
+    "~root",
+    "1.2.3/",
+    "abc",
+    "1.2.03.4",
+    "1..2",
+    "1.2.3.",
+    "",
+    " ",
+    "9" * 65,
+    "1.2." + "3" * 200,
+    "1.2.840.10008.1.2",
+    "\u00e9.1",
+    "1.2\n3",
+    "*",
+    "1.2.3 .4",
+    PHI_NAME,
+    PHI_ID,
+    f"1.2.{PHI_BIRTH_DATE}.{PHI_ID}",
+]
 
 
 def _kind_uid(b: _Builder, count: int) -> None:
-    keywords = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
-                "SOPClassUID"]
+    keywords = [
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "FrameOfReferenceUID",
+        "SOPClassUID",
+    ]
     # the C-STORE request's own Affected SOP Instance UID is no UID (the data set's agrees)
     for value in (PHI_ID, PHI_NAME, "1.2.3/../../etc"):
         ds, _ = b.base("uid")
         ds.SOPInstanceUID = "1.2.3"  # replaced below, unchecked
-        body = _set_raw(encode(ds), tag_for_keyword("SOPInstanceUID"), b"UI",
-                        value.encode() + b"\0" * (len(value) % 2))
+        body = _set_raw(
+            encode(ds),
+            tag_for_keyword("SOPInstanceUID"),
+            b"UI",
+            value.encode() + b"\0" * (len(value) % 2),
+        )
         b.add("uid", body, value, detail="request-uid")
     for i in range(count - 3):
         ds, sop = b.base("uid")
@@ -496,9 +640,20 @@ def _kind_uid(b: _Builder, count: int) -> None:
         b.add("uid", body, sop, detail=detail)
 
 
-_CHARSET_NAMES = [b"ISO_IR 999", b"", b"\\\\", b"GB18030\\ISO 2022 IR 87", b"ISO 2022 IR 149",
-                  b"ISO_IR 192", b"ISO_IR 13\\ISO 2022 IR 87", b"ISO 2022 IR 6\\ISO 2022 IR 100",
-                  b"\xff\xfe", b"ISO_IR 100\\\\\\\\", b"UTF-8", b"ISO 2022 IR 58\\ISO 2022 IR 159"]
+_CHARSET_NAMES = [
+    b"ISO_IR 999",
+    b"",
+    b"\\\\",
+    b"GB18030\\ISO 2022 IR 87",
+    b"ISO 2022 IR 149",
+    b"ISO_IR 192",
+    b"ISO_IR 13\\ISO 2022 IR 87",
+    b"ISO 2022 IR 6\\ISO 2022 IR 100",
+    b"\xff\xfe",
+    b"ISO_IR 100\\\\\\\\",
+    b"UTF-8",
+    b"ISO 2022 IR 58\\ISO 2022 IR 159",
+]
 _NAME_BYTES = [
     PHI_NAME.encode(),
     PHI_NAME.encode() + b"\xff\xfe\xc3\x28",  # invalid UTF-8
@@ -519,35 +674,52 @@ def _kind_charset(b: _Builder, count: int) -> None:
         for element in reversed(_elements(body)):  # replace from the end: offsets stay valid
             if element.tag == 0x00080005:
                 value = charset + b" " * (len(charset) % 2)
-                body = (body[:element.length_at] + struct.pack("<H", len(value)) + value
-                        + body[element.end:])
+                body = (
+                    body[: element.length_at]
+                    + struct.pack("<H", len(value))
+                    + value
+                    + body[element.end :]
+                )
             elif element.tag == 0x00100010:
                 value = name + b" " * (len(name) % 2)
-                body = (body[:element.length_at] + struct.pack("<H", len(value)) + value
-                        + body[element.end:])
+                body = (
+                    body[: element.length_at]
+                    + struct.pack("<H", len(value))
+                    + value
+                    + body[element.end :]
+                )
         b.add("charset", body, sop, detail=f"cs{i % len(_CHARSET_NAMES)}")
 
 
 _PIXEL_VARIANTS: list[tuple[str, dict[str, object], int | None]] = [
     # (detail, attribute changes, pixel data length or None to keep it)
-    ("rows0", {"Rows": 0}, None), ("columns0", {"Columns": 0}, None),
-    ("rows65535", {"Rows": 65535}, None), ("rows-cols65535", {"Rows": 65535, "Columns": 65535}, None),
-    ("bits0", {"BitsAllocated": 0}, None), ("bits1", {"BitsAllocated": 1}, None),
+    ("rows0", {"Rows": 0}, None),
+    ("columns0", {"Columns": 0}, None),
+    ("rows65535", {"Rows": 65535}, None),
+    ("rows-cols65535", {"Rows": 65535, "Columns": 65535}, None),
+    ("bits0", {"BitsAllocated": 0}, None),
+    ("bits1", {"BitsAllocated": 1}, None),
     ("bits7", {"BitsAllocated": 7, "BitsStored": 7, "HighBit": 6}, None),
     ("bits12", {"BitsAllocated": 12, "BitsStored": 12, "HighBit": 11}, None),
-    ("bits13", {"BitsAllocated": 13}, None), ("bits24", {"BitsAllocated": 24}, None),
+    ("bits13", {"BitsAllocated": 13}, None),
+    ("bits24", {"BitsAllocated": 24}, None),
     ("bits64", {"BitsAllocated": 64, "BitsStored": 64, "HighBit": 63}, None),
     ("bits65535", {"BitsAllocated": 65535}, None),
     ("stored-gt-allocated", {"BitsStored": 32, "HighBit": 31}, None),
     ("highbit-odd", {"HighBit": 40}, None),
-    ("samples3", {"SamplesPerPixel": 3}, None), ("samples0", {"SamplesPerPixel": 0}, None),
-    ("frames0", {"NumberOfFrames": "0"}, None), ("frames-neg", {"NumberOfFrames": "-1"}, None),
+    ("samples3", {"SamplesPerPixel": 3}, None),
+    ("samples0", {"SamplesPerPixel": 0}, None),
+    ("frames0", {"NumberOfFrames": "0"}, None),
+    ("frames-neg", {"NumberOfFrames": "-1"}, None),
     ("frames-huge", {"NumberOfFrames": "99999999"}, None),
     ("frames-text", {"NumberOfFrames": "abc"}, None),
     ("pixrep7", {"PixelRepresentation": 7}, None),
     ("photometric-bogus", {"PhotometricInterpretation": "PALETTE COLOR"}, None),
-    ("short-pixels", {}, 100), ("odd-pixels", {}, 511), ("long-pixels", {}, 4096),
-    ("no-pixels", {}, 0), ("rows-smaller", {"Rows": 8}, None),
+    ("short-pixels", {}, 100),
+    ("odd-pixels", {}, 511),
+    ("long-pixels", {}, 4096),
+    ("no-pixels", {}, 0),
+    ("rows-smaller", {"Rows": 8}, None),
     ("spacing0", {"PixelSpacing": ["0", "0"]}, None),
     ("spacing-neg", {"PixelSpacing": ["-1", "1"]}, None),
     ("spacing-text", {"PixelSpacing": ["a", "b"]}, None),
@@ -555,7 +727,8 @@ _PIXEL_VARIANTS: list[tuple[str, dict[str, object], int | None]] = [
     ("orientation-short", {"ImageOrientationPatient": ["1"]}, None),
     ("orientation-zero", {"ImageOrientationPatient": ["0"] * 6}, None),
     ("position-nan", {"ImagePositionPatient": ["nan", "inf", "-inf"]}, None),
-    ("slope0", {"RescaleSlope": "0"}, None), ("slope-text", {"RescaleSlope": "x"}, None),
+    ("slope0", {"RescaleSlope": "0"}, None),
+    ("slope-text", {"RescaleSlope": "x"}, None),
 ]
 
 
@@ -572,19 +745,32 @@ def _raw_value(vr: bytes, value: object) -> bytes:
 def _set_raw(body: bytes, tag: int, vr: bytes, value: bytes) -> bytes:
     """``body`` with the short-VR element ``tag`` holding ``value`` (added in tag order when
     missing), whatever the value is."""
-    element = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr + struct.pack("<H", len(value)) + value
+    element = (
+        struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr + struct.pack("<H", len(value)) + value
+    )
     for e in _elements(body):
         if e.tag == tag:
-            return body[:e.offset] + element + body[e.end:]
+            return body[: e.offset] + element + body[e.end :]
         if e.tag > tag:
-            return body[:e.offset] + element + body[e.offset:]
+            return body[: e.offset] + element + body[e.offset :]
     return body + element
 
 
-_PIXEL_VRS = {"Rows": b"US", "Columns": b"US", "BitsAllocated": b"US", "BitsStored": b"US",
-              "HighBit": b"US", "SamplesPerPixel": b"US", "PixelRepresentation": b"US",
-              "NumberOfFrames": b"IS", "PhotometricInterpretation": b"CS", "PixelSpacing": b"DS",
-              "ImageOrientationPatient": b"DS", "ImagePositionPatient": b"DS", "RescaleSlope": b"DS"}
+_PIXEL_VRS = {
+    "Rows": b"US",
+    "Columns": b"US",
+    "BitsAllocated": b"US",
+    "BitsStored": b"US",
+    "HighBit": b"US",
+    "SamplesPerPixel": b"US",
+    "PixelRepresentation": b"US",
+    "NumberOfFrames": b"IS",
+    "PhotometricInterpretation": b"CS",
+    "PixelSpacing": b"DS",
+    "ImageOrientationPatient": b"DS",
+    "ImagePositionPatient": b"DS",
+    "RescaleSlope": b"DS",
+}
 
 
 def _kind_pixels(b: _Builder, count: int) -> None:
@@ -604,18 +790,27 @@ def _kind_pixels(b: _Builder, count: int) -> None:
 
 
 def _kind_compressed(b: _Builder, count: int) -> None:
-    syntaxes = [JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless,
-                JPEG2000Lossless, JPEG2000, HTJ2KLossless, RLELossless]
+    syntaxes = [
+        JPEGBaseline8Bit,
+        JPEGExtended12Bit,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+        JPEG2000Lossless,
+        JPEG2000,
+        HTJ2KLossless,
+        RLELossless,
+    ]
     for i in range(count):
         syntax = syntaxes[i % len(syntaxes)]
         rng = b.rng
         junk = bytes(rng.randrange(256) for _ in range(rng.randint(8, 600)))
-        fragment = [junk,
-                    b"\xff\xd8\xff\xc0\x00\x11\x08" + junk,  # a JPEG SOF, then noise
-                    b"\xff\x4f\xff\x51\x00\x29" + junk,  # a J2K codestream header, then noise
-                    struct.pack("<16L", 15, *([64] * 15)) + junk,  # an RLE header lying
-                    PHI_NAME.encode() * 4,  # text where a codestream belongs
-                    ][(i // len(syntaxes)) % 5]
+        fragment = [
+            junk,
+            b"\xff\xd8\xff\xc0\x00\x11\x08" + junk,  # a JPEG SOF, then noise
+            b"\xff\x4f\xff\x51\x00\x29" + junk,  # a J2K codestream header, then noise
+            struct.pack("<16L", 15, *([64] * 15)) + junk,  # an RLE header lying
+            PHI_NAME.encode() * 4,  # text where a codestream belongs
+        ][(i // len(syntaxes)) % 5]
         ds, sop = b.base("compressed")
         if syntax in (JPEGBaseline8Bit, JPEGExtended12Bit) and i % 2:
             ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
@@ -641,21 +836,24 @@ def _kind_deflate(b: _Builder, count: int) -> None:
         if variant == 0:  # a valid one, for reference
             out, detail = _deflated(body), "valid"
         elif variant == 1:
-            out, detail = _deflated(body)[:b.rng.randrange(4, 200)], "truncated"
+            out, detail = _deflated(body)[: b.rng.randrange(4, 200)], "truncated"
         elif variant == 2:
             out, detail = bytes(b.rng.randrange(256) for _ in range(300)), "garbage"
         elif variant == 3:
             out, detail = _bitflip(b.rng, _deflated(body)), "bitflip"
         else:  # zeros in a private OB element before the pixels: inflates to DEFLATE_BOMB_BYTES
-            blob = struct.pack("<HH", 0x0099, 0x1001) + b"OB\0\0" + struct.pack(
-                "<L", DEFLATE_BOMB_BYTES)
+            blob = (
+                struct.pack("<HH", 0x0099, 0x1001)
+                + b"OB\0\0"
+                + struct.pack("<L", DEFLATE_BOMB_BYTES)
+            )
             compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
-            head = body[:next(e.offset for e in _elements(body) if e.tag == _PIXEL_DATA)]
+            head = body[: next(e.offset for e in _elements(body) if e.tag == _PIXEL_DATA)]
             out = compressor.compress(head + blob)
             chunk = bytes(1 << 20)
             for _ in range(DEFLATE_BOMB_BYTES >> 20):
                 out += compressor.compress(chunk)
-            out += compressor.compress(body[len(head):]) + compressor.flush()
+            out += compressor.compress(body[len(head) :]) + compressor.flush()
             detail = "bomb"
         b.add("deflate", out, sop, detail=detail, syntax=DeflatedExplicitVRLittleEndian)
 
@@ -675,9 +873,19 @@ def _kind_combo(b: _Builder, count: int) -> None:
 
 #: The families and their sizes in :func:`hostile_corpus` (1,110 cases in all).
 KINDS: dict[str, int] = {
-    "bitflip": 250, "truncate": 100, "lying_length": 120, "lying_vr": 100, "huge_length": 40,
-    "deep_sequence": 40, "ts_mismatch": 50, "uid": 70, "charset": 60, "pixels": 80,
-    "compressed": 60, "deflate": 10, "combo": 130,
+    "bitflip": 250,
+    "truncate": 100,
+    "lying_length": 120,
+    "lying_vr": 100,
+    "huge_length": 40,
+    "deep_sequence": 40,
+    "ts_mismatch": 50,
+    "uid": 70,
+    "charset": 60,
+    "pixels": 80,
+    "compressed": 60,
+    "deflate": 10,
+    "combo": 130,
 }
 
 
@@ -692,10 +900,17 @@ def hostile_corpus(seed: int = 17) -> list[FuzzCase]:
         if kind in _DAMAGES and kind != "lying_length":
             _kind_simple(b, kind, count)
         else:
-            {"lying_length": _kind_lying_length, "deep_sequence": _kind_deep_sequence,
-             "ts_mismatch": _kind_ts_mismatch, "uid": _kind_uid, "charset": _kind_charset,
-             "pixels": _kind_pixels, "compressed": _kind_compressed, "deflate": _kind_deflate,
-             "combo": _kind_combo}[kind](b, count)
+            {
+                "lying_length": _kind_lying_length,
+                "deep_sequence": _kind_deep_sequence,
+                "ts_mismatch": _kind_ts_mismatch,
+                "uid": _kind_uid,
+                "charset": _kind_charset,
+                "pixels": _kind_pixels,
+                "compressed": _kind_compressed,
+                "deflate": _kind_deflate,
+                "combo": _kind_combo,
+            }[kind](b, count)
     return b.cases
 
 
@@ -714,7 +929,10 @@ def garbage_pdus(seed: int = 17, count: int = 40) -> list[bytes]:
         b"\x01\x00" + struct.pack(">L", 0xFFFFFFFF) + rq_body,  # huge length
         b"\x01\x00" + struct.pack(">L", 0),  # zero length
         b"\x01\x00" + struct.pack(">L", len(rq_body) + 8) + rq_body + b"\x20\x00\xff\xff" + phi[:4],
-        b"\x04\x00" + struct.pack(">L", 6 + len(phi)) + struct.pack(">L", 2 + len(phi)) + b"\x01\x03"
+        b"\x04\x00"
+        + struct.pack(">L", 6 + len(phi))
+        + struct.pack(">L", 2 + len(phi))
+        + b"\x01\x03"
         + phi,  # P-DATA without an association
         b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00",  # A-RELEASE-RQ without an association
         b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00",  # A-ABORT without an association
@@ -726,8 +944,9 @@ def garbage_pdus(seed: int = 17, count: int = 40) -> list[bytes]:
         size = rng.randint(1, 400)
         junk = bytes(rng.randrange(256) for _ in range(size))
         at = rng.randrange(len(junk))
-        pdus.append(bytes([rng.choice([1, 2, 3, 4, 5, 6, 7, 0, 8, 0x41])]) + junk[:at] + phi
-                    + junk[at:])
+        pdus.append(
+            bytes([rng.choice([1, 2, 3, 4, 5, 6, 7, 0, 8, 0x41])]) + junk[:at] + phi + junk[at:]
+        )
     return pdus
 
 
@@ -739,8 +958,15 @@ NO_RESPONSE = -1
 NOT_SENT = -2
 
 
-def send_cases(port: int, cases: list[FuzzCase], folder: Path, *, calling_ae: str = "STORESCU",
-               called_ae: str = "MEDSSL", timeout_s: float = 30.0) -> dict[str, int]:
+def send_cases(
+    port: int,
+    cases: list[FuzzCase],
+    folder: Path,
+    *,
+    calling_ae: str = "STORESCU",
+    called_ae: str = "MEDSSL",
+    timeout_s: float = 30.0,
+) -> dict[str, int]:
     """C-STORE every case's bytes as they are to ``127.0.0.1:port``; the status of each.
 
     One association proposes CT Image Storage in every :data:`TRANSFER_SYNTAXES` (one
@@ -772,8 +998,9 @@ def send_cases(port: int, cases: list[FuzzCase], folder: Path, *, calling_ae: st
             if assoc is None or not assoc.is_established:
                 assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
                 if not assoc.is_established:
-                    raise AssertionError(f"the SCP on port {port} refused the association "
-                                         f"before case {case.name}")
+                    raise AssertionError(
+                        f"the SCP on port {port} refused the association before case {case.name}"
+                    )
             try:
                 with warnings.catch_warnings():  # pydicom warns of (and quotes) a hostile UID
                     warnings.simplefilter("ignore")

@@ -19,7 +19,9 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
 
     with pytest.raises(RuntimeError):
         atomic_write(target, half)
-    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["table.parquet"]
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "table.parquet"
+    ]
 
 
 def test_a_write_replaces_the_file_whole_creating_its_folders_readable_by_others(tmp_path):

@@ -50,29 +50,47 @@ def _found(share: float, seed: int) -> np.ndarray:
 
 def test_every_run_of_a_seed_trains_on_one_split_whatever_the_seed() -> None:
     # issue 18: data.split_seed = seed mixed split noise into training noise.
-    settings = {"set": [], "split_seed": 0, "test_subsets": [7, 8, 9], "data_workers": 0, "config": "focalmix-cpu"}
-    configs = [experiment(settings, Run(SUPERVISED, "supervised-det", 5, seed, {}), steps=10)
-               for seed in (0, 3)]
+    settings = {
+        "set": [],
+        "split_seed": 0,
+        "test_subsets": [7, 8, 9],
+        "data_workers": 0,
+        "config": "focalmix-cpu",
+    }
+    configs = [
+        experiment(settings, Run(SUPERVISED, "supervised-det", 5, seed, {}), steps=10)
+        for seed in (0, 3)
+    ]
     assert [c.data.split_seed for c in configs] == [0, 0]
     assert [c.seed for c in configs] == [0, 3]
     assert configs[0].data.test_subsets == (7, 8, 9)
 
 
 def test_plan_pairs_both_methods_on_each_seed_first_then_adds_the_reference_arms() -> None:
-    runs = plan(labeled=[5, 10], seeds=[0, 1], zero_weight_labeled=[10], ceiling_labeled=125, ablation_labeled=10,
-                ablation_seeds=[0])
+    runs = plan(
+        labeled=[5, 10],
+        seeds=[0, 1],
+        zero_weight_labeled=[10],
+        ceiling_labeled=125,
+        ablation_labeled=10,
+        ablation_seeds=[0],
+    )
     keys = [r.key for r in runs]
     assert len(keys) == len(set(keys))
     # the decisive comparison comes first, complete pairs seed by seed
     assert [(r.name, r.labeled, r.seed) for r in runs[:8]] == [
-        (name, n, seed) for seed in (0, 1) for n in (5, 10) for name in (SUPERVISED, FOCALMIX)]
+        (name, n, seed) for seed in (0, 1) for n in (5, 10) for name in (SUPERVISED, FOCALMIX)
+    ]
     zero = [r for r in runs if r.name == ZERO_WEIGHT]
     assert [(r.labeled, r.seed) for r in zero] == [(10, 0), (10, 1)]
     assert all(r.overrides == {"focalmix.unlabeled_weight": 0.0} for r in zero)
     assert [(r.labeled, r.seed) for r in runs if r.name == CEILING] == [(125, 0), (125, 1)]
     assert {r.name for r in runs if r.labeled == 10 and r.seed == 0} >= set(ABLATIONS)
     assert not any(r.name in ABLATIONS for r in runs if r.seed == 1)
-    assert ABLATIONS["FocalMix, no MixUp"] == {"focalmix.image_mixup": False, "focalmix.object_mixup": False}
+    assert ABLATIONS["FocalMix, no MixUp"] == {
+        "focalmix.image_mixup": False,
+        "focalmix.object_mixup": False,
+    }
 
 
 def test_pooled_delta_of_one_seed_is_the_paired_bootstrap() -> None:
@@ -120,9 +138,19 @@ def test_summary_table_has_one_decisive_row_per_labeled_count() -> None:
             result = _system(_found(share, 10 * seed + len(name)), 0.5)
             run = Run(name, "x", 5, seed, {})
             frocs[run.key] = result
-            records.append({"key": run.key, "name": name, "labeled": 5, "seed": seed, "cpm": result.cpm,
-                            "sensitivities": list(result.sensitivities), "cpm_ci": [0.0, 1.0], "wall_s": 1.0,
-                            "threads": 1})
+            records.append(
+                {
+                    "key": run.key,
+                    "name": name,
+                    "labeled": 5,
+                    "seed": seed,
+                    "cpm": result.cpm,
+                    "sensitivities": list(result.sensitivities),
+                    "cpm_ci": [0.0, 1.0],
+                    "wall_s": 1.0,
+                    "threads": 1,
+                }
+            )
     text = summarise(records, frocs, ablation_labeled=None, n_bootstrap=200)
     row = next(line for line in text.splitlines() if line.startswith("| 5 |"))
     assert row.endswith("| FocalMix better |")
@@ -148,7 +176,9 @@ def test_a_results_file_of_another_experiment_is_not_resumed(tmp_path: Path) -> 
     path = tmp_path / "focalmix_ssl.json"
     meta = {k: None for k in EXPERIMENT_KEYS} | {"steps": 1500, "split_seed": 0, "device": "here"}
     assert resumable_runs(path, meta) == []
-    path.write_text(json.dumps({"meta": meta | {"device": "elsewhere", "jobs": 2}, "runs": [{"key": "a"}]}))
+    path.write_text(
+        json.dumps({"meta": meta | {"device": "elsewhere", "jobs": 2}, "runs": [{"key": "a"}]})
+    )
     assert resumable_runs(path, meta) == [{"key": "a"}]
     path.write_text(json.dumps({"meta": {"steps": 500, "config": None}, "runs": [{"key": "a"}]}))
     with pytest.raises(SystemExit, match="another experiment.*steps"):
@@ -160,7 +190,13 @@ def test_an_interrupted_run_resumes_only_with_its_own_config(tmp_path: Path) -> 
     continues; one of another budget (another cosine schedule) is trained afresh."""
     from medssl.config import dump_config
 
-    settings = {"set": [], "split_seed": 0, "test_subsets": [7, 8, 9], "data_workers": 0, "config": "focalmix-cpu"}
+    settings = {
+        "set": [],
+        "split_seed": 0,
+        "test_subsets": [7, 8, 9],
+        "data_workers": 0,
+        "config": "focalmix-cpu",
+    }
     run = Run(FOCALMIX, "focalmix", 10, 1, {})
     cfg = experiment(settings, run, steps=1500)
     out = tmp_path / run.folder
@@ -171,7 +207,9 @@ def test_an_interrupted_run_resumes_only_with_its_own_config(tmp_path: Path) -> 
     (out / "checkpoints" / "last.pt").write_bytes(b"")
     assert resumable(cfg, out)
     assert not resumable(experiment(settings, run, steps=3000), out)
-    assert not resumable(experiment(settings, Run(FOCALMIX, "focalmix", 10, 2, {}), steps=1500), out)
+    assert not resumable(
+        experiment(settings, Run(FOCALMIX, "focalmix", 10, 2, {}), steps=1500), out
+    )
     # a config written before a field existed reads back with the field's default: same config
     text = (out / "config.yaml").read_text()
     assert "scanner_augment: 0.0" in text
@@ -179,11 +217,14 @@ def test_an_interrupted_run_resumes_only_with_its_own_config(tmp_path: Path) -> 
     assert resumable(cfg, out)
 
 
-def test_training_wall_time_counts_every_segment_of_a_resumed_run_and_no_pause(tmp_path: Path) -> None:
+def test_training_wall_time_counts_every_segment_of_a_resumed_run_and_no_pause(
+    tmp_path: Path,
+) -> None:
     # 10 steps of 2 s, a 100 s validation, killed; resumed 3 hours later for 5 more steps of 2 s
     times = [2.0 * i for i in range(10)] + [118.0] + [118.0 + 3 * 3600 + 2.0 * i for i in range(5)]
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": i, "time": t}) + "\n"
-                                                for i, t in enumerate(times)))
+    (tmp_path / "log.jsonl").write_text(
+        "".join(json.dumps({"step": i, "time": t}) + "\n" for i, t in enumerate(times))
+    )
     assert train_wall_s(tmp_path) == pytest.approx(18.0 + 100.0 + 8.0)
     assert train_wall_s(tmp_path, pause_s=50.0) == pytest.approx(18.0 + 8.0)
 
@@ -193,5 +234,7 @@ def test_results_written_before_training_wall_time_get_it_from_their_logs(tmp_pa
     run_dir.mkdir()
     (run_dir / "log.jsonl").write_text('{"step": 1, "time": 10.0}\n{"step": 2, "time": 13.0}\n')
     meta = {k: None for k in EXPERIMENT_KEYS}
-    (tmp_path / "r.json").write_text(json.dumps({"meta": meta, "runs": [{"run_dir": str(run_dir), "wall_s": 1.0}]}))
+    (tmp_path / "r.json").write_text(
+        json.dumps({"meta": meta, "runs": [{"run_dir": str(run_dir), "wall_s": 1.0}]})
+    )
     assert resumable_runs(tmp_path / "r.json", meta)[0]["train_wall_s"] == pytest.approx(3.0)

@@ -15,7 +15,9 @@ from medssl.metrics.calibration import (
 )
 
 
-def miscalibrated_sample(n: int, a: float, b: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def miscalibrated_sample(
+    n: int, a: float, b: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Scores p ~ U(0.01, 0.99) of a model whose true P(y=1 | p) is sigmoid(a logit p + b)."""
     rng = np.random.default_rng(seed)
     p = rng.uniform(0.01, 0.99, n)
@@ -69,12 +71,15 @@ def test_ece_matches_an_independent_loop_including_scores_on_bin_edges(n_bins):
     rng = np.random.default_rng(3)
     p = np.concatenate([rng.random(300), [0.0, 0.1, 0.2, 0.5, 1.0, 0.3, 0.7]])
     y = (rng.random(len(p)) < p**2).astype(int)
-    assert expected_calibration_error(p, y, n_bins) == pytest.approx(ece_by_loop(p, y, n_bins), abs=1e-12)
+    assert expected_calibration_error(p, y, n_bins) == pytest.approx(
+        ece_by_loop(p, y, n_bins), abs=1e-12
+    )
 
 
 def test_reliability_bins_put_scores_on_an_edge_in_the_lower_bin():
-    counts, confidence, accuracy = reliability_bins(np.array([0.0, 0.1, 0.1000001, 1.0]),
-                                                    np.array([0, 1, 0, 1]), 10)
+    counts, confidence, accuracy = reliability_bins(
+        np.array([0.0, 0.1, 0.1000001, 1.0]), np.array([0, 1, 0, 1]), 10
+    )
     assert counts.tolist() == [2, 1, 0, 0, 0, 0, 0, 0, 0, 1]
     assert accuracy[0] == 0.5 and np.isnan(confidence[5])
 
@@ -155,7 +160,9 @@ def test_detections_report_the_calibrated_probability_in_the_raw_score_order():
     extra = [((16.0, 16.0, 16.0), 6.0, 0.3), ((8.0, 8.0, 24.0), 5.0, 0.6)]
     cal = Calibration(method="platt", a=2.0, b=0.5)
     raw = detect(volume, BlobRunner(extra=extra), params(max_detections=50)).detections
-    calibrated = detect(volume, BlobRunner(extra=extra), params(max_detections=50, calibration=cal)).detections
+    calibrated = detect(
+        volume, BlobRunner(extra=extra), params(max_detections=50, calibration=cal)
+    ).detections
     assert len(calibrated) == len(raw) > 2
     assert [d.centre_lps for d in calibrated] == [d.centre_lps for d in raw]  # same NMS, same order
     assert [d.score for d in calibrated] == [d.probability for d in raw]
@@ -171,6 +178,8 @@ def test_the_score_threshold_stays_on_the_raw_score():
 
     volume, _ = blob_volume(BLOBS)
     lift = Calibration(method="platt", a=1.0, b=4.0)  # raw 0.05 -> 0.74
-    found = detect(volume, BlobRunner(junk_score=0.05), params(score_threshold=0.1, calibration=lift)).detections
+    found = detect(
+        volume, BlobRunner(junk_score=0.05), params(score_threshold=0.1, calibration=lift)
+    ).detections
     assert len(found) == len(BLOBS)
     assert all(d.score >= 0.1 for d in found)

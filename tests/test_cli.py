@@ -25,8 +25,9 @@ SMALL = ["--matrix", "96", "--slices", "40"]
 
 def test_synth_chest_dicom_studies_validate_and_index(tmp_path, dciodvfy):
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["synth", "chest", "--cases", "3", "--format", "dicom",
-                                      str(out), *SMALL])
+    result = CliRunner().invoke(
+        cli, ["synth", "chest", "--cases", "3", "--format", "dicom", str(out), *SMALL]
+    )
     assert result.exit_code == 0, result.output
     index = index_tree(out)
     assert len(index.series) == 3 and len({s.study_uid for s in index.series}) == 3
@@ -44,8 +45,9 @@ def test_synth_chest_dicom_studies_validate_and_index(tmp_path, dciodvfy):
 
 def test_synth_chest_luna16_centres_land_in_their_nodules(tmp_path):
     out = tmp_path / "luna"
-    result = CliRunner().invoke(cli, ["synth", "chest", "--cases", "20", "--format", "luna16",
-                                      str(out), *SMALL])
+    result = CliRunner().invoke(
+        cli, ["synth", "chest", "--cases", "20", "--format", "luna16", str(out), *SMALL]
+    )
     assert result.exit_code == 0, result.output
     luna = Luna16(out)
     assert len(luna.seriesuids) == 20
@@ -63,8 +65,24 @@ def test_synth_organs_writes_decathlon(tmp_path):
     from medssl.datasets.decathlon import Decathlon
 
     out = tmp_path / "organs"
-    result = CliRunner().invoke(cli, ["synth", "organs", "--cases", "2", "--test", "1",
-                                      "--domain", "mr", "--shape", "32", "48", "48", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "synth",
+            "organs",
+            "--cases",
+            "2",
+            "--test",
+            "1",
+            "--domain",
+            "mr",
+            "--shape",
+            "32",
+            "48",
+            "48",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = Decathlon(out)
     assert data.modality == "MR" and len(data.training) == 2 and len(data.test) == 1
@@ -89,15 +107,31 @@ def test_info_text(dicom_series):
 
 
 def test_train_command_lists_the_detector_trainers():
-    helped = subprocess.run([f"{sys.prefix}/bin/medssl-train", "--help"], capture_output=True, text=True)
+    helped = subprocess.run(
+        [f"{sys.prefix}/bin/medssl-train", "--help"], capture_output=True, text=True
+    )
     assert helped.returncode == 0
     assert "focalmix" in helped.stdout and "supervised-det" in helped.stdout
 
 
 def test_unlabeled_pool_has_scans_but_no_annotations(tmp_path):
     out = tmp_path / "pool"
-    result = CliRunner().invoke(cli, ["synth", "chest", "--cases", "1", "--unlabeled", "2",
-                                      str(out), "--matrix", "64", "--slices", "24"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "synth",
+            "chest",
+            "--cases",
+            "1",
+            "--unlabeled",
+            "2",
+            str(out),
+            "--matrix",
+            "64",
+            "--slices",
+            "24",
+        ],
+    )
     assert result.exit_code == 0, result.output
     luna = Luna16(out)
     unlabeled = sorted((out / "unlabeled").glob("*.mhd"))

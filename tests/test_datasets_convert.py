@@ -22,7 +22,9 @@ def _case(seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_la_h5_converts_with_its_train_and_test_lists(tmp_path):
     cases = {f"case{i}": _case(i) for i in range(5)}
     write_la_h5(tmp_path / "la", cases, test=["case4"])
-    result = CliRunner().invoke(cli, ["convert", "la-h5", str(tmp_path / "la"), str(tmp_path / "dec")])
+    result = CliRunner().invoke(
+        cli, ["convert", "la-h5", str(tmp_path / "la"), str(tmp_path / "dec")]
+    )
     assert result.exit_code == 0, result.output
     data = Decathlon(tmp_path / "dec")
     assert [c.case_id for c in data.training] == ["case0", "case1", "case2", "case3"]
@@ -35,9 +37,28 @@ def test_la_h5_converts_with_its_train_and_test_lists(tmp_path):
 
 def test_ad_npy_test_split_becomes_imagests_and_the_rest_training(tmp_path):
     cases = {f"s{i}": _case(10 + i) for i in range(4)}
-    write_ad_npy(tmp_path / "npy", cases, {"labeled_0.2": ["s0"], "unlabeled_0.2": ["s1", "s2"], "test": ["s3"]})
-    result = CliRunner().invoke(cli, ["convert", "ad-npy", str(tmp_path / "npy"), str(tmp_path / "dec"),
-                                      "--label", "1=spleen", "--spacing", "3", "1", "1", "--modality", "MR"])
+    write_ad_npy(
+        tmp_path / "npy",
+        cases,
+        {"labeled_0.2": ["s0"], "unlabeled_0.2": ["s1", "s2"], "test": ["s3"]},
+    )
+    result = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            "ad-npy",
+            str(tmp_path / "npy"),
+            str(tmp_path / "dec"),
+            "--label",
+            "1=spleen",
+            "--spacing",
+            "3",
+            "1",
+            "1",
+            "--modality",
+            "MR",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = Decathlon(tmp_path / "dec")
     assert [c.case_id for c in data.training] == ["s0", "s1", "s2"]
@@ -48,7 +69,9 @@ def test_ad_npy_test_split_becomes_imagests_and_the_rest_training(tmp_path):
 
 def test_ad_npy_label_option_must_be_code_equals_name(tmp_path):
     write_ad_npy(tmp_path / "npy", {"s0": _case(0)}, {"test": ["s0"]})
-    result = CliRunner().invoke(cli, ["convert", "ad-npy", str(tmp_path / "npy"), str(tmp_path / "dec"),
-                                      "--label", "spleen"])
+    result = CliRunner().invoke(
+        cli,
+        ["convert", "ad-npy", str(tmp_path / "npy"), str(tmp_path / "dec"), "--label", "spleen"],
+    )
     assert result.exit_code != 0
     assert "CODE=NAME" in result.output

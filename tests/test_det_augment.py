@@ -9,7 +9,15 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from medssl.detection import AnchorGrid, AnchorSpec
-from medssl.training.det_augment import NOISE_HU, SHARP_KERNEL, SOFT_KERNEL, THICK_SLICES, ScannerAugment, ScannerParams, apply_scanner
+from medssl.training.det_augment import (
+    NOISE_HU,
+    SHARP_KERNEL,
+    SOFT_KERNEL,
+    THICK_SLICES,
+    ScannerAugment,
+    ScannerParams,
+    apply_scanner,
+)
 from medssl.training.det_config import DataConfig
 from tests.test_train_detector import luna, tiny_config  # noqa: F401 (fixtures)
 from tests.test_training_det_fixes import _scans, checkpoint
@@ -42,7 +50,9 @@ def test_kernels_and_slice_thickness_act_on_their_axes():
     column[:, 10, :] = 0.5  # one bright coronal plane: an in-plane (y) structure
     soft = ScannerParams(blur_sigma=0.8)
     thick = ScannerParams(z_sigma=1.3)
-    np.testing.assert_allclose(apply_scanner(plane, soft, HU_RANGE), plane, atol=1e-6)  # in-plane only
+    np.testing.assert_allclose(
+        apply_scanner(plane, soft, HU_RANGE), plane, atol=1e-6
+    )  # in-plane only
     assert apply_scanner(column, soft, HU_RANGE)[:, 10, :].max() < 0.4
     np.testing.assert_allclose(apply_scanner(column, thick, HU_RANGE), column, atol=1e-6)  # z only
     spread = apply_scanner(plane, thick, HU_RANGE)
@@ -70,7 +80,9 @@ def test_draws_follow_the_documented_probabilities():
     rng = np.random.default_rng(0)
     off = ScannerAugment(0.0, HU_RANGE)
     state = rng.bit_generator.state
-    assert off.sample(rng) == ScannerParams() and rng.bit_generator.state == state  # p = 0 draws nothing
+    assert (
+        off.sample(rng) == ScannerParams() and rng.bit_generator.state == state
+    )  # p = 0 draws nothing
 
     draws = [ScannerAugment(0.8, HU_RANGE).sample(rng) for _ in range(4000)]
     fields = ("blur_sigma", "sharpen", "z_sigma", "noise_hu")
@@ -83,7 +95,9 @@ def test_draws_follow_the_documented_probabilities():
     # p times the chance of at least one operation: 0.8 * (1 - 0.3 * 0.7 * 0.5)
     assert len(augmented) / len(draws) == pytest.approx(0.8 * (1 - 0.3 * 0.7 * 0.5), abs=0.03)
     assert all(NOISE_HU[1] <= d.noise_hu <= NOISE_HU[2] for d in draws if d.noise_hu is not None)
-    assert all(THICK_SLICES[1] <= d.z_sigma <= THICK_SLICES[2] for d in draws if d.z_sigma is not None)
+    assert all(
+        THICK_SLICES[1] <= d.z_sigma <= THICK_SLICES[2] for d in draws if d.z_sigma is not None
+    )
     with pytest.raises(ValueError):
         ScannerAugment(1.5, HU_RANGE)
     with pytest.raises(ValueError, match="probability"):
@@ -96,14 +110,18 @@ def test_labeled_crops_keep_their_targets_and_change_only_their_intensities():
     grid = AnchorGrid.build(AnchorSpec(), (32, 32, 32))
     scans = _scans()
     plain = LabeledPatches(scans, grid, 0.5, True, -1.0, 7)
-    augmented = LabeledPatches(scans, grid, 0.5, True, -1.0, 7, scanner=ScannerAugment(1.0, HU_RANGE))
+    augmented = LabeledPatches(
+        scans, grid, 0.5, True, -1.0, 7, scanner=ScannerAugment(1.0, HU_RANGE)
+    )
     changed = 0
     for index in range(40):
         a, b = plain[index], augmented[index]
         for key in ("labels", "deltas", "boxes", "n_boxes"):
             torch.testing.assert_close(b[key], a[key])
         changed += not torch.equal(a["image"], b["image"])
-        torch.testing.assert_close(augmented[index]["image"], b["image"])  # a pure function of the index
+        torch.testing.assert_close(
+            augmented[index]["image"], b["image"]
+        )  # a pure function of the index
     assert changed >= 30
 
 
@@ -114,7 +132,14 @@ def test_the_trainer_augments_when_the_config_asks(luna, tmp_path):  # noqa: F81
         out = tmp_path / f"p{p}"
         from medssl.training.det_trainer import train_detector
 
-        train_detector(tiny_config("supervised-det", *short, f"data.scanner_augment={p}"), luna, out,
-                       n_labeled=4, device="cpu")
+        train_detector(
+            tiny_config("supervised-det", *short, f"data.scanner_augment={p}"),
+            luna,
+            out,
+            n_labeled=4,
+            device="cpu",
+        )
         runs[p] = checkpoint(out)["model"]
-    assert any(not torch.equal(runs[0.0][n], runs[1.0][n]) for n in runs[0.0] if n.endswith("weight"))
+    assert any(
+        not torch.equal(runs[0.0][n], runs[1.0][n]) for n in runs[0.0] if n.endswith("weight")
+    )

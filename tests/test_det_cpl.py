@@ -31,7 +31,9 @@ def last(run: Path) -> dict:
 def test_cpl_focalmix_checkpoints_its_memory_and_resumes_with_it(luna, tmp_path, monkeypatch):  # noqa: F811
     cfg = load_config(DetectionExperiment, resolve_config("focalmix-cpu"), parse_overrides(TINY))
     train_detector(cfg, luna, tmp_path / "straight", n_labeled=4, n_unlabeled=2, device="cpu")
-    logged = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    logged = [
+        json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()
+    ]
     steps = [r for r in logged if "unlabeled" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert steps[0]["cpl_threshold"] == 0.0  # t = 0: every CPL threshold is 0
@@ -57,17 +59,26 @@ def test_cpl_focalmix_checkpoints_its_memory_and_resumes_with_it(luna, tmp_path,
     with pytest.raises(TrainingDivergedError, match="step 2"):
         train_detector(cfg, luna, tmp_path / "broken", n_labeled=4, n_unlabeled=2, device="cpu")
     monkeypatch.setattr(det_trainer, "focalmix_step", real_step)
-    train_detector(cfg, luna, tmp_path / "broken", n_labeled=4, n_unlabeled=2, resume=True, device="cpu")
+    train_detector(
+        cfg, luna, tmp_path / "broken", n_labeled=4, n_unlabeled=2, resume=True, device="cpu"
+    )
     straight, resumed = last(tmp_path / "straight"), last(tmp_path / "broken")
     assert torch.equal(resumed["threshold"]["memory"], state["memory"])
     for name, value in straight["model"].items():
-        torch.testing.assert_close(resumed["model"][name], value, msg=f"{name} differs after resume")
+        torch.testing.assert_close(
+            resumed["model"][name], value, msg=f"{name} differs after resume"
+        )
 
 
 def test_resuming_a_fixed_threshold_run_with_cpl_is_refused(luna, tmp_path):  # noqa: F811
-    fixed = load_config(DetectionExperiment, resolve_config("focalmix-cpu"),
-                        parse_overrides([*TINY[:-1], "optim.steps=2", "focalmix.object_mixup=false"]))
+    fixed = load_config(
+        DetectionExperiment,
+        resolve_config("focalmix-cpu"),
+        parse_overrides([*TINY[:-1], "optim.steps=2", "focalmix.object_mixup=false"]),
+    )
     train_detector(fixed, luna, tmp_path / "run", n_labeled=4, n_unlabeled=2, device="cpu")
     cpl = load_config(DetectionExperiment, resolve_config("focalmix-cpu"), parse_overrides(TINY))
     with pytest.raises(det_trainer.MedsslError, match="no CPL memory"):
-        train_detector(cpl, luna, tmp_path / "run", n_labeled=4, n_unlabeled=2, resume=True, device="cpu")
+        train_detector(
+            cpl, luna, tmp_path / "run", n_labeled=4, n_unlabeled=2, resume=True, device="cpu"
+        )

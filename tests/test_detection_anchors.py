@@ -41,10 +41,17 @@ def test_every_symmetry_maps_the_anchor_set_onto_itself(g):
 
 def test_cube_iou_by_hand():
     # Two 4-voxel cubes offset by 2 along x: intersection 4*4*2 = 32, union 64+64-32 = 96.
-    iou = cube_iou(np.array([[0, 0, 0.0]]), np.array([4.0]), np.array([[0, 0, 2.0], [0, 0, 10.0]]), np.array([4.0, 4.0]))
+    iou = cube_iou(
+        np.array([[0, 0, 0.0]]),
+        np.array([4.0]),
+        np.array([[0, 0, 2.0], [0, 0, 10.0]]),
+        np.array([4.0, 4.0]),
+    )
     np.testing.assert_allclose(iou, [[1 / 3, 0.0]])
     # A 4-cube centred in an 8-cube: 64 / 512.
-    np.testing.assert_allclose(cube_iou(np.zeros((1, 3)), [8.0], np.zeros((1, 3)), [4.0]), [[0.125]])
+    np.testing.assert_allclose(
+        cube_iou(np.zeros((1, 3)), [8.0], np.zeros((1, 3)), [4.0]), [[0.125]]
+    )
 
 
 def test_assignment_thresholds_positive_negative_ignored():
@@ -76,7 +83,9 @@ def test_no_boxes_means_every_anchor_negative():
 
 
 def test_encode_is_relative_to_the_anchor():
-    deltas = encode_boxes(np.array([[10.0, 10, 10]]), np.array([8.0]), np.array([[12.0, 6, 10, 16]]))
+    deltas = encode_boxes(
+        np.array([[10.0, 10, 10]]), np.array([8.0]), np.array([[12.0, 6, 10, 16]])
+    )
     np.testing.assert_allclose(deltas, [[0.25, -0.5, 0.0, np.log(2)]], rtol=1e-6)
 
 

@@ -74,19 +74,33 @@ def test_the_card_holds_what_serving_needs(exported_detector):
 def test_config_pbtxt_parses_into_tritons_model_config(exported_detector):
     config = read_config(exported_detector.model_dir)
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 4
-    assert [t.name for t in config.input] == ["patches"] and list(config.input[0].dims) == [1, 32, 32, 32]
+    assert [t.name for t in config.input] == ["patches"] and list(config.input[0].dims) == [
+        1,
+        32,
+        32,
+        32,
+    ]
     assert [t.name for t in config.output] == ["boxes", "scores"]
     assert list(config.dynamic_batching.preferred_batch_size) == [1, 2, 4]
     assert config.instance_group[0].kind == config.instance_group[0].KIND_CPU
 
 
 def test_optional_warmup_and_tensorrt_accelerator(tmp_path, exported_detector):
-    options = ServingOptions(instances=2, warmup=True, tensorrt_accelerator=True, tensorrt_fp16=True,
-                             workspace_bytes=1 << 28, preferred_batch_sizes=(2, 4))
+    options = ServingOptions(
+        instances=2,
+        warmup=True,
+        tensorrt_accelerator=True,
+        tensorrt_fp16=True,
+        workspace_bytes=1 << 28,
+        preferred_batch_sizes=(2, 4),
+    )
     config = model_config(exported_detector.card, "onnxruntime", options)
     write_config(config, tmp_path)
     parsed = read_config(tmp_path)
-    assert parsed.instance_group[0].count == 2 and parsed.instance_group[0].kind == parsed.instance_group[0].KIND_GPU
+    assert (
+        parsed.instance_group[0].count == 2
+        and parsed.instance_group[0].kind == parsed.instance_group[0].KIND_GPU
+    )
     [accel] = parsed.optimization.execution_accelerators.gpu_execution_accelerator
     assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
     assert accel.parameters["max_workspace_size_bytes"] == str(1 << 28)
@@ -96,26 +110,38 @@ def test_optional_warmup_and_tensorrt_accelerator(tmp_path, exported_detector):
     with pytest.raises(ValueError, match="GPU instances"):
         ServingOptions(kind="cpu", tensorrt_accelerator=True)
     with pytest.raises(ValueError, match="exceed max_batch_size"):
-        model_config(exported_detector.card, "onnxruntime", ServingOptions(preferred_batch_sizes=(8,)))
+        model_config(
+            exported_detector.card, "onnxruntime", ServingOptions(preferred_batch_sizes=(8,))
+        )
 
 
 def test_versions_count_up_and_a_taken_version_is_refused(tmp_path, detector_checkpoint):
     repo = tmp_path / "repo"
-    options = ExportOptions(max_batch_size=2, serving=ServingOptions(kind="cpu"), operating_point="none")
+    options = ExportOptions(
+        max_batch_size=2, serving=ServingOptions(kind="cpu"), operating_point="none"
+    )
     first = export_checkpoint(detector_checkpoint, repo, "nodules", options)
     second = export_checkpoint(detector_checkpoint, repo, "nodules", options)
     assert (first.version, second.version) == (1, 2)
     assert versions(repo / "nodules") == [1, 2] and next_version(repo / "nodules") == 3
-    assert load_card(repo / "nodules").version == 2 and load_card(repo / "nodules" / "1").version == 1
+    assert (
+        load_card(repo / "nodules").version == 2 and load_card(repo / "nodules" / "1").version == 1
+    )
     with pytest.raises(ExportError, match="already exists"):
-        export_checkpoint(detector_checkpoint, repo, "nodules", ExportOptions(version=1, operating_point="none"))
+        export_checkpoint(
+            detector_checkpoint, repo, "nodules", ExportOptions(version=1, operating_point="none")
+        )
     assert not list((repo / "nodules").glob(".staging*"))
     assert all(r.ok for r in check_repository(repo))
 
 
 def test_fp16_export_meets_the_looser_tolerance(tmp_path, detector_checkpoint):
-    result = export_checkpoint(detector_checkpoint, tmp_path, "nodules16",
-                               ExportOptions(precision="fp16", max_batch_size=2, operating_point="none"))
+    result = export_checkpoint(
+        detector_checkpoint,
+        tmp_path,
+        "nodules16",
+        ExportOptions(precision="fp16", max_batch_size=2, operating_point="none"),
+    )
     assert result.card.precision == "fp16" and result.parity.precision == "fp16"
     assert result.parity.passed and 1e-6 < result.parity.max_abs < 0.1  # it is really fp16
     assert result.parity.tolerance.rtol > 1e-4
@@ -133,7 +159,14 @@ def test_parity_failure_raises_with_the_measured_error():
     report = compare(module, close, {"random": patches}, ["y"], "test runtime", "fp32")
     assert report.passed and report.max_abs < 1e-6
     with pytest.raises(ParityError, match="parity check failed") as info:
-        compare(module, lambda x: [close(x)[0] + 1e-2], {"random": patches}, ["y"], "test runtime", "fp32")
+        compare(
+            module,
+            lambda x: [close(x)[0] + 1e-2],
+            {"random": patches},
+            ["y"],
+            "test runtime",
+            "fp32",
+        )
     assert info.value.report.max_abs == pytest.approx(1e-2, rel=1e-3)
     assert not info.value.report.passed
 
@@ -145,8 +178,9 @@ def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         export_checkpoint(bad, tmp_path / "repo", "m")
-    result = CliRunner().invoke(export, [str(tmp_path / "nope.pt"), "--repository", str(tmp_path / "r"),
-                                         "--name", "m"])
+    result = CliRunner().invoke(
+        export, [str(tmp_path / "nope.pt"), "--repository", str(tmp_path / "r"), "--name", "m"]
+    )
     assert result.exit_code == 1 and "does not exist" in result.output
     assert "Traceback" not in result.output
 
@@ -165,16 +199,31 @@ def test_an_unknown_model_type_is_refused(tmp_path):
 def test_tensorrt_without_a_gpu_exits_with_a_message(tmp_path, detector_checkpoint):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    result = CliRunner().invoke(export, [str(detector_checkpoint), "--repository", str(tmp_path / "r"),
-                                         "--name", "m", "--tensorrt"])
-    assert result.exit_code == 1 and "no CUDA GPU" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(
+        export,
+        [
+            str(detector_checkpoint),
+            "--repository",
+            str(tmp_path / "r"),
+            "--name",
+            "m",
+            "--tensorrt",
+        ],
+    )
+    assert (
+        result.exit_code == 1
+        and "no CUDA GPU" in result.output
+        and "Traceback" not in result.output
+    )
     assert not (tmp_path / "r").exists()
 
 
 def test_check_reports_a_broken_config_per_model(repo_copy):
-    (repo_copy / "nodules" / "config.pbtxt").write_text('name: "nodules"\nplatfrm: "onnxruntime_onnx"\n')
+    (repo_copy / "nodules" / "config.pbtxt").write_text(
+        'name: "nodules"\nplatfrm: "onnxruntime_onnx"\n'
+    )
     [report] = check_repository(repo_copy)
-    assert not report.ok and "no field named \"platfrm\"" in report.problems[0]
+    assert not report.ok and 'no field named "platfrm"' in report.problems[0]
     with pytest.raises(ModelRepositoryError, match="not a valid Triton ModelConfig"):
         read_config(repo_copy / "nodules")
     result = CliRunner().invoke(export, ["check", str(repo_copy)])
@@ -224,9 +273,25 @@ def test_card_errors_name_the_key(exported_detector, tmp_path):
 def test_cli_exports_and_checks(tmp_path, detector_checkpoint):
     repo = tmp_path / "repo"
     exe = Path(sys.prefix) / "bin" / "medssl-export"
-    run = subprocess.run([str(exe), str(detector_checkpoint), "--repository", str(repo), "--name", "fm",
-                          "--kind", "cpu", "--max-batch", "2", "--warmup", "--no-operating-point", "--json"],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            str(exe),
+            str(detector_checkpoint),
+            "--repository",
+            str(repo),
+            "--name",
+            "fm",
+            "--kind",
+            "cpu",
+            "--max-batch",
+            "2",
+            "--warmup",
+            "--no-operating-point",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert out["version"] == 1 and out["parity"]["passed"] and out["parity"]["max_rel"] < 1e-3
@@ -235,9 +300,11 @@ def test_cli_exports_and_checks(tmp_path, detector_checkpoint):
 
 
 def test_repository_check_does_not_import_torch(exported_detector):
-    code = ("import sys; from medssl.models.repository import check_repository; "
-            f"assert all(r.ok for r in check_repository({str(exported_detector.repository)!r})); "
-            "sys.exit(3 if 'torch' in sys.modules else 0)")
+    code = (
+        "import sys; from medssl.models.repository import check_repository; "
+        f"assert all(r.ok for r in check_repository({str(exported_detector.repository)!r})); "
+        "sys.exit(3 if 'torch' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -256,15 +323,22 @@ def test_the_shipped_repository_passes_the_check_and_says_it_is_synthetic():
     assert card.provenance["parity"]["passed"]
 
 
-def test_a_run_folder_exports_its_best_checkpoint_with_the_test_report(tmp_path, detector_checkpoint):
+def test_a_run_folder_exports_its_best_checkpoint_with_the_test_report(
+    tmp_path, detector_checkpoint
+):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "test").mkdir()
     shutil.copy(detector_checkpoint, run / "checkpoints" / "best.pt")
-    (run / "test" / "cpm.json").write_text(json.dumps({"cpm": 0.61, "cpm_ci": [0.4, 0.8], "n_scans": 8}))
-    result = export_checkpoint(run, tmp_path / "repo", "nodules",
-                               ExportOptions(max_batch_size=2, operating_point="none"))
-    assert result.card.provenance["checkpoint"]["path"] == str((run / "checkpoints" / "best.pt").resolve())
+    (run / "test" / "cpm.json").write_text(
+        json.dumps({"cpm": 0.61, "cpm_ci": [0.4, 0.8], "n_scans": 8})
+    )
+    result = export_checkpoint(
+        run, tmp_path / "repo", "nodules", ExportOptions(max_batch_size=2, operating_point="none")
+    )
+    assert result.card.provenance["checkpoint"]["path"] == str(
+        (run / "checkpoints" / "best.pt").resolve()
+    )
     assert result.card.provenance["test_metrics"]["cpm"] == 0.61
     assert result.card.provenance["test_metrics"]["n_scans"] == 8
 
@@ -272,25 +346,51 @@ def test_a_run_folder_exports_its_best_checkpoint_with_the_test_report(tmp_path,
 def test_parity_is_relative_to_each_outputs_scale_and_nan_fails():
     module = torch.nn.Identity()
     patches = np.array([[3.4, 900.0]], dtype=np.float32)  # a box near the origin, a large one
-    shifted = compare(module, lambda x: [x + np.array([2.5e-4, 0.0], dtype=np.float32)],
-                      {"boxes": patches}, ["boxes"], "test runtime", "fp32")
+    shifted = compare(
+        module,
+        lambda x: [x + np.array([2.5e-4, 0.0], dtype=np.float32)],
+        {"boxes": patches},
+        ["boxes"],
+        "test runtime",
+        "fp32",
+    )
     assert shifted.passed and shifted.per_output["boxes"]["scale"] == pytest.approx(900.0)
     assert shifted.max_rel == pytest.approx(2.5e-4 / 900, rel=1e-2)
     with pytest.raises(ParityError):
-        compare(module, lambda x: [np.where(x > 100, np.nan, x)], {"boxes": patches}, ["boxes"],
-                "test runtime", "fp32")
+        compare(
+            module,
+            lambda x: [np.where(x > 100, np.nan, x)],
+            {"boxes": patches},
+            ["boxes"],
+            "test runtime",
+            "fp32",
+        )
 
 
-def test_an_export_killed_mid_way_leaves_no_version_and_the_next_one_cleans_up(tmp_path, detector_checkpoint):
+def test_an_export_killed_mid_way_leaves_no_version_and_the_next_one_cleans_up(
+    tmp_path, detector_checkpoint
+):
     import os
     import signal
     import time
 
     repo = tmp_path / "repo"
     exe = Path(sys.prefix) / "bin" / "medssl-export"
-    proc = subprocess.Popen([str(exe), str(detector_checkpoint), "--repository", str(repo), "--name", "m",
-                             "--kind", "cpu", "--no-operating-point"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            str(detector_checkpoint),
+            "--repository",
+            str(repo),
+            "--name",
+            "m",
+            "--kind",
+            "cpu",
+            "--no-operating-point",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not list((repo / "m").glob(".staging-*")) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -298,8 +398,12 @@ def test_an_export_killed_mid_way_leaves_no_version_and_the_next_one_cleans_up(t
     proc.wait()
     assert list((repo / "m").glob(".staging-*")), "the export never started staging"
     assert versions(repo / "m") == [] and not (repo / "m" / "config.pbtxt").exists()
-    result = export_checkpoint(detector_checkpoint, repo, "m", ExportOptions(serving=ServingOptions(kind="cpu"),
-                                                                             operating_point="none"))
+    result = export_checkpoint(
+        detector_checkpoint,
+        repo,
+        "m",
+        ExportOptions(serving=ServingOptions(kind="cpu"), operating_point="none"),
+    )
     assert result.version == 1 and not list((repo / "m").glob(".*staging*"))
     assert check_model(repo / "m").ok
 

@@ -44,16 +44,22 @@ def test_soft_focal_loss_is_the_focal_loss_for_hard_targets():
     logits = torch.linspace(-6, 6, 101)
     for value in (0.0, 1.0):
         y = torch.full_like(logits, value)
-        torch.testing.assert_close(soft_focal_loss(logits, y), focal_loss(logits, y), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            soft_focal_loss(logits, y), focal_loss(logits, y), rtol=1e-5, atol=1e-7
+        )
 
 
 def test_soft_focal_loss_for_a_soft_target_follows_eq_9():
     logit, y = torch.tensor([0.3]), torch.tensor([0.7])
     p = torch.sigmoid(logit)
-    expected = (0.05 + 0.7 * 0.9) * (0.7 - p).abs() ** 2 * -(0.7 * torch.log(p) + 0.3 * torch.log(1 - p))
+    expected = (
+        (0.05 + 0.7 * 0.9) * (0.7 - p).abs() ** 2 * -(0.7 * torch.log(p) + 0.3 * torch.log(1 - p))
+    )
     torch.testing.assert_close(soft_focal_loss(logit, y), expected)
     # The loss vanishes where the prediction equals the soft target (β = |y - p|^γ = 0).
-    assert soft_focal_loss(torch.logit(torch.tensor([0.7])), y).item() == pytest.approx(0.0, abs=1e-12)
+    assert soft_focal_loss(torch.logit(torch.tensor([0.7])), y).item() == pytest.approx(
+        0.0, abs=1e-12
+    )
 
 
 def test_ablations_use_pseudo_hard_targets_for_alpha_and_beta():
@@ -80,7 +86,9 @@ def test_sharpening_two_classes():
     t = 0.7
     expected = p ** (1 / t) / (p ** (1 / t) + (1 - p) ** (1 / t))
     torch.testing.assert_close(sharpen(p, t), expected)
-    assert sharpen(torch.tensor([0.9]), 0.7).item() > 0.9 and sharpen(torch.tensor([0.5]), 0.7).item() == pytest.approx(0.5)
+    assert sharpen(torch.tensor([0.9]), 0.7).item() > 0.9 and sharpen(
+        torch.tensor([0.5]), 0.7
+    ).item() == pytest.approx(0.5)
 
 
 def test_flattened_outputs_follow_the_anchor_grid_order():
@@ -90,18 +98,25 @@ def test_flattened_outputs_follow_the_anchor_grid_order():
     assert [tuple(m.shape[2:]) for m in levels] == list(grid.level_shapes)
     assert flatten_levels(levels).shape == (1, grid.n_anchors, 5)
     # The objectness prior is 0.01 at initialisation (RetinaNet).
-    assert torch.sigmoid(flatten_levels(levels)[..., 0]).mean().item() == pytest.approx(0.01, rel=0.2)
+    assert torch.sigmoid(flatten_levels(levels)[..., 0]).mean().item() == pytest.approx(
+        0.01, rel=0.2
+    )
 
 
 def test_decoding_inverts_encoding():
     grid = AnchorGrid.build(SPEC, (32, 32, 32))
     idx = np.array([0, 100, 4500, grid.n_anchors - 1])
-    boxes = np.array([[3, 4, 5, 6], [10, 9, 8, 12], [20, 21, 22, 9], [30, 20, 10, 40]], dtype=np.float32)
+    boxes = np.array(
+        [[3, 4, 5, 6], [10, 9, 8, 12], [20, 21, 22, 9], [30, 20, 10, 40]], dtype=np.float32
+    )
     from medssl.detection import encode_boxes
 
     deltas = encode_boxes(grid.centres[idx], grid.sizes[idx], boxes)
-    decoded = decode_boxes(torch.from_numpy(deltas)[None], torch.from_numpy(grid.centres[idx]),
-                           torch.from_numpy(grid.sizes[idx]))
+    decoded = decode_boxes(
+        torch.from_numpy(deltas)[None],
+        torch.from_numpy(grid.centres[idx]),
+        torch.from_numpy(grid.sizes[idx]),
+    )
     torch.testing.assert_close(decoded[0], torch.from_numpy(boxes), rtol=1e-5, atol=1e-4)
 
 
@@ -183,8 +198,14 @@ def test_object_mixup_blends_only_inside_object_cubes():
 
 def test_object_mixup_needs_two_objects():
     images = torch.rand(1, 1, 16, 16, 16)
-    out = object_mixup(images, [np.array([[8.0, 8, 8, 4]])], images, [np.array([[8.0, 8, 8, 4]])], 0.2,
-                       np.random.default_rng(0))
+    out = object_mixup(
+        images,
+        [np.array([[8.0, 8, 8, 4]])],
+        images,
+        [np.array([[8.0, 8, 8, 4]])],
+        0.2,
+        np.random.default_rng(0),
+    )
     assert torch.equal(out, images)
 
 
@@ -201,4 +222,6 @@ def test_confident_anchors_become_objects_after_nms():
 def test_symmetry_on_tensors_matches_numpy():
     array = np.random.default_rng(0).random((1, 2, 4, 6, 8)).astype(np.float32)
     for g in CUBE_GROUP[::7]:
-        np.testing.assert_array_equal(apply_symmetry(g, torch.from_numpy(array)).numpy(), g.apply(array))
+        np.testing.assert_array_equal(
+            apply_symmetry(g, torch.from_numpy(array)).numpy(), g.apply(array)
+        )

@@ -70,10 +70,14 @@ def test_a_cell_takes_the_verdict_of_its_most_nodule_like_anchor():
     torch.testing.assert_close(probs, torch.tensor([[0.1, 0.9], [0.7, 0.3], [0.95, 0.05]]))
 
 
-def whole_case_batch(selection: CPLObjectSelection, cell_p: dict[int, float], rest: float) -> torch.Tensor:
+def whole_case_batch(
+    selection: CPLObjectSelection, cell_p: dict[int, float], rest: float
+) -> torch.Tensor:
     """Guessed probabilities of one 8^3 crop at (0, 0, 0) whose every anchor in cell c has
     ``cell_p[c]`` (``rest`` elsewhere)."""
-    ids = anchor_cell_ids(selection.layout, small_grid(), torch.tensor([0]), torch.zeros(1, 3, dtype=torch.int64))
+    ids = anchor_cell_ids(
+        selection.layout, small_grid(), torch.tensor([0]), torch.zeros(1, 3, dtype=torch.int64)
+    )
     p = torch.full(ids.shape, rest)
     for cell, value in cell_p.items():
         p[ids == cell] = value
@@ -95,7 +99,9 @@ def test_cpl_thresholds_move_as_the_memory_fills():
     update(selection, whole_case_batch(selection, {0: 0.9, 1: 0.1, 2: 0.1}, rest=0.5))
     assert selection.learning_effect() == (2, 1)
     # warm-up: β = σ / max(2, 1, 5) = (0.4, 0.2); T = M(β)·τ = (0.25·0.8, (1/9)·0.8)
-    torch.testing.assert_close(selection.policy.thresholds(), torch.tensor([0.2, 0.8 / 9], dtype=torch.float64))
+    torch.testing.assert_close(
+        selection.policy.thresholds(), torch.tensor([0.2, 0.8 / 9], dtype=torch.float64)
+    )
 
     # every other cell becomes background: σ = (7, 1), none unused: β = (1, 1/7),
     # T(nodule) = M(1/7)·0.8 = (1/13)·0.8
@@ -156,7 +162,9 @@ def test_cpl_memory_round_trips_and_refuses_another_tau():
     assert restored.learning_effect() == (7, 1)
     assert torch.equal(restored.policy.memory, selection.policy.memory)
     with pytest.raises(ValueError, match="tau"):
-        CPLObjectSelection([(8, 8, 8)], tau=0.95, memory_stride=4).load_state_dict(selection.state_dict())
+        CPLObjectSelection([(8, 8, 8)], tau=0.95, memory_stride=4).load_state_dict(
+            selection.state_dict()
+        )
 
 
 def test_config_defaults_to_the_fixed_threshold_and_validates_cpl():
@@ -167,18 +175,25 @@ def test_config_defaults_to_the_fixed_threshold_and_validates_cpl():
     with pytest.raises(ValueError, match="tau"):
         FocalMixConfig(object_policy="flexmatch", object_threshold=0.0)
     with pytest.raises(ConfigError, match="object_policy"):
-        load_config(DetectionExperiment, resolve_config("focalmix-cpu"), {"focalmix.object_policy": "cpl"})
+        load_config(
+            DetectionExperiment, resolve_config("focalmix-cpu"), {"focalmix.object_policy": "cpl"}
+        )
 
 
 def test_unlabeled_patches_name_the_crop_they_return():
     rng = np.random.default_rng(3)
-    scans = [SimpleNamespace(array=rng.random(shape).astype(np.float32)) for shape in [(20, 24, 24), (12, 40, 16)]]
+    scans = [
+        SimpleNamespace(array=rng.random(shape).astype(np.float32))
+        for shape in [(20, 24, 24), (12, 40, 16)]
+    ]
     patches = UnlabeledPatches(scans, 16, -1.0, seed=7)
     cases = set()
     for index in range(6):
         item = patches[index]
         cases.add(int(item["case"]))
-        window = extract_window(scans[int(item["case"])].array, tuple(item["start"].tolist()), (16,) * 3, -1.0)
+        window = extract_window(
+            scans[int(item["case"])].array, tuple(item["start"].tolist()), (16,) * 3, -1.0
+        )
         np.testing.assert_array_equal(item["image"][0].numpy(), window)
     assert cases == {0, 1}
 

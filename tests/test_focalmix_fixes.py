@@ -27,8 +27,12 @@ BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{name}.{b}": getattr(m, b).clone() for name, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in BN_BUFFERS}
+    return {
+        f"{name}.{b}": getattr(m, b).clone()
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for b in BN_BUFFERS
+    }
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -50,22 +54,49 @@ def test_focalmix_step_guessing_does_not_move_the_guessing_networks_statistics()
     """``raw_model`` (the network the guesses run on) is a copy here, so only guessing touches
     it: its statistics must not move, while the trained network's do (its training pass)."""
     torch.manual_seed(0)
-    cfg = config_from_dict(DetectionExperiment, {"model": {"widths": [8, 16, 24, 32], "blocks": [1, 2, 3, 2],
-                                                            "stem_width": 8, "fpn_width": 16, "head_width": 16},
-                                                  "data": {"patch": 32}, "focalmix": {"k": 2}, "optim": {"steps": 10}})
+    cfg = config_from_dict(
+        DetectionExperiment,
+        {
+            "model": {
+                "widths": [8, 16, 24, 32],
+                "blocks": [1, 2, 3, 2],
+                "stem_width": 8,
+                "fpn_width": 16,
+                "head_width": 16,
+            },
+            "data": {"patch": 32},
+            "focalmix": {"k": 2},
+            "optim": {"steps": 10},
+        },
+    )
     net = FPNDetector(cfg.model, cfg.anchors).train()
     guesser = copy.deepcopy(net)
     grid = AnchorGrid.build(cfg.anchors, (32, 32, 32))
     n = grid.n_anchors
     labels = torch.zeros(2, n)
     labels[:, :3] = 1
-    batch = {"image": torch.randn(2, 1, 32, 32, 32), "labels": labels, "deltas": torch.zeros(2, n, 4),
-             "boxes": torch.zeros(2, 16, 4), "n_boxes": torch.zeros(2, dtype=torch.int64)}
+    batch = {
+        "image": torch.randn(2, 1, 32, 32, 32),
+        "labels": labels,
+        "deltas": torch.zeros(2, n, 4),
+        "boxes": torch.zeros(2, 16, 4),
+        "n_boxes": torch.zeros(2, dtype=torch.int64),
+    }
     before_guesser, before_net = bn_buffers(guesser), bn_buffers(net)
-    focalmix_step(net, guesser, batch, {"image": torch.randn(2, 1, 32, 32, 32)}, grid, 5, cfg,
-                  np.random.default_rng(0))
+    focalmix_step(
+        net,
+        guesser,
+        batch,
+        {"image": torch.randn(2, 1, 32, 32, 32)},
+        grid,
+        5,
+        cfg,
+        np.random.default_rng(0),
+    )
     assert_same(before_guesser, bn_buffers(guesser))
-    assert not torch.equal(before_net[next(iter(before_net))], bn_buffers(net)[next(iter(before_net))])
+    assert not torch.equal(
+        before_net[next(iter(before_net))], bn_buffers(net)[next(iter(before_net))]
+    )
 
 
 def test_batch_statistics_only_restores_after_an_exception():
@@ -91,8 +122,10 @@ def test_joint_batch_has_one_normaliser_for_labeled_and_unlabeled_anchors():
         labeled[0, :4] = 1.0
         labeled[1, 10] = -1.0
         unlabeled = torch.zeros(2, n)
-        unlabeled[1, n - unlabeled_positives:] = 0.9
-        losses = joint_loss(outputs, labeled, torch.zeros(2, n, 4), labeled == 1, unlabeled, 0.5, config)
+        unlabeled[1, n - unlabeled_positives :] = 0.9
+        losses = joint_loss(
+            outputs, labeled, torch.zeros(2, n, 4), labeled == 1, unlabeled, 0.5, config
+        )
         losses["loss"].backward()
         g = outputs.grad[..., 0]
         # anchor 20 of labeled row 0 and of unlabeled row 0: same logit, target 0
@@ -105,12 +138,16 @@ def test_joint_batch_has_one_normaliser_for_labeled_and_unlabeled_anchors():
 
 def test_inference_windows_are_a_fixed_choice_of_the_pipelines_sliding_windows():
     shapes = [(40, 64, 64), (30, 50, 70)]
-    every = [(i, s) for i, shape in enumerate(shapes) for s in plan_windows(shape, (32, 32, 32), 0.25)]
+    every = [
+        (i, s) for i, shape in enumerate(shapes) for s in plan_windows(shape, (32, 32, 32), 0.25)
+    ]
     chosen = inference_windows(shapes, window=32, overlap=0.25, count=7, seed=3)
     assert len(chosen) == 7 and set(chosen) <= set(every) and chosen == sorted(chosen)
     assert chosen == inference_windows(shapes, window=32, overlap=0.25, count=7, seed=3)
     assert inference_windows(shapes, window=32, overlap=0.25, count=1000, seed=3) == every
-    only_second = inference_windows(shapes, window=32, overlap=0.25, count=5, seed=3, keep=lambda i, s: i == 1)
+    only_second = inference_windows(
+        shapes, window=32, overlap=0.25, count=5, seed=3, keep=lambda i, s: i == 1
+    )
     assert {i for i, _ in only_second} == {1}
     with pytest.raises(ValueError, match="count"):
         inference_windows(shapes, window=32, overlap=0.25, count=0, seed=3)
@@ -121,8 +158,10 @@ def test_reestimated_statistics_are_the_mean_and_variance_of_the_windows_activat
     ``2 x + 1`` over the chosen windows (two full batches: the mean of the batch means), its
     running variance the mean of the two batches' unbiased variances."""
     rng = np.random.default_rng(0)
-    arrays = [rng.normal(size=(12, 12, 12)).astype(np.float32), rng.normal(3.0, 2.0, size=(12, 12, 12))
-              .astype(np.float32)]
+    arrays = [
+        rng.normal(size=(12, 12, 12)).astype(np.float32),
+        rng.normal(3.0, 2.0, size=(12, 12, 12)).astype(np.float32),
+    ]
     conv = nn.Conv3d(1, 1, 1)
     with torch.no_grad():
         conv.weight.fill_(2.0)

@@ -27,8 +27,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 #: folder -> the import name of its package (pyproject's package-dir).
-PACKAGES = {"medssl": "medssl", "training": "medssl.training", "export": "medssl.export",
-            "serving": "medssl.serving", "cli": "medssl.cli"}
+PACKAGES = {
+    "medssl": "medssl",
+    "training": "medssl.training",
+    "export": "medssl.export",
+    "serving": "medssl.serving",
+    "cli": "medssl.cli",
+}
 #: folder -> forbidden module prefixes.
 CONTRACTS: dict[str, tuple[str, ...]] = {
     "medssl": ("torch", "medssl.training", "medssl.export", "medssl.serving", "medssl.cli"),
@@ -71,9 +76,13 @@ def test_the_check_catches_the_serving_layer_imported_by_the_core(tmp_path):
     core = tmp_path / "medssl"
     core.mkdir()
     (core / "ok.py").write_text("import numpy\nfrom medssl.io import read_volume\n")
-    (core / "bad.py").write_text("def f():\n    from medssl import serving\n    import medssl.serving.gateway\n")
-    assert violations(core, CONTRACTS["medssl"]) == ["medssl/bad.py:2 imports medssl.serving",
-                                                     "medssl/bad.py:3 imports medssl.serving.gateway"]
+    (core / "bad.py").write_text(
+        "def f():\n    from medssl import serving\n    import medssl.serving.gateway\n"
+    )
+    assert violations(core, CONTRACTS["medssl"]) == [
+        "medssl/bad.py:2 imports medssl.serving",
+        "medssl/bad.py:3 imports medssl.serving.gateway",
+    ]
 
 
 def test_the_check_catches_torch_imported_by_serving(tmp_path):
@@ -152,7 +161,9 @@ def test_the_cycle_check_finds_a_lazy_import_loop(tmp_path):
     (pkg / "scoring").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "scoring" / "__init__.py").write_text("")
-    (pkg / "scoring" / "run.py").write_text("def engine():\n    from medssl.scoring.local import run\n")
+    (pkg / "scoring" / "run.py").write_text(
+        "def engine():\n    from medssl.scoring.local import run\n"
+    )
     (pkg / "scoring" / "local.py").write_text("from medssl.scoring.run import Options\n")
     (pkg / "scoring" / "store.py").write_text("import medssl.scoring\n")
     assert cycles(module_graph({pkg: "medssl"})) == [["medssl.scoring.local", "medssl.scoring.run"]]

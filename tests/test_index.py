@@ -19,14 +19,27 @@ from tests.dicom_edits import blank_uids, edit
 def tree(tmp_path):
     """patient/study/series tree: 2 patients, 3 series (one sagittal), a stray text file."""
     root = tmp_path / "tree"
-    write_dicom_series(ramp_volume(), root / "P1" / "ST1" / "SE1",
-                       SeriesInfo(uid_seed="a", patient_id="P1", series_number=1))
-    write_dicom_series(ramp_volume(shape=(4, 20, 24)), root / "P1" / "ST1" / "SE2",
-                       SeriesInfo(uid_seed="b", patient_id="P1", series_number=2,
-                                  study_uid=SeriesInfo(uid_seed="a").uid("study")))
+    write_dicom_series(
+        ramp_volume(),
+        root / "P1" / "ST1" / "SE1",
+        SeriesInfo(uid_seed="a", patient_id="P1", series_number=1),
+    )
+    write_dicom_series(
+        ramp_volume(shape=(4, 20, 24)),
+        root / "P1" / "ST1" / "SE2",
+        SeriesInfo(
+            uid_seed="b",
+            patient_id="P1",
+            series_number=2,
+            study_uid=SeriesInfo(uid_seed="a").uid("study"),
+        ),
+    )
     sagittal = np.stack([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]], axis=1)
-    write_dicom_series(ramp_volume(direction=sagittal), root / "P2" / "ST" / "SE",
-                       SeriesInfo(uid_seed="c", patient_id="P2"))
+    write_dicom_series(
+        ramp_volume(direction=sagittal),
+        root / "P2" / "ST" / "SE",
+        SeriesInfo(uid_seed="c", patient_id="P2"),
+    )
     (root / "README.txt").write_text("not dicom")
     return root
 
@@ -54,7 +67,7 @@ def test_corrupt_files_are_listed_not_fatal(tree):
     victim.write_bytes(victim.read_bytes()[:300])
     index = index_tree(tree)
     assert [s.n_files for s in index.series] == [6, 4, 5]
-    assert (str(victim), ) == tuple(p for p, _ in index.unreadable if p.endswith(".dcm"))
+    assert (str(victim),) == tuple(p for p, _ in index.unreadable if p.endswith(".dcm"))
 
 
 def test_parallel_and_serial_indexes_agree(tree):
@@ -110,8 +123,9 @@ def test_malformed_orientation_and_empty_shared_groups_are_indexed(tmp_path):
 
     classic = write_dicom_series(ramp_volume(), tmp_path / "classic", SeriesInfo(uid_seed="c"))
     edit(classic[:1], ImageOrientationPatient="1")
-    enhanced = write_enhanced_ct(ramp_volume(), tmp_path / "enhanced" / "ct.dcm",
-                                 SeriesInfo(uid_seed="e"))
+    enhanced = write_enhanced_ct(
+        ramp_volume(), tmp_path / "enhanced" / "ct.dcm", SeriesInfo(uid_seed="e")
+    )
     edit([enhanced], SharedFunctionalGroupsSequence=[])
     index = index_files([*classic, enhanced])
     assert index.unreadable == []

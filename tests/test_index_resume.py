@@ -78,11 +78,27 @@ def test_medssl_index_killed_mid_run_resumes_to_the_same_table(tmp_path):
     root = write_header_files(tmp_path / "tree", 12 * CHUNK, files_per_series=128)
     out = tmp_path / "index.parquet"
     parts = tmp_path / "index.parquet.parts"
-    command = [str(Path(sys.prefix) / "bin" / "medssl"), "index", str(root), "--out", str(out), "--workers", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        str(Path(sys.prefix) / "bin" / "medssl"),
+        "index",
+        str(root),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.monotonic() + 120
-    while not list(parts.glob("part-*.parquet")) and time.monotonic() < deadline and process.poll() is None:
+    while (
+        not list(parts.glob("part-*.parquet"))
+        and time.monotonic() < deadline
+        and process.poll() is None
+    ):
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()

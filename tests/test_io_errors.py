@@ -163,8 +163,15 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, dicom_series, mangle):
 
 
 def test_all_read_errors_are_volume_read_errors():
-    for cls in (CorruptFileError, MissingSliceError, NotAnImageError, LocalizerError,
-                GantryTiltError, DuplicateSliceError, NonUniformSpacingError):
+    for cls in (
+        CorruptFileError,
+        MissingSliceError,
+        NotAnImageError,
+        LocalizerError,
+        GantryTiltError,
+        DuplicateSliceError,
+        NonUniformSpacingError,
+    ):
         assert issubclass(cls, VolumeReadError)
 
 
@@ -181,8 +188,9 @@ def _pixels_must_not_be_read(monkeypatch):
 
 
 @pytest.mark.parametrize("spacing", [1000.0, 12.0])
-def test_implausible_pixel_spacing_is_refused_before_the_pixels_are_read(dicom_series, monkeypatch,
-                                                                         spacing):
+def test_implausible_pixel_spacing_is_refused_before_the_pixels_are_read(
+    dicom_series, monkeypatch, spacing
+):
     """1000 mm asked the resampler for ~1.2 TiB; 12 mm made a 330 KB study 57x slower."""
     from medssl.io import read_dicom_series
     from medssl.io.limits import GeometryLimits
@@ -192,7 +200,9 @@ def test_implausible_pixel_spacing_is_refused_before_the_pixels_are_read(dicom_s
     with pytest.raises(ImplausibleGeometryError) as err:
         read_dicom_series(dicom_series, limits=GeometryLimits(), target_spacing_mm=1.0)
     assert err.value.quantity == "PixelSpacing (row)" and err.value.value == f"{spacing:g} mm"
-    assert "PixelSpacing (row) is" in str(err.value) and "the limit is [0.05, 5] mm" in str(err.value)
+    assert "PixelSpacing (row) is" in str(err.value) and "the limit is [0.05, 5] mm" in str(
+        err.value
+    )
     assert err.value.path == dicom_series
 
 
@@ -202,10 +212,15 @@ def test_extent_and_voxel_counts_beyond_the_limits_are_refused(dicom_series, mon
 
     _pixels_must_not_be_read(monkeypatch)
     # the fixture: 6 slices 2.5 mm apart, 20 x 24 pixels of 0.7 x 0.8 mm
-    cases = [(GeometryLimits(max_extent_mm=14.5), "extent along z (6 x 2.5 mm)", "15 mm"),
-             (GeometryLimits(max_source_voxels=2000), "voxel count (6 x 20 x 24)", "2,880"),
-             (GeometryLimits(max_resampled_voxels=3000),  # 13 x 14 x 19 voxels of 1 mm
-              "voxel count resampled to the model's 1/1/1 mm grid", "3,458")]
+    cases = [
+        (GeometryLimits(max_extent_mm=14.5), "extent along z (6 x 2.5 mm)", "15 mm"),
+        (GeometryLimits(max_source_voxels=2000), "voxel count (6 x 20 x 24)", "2,880"),
+        (
+            GeometryLimits(max_resampled_voxels=3000),  # 13 x 14 x 19 voxels of 1 mm
+            "voxel count resampled to the model's 1/1/1 mm grid",
+            "3,458",
+        ),
+    ]
     for limits, quantity, value in cases:
         with pytest.raises(ImplausibleGeometryError) as err:
             read_dicom_series(dicom_series, limits=limits, target_spacing_mm=1.0)
@@ -257,8 +272,15 @@ def test_an_empty_shared_functional_groups_sequence_is_a_typed_geometry_error(tm
         read_volume(path)
 
 
-@pytest.mark.parametrize("keyword, value", [("RescaleSlope", "x"), ("RescaleIntercept", "ZZPHI"),
-                                            ("RescaleSlope", "nan"), ("RescaleSlope", "0")])
+@pytest.mark.parametrize(
+    "keyword, value",
+    [
+        ("RescaleSlope", "x"),
+        ("RescaleIntercept", "ZZPHI"),
+        ("RescaleSlope", "nan"),
+        ("RescaleSlope", "0"),
+    ],
+)
 def test_a_rescale_value_that_is_no_finite_number_is_a_typed_error(dicom_series, keyword, value):
     """HU computed from a nonsense slope or intercept would be silently wrong; the error names
     the attribute and the file, never the value (a hostile header may hold PHI there)."""
@@ -282,16 +304,22 @@ def test_a_missing_rescale_keeps_the_defaults(dicom_series, volume):
 
 def test_invalid_dates_do_not_stop_reading(dicom_series, volume):
     """``00000000`` birth dates are common in real archives; 20230231 is no date."""
-    edit(_files(dicom_series), PatientBirthDate="00000000", StudyDate="20230231",
-         SeriesDate="20231399", ContentDate="")
+    edit(
+        _files(dicom_series),
+        PatientBirthDate="00000000",
+        StudyDate="20230231",
+        SeriesDate="20231399",
+        ContentDate="",
+    )
     assert np.array_equal(read_volume(dicom_series).array, volume.array)
 
 
 # -- anonymised DICOM (issue 17, item 5) ------------------------------------------------------
 
 
-def test_a_series_with_blank_uids_reads_with_the_sop_identity_of_the_file_meta(dicom_series,
-                                                                              volume):
+def test_a_series_with_blank_uids_reads_with_the_sop_identity_of_the_file_meta(
+    dicom_series, volume
+):
     files = _files(dicom_series)
     meta = [pydicom.dcmread(f).file_meta for f in files]
     blank_uids(files)
@@ -309,8 +337,11 @@ def test_a_series_with_blank_uids_reads_with_the_sop_identity_of_the_file_meta(d
 def test_blank_uid_series_in_one_folder_are_told_apart_by_geometry(tmp_path):
     folder = tmp_path / "mixed"
     write_dicom_series(ramp_volume(), folder / "a", SeriesInfo(uid_seed="a"))
-    write_dicom_series(ramp_volume(shape=(5, 16, 16), spacing=(2.0, 0.5, 0.5)), folder / "b",
-                       SeriesInfo(uid_seed="b"))
+    write_dicom_series(
+        ramp_volume(shape=(5, 16, 16), spacing=(2.0, 0.5, 0.5)),
+        folder / "b",
+        SeriesInfo(uid_seed="b"),
+    )
     for sub in ("a", "b"):  # one flat folder, as many anonymised exports are
         for k, f in enumerate(sorted((folder / sub).glob("*.dcm"))):
             f.rename(folder / f"{sub}{k:03d}.dcm")
@@ -331,7 +362,10 @@ def test_a_jpeg2000_series_without_frame_of_reference_reads_losslessly(tmp_path)
     edit(files, FrameOfReferenceUID=None, PositionReferenceIndicator=None)
     blank_uids(files)
     ds = pydicom.dcmread(files[0])
-    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90" and "FrameOfReferenceUID" not in ds
+    assert (
+        ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"
+        and "FrameOfReferenceUID" not in ds
+    )
     assert np.array_equal(read_volume(dicom_series).array, volume.array)
 
 
@@ -367,7 +401,9 @@ def test_volume_file_headers_give_the_grid_without_reading_the_data(tmp_path, su
     assert shape == read.shape and np.allclose(spacing, read.spacing)
 
 
-def test_a_volume_file_of_implausible_spacing_is_refused_before_its_data_is_read(tmp_path, monkeypatch):
+def test_a_volume_file_of_implausible_spacing_is_refused_before_its_data_is_read(
+    tmp_path, monkeypatch
+):
     from medssl.io import write_volume
     from medssl.models.card import load_card
     from medssl.scoring import series
@@ -375,7 +411,9 @@ def test_a_volume_file_of_implausible_spacing_is_refused_before_its_data_is_read
 
     path = write_volume(ramp_volume(spacing=(2.5, 1000.0, 1000.0)), tmp_path / "huge.nii.gz")
     monkeypatch.setattr(series, "read_volume", lambda *_: pytest.fail("the data was read"))
-    card = load_card(Path(__file__).parents[1] / "model_repository" / "focalmix-nodules" / "medssl.json")
+    card = load_card(
+        Path(__file__).parents[1] / "model_repository" / "focalmix-nodules" / "medssl.json"
+    )
     prepared = series.prepare(ScanItem(key="huge", paths=(str(path),)), card.detection_params(2))
     assert prepared.error.startswith("ImplausibleGeometryError") and "is 1000 mm" in prepared.error
     assert not prepared.transient

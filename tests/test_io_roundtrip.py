@@ -125,8 +125,9 @@ def test_writer_refuses_what_it_cannot_encode(tmp_path):
     with pytest.raises(ValueError, match="cannot write transfer syntax"):
         write_dicom_series(ramp_volume(), tmp_path / "a", transfer_syntax="1.2.840.10008.1.2.4.50")
     with pytest.raises(ValueError, match="cannot encode slice 0"):
-        write_dicom_series(ramp_volume(shape=(2, 8, 8)), tmp_path / "b",
-                           transfer_syntax=JPEG2000Lossless)
+        write_dicom_series(
+            ramp_volume(shape=(2, 8, 8)), tmp_path / "b", transfer_syntax=JPEG2000Lossless
+        )
     sheared = ramp_volume()
     sheared.affine[:3, 0] += [0.0, 1.0, 0.0]  # z axis no longer normal to the slices
     with pytest.raises(ValueError, match="not perpendicular"):

@@ -11,14 +11,24 @@ from medssl.scoring.manifest import PathList, ScanItem
 from medssl.synth.scale import header_records
 
 
-@pytest.mark.parametrize("paths", [(), ("/a/b.dcm",), ("/a/1.dcm", "/a/2.dcm", "/b/3.dcm"),
-                                   ("/x/abc", "/x/abd"), ("rel/1", "other/2")])
+@pytest.mark.parametrize(
+    "paths",
+    [
+        (),
+        ("/a/b.dcm",),
+        ("/a/1.dcm", "/a/2.dcm", "/b/3.dcm"),
+        ("/x/abc", "/x/abd"),
+        ("rel/1", "other/2"),
+    ],
+)
 def test_a_path_list_is_its_tuple_of_paths(paths):
     compact = PathList(paths)
     assert tuple(compact) == paths and len(compact) == len(paths)
     assert compact == paths and compact == list(paths) and hash(compact) == hash(paths)
     assert [compact[i] for i in range(len(paths))] == list(paths)
-    assert [compact[-i] for i in range(1, len(paths) + 1)] == [paths[-i] for i in range(1, len(paths) + 1)]
+    assert [compact[-i] for i in range(1, len(paths) + 1)] == [
+        paths[-i] for i in range(1, len(paths) + 1)
+    ]
     assert compact[1:] == paths[1:]
     assert pickle.loads(pickle.dumps(compact)) == paths
     with pytest.raises(IndexError):

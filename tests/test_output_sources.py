@@ -38,8 +38,9 @@ def card():
 
 
 def _volume() -> Volume:
-    return Volume(np.zeros(SHAPE, np.float32),
-                  affine_from_geometry((-12.0, -12.0, -6.0), (2.0, 1.0, 1.0)))
+    return Volume(
+        np.zeros(SHAPE, np.float32), affine_from_geometry((-12.0, -12.0, -6.0), (2.0, 1.0, 1.0))
+    )
 
 
 def _series(folder: Path, **values: str | None) -> list[pydicom.Dataset]:
@@ -61,15 +62,25 @@ def _series(folder: Path, **values: str | None) -> list[pydicom.Dataset]:
 def _outputs(folder: Path, source: list[pydicom.Dataset], card) -> list[Path]:
     """SR with companion SEG, SR without findings, label SEG (BINARY) of ``source``."""
     volume = _volume()
-    found = [Detection(tuple(float(c) for c in volume.index_to_world(np.array([3.0, 12.0, 12.0]))),
-                       6.0, 0.9, (3.0, 12.0, 12.0))]
-    seg_path, seg = write_detection_seg(source, found, card, volume.affine, SHAPE,
-                                        folder / "findings-seg.dcm")
+    found = [
+        Detection(
+            tuple(float(c) for c in volume.index_to_world(np.array([3.0, 12.0, 12.0]))),
+            6.0,
+            0.9,
+            (3.0, 12.0, 12.0),
+        )
+    ]
+    seg_path, seg = write_detection_seg(
+        source, found, card, volume.affine, SHAPE, folder / "findings-seg.dcm"
+    )
     labels = np.zeros(SHAPE, np.uint8)
     labels[2:4, 8:14, 8:14] = 1
-    return [write_detection_sr(source, found, card, folder / "sr.dcm", companion_seg=seg), seg_path,
-            write_detection_sr(source, [], card, folder / "absent.dcm"),
-            write_label_seg(source, labels, card, folder / "seg.dcm")]
+    return [
+        write_detection_sr(source, found, card, folder / "sr.dcm", companion_seg=seg),
+        seg_path,
+        write_detection_sr(source, [], card, folder / "absent.dcm"),
+        write_label_seg(source, labels, card, folder / "seg.dcm"),
+    ]
 
 
 def _read_back(path: Path):
@@ -77,22 +88,42 @@ def _read_back(path: Path):
     return hd.seg.segread(path) if ds.Modality == "SEG" else hd.sr.srread(path)
 
 
-@pytest.mark.parametrize(("values", "expected"), [
-    # a birth date of zeros is no DA (dciodvfy: error): left empty; the others copied
-    ({"PatientBirthDate": "00000000"}, {"PatientBirthDate": "", "StudyDate": "20250101"}),
-    # a day the calendar lacks, in valid DA syntax: copied as received (the PACS matches it)
-    ({"StudyDate": "20230231"}, {"StudyDate": "20230231", "PatientBirthDate": "19580214"}),
-    # an invalid time, an unknown sex, a two-valued name: left empty
-    ({"StudyTime": "256199", "PatientSex": "Q", "PatientName": "A\\B"},
-     {"StudyTime": "", "PatientSex": "", "PatientName": "", "PatientBirthDate": "19580214"}),
-    # Type 2 attributes an anonymiser removed: present and empty (highdicom needs them)
-    ({"PatientBirthDate": None, "PatientSex": None, "StudyTime": None, "AccessionNumber": None,
-      "StudyID": None, "ReferringPhysicianName": None},
-     {"PatientBirthDate": "", "PatientSex": "", "StudyTime": "", "AccessionNumber": "",
-      "StudyID": "", "ReferringPhysicianName": ""}),
-])
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        # a birth date of zeros is no DA (dciodvfy: error): left empty; the others copied
+        ({"PatientBirthDate": "00000000"}, {"PatientBirthDate": "", "StudyDate": "20250101"}),
+        # a day the calendar lacks, in valid DA syntax: copied as received (the PACS matches it)
+        ({"StudyDate": "20230231"}, {"StudyDate": "20230231", "PatientBirthDate": "19580214"}),
+        # an invalid time, an unknown sex, a two-valued name: left empty
+        (
+            {"StudyTime": "256199", "PatientSex": "Q", "PatientName": "A\\B"},
+            {"StudyTime": "", "PatientSex": "", "PatientName": "", "PatientBirthDate": "19580214"},
+        ),
+        # Type 2 attributes an anonymiser removed: present and empty (highdicom needs them)
+        (
+            {
+                "PatientBirthDate": None,
+                "PatientSex": None,
+                "StudyTime": None,
+                "AccessionNumber": None,
+                "StudyID": None,
+                "ReferringPhysicianName": None,
+            },
+            {
+                "PatientBirthDate": "",
+                "PatientSex": "",
+                "StudyTime": "",
+                "AccessionNumber": "",
+                "StudyID": "",
+                "ReferringPhysicianName": "",
+            },
+        ),
+    ],
+)
 def test_invalid_patient_and_study_values_never_fail_the_writers(
-        tmp_path, card, dciodvfy, values, expected, caplog):
+    tmp_path, card, dciodvfy, values, expected, caplog
+):
     source = _series(tmp_path / "ct", **{"StudyDate": "20250101", **values})
     with caplog.at_level(logging.DEBUG):
         paths = _outputs(tmp_path, source, card)
@@ -100,20 +131,35 @@ def test_invalid_patient_and_study_values_never_fail_the_writers(
         assert dciodvfy(path) == [], path.name
         output = _read_back(path)
         for keyword, value in expected.items():
-            assert keyword in output and str(output.get(keyword) or "") == value, \
-                (path.name, keyword)
+            assert keyword in output and str(output.get(keyword) or "") == value, (
+                path.name,
+                keyword,
+            )
         assert output.PatientID == source[0].PatientID
         assert output.StudyInstanceUID == source[0].StudyInstanceUID
     assert NAME not in caplog.text and "Doe" not in caplog.text  # no name reached a log
 
 
 def test_valid_values_are_copied_as_received(tmp_path, card, dciodvfy):
-    source = _series(tmp_path / "ct", StudyDate="20250101", StudyTime="101500",
-                     ReferringPhysicianName="Roe^Richard")
+    source = _series(
+        tmp_path / "ct",
+        StudyDate="20250101",
+        StudyTime="101500",
+        ReferringPhysicianName="Roe^Richard",
+    )
     for path in _outputs(tmp_path, source, card):
         output = _read_back(path)
-        for keyword in ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                        "ReferringPhysicianName", "PatientID", "AccessionNumber", "StudyID"):
+        for keyword in (
+            "PatientName",
+            "PatientBirthDate",
+            "PatientSex",
+            "StudyDate",
+            "StudyTime",
+            "ReferringPhysicianName",
+            "PatientID",
+            "AccessionNumber",
+            "StudyID",
+        ):
             received = str(source[0].get(keyword, ""))
             assert str(output.get(keyword, "")) == received, (path.name, keyword)
 
@@ -126,13 +172,16 @@ def test_the_received_datasets_are_not_changed(tmp_path):
     prepared = output_source(source)
     assert "FrameOfReferenceUID" not in source[0] and source[0].PatientBirthDate == "00000000"
     assert prepared.derived_frame_of_reference
-    assert all(ds.FrameOfReferenceUID == frame_of_reference_uid(source[0].SeriesInstanceUID)
-               for ds in prepared.datasets)
+    assert all(
+        ds.FrameOfReferenceUID == frame_of_reference_uid(source[0].SeriesInstanceUID)
+        for ds in prepared.datasets
+    )
 
 
 @pytest.mark.parametrize("missing", ["absent", "blank"])
 def test_a_series_without_frame_of_reference_gets_outputs_in_a_derived_one(
-        tmp_path, card, dciodvfy, missing):
+    tmp_path, card, dciodvfy, missing
+):
     """LIDC-style slices: SR and SEGs are written, valid, and share one derived frame of
     reference that names the series (not the source's, which it lacks)."""
     from medssl.dicom.uids import frame_of_reference_uid
@@ -150,16 +199,19 @@ def test_a_series_without_frame_of_reference_gets_outputs_in_a_derived_one(
     for path in (seg_path, label_path):
         seg = hd.seg.segread(path)
         assert seg.FrameOfReferenceUID == derived
-        mask = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in source],
-                                                 segment_numbers=[1],
-                                                 assert_missing_frames_are_empty=True)
+        mask = seg.get_pixels_by_source_instance(
+            [ds.SOPInstanceUID for ds in source],
+            segment_numbers=[1],
+            assert_missing_frames_are_empty=True,
+        )
         assert mask.any()
     assert derived != frame_of_reference_uid("1.2.3")
 
 
 @pytest.mark.parametrize("charset", [["", "ISO 2022 IR 87"], "ISO_IR 999"])
 def test_character_sets_highdicom_refuses_give_utf8_outputs_with_the_same_text(
-        tmp_path, card, dciodvfy, charset):
+    tmp_path, card, dciodvfy, charset
+):
     """A Japanese archive's code-extension set (first value empty: valid DICOM, refused by
     highdicom) and an unknown term: the outputs are UTF-8 and hold the received name."""
     name = "Yamada^Tarou=山田^太郎=やまだ^たろう" if isinstance(charset, list) else "Doe^Jane"
@@ -174,12 +226,14 @@ def test_character_sets_highdicom_refuses_give_utf8_outputs_with_the_same_text(
 
 
 def test_identifiers_are_kept_as_received_and_invalid_descriptive_values_dropped(
-        tmp_path, card, dciodvfy):
+    tmp_path, card, dciodvfy
+):
     """An over-long PatientID is what the PACS files the study under: copied as it is (the one
     dciodvfy error, which the source has too); an invalid PatientAge and an over-long
     StudyDescription (Type 3) are left out rather than copied."""
-    source = _series(tmp_path / "ct", PatientID="P" * 70, PatientAge="45",
-                     StudyDescription="x" * 80)
+    source = _series(
+        tmp_path / "ct", PatientID="P" * 70, PatientAge="45", StudyDescription="x" * 80
+    )
     for path in _outputs(tmp_path, source, card):
         errors = dciodvfy(path)
         assert errors and all("Patient ID" in e or "invalid data values" in e for e in errors)

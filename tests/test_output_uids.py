@@ -39,15 +39,22 @@ def card():
 
 
 def _volume() -> Volume:
-    return Volume(np.zeros(SHAPE, np.float32) - 1000.0,
-                  affine_from_geometry((-16.0, -16.0, -8.0), SPACING))
+    return Volume(
+        np.zeros(SHAPE, np.float32) - 1000.0, affine_from_geometry((-16.0, -16.0, -8.0), SPACING)
+    )
 
 
 def _item(paths: list[Path]) -> ScanItem:
     ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
-    return ScanItem(key=str(ds.SeriesInstanceUID), paths=tuple(str(p) for p in paths),
-                    patient_id=str(ds.PatientID), study_uid=str(ds.StudyInstanceUID),
-                    series_uid=str(ds.SeriesInstanceUID), modality="CT", n_slices=len(paths))
+    return ScanItem(
+        key=str(ds.SeriesInstanceUID),
+        paths=tuple(str(p) for p in paths),
+        patient_id=str(ds.PatientID),
+        study_uid=str(ds.StudyInstanceUID),
+        series_uid=str(ds.SeriesInstanceUID),
+        modality="CT",
+        n_slices=len(paths),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,36 +82,44 @@ def _write(folder: Path, series, detections, card, **output) -> dict[str, tuple[
         role = "seg" if ds.Modality == "SEG" else "sr"
         uids[role] = (str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
         # what the writer says it wrote is what the file holds (the gateway reads no file back)
-        assert (written.kind, written.sop_class_uid, written.series_instance_uid, written.sop_instance_uid) == (
-            role, str(ds.SOPClassUID), *uids[role])
+        assert (
+            written.kind,
+            written.sop_class_uid,
+            written.series_instance_uid,
+            written.sop_instance_uid,
+        ) == (role, str(ds.SOPClassUID), *uids[role])
         if role == "sr":
             uids["sr->seg"] = tuple(
                 str(sop.ReferencedSOPInstanceUID)
                 for study in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
-                for ser in study.ReferencedSeriesSequence for sop in ser.ReferencedSOPSequence
-                if sop.ReferencedSOPClassUID == pydicom.uid.SegmentationStorage)
+                for ser in study.ReferencedSeriesSequence
+                for sop in ser.ReferencedSOPSequence
+                if sop.ReferencedSOPClassUID == pydicom.uid.SegmentationStorage
+            )
     return uids
 
 
 def _assert_all_differ(a: dict, b: dict, why: str) -> None:
     assert a["sr"][0] != b["sr"][0] and a["sr"][1] != b["sr"][1], f"SR UIDs shared after {why}"
     if "seg" in a and "seg" in b:
-        assert a["seg"][1] != b["seg"][1] and a["seg"][0] != b["seg"][0], \
+        assert a["seg"][1] != b["seg"][1] and a["seg"][0] != b["seg"][0], (
             f"SEG UIDs shared after {why}"
+        )
         assert a["sr->seg"] != b["sr->seg"], f"the SRs reference one SEG after {why}"
 
 
 # -- the two cases of the issue ---------------------------------------------------------------
 
 
-def test_reports_of_one_enhanced_ct_at_thresholds_0_5_and_1_0_get_different_uids(
-        tmp_path, card):
+def test_reports_of_one_enhanced_ct_at_thresholds_0_5_and_1_0_get_different_uids(tmp_path, card):
     """4 nodule groups at --sr-threshold 0.5, "Nodule: Absent" at 1.0: two documents."""
     volume = _volume()
     path = write_enhanced_ct(volume, tmp_path / "ct" / "ct.dcm", SeriesInfo(uid_seed="enh"))
     series = (_item([path]), volume)
-    found = [_detection(volume, (3, 10 + 3 * i, 12), 6.0, p)
-             for i, p in enumerate((0.93, 0.81, 0.62, 0.55, 0.3))]
+    found = [
+        _detection(volume, (3, 10 + 3 * i, 12), 6.0, p)
+        for i, p in enumerate((0.93, 0.81, 0.62, 0.55, 0.3))
+    ]
     at_half = _write(tmp_path / "a", series, found, card, min_probability=0.5)
     at_one = _write(tmp_path / "b", series, found, card, min_probability=1.0)
     _assert_all_differ(at_half, at_one, "threshold 0.5 -> 1.0")
@@ -112,14 +127,16 @@ def test_reports_of_one_enhanced_ct_at_thresholds_0_5_and_1_0_get_different_uids
 
 
 def test_scorer_report_and_gateway_report_with_companion_seg_get_different_uids(
-        tmp_path, series, card):
+    tmp_path, series, card
+):
     """``medssl-score --write-dicom`` (no SEG) and the gateway (SEG as evidence) score the
     same series: two different documents, and the SEG's UIDs are its own."""
     _, volume = series
     found = [_detection(volume, (2 + i % 4, 8 + 4 * i, 20), 5.0, 0.99 - 0.01 * i) for i in range(4)]
     scorer = _write(tmp_path / "score", series, found, card, min_probability=0.5)
-    gateway = _write(tmp_path / "gateway", series, found, card, min_probability=0.5,
-                     companion_seg=True)
+    gateway = _write(
+        tmp_path / "gateway", series, found, card, min_probability=0.5, companion_seg=True
+    )
     _assert_all_differ(scorer, gateway, "companion SEG off -> on")
     assert len(gateway["sr->seg"]) == 1 and gateway["sr->seg"][0] == gateway["seg"][1]
     assert not {*gateway["seg"]} & {*gateway["sr"], *scorer["sr"]}
@@ -131,11 +148,25 @@ def test_scorer_report_and_gateway_report_with_companion_seg_get_different_uids(
 def _random_case(rng: np.random.Generator, volume: Volume) -> dict:
     n = int(rng.integers(0, 5))
     probabilities = np.sort(rng.uniform(0.05, 1.0, n))[::-1]
-    found = [_detection(volume, (rng.uniform(1, SHAPE[0] - 2), rng.uniform(4, SHAPE[1] - 5),
-                                 rng.uniform(4, SHAPE[2] - 5)), rng.uniform(2.0, 8.0), p)
-             for p in probabilities]
-    return {"found": found, "min_probability": float(rng.choice([0.0, 0.25, 0.5, 0.75])),
-            "companion_seg": bool(rng.integers(0, 2)), "version": int(rng.integers(1, 3))}
+    found = [
+        _detection(
+            volume,
+            (
+                rng.uniform(1, SHAPE[0] - 2),
+                rng.uniform(4, SHAPE[1] - 5),
+                rng.uniform(4, SHAPE[2] - 5),
+            ),
+            rng.uniform(2.0, 8.0),
+            p,
+        )
+        for p in probabilities
+    ]
+    return {
+        "found": found,
+        "min_probability": float(rng.choice([0.0, 0.25, 0.5, 0.75])),
+        "companion_seg": bool(rng.integers(0, 2)),
+        "version": int(rng.integers(1, 3)),
+    }
 
 
 KINDS = ("threshold", "companion", "version", "move", "rescore")
@@ -150,8 +181,9 @@ def _mutate(rng: np.random.Generator, case: dict, volume: Volume, kind: str) -> 
         kind = "add"
     new = dict(case, found=list(case["found"]))
     if kind == "threshold":
-        new["min_probability"] = float(rng.choice([t for t in (0.0, 0.25, 0.5, 0.75, 1.0)
-                                                   if t != case["min_probability"]]))
+        new["min_probability"] = float(
+            rng.choice([t for t in (0.0, 0.25, 0.5, 0.75, 1.0) if t != case["min_probability"]])
+        )
     elif kind == "companion":
         new["companion_seg"] = not case["companion_seg"]
     elif kind == "version":
@@ -176,9 +208,18 @@ def _mutate(rng: np.random.Generator, case: dict, volume: Volume, kind: str) -> 
 def _noisy(case: dict) -> dict:
     """The same content as it may come back from a retry on another runner: every value off
     by float noise far below the stated key precision."""
-    return dict(case, found=[dataclasses.replace(
-        d, centre_lps=tuple(np.add(d.centre_lps, 1e-9)), diameter_mm=d.diameter_mm + 1e-10,
-        probability=min(1.0, d.probability + 1e-11)) for d in case["found"]])
+    return dict(
+        case,
+        found=[
+            dataclasses.replace(
+                d,
+                centre_lps=tuple(np.add(d.centre_lps, 1e-9)),
+                diameter_mm=d.diameter_mm + 1e-10,
+                probability=min(1.0, d.probability + 1e-11),
+            )
+            for d in case["found"]
+        ],
+    )
 
 
 def test_uids_are_equal_exactly_when_content_is_equal_over_random_pairs(tmp_path, series, card):
@@ -189,16 +230,25 @@ def test_uids_are_equal_exactly_when_content_is_equal_over_random_pairs(tmp_path
 
     def write(case: dict, tag: str) -> dict:
         versioned = dataclasses.replace(card, version=case["version"])
-        uids = _write(tmp_path / tag, series, case["found"], versioned,
-                      min_probability=case["min_probability"], companion_seg=case["companion_seg"])
-        reported = [(tuple(np.round(d.centre_lps, 3)), round(d.diameter_mm, 3),
-                     round(d.probability, 6)) for d in case["found"]
-                    if d.probability >= case["min_probability"]]
+        uids = _write(
+            tmp_path / tag,
+            series,
+            case["found"],
+            versioned,
+            min_probability=case["min_probability"],
+            companion_seg=case["companion_seg"],
+        )
+        reported = [
+            (tuple(np.round(d.centre_lps, 3)), round(d.diameter_mm, 3), round(d.probability, 6))
+            for d in case["found"]
+            if d.probability >= case["min_probability"]
+        ]
         what = repr((reported, case["min_probability"], case["companion_seg"], case["version"]))
         for role in ("sr", "seg"):
             if role in uids:
-                assert seen.setdefault(uids[role][1], f"{role} {what}") == f"{role} {what}", \
+                assert seen.setdefault(uids[role][1], f"{role} {what}") == f"{role} {what}", (
                     "one SOP Instance UID for two different contents"
+                )
         return uids
 
     for trial in range(TRIALS):
@@ -218,13 +268,21 @@ def test_a_series_that_gained_instances_gets_new_report_and_seg_uids(tmp_path, s
     partial = (dataclasses.replace(item, paths=item.paths[:-1]), volume)
     reordered = (dataclasses.replace(item, paths=item.paths[::-1]), volume)
     for companion in (False, True):
-        complete = _write(tmp_path / f"all-{companion}", series, found, card,
-                          companion_seg=companion)
-        _assert_all_differ(complete, _write(tmp_path / f"part-{companion}", partial, found, card,
-                                            companion_seg=companion), "an instance more")
+        complete = _write(
+            tmp_path / f"all-{companion}", series, found, card, companion_seg=companion
+        )
+        _assert_all_differ(
+            complete,
+            _write(tmp_path / f"part-{companion}", partial, found, card, companion_seg=companion),
+            "an instance more",
+        )
         # the same instances listed in another order are the same evidence
-        assert _write(tmp_path / f"rev-{companion}", reordered, found, card,
-                      companion_seg=companion)["sr"] == complete["sr"]
+        assert (
+            _write(tmp_path / f"rev-{companion}", reordered, found, card, companion_seg=companion)[
+                "sr"
+            ]
+            == complete["sr"]
+        )
 
 
 def test_label_segs_differ_by_masks_type_and_frames_and_repeat_on_retry(tmp_path, series, card):
@@ -240,7 +298,10 @@ def test_label_segs_differ_by_masks_type_and_frames_and_repeat_on_retry(tmp_path
 
     base = uids(labels, "a.dcm")
     assert uids(labels.copy(), "b.dcm") == base
-    others = [uids(moved, "c.dcm"), uids(labels, "d.dcm", omit_empty_frames=False),
-              uids(labels, "e.dcm", seg_type="labelmap")]
+    others = [
+        uids(moved, "c.dcm"),
+        uids(labels, "d.dcm", omit_empty_frames=False),
+        uids(labels, "e.dcm", seg_type="labelmap"),
+    ]
     every = [base, *others]
     assert len({u[0] for u in every}) == len({u[1] for u in every}) == len(every)

@@ -34,23 +34,52 @@ def test_each_method_trains_exports_and_scores(method, organs, tmp_path):  # noq
     from medssl.scoring import RunnerSpec, ScoreOptions, score
 
     out = tmp_path / method
-    extra = PATCHCL if method == "patchcl" else ("threshold.memory_stride=2",) if method == "flexmatch" else ()
+    extra = (
+        PATCHCL
+        if method == "patchcl"
+        else ("threshold.memory_stride=2",)
+        if method == "flexmatch"
+        else ()
+    )
     sets = [a for s in [*TINY, *extra] for a in ("--set", s)]
-    result = CliRunner().invoke(train, [method, "--setting", "ssl", "--profile", "cpu", "--data", str(organs),
-                                        "--out", str(out), "--device", "cpu", *sets])
+    result = CliRunner().invoke(
+        train,
+        [
+            method,
+            "--setting",
+            "ssl",
+            "--profile",
+            "cpu",
+            "--data",
+            str(organs),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *sets,
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "test" / "metrics.json").read_text())
-    exported = export_checkpoint(out, tmp_path / "repository", f"{method}-liver", ExportOptions(max_batch_size=2))
+    exported = export_checkpoint(
+        out, tmp_path / "repository", f"{method}-liver", ExportOptions(max_batch_size=2)
+    )
     card = load_card(exported.model_dir)
     assert card.provenance["method"] == method and exported.parity.passed
     assert [label.name for label in card.labels] == ["liver"]
-    summary = score(organs / "A", tmp_path / "scores", RunnerSpec(exported.repository, f"{method}-liver"),
-                    options=ScoreOptions(workers=0))
+    summary = score(
+        organs / "A",
+        tmp_path / "scores",
+        RunnerSpec(exported.repository, f"{method}-liver"),
+        options=ScoreOptions(workers=0),
+    )
     assert summary.counts == {"ok": 1}
     assert "1" in metrics["classes"]
 
 
-def test_patchcl_warms_up_supervised_then_adds_the_teachers_pseudo_labels_at_full_weight(organs, tmp_path):  # noqa: F811
+def test_patchcl_warms_up_supervised_then_adds_the_teachers_pseudo_labels_at_full_weight(
+    organs, tmp_path
+):  # noqa: F811
     """The official train.py: a warm-up of Sup + PLGCL on labeled patches (no Reg: the teacher is
     still random), then Sup + β·Reg + γ·PLGCL with β at full weight (no ramp-up)."""
     cfg = tiny_config("patchcl", *PATCHCL)
@@ -59,12 +88,19 @@ def test_patchcl_warms_up_supervised_then_adds_the_teachers_pseudo_labels_at_ful
     for s in (1, 2):  # warm-up
         assert steps[s]["reg"] == 0 and steps[s]["reg/weight"] == 0 and "u/kept" not in steps[s]
         assert steps[s]["plgcl/patches"] > 0
-        assert steps[s]["loss"] == pytest.approx(steps[s]["sup"] + 0.5 * steps[s]["plgcl"], rel=1e-5)
+        assert steps[s]["loss"] == pytest.approx(
+            steps[s]["sup"] + 0.5 * steps[s]["plgcl"], rel=1e-5
+        )
     for s in (3, 4):
-        assert steps[s]["reg/weight"] == cfg.patchcl.beta == 4.0 and steps[s]["reg"] > 0 and "u/kept" in steps[s]
+        assert (
+            steps[s]["reg/weight"] == cfg.patchcl.beta == 4.0
+            and steps[s]["reg"] > 0
+            and "u/kept" in steps[s]
+        )
         assert steps[s]["plgcl/patches"] > 0 and steps[s]["plgcl"] > 0
-        assert steps[s]["loss"] == pytest.approx(steps[s]["sup"] + 4.0 * steps[s]["reg"]
-                                                 + 0.5 * steps[s]["plgcl"], rel=1e-5)
+        assert steps[s]["loss"] == pytest.approx(
+            steps[s]["sup"] + 4.0 * steps[s]["reg"] + 0.5 * steps[s]["plgcl"], rel=1e-5
+        )
     state = checkpoint(run.out)
     pc = state["patchcl"]
     assert set(pc) == {"head", "teacher_head", "queues"}
@@ -79,15 +115,21 @@ def test_patchcl_warms_up_supervised_then_adds_the_teachers_pseudo_labels_at_ful
     VNet(cfg.model, 2).load_state_dict(state["model"])  # the exported network is the VNet alone
 
 
-def test_an_interrupted_patchcl_run_resumes_to_the_same_weights_head_and_queues(organs, tmp_path, monkeypatch):  # noqa: F811
+def test_an_interrupted_patchcl_run_resumes_to_the_same_weights_head_and_queues(
+    organs, tmp_path, monkeypatch
+):  # noqa: F811
     """Checkpoints every step; interrupted at step 4, so the resumed run restarts from queues that
     the PLGCL steps before it filled."""
     cfg = tiny_config("patchcl", *PATCHCL, "eval.every=1")
     train_segmenter(cfg, organs, tmp_path / "straight", device="cpu")
-    train_interrupted_then_resumed(cfg, organs, tmp_path / "resumed", monkeypatch, "patchcl_step", at_call=4)
+    train_interrupted_then_resumed(
+        cfg, organs, tmp_path / "resumed", monkeypatch, "patchcl_step", at_call=4
+    )
     straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
     assert resumed["step"] == 4
-    assert checkpoint(tmp_path / "resumed", "step_00000003.pt")["patchcl"]["queues"]["fill"].sum() > 0
+    assert (
+        checkpoint(tmp_path / "resumed", "step_00000003.pt")["patchcl"]["queues"]["fill"].sum() > 0
+    )
     for part in ("model", "teacher"):
         for name, value in straight[part].items():
             torch.testing.assert_close(resumed[part][name], value, rtol=0, atol=1e-6)
@@ -112,10 +154,13 @@ def test_patch_embeddings_use_batch_statistics_but_leave_the_running_ones_alone(
     assert not all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
 
 
-@pytest.mark.parametrize(("overrides", "key"), [
-    ({"model": {"network": "unet2d"}}, "model.network"),
-    ({"patchcl": {"patch": (32, 32, 32)}}, "patchcl.patch"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"model": {"network": "unet2d"}}, "model.network"),
+        ({"patchcl": {"patch": (32, 32, 32)}}, "patchcl.patch"),
+    ],
+)
 def test_patchcl_config_errors_name_the_key(overrides, key):
     from medssl.config import config_from_dict
 

@@ -53,12 +53,15 @@ def test_every_nodule_centre_of_targeted_reconstructions_is_inside_the_mask(targ
     assert "juxta-pleural" in locations  # the hard case is exercised
 
 
-def test_the_lung_touching_a_targeted_field_of_view_is_kept_not_taken_for_outside_air(targeted_cases):
+def test_the_lung_touching_a_targeted_field_of_view_is_kept_not_taken_for_outside_air(
+    targeted_cases,
+):
     for case in targeted_cases:
         mask = lung_mask(case.volume, params=TIGHT)
         border = np.concatenate([mask[:, [0, -1], :].ravel(), mask[:, :, [0, -1]].ravel()])
-        truth = np.concatenate([case.lung_mask[:, [0, -1], :].ravel(),
-                                case.lung_mask[:, :, [0, -1]].ravel()])
+        truth = np.concatenate(
+            [case.lung_mask[:, [0, -1], :].ravel(), case.lung_mask[:, :, [0, -1]].ravel()]
+        )
         assert truth.mean() > 0.2  # the lung fills much of the field's border
         assert (border & truth).sum() >= 0.95 * truth.sum()
         assert dice(mask, case.lung_mask) > 0.93
@@ -92,7 +95,9 @@ def test_an_array_with_spacing_gives_the_same_mask_as_the_volume():
 def test_an_abdomen_without_lungs_gives_an_empty_mask(domain, seed):
     case = generate_organ_phantom(seed, domain)
     _, axes = organ_grid(domain)
-    lung_slices = np.flatnonzero((rasterise(sample_anatomy(seed), axes).tissue == Tissue.LUNG).any(axis=(1, 2)))
+    lung_slices = np.flatnonzero(
+        (rasterise(sample_anatomy(seed), axes).tissue == Tissue.LUNG).any(axis=(1, 2))
+    )
     below = case.image.array[: lung_slices.min() - 2]
     assert (below < -400).sum() > 1000  # bowel gas and outside air are there to be rejected
     mask = lung_mask(below, case.image.spacing)
@@ -128,8 +133,12 @@ def test_bad_inputs_are_named(args, kwargs, match):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"air_hu": -300.0}, "below threshold_hu"), ({"margin_mm": -1.0}, "margin_mm"),
-     ({"second_fraction": 2.0}, "second_fraction"), ({"work_mm": float("nan")}, "work_mm")],
+    [
+        ({"air_hu": -300.0}, "below threshold_hu"),
+        ({"margin_mm": -1.0}, "margin_mm"),
+        ({"second_fraction": 2.0}, "second_fraction"),
+        ({"work_mm": float("nan")}, "work_mm"),
+    ],
 )
 def test_invalid_lung_mask_params_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -154,8 +163,10 @@ class GridRunner:
         centres = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
         boxes = np.concatenate([centres, np.full((len(centres), 1), 6.0)], axis=1)
         self.windows += n
-        return (np.broadcast_to(boxes, (n, *boxes.shape)).astype(np.float32),
-                np.full((n, len(boxes)), self.score, np.float32))
+        return (
+            np.broadcast_to(boxes, (n, *boxes.shape)).astype(np.float32),
+            np.full((n, len(boxes)), self.score, np.float32),
+        )
 
 
 def hu_of(prepared, intensity):
@@ -166,8 +177,15 @@ def hu_of(prepared, intensity):
 @pytest.fixture(scope="module")
 def chest_1mm():
     """A full-field chest on a 1 mm grid (as the detector sees it) and its grid mask."""
-    case = generate_chest_ct(5, ChestConfig(matrix=256, pixel_spacing_range=(1.0, 1.0),
-                                            slice_thickness_range=(2.5, 2.5), n_slices=56))
+    case = generate_chest_ct(
+        5,
+        ChestConfig(
+            matrix=256,
+            pixel_spacing_range=(1.0, 1.0),
+            slice_thickness_range=(2.5, 2.5),
+            n_slices=56,
+        ),
+    )
     assert not case.volume.meta["targeted"]
     return case
 
@@ -211,22 +229,40 @@ def test_detect_on_a_scan_without_lungs_runs_every_window_and_says_why(caplog):
 
 
 def test_the_lung_mask_needs_an_intensity_window_holding_its_thresholds():
-    with pytest.raises(ValueError, match=r"lung_mask needs the intensity window.*\[-160.0, 240.0\]"):
+    with pytest.raises(
+        ValueError, match=r"lung_mask needs the intensity window.*\[-160.0, 240.0\]"
+    ):
         DetectionParams(intensity=Intensity(-160.0, 240.0, -160.0), lung_mask=True)
     DetectionParams(intensity=Intensity(-160.0, 240.0, -160.0))  # fine without the mask
 
 
 def test_old_cards_read_with_the_mask_off_and_the_identity_calibration():
-    old = {"spacing_mm": 1.0, "window": 96, "divisor": 16, "overlap": 0.25, "batch_size": 2,
-           "score_threshold": 0.01, "pre_nms_top_k": 1000, "max_nms_candidates": 100000,
-           "nms_iou": 0.1, "max_detections": 100, "min_diameter_mm": 0.0,
-           "intensity": {"hu_min": -1200.0, "hu_max": 600.0, "pad_hu": -1000.0}}
+    old = {
+        "spacing_mm": 1.0,
+        "window": 96,
+        "divisor": 16,
+        "overlap": 0.25,
+        "batch_size": 2,
+        "score_threshold": 0.01,
+        "pre_nms_top_k": 1000,
+        "max_nms_candidates": 100000,
+        "nms_iou": 0.1,
+        "max_detections": 100,
+        "min_diameter_mm": 0.0,
+        "intensity": {"hu_min": -1200.0, "hu_max": 600.0, "pad_hu": -1000.0},
+    }
     params = DetectionParams.from_json(old)
     assert params.lung_mask is False and params.calibration.is_identity
-    new = replace(params, lung_mask=True, lung_margin_mm=8.0,
-                  calibration=Calibration(method="platt", a=1.5, b=-0.25))
+    new = replace(
+        params,
+        lung_mask=True,
+        lung_margin_mm=8.0,
+        calibration=Calibration(method="platt", a=1.5, b=-0.25),
+    )
     assert DetectionParams.from_json(json.loads(json.dumps(new.to_json()))) == new
-    with pytest.raises(ValueError, match=r"DetectionParams.calibration: Calibration.a must be > 0.*-1.0"):
+    with pytest.raises(
+        ValueError, match=r"DetectionParams.calibration: Calibration.a must be > 0.*-1.0"
+    ):
         DetectionParams.from_json({**old, "calibration": {"method": "platt", "a": -1.0, "b": 0.0}})
 
 
@@ -254,12 +290,13 @@ def test_a_table_foam_core_near_outside_air_is_not_taken_for_a_lung():
 
 
 def test_the_trachea_above_the_lungs_is_left_out():
-    case = generate_chest_ct(0, ChestConfig(matrix=256, pixel_spacing_range=(1.0, 1.0),
-                                            slice_thickness_range=(2.5, 2.5)))
+    case = generate_chest_ct(
+        0, ChestConfig(matrix=256, pixel_spacing_range=(1.0, 1.0), slice_thickness_range=(2.5, 2.5))
+    )
     apex = int(np.flatnonzero(case.lung_mask.any(axis=(1, 2))).max())
     assert apex + 3 < case.volume.shape[0]  # the scan runs on above the lungs: the trachea
     kept = lung_mask(case.volume, params=LungMaskParams(margin_mm=0.0, drop_airways=False))
-    assert kept[apex + 3:].sum() > 500
+    assert kept[apex + 3 :].sum() > 500
     mask = lung_mask(case.volume, params=TIGHT)
-    assert not mask[apex + 3:].any()
+    assert not mask[apex + 3 :].any()
     assert dice(mask, case.lung_mask) > 0.97

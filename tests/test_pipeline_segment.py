@@ -88,8 +88,13 @@ def test_segment_reproduces_a_label_map_exactly_when_the_grid_is_unchanged(
     volume = _volume(truth.astype(np.int16) * 100, spacing)
     runner = BinRunner(n_classes)
     params = SegmentationParams(
-        spacing_mm=spacing, normalisation=BinRunner.normalisation(n_classes), window=window,
-        n_classes=n_classes, overlap=overlap, blending=blending, batch_size=3,
+        spacing_mm=spacing,
+        normalisation=BinRunner.normalisation(n_classes),
+        window=window,
+        n_classes=n_classes,
+        overlap=overlap,
+        blending=blending,
+        batch_size=3,
     )
     result = segment(volume, runner, params)
 
@@ -101,7 +106,12 @@ def test_segment_reproduces_a_label_map_exactly_when_the_grid_is_unchanged(
     assert result.n_windows == n_windows == sum(runner.batches)
     assert max(runner.batches) <= 3
     assert set(result.timings) == {
-        "resample", "normalise", "inference", "blend", "resample_back", "postprocess"
+        "resample",
+        "normalise",
+        "inference",
+        "blend",
+        "resample_back",
+        "postprocess",
     }
     assert all(t >= 0 for t in result.timings.values())
 
@@ -111,8 +121,10 @@ def test_blended_probabilities_are_a_weighted_mean_of_window_scores():
     truth = _blobs(shape, n_classes, seed=4)
     prepared = _volume(BinRunner.normalisation(n_classes).apply(truth * 100.0), (1.0, 1.0, 1.0))
     params = SegmentationParams(
-        spacing_mm=(1, 1, 1), normalisation=BinRunner.normalisation(n_classes),
-        window=(8, 16, 16), n_classes=n_classes,
+        spacing_mm=(1, 1, 1),
+        normalisation=BinRunner.normalisation(n_classes),
+        window=(8, 16, 16),
+        n_classes=n_classes,
     )
     probs = segment_preprocessed(prepared, BinRunner(n_classes), params)
     assert probs.shape == (n_classes, *shape) and probs.dtype == np.float32
@@ -140,8 +152,10 @@ def test_a_sphere_survives_the_round_trip_through_an_anisotropic_model_grid():
         return np.concatenate([1.0 - foreground, foreground], axis=1).astype(np.float32)
 
     params = SegmentationParams(
-        spacing_mm=model_spacing, normalisation=Intensity(-200.0, 200.0, -100.0),
-        window=(16, 48, 48), n_classes=2,
+        spacing_mm=model_spacing,
+        normalisation=Intensity(-200.0, 200.0, -100.0),
+        window=(16, 48, 48),
+        n_classes=2,
     )
     result = segment(volume, threshold_runner, params)
 
@@ -191,8 +205,10 @@ def test_labels_are_the_argmax_of_probabilities_resampled_to_the_source_grid(
     n_classes, shape = 5, (18, 40, 36)
     volume = _volume(_smooth_scan(shape, seed=11), (2.5, 0.7, 0.8))
     params = SegmentationParams(
-        spacing_mm=(2.0, 1.1, 0.9), normalisation=Intensity(-400.0, 400.0, 0.0),
-        window=(8, 16, 16), n_classes=n_classes,
+        spacing_mm=(2.0, 1.1, 0.9),
+        normalisation=Intensity(-400.0, 400.0, 0.0),
+        window=(8, 16, 16),
+        n_classes=n_classes,
     )
     result = segment(volume, _softmax_runner(n_classes), params)
 
@@ -273,9 +289,10 @@ def test_blending_matches_monai_sliding_window_inference(mode):
     def torch_network(patches: torch.Tensor) -> torch.Tensor:
         kernel = torch.from_numpy(KERNEL)[None, None]
         smooth = torch.nn.functional.conv3d(patches, kernel, padding=1)
-        return smooth * torch.from_numpy(GAIN)[:, None, None, None] + torch.from_numpy(BIAS)[
-            :, None, None, None
-        ]
+        return (
+            smooth * torch.from_numpy(GAIN)[:, None, None, None]
+            + torch.from_numpy(BIAS)[:, None, None, None]
+        )
 
     # MONAI steps by int(w * (1 - overlap)) from 0 and clamps the last window to the end;
     # plan_windows spreads its starts evenly between 0 and n - w. They agree when every
@@ -289,14 +306,25 @@ def test_blending_matches_monai_sliding_window_inference(mode):
 
     array = np.random.default_rng(3).uniform(0.0, 1.0, shape).astype(np.float32)
     params = SegmentationParams(
-        spacing_mm=(1.0, 1.0, 1.0), normalisation=Intensity(), window=window, n_classes=3,
-        overlap=overlap, blending=mode, sigma_scale=0.125, batch_size=2,
+        spacing_mm=(1.0, 1.0, 1.0),
+        normalisation=Intensity(),
+        window=window,
+        n_classes=3,
+        overlap=overlap,
+        blending=mode,
+        sigma_scale=0.125,
+        batch_size=2,
     )
     ours = segment_preprocessed(_volume(array, (1.0, 1.0, 1.0)), _numpy_network, params)
     with torch.no_grad():
         theirs = sliding_window_inference(
-            torch.from_numpy(array)[None, None], roi_size=window, sw_batch_size=2,
-            predictor=torch_network, overlap=overlap, mode=mode, sigma_scale=0.125,
+            torch.from_numpy(array)[None, None],
+            roi_size=window,
+            sw_batch_size=2,
+            predictor=torch_network,
+            overlap=overlap,
+            mode=mode,
+            sigma_scale=0.125,
         )[0].numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)
 
@@ -343,8 +371,11 @@ def test_segment_applies_largest_component_on_the_source_grid():
     truth[8, 2, 27] = 2
     volume = _volume(truth.astype(np.float32) * 100, spacing)
     params = SegmentationParams(
-        spacing_mm=spacing, normalisation=BinRunner.normalisation(n_classes), window=(8, 16, 16),
-        n_classes=n_classes, largest_component=(1,),
+        spacing_mm=spacing,
+        normalisation=BinRunner.normalisation(n_classes),
+        window=(8, 16, 16),
+        n_classes=n_classes,
+        largest_component=(1,),
     )
     result = segment(volume, BinRunner(n_classes), params)
     expected = truth.copy()
@@ -362,7 +393,9 @@ def test_volumes_ml_is_voxel_count_times_voxel_volume():
     truth[3:13, 10:20, 20:30] = 1  # 1000 voxels of 0.8 mm³
     volume = _volume(truth.astype(np.float32) * 100, spacing)
     params = SegmentationParams(
-        spacing_mm=spacing, normalisation=BinRunner.normalisation(n_classes), window=(8, 16, 16),
+        spacing_mm=spacing,
+        normalisation=BinRunner.normalisation(n_classes),
+        window=(8, 16, 16),
         n_classes=n_classes,
     )
     result = segment(volume, BinRunner(n_classes), params)
@@ -375,7 +408,9 @@ def test_more_than_256_classes_give_a_uint16_label_map():
     truth[1:4, 2:6, 2:6] = 299
     volume = _volume(truth.astype(np.float32) * 100, (1.0, 1.0, 1.0))
     params = SegmentationParams(
-        spacing_mm=(1, 1, 1), normalisation=BinRunner.normalisation(n_classes), window=(4, 8, 8),
+        spacing_mm=(1, 1, 1),
+        normalisation=BinRunner.normalisation(n_classes),
+        window=(4, 8, 8),
         n_classes=n_classes,
     )
     result = segment(volume, BinRunner(n_classes), params)
@@ -389,7 +424,9 @@ def test_more_than_256_classes_give_a_uint16_label_map():
 
 def _params(**overrides) -> SegmentationParams:
     base = {
-        "spacing_mm": (1.0, 1.0, 1.0), "normalisation": Intensity(), "window": (4, 8, 8),
+        "spacing_mm": (1.0, 1.0, 1.0),
+        "normalisation": Intensity(),
+        "window": (4, 8, 8),
         "n_classes": 3,
     }
     return SegmentationParams(**{**base, **overrides})
@@ -451,8 +488,13 @@ def test_bad_params_are_rejected_naming_the_value(field, value):
 
 def test_params_round_trip_through_json():
     params = _params(
-        spacing_mm=[2.5, 0.7, 0.8], window=[16, 64, 64], normalisation=Intensity(-160, 240, -1000),
-        overlap=0.25, blending=Blending.CONSTANT, sigma_scale=0.2, batch_size=4,
+        spacing_mm=[2.5, 0.7, 0.8],
+        window=[16, 64, 64],
+        normalisation=Intensity(-160, 240, -1000),
+        overlap=0.25,
+        blending=Blending.CONSTANT,
+        sigma_scale=0.2,
+        batch_size=4,
         largest_component=[1, 2],
     )
     assert params.spacing_mm == (2.5, 0.7, 0.8) and params.largest_component == (1, 2)

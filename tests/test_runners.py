@@ -113,7 +113,9 @@ def test_non_numeric_patches_are_rejected(runner):
         runner(np.zeros((1, 1, 32, 32, 32), dtype=np.complex64))
 
 
-def test_a_card_that_disagrees_with_the_graph_lists_every_mismatch(exported_detector, mismatched_card):
+def test_a_card_that_disagrees_with_the_graph_lists_every_mismatch(
+    exported_detector, mismatched_card
+):
     wrong = mismatched_card
     boxes = exported_detector.card.outputs[0]
     with pytest.raises(RunnerError) as caught:
@@ -144,7 +146,9 @@ def test_from_repository_names_what_is_missing(exported_detector):
 
 
 def test_open_runner_without_a_server_is_the_embedded_runner(exported_detector):
-    with open_runner(exported_detector.repository, "nodules", threads=1, runtime="onnxruntime") as opened:
+    with open_runner(
+        exported_detector.repository, "nodules", threads=1, runtime="onnxruntime"
+    ) as opened:
         assert isinstance(opened, OnnxRunner) and opened.card == exported_detector.card
 
 
@@ -156,15 +160,20 @@ def test_providers_fall_back_to_cpu_in_preference_order(exported_detector):
         ["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]
     ) == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert select_providers(["CPUExecutionProvider", "OpenVINOExecutionProvider"]) == [
-        "OpenVINOExecutionProvider", "CPUExecutionProvider"]
+        "OpenVINOExecutionProvider",
+        "CPUExecutionProvider",
+    ]
     with pytest.raises(RunnerError, match="none of"):
         select_providers(["AzureExecutionProvider"])
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         with pytest.raises(RunnerError, match="not available"):
-            OnnxRunner(exported_detector.onnx_path, exported_detector.card,
-                       providers=["CUDAExecutionProvider"])
+            OnnxRunner(
+                exported_detector.onnx_path,
+                exported_detector.card,
+                providers=["CUDAExecutionProvider"],
+            )
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -172,8 +181,14 @@ def test_an_unreachable_triton_url_fails_fast_and_says_what_to_check(exported_de
     url = f"127.0.0.1:{closed_port()}"
     tic = time.monotonic()
     with pytest.raises(RunnerError) as caught:
-        open_runner(exported_detector.repository, "nodules", triton_url=url, protocol=protocol,
-                    ready_timeout_s=1.0, timeout_s=1.0)
+        open_runner(
+            exported_detector.repository,
+            "nodules",
+            triton_url=url,
+            protocol=protocol,
+            ready_timeout_s=1.0,
+            timeout_s=1.0,
+        )
     assert time.monotonic() - tic < 5
     message = str(caught.value)
     assert f"Triton {protocol} endpoint {url} is not reachable after 1 s" in message

@@ -79,9 +79,19 @@ def facts(exported_detector, detector_patches, tmp_path_factory) -> dict:
     """What OpenVINO did with the exported detector, measured in a child process."""
     patches = tmp_path_factory.mktemp("ov") / "patches.npy"
     np.save(patches, detector_patches)
-    run = subprocess.run([sys.executable, "-c", _CHILD, str(exported_detector.onnx_path),
-                          str(exported_detector.repository), str(patches)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _CHILD,
+            str(exported_detector.onnx_path),
+            str(exported_detector.repository),
+            str(patches),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -102,7 +112,9 @@ def test_an_openvino_runner_checks_the_card_like_onnxruntime(facts):
 
 def test_auto_picks_openvino_on_a_cpu_and_logs_it(facts):
     assert facts["auto_type"] == "OpenVinoRunner"
-    assert any("runs on OpenVINO CPU fp32 (runtime auto: openvino)" in line for line in facts["log"])
+    assert any(
+        "runs on OpenVINO CPU fp32 (runtime auto: openvino)" in line for line in facts["log"]
+    )
 
 
 def test_a_closed_openvino_runner_says_so(facts):
@@ -125,4 +137,9 @@ def test_a_bad_runtime_is_refused(exported_detector):
     with pytest.raises(ValueError, match="runtime must be one of"):
         open_runner(exported_detector.repository, "nodules", runtime="tensorflow")
     with pytest.raises(ValueError, match="drop one of them"):
-        open_runner(exported_detector.repository, "nodules", runtime="openvino", providers=["CPUExecutionProvider"])
+        open_runner(
+            exported_detector.repository,
+            "nodules",
+            runtime="openvino",
+            providers=["CPUExecutionProvider"],
+        )

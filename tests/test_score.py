@@ -42,17 +42,27 @@ def _series(out: Path) -> list[dict]:
 
 
 def test_an_archive_gives_ok_skipped_and_failed_rows_with_reasons(archive, tmp_path):
-    result = CliRunner().invoke(score_command, [str(archive), "--out", str(tmp_path), "--workers", "1"])
-    assert result.exit_code == 3, result.output  # some series failed: non-zero, and it says how many
+    result = CliRunner().invoke(
+        score_command, [str(archive), "--out", str(tmp_path), "--workers", "1"]
+    )
+    assert result.exit_code == 3, (
+        result.output
+    )  # some series failed: non-zero, and it says how many
     assert "3 series failed" in result.output
     rows = _series(tmp_path)
     by_status = {s: [r for r in rows if r["status"] == s] for s in ("ok", "skipped", "failed")}
-    assert len(by_status["ok"]) == 20 and len(by_status["failed"]) == 3 and len(by_status["skipped"]) == 23
+    assert (
+        len(by_status["ok"]) == 20
+        and len(by_status["failed"]) == 3
+        and len(by_status["skipped"]) == 23
+    )
     assert {r["error"] for r in by_status["skipped"]} == {"localizer (scout) series"}
     errors = sorted(r["error"].split(":")[0] for r in by_status["failed"])
     assert errors == ["CorruptFileError", "MissingSliceError", "NonUniformSpacingError"]
     assert all(r["model"] == "focalmix-nodules" and r["model_version"] == 1 for r in rows)
-    assert all(r["inference_s"] > 0 and r["read_s"] > 0 and r["n_windows"] > 0 for r in by_status["ok"])
+    assert all(
+        r["inference_s"] > 0 and r["read_s"] > 0 and r["n_windows"] > 0 for r in by_status["ok"]
+    )
     findings = pq.read_table(tmp_path / "findings.parquet").to_pylist()
     ok_keys = {r["key"] for r in by_status["ok"]}
     assert {f["key"] for f in findings} <= ok_keys
@@ -60,8 +70,11 @@ def test_an_archive_gives_ok_skipped_and_failed_rows_with_reasons(archive, tmp_p
     assert all(0 <= f["probability"] <= 1 and f["diameter_mm"] > 0 for f in findings)
     # the printout is what the run reports: the findings at the operating point, and a count of the rest
     reported = sum(f["passed"] for f in findings)
-    assert (f"{reported} finding(s) at the operating point" in result.output if reported
-            else "no findings at the operating point" in result.output)
+    assert (
+        f"{reported} finding(s) at the operating point" in result.output
+        if reported
+        else "no findings at the operating point" in result.output
+    )
     assert f"{len(findings) - reported} candidate(s) below" in result.output
 
 
@@ -97,8 +110,11 @@ def _alive(pid: int) -> bool:
 
 def test_a_run_killed_midway_resumes_without_scoring_any_series_twice(archive, tmp_path):
     exe = Path(sys.prefix) / "bin" / "medssl-score"
-    proc = subprocess.Popen([str(exe), str(archive), "--out", str(tmp_path), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(exe), str(archive), "--out", str(tmp_path), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     db = tmp_path / "score.sqlite"
     deadline = time.monotonic() + 300
     done = 0
@@ -107,7 +123,9 @@ def test_a_run_killed_midway_resumes_without_scoring_any_series_twice(archive, t
         if db.exists():
             with sqlite3.connect(db) as con:
                 try:
-                    done = con.execute("SELECT COUNT(*) FROM series WHERE status = 'ok'").fetchone()[0]
+                    done = con.execute(
+                        "SELECT COUNT(*) FROM series WHERE status = 'ok'"
+                    ).fetchone()[0]
                 except sqlite3.OperationalError:  # table not created yet
                     done = 0
     assert proc.poll() is None, "the run finished before it could be killed"
@@ -142,11 +160,27 @@ def test_scoring_a_luna16_split_gives_the_cpm_of_the_training_evaluation(tmp_pat
     from medssl.training.detector import FPNDetector
 
     luna = tmp_path / "luna16"
-    made = CliRunner().invoke(cli, ["synth", "chest", "--cases", "4", "--matrix", "96", "--slices", "48",
-                                    "--seed", "7", str(luna)])
+    made = CliRunner().invoke(
+        cli,
+        [
+            "synth",
+            "chest",
+            "--cases",
+            "4",
+            "--matrix",
+            "96",
+            "--slices",
+            "48",
+            "--seed",
+            "7",
+            str(luna),
+        ],
+    )
     assert made.exit_code == 0, made.output
     # The training issue's own evaluation of the shipped model's weights.
-    state = torch.load(Path(__file__).parents[1] / "benchmarks/assets/focalmix-nodules.pt", weights_only=False)
+    state = torch.load(
+        Path(__file__).parents[1] / "benchmarks/assets/focalmix-nodules.pt", weights_only=False
+    )
     cfg = config_from_dict(DetectionExperiment, state["config"])
     net = FPNDetector(cfg.model, cfg.anchors)
     net.load_state_dict(state["model"])
@@ -161,8 +195,13 @@ def test_scoring_a_luna16_split_gives_the_cpm_of_the_training_evaluation(tmp_pat
     summary = score(luna, out, SPEC, options=ScoreOptions(workers=0))
     assert summary.counts == {"ok": 4}
     (tmp_path / "seriesuids.csv").write_text("".join(f"{u}\n" for u in uids))
-    scored = evaluate_luna16_files(luna / "annotations.csv", luna / "annotations_excluded.csv",
-                                   tmp_path / "seriesuids.csv", out / "submission.csv", n_bootstrap=0)
+    scored = evaluate_luna16_files(
+        luna / "annotations.csv",
+        luna / "annotations_excluded.csv",
+        tmp_path / "seriesuids.csv",
+        out / "submission.csv",
+        n_bootstrap=0,
+    )
     assert trained.cpm > 0.2
     assert scored.cpm == pytest.approx(trained.cpm, abs=1e-9)
     assert scored.sensitivities == pytest.approx(trained.sensitivities, abs=1e-9)
@@ -192,19 +231,23 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         score(tmp_path / "list.json", tmp_path / "out", SPEC)
     with pytest.raises(MedsslError, match="no model 'nope'"):
         score(tmp_path, tmp_path / "out", RunnerSpec(REPOSITORY, "nope"))
-    result = CliRunner().invoke(score_command, [str(tmp_path), "--out", str(tmp_path / "o"),
-                                                "--backend", "triton"])
+    result = CliRunner().invoke(
+        score_command, [str(tmp_path), "--out", str(tmp_path / "o"), "--backend", "triton"]
+    )
     assert result.exit_code == 2 and "--triton-url" in result.output
 
 
-def test_write_dicom_gives_one_valid_sr_per_scored_series_and_retries_reuse_its_uids(archive, tmp_path,
-                                                                                     dciodvfy):
+def test_write_dicom_gives_one_valid_sr_per_scored_series_and_retries_reuse_its_uids(
+    archive, tmp_path, dciodvfy
+):
     import highdicom as hd
     import pydicom
 
     from medssl.scoring.series import DicomOutput
 
-    options = ScoreOptions(workers=0, limit=2, dicom=DicomOutput(tmp_path / "dicom", min_probability=0.5))
+    options = ScoreOptions(
+        workers=0, limit=2, dicom=DicomOutput(tmp_path / "dicom", min_probability=0.5)
+    )
     score(archive, tmp_path, SPEC, options=options)
     ok = [r for r in _series(tmp_path) if r["status"] == "ok"]
     assert len(ok) == 2 and all(Path(r["dicom_outputs"]).is_file() for r in ok)
@@ -213,7 +256,8 @@ def test_write_dicom_gives_one_valid_sr_per_scored_series_and_retries_reuse_its_
     for row in ok:
         report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(row["dicom_outputs"])])
         groups = report.get_planar_roi_measurement_groups(
-            graphic_type=hd.sr.GraphicTypeValues3D.POINT)
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT
+        )
         reported = [f for f in findings if f["key"] == row["key"] and f["probability"] >= 0.5]
         assert len(groups) == len(reported)
         assert dciodvfy(Path(row["dicom_outputs"])) == []
@@ -240,7 +284,10 @@ def test_an_unexpected_exception_in_either_stage_becomes_a_failed_row(archive, m
     scored = series.infer(prepared, None, card, params)
     assert scored.row["status"] == "failed" and scored.findings == []
     # the type and where it was raised: an unexpected message may quote header values
-    assert scored.row["error"] == f"unexpected RuntimeError at test_score.py:{crash.__code__.co_firstlineno + 1}"
+    assert (
+        scored.row["error"]
+        == f"unexpected RuntimeError at test_score.py:{crash.__code__.co_firstlineno + 1}"
+    )
 
     def unreadable(*_):
         raise KeyError("PixelData of John Doe")
@@ -252,7 +299,9 @@ def test_an_unexpected_exception_in_either_stage_becomes_a_failed_row(archive, m
     assert broken.error == "unexpected KeyError while reading or preprocessing the series"
 
 
-def test_a_series_out_of_memory_while_preparing_fails_alone_and_is_not_retried(archive, monkeypatch):
+def test_a_series_out_of_memory_while_preparing_fails_alone_and_is_not_retried(
+    archive, monkeypatch
+):
     """Its size is the series' own: retrying the study would read the same files again."""
     from medssl.scoring import series
 
@@ -304,9 +353,12 @@ def test_blank_uid_series_get_two_keys_are_both_scored_and_resumed(anonymised_ar
     rows = _series(out)
     assert len(rows) == 2 and len({r["key"] for r in rows}) == 2
     assert all(r["key"].startswith("nouid-") and r["series_uid"] == "" for r in rows)
-    assert all(r["status"] == "ok" and r["series_uid_absent"] and r["dicom_outputs"] is None for r in rows)
+    assert all(
+        r["status"] == "ok" and r["series_uid_absent"] and r["dicom_outputs"] is None for r in rows
+    )
     assert {r["note"] for r in rows} == {
-        "no DICOM outputs: the source has no SeriesInstanceUID or StudyInstanceUID"}
+        "no DICOM outputs: the source has no SeriesInstanceUID or StudyInstanceUID"
+    }
     assert not (out / "dicom").exists() or not any((out / "dicom").rglob("*.dcm"))
     findings = pq.read_table(out / "findings.parquet").to_pylist()
     assert {f["key"] for f in findings} <= {r["key"] for r in rows}
@@ -328,7 +380,11 @@ def test_medssl_info_reads_each_anonymised_series_under_the_scorer_s_key(anonymi
         assert result.exit_code == 0, result.output
         assert "shape:       [36, 64, 64]" in result.output
         assert "series:      nouid-" in result.output and "no SeriesInstanceUID" in result.output
-        shown.add(json.loads(CliRunner().invoke(cli, ["info", str(folder), "--json"]).output)["series_key"])
+        shown.add(
+            json.loads(CliRunner().invoke(cli, ["info", str(folder), "--json"]).output)[
+                "series_key"
+            ]
+        )
     assert shown == keys
     # from the archive's root, either series is chosen by that key
     for key in keys:
@@ -340,7 +396,11 @@ def test_score_options_limits_refuse_a_series_beyond_them(anonymised_archive, tm
     from medssl.io.limits import GeometryLimits
 
     tight = GeometryLimits(max_resampled_voxels=10_000)  # 64 x 64 x 36 voxels under 1 mm: more
-    summary = score(anonymised_archive, tmp_path, SPEC, options=ScoreOptions(workers=0, limits=tight))
+    summary = score(
+        anonymised_archive, tmp_path, SPEC, options=ScoreOptions(workers=0, limits=tight)
+    )
     assert summary.counts == {"failed": 2}
     for row in _series(tmp_path):
-        assert row["error"].startswith("ImplausibleGeometryError") and "at most 10,000" in row["error"]
+        assert (
+            row["error"].startswith("ImplausibleGeometryError") and "at most 10,000" in row["error"]
+        )

@@ -23,10 +23,17 @@ from medssl.scoring.series import Scored  # noqa: E402
 # One runtime on both sides: the Ray actors run in their own processes, where runtime "auto" would
 # pick OpenVINO, while this process keeps to onnxruntime (tests/conftest.py); outputs of two
 # runtimes agree to ~1e-5, not bit for bit.
-SPEC = RunnerSpec(Path(__file__).resolve().parents[1] / "model_repository", "focalmix-nodules",
-                  runtime="onnxruntime")
+SPEC = RunnerSpec(
+    Path(__file__).resolve().parents[1] / "model_repository",
+    "focalmix-nodules",
+    runtime="onnxruntime",
+)
 # DataContext.copy() (inside Ray Data too) warns about its own deprecated fields.
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"), pytest.mark.integration, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"),
+    pytest.mark.integration,
+    pytest.mark.slow,
+]
 
 TIMINGS = ("read_s", "preprocess_s", "inference_s", "postprocess_s", "lung_mask_s")
 
@@ -61,9 +68,15 @@ def runs(archive, tmp_path_factory):
         patch.setattr(ray_engine, "run_ray", recording)
         patch.setattr(ray_engine, "_dataset", chunk)
         # chunks of 7: the 23 series cross three chunk boundaries
-        on_ray = score(archive, out / "ray", SPEC, options=ScoreOptions(engine="ray", workers=2, ray_chunk=7))
-    return {"local": (local, out / "local"), "ray": (on_ray, out / "ray"), "seen": seen,
-            "ray_left_running": ray.is_initialized()}
+        on_ray = score(
+            archive, out / "ray", SPEC, options=ScoreOptions(engine="ray", workers=2, ray_chunk=7)
+        )
+    return {
+        "local": (local, out / "local"),
+        "ray": (on_ray, out / "ray"),
+        "seen": seen,
+        "ray_left_running": ray.is_initialized(),
+    }
 
 
 def _rows(folder: Path, table: str, drop: tuple[str, ...] = ()) -> list[dict]:
@@ -140,7 +153,9 @@ def _item(archive: Path) -> ScanItem:
 
 
 def test_the_ray_engine_does_not_import_torch():
-    code = ("import sys, medssl.scoring.ray_engine, ray.data; "
-            "sys.exit(3 if 'torch' in sys.modules else 0)")
+    code = (
+        "import sys, medssl.scoring.ray_engine, ray.data; "
+        "sys.exit(3 if 'torch' in sys.modules else 0)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr or "medssl.scoring.ray_engine imported torch"

@@ -41,7 +41,12 @@ def test_exported_segmenter_card_names_organs_with_codes_and_colours(exported_se
 def test_scored_label_maps_match_the_trainers_own_dice(seg_run, exported_segmenter, tmp_path):
     """Acceptance: Dice from medssl-score's output files equals the trainer's evaluation."""
     out = tmp_path / "scores"
-    summary = score(seg_run.parent / "A", out, RunnerSpec(exported_segmenter.repository, "organs"), options=ScoreOptions(workers=0))
+    summary = score(
+        seg_run.parent / "A",
+        out,
+        RunnerSpec(exported_segmenter.repository, "organs"),
+        options=ScoreOptions(workers=0),
+    )
     assert summary.counts == {"ok": 2}
     trainer = json.loads((seg_run / "test" / "metrics.json").read_text())
     for label in (1, 2, 7):  # liver, spleen, stomach
@@ -68,8 +73,13 @@ def test_scoring_a_dicom_series_writes_a_valid_seg(exported_segmenter, tmp_path,
     write_dicom_series(case.image, series, SeriesInfo(uid_seed="organ-seg-test"))
     out = tmp_path / "scores"
     # Abdominal series are 4 mm thick; the default rules are the lung-screening ones (<= 2.5 mm).
-    summary = score(tmp_path / "dicom", out, RunnerSpec(exported_segmenter.repository, "organs"),
-                    SelectionRules(max_thickness_mm=5.0), options=ScoreOptions(workers=0, dicom=DicomOutput(out / "dicom")))
+    summary = score(
+        tmp_path / "dicom",
+        out,
+        RunnerSpec(exported_segmenter.repository, "organs"),
+        SelectionRules(max_thickness_mm=5.0),
+        options=ScoreOptions(workers=0, dicom=DicomOutput(out / "dicom")),
+    )
     assert summary.counts == {"ok": 1}
     row = pq.read_table(out / "series.parquet").to_pylist()[0]
     seg_path = Path(row["dicom_outputs"])
@@ -85,13 +95,27 @@ def test_scoring_a_dicom_series_writes_a_valid_seg(exported_segmenter, tmp_path,
     assert int((volume.array > 0).sum()) == int((labels.array > 0).sum())
 
 
-def test_medssl_score_prints_the_label_volumes_of_a_segmenter(seg_run, exported_segmenter, tmp_path):
+def test_medssl_score_prints_the_label_volumes_of_a_segmenter(
+    seg_run, exported_segmenter, tmp_path
+):
     from click.testing import CliRunner
 
     from medssl.cli.score import score as score_command
 
-    result = CliRunner().invoke(score_command, [str(seg_run.parent / "A"), "--repository", str(exported_segmenter.repository),
-                                                "--model", "organs", "--out", str(tmp_path / "o"), "--workers", "0"])
+    result = CliRunner().invoke(
+        score_command,
+        [
+            str(seg_run.parent / "A"),
+            "--repository",
+            str(exported_segmenter.repository),
+            "--model",
+            "organs",
+            "--out",
+            str(tmp_path / "o"),
+            "--workers",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "label volumes, mL" in result.output
     assert "liver" in result.output and "organs_0005" in result.output
@@ -111,10 +135,24 @@ def test_medssl_score_writes_a_labelmap_seg_when_asked(exported_segmenter, tmp_p
     rules.write_text(json.dumps({"max_thickness_mm": 5.0}))
     for extra, kind in (([], "BINARY"), (["--seg-type", "labelmap"], "LABELMAP")):
         out = tmp_path / kind
-        result = CliRunner().invoke(score_command, [
-            str(tmp_path / "dicom"), "--repository", str(exported_segmenter.repository),
-            "--model", "organs", "--out", str(out), "--workers", "0", "--select", str(rules),
-            "--write-dicom", *extra])
+        result = CliRunner().invoke(
+            score_command,
+            [
+                str(tmp_path / "dicom"),
+                "--repository",
+                str(exported_segmenter.repository),
+                "--model",
+                "organs",
+                "--out",
+                str(out),
+                "--workers",
+                "0",
+                "--select",
+                str(rules),
+                "--write-dicom",
+                *extra,
+            ],
+        )
         assert result.exit_code == 0, result.output
         row = pq.read_table(out / "series.parquet").to_pylist()[0]
         seg = hd.seg.segread(row["dicom_outputs"])
@@ -126,7 +164,8 @@ def test_medssl_score_writes_a_labelmap_seg_when_asked(exported_segmenter, tmp_p
 
 
 def test_an_abdominal_dicom_study_from_synth_organs_scores_to_a_seg_in_the_cards_colours(
-        exported_segmenter, tmp_path, dciodvfy):
+    exported_segmenter, tmp_path, dciodvfy
+):
     """The issue-19 acceptance path: `medssl synth organs --format dicom` → `medssl-score
     --write-dicom` → a BINARY SEG that dciodvfy accepts and highdicom reads back with every
     segment in its card label's display colour."""
@@ -136,13 +175,44 @@ def test_an_abdominal_dicom_study_from_synth_organs_scores_to_a_seg_in_the_cards
     import highdicom as hd
 
     study = tmp_path / "abdomen"
-    subprocess.run([f"{sys.prefix}/bin/medssl", "synth", "organs", "--cases", "1", "--format", "dicom", "--shape",
-                    *map(str, ORGAN_SHAPE), "--seed", "21", str(study)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            f"{sys.prefix}/bin/medssl",
+            "synth",
+            "organs",
+            "--cases",
+            "1",
+            "--format",
+            "dicom",
+            "--shape",
+            *map(str, ORGAN_SHAPE),
+            "--seed",
+            "21",
+            str(study),
+        ],
+        check=True,
+        capture_output=True,
+    )
     out = tmp_path / "scores"
-    done = subprocess.run([f"{sys.prefix}/bin/medssl-score", str(study), "--out", str(out), "--workers", "0",
-                           "--repository", str(exported_segmenter.repository), "--model", "organs",
-                           "--select", "max_thickness_mm=5,min_slices=16,body_part=ABDOMEN", "--write-dicom"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            f"{sys.prefix}/bin/medssl-score",
+            str(study),
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+            "--repository",
+            str(exported_segmenter.repository),
+            "--model",
+            "organs",
+            "--select",
+            "max_thickness_mm=5,min_slices=16,body_part=ABDOMEN",
+            "--write-dicom",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     row = pq.read_table(out / "series.parquet").to_pylist()[0]
     assert row["status"] == "ok"
@@ -154,5 +224,7 @@ def test_an_abdominal_dicom_study_from_synth_organs_scores_to_a_seg_in_the_cards
     for label in card.labels:
         description = seg.get_segment_description(label.value)
         assert description.segment_label == label.name
-        shown = hd.color.CIELabColor.from_dicom_value(description.RecommendedDisplayCIELabValue).to_rgb()
+        shown = hd.color.CIELabColor.from_dicom_value(
+            description.RecommendedDisplayCIELabValue
+        ).to_rgb()
         assert max(abs(int(a) - int(b)) for a, b in zip(shown, label.colour)) <= 1, label.name

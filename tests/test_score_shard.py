@@ -25,11 +25,15 @@ TIMINGS = {"read_s", "preprocess_s", "inference_s", "postprocess_s", "lung_mask_
 
 def _rows(out: Path, table: str = "series") -> list[dict]:
     rows = pq.read_table(out / f"{table}.parquet").to_pylist()
-    return sorted(({k: v for k, v in r.items() if k not in TIMINGS} for r in rows),
-                  key=lambda r: json.dumps(r, sort_keys=True))
+    return sorted(
+        ({k: v for k, v in r.items() if k not in TIMINGS} for r in rows),
+        key=lambda r: json.dumps(r, sort_keys=True),
+    )
 
 
-@pytest.mark.parametrize("text, expected", [("1/4", Shard(1, 4)), (" 3 / 3 ", Shard(3, 3)), ("1/1", Shard(1, 1))])
+@pytest.mark.parametrize(
+    "text, expected", [("1/4", Shard(1, 4)), (" 3 / 3 ", Shard(3, 3)), ("1/1", Shard(1, 1))]
+)
 def test_shard_text_parses(text, expected):
     assert parse_shard(text) == expected
 
@@ -41,8 +45,11 @@ def test_a_bad_shard_is_refused_with_the_expected_form(text):
 
 
 def test_every_series_is_in_exactly_one_shard_and_a_study_is_never_split():
-    items = [ScanItem(key=f"1.2.3.{s}.{k}", paths=("x.dcm",), study_uid=f"1.2.{s}" if s % 7 else "")
-             for s in range(300) for k in range(3)]
+    items = [
+        ScanItem(key=f"1.2.3.{s}.{k}", paths=("x.dcm",), study_uid=f"1.2.{s}" if s % 7 else "")
+        for s in range(300)
+        for k in range(3)
+    ]
     shards = [Shard(i, 5) for i in range(1, 6)]
     owners = [[shard for shard in shards if shard.holds(item)] for item in items]
     assert all(len(o) == 1 for o in owners)
@@ -54,7 +61,9 @@ def test_every_series_is_in_exactly_one_shard_and_a_study_is_never_split():
     sizes = [len(shard.select(items)) for shard in shards]
     assert sum(sizes) == len(items) and min(sizes) > 0.5 * len(items) / 5  # roughly balanced
     # the split does not depend on the manifest's order
-    assert [i.key for i in shards[0].select(items[::-1])] == [i.key for i in shards[0].select(items)][::-1]
+    assert [i.key for i in shards[0].select(items[::-1])] == [
+        i.key for i in shards[0].select(items)
+    ][::-1]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +73,12 @@ def runs(scoring_archive, tmp_path_factory) -> dict[str, Path]:
     score(scoring_archive, outs["whole"], SPEC, options=ScoreOptions(workers=0))
     for i in (1, 2, 3):
         outs[f"shard{i}"] = root / f"shard{i}"
-        score(scoring_archive, outs[f"shard{i}"], SPEC, options=ScoreOptions(workers=0, shard=Shard(i, 3)))
+        score(
+            scoring_archive,
+            outs[f"shard{i}"],
+            SPEC,
+            options=ScoreOptions(workers=0, shard=Shard(i, 3)),
+        )
     return outs
 
 
@@ -76,13 +90,14 @@ def test_the_shards_partition_the_archive(runs, scoring_archive):
 
 def test_merged_shards_equal_one_run_over_the_whole_archive(runs, scoring_archive, tmp_path):
     merged = tmp_path / "merged"
-    result = CliRunner().invoke(cli, ["score", "merge", *(str(runs[f"shard{i}"]) for i in (1, 2, 3)),
-                                      "--out", str(merged)])
+    result = CliRunner().invoke(
+        cli, ["score", "merge", *(str(runs[f"shard{i}"]) for i in (1, 2, 3)), "--out", str(merged)]
+    )
     assert result.exit_code == 0, result.output
     assert "merged 3 folder(s): 46 series" in result.output
     assert _rows(merged) == _rows(runs["whole"])
     assert _rows(merged, "findings") == _rows(runs["whole"], "findings")
-    whole = (runs["whole"] / "unreadable.csv")
+    whole = runs["whole"] / "unreadable.csv"
     if whole.exists():
         assert (merged / "unreadable.csv").read_text() == whole.read_text()
     # the merged folder resumes like one run's: only the failed series are tried again
@@ -92,8 +107,21 @@ def test_merged_shards_equal_one_run_over_the_whole_archive(runs, scoring_archiv
 
 def test_medssl_score_without_a_subcommand_is_medssl_score(runs, scoring_archive, tmp_path):
     out = tmp_path / "cli"
-    result = CliRunner().invoke(cli, ["score", str(scoring_archive), "--out", str(out), "--workers", "0",
-                                      "--shard", "2/3", "--limit", "1"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "score",
+            str(scoring_archive),
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+            "--shard",
+            "2/3",
+            "--limit",
+            "1",
+        ],
+    )
     assert result.exit_code in (0, 3), result.output
     assert "(shard 2/3)" in result.output
     assert {r["key"] for r in _rows(out)} <= {r["key"] for r in _rows(runs["shard2"])}
@@ -132,14 +160,22 @@ def test_the_result_tables_are_written_a_row_group_at_a_time(tmp_path, monkeypat
 
     monkeypatch.setattr(store_module, "_BATCH", 4)
     results = store_module.ResultStore(tmp_path)
-    results.commit_many([({"key": f"1.2.{i}", "status": "ok", "model": "m", "model_version": 1},
-                          [{"key": f"1.2.{i}", "index": j, "probability": 0.5} for j in range(3)]) for i in range(7)])
+    results.commit_many(
+        [
+            (
+                {"key": f"1.2.{i}", "status": "ok", "model": "m", "model_version": 1},
+                [{"key": f"1.2.{i}", "index": j, "probability": 0.5} for j in range(3)],
+            )
+            for i in range(7)
+        ]
+    )
     results.export()
     results.close()
     findings = pq.ParquetFile(tmp_path / "findings.parquet")
     assert findings.metadata.num_rows == 21 and findings.num_row_groups == 6  # 4 + 4 + ... + 1
-    assert [(f["key"], f["index"]) for f in findings.read().to_pylist()] == \
-        [(f"1.2.{i}", j) for i in range(7) for j in range(3)]
+    assert [(f["key"], f["index"]) for f in findings.read().to_pylist()] == [
+        (f"1.2.{i}", j) for i in range(7) for j in range(3)
+    ]
     empty = store_module.ResultStore(tmp_path / "empty")
     empty.export()
     empty.close()

@@ -36,7 +36,9 @@ def _hits(crops: SegCrops, n: int = 300) -> np.ndarray:
 def test_foreground_crops_find_a_tiny_class_that_random_crops_almost_never_see():
     lookup = np.arange(256, dtype=np.uint8)
     random = SegCrops([_volume()], (8, 16, 16), lookup, None, -1.0, seed=0, stream=1)
-    oversampled = SegCrops([_volume()], (8, 16, 16), lookup, None, -1.0, seed=0, stream=1, foreground=1.0)
+    oversampled = SegCrops(
+        [_volume()], (8, 16, 16), lookup, None, -1.0, seed=0, stream=1, foreground=1.0
+    )
     assert _hits(random)[2] < 0.05  # 8 voxels in 65536: about 1 crop in 40 touches them
     tiny = _hits(oversampled)[2]
     assert 0.4 < tiny <= 1.0  # the class is drawn first: half the crops are centred on it
@@ -44,7 +46,9 @@ def test_foreground_crops_find_a_tiny_class_that_random_crops_almost_never_see()
 
 def test_a_third_of_the_crops_are_centred_on_foreground():
     lookup = np.arange(256, dtype=np.uint8)
-    third = SegCrops([_volume()], (8, 16, 16), lookup, None, -1.0, seed=0, stream=1, foreground=1 / 3)
+    third = SegCrops(
+        [_volume()], (8, 16, 16), lookup, None, -1.0, seed=0, stream=1, foreground=1 / 3
+    )
     share = _hits(third, 600)[2]
     assert 1 / 6 - 0.06 < share < 1 / 6 + 0.08  # a third of crops, half of those on class 2
 
@@ -57,7 +61,9 @@ def test_without_oversampling_the_crop_stream_is_unchanged():
         draw = np.random.default_rng([3, 1, i])
         draw.integers(1)
         start = [int(draw.integers(0, n - p + 1)) for n, p in zip((16, 64, 64), (8, 16, 16))]
-        window = _volume().label.array[start[0]:start[0] + 8, start[1]:start[1] + 16, start[2]:start[2] + 16]
+        window = _volume().label.array[
+            start[0] : start[0] + 8, start[1] : start[1] + 16, start[2] : start[2] + 16
+        ]
         np.testing.assert_array_equal(crops[i]["label"].numpy(), window)
 
 

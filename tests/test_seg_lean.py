@@ -70,8 +70,9 @@ def test_label_seg_writes_empty_frames_only_when_asked(tmp_path, study, dciodvfy
         assert np.array_equal(read_back(path, [ds.SOPInstanceUID for ds in source]), half)
         counts[dense] = int(seg.NumberOfFrames)
     assert counts[True] == SHAPE[0] * len(card.labels)
-    assert counts[False] == sum(int((half == label.value).any(axis=(1, 2)).sum())
-                                for label in card.labels)
+    assert counts[False] == sum(
+        int((half == label.value).any(axis=(1, 2)).sum()) for label in card.labels
+    )
 
 
 def test_labelmap_seg_keeps_the_card_segments_and_colours(tmp_path, study):
@@ -90,14 +91,23 @@ def test_labelmap_seg_keeps_the_card_segments_and_colours(tmp_path, study):
     assert np.array_equal(read_back(path, [ds.SOPInstanceUID for ds in source]), labels.array)
 
 
-def test_companion_seg_findings_get_distinct_display_colours(tmp_path, dicom_series, volume,
-                                                             dciodvfy):
+def test_companion_seg_findings_get_distinct_display_colours(
+    tmp_path, dicom_series, volume, dciodvfy
+):
     card = load_card(CARD_DIR)
-    source = [pydicom.dcmread(p, stop_before_pixels=True)
-              for p in sorted(dicom_series.glob("*.dcm"))]
+    source = [
+        pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(dicom_series.glob("*.dcm"))
+    ]
     centres = [(1, 5, 5), (3, 10, 12), (4, 15, 18)]
-    found = [Detection(tuple(float(c) for c in volume.index_to_world(np.array(zyx, float))), 3.0,
-                       0.9 - 0.1 * i, zyx) for i, zyx in enumerate(centres)]
+    found = [
+        Detection(
+            tuple(float(c) for c in volume.index_to_world(np.array(zyx, float))),
+            3.0,
+            0.9 - 0.1 * i,
+            zyx,
+        )
+        for i, zyx in enumerate(centres)
+    ]
     seg = detection_seg(source, found, card, volume.affine, volume.shape)
     path = tmp_path / "findings-seg.dcm"
     seg.save_as(path, enforce_file_format=True)
@@ -108,8 +118,9 @@ def test_companion_seg_findings_get_distinct_display_colours(tmp_path, dicom_ser
     colours = [tuple(d.RecommendedDisplayCIELabValue) for d in descriptions]
     from medssl.dicom.seg import FINDING_COLOURS
 
-    assert colours == [tuple(hd.color.CIELabColor.from_rgb(*FINDING_COLOURS[i]).value)
-                       for i in range(len(found))]
+    assert colours == [
+        tuple(hd.color.CIELabColor.from_rgb(*FINDING_COLOURS[i]).value) for i in range(len(found))
+    ]
     assert len(set(colours)) == len(found)
 
 
@@ -117,8 +128,12 @@ def test_the_scorer_and_gateway_pass_the_seg_type_and_refuse_unknown_ones(tmp_pa
     paths, labels, source = study
     card = organ_card()
     uid = str(source[0].SeriesInstanceUID)
-    item = ScanItem(key=uid, paths=tuple(str(p) for p in paths), series_uid=uid,
-                    study_uid=str(source[0].StudyInstanceUID))
+    item = ScanItem(
+        key=uid,
+        paths=tuple(str(p) for p in paths),
+        series_uid=uid,
+        study_uid=str(source[0].StudyInstanceUID),
+    )
     for seg_type, dense in (("labelmap", False), ("binary", True), ("labelmap-rle", False)):
         output = DicomOutput(tmp_path / seg_type, seg_type=seg_type, dense_seg=dense)
         written = _write_seg(item, labels, card, output)
@@ -135,8 +150,7 @@ def test_the_scorer_and_gateway_pass_the_seg_type_and_refuse_unknown_ones(tmp_pa
         label_seg(source, np.asarray(labels.array), dataclasses.replace(card), seg_type="rle")
 
 
-def test_dcmqi_reads_the_sparse_segs_back_to_the_same_voxels(tmp_path, study, dicom_series,
-                                                            volume):
+def test_dcmqi_reads_the_sparse_segs_back_to_the_same_voxels(tmp_path, study, dicom_series, volume):
     """dcmqi's ``segimage2itkimage`` (what 3D Slicer converts SEGs with) rebuilds every segment
     of a sparse label SEG (half its slices empty, so omitted) and of a companion SEG at the
     voxels we wrote: compared in LPS mm, through each output image's own geometry."""
@@ -148,34 +162,58 @@ def test_dcmqi_reads_the_sparse_segs_back_to_the_same_voxels(tmp_path, study, di
     half[: SHAPE[0] // 2] = 0
     card = load_card(CARD_DIR)
     ct = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(dicom_series.glob("*.dcm"))]
-    found = [Detection(tuple(float(c) for c in volume.index_to_world(np.array(zyx, float))), 4.0,
-                       0.9, zyx) for zyx in [(1, 5, 5), (4, 15, 18)]]
+    found = [
+        Detection(
+            tuple(float(c) for c in volume.index_to_world(np.array(zyx, float))), 4.0, 0.9, zyx
+        )
+        for zyx in [(1, 5, 5), (4, 15, 18)]
+    ]
     cases = [
-        ("labels", label_seg(source, half, organ_card()), labels.affine,
-         {label.value: half == label.value for label in organ_card().labels}),
-        ("spheres", detection_seg(ct, found, card, volume.affine, volume.shape), volume.affine,
-         None),
+        (
+            "labels",
+            label_seg(source, half, organ_card()),
+            labels.affine,
+            {label.value: half == label.value for label in organ_card().labels},
+        ),
+        (
+            "spheres",
+            detection_seg(ct, found, card, volume.affine, volume.shape),
+            volume.affine,
+            None,
+        ),
     ]
     for name, seg, affine, expected in cases:
         path = tmp_path / f"{name}.dcm"
         seg.save_as(path, enforce_file_format=True)
         out = tmp_path / name
         out.mkdir()
-        result = subprocess.run([exe, "--inputDICOM", str(path), "--outputDirectory", str(out),
-                                 "-t", "nrrd"], capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [exe, "--inputDICOM", str(path), "--outputDirectory", str(out), "-t", "nrrd"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         if expected is None:  # the spheres: what highdicom reads from the same file
             back = hd.seg.segread(path)
             uids = [ds.SOPInstanceUID for ds in ct]
-            expected = {i + 1: back.get_pixels_by_source_instance(
-                uids, segment_numbers=[i + 1], combine_segments=True).astype(bool)
-                for i in range(len(found))}
+            expected = {
+                i + 1: back.get_pixels_by_source_instance(
+                    uids, segment_numbers=[i + 1], combine_segments=True
+                ).astype(bool)
+                for i in range(len(found))
+            }
             assert all(mask.any() for mask in expected.values())
         for number, mask in expected.items():
             image = sitk.ReadImage(str(out / f"{number}.nrrd"))
             xyz = np.argwhere(sitk.GetArrayFromImage(image) > 0)[:, ::-1].astype(float)
-            lps = (np.asarray(image.GetOrigin()) + (np.asarray(image.GetDirection()).reshape(3, 3)
-                   @ (xyz * np.asarray(image.GetSpacing())).T).T)
+            lps = (
+                np.asarray(image.GetOrigin())
+                + (
+                    np.asarray(image.GetDirection()).reshape(3, 3)
+                    @ (xyz * np.asarray(image.GetSpacing())).T
+                ).T
+            )
             index = np.linalg.inv(affine) @ np.c_[lps, np.ones(len(lps))].T
             got = {tuple(v) for v in np.rint(index[:3].T).astype(int)}
             assert got == {tuple(v) for v in np.argwhere(mask)}, (name, number)

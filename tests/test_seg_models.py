@@ -52,8 +52,11 @@ def diff_vnet(diffusion=True, seed=0) -> DiffVNet:
 
 
 def experiment(*overrides: str, method="ad") -> SegmentationExperiment:
-    return load_config(SegmentationExperiment, resolve_config("seg-ssl-cpu"),
-                       {**parse_overrides(["model.width=4", "optim.steps=10", *overrides]), "method": method})
+    return load_config(
+        SegmentationExperiment,
+        resolve_config("seg-ssl-cpu"),
+        {**parse_overrides(["model.width=4", "optim.steps=10", *overrides]), "method": method},
+    )
 
 
 # ---------------------------------------------------------------- Diff-VNet
@@ -94,9 +97,12 @@ def test_encoder_has_four_downsamplings_from_w_to_16w():
     net = diff_vnet().eval()
     features = net.image_features(image())
     assert [f.shape[1] for f in features] == [W, 2 * W, 4 * W, 8 * W, 16 * W]
-    assert [tuple(f.shape[2:]) for f in features] == [tuple(s // 2**i for s in SHAPE) for i in range(5)]
-    assert [f.shape[1] for f in VNet(VNetConfig(width=W), C).eval().encoder(torch.zeros(1, W, *SHAPE))] == \
-        [W, 2 * W, 4 * W, 8 * W, 16 * W]
+    assert [tuple(f.shape[2:]) for f in features] == [
+        tuple(s // 2**i for s in SHAPE) for i in range(5)
+    ]
+    assert [
+        f.shape[1] for f in VNet(VNetConfig(width=W), C).eval().encoder(torch.zeros(1, W, *SHAPE))
+    ] == [W, 2 * W, 4 * W, 8 * W, 16 * W]
 
 
 def test_without_diffusion_nothing_is_time_conditioned():
@@ -179,7 +185,9 @@ def test_timestep_embedding_is_the_ddpm_sinusoid():
     assert emb.shape == (3, 128)
     np.testing.assert_allclose(emb.numpy(), expected, atol=2e-4)
     np.testing.assert_array_equal(emb[0].numpy(), [0.0] * half + [1.0] * half)
-    assert timestep_embedding(t, 9).shape == (3, 9) and torch.all(timestep_embedding(t, 9)[:, -1] == 0)
+    assert timestep_embedding(t, 9).shape == (3, 9) and torch.all(
+        timestep_embedding(t, 9)[:, -1] == 0
+    )
 
 
 def _space_timesteps(num_timesteps: int, count: int) -> list[int]:
@@ -209,10 +217,14 @@ def test_linear_schedule_from_1e4_to_0_02():
     abar = LabelDiffusion().alphas_cumprod()
     assert abar.dtype == torch.float64 and abar.shape == (1000,)
     assert abar[0].item() == pytest.approx(1 - 1e-4, rel=1e-12)
-    assert abar[-1].item() == pytest.approx(float(np.prod(1 - np.linspace(1e-4, 0.02, 1000))), rel=1e-9)
+    assert abar[-1].item() == pytest.approx(
+        float(np.prod(1 - np.linspace(1e-4, 0.02, 1000))), rel=1e-9
+    )
     assert bool(torch.all(abar[1:] < abar[:-1]))
     # get_named_beta_schedule("linear", T) scales the betas by 1000 / T
-    assert LabelDiffusion(steps=500, sample_steps=5).alphas_cumprod()[0].item() == pytest.approx(1 - 2e-4)
+    assert LabelDiffusion(steps=500, sample_steps=5).alphas_cumprod()[0].item() == pytest.approx(
+        1 - 2e-4
+    )
 
 
 def test_q_sample_mixes_label_and_noise_by_alpha_bar():
@@ -250,7 +262,9 @@ def test_ddim_with_a_perfect_denoiser_returns_the_label_and_keeps_its_noise():
     assert steps == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
     assert all(t.shape == (2,) and t.dtype == torch.long for _, t in seen)
     x_T = seen[0][0]
-    torch.testing.assert_close(x_T, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(
+        x_T, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    )
     eps = (x_T - abar[999].sqrt() * x0) / (1 - abar[999]).sqrt()
     for x_t, t in seen[1:]:
         a = abar[int(t[0])]
@@ -279,7 +293,9 @@ def test_ddim_is_deterministic_under_a_seeded_generator():
         return torch.tanh(x_t * 3) + t.float().view(-1, 1, 1, 1, 1) / 2000
 
     def sample(seed):
-        return diffusion.ddim_x0(denoiser, (2, C, 4, 4, 4), "cpu", torch.Generator().manual_seed(seed))
+        return diffusion.ddim_x0(
+            denoiser, (2, C, 4, 4, 4), "cpu", torch.Generator().manual_seed(seed)
+        )
 
     assert torch.equal(sample(1), sample(1))
     assert not torch.equal(sample(1), sample(2))
@@ -346,17 +362,25 @@ def _batches(seed=0):
 
 
 def _group_grads(net: DiffVNet) -> dict[str, float]:
-    groups = {"encoder": net.encoder, "decoder_xi": net.decoder_xi, "decoder_psi": net.decoder_psi,
-              "decoder_theta": net.decoder_theta}
-    return {k: sum(float(p.grad.abs().sum()) for p in m.parameters() if p.grad is not None)
-            for k, m in groups.items()}
+    groups = {
+        "encoder": net.encoder,
+        "decoder_xi": net.decoder_xi,
+        "decoder_psi": net.decoder_psi,
+        "decoder_theta": net.decoder_theta,
+    }
+    return {
+        k: sum(float(p.grad.abs().sum()) for p in m.parameters() if p.grad is not None)
+        for k, m in groups.items()
+    }
 
 
 def test_ad_step_returns_its_terms_and_trains_every_decoder_and_the_encoder():
     cfg = experiment("ad.diffusion_process.sample_steps=2")
     net = diff_vnet()
     labeled, unlabeled = _batches()
-    out = ad_step(net, net, labeled, unlabeled, DifficultyWeights(C), 0, cfg, torch.Generator().manual_seed(0))
+    out = ad_step(
+        net, net, labeled, unlabeled, DifficultyWeights(C), 0, cfg, torch.Generator().manual_seed(0)
+    )
     assert {"loss", "deno", "diff", "unsup", "mu"} <= set(out)
     assert {f"drs/{c}" for c in range(C)} <= set(out)
     assert all(torch.isfinite(v).all() for v in out.values())
@@ -390,7 +414,9 @@ def test_ad_step_averages_theta_before_the_step():
     expected = copy.deepcopy(net)
     expected.average_into_theta(0.5)
     ad_step(net, net, *_batches(), None, 0, cfg)
-    for (name, a), b in zip(net.decoder_theta.named_parameters(), expected.decoder_theta.parameters()):
+    for (name, a), b in zip(
+        net.decoder_theta.named_parameters(), expected.decoder_theta.parameters()
+    ):
         torch.testing.assert_close(a, b, msg=name)
 
 
@@ -411,8 +437,15 @@ def test_pseudo_labels_come_from_passes_without_autograd(monkeypatch):
     out = ad_step(net, net, *_batches(), None, 0, cfg)
     assert sorted(calls["denoise"]) == [False, False, False, True]  # 3 DDIM steps, 1 training pass
     assert sorted(calls["psi"]) == [False, True]
-    grads = torch.autograd.grad(out["unsup"], [*net.decoder_xi.parameters(), *net.decoder_psi.parameters(),
-                                               *net.decoder_theta.parameters()], allow_unused=True)
+    grads = torch.autograd.grad(
+        out["unsup"],
+        [
+            *net.decoder_xi.parameters(),
+            *net.decoder_psi.parameters(),
+            *net.decoder_theta.parameters(),
+        ],
+        allow_unused=True,
+    )
     n_xi = len(list(net.decoder_xi.parameters())) + len(list(net.decoder_psi.parameters()))
     assert all(g is None for g in grads[:n_xi])
     assert all(g is not None for g in grads[n_xi:])
@@ -432,7 +465,9 @@ def test_mean_teacher_step_adds_a_ramped_consistency_and_leaves_the_teacher_alon
     torch.manual_seed(0)
     student, teacher = VNet(VNetConfig(width=W), C), VNet(VNetConfig(width=W), C)
     labeled, unlabeled = _batches()
-    out = mean_teacher_step(student, teacher, labeled, unlabeled, 0, cfg, torch.Generator().manual_seed(0))
+    out = mean_teacher_step(
+        student, teacher, labeled, unlabeled, 0, cfg, torch.Generator().manual_seed(0)
+    )
     assert all(torch.isfinite(out[k]) for k in ("loss", "sup", "consistency"))
     assert float(out["weight"]) == pytest.approx(cfg.mean_teacher.consistency * math.exp(-5))
     torch.testing.assert_close(out["loss"], out["sup"] + out["weight"] * out["consistency"])

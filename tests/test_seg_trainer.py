@@ -30,8 +30,14 @@ from medssl.training.seg_config import SegmentationExperiment
 from medssl.training.seg_trainer import train_segmenter
 
 DOMAINS = ("A", "B", "ct", "mr")
-TINY = ["optim.steps=4", "eval.every=2", "data.patch=[16,16,16]", "data.workers=0", "model.width=4",
-        "ad.diffusion_process.sample_steps=2"]
+TINY = [
+    "optim.steps=4",
+    "eval.every=2",
+    "data.patch=[16,16,16]",
+    "data.workers=0",
+    "model.width=4",
+    "ad.diffusion_process.sample_steps=2",
+]
 METRICS = {"dice", "jaccard", "hd95_mm", "asd_mm"}
 
 
@@ -43,7 +49,9 @@ def organs(tmp_path_factory) -> Path:
     """DATA/<domain>/ for A, B, ct, mr: 5 training and 1 test case each, distinct subjects."""
     root = tmp_path_factory.mktemp("organs")
     for k, domain in enumerate(DOMAINS):
-        write_organ_dataset(root / domain, cases=5, n_test=1, domain=domain, seed=6 * k, shape=(32, 48, 48))
+        write_organ_dataset(
+            root / domain, cases=5, n_test=1, domain=domain, seed=6 * k, shape=(32, 48, 48)
+        )
     return root
 
 
@@ -57,20 +65,40 @@ def sets(*overrides: str) -> list[str]:
 
 
 def run_cli(method: str, setting: str, data: Path, out: Path, *overrides: str):
-    return CliRunner().invoke(train, [method, "--setting", setting, "--profile", "cpu", "--data", str(data),
-                                      "--out", str(out), "--device", "cpu", *sets(*overrides)])
+    return CliRunner().invoke(
+        train,
+        [
+            method,
+            "--setting",
+            setting,
+            "--profile",
+            "cpu",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *sets(*overrides),
+        ],
+    )
 
 
 def tiny_config(method: str, setting: str, *overrides: str) -> SegmentationExperiment:
-    return load_config(SegmentationExperiment, resolve_config(f"seg-{setting}-cpu"),
-                       {**parse_overrides([*TINY, *overrides]), "method": method})
+    return load_config(
+        SegmentationExperiment,
+        resolve_config(f"seg-{setting}-cpu"),
+        {**parse_overrides([*TINY, *overrides]), "method": method},
+    )
 
 
 def checkpoint(run: Path, name: str = "last.pt") -> dict:
     return torch.load(run / "checkpoints" / name, weights_only=False)
 
 
-def train_interrupted_then_resumed(cfg, data, out, monkeypatch, step_name: str, at_call: int = 3) -> None:
+def train_interrupted_then_resumed(
+    cfg, data, out, monkeypatch, step_name: str, at_call: int = 3
+) -> None:
     """Train ``cfg`` into ``out``, interrupted by a KeyboardInterrupt at the ``at_call``-th call of
     ``seg_trainer.<step_name>``, then resume it to the end (the straight-vs-resumed tests)."""
     real_step, calls = getattr(seg_trainer, step_name), {"n": 0}
@@ -91,10 +119,34 @@ def train_interrupted_then_resumed(cfg, data, out, monkeypatch, step_name: str, 
 
 def test_ad_run_writes_config_split_checkpoints_logs_and_test_predictions(organs, tmp_path):
     out, cache_dir = tmp_path / "run", tmp_path / "cache"
-    result = CliRunner().invoke(train, [
-        "ad", "--setting", "ssl", "--profile", "cpu", "--data", str(organs), "--out", str(out), "--device", "cpu",
-        "--set", "optim.steps=4", "--set", "eval.every=2", "--set", "data.patch=[16,32,32]",
-        "--set", "data.workers=0", "--set", f"data.cache_dir={cache_dir}", "--set", "model.width=4"])
+    result = CliRunner().invoke(
+        train,
+        [
+            "ad",
+            "--setting",
+            "ssl",
+            "--profile",
+            "cpu",
+            "--data",
+            str(organs),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--set",
+            "optim.steps=4",
+            "--set",
+            "eval.every=2",
+            "--set",
+            "data.patch=[16,32,32]",
+            "--set",
+            "data.workers=0",
+            "--set",
+            f"data.cache_dir={cache_dir}",
+            "--set",
+            "model.width=4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (out / "config.yaml").is_file() and "patch" in (out / "config.yaml").read_text()
     assert any(cache_dir.rglob("*")), "data.cache_dir was not used"
@@ -103,8 +155,12 @@ def test_ad_run_writes_config_split_checkpoints_logs_and_test_predictions(organs
     assert split["test"] == ["A__organs_0005"]
     labeled, unlabeled, validation = (set(split[k]) for k in ("labeled", "unlabeled", "validation"))
     assert not labeled & unlabeled and not labeled & validation and not unlabeled & validation
-    assert {p.name for p in (out / "checkpoints").iterdir()} >= {"best.pt", "last.pt", "step_00000002.pt",
-                                                                 "step_00000004.pt"}
+    assert {p.name for p in (out / "checkpoints").iterdir()} >= {
+        "best.pt",
+        "last.pt",
+        "step_00000002.pt",
+        "step_00000004.pt",
+    }
     assert list((out / "tensorboard").iterdir()), "no TensorBoard event file"
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in logged if "loss" in r]
@@ -118,7 +174,10 @@ def test_ad_run_writes_config_split_checkpoints_logs_and_test_predictions(organs
     assert set(metrics["classes"]["1"]) >= METRICS
     assert json.loads(result.stdout)["test"] == metrics
     state = checkpoint(out)
-    assert state["kind"] == "medssl.segmenter" and state["classes"] == {"0": "background", "1": "liver"}
+    assert state["kind"] == "medssl.segmenter" and state["classes"] == {
+        "0": "background",
+        "1": "liver",
+    }
     assert list(state["config"]["data"]["patch"]) == [16, 32, 32]
     assert state["provenance"]["n_labeled"] == len(split["labeled"])
     assert state["drs"] is not None
@@ -130,11 +189,14 @@ def test_ad_run_writes_config_split_checkpoints_logs_and_test_predictions(organs
     assert set(np.unique(predicted.array)) <= {0, 1}
 
 
-@pytest.mark.parametrize("setting, extra", [
-    ("imbssl", []),
-    ("uda", []),
-    ("semidg", ["data.domains=[A,B]", "data.test_domains=[ct]"]),
-])
+@pytest.mark.parametrize(
+    "setting, extra",
+    [
+        ("imbssl", []),
+        ("uda", []),
+        ("semidg", ["data.domains=[A,B]", "data.test_domains=[ct]"]),
+    ],
+)
 def test_each_setting_runs_end_to_end_with_its_split(organs, tmp_path, setting, extra):
     out = tmp_path / setting
     result = run_cli("ad", setting, organs, out, *extra)
@@ -163,7 +225,9 @@ def test_supervised_baseline_trains_on_labeled_cases_only(organs, tmp_path):
     state = checkpoint(out, "best.pt")
     assert state["config"]["method"] == "supervised-seg" and state["provenance"]["n_unlabeled"] == 0
     assert state["teacher"] is None and state["drs"] is None
-    assert not any(".time." in k or k.startswith("decoder_") for k in state["model"])  # a plain VNet
+    assert not any(
+        ".time." in k or k.startswith("decoder_") for k in state["model"]
+    )  # a plain VNet
     assert (out / "test" / "metrics.json").is_file()
 
 
@@ -191,31 +255,61 @@ def test_an_interrupted_run_resumes_to_the_same_weights(organs, tmp_path, monkey
     assert resumed["step"] == 4 and resumed["classes"] == straight["classes"]
     assert set(resumed["drs"]) and resumed["drs"].keys() == straight["drs"].keys()
     for name, value in straight["model"].items():
-        torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=1e-6,
-                                   msg=lambda m, name=name: f"{name} differs after resume: {m}")
+        torch.testing.assert_close(
+            resumed["model"][name],
+            value,
+            rtol=0,
+            atol=1e-6,
+            msg=lambda m, name=name: f"{name} differs after resume: {m}",
+        )
     for key, value in straight["drs"].items():
-        torch.testing.assert_close(torch.as_tensor(resumed["drs"][key]), torch.as_tensor(value), msg=key)
+        torch.testing.assert_close(
+            torch.as_tensor(resumed["drs"][key]), torch.as_tensor(value), msg=key
+        )
 
 
-def test_an_interrupted_mean_teacher_run_resumes_to_the_same_student_and_teacher(organs, tmp_path, monkeypatch):
+def test_an_interrupted_mean_teacher_run_resumes_to_the_same_student_and_teacher(
+    organs, tmp_path, monkeypatch
+):
     """4 straight steps == 2 steps, an interruption at step 3, then --resume: student and EMA
     teacher both restored (the teacher lives in the checkpoint, not rebuilt from the student)."""
     cfg = tiny_config("mean-teacher", "ssl", "data.n_validation=1")
     train_segmenter(cfg, organs, tmp_path / "straight", device="cpu")
 
-    train_interrupted_then_resumed(cfg, organs, tmp_path / "resumed", monkeypatch, "mean_teacher_step")
+    train_interrupted_then_resumed(
+        cfg, organs, tmp_path / "resumed", monkeypatch, "mean_teacher_step"
+    )
 
     straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
     assert resumed["step"] == 4
     for part in ("model", "teacher"):
         for name, value in straight[part].items():
-            torch.testing.assert_close(resumed[part][name], value, rtol=0, atol=1e-6,
-                                       msg=lambda m, name=name, part=part: f"{part} {name} differs: {m}")
+            torch.testing.assert_close(
+                resumed[part][name],
+                value,
+                rtol=0,
+                atol=1e-6,
+                msg=lambda m, name=name, part=part: f"{part} {name} differs: {m}",
+            )
 
 
 def test_resume_without_a_checkpoint_is_refused(organs, tmp_path):
-    result = CliRunner().invoke(train, ["ad", "--setting", "ssl", "--profile", "cpu", "--data", str(organs),
-                                        "--out", str(tmp_path / "nothing"), "--resume", *sets()])
+    result = CliRunner().invoke(
+        train,
+        [
+            "ad",
+            "--setting",
+            "ssl",
+            "--profile",
+            "cpu",
+            "--data",
+            str(organs),
+            "--out",
+            str(tmp_path / "nothing"),
+            "--resume",
+            *sets(),
+        ],
+    )
     assert result.exit_code == 1 and "nothing to resume" in result.output
 
 
@@ -235,21 +329,44 @@ def test_mean_teacher_without_unlabeled_cases_is_refused(organs, tmp_path):
 
 def test_synth_organs_writes_one_dataset_per_domain_with_distinct_subjects(tmp_path):
     out = tmp_path / "data"
-    result = CliRunner().invoke(cli, ["synth", "organs", "--cases", "1", "--domain", "A", "--domain", "mr",
-                                      "--shape", "16", "24", "24", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "synth",
+            "organs",
+            "--cases",
+            "1",
+            "--domain",
+            "A",
+            "--domain",
+            "mr",
+            "--shape",
+            "16",
+            "24",
+            "24",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (out / "A" / "dataset.json").is_file() and (out / "mr" / "dataset.json").is_file()
     a_label = read_nifti(out / "A" / "labelsTr" / "organs_0000.nii.gz", label=True)
     mr_label = read_nifti(out / "mr" / "labelsTr" / "organs_0001.nii.gz", label=True)
     assert a_label.shape == mr_label.shape == (16, 24, 24)
     # mr's case is subject 1, not A's subject 0 seen by another scanner
-    np.testing.assert_array_equal(mr_label.array, generate_organ_phantom(1, "mr", shape=(16, 24, 24)).label.array)
-    assert not np.array_equal(mr_label.array, generate_organ_phantom(0, "mr", shape=(16, 24, 24)).label.array)
+    np.testing.assert_array_equal(
+        mr_label.array, generate_organ_phantom(1, "mr", shape=(16, 24, 24)).label.array
+    )
+    assert not np.array_equal(
+        mr_label.array, generate_organ_phantom(0, "mr", shape=(16, 24, 24)).label.array
+    )
 
 
 # ---------------------------------------------------------------- BCP
 
-BCP = ("bcp.pretrain_steps=2", "data.patch=[16,32,32]")  # B/2 = 1 mixed crop: BatchNorm needs > 1 value
+BCP = (
+    "bcp.pretrain_steps=2",
+    "data.patch=[16,32,32]",
+)  # B/2 = 1 mixed crop: BatchNorm needs > 1 value
 
 
 def logged_steps(run: Path) -> dict[int, dict]:
@@ -271,9 +388,13 @@ def test_bcp_pretrains_then_self_trains_and_exports_and_scores_like_ad(organs, t
     assert result.exit_code == 0, result.output
     rows = logged_steps(out)
     for step in (1, 2):  # copy-paste pre-training at the constant lr
-        assert {"loss", "pretrain/dice", "pretrain/ce"} <= set(rows[step]) and rows[step]["lr"] == 0.01
+        assert {"loss", "pretrain/dice", "pretrain/ce"} <= set(rows[step]) and rows[step][
+            "lr"
+        ] == 0.01
     for step in (3, 4):  # self-training: both mixes, each with its Dice and CE
-        assert {"loss", "in/loss", "in/dice", "in/ce", "out/loss", "out/dice", "out/ce"} <= set(rows[step])
+        assert {"loss", "in/loss", "in/dice", "in/ce", "out/loss", "out/dice", "out/ce"} <= set(
+            rows[step]
+        )
         assert not {"pretrain/dice"} & set(rows[step])
     assert "val/pretrain_dice" in rows[2] and "val/dice" not in rows[2] and "val/dice" in rows[4]
     index = json.loads((out / "checkpoints" / "index.json").read_text())
@@ -287,35 +408,52 @@ def test_bcp_pretrains_then_self_trains_and_exports_and_scores_like_ad(organs, t
     assert set(metrics["classes"]["1"]) >= METRICS
     assert (out / "test" / "predictions" / "A__organs_0005.nii.gz").is_file()
 
-    exported = export_checkpoint(out, tmp_path / "repository", "bcp-liver", ExportOptions(max_batch_size=2))
+    exported = export_checkpoint(
+        out, tmp_path / "repository", "bcp-liver", ExportOptions(max_batch_size=2)
+    )
     card = load_card(exported.model_dir)
     assert card.provenance["method"] == "bcp" and exported.parity.passed
     assert [label.name for label in card.labels] == ["liver"]
-    summary = score(organs / "A", tmp_path / "scores", RunnerSpec(exported.repository, "bcp-liver"),
-                    options=ScoreOptions(workers=0))
+    summary = score(
+        organs / "A",
+        tmp_path / "scores",
+        RunnerSpec(exported.repository, "bcp-liver"),
+        options=ScoreOptions(workers=0),
+    )
     assert summary.counts == {"ok": 1}
     pred = read_nifti(tmp_path / "scores" / "labels" / "organs_0005.nii.gz", label=True)
     truth = read_nifti(organs / "A" / "labelsTs" / "organs_0005.nii.gz", label=True)
-    assert abs(dice(pred.array == 1, truth.array == 1) - metrics["classes"]["1"]["dice"]["mean"]) < 0.01
+    assert (
+        abs(dice(pred.array == 1, truth.array == 1) - metrics["classes"]["1"]["dice"]["mean"])
+        < 0.01
+    )
 
 
-def test_bcp_self_training_starts_from_the_best_pretrained_checkpoint(organs, tmp_path, monkeypatch):
+def test_bcp_self_training_starts_from_the_best_pretrained_checkpoint(
+    organs, tmp_path, monkeypatch
+):
     """Validation Dice 0.9 after step 1, 0.1 after step 2: student and teacher start step 3 from
     step 1's weights, so teacher_3 = 0.99·w_1 + 0.01·student_3 (one EMA update)."""
     scripted = iter([0.9, 0.1, 0.5])
     monkeypatch.setattr(seg_trainer, "validate_segmenter", lambda *a, **k: {"dice": next(scripted)})
     cfg = tiny_config("bcp", "ssl", *BCP, "optim.steps=3", "eval.every=1")
     train_segmenter(cfg, organs, tmp_path / "run", device="cpu")
-    first, last = checkpoint(tmp_path / "run", "step_00000001.pt"), checkpoint(tmp_path / "run", "step_00000003.pt")
+    first, last = (
+        checkpoint(tmp_path / "run", "step_00000001.pt"),
+        checkpoint(tmp_path / "run", "step_00000003.pt"),
+    )
     assert (last["bcp"]["best_step"], last["bcp"]["best_dice"]) == (1, 0.9)
     assert last["metrics"] == {"dice": 0.5} and first["metrics"] == {"pretrain_dice": 0.9}
-    for name, _ in seg_trainer.build_segmenter(cfg, 2).named_parameters():  # the EMA skips BatchNorm buffers
+    for name, _ in seg_trainer.build_segmenter(
+        cfg, 2
+    ).named_parameters():  # the EMA skips BatchNorm buffers
         expected = 0.99 * first["model"][name] + 0.01 * last["model"][name]
         torch.testing.assert_close(last["teacher"][name], expected, rtol=0, atol=1e-6, msg=name)
 
 
-def test_an_interrupted_bcp_run_resumes_to_the_same_student_and_teacher_in_either_phase(organs, tmp_path,
-                                                                                        monkeypatch):
+def test_an_interrupted_bcp_run_resumes_to_the_same_student_and_teacher_in_either_phase(
+    organs, tmp_path, monkeypatch
+):
     """6 straight steps (2 pre-training) == a run stopped in the first self-training step (resumed from
     the pre-training checkpoint at step 2), stopped again at step 5 (resumed from step 4), finished."""
     cfg = tiny_config("bcp", "ssl", *BCP, "optim.steps=6", "data.n_validation=1")
@@ -331,6 +469,7 @@ def test_an_interrupted_bcp_run_resumes_to_the_same_student_and_teacher_in_eithe
             if calls["n"] == call:
                 raise KeyboardInterrupt
             return real_step(*args, **kwargs)
+
         return step
 
     run = tmp_path / "resumed"
@@ -349,6 +488,14 @@ def test_an_interrupted_bcp_run_resumes_to_the_same_student_and_teacher_in_eithe
     assert resumed["step"] == 6 and resumed["bcp"]["best_step"] == straight["bcp"]["best_step"]
     for key in ("model", "teacher"):
         for name, value in straight[key].items():
-            torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=1e-6,
-                                       msg=lambda m, key=key, name=name: f"{key}.{name} differs after resume: {m}")
-    assert resumed["optimizer"]["param_groups"][0]["lr"] == straight["optimizer"]["param_groups"][0]["lr"]
+            torch.testing.assert_close(
+                resumed[key][name],
+                value,
+                rtol=0,
+                atol=1e-6,
+                msg=lambda m, key=key, name=name: f"{key}.{name} differs after resume: {m}",
+            )
+    assert (
+        resumed["optimizer"]["param_groups"][0]["lr"]
+        == straight["optimizer"]["param_groups"][0]["lr"]
+    )

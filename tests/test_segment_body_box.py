@@ -47,8 +47,14 @@ def test_no_body_means_no_box_and_a_small_body_still_gets_a_whole_window():
 def test_segmentation_runs_fewer_windows_and_gives_the_same_labels():
     hu, truth, _ = _ct_with_a_body()
     volume = Volume(hu, affine_from_geometry((0, 0, 0), (1.0, 1.0, 1.0)))
-    params = SegmentationParams(spacing_mm=(1.0, 1.0, 1.0), normalisation=BinRunner.normalisation(3),
-                                window=(8, 16, 16), n_classes=3, overlap=0.25, blending="constant")
+    params = SegmentationParams(
+        spacing_mm=(1.0, 1.0, 1.0),
+        normalisation=BinRunner.normalisation(3),
+        window=(8, 16, 16),
+        n_classes=3,
+        overlap=0.25,
+        blending="constant",
+    )
     runner = BinRunner(3)
     result = segment(volume, runner, params)
     every = len(plan_windows(hu.shape, params.window, params.overlap))

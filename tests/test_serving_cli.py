@@ -39,28 +39,44 @@ def _get(url: str) -> int:
 def test_the_example_config_starts_with_the_shipped_models_and_stops_on_sigterm(tmp_path):
     echoscu = require_tool("echoscu", "dcmtk")
     port, http_port = free_port(), free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDSSL_GATEWAY__SCP__PORT": str(port),
-           "MEDSSL_GATEWAY__HTTP__PORT": str(http_port), "MEDSSL_GATEWAY__SPOOL__PATH": str(tmp_path / "spool")}
-    process = subprocess.Popen([SERVE, "--config", str(EXAMPLE)], env=env, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MEDSSL_GATEWAY__SCP__PORT": str(port),
+        "MEDSSL_GATEWAY__HTTP__PORT": str(http_port),
+        "MEDSSL_GATEWAY__SPOOL__PATH": str(tmp_path / "spool"),
+    }
+    process = subprocess.Popen(
+        [SERVE, "--config", str(EXAMPLE)], env=env, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 60
         while _get(f"http://127.0.0.1:{http_port}/readyz") != 200:
             assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
             time.sleep(0.2)
-        echo = subprocess.run([echoscu, "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1", str(port)],
-                              capture_output=True, text=True)
+        echo = subprocess.run(
+            [echoscu, "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1", str(port)],
+            capture_output=True,
+            text=True,
+        )
         assert echo.returncode == 0, echo.stderr
         assert (tmp_path / "spool" / "jobs.sqlite").is_file()
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
-    logs = [yaml.safe_load(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
+    logs = [
+        yaml.safe_load(line) for line in process.stderr.read().splitlines() if line.startswith("{")
+    ]
     assert {"gateway started", "gateway stopped"} <= {entry["message"] for entry in logs}
 
 
 def test_check_loads_the_models_of_the_example():
-    result = subprocess.run([SERVE, "--config", str(EXAMPLE), "--check"], capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [SERVE, "--config", str(EXAMPLE), "--check"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert "focalmix-nodules" in result.stdout
 
@@ -76,15 +92,27 @@ def test_a_misspelt_key_is_named_at_start(tmp_path):
 
 
 def test_environment_and_set_override_the_file():
-    env = {**os.environ, "MEDSSL_GATEWAY__SCP__PORT": "11999", "MEDSSL_GATEWAY__MODELS__TRITON_URL": "triton:8001"}
-    result = subprocess.run([SERVE, "--config", str(EXAMPLE), "--set", "scp.max_associations=3", "--print-config"],
-                            capture_output=True, text=True, env=env)
+    env = {
+        **os.environ,
+        "MEDSSL_GATEWAY__SCP__PORT": "11999",
+        "MEDSSL_GATEWAY__MODELS__TRITON_URL": "triton:8001",
+    }
+    result = subprocess.run(
+        [SERVE, "--config", str(EXAMPLE), "--set", "scp.max_associations=3", "--print-config"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert printed["scp"]["port"] == 11999 and printed["scp"]["max_associations"] == 3
     assert printed["models"]["triton_url"] == "triton:8001"
-    bad = subprocess.run([SERVE, "--config", str(EXAMPLE), "--print-config"], capture_output=True, text=True,
-                         env={**os.environ, "MEDSSL_GATEWAY__SCP__PROT": "1"})
+    bad = subprocess.run(
+        [SERVE, "--config", str(EXAMPLE), "--print-config"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MEDSSL_GATEWAY__SCP__PROT": "1"},
+    )
     assert bad.returncode == 1 and "scp.prot" in bad.stderr
 
 
@@ -97,6 +125,16 @@ def test_the_geometry_limits_are_gateway_settings_validated_at_start(tmp_path):
     cfg = load_gateway_config(EXAMPLE, {"processing.geometry.max_resampled_voxels": 2**24})
     assert cfg.processing.geometry == GeometryLimits(max_resampled_voxels=2**24)
     assert load_gateway_config(EXAMPLE).processing.geometry == GeometryLimits()
-    bad = subprocess.run([SERVE, "--config", str(EXAMPLE), "--print-config", "--set",
-                          "processing.geometry.min_spacing_mm=0"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            SERVE,
+            "--config",
+            str(EXAMPLE),
+            "--print-config",
+            "--set",
+            "processing.geometry.min_spacing_mm=0",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and "processing.geometry" in bad.stderr

@@ -49,9 +49,27 @@ FIGURES = ROOT / "docs" / "images"
 def _studies(root: Path) -> list[list[Path]]:
     """Four synthetic chest CT studies (96² × 48 slices) with the planted name and ID; the
     second lacks two slices of its series."""
-    subprocess.run([f"{sys.prefix}/bin/medssl", "synth", "chest", "--cases", "4", "--format", "dicom",
-                    "--matrix", "96", "--slices", "48", "--seed", "21", str(root)], check=True,
-                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [
+            f"{sys.prefix}/bin/medssl",
+            "synth",
+            "chest",
+            "--cases",
+            "4",
+            "--format",
+            "dicom",
+            "--matrix",
+            "96",
+            "--slices",
+            "48",
+            "--seed",
+            "21",
+            str(root),
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     by_study: dict[str, list[Path]] = {}
     for path in sorted(root.rglob("*.dcm")):
         ds = pydicom.dcmread(path)
@@ -60,8 +78,10 @@ def _studies(root: Path) -> list[list[Path]]:
         by_study.setdefault(str(ds.StudyInstanceUID), []).append(path)
     studies = list(by_study.values())
     assert len(studies) == 4
-    broken = sorted(studies[1], key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True)
-                                                    .ImagePositionPatient[2]))
+    broken = sorted(
+        studies[1],
+        key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]),
+    )
     for path in broken[20:22]:
         path.unlink()
     studies[1] = [p for p in studies[1] if p.exists()]
@@ -79,8 +99,14 @@ class Api:
         self.base = base
         self.auth = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
-    def call(self, method: str, path: str, body: dict | None = None, auth: bool = True,
-             headers: dict | None = None) -> tuple[int, str]:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        auth: bool = True,
+        headers: dict | None = None,
+    ) -> tuple[int, str]:
         h = {**({"Authorization": self.auth} if auth else {}), **(headers or {})}
         data = None
         if body is not None:
@@ -97,22 +123,43 @@ class Api:
         assert status == 200, (path, status, body)
         return json.loads(body)
 
-    def wait_state(self, study_uid: str, states: tuple[str, ...], gateway: GatewayProcess,
-                   timeout_s: float = 240.0) -> dict:
+    def wait_state(
+        self,
+        study_uid: str,
+        states: tuple[str, ...],
+        gateway: GatewayProcess,
+        timeout_s: float = 240.0,
+    ) -> dict:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             status, body = self.call("GET", f"/api/v1/studies/{study_uid}")
             if status == 200 and json.loads(body)["state"] in states:
                 return json.loads(body)
             time.sleep(0.3)
-        raise AssertionError(f"study not {states} after {timeout_s} s: {self.call('GET', f'/api/v1/studies/{study_uid}')}"
-                             f"\n{gateway.log_tail()}")
+        raise AssertionError(
+            f"study not {states} after {timeout_s} s: {self.call('GET', f'/api/v1/studies/{study_uid}')}"
+            f"\n{gateway.log_tail()}"
+        )
 
 
 def _storescu(gateway: GatewayProcess, files: list[Path]) -> None:
     storescu = require_tool("storescu", "dcmtk")
-    sent = subprocess.run([storescu, "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1", str(gateway.port),
-                           *map(str, files)], capture_output=True, text=True, timeout=120, check=False)
+    sent = subprocess.run(
+        [
+            storescu,
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "MEDSSL",
+            "127.0.0.1",
+            str(gateway.port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert sent.returncode == 0, sent.stdout + sent.stderr
 
 
@@ -125,15 +172,33 @@ def test_the_console_shows_failures_and_a_dead_letter_retried_in_the_browser_tur
     uids = [_uid(s) for s in studies]
     api_port = free_port()
     with OrthancServer(tmp_path / "orthanc") as pacs:
-        routes = [{"model": DETECTOR, "min_probability": 0.5,
-                   "select": {"modality": "CT", "min_slices": 32, "body_part": ["CHEST"]}}]
-        cfg = gateway_config(tmp_path / "gw", routes, REPOSITORY,
-                             [{"name": "orthanc", "ae_title": pacs.aet, "host": "127.0.0.1",
-                               "port": pacs.dicom_port, "timeout_s": 3}],
-                             spool={"study_idle_s": 1.0},
-                             delivery={"max_attempts": 2, "backoff_initial_s": 0.5, "backoff_max_s": 1.0},
-                             api={"enabled": True, "host": "127.0.0.1", "port": api_port, "username": USER})
-        gateway = GatewayProcess(tmp_path / "gw", cfg, env={"MEDSSL_GATEWAY__API__PASSWORD": PASSWORD})
+        routes = [
+            {
+                "model": DETECTOR,
+                "min_probability": 0.5,
+                "select": {"modality": "CT", "min_slices": 32, "body_part": ["CHEST"]},
+            }
+        ]
+        cfg = gateway_config(
+            tmp_path / "gw",
+            routes,
+            REPOSITORY,
+            [
+                {
+                    "name": "orthanc",
+                    "ae_title": pacs.aet,
+                    "host": "127.0.0.1",
+                    "port": pacs.dicom_port,
+                    "timeout_s": 3,
+                }
+            ],
+            spool={"study_idle_s": 1.0},
+            delivery={"max_attempts": 2, "backoff_initial_s": 0.5, "backoff_max_s": 1.0},
+            api={"enabled": True, "host": "127.0.0.1", "port": api_port, "username": USER},
+        )
+        gateway = GatewayProcess(
+            tmp_path / "gw", cfg, env={"MEDSSL_GATEWAY__API__PASSWORD": PASSWORD}
+        )
         gateway.start()
         api = Api(f"http://127.0.0.1:{api_port}")
         try:
@@ -147,14 +212,19 @@ def test_the_console_shows_failures_and_a_dead_letter_retried_in_the_browser_tur
             _storescu(gateway, studies[3])
             for uid in uids[2:]:
                 dead = api.wait_state(uid, ("dead-letter", "done", "failed"), gateway)
-                assert dead["state"] == "dead-letter" and dead["deliveries"][0]["state"] == "dead-letter", dead
+                assert (
+                    dead["state"] == "dead-letter"
+                    and dead["deliveries"][0]["state"] == "dead-letter"
+                ), dead
             pacs.start()
 
             # -- security: no credentials, no CSRF token ------------------------------------
             for path in ("/", "/studies", "/api/v1/studies", f"/api/v1/studies/{uids[2]}"):
                 assert api.call("GET", path, auth=False)[0] == 401, path
             assert api.call("POST", f"/api/v1/studies/{uids[2]}/retry", {}, auth=False)[0] == 401
-            assert api.call("POST", f"/api/v1/studies/{uids[2]}/retry", {})[0] == 403  # no CSRF token
+            assert (
+                api.call("POST", f"/api/v1/studies/{uids[2]}/retry", {})[0] == 403
+            )  # no CSRF token
             assert api.get(f"/api/v1/studies/{uids[2]}")["state"] == "dead-letter"
 
             pages: dict[str, str] = {}
@@ -162,12 +232,17 @@ def test_the_console_shows_failures_and_a_dead_letter_retried_in_the_browser_tur
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 try:
-                    context = browser.new_context(viewport={"width": 1280, "height": 900},
-                                                  http_credentials={"username": USER, "password": PASSWORD})
+                    context = browser.new_context(
+                        viewport={"width": 1280, "height": 900},
+                        http_credentials={"username": USER, "password": PASSWORD},
+                    )
                     page = context.new_page()
                     page.set_default_timeout(20_000)
                     remote: list[str] = []
-                    page.on("requestfinished", lambda r: None if r.url.startswith(api.base) else remote.append(r.url))
+                    page.on(
+                        "requestfinished",
+                        lambda r: None if r.url.startswith(api.base) else remote.append(r.url),
+                    )
                     errors: list[str] = []
                     page.on("pageerror", lambda e: errors.append(str(e)))
 
@@ -176,23 +251,37 @@ def test_the_console_shows_failures_and_a_dead_letter_retried_in_the_browser_tur
                     assert failures.get_by_text("failed", exact=True).count() == 1
                     assert failures.get_by_text("dead-letter", exact=True).count() == 2
                     assert page.locator("[data-counter=done]").inner_text() == "1"
-                    pages["overview"], shots["overview"] = page.content(), page.screenshot(full_page=True)
+                    pages["overview"], shots["overview"] = (
+                        page.content(),
+                        page.screenshot(full_page=True),
+                    )
 
                     page.goto(api.base + "/studies")
                     table = page.get_by_role("region", name="Studies (4)")
                     for state, n in (("done", 1), ("failed", 1), ("dead-letter", 2)):
                         assert table.locator(f".state-{state}").count() == n, state
-                    pages["studies"], shots["studies"] = page.content(), page.screenshot(full_page=True)
+                    pages["studies"], shots["studies"] = (
+                        page.content(),
+                        page.screenshot(full_page=True),
+                    )
 
                     failed_id = api.get(f"/api/v1/studies/{uids[1]}")["id"]
                     page.goto(f"{api.base}/studies/{failed_id}")
-                    assert "missing" in page.get_by_role("region", name="Routed series").inner_text()
-                    pages["failed"], shots["failed"] = page.content(), page.screenshot(full_page=True)
+                    assert (
+                        "missing" in page.get_by_role("region", name="Routed series").inner_text()
+                    )
+                    pages["failed"], shots["failed"] = (
+                        page.content(),
+                        page.screenshot(full_page=True),
+                    )
 
                     # retry the first dead letter by keyboard: focus its button, press Enter
                     dead_id = api.get(f"/api/v1/studies/{uids[2]}")["id"]
                     page.goto(api.base + "/failures")
-                    pages["failures"], shots["failures"] = page.content(), page.screenshot(full_page=True)
+                    pages["failures"], shots["failures"] = (
+                        page.content(),
+                        page.screenshot(full_page=True),
+                    )
                     button = page.locator(f'button[data-action="retry"][data-job="{dead_id}"]')
                     button.focus()
                     with page.expect_navigation():
@@ -201,45 +290,87 @@ def test_the_console_shows_failures_and_a_dead_letter_retried_in_the_browser_tur
                     page.goto(f"{api.base}/studies/{dead_id}")
                     deadline = time.monotonic() + 120
                     while page.locator(".facts .state").inner_text() != "done":
-                        assert time.monotonic() < deadline, f"not done: {api.get(f'/api/v1/studies/{dead_id}')}"
+                        assert time.monotonic() < deadline, (
+                            f"not done: {api.get(f'/api/v1/studies/{dead_id}')}"
+                        )
                         time.sleep(1)
                         page.reload()
-                    assert "retry" in page.get_by_role("region", name="Operator actions").inner_text()
-                    assert f"{USER} (console)" in page.get_by_role("region", name="Operator actions").inner_text()
+                    assert (
+                        "retry" in page.get_by_role("region", name="Operator actions").inner_text()
+                    )
+                    assert (
+                        f"{USER} (console)"
+                        in page.get_by_role("region", name="Operator actions").inner_text()
+                    )
                     pages["done"], shots["done"] = page.content(), page.screenshot(full_page=True)
 
-                    for path, name in (("/deliveries", "deliveries"), ("/quarantine", "quarantine"),
-                                       ("/refused", "refused"), ("/config", "config")):
+                    for path, name in (
+                        ("/deliveries", "deliveries"),
+                        ("/quarantine", "quarantine"),
+                        ("/refused", "refused"),
+                        ("/config", "config"),
+                    ):
                         page.goto(api.base + path)
                         pages[name] = page.content()
                     # a narrow window: nothing wider than the window but the tables' own boxes
                     page.set_viewport_size({"width": 380, "height": 800})
                     page.goto(api.base + "/studies")
-                    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+                    assert page.evaluate(
+                        "document.documentElement.scrollWidth <= window.innerWidth + 1"
+                    )
                     shots["narrow"] = page.screenshot(full_page=True)
                     assert remote == [] and errors == [], (remote, errors)
                 finally:
                     browser.close()
 
             # -- the CLI retries the other dead letter, through the running gateway's API -------
-            retried = subprocess.run([f"{sys.prefix}/bin/medssl-serve", "jobs", "retry", uids[3], "--config",
-                                      str(gateway.path), "--reason", "PACS back"], capture_output=True, text=True,
-                                     timeout=60, check=False,
-                                     env={**os.environ, "MEDSSL_GATEWAY__API__PASSWORD": PASSWORD})
+            retried = subprocess.run(
+                [
+                    f"{sys.prefix}/bin/medssl-serve",
+                    "jobs",
+                    "retry",
+                    uids[3],
+                    "--config",
+                    str(gateway.path),
+                    "--reason",
+                    "PACS back",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                env={**os.environ, "MEDSSL_GATEWAY__API__PASSWORD": PASSWORD},
+            )
             assert retried.returncode == 0, retried.stdout + retried.stderr
             assert "sending" in retried.stdout or "done" in retried.stdout
             cli_job = api.wait_state(uids[3], ("done",), gateway)
-            assert cli_job["actions"][0]["actor"] == f"{USER} (api)" and cli_job["actions"][0]["reason"] == "PACS back"
+            assert (
+                cli_job["actions"][0]["actor"] == f"{USER} (api)"
+                and cli_job["actions"][0]["reason"] == "PACS back"
+            )
             for uid in uids[2:]:  # both SRs are in the PACS now
                 assert pacs.instances_of(uid, "SR"), uid
 
             # -- nothing identifying anywhere -------------------------------------------------
-            responses = [api.call("GET", p)[1] for p in (
-                "/api/v1/studies", "/api/v1/overview", "/api/v1/deliveries", "/api/v1/quarantine",
-                "/api/v1/refusals", "/api/v1/actions", "/api/v1/config", "/api/v1/counters")]
+            responses = [
+                api.call("GET", p)[1]
+                for p in (
+                    "/api/v1/studies",
+                    "/api/v1/overview",
+                    "/api/v1/deliveries",
+                    "/api/v1/quarantine",
+                    "/api/v1/refusals",
+                    "/api/v1/actions",
+                    "/api/v1/config",
+                    "/api/v1/counters",
+                )
+            ]
             responses += [api.call("GET", f"/api/v1/studies/{uid}")[1] for uid in uids]
-            leaks = {where: find_phi(text) for where, text in [*pages.items(), *enumerate(responses)]
-                     if find_phi(text)}
+            leaks = {
+                where: find_phi(text)
+                for where, text in [*pages.items(), *enumerate(responses)]
+                if find_phi(text)
+            }
             assert not leaks, leaks
         finally:
             gateway.stop()

@@ -43,19 +43,38 @@ def card():
 
 
 #: Patient and study attributes every result object copies from its source.
-COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-          "StudyID", "AccessionNumber", "StudyDate", "StudyTime", "ReferringPhysicianName")
-INFO = dict(patient_name="Doe^Jane", patient_id="P-0042", patient_birth_date="19580214",
-            patient_sex="F", study_id="77", accession_number="ACC-9", study_date="20250304",
-            study_time="101500")
+COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+INFO = dict(
+    patient_name="Doe^Jane",
+    patient_id="P-0042",
+    patient_birth_date="19580214",
+    patient_sex="F",
+    study_id="77",
+    accession_number="ACC-9",
+    study_date="20250304",
+    study_time="101500",
+)
 
 
 def _oblique_volume() -> Volume:
     """16 slices of 64 x 64 (2 x 1.25 x 1.25 mm), rotated 20 degrees about S; every voxel
     value differs (a flipped or shifted frame would show)."""
     values = (np.arange(np.prod(SHAPE)) % 2000 - 1000).astype(np.float32).reshape(SHAPE)
-    return Volume(values, affine_from_geometry((-40.0, -60.0, -120.0), (2.0, 1.25, 1.25),
-                                               oblique_direction(20)))
+    return Volume(
+        values,
+        affine_from_geometry((-40.0, -60.0, -120.0), (2.0, 1.25, 1.25), oblique_direction(20)),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +92,11 @@ def enhanced_ct(tmp_path_factory):
     """The same volume as one Enhanced CT file whose frames are stored out of slice order
     (frame k is slice ``ORDER[k]``): the path, the volume, the dataset (headers only)."""
     volume = _oblique_volume()
-    path = write_enhanced_ct(volume, tmp_path_factory.mktemp("enhanced") / "ct.dcm",
-                             SeriesInfo(uid_seed="serving-enhanced", **INFO))
+    path = write_enhanced_ct(
+        volume,
+        tmp_path_factory.mktemp("enhanced") / "ct.dcm",
+        SeriesInfo(uid_seed="serving-enhanced", **INFO),
+    )
     ds = pydicom.dcmread(path)
     frames = ds.pixel_array.reshape(SHAPE)
     items = list(ds.PerFrameFunctionalGroupsSequence)
@@ -90,8 +112,10 @@ ORDER = np.random.default_rng(7).permutation(SHAPE[0])
 @pytest.fixture(scope="module")
 def detections(ct):
     volume, _ = ct
-    return [Detection(tuple(float(c) for c in volume.index_to_world(zyx)), d, p, zyx)
-            for zyx, d, p in NODULES]
+    return [
+        Detection(tuple(float(c) for c in volume.index_to_world(zyx)), d, p, zyx)
+        for zyx, d, p in NODULES
+    ]
 
 
 def _sphere(volume: Volume, centre_zyx, diameter_mm: float) -> np.ndarray:
@@ -111,8 +135,9 @@ def _assert_names_model_and_copies_source(output, source, card) -> None:
     naming the model as processing equipment (CID 7005)."""
     for keyword in COPIED:
         assert output.get(keyword) == source.get(keyword), keyword
-    [item] = [e for e in output.ContributingEquipmentSequence
-              if e.ManufacturerModelName == card.name]
+    [item] = [
+        e for e in output.ContributingEquipmentSequence if e.ManufacturerModelName == card.name
+    ]
     purpose = item.PurposeOfReferenceCodeSequence[0]
     assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("109102", "DCM")
     assert list(item.SoftwareVersions) == [f"{card.name} v{card.version}", f"medssl {__version__}"]
@@ -124,7 +149,8 @@ def _assert_names_model_and_copies_source(output, source, card) -> None:
 
 
 def test_sr_with_detections_is_a_valid_tid1500_report_of_planar_point_groups(
-        tmp_path, ct, detections, card, dciodvfy):
+    tmp_path, ct, detections, card, dciodvfy
+):
     volume, source = ct
     path = write_detection_sr(source, detections, card, tmp_path / "sr.dcm")
     assert dciodvfy(path) == []
@@ -152,7 +178,8 @@ def test_sr_with_detections_is_a_valid_tid1500_report_of_planar_point_groups(
     for group, detection in zip(groups, detections):
         assert group.finding_type == codes.SCT.Nodule
         assert group.finding_category == hd.sr.CodedConcept(
-            "49755003", "SCT", "Morphologically abnormal structure")
+            "49755003", "SCT", "Morphologically abnormal structure"
+        )
         assert [site.value for site in group.finding_sites] == [codes.SCT.Lung]
         [diameter] = group.get_measurements(name=codes.SCT.Diameter)
         assert diameter.value == pytest.approx(detection.diameter_mm)
@@ -169,8 +196,9 @@ def test_sr_with_detections_is_a_valid_tid1500_report_of_planar_point_groups(
         index = volume.world_to_index(np.asarray(region.value[0]))
         assert np.allclose(index, detection.centre_voxel, atol=1e-3)
         algorithm = group[0].ContentSequence
-        names = {item.ConceptNameCodeSequence[0].CodeMeaning: item.get("TextValue")
-                 for item in algorithm}
+        names = {
+            item.ConceptNameCodeSequence[0].CodeMeaning: item.get("TextValue") for item in algorithm
+        }
         assert names["Algorithm Name"] == "focalmix-nodules"
         assert names["Algorithm Version"] == "1"
 
@@ -182,8 +210,11 @@ def test_sr_without_detections_is_a_valid_no_findings_report(tmp_path, ct, card,
     sr, report = _report(path)
     assert report.get_planar_roi_measurement_groups(graphic_type=POINT3D) == []
     _assert_names_model_and_copies_source(sr, source[0], card)
-    [evaluations] = [item for item in sr.ContentSequence
-                     if item.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"]
+    [evaluations] = [
+        item
+        for item in sr.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"
+    ]
     [absent] = evaluations.ContentSequence
     assert absent.ConceptNameCodeSequence[0].CodeValue == "27925004"  # Nodule
     assert absent.ConceptCodeSequence[0].CodeValue == codes.SCT.Absent.value
@@ -193,8 +224,10 @@ def test_sr_without_detections_is_a_valid_no_findings_report(tmp_path, ct, card,
 def test_dcmtk_reads_both_reports(tmp_path, ct, detections, card):
     exe = require_tool("dsrdump", "dcmtk")
     _, source = ct
-    for found, expected in ((detections, ['"Nodule 2"', '"Certainty of Finding")="41.0" (%,UCUM']),
-                            ([], ['(272519000,SCT,"Absent")'])):
+    for found, expected in (
+        (detections, ['"Nodule 2"', '"Certainty of Finding")="41.0" (%,UCUM']),
+        ([], ['(272519000,SCT,"Absent")']),
+    ):
         path = write_detection_sr(source, found, card, tmp_path / f"sr{len(found)}.dcm")
         result = subprocess.run([exe, str(path)], capture_output=True, text=True, check=False)
         assert result.returncode == 0 and not result.stderr, result.stderr
@@ -224,33 +257,50 @@ def test_output_uids_repeat_for_a_retry_and_change_with_the_model_version(
     labels = _sphere(volume, *NODULES[0][:2])
     sr_first, sr_again = (
         pydicom.dcmread(write_detection_sr(source, detections, card, tmp_path / f"sr{i}.dcm"))
-        for i in range(2))
+        for i in range(2)
+    )
     seg_first, seg_again = (
         pydicom.dcmread(write_label_seg(source, labels, card, tmp_path / f"seg{i}.dcm"))
-        for i in range(2))
+        for i in range(2)
+    )
     assert _uids(sr_first) == _uids(sr_again)
     assert _uids(seg_first) == _uids(seg_again)
-    tracking = [g.tracking_uid for g in hd.sr.MeasurementReport.from_sequence(
-        [sr_first]).get_planar_roi_measurement_groups(graphic_type=POINT3D)]
-    assert tracking == [g.tracking_uid for g in hd.sr.MeasurementReport.from_sequence(
-        [sr_again]).get_planar_roi_measurement_groups(graphic_type=POINT3D)]
+    tracking = [
+        g.tracking_uid
+        for g in hd.sr.MeasurementReport.from_sequence(
+            [sr_first]
+        ).get_planar_roi_measurement_groups(graphic_type=POINT3D)
+    ]
+    assert tracking == [
+        g.tracking_uid
+        for g in hd.sr.MeasurementReport.from_sequence(
+            [sr_again]
+        ).get_planar_roi_measurement_groups(graphic_type=POINT3D)
+    ]
 
     v2 = dataclasses.replace(card, version=2)
-    every = {*_uids(sr_first), *_uids(seg_first), *_uids(detection_sr(source, detections, v2)),
-             *_uids(label_seg(source, labels, v2))}
+    every = {
+        *_uids(sr_first),
+        *_uids(seg_first),
+        *_uids(detection_sr(source, detections, v2)),
+        *_uids(label_seg(source, labels, v2)),
+    }
     assert len(every) == 8
     series = source[0].SeriesInstanceUID
     assert derived_uid(series, card.name, 1, "sr-series", content="a") != derived_uid(
-        "1.2.3", card.name, 1, "sr-series", content="a")
+        "1.2.3", card.name, 1, "sr-series", content="a"
+    )
     assert derived_uid(series, card.name, 1, "sr-series", content="a") != derived_uid(
-        series, card.name, 1, "sr-series", content="b")
+        series, card.name, 1, "sr-series", content="b"
+    )
 
 
 # -- SEG -------------------------------------------------------------------------------------
 
 
 def test_seg_of_a_nodule_is_a_valid_binary_seg_with_the_same_mask_and_only_non_empty_frames(
-        tmp_path, ct, card, dciodvfy):
+    tmp_path, ct, card, dciodvfy
+):
     volume, source = ct
     labels = _sphere(volume, *NODULES[0][:2])
     assert labels.sum() > 20
@@ -271,8 +321,10 @@ def test_seg_of_a_nodule_is_a_valid_binary_seg_with_the_same_mask_and_only_non_e
     assert description.segmented_property_type == codes.SCT.Nodule
     assert description.anatomic_regions == [codes.SCT.Lung]
     mask = seg.get_pixels_by_source_instance(
-        [ds.SOPInstanceUID for ds in source], segment_numbers=[1],
-        assert_missing_frames_are_empty=True)
+        [ds.SOPInstanceUID for ds in source],
+        segment_numbers=[1],
+        assert_missing_frames_are_empty=True,
+    )
     assert np.array_equal(mask[..., 0], labels)
 
 
@@ -282,8 +334,9 @@ def test_seg_of_an_empty_volume_keeps_the_segment_and_empty_frames(tmp_path, ct,
     assert dciodvfy(path) == []
     seg = hd.seg.segread(path)
     assert seg.number_of_segments == 1
-    mask = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in source],
-                                             segment_numbers=[1])
+    mask = seg.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in source], segment_numbers=[1]
+    )
     assert mask.shape == (*SHAPE, 1) and not mask.any()
 
 
@@ -313,22 +366,27 @@ def test_seg_rejects_a_label_value_not_in_the_card(ct, card):
 
 
 def test_companion_seg_has_a_sphere_per_detection_tracked_like_the_sr_findings(
-        tmp_path, ct, detections, card, dciodvfy):
+    tmp_path, ct, detections, card, dciodvfy
+):
     volume, source = ct
-    seg_path, seg = write_detection_seg(source, detections, card, volume.affine, volume.shape,
-                                        tmp_path / "findings-seg.dcm")
+    seg_path, seg = write_detection_seg(
+        source, detections, card, volume.affine, volume.shape, tmp_path / "findings-seg.dcm"
+    )
     sr_path = write_detection_sr(source, detections, card, tmp_path / "sr.dcm", companion_seg=seg)
     assert dciodvfy(seg_path) == [] and dciodvfy(sr_path) == []
     seg = hd.seg.segread(seg_path)
     assert seg.SegmentationType == "BINARY" and seg.number_of_segments == 2
     again = detection_seg(source, detections, card, volume.affine, volume.shape)
     assert (seg.SeriesInstanceUID, seg.SOPInstanceUID) == _uids(again)  # a retry repeats them
-    assert seg.SOPInstanceUID not in _uids(detection_seg(source, detections[:1], card, volume.affine,
-                                                         volume.shape))
+    assert seg.SOPInstanceUID not in _uids(
+        detection_seg(source, detections[:1], card, volume.affine, volume.shape)
+    )
     _assert_names_model_and_copies_source(seg, source[0], card)
     masks = seg.get_pixels_by_source_instance(
-        [ds.SOPInstanceUID for ds in source], segment_numbers=[1, 2],
-        assert_missing_frames_are_empty=True)
+        [ds.SOPInstanceUID for ds in source],
+        segment_numbers=[1, 2],
+        assert_missing_frames_are_empty=True,
+    )
     for i, (zyx, diameter, _) in enumerate(NODULES):
         assert np.array_equal(masks[..., i], _sphere(volume, zyx, diameter))
 
@@ -342,7 +400,9 @@ def test_companion_seg_has_a_sphere_per_detection_tracked_like_the_sr_findings(
     for number, (group, detection) in enumerate(zip(planar, detections), start=1):
         description = seg.get_segment_description(number)
         assert (description.tracking_id, description.tracking_uid) == (
-            group.tracking_identifier, group.tracking_uid)
+            group.tracking_identifier,
+            group.tracking_uid,
+        )
         assert description.segment_label == f"Nodule {number}"
         assert np.allclose(group.roi.value, [detection.centre_lps], atol=1e-3)
         [diameter] = group.get_measurements(name=codes.SCT.Diameter)
@@ -367,7 +427,8 @@ def test_companion_seg_refuses_no_detections_and_a_mismatched_report(ct, detecti
 
 
 def test_enhanced_ct_writer_gives_a_valid_file_that_reads_back_as_the_volume(
-        tmp_path, enhanced_ct, dciodvfy):
+    tmp_path, enhanced_ct, dciodvfy
+):
     volume = _oblique_volume()
     path = write_enhanced_ct(volume, tmp_path / "ct.dcm", SeriesInfo(uid_seed="roundtrip"))
     assert dciodvfy(path) == []
@@ -381,20 +442,25 @@ def test_enhanced_ct_writer_gives_a_valid_file_that_reads_back_as_the_volume(
 
 
 def test_reports_on_an_enhanced_ct_are_valid_and_reference_it(
-        tmp_path, enhanced_ct, detections, card, dciodvfy):
+    tmp_path, enhanced_ct, detections, card, dciodvfy
+):
     _, _, ds = enhanced_ct
-    seg_path, seg = write_detection_seg([ds], detections, card, _oblique_volume().affine, SHAPE,
-                                        tmp_path / "findings-seg.dcm")
+    seg_path, seg = write_detection_seg(
+        [ds], detections, card, _oblique_volume().affine, SHAPE, tmp_path / "findings-seg.dcm"
+    )
     for found, companion in ((detections, seg), (detections, None), ([], None)):
         path = write_detection_sr([ds], found, card, tmp_path / "sr.dcm", companion_seg=companion)
         assert dciodvfy(path) == []
         sr, report = _report(path)
         _assert_names_model_and_copies_source(sr, ds, card)
         assert (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) in [
-            e[:3] for e in sr.get_evidence()]
+            e[:3] for e in sr.get_evidence()
+        ]
         assert len(report.get_planar_roi_measurement_groups(graphic_type=POINT3D)) == len(found)
         # each finding's 2D point names the frame holding its slice (frames are out of order)
-        images = report.get_planar_roi_measurement_groups(graphic_type=hd.sr.GraphicTypeValues.POINT)
+        images = report.get_planar_roi_measurement_groups(
+            graphic_type=hd.sr.GraphicTypeValues.POINT
+        )
         for group, detection in zip(images, found):
             [reference] = group.roi.ContentSequence[0].ReferencedSOPSequence
             assert reference.ReferencedSOPInstanceUID == ds.SOPInstanceUID
@@ -415,6 +481,10 @@ def test_seg_on_an_enhanced_ct_follows_its_frame_order(tmp_path, enhanced_ct, ca
     seg = hd.seg.segread(path)
     assert seg.NumberOfFrames == int(labels.any(axis=(1, 2)).sum())  # empty frames omitted
     _assert_names_model_and_copies_source(seg, ds, card)
-    frames = seg.get_pixels_by_source_frame(ds.SOPInstanceUID, list(range(1, SHAPE[0] + 1)),
-                                            segment_numbers=[1], assert_missing_frames_are_empty=True)
+    frames = seg.get_pixels_by_source_frame(
+        ds.SOPInstanceUID,
+        list(range(1, SHAPE[0] + 1)),
+        segment_numbers=[1],
+        assert_missing_frames_are_empty=True,
+    )
     assert np.array_equal(frames[..., 0], labels[ORDER])

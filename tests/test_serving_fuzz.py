@@ -55,8 +55,16 @@ def _rss_mib(pid: int) -> float:
 def _valid_study(folder: Path, seed: str) -> list[Path]:
     """A small CT study (40 x 32 x 32, 1 mm voxels) of the planted patient."""
     volume = ramp_volume(shape=(40, 32, 32), spacing=(1.0, 1.0, 1.0))
-    return write_dicom_series(volume, folder, SeriesInfo(
-        uid_seed=seed, patient_name=PHI_NAME, patient_id=PHI_ID, patient_birth_date=PHI_BIRTH_DATE))
+    return write_dicom_series(
+        volume,
+        folder,
+        SeriesInfo(
+            uid_seed=seed,
+            patient_name=PHI_NAME,
+            patient_id=PHI_ID,
+            patient_birth_date=PHI_BIRTH_DATE,
+        ),
+    )
 
 
 def _store(gateway: GatewayProcess, files: list[Path]) -> list[int]:
@@ -76,15 +84,25 @@ def test_the_gateway_survives_a_hostile_corpus_and_then_delivers_a_valid_study(t
     made_s = time.monotonic() - t0
     hostile = [c for c in corpus if c.kind != "companion"]
     assert len(hostile) >= 1000 and {c.kind for c in hostile} == set(KINDS)
-    destination = {"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
-                   "port": orthanc.dicom_port, "timeout_s": 5}
+    destination = {
+        "name": "orthanc",
+        "ae_title": orthanc.aet,
+        "host": "127.0.0.1",
+        "port": orthanc.dicom_port,
+        "timeout_s": 5,
+    }
     # series of 2+ slices: the valid studies and the hostile cases that have a companion slice
     # are read, decoded and run through the detector; the others are indexed and skipped.
     # A family's study goes on arriving for seconds: a longer idle time spares re-processing.
     # The deflate bombs inflate to 48 MiB: a 32 MiB bound refuses them.
-    gateway = fuzz_gateway(tmp_path / "gw", destinations=[destination], min_slices=2,
-                           spool={"study_idle_s": 3.0}, scp={"max_inflated_bytes": 32 * 2**20},
-                           processing={"workers": 1, "max_attempts": 2, "retry_backoff_s": 0.2})
+    gateway = fuzz_gateway(
+        tmp_path / "gw",
+        destinations=[destination],
+        min_slices=2,
+        spool={"study_idle_s": 3.0},
+        scp={"max_inflated_bytes": 32 * 2**20},
+        processing={"workers": 1, "max_attempts": 2, "retry_backoff_s": 0.2},
+    )
     gateway.start()
     try:
         # a first valid study loads models, decoders and arenas: then the baseline
@@ -111,13 +129,23 @@ def test_the_gateway_survives_a_hostile_corpus_and_then_delivers_a_valid_study(t
         gateway.stop()
     by_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for case in corpus:
-        by_kind[case.kind][f"0x{statuses[case.name] & 0xFFFF:04X}"
-                           if statuses[case.name] >= 0 else str(statuses[case.name])] += 1
-    summary = {"cases": len(hostile), "companions": len(corpus) - len(hostile), "made_s": round(made_s, 2), "sent_s": round(sent_s, 1),
-               "total_s": round(time.monotonic() - t0, 1), "rss_baseline_mib": round(baseline, 1),
-               "rss_after_mib": round(peak, 1), "statuses": {k: dict(v) for k, v in by_kind.items()},
-               "garbage_answered": sum(1 for a in answers if a),
-               "jobs": dict(collections.Counter(j["state"] for j in jobs))}
+        by_kind[case.kind][
+            f"0x{statuses[case.name] & 0xFFFF:04X}"
+            if statuses[case.name] >= 0
+            else str(statuses[case.name])
+        ] += 1
+    summary = {
+        "cases": len(hostile),
+        "companions": len(corpus) - len(hostile),
+        "made_s": round(made_s, 2),
+        "sent_s": round(sent_s, 1),
+        "total_s": round(time.monotonic() - t0, 1),
+        "rss_baseline_mib": round(baseline, 1),
+        "rss_after_mib": round(peak, 1),
+        "statuses": {k: dict(v) for k, v in by_kind.items()},
+        "garbage_answered": sum(1 for a in answers if a),
+        "jobs": dict(collections.Counter(j["state"] for j in jobs)),
+    }
     print(json.dumps(summary, indent=1))
     no_status = [name for name, status in statuses.items() if status < 0]
     assert no_status == [], f"no DICOM status for {len(no_status)} cases: {no_status[:20]}"
@@ -125,10 +153,14 @@ def test_the_gateway_survives_a_hostile_corpus_and_then_delivers_a_valid_study(t
     assert bombs and set(bombs.values()) == {0xC210}, bombs
     texts = gateway_texts(gateway.log, gateway.spool, metrics)
     leaks = phi_found(texts)
-    assert leaks == {}, "planted PHI in " + json.dumps(
-        {where: lines[:3] for where, lines in leaks.items()}, indent=1)[:6000]
+    assert leaks == {}, (
+        "planted PHI in "
+        + json.dumps({where: lines[:3] for where, lines in leaks.items()}, indent=1)[:6000]
+    )
     strays = [line[:200] for line in texts["log"].splitlines() if not line.startswith("{")]
-    assert strays == [], f"{len(strays)} lines on stdout/stderr are not JSON log records: {strays[:5]}"
+    assert strays == [], (
+        f"{len(strays)} lines on stdout/stderr are not JSON log records: {strays[:5]}"
+    )
     # a damaged series is a deterministic failure: never retried into dead-letter
     assert "dead-letter" not in summary["jobs"], [j for j in jobs if j["state"] == "dead-letter"]
     assert peak <= baseline + RSS_MARGIN_MIB, summary

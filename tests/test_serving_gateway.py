@@ -42,6 +42,7 @@ MIN_PROBABILITY = 0.5
 NODULE = codes.SCT.Nodule
 LUNG = codes.SCT.Lung
 
+
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     require_tool("Orthanc", "orthanc")
@@ -55,9 +56,27 @@ def orthanc(tmp_path_factory):
 def studies(tmp_path_factory) -> list[list[Path]]:
     """Eight synthetic chest CT studies (128² × 96 slices, 1 series each), files per study."""
     root = tmp_path_factory.mktemp("chest")
-    subprocess.run([f"{sys.prefix}/bin/medssl", "synth", "chest", "--cases", "8", "--format", "dicom",
-                    "--matrix", "128", "--slices", "96", "--seed", "3", str(root)], check=True,
-                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [
+            f"{sys.prefix}/bin/medssl",
+            "synth",
+            "chest",
+            "--cases",
+            "8",
+            "--format",
+            "dicom",
+            "--matrix",
+            "128",
+            "--slices",
+            "96",
+            "--seed",
+            "3",
+            str(root),
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     by_study: dict[str, list[Path]] = {}
     for path in sorted(root.rglob("*.dcm")):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -70,9 +89,27 @@ def studies(tmp_path_factory) -> list[list[Path]]:
 def abdomen(tmp_path_factory) -> list[Path]:
     """One synthetic abdominal CT study (BodyPartExamined ABDOMEN, 24 slices of 4 mm, 64²)."""
     root = tmp_path_factory.mktemp("abdomen")
-    subprocess.run([f"{sys.prefix}/bin/medssl", "synth", "organs", "--cases", "1", "--format", "dicom",
-                    "--shape", "24", "64", "64", "--seed", "11", str(root)], check=True,
-                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [
+            f"{sys.prefix}/bin/medssl",
+            "synth",
+            "organs",
+            "--cases",
+            "1",
+            "--format",
+            "dicom",
+            "--shape",
+            "24",
+            "64",
+            "64",
+            "--seed",
+            "11",
+            str(root),
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return sorted(root.rglob("*.dcm"))
 
 
@@ -81,11 +118,30 @@ def _study_uid(files: list[Path]) -> str:
 
 
 def _routes(segmenter_repository: Path | None = None) -> list[dict]:
-    routes = [{"model": DETECTOR, "min_probability": MIN_PROBABILITY,
-               "select": {"modality": "CT", "min_slices": 32, "max_thickness_mm": 2.5, "body_part": ["CHEST"]}}]
+    routes = [
+        {
+            "model": DETECTOR,
+            "min_probability": MIN_PROBABILITY,
+            "select": {
+                "modality": "CT",
+                "min_slices": 32,
+                "max_thickness_mm": 2.5,
+                "body_part": ["CHEST"],
+            },
+        }
+    ]
     if segmenter_repository is not None:
-        routes.append({"model": "organs", "select": {"modality": "CT", "min_slices": 16, "max_thickness_mm": 5.0,
-                                                     "body_part": ["ABDOMEN", "ABDOMENPELVIS"]}})
+        routes.append(
+            {
+                "model": "organs",
+                "select": {
+                    "modality": "CT",
+                    "min_slices": 16,
+                    "max_thickness_mm": 5.0,
+                    "body_part": ["ABDOMEN", "ABDOMENPELVIS"],
+                },
+            }
+        )
     return routes
 
 
@@ -103,13 +159,30 @@ def start_gateway(tmp_path, orthanc):
     """Start a gateway sending to ``orthanc``, known to Orthanc as modality ``<name>``."""
     gateways: list[GatewayProcess] = []
 
-    def start(name: str = "GW", segmenter=None, repository: Path | None = None, wait_ready: bool = True,
-              **sections) -> GatewayProcess:
+    def start(
+        name: str = "GW",
+        segmenter=None,
+        repository: Path | None = None,
+        wait_ready: bool = True,
+        **sections,
+    ) -> GatewayProcess:
         root = tmp_path / name
         repository = repository or _repository(root, segmenter)
-        cfg = gateway_config(root, _routes(repository if segmenter else None), repository,
-                             [{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
-                               "port": orthanc.dicom_port, "timeout_s": 5}], **sections)
+        cfg = gateway_config(
+            root,
+            _routes(repository if segmenter else None),
+            repository,
+            [
+                {
+                    "name": "orthanc",
+                    "ae_title": orthanc.aet,
+                    "host": "127.0.0.1",
+                    "port": orthanc.dicom_port,
+                    "timeout_s": 5,
+                }
+            ],
+            **sections,
+        )
         gateway = GatewayProcess(root, cfg)
         gateway.start(wait_ready=wait_ready)
         orthanc.add_modality(name, "MEDSSL", "127.0.0.1", gateway.port)
@@ -130,16 +203,23 @@ def _results(orthanc: OrthancServer, study_uid: str, modality: str) -> list[dict
     return orthanc.instances_of(study_uid, modality)
 
 
-def _wait_results(orthanc: OrthancServer, gateway: GatewayProcess, study_uid: str,
-                  modalities: tuple[str, ...] = ("SR",), timeout_s: float = 180.0) -> dict[str, list[dict]]:
+def _wait_results(
+    orthanc: OrthancServer,
+    gateway: GatewayProcess,
+    study_uid: str,
+    modalities: tuple[str, ...] = ("SR",),
+    timeout_s: float = 180.0,
+) -> dict[str, list[dict]]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found = {m: _results(orthanc, study_uid, m) for m in modalities}
         if all(found.values()):
             return found
         time.sleep(0.25)
-    raise AssertionError(f"no {modalities} for study {study_uid} in Orthanc after {timeout_s} s; "
-                         f"jobs {gateway.jobs()}, deliveries {gateway.deliveries()}\n{gateway.log_tail()}")
+    raise AssertionError(
+        f"no {modalities} for study {study_uid} in Orthanc after {timeout_s} s; "
+        f"jobs {gateway.jobs()}, deliveries {gateway.deliveries()}\n{gateway.log_tail()}"
+    )
 
 
 def _wait_settled(gateway: GatewayProcess, timeout_s: float = 60.0, jobs: int = 1) -> list[dict]:
@@ -148,10 +228,14 @@ def _wait_settled(gateway: GatewayProcess, timeout_s: float = 60.0, jobs: int = 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         jobs = gateway.jobs()
-        if len(jobs) >= n_jobs and all(j["state"] in ("done", "failed", "dead-letter") for j in jobs):
+        if len(jobs) >= n_jobs and all(
+            j["state"] in ("done", "failed", "dead-letter") for j in jobs
+        ):
             return jobs
         time.sleep(0.2)
-    raise AssertionError(f"jobs unfinished after {timeout_s} s: {gateway.jobs()}\n{gateway.log_tail()}")
+    raise AssertionError(
+        f"jobs unfinished after {timeout_s} s: {gateway.jobs()}\n{gateway.log_tail()}"
+    )
 
 
 def _dataset(orthanc: OrthancServer, instance: dict) -> pydicom.Dataset:
@@ -165,8 +249,12 @@ def _scored_findings(files: list[Path], tmp_path: Path) -> np.ndarray:
     for f in files:
         shutil.copy(f, folder / f.name)
     out = tmp_path / "scores"
-    subprocess.run([f"{sys.prefix}/bin/medssl-score", str(folder), "--out", str(out), "--workers", "0"],
-                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [f"{sys.prefix}/bin/medssl-score", str(folder), "--out", str(out), "--workers", "0"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     table = pq.read_table(out / "findings.parquet").to_pandas()
     table = table[table["probability"] >= MIN_PROBABILITY]
     return table[["x_mm", "y_mm", "z_mm"]].to_numpy()
@@ -179,7 +267,8 @@ def _sr_points(sr: pydicom.Dataset) -> np.ndarray:
 
 
 def test_chest_ct_comes_back_as_an_sr_and_abdominal_ct_as_a_seg_routed_by_body_part(
-        start_gateway, orthanc, studies, abdomen, exported_segmenter, tmp_path, dciodvfy):
+    start_gateway, orthanc, studies, abdomen, exported_segmenter, tmp_path, dciodvfy
+):
     files = studies[0]
     study_uid, abdomen_uid = _study_uid(files), _study_uid(abdomen)
     gateway = start_gateway(segmenter=exported_segmenter)
@@ -193,13 +282,19 @@ def test_chest_ct_comes_back_as_an_sr_and_abdominal_ct_as_a_seg_routed_by_body_p
     assert _results(orthanc, study_uid, "SEG") == [] and _results(orthanc, abdomen_uid, "SR") == []
     sr = _dataset(orthanc, found["SR"][0])
     seg = _dataset(orthanc, found_abdomen["SEG"][0])
-    for ds, name, uid, model in ((sr, "sr.dcm", study_uid, DETECTOR), (seg, "seg.dcm", abdomen_uid, "organs")):
+    for ds, name, uid, model in (
+        (sr, "sr.dcm", study_uid, DETECTOR),
+        (seg, "seg.dcm", abdomen_uid, "organs"),
+    ):
         path = tmp_path / name
         ds.save_as(path, enforce_file_format=True)
         assert dciodvfy(path) == [], name
         assert ds.StudyInstanceUID == uid
-        models = [e.ManufacturerModelName for e in ds.ContributingEquipmentSequence
-                  if e.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"]  # Processing Equipment
+        models = [
+            e.ManufacturerModelName
+            for e in ds.ContributingEquipmentSequence
+            if e.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+        ]  # Processing Equipment
         assert model in models and ({DETECTOR, "organs"} - {model}).isdisjoint(models)
 
     # The SR: one planar ROI group per finding, at medssl-score's coordinates, with the codes.
@@ -224,24 +319,38 @@ def test_chest_ct_comes_back_as_an_sr_and_abdominal_ct_as_a_seg_routed_by_body_p
     n_frames = int(seg.NumberOfFrames)
     assert 0 < n_frames < len(abdomen) * len(card.labels)
     assert all(frame.any() for frame in segmentation.pixel_array.reshape(n_frames, -1))
-    described = [(d.segmented_property_type.value, d.segment_label) for d in segmentation.SegmentSequence]
+    described = [
+        (d.segmented_property_type.value, d.segment_label) for d in segmentation.SegmentSequence
+    ]
     assert described == [(label.type.value, label.name) for label in card.labels]
-    assert segmentation.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[0].CodingSchemeDesignator == "SCT"
+    assert (
+        segmentation.SegmentSequence[0]
+        .SegmentedPropertyCategoryCodeSequence[0]
+        .CodingSchemeDesignator
+        == "SCT"
+    )
 
     status, metrics = gateway.http_get("/metrics")
     assert status == 200
-    assert f'medssl_gateway_instances_received_total{{sop_class="CT Image Storage"}} {96 + len(abdomen)}.0' in metrics
+    assert (
+        f'medssl_gateway_instances_received_total{{sop_class="CT Image Storage"}} {96 + len(abdomen)}.0'
+        in metrics
+    )
     assert 'medssl_gateway_studies_total{state="done"} 2.0' in metrics
     assert 'medssl_gateway_stage_seconds_count{stage="total"} 2.0' in metrics
 
 
-def test_a_jpeg_lossless_study_is_received_compressed_and_processed(start_gateway, orthanc, studies, tmp_path):
+def test_a_jpeg_lossless_study_is_received_compressed_and_processed(
+    start_gateway, orthanc, studies, tmp_path
+):
     exe = require_tool("dcmcjpeg", "dcmtk")
     compressed = []
     for f in studies[1]:
         out = tmp_path / "jpeg" / f.name
         out.parent.mkdir(exist_ok=True)
-        subprocess.run([exe, "--encode-lossless-sv1", str(f), str(out)], check=True, capture_output=True)
+        subprocess.run(
+            [exe, "--encode-lossless-sv1", str(f), str(out)], check=True, capture_output=True
+        )
         compressed.append(out)
     assert pydicom.dcmread(compressed[0]).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
     gateway = start_gateway()
@@ -249,7 +358,9 @@ def test_a_jpeg_lossless_study_is_received_compressed_and_processed(start_gatewa
     _wait_results(orthanc, gateway, _study_uid(compressed))
     spooled = gateway.spooled()
     assert len(spooled) == len(compressed)
-    assert pydicom.dcmread(spooled[0], stop_before_pixels=True).file_meta.TransferSyntaxUID.is_compressed
+    assert pydicom.dcmread(
+        spooled[0], stop_before_pixels=True
+    ).file_meta.TransferSyntaxUID.is_compressed
 
 
 def test_an_enhanced_ct_study_is_processed(start_gateway, orthanc, studies, tmp_path, dciodvfy):
@@ -259,7 +370,9 @@ def test_an_enhanced_ct_study_is_processed(start_gateway, orthanc, studies, tmp_
     # a study where the shipped detector reports a finding at the route's 0.5 (SYN000007: p 0.95),
     # so the SR has frame references to check
     volume = read_volume(studies[4][0].parent)
-    path = write_enhanced_ct(volume, tmp_path / "enhanced.dcm", SeriesInfo(uid_seed="gateway-enhanced"))
+    path = write_enhanced_ct(
+        volume, tmp_path / "enhanced.dcm", SeriesInfo(uid_seed="gateway-enhanced")
+    )
     enhanced = pydicom.dcmread(path, stop_before_pixels=True)
     assert enhanced.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2.1"
     gateway = start_gateway()
@@ -277,11 +390,26 @@ def test_an_unknown_calling_ae_is_rejected(start_gateway, studies):
     echoscu = require_tool("echoscu", "dcmtk")
     storescu = require_tool("storescu", "dcmtk")
     gateway = start_gateway()
-    ok = subprocess.run([echoscu, "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1", str(gateway.port)],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [echoscu, "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1", str(gateway.port)],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
-    refused = subprocess.run([storescu, "-aet", "INTRUDER", "-aec", "MEDSSL", "127.0.0.1", str(gateway.port),
-                              str(studies[2][0])], capture_output=True, text=True)
+    refused = subprocess.run(
+        [
+            storescu,
+            "-aet",
+            "INTRUDER",
+            "-aec",
+            "MEDSSL",
+            "127.0.0.1",
+            str(gateway.port),
+            str(studies[2][0]),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert refused.returncode != 0
     assert "reject" in (refused.stdout + refused.stderr).lower()
     assert gateway.spooled() == []
@@ -320,14 +448,20 @@ def _partial_copy(files: list[Path], folder: Path, n: int, seed: str) -> list[Pa
     Series and SOP Instance UIDs (derived from ``seed``), so its results are its own."""
     from pydicom.uid import generate_uid
 
-    datasets = sorted((pydicom.dcmread(f) for f in files), key=lambda ds: int(ds.InstanceNumber))[:n]
-    study, series = generate_uid(entropy_srcs=[seed, "study"]), generate_uid(entropy_srcs=[seed, "series"])
+    datasets = sorted((pydicom.dcmread(f) for f in files), key=lambda ds: int(ds.InstanceNumber))[
+        :n
+    ]
+    study, series = (
+        generate_uid(entropy_srcs=[seed, "study"]),
+        generate_uid(entropy_srcs=[seed, "series"]),
+    )
     folder.mkdir(parents=True)
     out = []
     for ds in datasets:
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
-            entropy_srcs=[seed, str(ds.InstanceNumber)])
+            entropy_srcs=[seed, str(ds.InstanceNumber)]
+        )
         out.append(folder / f"{int(ds.InstanceNumber):03d}.dcm")
         ds.save_as(out[-1], enforce_file_format=True)
     return out
@@ -335,16 +469,33 @@ def _partial_copy(files: list[Path], folder: Path, n: int, seed: str) -> list[Pa
 
 def _storescu(gateway: GatewayProcess, files: list[Path]) -> None:
     storescu = require_tool("storescu", "dcmtk")
-    sent = subprocess.run([storescu, "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1", str(gateway.port),
-                           *map(str, files)], capture_output=True, text=True, timeout=60)
+    sent = subprocess.run(
+        [
+            storescu,
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "MEDSSL",
+            "127.0.0.1",
+            str(gateway.port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert sent.returncode == 0, sent.stdout + sent.stderr
 
 
 def _evidence(sr: pydicom.Dataset) -> set[str]:
     """The SOP Instance UIDs of the CT instances an SR lists as evidence."""
-    return {sop.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
-            for series in study.ReferencedSeriesSequence for sop in series.ReferencedSOPSequence
-            if sop.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"}
+    return {
+        sop.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+        if sop.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    }
 
 
 def _sop(instance: dict) -> str:
@@ -365,7 +516,8 @@ def _store_jobs(gateway: GatewayProcess) -> tuple[list, dict[int, list]]:
 
 
 def test_a_study_cut_by_a_crash_waits_at_restart_for_its_missing_instances(
-        start_gateway, orthanc, studies, tmp_path):
+    start_gateway, orthanc, studies, tmp_path
+):
     """Issue 17 item 6: 40 of 48 instances, kill -9, a restart slower than the idle time, the
     PACS re-sends the missing 8: one job processes all 48 (the recovered job waited a fresh
     idle time). Then the PACS re-sends the whole study: a job superseding the first
@@ -385,7 +537,8 @@ def test_a_study_cut_by_a_crash_waits_at_restart_for_its_missing_instances(
     _wait_settled(gateway)
     jobs, outputs = _store_jobs(gateway)
     assert [(j.state.value, j.n_instances, j.n_processed, j.supersedes) for j in jobs] == [
-        ("done", 48, 48, None)], jobs
+        ("done", 48, 48, None)
+    ], jobs
     (sr,) = found["SR"]
     assert _evidence(_dataset(orthanc, sr)) == sops
 
@@ -393,13 +546,16 @@ def test_a_study_cut_by_a_crash_waits_at_restart_for_its_missing_instances(
     _wait_settled(gateway, 120, jobs=2)
     jobs, outputs = _store_jobs(gateway)
     assert [(j.state.value, j.n_processed, j.supersedes) for j in jobs] == [
-        ("done", 48, None), ("done", 48, jobs[0].id)], jobs
+        ("done", 48, None),
+        ("done", 48, jobs[0].id),
+    ], jobs
     assert [o.sop_instance_uid for o in outputs[jobs[1].id] if o.kind == "sr"] == [_sop(sr)]
     assert [_sop(i) for i in _results(orthanc, study_uid, "SR")] == [_sop(sr)]
 
 
 def test_instances_after_a_study_was_processed_make_the_whole_study_processed_again(
-        start_gateway, orthanc, studies, tmp_path):
+    start_gateway, orthanc, studies, tmp_path
+):
     """Issue 17 item 6: 40 of 48 instances are processed and delivered; the missing 8 come
     after. A new job supersedes the first, processes all 48, and its SR (new content: more
     evidence) carries new UIDs, so the PACS holds it beside the partial one."""
@@ -414,7 +570,9 @@ def test_instances_after_a_study_was_processed_make_the_whole_study_processed_ag
     _wait_settled(gateway, 120, jobs=2)
     jobs, outputs = _store_jobs(gateway)
     assert [(j.state.value, j.n_instances, j.n_processed, j.supersedes) for j in jobs] == [
-        ("done", 40, 40, None), ("done", 8, 48, jobs[0].id)], jobs
+        ("done", 40, 40, None),
+        ("done", 8, 48, jobs[0].id),
+    ], jobs
     (first_sr,) = [o.sop_instance_uid for o in outputs[jobs[0].id] if o.kind == "sr"]
     (newest_sr,) = [o.sop_instance_uid for o in outputs[jobs[1].id] if o.kind == "sr"]
     assert first_sr == _sop(partial) and newest_sr != first_sr
@@ -428,17 +586,36 @@ def test_instances_after_a_study_was_processed_make_the_whole_study_processed_ag
     assert held[newest_sr].SeriesInstanceUID != held[first_sr].SeriesInstanceUID
 
 
-def test_readyz_is_not_ready_while_the_spool_is_below_its_free_space_floor(start_gateway, tmp_path, studies):
+def test_readyz_is_not_ready_while_the_spool_is_below_its_free_space_floor(
+    start_gateway, tmp_path, studies
+):
     """Issue 17 item 9: a floor above the disk's free space makes /readyz 503 with the reason."""
     floor_mb = shutil.disk_usage(tmp_path).free / 2**20 + 1024
     gateway = start_gateway(spool={"min_free_mb": floor_mb}, wait_ready=False)
     gateway.wait_listening()  # started: models loaded, SCP listening; only the floor is left
     status, reason = gateway.http_get("/readyz")
     assert status == 503, reason
-    assert "below its floor" in reason and "spool.min_free_mb" in reason and f"{floor_mb:.0f} MiB" in reason
+    assert (
+        "below its floor" in reason
+        and "spool.min_free_mb" in reason
+        and f"{floor_mb:.0f} MiB" in reason
+    )
     storescu = require_tool("storescu", "dcmtk")
-    refused = subprocess.run([storescu, "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1", str(gateway.port),
-                              str(studies[2][0])], capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [
+            storescu,
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "MEDSSL",
+            "127.0.0.1",
+            str(gateway.port),
+            str(studies[2][0]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert gateway.spooled() == [], refused.stdout + refused.stderr
 
 
@@ -460,7 +637,9 @@ def test_a_gateway_killed_during_inference_resumes_the_job(start_gateway, orthan
     assert len(_results(orthanc, study_uid, "SR")) == 1
 
 
-def test_results_wait_for_a_stopped_pacs_and_arrive_when_it_is_back(start_gateway, orthanc, studies):
+def test_results_wait_for_a_stopped_pacs_and_arrive_when_it_is_back(
+    start_gateway, orthanc, studies
+):
     files = studies[5]
     study_uid = _study_uid(files)
     gateway = start_gateway(spool={"study_idle_s": 1.0})
@@ -469,7 +648,9 @@ def test_results_wait_for_a_stopped_pacs_and_arrive_when_it_is_back(start_gatewa
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            failed = [d for d in gateway.deliveries() if d["attempts"] >= 2 and d["state"] == "pending"]
+            failed = [
+                d for d in gateway.deliveries() if d["attempts"] >= 2 and d["state"] == "pending"
+            ]
             if failed:
                 break
             time.sleep(0.2)
@@ -483,7 +664,8 @@ def test_results_wait_for_a_stopped_pacs_and_arrive_when_it_is_back(start_gatewa
 
 @pytest.mark.filterwarnings("ignore:Expected explicit VR")
 def test_garbage_and_truncated_datasets_are_rejected_while_a_good_study_goes_through(
-        start_gateway, orthanc, studies, tmp_path, monkeypatch):
+    start_gateway, orthanc, studies, tmp_path, monkeypatch
+):
     import threading
 
     import pynetdicom
@@ -532,7 +714,9 @@ def test_sigterm_stops_accepting_and_a_restart_resumes(start_gateway, orthanc, s
     assert [j["state"] for j in _wait_settled(gateway)] == ["done"]
 
 
-def test_the_models_can_run_on_a_triton_server(start_gateway, orthanc, studies, triton_env, tmp_path):
+def test_the_models_can_run_on_a_triton_server(
+    start_gateway, orthanc, studies, triton_env, tmp_path
+):
     from medssl.testing import LocalTritonServer
     from medssl.testing.triton import python_backend_repository
 
@@ -547,10 +731,14 @@ def test_the_models_can_run_on_a_triton_server(start_gateway, orthanc, studies, 
         points = _sr_points(_dataset(orthanc, found["SR"][0]))
     expected = _scored_findings(files, tmp_path)
     assert len(points) == len(expected) > 0
-    assert np.linalg.norm(points[:, None, :] - expected[None, :, :], axis=2).min(axis=1).max() <= 2.0
+    assert (
+        np.linalg.norm(points[:, None, :] - expected[None, :, :], axis=2).min(axis=1).max() <= 2.0
+    )
 
 
-def test_without_its_triton_server_the_gateway_receives_but_is_not_ready(start_gateway, studies, tmp_path):
+def test_without_its_triton_server_the_gateway_receives_but_is_not_ready(
+    start_gateway, studies, tmp_path
+):
     from medssl.testing.orthanc import free_port
 
     dead = f"127.0.0.1:{free_port()}"

@@ -38,26 +38,60 @@ def poisoned_study(tmp_path) -> dict[str, list[Path]]:
     enhanced = write_enhanced_ct(case.volume, tmp_path / "enhanced" / "ct.dcm", info)
     return {
         "good": good,
-        "one-valued": copy_series(tmp_path / "good", tmp_path / "one-valued", "one-valued", count=1,
-                                  ImageOrientationPatient="1"),
-        "empty-shared": copy_series(enhanced.parent, tmp_path / "empty-shared", "empty-shared",
-                                    SharedFunctionalGroupsSequence=[]),
-        "huge": copy_series(tmp_path / "good", tmp_path / "huge", "huge", PixelSpacing=[1000.0, 1000.0]),
+        "one-valued": copy_series(
+            tmp_path / "good",
+            tmp_path / "one-valued",
+            "one-valued",
+            count=1,
+            ImageOrientationPatient="1",
+        ),
+        "empty-shared": copy_series(
+            enhanced.parent,
+            tmp_path / "empty-shared",
+            "empty-shared",
+            SharedFunctionalGroupsSequence=[],
+        ),
+        "huge": copy_series(
+            tmp_path / "good", tmp_path / "huge", "huge", PixelSpacing=[1000.0, 1000.0]
+        ),
     }
 
 
-def test_poison_instances_fail_their_series_and_the_good_series_is_delivered(tmp_path, poisoned_study):
+def test_poison_instances_fail_their_series_and_the_good_series_is_delivered(
+    tmp_path, poisoned_study
+):
     require_tool("Orthanc", "orthanc")
     files = [p for group in poisoned_study.values() for p in group]
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     good_series = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     with OrthancServer(tmp_path / "orthanc") as orthanc:
-        routes = [{"model": "focalmix-nodules", "min_probability": 0.5,
-                   "select": {"modality": "CT", "min_slices": 1, "orientation": "", "image_type": [],
-                              "max_thickness_mm": 100}}]
-        cfg = gateway_config(tmp_path / "gw", routes, REPOSITORY,
-                             [{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
-                               "port": orthanc.dicom_port, "timeout_s": 5}])
+        routes = [
+            {
+                "model": "focalmix-nodules",
+                "min_probability": 0.5,
+                "select": {
+                    "modality": "CT",
+                    "min_slices": 1,
+                    "orientation": "",
+                    "image_type": [],
+                    "max_thickness_mm": 100,
+                },
+            }
+        ]
+        cfg = gateway_config(
+            tmp_path / "gw",
+            routes,
+            REPOSITORY,
+            [
+                {
+                    "name": "orthanc",
+                    "ae_title": orthanc.aet,
+                    "host": "127.0.0.1",
+                    "port": orthanc.dicom_port,
+                    "timeout_s": 5,
+                }
+            ],
+        )
         # the limits are the gateway's settings (processing.geometry): a stated, odd limit
         # shows that the jobs use the configured ones, not the defaults
         cfg["processing"]["geometry"] = {"max_pixel_spacing_mm": 500.0}
@@ -79,11 +113,21 @@ def test_poison_instances_fail_their_series_and_the_good_series_is_delivered(tmp
             assert {s.SeriesInstanceUID for s in evidence.ReferencedSeriesSequence} == {good_series}
             log = gateway.log.read_text()
             assert job["error"].startswith("series failed: ")  # the job store keeps the reasons
-            for name, reason in (("one-valued", "ImageOrientationPatient has 1 value(s)"),
-                                 ("empty-shared", "frame 1 lacks plane position"),
-                                 ("huge", "PixelSpacing (row) is 1000 mm, the limit is [0.05, 500] mm")):
-                uid = str(pydicom.dcmread(poisoned_study[name][0], stop_before_pixels=True).SeriesInstanceUID)
-                assert f"{uid} (focalmix-nodules): " in job["error"] and reason in job["error"], name
-                assert any(uid in line and "failed" in line and reason in line for line in log.splitlines()), name
+            for name, reason in (
+                ("one-valued", "ImageOrientationPatient has 1 value(s)"),
+                ("empty-shared", "frame 1 lacks plane position"),
+                ("huge", "PixelSpacing (row) is 1000 mm, the limit is [0.05, 500] mm"),
+            ):
+                uid = str(
+                    pydicom.dcmread(
+                        poisoned_study[name][0], stop_before_pixels=True
+                    ).SeriesInstanceUID
+                )
+                assert f"{uid} (focalmix-nodules): " in job["error"] and reason in job["error"], (
+                    name
+                )
+                assert any(
+                    uid in line and "failed" in line and reason in line for line in log.splitlines()
+                ), name
         finally:
             gateway.stop()

@@ -33,8 +33,9 @@ def metrics() -> GatewayMetrics:
 
 @pytest.fixture
 def server(metrics, checks):
-    srv = HealthServer(HttpConfig(host="127.0.0.1", port=0), metrics,
-                       lambda: checks.ready, lambda: checks.healthy)
+    srv = HealthServer(
+        HttpConfig(host="127.0.0.1", port=0), metrics, lambda: checks.ready, lambda: checks.healthy
+    )
     srv.start()
     yield srv
     srv.stop()
@@ -52,10 +53,16 @@ def test_metrics_are_prometheus_text_with_gateway_metrics(server, metrics):
     response = get(server, "/metrics")
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(response.text) for s in family.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
     assert samples[("medssl_gateway_associations_total", (("result", "accepted"),))] == 3
-    assert samples[("medssl_gateway_deliveries_total", (("destination", "pacs"), ("result", "sent")))] == 1
+    assert (
+        samples[("medssl_gateway_deliveries_total", (("destination", "pacs"), ("result", "sent")))]
+        == 1
+    )
     assert samples[("medssl_gateway_queue_depth", (("state", "queued"),))] == 2
     assert samples[("medssl_gateway_stage_seconds_count", (("stage", "total"),))] == 1
     names = {name for name, _ in samples}
@@ -96,7 +103,9 @@ def test_a_failing_check_answers_500_and_the_server_keeps_serving(metrics, check
     def broken() -> tuple[bool, str]:
         raise RuntimeError("job store closed")
 
-    srv = HealthServer(HttpConfig(host="127.0.0.1", port=0), metrics, broken, lambda: checks.healthy)
+    srv = HealthServer(
+        HttpConfig(host="127.0.0.1", port=0), metrics, broken, lambda: checks.healthy
+    )
     srv.start()
     try:
         response = get(srv, "/readyz")
@@ -118,8 +127,9 @@ def test_requests_are_not_logged_to_stderr(server, capfd):
 
 
 def test_port_zero_binds_a_free_port_and_stop_releases_it(metrics, checks):
-    srv = HealthServer(HttpConfig(host="127.0.0.1", port=0), metrics,
-                       lambda: checks.ready, lambda: checks.healthy)
+    srv = HealthServer(
+        HttpConfig(host="127.0.0.1", port=0), metrics, lambda: checks.ready, lambda: checks.healthy
+    )
     with pytest.raises(RuntimeError, match="not started"):
         _ = srv.port
     srv.start()
@@ -132,7 +142,11 @@ def test_port_zero_binds_a_free_port_and_stop_releases_it(metrics, checks):
 
 
 def test_a_port_in_use_is_an_error_naming_it(server, metrics, checks):
-    other = HealthServer(HttpConfig(host="127.0.0.1", port=server.port), metrics,
-                         lambda: checks.ready, lambda: checks.healthy)
+    other = HealthServer(
+        HttpConfig(host="127.0.0.1", port=server.port),
+        metrics,
+        lambda: checks.ready,
+        lambda: checks.healthy,
+    )
     with pytest.raises(OSError, match=f"127.0.0.1:{server.port}"):
         other.start()

@@ -30,8 +30,10 @@ def store(tmp_path):
 
 
 def outputs(n: int = 2) -> list[Output]:
-    return [Output(Path(f"/spool/out/{i}.dcm"), "sr" if i == 0 else "seg", "nodules", f"2.25.{i}")
-            for i in range(n)]
+    return [
+        Output(Path(f"/spool/out/{i}.dcm"), "sr" if i == 0 else "seg", "nodules", f"2.25.{i}")
+        for i in range(n)
+    ]
 
 
 def running(store: JobStore, study: str = STUDY, now: float = T0) -> int:
@@ -55,10 +57,18 @@ def sending(store: JobStore, destinations=("pacs", "viewer")) -> int:
 def test_record_instance_opens_a_received_job_then_extends_it(store):
     first = store.record_instance(STUDY, T0)
     assert (first.state, first.n_instances, first.created_at, first.last_instance_at) == (
-        JobState.RECEIVED, 1, T0, T0)
+        JobState.RECEIVED,
+        1,
+        T0,
+        T0,
+    )
     again = store.record_instance(STUDY, T0 + 3)
     assert (again.id, again.n_instances, again.created_at, again.last_instance_at) == (
-        first.id, 2, T0, T0 + 3)
+        first.id,
+        2,
+        T0,
+        T0 + 3,
+    )
     assert store.record_instance(OTHER, T0 + 3).id != first.id
     assert len(store.jobs()) == 2
 
@@ -68,7 +78,9 @@ def test_assemble_queues_only_studies_idle_long_enough(store):
     store.record_instance(OTHER, T0 + 8)
     assert store.assemble(10, now=T0 + 9.9) == []
     queued = store.assemble(10, now=T0 + 10)
-    assert [(j.study_uid, j.state, j.queued_at) for j in queued] == [(STUDY, JobState.QUEUED, T0 + 10)]
+    assert [(j.study_uid, j.state, j.queued_at) for j in queued] == [
+        (STUDY, JobState.QUEUED, T0 + 10)
+    ]
     assert store.jobs(OTHER)[0].state is JobState.RECEIVED
     assert [j.study_uid for j in store.assemble(10, now=T0 + 18)] == [OTHER]
     assert store.assemble(10, now=T0 + 100) == []
@@ -78,7 +90,12 @@ def test_a_late_instance_reopens_a_queued_job_and_restarts_its_timer(store):
     job = store.record_instance(STUDY, T0)
     store.assemble(5, now=T0 + 5)
     late = store.record_instance(STUDY, T0 + 7)
-    assert (late.id, late.state, late.queued_at, late.n_instances) == (job.id, JobState.RECEIVED, None, 2)
+    assert (late.id, late.state, late.queued_at, late.n_instances) == (
+        job.id,
+        JobState.RECEIVED,
+        None,
+        2,
+    )
     assert store.claim(now=T0 + 100) is None  # not queued any more
     assert store.assemble(5, now=T0 + 11) == []
     assert [j.id for j in store.assemble(5, now=T0 + 12)] == [job.id]
@@ -114,8 +131,9 @@ def test_instances_after_a_study_was_done_make_a_new_job_process_the_whole_study
         store.assemble(10, now=at)
         job = store.claim(now=at)
         assert job is not None, store.jobs()
-        store.finish_inference(job.id, outputs(), ["pacs"], now=at + 1,
-                               instances=len(spool.study_files(job.study_uid)))
+        store.finish_inference(
+            job.id, outputs(), ["pacs"], now=at + 1, instances=len(spool.study_files(job.study_uid))
+        )
         return job.id
 
     receive(range(1, 41), T0)
@@ -124,8 +142,16 @@ def test_instances_after_a_study_was_done_make_a_new_job_process_the_whole_study
     assert store.assemble(10, now=T0 + 29.9) == []
     second = process(T0 + 30)
     jobs = {j.id: j for j in store.jobs(STUDY)}
-    assert (jobs[first].supersedes, jobs[first].n_instances, jobs[first].n_processed) == (None, 40, 40)
-    assert (jobs[second].supersedes, jobs[second].n_instances, jobs[second].n_processed) == (first, 8, 48)
+    assert (jobs[first].supersedes, jobs[first].n_instances, jobs[first].n_processed) == (
+        None,
+        40,
+        40,
+    )
+    assert (jobs[second].supersedes, jobs[second].n_instances, jobs[second].n_processed) == (
+        first,
+        8,
+        48,
+    )
 
 
 def test_a_late_instance_after_the_study_was_purged_supersedes_nothing(store):
@@ -144,16 +170,26 @@ def test_claim_takes_the_oldest_due_job_and_counts_the_attempt(store):
     second = store.record_instance(OTHER, T0 + 1)
     store.assemble(0, now=T0 + 2)
     job = store.claim(now=T0 + 3)
-    assert (job.id, job.state, job.attempts, job.started_at) == (first.id, JobState.RUNNING, 1, T0 + 3)
+    assert (job.id, job.state, job.attempts, job.started_at) == (
+        first.id,
+        JobState.RUNNING,
+        1,
+        T0 + 3,
+    )
     assert store.claim(now=T0 + 3).id == second.id
     assert store.claim(now=T0 + 3) is None
 
 
 def test_claim_waits_for_next_attempt_at_after_a_retry(store):
     job_id = running(store)
-    retried = store.retry_or_dead(job_id, "Triton unavailable", max_attempts=3, backoff_s=10, now=T0 + 1)
+    retried = store.retry_or_dead(
+        job_id, "Triton unavailable", max_attempts=3, backoff_s=10, now=T0 + 1
+    )
     assert (retried.state, retried.error, retried.next_attempt_at) == (
-        JobState.QUEUED, "Triton unavailable", T0 + 11)
+        JobState.QUEUED,
+        "Triton unavailable",
+        T0 + 11,
+    )
     assert store.claim(now=T0 + 10.9) is None
     again = store.claim(now=T0 + 11)
     assert (again.id, again.attempts, again.error) == (job_id, 2, None)
@@ -162,12 +198,18 @@ def test_claim_waits_for_next_attempt_at_after_a_retry(store):
 def test_retry_or_dead_dead_letters_once_attempts_are_used(store):
     job_id = running(store)
     for attempt in (1, 2):
-        job = store.retry_or_dead(job_id, f"timeout {attempt}", max_attempts=3, backoff_s=0, now=T0 + attempt)
+        job = store.retry_or_dead(
+            job_id, f"timeout {attempt}", max_attempts=3, backoff_s=0, now=T0 + attempt
+        )
         assert job.state is JobState.QUEUED
         assert store.claim(now=T0 + attempt).attempts == attempt + 1
     dead = store.retry_or_dead(job_id, "timeout 3", max_attempts=3, backoff_s=0, now=T0 + 9)
     assert (dead.state, dead.error, dead.attempts, dead.finished_at) == (
-        JobState.DEAD_LETTER, "timeout 3", 3, T0 + 9)
+        JobState.DEAD_LETTER,
+        "timeout 3",
+        3,
+        T0 + 9,
+    )
 
 
 def test_a_failed_attempt_with_a_newer_open_job_is_superseded_by_it(store):
@@ -185,16 +227,20 @@ def test_a_failed_attempt_with_a_newer_open_job_is_superseded_by_it(store):
 
 def test_fail_keeps_the_reason(store):
     job_id = running(store)
-    failed = store.fail(job_id, "no series could be processed: 1.2.3 (nodules): missing slice", now=T0 + 4)
+    failed = store.fail(
+        job_id, "no series could be processed: 1.2.3 (nodules): missing slice", now=T0 + 4
+    )
     assert (failed.state, failed.finished_at) == (JobState.FAILED, T0 + 4)
     assert failed.error.startswith("no series could be processed")
 
 
 def test_transitions_from_the_wrong_state_are_refused(store):
     job = store.record_instance(STUDY, T0)
-    for call in (lambda: store.fail(job.id, "x"),
-                 lambda: store.retry_or_dead(job.id, "x", 3, 1),
-                 lambda: store.finish_inference(job.id, outputs(), ["pacs"])):
+    for call in (
+        lambda: store.fail(job.id, "x"),
+        lambda: store.retry_or_dead(job.id, "x", 3, 1),
+        lambda: store.finish_inference(job.id, outputs(), ["pacs"]),
+    ):
         with pytest.raises(ValueError, match=f"job {job.id} is received, not running"):
             call()
     with pytest.raises(KeyError, match="no job 999"):
@@ -208,15 +254,22 @@ def test_finish_inference_with_destinations_goes_sending_with_one_delivery_each(
     assert store.outputs(job_id) == outputs()
     deliveries = store.deliveries(job_id)
     assert [(d.destination, d.state, d.attempts) for d in deliveries] == [
-        ("pacs", "pending", 0), ("viewer", "pending", 0)]
+        ("pacs", "pending", 0),
+        ("viewer", "pending", 0),
+    ]
 
 
 @pytest.mark.parametrize(("outs", "destinations"), [(2, []), (0, ["pacs"])])
 def test_finish_inference_with_nothing_to_send_is_done_with_the_note(store, outs, destinations):
     job_id = running(store)
-    job = store.finish_inference(job_id, outputs(outs), destinations, note="no series selected by the routes",
-                                 now=T0 + 5)
-    assert (job.state, job.finished_at, job.error) == (JobState.DONE, T0 + 5, "no series selected by the routes")
+    job = store.finish_inference(
+        job_id, outputs(outs), destinations, note="no series selected by the routes", now=T0 + 5
+    )
+    assert (job.state, job.finished_at, job.error) == (
+        JobState.DONE,
+        T0 + 5,
+        "no series selected by the routes",
+    )
     assert store.deliveries(job_id) == []
 
 
@@ -237,25 +290,33 @@ def test_a_job_is_done_when_every_delivery_is_sent(store):
 def test_a_failed_delivery_backs_off_then_dead_letters_with_its_reason(store):
     job_id = sending(store, destinations=["pacs"])
     (pacs,) = store.deliveries(job_id)
-    first = store.delivery_failed(pacs.id, "connection refused", max_attempts=3, backoff_s=5, now=T0 + 10)
+    first = store.delivery_failed(
+        pacs.id, "connection refused", max_attempts=3, backoff_s=5, now=T0 + 10
+    )
     assert (first.state, first.attempts, first.next_attempt_at) == ("pending", 1, T0 + 15)
     assert store.due_deliveries(now=T0 + 14.9) == []
     assert [d.id for d in store.due_deliveries(now=T0 + 15)] == [pacs.id]
     store.delivery_failed(pacs.id, "connection refused", max_attempts=3, backoff_s=10, now=T0 + 15)
     assert store.job(job_id).state is JobState.SENDING
-    last = store.delivery_failed(pacs.id, "status 0xA700 for sr.dcm", max_attempts=3, backoff_s=20,
-                                 now=T0 + 25)
+    last = store.delivery_failed(
+        pacs.id, "status 0xA700 for sr.dcm", max_attempts=3, backoff_s=20, now=T0 + 25
+    )
     assert (last.state, last.attempts, last.error) == ("dead-letter", 3, "status 0xA700 for sr.dcm")
     job = store.job(job_id)
-    assert (job.state, job.error, job.finished_at) == (JobState.DEAD_LETTER, "pacs: status 0xA700 for sr.dcm",
-                                                       T0 + 25)
+    assert (job.state, job.error, job.finished_at) == (
+        JobState.DEAD_LETTER,
+        "pacs: status 0xA700 for sr.dcm",
+        T0 + 25,
+    )
     assert store.due_deliveries(now=T0 + 1000) == []
 
 
 def test_one_dead_delivery_dead_letters_the_job_once_the_others_settle(store):
     job_id = sending(store)
     pacs, viewer = store.deliveries(job_id)
-    store.delivery_failed(viewer.id, "association rejected", max_attempts=1, backoff_s=0, now=T0 + 6)
+    store.delivery_failed(
+        viewer.id, "association rejected", max_attempts=1, backoff_s=0, now=T0 + 6
+    )
     assert store.job(job_id).state is JobState.SENDING  # pacs still pending
     job = store.delivery_sent(pacs.id, now=T0 + 7)
     assert (job.state, job.error) == (JobState.DEAD_LETTER, "viewer: association rejected")
@@ -264,7 +325,9 @@ def test_one_dead_delivery_dead_letters_the_job_once_the_others_settle(store):
 # --- restart ---------------------------------------------------------------------------------
 
 
-def test_recover_resumes_running_jobs_after_a_fresh_idle_time_and_dead_letters_exhausted_ones(store):
+def test_recover_resumes_running_jobs_after_a_fresh_idle_time_and_dead_letters_exhausted_ones(
+    store,
+):
     fresh = running(store, STUDY)
     tired = running(store, OTHER)
     store.retry_or_dead(tired, "x", max_attempts=2, backoff_s=0, now=T0)
@@ -272,7 +335,10 @@ def test_recover_resumes_running_jobs_after_a_fresh_idle_time_and_dead_letters_e
     touched = {j.id: j for j in store.recover(max_attempts=2, now=T0 + 50)}
     assert set(touched) == {fresh, tired}
     assert (touched[fresh].state, touched[fresh].idle_since, touched[fresh].finished_at) == (
-        JobState.RECEIVED, T0 + 50, None)
+        JobState.RECEIVED,
+        T0 + 50,
+        None,
+    )
     assert touched[fresh].last_instance_at == T0 and touched[fresh].attempts == 1
     assert "stopped while the job was running" in touched[fresh].error
     assert (touched[tired].state, touched[tired].finished_at) == (JobState.DEAD_LETTER, T0 + 50)
@@ -290,8 +356,14 @@ def test_a_study_recovered_at_restart_waits_a_fresh_idle_time(store, state):
     if state == "queued":
         assert store.assemble(10, now=T0 + 10)
     (recovered,) = store.recover(max_attempts=3, now=T0 + 100)
-    assert (recovered.id, recovered.state, recovered.idle_since, recovered.last_instance_at,
-            recovered.queued_at, recovered.attempts) == (job.id, JobState.RECEIVED, T0 + 100, T0, None, 0)
+    assert (
+        recovered.id,
+        recovered.state,
+        recovered.idle_since,
+        recovered.last_instance_at,
+        recovered.queued_at,
+        recovered.attempts,
+    ) == (job.id, JobState.RECEIVED, T0 + 100, T0, None, 0)
     assert store.assemble(10, now=T0 + 109.9) == []
     late = store.record_instance(STUDY, T0 + 105)  # the re-sent rest joins the same job
     assert (late.id, late.n_instances, late.supersedes) == (job.id, 2, None)
@@ -304,7 +376,10 @@ def test_recover_keeps_a_pending_retry_backoff(store):
     store.retry_or_dead(job_id, "Triton unavailable", max_attempts=3, backoff_s=100, now=T0 + 1)
     (recovered,) = store.recover(max_attempts=3, now=T0 + 2)
     assert (recovered.state, recovered.next_attempt_at, recovered.error) == (
-        JobState.RECEIVED, T0 + 101, "Triton unavailable")
+        JobState.RECEIVED,
+        T0 + 101,
+        "Triton unavailable",
+    )
     store.assemble(0, now=T0 + 50)
     assert store.claim(now=T0 + 100) is None
     assert store.claim(now=T0 + 101).id == job_id
@@ -314,7 +389,10 @@ def test_recover_with_a_newer_open_job_of_the_study_leaves_it_to_that_job(store)
     died = running(store)
     late = store.record_instance(STUDY, T0 + 1)
     touched = store.recover(max_attempts=3, now=T0 + 50)
-    assert [(j.id, j.state) for j in touched] == [(died, JobState.DONE), (late.id, JobState.RECEIVED)]
+    assert [(j.id, j.state) for j in touched] == [
+        (died, JobState.DONE),
+        (late.id, JobState.RECEIVED),
+    ]
     assert f"superseded by job {late.id}" in touched[0].error
     assert (touched[1].supersedes, touched[1].idle_since) == (died, T0 + 50)
 
@@ -325,7 +403,10 @@ def test_recover_with_two_running_jobs_of_a_study_keeps_the_newer(store):
     store.assemble(0, now=T0 + 2)
     assert store.claim(now=T0 + 2).id == newer.id
     touched = {j.id: j for j in store.recover(max_attempts=3, now=T0 + 50)}
-    assert touched[older].state is JobState.DONE and f"superseded by job {newer.id}" in touched[older].error
+    assert (
+        touched[older].state is JobState.DONE
+        and f"superseded by job {newer.id}" in touched[older].error
+    )
     assert touched[newer.id].state is JobState.RECEIVED
 
 
@@ -339,12 +420,20 @@ def test_a_database_of_the_earlier_schema_gains_the_new_columns(tmp_path):
                 last_instance_at REAL NOT NULL, queued_at REAL, started_at REAL, inferred_at REAL,
                 finished_at REAL, next_attempt_at REAL NOT NULL DEFAULT 0, error TEXT,
                 purged INTEGER NOT NULL DEFAULT 0);""")
-        db.execute("INSERT INTO jobs (study_uid, state, n_instances, created_at, last_instance_at) "
-                   "VALUES (?, 'received', 3, ?, ?)", (STUDY, T0, T0 + 4))
+        db.execute(
+            "INSERT INTO jobs (study_uid, state, n_instances, created_at, last_instance_at) "
+            "VALUES (?, 'received', 3, ?, ?)",
+            (STUDY, T0, T0 + 4),
+        )
     store = JobStore(path)
     try:
         (job,) = store.jobs()
-        assert (job.idle_since, job.supersedes, job.n_processed, job.n_instances) == (T0 + 4, None, None, 3)
+        assert (job.idle_since, job.supersedes, job.n_processed, job.n_instances) == (
+            T0 + 4,
+            None,
+            None,
+            3,
+        )
         assert [j.id for j in store.assemble(10, now=T0 + 14)] == [job.id]
     finally:
         store.close()
@@ -357,7 +446,8 @@ def test_reconcile_opens_jobs_only_for_unknown_studies(store):
     lost = "1.2.826.0.1.3680043.8.498.3"
     opened = store.reconcile([STUDY, OTHER, lost], now=T0 + 2)
     assert [(j.study_uid, j.state, j.n_instances, j.last_instance_at) for j in opened] == [
-        (lost, JobState.RECEIVED, 0, T0 + 2)]
+        (lost, JobState.RECEIVED, 0, T0 + 2)
+    ]
     assert store.reconcile([STUDY, OTHER, lost], now=T0 + 3) == []
     assert len(store.jobs()) == 3
 
@@ -425,8 +515,13 @@ def test_committed_work_survives_a_process_killed_with_sigkill(tmp_path):
     """A writer process is killed (SIGKILL) in the middle of its stream of transactions: the
     reopened store is intact and has every transaction the writer saw committed."""
     path = tmp_path / "jobs.sqlite"
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE,
-                              text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     last = -1
     deadline = time.monotonic() + 30
     try:
@@ -480,8 +575,17 @@ def test_a_database_of_the_first_release_is_migrated_in_place(tmp_path):
     db.close()
     store = JobStore(path)
     job = store.job(1)
-    assert (job.state, job.accession_number, job.idle_since, job.error) == (JobState.FAILED, "", 101.0, "bad series")
-    assert store.page(uid="1.2.3")[1] == 1 and store.series(1) == [] and store.last_attempts(["pacs"]) == {}
+    assert (job.state, job.accession_number, job.idle_since, job.error) == (
+        JobState.FAILED,
+        "",
+        101.0,
+        "bad series",
+    )
+    assert (
+        store.page(uid="1.2.3")[1] == 1
+        and store.series(1) == []
+        and store.last_attempts(["pacs"]) == {}
+    )
     retried = store.retry(1, "admin", "re-sent", now=200.0)
     assert retried.state is JobState.QUEUED and store.actions(1)[0].reason == "re-sent"
     store.close()

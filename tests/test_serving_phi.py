@@ -33,13 +33,16 @@ from tests.test_serving_gateway import DETECTOR, REPOSITORY, _wait_settled
 
 pytestmark = [pytest.mark.integration]
 
-def fuzz_gateway(root: Path, destinations: list[dict] | None = None, min_slices: int = 1,
-                 **sections: dict) -> GatewayProcess:
+
+def fuzz_gateway(
+    root: Path, destinations: list[dict] | None = None, min_slices: int = 1, **sections: dict
+) -> GatewayProcess:
     """A ``medssl-serve`` on free loopback ports running the shipped detector on the CT series
     of at least ``min_slices`` slices (not started)."""
     routes = [{"model": DETECTOR, "select": {"modality": "CT", "min_slices": min_slices}}]
-    config = gateway_config(root, routes, REPOSITORY, destinations,
-                            **{"spool": {"study_idle_s": 0.5}, **sections})
+    config = gateway_config(
+        root, routes, REPOSITORY, destinations, **{"spool": {"study_idle_s": 0.5}, **sections}
+    )
     return GatewayProcess(root, config)
 
 

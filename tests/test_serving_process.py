@@ -51,15 +51,23 @@ def chest(tmp_path_factory):
     (``enhanced``), each in its own folder with its own SeriesInstanceUID."""
     case = generate_chest_ct(SEED, ChestConfig(matrix=64, n_slices=40))
     info = chest_series_info(SEED, case)
-    study = {"study_uid": info.uid("study"),
-             "frame_of_reference_uid": info.uid("frame_of_reference")}
+    study = {
+        "study_uid": info.uid("study"),
+        "frame_of_reference_uid": info.uid("frame_of_reference"),
+    }
     root = tmp_path_factory.mktemp("study")
     write_dicom_series(case.volume, root / "good", info)
-    broken = write_dicom_series(case.volume, root / "broken", dataclasses.replace(
-        info, uid_seed=f"{info.uid_seed}-broken", series_number=2, **study))
+    broken = write_dicom_series(
+        case.volume,
+        root / "broken",
+        dataclasses.replace(info, uid_seed=f"{info.uid_seed}-broken", series_number=2, **study),
+    )
     broken[len(broken) // 2].unlink()
-    write_enhanced_ct(case.volume, root / "enhanced" / "ct.dcm", dataclasses.replace(
-        info, uid_seed=f"{info.uid_seed}-enhanced", series_number=3, **study))
+    write_enhanced_ct(
+        case.volume,
+        root / "enhanced" / "ct.dcm",
+        dataclasses.replace(info, uid_seed=f"{info.uid_seed}-enhanced", series_number=3, **study),
+    )
     return root
 
 
@@ -81,7 +89,8 @@ def _points(sr_path: Path) -> np.ndarray:
     for group in report.get_planar_roi_measurement_groups(graphic_type=POINT3D):
         [diameter] = group.get_measurements(name=hd.sr.CodedConcept("81827009", "SCT", "Diameter"))
         [certainty] = group.get_measurements(
-            name=hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding"))
+            name=hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding")
+        )
         rows.append([*group.roi.value[0], diameter.value, certainty.value / 100])
     return np.asarray(rows, dtype=np.float64).reshape(-1, 5)
 
@@ -91,8 +100,9 @@ def _columns(findings) -> np.ndarray:
     return np.asarray([[f[k] for k in keys] for f in findings], dtype=np.float64).reshape(-1, 5)
 
 
-def test_sr_findings_equal_medssl_scores_on_the_same_series(chest, detector, tmp_path, dciodvfy,
-                                                             caplog):
+def test_sr_findings_equal_medssl_scores_on_the_same_series(
+    chest, detector, tmp_path, dciodvfy, caplog
+):
     good = chest / "good"
     with caplog.at_level(logging.INFO, logger="medssl.serving.process"):
         result = process_study(_files(good), [ROUTE], detector, tmp_path / "out")
@@ -102,7 +112,11 @@ def test_sr_findings_equal_medssl_scores_on_the_same_series(chest, detector, tmp
     [output] = result.outputs
     assert output.path == tmp_path / "out" / MODEL / uid / "sr.dcm"
     assert (output.kind, output.model, output.model_version, output.source_series_uid) == (
-        "sr", MODEL, 1, uid)
+        "sr",
+        MODEL,
+        1,
+        uid,
+    )
     assert output.sop_instance_uid == pydicom.dcmread(output.path).SOPInstanceUID
     assert dciodvfy(output.path) == []
     assert set(result.timings) == {"read", "preprocess", "inference", "write"}
@@ -123,7 +137,9 @@ def test_sr_findings_equal_medssl_scores_on_the_same_series(chest, detector, tmp
     assert str(patient.PatientName) not in caplog.text
 
 
-def test_a_route_without_min_probability_reports_from_the_card_s_operating_point(chest, tmp_path, caplog):
+def test_a_route_without_min_probability_reports_from_the_card_s_operating_point(
+    chest, tmp_path, caplog
+):
     """Issue 18 item 1: the card's threshold when the route sets none; an old card warns once
     at load and reports from 0.5."""
     from medssl.metrics.operating_point import OperatingPoint
@@ -131,13 +147,21 @@ def test_a_route_without_min_probability_reports_from_the_card_s_operating_point
 
     good = _files(chest / "good")
     route = RouteConfig(MODEL)  # no min_probability
-    scored = score(chest / "good", tmp_path / "score", RunnerSpec(REPOSITORY, MODEL), options=ScoreOptions(workers=0))
+    scored = score(
+        chest / "good",
+        tmp_path / "score",
+        RunnerSpec(REPOSITORY, MODEL),
+        options=ScoreOptions(workers=0),
+    )
     assert scored.counts == {"ok": 1}
     every = _columns(pq.read_table(tmp_path / "score" / "findings.parquet").to_pylist())
     # the card's threshold lets one finding more through than the old cards' 0.5, so the two differ
     at_half = int((every[:, 4] >= 0.5).sum())
     threshold = float(np.sort(every[:, 4])[::-1][at_half])
-    for card_op, folder in ((OperatingPoint(threshold, "fp_per_scan", 1.0, 0.8, 1.0, 4, 5), "new"), (None, "old")):
+    for card_op, folder in (
+        (OperatingPoint(threshold, "fp_per_scan", 1.0, 0.8, 1.0, 4, 5), "new"),
+        (None, "old"),
+    ):
         shutil.copytree(REPOSITORY / MODEL, tmp_path / folder / MODEL)
         for path in (tmp_path / folder / MODEL).rglob(CARD_FILE):
             dataclasses.replace(load_card(path), operating_point=card_op).save(path)
@@ -159,17 +183,20 @@ def test_a_route_without_min_probability_reports_from_the_card_s_operating_point
 
 
 def test_a_study_whose_series_fail_selection_gives_no_outputs_with_the_reasons(
-        chest, detector, tmp_path):
+    chest, detector, tmp_path
+):
     strict = dataclasses.replace(ROUTE, select=SelectionRules(min_slices=100))
     models = ModelSet(detector.repository, [strict])
     try:
-        result = process_study(_files(chest / "good") + _files(chest / "enhanced"), [strict],
-                               models, tmp_path)
+        result = process_study(
+            _files(chest / "good") + _files(chest / "enhanced"), [strict], models, tmp_path
+        )
     finally:
         models.close()
     assert result.outputs == [] and _files(tmp_path) == []
     assert [(o.status, o.reason, o.n_findings) for o in result.series] == [
-        ("skipped", "40 slices, fewer than 100", None)] * 2
+        ("skipped", "40 slices, fewer than 100", None)
+    ] * 2
 
 
 def test_a_broken_series_fails_with_its_reason_and_the_good_one_goes_on(chest, detector, tmp_path):
@@ -180,11 +207,14 @@ def test_a_broken_series_fails_with_its_reason_and_the_good_one_goes_on(chest, d
     assert outcomes[_series_uid(chest / "good")].status == "ok"
     assert outcomes[_series_uid(chest / "enhanced")].status == "ok"
     assert {o.source_series_uid for o in result.outputs} == {
-        _series_uid(chest / "good"), _series_uid(chest / "enhanced")}
+        _series_uid(chest / "good"),
+        _series_uid(chest / "enhanced"),
+    }
 
 
-def test_an_enhanced_ct_study_gives_a_valid_sr_with_a_companion_seg(chest, detector, tmp_path,
-                                                                     dciodvfy):
+def test_an_enhanced_ct_study_gives_a_valid_sr_with_a_companion_seg(
+    chest, detector, tmp_path, dciodvfy
+):
     """Same volume, same findings as the classic series; the companion SEG holds them."""
     companion = dataclasses.replace(ROUTE, companion_seg=True)
     models = ModelSet(detector.repository, [companion], batch_size=2)
@@ -201,9 +231,12 @@ def test_an_enhanced_ct_study_gives_a_valid_sr_with_a_companion_seg(chest, detec
     segmentation = hd.seg.segread(seg.path)
     assert segmentation.number_of_segments == enhanced.series[0].n_findings
     report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(sr.path)])
-    groups = report.get_planar_roi_measurement_groups(graphic_type=POINT3D)  # one per finding, tracked like its segment
+    groups = report.get_planar_roi_measurement_groups(
+        graphic_type=POINT3D
+    )  # one per finding, tracked like its segment
     assert [g.tracking_uid for g in groups] == [
-        segmentation.get_segment_description(i + 1).tracking_uid for i in range(len(groups))]
+        segmentation.get_segment_description(i + 1).tracking_uid for i in range(len(groups))
+    ]
     assert len(groups) == enhanced.series[0].n_findings
 
 
@@ -227,13 +260,15 @@ def test_model_set_names_a_missing_model_and_is_ready_until_closed():
     assert not models.ready()
 
 
-def test_a_segmentation_route_gives_a_seg_with_every_frame_kept(exported_segmenter, tmp_path,
-                                                                dciodvfy):
+def test_a_segmentation_route_gives_a_seg_with_every_frame_kept(
+    exported_segmenter, tmp_path, dciodvfy
+):
     case = generate_organ_phantom(11, "A", shape=ORGAN_SHAPE)
     files = write_dicom_series(case.image, tmp_path / "abdomen")
     # abdominal series are 4 mm thick; the default rules are the lung-screening ones
-    route = RouteConfig("organs", select=SelectionRules(max_thickness_mm=5.0, min_slices=16),
-                        dense_seg=True)  # empty frames are omitted by default (issue 17, item 7)
+    route = RouteConfig(
+        "organs", select=SelectionRules(max_thickness_mm=5.0, min_slices=16), dense_seg=True
+    )  # empty frames are omitted by default (issue 17, item 7)
     models = ModelSet(exported_segmenter.repository, [route], batch_size=2)
     try:
         result = process_study(files, [route], models, tmp_path / "out")
@@ -254,8 +289,10 @@ def test_a_segmentation_route_gives_a_seg_with_every_frame_kept(exported_segment
 # -- poison series and implausible geometry (issue 17, item 4) ------------------------------------
 
 #: A route whose rules admit any series, so a malformed one is run and fails instead of skipped.
-ANY = dataclasses.replace(ROUTE, select=SelectionRules(min_slices=1, orientation="", image_type=(),
-                                                       max_thickness_mm=100.0))
+ANY = dataclasses.replace(
+    ROUTE,
+    select=SelectionRules(min_slices=1, orientation="", image_type=(), max_thickness_mm=100.0),
+)
 
 
 @pytest.fixture(scope="module")
@@ -266,19 +303,23 @@ def poisoned(chest, tmp_path_factory):
     root = tmp_path_factory.mktemp("poisoned")
     good = chest / "good"
     copy_series(good, root / "one-valued", "one-valued", count=1, ImageOrientationPatient="1")
-    enhanced = copy_series(chest / "enhanced", root / "empty-shared", "empty-shared",
-                           SharedFunctionalGroupsSequence=[])
+    enhanced = copy_series(
+        chest / "enhanced", root / "empty-shared", "empty-shared", SharedFunctionalGroupsSequence=[]
+    )
     copy_series(good, root / "huge", "huge", PixelSpacing=[1000.0, 1000.0])
     copy_series(good, root / "coarse", "coarse", PixelSpacing=[12.0, 12.0])
     assert len(enhanced) == 1
     return root
 
 
-def test_a_poison_instance_fails_its_own_series_and_the_good_one_is_delivered(chest, poisoned,
-                                                                               detector, tmp_path):
+def test_a_poison_instance_fails_its_own_series_and_the_good_one_is_delivered(
+    chest, poisoned, detector, tmp_path
+):
     """A one-valued orientation (TypeError) or an empty shared group (IndexError) in another
     series' header sent the whole study to dead-letter after 3 attempts."""
-    files = _files(chest / "good") + _files(poisoned / "one-valued") + _files(poisoned / "empty-shared")
+    files = (
+        _files(chest / "good") + _files(poisoned / "one-valued") + _files(poisoned / "empty-shared")
+    )
     result = process_study(files, [ROUTE], detector, tmp_path / "default")
     outcomes = {o.series_uid: o for o in result.series}
     good = _series_uid(chest / "good")
@@ -292,16 +333,22 @@ def test_a_poison_instance_fails_its_own_series_and_the_good_one_is_delivered(ch
     finally:
         models.close()
     outcomes = {o.series_uid: o for o in result.series}
-    assert outcomes.pop(good).status == "ok" and [o.source_series_uid for o in result.outputs] == [good]
+    assert outcomes.pop(good).status == "ok" and [o.source_series_uid for o in result.outputs] == [
+        good
+    ]
     one_valued = outcomes[_series_uid(poisoned / "one-valued")]
     assert one_valued.status == "failed"
-    assert one_valued.reason.startswith("SeriesGeometryError") and "has 1 value(s)" in one_valued.reason
+    assert (
+        one_valued.reason.startswith("SeriesGeometryError")
+        and "has 1 value(s)" in one_valued.reason
+    )
     empty = outcomes[_series_uid(poisoned / "empty-shared")]
     assert empty.status == "failed" and "frame 1 lacks plane position" in empty.reason
 
 
-def test_implausible_geometry_fails_fast_with_the_value_and_the_limit(chest, poisoned, detector,
-                                                                      tmp_path):
+def test_implausible_geometry_fails_fast_with_the_value_and_the_limit(
+    chest, poisoned, detector, tmp_path
+):
     """PixelSpacing 1000 mm asked for ~1.2 TiB (3 MemoryErrors, then dead-letter); 12 mm made a
     330 KB study take 57x as long. Both are refused from the headers; the good series goes on."""
     files = _files(chest / "good") + _files(poisoned / "huge") + _files(poisoned / "coarse")

@@ -77,8 +77,13 @@ def gateway(tmp_path) -> Iterator:
     running: list[StorageSCP] = []
 
     def start(*, min_free_bytes: int = 0, on_stored=None, **overrides) -> Gateway:
-        settings = dict(port=0, allowed_callers=(AllowedCaller("SCU"), AllowedCaller("STORESCU")),
-                        acse_timeout_s=5, dimse_timeout_s=10, network_timeout_s=10)
+        settings = dict(
+            port=0,
+            allowed_callers=(AllowedCaller("SCU"), AllowedCaller("STORESCU")),
+            acse_timeout_s=5,
+            dimse_timeout_s=10,
+            network_timeout_s=10,
+        )
         settings.update(overrides)
         spool = Spool(tmp_path / f"spool{len(running)}", min_free_bytes=min_free_bytes)
         metrics, stored = GatewayMetrics(), []
@@ -93,9 +98,14 @@ def gateway(tmp_path) -> Iterator:
 
 
 @contextmanager
-def associated(port: int, calling: str = "SCU", contexts=((CTImageStorage, SYNTAXES),),
-               tls_args=None, called: str = "MEDSSL", bind_address: tuple[str, int] = ("", 0),
-               ) -> Iterator[pynetdicom.association.Association]:
+def associated(
+    port: int,
+    calling: str = "SCU",
+    contexts=((CTImageStorage, SYNTAXES),),
+    tls_args=None,
+    called: str = "MEDSSL",
+    bind_address: tuple[str, int] = ("", 0),
+) -> Iterator[pynetdicom.association.Association]:
     """A pynetdicom SCU association (released or aborted on exit; may be rejected), calling
     ``called`` on 127.0.0.1 from ``bind_address`` (e.g. ``("127.0.0.2", 0)``: another host)."""
     ae = AE(ae_title=calling)
@@ -104,8 +114,9 @@ def associated(port: int, calling: str = "SCU", contexts=((CTImageStorage, SYNTA
     ae.add_requested_context(Verification)
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls_args,
-                         bind_address=bind_address)
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title=called, tls_args=tls_args, bind_address=bind_address
+    )
     try:
         yield assoc
     finally:
@@ -122,8 +133,9 @@ def status_of(rsp: pydicom.Dataset) -> int:
 @pytest.fixture
 def series(tmp_path) -> list[Path]:
     """A 4-slice 16 x 18 CT series (Explicit VR Little Endian) of patient ``PHI``."""
-    return write_dicom_series(ramp_volume(shape=(4, 16, 18)), tmp_path / "series",
-                              SeriesInfo(uid_seed="scp-test", **PHI))
+    return write_dicom_series(
+        ramp_volume(shape=(4, 16, 18)), tmp_path / "series", SeriesInfo(uid_seed="scp-test", **PHI)
+    )
 
 
 def _assert_spooled(gw: Gateway, sources: list[Path]) -> None:
@@ -133,11 +145,17 @@ def _assert_spooled(gw: Gateway, sources: list[Path]) -> None:
     for source in sources:
         original = pydicom.dcmread(source)
         got = by_sop[original.SOPInstanceUID]
-        assert (got.study_uid, got.series_uid) == (original.StudyInstanceUID,
-                                                   original.SeriesInstanceUID)
+        assert (got.study_uid, got.series_uid) == (
+            original.StudyInstanceUID,
+            original.SeriesInstanceUID,
+        )
         assert got.sop_class_uid == CTImageStorage and got.calling_ae in ("SCU", "STORESCU")
-        expected = (gw.spool.incoming / original.StudyInstanceUID / original.SeriesInstanceUID
-                    / f"{original.SOPInstanceUID}.dcm")
+        expected = (
+            gw.spool.incoming
+            / original.StudyInstanceUID
+            / original.SeriesInstanceUID
+            / f"{original.SOPInstanceUID}.dcm"
+        )
         assert got.path == expected and got.n_bytes == expected.stat().st_size
         spooled = pydicom.dcmread(expected)
         assert np.array_equal(spooled.pixel_array, original.pixel_array)
@@ -145,8 +163,9 @@ def _assert_spooled(gw: Gateway, sources: list[Path]) -> None:
     assert list(gw.spool.tmp.iterdir()) == []
 
 
-def _part10(dataset_bytes: bytes, sop_instance_uid: str,
-            transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+def _part10(
+    dataset_bytes: bytes, sop_instance_uid: str, transfer_syntax: str = ExplicitVRLittleEndian
+) -> bytes:
     """File meta (CT, ``transfer_syntax``) followed by ``dataset_bytes`` as they are."""
     meta = pydicom.dataset.FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
@@ -205,8 +224,12 @@ def test_c_echo_is_answered_with_success(gateway):
         assert assoc.is_established
         assert status_of(assoc.send_c_echo()) == 0x0000
     echoscu = require_tool("echoscu", "dcmtk")
-    result = subprocess.run([echoscu, "-aet", "SCU", "-aec", "MEDSSL", "127.0.0.1",
-                             str(gw.scp.port)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [echoscu, "-aet", "SCU", "-aec", "MEDSSL", "127.0.0.1", str(gw.scp.port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     assert gw.metric("medssl_gateway_associations_total", result="accepted") == 2
 
@@ -218,8 +241,12 @@ def test_unknown_calling_ae_is_rejected_at_association(gateway):
         rj = assoc.acceptor.primitive
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
     echoscu = require_tool("echoscu", "dcmtk")
-    result = subprocess.run([echoscu, "-aet", "INTRUDER", "-aec", "MEDSSL", "127.0.0.1",
-                             str(gw.scp.port)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [echoscu, "-aet", "INTRUDER", "-aec", "MEDSSL", "127.0.0.1", str(gw.scp.port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode != 0
     assert "Association Rejected" in result.stderr + result.stdout
     assert "Calling AE Title Not Recognized" in result.stderr + result.stdout
@@ -228,8 +255,12 @@ def test_unknown_calling_ae_is_rejected_at_association(gateway):
 
 
 def test_allowed_ae_from_a_wrong_host_is_rejected(gateway):
-    gw = gateway(allowed_callers=(AllowedCaller("LOCAL", hosts=("127.0.0.1",)),
-                                  AllowedCaller("REMOTE", hosts=("192.0.2.7",))))
+    gw = gateway(
+        allowed_callers=(
+            AllowedCaller("LOCAL", hosts=("127.0.0.1",)),
+            AllowedCaller("REMOTE", hosts=("192.0.2.7",)),
+        )
+    )
     with associated(gw.scp.port, calling="LOCAL") as assoc:
         assert assoc.is_established
     with associated(gw.scp.port, calling="REMOTE") as assoc:
@@ -261,13 +292,26 @@ def test_max_associations_is_honoured(gateway):
 def test_series_sent_with_storescu_is_spooled_durably(gateway, series):
     storescu = require_tool("storescu", "dcmtk")
     gw = gateway()
-    result = subprocess.run([storescu, "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1",
-                             str(gw.scp.port), *map(str, series)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            storescu,
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "MEDSSL",
+            "127.0.0.1",
+            str(gw.scp.port),
+            *map(str, series),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     _assert_spooled(gw, series)
-    assert gw.metric("medssl_gateway_instances_received_total",
-                     sop_class="CT Image Storage") == len(series)
+    assert gw.metric(
+        "medssl_gateway_instances_received_total", sop_class="CT Image Storage"
+    ) == len(series)
 
 
 def test_series_sent_with_pynetdicom_is_spooled_durably(gateway, series, caplog):
@@ -288,9 +332,22 @@ def test_jpeg_lossless_instance_is_spooled_still_compressed(gateway, series, tmp
     gw = gateway()
     # -xs: one presentation context per SOP class, JPEG Lossless SV1 proposed before the
     # uncompressed syntaxes (plain storescu proposes only uncompressed ones)
-    result = subprocess.run([storescu, "-xs", "-aet", "STORESCU", "-aec", "MEDSSL", "127.0.0.1",
-                             str(gw.scp.port), str(jpeg)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            storescu,
+            "-xs",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "MEDSSL",
+            "127.0.0.1",
+            str(gw.scp.port),
+            str(jpeg),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     # one context offering uncompressed and JPEG Lossless: the SCP prefers the lossless one
     offer = ((CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLosslessSV1]),)
@@ -316,8 +373,10 @@ def test_enhanced_ct_instance_is_accepted(gateway):
     assert stored.sop_class_uid == EnhancedCTImageStorage
     assert stored.sop_instance_uid == original.SOPInstanceUID
     assert pydicom.dcmread(stored.path).PixelData == original.PixelData
-    assert gw.metric("medssl_gateway_instances_received_total",
-                     sop_class="Enhanced CT Image Storage") == 1
+    assert (
+        gw.metric("medssl_gateway_instances_received_total", sop_class="Enhanced CT Image Storage")
+        == 1
+    )
 
 
 def _mr_dataset(ct: Path) -> pydicom.Dataset:
@@ -352,7 +411,8 @@ def test_other_sop_class_is_acknowledged_and_discarded_when_ignored(gateway, ser
 
 @pytest.mark.filterwarnings("ignore:Expected explicit VR")
 def test_garbage_and_truncated_instances_are_quarantined_while_a_good_one_is_stored(
-        gateway, series, tmp_path, monkeypatch, caplog):
+    gateway, series, tmp_path, monkeypatch, caplog
+):
     caplog.set_level(logging.DEBUG, logger="medssl.serving.scp")
     # send the files' bytes as they are (pynetdicom would otherwise decode and re-encode them)
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
@@ -365,8 +425,9 @@ def test_garbage_and_truncated_instances_are_quarantined_while_a_good_one_is_sto
     del no_study.StudyInstanceUID
     gw = gateway()
     with associated(gw.scp.port) as assoc:
-        statuses = [status_of(assoc.send_c_store(p))
-                    for p in (garbage, truncated, series[2], no_study)]
+        statuses = [
+            status_of(assoc.send_c_store(p)) for p in (garbage, truncated, series[2], no_study)
+        ]
     assert statuses == [0xC210, 0xC210, 0x0000, 0xC210]
     assert [s.sop_instance_uid for s in gw.stored] == [pydicom.dcmread(series[2]).SOPInstanceUID]
     assert len(gw.incoming_files()) == 1
@@ -375,8 +436,10 @@ def test_garbage_and_truncated_instances_are_quarantined_while_a_good_one_is_sto
     assert len(quarantined) == 3 and all(n["reason"] and n["calling_ae"] == "SCU" for n in notes)
     # the garbage's first "element" declares more bytes than follow, as the truncated one's
     assert sorted(n["reason"].split(" ")[0] for n in notes) == ["element", "element", "no"]
-    assert any("element (7FE0,0010) holds 376 bytes of the 576 it declares (truncated)"
-               in n["reason"] for n in notes)
+    assert any(
+        "element (7FE0,0010) holds 376 bytes of the 576 it declares (truncated)" in n["reason"]
+        for n in notes
+    )
     assert any(p.read_bytes().endswith(whole[-1000:-200]) for p in quarantined)
     assert gw.metric("medssl_gateway_instances_rejected_total", reason="undecodable") == 2
     assert gw.metric("medssl_gateway_instances_rejected_total", reason="missing-uid") == 1
@@ -427,7 +490,8 @@ def test_tls_scu_can_store_and_a_plain_tcp_scu_cannot(gateway, series, certifica
 
 
 def test_tls_peer_that_connects_and_sends_nothing_does_not_stall_other_callers(
-        gateway, certificate):
+    gateway, certificate
+):
     cert, key = certificate
     gw = gateway(tls=TlsConfig(enabled=True, certificate=cert, private_key=key), acse_timeout_s=1)
     with socket.create_connection(("127.0.0.1", gw.scp.port)):  # idle: no TLS handshake
@@ -438,8 +502,9 @@ def test_tls_peer_that_connects_and_sends_nothing_does_not_stall_other_callers(
 
 def test_tls_with_a_ca_requires_a_client_certificate(gateway, series, certificate):
     cert, key = certificate  # self-signed: it is its own CA
-    gw = gateway(tls=TlsConfig(enabled=True, certificate=cert, private_key=key,
-                               ca_certificate=cert))
+    gw = gateway(
+        tls=TlsConfig(enabled=True, certificate=cert, private_key=key, ca_certificate=cert)
+    )
     with associated(gw.scp.port, tls_args=(_client_context(cert, key), "localhost")) as assoc:
         assert status_of(assoc.send_c_echo()) == 0x0000
     with associated(gw.scp.port, tls_args=(_client_context(cert), "localhost")) as anonymous:

@@ -52,15 +52,20 @@ def _uid(uid: str) -> bytes:
     return uid.encode() + (b"\0" if len(uid) % 2 else b"")
 
 
-def associate_rq(contexts: list[tuple[int, str]], called: str = "MEDSSL",
-                 calling: str = "SCU") -> bytes:
+def associate_rq(
+    contexts: list[tuple[int, str]], called: str = "MEDSSL", calling: str = "SCU"
+) -> bytes:
     """An A-ASSOCIATE-RQ PDU (PS3.8 9.3.2) proposing ``(context ID, abstract syntax)`` pairs,
     each with Implicit VR Little Endian; the IDs are written as given, even invalid ones."""
     body = struct.pack(">HH", 1, 0) + called.encode().ljust(16) + calling.encode().ljust(16)
     body += b"\0" * 32 + _item(0x10, b"1.2.840.10008.3.1.1.1")
     for context_id, abstract_syntax in contexts:
-        body += _item(0x20, bytes([context_id, 0, 0, 0]) + _item(0x30, _uid(abstract_syntax))
-                      + _item(0x40, _uid(ImplicitVRLittleEndian)))
+        body += _item(
+            0x20,
+            bytes([context_id, 0, 0, 0])
+            + _item(0x30, _uid(abstract_syntax))
+            + _item(0x40, _uid(ImplicitVRLittleEndian)),
+        )
     body += _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, _uid("1.2.3.4")))
     return struct.pack(">BBI", 0x01, 0, len(body)) + body
 
@@ -87,8 +92,9 @@ def read_answer(sock: socket.socket, timeout_s: float) -> bytes:
         if not chunk:
             return data
         data += chunk
-    raise AssertionError(f"the SCP kept the connection open for {timeout_s} s "
-                         f"({len(data)} bytes received)")
+    raise AssertionError(
+        f"the SCP kept the connection open for {timeout_s} s ({len(data)} bytes received)"
+    )
 
 
 def closed_by_peer(sock: socket.socket) -> bool:
@@ -101,14 +107,15 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
-def trickle_until_closed(sock: socket.socket, data: bytes, every_s: float = 0.2,
-                         limit_s: float = 5.0) -> float:
+def trickle_until_closed(
+    sock: socket.socket, data: bytes, every_s: float = 0.2, limit_s: float = 5.0
+) -> float:
     """Send ``data`` one byte per ``every_s`` until the SCP closes ``sock``; returns the
     seconds that took. Fails if the socket is still open after ``limit_s``."""
     start = time.monotonic()
     for i in range(len(data)):
         try:
-            sock.send(data[i:i + 1])
+            sock.send(data[i : i + 1])
         except OSError:
             break
         if closed_by_peer(sock):
@@ -129,7 +136,7 @@ def trickling(sockets: list[socket.socket], payload: bytes, every_s: float) -> I
                 return
             for sock in sockets:
                 try:
-                    sock.send(payload[i:i + 1])
+                    sock.send(payload[i : i + 1])
                 except OSError:
                     pass
 
@@ -180,8 +187,7 @@ def test_an_association_request_has_a_total_deadline_however_slowly_it_trickles(
     assert gw.metric("medssl_gateway_associations_total", result="dropped") == 1
 
 
-def test_a_pdu_trickled_right_behind_an_association_request_is_cut_at_the_acse_timeout(
-        gateway):
+def test_a_pdu_trickled_right_behind_an_association_request_is_cut_at_the_acse_timeout(gateway):
     gw = gateway(acse_timeout_s=1.0)
     with connect(gw.scp.port) as sock:
         # an A-ASSOCIATE-RQ with, right behind it, the header of a 1 MiB PDU whose bytes then
@@ -328,8 +334,10 @@ def test_beyond_max_pending_connections_the_busiest_hosts_oldest_one_is_closed(g
 
 def test_tls_silent_tcp_connections_do_not_delay_a_tls_caller(gateway, certificate):
     cert, key = certificate
-    gw = gateway(tls=TlsConfig(enabled=True, certificate=cert, private_key=key),
-                 association_request_timeout_s=1.5)
+    gw = gateway(
+        tls=TlsConfig(enabled=True, certificate=cert, private_key=key),
+        association_request_timeout_s=1.5,
+    )
     with connect(gw.scp.port) as first, connect(gw.scp.port) as second:  # no TLS handshake
         time.sleep(0.2)
         start = time.monotonic()
@@ -348,19 +356,27 @@ def test_a_call_to_another_ae_title_is_rejected_permanently(gateway):
         rj = assoc.acceptor.primitive
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
     echoscu = require_tool("echoscu", "dcmtk")
-    result = subprocess.run([echoscu, "-aet", "SCU", "-aec", "medssl", "127.0.0.1",
-                             str(gw.scp.port)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [echoscu, "-aet", "SCU", "-aec", "medssl", "127.0.0.1", str(gw.scp.port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode != 0
     assert "Called AE Title Not Recognized" in result.stderr + result.stdout
     assert gw.metric("medssl_gateway_associations_total", result="rejected") == 2
     assert_echo_within(gw.scp.port, 2.0)  # the right one still works
 
 
-@pytest.mark.parametrize("contexts", [
-    [(1, Verification), (2, CTImageStorage)],
-    [(0, Verification)],
-    [(1, Verification), (3, CTImageStorage), (3, Verification)],
-], ids=["even", "zero", "twice"])
+@pytest.mark.parametrize(
+    "contexts",
+    [
+        [(1, Verification), (2, CTImageStorage)],
+        [(0, Verification)],
+        [(1, Verification), (3, CTImageStorage), (3, Verification)],
+    ],
+    ids=["even", "zero", "twice"],
+)
 def test_a_bad_presentation_context_id_is_answered_with_an_a_abort(gateway, contexts):
     gw = gateway()
     with connect(gw.scp.port) as sock:
@@ -444,15 +460,18 @@ def test_a_deflate_bomb_is_refused_without_inflating_it(gateway, series, send_ra
     assert status == 0xC210
     assert growth[0] < 64 * 2**20, f"peak RSS rose by {growth[0] / 2**20:.0f} MiB"
     assert send_raw(gw.scp.port, bomb[:4096], sop_uid, DeflatedExplicitVRLittleEndian) == 0xC210
-    notes = sorted(json.loads(p.read_text())["reason"]
-                   for p in gw.spool.quarantine_dir.glob("*.json"))
-    assert notes == ["the deflated dataset ends before its deflate stream",
-                     f"the deflated dataset inflates past 268435456 bytes ({len(bomb)} bytes "
-                     "received)"]
+    notes = sorted(
+        json.loads(p.read_text())["reason"] for p in gw.spool.quarantine_dir.glob("*.json")
+    )
+    assert notes == [
+        "the deflated dataset ends before its deflate stream",
+        f"the deflated dataset inflates past 268435456 bytes ({len(bomb)} bytes received)",
+    ]
     assert gw.metric("medssl_gateway_instances_rejected_total", reason="too-large") == 1
     # an honest deflated instance, encoded by pynetdicom, is stored as received
-    with associated(gw.scp.port,
-                    contexts=((CTImageStorage, [DeflatedExplicitVRLittleEndian]),)) as assoc:
+    with associated(
+        gw.scp.port, contexts=((CTImageStorage, [DeflatedExplicitVRLittleEndian]),)
+    ) as assoc:
         assert status_of(assoc.send_c_store(pydicom.dcmread(series[1]))) == 0x0000
     (stored,) = gw.stored
     spooled = pydicom.dcmread(stored.path)
@@ -467,8 +486,12 @@ def test_a_huge_declared_length_is_refused_without_allocating_it(gateway, series
 
     gw = gateway()
     ds = pydicom.dcmread(series[0])
-    body = (_header_bytes(ds) + b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", 0xFFFFFFF0)
-            + bytes(1024))
+    body = (
+        _header_bytes(ds)
+        + b"\xe0\x7f\x10\x00OW\x00\x00"
+        + struct.pack("<I", 0xFFFFFFF0)
+        + bytes(1024)
+    )
     with peak_rss_growth() as growth:
         status = send_raw(gw.scp.port, body, str(ds.SOPInstanceUID), ExplicitVRLittleEndian)
     assert status == 0xC210 and gw.stored == []
@@ -478,10 +501,15 @@ def test_a_huge_declared_length_is_refused_without_allocating_it(gateway, series
 # -- configuration -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key, value", [
-    ("max_associations_per_peer", 0), ("max_pending_connections", 0),
-    ("max_inflated_bytes", 0), ("association_request_timeout_s", 0.0),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("max_associations_per_peer", 0),
+        ("max_pending_connections", 0),
+        ("max_inflated_bytes", 0),
+        ("association_request_timeout_s", 0.0),
+    ],
+)
 def test_the_new_scp_limits_are_validated(key, value):
     with pytest.raises(ValueError, match=f"{key} must be"):
         ScpConfig(**{key: value})

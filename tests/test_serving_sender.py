@@ -39,9 +39,18 @@ def require_orthanc() -> None:
         pytest.skip(f"{ORTHANC} not installed (apt-get install orthanc)")
 
 
-def dimse(port: int, ae_title: str = "ORTHANC", timeout_s: float = 5.0, **kwargs: Any) -> DestinationConfig:
-    return DestinationConfig(name="pacs", kind="dimse", ae_title=ae_title, host="127.0.0.1", port=port,
-                             timeout_s=timeout_s, **kwargs)
+def dimse(
+    port: int, ae_title: str = "ORTHANC", timeout_s: float = 5.0, **kwargs: Any
+) -> DestinationConfig:
+    return DestinationConfig(
+        name="pacs",
+        kind="dimse",
+        ae_title=ae_title,
+        host="127.0.0.1",
+        port=port,
+        timeout_s=timeout_s,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +75,10 @@ def results(tmp_path_factory, ct_files) -> list[Path]:
     labels[2:4, 6:12, 8:14] = 1
     centre = (3.0, 9.0, 11.0)
     finding = Detection(tuple(float(c) for c in volume.index_to_world(centre)), 6.0, 0.9, centre)
-    return [write_label_seg(source, labels, card, folder / "seg.dcm"),
-            write_detection_sr(source, [finding], card, folder / "sr.dcm")]
+    return [
+        write_label_seg(source, labels, card, folder / "seg.dcm"),
+        write_detection_sr(source, [finding], card, folder / "sr.dcm"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +140,8 @@ def test_a_wrong_called_ae_title_is_rejected(pacs, ct_files):
     # sometimes sees the close before it reads the RJ and reports an abort (seen once in CI).
     # Either way the delivery fails naming the peer; the reason text is checked when it arrives.
     assert ("association rejected" in message and "Called AE title not recognised" in message) or (
-        "association aborted" in message)
+        "association aborted" in message
+    )
 
 
 def test_a_stopped_pacs_fails_then_receives_after_it_is_started_again(tmp_path, ct_files):
@@ -140,7 +152,9 @@ def test_a_stopped_pacs_fails_then_receives_after_it_is_started_again(tmp_path, 
         destination = dimse(server.dicom_port)
         send_files(destination, ct_files[:2], "MEDSSL")
         server.stop()
-        with pytest.raises(DeliveryError, match=f"127.0.0.1:{server.dicom_port}.*Connection refused"):
+        with pytest.raises(
+            DeliveryError, match=f"127.0.0.1:{server.dicom_port}.*Connection refused"
+        ):
             send_files(destination, ct_files, "MEDSSL")
         server.start()
         send_files(destination, ct_files, "MEDSSL")
@@ -176,8 +190,11 @@ def test_an_unreachable_port_fails_fast_naming_host_and_port(ct_files):
 
 def test_a_host_name_that_does_not_resolve_is_a_delivery_error(ct_files):
     with pytest.raises(DeliveryError, match=r"ORTHANC@pacs.invalid:104\): cannot connect"):
-        send_files(DestinationConfig(name="pacs", ae_title="ORTHANC", host="pacs.invalid", port=104),
-                   ct_files, "MEDSSL")
+        send_files(
+            DestinationConfig(name="pacs", ae_title="ORTHANC", host="pacs.invalid", port=104),
+            ct_files,
+            "MEDSSL",
+        )
 
 
 def test_a_peer_that_never_answers_the_association_fails_within_the_timeout(ct_files):
@@ -202,16 +219,24 @@ class StorePeer:
         self.stall = stall
         ae = AE(ae_title="PEER")
         ae.supported_contexts = AllStoragePresentationContexts
-        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
-            (evt.EVT_ESTABLISHED, self._established), (evt.EVT_C_STORE, self._store)])
+        self.server = ae.start_server(
+            ("127.0.0.1", 0),
+            block=False,
+            evt_handlers=[(evt.EVT_ESTABLISHED, self._established), (evt.EVT_C_STORE, self._store)],
+        )
         self.port = self.server.server_address[1]
 
     def _established(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        self.associations.append({
-            "calling": requestor.ae_title,
-            "contexts": [(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
-                         for cx in requestor.requested_contexts]})
+        self.associations.append(
+            {
+                "calling": requestor.ae_title,
+                "contexts": [
+                    (str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
+                    for cx in requestor.requested_contexts
+                ],
+            }
+        )
 
     def _store(self, event: evt.Event) -> int:
         if self.stall:
@@ -237,7 +262,9 @@ def peer_factory():
         peer.close()
 
 
-def test_the_orthanc_harness_uploads_and_pushes_a_study_by_c_store(pacs, peer_factory, ct_files, results):
+def test_the_orthanc_harness_uploads_and_pushes_a_study_by_c_store(
+    pacs, peer_factory, ct_files, results
+):
     """What gateway tests do with the harness: Orthanc (the PACS) sends a study to a DICOM node."""
     peer = peer_factory()
     ids = pacs.upload([*ct_files, *results])
@@ -248,9 +275,15 @@ def test_the_orthanc_harness_uploads_and_pushes_a_study_by_c_store(pacs, peer_fa
     assert peer.associations[0]["calling"] == "ORTHANC"
 
 
-def test_one_association_carries_every_file_with_a_context_per_sop_class(peer_factory, ct_files, results):
+def test_one_association_carries_every_file_with_a_context_per_sop_class(
+    peer_factory, ct_files, results
+):
     peer = peer_factory()
-    send_files(dimse(peer.port, ae_title="PEER", calling_ae_title="RESULTS"), [*ct_files, *results], "MEDSSL")
+    send_files(
+        dimse(peer.port, ae_title="PEER", calling_ae_title="RESULTS"),
+        [*ct_files, *results],
+        "MEDSSL",
+    )
     assert peer.stored == [sop_uid(p) for p in [*ct_files, *results]]
     (association,) = peer.associations
     assert association["calling"] == "RESULTS"  # the destination's own calling AE wins
@@ -258,7 +291,8 @@ def test_one_association_carries_every_file_with_a_context_per_sop_class(peer_fa
     assert association["contexts"] == [
         (pydicom.uid.CTImageStorage, [explicit, implicit]),
         (pydicom.uid.SegmentationStorage, [explicit, implicit]),
-        (pydicom.uid.Comprehensive3DSRStorage, [explicit, implicit])]
+        (pydicom.uid.Comprehensive3DSRStorage, [explicit, implicit]),
+    ]
 
 
 def test_the_calling_ae_title_defaults_to_the_argument(peer_factory, ct_files):
@@ -276,8 +310,12 @@ def test_warning_statuses_count_as_stored(peer_factory, ct_files, status):
     assert len(peer.stored) == len(ct_files)
 
 
-@pytest.mark.parametrize(("status", "category"), [(0xA700, "Failure"), (0xC000, "Failure"), (0x0122, "Failure")])
-def test_a_failure_status_stops_the_delivery_naming_status_and_file(peer_factory, ct_files, status, category):
+@pytest.mark.parametrize(
+    ("status", "category"), [(0xA700, "Failure"), (0xC000, "Failure"), (0x0122, "Failure")]
+)
+def test_a_failure_status_stops_the_delivery_naming_status_and_file(
+    peer_factory, ct_files, status, category
+):
     peer = peer_factory(status=status)
     with pytest.raises(DeliveryError) as caught:
         send_files(dimse(peer.port, ae_title="PEER"), ct_files, "MEDSSL")
@@ -297,11 +335,14 @@ def test_a_peer_that_stops_answering_mid_transfer_fails_within_the_timeout(peer_
 def test_a_peer_that_refuses_the_sop_class_is_named(ct_files, results):
     ae = AE(ae_title="PEER")
     ae.add_supported_context(pydicom.uid.CTImageStorage)
-    server = ae.start_server(("127.0.0.1", 0), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)]
+    )
     try:
         with pytest.raises(DeliveryError, match=f"cannot send {results[0]}.*Segmentation Storage"):
-            send_files(dimse(server.server_address[1], ae_title="PEER"), [*ct_files, *results], "MEDSSL")
+            send_files(
+                dimse(server.server_address[1], ae_title="PEER"), [*ct_files, *results], "MEDSSL"
+            )
         with pytest.raises(DeliveryError, match="accepted none of the presentation contexts"):
             send_files(dimse(server.server_address[1], ae_title="PEER"), results, "MEDSSL")
     finally:
@@ -327,7 +368,9 @@ class StowServer:
     request's path, content type and the instances of its multipart body, and answers
     ``status`` with a PS3.18 store response (``failed``: SOP instance UIDs it refuses)."""
 
-    def __init__(self, status: int = 200, failed: tuple[str, ...] = (), stall: bool = False) -> None:
+    def __init__(
+        self, status: int = 200, failed: tuple[str, ...] = (), stall: bool = False
+    ) -> None:
         self.status, self.failed, self.stall = status, failed, stall
         self.requests: list[dict[str, Any]] = []
         self.release = threading.Event()
@@ -340,11 +383,15 @@ class StowServer:
                     owner.release.wait(10)
                 content_type = self.headers["Content-Type"]
                 message = BytesParser(policy=HTTP).parsebytes(
-                    f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-                datasets = [pydicom.dcmread(BytesIO(part.get_payload(decode=True)))
-                            for part in message.iter_parts()]
-                owner.requests.append({"path": self.path, "content_type": content_type,
-                                       "datasets": datasets})
+                    f"Content-Type: {content_type}\r\n\r\n".encode() + body
+                )
+                datasets = [
+                    pydicom.dcmread(BytesIO(part.get_payload(decode=True)))
+                    for part in message.iter_parts()
+                ]
+                owner.requests.append(
+                    {"path": self.path, "content_type": content_type, "datasets": datasets}
+                )
                 answer = owner.answer(datasets)
                 payload = json.dumps(answer).encode()
                 self.send_response(owner.status)
@@ -374,9 +421,12 @@ class StowServer:
 
     def answer(self, datasets: list[pydicom.Dataset]) -> dict[str, Any]:
         """The STOW-RS response: Referenced SOP Sequence (00081199), Failed SOP Sequence (00081198)."""
+
         def item(ds: pydicom.Dataset, reason: int | None = None) -> dict[str, Any]:
-            out = {"00081150": {"vr": "UI", "Value": [str(ds.SOPClassUID)]},
-                   "00081155": {"vr": "UI", "Value": [str(ds.SOPInstanceUID)]}}
+            out = {
+                "00081150": {"vr": "UI", "Value": [str(ds.SOPClassUID)]},
+                "00081155": {"vr": "UI", "Value": [str(ds.SOPInstanceUID)]},
+            }
             if reason is not None:
                 out["00081197"] = {"vr": "US", "Value": [reason]}
             return out
@@ -420,7 +470,8 @@ def test_stow_posts_every_file_in_one_multipart_request(stow_factory, ct_files, 
     assert request["path"] == "/dicom-web/studies"
     assert request["content_type"].startswith('multipart/related; type="application/dicom"')
     assert [str(ds.SOPInstanceUID) for ds in request["datasets"]] == [
-        sop_uid(p) for p in [*results, *ct_files[:2]]]
+        sop_uid(p) for p in [*results, *ct_files[:2]]
+    ]
     assert request["datasets"][0].Modality == "SEG"
 
 
@@ -442,7 +493,9 @@ def test_stow_http_errors_name_the_status(stow_factory, ct_files):
 def test_stow_to_nothing_listening_fails_fast(ct_files):
     url = f"http://127.0.0.1:{free_port()}/dicom-web"
     started = time.monotonic()
-    with pytest.raises(DeliveryError, match=f"'web' \\({url}\\): STOW-RS of 1 files failed.*refused"):
+    with pytest.raises(
+        DeliveryError, match=f"'web' \\({url}\\): STOW-RS of 1 files failed.*refused"
+    ):
         send_files(stow(url), ct_files[:1], "MEDSSL")
     assert time.monotonic() - started < 2.0
 

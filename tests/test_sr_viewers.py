@@ -46,8 +46,13 @@ def tid1500reader():
 
     def run(sr_path: Path) -> dict:
         out = sr_path.with_suffix(".json")
-        result = subprocess.run([exe, "--inputDICOM", str(sr_path), "--outputMetadata", str(out)],
-                                capture_output=True, text=True, check=False, timeout=60)
+        result = subprocess.run(
+            [exe, "--inputDICOM", str(sr_path), "--outputMetadata", str(out)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         return json.loads(out.read_text())
 
@@ -65,6 +70,7 @@ def _ohif_measurements(sr: pydicom.Dataset) -> list[dict]:
         one dict per measurement: ``uid``, ``label`` (tracking identifier) and ``coords``
         (``(ValueType, GraphicType, GraphicData, frame of reference or referenced SOP)``).
     """
+
     def code(item: pydicom.Dataset) -> str:
         return item.ConceptNameCodeSequence[0].CodeValue
 
@@ -79,24 +85,33 @@ def _ohif_measurements(sr: pydicom.Dataset) -> list[dict]:
                 merged.setdefault(uids[0], []).extend(group.ContentSequence)
 
     def located(item: pydicom.Dataset) -> tuple:
-        where = (item.get("ReferencedFrameOfReferenceUID") if item.ValueType == "SCOORD3D"
-                 else item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        where = (
+            item.get("ReferencedFrameOfReferenceUID")
+            if item.ValueType == "SCOORD3D"
+            else item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        )
         return item.ValueType, item.GraphicType, [float(v) for v in item.GraphicData], where
 
     measurements = []
     for uid, items in merged.items():
         graphic = [i for i in items if i.ValueType in ("SCOORD", "SCOORD3D")]
-        inferred = [c for i in items if i.ValueType == "NUM"
-                    for c in i.get("ContentSequence", []) if c.ValueType in ("SCOORD", "SCOORD3D")]
-        label = next(i.TextValue for i in items if i.ValueType == "TEXT"
-                     and code(i) == "112039")
-        measurements.append({"uid": uid, "label": label,
-                             "coords": [located(i) for i in (graphic[:1] or inferred)]})
+        inferred = [
+            c
+            for i in items
+            if i.ValueType == "NUM"
+            for c in i.get("ContentSequence", [])
+            if c.ValueType in ("SCOORD", "SCOORD3D")
+        ]
+        label = next(i.TextValue for i in items if i.ValueType == "TEXT" and code(i) == "112039")
+        measurements.append(
+            {"uid": uid, "label": label, "coords": [located(i) for i in (graphic[:1] or inferred)]}
+        )
     return measurements
 
 
 def test_slicer_and_ohif_find_each_finding_at_its_centre(
-        tmp_path, ct, detections, card, dciodvfy, tid1500reader):  # noqa: F811
+    tmp_path, ct, detections, card, dciodvfy, tid1500reader
+):  # noqa: F811
     """Without and with the companion SEG, each finding is two TID 1410 groups with one
     tracking identifier and UID: first a 2D SCOORD POINT at its centre on the source image
     nearest it (what OHIF 3.13.2 draws: tests/test_viewer_ohif.py), then a SCOORD3D POINT in
@@ -104,20 +119,26 @@ def test_slicer_and_ohif_find_each_finding_at_its_centre(
     a markups point). No TID 1411 group (before, the SEG doubled every finding with one); with
     the SEG, segment i is tracked as finding i."""
     volume, source = ct
-    seg_path, seg = write_detection_seg(source, detections, card, volume.affine, volume.shape,
-                                        tmp_path / "findings-seg.dcm")
+    seg_path, seg = write_detection_seg(
+        source, detections, card, volume.affine, volume.shape, tmp_path / "findings-seg.dcm"
+    )
     frame_of_reference = source[0].FrameOfReferenceUID
     for companion in (None, seg):
-        path = write_detection_sr(source, detections, card,
-                                  tmp_path / f"sr-{companion is not None}.dcm",
-                                  companion_seg=companion)
+        path = write_detection_sr(
+            source,
+            detections,
+            card,
+            tmp_path / f"sr-{companion is not None}.dcm",
+            companion_seg=companion,
+        )
         assert dciodvfy(path) == []
         sr = hd.sr.srread(path)
         report = hd.sr.MeasurementReport.from_sequence([sr])
 
         # highdicom, as QuantitativeReporting's planar branch reads it
         points = report.get_planar_roi_measurement_groups(
-            graphic_type=hd.sr.GraphicTypeValues3D.POINT, reference_type=codes.DCM.ImageRegion)
+            graphic_type=hd.sr.GraphicTypeValues3D.POINT, reference_type=codes.DCM.ImageRegion
+        )
         assert [g.tracking_identifier for g in points] == ["Nodule 1", "Nodule 2"]
         assert len(report.get_planar_roi_measurement_groups()) == 2 * len(detections)
         assert report.get_volumetric_roi_measurement_groups() == []
@@ -128,17 +149,25 @@ def test_slicer_and_ohif_find_each_finding_at_its_centre(
         # the 2D point of each finding: on the image whose plane is nearest the centre, at
         # the centre's (column, row) + 0.5 (SCOORD pixel coordinates), same tracking UID
         images = report.get_planar_roi_measurement_groups(
-            graphic_type=hd.sr.GraphicTypeValues.POINT)
+            graphic_type=hd.sr.GraphicTypeValues.POINT
+        )
         assert [(g.tracking_identifier, g.tracking_uid) for g in images] == [
-            (g.tracking_identifier, g.tracking_uid) for g in points]
+            (g.tracking_identifier, g.tracking_uid) for g in points
+        ]
         by_uid = {str(ds.SOPInstanceUID): ds for ds in source}
         for group, detection in zip(images, detections):
             z, y, x = volume.world_to_index(np.array([detection.centre_lps]))[0]
             referenced = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
             image = by_uid[referenced.ReferencedSOPInstanceUID]
-            [nearest] = [ds for ds in source if np.allclose(
-                [float(v) for v in ds.ImagePositionPatient],
-                volume.index_to_world(np.array([[round(z), 0, 0]]))[0], atol=1e-3)]
+            [nearest] = [
+                ds
+                for ds in source
+                if np.allclose(
+                    [float(v) for v in ds.ImagePositionPatient],
+                    volume.index_to_world(np.array([[round(z), 0, 0]]))[0],
+                    atol=1e-3,
+                )
+            ]
             assert image.SOPInstanceUID == nearest.SOPInstanceUID
             assert np.allclose(group.roi.value, [[x + 0.5, y + 0.5]], atol=1e-3)
             assert group.get_measurements() == []  # measurements once, in the 3D group
@@ -146,14 +175,25 @@ def test_slicer_and_ohif_find_each_finding_at_its_centre(
         # dcmqi: each finding's two groups in order, its measurements once, one tracking UID
         listed = tid1500reader(path)["Measurements"]
         assert [m["TrackingIdentifier"] for m in listed] == [
-            "Nodule 1", "Nodule 1", "Nodule 2", "Nodule 2"]
+            "Nodule 1",
+            "Nodule 1",
+            "Nodule 2",
+            "Nodule 2",
+        ]
         assert [m["TrackingUniqueIdentifier"] for m in listed] == [
-            uid for g in points for uid in (g.tracking_uid, g.tracking_uid)]
+            uid for g in points for uid in (g.tracking_uid, g.tracking_uid)
+        ]
         for measurement, detection in zip(listed[1::2], detections):
-            values = {item["quantity"]["CodeMeaning"]: float(item["value"])
-                      for item in measurement["measurementItems"]}
-            assert values == pytest.approx({"Diameter": detection.diameter_mm,
-                                            "Certainty of Finding": 100 * detection.probability})
+            values = {
+                item["quantity"]["CodeMeaning"]: float(item["value"])
+                for item in measurement["measurementItems"]
+            }
+            assert values == pytest.approx(
+                {
+                    "Diameter": detection.diameter_mm,
+                    "Certainty of Finding": 100 * detection.probability,
+                }
+            )
         assert all(m["measurementItems"] == [] for m in listed[::2])
 
         # OHIF: one measurement per finding, placed by its first (2D) point on its image
@@ -173,11 +213,14 @@ def test_slicer_and_ohif_find_each_finding_at_its_centre(
     for number, group in enumerate(points, start=1):
         description = segmentation.get_segment_description(number)
         assert (description.tracking_id, description.tracking_uid) == (
-            group.tracking_identifier, group.tracking_uid)
+            group.tracking_identifier,
+            group.tracking_uid,
+        )
 
 
 def test_a_report_without_findings_says_absent_to_slicer_ohif_and_highdicom(
-        tmp_path, ct, card, dciodvfy, tid1500reader):  # noqa: F811
+    tmp_path, ct, card, dciodvfy, tid1500reader
+):  # noqa: F811
     """Before, dcmqi listed no measurement at all (QuantitativeReporting then fails on
     ``Measurements[0]``): now one TID 1501 group "Nodule: Absent" with the evaluation
     Nodule = Absent, beside the document-level Qualitative Evaluations. It has no tracking
@@ -191,10 +234,18 @@ def test_a_report_without_findings_says_absent_to_slicer_ohif_and_highdicom(
     assert "TrackingUniqueIdentifier" not in listed
     assert listed["Finding"]["CodeValue"] == "27925004"
     assert listed["measurementItems"] == []
-    assert {"conceptCode": {"CodeMeaning": "Nodule", "CodeValue": "27925004",
-                            "CodingSchemeDesignator": "SCT"},
-            "conceptValue": {"CodeMeaning": "Absent", "CodeValue": "272519000",
-                             "CodingSchemeDesignator": "SCT"}} in listed["qualitativeEvaluations"]
+    assert {
+        "conceptCode": {
+            "CodeMeaning": "Nodule",
+            "CodeValue": "27925004",
+            "CodingSchemeDesignator": "SCT",
+        },
+        "conceptValue": {
+            "CodeMeaning": "Absent",
+            "CodeValue": "272519000",
+            "CodingSchemeDesignator": "SCT",
+        },
+    } in listed["qualitativeEvaluations"]
 
     sr = hd.sr.srread(path)
     report = hd.sr.MeasurementReport.from_sequence([sr])
@@ -204,8 +255,11 @@ def test_a_report_without_findings_says_absent_to_slicer_ohif_and_highdicom(
     assert group.finding_type == codes.SCT.Nodule
     [evaluation] = group.get_qualitative_evaluations(name=codes.SCT.Nodule)
     assert evaluation.value == codes.SCT.Absent
-    [document_level] = [item for item in sr.ContentSequence
-                        if item.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"]
+    [document_level] = [
+        item
+        for item in sr.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"
+    ]
     assert document_level.ContentSequence[0].ConceptCodeSequence[0].CodeValue == "272519000"
 
     assert _ohif_measurements(sr) == []

@@ -65,13 +65,13 @@ def test_outputs_have_the_documented_types_and_shapes(small_cases: dict[int, Che
 
 def test_tissues_have_ct_attenuation(whole_chest: ChestCase) -> None:
     image = whole_chest.volume.array
-    assert abs(np.median(image[:, 0, :]) + 1000) < 5            # air in front of the chest
+    assert abs(np.median(image[:, 0, :]) + 1000) < 5  # air in front of the chest
     lung = image[whole_chest.lung_mask & (whole_chest.nodule_mask == 0)]
-    assert -900 < np.median(lung) < -780                         # aerated parenchyma
-    assert np.percentile(lung, 99) > -300                        # with vessels in it
-    assert (image > 400).sum() > 1000                            # ribs, spine, sternum
+    assert -900 < np.median(lung) < -780  # aerated parenchyma
+    assert np.percentile(lung, 99) > -300  # with vessels in it
+    assert (image > 400).sum() > 1000  # ribs, spine, sternum
     body = image[~whole_chest.lung_mask & (image > -300)]
-    assert -120 < np.median(body) < 80                           # fat and soft tissue
+    assert -120 < np.median(body) < 80  # fat and soft tissue
 
 
 def test_default_slices_cover_both_lungs_with_margins(whole_chest: ChestCase) -> None:
@@ -141,8 +141,14 @@ def test_nodule_masks_lie_in_the_lungs(small_cases: dict[int, ChestCase]) -> Non
 def test_nodules_lie_wholly_inside_the_field_of_view(small_cases: dict[int, ChestCase]) -> None:
     for seed, case in small_cases.items():
         nodules = case.nodule_mask > 0
-        for face in (nodules[0], nodules[-1], nodules[:, 0], nodules[:, -1], nodules[:, :, 0],
-                     nodules[:, :, -1]):
+        for face in (
+            nodules[0],
+            nodules[-1],
+            nodules[:, 0],
+            nodules[:, -1],
+            nodules[:, :, 0],
+            nodules[:, :, -1],
+        ):
             assert not face.any(), seed
 
 
@@ -198,7 +204,8 @@ def test_juxta_pleural_nodules_touch_the_lung_wall(small_cases: dict[int, ChestC
             if nodule.location == "juxta-pleural":
                 near = ndimage.binary_dilation(case.nodule_mask == nodule.label, iterations=2)
                 assert (near & wall & ~(case.nodule_mask > 0)).any() or (
-                    near & ~case.lung_mask).any(), nodule
+                    near & ~case.lung_mask
+                ).any(), nodule
                 found += 1
     assert found > 0
 
@@ -229,15 +236,18 @@ def test_nodules_too_big_for_the_field_of_view_are_an_error() -> None:
         generate_chest_ct(0, config)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("matrix", 8),
-    ("n_slices", 0),
-    ("pixel_spacing_range", (0.9, 0.6)),
-    ("slice_thickness_range", (0.0, 1.0)),
-    ("n_nodules_range", (2, 1)),
-    ("nodule_diameter_range", (0.5, 3.0)),
-    ("render_threads", -1),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("matrix", 8),
+        ("n_slices", 0),
+        ("pixel_spacing_range", (0.9, 0.6)),
+        ("slice_thickness_range", (0.0, 1.0)),
+        ("n_nodules_range", (2, 1)),
+        ("nodule_diameter_range", (0.5, 3.0)),
+        ("render_threads", -1),
+    ],
+)
 def test_bad_config_values_are_rejected_by_name(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         ChestConfig(**{field: value})

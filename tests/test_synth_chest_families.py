@@ -27,8 +27,13 @@ from medssl.synth.primitives import kernel_blur, scanner_noise
 #: A small targeted field of view (~70 mm): fast enough for several seeds.
 SMALL = ChestConfig(matrix=96, n_slices=48, nodule_diameter_range=(3.0, 12.0))
 #: The whole chest at a coarse pixel (heart, mediastinum and body wall in view).
-WHOLE = ChestConfig(matrix=96, n_slices=40, pixel_spacing_range=(4.0, 4.0),
-                    slice_thickness_range=(2.5, 2.5), nodule_diameter_range=(3.0, 10.0))
+WHOLE = ChestConfig(
+    matrix=96,
+    n_slices=40,
+    pixel_spacing_range=(4.0, 4.0),
+    slice_thickness_range=(2.5, 2.5),
+    nodule_diameter_range=(3.0, 10.0),
+)
 
 
 def _scanners(config: ChestConfig, n: int = 400) -> list:
@@ -46,30 +51,43 @@ def test_the_default_config_is_the_train_family() -> None:
 
 def test_families_draw_from_different_ranges() -> None:
     train, heldout = ChestConfig.for_family("train"), ChestConfig.for_family("heldout")
-    changed = [f.name for f in dataclasses.fields(ChestConfig)
-               if getattr(train, f.name) != getattr(heldout, f.name)]
-    for name in ("pixel_spacing_range", "slice_thickness_range", "noise_sigma_range",
-                 "kernel_fwhm_range", "edge_enhance_range", "patient_size_range",
-                 "fat_mm_range", "contrast_share", "location_shares", "kind_shares"):
+    changed = [
+        f.name
+        for f in dataclasses.fields(ChestConfig)
+        if getattr(train, f.name) != getattr(heldout, f.name)
+    ]
+    for name in (
+        "pixel_spacing_range",
+        "slice_thickness_range",
+        "noise_sigma_range",
+        "kernel_fwhm_range",
+        "edge_enhance_range",
+        "patient_size_range",
+        "fat_mm_range",
+        "contrast_share",
+        "location_shares",
+        "kind_shares",
+    ):
         assert name in changed
     a, b = _scanners(train), _scanners(heldout)
     assert max(s.thickness for s in b) > max(s.thickness for s in a)
     assert max(s.noise_sigma for s in b) > max(s.noise_sigma for s in a)
     assert max(s.fat_mm for s in b) > max(s.fat_mm for s in a)
-    assert (np.mean([s.contrast_hu is not None for s in b])
-            > np.mean([s.contrast_hu is not None for s in a]))
+    assert np.mean([s.contrast_hu is not None for s in b]) > np.mean(
+        [s.contrast_hu is not None for s in a]
+    )
 
 
 def test_families_never_share_a_seed_and_record_it() -> None:
     heldout = dataclasses.replace(SMALL, family="heldout")
-    a = generate_chest_ct(0, dataclasses.replace(heldout, **{
-        k: getattr(SMALL, k) for k in FAMILIES["heldout"]}))   # the same ranges, other seeds
+    a = generate_chest_ct(
+        0, dataclasses.replace(heldout, **{k: getattr(SMALL, k) for k in FAMILIES["heldout"]})
+    )  # the same ranges, other seeds
     b = generate_chest_ct(0, SMALL)
     assert a.volume.meta["rng_seed"] == SEED_SPAN and b.volume.meta["rng_seed"] == 0
     assert a.volume.meta["family"] == "heldout" and b.volume.meta["family"] == "train"
     assert a.nodules != b.nodules
-    assert a.volume.shape != b.volume.shape or not np.array_equal(a.volume.array,
-                                                                  b.volume.array)
+    assert a.volume.shape != b.volume.shape or not np.array_equal(a.volume.array, b.volume.array)
 
 
 def test_a_seed_outside_the_family_span_is_rejected() -> None:
@@ -82,9 +100,16 @@ def test_a_seed_outside_the_family_span_is_rejected() -> None:
 
 
 def test_a_family_with_every_new_feature_is_bit_identical_for_a_seed() -> None:
-    config = ChestConfig.for_family("heldout", matrix=64, n_slices=32, sharp_kernel_share=1.0,
-                                    contrast_share=1.0, motion_share=1.0,
-                                    n_lookalikes_range=(3, 3), nodule_diameter_range=(3.0, 10.0))
+    config = ChestConfig.for_family(
+        "heldout",
+        matrix=64,
+        n_slices=32,
+        sharp_kernel_share=1.0,
+        contrast_share=1.0,
+        motion_share=1.0,
+        n_lookalikes_range=(3, 3),
+        nodule_diameter_range=(3.0, 10.0),
+    )
     a = generate_chest_ct(7, config)
     b = generate_chest_ct(7, dataclasses.replace(config, render_threads=1))
     assert np.array_equal(a.volume.array, b.volume.array)
@@ -109,11 +134,11 @@ def test_the_heldout_thickness_spans_0_6_to_3_mm() -> None:
 
 def test_a_sharp_kernel_overshoots_at_an_edge_and_a_smooth_one_does_not() -> None:
     step = np.full((1, 8, 64), -850.0, dtype=np.float32)
-    step[:, :, 32:] = 40.0                       # lung next to soft tissue
+    step[:, :, 32:] = 40.0  # lung next to soft tissue
     smooth = kernel_blur(step, 1.0, (1.0, 0.5, 0.5))
     sharp = kernel_blur(step, 1.0, (1.0, 0.5, 0.5), edge_enhance=0.6)
     assert smooth.max() <= 40.0 + 1e-3 and smooth.min() >= -850.0 - 1e-3
-    assert sharp.max() > 40.0 + 50 and sharp.min() < -850.0 - 50   # bright and dark rims
+    assert sharp.max() > 40.0 + 50 and sharp.min() < -850.0 - 50  # bright and dark rims
     assert sharp[0, 0, 0] == pytest.approx(-850.0) and sharp[0, 0, -1] == pytest.approx(40.0)
     with pytest.raises(ValueError, match="edge_enhance"):
         kernel_blur(step, 1.0, (1.0, 0.5, 0.5), edge_enhance=-0.1)
@@ -153,7 +178,7 @@ def test_low_dose_noise_reaches_80_hu_and_grows_with_the_patient() -> None:
 def _body_width_mm(config: ChestConfig) -> float:
     case = generate_chest_ct(4, dataclasses.replace(config, pixel_spacing_range=(5.0, 5.0)))
     z, y, _ = np.argwhere(case.lung_mask).mean(axis=0).astype(int)
-    row = case.volume.array[z, y]                   # across both lungs, above the table
+    row = case.volume.array[z, y]  # across both lungs, above the table
     columns = np.flatnonzero(row > -500)
     return float(columns[-1] - columns[0]) * case.volume.spacing[2]
 
@@ -161,7 +186,7 @@ def _body_width_mm(config: ChestConfig) -> float:
 def test_an_obese_habitus_has_a_wider_body() -> None:
     lean = _body_width_mm(dataclasses.replace(WHOLE, fat_mm_range=(6.0, 6.0)))
     obese = _body_width_mm(dataclasses.replace(WHOLE, fat_mm_range=(55.0, 55.0)))
-    assert obese > lean + 2 * 40.0   # 49 mm more fat on each side, times the patient's size
+    assert obese > lean + 2 * 40.0  # 49 mm more fat on each side, times the patient's size
 
 
 def test_contrast_raises_the_blood_and_the_lung_vessels() -> None:
@@ -169,12 +194,12 @@ def test_contrast_raises_the_blood_and_the_lung_vessels() -> None:
     enhanced = dataclasses.replace(plain, contrast_share=1.0)
     a, b = generate_chest_ct(2, plain), generate_chest_ct(2, enhanced)
     assert a.volume.meta["contrast_hu"] is None and b.volume.meta["contrast_hu"] == 300.0
-    rise = b.volume.array - a.volume.array          # same draws, same noise: only contrast
-    assert rise.max() > 200                          # the heart and great vessels
+    rise = b.volume.array - a.volume.array  # same draws, same noise: only contrast
+    assert rise.max() > 200  # the heart and great vessels
     vessels = a.lung_mask & (a.volume.array > -300) & (a.nodule_mask == 0)
     assert vessels.sum() > 50
-    assert rise[vessels].mean() > 50                 # pulmonary vessels enhance too
-    assert np.abs(rise[:, 0, :]).max() < 1e-3        # nothing changes in the air in front
+    assert rise[vessels].mean() > 50  # pulmonary vessels enhance too
+    assert np.abs(rise[:, 0, :]).max() < 1e-3  # nothing changes in the air in front
 
 
 # -- nodules ----------------------------------------------------------------------------------
@@ -190,9 +215,16 @@ def _placed_locations(config: ChestConfig, seeds: range) -> list[str]:
         grid, _ = place_grid(rng, config, scanner, anatomy)
         sx, _, sz = grid.spacing_xyz
         vessels, _ = draw_trees(anatomy, rng, sx, sz)
-        nodules, _, _ = place_lesions(anatomy, grid, vessels, rng, 4,
-                                      config.nodule_diameter_range, 0,
-                                      location_shares=config.location_shares)
+        nodules, _, _ = place_lesions(
+            anatomy,
+            grid,
+            vessels,
+            rng,
+            4,
+            config.nodule_diameter_range,
+            0,
+            location_shares=config.location_shares,
+        )
         locations += [n.record.location for n in nodules]
     return locations
 
@@ -204,7 +236,7 @@ def test_location_shares_decide_where_nodules_lie() -> None:
         shares[k + 1] = 1.0
         placed = _placed_locations(ChestConfig(location_shares=tuple(shares)), range(5))
         assert placed.count(location) >= 0.9 * len(placed)
-    placed = _placed_locations(ChestConfig(), range(10))   # 45 / 30 / 25 %
+    placed = _placed_locations(ChestConfig(), range(10))  # 45 / 30 / 25 %
     assert 0.2 <= placed.count("juxta-pleural") / len(placed) <= 0.45
     assert 0.15 <= placed.count("juxta-vascular") / len(placed) <= 0.4
 
@@ -215,14 +247,17 @@ def test_kind_shares_decide_the_nodule_kinds() -> None:
     assert kinds == {"ground-glass"}
 
 
-@pytest.mark.parametrize("field, value", [
-    ("location_shares", (0.5, 0.5, 0.5)),
-    ("kind_shares", (1.0, 0.0)),
-    ("contrast_share", 1.5),
-    ("sharp_kernel_share", -0.1),
-    ("fat_mm_range", (0.0, 10.0)),
-    ("contrast_hu_range", (300.0, 150.0)),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("location_shares", (0.5, 0.5, 0.5)),
+        ("kind_shares", (1.0, 0.0)),
+        ("contrast_share", 1.5),
+        ("sharp_kernel_share", -0.1),
+        ("fat_mm_range", (0.0, 10.0)),
+        ("contrast_hu_range", (300.0, 150.0)),
+    ],
+)
 def test_bad_new_config_values_are_rejected_by_name(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         ChestConfig(**{field: value})
@@ -244,12 +279,13 @@ def test_the_unlabeled_pool_has_hidden_truth_the_split_does_not_read(tmp_path) -
     truth = _rows(out / "unlabeled" / "truth_annotations.csv")
     excluded = _rows(out / "unlabeled" / "truth_annotations_excluded.csv")
     pool = {p.stem for p in (out / "unlabeled").glob("*.mhd")}
-    assert len(pool) == 2 and {r["seriesuid"] for r in truth} == pool   # every scan has a nodule
+    assert len(pool) == 2 and {r["seriesuid"] for r in truth} == pool  # every scan has a nodule
     assert {r["seriesuid"] for r in excluded} <= pool
     labeled = {r["seriesuid"] for r in _rows(out / "annotations.csv")}
     assert not labeled & pool
-    split = split_luna16(out, n_labeled=1, n_unlabeled=10, test_subsets=(), n_validation=0,
-                         split_seed=0)
+    split = split_luna16(
+        out, n_labeled=1, n_unlabeled=10, test_subsets=(), n_validation=0, split_seed=0
+    )
     names = {s.key for s in split.unlabeled}
     assert pool <= names and not any("truth" in n for n in names)
 
@@ -257,11 +293,25 @@ def test_the_unlabeled_pool_has_hidden_truth_the_split_does_not_read(tmp_path) -
 def test_the_cli_family_option_writes_the_heldout_family(tmp_path) -> None:
     train, heldout = tmp_path / "train", tmp_path / "heldout"
     for out, family in ((train, "train"), (heldout, "heldout")):
-        result = CliRunner().invoke(cli, ["synth", "chest", "--cases", "1", "--matrix", "48",
-                                          "--slices", "24", "--family", family, str(out)])
+        result = CliRunner().invoke(
+            cli,
+            [
+                "synth",
+                "chest",
+                "--cases",
+                "1",
+                "--matrix",
+                "48",
+                "--slices",
+                "24",
+                "--family",
+                family,
+                str(out),
+            ],
+        )
         assert result.exit_code == 0, result.output
     a, b = Luna16(train), Luna16(heldout)
-    assert set(a.seriesuids).isdisjoint(b.seriesuids)      # other seeds, so other UIDs
+    assert set(a.seriesuids).isdisjoint(b.seriesuids)  # other seeds, so other UIDs
     case = generate_chest_ct(0, ChestConfig.for_family("heldout", matrix=48, n_slices=24))
     assert b.seriesuids == [chest_series_info(SEED_SPAN, case).uid("series")]
 
@@ -271,10 +321,10 @@ def test_the_cli_family_option_writes_the_heldout_family(tmp_path) -> None:
 
 def test_a_breathing_grid_shows_shifted_levels_and_finds_them_again() -> None:
     still = ScanGrid((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (6, 4, 4))
-    shift = (0.0, 0.5, 1.0, -2.5, -2.5, 0.0)     # slice 3 shows level 0.5: a level shown twice
+    shift = (0.0, 0.5, 1.0, -2.5, -2.5, 0.0)  # slice 3 shows level 0.5: a level shown twice
     moving = dataclasses.replace(still, z_shift=shift)
     assert np.allclose(moving.axes()[2].ravel(), [0.0, 1.5, 3.0, 0.5, 1.5, 5.0])
-    assert np.allclose(moving.axes()[0], still.axes()[0])           # in-plane unchanged
+    assert np.allclose(moving.axes()[0], still.axes()[0])  # in-plane unchanged
     assert np.array_equal(moving.box(), still.box()) and moving.motion_mm == 2.5
     assert moving.index_slices(np.array([0, 0, 1.2]), np.array([3, 3, 1.8]))[0] == slice(1, 5)
     assert still.index_slices(np.array([0, 0, 1.2]), np.array([3, 3, 1.8])) is None
@@ -285,22 +335,27 @@ def test_a_breathing_grid_shows_shifted_levels_and_finds_them_again() -> None:
 
 
 def test_breathing_makes_a_nodule_span_other_slices_and_annotations_follow_it() -> None:
-    still = ChestConfig(matrix=96, n_slices=48, nodule_diameter_range=(3.0, 12.0),
-                        slice_thickness_range=(1.0, 1.0), motion_share=0.0,
-                        motion_amplitude_range=(10.0, 10.0))
+    still = ChestConfig(
+        matrix=96,
+        n_slices=48,
+        nodule_diameter_range=(3.0, 12.0),
+        slice_thickness_range=(1.0, 1.0),
+        motion_share=0.0,
+        motion_amplitude_range=(10.0, 10.0),
+    )
     changed = 0
     for seed in range(2):
         a = generate_chest_ct(seed, still)
         b = generate_chest_ct(seed, dataclasses.replace(still, motion_share=1.0))
         assert a.volume.meta["motion_mm"] == 0 and b.volume.meta["motion_mm"] == 10.0
-        assert np.array_equal(a.volume.affine, b.volume.affine)     # same nominal slices
+        assert np.array_equal(a.volume.affine, b.volume.affine)  # same nominal slices
         for na, nb in zip(a.nodules, b.nodules):
             slices_a = (a.nodule_mask == na.label).any(axis=(1, 2)).sum()
             slices_b = (b.nodule_mask == nb.label).any(axis=(1, 2)).sum()
             changed += slices_a != slices_b
             # annotated where the moving patient shows it: the drawn nodule is around it
             z, y, x = np.rint(b.volume.world_to_index(nb.centre_lps)).astype(int)
-            around = b.nodule_mask[max(z - 1, 0):z + 2, y - 1:y + 2, x - 1:x + 2] == nb.label
+            around = b.nodule_mask[max(z - 1, 0) : z + 2, y - 1 : y + 2, x - 1 : x + 2] == nb.label
             assert around.sum() >= 5, nb
     assert changed >= 2
 

@@ -29,8 +29,13 @@ SMALL = ChestConfig(matrix=96, n_slices=48, nodule_diameter_range=(3.0, 12.0))
 WIDE = ChestConfig(nodule_diameter_range=(3.0, 20.0))
 
 
-def _placed(seed: int, config: ChestConfig = SMALL, *, airway_share: float | None = None,
-            with_airways: bool = True) -> tuple[list[Lesion], Tubes, Tubes]:
+def _placed(
+    seed: int,
+    config: ChestConfig = SMALL,
+    *,
+    airway_share: float | None = None,
+    with_airways: bool = True,
+) -> tuple[list[Lesion], Tubes, Tubes]:
     """Place four juxta-vascular nodules the way :func:`generate_chest_ct` does:
 
     ``(nodules, vessels, airways)``. ``airway_share`` None: the call without airways
@@ -46,9 +51,12 @@ def _placed(seed: int, config: ChestConfig = SMALL, *, airway_share: float | Non
     if airway_share is None:
         nodules, _, _ = place_lesions(*args, location_shares=(0.0, 0.0, 1.0))
     else:
-        nodules, _, _ = place_lesions(*args, location_shares=(0.0, 0.0, 1.0),
-                                      airways=airways if with_airways else None,
-                                      airway_share=airway_share)
+        nodules, _, _ = place_lesions(
+            *args,
+            location_shares=(0.0, 0.0, 1.0),
+            airways=airways if with_airways else None,
+            airway_share=airway_share,
+        )
     return nodules, vessels, airways
 
 
@@ -68,14 +76,13 @@ def test_juxta_vascular_nodules_touch_a_vessel_often_where_it_branches() -> None
             c, r = nodule.centre, nodule.record.diameter_mm / 2
             ab = v.end - v.start
             t = np.clip(((c - v.start) * ab).sum(1) / np.maximum((ab * ab).sum(1), 1e-9), 0, 1)
-            gap = (np.linalg.norm(v.start + t[:, None] * ab - c, axis=1)
-                   - (v.r0 + t * (v.r1 - v.r0)))
-            touching += gap.min() < r                 # the nodule overlaps a vessel
+            gap = np.linalg.norm(v.start + t[:, None] * ab - c, axis=1) - (v.r0 + t * (v.r1 - v.r0))
+            touching += gap.min() < r  # the nodule overlaps a vessel
             to_fork = np.linalg.norm(fork_at - c, axis=1) - fork_r
             at_branching += to_fork.min() <= 0.85 * r + 1e-6
             total += 1
     assert total >= 30 and touching == total
-    assert at_branching >= 0.55 * total          # ~0.35 when placed along segments only
+    assert at_branching >= 0.55 * total  # ~0.35 when placed along segments only
 
 
 def _airway_contact(nodule: Lesion, airways: Tubes) -> tuple[float, float, float]:
@@ -89,8 +96,11 @@ def _airway_contact(nodule: Lesion, airways: Tubes) -> tuple[float, float, float
     scale, offset = AIRWAY_WALL
     fork_at, fork_r = airways.branchings()
     to_fork = np.linalg.norm(fork_at - nodule.centre, axis=1) - (fork_r * scale + offset)
-    return (float((dist - (lumen * scale + offset)).min()) - r,
-            float((dist - lumen).min()) - r, float(to_fork.min()) - r)
+    return (
+        float((dist - (lumen * scale + offset)).min()) - r,
+        float((dist - lumen).min()) - r,
+        float(to_fork.min()) - r,
+    )
 
 
 def test_peribronchial_nodules_abut_an_airway_wall_where_it_divides() -> None:
@@ -98,15 +108,15 @@ def test_peribronchial_nodules_abut_an_airway_wall_where_it_divides() -> None:
     for seed in range(8):
         nodules, _, airways = _placed(seed, WIDE, airway_share=1.0)
         for nodule in nodules:
-            assert nodule.record.location == "juxta-vascular"   # the 3 locations stay
+            assert nodule.record.location == "juxta-vascular"  # the 3 locations stay
             attached.append(nodule.record.attached_to)
             if nodule.record.attached_to == "airway":
                 contacts.append(_airway_contact(nodule, airways))
     assert len(attached) == 32 and set(attached) <= {"airway", "vessel"}
     assert attached.count("airway") >= 0.9 * len(attached)
     to_wall, to_lumen, to_fork = np.array(contacts).T
-    assert to_wall.max() <= 1.0            # every one touches (here: reaches into) a wall
-    assert to_lumen.min() >= -0.05         # and stays out of the lumen
+    assert to_wall.max() <= 1.0  # every one touches (here: reaches into) a wall
+    assert to_lumen.min() >= -0.05  # and stays out of the lumen
     assert np.mean(to_fork <= 1.0) >= 0.8  # next to where the airway divides
 
 
@@ -137,8 +147,13 @@ def test_airway_share_is_validated_and_set_per_family() -> None:
 
 
 def test_peribronchial_scans_are_reproducible() -> None:
-    config = dataclasses.replace(SMALL, airway_share=1.0, location_shares=(0.0, 0.0, 1.0),
-                                 n_nodules_range=(2, 2), render_threads=2)
+    config = dataclasses.replace(
+        SMALL,
+        airway_share=1.0,
+        location_shares=(0.0, 0.0, 1.0),
+        n_nodules_range=(2, 2),
+        render_threads=2,
+    )
     a, b = (generate_chest_ct(3, config) for _ in range(2))
     assert [n.attached_to for n in a.nodules].count("airway") >= 1
     assert a.nodules == b.nodules
@@ -148,8 +163,9 @@ def test_peribronchial_scans_are_reproducible() -> None:
 
 @pytest.fixture(scope="module")
 def with_lookalikes() -> list:
-    config = dataclasses.replace(SMALL, n_lookalikes_range=(4, 4),
-                                 slice_thickness_range=(0.625, 0.625))
+    config = dataclasses.replace(
+        SMALL, n_lookalikes_range=(4, 4), slice_thickness_range=(0.625, 0.625)
+    )
     return [generate_chest_ct(seed, config) for seed in range(4)]
 
 
@@ -160,14 +176,14 @@ def test_granulomas_are_dense_and_small_and_scars_are_long_bands(with_lookalikes
         image = case.volume.array
         for look in case.lookalikes:
             z, y, x = np.rint(case.volume.world_to_index(look.centre_lps)).astype(int)
-            near = image[max(z - 1, 0):z + 2, y - 1:y + 2, x - 1:x + 2]
+            near = image[max(z - 1, 0) : z + 2, y - 1 : y + 2, x - 1 : x + 2]
             if look.kind == "granuloma":
                 assert GRANULOMA_DIAMETER[0] <= look.diameter_mm <= GRANULOMA_DIAMETER[1]
-                assert near.max() > 200              # calcified
+                assert near.max() > 200  # calcified
             else:
                 assert SCAR_LENGTH[0] <= look.diameter_mm <= SCAR_LENGTH[1]
-                assert near.max() > -400             # a soft-tissue band in aerated lung
-            assert case.nodule_mask[z, y, x] == 0     # not a nodule
+                assert near.max() > -400  # a soft-tissue band in aerated lung
+            assert case.nodule_mask[z, y, x] == 0  # not a nodule
             assert case.lung_mask[z, y, x]
 
 
@@ -199,11 +215,13 @@ def test_lookalikes_are_written_as_false_positive_candidates_not_annotations(tmp
     luna = Luna16(out)
     assert looks, "seeds 11-13 draw look-alikes"
     key = {(r["seriesuid"], round(float(r["coordX"]), 2)) for r in looks}
-    annotated = {(f.seriesuid, round(f.centre_lps[0], 2))
-                 for f in luna.annotations() + luna.excluded()}
+    annotated = {
+        (f.seriesuid, round(f.centre_lps[0], 2)) for f in luna.annotations() + luna.excluded()
+    }
     assert not key & annotated
-    negatives = {(f.seriesuid, round(f.centre_lps[0], 2)) for f, cls in luna.candidates()
-                 if cls == 0}
+    negatives = {
+        (f.seriesuid, round(f.centre_lps[0], 2)) for f, cls in luna.candidates() if cls == 0
+    }
     assert key <= negatives
     for name in UNLABELED_TRUTH:
         assert (out / "unlabeled" / name).is_file()

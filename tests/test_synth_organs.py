@@ -131,7 +131,10 @@ def test_domains_have_clearly_different_intensities(cases):
 def test_adjacent_organs_are_separable_by_intensity_in_every_domain():
     """The domains' contrast separates touching organs (a case's own variation aside: see
     the next test)."""
-    steady = {name: dataclasses.replace(dom, case_intensity_sd=0.0, case_noise_sd=0.0) for name, dom in DOMAINS.items()}
+    steady = {
+        name: dataclasses.replace(dom, case_intensity_sd=0.0, case_noise_sd=0.0)
+        for name, dom in DOMAINS.items()
+    }
     cases = {name: generate_organ_phantom(SEED, dom) for name, dom in steady.items()}
     for name, case in cases.items():
         label = case.label.array
@@ -149,6 +152,7 @@ def test_adjacent_organs_are_separable_by_intensity_in_every_domain():
 
 def test_cases_of_one_ct_domain_differ_in_organ_intensity():
     """Between-case variation: the same domain does not give every patient the same liver HU."""
+
     def liver_hu(domain, seed: int) -> float:
         case = generate_organ_phantom(seed, domain, shape=(16, 64, 64))
         return float(np.median(case.image.array[case.label.array == 1]))

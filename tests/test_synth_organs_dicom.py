@@ -15,11 +15,32 @@ from medssl.synth.organs import generate_organ_phantom
 
 def test_organs_as_dicom_are_abdominal_ct_studies_with_their_truth_beside_them(tmp_path):
     out = tmp_path / "abd"
-    result = CliRunner().invoke(cli, ["synth", "organs", "--cases", "1", "--test", "1", "--seed", "7",
-                                      "--shape", "24", "64", "64", "--format", "dicom", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "synth",
+            "organs",
+            "--cases",
+            "1",
+            "--test",
+            "1",
+            "--seed",
+            "7",
+            "--shape",
+            "24",
+            "64",
+            "64",
+            "--format",
+            "dicom",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((out / "cases.csv").open()))
-    assert [(r["case_id"], r["split"]) for r in rows] == [("organs_0007", "training"), ("organs_0008", "test")]
+    assert [(r["case_id"], r["split"]) for r in rows] == [
+        ("organs_0007", "training"),
+        ("organs_0008", "test"),
+    ]
     index = index_tree(out)
     assert len(index.series) == 2
     by_uid = {s.series_uid: s for s in index.series}
@@ -38,8 +59,20 @@ def test_organs_as_dicom_are_abdominal_ct_studies_with_their_truth_beside_them(t
 
 
 def test_organs_as_dicom_refuse_an_mr_domain(tmp_path):
-    result = CliRunner().invoke(cli, ["synth", "organs", "--cases", "1", "--domain", "mr", "--format", "dicom",
-                                      str(tmp_path / "x")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "synth",
+            "organs",
+            "--cases",
+            "1",
+            "--domain",
+            "mr",
+            "--format",
+            "dicom",
+            str(tmp_path / "x"),
+        ],
+    )
     assert result.exit_code == 2
     assert "MR" in result.output and "CT series only" in result.output
     assert not (tmp_path / "x").exists()

@@ -45,6 +45,7 @@ def assert_values(actual: torch.Tensor, expected: list[float]) -> None:
 
 # -- mapping -------------------------------------------------------------------------------
 
+
 def test_convex_mapping_is_x_over_2_minus_x() -> None:
     beta = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
     assert_values(cpl_mapping(beta, "convex"), [0.0, 1 / 3, 1.0])
@@ -61,6 +62,7 @@ def test_unknown_mapping_is_rejected_by_name() -> None:
 
 
 # -- FixedThreshold ------------------------------------------------------------------------
+
 
 def test_fixed_threshold_keeps_max_probability_at_or_above_tau() -> None:
     policy = FixedThreshold(0.95)
@@ -89,6 +91,7 @@ def test_fixed_threshold_state_round_trip_and_mismatch() -> None:
 
 # -- FlexMatch: t = 0 ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("warmup", [True, False])
 def test_at_start_every_sample_is_unused_and_every_threshold_is_zero(warmup: bool) -> None:
     # σ = (0, 0, 0). Warm-up: β = 0 / max(0, N − 0) = 0 / 10 = 0. Without: 0 / 0, which the
@@ -107,6 +110,7 @@ def test_at_start_every_sample_is_unused_and_every_threshold_is_zero(warmup: boo
 
 # -- FlexMatch: thresholds follow the learning effects -------------------------------------
 
+
 def learn_three_steps(policy: FlexMatchThreshold) -> list[list[int]]:
     """A hand-made sequence of updates on N = 10 samples; returns σ after each step."""
     sigmas = []
@@ -115,8 +119,10 @@ def learn_three_steps(policy: FlexMatchThreshold) -> list[list[int]]:
     policy.update(probs((0, 0.97), (0, 0.96), (1, 0.99), (2, 0.90)), ids(0, 1, 2, 3))
     sigmas.append(policy.learning_effect().tolist())
     # step 2: 4, 5, 6 → class 0; 7 → class 1; 8 at 0.5 not stored; 2 changes class 1 → 0
-    policy.update(probs((0, 0.98), (0, 0.99), (0, 0.95), (1, 0.97), (0, 0.5), (0, 0.99)),
-                  ids(4, 5, 6, 7, 8, 2))
+    policy.update(
+        probs((0, 0.98), (0, 0.99), (0, 0.95), (1, 0.97), (0, 0.5), (0, 0.99)),
+        ids(4, 5, 6, 7, 8, 2),
+    )
     sigmas.append(policy.learning_effect().tolist())
     # step 3: 9 and 3 → class 2; 8 → class 1: every sample used
     policy.update(probs((2, 0.99), (2, 0.96), (1, 0.97)), ids(9, 3, 8))
@@ -135,8 +141,10 @@ def test_warmup_thresholds_rise_as_classes_are_learned() -> None:
     assert_values(policy.normalised_effect(), [2 / 7, 1 / 7, 0.0])
     assert_values(policy.thresholds(), [TAU / 6, TAU / 13, 0.0])
 
-    policy.update(probs((0, 0.98), (0, 0.99), (0, 0.95), (1, 0.97), (0, 0.5), (0, 0.99)),
-                  ids(4, 5, 6, 7, 8, 2))
+    policy.update(
+        probs((0, 0.98), (0, 0.99), (0, 0.95), (1, 0.97), (0, 0.5), (0, 0.99)),
+        ids(4, 5, 6, 7, 8, 2),
+    )
     assert policy.memory.tolist() == [0, 0, 0, -1, 0, 0, 0, 1, -1, -1]
     # σ = (6, 1, 0), unused 3: β = σ / max(6, 3) = (1, 1/6, 0); M(1/6) = (1/6)/(11/6) = 1/11
     assert policy.learning_effect().tolist() == [6, 1, 0]
@@ -184,12 +192,14 @@ def test_one_class_holding_every_entry_follows_the_formula() -> None:
 
 # -- FlexMatch: order, memory writes -------------------------------------------------------
 
+
 def test_a_batch_is_masked_with_the_thresholds_from_before_it() -> None:
     # N = 4, a fresh memory: T = 0, so all four pass, including sample 3 at 0.90 < τ.
     # Updating first would give σ = (3, 0, 0), unused 1, β(0) = 1, T(0) = τ and drop sample 3.
     policy = FlexMatchThreshold(3, 4, tau=TAU)
-    labels, keep = policy.pseudo_label(probs((0, 0.99), (0, 0.99), (0, 0.99), (0, 0.90)),
-                                       ids(0, 1, 2, 3))
+    labels, keep = policy.pseudo_label(
+        probs((0, 0.99), (0, 0.99), (0, 0.99), (0, 0.90)), ids(0, 1, 2, 3)
+    )
     assert labels.tolist() == [0, 0, 0, 0]
     assert keep.tolist() == [True, True, True, True]
     assert policy.memory.tolist() == [0, 0, 0, -1]
@@ -238,6 +248,7 @@ def test_inputs_are_validated_with_the_bad_value_named() -> None:
 
 # -- checkpointing -------------------------------------------------------------------------
 
+
 def test_state_dict_round_trip_resumes_exactly() -> None:
     policy = FlexMatchThreshold(3, 10, tau=TAU)
     learn_three_steps(policy)
@@ -267,6 +278,7 @@ def test_state_of_another_configuration_is_refused() -> None:
 
 
 # -- segmentation memory -------------------------------------------------------------------
+
 
 def test_memory_storage_is_one_byte_per_entry_for_up_to_127_classes() -> None:
     layout = VoxelMemoryLayout([(64, 128, 128)] * 100, stride=4)
@@ -321,10 +333,11 @@ def test_a_segmentation_batch_updates_its_cases_grid_voxels() -> None:
     p = torch.zeros(2, 2, 4, 4, 4)
     p[:, 0] = 0.99
     p[1, 0, 2, 2, 2] = 0.01  # case 1's grid voxel (1, 1, 1): class 1
-    p[1, 0, 0, 0, 0] = 0.6   # case 1's grid voxel (0, 0, 0): not confident
+    p[1, 0, 0, 0, 0] = 0.6  # case 1's grid voxel (0, 0, 0): not confident
     p[:, 1] = 1 - p[:, 0]
-    sample_ids = torch.stack([layout.crop_id_map(0, (0, 0, 0), (4, 4, 4)),
-                              layout.crop_id_map(1, (0, 0, 0), (4, 4, 4))])
+    sample_ids = torch.stack(
+        [layout.crop_id_map(0, (0, 0, 0), (4, 4, 4)), layout.crop_id_map(1, (0, 0, 0), (4, 4, 4))]
+    )
     labels, keep = policy.pseudo_label(p, sample_ids)
     assert labels.shape == keep.shape == (2, 4, 4, 4) and keep.all()  # t = 0
     assert policy.memory.tolist() == [0] * 8 + [-1, 0, 0, 0, 0, 0, 0, 1]

@@ -35,8 +35,13 @@ from medssl.training.det_trainer import TrainingDivergedError, train_detector
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 TINY = [
-    "optim.steps=4", "eval.every=2", "eval.bootstrap=10", "data.patch=32",
-    "data.n_validation=1", "data.test_subsets=[9]", "data.workers=0",
+    "optim.steps=4",
+    "eval.every=2",
+    "eval.bootstrap=10",
+    "data.patch=32",
+    "data.n_validation=1",
+    "data.test_subsets=[9]",
+    "data.workers=0",
 ]
 
 
@@ -54,8 +59,11 @@ def cache(tmp_path_factory, monkeypatch):
 
 
 def tiny_config(method: str, *extra: str) -> DetectionExperiment:
-    return load_config(DetectionExperiment, resolve_config("focalmix-cpu"),
-                       {**parse_overrides([*TINY, *extra]), "method": method})
+    return load_config(
+        DetectionExperiment,
+        resolve_config("focalmix-cpu"),
+        {**parse_overrides([*TINY, *extra]), "method": method},
+    )
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -64,14 +72,34 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_supervised_run_writes_checkpoints_logs_submission_and_report(luna, tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(train, ["supervised-det", "--config", "focalmix-cpu", "--data", str(luna),
-                                        "--labeled", "4", "--out", str(out), "--device", "cpu",
-                                        *[a for s in TINY for a in ("--set", s)]])
+    result = CliRunner().invoke(
+        train,
+        [
+            "supervised-det",
+            "--config",
+            "focalmix-cpu",
+            "--data",
+            str(luna),
+            "--labeled",
+            "4",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *[a for s in TINY for a in ("--set", s)],
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["test"]["cpm"] == pytest.approx(
-        json.loads((out / "test" / "cpm.json").read_text())["cpm"])
-    assert {p.name for p in (out / "checkpoints").iterdir()} >= {"best.pt", "last.pt", "step_00000002.pt",
-                                                                 "step_00000004.pt", "index.json"}
+        json.loads((out / "test" / "cpm.json").read_text())["cpm"]
+    )
+    assert {p.name for p in (out / "checkpoints").iterdir()} >= {
+        "best.pt",
+        "last.pt",
+        "step_00000002.pt",
+        "step_00000004.pt",
+        "index.json",
+    }
     assert list((out / "tensorboard").iterdir()), "no TensorBoard event file"
     assert "val/cpm" in (out / "log.jsonl").read_text()
     with open(out / "test" / "submission.csv") as fh:
@@ -85,8 +113,13 @@ def test_supervised_run_writes_checkpoints_logs_submission_and_report(luna, tmp_
     split = json.loads((out / "split.json").read_text())
     assert len(split["labeled"]) == 4 and not set(split["labeled"]) & set(test_uids)
     checkpoint = torch.load(out / "checkpoints" / "best.pt", weights_only=False)
-    assert checkpoint["config"]["method"] == "supervised-det" and checkpoint["config"]["data"]["patch"] == 32
-    assert checkpoint["provenance"]["n_labeled"] == 4 and checkpoint["provenance"]["n_unlabeled"] == 0
+    assert (
+        checkpoint["config"]["method"] == "supervised-det"
+        and checkpoint["config"]["data"]["patch"] == 32
+    )
+    assert (
+        checkpoint["provenance"]["n_labeled"] == 4 and checkpoint["provenance"]["n_unlabeled"] == 0
+    )
     assert "cpm" in checkpoint["metrics"]  # model cards carry the validation metrics
 
 
@@ -94,11 +127,20 @@ def test_focalmix_run_trains_on_labeled_and_unlabeled_patches(luna, tmp_path):
     """Also: a corrupt unlabeled scan is skipped with a warning naming it; the run goes on."""
     bad = tmp_path / "archive"
     bad.mkdir()
-    (bad / "broken.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 10 10 10\n"
-                                    "ElementType = MET_SHORT\nElementDataFile = broken.raw\n")
+    (bad / "broken.mhd").write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 10 10 10\n"
+        "ElementType = MET_SHORT\nElementDataFile = broken.raw\n"
+    )
     (bad / "broken.raw").write_bytes(b"\0" * 100)
-    cfg = tiny_config("focalmix", "optim.steps=3", "eval.every=3", "focalmix.k=2", "data.workers=1",
-                      "focalmix.object_threshold=0.0", f"data.unlabeled_dirs=[{bad}]")
+    cfg = tiny_config(
+        "focalmix",
+        "optim.steps=3",
+        "eval.every=3",
+        "focalmix.k=2",
+        "data.workers=1",
+        "focalmix.object_threshold=0.0",
+        f"data.unlabeled_dirs=[{bad}]",
+    )
     with pytest.warns(UserWarning, match="skipping unlabeled scan broken"):
         run = train_detector(cfg, luna, tmp_path / "fm", n_labeled=4, n_unlabeled=3, device="cpu")
     logged = [json.loads(line) for line in (tmp_path / "fm" / "log.jsonl").read_text().splitlines()]
@@ -109,7 +151,9 @@ def test_focalmix_run_trains_on_labeled_and_unlabeled_patches(luna, tmp_path):
     assert run.test_report is not None and run.best_checkpoint.is_file()
 
 
-def test_nan_loss_stops_with_the_last_good_checkpoint_and_resume_reproduces_the_run(luna, tmp_path, monkeypatch):
+def test_nan_loss_stops_with_the_last_good_checkpoint_and_resume_reproduces_the_run(
+    luna, tmp_path, monkeypatch
+):
     cfg = tiny_config("supervised-det")
     train_detector(cfg, luna, tmp_path / "straight", n_labeled=4, device="cpu")
 
@@ -124,7 +168,9 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_and_resume_reproduces_the_
         return losses
 
     monkeypatch.setattr(det_trainer, "supervised_step", poisoned)
-    with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 2.*step_00000002\.pt|last\.pt"):
+    with pytest.raises(
+        TrainingDivergedError, match=r"loss became nan at step 2.*step_00000002\.pt|last\.pt"
+    ):
         train_detector(cfg, luna, tmp_path / "broken", n_labeled=4, device="cpu")
     index = json.loads((tmp_path / "broken" / "checkpoints" / "index.json").read_text())
     assert index["last_step"] == 2
@@ -137,9 +183,21 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_and_resume_reproduces_the_
 
 def test_a_bad_config_key_or_value_stops_at_start_naming_the_key(luna, tmp_path):
     runner = CliRunner()
-    args = ["focalmix", "--data", str(luna), "--labeled", "2", "--unlabeled", "1", "--out", str(tmp_path / "x")]
+    args = [
+        "focalmix",
+        "--data",
+        str(luna),
+        "--labeled",
+        "2",
+        "--unlabeled",
+        "1",
+        "--out",
+        str(tmp_path / "x"),
+    ]
     result = runner.invoke(train, [*args, "--set", "focalmix.kk=3"])
-    assert result.exit_code == 1 and "focalmix.kk" in result.output and "did you mean" in result.output
+    assert (
+        result.exit_code == 1 and "focalmix.kk" in result.output and "did you mean" in result.output
+    )
     result = runner.invoke(train, [*args, "--set", "focalmix.k=60"])
     assert result.exit_code == 1 and "focalmix" in result.output and "1..48" in result.output
     assert not (tmp_path / "x").exists()
@@ -155,12 +213,16 @@ def test_inference_windows_default_to_the_training_patch():
 
 def test_focalmix_without_unlabeled_scans_is_refused(luna, tmp_path):
     with pytest.raises(MedsslError, match="unlabeled"):
-        train_detector(tiny_config("focalmix"), luna, tmp_path / "r", n_labeled=2, n_unlabeled=0, device="cpu")
+        train_detector(
+            tiny_config("focalmix"), luna, tmp_path / "r", n_labeled=2, n_unlabeled=0, device="cpu"
+        )
 
 
 def test_too_many_labeled_scans_names_the_pool_size(luna, tmp_path):
     with pytest.raises(MedsslError, match="training pool .* has 9"):
-        train_detector(tiny_config("supervised-det"), luna, tmp_path / "r", n_labeled=20, device="cpu")
+        train_detector(
+            tiny_config("supervised-det"), luna, tmp_path / "r", n_labeled=20, device="cpu"
+        )
 
 
 def _free_port() -> int:
@@ -175,10 +237,34 @@ def test_two_process_gloo_run_with_torchrun(luna, tmp_path):
     overrides = [a for s in [*TINY, "optim.steps=2", "eval.every=2"] for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-         str(_free_port()), "-m", "medssl.cli.train", "supervised-det", "--config", "focalmix-cpu",
-         "--data", str(luna), "--labeled", "4", "--out", str(out), "--device", "cpu", *overrides],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "medssl.cli.train",
+            "supervised-det",
+            "--config",
+            "focalmix-cpu",
+            "--data",
+            str(luna),
+            "--labeled",
+            "4",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoints" / "last.pt").is_file() and (out / "test" / "cpm.json").is_file()

@@ -155,35 +155,52 @@ def _ad_worker(rank: int, port: int, out_dir: str) -> None:
     from medssl.training.seg_steps import ad_step
     from medssl.training.vnet import DiffVNet, VNetConfig
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     env = init_distributed(prefer_cuda=False)
     try:
-        cfg = load_config(SegmentationExperiment, resolve_config("seg-imbssl-cpu"),
-                          {"ad.diffusion_process.sample_steps": 2})
+        cfg = load_config(
+            SegmentationExperiment,
+            resolve_config("seg-imbssl-cpu"),
+            {"ad.diffusion_process.sample_steps": 2},
+        )
         torch.manual_seed(100 + rank)
         model = wrap_ddp(DiffVNet(VNetConfig(width=4), 3), env)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         drs = DifficultyWeights(3)
         data = torch.Generator().manual_seed(rank)
         for step in range(2):
-            labeled = {"image": torch.randn(2, 1, 16, 32, 32, generator=data),
-                       "label": torch.randint(0, 3, (2, 16, 32, 32), generator=data)}
+            labeled = {
+                "image": torch.randn(2, 1, 16, 32, 32, generator=data),
+                "label": torch.randint(0, 3, (2, 16, 32, 32), generator=data),
+            }
             unlabeled = {"image": torch.randn(2, 1, 16, 32, 32, generator=data)}
             loss = ad_step(model, unwrap(model), labeled, unlabeled, drs, step, cfg, data)["loss"]
             opt.zero_grad()
             loss.backward()
             opt.step()
-        torch.save({k: v.detach().clone() for k, v in unwrap(model).named_parameters()},
-                   os.path.join(out_dir, f"ad{rank}.pt"))
+        torch.save(
+            {k: v.detach().clone() for k, v in unwrap(model).named_parameters()},
+            os.path.join(out_dir, f"ad{rank}.pt"),
+        )
     finally:
         cleanup()
 
 
 def test_ad_step_trains_under_ddp_with_every_parameter_used(tmp_path):
-    ctx = mp.start_processes(_ad_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _ad_worker,
+        args=(_free_port(), str(tmp_path)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + 180
     try:
         while not ctx.join(timeout=1):
@@ -203,17 +220,29 @@ def _issue9_worker(rank: int, port: int, out_dir: str) -> None:
     memory, the same weights and the same embedding queues."""
     from medssl.training.patchcl import EmbeddingQueues, ProjectionHead
     from medssl.training.seg_config import SegmentationExperiment, SegModelConfig
-    from medssl.training.seg_steps import PatchCLParts, ema_update, filter_pseudo_labels, patchcl_step
+    from medssl.training.seg_steps import (
+        PatchCLParts,
+        ema_update,
+        filter_pseudo_labels,
+        patchcl_step,
+    )
     from medssl.training.threshold import FlexMatchThreshold
     from medssl.training.vnet import VNet
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     env = init_distributed(prefer_cuda=False)
     try:
         data = torch.Generator().manual_seed(rank)
-        gathered = all_gather_cat(torch.full((rank + 1, 2), float(rank)))  # different sizes per rank
+        gathered = all_gather_cat(
+            torch.full((rank + 1, 2), float(rank))
+        )  # different sizes per rank
         policy = FlexMatchThreshold(3, 40, tau=0.5)
         probs = torch.softmax(torch.randn(2, 3, 4, generator=data) * 3, dim=1)
         ids = torch.randint(0, 40, (2, 4), generator=data)
@@ -228,9 +257,14 @@ def _issue9_worker(rank: int, port: int, out_dir: str) -> None:
         parts = PatchCLParts(wrap_ddp(head, env), ProjectionHead(64), EmbeddingQueues(2, 128, 64))
         parts.teacher_head.load_state_dict(head.state_dict())
         opt = torch.optim.SGD([*model.parameters(), *parts.head.parameters()], lr=0.05)
-        for step in (0, 8000):  # warm-up (0.2 of the default 30000 steps: no PLGCL), then with PLGCL
-            labeled = {"image": torch.rand(2, 1, 16, 32, 32, generator=data) * 2 - 1,
-                       "label": torch.randint(0, 2, (2, 16, 32, 32), generator=data)}
+        for step in (
+            0,
+            8000,
+        ):  # warm-up (0.2 of the default 30000 steps: no PLGCL), then with PLGCL
+            labeled = {
+                "image": torch.rand(2, 1, 16, 32, 32, generator=data) * 2 - 1,
+                "label": torch.randint(0, 2, (2, 16, 32, 32), generator=data),
+            }
             unlabeled = {"image": torch.rand(2, 1, 16, 32, 32, generator=data) * 2 - 1}
             unlabeled["strong"] = unlabeled["image"] * 0.9
             losses = patchcl_step(model, teacher, parts, labeled, unlabeled, step, cfg)
@@ -239,11 +273,19 @@ def _issue9_worker(rank: int, port: int, out_dir: str) -> None:
             opt.step()
             ema_update(teacher, unwrap(model), 0.99)
             ema_update(parts.teacher_head, unwrap(parts.head), 0.99)
-        torch.save({"gathered": gathered, "memory": policy.memory.clone(), "probs": probs, "ids": ids,
-                    "plgcl": float(losses["plgcl"]), "queues": parts.queues.state_dict(),
-                    "model": {k: v.detach().clone() for k, v in unwrap(model).named_parameters()},
-                    "head": {k: v.detach().clone() for k, v in unwrap(parts.head).named_parameters()}},
-                   os.path.join(out_dir, f"i9-{rank}.pt"))
+        torch.save(
+            {
+                "gathered": gathered,
+                "memory": policy.memory.clone(),
+                "probs": probs,
+                "ids": ids,
+                "plgcl": float(losses["plgcl"]),
+                "queues": parts.queues.state_dict(),
+                "model": {k: v.detach().clone() for k, v in unwrap(model).named_parameters()},
+                "head": {k: v.detach().clone() for k, v in unwrap(parts.head).named_parameters()},
+            },
+            os.path.join(out_dir, f"i9-{rank}.pt"),
+        )
     finally:
         cleanup()
 
@@ -251,8 +293,13 @@ def _issue9_worker(rank: int, port: int, out_dir: str) -> None:
 def test_cpl_memory_and_patchcl_queues_and_weights_agree_across_ddp_ranks(tmp_path):
     from medssl.training.threshold import FlexMatchThreshold
 
-    ctx = mp.start_processes(_issue9_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _issue9_worker,
+        args=(_free_port(), str(tmp_path)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + 180
     try:
         while not ctx.join(timeout=1):

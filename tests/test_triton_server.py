@@ -117,8 +117,14 @@ def test_a_server_that_goes_away_fails_after_the_retries(
     triton_env, repository, patches, exported_detector, protocol
 ):
     with LocalTritonServer(repository, env=triton_env) as doomed:
-        runner = TritonRunner(url_of(doomed, protocol), exported_detector.card, protocol=protocol,
-                              retries=2, backoff_s=0.1, timeout_s=5)
+        runner = TritonRunner(
+            url_of(doomed, protocol),
+            exported_detector.card,
+            protocol=protocol,
+            retries=2,
+            backoff_s=0.1,
+            timeout_s=5,
+        )
         runner(patches[:1])
     tic = time.monotonic()
     with pytest.raises(RunnerError, match="after 3 attempts"):

@@ -31,8 +31,11 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def experiment(*overrides: str, method: str = "mean-teacher") -> SegmentationExperiment:
-    return load_config(SegmentationExperiment, resolve_config("seg-ssl-cpu"),
-                       {**parse_overrides(list(overrides)), "method": method})
+    return load_config(
+        SegmentationExperiment,
+        resolve_config("seg-ssl-cpu"),
+        {**parse_overrides(list(overrides)), "method": method},
+    )
 
 
 def tiny_net(n_classes: int = 3, seed: int = 0) -> UNet2D:
@@ -90,7 +93,9 @@ def _conv_block(a: int, b: int) -> int:
     return (9 * a * b + b) + 2 * b + (9 * b * b + b) + 2 * b
 
 
-def ssl4mis_unet_parameters(in_chns: int, class_num: int, ft: tuple[int, ...] = (16, 32, 64, 128, 256)) -> int:
+def ssl4mis_unet_parameters(
+    in_chns: int, class_num: int, ft: tuple[int, ...] = (16, 32, 64, 128, 256)
+) -> int:
     """Parameters of SSL4MIS's ``UNet(in_chns, class_num)`` (``bilinear: True``), layer by layer."""
     encoder = _conv_block(in_chns, ft[0]) + sum(_conv_block(ft[i - 1], ft[i]) for i in range(1, 5))
     # UpBlock(ft[i+1], ft[i], ft[i]): conv1x1 (ft[i+1] -> ft[i]) + ConvBlock(2 ft[i], ft[i])
@@ -103,22 +108,34 @@ def ssl4mis_unet_parameters(in_chns: int, class_num: int, ft: tuple[int, ...] = 
 def test_parameter_count_is_ssl4mis_unet(classes):
     assert ssl4mis_unet_parameters(1, 4) == 1_813_764  # ACDC: 3 structures + background ("1.81M")
     net = UNet2D(classes)  # defaults: width 16, one channel, dropout on
-    assert sum(p.numel() for p in net.parameters()) == ssl4mis_unet_parameters(1, classes) == 1_813_184 + 145 * classes
+    assert (
+        sum(p.numel() for p in net.parameters())
+        == ssl4mis_unet_parameters(1, classes)
+        == 1_813_184 + 145 * classes
+    )
     drops = [m.p for m in net.encoder.modules() if isinstance(m, torch.nn.Dropout)]
     assert tuple(drops) == DROPOUT == (0.05, 0.1, 0.2, 0.3, 0.5)
     assert not any(isinstance(m, torch.nn.Dropout) for m in net.decoder.modules())
-    assert not any(isinstance(m, torch.nn.Dropout) for m in UNet2D(classes, dropout=False).modules())
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 18  # two per ConvBlock
+    assert not any(
+        isinstance(m, torch.nn.Dropout) for m in UNet2D(classes, dropout=False).modules()
+    )
+    assert (
+        sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 18
+    )  # two per ConvBlock
     assert sum(isinstance(m, torch.nn.LeakyReLU) for m in net.modules()) == 18
 
 
 def test_the_segmentation_steps_train_every_parameter_of_the_unet():
-    cfg = experiment("model.network=unet2d", "model.width=4", "data.patch=[1,48,48]", "optim.steps=10")
+    cfg = experiment(
+        "model.network=unet2d", "model.width=4", "data.patch=[1,48,48]", "optim.steps=10"
+    )
     student, teacher = build_segmenter(cfg, 2), build_segmenter(cfg, 2)
     assert isinstance(student, UNet2D)
     g = torch.Generator().manual_seed(0)
-    labeled = {"image": torch.randn(2, 1, 1, 32, 32, generator=g),
-               "label": torch.randint(0, 2, (2, 1, 32, 32), generator=g)}
+    labeled = {
+        "image": torch.randn(2, 1, 1, 32, 32, generator=g),
+        "label": torch.randint(0, 2, (2, 1, 32, 32), generator=g),
+    }
     unlabeled = {"image": torch.randn(2, 1, 1, 32, 32, generator=g)}
     out = mean_teacher_step(student, teacher, labeled, unlabeled, 5, cfg, g)
     out["loss"].backward()
@@ -136,8 +153,14 @@ def test_the_depth_fold_exports_to_onnx_with_a_dynamic_batch(tmp_path):
     from medssl.export.onnx_export import export_onnx
 
     module = SegmenterInference(tiny_net(2)).eval()
-    path = export_onnx(module, torch.randn(1, 1, 3, 32, 48), tmp_path / "model.onnx", input_name="patches",
-                       output_names=["probabilities"], max_batch_size=2)
+    path = export_onnx(
+        module,
+        torch.randn(1, 1, 3, 32, 48),
+        tmp_path / "model.onnx",
+        input_name="patches",
+        output_names=["probabilities"],
+        max_batch_size=2,
+    )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_outputs()[0].shape[1:] == [2, 3, 32, 48]
     assert not isinstance(session.get_outputs()[0].shape[0], int)
@@ -145,7 +168,9 @@ def test_the_depth_fold_exports_to_onnx_with_a_dynamic_batch(tmp_path):
         x = torch.randn(batch, 1, 3, 32, 48, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             expected = module(x).numpy()
-        np.testing.assert_allclose(session.run(None, {"patches": x.numpy()})[0], expected, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            session.run(None, {"patches": x.numpy()})[0], expected, rtol=0, atol=1e-5
+        )
 
 
 # ---------------------------------------------------------------- config
@@ -160,7 +185,9 @@ def test_unet2d_with_ad_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match=r"'model\.network'.*'unet2d'.*'ad'") as info:
         experiment("model.network=unet2d", "data.patch=[1,48,48]", method="ad")
     assert info.value.key == "model.network"
-    with pytest.raises(ConfigError, match=r"'model\.network'.*must be one of 'vnet', 'unet2d'") as info:
+    with pytest.raises(
+        ConfigError, match=r"'model\.network'.*must be one of 'vnet', 'unet2d'"
+    ) as info:
         experiment("model.network=unet3d")
     assert info.value.key == "model.network"
 
@@ -168,7 +195,9 @@ def test_unet2d_with_ad_is_refused_naming_the_key():
 def test_only_the_unet2d_takes_a_patch_depth_that_is_not_a_multiple_of_16():
     assert experiment("model.network=unet2d", "data.patch=[1,48,48]").data.patch == (1, 48, 48)
     assert experiment("model.network=unet2d", "data.patch=[3,48,48]").data.patch == (3, 48, 48)
-    with pytest.raises(ConfigError, match=r"'data\.patch'.*VNet.*multiple of 16.*\[1, 48, 48\]") as info:
+    with pytest.raises(
+        ConfigError, match=r"'data\.patch'.*VNet.*multiple of 16.*\[1, 48, 48\]"
+    ) as info:
         experiment("data.patch=[1,48,48]")
     assert info.value.key == "data.patch"
     with pytest.raises(ConfigError, match="multiples of 16") as info:  # in-plane: both networks
@@ -201,21 +230,50 @@ def organs(tmp_path_factory) -> Path:
 def run_2d(organs, tmp_path_factory) -> Path:
     """`medssl-train mean-teacher` with the 2D UNet on single-slice crops, 4 steps."""
     out = tmp_path_factory.mktemp("run2d") / "run"
-    overrides = ["optim.steps=4", "eval.every=2", "data.workers=0", "model.width=8",
-                 f"data.cache_dir={organs / 'cache'}", "model.network=unet2d", "data.patch=[1,48,48]"]
-    result = CliRunner().invoke(train, ["mean-teacher", "--setting", "ssl", "--profile", "cpu", "--data", str(organs),
-                                        "--out", str(out), "--device", "cpu",
-                                        *[a for s in overrides for a in ("--set", s)]])
+    overrides = [
+        "optim.steps=4",
+        "eval.every=2",
+        "data.workers=0",
+        "model.width=8",
+        f"data.cache_dir={organs / 'cache'}",
+        "model.network=unet2d",
+        "data.patch=[1,48,48]",
+    ]
+    result = CliRunner().invoke(
+        train,
+        [
+            "mean-teacher",
+            "--setting",
+            "ssl",
+            "--profile",
+            "cpu",
+            "--data",
+            str(organs),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *[a for s in overrides for a in ("--set", s)],
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out
 
 
 def test_a_mean_teacher_run_trains_the_unet2d_and_tests_on_the_source_grid(run_2d, organs):
     state = torch.load(run_2d / "checkpoints" / "last.pt", weights_only=False)
-    assert state["config"]["model"]["network"] == "unet2d" and state["config"]["data"]["patch"] == [1, 48, 48]
+    assert state["config"]["model"]["network"] == "unet2d" and state["config"]["data"]["patch"] == [
+        1,
+        48,
+        48,
+    ]
     assert state["step"] == 4 and state["teacher"] is not None
-    assert any(k.startswith("encoder.4.") for k in state["model"]) and not any("stem" in k for k in state["model"])
-    assert any(k.endswith("weight") and v.ndim == 4 for k, v in state["model"].items())  # 2D convolutions
+    assert any(k.startswith("encoder.4.") for k in state["model"]) and not any(
+        "stem" in k for k in state["model"]
+    )
+    assert any(
+        k.endswith("weight") and v.ndim == 4 for k, v in state["model"].items()
+    )  # 2D convolutions
     metrics = json.loads((run_2d / "test" / "metrics.json").read_text())
     assert set(metrics["classes"]["1"]) >= {"dice", "jaccard", "hd95_mm", "asd_mm"}
     source = read_nifti(organs / "A" / "imagesTs" / "organs_0005.nii.gz")
@@ -232,7 +290,9 @@ def test_the_unet2d_exports_with_parity_and_scores_like_the_trainer(run_2d, orga
     from medssl.training.seg_eval import TorchSegmentationRunner
     from medssl.training.seg_trainer import inference_net
 
-    exported = export_checkpoint(run_2d, tmp_path / "repo", "organs2d", ExportOptions(max_batch_size=2))
+    exported = export_checkpoint(
+        run_2d, tmp_path / "repo", "organs2d", ExportOptions(max_batch_size=2)
+    )
     assert exported.parity.passed, exported.parity.summary()
     card = load_card(exported.model_dir)
     assert card.input.shape == (1, 1, 48, 48) and card.outputs[0].shape == (2, 1, 48, 48)
@@ -241,7 +301,9 @@ def test_the_unet2d_exports_with_parity_and_scores_like_the_trainer(run_2d, orga
     # The shared pipeline with the exported model equals it with the checkpoint's network, on
     # the probabilities (a 4-step network labels everything background, so labels alone say little).
     params = card.segmentation_params()
-    prepared = prepare_segmentation(read_nifti(organs / "A" / "imagesTs" / "organs_0005.nii.gz"), params)
+    prepared = prepare_segmentation(
+        read_nifti(organs / "A" / "imagesTs" / "organs_0005.nii.gz"), params
+    )
     state = torch.load(run_2d / "checkpoints" / "best.pt", weights_only=False)
     runner = open_runner(exported.repository, "organs2d")
     try:
@@ -252,24 +314,54 @@ def test_the_unet2d_exports_with_parity_and_scores_like_the_trainer(run_2d, orga
     assert onnx.shape == (2, *prepared.shape) and float(np.ptp(onnx[1])) > 1e-3
     np.testing.assert_allclose(onnx, ours, rtol=0, atol=1e-4)
 
-    summary = score(organs / "A", tmp_path / "scores", RunnerSpec(exported.repository, "organs2d"),
-                    options=ScoreOptions(workers=0))
+    summary = score(
+        organs / "A",
+        tmp_path / "scores",
+        RunnerSpec(exported.repository, "organs2d"),
+        options=ScoreOptions(workers=0),
+    )
     assert summary.counts == {"ok": 1}
     scored = read_nifti(tmp_path / "scores" / "labels" / "organs_0005.nii.gz", label=True).array
-    trained = read_nifti(run_2d / "test" / "predictions" / "A__organs_0005.nii.gz", label=True).array
+    trained = read_nifti(
+        run_2d / "test" / "predictions" / "A__organs_0005.nii.gz", label=True
+    ).array
     assert scored.shape == trained.shape
-    assert np.mean(scored == trained) > 0.999  # onnxruntime vs torch: argmax ties aside, the same labels
+    assert (
+        np.mean(scored == trained) > 0.999
+    )  # onnxruntime vs torch: argmax ties aside, the same labels
 
 
 def test_bcp_trains_the_unet2d_slice_wise(organs, tmp_path):
     """BCP with the 2D UNet (the official ACDC variant): both phases run on single slices."""
     out = tmp_path / "bcp2d"
-    overrides = ["optim.steps=4", "eval.every=2", "data.workers=0", "model.width=8", "bcp.pretrain_steps=2",
-                 "bcp.lr_step=1", f"data.cache_dir={organs / 'cache'}", "model.network=unet2d",
-                 "data.patch=[1,48,48]"]
-    result = CliRunner().invoke(train, ["bcp", "--setting", "ssl", "--profile", "cpu", "--data", str(organs),
-                                        "--out", str(out), "--device", "cpu",
-                                        *[a for s in overrides for a in ("--set", s)]])
+    overrides = [
+        "optim.steps=4",
+        "eval.every=2",
+        "data.workers=0",
+        "model.width=8",
+        "bcp.pretrain_steps=2",
+        "bcp.lr_step=1",
+        f"data.cache_dir={organs / 'cache'}",
+        "model.network=unet2d",
+        "data.patch=[1,48,48]",
+    ]
+    result = CliRunner().invoke(
+        train,
+        [
+            "bcp",
+            "--setting",
+            "ssl",
+            "--profile",
+            "cpu",
+            "--data",
+            str(organs),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *[a for s in overrides for a in ("--set", s)],
+        ],
+    )
     assert result.exit_code == 0, result.output
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     assert state["step"] == 4 and state["teacher"] is not None

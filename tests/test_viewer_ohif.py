@@ -94,12 +94,15 @@ STEP_MS = 20_000
 
 def _installed() -> None:
     """Chromium, playwright and OHIF's dist (see :func:`tests.conftest.require_browser`)."""
-    require_browser((f"OHIF's dist in {OHIF_DIST} (make ohif)", (OHIF_DIST / "index.html").is_file()))
+    require_browser(
+        (f"OHIF's dist in {OHIF_DIST} (make ohif)", (OHIF_DIST / "index.html").is_file())
+    )
     require_tool("Orthanc", "orthanc")
 
 
-def _chest(path: Path, seed: str) -> tuple[Volume, list[Path], list[pydicom.Dataset],
-                                           list[Detection]]:
+def _chest(
+    path: Path, seed: str
+) -> tuple[Volume, list[Path], list[pydicom.Dataset], list[Detection]]:
     """A 16 x 64 x 64 axial CT (2 x 1.25 x 1.25 mm) of air (-800 HU) with the two findings of
     tests/test_serving_dicom.py's ``NODULES`` as soft-tissue spheres (60 HU); its files, their
     headers (slice order) and the detections at the sphere centres (LPS mm)."""
@@ -112,8 +115,10 @@ def _chest(path: Path, seed: str) -> tuple[Volume, list[Path], list[pydicom.Data
     volume = Volume(values, affine)
     paths = write_dicom_series(volume, path, SeriesInfo(uid_seed=seed, **INFO))
     source = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
-    detections = [Detection(tuple(float(c) for c in volume.index_to_world(centre)), d, p, centre)
-                  for centre, d, p in NODULES]
+    detections = [
+        Detection(tuple(float(c) for c in volume.index_to_world(centre)), d, p, centre)
+        for centre, d, p in NODULES
+    ]
     return volume, paths, source, detections
 
 
@@ -129,8 +134,10 @@ class _OhifSite:
         config = (dist / "app-config.js").read_text()
         demo = "https://d14fa38qiwhyfd.cloudfront.net/dicomweb"
         if config.count(demo) != 3:
-            raise RuntimeError(f"{dist / 'app-config.js'} is not OHIF 3.13.2's default config "
-                               f"(expected its demo server in wadoUriRoot, qidoRoot, wadoRoot)")
+            raise RuntimeError(
+                f"{dist / 'app-config.js'} is not OHIF 3.13.2's default config "
+                f"(expected its demo server in wadoUriRoot, qidoRoot, wadoRoot)"
+            )
         config = config.replace(demo, "/dicom-web").replace("staticWado: true", "staticWado: false")
         session = requests.Session()
 
@@ -144,10 +151,16 @@ class _OhifSite:
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 path = self.path.split("?")[0]
                 if path.startswith("/dicom-web/"):
-                    answer = session.get(orthanc_url + self.path, timeout=30, headers={
-                        "Accept": self.headers.get("Accept", "*/*")})
-                    self._send(answer.status_code, answer.content,
-                               answer.headers.get("Content-Type", "application/octet-stream"))
+                    answer = session.get(
+                        orthanc_url + self.path,
+                        timeout=30,
+                        headers={"Accept": self.headers.get("Accept", "*/*")},
+                    )
+                    self._send(
+                        answer.status_code,
+                        answer.content,
+                        answer.headers.get("Content-Type", "application/octet-stream"),
+                    )
                 elif path == "/app-config.js":
                     self._send(200, config.encode(), "text/javascript")
                 else:
@@ -194,8 +207,14 @@ def _viewer(tmp_path: Path, files: list[Path]) -> Iterator[tuple]:
                 remote: list[str] = []  # requests that got an answer from elsewhere
                 page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
                 page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
-                page.on("requestfinished", lambda r: None if r.url.startswith(
-                    ("http://127.0.0.1", "data:", "blob:")) else remote.append(r.url))
+                page.on(
+                    "requestfinished",
+                    lambda r: (
+                        None
+                        if r.url.startswith(("http://127.0.0.1", "data:", "blob:"))
+                        else remote.append(r.url)
+                    ),
+                )
                 page.set_default_timeout(STEP_MS)
                 yield page, site.url, console, remote
             finally:
@@ -209,8 +228,10 @@ def _open_sr(page, url: str, study_uid: str, sr_description: str, tracked: bool 
     page.goto(f"{url}/viewer?StudyInstanceUIDs={study_uid}")
     thumbnail = page.get_by_text(sr_description).first
     thumbnail.wait_for()
-    page.wait_for_function("() => window.cornerstone && window.cornerstone"
-                           ".getRenderingEngines()[0]?.getViewports()[0]?.getCurrentImageId()")
+    page.wait_for_function(
+        "() => window.cornerstone && window.cornerstone"
+        ".getRenderingEngines()[0]?.getViewports()[0]?.getCurrentImageId()"
+    )
     # a first visit gets OHIF's tour, which blocks the page until skipped
     page.get_by_text("Skip all", exact=True).first.click()
     if page.get_by_text("Confirm and hide", exact=True).count():  # the investigational banner
@@ -225,8 +246,9 @@ def _open_sr(page, url: str, study_uid: str, sr_description: str, tracked: bool 
 _VIEWPORT = "() => window.cornerstone.getRenderingEngines()[0].getViewports()[0]"
 
 
-def _drawn_at(page, slice_uid: str, centre_lps: tuple[float, float, float],
-              tracking_uid: str) -> dict:
+def _drawn_at(
+    page, slice_uid: str, centre_lps: tuple[float, float, float], tracking_uid: str
+) -> dict:
     """Scroll the viewport (mouse wheel over it) to the image ``slice_uid``, move the mouse
     over it, and read its SVG layer: ``shown`` (an SR text box with ``tracking_uid``),
     ``tip_px`` (distance in canvas pixels from the centre to the nearest arrow end; None
@@ -236,8 +258,12 @@ def _drawn_at(page, slice_uid: str, centre_lps: tuple[float, float, float],
     current = f"({_VIEWPORT})().getCurrentImageId()"
     # one slice away first: the SR tool draws on the next render of the image, and OHIF may
     # already show the target (it jumps to the first finding) rendered before the SR loaded
-    page.mouse.wheel(0, 100 if page.evaluate(f"() => ({_VIEWPORT})().getCurrentImageIdIndex()")
-                     < SHAPE[0] // 2 else -100)
+    page.mouse.wheel(
+        0,
+        100
+        if page.evaluate(f"() => ({_VIEWPORT})().getCurrentImageIdIndex()") < SHAPE[0] // 2
+        else -100,
+    )
     time.sleep(0.3)
     for _ in range(2 * SHAPE[0]):
         shown = page.evaluate(f"() => {current}")
@@ -249,7 +275,8 @@ def _drawn_at(page, slice_uid: str, centre_lps: tuple[float, float, float],
         time.sleep(0.2)
     page.mouse.move(box["x"] + box["width"] / 3, box["y"] + box["height"] / 3, steps=5)
     time.sleep(1.0)
-    return page.evaluate("""([centre, uid]) => {
+    return page.evaluate(
+        """([centre, uid]) => {
         const vp = (%s)();
         const [cx, cy] = vp.worldToCanvas(centre);
         const layer = vp.element.querySelector('svg.svg-layer');
@@ -260,29 +287,37 @@ def _drawn_at(page, slice_uid: str, centre_lps: tuple[float, float, float],
                                 : null;
         return {shown: !!layer.querySelector(`[data-annotation-uid="${uid}"]`), tip_px: tip,
                 image: vp.getCurrentImageId().split('/instances/')[1].split('/')[0]};
-    }""" % _VIEWPORT, [list(centre_lps), tracking_uid])
+    }"""
+        % _VIEWPORT,
+        [list(centre_lps), tracking_uid],
+    )
 
 
 def _findings(sr_path: Path) -> list[tuple[str, str]]:
     """(tracking identifier, tracking UID) of each finding of the SR, in order."""
     report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(sr_path)])
-    found = [(g.tracking_identifier, g.tracking_uid)
-             for g in report.get_planar_roi_measurement_groups()]
+    found = [
+        (g.tracking_identifier, g.tracking_uid) for g in report.get_planar_roi_measurement_groups()
+    ]
     return list(dict.fromkeys(found))  # a finding's 2D and 3D groups share one tracking UID
 
 
-def _check(tmp_path: Path, card, companion_seg: bool,  # noqa: F811
-           figure: Path | None = None) -> list[dict]:
+def _check(
+    tmp_path: Path,
+    card,
+    companion_seg: bool,  # noqa: F811
+    figure: Path | None = None,
+) -> list[dict]:
     """Upload CT (+ SEG) + SR, open the SR in OHIF, and read what it draws at each finding."""
     volume, paths, source, detections = _chest(tmp_path / "ct", f"ohif-{companion_seg}")
     files = list(paths)
     seg = None
     if companion_seg:
-        seg_path, seg = write_detection_seg(source, detections, card, volume.affine,
-                                            volume.shape, tmp_path / "seg.dcm")
+        seg_path, seg = write_detection_seg(
+            source, detections, card, volume.affine, volume.shape, tmp_path / "seg.dcm"
+        )
         files.append(seg_path)
-    sr_path = write_detection_sr(source, detections, card, tmp_path / "sr.dcm",
-                                 companion_seg=seg)
+    sr_path = write_detection_sr(source, detections, card, tmp_path / "sr.dcm", companion_seg=seg)
     groups = _findings(sr_path)
     assert [g[0] for g in groups] == ["Nodule 1", "Nodule 2"]
     files.append(sr_path)
@@ -292,14 +327,22 @@ def _check(tmp_path: Path, card, companion_seg: bool,  # noqa: F811
         _open_sr(page, url, source[0].StudyInstanceUID, description)
         for (label, uid), detection in zip(groups, detections):
             z = int(round(volume.world_to_index(np.array([detection.centre_lps]))[0][0]))
-            seen.append({"label": label, "slice": source[z].SOPInstanceUID,
-                         **_drawn_at(page, source[z].SOPInstanceUID, detection.centre_lps, uid)})
+            seen.append(
+                {
+                    "label": label,
+                    "slice": source[z].SOPInstanceUID,
+                    **_drawn_at(page, source[z].SOPInstanceUID, detection.centre_lps, uid),
+                }
+            )
             if figure is not None and label == "Nodule 1":
                 figure.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(figure))
         for entry in seen:
-            entry["console"] = [line for line in console if "reference viewable" in line
-                                or "spatial coordinates" in line]
+            entry["console"] = [
+                line
+                for line in console
+                if "reference viewable" in line or "spatial coordinates" in line
+            ]
         assert remote == [], f"OHIF loaded from outside 127.0.0.1: {remote}"
     return seen
 
@@ -311,23 +354,30 @@ def ohif() -> None:
 
 
 @pytest.mark.parametrize("companion_seg", [False, True], ids=["sr", "sr+seg"])
-def test_ohif_draws_each_finding_of_our_sr_at_its_centre(
-        tmp_path, card, ohif, companion_seg):  # noqa: F811
+def test_ohif_draws_each_finding_of_our_sr_at_its_centre(tmp_path, card, ohif, companion_seg):  # noqa: F811
     """Our SR as the gateway writes it, with and without the companion SEG: each finding is
     drawn (an arrow tagged with its Tracking Unique Identifier) with its tip within 2 canvas
     px of its centre, on its own slice. Failed on the SCOORD3D-only encoding (nothing drawn)."""
-    seen = _check(tmp_path, card, companion_seg=companion_seg,
-                  figure=FIGURE if os.environ.get("MEDSSL_OHIF_FIGURES") and not companion_seg
-                  else None)
+    seen = _check(
+        tmp_path,
+        card,
+        companion_seg=companion_seg,
+        figure=FIGURE if os.environ.get("MEDSSL_OHIF_FIGURES") and not companion_seg else None,
+    )
     for entry in seen:
         assert entry["image"] == entry["slice"], entry  # the scrolling worked
         assert entry["shown"] and entry["tip_px"] is not None and entry["tip_px"] < 2, entry
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "OHIF 3.13.2 breaks on a Measurement Group without Tracking Unique Identifier (our TID 1501 "
-    "'Nodule: Absent' group): TypeError reading 'UID' in "
-    "_getMergedContentSequencesByTrackingUniqueIdentifiers (module docstring)"))
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "OHIF 3.13.2 breaks on a Measurement Group without Tracking Unique Identifier (our TID 1501 "
+        "'Nodule: Absent' group): TypeError reading 'UID' in "
+        "_getMergedContentSequencesByTrackingUniqueIdentifiers (module docstring)"
+    ),
+)
 def test_ohif_opens_the_no_findings_report_without_error(tmp_path, card, ohif):  # noqa: F811
     """The SR of a scan without findings, opened like the others: OHIF shows it without an
     error (no "Something went wrong", no TypeError in the console) and keeps an image in the

@@ -60,8 +60,14 @@ def test_summary_has_the_info_keys():
     assert summary["min"] == -1000.0
 
 
-@pytest.mark.parametrize("scale, shape", [((1.6, 1.4, 1.4), (37, 64, 57)), ((0.5, 0.7, 0.7), (119, 128, 113)),
-                                          ((1.0, 1.0, 1.0), (60, 90, 80))])
+@pytest.mark.parametrize(
+    "scale, shape",
+    [
+        ((1.6, 1.4, 1.4), (37, 64, 57)),
+        ((0.5, 0.7, 0.7), (119, 128, 113)),
+        ((1.0, 1.0, 1.0), (60, 90, 80)),
+    ],
+)
 @pytest.mark.parametrize("threads", [1, 3])
 def test_resample_array_equals_scipy_affine_transform(scale, shape, threads):
     from scipy import ndimage
@@ -71,8 +77,12 @@ def test_resample_array_equals_scipy_affine_transform(scale, shape, threads):
     rng = np.random.default_rng(0)
     image = (rng.normal(size=(60, 90, 80)) * 300).astype(np.float32)
     labels = rng.integers(0, 12, (60, 90, 80)).astype(np.uint8)
-    linear = ndimage.affine_transform(image, np.array(scale), output_shape=shape, order=1, mode="nearest")
-    nearest = ndimage.affine_transform(labels, np.array(scale), output_shape=shape, order=0, mode="nearest")
+    linear = ndimage.affine_transform(
+        image, np.array(scale), output_shape=shape, order=1, mode="nearest"
+    )
+    nearest = ndimage.affine_transform(
+        labels, np.array(scale), output_shape=shape, order=0, mode="nearest"
+    )
     out = resample_array(image, scale, shape, threads=threads)
     assert out.dtype == np.float32 and out.shape == shape
     np.testing.assert_allclose(out, linear, atol=1e-3)

@@ -45,8 +45,11 @@ def batch_statistics_only(module: nn.Module) -> Iterator[None]:
     """
     saved = []
     for m in _norms(module):
-        originals = {name: getattr(m, name) for name in ("running_mean", "running_var", "num_batches_tracked")
-                     if getattr(m, name) is not None}
+        originals = {
+            name: getattr(m, name)
+            for name in ("running_mean", "running_var", "num_batches_tracked")
+            if getattr(m, name) is not None
+        }
         for name, tensor in originals.items():
             setattr(m, name, tensor.detach().clone())
         saved.append((m, originals))
@@ -84,8 +87,12 @@ def inference_windows(
     """
     if count < 1 or window < 1:
         raise ValueError(f"need count >= 1 and window >= 1, got count={count}, window={window}")
-    candidates = [(i, s) for i, shape in enumerate(shapes) for s in plan_windows(shape, (window,) * 3, overlap)
-                  if keep is None or keep(i, s)]
+    candidates = [
+        (i, s)
+        for i, shape in enumerate(shapes)
+        for s in plan_windows(shape, (window,) * 3, overlap)
+        if keep is None or keep(i, s)
+    ]
     if len(candidates) <= count:
         return candidates
     chosen = np.random.default_rng(seed).choice(len(candidates), size=count, replace=False)
@@ -131,7 +138,9 @@ def reestimate_batchnorm(
     def batches() -> Iterator[torch.Tensor]:
         for first in range(0, len(windows), batch_size):
             chunk = windows[first : first + batch_size]
-            patches = np.stack([extract_window(arrays[i], s, (window,) * 3, pad_value) for i, s in chunk])
+            patches = np.stack(
+                [extract_window(arrays[i], s, (window,) * 3, pad_value) for i, s in chunk]
+            )
             yield torch.from_numpy(np.ascontiguousarray(patches[:, None], dtype=np.float32))
 
     torch.optim.swa_utils.update_bn(batches(), model, device=dev)

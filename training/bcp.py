@@ -30,8 +30,19 @@ from medssl.pipeline.segment import largest_component
 from medssl.training.seg_config import BCPConfig
 from medssl.training.seg_losses import as_label_map
 
-__all__ = ["BCPPhases", "Box", "bidirectional_mix", "box_mask", "copy_paste", "keep_largest_components",
-           "masked_cross_entropy", "masked_dice_loss", "mix_loss", "pseudo_labels", "sample_box"]
+__all__ = [
+    "BCPPhases",
+    "Box",
+    "bidirectional_mix",
+    "box_mask",
+    "copy_paste",
+    "keep_largest_components",
+    "masked_cross_entropy",
+    "masked_dice_loss",
+    "mix_loss",
+    "pseudo_labels",
+    "sample_box",
+]
 
 #: ``mask_DiceLoss(nclass=2)``'s default smoothing.
 DICE_SMOOTH = 1e-5
@@ -48,8 +59,13 @@ class Box:
         return tuple(slice(c, c + s) for c, s in zip(self.corner, self.size))
 
 
-def sample_box(patch: Sequence[int], ratio: float, generator: torch.Generator | None = None, *,
-               whole_depth: bool = False) -> Box:
+def sample_box(
+    patch: Sequence[int],
+    ratio: float,
+    generator: torch.Generator | None = None,
+    *,
+    whole_depth: bool = False,
+) -> Box:
     """Draw the zeroed box of one iteration (official ``context_mask``).
 
     Each edge is ``int(edge * ratio)``; the corner is uniform over every position where the box
@@ -72,11 +88,15 @@ def sample_box(patch: Sequence[int], ratio: float, generator: torch.Generator | 
     size = tuple(p if whole_depth and axis == 0 else int(p * ratio) for axis, p in enumerate(patch))
     if min(size) < 1:
         raise ValueError(f"patch {patch} is too small for a box of ratio {ratio} (box {size})")
-    corner = tuple(int(torch.randint(0, p - s + 1, (1,), generator=generator)) for p, s in zip(patch, size))
+    corner = tuple(
+        int(torch.randint(0, p - s + 1, (1,), generator=generator)) for p, s in zip(patch, size)
+    )
     return Box(corner, size)
 
 
-def box_mask(patch: Sequence[int], box: Box, device: torch.device | str | None = None) -> torch.Tensor:
+def box_mask(
+    patch: Sequence[int], box: Box, device: torch.device | str | None = None
+) -> torch.Tensor:
     """The copy-paste mask ``M``: bool ``patch``, True everywhere but in ``box`` (False)."""
     mask = torch.ones(tuple(int(p) for p in patch), dtype=torch.bool, device=device)
     mask[box.slices()] = False
@@ -94,8 +114,13 @@ def copy_paste(outside: torch.Tensor, inside: torch.Tensor, mask: torch.Tensor) 
     return torch.where(mask, outside, inside)
 
 
-def bidirectional_mix(labeled_a: torch.Tensor, labeled_b: torch.Tensor, unlabeled_a: torch.Tensor,
-                      unlabeled_b: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def bidirectional_mix(
+    labeled_a: torch.Tensor,
+    labeled_b: torch.Tensor,
+    unlabeled_a: torch.Tensor,
+    unlabeled_b: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BCP's two mixes with one mask (official ``self_train``: ``mixl_img`` / ``mixu_img``).
 
     ``in = labeled_a·M + unlabeled_a·(1 − M)`` (labeled outside, unlabeled pasted in) and
@@ -112,8 +137,12 @@ def _region(region: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
     return region.to(device=target.device, dtype=torch.float32).expand(target.shape)
 
 
-def masked_dice_loss(logits: torch.Tensor, target: torch.Tensor, region: torch.Tensor | None = None,
-                     smooth: float = DICE_SMOOTH) -> torch.Tensor:
+def masked_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    region: torch.Tensor | None = None,
+    smooth: float = DICE_SMOOTH,
+) -> torch.Tensor:
     """``mask_DiceLoss`` (official ``losses.py``): soft Dice per sample and class, background
     included, over the voxels of ``region``, then ``1 − mean`` over samples × classes::
 
@@ -138,7 +167,9 @@ def masked_dice_loss(logits: torch.Tensor, target: torch.Tensor, region: torch.T
     return 1.0 - ((2 * inter + smooth) / (union + smooth)).mean()
 
 
-def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+def masked_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, region: torch.Tensor
+) -> torch.Tensor:
     """Mean cross-entropy over the voxels of ``region`` in the whole batch (official
     ``(CE(out, t) * mask).sum() / (mask.sum() + 1e-16)``). Shapes as :func:`masked_dice_loss`."""
     target = as_label_map(logits, target)
@@ -147,8 +178,14 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, region: tor
     return (ce * weight).sum() / (weight.sum() + 1e-16)
 
 
-def mix_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, outside_weight: float,
-             inside_weight: float, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def mix_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    outside_weight: float,
+    inside_weight: float,
+    valid: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """The loss of one mix (official ``mix_loss``): masked Dice + masked CE on the two sources.
 
     ``dice = w_out·Dice(M) + w_in·Dice(1 − M)``, ``ce = w_out·CE(M) + w_in·CE(1 − M)``,
@@ -169,10 +206,12 @@ def mix_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, out
     outside, inside = mask, ~mask
     if valid is not None:
         outside, inside = outside & valid, inside & valid
-    dice = (outside_weight * masked_dice_loss(logits, target, outside)
-            + inside_weight * masked_dice_loss(logits, target, inside))
-    ce = (outside_weight * masked_cross_entropy(logits, target, outside)
-          + inside_weight * masked_cross_entropy(logits, target, inside))
+    dice = outside_weight * masked_dice_loss(
+        logits, target, outside
+    ) + inside_weight * masked_dice_loss(logits, target, inside)
+    ce = outside_weight * masked_cross_entropy(
+        logits, target, outside
+    ) + inside_weight * masked_cross_entropy(logits, target, inside)
     return {"loss": (dice + ce) / 2, "dice": dice, "ce": ce}
 
 
@@ -249,12 +288,16 @@ class BCPPhases:
         if dice is None or self.best_dice is None or dice > self.best_dice:
             self.best_step, self.best_dice, self.best_model = step, dice, _state_copy(model)
 
-    def start_self_training(self, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def start_self_training(
+        self, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> None:
         """Load the best pre-trained weights into ``student`` and ``teacher`` and clear the SGD
         momentum. Under DDP rank 0's choice is broadcast (only rank 0 validates)."""
         if self.best_model is None:
-            raise RuntimeError("no pre-trained weights recorded: observe_pretrained() must run at step "
-                               f"{self.pretrain_steps}")
+            raise RuntimeError(
+                "no pre-trained weights recorded: observe_pretrained() must run at step "
+                f"{self.pretrain_steps}"
+            )
         student.load_state_dict(self.best_model)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for tensor in student.state_dict().values():
@@ -264,7 +307,15 @@ class BCPPhases:
         self.best_model = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_step": self.best_step, "best_dice": self.best_dice, "best_model": self.best_model}
+        return {
+            "best_step": self.best_step,
+            "best_dice": self.best_dice,
+            "best_model": self.best_model,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.best_step, self.best_dice, self.best_model = state["best_step"], state["best_dice"], state["best_model"]
+        self.best_step, self.best_dice, self.best_model = (
+            state["best_step"],
+            state["best_dice"],
+            state["best_model"],
+        )

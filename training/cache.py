@@ -95,13 +95,18 @@ class VolumeCache:
     """
 
     def __init__(
-        self, root: str | Path, spacing_mm: float | Sequence[float], intensity: Intensity | PercentileIntensity
+        self,
+        root: str | Path,
+        spacing_mm: float | Sequence[float],
+        intensity: Intensity | PercentileIntensity,
     ) -> None:
         spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
         if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
             raise ValueError(f"spacing_mm must be positive (z, y, x) mm, got {spacing_mm!r}")
         if not isinstance(intensity, (Intensity, PercentileIntensity)):
-            raise TypeError(f"intensity must be a medssl Intensity or PercentileIntensity, got {intensity!r}")
+            raise TypeError(
+                f"intensity must be a medssl Intensity or PercentileIntensity, got {intensity!r}"
+            )
         self.root = Path(root)
         self.spacing_mm = tuple(float(s) for s in spacing)
         self.intensity = intensity

@@ -226,8 +226,12 @@ class CheckpointManager:
         return load_checkpoint(path, map_location)
 
 
-def resume_from_last(manager: CheckpointManager, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: Any) -> dict[str, Any]:
+def resume_from_last(
+    manager: CheckpointManager,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, Any]:
     """Load ``last.pt`` into the model, optimiser, scheduler and the global RNGs.
 
     Returns:

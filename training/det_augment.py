@@ -95,8 +95,11 @@ class ScannerAugment:
             return ScannerParams()
         kernel = rng.random()
         blur = float(rng.uniform(*SOFT_KERNEL[1:])) if kernel < SOFT_KERNEL[0] else None
-        sharp = (float(rng.uniform(*SHARP_KERNEL[1:]))
-                 if SOFT_KERNEL[0] <= kernel < SOFT_KERNEL[0] + SHARP_KERNEL[0] else None)
+        sharp = (
+            float(rng.uniform(*SHARP_KERNEL[1:]))
+            if SOFT_KERNEL[0] <= kernel < SOFT_KERNEL[0] + SHARP_KERNEL[0]
+            else None
+        )
         z = float(rng.uniform(*THICK_SLICES[1:])) if rng.random() < THICK_SLICES[0] else None
         noise = float(rng.uniform(*NOISE_HU[1:])) if rng.random() < NOISE_HU[0] else None
         return ScannerParams(blur, sharp, z, noise, int(rng.integers(2**31)))
@@ -125,13 +128,19 @@ def apply_scanner(image: np.ndarray, params: ScannerParams, hu_range: float) -> 
         return image
     out = image.astype(np.float32, copy=True)
     if params.blur_sigma is not None:
-        out = ndimage.gaussian_filter(out, (0.0, params.blur_sigma, params.blur_sigma), mode="nearest")
+        out = ndimage.gaussian_filter(
+            out, (0.0, params.blur_sigma, params.blur_sigma), mode="nearest"
+        )
     if params.sharpen is not None:
-        out = out + params.sharpen * (out - ndimage.gaussian_filter(out, SHARP_SIGMA, mode="nearest"))
+        out = out + params.sharpen * (
+            out - ndimage.gaussian_filter(out, SHARP_SIGMA, mode="nearest")
+        )
     if params.z_sigma is not None:
         out = ndimage.gaussian_filter1d(out, params.z_sigma, axis=0, mode="nearest")
     if params.noise_hu is not None:
-        noise = np.random.default_rng(params.noise_seed).standard_normal(out.shape).astype(np.float32)
+        noise = (
+            np.random.default_rng(params.noise_seed).standard_normal(out.shape).astype(np.float32)
+        )
         noise = ndimage.gaussian_filter(noise, NOISE_CORRELATION, mode="wrap")
         noise *= params.noise_hu * (2.0 / hu_range) / max(float(noise.std()), 1e-6)
         out = out + noise

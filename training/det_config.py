@@ -63,16 +63,25 @@ class DataConfig:
     scanner_augment: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (0 <= self.hard_negative_fraction and self.positive_fraction + self.hard_negative_fraction <= 1):
-            raise ValueError(f"need hard_negative_fraction >= 0 and positive_fraction + hard_negative_fraction <= 1, "
-                             f"got {self.positive_fraction} + {self.hard_negative_fraction}")
+        if not (
+            0 <= self.hard_negative_fraction
+            and self.positive_fraction + self.hard_negative_fraction <= 1
+        ):
+            raise ValueError(
+                f"need hard_negative_fraction >= 0 and positive_fraction + hard_negative_fraction <= 1, "
+                f"got {self.positive_fraction} + {self.hard_negative_fraction}"
+            )
         if self.hard_negatives_per_scan < 1 or self.hard_negative_scans < 0:
-            raise ValueError(f"need hard_negatives_per_scan >= 1 and hard_negative_scans >= 0, got "
-                             f"{self.hard_negatives_per_scan}, {self.hard_negative_scans}")
+            raise ValueError(
+                f"need hard_negatives_per_scan >= 1 and hard_negative_scans >= 0, got "
+                f"{self.hard_negatives_per_scan}, {self.hard_negative_scans}"
+            )
         if not 0 <= self.scanner_augment <= 1:
             raise ValueError(f"scanner_augment is a probability, got {self.scanner_augment}")
         if self.spacing_mm <= 0 or self.patch < 16:
-            raise ValueError(f"need spacing_mm > 0 and patch >= 16, got {self.spacing_mm}, {self.patch}")
+            raise ValueError(
+                f"need spacing_mm > 0 and patch >= 16, got {self.spacing_mm}, {self.patch}"
+            )
         if not 0 <= self.positive_fraction <= 1:
             raise ValueError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
         if any(not 0 <= s <= 9 for s in self.test_subsets):
@@ -153,9 +162,15 @@ class FocalMixConfig:
     candidate_scans: int = 16
 
     def __post_init__(self) -> None:
-        if not 0 <= self.candidate_fraction <= 1 or self.candidates_per_scan < 1 or self.candidate_scans < 0:
-            raise ValueError(f"need candidate_fraction in [0, 1], candidates_per_scan >= 1 and candidate_scans >= 0, "
-                             f"got {self.candidate_fraction}, {self.candidates_per_scan}, {self.candidate_scans}")
+        if (
+            not 0 <= self.candidate_fraction <= 1
+            or self.candidates_per_scan < 1
+            or self.candidate_scans < 0
+        ):
+            raise ValueError(
+                f"need candidate_fraction in [0, 1], candidates_per_scan >= 1 and candidate_scans >= 0, "
+                f"got {self.candidate_fraction}, {self.candidates_per_scan}, {self.candidate_scans}"
+            )
         if not 1 <= self.k <= 48:
             raise ValueError(f"k must be in 1..48 (the cube group has 48 elements), got {self.k}")
         if self.temperature <= 0 or self.eta <= 0:
@@ -164,12 +179,16 @@ class FocalMixConfig:
             raise ValueError("rampup_fraction must be in [0, 1] and unlabeled_weight >= 0")
         if self.object_policy == "flexmatch":
             if not 0 < self.object_threshold <= 1 or self.object_memory_stride < 1:
-                raise ValueError("object_policy flexmatch needs object_threshold (CPL's tau) in (0, 1] and "
-                                 f"object_memory_stride >= 1, got {self.object_threshold}, "
-                                 f"{self.object_memory_stride}")
+                raise ValueError(
+                    "object_policy flexmatch needs object_threshold (CPL's tau) in (0, 1] and "
+                    f"object_memory_stride >= 1, got {self.object_threshold}, "
+                    f"{self.object_memory_stride}"
+                )
             if not self.object_mixup:
-                raise ValueError("object_policy flexmatch chooses the objects of object MixUp: "
-                                 "set object_mixup: true, or object_policy: fixed")
+                raise ValueError(
+                    "object_policy flexmatch chooses the objects of object MixUp: "
+                    "set object_mixup: true, or object_policy: fixed"
+                )
 
 
 @dataclass(frozen=True)
@@ -213,8 +232,10 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.every < 1 or self.bootstrap < 0 or self.bn_windows < 0:
-            raise ValueError(f"need eval.every >= 1, eval.bootstrap >= 0 and eval.bn_windows >= 0, got "
-                             f"{self.every}, {self.bootstrap}, {self.bn_windows}")
+            raise ValueError(
+                f"need eval.every >= 1, eval.bootstrap >= 0 and eval.bn_windows >= 0, got "
+                f"{self.every}, {self.bootstrap}, {self.bn_windows}"
+            )
 
 
 @dataclass(frozen=True)
@@ -247,4 +268,6 @@ class DetectionExperiment:
                     "onto anchors"
                 )
         if not set(self.anchors.strides) <= set(self.model.strides):
-            raise ValueError(f"anchors.strides {self.anchors.strides} must be model strides {self.model.strides}")
+            raise ValueError(
+                f"anchors.strides {self.anchors.strides} must be model strides {self.model.strides}"
+            )

@@ -42,8 +42,9 @@ def _random_start(rng: np.random.Generator, shape: Sequence[int], patch: int) ->
     return np.array([rng.integers(0, max(n - patch, 0) + 1) for n in shape])
 
 
-def _start_around(rng: np.random.Generator, centre: np.ndarray, shape: Sequence[int], patch: int,
-                  margin: float) -> np.ndarray:
+def _start_around(
+    rng: np.random.Generator, centre: np.ndarray, shape: Sequence[int], patch: int, margin: float
+) -> np.ndarray:
     """A patch start that puts ``centre`` at least ``margin`` voxels inside the patch."""
     lo = np.floor(centre + margin - patch + 1).astype(int)
     hi = np.ceil(centre - margin).astype(int)
@@ -57,7 +58,9 @@ def _with_centres(centres: Sequence[np.ndarray] | None, n_scans: int, what: str)
     if centres is None:
         return []
     if len(centres) != n_scans or any(np.ndim(c) != 2 or np.shape(c)[1] != 3 for c in centres):
-        raise ValueError(f"{what} must be one (M, 3) array of voxel centres per scan ({n_scans} scans)")
+        raise ValueError(
+            f"{what} must be one (M, 3) array of voxel centres per scan ({n_scans} scans)"
+        )
     return [i for i, c in enumerate(centres) if len(c)]
 
 
@@ -88,25 +91,41 @@ class LabeledPatches(Dataset):
     every nodule inside it. Without hard negatives the stream is that of the plain sampler.
     """
 
-    def __init__(self, scans: Sequence[ScanBoxes], grid: AnchorGrid, positive_fraction: float = 0.5,
-                 augment: bool = True, pad_value: float = -1.0, seed: int = 0, *,
-                 hard_negatives: Sequence[np.ndarray] | None = None, hard_negative_fraction: float = 0.0,
-                 scanner: ScannerAugment | None = None) -> None:
+    def __init__(
+        self,
+        scans: Sequence[ScanBoxes],
+        grid: AnchorGrid,
+        positive_fraction: float = 0.5,
+        augment: bool = True,
+        pad_value: float = -1.0,
+        seed: int = 0,
+        *,
+        hard_negatives: Sequence[np.ndarray] | None = None,
+        hard_negative_fraction: float = 0.0,
+        scanner: ScannerAugment | None = None,
+    ) -> None:
         if not scans:
             raise ValueError("no labeled scans")
         if not (0 <= hard_negative_fraction and positive_fraction + hard_negative_fraction <= 1):
-            raise ValueError(f"need hard_negative_fraction >= 0 and positive_fraction + hard_negative_fraction "
-                             f"<= 1, got {positive_fraction} + {hard_negative_fraction}")
+            raise ValueError(
+                f"need hard_negative_fraction >= 0 and positive_fraction + hard_negative_fraction "
+                f"<= 1, got {positive_fraction} + {hard_negative_fraction}"
+            )
         self.scans, self.grid = list(scans), grid
         self.patch = grid.patch_shape[0]
         self.positive_fraction, self.augment = positive_fraction, augment
         self.pad_value, self.seed = pad_value, seed
         self._with_nodules = [i for i, s in enumerate(self.scans) if len(s.boxes)]
-        self.hard_negatives = None if hard_negatives is None else [np.asarray(c, np.float32) for c in hard_negatives]
+        self.hard_negatives = (
+            None if hard_negatives is None else [np.asarray(c, np.float32) for c in hard_negatives]
+        )
         self.hard_negative_fraction = hard_negative_fraction
         self.scanner = scanner
-        self._with_negatives = (_with_centres(self.hard_negatives, len(self.scans), "hard_negatives")
-                                if hard_negative_fraction > 0 else [])
+        self._with_negatives = (
+            _with_centres(self.hard_negatives, len(self.scans), "hard_negatives")
+            if hard_negative_fraction > 0
+            else []
+        )
 
     def __len__(self) -> int:
         return 2**62
@@ -170,17 +189,30 @@ class UnlabeledPatches(Dataset):
     in that scan's voxels (CPL object selection keys its memory by them). Without candidates
     the stream is that of the plain random sampler."""
 
-    def __init__(self, scans: Sequence[CachedVolume], patch: int, pad_value: float = -1.0, seed: int = 0, *,
-                 candidates: Sequence[np.ndarray] | None = None, candidate_fraction: float = 0.0) -> None:
+    def __init__(
+        self,
+        scans: Sequence[CachedVolume],
+        patch: int,
+        pad_value: float = -1.0,
+        seed: int = 0,
+        *,
+        candidates: Sequence[np.ndarray] | None = None,
+        candidate_fraction: float = 0.0,
+    ) -> None:
         if not scans:
             raise ValueError("no unlabeled scans")
         if not 0 <= candidate_fraction <= 1:
             raise ValueError(f"candidate_fraction must be in [0, 1], got {candidate_fraction}")
         self.scans, self.patch, self.pad_value, self.seed = list(scans), patch, pad_value, seed
-        self.candidates = None if candidates is None else [np.asarray(c, np.float32) for c in candidates]
+        self.candidates = (
+            None if candidates is None else [np.asarray(c, np.float32) for c in candidates]
+        )
         self.candidate_fraction = candidate_fraction
-        self._with_candidates = (_with_centres(self.candidates, len(self.scans), "candidates")
-                                 if candidate_fraction > 0 else [])
+        self._with_candidates = (
+            _with_centres(self.candidates, len(self.scans), "candidates")
+            if candidate_fraction > 0
+            else []
+        )
 
     def __len__(self) -> int:
         return 2**62
@@ -190,14 +222,24 @@ class UnlabeledPatches(Dataset):
         if self._with_candidates and rng.random() < self.candidate_fraction:
             case = self._with_candidates[rng.integers(len(self._with_candidates))]
             centres = self.candidates[case]  # type: ignore[index]
-            start = _start_around(rng, centres[rng.integers(len(centres))], self.scans[case].array.shape,
-                                  self.patch, self.patch / 4)
+            start = _start_around(
+                rng,
+                centres[rng.integers(len(centres))],
+                self.scans[case].array.shape,
+                self.patch,
+                self.patch / 4,
+            )
         else:
             case = int(rng.integers(len(self.scans)))
             start = _random_start(rng, self.scans[case].array.shape, self.patch)
-        image = extract_window(self.scans[case].array, tuple(start), (self.patch,) * 3, self.pad_value)
-        return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None]),
-                "case": torch.tensor(case, dtype=torch.int64), "start": torch.as_tensor(start, dtype=torch.int64)}
+        image = extract_window(
+            self.scans[case].array, tuple(start), (self.patch,) * 3, self.pad_value
+        )
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None]),
+            "case": torch.tensor(case, dtype=torch.int64),
+            "start": torch.as_tensor(start, dtype=torch.int64),
+        }
 
 
 class IndexStream(Sampler[int]):

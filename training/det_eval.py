@@ -32,8 +32,13 @@ class TorchDetectionRunner:
         device: where to run; bf16 autocast on CUDA when ``amp``.
     """
 
-    def __init__(self, detector: FPNDetector, window: int, device: torch.device | str = "cpu",
-                 amp: bool = False) -> None:
+    def __init__(
+        self,
+        detector: FPNDetector,
+        window: int,
+        device: torch.device | str = "cpu",
+        amp: bool = False,
+    ) -> None:
         self.device = torch.device(device)
         self.net = DetectorInference(detector, (window,) * 3).to(self.device).eval()
         self.amp = amp and self.device.type == "cuda"
@@ -63,8 +68,9 @@ def detection_params(cfg: DetectionExperiment, batch_size: int = 2) -> Detection
     )
 
 
-def predict(runner: TorchDetectionRunner, volumes: Mapping[str, CachedVolume],
-            params: DetectionParams) -> list[Prediction]:
+def predict(
+    runner: TorchDetectionRunner, volumes: Mapping[str, CachedVolume], params: DetectionParams
+) -> list[Prediction]:
     """Detections of every cached scan as LUNA16 submission rows (LPS mm)."""
     rows = []
     for uid, cached in volumes.items():
@@ -73,7 +79,15 @@ def predict(runner: TorchDetectionRunner, volumes: Mapping[str, CachedVolume],
     return rows
 
 
-def evaluate(predictions: Sequence[Prediction], nodules: Sequence[Finding], excluded: Sequence[Finding],
-             seriesuids: Sequence[str], bootstrap: int, seed: int = 0) -> FrocResult:
+def evaluate(
+    predictions: Sequence[Prediction],
+    nodules: Sequence[Finding],
+    excluded: Sequence[Finding],
+    seriesuids: Sequence[str],
+    bootstrap: int,
+    seed: int = 0,
+) -> FrocResult:
     """LUNA16 FROC/CPM of ``predictions`` on the scans ``seriesuids``."""
-    return evaluate_luna16(nodules, excluded, seriesuids, predictions, n_bootstrap=bootstrap, seed=seed)
+    return evaluate_luna16(
+        nodules, excluded, seriesuids, predictions, n_bootstrap=bootstrap, seed=seed
+    )

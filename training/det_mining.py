@@ -38,8 +38,9 @@ __all__ = ["CandidateLists", "NoduleTruth", "hard_negatives", "refresh_scans", "
 MIN_CLEARANCE_MM = 10.0
 
 
-def scan_candidates(runner: DetectionRunner, volume: CachedVolume, params: DetectionParams, *,
-                    top_k: int) -> np.ndarray:
+def scan_candidates(
+    runner: DetectionRunner, volume: CachedVolume, params: DetectionParams, *, top_k: int
+) -> np.ndarray:
     """The ``top_k`` best detections of a cached scan.
 
     Returns:
@@ -53,7 +54,9 @@ def scan_candidates(runner: DetectionRunner, volume: CachedVolume, params: Detec
     return np.asarray(rows, dtype=np.float32).reshape(-1, 4)
 
 
-def _near(points: np.ndarray, findings: np.ndarray, spacing_mm: float, clearance_mm: float) -> np.ndarray:
+def _near(
+    points: np.ndarray, findings: np.ndarray, spacing_mm: float, clearance_mm: float
+) -> np.ndarray:
     """``(M,)`` bool: a point lies within ``max(clearance, diameter)`` of a finding ``(z, y, x, d)``
     (voxels; ``d`` in voxels)."""
     if not len(points) or not len(findings):
@@ -63,8 +66,14 @@ def _near(points: np.ndarray, findings: np.ndarray, spacing_mm: float, clearance
     return np.any(distance < reach[None, :], axis=1)
 
 
-def hard_negatives(candidates: np.ndarray, nodules: np.ndarray, excluded: np.ndarray, *, spacing_mm: float,
-                   clearance_mm: float = MIN_CLEARANCE_MM) -> np.ndarray:
+def hard_negatives(
+    candidates: np.ndarray,
+    nodules: np.ndarray,
+    excluded: np.ndarray,
+    *,
+    spacing_mm: float,
+    clearance_mm: float = MIN_CLEARANCE_MM,
+) -> np.ndarray:
     """The candidates that are false positives away from every finding.
 
     Args:
@@ -77,8 +86,9 @@ def hard_negatives(candidates: np.ndarray, nodules: np.ndarray, excluded: np.nda
     Returns:
         ``(M', 3)`` float32 voxel centres ``(z, y, x)``, best first.
     """
-    near = _near(candidates, nodules, spacing_mm, clearance_mm) | _near(candidates, excluded, spacing_mm,
-                                                                        clearance_mm)
+    near = _near(candidates, nodules, spacing_mm, clearance_mm) | _near(
+        candidates, excluded, spacing_mm, clearance_mm
+    )
     return np.ascontiguousarray(candidates[~near, :3], dtype=np.float32)
 
 
@@ -119,7 +129,9 @@ class CandidateLists:
         """Inverse of :meth:`state_dict`; ``ValueError`` if it is for another number of scans."""
         centres = [np.asarray(c, dtype=np.float32).reshape(-1, 3) for c in state["centres"]]
         if len(centres) != n_scans:
-            raise ValueError(f"the checkpoint's candidate lists cover {len(centres)} scans, this run has {n_scans}")
+            raise ValueError(
+                f"the checkpoint's candidate lists cover {len(centres)} scans, this run has {n_scans}"
+            )
         return cls(centres, int(state["version"]))
 
 
@@ -133,7 +145,9 @@ class NoduleTruth:
     """
 
     def __init__(self, nodules: Sequence[np.ndarray | None]) -> None:
-        self.nodules = [None if n is None else np.asarray(n, dtype=np.float64).reshape(-1, 4) for n in nodules]
+        self.nodules = [
+            None if n is None else np.asarray(n, dtype=np.float64).reshape(-1, 4) for n in nodules
+        ]
 
     def knows(self, case: int) -> bool:
         """Whether the truth of scan ``case`` is known."""

@@ -44,8 +44,18 @@ from medssl.metrics import (
     read_predictions,
     write_predictions,
 )
-from medssl.metrics.calibration import Calibration, expected_calibration_error, fit_calibration, reliability_diagram
-from medssl.metrics.operating_point import OperatingPoint, OperatingPointError, OperatingRule, choose_operating_point
+from medssl.metrics.calibration import (
+    Calibration,
+    expected_calibration_error,
+    fit_calibration,
+    reliability_diagram,
+)
+from medssl.metrics.operating_point import (
+    OperatingPoint,
+    OperatingPointError,
+    OperatingRule,
+    choose_operating_point,
+)
 from medssl.training.cache import VolumeCache
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_eval import TorchDetectionRunner, detection_params, predict
@@ -64,14 +74,19 @@ def calibrated(predictions: list[Prediction], calibration: Calibration) -> list[
     if not predictions:
         return []
     probabilities = calibration.apply(np.array([p.probability for p in predictions], dtype=float))
-    return [Prediction(p.seriesuid, p.centre_lps, float(q)) for p, q in zip(predictions, probabilities)]
+    return [
+        Prediction(p.seriesuid, p.centre_lps, float(q)) for p, q in zip(predictions, probabilities)
+    ]
 
 
-def _fit(marks: list[Prediction], nodules: list[Finding], excluded: list[Finding],
-         uids: list[str]) -> tuple[Calibration, dict[str, Any]]:
+def _fit(
+    marks: list[Prediction], nodules: list[Finding], excluded: list[Finding], uids: list[str]
+) -> tuple[Calibration, dict[str, Any]]:
     """Platt calibration on the labelled validation marks (ignored marks left out), and its
     report (ECE before and after, counts; the reason when it cannot be fitted)."""
-    labels = label_candidates(nodules, excluded, uids, marks) if marks else np.zeros(0, dtype=np.int8)
+    labels = (
+        label_candidates(nodules, excluded, uids, marks) if marks else np.zeros(0, dtype=np.int8)
+    )
     keep = labels >= 0
     raw = np.array([p.probability for p in marks], dtype=float)[keep]
     y = labels[keep].astype(float)
@@ -79,14 +94,26 @@ def _fit(marks: list[Prediction], nodules: list[Finding], excluded: list[Finding
     try:
         calibration = fit_calibration(raw, y, method="platt")
     except ValueError as exc:
-        log.warning("validation calibration not fitted (%s): the operating point is chosen on the raw scores", exc)
-        return Calibration(), {**report, "calibration": Calibration().to_json(), "not_fitted": str(exc)}
-    return calibration, {**report, "calibration": calibration.to_json(),
-                         "ece_raw": expected_calibration_error(raw, y),
-                         "ece_calibrated": expected_calibration_error(calibration.apply(raw), y)}
+        log.warning(
+            "validation calibration not fitted (%s): the operating point is chosen on the raw scores",
+            exc,
+        )
+        return Calibration(), {
+            **report,
+            "calibration": Calibration().to_json(),
+            "not_fitted": str(exc),
+        }
+    return calibration, {
+        **report,
+        "calibration": calibration.to_json(),
+        "ece_raw": expected_calibration_error(raw, y),
+        "ece_calibrated": expected_calibration_error(calibration.apply(raw), y),
+    }
 
 
-def _test_at(point: OperatingPoint, calibration: Calibration, split: DetectionSplit, test_dir: Path) -> dict[str, Any]:
+def _test_at(
+    point: OperatingPoint, calibration: Calibration, split: DetectionSplit, test_dir: Path
+) -> dict[str, Any]:
     """The test set's FROC at the validation threshold, from ``test/submission.csv``
     (raw scores, calibrated here)."""
     marks = calibrated(read_predictions(test_dir / "submission.csv"), calibration)
@@ -94,15 +121,30 @@ def _test_at(point: OperatingPoint, calibration: Calibration, split: DetectionSp
     excluded = [f for u in split.test for f in split.luna.excluded(u)]
     sens, fps = froc_at_thresholds(nodules, excluded, split.test, marks, [point.threshold])
     passed = sum(1 for m in marks if m.probability >= point.threshold)
-    return {"threshold": point.threshold, "rule": point.rule.value, "target": point.target,
-            "sensitivity": float(sens[0]), "fp_per_scan": float(fps[0]),
-            "marks_per_scan": passed / len(split.test), "n_scans": len(split.test), "n_nodules": len(nodules)}
+    return {
+        "threshold": point.threshold,
+        "rule": point.rule.value,
+        "target": point.target,
+        "sensitivity": float(sens[0]),
+        "fp_per_scan": float(fps[0]),
+        "marks_per_scan": passed / len(split.test),
+        "n_scans": len(split.test),
+        "n_nodules": len(nodules),
+    }
 
 
-def write_operating_point(model: torch.nn.Module, split: DetectionSplit, cache: VolumeCache, cfg: DetectionExperiment,
-                          device: torch.device, out: Path, test_report: dict[str, Any] | None, *,
-                          rule: str | OperatingRule = OperatingRule.FP_PER_SCAN,
-                          target: float = 1.0) -> OperatingPoint | None:
+def write_operating_point(
+    model: torch.nn.Module,
+    split: DetectionSplit,
+    cache: VolumeCache,
+    cfg: DetectionExperiment,
+    device: torch.device,
+    out: Path,
+    test_report: dict[str, Any] | None,
+    *,
+    rule: str | OperatingRule = OperatingRule.FP_PER_SCAN,
+    target: float = 1.0,
+) -> OperatingPoint | None:
     """Calibrate and choose the operating point on the validation scans (see the module doc).
 
     Args:
@@ -133,31 +175,49 @@ def write_operating_point(model: torch.nn.Module, split: DetectionSplit, cache: 
     marks = calibrated(raw, calibration)
     (folder / "calibration.json").write_text(json.dumps(calibration_report, indent=2) + "\n")
     write_predictions(folder / "submission.csv", marks)
-    labels = label_candidates(nodules, excluded, uids, marks) if marks else np.zeros(0, dtype=np.int8)
+    labels = (
+        label_candidates(nodules, excluded, uids, marks) if marks else np.zeros(0, dtype=np.int8)
+    )
     keep = labels >= 0
     if keep.any():
-        reliability_diagram(np.array([m.probability for m in marks])[keep], labels[keep].astype(float),
-                            folder / "reliability.png", title="Validation candidates (calibrated)")
+        reliability_diagram(
+            np.array([m.probability for m in marks])[keep],
+            labels[keep].astype(float),
+            folder / "reliability.png",
+            title="Validation candidates (calibrated)",
+        )
     try:
         point = choose_operating_point(
-            nodules, excluded, uids, marks, rule=rule, target=target,
+            nodules,
+            excluded,
+            uids,
+            marks,
+            rule=rule,
+            target=target,
             source=f"medssl-train: best checkpoint in PyTorch on the {len(uids)} validation scans of "
-                   f"{out / 'split.json'}")
+            f"{out / 'split.json'}",
+        )
     except OperatingPointError as exc:
         return _none(out, test_report, str(exc))
     froc = evaluate_luna16(nodules, excluded, uids, marks, n_bootstrap=0)
-    (folder / "froc.json").write_text(json.dumps({**froc.to_json(), "operating_point": point.to_json()},
-                                                 indent=2) + "\n")
+    (folder / "froc.json").write_text(
+        json.dumps({**froc.to_json(), "operating_point": point.to_json()}, indent=2) + "\n"
+    )
     (folder / "operating_point.json").write_text(json.dumps(point.to_json(), indent=2) + "\n")
     log.info("operating point: %s", point.describe())
     if test_report is not None and split.test:
-        test_report["at_validation_operating_point"] = _test_at(point, calibration, split, out / "test")
+        test_report["at_validation_operating_point"] = _test_at(
+            point, calibration, split, out / "test"
+        )
         _rewrite(out / "test" / "cpm.json", test_report)
     return point
 
 
 def _none(out: Path, test_report: dict[str, Any] | None, reason: str) -> None:
-    log.warning("no operating point chosen: %s; medssl-export will measure one itself or say why not", reason)
+    log.warning(
+        "no operating point chosen: %s; medssl-export will measure one itself or say why not",
+        reason,
+    )
     if test_report is not None:
         test_report["at_validation_operating_point"] = {"error": reason}
         _rewrite(out / "test" / "cpm.json", test_report)

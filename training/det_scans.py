@@ -65,14 +65,22 @@ def _folder_sources(folder: Path) -> list[ScanSource]:
         return [ScanSource(r.series_uid, lambda r=r: table.volume(r)) for r in table.series()]
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(VOLUME_SUFFIXES))
     if files:
-        return [ScanSource(p.name.removesuffix(".gz").rsplit(".", 1)[0], lambda p=p: read_volume(p)) for p in files]
+        return [
+            ScanSource(p.name.removesuffix(".gz").rsplit(".", 1)[0], lambda p=p: read_volume(p))
+            for p in files
+        ]
     tree = DicomTree(folder)
     return [ScanSource(r.series_uid, lambda r=r: tree.volume(r)) for r in tree.series()]
 
 
 def split_luna16(
-    root: str | Path, n_labeled: int, n_unlabeled: int, test_subsets: tuple[int, ...], n_validation: int,
-    split_seed: int, unlabeled_dirs: tuple[str, ...] = (),
+    root: str | Path,
+    n_labeled: int,
+    n_unlabeled: int,
+    test_subsets: tuple[int, ...],
+    n_validation: int,
+    split_seed: int,
+    unlabeled_dirs: tuple[str, ...] = (),
 ) -> DetectionSplit:
     """Split a LUNA16 folder for a detector run (see the module docstring).
 
@@ -92,8 +100,12 @@ def split_luna16(
     folders = [Path(root) / "unlabeled"] if (Path(root) / "unlabeled").is_dir() else []
     for extra in unlabeled_dirs:
         if not Path(extra).exists():
-            raise DatasetLayoutError(f"unlabeled source {extra} does not exist (a folder or an index table)")
+            raise DatasetLayoutError(
+                f"unlabeled source {extra} does not exist (a folder or an index table)"
+            )
         folders.append(Path(extra))
     unlabeled = [s for folder in folders for s in _folder_sources(folder)]
     unlabeled += [ScanSource(u, lambda u=u: luna.scan(u)) for u in split.unlabeled]
-    return DetectionSplit(luna, split, split.labeled, split.validation, test, unlabeled[:n_unlabeled])
+    return DetectionSplit(
+        luna, split, split.labeled, split.validation, test, unlabeled[:n_unlabeled]
+    )

@@ -31,10 +31,14 @@ from medssl.training.losses import FocalConfig, detection_loss, positive_count
 __all__ = ["focalmix_step", "joint_loss", "supervised_step", "unlabeled_weight"]
 
 
-def supervised_step(model: nn.Module, batch: dict[str, torch.Tensor], cfg: DetectionExperiment) -> dict[str, torch.Tensor]:
+def supervised_step(
+    model: nn.Module, batch: dict[str, torch.Tensor], cfg: DetectionExperiment
+) -> dict[str, torch.Tensor]:
     """Focal loss + smooth L1 on a labeled batch (the fully supervised baseline)."""
     out = flatten_levels(model(batch["image"]))
-    return detection_loss(out.float(), batch["labels"], batch["deltas"], batch["labels"] == 1, cfg.loss)
+    return detection_loss(
+        out.float(), batch["labels"], batch["deltas"], batch["labels"] == 1, cfg.loss
+    )
 
 
 def unlabeled_weight(step: int, cfg: DetectionExperiment) -> float:
@@ -76,14 +80,29 @@ def joint_loss(
     """
     n = labeled_targets.shape[0]
     if outputs.shape[0] != n + unlabeled_targets.shape[0]:
-        raise ValueError(f"outputs has {outputs.shape[0]} rows, targets {n} + {unlabeled_targets.shape[0]}")
+        raise ValueError(
+            f"outputs has {outputs.shape[0]} rows, targets {n} + {unlabeled_targets.shape[0]}"
+        )
     count = positive_count(labeled_targets, unlabeled_targets)
-    labeled = detection_loss(outputs[:n], labeled_targets, deltas, box_mask, config, normaliser=count)
+    labeled = detection_loss(
+        outputs[:n], labeled_targets, deltas, box_mask, config, normaliser=count
+    )
     no_boxes = torch.zeros_like(unlabeled_targets, dtype=torch.bool)
-    unlabeled = detection_loss(outputs[n:], unlabeled_targets, torch.zeros_like(outputs[n:, :, 1:]), no_boxes,
-                               config, normaliser=count)["cls"]
-    return {"loss": labeled["loss"] + weight * unlabeled, "cls": labeled["cls"], "box": labeled["box"],
-            "unlabeled": unlabeled, "normaliser": count}
+    unlabeled = detection_loss(
+        outputs[n:],
+        unlabeled_targets,
+        torch.zeros_like(outputs[n:, :, 1:]),
+        no_boxes,
+        config,
+        normaliser=count,
+    )["cls"]
+    return {
+        "loss": labeled["loss"] + weight * unlabeled,
+        "cls": labeled["cls"],
+        "box": labeled["box"],
+        "unlabeled": unlabeled,
+        "normaliser": count,
+    }
 
 
 def _boxes(batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
@@ -91,8 +110,13 @@ def _boxes(batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
     return [b[:n] for b, n in zip(boxes, counts)]
 
 
-def _pseudo_precision(found: list[np.ndarray], elements: list[CubeSymmetry], unlabeled: dict[str, torch.Tensor],
-                      truth: NoduleTruth, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+def _pseudo_precision(
+    found: list[np.ndarray],
+    elements: list[CubeSymmetry],
+    unlabeled: dict[str, torch.Tensor],
+    truth: NoduleTruth,
+    shape: tuple[int, ...],
+) -> dict[str, torch.Tensor]:
     """Guessed objects (cubes in the augmented crops' frames) mapped back to their scans and
     checked against the hidden truth."""
     centres: dict[int, list[np.ndarray]] = {}
@@ -146,8 +170,10 @@ def focalmix_step(
     """
     fm = cfg.focalmix
     if (objects is None) != (fm.object_policy == "fixed"):
-        raise ValueError(f"focalmix.object_policy is {fm.object_policy!r}: pass a CPLObjectSelection "
-                         "exactly when it is 'flexmatch'")
+        raise ValueError(
+            f"focalmix.object_policy is {fm.object_policy!r}: pass a CPLObjectSelection "
+            "exactly when it is 'flexmatch'"
+        )
     x, y = batch["image"], batch["labels"]
     u = unlabeled["image"]
     n = x.shape[0]
@@ -157,8 +183,12 @@ def focalmix_step(
     # MixMatch trains on augmented unlabeled data; the guessed targets follow the transform.
     g_u = [CUBE_GROUP[i] for i in rng.integers(len(CUBE_GROUP), size=u.shape[0])]
     u = torch.stack([apply_symmetry(g, u[b]) for b, g in enumerate(g_u)])
-    sharp = torch.cat([transform_anchor_targets(g, sharp[b : b + 1], grid) for b, g in enumerate(g_u)])
-    mean = torch.cat([transform_anchor_targets(g, mean[b : b + 1], grid) for b, g in enumerate(g_u)])
+    sharp = torch.cat(
+        [transform_anchor_targets(g, sharp[b : b + 1], grid) for b, g in enumerate(g_u)]
+    )
+    mean = torch.cat(
+        [transform_anchor_targets(g, mean[b : b + 1], grid) for b, g in enumerate(g_u)]
+    )
 
     images, targets = torch.cat([x, u]), torch.cat([y, sharp])
     x_mix, y_mix, u_mix, t_mix = x, y, u, sharp
@@ -176,8 +206,12 @@ def focalmix_step(
             stats["cpl_threshold"] = torch.tensor(objects.nodule_threshold())
             found = objects_from_mask(mean, objects.select(mean), grid)
             # every rank writes every rank's batch, so the CPL memories stay identical under DDP
-            objects.update(all_gather_cat(guessed), grid, all_gather_cat(unlabeled["case"]),
-                           all_gather_cat(unlabeled["start"]))
+            objects.update(
+                all_gather_cat(guessed),
+                grid,
+                all_gather_cat(unlabeled["case"]),
+                all_gather_cat(unlabeled["start"]),
+            )
             background, nodule = objects.learning_effect()
             stats["cpl_nodule_cells"] = torch.tensor(nodule)
             stats["cpl_background_cells"] = torch.tensor(background)
@@ -201,4 +235,3 @@ def focalmix_step(
         "guessed_positives": (sharp >= 0.5).sum(dim=1).float().mean(),
         **stats,
     }
-

@@ -48,7 +48,13 @@ from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_data import IndexStream, LabeledPatches, ScanBoxes, UnlabeledPatches
 from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
 from medssl.training.det_operating import write_operating_point
-from medssl.training.det_mining import CandidateLists, NoduleTruth, hard_negatives, refresh_scans, scan_candidates
+from medssl.training.det_mining import (
+    CandidateLists,
+    NoduleTruth,
+    hard_negatives,
+    refresh_scans,
+    scan_candidates,
+)
 from medssl.training.det_scans import DetectionSplit, ScanSource, _folder_sources, split_luna16
 from medssl.training.det_steps import focalmix_step, supervised_step
 from medssl.training.detector import FPNDetector
@@ -108,12 +114,18 @@ def _readable(cache: VolumeCache, sources: list[ScanSource]) -> list[CachedVolum
     return volumes
 
 
-def _loader(dataset: Any, batch: int, start: int, count: int, cfg: DetectionExperiment,
-            env: DistEnv) -> Iterator[dict[str, torch.Tensor]]:
+def _loader(
+    dataset: Any, batch: int, start: int, count: int, cfg: DetectionExperiment, env: DistEnv
+) -> Iterator[dict[str, torch.Tensor]]:
     loader = DataLoader(
-        dataset, batch_size=batch, sampler=IndexStream(start * batch, count * batch, env.rank, env.world_size),
-        num_workers=cfg.data.workers, worker_init_fn=worker_init_fn, pin_memory=env.device.type == "cuda",
-        persistent_workers=cfg.data.workers > 0, drop_last=True,
+        dataset,
+        batch_size=batch,
+        sampler=IndexStream(start * batch, count * batch, env.rank, env.world_size),
+        num_workers=cfg.data.workers,
+        worker_init_fn=worker_init_fn,
+        pin_memory=env.device.type == "cuda",
+        persistent_workers=cfg.data.workers > 0,
+        drop_last=True,
         # iter() draws the workers' base seed from this generator, not from the global RNG that
         # a resume restored (samples depend only on their index, so a fixed seed costs nothing).
         generator=torch.Generator().manual_seed(0),
@@ -125,10 +137,17 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-           cfg: DetectionExperiment, step: int, provenance: dict[str, Any],
-           metrics: dict[str, float] | None, objects: CPLObjectSelection | None,
-           mined: dict[str, CandidateLists]) -> dict[str, Any]:
+def _state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cfg: DetectionExperiment,
+    step: int,
+    provenance: dict[str, Any],
+    metrics: dict[str, float] | None,
+    objects: CPLObjectSelection | None,
+    mined: dict[str, CandidateLists],
+) -> dict[str, Any]:
     """A checkpoint; ``provenance`` and ``metrics`` (validation at this step) go to model cards;
     ``threshold``: the CPL object selection's memory (None without CPL); ``mined``: the hard
     negatives and unlabeled crop centres the following steps sample from."""
@@ -147,8 +166,9 @@ def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
     }
 
 
-def _unlabeled_truth(data: Path, split: DetectionSplit, unlabeled: list[CachedVolume],
-                     spacing_mm: float) -> NoduleTruth | None:
+def _unlabeled_truth(
+    data: Path, split: DetectionSplit, unlabeled: list[CachedVolume], spacing_mm: float
+) -> NoduleTruth | None:
     """The hidden nodules of the unlabeled scans, for diagnostics only: ``<data>/unlabeled/
     truth_annotations.csv`` (``medssl synth chest`` writes it) for the scans of that folder, the
     annotations of the leftover LUNA16 pool for those. None when no scan's truth is known."""
@@ -161,12 +181,21 @@ def _unlabeled_truth(data: Path, split: DetectionSplit, unlabeled: list[CachedVo
             known.setdefault(finding.seriesuid, []).append(finding)
     for uid in split.split.unlabeled:
         known[uid] = split.nodules(uid)
-    nodules = [_scan_boxes(v, known[v.key], spacing_mm).boxes if v.key in known else None for v in unlabeled]
+    nodules = [
+        _scan_boxes(v, known[v.key], spacing_mm).boxes if v.key in known else None
+        for v in unlabeled
+    ]
     return NoduleTruth(nodules) if any(n is not None for n in nodules) else None
 
 
-def _mine(model: torch.nn.Module, volumes: list[CachedVolume], scans: list[int], cfg: DetectionExperiment,
-          device: torch.device, top_k: int) -> dict[int, np.ndarray]:
+def _mine(
+    model: torch.nn.Module,
+    volumes: list[CachedVolume],
+    scans: list[int],
+    cfg: DetectionExperiment,
+    device: torch.device,
+    top_k: int,
+) -> dict[int, np.ndarray]:
     """The current weights' best ``top_k`` candidates ``(M, 4)`` (z, y, x voxels, probability) on
     the scans ``scans`` of ``volumes``, through the shared pipeline (validation's parameters)."""
     runner = TorchDetectionRunner(unwrap(model), cfg.window, device, cfg.amp)
@@ -176,7 +205,9 @@ def _mine(model: torch.nn.Module, volumes: list[CachedVolume], scans: list[int],
     return found
 
 
-def _statistics_windows(labeled: list[ScanBoxes], cfg: DetectionExperiment) -> list[tuple[int, tuple[int, int, int]]]:
+def _statistics_windows(
+    labeled: list[ScanBoxes], cfg: DetectionExperiment
+) -> list[tuple[int, tuple[int, int, int]]]:
     """The windows BatchNorm statistics are re-estimated on (``eval.bn_windows``): sliding windows
     of the labeled scans, those touching the lung mask when inference uses it."""
     if not cfg.eval.bn_windows:
@@ -186,13 +217,26 @@ def _statistics_windows(labeled: list[ScanBoxes], cfg: DetectionExperiment) -> l
         params = detection_params(cfg)
         masks = [prepared_lung_mask(s.volume.to_volume(), params) for s in labeled]
         # a scan where no lung is found is run whole by inference (detect_preprocessed)
-        keep = lambda i, start: not masks[i].any() or window_touches(masks[i], start, params.window_shape)  # noqa: E731
-    return inference_windows([s.volume.array.shape for s in labeled], window=cfg.window, overlap=cfg.eval.overlap,
-                             count=cfg.eval.bn_windows, seed=cfg.seed, keep=keep)
+        keep = lambda i, start: (
+            not masks[i].any() or window_touches(masks[i], start, params.window_shape)
+        )  # noqa: E731
+    return inference_windows(
+        [s.volume.array.shape for s in labeled],
+        window=cfg.window,
+        overlap=cfg.eval.overlap,
+        count=cfg.eval.bn_windows,
+        seed=cfg.seed,
+        keep=keep,
+    )
 
 
-def _validate(model: torch.nn.Module, split: DetectionSplit, volumes: dict[str, CachedVolume],
-              cfg: DetectionExperiment, device: torch.device) -> dict[str, float]:
+def _validate(
+    model: torch.nn.Module,
+    split: DetectionSplit,
+    volumes: dict[str, CachedVolume],
+    cfg: DetectionExperiment,
+    device: torch.device,
+) -> dict[str, float]:
     """Validation CPM of the current weights (LUNA16 FROC, no bootstrap)."""
     runner = TorchDetectionRunner(unwrap(model), cfg.window, device, cfg.amp)
     predictions = predict(runner, volumes, detection_params(cfg))
@@ -201,11 +245,20 @@ def _validate(model: torch.nn.Module, split: DetectionSplit, volumes: dict[str, 
     excluded = [f for u in uids for f in split.luna.excluded(u)]
     result = evaluate(predictions, nodules, excluded, uids, VALIDATION_BOOTSTRAP)
     unwrap(model).train()
-    return {"cpm": result.cpm, **{f"sens@{r:g}": s for r, s in zip(result.fp_rates, result.sensitivities)}}
+    return {
+        "cpm": result.cpm,
+        **{f"sens@{r:g}": s for r, s in zip(result.fp_rates, result.sensitivities)},
+    }
 
 
-def _test(model: torch.nn.Module, split: DetectionSplit, cache: VolumeCache, cfg: DetectionExperiment,
-          device: torch.device, out: Path) -> dict[str, Any]:
+def _test(
+    model: torch.nn.Module,
+    split: DetectionSplit,
+    cache: VolumeCache,
+    cfg: DetectionExperiment,
+    device: torch.device,
+    out: Path,
+) -> dict[str, Any]:
     """Submission CSV, CPM report and FROC plot on the test subsets."""
     out.mkdir(parents=True, exist_ok=True)
     volumes = {u: cache.get(u, split.source(u).load) for u in split.test}
@@ -254,57 +307,106 @@ def train_detector(
         cleanup()
 
 
-def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_unlabeled: int, resume: bool,
-           env: DistEnv, dev: torch.device) -> DetectionRun:
+def _train(
+    cfg: DetectionExperiment,
+    data: Path,
+    out: Path,
+    n_labeled: int,
+    n_unlabeled: int,
+    resume: bool,
+    env: DistEnv,
+    dev: torch.device,
+) -> DetectionRun:
     semi = cfg.method == "focalmix"
     if semi and n_unlabeled < 1:
         raise MedsslError("focalmix needs unlabeled scans: pass --unlabeled M with M >= 1")
     seed_everything(cfg.seed + env.rank)
     d = cfg.data
-    split = split_luna16(data, n_labeled, n_unlabeled if semi else 0, d.test_subsets, d.n_validation,
-                         d.split_seed, d.unlabeled_dirs)
+    split = split_luna16(
+        data,
+        n_labeled,
+        n_unlabeled if semi else 0,
+        d.test_subsets,
+        d.n_validation,
+        d.split_seed,
+        d.unlabeled_dirs,
+    )
     if semi and not split.unlabeled:
-        raise MedsslError(f"{data}: no unlabeled scans found (unlabeled/ folder or leftover training pool)")
+        raise MedsslError(
+            f"{data}: no unlabeled scans found (unlabeled/ folder or leftover training pool)"
+        )
     manager = CheckpointManager(out, metric="cpm")
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
         write_split(split.split, out / "split.json")
     cache = _cache(cfg)
-    labeled = [_scan_boxes(cache.get(u, split.source(u).load), split.nodules(u), d.spacing_mm) for u in split.labeled]
+    labeled = [
+        _scan_boxes(cache.get(u, split.source(u).load), split.nodules(u), d.spacing_mm)
+        for u in split.labeled
+    ]
     validation = {u: cache.get(u, split.source(u).load) for u in split.validation}
     unlabeled = _readable(cache, split.unlabeled)
     mine_negatives = d.hard_negative_fraction > 0
     mine_unlabeled = semi and cfg.focalmix.candidate_fraction > 0
-    excluded = ([_scan_boxes(s.volume, split.luna.excluded(u), d.spacing_mm).boxes
-                 for s, u in zip(labeled, split.labeled)] if mine_negatives else [])
+    excluded = (
+        [
+            _scan_boxes(s.volume, split.luna.excluded(u), d.spacing_mm).boxes
+            for s, u in zip(labeled, split.labeled)
+        ]
+        if mine_negatives
+        else []
+    )
     truth = _unlabeled_truth(data, split, unlabeled, d.spacing_mm) if semi else None
-    mined = {"hard_negatives": CandidateLists.empty(len(labeled)),
-             "unlabeled_candidates": CandidateLists.empty(len(unlabeled))}
-    provenance = {"method": cfg.method, "data": str(data.resolve()), "n_labeled": len(split.labeled),
-                  "n_unlabeled": len(unlabeled), "n_validation": len(split.validation)}
+    mined = {
+        "hard_negatives": CandidateLists.empty(len(labeled)),
+        "unlabeled_candidates": CandidateLists.empty(len(unlabeled)),
+    }
+    provenance = {
+        "method": cfg.method,
+        "data": str(data.resolve()),
+        "n_labeled": len(split.labeled),
+        "n_unlabeled": len(unlabeled),
+        "n_validation": len(split.validation),
+    }
 
     grid = AnchorGrid.build(cfg.anchors, (d.patch,) * 3)
     pad = Intensity(d.hu_min, d.hu_max).pad_value
     model = FPNDetector(cfg.model, cfg.anchors).to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.optim.steps)
     fm = cfg.focalmix
-    objects = (CPLObjectSelection([v.array.shape for v in unlabeled], tau=fm.object_threshold,
-                                  memory_stride=fm.object_memory_stride)
-               if semi and fm.object_policy == "flexmatch" else None)
+    objects = (
+        CPLObjectSelection(
+            [v.array.shape for v in unlabeled],
+            tau=fm.object_threshold,
+            memory_stride=fm.object_memory_stride,
+        )
+        if semi and fm.object_policy == "flexmatch"
+        else None
+    )
     start = 0
     if resume:
         state = resume_from_last(manager, model, optimizer, scheduler)
         if objects is not None:
             if state.get("threshold") is None:
-                raise MedsslError(f"{out}: the last checkpoint has no CPL memory (written with "
-                                  "focalmix.object_policy fixed?); resume with the run's own config")
+                raise MedsslError(
+                    f"{out}: the last checkpoint has no CPL memory (written with "
+                    "focalmix.object_policy fixed?); resume with the run's own config"
+                )
             objects.load_state_dict(state["threshold"])
         start = int(state["step"])
         saved = state.get("mined") or {}
         sizes = {"hard_negatives": len(labeled), "unlabeled_candidates": len(unlabeled)}
-        mined.update({name: CandidateLists.from_state(saved[name], sizes[name]) for name in mined if name in saved})
+        mined.update(
+            {
+                name: CandidateLists.from_state(saved[name], sizes[name])
+                for name in mined
+                if name in saved
+            }
+        )
     model = wrap_ddp(model, env)
     model.train()
 
@@ -313,30 +415,60 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
 
     def labeled_loader(first: int) -> Iterator[dict[str, torch.Tensor]]:
         # samples are a pure function of (seed, index, mined list): rebuilt when the list changes
-        patches = LabeledPatches(labeled, grid, d.positive_fraction, True, pad, cfg.seed,
-                                 hard_negatives=mined["hard_negatives"].centres,
-                                 hard_negative_fraction=d.hard_negative_fraction,
-                                 scanner=ScannerAugment(d.scanner_augment, d.hu_max - d.hu_min)
-                                 if d.scanner_augment > 0 else None)
+        patches = LabeledPatches(
+            labeled,
+            grid,
+            d.positive_fraction,
+            True,
+            pad,
+            cfg.seed,
+            hard_negatives=mined["hard_negatives"].centres,
+            hard_negative_fraction=d.hard_negative_fraction,
+            scanner=ScannerAugment(d.scanner_augment, d.hu_max - d.hu_min)
+            if d.scanner_augment > 0
+            else None,
+        )
         return _loader(patches, batch, first, steps - first, cfg, env)
 
     def unlabeled_loader(first: int) -> Iterator[dict[str, torch.Tensor]]:
-        patches = UnlabeledPatches(unlabeled, d.patch, pad, cfg.seed, candidates=mined["unlabeled_candidates"].centres,
-                                   candidate_fraction=cfg.focalmix.candidate_fraction)
+        patches = UnlabeledPatches(
+            unlabeled,
+            d.patch,
+            pad,
+            cfg.seed,
+            candidates=mined["unlabeled_candidates"].centres,
+            candidate_fraction=cfg.focalmix.candidate_fraction,
+        )
         return _loader(patches, batch, first, steps - first, cfg, env)
 
     labeled_stream = labeled_loader(start)
     unlabeled_stream = unlabeled_loader(start) if semi else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dev.type == "cuda" else nullcontext()
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cfg.amp and dev.type == "cuda"
+        else nullcontext()
+    )
     statistics_windows = _statistics_windows(labeled, cfg)
-    with TrainLogger(out, steps, enabled=env.is_main, resume_step=start if resume else None) as logger:
+    with TrainLogger(
+        out, steps, enabled=env.is_main, resume_step=start if resume else None
+    ) as logger:
         for step in range(start, steps):
             rng = np.random.default_rng([cfg.seed, 3, step, env.rank])
             labeled_batch = _to(next(labeled_stream), dev)
             with amp:
                 if unlabeled_stream is not None:
-                    losses = focalmix_step(model, unwrap(model), labeled_batch, _to(next(unlabeled_stream), dev),
-                                           grid, step, cfg, rng, objects, truth)
+                    losses = focalmix_step(
+                        model,
+                        unwrap(model),
+                        labeled_batch,
+                        _to(next(unlabeled_stream), dev),
+                        grid,
+                        step,
+                        cfg,
+                        rng,
+                        objects,
+                        truth,
+                    )
                 else:
                     losses = supervised_step(model, labeled_batch, cfg)
             loss = losses["loss"]
@@ -359,24 +491,52 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
                     # the statistics validation, mining, the checkpoint and the export use; every
                     # rank computes the same (same weights, same windows), so mining agrees
                     with amp:
-                        reestimate_batchnorm(unwrap(model), [s.volume.array for s in labeled], statistics_windows,
-                                             window=cfg.window, pad_value=pad, batch_size=batch, device=dev)
-                metrics = _validate(model, split, validation, cfg, dev) if (validation and env.is_main) else None
+                        reestimate_batchnorm(
+                            unwrap(model),
+                            [s.volume.array for s in labeled],
+                            statistics_windows,
+                            window=cfg.window,
+                            pad_value=pad,
+                            batch_size=batch,
+                            device=dev,
+                        )
+                metrics = (
+                    _validate(model, split, validation, cfg, dev)
+                    if (validation and env.is_main)
+                    else None
+                )
                 round_index, more = (step + 1) // cfg.eval.every, step + 1 < steps
                 mining: dict[str, float] = {}
                 if mine_negatives and more:
                     scans = refresh_scans(len(labeled), d.hard_negative_scans, round_index)
-                    found = _mine(model, [s.volume for s in labeled], scans, cfg, dev, d.hard_negatives_per_scan)
+                    found = _mine(
+                        model,
+                        [s.volume for s in labeled],
+                        scans,
+                        cfg,
+                        dev,
+                        d.hard_negatives_per_scan,
+                    )
                     mined["hard_negatives"] = mined["hard_negatives"].replace(
-                        {i: hard_negatives(c, labeled[i].boxes, excluded[i], spacing_mm=d.spacing_mm)
-                         for i, c in found.items()})
-                    mining["hard_negatives"] = float(sum(len(c) for c in mined["hard_negatives"].centres))
+                        {
+                            i: hard_negatives(
+                                c, labeled[i].boxes, excluded[i], spacing_mm=d.spacing_mm
+                            )
+                            for i, c in found.items()
+                        }
+                    )
+                    mining["hard_negatives"] = float(
+                        sum(len(c) for c in mined["hard_negatives"].centres)
+                    )
                     labeled_stream = labeled_loader(step + 1)
                 if mine_unlabeled and more:
                     scans = refresh_scans(len(unlabeled), cfg.focalmix.candidate_scans, round_index)
-                    found = _mine(model, unlabeled, scans, cfg, dev, cfg.focalmix.candidates_per_scan)
+                    found = _mine(
+                        model, unlabeled, scans, cfg, dev, cfg.focalmix.candidates_per_scan
+                    )
                     mined["unlabeled_candidates"] = mined["unlabeled_candidates"].replace(
-                        {i: c[:, :3] for i, c in found.items()})
+                        {i: c[:, :3] for i, c in found.items()}
+                    )
                     mining["unlabeled_candidates"] = float(sum(len(c) for c in found.values()))
                     if truth is not None:  # diagnostics only
                         hits, total = truth.precision({i: c[:, :3] for i, c in found.items()})
@@ -388,8 +548,21 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
                         logger.log(step + 1, **{f"val/{k}": v for k, v in metrics.items()})
                     if mining:
                         logger.log(step + 1, **{f"mining/{k}": v for k, v in mining.items()})
-                    manager.save(_state(model, optimizer, scheduler, cfg, step + 1, provenance, metrics,
-                                        objects, mined), step + 1, metrics)
+                    manager.save(
+                        _state(
+                            model,
+                            optimizer,
+                            scheduler,
+                            cfg,
+                            step + 1,
+                            provenance,
+                            metrics,
+                            objects,
+                            mined,
+                        ),
+                        step + 1,
+                        metrics,
+                    )
     if not env.is_main:
         return DetectionRun(out, manager.latest() or out, None, None)
     best = manager.best() or manager.latest()
@@ -397,6 +570,8 @@ def _train(cfg: DetectionExperiment, data: Path, out: Path, n_labeled: int, n_un
     net = FPNDetector(cfg.model, cfg.anchors)
     net.load_state_dict(manager.load(best)["model"])
     report = _test(net.to(dev), split, cache, cfg, dev, out / "test") if split.test else None
-    write_operating_point(net, split, cache, cfg, dev, out, report)  # validation/, and the test report at it
+    write_operating_point(
+        net, split, cache, cfg, dev, out, report
+    )  # validation/, and the test report at it
     cpm = report["cpm"] if report else None
     return DetectionRun(out, best, None if cpm is None or math.isnan(cpm) else cpm, report)

@@ -61,8 +61,9 @@ class DetectorConfig:
 #: The paper's network: 20 basic residual blocks, five stages (strides 2..32, outputs 2..16).
 PAPER = DetectorConfig()
 #: A CPU-sized variant (8 blocks) for tests, demos and CPU benchmarks.
-CPU_SMALL = DetectorConfig(widths=(8, 16, 24, 32), blocks=(1, 2, 3, 2), stem_width=8,
-                           fpn_width=16, head_width=16)
+CPU_SMALL = DetectorConfig(
+    widths=(8, 16, 24, 32), blocks=(1, 2, 3, 2), stem_width=8, fpn_width=16, head_width=16
+)
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
@@ -99,12 +100,18 @@ class FPNDetector(nn.Module):
         super().__init__()
         missing = set(anchors.strides) - set(config.strides)
         if missing:
-            raise ValueError(f"anchor strides {sorted(missing)} are not backbone strides {config.strides}")
+            raise ValueError(
+                f"anchor strides {sorted(missing)} are not backbone strides {config.strides}"
+            )
         self.config, self.anchors = config, anchors
         self.stem = nn.Sequential(_conv_bn(1, config.stem_width), nn.ReLU(inplace=True))
         stages, cin = [], config.stem_width
         for width, n in zip(config.widths, config.blocks):
-            stages.append(nn.Sequential(BasicBlock(cin, width, 2), *(BasicBlock(width, width) for _ in range(n - 1))))
+            stages.append(
+                nn.Sequential(
+                    BasicBlock(cin, width, 2), *(BasicBlock(width, width) for _ in range(n - 1))
+                )
+            )
             cin = width
         self.stages = nn.ModuleList(stages)
         self.lateral = nn.ModuleList(nn.Conv3d(w, config.fpn_width, 1) for w in config.widths)
@@ -112,12 +119,15 @@ class FPNDetector(nn.Module):
             nn.Conv3d(config.fpn_width, config.fpn_width, 3, padding=1) for _ in anchors.strides
         )
         self.head = nn.Sequential(
-            nn.Conv3d(config.fpn_width, config.head_width, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv3d(config.fpn_width, config.head_width, 3, padding=1),
+            nn.ReLU(inplace=True),
             nn.Conv3d(config.head_width, 5, 1),
         )
         nn.init.normal_(self.head[-1].weight, std=0.01)
         nn.init.zeros_(self.head[-1].bias)
-        nn.init.constant_(self.head[-1].bias[0], -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+        nn.init.constant_(
+            self.head[-1].bias[0], -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY)
+        )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features, out = [], self.stem(x)
@@ -127,9 +137,13 @@ class FPNDetector(nn.Module):
         top = self.lateral[-1](features[-1])
         pyramid: dict[int, torch.Tensor] = {self.config.strides[-1]: top}
         for i in range(len(features) - 2, -1, -1):
-            top = self.lateral[i](features[i]) + F.interpolate(top, size=features[i].shape[2:], mode="nearest")
+            top = self.lateral[i](features[i]) + F.interpolate(
+                top, size=features[i].shape[2:], mode="nearest"
+            )
             pyramid[self.config.strides[i]] = top
-        return [self.head(smooth(pyramid[s])) for s, smooth in zip(self.anchors.strides, self.smooth)]
+        return [
+            self.head(smooth(pyramid[s])) for s, smooth in zip(self.anchors.strides, self.smooth)
+        ]
 
 
 def flatten_levels(levels: list[torch.Tensor]) -> torch.Tensor:

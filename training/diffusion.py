@@ -58,18 +58,28 @@ class LabelDiffusion:
 
     def __post_init__(self) -> None:
         if self.steps < 2 or not 1 <= self.sample_steps <= self.steps:
-            raise ValueError(f"need steps >= 2 and 1 <= sample_steps <= steps, got {self.steps}, {self.sample_steps}")
+            raise ValueError(
+                f"need steps >= 2 and 1 <= sample_steps <= steps, got {self.steps}, {self.sample_steps}"
+            )
         if not 0 < self.beta_start < self.beta_end < 1:
-            raise ValueError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+            raise ValueError(
+                f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}"
+            )
 
     def alphas_cumprod(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """ᾱ_t for t = 0..T−1, float64 ``(T,)``."""
         scale = 1000 / self.steps
-        betas = torch.linspace(scale * self.beta_start, scale * self.beta_end, self.steps, dtype=torch.float64)
+        betas = torch.linspace(
+            scale * self.beta_start, scale * self.beta_end, self.steps, dtype=torch.float64
+        )
         return torch.cumprod(1 - betas, 0).to(device)
 
-    def sample_t(self, batch: int, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
+    def sample_t(
+        self,
+        batch: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
         """Uniform training steps ``(B,)`` in ``[0, T)`` (``UniformSampler``)."""
         return torch.randint(0, self.steps, (batch,), generator=generator).to(device)
 
@@ -79,9 +89,13 @@ class LabelDiffusion:
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     @torch.no_grad()
-    def ddim_x0(self, predict_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                shape: tuple[int, ...], device: torch.device | str,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def ddim_x0(
+        self,
+        predict_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        shape: tuple[int, ...],
+        device: torch.device | str,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Deterministic DDIM (η = 0) from x_T ~ N(0, I); returns the last clamped x̂0.
 
         Args:
@@ -95,7 +109,11 @@ class LabelDiffusion:
         x0 = x
         for i in reversed(range(len(steps))):
             t = steps[i]
-            x0 = predict_x0(x, torch.full((shape[0],), t, device=device, dtype=torch.long)).float().clamp(-1, 1)
+            x0 = (
+                predict_x0(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
+                .float()
+                .clamp(-1, 1)
+            )
             a_t = abar[t].float()
             a_prev = abar[steps[i - 1]].float() if i > 0 else torch.ones((), device=device)
             eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()

@@ -121,7 +121,10 @@ def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def _split_levels(flat: torch.Tensor, grid: AnchorGrid) -> list[torch.Tensor]:
     """``(B, N)`` → per-level ``(B, 1, z, y, x)`` maps."""
-    return [flat[:, s].reshape(flat.shape[0], 1, *shape) for s, shape in zip(grid.level_slices, grid.level_shapes)]
+    return [
+        flat[:, s].reshape(flat.shape[0], 1, *shape)
+        for s, shape in zip(grid.level_slices, grid.level_shapes)
+    ]
 
 
 @torch.no_grad()
@@ -159,7 +162,9 @@ def guess_targets(
     return sharpen(mean, temperature), mean
 
 
-def transform_anchor_targets(g: CubeSymmetry, targets: torch.Tensor, grid: AnchorGrid) -> torch.Tensor:
+def transform_anchor_targets(
+    g: CubeSymmetry, targets: torch.Tensor, grid: AnchorGrid
+) -> torch.Tensor:
     """Carry per-anchor targets ``(B, N)`` of a patch to the patch transformed by ``g``."""
     levels = [apply_symmetry(g, m) for m in _split_levels(targets, grid)]
     return flatten_levels(levels)[..., 0]
@@ -172,7 +177,11 @@ def sample_lambda(eta: float, rng: np.random.Generator) -> float:
 
 
 def image_mixup(
-    images: torch.Tensor, targets: torch.Tensor, other_images: torch.Tensor, other_targets: torch.Tensor, lam: float
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    other_images: torch.Tensor,
+    other_targets: torch.Tensor,
+    lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Image-level MixUp (eq. 10-13): ``x̂ = λ̃x + (1 − λ̃)x'`` and ``ŷ_i = λ̃y_i + (1 − λ̃)y'_i``.
 
@@ -191,7 +200,11 @@ def image_mixup(
 
 
 def objects_from_targets(
-    probabilities: torch.Tensor, grid: AnchorGrid, threshold: float, nms_iou: float = 0.1, max_objects: int = 8
+    probabilities: torch.Tensor,
+    grid: AnchorGrid,
+    threshold: float,
+    nms_iou: float = 0.1,
+    max_objects: int = 8,
 ) -> list[np.ndarray]:
     """High-confidence predicted objects of unlabeled patches, as anchor cubes (FocalMix's
     fixed threshold).
@@ -208,7 +221,10 @@ def objects_from_targets(
 
 
 def objects_from_mask(
-    probabilities: torch.Tensor, selected: torch.Tensor, grid: AnchorGrid, nms_iou: float = 0.1,
+    probabilities: torch.Tensor,
+    selected: torch.Tensor,
+    grid: AnchorGrid,
+    nms_iou: float = 0.1,
     max_objects: int = 8,
 ) -> list[np.ndarray]:
     """The objects among chosen anchors (e.g. :meth:`CPLObjectSelection.select`), as anchor cubes.
@@ -221,14 +237,22 @@ def objects_from_mask(
         Per patch, ``(M, 4)`` cubes ``(z, y, x, d)`` in the patch frame (after 3D NMS).
     """
     if tuple(selected.shape) != tuple(probabilities.shape):
-        raise ValueError(f"selected has shape {tuple(selected.shape)}, "
-                         f"probabilities {tuple(probabilities.shape)}")
-    return _nms_objects(probabilities.detach().float().cpu().numpy(), selected.cpu().numpy(), grid, nms_iou,
-                        max_objects)
+        raise ValueError(
+            f"selected has shape {tuple(selected.shape)}, "
+            f"probabilities {tuple(probabilities.shape)}"
+        )
+    return _nms_objects(
+        probabilities.detach().float().cpu().numpy(),
+        selected.cpu().numpy(),
+        grid,
+        nms_iou,
+        max_objects,
+    )
 
 
-def _nms_objects(probs: np.ndarray, selected: np.ndarray, grid: AnchorGrid, nms_iou: float,
-                 max_objects: int) -> list[np.ndarray]:
+def _nms_objects(
+    probs: np.ndarray, selected: np.ndarray, grid: AnchorGrid, nms_iou: float, max_objects: int
+) -> list[np.ndarray]:
     """Per row of ``(B, N)`` scores, 3D NMS over the ``selected`` anchors' cubes."""
     out = []
     for row, chosen in zip(probs, selected):
@@ -263,8 +287,9 @@ def anchor_cell_ids(
         anchors whose reference voxel ``start + ⌊centre⌋`` lies outside the scan.
     """
     if cases.ndim != 1 or tuple(starts.shape) != (len(cases), 3):
-        raise ValueError(f"need cases (B,) and starts (B, 3), "
-                         f"got {tuple(cases.shape)}, {tuple(starts.shape)}")
+        raise ValueError(
+            f"need cases (B,) and starts (B, 3), got {tuple(cases.shape)}, {tuple(starts.shape)}"
+        )
     reference = np.floor(grid.centres).astype(np.int64)  # (N, 3) voxels in the crop
     stride = np.asarray(layout.stride, dtype=np.int64)
     out = np.full((len(cases), grid.n_anchors), -1, dtype=np.int64)
@@ -279,7 +304,9 @@ def anchor_cell_ids(
     return torch.from_numpy(out)
 
 
-def cell_probabilities(probabilities: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cell_probabilities(
+    probabilities: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One verdict per memory cell of a batch: its most nodule-like anchor.
 
     Args:
@@ -293,7 +320,9 @@ def cell_probabilities(probabilities: torch.Tensor, ids: torch.Tensor) -> tuple[
     p, ids = probabilities.detach().float().cpu().reshape(-1), ids.cpu().reshape(-1)
     valid = ids >= 0
     cells, inverse = torch.unique(ids[valid], return_inverse=True)
-    best = torch.zeros(len(cells)).scatter_reduce(0, inverse, p[valid], reduce="amax", include_self=False)
+    best = torch.zeros(len(cells)).scatter_reduce(
+        0, inverse, p[valid], reduce="amax", include_self=False
+    )
     return nodule_probabilities(best[:, None])[..., 0], cells
 
 
@@ -307,7 +336,9 @@ class CPLObjectSelection:
         memory_stride: the memory cell edge ``m``, voxels (``focalmix.object_memory_stride``).
     """
 
-    def __init__(self, case_shapes: Sequence[Sequence[int]], *, tau: float, memory_stride: int = 8) -> None:
+    def __init__(
+        self, case_shapes: Sequence[Sequence[int]], *, tau: float, memory_stride: int = 8
+    ) -> None:
         self.layout = VoxelMemoryLayout(case_shapes, memory_stride)
         self.policy = FlexMatchThreshold(2, self.layout.n_samples, tau=tau)
 
@@ -316,12 +347,19 @@ class CPLObjectSelection:
         labels, keep = self.policy.mask(nodule_probabilities(probabilities))
         return (labels == 1) & keep
 
-    def update(self, probabilities: torch.Tensor, grid: AnchorGrid, cases: torch.Tensor,
-               starts: torch.Tensor) -> None:
+    def update(
+        self,
+        probabilities: torch.Tensor,
+        grid: AnchorGrid,
+        cases: torch.Tensor,
+        starts: torch.Tensor,
+    ) -> None:
         """Record a batch: ``probabilities (B, N)`` in the crops' untransformed anchor order,
         ``cases (B,)``, ``starts (B, 3)`` as :func:`anchor_cell_ids`. Call after :meth:`select`
         (FlexMatch's order)."""
-        cells, ids = cell_probabilities(probabilities, anchor_cell_ids(self.layout, grid, cases, starts))
+        cells, ids = cell_probabilities(
+            probabilities, anchor_cell_ids(self.layout, grid, cases, starts)
+        )
         self.policy.update(cells, ids)
 
     def nodule_threshold(self) -> float:

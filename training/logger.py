@@ -126,11 +126,16 @@ class TrainLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
-                                     purge_step=None if resume_step is None else resume_step + 1)
+        self._writer = SummaryWriter(
+            log_dir=str(self.run_dir / "tensorboard"),
+            purge_step=None if resume_step is None else resume_step + 1,
+        )
         if resume_step is not None and self.jsonl_path.is_file():
-            kept = [line for line in self.jsonl_path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if _step_of(line) <= resume_step]
+            kept = [
+                line
+                for line in self.jsonl_path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if _step_of(line) <= resume_step
+            ]
             self.jsonl_path.write_text("".join(kept), encoding="utf-8")
         # Held open for the logger's lifetime (closed in close()); line-buffered.
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115

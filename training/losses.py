@@ -38,12 +38,16 @@ class FocalConfig:
 
     def __post_init__(self) -> None:
         if not (0 <= self.alpha0 <= 1 and 0 <= self.alpha1 <= 1):
-            raise ValueError(f"alpha0 and alpha1 must be in [0, 1], got {self.alpha0}, {self.alpha1}")
+            raise ValueError(
+                f"alpha0 and alpha1 must be in [0, 1], got {self.alpha0}, {self.alpha1}"
+            )
         if self.gamma < 0 or self.smooth_l1_beta < 0 or self.box_weight < 0:
             raise ValueError("gamma, smooth_l1_beta and box_weight must be non-negative")
 
 
-def soft_focal_loss(logits: torch.Tensor, targets: torch.Tensor, config: FocalConfig = FocalConfig()) -> torch.Tensor:
+def soft_focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, config: FocalConfig = FocalConfig()
+) -> torch.Tensor:
     """Soft-target focal loss, element-wise (FocalMix eq. 9).
 
     ``SFL(p) = [α0 + y(α1 − α0)] · |y − p|^γ · CE(y, p)`` with ``p = sigmoid(logit)``;
@@ -106,8 +110,16 @@ def detection_loss(
     cls = (soft_focal_loss(outputs[..., 0], y, config) * valid).sum()
     n_pos = positive_count(targets) if normaliser is None else normaliser
     if box_mask.any():
-        box = F.smooth_l1_loss(outputs[..., 1:][box_mask], deltas[box_mask], beta=config.smooth_l1_beta,
-                               reduction="sum") / box_mask.sum().clamp(min=1) / 4
+        box = (
+            F.smooth_l1_loss(
+                outputs[..., 1:][box_mask],
+                deltas[box_mask],
+                beta=config.smooth_l1_beta,
+                reduction="sum",
+            )
+            / box_mask.sum().clamp(min=1)
+            / 4
+        )
     else:
         box = outputs[..., 1:].sum() * 0.0
     cls = cls / n_pos

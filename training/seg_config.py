@@ -113,11 +113,15 @@ class SegDataConfig:
         if not self.domains:
             raise ValueError("data.domains must name at least one domain")
         if not 0 <= self.foreground_fraction <= 1:
-            raise ValueError(f"foreground_fraction must be in [0, 1], got {self.foreground_fraction}")
+            raise ValueError(
+                f"foreground_fraction must be in [0, 1], got {self.foreground_fraction}"
+            )
         if not 0 < self.labeled_fraction <= 1:
             raise ValueError(f"labeled_fraction must be in (0, 1], got {self.labeled_fraction}")
         if self.patch[0] < 1 or any(p < 16 or p % 16 for p in self.patch[1:]):
-            raise ValueError(f"patch edges must be multiples of 16 (four stride-2 stages), got {self.patch}")
+            raise ValueError(
+                f"patch edges must be multiples of 16 (four stride-2 stages), got {self.patch}"
+            )
         if min(self.spacing_mm) <= 0 or self.n_validation < 0 or self.workers < 0:
             raise ValueError("need spacing_mm > 0, n_validation >= 0 and workers >= 0")
         if any(c < 1 for c in self.classes) or len(set(self.classes)) != len(self.classes):
@@ -250,10 +254,14 @@ class BCPConfig:
 
     def __post_init__(self) -> None:
         if self.pretrain_steps < 1 or self.lr_step < 1:
-            raise ValueError(f"need pretrain_steps >= 1 and lr_step >= 1, got {self.pretrain_steps}, {self.lr_step}")
+            raise ValueError(
+                f"need pretrain_steps >= 1 and lr_step >= 1, got {self.pretrain_steps}, {self.lr_step}"
+            )
         if not 0 < self.mask_ratio < 1 or not 0 < self.pseudo_threshold < 1:
-            raise ValueError(f"mask_ratio and pseudo_threshold must be in (0, 1), got {self.mask_ratio}, "
-                             f"{self.pseudo_threshold}")
+            raise ValueError(
+                f"mask_ratio and pseudo_threshold must be in (0, 1), got {self.mask_ratio}, "
+                f"{self.pseudo_threshold}"
+            )
         if not 0 <= self.ema < 1 or self.u_weight < 0 or self.lr <= 0 or self.weight_decay < 0:
             raise ValueError("need 0 <= ema < 1, u_weight >= 0, lr > 0 and weight_decay >= 0")
         if not 0 < self.lr_gamma <= 1:
@@ -301,7 +309,9 @@ class ThresholdConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.tau <= 1 or self.memory_stride < 1:
-            raise ValueError(f"need tau in (0, 1] and memory_stride >= 1, got {self.tau}, {self.memory_stride}")
+            raise ValueError(
+                f"need tau in (0, 1] and memory_stride >= 1, got {self.tau}, {self.memory_stride}"
+            )
 
 
 @dataclass(frozen=True)
@@ -382,12 +392,21 @@ class PatchCLConfig:
 
     def __post_init__(self) -> None:
         if any(p < 16 or p % 16 for p in self.patch) or any(s < 1 for s in self.stride):
-            raise ValueError(f"patchcl.patch edges must be multiples of 16 and strides >= 1, got {self.patch}, "
-                             f"{self.stride}")
-        if self.per_class < 1 or self.min_voxels < 1 or self.queue_length < 1 or self.embedding_dim < 1:
+            raise ValueError(
+                f"patchcl.patch edges must be multiples of 16 and strides >= 1, got {self.patch}, "
+                f"{self.stride}"
+            )
+        if (
+            self.per_class < 1
+            or self.min_voxels < 1
+            or self.queue_length < 1
+            or self.embedding_dim < 1
+        ):
             raise ValueError("need per_class, min_voxels, queue_length and embedding_dim >= 1")
         if self.tau <= 0 or self.lam < 0 or (self.zeta is not None and self.zeta <= 0):
-            raise ValueError(f"need tau > 0, lam >= 0 and zeta > 0, got {self.tau}, {self.lam}, {self.zeta}")
+            raise ValueError(
+                f"need tau > 0, lam >= 0 and zeta > 0, got {self.tau}, {self.lam}, {self.zeta}"
+            )
         if self.beta < 0 or self.gamma < 0 or not 0 <= self.warmup_fraction < 1:
             raise ValueError("need beta >= 0, gamma >= 0 and warmup_fraction in [0, 1)")
         if not 0 <= self.ema < 1:
@@ -413,8 +432,10 @@ class SegLossConfig:
 
     def __post_init__(self) -> None:
         if self.class_weighting not in ("none", "frequency") or self.weight_power < 0:
-            raise ValueError(f"need class_weighting 'none' or 'frequency' and weight_power >= 0, got "
-                             f"{self.class_weighting!r}, {self.weight_power}")
+            raise ValueError(
+                f"need class_weighting 'none' or 'frequency' and weight_power >= 0, got "
+                f"{self.class_weighting!r}, {self.weight_power}"
+            )
 
 
 @dataclass(frozen=True)
@@ -464,32 +485,60 @@ class SegmentationExperiment:
         return {"fixmatch": "fixed", "flexmatch": "flexmatch"}.get(self.method, "none")  # type: ignore[return-value]
 
     def __post_init__(self) -> None:
-        policy, own = self.threshold.policy, {"fixmatch": "fixed", "flexmatch": "flexmatch"}.get(self.method)
+        policy, own = (
+            self.threshold.policy,
+            {"fixmatch": "fixed", "flexmatch": "flexmatch"}.get(self.method),
+        )
         if own is not None and policy not in ("auto", own):
-            raise ConfigError(f"config key 'threshold.policy': method {self.method!r} is the {own!r} policy; got "
-                              f"{policy!r} (use method {'flexmatch' if policy == 'flexmatch' else 'fixmatch'} or "
-                              f"policy 'auto')", key="threshold.policy")
+            raise ConfigError(
+                f"config key 'threshold.policy': method {self.method!r} is the {own!r} policy; got "
+                f"{policy!r} (use method {'flexmatch' if policy == 'flexmatch' else 'fixmatch'} or "
+                f"policy 'auto')",
+                key="threshold.policy",
+            )
         if self.method in ("supervised-seg", "ad") and policy not in ("auto", "none"):
-            raise ConfigError(f"config key 'threshold.policy': method {self.method!r} has no pseudo-label filter; "
-                              f"it applies to mean-teacher, bcp, patchcl, fixmatch and flexmatch", key="threshold.policy")
+            raise ConfigError(
+                f"config key 'threshold.policy': method {self.method!r} has no pseudo-label filter; "
+                f"it applies to mean-teacher, bcp, patchcl, fixmatch and flexmatch",
+                key="threshold.policy",
+            )
         if self.method == "bcp" and self.bcp.pretrain_steps >= self.optim.steps:
-            raise ConfigError(f"config key 'bcp.pretrain_steps': {self.bcp.pretrain_steps} must be below "
-                              f"optim.steps ({self.optim.steps}), the rest of the run is self-training",
-                              key="bcp.pretrain_steps")
+            raise ConfigError(
+                f"config key 'bcp.pretrain_steps': {self.bcp.pretrain_steps} must be below "
+                f"optim.steps ({self.optim.steps}), the rest of the run is self-training",
+                key="bcp.pretrain_steps",
+            )
         if self.method == "bcp" and self.optim.batch_size % 2:
-            raise ConfigError(f"config key 'optim.batch_size': bcp copy-pastes pairs of crops and needs an even "
-                              f"batch size, got {self.optim.batch_size}", key="optim.batch_size")
+            raise ConfigError(
+                f"config key 'optim.batch_size': bcp copy-pastes pairs of crops and needs an even "
+                f"batch size, got {self.optim.batch_size}",
+                key="optim.batch_size",
+            )
         network, depth = self.model.network, self.data.patch[0]
         if self.method == "patchcl" and network != "vnet":
-            raise ConfigError("config key 'model.network': patchcl embeds 3D patches with the VNet encoder; use "
-                              "'vnet'", key="model.network")
-        if self.method == "patchcl" and any(p > c for p, c in zip(self.patchcl.patch, self.data.patch)):
-            raise ConfigError(f"config key 'patchcl.patch': {list(self.patchcl.patch)} does not fit in the crop "
-                              f"data.patch {list(self.data.patch)}", key="patchcl.patch")
+            raise ConfigError(
+                "config key 'model.network': patchcl embeds 3D patches with the VNet encoder; use "
+                "'vnet'",
+                key="model.network",
+            )
+        if self.method == "patchcl" and any(
+            p > c for p, c in zip(self.patchcl.patch, self.data.patch)
+        ):
+            raise ConfigError(
+                f"config key 'patchcl.patch': {list(self.patchcl.patch)} does not fit in the crop "
+                f"data.patch {list(self.data.patch)}",
+                key="patchcl.patch",
+            )
         if network == "unet2d" and self.method == "ad":
-            raise ConfigError("config key 'model.network': 'unet2d' does not fit method 'ad' (A&D's Diff-VNet "
-                              "is 3D); use 'vnet', or unet2d with another method", key="model.network")
+            raise ConfigError(
+                "config key 'model.network': 'unet2d' does not fit method 'ad' (A&D's Diff-VNet "
+                "is 3D); use 'vnet', or unet2d with another method",
+                key="model.network",
+            )
         if network == "vnet" and (depth < 16 or depth % 16):
-            raise ConfigError(f"config key 'data.patch': the VNet needs a depth that is a multiple of 16 (four "
-                              f"stride-2 stages), got {list(self.data.patch)}; only model.network 'unet2d' "
-                              f"takes any depth", key="data.patch")
+            raise ConfigError(
+                f"config key 'data.patch': the VNet needs a depth that is a multiple of 16 (four "
+                f"stride-2 stages), got {list(self.data.patch)}; only model.network 'unet2d' "
+                f"takes any depth",
+                key="data.patch",
+            )

@@ -24,7 +24,16 @@ from medssl.training.seg_config import SegDataConfig
 from medssl.training.svda import SVDA, apply_svda
 from medssl.training.threshold import VoxelMemoryLayout
 
-__all__ = ["FOREGROUND_LOCATIONS", "DomainCase", "LabeledVolume", "SegCrops", "SegSplit", "class_names", "label_lookup", "split_domains"]
+__all__ = [
+    "FOREGROUND_LOCATIONS",
+    "DomainCase",
+    "LabeledVolume",
+    "SegCrops",
+    "SegSplit",
+    "class_names",
+    "label_lookup",
+    "split_domains",
+]
 
 #: Voxels kept per class to centre foreground crops on (nnU-Net's ``num_samples`` = 10000).
 FOREGROUND_LOCATIONS = 10000
@@ -55,7 +64,10 @@ class SegSplit:
     labels: dict[int, str]
 
     def to_json(self) -> dict[str, list[str]]:
-        return {name: [c.key for c in getattr(self, name)] for name in ("labeled", "unlabeled", "validation", "test")}
+        return {
+            name: [c.key for c in getattr(self, name)]
+            for name in ("labeled", "unlabeled", "validation", "test")
+        }
 
 
 def _open_domain(data: Path, domain: str) -> Decathlon:
@@ -94,7 +106,9 @@ def split_domains(data: str | Path, cfg: SegDataConfig) -> SegSplit:
     for i in range(cfg.n_validation):
         pool = pools[cfg.domains[i % len(cfg.domains)]]
         if len(pool) < 2:
-            raise MedsslError(f"not enough training cases to hold out {cfg.n_validation} for validation")
+            raise MedsslError(
+                f"not enough training cases to hold out {cfg.n_validation} for validation"
+            )
         validation.append(pool.pop())
     labeled, unlabeled = [], []
     for domain, pool in pools.items():
@@ -109,7 +123,9 @@ def split_domains(data: str | Path, cfg: SegDataConfig) -> SegSplit:
         ds = _open_domain(data, domain)
         missing = [c.case_id for c in ds.test if c.label is None]
         if missing:
-            raise MedsslError(f"test domain {domain!r}: no labelsTs for {missing[:3]}... (needed to score the test set)")
+            raise MedsslError(
+                f"test domain {domain!r}: no labelsTs for {missing[:3]}... (needed to score the test set)"
+            )
         test += [DomainCase(domain, ds, c) for c in ds.test]
     if cfg.classes:
         unknown = sorted(set(cfg.classes) - set(labels))
@@ -186,16 +202,28 @@ class SegCrops(Dataset):
         foreground: share of crops centred on a foreground class (labeled volumes only).
     """
 
-    def __init__(self, volumes: Sequence[LabeledVolume], patch: Sequence[int], lookup: np.ndarray,
-                 svda: SVDA | None, pad_value: float, seed: int, stream: int, weak_strong: bool = False,
-                 layout: VoxelMemoryLayout | None = None, foreground: float = 0.0) -> None:
+    def __init__(
+        self,
+        volumes: Sequence[LabeledVolume],
+        patch: Sequence[int],
+        lookup: np.ndarray,
+        svda: SVDA | None,
+        pad_value: float,
+        seed: int,
+        stream: int,
+        weak_strong: bool = False,
+        layout: VoxelMemoryLayout | None = None,
+        foreground: float = 0.0,
+    ) -> None:
         if not volumes:
             raise ValueError("no volumes to crop")
         if not 0 <= foreground <= 1:
             raise ValueError(f"foreground must be in [0, 1], got {foreground}")
         if foreground and any(v.label is None for v in volumes):
             raise ValueError("foreground oversampling needs labeled volumes")
-        if layout is not None and (layout.n_cases != len(volumes) or any(v.label is not None for v in volumes)):
+        if layout is not None and (
+            layout.n_cases != len(volumes) or any(v.label is not None for v in volumes)
+        ):
             raise ValueError("a CPL layout needs unlabeled volumes, one layout case per volume")
         self.volumes, self.patch = list(volumes), tuple(int(p) for p in patch)
         self.lookup, self.svda, self.pad_value = lookup, svda, pad_value
@@ -216,7 +244,7 @@ class SegCrops(Dataset):
             rng = np.random.default_rng([self.seed, case])
             found = {}
             for k in range(1, len(bounds) - 1):
-                flat = order[bounds[k]:bounds[k + 1]]
+                flat = order[bounds[k] : bounds[k + 1]]
                 if len(flat) > FOREGROUND_LOCATIONS:
                     flat = np.sort(rng.choice(flat, FOREGROUND_LOCATIONS, replace=False))
                 if len(flat):
@@ -231,7 +259,10 @@ class SegCrops(Dataset):
                 classes = sorted(locations)
                 flat = locations[classes[int(rng.integers(len(classes)))]]
                 centre = np.unravel_index(int(flat[int(rng.integers(len(flat)))]), shape)
-                return [int(min(max(c - p // 2, 0), max(n - p, 0))) for c, p, n in zip(centre, self.patch, shape)]
+                return [
+                    int(min(max(c - p // 2, 0), max(n - p, 0)))
+                    for c, p, n in zip(centre, self.patch, shape)
+                ]
         return [int(rng.integers(0, max(n - p, 0) + 1)) for n, p in zip(shape, self.patch)]
 
     def __len__(self) -> int:
@@ -247,7 +278,11 @@ class SegCrops(Dataset):
         label = None
         if vol.label is not None:
             label = self.lookup[extract_window(vol.label.array, start, self.patch, 0)]
-        ids = self.layout.crop_id_map(case, start, self.patch).numpy() if self.layout is not None else None
+        ids = (
+            self.layout.crop_id_map(case, start, self.patch).numpy()
+            if self.layout is not None
+            else None
+        )
         if self.weak_strong:
             item = self._views(image, label, rng)
         else:
@@ -263,14 +298,19 @@ class SegCrops(Dataset):
             item["ids"] = torch.from_numpy(np.ascontiguousarray(ids))
         return item
 
-    def _views(self, image: np.ndarray, label: np.ndarray | None,
-               rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def _views(
+        self, image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator
+    ) -> dict[str, torch.Tensor]:
         strong = image
         if self.svda is not None:
-            params = replace(self.svda.sample(rng), rotation_deg=None, scale=None)  # keep voxels aligned
+            params = replace(
+                self.svda.sample(rng), rotation_deg=None, scale=None
+            )  # keep voxels aligned
             strong, _ = apply_svda(image, None, params, pad_value=self.pad_value)
-        item = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None]),
-                "strong": torch.from_numpy(np.ascontiguousarray(strong, dtype=np.float32)[None])}
+        item = {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)[None]),
+            "strong": torch.from_numpy(np.ascontiguousarray(strong, dtype=np.float32)[None]),
+        }
         if label is not None:
             item["label"] = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
         return item

@@ -25,7 +25,13 @@ from medssl.pipeline.segment import SegmentationParams, segment, segment_preproc
 from medssl.training.seg_config import SegDataConfig, SegmentationExperiment
 from medssl.training.seg_data import DomainCase, LabeledVolume
 
-__all__ = ["TorchSegmentationRunner", "normalisation", "segmentation_params", "test_segmenter", "validate_segmenter"]
+__all__ = [
+    "TorchSegmentationRunner",
+    "normalisation",
+    "segmentation_params",
+    "test_segmenter",
+    "validate_segmenter",
+]
 
 
 def normalisation(cfg: SegDataConfig) -> Intensity | PercentileIntensity:
@@ -39,7 +45,9 @@ class TorchSegmentationRunner:
     """A PyTorch network as a :class:`~medssl.pipeline.SegmentationRunner`: normalised
     patches ``(B, 1, Z, Y, X)`` → softmax ``(B, C, Z, Y, X)`` float32, in eval mode."""
 
-    def __init__(self, net: nn.Module, device: torch.device | str = "cpu", amp: bool = False) -> None:
+    def __init__(
+        self, net: nn.Module, device: torch.device | str = "cpu", amp: bool = False
+    ) -> None:
         self.net, self.device = net.eval(), torch.device(device)
         self.amp = amp and self.device.type == "cuda"
 
@@ -52,12 +60,19 @@ class TorchSegmentationRunner:
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
 
-def segmentation_params(cfg: SegmentationExperiment, n_classes: int, batch_size: int = 2) -> SegmentationParams:
+def segmentation_params(
+    cfg: SegmentationExperiment, n_classes: int, batch_size: int = 2
+) -> SegmentationParams:
     """The pipeline parameters of a run: the training grid, patch and normalisation."""
     e = cfg.eval
     return SegmentationParams(
-        spacing_mm=cfg.data.spacing_mm, normalisation=normalisation(cfg.data), window=cfg.data.patch,
-        overlap=e.overlap, blending=e.blending, batch_size=batch_size, n_classes=n_classes,
+        spacing_mm=cfg.data.spacing_mm,
+        normalisation=normalisation(cfg.data),
+        window=cfg.data.patch,
+        overlap=e.overlap,
+        blending=e.blending,
+        batch_size=batch_size,
+        n_classes=n_classes,
         largest_component=tuple(range(1, n_classes)) if e.largest_component else (),
     )
 
@@ -68,8 +83,14 @@ def _dice(pred: np.ndarray, ref: np.ndarray, c: int) -> float:
     return 1.0 if total == 0 else float(2 * (p & r).sum() / total)
 
 
-def validate_segmenter(net: nn.Module, volumes: Sequence[LabeledVolume], lookup: np.ndarray,
-                       params: SegmentationParams, device: torch.device, amp: bool) -> dict[str, float]:
+def validate_segmenter(
+    net: nn.Module,
+    volumes: Sequence[LabeledVolume],
+    lookup: np.ndarray,
+    params: SegmentationParams,
+    device: torch.device,
+    amp: bool,
+) -> dict[str, float]:
     """Mean foreground Dice (and per class) on cached validation volumes, model grid."""
     runner = TorchSegmentationRunner(net, device, amp)
     per_class = np.zeros((len(volumes), params.n_classes - 1))
@@ -80,11 +101,22 @@ def validate_segmenter(net: nn.Module, volumes: Sequence[LabeledVolume], lookup:
         per_class[i] = [_dice(pred, ref, c) for c in range(1, params.n_classes)]
     net.train()
     means = per_class.mean(axis=0)
-    return {"dice": float(means.mean()), **{f"dice/{c}": float(d) for c, d in enumerate(means, start=1)}}
+    return {
+        "dice": float(means.mean()),
+        **{f"dice/{c}": float(d) for c, d in enumerate(means, start=1)},
+    }
 
 
-def test_segmenter(net: nn.Module, cases: Sequence[DomainCase], lookup: np.ndarray, params: SegmentationParams,
-                   names: Mapping[int, str], device: torch.device, amp: bool, out: Path) -> dict[str, Any]:
+def test_segmenter(
+    net: nn.Module,
+    cases: Sequence[DomainCase],
+    lookup: np.ndarray,
+    params: SegmentationParams,
+    names: Mapping[int, str],
+    device: torch.device,
+    amp: bool,
+    out: Path,
+) -> dict[str, Any]:
     """Segment every test case on its source grid, write ``predictions/<key>.nii.gz``,
     ``metrics.json`` (per class: Dice, Jaccard, HD95 mm, ASD mm, mean over cases) and
     ``cases.json`` (per case and class)."""
@@ -98,10 +130,17 @@ def test_segmenter(net: nn.Module, cases: Sequence[DomainCase], lookup: np.ndarr
         write_nifti(result.labels, out / "predictions" / f"{case.key}.nii.gz")
         truth = case.dataset.label(case.case)
         ref = lookup[np.asarray(truth.array, dtype=np.int64)]
-        per_case[case.key] = segmentation_metrics(np.asarray(result.labels.array), ref, labels, image.spacing)
-    report = {"classes_named": {str(c): n for c, n in names.items() if c}, **summarize_cases(list(per_case.values()))}
+        per_case[case.key] = segmentation_metrics(
+            np.asarray(result.labels.array), ref, labels, image.spacing
+        )
+    report = {
+        "classes_named": {str(c): n for c, n in names.items() if c},
+        **summarize_cases(list(per_case.values())),
+    }
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    rows = {key: {str(c): m.to_json() for c, m in metrics.items()} for key, metrics in per_case.items()}
+    rows = {
+        key: {str(c): m.to_json() for c, m in metrics.items()} for key, metrics in per_case.items()
+    }
     (out / "cases.json").write_text(json.dumps(rows, indent=2) + "\n")
     net.train()
     return report

@@ -106,8 +106,15 @@ def dice_ce_loss(
             raise ValueError(f"{name} must have shape ({c},), got {tuple(w.shape)}")
     if class_weights is not None:
         class_weights = class_weights.detach().to(device=logits.device, dtype=torch.float32)
-    ce_weight = class_weights if class_weights is not None else (
-        None if ce_weights is None else ce_weights.detach().to(device=logits.device, dtype=torch.float32))
+    ce_weight = (
+        class_weights
+        if class_weights is not None
+        else (
+            None
+            if ce_weights is None
+            else ce_weights.detach().to(device=logits.device, dtype=torch.float32)
+        )
+    )
     logits = logits.float()
     ce = F.cross_entropy(logits, target, weight=ce_weight)
     dice = soft_dice(logits, target)[1:]
@@ -134,7 +141,9 @@ def frequency_weights(counts: torch.Tensor | Sequence[int], power: float = 0.25)
     """
     n = torch.as_tensor(counts, dtype=torch.float64)
     if n.ndim != 1 or len(n) < 2 or n[0] <= 0 or (n < 0).any():
-        raise ValueError(f"counts must be (C >= 2,) non-negative with background voxels, got {n.tolist()}")
+        raise ValueError(
+            f"counts must be (C >= 2,) non-negative with background voxels, got {n.tolist()}"
+        )
     if power < 0:
         raise ValueError(f"power must be >= 0, got {power}")
     present = n > 0

@@ -72,7 +72,9 @@ def supervised_loss(logits: torch.Tensor, labeled: dict[str, torch.Tensor]) -> t
     return dice_ce_loss(logits, labeled["label"], ce_weights=labeled.get("ce_weights"))
 
 
-def supervised_seg_step(model: nn.Module, labeled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def supervised_seg_step(
+    model: nn.Module, labeled: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Dice + CE on the labeled crops."""
     loss = supervised_loss(model(labeled["image"]).float(), labeled)
     return {"loss": loss, "sup": loss}
@@ -93,8 +95,9 @@ def _ids(unlabeled: dict[str, torch.Tensor], probs: torch.Tensor) -> torch.Tenso
     return ids.to(probs.device) if ids is not None else None
 
 
-def filter_pseudo_labels(policy: ThresholdPolicy, probs: torch.Tensor,
-                         ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def filter_pseudo_labels(
+    policy: ThresholdPolicy, probs: torch.Tensor, ids: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``policy.pseudo_label`` on the teacher's ``probs (B, C, *S)`` with memory ``ids (B, *S)``
     (None for a fixed threshold): ``(labels, keep)``, both ``(B, *S)`` on ``probs``' device.
 
@@ -109,10 +112,16 @@ def filter_pseudo_labels(policy: ThresholdPolicy, probs: torch.Tensor,
     return labels.to(probs.device), keep.to(probs.device)
 
 
-def mean_teacher_step(model: nn.Module, teacher: nn.Module, labeled: dict[str, torch.Tensor],
-                      unlabeled: dict[str, torch.Tensor], step: int, cfg: SegmentationExperiment,
-                      generator: torch.Generator | None = None,
-                      policy: ThresholdPolicy | None = None) -> dict[str, torch.Tensor]:
+def mean_teacher_step(
+    model: nn.Module,
+    teacher: nn.Module,
+    labeled: dict[str, torch.Tensor],
+    unlabeled: dict[str, torch.Tensor],
+    step: int,
+    cfg: SegmentationExperiment,
+    generator: torch.Generator | None = None,
+    policy: ThresholdPolicy | None = None,
+) -> dict[str, torch.Tensor]:
     """Mean teacher (Tarvainen & Valpola 2017) as SSL4MIS ``train_mean_teacher_3D.py``:
     supervised Dice + CE on labeled crops, plus w(t)·MSE(softmax(student(x)),
     softmax(teacher(x + noise))) over labeled and unlabeled crops.
@@ -126,7 +135,9 @@ def mean_teacher_step(model: nn.Module, teacher: nn.Module, labeled: dict[str, t
     n = labeled["image"].shape[0]
     logits = model(x).float()
     sup = supervised_loss(logits[:n], labeled)
-    noise = (torch.randn(x.shape, generator=generator) * mt.noise_std).clamp(-mt.noise_clip, mt.noise_clip)
+    noise = (torch.randn(x.shape, generator=generator) * mt.noise_std).clamp(
+        -mt.noise_clip, mt.noise_clip
+    )
     with torch.no_grad():
         target = torch.softmax(teacher(x + noise.to(x.device)).float(), dim=1)
     out: dict[str, torch.Tensor] = {}
@@ -142,8 +153,13 @@ def mean_teacher_step(model: nn.Module, teacher: nn.Module, labeled: dict[str, t
         consistency = (squared * kept).sum() / kept.sum().clamp_min(1.0)
         out["u/kept"] = kept[n:].mean()
     weight = mt.consistency * rampup(step, cfg.optim.steps, mt.rampup_fraction)
-    return {"loss": sup + weight * consistency, "sup": sup, "consistency": consistency,
-            "weight": torch.tensor(weight), **out}
+    return {
+        "loss": sup + weight * consistency,
+        "sup": sup,
+        "consistency": consistency,
+        "weight": torch.tensor(weight),
+        **out,
+    }
 
 
 def gaussian_smooth(probabilities: torch.Tensor, sigma: float = 1.0, size: int = 3) -> torch.Tensor:
@@ -166,8 +182,13 @@ def _gumbel_softmax(logits: torch.Tensor, generator: torch.Generator | None) -> 
 
 
 @torch.no_grad()
-def _pseudo_label(raw: DiffVNet, image: torch.Tensor, diffusion: LabelDiffusion, rs: bool,
-                  generator: torch.Generator | None) -> torch.Tensor:
+def _pseudo_label(
+    raw: DiffVNet,
+    image: torch.Tensor,
+    diffusion: LabelDiffusion,
+    rs: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """ŷ = argmax(p_ξ + p_ψ) on unlabeled crops ``(B, 1, Z, Y, X)`` → ``(B, Z, Y, X)``.
 
     p_ξ: the 10-step DDIM x̂0 (or D_ξ's logits without diffusion), then with RS
@@ -176,7 +197,9 @@ def _pseudo_label(raw: DiffVNet, image: torch.Tensor, diffusion: LabelDiffusion,
     """
     if raw.time_mlp is not None:
         shape = (image.shape[0], raw.n_classes, *image.shape[2:])
-        xi = diffusion.ddim_x0(lambda x_t, t: raw.denoise(x_t, t, image), shape, image.device, generator)
+        xi = diffusion.ddim_x0(
+            lambda x_t, t: raw.denoise(x_t, t, image), shape, image.device, generator
+        )
     else:
         xi = raw.denoise(None, None, image)
     xi = xi.float()
@@ -185,9 +208,16 @@ def _pseudo_label(raw: DiffVNet, image: torch.Tensor, diffusion: LabelDiffusion,
     return torch.argmax(p_xi + p_psi, dim=1)
 
 
-def ad_step(model: nn.Module, raw: DiffVNet, labeled: dict[str, torch.Tensor], unlabeled: dict[str, torch.Tensor],
-            drs: DifficultyWeights | None, step: int, cfg: SegmentationExperiment,
-            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def ad_step(
+    model: nn.Module,
+    raw: DiffVNet,
+    labeled: dict[str, torch.Tensor],
+    unlabeled: dict[str, torch.Tensor],
+    drs: DifficultyWeights | None,
+    step: int,
+    cfg: SegmentationExperiment,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
     """One A&D step (official ``train_diffusion.py``):
 
     1. θ ← 0.99·θ + 0.01·(ξ + ψ)/2;
@@ -207,7 +237,9 @@ def ad_step(model: nn.Module, raw: DiffVNet, labeled: dict[str, torch.Tensor], u
     if raw.time_mlp is not None:
         diffusion = ad.diffusion_process
         t = diffusion.sample_t(x.shape[0], generator, x.device)
-        noise = torch.randn(x.shape[:1] + (raw.n_classes,) + x.shape[2:], generator=generator).to(x.device)
+        noise = torch.randn(x.shape[:1] + (raw.n_classes,) + x.shape[2:], generator=generator).to(
+            x.device
+        )
         x_t = diffusion.q_sample(label_to_x0(y, raw.n_classes), t, noise)
     pseudo = _pseudo_label(raw, u, ad.diffusion_process, ad.rs, generator)
     p_xi, p_psi, p_theta = model(x, x_t=x_t, t=t, unlabeled=u)
@@ -216,26 +248,40 @@ def ad_step(model: nn.Module, raw: DiffVNet, labeled: dict[str, torch.Tensor], u
     diff = dice_ce_loss(p_psi.float(), y, weights)
     unsup = dice_ce_loss(p_theta.float(), pseudo)
     mu = ad.mu * rampup(step, cfg.optim.steps, ad.rampup_fraction)
-    out = {"loss": deno + diff + mu * unsup, "deno": deno, "diff": diff, "unsup": unsup, "mu": torch.tensor(mu)}
+    out = {
+        "loss": deno + diff + mu * unsup,
+        "deno": deno,
+        "diff": diff,
+        "unsup": unsup,
+        "mu": torch.tensor(mu),
+    }
     if weights is not None:
         out.update({f"drs/{c}": w for c, w in enumerate(weights.detach().cpu())})
     return out
 
 
-def _bcp_mask(image: torch.Tensor, cfg: SegmentationExperiment, generator: torch.Generator | None) -> torch.Tensor:
+def _bcp_mask(
+    image: torch.Tensor, cfg: SegmentationExperiment, generator: torch.Generator | None
+) -> torch.Tensor:
     """One iteration's copy-paste mask for crops ``image (B, 1, *spatial)``: bool ``spatial``."""
     spatial = image.shape[2:]
-    box = sample_box(spatial, cfg.bcp.mask_ratio, generator, whole_depth=cfg.model.network == "unet2d")
+    box = sample_box(
+        spatial, cfg.bcp.mask_ratio, generator, whole_depth=cfg.model.network == "unet2d"
+    )
     return box_mask(spatial, box, image.device)
 
 
 def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[0] // 2
-    return x[:n], x[n:2 * n]
+    return x[:n], x[n : 2 * n]
 
 
-def bcp_pretrain_step(model: nn.Module, labeled: dict[str, torch.Tensor], cfg: SegmentationExperiment,
-                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def bcp_pretrain_step(
+    model: nn.Module,
+    labeled: dict[str, torch.Tensor],
+    cfg: SegmentationExperiment,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
     """BCP pre-training (official ``LA_BCP_train.py`` ``pre_train``): the labeled crops' two
     halves ``a, b`` (``B/2`` each) copy-pasted, ``a·M + b·(1 − M)`` for images and labels, and
     ``(CE + Dice) / 2`` with ``mask_DiceLoss`` over the whole crop; the CE takes
@@ -250,10 +296,15 @@ def bcp_pretrain_step(model: nn.Module, labeled: dict[str, torch.Tensor], cfg: S
     return {"loss": (dice + ce) / 2, "pretrain/dice": dice, "pretrain/ce": ce}
 
 
-def bcp_self_train_step(model: nn.Module, teacher: nn.Module, labeled: dict[str, torch.Tensor],
-                        unlabeled: dict[str, torch.Tensor], cfg: SegmentationExperiment,
-                        generator: torch.Generator | None = None,
-                        policy: ThresholdPolicy | None = None) -> dict[str, torch.Tensor]:
+def bcp_self_train_step(
+    model: nn.Module,
+    teacher: nn.Module,
+    labeled: dict[str, torch.Tensor],
+    unlabeled: dict[str, torch.Tensor],
+    cfg: SegmentationExperiment,
+    generator: torch.Generator | None = None,
+    policy: ThresholdPolicy | None = None,
+) -> dict[str, torch.Tensor]:
     """BCP self-training (official ``LA_BCP_train.py`` ``self_train``).
 
     1. The teacher's pseudo-labels on the unlabeled crops (no grad; threshold 0.5 or argmax,
@@ -291,11 +342,17 @@ def bcp_self_train_step(model: nn.Module, teacher: nn.Module, labeled: dict[str,
         truth = torch.ones_like(label_a, dtype=torch.bool)
         valid_in, valid_out = bidirectional_mix(truth, truth, *_halves(keep), mask)
     logits_in, logits_out = model(torch.cat([image_in, image_out])).float().split(image_in.shape[0])
-    loss_in = mix_loss(logits_in, target_in, mask, outside_weight=1.0, inside_weight=b.u_weight, valid=valid_in)
-    loss_out = mix_loss(logits_out, target_out, mask, outside_weight=b.u_weight, inside_weight=1.0,
-                        valid=valid_out)
-    out = {"loss": loss_in["loss"] + loss_out["loss"],
-           **{f"in/{k}": v for k, v in loss_in.items()}, **{f"out/{k}": v for k, v in loss_out.items()}}
+    loss_in = mix_loss(
+        logits_in, target_in, mask, outside_weight=1.0, inside_weight=b.u_weight, valid=valid_in
+    )
+    loss_out = mix_loss(
+        logits_out, target_out, mask, outside_weight=b.u_weight, inside_weight=1.0, valid=valid_out
+    )
+    out = {
+        "loss": loss_in["loss"] + loss_out["loss"],
+        **{f"in/{k}": v for k, v in loss_in.items()},
+        **{f"out/{k}": v for k, v in loss_out.items()},
+    }
     if policy is not None:
         out["u/kept"] = keep.float().mean()
     return out
@@ -312,8 +369,13 @@ def unlabeled_ce(logits: torch.Tensor, pseudo: torch.Tensor, keep: torch.Tensor)
     return (ce * kept).sum() / kept.sum().clamp_min(1.0)
 
 
-def fixmatch_step(model: nn.Module, labeled: dict[str, torch.Tensor], unlabeled: dict[str, torch.Tensor],
-                  policy: ThresholdPolicy, cfg: SegmentationExperiment) -> dict[str, torch.Tensor]:
+def fixmatch_step(
+    model: nn.Module,
+    labeled: dict[str, torch.Tensor],
+    unlabeled: dict[str, torch.Tensor],
+    policy: ThresholdPolicy,
+    cfg: SegmentationExperiment,
+) -> dict[str, torch.Tensor]:
     """FixMatch (Sohn et al. 2020) for segmentation, with any :class:`ThresholdPolicy`:
 
     1. ``sup = DiceCE(model(x_l), y)``;
@@ -337,8 +399,13 @@ def fixmatch_step(model: nn.Module, labeled: dict[str, torch.Tensor], unlabeled:
     logits = model(torch.cat([labeled["image"], unlabeled["strong"]])).float()
     sup = supervised_loss(logits[:n], labeled)
     u_ce = unlabeled_ce(logits[n:], pseudo, keep)
-    out = {"loss": sup + fm.lambda_u * u_ce, "sup": sup, "u/ce": u_ce,
-           "u/kept": keep.float().mean(), "u/lambda": torch.tensor(fm.lambda_u)}
+    out = {
+        "loss": sup + fm.lambda_u * u_ce,
+        "sup": sup,
+        "u/ce": u_ce,
+        "u/kept": keep.float().mean(),
+        "u/lambda": torch.tensor(fm.lambda_u),
+    }
     c = probs.shape[1]
     counts = torch.bincount(pseudo[keep].reshape(-1), minlength=c).float()
     total = max(float(keep.sum()), 1.0)
@@ -366,9 +433,16 @@ def _embed(net: nn.Module, head: nn.Module, patches: torch.Tensor) -> torch.Tens
         return head(unwrap(net).encode(patches).float())
 
 
-def patchcl_step(model: nn.Module, teacher: nn.Module, parts: PatchCLParts, labeled: dict[str, torch.Tensor],
-                 unlabeled: dict[str, torch.Tensor], step: int, cfg: SegmentationExperiment,
-                 policy: ThresholdPolicy | None = None) -> dict[str, torch.Tensor]:
+def patchcl_step(
+    model: nn.Module,
+    teacher: nn.Module,
+    parts: PatchCLParts,
+    labeled: dict[str, torch.Tensor],
+    unlabeled: dict[str, torch.Tensor],
+    step: int,
+    cfg: SegmentationExperiment,
+    policy: ThresholdPolicy | None = None,
+) -> dict[str, torch.Tensor]:
     """PatchCL (Basak & Yin, CVPR 2023) on the mean-teacher trainer, eq. 8::
 
         warm-up (step < patchcl.warmup_fraction · steps):  L = Sup + γ·PLGCL(labeled patches)
@@ -419,23 +493,35 @@ def patchcl_step(model: nn.Module, teacher: nn.Module, parts: PatchCLParts, labe
         sup = supervised_loss(logits[:n], labeled)
         reg = unlabeled_ce(logits[n:], pseudo, keep)
         loss = sup + pc.beta * reg
-        out = {"sup": sup, "reg": reg, "reg/weight": torch.tensor(pc.beta), "u/kept": keep.float().mean()}
+        out = {
+            "sup": sup,
+            "reg": reg,
+            "reg/weight": torch.tensor(pc.beta),
+            "u/kept": keep.float().mean(),
+        }
         image01 = ((torch.cat([labeled["image"], unlabeled["image"]]).float() + 1) / 2).clamp(0, 1)
-        confidence = torch.cat([F.one_hot(labeled["label"], n_classes).movedim(-1, 1).float(), probs])
+        confidence = torch.cat(
+            [F.one_hot(labeled["label"], n_classes).movedim(-1, 1).float(), probs]
+        )
         labels = torch.cat([labeled["label"], pseudo.masked_fill(~keep, -1)])
     if pc.gamma > 0:
-        selection = sample_class_patches(image01, confidence, labels, pc.patch, pc.stride, pc.per_class,
-                                         pc.min_voxels)
+        selection = sample_class_patches(
+            image01, confidence, labels, pc.patch, pc.stride, pc.per_class, pc.min_voxels
+        )
         contrastive = logits.new_zeros(())
         if len(selection):
             patches = attended_patches(image01, confidence, selection, pc.patch)
             student = _embed(model, parts.head, patches)
-            with torch.no_grad():  # every rank's teacher embeddings (MoCo-style), same queues everywhere
+            with (
+                torch.no_grad()
+            ):  # every rank's teacher embeddings (MoCo-style), same queues everywhere
                 keys = _embed(teacher, parts.teacher_head, patches)
                 parts.queues.enqueue(all_gather_cat(keys), all_gather_cat(selection.cls))
             means, covariances, present = parts.queues.statistics()
             zeta = pc.zeta or pc.queue_length / len(torch.unique(selection.cls))
-            contrastive = plgcl_loss(student, selection.cls, means, covariances, present, pc.tau, pc.lam, zeta)
+            contrastive = plgcl_loss(
+                student, selection.cls, means, covariances, present, pc.tau, pc.lam, zeta
+            )
         loss = loss + pc.gamma * contrastive
         out.update({"plgcl": contrastive, "plgcl/patches": torch.tensor(float(len(selection)))})
     return {"loss": loss, **out}

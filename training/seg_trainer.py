@@ -50,7 +50,14 @@ from medssl.training.logger import TrainLogger
 from medssl.training.patchcl import EmbeddingQueues, ProjectionHead
 from medssl.training.seed import seed_everything, worker_init_fn
 from medssl.training.seg_config import SegmentationExperiment
-from medssl.training.seg_data import LabeledVolume, SegCrops, cache_case, class_names, label_lookup, split_domains
+from medssl.training.seg_data import (
+    LabeledVolume,
+    SegCrops,
+    cache_case,
+    class_names,
+    label_lookup,
+    split_domains,
+)
 from medssl.training.seg_losses import frequency_weights
 from medssl.training.seg_eval import (
     normalisation,
@@ -105,8 +112,9 @@ def build_segmenter(cfg: SegmentationExperiment, n_classes: int) -> nn.Module:
     return VNet(m, n_classes)
 
 
-def class_weights(cfg: SegmentationExperiment, labeled: list[LabeledVolume], lookup: np.ndarray,
-                  n_classes: int) -> torch.Tensor | None:
+def class_weights(
+    cfg: SegmentationExperiment, labeled: list[LabeledVolume], lookup: np.ndarray, n_classes: int
+) -> torch.Tensor | None:
     """``loss.class_weighting``'s CE weights ``(n_classes,)`` from the labeled volumes' voxel
     counts on the model grid, or None for ``"none"``."""
     if cfg.loss.class_weighting == "none":
@@ -114,7 +122,9 @@ def class_weights(cfg: SegmentationExperiment, labeled: list[LabeledVolume], loo
     counts = np.zeros(n_classes, dtype=np.int64)
     for volume in labeled:
         assert volume.label is not None
-        counts += np.bincount(lookup[np.asarray(volume.label.array)].ravel(), minlength=n_classes)[:n_classes]
+        counts += np.bincount(lookup[np.asarray(volume.label.array)].ravel(), minlength=n_classes)[
+            :n_classes
+        ]
     return frequency_weights(counts, cfg.loss.weight_power)
 
 
@@ -132,31 +142,47 @@ def _poly(step: int, total: int, power: float) -> float:
     return (1 - step / total) ** power
 
 
-def _optimiser(cfg: SegmentationExperiment, model: nn.Module, phases: BCPPhases | None,
-               head: nn.Module | None = None) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+def _optimiser(
+    cfg: SegmentationExperiment,
+    model: nn.Module,
+    phases: BCPPhases | None,
+    head: nn.Module | None = None,
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
     """SGD and its schedule: Nesterov and the poly lr (official A&D ``train_diffusion.py``), or for
     BCP plain SGD at ``bcp.lr`` / ``bcp.weight_decay`` with :meth:`BCPPhases.lr_factor`
     (official ``LA_BCP_train.py``). PatchCL's projection ``head`` trains with the network."""
     o = cfg.optim
     params = [*model.parameters(), *(head.parameters() if head is not None else ())]
     if phases is not None:
-        optimizer = torch.optim.SGD(params, lr=cfg.bcp.lr, momentum=o.momentum,
-                                    weight_decay=cfg.bcp.weight_decay)
+        optimizer = torch.optim.SGD(
+            params, lr=cfg.bcp.lr, momentum=o.momentum, weight_decay=cfg.bcp.weight_decay
+        )
         factor = phases.lr_factor
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s))
-    optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                nesterov=True)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _poly(s, o.steps, o.poly_power))
+    optimizer = torch.optim.SGD(
+        params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _poly(s, o.steps, o.poly_power)
+    )
 
 
-def _stream(dataset: SegCrops, batch: int, start: int, count: int, workers: int, env: DistEnv) -> Iterator[Any]:
-    loader = DataLoader(dataset, batch_size=batch,
-                        sampler=IndexStream(start * batch, count * batch, env.rank, env.world_size),
-                        num_workers=workers, worker_init_fn=worker_init_fn, persistent_workers=workers > 0,
-                        pin_memory=env.device.type == "cuda", drop_last=True,
-                        # iter() draws the workers' base seed from this generator, not from the global
-                        # RNG that set_rng_state() restored, so a resumed run continues the same stream.
-                        generator=torch.Generator().manual_seed(0))
+def _stream(
+    dataset: SegCrops, batch: int, start: int, count: int, workers: int, env: DistEnv
+) -> Iterator[Any]:
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=IndexStream(start * batch, count * batch, env.rank, env.world_size),
+        num_workers=workers,
+        worker_init_fn=worker_init_fn,
+        persistent_workers=workers > 0,
+        pin_memory=env.device.type == "cuda",
+        drop_last=True,
+        # iter() draws the workers' base seed from this generator, not from the global
+        # RNG that set_rng_state() restored, so a resumed run continues the same stream.
+        generator=torch.Generator().manual_seed(0),
+    )
     return iter(loader)
 
 
@@ -164,8 +190,13 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_segmenter(cfg: SegmentationExperiment, data: str | Path, out: str | Path, resume: bool = False,
-                    device: str | None = None) -> SegmentationRun:
+def train_segmenter(
+    cfg: SegmentationExperiment,
+    data: str | Path,
+    out: str | Path,
+    resume: bool = False,
+    device: str | None = None,
+) -> SegmentationRun:
     """Train (or resume) a segmentation run and test it on the test domains.
 
     Args:
@@ -188,15 +219,23 @@ def train_segmenter(cfg: SegmentationExperiment, data: str | Path, out: str | Pa
         cleanup()
 
 
-def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env: DistEnv,
-           dev: torch.device) -> SegmentationRun:
+def _train(
+    cfg: SegmentationExperiment,
+    data: Path,
+    out: Path,
+    resume: bool,
+    env: DistEnv,
+    dev: torch.device,
+) -> SegmentationRun:
     semi = cfg.method != "supervised-seg"
     seed_everything(cfg.seed + env.rank)
     d = cfg.data
     split = split_domains(data, d)
     if semi and not split.unlabeled:
-        raise MedsslError(f"{cfg.method} needs unlabeled cases: lower data.labeled_fraction or add "
-                          "data.unlabeled_domains")
+        raise MedsslError(
+            f"{cfg.method} needs unlabeled cases: lower data.labeled_fraction or add "
+            "data.unlabeled_domains"
+        )
     names = class_names(split, d)
     n_classes = len(names)
     lookup = label_lookup(split, d)
@@ -206,23 +245,41 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
         dump_config(cfg, out / "config.yaml")
         (out / "split.json").write_text(json.dumps(split.to_json(), indent=2) + "\n")
     norm = normalisation(d)
-    cache = VolumeCache(Path(d.cache_dir) if d.cache_dir else default_cache_dir(), d.spacing_mm, norm)
+    cache = VolumeCache(
+        Path(d.cache_dir) if d.cache_dir else default_cache_dir(), d.spacing_mm, norm
+    )
     labeled = [cache_case(cache, c, True) for c in split.labeled]
     unlabeled = [cache_case(cache, c, False) for c in split.unlabeled] if semi else []
     validation = [cache_case(cache, c, True) for c in split.validation]
-    provenance = {"method": cfg.method, "setting": cfg.setting, "data": str(data.resolve()),
-                  "domains": list(d.domains), "unlabeled_domains": list(d.unlabeled_domains),
-                  "test_domains": list(d.tested_on), "n_labeled": len(labeled), "n_unlabeled": len(unlabeled),
-                  "n_validation": len(validation), "n_test": len(split.test)}
+    provenance = {
+        "method": cfg.method,
+        "setting": cfg.setting,
+        "data": str(data.resolve()),
+        "domains": list(d.domains),
+        "unlabeled_domains": list(d.unlabeled_domains),
+        "test_domains": list(d.tested_on),
+        "n_labeled": len(labeled),
+        "n_unlabeled": len(unlabeled),
+        "n_validation": len(validation),
+        "n_test": len(split.test),
+    }
     ce_weights = class_weights(cfg, labeled, lookup, n_classes)
     if ce_weights is not None:
         provenance["ce_weights"] = [round(float(w), 4) for w in ce_weights]
 
     model = build_segmenter(cfg, n_classes).to(dev)
-    teacher = build_segmenter(cfg, n_classes).to(dev) if cfg.method in ("mean-teacher", "bcp", "patchcl") else None
+    teacher = (
+        build_segmenter(cfg, n_classes).to(dev)
+        if cfg.method in ("mean-teacher", "bcp", "patchcl")
+        else None
+    )
     ema = {"bcp": cfg.bcp.ema, "patchcl": cfg.patchcl.ema}.get(cfg.method, cfg.mean_teacher.ema)
     phases = BCPPhases(cfg.bcp) if cfg.method == "bcp" else None
-    drs = DifficultyWeights(n_classes, momentum=cfg.ad.drs_momentum) if cfg.method == "ad" and cfg.ad.drs else None
+    drs = (
+        DifficultyWeights(n_classes, momentum=cfg.ad.drs_momentum)
+        if cfg.method == "ad" and cfg.ad.drs
+        else None
+    )
     fixmatch = cfg.method in ("fixmatch", "flexmatch")
     policy: ThresholdPolicy | None = None
     layout: VoxelMemoryLayout | None = None
@@ -231,14 +288,23 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
         policy = FixedThreshold(th.tau)
     elif cfg.pseudo_label_policy == "flexmatch":
         layout = VoxelMemoryLayout([v.image.array.shape for v in unlabeled], th.memory_stride)
-        policy = FlexMatchThreshold(n_classes, layout.n_samples, tau=th.tau, warmup=th.warmup,
-                                    mapping=th.mapping, device=dev)
+        policy = FlexMatchThreshold(
+            n_classes,
+            layout.n_samples,
+            tau=th.tau,
+            warmup=th.warmup,
+            mapping=th.mapping,
+            device=dev,
+        )
     parts: PatchCLParts | None = None
     if cfg.method == "patchcl":
         pc = cfg.patchcl
         head = ProjectionHead(16 * cfg.model.width, pc.hidden, pc.embedding_dim).to(dev)
-        parts = PatchCLParts(head, copy.deepcopy(head), EmbeddingQueues(n_classes, pc.embedding_dim, pc.queue_length,
-                                                                        device=dev))
+        parts = PatchCLParts(
+            head,
+            copy.deepcopy(head),
+            EmbeddingQueues(n_classes, pc.embedding_dim, pc.queue_length, device=dev),
+        )
     o = cfg.optim
     optimizer, scheduler = _optimiser(cfg, model, phases, parts.head if parts is not None else None)
     start = 0
@@ -273,71 +339,141 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
     svda = SVDA() if d.svda else None
     pad = norm.pad_value
     batch = o.batch_size
-    labeled_crops = SegCrops(labeled, d.patch, lookup, svda, pad, cfg.seed, 1, foreground=d.foreground_fraction)
+    labeled_crops = SegCrops(
+        labeled, d.patch, lookup, svda, pad, cfg.seed, 1, foreground=d.foreground_fraction
+    )
     labeled_stream = _stream(labeled_crops, batch, start, o.steps - start, d.workers, env)
     # Unlabeled crop i·batch.. feeds step i; BCP draws none while it pre-trains.
     unlabeled_start = max(start, phases.pretrain_steps if phases is not None else 0)
-    unlabeled_crops = (SegCrops(unlabeled, d.patch, lookup, svda, pad, cfg.seed, 2, weak_strong=fixmatch or parts is not None,
-                                layout=layout) if semi else None)
-    unlabeled_stream = (_stream(unlabeled_crops, batch, unlabeled_start, o.steps - unlabeled_start, d.workers, env)
-                        if unlabeled_crops is not None else None)
+    unlabeled_crops = (
+        SegCrops(
+            unlabeled,
+            d.patch,
+            lookup,
+            svda,
+            pad,
+            cfg.seed,
+            2,
+            weak_strong=fixmatch or parts is not None,
+            layout=layout,
+        )
+        if semi
+        else None
+    )
+    unlabeled_stream = (
+        _stream(unlabeled_crops, batch, unlabeled_start, o.steps - unlabeled_start, d.workers, env)
+        if unlabeled_crops is not None
+        else None
+    )
     params = segmentation_params(cfg, n_classes)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dev.type == "cuda" else nullcontext()
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cfg.amp and dev.type == "cuda"
+        else nullcontext()
+    )
 
     def state(step: int, metrics: dict[str, float] | None) -> dict[str, Any]:
         return {
-            "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "config": config_to_dict(cfg), "step": step, "rng": rng_state(),
-            "kind": CHECKPOINT_KIND, "classes": {str(k): v for k, v in names.items()},
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "config": config_to_dict(cfg),
+            "step": step,
+            "rng": rng_state(),
+            "kind": CHECKPOINT_KIND,
+            "classes": {str(k): v for k, v in names.items()},
             "teacher": teacher.state_dict() if teacher is not None else None,
             "drs": drs.state_dict() if drs is not None else None,
             "bcp": phases.state_dict() if phases is not None else None,
             "threshold": policy.state_dict() if policy is not None else None,
-            "patchcl": {"head": unwrap(parts.head).state_dict(), "teacher_head": parts.teacher_head.state_dict(),
-                        "queues": parts.queues.state_dict()} if parts is not None else None,
-            "provenance": provenance, "metrics": dict(metrics or {}),
+            "patchcl": {
+                "head": unwrap(parts.head).state_dict(),
+                "teacher_head": parts.teacher_head.state_dict(),
+                "queues": parts.queues.state_dict(),
+            }
+            if parts is not None
+            else None,
+            "provenance": provenance,
+            "metrics": dict(metrics or {}),
         }
 
-    with TrainLogger(out, o.steps, enabled=env.is_main, resume_step=start if resume else None) as logger:
+    with TrainLogger(
+        out, o.steps, enabled=env.is_main, resume_step=start if resume else None
+    ) as logger:
         for step in range(start, o.steps):
             pretraining = phases is not None and phases.pretraining(step)
             if phases is not None and step == phases.pretrain_steps:
                 assert teacher is not None
                 phases.start_self_training(unwrap(model), teacher, optimizer)
-            generator = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, 5, step, env.rank])
-                                                          .integers(2**62)))
+            generator = torch.Generator().manual_seed(
+                int(np.random.default_rng([cfg.seed, 5, step, env.rank]).integers(2**62))
+            )
             lab = _to(next(labeled_stream), dev)
             if ce_weights is not None:
                 lab["ce_weights"] = ce_weights.to(dev)
             with amp:
                 if cfg.method == "ad":
                     assert unlabeled_stream is not None
-                    losses = ad_step(model, unwrap(model), lab, _to(next(unlabeled_stream), dev), drs, step, cfg,
-                                     generator)
+                    losses = ad_step(
+                        model,
+                        unwrap(model),
+                        lab,
+                        _to(next(unlabeled_stream), dev),
+                        drs,
+                        step,
+                        cfg,
+                        generator,
+                    )
                 elif cfg.method == "mean-teacher":
                     assert teacher is not None and unlabeled_stream is not None
-                    losses = mean_teacher_step(model, teacher, lab, _to(next(unlabeled_stream), dev), step, cfg,
-                                               generator, policy)
+                    losses = mean_teacher_step(
+                        model,
+                        teacher,
+                        lab,
+                        _to(next(unlabeled_stream), dev),
+                        step,
+                        cfg,
+                        generator,
+                        policy,
+                    )
                 elif parts is not None:
                     assert teacher is not None and unlabeled_stream is not None
-                    losses = patchcl_step(model, teacher, parts, lab, _to(next(unlabeled_stream), dev), step, cfg,
-                                          policy)
+                    losses = patchcl_step(
+                        model,
+                        teacher,
+                        parts,
+                        lab,
+                        _to(next(unlabeled_stream), dev),
+                        step,
+                        cfg,
+                        policy,
+                    )
                 elif fixmatch:
                     assert policy is not None and unlabeled_stream is not None
-                    losses = fixmatch_step(model, lab, _to(next(unlabeled_stream), dev), policy, cfg)
+                    losses = fixmatch_step(
+                        model, lab, _to(next(unlabeled_stream), dev), policy, cfg
+                    )
                 elif pretraining:
                     losses = bcp_pretrain_step(model, lab, cfg, generator)
                 elif cfg.method == "bcp":
                     assert teacher is not None and unlabeled_stream is not None
-                    losses = bcp_self_train_step(model, teacher, lab, _to(next(unlabeled_stream), dev), cfg, generator,
-                                                 policy)
+                    losses = bcp_self_train_step(
+                        model,
+                        teacher,
+                        lab,
+                        _to(next(unlabeled_stream), dev),
+                        cfg,
+                        generator,
+                        policy,
+                    )
                 else:
                     losses = supervised_seg_step(model, lab)
             loss = losses["loss"]
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"loss became {loss.item()} at step {step}; stopping. The last good checkpoint "
-                    f"({manager.latest() or 'none yet'}) is kept; lower optim.lr or check the data.")
+                    f"({manager.latest() or 'none yet'}) is kept; lower optim.lr or check the data."
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -353,12 +489,16 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
             if (step + 1) % cfg.eval.every == 0 or step + 1 == o.steps or last_pretraining:
                 metrics = None
                 if env.is_main and validation:
-                    metrics = validate_segmenter(unwrap(model), validation, lookup, params, dev, cfg.amp)
+                    metrics = validate_segmenter(
+                        unwrap(model), validation, lookup, params, dev, cfg.amp
+                    )
                     if pretraining:
                         metrics = {f"pretrain_{k}": v for k, v in metrics.items()}
                     logger.log(step + 1, **{f"val/{k}": v for k, v in metrics.items()})
                 if phases is not None and pretraining:
-                    phases.observe_pretrained(step + 1, unwrap(model), metrics["pretrain_dice"] if metrics else None)
+                    phases.observe_pretrained(
+                        step + 1, unwrap(model), metrics["pretrain_dice"] if metrics else None
+                    )
                 if env.is_main:
                     manager.save(state(step + 1, metrics), step + 1, metrics)
     if not env.is_main:
@@ -366,7 +506,9 @@ def _train(cfg: SegmentationExperiment, data: Path, out: Path, resume: bool, env
     best = manager.best() or manager.latest()
     assert best is not None
     net = inference_net(manager.load(best)).to(dev)
-    report = (test_segmenter(net, split.test, lookup, params, names, dev, cfg.amp, out / "test")
-              if split.test else None)
+    report = (
+        test_segmenter(net, split.test, lookup, params, names, dev, cfg.amp, out / "test")
+        if split.test
+        else None
+    )
     return SegmentationRun(out, best, report)
-

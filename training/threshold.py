@@ -104,8 +104,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["CPLMapping", "FixedThreshold", "FlexMatchThreshold", "ThresholdPolicy",
-           "VoxelMemoryLayout", "cpl_mapping", "memory_dtype"]
+__all__ = [
+    "CPLMapping",
+    "FixedThreshold",
+    "FlexMatchThreshold",
+    "ThresholdPolicy",
+    "VoxelMemoryLayout",
+    "cpl_mapping",
+    "memory_dtype",
+]
 
 
 class CPLMapping(str, Enum):
@@ -135,20 +142,26 @@ def memory_dtype(n_classes: int) -> torch.dtype:
     return torch.int32
 
 
-def _max_and_argmax(probabilities: torch.Tensor,
-                    n_classes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _max_and_argmax(
+    probabilities: torch.Tensor, n_classes: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(N, C, *S)`` probabilities → ``max_c p`` and ``argmax_c p``, both ``(N, *S)``.
 
     Half precision is compared in float32; ties go to the lowest class (``torch.max``)."""
     if not isinstance(probabilities, torch.Tensor) or not probabilities.is_floating_point():
-        raise TypeError("probabilities must be a floating-point tensor (N, C, ...); "
-                        "apply softmax to logits first")
+        raise TypeError(
+            "probabilities must be a floating-point tensor (N, C, ...); "
+            "apply softmax to logits first"
+        )
     if probabilities.ndim < 2:
-        raise ValueError("probabilities must be (N, C, ...), "
-                         f"got shape {tuple(probabilities.shape)}")
+        raise ValueError(
+            f"probabilities must be (N, C, ...), got shape {tuple(probabilities.shape)}"
+        )
     if n_classes is not None and probabilities.shape[1] != n_classes:
-        raise ValueError(f"probabilities have {probabilities.shape[1]} classes on dim 1, "
-                         f"the policy was built for {n_classes}")
+        raise ValueError(
+            f"probabilities have {probabilities.shape[1]} classes on dim 1, "
+            f"the policy was built for {n_classes}"
+        )
     p = probabilities.detach()
     if p.dtype in (torch.float16, torch.bfloat16):
         p = p.float()
@@ -165,8 +178,9 @@ class ThresholdPolicy(abc.ABC):
     """
 
     @abc.abstractmethod
-    def mask(self, probabilities: torch.Tensor,
-             sample_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def mask(
+        self, probabilities: torch.Tensor, sample_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(argmax_c p (N, *S) int64, keep (N, *S) bool)`` with the current thresholds; no
         state changes."""
 
@@ -183,8 +197,9 @@ class ThresholdPolicy(abc.ABC):
         """Restore :meth:`state_dict`; raises ``ValueError`` if it was written by a policy of
         another configuration."""
 
-    def pseudo_label(self, probabilities: torch.Tensor,
-                     sample_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pseudo_label(
+        self, probabilities: torch.Tensor, sample_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`mask` with the thresholds from before this batch, then :meth:`update` — the
         official FlexMatch order (see the module docstring)."""
         out = self.mask(probabilities, sample_ids)
@@ -204,8 +219,9 @@ class FixedThreshold(ThresholdPolicy):
             raise ValueError(f"tau must be in (0, 1], got {tau}")
         self.tau = float(tau)
 
-    def mask(self, probabilities: torch.Tensor,
-             sample_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def mask(
+        self, probabilities: torch.Tensor, sample_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         max_probs, labels = _max_and_argmax(probabilities, None)
         return labels, max_probs >= self.tau
 
@@ -217,9 +233,11 @@ class FixedThreshold(ThresholdPolicy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("policy") != "fixed" or state.get("tau") != self.tau:
-            raise ValueError(f"checkpoint holds threshold policy {state.get('policy')!r} with "
-                             f"tau={state.get('tau')}, this is 'fixed' with tau={self.tau}: "
-                             "build the policy with the checkpoint's settings")
+            raise ValueError(
+                f"checkpoint holds threshold policy {state.get('policy')!r} with "
+                f"tau={state.get('tau')}, this is 'fixed' with tau={self.tau}: "
+                "build the policy with the checkpoint's settings"
+            )
 
 
 class FlexMatchThreshold(ThresholdPolicy):
@@ -237,9 +255,16 @@ class FlexMatchThreshold(ThresholdPolicy):
         device: where the memory lives (CPU by default; ids are moved to it).
     """
 
-    def __init__(self, n_classes: int, n_samples: int, *, tau: float = 0.95, warmup: bool = True,
-                 mapping: str | CPLMapping = CPLMapping.CONVEX,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        n_classes: int,
+        n_samples: int,
+        *,
+        tau: float = 0.95,
+        warmup: bool = True,
+        mapping: str | CPLMapping = CPLMapping.CONVEX,
+        device: str | torch.device = "cpu",
+    ) -> None:
         if n_classes < 1:
             raise ValueError(f"n_classes must be >= 1, got {n_classes}")
         if n_samples < 1:
@@ -253,8 +278,9 @@ class FlexMatchThreshold(ThresholdPolicy):
             raise ValueError(f"mapping must be one of {names}, got {mapping!r}") from None
         self.n_classes, self.n_samples = int(n_classes), int(n_samples)
         self.tau, self.warmup = float(tau), bool(warmup)
-        self._memory = torch.full((self.n_samples,), -1, dtype=memory_dtype(self.n_classes),
-                                  device=device)
+        self._memory = torch.full(
+            (self.n_samples,), -1, dtype=memory_dtype(self.n_classes), device=device
+        )
         self._counts = torch.zeros(self.n_classes, dtype=torch.int64, device=device)
 
     # -- statistics -------------------------------------------------------------------------
@@ -295,8 +321,9 @@ class FlexMatchThreshold(ThresholdPolicy):
         t = self.thresholds().to(device=max_probs.device, dtype=max_probs.dtype)
         return max_probs >= t[labels]
 
-    def mask(self, probabilities: torch.Tensor,
-             sample_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def mask(
+        self, probabilities: torch.Tensor, sample_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep ``argmax p = c`` where ``max p ≥ T_t(c)``; ``sample_ids`` are not needed
         (thresholds are per class) and are ignored."""
         max_probs, labels = _max_and_argmax(probabilities, self.n_classes)
@@ -309,30 +336,35 @@ class FlexMatchThreshold(ThresholdPolicy):
         max_probs, labels = _max_and_argmax(probabilities, self.n_classes)
         self._update(max_probs, labels, sample_ids)
 
-    def pseudo_label(self, probabilities: torch.Tensor,
-                     sample_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pseudo_label(
+        self, probabilities: torch.Tensor, sample_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         max_probs, labels = _max_and_argmax(probabilities, self.n_classes)
         keep = self._keep(max_probs, labels)  # thresholds of the memory before this batch
         self._update(max_probs, labels, sample_ids)
         return labels, keep
 
-    def _update(self, max_probs: torch.Tensor, labels: torch.Tensor,
-                sample_ids: torch.Tensor | None) -> None:
+    def _update(
+        self, max_probs: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor | None
+    ) -> None:
         if sample_ids is None:
-            raise ValueError("FlexMatchThreshold.update needs sample_ids (N, ...): "
-                             "memory indices")
+            raise ValueError("FlexMatchThreshold.update needs sample_ids (N, ...): memory indices")
         if sample_ids.dtype not in (torch.int16, torch.int32, torch.int64, torch.uint8, torch.int8):
             raise TypeError(f"sample_ids must be an integer tensor, got {sample_ids.dtype}")
         if tuple(sample_ids.shape) != tuple(labels.shape):
-            raise ValueError(f"sample_ids have shape {tuple(sample_ids.shape)}, the probabilities "
-                             f"need {tuple(labels.shape)} (their shape without the class dim)")
+            raise ValueError(
+                f"sample_ids have shape {tuple(sample_ids.shape)}, the probabilities "
+                f"need {tuple(labels.shape)} (their shape without the class dim)"
+            )
         device = self._memory.device
         ids = sample_ids.reshape(-1).to(device=device, dtype=torch.int64)
         if ids.numel():
             lo, hi = int(ids.min()), int(ids.max())
             if lo < -1 or hi >= self.n_samples:
-                raise ValueError(f"sample_ids must be in [-1, {self.n_samples}) (-1: no memory "
-                                 f"entry), got values in [{lo}, {hi}]")
+                raise ValueError(
+                    f"sample_ids must be in [-1, {self.n_samples}) (-1: no memory "
+                    f"entry), got values in [{lo}, {hi}]"
+                )
         chosen = (max_probs.reshape(-1) >= self.tau).to(device) & (ids >= 0)
         ids, new = ids[chosen], labels.reshape(-1).to(device)[chosen]
         if not ids.numel():
@@ -351,8 +383,14 @@ class FlexMatchThreshold(ThresholdPolicy):
     # -- checkpointing ----------------------------------------------------------------------
 
     def _config(self) -> dict[str, Any]:
-        return {"policy": "flexmatch", "n_classes": self.n_classes, "n_samples": self.n_samples,
-                "tau": self.tau, "warmup": self.warmup, "mapping": self.mapping.value}
+        return {
+            "policy": "flexmatch",
+            "n_classes": self.n_classes,
+            "n_samples": self.n_samples,
+            "tau": self.tau,
+            "warmup": self.warmup,
+            "mapping": self.mapping.value,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """The configuration and ``memory`` (a CPU copy); σ is recomputed on load."""
@@ -362,14 +400,18 @@ class FlexMatchThreshold(ThresholdPolicy):
         config = self._config()
         differ = {k: (state.get(k), v) for k, v in config.items() if state.get(k) != v}
         if differ:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs policy {b!r}"
-                               for k, (a, b) in differ.items())
-            raise ValueError(f"threshold policy state does not match this policy ({detail}); "
-                             "build the policy with the checkpoint's settings")
+            detail = ", ".join(
+                f"{k}: checkpoint {a!r} vs policy {b!r}" for k, (a, b) in differ.items()
+            )
+            raise ValueError(
+                f"threshold policy state does not match this policy ({detail}); "
+                "build the policy with the checkpoint's settings"
+            )
         memory = state.get("memory")
         if not isinstance(memory, torch.Tensor) or tuple(memory.shape) != (self.n_samples,):
-            raise ValueError("threshold policy state needs a memory tensor of shape "
-                             f"({self.n_samples},)")
+            raise ValueError(
+                f"threshold policy state needs a memory tensor of shape ({self.n_samples},)"
+            )
         memory = memory.to(device=self._memory.device, dtype=torch.int64)
         if memory.numel() and (int(memory.min()) < -1 or int(memory.max()) >= self.n_classes):
             raise ValueError(f"memory values must be in [-1, {self.n_classes})")
@@ -388,8 +430,9 @@ class VoxelMemoryLayout:
             ``(gz·sz, gy·sy, gx·sx)``.
     """
 
-    def __init__(self, case_shapes: Sequence[Sequence[int]],
-                 stride: int | Sequence[int] = 4) -> None:
+    def __init__(
+        self, case_shapes: Sequence[Sequence[int]], stride: int | Sequence[int] = 4
+    ) -> None:
         strides = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
         if len(strides) != 3 or any(int(s) < 1 for s in strides):
             raise ValueError(f"stride must be an int >= 1 or three of them (z, y, x), got {stride}")
@@ -398,13 +441,15 @@ class VoxelMemoryLayout:
         shapes = []
         for k, shape in enumerate(case_shapes):
             if len(shape) != 3 or any(int(n) < 1 for n in shape):
-                raise ValueError(f"case {k}: shape must be three sizes >= 1 (z, y, x), "
-                                 f"got {tuple(shape)}")
+                raise ValueError(
+                    f"case {k}: shape must be three sizes >= 1 (z, y, x), got {tuple(shape)}"
+                )
             shapes.append(tuple(int(n) for n in shape))
         self.stride: tuple[int, int, int] = (int(strides[0]), int(strides[1]), int(strides[2]))
         self.case_shapes: list[tuple[int, ...]] = shapes
         self.grid_shapes: list[tuple[int, ...]] = [
-            tuple(-(-n // s) for n, s in zip(shape, self.stride)) for shape in shapes]
+            tuple(-(-n // s) for n, s in zip(shape, self.stride)) for shape in shapes
+        ]
         sizes = [math.prod(g) for g in self.grid_shapes]
         self.offsets: list[int] = [0]
         for size in sizes:
@@ -419,8 +464,9 @@ class VoxelMemoryLayout:
         """Total memory entries: Σ_k Π ceil(shape_k / stride)."""
         return self.offsets[-1]
 
-    def crop_indices(self, case: int, start: Sequence[int],
-                     shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def crop_indices(
+        self, case: int, start: Sequence[int], shape: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The grid voxels inside the crop ``[start, start + shape)`` of case ``case``.
 
         Args:
@@ -436,8 +482,10 @@ class VoxelMemoryLayout:
         if not 0 <= case < self.n_cases:
             raise ValueError(f"case index {case} out of range [0, {self.n_cases})")
         if len(start) != 3 or len(shape) != 3 or any(int(w) < 1 for w in shape):
-            raise ValueError("need start (z, y, x) and shape (wz, wy, wx) >= 1, "
-                             f"got {tuple(start)}, {tuple(shape)}")
+            raise ValueError(
+                "need start (z, y, x) and shape (wz, wy, wx) >= 1, "
+                f"got {tuple(start)}, {tuple(shape)}"
+            )
         axes = []
         for n, s, a, w in zip(self.case_shapes[case], self.stride, start, shape):
             lo, hi = max(int(a), 0), min(int(a) + int(w), n)
@@ -449,8 +497,9 @@ class VoxelMemoryLayout:
         _, grid_y, grid_x = self.grid_shapes[case]
         indices = self.offsets[case] + (gz * grid_y + gy) * grid_x + gx
         sz, sy, sx = self.stride
-        positions = torch.stack([gz * sz - int(start[0]), gy * sy - int(start[1]),
-                                 gx * sx - int(start[2])], dim=1)
+        positions = torch.stack(
+            [gz * sz - int(start[0]), gy * sy - int(start[1]), gx * sx - int(start[2])], dim=1
+        )
         return indices, positions
 
     def crop_id_map(self, case: int, start: Sequence[int], shape: Sequence[int]) -> torch.Tensor:

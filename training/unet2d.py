@@ -55,9 +55,13 @@ class _ConvBlock(nn.Module):
     def __init__(self, cin: int, cout: int, p: float) -> None:
         super().__init__()
         self.block = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(),
+            nn.Conv2d(cin, cout, 3, padding=1),
+            nn.BatchNorm2d(cout),
+            nn.LeakyReLU(),
             nn.Dropout(p) if p > 0 else nn.Identity(),
-            nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(),
+            nn.Conv2d(cout, cout, 3, padding=1),
+            nn.BatchNorm2d(cout),
+            nn.LeakyReLU(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,15 +93,21 @@ class UNet2D(nn.Module):
         dropout: the encoder dropouts :data:`DROPOUT` (off: none).
     """
 
-    def __init__(self, n_classes: int, *, width: int = 16, in_channels: int = 1, dropout: bool = True) -> None:
+    def __init__(
+        self, n_classes: int, *, width: int = 16, in_channels: int = 1, dropout: bool = True
+    ) -> None:
         super().__init__()
         if n_classes < 1 or width < 1 or in_channels < 1:
-            raise ValueError(f"n_classes, width and in_channels must be >= 1, got {n_classes}, {width}, "
-                             f"{in_channels}")
+            raise ValueError(
+                f"n_classes, width and in_channels must be >= 1, got {n_classes}, {width}, "
+                f"{in_channels}"
+            )
         self.n_classes, self.width, self.in_channels = n_classes, width, in_channels
         w = [width * 2**i for i in range(5)]
         p = DROPOUT if dropout else (0.0,) * 5
-        self.encoder = nn.ModuleList(_ConvBlock(in_channels if i == 0 else w[i - 1], w[i], p[i]) for i in range(5))
+        self.encoder = nn.ModuleList(
+            _ConvBlock(in_channels if i == 0 else w[i - 1], w[i], p[i]) for i in range(5)
+        )
         self.decoder = nn.ModuleList(_Up(w[4 - i], w[3 - i]) for i in range(4))
         self.out = nn.Conv2d(width, n_classes, 3, padding=1)
 
@@ -105,8 +115,10 @@ class UNet2D(nn.Module):
         """The 2D network: ``(N, C, H, W)`` slices → ``(N, K, H, W)`` logits."""
         h, w = image.shape[-2:]
         if h % DIVISOR or w % DIVISOR:
-            raise ValueError(f"UNet2D needs in-plane edges that are multiples of {DIVISOR} (four max-pools), "
-                             f"got {h}x{w}")
+            raise ValueError(
+                f"UNet2D needs in-plane edges that are multiples of {DIVISOR} (four max-pools), "
+                f"got {h}x{w}"
+            )
         features, x = [], image
         for i, stage in enumerate(self.encoder):
             x = stage(F.max_pool2d(x, 2) if i else x)
@@ -120,7 +132,9 @@ class UNet2D(nn.Module):
         if image.ndim == 4:
             return self.forward_2d(image)
         if image.ndim != 5:
-            raise ValueError(f"UNet2D takes (B, C, D, H, W) or (B, C, H, W) images, got shape {tuple(image.shape)}")
+            raise ValueError(
+                f"UNet2D takes (B, C, D, H, W) or (B, C, H, W) images, got shape {tuple(image.shape)}"
+            )
         b, c, d, h, w = image.shape
         slices = image.transpose(1, 2).reshape(b * d, c, h, w)
         logits = self.forward_2d(slices)

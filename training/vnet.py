@@ -55,7 +55,9 @@ class VNetConfig:
 
     def __post_init__(self) -> None:
         if self.width < 1 or self.in_channels < 1:
-            raise ValueError(f"width and in_channels must be >= 1, got {self.width}, {self.in_channels}")
+            raise ValueError(
+                f"width and in_channels must be >= 1, got {self.width}, {self.in_channels}"
+            )
         if not 0 <= self.stage_dropout < 1:
             raise ValueError(f"stage_dropout must be in [0, 1), got {self.stage_dropout}")
 
@@ -71,7 +73,9 @@ def timestep_embedding(t: torch.Tensor, dim: int = TIME_EMBED_IN) -> torch.Tenso
     ``[sin(t·f_0..f_{h-1}), cos(...)]`` with ``f_i = exp(-ln(10000)·i/(h-1))``, ``h = dim/2``.
     """
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -(math.log(10000) / (half - 1)))
+    freqs = torch.exp(
+        torch.arange(half, dtype=torch.float32, device=t.device) * -(math.log(10000) / (half - 1))
+    )
     args = t.float()[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
@@ -91,7 +95,9 @@ class _TimeAdd(nn.Module):
 class _Conv(nn.Module):
     """conv3×3×3 → ReLU → BatchNorm → Dropout3d(0.1) [→ + time projection]."""
 
-    def __init__(self, cin: int, cout: int, time_dim: int | None, drop: float = STAGE_DROPOUT) -> None:
+    def __init__(
+        self, cin: int, cout: int, time_dim: int | None, drop: float = STAGE_DROPOUT
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv3d(cin, cout, 3, padding=1)
         self.norm = nn.BatchNorm3d(cout)
@@ -106,10 +112,13 @@ class _Conv(nn.Module):
 class _Stage(nn.Module):
     """``n`` convolutions; all but the last take the time embedding."""
 
-    def __init__(self, n: int, cin: int, cout: int, time_dim: int | None, drop: float = STAGE_DROPOUT) -> None:
+    def __init__(
+        self, n: int, cin: int, cout: int, time_dim: int | None, drop: float = STAGE_DROPOUT
+    ) -> None:
         super().__init__()
         self.convs = nn.ModuleList(
-            _Conv(cin if i == 0 else cout, cout, time_dim if i < n - 1 else None, drop) for i in range(n)
+            _Conv(cin if i == 0 else cout, cout, time_dim if i < n - 1 else None, drop)
+            for i in range(n)
         )
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
@@ -141,12 +150,15 @@ _DECODER_CONVS = (3, 3, 2, 1)
 class Encoder(nn.Module):
     """Stem output ``(B, w, Z, Y, X)`` → five feature maps, deepest ``(B, 16w, Z/16, ...)``."""
 
-    def __init__(self, width: int, dropout: bool, time_dim: int | None, drop: float = STAGE_DROPOUT) -> None:
+    def __init__(
+        self, width: int, dropout: bool, time_dim: int | None, drop: float = STAGE_DROPOUT
+    ) -> None:
         super().__init__()
         w = [width * 2**i for i in range(5)]
         self.down = nn.ModuleList(_Resample(w[i], w[i + 1], False, time_dim) for i in range(4))
-        self.stages = nn.ModuleList(_Stage(n, w[i + 1], w[i + 1], time_dim, drop)
-                                    for i, n in enumerate(_ENCODER_CONVS))
+        self.stages = nn.ModuleList(
+            _Stage(n, w[i + 1], w[i + 1], time_dim, drop) for i, n in enumerate(_ENCODER_CONVS)
+        )
         self.dropout = nn.Dropout3d(0.5) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -161,17 +173,26 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Five feature maps → logits ``(B, C, Z, Y, X)``; skips are added."""
 
-    def __init__(self, width: int, n_classes: int, dropout: bool, time_dim: int | None,
-                 drop: float = STAGE_DROPOUT) -> None:
+    def __init__(
+        self,
+        width: int,
+        n_classes: int,
+        dropout: bool,
+        time_dim: int | None,
+        drop: float = STAGE_DROPOUT,
+    ) -> None:
         super().__init__()
         w = [width * 2**i for i in range(5)]
         self.up = nn.ModuleList(_Resample(w[4 - i], w[3 - i], True, time_dim) for i in range(4))
-        self.stages = nn.ModuleList(_Stage(n, w[3 - i], w[3 - i], time_dim, drop)
-                                    for i, n in enumerate(_DECODER_CONVS))
+        self.stages = nn.ModuleList(
+            _Stage(n, w[3 - i], w[3 - i], time_dim, drop) for i, n in enumerate(_DECODER_CONVS)
+        )
         self.dropout = nn.Dropout3d(0.5) if dropout else nn.Identity()
         self.out = nn.Conv3d(width, n_classes, 1)
 
-    def forward(self, features: list[torch.Tensor], temb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, features: list[torch.Tensor], temb: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = features[-1]
         for i, (up, stage) in enumerate(zip(self.up, self.stages)):
             x = stage(up(x, temb) + features[3 - i], temb)
@@ -221,8 +242,15 @@ class DiffVNet(nn.Module):
         w, drop, p = config.width, config.dropout, config.stage_dropout
         # Without diffusion nothing is time-conditioned: no unused parameters (DDP needs that).
         time_dim = TIME_EMBED_OUT if diffusion else None
-        self.time_mlp = nn.Sequential(nn.Linear(TIME_EMBED_IN, TIME_EMBED_OUT), nn.SiLU(),
-                                      nn.Linear(TIME_EMBED_OUT, TIME_EMBED_OUT)) if diffusion else None
+        self.time_mlp = (
+            nn.Sequential(
+                nn.Linear(TIME_EMBED_IN, TIME_EMBED_OUT),
+                nn.SiLU(),
+                nn.Linear(TIME_EMBED_OUT, TIME_EMBED_OUT),
+            )
+            if diffusion
+            else None
+        )
         noisy_in = config.in_channels + (n_classes if diffusion else 0)
         self.noisy_stem = _Stage(1, noisy_in, w, None, p)
         self.image_stem = _Stage(1, config.in_channels, w, None, p)
@@ -231,7 +259,9 @@ class DiffVNet(nn.Module):
         self.decoder_psi = Decoder(w, n_classes, drop, None, p)
         self.decoder_theta = Decoder(w, n_classes, drop, None, p)
 
-    def denoise(self, x_t: torch.Tensor | None, t: torch.Tensor | None, image: torch.Tensor) -> torch.Tensor:
+    def denoise(
+        self, x_t: torch.Tensor | None, t: torch.Tensor | None, image: torch.Tensor
+    ) -> torch.Tensor:
         """D_ξ: x̂0 logits from the noisy label ``x_t`` at step ``t`` given ``image``."""
         if self.time_mlp is None:
             return self.decoder_xi(self.encoder(self.noisy_stem(image, None)))
@@ -251,8 +281,13 @@ class DiffVNet(nn.Module):
     def theta(self, image: torch.Tensor) -> torch.Tensor:
         return self.decoder_theta(self.image_features(image))
 
-    def forward(self, image: torch.Tensor, x_t: torch.Tensor | None = None, t: torch.Tensor | None = None,
-                unlabeled: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        image: torch.Tensor,
+        x_t: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        unlabeled: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """``forward(image)``: D_θ logits (inference, export). With ``unlabeled``: one training
         pass ``(D_ξ(x_t, t, image), D_ψ(image), D_θ(unlabeled))``, so DDP sees one forward."""
         if unlabeled is None:

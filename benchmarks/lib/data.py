@@ -28,12 +28,16 @@ def generated_dataset(data: Path, wanted: dict[str, Any]) -> dict[str, Any]:
     if record.is_file():
         made = json.loads(record.read_text())
         if made != wanted:
-            raise SystemExit(f"{data} was generated with {made}, not {wanted}: pass matching options "
-                             "or another --data folder")
+            raise SystemExit(
+                f"{data} was generated with {made}, not {wanted}: pass matching options "
+                "or another --data folder"
+            )
         return made
     if (data / "annotations.csv").exists():
-        raise SystemExit(f"{data} holds a dataset without benchmark_data.json (made by an older version "
-                         "of a benchmark?): pass another --data folder")
+        raise SystemExit(
+            f"{data} holds a dataset without benchmark_data.json (made by an older version "
+            "of a benchmark?): pass another --data folder"
+        )
     write_chest_dataset(data, **wanted)
     record.write_text(json.dumps(wanted, indent=2) + "\n")
     return wanted
@@ -55,14 +59,25 @@ def write_scans(folder: Path, n: int, seed: int) -> list[Path]:
             continue
         start = time.perf_counter()
         case = generate_chest_ct(seed + i, ChestConfig(matrix=512, n_slices=300))
-        info = SeriesInfo(uid_seed=f"score-throughput-{seed + i}", patient_id=f"ST{seed + i:04d}",
-                          series_description="Chest (score_throughput)")
+        info = SeriesInfo(
+            uid_seed=f"score-throughput-{seed + i}",
+            patient_id=f"ST{seed + i:04d}",
+            series_description="Chest (score_throughput)",
+        )
         write_dicom_series(case.volume, target, info)
-        truth = {"seed": seed + i, "shape": list(case.volume.shape),
-                 "spacing_mm": [float(s) for s in case.volume.spacing],
-                 "nodules": [{"centre_lps": list(map(float, n.centre_lps)), "diameter_mm": float(n.diameter_mm)}
-                             for n in case.nodules]}
+        truth = {
+            "seed": seed + i,
+            "shape": list(case.volume.shape),
+            "spacing_mm": [float(s) for s in case.volume.spacing],
+            "nodules": [
+                {"centre_lps": list(map(float, n.centre_lps)), "diameter_mm": float(n.diameter_mm)}
+                for n in case.nodules
+            ],
+        }
         (target / "truth.json").write_text(json.dumps(truth, indent=1))
-        print(f"wrote {target} {case.volume.shape} spacing {np.round(case.volume.spacing, 3).tolist()} "
-              f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        print(
+            f"wrote {target} {case.volume.shape} spacing {np.round(case.volume.spacing, 3).tolist()} "
+            f"in {time.perf_counter() - start:.1f} s",
+            file=sys.stderr,
+        )
     return folders

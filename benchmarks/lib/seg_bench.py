@@ -34,8 +34,9 @@ METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm", "wall_s", "step_s_median", "u
 # --------------------------------------------------------------------------- data
 
 
-def ensure_data(data: Path, cases: int, test_cases: int, seed_base: int, domains: Sequence[str],
-                marker: str) -> dict[str, Any]:
+def ensure_data(
+    data: Path, cases: int, test_cases: int, seed_base: int, domains: Sequence[str], marker: str
+) -> dict[str, Any]:
     """Write ``write_organ_dataset`` domains (native grid) into ``data/<domain>`` if missing.
 
     Domain ``k`` of ``domains`` holds ``cases`` training + ``test_cases`` test cases, seeded
@@ -43,14 +44,21 @@ def ensure_data(data: Path, cases: int, test_cases: int, seed_base: int, domains
     written with other parameters is refused."""
     from medssl.synth.datasets import write_organ_dataset
 
-    spec = {"cases": cases, "test_cases": test_cases, "seed_base": seed_base, "domains": list(domains),
-            "shape": "native"}
+    spec = {
+        "cases": cases,
+        "test_cases": test_cases,
+        "seed_base": seed_base,
+        "domains": list(domains),
+        "shape": "native",
+    }
     path = data / marker
     if path.is_file():
         found = json.loads(path.read_text())
         if found != spec:
-            raise SystemExit(f"{data} holds data written with {found}, not {spec}: pass another --data/--work "
-                             "or delete that folder")
+            raise SystemExit(
+                f"{data} holds data written with {found}, not {spec}: pass another --data/--work "
+                "or delete that folder"
+            )
         return spec
     data.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -58,9 +66,18 @@ def ensure_data(data: Path, cases: int, test_cases: int, seed_base: int, domains
         target = data / domain
         if target.exists():
             shutil.rmtree(target)  # a half-written domain of an interrupted generation
-        write_organ_dataset(target, cases=cases, n_test=test_cases, domain=domain,
-                            seed=seed_base + k * (cases + test_cases))
-        print(f"wrote domain {domain}: {cases} training + {test_cases} test cases", file=sys.stderr, flush=True)
+        write_organ_dataset(
+            target,
+            cases=cases,
+            n_test=test_cases,
+            domain=domain,
+            seed=seed_base + k * (cases + test_cases),
+        )
+        print(
+            f"wrote domain {domain}: {cases} training + {test_cases} test cases",
+            file=sys.stderr,
+            flush=True,
+        )
     path.write_text(json.dumps(spec, indent=2) + "\n")
     print(f"data generated in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return spec
@@ -137,31 +154,48 @@ def run_one(job: Mapping[str, Any]) -> dict[str, Any]:
     # seconds between consecutive training steps, leaving out the intervals that hold a validation
     intervals = [b["time"] - a["time"] for a, b in zip(log, log[1:]) if "loss" in a and "loss" in b]
     return {
-        **job["fields"], "method": cfg.method, "seed": cfg.seed,
+        **job["fields"],
+        "method": cfg.method,
+        "seed": cfg.seed,
         "overrides": job["overrides"],
-        "dice": mean["dice"]["mean"], "jaccard": mean["jaccard"]["mean"],
-        "hd95_mm": mean["hd95_mm"]["mean"], "asd_mm": mean["asd_mm"]["mean"],
+        "dice": mean["dice"]["mean"],
+        "jaccard": mean["jaccard"]["mean"],
+        "hd95_mm": mean["hd95_mm"]["mean"],
+        "asd_mm": mean["asd_mm"]["mean"],
         "asd_classes": mean["asd_mm"]["n_classes"],
         "undefined_asd": sum(report["n_cases"] - c["asd_mm"]["n_cases"] for c in classes.values()),
         "dice_per_class": {names[int(k)]: c["dice"]["mean"] for k, c in classes.items()},
         "false_negative_cases": sum(c["false_negative_cases"] for c in classes.values()),
-        "n_test_cases": report["n_cases"], "n_classes": len(names) - 1,
-        "params_trained": params(net), "params_test_time": test_time,
-        "best_step": index.get("best_step"), "best_val_dice": index.get("best_value"),
+        "n_test_cases": report["n_cases"],
+        "n_classes": len(names) - 1,
+        "params_trained": params(net),
+        "params_test_time": test_time,
+        "best_step": index.get("best_step"),
+        "best_val_dice": index.get("best_value"),
         "split": {k: len(v) for k, v in split.items()},
         "train_and_test_s": train_and_test_s,
         "log_span_s": (step_times[-1] - step_times[0]) if len(step_times) > 1 else None,
         "step_s_median": statistics.median(intervals) if intervals else None,
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "config": config_to_dict(cfg), "run_dir": str(out),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "config": config_to_dict(cfg),
+        "run_dir": str(out),
     }
 
 
 # --------------------------------------------------------------------------- parent side
 
 
-def execute(script: Path, job: dict[str, Any], env: Mapping[str, str], *, name: str, quiet: bool,
-            sequential: bool, extra: Mapping[str, Any]) -> dict[str, Any]:
+def execute(
+    script: Path,
+    job: dict[str, Any],
+    env: Mapping[str, str],
+    *,
+    name: str,
+    quiet: bool,
+    sequential: bool,
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
     """Run ``python script --one JOB`` (``job["out"]``: the run folder, removed first;
     ``job["result"]``: where the child writes its row) and return the row plus ``name``,
     ``wall_s`` (the subprocess's wall clock), ``extra``, ``cpu_s`` (only when ``sequential``:
@@ -174,23 +208,41 @@ def execute(script: Path, job: dict[str, Any], env: Mapping[str, str], *, name: 
     load_before = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    process = subprocess.run([sys.executable, str(Path(script).resolve()), "--one", json.dumps(job)],
-                             cwd=ROOT, env=dict(env), stdout=subprocess.DEVNULL if quiet else None)
+    process = subprocess.run(
+        [sys.executable, str(Path(script).resolve()), "--one", json.dumps(job)],
+        cwd=ROOT,
+        env=dict(env),
+        stdout=subprocess.DEVNULL if quiet else None,
+    )
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if process.returncode != 0:
         raise SystemExit(f"run {name} failed (exit {process.returncode}); its folder is {out}")
     result = json.loads(scratch.read_text())
     scratch.unlink()
-    result.update({"name": name, "wall_s": wall, **extra,
-                   "cpu_s": ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-                             if sequential else None),
-                   "load_average_1min": [load_before, os.getloadavg()[0]]})
+    result.update(
+        {
+            "name": name,
+            "wall_s": wall,
+            **extra,
+            "cpu_s": (
+                (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+                if sequential
+                else None
+            ),
+            "load_average_1min": [load_before, os.getloadavg()[0]],
+        }
+    )
     return result
 
 
-def run_all(runs: Sequence[Any], results: Path, expected: Callable[[Any], dict[str, Any]],
-            run: Callable[[Any], dict[str, Any]], jobs: int) -> list[dict[str, Any]]:
+def run_all(
+    runs: Sequence[Any],
+    results: Path,
+    expected: Callable[[Any], dict[str, Any]],
+    run: Callable[[Any], dict[str, Any]],
+    jobs: int,
+) -> list[dict[str, Any]]:
     """Every run (``.name``), ``jobs`` at a time, each result kept in ``results/<name>.json``.
 
     A result already there is reused when its fields match ``expected(run)`` (e.g. budget and
@@ -202,21 +254,34 @@ def run_all(runs: Sequence[Any], results: Path, expected: Callable[[Any], dict[s
         if path.is_file():
             row = json.loads(path.read_text())
             if any(row.get(k) != v for k, v in want.items()):
-                raise SystemExit(f"{path} was made with " + " / ".join(f"{k} {row.get(k)}" for k in want)
-                                 + ", not " + " / ".join(str(v) for v in want.values())
-                                 + ": use another --work or delete it")
-            print(f"[{i}/{len(runs)}] {item.name}: done before ({row['wall_s']:.0f} s)", file=sys.stderr)
+                raise SystemExit(
+                    f"{path} was made with "
+                    + " / ".join(f"{k} {row.get(k)}" for k in want)
+                    + ", not "
+                    + " / ".join(str(v) for v in want.values())
+                    + ": use another --work or delete it"
+                )
+            print(
+                f"[{i}/{len(runs)}] {item.name}: done before ({row['wall_s']:.0f} s)",
+                file=sys.stderr,
+            )
             return row
         print(f"[{i}/{len(runs)}] {item.name} ...", file=sys.stderr, flush=True)
         row = run(item)
         if "split" in want and row["split"] != want["split"]:
-            raise SystemExit(f"{item.name}: split.json has {row['split']}, the warm-up saw {want['split']}")
+            raise SystemExit(
+                f"{item.name}: split.json has {row['split']}, the warm-up saw {want['split']}"
+            )
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(row, indent=2) + "\n")
         tmp.replace(path)
-        print(f"[{i}/{len(runs)}] {item.name}: Dice {100 * row['dice']:.1f} %, ASD "
-              f"{row['asd_mm'] if row['asd_mm'] is None else round(row['asd_mm'], 2)} mm, "
-              f"{row['wall_s']:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"[{i}/{len(runs)}] {item.name}: Dice {100 * row['dice']:.1f} %, ASD "
+            f"{row['asd_mm'] if row['asd_mm'] is None else round(row['asd_mm'], 2)} mm, "
+            f"{row['wall_s']:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         return row
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -230,12 +295,19 @@ def mean_std(values: Iterable[float | None]) -> dict[str, Any]:
     """Mean and sample std of the values that are not None (``values`` keeps them all)."""
     values = list(values)
     xs = [float(v) for v in values if v is not None]
-    return {"mean": statistics.mean(xs) if xs else None,
-            "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs), "values": values}
+    return {
+        "mean": statistics.mean(xs) if xs else None,
+        "std": statistics.stdev(xs) if len(xs) > 1 else None,
+        "n": len(xs),
+        "values": values,
+    }
 
 
-def aggregate(rows: Sequence[dict[str, Any]], by: Sequence[str] = ("setting", "variant"),
-              metrics: Sequence[str] = METRICS) -> dict[str, dict[str, Any]]:
+def aggregate(
+    rows: Sequence[dict[str, Any]],
+    by: Sequence[str] = ("setting", "variant"),
+    metrics: Sequence[str] = METRICS,
+) -> dict[str, dict[str, Any]]:
     """Per ``"/".join(row[k] for k in by)``: mean ± sample std over seeds of each metric."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -243,18 +315,27 @@ def aggregate(rows: Sequence[dict[str, Any]], by: Sequence[str] = ("setting", "v
     out = {}
     for key, group in groups.items():
         group.sort(key=lambda r: r["seed"])
-        entry = {**{k: group[0][k] for k in by}, "seeds": [r["seed"] for r in group],
-                 "params_trained": group[0]["params_trained"], "params_test_time": group[0]["params_test_time"]}
+        entry = {
+            **{k: group[0][k] for k in by},
+            "seeds": [r["seed"] for r in group],
+            "params_trained": group[0]["params_trained"],
+            "params_test_time": group[0]["params_test_time"],
+        }
         for metric in metrics:
             entry[metric] = mean_std([r[metric] for r in group])
-        entry["dice_per_class"] = {c: mean_std([r["dice_per_class"][c] for r in group])["mean"]
-                                   for c in group[0]["dice_per_class"]}
+        entry["dice_per_class"] = {
+            c: mean_std([r["dice_per_class"][c] for r in group])["mean"]
+            for c in group[0]["dice_per_class"]
+        }
         out[key] = entry
     return out
 
 
-def evidence(cell: Mapping[str, Sequence[dict[str, Any]]], baseline: str = "supervised-seg",
-             ceiling: Sequence[dict[str, Any]] = ()) -> dict[str, dict[str, Any]]:
+def evidence(
+    cell: Mapping[str, Sequence[dict[str, Any]]],
+    baseline: str = "supervised-seg",
+    ceiling: Sequence[dict[str, Any]] = (),
+) -> dict[str, dict[str, Any]]:
     """What the seeds of one cell (one task and labeled fraction, or one setting) say, per
     variant (``cell``: variant -> its rows, one per seed), in Dice points:
 
@@ -277,8 +358,11 @@ def evidence(cell: Mapping[str, Sequence[dict[str, Any]]], baseline: str = "supe
         scores = by_seed(rows)
         if not scores:
             continue
-        entry: dict[str, Any] = {"dice": seed_interval(list(scores.values())).to_json(), "vs_baseline": None,
-                                 "gap_recovered": None}
+        entry: dict[str, Any] = {
+            "dice": seed_interval(list(scores.values())).to_json(),
+            "vs_baseline": None,
+            "gap_recovered": None,
+        }
         if variant != baseline and set(scores) & set(base):
             entry["vs_baseline"] = paired_difference(scores, base).to_json()
             if top:

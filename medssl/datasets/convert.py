@@ -20,11 +20,18 @@ from medssl.datasets.la_h5 import LAHeart
 __all__ = ["ad_npy_to_decathlon", "la_h5_to_decathlon"]
 
 
-def la_h5_to_decathlon(root: str | Path, out: str | Path, list_dir: str | Path | None = None) -> Path:
+def la_h5_to_decathlon(
+    root: str | Path, out: str | Path, list_dir: str | Path | None = None
+) -> Path:
     """Write the LA dataset under ``root`` as a Decathlon dataset in ``out``; returns dataset.json."""
     la = LAHeart(root, list_dir)
-    writer = DecathlonWriter(out, name="Left atrium (UA-MT h5)", labels={0: "background", 1: "left_atrium"},
-                             modality="MRI", description=f"converted from {Path(root).resolve()}")
+    writer = DecathlonWriter(
+        out,
+        name="Left atrium (UA-MT h5)",
+        labels={0: "background", 1: "left_atrium"},
+        modality="MRI",
+        description=f"converted from {Path(root).resolve()}",
+    )
     for case in la.train_cases:
         writer.add_training(case, la.image(case), la.label(case))
     for case in la.test_cases:
@@ -32,8 +39,13 @@ def la_h5_to_decathlon(root: str | Path, out: str | Path, list_dir: str | Path |
     return writer.close()
 
 
-def ad_npy_to_decathlon(root: str | Path, out: str | Path, labels: Mapping[int, str], modality: str = "CT",
-                        **reader_options: object) -> Path:
+def ad_npy_to_decathlon(
+    root: str | Path,
+    out: str | Path,
+    labels: Mapping[int, str],
+    modality: str = "CT",
+    **reader_options: object,
+) -> Path:
     """Write A&D's ``npy`` dataset under ``root`` as a Decathlon dataset in ``out``.
 
     Args:
@@ -43,9 +55,16 @@ def ad_npy_to_decathlon(root: str | Path, out: str | Path, labels: Mapping[int, 
     """
     data = ADNumpy(root, **reader_options)  # type: ignore[arg-type]
     test = set(data.ids("test")) if "test" in data.splits() else set()
-    training = sorted({i for split in data.splits() if split != "test" for i in data.ids(split)} - test)
-    writer = DecathlonWriter(out, name=f"A&D npy ({Path(root).name})", labels=labels, modality=modality,
-                             description=f"converted from {Path(root).resolve()}")
+    training = sorted(
+        {i for split in data.splits() if split != "test" for i in data.ids(split)} - test
+    )
+    writer = DecathlonWriter(
+        out,
+        name=f"A&D npy ({Path(root).name})",
+        labels=labels,
+        modality=modality,
+        description=f"converted from {Path(root).resolve()}",
+    )
     for data_id in training:
         writer.add_training(data_id, data.image(data_id), data.label(data_id))
     for data_id in sorted(test):

@@ -102,7 +102,11 @@ class Luna16:
         path = self.root / "truth.csv"
         if not path.is_file():
             return []
-        rows = [r for r in _read_rows(path, ("seriesuid", "label")) if seriesuid is None or r["seriesuid"] == seriesuid]
+        rows = [
+            r
+            for r in _read_rows(path, ("seriesuid", "label"))
+            if seriesuid is None or r["seriesuid"] == seriesuid
+        ]
         nodules = self.annotations(seriesuid)
         if [r["seriesuid"] for r in rows] != [f.seriesuid for f in nodules]:
             raise DatasetLayoutError(f"{path}: its rows do not follow annotations.csv's nodules")

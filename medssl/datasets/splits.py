@@ -30,9 +30,7 @@ class Split:
     validation: list[str]
 
 
-def make_split(
-    case_ids: Sequence[str], n_labeled: int, seed: int, n_validation: int = 0
-) -> Split:
+def make_split(case_ids: Sequence[str], n_labeled: int, seed: int, n_validation: int = 0) -> Split:
     """Shuffle ``case_ids`` (sorted first, so input order does not matter) with ``seed``.
 
     The first ``n_validation`` shuffled ids are validation, the next ``n_labeled``

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["AnchorGrid", "AnchorSpec", "AnchorTargets", "assign_anchors", "cube_iou", "encode_boxes"]
+__all__ = [
+    "AnchorGrid",
+    "AnchorSpec",
+    "AnchorTargets",
+    "assign_anchors",
+    "cube_iou",
+    "encode_boxes",
+]
 
 #: Anchor labels: positive, negative, ignored (IoU between the two thresholds).
 POSITIVE, NEGATIVE, IGNORE = 1.0, 0.0, -1.0
@@ -109,8 +116,12 @@ class AnchorGrid:
             slices.append(slice(start, start + len(grid)))
             start += len(grid)
         return cls(
-            spec, tuple(int(n) for n in patch_shape), np.concatenate(centres),  # type: ignore[arg-type]
-            np.concatenate(sizes), tuple(shapes), tuple(slices),
+            spec,
+            tuple(int(n) for n in patch_shape),
+            np.concatenate(centres),  # type: ignore[arg-type]
+            np.concatenate(sizes),
+            tuple(shapes),
+            tuple(slices),
         )
 
     @property
@@ -155,7 +166,9 @@ def cube_iou(
     return inter / np.maximum(union, 1e-12)
 
 
-def encode_boxes(anchor_centres: np.ndarray, anchor_sizes: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+def encode_boxes(
+    anchor_centres: np.ndarray, anchor_sizes: np.ndarray, boxes: np.ndarray
+) -> np.ndarray:
     """Box-regression targets of ``boxes`` relative to their anchors (DeepLung encoding).
 
     ``(dz, dy, dx) = (box centre - anchor centre) / anchor edge`` and
@@ -207,7 +220,9 @@ def assign_anchors(grid: AnchorGrid, boxes: np.ndarray) -> AnchorTargets:
                 best[winners] = m
     labels[positive] = POSITIVE
     matched[positive] = best[positive]
-    deltas[positive] = encode_boxes(grid.centres[positive], grid.sizes[positive], boxes[best[positive]])
+    deltas[positive] = encode_boxes(
+        grid.centres[positive], grid.sizes[positive], boxes[best[positive]]
+    )
     return AnchorTargets(labels, deltas, matched)
 
 

@@ -22,5 +22,14 @@ from medssl.dicom.sr import detection_sr, write_detection_sr
 from medssl.dicom.uids import derived_uid
 from medssl.dicom.written import WrittenObject, save
 
-__all__ = ["WrittenObject", "derived_uid", "detection_seg", "detection_sr", "label_seg", "save", "write_detection_seg",
-           "write_detection_sr", "write_label_seg"]
+__all__ = [
+    "WrittenObject",
+    "derived_uid",
+    "detection_seg",
+    "detection_sr",
+    "label_seg",
+    "save",
+    "write_detection_seg",
+    "write_detection_sr",
+    "write_label_seg",
+]

@@ -98,8 +98,16 @@ GRID_TOLERANCE = 0.01
 #: Display colours (RGB 0..255, written as CIELab) of the companion SEG's findings: finding
 #: ``i`` gets ``FINDING_COLOURS[i % 10]`` (Tableau 10: neighbours stay distinguishable).
 FINDING_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
 )
 
 
@@ -144,20 +152,27 @@ def frame_slices(source: Sequence[Dataset], affine: np.ndarray, n_slices: int) -
         ValueError: a frame whose first pixel is not a voxel centre of the grid's
             ``(z, 0, 0)`` column, or lies outside its ``n_slices`` (frame and index named).
     """
-    positions = np.concatenate([
-        frame_positions(ds) if _n_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds
-        else np.asarray([[float(v) for v in ds.ImagePositionPatient]])
-        for ds in source
-    ])
-    index = (np.linalg.inv(np.asarray(affine, dtype=np.float64))
-             @ np.c_[positions, np.ones(len(positions))].T)[:3].T
+    positions = np.concatenate(
+        [
+            frame_positions(ds)
+            if _n_frames(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds
+            else np.asarray([[float(v) for v in ds.ImagePositionPatient]])
+            for ds in source
+        ]
+    )
+    index = (
+        np.linalg.inv(np.asarray(affine, dtype=np.float64))
+        @ np.c_[positions, np.ones(len(positions))].T
+    )[:3].T
     slices = np.rint(index[:, 0]).astype(int)
     for k, (zyx, z) in enumerate(zip(index, slices)):
         off_grid = abs(zyx[0] - z) > GRID_TOLERANCE or np.abs(zyx[1:]).max() > GRID_TOLERANCE
         if off_grid or not 0 <= z < n_slices:
-            raise ValueError(f"source frame {k + 1} at {positions[k].round(3).tolist()} mm is "
-                             f"grid index (z, y, x) {zyx.round(3).tolist()}, not the first voxel "
-                             f"of one of the grid's {n_slices} slices")
+            raise ValueError(
+                f"source frame {k + 1} at {positions[k].round(3).tolist()} mm is "
+                f"grid index (z, y, x) {zyx.round(3).tolist()}, not the first voxel "
+                f"of one of the grid's {n_slices} slices"
+            )
     return slices
 
 
@@ -221,8 +236,13 @@ def label_seg(
             segmented_property_type=coded(label.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=derived_uid(series_uid, card.name, card.version, f"segment-{label.value}",
-                                     content=content_key(label=label_key(label))),
+            tracking_uid=derived_uid(
+                series_uid,
+                card.name,
+                card.version,
+                f"segment-{label.value}",
+                content=content_key(label=label_key(label)),
+            ),
             tracking_id=label.name,
             anatomic_regions=[coded(label.anatomic_region)] if label.anatomic_region else None,
             display_color=hd.color.CIELabColor.from_rgb(*label.colour) if label.colour else None,
@@ -230,18 +250,35 @@ def label_seg(
         for number, label in enumerate(card.labels, start=1)
     ]
     # the label-map style array highdicom takes for both types: segment numbers (card order)
-    numbers = np.zeros(max(int(label.value) for label in card.labels) + 1,
-                       dtype=np.uint8 if len(card.labels) < 256 else np.uint16)
+    numbers = np.zeros(
+        max(int(label.value) for label in card.labels) + 1,
+        dtype=np.uint8 if len(card.labels) < 256 else np.uint16,
+    )
     for number, label in enumerate(card.labels, start=1):
         numbers[label.value] = number
     segments = numbers[labels]
-    content = content_key(labels=array_key(labels), evidence=instances_key(source),
-                          card=card_key(card), seg_type=seg_type.value,
-                          omit_empty_frames=bool(omit_empty_frames), manufacturer=manufacturer,
-                          series_number=int(series_number))
-    return _segmentation(source, segments, descriptions, card, manufacturer, series_number,
-                         roles=("seg-series", "seg-instance"), what="segmentation",
-                         omit_empty_frames=omit_empty_frames, seg_type=seg_type, content=content)
+    content = content_key(
+        labels=array_key(labels),
+        evidence=instances_key(source),
+        card=card_key(card),
+        seg_type=seg_type.value,
+        omit_empty_frames=bool(omit_empty_frames),
+        manufacturer=manufacturer,
+        series_number=int(series_number),
+    )
+    return _segmentation(
+        source,
+        segments,
+        descriptions,
+        card,
+        manufacturer,
+        series_number,
+        roles=("seg-series", "seg-instance"),
+        what="segmentation",
+        omit_empty_frames=omit_empty_frames,
+        seg_type=seg_type,
+        content=content,
+    )
 
 
 def detection_seg(
@@ -298,8 +335,9 @@ def detection_seg(
     shape = (int(shape[0]), int(shape[1]), int(shape[2]))
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in source}
     if sizes != {shape[1:]}:
-        raise ValueError(f"grid shape {shape} disagrees with the source's (Rows, Columns) "
-                         f"{sorted(sizes)}")
+        raise ValueError(
+            f"grid shape {shape} disagrees with the source's (Rows, Columns) {sorted(sizes)}"
+        )
     slices = frame_slices(source, affine, shape[0])
     masks = np.zeros((len(slices), *shape[1:], len(detections)), dtype=np.uint8)
     for i, detection in enumerate(detections):
@@ -310,27 +348,47 @@ def detection_seg(
     descriptions = []
     for i, detection in enumerate(detections):
         identifier, uid = finding_tracking(series_uid, card, i, detection)
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=i + 1,
-            segment_label=identifier,
-            segmented_property_category=coded(label.category),
-            segmented_property_type=coded(label.type),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            tracking_uid=uid,
-            tracking_id=identifier,
-            anatomic_regions=[coded(label.anatomic_region)] if label.anatomic_region else None,
-            display_color=hd.color.CIELabColor.from_rgb(*FINDING_COLOURS[i % len(FINDING_COLOURS)]),
-        ))
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=i + 1,
+                segment_label=identifier,
+                segmented_property_category=coded(label.category),
+                segmented_property_type=coded(label.type),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                tracking_uid=uid,
+                tracking_id=identifier,
+                anatomic_regions=[coded(label.anatomic_region)] if label.anatomic_region else None,
+                display_color=hd.color.CIELabColor.from_rgb(
+                    *FINDING_COLOURS[i % len(FINDING_COLOURS)]
+                ),
+            )
+        )
     grid = [np.round(np.asarray(affine, dtype=np.float64), 6).tolist(), list(shape)]
-    content = content_key(findings=detections_key(detections), evidence=instances_key(source),
-                          card=card_key(card), grid=grid,
-                          seg_type=SegType.BINARY.value, omit_empty_frames=True,
-                          manufacturer=manufacturer, series_number=int(series_number),
-                          settings=jsonable(dict(settings or {})))
-    return _segmentation(source, masks, descriptions, card, manufacturer, series_number,
-                         roles=("nodule-seg-series", "nodule-seg-instance"), what="finding spheres",
-                         omit_empty_frames=True, seg_type=SegType.BINARY, content=content)
+    content = content_key(
+        findings=detections_key(detections),
+        evidence=instances_key(source),
+        card=card_key(card),
+        grid=grid,
+        seg_type=SegType.BINARY.value,
+        omit_empty_frames=True,
+        manufacturer=manufacturer,
+        series_number=int(series_number),
+        settings=jsonable(dict(settings or {})),
+    )
+    return _segmentation(
+        source,
+        masks,
+        descriptions,
+        card,
+        manufacturer,
+        series_number,
+        roles=("nodule-seg-series", "nodule-seg-instance"),
+        what="finding spheres",
+        omit_empty_frames=True,
+        seg_type=SegType.BINARY,
+        content=content,
+    )
 
 
 def write_label_seg(
@@ -345,8 +403,15 @@ def write_label_seg(
     omit_empty_frames: bool = True,
 ) -> Path:
     """Build :func:`label_seg` and write it to ``path`` (atomically); returns the path."""
-    seg = label_seg(source, labels, card, manufacturer=manufacturer, series_number=series_number,
-                    seg_type=seg_type, omit_empty_frames=omit_empty_frames)
+    seg = label_seg(
+        source,
+        labels,
+        card,
+        manufacturer=manufacturer,
+        series_number=series_number,
+        seg_type=seg_type,
+        omit_empty_frames=omit_empty_frames,
+    )
     return _write(seg, path)
 
 
@@ -367,8 +432,16 @@ def write_detection_seg(
     Returns:
         The path and the SEG (the SR's ``companion_seg``).
     """
-    seg = detection_seg(source, detections, card, affine, shape, manufacturer=manufacturer,
-                        series_number=series_number, settings=settings)
+    seg = detection_seg(
+        source,
+        detections,
+        card,
+        affine,
+        shape,
+        manufacturer=manufacturer,
+        series_number=series_number,
+        settings=settings,
+    )
     return _write(seg, path), seg
 
 
@@ -378,46 +451,63 @@ def _write(seg: hd.seg.Segmentation, path: str | Path) -> Path:
 
 def _algorithm(card: ModelCard) -> hd.AlgorithmIdentificationSequence:
     return hd.AlgorithmIdentificationSequence(
-        name=card.name, family=codes.cid7162.ArtificialIntelligence, version=str(card.version))
+        name=card.name, family=codes.cid7162.ArtificialIntelligence, version=str(card.version)
+    )
 
 
-def _segmentation(source: Sequence[Dataset], masks: np.ndarray,
-                  descriptions: Sequence[hd.seg.SegmentDescription], card: ModelCard,
-                  manufacturer: str, series_number: int, roles: tuple[str, str], what: str,
-                  omit_empty_frames: bool, seg_type: SegType, content: str) -> hd.seg.Segmentation:
+def _segmentation(
+    source: Sequence[Dataset],
+    masks: np.ndarray,
+    descriptions: Sequence[hd.seg.SegmentDescription],
+    card: ModelCard,
+    manufacturer: str,
+    series_number: int,
+    roles: tuple[str, str],
+    what: str,
+    omit_empty_frames: bool,
+    seg_type: SegType,
+    content: str,
+) -> hd.seg.Segmentation:
     """The SEG of ``masks`` on ``source``: ``(n_frames, Rows, Columns, segments)`` binary
     masks, or ``(n_frames, Rows, Columns)`` segment numbers; UIDs from ``content``."""
     series_uid = source_series_uid(source)
     prepared = output_source(source)
     labelmap = seg_type in (SegType.LABELMAP, SegType.LABELMAP_RLE)
-    segmentation_type = (hd.seg.SegmentationTypeValues.LABELMAP if labelmap
-                         else hd.seg.SegmentationTypeValues.BINARY)
-    return prepared.restore(hd.seg.Segmentation(
-        source_images=prepared.datasets,
-        pixel_array=masks,
-        segmentation_type=segmentation_type,
-        transfer_syntax_uid=(RLELossless if seg_type is SegType.LABELMAP_RLE
-                             else ExplicitVRLittleEndian),
-        segment_descriptions=descriptions,
-        series_instance_uid=derived_uid(series_uid, card.name, card.version, roles[0],
-                                        content=content),
-        series_number=series_number,
-        sop_instance_uid=derived_uid(series_uid, card.name, card.version, roles[1],
-                                     content=content),
-        instance_number=1,
-        manufacturer=manufacturer,
-        manufacturer_model_name=card.name,
-        software_versions=f"medssl {__version__}",
-        device_serial_number=f"{card.name} v{card.version}"[:64],
-        content_description=f"{card.name} v{card.version}"[:64],
-        series_description=f"{card.name} v{card.version} {what}"[:64],
-        omit_empty_frames=omit_empty_frames,
-        contributing_equipment=[processing_equipment(card, manufacturer)],
-    ))
+    segmentation_type = (
+        hd.seg.SegmentationTypeValues.LABELMAP if labelmap else hd.seg.SegmentationTypeValues.BINARY
+    )
+    return prepared.restore(
+        hd.seg.Segmentation(
+            source_images=prepared.datasets,
+            pixel_array=masks,
+            segmentation_type=segmentation_type,
+            transfer_syntax_uid=(
+                RLELossless if seg_type is SegType.LABELMAP_RLE else ExplicitVRLittleEndian
+            ),
+            segment_descriptions=descriptions,
+            series_instance_uid=derived_uid(
+                series_uid, card.name, card.version, roles[0], content=content
+            ),
+            series_number=series_number,
+            sop_instance_uid=derived_uid(
+                series_uid, card.name, card.version, roles[1], content=content
+            ),
+            instance_number=1,
+            manufacturer=manufacturer,
+            manufacturer_model_name=card.name,
+            software_versions=f"medssl {__version__}",
+            device_serial_number=f"{card.name} v{card.version}"[:64],
+            content_description=f"{card.name} v{card.version}"[:64],
+            series_description=f"{card.name} v{card.version} {what}"[:64],
+            omit_empty_frames=omit_empty_frames,
+            contributing_equipment=[processing_equipment(card, manufacturer)],
+        )
+    )
 
 
-def _sphere(index: int, detection: Detection, affine: np.ndarray,
-            shape: tuple[int, int, int]) -> tuple[int, np.ndarray]:
+def _sphere(
+    index: int, detection: Detection, affine: np.ndarray, shape: tuple[int, int, int]
+) -> tuple[int, np.ndarray]:
     """Detection ``index``'s sphere on the grid: its first slice and its masks
     ``(slices, Y, X)`` uint8 from that slice on."""
     affine = np.asarray(affine, dtype=np.float64)
@@ -425,14 +515,19 @@ def _sphere(index: int, detection: Detection, affine: np.ndarray,
     centre = (np.linalg.inv(affine) @ [*map(float, detection.centre_lps), 1.0])[:3]
     limit = np.asarray(shape) - 1
     if np.any(centre < -0.5) or np.any(centre > limit + 0.5):
-        raise ValueError(f"detection {index}: centre {tuple(detection.centre_lps)} mm is grid "
-                         f"index {centre.round(2).tolist()}, outside the grid {shape}")
+        raise ValueError(
+            f"detection {index}: centre {tuple(detection.centre_lps)} mm is grid "
+            f"index {centre.round(2).tolist()}, outside the grid {shape}"
+        )
     radius = float(detection.diameter_mm) / 2.0
     low = np.clip(np.floor(centre - radius / spacing), 0, limit).astype(int)
     high = np.clip(np.ceil(centre + radius / spacing), 0, limit).astype(int)
-    z, y, x = np.ogrid[low[0]:high[0] + 1, 0:shape[1], 0:shape[2]]
-    distance2 = (((z - centre[0]) * spacing[0]) ** 2 + ((y - centre[1]) * spacing[1]) ** 2
-                 + ((x - centre[2]) * spacing[2]) ** 2)
+    z, y, x = np.ogrid[low[0] : high[0] + 1, 0 : shape[1], 0 : shape[2]]
+    distance2 = (
+        ((z - centre[0]) * spacing[0]) ** 2
+        + ((y - centre[1]) * spacing[1]) ** 2
+        + ((x - centre[2]) * spacing[2]) ** 2
+    )
     block = (distance2 <= radius**2).astype(np.uint8)
     nearest = np.clip(np.rint(centre), 0, limit).astype(int)
     block[nearest[0] - low[0], nearest[1], nearest[2]] = 1
@@ -452,10 +547,14 @@ def _check_labels(source: Sequence[Dataset], labels: np.ndarray, card: ModelCard
         kind = labels.dtype if isinstance(labels, np.ndarray) else type(labels).__name__
         raise ValueError(f"labels must be a numpy array of unsigned integers, got {kind}")
     if labels.shape != expected:
-        raise ValueError(f"labels shape {labels.shape} disagrees with the source's "
-                         f"(frames, rows, columns) {expected}")
+        raise ValueError(
+            f"labels shape {labels.shape} disagrees with the source's "
+            f"(frames, rows, columns) {expected}"
+        )
     known = {0, *(label.value for label in card.labels)}
     unknown = sorted(int(v) for v in np.unique(labels) if int(v) not in known)
     if unknown:
-        raise ValueError(f"labels hold values {unknown} that are not labels of model "
-                         f"{card.name!r} (0 = background, card labels {sorted(known - {0})})")
+        raise ValueError(
+            f"labels hold values {unknown} that are not labels of model "
+            f"{card.name!r} (0 = background, card labels {sorted(known - {0})})"
+        )

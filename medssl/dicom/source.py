@@ -81,8 +81,9 @@ PARSED_ATTRIBUTES: dict[str, str] = {
     "ReferringPhysicianName": "PN",
 }
 #: Identifiers copied as received whatever they hold (the PACS files results by them).
-KEPT_AS_RECEIVED = frozenset({"PatientID", "IssuerOfPatientID", "AccessionNumber", "StudyID",
-                              *PARSED_ATTRIBUTES})
+KEPT_AS_RECEIVED = frozenset(
+    {"PatientID", "IssuerOfPatientID", "AccessionNumber", "StudyID", *PARSED_ATTRIBUTES}
+)
 #: Type 2 identifiers highdicom reads from the source: empty in the copies when absent.
 _TYPE2_IDENTIFIERS = {"PatientID": "LO", "AccessionNumber": "SH", "StudyID": "SH"}
 _SEX_VALUES = frozenset({"M", "F", "O"})
@@ -121,9 +122,14 @@ class OutputSource:
         first = self.datasets[0]
         for element in list(output):
             tag = element.tag
-            if (tag.group in (0x0008, 0x0010, 0x0020, 0x0032) and element.VR not in ("SQ", "UI")
-                    and element.keyword not in KEPT_AS_RECEIVED and tag in first
-                    and first[tag].value == element.value and not _keep(element, element.VR)):
+            if (
+                tag.group in (0x0008, 0x0010, 0x0020, 0x0032)
+                and element.VR not in ("SQ", "UI")
+                and element.keyword not in KEPT_AS_RECEIVED
+                and tag in first
+                and first[tag].value == element.value
+                and not _keep(element, element.VR)
+            ):
                 del output[tag]
         for keyword, vr in PARSED_ATTRIBUTES.items():
             element = self.received.get(keyword)
@@ -148,8 +154,11 @@ def output_source(source: Sequence[Dataset]) -> OutputSource:
     """
     series_uid = source_series_uid(source)
     first = source[0]
-    received = {keyword: first[Tag(keyword)] for keyword, vr in PARSED_ATTRIBUTES.items()
-                if Tag(keyword) in first and _keep(first[Tag(keyword)], vr)}
+    received = {
+        keyword: first[Tag(keyword)]
+        for keyword, vr in PARSED_ATTRIBUTES.items()
+        if Tag(keyword) in first and _keep(first[Tag(keyword)], vr)
+    }
     frames_of_reference = {str(ds.get("FrameOfReferenceUID", "") or "") for ds in source}
     derive = frames_of_reference == {""}
     derived = frame_of_reference_uid(series_uid) if derive else None
@@ -213,8 +222,11 @@ def _valid(vr: str, value: object) -> bool:
         return False
     return True
     if isinstance(value, (MultiValue, list, tuple)) or (isinstance(value, bytes)):
-        return all(_keep(DataElement(element.tag, vr, v), vr) for v in value) \
-            if element.keyword not in PARSED_ATTRIBUTES and not isinstance(value, bytes) else False
+        return (
+            all(_keep(DataElement(element.tag, vr, v), vr) for v in value)
+            if element.keyword not in PARSED_ATTRIBUTES and not isinstance(value, bytes)
+            else False
+        )
     if isinstance(value, (int, float)):
         return True
     text = str(value)

@@ -146,8 +146,9 @@ def coded(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
 
-def processing_equipment(card: ModelCard, manufacturer: str = "medssl",
-                         when: datetime | None = None) -> hd.ContributingEquipment:
+def processing_equipment(
+    card: ModelCard, manufacturer: str = "medssl", when: datetime | None = None
+) -> hd.ContributingEquipment:
     """The Contributing Equipment Sequence (0018,A001) item naming the model behind an object.
 
     Purpose of Reference is (109102, DCM, "Processing Equipment") of CID 7005 "Contributing
@@ -230,38 +231,56 @@ def detection_sr(
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid(card.name, card.version), name=f"{card.name} v{card.version}",
-            manufacturer_name=manufacturer, model_name=card.name,
+            uid=device_uid(card.name, card.version),
+            name=f"{card.name} v{card.version}",
+            manufacturer_name=manufacturer,
+            model_name=card.name,
         ),
     )
     context = hd.sr.ObservationContext(observer_device_context=observer)
     procedure = coded(procedure_reported)
     if detections:
         planes = _source_planes(source)
-        groups = [group
-                  for i, d in enumerate(detections)
-                  for group in _finding_groups(i, d, label, card, manufacturer, series_uid,
-                                               frame_of_reference, planes)]
+        groups = [
+            group
+            for i, d in enumerate(detections)
+            for group in _finding_groups(
+                i, d, label, card, manufacturer, series_uid, frame_of_reference, planes
+            )
+        ]
         content: Dataset = hd.sr.MeasurementReport(context, procedure, groups)[0]
     else:
         content = _no_findings_report(context, procedure, label, card, manufacturer)
-    key = report_key(source, detections, card, companion_seg=companion_seg, settings=settings,
-                     manufacturer=manufacturer, series_number=series_number,
-                     procedure_reported=procedure_reported)
-    return prepared.restore(hd.sr.Comprehensive3DSR(
-        evidence=[*source, companion_seg] if companion_seg is not None else source,
-        content=content,
-        series_instance_uid=derived_uid(series_uid, card.name, card.version, "sr-series", content=key),
-        series_number=series_number,
-        sop_instance_uid=derived_uid(series_uid, card.name, card.version, "sr-instance", content=key),
-        instance_number=1,
+    key = report_key(
+        source,
+        detections,
+        card,
+        companion_seg=companion_seg,
+        settings=settings,
         manufacturer=manufacturer,
-        manufacturer_model_name=card.name,
-        is_complete=True,
-        series_description=f"{card.name} v{card.version} findings"[:64],
-        software_versions=f"medssl {__version__}",
-        contributing_equipment=[processing_equipment(card, manufacturer)],
-    ))
+        series_number=series_number,
+        procedure_reported=procedure_reported,
+    )
+    return prepared.restore(
+        hd.sr.Comprehensive3DSR(
+            evidence=[*source, companion_seg] if companion_seg is not None else source,
+            content=content,
+            series_instance_uid=derived_uid(
+                series_uid, card.name, card.version, "sr-series", content=key
+            ),
+            series_number=series_number,
+            sop_instance_uid=derived_uid(
+                series_uid, card.name, card.version, "sr-instance", content=key
+            ),
+            instance_number=1,
+            manufacturer=manufacturer,
+            manufacturer_model_name=card.name,
+            is_complete=True,
+            series_description=f"{card.name} v{card.version} findings"[:64],
+            software_versions=f"medssl {__version__}",
+            contributing_equipment=[processing_equipment(card, manufacturer)],
+        )
+    )
 
 
 def write_detection_sr(
@@ -278,14 +297,22 @@ def write_detection_sr(
 ) -> Path:
     """Build :func:`detection_sr` and write it to ``path`` (atomically); returns the path."""
     path = Path(path)
-    sr = detection_sr(source, detections, card, manufacturer=manufacturer,
-                      series_number=series_number, procedure_reported=procedure_reported,
-                      companion_seg=companion_seg, settings=settings)
+    sr = detection_sr(
+        source,
+        detections,
+        card,
+        manufacturer=manufacturer,
+        series_number=series_number,
+        procedure_reported=procedure_reported,
+        companion_seg=companion_seg,
+        settings=settings,
+    )
     return save(sr, path).path
 
 
-def finding_tracking(series_uid: str, card: ModelCard, index: int,
-                     detection: Detection) -> tuple[str, str]:
+def finding_tracking(
+    series_uid: str, card: ModelCard, index: int, detection: Detection
+) -> tuple[str, str]:
     """``(identifier, UID)`` tracking detection ``index`` (0-based) of a series: the
     identifier is ``"<label name> <index + 1>"``, the UID :func:`derived_uid` role
     ``"finding-<index + 1>"`` with the finding's content (centre, diameter, probability,
@@ -293,9 +320,16 @@ def finding_tracking(series_uid: str, card: ModelCard, index: int,
     the same finding at the same rank (a report at another threshold keeps it) and changes
     when the finding does. The SR's groups and the companion SEG's segments share them."""
     number = index + 1
-    return (f"{finding_label(card).name} {number}",
-            derived_uid(series_uid, card.name, card.version, f"finding-{number}",
-                        content=content_key(finding=detection_key(detection))))
+    return (
+        f"{finding_label(card).name} {number}",
+        derived_uid(
+            series_uid,
+            card.name,
+            card.version,
+            f"finding-{number}",
+            content=content_key(finding=detection_key(detection)),
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -319,14 +353,21 @@ def _source_planes(source: Sequence[Dataset]) -> list[_Plane]:
             for k, (position, orientation, spacing) in enumerate(zip(*frame_planes(ds)), start=1):
                 planes.append(_Plane(ds, k, tuple(position), tuple(orientation), tuple(spacing)))
         else:
-            planes.append(_Plane(ds, None, tuple(map(float, ds.ImagePositionPatient)),
-                                 tuple(map(float, ds.ImageOrientationPatient)),
-                                 tuple(map(float, ds.PixelSpacing))))
+            planes.append(
+                _Plane(
+                    ds,
+                    None,
+                    tuple(map(float, ds.ImagePositionPatient)),
+                    tuple(map(float, ds.ImageOrientationPatient)),
+                    tuple(map(float, ds.PixelSpacing)),
+                )
+            )
     return planes
 
 
-def _image_point(centre_lps: Sequence[float], planes: Sequence[_Plane]
-                 ) -> tuple[_Plane, np.ndarray]:
+def _image_point(
+    centre_lps: Sequence[float], planes: Sequence[_Plane]
+) -> tuple[_Plane, np.ndarray]:
     """The source frame whose plane is nearest ``centre_lps`` (LPS mm), and the centre in its
     pixel matrix as SCOORD ``[[column, row]]`` (pixel units, (0, 0) the top left corner of the
     top left pixel, so a pixel centre is at .5; highdicom's ReferenceToImageTransformer)."""
@@ -334,8 +375,10 @@ def _image_point(centre_lps: Sequence[float], planes: Sequence[_Plane]
     best: tuple[float, _Plane, np.ndarray] | None = None
     for plane in planes:
         to_image = hd.spatial.ReferenceToImageTransformer(
-            image_position=plane.position, image_orientation=plane.orientation,
-            pixel_spacing=plane.spacing)
+            image_position=plane.position,
+            image_orientation=plane.orientation,
+            pixel_spacing=plane.spacing,
+        )
         column, row, off_plane_mm = to_image(centre)[0]
         if best is None or abs(off_plane_mm) < best[0]:
             best = (abs(off_plane_mm), plane, np.array([[column, row]]))
@@ -367,24 +410,36 @@ def _finding_groups(
     plane, point = _image_point(detection.centre_lps, planes)
     centre = np.asarray(detection.centre_lps, dtype=np.float64).reshape(1, 3)
     on_image = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=point,
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=point,
         source_image=hd.sr.SourceImageForRegion(
             referenced_sop_class_uid=str(plane.image.SOPClassUID),
             referenced_sop_instance_uid=str(plane.image.SOPInstanceUID),
-            referenced_frame_numbers=None if plane.frame is None else [plane.frame]))
-    in_3d = hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POINT,
-                                graphic_data=centre, frame_of_reference_uid=frame_of_reference)
+            referenced_frame_numbers=None if plane.frame is None else [plane.frame],
+        ),
+    )
+    in_3d = hd.sr.ImageRegion3D(
+        graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+        graphic_data=centre,
+        frame_of_reference_uid=frame_of_reference,
+    )
     measurements = [
-        hd.sr.Measurement(name=codes.SCT.Diameter, value=float(detection.diameter_mm),
-                          unit=codes.UCUM.Millimeter),
-        hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding,
-                          value=100.0 * float(detection.probability), unit=codes.UCUM.Percent),
+        hd.sr.Measurement(
+            name=codes.SCT.Diameter, value=float(detection.diameter_mm), unit=codes.UCUM.Millimeter
+        ),
+        hd.sr.Measurement(
+            name=codes.DCM.CertaintyOfFinding,
+            value=100.0 * float(detection.probability),
+            unit=codes.UCUM.Percent,
+        ),
     ]
     return [
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
-            referenced_region=region, measurements=values,
-            **_finding_codes(label, card, manufacturer))
+            referenced_region=region,
+            measurements=values,
+            **_finding_codes(label, card, manufacturer),
+        )
         for region, values in ((on_image, None), (in_3d, measurements))
     ]
 
@@ -396,16 +451,23 @@ def _finding_codes(label: Label, card: ModelCard, manufacturer: str) -> dict[str
         finding_category=coded(label.category),
         finding_type=coded(label.type),
         finding_sites=[hd.sr.FindingSite(coded(label.anatomic_region))]
-        if label.anatomic_region is not None else None,
+        if label.anatomic_region is not None
+        else None,
         algorithm_id=hd.sr.AlgorithmIdentification(
-            name=card.name, version=str(card.version), manufacturer=manufacturer,
-            family=codes.cid7162.ArtificialIntelligence),
+            name=card.name,
+            version=str(card.version),
+            manufacturer=manufacturer,
+            family=codes.cid7162.ArtificialIntelligence,
+        ),
     )
 
 
 def _no_findings_report(
-    context: hd.sr.ObservationContext, procedure: hd.sr.CodedConcept, label: Label,
-    card: ModelCard, manufacturer: str,
+    context: hd.sr.ObservationContext,
+    procedure: hd.sr.CodedConcept,
+    label: Label,
+    card: ModelCard,
+    manufacturer: str,
 ) -> hd.sr.ContainerContentItem:
     """The TID 1500 root of a report without findings, "<finding>: Absent" said twice:
 
@@ -422,23 +484,31 @@ def _no_findings_report(
       writes them): ``<finding> = Absent`` (SCT 272519000) for readers of the document tree.
     """
     absent = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            identifier=f"{label.type.meaning}: Absent"),
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(coded(label.type),
-                                                             codes.SCT.Absent)],
+        tracking_identifier=hd.sr.TrackingIdentifier(identifier=f"{label.type.meaning}: Absent"),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(coded(label.type), codes.SCT.Absent)],
         **_finding_codes(label, card, manufacturer),
     )
     group = absent[0]
-    group.ContentSequence = hd.sr.ContentSequence([  # TID 1501 row 3 is optional (U)
-        item for item in group.ContentSequence
-        if item.ConceptNameCodeSequence[0].CodeValue != _TRACKING_UID_CODE])
+    group.ContentSequence = hd.sr.ContentSequence(
+        [  # TID 1501 row 3 is optional (U)
+            item
+            for item in group.ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeValue != _TRACKING_UID_CODE
+        ]
+    )
     root = hd.sr.MeasurementReport(context, procedure, [absent])[0]
     evaluations = hd.sr.ContainerContentItem(
-        name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    evaluations.ContentSequence = hd.sr.ContentSequence([
-        hd.sr.CodeContentItem(name=coded(label.type), value=codes.SCT.Absent,
-                              relationship_type=hd.sr.RelationshipTypeValues.CONTAINS),
-    ])
+        name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    evaluations.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.CodeContentItem(
+                name=coded(label.type),
+                value=codes.SCT.Absent,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+        ]
+    )
     root.ContentSequence.append(evaluations)
     return root
 
@@ -458,19 +528,24 @@ def finding_label(card: ModelCard) -> Label:
     """
     if len(card.labels) != 1:
         names = [label.name for label in card.labels]
-        raise ValueError(f"model {card.name!r}: a detection report needs a card with one label, "
-                         f"got {len(card.labels)}: {names}")
+        raise ValueError(
+            f"model {card.name!r}: a detection report needs a card with one label, "
+            f"got {len(card.labels)}: {names}"
+        )
     return card.labels[0]
 
 
 def _check_companion(seg: Dataset, n_detections: int) -> None:
     if str(getattr(seg, "SOPClassUID", "")) != SegmentationStorage:
-        raise ValueError(f"companion_seg must be a Segmentation Storage object, got SOP class "
-                         f"{getattr(seg, 'SOPClassUID', 'missing')}")
+        raise ValueError(
+            f"companion_seg must be a Segmentation Storage object, got SOP class "
+            f"{getattr(seg, 'SOPClassUID', 'missing')}"
+        )
     n_segments = len(seg.get("SegmentSequence", []))
     if n_segments != n_detections:
-        raise ValueError(f"companion_seg has {n_segments} segments; one per detection "
-                         f"({n_detections}) is needed")
+        raise ValueError(
+            f"companion_seg has {n_segments} segments; one per detection ({n_detections}) is needed"
+        )
 
 
 def _check_detection(index: int, detection: Detection) -> None:
@@ -480,5 +555,6 @@ def _check_detection(index: int, detection: Detection) -> None:
     if not (math.isfinite(detection.diameter_mm) and detection.diameter_mm > 0):
         raise ValueError(f"detection {index}: diameter_mm must be > 0, got {detection.diameter_mm}")
     if not 0.0 <= detection.probability <= 1.0:
-        raise ValueError(f"detection {index}: probability must be in [0, 1], "
-                         f"got {detection.probability}")
+        raise ValueError(
+            f"detection {index}: probability must be in [0, 1], got {detection.probability}"
+        )

@@ -63,8 +63,9 @@ MM_DECIMALS = 3
 PROBABILITY_DECIMALS = 6
 
 
-def derived_uid(source_series_uid: str, model_name: str, model_version: int, role: str, *,
-                content: str) -> str:
+def derived_uid(
+    source_series_uid: str, model_name: str, model_version: int, role: str, *, content: str
+) -> str:
     """The UID of one result object (or one part of it), e.g. role ``"sr-instance"``.
 
     Args:
@@ -85,15 +86,20 @@ def derived_uid(source_series_uid: str, model_name: str, model_version: int, rol
         ValueError: an empty ``source_series_uid``, ``model_name`` or ``role``, or a
             ``content`` that is not a string.
     """
-    for name, value in (("source_series_uid", source_series_uid), ("model_name", model_name),
-                        ("role", role)):
+    for name, value in (
+        ("source_series_uid", source_series_uid),
+        ("model_name", model_name),
+        ("role", role),
+    ):
         if not isinstance(value, str) or not value:
             raise ValueError(f"derived_uid: {name} must be a non-empty string, got {value!r}")
     if not isinstance(content, str):
-        raise ValueError(f"derived_uid: content must be a string (a content key), got "
-                         f"{type(content).__name__}")
-    return _derived("medssl.serving", source_series_uid, model_name, str(int(model_version)), role,
-                    content)
+        raise ValueError(
+            f"derived_uid: content must be a string (a content key), got {type(content).__name__}"
+        )
+    return _derived(
+        "medssl.serving", source_series_uid, model_name, str(int(model_version)), role, content
+    )
 
 
 def content_key(**parts: Any) -> str:
@@ -115,8 +121,11 @@ def detection_key(detection: Detection) -> list[float]:
     """A finding as it enters a key: ``[x, y, z, diameter]`` in mm (LPS) rounded to
     :data:`MM_DECIMALS`, then the probability rounded to :data:`PROBABILITY_DECIMALS`."""
     centre = [round(float(c), MM_DECIMALS) for c in detection.centre_lps]
-    return [*centre, round(float(detection.diameter_mm), MM_DECIMALS),
-            round(float(detection.probability), PROBABILITY_DECIMALS)]
+    return [
+        *centre,
+        round(float(detection.diameter_mm), MM_DECIMALS),
+        round(float(detection.probability), PROBABILITY_DECIMALS),
+    ]
 
 
 def detections_key(detections: Sequence[Detection]) -> list[list[float]]:
@@ -152,9 +161,15 @@ def array_key(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def report_key(source: Sequence[Dataset], detections: Sequence[Detection], card: ModelCard, *,
-               companion_seg: Dataset | None, settings: Mapping[str, Any] | None,
-               **options: Any) -> str:
+def report_key(
+    source: Sequence[Dataset],
+    detections: Sequence[Detection],
+    card: ModelCard,
+    *,
+    companion_seg: Dataset | None,
+    settings: Mapping[str, Any] | None,
+    **options: Any,
+) -> str:
     """The content key of a detection report (SR).
 
     Args:
@@ -190,8 +205,10 @@ def frame_of_reference_uid(source_series_uid: str) -> str:
     (:mod:`medssl.dicom.source`): derived from the series UID only, so every output of
     the series (SR and SEG, any model) shares it."""
     if not isinstance(source_series_uid, str) or not source_series_uid:
-        raise ValueError(f"frame_of_reference_uid: source_series_uid must be a non-empty "
-                         f"string, got {source_series_uid!r}")
+        raise ValueError(
+            f"frame_of_reference_uid: source_series_uid must be a non-empty "
+            f"string, got {source_series_uid!r}"
+        )
     return _derived("medssl.serving.frame-of-reference", source_series_uid)
 
 
@@ -205,8 +222,9 @@ def source_series_uid(source: Sequence[Dataset]) -> str:
         raise ValueError("source series is empty: pass the datasets of the scored CT series")
     uids = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in source}
     if len(uids) != 1 or "" in uids:
-        raise ValueError(f"source datasets must belong to one series, got SeriesInstanceUIDs "
-                         f"{sorted(uids)}")
+        raise ValueError(
+            f"source datasets must belong to one series, got SeriesInstanceUIDs {sorted(uids)}"
+        )
     return uids.pop()
 
 

@@ -15,8 +15,11 @@ __all__ = ["WrittenObject", "save"]
 
 #: Label Map Segmentation Storage (DICOM 2024c; a LABELMAP SEG, ``seg_type="labelmap"``).
 LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
-_KINDS: dict[str, Literal["sr", "seg"]] = {Comprehensive3DSRStorage: "sr", SegmentationStorage: "seg",
-                                           LABEL_MAP_SEGMENTATION_STORAGE: "seg"}
+_KINDS: dict[str, Literal["sr", "seg"]] = {
+    Comprehensive3DSRStorage: "sr",
+    SegmentationStorage: "seg",
+    LABEL_MAP_SEGMENTATION_STORAGE: "seg",
+}
 
 
 @dataclass(frozen=True)
@@ -49,4 +52,6 @@ def save(ds: Dataset, path: str | Path) -> WrittenObject:
         raise ValueError(f"not a result object medssl writes: SOP class {sop_class}")
     path = Path(path)
     atomic_write(path, lambda fh: ds.save_as(fh, enforce_file_format=True))
-    return WrittenObject(path, _KINDS[sop_class], sop_class, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
+    return WrittenObject(
+        path, _KINDS[sop_class], sop_class, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
+    )

@@ -55,8 +55,9 @@ def positive_number(value: object) -> float | None:
     return number if np.isfinite(number) and number > 0 else None
 
 
-def rescale_number(read: Callable[[], object], default: float, keyword: str,
-                   path: str | Path) -> float:
+def rescale_number(
+    read: Callable[[], object], default: float, keyword: str, path: str | Path
+) -> float:
     """A RescaleSlope / RescaleIntercept header value as a finite float.
 
     Args:
@@ -90,6 +91,7 @@ def rescale_number(read: Callable[[], object], default: float, keyword: str,
     except (TypeError, ValueError):
         number = float("nan")
     if not np.isfinite(number) or (keyword == "RescaleSlope" and number == 0.0):
-        raise VolumeReadError(path, f"{keyword} is not a finite (non-zero slope) number; "
-                                    "cannot compute HU")
+        raise VolumeReadError(
+            path, f"{keyword} is not a finite (non-zero slope) number; cannot compute HU"
+        )
     return number

@@ -31,8 +31,12 @@ from medssl.volume import Volume
 __all__ = ["frame_planes", "frame_positions", "read_enhanced", "write_enhanced_ct"]
 
 
-def read_enhanced(ds: Dataset, path: Path, limits: GeometryLimits | None = None,
-                  target_spacing_mm: Sequence[float] | float | None = None) -> Volume:
+def read_enhanced(
+    ds: Dataset,
+    path: Path,
+    limits: GeometryLimits | None = None,
+    target_spacing_mm: Sequence[float] | float | None = None,
+) -> Volume:
     """Stack the frames of a multi-frame CT dataset into a Volume in HU.
 
     Args:
@@ -65,19 +69,34 @@ def read_enhanced(ds: Dataset, path: Path, limits: GeometryLimits | None = None,
             raise SeriesGeometryError(
                 path, f"frame {k + 1} lacks plane position, orientation or pixel spacing"
             )
-        planes.append(plane_geometry(position, orientation, spacing, f"{path.name} frame {k + 1}", path))
-        for keyword, default, values in (("RescaleSlope", 1.0, slopes),
-                                         ("RescaleIntercept", 0.0, intercepts)):
-            values.append(rescale_number(
-                partial(_group_attr, frame, shared, "PixelValueTransformationSequence", keyword),
-                default, keyword, path))
+        planes.append(
+            plane_geometry(position, orientation, spacing, f"{path.name} frame {k + 1}", path)
+        )
+        for keyword, default, values in (
+            ("RescaleSlope", 1.0, slopes),
+            ("RescaleIntercept", 0.0, intercepts),
+        ):
+            values.append(
+                rescale_number(
+                    partial(
+                        _group_attr, frame, shared, "PixelValueTransformationSequence", keyword
+                    ),
+                    default,
+                    keyword,
+                    path,
+                )
+            )
     between = _group_attr(per_frame[0], shared, "PixelMeasuresSequence", "SpacingBetweenSlices")
     thickness = _group_attr(per_frame[0], shared, "PixelMeasuresSequence", "SliceThickness")
     stack = sort_slices(planes, path, positive_number(between) or positive_number(thickness) or 1.0)
     if limits is not None:  # from the headers, before the frames are decoded
         rows, columns = int(ds.Rows), int(ds.Columns)
-        limits.check((len(planes), rows, columns), np.linalg.norm(stack.affine[:3, :3], axis=0),
-                     path, target_spacing_mm)
+        limits.check(
+            (len(planes), rows, columns),
+            np.linalg.norm(stack.affine[:3, :3], axis=0),
+            path,
+            target_spacing_mm,
+        )
     pixels = frame_pixels(ds, path)
     order = stack.order
     array = pixels[order].astype(np.float32)
@@ -90,7 +109,6 @@ def read_enhanced(ds: Dataset, path: Path, limits: GeometryLimits | None = None,
         "slice_thickness": positive_number(thickness),
     }
     return Volume(array, stack.affine, meta)
-
 
 
 def _functional_groups(ds: Dataset, path: Path) -> tuple[int, Dataset, Sequence[Dataset]]:
@@ -135,8 +153,9 @@ def frame_positions(ds: Dataset) -> np.ndarray:
     return frame_planes(ds, orientation=False)[0]
 
 
-def frame_planes(ds: Dataset, orientation: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def frame_planes(
+    ds: Dataset, orientation: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Plane position, orientation and pixel spacing of every frame of a multi-frame dataset.
 
     Args:
@@ -159,8 +178,10 @@ def frame_planes(ds: Dataset, orientation: bool = True
     n_frames, shared, per_frame = _functional_groups(ds, path)
     groups = [("PlanePositionSequence", "ImagePositionPatient", "a plane position", 3)]
     if orientation:
-        groups += [("PlaneOrientationSequence", "ImageOrientationPatient", "an orientation", 6),
-                   ("PixelMeasuresSequence", "PixelSpacing", "a pixel spacing", 2)]
+        groups += [
+            ("PlaneOrientationSequence", "ImageOrientationPatient", "an orientation", 6),
+            ("PixelMeasuresSequence", "PixelSpacing", "a pixel spacing", 2),
+        ]
     out = []
     for sequence, keyword, what, count in groups:
         values = []
@@ -177,8 +198,17 @@ def frame_planes(ds: Dataset, orientation: bool = True
 
 #: Attributes of the classic CT header that Enhanced CT keeps in functional groups instead
 #: (or as AcquisitionDateTime).
-_CLASSIC_ONLY = ("AcquisitionDate", "AcquisitionTime", "RescaleIntercept", "RescaleSlope",
-                 "RescaleType", "KVP", "ConvolutionKernel", "WindowCenter", "WindowWidth")
+_CLASSIC_ONLY = (
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "RescaleIntercept",
+    "RescaleSlope",
+    "RescaleType",
+    "KVP",
+    "ConvolutionKernel",
+    "WindowCenter",
+    "WindowWidth",
+)
 #: Frame acquisition duration (ms) and plausible constant acquisition parameters of the
 #: synthetic scanner: a helical chest protocol.
 _FRAME_DURATION_MS = 50.0
@@ -196,7 +226,8 @@ def _item(**attributes: Any) -> Dataset:
     item = Dataset()
     for keyword, value in attributes.items():
         if isinstance(value, (float, np.ndarray)) or (
-                isinstance(value, (list, tuple)) and value and isinstance(value[0], float)):
+            isinstance(value, (list, tuple)) and value and isinstance(value[0], float)
+        ):
             numbers = np.atleast_1d(np.asarray(value, dtype=np.float64))
             if dictionary_VR(tag_for_keyword(keyword)) == "DS":
                 value = _ds_values(numbers) if numbers.size > 1 else _ds_value(float(numbers[0]))
@@ -272,19 +303,34 @@ def write_enhanced_ct(volume: Volume, path: str | Path, info: SeriesInfo | None 
     ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=dimensions_uid)]
     ds.DimensionOrganizationType = "3D"
     ds.DimensionIndexSequence = [
-        _item(DimensionOrganizationUID=dimensions_uid, DimensionIndexPointer=0x00209056,
-              FunctionalGroupPointer=0x00209111, DimensionDescriptionLabel="Stack ID"),
-        _item(DimensionOrganizationUID=dimensions_uid, DimensionIndexPointer=0x00209057,
-              FunctionalGroupPointer=0x00209111, DimensionDescriptionLabel="In-Stack Position"),
+        _item(
+            DimensionOrganizationUID=dimensions_uid,
+            DimensionIndexPointer=0x00209056,
+            FunctionalGroupPointer=0x00209111,
+            DimensionDescriptionLabel="Stack ID",
+        ),
+        _item(
+            DimensionOrganizationUID=dimensions_uid,
+            DimensionIndexPointer=0x00209057,
+            FunctionalGroupPointer=0x00209111,
+            DimensionDescriptionLabel="In-Stack Position",
+        ),
     ]
     ds.SharedFunctionalGroupsSequence = [_shared_groups(volume, info)]
     ds.PerFrameFunctionalGroupsSequence = [
-        _item(FrameContentSequence=[_item(
-                  FrameAcquisitionDateTime=acquired, FrameReferenceDateTime=acquired,
-                  FrameAcquisitionDuration=_FRAME_DURATION_MS, StackID="1",
-                  InStackPositionNumber=z + 1, DimensionIndexValues=[1, z + 1])],
-              PlanePositionSequence=[_item(
-                  ImagePositionPatient=volume.index_to_world([z, 0, 0]))])
+        _item(
+            FrameContentSequence=[
+                _item(
+                    FrameAcquisitionDateTime=acquired,
+                    FrameReferenceDateTime=acquired,
+                    FrameAcquisitionDuration=_FRAME_DURATION_MS,
+                    StackID="1",
+                    InStackPositionNumber=z + 1,
+                    DimensionIndexValues=[1, z + 1],
+                )
+            ],
+            PlanePositionSequence=[_item(ImagePositionPatient=volume.index_to_world([z, 0, 0]))],
+        )
         for z in range(n_frames)
     ]
     ds.PixelData = hu.tobytes()
@@ -303,53 +349,101 @@ def _shared_groups(volume: Volume, info: SeriesInfo) -> Dataset:
     fov = max(rows * spacing_y, columns * spacing_x)
     exposure_ms = _REVOLUTION_S * 1000.0
     return _item(
-        PixelMeasuresSequence=[_item(
-            PixelSpacing=[spacing_y, spacing_x],
-            SliceThickness=info.slice_thickness or spacing_z,
-            SpacingBetweenSlices=spacing_z)],
+        PixelMeasuresSequence=[
+            _item(
+                PixelSpacing=[spacing_y, spacing_x],
+                SliceThickness=info.slice_thickness or spacing_z,
+                SpacingBetweenSlices=spacing_z,
+            )
+        ],
         PlaneOrientationSequence=[
-            _item(ImageOrientationPatient=[*direction[:, 2], *direction[:, 1]])],
-        FrameAnatomySequence=[_item(
-            AnatomicRegionSequence=[_item(CodeValue="51185008", CodingSchemeDesignator="SCT",
-                                          CodeMeaning="Thorax")],
-            FrameLaterality="U")],
-        PixelValueTransformationSequence=[_item(
-            RescaleIntercept="0", RescaleSlope="1", RescaleType="HU")],
+            _item(ImageOrientationPatient=[*direction[:, 2], *direction[:, 1]])
+        ],
+        FrameAnatomySequence=[
+            _item(
+                AnatomicRegionSequence=[
+                    _item(CodeValue="51185008", CodingSchemeDesignator="SCT", CodeMeaning="Thorax")
+                ],
+                FrameLaterality="U",
+            )
+        ],
+        PixelValueTransformationSequence=[
+            _item(RescaleIntercept="0", RescaleSlope="1", RescaleType="HU")
+        ],
         FrameVOILUTSequence=[_item(WindowCenter=info.window[0], WindowWidth=info.window[1])],
-        IrradiationEventIdentificationSequence=[_item(
-            IrradiationEventUID=derived_uid(info.uid_seed, "irradiation-event"))],
-        CTImageFrameTypeSequence=[_item(
-            FrameType=["ORIGINAL", "PRIMARY", "AXIAL", "NONE"], PixelPresentation="MONOCHROME",
-            VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE")],
-        CTAcquisitionTypeSequence=[_item(
-            AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO")],
-        CTAcquisitionDetailsSequence=[_item(
-            DataCollectionDiameter=500.0, RevolutionTime=_REVOLUTION_S,
-            SingleCollimationWidth=_COLLIMATION_MM[0],
-            TotalCollimationWidth=_COLLIMATION_MM[1], TableHeight=150.0,
-            GantryDetectorTilt=0.0, RotationDirection="CW")],
-        CTTableDynamicsSequence=[_item(
-            TableSpeed=_COLLIMATION_MM[1] * _PITCH / _REVOLUTION_S,
-            TableFeedPerRotation=_COLLIMATION_MM[1] * _PITCH,
-            SpiralPitchFactor=_PITCH)],
-        CTPositionSequence=[_item(
-            TablePosition=float(centre[2]),
-            ReconstructionTargetCenterPatient=centre,
-            DataCollectionCenterPatient=centre)],
-        CTGeometrySequence=[_item(
-            DistanceSourceToDetector=_SOURCE_TO_DETECTOR_MM,
-            DistanceSourceToDataCollectionCenter=_SOURCE_TO_CENTRE_MM)],
-        CTReconstructionSequence=[_item(
-            ReconstructionAlgorithm="FILTER_BACK_PROJ", ConvolutionKernel=info.convolution_kernel,
-            ConvolutionKernelGroup="LUNG", ReconstructionDiameter=fov,
-            ReconstructionPixelSpacing=[spacing_y, spacing_x],
-            ReconstructionAngle=360.0, ImageFilter="NONE")],
-        CTExposureSequence=[_item(
-            ExposureTimeInms=exposure_ms, XRayTubeCurrentInmA=_TUBE_CURRENT_MA,
-            ExposureInmAs=_TUBE_CURRENT_MA * exposure_ms / 1000.0,
-            ExposureModulationType="NONE", CTDIvol=3.0,
-            CTDIPhantomTypeCodeSequence=[_item(CodeValue="113691", CodingSchemeDesignator="DCM",
-                                               CodeMeaning="IEC Body Dosimetry Phantom")])],
-        CTXRayDetailsSequence=[_item(
-            KVP=info.kvp, FocalSpots=[1.2], FilterType="BODY", FilterMaterial=["ALUMINUM"])],
+        IrradiationEventIdentificationSequence=[
+            _item(IrradiationEventUID=derived_uid(info.uid_seed, "irradiation-event"))
+        ],
+        CTImageFrameTypeSequence=[
+            _item(
+                FrameType=["ORIGINAL", "PRIMARY", "AXIAL", "NONE"],
+                PixelPresentation="MONOCHROME",
+                VolumetricProperties="VOLUME",
+                VolumeBasedCalculationTechnique="NONE",
+            )
+        ],
+        CTAcquisitionTypeSequence=[
+            _item(AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO")
+        ],
+        CTAcquisitionDetailsSequence=[
+            _item(
+                DataCollectionDiameter=500.0,
+                RevolutionTime=_REVOLUTION_S,
+                SingleCollimationWidth=_COLLIMATION_MM[0],
+                TotalCollimationWidth=_COLLIMATION_MM[1],
+                TableHeight=150.0,
+                GantryDetectorTilt=0.0,
+                RotationDirection="CW",
+            )
+        ],
+        CTTableDynamicsSequence=[
+            _item(
+                TableSpeed=_COLLIMATION_MM[1] * _PITCH / _REVOLUTION_S,
+                TableFeedPerRotation=_COLLIMATION_MM[1] * _PITCH,
+                SpiralPitchFactor=_PITCH,
+            )
+        ],
+        CTPositionSequence=[
+            _item(
+                TablePosition=float(centre[2]),
+                ReconstructionTargetCenterPatient=centre,
+                DataCollectionCenterPatient=centre,
+            )
+        ],
+        CTGeometrySequence=[
+            _item(
+                DistanceSourceToDetector=_SOURCE_TO_DETECTOR_MM,
+                DistanceSourceToDataCollectionCenter=_SOURCE_TO_CENTRE_MM,
+            )
+        ],
+        CTReconstructionSequence=[
+            _item(
+                ReconstructionAlgorithm="FILTER_BACK_PROJ",
+                ConvolutionKernel=info.convolution_kernel,
+                ConvolutionKernelGroup="LUNG",
+                ReconstructionDiameter=fov,
+                ReconstructionPixelSpacing=[spacing_y, spacing_x],
+                ReconstructionAngle=360.0,
+                ImageFilter="NONE",
+            )
+        ],
+        CTExposureSequence=[
+            _item(
+                ExposureTimeInms=exposure_ms,
+                XRayTubeCurrentInmA=_TUBE_CURRENT_MA,
+                ExposureInmAs=_TUBE_CURRENT_MA * exposure_ms / 1000.0,
+                ExposureModulationType="NONE",
+                CTDIvol=3.0,
+                CTDIPhantomTypeCodeSequence=[
+                    _item(
+                        CodeValue="113691",
+                        CodingSchemeDesignator="DCM",
+                        CodeMeaning="IEC Body Dosimetry Phantom",
+                    )
+                ],
+            )
+        ],
+        CTXRayDetailsSequence=[
+            _item(KVP=info.kvp, FocalSpots=[1.2], FilterType="BODY", FilterMaterial=["ALUMINUM"])
+        ],
     )

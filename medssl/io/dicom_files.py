@@ -87,7 +87,9 @@ def read_dataset(
         raise CorruptFileError(path, "not a DICOM file (no DICM preamble)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
         # The exception's type only: a parser's message may quote element values (PHI).
-        raise CorruptFileError(path, f"truncated or malformed DICOM ({type(exc).__name__})") from None
+        raise CorruptFileError(
+            path, f"truncated or malformed DICOM ({type(exc).__name__})"
+        ) from None
     _sop_identity_from_meta(ds)
     # pydicom stops quietly at end of file: a file cut short parses as a shorter dataset.
     if "SOPClassUID" not in ds:
@@ -108,8 +110,10 @@ def _sop_identity_from_meta(ds: Dataset) -> None:
     meta = getattr(ds, "file_meta", None)
     if meta is None:
         return
-    for keyword, meta_keyword in (("SOPClassUID", "MediaStorageSOPClassUID"),
-                                  ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+    for keyword, meta_keyword in (
+        ("SOPClassUID", "MediaStorageSOPClassUID"),
+        ("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+    ):
         if str(ds.get(keyword, "") or "").strip():
             continue
         value = str(meta.get(meta_keyword, "") or "").strip()
@@ -162,8 +166,9 @@ def frame_pixels(ds: Dataset, path: Path) -> np.ndarray:
                 fh.seek(element.value_tell)
                 pixels = np.fromfile(fh, dtype=dtype, count=count)
         else:
-            pixels = np.frombuffer(element.value, dtype=dtype, count=min(
-                count, len(element.value) // dtype.itemsize))
+            pixels = np.frombuffer(
+                element.value, dtype=dtype, count=min(count, len(element.value) // dtype.itemsize)
+            )
         if pixels.size < count:
             raise CorruptFileError(
                 path,
@@ -176,8 +181,9 @@ def frame_pixels(ds: Dataset, path: Path) -> np.ndarray:
     except Exception as exc:  # decoder plugins raise assorted types
         raise CorruptFileError(
             # the decoder's type only: its message may quote the data (PHI)
-            path, f"pixel data could not be decoded ({ds.file_meta.TransferSyntaxUID.name}, "
-                  f"{type(exc).__name__})"
+            path,
+            f"pixel data could not be decoded ({ds.file_meta.TransferSyntaxUID.name}, "
+            f"{type(exc).__name__})",
         ) from None
     return array.reshape(frames, rows, cols)
 
@@ -227,16 +233,18 @@ def series_key(ds: Dataset, folder: str) -> tuple[str, bool]:
     uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
     if uid:
         return uid, False
-    signature = "|".join([
-        folder,
-        str(ds.get("StudyInstanceUID", "") or "").strip(),
-        str(ds.get("FrameOfReferenceUID", "") or "").strip(),
-        _text_values(ds, "SeriesNumber"),
-        _text_values(ds, "ImageOrientationPatient"),
-        _text_values(ds, "PixelSpacing"),
-        _text_values(ds, "Rows"),
-        _text_values(ds, "Columns"),
-    ])
+    signature = "|".join(
+        [
+            folder,
+            str(ds.get("StudyInstanceUID", "") or "").strip(),
+            str(ds.get("FrameOfReferenceUID", "") or "").strip(),
+            _text_values(ds, "SeriesNumber"),
+            _text_values(ds, "ImageOrientationPatient"),
+            _text_values(ds, "PixelSpacing"),
+            _text_values(ds, "Rows"),
+            _text_values(ds, "Columns"),
+        ]
+    )
     return "nouid-" + hashlib.sha256(signature.encode("utf-8", "replace")).hexdigest()[:20], True
 
 

@@ -141,7 +141,9 @@ def _group(datasets: list[Dataset], paths: list[Path]) -> dict[str, list[int]]:
     series: dict[str, list[int]] = {}
     for (key, absent), indices in groups.items():
         if absent:
-            key = derived_series_key([str(datasets[i].get("SOPInstanceUID", "")) for i in indices], key)
+            key = derived_series_key(
+                [str(datasets[i].get("SOPInstanceUID", "")) for i in indices], key
+            )
         series[key] = indices
     return series
 
@@ -157,17 +159,25 @@ def _choose(series: dict[str, list[int]], series_uid: str | None, label: Path) -
 
 
 def _plane(ds: Dataset, path: Path) -> PlaneGeometry:
-    missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
-               if k not in ds]
+    missing = [
+        k
+        for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+        if k not in ds
+    ]
     if missing:
         raise SeriesGeometryError(path, f"lacks {', '.join(missing)}; cannot place it in space")
-    return plane_geometry(ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing,
-                          path.name, path)
+    return plane_geometry(
+        ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing, path.name, path
+    )
 
 
-def _stack(datasets: list[Dataset], files: list[Path], label: Path,
-           limits: GeometryLimits | None = None,
-           target_spacing_mm: Sequence[float] | float | None = None) -> Volume:
+def _stack(
+    datasets: list[Dataset],
+    files: list[Path],
+    label: Path,
+    limits: GeometryLimits | None = None,
+    target_spacing_mm: Sequence[float] | float | None = None,
+) -> Volume:
     for ds, path in zip(datasets, files):
         if is_localizer(ds):
             raise LocalizerError(path, "is a LOCALIZER (scout) image, not part of a CT volume")
@@ -175,11 +185,12 @@ def _stack(datasets: list[Dataset], files: list[Path], label: Path,
     if len(shapes) > 1:
         raise SeriesGeometryError(label, f"slices have different matrix sizes {sorted(shapes)}")
     first = datasets[0]
-    thickness = positive_number(first.get("SpacingBetweenSlices")) or positive_number(
-        first.get("SliceThickness")) or 1.0
-    stack = sort_slices(
-        [_plane(ds, p) for ds, p in zip(datasets, files)], label, float(thickness)
+    thickness = (
+        positive_number(first.get("SpacingBetweenSlices"))
+        or positive_number(first.get("SliceThickness"))
+        or 1.0
     )
+    stack = sort_slices([_plane(ds, p) for ds, p in zip(datasets, files)], label, float(thickness))
     rows, cols = shapes.pop()
     if limits is not None:  # from the headers, before the volume is allocated
         spacing = np.linalg.norm(stack.affine[:3, :3], axis=0)
@@ -189,8 +200,9 @@ def _stack(datasets: list[Dataset], files: list[Path], label: Path,
         ds = datasets[i]
         array[z] = frame_pixels(ds, files[i])[0]
         slope = rescale_number(partial(ds.get, "RescaleSlope"), 1.0, "RescaleSlope", files[i])
-        intercept = rescale_number(partial(ds.get, "RescaleIntercept"), 0.0, "RescaleIntercept",
-                                   files[i])
+        intercept = rescale_number(
+            partial(ds.get, "RescaleIntercept"), 0.0, "RescaleIntercept", files[i]
+        )
         if slope != 1.0:
             array[z] *= np.float32(slope)
         if intercept != 0.0:
@@ -204,5 +216,3 @@ def _stack(datasets: list[Dataset], files: list[Path], label: Path,
     if str(first.get("Modality", "")) not in ("CT", ""):
         meta["warning"] = f"modality is {first.Modality}, not CT: values are not HU"
     return Volume(array, stack.affine, meta)
-
-

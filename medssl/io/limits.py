@@ -59,8 +59,10 @@ class GeometryLimits:
 
     def __post_init__(self) -> None:
         if not 0 < self.min_spacing_mm < min(self.max_pixel_spacing_mm, self.max_slice_spacing_mm):
-            raise ValueError("GeometryLimits needs 0 < min_spacing_mm < max_pixel_spacing_mm and "
-                             f"max_slice_spacing_mm, got {self}")
+            raise ValueError(
+                "GeometryLimits needs 0 < min_spacing_mm < max_pixel_spacing_mm and "
+                f"max_slice_spacing_mm, got {self}"
+            )
         if self.max_extent_mm <= 0 or self.max_source_voxels < 1 or self.max_resampled_voxels < 1:
             raise ValueError(f"GeometryLimits needs positive extent and voxel limits, got {self}")
 
@@ -85,32 +87,46 @@ class GeometryLimits:
             ImplausibleGeometryError: the first limit exceeded, naming the value and the limit.
         """
         dz, dy, dx = (float(s) for s in spacing_mm)
-        for name, value, top in (("PixelSpacing (row)", dy, self.max_pixel_spacing_mm),
-                                 ("PixelSpacing (column)", dx, self.max_pixel_spacing_mm),
-                                 ("slice spacing", dz, self.max_slice_spacing_mm)):
+        for name, value, top in (
+            ("PixelSpacing (row)", dy, self.max_pixel_spacing_mm),
+            ("PixelSpacing (column)", dx, self.max_pixel_spacing_mm),
+            ("slice spacing", dz, self.max_slice_spacing_mm),
+        ):
             if not (math.isfinite(value) and self.min_spacing_mm <= value <= top):
                 raise ImplausibleGeometryError(
-                    source, name, f"{value:g} mm", f"[{self.min_spacing_mm:g}, {top:g}] mm")
+                    source, name, f"{value:g} mm", f"[{self.min_spacing_mm:g}, {top:g}] mm"
+                )
         for axis, n, step in zip("zyx", shape, (dz, dy, dx)):
             extent = int(n) * step
             if extent > self.max_extent_mm:
                 raise ImplausibleGeometryError(
-                    source, f"extent along {axis} ({int(n)} x {step:g} mm)", f"{extent:g} mm",
-                    f"at most {self.max_extent_mm:g} mm")
+                    source,
+                    f"extent along {axis} ({int(n)} x {step:g} mm)",
+                    f"{extent:g} mm",
+                    f"at most {self.max_extent_mm:g} mm",
+                )
         voxels = math.prod(int(n) for n in shape)
         if voxels > self.max_source_voxels:
             raise ImplausibleGeometryError(
-                source, f"voxel count ({' x '.join(str(int(n)) for n in shape)})", f"{voxels:,}",
-                f"at most {self.max_source_voxels:,}")
+                source,
+                f"voxel count ({' x '.join(str(int(n)) for n in shape)})",
+                f"{voxels:,}",
+                f"at most {self.max_source_voxels:,}",
+            )
         if target_spacing_mm is None:
             return
         target = _three(target_spacing_mm)
-        resampled = math.prod(math.floor((int(n) - 1) * step / t + 1e-6) + 1
-                              for n, step, t in zip(shape, (dz, dy, dx), target))
+        resampled = math.prod(
+            math.floor((int(n) - 1) * step / t + 1e-6) + 1
+            for n, step, t in zip(shape, (dz, dy, dx), target)
+        )
         if resampled > self.max_resampled_voxels:
             raise ImplausibleGeometryError(
-                source, f"voxel count resampled to the model's {'/'.join(f'{t:g}' for t in target)} mm grid",
-                f"{resampled:,}", f"at most {self.max_resampled_voxels:,}")
+                source,
+                f"voxel count resampled to the model's {'/'.join(f'{t:g}' for t in target)} mm grid",
+                f"{resampled:,}",
+                f"at most {self.max_resampled_voxels:,}",
+            )
 
 
 def _three(spacing: Sequence[float] | float) -> tuple[float, float, float]:

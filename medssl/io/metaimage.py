@@ -68,4 +68,3 @@ def write_metaimage(volume: Volume, path: str | Path, compress: bool = True) -> 
     volume = Volume(storage_array(volume.array), volume.affine)
     sitk.WriteImage(to_sitk(volume), str(path), useCompression=compress)
     return path
-

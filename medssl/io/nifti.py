@@ -20,9 +20,7 @@ from medssl.volume import Volume
 __all__ = ["nifti_grid", "read_nifti", "write_nifti"]
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_SWAP_ZX = np.array(
-    [[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64
-)
+_SWAP_ZX = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 
 
 def read_nifti(path: str | Path, label: bool = False) -> Volume:

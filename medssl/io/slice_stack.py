@@ -51,15 +51,21 @@ class PlaneGeometry:
     name: str
 
 
-def _numbers(value: object, count: int, keyword: str, name: str, source: str | Path) -> tuple[float, ...]:
+def _numbers(
+    value: object, count: int, keyword: str, name: str, source: str | Path
+) -> tuple[float, ...]:
     """``count`` finite floats of a header value (a one-valued DS is not a list), or a
     SeriesGeometryError naming the attribute, the slice and what it held."""
-    values = list(value) if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) \
+    values = (
+        list(value)
+        if isinstance(value, Sequence) and not isinstance(value, (str, bytes))
         else [value]
+    )
     where = "" if name == Path(source).name else f" of {name}"
     if len(values) != count:
-        raise SeriesGeometryError(source, f"{keyword}{where} has {len(values)} value(s), "
-                                          f"{count} expected")
+        raise SeriesGeometryError(
+            source, f"{keyword}{where} has {len(values)} value(s), {count} expected"
+        )
     try:
         numbers = tuple(float(v) for v in values)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -69,8 +75,9 @@ def _numbers(value: object, count: int, keyword: str, name: str, source: str | P
     return numbers
 
 
-def plane_geometry(position: object, orientation: object, pixel_spacing: object, name: str,
-                   source: str | Path) -> PlaneGeometry:
+def plane_geometry(
+    position: object, orientation: object, pixel_spacing: object, name: str, source: str | Path
+) -> PlaneGeometry:
     """A :class:`PlaneGeometry` from raw header values, checked.
 
     Args:

@@ -73,7 +73,11 @@ class Calibration:
             raise ValueError(f"Calibration.method must be one of {methods}, got {self.method!r}")
         for name in ("a", "b"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
                 raise ValueError(f"Calibration.{name} must be a finite number, got {value!r}")
         if not self.a > 0:
             raise ValueError(
@@ -127,7 +131,9 @@ class Calibration:
             raise ValueError(f"a calibration must be a mapping with method, a, b; got {data!r}")
         unknown = sorted(set(data) - {"method", "a", "b"})
         if unknown:
-            raise ValueError(f"unknown Calibration keys {unknown}; expected some of ['a', 'b', 'method']")
+            raise ValueError(
+                f"unknown Calibration keys {unknown}; expected some of ['a', 'b', 'method']"
+            )
         return cls(**data)
 
 
@@ -255,10 +261,21 @@ def reliability_diagram(
     fig = Figure(figsize=(5.0, 6.0))
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    top.bar(centres[filled], accuracy[filled], width=width, edgecolor="black",
-            color="tab:blue", label="observed fraction of nodules")
-    top.plot(confidence[filled], confidence[filled], "o", color="tab:orange",
-             label="mean probability in bin")
+    top.bar(
+        centres[filled],
+        accuracy[filled],
+        width=width,
+        edgecolor="black",
+        color="tab:blue",
+        label="observed fraction of nodules",
+    )
+    top.plot(
+        confidence[filled],
+        confidence[filled],
+        "o",
+        color="tab:orange",
+        label="mean probability in bin",
+    )
     top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
@@ -296,13 +313,15 @@ def _check_pair(probabilities: Any, labels: Any) -> tuple[np.ndarray, np.ndarray
     p = _check_probabilities(probabilities, "probabilities", allow_empty=False)
     y = np.asarray(labels)
     if p.ndim != 1 or y.shape != p.shape:
-        raise ValueError(
-            f"probabilities and labels must both be (N,), got {p.shape} and {y.shape}"
-        )
+        raise ValueError(f"probabilities and labels must both be (N,), got {p.shape} and {y.shape}")
     if y.dtype == bool:
         y = y.astype(np.float64)
     if not np.issubdtype(y.dtype, np.number) or not np.all((y == 0) | (y == 1)):
-        bad = np.unique(y[~((y == 0) | (y == 1))])[:3] if np.issubdtype(y.dtype, np.number) else y.dtype
+        bad = (
+            np.unique(y[~((y == 0) | (y == 1))])[:3]
+            if np.issubdtype(y.dtype, np.number)
+            else y.dtype
+        )
         raise ValueError(
             f"labels must be 0 or 1 (drop ignored candidates, label -1, first), got {bad!r}"
         )

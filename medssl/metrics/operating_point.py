@@ -30,8 +30,14 @@ from medssl.datasets.luna16 import Finding
 from medssl.errors import MedsslError
 from medssl.metrics.luna16 import Prediction
 
-__all__ = ["OperatingPoint", "OperatingPointError", "OperatingRule", "check_rule", "choose_operating_point",
-           "choose_threshold"]
+__all__ = [
+    "OperatingPoint",
+    "OperatingPointError",
+    "OperatingRule",
+    "check_rule",
+    "choose_operating_point",
+    "choose_threshold",
+]
 
 
 class OperatingPointError(MedsslError):
@@ -51,13 +57,17 @@ def _rule(rule: str | OperatingRule) -> OperatingRule:
     try:
         return OperatingRule(rule)
     except ValueError:
-        raise ValueError(f"rule must be one of {[r.value for r in OperatingRule]}, got {rule!r}") from None
+        raise ValueError(
+            f"rule must be one of {[r.value for r in OperatingRule]}, got {rule!r}"
+        ) from None
 
 
 def _check_target(rule: OperatingRule, target: float) -> float:
     target = float(target)
     if rule is OperatingRule.FP_PER_SCAN and not (math.isfinite(target) and target >= 0.0):
-        raise ValueError(f"target of rule 'fp_per_scan' must be a finite FP rate >= 0 per scan, got {target}")
+        raise ValueError(
+            f"target of rule 'fp_per_scan' must be a finite FP rate >= 0 per scan, got {target}"
+        )
     if rule is OperatingRule.SENSITIVITY and not 0.0 < target <= 1.0:
         raise ValueError(f"target of rule 'sensitivity' must be in (0, 1], got {target}")
     return target
@@ -106,20 +116,32 @@ class OperatingPoint:
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise ValueError(f"threshold must be a probability in [0, 1], got {self.threshold}")
         if not 0.0 <= float(self.validation_sensitivity) <= 1.0:
-            raise ValueError(f"validation_sensitivity must be in [0, 1], got {self.validation_sensitivity}")
+            raise ValueError(
+                f"validation_sensitivity must be in [0, 1], got {self.validation_sensitivity}"
+            )
         if not (math.isfinite(self.validation_fp_per_scan) and self.validation_fp_per_scan >= 0.0):
-            raise ValueError(f"validation_fp_per_scan must be >= 0, got {self.validation_fp_per_scan}")
+            raise ValueError(
+                f"validation_fp_per_scan must be >= 0, got {self.validation_fp_per_scan}"
+            )
         if int(self.n_scans) < 1 or int(self.n_nodules) < 0:
-            raise ValueError(f"n_scans must be >= 1 and n_nodules >= 0, got {self.n_scans}, {self.n_nodules}")
+            raise ValueError(
+                f"n_scans must be >= 1 and n_nodules >= 0, got {self.n_scans}, {self.n_nodules}"
+            )
         if not isinstance(self.source, str):
             raise ValueError(f"source must be text, got {type(self.source).__name__}")
 
     def to_json(self) -> dict[str, Any]:
         """The card's ``operating_point`` object (plain JSON types)."""
-        return {"threshold": float(self.threshold), "rule": self.rule.value, "target": float(self.target),
-                "validation_sensitivity": float(self.validation_sensitivity),
-                "validation_fp_per_scan": float(self.validation_fp_per_scan),
-                "n_scans": int(self.n_scans), "n_nodules": int(self.n_nodules), "source": self.source}
+        return {
+            "threshold": float(self.threshold),
+            "rule": self.rule.value,
+            "target": float(self.target),
+            "validation_sensitivity": float(self.validation_sensitivity),
+            "validation_fp_per_scan": float(self.validation_fp_per_scan),
+            "n_scans": int(self.n_scans),
+            "n_nodules": int(self.n_nodules),
+            "source": self.source,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> OperatingPoint:
@@ -137,23 +159,39 @@ class OperatingPoint:
         missing = sorted(set(known) - {"source"} - set(data))
         if missing:
             raise ValueError(f"missing keys {missing}")
-        return cls(threshold=float(data["threshold"]), rule=data["rule"], target=float(data["target"]),
-                   validation_sensitivity=float(data["validation_sensitivity"]),
-                   validation_fp_per_scan=float(data["validation_fp_per_scan"]),
-                   n_scans=int(data["n_scans"]), n_nodules=int(data["n_nodules"]),
-                   source=data.get("source", ""))
+        return cls(
+            threshold=float(data["threshold"]),
+            rule=data["rule"],
+            target=float(data["target"]),
+            validation_sensitivity=float(data["validation_sensitivity"]),
+            validation_fp_per_scan=float(data["validation_fp_per_scan"]),
+            n_scans=int(data["n_scans"]),
+            n_nodules=int(data["n_nodules"]),
+            source=data.get("source", ""),
+        )
 
     def describe(self) -> str:
         """One line for logs and reports."""
-        goal = (f"<= {self.target:g} FP/scan" if self.rule is OperatingRule.FP_PER_SCAN
-                else f"sensitivity >= {self.target:g}")
-        return (f"threshold {self.threshold:.4g} ({goal} on validation: sensitivity "
-                f"{self.validation_sensitivity:.3f}, {self.validation_fp_per_scan:.3f} FP/scan, "
-                f"{self.n_scans} scans, {self.n_nodules} nodules)")
+        goal = (
+            f"<= {self.target:g} FP/scan"
+            if self.rule is OperatingRule.FP_PER_SCAN
+            else f"sensitivity >= {self.target:g}"
+        )
+        return (
+            f"threshold {self.threshold:.4g} ({goal} on validation: sensitivity "
+            f"{self.validation_sensitivity:.3f}, {self.validation_fp_per_scan:.3f} FP/scan, "
+            f"{self.n_scans} scans, {self.n_nodules} nodules)"
+        )
 
 
-def choose_threshold(thresholds: np.ndarray, sensitivity: np.ndarray, fp_per_scan: np.ndarray, *,
-                     rule: str | OperatingRule = OperatingRule.FP_PER_SCAN, target: float = 1.0) -> int:
+def choose_threshold(
+    thresholds: np.ndarray,
+    sensitivity: np.ndarray,
+    fp_per_scan: np.ndarray,
+    *,
+    rule: str | OperatingRule = OperatingRule.FP_PER_SCAN,
+    target: float = 1.0,
+) -> int:
     """The index of the chosen threshold among candidates and their FROC values.
 
     Args:
@@ -171,27 +209,35 @@ def choose_threshold(thresholds: np.ndarray, sensitivity: np.ndarray, fp_per_sca
     """
     rule = _rule(rule)
     target = _check_target(rule, target)
-    t, sens, fps = (np.asarray(a, dtype=float).reshape(-1) for a in (thresholds, sensitivity, fp_per_scan))
+    t, sens, fps = (
+        np.asarray(a, dtype=float).reshape(-1) for a in (thresholds, sensitivity, fp_per_scan)
+    )
     if not len(t) == len(sens) == len(fps):
-        raise ValueError(f"thresholds, sensitivity and fp_per_scan differ in length: {len(t)}, {len(sens)}, "
-                         f"{len(fps)}")
+        raise ValueError(
+            f"thresholds, sensitivity and fp_per_scan differ in length: {len(t)}, {len(sens)}, "
+            f"{len(fps)}"
+        )
     if len(t) == 0:
-        raise OperatingPointError("no candidate thresholds: the model marked nothing on the validation scans; "
-                                  "check the model and the validation data before choosing an operating point")
+        raise OperatingPointError(
+            "no candidate thresholds: the model marked nothing on the validation scans; "
+            "check the model and the validation data before choosing an operating point"
+        )
     if rule is OperatingRule.FP_PER_SCAN:
         ok = np.flatnonzero(fps <= target + 1e-12)
         if len(ok) == 0:
             raise OperatingPointError(
                 f"no threshold keeps the validation FP rate at <= {target:g} per scan: even the highest "
                 f"score ({t.max():.4g}) gives {fps[np.argmax(t)]:.3f} FP/scan; raise --op-target, or "
-                "validate on more scans")
+                "validate on more scans"
+            )
         return int(ok[np.argmin(t[ok])])
     ok = np.flatnonzero(sens >= target - 1e-12)
     if len(ok) == 0:
         raise OperatingPointError(
             f"no threshold reaches a validation sensitivity of {target:g}: the most the marks reach is "
             f"{sens.max():.3f} (at threshold {t[np.argmax(sens)]:.4g}); lower --op-target or use the "
-            "fp_per_scan rule")
+            "fp_per_scan rule"
+        )
     return int(ok[np.argmax(t[ok])])
 
 
@@ -227,11 +273,20 @@ def choose_operating_point(
     wanted = set(seriesuids)
     candidates = np.unique([p.probability for p in predictions if p.seriesuid in wanted])[::-1]
     if len(candidates) == 0:
-        raise OperatingPointError(f"no predictions on the {len(wanted)} validation scans: the model marked "
-                                  "nothing; check the model and the validation data")
+        raise OperatingPointError(
+            f"no predictions on the {len(wanted)} validation scans: the model marked "
+            "nothing; check the model and the validation data"
+        )
     sens, fps = froc_at_thresholds(annotations, excluded, seriesuids, predictions, candidates)
     k = choose_threshold(candidates, sens, fps, rule=rule, target=target)
     n_nodules = sum(1 for a in annotations if a.seriesuid in wanted)
-    return OperatingPoint(threshold=float(candidates[k]), rule=rule, target=target,
-                          validation_sensitivity=float(sens[k]), validation_fp_per_scan=float(fps[k]),
-                          n_scans=len(seriesuids), n_nodules=n_nodules, source=source)
+    return OperatingPoint(
+        threshold=float(candidates[k]),
+        rule=rule,
+        target=target,
+        validation_sensitivity=float(sens[k]),
+        validation_fp_per_scan=float(fps[k]),
+        n_scans=len(seriesuids),
+        n_nodules=n_nodules,
+        source=source,
+    )

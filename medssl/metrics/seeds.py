@@ -60,11 +60,17 @@ def seed_interval(values: Sequence[float], confidence: float = 0.95) -> Interval
     mean = statistics.fmean(xs)
     if len(xs) < 2:
         return Interval(mean, math.nan, math.nan, 1)
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(xs) - 1)) * statistics.stdev(xs) / math.sqrt(len(xs))
+    half = (
+        float(stats.t.ppf(0.5 + confidence / 2, len(xs) - 1))
+        * statistics.stdev(xs)
+        / math.sqrt(len(xs))
+    )
     return Interval(mean, mean - half, mean + half, len(xs))
 
 
-def paired_difference(a: Mapping[int, float], b: Mapping[int, float], confidence: float = 0.95) -> Interval:
+def paired_difference(
+    a: Mapping[int, float], b: Mapping[int, float], confidence: float = 0.95
+) -> Interval:
     """``a − b`` over the seeds both have: the mean per-seed difference and its t interval.
 
     Raises:
@@ -76,8 +82,15 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float], confidence
     return seed_interval([a[s] - b[s] for s in seeds], confidence)
 
 
-def gap_recovered(method: Mapping[int, float], few: Mapping[int, float], ceiling: Sequence[float], *,
-                  confidence: float = 0.95, n_bootstrap: int = 2000, seed: int = 0) -> Interval:
+def gap_recovered(
+    method: Mapping[int, float],
+    few: Mapping[int, float],
+    ceiling: Sequence[float],
+    *,
+    confidence: float = 0.95,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+) -> Interval:
     """``(mean(method) − mean(few)) / (mean(ceiling) − mean(few))`` over the paired seeds, with a
     percentile bootstrap interval (pairs of (method, few) seeds and ceiling seeds resampled
     independently; resamples whose gap is not positive are dropped, and counted against the

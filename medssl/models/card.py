@@ -73,7 +73,9 @@ class Code:
     def __post_init__(self) -> None:
         for name in ("value", "scheme", "meaning"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"Code.{name} must be a non-empty string, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"Code.{name} must be a non-empty string, got {getattr(self, name)!r}"
+                )
 
     def to_json(self) -> dict[str, str]:
         return {"value": self.value, "scheme": self.scheme, "meaning": self.meaning}
@@ -106,12 +108,20 @@ class Label:
     colour: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.colour is not None and (len(self.colour) != 3 or any(not 0 <= int(c) <= 255 for c in self.colour)):
-            raise ValueError(f"label {self.name!r}: colour must be three RGB values 0..255, got {self.colour}")
+        if self.colour is not None and (
+            len(self.colour) != 3 or any(not 0 <= int(c) <= 255 for c in self.colour)
+        ):
+            raise ValueError(
+                f"label {self.name!r}: colour must be three RGB values 0..255, got {self.colour}"
+            )
 
     def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"value": self.value, "name": self.name,
-                                "category": self.category.to_json(), "type": self.type.to_json()}
+        data: dict[str, Any] = {
+            "value": self.value,
+            "name": self.name,
+            "category": self.category.to_json(),
+            "type": self.type.to_json(),
+        }
         if self.anatomic_region is not None:
             data["anatomic_region"] = self.anatomic_region.to_json()
         if self.colour is not None:
@@ -143,13 +153,19 @@ class TensorSpec:
         if not self.name:
             raise ValueError("TensorSpec.name must be non-empty")
         if self.datatype not in DATATYPES:
-            raise ValueError(f"TensorSpec {self.name!r}: datatype {self.datatype!r} is not one of {DATATYPES}")
+            raise ValueError(
+                f"TensorSpec {self.name!r}: datatype {self.datatype!r} is not one of {DATATYPES}"
+            )
         if any(not isinstance(d, int) or d < 1 for d in self.shape):
             raise ValueError(f"TensorSpec {self.name!r}: shape {self.shape} must be positive ints")
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape),
-                "description": self.description}
+        return {
+            "name": self.name,
+            "datatype": self.datatype,
+            "shape": list(self.shape),
+            "description": self.description,
+        }
 
 
 @dataclass(frozen=True)
@@ -262,15 +278,26 @@ class ModelCard:
         z, y, x = self.patch_size
         spacing = set(self.input_spacing)
         if not z == y == x or len(spacing) != 1:
-            raise ValueError(f"model {self.name!r}: detection needs a cubic patch and isotropic "
-                             f"spacing, got patch {self.patch_size}, spacing {self.input_spacing}")
+            raise ValueError(
+                f"model {self.name!r}: detection needs a cubic patch and isotropic "
+                f"spacing, got patch {self.patch_size}, spacing {self.input_spacing}"
+            )
         d = self.decoding
         return DetectionParams(
-            spacing_mm=float(self.input_spacing[0]), intensity=self.normalisation, window=z,
-            divisor=d.divisor, overlap=self.overlap, batch_size=batch_size,
-            score_threshold=d.score_threshold, pre_nms_top_k=d.pre_nms_top_k, nms_iou=d.nms_iou,
-            max_detections=d.max_detections, min_diameter_mm=d.min_diameter_mm, lung_mask=d.lung_mask,
-            lung_margin_mm=d.lung_margin_mm, calibration=d.calibration,
+            spacing_mm=float(self.input_spacing[0]),
+            intensity=self.normalisation,
+            window=z,
+            divisor=d.divisor,
+            overlap=self.overlap,
+            batch_size=batch_size,
+            score_threshold=d.score_threshold,
+            pre_nms_top_k=d.pre_nms_top_k,
+            nms_iou=d.nms_iou,
+            max_detections=d.max_detections,
+            min_diameter_mm=d.min_diameter_mm,
+            lung_mask=d.lung_mask,
+            lung_margin_mm=d.lung_margin_mm,
+            calibration=d.calibration,
         )
 
     def report_threshold(self, override: float | None = None) -> ReportThreshold:
@@ -286,10 +313,14 @@ class ModelCard:
             ValueError: ``override`` outside [0, 1], or the card is not a detector's.
         """
         if self.task is not Task.DETECTION:
-            raise ValueError(f"model {self.name!r} is a {self.task.value} model: it has no report threshold")
+            raise ValueError(
+                f"model {self.name!r} is a {self.task.value} model: it has no report threshold"
+            )
         if override is not None:
             if not 0.0 <= float(override) <= 1.0:
-                raise ValueError(f"a report threshold must be a probability in [0, 1], got {override}")
+                raise ValueError(
+                    f"a report threshold must be a probability in [0, 1], got {override}"
+                )
             return ReportThreshold(float(override), "override")
         if self.operating_point is not None:
             return ReportThreshold(float(self.operating_point.threshold), "operating_point")
@@ -303,9 +334,14 @@ class ModelCard:
         """
         if self.task is not Task.SEGMENTATION:
             raise ValueError(f"model {self.name!r} is a {self.task.value} model, not a segmenter")
-        return SegmentationParams(spacing_mm=self.input_spacing, normalisation=self.normalisation,
-                                  window=self.patch_size, n_classes=len(self.labels) + 1, overlap=self.overlap,
-                                  batch_size=batch_size)
+        return SegmentationParams(
+            spacing_mm=self.input_spacing,
+            normalisation=self.normalisation,
+            window=self.patch_size,
+            n_classes=len(self.labels) + 1,
+            overlap=self.overlap,
+            batch_size=batch_size,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The card as a JSON object (key order as written to ``medssl.json``)."""
@@ -343,15 +379,27 @@ class ModelCard:
         unknown = sorted(set(body) - known)
         if unknown:
             raise ValueError(f"unknown keys {unknown}")
-        required = {"name", "version", "task", "input", "outputs", "max_batch_size", "input_spacing",
-                    "normalisation", "overlap", "labels"}
+        required = {
+            "name",
+            "version",
+            "task",
+            "input",
+            "outputs",
+            "max_batch_size",
+            "input_spacing",
+            "normalisation",
+            "overlap",
+            "labels",
+        }
         missing = sorted(required - set(body))
         if missing:
             raise ValueError(f"missing keys {missing}")
         with _naming("input"):
             tensor_in = _tensor(body["input"])
         if "patch_size" in body and list(body["patch_size"]) != list(tensor_in.shape[1:]):
-            raise ValueError(f"'patch_size' {body['patch_size']} disagrees with input shape {tensor_in.shape}")
+            raise ValueError(
+                f"'patch_size' {body['patch_size']} disagrees with input shape {tensor_in.shape}"
+            )
         with _naming("outputs"):
             outputs = tuple(_tensor(o) for o in body["outputs"])
         with _naming("normalisation"):
@@ -376,11 +424,19 @@ class ModelCard:
                 operating_point = OperatingPoint.from_json(body["operating_point"])
         with _naming("card"):
             return cls(
-                name=body["name"], version=int(body["version"]), task=body["task"], input=tensor_in,
-                outputs=outputs, max_batch_size=int(body["max_batch_size"]),
+                name=body["name"],
+                version=int(body["version"]),
+                task=body["task"],
+                input=tensor_in,
+                outputs=outputs,
+                max_batch_size=int(body["max_batch_size"]),
                 input_spacing=tuple(float(s) for s in body["input_spacing"]),  # type: ignore[arg-type]
-                normalisation=intensity, overlap=float(body["overlap"]), labels=labels,
-                decoding=decoding, operating_point=operating_point, precision=body.get("precision", "fp32"),
+                normalisation=intensity,
+                overlap=float(body["overlap"]),
+                labels=labels,
+                decoding=decoding,
+                operating_point=operating_point,
+                precision=body.get("precision", "fp32"),
                 intended_use=body.get("intended_use", cls.intended_use),
                 provenance=dict(body.get("provenance") or {}),
             )
@@ -417,11 +473,19 @@ def warn_without_operating_point(card: ModelCard, override: float | None = None)
     if card.task is not Task.DETECTION or card.operating_point is not None:
         return False
     used = card.report_threshold(override)
-    instead = (f"the threshold set for it ({used.value:g})" if used.source == "override"
-               else f"{used.value:g}, as before cards carried one")
-    log.warning("model %s v%d: its card has no operating point (exported before medssl chose one on "
-                "validation); reporting findings with probability >= %s. Re-export it with medssl-export "
-                "to record one.", card.name, card.version, instead)
+    instead = (
+        f"the threshold set for it ({used.value:g})"
+        if used.source == "override"
+        else f"{used.value:g}, as before cards carried one"
+    )
+    log.warning(
+        "model %s v%d: its card has no operating point (exported before medssl chose one on "
+        "validation); reporting findings with probability >= %s. Re-export it with medssl-export "
+        "to record one.",
+        card.name,
+        card.version,
+        instead,
+    )
     return True
 
 
@@ -466,8 +530,12 @@ class _naming:
 
 
 def _tensor(data: Mapping[str, Any]) -> TensorSpec:
-    return TensorSpec(data["name"], data["datatype"], tuple(int(d) for d in data["shape"]),
-                      data.get("description", ""))
+    return TensorSpec(
+        data["name"],
+        data["datatype"],
+        tuple(int(d) for d in data["shape"]),
+        data.get("description", ""),
+    )
 
 
 def _code(data: Mapping[str, Any]) -> Code:
@@ -476,8 +544,14 @@ def _code(data: Mapping[str, Any]) -> Code:
 
 def _label(data: Mapping[str, Any]) -> Label:
     region, colour = data.get("anatomic_region"), data.get("colour")
-    return Label(int(data["value"]), str(data["name"]), _code(data["category"]), _code(data["type"]),
-                 _code(region) if region else None, tuple(int(c) for c in colour) if colour else None)
+    return Label(
+        int(data["value"]),
+        str(data["name"]),
+        _code(data["category"]),
+        _code(data["type"]),
+        _code(region) if region else None,
+        tuple(int(c) for c in colour) if colour else None,
+    )
 
 
 def _problems(card: ModelCard) -> list[str]:
@@ -488,14 +562,18 @@ def _problems(card: ModelCard) -> list[str]:
     if card.version < 1:
         problems.append(f"version must be >= 1, got {card.version}")
     if len(card.input.shape) != 4 or card.input.shape[0] != 1:
-        problems.append(f"input shape must be (1, Z, Y, X) after the batch axis, got {card.input.shape}")
+        problems.append(
+            f"input shape must be (1, Z, Y, X) after the batch axis, got {card.input.shape}"
+        )
     if not card.outputs:
         problems.append("outputs must name at least one tensor")
     if len({o.name for o in card.outputs} | {card.input.name}) != len(card.outputs) + 1:
         problems.append("input and output names must be distinct")
     if card.max_batch_size < 1:
         problems.append(f"max_batch_size must be >= 1, got {card.max_batch_size}")
-    if len(card.input_spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in card.input_spacing):
+    if len(card.input_spacing) != 3 or not all(
+        math.isfinite(s) and s > 0 for s in card.input_spacing
+    ):
         problems.append(f"input_spacing must be 3 positive mm values, got {card.input_spacing}")
     if not 0.0 <= card.overlap < 1.0:
         problems.append(f"overlap must be in [0, 1), got {card.overlap}")
@@ -510,18 +588,27 @@ def _problems(card: ModelCard) -> list[str]:
         if card.decoding is None:
             problems.append("a detection card needs 'decoding'")
         if card.output_names != ("boxes", "scores"):
-            problems.append(f"detection outputs must be ('boxes', 'scores'), got {card.output_names}")
+            problems.append(
+                f"detection outputs must be ('boxes', 'scores'), got {card.output_names}"
+            )
     else:
         if card.decoding is not None:
             problems.append("'decoding' is for detection cards only")
         if card.operating_point is not None:
             problems.append("'operating_point' is for detection cards only")
         shape = card.outputs[0].shape if len(card.outputs) == 1 else ()
-        if len(shape) != 4 or shape[0] != len(card.labels) + 1 or tuple(shape[1:]) != tuple(card.input.shape[1:]):
-            problems.append(f"a segmentation card has one output (C, Z, Y, X) with C = {len(card.labels) + 1} "
-                            f"(background + labels) and the input's patch, got "
-                            f"{[o.shape for o in card.outputs]} for input {card.input.shape}")
+        if (
+            len(shape) != 4
+            or shape[0] != len(card.labels) + 1
+            or tuple(shape[1:]) != tuple(card.input.shape[1:])
+        ):
+            problems.append(
+                f"a segmentation card has one output (C, Z, Y, X) with C = {len(card.labels) + 1} "
+                f"(background + labels) and the input's patch, got "
+                f"{[o.shape for o in card.outputs]} for input {card.input.shape}"
+            )
         if values and sorted(values) != list(range(1, len(values) + 1)):
-            problems.append(f"segmentation label values must be 1..{len(values)} (output channels), got {values}")
+            problems.append(
+                f"segmentation label values must be 1..{len(values)} (output channels), got {values}"
+            )
     return problems
-

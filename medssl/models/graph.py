@@ -58,8 +58,11 @@ def _tensor_problems(node: Any, spec: TensorSpec, max_batch_size: int) -> list[s
             f"{spec.name!r} has a fixed batch axis of {batch} in the graph; the card's "
             f"max_batch_size {max_batch_size} needs a dynamic one"
         )
-    fixed = [(i + 1, g, c) for i, (g, c) in enumerate(zip(shape[1:], spec.shape))
-             if isinstance(g, int) and g != c]
+    fixed = [
+        (i + 1, g, c)
+        for i, (g, c) in enumerate(zip(shape[1:], spec.shape))
+        if isinstance(g, int) and g != c
+    ]
     for axis, graph_dim, card_dim in fixed:
         problems.append(
             f"{spec.name!r} axis {axis} is {graph_dim} in the graph, {card_dim} in the card"

@@ -19,8 +19,17 @@ from medssl.models.card import CARD_FILE, ModelCard, load_card
 from medssl.models.graph import graph_problems
 from medssl.models.triton_config import CONFIG_FILE, Backend, read_config
 
-__all__ = ["ModelReport", "ModelVersion", "check_model", "check_repository", "find_model_version",
-           "latest_version", "list_models", "next_version", "versions"]
+__all__ = [
+    "ModelReport",
+    "ModelVersion",
+    "check_model",
+    "check_repository",
+    "find_model_version",
+    "latest_version",
+    "list_models",
+    "next_version",
+    "versions",
+]
 
 
 def versions(model_dir: str | Path) -> list[int]:
@@ -28,8 +37,11 @@ def versions(model_dir: str | Path) -> list[int]:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir()
-                  if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    return sorted(
+        int(p.name)
+        for p in model_dir.iterdir()
+        if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+    )
 
 
 def next_version(model_dir: str | Path) -> int:
@@ -45,8 +57,9 @@ def latest_version(model_dir: str | Path) -> int:
     """
     found = versions(model_dir)
     if not found:
-        raise ModelRepositoryError(model_dir, "no numbered version folder; export a model into it "
-                                              "with medssl-export")
+        raise ModelRepositoryError(
+            model_dir, "no numbered version folder; export a model into it with medssl-export"
+        )
     return found[-1]
 
 
@@ -59,8 +72,11 @@ def list_models(repository: str | Path) -> list[str]:
     repository = Path(repository)
     if not repository.is_dir():
         raise ModelRepositoryError(repository, "model repository folder does not exist")
-    return sorted(p.name for p in repository.iterdir()
-                  if p.is_dir() and ((p / CONFIG_FILE).exists() or (p / CARD_FILE).exists()))
+    return sorted(
+        p.name
+        for p in repository.iterdir()
+        if p.is_dir() and ((p / CONFIG_FILE).exists() or (p / CARD_FILE).exists())
+    )
 
 
 @dataclass
@@ -85,8 +101,13 @@ class ModelReport:
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "versions": self.versions, "ok": self.ok,
-                "problems": self.problems, "notes": self.notes}
+        return {
+            "name": self.name,
+            "versions": self.versions,
+            "ok": self.ok,
+            "problems": self.problems,
+            "notes": self.notes,
+        }
 
 
 def _backend(config: Any) -> Backend | None:
@@ -107,16 +128,22 @@ def _config_problems(config: Any, card: ModelCard) -> list[str]:
     if config.name and config.name != card.name:
         problems.append(f"{CONFIG_FILE} name {config.name!r} differs from the card's {card.name!r}")
     if config.max_batch_size != card.max_batch_size:
-        problems.append(f"{CONFIG_FILE} max_batch_size {config.max_batch_size} differs from the "
-                        f"card's {card.max_batch_size}")
-    declared = {t.name: (pb.DataType.Name(t.data_type).removeprefix("TYPE_"), tuple(t.dims))
-                for t in [*config.input, *config.output]}
+        problems.append(
+            f"{CONFIG_FILE} max_batch_size {config.max_batch_size} differs from the "
+            f"card's {card.max_batch_size}"
+        )
+    declared = {
+        t.name: (pb.DataType.Name(t.data_type).removeprefix("TYPE_"), tuple(t.dims))
+        for t in [*config.input, *config.output]
+    }
     for spec in (card.input, *card.outputs):
         if spec.name not in declared:
             problems.append(f"{CONFIG_FILE} lacks tensor {spec.name!r} of the card")
         elif declared[spec.name] != (spec.datatype, spec.shape):
-            problems.append(f"{CONFIG_FILE} declares {spec.name!r} as {declared[spec.name]}, the card "
-                            f"{(spec.datatype, spec.shape)}")
+            problems.append(
+                f"{CONFIG_FILE} declares {spec.name!r} as {declared[spec.name]}, the card "
+                f"{(spec.datatype, spec.shape)}"
+            )
     extra = set(declared) - {card.input.name, *card.output_names}
     if extra:
         problems.append(f"{CONFIG_FILE} declares tensors {sorted(extra)} the card does not know")
@@ -132,6 +159,7 @@ def _onnx_problems(path: Path, card: ModelCard) -> list[str]:
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         return [f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {exc})"]
     return [f"{path}: {problem}" for problem in graph_problems(session, card)]
+
 
 def check_model(model_dir: str | Path) -> ModelReport:
     """Check one model folder: config, cards, and every version's model file.
@@ -155,21 +183,29 @@ def check_model(model_dir: str | Path) -> ModelReport:
         report.problems.append(str(exc))
         return report
     if card.name != model_dir.name:
-        report.problems.append(f"{model_dir / CARD_FILE}: card name {card.name!r} differs from the "
-                               f"folder name {model_dir.name!r}")
+        report.problems.append(
+            f"{model_dir / CARD_FILE}: card name {card.name!r} differs from the "
+            f"folder name {model_dir.name!r}"
+        )
     if not report.versions:
         report.problems.append(f"{model_dir}: no numbered version folder")
         return report
     if card.version != report.versions[-1]:
-        report.problems.append(f"{model_dir / CARD_FILE}: describes version {card.version}, the "
-                               f"newest is {report.versions[-1]}")
+        report.problems.append(
+            f"{model_dir / CARD_FILE}: describes version {card.version}, the "
+            f"newest is {report.versions[-1]}"
+        )
     backend = None
     if config is not None:
-        report.problems += [f"{model_dir / CONFIG_FILE}: {p}" for p in _config_problems(config, card)]
+        report.problems += [
+            f"{model_dir / CONFIG_FILE}: {p}" for p in _config_problems(config, card)
+        ]
         backend = _backend(config)
         if backend is None:
-            report.problems.append(f"{model_dir / CONFIG_FILE}: platform {config.platform!r} / backend "
-                                   f"{config.backend!r} is not one medssl writes")
+            report.problems.append(
+                f"{model_dir / CONFIG_FILE}: platform {config.platform!r} / backend "
+                f"{config.backend!r} is not one medssl writes"
+            )
     for version in report.versions:
         folder = model_dir / str(version)
         version_card = card
@@ -193,8 +229,10 @@ def check_model(model_dir: str | Path) -> ModelReport:
             if onnx_file.is_file():
                 report.problems += _onnx_problems(onnx_file, version_card)
         else:
-            report.notes.append(f"{model_file}: TensorRT plans are checked by loading them on a GPU; "
-                                f"not loaded here")
+            report.notes.append(
+                f"{model_file}: TensorRT plans are checked by loading them on a GPU; "
+                f"not loaded here"
+            )
     return report
 
 

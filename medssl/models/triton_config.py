@@ -18,8 +18,15 @@ from medssl.atomic import atomic_write
 from medssl.errors import ModelRepositoryError
 from medssl.models.card import ModelCard, TensorSpec
 
-__all__ = ["CONFIG_FILE", "Backend", "InstanceKind", "ServingOptions", "model_config", "read_config",
-           "write_config"]
+__all__ = [
+    "CONFIG_FILE",
+    "Backend",
+    "InstanceKind",
+    "ServingOptions",
+    "model_config",
+    "read_config",
+    "write_config",
+]
 
 CONFIG_FILE = "config.pbtxt"
 
@@ -33,7 +40,9 @@ class Backend(str, Enum):
 
     @property
     def model_file(self) -> str:
-        return {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.py"}[self.value]
+        return {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.py"}[
+            self.value
+        ]
 
 
 class InstanceKind(str, Enum):
@@ -83,7 +92,8 @@ class ServingOptions:
     def batch_sizes(self, max_batch_size: int) -> list[int]:
         """The preferred batch sizes for a model of ``max_batch_size``."""
         sizes = self.preferred_batch_sizes or tuple(
-            {2**i for i in range(max_batch_size.bit_length()) if 2**i <= max_batch_size} | {max_batch_size}
+            {2**i for i in range(max_batch_size.bit_length()) if 2**i <= max_batch_size}
+            | {max_batch_size}
         )
         bad = [s for s in sizes if not 1 <= s <= max_batch_size]
         if bad:
@@ -96,9 +106,7 @@ def _pb() -> Any:
     try:
         from tritonclient.grpc import model_config_pb2
     except ImportError as exc:  # pragma: no cover - the serve extra is a declared dependency
-        raise ImportError(
-            "Triton configs need tritonclient: pip install 'medssl[serve]'"
-        ) from exc
+        raise ImportError("Triton configs need tritonclient: pip install 'medssl[serve]'") from exc
     return model_config_pb2
 
 
@@ -108,8 +116,11 @@ def _tensor(message: Any, spec: TensorSpec, pb: Any) -> None:
     message.dims.extend(spec.shape)
 
 
-def model_config(card: ModelCard, backend: Backend | str = Backend.ONNXRUNTIME,
-                 options: ServingOptions | None = None) -> Any:
+def model_config(
+    card: ModelCard,
+    backend: Backend | str = Backend.ONNXRUNTIME,
+    options: ServingOptions | None = None,
+) -> Any:
     """Triton ``ModelConfig`` for the model a card describes.
 
     Args:
@@ -136,7 +147,11 @@ def model_config(card: ModelCard, backend: Backend | str = Backend.ONNXRUNTIME,
         _tensor(config.output.add(), spec, pb)
     config.dynamic_batching.preferred_batch_size.extend(options.batch_sizes(card.max_batch_size))
     config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
-    kind = pb.ModelInstanceGroup.KIND_GPU if options.kind is InstanceKind.GPU else pb.ModelInstanceGroup.KIND_CPU
+    kind = (
+        pb.ModelInstanceGroup.KIND_GPU
+        if options.kind is InstanceKind.GPU
+        else pb.ModelInstanceGroup.KIND_CPU
+    )
     config.instance_group.add(count=options.instances, kind=kind)
     if options.warmup:
         warmup = config.model_warmup.add(name=f"{card.name}_random_batch1", batch_size=1)
@@ -145,7 +160,9 @@ def model_config(card: ModelCard, backend: Backend | str = Backend.ONNXRUNTIME,
         sample.dims.extend(card.input.shape)
         sample.random_data = True
     if options.tensorrt_accelerator and backend is Backend.ONNXRUNTIME:
-        accel = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accel = config.optimization.execution_accelerators.gpu_execution_accelerator.add(
+            name="tensorrt"
+        )
         accel.parameters["precision_mode"] = "FP16" if options.tensorrt_fp16 else "FP32"
         accel.parameters["max_workspace_size_bytes"] = str(options.workspace_bytes)
     return config

@@ -170,7 +170,10 @@ class DetectionParams:
                 raise ValueError(f"DetectionParams.{name} must be {rule(self)}, got {value!r}")
         if self.lung_mask:
             needed = self.lung_mask_params
-            if not (self.intensity.hu_min < needed.air_hu and self.intensity.hu_max > needed.threshold_hu):
+            if not (
+                self.intensity.hu_min < needed.air_hu
+                and self.intensity.hu_max > needed.threshold_hu
+            ):
                 raise ValueError(
                     f"DetectionParams.lung_mask needs the intensity window to hold the lung mask's "
                     f"thresholds ({needed.air_hu} and {needed.threshold_hu} HU), got "
@@ -327,11 +330,16 @@ def detect_preprocessed(
         tic = perf_counter()
         inside = prepared_lung_mask(prepared, params)
         if inside.any():
-            starts_all, starts = starts, [s for s in starts if window_touches(inside, s, params.window_shape)]
+            starts_all, starts = (
+                starts,
+                [s for s in starts if window_touches(inside, s, params.window_shape)],
+            )
         else:
             starts_all, inside = starts, None
-            notes.append("lung mask: no lung found (not a chest CT, or the field of view misses "
-                         "the lungs); every window was run and no finding was dropped")
+            notes.append(
+                "lung mask: no lung found (not a chest CT, or the field of view misses "
+                "the lungs); every window was run and no finding was dropped"
+            )
             log.warning("%s", notes[-1])
         timings["lung_mask"] = perf_counter() - tic
     boxes, scores = [], []
@@ -350,7 +358,9 @@ def detect_preprocessed(
             boxes, scores = [best_boxes], [best_scores]
         timings["postprocess"] += perf_counter() - tic
     tic = perf_counter()
-    detections = _merge(*_best(boxes, scores, params.max_nms_candidates), prepared, reference, params)
+    detections = _merge(
+        *_best(boxes, scores, params.max_nms_candidates), prepared, reference, params
+    )
     timings["postprocess"] += perf_counter() - tic
     skipped = len(starts_all) - len(starts) if params.lung_mask else 0
     return DetectionResult(detections, timings, len(starts), skipped, notes)
@@ -473,7 +483,9 @@ def _window_candidates(
     return kept, np.clip(scores[index].astype(np.float64), 0.0, 1.0)
 
 
-def _best(boxes: list[np.ndarray], scores: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+def _best(
+    boxes: list[np.ndarray], scores: list[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best of the collected candidates: ``(M, 4)`` boxes and ``(M,)`` scores, M <= k."""
     all_boxes, all_scores = np.concatenate(boxes), np.concatenate(scores)
     if len(all_scores) > k:
@@ -513,8 +525,11 @@ def _merge(
 
 def _check_prepared(prepared: Volume, params: DetectionParams) -> None:
     """Fail loudly when ``prepared`` is not on the grid ``params`` expects."""
-    check_model_grid(prepared, params.spacing_mm,
-                     "preprocess_ct(volume, params.spacing_mm, params.intensity) or call detect()")
+    check_model_grid(
+        prepared,
+        params.spacing_mm,
+        "preprocess_ct(volume, params.spacing_mm, params.intensity) or call detect()",
+    )
 
 
 def _triple(values: np.ndarray) -> tuple[float, float, float]:

@@ -93,10 +93,22 @@ class LungMaskParams:
     drop_airways: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("threshold_hu", "air_hu", "work_mm", "min_volume_ml", "second_fraction",
-                     "outside_gap_mm", "closing_mm", "margin_mm"):
+        for name in (
+            "threshold_hu",
+            "air_hu",
+            "work_mm",
+            "min_volume_ml",
+            "second_fraction",
+            "outside_gap_mm",
+            "closing_mm",
+            "margin_mm",
+        ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
                 raise ValueError(f"LungMaskParams.{name} must be a finite number, got {value!r}")
         if not self.air_hu < self.threshold_hu:
             raise ValueError(
@@ -113,7 +125,9 @@ class LungMaskParams:
                 f"LungMaskParams.second_fraction must be in [0, 1], got {self.second_fraction!r}"
             )
         if not isinstance(self.drop_airways, bool):
-            raise ValueError(f"LungMaskParams.drop_airways must be a bool, got {self.drop_airways!r}")
+            raise ValueError(
+                f"LungMaskParams.drop_airways must be a bool, got {self.drop_airways!r}"
+            )
 
 
 def lung_mask(
@@ -152,7 +166,9 @@ def lung_mask(
     outside_ids = _outside_body(labels, air_ids, work_spacing, params.outside_gap_mm)
     candidates = low & ~np.isin(labels, np.union1d(air_ids, outside_ids))
     if params.drop_airways:
-        candidates &= ~_dilate(_airways(coarse, candidates, params.air_hu), work_spacing, AIRWAY_WALL_MM)
+        candidates &= ~_dilate(
+            _airways(coarse, candidates, params.air_hu), work_spacing, AIRWAY_WALL_MM
+        )
     lungs = _largest_components(candidates, voxel_ml, params)
     if not lungs:
         return np.zeros(hu.shape, dtype=bool)
@@ -163,7 +179,9 @@ def lung_mask(
     return _upsample(_dilate(mask, work_spacing, params.margin_mm), factors, hu.shape)
 
 
-def _inputs(volume_hu: Volume | np.ndarray, spacing: Sequence[float] | None) -> tuple[np.ndarray, tuple[float, float, float]]:
+def _inputs(
+    volume_hu: Volume | np.ndarray, spacing: Sequence[float] | None
+) -> tuple[np.ndarray, tuple[float, float, float]]:
     """The HU array and its ``(z, y, x)`` spacing, validated."""
     if isinstance(volume_hu, Volume):
         if spacing is not None and not np.allclose(spacing, volume_hu.spacing):
@@ -174,7 +192,9 @@ def _inputs(volume_hu: Volume | np.ndarray, spacing: Sequence[float] | None) -> 
         hu, spacing_zyx = volume_hu.array, volume_hu.spacing
     else:
         if spacing is None:
-            raise ValueError("lung_mask needs spacing (z, y, x) mm with a bare array; or pass a Volume")
+            raise ValueError(
+                "lung_mask needs spacing (z, y, x) mm with a bare array; or pass a Volume"
+            )
         hu, spacing_zyx = np.asarray(volume_hu), np.asarray(spacing, dtype=np.float64)
     if hu.ndim != 3:
         raise ValueError(f"lung_mask needs a 3D (Z, Y, X) volume, got shape {hu.shape}")
@@ -201,7 +221,9 @@ def _block_mean(array: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def _outside_body(labels: np.ndarray, air_ids: np.ndarray, spacing: np.ndarray, gap_mm: float) -> np.ndarray:
+def _outside_body(
+    labels: np.ndarray, air_ids: np.ndarray, spacing: np.ndarray, gap_mm: float
+) -> np.ndarray:
     """Labels of the non-air components that touch the in-plane border within ``gap_mm`` of
     outside air (the air components touching that border).
 
@@ -237,7 +259,9 @@ def _airways(coarse: np.ndarray, candidates: np.ndarray, air_hu: float) -> np.nd
     return np.isin(labels, ends[ends > 0])
 
 
-def _largest_components(candidates: np.ndarray, voxel_ml: float, params: LungMaskParams) -> list[np.ndarray]:
+def _largest_components(
+    candidates: np.ndarray, voxel_ml: float, params: LungMaskParams
+) -> list[np.ndarray]:
     """The lung components: the largest, and the second if big enough (both >= min volume)."""
     labels, n = ndimage.label(candidates)
     if n == 0:
@@ -247,8 +271,10 @@ def _largest_components(candidates: np.ndarray, voxel_ml: float, params: LungMas
     kept = [order[0]] if sizes[order[0]] * voxel_ml >= params.min_volume_ml else []
     if kept and n > 1:
         second = order[1]
-        if (sizes[second] >= params.second_fraction * sizes[order[0]]
-                and sizes[second] * voxel_ml >= params.min_volume_ml):
+        if (
+            sizes[second] >= params.second_fraction * sizes[order[0]]
+            and sizes[second] * voxel_ml >= params.min_volume_ml
+        ):
             kept.append(second)
     return [labels == index + 1 for index in kept]
 

@@ -39,7 +39,9 @@ class Intensity:
 
     def __post_init__(self) -> None:
         if not self.hu_max > self.hu_min:
-            raise ValueError(f"intensity window needs hu_max > hu_min, got [{self.hu_min}, {self.hu_max}]")
+            raise ValueError(
+                f"intensity window needs hu_max > hu_min, got [{self.hu_min}, {self.hu_max}]"
+            )
 
     def apply(self, hu: np.ndarray) -> np.ndarray:
         """HU array of any shape → a new float32 array in ``[-1, 1]``."""
@@ -83,7 +85,9 @@ class PercentileIntensity:
 
     def __post_init__(self) -> None:
         if not 0 <= self.lower < self.upper <= 100:
-            raise ValueError(f"need 0 <= lower < upper <= 100 percentiles, got {self.lower}, {self.upper}")
+            raise ValueError(
+                f"need 0 <= lower < upper <= 100 percentiles, got {self.lower}, {self.upper}"
+            )
 
     def apply(self, array: np.ndarray) -> np.ndarray:
         """Any-shape array → float32 in ``[-1, 1]``."""

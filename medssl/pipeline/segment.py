@@ -343,11 +343,14 @@ def segment(
 
 
 def _new_timings() -> dict[str, float]:
-    return dict.fromkeys(("resample", "normalise", "inference", "blend", "resample_back", "postprocess"), 0.0)
+    return dict.fromkeys(
+        ("resample", "normalise", "inference", "blend", "resample_back", "postprocess"), 0.0
+    )
 
 
-def prepare_segmentation(volume: Volume, params: SegmentationParams,
-                         timings: dict[str, float] | None = None) -> Volume:
+def prepare_segmentation(
+    volume: Volume, params: SegmentationParams, timings: dict[str, float] | None = None
+) -> Volume:
     """Resample ``volume`` to the model grid and normalise it (the CPU half of :func:`segment`,
     which batch scoring runs in worker processes). Adds ``resample`` and ``normalise`` seconds
     to ``timings`` when given."""
@@ -649,8 +652,14 @@ def _argmax_on_grid(
 
         def resample(channel: np.ndarray, z0: int, z1: int) -> np.ndarray:
             return ndimage.affine_transform(
-                channel, matrix, offset + matrix[:, 0] * z0, output_shape=(z1 - z0, rows, cols),
-                output=np.float32, order=1, mode="nearest", prefilter=False,
+                channel,
+                matrix,
+                offset + matrix[:, 0] * z0,
+                output_shape=(z1 - z0, rows, cols),
+                output=np.float32,
+                order=1,
+                mode="nearest",
+                prefilter=False,
             )
 
     for z0 in range(0, source_shape[0], step):
@@ -687,4 +696,6 @@ def _label_dtype(n_classes: int) -> type[np.unsignedinteger]:
 
 def _check_prepared(prepared: Volume, params: SegmentationParams) -> None:
     """Fail loudly when ``prepared`` is not on the grid ``params`` expects."""
-    check_model_grid(prepared, params.spacing_mm, "prepare_segmentation(volume, params), or call segment()")
+    check_model_grid(
+        prepared, params.spacing_mm, "prepare_segmentation(volume, params), or call segment()"
+    )

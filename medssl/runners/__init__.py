@@ -60,7 +60,9 @@ def choose_runtime(runtime: str = "auto", providers: Any = None) -> str:
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
     if runtime == "openvino" and providers:
-        raise ValueError("onnxruntime providers were given with runtime 'openvino'; drop one of them")
+        raise ValueError(
+            "onnxruntime providers were given with runtime 'openvino'; drop one of them"
+        )
     if runtime != "auto":
         return runtime
     if providers or gpu_providers() or not openvino_available():
@@ -103,13 +105,21 @@ def open_runner(
         chosen = choose_runtime(runtime, kw.get("providers"))
         if chosen == "openvino":
             kw.pop("providers", None)
-            runner: OnnxRunner | OpenVinoRunner = OpenVinoRunner.from_repository(repository, name, version, **kw)
+            runner: OnnxRunner | OpenVinoRunner = OpenVinoRunner.from_repository(
+                repository, name, version, **kw
+            )
         else:
             runner = OnnxRunner.from_repository(repository, name, version, **kw)
-        log.info("model %s v%d runs on %s (runtime %s)", runner.card.name, runner.card.version,
-                 ", ".join(runner.providers), runtime if runtime != "auto" else f"auto: {chosen}")
+        log.info(
+            "model %s v%d runs on %s (runtime %s)",
+            runner.card.name,
+            runner.card.version,
+            ", ".join(runner.providers),
+            runtime if runtime != "auto" else f"auto: {chosen}",
+        )
         return runner
     found = find_model_version(repository, name, version)
     model_version = "" if version is None else str(version)
-    return TritonRunner(triton_url, found.card, protocol=protocol, model_version=model_version,
-                        **kw)
+    return TritonRunner(
+        triton_url, found.card, protocol=protocol, model_version=model_version, **kw
+    )

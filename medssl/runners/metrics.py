@@ -39,8 +39,13 @@ def read_metric(
         raise RunnerError(f"cannot read metrics from {url}: {exc}") from exc
     wanted = dict(labels or {})
     base = name.removesuffix("_total")  # the parser names counter samples <family>_total
-    named = [s for family in text_string_to_metric_families(text) if family.name == base
-             for s in family.samples if s.name in (base, f"{base}_total")]
+    named = [
+        s
+        for family in text_string_to_metric_families(text)
+        if family.name == base
+        for s in family.samples
+        if s.name in (base, f"{base}_total")
+    ]
     matching = [s.value for s in named if wanted.items() <= s.labels.items()]
     if not matching:
         present = [dict(s.labels) for s in named]

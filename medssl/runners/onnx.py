@@ -18,8 +18,15 @@ from medssl.models.graph import graph_problems
 from medssl.models.repository import find_model_version
 from medssl.runners.base import BatchedRunner
 
-__all__ = ["PROVIDER_OPTIONS", "PROVIDER_PREFERENCE", "OnnxFileRunner", "OnnxRunner", "find_onnx", "gpu_providers",
-           "select_providers"]
+__all__ = [
+    "PROVIDER_OPTIONS",
+    "PROVIDER_PREFERENCE",
+    "OnnxFileRunner",
+    "OnnxRunner",
+    "find_onnx",
+    "gpu_providers",
+    "select_providers",
+]
 
 #: Execution providers tried by default, fastest first. OpenVINO comes with the
 #: ``onnxruntime-openvino`` wheel (installed instead of ``onnxruntime``); on CPUs it runs 3D
@@ -48,7 +55,9 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def find_onnx(repository: str | Path, name: str, version: int | None = None) -> tuple[Path, ModelCard]:
+def find_onnx(
+    repository: str | Path, name: str, version: int | None = None
+) -> tuple[Path, ModelCard]:
     """``<repository>/<name>/<version>/model.onnx`` and its card.
 
     Raises:
@@ -96,8 +105,9 @@ class OnnxFileRunner(BatchedRunner):
     model_path: Path
 
     @classmethod
-    def from_repository(cls, repository: str | Path, name: str, version: int | None = None,
-                        **kw: Any) -> Self:
+    def from_repository(
+        cls, repository: str | Path, name: str, version: int | None = None, **kw: Any
+    ) -> Self:
         """Open ``<repository>/<name>/<version>/model.onnx`` with its card.
 
         Args:
@@ -168,7 +178,8 @@ class OnnxRunner(OnnxFileRunner):
             options.intra_op_num_threads = threads
         try:
             self._session = ort.InferenceSession(
-                str(self.model_path), sess_options=options,
+                str(self.model_path),
+                sess_options=options,
                 providers=[(p, PROVIDER_OPTIONS.get(p, {})) for p in providers],
             )
         except Exception as exc:  # onnxruntime raises its own pybind exception types
@@ -180,7 +191,8 @@ class OnnxRunner(OnnxFileRunner):
         if problems:
             raise RunnerError(
                 f"{self.model_path} does not match the model card of {card.name!r} version "
-                f"{card.version}: " + "; ".join(problems)
+                f"{card.version}: "
+                + "; ".join(problems)
                 + ". Re-export the model, or load the card written with it."
             )
 
@@ -197,4 +209,3 @@ class OnnxRunner(OnnxFileRunner):
     def close(self) -> None:
         """Drop the session (its memory is freed when no call is in flight)."""
         self._session = None
-

@@ -31,8 +31,14 @@ __all__ = ["OPENVINO_CONFIG", "OpenVinoRunner", "openvino_available"]
 OPENVINO_CONFIG: dict[str, str] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
 
 #: OpenVINO element types as the ONNX type strings :func:`medssl.models.graph.graph_problems` reads.
-_TYPES = {"f32": "tensor(float)", "f16": "tensor(float16)", "i64": "tensor(int64)", "i32": "tensor(int32)",
-          "u8": "tensor(uint8)", "boolean": "tensor(bool)"}
+_TYPES = {
+    "f32": "tensor(float)",
+    "f16": "tensor(float16)",
+    "i64": "tensor(int64)",
+    "i32": "tensor(int32)",
+    "u8": "tensor(uint8)",
+    "boolean": "tensor(bool)",
+}
 
 
 def openvino_available() -> bool:
@@ -49,7 +55,9 @@ class _Port:
 
     def __init__(self, port: Any) -> None:
         self.name = port.get_any_name()
-        self.type = _TYPES.get(port.get_element_type().get_type_name(), port.get_element_type().get_type_name())
+        self.type = _TYPES.get(
+            port.get_element_type().get_type_name(), port.get_element_type().get_type_name()
+        )
         self.shape = [d.get_length() if d.is_static else "batch" for d in port.get_partial_shape()]
 
 
@@ -87,13 +95,20 @@ class OpenVinoRunner(OnnxFileRunner):
             disagrees with the card (every mismatch listed).
     """
 
-    def __init__(self, model_path: str | Path, card: ModelCard, threads: int | None = None,
-                 device: str = "CPU") -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        card: ModelCard,
+        threads: int | None = None,
+        device: str = "CPU",
+    ) -> None:
         try:
             import openvino as ov
         except ImportError as exc:
-            raise RunnerError("the OpenVINO runtime is not installed: pip install openvino "
-                              "(part of medssl[serve] on Linux x86-64), or use runtime='onnxruntime'") from exc
+            raise RunnerError(
+                "the OpenVINO runtime is not installed: pip install openvino "
+                "(part of medssl[serve] on Linux x86-64), or use runtime='onnxruntime'"
+            ) from exc
         self.card = card
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -105,16 +120,21 @@ class OpenVinoRunner(OnnxFileRunner):
             config["INFERENCE_NUM_THREADS"] = str(threads)
         try:
             core = ov.Core()
-            self._compiled = core.compile_model(core.read_model(str(self.model_path)), device, config)
+            self._compiled = core.compile_model(
+                core.read_model(str(self.model_path)), device, config
+            )
         except Exception as exc:  # OpenVINO raises its own exception types
-            raise RunnerError(f"{self.model_path}: OpenVINO cannot compile the model: {exc}") from exc
+            raise RunnerError(
+                f"{self.model_path}: OpenVINO cannot compile the model: {exc}"
+            ) from exc
         self._request: Any = self._compiled.create_infer_request()
         self.providers: tuple[str, ...] = (f"OpenVINO {device} fp32",)
         problems = graph_problems(_Graph(self._compiled), card)
         if problems:
             raise RunnerError(
                 f"{self.model_path} does not match the model card of {card.name!r} version "
-                f"{card.version}: " + "; ".join(problems)
+                f"{card.version}: "
+                + "; ".join(problems)
                 + ". Re-export the model, or load the card written with it."
             )
 
@@ -125,7 +145,9 @@ class OpenVinoRunner(OnnxFileRunner):
             results = self._request.infer({self.card.input.name: batch})
         except Exception as exc:  # OpenVINO raises its own exception types
             raise RunnerError(f"{self.model_path}: inference failed: {exc}") from exc
-        return {name: np.array(results[self._compiled.output(name)]) for name in self.card.output_names}
+        return {
+            name: np.array(results[self._compiled.output(name)]) for name in self.card.output_names
+        }
 
     def close(self) -> None:
         """Drop the compiled model and its request."""

@@ -96,8 +96,14 @@ class TritonRunner(BatchedRunner):
             raise RunnerError(f"{self._source}: the runner is closed; open a new one")
         spec = self.card.input
         return self._with_retries(
-            lambda: api.infer(self.card.name, self.model_version, spec.name, spec.datatype,
-                              batch, self.card.output_names)
+            lambda: api.infer(
+                self.card.name,
+                self.model_version,
+                spec.name,
+                spec.datatype,
+                batch,
+                self.card.output_names,
+            )
         )
 
     def close(self) -> None:
@@ -115,8 +121,7 @@ class TritonRunner(BatchedRunner):
             except Exception as exc:  # the client libraries raise many unrelated types
                 if not is_transient(exc):
                     raise RunnerError(
-                        f"inference failed on {self._source}: {describe(exc)}; check the "
-                        "server log"
+                        f"inference failed on {self._source}: {describe(exc)}; check the server log"
                     ) from exc
                 if attempt == self._retries:
                     raise RunnerError(
@@ -206,7 +211,8 @@ class TritonRunner(BatchedRunner):
         if problems:
             raise RunnerError(
                 f"model {self.card.name!r} on Triton {self.protocol} endpoint {self.url} does "
-                f"not match its card (version {self.card.version}): " + "; ".join(problems)
+                f"not match its card (version {self.card.version}): "
+                + "; ".join(problems)
                 + ". Serve the model exported with this card, or use the card from its "
                 "repository."
             )

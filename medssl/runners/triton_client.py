@@ -42,7 +42,12 @@ class TritonApi(Protocol):
         ...
 
     def infer(
-        self, name: str, version: str, input_name: str, datatype: str, batch: np.ndarray,
+        self,
+        name: str,
+        version: str,
+        input_name: str,
+        datatype: str,
+        batch: np.ndarray,
         output_names: Sequence[str],
     ) -> dict[str, np.ndarray]: ...
 
@@ -123,7 +128,12 @@ class _HttpApi:
         return [_state(m) for m in self._client.get_model_repository_index()]
 
     def infer(
-        self, name: str, version: str, input_name: str, datatype: str, batch: np.ndarray,
+        self,
+        name: str,
+        version: str,
+        input_name: str,
+        datatype: str,
+        batch: np.ndarray,
         output_names: Sequence[str],
     ) -> dict[str, np.ndarray]:
         request = self._module.InferInput(input_name, list(batch.shape), datatype)
@@ -153,29 +163,36 @@ class _GrpcApi:
 
     def metadata(self, name: str, version: str) -> dict[str, Any]:
         return _normalised(
-            self._client.get_model_metadata(name, version, as_json=True,
-                                            client_timeout=self._timeout)
+            self._client.get_model_metadata(
+                name, version, as_json=True, client_timeout=self._timeout
+            )
         )
 
     def max_batch_size(self, name: str, version: str) -> int:
-        config = self._client.get_model_config(name, version, as_json=True,
-                                               client_timeout=self._timeout)
+        config = self._client.get_model_config(
+            name, version, as_json=True, client_timeout=self._timeout
+        )
         return int(config["config"].get("max_batch_size", 0))
 
     def model_states(self) -> list[dict[str, str]]:
-        index = self._client.get_model_repository_index(as_json=True,
-                                                        client_timeout=self._timeout)
+        index = self._client.get_model_repository_index(as_json=True, client_timeout=self._timeout)
         return [_state(m) for m in index.get("models", [])]
 
     def infer(
-        self, name: str, version: str, input_name: str, datatype: str, batch: np.ndarray,
+        self,
+        name: str,
+        version: str,
+        input_name: str,
+        datatype: str,
+        batch: np.ndarray,
         output_names: Sequence[str],
     ) -> dict[str, np.ndarray]:
         request = self._module.InferInput(input_name, list(batch.shape), datatype)
         request.set_data_from_numpy(batch)
         wanted = [self._module.InferRequestedOutput(n) for n in output_names]
-        result = self._client.infer(name, [request], model_version=version, outputs=wanted,
-                                    client_timeout=self._timeout)
+        result = self._client.infer(
+            name, [request], model_version=version, outputs=wanted, client_timeout=self._timeout
+        )
         return {n: result.as_numpy(n) for n in output_names}
 
     def close(self) -> None:
@@ -184,9 +201,16 @@ class _GrpcApi:
 
 def _normalised(metadata: dict[str, Any]) -> dict[str, Any]:
     """Inputs and outputs with int shapes (gRPC's JSON writes int64 as strings)."""
+
     def tensors(key: str) -> list[dict[str, Any]]:
-        return [{"name": t["name"], "datatype": t["datatype"],
-                 "shape": [int(d) for d in t.get("shape", [])]} for t in metadata.get(key, [])]
+        return [
+            {
+                "name": t["name"],
+                "datatype": t["datatype"],
+                "shape": [int(d) for d in t.get("shape", [])],
+            }
+            for t in metadata.get(key, [])
+        ]
 
     return {"inputs": tensors("inputs"), "outputs": tensors("outputs")}
 

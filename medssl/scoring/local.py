@@ -37,20 +37,29 @@ def _die_with_parent() -> None:
             os._exit(1)
 
 
-def run_local(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, options: ScoreOptions) -> Iterator[Scored]:
+def run_local(
+    items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, options: ScoreOptions
+) -> Iterator[Scored]:
     """Score ``items`` in order; yields one result per item as soon as it is done."""
     params = model_params(card, options.batch_size)
     runner = spec.open()
     try:
         if options.workers == 0:
             for item in items:
-                yield infer(prepare(item, params, options.limits), runner, card, params, options.dicom,
-                            options.label_maps)
+                yield infer(
+                    prepare(item, params, options.limits),
+                    runner,
+                    card,
+                    params,
+                    options.dicom,
+                    options.label_maps,
+                )
             return
         # spawn: workers must not inherit the runner's threads (onnxruntime, gRPC) by fork.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=options.workers, mp_context=context,
-                                 initializer=_die_with_parent) as pool:
+        with ProcessPoolExecutor(
+            max_workers=options.workers, mp_context=context, initializer=_die_with_parent
+        ) as pool:
             pending: deque[Future[Prepared]] = deque()
             queue = iter(items)
             for item in queue:

@@ -39,7 +39,7 @@ class PathList(Sequence[str]):
         values = [str(p) for p in paths]
         prefix = os.path.commonprefix(values) if len(values) > 1 else ""
         self._prefix = prefix
-        self._rest = "\0".join(v[len(prefix):] for v in values)
+        self._rest = "\0".join(v[len(prefix) :] for v in values)
         self._n = len(values)
 
     def __len__(self) -> int:
@@ -130,16 +130,23 @@ class ScanItem:
     @property
     def is_dicom(self) -> bool:
         """A DICOM series (files of an index), not a volume file."""
-        return (bool(self.series_uid) or self.series_uid_absent) and \
-            not self.paths[0].lower().endswith(_VOLUME_SUFFIXES)
+        return (bool(self.series_uid) or self.series_uid_absent) and not self.paths[
+            0
+        ].lower().endswith(_VOLUME_SUFFIXES)
 
     @property
     def missing_output_uids(self) -> str | None:
         """Why DICOM outputs (SR, SEG) cannot be written for this series: they must name the
         source's StudyInstanceUID and SeriesInstanceUID, and medssl does not invent them for
         an object it did not make. None when they can be written."""
-        missing = [name for name, value in (("SeriesInstanceUID", self.series_uid),
-                                            ("StudyInstanceUID", self.study_uid)) if not value]
+        missing = [
+            name
+            for name, value in (
+                ("SeriesInstanceUID", self.series_uid),
+                ("StudyInstanceUID", self.study_uid),
+            )
+            if not value
+        ]
         if not missing:
             return None
         return f"no DICOM outputs: the source has no {' or '.join(missing)}"
@@ -157,12 +164,19 @@ class ScanItem:
     def from_record(cls, record: SeriesRecord) -> ScanItem:
         """The row of a series of a DICOM index."""
         return cls(
-            key=record.series_key or record.series_uid, paths=PathList(record.files),
-            patient_id=record.patient_id, study_uid=record.study_uid, series_uid=record.series_uid,
-            modality=record.modality, image_type=record.image_type, orientation=record.orientation,
-            n_slices=record.n_slices, slice_thickness_mm=record.slice_thickness,
+            key=record.series_key or record.series_uid,
+            paths=PathList(record.files),
+            patient_id=record.patient_id,
+            study_uid=record.study_uid,
+            series_uid=record.series_uid,
+            modality=record.modality,
+            image_type=record.image_type,
+            orientation=record.orientation,
+            n_slices=record.n_slices,
+            slice_thickness_mm=record.slice_thickness,
             series_description=record.series_description,
-            series_uid_absent=record.series_uid_absent, body_part=record.body_part,
+            series_uid_absent=record.series_uid_absent,
+            body_part=record.body_part,
         )
 
 
@@ -223,14 +237,20 @@ def build_manifest(source: str | Path, workers: int | None = None) -> Manifest:
     if source.is_file():
         if source.suffix.lower() in (".parquet", ".csv"):
             # streamed: the table's rows become compact items a batch at a time
-            return Manifest(Layout.DICOM, [ScanItem.from_record(r) for r in iter_index(source)], [], source)
+            return Manifest(
+                Layout.DICOM, [ScanItem.from_record(r) for r in iter_index(source)], [], source
+            )
         if source.suffix.lower() == ".txt":
             lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
-            paths = [Path(line) if Path(line).is_absolute() else source.parent / line
-                     for line in lines if line and not line.startswith("#")]
+            paths = [
+                Path(line) if Path(line).is_absolute() else source.parent / line
+                for line in lines
+                if line and not line.startswith("#")
+            ]
             return Manifest(Layout.PATHS, [_volume_item(p) for p in paths], [], source)
-        raise MedsslError(f"{source}: expected a folder, an index (.parquet/.csv) or a list of "
-                          "paths (.txt)")
+        raise MedsslError(
+            f"{source}: expected a folder, an index (.parquet/.csv) or a list of paths (.txt)"
+        )
     if list(source.glob("subset*/*.mhd")):
         return _luna16(sorted(p for p in source.glob("subset*") if p.is_dir()))
     if source.name.startswith("subset") and (source.parent / "annotations.csv").is_file():
@@ -239,7 +259,9 @@ def build_manifest(source: str | Path, workers: int | None = None) -> Manifest:
         dataset = Decathlon(source)
         if not dataset.test:
             raise DatasetLayoutError(f"{source}: dataset.json lists no test cases (imagesTs)")
-        items = [ScanItem(key=case.case_id, paths=(str(Path(case.image).resolve()),))
-                 for case in dataset.test]
+        items = [
+            ScanItem(key=case.case_id, paths=(str(Path(case.image).resolve()),))
+            for case in dataset.test
+        ]
         return Manifest(Layout.DECATHLON, items, [], source)
     return _from_index(index_tree(source, workers=workers), source)

@@ -80,10 +80,14 @@ def merge_outputs(sources: Sequence[str | Path], out_dir: str | Path) -> MergeSu
         raise MedsslError(f"merge: the inputs were scored by different models ({shown})")
     merged = ResultStore(out_dir)
     try:
-        seen: dict[str, dict[str, Any]] = {}  # key -> row without timings (one per series, not per finding)
+        seen: dict[
+            str, dict[str, Any]
+        ] = {}  # key -> row without timings (one per series, not per finding)
         for folder in folders:
             _merge_one(folder, merged, seen)
-        outputs = merged.export(luna16_submission=any((f / "submission.csv").is_file() for f in folders))
+        outputs = merged.export(
+            luna16_submission=any((f / "submission.csv").is_file() for f in folders)
+        )
         unreadable = _unreadable(folders)
         if unreadable:
             outputs.append(write_unreadable(out_dir / "unreadable.csv", unreadable))
@@ -117,8 +121,10 @@ def _merge_one(folder: Path, merged: ResultStore, seen: dict[str, dict[str, Any]
             plain = _drop(row)
             if key in seen:
                 if seen[key] != plain:
-                    raise MedsslError(f"series {key} has different results in two inputs "
-                                      f"(one of them is {folder}); merge outputs of one sharded run")
+                    raise MedsslError(
+                        f"series {key} has different results in two inputs "
+                        f"(one of them is {folder}); merge outputs of one sharded run"
+                    )
                 continue
             seen[key] = plain
             batch.append((row, found))
@@ -144,4 +150,3 @@ def _unreadable(folders: Sequence[Path]) -> list[tuple[str, str]]:
             with open(path, newline="", encoding="utf-8") as fh:
                 rows.update((r["path"], r["reason"]) for r in csv.DictReader(fh))
     return sorted(rows)
-

@@ -51,8 +51,15 @@ class RunnerSpec:
         from medssl.runners import open_runner
 
         extra = {"threads": self.threads} if self.triton_url is None and self.threads else {}
-        return open_runner(self.repository, self.name, triton_url=self.triton_url, protocol=self.protocol,
-                           version=self.version, runtime=self.runtime, **extra)
+        return open_runner(
+            self.repository,
+            self.name,
+            triton_url=self.triton_url,
+            protocol=self.protocol,
+            version=self.version,
+            runtime=self.runtime,
+            **extra,
+        )
 
     def card(self) -> ModelCard:
         from medssl.models.repository import find_model_version
@@ -107,5 +114,6 @@ class ScoreOptions:
 class Engine(Protocol):
     """Turns manifest rows into results, in any order, one per row."""
 
-    def __call__(self, items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard,
-                 options: ScoreOptions) -> Iterator[Scored]: ...
+    def __call__(
+        self, items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, options: ScoreOptions
+    ) -> Iterator[Scored]: ...

@@ -51,7 +51,15 @@ from medssl.models.card import ModelCard
 from medssl.scoring.manifest import ScanItem
 from medssl.scoring.options import RunnerSpec, ScoreOptions
 from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
-from medssl.scoring.series import DicomOutput, ModelParams, Prepared, Scored, infer, model_params, prepare
+from medssl.scoring.series import (
+    DicomOutput,
+    ModelParams,
+    Prepared,
+    Scored,
+    infer,
+    model_params,
+    prepare,
+)
 
 __all__ = ["run_ray"]
 
@@ -59,11 +67,14 @@ _PICKLE = pickle.HIGHEST_PROTOCOL
 
 
 def _blobs(keys: list[str], column: str, blobs: list[bytes]) -> pa.Table:
-    return pa.table({"key": pa.array(keys, pa.string()),
-                     column: pa.array(blobs, pa.large_binary())})
+    return pa.table(
+        {"key": pa.array(keys, pa.string()), column: pa.array(blobs, pa.large_binary())}
+    )
 
 
-def _prepare_batch(batch: pa.Table, params: ModelParams, limits: GeometryLimits = DEFAULT_LIMITS) -> pa.Table:
+def _prepare_batch(
+    batch: pa.Table, params: ModelParams, limits: GeometryLimits = DEFAULT_LIMITS
+) -> pa.Table:
     """Ray task body: ``item`` (JSON) rows → ``key`` + pickled :class:`Prepared` rows."""
     keys, blobs = [], []
     for text in batch.column("item").to_pylist():
@@ -85,8 +96,14 @@ class _InferActor:
         label_maps: where segmentation label maps go (``ScoreOptions.label_maps``).
     """
 
-    def __init__(self, spec: RunnerSpec, card: ModelCard, params: ModelParams,
-                 dicom: DicomOutput | None, label_maps: Path | None = None) -> None:
+    def __init__(
+        self,
+        spec: RunnerSpec,
+        card: ModelCard,
+        params: ModelParams,
+        dicom: DicomOutput | None,
+        label_maps: Path | None = None,
+    ) -> None:
         self.card = card
         self.params = params
         self.dicom, self.label_maps = dicom, label_maps
@@ -96,7 +113,9 @@ class _InferActor:
         keys, blobs = [], []
         for blob in batch.column("prepared").to_pylist():
             prepared: Prepared = pickle.loads(blob)
-            scored = infer(prepared, self.runner, self.card, self.params, self.dicom, self.label_maps)  # never raises
+            scored = infer(
+                prepared, self.runner, self.card, self.params, self.dicom, self.label_maps
+            )  # never raises
             keys.append(prepared.item.key)
             blobs.append(pickle.dumps(scored, protocol=_PICKLE))
         return _blobs(keys, "scored", blobs)
@@ -116,17 +135,27 @@ def _start_ray(options: ScoreOptions) -> bool:
 
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                              "logging_level": logging.ERROR}
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+    }
     if options.ray_address is None:
-        kwargs["num_cpus"] = max(2, options.workers + 1)  # + the inference actor  # a local Ray detects GPUs itself
+        kwargs["num_cpus"] = max(
+            2, options.workers + 1
+        )  # + the inference actor  # a local Ray detects GPUs itself
     try:
         ray.init(address=options.ray_address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = (f"connect to Ray at {options.ray_address!r}" if options.ray_address
-                 else "start a local Ray")
-        raise MedsslError(f"cannot {where}: {exc} (start a cluster with `ray start --head`, or "
-                          "leave ray_address unset for a local one)") from exc
+        where = (
+            f"connect to Ray at {options.ray_address!r}"
+            if options.ray_address
+            else "start a local Ray"
+        )
+        raise MedsslError(
+            f"cannot {where}: {exc} (start a cluster with `ray start --head`, or "
+            "leave ray_address unset for a local one)"
+        ) from exc
     return True
 
 
@@ -144,15 +173,23 @@ def _quiet_console() -> list[logging.Handler]:
     """Filter Ray Data's console handlers (its log file keeps everything); returns them."""
     import ray.data  # noqa: F401 - configures the "ray.data" logger
 
-    handlers = [h for h in logging.getLogger("ray.data").handlers
-                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    handlers = [
+        h
+        for h in logging.getLogger("ray.data").handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
     for handler in handlers:
         handler.addFilter(_QUIET)
     return handlers
 
 
-def _dataset(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, options: ScoreOptions,
-             params: ModelParams) -> Any:
+def _dataset(
+    items: Sequence[ScanItem],
+    spec: RunnerSpec,
+    card: ModelCard,
+    options: ScoreOptions,
+    params: ModelParams,
+) -> Any:
     """The lazy Ray Data pipeline (nothing runs until it is iterated)."""
     import ray.data
 
@@ -165,21 +202,36 @@ def _dataset(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, optio
     context.verbose_stats_logs = False
     with ray.data.DataContext.current(context):  # the dataset keeps a copy of this context
         # One block per series, so series are prepared in parallel (a task maps a whole block).
-        ds = ray.data.from_items([{"item": json.dumps(item.to_json())} for item in items],
-                                 override_num_blocks=len(items))
-        ds = ds.map_batches(_prepare_batch, fn_kwargs={"params": params, "limits": options.limits}, batch_size=1,
-                            batch_format="pyarrow", num_cpus=1,
-                            compute=ray.data.TaskPoolStrategy(size=max(1, options.workers)))
-        return ds.map_batches(_InferActor,
-                              fn_constructor_kwargs={"spec": spec, "card": card, "params": params,
-                                                     "dicom": options.dicom, "label_maps": options.label_maps},
-                              batch_size=1, batch_format="pyarrow",
-                              compute=ray.data.ActorPoolStrategy(size=1),
-                              num_gpus=options.ray_num_gpus or None)
+        ds = ray.data.from_items(
+            [{"item": json.dumps(item.to_json())} for item in items], override_num_blocks=len(items)
+        )
+        ds = ds.map_batches(
+            _prepare_batch,
+            fn_kwargs={"params": params, "limits": options.limits},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=1,
+            compute=ray.data.TaskPoolStrategy(size=max(1, options.workers)),
+        )
+        return ds.map_batches(
+            _InferActor,
+            fn_constructor_kwargs={
+                "spec": spec,
+                "card": card,
+                "params": params,
+                "dicom": options.dicom,
+                "label_maps": options.label_maps,
+            },
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_gpus=options.ray_num_gpus or None,
+        )
 
 
-def run_ray(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard,
-            options: ScoreOptions) -> Iterator[Scored]:
+def run_ray(
+    items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, options: ScoreOptions
+) -> Iterator[Scored]:
     """Score ``items`` on Ray; yields one result per item, in the order of ``items``.
 
     Ray is used as found when it is already initialised (and left running); otherwise this
@@ -209,8 +261,10 @@ def run_ray(items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard,
     try:
         quiet = _quiet_console()
         for start in range(0, len(items), options.ray_chunk):
-            ds = _dataset(items[start:start + options.ray_chunk], spec, card, options, params)
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+            ds = _dataset(items[start : start + options.ray_chunk], spec, card, options, params)
+            for batch in ds.iter_batches(
+                batch_size=None, batch_format="pyarrow", prefetch_batches=0
+            ):
                 for blob in batch.column("scored").to_pylist():
                     yield pickle.loads(blob)
     finally:

@@ -63,8 +63,14 @@ def _engine(name: str) -> Engine:
     return run_local
 
 
-def score(source: str | Path, out_dir: str | Path, spec: RunnerSpec, rules: SelectionRules | None = None,
-          options: ScoreOptions | None = None, progress: Progress | None = None) -> ScoreSummary:
+def score(
+    source: str | Path,
+    out_dir: str | Path,
+    spec: RunnerSpec,
+    rules: SelectionRules | None = None,
+    options: ScoreOptions | None = None,
+    progress: Progress | None = None,
+) -> ScoreSummary:
     """Score every selected series of ``source`` into ``out_dir``.
 
     Resumable: series already ``ok``/``skipped`` in ``out_dir`` for the same model version
@@ -85,8 +91,13 @@ def score(source: str | Path, out_dir: str | Path, spec: RunnerSpec, rules: Sele
     try:
         chosen, skipped = select_series(items, rules or SelectionRules())
         done = store.done(card.name, card.version)
-        store.commit_many([(skipped_row(skip.item, card, skip.reason), ()) for skip in skipped
-                           if skip.item.key not in done])
+        store.commit_many(
+            [
+                (skipped_row(skip.item, card, skip.reason), ())
+                for skip in skipped
+                if skip.item.key not in done
+            ]
+        )
         todo = [item for item in chosen if item.key not in done]
         if options.limit is not None:
             todo = todo[: options.limit]
@@ -101,8 +112,14 @@ def score(source: str | Path, out_dir: str | Path, spec: RunnerSpec, rules: Sele
         outputs = store.export(luna16_submission=manifest.layout is Layout.LUNA16)
         if manifest.unreadable:
             outputs.append(write_unreadable(Path(out_dir) / "unreadable.csv", manifest.unreadable))
-        return ScoreSummary(total=len(items), counts=store.counts(), scored_now=finished,
-                            resumed=len([i for i in chosen if i.key in done]),
-                            unreadable_files=len(manifest.unreadable), elapsed_s=elapsed, outputs=outputs)
+        return ScoreSummary(
+            total=len(items),
+            counts=store.counts(),
+            scored_now=finished,
+            resumed=len([i for i in chosen if i.key in done]),
+            unreadable_files=len(manifest.unreadable),
+            elapsed_s=elapsed,
+            outputs=outputs,
+        )
     finally:
         store.close()

@@ -21,23 +21,123 @@ __all__ = ["SelectionRules", "Skip", "parse_rules", "select_series"]
 
 #: Modality defined terms (PS3.3 C.7.3.1.1.1) a skip reason may quote; any other value is
 #: not quoted, since a damaged or hostile header may hold anything there, PHI included.
-_MODALITIES = frozenset({
-    "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CR", "CT", "CTPROTOCOL", "DG", "DOC", "DX", "ECG",
-    "EPS", "ES", "FID", "GM", "HC", "HD", "IO", "IOL", "IVOCT", "IVUS", "KER", "KO", "LEN", "LS",
-    "MG", "MR", "M3D", "NM", "OAM", "OCT", "OP", "OPM", "OPT", "OPTBSV", "OPTENF", "OPV", "OSS",
-    "OT", "PLAN", "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE", "RTIMAGE", "RTPLAN",
-    "RTRECORD", "RTSTRUCT", "RWV", "SEG", "SM", "SMR", "SR", "SRF", "STAIN", "TEXTUREMAP", "TG",
-    "US", "VA", "XA", "XC"})
+_MODALITIES = frozenset(
+    {
+        "AR",
+        "ASMT",
+        "AU",
+        "BDUS",
+        "BI",
+        "BMD",
+        "CR",
+        "CT",
+        "CTPROTOCOL",
+        "DG",
+        "DOC",
+        "DX",
+        "ECG",
+        "EPS",
+        "ES",
+        "FID",
+        "GM",
+        "HC",
+        "HD",
+        "IO",
+        "IOL",
+        "IVOCT",
+        "IVUS",
+        "KER",
+        "KO",
+        "LEN",
+        "LS",
+        "MG",
+        "MR",
+        "M3D",
+        "NM",
+        "OAM",
+        "OCT",
+        "OP",
+        "OPM",
+        "OPT",
+        "OPTBSV",
+        "OPTENF",
+        "OPV",
+        "OSS",
+        "OT",
+        "PLAN",
+        "PR",
+        "PT",
+        "PX",
+        "REG",
+        "RESP",
+        "RF",
+        "RG",
+        "RTDOSE",
+        "RTIMAGE",
+        "RTPLAN",
+        "RTRECORD",
+        "RTSTRUCT",
+        "RWV",
+        "SEG",
+        "SM",
+        "SMR",
+        "SR",
+        "SRF",
+        "STAIN",
+        "TEXTUREMAP",
+        "TG",
+        "US",
+        "VA",
+        "XA",
+        "XC",
+    }
+)
 
 
 #: Body Part Examined defined terms (PS3.16 CID 4031 and PS3.16 Annex L's common CT values) a
 #: skip reason may quote; anything else is not quoted (free text from a damaged header).
-_BODY_PARTS = frozenset({
-    "ABDOMEN", "ABDOMENPELVIS", "ADRENAL", "ANKLE", "AORTA", "ARM", "BRAIN", "BREAST", "CHEST",
-    "CHESTABDOMEN", "CHESTABDPELVIS", "CSPINE", "ELBOW", "EXTREMITY", "FOOT", "HAND", "HEAD",
-    "HEADNECK", "HEART", "HIP", "JAW", "KIDNEY", "KNEE", "LEG", "LIVER", "LSPINE", "LUNG",
-    "NECK", "PANCREAS", "PELVIS", "SHOULDER", "SKULL", "SPINE", "SPLEEN", "THORAX", "TSPINE",
-    "WHOLEBODY", "WRIST"})
+_BODY_PARTS = frozenset(
+    {
+        "ABDOMEN",
+        "ABDOMENPELVIS",
+        "ADRENAL",
+        "ANKLE",
+        "AORTA",
+        "ARM",
+        "BRAIN",
+        "BREAST",
+        "CHEST",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "CSPINE",
+        "ELBOW",
+        "EXTREMITY",
+        "FOOT",
+        "HAND",
+        "HEAD",
+        "HEADNECK",
+        "HEART",
+        "HIP",
+        "JAW",
+        "KIDNEY",
+        "KNEE",
+        "LEG",
+        "LIVER",
+        "LSPINE",
+        "LUNG",
+        "NECK",
+        "PANCREAS",
+        "PELVIS",
+        "SHOULDER",
+        "SKULL",
+        "SPINE",
+        "SPLEEN",
+        "THORAX",
+        "TSPINE",
+        "WHOLEBODY",
+        "WRIST",
+    }
+)
 
 
 def _shown_body_part(value: str) -> str:
@@ -87,8 +187,9 @@ class SelectionRules:
 
     def __post_init__(self) -> None:
         if self.per_study not in ("all", "thinnest"):
-            raise ConfigError(f"per_study must be 'all' or 'thinnest', got {self.per_study!r}",
-                              key="per_study")
+            raise ConfigError(
+                f"per_study must be 'all' or 'thinnest', got {self.per_study!r}", key="per_study"
+            )
         object.__setattr__(self, "body_part", tuple(str(v).strip().upper() for v in self.body_part))
         if self.min_slices < 1 or self.max_thickness_mm <= 0:
             raise ConfigError("min_slices must be >= 1 and max_thickness_mm > 0")
@@ -112,7 +213,9 @@ class SelectionRules:
         if item.n_slices is not None and item.n_slices < self.min_slices:
             return f"{item.n_slices} slices, fewer than {self.min_slices}"
         if item.slice_thickness_mm is not None and item.slice_thickness_mm > self.max_thickness_mm:
-            return f"{item.slice_thickness_mm:g} mm slices, thicker than {self.max_thickness_mm:g} mm"
+            return (
+                f"{item.slice_thickness_mm:g} mm slices, thicker than {self.max_thickness_mm:g} mm"
+            )
         return None
 
 
@@ -124,7 +227,9 @@ class Skip:
     reason: str
 
 
-def select_series(items: Sequence[ScanItem], rules: SelectionRules) -> tuple[list[ScanItem], list[Skip]]:
+def select_series(
+    items: Sequence[ScanItem], rules: SelectionRules
+) -> tuple[list[ScanItem], list[Skip]]:
     """Split ``items`` into those to score (input order kept) and those skipped, with reasons."""
     chosen, skipped = [], []
     for item in items:
@@ -143,7 +248,9 @@ def select_series(items: Sequence[ScanItem], rules: SelectionRules) -> tuple[lis
         for item in chosen:
             if id(item) not in keep:
                 winner = best[item.study_uid or item.key]
-                skipped.append(Skip(item, f"not the thinnest series of its study ({winner.key} is)"))
+                skipped.append(
+                    Skip(item, f"not the thinnest series of its study ({winner.key} is)")
+                )
         chosen = [item for item in chosen if id(item) in keep]
     return chosen, skipped
 
@@ -185,8 +292,9 @@ def parse_rules(text: str | None) -> SelectionRules:
         for pair in text.split(","):
             key, sep, value = pair.partition("=")
             if not sep:
-                raise ConfigError(f"--select {text!r}: expected a rules file or key=value pairs",
-                                  key="--select")
+                raise ConfigError(
+                    f"--select {text!r}: expected a rules file or key=value pairs", key="--select"
+                )
             data[key.strip()] = value.strip()
     return _rules(data)
 
@@ -195,7 +303,9 @@ def _rules(data: Mapping[str, Any]) -> SelectionRules:
     known = {f.name: f for f in fields(SelectionRules)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"unknown selection rule(s) {unknown}; known: {sorted(known)}", key=unknown[0])
+        raise ConfigError(
+            f"unknown selection rule(s) {unknown}; known: {sorted(known)}", key=unknown[0]
+        )
     rules = SelectionRules()
     values: dict[str, Any] = {}
     for key, value in data.items():
@@ -208,7 +318,11 @@ def _rules(data: Mapping[str, Any]) -> SelectionRules:
             elif key == "max_thickness_mm":
                 values[key] = float(value)
             else:
-                values[key] = str(value).upper() if key in ("modality", "orientation") else str(value)
+                values[key] = (
+                    str(value).upper() if key in ("modality", "orientation") else str(value)
+                )
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"selection rule {key}: bad value {value!r} ({exc})", key=key) from exc
+            raise ConfigError(
+                f"selection rule {key}: bad value {value!r} ({exc})", key=key
+            ) from exc
     return replace(rules, **values)

@@ -41,8 +41,17 @@ from medssl.pipeline.segment import (
 from medssl.scoring.manifest import ScanItem
 from medssl.volume import Volume
 
-__all__ = ["DicomOutput", "ModelParams", "Prepared", "Scored", "failed_row", "infer", "model_params", "prepare",
-           "skipped_row"]
+__all__ = [
+    "DicomOutput",
+    "ModelParams",
+    "Prepared",
+    "Scored",
+    "failed_row",
+    "infer",
+    "model_params",
+    "prepare",
+    "skipped_row",
+]
 
 #: The shared pipeline's parameters of a detector or a segmenter.
 ModelParams = DetectionParams | SegmentationParams
@@ -123,7 +132,9 @@ def _read(item: ScanItem, limits: GeometryLimits, spacing_mm: Sequence[float] | 
     return volume
 
 
-def prepare(item: ScanItem, params: ModelParams, limits: GeometryLimits = DEFAULT_LIMITS) -> Prepared:
+def prepare(
+    item: ScanItem, params: ModelParams, limits: GeometryLimits = DEFAULT_LIMITS
+) -> Prepared:
     """Read a series and preprocess it for the model; errors become ``Prepared.error``.
 
     Every failure here is the series' own (its headers, its pixels, its size), so none is
@@ -153,10 +164,20 @@ def prepare(item: ScanItem, params: ModelParams, limits: GeometryLimits = DEFAUL
         return Prepared(item, None, timings, error=_describe(exc))
     except Exception as exc:  # noqa: BLE001 - one series never stops the batch
         # The type only: the message of an unexpected error may quote header values (PHI).
-        return Prepared(item, None, timings, error=f"unexpected {type(exc).__name__} while reading "
-                        "or preprocessing the series")
-    return Prepared(item, volume, timings, n_slices=source.shape[0], source_affine=source.affine.copy(),
-                    source_shape=source.shape)
+        return Prepared(
+            item,
+            None,
+            timings,
+            error=f"unexpected {type(exc).__name__} while reading or preprocessing the series",
+        )
+    return Prepared(
+        item,
+        volume,
+        timings,
+        n_slices=source.shape[0],
+        source_affine=source.affine.copy(),
+        source_shape=source.shape,
+    )
 
 
 def _dicom_skipped(item: ScanItem, dicom: DicomOutput | None) -> str | None:
@@ -166,10 +187,19 @@ def _dicom_skipped(item: ScanItem, dicom: DicomOutput | None) -> str | None:
 
 
 def _base_row(item: ScanItem, card: ModelCard, status: str) -> dict[str, Any]:
-    return {"key": item.key, "patient_id": item.patient_id, "study_uid": item.study_uid,
-            "series_uid": item.series_uid, "status": status, "error": None, "model": card.name,
-            "model_version": card.version, "n_slices": item.n_slices, "source": item.paths[0],
-            "series_uid_absent": item.series_uid_absent}
+    return {
+        "key": item.key,
+        "patient_id": item.patient_id,
+        "study_uid": item.study_uid,
+        "series_uid": item.series_uid,
+        "status": status,
+        "error": None,
+        "model": card.name,
+        "model_version": card.version,
+        "n_slices": item.n_slices,
+        "source": item.paths[0],
+        "series_uid_absent": item.series_uid_absent,
+    }
 
 
 def skipped_row(item: ScanItem, card: ModelCard, reason: str) -> dict[str, Any]:
@@ -177,10 +207,15 @@ def skipped_row(item: ScanItem, card: ModelCard, reason: str) -> dict[str, Any]:
     return {**_base_row(item, card, "skipped"), "error": reason}
 
 
-def failed_row(item: ScanItem, card: ModelCard, error: str, timings: dict[str, float] | None = None) -> dict[str, Any]:
+def failed_row(
+    item: ScanItem, card: ModelCard, error: str, timings: dict[str, float] | None = None
+) -> dict[str, Any]:
     """The row of a series that could not be scored, with the reason."""
-    return {**_base_row(item, card, "failed"), "error": error,
-            **{f"{k}_s": v for k, v in (timings or {}).items()}}
+    return {
+        **_base_row(item, card, "failed"),
+        "error": error,
+        **{f"{k}_s": v for k, v in (timings or {}).items()},
+    }
 
 
 #: Segmentation types a label SEG can be written as (:class:`medssl.dicom.seg.SegType`).
@@ -223,10 +258,14 @@ class DicomOutput:
 
     def __post_init__(self) -> None:
         if self.min_probability is not None and not 0.0 <= float(self.min_probability) <= 1.0:
-            raise ValueError(f"DicomOutput.min_probability must be in [0, 1], got {self.min_probability}")
+            raise ValueError(
+                f"DicomOutput.min_probability must be in [0, 1], got {self.min_probability}"
+            )
         seg_type = str(self.seg_type).lower()
         if seg_type not in SEG_TYPES:
-            raise ValueError(f"DicomOutput.seg_type must be one of {list(SEG_TYPES)}, got {self.seg_type!r}")
+            raise ValueError(
+                f"DicomOutput.seg_type must be one of {list(SEG_TYPES)}, got {self.seg_type!r}"
+            )
         object.__setattr__(self, "seg_type", seg_type)
 
 
@@ -235,8 +274,9 @@ def _source_headers(item: ScanItem) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(p, stop_before_pixels=True) for p in item.paths]
 
 
-def _write_sr(prepared: Prepared, detections: Sequence[Detection], card: ModelCard,
-              output: DicomOutput) -> list[WrittenObject]:
+def _write_sr(
+    prepared: Prepared, detections: Sequence[Detection], card: ModelCard, output: DicomOutput
+) -> list[WrittenObject]:
     """The series' TID 1500 SR of the detections at or above the threshold in effect
     (``output.min_probability``, else the card's operating point), and its companion SEG if
     asked for and anything is reported (headers of the source files only); the SR first."""
@@ -252,22 +292,38 @@ def _write_sr(prepared: Prepared, detections: Sequence[Detection], card: ModelCa
     if not (output.companion_seg and reported):
         return [save(detection_sr(source, reported, card, settings=settings), folder / "sr.dcm")]
     assert prepared.source_affine is not None and prepared.source_shape is not None
-    seg = detection_seg(source, reported, card, prepared.source_affine, prepared.source_shape, settings=settings)
+    seg = detection_seg(
+        source, reported, card, prepared.source_affine, prepared.source_shape, settings=settings
+    )
     seg_written = save(seg, folder / "findings-seg.dcm")
-    return [save(detection_sr(source, reported, card, companion_seg=seg, settings=settings), folder / "sr.dcm"),
-            seg_written]
+    return [
+        save(
+            detection_sr(source, reported, card, companion_seg=seg, settings=settings),
+            folder / "sr.dcm",
+        ),
+        seg_written,
+    ]
 
 
 def _failure(prepared: Prepared, card: ModelCard, exc: BaseException) -> Scored:
     """The failed result of a series whose inference raised ``exc`` (medssl's typed errors as
     they are, anything else prefixed "unexpected")."""
     reason = _describe(exc) if isinstance(exc, MedsslError) else f"unexpected {_describe(exc)}"
-    return Scored(failed_row(prepared.item, card, reason, prepared.timings), [],
-                  transient=isinstance(exc, (RunnerError, MemoryError)))
+    return Scored(
+        failed_row(prepared.item, card, reason, prepared.timings),
+        [],
+        transient=isinstance(exc, (RunnerError, MemoryError)),
+    )
 
 
-def infer(prepared: Prepared, runner: DetectionRunner | SegmentationRunner, card: ModelCard, params: ModelParams,
-          dicom: DicomOutput | None = None, label_maps: Path | None = None) -> Scored:
+def infer(
+    prepared: Prepared,
+    runner: DetectionRunner | SegmentationRunner,
+    card: ModelCard,
+    params: ModelParams,
+    dicom: DicomOutput | None = None,
+    label_maps: Path | None = None,
+) -> Scored:
     """Run the model on a prepared series (or pass its failure through).
 
     Args:
@@ -286,8 +342,11 @@ def infer(prepared: Prepared, runner: DetectionRunner | SegmentationRunner, card
     """
     item = prepared.item
     if prepared.volume is None:
-        return Scored(failed_row(item, card, prepared.error or "unknown error", prepared.timings), [],
-                      transient=prepared.transient)
+        return Scored(
+            failed_row(item, card, prepared.error or "unknown error", prepared.timings),
+            [],
+            transient=prepared.transient,
+        )
     if isinstance(params, SegmentationParams):
         return _infer_segmentation(prepared, runner, card, params, dicom, label_maps)  # type: ignore[arg-type]
     try:
@@ -296,10 +355,19 @@ def infer(prepared: Prepared, runner: DetectionRunner | SegmentationRunner, card
         return _failure(prepared, card, exc)
     threshold = card.report_threshold(dicom.min_probability if dicom is not None else None)
     findings = [
-        {"key": item.key, "series_uid": item.series_uid or item.key, "index": i,
-         "x_mm": float(d.centre_lps[0]), "y_mm": float(d.centre_lps[1]), "z_mm": float(d.centre_lps[2]),
-         "diameter_mm": float(d.diameter_mm), "probability": float(d.probability),
-         "passed": bool(d.probability >= threshold.value), "model": card.name, "model_version": card.version}
+        {
+            "key": item.key,
+            "series_uid": item.series_uid or item.key,
+            "index": i,
+            "x_mm": float(d.centre_lps[0]),
+            "y_mm": float(d.centre_lps[1]),
+            "z_mm": float(d.centre_lps[2]),
+            "diameter_mm": float(d.diameter_mm),
+            "probability": float(d.probability),
+            "passed": bool(d.probability >= threshold.value),
+            "model": card.name,
+            "model_version": card.version,
+        }
         for i, d in enumerate(result.detections)
     ]
     files: list[Path] = []
@@ -308,25 +376,38 @@ def infer(prepared: Prepared, runner: DetectionRunner | SegmentationRunner, card
         try:
             files = _write_sr(prepared, result.detections, card, dicom)
         except Exception as exc:  # noqa: BLE001 - a failed row, not a dead run
-            return Scored(failed_row(item, card, f"writing the SR failed: {_describe(exc)}", prepared.timings), [])
+            return Scored(
+                failed_row(
+                    item, card, f"writing the SR failed: {_describe(exc)}", prepared.timings
+                ),
+                [],
+            )
     write_s = time.perf_counter() - start
     probabilities = [f["probability"] for f in findings]
     row = {
         **_base_row(item, card, "ok"),
         "n_slices": prepared.n_slices if prepared.n_slices is not None else item.n_slices,
-        "read_s": prepared.timings.get("read"), "preprocess_s": prepared.timings.get("preprocess"),
-        "inference_s": result.timings["inference"], "postprocess_s": result.timings["postprocess"],
-        "n_windows": result.n_windows, "n_windows_skipped": result.n_windows_skipped,
-        "lung_mask_s": result.timings.get("lung_mask"), "warning": "; ".join(result.warnings) or None,
+        "read_s": prepared.timings.get("read"),
+        "preprocess_s": prepared.timings.get("preprocess"),
+        "inference_s": result.timings["inference"],
+        "postprocess_s": result.timings["postprocess"],
+        "n_windows": result.n_windows,
+        "n_windows_skipped": result.n_windows_skipped,
+        "lung_mask_s": result.timings.get("lung_mask"),
+        "warning": "; ".join(result.warnings) or None,
         "n_findings": len(findings),
         "max_probability": float(np.max(probabilities)) if probabilities else 0.0,
-        "report_threshold": threshold.value, "threshold_source": threshold.source,
-        "dicom_outputs": str(files[0].path) if files else None, "note": _dicom_skipped(item, dicom),
+        "report_threshold": threshold.value,
+        "threshold_source": threshold.source,
+        "dicom_outputs": str(files[0].path) if files else None,
+        "note": _dicom_skipped(item, dicom),
     }
     return Scored(row, findings, files, write_s)
 
 
-def _write_seg(item: ScanItem, labels: Volume, card: ModelCard, output: DicomOutput) -> WrittenObject:
+def _write_seg(
+    item: ScanItem, labels: Volume, card: ModelCard, output: DicomOutput
+) -> WrittenObject:
     """The series' DICOM SEG (``output.seg_type``, empty frames omitted unless
     ``output.dense_seg``), its frames mapped to the source series' frames."""
     source = _source_headers(item)
@@ -334,39 +415,73 @@ def _write_seg(item: ScanItem, labels: Volume, card: ModelCard, output: DicomOut
     slices = frame_slices(source, labels.affine, labels.shape[0])
     folder = output.folder / item.series_uid
     folder.mkdir(parents=True, exist_ok=True)
-    return save(label_seg(source, np.asarray(labels.array)[slices], card, seg_type=output.seg_type,
-                          omit_empty_frames=not output.dense_seg), folder / "seg.dcm")
+    return save(
+        label_seg(
+            source,
+            np.asarray(labels.array)[slices],
+            card,
+            seg_type=output.seg_type,
+            omit_empty_frames=not output.dense_seg,
+        ),
+        folder / "seg.dcm",
+    )
 
 
-def _infer_segmentation(prepared: Prepared, runner: SegmentationRunner, card: ModelCard,
-                        params: SegmentationParams, dicom: DicomOutput | None,
-                        label_maps: Path | None) -> Scored:
+def _infer_segmentation(
+    prepared: Prepared,
+    runner: SegmentationRunner,
+    card: ModelCard,
+    params: SegmentationParams,
+    dicom: DicomOutput | None,
+    label_maps: Path | None,
+) -> Scored:
     item = prepared.item
-    assert prepared.volume is not None and prepared.source_affine is not None and prepared.source_shape
+    assert (
+        prepared.volume is not None and prepared.source_affine is not None and prepared.source_shape
+    )
     try:
-        result = segment_prepared(prepared.volume, prepared.source_shape, prepared.source_affine, runner, params)
+        result = segment_prepared(
+            prepared.volume, prepared.source_shape, prepared.source_affine, runner, params
+        )
         start = time.perf_counter()
-        label_map = None if label_maps is None else write_nifti(result.labels, label_maps / f"{item.key}.nii.gz")
-        files = [_write_seg(item, result.labels, card, dicom)] if (
-            dicom is not None and item.is_dicom and not _dicom_skipped(item, dicom)) else []
+        label_map = (
+            None
+            if label_maps is None
+            else write_nifti(result.labels, label_maps / f"{item.key}.nii.gz")
+        )
+        files = (
+            [_write_seg(item, result.labels, card, dicom)]
+            if (dicom is not None and item.is_dicom and not _dicom_skipped(item, dicom))
+            else []
+        )
         write_s = time.perf_counter() - start
     except Exception as exc:  # noqa: BLE001 - a failed row, not a dead run
         return _failure(prepared, card, exc)
     findings = [
-        {"key": item.key, "series_uid": item.series_uid or item.key, "index": label.value, "label": label.name,
-         "volume_ml": float(result.volumes_ml.get(label.value, 0.0)), "model": card.name,
-         "model_version": card.version}
+        {
+            "key": item.key,
+            "series_uid": item.series_uid or item.key,
+            "index": label.value,
+            "label": label.name,
+            "volume_ml": float(result.volumes_ml.get(label.value, 0.0)),
+            "model": card.name,
+            "model_version": card.version,
+        }
         for label in card.labels
     ]
     t = result.timings
     row = {
         **_base_row(item, card, "ok"),
         "n_slices": prepared.n_slices if prepared.n_slices is not None else item.n_slices,
-        "read_s": prepared.timings.get("read"), "preprocess_s": prepared.timings.get("preprocess"),
-        "inference_s": t["inference"] + t["blend"], "postprocess_s": t["resample_back"] + t["postprocess"],
-        "n_windows": result.n_windows, "n_windows_skipped": result.n_windows_skipped,
+        "read_s": prepared.timings.get("read"),
+        "preprocess_s": prepared.timings.get("preprocess"),
+        "inference_s": t["inference"] + t["blend"],
+        "postprocess_s": t["resample_back"] + t["postprocess"],
+        "n_windows": result.n_windows,
+        "n_windows_skipped": result.n_windows_skipped,
         "n_findings": sum(1 for f in findings if f["volume_ml"] > 0),
-        "dicom_outputs": str(files[0].path) if files else None, "note": _dicom_skipped(item, dicom),
+        "dicom_outputs": str(files[0].path) if files else None,
+        "note": _dicom_skipped(item, dicom),
         "label_map": str(label_map) if label_map is not None else None,
     }
     return Scored(row, findings, files, write_s)

@@ -34,25 +34,51 @@ __all__ = ["FINDING_COLUMNS", "SERIES_COLUMNS", "ResultStore", "write_unreadable
 #: mask's time; ``warning``: what the pipeline reported about the series (e.g. no lung found,
 #: so every window ran).
 SERIES_COLUMNS: dict[str, pa.DataType] = {
-    "key": pa.string(), "patient_id": pa.string(), "study_uid": pa.string(), "series_uid": pa.string(),
-    "status": pa.string(), "error": pa.string(), "model": pa.string(), "model_version": pa.int64(),
-    "n_slices": pa.int64(), "source": pa.string(),
-    "read_s": pa.float64(), "preprocess_s": pa.float64(), "inference_s": pa.float64(),
-    "postprocess_s": pa.float64(), "n_windows": pa.int64(),
-    "n_findings": pa.int64(), "max_probability": pa.float64(), "dicom_outputs": pa.string(),
-    "label_map": pa.string(), "note": pa.string(), "series_uid_absent": pa.bool_(),
-    "report_threshold": pa.float64(), "threshold_source": pa.string(),
-    "n_windows_skipped": pa.int64(), "lung_mask_s": pa.float64(), "warning": pa.string(),
+    "key": pa.string(),
+    "patient_id": pa.string(),
+    "study_uid": pa.string(),
+    "series_uid": pa.string(),
+    "status": pa.string(),
+    "error": pa.string(),
+    "model": pa.string(),
+    "model_version": pa.int64(),
+    "n_slices": pa.int64(),
+    "source": pa.string(),
+    "read_s": pa.float64(),
+    "preprocess_s": pa.float64(),
+    "inference_s": pa.float64(),
+    "postprocess_s": pa.float64(),
+    "n_windows": pa.int64(),
+    "n_findings": pa.int64(),
+    "max_probability": pa.float64(),
+    "dicom_outputs": pa.string(),
+    "label_map": pa.string(),
+    "note": pa.string(),
+    "series_uid_absent": pa.bool_(),
+    "report_threshold": pa.float64(),
+    "threshold_source": pa.string(),
+    "n_windows_skipped": pa.int64(),
+    "lung_mask_s": pa.float64(),
+    "warning": pa.string(),
 }
 #: ``findings.parquet`` columns. Detection: one detection per row, LPS millimetres (``x_mm`` ...
 #: ``probability``); every candidate is kept, and ``passed`` says whether it reached the series'
 #: ``report_threshold`` (is in the SR/SEG). Segmentation: one row per label, ``index`` the class value, ``label`` its
 #: name and ``volume_ml`` its volume on the source grid.
 FINDING_COLUMNS: dict[str, pa.DataType] = {
-    "key": pa.string(), "series_uid": pa.string(), "index": pa.int64(), "x_mm": pa.float64(),
-    "y_mm": pa.float64(), "z_mm": pa.float64(), "diameter_mm": pa.float64(),
-    "probability": pa.float64(), "passed": pa.bool_(), "label": pa.string(), "volume_ml": pa.float64(),
-    "model": pa.string(), "model_version": pa.int64(),
+    "key": pa.string(),
+    "series_uid": pa.string(),
+    "index": pa.int64(),
+    "x_mm": pa.float64(),
+    "y_mm": pa.float64(),
+    "z_mm": pa.float64(),
+    "diameter_mm": pa.float64(),
+    "probability": pa.float64(),
+    "passed": pa.bool_(),
+    "label": pa.string(),
+    "volume_ml": pa.float64(),
+    "model": pa.string(),
+    "model_version": pa.int64(),
 }
 DONE = ("ok", "skipped")
 #: Rows read from the store and written per Parquet row group by :meth:`ResultStore.export`.
@@ -73,25 +99,33 @@ class ResultStore:
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS series (key TEXT PRIMARY KEY, status TEXT, "
-                         "model TEXT, version INTEGER, row TEXT)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS findings (key TEXT, idx INTEGER, row TEXT, "
-                         "PRIMARY KEY (key, idx))")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS series (key TEXT PRIMARY KEY, status TEXT, "
+            "model TEXT, version INTEGER, row TEXT)"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS findings (key TEXT, idx INTEGER, row TEXT, "
+            "PRIMARY KEY (key, idx))"
+        )
 
     def close(self) -> None:
         self._db.close()
 
     def done(self, model: str, version: int) -> set[str]:
         """Keys already ``ok`` or ``skipped`` with this model version."""
-        rows = self._db.execute("SELECT key FROM series WHERE model = ? AND version = ? AND status IN (?, ?)",
-                                (model, version, *DONE))
+        rows = self._db.execute(
+            "SELECT key FROM series WHERE model = ? AND version = ? AND status IN (?, ?)",
+            (model, version, *DONE),
+        )
         return {key for (key,) in rows}
 
     def commit(self, row: Mapping[str, Any], findings: Sequence[Mapping[str, Any]] = ()) -> None:
         """Replace ``row["key"]``'s row and findings, in one transaction."""
         self.commit_many([(row, findings)])
 
-    def commit_many(self, results: Sequence[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]]) -> None:
+    def commit_many(
+        self, results: Sequence[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]]
+    ) -> None:
         """Replace the rows and findings of several series in one transaction (one fsync):
         for the skipped rows a run writes before it starts, ~70k of them for NLST."""
         for row, _ in results:
@@ -103,12 +137,23 @@ class ResultStore:
             for row, findings in results:
                 key = row["key"]
                 self._db.execute("DELETE FROM findings WHERE key = ?", (key,))
-                self._db.execute("INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?)",
-                                 (key, row["status"], row.get("model"), row.get("model_version"),
-                                  json.dumps(dict(row), allow_nan=False)))
-                self._db.executemany("INSERT INTO findings VALUES (?, ?, ?)",
-                                     [(key, i, json.dumps(dict(f), allow_nan=False))
-                                      for i, f in enumerate(findings)])
+                self._db.execute(
+                    "INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?)",
+                    (
+                        key,
+                        row["status"],
+                        row.get("model"),
+                        row.get("model_version"),
+                        json.dumps(dict(row), allow_nan=False),
+                    ),
+                )
+                self._db.executemany(
+                    "INSERT INTO findings VALUES (?, ?, ?)",
+                    [
+                        (key, i, json.dumps(dict(f), allow_nan=False))
+                        for i, f in enumerate(findings)
+                    ],
+                )
 
     def rows(self) -> list[dict[str, Any]]:
         """Every series row, by key."""
@@ -128,18 +173,26 @@ class ResultStore:
 
     def counts(self) -> dict[str, int]:
         """Rows per status."""
-        return dict(self._db.execute("SELECT status, COUNT(*) FROM series GROUP BY status").fetchall())
+        return dict(
+            self._db.execute("SELECT status, COUNT(*) FROM series GROUP BY status").fetchall()
+        )
 
     def export(self, luna16_submission: bool = False) -> list[Path]:
         """Write ``series.parquet``, ``findings.parquet`` and, for LUNA16 inputs,
         ``submission.csv`` (seriesuid, coordX, coordY, coordZ, probability) atomically."""
-        written = [_write_parquet(self.out_dir / "series.parquet", self.iter_rows(), SERIES_COLUMNS),
-                   _write_parquet(self.out_dir / "findings.parquet", self.iter_findings(), FINDING_COLUMNS)]
+        written = [
+            _write_parquet(self.out_dir / "series.parquet", self.iter_rows(), SERIES_COLUMNS),
+            _write_parquet(
+                self.out_dir / "findings.parquet", self.iter_findings(), FINDING_COLUMNS
+            ),
+        ]
         if luna16_submission:
             from medssl.metrics.luna16 import Prediction, write_predictions  # sklearn: slow import
 
-            predictions = [Prediction(f["key"], (f["x_mm"], f["y_mm"], f["z_mm"]), f["probability"])
-                           for f in self.findings()]
+            predictions = [
+                Prediction(f["key"], (f["x_mm"], f["y_mm"], f["z_mm"]), f["probability"])
+                for f in self.findings()
+            ]
             written.append(write_predictions(self.out_dir / "submission.csv", predictions))
         return written
 
@@ -153,15 +206,22 @@ def _iter_json(cursor: sqlite3.Cursor) -> Iterator[dict[str, Any]]:
             yield json.loads(text)
 
 
-def _write_parquet(path: Path, rows: Iterable[Mapping[str, Any]], columns: Mapping[str, pa.DataType]) -> Path:
+def _write_parquet(
+    path: Path, rows: Iterable[Mapping[str, Any]], columns: Mapping[str, pa.DataType]
+) -> Path:
     """Write ``rows`` as Parquet :data:`_BATCH` rows (one row group) at a time, atomically: memory
     stays flat whatever the number of rows."""
     batch = _BATCH
     schema = pa.schema(list(columns.items()))
 
     def table(chunk: list[Mapping[str, Any]]) -> pa.Table:
-        return pa.table({name: pa.array([r.get(name) for r in chunk], type=kind) for name, kind in columns.items()},
-                        schema=schema)
+        return pa.table(
+            {
+                name: pa.array([r.get(name) for r in chunk], type=kind)
+                for name, kind in columns.items()
+            },
+            schema=schema,
+        )
 
     def write(fh: Any) -> None:
         with pq.ParquetWriter(fh, schema) as writer:

@@ -42,14 +42,21 @@ class ArchiveInfo:
 def _localizer(series: Path) -> Path:
     """Write a one-image localizer series next to ``series`` (same study and patient)."""
     first = pydicom.dcmread(sorted(series.glob("*.dcm"))[0])
-    image = first.pixel_array.astype(np.float32) * float(first.RescaleSlope) + float(first.RescaleIntercept)
+    image = first.pixel_array.astype(np.float32) * float(first.RescaleSlope) + float(
+        first.RescaleIntercept
+    )
     spacing = [float(v) for v in first.PixelSpacing]
     affine = np.eye(4)
     affine[1, 1], affine[2, 2] = spacing
     affine[:3, 3] = [float(v) for v in first.ImagePositionPatient][::-1]
-    info = SeriesInfo(uid_seed=f"{first.SeriesInstanceUID}-localizer", patient_id=str(first.PatientID),
-                      study_uid=str(first.StudyInstanceUID), series_number=100, series_description="Scout",
-                      frame_of_reference_uid=str(first.FrameOfReferenceUID))
+    info = SeriesInfo(
+        uid_seed=f"{first.SeriesInstanceUID}-localizer",
+        patient_id=str(first.PatientID),
+        study_uid=str(first.StudyInstanceUID),
+        series_number=100,
+        series_description="Scout",
+        frame_of_reference_uid=str(first.FrameOfReferenceUID),
+    )
     folder = series.parent / "100-Scout"
     (path,) = write_dicom_series(Volume(image[None], affine), folder, info)
     ds = pydicom.dcmread(path)
@@ -74,8 +81,16 @@ def _break(series: Path, breakage: str) -> None:
         ds.save_as(middle)
 
 
-def write_archive(out: str | Path, studies: int, broken: int = 0, seed: int = 0, matrix: int = 512,
-                  n_slices: int | None = None, *, family: str = "train") -> ArchiveInfo:
+def write_archive(
+    out: str | Path,
+    studies: int,
+    broken: int = 0,
+    seed: int = 0,
+    matrix: int = 512,
+    n_slices: int | None = None,
+    *,
+    family: str = "train",
+) -> ArchiveInfo:
     """Write ``studies`` intact and ``broken`` damaged chest CT studies, each with a localizer.
 
     Args:
@@ -94,8 +109,15 @@ def write_archive(out: str | Path, studies: int, broken: int = 0, seed: int = 0,
         raise ValueError(f"broken must be in 0..{len(BREAKAGES)}, got {broken}")
     out = Path(out)
     staging = out / ".write"
-    series = write_chest_dataset(staging, studies + broken, fmt="dicom", seed=seed, matrix=matrix,
-                                 n_slices=n_slices, family=family)
+    series = write_chest_dataset(
+        staging,
+        studies + broken,
+        fmt="dicom",
+        seed=seed,
+        matrix=matrix,
+        n_slices=n_slices,
+        family=family,
+    )
     info = ArchiveInfo()
     for i, folder in enumerate(series):
         target = out / folder.relative_to(staging)

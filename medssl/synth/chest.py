@@ -162,12 +162,13 @@ def generate_chest_ct(seed: int, config: ChestConfig | None = None) -> ChestCase
     """
     cfg = config if config is not None else ChestConfig()
     if not 0 <= seed < SEED_SPAN:
-        raise ValueError(f"seed must be in [0, {SEED_SPAN}) (the family's seed offset is added "
-                         f"to it), got {seed}")
+        raise ValueError(
+            f"seed must be in [0, {SEED_SPAN}) (the family's seed offset is added "
+            f"to it), got {seed}"
+        )
     rng = np.random.default_rng(seed + cfg.seed_offset)
     scanner = draw_scanner(rng, cfg)
-    anatomy = with_contrast(draw_anatomy(rng, scanner.patient_size, fat_mm=scanner.fat_mm),
-                            scanner)
+    anatomy = with_contrast(draw_anatomy(rng, scanner.patient_size, fat_mm=scanner.fat_mm), scanner)
     grid, targeted = place_grid(rng, cfg, scanner, anatomy)
     grid = with_breathing(grid, scanner, anatomy)
     sx, _, sz = grid.spacing_xyz
@@ -175,49 +176,93 @@ def generate_chest_ct(seed: int, config: ChestConfig | None = None) -> ChestCase
     n_nodules = int(rng.integers(cfg.n_nodules_range[0], cfg.n_nodules_range[1] + 1))
     n_confusers = int(rng.integers(cfg.n_confusers_range[0], cfg.n_confusers_range[1] + 1))
     nodules, confusers, crossings = place_lesions(
-        anatomy, grid, vessels, rng, n_nodules, cfg.nodule_diameter_range, n_confusers,
-        location_shares=cfg.location_shares, kind_shares=cfg.kind_shares,
-        airways=airways, airway_share=cfg.airway_share)
+        anatomy,
+        grid,
+        vessels,
+        rng,
+        n_nodules,
+        cfg.nodule_diameter_range,
+        n_confusers,
+        location_shares=cfg.location_shares,
+        kind_shares=cfg.kind_shares,
+        airways=airways,
+        airway_share=cfg.airway_share,
+    )
     n_lookalikes = int(rng.integers(cfg.n_lookalikes_range[0], cfg.n_lookalikes_range[1] + 1))
     granulomas, scars, lookalikes, scar_hu = place_lookalikes(
-        anatomy, grid, vessels, rng, n_lookalikes, nodules + confusers,
-        granuloma_share=cfg.granuloma_share)
+        anatomy,
+        grid,
+        vessels,
+        rng,
+        n_lookalikes,
+        nodules + confusers,
+        granuloma_share=cfg.granuloma_share,
+    )
     if grid.z_shift:  # annotate lesions where the moving patient shows them
         nodules, confusers, granulomas = (
-            [_shown(grid, lesion) for lesion in group] for group in (nodules, confusers, granulomas))
+            [_shown(grid, lesion) for lesion in group] for group in (nodules, confusers, granulomas)
+        )
         lookalikes = [_shown_record(grid, record) for record in lookalikes]  # type: ignore[misc]
 
     body_box, region = body_and_lung_boxes(anatomy, grid)
     texture = Texture.draw(rng, grid, region, 2.0) if region is not None else None
     n_z, n_y, n_x = grid.shape
     n_bank = min(n_z, NOISE_BANK_SLICES)
-    bank = scanner_noise((n_bank, n_y + NOISE_SHIFT, n_x + NOISE_SHIFT), scanner.noise_sigma, rng,
-                         edge_enhance=scanner.edge_enhance)
-    pick = np.column_stack([
-        rng.permutation(n_z) if n_z <= n_bank else rng.integers(0, n_bank, n_z),
-        rng.integers(0, NOISE_SHIFT + 1, (n_z, 2)),
-    ])
+    bank = scanner_noise(
+        (n_bank, n_y + NOISE_SHIFT, n_x + NOISE_SHIFT),
+        scanner.noise_sigma,
+        rng,
+        edge_enhance=scanner.edge_enhance,
+    )
+    pick = np.column_stack(
+        [
+            rng.permutation(n_z) if n_z <= n_bank else rng.integers(0, n_bank, n_z),
+            rng.integers(0, NOISE_SHIFT + 1, (n_z, 2)),
+        ]
+    )
 
-    scene = Scene.build(anatomy, grid, scanner, body_box, region, texture,
-                        Tubes.concat([vessels, crossings]), airways,
-                        nodules + confusers + granulomas, bank, pick, scars=scars,
-                        scar_hu=scar_hu)
+    scene = Scene.build(
+        anatomy,
+        grid,
+        scanner,
+        body_box,
+        region,
+        texture,
+        Tubes.concat([vessels, crossings]),
+        airways,
+        nodules + confusers + granulomas,
+        bank,
+        pick,
+        scars=scars,
+        scar_hu=scar_hu,
+    )
     render(scene, cfg.render_threads or min(4, os.cpu_count() or 1))
 
     meta = {
-        "generator": "medssl.synth.chest", "modality": "CT", "seed": int(seed),
-        "family": cfg.family, "rng_seed": int(seed + cfg.seed_offset),
-        "edge_enhance": scanner.edge_enhance, "fat_mm": scanner.fat_mm,
-        "contrast_hu": scanner.contrast_hu, "motion_mm": scanner.motion_mm,
-        "pixel_spacing": scanner.pixel, "slice_thickness": scanner.thickness,
-        "noise_sigma_hu": scanner.noise_sigma, "kernel_fwhm_mm": scanner.kernel_fwhm,
-        "kernel": scanner.kernel_name, "patient_size": scanner.patient_size,
-        "fov_mm": cfg.matrix * scanner.pixel, "targeted": targeted,
+        "generator": "medssl.synth.chest",
+        "modality": "CT",
+        "seed": int(seed),
+        "family": cfg.family,
+        "rng_seed": int(seed + cfg.seed_offset),
+        "edge_enhance": scanner.edge_enhance,
+        "fat_mm": scanner.fat_mm,
+        "contrast_hu": scanner.contrast_hu,
+        "motion_mm": scanner.motion_mm,
+        "pixel_spacing": scanner.pixel,
+        "slice_thickness": scanner.thickness,
+        "noise_sigma_hu": scanner.noise_sigma,
+        "kernel_fwhm_mm": scanner.kernel_fwhm,
+        "kernel": scanner.kernel_name,
+        "patient_size": scanner.patient_size,
+        "fov_mm": cfg.matrix * scanner.pixel,
+        "targeted": targeted,
         "fov_centre_lps": [float(v) for v in np.mean(grid.box(), axis=0)],
     }
     volume = Volume(scene.out["image"], affine_from_geometry(grid.origin, grid.spacing), meta)
     return ChestCase(
-        volume=volume, nodule_mask=scene.out["nodules"], lung_mask=scene.out["lung"],
+        volume=volume,
+        nodule_mask=scene.out["nodules"],
+        lung_mask=scene.out["lung"],
         nodules=[n.record for n in nodules],  # type: ignore[misc]
         confusers=[c.record for c in confusers],  # type: ignore[misc]
         lookalikes=lookalikes,

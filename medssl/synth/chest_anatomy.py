@@ -71,8 +71,9 @@ class ScanGrid:
 
     def __post_init__(self) -> None:
         if self.z_shift and len(self.z_shift) != self.shape[0]:
-            raise ValueError(f"z_shift must have one value per slice ({self.shape[0]}), "
-                             f"got {len(self.z_shift)}")
+            raise ValueError(
+                f"z_shift must have one value per slice ({self.shape[0]}), got {len(self.z_shift)}"
+            )
 
     @property
     def motion_mm(self) -> float:
@@ -106,8 +107,12 @@ class ScanGrid:
         """How far beyond a surface a voxel can still be partly covered: half the voxel diagonal."""
         return 0.5 * float(np.linalg.norm(self.spacing)) + 0.01
 
-    def axes(self, zs: slice = slice(None), ys: slice = slice(None), xs: slice = slice(None),
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def axes(
+        self,
+        zs: slice = slice(None),
+        ys: slice = slice(None),
+        xs: slice = slice(None),
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Open float32 LPS axes ``x (1,1,nx)``, ``y (1,ny,1)``, ``z (nz,1,1)`` of a sub-grid
 
         (``z``: the levels shown, breathing shift included).
@@ -150,8 +155,7 @@ class ScanGrid:
         b = np.clip(np.floor(self.to_index(hi) + 1e-9) + 1, 0, limit).astype(int)
         if self.z_shift:
             shown = self.axes()[2].ravel().astype(np.float64)
-            inside = np.flatnonzero((shown >= float(lo[2]) - 1e-6)
-                                    & (shown <= float(hi[2]) + 1e-6))
+            inside = np.flatnonzero((shown >= float(lo[2]) - 1e-6) & (shown <= float(hi[2]) + 1e-6))
             a[0], b[0] = (inside[0], inside[-1] + 1) if len(inside) else (0, 0)
         if np.any(b <= a):
             return None
@@ -180,8 +184,9 @@ def cover(outside_mm: np.ndarray | float, width_mm: np.ndarray | float) -> np.nd
     return np.clip(occ, 0.0, 1.0, out=occ)
 
 
-def round_coverage(dist_mm: np.ndarray, radius_mm: np.ndarray | float,
-                   width_mm: np.ndarray | float) -> np.ndarray:
+def round_coverage(
+    dist_mm: np.ndarray, radius_mm: np.ndarray | float, width_mm: np.ndarray | float
+) -> np.ndarray:
     """Coverage of a voxel by a solid of local radius ``radius_mm`` at distance ``dist_mm >= 0``.
 
     The box-filtered profile along the normal: correct also for structures
@@ -234,8 +239,12 @@ class Tubes:
         if not parts:
             empty = np.zeros((0, 3))
             return Tubes(empty, empty, np.zeros(0), np.zeros(0), np.zeros(0, dtype=bool))
-        return Tubes(*(np.concatenate([getattr(p, f) for p in parts])
-                       for f in ("start", "end", "r0", "r1", "clipped")))
+        return Tubes(
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in ("start", "end", "r0", "r1", "clipped")
+            )
+        )
 
     def __len__(self) -> int:
         return len(self.r0)
@@ -263,14 +272,19 @@ class Tubes:
         # with q = (p - start) . ab: |p - start - t ab|^2 = |p - start|^2 - 2 t q + t^2 |ab|^2
         q = p @ ab.T - (self.start * ab).sum(axis=1)
         t = np.clip(q / length2, 0.0, 1.0)
-        d2 = (p * p).sum(axis=1)[:, None] - 2 * (p @ self.start.T) + (self.start ** 2).sum(axis=1)
+        d2 = (p * p).sum(axis=1)[:, None] - 2 * (p @ self.start.T) + (self.start**2).sum(axis=1)
         d2 += t * (t * length2 - 2 * q)
         return np.sqrt(np.maximum(d2, 0.0)), self.r0 + t * (self.r1 - self.r0)
 
 
 def tube_field(
-    x: np.ndarray, y: np.ndarray, z: np.ndarray,
-    a: np.ndarray, b: np.ndarray, ra: float, rb: float,
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    ra: float,
+    rb: float,
     spacing_xyz: tuple[float, float, float],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distance to a tapered tube's axis, its local radius, and the voxel width along the normal.
@@ -314,9 +328,9 @@ class TissueHU:
     blood: float
     liver: float
     abdomen: float
-    lung: float             # parenchyma mean at mid-depth
-    lung_gradient: float    # posterior minus anterior parenchyma (supine, gravity)
-    lung_texture: float     # std of the smooth parenchymal texture
+    lung: float  # parenchyma mean at mid-depth
+    lung_gradient: float  # posterior minus anterior parenchyma (supine, gravity)
+    lung_texture: float  # std of the smooth parenchymal texture
     vessel: float
     cortical: float
     cancellous: float
@@ -339,10 +353,10 @@ class ChestAnatomy:
     """
 
     size: float
-    xm: float               # midline x
-    cy: float               # y of the body's centre
-    zc: float               # z of the carina
-    body_a: float           # lateral semi-axis at mid-chest
+    xm: float  # midline x
+    cy: float  # y of the body's centre
+    zc: float  # z of the carina
+    body_a: float  # lateral semi-axis at mid-chest
     body_b_ant: float
     body_b_post: float
     back_y: float
@@ -350,36 +364,36 @@ class ChestAnatomy:
     wall_lat: float
     wall_ant: float
     wall_post: float
-    shoulder: float         # extra lateral wall depth at the apex (shoulder girdle)
+    shoulder: float  # extra lateral wall depth at the apex (shoulder girdle)
     z_apex: float
-    z_shoulder: float       # apical caps start narrowing here
-    apex_x: float           # cap centre |x - xm|
+    z_shoulder: float  # apical caps start narrowing here
+    apex_x: float  # cap centre |x - xm|
     apex_y: float
     apex_ra: float
     apex_rb: float
-    dome_z: tuple[float, float]   # (right, left) dome tops
+    dome_z: tuple[float, float]  # (right, left) dome tops
     dome_drop: float
-    dome_x: float           # dome centre |x - xm|
+    dome_x: float  # dome centre |x - xm|
     dome_y: float
     dome_ax: float
     dome_by: tuple[float, float]  # (anterior, posterior) semi-axes
-    band_ant: float         # half-width of the mediastinal band at the anterior junction
-    band_mid: float         # ... behind it
-    band_y: float           # where the band widens
-    vb_y: float             # vertebral body centre y
-    vb_r: tuple[float, float]     # vertebral body semi-axes (x, y)
-    pitch: float            # vertebral / rib period along z
-    rib_z1: float           # z of the first rib at its head
-    rib_drop: float         # how much lower a rib's front end is than its head
-    sternum_z: tuple[float, float]      # (top, bottom)
+    band_ant: float  # half-width of the mediastinal band at the anterior junction
+    band_mid: float  # ... behind it
+    band_y: float  # where the band widens
+    vb_y: float  # vertebral body centre y
+    vb_r: tuple[float, float]  # vertebral body semi-axes (x, y)
+    pitch: float  # vertebral / rib period along z
+    rib_z1: float  # z of the first rib at its head
+    rib_drop: float  # how much lower a rib's front end is than its head
+    sternum_z: tuple[float, float]  # (top, bottom)
     scapula: tuple[float, float, float, float]  # z top, z bottom, angle of the centre, half-width
     heart_centre: tuple[float, float, float]
     heart_radii: tuple[float, float, float]
-    heart_rot: np.ndarray   # (3, 3), columns: heart axes in LPS
-    mediastinal: Tubes      # aorta, great vessels, SVC, oesophagus, pulmonary trunk
-    trachea: Tubes          # trachea and main bronchi (lumen radii)
-    hila: np.ndarray        # (2, 3, 3): [side right/left][artery, vein, bronchus] roots
-    vessel_roots: Tubes     # pulmonary arteries and veins between the heart and the hila
+    heart_rot: np.ndarray  # (3, 3), columns: heart axes in LPS
+    mediastinal: Tubes  # aorta, great vessels, SVC, oesophagus, pulmonary trunk
+    trachea: Tubes  # trachea and main bronchi (lumen radii)
+    hila: np.ndarray  # (2, 3, 3): [side right/left][artery, vein, bronchus] roots
+    vessel_roots: Tubes  # pulmonary arteries and veins between the heart and the hila
     clavicles: Tubes
     gastric_bubble: tuple[float, float, float, float] | None  # centre xyz, radius
     hu: TissueHU
@@ -389,8 +403,11 @@ class ChestAnatomy:
         """Body semi-axes ``(a, b_ant, b_post)`` at levels ``z``: narrower towards the neck."""
         u = np.clip((np.asarray(z, dtype=_F32) - _F32(self.zc + 20.0)) / _F32(110.0), 0.0, 1.0)
         s = u * u * (3.0 - 2.0 * u)
-        return (_F32(self.body_a) * (1 - 0.10 * s), _F32(self.body_b_ant) * (1 - 0.12 * s),
-                _F32(self.body_b_post) * (1 - 0.06 * s))
+        return (
+            _F32(self.body_a) * (1 - 0.10 * s),
+            _F32(self.body_b_ant) * (1 - 0.12 * s),
+            _F32(self.body_b_post) * (1 - 0.06 * s),
+        )
 
     def outline_distance(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Radial distance outside the body's elliptical outline, mm (negative inside)."""
@@ -411,19 +428,30 @@ class ChestAnatomy:
         cos = self._cos_angle(x, y)
         post, ant = np.maximum(cos, 0.0), np.maximum(-cos, 0.0)
         fat = self.fat * (1.0 - 0.45 * post)
-        wall = self.wall_lat + (self.wall_post - self.wall_lat) * post**2 + (
-            self.wall_ant - self.wall_lat) * ant**2
+        wall = (
+            self.wall_lat
+            + (self.wall_post - self.wall_lat) * post**2
+            + (self.wall_ant - self.wall_lat) * ant**2
+        )
         return fat.astype(_F32), (fat + wall).astype(_F32)
 
-    def shoulder_wall(self, x: np.ndarray, y: np.ndarray, z: np.ndarray,
-                      ) -> tuple[np.ndarray, np.ndarray]:
+    def shoulder_wall(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        z: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Extra chest-wall depth of the upper thorax: ``(mm by level, weight by angle)``.
 
         Shoulder-girdle muscles thicken the wall towards the apex, except at the
         back, so the rib cage narrows upwards. Their product adds to the cavity depth.
         """
-        u = np.clip((np.asarray(z, dtype=_F32) - _F32(self.zc - 60.0))
-                    / _F32(self.z_apex + 20.0 - self.zc + 60.0), 0.0, 1.0)
+        u = np.clip(
+            (np.asarray(z, dtype=_F32) - _F32(self.zc - 60.0))
+            / _F32(self.z_apex + 20.0 - self.zc + 60.0),
+            0.0,
+            1.0,
+        )
         extra = _F32(self.shoulder) * u * u * (3.0 - 2.0 * u)
         weight = 1.0 - np.maximum(self._cos_angle(x, y), 0.0) ** 2
         return extra.astype(_F32), weight.astype(_F32)
@@ -432,8 +460,12 @@ class ChestAnatomy:
         """Distance outside the skin: the outline cut flat where the back lies on the table."""
         return np.maximum(outline, y - _F32(self.back_y))
 
-    def muscle_distance(self, outline: np.ndarray, y: np.ndarray, fat_depth: np.ndarray,
-                        ) -> np.ndarray:
+    def muscle_distance(
+        self,
+        outline: np.ndarray,
+        y: np.ndarray,
+        fat_depth: np.ndarray,
+    ) -> np.ndarray:
         """Distance outside the muscle layer, under the subcutaneous fat."""
         return np.maximum(outline + fat_depth, y - _F32(self.back_y - 0.55 * self.fat))
 
@@ -449,7 +481,8 @@ class ChestAnatomy:
     def _cos_angle(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         u = (np.asarray(x, dtype=np.float64) - self.xm) / self.body_a
         v = (np.asarray(y, dtype=np.float64) - self.cy) / (
-            0.5 * (self.body_b_ant + self.body_b_post))
+            0.5 * (self.body_b_ant + self.body_b_post)
+        )
         return v / np.maximum(np.sqrt(u * u + v * v), 1e-9)
 
     # -- lungs ---------------------------------------------------------------------------------
@@ -477,7 +510,8 @@ class ChestAnatomy:
         dx = np.abs(np.asarray(x, dtype=_F32) - _F32(self.xm))
         dy = np.asarray(y, dtype=_F32)
         width = self.band_ant + (self.band_mid - self.band_ant) / (
-            1 + np.exp(-(dy - _F32(self.band_y)) / _F32(8.0)))
+            1 + np.exp(-(dy - _F32(self.band_y)) / _F32(8.0))
+        )
         band = dx - width
         rx, ry = self.vb_r
         g = np.sqrt((dx / _F32(rx + 3.0)) ** 2 + ((dy - _F32(self.vb_y)) / _F32(ry + 3.0)) ** 2)
@@ -493,8 +527,12 @@ class ChestAnatomy:
         dx = np.abs(np.asarray(x, dtype=_F32) - _F32(self.xm)) - _F32(self.apex_x)
         dy = np.asarray(y, dtype=_F32) - _F32(self.apex_y)
         rho = np.sqrt((dx / _F32(self.apex_ra)) ** 2 + (dy / _F32(self.apex_rb)) ** 2)
-        u = np.clip((np.asarray(z, dtype=_F32) - _F32(self.z_shoulder))
-                    / _F32(self.z_apex - self.z_shoulder), 0.0, 1.0)
+        u = np.clip(
+            (np.asarray(z, dtype=_F32) - _F32(self.z_shoulder))
+            / _F32(self.z_apex - self.z_shoulder),
+            0.0,
+            1.0,
+        )
         scale = _F32(APEX_CAP_SCALE) * (1.0 - u) ** _F32(0.6)
         above = np.maximum(np.asarray(z, dtype=_F32) - _F32(self.z_apex), 0.0)
         return (scale - rho) * _F32(min(self.apex_ra, self.apex_rb)) - above
@@ -516,8 +554,9 @@ class ChestAnatomy:
         half = np.abs(self.heart_rot) @ np.asarray(self.heart_radii) + margin
         return np.asarray(self.heart_centre) - half, np.asarray(self.heart_centre) + half
 
-    def lung_occupancy(self, x: np.ndarray, y: np.ndarray, z: np.ndarray,
-                       width_xy: float, width_z: float) -> np.ndarray:
+    def lung_occupancy(
+        self, x: np.ndarray, y: np.ndarray, z: np.ndarray, width_xy: float, width_z: float
+    ) -> np.ndarray:
         """Lung coverage in [0, 1] at arbitrary points (the renderer's formula, everywhere)."""
         occ = ramp(-self.cavity_distance(x, y, z), width_xy)
         np.minimum(occ, ramp(self.apex_depth(x, y, z), width_xy), out=occ)
@@ -526,8 +565,9 @@ class ChestAnatomy:
         np.minimum(occ, ramp(self.heart_distance(x, y, z) - _F32(HEART_FAT_MM), width_xy), out=occ)
         t = self.mediastinal
         for k in range(len(t)):
-            dist, radius, width = tube_field(x, y, z, t.start[k], t.end[k], t.r0[k], t.r1[k],
-                                             (width_xy, width_xy, width_z))
+            dist, radius, width = tube_field(
+                x, y, z, t.start[k], t.end[k], t.r0[k], t.r1[k], (width_xy, width_xy, width_z)
+            )
             np.minimum(occ, ramp(dist - radius - _F32(MEDIASTINAL_FAT_MM), width), out=occ)
         return occ
 
@@ -536,13 +576,17 @@ class ChestAnatomy:
         half_x = self.body_a - self.fat - self.wall_lat + 3.0
         front = self.body_b_ant - self.fat - self.wall_ant + 3.0
         back = self.body_b_post - 0.55 * self.fat - self.wall_post + 3.0
-        return (np.array([self.xm - half_x, self.cy - front, self.lowest_lung_z - 2.0]),
-                np.array([self.xm + half_x, self.cy + back, self.z_apex + 2.0]))
+        return (
+            np.array([self.xm - half_x, self.cy - front, self.lowest_lung_z - 2.0]),
+            np.array([self.xm + half_x, self.cy + back, self.z_apex + 2.0]),
+        )
 
     def body_box(self) -> tuple[np.ndarray, np.ndarray]:
         """LPS ``(x, y)`` box ``(lo, hi)`` holding every axial section of the body."""
-        return (np.array([self.xm - self.body_a - 1.0, self.cy - self.body_b_ant - 1.0]),
-                np.array([self.xm + self.body_a + 1.0, self.back_y + 1.0]))
+        return (
+            np.array([self.xm - self.body_a - 1.0, self.cy - self.body_b_ant - 1.0]),
+            np.array([self.xm + self.body_a + 1.0, self.back_y + 1.0]),
+        )
 
 
 #: Size of the apical caps at the shoulders, relative to their semi-axes (they then hold
@@ -553,8 +597,12 @@ HEART_FAT_MM = 3.0
 MEDIASTINAL_FAT_MM = 2.5
 
 
-def draw_anatomy(rng: np.random.Generator, size: float, *, fat_mm: float | None = None,
-                 ) -> ChestAnatomy:
+def draw_anatomy(
+    rng: np.random.Generator,
+    size: float,
+    *,
+    fat_mm: float | None = None,
+) -> ChestAnatomy:
     """Draw a patient: body habitus, organ positions and tissue attenuations.
 
     Args:
@@ -582,13 +630,21 @@ def draw_anatomy(rng: np.random.Generator, size: float, *, fat_mm: float | None 
     y_tr = vb_y - vb_r[1] - 22 * size
     pitch = rng.uniform(23, 28) * sh
 
-    heart_r = (rng.uniform(0.42, 0.5) * cav_a, rng.uniform(0.5, 0.6) * cav_ant,
-               rng.uniform(48, 58) * sh)
+    heart_r = (
+        rng.uniform(0.42, 0.5) * cav_a,
+        rng.uniform(0.5, 0.6) * cav_ant,
+        rng.uniform(48, 58) * sh,
+    )
     heart_c = (xm + 0.2 * cav_a, cy - 0.25 * cav_ant, dome_l + 0.45 * heart_r[2])
     yaw, pitch_tilt = np.radians(rng.uniform(20, 40)), np.radians(rng.uniform(5, 20))
     rz = np.array([[np.cos(yaw), np.sin(yaw), 0], [-np.sin(yaw), np.cos(yaw), 0], [0, 0, 1]])
-    ry = np.array([[np.cos(pitch_tilt), 0, np.sin(pitch_tilt)], [0, 1, 0],
-                   [-np.sin(pitch_tilt), 0, np.cos(pitch_tilt)]])
+    ry = np.array(
+        [
+            [np.cos(pitch_tilt), 0, np.sin(pitch_tilt)],
+            [0, 1, 0],
+            [-np.sin(pitch_tilt), 0, np.cos(pitch_tilt)],
+        ]
+    )
     heart_rot = rz @ ry
     heart_top = heart_c[2] + 0.8 * heart_r[2]
 
@@ -596,26 +652,48 @@ def draw_anatomy(rng: np.random.Generator, size: float, *, fat_mm: float | None 
     top = z_apex + 120.0
     bottom = dome_l - 260.0
     aorta = Tubes.polyline(
-        np.array([[xm + 4, cy - 0.30 * cav_ant, heart_top - 25],
-                  [xm + 2, cy - 0.36 * cav_ant, zc + 12],
-                  [xm + 10, cy - 0.18 * cav_ant, zc + 32],
-                  [xm + 27 * s, vb_y - 38 * s, zc + 30],
-                  [xm + 28 * s, vb_y - 30 * s, zc + 5],
-                  [xm + 24 * s, vb_y - 26 * s, dome_l - 20],
-                  [xm + 10 * s, vb_y - 26 * s, bottom]]),
-        np.array([14, 15, 13.5, 12.5, 12, 11.5, 10.5]) * s * rng.uniform(0.9, 1.15))
-    great = [Tubes.polyline(np.array([[xm + dx * s, cy + dy * cav_ant, zc + 30],
-                                      [xm + 1.6 * dx * s, cy + dy * cav_ant, top]]),
-                            np.array([r, r]) * s)
-             for dx, dy, r in ((-9, -0.32, 6.5), (5, -0.22, 5.0), (18, -0.05, 5.5))]
-    svc = Tubes.polyline(np.array([[xm - 26 * s, cy - 0.3 * cav_ant, top],
-                                   [xm - 24 * s, cy - 0.28 * cav_ant, heart_top]]),
-                         np.array([9.0, 10.0]) * s)
+        np.array(
+            [
+                [xm + 4, cy - 0.30 * cav_ant, heart_top - 25],
+                [xm + 2, cy - 0.36 * cav_ant, zc + 12],
+                [xm + 10, cy - 0.18 * cav_ant, zc + 32],
+                [xm + 27 * s, vb_y - 38 * s, zc + 30],
+                [xm + 28 * s, vb_y - 30 * s, zc + 5],
+                [xm + 24 * s, vb_y - 26 * s, dome_l - 20],
+                [xm + 10 * s, vb_y - 26 * s, bottom],
+            ]
+        ),
+        np.array([14, 15, 13.5, 12.5, 12, 11.5, 10.5]) * s * rng.uniform(0.9, 1.15),
+    )
+    great = [
+        Tubes.polyline(
+            np.array(
+                [
+                    [xm + dx * s, cy + dy * cav_ant, zc + 30],
+                    [xm + 1.6 * dx * s, cy + dy * cav_ant, top],
+                ]
+            ),
+            np.array([r, r]) * s,
+        )
+        for dx, dy, r in ((-9, -0.32, 6.5), (5, -0.22, 5.0), (18, -0.05, 5.5))
+    ]
+    svc = Tubes.polyline(
+        np.array(
+            [[xm - 26 * s, cy - 0.3 * cav_ant, top], [xm - 24 * s, cy - 0.28 * cav_ant, heart_top]]
+        ),
+        np.array([9.0, 10.0]) * s,
+    )
     oesophagus = Tubes.polyline(
-        np.array([[xm + 5 * s, y_tr + 16 * s, top], [xm + 7 * s, y_tr + 17 * s, zc - 60],
-                  [xm + 18 * s, y_tr + 8 * s, dome_l - 15],
-                  [xm + 45 * s, cy - 0.1 * cav_ant, dome_l - 45]]),
-        np.array([7.5, 8.0, 8.5, 9.0]) * s)
+        np.array(
+            [
+                [xm + 5 * s, y_tr + 16 * s, top],
+                [xm + 7 * s, y_tr + 17 * s, zc - 60],
+                [xm + 18 * s, y_tr + 8 * s, dome_l - 15],
+                [xm + 45 * s, cy - 0.1 * cav_ant, dome_l - 45],
+            ]
+        ),
+        np.array([7.5, 8.0, 8.5, 9.0]) * s,
+    )
     trachea = Tubes.polyline(np.array([[xm, y_tr, top], [xm, y_tr, zc]]), np.array([9.0, 9.0]) * s)
     hila = np.zeros((2, 3, 3))
     main_bronchi = []
@@ -623,66 +701,120 @@ def draw_anatomy(rng: np.random.Generator, size: float, *, fat_mm: float | None 
         lateral = (0.2 if side == 0 else 0.3) * cav_a
         drop = 22 if side == 0 else 35
         end = np.array([xm + sign * lateral, y_tr + 8, zc - drop * sh])
-        main_bronchi.append(Tubes.polyline(np.array([[xm, y_tr, zc], end]),
-                                           np.array([6.5, 6.0] if side == 0 else [5.8, 5.3]) * s))
+        main_bronchi.append(
+            Tubes.polyline(
+                np.array([[xm, y_tr, zc], end]),
+                np.array([6.5, 6.0] if side == 0 else [5.8, 5.3]) * s,
+            )
+        )
         hila[side, 0] = (xm + sign * 0.32 * cav_a, cy + 0.05 * cav_post, zc - 18 * sh)
         hila[side, 1] = (xm + sign * 0.3 * cav_a, cy + 0.15 * cav_post, zc - 52 * sh)
         hila[side, 2] = end
     bifurcation = np.array([xm + 8 * s, cy - 0.22 * cav_ant, zc - 14])
     pa_trunk = Tubes.polyline(
         np.array([[xm + 18 * s, cy - 0.62 * cav_ant, heart_top - 10], bifurcation]),
-        np.array([13.0, 12.0]) * s)
+        np.array([13.0, 12.0]) * s,
+    )
     atrium = np.array(heart_c) + heart_rot @ np.array([0.0, 0.8 * heart_r[1], 0.25 * heart_r[2]])
     vessel_roots = Tubes.concat(
-        [Tubes.polyline(np.array([bifurcation, hila[side, 0]]), np.array([10.0, 8.5]) * s)
-         for side in (0, 1)]
-        + [Tubes.polyline(np.array([atrium + (sign * 15 * s, 0, 0), hila[side, 1]]),
-                          np.array([7.5, 6.5]) * s) for side, sign in ((0, -1.0), (1, 1.0))])
+        [
+            Tubes.polyline(np.array([bifurcation, hila[side, 0]]), np.array([10.0, 8.5]) * s)
+            for side in (0, 1)
+        ]
+        + [
+            Tubes.polyline(
+                np.array([atrium + (sign * 15 * s, 0, 0), hila[side, 1]]), np.array([7.5, 6.5]) * s
+            )
+            for side, sign in ((0, -1.0), (1, 1.0))
+        ]
+    )
 
-    clavicles = Tubes.concat([
-        Tubes.polyline(np.array([[xm + sign * 14 * s, cy - body_b_ant + fat + 8, z_apex - 25],
-                                 [xm + sign * 0.55 * body_a, cy - body_b_ant + fat + 12,
-                                  z_apex - 10],
-                                 [xm + sign * (body_a - fat - 12), cy - 0.2 * cav_ant,
-                                  z_apex + 5]]),
-                       np.array([7.0, 6.0, 7.5]) * s)
-        for sign in (-1.0, 1.0)])
+    clavicles = Tubes.concat(
+        [
+            Tubes.polyline(
+                np.array(
+                    [
+                        [xm + sign * 14 * s, cy - body_b_ant + fat + 8, z_apex - 25],
+                        [xm + sign * 0.55 * body_a, cy - body_b_ant + fat + 12, z_apex - 10],
+                        [xm + sign * (body_a - fat - 12), cy - 0.2 * cav_ant, z_apex + 5],
+                    ]
+                ),
+                np.array([7.0, 6.0, 7.5]) * s,
+            )
+            for sign in (-1.0, 1.0)
+        ]
+    )
     bubble = None
     if rng.uniform() < 0.6:
         bubble = (xm + 0.45 * cav_a, cy - 0.1 * cav_ant, dome_l - 32 * sh, rng.uniform(12, 28))
 
     lung = rng.uniform(-880, -830)
     hu = TissueHU(
-        fat=rng.uniform(-115, -85), muscle=rng.uniform(38, 55), blood=rng.uniform(32, 48),
-        liver=rng.uniform(52, 66), abdomen=rng.uniform(25, 42), lung=lung,
-        lung_gradient=rng.uniform(30, 90), lung_texture=rng.uniform(8, 20),
-        vessel=rng.uniform(30, 55), cortical=rng.uniform(750, 1100),
-        cancellous=rng.uniform(150, 300), cartilage=rng.uniform(80, 160),
+        fat=rng.uniform(-115, -85),
+        muscle=rng.uniform(38, 55),
+        blood=rng.uniform(32, 48),
+        liver=rng.uniform(52, 66),
+        abdomen=rng.uniform(25, 42),
+        lung=lung,
+        lung_gradient=rng.uniform(30, 90),
+        lung_texture=rng.uniform(8, 20),
+        vessel=rng.uniform(30, 55),
+        cortical=rng.uniform(750, 1100),
+        cancellous=rng.uniform(150, 300),
+        cartilage=rng.uniform(80, 160),
         disc=rng.uniform(70, 100),
     )
     return ChestAnatomy(
-        size=size, xm=xm, cy=cy, zc=zc,
-        body_a=body_a, body_b_ant=body_b_ant, body_b_post=body_b_post,
-        back_y=cy + body_b_post - 8 * size, fat=fat,
-        wall_lat=wall_lat, wall_ant=wall_ant, wall_post=wall_post,
+        size=size,
+        xm=xm,
+        cy=cy,
+        zc=zc,
+        body_a=body_a,
+        body_b_ant=body_b_ant,
+        body_b_post=body_b_post,
+        back_y=cy + body_b_post - 8 * size,
+        fat=fat,
+        wall_lat=wall_lat,
+        wall_ant=wall_ant,
+        wall_post=wall_post,
         shoulder=rng.uniform(25, 45) * size,
-        z_apex=z_apex, z_shoulder=zc - rng.uniform(10, 40) * sh,
-        apex_x=0.45 * cav_a, apex_y=cy + 0.1 * cav_post, apex_ra=0.6 * cav_a,
+        z_apex=z_apex,
+        z_shoulder=zc - rng.uniform(10, 40) * sh,
+        apex_x=0.45 * cav_a,
+        apex_y=cy + 0.1 * cav_post,
+        apex_ra=0.6 * cav_a,
         apex_rb=0.95 * cav_ant,
-        dome_z=(dome_r, dome_l), dome_drop=rng.uniform(70, 95) * sh, dome_x=0.45 * cav_a,
-        dome_y=cy - 0.2 * cav_ant, dome_ax=0.55 * cav_a, dome_by=(1.0 * cav_ant, 1.0 * cav_post),
-        band_ant=rng.uniform(3, 8), band_mid=rng.uniform(18, 26) * s,
+        dome_z=(dome_r, dome_l),
+        dome_drop=rng.uniform(70, 95) * sh,
+        dome_x=0.45 * cav_a,
+        dome_y=cy - 0.2 * cav_ant,
+        dome_ax=0.55 * cav_a,
+        dome_by=(1.0 * cav_ant, 1.0 * cav_post),
+        band_ant=rng.uniform(3, 8),
+        band_mid=rng.uniform(18, 26) * s,
         band_y=cy - 0.45 * cav_ant,
-        vb_y=vb_y, vb_r=vb_r, pitch=pitch, rib_z1=z_apex - rng.uniform(2, 12),
+        vb_y=vb_y,
+        vb_r=vb_r,
+        pitch=pitch,
+        rib_z1=z_apex - rng.uniform(2, 12),
         rib_drop=rng.uniform(3.6, 4.4) * pitch,
         sternum_z=(zc + rng.uniform(40, 60) * sh, dome_r - rng.uniform(10, 30)),
-        scapula=(z_apex + rng.uniform(0, 15), zc - rng.uniform(60, 90) * sh,
-                 rng.uniform(0.28, 0.36) * np.pi, rng.uniform(40, 55) * size),
-        heart_centre=heart_c, heart_radii=heart_r, heart_rot=heart_rot,
+        scapula=(
+            z_apex + rng.uniform(0, 15),
+            zc - rng.uniform(60, 90) * sh,
+            rng.uniform(0.28, 0.36) * np.pi,
+            rng.uniform(40, 55) * size,
+        ),
+        heart_centre=heart_c,
+        heart_radii=heart_r,
+        heart_rot=heart_rot,
         mediastinal=Tubes.concat([aorta, *great, svc, oesophagus, pa_trunk]),
-        trachea=Tubes.concat([trachea, *main_bronchi]), hila=hila,
+        trachea=Tubes.concat([trachea, *main_bronchi]),
+        hila=hila,
         vessel_roots=vessel_roots,
-        clavicles=clavicles, gastric_bubble=bubble, hu=hu,
+        clavicles=clavicles,
+        gastric_bubble=bubble,
+        hu=hu,
     )
 
 
@@ -694,12 +826,19 @@ def sphere_directions(n: int = 48) -> np.ndarray:
     k = np.arange(n) + 0.5
     polar = np.arccos(1 - 2 * k / n)
     azimuth = np.pi * (1 + 5**0.5) * k
-    return np.stack([np.cos(azimuth) * np.sin(polar), np.sin(azimuth) * np.sin(polar),
-                     np.cos(polar)], axis=1)
+    return np.stack(
+        [np.cos(azimuth) * np.sin(polar), np.sin(azimuth) * np.sin(polar), np.cos(polar)], axis=1
+    )
 
 
-def sphere_lung_occupancy(anatomy: ChestAnatomy, centres: np.ndarray, radii: np.ndarray,
-                          width_xy: float, width_z: float, n_directions: int = 48) -> np.ndarray:
+def sphere_lung_occupancy(
+    anatomy: ChestAnatomy,
+    centres: np.ndarray,
+    radii: np.ndarray,
+    width_xy: float,
+    width_z: float,
+    n_directions: int = 48,
+) -> np.ndarray:
     """Lung coverage at ``n_directions`` points on spheres: ``(M, n)`` for ``centres`` ``(M, 3)``.
 
     ``radii``: ``(M,)`` mm; ``width_xy``, ``width_z``: voxel size in-plane and along z, mm.
@@ -710,8 +849,14 @@ def sphere_lung_occupancy(anatomy: ChestAnatomy, centres: np.ndarray, radii: np.
     return occ.reshape(pts.shape[:2])
 
 
-def sample_lung_points(anatomy: ChestAnatomy, rng: np.random.Generator, n: int, depth: float,
-                       width_xy: float, width_z: float) -> tuple[np.ndarray, np.ndarray]:
+def sample_lung_points(
+    anatomy: ChestAnatomy,
+    rng: np.random.Generator,
+    n: int,
+    depth: float,
+    width_xy: float,
+    width_z: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """``n`` points per lung, uniform, ``depth`` mm inside the pleura.
 
     Returns:
@@ -723,8 +868,9 @@ def sample_lung_points(anatomy: ChestAnatomy, rng: np.random.Generator, n: int, 
         cand = rng.uniform(lo, hi, size=(max(3 * n, 256), 3))
         ok = anatomy.lung_occupancy(cand[:, 0], cand[:, 1], cand[:, 2], width_xy, width_z) >= 1
         if depth > 0 and ok.any():
-            shell = sphere_lung_occupancy(anatomy, cand[ok], np.full(ok.sum(), depth),
-                                          width_xy, width_z, n_directions=14)
+            shell = sphere_lung_occupancy(
+                anatomy, cand[ok], np.full(ok.sum(), depth), width_xy, width_z, n_directions=14
+            )
             ok[ok] = shell.min(axis=1) >= 1
         left = cand[:, 0] > anatomy.xm
         found[0].append(cand[ok & ~left])
@@ -732,12 +878,15 @@ def sample_lung_points(anatomy: ChestAnatomy, rng: np.random.Generator, n: int, 
         sides = [np.concatenate(f) for f in found]
         if min(len(p) for p in sides) >= n:
             return sides[0][:n], sides[1][:n]
-    raise RuntimeError(f"found fewer than {n} points {depth} mm deep in each lung; "
-                       "the drawn anatomy has too little lung")
+    raise RuntimeError(
+        f"found fewer than {n} points {depth} mm deep in each lung; "
+        "the drawn anatomy has too little lung"
+    )
 
 
-def grow_tree(root: np.ndarray, targets: np.ndarray, r_root: float, exponent: float,
-              rng: np.random.Generator) -> Tubes:
+def grow_tree(
+    root: np.ndarray, targets: np.ndarray, r_root: float, exponent: float, rng: np.random.Generator
+) -> Tubes:
     """A branching tube tree from ``root`` to every target, tapering as it divides.
 
     Each branch serves a set of targets: it runs part of the way from its start
@@ -753,7 +902,7 @@ def grow_tree(root: np.ndarray, targets: np.ndarray, r_root: float, exponent: fl
         rng: the random generator.
     """
     n_all = len(targets)
-    order = np.arange(n_all)        # a branch owns the targets order[lo:hi]
+    order = np.arange(n_all)  # a branch owns the targets order[lo:hi]
     lo, hi = np.array([0]), np.array([n_all])
     start = np.asarray(root, dtype=np.float64)[None]
     starts, ends, served = [], [], []
@@ -786,8 +935,9 @@ def grow_tree(root: np.ndarray, targets: np.ndarray, r_root: float, exponent: fl
         start = np.concatenate([end, end])
         generation += 1
     r = r_root * (np.concatenate(served) / n_all) ** (1.0 / exponent)
-    return Tubes(np.concatenate(starts), np.concatenate(ends), r, 0.9 * r,
-                 np.ones(len(r), dtype=bool))
+    return Tubes(
+        np.concatenate(starts), np.concatenate(ends), r, 0.9 * r, np.ones(len(r), dtype=bool)
+    )
 
 
 #: Terminal branches per vessel tree (two trees, arteries and veins, per lung) and per airway tree.
@@ -795,8 +945,9 @@ VESSEL_LEAVES = 260
 AIRWAY_LEAVES = 24
 
 
-def draw_trees(anatomy: ChestAnatomy, rng: np.random.Generator, width_xy: float,
-               width_z: float) -> tuple[Tubes, Tubes]:
+def draw_trees(
+    anatomy: ChestAnatomy, rng: np.random.Generator, width_xy: float, width_z: float
+) -> tuple[Tubes, Tubes]:
     """Pulmonary vessels and the bronchial tree, lumen radii in mm: ``(vessels, airways)``.
 
     Vessels: per lung an arterial tree from the hilum and a venous tree from

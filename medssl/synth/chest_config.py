@@ -113,32 +113,50 @@ class ChestConfig:
             raise ValueError(f"matrix must be at least 16, got {self.matrix}")
         if self.n_slices is not None and self.n_slices < 1:
             raise ValueError(f"n_slices must be positive or None, got {self.n_slices}")
-        for name in ("pixel_spacing_range", "slice_thickness_range", "nodule_diameter_range",
-                     "noise_sigma_range", "kernel_fwhm_range", "patient_size_range",
-                     "edge_enhance_range", "fat_mm_range", "contrast_hu_range",
-                     "motion_amplitude_range"):
+        for name in (
+            "pixel_spacing_range",
+            "slice_thickness_range",
+            "nodule_diameter_range",
+            "noise_sigma_range",
+            "kernel_fwhm_range",
+            "patient_size_range",
+            "edge_enhance_range",
+            "fat_mm_range",
+            "contrast_hu_range",
+            "motion_amplitude_range",
+        ):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
-                raise ValueError(f"{name} must be (low, high) with 0 < low <= high, "
-                                 f"got {(lo, hi)}")
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {(lo, hi)}")
         for name in ("n_nodules_range", "n_confusers_range", "n_lookalikes_range"):
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi:
-                raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, "
-                                 f"got {(lo, hi)}")
-        for name in ("sharp_kernel_share", "contrast_share", "granuloma_share", "motion_share",
-                     "airway_share"):
+                raise ValueError(
+                    f"{name} must be (low, high) with 0 <= low <= high, got {(lo, hi)}"
+                )
+        for name in (
+            "sharp_kernel_share",
+            "contrast_share",
+            "granuloma_share",
+            "motion_share",
+            "airway_share",
+        ):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be a probability in [0, 1], "
-                                 f"got {getattr(self, name)}")
+                raise ValueError(
+                    f"{name} must be a probability in [0, 1], got {getattr(self, name)}"
+                )
         check_shares("location_shares", self.location_shares)
         check_shares("kind_shares", self.kind_shares)
         if self.n_nodules_range[1] > 255:
-            raise ValueError(f"n_nodules_range allows at most 255 nodules (uint8 labels), "
-                             f"got {self.n_nodules_range}")
+            raise ValueError(
+                f"n_nodules_range allows at most 255 nodules (uint8 labels), "
+                f"got {self.n_nodules_range}"
+            )
         if self.nodule_diameter_range[0] < 1.0:
-            raise ValueError("nodule_diameter_range must start at 1 mm or more, "
-                             f"got {self.nodule_diameter_range}")
+            raise ValueError(
+                "nodule_diameter_range must start at 1 mm or more, "
+                f"got {self.nodule_diameter_range}"
+            )
         if self.render_threads < 0:
             raise ValueError(f"render_threads must be >= 0, got {self.render_threads}")
 

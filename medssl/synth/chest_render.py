@@ -51,8 +51,10 @@ _F32 = np.float32
 SLAB_VOXELS = 1 << 21
 
 
-def body_and_lung_boxes(anatomy: ChestAnatomy, grid: ScanGrid,
-                        ) -> tuple[tuple[slice, slice], tuple[slice, slice, slice] | None]:
+def body_and_lung_boxes(
+    anatomy: ChestAnatomy,
+    grid: ScanGrid,
+) -> tuple[tuple[slice, slice], tuple[slice, slice, slice] | None]:
     """Index boxes of the body and of the lungs on ``grid``.
 
     Returns:
@@ -104,16 +106,23 @@ class _TubeSet:
     carve: float | None = None
 
     @staticmethod
-    def build(tubes: Tubes, grid: ScanGrid, layers: tuple[tuple[float, float, float, bool], ...],
-              carve: float | None = None) -> _TubeSet:
+    def build(
+        tubes: Tubes,
+        grid: ScanGrid,
+        layers: tuple[tuple[float, float, float, bool], ...],
+        carve: float | None = None,
+    ) -> _TubeSet:
         grow = max(scale for scale, _, _, _ in layers)
         extra = max(offset for _, offset, _, _ in layers) + grid.reach + (carve or 0.0)
         pad = np.maximum(tubes.r0, tubes.r1) * grow + extra
         lo, hi = grid.box()
         lo[2] -= grid.motion_mm
         hi[2] += grid.motion_mm
-        keep = np.all((np.maximum(tubes.start, tubes.end) + pad[:, None] >= lo)
-                      & (np.minimum(tubes.start, tubes.end) - pad[:, None] <= hi), axis=1)
+        keep = np.all(
+            (np.maximum(tubes.start, tubes.end) + pad[:, None] >= lo)
+            & (np.minimum(tubes.start, tubes.end) - pad[:, None] <= hi),
+            axis=1,
+        )
         kept = Tubes(*(getattr(tubes, f)[keep] for f in ("start", "end", "r0", "r1", "clipped")))
         return _TubeSet(kept, pad[keep], layers, carve)
 
@@ -124,7 +133,7 @@ class _TubeSet:
         part of each axis within reach of the slab.
         """
         t = self.tubes
-        levels = grid.axes(zs)[2].astype(np.float64)   # shown levels (breathing shift)
+        levels = grid.axes(zs)[2].astype(np.float64)  # shown levels (breathing shift)
         half = 0.5 * grid.spacing[0]
         z_lo, z_hi = float(levels.min()) - half, float(levels.max()) + half
         a, d, pad = t.start, t.end - t.start, self.pad
@@ -134,8 +143,11 @@ class _TubeSet:
         t2 = (z_hi + pad - a[:, 2]) / dz
         lo_t = np.where(flat, 0.0, np.clip(np.minimum(t1, t2), 0.0, 1.0))
         hi_t = np.where(flat, 1.0, np.clip(np.maximum(t1, t2), 0.0, 1.0))
-        reach = np.where(flat, np.abs(a[:, 2] - 0.5 * (z_lo + z_hi)) <= pad + 0.5 * (z_hi - z_lo),
-                         (np.maximum(t1, t2) >= 0.0) & (np.minimum(t1, t2) <= 1.0))
+        reach = np.where(
+            flat,
+            np.abs(a[:, 2] - 0.5 * (z_lo + z_hi)) <= pad + 0.5 * (z_hi - z_lo),
+            (np.maximum(t1, t2) >= 0.0) & (np.minimum(t1, t2) <= 1.0),
+        )
         p, q = a + lo_t[:, None] * d, a + hi_t[:, None] * d
         first = np.ceil(grid.to_index(np.minimum(p, q) - pad[:, None]) - 1e-9)
         last = np.floor(grid.to_index(np.maximum(p, q) + pad[:, None]) + 1e-9) + 1
@@ -150,8 +162,10 @@ class _TubeSet:
         first[:, 0] -= zs.start
         last[:, 0] -= zs.start
         idx = np.flatnonzero(reach)
-        return idx, np.stack([first[idx, 0], last[idx, 0], first[idx, 1], last[idx, 1],
-                              first[idx, 2], last[idx, 2]], axis=1)
+        return idx, np.stack(
+            [first[idx, 0], last[idx, 0], first[idx, 1], last[idx, 1], first[idx, 2], last[idx, 2]],
+            axis=1,
+        )
 
 
 @dataclass
@@ -167,26 +181,37 @@ class Scene:
     grid: ScanGrid
     scanner: Scanner
     maps: dict[str, np.ndarray]
-    body_box: tuple[slice, slice]            # (y, x) index ranges holding the body
-    body_maps: dict[str, np.ndarray]         # the in-plane maps cropped to the body box
-    blur_box: tuple[slice, slice]            # the body box and the kernel's reach
+    body_box: tuple[slice, slice]  # (y, x) index ranges holding the body
+    body_maps: dict[str, np.ndarray]  # the in-plane maps cropped to the body box
+    blur_box: tuple[slice, slice]  # the body box and the kernel's reach
     table_rows: slice
-    table: np.ndarray                        # (1, rows, X) HU above air, blurred
+    table: np.ndarray  # (1, rows, X) HU above air, blurred
     lung_region: tuple[slice, slice, slice] | None
     texture: Texture | None
     tubes: list[_TubeSet]
     mediastinal: _TubeSet
     lesions: list[Lesion]
     noise_bank: np.ndarray
-    noise_pick: np.ndarray       # (Z, 3): bank slice, row offset, column offset
+    noise_pick: np.ndarray  # (Z, 3): bank slice, row offset, column offset
     out: dict[str, np.ndarray] = field(default_factory=dict)
 
     @staticmethod
-    def build(anatomy: ChestAnatomy, grid: ScanGrid, scanner: Scanner,
-              body_box: tuple[slice, slice], lung_region: tuple[slice, slice, slice] | None,
-              texture: Texture | None, vessels: Tubes, airways: Tubes, lesions: list[Lesion],
-              noise_bank: np.ndarray, noise_pick: np.ndarray, *, scars: Tubes | None = None,
-              scar_hu: float = 0.0) -> Scene:
+    def build(
+        anatomy: ChestAnatomy,
+        grid: ScanGrid,
+        scanner: Scanner,
+        body_box: tuple[slice, slice],
+        lung_region: tuple[slice, slice, slice] | None,
+        texture: Texture | None,
+        vessels: Tubes,
+        airways: Tubes,
+        lesions: list[Lesion],
+        noise_bank: np.ndarray,
+        noise_pick: np.ndarray,
+        *,
+        scars: Tubes | None = None,
+        scar_hu: float = 0.0,
+    ) -> Scene:
         """Prepare a scene (no random draws) and allocate its outputs.
 
         Args:
@@ -206,28 +231,50 @@ class Scene:
         wall, marrow = (*AIRWAY_WALL, hu.muscle, True), (1.0, 0.0, -1000.0, False)
         bone = ((1.0, 0.0, hu.cortical, False), (1.0, -1.5, hu.cancellous, False))
         maps = _inplane_maps(anatomy, grid)
-        margin = int(np.ceil(kernel_reach_mm(scanner.kernel_fwhm, scanner.edge_enhance)
-                             / scanner.pixel)) + 1
+        margin = (
+            int(np.ceil(kernel_reach_mm(scanner.kernel_fwhm, scanner.edge_enhance) / scanner.pixel))
+            + 1
+        )
         blur_y = slice(max(body_y.start - margin, 0), min(body_y.stop + margin, n_y))
         blur_x = slice(max(body_x.start - margin, 0), min(body_x.stop + margin, n_x))
         table_rows, table = _table(anatomy, grid, scanner)
         return Scene(
-            anatomy=anatomy, grid=grid, scanner=scanner, maps=maps,
-            body_box=(body_y, body_x), blur_box=(blur_y, blur_x), table_rows=table_rows,
-            table=table, lung_region=lung_region, texture=texture,
-            body_maps={k: np.ascontiguousarray(v[:, body_y, body_x]) for k, v in maps.items()
-                       if v.shape[1:] == grid.shape[1:]},
-            tubes=[_TubeSet.build(vessels, grid, ((1.0, 0.0, hu.vessel, False),)),
-                   _TubeSet.build(airways, grid, (wall, marrow)),
-                   _TubeSet.build(anatomy.clavicles, grid, bone),
-                   _TubeSet.build(scars if scars is not None else Tubes.concat([]), grid,
-                                  ((1.0, 0.0, scar_hu, True),))],
-            mediastinal=_TubeSet.build(anatomy.mediastinal, grid,
-                                       ((1.0, 0.0, hu.blood, False),), MEDIASTINAL_FAT_MM),
-            lesions=lesions, noise_bank=noise_bank, noise_pick=noise_pick,
-            out={"image": np.empty(grid.shape, dtype=_F32),
-                 "lung": np.empty(grid.shape, dtype=bool),
-                 "nodules": np.zeros(grid.shape, dtype=np.uint8)},
+            anatomy=anatomy,
+            grid=grid,
+            scanner=scanner,
+            maps=maps,
+            body_box=(body_y, body_x),
+            blur_box=(blur_y, blur_x),
+            table_rows=table_rows,
+            table=table,
+            lung_region=lung_region,
+            texture=texture,
+            body_maps={
+                k: np.ascontiguousarray(v[:, body_y, body_x])
+                for k, v in maps.items()
+                if v.shape[1:] == grid.shape[1:]
+            },
+            tubes=[
+                _TubeSet.build(vessels, grid, ((1.0, 0.0, hu.vessel, False),)),
+                _TubeSet.build(airways, grid, (wall, marrow)),
+                _TubeSet.build(anatomy.clavicles, grid, bone),
+                _TubeSet.build(
+                    scars if scars is not None else Tubes.concat([]),
+                    grid,
+                    ((1.0, 0.0, scar_hu, True),),
+                ),
+            ],
+            mediastinal=_TubeSet.build(
+                anatomy.mediastinal, grid, ((1.0, 0.0, hu.blood, False),), MEDIASTINAL_FAT_MM
+            ),
+            lesions=lesions,
+            noise_bank=noise_bank,
+            noise_pick=noise_pick,
+            out={
+                "image": np.empty(grid.shape, dtype=_F32),
+                "lung": np.empty(grid.shape, dtype=bool),
+                "nodules": np.zeros(grid.shape, dtype=np.uint8),
+            },
         )
 
 
@@ -240,15 +287,16 @@ class Texture:
     ``z0``) and sampled by linear interpolation.
     """
 
-    values: np.ndarray   # (nz, ny, nx) coarse, float32
+    values: np.ndarray  # (nz, ny, nx) coarse, float32
     factor: int
     z0: float
     step_z: float
     shape_yx: tuple[int, int]
 
     @staticmethod
-    def draw(rng: np.random.Generator, grid: ScanGrid, region: tuple[slice, slice, slice],
-             step_mm: float) -> Texture:
+    def draw(
+        rng: np.random.Generator, grid: ScanGrid, region: tuple[slice, slice, slice], step_mm: float
+    ) -> Texture:
         """Draw a texture over the index box ``region`` ``(z, y, x)``; coarse step ``step_mm``."""
         zs, ys, xs = region
         factor = max(1, round(step_mm / grid.spacing[1]))
@@ -274,7 +322,7 @@ def _upsample(a: np.ndarray, axis: int, factor: int) -> np.ndarray:
     """Linear interpolation by an integer ``factor`` along ``axis`` (1 or 2) of a 3D array."""
     if factor == 1:
         return a
-    w = (np.arange(factor, dtype=_F32) / _F32(factor))
+    w = np.arange(factor, dtype=_F32) / _F32(factor)
     if axis == 1:
         lo, step = a[:, :-1, None, :], np.diff(a, axis=1)[:, :, None, :]
         out = lo + step * w[:, None]
@@ -306,10 +354,14 @@ def _inplane_maps(anatomy: ChestAnatomy, grid: ScanGrid) -> dict[str, np.ndarray
         "front": (np.abs(x - _F32(an.xm)) < STERNUM[0] * an.size + grid.reach) & (y < an.cy),
         # scapulae: mm along the body's surface from the blade's centre line
         "blade": ((theta - _F32(an.scapula[2])) * _F32(0.9 * an.body_a)).astype(_F32),
-        "abdomen_hu": np.where(x - _F32(an.xm) < 30 * an.size, an.hu.liver,
-                               an.hu.abdomen).astype(_F32) + np.zeros_like(y),
-        "lung_hu": (an.hu.lung + an.hu.lung_gradient * (y - _F32(an.cy))
-                    / _F32(an.body_b_ant + an.body_b_post)).astype(_F32),
+        "abdomen_hu": np.where(x - _F32(an.xm) < 30 * an.size, an.hu.liver, an.hu.abdomen).astype(
+            _F32
+        )
+        + np.zeros_like(y),
+        "lung_hu": (
+            an.hu.lung
+            + an.hu.lung_gradient * (y - _F32(an.cy)) / _F32(an.body_b_ant + an.body_b_post)
+        ).astype(_F32),
         # ribs: angle around the body, phase along z (rib k where it is near k), half-sizes
         "rib_theta": theta,
         "rib_phase": ((an.rib_z1 - an.rib_drop * front) / an.pitch).astype(_F32),
@@ -325,15 +377,26 @@ def _inplane_maps(anatomy: ChestAnatomy, grid: ScanGrid) -> dict[str, np.ndarray
     rc = np.sqrt(dx * dx + (dy - _F32(canal_y)) ** 2)
     r_canal, r_arch = 7.5 * an.size, 14.0 * an.size
     maps.update(
-        vb_outer=ramp(-d_body, sx), vb_inner=ramp(-(d_body + _F32(1.5)), sx),
+        vb_outer=ramp(-d_body, sx),
+        vb_inner=ramp(-(d_body + _F32(1.5)), sx),
         arch=ramp(r_arch - rc, sx) * ramp(dy - _F32(ry - 4), sx),
         canal=ramp(r_canal - rc, sx),
-        spinous=ramp(1 - np.sqrt((dx / (4 * an.size)) ** 2
-                                 + ((dy - _F32(canal_y + 22 * an.size)) / (12 * an.size)) ** 2),
-                     sx / (4 * an.size)),
-        transverse=ramp(1 - np.sqrt(((np.abs(dx) - _F32(28 * an.size)) / (14 * an.size)) ** 2
-                                    + ((dy - _F32(canal_y - 2)) / (6 * an.size)) ** 2),
-                        sx / (6 * an.size)),
+        spinous=ramp(
+            1
+            - np.sqrt(
+                (dx / (4 * an.size)) ** 2
+                + ((dy - _F32(canal_y + 22 * an.size)) / (12 * an.size)) ** 2
+            ),
+            sx / (4 * an.size),
+        ),
+        transverse=ramp(
+            1
+            - np.sqrt(
+                ((np.abs(dx) - _F32(28 * an.size)) / (14 * an.size)) ** 2
+                + ((dy - _F32(canal_y - 2)) / (6 * an.size)) ** 2
+            ),
+            sx / (6 * an.size),
+        ),
     )
     return maps
 
@@ -342,10 +405,12 @@ def _inplane_maps(anatomy: ChestAnatomy, grid: ScanGrid) -> dict[str, np.ndarray
 #: then the costal cartilage, of ribs 1-12 ends.
 RIB_HEAD = 0.12 * np.pi
 RIB_TURN = 0.35  # radians over which a rib turns from level to its steepest, at the side
-RIB_BONE_END = np.pi * np.array([0.55, 0.74, 0.76, 0.77, 0.77, 0.76, 0.74, 0.72, 0.68, 0.6, 0.5,
-                                 0.42], dtype=_F32)
-RIB_CARTILAGE_END = np.pi * np.array([0.9, 0.93, 0.93, 0.93, 0.93, 0.92, 0.9, 0.86, 0.8, 0.72,
-                                      0.5, 0.42], dtype=_F32)
+RIB_BONE_END = np.pi * np.array(
+    [0.55, 0.74, 0.76, 0.77, 0.77, 0.76, 0.74, 0.72, 0.68, 0.6, 0.5, 0.42], dtype=_F32
+)
+RIB_CARTILAGE_END = np.pi * np.array(
+    [0.9, 0.93, 0.93, 0.93, 0.93, 0.92, 0.9, 0.86, 0.8, 0.72, 0.5, 0.42], dtype=_F32
+)
 RIB_CORTEX_MM = 1.2
 #: Sternum half-width, depth of its centre outside the cavity and half-thickness, mm (x size).
 STERNUM = (14.0, 6.0, 5.0)
@@ -353,8 +418,12 @@ STERNUM = (14.0, 6.0, 5.0)
 SCAPULA = (16.0, 2.2)
 
 
-def _sub(grid: ScanGrid, zs: slice, lo: np.ndarray, hi: np.ndarray,
-         ) -> tuple[tuple[slice, slice, slice], tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+def _sub(
+    grid: ScanGrid,
+    zs: slice,
+    lo: np.ndarray,
+    hi: np.ndarray,
+) -> tuple[tuple[slice, slice, slice], tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
     """Slab-local index slices and world axes of the LPS box ``[lo, hi]`` within slab ``zs``."""
     box = grid.index_slices(lo, hi)
     if box is None:
@@ -366,8 +435,14 @@ def _sub(grid: ScanGrid, zs: slice, lo: np.ndarray, hi: np.ndarray,
     return local, grid.axes(bz, box[1], box[2])
 
 
-def _paint_tubes(scene: Scene, zs: slice, image: np.ndarray, lung: np.ndarray | None,
-                 ts: _TubeSet, axes: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+def _paint_tubes(
+    scene: Scene,
+    zs: slice,
+    image: np.ndarray,
+    lung: np.ndarray | None,
+    ts: _TubeSet,
+    axes: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
     """Draw the tubes of ``ts`` into slab ``zs`` (and carve them out of the lungs if asked).
 
     ``lung``: the slab's lung coverage; None before the lungs exist (then no
@@ -381,8 +456,9 @@ def _paint_tubes(scene: Scene, zs: slice, image: np.ndarray, lung: np.ndarray | 
     for k, (z0, z1, y0, y1, x0, x1) in zip(idx, boxes):
         local = (slice(z0, z1), slice(y0, y1), slice(x0, x1))
         x, y, z = ax[:, :, x0:x1], ay[:, y0:y1], az[z0:z1]
-        dist, radius, width = tube_field(x, y, z, t.start[k], t.end[k], t.r0[k], t.r1[k],
-                                         grid.spacing_xyz)
+        dist, radius, width = tube_field(
+            x, y, z, t.start[k], t.end[k], t.r0[k], t.r1[k], grid.spacing_xyz
+        )
         img = image[local]
         lung_sub = lung[local] if lung is not None else None
         for scale, offset, hu, raise_only in ts.layers:
@@ -419,23 +495,25 @@ def _paint_spine(scene: Scene, zs: slice, image: np.ndarray, z: np.ndarray) -> N
     img = image[:, ys, xs]
     sz = scene.grid.spacing[0]
     phase = (z - _F32(an.rib_z1)) / _F32(pitch)
-    delta = np.abs(phase - np.rint(phase)) * _F32(pitch)      # mm to the nearest vertebra centre
+    delta = np.abs(phase - np.rint(phase)) * _F32(pitch)  # mm to the nearest vertebra centre
     spin = phase + _F32(0.35)
     spin = np.abs(spin - np.rint(spin)) * _F32(pitch)
     bone = 0.6 * hu.cortical + 0.4 * hu.cancellous
     outer = maps["vb_outer"][:, ys, xs]
     blend(img, outer, hu.disc)
     blend(img, outer * ramp(_F32(0.4 * pitch) - delta, sz), hu.cortical)
-    blend(img, maps["vb_inner"][:, ys, xs] * ramp(_F32(0.4 * pitch - 1.5) - delta, sz),
-          hu.cancellous)
+    blend(
+        img, maps["vb_inner"][:, ys, xs] * ramp(_F32(0.4 * pitch - 1.5) - delta, sz), hu.cancellous
+    )
     blend(img, maps["arch"][:, ys, xs] * ramp(_F32(0.38 * pitch) - delta, sz), bone)
     blend(img, maps["transverse"][:, ys, xs] * ramp(_F32(0.2 * pitch) - delta, sz), bone)
     blend(img, maps["spinous"][:, ys, xs] * ramp(_F32(0.25 * pitch) - spin, sz), bone)
     blend(img, maps["canal"][:, ys, xs], 20.0)
 
 
-def _paint_chest_wall(scene: Scene, image: np.ndarray, cavity_dist: np.ndarray,
-                      x: np.ndarray, z: np.ndarray) -> None:
+def _paint_chest_wall(
+    scene: Scene, image: np.ndarray, cavity_dist: np.ndarray, x: np.ndarray, z: np.ndarray
+) -> None:
     """Ribs 1-12 (cortex and marrow, then costal cartilage), sternum and scapulae: the chest wall.
 
     Rib ``k`` lies where the phase ``(z1 - drop(angle) - z) / pitch`` is near ``k``; the
@@ -452,8 +530,14 @@ def _paint_chest_wall(scene: Scene, image: np.ndarray, cavity_dist: np.ndarray,
     an, maps, hu = scene.anatomy, scene.body_maps, scene.anatomy.hu
     sx, _, sz = scene.grid.spacing_xyz
     nz = image.shape[0]
-    reach = max(2.0 * float(maps["rib_hr"].max()) + 1.5, STERNUM[1] + STERNUM[2],
-                SCAPULA[0] + SCAPULA[1]) * an.size
+    reach = (
+        max(
+            2.0 * float(maps["rib_hr"].max()) + 1.5,
+            STERNUM[1] + STERNUM[2],
+            SCAPULA[0] + SCAPULA[1],
+        )
+        * an.size
+    )
     near = (cavity_dist > -2 * sx) & (cavity_dist < reach + scene.grid.reach)
     cols = np.flatnonzero(near.any(axis=0))
     if len(cols) == 0:
@@ -467,16 +551,34 @@ def _paint_chest_wall(scene: Scene, image: np.ndarray, cavity_dist: np.ndarray,
     phi = gather(maps["rib_phase"]) - z.reshape(nz, 1) / _F32(an.pitch)
     k = np.rint(phi)
     phi -= k
-    phi *= _F32(an.pitch)                                   # mm from the rib's centre along z
+    phi *= _F32(an.pitch)  # mm from the rib's centre along z
     index = np.clip(k, 0, len(RIB_BONE_END) - 1).astype(np.intp)
     rib = (k >= 0) & (k < len(RIB_BONE_END)) & (theta > RIB_HEAD)
     bone = rib & (theta < RIB_BONE_END[index])
     rib &= theta < RIB_CARTILAGE_END[index]
-    _paint_bone(img, phi, dist - (hr + _F32(1.5)), hz, hr, (sz, sx), rib, bone,
-                hu.cortical, hu.cartilage, hu.cancellous)
+    _paint_bone(
+        img,
+        phi,
+        dist - (hr + _F32(1.5)),
+        hz,
+        hr,
+        (sz, sx),
+        rib,
+        bone,
+        hu.cortical,
+        hu.cartilage,
+        hu.cancellous,
+    )
 
-    def flat_bone(where: np.ndarray, across: np.ndarray, top: float, bottom: float,
-                  half_w: float, depth: float, half_t: float) -> None:
+    def flat_bone(
+        where: np.ndarray,
+        across: np.ndarray,
+        top: float,
+        bottom: float,
+        half_w: float,
+        depth: float,
+        half_t: float,
+    ) -> None:
         """A bone of section ``2 half_w`` x ``2 half_t`` mm (across x depth), ``depth`` mm
 
         outside the cavity, in the gathered columns ``where`` between levels ``bottom``, ``top``.
@@ -486,15 +588,26 @@ def _paint_chest_wall(scene: Scene, image: np.ndarray, cavity_dist: np.ndarray,
         if len(sel) == 0 or not along.any():
             return
         sub = img[:, sel]
-        _paint_bone(sub, np.broadcast_to(across[:, sel], sub.shape), dist[:, sel] - _F32(depth),
-                    _F32(half_w), _F32(half_t), (sx, sx), along, along, hu.cortical,
-                    hu.cortical, hu.cancellous)
+        _paint_bone(
+            sub,
+            np.broadcast_to(across[:, sel], sub.shape),
+            dist[:, sel] - _F32(depth),
+            _F32(half_w),
+            _F32(half_t),
+            (sx, sx),
+            along,
+            along,
+            hu.cortical,
+            hu.cortical,
+            hu.cancellous,
+        )
         img[:, sel] = sub
 
     # the sternum, manubrium to xiphoid, in the anterior wall on the midline
     half_w, depth, half_t = (v * an.size for v in STERNUM)
-    flat_bone(gather(maps["front"])[0], gather(x) - _F32(an.xm), *an.sternum_z, half_w, depth,
-              half_t)
+    flat_bone(
+        gather(maps["front"])[0], gather(x) - _F32(an.xm), *an.sternum_z, half_w, depth, half_t
+    )
     # the scapulae: thin curved blades behind the posterolateral ribs, upper chest
     top, bottom, _, half_w = an.scapula
     blade = gather(maps["blade"])
@@ -503,9 +616,19 @@ def _paint_chest_wall(scene: Scene, image: np.ndarray, cavity_dist: np.ndarray,
     image.reshape(nz, -1)[:, cols] = img
 
 
-def _paint_bone(img: np.ndarray, a: np.ndarray, b: np.ndarray, ha: np.ndarray, hb: np.ndarray,
-                widths: tuple[float, float], present: np.ndarray, bone: np.ndarray,
-                cortical: float, other: float, marrow: float) -> None:
+def _paint_bone(
+    img: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    ha: np.ndarray,
+    hb: np.ndarray,
+    widths: tuple[float, float],
+    present: np.ndarray,
+    bone: np.ndarray,
+    cortical: float,
+    other: float,
+    marrow: float,
+) -> None:
     """Blend an elliptic bone section, semi-axes ``ha``, ``hb`` (mm) in local coordinates
 
     ``a``, ``b`` (mm), with voxel extents ``widths`` along them: a cortex where
@@ -516,7 +639,7 @@ def _paint_bone(img: np.ndarray, a: np.ndarray, b: np.ndarray, ha: np.ndarray, h
     width = (u * _F32(widths[0]) + v * _F32(widths[1])) / np.maximum(e, _F32(1e-3))
     np.maximum(width, _F32(min(widths)), out=width)
     e -= _F32(1.0)
-    e *= np.minimum(ha, hb)                                 # ~ distance outside the bone, mm
+    e *= np.minimum(ha, hb)  # ~ distance outside the bone, mm
     outer = ramp(-e, width)
     outer *= present
     blend(img, outer, np.where(bone, _F32(cortical), _F32(other)))
@@ -526,8 +649,11 @@ def _paint_bone(img: np.ndarray, a: np.ndarray, b: np.ndarray, ha: np.ndarray, h
     blend(img, inner, marrow)
 
 
-def _table(anatomy: ChestAnatomy, grid: ScanGrid, scanner: Scanner,
-           ) -> tuple[slice, np.ndarray]:
+def _table(
+    anatomy: ChestAnatomy,
+    grid: ScanGrid,
+    scanner: Scanner,
+) -> tuple[slice, np.ndarray]:
     """The patient table under the back, carbon-fibre plates around a foam core, as seen
 
     through the reconstruction kernel: ``(rows, hu_above_air)``, the rows it spans
@@ -535,11 +661,12 @@ def _table(anatomy: ChestAnatomy, grid: ScanGrid, scanner: Scanner,
     """
     x, y, _ = grid.axes(slice(0, 1))
     sx = grid.spacing_xyz[0]
-    top = _F32(anatomy.back_y + 1.0) - _F32(6e-4) * x * x       # curves up at the sides
+    top = _F32(anatomy.back_y + 1.0) - _F32(6e-4) * x * x  # curves up at the sides
     depth = y - top
     across = ramp(_F32(230.0) - np.abs(x), sx)
-    plate = ramp(np.minimum(depth, 3.0 - depth), sx) + ramp(np.minimum(depth - 33.0, 36.0 - depth),
-                                                            sx)
+    plate = ramp(np.minimum(depth, 3.0 - depth), sx) + ramp(
+        np.minimum(depth - 33.0, 36.0 - depth), sx
+    )
     core = ramp(np.minimum(depth - 3.0, 33.0 - depth), sx)
     hu = (plate * _F32(200.0 + 1000.0) + core * _F32(-900.0 + 1000.0)) * across
     hu = kernel_blur(hu, scanner.kernel_fwhm, grid.spacing, edge_enhance=scanner.edge_enhance)
@@ -567,8 +694,13 @@ def _paint_bubble(scene: Scene, zs: slice, image: np.ndarray) -> None:
     blend(img, occ * ramp(z - _F32(cz - 0.3 * r), sz), -1000.0)
 
 
-def _paint_mediastinum(scene: Scene, zs: slice, image: np.ndarray, lung: np.ndarray,
-                       axes: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+def _paint_mediastinum(
+    scene: Scene,
+    zs: slice,
+    image: np.ndarray,
+    lung: np.ndarray,
+    axes: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
     """The heart and the mediastinal tubes (soft tissue), carved out of the lungs with a fat rim."""
     an, grid = scene.anatomy, scene.grid
     sx = grid.spacing_xyz[0]
@@ -584,8 +716,12 @@ def _paint_mediastinum(scene: Scene, zs: slice, image: np.ndarray, lung: np.ndar
     _paint_tubes(scene, zs, image, lung, scene.mediastinal, axes)
 
 
-def _render_body(scene: Scene, x: np.ndarray, y: np.ndarray, z: np.ndarray,
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _render_body(
+    scene: Scene,
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Skin and subcutaneous fat, chest-wall muscle, the cavity (mediastinal fat), the abdomen,
 
     ribs and sternum over the body box: nested layers, each adding its HU step over the
@@ -639,13 +775,16 @@ def _render_slab(scene: Scene, zs: slice) -> None:
     lung = np.zeros(image.shape, dtype=_F32)
     region = scene.lung_region
     if region is not None:
-        rz = slice(max(region[0].start, zs.start) - zs.start,
-                   min(region[0].stop, zs.stop) - zs.start)
+        rz = slice(
+            max(region[0].start, zs.start) - zs.start, min(region[0].stop, zs.stop) - zs.start
+        )
         region = (rz, region[1], region[2]) if rz.stop > rz.start else None
     if region is not None:
         rz, ys, xs = region
-        ly, lx = (slice(ys.start - by.start, ys.stop - by.start),
-                  slice(xs.start - bx.start, xs.stop - bx.start))
+        ly, lx = (
+            slice(ys.start - by.start, ys.stop - by.start),
+            slice(xs.start - bx.start, xs.stop - bx.start),
+        )
         sub = np.minimum(cavity[rz, ly, lx], above[rz, ly, lx])
         np.minimum(sub, cover(-an.apex_depth(x[:, :, xs], y[:, ys], z[rz]), sx), out=sub)
         np.minimum(sub, maps["medial"][:, ys, xs], out=sub)
@@ -666,12 +805,15 @@ def _render_slab(scene: Scene, zs: slice) -> None:
     # the scanner: reconstruction kernel (outside the blur box all is air, save the table,
     # which comes blurred), noise, the stored HU range
     ky, kx = scene.blur_box
-    image[:, ky, kx] = kernel_blur(image[:, ky, kx], scene.scanner.kernel_fwhm, grid.spacing,
-                                   edge_enhance=scene.scanner.edge_enhance)
+    image[:, ky, kx] = kernel_blur(
+        image[:, ky, kx],
+        scene.scanner.kernel_fwhm,
+        grid.spacing,
+        edge_enhance=scene.scanner.edge_enhance,
+    )
     image[:, scene.table_rows] += scene.table
     _, ny, nx = image.shape
     for i, (b, r, c) in enumerate(scene.noise_pick[zs]):
         image[i] += scene.noise_bank[b, r : r + ny, c : c + nx]
     np.clip(image, -1024.0, 3071.0, out=scene.out["image"][zs])
     np.greater_equal(lung, 0.5, out=scene.out["lung"][zs])
-

@@ -67,10 +67,10 @@ class Scanner:
         motion_phase: phase of the cycle at the first slice, radians.
     """
 
-    pixel: float          # mm
-    thickness: float      # mm, = slice spacing
-    noise_sigma: float    # HU
-    kernel_fwhm: float    # mm
+    pixel: float  # mm
+    thickness: float  # mm, = slice spacing
+    noise_sigma: float  # HU
+    kernel_fwhm: float  # mm
     patient_size: float
     edge_enhance: float = 0.0
     fat_mm: float = 17.0
@@ -152,14 +152,17 @@ def with_contrast(anatomy: ChestAnatomy, scanner: Scanner) -> ChestAnatomy:
     hu = anatomy.hu
     rise = scanner.contrast_hu - hu.blood
     enhanced = dataclasses.replace(
-        hu, blood=scanner.contrast_hu,
+        hu,
+        blood=scanner.contrast_hu,
         vessel=max(hu.vessel, scanner.contrast_hu * scanner.contrast_lung_fraction),
-        liver=hu.liver + 0.2 * rise)
+        liver=hu.liver + 0.2 * rise,
+    )
     return dataclasses.replace(anatomy, hu=enhanced)
 
 
-def place_grid(rng: np.random.Generator, cfg: ChestConfig, scanner: Scanner,
-               anatomy: ChestAnatomy) -> tuple[ScanGrid, bool]:
+def place_grid(
+    rng: np.random.Generator, cfg: ChestConfig, scanner: Scanner, anatomy: ChestAnatomy
+) -> tuple[ScanGrid, bool]:
     """The scan grid and whether it is a targeted reconstruction.
 
     The grid is ``(n_slices, cfg.matrix, cfg.matrix)`` voxels indexed ``(z, y, x)``,
@@ -199,8 +202,11 @@ def place_grid(rng: np.random.Generator, cfg: ChestConfig, scanner: Scanner,
             centre = 0.5 * (z_low + z_high) + rng.uniform(-0.25, 0.25) * slack
         z0 = centre - extent / 2
     half = (cfg.matrix - 1) / 2 * scanner.pixel
-    grid = ScanGrid((cx - half, cy - half, z0), (t, scanner.pixel, scanner.pixel),
-                    (n_slices, cfg.matrix, cfg.matrix))
+    grid = ScanGrid(
+        (cx - half, cy - half, z0),
+        (t, scanner.pixel, scanner.pixel),
+        (n_slices, cfg.matrix, cfg.matrix),
+    )
     return grid, targeted
 
 
@@ -218,8 +224,12 @@ def with_breathing(grid: ScanGrid, scanner: Scanner, anatomy: ChestAnatomy) -> S
         return grid
     z = grid.origin[2] + np.arange(grid.shape[0]) * grid.spacing[0]
     top = max(anatomy.dome_z)
-    w = APEX_MOTION + (1 - APEX_MOTION) * np.clip((anatomy.z_apex - z) / (anatomy.z_apex - top),
-                                                  0.0, 1.0)
-    shift = scanner.motion_mm * w * np.sin(2 * np.pi * (z - z[0]) / scanner.motion_period_mm
-                                           + scanner.motion_phase)
+    w = APEX_MOTION + (1 - APEX_MOTION) * np.clip(
+        (anatomy.z_apex - z) / (anatomy.z_apex - top), 0.0, 1.0
+    )
+    shift = (
+        scanner.motion_mm
+        * w
+        * np.sin(2 * np.pi * (z - z[0]) / scanner.motion_period_mm + scanner.motion_phase)
+    )
     return dataclasses.replace(grid, z_shift=tuple(float(v) for v in shift))

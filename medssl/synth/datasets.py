@@ -52,20 +52,29 @@ __all__ = [
 NEGATIVE_CANDIDATES = 20
 #: The unlabeled pool's hidden truth, in ``unlabeled/``: nodules, excluded findings and
 #: false-positive look-alikes (LUNA16 columns).
-UNLABELED_TRUTH = ("truth_annotations.csv", "truth_annotations_excluded.csv",
-                   "truth_lookalikes.csv")
+UNLABELED_TRUTH = (
+    "truth_annotations.csv",
+    "truth_annotations_excluded.csv",
+    "truth_lookalikes.csv",
+)
 
 
-def _synthetic_visit(rng: np.random.Generator, seed: int, ages: tuple[int, int],
-                     years: tuple[int, int]) -> dict[str, str]:
+def _synthetic_visit(
+    rng: np.random.Generator, seed: int, ages: tuple[int, int], years: tuple[int, int]
+) -> dict[str, str]:
     """Deterministic demographics and study date/time of a synthetic subject (``SeriesInfo``
     fields): age in ``ages``, a study in ``years`` (half-open ranges)."""
     age = int(rng.integers(*ages))
     year = int(rng.integers(*years))
     month, day = int(rng.integers(1, 13)), int(rng.integers(1, 29))
-    return {"patient_birth_date": f"{year - age}0101", "patient_sex": str(rng.choice(["F", "M"])),
-            "patient_age": f"{age:03d}Y", "study_id": str(seed), "study_date": f"{year}{month:02d}{day:02d}",
-            "study_time": f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}00"}
+    return {
+        "patient_birth_date": f"{year - age}0101",
+        "patient_sex": str(rng.choice(["F", "M"])),
+        "patient_age": f"{age:03d}Y",
+        "study_id": str(seed),
+        "study_date": f"{year}{month:02d}{day:02d}",
+        "study_time": f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}00",
+    }
 
 
 def chest_series_info(seed: int, case: ChestCase) -> SeriesInfo:
@@ -140,12 +149,16 @@ def write_chest_dataset(
     out = Path(out)
     config = ChestConfig.for_family(family, matrix=matrix, n_slices=n_slices)
     if not 0 <= seed <= SEED_SPAN - cases - unlabeled:
-        raise ValueError(f"seed must be in [0, {SEED_SPAN - cases - unlabeled}] for "
-                         f"{cases + unlabeled} scans (seeds stay below {SEED_SPAN}), got {seed}")
+        raise ValueError(
+            f"seed must be in [0, {SEED_SPAN - cases - unlabeled}] for "
+            f"{cases + unlabeled} scans (seeds stay below {SEED_SPAN}), got {seed}"
+        )
     writer = Luna16Writer(out) if fmt == "luna16" else None
     # (annotations, excluded, lookalikes) of the labeled scans, and of the unlabeled pool
     tables: dict[bool, tuple[list[Finding], list[Finding], list[Finding]]] = {
-        True: ([], [], []), False: ([], [], [])}
+        True: ([], [], []),
+        False: ([], [], []),
+    }
     written = []
     for i in range(cases + unlabeled):
         case_seed = seed + i
@@ -158,18 +171,28 @@ def write_chest_dataset(
         for table, rows in zip(tables[labeled], (nodules, excluded, lookalikes)):
             table += rows
         if fmt == "dicom":
-            folder = out / info.patient_id / f"{info.study_date}-{info.accession_number}" / (
-                f"{info.series_number}-{info.series_description.replace(' ', '_')}")
+            folder = (
+                out
+                / info.patient_id
+                / f"{info.study_date}-{info.accession_number}"
+                / (f"{info.series_number}-{info.series_description.replace(' ', '_')}")
+            )
             write_dicom_series(case.volume, folder, info)
             written.append(folder)
         elif labeled:
-            written.append(writer.add(  # type: ignore[union-attr]
-                uid, case.volume, nodules, excluded,
-                lung_mask=case.lung_mask, nodule_mask=_relabel(case),
-                negatives=[f.centre_lps for f in lookalikes]
-                + _lung_points(case, case_seed + config.seed_offset),
-                truth=[{"kind": n.kind, "location": n.location} for n in case.nodules],
-            ))
+            written.append(
+                writer.add(  # type: ignore[union-attr]
+                    uid,
+                    case.volume,
+                    nodules,
+                    excluded,
+                    lung_mask=case.lung_mask,
+                    nodule_mask=_relabel(case),
+                    negatives=[f.centre_lps for f in lookalikes]
+                    + _lung_points(case, case_seed + config.seed_offset),
+                    truth=[{"kind": n.kind, "location": n.location} for n in case.nodules],
+                )
+            )
         else:
             written.append(write_metaimage(case.volume, out / "unlabeled" / f"{uid}.mhd"))
         if progress:
@@ -241,7 +264,9 @@ def write_organ_dataset(
     if fmt == "dicom":
         return _write_organ_dicom(Path(out), cases, n_test, domain, seed, shape, progress)
     writer = DecathlonWriter(
-        out, name=f"medssl synthetic organs, domain {domain}", labels=LABELS,
+        out,
+        name=f"medssl synthetic organs, domain {domain}",
+        labels=LABELS,
         modality=domain_modality(domain),
         description="Synthetic abdominal multi-organ phantom (medssl.synth.organs)",
     )
@@ -257,23 +282,37 @@ def write_organ_dataset(
     return writer.close()
 
 
-def _write_organ_dicom(out: Path, cases: int, n_test: int, domain: str, seed: int,
-                       shape: tuple[int, int, int] | None, progress: Callable[[], None] | None) -> Path:
+def _write_organ_dicom(
+    out: Path,
+    cases: int,
+    n_test: int,
+    domain: str,
+    seed: int,
+    shape: tuple[int, int, int] | None,
+    progress: Callable[[], None] | None,
+) -> Path:
     if domain_modality(domain) != "CT":
-        raise ValueError(f"domain {domain!r} is {domain_modality(domain)}; --format dicom writes CT "
-                         f"series only (choose a CT domain: "
-                         f"{', '.join(sorted(d for d, v in DOMAINS.items() if v.modality == 'CT'))})")
+        raise ValueError(
+            f"domain {domain!r} is {domain_modality(domain)}; --format dicom writes CT "
+            f"series only (choose a CT domain: "
+            f"{', '.join(sorted(d for d, v in DOMAINS.items() if v.modality == 'CT'))})"
+        )
     rows = ["case_id,split,series_uid,series_dir,label"]
     for i in range(cases + n_test):
         case = generate_organ_phantom(seed + i, domain, shape=shape)
         case_id = f"organs_{seed + i:04d}"
         info = organ_series_info(seed + i, domain, float(case.image.spacing[0]))
-        folder = Path(info.patient_id) / f"{info.study_date}-{info.accession_number}" / (
-            f"{info.series_number}-{info.series_description.replace(' ', '_')}")
+        folder = (
+            Path(info.patient_id)
+            / f"{info.study_date}-{info.accession_number}"
+            / (f"{info.series_number}-{info.series_description.replace(' ', '_')}")
+        )
         write_dicom_series(case.image, out / folder, info)
         label = Path("labels") / f"{case_id}.nii.gz"
         write_nifti(case.label, out / label)
-        rows.append(f"{case_id},{'training' if i < cases else 'test'},{info.uid('series')},{folder},{label}")
+        rows.append(
+            f"{case_id},{'training' if i < cases else 'test'},{info.uid('series')},{folder},{label}"
+        )
         if progress:
             progress()
     table = out / "cases.csv"

@@ -165,8 +165,14 @@ class Domain:
             raise ValueError(
                 f"Domain {self.name!r}: shape must be three positive ints, got {self.shape}"
             )
-        for attr in ("noise_std", "bias_strength", "blur_fwhm_mm", "texture_std", "case_intensity_sd",
-                     "case_noise_sd"):
+        for attr in (
+            "noise_std",
+            "bias_strength",
+            "blur_fwhm_mm",
+            "texture_std",
+            "case_intensity_sd",
+            "case_noise_sd",
+        ):
             if getattr(self, attr) < 0:
                 raise ValueError(
                     f"Domain {self.name!r}: {attr} must be >= 0, got {getattr(self, attr)}"
@@ -204,7 +210,9 @@ def render_image(tissue: np.ndarray, domain: Domain, rng: np.random.Generator) -
     lut = domain.lookup_table()
     noise_std = domain.noise_std
     if domain.case_intensity_sd > 0 or domain.case_noise_sd > 0:
-        shift = rng.normal(0.0, domain.case_intensity_sd) + rng.normal(0.0, domain.case_intensity_sd / 2, lut.shape)
+        shift = rng.normal(0.0, domain.case_intensity_sd) + rng.normal(
+            0.0, domain.case_intensity_sd / 2, lut.shape
+        )
         lut = lut + shift.astype(np.float32)
         noise_std = float(noise_std * np.exp(rng.normal(0.0, domain.case_noise_sd)))
     image = lut[tissue]

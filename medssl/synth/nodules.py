@@ -79,9 +79,12 @@ LOCATIONS = ("free", "juxta-pleural", "juxta-vascular")
 ATTACHMENTS = ("none", "pleura", "vessel", "airway")
 #: How a placement mode (a location, or a peribronchial juxta-vascular nodule) is recorded:
 #: ``mode: (location, attached_to)``.
-_RECORDED = {"free": ("free", "none"), "juxta-pleural": ("juxta-pleural", "pleura"),
-             "juxta-vascular": ("juxta-vascular", "vessel"),
-             "peribronchial": ("juxta-vascular", "airway")}
+_RECORDED = {
+    "free": ("free", "none"),
+    "juxta-pleural": ("juxta-pleural", "pleura"),
+    "juxta-vascular": ("juxta-vascular", "vessel"),
+    "peribronchial": ("juxta-vascular", "airway"),
+}
 #: Draws (diameter, shape, location) per nodule before giving up on placing it.
 NODULE_TRIES = 5
 #: Diameters of micronodules (confusers below LUNA16's 3 mm threshold), mm.
@@ -108,10 +111,10 @@ class Nodule:
 
     centre_lps: tuple[float, float, float]
     diameter_mm: float
-    kind: str          # "solid" | "part-solid" | "ground-glass"
-    location: str      # "free" | "juxta-pleural" | "juxta-vascular"
-    label: int         # value of this nodule in ChestCase.nodule_mask
-    attached_to: str = "none"   # "none" | "pleura" | "vessel" | "airway"
+    kind: str  # "solid" | "part-solid" | "ground-glass"
+    location: str  # "free" | "juxta-pleural" | "juxta-vascular"
+    label: int  # value of this nodule in ChestCase.nodule_mask
+    attached_to: str = "none"  # "none" | "pleura" | "vessel" | "airway"
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ class Confuser:
 
     centre_lps: tuple[float, float, float]
     diameter_mm: float
-    kind: str          # CONFUSER_KINDS (excluded) | LOOKALIKE_KINDS (false positives)
+    kind: str  # CONFUSER_KINDS (excluded) | LOOKALIKE_KINDS (false positives)
 
 
 _DIRECTIONS = sphere_directions(512)
@@ -163,12 +166,17 @@ class LesionShape:
 
     def moved(self, centre: np.ndarray) -> LesionShape:
         """The same solid around another centre."""
-        return LesionShape(np.asarray(centre, dtype=np.float64), self.radius, self.lobes,
-                           self.spikes)
+        return LesionShape(
+            np.asarray(centre, dtype=np.float64), self.radius, self.lobes, self.spikes
+        )
 
-    def field(self, x: np.ndarray, y: np.ndarray, z: np.ndarray,
-              spacing_xyz: tuple[float, float, float],
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def field(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        z: np.ndarray,
+        spacing_xyz: tuple[float, float, float],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(rho, surface_radius, width)``: distance from the centre, surface radius along
 
         that direction and voxel width along it, float32 mm of the broadcast shape.
@@ -210,8 +218,10 @@ class Lesion:
     @cached_property
     def extent(self) -> float:
         """Largest distance from the annotated centre to the lesion's surface, mm."""
-        return max(shape.extent + float(np.linalg.norm(shape.centre - self.centre))
-                   for shape, _, _ in self.layers)
+        return max(
+            shape.extent + float(np.linalg.norm(shape.centre - self.centre))
+            for shape, _, _ in self.layers
+        )
 
     @property
     def centre(self) -> np.ndarray:
@@ -227,27 +237,39 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def _shape(rng: np.random.Generator, radius: float, lobulation: float, n_spikes: int,
-           ) -> LesionShape:
+def _shape(
+    rng: np.random.Generator,
+    radius: float,
+    lobulation: float,
+    n_spikes: int,
+) -> LesionShape:
     """A solid of mean radius ``radius`` mm around the origin.
 
     ``lobulation``: the sum of the lobe amplitudes (relative to the radius).
     """
     k = 3
-    lobes = np.column_stack([
-        _unit(rng, k), rng.uniform(2.0, 5.0, k), rng.uniform(0, 2 * np.pi, k),
-        lobulation * rng.dirichlet(np.ones(k)),
-    ])
+    lobes = np.column_stack(
+        [
+            _unit(rng, k),
+            rng.uniform(2.0, 5.0, k),
+            rng.uniform(0, 2 * np.pi, k),
+            lobulation * rng.dirichlet(np.ones(k)),
+        ]
+    )
     spikes = np.zeros((0, 5))
     if n_spikes:
         lengths = np.minimum(rng.uniform(0.4, 1.0, n_spikes) * radius, 12.0)
-        spikes = np.column_stack([_unit(rng, n_spikes),
-                                  np.cos(np.radians(rng.uniform(6, 12, n_spikes))), lengths])
+        spikes = np.column_stack(
+            [_unit(rng, n_spikes), np.cos(np.radians(rng.uniform(6, 12, n_spikes))), lengths]
+        )
     return LesionShape(np.zeros(3), radius, lobes, spikes)
 
 
-def _nodule_layers(rng: np.random.Generator, diameter: float, kind: str,
-                   ) -> tuple[tuple[LesionShape, float, float], ...]:
+def _nodule_layers(
+    rng: np.random.Generator,
+    diameter: float,
+    kind: str,
+) -> tuple[tuple[LesionShape, float, float], ...]:
     """Layers of a nodule of designed ``diameter`` mm around the origin."""
     radius = diameter / 2
     solid_hu = rng.uniform(15, 60)
@@ -299,7 +321,7 @@ class _Placer:
     grid: ScanGrid
     vessels: Tubes
     rng: np.random.Generator
-    airways: Tubes = _NO_TUBES      # none: no peribronchial places
+    airways: Tubes = _NO_TUBES  # none: no peribronchial places
 
     @property
     def widths(self) -> tuple[float, float]:
@@ -316,8 +338,13 @@ class _Placer:
         pad = np.array([margin, margin, margin + self.grid.motion_mm])
         return np.maximum(lo + pad, llo), np.minimum(hi - pad, lhi)
 
-    def _apart(self, centres: np.ndarray, extent: float, placed: list[Lesion], gap: float,
-               ) -> np.ndarray:
+    def _apart(
+        self,
+        centres: np.ndarray,
+        extent: float,
+        placed: list[Lesion],
+        gap: float,
+    ) -> np.ndarray:
         ok = np.ones(len(centres), dtype=bool)
         for other in placed:
             ok &= np.linalg.norm(centres - other.centre, axis=1) > extent + other.extent + gap
@@ -331,12 +358,14 @@ class _Placer:
         vox = self.grid.voxel_centre(centres)
         occ = self.anatomy.lung_occupancy(vox[:, 0], vox[:, 1], vox[:, 2], *self.widths)
         half_diag = 0.5 * float(np.linalg.norm(self.grid.spacing)) + 0.3
-        shell = sphere_lung_occupancy(self.anatomy, centres, np.full(len(centres), half_diag),
-                                      *self.widths, n_directions=14)
+        shell = sphere_lung_occupancy(
+            self.anatomy, centres, np.full(len(centres), half_diag), *self.widths, n_directions=14
+        )
         return (occ >= 1) & (shell.min(axis=1) >= 1)
 
-    def find(self, location: str, extent: float, radius: float, placed: list[Lesion],
-             gap: float) -> np.ndarray | None:
+    def find(
+        self, location: str, extent: float, radius: float, placed: list[Lesion], gap: float
+    ) -> np.ndarray | None:
         """A centre for a lesion of outer ``extent`` and mean ``radius`` (mm), or None.
 
         ``location``: a placement mode of :data:`_RECORDED`.
@@ -351,9 +380,12 @@ class _Placer:
                 cand = self._at_airway_branchings(32, radius, lo, hi)
             else:  # half uniform, half near the centre of the field of view (deep in a lung)
                 mid, half = 0.5 * (lo + hi), 0.5 * (hi - lo)
-                cand = np.concatenate([self.rng.uniform(lo, hi, size=(64, 3)),
-                                       np.clip(mid + 0.3 * half * self.rng.standard_normal((64, 3)),
-                                               lo, hi)])
+                cand = np.concatenate(
+                    [
+                        self.rng.uniform(lo, hi, size=(64, 3)),
+                        np.clip(mid + 0.3 * half * self.rng.standard_normal((64, 3)), lo, hi),
+                    ]
+                )
             if len(cand) == 0:
                 return None
             cand = cand[self._apart(cand, extent, placed, gap)]
@@ -362,13 +394,15 @@ class _Placer:
                 continue
             cand = cand[:32]
             if location == "juxta-pleural":
-                shell = sphere_lung_occupancy(self.anatomy, cand, np.full(len(cand), radius),
-                                              *self.widths)
+                shell = sphere_lung_occupancy(
+                    self.anatomy, cand, np.full(len(cand), radius), *self.widths
+                )
                 outside = (shell < 0.5).mean(axis=1)
                 ok = (outside > 0.0) & (outside <= 0.3)
             else:
-                shell = sphere_lung_occupancy(self.anatomy, cand, np.full(len(cand), extent + 1.5),
-                                              *self.widths)
+                shell = sphere_lung_occupancy(
+                    self.anatomy, cand, np.full(len(cand), extent + 1.5), *self.widths
+                )
                 ok = shell.min(axis=1) >= 1
             if ok.any():
                 return cand[np.argmax(ok)]
@@ -382,8 +416,14 @@ class _Placer:
         ok = v.clipped & (r >= r_lo) & (r <= r_hi) & np.all((mid >= lo) & (mid <= hi), axis=1)
         return np.flatnonzero(ok)
 
-    def _on_vessels(self, n: int, lo: np.ndarray, hi: np.ndarray, r_lo: float, r_hi: float,
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _on_vessels(
+        self,
+        n: int,
+        lo: np.ndarray,
+        hi: np.ndarray,
+        r_lo: float,
+        r_hi: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``n`` random points on vessel axes: ``(points, axis unit vectors, radii, normals)``."""
         segs = self._segments(r_lo, r_hi, lo, hi)
         if len(segs) == 0:
@@ -409,8 +449,13 @@ class _Placer:
         """Where lung airways divide: ``(points (B, 3) LPS mm, parent lumen radii (B,) mm)``."""
         return self.airways.branchings()
 
-    def _at_airway_branchings(self, n: int, radius: float, lo: np.ndarray, hi: np.ndarray,
-                              ) -> np.ndarray:
+    def _at_airway_branchings(
+        self,
+        n: int,
+        radius: float,
+        lo: np.ndarray,
+        hi: np.ndarray,
+    ) -> np.ndarray:
         """Centres of peribronchial nodules of mean ``radius`` mm at airway branchings.
 
         From a branching inside the box (widened by the radius), a random direction;
@@ -431,9 +476,9 @@ class _Placer:
         reach = self.rng.uniform(0.1, 0.5, n)
         a = self.airways
         scale, offset = AIRWAY_WALL
-        fork = radii[k] * scale + offset + radius + 1.0       # farthest centre from the branching
+        fork = radii[k] * scale + offset + radius + 1.0  # farthest centre from the branching
         steps = np.arange(0.0, float(fork.max()) + 1e-9, 0.2)
-        cand = points[k][:, None, :] + steps[None, :, None] * u[:, None, :]     # (n, S, 3)
+        cand = points[k][:, None, :] + steps[None, :, None] * u[:, None, :]  # (n, S, 3)
         # only the airways that can be nearest a centre's surface (a centre lies within
         # `fork` of its branching): the others' lumens are too far from every branching
         dist, lumen = a.axis_distance(points[np.unique(k)])
@@ -441,7 +486,7 @@ class _Placer:
         mine = (dist - lumen).min(axis=0) <= float(fork.max()) + radius + wall_max + 0.5
         sub = Tubes(*(getattr(a, f)[mine] for f in ("start", "end", "r0", "r1", "clipped")))
         dist, lumen = sub.axis_distance(cand.reshape(-1, 3))
-        clear = (dist - lumen).reshape(n, len(steps), -1)        # to each lumen's surface
+        clear = (dist - lumen).reshape(n, len(steps), -1)  # to each lumen's surface
         nearest = clear.argmin(axis=2)
         wall = (lumen * (scale - 1.0) + offset).reshape(n, len(steps), -1)
         wall = np.take_along_axis(wall, nearest[:, :, None], axis=2)[:, :, 0]
@@ -452,8 +497,14 @@ class _Placer:
         out = cand[np.arange(n), first][found]
         return out[np.all((out >= lo) & (out <= hi), axis=1)]
 
-    def _at_branchings(self, n: int, lo: np.ndarray, hi: np.ndarray, r_lo: float, r_hi: float,
-                       ) -> tuple[np.ndarray, np.ndarray]:
+    def _at_branchings(
+        self,
+        n: int,
+        lo: np.ndarray,
+        hi: np.ndarray,
+        r_lo: float,
+        r_hi: float,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``n`` random vessel branchings inside the box: ``(points, parent radii)``."""
         points, radii = self._branchings
         ok = (radii >= r_lo) & (radii <= r_hi) & np.all((points >= lo) & (points <= hi), axis=1)
@@ -478,8 +529,11 @@ class _Placer:
         cand = (points + offset[:, None] * normal)[self.rng.permutation(len(radii))]
         return cand[np.all((cand >= lo) & (cand <= hi), axis=1)]
 
-    def vessel_crossing(self, placed: list[Lesion], vessel_hu: float,
-                        ) -> tuple[Lesion, Tubes] | None:
+    def vessel_crossing(
+        self,
+        placed: list[Lesion],
+        vessel_hu: float,
+    ) -> tuple[Lesion, Tubes] | None:
         """A bulge where a second vessel crosses a lung vessel, and that crossing vessel."""
         lo, hi = self._box(6.0)
         if np.any(hi <= lo):
@@ -492,7 +546,7 @@ class _Placer:
             ends = np.concatenate([points - half * normal, points + half * normal])
             occ = self.anatomy.lung_occupancy(ends[:, 0], ends[:, 1], ends[:, 2], *self.widths)
             bulge = radii * self.rng.uniform(1.4, 1.8, len(points))
-            ok = (occ[: len(points)] >= 1) & (occ[len(points):] >= 1)
+            ok = (occ[: len(points)] >= 1) & (occ[len(points) :] >= 1)
             ok &= np.all((points >= lo) & (points <= hi), axis=1)
             for i in np.flatnonzero(ok):
                 c = points[i : i + 1]
@@ -502,9 +556,13 @@ class _Placer:
                 if shell.min() < 1:
                     continue
                 r_cross = radii[i] * self.rng.uniform(0.8, 1.0)
-                crossing = Tubes(points[i : i + 1] - half[i] * normal[i],
-                                 points[i : i + 1] + half[i] * normal[i], np.array([r_cross]),
-                                 np.array([r_cross]), np.array([True]))
+                crossing = Tubes(
+                    points[i : i + 1] - half[i] * normal[i],
+                    points[i : i + 1] + half[i] * normal[i],
+                    np.array([r_cross]),
+                    np.array([r_cross]),
+                    np.array([True]),
+                )
                 shape = _shape(self.rng, float(bulge[i]), 0.05, 0).moved(points[i])
                 record = Confuser(_tuple(points[i]), float(2 * bulge[i]), "vessel-crossing")
                 return Lesion(((shape, vessel_hu, 0.0),), 0, record), crossing
@@ -514,8 +572,7 @@ class _Placer:
 def check_shares(name: str, shares: tuple[float, ...]) -> None:
     """Raise ValueError naming ``name`` unless ``shares`` are 3 probabilities summing to 1."""
     if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
-        raise ValueError(f"{name} must be 3 non-negative probabilities summing to 1, "
-                         f"got {shares}")
+        raise ValueError(f"{name} must be 3 non-negative probabilities summing to 1, got {shares}")
 
 
 def _tuple(p: np.ndarray) -> tuple[float, float, float]:
@@ -570,19 +627,25 @@ def place_lesions(
     if not 0 <= airway_share <= 1:
         raise ValueError(f"airway_share must be a probability in [0, 1], got {airway_share}")
     if airway_share > 0 and airways is None:
-        raise ValueError(f"airway_share={airway_share} needs the airways (the tree "
-                         "draw_trees returns); pass airways=...")
+        raise ValueError(
+            f"airway_share={airway_share} needs the airways (the tree "
+            "draw_trees returns); pass airways=..."
+        )
     placer = _Placer(anatomy, grid, vessels, rng, airways if airways is not None else _NO_TUBES)
     lo, hi = grid.box()
     where = f"the field of view {np.round(lo, 1).tolist()} .. {np.round(hi, 1).tolist()} mm"
     if grid.motion_mm:
-        where += (f" (less {grid.motion_mm:.1f} mm of breathing motion at each end; "
-                  "motion_share=0 keeps it whole)")
+        where += (
+            f" (less {grid.motion_mm:.1f} mm of breathing motion at each end; "
+            "motion_share=0 keeps it whole)"
+        )
     d_lo, d_hi = diameter_range
     d_hi = min(d_hi, 0.5 * float(np.min(hi - lo)))
     if n_nodules and d_lo > d_hi:
-        raise RuntimeError(f"no room for nodules of {d_lo:.1f} mm or more in {where} (they "
-                           "may span half its shortest side); use a larger matrix or n_slices")
+        raise RuntimeError(
+            f"no room for nodules of {d_lo:.1f} mm or more in {where} (they "
+            "may span half its shortest side); use a larger matrix or n_slices"
+        )
     nodules: list[Lesion] = []
     for label in range(1, n_nodules + 1):
         for _ in range(NODULE_TRIES):
@@ -593,8 +656,9 @@ def place_lesions(
             first = str(rng.choice(LOCATIONS, p=location_shares))
             if first == "juxta-vascular" and airway_share > 0 and rng.uniform() < airway_share:
                 first = "peribronchial"
-            for mode in dict.fromkeys((first, "juxta-vascular" if first == "peribronchial"
-                                       else first, "free")):
+            for mode in dict.fromkeys(
+                (first, "juxta-vascular" if first == "peribronchial" else first, "free")
+            ):
                 centre = placer.find(mode, extent, diameter / 2, nodules, 2.0)
                 if centre is not None:
                     break
@@ -603,11 +667,17 @@ def place_lesions(
         else:
             raise RuntimeError(
                 f"no room for nodule {label} ({n_nodules} drawn, {d_lo:.1f}-{d_hi:.1f} mm) in "
-                f"{where}; use a larger matrix or n_slices, or a smaller nodule_diameter_range")
+                f"{where}; use a larger matrix or n_slices, or a smaller nodule_diameter_range"
+            )
         location, attached_to = _RECORDED[mode]
         record = Nodule(_tuple(centre), float(diameter), kind, location, label, attached_to)
-        nodules.append(Lesion(tuple((s.moved(s.centre + centre), hu, haze)
-                                    for s, hu, haze in layers), label, record))
+        nodules.append(
+            Lesion(
+                tuple((s.moved(s.centre + centre), hu, haze) for s, hu, haze in layers),
+                label,
+                record,
+            )
+        )
 
     confusers: list[Lesion] = []
     crossings: list[Tubes] = []
@@ -680,15 +750,15 @@ def place_lookalikes(
             centre = placer.find("free", 0.5 * length + half, half, taken, 3.0)
             if centre is None:
                 continue
-            points = np.stack([centre - 0.5 * length * axis, centre + bend,
-                               centre + 0.5 * length * axis])
-            occ = anatomy.lung_occupancy(points[:, 0], points[:, 1], points[:, 2],
-                                         *placer.widths)
+            points = np.stack(
+                [centre - 0.5 * length * axis, centre + bend, centre + 0.5 * length * axis]
+            )
+            occ = anatomy.lung_occupancy(points[:, 0], points[:, 1], points[:, 2], *placer.widths)
             if occ.min() < 1:
                 continue
             scars.append(Tubes.polyline(points, np.array([0.7, 1.0, 0.7]) * half, clipped=True))
-            record = Confuser(_tuple(points[1]), length, "scar")   # the band's middle
-            shape = _shape(rng, 0.5 * length, 0.0, 0).moved(centre)   # its room, never drawn
+            record = Confuser(_tuple(points[1]), length, "scar")  # the band's middle
+            shape = _shape(rng, 0.5 * length, 0.0, 0).moved(centre)  # its room, never drawn
             lesion = Lesion(((shape, scar_hu, 0.0),), 0, record)
         taken.append(lesion)
         records.append(record)

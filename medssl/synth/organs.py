@@ -32,8 +32,16 @@ from medssl.synth.organ_raster import rasterise
 from medssl.synth.organ_scene import LABELS
 from medssl.volume import Volume
 
-__all__ = ["DOMAINS", "LABELS", "RANDOMISED", "Domain", "OrganCase", "domain_modality", "generate_organ_phantom",
-           "organ_grid"]
+__all__ = [
+    "DOMAINS",
+    "LABELS",
+    "RANDOMISED",
+    "Domain",
+    "OrganCase",
+    "domain_modality",
+    "generate_organ_phantom",
+    "organ_grid",
+]
 
 
 def generate_organ_phantom(
@@ -56,7 +64,9 @@ def generate_organ_phantom(
     """
     if isinstance(domain, str) and domain == RANDOMISED:
         if shape is not None:
-            raise ValueError(f"domain {RANDOMISED!r} draws its own grid per case; shape cannot be set")
+            raise ValueError(
+                f"domain {RANDOMISED!r} draws its own grid per case; shape cannot be set"
+            )
         from medssl.synth.randomise import randomised_organ_phantom
 
         return randomised_organ_phantom(seed)

@@ -14,8 +14,13 @@ from medssl.synth.organs import generate_organ_phantom
 __all__ = ["chest_patch", "organ_patch"]
 
 
-def chest_patch(patch: Sequence[int], spacing_mm: Sequence[float] | float = 1.0,
-                intensity: Intensity | None = None, seed: int = 0, matrix: int = 96) -> np.ndarray:
+def chest_patch(
+    patch: Sequence[int],
+    spacing_mm: Sequence[float] | float = 1.0,
+    intensity: Intensity | None = None,
+    seed: int = 0,
+    matrix: int = 96,
+) -> np.ndarray:
     """A preprocessed synthetic chest CT patch centred on a nodule.
 
     Args:
@@ -28,8 +33,12 @@ def chest_patch(patch: Sequence[int], spacing_mm: Sequence[float] | float = 1.0,
     Returns:
         ``(1, 1, Z, Y, X)`` float32 in ``[-1, 1]``: what a runner is fed in production.
     """
-    case = generate_chest_ct(seed, ChestConfig(matrix=matrix, n_slices=max(48, int(patch[0])),
-                                               n_nodules_range=(1, 1), render_threads=1))
+    case = generate_chest_ct(
+        seed,
+        ChestConfig(
+            matrix=matrix, n_slices=max(48, int(patch[0])), n_nodules_range=(1, 1), render_threads=1
+        ),
+    )
     volume = preprocess_ct(case.volume, spacing_mm, intensity)
     centre = volume.world_to_index(case.nodules[0].centre_lps)
     start = [int(round(c - p / 2)) for c, p in zip(centre, patch)]
@@ -37,9 +46,13 @@ def chest_patch(patch: Sequence[int], spacing_mm: Sequence[float] | float = 1.0,
     return extract_window(volume.array, start, patch, pad)[None, None].astype(np.float32)
 
 
-def organ_patch(patch: Sequence[int], spacing_mm: Sequence[float] | float,
-                intensity: Intensity | PercentileIntensity | None = None, seed: int = 0,
-                domain: str = "A") -> np.ndarray:
+def organ_patch(
+    patch: Sequence[int],
+    spacing_mm: Sequence[float] | float,
+    intensity: Intensity | PercentileIntensity | None = None,
+    seed: int = 0,
+    domain: str = "A",
+) -> np.ndarray:
     """A preprocessed synthetic abdominal CT patch centred on the liver.
 
     Args:
@@ -58,4 +71,6 @@ def organ_patch(patch: Sequence[int], spacing_mm: Sequence[float] | float,
     liver = np.argwhere(case.label.array == 1)
     centre = volume.world_to_index(case.label.index_to_world(liver.mean(axis=0)))
     start = [int(round(c - p / 2)) for c, p in zip(centre, patch)]
-    return extract_window(volume.array, start, patch, intensity.pad_value)[None, None].astype(np.float32)
+    return extract_window(volume.array, start, patch, intensity.pad_value)[None, None].astype(
+        np.float32
+    )

@@ -115,8 +115,9 @@ def ellipsoid_distance(
     ).astype(np.float32, copy=False)
 
 
-def kernel_blur(image: np.ndarray, fwhm_mm: float, spacing: Sequence[float], *,
-                edge_enhance: float = 0.0) -> np.ndarray:
+def kernel_blur(
+    image: np.ndarray, fwhm_mm: float, spacing: Sequence[float], *, edge_enhance: float = 0.0
+) -> np.ndarray:
     """Apply a reconstruction kernel's in-plane point-spread function.
 
     The PSF is a Gaussian of ``fwhm_mm`` (``G``); a sharp lung kernel also
@@ -144,8 +145,9 @@ def kernel_blur(image: np.ndarray, fwhm_mm: float, spacing: Sequence[float], *,
     if edge_enhance == 0:
         return blurred
     # G2 = G (*) G_{sqrt(3) sigma}: the wide blur from the narrow one
-    wide = ndimage.gaussian_filter(blurred, (0.0, 3**0.5 * sigma[1], 3**0.5 * sigma[2]),
-                                   mode="nearest")
+    wide = ndimage.gaussian_filter(
+        blurred, (0.0, 3**0.5 * sigma[1], 3**0.5 * sigma[2]), mode="nearest"
+    )
     wide *= np.asarray(-edge_enhance, dtype=wide.dtype)
     blurred *= np.asarray(1.0 + edge_enhance, dtype=blurred.dtype)
     blurred += wide
@@ -157,8 +159,9 @@ def kernel_reach_mm(fwhm_mm: float, edge_enhance: float = 0.0) -> float:
     return 4.0 * fwhm_mm / 2.3548 * (2.0 if edge_enhance > 0 else 1.0)
 
 
-def scanner_noise(shape: Sequence[int], sigma_hu: float, rng: np.random.Generator, *,
-                  edge_enhance: float = 0.0) -> np.ndarray:
+def scanner_noise(
+    shape: Sequence[int], sigma_hu: float, rng: np.random.Generator, *, edge_enhance: float = 0.0
+) -> np.ndarray:
     """CT-like noise: white noise given the fine in-plane texture of filtered back-projection.
 
     The noise is correlated in-plane over about one voxel (``sigma`` 0.6 voxel);

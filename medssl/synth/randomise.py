@@ -89,13 +89,33 @@ class DomainRandomisation:
     def __post_init__(self) -> None:
         if not 0 <= self.realistic_share <= 1:
             raise ValueError(f"realistic_share must be in [0, 1], got {self.realistic_share}")
-        for name in ("soft_tissue_hu", "enhancement", "gain", "offset_hu", "noise_hu", "texture_hu",
-                     "blur_fwhm_mm", "bias_strength", "pixel_mm", "slice_mm", "body_scale",
-                     "deformation_mm", "extent_z_mm"):
+        for name in (
+            "soft_tissue_hu",
+            "enhancement",
+            "gain",
+            "offset_hu",
+            "noise_hu",
+            "texture_hu",
+            "blur_fwhm_mm",
+            "bias_strength",
+            "pixel_mm",
+            "slice_mm",
+            "body_scale",
+            "deformation_mm",
+            "extent_z_mm",
+        ):
             lo, hi = getattr(self, name)
             if lo > hi:
                 raise ValueError(f"{name}: the range ({lo}, {hi}) is empty")
-        positive = ("noise_hu", "blur_fwhm_mm", "pixel_mm", "slice_mm", "body_scale", "extent_z_mm", "gain")
+        positive = (
+            "noise_hu",
+            "blur_fwhm_mm",
+            "pixel_mm",
+            "slice_mm",
+            "body_scale",
+            "extent_z_mm",
+            "gain",
+        )
         for name in positive:
             if getattr(self, name)[0] <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -104,10 +124,15 @@ class DomainRandomisation:
         """One case's appearance and geometry."""
         realistic = bool(rng.random() < self.realistic_share)
         if realistic:
-            base = ct_intensities(rng.uniform(*self.enhancement), rng.uniform(*self.gain),
-                                  rng.uniform(*self.offset_hu))
-            intensity = {k: v + (rng.normal(0.0, self.tissue_jitter_hu) if k not in _AIRLIKE else 0.0)
-                         for k, v in base.items()}
+            base = ct_intensities(
+                rng.uniform(*self.enhancement),
+                rng.uniform(*self.gain),
+                rng.uniform(*self.offset_hu),
+            )
+            intensity = {
+                k: v + (rng.normal(0.0, self.tissue_jitter_hu) if k not in _AIRLIKE else 0.0)
+                for k, v in base.items()
+            }
         else:
             intensity = {}
             for tissue in sorted(t.name.lower() for t in Tissue):
@@ -121,14 +146,25 @@ class DomainRandomisation:
         extent = rng.uniform(*self.extent_z_mm)
         shape = (max(8, round(extent / thickness)), round(384.0 / pixel), round(384.0 / pixel))
         domain = replace(
-            DOMAINS["A"], name=RANDOMISED, tissue_intensity=intensity, noise_std=rng.uniform(*self.noise_hu),
-            texture_std=rng.uniform(*self.texture_hu), blur_fwhm_mm=rng.uniform(*self.blur_fwhm_mm),
-            bias_strength=rng.uniform(*self.bias_strength), spacing=(thickness, pixel, pixel), shape=shape,
+            DOMAINS["A"],
+            name=RANDOMISED,
+            tissue_intensity=intensity,
+            noise_std=rng.uniform(*self.noise_hu),
+            texture_std=rng.uniform(*self.texture_hu),
+            blur_fwhm_mm=rng.uniform(*self.blur_fwhm_mm),
+            bias_strength=rng.uniform(*self.bias_strength),
+            spacing=(thickness, pixel, pixel),
+            shape=shape,
             fov_centre_mm=tuple(float(v) for v in rng.normal(0.0, self.fov_shift_mm)),
-            case_intensity_sd=0.0, case_noise_sd=0.0,  # drawn here already, once per case
+            case_intensity_sd=0.0,
+            case_noise_sd=0.0,  # drawn here already, once per case
         )
-        return RandomisedDraw(domain, realistic, float(rng.uniform(*self.body_scale)),
-                              float(rng.uniform(*self.deformation_mm)))
+        return RandomisedDraw(
+            domain,
+            realistic,
+            float(rng.uniform(*self.body_scale)),
+            float(rng.uniform(*self.deformation_mm)),
+        )
 
 
 @dataclass(frozen=True)
@@ -143,18 +179,27 @@ class RandomisedDraw:
     deformation_mm: float
 
 
-def _deform(maps: list[np.ndarray], spacing: tuple[float, float, float], amplitude_mm: float,
-            correlation_mm: float, rng: np.random.Generator) -> list[np.ndarray]:
+def _deform(
+    maps: list[np.ndarray],
+    spacing: tuple[float, float, float],
+    amplitude_mm: float,
+    correlation_mm: float,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
     """The same smooth displacement (SD ``amplitude_mm``) applied to every uint8 map, nearest."""
     shape = maps[0].shape
     corr = [correlation_mm / s for s in spacing]
     grid = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij", sparse=True)
-    coords = [g + np.float32(amplitude_mm / s) * smooth_random_field(shape, corr, rng)
-              for g, s in zip(grid, spacing)]
+    coords = [
+        g + np.float32(amplitude_mm / s) * smooth_random_field(shape, corr, rng)
+        for g, s in zip(grid, spacing)
+    ]
     return [ndimage.map_coordinates(m, coords, order=0, mode="nearest") for m in maps]
 
 
-def randomised_organ_phantom(seed: int, randomisation: DomainRandomisation | None = None) -> OrganCase:
+def randomised_organ_phantom(
+    seed: int, randomisation: DomainRandomisation | None = None
+) -> OrganCase:
     """A domain-randomised abdominal case; its image and label meta also hold the draw
     (``realistic``, ``body_scale``, ``deformation_mm``, ``slice_thickness``).
 
@@ -171,11 +216,25 @@ def randomised_organ_phantom(seed: int, randomisation: DomainRandomisation | Non
     rng = np.random.default_rng([seed, 4, tag])
     tissue, label = canvas.tissue, canvas.label
     if draw.deformation_mm > 0:
-        tissue, label = _deform([tissue, label], dom.spacing, draw.deformation_mm,
-                                ranges.deformation_correlation_mm, rng)
+        tissue, label = _deform(
+            [tissue, label],
+            dom.spacing,
+            draw.deformation_mm,
+            ranges.deformation_correlation_mm,
+            rng,
+        )
     image = render_image(tissue, dom, rng)
-    meta = {"seed": seed, "domain": RANDOMISED, "modality": "CT", "realistic": draw.realistic,
-            "body_scale": draw.body_scale, "deformation_mm": draw.deformation_mm,
-            "slice_thickness": dom.spacing[0]}
-    return OrganCase(image=Volume(image, affine, dict(meta)),
-                     label=Volume(label, affine.copy(), {**meta, "labels": dict(LABELS)}), domain=dom)
+    meta = {
+        "seed": seed,
+        "domain": RANDOMISED,
+        "modality": "CT",
+        "realistic": draw.realistic,
+        "body_scale": draw.body_scale,
+        "deformation_mm": draw.deformation_mm,
+        "slice_thickness": dom.spacing[0],
+    }
+    return OrganCase(
+        image=Volume(image, affine, dict(meta)),
+        label=Volume(label, affine.copy(), {**meta, "labels": dict(LABELS)}),
+        domain=dom,
+    )

@@ -42,8 +42,9 @@ def _uid(*parts: int) -> str:
     return _ROOT_UID + ".".join(str(p) for p in parts)
 
 
-def header_records(n_series: int, files_per_series: int = 105, root: str = "/archive/NLST",
-                   seed: int = 0) -> Iterator[SeriesRecord]:
+def header_records(
+    n_series: int, files_per_series: int = 105, root: str = "/archive/NLST", seed: int = 0
+) -> Iterator[SeriesRecord]:
     """NLST-like index rows, about three series per exam and three exams per participant.
 
     Args:
@@ -62,27 +63,45 @@ def header_records(n_series: int, files_per_series: int = 105, root: str = "/arc
     while made < n_series:
         participant = 100000 + exam // 3
         study = _uid(1, exam)
-        for number, (description, image_type, thickness, share) in enumerate(_SERIES_KINDS, start=1):
+        for number, (description, image_type, thickness, share) in enumerate(
+            _SERIES_KINDS, start=1
+        ):
             if made >= n_series:
                 break
             if share == 0.0:
                 n_files = rng.randint(1, 2)
             else:
-                n_files = max(16, int(rng.gauss(files_per_series * share, 0.1 * files_per_series * share)))
+                n_files = max(
+                    16, int(rng.gauss(files_per_series * share, 0.1 * files_per_series * share))
+                )
             folder = f"{root}/{participant}/{study}/{number}"
             yield SeriesRecord(
-                patient_id=str(participant), study_uid=study, series_uid=_uid(2, exam, number), modality="CT",
-                sop_class_uid=CTImageStorage, image_type=image_type, series_description=description,
-                series_number=number, study_date=f"{1999 + exam % 3}0{1 + exam % 9}15", body_part="CHEST",
-                n_files=n_files, n_slices=n_files, slice_thickness=thickness,
-                orientation="AXIAL" if share else "CORONAL", rows=512, columns=512,
-                files=[f"{folder}/{i:06d}.dcm" for i in range(1, n_files + 1)], series_key=_uid(2, exam, number))
+                patient_id=str(participant),
+                study_uid=study,
+                series_uid=_uid(2, exam, number),
+                modality="CT",
+                sop_class_uid=CTImageStorage,
+                image_type=image_type,
+                series_description=description,
+                series_number=number,
+                study_date=f"{1999 + exam % 3}0{1 + exam % 9}15",
+                body_part="CHEST",
+                n_files=n_files,
+                n_slices=n_files,
+                slice_thickness=thickness,
+                orientation="AXIAL" if share else "CORONAL",
+                rows=512,
+                columns=512,
+                files=[f"{folder}/{i:06d}.dcm" for i in range(1, n_files + 1)],
+                series_key=_uid(2, exam, number),
+            )
             made += 1
         exam += 1
 
 
-def write_header_index(path: str | Path, n_series: int, files_per_series: int = 105, seed: int = 0,
-                       batch: int = 5000) -> Path:
+def write_header_index(
+    path: str | Path, n_series: int, files_per_series: int = 105, seed: int = 0, batch: int = 5000
+) -> Path:
     """Write :func:`header_records` as a ``medssl index`` Parquet table, ``batch`` rows at a
     time (memory stays flat whatever ``n_series``)."""
     path = Path(path)

@@ -18,4 +18,11 @@ from medssl.testing.gateway import GatewayProcess, gateway_config
 from medssl.testing.orthanc import OrthancServer, free_port
 from medssl.testing.triton import LocalTritonServer, find_triton_env
 
-__all__ = ["GatewayProcess", "LocalTritonServer", "OrthancServer", "find_triton_env", "free_port", "gateway_config"]
+__all__ = [
+    "GatewayProcess",
+    "LocalTritonServer",
+    "OrthancServer",
+    "find_triton_env",
+    "free_port",
+    "gateway_config",
+]

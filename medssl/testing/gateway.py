@@ -25,16 +25,28 @@ from medssl.testing.orthanc import free_port
 __all__ = ["GatewayProcess", "gateway_config"]
 
 
-def gateway_config(root: Path, routes: list[dict[str, Any]], repository: Path,
-                   destinations: list[dict[str, Any]] | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
+def gateway_config(
+    root: Path,
+    routes: list[dict[str, Any]],
+    repository: Path,
+    destinations: list[dict[str, Any]] | None = None,
+    **sections: dict[str, Any],
+) -> dict[str, Any]:
     """A gateway config (a plain dict) on free loopback ports, spool under ``root``.
 
     ``sections`` update the defaults section by section, e.g. ``spool={"study_idle_s": 2}``.
     """
     cfg: dict[str, Any] = {
-        "scp": {"ae_title": "MEDSSL", "host": "127.0.0.1", "port": free_port(),
-                "allowed_callers": [{"ae_title": "ORTHANC"}, {"ae_title": "STORESCU"},
-                                    {"ae_title": "BENCH"}]},
+        "scp": {
+            "ae_title": "MEDSSL",
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "allowed_callers": [
+                {"ae_title": "ORTHANC"},
+                {"ae_title": "STORESCU"},
+                {"ae_title": "BENCH"},
+            ],
+        },
         "spool": {"path": str(root / "spool"), "min_free_mb": 16, "study_idle_s": 1.0},
         "models": {"repository": str(repository), "batch_size": 4},
         "routes": routes,
@@ -57,7 +69,9 @@ class GatewayProcess:
         log: the process's stderr (JSON lines), appended across restarts.
     """
 
-    def __init__(self, root: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, config: dict[str, Any], env: dict[str, str] | None = None
+    ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.config = config
@@ -83,8 +97,12 @@ class GatewayProcess:
         """Start the process; wait until ``/readyz`` answers 200 (raises with the log tail)."""
         exe = Path(sys.prefix) / "bin" / "medssl-serve"
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([str(exe), "--config", str(self.path)], stdout=log,
-                                            stderr=subprocess.STDOUT, env=self.env)
+            self.process = subprocess.Popen(
+                [str(exe), "--config", str(self.path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
         if wait_ready:
             self.wait_ready(timeout_s)
 
@@ -92,7 +110,9 @@ class GatewayProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"medssl-serve exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"medssl-serve exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
             if self.http_get("/readyz")[0] == 200:
                 return
             time.sleep(0.1)

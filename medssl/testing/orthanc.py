@@ -24,8 +24,15 @@ __all__ = ["INSTANCE_TAGS", "ORTHANC", "OrthancServer", "free_port"]
 ORTHANC = "/usr/sbin/Orthanc"
 
 #: Tags :meth:`OrthancServer.instances_of_study` puts at the top of each instance's dict.
-INSTANCE_TAGS = ("SOPClassUID", "SOPInstanceUID", "Modality", "SeriesDescription",
-                 "SeriesInstanceUID", "SeriesNumber", "InstanceNumber")
+INSTANCE_TAGS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "Modality",
+    "SeriesDescription",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "InstanceNumber",
+)
 
 
 def free_port() -> int:
@@ -80,8 +87,14 @@ class OrthancServer:
         url: ``http://127.0.0.1:<http_port>``, the REST API.
     """
 
-    def __init__(self, root: Path, aet: str = "ORTHANC", overwrite: bool = False,
-                 check_called_aet: bool = False, dicomweb: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        aet: str = "ORTHANC",
+        overwrite: bool = False,
+        check_called_aet: bool = False,
+        dicomweb: bool = False,
+    ) -> None:
         if not 1 <= len(aet) <= 16:
             raise ValueError(f"aet must be 1-16 characters, got {aet!r}")
         self.root = Path(root)
@@ -132,8 +145,10 @@ class OrthancServer:
                 return
             except _PortTaken:
                 if self._started_once or attempt == 2:
-                    raise RuntimeError(f"Orthanc could not bind port {self.http_port} or "
-                                       f"{self.dicom_port}:\n{self.log_tail()}") from None
+                    raise RuntimeError(
+                        f"Orthanc could not bind port {self.http_port} or "
+                        f"{self.dicom_port}:\n{self.log_tail()}"
+                    ) from None
                 self.http_port, self.dicom_port = free_port(), free_port()
 
     def stop(self, timeout_s: float = 30) -> None:
@@ -196,8 +211,11 @@ class OrthancServer:
         with open(self.root / "orthanc.stdout", "wb") as out:
             self._process = subprocess.Popen(
                 [ORTHANC, f"--logfile={self.log_path}", str(self.config_path)],
-                stdout=out, stderr=subprocess.STDOUT, cwd=self.root,
-                env={**os.environ, "MALLOC_ARENA_MAX": "2"})
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+                env={**os.environ, "MALLOC_ARENA_MAX": "2"},
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -213,8 +231,9 @@ class OrthancServer:
                 pass
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"Orthanc did not answer on {self.url} within {timeout_s} s:\n"
-                           f"{self.log_tail()}")
+        raise RuntimeError(
+            f"Orthanc did not answer on {self.url} within {timeout_s} s:\n{self.log_tail()}"
+        )
 
     # --- REST --------------------------------------------------------------------------------
 
@@ -235,15 +254,25 @@ class OrthancServer:
             ids.append(answer["ID"])
         return ids
 
-    def store_to(self, modality: str, resources: Sequence[str], synchronous: bool = True,
-                 timeout_s: float = 120) -> dict[str, Any]:
+    def store_to(
+        self,
+        modality: str,
+        resources: Sequence[str],
+        synchronous: bool = True,
+        timeout_s: float = 120,
+    ) -> dict[str, Any]:
         """Push resources (instance, series, study or patient ids) to ``modality`` by C-STORE
         (``POST /modalities/{modality}/store``). Synchronous: Orthanc's job result (it fails
         with an HTTP error when a C-STORE fails); asynchronous: the job's ``ID``."""
-        body = {"Resources": list(resources), "Synchronous": synchronous,
-                "Asynchronous": not synchronous, "Timeout": timeout_s}
-        return self._request("POST", f"/modalities/{modality}/store", json=body,
-                             timeout=timeout_s + 10).json()
+        body = {
+            "Resources": list(resources),
+            "Synchronous": synchronous,
+            "Asynchronous": not synchronous,
+            "Timeout": timeout_s,
+        }
+        return self._request(
+            "POST", f"/modalities/{modality}/store", json=body, timeout=timeout_s + 10
+        ).json()
 
     def instances_of_study(self, study_uid: str) -> list[dict[str, Any]]:
         """Every instance of a study (``/tools/find``, level Instance, expanded), in Orthanc's
@@ -252,8 +281,11 @@ class OrthancServer:
         ``Modality``, ``SeriesDescription``, ...; None where the instance lacks one) and
         ``Tags``: every simplified tag of the instance. Orthanc 1.10 has no ``RequestedTags``,
         so they come from ``/instances/{id}/simplified-tags``."""
-        found = self._request("POST", "/tools/find", json={
-            "Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}).json()
+        found = self._request(
+            "POST",
+            "/tools/find",
+            json={"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True},
+        ).json()
         for instance in found:
             tags = self.get(f"/instances/{instance['ID']}/simplified-tags")
             instance.update({name: tags.get(name) for name in INSTANCE_TAGS}, Tags=tags)
@@ -262,14 +294,21 @@ class OrthancServer:
     def instances_of(self, study_uid: str, modality: str) -> list[dict[str, Any]]:
         """The instances of a study's series of one Modality (e.g. ``SR``), expanded; one
         ``/tools/find`` request, cheap enough to poll."""
-        return self._request("POST", "/tools/find", json={
-            "Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": modality},
-            "Expand": True}).json()
+        return self._request(
+            "POST",
+            "/tools/find",
+            json={
+                "Level": "Instance",
+                "Query": {"StudyInstanceUID": study_uid, "Modality": modality},
+                "Expand": True,
+            },
+        ).json()
 
     def find_studies(self, study_uid: str) -> list[str]:
         """Orthanc ids of the studies with this StudyInstanceUID (none or one)."""
-        return self._request("POST", "/tools/find", json={
-            "Level": "Study", "Query": {"StudyInstanceUID": study_uid}}).json()
+        return self._request(
+            "POST", "/tools/find", json={"Level": "Study", "Query": {"StudyInstanceUID": study_uid}}
+        ).json()
 
     def delete(self, path: str) -> None:
         """``DELETE`` a resource, e.g. ``/studies/{id}``."""
@@ -286,12 +325,14 @@ class OrthancServer:
         """The stored DICOM file of an instance (``/instances/{id}/file``)."""
         return self._request("GET", f"/instances/{instance_id}/file").content
 
-    def _request(self, method: str, path: str, timeout: float = 30,
-                 **kwargs: Any) -> requests.Response:
+    def _request(
+        self, method: str, path: str, timeout: float = 30, **kwargs: Any
+    ) -> requests.Response:
         response = self._session.request(method, f"{self.url}{path}", timeout=timeout, **kwargs)
         if not response.ok:
-            raise RuntimeError(f"Orthanc {method} {path}: HTTP {response.status_code}: "
-                               f"{response.text[:500]}")
+            raise RuntimeError(
+                f"Orthanc {method} {path}: HTTP {response.status_code}: {response.text[:500]}"
+            )
         return response
 
 

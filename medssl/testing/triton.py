@@ -119,8 +119,13 @@ def inspect_triton_env(env: str | Path | None = None) -> TritonEnv:
         "'libdir': sysconfig.get_config_var('LIBDIR')}))"
     )
     try:
-        result = subprocess.run([str(root / "bin" / "python"), "-c", code], capture_output=True,
-                                text=True, timeout=60, check=True)
+        result = subprocess.run(
+            [str(root / "bin" / "python"), "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         facts = json.loads(result.stdout)
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         raise RunnerError(f"cannot query the Triton env's Python in {root}: {exc}") from exc
@@ -211,15 +216,23 @@ class LocalTritonServer:
             str(self.env.executable),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backends}",
-            "--http-address=127.0.0.1", f"--http-port={self._ports[0]}",
-            "--grpc-address=127.0.0.1", f"--grpc-port={self._ports[1]}",
-            "--metrics-address=127.0.0.1", f"--metrics-port={self._ports[2]}",
+            "--http-address=127.0.0.1",
+            f"--http-port={self._ports[0]}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self._ports[1]}",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={self._ports[2]}",
             "--exit-timeout-secs=5",
             *self.args,
         ]
         with open(self._workdir / "tritonserver.log", "wb") as log:
-            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                             env=self._environment(), start_new_session=True)
+            self._process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._environment(),
+                start_new_session=True,
+            )
         try:
             self._wait_ready(self._process)
         except BaseException:
@@ -256,8 +269,12 @@ class LocalTritonServer:
         """A writable backend folder: the wheel's Python backend plus the env's stub."""
         backends = workdir / "backends"
         shutil.copytree(self.env.server_dir / "backends" / "python", backends / "python")
-        stub = (self.env.server_dir / "python_backend_stubs" / self.env.python_version
-                / "triton_python_backend_stub")
+        stub = (
+            self.env.server_dir
+            / "python_backend_stubs"
+            / self.env.python_version
+            / "triton_python_backend_stub"
+        )
         shutil.copy2(stub, backends / "python" / stub.name)
         return backends
 
@@ -311,8 +328,9 @@ def _free_ports(count: int) -> tuple[int, ...]:
             sock.close()
 
 
-def python_backend_repository(model_dir: str | Path, repository: str | Path,
-                              version: int | None = None) -> Path:
+def python_backend_repository(
+    model_dir: str | Path, repository: str | Path, version: int | None = None
+) -> Path:
     """Copy an exported model into ``repository`` as a Python-backend Triton model.
 
     The copy keeps the version folder (``model.onnx``, its card) and the card, adds
@@ -338,4 +356,3 @@ def python_backend_repository(model_dir: str | Path, repository: str | Path,
     card.save(target / CARD_FILE)
     write_config(model_config(card, backend="python", options=ServingOptions(kind="cpu")), target)
     return target
-
