@@ -16,7 +16,7 @@
 # Ubuntu 24.04 brings Python 3.12 (onnxruntime-gpu >= 1.24 needs >= 3.11).
 # The host driver must support CUDA 12.6 (R560+); older R525+ data-center drivers work through
 # minor-version compatibility if the container runs with NVIDIA_DISABLE_REQUIRE=1.
-# Serving never imports torch: no torch, no train extra in this image (tests/test_deploy_files.py).
+# Serving never imports torch: no torch, no train extra in this image (tests/serving/test_deploy_files.py).
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ setup: $(VENV)/.core
 
 setup-test: $(VENV)/.test system-deps triton-env ohif
 
-# The OHIF viewer tests/test_viewer_ohif.py opens our SR in: the prebuilt app of npm
+# The OHIF viewer tests/medssl/dicom/test_viewer_ohif.py opens our SR in: the prebuilt app of npm
 # @ohif/app (50 MB tarball, its package/dist is the site), unpacked under .cache/ohif/.
 OHIF_VERSION := 3.13.2
 .cache/ohif/$(OHIF_VERSION).stamp:

@@ -100,7 +100,7 @@ use; it shows the pipeline end to end and is no measure of accuracy on real scan
 "$BIN/medssl-export" check "$REPO"
 if [ "$REPO" = model_repository ]; then
     # the weights as a bare checkpoint (no optimiser state), for tests and benchmarks that run
-    # the shipped network in PyTorch (tests/test_score.py, benchmarks/score_throughput.py)
+    # the shipped network in PyTorch (tests/medssl/scoring/test_score.py, benchmarks/score_throughput.py)
     "$BIN/python" - "$WORK/supervised/checkpoints/best.pt" benchmarks/assets/focalmix-nodules.pt <<'PY'
 import hashlib, sys
 import torch

@@ -32,7 +32,7 @@ thread, ``unraisable``)
 store's ``error``, a quarantine note, a log field): medssl's own errors keep their message,
 any other exception only its type and where it was raised. :func:`loggable_uid` keeps a UID a
 peer sent only when it is one. Text that C libraries write straight to file descriptor 2
-(decoders, onnxruntime) is not Python's to see; ``tests/test_serving_fuzz.py`` checks the
+(decoders, onnxruntime) is not Python's to see; ``tests/serving/test_serving_fuzz.py`` checks the
 gateway process's whole output, descriptor 2 included.
 """
 

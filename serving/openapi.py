@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 description of the operator API (``GET /api/v1/openapi.json``).
 
-Kept beside the handler (:mod:`medssl.serving.api`); ``tests/test_serving_api.py`` checks that
+Kept beside the handler (:mod:`medssl.serving.api`); ``tests/serving/test_serving_api.py`` checks that
 every route the handler serves is described here and the other way round.
 """
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT
 
 #: folder -> the import name of its package (pyproject's package-dir).
 PACKAGES = {

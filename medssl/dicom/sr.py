@@ -33,7 +33,7 @@ identifier and UID of finding ``i``'s group: that UID is what ties point, sphere
 measurements of one nodule together. There is no TID 1411 group (see below).
 
 How the viewers read it (sources read for issue 17, item 8; outputs measured with dcmqi 1.5.7
-and highdicom 0.28 in tests/test_sr_viewers.py):
+and highdicom 0.28 in tests/medssl/dicom/test_sr_viewers.py):
 
 * 3D Slicer, QuantitativeReporting (QIICR/QuantitativeReporting,
   ``DICOMPlugins/DICOMTID1500Plugin.py``, planar branch added 2025-04): a report with any
@@ -51,7 +51,7 @@ and highdicom 0.28 in tests/test_sr_viewers.py):
   SCOORD3D at all (measured: a 2D CIRCLE on the source image comes out as nothing either) and
   nothing outside Imaging Measurements. A report with only document-level Qualitative
   Evaluations came out as an empty list: hence the TID 1501 "Absent" group.
-* OHIF 3.13.2, run for real (tests/test_viewer_ohif.py: npm ``@ohif/app``, headless
+* OHIF 3.13.2, run for real (tests/medssl/dicom/test_viewer_ohif.py: npm ``@ohif/app``, headless
   chromium): a SCOORD3D POINT is parsed but not drawn in its SR (stack) viewport ("Unable to
   apply reference viewable", the annotation names no image); a 2D SCOORD POINT SELECTED FROM
   the CT image is drawn at the centre with the measurements of the merged groups. Hence group
@@ -401,7 +401,7 @@ def _finding_groups(
 
     1. the finding on an image: a 2D SCOORD POINT at its centre on the source frame nearest
        it (SELECTED FROM that image and frame), no measurements: what OHIF 3.13.2 draws
-       (tests/test_viewer_ohif.py);
+       (tests/medssl/dicom/test_viewer_ohif.py);
     2. the finding in 3D: its SCOORD3D POINT, diameter and certainty: what QuantitativeReporting
        shows.
 

@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 
 from benchmarks.detector_quality import (
-    _false_marks,
-    _resumed,
-    false_marks_per_scan,
-    sensitivity_by_group,
-    size_group,
-    _uncalibrated,
     ROOT,
     Variant,
+    _false_marks,
+    _resumed,
+    _uncalibrated,
+    false_marks_per_scan,
     inference_ablations,
     parse_variant,
     prepare_data,
     score_variant,
+    sensitivity_by_group,
+    size_group,
 )
 from medssl.metrics import Prediction
 from medssl.metrics.calibration import Calibration

@@ -13,12 +13,12 @@ import pytest
 from benchmarks.focalmix_ssl import (
     ABLATIONS,
     CEILING,
+    EXPERIMENT_KEYS,
     FOCALMIX,
     SUPERVISED,
     ZERO_WEIGHT,
     Run,
     experiment,
-    EXPERIMENT_KEYS,
     keep_checkpoints,
     plan,
     pooled_paired_delta,

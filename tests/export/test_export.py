@@ -26,6 +26,7 @@ from medssl.export.parity import compare
 from medssl.models import NODULE_LABEL, ModelCard, load_card
 from medssl.models.repository import check_model, check_repository, next_version, versions
 from medssl.models.triton_config import ServingOptions, model_config, read_config, write_config
+from tests.paths import MODEL_REPOSITORY
 
 pytestmark = [pytest.mark.slow]
 
@@ -309,7 +310,7 @@ def test_repository_check_does_not_import_torch(exported_detector):
 
 
 def test_the_shipped_repository_passes_the_check_and_says_it_is_synthetic():
-    repository = Path(__file__).parents[1] / "model_repository"
+    repository = MODEL_REPOSITORY
     reports = check_repository(repository)
     # benchmarks/build_ad_model.sh may have added ad-organs (not committed); every model must pass.
     assert "focalmix-nodules" in [r.name for r in reports] and all(r.ok for r in reports), reports

@@ -26,8 +26,8 @@ import pytest
 import yaml
 
 from medssl.serving.config import GatewayConfig, env_overrides, load_gateway_config
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY = ROOT / "deploy"

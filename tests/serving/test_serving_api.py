@@ -4,7 +4,7 @@
 The states come from the job store's own transitions (a failed study, a dead-lettered
 delivery, a done study, a waiting one), so the API is checked against what the gateway
 records, not against hand-written rows. The end-to-end test with a real gateway, Orthanc and
-chromium is tests/test_serving_console.py.
+chromium is tests/serving/test_serving_console.py.
 """
 
 from __future__ import annotations

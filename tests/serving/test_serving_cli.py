@@ -11,17 +11,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
 from medssl.testing.orthanc import free_port
 from tests.conftest import require_tool
+from tests.paths import ROOT
 
 pytestmark = [pytest.mark.integration]
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "gateway.yaml"
 SERVE = f"{sys.prefix}/bin/medssl-serve"
 

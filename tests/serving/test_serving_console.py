@@ -36,12 +36,12 @@ from medssl.testing.gateway import GatewayProcess, gateway_config
 from medssl.testing.orthanc import OrthancServer, free_port
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS, require_browser, require_tool
 from tests.fuzz_corpus import PHI_ID, PHI_NAME, find_phi
+from tests.paths import ROOT
+from tests.serving.helpers import DETECTOR, storescu
 
 pytestmark = [pytest.mark.integration, pytest.mark.orthanc, pytest.mark.browser]
 
-ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"
-DETECTOR = "focalmix-nodules"
 USER, PASSWORD = "pacsadmin", "console-test-password"
 FIGURES = ROOT / "docs" / "images"
 
@@ -142,27 +142,6 @@ class Api:
         )
 
 
-def _storescu(gateway: GatewayProcess, files: list[Path]) -> None:
-    storescu = require_tool("storescu", "dcmtk")
-    sent = subprocess.run(
-        [
-            storescu,
-            "-aet",
-            "STORESCU",
-            "-aec",
-            "MEDSSL",
-            "127.0.0.1",
-            str(gateway.port),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert sent.returncode == 0, sent.stdout + sent.stderr
-
-
 def test_the_console_shows_failures_and_a_dead_letter_retried_in_the_browser_turns_done(tmp_path):
     require_browser()
     require_tool("Orthanc", "orthanc")
@@ -202,14 +181,14 @@ def test_the_console_shows_failures_and_a_dead_letter_retried_in_the_browser_tur
         gateway.start()
         api = Api(f"http://127.0.0.1:{api_port}")
         try:
-            _storescu(gateway, studies[0])
+            storescu(gateway, studies[0])
             assert api.wait_state(uids[0], ("done",), gateway)["state"] == "done"
-            _storescu(gateway, studies[1])
+            storescu(gateway, studies[1])
             failed = api.wait_state(uids[1], ("failed", "dead-letter", "done"), gateway)
             assert failed["state"] == "failed" and "missing" in failed["error"], failed
             pacs.stop()
-            _storescu(gateway, studies[2])
-            _storescu(gateway, studies[3])
+            storescu(gateway, studies[2])
+            storescu(gateway, studies[3])
             for uid in uids[2:]:
                 dead = api.wait_state(uid, ("dead-letter", "done", "failed"), gateway)
                 assert (

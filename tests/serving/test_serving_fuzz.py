@@ -19,6 +19,7 @@ import pydicom
 import pytest
 
 from medssl.io import SeriesInfo, write_dicom_series
+from medssl.testing.gateway import GatewayProcess
 from tests.conftest import ramp_volume
 from tests.fuzz_corpus import (
     KINDS,
@@ -32,10 +33,13 @@ from tests.fuzz_corpus import (
     send_cases,
     send_garbage,
 )
-from medssl.testing.gateway import GatewayProcess
-from tests.test_serving_gateway import _wait_results, _wait_settled, orthanc  # noqa: F401 - fixture
-from tests.test_serving_phi import fuzz_gateway
-from tests.test_serving_scp import associated, status_of
+from tests.serving.helpers import (
+    associated,
+    fuzz_gateway,
+    status_of,
+    wait_results,
+    wait_settled,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -108,8 +112,8 @@ def test_the_gateway_survives_a_hostile_corpus_and_then_delivers_a_valid_study(t
         # a first valid study loads models, decoders and arenas: then the baseline
         warm = _valid_study(tmp_path / "warm", "fuzz-warm")
         assert set(_store(gateway, warm)) == {0}
-        _wait_results(orthanc, gateway, str(pydicom.dcmread(warm[0]).StudyInstanceUID))
-        _wait_settled(gateway)
+        wait_results(orthanc, gateway, str(pydicom.dcmread(warm[0]).StudyInstanceUID))
+        wait_settled(gateway)
         baseline = _rss_mib(gateway.process.pid)
 
         t1 = time.monotonic()
@@ -120,8 +124,8 @@ def test_the_gateway_survives_a_hostile_corpus_and_then_delivers_a_valid_study(t
 
         valid = _valid_study(tmp_path / "valid", "fuzz-valid")
         assert set(_store(gateway, valid)) == {0}
-        _wait_results(orthanc, gateway, str(pydicom.dcmread(valid[0]).StudyInstanceUID))
-        jobs = _wait_settled(gateway, timeout_s=150)
+        wait_results(orthanc, gateway, str(pydicom.dcmread(valid[0]).StudyInstanceUID))
+        jobs = wait_settled(gateway, timeout_s=150)
         _alive(gateway)
         peak = _rss_mib(gateway.process.pid)
         metrics = gateway.http_get("/metrics")[1]

@@ -9,7 +9,6 @@ detector, abdominal CT to the organ segmenter.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import sqlite3
@@ -26,30 +25,30 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from medssl.models.card import load_card
-from tests.conftest import require_tool
 from medssl.testing.gateway import GatewayProcess, gateway_config
 from medssl.testing.orthanc import OrthancServer
+from tests.conftest import require_tool
+from tests.paths import MODEL_REPOSITORY
+from tests.serving.helpers import (
+    DETECTOR,
+    dataset,
+    part10,
+    results,
+    storescu,
+    wait_results,
+    wait_settled,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.orthanc, pytest.mark.triton]
 
 #: A finding's SCOORD3D group in our SRs (each finding also has a 2D point group first:
-#: tests/test_sr_viewers.py).
+#: tests/medssl/dicom/test_sr_viewers.py).
 POINT3D = hd.sr.GraphicTypeValues3D.POINT
 
-REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
-DETECTOR = "focalmix-nodules"
+REPOSITORY = MODEL_REPOSITORY
 MIN_PROBABILITY = 0.5
 NODULE = codes.SCT.Nodule
 LUNG = codes.SCT.Lung
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    require_tool("Orthanc", "orthanc")
-    server = OrthancServer(tmp_path_factory.mktemp("orthanc"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -199,49 +198,6 @@ def _push(orthanc: OrthancServer, modality: str, files: list[Path], synchronous:
     return orthanc.store_to(modality, ids, synchronous=synchronous)
 
 
-def _results(orthanc: OrthancServer, study_uid: str, modality: str) -> list[dict]:
-    return orthanc.instances_of(study_uid, modality)
-
-
-def _wait_results(
-    orthanc: OrthancServer,
-    gateway: GatewayProcess,
-    study_uid: str,
-    modalities: tuple[str, ...] = ("SR",),
-    timeout_s: float = 180.0,
-) -> dict[str, list[dict]]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = {m: _results(orthanc, study_uid, m) for m in modalities}
-        if all(found.values()):
-            return found
-        time.sleep(0.25)
-    raise AssertionError(
-        f"no {modalities} for study {study_uid} in Orthanc after {timeout_s} s; "
-        f"jobs {gateway.jobs()}, deliveries {gateway.deliveries()}\n{gateway.log_tail()}"
-    )
-
-
-def _wait_settled(gateway: GatewayProcess, timeout_s: float = 60.0, jobs: int = 1) -> list[dict]:
-    """Wait until there are ``jobs`` jobs or more and none is unfinished; returns the jobs."""
-    n_jobs = jobs
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        jobs = gateway.jobs()
-        if len(jobs) >= n_jobs and all(
-            j["state"] in ("done", "failed", "dead-letter") for j in jobs
-        ):
-            return jobs
-        time.sleep(0.2)
-    raise AssertionError(
-        f"jobs unfinished after {timeout_s} s: {gateway.jobs()}\n{gateway.log_tail()}"
-    )
-
-
-def _dataset(orthanc: OrthancServer, instance: dict) -> pydicom.Dataset:
-    return pydicom.dcmread(io.BytesIO(orthanc.file(instance["ID"])))
-
-
 def _scored_findings(files: list[Path], tmp_path: Path) -> np.ndarray:
     """medssl-score's findings (LPS mm) with p >= MIN_PROBABILITY for the same series."""
     folder = tmp_path / "score-input"
@@ -274,14 +230,14 @@ def test_chest_ct_comes_back_as_an_sr_and_abdominal_ct_as_a_seg_routed_by_body_p
     gateway = start_gateway(segmenter=exported_segmenter)
     _push(orthanc, "GW", files)
     _push(orthanc, "GW", abdomen)
-    found = _wait_results(orthanc, gateway, study_uid, ("SR",))
-    found_abdomen = _wait_results(orthanc, gateway, abdomen_uid, ("SEG",))
-    jobs = _wait_settled(gateway, jobs=2)
+    found = wait_results(orthanc, gateway, study_uid, ("SR",))
+    found_abdomen = wait_results(orthanc, gateway, abdomen_uid, ("SEG",))
+    jobs = wait_settled(gateway, jobs=2)
     assert [j["state"] for j in jobs] == ["done", "done"]
     assert len(found["SR"]) == 1 and len(found_abdomen["SEG"]) == 1
-    assert _results(orthanc, study_uid, "SEG") == [] and _results(orthanc, abdomen_uid, "SR") == []
-    sr = _dataset(orthanc, found["SR"][0])
-    seg = _dataset(orthanc, found_abdomen["SEG"][0])
+    assert results(orthanc, study_uid, "SEG") == [] and results(orthanc, abdomen_uid, "SR") == []
+    sr = dataset(orthanc, found["SR"][0])
+    seg = dataset(orthanc, found_abdomen["SEG"][0])
     for ds, name, uid, model in (
         (sr, "sr.dcm", study_uid, DETECTOR),
         (seg, "seg.dcm", abdomen_uid, "organs"),
@@ -355,7 +311,7 @@ def test_a_jpeg_lossless_study_is_received_compressed_and_processed(
     assert pydicom.dcmread(compressed[0]).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
     gateway = start_gateway()
     _push(orthanc, "GW", compressed)
-    _wait_results(orthanc, gateway, _study_uid(compressed))
+    wait_results(orthanc, gateway, _study_uid(compressed))
     spooled = gateway.spooled()
     assert len(spooled) == len(compressed)
     assert pydicom.dcmread(
@@ -377,8 +333,8 @@ def test_an_enhanced_ct_study_is_processed(start_gateway, orthanc, studies, tmp_
     assert enhanced.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2.1"
     gateway = start_gateway()
     _push(orthanc, "GW", [path])
-    found = _wait_results(orthanc, gateway, str(enhanced.StudyInstanceUID))
-    sr = _dataset(orthanc, found["SR"][0])
+    found = wait_results(orthanc, gateway, str(enhanced.StudyInstanceUID))
+    sr = dataset(orthanc, found["SR"][0])
     sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     assert dciodvfy(tmp_path / "sr.dcm") == []
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
@@ -436,10 +392,10 @@ def test_a_gateway_killed_during_reception_loses_nothing(start_gateway, orthanc,
     assert 0 < received_before_kill < len(files), "the kill did not land during reception"
     gateway.start()
     orthanc.store_to("GW", ids, synchronous=True)  # the PACS re-sends what failed
-    _wait_results(orthanc, gateway, study_uid)
-    _wait_settled(gateway)
+    wait_results(orthanc, gateway, study_uid)
+    wait_settled(gateway)
     time.sleep(2.0)
-    assert len(_results(orthanc, study_uid, "SR")) == 1
+    assert len(results(orthanc, study_uid, "SR")) == 1
     assert len(gateway.spooled()) == len(files)
 
 
@@ -465,26 +421,6 @@ def _partial_copy(files: list[Path], folder: Path, n: int, seed: str) -> list[Pa
         out.append(folder / f"{int(ds.InstanceNumber):03d}.dcm")
         ds.save_as(out[-1], enforce_file_format=True)
     return out
-
-
-def _storescu(gateway: GatewayProcess, files: list[Path]) -> None:
-    storescu = require_tool("storescu", "dcmtk")
-    sent = subprocess.run(
-        [
-            storescu,
-            "-aet",
-            "STORESCU",
-            "-aec",
-            "MEDSSL",
-            "127.0.0.1",
-            str(gateway.port),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert sent.returncode == 0, sent.stdout + sent.stderr
 
 
 def _evidence(sr: pydicom.Dataset) -> set[str]:
@@ -527,30 +463,30 @@ def test_a_study_cut_by_a_crash_waits_at_restart_for_its_missing_instances(
     sops = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     study_uid = _study_uid(files)
     gateway = start_gateway(spool={"study_idle_s": idle_s})
-    _storescu(gateway, files[:40])
+    storescu(gateway, files[:40])
     gateway.kill()
     assert [(j["state"], j["n_instances"]) for j in gateway.jobs()] == [("received", 40)]
     time.sleep(idle_s + 1.0)  # the restart takes longer than the idle time
     gateway.start()
-    _storescu(gateway, files[40:])
-    found = _wait_results(orthanc, gateway, study_uid)
-    _wait_settled(gateway)
+    storescu(gateway, files[40:])
+    found = wait_results(orthanc, gateway, study_uid)
+    wait_settled(gateway)
     jobs, outputs = _store_jobs(gateway)
     assert [(j.state.value, j.n_instances, j.n_processed, j.supersedes) for j in jobs] == [
         ("done", 48, 48, None)
     ], jobs
     (sr,) = found["SR"]
-    assert _evidence(_dataset(orthanc, sr)) == sops
+    assert _evidence(dataset(orthanc, sr)) == sops
 
-    _storescu(gateway, files)  # the PACS re-sends the whole study
-    _wait_settled(gateway, 120, jobs=2)
+    storescu(gateway, files)  # the PACS re-sends the whole study
+    wait_settled(gateway, 120, jobs=2)
     jobs, outputs = _store_jobs(gateway)
     assert [(j.state.value, j.n_processed, j.supersedes) for j in jobs] == [
         ("done", 48, None),
         ("done", 48, jobs[0].id),
     ], jobs
     assert [o.sop_instance_uid for o in outputs[jobs[1].id] if o.kind == "sr"] == [_sop(sr)]
-    assert [_sop(i) for i in _results(orthanc, study_uid, "SR")] == [_sop(sr)]
+    assert [_sop(i) for i in results(orthanc, study_uid, "SR")] == [_sop(sr)]
 
 
 def test_instances_after_a_study_was_processed_make_the_whole_study_processed_again(
@@ -563,11 +499,11 @@ def test_instances_after_a_study_was_processed_make_the_whole_study_processed_ag
     sops = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
     study_uid = _study_uid(files)
     gateway = start_gateway(spool={"study_idle_s": 1.0})
-    _storescu(gateway, files[:40])
-    (partial,) = _wait_results(orthanc, gateway, study_uid)["SR"]
-    _wait_settled(gateway)
-    _storescu(gateway, files[40:])
-    _wait_settled(gateway, 120, jobs=2)
+    storescu(gateway, files[:40])
+    (partial,) = wait_results(orthanc, gateway, study_uid)["SR"]
+    wait_settled(gateway)
+    storescu(gateway, files[40:])
+    wait_settled(gateway, 120, jobs=2)
     jobs, outputs = _store_jobs(gateway)
     assert [(j.state.value, j.n_instances, j.n_processed, j.supersedes) for j in jobs] == [
         ("done", 40, 40, None),
@@ -577,9 +513,9 @@ def test_instances_after_a_study_was_processed_make_the_whole_study_processed_ag
     (newest_sr,) = [o.sop_instance_uid for o in outputs[jobs[1].id] if o.kind == "sr"]
     assert first_sr == _sop(partial) and newest_sr != first_sr
     deadline = time.monotonic() + 30
-    while len(_results(orthanc, study_uid, "SR")) < 2 and time.monotonic() < deadline:
+    while len(results(orthanc, study_uid, "SR")) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
-    held = {_sop(i): _dataset(orthanc, i) for i in _results(orthanc, study_uid, "SR")}
+    held = {_sop(i): dataset(orthanc, i) for i in results(orthanc, study_uid, "SR")}
     assert set(held) == {first_sr, newest_sr}
     assert _evidence(held[first_sr]) == set(sops[:40])
     assert _evidence(held[newest_sr]) == set(sops)
@@ -630,11 +566,11 @@ def test_a_gateway_killed_during_inference_resumes_the_job(start_gateway, orthan
     gateway.kill()
     assert [j["state"] for j in gateway.jobs()] == ["running"]
     gateway.start()
-    _wait_results(orthanc, gateway, study_uid)
-    jobs = _wait_settled(gateway)
+    wait_results(orthanc, gateway, study_uid)
+    jobs = wait_settled(gateway)
     assert [(j["state"], j["attempts"]) for j in jobs] == [("done", 2)]
     time.sleep(1.0)
-    assert len(_results(orthanc, study_uid, "SR")) == 1
+    assert len(results(orthanc, study_uid, "SR")) == 1
 
 
 def test_results_wait_for_a_stopped_pacs_and_arrive_when_it_is_back(
@@ -658,8 +594,8 @@ def test_results_wait_for_a_stopped_pacs_and_arrive_when_it_is_back(
         assert "orthanc" in failed[0]["error"].lower() or "127.0.0.1" in failed[0]["error"]
     finally:
         orthanc.start()
-    _wait_results(orthanc, gateway, study_uid)
-    assert [j["state"] for j in _wait_settled(gateway)] == ["done"]
+    wait_results(orthanc, gateway, study_uid)
+    assert [j["state"] for j in wait_settled(gateway)] == ["done"]
 
 
 @pytest.mark.filterwarnings("ignore:Expected explicit VR")
@@ -671,14 +607,12 @@ def test_garbage_and_truncated_datasets_are_rejected_while_a_good_study_goes_thr
     import pynetdicom
     from pydicom.uid import generate_uid
 
-    from tests.test_serving_scp import _part10
-
     files = studies[2]
     gateway = start_gateway()
     # send the bad files' bytes as they are (pynetdicom would decode and re-encode them)
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
     garbage = tmp_path / "garbage.dcm"
-    garbage.write_bytes(_part10(b"\x13\x37 not a dataset \xff" * 40, generate_uid()))
+    garbage.write_bytes(part10(b"\x13\x37 not a dataset \xff" * 40, generate_uid()))
     truncated = tmp_path / "truncated.dcm"
     truncated.write_bytes(studies[6][0].read_bytes()[:-5000])  # cut inside Pixel Data
     pushed = threading.Thread(target=_push, args=(orthanc, "GW", files))
@@ -693,8 +627,8 @@ def test_garbage_and_truncated_datasets_are_rejected_while_a_good_study_goes_thr
         assoc.release()
     pushed.join(120)
     assert statuses == [0xC210, 0xC210]
-    _wait_results(orthanc, gateway, _study_uid(files))
-    assert [j["state"] for j in _wait_settled(gateway)] == ["done"]
+    wait_results(orthanc, gateway, _study_uid(files))
+    assert [j["state"] for j in wait_settled(gateway)] == ["done"]
     quarantined = sorted((gateway.spool / "quarantine").glob("*.json"))
     assert len(quarantined) == 2
     assert len(gateway.spooled()) == len(files)
@@ -710,8 +644,8 @@ def test_sigterm_stops_accepting_and_a_restart_resumes(start_gateway, orthanc, s
     assert gateway.terminate(60) == 0
     assert [j["state"] for j in gateway.jobs()] == ["received"]
     gateway.start()
-    _wait_results(orthanc, gateway, study_uid)
-    assert [j["state"] for j in _wait_settled(gateway)] == ["done"]
+    wait_results(orthanc, gateway, study_uid)
+    assert [j["state"] for j in wait_settled(gateway)] == ["done"]
 
 
 def test_the_models_can_run_on_a_triton_server(
@@ -727,8 +661,8 @@ def test_the_models_can_run_on_a_triton_server(
         gateway = start_gateway(repository=repository, models={"triton_url": server.http_url})
         assert gateway.http_get("/readyz")[0] == 200
         _push(orthanc, "GW", files)
-        found = _wait_results(orthanc, gateway, _study_uid(files))
-        points = _sr_points(_dataset(orthanc, found["SR"][0]))
+        found = wait_results(orthanc, gateway, _study_uid(files))
+        points = _sr_points(dataset(orthanc, found["SR"][0]))
     expected = _scored_findings(files, tmp_path)
     assert len(points) == len(expected) > 0
     assert (
@@ -749,7 +683,7 @@ def test_without_its_triton_server_the_gateway_receives_but_is_not_ready(
     status, reason = gateway.http_get("/readyz")
     assert status == 503 and dead in reason
     gateway.wait_listening()  # receiving does not wait for the models
-    _storescu(gateway, studies[2][:5])
+    storescu(gateway, studies[2][:5])
     assert len(gateway.spooled()) == 5
     started = time.monotonic()
     assert gateway.terminate(60) == 0

@@ -16,15 +16,16 @@ from medssl.io import write_dicom_series
 from medssl.io.dicom_enhanced import write_enhanced_ct
 from medssl.synth.chest import ChestConfig, generate_chest_ct
 from medssl.synth.datasets import chest_series_info
-from tests.conftest import require_tool
-from tests.dicom_edits import copy_series, series_files
 from medssl.testing.gateway import GatewayProcess, gateway_config
 from medssl.testing.orthanc import OrthancServer
-from tests.test_serving_gateway import _dataset, _storescu
+from tests.conftest import require_tool
+from tests.dicom_edits import copy_series
+from tests.paths import MODEL_REPOSITORY
+from tests.serving.helpers import dataset, storescu
 
 pytestmark = [pytest.mark.integration, pytest.mark.orthanc]
 
-REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+REPOSITORY = MODEL_REPOSITORY
 
 
 @pytest.fixture
@@ -98,7 +99,7 @@ def test_poison_instances_fail_their_series_and_the_good_series_is_delivered(
         gateway = GatewayProcess(tmp_path / "gw", cfg)
         gateway.start()
         try:
-            _storescu(gateway, files)
+            storescu(gateway, files)
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 state = (gateway.jobs() or [{"state": None}])[-1]["state"]
@@ -109,7 +110,7 @@ def test_poison_instances_fail_their_series_and_the_good_series_is_delivered(
             [job] = gateway.jobs()
             assert (job["state"], job["attempts"]) == ("done", 1), (job, gateway.log_tail())
             [sr] = orthanc.instances_of(study_uid, "SR")
-            evidence = _dataset(orthanc, sr).CurrentRequestedProcedureEvidenceSequence[0]
+            evidence = dataset(orthanc, sr).CurrentRequestedProcedureEvidenceSequence[0]
             assert {s.SeriesInstanceUID for s in evidence.ReferencedSeriesSequence} == {good_series}
             log = gateway.log.read_text()
             assert job["error"].startswith("series failed: ")  # the job store keeps the reasons

@@ -15,11 +15,12 @@ import pytest
 
 from medssl.serving.jobstore import JobState, JobStore, Output
 from medssl.serving.spool import Spool
+from tests.paths import ROOT
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 OTHER = "1.2.826.0.1.3680043.8.498.2"
 T0 = 1_700_000_000.0
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT
 
 
 @pytest.fixture

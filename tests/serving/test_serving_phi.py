@@ -12,7 +12,6 @@ import json
 import logging
 import sys
 import warnings
-from pathlib import Path
 
 import pydicom
 import pytest
@@ -28,22 +27,9 @@ from tests.fuzz_corpus import (
     phi_found,
     send_cases,
 )
-from medssl.testing.gateway import GatewayProcess, gateway_config
-from tests.test_serving_gateway import DETECTOR, REPOSITORY, _wait_settled
+from tests.serving.helpers import fuzz_gateway, wait_settled
 
 pytestmark = [pytest.mark.integration]
-
-
-def fuzz_gateway(
-    root: Path, destinations: list[dict] | None = None, min_slices: int = 1, **sections: dict
-) -> GatewayProcess:
-    """A ``medssl-serve`` on free loopback ports running the shipped detector on the CT series
-    of at least ``min_slices`` slices (not started)."""
-    routes = [{"model": DETECTOR, "select": {"modality": "CT", "min_slices": min_slices}}]
-    config = gateway_config(
-        root, routes, REPOSITORY, destinations, **{"spool": {"study_idle_s": 0.5}, **sections}
-    )
-    return GatewayProcess(root, config)
 
 
 def _record(name: str, message: str, exc: BaseException | None = None) -> logging.LogRecord:
@@ -143,7 +129,7 @@ def test_a_lying_length_dataset_leaves_no_phi_in_any_gateway_output(tmp_path):
     gateway.start()
     try:
         statuses = send_cases(gateway.port, [case], tmp_path / "sent")
-        jobs = _wait_settled(gateway)
+        jobs = wait_settled(gateway)
         metrics = gateway.http_get("/metrics")[1]
     finally:
         gateway.stop()

@@ -25,16 +25,17 @@ from medssl.synth.datasets import chest_series_info
 from medssl.synth.organs import generate_organ_phantom
 from tests.conftest import ORGAN_SHAPE
 from tests.dicom_edits import copy_series
+from tests.paths import MODEL_REPOSITORY
 
 pytestmark = [pytest.mark.slow]
 
 #: A finding's SCOORD3D group in our SRs (each finding also has a 2D point group first:
-#: tests/test_sr_viewers.py).
+#: tests/medssl/dicom/test_sr_viewers.py).
 POINT3D = hd.sr.GraphicTypeValues3D.POINT
 
 #: The shipped detector: trained, so its scores spread and the route's threshold matters (the
 #: random-weight ``exported_detector`` scores every box 0.0101).
-REPOSITORY = Path(__file__).parents[1] / "model_repository"
+REPOSITORY = MODEL_REPOSITORY
 MODEL = "focalmix-nodules"
 SEED = 5
 ROUTE = RouteConfig(MODEL, min_probability=0.5)

@@ -11,41 +11,29 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 import pynetdicom
+import pytest
 from pydicom.data import get_testdata_file
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGLosslessSV1,
     generate_uid,
 )
-from pynetdicom import AE
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
     MRImageStorage,
-    Verification,
 )
 
-from medssl.io import SeriesInfo, write_dicom_series
-from medssl.serving.config import AllowedCaller, ScpConfig, TlsConfig
-from medssl.serving.metrics import GatewayMetrics
-from medssl.serving.scp import StorageSCP
+from medssl.serving.config import AllowedCaller, TlsConfig
 from medssl.serving.spool import Spool, SpoolError, SpoolFullError, StoredInstance
-from tests.conftest import ramp_volume, require_tool
-
-SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-PHI = {"patient_name": "Doe^Jane", "patient_id": "MRN-424242"}
+from tests.conftest import require_tool
+from tests.serving.helpers import SYNTAXES, Gateway, associated, client_context, part10, status_of
 
 
 def assert_no_phi_logged(records: list[logging.LogRecord]) -> None:
@@ -55,87 +43,6 @@ def assert_no_phi_logged(records: list[logging.LogRecord]) -> None:
     for record in ours:
         text = record.getMessage() + repr(vars(record))
         assert "Doe^Jane" not in text and "MRN-424242" not in text
-
-
-@dataclass
-class Gateway:
-    scp: StorageSCP
-    spool: Spool
-    metrics: GatewayMetrics
-    stored: list[StoredInstance] = field(default_factory=list)
-
-    def metric(self, name: str, **labels: str) -> float:
-        return self.metrics.registry.get_sample_value(name, labels) or 0.0
-
-    def incoming_files(self) -> list[Path]:
-        return sorted(self.spool.incoming.rglob("*.dcm"))
-
-
-@pytest.fixture
-def gateway(tmp_path) -> Iterator:
-    """Start a StorageSCP on a free loopback port: ``gateway(**ScpConfig overrides)``."""
-    running: list[StorageSCP] = []
-
-    def start(*, min_free_bytes: int = 0, on_stored=None, **overrides) -> Gateway:
-        settings = dict(
-            port=0,
-            allowed_callers=(AllowedCaller("SCU"), AllowedCaller("STORESCU")),
-            acse_timeout_s=5,
-            dimse_timeout_s=10,
-            network_timeout_s=10,
-        )
-        settings.update(overrides)
-        spool = Spool(tmp_path / f"spool{len(running)}", min_free_bytes=min_free_bytes)
-        metrics, stored = GatewayMetrics(), []
-        scp = StorageSCP(ScpConfig(**settings), spool, on_stored or stored.append, metrics)
-        scp.start()
-        running.append(scp)
-        return Gateway(scp, spool, metrics, stored)
-
-    yield start
-    for scp in running:
-        scp.stop(timeout_s=2)
-
-
-@contextmanager
-def associated(
-    port: int,
-    calling: str = "SCU",
-    contexts=((CTImageStorage, SYNTAXES),),
-    tls_args=None,
-    called: str = "MEDSSL",
-    bind_address: tuple[str, int] = ("", 0),
-) -> Iterator[pynetdicom.association.Association]:
-    """A pynetdicom SCU association (released or aborted on exit; may be rejected), calling
-    ``called`` on 127.0.0.1 from ``bind_address`` (e.g. ``("127.0.0.2", 0)``: another host)."""
-    ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.network_timeout = 5
-    ae.dimse_timeout = 10
-    ae.add_requested_context(Verification)
-    for sop_class, syntaxes in contexts:
-        ae.add_requested_context(sop_class, syntaxes)
-    assoc = ae.associate(
-        "127.0.0.1", port, ae_title=called, tls_args=tls_args, bind_address=bind_address
-    )
-    try:
-        yield assoc
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
-
-
-def status_of(rsp: pydicom.Dataset) -> int:
-    assert "Status" in rsp, "no response from the SCP (association aborted or timed out)"
-    return int(rsp.Status)
-
-
-@pytest.fixture
-def series(tmp_path) -> list[Path]:
-    """A 4-slice 16 x 18 CT series (Explicit VR Little Endian) of patient ``PHI``."""
-    return write_dicom_series(
-        ramp_volume(shape=(4, 16, 18)), tmp_path / "series", SeriesInfo(uid_seed="scp-test", **PHI)
-    )
 
 
 def _assert_spooled(gw: Gateway, sources: list[Path]) -> None:
@@ -161,19 +68,6 @@ def _assert_spooled(gw: Gateway, sources: list[Path]) -> None:
         assert np.array_equal(spooled.pixel_array, original.pixel_array)
     assert gw.incoming_files() == sorted(s.path for s in gw.stored)
     assert list(gw.spool.tmp.iterdir()) == []
-
-
-def _part10(
-    dataset_bytes: bytes, sop_instance_uid: str, transfer_syntax: str = ExplicitVRLittleEndian
-) -> bytes:
-    """File meta (CT, ``transfer_syntax``) followed by ``dataset_bytes`` as they are."""
-    meta = pydicom.dataset.FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax
-    buffer = DicomBytesIO()
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    return b"\0" * 128 + b"DICM" + buffer.getvalue() + dataset_bytes
 
 
 # -- spool -----------------------------------------------------------------------------------
@@ -417,7 +311,7 @@ def test_garbage_and_truncated_instances_are_quarantined_while_a_good_one_is_sto
     # send the files' bytes as they are (pynetdicom would otherwise decode and re-encode them)
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
     garbage = tmp_path / "garbage.dcm"
-    garbage.write_bytes(_part10(b"\x13\x37 not a dataset \xff" * 40, generate_uid()))
+    garbage.write_bytes(part10(b"\x13\x37 not a dataset \xff" * 40, generate_uid()))
     truncated = tmp_path / "truncated.dcm"
     whole = series[1].read_bytes()
     truncated.write_bytes(whole[:-200])  # cut inside Pixel Data
@@ -469,19 +363,10 @@ def test_on_stored_raising_answers_processing_failure_and_the_server_lives_on(ga
 # -- TLS -----------------------------------------------------------------------------------
 
 
-def _client_context(cert: Path, key: Path | None = None):
-    import ssl
-
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
-    if key is not None:
-        context.load_cert_chain(str(cert), str(key))
-    return context
-
-
 def test_tls_scu_can_store_and_a_plain_tcp_scu_cannot(gateway, series, certificate):
     cert, key = certificate
     gw = gateway(tls=TlsConfig(enabled=True, certificate=cert, private_key=key))
-    with associated(gw.scp.port, tls_args=(_client_context(cert), "localhost")) as assoc:
+    with associated(gw.scp.port, tls_args=(client_context(cert), "localhost")) as assoc:
         assert assoc.is_established
         assert status_of(assoc.send_c_store(pydicom.dcmread(series[0]))) == 0x0000
     with associated(gw.scp.port) as plain:
@@ -496,7 +381,7 @@ def test_tls_peer_that_connects_and_sends_nothing_does_not_stall_other_callers(
     gw = gateway(tls=TlsConfig(enabled=True, certificate=cert, private_key=key), acse_timeout_s=1)
     with socket.create_connection(("127.0.0.1", gw.scp.port)):  # idle: no TLS handshake
         time.sleep(0.2)
-        with associated(gw.scp.port, tls_args=(_client_context(cert), "localhost")) as assoc:
+        with associated(gw.scp.port, tls_args=(client_context(cert), "localhost")) as assoc:
             assert status_of(assoc.send_c_echo()) == 0x0000
 
 
@@ -505,9 +390,9 @@ def test_tls_with_a_ca_requires_a_client_certificate(gateway, series, certificat
     gw = gateway(
         tls=TlsConfig(enabled=True, certificate=cert, private_key=key, ca_certificate=cert)
     )
-    with associated(gw.scp.port, tls_args=(_client_context(cert, key), "localhost")) as assoc:
+    with associated(gw.scp.port, tls_args=(client_context(cert, key), "localhost")) as assoc:
         assert status_of(assoc.send_c_echo()) == 0x0000
-    with associated(gw.scp.port, tls_args=(_client_context(cert), "localhost")) as anonymous:
+    with associated(gw.scp.port, tls_args=(client_context(cert), "localhost")) as anonymous:
         assert not anonymous.is_established
 
 

@@ -30,14 +30,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from medssl.serving.config import ScpConfig, TlsConfig
 from tests.conftest import require_tool
-from tests.test_serving_scp import (  # noqa: F401  (fixtures: gateway, series; certificate is in conftest)
-    _client_context,
-    _part10,
-    associated,
-    gateway,
-    series,
-    status_of,
-)
+from tests.serving.helpers import associated, client_context, part10, status_of
 
 pytestmark = [pytest.mark.slow]
 
@@ -341,7 +334,7 @@ def test_tls_silent_tcp_connections_do_not_delay_a_tls_caller(gateway, certifica
     with connect(gw.scp.port) as first, connect(gw.scp.port) as second:  # no TLS handshake
         time.sleep(0.2)
         start = time.monotonic()
-        assert_echo_within(gw.scp.port, 2.0, tls_args=(_client_context(cert), "localhost"))
+        assert_echo_within(gw.scp.port, 2.0, tls_args=(client_context(cert), "localhost"))
         assert read_answer(first, 3.0) == b"" and read_answer(second, 3.0) == b""
         assert time.monotonic() - start < 3.0  # closed at their deadline
 
@@ -444,7 +437,7 @@ def send_raw(monkeypatch, tmp_path):
 
     def send(port: int, body: bytes, sop_uid: str, syntax: str) -> int:
         path = tmp_path / f"{sop_uid}.dcm"
-        path.write_bytes(_part10(body, sop_uid, syntax))
+        path.write_bytes(part10(body, sop_uid, syntax))
         with associated(port, contexts=((CTImageStorage, [syntax]),)) as assoc:
             return status_of(assoc.send_c_store(path))
 

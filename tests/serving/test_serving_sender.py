@@ -23,12 +23,13 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from medssl.io import SeriesInfo, write_dicom_series
 from medssl.serving.config import DestinationConfig
 from medssl.serving.sender import DeliveryError, send_files
-from tests.conftest import ramp_volume
 from medssl.testing.orthanc import DICOMWEB_PLUGIN, ORTHANC, OrthancServer, free_port
+from tests.conftest import ramp_volume
+from tests.paths import DETECTOR_DIR
 
 pytestmark = [pytest.mark.integration, pytest.mark.orthanc]
 
-CARD_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "focalmix-nodules"
+CARD_DIR = DETECTOR_DIR
 
 
 def require_orthanc() -> None:
@@ -63,9 +64,9 @@ def ct_files(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, ct_files) -> list[Path]:
     """What the gateway sends for the CT: a BINARY SEG and a TID 1500 SR."""
+    from medssl.dicom import write_detection_sr, write_label_seg
     from medssl.models import load_card
     from medssl.pipeline.detect import Detection
-    from medssl.dicom import write_detection_sr, write_label_seg
 
     folder = tmp_path_factory.mktemp("results")
     volume = ramp_volume()

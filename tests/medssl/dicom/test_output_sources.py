@@ -17,17 +17,18 @@ import pydicom
 import pytest
 
 from medssl import Volume, affine_from_geometry
+from medssl.dicom.seg import write_detection_seg, write_label_seg
+from medssl.dicom.sr import write_detection_sr
 from medssl.io import SeriesInfo, write_dicom_series
 from medssl.models import load_card
 from medssl.pipeline.detect import Detection
-from medssl.dicom.seg import write_detection_seg, write_label_seg
-from medssl.dicom.sr import write_detection_sr
+from tests.paths import DETECTOR_DIR
 
 #: A finding's SCOORD3D group in our SRs (each finding also has a 2D point group first:
-#: tests/test_sr_viewers.py).
+#: tests/medssl/dicom/test_sr_viewers.py).
 POINT3D = hd.sr.GraphicTypeValues3D.POINT
 
-CARD_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "focalmix-nodules"
+CARD_DIR = DETECTOR_DIR
 SHAPE = (6, 24, 24)
 NAME = "Doe Jane"  # no "^": highdicom's name check would log it
 

@@ -13,11 +13,7 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from medssl import Volume, __version__, affine_from_geometry
-from medssl.io import SeriesInfo, read_volume, write_dicom_series
-from medssl.io.dicom_enhanced import write_enhanced_ct
-from medssl.models import load_card
-from medssl.pipeline.detect import Detection
+from medssl import Volume, __version__
 from medssl.dicom import (
     derived_uid,
     detection_sr,
@@ -26,21 +22,14 @@ from medssl.dicom import (
     write_label_seg,
 )
 from medssl.dicom.seg import detection_seg, frame_slices, write_detection_seg
-from tests.conftest import oblique_direction, require_tool
+from medssl.io import SeriesInfo, read_volume
+from medssl.io.dicom_enhanced import write_enhanced_ct
+from tests.conftest import require_tool
+from tests.medssl.dicom.helpers import INFO, NODULES, SHAPE, oblique_volume
 
 #: A finding's SCOORD3D group in our SRs (each finding also has a 2D point group first:
-#: tests/test_sr_viewers.py).
+#: tests/medssl/dicom/test_sr_viewers.py).
 POINT3D = hd.sr.GraphicTypeValues3D.POINT
-
-CARD_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "focalmix-nodules"
-SHAPE = (16, 64, 64)
-NODULES = [((8.0, 30.0, 35.0), 8.0, 0.93), ((4.0, 50.0, 12.0), 5.0, 0.41)]  # voxel zyx, mm, p
-
-
-@pytest.fixture(scope="module")
-def card():
-    return load_card(CARD_DIR)
-
 
 #: Patient and study attributes every result object copies from its source.
 COPIED = (
@@ -55,43 +44,13 @@ COPIED = (
     "StudyTime",
     "ReferringPhysicianName",
 )
-INFO = dict(
-    patient_name="Doe^Jane",
-    patient_id="P-0042",
-    patient_birth_date="19580214",
-    patient_sex="F",
-    study_id="77",
-    accession_number="ACC-9",
-    study_date="20250304",
-    study_time="101500",
-)
-
-
-def _oblique_volume() -> Volume:
-    """16 slices of 64 x 64 (2 x 1.25 x 1.25 mm), rotated 20 degrees about S; every voxel
-    value differs (a flipped or shifted frame would show)."""
-    values = (np.arange(np.prod(SHAPE)) % 2000 - 1000).astype(np.float32).reshape(SHAPE)
-    return Volume(
-        values,
-        affine_from_geometry((-40.0, -60.0, -120.0), (2.0, 1.25, 1.25), oblique_direction(20)),
-    )
-
-
-@pytest.fixture(scope="module")
-def ct(tmp_path_factory):
-    """A 16-slice 64 x 64 oblique CT series: its Volume and its datasets (headers only), in
-    slice order."""
-    volume = _oblique_volume()
-    folder = tmp_path_factory.mktemp("ct")
-    paths = write_dicom_series(volume, folder, SeriesInfo(uid_seed="serving", **INFO))
-    return volume, [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
 
 
 @pytest.fixture(scope="module")
 def enhanced_ct(tmp_path_factory):
     """The same volume as one Enhanced CT file whose frames are stored out of slice order
     (frame k is slice ``ORDER[k]``): the path, the volume, the dataset (headers only)."""
-    volume = _oblique_volume()
+    volume = oblique_volume()
     path = write_enhanced_ct(
         volume,
         tmp_path_factory.mktemp("enhanced") / "ct.dcm",
@@ -107,15 +66,6 @@ def enhanced_ct(tmp_path_factory):
 
 
 ORDER = np.random.default_rng(7).permutation(SHAPE[0])
-
-
-@pytest.fixture(scope="module")
-def detections(ct):
-    volume, _ = ct
-    return [
-        Detection(tuple(float(c) for c in volume.index_to_world(zyx)), d, p, zyx)
-        for zyx, d, p in NODULES
-    ]
 
 
 def _sphere(volume: Volume, centre_zyx, diameter_mm: float) -> np.ndarray:
@@ -170,7 +120,7 @@ def test_sr_with_detections_is_a_valid_tid1500_report_of_planar_point_groups(
     assert report.get_volumetric_roi_measurement_groups() == []
     every = report.get_planar_roi_measurement_groups()
     assert [g[0].ContentTemplateSequence[0].TemplateIdentifier for g in every] == ["1410"] * 4
-    # each finding: a 2D point group on its image (tests/test_sr_viewers.py), then this one
+    # each finding: a 2D point group on its image (tests/medssl/dicom/test_sr_viewers.py), then this one
     groups = report.get_planar_roi_measurement_groups(graphic_type=POINT3D)
     assert [g.tracking_identifier for g in groups] == ["Nodule 1", "Nodule 2"]
     assert len({g.tracking_uid for g in groups}) == 2
@@ -392,7 +342,7 @@ def test_companion_seg_has_a_sphere_per_detection_tracked_like_the_sr_findings(
 
     sr, report = _report(sr_path)
     _assert_names_model_and_copies_source(sr, source[0], card)
-    # one TID 1410 group per finding (tests/test_sr_viewers.py: why no TID 1411 group);
+    # one TID 1410 group per finding (tests/medssl/dicom/test_sr_viewers.py: why no TID 1411 group);
     # segment i of the SEG is tracked like finding i's group
     planar = report.get_planar_roi_measurement_groups(graphic_type=POINT3D)
     assert report.get_volumetric_roi_measurement_groups() == []
@@ -429,7 +379,7 @@ def test_companion_seg_refuses_no_detections_and_a_mismatched_report(ct, detecti
 def test_enhanced_ct_writer_gives_a_valid_file_that_reads_back_as_the_volume(
     tmp_path, enhanced_ct, dciodvfy
 ):
-    volume = _oblique_volume()
+    volume = oblique_volume()
     path = write_enhanced_ct(volume, tmp_path / "ct.dcm", SeriesInfo(uid_seed="roundtrip"))
     assert dciodvfy(path) == []
     ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -446,7 +396,7 @@ def test_reports_on_an_enhanced_ct_are_valid_and_reference_it(
 ):
     _, _, ds = enhanced_ct
     seg_path, seg = write_detection_seg(
-        [ds], detections, card, _oblique_volume().affine, SHAPE, tmp_path / "findings-seg.dcm"
+        [ds], detections, card, oblique_volume().affine, SHAPE, tmp_path / "findings-seg.dcm"
     )
     for found, companion in ((detections, seg), (detections, None), ([], None)):
         path = write_detection_sr([ds], found, card, tmp_path / "sr.dcm", companion_seg=companion)

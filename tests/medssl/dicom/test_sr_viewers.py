@@ -11,7 +11,7 @@ Read three ways, as the viewers read it (see medssl/dicom/sr.py's module docstri
 * the rules of OHIF's TID 1500 parser (``_ohif_measurements`` below), which merges groups by
   Tracking Unique Identifier and needs a SCOORD or SCOORD3D in each merged measurement.
 
-Fixtures (CT series, model card, two detections) come from tests/test_serving_dicom.py.
+Fixtures (CT series, model card, two detections) come from tests/medssl/dicom/conftest.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from pydicom.sr.codedict import codes
 from medssl.dicom import write_detection_sr
 from medssl.dicom.seg import write_detection_seg
 from tests.conftest import require_tool
-from tests.test_serving_dicom import card, ct, detections  # noqa: F401  (fixtures)
 
 #: DCM codes of the TID 1500 containers and items OHIF's parser looks for.
 _IMAGING_MEASUREMENTS, _MEASUREMENT_GROUP, _TRACKING_UID = "126010", "125007", "112040"
@@ -114,7 +113,7 @@ def test_slicer_and_ohif_find_each_finding_at_its_centre(
 ):  # noqa: F811
     """Without and with the companion SEG, each finding is two TID 1410 groups with one
     tracking identifier and UID: first a 2D SCOORD POINT at its centre on the source image
-    nearest it (what OHIF 3.13.2 draws: tests/test_viewer_ohif.py), then a SCOORD3D POINT in
+    nearest it (what OHIF 3.13.2 draws: tests/medssl/dicom/test_viewer_ohif.py), then a SCOORD3D POINT in
     the source's frame of reference with the measurements (what QuantitativeReporting shows as
     a markups point). No TID 1411 group (before, the SEG doubled every finding with one); with
     the SEG, segment i is tracked as finding i."""

@@ -71,17 +71,17 @@ import pytest
 import requests
 
 from medssl import Volume, affine_from_geometry
-from medssl.io import SeriesInfo, write_dicom_series
-from medssl.pipeline.detect import Detection
 from medssl.dicom import write_detection_sr
 from medssl.dicom.seg import write_detection_seg
-from tests.conftest import CHROMIUM, CHROMIUM_ARGS, require_browser, require_tool
+from medssl.io import SeriesInfo, write_dicom_series
+from medssl.pipeline.detect import Detection
 from medssl.testing.orthanc import OrthancServer
-from tests.test_serving_dicom import INFO, NODULES, card  # noqa: F401  (fixture)
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, require_browser, require_tool
+from tests.medssl.dicom.helpers import INFO, NODULES
+from tests.paths import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.orthanc, pytest.mark.browser]
 
-ROOT = Path(__file__).resolve().parents[1]
 #: Where ``make ohif`` unpacks ``npm pack @ohif/app@3.13.2`` (its ``package/dist``).
 OHIF_DIST = Path(os.environ.get("MEDSSL_OHIF_DIST", ROOT / ".cache" / "ohif" / "package" / "dist"))
 SHAPE, SPACING, ORIGIN = (16, 64, 64), (2.0, 1.25, 1.25), (-40.0, -60.0, -120.0)
@@ -104,7 +104,7 @@ def _chest(
     path: Path, seed: str
 ) -> tuple[Volume, list[Path], list[pydicom.Dataset], list[Detection]]:
     """A 16 x 64 x 64 axial CT (2 x 1.25 x 1.25 mm) of air (-800 HU) with the two findings of
-    tests/test_serving_dicom.py's ``NODULES`` as soft-tissue spheres (60 HU); its files, their
+    tests/medssl/dicom/conftest.py's ``NODULES`` as soft-tissue spheres (60 HU); its files, their
     headers (slice order) and the detections at the sphere centres (LPS mm)."""
     affine = affine_from_geometry(ORIGIN, SPACING)
     values = np.full(SHAPE, -800.0, np.float32)

@@ -29,6 +29,7 @@ from medssl.errors import (
 from medssl.io import SeriesInfo, read_volume, write_dicom_series
 from tests.conftest import ramp_volume
 from tests.dicom_edits import blank_uids, edit, to_jpeg2000
+from tests.paths import DETECTOR_DIR
 
 
 def _files(folder: Path) -> list[Path]:
@@ -411,9 +412,7 @@ def test_a_volume_file_of_implausible_spacing_is_refused_before_its_data_is_read
 
     path = write_volume(ramp_volume(spacing=(2.5, 1000.0, 1000.0)), tmp_path / "huge.nii.gz")
     monkeypatch.setattr(series, "read_volume", lambda *_: pytest.fail("the data was read"))
-    card = load_card(
-        Path(__file__).parents[1] / "model_repository" / "focalmix-nodules" / "medssl.json"
-    )
+    card = load_card(DETECTOR_DIR / "medssl.json")
     prepared = series.prepare(ScanItem(key="huge", paths=(str(path),)), card.detection_params(2))
     assert prepared.error.startswith("ImplausibleGeometryError") and "is 1000 mm" in prepared.error
     assert not prepared.transient

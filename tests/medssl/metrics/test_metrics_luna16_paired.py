@@ -19,7 +19,7 @@ from medssl.metrics import (
     paired_bootstrap_cpm,
     paired_bootstrap_sensitivities,
 )
-from tests.test_metrics_luna16 import random_case
+from tests.medssl.metrics.test_metrics_luna16 import random_case
 
 # --- paired bootstrap ----------------------------------------------------------------------
 

@@ -152,9 +152,8 @@ def test_reliability_diagram_writes_a_png(tmp_path):
 
 
 def test_detections_report_the_calibrated_probability_in_the_raw_score_order():
-    from tests.test_pipeline_detect import BLOBS, BlobRunner, blob_volume, params
-
     from medssl.pipeline import detect
+    from tests.medssl.pipeline.test_pipeline_detect import BLOBS, BlobRunner, blob_volume, params
 
     volume, _ = blob_volume(BLOBS)
     extra = [((16.0, 16.0, 16.0), 6.0, 0.3), ((8.0, 8.0, 24.0), 5.0, 0.6)]
@@ -172,9 +171,8 @@ def test_detections_report_the_calibrated_probability_in_the_raw_score_order():
 
 
 def test_the_score_threshold_stays_on_the_raw_score():
-    from tests.test_pipeline_detect import BLOBS, BlobRunner, blob_volume, params
-
     from medssl.pipeline import detect
+    from tests.medssl.pipeline.test_pipeline_detect import BLOBS, BlobRunner, blob_volume, params
 
     volume, _ = blob_volume(BLOBS)
     lift = Calibration(method="platt", a=1.0, b=4.0)  # raw 0.05 -> 0.74

@@ -7,7 +7,7 @@ import numpy as np
 from medssl import Volume, affine_from_geometry
 from medssl.pipeline import SegmentationParams, plan_windows, segment
 from medssl.pipeline.segment import BODY_MARGIN, body_box
-from tests.test_pipeline_segment import BinRunner
+from tests.medssl.pipeline.test_pipeline_segment import BinRunner
 
 
 def _ct_with_a_body(shape=(40, 96, 96), centre=(20, 40, 52), radii=(14, 22, 18), seed=0):

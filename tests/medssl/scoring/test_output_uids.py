@@ -18,15 +18,16 @@ import pydicom
 import pytest
 
 from medssl import Volume, affine_from_geometry
+from medssl.dicom.seg import write_label_seg
 from medssl.io import SeriesInfo, write_dicom_series
 from medssl.io.dicom_enhanced import write_enhanced_ct
 from medssl.models import load_card
 from medssl.pipeline.detect import Detection
 from medssl.scoring.manifest import ScanItem
 from medssl.scoring.series import DicomOutput, Prepared, _write_sr
-from medssl.dicom.seg import write_label_seg
+from tests.paths import DETECTOR_DIR
 
-CARD_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "focalmix-nodules"
+CARD_DIR = DETECTOR_DIR
 SHAPE = (8, 32, 32)
 SPACING = (2.0, 1.0, 1.0)
 #: Trials of the property test (each writes 3 to 6 SR/SEG objects of an 8 x 32 x 32 series).

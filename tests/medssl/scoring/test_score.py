@@ -24,10 +24,11 @@ from medssl.scoring import (
     score,
     select_series,
 )
+from tests.paths import MODEL_REPOSITORY, ROOT
 
 pytestmark = [pytest.mark.slow]
 
-REPOSITORY = Path(__file__).parents[1] / "model_repository"
+REPOSITORY = MODEL_REPOSITORY
 SPEC = RunnerSpec(REPOSITORY, "focalmix-nodules")
 TIMINGS = ("read_s", "preprocess_s", "inference_s", "postprocess_s")
 
@@ -151,10 +152,10 @@ def test_a_run_killed_midway_resumes_without_scoring_any_series_twice(archive, t
 def test_scoring_a_luna16_split_gives_the_cpm_of_the_training_evaluation(tmp_path):
     torch = pytest.importorskip("torch")
     from medssl.cli.main import cli
+    from medssl.config import config_from_dict
     from medssl.datasets.luna16 import Luna16
     from medssl.metrics import evaluate_luna16_files
     from medssl.training.cache import VolumeCache
-    from medssl.config import config_from_dict
     from medssl.training.det_config import DetectionExperiment
     from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
     from medssl.training.detector import FPNDetector
@@ -178,9 +179,7 @@ def test_scoring_a_luna16_split_gives_the_cpm_of_the_training_evaluation(tmp_pat
     )
     assert made.exit_code == 0, made.output
     # The training issue's own evaluation of the shipped model's weights.
-    state = torch.load(
-        Path(__file__).parents[1] / "benchmarks/assets/focalmix-nodules.pt", weights_only=False
-    )
+    state = torch.load(ROOT / "benchmarks/assets/focalmix-nodules.pt", weights_only=False)
     cfg = config_from_dict(DetectionExperiment, state["config"])
     net = FPNDetector(cfg.model, cfg.anchors)
     net.load_state_dict(state["model"])

@@ -19,12 +19,13 @@ from medssl.scoring import ray_engine  # noqa: E402
 from medssl.scoring.manifest import ScanItem, build_manifest  # noqa: E402
 from medssl.scoring.run import RunnerSpec, ScoreOptions, score  # noqa: E402
 from medssl.scoring.series import Scored  # noqa: E402
+from tests.paths import MODEL_REPOSITORY
 
 # One runtime on both sides: the Ray actors run in their own processes, where runtime "auto" would
 # pick OpenVINO, while this process keeps to onnxruntime (tests/conftest.py); outputs of two
 # runtimes agree to ~1e-5, not bit for bit.
 SPEC = RunnerSpec(
-    Path(__file__).resolve().parents[1] / "model_repository",
+    MODEL_REPOSITORY,
     "focalmix-nodules",
     runtime="onnxruntime",
 )

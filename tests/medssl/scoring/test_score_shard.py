@@ -15,10 +15,11 @@ from medssl.errors import MedsslError
 from medssl.scoring import RunnerSpec, ScanItem, ScoreOptions, build_manifest, score
 from medssl.scoring.merge import merge_outputs
 from medssl.scoring.shard import Shard, parse_shard
+from tests.paths import MODEL_REPOSITORY
 
 pytestmark = [pytest.mark.slow]
 
-REPOSITORY = Path(__file__).parents[1] / "model_repository"
+REPOSITORY = MODEL_REPOSITORY
 SPEC = RunnerSpec(REPOSITORY, "focalmix-nodules")
 TIMINGS = {"read_s", "preprocess_s", "inference_s", "postprocess_s", "lung_mask_s"}
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -18,15 +17,16 @@ import pydicom
 import pytest
 
 from benchmarks.seg_size import organ_card, organ_study, read_back, run
+from medssl.dicom.seg import detection_seg, label_seg
 from medssl.models import load_card
 from medssl.pipeline.detect import Detection
 from medssl.scoring.manifest import ScanItem
 from medssl.scoring.series import DicomOutput, _write_seg
 from medssl.serving.config import RouteConfig
-from medssl.dicom.seg import detection_seg, label_seg
 from tests.conftest import require_tool
+from tests.paths import DETECTOR_DIR
 
-CARD_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "focalmix-nodules"
+CARD_DIR = DETECTOR_DIR
 SHAPE = (16, 80, 80)  # the benchmark's study, small: phantom at 8 x 40 x 40, repeated 2x
 
 

@@ -19,8 +19,7 @@ from medssl.training.det_augment import (
     apply_scanner,
 )
 from medssl.training.det_config import DataConfig
-from tests.test_train_detector import luna, tiny_config  # noqa: F401 (fixtures)
-from tests.test_training_det_fixes import _scans, checkpoint
+from tests.training.detection.helpers import checkpoint, noise_scans, tiny_config
 
 pytestmark = [pytest.mark.slow]
 
@@ -108,7 +107,7 @@ def test_labeled_crops_keep_their_targets_and_change_only_their_intensities():
     from medssl.training.det_data import LabeledPatches
 
     grid = AnchorGrid.build(AnchorSpec(), (32, 32, 32))
-    scans = _scans()
+    scans = noise_scans()
     plain = LabeledPatches(scans, grid, 0.5, True, -1.0, 7)
     augmented = LabeledPatches(
         scans, grid, 0.5, True, -1.0, 7, scanner=ScannerAugment(1.0, HU_RANGE)
@@ -125,7 +124,7 @@ def test_labeled_crops_keep_their_targets_and_change_only_their_intensities():
     assert changed >= 30
 
 
-def test_the_trainer_augments_when_the_config_asks(luna, tmp_path):  # noqa: F811
+def test_the_trainer_augments_when_the_config_asks(luna, tmp_path):
     short = ("optim.steps=2", "eval.every=2", "data.test_subsets=[]", "eval.bn_windows=0")
     runs = {}
     for p in (0.0, 1.0):

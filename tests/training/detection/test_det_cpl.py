@@ -16,8 +16,7 @@ from medssl.config import load_config, parse_overrides
 from medssl.training import det_trainer
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_trainer import TrainingDivergedError, train_detector
-from tests.test_train_detector import TINY as DETECTOR_TINY
-from tests.test_train_detector import cache, luna  # noqa: F401 (fixtures)
+from tests.training.detection.helpers import TINY as DETECTOR_TINY
 
 pytestmark = [pytest.mark.slow]
 
@@ -28,7 +27,7 @@ def last(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=False)
 
 
-def test_cpl_focalmix_checkpoints_its_memory_and_resumes_with_it(luna, tmp_path, monkeypatch):  # noqa: F811
+def test_cpl_focalmix_checkpoints_its_memory_and_resumes_with_it(luna, tmp_path, monkeypatch):
     cfg = load_config(DetectionExperiment, resolve_config("focalmix-cpu"), parse_overrides(TINY))
     train_detector(cfg, luna, tmp_path / "straight", n_labeled=4, n_unlabeled=2, device="cpu")
     logged = [
@@ -70,7 +69,7 @@ def test_cpl_focalmix_checkpoints_its_memory_and_resumes_with_it(luna, tmp_path,
         )
 
 
-def test_resuming_a_fixed_threshold_run_with_cpl_is_refused(luna, tmp_path):  # noqa: F811
+def test_resuming_a_fixed_threshold_run_with_cpl_is_refused(luna, tmp_path):
     fixed = load_config(
         DetectionExperiment,
         resolve_config("focalmix-cpu"),

@@ -27,10 +27,11 @@ from medssl.metrics.operating_point import (
     choose_threshold,
 )
 from medssl.models.card import CARD_FILE, LEGACY_REPORT_THRESHOLD, ModelCard, load_card
+from tests.paths import ROOT
 
 pytestmark = [pytest.mark.slow]
 
-SHIPPED_WEIGHTS = Path(__file__).parents[1] / "benchmarks" / "assets" / "focalmix-nodules.pt"
+SHIPPED_WEIGHTS = ROOT / "benchmarks" / "assets" / "focalmix-nodules.pt"
 #: The run fixture's validation calibration (Platt: sigmoid(1.5 logit p - 0.5)).
 RUN_CALIBRATION = {"method": "platt", "a": 1.5, "b": -0.5}
 
@@ -272,11 +273,10 @@ def exported(run, tmp_path_factory):
 def test_export_chooses_the_operating_point_with_the_exported_model_on_validation(exported, run):
     from medssl.datasets.luna16 import Luna16
     from medssl.metrics import froc_at_thresholds
+    from medssl.metrics.calibration import Calibration
     from medssl.pipeline.detect import detect_preprocessed
     from medssl.pipeline.preprocess import preprocess_ct
     from medssl.runners.onnx import OnnxRunner
-
-    from medssl.metrics.calibration import Calibration
 
     point = load_card(exported.model_dir).operating_point
     assert point is not None and point == exported.card.operating_point
@@ -547,10 +547,11 @@ def test_an_old_card_without_operating_point_still_scores_from_0_5_with_one_warn
 def test_the_uid_content_key_uses_the_threshold_in_effect(exported, dicom_archive, tmp_path):
     """An SR at the card's threshold equals one with that threshold set, and differs from one at
     another threshold (the settings that feed the UIDs hold the threshold in effect)."""
+    import pydicom
+
+    from medssl.pipeline.detect import Detection
     from medssl.scoring.manifest import build_manifest
     from medssl.scoring.series import DicomOutput, Prepared, _write_sr
-    from medssl.pipeline.detect import Detection
-    import pydicom
 
     item = build_manifest(dicom_archive).items[0]
     found = [

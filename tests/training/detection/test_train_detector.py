@@ -21,49 +21,13 @@ torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner
 
-from medssl.cli.train import (
-    resolve_config,
-    train,
-)
+from medssl.cli.train import train
 from medssl.errors import ConfigError, MedsslError
-from medssl.synth.datasets import write_chest_dataset
 from medssl.training import det_trainer
-from medssl.config import load_config, parse_overrides
-from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_trainer import TrainingDivergedError, train_detector
+from tests.training.detection.helpers import TINY, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
-
-TINY = [
-    "optim.steps=4",
-    "eval.every=2",
-    "eval.bootstrap=10",
-    "data.patch=32",
-    "data.n_validation=1",
-    "data.test_subsets=[9]",
-    "data.workers=0",
-]
-
-
-@pytest.fixture(scope="module")
-def luna(tmp_path_factory) -> Path:
-    """10 annotated scans (subset i % 10) and 2 unlabeled, 64x64x40 voxels."""
-    root = tmp_path_factory.mktemp("luna")
-    write_chest_dataset(root, cases=10, unlabeled=2, matrix=64, n_slices=40, seed=500)
-    return root
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path_factory.getbasetemp() / "medssl-cache"))
-
-
-def tiny_config(method: str, *extra: str) -> DetectionExperiment:
-    return load_config(
-        DetectionExperiment,
-        resolve_config("focalmix-cpu"),
-        {**parse_overrides([*TINY, *extra]), "method": method},
-    )
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:

@@ -4,10 +4,8 @@ re-estimated on inference windows of the labeled scans; one split for every seed
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -22,15 +20,11 @@ from medssl.training.batchnorm import inference_windows, reestimate_batchnorm
 from medssl.training.det_scans import split_luna16
 from medssl.training.det_trainer import train_detector
 from medssl.training.detector import FPNDetector
-from tests.test_train_detector import cache, luna, tiny_config  # noqa: F401 (fixtures)
+from tests.training.detection.helpers import checkpoint, noise_scans, tiny_config
 
 pytestmark = [pytest.mark.slow]
 
 SHORT = ("optim.steps=2", "eval.every=2", "data.test_subsets=[]")
-
-
-def checkpoint(run: Path) -> dict:
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)
 
 
 def is_statistic(name: str) -> bool:
@@ -39,7 +33,7 @@ def is_statistic(name: str) -> bool:
 
 def test_checkpoints_carry_batchnorm_statistics_of_the_labeled_scans_inference_windows(
     luna, tmp_path
-):  # noqa: F811
+):
     """Same seed with and without re-estimation: the same weights (running statistics never
     shape training), and the re-estimating run's statistics are exactly those that
     :func:`reestimate_batchnorm` gives the plain run's weights on the chosen windows."""
@@ -86,7 +80,7 @@ def test_checkpoints_carry_batchnorm_statistics_of_the_labeled_scans_inference_w
     assert any(isinstance(m, nn.BatchNorm3d) for m in net.modules())
 
 
-def test_every_seed_trains_on_the_same_split(luna, tmp_path):  # noqa: F811
+def test_every_seed_trains_on_the_same_split(luna, tmp_path):
     """``data.split_seed`` is a constant (default 0), not the training seed: seeds change the
     training noise only (issue 18 item 5)."""
     for seed in (0, 3):
@@ -112,18 +106,6 @@ def test_every_seed_trains_on_the_same_split(luna, tmp_path):  # noqa: F811
 # --- hard negatives (item 2 / 5d) and candidate-centred unlabeled crops (5e) -------------------
 
 
-def _scans(n: int = 2, shape: tuple[int, int, int] = (40, 64, 64)) -> list:
-    from medssl.training.cache import CachedVolume
-    from medssl.training.det_data import ScanBoxes
-
-    rng = np.random.default_rng(0)
-    scans = []
-    for i in range(n):
-        volume = CachedVolume(rng.normal(size=shape).astype(np.float32), np.eye(4), f"s{i}")
-        scans.append(ScanBoxes(volume, np.array([[20.0, 30.0, 30.0, 6.0]], dtype=np.float32)))
-    return scans
-
-
 def _crop_holds(start: np.ndarray, centre: np.ndarray, patch: int, margin: float) -> bool:
     return bool(
         np.all(centre - start >= margin - 1) and np.all(start + patch - 1 - centre >= margin - 1)
@@ -134,7 +116,7 @@ def test_labeled_crops_centre_on_hard_negatives_as_a_pure_function_of_seed_index
     from medssl.training.det_data import LabeledPatches
 
     grid = AnchorGrid.build(AnchorSpec(), (32, 32, 32))
-    scans = _scans()
+    scans = noise_scans()
     negatives = [np.array([[10.0, 50.0, 12.0]], np.float32), np.zeros((0, 3), np.float32)]
     plain = LabeledPatches(scans, grid, 0.5, False, -1.0, 7)
     off = LabeledPatches(
@@ -177,7 +159,7 @@ def test_labeled_crops_centre_on_hard_negatives_as_a_pure_function_of_seed_index
 def test_unlabeled_crops_centre_on_candidates_with_jitter():
     from medssl.training.det_data import UnlabeledPatches
 
-    volumes = [s.volume for s in _scans(3)]
+    volumes = [s.volume for s in noise_scans(3)]
     candidates = [
         np.zeros((0, 3), np.float32),
         np.array([[20.0, 40.0, 25.0]], np.float32),
@@ -232,7 +214,7 @@ def test_pseudo_precision_counts_guessed_objects_on_true_nodules():
 
 def test_mining_runs_logs_checkpoints_its_lists_and_resume_continues_the_same_stream(
     luna,
-    tmp_path,  # noqa: F811
+    tmp_path,
     monkeypatch,
 ):
     """FocalMix with hard negatives and candidate-centred unlabeled crops: mined at step 2,
@@ -293,7 +275,7 @@ def test_mining_runs_logs_checkpoints_its_lists_and_resume_continues_the_same_st
 def test_batchnorm_windows_touch_the_lung_mask_when_inference_uses_it(monkeypatch):
     """With ``eval.lung_mask`` inference runs only windows touching the lung mask, so the
     statistics are estimated on those only; a scan without lung is run (and drawn) whole."""
-    scans = _scans(2, shape=(40, 96, 96))
+    scans = noise_scans(2, shape=(40, 96, 96))
     lungs = np.zeros((40, 96, 96), dtype=bool)
     lungs[5:10, 70:80, 70:80] = True
     masks = {

@@ -3,9 +3,7 @@ weak/strong crops, and tiny end-to-end runs (logs, the CPL memory in checkpoints
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,55 +12,22 @@ torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner
 
-from medssl.cli.train import resolve_config, train
-from medssl.config import load_config, parse_overrides
-from medssl.synth.datasets import write_organ_dataset
+from medssl.cli.train import train
 from medssl.training.seg_config import FixMatchConfig, SegmentationExperiment, ThresholdConfig
 from medssl.training.seg_data import LabeledVolume, SegCrops
 from medssl.training.seg_steps import unlabeled_ce
 from medssl.training.seg_trainer import train_segmenter
 from medssl.training.svda import SVDA, apply_svda
 from medssl.training.threshold import VoxelMemoryLayout
-from tests.test_seg_trainer import train_interrupted_then_resumed
-
-TINY = [
-    "optim.steps=4",
-    "eval.every=2",
-    "data.patch=[16,16,16]",
-    "data.workers=0",
-    "model.width=4",
-    "data.n_validation=1",
-]
+from tests.training.segmentation.helpers import (
+    TINY,
+    checkpoint,
+    logged,
+    tiny_config,
+    train_interrupted_then_resumed,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-@pytest.fixture(scope="module")
-def organs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fm-organs")
-    write_organ_dataset(root / "A", cases=5, n_test=1, domain="A", seed=0, shape=(32, 48, 48))
-    return root
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path_factory.getbasetemp() / "fm-cache"))
-
-
-def tiny_config(method: str, *overrides: str) -> SegmentationExperiment:
-    return load_config(
-        SegmentationExperiment,
-        resolve_config("seg-ssl-cpu"),
-        {**parse_overrides([*TINY, *overrides]), "method": method},
-    )
-
-
-def logged(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-
-
-def checkpoint(run: Path, name: str = "last.pt") -> dict:
-    return torch.load(run / "checkpoints" / name, weights_only=False)
 
 
 # -- the unlabeled loss ---------------------------------------------------------------------------

@@ -19,8 +19,13 @@ from medssl.training.seg_config import SegmentationExperiment, SegModelConfig
 from medssl.training.seg_steps import _embed
 from medssl.training.seg_trainer import train_segmenter
 from medssl.training.vnet import VNet
-from tests.test_fixmatch import TINY, cache, checkpoint, logged, organs, tiny_config  # noqa: F401 (fixtures)
-from tests.test_seg_trainer import train_interrupted_then_resumed
+from tests.training.segmentation.helpers import (
+    TINY,
+    checkpoint,
+    logged,
+    tiny_config,
+    train_interrupted_then_resumed,
+)
 
 pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.slow]
 
@@ -28,7 +33,7 @@ PATCHCL = ("data.patch=[16,32,32]", "patchcl.warmup_fraction=0.5")  # 2 warm-up 
 
 
 @pytest.mark.parametrize("method", ["fixmatch", "flexmatch", "patchcl"])
-def test_each_method_trains_exports_and_scores(method, organs, tmp_path):  # noqa: F811
+def test_each_method_trains_exports_and_scores(method, organs, tmp_path):
     from medssl.export import ExportOptions, export_checkpoint
     from medssl.models.card import load_card
     from medssl.scoring import RunnerSpec, ScoreOptions, score
@@ -79,7 +84,7 @@ def test_each_method_trains_exports_and_scores(method, organs, tmp_path):  # noq
 
 def test_patchcl_warms_up_supervised_then_adds_the_teachers_pseudo_labels_at_full_weight(
     organs, tmp_path
-):  # noqa: F811
+):
     """The official train.py: a warm-up of Sup + PLGCL on labeled patches (no Reg: the teacher is
     still random), then Sup + β·Reg + γ·PLGCL with β at full weight (no ramp-up)."""
     cfg = tiny_config("patchcl", *PATCHCL)
@@ -117,7 +122,7 @@ def test_patchcl_warms_up_supervised_then_adds_the_teachers_pseudo_labels_at_ful
 
 def test_an_interrupted_patchcl_run_resumes_to_the_same_weights_head_and_queues(
     organs, tmp_path, monkeypatch
-):  # noqa: F811
+):
     """Checkpoints every step; interrupted at step 4, so the resumed run restarts from queues that
     the PLGCL steps before it filled."""
     cfg = tiny_config("patchcl", *PATCHCL, "eval.every=1")

@@ -13,7 +13,7 @@ from medssl.training.seg_config import BCPConfig, SegmentationExperiment, Thresh
 from medssl.training.seg_steps import bcp_self_train_step, mean_teacher_step
 from medssl.training.seg_trainer import train_segmenter
 from medssl.training.threshold import FixedThreshold
-from tests.test_fixmatch import cache, checkpoint, logged, organs, tiny_config  # noqa: F401 (fixtures)
+from tests.training.segmentation.helpers import checkpoint, logged, tiny_config
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -175,7 +175,7 @@ def run_ground_truth_only(student, labeled, unlabeled, teacher, cfg):
 # -- end to end -------------------------------------------------------------------------------------
 
 
-def test_mean_teacher_with_cpl_filters_logs_and_checkpoints_its_memory(organs, tmp_path):  # noqa: F811
+def test_mean_teacher_with_cpl_filters_logs_and_checkpoints_its_memory(organs, tmp_path):
     cfg = tiny_config("mean-teacher", "threshold.policy=flexmatch", "threshold.memory_stride=2")
     run = train_segmenter(cfg, organs, tmp_path / "mt", device="cpu")
     steps = [r for r in logged(run.out) if "loss" in r]
@@ -186,7 +186,7 @@ def test_mean_teacher_with_cpl_filters_logs_and_checkpoints_its_memory(organs, t
     assert state["teacher"] is not None
 
 
-def test_bcp_with_a_fixed_threshold_runs_and_checkpoints_its_policy(organs, tmp_path):  # noqa: F811
+def test_bcp_with_a_fixed_threshold_runs_and_checkpoints_its_policy(organs, tmp_path):
     cfg = tiny_config(
         "bcp",
         "threshold.policy=fixed",

@@ -16,8 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from medssl.cli.train import resolve_config
-from medssl.errors import ConfigError
 from medssl.config import load_config, parse_overrides
+from medssl.errors import ConfigError
 from medssl.training.diffusion import LabelDiffusion, label_to_x0, spaced_steps
 from medssl.training.drs import DifficultyWeights
 from medssl.training.seg_config import SegmentationExperiment

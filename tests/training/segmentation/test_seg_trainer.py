@@ -20,12 +20,12 @@ from click.testing import CliRunner
 
 from medssl.cli.main import cli
 from medssl.cli.train import resolve_config, train
+from medssl.config import load_config, parse_overrides
 from medssl.io.nifti import read_nifti
 from medssl.synth.datasets import write_organ_dataset
 from medssl.synth.organ_scene import LABELS
 from medssl.synth.organs import generate_organ_phantom
 from medssl.training import seg_trainer
-from medssl.config import load_config, parse_overrides
 from medssl.training.seg_config import SegmentationExperiment
 from medssl.training.seg_trainer import train_segmenter
 
@@ -40,6 +40,8 @@ TINY = [
 ]
 METRICS = {"dice", "jaccard", "hd95_mm", "asd_mm"}
 
+
+from tests.training.segmentation.helpers import checkpoint, train_interrupted_then_resumed
 
 pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.slow]
 
@@ -90,31 +92,6 @@ def tiny_config(method: str, setting: str, *overrides: str) -> SegmentationExper
         resolve_config(f"seg-{setting}-cpu"),
         {**parse_overrides([*TINY, *overrides]), "method": method},
     )
-
-
-def checkpoint(run: Path, name: str = "last.pt") -> dict:
-    return torch.load(run / "checkpoints" / name, weights_only=False)
-
-
-def train_interrupted_then_resumed(
-    cfg, data, out, monkeypatch, step_name: str, at_call: int = 3
-) -> None:
-    """Train ``cfg`` into ``out``, interrupted by a KeyboardInterrupt at the ``at_call``-th call of
-    ``seg_trainer.<step_name>``, then resume it to the end (the straight-vs-resumed tests)."""
-    real_step, calls = getattr(seg_trainer, step_name), {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == at_call:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(seg_trainer, step_name, interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_segmenter(cfg, data, out, device="cpu")
-    assert json.loads((out / "checkpoints" / "index.json").read_text())["last_step"] == at_call - 1
-    monkeypatch.setattr(seg_trainer, step_name, real_step)
-    train_segmenter(cfg, data, out, resume=True, device="cpu")
 
 
 def test_ad_run_writes_config_split_checkpoints_logs_and_test_predictions(organs, tmp_path):
@@ -379,8 +356,8 @@ def logged_steps(run: Path) -> dict[int, dict]:
 
 def test_bcp_pretrains_then_self_trains_and_exports_and_scores_like_ad(organs, tmp_path):
     from medssl.export import ExportOptions, export_checkpoint
-    from medssl.models.card import load_card
     from medssl.metrics.segmentation import dice
+    from medssl.models.card import load_card
     from medssl.scoring import RunnerSpec, ScoreOptions, score
 
     out = tmp_path / "bcp"

@@ -1,0 +1,65 @@
+"""Helpers shared by the segmentation-training tests (plain functions; fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medssl.cli.train import resolve_config
+from medssl.config import load_config, parse_overrides
+from medssl.training import seg_trainer
+from medssl.training.seg_config import SegmentationExperiment
+from medssl.training.seg_trainer import train_segmenter
+
+# A few steps of a width-4 network on 16^3 crops: the machinery, not learning.
+TINY = [
+    "optim.steps=4",
+    "eval.every=2",
+    "data.patch=[16,16,16]",
+    "data.workers=0",
+    "model.width=4",
+    "data.n_validation=1",
+]
+
+
+def tiny_config(method: str, *overrides: str) -> SegmentationExperiment:
+    """The `seg-ssl-cpu` config with TINY and `overrides`, for `method`."""
+    return load_config(
+        SegmentationExperiment,
+        resolve_config("seg-ssl-cpu"),
+        {**parse_overrides([*TINY, *overrides]), "method": method},
+    )
+
+
+def logged(run: Path) -> list[dict]:
+    """The records of a run's log.jsonl, in order."""
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def checkpoint(run: Path, name: str = "last.pt") -> dict:
+    """A checkpoint of a training run folder (`last.pt` by default)."""
+    return torch.load(run / "checkpoints" / name, weights_only=False)
+
+
+def train_interrupted_then_resumed(
+    cfg, data, out, monkeypatch, step_name: str, at_call: int = 3
+) -> None:
+    """Train ``cfg`` into ``out``, interrupted by a KeyboardInterrupt at the ``at_call``-th call of
+    ``seg_trainer.<step_name>``, then resume it to the end (the straight-vs-resumed tests)."""
+    real_step, calls = getattr(seg_trainer, step_name), {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(seg_trainer, step_name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_segmenter(cfg, data, out, device="cpu")
+    assert json.loads((out / "checkpoints" / "index.json").read_text())["last_step"] == at_call - 1
+    monkeypatch.setattr(seg_trainer, step_name, real_step)
+    train_segmenter(cfg, data, out, resume=True, device="cpu")
