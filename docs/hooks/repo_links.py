@@ -61,23 +61,20 @@ class Target:
     in_docs: bool
 
 
-def _split_code(markdown: str) -> Iterator[tuple[bool, str]]:
-    """``(is_code, text)`` pieces of ``markdown``, in order; joined they give it back."""
+def _split_fences(markdown: str) -> Iterator[tuple[bool, str]]:
+    """``(is_fenced_code, text)`` pieces of ``markdown``, in order; joined they give it back."""
     pos = 0
     for fence in _FENCE.finditer(markdown):
-        yield from _split_spans(markdown[pos : fence.start()])
+        yield False, markdown[pos : fence.start()]
         yield True, fence.group(0)
         pos = fence.end()
-    yield from _split_spans(markdown[pos:])
+    yield False, markdown[pos:]
 
 
-def _split_spans(text: str) -> Iterator[tuple[bool, str]]:
-    pos = 0
-    for span in _CODE_SPAN.finditer(text):
-        yield False, text[pos : span.start()]
-        yield True, span.group(0)
-        pos = span.end()
-    yield False, text[pos:]
+def _in_code_span(text: str) -> Any:
+    """``f(index) -> bool``: whether ``text[index]`` lies inside an inline code span."""
+    spans = [(m.start(), m.end()) for m in _CODE_SPAN.finditer(text)]
+    return lambda index: any(start <= index < end for start, end in spans)
 
 
 def _is_relative(url: str) -> bool:
@@ -94,24 +91,29 @@ def rewrite_links(markdown: str, rewrite: Any) -> str:
             ``#fragment``); absolute URLs, pure ``#anchors`` and ``mailto:`` are left alone.
     """
 
-    def inline(match: re.Match[str]) -> str:
-        url = match.group(2)
-        bare = url[1:-1] if url.startswith("<") else url
-        if not _is_relative(bare):
-            return match.group(0)
-        return f"{match.group(1)}{rewrite(bare)}{match.group(3)}"
+    def rewrite_text(text: str) -> str:
+        in_code = _in_code_span(text)
 
-    def reference(match: re.Match[str]) -> str:
-        if not _is_relative(match.group(2)):
-            return match.group(0)
-        return f"{match.group(1)}{rewrite(match.group(2))}{match.group(3)}"
+        def inline(match: re.Match[str]) -> str:
+            url = match.group(2)
+            bare = url[1:-1] if url.startswith("<") else url
+            if in_code(match.start()) or not _is_relative(bare):
+                return match.group(0)
+            return f"{match.group(1)}{rewrite(bare)}{match.group(3)}"
 
-    out = []
-    for is_code, text in _split_code(markdown):
-        if not is_code:
-            text = _REFERENCE.sub(reference, _INLINE.sub(inline, text))
-        out.append(text)
-    return "".join(out)
+        text = _INLINE.sub(inline, text)
+        in_code = _in_code_span(text)  # positions moved with the rewritten links
+
+        def reference(match: re.Match[str]) -> str:
+            if in_code(match.start()) or not _is_relative(match.group(2)):
+                return match.group(0)
+            return f"{match.group(1)}{rewrite(match.group(2))}{match.group(3)}"
+
+        return _REFERENCE.sub(reference, text)
+
+    return "".join(
+        text if is_code else rewrite_text(text) for is_code, text in _split_fences(markdown)
+    )
 
 
 def relative_links(markdown: str) -> list[str]:
