@@ -84,7 +84,9 @@ def _parse_attributes(docstring: str) -> dict[str, str]:
             entry_indent = indent
         if indent < entry_indent:
             break
-        match = re.match(r"([\w ,/]+?):(?:\s+(.*))?$", line.strip()) if indent == entry_indent else None
+        match = (
+            re.match(r"([\w ,/]+?):(?:\s+(.*))?$", line.strip()) if indent == entry_indent else None
+        )
         if match:
             flush()
             names = [n.strip() for n in re.split(r"[,/]", match.group(1)) if n.strip()]
@@ -187,9 +189,7 @@ def config_keys(cls: type, prefix: str = "", instance: Any = None) -> Iterator[C
             continue
         tp = hints[field.name]
         key = f"{prefix}{field.name}"
-        default = (
-            getattr(instance, field.name) if instance is not None else _default_of(field)
-        )
+        default = getattr(instance, field.name) if instance is not None else _default_of(field)
         section, is_list = _section_type(tp)
         if section is not None and not is_list:
             nested = default if dataclasses.is_dataclass(default) else None
@@ -237,6 +237,6 @@ def expand(markdown: str) -> str:
     return MARKER.sub(lambda m: markdown_table(resolve(f"{m.group(1)}:{m.group(2)}")), markdown)
 
 
-def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:  # noqa: ARG001
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     """MkDocs event: expand the markers of one page."""
     return expand(markdown)

@@ -38,7 +38,9 @@ HOME = "index.md"
 _INLINE = re.compile(r"(!?\[(?:[^\[\]]|\[[^\]]*\])*\]\()(<[^>]*>|[^)\s]+)((?:\s+\"[^\"]*\")?\))")
 _REFERENCE = re.compile(r"^( {0,3}\[[^\]]+\]:\s+)(\S+)(.*)$", re.MULTILINE)
 # Fenced code blocks (``` or ~~~, to the matching fence) and inline code spans.
-_FENCE = re.compile(r"^([ \t]*)(`{3,}|~{3,})[^\n]*\n.*?^[ \t]*\2[`~]*[ \t]*$", re.MULTILINE | re.DOTALL)
+_FENCE = re.compile(
+    r"^([ \t]*)(`{3,}|~{3,})[^\n]*\n.*?^[ \t]*\2[`~]*[ \t]*$", re.MULTILINE | re.DOTALL
+)
 _CODE_SPAN = re.compile(r"(`+)(?!`).+?(?<!`)\1(?!`)", re.DOTALL)
 
 
@@ -176,27 +178,35 @@ def page_link(target: Target, page_uri: str, repo_root: Path, docs_dir: Path) ->
     return f"{link}#{target.anchor}" if target.anchor else link
 
 
-def check_files(sources: dict[str, Path], repo_root: Path, docs_dir: Path) -> tuple[set[str], list[str]]:
-    """Resolve the relative links of every page.
+def check_files(
+    sources: dict[str, Path], repo_root: Path, docs_dir: Path
+) -> tuple[set[str], list[str]]:
+    """Resolve the relative links of every page, and of the repository Markdown they link to.
 
     Args:
         sources: page ``src_uri`` -> the real Markdown file.
 
     Returns:
         ``(repository files outside docs that pages link to, errors)``; each error names the
-        file and the link.
+        file and the link. A Markdown file outside docs that a page links to (a folder's
+        README) is copied as is, so its own relative links must exist too; they are followed
+        in turn.
     """
     outside: set[str] = set()
     errors: list[str] = []
-    for path in sources.values():
+    queue = list(sources.values())
+    while queue:
+        path = queue.pop(0)
         for url in relative_links(path.read_text(encoding="utf-8")):
             try:
                 target = resolve(url, path, repo_root, docs_dir)
             except LinkError as exc:
                 errors.append(str(exc))
                 continue
-            if not target.in_docs:
+            if not target.in_docs and target.path not in outside:
                 outside.add(target.path)
+                if target.path.endswith(".md"):
+                    queue.append(repo_root / target.path)
     return outside, errors
 
 
@@ -237,15 +247,13 @@ def on_files(files: Any, config: Any) -> Any:
         raise PluginError("broken links:\n  " + "\n  ".join(errors))
     for path in sorted(outside):
         files.append(
-            RepoFile.generated(
-                config, f"{REPO_PREFIX}/{path}", abs_src_path=str(repo_root / path)
-            )
+            RepoFile.generated(config, f"{REPO_PREFIX}/{path}", abs_src_path=str(repo_root / path))
         )
     _state["sources"] = sources
     return files
 
 
-def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:  # noqa: ARG001
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     """Point the page's relative links at their places in the site."""
     repo_root, docs_dir = _roots(config)
     source = _state["sources"].get(page.file.src_uri)
@@ -253,6 +261,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str: 
         return markdown
 
     def rewrite(url: str) -> str:
-        return page_link(resolve(url, source, repo_root, docs_dir), page.file.src_uri, repo_root, docs_dir)
+        return page_link(
+            resolve(url, source, repo_root, docs_dir), page.file.src_uri, repo_root, docs_dir
+        )
 
     return rewrite_links(markdown, rewrite)
