@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 DEMO   ?= demo
 
-.PHONY: demo test test-fast setup setup-test system-deps triton-env ohif openvino-env openvino-score-env clean
+.PHONY: demo test test-fast docs setup setup-test system-deps triton-env ohif openvino-env openvino-score-env clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(VENV)/.core: pyproject.toml
 
 $(VENV)/.test: $(VENV)/.core
 	$(PIP) install -e ".[train,serve,scale,test]"
+	touch $@
+
+$(VENV)/.docs: $(VENV)/.core
+	$(PIP) install -e ".[train,serve,docs]"
 	touch $@
 
 setup: $(VENV)/.core
@@ -70,7 +74,7 @@ system-deps:
 # findings from the shipped detector (medssl-score, embedded runtime: OpenVINO on a CPU); then a
 # short FocalMix run (labeled + unlabeled synthetic LUNA16 scans) that ends with a LUNA16
 # submission and CPM report. 30 steps of a small network: it shows the machinery, not accuracy
-# (README: "Nodule detection" for real runs). Then it exports that run to a Triton model
+# (docs/how-to/train-focalmix.md for real runs). Then it exports that run to a Triton model
 # repository with its parity check, and checks it and the shipped one.
 DEMO_TRAIN := --config focalmix-cpu --set optim.steps=30 --set eval.every=15 \
 	--set data.n_validation=1 --set 'data.test_subsets=[9]' --set eval.bootstrap=100
@@ -102,6 +106,12 @@ test: setup-test
 FAST := not (integration or orthanc or triton or ddp or browser or slow)
 test-fast: $(VENV)/.test
 	$(PY) -m pytest -q -m "$(FAST)"
+
+# The documentation site (mkdocs.yml): README.md is its home page, the CLI and config-key
+# references are generated from the code, and --strict fails the build on any broken link
+# (between pages, to an anchor, from the README, or to a repository file). Output: build/site.
+docs: $(VENV)/.docs
+	$(VENV)/bin/mkdocs build --strict --clean --config-file mkdocs.yml
 
 clean:
 	rm -rf $(VENV) .venv-triton .venv-openvino .venv-openvino-score $(DEMO) .pytest_cache
