@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 DEMO   ?= demo
 
-.PHONY: demo test test-fast docs setup setup-test system-deps triton-env ohif openvino-env openvino-score-env clean
+.PHONY: demo test test-fast lint docs setup setup-test system-deps triton-env ohif openvino-env openvino-score-env clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(VENV)/.core: pyproject.toml
 
 $(VENV)/.test: $(VENV)/.core
 	$(PIP) install -e ".[train,serve,scale,test]"
+	touch $@
+
+# ruff and mypy beside the packages the core imports (mypy reads their types).
+$(VENV)/.lint: $(VENV)/.core
+	$(PIP) install -e ".[train,serve,scale,lint]"
 	touch $@
 
 $(VENV)/.docs: $(VENV)/.core
@@ -110,6 +115,12 @@ test-fast: $(VENV)/.test
 # The documentation site (mkdocs.yml): README.md is its home page, the CLI and config-key
 # references are generated from the code, and --strict fails the build on any broken link
 # (between pages, to an anchor, from the README, or to a repository file). Output: build/site.
+# The lint gate (.ci/run): ruff's rules and formatting everywhere, mypy on the core (pyproject.toml).
+lint: $(VENV)/.lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
 docs: $(VENV)/.docs
 	$(VENV)/bin/mkdocs build --strict --clean --config-file mkdocs.yml
 
