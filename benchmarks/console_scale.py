@@ -90,7 +90,7 @@ def fill(store: JobStore, n: int, now: float) -> None:
                     t + 62 if state == "done" else None,
                 )
             )
-    with store._tx() as db:  # noqa: SLF001 - a benchmark fills the tables directly
+    with store._tx() as db:  # a benchmark fills the tables directly
         db.executemany(
             "INSERT INTO jobs (study_uid, state, attempts, n_instances, created_at, last_instance_at, "
             "idle_since, queued_at, started_at, inferred_at, finished_at, error, accession_number) "

@@ -132,7 +132,7 @@ _via_option = click.option(
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
 
-def _open(config_path: Path, via: str):  # noqa: ANN202 - a serving.client.Jobs
+def _open(config_path: Path, via: str):  # returns a serving.client.Jobs
     from medssl.serving.client import open_jobs
     from medssl.serving.config import load_gateway_config
 

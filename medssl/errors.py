@@ -13,7 +13,6 @@ import traceback
 from pathlib import Path
 
 __all__ = [
-    "describe_error",
     "CheckpointError",
     "ConfigError",
     "CorruptFileError",
@@ -36,6 +35,7 @@ __all__ = [
     "SeriesGeometryError",
     "UnsupportedFormatError",
     "VolumeReadError",
+    "describe_error",
 ]
 
 

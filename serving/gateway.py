@@ -227,7 +227,7 @@ class Gateway:
             while not self._stopping.is_set():
                 try:
                     busy = loop.body()
-                except Exception:  # noqa: BLE001 - a loop never dies of one bad round
+                except Exception:  # a loop never dies of one bad round
                     log.exception("loop round failed", extra={"loop": loop.name})
                     busy = False
                 if not busy:
@@ -337,7 +337,7 @@ class Gateway:
                 fields,
             )
             return
-        except Exception as exc:  # noqa: BLE001 - a bug or an environment fault: retry, then dead-letter
+        except Exception as exc:  # a bug or an environment fault: retry, then dead-letter
             log.exception("study processing raised", extra=fields)
             self._settled(
                 self.store.retry_or_dead(

@@ -153,10 +153,10 @@ class _Handler(BaseHTTPRequestHandler):
     owner: HealthServer
     timeout = 10  # seconds a client may take to send its request (HTTP/1.0: one per connection)
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:  # http.server's naming
         self._answer(body=True)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._answer(body=False)
 
     def _answer(self, body: bool) -> None:
@@ -196,5 +196,5 @@ class _Handler(BaseHTTPRequestHandler):
             f"not found: {path} (try /metrics, /healthz, /readyz)\n".encode(),
         )
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+    def log_message(self, format: str, *args: Any) -> None:  # http.server's signature
         """Quiet: no line per request on stderr."""

@@ -69,7 +69,7 @@ from pydicom.valuerep import validate_value
 
 from medssl.dicom.uids import frame_of_reference_uid, source_series_uid
 
-__all__ = ["OutputSource", "PARSED_ATTRIBUTES", "UTF8", "output_source"]
+__all__ = ["PARSED_ATTRIBUTES", "UTF8", "OutputSource", "output_source"]
 
 #: The patient and study attributes highdicom parses (and may refuse, or log): keyword -> VR.
 PARSED_ATTRIBUTES: dict[str, str] = {
