@@ -221,19 +221,3 @@ def _valid(vr: str, value: object) -> bool:
     except (ValueError, TypeError):
         return False
     return True
-    if isinstance(value, (MultiValue, list, tuple)) or (isinstance(value, bytes)):
-        return (
-            all(_keep(DataElement(element.tag, vr, v), vr) for v in value)
-            if element.keyword not in PARSED_ATTRIBUTES and not isinstance(value, bytes)
-            else False
-        )
-    if isinstance(value, (int, float)):
-        return True
-    text = str(value)
-    if element.keyword == "PatientSex":
-        return text in _SEX_VALUES
-    try:
-        validate_value(vr, text, config.RAISE)
-    except (ValueError, TypeError):
-        return False
-    return True
