@@ -483,7 +483,7 @@ def _read_associate_rq(sock: socket.socket, deadline: float) -> bytes:
     try:
         pdu.decode(raw)
         ids = [item.presentation_context_id for item in pdu.presentation_context]
-    except Exception as exc:  # the decoder's message may quote the peer's bytes
+    except Exception as exc:  # noqa: BLE001 - peer bytes; its message may quote them
         raise _BadRequest(
             f"the A-ASSOCIATE-RQ does not decode ({type(exc).__name__})", _ABORT_INVALID_PARAMETER
         ) from None
@@ -500,7 +500,7 @@ def _read_associate_rq(sock: socket.socket, deadline: float) -> bytes:
             )
     try:
         pdu.to_primitive()
-    except Exception as exc:  # its message may quote the peer's bytes
+    except Exception as exc:  # noqa: BLE001 - peer bytes; its message may quote them
         raise _BadRequest(
             f"the A-ASSOCIATE-RQ has an invalid value ({type(exc).__name__})",
             _ABORT_INVALID_PARAMETER,
@@ -756,7 +756,7 @@ class StorageSCP:
                 level=logging.INFO if isinstance(exc, _ClosedSilently) else logging.WARNING,
             )
             return
-        except Exception as exc:  # the service boundary: a log record, never a dead server
+        except Exception as exc:  # noqa: BLE001 - boundary: a log record, never a dead server
             LOGGER.error("connection failed: %s", type(exc).__name__, extra={"peer": peer})
             self._drop(sock, peer, type(exc).__name__)
             return
@@ -789,7 +789,7 @@ class StorageSCP:
                 self._slots.cut(assoc)
                 _shutdown(sock)
             assoc.join()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - boundary: a log record, never a dead server
             LOGGER.error("association failed: %s", type(exc).__name__, extra={"peer": peer})
             if assoc is None or not assoc.is_alive():
                 self._drop(sock, peer, type(exc).__name__)
@@ -855,7 +855,7 @@ class StorageSCP:
             rj = _RJ_CALLING_AE_NOT_RECOGNISED
             try:
                 reason = self._caller_refusal(calling_ae, peer)
-            except Exception as exc:  # fail closed: pynetdicom would log it and accept
+            except Exception as exc:  # noqa: BLE001 - fail closed (pynetdicom would accept)
                 reason = f"caller check failed: {type(exc).__name__}"
             if reason is None:
                 reason, rj = self._slots.acquire(assoc, _peer_key(peer)), _RJ_LOCAL_LIMIT_EXCEEDED
@@ -908,7 +908,7 @@ class StorageSCP:
             return
         try:
             self.on_refused(calling_ae, called_ae, peer, reason)
-        except Exception as exc:  # recording is a courtesy; the refusal stands
+        except Exception as exc:  # noqa: BLE001 - recording is a courtesy; the refusal stands
             LOGGER.error("recording a refused association failed: %s", type(exc).__name__)
 
     # -- C-STORE -----------------------------------------------------------------------------
@@ -957,7 +957,7 @@ class StorageSCP:
             study_uid, series_uid, sop_uid = _checked_uids(ds, fields["sop_instance_uid"])
         except _Refused as exc:
             return self._refuse(event, fields, exc.label, str(exc))
-        except Exception as exc:  # pydicom cannot decode it; its message may quote values (PHI)
+        except Exception as exc:  # noqa: BLE001 - undecodable; its message may quote values (PHI)
             return self._refuse(
                 event, fields, "undecodable", f"the dataset does not decode ({type(exc).__name__})"
             )
