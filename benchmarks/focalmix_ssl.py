@@ -74,7 +74,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -707,10 +707,9 @@ def keep_checkpoints(run_dir: Path, into: Path, *, poll_s: float = 0.5) -> Itera
             for path in (run_dir / "checkpoints").glob("step_*.pt"):
                 target = into / path.name
                 if not target.exists():
-                    try:
+                    # pruned between glob and link: reported below
+                    with suppress(FileNotFoundError):
                         os.link(path, target)
-                    except FileNotFoundError:  # pruned between glob and link: reported below
-                        pass
             if stop.is_set():
                 return
             stop.wait(poll_s)

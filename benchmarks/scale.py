@@ -347,15 +347,15 @@ def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None)
     ]
     start = time.perf_counter()
     log = out.parent / f"{out.name}.{engine}{'.killed' if kill_after else ''}.log"
-    log_file = open(
-        log, "w"
-    )  # a file, not a pipe: the progress lines would fill a pipe and block it
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=log_file,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    # a file, not a pipe: the progress lines would fill a pipe and block it; the child keeps
+    # its own descriptor of it
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     monitor = TreeMemory(process.pid, period_s=1.0)
     monitor.start()
     progress: list[tuple[float, int]] = []
@@ -378,7 +378,6 @@ def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None)
             break
     process.wait()
     monitor.stop()
-    log_file.close()
     stderr = log.read_text()
     if not killed and process.returncode not in (0, 3):
         raise SystemExit(f"medssl-score ({engine}) failed:\n{stderr[-3000:]}")
@@ -395,7 +394,7 @@ def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None)
 def _rss_by_fifth(run: dict[str, Any], n: int) -> tuple[float, float]:
     """Peak tree RSS (MB) while the first fifth of the series was scored, and while the last
     fifth was (before the final tables are written: ``done < n``)."""
-    rss = dict((round(t), kb) for t, kb in run["rss_samples"])
+    rss = {round(t): kb for t, kb in run["rss_samples"]}
     first = [rss.get(round(t), 0) for t, done in run["progress"] if done <= n / 5]
     last = [rss.get(round(t), 0) for t, done in run["progress"] if 4 * n / 5 <= done < n]
     return max(first, default=0) / 1024, max(last, default=0) / 1024

@@ -420,7 +420,7 @@ def side_monai(data: Path, batch_size: int, loader_workers: int) -> dict[str, An
                     "volume_shape": item["shape"],
                     "padded_shape": list(padded_shape),
                     "n_above_threshold": n_above,
-                    "n_candidates": int(len(keep)),
+                    "n_candidates": len(keep),
                     "read_s": float(item["read_s"]),
                     "preprocess_s": float(item["preprocess_s"]),
                     "inference_s": inference_s,
@@ -475,7 +475,7 @@ def compare_detections(
         truth_path = data / scan["scan"] / "truth.json"
         truth = json.loads(truth_path.read_text())["nodules"] if truth_path.is_file() else []
 
-        def hits(found: list[dict[str, Any]]) -> int:
+        def hits(found: list[dict[str, Any]], truth: list[dict[str, Any]]) -> int:
             confident = [d for d in found if d["probability"] >= threshold]
             return sum(
                 any(
@@ -494,8 +494,8 @@ def compare_detections(
                 "top5_probabilities": [round(d["probability"], 3) for d in top],
                 "top5_gap_mm": gaps,
                 "truth_nodules": len(truth),
-                "truth_found_medssl": hits(ours),
-                "truth_found_baseline": hits(other),
+                "truth_found_medssl": hits(ours, truth),
+                "truth_found_baseline": hits(other, truth),
             }
         )
     return rows

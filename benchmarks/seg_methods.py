@@ -449,7 +449,7 @@ def render(report: dict[str, Any]) -> str:
         "| cell | method | seeds | Dice % | Δ Dice points | gap recovered | HD95 mm | ASD mm | wall s | s/step |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for task, cell, fraction in _cells(report):
+    for _task, cell, fraction in _cells(report):
         for variant in report["methods"]:
             a = agg.get(f"{cell}/{variant}")
             if a is None:
@@ -477,7 +477,7 @@ def render(report: dict[str, Any]) -> str:
     organ_cells = [(cell, f) for task, cell, f in _cells(report) if task == "organs"]
     if organ_cells:
         share = report.get("test_class_share", {}).get("organs", {})
-        for cell, fraction in organ_cells:
+        for cell, _fraction in organ_cells:
             present = [v for v in report["methods"] if f"{cell}/{v}" in agg]
             if not present:
                 continue

@@ -521,7 +521,9 @@ def evaluate_luna16_command(
         try:
             plot_froc(result, out / "froc.png")
         except ImportError as exc:
-            raise click.ClickException(f"froc.png needs matplotlib ({exc}); pip install matplotlib")
+            raise click.ClickException(
+                f"froc.png needs matplotlib ({exc}); pip install matplotlib"
+            ) from exc
         click.echo(f"wrote {out / 'froc.json'} and {out / 'froc.png'}", err=True)
     if as_json:
         click.echo(json.dumps(summary))

@@ -52,6 +52,7 @@ addresses in ``extra`` fields; never patient names, IDs or other PHI.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -224,7 +225,7 @@ def _check_complete(ds: Dataset) -> None:
     """Raise :class:`_Refused` if an element of ``ds`` (not yet parsed) holds fewer bytes than
     its declared length: pydicom reads what is there, so a dataset cut short, or whose last
     element declares a huge length, would otherwise pass. Call it before touching values."""
-    for tag in ds.keys():
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset parses its elements
         raw = ds.get_item(tag)
         if (
             isinstance(raw, RawDataElement)
@@ -298,10 +299,8 @@ def _inflated_dataset(deflated: bytes, limit: int) -> Dataset:
 def _shutdown(sock: socket.socket) -> None:
     """Shut ``sock`` down both ways (socket.socket's own, also for an SSLSocket, whose TLS
     state it leaves alone): a read blocked on it in another thread returns."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except (OSError, ValueError):
-        pass
 
 
 def _peer_key(address: str) -> str:
@@ -834,9 +833,8 @@ class StorageSCP:
         if calling_ae not in self._callers:
             return "calling AE title not allowed"
         hosts = self._callers[calling_ae]
-        if hosts:
-            if ipaddress.ip_address(_peer_key(peer)) not in hosts:
-                return "calling AE title not allowed from this host"
+        if hosts and ipaddress.ip_address(_peer_key(peer)) not in hosts:
+            return "calling AE title not allowed from this host"
         return None
 
     def _on_requested(self, event: Event) -> None:

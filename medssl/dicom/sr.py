@@ -447,19 +447,19 @@ def _finding_groups(
 def _finding_codes(label: Label, card: ModelCard, manufacturer: str) -> dict[str, Any]:
     """Finding category, finding, finding site and algorithm of a measurement group (fresh
     content items on each call: a content item belongs to one group)."""
-    return dict(
-        finding_category=coded(label.category),
-        finding_type=coded(label.type),
-        finding_sites=[hd.sr.FindingSite(coded(label.anatomic_region))]
+    return {
+        "finding_category": coded(label.category),
+        "finding_type": coded(label.type),
+        "finding_sites": [hd.sr.FindingSite(coded(label.anatomic_region))]
         if label.anatomic_region is not None
         else None,
-        algorithm_id=hd.sr.AlgorithmIdentification(
+        "algorithm_id": hd.sr.AlgorithmIdentification(
             name=card.name,
             version=str(card.version),
             manufacturer=manufacturer,
             family=codes.cid7162.ArtificialIntelligence,
         ),
-    )
+    }
 
 
 def _no_findings_report(
