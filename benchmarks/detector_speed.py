@@ -302,7 +302,8 @@ def main() -> None:
     if "inference" in result:
         inf = result["inference"]
         print(
-            f"  inference on {inf['scan_shape']} ({inf['n_windows']} windows of {inf['window']}^3), median s:"
+            f"  inference on {inf['scan_shape']} ({inf['n_windows']} "
+            f"windows of {inf['window']}^3), median s:"
         )
         for stage, seconds in inf["median_s"].items():
             print(f"    {stage:22s} {seconds:8.2f}")

@@ -89,9 +89,10 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         "# The shipped organ segmenter on phantom families it was not trained on",
         "",
-        f"{report['device']}; {report['cases']} test subjects per family (seeds from {report['seed']}, none used "
-        "in training); Dice on the source grid through the exported ONNX model (`medssl-score`'s pipeline): "
-        "mean over the 11 organs per case, then over cases [95 % bootstrap CI over cases].",
+        f"{report['device']}; {report['cases']} test subjects per family (seeds "
+        f"from {report['seed']}, none used in training); Dice on the source grid "
+        "through the exported ONNX model (`medssl-score`'s pipeline): mean over "
+        "the 11 organs per case, then over cases [95 % bootstrap CI over cases].",
         "",
         "| family | trained on it | "
         + " | ".join(f"{m} Dice %" for m in models)

@@ -478,7 +478,8 @@ def _table(
         a, b = metadata[0], metadata[-1]
         lines += [
             "",
-            f"Growth from {a['size']:,} to {b['size']:,} series ({b['size'] / a['size']:.0f}× the rows): "
+            f"Growth from {a['size']:,} to {b['size']:,} "
+            f"series ({b['size'] / a['size']:.0f}× the rows): "
             + ", ".join(f"{s} {b[s]['seconds'] / max(a[s]['seconds'], 1e-9):.0f}×" for s in STAGES)
             + f"; peak memory above the interpreter with its imports ({b['baseline_mb']:.0f} MB): "
             f"{max(a[s]['peak_mb'] for s in STAGES) - a['baseline_mb']:.0f} → "
@@ -503,23 +504,25 @@ def _table(
             "",
             f"## Scoring {n:,} tiny series end to end (medssl-score, shipped detector, 1 worker)",
             "",
-            "| run | wall s | series/s | RSS scoring the first fifth, MB | RSS scoring the last fifth, MB | "
-            "peak RSS with the final tables, MB |",
+            "| run | wall s | series/s | RSS scoring the first fifth, MB | RSS "
+            "scoring the last fifth, MB | peak RSS with the final tables, MB |",
             "|---|---:|---:|---:|---:|---:|",
         ]
         for k in ("local", "ray"):
             lines.append(
-                f"| {k} engine | {scoring['wall_s'][k]:.0f} | {n / scoring['wall_s'][k]:.1f} | "
-                f"{scoring['rss_first_fifth_mb'][k]:,.0f} | {scoring['rss_last_fifth_mb'][k]:,.0f} | "
-                f"{scoring['peak_mb'][k]:,.0f} |"
+                f"| {k} engine | {scoring['wall_s'][k]:.0f} | "
+                f"{n / scoring['wall_s'][k]:.1f} | {scoring['rss_first_fifth_mb'][k]:,.0f} "
+                f"| {scoring['rss_last_fifth_mb'][k]:,.0f} | {scoring['peak_mb'][k]:,.0f} |"
             )
         lines += [
             "",
-            f"- Ray tables equal the local engine's (timings aside): **{scoring['ray_equals_local']}** "
-            f"({n:,} series rows, {scoring['findings']:,} findings).",
-            f"- Resume: killed (SIGKILL) after {scoring['killed_after_rows']:,} committed rows; the re-run "
-            f"scored {scoring['scored_in_resumed_run']:,} more ({scoring['rows_after_resume']:,} in all) and "
-            f"its tables equal the uninterrupted run's: **{scoring['resumed_equals_local']}**.",
+            "- Ray tables equal the local engine's (timings "
+            f"aside): **{scoring['ray_equals_local']}** ({n:,} "
+            f"series rows, {scoring['findings']:,} findings).",
+            f"- Resume: killed (SIGKILL) after {scoring['killed_after_rows']:,} "
+            f"committed rows; the re-run scored {scoring['scored_in_resumed_run']:,} "
+            f"more ({scoring['rows_after_resume']:,} in all) and its tables equal "
+            f"the uninterrupted run's: **{scoring['resumed_equals_local']}**.",
         ]
         lines += [f"- {note}" for note in scoring.get("notes", [])]
     return "\n".join(lines) + "\n"

@@ -109,14 +109,16 @@ def export() -> None:
     "--operating-point-from-run",
     "op_from_run",
     is_flag=True,
-    help="Detectors: take the operating point medssl-train chose (RUN/validation/operating_point.json) "
-    "instead of measuring it again (when the training data is gone).",
+    help="Detectors: take the operating point medssl-train "
+    "chose (RUN/validation/operating_point.json) instead of "
+    "measuring it again (when the training data is gone).",
 )
 @click.option(
     "--no-operating-point",
     "no_op",
     is_flag=True,
-    help="Detectors: write a card without an operating point (scoring reports from 0.5, with a warning).",
+    help="Detectors: write a card without an operating "
+    "point (scoring reports from 0.5, with a warning).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def export_model(

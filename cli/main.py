@@ -241,7 +241,8 @@ def synth_organs(
             )
     where = f"{out}/{{{','.join(domains)}}}" if several else str(out)
     click.echo(
-        f"wrote {cases} training and {n_test} test cases per domain ({', '.join(domains)}) to {where}"
+        f"wrote {cases} training and {n_test} test cases "
+        f"per domain ({', '.join(domains)}) to {where}"
     )
 
 

@@ -210,7 +210,8 @@ def jobs_list(
     for j in page["items"]:
         error = (j["error"] or "")[:80]
         click.echo(
-            f"{j['id']:>6}  {j['state']:<11}  {j['received_at'] or '':<20}  {j['study_uid']}  {error}"
+            f"{j['id']:>6}  {j['state']:<11}  "
+            f"{j['received_at'] or '':<20}  {j['study_uid']}  {error}"
         )
 
 

@@ -72,7 +72,8 @@ def _detector_command(method: str, summary: str) -> click.Command:
         type=int,
         default=0,
         show_default=True,
-        help="Unlabeled scans (unlabeled/ and --set data.unlabeled_dirs first, then the leftover pool).",
+        help="Unlabeled scans (unlabeled/ and --set "
+        "data.unlabeled_dirs first, then the leftover pool).",
     )
     @click.option(
         "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder."

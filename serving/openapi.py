@@ -98,9 +98,9 @@ OPENAPI: dict[str, Any] = {
     "info": {
         "title": "medssl gateway operator API",
         "version": "1",
-        "description": "Studies, jobs, deliveries, quarantine and refused associations of one gateway, "
-        "and the operator's actions. No patient-identifying values unless "
-        "api.show_patient_id is set.",
+        "description": "Studies, jobs, deliveries, quarantine and refused "
+        "associations of one gateway, and the operator's actions. No "
+        "patient-identifying values unless api.show_patient_id is set.",
     },
     "components": {
         "securitySchemes": {

@@ -76,8 +76,8 @@ def write_scans(folder: Path, n: int, seed: int) -> list[Path]:
         }
         (target / "truth.json").write_text(json.dumps(truth, indent=1))
         print(
-            f"wrote {target} {case.volume.shape} spacing {np.round(case.volume.spacing, 3).tolist()} "
-            f"in {time.perf_counter() - start:.1f} s",
+            f"wrote {target} {case.volume.shape} spacing "
+            f"{np.round(case.volume.spacing, 3).tolist()} in {time.perf_counter() - start:.1f} s",
             file=sys.stderr,
         )
     return folders
