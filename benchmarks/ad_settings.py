@@ -31,8 +31,9 @@ supervised VNet and the gap recovered with a bootstrap interval. Protocol (fresh
 run, shared cache, resumable results) as ``benchmarks/lib/seg_bench.py``.
 
     .venv/bin/python benchmarks/ad_settings.py [--steps N] [--every N] [--seeds 0 1 2 3 4] \
-        [--settings ssl imbssl uda semidg] [--methods supervised-seg mean-teacher ad] [--ablations] \
-        [--jobs 2] [--work /tmp/medssl-ad-bench] [--out benchmarks/results/ad_settings] [--quick]
+        [--settings ssl imbssl uda semidg] [--methods supervised-seg mean-teacher ad] \
+        [--ablations] [--jobs 2] [--work /tmp/medssl-ad-bench] \
+        [--out benchmarks/results/ad_settings] [--quick]
 
 Writes ``OUT.json`` (device, config summary, every run, the evidence) and ``OUT.md``.
 """

@@ -20,7 +20,8 @@
 
 Medians of ``--repeats`` runs. Prints a table; writes ``benchmarks/results/detector_speed.json``.
 
-    python benchmarks/detector_speed.py [--repeats 3] [--steps 20] [--config focalmix-cpu] [--device cpu]
+    python benchmarks/detector_speed.py [--repeats 3] [--steps 20] [--config focalmix-cpu] \\
+        [--device cpu]
     python benchmarks/detector_speed.py --preprocess-only [--preprocess-repeats 15]
 """
 
@@ -56,7 +57,8 @@ RESULTS = Path(__file__).parent / "results"
 def _batch(
     cfg: DetectionExperiment, grid: AnchorGrid, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """A synthetic labeled batch: random patches, one nodule-sized box each (shapes as the loader's)."""
+    """A synthetic labeled batch: random patches, one nodule-sized box each (shapes as the
+    loader's)."""
     from medssl.detection import assign_anchors
 
     b, p = cfg.optim.batch_size, cfg.data.patch

@@ -13,7 +13,8 @@ scan (PyTorch on the CPU, ``--threads``).
 
 Writes ``benchmarks/results/detector_window.{json,md}`` and prints the table.
 
-    python benchmarks/detector_window.py build/default-models/supervised [--windows 32 48 64] [--threads 2]
+    python benchmarks/detector_window.py build/default-models/supervised \\
+        [--windows 32 48 64] [--threads 2]
 """
 
 from __future__ import annotations

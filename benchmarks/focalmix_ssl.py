@@ -18,16 +18,15 @@ Arms, per labeled count (default 5, 10, 25) and seed (default 0..4), the main co
   same pool at every labeled count: ``unlabeled/`` is read first);
 
 the reference arms, per seed: ``FocalMix, unlabeled weight 0`` (FocalMix's pipeline with
-``focalmix.unlabeled_weight: 0``: what the unlabeled loss itself buys) at
-``--zero-weight-labeled`` (default: the ablation count, 10), and the ceiling ``all labeled``:
-supervised on every scan of the training pool but the validation ones (129 with the defaults
-and ``focalmix-cpu``'s 4 validation scans: at least as many scans as FocalMix sees at 25
-labeled, 25 + 100, all with labels); and at ``--ablation-labeled`` the Table 3 ablations (SFL
-without soft alpha / soft beta, K = 1 and 2, image MixUp only, no MixUp: the rows of Table 3 (a)-(c)) for
-``--ablation-seeds`` (default: the first 3 seeds). The reference arms and ablations are
-descriptive and cost most of the CPU (a FocalMix run costs about 3 supervised ones), so they
-run at one labeled count and, for the ablations, fewer seeds; the decisive comparison has every
-count and every seed, and runs first.
+``focalmix.unlabeled_weight: 0``: what the unlabeled loss itself buys) at ``--zero-weight-labeled``
+(default: the ablation count, 10), and the ceiling ``all labeled``: supervised on every scan of the
+training pool but the validation ones (129 with the defaults and ``focalmix-cpu``'s 4 validation
+scans: at least as many scans as FocalMix sees at 25 labeled, 25 + 100, all with labels); and at
+``--ablation-labeled`` the Table 3 ablations (SFL without soft alpha / soft beta, K = 1 and 2, image
+MixUp only, no MixUp: the rows of Table 3 (a)-(c)) for ``--ablation-seeds`` (default: the first 3
+seeds). The reference arms and ablations are descriptive and cost most of the CPU (a FocalMix run
+costs about 3 supervised ones), so they run at one labeled count and, for the ablations, fewer
+seeds; the decisive comparison has every count and every seed, and runs first.
 
 One split for every run: ``data.split_seed`` is ``--split-seed`` (constant), so labeled and
 validation scans do not change with the seed (the labeled sets are nested: 5 within 10 within
@@ -42,12 +41,12 @@ seed, as every run scores the same test scans), and averages the paired deltas
 (:func:`pooled_paired_delta`). The verdict: FocalMix better (or worse) where that interval
 excludes 0, else no difference shown.
 
-Budget. ``--learning-curve`` trains supervised once at the largest labeled count for
-``--steps`` steps, keeps its checkpoint of every ``eval.every`` steps (the config's, 250 for
-``focalmix-cpu``; it also paces hard-negative mining, so it is the runs' own) and scores each on the test
-split (``focalmix_ssl_budget.{json,md,png}``): choose ``--steps`` where the curve flattens. The
-cosine learning rate has not reached 0 at an intermediate checkpoint, so the curve is, if
-anything, pessimistic for shorter budgets.
+Budget. ``--learning-curve`` trains supervised once at the largest labeled count for ``--steps``
+steps, keeps its checkpoint of every ``eval.every`` steps (the config's, 250 for ``focalmix-cpu``;
+it also paces hard-negative mining, so it is the runs' own) and scores each on the test split
+(``focalmix_ssl_budget.{json,md,png}``): choose ``--steps`` where the curve flattens. The cosine
+learning rate has not reached 0 at an intermediate checkpoint, so the curve is, if anything,
+pessimistic for shorter budgets.
 
 Results are appended to ``benchmarks/results/focalmix_ssl.json`` after every run (a run already
 there is skipped, so an interrupted benchmark resumes), with its wall time, and summarised in

@@ -19,7 +19,8 @@ Metrics (``medssl.metrics.segmentation``, on the source grid): Dice per organ pe
 mean over organs per case, then the mean over cases with a 95 % bootstrap interval over cases.
 
     .venv/bin/python benchmarks/organ_quality.py [--families A B C D] [--cases 8] \\
-        [--variant build/organs-no-rand/repository:abdomen-organs] [--out benchmarks/results/organ_quality]
+        [--variant build/organs-no-rand/repository:abdomen-organs] \\
+        [--out benchmarks/results/organ_quality]
 
 Writes ``OUT.json`` and ``OUT.md``.
 """

@@ -330,7 +330,8 @@ def _tiny_series(n: int, folder: Path) -> Path:
 
 
 def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None) -> dict[str, Any]:
-    """``medssl-score`` in its own process; RSS of its tree and rows committed, sampled each second."""
+    """``medssl-score`` in its own process; RSS of its tree and rows committed, sampled each
+    second."""
     import sqlite3
 
     from medssl.bench.machine import TreeMemory

@@ -250,7 +250,8 @@ def side_medssl(
 
 
 class _ReadAndPreprocess:
-    """DICOM folder -> ``(padded (1, Z, Y, X) float32 tensor, affine index->LPS, true shape, timings)``.
+    """DICOM folder -> ``(padded (1, Z, Y, X) float32 tensor, affine index->LPS, true shape,
+    timings)``.
 
     SimpleITK reads; MONAI transforms resample, window and pad. A class so that a
     DataLoader worker can pickle it.

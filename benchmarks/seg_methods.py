@@ -166,8 +166,8 @@ METHODS: dict[str, MethodRow] = {
 }
 
 
-#: the default rows: every method of issue 19 (FixMatch, FlexMatch's fixed-threshold base, on request:
-#: it would add a seventh of the CPU time)
+#: the default rows: every method but FixMatch (FlexMatch's fixed-threshold base; on request: it
+#: would add a seventh of the CPU time)
 DEFAULT_METHODS = [m for m in METHODS if m != "fixmatch"]
 
 

@@ -212,7 +212,8 @@ def synth_organs(
     shape: tuple[int, int, int] | None,
     fmt: str,
 ) -> None:
-    """Abdominal multi-organ phantom for segmentation, in the Decathlon layout or as DICOM studies."""
+    """Abdominal multi-organ phantom for segmentation, in the Decathlon layout or as DICOM
+    studies."""
     domains = domains or ("A",)
     not_ct = [d for d in domains if domain_modality(d) != "CT"]
     if fmt == "dicom" and not_ct:

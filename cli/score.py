@@ -280,7 +280,8 @@ def _print_findings(out: Path, top: int = 20) -> None:
 
 
 def _print_volumes(rows: list[dict], top: int = 4) -> None:
-    """Segmentation runs: the volume (mL) of each label, one column per series (the first ``top``)."""
+    """Segmentation runs: the volume (mL) of each label, one column per series (the first
+    ``top``)."""
     labels = list(dict.fromkeys(r["label"] for r in rows))
     series = list(dict.fromkeys(r["key"] for r in rows))[:top]
     total = len({r["key"] for r in rows})

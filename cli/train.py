@@ -1,7 +1,8 @@
 """``medssl-train``: semi-supervised training.
 
 Detection: ``focalmix`` and ``supervised-det``. Segmentation: ``ad`` (A&D), ``bcp`` (BCP),
-``supervised-seg``, ``mean-teacher``, ``fixmatch`` and ``flexmatch``, each in the settings ``ssl``, ``imbssl``, ``uda`` and ``semidg``.
+``supervised-seg``, ``mean-teacher``, ``fixmatch`` and ``flexmatch``, each in the settings ``ssl``,
+``imbssl``, ``uda`` and ``semidg``.
 """
 
 from __future__ import annotations

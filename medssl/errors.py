@@ -151,7 +151,8 @@ class ConfigError(MedsslError):
 
 
 class CheckpointError(_PathProblem):
-    """A checkpoint file is missing, truncated or not a medssl checkpoint (``path``, ``problem``)."""
+    """A checkpoint file is missing, truncated or not a medssl checkpoint (``path``,
+    ``problem``)."""
 
 
 class EvaluationInputError(MedsslError):

@@ -141,7 +141,10 @@ def _pager(path: str, query: dict[str, list[str]], total: int, offset: int) -> s
             q = {k: v[-1] for k, v in query.items() if k != "offset"}
             q["offset"] = str(start)
             links.append(f'<a href="{path}?{_e(urllib.parse.urlencode(q))}">{label}</a>')
-    return f'<p class="pager">{offset + 1}–{min(offset + _PAGE, total)} of {total} · {" · ".join(links)}</p>'
+    return (
+        f'<p class="pager">{offset + 1}–{min(offset + _PAGE, total)} of {total} · '
+        f"{' · '.join(links)}</p>"
+    )
 
 
 def _studies_rows(

@@ -16,12 +16,12 @@ One process, a few threads around one job store:
   operators' questions and take their actions (retry, re-deliver, cancel, purge quarantine),
   on a listener of their own with credentials.
 
-Start-up order: the job store recovers (jobs not processed to their end wait a fresh idle time,
-as their studies may still be arriving; spooled studies without a job get one), then the HTTP server, the models (in the background when a Triton
-server is not reachable yet: the gateway receives and spools meanwhile, and is not ready),
-then the SCP. :meth:`Gateway.stop` (SIGTERM) stops accepting associations first, lets the
-open ones finish, lets workers finish the study in hand (bounded by ``timeout_s``; an
-unfinished job stays ``running`` and is resumed at the next start), then stops.
+Start-up order: the job store recovers (jobs not processed to their end wait a fresh idle time, as
+their studies may still be arriving; spooled studies without a job get one), then the HTTP server,
+the models (in the background when a Triton server is not reachable yet: the gateway receives and
+spools meanwhile, and is not ready), then the SCP. :meth:`Gateway.stop` (SIGTERM) stops accepting
+associations first, lets the open ones finish, lets workers finish the study in hand (bounded by
+``timeout_s``; an unfinished job stays ``running`` and is resumed at the next start), then stops.
 """
 
 from __future__ import annotations

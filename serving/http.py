@@ -3,8 +3,9 @@
 * ``GET /metrics``: :meth:`GatewayMetrics.render` in the Prometheus text format;
 * ``GET /healthz``: 200 ``ok`` while the process is healthy (its threads alive), else 503 and
   the reason: a container orchestrator restarts the gateway;
-* ``GET /readyz``: 200 while it is ready to receive studies (SCP listening, the spool above
-  its free-space floor, models loaded), else 503 and the reason: a load balancer sends no new associations;
+* ``GET /readyz``: 200 while it is ready to receive studies (SCP listening, the spool above its
+  free-space floor, models loaded), else 503 and the reason: a load balancer sends no new
+  associations;
 * anything else: 404.
 
 ``HEAD`` answers like ``GET`` without a body. The server runs on a daemon thread of its own

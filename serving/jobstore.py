@@ -467,7 +467,8 @@ class JobStore:
             return [self._job(db, job_id) for job_id in sorted(ids)]
 
     def assemble(self, idle_s: float, now: float | None = None) -> list[Job]:
-        """Queue every ``received`` study idle for ``idle_s`` seconds or more (since ``idle_since``)."""
+        """Queue every ``received`` study idle for ``idle_s`` seconds or more (since
+        ``idle_since``)."""
         now = time.time() if now is None else now
         with self._tx() as db:
             ids = [
@@ -1026,7 +1027,8 @@ class JobStore:
         return out
 
     def oldest_waiting(self) -> float | None:
-        """When the oldest ``received`` or ``queued`` job received its first instance (None: none)."""
+        """When the oldest ``received`` or ``queued`` job received its first instance (None:
+        none)."""
         with self._lock:
             row = self._db.execute(
                 "SELECT MIN(created_at) FROM jobs WHERE state IN ('received', 'queued')"

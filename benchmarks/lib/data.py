@@ -44,7 +44,8 @@ def generated_dataset(data: Path, wanted: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_scans(folder: Path, n: int, seed: int) -> list[Path]:
-    """``n`` synthetic 300x512x512 chest CT series as DICOM under ``folder/scanNN`` (kept if present).
+    """``n`` synthetic 300x512x512 chest CT series as DICOM under ``folder/scanNN`` (kept if
+    present).
 
     Each folder gets ``truth.json``: the nodules' LPS centres and diameters.
     """

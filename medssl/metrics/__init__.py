@@ -1,7 +1,7 @@
-"""Evaluation metrics, torch-free: LUNA16 FROC and CPM (``noduleCADEvaluationLUNA16.py``; the
-CPM read at exactly 1/8 ... 8 FP/scan by default, as the LUNA16 paper), paired bootstrap
-comparisons and per-candidate labels, probability calibration (Platt/temperature, ECE), and per-class segmentation metrics (Dice, Jaccard,
-HD95, ASD)."""
+"""Evaluation metrics, torch-free: LUNA16 FROC and CPM (``noduleCADEvaluationLUNA16.py``; the CPM
+read at exactly 1/8 ... 8 FP/scan by default, as the LUNA16 paper), paired bootstrap comparisons and
+per-candidate labels, probability calibration (Platt/temperature, ECE), and per-class segmentation
+metrics (Dice, Jaccard, HD95, ASD)."""
 
 from medssl.metrics.calibration import (
     Calibration,

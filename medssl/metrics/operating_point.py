@@ -1,4 +1,5 @@
-"""A detector's operating point: the score threshold chosen on validation, and the rule that chose it.
+"""A detector's operating point: the score threshold chosen on validation, and the rule that chose
+it.
 
 DICOM outputs (SR, SEG) hold the findings at or above the operating point; the Parquet
 tables keep every candidate. The point is chosen on the validation scans' FROC (LUNA16
