@@ -31,8 +31,9 @@ supervised VNet and the gap recovered with a bootstrap interval. Protocol (fresh
 run, shared cache, resumable results) as ``benchmarks/lib/seg_bench.py``.
 
     .venv/bin/python benchmarks/ad_settings.py [--steps N] [--every N] [--seeds 0 1 2 3 4] \
-        [--settings ssl imbssl uda semidg] [--methods supervised-seg mean-teacher ad] [--ablations] \
-        [--jobs 2] [--work /tmp/medssl-ad-bench] [--out benchmarks/results/ad_settings] [--quick]
+        [--settings ssl imbssl uda semidg] [--methods supervised-seg mean-teacher ad] \
+        [--ablations] [--jobs 2] [--work /tmp/medssl-ad-bench] \
+        [--out benchmarks/results/ad_settings] [--quick]
 
 Writes ``OUT.json`` (device, config summary, every run, the evidence) and ``OUT.md``.
 """
@@ -347,13 +348,16 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         "# A&D settings on synthetic phantoms: the gap each method recovers (CPU budget)",
         "",
-        f"{report['device']}; torch {report.get('torch', '?')} with {report.get('torch_threads', '?')} threads, "
+        f"{report['device']}; torch {report.get('torch', '?')} with "
+        f"{report.get('torch_threads', '?')} threads, "
         f"{report.get('jobs', 1)} run(s) at a time, each in a fresh process.",
-        f"Budget per run: {b['steps'] or SETTING_STEPS} SGD steps (batch 2 labeled + 2 unlabeled crops), validation every "
-        f"{b['every']} steps (best checkpoint by validation Dice), VNet width {cfg['width']}, lr {cfg['lr']}, "
-        f"the {cfg['spacing_mm']} mm grid. Seeds {report['seeds']}: the split is the same for every method and "
-        "seed (split_seed 0); the seed changes only the training. Data: synthetic organ phantoms, "
-        f"{report['data']['cases']} training + {report['data']['test_cases']} test cases per domain.",
+        f"Budget per run: {b['steps'] or SETTING_STEPS} SGD steps (batch 2 labeled + "
+        f"2 unlabeled crops), validation every {b['every']} steps (best checkpoint "
+        f"by validation Dice), VNet width {cfg['width']}, lr {cfg['lr']}, the "
+        f"{cfg['spacing_mm']} mm grid. Seeds {report['seeds']}: the split is the "
+        "same for every method and seed (split_seed 0); the seed changes only the "
+        f"training. Data: synthetic organ phantoms, {report['data']['cases']} "
+        f"training + {report['data']['test_cases']} test cases per domain.",
         "",
         "| setting | cases (labeled / unlabeled / validation / test) | ceiling's cases |",
         "|---|---|---|",
@@ -370,22 +374,23 @@ def render(report: dict[str, Any]) -> str:
                 else "—"
             )
             lines.append(
-                f"| {PAPER_SETTING[setting]} | {c['labeled']} / {c['unlabeled']} / {c['validation']} / "
-                f"{c['test']} | {ceiling} |"
+                f"| {PAPER_SETTING[setting]} | {c['labeled']} / {c['unlabeled']} "
+                f"/ {c['validation']} / {c['test']} | {ceiling} |"
             )
     lines += [
         "",
         "## Setting × method (Tables 1-4 shape)",
         "",
-        "Dice % on the test domain's test cases: mean over seeds [Student's t 95 % CI]. Δ: the paired "
-        "per-seed difference to the supervised VNet [t 95 % CI]. Gap: (method − supervised) / (ceiling − "
-        "supervised) [bootstrap 95 % CI], the ceiling being supervised training with the test domain "
-        f"labeled. Source: Dice % on the source domains' test cases (shifted settings); below "
-        f"{SANE_SOURCE_DICE:.0f} % the transfer figures are struck (~~x~~). ASD mm: mean ± std over seeds. "
-        "Wall: seconds per run; s/step: median seconds per training step.",
+        "Dice % on the test domain's test cases: mean over seeds [Student's t 95 % CI]. "
+        "Δ: the paired per-seed difference to the supervised VNet [t 95 % CI]. Gap: "
+        "(method − supervised) / (ceiling − supervised) [bootstrap 95 % CI], the ceiling "
+        "being supervised training with the test domain labeled. Source: Dice % on the "
+        f"source domains' test cases (shifted settings); below {SANE_SOURCE_DICE:.0f} % "
+        "the transfer figures are struck (~~x~~). ASD mm: mean ± std over seeds. Wall: "
+        "seconds per run; s/step: median seconds per training step.",
         "",
-        "| setting | method | seeds | Dice % | Δ Dice points | gap recovered | source Dice % | ASD mm | wall s "
-        "| s/step |",
+        "| setting | method | seeds | Dice % | Δ Dice points | gap "
+        "recovered | source Dice % | ASD mm | wall s | s/step |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for setting in SETTINGS:
@@ -400,8 +405,9 @@ def render(report: dict[str, Any]) -> str:
             if strike:
                 delta, gap_text = f"~~{delta}~~", f"~~{gap_text}~~"
             lines.append(
-                f"| {setting} | {LABELS[variant]} | {len(a['seeds'])} | {interval(e.get('dice'))} | {delta} | "
-                f"{gap_text} | {interval(source) if source else '—'} | {_pm(a['asd_mm'])} | "
+                f"| {setting} | {LABELS[variant]} | {len(a['seeds'])} | "
+                f"{interval(e.get('dice'))} | {delta} | {gap_text} | "
+                f"{interval(source) if source else '—'} | {_pm(a['asd_mm'])} | "
                 f"{a['wall_s']['mean']:.0f} | {_num(a['step_s_median']['mean'], 2)} |"
             )
     imb = [v for v in (*BASELINES, CEILING) if f"imbssl/{v}" in agg]
@@ -441,9 +447,10 @@ def render(report: dict[str, Any]) -> str:
         ]
     lines += [
         "",
-        f"Total wall time of the runs (summed; {report.get('jobs', 1)} at a time): "
-        f"{report['total_wall_s'] / 3600:.1f} h ({len(report['runs'])} runs). Synthetic data at a CPU "
-        "budget: the table compares the methods under one protocol, not the paper's absolute values.",
+        f"Total wall time of the runs (summed; {report.get('jobs', 1)} at a "
+        f"time): {report['total_wall_s'] / 3600:.1f} h ({len(report['runs'])} "
+        "runs). Synthetic data at a CPU budget: the table compares the "
+        "methods under one protocol, not the paper's absolute values.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -586,7 +593,8 @@ def main() -> None:
         "seeds": args.seeds,
         "settings": args.settings,
         "methods": args.methods,
-        "split_policy": "data.split_seed=0 for every method and seed; the seed changes only training",
+        "split_policy": "data.split_seed=0 for every method "
+        "and seed; the seed changes only training",
         "sane_source_dice": SANE_SOURCE_DICE,
         "config": {
             "spacing_mm": first["data"]["spacing_mm"],

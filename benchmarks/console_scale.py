@@ -90,15 +90,17 @@ def fill(store: JobStore, n: int, now: float) -> None:
                     t + 62 if state == "done" else None,
                 )
             )
-    with store._tx() as db:  # noqa: SLF001 - a benchmark fills the tables directly
+    with store._tx() as db:  # a benchmark fills the tables directly
         db.executemany(
-            "INSERT INTO jobs (study_uid, state, attempts, n_instances, created_at, last_instance_at, "
+            "INSERT INTO jobs (study_uid, state, attempts, "
+            "n_instances, created_at, last_instance_at, "
             "idle_since, queued_at, started_at, inferred_at, finished_at, error, accession_number) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             jobs,
         )
         db.executemany(
-            "INSERT INTO deliveries (job_id, destination, state, attempts, last_attempt_at, sent_at) "
+            "INSERT INTO deliveries (job_id, destination, "
+            "state, attempts, last_attempt_at, sent_at) "
             "VALUES (?,?,?,?,?,?)",
             deliveries,
         )
@@ -155,7 +157,8 @@ def main() -> None:
     text = [
         f"# Operator API and console with {args.jobs:,} jobs in the store",
         "",
-        f"{cpu_device()}; {args.reps} requests each, median and slowest; the store filled in {fill_s:.1f} s.",
+        f"{cpu_device()}; {args.reps} requests each, "
+        f"median and slowest; the store filled in {fill_s:.1f} s.",
         "No peer (see the script's docstring).",
         "",
         "| request | median ms | slowest ms | bytes |",

@@ -337,8 +337,8 @@ def _resumed(
     same = ("data", "matrix", "generator_family", "smoke")
     if any(old["meta"].get(k) != meta[k] for k in same):
         raise SystemExit(
-            f"{results} was scored on another test set ({ {k: old['meta'].get(k) for k in same} }); "
-            "give another --results or drop --resume"
+            f"{results} was scored on another test set "
+            f"({ {k: old['meta'].get(k) for k in same} }); give another --results or drop --resume"
         )
     return list(old["rows"]), old.get("peer")
 
@@ -397,13 +397,14 @@ def report(
     lines = [
         title,
         "",
-        f"Device: {meta['device']}; onnxruntime, {meta['threads'] or 'default'} thread(s); test set {meta['data']}: "
-        f"{meta['n_scans']} scans, {meta['n_nodules']} nodules, held-out family, matrix {meta['matrix']}. "
-        "CPM by the LUNA16 paper's exact rates, 95 % bootstrap over scans; marks: findings at or above the "
-        "card's operating point (what the SR carries); ECE over every mark, labelled by the LUNA16 matching.",
+        f"Device: {meta['device']}; onnxruntime, {meta['threads'] or 'default'} thread(s); "
+        f"test set {meta['data']}: {meta['n_scans']} scans, {meta['n_nodules']} nodules, "
+        f"held-out family, matrix {meta['matrix']}. CPM by the LUNA16 paper's exact rates, "
+        "95 % bootstrap over scans; marks: findings at or above the card's operating point "
+        "(what the SR carries); ECE over every mark, labelled by the LUNA16 matching.",
         "",
-        "| model | CPM | CPM 95 % CI | sens. @ 1 FP/scan | threshold | marks/scan (max) | false marks/scan "
-        "median (max) | ECE | ECE raw | windows/scan | s/scan (median) |",
+        "| model | CPM | CPM 95 % CI | sens. @ 1 FP/scan | threshold | marks/scan (max) | "
+        "false marks/scan median (max) | ECE | ECE raw | windows/scan | s/scan (median) |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -435,9 +436,10 @@ def report(
     if peer:
         lines += [
             "",
-            f"Peer timing (shipped model, every window, {peer['scans']} scans, medians): the pipeline's "
-            f"inference {peer['pipeline_inference_s']:.2f} s/scan vs a plain onnxruntime loop over the same "
-            f"windows {peer['plain_onnxruntime_s']:.2f} s/scan: ratio {peer['ratio']:.2f}.",
+            f"Peer timing (shipped model, every window, {peer['scans']} scans, "
+            f"medians): the pipeline's inference {peer['pipeline_inference_s']:.2f} "
+            "s/scan vs a plain onnxruntime loop over the same windows "
+            f"{peer['plain_onnxruntime_s']:.2f} s/scan: ratio {peer['ratio']:.2f}.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -488,8 +490,8 @@ def main() -> None:
     args = parser.parse_args()
     if (args.cases < MIN_CASES or args.matrix < MIN_MATRIX) and not args.smoke:
         raise SystemExit(
-            f"--cases {args.cases} / --matrix {args.matrix}: the acceptance test set is >= {MIN_CASES} "
-            f"scans at {MIN_MATRIX}^2; pass --smoke for a smaller trial run"
+            f"--cases {args.cases} / --matrix {args.matrix}: the acceptance test set is "
+            f">= {MIN_CASES} scans at {MIN_MATRIX}^2; pass --smoke for a smaller trial run"
         )
     if not (args.model / "medssl.json").is_file():
         raise SystemExit(

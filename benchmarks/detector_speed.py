@@ -20,7 +20,8 @@
 
 Medians of ``--repeats`` runs. Prints a table; writes ``benchmarks/results/detector_speed.json``.
 
-    python benchmarks/detector_speed.py [--repeats 3] [--steps 20] [--config focalmix-cpu] [--device cpu]
+    python benchmarks/detector_speed.py [--repeats 3] [--steps 20] [--config focalmix-cpu] \\
+        [--device cpu]
     python benchmarks/detector_speed.py --preprocess-only [--preprocess-repeats 15]
 """
 
@@ -56,7 +57,8 @@ RESULTS = Path(__file__).parent / "results"
 def _batch(
     cfg: DetectionExperiment, grid: AnchorGrid, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """A synthetic labeled batch: random patches, one nodule-sized box each (shapes as the loader's)."""
+    """A synthetic labeled batch: random patches, one nodule-sized box each (shapes as the
+    loader's)."""
     from medssl.detection import assign_anchors
 
     b, p = cfg.optim.batch_size, cfg.data.patch
@@ -302,7 +304,8 @@ def main() -> None:
     if "inference" in result:
         inf = result["inference"]
         print(
-            f"  inference on {inf['scan_shape']} ({inf['n_windows']} windows of {inf['window']}^3), median s:"
+            f"  inference on {inf['scan_shape']} ({inf['n_windows']} "
+            f"windows of {inf['window']}^3), median s:"
         )
         for stage, seconds in inf["median_s"].items():
             print(f"    {stage:22s} {seconds:8.2f}")

@@ -13,7 +13,8 @@ scan (PyTorch on the CPU, ``--threads``).
 
 Writes ``benchmarks/results/detector_window.{json,md}`` and prints the table.
 
-    python benchmarks/detector_window.py build/default-models/supervised [--windows 32 48 64] [--threads 2]
+    python benchmarks/detector_window.py build/default-models/supervised \\
+        [--windows 32 48 64] [--threads 2]
 """
 
 from __future__ import annotations
@@ -120,17 +121,19 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         "# Detector window size: validation FROC and time",
         "",
-        f"Run {meta['run']} (trained on {meta['patch']}^3 patches); {rows[0]['n_scans']} validation scans, "
-        f"{rows[0]['n_nodules']} nodules; PyTorch CPU, {meta['threads']} thread(s), {meta['machine']}. "
-        "BatchNorm statistics re-estimated on each window size; CPM by the exact LUNA16 rates.",
+        f"Run {meta['run']} (trained on {meta['patch']}^3 patches); "
+        f"{rows[0]['n_scans']} validation scans, {rows[0]['n_nodules']} nodules; "
+        f"PyTorch CPU, {meta['threads']} thread(s), {meta['machine']}. BatchNorm "
+        "statistics re-estimated on each window size; CPM by the exact LUNA16 rates.",
         "",
         "| window | CPM | CPM 95 % CI | sens. @ 1 FP/scan | windows/scan | s/scan (median) |",
         "|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['window']} | {r['cpm']:.3f} | [{r['cpm_ci'][0]:.3f}, {r['cpm_ci'][1]:.3f}] | "
-            f"{r['sensitivity_at_1fp']:.3f} | {r['windows_per_scan']:.0f} | {r['seconds_per_scan']:.2f} |"
+            f"| {r['window']} | {r['cpm']:.3f} | [{r['cpm_ci'][0]:.3f}, "
+            f"{r['cpm_ci'][1]:.3f}] | {r['sensitivity_at_1fp']:.3f} | "
+            f"{r['windows_per_scan']:.0f} | {r['seconds_per_scan']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

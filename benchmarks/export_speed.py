@@ -17,7 +17,7 @@ Models: the shipped CPU-sized network (8 blocks, 32³ windows) and the paper-siz
 the values). Batch sizes 1 and 4. Each cell: ``--warmup`` calls, then ``--repeats`` timed
 calls; the table reports medians.
 
-    .venv/bin/python benchmarks/export_speed.py            # table + benchmarks/results/export_speed.json
+    .venv/bin/python benchmarks/export_speed.py  # table + benchmarks/results/export_speed.json
 """
 
 from __future__ import annotations

@@ -18,16 +18,15 @@ Arms, per labeled count (default 5, 10, 25) and seed (default 0..4), the main co
   same pool at every labeled count: ``unlabeled/`` is read first);
 
 the reference arms, per seed: ``FocalMix, unlabeled weight 0`` (FocalMix's pipeline with
-``focalmix.unlabeled_weight: 0``: what the unlabeled loss itself buys) at
-``--zero-weight-labeled`` (default: the ablation count, 10), and the ceiling ``all labeled``:
-supervised on every scan of the training pool but the validation ones (129 with the defaults
-and ``focalmix-cpu``'s 4 validation scans: at least as many scans as FocalMix sees at 25
-labeled, 25 + 100, all with labels); and at ``--ablation-labeled`` the Table 3 ablations (SFL
-without soft alpha / soft beta, K = 1 and 2, image MixUp only, no MixUp: the rows of Table 3 (a)-(c)) for
-``--ablation-seeds`` (default: the first 3 seeds). The reference arms and ablations are
-descriptive and cost most of the CPU (a FocalMix run costs about 3 supervised ones), so they
-run at one labeled count and, for the ablations, fewer seeds; the decisive comparison has every
-count and every seed, and runs first.
+``focalmix.unlabeled_weight: 0``: what the unlabeled loss itself buys) at ``--zero-weight-labeled``
+(default: the ablation count, 10), and the ceiling ``all labeled``: supervised on every scan of the
+training pool but the validation ones (129 with the defaults and ``focalmix-cpu``'s 4 validation
+scans: at least as many scans as FocalMix sees at 25 labeled, 25 + 100, all with labels); and at
+``--ablation-labeled`` the Table 3 ablations (SFL without soft alpha / soft beta, K = 1 and 2, image
+MixUp only, no MixUp: the rows of Table 3 (a)-(c)) for ``--ablation-seeds`` (default: the first 3
+seeds). The reference arms and ablations are descriptive and cost most of the CPU (a FocalMix run
+costs about 3 supervised ones), so they run at one labeled count and, for the ablations, fewer
+seeds; the decisive comparison has every count and every seed, and runs first.
 
 One split for every run: ``data.split_seed`` is ``--split-seed`` (constant), so labeled and
 validation scans do not change with the seed (the labeled sets are nested: 5 within 10 within
@@ -42,12 +41,12 @@ seed, as every run scores the same test scans), and averages the paired deltas
 (:func:`pooled_paired_delta`). The verdict: FocalMix better (or worse) where that interval
 excludes 0, else no difference shown.
 
-Budget. ``--learning-curve`` trains supervised once at the largest labeled count for
-``--steps`` steps, keeps its checkpoint of every ``eval.every`` steps (the config's, 250 for
-``focalmix-cpu``; it also paces hard-negative mining, so it is the runs' own) and scores each on the test
-split (``focalmix_ssl_budget.{json,md,png}``): choose ``--steps`` where the curve flattens. The
-cosine learning rate has not reached 0 at an intermediate checkpoint, so the curve is, if
-anything, pessimistic for shorter budgets.
+Budget. ``--learning-curve`` trains supervised once at the largest labeled count for ``--steps``
+steps, keeps its checkpoint of every ``eval.every`` steps (the config's, 250 for ``focalmix-cpu``;
+it also paces hard-negative mining, so it is the runs' own) and scores each on the test split
+(``focalmix_ssl_budget.{json,md,png}``): choose ``--steps`` where the curve flattens. The cosine
+learning rate has not reached 0 at an intermediate checkpoint, so the curve is, if anything,
+pessimistic for shorter budgets.
 
 Results are appended to ``benchmarks/results/focalmix_ssl.json`` after every run (a run already
 there is skipped, so an interrupted benchmark resumes), with its wall time, and summarised in
@@ -74,7 +73,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -450,7 +449,8 @@ def pooled_paired_delta(
     """
     if not pairs or len(pairs) != len(seeds):
         raise ValueError(
-            f"need one (method, baseline) pair per seed, got {len(pairs)} pairs for seeds {list(seeds)}"
+            "need one (method, baseline) pair per seed, "
+            f"got {len(pairs)} pairs for seeds {list(seeds)}"
         )
     if n_bootstrap < 1:
         raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
@@ -552,8 +552,8 @@ def summarise(
         "|---:|---:|---:|---:|---|---|",
     ]
     lines += [
-        f"| {n} | {mean_cpm(SUPERVISED, n)} | {mean_cpm(FOCALMIX, n)} | {d.delta:+.3f} | {_ci(d.ci)} | "
-        f"{verdict(d.ci)} |"
+        f"| {n} | {mean_cpm(SUPERVISED, n)} | {mean_cpm(FOCALMIX, n)} "
+        f"| {d.delta:+.3f} | {_ci(d.ci)} | {verdict(d.ci)} |"
         for n, d in main.items()
     ]
     lines += [
@@ -567,7 +567,8 @@ def summarise(
         for s, (delta, ci) in zip(d.seeds, d.per_seed):
             cpm = {r["name"]: r["cpm"] for r in results if r["labeled"] == n and r["seed"] == s}
             lines.append(
-                f"| {n} | {s} | {cpm[SUPERVISED]:.3f} | {cpm[FOCALMIX]:.3f} | {delta:+.3f} | {_ci(ci)} |"
+                f"| {n} | {s} | {cpm[SUPERVISED]:.3f} | "
+                f"{cpm[FOCALMIX]:.3f} | {delta:+.3f} | {_ci(ci)} |"
             )
 
     lines += [
@@ -581,27 +582,29 @@ def summarise(
         d = compare(results, frocs, ZERO_WEIGHT, SUPERVISED, n, n_bootstrap=n_bootstrap)
         if d is not None:
             lines.append(
-                f"| {ZERO_WEIGHT} | {n} | {mean_cpm(ZERO_WEIGHT, n)} | supervised | {d.delta:+.3f} | "
-                f"{_ci(d.ci)} | {verdict(d.ci, ZERO_WEIGHT)} |"
+                f"| {ZERO_WEIGHT} | {n} | {mean_cpm(ZERO_WEIGHT, n)} | supervised "
+                f"| {d.delta:+.3f} | {_ci(d.ci)} | {verdict(d.ci, ZERO_WEIGHT)} |"
             )
         d = compare(results, frocs, FOCALMIX, ZERO_WEIGHT, n, n_bootstrap=n_bootstrap)
         if d is not None:
             lines.append(
-                f"| {FOCALMIX} | {n} | {mean_cpm(FOCALMIX, n)} | unlabeled weight 0 | {d.delta:+.3f} | "
-                f"{_ci(d.ci)} | {verdict(d.ci, FOCALMIX, ZERO_WEIGHT)} |"
+                f"| {FOCALMIX} | {n} | {mean_cpm(FOCALMIX, n)} | unlabeled weight 0 | "
+                f"{d.delta:+.3f} | {_ci(d.ci)} | {verdict(d.ci, FOCALMIX, ZERO_WEIGHT)} |"
             )
     for n in sorted({r["labeled"] for r in results if r["name"] == CEILING}):
         cpms = [r["cpm"] for r in results if r["name"] == CEILING]
         iv = seed_interval(cpms)
         mean, lo, hi = iv.value, iv.lo, iv.hi
         lines.append(
-            f"| {CEILING} | {n} | {mean:.3f} (n={len(cpms)}, seeds 95 % [{lo:.3f}, {hi:.3f}]) | | | | |"
+            f"| {CEILING} | {n} | {mean:.3f} (n={len(cpms)}, "
+            f"seeds 95 % [{lo:.3f}, {hi:.3f}]) | | | | |"
         )
 
     if ablation_labeled is not None and any(r["name"] in ABLATIONS for r in results):
         lines += [
             "",
-            f"## Table 3 ablations at {ablation_labeled} labeled (against full FocalMix, same seeds)",
+            f"## Table 3 ablations at {ablation_labeled} "
+            "labeled (against full FocalMix, same seeds)",
             "",
             "| ablation | mean CPM | ΔCPM vs FocalMix | 95 % CI | verdict |",
             "|---|---:|---:|---|---|",
@@ -610,8 +613,8 @@ def summarise(
             d = compare(results, frocs, name, FOCALMIX, ablation_labeled, n_bootstrap=n_bootstrap)
             if d is not None:
                 lines.append(
-                    f"| {name} | {mean_cpm(name, ablation_labeled)} | {d.delta:+.3f} | {_ci(d.ci)} | "
-                    f"{verdict(d.ci, 'ablation', 'full FocalMix')} |"
+                    f"| {name} | {mean_cpm(name, ablation_labeled)} | {d.delta:+.3f} "
+                    f"| {_ci(d.ci)} | {verdict(d.ci, 'ablation', 'full FocalMix')} |"
                 )
 
     rates = ("1/8", "1/4", "1/2", "1", "2", "4", "8")
@@ -621,7 +624,8 @@ def summarise(
         "",
         "| arm | labeled | seed | "
         + " | ".join(f"{r} FP/scan" for r in rates)
-        + " | CPM | CPM 95 % CI | objects/patch | pseudo-object precision | training wall s | threads |",
+        + " | CPM | CPM 95 % CI | objects/patch | pseudo-object "
+        "precision | training wall s | threads |",
         "|---|---:|---:|" + "---:|" * (len(rates) + 6),
     ]
     for r in sorted(results, key=lambda r: (r["labeled"], r["name"], r["seed"])):
@@ -707,10 +711,9 @@ def keep_checkpoints(run_dir: Path, into: Path, *, poll_s: float = 0.5) -> Itera
             for path in (run_dir / "checkpoints").glob("step_*.pt"):
                 target = into / path.name
                 if not target.exists():
-                    try:
+                    # pruned between glob and link: reported below
+                    with suppress(FileNotFoundError):
                         os.link(path, target)
-                    except FileNotFoundError:  # pruned between glob and link: reported below
-                        pass
             if stop.is_set():
                 return
             stop.wait(poll_s)
@@ -809,7 +812,8 @@ def budget_curve(settings: dict[str, Any], labeled: int, seed: int) -> list[dict
         with done_path.open("a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
         print(
-            f"step {step}: test CPM {result.cpm:.3f} [{result.cpm_ci[0]:.3f}, {result.cpm_ci[1]:.3f}]",
+            f"step {step}: test CPM {result.cpm:.3f} "
+            f"[{result.cpm_ci[0]:.3f}, {result.cpm_ci[1]:.3f}]",
             flush=True,
         )
     return sorted(rows, key=lambda r: r["step"])
@@ -829,9 +833,9 @@ def budget_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], stem: Pa
     lines = [
         f"# Supervised test CPM vs training steps ({meta['labeled']} labeled, seed {meta['seed']})",
         "",
-        f"Device: {meta['device']}; config {meta['config']} {' '.join(meta['overrides'])}; one run of "
-        f"{meta['steps']} steps (cosine to 0 at the last step), {rows[0]['train_wall_s']:.0f} s of training; "
-        f"{rows[0]['n_test_scans']} test scans, {rows[0]['n_test_nodules']} nodules.",
+        f"Device: {meta['device']}; config {meta['config']} {' '.join(meta['overrides'])}; one run "
+        f"of {meta['steps']} steps (cosine to 0 at the last step), {rows[0]['train_wall_s']:.0f} s "
+        f"of training; {rows[0]['n_test_scans']} test scans, {rows[0]['n_test_nodules']} nodules.",
         "",
         "| step | test CPM | 95 % CI |",
         "|---:|---:|---|",
@@ -975,9 +979,9 @@ def main() -> None:
     n_test, n_nodules = test_set_size(args.data, args.test_subsets)
     if (n_test < MIN_TEST_SCANS or n_nodules < MIN_TEST_NODULES) and not args.smoke:
         raise SystemExit(
-            f"the test subsets {args.test_subsets} hold {n_test} scans and {n_nodules} nodules; the "
-            f"benchmark needs >= {MIN_TEST_SCANS} and >= {MIN_TEST_NODULES}: generate more --cases "
-            "(into a new --data folder) or pass more --test-subsets"
+            f"the test subsets {args.test_subsets} hold {n_test} scans and {n_nodules} "
+            f"nodules; the benchmark needs >= {MIN_TEST_SCANS} and >= {MIN_TEST_NODULES}: "
+            "generate more --cases (into a new --data folder) or pass more --test-subsets"
         )
     settings = {
         "data": str(args.data),
@@ -1050,11 +1054,12 @@ def main() -> None:
             " — SMOKE RUN, NOT A RESULT" if args.smoke else ""
         )
         head = (
-            f"{title}\n\nDevice: {meta['device']}; {args.jobs} run(s) side by side, {args.threads} thread(s) each; "
-            f"config {args.config} {' '.join(args.set)}; {args.steps} steps per run; one split "
-            f"(data.split_seed {args.split_seed}, {n_validation} validation scans) for every seed and method; "
-            f"unlabeled pool {args.unlabeled_pool} scans; test: subsets {args.test_subsets}, {n_test} scans, "
-            f"{n_nodules} nodules, generator family train (as the training data), matrix {args.matrix}.\n\n"
+            f"{title}\n\nDevice: {meta['device']}; {args.jobs} run(s) side by side, {args.threads} "
+            f"thread(s) each; config {args.config} {' '.join(args.set)}; {args.steps} steps per "
+            f"run; one split (data.split_seed {args.split_seed}, {n_validation} validation scans) "
+            f"for every seed and method; unlabeled pool {args.unlabeled_pool} scans; test: subsets "
+            f"{args.test_subsets}, {n_test} scans, {n_nodules} nodules, generator family train (as "
+            f"the training data), matrix {args.matrix}.\n\n"
         )
         args.results.with_suffix(".md").write_text(
             head

@@ -280,8 +280,9 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"# Gateway ingest, latency and memory ({report['device']})",
         "",
-        f"Study: {ing['instances']} instances, {ing['study_mb']:.0f} MB (synthetic chest CT, 512², "
-        f"uncompressed); storescu, one association; medians of {len(ing['instances_per_s']['gateway'])} runs.",
+        f"Study: {ing['instances']} instances, {ing['study_mb']:.0f} MB "
+        "(synthetic chest CT, 512², uncompressed); storescu, one association; "
+        f"medians of {len(ing['instances_per_s']['gateway'])} runs.",
         "",
         "| receiver | instances/s (median) | runs |",
         "|---|---|---|",
@@ -305,10 +306,11 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"| {key[:-2]} | {lat['median'][key]:.2f} |")
     lines += [
         "",
-        f"Memory, {mem['studies']} studies arriving at once and processed: gateway peak RSS "
-        f"{mem['gateway_peak_rss_mb']:.0f} MB (idle {mem['gateway_idle_rss_mb']:.0f} MB; all received "
-        f"in {mem['gateway_received_s']:.1f} s, all SRs in Orthanc after {mem['gateway_all_srs_s']:.1f} s); "
-        f"Orthanc receiving the same: {mem['orthanc_peak_rss_mb']:.0f} MB.",
+        f"Memory, {mem['studies']} studies arriving at once and processed: gateway peak "
+        f"RSS {mem['gateway_peak_rss_mb']:.0f} MB (idle {mem['gateway_idle_rss_mb']:.0f} "
+        f"MB; all received in {mem['gateway_received_s']:.1f} s, all SRs in Orthanc "
+        f"after {mem['gateway_all_srs_s']:.1f} s); Orthanc receiving the same: "
+        f"{mem['orthanc_peak_rss_mb']:.0f} MB.",
         "",
     ]
     return "\n".join(lines)

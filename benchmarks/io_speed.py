@@ -87,7 +87,7 @@ def bench_index(workdir: Path, repeats: int, n_series: int = 40, per_series: int
                 root / f"P{s // 2:03d}" / f"S{s:03d}",
                 SeriesInfo(uid_seed=f"index-bench-{s}", patient_id=f"P{s // 2:03d}"),
             )
-    files = [p for p in root.rglob("*.dcm")]
+    files = list(root.rglob("*.dcm"))
     index = index_tree(root)
     assert len(index.series) == n_series and index.n_files == len(files)
 

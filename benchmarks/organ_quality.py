@@ -19,7 +19,8 @@ Metrics (``medssl.metrics.segmentation``, on the source grid): Dice per organ pe
 mean over organs per case, then the mean over cases with a 95 % bootstrap interval over cases.
 
     .venv/bin/python benchmarks/organ_quality.py [--families A B C D] [--cases 8] \\
-        [--variant build/organs-no-rand/repository:abdomen-organs] [--out benchmarks/results/organ_quality]
+        [--variant build/organs-no-rand/repository:abdomen-organs] \\
+        [--out benchmarks/results/organ_quality]
 
 Writes ``OUT.json`` and ``OUT.md``.
 """
@@ -89,9 +90,10 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         "# The shipped organ segmenter on phantom families it was not trained on",
         "",
-        f"{report['device']}; {report['cases']} test subjects per family (seeds from {report['seed']}, none used "
-        "in training); Dice on the source grid through the exported ONNX model (`medssl-score`'s pipeline): "
-        "mean over the 11 organs per case, then over cases [95 % bootstrap CI over cases].",
+        f"{report['device']}; {report['cases']} test subjects per family (seeds "
+        f"from {report['seed']}, none used in training); Dice on the source grid "
+        "through the exported ONNX model (`medssl-score`'s pipeline): mean over "
+        "the 11 organs per case, then over cases [95 % bootstrap CI over cases].",
         "",
         "| family | trained on it | "
         + " | ".join(f"{m} Dice %" for m in models)

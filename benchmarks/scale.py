@@ -330,7 +330,8 @@ def _tiny_series(n: int, folder: Path) -> Path:
 
 
 def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None) -> dict[str, Any]:
-    """``medssl-score`` in its own process; RSS of its tree and rows committed, sampled each second."""
+    """``medssl-score`` in its own process; RSS of its tree and rows committed, sampled each
+    second."""
     import sqlite3
 
     from medssl.bench.machine import TreeMemory
@@ -347,15 +348,15 @@ def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None)
     ]
     start = time.perf_counter()
     log = out.parent / f"{out.name}.{engine}{'.killed' if kill_after else ''}.log"
-    log_file = open(
-        log, "w"
-    )  # a file, not a pipe: the progress lines would fill a pipe and block it
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=log_file,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    # a file, not a pipe: the progress lines would fill a pipe and block it; the child keeps
+    # its own descriptor of it
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     monitor = TreeMemory(process.pid, period_s=1.0)
     monitor.start()
     progress: list[tuple[float, int]] = []
@@ -378,7 +379,6 @@ def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None)
             break
     process.wait()
     monitor.stop()
-    log_file.close()
     stderr = log.read_text()
     if not killed and process.returncode not in (0, 3):
         raise SystemExit(f"medssl-score ({engine}) failed:\n{stderr[-3000:]}")
@@ -395,7 +395,7 @@ def _score(listing: Path, out: Path, engine: str, kill_after: int | None = None)
 def _rss_by_fifth(run: dict[str, Any], n: int) -> tuple[float, float]:
     """Peak tree RSS (MB) while the first fifth of the series was scored, and while the last
     fifth was (before the final tables are written: ``done < n``)."""
-    rss = dict((round(t), kb) for t, kb in run["rss_samples"])
+    rss = {round(t): kb for t, kb in run["rss_samples"]}
     first = [rss.get(round(t), 0) for t, done in run["progress"] if done <= n / 5]
     last = [rss.get(round(t), 0) for t, done in run["progress"] if 4 * n / 5 <= done < n]
     return max(first, default=0) / 1024, max(last, default=0) / 1024
@@ -479,7 +479,8 @@ def _table(
         a, b = metadata[0], metadata[-1]
         lines += [
             "",
-            f"Growth from {a['size']:,} to {b['size']:,} series ({b['size'] / a['size']:.0f}× the rows): "
+            f"Growth from {a['size']:,} to {b['size']:,} "
+            f"series ({b['size'] / a['size']:.0f}× the rows): "
             + ", ".join(f"{s} {b[s]['seconds'] / max(a[s]['seconds'], 1e-9):.0f}×" for s in STAGES)
             + f"; peak memory above the interpreter with its imports ({b['baseline_mb']:.0f} MB): "
             f"{max(a[s]['peak_mb'] for s in STAGES) - a['baseline_mb']:.0f} → "
@@ -504,23 +505,25 @@ def _table(
             "",
             f"## Scoring {n:,} tiny series end to end (medssl-score, shipped detector, 1 worker)",
             "",
-            "| run | wall s | series/s | RSS scoring the first fifth, MB | RSS scoring the last fifth, MB | "
-            "peak RSS with the final tables, MB |",
+            "| run | wall s | series/s | RSS scoring the first fifth, MB | RSS "
+            "scoring the last fifth, MB | peak RSS with the final tables, MB |",
             "|---|---:|---:|---:|---:|---:|",
         ]
         for k in ("local", "ray"):
             lines.append(
-                f"| {k} engine | {scoring['wall_s'][k]:.0f} | {n / scoring['wall_s'][k]:.1f} | "
-                f"{scoring['rss_first_fifth_mb'][k]:,.0f} | {scoring['rss_last_fifth_mb'][k]:,.0f} | "
-                f"{scoring['peak_mb'][k]:,.0f} |"
+                f"| {k} engine | {scoring['wall_s'][k]:.0f} | "
+                f"{n / scoring['wall_s'][k]:.1f} | {scoring['rss_first_fifth_mb'][k]:,.0f} "
+                f"| {scoring['rss_last_fifth_mb'][k]:,.0f} | {scoring['peak_mb'][k]:,.0f} |"
             )
         lines += [
             "",
-            f"- Ray tables equal the local engine's (timings aside): **{scoring['ray_equals_local']}** "
-            f"({n:,} series rows, {scoring['findings']:,} findings).",
-            f"- Resume: killed (SIGKILL) after {scoring['killed_after_rows']:,} committed rows; the re-run "
-            f"scored {scoring['scored_in_resumed_run']:,} more ({scoring['rows_after_resume']:,} in all) and "
-            f"its tables equal the uninterrupted run's: **{scoring['resumed_equals_local']}**.",
+            "- Ray tables equal the local engine's (timings "
+            f"aside): **{scoring['ray_equals_local']}** ({n:,} "
+            f"series rows, {scoring['findings']:,} findings).",
+            f"- Resume: killed (SIGKILL) after {scoring['killed_after_rows']:,} "
+            f"committed rows; the re-run scored {scoring['scored_in_resumed_run']:,} "
+            f"more ({scoring['rows_after_resume']:,} in all) and its tables equal "
+            f"the uninterrupted run's: **{scoring['resumed_equals_local']}**.",
         ]
         lines += [f"- {note}" for note in scoring.get("notes", [])]
     return "\n".join(lines) + "\n"

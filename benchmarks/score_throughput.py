@@ -238,11 +238,11 @@ def side_medssl(
         "n_scans": summary.scored_now,
         "per_scan_s": list(np.diff([start, *stamps])),
         "scans": scans,
-        "setup": f"medssl.scoring.score(engine='local', workers={workers}, batch_size={batch_size}"
-        f"{'; lung mask off' if keep is not None else ''}); "
-        f"runtime {runtime}: {runner_version} {providers[0]}, default threads; reader: medssl (pydicom); "
-        "preprocess: medssl.pipeline.preprocess_ct (separable threaded resample + HU window, "
-        "lung mask)",
+        "setup": f"medssl.scoring.score(engine='local', workers={workers}, "
+        f"batch_size={batch_size}{'; lung mask off' if keep is not None else ''}); "
+        f"runtime {runtime}: {runner_version} {providers[0]}, default threads; "
+        "reader: medssl (pydicom); preprocess: medssl.pipeline.preprocess_ct "
+        "(separable threaded resample + HU window, lung mask)",
     }
 
 
@@ -250,7 +250,8 @@ def side_medssl(
 
 
 class _ReadAndPreprocess:
-    """DICOM folder -> ``(padded (1, Z, Y, X) float32 tensor, affine index->LPS, true shape, timings)``.
+    """DICOM folder -> ``(padded (1, Z, Y, X) float32 tensor, affine index->LPS, true shape,
+    timings)``.
 
     SimpleITK reads; MONAI transforms resample, window and pad. A class so that a
     DataLoader worker can pickle it.
@@ -420,7 +421,7 @@ def side_monai(data: Path, batch_size: int, loader_workers: int) -> dict[str, An
                     "volume_shape": item["shape"],
                     "padded_shape": list(padded_shape),
                     "n_above_threshold": n_above,
-                    "n_candidates": int(len(keep)),
+                    "n_candidates": len(keep),
                     "read_s": float(item["read_s"]),
                     "preprocess_s": float(item["preprocess_s"]),
                     "inference_s": inference_s,
@@ -442,12 +443,14 @@ def side_monai(data: Path, batch_size: int, loader_workers: int) -> dict[str, An
         "n_scans": len(scans),
         "per_scan_s": list(np.diff([start, *stamps])),
         "scans": scans,
-        "setup": f"PyTorch {torch.__version__} eager, {TORCH_THREADS} threads, FPNDetector from {WEIGHTS.name}; "
-        f"SimpleITK ImageSeriesReader + MONAI Spacing/ScaleIntensityRange/DivisiblePad {reading}; "
-        f"monai.inferers.sliding_window_inference(roi {params.window}^3, overlap {params.overlap}, "
-        f"sw_batch_size {params.batch_size}, constant blending); anchors decoded over the whole volume; "
-        f"threshold {params.score_threshold}, top {params.pre_nms_top_k} per level; "
-        f"nms_3d(iou {params.nms_iou}, max {params.max_detections})",
+        "setup": f"PyTorch {torch.__version__} eager, {TORCH_THREADS} threads, "
+        f"FPNDetector from {WEIGHTS.name}; SimpleITK ImageSeriesReader + "
+        f"MONAI Spacing/ScaleIntensityRange/DivisiblePad {reading}; "
+        f"monai.inferers.sliding_window_inference(roi {params.window}^3, "
+        f"overlap {params.overlap}, sw_batch_size {params.batch_size}, "
+        "constant blending); anchors decoded over the whole volume; "
+        f"threshold {params.score_threshold}, top {params.pre_nms_top_k} per "
+        f"level; nms_3d(iou {params.nms_iou}, max {params.max_detections})",
     }
 
 
@@ -475,7 +478,7 @@ def compare_detections(
         truth_path = data / scan["scan"] / "truth.json"
         truth = json.loads(truth_path.read_text())["nodules"] if truth_path.is_file() else []
 
-        def hits(found: list[dict[str, Any]]) -> int:
+        def hits(found: list[dict[str, Any]], truth: list[dict[str, Any]]) -> int:
             confident = [d for d in found if d["probability"] >= threshold]
             return sum(
                 any(
@@ -494,8 +497,8 @@ def compare_detections(
                 "top5_probabilities": [round(d["probability"], 3) for d in top],
                 "top5_gap_mm": gaps,
                 "truth_nodules": len(truth),
-                "truth_found_medssl": hits(ours),
-                "truth_found_baseline": hits(other),
+                "truth_found_medssl": hits(ours, truth),
+                "truth_found_baseline": hits(other, truth),
             }
         )
     return rows
@@ -523,43 +526,44 @@ def _n_anchors(padded_shape: list[int], strides: tuple[int, ...] = (2, 4, 8, 16)
 def render(report: dict[str, Any]) -> str:
     s = report["summary"]
     lines = [
-        "| side | scans/h (median scan) | scans/h (end to end) | read s | preprocess s | inference s | "
-        "postprocess s | CPU s/scan | peak RSS MB (tree) | peak RSS MB (largest proc) |",
+        "| side | scans/h (median scan) | scans/h (end to end) | read s | preprocess s | inference "
+        "s | postprocess s | CPU s/scan | peak RSS MB (tree) | peak RSS MB (largest proc) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for side, row in s.items():
         st = row["median_stage_s"]
         lines.append(
-            f"| {side} | {row['scans_per_hour_median']:.1f} | {row['scans_per_hour_end_to_end']:.1f} | "
-            f"{st['read']:.2f} | {st['preprocess']:.2f} | {st['inference']:.2f} | {st['postprocess']:.2f} | "
-            f"{row['cpu_s_per_scan']:.1f} | {row['peak_rss_tree_mb']:.0f} | "
-            f"{row['peak_rss_largest_process_mb']:.0f} |"
+            f"| {side} | {row['scans_per_hour_median']:.1f} | "
+            f"{row['scans_per_hour_end_to_end']:.1f} | {st['read']:.2f} | {st['preprocess']:.2f} "
+            f"| {st['inference']:.2f} | {st['postprocess']:.2f} | {row['cpu_s_per_scan']:.1f} | "
+            f"{row['peak_rss_tree_mb']:.0f} | {row['peak_rss_largest_process_mb']:.0f} |"
         )
     ratio_lines = []
     for r in report["ratios"]:
         ratio_lines.append(
-            f"| {r['medssl']} | {r['baseline']} | {r['end_to_end']:.2f}x | {r['median_scan']:.2f}x | "
-            f"{r['cpu']:.2f}x | {'met' if r['end_to_end'] >= GOAL else 'NOT met'} |"
+            f"| {r['medssl']} | {r['baseline']} | {r['end_to_end']:.2f}x | {r['median_scan']:.2f}x "
+            f"| {r['cpu']:.2f}x | {'met' if r['end_to_end'] >= GOAL else 'NOT met'} |"
         )
     op = report["detections"][0]["threshold"] if report["detections"] else float("nan")
     det_lines = [
-        f"| scan | marks p>={op:.3f} medssl | marks p>={op:.3f} baseline | medssl top-5 p | top-5 gap to nearest baseline "
-        "finding, mm | truth nodules found (medssl / baseline / total) |",
+        f"| scan | marks p>={op:.3f} medssl | marks p>={op:.3f} baseline | medssl top-5 p | top-5 "
+        "gap to nearest baseline finding, mm | truth nodules found (medssl / baseline / total) |",
         "|---|---:|---:|---|---|---|",
     ]
     for d in report["detections"]:
         gaps = ", ".join(f"{g:.1f}" for g in d["top5_gap_mm"])
         det_lines.append(
-            f"| {d['scan']} | {d['medssl_at_op']} | {d['baseline_at_op']} | {d['top5_probabilities']} | "
-            f"{gaps} | {d['truth_found_medssl']} / {d['truth_found_baseline']} / {d['truth_nodules']} |"
+            f"| {d['scan']} | {d['medssl_at_op']} | {d['baseline_at_op']} | "
+            f"{d['top5_probabilities']} | {gaps} | {d['truth_found_medssl']} "
+            f"/ {d['truth_found_baseline']} / {d['truth_nodules']} |"
         )
     notes = []
     for side, row in s.items():
         st = row["median_stage_s"]
         top = max(st, key=st.get)
         notes.append(
-            f"- {side}: largest stage {top} ({st[top]:.1f} s of {sum(st.values()):.1f} s stage time "
-            f"per scan, medians)"
+            f"- {side}: largest stage {top} ({st[top]:.1f} s of "
+            f"{sum(st.values()):.1f} s stage time per scan, medians)"
         )
     for side in (x for x in BASELINES if x in report["sides"]):
         fractions = [
@@ -567,9 +571,10 @@ def render(report: dict[str, Any]) -> str:
             for x in report["sides"][side]["scans"]
         ]
         notes.append(
-            f"- {side}: anchors scoring >= the card's threshold: {100 * min(fractions):.1f}-"
-            f"{100 * max(fractions):.1f}% of all anchors (so the threshold removes "
-            f"{'almost nothing' if min(fractions) > 0.9 else 'some'}; the top-k per level bounds NMS)"
+            f"- {side}: anchors scoring >= the card's threshold: "
+            f"{100 * min(fractions):.1f}-{100 * max(fractions):.1f}% of all anchors (so the "
+            f"threshold removes {'almost nothing' if min(fractions) > 0.9 else 'some'}; the "
+            "top-k per level bounds NMS)"
         )
         break
     for side in (x for x in report["sides"] if x.startswith("medssl")):
@@ -581,16 +586,18 @@ def render(report: dict[str, Any]) -> str:
     setups = "\n".join(f"- `{side}`: {report['sides'][side]['setup']}" for side in report["sides"])
     shapes = "; ".join(f"{t['scan']}: {t['shape']} @ {t['spacing_mm']} mm" for t in report["scans"])
     return (
-        f"# score_throughput\n\n{report['device']}; {report['n_scans']} synthetic chest CT studies "
-        f"(DICOM, {shapes}); model `{MODEL}` (card patch 32^3, overlap 0.25, batch {report['batch_size']}); "
-        f"run under nice {report['nice']}; 1-min load average during the run "
-        f"{min(report['load_average']):.1f}-{max(report['load_average']):.1f} (shared machine)\n\n"
+        f"# score_throughput\n\n{report['device']}; {report['n_scans']} synthetic chest CT "
+        f"studies (DICOM, {shapes}); model `{MODEL}` (card patch 32^3, overlap 0.25, batch "
+        f"{report['batch_size']}); run under nice {report['nice']}; 1-min load average "
+        f"during the run {min(report['load_average']):.1f}-{max(report['load_average']):.1f} "
+        "(shared machine)\n\n"
         + "\n".join(lines)
-        + "\n\nStage seconds: medians over scans (with a prefetching worker they overlap inference). "
-        "scans/h (median scan): 3600 / median seconds between consecutive results; end to end: "
-        "scans x 3600 / wall time of the side (model loading, DICOM indexing and outputs included).\n\n"
-        + f"| medssl | baseline | end-to-end ratio | median-scan ratio | CPU-time ratio | goal >= {GOAL}x |\n"
-        "|---|---|---:|---:|---:|---|\n"
+        + "\n\nStage seconds: medians over scans (with a prefetching worker they "
+        "overlap inference). scans/h (median scan): 3600 / median seconds "
+        "between consecutive results; end to end: scans x 3600 / wall time of "
+        "the side (model loading, DICOM indexing and outputs included).\n\n"
+        + "| medssl | baseline | end-to-end ratio | median-scan ratio | "
+        f"CPU-time ratio | goal >= {GOAL}x |\n|---|---|---:|---:|---:|---|\n"
         + "\n".join(ratio_lines)
         + "\n\nDetections ({} vs {}):\n\n".format(*report["detections_compared"])
         + "\n".join(det_lines)

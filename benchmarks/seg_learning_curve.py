@@ -60,8 +60,9 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         "# Supervised learning curves of the segmentation benchmarks",
         "",
-        f"{report['device']}; seed {report['seed']}; validation every {report['every']} steps on the "
-        "benchmark's held-out training cases; test Dice of the best checkpoint. Plateau: the first step within "
+        f"{report['device']}; seed {report['seed']}; validation every "
+        f"{report['every']} steps on the benchmark's held-out training cases; "
+        "test Dice of the best checkpoint. Plateau: the first step within "
         f"{100 * report['tolerance']:.0f} Dice points of the best validation Dice.",
         "",
         "| cell | labeled | steps | best val Dice % (step) | plateau step | test Dice % | wall s |",
@@ -70,8 +71,8 @@ def render(report: dict[str, Any]) -> str:
     for cell, r in report["runs"].items():
         best = max(r["curve"], key=lambda p: p["dice"])
         lines.append(
-            f"| {cell} | {r['split']['labeled']} | {r['steps']} | {100 * best['dice']:.1f} ({best['step']}) | "
-            f"{r['plateau_step']} | {100 * r['dice']:.1f} | {r['wall_s']:.0f} |"
+            f"| {cell} | {r['split']['labeled']} | {r['steps']} | {100 * best['dice']:.1f} "
+            f"({best['step']}) | {r['plateau_step']} | {100 * r['dice']:.1f} | {r['wall_s']:.0f} |"
         )
     steps = sorted({p["step"] for r in report["runs"].values() for p in r["curve"]})
     lines += [

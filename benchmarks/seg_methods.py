@@ -166,8 +166,8 @@ METHODS: dict[str, MethodRow] = {
 }
 
 
-#: the default rows: every method of issue 19 (FixMatch, FlexMatch's fixed-threshold base, on request:
-#: it would add a seventh of the CPU time)
+#: the default rows: every method but FixMatch (FlexMatch's fixed-threshold base; on request: it
+#: would add a seventh of the CPU time)
 DEFAULT_METHODS = [m for m in METHODS if m != "fixmatch"]
 
 
@@ -407,22 +407,25 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         "# Segmentation methods on one protocol: the supervised gap each recovers",
         "",
-        f"{report['device']}; torch {report.get('torch', '?')} with {report.get('torch_threads', '?')} thread(s), "
+        f"{report['device']}; torch {report.get('torch', '?')} with "
+        f"{report.get('torch_threads', '?')} thread(s), "
         f"{report['jobs']} run(s) at a time, each in a fresh process.",
         "Budget per run, the same for every method of a task: "
         + ", ".join(f"{t} {steps_of(t, b)}" for t in report["tasks"])
-        + f" SGD steps (batch {cfg['batch_size']} labeled + "
-        f"{cfg['batch_size']} unlabeled crops), validation every {b['every']} steps on {cfg['n_validation']} "
-        f"held-out training cases (best checkpoint by validation Dice; never the test set), crops "
-        f"{'x'.join(map(str, cfg['patch']))} on the {cfg['spacing_mm']} mm grid ({cfg['foreground_fraction']:.0%} "
-        f"centred on foreground), VNet width {cfg['width']}, lr {cfg['lr']}. BCP pre-trains "
-        f"{b['bcp_pretrain_steps'] or 'half'} of the steps. Seeds {report['seeds']}: the split is the same for every method "
-        "and seed (split_seed 0); the seed changes only the training.",
+        + f" SGD steps (batch {cfg['batch_size']} labeled + {cfg['batch_size']} unlabeled "
+        f"crops), validation every {b['every']} steps on {cfg['n_validation']} held-out "
+        "training cases (best checkpoint by validation Dice; never the test set), crops "
+        f"{'x'.join(map(str, cfg['patch']))} on the {cfg['spacing_mm']} mm grid "
+        f"({cfg['foreground_fraction']:.0%} centred on foreground), VNet width "
+        f"{cfg['width']}, lr {cfg['lr']}. BCP pre-trains {b['bcp_pretrain_steps'] or 'half'} "
+        f"of the steps. Seeds {report['seeds']}: the split is the same for every method and "
+        "seed (split_seed 0); the seed changes only the training.",
     ]
     d = report["data"]
     lines += [
-        f"Data: synthetic abdominal CT phantoms (`write_organ_dataset`), domain {', '.join(d['domains'])}, "
-        f"{d['cases']} training + {d['test_cases']} test cases (seed base {d['seed_base']}), native grid.",
+        "Data: synthetic abdominal CT phantoms (`write_organ_dataset`), domain "
+        f"{', '.join(d['domains'])}, {d['cases']} training + {d['test_cases']} "
+        f"test cases (seed base {d['seed_base']}), native grid.",
         "",
         "| cell | task | labeled / unlabeled / validation / test |",
         "|---|---|---|",
@@ -439,17 +442,19 @@ def render(report: dict[str, Any]) -> str:
         "",
         "## Dice, paired difference to supervised, gap recovered",
         "",
-        "Dice % on the test cases: mean over seeds [Student's t 95 % CI]. Δ: the paired per-seed "
-        "difference to the supervised VNet at the same labels [t 95 % CI]. Gap: (method − supervised) / "
-        "(ceiling − supervised) [bootstrap 95 % CI]; 1 = all of the gap to every label closed. HD95 and ASD "
-        "mm: mean ± std over seeds. Wall: seconds per run (mean over seeds)"
+        "Dice % on the test cases: mean over seeds [Student's t 95 % CI]. Δ: the "
+        "paired per-seed difference to the supervised VNet at the same labels [t "
+        "95 % CI]. Gap: (method − supervised) / (ceiling − supervised) "
+        "[bootstrap 95 % CI]; 1 = all of the gap to every label closed. HD95 and "
+        "ASD mm: mean ± std over seeds. Wall: seconds per run (mean over seeds)"
         + (", † when the machine was busy during a run" if busy_any else "")
         + "; s/step: median.",
         "",
-        "| cell | method | seeds | Dice % | Δ Dice points | gap recovered | HD95 mm | ASD mm | wall s | s/step |",
+        "| cell | method | seeds | Dice % | Δ Dice points | "
+        "gap recovered | HD95 mm | ASD mm | wall s | s/step |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for task, cell, fraction in _cells(report):
+    for _task, cell, fraction in _cells(report):
         for variant in report["methods"]:
             a = agg.get(f"{cell}/{variant}")
             if a is None:
@@ -461,9 +466,10 @@ def render(report: dict[str, Any]) -> str:
             wall = f"{a['wall_s']['mean']:.0f}" + (" †" if a["busy_runs"] else "")
             gap = e.get("gap_recovered")
             lines.append(
-                f"| {cell} | {label} | {len(a['seeds'])} | {interval(e.get('dice'))} | "
-                f"{interval(e.get('vs_baseline'), signed=True)} | {interval(gap, 2) if gap else '—'} | "
-                f"{pm(a['hd95_mm'])} | {pm(a['asd_mm'])} | {wall} | {num(a['step_s_median']['mean'], 2)} |"
+                f"| {cell} | {label} | {len(a['seeds'])} | {interval(e.get('dice'))} "
+                f"| {interval(e.get('vs_baseline'), signed=True)} | "
+                f"{interval(gap, 2) if gap else '—'} | {pm(a['hd95_mm'])} | "
+                f"{pm(a['asd_mm'])} | {wall} | {num(a['step_s_median']['mean'], 2)} |"
             )
     if report["not_available"]:
         lines += [
@@ -477,7 +483,7 @@ def render(report: dict[str, Any]) -> str:
     organ_cells = [(cell, f) for task, cell, f in _cells(report) if task == "organs"]
     if organ_cells:
         share = report.get("test_class_share", {}).get("organs", {})
-        for cell, fraction in organ_cells:
+        for cell, _fraction in organ_cells:
             present = [v for v in report["methods"] if f"{cell}/{v}" in agg]
             if not present:
                 continue
@@ -518,15 +524,16 @@ def render(report: dict[str, Any]) -> str:
     if load and load["max"] > BUSY_LOAD:
         lines += [
             "",
-            f"**Wall times are not clean:** the 1-min load average around the runs reached "
-            f"{load['max']:.1f} on {os.cpu_count()} cores (other work on the machine); the runs marked † "
-            "saw it. The quality numbers do not depend on it (the runs are deterministic per seed).",
+            "**Wall times are not clean:** the 1-min load average around the "
+            f"runs reached {load['max']:.1f} on {os.cpu_count()} cores (other "
+            "work on the machine); the runs marked † saw it. The quality "
+            "numbers do not depend on it (the runs are deterministic per seed).",
         ]
     lines += [
         "",
         f"Total wall time of the runs: {report['total_wall_s'] / 3600:.1f} h summed over "
-        f"{len(report['runs'])} runs, {report['jobs']} at a time. Synthetic data at a CPU budget: the "
-        "table compares the methods under one protocol, not the papers' absolute values.",
+        f"{len(report['runs'])} runs, {report['jobs']} at a time. Synthetic data at a CPU budget: "
+        "the table compares the methods under one protocol, not the papers' absolute values.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -746,7 +753,8 @@ def main() -> None:
             }
             for t in args.tasks
         },
-        "split_policy": "data.split_seed=0 for every method and seed; the seed changes only training",
+        "split_policy": "data.split_seed=0 for every method "
+        "and seed; the seed changes only training",
         "config": info["config"],
         "load_average_1min": {"min": min(loads), "max": max(loads), "busy_above": BUSY_LOAD}
         if loads

@@ -224,7 +224,7 @@ def run(
                 capture_output=True,
             )
     seconds: dict[str, list[float]] = {name: [] for name in writers}
-    for rep in range(repeats):
+    for _rep in range(repeats):
         for name, write in writers.items():
             out = workdir / f"{name.replace(' ', '_').replace('(', '').replace(')', '')}.dcm"
             out.unlink(missing_ok=True)

@@ -32,7 +32,7 @@ VIEWS = ("axial", "coronal", "sagittal")
 
 def _slices(volume: Volume, centre: np.ndarray) -> list[tuple[np.ndarray, float]]:
     """(2D slice, aspect) for the three views through index ``centre`` (z, y, x)."""
-    z, y, x = (int(round(c)) for c in centre)
+    z, y, x = (round(c) for c in centre)
     sz, sy, sx = volume.spacing
     a = volume.array
     # coronal/sagittal are flipped so that superior is up
@@ -40,7 +40,7 @@ def _slices(volume: Volume, centre: np.ndarray) -> list[tuple[np.ndarray, float]
 
 
 def _outline_slices(mask: np.ndarray, centre: np.ndarray) -> list[np.ndarray]:
-    z, y, x = (int(round(c)) for c in centre)
+    z, y, x = (round(c) for c in centre)
     return [mask[z], mask[::-1, y, :], mask[::-1, :, x]]
 
 

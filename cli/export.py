@@ -18,7 +18,8 @@ __all__ = ["export"]
 
 
 class _ExportGroup(MedsslGroup):
-    """``medssl-export CHECKPOINT ...`` runs the ``model`` command; ``medssl-export check ...`` checks."""
+    """``medssl-export CHECKPOINT ...`` runs the ``model`` command; ``medssl-export check ...``
+    checks."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
@@ -109,14 +110,16 @@ def export() -> None:
     "--operating-point-from-run",
     "op_from_run",
     is_flag=True,
-    help="Detectors: take the operating point medssl-train chose (RUN/validation/operating_point.json) "
-    "instead of measuring it again (when the training data is gone).",
+    help="Detectors: take the operating point medssl-train "
+    "chose (RUN/validation/operating_point.json) instead of "
+    "measuring it again (when the training data is gone).",
 )
 @click.option(
     "--no-operating-point",
     "no_op",
     is_flag=True,
-    help="Detectors: write a card without an operating point (scoring reports from 0.5, with a warning).",
+    help="Detectors: write a card without an operating "
+    "point (scoring reports from 0.5, with a warning).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def export_model(
@@ -210,7 +213,8 @@ def export_model(
 @click.argument("repositories", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per model.")
 def check(repositories: tuple[Path, ...], as_json: bool) -> None:
-    """Validate every model of each REPOSITORY: configs, cards, ONNX files. Exit 1 on any problem."""
+    """Validate every model of each REPOSITORY: configs, cards, ONNX files. Exit 1 on any
+    problem."""
     from medssl.models.repository import check_repository
 
     reports = [report for repository in repositories for report in check_repository(repository)]

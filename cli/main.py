@@ -212,7 +212,8 @@ def synth_organs(
     shape: tuple[int, int, int] | None,
     fmt: str,
 ) -> None:
-    """Abdominal multi-organ phantom for segmentation, in the Decathlon layout or as DICOM studies."""
+    """Abdominal multi-organ phantom for segmentation, in the Decathlon layout or as DICOM
+    studies."""
     domains = domains or ("A",)
     not_ct = [d for d in domains if domain_modality(d) != "CT"]
     if fmt == "dicom" and not_ct:
@@ -241,7 +242,8 @@ def synth_organs(
             )
     where = f"{out}/{{{','.join(domains)}}}" if several else str(out)
     click.echo(
-        f"wrote {cases} training and {n_test} test cases per domain ({', '.join(domains)}) to {where}"
+        f"wrote {cases} training and {n_test} test cases "
+        f"per domain ({', '.join(domains)}) to {where}"
     )
 
 
@@ -521,7 +523,9 @@ def evaluate_luna16_command(
         try:
             plot_froc(result, out / "froc.png")
         except ImportError as exc:
-            raise click.ClickException(f"froc.png needs matplotlib ({exc}); pip install matplotlib")
+            raise click.ClickException(
+                f"froc.png needs matplotlib ({exc}); pip install matplotlib"
+            ) from exc
         click.echo(f"wrote {out / 'froc.json'} and {out / 'froc.png'}", err=True)
     if as_json:
         click.echo(json.dumps(summary))

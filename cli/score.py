@@ -81,7 +81,8 @@ def _default_repository() -> Path:
     "--select",
     "select_rules",
     default=None,
-    help="Selection rules: a YAML/JSON file or key=value pairs, e.g. per_study=thinnest,min_slices=64.",
+    help="Selection rules: a YAML/JSON file or key=value "
+    "pairs, e.g. per_study=thinnest,min_slices=64.",
 )
 @click.option(
     "--write-dicom", is_flag=True, help="Also write a TID 1500 SR per DICOM series (OUT/dicom/)."
@@ -219,7 +220,8 @@ def score(
         click.echo(f"wrote {path}")
     if counts.get("failed", 0):
         click.echo(
-            f"{counts['failed']} series failed; their reasons are in series.parquet (status 'failed')",
+            f"{counts['failed']} series failed; their "
+            "reasons are in series.parquet (status 'failed')",
             err=True,
         )
         raise SystemExit(3)
@@ -272,12 +274,14 @@ def _print_findings(out: Path, top: int = 20) -> None:
         )
     Console().print(table)
     click.echo(
-        f"{below} candidate(s) below the operating point are kept in findings.parquet (passed = false)"
+        f"{below} candidate(s) below the operating point "
+        "are kept in findings.parquet (passed = false)"
     )
 
 
 def _print_volumes(rows: list[dict], top: int = 4) -> None:
-    """Segmentation runs: the volume (mL) of each label, one column per series (the first ``top``)."""
+    """Segmentation runs: the volume (mL) of each label, one column per series (the first
+    ``top``)."""
     labels = list(dict.fromkeys(r["label"] for r in rows))
     series = list(dict.fromkeys(r["key"] for r in rows))[:top]
     total = len({r["key"] for r in rows})

@@ -132,7 +132,7 @@ _via_option = click.option(
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
 
-def _open(config_path: Path, via: str):  # noqa: ANN202 - a serving.client.Jobs
+def _open(config_path: Path, via: str):  # returns a serving.client.Jobs
     from medssl.serving.client import open_jobs
     from medssl.serving.config import load_gateway_config
 
@@ -210,7 +210,8 @@ def jobs_list(
     for j in page["items"]:
         error = (j["error"] or "")[:80]
         click.echo(
-            f"{j['id']:>6}  {j['state']:<11}  {j['received_at'] or '':<20}  {j['study_uid']}  {error}"
+            f"{j['id']:>6}  {j['state']:<11}  "
+            f"{j['received_at'] or '':<20}  {j['study_uid']}  {error}"
         )
 
 

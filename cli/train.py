@@ -1,7 +1,8 @@
 """``medssl-train``: semi-supervised training.
 
 Detection: ``focalmix`` and ``supervised-det``. Segmentation: ``ad`` (A&D), ``bcp`` (BCP),
-``supervised-seg``, ``mean-teacher``, ``fixmatch`` and ``flexmatch``, each in the settings ``ssl``, ``imbssl``, ``uda`` and ``semidg``.
+``supervised-seg``, ``mean-teacher``, ``fixmatch`` and ``flexmatch``, each in the settings ``ssl``,
+``imbssl``, ``uda`` and ``semidg``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def _detector_command(method: str, summary: str) -> click.Command:
         type=int,
         default=0,
         show_default=True,
-        help="Unlabeled scans (unlabeled/ and --set data.unlabeled_dirs first, then the leftover pool).",
+        help="Unlabeled scans (unlabeled/ and --set "
+        "data.unlabeled_dirs first, then the leftover pool).",
     )
     @click.option(
         "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder."

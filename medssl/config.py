@@ -337,7 +337,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump_config(cfg: Any, path: str | Path) -> Path:
-    """Write ``cfg`` as YAML to ``path`` atomically (:func:`medssl.atomic.atomic_write`); returns the path."""
+    """Write ``cfg`` as YAML to ``path`` atomically (:func:`medssl.atomic.atomic_write`); returns
+    the path."""
     path = Path(path)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
     atomic_write(path, lambda fh: fh.write(text), "w")

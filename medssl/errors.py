@@ -13,7 +13,6 @@ import traceback
 from pathlib import Path
 
 __all__ = [
-    "describe_error",
     "CheckpointError",
     "ConfigError",
     "CorruptFileError",
@@ -36,6 +35,7 @@ __all__ = [
     "SeriesGeometryError",
     "UnsupportedFormatError",
     "VolumeReadError",
+    "describe_error",
 ]
 
 
@@ -151,7 +151,8 @@ class ConfigError(MedsslError):
 
 
 class CheckpointError(_PathProblem):
-    """A checkpoint file is missing, truncated or not a medssl checkpoint (``path``, ``problem``)."""
+    """A checkpoint file is missing, truncated or not a medssl checkpoint (``path``,
+    ``problem``)."""
 
 
 class EvaluationInputError(MedsslError):

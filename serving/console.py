@@ -56,10 +56,12 @@ def _layout(title: str, active: str, body: str, user: str) -> str:
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f'<title>{_e(title)} · medssl gateway</title><link rel="stylesheet" href="/static/console.css">'
+        f"<title>{_e(title)} · medssl gateway</title>"
+        '<link rel="stylesheet" href="/static/console.css">'
         f'<script src="/static/console.js" defer></script></head><body>'
         f'<a class="skip" href="#main">Skip to content</a>'
-        f'<header><span class="brand">medssl gateway</span><nav aria-label="Console"><ul>{nav}</ul></nav>'
+        '<header><span class="brand">medssl gateway</span>'
+        f'<nav aria-label="Console"><ul>{nav}</ul></nav>'
         f'<span class="user">signed in as {_e(user)}</span></header>'
         f'<main id="main" tabindex="-1"><h1>{_e(title)}</h1>{body}</main></body></html>'
     )
@@ -125,7 +127,8 @@ def _button(
         f'<form method="post" action="/api/v1/studies/{job_id}/{action}" class="action">'
         f'<input type="hidden" name="csrf_token" value="{_e(csrf)}">'
         f'<input type="hidden" name="next" value="{_e(next_page)}">{extra}{field}'
-        f'<button type="submit" data-action="{_e(action)}" data-job="{job_id}">{_e(label)}</button></form>'
+        f'<button type="submit" data-action="{_e(action)}" '
+        f'data-job="{job_id}">{_e(label)}</button></form>'
     )
 
 
@@ -138,7 +141,10 @@ def _pager(path: str, query: dict[str, list[str]], total: int, offset: int) -> s
             q = {k: v[-1] for k, v in query.items() if k != "offset"}
             q["offset"] = str(start)
             links.append(f'<a href="{path}?{_e(urllib.parse.urlencode(q))}">{label}</a>')
-    return f'<p class="pager">{offset + 1}–{min(offset + _PAGE, total)} of {total} · {" · ".join(links)}</p>'
+    return (
+        f'<p class="pager">{offset + 1}–{min(offset + _PAGE, total)} of {total} · '
+        f"{' · '.join(links)}</p>"
+    )
 
 
 def _studies_rows(
@@ -181,7 +187,8 @@ def _overview(ops: Operations, csrf: str) -> str:
     c = data["counters"]
     cards = "".join(
         f'<div class="card"><span class="label">{label}</span>'
-        f'<span class="value" data-counter="{key}">{_e(value if value is not None else "–")}</span></div>'
+        f'<span class="value" data-counter="{key}">{_e(value if value is not None else "–")}</span>'
+        "</div>"
         for label, key, value in (
             ("Waiting", "waiting", c["waiting"]),
             ("In progress", "in_progress", c["in_progress"]),
@@ -227,7 +234,8 @@ def _overview(ops: Operations, csrf: str) -> str:
     ]
     failures = data["failures_24h"]
     return (
-        f'<section aria-live="polite"><h2>Queue</h2><div class="cards">{cards}</div>{ready_html}</section>'
+        '<section aria-live="polite"><h2>Queue</h2>'
+        f'<div class="cards">{cards}</div>{ready_html}</section>'
         + _table(
             "Destinations",
             [
@@ -275,7 +283,8 @@ def _studies(ops: Operations, query: dict[str, list[str]], csrf: str) -> str:
         '<form method="get" action="/studies" class="filters" role="search">'
         f'<label>State <select name="state"><option value="">any</option>{options}</select></label>'
         f'<label>UID or accession <input name="uid" value="{_e(one_param(query, "uid"))}"></label>'
-        f'<label>Received since <input name="since" placeholder="2026-12-07T00:00Z" value="{_e(one_param(query, "since"))}"></label>'
+        '<label>Received since <input name="since" placeholder="2026-12-07T00:00Z" '
+        f'value="{_e(one_param(query, "since"))}"></label>'
         f'<label>until <input name="until" value="{_e(one_param(query, "until"))}"></label>'
         '<button type="submit">Filter</button></form>'
     )
@@ -451,7 +460,8 @@ def _deliveries(ops: Operations, query: dict[str, list[str]]) -> str:
     )
     form = (
         '<form method="get" action="/deliveries" class="filters"><label>State <select name="state">'
-        f'<option value="">any</option>{options}</select></label><button type="submit">Filter</button></form>'
+        f'<option value="">any</option>{options}</select>'
+        '</label><button type="submit">Filter</button></form>'
     )
     rows = [
         [
@@ -502,9 +512,12 @@ def _quarantine(ops: Operations, query: dict[str, list[str]], csrf: str) -> str:
     ]
     purge = (
         '<form method="post" action="/api/v1/quarantine/purge" class="action">'
-        f'<input type="hidden" name="csrf_token" value="{_e(csrf)}"><input type="hidden" name="next" value="/quarantine">'
-        '<label>Older than (days) <input name="older_than_days" type="number" min="0" step="any" value="30" required></label>'
-        '<label class="reason">Reason <input name="reason" maxlength="500" autocomplete="off"></label>'
+        f'<input type="hidden" name="csrf_token" value="{_e(csrf)}">'
+        '<input type="hidden" name="next" value="/quarantine">'
+        '<label>Older than (days) <input name="older_than_days" '
+        'type="number" min="0" step="any" value="30" required></label>'
+        '<label class="reason">Reason '
+        '<input name="reason" maxlength="500" autocomplete="off"></label>'
         '<button type="submit">Purge</button></form>'
     )
     return (
@@ -578,7 +591,9 @@ def render(
 def error_page(status: int, phrase: str, message: str) -> str:
     """A minimal HTML error page (no navigation: the caller may not be signed in)."""
     return (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{status} {_e(phrase)}</title>'
+        '<!doctype html><html lang="en"><head>'
+        f'<meta charset="utf-8"><title>{status} {_e(phrase)}</title>'
         f'<link rel="stylesheet" href="/static/console.css"></head><body><main id="main">'
-        f'<h1>{status} {_e(phrase)}</h1><p>{_e(message)}</p><p><a href="/">Overview</a></p></main></body></html>'
+        f"<h1>{status} {_e(phrase)}</h1><p>{_e(message)}</p>"
+        '<p><a href="/">Overview</a></p></main></body></html>'
     )

@@ -16,12 +16,12 @@ One process, a few threads around one job store:
   operators' questions and take their actions (retry, re-deliver, cancel, purge quarantine),
   on a listener of their own with credentials.
 
-Start-up order: the job store recovers (jobs not processed to their end wait a fresh idle time,
-as their studies may still be arriving; spooled studies without a job get one), then the HTTP server, the models (in the background when a Triton
-server is not reachable yet: the gateway receives and spools meanwhile, and is not ready),
-then the SCP. :meth:`Gateway.stop` (SIGTERM) stops accepting associations first, lets the
-open ones finish, lets workers finish the study in hand (bounded by ``timeout_s``; an
-unfinished job stays ``running`` and is resumed at the next start), then stops.
+Start-up order: the job store recovers (jobs not processed to their end wait a fresh idle time, as
+their studies may still be arriving; spooled studies without a job get one), then the HTTP server,
+the models (in the background when a Triton server is not reachable yet: the gateway receives and
+spools meanwhile, and is not ready), then the SCP. :meth:`Gateway.stop` (SIGTERM) stops accepting
+associations first, lets the open ones finish, lets workers finish the study in hand (bounded by
+``timeout_s``; an unfinished job stays ``running`` and is resumed at the next start), then stops.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ class Gateway:
             while not self._stopping.is_set():
                 try:
                     busy = loop.body()
-                except Exception:  # noqa: BLE001 - a loop never dies of one bad round
+                except Exception:  # a loop never dies of one bad round
                     log.exception("loop round failed", extra={"loop": loop.name})
                     busy = False
                 if not busy:
@@ -337,7 +337,7 @@ class Gateway:
                 fields,
             )
             return
-        except Exception as exc:  # noqa: BLE001 - a bug or an environment fault: retry, then dead-letter
+        except Exception as exc:  # a bug or an environment fault: retry, then dead-letter
             log.exception("study processing raised", extra=fields)
             self._settled(
                 self.store.retry_or_dead(

@@ -3,8 +3,9 @@
 * ``GET /metrics``: :meth:`GatewayMetrics.render` in the Prometheus text format;
 * ``GET /healthz``: 200 ``ok`` while the process is healthy (its threads alive), else 503 and
   the reason: a container orchestrator restarts the gateway;
-* ``GET /readyz``: 200 while it is ready to receive studies (SCP listening, the spool above
-  its free-space floor, models loaded), else 503 and the reason: a load balancer sends no new associations;
+* ``GET /readyz``: 200 while it is ready to receive studies (SCP listening, the spool above its
+  free-space floor, models loaded), else 503 and the reason: a load balancer sends no new
+  associations;
 * anything else: 404.
 
 ``HEAD`` answers like ``GET`` without a body. The server runs on a daemon thread of its own
@@ -153,10 +154,10 @@ class _Handler(BaseHTTPRequestHandler):
     owner: HealthServer
     timeout = 10  # seconds a client may take to send its request (HTTP/1.0: one per connection)
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:  # http.server's naming
         self._answer(body=True)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._answer(body=False)
 
     def _answer(self, body: bool) -> None:
@@ -196,5 +197,5 @@ class _Handler(BaseHTTPRequestHandler):
             f"not found: {path} (try /metrics, /healthz, /readyz)\n".encode(),
         )
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+    def log_message(self, format: str, *args: Any) -> None:  # http.server's signature
         """Quiet: no line per request on stderr."""

@@ -192,7 +192,8 @@ _INDEXES = (
     "CREATE INDEX IF NOT EXISTS series_by_uid ON series (series_uid)",
     "CREATE INDEX IF NOT EXISTS outputs_by_uid ON outputs (sop_instance_uid)",
     "CREATE INDEX IF NOT EXISTS outputs_by_job ON outputs (job_id)",
-    "CREATE INDEX IF NOT EXISTS deliveries_by_destination ON deliveries (destination, last_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS deliveries_by_destination "
+    "ON deliveries (destination, last_attempt_at)",
     "CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at)",
 )
 
@@ -389,8 +390,10 @@ class JobStore:
                     earlier["id"] if earlier is not None and not earlier["purged"] else None
                 )
                 job_id = db.execute(
-                    "INSERT INTO jobs (study_uid, state, n_instances, created_at, last_instance_at, "
-                    "idle_since, supersedes, accession_number) VALUES (?, 'received', 1, ?, ?, ?, ?, ?)",
+                    "INSERT INTO jobs (study_uid, state, "
+                    "n_instances, created_at, last_instance_at, "
+                    "idle_since, supersedes, accession_number) "
+                    "VALUES (?, 'received', 1, ?, ?, ?, ?, ?)",
                     (study_uid, now, now, now, supersedes, accession_number),
                 ).lastrowid
             else:
@@ -399,7 +402,8 @@ class JobStore:
                     "UPDATE jobs SET state = 'received', queued_at = NULL, "
                     "n_instances = n_instances + 1, last_instance_at = ?, "
                     "idle_since = MAX(idle_since, ?), "
-                    "accession_number = CASE WHEN accession_number = '' THEN ? ELSE accession_number END "
+                    "accession_number = CASE WHEN accession_number = '' "
+                    "THEN ? ELSE accession_number END "
                     "WHERE id = ?",
                     (now, now, accession_number, job_id),
                 )
@@ -414,7 +418,8 @@ class JobStore:
             for uid in study_uids:
                 if db.execute("SELECT 1 FROM jobs WHERE study_uid = ?", (uid,)).fetchone() is None:
                     job_id = db.execute(
-                        "INSERT INTO jobs (study_uid, state, created_at, last_instance_at, idle_since) "
+                        "INSERT INTO jobs (study_uid, state, "
+                        "created_at, last_instance_at, idle_since) "
                         "VALUES (?, 'received', ?, ?, ?)",
                         (uid, now, now, now),
                     ).lastrowid
@@ -441,7 +446,8 @@ class JobStore:
             ids = [
                 r["id"]
                 for r in db.execute(
-                    "SELECT id FROM jobs WHERE state IN ('received', 'queued', 'running') ORDER BY id DESC"
+                    "SELECT id FROM jobs WHERE state IN ('received', 'queued', 'running') "
+                    "ORDER BY id DESC"
                 )
             ]
             for job_id in ids:
@@ -451,15 +457,18 @@ class JobStore:
                     "UPDATE jobs SET error = CASE WHEN state = 'running' THEN ? ELSE error END, "
                     "state = CASE WHEN state = 'running' AND attempts >= ? THEN 'dead-letter' "
                     "ELSE 'received' END, "
-                    "finished_at = CASE WHEN state = 'running' AND attempts >= ? THEN ? ELSE NULL END, "
-                    "queued_at = NULL, idle_since = MAX(idle_since, ?), next_attempt_at = MAX(next_attempt_at, ?) "
+                    "finished_at = CASE WHEN state = 'running' "
+                    "AND attempts >= ? THEN ? ELSE NULL END, "
+                    "queued_at = NULL, idle_since = MAX(idle_since, ?), "
+                    "next_attempt_at = MAX(next_attempt_at, ?) "
                     "WHERE id = ?",
                     (stopped, max_attempts, max_attempts, now, now, now, job_id),
                 )
             return [self._job(db, job_id) for job_id in sorted(ids)]
 
     def assemble(self, idle_s: float, now: float | None = None) -> list[Job]:
-        """Queue every ``received`` study idle for ``idle_s`` seconds or more (since ``idle_since``)."""
+        """Queue every ``received`` study idle for ``idle_s`` seconds or more (since
+        ``idle_since``)."""
         now = time.time() if now is None else now
         with self._tx() as db:
             ids = [
@@ -548,7 +557,8 @@ class JobStore:
             job = self._require(db, job_id, JobState.RUNNING)
             if job.attempts >= max_attempts:
                 db.execute(
-                    "UPDATE jobs SET state = 'dead-letter', error = ?, finished_at = ? WHERE id = ?",
+                    "UPDATE jobs SET state = 'dead-letter', "
+                    "error = ?, finished_at = ? WHERE id = ?",
                     (error, now, job_id),
                 )
             elif not self._superseded(db, job_id, error, max_attempts, now):
@@ -631,7 +641,8 @@ class JobStore:
             db.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, error = ?, next_attempt_at = ?, "
                 "last_attempt_at = ?, "
-                "state = CASE WHEN attempts + 1 >= ? THEN 'dead-letter' ELSE 'pending' END WHERE id = ?",
+                "state = CASE WHEN attempts + 1 >= ? "
+                "THEN 'dead-letter' ELSE 'pending' END WHERE id = ?",
                 (error, now + backoff_s, now, max_attempts, delivery_id),
             )
             row = db.execute("SELECT * FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
@@ -648,7 +659,8 @@ class JobStore:
             errors = [
                 f"{r['destination']}: {r['error']}"
                 for r in db.execute(
-                    "SELECT destination, error FROM deliveries WHERE job_id = ? AND state = 'dead-letter'",
+                    "SELECT destination, error FROM deliveries "
+                    "WHERE job_id = ? AND state = 'dead-letter'",
                     (job_id,),
                 )
             ]
@@ -659,7 +671,8 @@ class JobStore:
             )
         else:
             db.execute(
-                "UPDATE jobs SET state = 'done', finished_at = ? WHERE id = ? AND state = 'sending'",
+                "UPDATE jobs SET state = 'done', finished_at = ? "
+                "WHERE id = ? AND state = 'sending'",
                 (now, job_id),
             )
 
@@ -690,7 +703,8 @@ class JobStore:
             dead = [
                 r["destination"]
                 for r in db.execute(
-                    "SELECT destination FROM deliveries WHERE job_id = ? AND state = 'dead-letter' ORDER BY id",
+                    "SELECT destination FROM deliveries WHERE job_id = ? "
+                    "AND state = 'dead-letter' ORDER BY id",
                     (job.id,),
                 )
             ]
@@ -707,7 +721,8 @@ class JobStore:
                     (now, job.id),
                 )
                 db.execute(
-                    "UPDATE jobs SET state = 'sending', finished_at = NULL, error = NULL WHERE id = ?",
+                    "UPDATE jobs SET state = 'sending', "
+                    "finished_at = NULL, error = NULL WHERE id = ?",
                     (job.id,),
                 )
                 return "deliver again to " + ", ".join(dead)
@@ -721,8 +736,10 @@ class JobStore:
                 )
             db.execute("DELETE FROM deliveries WHERE job_id = ?", (job.id,))
             db.execute(
-                "UPDATE jobs SET state = 'queued', attempts = 0, queued_at = ?, next_attempt_at = ?, "
-                "started_at = NULL, inferred_at = NULL, finished_at = NULL, error = NULL WHERE id = ?",
+                "UPDATE jobs SET state = 'queued', attempts = 0, "
+                "queued_at = ?, next_attempt_at = ?, "
+                "started_at = NULL, inferred_at = NULL, "
+                "finished_at = NULL, error = NULL WHERE id = ?",
                 (now, now, job.id),
             )
             return "process again"
@@ -859,7 +876,8 @@ class JobStore:
         now = time.time() if now is None else now
         with self._tx() as db:
             db.execute(
-                "INSERT INTO refusals (at, calling_ae, called_ae, peer, reason) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO refusals (at, calling_ae, called_ae, peer, reason) "
+                "VALUES (?, ?, ?, ?, ?)",
                 (now, calling_ae[:64], called_ae[:64], peer[:64], reason[:200]),
             )
 
@@ -1009,7 +1027,8 @@ class JobStore:
         return out
 
     def oldest_waiting(self) -> float | None:
-        """When the oldest ``received`` or ``queued`` job received its first instance (None: none)."""
+        """When the oldest ``received`` or ``queued`` job received its first instance (None:
+        none)."""
         with self._lock:
             row = self._db.execute(
                 "SELECT MIN(created_at) FROM jobs WHERE state IN ('received', 'queued')"
@@ -1057,9 +1076,11 @@ class JobStore:
         purged, whose study has no unfinished job: their spooled files may be removed."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM jobs j WHERE state IN ('done', 'failed', 'dead-letter', 'cancelled') "
+                "SELECT * FROM jobs j WHERE state IN ('done', "
+                "'failed', 'dead-letter', 'cancelled') "
                 "AND finished_at < ? AND NOT purged "
-                "AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.study_uid = j.study_uid AND k.state IN "
+                "AND NOT EXISTS (SELECT 1 FROM jobs k "
+                "WHERE k.study_uid = j.study_uid AND k.state IN "
                 "('received', 'queued', 'running', 'sending')) ORDER BY id",
                 (before,),
             ).fetchall()
@@ -1103,7 +1124,8 @@ class JobStore:
     def _set_series(db: sqlite3.Connection, job_id: int, series: Sequence[SeriesRecord]) -> None:
         db.execute("DELETE FROM series WHERE job_id = ?", (job_id,))
         db.executemany(
-            "INSERT INTO series (job_id, series_uid, model, status, reason, n_findings, description) "
+            "INSERT INTO series (job_id, series_uid, model, "
+            "status, reason, n_findings, description) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
                 (job_id, s.series_uid, s.model, s.status, s.reason, s.n_findings, s.description)

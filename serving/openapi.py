@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 description of the operator API (``GET /api/v1/openapi.json``).
 
-Kept beside the handler (:mod:`medssl.serving.api`); ``tests/serving/test_serving_api.py`` checks that
-every route the handler serves is described here and the other way round.
+Kept beside the handler (:mod:`medssl.serving.api`); ``tests/serving/test_serving_api.py``
+checks that every route the handler serves is described here and the other way round.
 """
 
 from __future__ import annotations
@@ -98,9 +98,9 @@ OPENAPI: dict[str, Any] = {
     "info": {
         "title": "medssl gateway operator API",
         "version": "1",
-        "description": "Studies, jobs, deliveries, quarantine and refused associations of one gateway, "
-        "and the operator's actions. No patient-identifying values unless "
-        "api.show_patient_id is set.",
+        "description": "Studies, jobs, deliveries, quarantine and refused "
+        "associations of one gateway, and the operator's actions. No "
+        "patient-identifying values unless api.show_patient_id is set.",
     },
     "components": {
         "securitySchemes": {

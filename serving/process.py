@@ -10,11 +10,12 @@
    (:func:`~medssl.scoring.select.select_series`, the rules of ``medssl-score --select``);
    the others are ``skipped`` with the reason;
 3. each picked series runs through scoring's pipeline (:func:`~medssl.scoring.series.prepare`
-   then :func:`~medssl.scoring.series.infer`), the code ``medssl-score`` runs, so the
-   gateway's findings on a series are ``medssl-score``'s; results go to
-   ``out_dir/<model>/<SeriesInstanceUID>/``: a detector's TID 1500 SR (``sr.dcm``, findings
-   from ``route.min_probability`` up, or from the card's operating point when the route sets
-   none) and, with ``route.companion_seg``, the SEG of its findings (``findings-seg.dcm``); a segmenter's SEG (``seg.dcm``).
+   then :func:`~medssl.scoring.series.infer`), the code ``medssl-score`` runs, so the gateway's
+   findings on a series are ``medssl-score``'s; results go to
+   ``out_dir/<model>/<SeriesInstanceUID>/``: a detector's TID 1500 SR (``sr.dcm``, findings from
+   ``route.min_probability`` up, or from the card's operating point when the route sets none) and,
+   with ``route.companion_seg``, the SEG of its findings (``findings-seg.dcm``); a segmenter's SEG
+   (``seg.dcm``).
 
 A series that cannot be read or scored (a missing slice, corrupt pixels, a malformed header,
 implausible geometry: :mod:`medssl.io.limits`, or a size this host cannot hold) is a ``failed``
@@ -304,9 +305,9 @@ def process_study(
         No eligible series gives no outputs (the study is done).
 
     Raises:
-        TransientError: a model runner failed (Triton unreachable, inference error, out of
-            memory); never one series' headers, pixels or size; the outputs of series finished before stay on disk and are
-            rewritten identically by the retry.
+        TransientError: a model runner failed (Triton unreachable, inference error, out of memory);
+            never one series' headers, pixels or size; the outputs of series finished before stay on
+            disk and are rewritten identically by the retry.
     """
     index = index_files(files)
     for path, reason in index.unreadable:

@@ -52,6 +52,7 @@ addresses in ``extra`` fields; never patient names, IDs or other PHI.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -224,7 +225,7 @@ def _check_complete(ds: Dataset) -> None:
     """Raise :class:`_Refused` if an element of ``ds`` (not yet parsed) holds fewer bytes than
     its declared length: pydicom reads what is there, so a dataset cut short, or whose last
     element declares a huge length, would otherwise pass. Call it before touching values."""
-    for tag in ds.keys():
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset parses its elements
         raw = ds.get_item(tag)
         if (
             isinstance(raw, RawDataElement)
@@ -298,10 +299,8 @@ def _inflated_dataset(deflated: bytes, limit: int) -> Dataset:
 def _shutdown(sock: socket.socket) -> None:
     """Shut ``sock`` down both ways (socket.socket's own, also for an SSLSocket, whose TLS
     state it leaves alone): a read blocked on it in another thread returns."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except (OSError, ValueError):
-        pass
 
 
 def _peer_key(address: str) -> str:
@@ -483,7 +482,7 @@ def _read_associate_rq(sock: socket.socket, deadline: float) -> bytes:
     try:
         pdu.decode(raw)
         ids = [item.presentation_context_id for item in pdu.presentation_context]
-    except Exception as exc:  # the decoder's message may quote the peer's bytes
+    except Exception as exc:  # noqa: BLE001 - peer bytes; its message may quote them
         raise _BadRequest(
             f"the A-ASSOCIATE-RQ does not decode ({type(exc).__name__})", _ABORT_INVALID_PARAMETER
         ) from None
@@ -500,7 +499,7 @@ def _read_associate_rq(sock: socket.socket, deadline: float) -> bytes:
             )
     try:
         pdu.to_primitive()
-    except Exception as exc:  # its message may quote the peer's bytes
+    except Exception as exc:  # noqa: BLE001 - peer bytes; its message may quote them
         raise _BadRequest(
             f"the A-ASSOCIATE-RQ has an invalid value ({type(exc).__name__})",
             _ABORT_INVALID_PARAMETER,
@@ -756,7 +755,7 @@ class StorageSCP:
                 level=logging.INFO if isinstance(exc, _ClosedSilently) else logging.WARNING,
             )
             return
-        except Exception as exc:  # the service boundary: a log record, never a dead server
+        except Exception as exc:  # noqa: BLE001 - boundary: a log record, never a dead server
             LOGGER.error("connection failed: %s", type(exc).__name__, extra={"peer": peer})
             self._drop(sock, peer, type(exc).__name__)
             return
@@ -789,7 +788,7 @@ class StorageSCP:
                 self._slots.cut(assoc)
                 _shutdown(sock)
             assoc.join()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - boundary: a log record, never a dead server
             LOGGER.error("association failed: %s", type(exc).__name__, extra={"peer": peer})
             if assoc is None or not assoc.is_alive():
                 self._drop(sock, peer, type(exc).__name__)
@@ -834,9 +833,8 @@ class StorageSCP:
         if calling_ae not in self._callers:
             return "calling AE title not allowed"
         hosts = self._callers[calling_ae]
-        if hosts:
-            if ipaddress.ip_address(_peer_key(peer)) not in hosts:
-                return "calling AE title not allowed from this host"
+        if hosts and ipaddress.ip_address(_peer_key(peer)) not in hosts:
+            return "calling AE title not allowed from this host"
         return None
 
     def _on_requested(self, event: Event) -> None:
@@ -855,7 +853,7 @@ class StorageSCP:
             rj = _RJ_CALLING_AE_NOT_RECOGNISED
             try:
                 reason = self._caller_refusal(calling_ae, peer)
-            except Exception as exc:  # fail closed: pynetdicom would log it and accept
+            except Exception as exc:  # noqa: BLE001 - fail closed (pynetdicom would accept)
                 reason = f"caller check failed: {type(exc).__name__}"
             if reason is None:
                 reason, rj = self._slots.acquire(assoc, _peer_key(peer)), _RJ_LOCAL_LIMIT_EXCEEDED
@@ -908,7 +906,7 @@ class StorageSCP:
             return
         try:
             self.on_refused(calling_ae, called_ae, peer, reason)
-        except Exception as exc:  # recording is a courtesy; the refusal stands
+        except Exception as exc:  # noqa: BLE001 - recording is a courtesy; the refusal stands
             LOGGER.error("recording a refused association failed: %s", type(exc).__name__)
 
     # -- C-STORE -----------------------------------------------------------------------------
@@ -957,7 +955,7 @@ class StorageSCP:
             study_uid, series_uid, sop_uid = _checked_uids(ds, fields["sop_instance_uid"])
         except _Refused as exc:
             return self._refuse(event, fields, exc.label, str(exc))
-        except Exception as exc:  # pydicom cannot decode it; its message may quote values (PHI)
+        except Exception as exc:  # noqa: BLE001 - undecodable; its message may quote values (PHI)
             return self._refuse(
                 event, fields, "undecodable", f"the dataset does not decode ({type(exc).__name__})"
             )

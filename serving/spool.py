@@ -92,8 +92,8 @@ def _check_uid(uid: str, what: str) -> str:
     if not isinstance(uid, str) or len(uid) > _UID_MAX_CHARS or not _UID.match(uid):
         size = f"{len(uid)} characters" if isinstance(uid, str) else f"a {type(uid).__name__}"
         raise SpoolError(  # the value is not quoted: a damaged header may hold anything (PHI)
-            f"{what} ({size}, not quoted) is not a DICOM UID (digits and dots, at most {_UID_MAX_CHARS} "
-            "characters); it cannot name a spool path"
+            f"{what} ({size}, not quoted) is not a DICOM UID (digits and dots, "
+            f"at most {_UID_MAX_CHARS} characters); it cannot name a spool path"
         )
     return uid
 

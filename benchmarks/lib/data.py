@@ -44,7 +44,8 @@ def generated_dataset(data: Path, wanted: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_scans(folder: Path, n: int, seed: int) -> list[Path]:
-    """``n`` synthetic 300x512x512 chest CT series as DICOM under ``folder/scanNN`` (kept if present).
+    """``n`` synthetic 300x512x512 chest CT series as DICOM under ``folder/scanNN`` (kept if
+    present).
 
     Each folder gets ``truth.json``: the nodules' LPS centres and diameters.
     """
@@ -76,8 +77,8 @@ def write_scans(folder: Path, n: int, seed: int) -> list[Path]:
         }
         (target / "truth.json").write_text(json.dumps(truth, indent=1))
         print(
-            f"wrote {target} {case.volume.shape} spacing {np.round(case.volume.spacing, 3).tolist()} "
-            f"in {time.perf_counter() - start:.1f} s",
+            f"wrote {target} {case.volume.shape} spacing "
+            f"{np.round(case.volume.spacing, 3).tolist()} in {time.perf_counter() - start:.1f} s",
             file=sys.stderr,
         )
     return folders

@@ -11,6 +11,7 @@ is recorded; above :data:`BUSY_LOAD` the run's wall time is disturbed by other w
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -152,7 +153,9 @@ def run_one(job: Mapping[str, Any]) -> dict[str, Any]:
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     step_times = [row["time"] for row in log if "loss" in row]
     # seconds between consecutive training steps, leaving out the intervals that hold a validation
-    intervals = [b["time"] - a["time"] for a, b in zip(log, log[1:]) if "loss" in a and "loss" in b]
+    intervals = [
+        b["time"] - a["time"] for a, b in itertools.pairwise(log) if "loss" in a and "loss" in b
+    ]
     return {
         **job["fields"],
         "method": cfg.method,

@@ -23,7 +23,8 @@ __all__ = ["ad_npy_to_decathlon", "la_h5_to_decathlon"]
 def la_h5_to_decathlon(
     root: str | Path, out: str | Path, list_dir: str | Path | None = None
 ) -> Path:
-    """Write the LA dataset under ``root`` as a Decathlon dataset in ``out``; returns dataset.json."""
+    """Write the LA dataset under ``root`` as a Decathlon dataset in ``out``; returns
+    dataset.json."""
     la = LAHeart(root, list_dir)
     writer = DecathlonWriter(
         out,

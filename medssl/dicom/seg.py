@@ -21,17 +21,16 @@ reverts to dense, as a SEG needs at least one frame).
 ``omit_empty_frames=False`` writes every frame (dense), for receivers that expect a SEG
 frame-aligned with the source.
 
-**Segmentation type** (:class:`SegType`): ``binary`` (default) is one bit-packed frame per
-segment and source frame, understood everywhere; ``labelmap`` (DICOM 2024c, highdicom >=
-0.24) is one 8- or 16-bit frame per source frame holding segment numbers. Written
-uncompressed, as here, it is smaller than a dense BINARY SEG but larger than a sparse one
-unless labelled slices hold more than 8 segments on average (the benchmark: 69.4 MB vs
-39.4 MB; it writes faster); ``labelmap-rle`` writes its frames RLE Lossless compressed
-(encapsulated; decoded by pydicom, highdicom, dcmtk, GDCM), a fraction of either (1.5 MB
-in the benchmark), for a receiver that accepts that transfer syntax. Orthanc 1.10, dcmtk 3.6.7 and dciodvfy 2022 do
-not know LABELMAP, so both are options for receivers that support it. LABELMAP needs
-non-overlapping segments, so it applies to label SEGs only: the companion SEG of findings
-(spheres may overlap) is always BINARY.
+**Segmentation type** (:class:`SegType`): ``binary`` (default) is one bit-packed frame per segment
+and source frame, understood everywhere; ``labelmap`` (DICOM 2024c, highdicom >= 0.24) is one 8- or
+16-bit frame per source frame holding segment numbers. Written uncompressed, as here, it is smaller
+than a dense BINARY SEG but larger than a sparse one unless labelled slices hold more than 8
+segments on average (the benchmark: 69.4 MB vs 39.4 MB; it writes faster); ``labelmap-rle`` writes
+its frames RLE Lossless compressed (encapsulated; decoded by pydicom, highdicom, dcmtk, GDCM), a
+fraction of either (1.5 MB in the benchmark), for a receiver that accepts that transfer syntax.
+Orthanc 1.10, dcmtk 3.6.7 and dciodvfy 2022 do not know LABELMAP, so both are options for receivers
+that support it. LABELMAP needs non-overlapping segments, so it applies to label SEGs only: the
+companion SEG of findings (spheres may overlap) is always BINARY.
 
 **UIDs** come from :mod:`medssl.dicom.uids`: a SEG's Series and SOP Instance UIDs are
 derived from its content (the masks' digest or the findings, the source instances, the

@@ -69,7 +69,7 @@ from pydicom.valuerep import validate_value
 
 from medssl.dicom.uids import frame_of_reference_uid, source_series_uid
 
-__all__ = ["OutputSource", "PARSED_ATTRIBUTES", "UTF8", "output_source"]
+__all__ = ["PARSED_ATTRIBUTES", "UTF8", "OutputSource", "output_source"]
 
 #: The patient and study attributes highdicom parses (and may refuse, or log): keyword -> VR.
 PARSED_ATTRIBUTES: dict[str, str] = {
@@ -218,22 +218,6 @@ def _valid(vr: str, value: object) -> bool:
         return True
     try:
         validate_value(vr, str(value), config.RAISE)
-    except (ValueError, TypeError):
-        return False
-    return True
-    if isinstance(value, (MultiValue, list, tuple)) or (isinstance(value, bytes)):
-        return (
-            all(_keep(DataElement(element.tag, vr, v), vr) for v in value)
-            if element.keyword not in PARSED_ATTRIBUTES and not isinstance(value, bytes)
-            else False
-        )
-    if isinstance(value, (int, float)):
-        return True
-    text = str(value)
-    if element.keyword == "PatientSex":
-        return text in _SEX_VALUES
-    try:
-        validate_value(vr, text, config.RAISE)
     except (ValueError, TypeError):
         return False
     return True

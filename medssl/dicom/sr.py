@@ -51,22 +51,21 @@ and highdicom 0.28 in tests/medssl/dicom/test_sr_viewers.py):
   SCOORD3D at all (measured: a 2D CIRCLE on the source image comes out as nothing either) and
   nothing outside Imaging Measurements. A report with only document-level Qualitative
   Evaluations came out as an empty list: hence the TID 1501 "Absent" group.
-* OHIF 3.13.2, run for real (tests/medssl/dicom/test_viewer_ohif.py: npm ``@ohif/app``, headless
-  chromium): a SCOORD3D POINT is parsed but not drawn in its SR (stack) viewport ("Unable to
-  apply reference viewable", the annotation names no image); a 2D SCOORD POINT SELECTED FROM
-  the CT image is drawn at the centre with the measurements of the merged groups. Hence group
-  (a) first: OHIF merges the two groups by tracking UID and places the first point. Its
-  source, read before that run (OHIF/Viewers,
-  ``extensions/cornerstone-dicom-sr/src/getSopClassHandlerModule.ts``): Comprehensive 3D SR has its own handler; groups under
-  Imaging Measurements are merged by Tracking Unique Identifier (a group without one is
-  skipped); a merged measurement is placed by its first top-level SCOORD or SCOORD3D (a
-  SCOORD3D POINT is drawn when its ReferencedFrameOfReferenceUID is the image series' frame
-  of reference; a 2D SCOORD needs its SELECTED FROM image, by SOP instance and frame), else
-  by SCOORD/SCOORD3D children of its NUM items; in that version a measurement with no
-  coordinates fails the placement loop (``measurement.coords[0]``), hence no tracking UID
-  on the "Absent" group (which, measured in 3.13.2, still breaks its SR viewport: OHIF
-  reads the UID of the group it says it skips). Older OHIF 3 versions look only for a 2D
-  SCOORD in TID 1410 but also require an Image Library container, which this report lacks.
+* OHIF 3.13.2, run for real (tests/medssl/dicom/test_viewer_ohif.py: npm ``@ohif/app``,
+  headless chromium): a SCOORD3D POINT is parsed but not drawn in its SR (stack) viewport ("Unable to apply reference
+  viewable", the annotation names no image); a 2D SCOORD POINT SELECTED FROM the CT image is drawn
+  at the centre with the measurements of the merged groups. Hence group (a) first: OHIF merges the
+  two groups by tracking UID and places the first point. Its source, read before that run
+  (OHIF/Viewers, ``extensions/cornerstone-dicom-sr/src/getSopClassHandlerModule.ts``): Comprehensive
+  3D SR has its own handler; groups under Imaging Measurements are merged by Tracking Unique
+  Identifier (a group without one is skipped); a merged measurement is placed by its first top-level
+  SCOORD or SCOORD3D (a SCOORD3D POINT is drawn when its ReferencedFrameOfReferenceUID is the image
+  series' frame of reference; a 2D SCOORD needs its SELECTED FROM image, by SOP instance and frame),
+  else by SCOORD/SCOORD3D children of its NUM items; in that version a measurement with no
+  coordinates fails the placement loop (``measurement.coords[0]``), hence no tracking UID on the
+  "Absent" group (which, measured in 3.13.2, still breaks its SR viewport: OHIF reads the UID of the
+  group it says it skips). Older OHIF 3 versions look only for a 2D SCOORD in TID 1410 but also
+  require an Image Library container, which this report lacks.
 * highdicom refuses coordinates on the NUM items of TID 1410/1411 groups (TID 1419), and
   TID 1410 and TID 1411 take exactly one region reference each (SCOORD, SCOORD3D or a
   segment), so no single group can carry both a 2D and a 3D point. Current OHIF draws only
@@ -447,19 +446,19 @@ def _finding_groups(
 def _finding_codes(label: Label, card: ModelCard, manufacturer: str) -> dict[str, Any]:
     """Finding category, finding, finding site and algorithm of a measurement group (fresh
     content items on each call: a content item belongs to one group)."""
-    return dict(
-        finding_category=coded(label.category),
-        finding_type=coded(label.type),
-        finding_sites=[hd.sr.FindingSite(coded(label.anatomic_region))]
+    return {
+        "finding_category": coded(label.category),
+        "finding_type": coded(label.type),
+        "finding_sites": [hd.sr.FindingSite(coded(label.anatomic_region))]
         if label.anatomic_region is not None
         else None,
-        algorithm_id=hd.sr.AlgorithmIdentification(
+        "algorithm_id": hd.sr.AlgorithmIdentification(
             name=card.name,
             version=str(card.version),
             manufacturer=manufacturer,
             family=codes.cid7162.ArtificialIntelligence,
         ),
-    )
+    }
 
 
 def _no_findings_report(

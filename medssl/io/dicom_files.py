@@ -178,7 +178,7 @@ def frame_pixels(ds: Dataset, path: Path) -> np.ndarray:
         return pixels.reshape(frames, rows, cols)
     try:
         array = ds.pixel_array
-    except Exception as exc:  # decoder plugins raise assorted types
+    except Exception as exc:  # noqa: BLE001 - decoder plugins raise assorted types
         raise CorruptFileError(
             # the decoder's type only: its message may quote the data (PHI)
             path,

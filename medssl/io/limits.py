@@ -123,7 +123,8 @@ class GeometryLimits:
         if resampled > self.max_resampled_voxels:
             raise ImplausibleGeometryError(
                 source,
-                f"voxel count resampled to the model's {'/'.join(f'{t:g}' for t in target)} mm grid",
+                "voxel count resampled to the model's "
+                f"{'/'.join(f'{t:g}' for t in target)} mm grid",
                 f"{resampled:,}",
                 f"at most {self.max_resampled_voxels:,}",
             )

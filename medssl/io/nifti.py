@@ -41,7 +41,7 @@ def read_nifti(path: str | Path, label: bool = False) -> Volume:
     try:
         image = nib.load(str(path))
         data = np.asanyarray(image.dataobj)
-    except Exception as exc:  # nibabel raises many types for bad files
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
         raise CorruptFileError(path, f"NIfTI could not be read: {last_line(exc)}") from None
     data = np.squeeze(data, axis=tuple(range(3, data.ndim))) if data.ndim > 3 else data
     if data.ndim != 3:
@@ -62,7 +62,7 @@ def nifti_grid(path: str | Path) -> tuple[tuple[int, int, int], tuple[float, flo
     path = Path(path)
     try:
         image = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for bad files
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
         raise CorruptFileError(path, f"NIfTI could not be read: {last_line(exc)}") from None
     shape = tuple(int(n) for n in image.shape)
     if len(shape) < 3 or any(n != 1 for n in shape[3:]):

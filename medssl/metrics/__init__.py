@@ -1,7 +1,7 @@
-"""Evaluation metrics, torch-free: LUNA16 FROC and CPM (``noduleCADEvaluationLUNA16.py``; the
-CPM read at exactly 1/8 ... 8 FP/scan by default, as the LUNA16 paper), paired bootstrap
-comparisons and per-candidate labels, probability calibration (Platt/temperature, ECE), and per-class segmentation metrics (Dice, Jaccard,
-HD95, ASD)."""
+"""Evaluation metrics, torch-free: LUNA16 FROC and CPM (``noduleCADEvaluationLUNA16.py``; the CPM
+read at exactly 1/8 ... 8 FP/scan by default, as the LUNA16 paper), paired bootstrap comparisons and
+per-candidate labels, probability calibration (Platt/temperature, ECE), and per-class segmentation
+metrics (Dice, Jaccard, HD95, ASD)."""
 
 from medssl.metrics.calibration import (
     Calibration,
@@ -46,14 +46,11 @@ from medssl.metrics.segmentation import (
 )
 
 __all__ = [
-    "Calibration",
-    "expected_calibration_error",
-    "fit_calibration",
-    "reliability_diagram",
     "CPM_DEFINITIONS",
     "CPM_FP_POINTS",
     "FP_RATES",
     "MAX_MARKS_PER_SCAN",
+    "Calibration",
     "ClassMetrics",
     "CpmDefinition",
     "FrocResult",
@@ -65,6 +62,8 @@ __all__ = [
     "cpm_points",
     "evaluate_luna16",
     "evaluate_luna16_files",
+    "expected_calibration_error",
+    "fit_calibration",
     "froc_at_thresholds",
     "froc_curve",
     "label_candidates",
@@ -74,6 +73,7 @@ __all__ = [
     "plot_froc",
     "read_predictions",
     "read_seriesuids",
+    "reliability_diagram",
     "segmentation_metrics",
     "sensitivities_at",
     "summarize_cases",

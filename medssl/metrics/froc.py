@@ -198,10 +198,7 @@ def froc_curve(
         fps = np.zeros(len(fpr))
     else:
         fps = np.rint(fpr * n_false_positives) / n_scans
-    if n_detected == 0:
-        sens = np.zeros(len(tpr))
-    else:
-        sens = np.rint(tpr * n_detected) / n_nodules
+    sens = np.zeros(len(tpr)) if n_detected == 0 else np.rint(tpr * n_detected) / n_nodules
     return fps, sens
 
 

@@ -1,4 +1,5 @@
-"""A detector's operating point: the score threshold chosen on validation, and the rule that chose it.
+"""A detector's operating point: the score threshold chosen on validation, and the rule that chose
+it.
 
 DICOM outputs (SR, SEG) hold the findings at or above the operating point; the Parquet
 tables keep every candidate. The point is chosen on the validation scans' FROC (LUNA16
@@ -226,17 +227,17 @@ def choose_threshold(
         ok = np.flatnonzero(fps <= target + 1e-12)
         if len(ok) == 0:
             raise OperatingPointError(
-                f"no threshold keeps the validation FP rate at <= {target:g} per scan: even the highest "
-                f"score ({t.max():.4g}) gives {fps[np.argmax(t)]:.3f} FP/scan; raise --op-target, or "
-                "validate on more scans"
+                f"no threshold keeps the validation FP rate at <= {target:g} per scan: "
+                f"even the highest score ({t.max():.4g}) gives {fps[np.argmax(t)]:.3f} "
+                "FP/scan; raise --op-target, or validate on more scans"
             )
         return int(ok[np.argmin(t[ok])])
     ok = np.flatnonzero(sens >= target - 1e-12)
     if len(ok) == 0:
         raise OperatingPointError(
-            f"no threshold reaches a validation sensitivity of {target:g}: the most the marks reach is "
-            f"{sens.max():.3f} (at threshold {t[np.argmax(sens)]:.4g}); lower --op-target or use the "
-            "fp_per_scan rule"
+            f"no threshold reaches a validation sensitivity of {target:g}: the most "
+            f"the marks reach is {sens.max():.3f} (at threshold "
+            f"{t[np.argmax(sens)]:.4g}); lower --op-target or use the fp_per_scan rule"
         )
     return int(ok[np.argmax(t[ok])])
 

@@ -31,15 +31,15 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "onnxruntime", "openvino")
 
 __all__ = [
+    "RUNTIMES",
     "BatchedRunner",
     "ModelRunner",
     "ModelVersion",
     "OnnxRunner",
     "OpenVinoRunner",
-    "RUNTIMES",
     "TritonRunner",
-    "find_model_version",
     "choose_runtime",
+    "find_model_version",
     "open_runner",
     "read_metric",
     "select_providers",

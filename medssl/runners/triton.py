@@ -137,7 +137,7 @@ class TritonRunner(BatchedRunner):
         while True:
             try:
                 unmet, error = self._unmet(api), ""
-            except Exception as exc:  # the client libraries raise many unrelated types
+            except Exception as exc:  # noqa: BLE001 - client libraries raise many unrelated types
                 unmet, error = "reachable", describe(exc)
             if unmet is None:
                 return
@@ -181,7 +181,7 @@ class TritonRunner(BatchedRunner):
         """What the server's repository index says about the model, in words."""
         try:
             states = api.model_states()
-        except Exception as exc:  # the client libraries raise many unrelated types
+        except Exception as exc:  # noqa: BLE001 - client libraries raise many unrelated types
             return f"its repository index is unavailable ({describe(exc)})"
         mine = [s for s in states if s["name"] == self.card.name]
         if not mine:

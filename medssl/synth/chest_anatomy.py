@@ -723,7 +723,8 @@ def draw_anatomy(
         ]
         + [
             Tubes.polyline(
-                np.array([atrium + (sign * 15 * s, 0, 0), hila[side, 1]]), np.array([7.5, 6.5]) * s
+                np.array([atrium + np.array((sign * 15 * s, 0, 0)), hila[side, 1]]),
+                np.array([7.5, 6.5]) * s,
             )
             for side, sign in ((0, -1.0), (1, 1.0))
         ]

@@ -464,10 +464,8 @@ def _paint_tubes(
         for scale, offset, hu, raise_only in ts.layers:
             r_min = min(t.r0[k], t.r1[k]) * scale + offset
             layer = radius * _F32(scale) + _F32(offset) if (scale, offset) != (1.0, 0.0) else radius
-            if r_min > thick:  # thick tube: a single edge
-                occ = ramp(layer - dist, width)
-            else:
-                occ = round_coverage(dist, layer, width)
+            # a thick tube has a single edge
+            occ = ramp(layer - dist, width) if r_min > thick else round_coverage(dist, layer, width)
             if t.clipped[k]:
                 occ *= lung_sub
             if raise_only:
@@ -485,7 +483,7 @@ def _paint_spine(scene: Scene, zs: slice, image: np.ndarray, z: np.ndarray) -> N
     """Vertebral bodies and discs, neural arches, canal, spinous and transverse processes."""
     an, maps, hu = scene.anatomy, scene.maps, scene.anatomy.hu
     s, pitch = an.size, an.pitch
-    rx, ry = an.vb_r
+    _rx, ry = an.vb_r
     lo = np.array([an.xm - 50 * s, an.vb_y - ry - 4, -np.inf])
     hi = np.array([an.xm + 50 * s, an.vb_y + ry + 60 * s, np.inf])
     box = scene.grid.index_slices(lo, hi)
@@ -544,7 +542,7 @@ def _paint_chest_wall(
         return
 
     def gather(a: np.ndarray) -> np.ndarray:
-        return np.broadcast_to(a, (a.shape[0],) + image.shape[1:]).reshape(a.shape[0], -1)[:, cols]
+        return np.broadcast_to(a, (a.shape[0], *image.shape[1:])).reshape(a.shape[0], -1)[:, cols]
 
     img, dist = gather(image), gather(cavity_dist)
     theta, hz, hr = gather(maps["rib_theta"]), gather(maps["rib_hz"]), gather(maps["rib_hr"])
@@ -764,7 +762,7 @@ def _render_slab(scene: Scene, zs: slice) -> None:
     sx = grid.spacing_xyz[0]
     x, y, z = grid.axes(zs)
     axes = (x, y, z)
-    image = np.full((zs.stop - zs.start,) + grid.shape[1:], -1000.0, dtype=_F32)
+    image = np.full((zs.stop - zs.start, *grid.shape[1:]), -1000.0, dtype=_F32)
     by, bx = scene.body_box
     body, cavity, above, _ = _render_body(scene, x[:, :, bx], y[:, by], z)
     image[:, by, bx] = body

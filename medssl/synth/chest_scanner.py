@@ -189,7 +189,7 @@ def place_grid(
         cx, cy = rng.uniform(-10, 10), rng.uniform(-10, 10)
     if cfg.n_slices is None:
         z0 = z_low - rng.uniform(10, 30)
-        n_slices = int(math.ceil((z_high + rng.uniform(10, 30) - z0) / t)) + 1
+        n_slices = math.ceil((z_high + rng.uniform(10, 30) - z0) / t) + 1
     else:
         n_slices = cfg.n_slices
         extent = (n_slices - 1) * t

@@ -539,7 +539,7 @@ class _Placer:
         if np.any(hi <= lo):
             return None
         for _ in range(20):
-            points, axis, radii, normal = self._on_vessels(32, lo, hi, 0.9, 2.5)
+            points, _axis, radii, normal = self._on_vessels(32, lo, hi, 0.9, 2.5)
             if len(points) == 0:
                 return None
             half = self.rng.uniform(8, 15, len(points))[:, None]

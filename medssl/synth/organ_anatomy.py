@@ -274,7 +274,9 @@ def _kidneys(s: _Sampler) -> list[Stroke]:
         hilum = s.blob(tuple(c + 20.0 * hilum_dir), (16.0, 9.0, 9.0), (0, 0, 0), jitter=1.0)
         ivc_x = -22.0 * s.scale[2]
         vein = Tube(
-            np.stack([c + 18.0 * hilum_dir, c + [0.0, -30.0, -side * 40.0], (z, 5.0, ivc_x)]),
+            np.stack(
+                [c + 18.0 * hilum_dir, c + np.array([0.0, -30.0, -side * 40.0]), (z, 5.0, ivc_x)]
+            ),
             np.array([5.0, 5.0, 5.0]),
         )
         strokes += [

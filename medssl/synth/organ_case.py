@@ -76,5 +76,5 @@ def organ_grid(
         raise ValueError(f"shape must be three positive ints (Z, Y, X), got {shape}")
     centre = np.asarray(dom.fov_centre_mm, dtype=np.float64)
     z, y, x = (a.ravel().astype(np.float64) for a in physical_grid(shape, dom.spacing, -centre))
-    origin = _BODY_CENTRE_LPS + [x[0], y[0], z[0]]
+    origin = _BODY_CENTRE_LPS + np.array([x[0], y[0], z[0]])
     return affine_from_geometry(origin, dom.spacing), (z, y, x)

@@ -41,7 +41,7 @@ def chest_patch(
     )
     volume = preprocess_ct(case.volume, spacing_mm, intensity)
     centre = volume.world_to_index(case.nodules[0].centre_lps)
-    start = [int(round(c - p / 2)) for c, p in zip(centre, patch)]
+    start = [round(c - p / 2) for c, p in zip(centre, patch)]
     pad = (intensity or Intensity()).pad_value
     return extract_window(volume.array, start, patch, pad)[None, None].astype(np.float32)
 
@@ -70,7 +70,7 @@ def organ_patch(
     volume = preprocess_ct(case.image, spacing_mm, intensity)
     liver = np.argwhere(case.label.array == 1)
     centre = volume.world_to_index(case.label.index_to_world(liver.mean(axis=0)))
-    start = [int(round(c - p / 2)) for c, p in zip(centre, patch)]
+    start = [round(c - p / 2) for c, p in zip(centre, patch)]
     return extract_window(volume.array, start, patch, intensity.pad_value)[None, None].astype(
         np.float32
     )

@@ -120,8 +120,8 @@ def write_header_index(
 
 
 def write_header_files(root: str | Path, n_files: int, files_per_series: int = 100) -> Path:
-    """Write ``n_files`` tiny CT files (full headers, 2×2 pixels) as series of
-    ``files_per_series`` slices, three series per study: ``root/<patient>/<study>/<series>/<n>.dcm``.
+    """Write ``n_files`` tiny CT files (full headers, 2×2 pixels) as series of ``files_per_series``
+    slices, three series per study: ``root/<patient>/<study>/<series>/<n>.dcm``.
 
     About 1 KB each; 200k files take a minute or two and ~250 MB.
     """
