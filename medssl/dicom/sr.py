@@ -51,11 +51,11 @@ and highdicom 0.28 in tests/medssl/dicom/test_sr_viewers.py):
   SCOORD3D at all (measured: a 2D CIRCLE on the source image comes out as nothing either) and
   nothing outside Imaging Measurements. A report with only document-level Qualitative
   Evaluations came out as an empty list: hence the TID 1501 "Absent" group.
-* OHIF 3.13.2, run for real (tests/medssl/dicom/test_viewer_ohif.py: npm ``@ohif/app``,
-  headless chromium): a SCOORD3D POINT is parsed but not drawn in its SR (stack) viewport ("Unable to apply reference
-  viewable", the annotation names no image); a 2D SCOORD POINT SELECTED FROM the CT image is drawn
-  at the centre with the measurements of the merged groups. Hence group (a) first: OHIF merges the
-  two groups by tracking UID and places the first point. Its source, read before that run
+* OHIF 3.13.2, run for real (tests/medssl/dicom/test_viewer_ohif.py: npm ``@ohif/app``, headless
+  chromium): a SCOORD3D POINT is parsed but not drawn in its SR (stack) viewport ("Unable to apply
+  reference viewable", the annotation names no image); a 2D SCOORD POINT SELECTED FROM the CT image
+  is drawn at the centre with the measurements of the merged groups. Hence group (a) first: OHIF
+  merges the two groups by tracking UID and places the first point. Its source, read before that run
   (OHIF/Viewers, ``extensions/cornerstone-dicom-sr/src/getSopClassHandlerModule.ts``): Comprehensive
   3D SR has its own handler; groups under Imaging Measurements are merged by Tracking Unique
   Identifier (a group without one is skipped); a merged measurement is placed by its first top-level
