@@ -174,7 +174,7 @@ def test_a_results_file_of_another_experiment_is_not_resumed(tmp_path: Path) -> 
     # The previous benchmark's file (500 steps, split_seed = seed, no split_seed in its meta)
     # must not lend its runs to this one.
     path = tmp_path / "focalmix_ssl.json"
-    meta = {k: None for k in EXPERIMENT_KEYS} | {"steps": 1500, "split_seed": 0, "device": "here"}
+    meta = dict.fromkeys(EXPERIMENT_KEYS) | {"steps": 1500, "split_seed": 0, "device": "here"}
     assert resumable_runs(path, meta) == []
     path.write_text(
         json.dumps({"meta": meta | {"device": "elsewhere", "jobs": 2}, "runs": [{"key": "a"}]})
@@ -233,7 +233,7 @@ def test_results_written_before_training_wall_time_get_it_from_their_logs(tmp_pa
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "log.jsonl").write_text('{"step": 1, "time": 10.0}\n{"step": 2, "time": 13.0}\n')
-    meta = {k: None for k in EXPERIMENT_KEYS}
+    meta = dict.fromkeys(EXPERIMENT_KEYS)
     (tmp_path / "r.json").write_text(
         json.dumps({"meta": meta, "runs": [{"run_dir": str(run_dir), "wall_s": 1.0}]})
     )

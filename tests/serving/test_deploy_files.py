@@ -356,7 +356,7 @@ def test_entrypoint_is_medssl_serve_reading_the_mounted_config(dockerfile, compo
 
 def _serve_healthz(status: int) -> tuple[http.server.HTTPServer, int]:
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
+        def do_GET(self):
             self.send_response(status if self.path == "/healthz" else 404)
             self.end_headers()
             self.wfile.write(b"ok" if status == 200 else b"threads died")

@@ -82,7 +82,7 @@ def _alive(gateway: GatewayProcess) -> None:
     assert gateway.http_get("/healthz")[0] == 200, gateway.log_tail()
 
 
-def test_the_gateway_survives_a_hostile_corpus_and_then_delivers_a_valid_study(tmp_path, orthanc):  # noqa: F811
+def test_the_gateway_survives_a_hostile_corpus_and_then_delivers_a_valid_study(tmp_path, orthanc):
     t0 = time.monotonic()
     corpus = hostile_corpus()
     made_s = time.monotonic() - t0

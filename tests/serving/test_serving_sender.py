@@ -378,7 +378,7 @@ class StowServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self._body()
                 if owner.stall:
                     owner.release.wait(10)

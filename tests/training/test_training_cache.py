@@ -66,7 +66,7 @@ def test_cached_array_and_geometry_match_preprocess_ct(tmp_path):
     assert np.array_equal(np.asarray(cached.array), expected.array)
     assert np.allclose(cached.affine, expected.affine)
     assert np.allclose(cached.spacing, SPACING)
-    assert -1.0 <= cached.array.min() and cached.array.max() <= 1.0
+    assert cached.array.min() >= -1.0 and cached.array.max() <= 1.0
     idx = np.array([[0, 0, 0], [3, 4, 5], [cached.shape[0] - 1, 1, 2]], dtype=float)
     world = expected.index_to_world(idx)
     assert np.allclose(cached.world_to_index(world), idx)

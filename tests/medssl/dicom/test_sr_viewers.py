@@ -110,7 +110,7 @@ def _ohif_measurements(sr: pydicom.Dataset) -> list[dict]:
 
 def test_slicer_and_ohif_find_each_finding_at_its_centre(
     tmp_path, ct, detections, card, dciodvfy, tid1500reader
-):  # noqa: F811
+):
     """Without and with the companion SEG, each finding is two TID 1410 groups with one
     tracking identifier and UID: first a 2D SCOORD POINT at its centre on the source image
     nearest it (what OHIF 3.13.2 draws: tests/medssl/dicom/test_viewer_ohif.py), then a SCOORD3D POINT in
@@ -219,7 +219,7 @@ def test_slicer_and_ohif_find_each_finding_at_its_centre(
 
 def test_a_report_without_findings_says_absent_to_slicer_ohif_and_highdicom(
     tmp_path, ct, card, dciodvfy, tid1500reader
-):  # noqa: F811
+):
     """Before, dcmqi listed no measurement at all (QuantitativeReporting then fails on
     ``Measurements[0]``): now one TID 1501 group "Nodule: Absent" with the evaluation
     Nodule = Absent, beside the document-level Qualitative Evaluations. It has no tracking

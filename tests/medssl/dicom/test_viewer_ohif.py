@@ -148,7 +148,7 @@ class _OhifSite:
             def log_message(self, *args) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 path = self.path.split("?")[0]
                 if path.startswith("/dicom-web/"):
                     answer = session.get(
@@ -305,7 +305,7 @@ def _findings(sr_path: Path) -> list[tuple[str, str]]:
 def _check(
     tmp_path: Path,
     card,
-    companion_seg: bool,  # noqa: F811
+    companion_seg: bool,
     figure: Path | None = None,
 ) -> list[dict]:
     """Upload CT (+ SEG) + SR, open the SR in OHIF, and read what it draws at each finding."""
@@ -354,7 +354,7 @@ def ohif() -> None:
 
 
 @pytest.mark.parametrize("companion_seg", [False, True], ids=["sr", "sr+seg"])
-def test_ohif_draws_each_finding_of_our_sr_at_its_centre(tmp_path, card, ohif, companion_seg):  # noqa: F811
+def test_ohif_draws_each_finding_of_our_sr_at_its_centre(tmp_path, card, ohif, companion_seg):
     """Our SR as the gateway writes it, with and without the companion SEG: each finding is
     drawn (an arrow tagged with its Tracking Unique Identifier) with its tip within 2 canvas
     px of its centre, on its own slice. Failed on the SCOORD3D-only encoding (nothing drawn)."""
@@ -378,7 +378,7 @@ def test_ohif_draws_each_finding_of_our_sr_at_its_centre(tmp_path, card, ohif, c
         "_getMergedContentSequencesByTrackingUniqueIdentifiers (module docstring)"
     ),
 )
-def test_ohif_opens_the_no_findings_report_without_error(tmp_path, card, ohif):  # noqa: F811
+def test_ohif_opens_the_no_findings_report_without_error(tmp_path, card, ohif):
     """The SR of a scan without findings, opened like the others: OHIF shows it without an
     error (no "Something went wrong", no TypeError in the console) and keeps an image in the
     viewport. Fails today (xfail, strict)."""

@@ -56,7 +56,7 @@ def evaluate(annotations, predictions, uids, excluded=(), n_bootstrap=10, **kw):
 
 def test_cpm_reads_the_curve_at_the_exact_rates_or_at_the_official_grid_points():
     assert FP_RATES == (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-    assert CPM_FP_POINTS == pytest.approx(OFFICIAL_POINTS, abs=1e-12)
+    assert pytest.approx(OFFICIAL_POINTS, abs=1e-12) == CPM_FP_POINTS
     assert cpm_points() == cpm_points("interpolated") == FP_RATES
     assert cpm_points("grid") == CPM_FP_POINTS
     with pytest.raises(ValueError, match=r"cpm_definition must be one of .* got 'official'"):
@@ -399,7 +399,7 @@ def test_cpm_agrees_with_thresholding_on_random_cases(seed, definition):
     points = FP_RATES if definition == "interpolated" else OFFICIAL_POINTS
     expected, n_fp = threshold_sensitivities(annotations, excluded, predictions, uids, points)
     # Rate 8 reads past the curve's end only when there are fewer than 8 * 20 FPs.
-    assert n_fp < 8 * len(uids) and 0 < sum(expected)
+    assert n_fp < 8 * len(uids) and sum(expected) > 0
     result = evaluate_luna16(
         annotations, excluded, uids, predictions, n_bootstrap=1, cpm_definition=definition
     )

@@ -45,7 +45,7 @@ def test_gap_recovered_is_the_share_of_the_ceiling_gap_with_an_interval():
     assert got.lo < got.value < got.hi and got.lo > 0.4
     # a method at the ceiling recovers the whole gap; one at the baseline none of it
     assert gap_recovered(
-        {s: 0.80 for s in range(5)}, {s: 0.60 for s in range(5)}, [0.8] * 3
+        dict.fromkeys(range(5), 0.8), dict.fromkeys(range(5), 0.6), [0.8] * 3
     ).value == pytest.approx(1.0)
     assert gap_recovered(few, few, ceiling).value == pytest.approx(0.0)
     # no gap: nothing to recover

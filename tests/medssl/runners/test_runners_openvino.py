@@ -126,7 +126,7 @@ def test_auto_keeps_onnxruntime_for_gpus_explicit_providers_or_without_openvino(
     monkeypatch.setattr(runners, "openvino_available", lambda: True)
     monkeypatch.setattr(runners, "gpu_providers", lambda: ["CUDAExecutionProvider"])
     assert choose_runtime("auto") == "onnxruntime"
-    monkeypatch.setattr(runners, "gpu_providers", lambda: [])
+    monkeypatch.setattr(runners, "gpu_providers", list)
     assert choose_runtime("auto") == "openvino"
     monkeypatch.setattr(runners, "openvino_available", lambda: False)
     assert choose_runtime("auto") == "onnxruntime"

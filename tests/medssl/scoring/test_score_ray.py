@@ -13,12 +13,12 @@ import pytest
 
 pytest.importorskip("ray.data")
 
-import ray  # noqa: E402
+import ray
 
-from medssl.scoring import ray_engine  # noqa: E402
-from medssl.scoring.manifest import ScanItem, build_manifest  # noqa: E402
-from medssl.scoring.run import RunnerSpec, ScoreOptions, score  # noqa: E402
-from medssl.scoring.series import Scored  # noqa: E402
+from medssl.scoring import ray_engine
+from medssl.scoring.manifest import ScanItem, build_manifest
+from medssl.scoring.run import RunnerSpec, ScoreOptions, score
+from medssl.scoring.series import Scored
 from tests.paths import MODEL_REPOSITORY
 
 # One runtime on both sides: the Ray actors run in their own processes, where runtime "auto" would

@@ -125,7 +125,7 @@ def test_inference_module_returns_boxes_and_probabilities():
     boxes, scores = net(torch.zeros(2, 1, 32, 32, 32))
     n = AnchorGrid.build(SPEC, (32, 32, 32)).n_anchors
     assert boxes.shape == (2, n, 4) and scores.shape == (2, n)
-    assert 0 <= scores.min().item() and scores.max().item() <= 1
+    assert scores.min().item() >= 0 and scores.max().item() <= 1
 
 
 class PoolModel(torch.nn.Module):

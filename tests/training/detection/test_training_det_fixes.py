@@ -144,9 +144,9 @@ def test_labeled_crops_centre_on_hard_negatives_as_a_pure_function_of_seed_index
         image = b["image"][0].numpy()
         hits = [
             (z, y, x)
-            for z in range(0, 33 - 10)
-            for y in range(0, 33 - 10)
-            for x in range(0, 33 - 10)
+            for z in range(33 - 10)
+            for y in range(33 - 10)
+            for x in range(33 - 10)
             if np.array_equal(image[z : z + 10, y : y + 10, x : x + 10], negative)
         ]
         on_negative += bool(hits)

@@ -101,7 +101,7 @@ def test_the_mask_is_false_exactly_in_the_box():
     expected = np.ones((4, 5, 6), dtype=bool)
     for z in range(1, 3):
         for y in range(2, 4):
-            for x in range(0, 4):
+            for x in range(4):
                 expected[z, y, x] = False
     assert mask.dtype == torch.bool
     np.testing.assert_array_equal(mask.numpy(), expected)
