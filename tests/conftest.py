@@ -22,7 +22,8 @@ def _no_openvino_beside_torch():
     after OpenVINO had been loaded). Production never mixes them (scoring and the gateway never
     import torch; export's parity check uses onnxruntime). In this process ``runtime="auto"``
     therefore picks onnxruntime; the subprocesses tests start (``medssl-score``, gateways) use the
-    real default, and ``tests/medssl/runners/test_runners_openvino.py`` runs OpenVINO in a child process."""
+    real default, and ``tests/medssl/runners/test_runners_openvino.py`` runs OpenVINO in a child
+    process."""
     import medssl.runners
 
     with pytest.MonkeyPatch.context() as patch:

@@ -449,7 +449,7 @@ def _lying_length(rng: random.Random, body: bytes) -> bytes:
 
 def _lying_vr(rng: random.Random, body: bytes) -> bytes:
     element = rng.choice(_elements(body))
-    vr = rng.choice(_VRS + [b"ZZ", b"\0\0", b"pn", b"\xff\xfe", b"  "])
+    vr = rng.choice([*_VRS, b"ZZ", b"\x00\x00", b"pn", b"\xff\xfe", b"  "])
     return body[: element.offset + 4] + vr + body[element.offset + 6 :]
 
 

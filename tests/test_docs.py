@@ -133,7 +133,8 @@ def test_model_card_reference_names_every_key_of_the_shipped_card():
 
 
 def test_console_screenshots_the_docs_show_exist():
-    """tests/serving/test_serving_console.py writes them to docs/images/ (MEDSSL_CONSOLE_FIGURES=1)."""
+    """tests/serving/test_serving_console.py writes them to docs/images/
+    (MEDSSL_CONSOLE_FIGURES=1)."""
     page = (DOCS / "how-to" / "operate-gateway.md").read_text(encoding="utf-8")
     images = re.findall(r"\(\.\./images/(console-[\w-]+\.png)\)", page)
     assert "console-overview.png" in images

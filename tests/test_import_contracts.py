@@ -1,14 +1,14 @@
-"""The layout's import rules (design.md, "Layout"), checked on the source of every module.
+"""The layout's import rules (docs/explanation/architecture.md, "Layout"), checked on the source
+of every module.
 
 Each folder's ``.py`` files are parsed and every ``import``/``from ... import`` in them, at
-module level or inside a function, is held to its folder's rule:
+module level or inside a function, is held to its folder's rule. What each may not import:
 
-| folder | may not import |
-|---|---|
-| ``medssl/`` (the core) | torch, ``medssl.training``, ``medssl.export``, ``medssl.serving``, ``medssl.cli`` |
-| ``serving/`` | torch, ``medssl.training``, ``medssl.export``, ``medssl.cli`` |
-| ``training/`` | ``medssl.export``, ``medssl.serving``, ``medssl.cli`` |
-| ``export/`` | ``medssl.serving``, ``medssl.cli`` |
+- ``medssl/`` (the core): torch, ``medssl.training``, ``medssl.export``, ``medssl.serving``,
+  ``medssl.cli``;
+- ``serving/``: torch, ``medssl.training``, ``medssl.export``, ``medssl.cli``;
+- ``training/``: ``medssl.export``, ``medssl.serving``, ``medssl.cli``;
+- ``export/``: ``medssl.serving``, ``medssl.cli``.
 
 ``tests/test_no_torch.py`` checks the torch rule at run time too (what a scoring or gateway
 process really loads). And no two modules import each other, directly or round a loop (every

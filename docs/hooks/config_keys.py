@@ -227,7 +227,8 @@ def markdown_table(cls: type) -> str:
     ]
     for item in config_keys(cls):
         rows.append(
-            f"| `{item.key}` | {_cell(item.type)} | `{_cell(item.default)}` | {_cell(item.doc) or '—'} |"
+            f"| `{item.key}` | {_cell(item.type)} | `{_cell(item.default)}` "
+            f"| {_cell(item.doc) or '—'} |"
         )
     return "\n".join(rows) + "\n"
 

@@ -81,7 +81,8 @@ def test_one_scan_scored_through_the_scoring_pipeline(tmp_path: Path) -> None:
     assert (
         0 <= row["marks_per_scan"] <= 100 and 0 < row["n_marks_labelled"] <= 100
     )  # the card: max_detections 100
-    # the false marks are among the reported ones: no more than them, and no more than the labelled false marks
+    # the false marks are among the reported ones: no more than them, and no more than the labelled
+    # false marks
     assert 0 <= row["false_marks_per_scan_max"] <= row["marks_per_scan_max"]
     assert row["false_marks_per_scan_median"] <= row["n_marks_labelled"] - row["n_true_marks"]
     assert (

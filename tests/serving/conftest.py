@@ -32,13 +32,13 @@ def gateway(tmp_path) -> Iterator:
     running: list[StorageSCP] = []
 
     def start(*, min_free_bytes: int = 0, on_stored=None, **overrides) -> Gateway:
-        settings = dict(
-            port=0,
-            allowed_callers=(AllowedCaller("SCU"), AllowedCaller("STORESCU")),
-            acse_timeout_s=5,
-            dimse_timeout_s=10,
-            network_timeout_s=10,
-        )
+        settings = {
+            "port": 0,
+            "allowed_callers": (AllowedCaller("SCU"), AllowedCaller("STORESCU")),
+            "acse_timeout_s": 5,
+            "dimse_timeout_s": 10,
+            "network_timeout_s": 10,
+        }
         settings.update(overrides)
         spool = Spool(tmp_path / f"spool{len(running)}", min_free_bytes=min_free_bytes)
         metrics, stored = GatewayMetrics(), []

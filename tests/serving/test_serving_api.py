@@ -242,7 +242,7 @@ READS = [
 
 
 def test_every_page_and_endpoint_needs_credentials(gw):
-    for path in READS + ["/studies/1", "/api/v1/studies/1"]:
+    for path in [*READS, "/studies/1", "/api/v1/studies/1"]:
         status, headers, _ = gw.request("GET", path, auth=None)
         assert status == 401, path
         assert headers["WWW-Authenticate"].startswith("Basic")

@@ -137,7 +137,8 @@ class Api:
                 return json.loads(body)
             time.sleep(0.3)
         raise AssertionError(
-            f"study not {states} after {timeout_s} s: {self.call('GET', f'/api/v1/studies/{study_uid}')}"
+            f"study not {states} after {timeout_s} s: "
+            f"{self.call('GET', f'/api/v1/studies/{study_uid}')}"
             f"\n{gateway.log_tail()}"
         )
 

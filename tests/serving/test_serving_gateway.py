@@ -289,8 +289,8 @@ def test_chest_ct_comes_back_as_an_sr_and_abdominal_ct_as_a_seg_routed_by_body_p
     status, metrics = gateway.http_get("/metrics")
     assert status == 200
     assert (
-        f'medssl_gateway_instances_received_total{{sop_class="CT Image Storage"}} {96 + len(abdomen)}.0'
-        in metrics
+        "medssl_gateway_instances_received_total"
+        f'{{sop_class="CT Image Storage"}} {96 + len(abdomen)}.0' in metrics
     )
     assert 'medssl_gateway_studies_total{state="done"} 2.0' in metrics
     assert 'medssl_gateway_stage_seconds_count{stage="total"} 2.0' in metrics
@@ -632,7 +632,7 @@ def test_garbage_and_truncated_datasets_are_rejected_while_a_good_study_goes_thr
     quarantined = sorted((gateway.spool / "quarantine").glob("*.json"))
     assert len(quarantined) == 2
     assert len(gateway.spooled()) == len(files)
-    status, metrics = gateway.http_get("/metrics")
+    _status, metrics = gateway.http_get("/metrics")
     assert 'medssl_gateway_instances_rejected_total{reason="undecodable"} 2.0' in metrics
 
 

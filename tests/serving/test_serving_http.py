@@ -1,4 +1,5 @@
-"""The gateway's HTTP endpoints: /metrics (Prometheus text), /healthz, /readyz, 404, quiet, robust."""
+"""The gateway's HTTP endpoints: /metrics (Prometheus text), /healthz, /readyz, 404, quiet,
+robust."""
 
 from __future__ import annotations
 

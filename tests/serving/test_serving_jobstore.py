@@ -505,7 +505,8 @@ _WRITER = textwrap.dedent("""
         store.record_instance(study)
         store.assemble(0)
         job = store.claim()
-        store.finish_inference(job.id, [Output(Path(f"/o/{i}.dcm"), "sr", "m", f"2.25.{i}")], ["pacs"])
+        output = Output(Path(f"/o/{i}.dcm"), "sr", "m", f"2.25.{i}")
+        store.finish_inference(job.id, [output], ["pacs"])
         store.delivery_sent(store.deliveries(job.id)[0].id)
         print(i, flush=True)
         i += 1
@@ -562,14 +563,18 @@ def test_a_database_of_the_first_release_is_migrated_in_place(tmp_path):
     path = tmp_path / "jobs.sqlite"
     db = sqlite3.connect(path)
     db.executescript("""
-        CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, study_uid TEXT NOT NULL, state TEXT NOT NULL,
-            attempts INTEGER NOT NULL DEFAULT 0, n_instances INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,
-            last_instance_at REAL NOT NULL, queued_at REAL, started_at REAL, inferred_at REAL, finished_at REAL,
+        CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, study_uid TEXT NOT NULL,
+            state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+            n_instances INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,
+            last_instance_at REAL NOT NULL, queued_at REAL, started_at REAL, inferred_at REAL,
+            finished_at REAL,
             next_attempt_at REAL NOT NULL DEFAULT 0, error TEXT, purged INTEGER NOT NULL DEFAULT 0);
-        CREATE TABLE deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL, destination TEXT NOT NULL,
-            state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL DEFAULT 0,
+        CREATE TABLE deliveries (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL,
+            destination TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL NOT NULL DEFAULT 0,
             sent_at REAL, error TEXT, UNIQUE (job_id, destination));
-        INSERT INTO jobs (study_uid, state, attempts, created_at, last_instance_at, finished_at, error)
+        INSERT INTO jobs
+            (study_uid, state, attempts, created_at, last_instance_at, finished_at, error)
             VALUES ('1.2.3', 'failed', 1, 100.0, 101.0, 105.0, 'bad series');
     """)
     db.commit()

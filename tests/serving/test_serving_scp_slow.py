@@ -17,7 +17,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 import pydicom
@@ -128,10 +128,8 @@ def trickling(sockets: list[socket.socket], payload: bytes, every_s: float) -> I
             if done.wait(every_s):
                 return
             for sock in sockets:
-                try:
+                with suppress(OSError):
                     sock.send(payload[i : i + 1])
-                except OSError:
-                    pass
 
     thread = threading.Thread(target=trickle, daemon=True)
     thread.start()
@@ -227,7 +225,7 @@ GARBAGE = [
 
 def test_after_a_burst_of_garbage_pdus_200_sequential_c_echoes_all_succeed(gateway):
     gw = gateway()  # max_associations 8, fewer than the garbage connections
-    for burst in range(2):
+    for _burst in range(2):
         for garbage in GARBAGE:
             with connect(gw.scp.port) as sock:
                 sock.sendall(garbage)

@@ -421,7 +421,8 @@ class StowServer:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
 
     def answer(self, datasets: list[pydicom.Dataset]) -> dict[str, Any]:
-        """The STOW-RS response: Referenced SOP Sequence (00081199), Failed SOP Sequence (00081198)."""
+        """The STOW-RS response: Referenced SOP Sequence (00081199), Failed SOP Sequence
+        (00081198)."""
 
         def item(ds: pydicom.Dataset, reason: int | None = None) -> dict[str, Any]:
             out = {

@@ -56,7 +56,7 @@ def test_first_get_writes_and_second_get_maps_without_loading(tmp_path):
     sidecar = json.loads(cache.path("scan-1.2.3").with_suffix(".json").read_text())
     assert sidecar["shape"] == list(first.shape)
     assert np.allclose(sidecar["source_spacing"], [2.5, 0.9, 1.1])
-    assert not [p for p in cache.dir.rglob(".*")]  # no temp files left behind
+    assert not list(cache.dir.rglob(".*"))  # no temp files left behind
 
 
 def test_cached_array_and_geometry_match_preprocess_ct(tmp_path):

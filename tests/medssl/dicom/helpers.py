@@ -11,16 +11,16 @@ SHAPE = (16, 64, 64)
 #: Two nodules of the test series: voxel (z, y, x), diameter mm, probability.
 NODULES = [((8.0, 30.0, 35.0), 8.0, 0.93), ((4.0, 50.0, 12.0), 5.0, 0.41)]
 #: Patient and study attributes of the test series (values every result object must copy).
-INFO = dict(
-    patient_name="Doe^Jane",
-    patient_id="P-0042",
-    patient_birth_date="19580214",
-    patient_sex="F",
-    study_id="77",
-    accession_number="ACC-9",
-    study_date="20250304",
-    study_time="101500",
-)
+INFO = {
+    "patient_name": "Doe^Jane",
+    "patient_id": "P-0042",
+    "patient_birth_date": "19580214",
+    "patient_sex": "F",
+    "study_id": "77",
+    "accession_number": "ACC-9",
+    "study_date": "20250304",
+    "study_time": "101500",
+}
 
 
 def oblique_volume() -> Volume:

@@ -120,7 +120,8 @@ def test_sr_with_detections_is_a_valid_tid1500_report_of_planar_point_groups(
     assert report.get_volumetric_roi_measurement_groups() == []
     every = report.get_planar_roi_measurement_groups()
     assert [g[0].ContentTemplateSequence[0].TemplateIdentifier for g in every] == ["1410"] * 4
-    # each finding: a 2D point group on its image (tests/medssl/dicom/test_sr_viewers.py), then this one
+    # each finding: a 2D point group on its image (tests/medssl/dicom/test_sr_viewers.py), then
+    # this one
     groups = report.get_planar_roi_measurement_groups(graphic_type=POINT3D)
     assert [g.tracking_identifier for g in groups] == ["Nodule 1", "Nodule 2"]
     assert len({g.tracking_uid for g in groups}) == 2

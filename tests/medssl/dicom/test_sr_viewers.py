@@ -113,7 +113,8 @@ def test_slicer_and_ohif_find_each_finding_at_its_centre(
 ):
     """Without and with the companion SEG, each finding is two TID 1410 groups with one
     tracking identifier and UID: first a 2D SCOORD POINT at its centre on the source image
-    nearest it (what OHIF 3.13.2 draws: tests/medssl/dicom/test_viewer_ohif.py), then a SCOORD3D POINT in
+    nearest it (what OHIF 3.13.2 draws: tests/medssl/dicom/test_viewer_ohif.py), then a SCOORD3D
+    POINT in
     the source's frame of reference with the measurements (what QuantitativeReporting shows as
     a markups point). No TID 1411 group (before, the SEG doubled every finding with one); with
     the SEG, segment i is tracked as finding i."""

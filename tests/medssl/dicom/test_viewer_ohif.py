@@ -276,8 +276,8 @@ def _drawn_at(
     page.mouse.move(box["x"] + box["width"] / 3, box["y"] + box["height"] / 3, steps=5)
     time.sleep(1.0)
     return page.evaluate(
-        """([centre, uid]) => {
-        const vp = (%s)();
+        f"""([centre, uid]) => {{
+        const vp = ({_VIEWPORT})();
         const [cx, cy] = vp.worldToCanvas(centre);
         const layer = vp.element.querySelector('svg.svg-layer');
         const ends = Array.from(layer.querySelectorAll('line')).flatMap(l => [
@@ -285,10 +285,9 @@ def _drawn_at(
             [+l.getAttribute('x2'), +l.getAttribute('y2')]]);
         const tip = ends.length ? Math.min(...ends.map(([x, y]) => Math.hypot(x - cx, y - cy)))
                                 : null;
-        return {shown: !!layer.querySelector(`[data-annotation-uid="${uid}"]`), tip_px: tip,
-                image: vp.getCurrentImageId().split('/instances/')[1].split('/')[0]};
-    }"""
-        % _VIEWPORT,
+        return {{shown: !!layer.querySelector(`[data-annotation-uid="${{uid}}"]`), tip_px: tip,
+                image: vp.getCurrentImageId().split('/instances/')[1].split('/')[0]}};
+    }}""",
         [list(centre_lps), tracking_uid],
     )
 
@@ -326,7 +325,7 @@ def _check(
     with _viewer(tmp_path, files) as (page, url, console, remote):
         _open_sr(page, url, source[0].StudyInstanceUID, description)
         for (label, uid), detection in zip(groups, detections):
-            z = int(round(volume.world_to_index(np.array([detection.centre_lps]))[0][0]))
+            z = round(volume.world_to_index(np.array([detection.centre_lps]))[0][0])
             seen.append(
                 {
                     "label": label,
@@ -373,7 +372,8 @@ def test_ohif_draws_each_finding_of_our_sr_at_its_centre(tmp_path, card, ohif, c
     strict=True,
     raises=AssertionError,
     reason=(
-        "OHIF 3.13.2 breaks on a Measurement Group without Tracking Unique Identifier (our TID 1501 "
+        "OHIF 3.13.2 breaks on a Measurement Group without Tracking Unique Identifier "
+        "(our TID 1501 "
         "'Nodule: Absent' group): TypeError reading 'UID' in "
         "_getMergedContentSequencesByTrackingUniqueIdentifiers (module docstring)"
     ),

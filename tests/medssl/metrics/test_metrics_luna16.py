@@ -152,7 +152,7 @@ def test_cap_keeps_marks_strictly_above_the_101st_score_ties_included():
     s1 = far_marks("s1", [0.99 - 0.001 * i for i in range(98)])
     s1 += [mark("s1", 60 + 20 * i, 50, 0, 0.5) for i in range(6)]  # far, tied at .5
     s1.append(mark("s1", 0, 0, 0, 0.5))  # on the nodule, tied at .5
-    s2 = far_marks("s2", [0.4, 0.3, 0.2, 0.15]) + [mark("s2", 0, 0, 0, 0.1)]
+    s2 = [*far_marks("s2", [0.4, 0.3, 0.2, 0.15]), mark("s2", 0, 0, 0, 0.1)]
     annotations = [nodule("s1", 0, 0, 0, 8), nodule("s2", 0, 0, 0, 8)]
     assert len(s1) == 105
     result = evaluate(annotations, s1 + s2, ["s1", "s2"])

@@ -152,7 +152,7 @@ def test_cpm_agrees_with_the_hand_count_and_monai_on_random_tied_curves(seed):
     n_scans = 8
     uids = [f"9.{seed}.{i}" for i in range(n_scans)]
     nodules, predictions, tp_scores, fp_scores = [], [], [], []
-    for i, uid in enumerate(uids):
+    for _i, uid in enumerate(uids):
         for k in range(rng.integers(1, 4)):
             nodules.append(Finding(uid, (200.0 * k, 0.0, 0.0), 10.0))
             if rng.random() < 0.8:

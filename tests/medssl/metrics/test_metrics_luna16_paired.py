@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -204,7 +206,7 @@ def test_froc_at_thresholds_gives_the_points_of_the_froc_curve(seed):
             abs((q[0] - p[0]) * (y - p[1]) - (q[1] - p[1]) * (x - p[0])) < 1e-12
             and min(p[0], q[0]) <= x <= max(p[0], q[0])
             and min(p[1], q[1]) <= y <= max(p[1], q[1])
-            for p, q in zip(curve[:-1], curve[1:])
+            for p, q in itertools.pairwise(curve)
         ]
         assert any(on), (x, y)
     # A threshold above every score keeps nothing; sensitivity counts missed nodules too.

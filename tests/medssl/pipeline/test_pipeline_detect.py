@@ -366,14 +366,14 @@ def test_the_scan_wide_candidate_cap_keeps_the_same_detections_and_bounds_nms(mo
         boxes = np.concatenate([centres, rng.uniform(4, 12, (b, 500, 1))], axis=2)
         return boxes.astype(np.float32), rng.uniform(0.02, 1.0, (b, 500)).astype(np.float32)
 
-    base = dict(
-        intensity=Intensity(),
-        window=32,
-        divisor=16,
-        overlap=0.5,
-        pre_nms_top_k=500,
-        max_detections=20,
-    )
+    base = {
+        "intensity": Intensity(),
+        "window": 32,
+        "divisor": 16,
+        "overlap": 0.5,
+        "pre_nms_top_k": 500,
+        "max_detections": 20,
+    }
     state = rng.bit_generator.state
     uncapped = detect_preprocessed(
         volume, noisy_runner, DetectionParams(**base, max_nms_candidates=10**9)

@@ -29,10 +29,14 @@ from medssl.models.repository import find_model_version
 card = find_model_version(repository, "nodules").card
 patches = np.load(patches_path)
 facts = {}
-with OpenVinoRunner(onnx_path, card, threads=1) as ov, OnnxRunner(onnx_path, card, threads=1) as ort:
+ov = OpenVinoRunner(onnx_path, card, threads=1)
+ort = OnnxRunner(onnx_path, card, threads=1)
+with ov, ort:
     got, want = ov(patches), ort(patches)
     facts["max_abs_diff"] = max(float(np.abs(a - b).max()) for a, b in zip(got, want))
-    facts["same_shapes_and_dtypes"] = all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(got, want))
+    pairs = list(zip(got, want))
+    same = [a.shape == b.shape and a.dtype == b.dtype for a, b in pairs]
+    facts["same_shapes_and_dtypes"] = all(same)
     facts["providers"] = list(ov.providers)
     facts["is_batched_runner"] = isinstance(ov, BatchedRunner)
     facts["one_batch"] = ov(patches[:1])[0].shape[0]

@@ -287,7 +287,7 @@ def test_a_series_that_gained_instances_gets_new_report_and_seg_uids(tmp_path, s
 
 
 def test_label_segs_differ_by_masks_type_and_frames_and_repeat_on_retry(tmp_path, series, card):
-    item, volume = series
+    item, _volume = series
     source = [pydicom.dcmread(p, stop_before_pixels=True) for p in item.paths]
     labels = np.zeros(SHAPE, np.uint8)
     labels[3, 10:14, 10:14] = 1

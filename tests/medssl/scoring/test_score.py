@@ -69,7 +69,8 @@ def test_an_archive_gives_ok_skipped_and_failed_rows_with_reasons(archive, tmp_p
     assert {f["key"] for f in findings} <= ok_keys
     assert sum(r["n_findings"] for r in by_status["ok"]) == len(findings)
     assert all(0 <= f["probability"] <= 1 and f["diameter_mm"] > 0 for f in findings)
-    # the printout is what the run reports: the findings at the operating point, and a count of the rest
+    # the printout is what the run reports: the findings at the operating point, and a count of the
+    # rest
     reported = sum(f["passed"] for f in findings)
     assert (
         f"{reported} finding(s) at the operating point" in result.output

@@ -56,7 +56,7 @@ def test_the_benchmark_writers_agree_with_the_labels_and_sparse_is_smaller(tmp_p
 
 
 def test_label_seg_writes_empty_frames_only_when_asked(tmp_path, study, dciodvfy):
-    paths, labels, source = study
+    _paths, labels, source = study
     card = organ_card()
     frames = np.asarray(labels.array)
     half = frames.copy()
@@ -157,7 +157,7 @@ def test_dcmqi_reads_the_sparse_segs_back_to_the_same_voxels(tmp_path, study, di
     import SimpleITK as sitk
 
     exe = require_tool("segimage2itkimage", "dcmqi", installer="pip install")
-    paths, labels, source = study
+    _paths, labels, source = study
     half = np.asarray(labels.array).copy()
     half[: SHAPE[0] // 2] = 0
     card = load_card(CARD_DIR)

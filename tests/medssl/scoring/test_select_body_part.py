@@ -41,7 +41,8 @@ def test_without_a_body_part_rule_every_body_part_passes():
 
 
 def test_a_free_text_body_part_is_not_quoted_in_the_skip_reason():
-    """BodyPartExamined is free text in practice; a hostile or careless header may put a name there."""
+    """BodyPartExamined is free text in practice; a hostile or careless header may put a name
+    there."""
     chosen, skipped = select_series(
         [_ct("1", "DOE^JANE 1961")], SelectionRules(body_part=("CHEST",))
     )

@@ -37,16 +37,16 @@ RUN_CALIBRATION = {"method": "platt", "a": 1.5, "b": -0.5}
 
 
 def _point(**change) -> OperatingPoint:
-    base = dict(
-        threshold=0.6,
-        rule="fp_per_scan",
-        target=1.0,
-        validation_sensitivity=0.75,
-        validation_fp_per_scan=0.5,
-        n_scans=4,
-        n_nodules=8,
-        source="test",
-    )
+    base = {
+        "threshold": 0.6,
+        "rule": "fp_per_scan",
+        "target": 1.0,
+        "validation_sensitivity": 0.75,
+        "validation_fp_per_scan": 0.5,
+        "n_scans": 4,
+        "n_nodules": 8,
+        "source": "test",
+    }
     return OperatingPoint(**{**base, **change})
 
 

@@ -13,6 +13,8 @@ import math
 import pytest
 
 torch = pytest.importorskip("torch")
+import itertools
+
 from torch.nn import functional as F
 
 from medssl.training.patchcl import (
@@ -345,7 +347,7 @@ def test_plgcl_decreases_as_an_embedding_moves_to_its_class_mean():
                 )
             )
         )
-    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses
 
 
 def test_plgcl_with_a_single_class_present_is_its_covariance_term():
