@@ -414,6 +414,8 @@ def test_a_volume_file_of_implausible_spacing_is_refused_before_its_data_is_read
     card = load_card(
         Path(__file__).parents[1] / "model_repository" / "focalmix-nodules" / "medssl.json"
     )
-    prepared = series.prepare(ScanItem(key="huge", paths=(str(path),)), card.detection_params(2))
+    prepared = series.prepare_series(
+        ScanItem(key="huge", paths=(str(path),)), card.detection_params(2)
+    )
     assert prepared.error.startswith("ImplausibleGeometryError") and "is 1000 mm" in prepared.error
     assert not prepared.transient

@@ -14,10 +14,6 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from medssl import Volume, __version__, affine_from_geometry
-from medssl.io import SeriesInfo, read_volume, write_dicom_series
-from medssl.io.dicom_enhanced import write_enhanced_ct
-from medssl.models import load_card
-from medssl.pipeline.detect import Detection
 from medssl.dicom import (
     derived_uid,
     detection_sr,
@@ -26,6 +22,10 @@ from medssl.dicom import (
     write_label_seg,
 )
 from medssl.dicom.seg import detection_seg, frame_slices, write_detection_seg
+from medssl.finding import Finding
+from medssl.io import SeriesInfo, read_volume, write_dicom_series
+from medssl.io.dicom_enhanced import write_enhanced_ct
+from medssl.models import load_card
 from tests.conftest import oblique_direction, require_tool
 
 #: A finding's SCOORD3D group in our SRs (each finding also has a 2D point group first:
@@ -113,7 +113,12 @@ ORDER = np.random.default_rng(7).permutation(SHAPE[0])
 def detections(ct):
     volume, _ = ct
     return [
-        Detection(tuple(float(c) for c in volume.index_to_world(zyx)), d, p, zyx)
+        Finding(
+            centre_lps=tuple(float(c) for c in volume.index_to_world(zyx)),
+            diameter_mm=d,
+            probability=p,
+            centre_voxel=zyx,
+        )
         for zyx, d, p in NODULES
     ]
 

@@ -23,8 +23,8 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from medssl.io import SeriesInfo, write_dicom_series
 from medssl.serving.config import DestinationConfig
 from medssl.serving.sender import DeliveryError, send_files
-from tests.conftest import ramp_volume
 from medssl.testing.orthanc import DICOMWEB_PLUGIN, ORTHANC, OrthancServer, free_port
+from tests.conftest import ramp_volume
 
 pytestmark = [pytest.mark.integration, pytest.mark.orthanc]
 
@@ -63,9 +63,9 @@ def ct_files(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, ct_files) -> list[Path]:
     """What the gateway sends for the CT: a BINARY SEG and a TID 1500 SR."""
-    from medssl.models import load_card
-    from medssl.pipeline.detect import Detection
     from medssl.dicom import write_detection_sr, write_label_seg
+    from medssl.finding import Finding
+    from medssl.models import load_card
 
     folder = tmp_path_factory.mktemp("results")
     volume = ramp_volume()
@@ -74,7 +74,12 @@ def results(tmp_path_factory, ct_files) -> list[Path]:
     labels = np.zeros(volume.shape, np.uint8)
     labels[2:4, 6:12, 8:14] = 1
     centre = (3.0, 9.0, 11.0)
-    finding = Detection(tuple(float(c) for c in volume.index_to_world(centre)), 6.0, 0.9, centre)
+    finding = Finding(
+        centre_lps=tuple(float(c) for c in volume.index_to_world(centre)),
+        diameter_mm=6.0,
+        probability=0.9,
+        centre_voxel=centre,
+    )
     return [
         write_label_seg(source, labels, card, folder / "seg.dcm"),
         write_detection_sr(source, [finding], card, folder / "sr.dcm"),
