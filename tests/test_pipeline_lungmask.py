@@ -230,7 +230,7 @@ def test_detect_on_a_scan_without_lungs_runs_every_window_and_says_why(caplog):
 
 def test_the_lung_mask_needs_an_intensity_window_holding_its_thresholds():
     with pytest.raises(
-        ValueError, match=r"lung_mask needs the intensity window.*\[-160.0, 240.0\]"
+        ValueError, match=r"lung_mask needs the normalisation window.*\[-160.0, 240.0\]"
     ):
         DetectionParams(normalisation=Intensity(-160.0, 240.0, -160.0), lung_mask=True)
     DetectionParams(normalisation=Intensity(-160.0, 240.0, -160.0))  # fine without the mask
