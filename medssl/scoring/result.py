@@ -47,14 +47,6 @@ class LabelVolume:
     name: str
     volume_ml: float
 
-    @property
-    def n_reported(self) -> int | None:
-        """Ok detection: the findings reported (in the SR, :attr:`reported`); ok segmentation:
-        the labels found (volume > 0); None otherwise. What the gateway records."""
-        if self.status is not SeriesStatus.OK:
-            return None
-        return len(self.reported) if self.threshold is not None else self.n_findings
-
     def to_row(self) -> dict[str, Any]:
         """Its columns of ``findings.parquet``: ``index`` (the value), ``label``, ``volume_ml``."""
         return {"index": self.value, "label": self.name, "volume_ml": float(self.volume_ml)}
