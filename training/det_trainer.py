@@ -47,6 +47,7 @@ from medssl.training.det_augment import ScannerAugment
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_data import IndexStream, LabeledPatches, ScanBoxes, UnlabeledPatches
 from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
+from medssl.training.det_operating import write_operating_point
 from medssl.training.det_mining import (
     CandidateLists,
     NoduleTruth,
@@ -54,7 +55,6 @@ from medssl.training.det_mining import (
     refresh_scans,
     scan_candidates,
 )
-from medssl.training.det_operating import write_operating_point
 from medssl.training.det_scans import DetectionSplit, ScanSource, _folder_sources, split_luna16
 from medssl.training.det_steps import focalmix_step, supervised_step
 from medssl.training.detector import FPNDetector
