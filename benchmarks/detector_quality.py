@@ -1,7 +1,7 @@
 """Detector quality and what each false-positive control buys (issue 18, Acceptance "Ablation").
 
 A detector of a model repository (default ``model_repository/focalmix-nodules``) is scored
-through the pipeline ``medssl-score`` runs (:func:`medssl.scoring.series.prepare` +
+through the pipeline ``medssl-score`` runs (:func:`medssl.scoring.series.prepare_series` +
 :func:`~medssl.scoring.series.infer`, onnxruntime :class:`~medssl.runners.onnx.OnnxRunner`,
 the card's :class:`~medssl.pipeline.detect.DetectionParams`) on a synthetic test set of the
 generator's *held-out* family (``medssl synth chest --family heldout``: other parameter ranges
@@ -56,9 +56,9 @@ import numpy as np
 from medssl.bench.data import generated_dataset
 from medssl.bench.machine import cpu_device
 from medssl.datasets.luna16 import Luna16
+from medssl.finding import Finding
 from medssl.metrics import (
     FP_RATES,
-    Prediction,
     evaluate_luna16,
     froc_at_thresholds,
     label_candidates,
@@ -69,7 +69,8 @@ from medssl.pipeline.detect import DetectionParams
 from medssl.pipeline.windows import extract_window, plan_windows
 from medssl.runners.onnx import OnnxRunner
 from medssl.scoring.manifest import build_manifest
-from medssl.scoring.series import infer, prepare
+from medssl.scoring.result import SeriesStatus
+from medssl.scoring.series import infer, prepare_series
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,26 +155,21 @@ def score_variant(
     params = replace(card.detection_params(batch_size), **variant.params)
     luna = Luna16(data)
     items = build_manifest(data).items
-    predictions: list[Prediction] = []
+    predictions: list[Finding] = []
     marks, windows, seconds = [], [], []
     passed: list[bool] = []
     threshold = card.report_threshold()
     try:
         for item in items:
             start = time.perf_counter()
-            scored = infer(prepare(item, params), runner, card, params)
+            scored = infer(prepare_series(item, params), runner, card, params)
             seconds.append(time.perf_counter() - start)
-            if scored.row["status"] != "ok":
-                raise RuntimeError(
-                    f"{variant.name}: scoring {item.key} failed: {scored.row.get('error')}"
-                )
-            windows.append(scored.row["n_windows"])
-            marks.append(sum(f["passed"] for f in scored.findings))  # what the SR/SEG carry
-            predictions += [
-                Prediction(item.key, (f["x_mm"], f["y_mm"], f["z_mm"]), f["probability"])
-                for f in scored.findings
-            ]
-            passed += [bool(f["passed"]) for f in scored.findings]
+            if scored.status is not SeriesStatus.OK or scored.threshold is None:
+                raise RuntimeError(f"{variant.name}: scoring {item.key} failed: {scored.error}")
+            windows.append(scored.n_windows)
+            marks.append(len(scored.reported))  # what the SR/SEG carry
+            predictions += [replace(f, series_uid=item.key) for f in scored.findings]
+            passed += [f.probability >= scored.threshold.value for f in scored.findings]
     finally:
         runner.close()
     uids = [item.key for item in items]
@@ -238,7 +234,7 @@ def score_variant(
 
 
 def false_marks_per_scan(
-    predictions: Sequence[Prediction],
+    predictions: Sequence[Finding],
     passed: Sequence[bool],
     labels: np.ndarray,
     uids: Sequence[str],
@@ -248,8 +244,8 @@ def false_marks_per_scan(
     reported_false = np.asarray(passed, bool) & (np.asarray(labels) == 0)
     counts = dict.fromkeys(uids, 0)
     for bad, p in zip(reported_false, predictions):
-        if bad and p.seriesuid in counts:
-            counts[p.seriesuid] += 1
+        if bad and p.series_uid in counts:
+            counts[p.series_uid] += 1
     return [counts[u] for u in uids]
 
 
@@ -272,7 +268,7 @@ def sensitivity_by_group(
     truth: Sequence[Mapping[str, str]],
     excluded: Sequence[Any],
     uids: Sequence[str],
-    predictions: Sequence[Prediction],
+    predictions: Sequence[Finding],
     threshold: float,
 ) -> dict[str, dict[str, list[float]]]:
     """Which nodules the SR finds: the sensitivity at the operating point (marks with
@@ -358,18 +354,18 @@ def peer_timing(
     pipeline_s, plain_s = [], []
     try:
         for item in build_manifest(data).items[:scans]:
-            prepared = prepare(item, params)
+            prepared = prepare_series(item, params)
             scored = infer(prepared, runner, card, params)
-            pipeline_s.append(scored.row["inference_s"])
+            pipeline_s.append(scored.timings["inference"])
             volume = prepared.volume
             assert volume is not None
-            starts = plan_windows(volume.shape, params.window_shape, params.overlap)
+            starts = plan_windows(volume.shape, params.window, params.overlap)
             start = time.perf_counter()
             for i in range(0, len(starts), params.batch_size):
                 batch = np.stack(
                     [
                         extract_window(
-                            volume.array, s, params.window_shape, params.intensity.pad_value
+                            volume.array, s, params.window, params.normalisation.pad_value
                         )
                         for s in starts[i : i + params.batch_size]
                     ]

@@ -12,7 +12,7 @@
    * inference vs plain PyTorch running the same windows with no pipeline around it.
 
 3. Preprocessing alone (``--preprocess-only``, or always after 2.), alternated over
-   ``--preprocess-repeats`` rounds on the same scan: ``preprocess_ct`` (resample to 1 mm + HU
+   ``--preprocess-repeats`` rounds on the same scan: ``prepare`` (resample to 1 mm + HU
    window), its resample alone, SimpleITK's ``Resample`` to the same grid (the peer; all cores),
    and ``scipy.ndimage.affine_transform`` (order 1, one thread: medssl's resampler until
    2026-12). Ratios are peer time / medssl time (> 1: medssl is faster). Writes
@@ -42,7 +42,7 @@ from medssl.cli.train import resolve_config
 from medssl.config import load_config
 from medssl.detection import AnchorGrid
 from medssl.io.sitk_bridge import to_sitk
-from medssl.pipeline import preprocess_ct
+from medssl.pipeline import Preparation, prepare
 from medssl.pipeline.detect import detect
 from medssl.pipeline.windows import extract_window, plan_windows
 from medssl.synth.chest import ChestConfig, generate_chest_ct
@@ -161,11 +161,12 @@ def bench_inference(
             sitk.sitkFloat32,
         )
         stages["SimpleITK resample"].append(time.perf_counter() - start)
-        prepared = preprocess_ct(volume, params.spacing_mm, params.intensity)
-        window = (params.window,) * 3
+        prepared = prepare(volume, params)
+        window = params.window
         starts = plan_windows(prepared.shape, window, params.overlap)
         patches = [
-            extract_window(prepared.array, s, window, params.intensity.pad_value) for s in starts
+            extract_window(prepared.array, s, window, params.normalisation.pad_value)
+            for s in starts
         ]
         start = time.perf_counter()
         with torch.no_grad():
@@ -228,7 +229,9 @@ def bench_preprocess(repeats: int) -> dict[str, object]:
         )
 
     runs = {
-        "medssl preprocess_ct (resample + window)": lambda: preprocess_ct(volume, 1.0, Intensity()),
+        "medssl prepare (resample + window)": lambda: prepare(
+            volume, Preparation(1.0, Intensity())
+        ),
         "medssl resample": lambda: volume.resample(1.0),
         "SimpleITK Resample": simpleitk,
         "scipy affine_transform (previous)": scipy_one_thread,

@@ -33,7 +33,6 @@ import torch
 from medssl.config import load_config
 from medssl.datasets.splits import read_split
 from medssl.metrics import FP_RATES
-from medssl.metrics.luna16 import Prediction
 from medssl.pipeline.detect import detect_preprocessed
 from medssl.training.batchnorm import reestimate_batchnorm
 from medssl.training.det_config import DetectionExperiment
@@ -71,7 +70,7 @@ def measure(run: Path, windows: list[int], *, bootstrap: int = 1000) -> list[dic
     validation = {u: cache.get(u, split.source(u).load) for u in split.validation}
     nodules = [f for u in split.validation for f in split.nodules(u)]
     excluded = [f for u in split.validation for f in split.luna.excluded(u)]
-    pad = detection_params(cfg).intensity.pad_value
+    pad = detection_params(cfg).normalisation.pad_value
     rows = []
     for w in windows:
         wcfg = replace(cfg, eval=replace(cfg.eval, window=w))
@@ -94,7 +93,7 @@ def measure(run: Path, windows: list[int], *, bootstrap: int = 1000) -> list[dic
             result = detect_preprocessed(cached.to_volume(), runner, params)
             seconds.append(time.perf_counter() - tic)
             counts.append(result.n_windows - result.n_windows_skipped)
-            predictions += [Prediction(uid, p.centre_lps, p.probability) for p in result.detections]
+            predictions += [replace(p, series_uid=uid) for p in result.detections]
         froc = evaluate(predictions, nodules, excluded, split.validation, bootstrap, cfg.seed)
         rows.append(
             {

@@ -241,7 +241,7 @@ def side_medssl(
         "setup": f"medssl.scoring.score(engine='local', workers={workers}, "
         f"batch_size={batch_size}{'; lung mask off' if keep is not None else ''}); "
         f"runtime {runtime}: {runner_version} {providers[0]}, default threads; "
-        "reader: medssl (pydicom); preprocess: medssl.pipeline.preprocess_ct "
+        "reader: medssl (pydicom); preprocess: medssl.pipeline.prepare "
         "(separable threaded resample + HU window, lung mask)",
     }
 
@@ -334,7 +334,7 @@ def side_monai(data: Path, batch_size: int, loader_workers: int) -> dict[str, An
     net = FPNDetector(cfg.model, cfg.anchors)
     net.load_state_dict(state["model"])
     net.eval()
-    if tuple(card.patch_size) != params.window_shape or cfg.anchors.max_stride != params.divisor:
+    if tuple(card.patch_size) != params.window or cfg.anchors.max_stride != params.divisor:
         raise RuntimeError(
             f"card patch {card.patch_size} / divisor {params.divisor} do not match the checkpoint"
         )
@@ -344,9 +344,9 @@ def side_monai(data: Path, batch_size: int, loader_workers: int) -> dict[str, An
 
     prepare = _ReadAndPreprocess(
         params.spacing_mm,
-        params.intensity.hu_min,
-        params.intensity.hu_max,
-        params.intensity.pad_value,
+        params.normalisation.hu_min,
+        params.normalisation.hu_max,
+        params.normalisation.pad_value,
         params.divisor,
     )
     folders = [str(p) for p in sorted(data.glob("scan*")) if p.is_dir()]
@@ -362,13 +362,13 @@ def side_monai(data: Path, batch_size: int, loader_workers: int) -> dict[str, An
             tic = time.perf_counter()
             levels = sliding_window_inference(
                 item["image"][None],
-                roi_size=params.window_shape,
+                roi_size=params.window,
                 sw_batch_size=params.batch_size,
                 predictor=predictor,
                 overlap=params.overlap,
                 mode="constant",
                 padding_mode="constant",
-                cval=params.intensity.pad_value,
+                cval=params.normalisation.pad_value,
             )
             inference_s = time.perf_counter() - tic
             tic = time.perf_counter()
@@ -446,7 +446,7 @@ def side_monai(data: Path, batch_size: int, loader_workers: int) -> dict[str, An
         "setup": f"PyTorch {torch.__version__} eager, {TORCH_THREADS} threads, "
         f"FPNDetector from {WEIGHTS.name}; SimpleITK ImageSeriesReader + "
         f"MONAI Spacing/ScaleIntensityRange/DivisiblePad {reading}; "
-        f"monai.inferers.sliding_window_inference(roi {params.window}^3, "
+        f"monai.inferers.sliding_window_inference(roi {params.window}, "
         f"overlap {params.overlap}, sw_batch_size {params.batch_size}, "
         "constant blending); anchors decoded over the whole volume; "
         f"threshold {params.score_threshold}, top {params.pre_nms_top_k} per "

@@ -44,13 +44,13 @@ from medssl.training.checkpoint import load_checkpoint
 
 from . import tensorrt as trt_export
 from .models import Exportable, exportable
+from .onnx_export import OPSET, convert_fp16, export_onnx
 from .operating import (
     operating_point_from_run,
     operating_point_on_validation,
     run_calibration,
     validation_inputs,
 )
-from .onnx_export import OPSET, convert_fp16, export_onnx
 from .parity import ParityReport, compare
 
 __all__ = ["ExportOptions", "ExportResult", "export_checkpoint", "resolve_checkpoint"]

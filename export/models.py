@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from medssl.config import config_from_dict
 from medssl.errors import CheckpointError, ConfigError, ExportError
-from medssl.models.card import NODULE_LABEL, Decoding, Label, Task, TensorSpec
 from medssl.models.anatomy import organ_label
+from medssl.models.card import NODULE_LABEL, Decoding, Label, Task, TensorSpec
 from medssl.pipeline.preprocess import Intensity, PercentileIntensity
 from medssl.synth.patches import chest_patch, organ_patch
-from medssl.config import config_from_dict
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_eval import detection_params
 from medssl.training.detector import DetectorInference, FPNDetector
@@ -112,10 +112,12 @@ def _detector(state: Mapping[str, Any], path: Path) -> Exportable:
             TensorSpec("scores", "FP32", (n_anchors,), "nodule probability of each box, [0, 1]"),
         ),
         input_spacing=(params.spacing_mm,) * 3,
-        normalisation=params.intensity,
+        normalisation=params.normalisation,
         overlap=params.overlap,
         labels=(NODULE_LABEL,),
-        sample=lambda seed: chest_patch((w, w, w), params.spacing_mm, params.intensity, seed),
+        sample=lambda seed: chest_patch(
+            params.window, params.spacing_mm, params.normalisation, seed
+        ),
         sample_name="synthetic chest CT patch around a nodule",
         decoding=Decoding(
             divisor=params.divisor,

@@ -2,7 +2,7 @@
 
 ``medssl-export`` chooses the card's operating point (:mod:`medssl.metrics.operating_point`)
 by running the ONNX model it just wrote (onnxruntime, CPU) through the shared pipeline
-(:func:`medssl.pipeline.preprocess.preprocess_ct`, :func:`medssl.pipeline.detect.detect_preprocessed`,
+(:func:`medssl.pipeline.preprocess.prepare`, :func:`medssl.pipeline.detect.detect_preprocessed`,
 the code ``medssl-score`` runs) on the run's validation scans: the ``validation`` list of the
 run's ``split.json`` (``<run>/checkpoints/<ckpt>.pt`` → ``<run>/split.json``) in the LUNA16
 folder the checkpoint's provenance names (``provenance.data``). The threshold is therefore
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from medssl.errors import ExportError, MedsslError
+from medssl.finding import Finding
 from medssl.metrics.calibration import Calibration
-from medssl.metrics.luna16 import Prediction
 from medssl.metrics.operating_point import (
     OperatingPoint,
     OperatingPointError,
@@ -192,7 +192,7 @@ def operating_point_on_validation(
     """
     from medssl.datasets.luna16 import Luna16
     from medssl.pipeline.detect import detect_preprocessed
-    from medssl.pipeline.preprocess import preprocess_ct
+    from medssl.pipeline.preprocess import prepare
     from medssl.runners.onnx import OnnxRunner
 
     what, uids, data = validation_inputs(checkpoint, provenance, data)
@@ -200,13 +200,13 @@ def operating_point_on_validation(
     runner = OnnxRunner(
         onnx_path, replace(card, operating_point=None), providers=["CPUExecutionProvider"]
     )
-    predictions: list[Prediction] = []
+    predictions: list[Finding] = []
     try:
         luna = Luna16(data)
         for uid in uids:
-            volume = preprocess_ct(luna.scan(uid), params.spacing_mm, params.intensity)
+            volume = prepare(luna.scan(uid), params)
             result = detect_preprocessed(volume, runner, params)
-            predictions += [Prediction(uid, d.centre_lps, d.probability) for d in result.detections]
+            predictions += [replace(d, series_uid=uid) for d in result.detections]
         nodules = [f for u in uids for f in luna.annotations(u)]
         excluded = [f for u in uids for f in luna.excluded(u)]
     except MedsslError as exc:

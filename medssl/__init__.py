@@ -6,8 +6,9 @@ imports torch.
 """
 
 from medssl.errors import MedsslError
+from medssl.finding import Finding
 from medssl.volume import Volume, affine_from_geometry
 
 __version__ = "0.1.0"
 
-__all__ = ["MedsslError", "Volume", "__version__", "affine_from_geometry"]
+__all__ = ["Finding", "MedsslError", "Volume", "__version__", "affine_from_geometry"]

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from medssl.errors import MedsslError, RunnerError
+from medssl.scoring.result import SeriesStatus
 from medssl.serving.api import ApiServer
 from medssl.serving.config import GatewayConfig
 from medssl.serving.http import HealthServer
@@ -346,14 +347,16 @@ class Gateway:
                 fields,
             )
             return
-        ok = [s for s in result.series if s.status == "ok"]
-        failed = [s for s in result.series if s.status == "failed"]
+        ok = [s for s in result.series if s.status is SeriesStatus.OK]
+        failed = [s for s in result.series if s.status is SeriesStatus.FAILED]
         series = [
-            SeriesRecord(s.series_uid, s.model, s.status, s.reason, s.n_findings, s.description)
+            SeriesRecord(
+                s.key, s.model, s.status.value, s.error, s.n_reported, s.item.series_description
+            )
             for s in result.series
         ]
         if failed and not ok:
-            reasons = "; ".join(f"{s.series_uid} ({s.model}): {s.reason}" for s in failed)
+            reasons = "; ".join(f"{s.key} ({s.model}): {s.error}" for s in failed)
             self._settled(
                 self.store.fail(
                     job.id,
@@ -364,7 +367,7 @@ class Gateway:
                 fields,
             )
             return
-        skipped = [s for s in result.series if s.status == "skipped"]
+        skipped = [s for s in result.series if s.status is SeriesStatus.SKIPPED]
         note = (
             None
             if ok
@@ -373,9 +376,7 @@ class Gateway:
             else None
         )
         if ok and failed:  # the study is done; the job keeps why its other series were not
-            note = "series failed: " + "; ".join(
-                f"{s.series_uid} ({s.model}): {s.reason}" for s in failed
-            )
+            note = "series failed: " + "; ".join(f"{s.key} ({s.model}): {s.error}" for s in failed)
         outputs = [Output(o.path, o.kind, o.model, o.sop_instance_uid) for o in result.outputs]
         done = self.store.finish_inference(
             job.id,

@@ -9,17 +9,18 @@
 2. for each route, its selection rules pick the series
    (:func:`~medssl.scoring.select.select_series`, the rules of ``medssl-score --select``);
    the others are ``skipped`` with the reason;
-3. each picked series runs through scoring's pipeline (:func:`~medssl.scoring.series.prepare`
-   then :func:`~medssl.scoring.series.infer`), the code ``medssl-score`` runs, so the gateway's
-   findings on a series are ``medssl-score``'s; results go to
-   ``out_dir/<model>/<SeriesInstanceUID>/``: a detector's TID 1500 SR (``sr.dcm``, findings from
-   ``route.min_probability`` up, or from the card's operating point when the route sets none) and,
-   with ``route.companion_seg``, the SEG of its findings (``findings-seg.dcm``); a segmenter's SEG
-   (``seg.dcm``).
+3. each picked series runs through scoring's pipeline
+   (:func:`~medssl.scoring.series.prepare_series` then :func:`~medssl.scoring.series.infer`),
+   the code ``medssl-score`` runs, so the gateway's result for a series
+   (:class:`~medssl.scoring.result.SeriesResult`) is ``medssl-score``'s; results go to
+   ``out_dir/<model>/<SeriesInstanceUID>/``: a detector's TID 1500 SR (``sr.dcm``, findings
+   from ``route.min_probability`` up, or from the card's operating point when the route sets
+   none) and, with ``route.companion_seg``, the SEG of its findings (``findings-seg.dcm``); a
+   segmenter's SEG (``seg.dcm``).
 
 A series that cannot be read or scored (a missing slice, corrupt pixels, a malformed header,
 implausible geometry: :mod:`medssl.io.limits`, or a size this host cannot hold) is a ``failed``
-outcome with the reason, and the other series go on; it is not retried, since a retry would
+result with the reason, and the other series go on; it is not retried, since a retry would
 read the same files. A file whose header does not parse at all is skipped and logged by name
 and exception type. A failure of the model runner (Triton unreachable, an inference error, the
 runner out of memory) is not the study's fault: it raises :class:`TransientError` so the
@@ -36,24 +37,32 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from medssl.dicom.written import WrittenObject
 from medssl.errors import MedsslError, RunnerError
 from medssl.index import index_files
 from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
-from medssl.models.card import ModelCard, Task, warn_without_operating_point
+from medssl.models.card import ModelCard, warn_without_operating_point
 from medssl.runners import OnnxRunner, TritonRunner, open_runner
 from medssl.runners.triton_client import connect
 from medssl.scoring.manifest import ScanItem
+from medssl.scoring.result import SeriesResult, SeriesStatus
 from medssl.scoring.select import select_series
-from medssl.scoring.series import DicomOutput, ModelParams, infer, model_params, prepare
+from medssl.scoring.series import (
+    DicomOutput,
+    ModelParams,
+    infer,
+    model_params,
+    prepare_series,
+    skipped_result,
+)
 from medssl.serving.config import RouteConfig
 
 __all__ = [
     "LoadedModel",
     "ModelSet",
     "OutputFile",
-    "SeriesOutcome",
     "StudyResult",
     "TransientError",
     "process_study",
@@ -74,52 +83,30 @@ class TransientError(MedsslError):
 
 @dataclass(frozen=True)
 class OutputFile:
-    """A DICOM object written for a study.
+    """A DICOM object written for a study: the written object and what made it from what.
 
     Attributes:
-        path: the file (under ``out_dir/<model>/<source series UID>/``).
-        kind: ``"sr"`` (Comprehensive 3D SR) or ``"seg"`` (Segmentation).
+        written: the object (path, kind, SOP class, SOP instance and series UIDs, as written).
         model, model_version: the model that made it.
         source_series_uid: SeriesInstanceUID of the CT series it describes.
-        sop_instance_uid: its SOPInstanceUID (the same on every retry).
     """
 
-    path: Path
-    kind: Literal["sr", "seg"]
+    written: WrittenObject
     model: str
     model_version: int
     source_series_uid: str
-    sop_instance_uid: str
 
+    @property
+    def path(self) -> Path:
+        return self.written.path
 
-@dataclass
-class SeriesOutcome:
-    """What one route did with one series of the study.
+    @property
+    def kind(self) -> str:
+        return self.written.kind
 
-    Attributes:
-        series_uid: the series' SeriesInstanceUID, or the derived ``nouid-...`` key of a series
-            whose files have none (:attr:`medssl.scoring.manifest.ScanItem.key`).
-        model: the route's model.
-        status: ``ok`` (results written), ``skipped`` (the route's selection rules left it
-            out) or ``failed`` (it could not be read or scored).
-        reason: why it was skipped or failed; None when ok.
-        n_findings: ok detection: findings reported (``len(findings)``); ok segmentation:
-            labels found (volume > 0); None otherwise.
-        findings: scoring's rows (:func:`medssl.scoring.series.infer`): detection, one per
-            reported finding (probability >= the route's ``min_probability``, else the card's
-            operating point: scoring's ``passed``) with its centre
-            ``x_mm, y_mm, z_mm`` (LPS), ``diameter_mm`` and ``probability``; segmentation,
-            one per label of the card with its ``volume_ml``.
-        description: the series' SeriesDescription ("" when none).
-    """
-
-    series_uid: str
-    model: str
-    status: Literal["ok", "skipped", "failed"]
-    reason: str | None
-    n_findings: int | None
-    findings: list[dict[str, Any]] = field(default_factory=list)
-    description: str = ""
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.written.sop_instance_uid
 
 
 @dataclass
@@ -127,16 +114,27 @@ class StudyResult:
     """What :func:`process_study` made of a study.
 
     Attributes:
-        outputs: the DICOM files written, to be sent.
-        series: one outcome per (route, series) pair.
+        series: one :class:`~medssl.scoring.result.SeriesResult` per (route, series) pair
+            (ok, skipped by the route's selection rules, or failed with the reason): the
+            result ``medssl-score`` gets for the same series and model. The gateway records
+            :attr:`~medssl.scoring.result.SeriesResult.n_reported` per series (a detector's
+            findings at or above the route's threshold, a segmenter's labels found).
         timings: seconds per stage over the study's series: ``read`` (DICOM decoding),
             ``preprocess`` (resampling, normalisation), ``inference`` (the model and its
             decoding or resampling back), ``write`` (the result objects).
     """
 
-    outputs: list[OutputFile] = field(default_factory=list)
-    series: list[SeriesOutcome] = field(default_factory=list)
+    series: list[SeriesResult] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+    @property
+    def outputs(self) -> list[OutputFile]:
+        """The DICOM files written, to be sent, in the order they were written."""
+        return [
+            OutputFile(written, s.model, s.model_version, s.item.series_uid)
+            for s in self.series
+            for written in s.written
+        ]
 
 
 @dataclass(frozen=True)
@@ -319,16 +317,7 @@ def process_study(
         chosen, skipped = select_series(items, route.select)
         for skip in skipped:
             log.info("series %s, model %s: skipped (%s)", skip.item.key, route.model, skip.reason)
-            result.series.append(
-                SeriesOutcome(
-                    skip.item.key,
-                    loaded.card.name,
-                    "skipped",
-                    skip.reason,
-                    None,
-                    description=skip.item.series_description,
-                )
-            )
+            result.series.append(skipped_result(skip.item, loaded.card, skip.reason))
         for item in chosen:
             _run_series(item, route, loaded, Path(out_dir), result, limits)
     return result
@@ -342,9 +331,9 @@ def _run_series(
     result: StudyResult,
     limits: GeometryLimits,
 ) -> None:
-    """Score one series with one route's model; add its outcome, outputs and timings."""
+    """Score one series with one route's model; add its result and timings."""
     card = loaded.card
-    prepared = prepare(item, loaded.params, limits)
+    prepared = prepare_series(item, loaded.params, limits)
     output = DicomOutput(
         out_dir / card.name,
         route.min_probability,
@@ -353,60 +342,23 @@ def _run_series(
         dense_seg=route.dense_seg,
     )
     scored = infer(prepared, loaded.runner, card, loaded.params, output)
-    row = scored.row
     if scored.transient:
         raise TransientError(
-            f"series {item.key}, model {card.name!r} v{card.version}: {row['error']}"
+            f"series {item.key}, model {card.name!r} v{card.version}: {scored.error}"
         )
     for stage in ("read", "preprocess"):
         result.timings[stage] += prepared.timings.get(stage, 0.0)
-    if row["status"] != "ok":
-        log.warning("series %s, model %s: failed (%s)", item.key, card.name, row["error"])
-        result.series.append(
-            SeriesOutcome(
-                item.key,
-                card.name,
-                "failed",
-                row["error"],
-                None,
-                description=item.series_description,
-            )
-        )
+    result.series.append(scored)
+    if scored.status is not SeriesStatus.OK:
+        log.warning("series %s, model %s: failed (%s)", item.key, card.name, scored.error)
         return
-    result.timings["inference"] += row["inference_s"] + row["postprocess_s"]
-    result.timings["write"] += scored.write_s
-    if card.task is Task.DETECTION:
-        findings = [f for f in scored.findings if f["passed"]]
-        n_findings = len(findings)
-    else:
-        findings, n_findings = scored.findings, int(row["n_findings"])
-    result.series.append(
-        SeriesOutcome(
-            item.key,
-            card.name,
-            "ok",
-            None,
-            n_findings,
-            findings,
-            description=item.series_description,
-        )
-    )
-    for written in scored.dicom_files:  # their UIDs as written: no file is read back
-        result.outputs.append(
-            OutputFile(
-                written.path,
-                written.kind,
-                card.name,
-                card.version,
-                item.series_uid,
-                written.sop_instance_uid,
-            )
-        )
+    result.timings["inference"] += scored.timings["inference"] + scored.timings["postprocess"]
+    result.timings["write"] += scored.timings["write"]
     log.info(
         "series %s, model %s v%d: %d findings, wrote %d objects",
         item.key,
         card.name,
         card.version,
-        n_findings,
-        len(scored.dicom_files),
+        scored.n_reported,
+        len(scored.written),
     )

@@ -3,7 +3,7 @@
 Layout::
 
     root/<params hash>/params.json        the preprocessing parameters the hash stands for
-    root/<params hash>/<key>.npy          float32 (z, y, x) in [-1, 1] (preprocess_ct output)
+    root/<params hash>/<key>.npy          float32 (z, y, x) in [-1, 1] (prepare output)
     root/<params hash>/<key>.json         {"shape", "affine" (4x4 index->LPS), "source_spacing", ...}
     root/<params hash>/masks/<key>.npy    uint8 (z, y, x) on the same grid (nearest resampling)
     root/<params hash>/masks/<key>.json
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from medssl.atomic import atomic_write
-from medssl.pipeline.preprocess import Intensity, PercentileIntensity, preprocess_ct
+from medssl.pipeline.preprocess import Intensity, PercentileIntensity, Preparation, prepare
 from medssl.volume import Volume
 
 __all__ = ["CachedVolume", "VolumeCache"]
@@ -194,7 +194,7 @@ class VolumeCache:
 
         Returns:
             A :class:`CachedVolume` whose array is a read-only memmap, float32 ``(Z, Y, X)``
-            in ``[-1, 1]``, equal to ``preprocess_ct(load(), spacing_mm, intensity)``.
+            in ``[-1, 1]``, equal to ``prepare(load(), Preparation(spacing_mm, intensity))``.
         """
         cached = self._open(key, mask=False)
         if cached is not None:
@@ -202,7 +202,7 @@ class VolumeCache:
         source = load()
         if not isinstance(source, Volume):
             raise TypeError(f"load() for cache key {key!r} must return a Volume, got {source!r}")
-        vol = preprocess_ct(source, self.spacing_mm, self.intensity)
+        vol = prepare(source, Preparation(self.spacing_mm, self.intensity))
         return self._write(key, False, vol, source)
 
     def get_mask(self, key: str, load: Callable[[], Volume]) -> CachedVolume:
@@ -215,7 +215,7 @@ class VolumeCache:
 
         Returns:
             A :class:`CachedVolume` with a uint8 memmap, resampled with nearest neighbour
-            exactly as :func:`~medssl.pipeline.preprocess_ct` resamples the image.
+            exactly as :func:`~medssl.pipeline.prepare` resamples the image.
 
         Raises:
             ValueError: labels are not integers in 0..255, or the image of ``key`` is
@@ -237,7 +237,7 @@ class VolumeCache:
             )
         source = source.with_array(labels.astype(np.uint8))
         target = np.asarray(self.spacing_mm)
-        same = np.allclose(source.spacing, target, atol=1e-3)  # as preprocess_ct decides
+        same = np.allclose(source.spacing, target, atol=1e-3)  # as prepare decides
         vol = source if same else source.resample(target, "nearest")
         image = self._open(key, mask=False)
         if image is not None and (

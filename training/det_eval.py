@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-from medssl.datasets.luna16 import Finding
-from medssl.metrics import FrocResult, Prediction, evaluate_luna16
+from medssl.finding import Finding
+from medssl.metrics import FrocResult, evaluate_luna16
 from medssl.pipeline import Intensity
 from medssl.pipeline.detect import DetectionParams, detect_preprocessed
 from medssl.training.cache import CachedVolume
@@ -56,7 +57,7 @@ def detection_params(cfg: DetectionExperiment, batch_size: int = 2) -> Detection
     """The pipeline parameters of an experiment (also written to the model card)."""
     return DetectionParams(
         spacing_mm=cfg.data.spacing_mm,
-        intensity=Intensity(cfg.data.hu_min, cfg.data.hu_max),
+        normalisation=Intensity(cfg.data.hu_min, cfg.data.hu_max),
         window=cfg.window,
         divisor=cfg.model.strides[-1],
         overlap=cfg.eval.overlap,
@@ -70,17 +71,17 @@ def detection_params(cfg: DetectionExperiment, batch_size: int = 2) -> Detection
 
 def predict(
     runner: TorchDetectionRunner, volumes: Mapping[str, CachedVolume], params: DetectionParams
-) -> list[Prediction]:
+) -> list[Finding]:
     """Detections of every cached scan as LUNA16 submission rows (LPS mm)."""
     rows = []
     for uid, cached in volumes.items():
         result = detect_preprocessed(cached.to_volume(), runner, params)
-        rows += [Prediction(uid, d.centre_lps, d.probability) for d in result.detections]
+        rows += [replace(d, series_uid=uid) for d in result.detections]
     return rows
 
 
 def evaluate(
-    predictions: Sequence[Prediction],
+    predictions: Sequence[Finding],
     nodules: Sequence[Finding],
     excluded: Sequence[Finding],
     seriesuids: Sequence[str],

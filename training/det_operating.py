@@ -29,15 +29,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from medssl.datasets.luna16 import Finding
+from medssl.finding import Finding
 from medssl.metrics import (
-    Prediction,
     evaluate_luna16,
     froc_at_thresholds,
     label_candidates,
@@ -69,18 +69,16 @@ log = logging.getLogger("medssl.training.det_operating")
 VALIDATION_DIR = "validation"
 
 
-def calibrated(predictions: list[Prediction], calibration: Calibration) -> list[Prediction]:
+def calibrated(predictions: list[Finding], calibration: Calibration) -> list[Finding]:
     """``predictions`` with their probabilities mapped by ``calibration`` (order kept)."""
     if not predictions:
         return []
     probabilities = calibration.apply(np.array([p.probability for p in predictions], dtype=float))
-    return [
-        Prediction(p.seriesuid, p.centre_lps, float(q)) for p, q in zip(predictions, probabilities)
-    ]
+    return [replace(p, probability=float(q)) for p, q in zip(predictions, probabilities)]
 
 
 def _fit(
-    marks: list[Prediction], nodules: list[Finding], excluded: list[Finding], uids: list[str]
+    marks: list[Finding], nodules: list[Finding], excluded: list[Finding], uids: list[str]
 ) -> tuple[Calibration, dict[str, Any]]:
     """Platt calibration on the labelled validation marks (ignored marks left out), and its
     report (ECE before and after, counts; the reason when it cannot be fitted)."""

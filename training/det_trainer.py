@@ -47,7 +47,6 @@ from medssl.training.det_augment import ScannerAugment
 from medssl.training.det_config import DetectionExperiment
 from medssl.training.det_data import IndexStream, LabeledPatches, ScanBoxes, UnlabeledPatches
 from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
-from medssl.training.det_operating import write_operating_point
 from medssl.training.det_mining import (
     CandidateLists,
     NoduleTruth,
@@ -55,6 +54,7 @@ from medssl.training.det_mining import (
     refresh_scans,
     scan_candidates,
 )
+from medssl.training.det_operating import write_operating_point
 from medssl.training.det_scans import DetectionSplit, ScanSource, _folder_sources, split_luna16
 from medssl.training.det_steps import focalmix_step, supervised_step
 from medssl.training.detector import FPNDetector
@@ -178,7 +178,7 @@ def _unlabeled_truth(
     if truth_file.is_file():
         known = {source.key: [] for source in _folder_sources(folder)}
         for finding in read_findings(truth_file):
-            known.setdefault(finding.seriesuid, []).append(finding)
+            known.setdefault(finding.series_uid, []).append(finding)
     for uid in split.split.unlabeled:
         known[uid] = split.nodules(uid)
     nodules = [
@@ -217,9 +217,7 @@ def _statistics_windows(
         params = detection_params(cfg)
         masks = [prepared_lung_mask(s.volume.to_volume(), params) for s in labeled]
         # a scan where no lung is found is run whole by inference (detect_preprocessed)
-        keep = lambda i, start: (
-            not masks[i].any() or window_touches(masks[i], start, params.window_shape)
-        )  # noqa: E731
+        keep = lambda i, start: not masks[i].any() or window_touches(masks[i], start, params.window)  # noqa: E731
     return inference_windows(
         [s.volume.array.shape for s in labeled],
         window=cfg.window,

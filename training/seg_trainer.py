@@ -58,13 +58,13 @@ from medssl.training.seg_data import (
     label_lookup,
     split_domains,
 )
-from medssl.training.seg_losses import frequency_weights
 from medssl.training.seg_eval import (
     normalisation,
     segmentation_params,
     test_segmenter,
     validate_segmenter,
 )
+from medssl.training.seg_losses import frequency_weights
 from medssl.training.seg_steps import (
     PatchCLParts,
     ad_step,

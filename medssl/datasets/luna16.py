@@ -19,30 +19,21 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medssl.errors import DatasetLayoutError
+from medssl.finding import Finding
 from medssl.io.common import hu_int16
 from medssl.io.metaimage import read_metaimage, write_metaimage
 from medssl.volume import Volume
 
-__all__ = ["Finding", "Luna16", "Luna16Writer", "read_findings", "write_findings"]
+__all__ = ["Luna16", "Luna16Writer", "read_findings", "write_findings"]
 
 N_SUBSETS = 10
 ANNOTATION_FIELDS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
 CANDIDATE_FIELDS = ["seriesuid", "coordX", "coordY", "coordZ", "class"]
-
-
-@dataclass(frozen=True)
-class Finding:
-    """A point finding in world coordinates: LPS ``(x, y, z)`` mm and a diameter in mm."""
-
-    seriesuid: str
-    centre_lps: tuple[float, float, float]
-    diameter_mm: float
 
 
 class Luna16:
@@ -108,7 +99,7 @@ class Luna16:
             if seriesuid is None or r["seriesuid"] == seriesuid
         ]
         nodules = self.annotations(seriesuid)
-        if [r["seriesuid"] for r in rows] != [f.seriesuid for f in nodules]:
+        if [r["seriesuid"] for r in rows] != [f.series_uid for f in nodules]:
             raise DatasetLayoutError(f"{path}: its rows do not follow annotations.csv's nodules")
         return [{k: v for k, v in r.items() if k not in ("seriesuid", "label")} for r in rows]
 
@@ -126,7 +117,9 @@ class Luna16:
         for row in _read_rows(path, CANDIDATE_FIELDS):
             if seriesuid is None or row["seriesuid"] == seriesuid:
                 centre = (float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))
-                rows.append((Finding(row["seriesuid"], centre, 0.0), int(row["class"])))
+                rows.append(
+                    (Finding(centre_lps=centre, series_uid=row["seriesuid"]), int(row["class"]))
+                )
         return rows
 
     def _scan_path(self, seriesuid: str) -> Path:
@@ -202,9 +195,11 @@ class Luna16Writer:
         self._excluded.extend(excluded)
         self._candidates.extend((f, 1) for f in nodules)
         self._candidates.extend((f, 0) for f in excluded)
-        self._candidates.extend((Finding(seriesuid, tuple(p), 0.0), 0) for p in negatives)
+        self._candidates.extend(
+            (Finding(centre_lps=tuple(p), series_uid=seriesuid), 0) for p in negatives
+        )
         for k, (finding, extra) in enumerate(zip(nodules, truth), start=1):
-            self._truth.append({"seriesuid": finding.seriesuid, "label": k, **extra})
+            self._truth.append({"seriesuid": finding.series_uid, "label": k, **extra})
         return path
 
     def close(self) -> None:
@@ -217,7 +212,7 @@ class Luna16Writer:
             writer = csv.writer(fh)
             writer.writerow(CANDIDATE_FIELDS)
             for finding, label in self._candidates:
-                writer.writerow([finding.seriesuid, *_coords(finding.centre_lps), label])
+                writer.writerow([finding.series_uid, *_coords(finding.centre_lps), label])
         if self._truth:
             with open(self.root / "truth.csv", "w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=list(self._truth[0]))
@@ -235,7 +230,7 @@ def write_findings(path: Path, findings: Sequence[Finding]) -> None:
         writer = csv.writer(fh)
         writer.writerow(ANNOTATION_FIELDS)
         for f in findings:
-            writer.writerow([f.seriesuid, *_coords(f.centre_lps), f"{f.diameter_mm:.4f}"])
+            writer.writerow([f.series_uid, *_coords(f.centre_lps), f"{f.diameter_mm:.4f}"])
 
 
 def _read_rows(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
@@ -256,9 +251,9 @@ def read_findings(path: str | Path, seriesuid: str | None = None) -> list[Findin
     """
     return [
         Finding(
-            row["seriesuid"],
-            (float(row["coordX"]), float(row["coordY"]), float(row["coordZ"])),
-            float(row["diameter_mm"]),
+            centre_lps=(float(row["coordX"]), float(row["coordY"]), float(row["coordZ"])),
+            diameter_mm=float(row["diameter_mm"]),
+            series_uid=row["seriesuid"],
         )
         for row in _read_rows(path, ANNOTATION_FIELDS)
         if seriesuid is None or row["seriesuid"] == seriesuid

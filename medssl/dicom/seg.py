@@ -72,9 +72,9 @@ from medssl.dicom.uids import (
     source_series_uid,
 )
 from medssl.dicom.written import save
+from medssl.finding import Finding
 from medssl.io.dicom_enhanced import frame_positions
 from medssl.models.card import ModelCard
-from medssl.pipeline.detect import Detection
 
 __all__ = [
     "DETECTION_SEG_SERIES_NUMBER",
@@ -282,7 +282,7 @@ def label_seg(
 
 def detection_seg(
     source: Sequence[Dataset],
-    detections: Sequence[Detection],
+    detections: Sequence[Finding],
     card: ModelCard,
     affine: np.ndarray,
     shape: tuple[int, int, int],
@@ -416,7 +416,7 @@ def write_label_seg(
 
 def write_detection_seg(
     source: Sequence[Dataset],
-    detections: Sequence[Detection],
+    detections: Sequence[Finding],
     card: ModelCard,
     affine: np.ndarray,
     shape: tuple[int, int, int],
@@ -505,7 +505,7 @@ def _segmentation(
 
 
 def _sphere(
-    index: int, detection: Detection, affine: np.ndarray, shape: tuple[int, int, int]
+    index: int, detection: Finding, affine: np.ndarray, shape: tuple[int, int, int]
 ) -> tuple[int, np.ndarray]:
     """Detection ``index``'s sphere on the grid: its first slice and its masks
     ``(slices, Y, X)`` uint8 from that slice on."""

@@ -115,9 +115,9 @@ from medssl.dicom.uids import (
     source_series_uid,
 )
 from medssl.dicom.written import save
+from medssl.finding import Finding
 from medssl.io.dicom_enhanced import frame_planes
 from medssl.models.card import Code, Label, ModelCard
-from medssl.pipeline.detect import Detection
 
 __all__ = [
     "CT_UNSPECIFIED_BODY_REGION",
@@ -173,7 +173,7 @@ def processing_equipment(
 
 def detection_sr(
     source: Sequence[Dataset],
-    detections: Sequence[Detection],
+    detections: Sequence[Finding],
     card: ModelCard,
     *,
     manufacturer: str = "medssl",
@@ -284,7 +284,7 @@ def detection_sr(
 
 def write_detection_sr(
     source: Sequence[Dataset],
-    detections: Sequence[Detection],
+    detections: Sequence[Finding],
     card: ModelCard,
     path: str | Path,
     *,
@@ -310,7 +310,7 @@ def write_detection_sr(
 
 
 def finding_tracking(
-    series_uid: str, card: ModelCard, index: int, detection: Detection
+    series_uid: str, card: ModelCard, index: int, detection: Finding
 ) -> tuple[str, str]:
     """``(identifier, UID)`` tracking detection ``index`` (0-based) of a series: the
     identifier is ``"<label name> <index + 1>"``, the UID :func:`derived_uid` role
@@ -387,7 +387,7 @@ def _image_point(
 
 def _finding_groups(
     index: int,
-    detection: Detection,
+    detection: Finding,
     label: Label,
     card: ModelCard,
     manufacturer: str,
@@ -547,7 +547,7 @@ def _check_companion(seg: Dataset, n_detections: int) -> None:
         )
 
 
-def _check_detection(index: int, detection: Detection) -> None:
+def _check_detection(index: int, detection: Finding) -> None:
     centre = tuple(float(c) for c in detection.centre_lps)
     if len(centre) != 3 or not all(math.isfinite(c) for c in centre):
         raise ValueError(f"detection {index}: centre_lps must be 3 finite mm values, got {centre}")

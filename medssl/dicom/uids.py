@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from medssl.finding import Finding
 from medssl.io.dicom_writer import derived_uid as _derived
 from medssl.models.card import Label, ModelCard
-from medssl.pipeline.detect import Detection
 
 __all__ = [
     "MM_DECIMALS",
@@ -117,7 +117,7 @@ def content_key(**parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def detection_key(detection: Detection) -> list[float]:
+def detection_key(detection: Finding) -> list[float]:
     """A finding as it enters a key: ``[x, y, z, diameter]`` in mm (LPS) rounded to
     :data:`MM_DECIMALS`, then the probability rounded to :data:`PROBABILITY_DECIMALS`."""
     centre = [round(float(c), MM_DECIMALS) for c in detection.centre_lps]
@@ -128,7 +128,7 @@ def detection_key(detection: Detection) -> list[float]:
     ]
 
 
-def detections_key(detections: Sequence[Detection]) -> list[list[float]]:
+def detections_key(detections: Sequence[Finding]) -> list[list[float]]:
     """The findings of an object in their reported order (:func:`detection_key` each)."""
     return [detection_key(d) for d in detections]
 
@@ -163,7 +163,7 @@ def array_key(array: np.ndarray) -> str:
 
 def report_key(
     source: Sequence[Dataset],
-    detections: Sequence[Detection],
+    detections: Sequence[Finding],
     card: ModelCard,
     *,
     companion_seg: Dataset | None,

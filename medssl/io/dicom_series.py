@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 from medssl.errors import (
     LocalizerError,
@@ -42,12 +44,31 @@ from medssl.io.limits import GeometryLimits
 from medssl.io.slice_stack import PlaneGeometry, plane_geometry, sort_slices
 from medssl.volume import Volume
 
-__all__ = ["read_dicom_series"]
+__all__ = ["DicomSeries", "load_dicom_series", "read_dicom_series"]
 
 #: Threads reading files. Parsing holds the GIL, so one is fastest for uncompressed
 #: files on local disk; more help with compressed syntaxes (decoders release the GIL)
 #: and network file systems.
 DEFAULT_WORKERS = 1
+
+
+#: Pixel Data: the datasets :func:`load_dicom_series` keeps end before it.
+_PIXEL_DATA = Tag("PixelData")
+
+
+@dataclass
+class DicomSeries:
+    """A series read once: its volume and the headers it was read from.
+
+    Attributes:
+        volume: the volume in HU (:func:`read_dicom_series`).
+        headers: the series' datasets in the order their files were given (directory
+            order for a folder), each ending before its Pixel Data (as
+            ``stop_before_pixels`` reads them): what the result writers (SR, SEG) reference.
+    """
+
+    volume: Volume
+    headers: list[Dataset]
 
 
 def read_dicom_series(
@@ -86,6 +107,21 @@ def read_dicom_series(
         SeriesGeometryError: missing / duplicate slices, uneven spacing, gantry tilt,
             mixed orientation or matrix size.
     """
+    return load_dicom_series(source, series_uid, workers, limits, target_spacing_mm).volume
+
+
+def load_dicom_series(
+    source: str | Path | Sequence[str | Path],
+    series_uid: str | None = None,
+    workers: int = DEFAULT_WORKERS,
+    limits: GeometryLimits | None = None,
+    target_spacing_mm: Sequence[float] | float | None = None,
+) -> DicomSeries:
+    """:func:`read_dicom_series`, keeping the headers it read (each file is parsed once).
+
+    Arguments and errors are :func:`read_dicom_series`'s. Returns the volume and the chosen
+    series' datasets (:class:`DicomSeries`), without their pixel data.
+    """
     if isinstance(source, (str, Path)):
         label = Path(source)
     else:  # a list of files: name the folder they share
@@ -115,7 +151,16 @@ def read_dicom_series(
         volume.meta["ignored_files"] = [str(p) for p in ignored]
     key = next(k for k, indices in series.items() if indices is chosen)
     volume.meta.update(series_key=key, series_uid_absent=not volume.meta.get("series_uid"))
-    return volume
+    for ds in members:
+        _drop_pixels(ds)
+    return DicomSeries(volume, members)
+
+
+def _drop_pixels(ds: Dataset) -> None:
+    """Remove Pixel Data and what follows it from ``ds`` (in place): the header as
+    ``stop_before_pixels`` reads it, without a decoded pixel array kept alive."""
+    for tag in [t for t in ds.keys() if t >= _PIXEL_DATA]:
+        del ds[tag]
 
 
 def _collect(source: str | Path | Sequence[str | Path]) -> tuple[list[Path], list[Path]]:

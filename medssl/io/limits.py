@@ -22,7 +22,7 @@ The defaults, and why they suit CT:
 
 So one series takes at most about 4 GiB (its HU volume) + 2 x 2 GiB (the resampled volume and
 its normalised copy) by default; lower the limits on a smaller host (``GeometryLimits(...)``
-passed to :func:`medssl.scoring.series.prepare`).
+passed to :func:`medssl.scoring.series.prepare_series`).
 """
 
 from __future__ import annotations
@@ -137,5 +137,5 @@ def _three(spacing: Sequence[float] | float) -> tuple[float, float, float]:
     return values if len(values) == 3 else (values[0],) * 3
 
 
-#: The limits :func:`medssl.scoring.series.prepare` applies unless given others.
+#: The limits :func:`medssl.scoring.series.prepare_series` applies unless given others.
 DEFAULT_LIMITS = GeometryLimits()

@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 
 from medssl.atomic import atomic_write
-from medssl.datasets.luna16 import Finding, read_findings
+from medssl.datasets.luna16 import read_findings
 from medssl.errors import DatasetLayoutError, EvaluationInputError
+from medssl.finding import Finding
 from medssl.metrics.froc import (
     FP_RATES,
     CpmDefinition,
@@ -56,7 +57,6 @@ __all__ = [
     "MAX_MARKS_PER_SCAN",
     "FrocResult",
     "PairedDifference",
-    "Prediction",
     "evaluate_luna16",
     "evaluate_luna16_files",
     "froc_at_thresholds",
@@ -76,15 +76,6 @@ DEFAULT_DIAMETER_MM = 10.0
 CONFIDENCE = 0.95
 #: FP/scan grid of the plotted CI band (log-spaced between 1/8 and 8).
 BAND_FPS = np.geomspace(FP_RATES[0], FP_RATES[-1], num=241)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One CAD mark: a world centre (LPS ``(x, y, z)`` mm, the ITK frame of LUNA16) and a score."""
-
-    seriesuid: str
-    centre_lps: tuple[float, float, float]
-    probability: float
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,7 +177,7 @@ def evaluate_luna16(
     annotations: Sequence[Finding],
     excluded: Sequence[Finding],
     seriesuids: Sequence[str],
-    predictions: Sequence[Prediction],
+    predictions: Sequence[Finding],
     *,
     n_bootstrap: int = 1000,
     seed: int = 0,
@@ -409,7 +400,7 @@ def label_candidates(
     annotations: Sequence[Finding],
     excluded: Sequence[Finding],
     seriesuids: Sequence[str],
-    predictions: Sequence[Prediction],
+    predictions: Sequence[Finding],
     *,
     max_marks_per_scan: int = MAX_MARKS_PER_SCAN,
 ) -> np.ndarray:
@@ -441,7 +432,7 @@ def froc_at_thresholds(
     annotations: Sequence[Finding],
     excluded: Sequence[Finding],
     seriesuids: Sequence[str],
-    predictions: Sequence[Prediction],
+    predictions: Sequence[Finding],
     thresholds: Sequence[float] | np.ndarray,
     *,
     max_marks_per_scan: int = MAX_MARKS_PER_SCAN,
@@ -476,7 +467,7 @@ def _match(
     annotations: Sequence[Finding],
     excluded: Sequence[Finding],
     seriesuids: Sequence[str],
-    predictions: Sequence[Prediction],
+    predictions: Sequence[Finding],
     max_marks: int,
 ) -> tuple[_FrocVectors, np.ndarray]:
     """Match every listed scan's marks to its findings (``evaluateCAD``), scan by scan.
@@ -488,8 +479,8 @@ def _match(
     wanted = set(seriesuids)
     marks: dict[str, list[int]] = {}
     for i, p in enumerate(predictions):
-        if p.seriesuid in wanted:  # marks on unlisted series are ignored, as officially
-            marks.setdefault(p.seriesuid, []).append(i)
+        if p.series_uid in wanted:  # marks on unlisted series are ignored, as officially
+            marks.setdefault(p.series_uid, []).append(i)
     nodules = _by_series(annotations, wanted)
     irrelevant = _by_series(excluded, wanted)
     vectors = _FrocVectors()
@@ -511,8 +502,8 @@ def _match(
 def _by_series(findings: Sequence[Finding], wanted: set[str]) -> dict[str, list[Finding]]:
     grouped: dict[str, list[Finding]] = {}
     for f in findings:
-        if f.seriesuid in wanted:
-            grouped.setdefault(f.seriesuid, []).append(f)
+        if f.series_uid in wanted:
+            grouped.setdefault(f.series_uid, []).append(f)
     return grouped
 
 
@@ -553,7 +544,7 @@ def _match_scan(
     scan: int,
     nodules: Sequence[Finding],
     irrelevant: Sequence[Finding],
-    marks: Sequence[Prediction],
+    marks: Sequence[Finding],
     vectors: _FrocVectors,
 ) -> np.ndarray:
     """Append one scan's entries to ``vectors``: one per nodule, one per false positive.
@@ -595,13 +586,13 @@ def _checked_seriesuids(seriesuids: Sequence[str], path: Path | None = None) -> 
     return uids
 
 
-def _check_predictions(predictions: Sequence[Prediction]) -> None:
+def _check_predictions(predictions: Sequence[Finding]) -> None:
     for i, p in enumerate(predictions):
         values = (*p.centre_lps, p.probability)
         if len(values) != 4 or not all(math.isfinite(v) for v in values):
             raise EvaluationInputError(
                 None,
-                f"prediction {i} ({p.seriesuid}): centre {p.centre_lps} and probability "
+                f"prediction {i} ({p.series_uid}): centre {p.centre_lps} and probability "
                 f"{p.probability} must be 3 + 1 finite numbers",
             )
 
@@ -668,7 +659,7 @@ def read_seriesuids(path: str | Path) -> list[str]:
     return _checked_seriesuids(uids, path)
 
 
-def read_predictions(path: str | Path) -> list[Prediction]:
+def read_predictions(path: str | Path) -> list[Finding]:
     """CAD marks from an official submission CSV: ``seriesuid,coordX,coordY,coordZ,probability``.
 
     Coordinates are world mm (LPS, the ITK frame of the ``.mhd`` files); other
@@ -690,7 +681,7 @@ def read_predictions(path: str | Path) -> list[Prediction]:
         return [_prediction(path, reader.line_num, row) for row in reader]
 
 
-def _prediction(path: Path, line: int, row: dict[str, str]) -> Prediction:
+def _prediction(path: Path, line: int, row: dict[str, str]) -> Finding:
     values = []
     for column in PREDICTION_FIELDS[1:]:
         text = row[column]
@@ -704,7 +695,7 @@ def _prediction(path: Path, line: int, row: dict[str, str]) -> Prediction:
             raise EvaluationInputError(path, f"line {line}: {column} {text!r} is not finite")
         values.append(value)
     x, y, z, probability = values
-    return Prediction(row["seriesuid"], (x, y, z), probability)
+    return Finding(centre_lps=(x, y, z), probability=probability, series_uid=row["seriesuid"])
 
 
 def _require_file(path: Path) -> None:
@@ -712,7 +703,7 @@ def _require_file(path: Path) -> None:
         raise EvaluationInputError(path, "no such file")
 
 
-def write_predictions(path: str | Path, predictions: Sequence[Prediction]) -> Path:
+def write_predictions(path: str | Path, predictions: Sequence[Finding]) -> Path:
     """Write an official submission CSV (atomically); values round-trip exactly through
     :func:`read_predictions`."""
     path = Path(path)
@@ -721,7 +712,7 @@ def write_predictions(path: str | Path, predictions: Sequence[Prediction]) -> Pa
     writer.writerow(PREDICTION_FIELDS)
     for p in predictions:
         writer.writerow(
-            [p.seriesuid, *(repr(float(v)) for v in p.centre_lps), repr(float(p.probability))]
+            [p.series_uid, *(repr(float(v)) for v in p.centre_lps), repr(float(p.probability))]
         )
     data = text.getvalue().encode("utf-8")
     atomic_write(path, lambda fh: fh.write(data))

@@ -27,9 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from medssl.datasets.luna16 import Finding
 from medssl.errors import MedsslError
-from medssl.metrics.luna16 import Prediction
+from medssl.finding import Finding
 
 __all__ = [
     "OperatingPoint",
@@ -246,7 +245,7 @@ def choose_operating_point(
     annotations: Sequence[Finding],
     excluded: Sequence[Finding],
     seriesuids: Sequence[str],
-    predictions: Sequence[Prediction],
+    predictions: Sequence[Finding],
     *,
     rule: str | OperatingRule = OperatingRule.FP_PER_SCAN,
     target: float = 1.0,
@@ -272,7 +271,7 @@ def choose_operating_point(
     rule = _rule(rule)
     target = _check_target(rule, target)
     wanted = set(seriesuids)
-    candidates = np.unique([p.probability for p in predictions if p.seriesuid in wanted])[::-1]
+    candidates = np.unique([p.probability for p in predictions if p.series_uid in wanted])[::-1]
     if len(candidates) == 0:
         raise OperatingPointError(
             f"no predictions on the {len(wanted)} validation scans: the model marked "
@@ -280,7 +279,7 @@ def choose_operating_point(
         )
     sens, fps = froc_at_thresholds(annotations, excluded, seriesuids, predictions, candidates)
     k = choose_threshold(candidates, sens, fps, rule=rule, target=target)
-    n_nodules = sum(1 for a in annotations if a.seriesuid in wanted)
+    n_nodules = sum(1 for a in annotations if a.series_uid in wanted)
     return OperatingPoint(
         threshold=float(candidates[k]),
         rule=rule,

@@ -23,8 +23,8 @@ from medssl.errors import ModelCardError
 from medssl.metrics.calibration import Calibration
 from medssl.metrics.operating_point import OperatingPoint
 from medssl.pipeline.detect import DetectionParams
-from medssl.pipeline.segment import SegmentationParams
 from medssl.pipeline.preprocess import Intensity, PercentileIntensity, normalisation_from_json
+from medssl.pipeline.segment import SegmentationParams
 
 __all__ = [
     "CARD_FILE",
@@ -37,8 +37,8 @@ __all__ = [
     "Decoding",
     "Label",
     "ModelCard",
-    "Task",
     "ReportThreshold",
+    "Task",
     "TensorSpec",
     "load_card",
     "warn_without_operating_point",
@@ -285,8 +285,8 @@ class ModelCard:
         d = self.decoding
         return DetectionParams(
             spacing_mm=float(self.input_spacing[0]),
-            intensity=self.normalisation,
-            window=z,
+            normalisation=self.normalisation,
+            window=self.patch_size,
             divisor=d.divisor,
             overlap=self.overlap,
             batch_size=batch_size,

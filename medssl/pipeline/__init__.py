@@ -1,12 +1,12 @@
 """The inference pipeline shared by training evaluation, batch scoring and the gateway.
 
-One implementation of each step: preprocessing (:mod:`~medssl.pipeline.preprocess`),
+One implementation of each step: preparing a scan for any model
+(:func:`~medssl.pipeline.preprocess.prepare`),
 sliding windows, the lung mask (:mod:`~medssl.pipeline.lungmask`), detection
 post-processing and segmentation blending/resampling.
 """
 
 from medssl.pipeline.detect import (
-    Detection,
     DetectionParams,
     DetectionResult,
     DetectionRunner,
@@ -17,8 +17,9 @@ from medssl.pipeline.lungmask import LungMaskParams, lung_mask
 from medssl.pipeline.preprocess import (
     Intensity,
     PercentileIntensity,
+    Preparation,
     normalisation_from_json,
-    preprocess_ct,
+    prepare,
     resample_to_spacing,
 )
 from medssl.pipeline.segment import (
@@ -29,7 +30,6 @@ from medssl.pipeline.segment import (
     SegmentationRunner,
     importance_map,
     largest_component,
-    prepare_segmentation,
     segment,
     segment_prepared,
     segment_preprocessed,
@@ -38,7 +38,6 @@ from medssl.pipeline.windows import extract_window, plan_windows
 
 __all__ = [
     "Blending",
-    "Detection",
     "DetectionParams",
     "DetectionResult",
     "DetectionRunner",
@@ -46,6 +45,7 @@ __all__ = [
     "LungMaskParams",
     "Normalisation",
     "PercentileIntensity",
+    "Preparation",
     "SegmentationParams",
     "SegmentationResult",
     "SegmentationRunner",
@@ -57,8 +57,7 @@ __all__ = [
     "lung_mask",
     "normalisation_from_json",
     "plan_windows",
-    "prepare_segmentation",
-    "preprocess_ct",
+    "prepare",
     "resample_to_spacing",
     "segment",
     "segment_prepared",

@@ -15,7 +15,7 @@ the preprocessed volume's affine, which places it in the same world as the input
 False-positive control (both off by default, so an old card detects as it always did):
 
 * ``params.lung_mask``: a lung mask (:func:`medssl.pipeline.lungmask.lung_mask`) is computed
-  on the preprocessed volume, its intensities mapped back to HU through ``params.intensity``
+  on the preprocessed volume, its intensities mapped back to HU through ``params.normalisation``
   (exact inside the window, which must hold the mask's thresholds). Computing it there, not
   on the input scan, gives :func:`detect_preprocessed` (cached volumes, training evaluation)
   the same behaviour as :func:`detect`, on the 1 mm grid that is cheap to process. Windows
@@ -25,31 +25,44 @@ False-positive control (both off by default, so an old card detects as it always
   log: skipping everything would report a scan as clean that was never looked at.
 * ``params.calibration``: a monotone map (:class:`~medssl.metrics.calibration.Calibration`)
   applied to the merged detections' scores after NMS. ``score_threshold`` stays a floor on
-  the raw model score; ``Detection.probability`` is the calibrated probability and
-  ``Detection.score`` the raw one.
+  the raw model score; ``Finding.probability`` is the calibrated probability and
+  ``Finding.score`` the raw one.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import numbers
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from time import perf_counter
 from typing import Any, Protocol
 
 import numpy as np
 
 from medssl.detection.nms import nms_3d
+from medssl.finding import Finding
 from medssl.metrics.calibration import Calibration
+from medssl.pipeline.checks import (
+    Rules,
+    check_fields,
+    is_number,
+    is_probability,
+    is_triple,
+    positive_int,
+    positive_number,
+)
 from medssl.pipeline.lungmask import LungMaskParams, lung_mask
-from medssl.pipeline.preprocess import Intensity, check_model_grid, preprocess_ct
+from medssl.pipeline.preprocess import (
+    Intensity,
+    check_model_grid,
+    normalisation_from_json,
+    prepare,
+)
 from medssl.pipeline.windows import extract_window, plan_windows
 from medssl.volume import Volume
 
 __all__ = [
-    "Detection",
     "DetectionParams",
     "DetectionResult",
     "DetectionRunner",
@@ -64,42 +77,40 @@ log = logging.getLogger("medssl.pipeline.detect")
 #: Tolerance on runner probabilities slightly outside [0, 1] (float rounding in a graph).
 _PROB_TOLERANCE = 1e-5
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+#: The name :class:`DetectionParams` JSON used for ``normalisation`` before the pipeline's
+#: parameter classes shared one vocabulary; :meth:`DetectionParams.from_json` still reads it.
+_OLD_NORMALISATION_KEY = "intensity"
 
 
-def _is_prob(value: Any) -> bool:
-    return _is_number(value) and 0 <= value <= 1
+def _window_ok(value: Any, params: Any) -> bool:
+    return (
+        is_triple(value, positive_int)
+        and positive_int(params.divisor)
+        and all(w % params.divisor == 0 for w in value)
+    )
 
 
-def _positive_int(value: Any, _: Any = None) -> bool:
-    return _is_int(value) and value >= 1
-
-
-#: ``field: (check(value, params), rule(params))`` — the rule text names what is expected.
-_RULES: dict[str, tuple[Callable[[Any, Any], bool], Callable[[Any], str]]] = {
-    "spacing_mm": (lambda v, _: _is_number(v) and v > 0, lambda _: "a positive number"),
-    "intensity": (lambda v, _: isinstance(v, Intensity), lambda _: "an Intensity"),
-    "divisor": (_positive_int, lambda _: "a positive integer"),
-    "window": (
-        lambda v, p: _positive_int(v) and _positive_int(p.divisor) and v % p.divisor == 0,
-        lambda p: f"a positive integer divisible by divisor={p.divisor!r}",
+_RULES: Rules = {
+    "spacing_mm": (positive_number, lambda _: "a positive number (isotropic voxels, mm)"),
+    "normalisation": (
+        lambda v, _: isinstance(v, Intensity),
+        lambda _: "an Intensity (an HU window: the lung mask is found in HU)",
     ),
-    "overlap": (lambda v, _: _is_number(v) and 0 <= v < 1, lambda _: "in [0, 1)"),
-    "batch_size": (_positive_int, lambda _: "a positive integer"),
-    "score_threshold": (lambda v, _: _is_prob(v), lambda _: "in [0, 1]"),
-    "pre_nms_top_k": (_positive_int, lambda _: "a positive integer"),
-    "max_nms_candidates": (_positive_int, lambda _: "a positive integer"),
-    "nms_iou": (lambda v, _: _is_prob(v), lambda _: "in [0, 1]"),
-    "max_detections": (_positive_int, lambda _: "a positive integer"),
-    "min_diameter_mm": (lambda v, _: _is_number(v) and v >= 0, lambda _: "a number >= 0"),
+    "divisor": (positive_int, lambda _: "a positive integer"),
+    "window": (
+        _window_ok,
+        lambda p: f"three positive integers (wz, wy, wx) divisible by divisor={p.divisor!r}",
+    ),
+    "overlap": (lambda v, _: is_number(v) and 0 <= v < 1, lambda _: "in [0, 1)"),
+    "batch_size": (positive_int, lambda _: "a positive integer"),
+    "score_threshold": (lambda v, _: is_probability(v), lambda _: "in [0, 1]"),
+    "pre_nms_top_k": (positive_int, lambda _: "a positive integer"),
+    "max_nms_candidates": (positive_int, lambda _: "a positive integer"),
+    "nms_iou": (lambda v, _: is_probability(v), lambda _: "in [0, 1]"),
+    "max_detections": (positive_int, lambda _: "a positive integer"),
+    "min_diameter_mm": (lambda v, _: is_number(v) and v >= 0, lambda _: "a number >= 0"),
     "lung_mask": (lambda v, _: isinstance(v, bool), lambda _: "a bool"),
-    "lung_margin_mm": (lambda v, _: _is_number(v) and v >= 0, lambda _: "a number >= 0 (mm)"),
+    "lung_margin_mm": (lambda v, _: is_number(v) and v >= 0, lambda _: "a number >= 0 (mm)"),
     "calibration": (lambda v, _: isinstance(v, Calibration), lambda _: "a Calibration"),
 }
 
@@ -109,7 +120,7 @@ class DetectionRunner(Protocol):
 
     ``runner(patches) -> (boxes, scores)`` where
 
-    * ``patches``: ``(B, 1, Z, Y, X)`` float32, already preprocessed (:func:`preprocess_ct`);
+    * ``patches``: ``(B, 1, Z, Y, X)`` float32, already prepared (:func:`~medssl.pipeline.preprocess.prepare`);
       ``B <= params.batch_size`` (the last batch may be smaller).
     * ``boxes``: ``(B, N, 4)`` cubes ``(z, y, x, d)`` in each patch's voxel frame, decoded
       (the model or its exported graph applies the anchor decoding); ``N`` = anchors.
@@ -123,10 +134,17 @@ class DetectionRunner(Protocol):
 class DetectionParams:
     """How a scan is prepared and how model boxes become detections (part of the model card).
 
+    The preparation vocabulary is :class:`~medssl.pipeline.segment.SegmentationParams`'s:
+    ``spacing_mm``, ``normalisation``, ``window`` ``(wz, wy, wx)``, ``overlap``,
+    ``batch_size``; :func:`~medssl.pipeline.preprocess.prepare` takes either.
+
     Attributes:
-        spacing_mm: isotropic voxel size the model works at, mm.
-        intensity: HU window and padding value.
-        window: sliding-window edge, voxels of the preprocessed grid; a multiple of ``divisor``.
+        spacing_mm: isotropic voxel size the model works at, mm (one number: the model's
+            boxes are cubes, their edge in voxels times this is the diameter in mm).
+        normalisation: the HU window mapped onto ``[-1, 1]`` and its padding value
+            (:class:`~medssl.pipeline.preprocess.Intensity`).
+        window: sliding-window shape ``(wz, wy, wx)``, voxels of the preprocessed grid, each
+            a multiple of ``divisor``; one integer means a cube (stored as the triple).
         divisor: the model's largest stride; window edges must be divisible by it.
         overlap: fraction of a window edge shared by neighbouring windows, ``[0, 1)``.
         batch_size: windows per runner call.
@@ -140,16 +158,16 @@ class DetectionParams:
         max_detections: detections reported per scan at most.
         min_diameter_mm: boxes smaller than this (mm) are dropped before NMS.
         lung_mask: restrict detection to the lungs: skip windows without lung, drop boxes
-            centred outside it (see the module doc). Needs ``intensity`` to hold the mask's
-            HU thresholds (-950 and -400 HU).
+            centred outside it (see the module doc). Needs ``normalisation`` to hold the
+            mask's HU thresholds (-950 and -400 HU).
         lung_margin_mm: the lung mask's dilation, mm (nodules on the pleura stay inside).
         calibration: maps the merged detections' raw scores to probabilities (identity by
             default); ``score_threshold`` applies to the raw score.
     """
 
     spacing_mm: float = 1.0
-    intensity: Intensity = field(default_factory=Intensity)
-    window: int = 128
+    normalisation: Intensity = field(default_factory=Intensity)
+    window: tuple[int, int, int] | int = (128, 128, 128)
     divisor: int = 16
     overlap: float = 0.25
     batch_size: int = 2
@@ -164,20 +182,24 @@ class DetectionParams:
     calibration: Calibration = field(default_factory=Calibration)
 
     def __post_init__(self) -> None:
-        for name, (ok, rule) in _RULES.items():
-            value = getattr(self, name)
-            if not ok(value, self):
-                raise ValueError(f"DetectionParams.{name} must be {rule(self)}, got {value!r}")
+        window = self.window
+        if positive_int(window):
+            window = (window, window, window)
+        elif isinstance(window, (list, np.ndarray)):
+            window = tuple(np.asarray(window).tolist())
+        object.__setattr__(self, "window", window)
+        check_fields(self, _RULES)
         if self.lung_mask:
             needed = self.lung_mask_params
             if not (
-                self.intensity.hu_min < needed.air_hu
-                and self.intensity.hu_max > needed.threshold_hu
+                self.normalisation.hu_min < needed.air_hu
+                and self.normalisation.hu_max > needed.threshold_hu
             ):
                 raise ValueError(
-                    f"DetectionParams.lung_mask needs the intensity window to hold the lung mask's "
-                    f"thresholds ({needed.air_hu} and {needed.threshold_hu} HU), got "
-                    f"[{self.intensity.hu_min}, {self.intensity.hu_max}] HU; set lung_mask=False"
+                    f"DetectionParams.lung_mask needs the normalisation window to hold the lung "
+                    f"mask's thresholds ({needed.air_hu} and {needed.threshold_hu} HU), got "
+                    f"[{self.normalisation.hu_min}, {self.normalisation.hu_max}] HU; "
+                    "set lung_mask=False"
                 )
 
     @property
@@ -186,14 +208,16 @@ class DetectionParams:
         return LungMaskParams(margin_mm=float(self.lung_margin_mm))
 
     @property
-    def window_shape(self) -> tuple[int, int, int]:
-        """The cubic window ``(w, w, w)``, voxels."""
-        return (self.window, self.window, self.window)
+    def crop_to_body(self) -> bool:
+        """False: detection runs every window (or the lung mask's); see
+        :func:`~medssl.pipeline.preprocess.prepare`."""
+        return False
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-able dict for the model card; ``intensity`` is a nested dict."""
-        data = asdict(self)
-        data["intensity"] = self.intensity.to_json()
+        """JSON-able dict; ``normalisation`` and ``calibration`` are nested dicts."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["normalisation"] = self.normalisation.to_json()
+        data["window"] = list(self.window)
         data["calibration"] = self.calibration.to_json()
         return data
 
@@ -201,24 +225,33 @@ class DetectionParams:
     def from_json(cls, data: Mapping[str, Any]) -> DetectionParams:
         """Inverse of :meth:`to_json`. Missing keys take the defaults; unknown keys are errors.
 
-        A card written before a field existed reads as it always did: no lung mask, the
-        identity calibration.
+        A dict written before a field existed reads as it always did: no lung mask, the
+        identity calibration. One written before the shared vocabulary reads too: its
+        ``"intensity"`` is the ``normalisation``, its integer ``window`` a cube.
 
         Raises:
-            ValueError: an unknown key, or a value that fails validation (named).
+            ValueError: an unknown key, both ``normalisation`` and ``intensity``, or a value
+                that fails validation (named).
         """
+        values = dict(data)
+        if _OLD_NORMALISATION_KEY in values:
+            if "normalisation" in values:
+                raise ValueError(
+                    "DetectionParams: both 'normalisation' and its old name 'intensity' are "
+                    "given; keep 'normalisation'"
+                )
+            values["normalisation"] = values.pop(_OLD_NORMALISATION_KEY)
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(
                 f"unknown DetectionParams keys {unknown}; expected some of {sorted(known)}"
             )
-        values = dict(data)
-        if isinstance(values.get("intensity"), Mapping):
+        if isinstance(values.get("normalisation"), Mapping):
             try:
-                values["intensity"] = Intensity(**values["intensity"])
-            except TypeError as exc:
-                raise ValueError(f"DetectionParams.intensity: {exc}") from None
+                values["normalisation"] = normalisation_from_json(values["normalisation"])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"DetectionParams.normalisation: {exc}") from None
         if isinstance(values.get("calibration"), Mapping):
             try:
                 values["calibration"] = Calibration.from_json(values["calibration"])
@@ -227,33 +260,13 @@ class DetectionParams:
         return cls(**values)
 
 
-@dataclass(frozen=True)
-class Detection:
-    """One detected nodule.
-
-    Attributes:
-        centre_lps: centre ``(x, y, z)`` in LPS mm.
-        diameter_mm: cube edge, mm.
-        probability: in ``[0, 1]``; calibrated by ``DetectionParams.calibration``.
-        centre_voxel: centre ``(z, y, x)`` in the index frame of the input volume
-            (continuous; voxel ``i`` centred at ``i``).
-        score: the model's raw score before calibration, ``[0, 1]`` (equal to
-            ``probability`` under the identity calibration); None where not recorded.
-    """
-
-    centre_lps: tuple[float, float, float]
-    diameter_mm: float
-    probability: float
-    centre_voxel: tuple[float, float, float]
-    score: float | None = None
-
-
 @dataclass
 class DetectionResult:
     """What :func:`detect` found, and what it cost.
 
     Attributes:
-        detections: by descending probability.
+        detections: the findings (:class:`~medssl.finding.Finding`, with ``centre_voxel``
+            and the raw ``score``), by descending probability.
         timings: seconds per stage: ``preprocess``, ``lung_mask`` (0 without it),
             ``inference`` (window extraction and runner calls) and ``postprocess``
             (filtering, NMS, calibration, coordinate conversion).
@@ -263,7 +276,7 @@ class DetectionResult:
             every window ran and no box was dropped).
     """
 
-    detections: list[Detection]
+    detections: list[Finding]
     timings: dict[str, float]
     n_windows: int
     n_windows_skipped: int = 0
@@ -284,7 +297,7 @@ def detect(
         Detections in LPS mm, with ``centre_voxel`` in ``volume``'s index frame.
     """
     start = perf_counter()
-    prepared = preprocess_ct(volume, params.spacing_mm, params.intensity)
+    prepared = prepare(volume, params)
     elapsed = perf_counter() - start
     result = detect_preprocessed(prepared, runner, params, reference_affine=volume.affine)
     result.timings["preprocess"] = elapsed
@@ -298,7 +311,8 @@ def detect_preprocessed(
     *,
     reference_affine: np.ndarray | None = None,
 ) -> DetectionResult:
-    """Detect nodules in a volume already prepared by :func:`preprocess_ct` (e.g. cached).
+    """Detect nodules in a volume already prepared by :func:`~medssl.pipeline.preprocess.prepare`
+    (e.g. cached).
 
     [lung mask → windows without lung skipped] → windows → runner in batches → per window:
     score threshold, drop boxes centred in padding [or outside the lung mask], minimum
@@ -323,7 +337,7 @@ def detect_preprocessed(
     reference = (
         prepared.affine if reference_affine is None else np.asarray(reference_affine, np.float64)
     )
-    starts = plan_windows(prepared.shape, params.window_shape, params.overlap)
+    starts = plan_windows(prepared.shape, params.window, params.overlap)
     timings = {"preprocess": 0.0, "lung_mask": 0.0, "inference": 0.0, "postprocess": 0.0}
     inside, notes = None, []
     if params.lung_mask:
@@ -332,7 +346,7 @@ def detect_preprocessed(
         if inside.any():
             starts_all, starts = (
                 starts,
-                [s for s in starts if window_touches(inside, s, params.window_shape)],
+                [s for s in starts if window_touches(inside, s, params.window)],
             )
         else:
             starts_all, inside = starts, None
@@ -372,7 +386,7 @@ def prepared_lung_mask(prepared: Volume, params: DetectionParams) -> np.ndarray:
     The inverse of :meth:`Intensity.apply` is exact inside ``[hu_min, hu_max]``; the mask's
     thresholds lie inside it (checked by :class:`DetectionParams`).
     """
-    window = params.intensity
+    window = params.normalisation
     scale = np.float32((window.hu_max - window.hu_min) / 2.0)
     hu = prepared.array * scale
     hu += np.float32(window.hu_min + scale)
@@ -396,13 +410,11 @@ def _run_batches(
 
     Window extraction and the runner call are added to ``timings["inference"]``.
     """
-    pad = params.intensity.pad_value
+    pad = params.normalisation.pad_value
     for first in range(0, len(starts), params.batch_size):
         tic = perf_counter()
         batch = starts[first : first + params.batch_size]
-        patches = np.stack(
-            [extract_window(prepared.array, s, params.window_shape, pad) for s in batch]
-        )
+        patches = np.stack([extract_window(prepared.array, s, params.window, pad) for s in batch])
         patches = patches[:, None].astype(np.float32, copy=False)
         boxes, scores = runner(patches)
         timings["inference"] += perf_counter() - tic
@@ -500,7 +512,7 @@ def _merge(
     prepared: Volume,
     reference: np.ndarray,
     params: DetectionParams,
-) -> list[Detection]:
+) -> list[Finding]:
     """Global NMS over all windows' boxes ``(M, 4)`` (volume frame), calibration, then mm.
 
     The calibration is strictly increasing, so it leaves the NMS order unchanged.
@@ -512,7 +524,7 @@ def _merge(
     inverse = np.linalg.inv(reference)
     voxels = lps @ inverse[:3, :3].T + inverse[:3, 3]
     return [
-        Detection(
+        Finding(
             centre_lps=_triple(point),
             diameter_mm=float(box[3] * params.spacing_mm),
             probability=float(probability),
@@ -528,7 +540,7 @@ def _check_prepared(prepared: Volume, params: DetectionParams) -> None:
     check_model_grid(
         prepared,
         params.spacing_mm,
-        "preprocess_ct(volume, params.spacing_mm, params.intensity) or call detect()",
+        "prepare(volume, params) or call detect()",
     )
 
 

@@ -9,13 +9,13 @@ module never imports torch.
 Frames and steps:
 
 1. The source volume (any spacing and direction) is resampled linearly to
-   ``params.spacing_mm`` (:func:`~medssl.pipeline.preprocess.resample_to_spacing`): the
+   ``params.spacing_mm`` (:func:`~medssl.pipeline.preprocess.prepare`, as for detection): the
    *model grid*, whose affine places it in the same LPS world as the source.
-2. ``params.normalisation`` maps intensities to what the model was trained on.
+2. ``params.normalisation`` maps intensities to what the model was trained on (same function).
 3. Windows ``params.window`` tile the model grid (:func:`~medssl.pipeline.windows.plan_windows`),
    padded with ``normalisation.pad_value`` where they leave it, and run through the model in
    batches of ``params.batch_size``. For CT (an HU-window normalisation) only the body's
-   bounding box is tiled (:func:`body_box`, found on the resampled HU before normalisation and
+   bounding box is tiled (:func:`~medssl.pipeline.preprocess.body_box`, found on the resampled HU before normalisation and
    kept in the prepared volume's ``meta["body_box"]``); the air around it is background
    without running the model there.
 4. Each window's class scores are weighted by :func:`importance_map` (Gaussian or constant,
@@ -36,9 +36,7 @@ Frames and steps:
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
 from time import perf_counter
@@ -47,12 +45,16 @@ from typing import Any, Protocol
 import numpy as np
 from scipy import ndimage
 
-from medssl.pipeline.preprocess import (
-    Intensity,
-    check_model_grid,
-    normalisation_from_json,
-    resample_to_spacing,
+from medssl.pipeline.checks import (
+    Rules,
+    check_fields,
+    is_int,
+    is_number,
+    is_triple,
+    positive_int,
+    positive_number,
 )
+from medssl.pipeline.preprocess import check_model_grid, normalisation_from_json, prepare
 from medssl.pipeline.windows import extract_window, plan_windows
 from medssl.volume import Volume, lerp_axis
 
@@ -64,7 +66,6 @@ __all__ = [
     "SegmentationRunner",
     "importance_map",
     "largest_component",
-    "prepare_segmentation",
     "segment",
     "segment_prepared",
     "segment_preprocessed",
@@ -123,30 +124,17 @@ class Blending(str, Enum):
     CONSTANT = "constant"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_triple(value: Any, check: Callable[[Any], bool]) -> bool:
-    return isinstance(value, tuple) and len(value) == 3 and all(check(v) for v in value)
-
-
 def _is_normalisation(value: Any) -> bool:
     return (
         callable(getattr(value, "apply", None))
         and callable(getattr(value, "to_json", None))
-        and _is_number(getattr(value, "pad_value", None))
+        and is_number(getattr(value, "pad_value", None))
     )
 
 
-#: ``field: (check(value, params), rule(params))`` — the rule text names what is expected.
-_RULES: dict[str, tuple[Callable[[Any, Any], bool], Callable[[Any], str]]] = {
+_RULES: Rules = {
     "spacing_mm": (
-        lambda v, _: _is_triple(v, lambda s: _is_number(s) and s > 0),
+        lambda v, _: is_triple(v, positive_number),
         lambda _: "three positive numbers (z, y, x) mm",
     ),
     "normalisation": (
@@ -154,22 +142,22 @@ _RULES: dict[str, tuple[Callable[[Any, Any], bool], Callable[[Any], str]]] = {
         lambda _: "an object with apply(array), a finite pad_value and to_json() (e.g. Intensity)",
     ),
     "window": (
-        lambda v, _: _is_triple(v, lambda w: _is_int(w) and w >= 1),
+        lambda v, _: is_triple(v, positive_int),
         lambda _: "three positive integers (wz, wy, wx) voxels",
     ),
     "n_classes": (
-        lambda v, _: _is_int(v) and 2 <= v <= _MAX_CLASSES,
+        lambda v, _: is_int(v) and 2 <= v <= _MAX_CLASSES,
         lambda _: f"an integer in [2, {_MAX_CLASSES}] (background included)",
     ),
-    "overlap": (lambda v, _: _is_number(v) and 0 <= v < 1, lambda _: "in [0, 1)"),
+    "overlap": (lambda v, _: is_number(v) and 0 <= v < 1, lambda _: "in [0, 1)"),
     "blending": (
         lambda v, _: isinstance(v, Blending),
         lambda _: f"one of {[b.value for b in Blending]}",
     ),
-    "sigma_scale": (lambda v, _: _is_number(v) and v > 0, lambda _: "a positive number"),
-    "batch_size": (lambda v, _: _is_int(v) and v >= 1, lambda _: "a positive integer"),
+    "sigma_scale": (positive_number, lambda _: "a positive number"),
+    "batch_size": (positive_int, lambda _: "a positive integer"),
     "largest_component": (
-        lambda v, p: isinstance(v, tuple) and all(_is_int(k) and 1 <= k < p.n_classes for k in v),
+        lambda v, p: isinstance(v, tuple) and all(is_int(k) and 1 <= k < p.n_classes for k in v),
         lambda p: f"labels in [1, n_classes={p.n_classes!r})",
     ),
 }
@@ -211,10 +199,13 @@ class SegmentationParams:
                 object.__setattr__(self, name, tuple(np.asarray(value).tolist()))
         if isinstance(self.blending, str) and self.blending in {b.value for b in Blending}:
             object.__setattr__(self, "blending", Blending(self.blending))
-        for name, (ok, rule) in _RULES.items():
-            value = getattr(self, name)
-            if not ok(value, self):
-                raise ValueError(f"SegmentationParams.{name} must be {rule(self)}, got {value!r}")
+        check_fields(self, _RULES)
+
+    @property
+    def crop_to_body(self) -> bool:
+        """True: for an HU window, :func:`~medssl.pipeline.preprocess.prepare` records the body
+        box and only it is tiled (the air around it is background)."""
+        return True
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict for the model card; ``normalisation`` is its own ``to_json()``."""
@@ -336,7 +327,7 @@ def segment(
             contract (shapes, non-finite scores).
     """
     timings = _new_timings()
-    prepared = prepare_segmentation(volume, params, timings)
+    prepared = prepare(volume, params, timings)
     result = segment_prepared(prepared, volume.shape, volume.affine, runner, params, timings)
     result.labels.meta.update(volume.meta)
     return result
@@ -348,66 +339,6 @@ def _new_timings() -> dict[str, float]:
     )
 
 
-def prepare_segmentation(
-    volume: Volume, params: SegmentationParams, timings: dict[str, float] | None = None
-) -> Volume:
-    """Resample ``volume`` to the model grid and normalise it (the CPU half of :func:`segment`,
-    which batch scoring runs in worker processes). Adds ``resample`` and ``normalise`` seconds
-    to ``timings`` when given."""
-    tic = perf_counter()
-    resampled = resample_to_spacing(volume, params.spacing_mm)
-    if timings is not None:
-        timings["resample"] = perf_counter() - tic
-    tic = perf_counter()
-    prepared = resampled.with_array(_normalised(resampled.array, params.normalisation))
-    if isinstance(params.normalisation, Intensity):  # HU: the body can be found
-        box = body_box(resampled.array, params.window)
-        if box is not None:
-            prepared.meta["body_box"] = [[b.start, b.stop] for b in box]
-    if timings is not None:
-        timings["normalise"] = perf_counter() - tic
-    return prepared
-
-
-#: HU above which a voxel is body, not air (fat is about -100, lung about -850, air -1000).
-BODY_HU = -500.0
-#: Voxels above :data:`BODY_HU` a plane must hold to count as body (drops noise and specks).
-BODY_MIN_VOXELS = 50
-#: Model-grid voxels added around the body box.
-BODY_MARGIN = 4
-
-
-def body_box(hu: np.ndarray, window: Sequence[int]) -> tuple[slice, slice, slice] | None:
-    """The bounding box of the body in a HU volume, for sliding-window segmentation.
-
-    A plane (along each axis) belongs to the body when it holds at least
-    :data:`BODY_MIN_VOXELS` voxels above :data:`BODY_HU`; the box spans those planes plus
-    :data:`BODY_MARGIN` voxels, grown to at least ``window`` and clipped to the volume. The
-    lungs, inside the chest wall, are inside the box; the table, when dense, widens it.
-
-    Args:
-        hu: ``(Z, Y, X)`` HU on the model grid.
-        window: the sliding window ``(wz, wy, wx)``.
-
-    Returns:
-        Slices ``(z, y, x)``, or None when the volume holds no body (nothing is skipped then).
-    """
-    mask = hu > BODY_HU
-    box = []
-    for axis in range(3):
-        counts = mask.sum(axis=tuple(a for a in range(3) if a != axis))
-        planes = np.flatnonzero(counts >= BODY_MIN_VOXELS)
-        if planes.size == 0:
-            return None
-        n, w = hu.shape[axis], int(window[axis])
-        lo, hi = max(int(planes[0]) - BODY_MARGIN, 0), min(int(planes[-1]) + 1 + BODY_MARGIN, n)
-        if hi - lo < w:  # at least one window, centred on the body where the volume allows
-            lo = max(0, min(lo - (w - (hi - lo)) // 2, n - w))
-            hi = min(n, lo + w)
-        box.append(slice(lo, hi))
-    return box[0], box[1], box[2]
-
-
 def segment_prepared(
     prepared: Volume,
     source_shape: Sequence[int],
@@ -417,7 +348,7 @@ def segment_prepared(
     timings: dict[str, float] | None = None,
 ) -> SegmentationResult:
     """The model half of :func:`segment`: sliding windows on ``prepared`` (the output of
-    :func:`prepare_segmentation`), then labels on the source grid ``source_shape`` /
+    :func:`~medssl.pipeline.preprocess.prepare`), then labels on the source grid ``source_shape`` /
     ``source_affine`` (index ``(z, y, x)`` → LPS), post-processing and volumes."""
     timings = _new_timings() if timings is None else timings
     probabilities, n_windows, n_skipped = _blend_windows(prepared, runner, params, timings)
@@ -507,15 +438,6 @@ def largest_component(labels: np.ndarray, keep: Sequence[int]) -> np.ndarray:
 
 
 # -- internals ----------------------------------------------------------------------------
-
-
-def _normalised(array: np.ndarray, normalisation: Normalisation) -> np.ndarray:
-    out = np.asarray(normalisation.apply(array), dtype=np.float32)
-    if out.shape != array.shape:
-        raise ValueError(
-            f"normalisation {normalisation!r} changed the array shape {array.shape} to {out.shape}"
-        )
-    return out
 
 
 def _blend_windows(
@@ -696,6 +618,4 @@ def _label_dtype(n_classes: int) -> type[np.unsignedinteger]:
 
 def _check_prepared(prepared: Volume, params: SegmentationParams) -> None:
     """Fail loudly when ``prepared`` is not on the grid ``params`` expects."""
-    check_model_grid(
-        prepared, params.spacing_mm, "prepare_segmentation(volume, params), or call segment()"
-    )
+    check_model_grid(prepared, params.spacing_mm, "prepare(volume, params), or call segment()")

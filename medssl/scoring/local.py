@@ -1,4 +1,4 @@
-"""The local engine: read + preprocess in worker processes, inference in this process.
+"""The local engine: read + prepare in worker processes, inference in this process.
 
 Up to ``workers + 1`` series are prepared ahead of the model (a bounded queue), so the CPU
 decodes the next series while the model runs one, and memory stays bounded whatever the
@@ -20,7 +20,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from medssl.models.card import ModelCard
 from medssl.scoring.manifest import ScanItem
 from medssl.scoring.options import RunnerSpec, ScoreOptions
-from medssl.scoring.series import Prepared, Scored, infer, model_params, prepare
+from medssl.scoring.result import SeriesResult
+from medssl.scoring.series import Prepared, infer, model_params, prepare_series
 
 __all__ = ["run_local"]
 
@@ -39,7 +40,7 @@ def _die_with_parent() -> None:
 
 def run_local(
     items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, options: ScoreOptions
-) -> Iterator[Scored]:
+) -> Iterator[SeriesResult]:
     """Score ``items`` in order; yields one result per item as soon as it is done."""
     params = model_params(card, options.batch_size)
     runner = spec.open()
@@ -47,7 +48,7 @@ def run_local(
         if options.workers == 0:
             for item in items:
                 yield infer(
-                    prepare(item, params, options.limits),
+                    prepare_series(item, params, options.limits),
                     runner,
                     card,
                     params,
@@ -63,14 +64,14 @@ def run_local(
             pending: deque[Future[Prepared]] = deque()
             queue = iter(items)
             for item in queue:
-                pending.append(pool.submit(prepare, item, params, options.limits))
+                pending.append(pool.submit(prepare_series, item, params, options.limits))
                 if len(pending) > options.workers:
                     break
             while pending:
                 prepared = pending.popleft().result()
                 nxt = next(queue, None)
                 if nxt is not None:
-                    pending.append(pool.submit(prepare, nxt, params, options.limits))
+                    pending.append(pool.submit(prepare_series, nxt, params, options.limits))
                 yield infer(prepared, runner, card, params, options.dicom, options.label_maps)
     finally:
         runner.close()

@@ -12,8 +12,8 @@ from __future__ import annotations
 import csv
 import sqlite3
 from collections.abc import Sequence
-from itertools import groupby
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 

@@ -17,7 +17,8 @@ from medssl.errors import MedsslError
 from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
 from medssl.models.card import ModelCard
 from medssl.scoring.manifest import ScanItem
-from medssl.scoring.series import DicomOutput, Scored
+from medssl.scoring.result import SeriesResult
+from medssl.scoring.series import DicomOutput
 from medssl.scoring.shard import Shard
 
 __all__ = ["Engine", "RunnerSpec", "ScoreOptions"]
@@ -116,4 +117,4 @@ class Engine(Protocol):
 
     def __call__(
         self, items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, options: ScoreOptions
-    ) -> Iterator[Scored]: ...
+    ) -> Iterator[SeriesResult]: ...

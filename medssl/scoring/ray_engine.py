@@ -6,7 +6,7 @@
     (from_items)      read + preprocess       model opened once       (score() commits)
                                               per actor
 
-The stages are :func:`medssl.scoring.series.prepare` and :func:`~medssl.scoring.series.infer`,
+The stages are :func:`medssl.scoring.series.prepare_series` and :func:`~medssl.scoring.series.infer`,
 called exactly as :func:`medssl.scoring.local.run_local` calls them, so both engines give the
 same rows and findings (only the timings differ).
 
@@ -21,11 +21,12 @@ How data travels between stages (one row per series, ``batch_size=1`` everywhere
 * manifest → prepare: ``item``, the :class:`ScanItem` as a JSON string (``to_json``), so Arrow
   never has to infer types of optional header values.
 * prepare → infer: ``prepared``, the whole :class:`Prepared` (item, preprocessed
-  :class:`~medssl.volume.Volume` with its float32 array, 4×4 affine and meta, timings, error)
+  :class:`~medssl.volume.Volume` with its float32 array, 4×4 affine and meta, timings, error,
+  and a DICOM series' headers, read once with its pixels)
   pickled into an Arrow ``large_binary`` cell. Pickle keeps every voxel and the affine
   bit-exact and carries the volume's ``meta`` dict as it is; ``large_binary`` has 64-bit
   offsets, so a block of large volumes (a 1 mm chest CT is ~150 MB) never overflows.
-* infer → driver: ``scored``, the pickled :class:`Scored` (series row and findings).
+* infer → driver: ``scored``, the pickled :class:`~medssl.scoring.result.SeriesResult`.
 
 Order: ``preserve_order`` is set on the dataset's own :class:`ray.data.DataContext` (the
 caller's global context is not changed), so results arrive in manifest order, as with the
@@ -47,18 +48,18 @@ from typing import Any
 import pyarrow as pa
 
 from medssl.errors import MedsslError
+from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
 from medssl.models.card import ModelCard
 from medssl.scoring.manifest import ScanItem
 from medssl.scoring.options import RunnerSpec, ScoreOptions
-from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
+from medssl.scoring.result import SeriesResult
 from medssl.scoring.series import (
     DicomOutput,
     ModelParams,
     Prepared,
-    Scored,
     infer,
     model_params,
-    prepare,
+    prepare_series,
 )
 
 __all__ = ["run_ray"]
@@ -79,7 +80,7 @@ def _prepare_batch(
     keys, blobs = [], []
     for text in batch.column("item").to_pylist():
         item = ScanItem.from_json(json.loads(text))
-        prepared = prepare(item, params, limits)  # errors become Prepared.error
+        prepared = prepare_series(item, params, limits)  # errors become Prepared.error
         keys.append(item.key)
         blobs.append(pickle.dumps(prepared, protocol=_PICKLE))
     return _blobs(keys, "prepared", blobs)
@@ -231,7 +232,7 @@ def _dataset(
 
 def run_ray(
     items: Sequence[ScanItem], spec: RunnerSpec, card: ModelCard, options: ScoreOptions
-) -> Iterator[Scored]:
+) -> Iterator[SeriesResult]:
     """Score ``items`` on Ray; yields one result per item, in the order of ``items``.
 
     Ray is used as found when it is already initialised (and left running); otherwise this

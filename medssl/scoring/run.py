@@ -1,7 +1,7 @@
 """``medssl-score``'s engine-independent driver: manifest → selection → engine → result store.
 
 The engines (:mod:`medssl.scoring.local`, :mod:`medssl.scoring.ray_engine`) only turn
-:class:`ScanItem` rows into :class:`Scored` results; this module decides what to run,
+:class:`ScanItem` rows into :class:`~medssl.scoring.result.SeriesResult` results; this module decides what to run,
 commits every result as it arrives (so a killed run loses only what was in flight), and
 writes the final tables.
 """
@@ -17,7 +17,7 @@ from medssl.models.card import Task, warn_without_operating_point
 from medssl.scoring.manifest import Layout, build_manifest
 from medssl.scoring.options import Engine, RunnerSpec, ScoreOptions
 from medssl.scoring.select import SelectionRules, select_series
-from medssl.scoring.series import skipped_row
+from medssl.scoring.series import skipped_result
 from medssl.scoring.store import ResultStore, write_unreadable
 
 __all__ = ["Engine", "Progress", "RunnerSpec", "ScoreOptions", "ScoreSummary", "score"]
@@ -89,12 +89,12 @@ def score(
     items = manifest.items if options.shard is None else options.shard.select(manifest.items)
     store = ResultStore(out_dir)
     try:
-        chosen, skipped = select_series(items, rules or SelectionRules())
+        chosen, left_out = select_series(items, rules or SelectionRules())
         done = store.done(card.name, card.version)
         store.commit_many(
             [
-                (skipped_row(skip.item, card, skip.reason), ())
-                for skip in skipped
+                (skipped_result(skip.item, card, skip.reason).to_row(), ())
+                for skip in left_out
                 if skip.item.key not in done
             ]
         )
@@ -104,7 +104,7 @@ def score(
         start = time.perf_counter()
         finished = 0
         for result in _engine(options.engine)(todo, spec, card, options):
-            store.commit(result.row, result.findings)
+            store.commit(result.to_row(), result.finding_rows())
             finished += 1
             if progress:
                 progress(finished, len(todo), store.counts())

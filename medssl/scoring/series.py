@@ -1,56 +1,54 @@
-"""Scoring one series: read → preprocess (CPU workers) → inference → postprocess (the model).
+"""Scoring one series: read → prepare (CPU workers) → inference → postprocess (the model).
 
 Detection models give findings (LPS mm) and, for DICOM inputs, a TID 1500 SR; segmentation
-models give a label map on the source grid (``labels/<key>.nii.gz``), one volume row per
-label and, for DICOM inputs, a DICOM SEG.
+models give a label map on the source grid (``labels/<key>.nii.gz``), one volume per label
+and, for DICOM inputs, a DICOM SEG. Either way the result is a
+:class:`~medssl.scoring.result.SeriesResult`.
 
 The two halves are separate functions so an engine can run them in different places:
-:func:`prepare` in a worker process or a Ray task, :func:`infer` next to the model. Every
-error a series can cause becomes a ``failed`` row naming the reason (medssl's typed errors
-as they are; anything else prefixed "unexpected"); nothing here raises for one series.
+:func:`prepare_series` in a worker process or a Ray task, :func:`infer` next to the model.
+Every error a series can cause becomes a ``failed`` result naming the reason (medssl's typed
+errors as they are; anything else prefixed "unexpected"); nothing here raises for one series.
+
+A DICOM series' headers are read once, with its pixels (:func:`~medssl.io.dicom_series.load_dicom_series`):
+the result writers (SR, SEG) reference the same datasets, carried in :attr:`Prepared.headers`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pydicom
+from pydicom.dataset import Dataset
 
 from medssl.dicom.seg import detection_seg, frame_slices, label_seg
 from medssl.dicom.sr import detection_sr
 from medssl.dicom.written import WrittenObject, save
 from medssl.errors import MedsslError, RunnerError, describe_error
+from medssl.finding import Finding
 from medssl.io import read_grid, read_volume
-from medssl.io.dicom_series import read_dicom_series
+from medssl.io.dicom_series import load_dicom_series
 from medssl.io.limits import DEFAULT_LIMITS, GeometryLimits
 from medssl.io.nifti import write_nifti
 from medssl.models.card import ModelCard, Task
-from medssl.pipeline.detect import Detection, DetectionParams, DetectionRunner, detect_preprocessed
-from medssl.pipeline.preprocess import preprocess_ct
-from medssl.pipeline.segment import (
-    SegmentationParams,
-    SegmentationRunner,
-    prepare_segmentation,
-    segment_prepared,
-)
+from medssl.pipeline.detect import DetectionParams, DetectionRunner, detect_preprocessed
+from medssl.pipeline.preprocess import prepare
+from medssl.pipeline.segment import SegmentationParams, SegmentationRunner, segment_prepared
 from medssl.scoring.manifest import ScanItem
+from medssl.scoring.result import LabelVolume, SeriesResult, SeriesStatus
 from medssl.volume import Volume
 
 __all__ = [
     "DicomOutput",
     "ModelParams",
     "Prepared",
-    "Scored",
-    "failed_row",
     "infer",
     "model_params",
-    "prepare",
-    "skipped_row",
+    "prepare_series",
+    "skipped_result",
 ]
 
 #: The shared pipeline's parameters of a detector or a segmenter.
@@ -70,15 +68,17 @@ class Prepared:
 
     Attributes:
         item: the manifest row.
-        volume: the preprocessed volume (model spacing, intensities in ``[-1, 1]``, affine to
-            LPS); None when reading or preprocessing failed.
-        timings: seconds spent reading (``read``) and preprocessing (``preprocess``).
+        volume: the prepared volume (model spacing, normalised intensities, affine to LPS);
+            None when reading or preparing failed.
+        timings: seconds spent reading (``read``) and preparing (``preprocess``).
         n_slices: slices of the source series.
         error: ``"ErrorType: message"`` when it failed.
         source_affine: the source grid's index → LPS affine (segmentation maps labels back).
         source_shape: the source grid ``(Z, Y, X)``.
-        transient: always False: a series' reading and preprocessing fail for the series'
-            own reasons (kept so engines treat prepared and scored results alike).
+        transient: always False: a series' reading and preparing fail for the series' own
+            reasons (kept so engines treat prepared and scored results alike).
+        headers: a DICOM series' datasets as read with its pixels (pixel data dropped), in
+            ``item.paths`` order: what the SR and SEG reference; None for other inputs.
     """
 
     item: ScanItem
@@ -89,27 +89,7 @@ class Prepared:
     source_affine: np.ndarray | None = None
     source_shape: tuple[int, int, int] | None = None
     transient: bool = False
-
-
-@dataclass
-class Scored:
-    """The result of one series.
-
-    Attributes:
-        row: its ``series.parquet`` row.
-        findings: its ``findings.parquet`` rows.
-        dicom_files: the DICOM objects written (:class:`DicomOutput`), with their UIDs: the SR or SEG first,
-            then the companion SEG of the detections, if any.
-        write_s: seconds spent writing them.
-        transient: the series failed in the model runner (``RunnerError``) or ran out of
-            memory: the input is not at fault and a retry may succeed.
-    """
-
-    row: dict[str, Any]
-    findings: list[dict[str, Any]]
-    dicom_files: list[WrittenObject] = field(default_factory=list)
-    write_s: float = 0.0
-    transient: bool = False
+    headers: list[Dataset] | None = None
 
 
 def _describe(exc: BaseException) -> str:
@@ -118,24 +98,29 @@ def _describe(exc: BaseException) -> str:
     return describe_error(exc)
 
 
-def _read(item: ScanItem, limits: GeometryLimits, spacing_mm: Sequence[float] | float) -> Volume:
-    """The series in HU, its geometry checked against ``limits`` (with the resampled size on
-    the model grid ``spacing_mm``) from its headers before its pixels are read (DICOM, NIfTI,
-    MetaImage), and for any other volume path after reading, before resampling."""
+def _read(
+    item: ScanItem, limits: GeometryLimits, spacing_mm: Sequence[float] | float
+) -> tuple[Volume, list[Dataset] | None]:
+    """The series in HU and, for DICOM, its headers; its geometry checked against ``limits``
+    (with the resampled size on the model grid ``spacing_mm``) from its headers before its
+    pixels are read (DICOM, NIfTI, MetaImage), and for any other volume path after reading,
+    before resampling."""
     if item.is_dicom:
-        return read_dicom_series(list(item.paths), limits=limits, target_spacing_mm=spacing_mm)
+        series = load_dicom_series(list(item.paths), limits=limits, target_spacing_mm=spacing_mm)
+        return series.volume, series.headers
     grid = read_grid(item.paths[0])  # NIfTI / MetaImage headers: checked before the data is read
     if grid is not None:
         limits.check(*grid, item.paths[0], spacing_mm)
     volume = read_volume(item.paths[0])
     limits.check(volume.shape, volume.spacing, item.paths[0], spacing_mm)
-    return volume
+    return volume, None
 
 
-def prepare(
+def prepare_series(
     item: ScanItem, params: ModelParams, limits: GeometryLimits = DEFAULT_LIMITS
 ) -> Prepared:
-    """Read a series and preprocess it for the model; errors become ``Prepared.error``.
+    """Read a series and prepare it for the model (:func:`medssl.pipeline.preprocess.prepare`);
+    errors become ``Prepared.error``.
 
     Every failure here is the series' own (its headers, its pixels, its size), so none is
     transient: an unexpected ``TypeError``/``IndexError`` from a malformed header, or a
@@ -152,13 +137,10 @@ def prepare(
     timings = {"read": 0.0, "preprocess": 0.0}
     start = time.perf_counter()
     try:
-        source = _read(item, limits, params.spacing_mm)
+        source, headers = _read(item, limits, params.spacing_mm)
         timings["read"] = time.perf_counter() - start
         start = time.perf_counter()
-        if isinstance(params, SegmentationParams):
-            volume = prepare_segmentation(source, params)
-        else:
-            volume = preprocess_ct(source, params.spacing_mm, params.intensity)
+        volume = prepare(source, params)
         timings["preprocess"] = time.perf_counter() - start
     except MedsslError as exc:
         return Prepared(item, None, timings, error=_describe(exc))
@@ -177,6 +159,7 @@ def prepare(
         n_slices=source.shape[0],
         source_affine=source.affine.copy(),
         source_shape=source.shape,
+        headers=headers,
     )
 
 
@@ -186,36 +169,28 @@ def _dicom_skipped(item: ScanItem, dicom: DicomOutput | None) -> str | None:
     return item.missing_output_uids if dicom is not None and item.is_dicom else None
 
 
-def _base_row(item: ScanItem, card: ModelCard, status: str) -> dict[str, Any]:
-    return {
-        "key": item.key,
-        "patient_id": item.patient_id,
-        "study_uid": item.study_uid,
-        "series_uid": item.series_uid,
-        "status": status,
-        "error": None,
-        "model": card.name,
-        "model_version": card.version,
-        "n_slices": item.n_slices,
-        "source": item.paths[0],
-        "series_uid_absent": item.series_uid_absent,
-    }
+def skipped_result(item: ScanItem, card: ModelCard, reason: str) -> SeriesResult:
+    """The result of a series the selection rules left out."""
+    return SeriesResult(item, card.name, card.version, SeriesStatus.SKIPPED, reason)
 
 
-def skipped_row(item: ScanItem, card: ModelCard, reason: str) -> dict[str, Any]:
-    """The row of a series the selection rules left out."""
-    return {**_base_row(item, card, "skipped"), "error": reason}
-
-
-def failed_row(
-    item: ScanItem, card: ModelCard, error: str, timings: dict[str, float] | None = None
-) -> dict[str, Any]:
-    """The row of a series that could not be scored, with the reason."""
-    return {
-        **_base_row(item, card, "failed"),
-        "error": error,
-        **{f"{k}_s": v for k, v in (timings or {}).items()},
-    }
+def _failed(
+    item: ScanItem,
+    card: ModelCard,
+    error: str,
+    timings: dict[str, float] | None = None,
+    transient: bool = False,
+) -> SeriesResult:
+    """The result of a series that could not be scored, with the reason."""
+    return SeriesResult(
+        item,
+        card.name,
+        card.version,
+        SeriesStatus.FAILED,
+        error,
+        timings=dict(timings or {}),
+        transient=transient,
+    )
 
 
 #: Segmentation types a label SEG can be written as (:class:`medssl.dicom.seg.SegType`).
@@ -269,19 +244,24 @@ class DicomOutput:
         object.__setattr__(self, "seg_type", seg_type)
 
 
-def _source_headers(item: ScanItem) -> list[pydicom.Dataset]:
-    """The series' datasets without pixel data, in ``item.paths`` order."""
-    return [pydicom.dcmread(p, stop_before_pixels=True) for p in item.paths]
+def _headers(prepared: Prepared) -> list[Dataset]:
+    """The source headers the result objects reference (read once, with the pixels)."""
+    if prepared.headers is None:
+        raise ValueError(
+            f"series {prepared.item.key}: no DICOM headers were kept while reading it; "
+            "prepare it with prepare_series() to write DICOM outputs"
+        )
+    return prepared.headers
 
 
 def _write_sr(
-    prepared: Prepared, detections: Sequence[Detection], card: ModelCard, output: DicomOutput
+    prepared: Prepared, detections: Sequence[Finding], card: ModelCard, output: DicomOutput
 ) -> list[WrittenObject]:
     """The series' TID 1500 SR of the detections at or above the threshold in effect
     (``output.min_probability``, else the card's operating point), and its companion SEG if
-    asked for and anything is reported (headers of the source files only); the SR first."""
+    asked for and anything is reported (:attr:`Prepared.headers` as the source); the SR first."""
     item = prepared.item
-    source = _source_headers(item)
+    source = _headers(prepared)
     folder = output.folder / item.series_uid
     folder.mkdir(parents=True, exist_ok=True)
     threshold = card.report_threshold(output.min_probability).value
@@ -305,13 +285,15 @@ def _write_sr(
     ]
 
 
-def _failure(prepared: Prepared, card: ModelCard, exc: BaseException) -> Scored:
+def _failure(prepared: Prepared, card: ModelCard, exc: BaseException) -> SeriesResult:
     """The failed result of a series whose inference raised ``exc`` (medssl's typed errors as
     they are, anything else prefixed "unexpected")."""
     reason = _describe(exc) if isinstance(exc, MedsslError) else f"unexpected {_describe(exc)}"
-    return Scored(
-        failed_row(prepared.item, card, reason, prepared.timings),
-        [],
+    return _failed(
+        prepared.item,
+        card,
+        reason,
+        prepared.timings,
         transient=isinstance(exc, (RunnerError, MemoryError)),
     )
 
@@ -323,7 +305,7 @@ def infer(
     params: ModelParams,
     dicom: DicomOutput | None = None,
     label_maps: Path | None = None,
-) -> Scored:
+) -> SeriesResult:
     """Run the model on a prepared series (or pass its failure through).
 
     Args:
@@ -333,84 +315,69 @@ def infer(
             grid; None writes none.
 
     Returns:
-        The series row (status ``ok`` with timings, ``n_findings``, ``max_probability``,
-        ``dicom_outputs`` = the SR or SEG, and for a detector ``report_threshold`` and
-        ``threshold_source``: the threshold in effect and where it came from, see
-        :meth:`~medssl.models.card.ModelCard.report_threshold`; or ``failed`` with the
-        reason), one row per detection (LPS mm; ``passed``: its probability reached
-        ``report_threshold``, i.e. it is in the SR) or per label, and the DICOM files written.
+        The :class:`~medssl.scoring.result.SeriesResult`: ``ok`` with timings, every
+        candidate finding (LPS mm) and the report threshold in effect (detection; see
+        :meth:`~medssl.models.card.ModelCard.report_threshold`) or one volume per label
+        (segmentation), and the DICOM objects written; or ``failed`` with the reason.
     """
     item = prepared.item
     if prepared.volume is None:
-        return Scored(
-            failed_row(item, card, prepared.error or "unknown error", prepared.timings),
-            [],
+        return _failed(
+            item,
+            card,
+            prepared.error or "unknown error",
+            prepared.timings,
             transient=prepared.transient,
         )
     if isinstance(params, SegmentationParams):
         return _infer_segmentation(prepared, runner, card, params, dicom, label_maps)  # type: ignore[arg-type]
     try:
         result = detect_preprocessed(prepared.volume, runner, params)
-    except Exception as exc:  # noqa: BLE001 - a failed row, not a dead run
+    except Exception as exc:  # noqa: BLE001 - a failed result, not a dead run
         return _failure(prepared, card, exc)
     threshold = card.report_threshold(dicom.min_probability if dicom is not None else None)
-    findings = [
-        {
-            "key": item.key,
-            "series_uid": item.series_uid or item.key,
-            "index": i,
-            "x_mm": float(d.centre_lps[0]),
-            "y_mm": float(d.centre_lps[1]),
-            "z_mm": float(d.centre_lps[2]),
-            "diameter_mm": float(d.diameter_mm),
-            "probability": float(d.probability),
-            "passed": bool(d.probability >= threshold.value),
-            "model": card.name,
-            "model_version": card.version,
-        }
-        for i, d in enumerate(result.detections)
-    ]
-    files: list[Path] = []
+    series_uid = item.series_uid or item.key
+    findings = [replace(d, series_uid=series_uid) for d in result.detections]
+    files: list[WrittenObject] = []
     start = time.perf_counter()
     if dicom is not None and item.is_dicom and not _dicom_skipped(item, dicom):
         try:
-            files = _write_sr(prepared, result.detections, card, dicom)
-        except Exception as exc:  # noqa: BLE001 - a failed row, not a dead run
-            return Scored(
-                failed_row(
-                    item, card, f"writing the SR failed: {_describe(exc)}", prepared.timings
-                ),
-                [],
-            )
-    write_s = time.perf_counter() - start
-    probabilities = [f["probability"] for f in findings]
-    row = {
-        **_base_row(item, card, "ok"),
-        "n_slices": prepared.n_slices if prepared.n_slices is not None else item.n_slices,
-        "read_s": prepared.timings.get("read"),
-        "preprocess_s": prepared.timings.get("preprocess"),
-        "inference_s": result.timings["inference"],
-        "postprocess_s": result.timings["postprocess"],
-        "n_windows": result.n_windows,
-        "n_windows_skipped": result.n_windows_skipped,
-        "lung_mask_s": result.timings.get("lung_mask"),
-        "warning": "; ".join(result.warnings) or None,
-        "n_findings": len(findings),
-        "max_probability": float(np.max(probabilities)) if probabilities else 0.0,
-        "report_threshold": threshold.value,
-        "threshold_source": threshold.source,
-        "dicom_outputs": str(files[0].path) if files else None,
-        "note": _dicom_skipped(item, dicom),
+            files = _write_sr(prepared, findings, card, dicom)
+        except Exception as exc:  # noqa: BLE001 - a failed result, not a dead run
+            return _failed(item, card, f"writing the SR failed: {_describe(exc)}", prepared.timings)
+    timings = {
+        **prepared.timings,
+        "inference": result.timings["inference"],
+        "postprocess": result.timings["postprocess"],
+        "lung_mask": result.timings.get("lung_mask", 0.0),
+        "write": time.perf_counter() - start,
     }
-    return Scored(row, findings, files, write_s)
+    return SeriesResult(
+        item,
+        card.name,
+        card.version,
+        SeriesStatus.OK,
+        timings=timings,
+        findings=findings,
+        threshold=threshold,
+        written=files,
+        n_slices=prepared.n_slices,
+        n_windows=result.n_windows,
+        n_windows_skipped=result.n_windows_skipped,
+        warnings=list(result.warnings),
+        note=_dicom_skipped(item, dicom),
+    )
 
 
 def _write_seg(
-    item: ScanItem, labels: Volume, card: ModelCard, output: DicomOutput
+    item: ScanItem,
+    source: Sequence[Dataset],
+    labels: Volume,
+    card: ModelCard,
+    output: DicomOutput,
 ) -> WrittenObject:
     """The series' DICOM SEG (``output.seg_type``, empty frames omitted unless
-    ``output.dense_seg``), its frames mapped to the source series' frames."""
-    source = _source_headers(item)
+    ``output.dense_seg``) of the source headers ``source``, its frames mapped to theirs."""
     # label_seg's contract: mask k belongs to the source's frame k; find each frame's slice.
     slices = frame_slices(source, labels.affine, labels.shape[0])
     folder = output.folder / item.series_uid
@@ -434,7 +401,7 @@ def _infer_segmentation(
     params: SegmentationParams,
     dicom: DicomOutput | None,
     label_maps: Path | None,
-) -> Scored:
+) -> SeriesResult:
     item = prepared.item
     assert (
         prepared.volume is not None and prepared.source_affine is not None and prepared.source_shape
@@ -450,38 +417,33 @@ def _infer_segmentation(
             else write_nifti(result.labels, label_maps / f"{item.key}.nii.gz")
         )
         files = (
-            [_write_seg(item, result.labels, card, dicom)]
+            [_write_seg(item, _headers(prepared), result.labels, card, dicom)]
             if (dicom is not None and item.is_dicom and not _dicom_skipped(item, dicom))
             else []
         )
         write_s = time.perf_counter() - start
-    except Exception as exc:  # noqa: BLE001 - a failed row, not a dead run
+    except Exception as exc:  # noqa: BLE001 - a failed result, not a dead run
         return _failure(prepared, card, exc)
-    findings = [
-        {
-            "key": item.key,
-            "series_uid": item.series_uid or item.key,
-            "index": label.value,
-            "label": label.name,
-            "volume_ml": float(result.volumes_ml.get(label.value, 0.0)),
-            "model": card.name,
-            "model_version": card.version,
-        }
-        for label in card.labels
-    ]
     t = result.timings
-    row = {
-        **_base_row(item, card, "ok"),
-        "n_slices": prepared.n_slices if prepared.n_slices is not None else item.n_slices,
-        "read_s": prepared.timings.get("read"),
-        "preprocess_s": prepared.timings.get("preprocess"),
-        "inference_s": t["inference"] + t["blend"],
-        "postprocess_s": t["resample_back"] + t["postprocess"],
-        "n_windows": result.n_windows,
-        "n_windows_skipped": result.n_windows_skipped,
-        "n_findings": sum(1 for f in findings if f["volume_ml"] > 0),
-        "dicom_outputs": str(files[0].path) if files else None,
-        "note": _dicom_skipped(item, dicom),
-        "label_map": str(label_map) if label_map is not None else None,
-    }
-    return Scored(row, findings, files, write_s)
+    return SeriesResult(
+        item,
+        card.name,
+        card.version,
+        SeriesStatus.OK,
+        timings={
+            **prepared.timings,
+            "inference": t["inference"] + t["blend"],
+            "postprocess": t["resample_back"] + t["postprocess"],
+            "write": write_s,
+        },
+        labels=[
+            LabelVolume(label.value, label.name, float(result.volumes_ml.get(label.value, 0.0)))
+            for label in card.labels
+        ],
+        written=files,
+        n_slices=prepared.n_slices,
+        n_windows=result.n_windows,
+        n_windows_skipped=result.n_windows_skipped,
+        note=_dicom_skipped(item, dicom),
+        label_map=Path(label_map) if label_map is not None else None,
+    )

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medssl.atomic import atomic_write
+from medssl.finding import Finding
 
 __all__ = ["FINDING_COLUMNS", "SERIES_COLUMNS", "ResultStore", "write_unreadable"]
 
@@ -187,12 +188,9 @@ class ResultStore:
             ),
         ]
         if luna16_submission:
-            from medssl.metrics.luna16 import Prediction, write_predictions  # sklearn: slow import
+            from medssl.metrics.luna16 import write_predictions  # sklearn: slow import
 
-            predictions = [
-                Prediction(f["key"], (f["x_mm"], f["y_mm"], f["z_mm"]), f["probability"])
-                for f in self.findings()
-            ]
+            predictions = [Finding.from_row(f) for f in self.findings()]
             written.append(write_predictions(self.out_dir / "submission.csv", predictions))
         return written
 

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from medssl.datasets.decathlon import DecathlonWriter
-from medssl.datasets.luna16 import Finding, Luna16Writer, write_findings
+from medssl.datasets.luna16 import Luna16Writer, write_findings
+from medssl.finding import Finding
 from medssl.io.dicom_writer import SeriesInfo, write_dicom_series
 from medssl.io.metaimage import write_metaimage
 from medssl.io.nifti import write_nifti
@@ -105,8 +106,14 @@ def chest_series_info(seed: int, case: ChestCase) -> SeriesInfo:
 
 def chest_findings(seriesuid: str, case: ChestCase) -> tuple[list[Finding], list[Finding]]:
     """``(nodules, excluded)`` as LUNA16 rows, nodules in ``case.nodules`` order."""
-    nodules = [Finding(seriesuid, n.centre_lps, n.diameter_mm) for n in case.nodules]
-    excluded = [Finding(seriesuid, c.centre_lps, c.diameter_mm) for c in case.confusers]
+    nodules = [
+        Finding(centre_lps=n.centre_lps, diameter_mm=n.diameter_mm, series_uid=seriesuid)
+        for n in case.nodules
+    ]
+    excluded = [
+        Finding(centre_lps=c.centre_lps, diameter_mm=c.diameter_mm, series_uid=seriesuid)
+        for c in case.confusers
+    ]
     return nodules, excluded
 
 
@@ -115,7 +122,10 @@ def chest_lookalikes(seriesuid: str, case: ChestCase) -> list[Finding]:
 
     if marked, so in neither ``annotations.csv`` nor ``annotations_excluded.csv``.
     """
-    return [Finding(seriesuid, c.centre_lps, c.diameter_mm) for c in case.lookalikes]
+    return [
+        Finding(centre_lps=c.centre_lps, diameter_mm=c.diameter_mm, series_uid=seriesuid)
+        for c in case.lookalikes
+    ]
 
 
 def write_chest_dataset(

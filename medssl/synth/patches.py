@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medssl.pipeline.preprocess import Intensity, PercentileIntensity, preprocess_ct
+from medssl.pipeline.preprocess import Intensity, PercentileIntensity, Preparation, prepare
 from medssl.pipeline.windows import extract_window
 from medssl.synth.chest import ChestConfig, generate_chest_ct
 from medssl.synth.organs import generate_organ_phantom
@@ -17,7 +17,7 @@ __all__ = ["chest_patch", "organ_patch"]
 def chest_patch(
     patch: Sequence[int],
     spacing_mm: Sequence[float] | float = 1.0,
-    intensity: Intensity | None = None,
+    normalisation: Intensity | None = None,
     seed: int = 0,
     matrix: int = 96,
 ) -> np.ndarray:
@@ -26,7 +26,7 @@ def chest_patch(
     Args:
         patch: patch shape ``(z, y, x)``, voxels of the model grid.
         spacing_mm: the model grid's voxel size ``(z, y, x)`` mm (or one number).
-        intensity: the model's HU window; default :class:`Intensity()`.
+        normalisation: the model's HU window; default :class:`Intensity()`.
         seed: scan seed (:func:`generate_chest_ct`).
         matrix: in-plane matrix of the generated scan (small keeps it fast).
 
@@ -39,17 +39,18 @@ def chest_patch(
             matrix=matrix, n_slices=max(48, int(patch[0])), n_nodules_range=(1, 1), render_threads=1
         ),
     )
-    volume = preprocess_ct(case.volume, spacing_mm, intensity)
+    normalisation = normalisation or Intensity()
+    volume = prepare(case.volume, Preparation(_grid(spacing_mm), normalisation))
     centre = volume.world_to_index(case.nodules[0].centre_lps)
     start = [round(c - p / 2) for c, p in zip(centre, patch)]
-    pad = (intensity or Intensity()).pad_value
+    pad = normalisation.pad_value
     return extract_window(volume.array, start, patch, pad)[None, None].astype(np.float32)
 
 
 def organ_patch(
     patch: Sequence[int],
     spacing_mm: Sequence[float] | float,
-    intensity: Intensity | PercentileIntensity | None = None,
+    normalisation: Intensity | PercentileIntensity | None = None,
     seed: int = 0,
     domain: str = "A",
 ) -> np.ndarray:
@@ -58,19 +59,27 @@ def organ_patch(
     Args:
         patch: patch shape ``(z, y, x)``, voxels of the model grid.
         spacing_mm: the model grid's voxel size ``(z, y, x)`` mm (or one number).
-        intensity: the model's normalisation; default :class:`Intensity()`.
+        normalisation: the model's normalisation; default :class:`Intensity()`.
         seed: subject seed (:func:`~medssl.synth.organs.generate_organ_phantom`).
         domain: the phantom's imaging domain.
 
     Returns:
         ``(1, 1, Z, Y, X)`` float32 in ``[-1, 1]``.
     """
-    intensity = intensity or Intensity()
+    normalisation = normalisation or Intensity()
     case = generate_organ_phantom(seed, domain)
-    volume = preprocess_ct(case.image, spacing_mm, intensity)
+    volume = prepare(case.image, Preparation(_grid(spacing_mm), normalisation))
     liver = np.argwhere(case.label.array == 1)
     centre = volume.world_to_index(case.label.index_to_world(liver.mean(axis=0)))
     start = [round(c - p / 2) for c, p in zip(centre, patch)]
-    return extract_window(volume.array, start, patch, intensity.pad_value)[None, None].astype(
+    return extract_window(volume.array, start, patch, normalisation.pad_value)[None, None].astype(
         np.float32
     )
+
+
+def _grid(spacing_mm: Sequence[float] | float) -> float | tuple[float, float, float]:
+    """One number, or the ``(z, y, x)`` triple of a sequence."""
+    if isinstance(spacing_mm, (int, float)):
+        return float(spacing_mm)
+    z, y, x = (float(s) for s in spacing_mm)
+    return (z, y, x)

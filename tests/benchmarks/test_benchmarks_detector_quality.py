@@ -25,7 +25,7 @@ from benchmarks.detector_quality import (
     sensitivity_by_group,
     size_group,
 )
-from medssl.metrics import Prediction
+from medssl.finding import Finding
 from medssl.metrics.calibration import Calibration
 from medssl.pipeline.detect import DetectionParams
 
@@ -110,19 +110,21 @@ def test_resume_keeps_rows_of_the_same_test_set_and_refuses_another(tmp_path: Pa
 
 
 def test_sensitivity_by_group_counts_the_nodules_each_reported_mark_finds() -> None:
-    from medssl.datasets.luna16 import Finding
-
     uids = ["a", "b"]
     nodules = [
-        Finding("a", (0.0, 0.0, 0.0), 10.0),
-        Finding("a", (50.0, 0.0, 0.0), 10.0),
-        Finding("b", (0.0, 0.0, 0.0), 5.9),
+        Finding(series_uid="a", centre_lps=(0.0, 0.0, 0.0), diameter_mm=10.0),
+        Finding(series_uid="a", centre_lps=(50.0, 0.0, 0.0), diameter_mm=10.0),
+        Finding(series_uid="b", centre_lps=(0.0, 0.0, 0.0), diameter_mm=5.9),
     ]
     truth = [{"kind": "solid"}, {"kind": "ground-glass"}, {"kind": "solid"}]
     marks = [
-        Prediction("a", (1.0, 0.0, 0.0), 0.9),  # finds a's solid nodule
-        Prediction("a", (50.0, 1.0, 0.0), 0.2),  # a's ground-glass one, below the threshold
-        Prediction("b", (90.0, 0.0, 0.0), 0.8),
+        Finding(
+            series_uid="a", centre_lps=(1.0, 0.0, 0.0), probability=0.9
+        ),  # finds a's solid nodule
+        Finding(
+            series_uid="a", centre_lps=(50.0, 1.0, 0.0), probability=0.2
+        ),  # a's ground-glass one, below the threshold
+        Finding(series_uid="b", centre_lps=(90.0, 0.0, 0.0), probability=0.8),
     ]  # a false mark
     out = sensitivity_by_group(nodules, truth, [], uids, marks, threshold=0.5)
     assert out["all"] == {"all": [pytest.approx(1 / 3), 3]}
@@ -167,11 +169,11 @@ def test_truth_columns_follow_the_annotations(tmp_path: Path) -> None:
 
 def test_false_marks_count_only_reported_marks_that_hit_no_nodule() -> None:
     marks = [
-        Prediction("a", (0.0, 0.0, 0.0), 0.9),
-        Prediction("a", (9.0, 0.0, 0.0), 0.8),
-        Prediction("a", (5.0, 0.0, 0.0), 0.7),
-        Prediction("b", (0.0, 0.0, 0.0), 0.1),
-        Prediction("b", (1.0, 0.0, 0.0), 0.6),
+        Finding(series_uid="a", centre_lps=(0.0, 0.0, 0.0), probability=0.9),
+        Finding(series_uid="a", centre_lps=(9.0, 0.0, 0.0), probability=0.8),
+        Finding(series_uid="a", centre_lps=(5.0, 0.0, 0.0), probability=0.7),
+        Finding(series_uid="b", centre_lps=(0.0, 0.0, 0.0), probability=0.1),
+        Finding(series_uid="b", centre_lps=(1.0, 0.0, 0.0), probability=0.6),
     ]
     passed = [True, True, True, False, True]
     labels = np.array(

@@ -28,8 +28,8 @@ from benchmarks.focalmix_ssl import (
     train_wall_s,
     verdict,
 )
-from medssl.datasets.luna16 import Finding
-from medssl.metrics import FrocResult, Prediction, evaluate_luna16, paired_bootstrap_cpm
+from medssl.finding import Finding
+from medssl.metrics import FrocResult, evaluate_luna16, paired_bootstrap_cpm
 
 N_SCANS = 30
 
@@ -38,9 +38,15 @@ def _system(found: np.ndarray, fp_score: float) -> FrocResult:
     """One nodule per scan at the origin; the system marks it (score 0.9) where ``found``,
     and puts one false positive of ``fp_score`` far away on every scan."""
     uids = [f"scan{i:02d}" for i in range(N_SCANS)]
-    nodules = [Finding(u, (0.0, 0.0, 0.0), 10.0) for u in uids]
-    marks = [Prediction(u, (0.0, 0.0, 0.0), 0.9) for u, hit in zip(uids, found) if hit]
-    marks += [Prediction(u, (100.0, 0.0, 0.0), fp_score) for u in uids]
+    nodules = [Finding(series_uid=u, centre_lps=(0.0, 0.0, 0.0), diameter_mm=10.0) for u in uids]
+    marks = [
+        Finding(series_uid=u, centre_lps=(0.0, 0.0, 0.0), probability=0.9)
+        for u, hit in zip(uids, found)
+        if hit
+    ]
+    marks += [
+        Finding(series_uid=u, centre_lps=(100.0, 0.0, 0.0), probability=fp_score) for u in uids
+    ]
     return evaluate_luna16(nodules, [], uids, marks, n_bootstrap=0)
 
 

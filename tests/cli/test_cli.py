@@ -136,5 +136,5 @@ def test_unlabeled_pool_has_scans_but_no_annotations(tmp_path):
     luna = Luna16(out)
     unlabeled = sorted((out / "unlabeled").glob("*.mhd"))
     assert len(luna.seriesuids) == 1 and len(unlabeled) == 2
-    assert {a.seriesuid for a in luna.annotations()} == set(luna.seriesuids)
+    assert {a.series_uid for a in luna.annotations()} == set(luna.seriesuids)
     assert not {p.stem for p in unlabeled} & set(luna.seriesuids)

@@ -109,7 +109,7 @@ def test_sr_findings_equal_medssl_scores_on_the_same_series(
         result = process_study(_files(good), [ROUTE], detector, tmp_path / "out")
     uid = _series_uid(good)
     [outcome] = result.series
-    assert (outcome.series_uid, outcome.model, outcome.status) == (uid, MODEL, "ok")
+    assert (outcome.key, outcome.model, outcome.status) == (uid, MODEL, "ok")
     [output] = result.outputs
     assert output.path == tmp_path / "out" / MODEL / uid / "sr.dcm"
     assert (output.kind, output.model, output.model_version, output.source_series_uid) == (
@@ -128,9 +128,11 @@ def test_sr_findings_equal_medssl_scores_on_the_same_series(
     assert summary.counts == {"ok": 1}
     every = _columns(pq.read_table(scored / "findings.parquet").to_pylist())
     expected = every[every[:, 4] >= ROUTE.min_probability]
-    assert 0 < len(expected) < len(every) and outcome.n_findings == len(expected)
+    assert 0 < len(expected) < len(every) and outcome.n_reported == len(expected)
     np.testing.assert_allclose(_points(output.path), expected, atol=1e-3)
-    np.testing.assert_allclose(_columns(outcome.findings), expected, atol=1e-3)
+    np.testing.assert_allclose(
+        _columns([f.to_row() for f in outcome.reported]), expected, atol=1e-3
+    )
     # the log names series by UID, never the patient
     patient = pydicom.dcmread(output.path)
     assert uid in caplog.text
@@ -176,7 +178,9 @@ def test_a_route_without_min_probability_reports_from_the_card_s_operating_point
         [outcome] = result.series
         expected = every[every[:, 4] >= (threshold if card_op else 0.5)]
         np.testing.assert_allclose(_points(result.outputs[0].path), expected, atol=1e-3)
-        np.testing.assert_allclose(_columns(outcome.findings), expected, atol=1e-3)
+        np.testing.assert_allclose(
+            _columns([f.to_row() for f in outcome.reported]), expected, atol=1e-3
+        )
         warned = [r.getMessage() for r in caplog.records if "no operating point" in r.getMessage()]
         assert len(warned) == (0 if card_op else 1)
     assert len(every[every[:, 4] >= threshold]) == at_half + 1
@@ -195,16 +199,16 @@ def test_a_study_whose_series_fail_selection_gives_no_outputs_with_the_reasons(
     finally:
         models.close()
     assert result.outputs == [] and _files(tmp_path) == []
-    assert [(o.status, o.reason, o.n_findings) for o in result.series] == [
+    assert [(o.status, o.error, o.n_reported) for o in result.series] == [
         ("skipped", "40 slices, fewer than 100", None)
     ] * 2
 
 
 def test_a_broken_series_fails_with_its_reason_and_the_good_one_goes_on(chest, detector, tmp_path):
     result = process_study(_files(chest), [ROUTE], detector, tmp_path)
-    outcomes = {o.series_uid: o for o in result.series}
+    outcomes = {o.key: o for o in result.series}
     broken = outcomes[_series_uid(chest / "broken")]
-    assert broken.status == "failed" and broken.reason.startswith("MissingSliceError")
+    assert broken.status == "failed" and broken.error.startswith("MissingSliceError")
     assert outcomes[_series_uid(chest / "good")].status == "ok"
     assert outcomes[_series_uid(chest / "enhanced")].status == "ok"
     assert {o.source_series_uid for o in result.outputs} == {
@@ -230,7 +234,7 @@ def test_an_enhanced_ct_study_gives_a_valid_sr_with_a_companion_seg(
     assert dciodvfy(sr.path) == [] and dciodvfy(seg.path) == []
     np.testing.assert_allclose(_points(sr.path), _points(classic.outputs[0].path), atol=1e-3)
     segmentation = hd.seg.segread(seg.path)
-    assert segmentation.number_of_segments == enhanced.series[0].n_findings
+    assert segmentation.number_of_segments == enhanced.series[0].n_reported
     report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(sr.path)])
     groups = report.get_planar_roi_measurement_groups(
         graphic_type=POINT3D
@@ -238,7 +242,7 @@ def test_an_enhanced_ct_study_gives_a_valid_sr_with_a_companion_seg(
     assert [g.tracking_uid for g in groups] == [
         segmentation.get_segment_description(i + 1).tracking_uid for i in range(len(groups))
     ]
-    assert len(groups) == enhanced.series[0].n_findings
+    assert len(groups) == enhanced.series[0].n_reported
 
 
 def test_a_runner_failure_is_transient(chest, detector, tmp_path, monkeypatch):
@@ -283,8 +287,8 @@ def test_a_segmentation_route_gives_a_seg_with_every_frame_kept(
     labels = exported_segmenter.card.labels
     assert seg.number_of_segments == len(labels)
     assert seg.NumberOfFrames == ORGAN_SHAPE[0] * len(labels)  # empty frames kept
-    assert [f["label"] for f in outcome.findings] == [label.name for label in labels]
-    assert outcome.n_findings == sum(f["volume_ml"] > 0 for f in outcome.findings)
+    assert [v.name for v in outcome.labels] == [label.name for label in labels]
+    assert outcome.n_reported == sum(v.volume_ml > 0 for v in outcome.labels)
 
 
 # -- poison series and implausible geometry (issue 17, item 4) ------------------------------------
@@ -322,7 +326,7 @@ def test_a_poison_instance_fails_its_own_series_and_the_good_one_is_delivered(
         _files(chest / "good") + _files(poisoned / "one-valued") + _files(poisoned / "empty-shared")
     )
     result = process_study(files, [ROUTE], detector, tmp_path / "default")
-    outcomes = {o.series_uid: o for o in result.series}
+    outcomes = {o.key: o for o in result.series}
     good = _series_uid(chest / "good")
     assert outcomes.pop(good).status == "ok"
     assert [o.path.parent.name for o in result.outputs] == [good]
@@ -333,18 +337,17 @@ def test_a_poison_instance_fails_its_own_series_and_the_good_one_is_delivered(
         result = process_study(files, [ANY], models, tmp_path / "any")
     finally:
         models.close()
-    outcomes = {o.series_uid: o for o in result.series}
+    outcomes = {o.key: o for o in result.series}
     assert outcomes.pop(good).status == "ok" and [o.source_series_uid for o in result.outputs] == [
         good
     ]
     one_valued = outcomes[_series_uid(poisoned / "one-valued")]
     assert one_valued.status == "failed"
     assert (
-        one_valued.reason.startswith("SeriesGeometryError")
-        and "has 1 value(s)" in one_valued.reason
+        one_valued.error.startswith("SeriesGeometryError") and "has 1 value(s)" in one_valued.error
     )
     empty = outcomes[_series_uid(poisoned / "empty-shared")]
-    assert empty.status == "failed" and "frame 1 lacks plane position" in empty.reason
+    assert empty.status == "failed" and "frame 1 lacks plane position" in empty.error
 
 
 def test_implausible_geometry_fails_fast_with_the_value_and_the_limit(
@@ -354,11 +357,11 @@ def test_implausible_geometry_fails_fast_with_the_value_and_the_limit(
     330 KB study take 57x as long. Both are refused from the headers; the good series goes on."""
     files = _files(chest / "good") + _files(poisoned / "huge") + _files(poisoned / "coarse")
     result = process_study(files, [ROUTE], detector, tmp_path)
-    outcomes = {o.series_uid: o for o in result.series}
+    outcomes = {o.key: o for o in result.series}
     assert outcomes[_series_uid(chest / "good")].status == "ok"
     for name, value in (("huge", "1000 mm"), ("coarse", "12 mm")):
         outcome = outcomes[_series_uid(poisoned / name)]
-        assert outcome.status == "failed" and outcome.reason.startswith("ImplausibleGeometryError")
-        assert f"PixelSpacing (row) is {value}, the limit is [0.05, 5] mm" in outcome.reason
+        assert outcome.status == "failed" and outcome.error.startswith("ImplausibleGeometryError")
+        assert f"PixelSpacing (row) is {value}, the limit is [0.05, 5] mm" in outcome.error
     # refused before reading pixels: the two bad series cost less than the good one
     assert result.timings["read"] < 5.0

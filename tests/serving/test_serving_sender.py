@@ -65,8 +65,8 @@ def ct_files(tmp_path_factory) -> list[Path]:
 def results(tmp_path_factory, ct_files) -> list[Path]:
     """What the gateway sends for the CT: a BINARY SEG and a TID 1500 SR."""
     from medssl.dicom import write_detection_sr, write_label_seg
+    from medssl.finding import Finding
     from medssl.models import load_card
-    from medssl.pipeline.detect import Detection
 
     folder = tmp_path_factory.mktemp("results")
     volume = ramp_volume()
@@ -75,7 +75,12 @@ def results(tmp_path_factory, ct_files) -> list[Path]:
     labels = np.zeros(volume.shape, np.uint8)
     labels[2:4, 6:12, 8:14] = 1
     centre = (3.0, 9.0, 11.0)
-    finding = Detection(tuple(float(c) for c in volume.index_to_world(centre)), 6.0, 0.9, centre)
+    finding = Finding(
+        centre_lps=tuple(float(c) for c in volume.index_to_world(centre)),
+        diameter_mm=6.0,
+        probability=0.9,
+        centre_voxel=centre,
+    )
     return [
         write_label_seg(source, labels, card, folder / "seg.dcm"),
         write_detection_sr(source, [finding], card, folder / "sr.dcm"),

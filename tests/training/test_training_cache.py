@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medssl import Volume, affine_from_geometry
-from medssl.pipeline import Intensity, preprocess_ct
+from medssl.pipeline import Intensity, Preparation, prepare
 from medssl.training.cache import CachedVolume, VolumeCache
 
 SPACING = 1.5
@@ -59,9 +59,9 @@ def test_first_get_writes_and_second_get_maps_without_loading(tmp_path):
     assert not list(cache.dir.rglob(".*"))  # no temp files left behind
 
 
-def test_cached_array_and_geometry_match_preprocess_ct(tmp_path):
+def test_cached_array_and_geometry_match_prepare(tmp_path):
     cached = VolumeCache(tmp_path, SPACING, Intensity()).get("s", _scan)
-    expected = preprocess_ct(_scan(), SPACING, Intensity())
+    expected = prepare(_scan(), Preparation(SPACING, Intensity()))
     assert cached.shape == expected.shape
     assert np.array_equal(np.asarray(cached.array), expected.array)
     assert np.allclose(cached.affine, expected.affine)

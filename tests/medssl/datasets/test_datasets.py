@@ -9,9 +9,10 @@ import pytest
 
 from medssl.datasets.decathlon import Decathlon, DecathlonWriter
 from medssl.datasets.dicom_tree import DicomTree
-from medssl.datasets.luna16 import Finding, Luna16, Luna16Writer
+from medssl.datasets.luna16 import Luna16, Luna16Writer
 from medssl.datasets.splits import make_split, read_split, write_split
 from medssl.errors import DatasetLayoutError, MedsslError
+from medssl.finding import Finding
 from medssl.index import index_tree, write_index
 from medssl.io import write_dicom_series, write_nifti
 from tests.conftest import ramp_volume
@@ -28,8 +29,8 @@ def test_luna16_round_trip(tmp_path):
         writer.add(
             uid,
             scans[uid],
-            [Finding(uid, (-80.0, -100.0, -245.0), 6.5)],
-            excluded=[Finding(uid, (-85.0, -101.0, -244.0), 2.0)],
+            [Finding(series_uid=uid, centre_lps=(-80.0, -100.0, -245.0), diameter_mm=6.5)],
+            excluded=[Finding(series_uid=uid, centre_lps=(-85.0, -101.0, -244.0), diameter_mm=2.0)],
             lung_mask=mask,
             nodule_mask=mask,
             negatives=[(-70.0, -90.0, -240.0)],

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pydicom
 import pytest
 
+from medssl.finding import Finding
 from medssl.io import SeriesInfo, write_dicom_series
 from medssl.models import load_card
-from medssl.pipeline.detect import Detection
 from tests.medssl.dicom.helpers import INFO, NODULES, oblique_volume
 from tests.paths import DETECTOR_DIR
 
@@ -34,6 +34,11 @@ def detections(ct):
     """The two NODULES as detections in `ct`'s world coordinates (LPS mm)."""
     volume, _ = ct
     return [
-        Detection(tuple(float(c) for c in volume.index_to_world(zyx)), d, p, zyx)
+        Finding(
+            centre_lps=tuple(float(c) for c in volume.index_to_world(zyx)),
+            diameter_mm=d,
+            probability=p,
+            centre_voxel=zyx,
+        )
         for zyx, d, p in NODULES
     ]

@@ -19,9 +19,9 @@ import pytest
 from medssl import Volume, affine_from_geometry
 from medssl.dicom.seg import write_detection_seg, write_label_seg
 from medssl.dicom.sr import write_detection_sr
+from medssl.finding import Finding
 from medssl.io import SeriesInfo, write_dicom_series
 from medssl.models import load_card
-from medssl.pipeline.detect import Detection
 from tests.paths import DETECTOR_DIR
 
 #: A finding's SCOORD3D group in our SRs (each finding also has a 2D point group first:
@@ -64,11 +64,11 @@ def _outputs(folder: Path, source: list[pydicom.Dataset], card) -> list[Path]:
     """SR with companion SEG, SR without findings, label SEG (BINARY) of ``source``."""
     volume = _volume()
     found = [
-        Detection(
-            tuple(float(c) for c in volume.index_to_world(np.array([3.0, 12.0, 12.0]))),
-            6.0,
-            0.9,
-            (3.0, 12.0, 12.0),
+        Finding(
+            centre_lps=tuple(float(c) for c in volume.index_to_world(np.array([3.0, 12.0, 12.0]))),
+            diameter_mm=6.0,
+            probability=0.9,
+            centre_voxel=(3.0, 12.0, 12.0),
         )
     ]
     seg_path, seg = write_detection_seg(

@@ -73,8 +73,8 @@ import requests
 from medssl import Volume, affine_from_geometry
 from medssl.dicom import write_detection_sr
 from medssl.dicom.seg import write_detection_seg
+from medssl.finding import Finding
 from medssl.io import SeriesInfo, write_dicom_series
-from medssl.pipeline.detect import Detection
 from medssl.testing.orthanc import OrthancServer
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS, require_browser, require_tool
 from tests.medssl.dicom.helpers import INFO, NODULES
@@ -102,7 +102,7 @@ def _installed() -> None:
 
 def _chest(
     path: Path, seed: str
-) -> tuple[Volume, list[Path], list[pydicom.Dataset], list[Detection]]:
+) -> tuple[Volume, list[Path], list[pydicom.Dataset], list[Finding]]:
     """A 16 x 64 x 64 axial CT (2 x 1.25 x 1.25 mm) of air (-800 HU) with the two findings of
     tests/medssl/dicom/conftest.py's ``NODULES`` as soft-tissue spheres (60 HU); its files, their
     headers (slice order) and the detections at the sphere centres (LPS mm)."""
@@ -116,7 +116,12 @@ def _chest(
     paths = write_dicom_series(volume, path, SeriesInfo(uid_seed=seed, **INFO))
     source = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     detections = [
-        Detection(tuple(float(c) for c in volume.index_to_world(centre)), d, p, centre)
+        Finding(
+            centre_lps=tuple(float(c) for c in volume.index_to_world(centre)),
+            diameter_mm=d,
+            probability=p,
+            centre_voxel=centre,
+        )
         for centre, d, p in NODULES
     ]
     return volume, paths, source, detections

@@ -413,6 +413,8 @@ def test_a_volume_file_of_implausible_spacing_is_refused_before_its_data_is_read
     path = write_volume(ramp_volume(spacing=(2.5, 1000.0, 1000.0)), tmp_path / "huge.nii.gz")
     monkeypatch.setattr(series, "read_volume", lambda *_: pytest.fail("the data was read"))
     card = load_card(DETECTOR_DIR / "medssl.json")
-    prepared = series.prepare(ScanItem(key="huge", paths=(str(path),)), card.detection_params(2))
+    prepared = series.prepare_series(
+        ScanItem(key="huge", paths=(str(path),)), card.detection_params(2)
+    )
     assert prepared.error.startswith("ImplausibleGeometryError") and "is 1000 mm" in prepared.error
     assert not prepared.transient

@@ -22,12 +22,12 @@ import pytest
 from click.testing import CliRunner
 
 from medssl.cli.main import cli
-from medssl.datasets.luna16 import Finding, write_findings
+from medssl.datasets.luna16 import write_findings
 from medssl.errors import EvaluationInputError, MedsslError
+from medssl.finding import Finding
 from medssl.metrics import (
     CPM_FP_POINTS,
     FP_RATES,
-    Prediction,
     bootstrap_sensitivities,
     cpm_points,
     evaluate_luna16,
@@ -43,11 +43,11 @@ OFFICIAL_POINTS = (0.125, 0.2502125, 0.49985, 0.9999125, 2.0000375, 4.0002875, 8
 
 
 def nodule(uid: str, x: float, y: float, z: float, diameter: float) -> Finding:
-    return Finding(uid, (x, y, z), diameter)
+    return Finding(series_uid=uid, centre_lps=(x, y, z), diameter_mm=diameter)
 
 
-def mark(uid: str, x: float, y: float, z: float, probability: float) -> Prediction:
-    return Prediction(uid, (x, y, z), probability)
+def mark(uid: str, x: float, y: float, z: float, probability: float) -> Finding:
+    return Finding(series_uid=uid, centre_lps=(x, y, z), probability=probability)
 
 
 def evaluate(annotations, predictions, uids, excluded=(), n_bootstrap=10, **kw):
@@ -139,7 +139,7 @@ def test_a_negative_diameter_matches_as_10_mm_strictly_inside():
 # --- the per-scan cap ----------------------------------------------------------------------
 
 
-def far_marks(uid: str, probabilities) -> list[Prediction]:
+def far_marks(uid: str, probabilities) -> list[Finding]:
     """Marks 20 mm apart along x from x=100: they hit nothing."""
     return [mark(uid, 100 + 20 * i, 0, 0, p) for i, p in enumerate(probabilities)]
 
@@ -344,18 +344,42 @@ def random_case(seed: int, n_scans: int = 20):
         for _ in range(rng.integers(0, 4)):
             centre = rng.uniform(-150, 150, 3)
             diameter = -1.0 if rng.random() < 0.1 else rng.uniform(3, 30)
-            annotations.append(Finding(uid, tuple(centre), diameter))
+            annotations.append(
+                Finding(series_uid=uid, centre_lps=tuple(centre), diameter_mm=diameter)
+            )
             radius = 5.0 if diameter < 0 else diameter / 2
             for _ in range(rng.integers(0, 3)):  # 0, 1 or 2 marks on it
                 offset = rng.normal(size=3)
                 offset *= rng.uniform(0, 1.3 * radius) / np.linalg.norm(offset)
-                predictions.append(Prediction(uid, tuple(centre + offset), rng.random()))
+                predictions.append(
+                    Finding(
+                        series_uid=uid, centre_lps=tuple(centre + offset), probability=rng.random()
+                    )
+                )
         for _ in range(rng.integers(0, 3)):
             centre = rng.uniform(-150, 150, 3)
-            excluded.append(Finding(uid, tuple(centre), -1.0 if rng.random() < 0.5 else 4.0))
-            predictions.append(Prediction(uid, tuple(centre + rng.uniform(-3, 3, 3)), rng.random()))
+            excluded.append(
+                Finding(
+                    series_uid=uid,
+                    centre_lps=tuple(centre),
+                    diameter_mm=-1.0 if rng.random() < 0.5 else 4.0,
+                )
+            )
+            predictions.append(
+                Finding(
+                    series_uid=uid,
+                    centre_lps=tuple(centre + rng.uniform(-3, 3, 3)),
+                    probability=rng.random(),
+                )
+            )
         for _ in range(rng.integers(0, 7)):  # scattered marks: mostly false positives
-            predictions.append(Prediction(uid, tuple(rng.uniform(-150, 150, 3)), rng.random()))
+            predictions.append(
+                Finding(
+                    series_uid=uid,
+                    centre_lps=tuple(rng.uniform(-150, 150, 3)),
+                    probability=rng.random(),
+                )
+            )
     return annotations, excluded, predictions, uids
 
 
@@ -367,15 +391,15 @@ def threshold_sensitivities(annotations, excluded, predictions, uids, points):
     an integer ``k`` it reads the top of the vertical step at k FPs, which is this count too.
     """
 
-    def inside(m: Prediction, f: Finding) -> bool:
+    def inside(m: Finding, f: Finding) -> bool:
         r = 5.0 if f.diameter_mm < 0 else f.diameter_mm / 2
         return sum((a - b) ** 2 for a, b in zip(m.centre_lps, f.centre_lps)) < r * r
 
     best, false_positives = [], []
     for uid in uids:
-        marks = [m for m in predictions if m.seriesuid == uid]
-        nodules = [f for f in annotations if f.seriesuid == uid]
-        others = [f for f in excluded if f.seriesuid == uid]
+        marks = [m for m in predictions if m.series_uid == uid]
+        nodules = [f for f in annotations if f.series_uid == uid]
+        others = [f for f in excluded if f.series_uid == uid]
         for n in nodules:
             best.append(max((m.probability for m in marks if inside(m, n)), default=None))
         false_positives += [

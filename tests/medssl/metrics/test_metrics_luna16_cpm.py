@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medssl.datasets.luna16 import Finding
-from medssl.metrics import FP_RATES, Prediction, evaluate_luna16
+from medssl.finding import Finding
+from medssl.metrics import FP_RATES, evaluate_luna16
 
 GRID_POINTS = (0.125, 0.2502125, 0.49985, 0.9999125, 2.0000375, 4.0002875, 8.0)
 
@@ -56,9 +56,11 @@ def stepped_case():
     """
     n_scans = 5000
     uids = [f"1.2.3.{i}" for i in range(n_scans)]
-    nodules = [Finding(uids[k], (0.0, 0.0, 0.0), 10.0) for k in range(5)]
-    excluded = [Finding(uids[7], (-60.0, 0.0, 0.0), -1.0)]
-    predictions = [Prediction(uids[7], (-61.0, 0.0, 0.0), 0.999)]
+    nodules = [
+        Finding(series_uid=uids[k], centre_lps=(0.0, 0.0, 0.0), diameter_mm=10.0) for k in range(5)
+    ]
+    excluded = [Finding(series_uid=uids[7], centre_lps=(-60.0, 0.0, 0.0), diameter_mm=-1.0)]
+    predictions = [Finding(series_uid=uids[7], centre_lps=(-61.0, 0.0, 0.0), probability=0.999)]
     tp_scores, fp_scores = [], []
     n_fp = 0
 
@@ -66,12 +68,20 @@ def stepped_case():
         nonlocal n_fp
         # Spread over the scans (far from every finding) so no scan reaches the 100-mark cap.
         uid = uids[n_fp % n_scans]
-        predictions.append(Prediction(uid, (100.0 + 20 * (n_fp // n_scans), 50.0, 0.0), score))
+        predictions.append(
+            Finding(
+                series_uid=uid,
+                centre_lps=(100.0 + 20 * (n_fp // n_scans), 50.0, 0.0),
+                probability=score,
+            )
+        )
         fp_scores.append(score)
         n_fp += 1
 
     def hit(k, score):
-        predictions.append(Prediction(uids[k], (1.0, 0.0, 0.0), score))
+        predictions.append(
+            Finding(series_uid=uids[k], centre_lps=(1.0, 0.0, 0.0), probability=score)
+        )
         tp_scores.append(score)
 
     score = iter(np.linspace(0.98, 0.02, 4000))
@@ -154,14 +164,22 @@ def test_cpm_agrees_with_the_hand_count_and_monai_on_random_tied_curves(seed):
     nodules, predictions, tp_scores, fp_scores = [], [], [], []
     for _i, uid in enumerate(uids):
         for k in range(rng.integers(1, 4)):
-            nodules.append(Finding(uid, (200.0 * k, 0.0, 0.0), 10.0))
+            nodules.append(
+                Finding(series_uid=uid, centre_lps=(200.0 * k, 0.0, 0.0), diameter_mm=10.0)
+            )
             if rng.random() < 0.8:
                 score = float(rng.integers(1, 20)) / 20
-                predictions.append(Prediction(uid, (200.0 * k, 1.0, 0.0), score))
+                predictions.append(
+                    Finding(series_uid=uid, centre_lps=(200.0 * k, 1.0, 0.0), probability=score)
+                )
                 tp_scores.append(score)
         for j in range(rng.integers(0, 12)):
             score = float(rng.integers(1, 20)) / 20
-            predictions.append(Prediction(uid, (100.0 + 200.0 * j, 80.0, 0.0), score))
+            predictions.append(
+                Finding(
+                    series_uid=uid, centre_lps=(100.0 + 200.0 * j, 80.0, 0.0), probability=score
+                )
+            )
             fp_scores.append(score)
     points = froc_points(tp_scores, fp_scores, len(nodules), n_scans)
     expected = [read_at(points, rate) for rate in FP_RATES]

@@ -8,11 +8,10 @@ import itertools
 import numpy as np
 import pytest
 
-from medssl.datasets.luna16 import Finding
 from medssl.errors import EvaluationInputError
+from medssl.finding import Finding
 from medssl.metrics import (
     FP_RATES,
-    Prediction,
     bootstrap_sensitivities,
     evaluate_luna16,
     froc_at_thresholds,
@@ -42,14 +41,22 @@ def graded_systems(n_scans: int = 40, seed: int = 0, constant: bool = True):
         found_by_b = int(rng.integers(0, 4))  # 0..3 of 4
         found_by_a = found_by_b + (1 if constant else int(rng.integers(1, 5 - found_by_b)))
         for k in range(4):
-            nodules.append(Finding(uid, (100.0 * k, 0.0, 0.0), 10.0))
+            nodules.append(
+                Finding(series_uid=uid, centre_lps=(100.0 * k, 0.0, 0.0), diameter_mm=10.0)
+            )
             if k < found_by_b:
-                b.append(Prediction(uid, (100.0 * k, 1.0, 0.0), 0.9))
+                b.append(Finding(series_uid=uid, centre_lps=(100.0 * k, 1.0, 0.0), probability=0.9))
             if k < found_by_a:
-                a.append(Prediction(uid, (100.0 * k, 1.0, 0.0), 0.9))
+                a.append(Finding(series_uid=uid, centre_lps=(100.0 * k, 1.0, 0.0), probability=0.9))
         for j in range(2):
             for system in (a, b):
-                system.append(Prediction(uid, (50.0 + 100.0 * j, 80.0, 0.0), 0.1 + 0.01 * j))
+                system.append(
+                    Finding(
+                        series_uid=uid,
+                        centre_lps=(50.0 + 100.0 * j, 80.0, 0.0),
+                        probability=0.1 + 0.01 * j,
+                    )
+                )
     return nodules, uids, a, b
 
 
@@ -161,16 +168,27 @@ def test_a_paired_comparison_refuses_results_it_cannot_pair():
 def test_every_candidate_gets_its_luna16_label_in_input_order():
     # s1: nodule N (10 mm) at the origin, excluded E at x=40 (-1: 10 mm), and 102 far marks
     # whose lowest three (tied at .05) fall to the cap. s2 is not listed.
-    nodule, excluded = Finding("s1", (0, 0, 0), 10.0), Finding("s1", (40, 0, 0), -1.0)
+    nodule, excluded = (
+        Finding(series_uid="s1", centre_lps=(0, 0, 0), diameter_mm=10.0),
+        Finding(series_uid="s1", centre_lps=(40, 0, 0), diameter_mm=-1.0),
+    )
     predictions = [
-        Prediction("s1", (1, 0, 0), 0.5),  # hits N, not its best mark: still 1
-        Prediction("s1", (41, 0, 0), 0.99),  # only on E: -1
-        Prediction("s2", (0, 0, 0), 0.9),  # unlisted series: -1
-        Prediction("s1", (0, 1, 0), 0.8),  # N's best hit: 1
-        Prediction("s1", (200, 0, 0), 0.7),  # far: 0
+        Finding(
+            series_uid="s1", centre_lps=(1, 0, 0), probability=0.5
+        ),  # hits N, not its best mark: still 1
+        Finding(series_uid="s1", centre_lps=(41, 0, 0), probability=0.99),  # only on E: -1
+        Finding(series_uid="s2", centre_lps=(0, 0, 0), probability=0.9),  # unlisted series: -1
+        Finding(series_uid="s1", centre_lps=(0, 1, 0), probability=0.8),  # N's best hit: 1
+        Finding(series_uid="s1", centre_lps=(200, 0, 0), probability=0.7),  # far: 0
     ]
-    predictions += [Prediction("s1", (300 + 20 * i, 0, 0), 0.6 - 0.005 * i) for i in range(95)]
-    predictions += [Prediction("s1", (300 + 20 * i, 50, 0), 0.05) for i in range(3)]
+    predictions += [
+        Finding(series_uid="s1", centre_lps=(300 + 20 * i, 0, 0), probability=0.6 - 0.005 * i)
+        for i in range(95)
+    ]
+    predictions += [
+        Finding(series_uid="s1", centre_lps=(300 + 20 * i, 50, 0), probability=0.05)
+        for i in range(3)
+    ]
     labels = label_candidates([nodule], [excluded], ["s1"], predictions)
     assert labels.dtype == np.int8 and labels.shape == (len(predictions),)
     assert labels[:5].tolist() == [1, -1, -1, 1, 0]

@@ -14,11 +14,12 @@ from medssl import Volume, affine_from_geometry
 from medssl.pipeline import (
     DetectionParams,
     Intensity,
+    Preparation,
     detect,
     detect_preprocessed,
     extract_window,
     plan_windows,
-    preprocess_ct,
+    prepare,
 )
 
 # -- sliding windows ----------------------------------------------------------------------
@@ -191,8 +192,8 @@ def test_detect_sends_preprocessed_windows_in_batches_and_times_each_stage():
     p = params(batch_size=5)
     result = detect(volume, runner, p)
 
-    prepared_shape = preprocess_ct(volume, p.spacing_mm, p.intensity).shape
-    assert result.n_windows == len(plan_windows(prepared_shape, p.window_shape, p.overlap)) > 1
+    prepared_shape = prepare(volume, p).shape
+    assert result.n_windows == len(plan_windows(prepared_shape, p.window, p.overlap)) > 1
     assert sum(shape[0] for shape in runner.batches) == result.n_windows
     assert all(shape[0] <= 5 and shape[1:] == (1, 32, 32, 32) for shape in runner.batches)
     assert set(result.timings) == {"preprocess", "lung_mask", "inference", "postprocess"}
@@ -229,7 +230,7 @@ def test_boxes_centred_in_window_padding_are_dropped():
     result = detect(volume, BlobRunner(extra=[in_padding, inside]), params())
     assert result.n_windows == 1
     assert [d.probability for d in result.detections] == pytest.approx([0.8])
-    prepared = preprocess_ct(volume, 1.0)
+    prepared = prepare(volume, Preparation(1.0))
     assert np.allclose(result.detections[0].centre_lps, prepared.index_to_world([5.0, 6.0, 7.0]))
 
 
@@ -255,7 +256,7 @@ def test_pre_nms_top_k_keeps_only_the_best_boxes_of_each_window():
 def test_detect_preprocessed_gives_the_same_detections_without_preprocessing():
     volume, _ = blob_volume(BLOBS)
     p = params()
-    prepared = preprocess_ct(volume, p.spacing_mm, p.intensity)
+    prepared = prepare(volume, p)
     full = detect(volume, BlobRunner(seed=1), p)
     cached = detect_preprocessed(prepared, BlobRunner(seed=1), p, reference_affine=volume.affine)
     assert cached.detections == full.detections
@@ -311,7 +312,7 @@ def test_a_runner_breaking_its_contract_is_reported(kind, match):
     ("field", "value"),
     [
         ("spacing_mm", 0.0),
-        ("intensity", {"hu_min": 0}),
+        ("normalisation", {"hu_min": 0}),
         ("window", 100),
         ("window", 0),
         ("divisor", 0),
@@ -336,7 +337,7 @@ def test_invalid_params_name_the_field_and_value(field, value):
 
 def test_params_round_trip_through_json():
     p = DetectionParams(
-        spacing_mm=1.25, intensity=Intensity(-1000, 400, -1000), window=96, overlap=0.3,
+        spacing_mm=1.25, normalisation=Intensity(-1000, 400, -1000), window=96, overlap=0.3,
         batch_size=4, score_threshold=0.05, pre_nms_top_k=300, nms_iou=0.2,
         max_detections=20, min_diameter_mm=3.0,
     )  # fmt: skip
@@ -347,8 +348,8 @@ def test_params_round_trip_through_json():
 def test_params_from_json_rejects_unknown_keys():
     with pytest.raises(ValueError, match="nms_threshold"):
         DetectionParams.from_json({"nms_threshold": 0.1})
-    with pytest.raises(ValueError, match="intensity"):
-        DetectionParams.from_json({"intensity": {"window": 3}})
+    with pytest.raises(ValueError, match="DetectionParams.normalisation"):
+        DetectionParams.from_json({"normalisation": {"window": 3}})
 
 
 def test_the_scan_wide_candidate_cap_keeps_the_same_detections_and_bounds_nms(monkeypatch):
@@ -367,7 +368,7 @@ def test_the_scan_wide_candidate_cap_keeps_the_same_detections_and_bounds_nms(mo
         return boxes.astype(np.float32), rng.uniform(0.02, 1.0, (b, 500)).astype(np.float32)
 
     base = {
-        "intensity": Intensity(),
+        "normalisation": Intensity(),
         "window": 32,
         "divisor": 16,
         "overlap": 0.5,

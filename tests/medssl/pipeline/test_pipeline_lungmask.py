@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from medssl.metrics.calibration import Calibration
-from medssl.pipeline import DetectionParams, Intensity, detect, detect_preprocessed, preprocess_ct
+from medssl.pipeline import DetectionParams, Intensity, detect, detect_preprocessed, prepare
 from medssl.pipeline.lungmask import LungMaskParams, lung_mask
 from medssl.pipeline.windows import plan_windows
 from medssl.synth.chest import ChestConfig, generate_chest_ct
@@ -192,9 +192,9 @@ def chest_1mm():
 
 def test_detect_with_the_lung_mask_skips_windows_without_lung_and_drops_boxes_outside(chest_1mm):
     p = DetectionParams(window=64, overlap=0.25, max_detections=1000, nms_iou=0.5, lung_mask=True)
-    prepared = preprocess_ct(chest_1mm.volume, p.spacing_mm, p.intensity)
-    mask = lung_mask(hu_of(prepared, p.intensity), prepared.spacing)
-    starts = plan_windows(prepared.shape, p.window_shape, p.overlap)
+    prepared = prepare(chest_1mm.volume, p)
+    mask = lung_mask(hu_of(prepared, p.normalisation), prepared.spacing)
+    starts = plan_windows(prepared.shape, p.window, p.overlap)
     touching = [s for s in starts if mask[tuple(slice(a, a + 64) for a in s)].any()]
     assert 0 < len(touching) < len(starts)
 
@@ -230,10 +230,10 @@ def test_detect_on_a_scan_without_lungs_runs_every_window_and_says_why(caplog):
 
 def test_the_lung_mask_needs_an_intensity_window_holding_its_thresholds():
     with pytest.raises(
-        ValueError, match=r"lung_mask needs the intensity window.*\[-160.0, 240.0\]"
+        ValueError, match=r"lung_mask needs the normalisation window.*\[-160.0, 240.0\]"
     ):
-        DetectionParams(intensity=Intensity(-160.0, 240.0, -160.0), lung_mask=True)
-    DetectionParams(intensity=Intensity(-160.0, 240.0, -160.0))  # fine without the mask
+        DetectionParams(normalisation=Intensity(-160.0, 240.0, -160.0), lung_mask=True)
+    DetectionParams(normalisation=Intensity(-160.0, 240.0, -160.0))  # fine without the mask
 
 
 def test_old_cards_read_with_the_mask_off_and_the_identity_calibration():

@@ -6,7 +6,7 @@ import numpy as np
 
 from medssl import Volume, affine_from_geometry
 from medssl.pipeline import SegmentationParams, plan_windows, segment
-from medssl.pipeline.segment import BODY_MARGIN, body_box
+from medssl.pipeline.preprocess import BODY_MARGIN, body_box
 from tests.medssl.pipeline.test_pipeline_segment import BinRunner
 
 

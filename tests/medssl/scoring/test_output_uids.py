@@ -19,10 +19,11 @@ import pytest
 
 from medssl import Volume, affine_from_geometry
 from medssl.dicom.seg import write_label_seg
+from medssl.finding import Finding
 from medssl.io import SeriesInfo, write_dicom_series
 from medssl.io.dicom_enhanced import write_enhanced_ct
+from medssl.io.dicom_series import load_dicom_series
 from medssl.models import load_card
-from medssl.pipeline.detect import Detection
 from medssl.scoring.manifest import ScanItem
 from medssl.scoring.series import DicomOutput, Prepared, _write_sr
 from tests.paths import DETECTOR_DIR
@@ -66,16 +67,27 @@ def series(tmp_path_factory) -> tuple[ScanItem, Volume]:
     return _item(paths), volume
 
 
-def _detection(volume: Volume, zyx, diameter: float, probability: float) -> Detection:
+def _detection(volume: Volume, zyx, diameter: float, probability: float) -> Finding:
     centre = tuple(float(c) for c in volume.index_to_world(np.asarray(zyx, dtype=float)))
-    return Detection(centre, float(diameter), float(probability), tuple(float(v) for v in zyx))
+    return Finding(
+        centre_lps=centre,
+        diameter_mm=float(diameter),
+        probability=float(probability),
+        centre_voxel=tuple(float(v) for v in zyx),
+    )
 
 
 def _write(folder: Path, series, detections, card, **output) -> dict[str, tuple[str, str]]:
     """Write the SR (and companion SEG) as scorer and gateway do; the UIDs read back:
     ``{"sr": (series, sop), "seg": (series, sop), "sr->seg": (sop,)}``."""
     item, volume = series
-    prepared = Prepared(item, None, source_affine=volume.affine, source_shape=volume.shape)
+    prepared = Prepared(
+        item,
+        None,
+        source_affine=volume.affine,
+        source_shape=volume.shape,
+        headers=load_dicom_series(list(item.paths)).headers,
+    )
     files = _write_sr(prepared, detections, card, DicomOutput(folder, **output))
     uids: dict[str, tuple[str, ...]] = {}
     for written in files:

@@ -186,7 +186,9 @@ def test_scoring_a_luna16_split_gives_the_cpm_of_the_training_evaluation(tmp_pat
     net.load_state_dict(state["model"])
     dataset = Luna16(luna)
     uids = dataset.seriesuids
-    cache = VolumeCache(tmp_path / "cache", cfg.data.spacing_mm, detection_params(cfg).intensity)
+    cache = VolumeCache(
+        tmp_path / "cache", cfg.data.spacing_mm, detection_params(cfg).normalisation
+    )
     volumes = {u: cache.get(u, lambda u=u: dataset.scan(u)) for u in uids}
     predictions = predict(TorchDetectionRunner(net, cfg.window), volumes, detection_params(cfg))
     trained = evaluate(predictions, dataset.annotations(), dataset.excluded(), uids, bootstrap=0)
@@ -275,17 +277,17 @@ def test_an_unexpected_exception_in_either_stage_becomes_a_failed_row(archive, m
     card = SPEC.card()
     params = card.detection_params(2)
     item = next(i for i in build_manifest(archive).items if "LOCALIZER" not in i.image_type)
-    prepared = series.prepare(item, params)
+    prepared = series.prepare_series(item, params)
 
     def crash(*_):
         raise RuntimeError("runner crashed")
 
     monkeypatch.setattr(series, "detect_preprocessed", crash)
     scored = series.infer(prepared, None, card, params)
-    assert scored.row["status"] == "failed" and scored.findings == []
+    assert scored.status == "failed" and scored.findings == [] and scored.finding_rows() == []
     # the type and where it was raised: an unexpected message may quote header values
     assert (
-        scored.row["error"]
+        scored.to_row()["error"]
         == f"unexpected RuntimeError at test_score.py:{crash.__code__.co_firstlineno + 1}"
     )
 
@@ -293,7 +295,7 @@ def test_an_unexpected_exception_in_either_stage_becomes_a_failed_row(archive, m
         raise KeyError("PixelData of John Doe")
 
     monkeypatch.setattr(series, "_read", unreadable)
-    broken = series.prepare(item, params)
+    broken = series.prepare_series(item, params)
     # the type only: an unexpected message may quote header values
     assert broken.volume is None and not broken.transient
     assert broken.error == "unexpected KeyError while reading or preprocessing the series"
@@ -312,10 +314,10 @@ def test_a_series_out_of_memory_while_preparing_fails_alone_and_is_not_retried(
         raise MemoryError
 
     monkeypatch.setattr(series, "_read", too_big)
-    prepared = series.prepare(item, card.detection_params(2))
+    prepared = series.prepare_series(item, card.detection_params(2))
     scored = series.infer(prepared, None, card, card.detection_params(2))
     assert not prepared.transient and not scored.transient
-    assert scored.row["status"] == "failed" and "MemoryError" in scored.row["error"]
+    assert scored.to_row()["status"] == "failed" and "MemoryError" in scored.to_row()["error"]
 
 
 # -- anonymised archives: blank UIDs (issue 17, item 5) ----------------------------------------

@@ -17,8 +17,8 @@ import ray
 
 from medssl.scoring import ray_engine
 from medssl.scoring.manifest import ScanItem, build_manifest
+from medssl.scoring.result import SeriesResult
 from medssl.scoring.run import RunnerSpec, ScoreOptions, score
-from medssl.scoring.series import Scored
 from tests.paths import MODEL_REPOSITORY
 
 # One runtime on both sides: the Ray actors run in their own processes, where runtime "auto" would
@@ -62,7 +62,7 @@ def runs(archive, tmp_path_factory):
     def recording(items, spec, card, options):
         seen["given"] = [item.key for item in items]
         for result in real(items, spec, card, options):
-            seen["yielded"].append(result.row["key"])
+            seen["yielded"].append(result.key)
             yield result
 
     with pytest.MonkeyPatch.context() as patch:
@@ -127,7 +127,7 @@ def test_run_ray_shuts_down_the_ray_it_started(runs):
 def test_run_ray_leaves_a_callers_ray_running(monkeypatch, archive):
     """A Ray the caller initialised is used as is and not shut down (no real Ray needed here)."""
     item = build_manifest(archive).items[0]
-    scored = Scored({"key": item.key}, [])
+    scored = SeriesResult(item, "model", 1, "ok")
     batch = pa.table({"scored": pa.array([pickle.dumps(scored)], pa.large_binary())})
 
     class FakeDataset:
@@ -140,7 +140,7 @@ def test_run_ray_leaves_a_callers_ray_running(monkeypatch, archive):
     monkeypatch.setattr(ray, "shutdown", lambda *a, **k: calls.append("shutdown"))
     monkeypatch.setattr(ray_engine, "_dataset", lambda *a, **k: FakeDataset())
     results = list(ray_engine.run_ray([item], SPEC, SPEC.card(), ScoreOptions(engine="ray")))
-    assert [r.row for r in results] == [scored.row]
+    assert [r.to_row() for r in results] == [scored.to_row()]
     assert calls == []
 
 

@@ -18,8 +18,8 @@ import pytest
 
 from benchmarks.seg_size import organ_card, organ_study, read_back, run
 from medssl.dicom.seg import detection_seg, label_seg
+from medssl.finding import Finding
 from medssl.models import load_card
-from medssl.pipeline.detect import Detection
 from medssl.scoring.manifest import ScanItem
 from medssl.scoring.series import DicomOutput, _write_seg
 from medssl.serving.config import RouteConfig
@@ -100,11 +100,11 @@ def test_companion_seg_findings_get_distinct_display_colours(
     ]
     centres = [(1, 5, 5), (3, 10, 12), (4, 15, 18)]
     found = [
-        Detection(
-            tuple(float(c) for c in volume.index_to_world(np.array(zyx, float))),
-            3.0,
-            0.9 - 0.1 * i,
-            zyx,
+        Finding(
+            centre_lps=tuple(float(c) for c in volume.index_to_world(np.array(zyx, float))),
+            diameter_mm=3.0,
+            probability=0.9 - 0.1 * i,
+            centre_voxel=zyx,
         )
         for i, zyx in enumerate(centres)
     ]
@@ -136,7 +136,7 @@ def test_the_scorer_and_gateway_pass_the_seg_type_and_refuse_unknown_ones(tmp_pa
     )
     for seg_type, dense in (("labelmap", False), ("binary", True), ("labelmap-rle", False)):
         output = DicomOutput(tmp_path / seg_type, seg_type=seg_type, dense_seg=dense)
-        written = _write_seg(item, labels, card, output)
+        written = _write_seg(item, source, labels, card, output)
         ds = pydicom.dcmread(written.path, stop_before_pixels=True)
         assert (written.kind, written.sop_instance_uid) == ("seg", str(ds.SOPInstanceUID))
         assert ds.SegmentationType == seg_type.split("-")[0].upper()
@@ -163,8 +163,11 @@ def test_dcmqi_reads_the_sparse_segs_back_to_the_same_voxels(tmp_path, study, di
     card = load_card(CARD_DIR)
     ct = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(dicom_series.glob("*.dcm"))]
     found = [
-        Detection(
-            tuple(float(c) for c in volume.index_to_world(np.array(zyx, float))), 4.0, 0.9, zyx
+        Finding(
+            centre_lps=tuple(float(c) for c in volume.index_to_world(np.array(zyx, float))),
+            diameter_mm=4.0,
+            probability=0.9,
+            centre_voxel=zyx,
         )
         for zyx in [(1, 5, 5), (4, 15, 18)]
     ]

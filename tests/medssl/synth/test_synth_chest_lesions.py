@@ -216,11 +216,11 @@ def test_lookalikes_are_written_as_false_positive_candidates_not_annotations(tmp
     assert looks, "seeds 11-13 draw look-alikes"
     key = {(r["seriesuid"], round(float(r["coordX"]), 2)) for r in looks}
     annotated = {
-        (f.seriesuid, round(f.centre_lps[0], 2)) for f in luna.annotations() + luna.excluded()
+        (f.series_uid, round(f.centre_lps[0], 2)) for f in luna.annotations() + luna.excluded()
     }
     assert not key & annotated
     negatives = {
-        (f.seriesuid, round(f.centre_lps[0], 2)) for f, cls in luna.candidates() if cls == 0
+        (f.series_uid, round(f.centre_lps[0], 2)) for f, cls in luna.candidates() if cls == 0
     }
     assert key <= negatives
     for name in UNLABELED_TRUTH:

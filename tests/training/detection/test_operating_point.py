@@ -16,9 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from medssl.datasets.luna16 import Finding
 from medssl.errors import ModelCardError
-from medssl.metrics.luna16 import Prediction
+from medssl.finding import Finding
 from medssl.metrics.operating_point import (
     OperatingPoint,
     OperatingPointError,
@@ -87,19 +86,21 @@ def test_edge_cases_no_fps_unreachable_targets_and_no_candidates():
 def _marks():
     """Two scans, three nodules (one never hit), one excluded finding; LPS mm."""
     nodules = [
-        Finding("a", (0.0, 0.0, 0.0), 10.0),
-        Finding("a", (50.0, 0.0, 0.0), 10.0),
-        Finding("b", (0.0, 0.0, 0.0), 10.0),
+        Finding(series_uid="a", centre_lps=(0.0, 0.0, 0.0), diameter_mm=10.0),
+        Finding(series_uid="a", centre_lps=(50.0, 0.0, 0.0), diameter_mm=10.0),
+        Finding(series_uid="b", centre_lps=(0.0, 0.0, 0.0), diameter_mm=10.0),
     ]
-    excluded = [Finding("b", (80.0, 0.0, 0.0), 10.0)]
+    excluded = [Finding(series_uid="b", centre_lps=(80.0, 0.0, 0.0), diameter_mm=10.0)]
     marks = [
-        Prediction("a", (0.5, 0.0, 0.0), 0.9),  # TP nodule a0
-        Prediction("a", (100.0, 0.0, 0.0), 0.8),  # FP
-        Prediction("b", (0.0, 0.5, 0.0), 0.7),  # TP nodule b0
-        Prediction("b", (80.0, 0.0, 0.0), 0.65),  # on the excluded finding: ignored
-        Prediction("b", (-90.0, 0.0, 0.0), 0.6),  # FP
-        Prediction("a", (0.0, 90.0, 0.0), 0.3),  # FP
-        Prediction("c", (0.0, 0.0, 0.0), 0.95),
+        Finding(series_uid="a", centre_lps=(0.5, 0.0, 0.0), probability=0.9),  # TP nodule a0
+        Finding(series_uid="a", centre_lps=(100.0, 0.0, 0.0), probability=0.8),  # FP
+        Finding(series_uid="b", centre_lps=(0.0, 0.5, 0.0), probability=0.7),  # TP nodule b0
+        Finding(
+            series_uid="b", centre_lps=(80.0, 0.0, 0.0), probability=0.65
+        ),  # on the excluded finding: ignored
+        Finding(series_uid="b", centre_lps=(-90.0, 0.0, 0.0), probability=0.6),  # FP
+        Finding(series_uid="a", centre_lps=(0.0, 90.0, 0.0), probability=0.3),  # FP
+        Finding(series_uid="c", centre_lps=(0.0, 0.0, 0.0), probability=0.95),
     ]  # a scan not listed: ignored
     return nodules, excluded, marks
 
@@ -275,7 +276,7 @@ def test_export_chooses_the_operating_point_with_the_exported_model_on_validatio
     from medssl.metrics import froc_at_thresholds
     from medssl.metrics.calibration import Calibration
     from medssl.pipeline.detect import detect_preprocessed
-    from medssl.pipeline.preprocess import preprocess_ct
+    from medssl.pipeline.preprocess import prepare
     from medssl.runners.onnx import OnnxRunner
 
     point = load_card(exported.model_dir).operating_point
@@ -292,11 +293,9 @@ def test_export_chooses_the_operating_point_with_the_exported_model_on_validatio
     params = exported.card.detection_params()
     runner = OnnxRunner(exported.onnx_path, exported.card)
     marks = [
-        Prediction(u, d.centre_lps, d.probability)
+        Finding(series_uid=u, centre_lps=d.centre_lps, probability=d.probability)
         for u in luna.seriesuids
-        for d in detect_preprocessed(
-            preprocess_ct(luna.scan(u), params.spacing_mm, params.intensity), runner, params
-        ).detections
+        for d in detect_preprocessed(prepare(luna.scan(u), params), runner, params).detections
     ]
     scores = np.unique([m.probability for m in marks])
     assert point.threshold in scores
@@ -549,16 +548,27 @@ def test_the_uid_content_key_uses_the_threshold_in_effect(exported, dicom_archiv
     another threshold (the settings that feed the UIDs hold the threshold in effect)."""
     import pydicom
 
-    from medssl.pipeline.detect import Detection
+    from medssl.finding import Finding
+    from medssl.io.dicom_series import load_dicom_series
     from medssl.scoring.manifest import build_manifest
     from medssl.scoring.series import DicomOutput, Prepared, _write_sr
 
     item = build_manifest(dicom_archive).items[0]
     found = [
-        Detection((0.0, 0.0, 0.0), 6.0, 0.8, (10.0, 40.0, 40.0)),
-        Detection((5.0, 0.0, 0.0), 6.0, 0.3, (10.0, 40.0, 45.0)),
+        Finding(
+            centre_lps=(0.0, 0.0, 0.0),
+            diameter_mm=6.0,
+            probability=0.8,
+            centre_voxel=(10.0, 40.0, 40.0),
+        ),
+        Finding(
+            centre_lps=(5.0, 0.0, 0.0),
+            diameter_mm=6.0,
+            probability=0.3,
+            centre_voxel=(10.0, 40.0, 45.0),
+        ),
     ]
-    prepared = Prepared(item, None)
+    prepared = Prepared(item, None, headers=load_dicom_series(list(item.paths)).headers)
 
     def uid(card: ModelCard, folder: str, **output) -> str:
         [written] = _write_sr(prepared, found, card, DicomOutput(tmp_path / folder, **output))
@@ -595,7 +605,9 @@ def test_end_of_training_writes_the_validation_operating_point_and_the_test_repo
     net = FPNDetector(cfg.model, cfg.anchors)
     net.load_state_dict(state["model"])
     split = split_luna16(tmp_path / "luna16", 1, 0, (3,), 2, 0)
-    cache = VolumeCache(tmp_path / "cache", cfg.data.spacing_mm, detection_params(cfg).intensity)
+    cache = VolumeCache(
+        tmp_path / "cache", cfg.data.spacing_mm, detection_params(cfg).normalisation
+    )
     run = tmp_path / "run"
     (run / "test").mkdir(parents=True)
     test_volumes = {u: cache.get(u, split.source(u).load) for u in split.test}
@@ -633,7 +645,11 @@ def test_end_of_training_writes_the_validation_operating_point_and_the_test_repo
     )
     fitted = Calibration.from_json(calibration["calibration"])
     test_marks = [
-        Prediction(m.seriesuid, m.centre_lps, float(fitted.apply(m.probability)))
+        Finding(
+            series_uid=m.series_uid,
+            centre_lps=m.centre_lps,
+            probability=float(fitted.apply(m.probability)),
+        )
         for m in read_predictions(run / "test" / "submission.csv")
     ]
     test_nodules = [f for u in split.test for f in split.nodules(u)]

@@ -284,7 +284,8 @@ def test_a_mean_teacher_run_trains_the_unet2d_and_tests_on_the_source_grid(run_2
 def test_the_unet2d_exports_with_parity_and_scores_like_the_trainer(run_2d, organs, tmp_path):
     from medssl.export import ExportOptions, export_checkpoint
     from medssl.models.card import load_card
-    from medssl.pipeline.segment import prepare_segmentation, segment_preprocessed
+    from medssl.pipeline.preprocess import prepare
+    from medssl.pipeline.segment import segment_preprocessed
     from medssl.runners import open_runner
     from medssl.scoring import RunnerSpec, ScoreOptions, score
     from medssl.training.seg_eval import TorchSegmentationRunner
@@ -301,9 +302,7 @@ def test_the_unet2d_exports_with_parity_and_scores_like_the_trainer(run_2d, orga
     # The shared pipeline with the exported model equals it with the checkpoint's network, on
     # the probabilities (a 4-step network labels everything background, so labels alone say little).
     params = card.segmentation_params()
-    prepared = prepare_segmentation(
-        read_nifti(organs / "A" / "imagesTs" / "organs_0005.nii.gz"), params
-    )
+    prepared = prepare(read_nifti(organs / "A" / "imagesTs" / "organs_0005.nii.gz"), params)
     state = torch.load(run_2d / "checkpoints" / "best.pt", weights_only=False)
     runner = open_runner(exported.repository, "organs2d")
     try:
