@@ -104,7 +104,8 @@ class ExportOptions:
     def __post_init__(self) -> None:
         if self.operating_point not in ("validation", "run", "none"):
             raise ExportError(
-                f"operating_point must be 'validation', 'run' or 'none', got {self.operating_point!r}"
+                "operating_point must be 'validation', 'run' or 'none', "
+                f"got {self.operating_point!r}"
             )
         try:
             check_rule(self.op_rule, self.op_target)

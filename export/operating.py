@@ -124,8 +124,9 @@ def validation_inputs(
 
     Raises:
         ExportError: ``data`` is not a LUNA16 folder with scans (the layout error); or,
-            without it: no run folder, no readable ``split.json``, no validation scans, or the data folder of
-            ``provenance["data"]`` gone (what is missing named, with the alternatives).
+            without it: no run folder, no readable ``split.json``, no validation scans, or the
+            data folder of ``provenance["data"]`` gone (what is missing named, with the
+            alternatives).
     """
     from medssl.datasets.luna16 import Luna16
     from medssl.datasets.splits import read_split
@@ -221,7 +222,9 @@ def operating_point_on_validation(
             predictions,
             rule=rule,
             target=target,
-            source=f"medssl-export: {onnx_path.name} in onnxruntime (CPU) on {len(uids)} scans: {what}",
+            source=(
+                f"medssl-export: {onnx_path.name} in onnxruntime (CPU) on {len(uids)} scans: {what}"
+            ),
         )
     except OperatingPointError as exc:
         raise ExportError(f"operating point: {exc}") from exc

@@ -175,7 +175,8 @@ def encode_boxes(
     ``dd = ln(box edge / anchor edge)``. Decoding is its inverse (in the model graph).
 
     Args:
-        anchor_centres: ``(N, 3)`` voxels; anchor_sizes: ``(N,)``; boxes: ``(N, 4)`` ``(z, y, x, d)``.
+        anchor_centres: ``(N, 3)`` voxels; anchor_sizes: ``(N,)``; boxes: ``(N, 4)`` ``(z, y, x,
+        d)``.
 
     Returns:
         ``(N, 4)`` float32.

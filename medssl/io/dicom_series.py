@@ -159,7 +159,7 @@ def load_dicom_series(
 def _drop_pixels(ds: Dataset) -> None:
     """Remove Pixel Data and what follows it from ``ds`` (in place): the header as
     ``stop_before_pixels`` reads it, without a decoded pixel array kept alive."""
-    for tag in [t for t in ds.keys() if t >= _PIXEL_DATA]:
+    for tag in [t for t in ds.keys() if t >= _PIXEL_DATA]:  # noqa: SIM118 - iterating parses
         del ds[tag]
 
 

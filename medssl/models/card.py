@@ -609,6 +609,7 @@ def _problems(card: ModelCard) -> list[str]:
             )
         if values and sorted(values) != list(range(1, len(values) + 1)):
             problems.append(
-                f"segmentation label values must be 1..{len(values)} (output channels), got {values}"
+                f"segmentation label values must be 1..{len(values)} (output channels), "
+                f"got {values}"
             )
     return problems

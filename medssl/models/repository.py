@@ -156,7 +156,7 @@ def _onnx_problems(path: Path, card: ModelCard) -> list[str]:
 
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
         return [f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {exc})"]
     return [f"{path}: {problem}" for problem in graph_problems(session, card)]
 

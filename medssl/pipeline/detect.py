@@ -120,7 +120,8 @@ class DetectionRunner(Protocol):
 
     ``runner(patches) -> (boxes, scores)`` where
 
-    * ``patches``: ``(B, 1, Z, Y, X)`` float32, already prepared (:func:`~medssl.pipeline.preprocess.prepare`);
+    * ``patches``: ``(B, 1, Z, Y, X)`` float32, already prepared
+    (:func:`~medssl.pipeline.preprocess.prepare`);
       ``B <= params.batch_size`` (the last batch may be smaller).
     * ``boxes``: ``(B, N, 4)`` cubes ``(z, y, x, d)`` in each patch's voxel frame, decoded
       (the model or its exported graph applies the anchor decoding); ``N`` = anchors.

@@ -152,7 +152,7 @@ def lung_mask(
         ValueError: not 3D, no or a non-positive spacing, non-finite intensities.
     """
     hu, spacing_zyx = _inputs(volume_hu, spacing)
-    factors = tuple(max(1, int(math.floor(params.work_mm / s + 0.5))) for s in spacing_zyx)
+    factors = tuple(max(1, math.floor(params.work_mm / s + 0.5)) for s in spacing_zyx)
     work_spacing = np.asarray(spacing_zyx) * factors
     coarse = _block_mean(hu, factors)
     voxel_ml = float(np.prod(work_spacing)) / 1000.0
@@ -235,7 +235,7 @@ def _outside_body(
     touching = np.setdiff1d(rim[rim > 0], air_ids)
     if len(outside_air) == 0 or len(touching) == 0:  # e.g. a targeted reconstruction
         return np.zeros(0, dtype=np.int64)
-    pad = [int(math.ceil(gap_mm / s)) + 1 for s in spacing]
+    pad = [math.ceil(gap_mm / s) + 1 for s in spacing]
     boxes = ndimage.find_objects(labels)
     near = []
     for index in touching:
@@ -280,10 +280,11 @@ def _largest_components(
 
 
 def _dilate(mask: np.ndarray, spacing: np.ndarray, radius_mm: float) -> np.ndarray:
-    """Dilation of ``mask`` by a ball of ``radius_mm`` (exact Euclidean, mm), in its grown bounding box."""
+    """Dilation of ``mask`` by a ball of ``radius_mm`` (exact Euclidean, mm), in its grown bounding
+    box."""
     if radius_mm <= 0 or not mask.any():
         return mask
-    pad = [int(math.ceil(radius_mm / s)) + 1 for s in spacing]
+    pad = [math.ceil(radius_mm / s) + 1 for s in spacing]
     (box,) = ndimage.find_objects(mask.astype(np.uint8))
     grown = tuple(slice(max(b.start - p, 0), b.stop + p) for b, p in zip(box, pad))
     out = np.zeros_like(mask)
@@ -299,7 +300,7 @@ def _close(mask: np.ndarray, spacing: np.ndarray, radius_mm: float) -> np.ndarra
     """
     if radius_mm <= 0:
         return mask
-    pad = [int(math.ceil(radius_mm / s)) + 1 for s in spacing]
+    pad = [math.ceil(radius_mm / s) + 1 for s in spacing]
     box = ndimage.find_objects(mask.astype(np.uint8))[0]
     crop = np.pad(mask[box], [(p, p) for p in pad])
     grown = ndimage.distance_transform_edt(~crop, sampling=spacing) <= radius_mm

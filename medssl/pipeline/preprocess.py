@@ -298,6 +298,7 @@ def check_model_grid(prepared: Volume, spacing_mm: Sequence[float] | float, how:
     """
     if not np.allclose(prepared.spacing, spacing_mm, atol=1e-3):
         raise ValueError(
-            f"prepared volume has spacing {prepared.spacing.round(4).tolist()} mm but the model grid is "
-            f"{np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,)).tolist()} mm; prepare it with {how}"
+            f"prepared volume has spacing {prepared.spacing.round(4).tolist()} mm but the model "
+            f"grid is {np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,)).tolist()} mm; "
+            f"prepare it with {how}"
         )

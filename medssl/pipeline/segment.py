@@ -15,7 +15,8 @@ Frames and steps:
 3. Windows ``params.window`` tile the model grid (:func:`~medssl.pipeline.windows.plan_windows`),
    padded with ``normalisation.pad_value`` where they leave it, and run through the model in
    batches of ``params.batch_size``. For CT (an HU-window normalisation) only the body's
-   bounding box is tiled (:func:`~medssl.pipeline.preprocess.body_box`, found on the resampled HU before normalisation and
+   bounding box is tiled (:func:`~medssl.pipeline.preprocess.body_box`, found on the resampled HU
+   before normalisation and
    kept in the prepared volume's ``meta["body_box"]``); the air around it is background
    without running the model there.
 4. Each window's class scores are weighted by :func:`importance_map` (Gaussian or constant,
@@ -223,7 +224,8 @@ class SegmentationParams:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SegmentationParams:
-        """Inverse of :meth:`to_json`; a ``normalisation`` mapping becomes an ``Intensity`` or ``PercentileIntensity``.
+        """Inverse of :meth:`to_json`; a ``normalisation`` mapping becomes an ``Intensity`` or
+        ``PercentileIntensity``.
 
         Missing optional keys take the defaults.
 

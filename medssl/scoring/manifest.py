@@ -37,7 +37,8 @@ class PathList(Sequence[str]):
 
     def __init__(self, paths: Iterable[str]) -> None:
         values = [str(p) for p in paths]
-        prefix = os.path.commonprefix(values) if len(values) > 1 else ""
+        # A shared string prefix, not a path: the rest of each value is stored after it.
+        prefix = os.path.commonprefix(values) if len(values) > 1 else ""  # noqa: RUF071
         self._prefix = prefix
         self._rest = "\0".join(v[len(prefix) :] for v in values)
         self._n = len(values)
@@ -99,7 +100,8 @@ class ScanItem:
     Attributes:
         key: unique id of the row, the same on every run: the SeriesInstanceUID (DICOM), or
             for a DICOM series without one the ``nouid-<20 hex>`` key derived from its members'
-            SOP Instance UIDs (:func:`medssl.io.dicom_files.derived_series_key`); the LUNA16 seriesuid,
+            SOP Instance UIDs (:func:`medssl.io.dicom_files.derived_series_key`); the LUNA16
+            seriesuid,
             the Decathlon case id or the file name.
         paths: the series' DICOM files (a :class:`PathList` from an index), or one volume
             file (NIfTI/MetaImage).

@@ -6,7 +6,8 @@
     (from_items)      read + preprocess       model opened once       (score() commits)
                                               per actor
 
-The stages are :func:`medssl.scoring.series.prepare_series` and :func:`~medssl.scoring.series.infer`,
+The stages are :func:`medssl.scoring.series.prepare_series` and
+:func:`~medssl.scoring.series.infer`,
 called exactly as :func:`medssl.scoring.local.run_local` calls them, so both engines give the
 same rows and findings (only the timings differ).
 
@@ -37,6 +38,7 @@ the pipeline (``max_errored_blocks`` is not used).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
@@ -124,10 +126,8 @@ class _InferActor:
     def __del__(self) -> None:
         runner, self.runner = getattr(self, "runner", None), None
         if runner is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort at actor shutdown
                 runner.close()
-            except Exception:  # noqa: BLE001 - best effort at actor shutdown
-                pass
 
 
 def _start_ray(options: ScoreOptions) -> bool:

@@ -1,4 +1,5 @@
-"""What scoring one series gave: a :class:`SeriesResult`, from the pipeline to the scorer and the gateway.
+"""What scoring one series gave: a :class:`SeriesResult`, from the pipeline to the scorer and the
+gateway.
 
 :func:`medssl.scoring.series.infer` returns one per series (ok or failed), the scorer's
 selection makes the skipped ones; ``medssl-score`` stores :meth:`SeriesResult.to_row` and

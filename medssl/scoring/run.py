@@ -1,7 +1,8 @@
 """``medssl-score``'s engine-independent driver: manifest → selection → engine → result store.
 
 The engines (:mod:`medssl.scoring.local`, :mod:`medssl.scoring.ray_engine`) only turn
-:class:`ScanItem` rows into :class:`~medssl.scoring.result.SeriesResult` results; this module decides what to run,
+:class:`ScanItem` rows into :class:`~medssl.scoring.result.SeriesResult` results; this module
+decides what to run,
 commits every result as it arrives (so a killed run loses only what was in flight), and
 writes the final tables.
 """

@@ -207,7 +207,8 @@ class SelectionRules:
             return f"body part {_shown_body_part(item.body_part)}, not {'/'.join(self.body_part)}"
         missing = [v for v in self.image_type if v not in values]
         if missing:  # the value itself is not quoted: a damaged header may hold anything (PHI)
-            return f"image type {'lacks' if item.image_type else 'missing, so lacks'} {'/'.join(missing)}"
+            lacks = "lacks" if item.image_type else "missing, so lacks"
+            return f"image type {lacks} {'/'.join(missing)}"
         if self.orientation and item.orientation != self.orientation:
             return f"{item.orientation.lower() or 'unknown'} slices, not {self.orientation.lower()}"
         if item.n_slices is not None and item.n_slices < self.min_slices:

@@ -10,7 +10,8 @@ The two halves are separate functions so an engine can run them in different pla
 Every error a series can cause becomes a ``failed`` result naming the reason (medssl's typed
 errors as they are; anything else prefixed "unexpected"); nothing here raises for one series.
 
-A DICOM series' headers are read once, with its pixels (:func:`~medssl.io.dicom_series.load_dicom_series`):
+A DICOM series' headers are read once, with its pixels
+(:func:`~medssl.io.dicom_series.load_dicom_series`):
 the result writers (SR, SEG) reference the same datasets, carried in :attr:`Prepared.headers`.
 """
 

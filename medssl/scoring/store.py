@@ -64,7 +64,8 @@ SERIES_COLUMNS: dict[str, pa.DataType] = {
 }
 #: ``findings.parquet`` columns. Detection: one detection per row, LPS millimetres (``x_mm`` ...
 #: ``probability``); every candidate is kept, and ``passed`` says whether it reached the series'
-#: ``report_threshold`` (is in the SR/SEG). Segmentation: one row per label, ``index`` the class value, ``label`` its
+#: ``report_threshold`` (is in the SR/SEG). Segmentation: one row per label, ``index`` the class
+#: value, ``label`` its
 #: name and ``volume_ml`` its volume on the source grid.
 FINDING_COLUMNS: dict[str, pa.DataType] = {
     "key": pa.string(),
