@@ -202,7 +202,7 @@ class Luna16Writer:
         self._excluded.extend(excluded)
         self._candidates.extend((f, 1) for f in nodules)
         self._candidates.extend((f, 0) for f in excluded)
-        self._candidates.extend((Finding(seriesuid, tuple(p), 0.0), 0) for p in negatives)
+        self._candidates.extend((Finding(seriesuid, (p[0], p[1], p[2]), 0.0), 0) for p in negatives)
         for k, (finding, extra) in enumerate(zip(nodules, truth), start=1):
             self._truth.append({"seriesuid": finding.seriesuid, "label": k, **extra})
         return path
@@ -220,9 +220,9 @@ class Luna16Writer:
                 writer.writerow([finding.seriesuid, *_coords(finding.centre_lps), label])
         if self._truth:
             with open(self.root / "truth.csv", "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(self._truth[0]))
-                writer.writeheader()
-                writer.writerows(self._truth)
+                truth_writer = csv.DictWriter(fh, fieldnames=list(self._truth[0]))
+                truth_writer.writeheader()
+                truth_writer.writerows(self._truth)
 
 
 def _coords(point: Sequence[float]) -> list[str]:
@@ -260,6 +260,6 @@ def read_findings(path: str | Path, seriesuid: str | None = None) -> list[Findin
             (float(row["coordX"]), float(row["coordY"]), float(row["coordZ"])),
             float(row["diameter_mm"]),
         )
-        for row in _read_rows(path, ANNOTATION_FIELDS)
+        for row in _read_rows(Path(path), ANNOTATION_FIELDS)
         if seriesuid is None or row["seriesuid"] == seriesuid
     ]
