@@ -177,7 +177,7 @@ def place_grid(
     targeted = fov < cfg.full_fov_mm
     short = cfg.n_slices is not None and (cfg.n_slices - 1) * t < z_high - z_low + 20
     given = None if cfg.fov_centre_lps is None else np.asarray(cfg.fov_centre_lps, dtype=float)
-    target = None  # drawn when neither the config's centre nor a full field places the scan
+    target = None  # a lung point to aim at, drawn when the config gives no centre
     if given is None and (targeted or short):
         side = int(rng.integers(0, 2))
         target = sample_lung_points(anatomy, rng, 1, TARGET_DEPTH_MM, scanner.pixel, t)[side][0]
