@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsIndex, SupportsInt
 
 import numpy as np
 import pyarrow as pa
@@ -410,7 +410,7 @@ def _series_table(headers: pa.Table) -> tuple[pa.Table, list[tuple[str, str]]]:
         [("series_key", "ascending"), ("path", "ascending")]
     )
     if ok.num_rows == 0:
-        return _arrow_schema(pa).empty_table(), unreadable
+        return _arrow_schema().empty_table(), unreadable
     ok = _derive_absent_keys(ok)
     first = pc.ScalarAggregateOptions(skip_nulls=False)
     grouped = ok.group_by("series_key", use_threads=False).aggregate(
@@ -444,7 +444,7 @@ def _series_table(headers: pa.Table) -> tuple[pa.Table, list[tuple[str, str]]]:
         files=grouped["path_list"],
         series_key=grouped["series_key"],
     )
-    schema = _arrow_schema(pa)
+    schema = _arrow_schema()
     table = pa.table(
         {name: pc.cast(columns[name], schema.field(name).type) for name in schema.names},
         schema=schema,
@@ -504,8 +504,10 @@ def _orientation_label(orientation: object) -> str:
 def _int_or_none(value: object) -> int | None:
     """An integer header value; None when absent, not a number, or beyond 64 bits (a damaged
     header must not stop the index's Arrow tables)."""
+    if not isinstance(value, (int, float, str, bytes, SupportsInt, SupportsIndex)):
+        return None  # int() would raise TypeError
     try:
-        number = int(value)  # type: ignore[arg-type]
+        number = int(value)
     except (TypeError, ValueError, OverflowError):
         return None
     return number if -(2**63) <= number < 2**63 else None
@@ -528,7 +530,7 @@ def write_index(index: DicomIndex, path: str | Path) -> Path:
 
     In CSV the ``files`` column holds a JSON list.
     """
-    table = pa.Table.from_pylist([asdict(s) for s in index.series], schema=_arrow_schema(pa))
+    table = pa.Table.from_pylist([asdict(s) for s in index.series], schema=_arrow_schema())
     return write_index_table(table, path)
 
 
@@ -588,7 +590,7 @@ def _parse_csv_row(row: dict[str, str]) -> dict[str, object]:
     return parsed
 
 
-def _arrow_schema(pa):  # type: ignore[no-untyped-def]
+def _arrow_schema() -> pa.Schema:
     text = pa.string()
     return pa.schema(
         [
@@ -616,4 +618,4 @@ def _arrow_schema(pa):  # type: ignore[no-untyped-def]
 
 
 #: The Arrow schema of an index table (the fields of :class:`SeriesRecord`).
-INDEX_SCHEMA = _arrow_schema(pa)
+INDEX_SCHEMA = _arrow_schema()

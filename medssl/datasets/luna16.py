@@ -196,7 +196,7 @@ class Luna16Writer:
         self._candidates.extend((f, 1) for f in nodules)
         self._candidates.extend((f, 0) for f in excluded)
         self._candidates.extend(
-            (Finding(centre_lps=tuple(p), series_uid=seriesuid), 0) for p in negatives
+            (Finding(centre_lps=(p[0], p[1], p[2]), series_uid=seriesuid), 0) for p in negatives
         )
         for k, (finding, extra) in enumerate(zip(nodules, truth), start=1):
             self._truth.append({"seriesuid": finding.series_uid, "label": k, **extra})
@@ -215,9 +215,9 @@ class Luna16Writer:
                 writer.writerow([finding.series_uid, *_coords(finding.centre_lps), label])
         if self._truth:
             with open(self.root / "truth.csv", "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(self._truth[0]))
-                writer.writeheader()
-                writer.writerows(self._truth)
+                truth_writer = csv.DictWriter(fh, fieldnames=list(self._truth[0]))
+                truth_writer.writeheader()
+                truth_writer.writerows(self._truth)
 
 
 def _coords(point: Sequence[float]) -> list[str]:
@@ -255,6 +255,6 @@ def read_findings(path: str | Path, seriesuid: str | None = None) -> list[Findin
             diameter_mm=float(row["diameter_mm"]),
             series_uid=row["seriesuid"],
         )
-        for row in _read_rows(path, ANNOTATION_FIELDS)
+        for row in _read_rows(Path(path), ANNOTATION_FIELDS)
         if seriesuid is None or row["seriesuid"] == seriesuid
     ]

@@ -82,7 +82,8 @@ class AnchorSpec:
                 f"patch shape {tuple(patch_shape)} must be 3 edges divisible by the largest "
                 f"stride {self.max_stride}, so that flips and rotations map anchors onto anchors"
             )
-        return [tuple(int(n) // s for n in patch_shape) for s in self.strides]  # type: ignore[misc]
+        z, y, x = (int(n) for n in patch_shape)
+        return [(z // s, y // s, x // s) for s in self.strides]
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class AnchorGrid:
     def build(cls, spec: AnchorSpec, patch_shape: Sequence[int]) -> AnchorGrid:
         """The anchors of a ``(Z, Y, X)`` patch (edges divisible by the largest stride)."""
         shapes = spec.level_shapes(patch_shape)
+        z, y, x = (int(n) for n in patch_shape)  # three edges: level_shapes checked
         centres, sizes, slices, start = [], [], [], 0
         for stride, size, shape in zip(spec.strides, spec.sizes, shapes):
             axes = [np.arange(n, dtype=np.float32) * stride + (stride - 1) / 2 for n in shape]
@@ -117,8 +119,8 @@ class AnchorGrid:
             start += len(grid)
         return cls(
             spec,
-            tuple(int(n) for n in patch_shape),
-            np.concatenate(centres),  # type: ignore[arg-type]
+            (z, y, x),
+            np.concatenate(centres),
             np.concatenate(sizes),
             tuple(shapes),
             tuple(slices),

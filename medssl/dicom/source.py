@@ -58,6 +58,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import highdicom as hd
 from pydicom import config
@@ -91,6 +92,8 @@ _FRAME_OF_REFERENCE = Tag("FrameOfReferenceUID")
 _CHARACTER_SET = Tag("SpecificCharacterSet")
 #: The Specific Character Set outputs use when highdicom does not take the source's.
 UTF8 = "ISO_IR 192"
+#: The SR or SEG that :meth:`OutputSource.restore` fills in and returns.
+_Output = TypeVar("_Output", bound=Dataset)
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ class OutputSource:
     derived_frame_of_reference: bool
     utf8: bool = False
 
-    def restore(self, output: Dataset) -> Dataset:
+    def restore(self, output: _Output) -> _Output:
         """Put the received patient and study values into ``output`` (the SR or SEG built
         from :attr:`datasets`); the others are set empty; other attributes copied verbatim
         from the source with values invalid for their VR are dropped (module docs).
@@ -132,8 +135,8 @@ class OutputSource:
             ):
                 del output[tag]
         for keyword, vr in PARSED_ATTRIBUTES.items():
-            element = self.received.get(keyword)
-            value = element.value if element is not None else None
+            received = self.received.get(keyword)
+            value = received.value if received is not None else None
             output[Tag(keyword)] = DataElement(Tag(keyword), vr, value)
         return output
 

@@ -96,7 +96,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import highdicom as hd
 import numpy as np
@@ -495,7 +495,10 @@ def _no_findings_report(
             if item.ConceptNameCodeSequence[0].CodeValue != _TRACKING_UID_CODE
         ]
     )
-    root = hd.sr.MeasurementReport(context, procedure, [absent])[0]
+    # highdicom types a template's items as pydicom Datasets; TID 1500's root is a container
+    root = cast(
+        hd.sr.ContainerContentItem, hd.sr.MeasurementReport(context, procedure, [absent])[0]
+    )
     evaluations = hd.sr.ContainerContentItem(
         name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )

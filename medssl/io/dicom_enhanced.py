@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from medssl.errors import LocalizerError, SeriesGeometryError
 from medssl.io.common import hu_int16, positive_number, rescale_number
 from medssl.io.dicom_files import ENHANCED_CT_IMAGE_STORAGE, frame_pixels, series_meta
 from medssl.io.dicom_writer import SeriesInfo, _ds_value, _ds_values, _slice_dataset, derived_uid
 from medssl.io.limits import GeometryLimits
-from medssl.io.slice_stack import plane_geometry, sort_slices
+from medssl.io.slice_stack import PlaneGeometry, plane_geometry, sort_slices
 from medssl.volume import Volume
 
 __all__ = ["frame_planes", "frame_positions", "read_enhanced", "write_enhanced_ct"]
@@ -58,7 +59,9 @@ def read_enhanced(
     if "LOCALIZER" in image_type:
         raise LocalizerError(path, "is a LOCALIZER (scout) image, not a CT volume")
     _, shared, per_frame = _functional_groups(ds, path)
-    planes, slopes, intercepts = [], [], []
+    planes: list[PlaneGeometry] = []
+    slopes: list[float] = []
+    intercepts: list[float] = []
     for k, frame in enumerate(per_frame):
         position = _group_attr(frame, shared, "PlanePositionSequence", "ImagePositionPatient")
         orientation = _group_attr(
@@ -229,7 +232,10 @@ def _item(**attributes: Any) -> Dataset:
             isinstance(value, (list, tuple)) and value and isinstance(value[0], float)
         ):
             numbers = np.atleast_1d(np.asarray(value, dtype=np.float64))
-            if dictionary_VR(tag_for_keyword(keyword)) == "DS":
+            tag = tag_for_keyword(keyword)
+            if tag is None:
+                raise ValueError(f"{keyword!r} is not a DICOM keyword (pydicom's dictionary)")
+            if dictionary_VR(tag) == "DS":
                 value = _ds_values(numbers) if numbers.size > 1 else _ds_value(float(numbers[0]))
             else:
                 value = [float(v) for v in numbers] if numbers.size > 1 else float(numbers[0])
@@ -277,7 +283,7 @@ def write_enhanced_ct(volume: Volume, path: str | Path, info: SeriesInfo | None 
     for keyword in _CLASSIC_ONLY:
         delattr(ds, keyword)
     ds.file_meta.MediaStorageSOPClassUID = ENHANCED_CT_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.SOPClassUID = ENHANCED_CT_IMAGE_STORAGE
     ds.SOPInstanceUID = sop_uid
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]

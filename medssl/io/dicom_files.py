@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medssl.errors import CorruptFileError, NotAnImageError, VolumeReadError
 
@@ -34,8 +35,8 @@ __all__ = [
     "series_meta",
 ]
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
+ENHANCED_CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.1")
 _NATIVE_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _PIXEL_DATA = 0x7FE00010
 #: Values larger than this (bytes) are deferred by ``read_dataset(defer_pixels=True)``.
@@ -160,15 +161,16 @@ def frame_pixels(ds: Dataset, path: Path) -> np.ndarray:
     ):
         dtype = np.dtype(f"<{'i' if ds.get('PixelRepresentation', 0) else 'u'}{bits // 8}")
         count = rows * cols * frames
-        element = ds.get_item(_PIXEL_DATA, keep_deferred=True)
-        if element.value is None:  # deferred: pydicom recorded where the value starts
+        # pydicom's overload says DataElement; a deferred (not yet read) value is a raw one
+        element: DataElement | RawDataElement = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+        if isinstance(element, RawDataElement) and element.value is None:
+            # deferred: pydicom recorded where the value starts
             with open(path, "rb") as fh:
                 fh.seek(element.value_tell)
                 pixels = np.fromfile(fh, dtype=dtype, count=count)
         else:
-            pixels = np.frombuffer(
-                element.value, dtype=dtype, count=min(count, len(element.value) // dtype.itemsize)
-            )
+            data = b"" if element.value is None else element.value  # None: reported as truncated
+            pixels = np.frombuffer(data, dtype=dtype, count=min(count, len(data) // dtype.itemsize))
         if pixels.size < count:
             raise CorruptFileError(
                 path,

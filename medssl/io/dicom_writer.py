@@ -151,7 +151,7 @@ def _slice_dataset(info: SeriesInfo, z: int) -> Dataset:
     sop_uid = derived_uid(info.uid_seed, "sop", str(z))
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = f"MEDSSL_{__version__}"[:16]

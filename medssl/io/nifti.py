@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import SpatialImage
 
 from medssl.errors import CorruptFileError
 from medssl.io.common import last_line, storage_array
@@ -38,8 +39,8 @@ def read_nifti(path: str | Path, label: bool = False) -> Volume:
         CorruptFileError: unreadable, truncated, or not 3D.
     """
     path = Path(path)
+    image = _load(path)
     try:
-        image = nib.load(str(path))
         data = np.asanyarray(image.dataobj)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
         raise CorruptFileError(path, f"NIfTI could not be read: {last_line(exc)}") from None
@@ -60,15 +61,29 @@ def nifti_grid(path: str | Path) -> tuple[tuple[int, int, int], tuple[float, flo
         CorruptFileError: the header cannot be read or the image is not 3D.
     """
     path = Path(path)
-    try:
-        image = nib.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
-        raise CorruptFileError(path, f"NIfTI could not be read: {last_line(exc)}") from None
+    image = _load(path)
     shape = tuple(int(n) for n in image.shape)
     if len(shape) < 3 or any(n != 1 for n in shape[3:]):
         raise CorruptFileError(path, f"expected a 3D image, found shape {shape}")
     spacing = np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0)
     return (shape[2], shape[1], shape[0]), (float(spacing[2]), float(spacing[1]), float(spacing[0]))
+
+
+def _load(path: Path) -> SpatialImage:
+    """The image nibabel reads at ``path`` (its data not read yet).
+
+    Raises:
+        CorruptFileError: unreadable, or not an image with an affine (e.g. CIFTI-2).
+    """
+    try:
+        image = nib.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
+        raise CorruptFileError(path, f"NIfTI could not be read: {last_line(exc)}") from None
+    if not isinstance(image, SpatialImage):
+        raise CorruptFileError(
+            path, f"expected a NIfTI volume with an affine, nibabel read a {type(image).__name__}"
+        )
+    return image
 
 
 def write_nifti(volume: Volume, path: str | Path) -> Path:

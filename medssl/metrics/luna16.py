@@ -237,17 +237,18 @@ def evaluate_luna16(
             points=(points, BAND_FPS),
         )
         cpm_lo, cpm_hi = order_statistic_interval(at_boot.mean(axis=1), CONFIDENCE)
+        cpm_ci = (float(cpm_lo), float(cpm_hi))
         sens_lo, sens_hi = order_statistic_interval(at_boot, CONFIDENCE)
         band_lo, band_hi = order_statistic_interval(on_band, CONFIDENCE)
     else:
-        cpm_lo = cpm_hi = np.nan
+        cpm_ci = (np.nan, np.nan)
         sens_lo = sens_hi = np.full(len(points), np.nan)
         band_lo = band_hi = np.full(len(BAND_FPS), np.nan)
     return FrocResult(
         fp_rates=FP_RATES,
         sensitivities=tuple(float(s) for s in at_points),
         cpm=float(np.mean(at_points)),
-        cpm_ci=(float(cpm_lo), float(cpm_hi)),
+        cpm_ci=cpm_ci,
         sensitivity_ci=tuple((float(lo), float(hi)) for lo, hi in zip(sens_lo, sens_hi)),
         froc_fps=fps,
         froc_sens=sens,

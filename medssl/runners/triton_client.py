@@ -92,7 +92,8 @@ def is_transient(exc: BaseException) -> bool:
 def describe(exc: BaseException) -> str:
     """A one-line account of a client exception (the library's reprs are often empty)."""
     status = _status(exc)
-    message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+    message_of = getattr(exc, "message", None)  # tritonclient's InferenceServerException
+    message = message_of() if callable(message_of) else str(exc)
     text = f"{type(exc).__name__}: {message or repr(exc)}"
     return f"{text} (status {status})" if status else text
 

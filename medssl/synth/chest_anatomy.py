@@ -437,11 +437,13 @@ class ChestAnatomy:
 
     def shoulder_wall(
         self,
-        x: np.ndarray,
-        y: np.ndarray,
-        z: np.ndarray,
+        x: np.ndarray | float,
+        y: np.ndarray | float,
+        z: np.ndarray | float,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Extra chest-wall depth of the upper thorax: ``(mm by level, weight by angle)``.
+
+        ``x``, ``y``, ``z`` are LPS mm, arrays or scalars that broadcast together.
 
         Shoulder-girdle muscles thicken the wall towards the apex, except at the
         back, so the rib cage narrows upwards. Their product adds to the cavity depth.
@@ -478,7 +480,7 @@ class ChestAnatomy:
         """Angle around the body from the posterior midline (0) to the sternum (pi), radians."""
         return np.arccos(np.clip(self._cos_angle(x, y), -1.0, 1.0)).astype(_F32)
 
-    def _cos_angle(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def _cos_angle(self, x: np.ndarray | float, y: np.ndarray | float) -> np.ndarray:
         u = (np.asarray(x, dtype=np.float64) - self.xm) / self.body_a
         v = (np.asarray(y, dtype=np.float64) - self.cy) / (
             0.5 * (self.body_b_ant + self.body_b_post)
@@ -541,12 +543,15 @@ class ChestAnatomy:
         """Approximate distance outside the heart ellipsoid, mm."""
         c = self.heart_centre
         px, py, pz = x - _F32(c[0]), y - _F32(c[1]), z - _F32(c[2])
-        e = None
-        for k in range(3):
+
+        def squared(k: int) -> np.ndarray:
+            """Squared coordinate along the ellipsoid's axis ``k``, in radii."""
             r = self.heart_rot[:, k] / self.heart_radii[k]
             q = px * _F32(r[0]) + py * _F32(r[1])
             q = q + pz * _F32(r[2])
-            e = q * q if e is None else e + q * q
+            return q * q
+
+        e = squared(0) + squared(1) + squared(2)
         return (np.sqrt(e) - 1) * _F32(min(self.heart_radii))
 
     def heart_box(self, margin: float) -> tuple[np.ndarray, np.ndarray]:

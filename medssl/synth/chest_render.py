@@ -64,7 +64,13 @@ def body_and_lung_boxes(
     """
     blo, bhi = anatomy.body_box()
     glo, ghi = grid.box()
-    _, body_y, body_x = grid.index_slices(np.append(blo, glo[2]), np.append(bhi, ghi[2]))
+    body = grid.index_slices(np.append(blo, glo[2]), np.append(bhi, ghi[2]))
+    if body is None:
+        raise ValueError(
+            f"the body's LPS (x, y) box {blo.tolist()}..{bhi.tolist()} mm misses the scan grid "
+            f"{glo.tolist()}..{ghi.tolist()} mm: centre the field of view on the body"
+        )
+    _, body_y, body_x = body
     lo, hi = anatomy.lung_box()
     region = grid.index_slices(lo, hi)
     if region is not None:  # the lungs lie in the body
@@ -476,6 +482,8 @@ def _paint_tubes(
             else:
                 blend(img, occ, hu)
         if ts.carve is not None:
+            if lung_sub is None:
+                raise ValueError("these tubes carve the lungs: paint them after the lungs")
             np.minimum(lung_sub, ramp(dist - radius - _F32(ts.carve), width), out=lung_sub)
 
 

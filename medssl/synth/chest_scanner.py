@@ -177,13 +177,13 @@ def place_grid(
     targeted = fov < cfg.full_fov_mm
     short = cfg.n_slices is not None and (cfg.n_slices - 1) * t < z_high - z_low + 20
     given = None if cfg.fov_centre_lps is None else np.asarray(cfg.fov_centre_lps, dtype=float)
-    target = None
+    target = None  # a lung point to aim at, drawn when the config gives no centre
     if given is None and (targeted or short):
         side = int(rng.integers(0, 2))
         target = sample_lung_points(anatomy, rng, 1, TARGET_DEPTH_MM, scanner.pixel, t)[side][0]
     if given is not None:
         cx, cy = given[0], given[1]
-    elif targeted:
+    elif targeted and target is not None:
         cx, cy = target[0], target[1]
     else:  # the isocentre, give or take the reconstruction offset
         cx, cy = rng.uniform(-10, 10), rng.uniform(-10, 10)
@@ -195,7 +195,7 @@ def place_grid(
         extent = (n_slices - 1) * t
         if given is not None:
             centre = float(given[2])
-        elif short:
+        elif short and target is not None:
             centre = float(np.clip(target[2], z_low - 10 + extent / 2, z_high + 10 - extent / 2))
         else:
             slack = extent - (z_high - z_low)

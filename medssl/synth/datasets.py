@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -60,9 +61,20 @@ UNLABELED_TRUTH = (
 )
 
 
+class _Visit(TypedDict):
+    """The :class:`SeriesInfo` fields of a synthetic visit (DICOM DA, AS and TM text)."""
+
+    patient_birth_date: str
+    patient_sex: str
+    patient_age: str
+    study_id: str
+    study_date: str
+    study_time: str
+
+
 def _synthetic_visit(
     rng: np.random.Generator, seed: int, ages: tuple[int, int], years: tuple[int, int]
-) -> dict[str, str]:
+) -> _Visit:
     """Deterministic demographics and study date/time of a synthetic subject (``SeriesInfo``
     fields): age in ``ages``, a study in ``years`` (half-open ranges)."""
     age = int(rng.integers(*ages))

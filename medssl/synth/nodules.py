@@ -695,8 +695,8 @@ def place_lesions(
         centre = placer.find("free", shape.extent, diameter / 2, nodules + confusers, 3.0)
         if centre is None:
             continue
-        record = Confuser(_tuple(centre), diameter, "micronodule")
-        confusers.append(Lesion(((shape.moved(centre), hu, 0.0),), 0, record))
+        micronodule = Confuser(_tuple(centre), diameter, "micronodule")
+        confusers.append(Lesion(((shape.moved(centre), hu, 0.0),), 0, micronodule))
     return nodules, confusers, Tubes.concat(crossings)
 
 

@@ -71,10 +71,10 @@ def organ_grid(
         :func:`medssl.synth.organ_raster.rasterise` expects (body centre at 0).
     """
     dom = resolve_domain(domain)
-    shape = dom.shape if shape is None else tuple(int(n) for n in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"shape must be three positive ints (Z, Y, X), got {shape}")
+    dims: tuple[int, ...] = dom.shape if shape is None else tuple(int(n) for n in shape)
+    if len(dims) != 3 or min(dims) < 1:
+        raise ValueError(f"shape must be three positive ints (Z, Y, X), got {dims}")
     centre = np.asarray(dom.fov_centre_mm, dtype=np.float64)
-    z, y, x = (a.ravel().astype(np.float64) for a in physical_grid(shape, dom.spacing, -centre))
+    z, y, x = (a.ravel().astype(np.float64) for a in physical_grid(dims, dom.spacing, -centre))
     origin = _BODY_CENTRE_LPS + np.array([x[0], y[0], z[0]])
     return affine_from_geometry(origin, dom.spacing), (z, y, x)

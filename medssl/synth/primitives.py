@@ -24,7 +24,9 @@ __all__ = [
 
 
 def physical_grid(
-    shape: Sequence[int], spacing: Sequence[float], centre_mm: Sequence[float] | None = None
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    centre_mm: Sequence[float] | np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Open (broadcastable) coordinate arrays in mm, centred on the volume.
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 
 from medssl.index import INDEX_SCHEMA, SeriesRecord
 
@@ -138,7 +138,7 @@ def write_header_files(root: str | Path, n_files: int, files_per_series: int = 1
         ds.StudyInstanceUID = _uid(1, exam)
         ds.SeriesInstanceUID = _uid(2, series)
         ds.SeriesNumber = series % 3 + 1
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _uid(3, i)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(_uid(3, i))
         ds.InstanceNumber = instance + 1
         ds.ImagePositionPatient = [-175.0, -175.0, -1.25 * instance]
         ds.save_as(folder / f"{instance + 1:06d}.dcm", enforce_file_format=True)
@@ -148,7 +148,7 @@ def write_header_files(root: str | Path, n_files: int, files_per_series: int = 1
 def _template() -> pydicom.Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = _uid(3, 0)
+    meta.MediaStorageSOPInstanceUID = UID(_uid(3, 0))
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset()
     ds.file_meta = meta

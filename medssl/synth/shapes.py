@@ -142,8 +142,8 @@ class LatticeField:
     def draw(
         cls,
         rng: np.random.Generator,
-        lo: Sequence[float],
-        hi: Sequence[float],
+        lo: Sequence[float] | np.ndarray,
+        hi: Sequence[float] | np.ndarray,
         step: float,
     ) -> LatticeField:
         """A field covering the box ``[lo, hi]`` (mm, ``(z, y, x)``), correlation ``step`` mm."""
@@ -171,7 +171,7 @@ class LatticeField:
         return out.reshape(wz.shape[0], wy.shape[0], wx.shape[0])
 
 
-def rotation(angles_deg: Sequence[float]) -> np.ndarray:
+def rotation(angles_deg: Sequence[float] | np.ndarray) -> np.ndarray:
     """Rotation matrix in ``(z, y, x)`` coordinates from angles about the z, y and x axes.
 
     Args:

@@ -29,7 +29,7 @@ from types import TracebackType
 from medssl.errors import RunnerError
 from medssl.models.card import CARD_FILE, load_card
 from medssl.models.repository import latest_version
-from medssl.models.triton_config import ServingOptions, model_config, write_config
+from medssl.models.triton_config import InstanceKind, ServingOptions, model_config, write_config
 
 #: The Python-backend ``model.py`` that runs ``model.onnx`` with onnxruntime inside Triton.
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
@@ -211,7 +211,8 @@ class LocalTritonServer:
             raise RunnerError("this LocalTritonServer is already running")
         self._workdir = Path(tempfile.mkdtemp(prefix="medssl-triton-"))
         backends = self._backends(self._workdir)
-        self._ports = _free_ports(3)
+        http, grpc, metrics = _free_ports(3)
+        self._ports = (http, grpc, metrics)
         command = [
             str(self.env.executable),
             f"--model-repository={self.model_repository}",
@@ -354,5 +355,7 @@ def python_backend_repository(
     shutil.copytree(source, target / str(version))
     shutil.copy2(PYTHON_MODEL, target / str(version) / "model.py")
     card.save(target / CARD_FILE)
-    write_config(model_config(card, backend="python", options=ServingOptions(kind="cpu")), target)
+    write_config(
+        model_config(card, backend="python", options=ServingOptions(kind=InstanceKind.CPU)), target
+    )
     return target
