@@ -1,6 +1,6 @@
 """A&D against the supervised and mean-teacher VNet in the four A&D settings, on synthetic
 abdominal CT/MR phantoms at a CPU-sized budget, measured as the share of each setting's gap it
-recovers (issue 19); the Table 5 ablations on request (``--ablations``).
+recovers; the Table 5 ablations on request (``--ablations``).
 
 The structure of the A&D paper (NeurIPS 2023): Tables 1-4, one setting each (Dice % and ASD):
 

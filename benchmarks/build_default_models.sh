@@ -2,7 +2,7 @@
 # Rebuild the models shipped in model_repository/ from nothing but this code, each in under 2
 # hours on 2 CPU cores: `benchmarks/build_default_models.sh [detector] [organs]` (default both).
 #
-# ORGANS (model_repository/abdomen-organs): the supervised VNet of the issue-19 instrument
+# ORGANS (model_repository/abdomen-organs): the supervised VNet of the segmentation benchmarks
 # (training/configs/seg-imbssl-cpu.yaml: width 8, 8x3x3 mm grid, foreground crops, frequency-
 # weighted CE) on every case labeled, 11 organs, trained on two families of the abdominal phantom:
 # the CT-realistic domain A (between-case contrast and noise variation) and the SynthSeg-style

@@ -1,4 +1,4 @@
-"""Detector quality and what each false-positive control buys (issue 18, Acceptance "Ablation").
+"""Detector quality and what each false-positive control buys.
 
 A detector of a model repository (default ``model_repository/focalmix-nodules``) is scored
 through the pipeline ``medssl-score`` runs (:func:`medssl.scoring.series.prepare_series` +
@@ -6,8 +6,9 @@ through the pipeline ``medssl-score`` runs (:func:`medssl.scoring.series.prepare
 the card's :class:`~medssl.pipeline.detect.DetectionParams`) on a synthetic test set of the
 generator's *held-out* family (``medssl synth chest --family heldout``: other parameter ranges
 and seeds than the training family), generated into ``--data`` if missing: ``--cases`` scans
-(default 40, the issue's minimum) at ``--matrix`` 512 (realistic 512² geometry; a smaller
-``--cases``/``--matrix`` makes a smoke run, and the report says so).
+(default 40, the minimum for a CPM whose interval can separate the rows) at ``--matrix`` 512
+(realistic 512² geometry; a smaller ``--cases``/``--matrix`` makes a smoke run, and the report
+says so).
 
 Rows:
 
@@ -74,7 +75,8 @@ from medssl.scoring.series import infer, prepare_series
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
-#: The Acceptance's minimum test set: >= 40 held-out scans at 512^2.
+#: The smallest full test set: >= 40 held-out scans at 512^2 (fewer scans leave the CPM
+#: interval too wide to separate the rows; ``--smoke`` runs below it and the report says so).
 MIN_CASES = 40
 MIN_MATRIX = 512
 
@@ -486,7 +488,7 @@ def main() -> None:
     args = parser.parse_args()
     if (args.cases < MIN_CASES or args.matrix < MIN_MATRIX) and not args.smoke:
         raise SystemExit(
-            f"--cases {args.cases} / --matrix {args.matrix}: the acceptance test set is "
+            f"--cases {args.cases} / --matrix {args.matrix}: the full test set is "
             f">= {MIN_CASES} scans at {MIN_MATRIX}^2; pass --smoke for a smaller trial run"
         )
     if not (args.model / "medssl.json").is_file():

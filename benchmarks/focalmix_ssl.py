@@ -1,5 +1,5 @@
-"""FocalMix vs the fully supervised detector on synthetic chest CT: a benchmark that can decide
-(issue 18 item 5), with the structure of the paper's Table 1 (labeled counts, one fixed
+"""FocalMix vs the fully supervised detector on synthetic chest CT: a benchmark that can decide,
+with the structure of the paper's Table 1 (labeled counts, one fixed
 unlabeled pool, one budget and one test set for every run) and Table 3 (ablations).
 
 Data (generated into ``--data`` if missing, all of the generator's ``train`` family, 128-matrix
@@ -94,7 +94,8 @@ from medssl.metrics.froc import cpm_points, order_statistic_interval, paired_boo
 from medssl.metrics.seeds import seed_interval
 
 RESULTS = Path(__file__).parent / "results"
-#: The issue's minimum test set (item 5); ``--smoke`` runs below it and say so.
+#: The smallest test set whose CPM intervals can separate the methods; ``--smoke`` runs
+#: below it and the report says so.
 MIN_TEST_SCANS = 40
 MIN_TEST_NODULES = 100
 CONFIDENCE = 0.95
@@ -967,7 +968,7 @@ def main() -> None:
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help=f"allow a test set below the issue's minimum "
+        help=f"allow a test set below the minimum that can separate the methods "
         f"({MIN_TEST_SCANS} scans, {MIN_TEST_NODULES} nodules); the report says SMOKE",
     )
     parser.add_argument("--results", type=Path, default=RESULTS / "focalmix_ssl.json")

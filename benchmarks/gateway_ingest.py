@@ -1,6 +1,6 @@
 """The DICOM gateway on this CPU: ingest rate vs Orthanc, end-to-end latency, memory.
 
-Acceptance check of ``medssl-serve`` (issue 7), everything in one run, real processes:
+Acceptance check of ``medssl-serve``, everything in one run, real processes:
 
 * **Ingest.** The same synthetic 300-slice chest CT study (512², 16-bit, ~150 MB) is sent
   with ``storescu`` (dcmtk, one association) to the gateway and to Orthanc (Debian

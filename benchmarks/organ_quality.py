@@ -1,4 +1,4 @@
-"""How the shipped organ segmenter does on phantom families it was not trained on (issue 19).
+"""How the shipped organ segmenter does on phantom families it was not trained on.
 
 The shipped ``abdomen-organs`` is trained on CT vendor A (realistic contrast, with between-case
 variation) and on the domain-randomised family (``--domain rand``). This scores it, through the

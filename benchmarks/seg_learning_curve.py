@@ -1,6 +1,6 @@
 """Supervised learning curves of the segmentation benchmarks' tasks: the budget of
-``seg_methods.py`` and ``ad_settings.py`` is read off them (issue 19: compare methods where
-supervised training has converged, not at an arbitrary step count).
+``seg_methods.py`` and ``ad_settings.py`` is read off them, so that methods are compared
+where supervised training has converged, not at an arbitrary step count.
 
 For each (task, labeled fraction) one supervised VNet run (``seg_methods.TASKS``' configs, the
 same data, split and crops as the benchmark) validates every ``--every`` steps; the table is

@@ -1,6 +1,6 @@
 """Every segmentation method in medssl on the same data, split, budget, seeds and test cases,
 measured as the share of the supervised gap it recovers: the table a user reads before choosing
-a method (issue 19).
+a method.
 
 Tasks (synthetic abdominal CT phantoms of domain A, ``write_organ_dataset``, with between-case
 variation of contrast and noise; one data folder serves every task):
@@ -27,8 +27,8 @@ available"): the supervised VNet (labeled cases only), mean teacher (SSL4MIS), B
 ``--bcp-pretrain-steps`` of copy-paste pre-training inside the budget, then self-training with
 the official absolute lr schedule, ×0.1 every 2500 steps, which a CPU budget never reaches),
 A&D (NeurIPS 2023), FixMatch and FlexMatch (CPL) for segmentation, PatchCL (CVPR 2023).
-Each method's deviations from its official code are listed in ``benchmarks/README.md``'s
-segmentation section.
+Each method's deviations from its official code are listed in
+``docs/explanation/methods.md``, section "Deviations from the official code we keep".
 
 Statistics (``seg_bench.evidence``, ``medssl.metrics.seeds``): Dice per run is the test-set
 mean over cases, then classes. Per (task, fraction, method): the mean over seeds with its

@@ -21,7 +21,8 @@ from medssl.errors import ExportError
 
 __all__ = ["MIN_OPSET", "OPSET", "convert_fp16", "export_onnx"]
 
-#: Opset written by default; the issue asks for >= 17.
+#: Opset written by default; a model repository's ``model.onnx`` is opset >= 17 (the card's
+#: contract, :data:`MIN_OPSET`).
 OPSET = 18
 MIN_OPSET = 17
 

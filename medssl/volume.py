@@ -1,6 +1,6 @@
 """The :class:`Volume` type: a 3D array on a grid placed in patient space.
 
-Conventions (see ``design.md``):
+Conventions (``docs/explanation/architecture.md``, "Conventions"):
 
 * ``array`` is indexed ``(z, y, x)`` = (slice, row, column).
 * World coordinates are DICOM patient coordinates, LPS, in millimetres, and

@@ -11,8 +11,8 @@ from typing import Any
 import pydicom
 from pydicom.uid import JPEG2000Lossless
 
-#: What an anonymiser blanked in the real Siemens JPEG 2000 series of issue 17: the dataset's
-#: UIDs; only the file meta keeps the SOP Class and Instance UIDs.
+#: What an anonymiser blanked in a real Siemens JPEG 2000 series: the dataset's UIDs; only
+#: the file meta keeps the SOP Class and Instance UIDs.
 BLANKED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 
 

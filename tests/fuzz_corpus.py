@@ -469,7 +469,7 @@ _DAMAGES: dict[str, Callable[[random.Random, bytes], bytes]] = {
 
 
 def lying_length_case(seed: int = 0) -> FuzzCase:
-    """The case of issue 17 item 2: SOPClassUID's length claims every byte up to the end of
+    """A lying length that quotes PHI: SOPClassUID's length claims every byte up to the end of
     the PatientBirthDate value, so pydicom reads the elements between, the patient's name, ID
     and birth date among them, as one UID value and warns that it is invalid, quoting it. The
     request names the SOP class, the SOP Instance UID follows (again) after the birth date and

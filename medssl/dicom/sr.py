@@ -32,7 +32,7 @@ detection ``i``) is listed in the evidence, and its segment ``i + 1`` carries th
 identifier and UID of finding ``i``'s group: that UID is what ties point, sphere and
 measurements of one nodule together. There is no TID 1411 group (see below).
 
-How the viewers read it (sources read for issue 17, item 8; outputs measured with dcmqi 1.5.7
+How the viewers read it (from their sources; outputs measured with dcmqi 1.5.7
 and highdicom 0.28 in tests/medssl/dicom/test_sr_viewers.py):
 
 * 3D Slicer, QuantitativeReporting (QIICR/QuantitativeReporting,

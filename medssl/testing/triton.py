@@ -4,8 +4,9 @@ It runs the ``tritonserver`` binary bundled in the PyPI wheel ``nvidia-pytriton=
 installed in its own environment (the "Triton env", ``make triton-env``): that server has
 only the Python backend, whose stub needs ``numpy<2`` in the env, the stub copied into a
 writable backend folder, ``LD_LIBRARY_PATH`` with the wheel's ``nvidia_pytriton.libs`` and
-the env interpreter's libdir, and the env's ``bin`` first on ``PATH`` (design.md, "Real
-components"). Production uses the Triton container's onnxruntime/TensorRT backends instead.
+the env interpreter's libdir, and the env's ``bin`` first on ``PATH``
+(``docs/explanation/architecture.md``, "Real components, and how the tests start them").
+Production uses the Triton container's onnxruntime/TensorRT backends instead.
 
 The server binds to 127.0.0.1 only, on free ports picked at start.
 """

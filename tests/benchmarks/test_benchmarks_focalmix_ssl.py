@@ -55,7 +55,7 @@ def _found(share: float, seed: int) -> np.ndarray:
 
 
 def test_every_run_of_a_seed_trains_on_one_split_whatever_the_seed() -> None:
-    # issue 18: data.split_seed = seed mixed split noise into training noise.
+    # An earlier version set data.split_seed = seed: split noise mixed into training noise.
     settings = {
         "set": [],
         "split_seed": 0,

@@ -93,7 +93,7 @@ def test_cli_prints_full_uids_and_writes_the_table(tree, tmp_path):
     assert read_index(out).series == index.series
 
 
-# -- one file's header never fails the index (issue 17, items 4 and 9) ---------------------------
+# -- one file's header never fails the index -----------------------------------------------------
 
 
 def test_any_exception_from_one_header_lists_that_file_by_type_only(tree, monkeypatch):
@@ -140,7 +140,7 @@ def test_invalid_dates_are_indexed_as_received(tree):
     assert series.study_date == "20230231" and series.n_files == 6
 
 
-# -- anonymised series: blank UIDs (issue 17, item 5) -------------------------------------------
+# -- anonymised series: blank UIDs --------------------------------------------------------------
 
 
 def test_blank_uid_series_get_distinct_keys_stable_across_runs_and_moves(tree, tmp_path):

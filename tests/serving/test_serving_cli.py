@@ -116,7 +116,7 @@ def test_environment_and_set_override_the_file():
 
 
 def test_the_geometry_limits_are_gateway_settings_validated_at_start(tmp_path):
-    """``processing.geometry`` bounds what one series may take (issue 17, item 4): set from the
+    """``processing.geometry`` bounds what one series may take: set from the
     file or ``--set``, refused at start when inconsistent, and passed to every job."""
     from medssl.io.limits import GeometryLimits
     from medssl.serving.config import load_gateway_config

@@ -1,4 +1,4 @@
-"""The gateway against a hostile corpus (issue 17 item 10): a real ``medssl-serve`` process gets
+"""The gateway against a hostile corpus: a real ``medssl-serve`` process gets
 more than 1,000 damaged CT datasets by C-STORE, each holding planted PHI, and a burst of
 garbage PDUs; then a valid study.
 

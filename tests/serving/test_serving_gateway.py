@@ -267,8 +267,7 @@ def test_chest_ct_comes_back_as_an_sr_and_abdominal_ct_as_a_seg_routed_by_body_p
         assert group.tracking_uid and group.tracking_identifier
     assert sr.SeriesDescription.startswith(DETECTOR)
 
-    # The SEG: BINARY, empty frames omitted (the default since issue 17 item 7), segments
-    # coded from the card.
+    # The SEG: BINARY, empty frames omitted (the default), segments coded from the card.
     card = load_card(exported_segmenter.model_dir)
     segmentation = hd.seg.Segmentation.from_dataset(seg)
     assert seg.SegmentationType == "BINARY"
@@ -454,7 +453,7 @@ def _store_jobs(gateway: GatewayProcess) -> tuple[list, dict[int, list]]:
 def test_a_study_cut_by_a_crash_waits_at_restart_for_its_missing_instances(
     start_gateway, orthanc, studies, tmp_path
 ):
-    """Issue 17 item 6: 40 of 48 instances, kill -9, a restart slower than the idle time, the
+    """A study cut by a crash: 40 of 48 instances, kill -9, a restart slower than the idle time, the
     PACS re-sends the missing 8: one job processes all 48 (the recovered job waited a fresh
     idle time). Then the PACS re-sends the whole study: a job superseding the first
     re-processes all 48, and the PACS still holds one SR (same content, same UIDs)."""
@@ -492,7 +491,7 @@ def test_a_study_cut_by_a_crash_waits_at_restart_for_its_missing_instances(
 def test_instances_after_a_study_was_processed_make_the_whole_study_processed_again(
     start_gateway, orthanc, studies, tmp_path
 ):
-    """Issue 17 item 6: 40 of 48 instances are processed and delivered; the missing 8 come
+    """Late instances: 40 of 48 instances are processed and delivered; the missing 8 come
     after. A new job supersedes the first, processes all 48, and its SR (new content: more
     evidence) carries new UIDs, so the PACS holds it beside the partial one."""
     files = _partial_copy(studies[0], tmp_path / "late", 48, "late-instances")
@@ -525,7 +524,7 @@ def test_instances_after_a_study_was_processed_make_the_whole_study_processed_ag
 def test_readyz_is_not_ready_while_the_spool_is_below_its_free_space_floor(
     start_gateway, tmp_path, studies
 ):
-    """Issue 17 item 9: a floor above the disk's free space makes /readyz 503 with the reason."""
+    """A spool free-space floor above the disk's free space makes /readyz 503 with the reason."""
     floor_mb = shutil.disk_usage(tmp_path).free / 2**20 + 1024
     gateway = start_gateway(spool={"min_free_mb": floor_mb}, wait_ready=False)
     gateway.wait_listening()  # started: models loaded, SCP listening; only the floor is left

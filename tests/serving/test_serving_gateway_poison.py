@@ -1,7 +1,8 @@
-"""Issue 17, item 4, end to end: a study whose good series comes with poison instances (a
-one-valued ImageOrientationPatient, an empty Shared Functional Groups Sequence) and a series of
-implausible geometry (PixelSpacing 1000 mm) is processed once, not retried into dead-letter:
-the good series' SR reaches the PACS (a real Orthanc) and the bad series fail with reasons.
+"""Poison instances and implausible geometry, end to end: a study whose good series comes with
+poison instances (a one-valued ImageOrientationPatient, an empty Shared Functional Groups Sequence)
+and a series of implausible geometry (PixelSpacing 1000 mm) is processed once, not retried into
+dead-letter: the good series' SR reaches the PACS (a real Orthanc) and the bad series fail with
+reasons.
 """
 
 from __future__ import annotations

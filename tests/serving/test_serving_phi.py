@@ -1,4 +1,4 @@
-"""No patient-identifying value in anything the gateway writes besides DICOM (issue 17 item 2).
+"""No patient-identifying value in anything the gateway writes besides DICOM.
 
 A dataset whose lying length makes pydicom quote the patient's name, ID and birth date in its
 warnings goes through a real ``medssl-serve`` process; its log, quarantine notes, job store and
@@ -117,7 +117,7 @@ def test_stray_prints_are_withheld(monkeypatch):
 
 
 def test_a_lying_length_dataset_leaves_no_phi_in_any_gateway_output(tmp_path):
-    """Issue 17 item 2: the planted name, ID and birth date appeared 11-14 times in the log."""
+    """A regression: the planted name, ID and birth date once appeared 11-14 times in the log."""
     case = lying_length_case()
     with warnings.catch_warnings(record=True) as seen:  # the case does make pydicom quote PHI
         warnings.simplefilter("always")

@@ -143,7 +143,7 @@ def test_sr_findings_equal_medssl_scores_on_the_same_series(
 def test_a_route_without_min_probability_reports_from_the_card_s_operating_point(
     chest, tmp_path, caplog
 ):
-    """Issue 18 item 1: the card's threshold when the route sets none; an old card warns once
+    """The card's threshold when the route sets none; an old card warns once
     at load and reports from 0.5."""
     from medssl.metrics.operating_point import OperatingPoint
     from medssl.models.card import CARD_FILE, load_card
@@ -273,7 +273,7 @@ def test_a_segmentation_route_gives_a_seg_with_every_frame_kept(
     # abdominal series are 4 mm thick; the default rules are the lung-screening ones
     route = RouteConfig(
         "organs", select=SelectionRules(max_thickness_mm=5.0, min_slices=16), dense_seg=True
-    )  # empty frames are omitted by default (issue 17, item 7)
+    )  # empty frames are omitted by default
     models = ModelSet(exported_segmenter.repository, [route], batch_size=2)
     try:
         result = process_study(files, [route], models, tmp_path / "out")
@@ -291,7 +291,7 @@ def test_a_segmentation_route_gives_a_seg_with_every_frame_kept(
     assert outcome.n_reported == sum(v.volume_ml > 0 for v in outcome.labels)
 
 
-# -- poison series and implausible geometry (issue 17, item 4) ------------------------------------
+# -- poison series and implausible geometry -------------------------------------------------------
 
 #: A route whose rules admit any series, so a malformed one is run and fails instead of skipped.
 ANY = dataclasses.replace(

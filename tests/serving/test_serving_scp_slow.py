@@ -1,4 +1,4 @@
-"""The Storage SCP against slow, idle, broken and hostile clients (issue 17, items 3, 6, 9).
+"""The Storage SCP against slow, idle, broken and hostile clients.
 
 Real sockets on loopback, every wait bounded: idle and trickling TCP connections, garbage
 PDUs, raw A-ASSOCIATE-RQs with bad presentation context IDs, per-host slot limits (a second
@@ -472,7 +472,7 @@ def test_a_deflate_bomb_is_refused_without_inflating_it(gateway, series, send_ra
 
 def test_a_huge_declared_length_is_refused_without_allocating_it(gateway, series, send_raw):
     """pydicom reads what is there, not what is declared (so memory stays low, a guard), but
-    it did not say the element was cut short: before issue 17 this was stored with Success."""
+    it did not say the element was cut short: the SCP once stored this with Success."""
     from pydicom.uid import ExplicitVRLittleEndian
 
     gw = gateway()

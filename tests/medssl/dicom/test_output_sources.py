@@ -1,6 +1,6 @@
-"""Result writers on what real archives hold (issue 17 items 4 and 5, writer parts): patient
-and study values that are invalid (birth date ``00000000``, study date ``20230231``) and
-series without a Frame of Reference UID (LIDC-style) still give valid SRs and SEGs.
+"""Result writers on what real archives hold: patient and study values that are invalid (birth date
+``00000000``, study date ``20230231``) and series without a Frame of Reference UID (LIDC-style)
+still give valid SRs and SEGs.
 
 Each output is checked with dciodvfy (0 errors) and read back with highdicom.
 """

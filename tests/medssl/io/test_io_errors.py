@@ -176,7 +176,7 @@ def test_all_read_errors_are_volume_read_errors():
         assert issubclass(cls, VolumeReadError)
 
 
-# -- implausible geometry (issue 17, item 4) ----------------------------------------------------
+# -- implausible geometry -----------------------------------------------------------------------
 
 
 def _pixels_must_not_be_read(monkeypatch):
@@ -252,7 +252,7 @@ def test_an_enhanced_ct_with_implausible_spacing_is_refused_before_decoding(tmp_
         read_dicom_series(path, limits=GeometryLimits(), target_spacing_mm=1.0)
 
 
-# -- malformed headers are typed errors (issue 17, item 4) ----------------------------------------
+# -- malformed headers are typed errors -----------------------------------------------------------
 
 
 def test_a_one_valued_orientation_is_a_typed_geometry_error(dicom_series):
@@ -315,7 +315,7 @@ def test_invalid_dates_do_not_stop_reading(dicom_series, volume):
     assert np.array_equal(read_volume(dicom_series).array, volume.array)
 
 
-# -- anonymised DICOM (issue 17, item 5) ------------------------------------------------------
+# -- anonymised DICOM: blank UIDs -------------------------------------------------------------
 
 
 def test_a_series_with_blank_uids_reads_with_the_sop_identity_of_the_file_meta(

@@ -1,4 +1,4 @@
-"""Output UIDs follow content (issue 17 item 1): the same inputs and settings give the same
+"""Output UIDs follow content: the same inputs and settings give the same
 Series and SOP Instance UIDs (retries stay idempotent); any change of what an SR or SEG
 contains (threshold, companion SEG on or off, a finding moved or re-scored, the model
 version, the source instances) gives new ones, never an earlier object's.
@@ -121,7 +121,7 @@ def _assert_all_differ(a: dict, b: dict, why: str) -> None:
         assert a["sr->seg"] != b["sr->seg"], f"the SRs reference one SEG after {why}"
 
 
-# -- the two cases of the issue ---------------------------------------------------------------
+# -- two reports of one series that must differ: threshold, companion SEG ---------------------
 
 
 def test_reports_of_one_enhanced_ct_at_thresholds_0_5_and_1_0_get_different_uids(tmp_path, card):
@@ -275,7 +275,7 @@ def test_uids_are_equal_exactly_when_content_is_equal_over_random_pairs(tmp_path
 
 
 def test_a_series_that_gained_instances_gets_new_report_and_seg_uids(tmp_path, series, card):
-    """Late instances (item 6): the re-run covers more evidence, so it is a new object."""
+    """Late instances: the re-run covers more evidence, so it is a new object."""
     item, volume = series
     found = [_detection(volume, (4, 16, 16), 6.0, 0.9)]
     partial = (dataclasses.replace(item, paths=item.paths[:-1]), volume)

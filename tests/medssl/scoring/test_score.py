@@ -179,7 +179,7 @@ def test_scoring_a_luna16_split_gives_the_cpm_of_the_training_evaluation(tmp_pat
         ],
     )
     assert made.exit_code == 0, made.output
-    # The training issue's own evaluation of the shipped model's weights.
+    # The training code's own evaluation (det_eval) of the shipped model's weights.
     state = torch.load(ROOT / "benchmarks/assets/focalmix-nodules.pt", weights_only=False)
     cfg = config_from_dict(DetectionExperiment, state["config"])
     net = FPNDetector(cfg.model, cfg.anchors)
@@ -320,13 +320,13 @@ def test_a_series_out_of_memory_while_preparing_fails_alone_and_is_not_retried(
     assert scored.to_row()["status"] == "failed" and "MemoryError" in scored.to_row()["error"]
 
 
-# -- anonymised archives: blank UIDs (issue 17, item 5) ----------------------------------------
+# -- anonymised archives: blank UIDs -----------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def anonymised_archive(tmp_path_factory) -> Path:
     """Two chest CT series (64 x 64 x 36) whose dataset UIDs an anonymiser blanked (the file meta
-    keeps the SOP UIDs): one JPEG 2000 compressed, like the Siemens series of issue 17, and one
+    keeps the SOP UIDs): one JPEG 2000 compressed, like an anonymised Siemens series, and one
     without a FrameOfReferenceUID, like LIDC slices; a folder each, same geometry."""
     from medssl.io import write_dicom_series
     from medssl.synth.chest import ChestConfig, generate_chest_ct

@@ -122,7 +122,7 @@ def test_medssl_score_prints_the_label_volumes_of_a_segmenter(
 
 
 def test_medssl_score_writes_a_labelmap_seg_when_asked(exported_segmenter, tmp_path):
-    """``--write-dicom --seg-type labelmap`` (issue 17 item 7): a LABELMAP SEG holding the label
+    """``--write-dicom --seg-type labelmap``: a LABELMAP SEG holding the label
     map medssl-score wrote; the default stays BINARY with empty frames omitted."""
     import highdicom as hd
     from click.testing import CliRunner
@@ -166,7 +166,7 @@ def test_medssl_score_writes_a_labelmap_seg_when_asked(exported_segmenter, tmp_p
 def test_an_abdominal_dicom_study_from_synth_organs_scores_to_a_seg_in_the_cards_colours(
     exported_segmenter, tmp_path, dciodvfy
 ):
-    """The issue-19 acceptance path: `medssl synth organs --format dicom` → `medssl-score
+    """The segmentation path end to end: `medssl synth organs --format dicom` → `medssl-score
     --write-dicom` → a BINARY SEG that dciodvfy accepts and highdicom reads back with every
     segment in its card label's display colour."""
     import subprocess

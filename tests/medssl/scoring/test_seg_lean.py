@@ -1,4 +1,4 @@
-"""Lean DICOM SEG (issue 17 item 7): empty frames omitted by default, dense on request,
+"""Lean DICOM SEG: empty frames omitted by default, dense on request,
 LABELMAP as an option, and the companion SEG's findings in display colours. Every output is
 read back with highdicom (equal to the labels) and the BINARY ones pass dciodvfy.
 
