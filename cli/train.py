@@ -98,8 +98,8 @@ def _detector_command(method: str, summary: str) -> click.Command:
     ) -> None:
         # Imported here: torch loads only when training actually starts.
         from medssl.config import load_config, parse_overrides
-        from medssl.training.det_config import DetectionExperiment
-        from medssl.training.det_trainer import train_detector
+        from medssl.training.detection.config import DetectionExperiment
+        from medssl.training.detection.trainer import train_detector
 
         values = {**parse_overrides(overrides), "method": method}
         cfg = load_config(DetectionExperiment, resolve_config(config_name), values)
@@ -178,8 +178,8 @@ def _segmentation_command(method: str, summary: str) -> click.Command:
         overrides: tuple[str, ...],
     ) -> None:
         from medssl.config import load_config, parse_overrides
-        from medssl.training.seg_config import SegmentationExperiment
-        from medssl.training.seg_trainer import train_segmenter
+        from medssl.training.segmentation.config import SegmentationExperiment
+        from medssl.training.segmentation.trainer import train_segmenter
 
         bundled = f"seg-{setting}" + ("-cpu" if profile == "cpu" else "")
         values = {**parse_overrides(overrides), "method": method}

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from medssl.cli.train import resolve_config
 from medssl.config import load_config, parse_overrides
 from medssl.errors import ConfigError
-from medssl.training.bcp import (
+from medssl.training.segmentation.bcp import (
     BCPPhases,
     Box,
     bidirectional_mix,
@@ -29,8 +29,8 @@ from medssl.training.bcp import (
     pseudo_labels,
     sample_box,
 )
-from medssl.training.seg_config import BCPConfig, SegmentationExperiment
-from medssl.training.seg_steps import bcp_pretrain_step, bcp_self_train_step, ema_update
+from medssl.training.segmentation.config import BCPConfig, SegmentationExperiment
+from medssl.training.segmentation.steps import bcp_pretrain_step, bcp_self_train_step, ema_update
 
 S = 1e-5  # mask_DiceLoss smoothing
 BIG = 100.0  # logits of ±100: softmax is exactly one-hot in float32, CE exactly 0 or 200
@@ -101,7 +101,7 @@ def test_the_mask_is_false_exactly_in_the_box():
     expected = np.ones((4, 5, 6), dtype=bool)
     for z in range(1, 3):
         for y in range(2, 4):
-            for x in range(0, 4):
+            for x in range(4):
                 expected[z, y, x] = False
     assert mask.dtype == torch.bool
     np.testing.assert_array_equal(mask.numpy(), expected)

@@ -13,9 +13,10 @@ torch = pytest.importorskip("torch")
 
 from medssl.cli.train import resolve_config
 from medssl.config import load_config, parse_overrides
-from medssl.training import det_trainer
-from medssl.training.det_config import DetectionExperiment
-from medssl.training.det_trainer import TrainingDivergedError, train_detector
+from medssl.training.detection import trainer as det_trainer
+from medssl.training.detection.config import DetectionExperiment
+from medssl.training.detection.trainer import train_detector
+from medssl.training.loop import TrainingDivergedError
 from tests.test_train_detector import TINY as DETECTOR_TINY
 from tests.test_train_detector import cache, luna  # noqa: F401 (fixtures)
 

@@ -17,11 +17,15 @@ from click.testing import CliRunner
 from medssl.cli.train import resolve_config, train
 from medssl.config import load_config, parse_overrides
 from medssl.synth.datasets import write_organ_dataset
-from medssl.training.seg_config import FixMatchConfig, SegmentationExperiment, ThresholdConfig
-from medssl.training.seg_data import LabeledVolume, SegCrops
-from medssl.training.seg_steps import unlabeled_ce
-from medssl.training.seg_trainer import train_segmenter
-from medssl.training.svda import SVDA, apply_svda
+from medssl.training.segmentation.config import (
+    FixMatchConfig,
+    SegmentationExperiment,
+    ThresholdConfig,
+)
+from medssl.training.segmentation.data import LabeledVolume, SegCrops
+from medssl.training.segmentation.steps import unlabeled_ce
+from medssl.training.segmentation.svda import SVDA, apply_svda
+from medssl.training.segmentation.trainer import train_segmenter
 from medssl.training.threshold import VoxelMemoryLayout
 from tests.test_seg_trainer import train_interrupted_then_resumed
 
@@ -98,7 +102,7 @@ def test_unlabeled_ce_is_zero_with_a_gradient_path_when_nothing_is_kept():
 
 
 def test_the_step_weights_the_unlabeled_term_by_lambda_u():
-    from medssl.training.seg_steps import fixmatch_step
+    from medssl.training.segmentation.steps import fixmatch_step
     from medssl.training.threshold import FixedThreshold
 
     torch.manual_seed(0)

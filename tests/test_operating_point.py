@@ -272,11 +272,10 @@ def exported(run, tmp_path_factory):
 def test_export_chooses_the_operating_point_with_the_exported_model_on_validation(exported, run):
     from medssl.datasets.luna16 import Luna16
     from medssl.metrics import froc_at_thresholds
+    from medssl.metrics.calibration import Calibration
     from medssl.pipeline.detect import detect_preprocessed
     from medssl.pipeline.preprocess import preprocess_ct
     from medssl.runners.onnx import OnnxRunner
-
-    from medssl.metrics.calibration import Calibration
 
     point = load_card(exported.model_dir).operating_point
     assert point is not None and point == exported.card.operating_point
@@ -547,10 +546,11 @@ def test_an_old_card_without_operating_point_still_scores_from_0_5_with_one_warn
 def test_the_uid_content_key_uses_the_threshold_in_effect(exported, dicom_archive, tmp_path):
     """An SR at the card's threshold equals one with that threshold set, and differs from one at
     another threshold (the settings that feed the UIDs hold the threshold in effect)."""
+    import pydicom
+
+    from medssl.pipeline.detect import Detection
     from medssl.scoring.manifest import build_manifest
     from medssl.scoring.series import DicomOutput, Prepared, _write_sr
-    from medssl.pipeline.detect import Detection
-    import pydicom
 
     item = build_manifest(dicom_archive).items[0]
     found = [
@@ -580,11 +580,11 @@ def test_end_of_training_writes_the_validation_operating_point_and_the_test_repo
     from medssl.metrics.calibration import Calibration
     from medssl.synth.datasets import write_chest_dataset
     from medssl.training.cache import VolumeCache
-    from medssl.training.det_config import DetectionExperiment
-    from medssl.training.det_eval import TorchDetectionRunner, detection_params, predict
-    from medssl.training.det_operating import write_operating_point
-    from medssl.training.det_scans import split_luna16
-    from medssl.training.detector import FPNDetector
+    from medssl.training.detection.config import DetectionExperiment
+    from medssl.training.detection.eval import TorchDetectionRunner, detection_params, predict
+    from medssl.training.detection.operating import write_operating_point
+    from medssl.training.detection.scans import split_luna16
+    from medssl.training.networks.detector import FPNDetector
 
     write_chest_dataset(
         tmp_path / "luna16", cases=4, matrix=96, n_slices=48, seed=31

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch.nn import functional as F
 
-from medssl.training.patchcl import (
+from medssl.training.segmentation.patchcl import (
     EmbeddingQueues,
     PatchSelection,
     ProjectionHead,

@@ -14,11 +14,11 @@ from click.testing import CliRunner
 
 from medssl.cli.train import train
 from medssl.errors import ConfigError
-from medssl.training.patchcl import ProjectionHead
-from medssl.training.seg_config import SegmentationExperiment, SegModelConfig
-from medssl.training.seg_steps import _embed
-from medssl.training.seg_trainer import train_segmenter
-from medssl.training.vnet import VNet
+from medssl.training.networks.vnet import VNet
+from medssl.training.segmentation.config import SegmentationExperiment, SegModelConfig
+from medssl.training.segmentation.patchcl import ProjectionHead
+from medssl.training.segmentation.steps import _embed
+from medssl.training.segmentation.trainer import train_segmenter
 from tests.test_fixmatch import TINY, cache, checkpoint, logged, organs, tiny_config  # noqa: F401 (fixtures)
 from tests.test_seg_trainer import train_interrupted_then_resumed
 
@@ -79,7 +79,7 @@ def test_each_method_trains_exports_and_scores(method, organs, tmp_path):  # noq
 
 def test_patchcl_warms_up_supervised_then_adds_the_teachers_pseudo_labels_at_full_weight(
     organs, tmp_path
-):  # noqa: F811
+):
     """The official train.py: a warm-up of Sup + PLGCL on labeled patches (no Reg: the teacher is
     still random), then Sup + β·Reg + γ·PLGCL with β at full weight (no ramp-up)."""
     cfg = tiny_config("patchcl", *PATCHCL)
@@ -117,7 +117,7 @@ def test_patchcl_warms_up_supervised_then_adds_the_teachers_pseudo_labels_at_ful
 
 def test_an_interrupted_patchcl_run_resumes_to_the_same_weights_head_and_queues(
     organs, tmp_path, monkeypatch
-):  # noqa: F811
+):
     """Checkpoints every step; interrupted at step 4, so the resumed run restarts from queues that
     the PLGCL steps before it filled."""
     cfg = tiny_config("patchcl", *PATCHCL, "eval.every=1")

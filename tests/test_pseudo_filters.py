@@ -8,10 +8,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from medssl.errors import ConfigError
-from medssl.training.bcp import mix_loss
-from medssl.training.seg_config import BCPConfig, SegmentationExperiment, ThresholdConfig
-from medssl.training.seg_steps import bcp_self_train_step, mean_teacher_step
-from medssl.training.seg_trainer import train_segmenter
+from medssl.training.segmentation.bcp import mix_loss
+from medssl.training.segmentation.config import BCPConfig, SegmentationExperiment, ThresholdConfig
+from medssl.training.segmentation.steps import bcp_self_train_step, mean_teacher_step
+from medssl.training.segmentation.trainer import train_segmenter
 from medssl.training.threshold import FixedThreshold
 from tests.test_fixmatch import cache, checkpoint, logged, organs, tiny_config  # noqa: F401 (fixtures)
 

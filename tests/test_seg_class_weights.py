@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from medssl.training import seg_steps
-from medssl.training.seg_losses import dice_ce_loss, frequency_weights, soft_dice
-from medssl.training.seg_trainer import train_segmenter
+from medssl.training.segmentation import steps as seg_steps
+from medssl.training.segmentation.losses import dice_ce_loss, frequency_weights, soft_dice
+from medssl.training.segmentation.trainer import train_segmenter
 from tests.test_fixmatch import checkpoint, organs, tiny_config  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -42,7 +42,7 @@ def test_ce_weights_weigh_only_the_cross_entropy():
 @pytest.mark.parametrize("method", ["supervised-seg", "mean-teacher"])
 def test_the_trainer_weighs_every_methods_labeled_loss_from_the_labeled_voxel_counts(
     method, organs, tmp_path, monkeypatch
-):  # noqa: F811
+):
     seen = []
     original = seg_steps.dice_ce_loss
 

@@ -20,14 +20,15 @@ from click.testing import CliRunner
 
 from medssl.cli.main import cli
 from medssl.cli.train import resolve_config, train
+from medssl.config import load_config, parse_overrides
 from medssl.io.nifti import read_nifti
 from medssl.synth.datasets import write_organ_dataset
 from medssl.synth.organ_scene import LABELS
 from medssl.synth.organs import generate_organ_phantom
-from medssl.training import seg_trainer
-from medssl.config import load_config, parse_overrides
-from medssl.training.seg_config import SegmentationExperiment
-from medssl.training.seg_trainer import train_segmenter
+from medssl.training.networks.segmenter import build_segmenter
+from medssl.training.segmentation import trainer as seg_trainer
+from medssl.training.segmentation.config import SegmentationExperiment
+from medssl.training.segmentation.trainer import train_segmenter
 
 DOMAINS = ("A", "B", "ct", "mr")
 TINY = [
@@ -379,8 +380,8 @@ def logged_steps(run: Path) -> dict[int, dict]:
 
 def test_bcp_pretrains_then_self_trains_and_exports_and_scores_like_ad(organs, tmp_path):
     from medssl.export import ExportOptions, export_checkpoint
-    from medssl.models.card import load_card
     from medssl.metrics.segmentation import dice
+    from medssl.models.card import load_card
     from medssl.scoring import RunnerSpec, ScoreOptions, score
 
     out = tmp_path / "bcp"
@@ -444,7 +445,7 @@ def test_bcp_self_training_starts_from_the_best_pretrained_checkpoint(
     )
     assert (last["bcp"]["best_step"], last["bcp"]["best_dice"]) == (1, 0.9)
     assert last["metrics"] == {"dice": 0.5} and first["metrics"] == {"pretrain_dice": 0.9}
-    for name, _ in seg_trainer.build_segmenter(
+    for name, _ in build_segmenter(
         cfg, 2
     ).named_parameters():  # the EMA skips BatchNorm buffers
         expected = 0.99 * first["model"][name] + 0.01 * last["model"][name]

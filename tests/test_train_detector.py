@@ -25,12 +25,13 @@ from medssl.cli.train import (
     resolve_config,
     train,
 )
+from medssl.config import load_config, parse_overrides
 from medssl.errors import ConfigError, MedsslError
 from medssl.synth.datasets import write_chest_dataset
-from medssl.training import det_trainer
-from medssl.config import load_config, parse_overrides
-from medssl.training.det_config import DetectionExperiment
-from medssl.training.det_trainer import TrainingDivergedError, train_detector
+from medssl.training.detection import trainer as det_trainer
+from medssl.training.detection.config import DetectionExperiment
+from medssl.training.detection.trainer import train_detector
+from medssl.training.loop import TrainingDivergedError
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -17,11 +16,12 @@ from torch import nn
 from medssl.detection import AnchorGrid, AnchorSpec
 from medssl.pipeline import Intensity
 from medssl.pipeline.windows import plan_windows
-from medssl.training import det_trainer
 from medssl.training.batchnorm import inference_windows, reestimate_batchnorm
-from medssl.training.det_scans import split_luna16
-from medssl.training.det_trainer import train_detector
-from medssl.training.detector import FPNDetector
+from medssl.training.detection import trainer as det_trainer
+from medssl.training.detection.scans import split_luna16
+from medssl.training.detection.trainer import train_detector
+from medssl.training.loop import TrainingDivergedError
+from medssl.training.networks.detector import FPNDetector
 from tests.test_train_detector import cache, luna, tiny_config  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.slow]
@@ -39,7 +39,7 @@ def is_statistic(name: str) -> bool:
 
 def test_checkpoints_carry_batchnorm_statistics_of_the_labeled_scans_inference_windows(
     luna, tmp_path
-):  # noqa: F811
+):
     """Same seed with and without re-estimation: the same weights (running statistics never
     shape training), and the re-estimating run's statistics are exactly those that
     :func:`reestimate_batchnorm` gives the plain run's weights on the chosen windows."""
@@ -114,7 +114,7 @@ def test_every_seed_trains_on_the_same_split(luna, tmp_path):  # noqa: F811
 
 def _scans(n: int = 2, shape: tuple[int, int, int] = (40, 64, 64)) -> list:
     from medssl.training.cache import CachedVolume
-    from medssl.training.det_data import ScanBoxes
+    from medssl.training.detection.data import ScanBoxes
 
     rng = np.random.default_rng(0)
     scans = []
@@ -131,7 +131,7 @@ def _crop_holds(start: np.ndarray, centre: np.ndarray, patch: int, margin: float
 
 
 def test_labeled_crops_centre_on_hard_negatives_as_a_pure_function_of_seed_index_and_list():
-    from medssl.training.det_data import LabeledPatches
+    from medssl.training.detection.data import LabeledPatches
 
     grid = AnchorGrid.build(AnchorSpec(), (32, 32, 32))
     scans = _scans()
@@ -162,9 +162,9 @@ def test_labeled_crops_centre_on_hard_negatives_as_a_pure_function_of_seed_index
         image = b["image"][0].numpy()
         hits = [
             (z, y, x)
-            for z in range(0, 33 - 10)
-            for y in range(0, 33 - 10)
-            for x in range(0, 33 - 10)
+            for z in range(33 - 10)
+            for y in range(33 - 10)
+            for x in range(33 - 10)
             if np.array_equal(image[z : z + 10, y : y + 10, x : x + 10], negative)
         ]
         on_negative += bool(hits)
@@ -175,7 +175,7 @@ def test_labeled_crops_centre_on_hard_negatives_as_a_pure_function_of_seed_index
 
 
 def test_unlabeled_crops_centre_on_candidates_with_jitter():
-    from medssl.training.det_data import UnlabeledPatches
+    from medssl.training.detection.data import UnlabeledPatches
 
     volumes = [s.volume for s in _scans(3)]
     candidates = [
@@ -204,7 +204,7 @@ def test_unlabeled_crops_centre_on_candidates_with_jitter():
 
 
 def test_hard_negatives_keep_away_from_nodules_and_excluded_findings():
-    from medssl.training.det_mining import hard_negatives, refresh_scans
+    from medssl.training.detection.mining import hard_negatives, refresh_scans
 
     candidates = np.array(
         [[10, 10, 10, 0.9], [30, 30, 30, 0.8], [50, 50, 50, 0.7], [12, 40, 40, 0.6]], np.float32
@@ -218,7 +218,7 @@ def test_hard_negatives_keep_away_from_nodules_and_excluded_findings():
 
 
 def test_pseudo_precision_counts_guessed_objects_on_true_nodules():
-    from medssl.training.det_mining import NoduleTruth
+    from medssl.training.detection.mining import NoduleTruth
 
     truth = NoduleTruth([np.array([[10, 10, 10, 8]], np.float32), None])
     assert truth.hits(0, np.array([[12, 10, 10], [20, 10, 10]])).tolist() == [True, False]
@@ -232,7 +232,7 @@ def test_pseudo_precision_counts_guessed_objects_on_true_nodules():
 
 def test_mining_runs_logs_checkpoints_its_lists_and_resume_continues_the_same_stream(
     luna,
-    tmp_path,  # noqa: F811
+    tmp_path,
     monkeypatch,
 ):
     """FocalMix with hard negatives and candidate-centred unlabeled crops: mined at step 2,
@@ -276,7 +276,7 @@ def test_mining_runs_logs_checkpoints_its_lists_and_resume_continues_the_same_st
         return losses
 
     monkeypatch.setattr(det_trainer, "focalmix_step", poisoned)
-    with pytest.raises(det_trainer.TrainingDivergedError):
+    with pytest.raises(TrainingDivergedError):
         train_detector(cfg, luna, tmp_path / "resumed", n_labeled=3, n_unlabeled=2, device="cpu")
     monkeypatch.setattr(det_trainer, "focalmix_step", real)
     train_detector(

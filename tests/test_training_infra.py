@@ -12,19 +12,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from medssl.errors import CheckpointError, ConfigError, MedsslError
-from medssl.training.checkpoint import (
-    CheckpointManager,
-    load_checkpoint,
-    rng_state,
-    set_rng_state,
-)
 from medssl.config import (
     config_from_dict,
     config_to_dict,
     dump_config,
     load_config,
     parse_overrides,
+)
+from medssl.errors import CheckpointError, ConfigError, MedsslError
+from medssl.training.checkpoint import (
+    CheckpointManager,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
 )
 from medssl.training.logger import TrainLogger
 from medssl.training.seed import seed_everything, worker_init_fn

@@ -21,11 +21,11 @@ from medssl.cli.train import resolve_config, train
 from medssl.config import load_config, parse_overrides
 from medssl.errors import ConfigError
 from medssl.io.nifti import read_nifti
-from medssl.training.seg_config import SegmentationExperiment
-from medssl.training.seg_steps import mean_teacher_step, supervised_seg_step
-from medssl.training.seg_trainer import build_segmenter
-from medssl.training.unet2d import DROPOUT, UNet2D
-from medssl.training.vnet import VNet
+from medssl.training.networks.segmenter import build_segmenter
+from medssl.training.networks.unet2d import DROPOUT, UNet2D
+from medssl.training.networks.vnet import VNet
+from medssl.training.segmentation.config import SegmentationExperiment
+from medssl.training.segmentation.steps import mean_teacher_step, supervised_seg_step
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -287,8 +287,8 @@ def test_the_unet2d_exports_with_parity_and_scores_like_the_trainer(run_2d, orga
     from medssl.pipeline.segment import prepare_segmentation, segment_preprocessed
     from medssl.runners import open_runner
     from medssl.scoring import RunnerSpec, ScoreOptions, score
-    from medssl.training.seg_eval import TorchSegmentationRunner
-    from medssl.training.seg_trainer import inference_net
+    from medssl.training.networks.segmenter import inference_net
+    from medssl.training.segmentation.eval import TorchSegmentationRunner
 
     exported = export_checkpoint(
         run_2d, tmp_path / "repo", "organs2d", ExportOptions(max_batch_size=2)

@@ -1,7 +1,7 @@
 """One optimisation step of the supervised detector and of FocalMix (paper §3, §4.1).
 
 Both return the loss terms; the trainer does backward, clipping and the optimiser.
-Batches come from :mod:`medssl.training.det_data`.
+Batches come from :mod:`medssl.training.detection.data`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,8 @@ import torch
 from torch import nn
 
 from medssl.detection import CUBE_GROUP, AnchorGrid, CubeSymmetry
-from medssl.training.det_config import DetectionExperiment
-from medssl.training.det_mining import NoduleTruth
-from medssl.training.detector import flatten_levels
-from medssl.training.distributed import all_gather_cat
-from medssl.training.focalmix import (
+from medssl.training.detection.config import DetectionExperiment
+from medssl.training.detection.focalmix import (
     CPLObjectSelection,
     apply_symmetry,
     guess_targets,
@@ -26,7 +23,10 @@ from medssl.training.focalmix import (
     sample_lambda,
     transform_anchor_targets,
 )
-from medssl.training.losses import FocalConfig, detection_loss, positive_count
+from medssl.training.detection.losses import FocalConfig, detection_loss, positive_count
+from medssl.training.detection.mining import NoduleTruth
+from medssl.training.distributed import all_gather_cat
+from medssl.training.networks.detector import flatten_levels
 
 __all__ = ["focalmix_step", "joint_loss", "supervised_step", "unlabeled_weight"]
 

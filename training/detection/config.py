@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from medssl.detection import AnchorSpec
-from medssl.training.detector import DetectorConfig
-from medssl.training.losses import FocalConfig
+from medssl.training.detection.losses import FocalConfig
+from medssl.training.networks.detector import DetectorConfig
 
 __all__ = ["DataConfig", "DetectionExperiment", "EvalConfig", "FocalMixConfig", "OptimConfig"]
 
@@ -36,12 +36,12 @@ class DataConfig:
         workers: DataLoader worker processes per loader.
         hard_negative_fraction: share of labeled crops centred on hard negatives: candidates
             the current model finds on the labeled training scans away from every nodule and
-            excluded finding, mined at every validation round (:mod:`medssl.training.det_mining`);
+            excluded finding, mined at every validation round (:mod:`medssl.training.detection.mining`);
             random crops until the first round. 0: off (the ablation; the paper has none).
         hard_negatives_per_scan: the best candidates of a scan kept as hard negatives at most.
         hard_negative_scans: labeled scans mined per round, in turn (0: all of them).
         scanner_augment: probability that a labeled crop gets scanner augmentation: noise,
-            a softer or sharper kernel, thicker slices (:mod:`medssl.training.det_augment`;
+            a softer or sharper kernel, thicker slices (:mod:`medssl.training.detection.augment`;
             0: off, the paper has none). For a detector that must work on other scanners
             and protocols than its training data's.
     """
@@ -123,15 +123,15 @@ class FocalMixConfig:
         image_mixup, object_mixup: the two MixUp levels.
         object_threshold: guessed probability that makes an unlabeled anchor an object
             (``object_policy: fixed``); with ``flexmatch``, CPL's τ: the memory-write cut and
-            the ceiling of the curriculum thresholds (:mod:`medssl.training.focalmix`).
+            the ceiling of the curriculum thresholds (:mod:`medssl.training.detection.focalmix`).
         object_policy: how unlabeled objects for object MixUp are chosen: ``"fixed"``
             (FocalMix: ``p ≥ object_threshold``) or ``"flexmatch"`` (FlexMatch CPL over two
-            classes, background / nodule, :class:`~medssl.training.focalmix.CPLObjectSelection`).
+            classes, background / nodule, :class:`~medssl.training.detection.focalmix.CPLObjectSelection`).
         object_memory_stride: CPL: memory cell edge, voxels of the model grid; one entry per
             cell of each unlabeled scan (default 8: about one nodule centre per cell).
         unlabeled_weight: weight of the unlabeled SFL term after ramp-up. The paper does
             not give it; SFL on mixed targets has the labeled loss's scale, and with one
-            normaliser for the joint batch (:func:`~medssl.training.det_steps.joint_loss`)
+            normaliser for the joint batch (:func:`~medssl.training.detection.steps.joint_loss`)
             weight 1.0 gives an unlabeled anchor the weight of a labeled one. (MixMatch's
             λ_U = 100, ramped linearly over its first 16k steps, goes with an L2 unlabeled
             loss between probability vectors averaged over the classes, on a far smaller

@@ -2,7 +2,7 @@
 FixMatch/FlexMatch, PatchCL.
 
 Each returns its loss terms; the trainer does backward and the optimiser. Batches come from
-:class:`medssl.training.seg_data.SegCrops`: ``image (B, 1, Z, Y, X)``, ``label (B, Z, Y, X)``.
+:class:`medssl.training.segmentation.data.SegCrops`: ``image (B, 1, Z, Y, X)``, ``label (B, Z, Y, X)``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from medssl.training.batchnorm import batch_statistics_only
-from medssl.training.bcp import (
+from medssl.training.distributed import all_gather_cat, unwrap
+from medssl.training.networks.diffusion import LabelDiffusion, label_to_x0
+from medssl.training.networks.vnet import DiffVNet
+from medssl.training.segmentation.bcp import (
     bidirectional_mix,
     box_mask,
     copy_paste,
@@ -25,19 +28,16 @@ from medssl.training.bcp import (
     pseudo_labels,
     sample_box,
 )
-from medssl.training.diffusion import LabelDiffusion, label_to_x0
-from medssl.training.distributed import all_gather_cat, unwrap
-from medssl.training.drs import DifficultyWeights
-from medssl.training.patchcl import (
+from medssl.training.segmentation.config import SegmentationExperiment
+from medssl.training.segmentation.drs import DifficultyWeights
+from medssl.training.segmentation.losses import dice_ce_loss
+from medssl.training.segmentation.patchcl import (
     EmbeddingQueues,
     attended_patches,
     plgcl_loss,
     sample_class_patches,
 )
-from medssl.training.seg_config import SegmentationExperiment
-from medssl.training.seg_losses import dice_ce_loss
 from medssl.training.threshold import FlexMatchThreshold, ThresholdPolicy
-from medssl.training.vnet import DiffVNet
 
 __all__ = [
     "PatchCLParts",

@@ -4,20 +4,20 @@
 A run folder holds ``config.yaml``, ``split.json``, ``checkpoints/`` (periodic, ``last.pt``,
 ``best.pt`` by validation Dice), ``tensorboard/``, ``log.jsonl`` and, at the end, ``test/``
 (``metrics.json``, ``cases.json``, ``predictions/*.nii.gz``) from the best checkpoint on the
-test domains. Conventions as the detector trainer (:mod:`medssl.training.det_trainer`):
+test domains. Conventions as the detector trainer (:mod:`medssl.training.detection.trainer`):
 typed config, checkpoints with RNG state for an exact resume, DDP, cached volumes.
 
 Validation (checkpoint choice) uses only the held-out labeled-pool cases (``data.n_validation``),
-never the test set. BCP runs in two phases (:class:`~medssl.training.bcp.BCPPhases`):
+never the test set. BCP runs in two phases (:class:`~medssl.training.segmentation.bcp.BCPPhases`):
 pre-training checkpoints record ``pretrain_dice`` (so ``best.pt`` is always a self-trained
 student) and carry the best pre-trained weights, from which self-training starts.
-FixMatch/FlexMatch (:func:`~medssl.training.seg_steps.fixmatch_step`) draw weak + strong views of
+FixMatch/FlexMatch (:func:`~medssl.training.segmentation.steps.fixmatch_step`) draw weak + strong views of
 the unlabeled crops. The pseudo-label policy (``threshold:``; fixed or CPL, also as a filter in
 mean teacher and BCP) is built here; CPL's memory is keyed by a voxel grid over the unlabeled
 cases' cached volumes (:class:`~medssl.training.threshold.VoxelMemoryLayout`,
 ``threshold.memory_stride``; the crops carry their voxels' ids) and saved in the checkpoints
 (``threshold``), so a resumed run continues with the same thresholds. PatchCL
-(:func:`~medssl.training.seg_steps.patchcl_step`) is the mean teacher plus a projection head, its
+(:func:`~medssl.training.segmentation.steps.patchcl_step`) is the mean teacher plus a projection head, its
 EMA twin and the embedding queues, all in the checkpoints (``patchcl``); the exported network is
 the VNet alone.
 """
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,22 +34,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from medssl.config import config_to_dict, dump_config
 from medssl.errors import MedsslError
-from medssl.training.bcp import BCPPhases
-from medssl.training.cache import VolumeCache
+from medssl.training.cache import VolumeCache, default_cache_dir
 from medssl.training.checkpoint import CheckpointManager, resume_from_last, rng_state
-from medssl.training.det_data import IndexStream
-from medssl.training.det_trainer import TrainingDivergedError, default_cache_dir
 from medssl.training.distributed import DistEnv, cleanup, init_distributed, unwrap, wrap_ddp
-from medssl.training.drs import DifficultyWeights
 from medssl.training.logger import TrainLogger
-from medssl.training.patchcl import EmbeddingQueues, ProjectionHead
-from medssl.training.seed import seed_everything, worker_init_fn
-from medssl.training.seg_config import SegmentationExperiment
-from medssl.training.seg_data import (
+from medssl.training.loop import TrainingDivergedError
+from medssl.training.networks.segmenter import build_segmenter, inference_net
+from medssl.training.seed import seed_everything
+from medssl.training.segmentation.bcp import BCPPhases
+from medssl.training.segmentation.config import SegmentationExperiment
+from medssl.training.segmentation.data import (
     LabeledVolume,
     SegCrops,
     cache_case,
@@ -58,14 +54,16 @@ from medssl.training.seg_data import (
     label_lookup,
     split_domains,
 )
-from medssl.training.seg_losses import frequency_weights
-from medssl.training.seg_eval import (
+from medssl.training.segmentation.drs import DifficultyWeights
+from medssl.training.segmentation.eval import (
     normalisation,
     segmentation_params,
     test_segmenter,
     validate_segmenter,
 )
-from medssl.training.seg_steps import (
+from medssl.training.segmentation.losses import frequency_weights
+from medssl.training.segmentation.patchcl import EmbeddingQueues, ProjectionHead
+from medssl.training.segmentation.steps import (
     PatchCLParts,
     ad_step,
     bcp_pretrain_step,
@@ -76,19 +74,17 @@ from medssl.training.seg_steps import (
     patchcl_step,
     supervised_seg_step,
 )
-from medssl.training.svda import SVDA
+from medssl.training.segmentation.svda import SVDA
+from medssl.training.streams import batch_stream, to_device
 from medssl.training.threshold import (
     FixedThreshold,
     FlexMatchThreshold,
     ThresholdPolicy,
     VoxelMemoryLayout,
 )
-from medssl.training.unet2d import UNet2D
-from medssl.training.vnet import DiffVNet, VNet
 
-__all__ = ["CHECKPOINT_KIND", "SegmentationRun", "build_segmenter", "train_segmenter"]
+__all__ = ["SegmentationRun", "train_segmenter"]
 
-#: ``kind`` of segmentation checkpoints (``medssl-export`` dispatches on it).
 CHECKPOINT_KIND = "medssl.segmenter"
 
 
@@ -99,17 +95,6 @@ class SegmentationRun:
     out: Path
     best_checkpoint: Path
     test_report: dict[str, Any] | None
-
-
-def build_segmenter(cfg: SegmentationExperiment, n_classes: int) -> nn.Module:
-    """The trained network: :class:`DiffVNet` for A&D; for the other methods :class:`VNet`, or
-    :class:`UNet2D` slice by slice with ``model.network: unet2d``."""
-    if cfg.method == "ad":
-        return DiffVNet(cfg.model, n_classes, diffusion=cfg.ad.diffusion)
-    m = cfg.model
-    if m.network == "unet2d":
-        return UNet2D(n_classes, width=m.width, in_channels=m.in_channels, dropout=m.dropout)
-    return VNet(m, n_classes)
 
 
 def class_weights(
@@ -126,16 +111,6 @@ def class_weights(
             :n_classes
         ]
     return frequency_weights(counts, cfg.loss.weight_power)
-
-
-def inference_net(state: dict[str, Any]) -> nn.Module:
-    """The test-time network of a checkpoint (D_θ path for A&D), eval mode, on the CPU."""
-    from medssl.config import config_from_dict
-
-    cfg = config_from_dict(SegmentationExperiment, state["config"])
-    net = build_segmenter(cfg, len(state["classes"]))
-    net.load_state_dict(state["model"])
-    return net.eval()
 
 
 def _poly(step: int, total: int, power: float) -> float:
@@ -165,29 +140,6 @@ def _optimiser(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _poly(s, o.steps, o.poly_power)
     )
-
-
-def _stream(
-    dataset: SegCrops, batch: int, start: int, count: int, workers: int, env: DistEnv
-) -> Iterator[Any]:
-    loader = DataLoader(
-        dataset,
-        batch_size=batch,
-        sampler=IndexStream(start * batch, count * batch, env.rank, env.world_size),
-        num_workers=workers,
-        worker_init_fn=worker_init_fn,
-        persistent_workers=workers > 0,
-        pin_memory=env.device.type == "cuda",
-        drop_last=True,
-        # iter() draws the workers' base seed from this generator, not from the global
-        # RNG that set_rng_state() restored, so a resumed run continues the same stream.
-        generator=torch.Generator().manual_seed(0),
-    )
-    return iter(loader)
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def train_segmenter(
@@ -342,7 +294,7 @@ def _train(
     labeled_crops = SegCrops(
         labeled, d.patch, lookup, svda, pad, cfg.seed, 1, foreground=d.foreground_fraction
     )
-    labeled_stream = _stream(labeled_crops, batch, start, o.steps - start, d.workers, env)
+    labeled_stream = batch_stream(labeled_crops, batch, start, o.steps - start, d.workers, env)
     # Unlabeled crop i·batch.. feeds step i; BCP draws none while it pre-trains.
     unlabeled_start = max(start, phases.pretrain_steps if phases is not None else 0)
     unlabeled_crops = (
@@ -361,7 +313,7 @@ def _train(
         else None
     )
     unlabeled_stream = (
-        _stream(unlabeled_crops, batch, unlabeled_start, o.steps - unlabeled_start, d.workers, env)
+        batch_stream(unlabeled_crops, batch, unlabeled_start, o.steps - unlabeled_start, d.workers, env)
         if unlabeled_crops is not None
         else None
     )
@@ -408,7 +360,7 @@ def _train(
             generator = torch.Generator().manual_seed(
                 int(np.random.default_rng([cfg.seed, 5, step, env.rank]).integers(2**62))
             )
-            lab = _to(next(labeled_stream), dev)
+            lab = to_device(next(labeled_stream), dev)
             if ce_weights is not None:
                 lab["ce_weights"] = ce_weights.to(dev)
             with amp:
@@ -418,7 +370,7 @@ def _train(
                         model,
                         unwrap(model),
                         lab,
-                        _to(next(unlabeled_stream), dev),
+                        to_device(next(unlabeled_stream), dev),
                         drs,
                         step,
                         cfg,
@@ -430,7 +382,7 @@ def _train(
                         model,
                         teacher,
                         lab,
-                        _to(next(unlabeled_stream), dev),
+                        to_device(next(unlabeled_stream), dev),
                         step,
                         cfg,
                         generator,
@@ -443,7 +395,7 @@ def _train(
                         teacher,
                         parts,
                         lab,
-                        _to(next(unlabeled_stream), dev),
+                        to_device(next(unlabeled_stream), dev),
                         step,
                         cfg,
                         policy,
@@ -451,7 +403,7 @@ def _train(
                 elif fixmatch:
                     assert policy is not None and unlabeled_stream is not None
                     losses = fixmatch_step(
-                        model, lab, _to(next(unlabeled_stream), dev), policy, cfg
+                        model, lab, to_device(next(unlabeled_stream), dev), policy, cfg
                     )
                 elif pretraining:
                     losses = bcp_pretrain_step(model, lab, cfg, generator)
@@ -461,7 +413,7 @@ def _train(
                         model,
                         teacher,
                         lab,
-                        _to(next(unlabeled_stream), dev),
+                        to_device(next(unlabeled_stream), dev),
                         cfg,
                         generator,
                         policy,

@@ -11,7 +11,7 @@ A run folder holds ``config.yaml``, ``split.json``, ``checkpoints/`` (periodic, 
 computed with the best checkpoint on the held-out test subsets.
 
 With ``focalmix.object_policy: flexmatch`` the CPL memory of the object choice
-(:class:`~medssl.training.focalmix.CPLObjectSelection`, keyed by cells of the unlabeled scans'
+(:class:`~medssl.training.detection.focalmix.CPLObjectSelection`, keyed by cells of the unlabeled scans'
 cached volumes) is saved in the checkpoints (``threshold``), so a resumed run continues with the
 same memory and thresholds.
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -30,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from medssl.config import config_to_dict, dump_config
 from medssl.datasets.luna16 import Finding, read_findings
@@ -41,36 +39,39 @@ from medssl.metrics import plot_froc, write_predictions
 from medssl.pipeline import Intensity
 from medssl.pipeline.detect import prepared_lung_mask, window_touches
 from medssl.training.batchnorm import inference_windows, reestimate_batchnorm
-from medssl.training.cache import CachedVolume, VolumeCache
+from medssl.training.cache import CachedVolume, VolumeCache, default_cache_dir
 from medssl.training.checkpoint import CheckpointManager, resume_from_last, rng_state
-from medssl.training.det_augment import ScannerAugment
-from medssl.training.det_config import DetectionExperiment
-from medssl.training.det_data import IndexStream, LabeledPatches, ScanBoxes, UnlabeledPatches
-from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
-from medssl.training.det_operating import write_operating_point
-from medssl.training.det_mining import (
+from medssl.training.detection.augment import ScannerAugment
+from medssl.training.detection.config import DetectionExperiment
+from medssl.training.detection.data import LabeledPatches, ScanBoxes, UnlabeledPatches
+from medssl.training.detection.eval import TorchDetectionRunner, detection_params, evaluate, predict
+from medssl.training.detection.focalmix import CPLObjectSelection
+from medssl.training.detection.mining import (
     CandidateLists,
     NoduleTruth,
     hard_negatives,
     refresh_scans,
     scan_candidates,
 )
-from medssl.training.det_scans import DetectionSplit, ScanSource, _folder_sources, split_luna16
-from medssl.training.det_steps import focalmix_step, supervised_step
-from medssl.training.detector import FPNDetector
+from medssl.training.detection.operating import write_operating_point
+from medssl.training.detection.scans import (
+    DetectionSplit,
+    ScanSource,
+    _folder_sources,
+    split_luna16,
+)
+from medssl.training.detection.steps import focalmix_step, supervised_step
 from medssl.training.distributed import DistEnv, cleanup, init_distributed, unwrap, wrap_ddp
-from medssl.training.focalmix import CPLObjectSelection
 from medssl.training.logger import TrainLogger
-from medssl.training.seed import seed_everything, worker_init_fn
+from medssl.training.loop import TrainingDivergedError
+from medssl.training.networks.detector import FPNDetector
+from medssl.training.seed import seed_everything
+from medssl.training.streams import batch_stream, to_device
 
-__all__ = ["DetectionRun", "TrainingDivergedError", "default_cache_dir", "train_detector"]
+__all__ = ["DetectionRun", "train_detector"]
 
 #: Validation CPM is computed without a bootstrap (only the point value selects checkpoints).
 VALIDATION_BOOTSTRAP = 0
-
-
-class TrainingDivergedError(MedsslError):
-    """The loss stopped being finite; the last good checkpoint is kept."""
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,6 @@ class DetectionRun:
     best_checkpoint: Path
     test_cpm: float | None
     test_report: dict[str, Any] | None
-
-
-def default_cache_dir() -> Path:
-    """``$MEDSSL_CACHE``, else ``~/.cache/medssl``."""
-    return Path(os.environ.get("MEDSSL_CACHE", Path.home() / ".cache" / "medssl"))
 
 
 def _cache(cfg: DetectionExperiment) -> VolumeCache:
@@ -112,29 +108,6 @@ def _readable(cache: VolumeCache, sources: list[ScanSource]) -> list[CachedVolum
         except VolumeReadError as exc:
             warnings.warn(f"skipping unlabeled scan {source.key}: {exc}", stacklevel=2)
     return volumes
-
-
-def _loader(
-    dataset: Any, batch: int, start: int, count: int, cfg: DetectionExperiment, env: DistEnv
-) -> Iterator[dict[str, torch.Tensor]]:
-    loader = DataLoader(
-        dataset,
-        batch_size=batch,
-        sampler=IndexStream(start * batch, count * batch, env.rank, env.world_size),
-        num_workers=cfg.data.workers,
-        worker_init_fn=worker_init_fn,
-        pin_memory=env.device.type == "cuda",
-        persistent_workers=cfg.data.workers > 0,
-        drop_last=True,
-        # iter() draws the workers' base seed from this generator, not from the global RNG that
-        # a resume restored (samples depend only on their index, so a fixed seed costs nothing).
-        generator=torch.Generator().manual_seed(0),
-    )
-    return iter(loader)
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _state(
@@ -219,7 +192,7 @@ def _statistics_windows(
         # a scan where no lung is found is run whole by inference (detect_preprocessed)
         keep = lambda i, start: (
             not masks[i].any() or window_touches(masks[i], start, params.window_shape)
-        )  # noqa: E731
+        )
     return inference_windows(
         [s.volume.array.shape for s in labeled],
         window=cfg.window,
@@ -428,7 +401,7 @@ def _train(
             if d.scanner_augment > 0
             else None,
         )
-        return _loader(patches, batch, first, steps - first, cfg, env)
+        return batch_stream(patches, batch, first, steps - first, d.workers, env)
 
     def unlabeled_loader(first: int) -> Iterator[dict[str, torch.Tensor]]:
         patches = UnlabeledPatches(
@@ -439,7 +412,7 @@ def _train(
             candidates=mined["unlabeled_candidates"].centres,
             candidate_fraction=cfg.focalmix.candidate_fraction,
         )
-        return _loader(patches, batch, first, steps - first, cfg, env)
+        return batch_stream(patches, batch, first, steps - first, d.workers, env)
 
     labeled_stream = labeled_loader(start)
     unlabeled_stream = unlabeled_loader(start) if semi else None
@@ -454,14 +427,14 @@ def _train(
     ) as logger:
         for step in range(start, steps):
             rng = np.random.default_rng([cfg.seed, 3, step, env.rank])
-            labeled_batch = _to(next(labeled_stream), dev)
+            labeled_batch = to_device(next(labeled_stream), dev)
             with amp:
                 if unlabeled_stream is not None:
                     losses = focalmix_step(
                         model,
                         unwrap(model),
                         labeled_batch,
-                        _to(next(unlabeled_stream), dev),
+                        to_device(next(unlabeled_stream), dev),
                         grid,
                         step,
                         cfg,

@@ -1,0 +1,1 @@
+"""Training methods: one plug-in per method."""
