@@ -47,7 +47,8 @@ from medssl.pipeline.windows import extract_window, plan_windows
 from medssl.synth.chest import ChestConfig, generate_chest_ct
 from medssl.training.detection.config import DetectionExperiment
 from medssl.training.detection.eval import TorchDetectionRunner, detection_params
-from medssl.training.detection.steps import focalmix_step, supervised_step
+from medssl.training.methods.focalmix import focalmix_step
+from medssl.training.methods.supervised_det import supervised_step
 from medssl.training.networks.detector import FPNDetector
 
 RESULTS = Path(__file__).parent / "results"

@@ -17,6 +17,8 @@ from torch.nn import functional as F
 from medssl.cli.train import resolve_config
 from medssl.config import load_config, parse_overrides
 from medssl.errors import ConfigError
+from medssl.training.methods.base import ema_update
+from medssl.training.methods.bcp import bcp_pretrain_step, bcp_self_train_step
 from medssl.training.segmentation.bcp import (
     BCPPhases,
     Box,
@@ -30,7 +32,6 @@ from medssl.training.segmentation.bcp import (
     sample_box,
 )
 from medssl.training.segmentation.config import BCPConfig, SegmentationExperiment
-from medssl.training.segmentation.steps import bcp_pretrain_step, bcp_self_train_step, ema_update
 
 S = 1e-5  # mask_DiceLoss smoothing
 BIG = 100.0  # logits of ±100: softmax is exactly one-hot in float32, CE exactly 0 or 200

@@ -26,7 +26,7 @@ from medssl.training.detection.focalmix import (
     objects_from_mask,
     objects_from_targets,
 )
-from medssl.training.detection.steps import focalmix_step
+from medssl.training.methods.focalmix import focalmix_step
 from medssl.training.threshold import VoxelMemoryLayout
 
 #: Two levels on an 8^3 crop: stride 2 (4^3 anchors of edge 4, reference voxel 2i) and

@@ -19,7 +19,7 @@ from medssl.training.batchnorm import batch_statistics_only, inference_windows, 
 from medssl.training.detection.config import DetectionExperiment
 from medssl.training.detection.focalmix import guess_targets
 from medssl.training.detection.losses import FocalConfig
-from medssl.training.detection.steps import focalmix_step, joint_loss
+from medssl.training.methods.focalmix import focalmix_step, joint_loss
 from medssl.training.networks.detector import CPU_SMALL, FPNDetector
 
 SPEC = AnchorSpec()

@@ -8,6 +8,7 @@ metrics, errors), not segmentation quality: that is benchmarks/ad_settings.py's 
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from medssl.io.nifti import read_nifti
 from medssl.synth.datasets import write_organ_dataset
 from medssl.synth.organ_scene import LABELS
 from medssl.synth.organs import generate_organ_phantom
+from medssl.training.methods import bcp as bcp_method
 from medssl.training.networks.segmenter import build_segmenter
 from medssl.training.segmentation import trainer as seg_trainer
 from medssl.training.segmentation.config import SegmentationExperiment
@@ -40,6 +42,15 @@ TINY = [
     "ad.diffusion_process.sample_steps=2",
 ]
 METRICS = {"dice", "jaccard", "hd95_mm", "asd_mm"}
+#: step function -> its method module under medssl.training.methods
+STEP_MODULES = {
+    "ad_step": "ad",
+    "mean_teacher_step": "mean_teacher",
+    "fixmatch_step": "fixmatch",
+    "patchcl_step": "patchcl",
+    "bcp_self_train_step": "bcp",
+    "supervised_seg_step": "supervised_seg",
+}
 
 
 pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.slow]
@@ -101,8 +112,10 @@ def train_interrupted_then_resumed(
     cfg, data, out, monkeypatch, step_name: str, at_call: int = 3
 ) -> None:
     """Train ``cfg`` into ``out``, interrupted by a KeyboardInterrupt at the ``at_call``-th call of
-    ``seg_trainer.<step_name>``, then resume it to the end (the straight-vs-resumed tests)."""
-    real_step, calls = getattr(seg_trainer, step_name), {"n": 0}
+    ``<step_name>`` in its method's module (``medssl.training.methods.<module>``), then resume it
+    to the end (the straight-vs-resumed tests)."""
+    module = importlib.import_module(f"medssl.training.methods.{STEP_MODULES[step_name]}")
+    real_step, calls = getattr(module, step_name), {"n": 0}
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -110,11 +123,11 @@ def train_interrupted_then_resumed(
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(seg_trainer, step_name, interrupted)
+    monkeypatch.setattr(module, step_name, interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_segmenter(cfg, data, out, device="cpu")
     assert json.loads((out / "checkpoints" / "index.json").read_text())["last_step"] == at_call - 1
-    monkeypatch.setattr(seg_trainer, step_name, real_step)
+    monkeypatch.setattr(module, step_name, real_step)
     train_segmenter(cfg, data, out, resume=True, device="cpu")
 
 
@@ -181,7 +194,7 @@ def test_ad_run_writes_config_split_checkpoints_logs_and_test_predictions(organs
     }
     assert list(state["config"]["data"]["patch"]) == [16, 32, 32]
     assert state["provenance"]["n_labeled"] == len(split["labeled"])
-    assert state["drs"] is not None
+    assert state["method"]["drs"] is not None
 
     source = read_nifti(organs / "A" / "imagesTs" / "organs_0005.nii.gz")
     predicted = read_nifti(out / "test" / "predictions" / "A__organs_0005.nii.gz", label=True)
@@ -225,7 +238,7 @@ def test_supervised_baseline_trains_on_labeled_cases_only(organs, tmp_path):
     assert result.exit_code == 0, result.output
     state = checkpoint(out, "best.pt")
     assert state["config"]["method"] == "supervised-seg" and state["provenance"]["n_unlabeled"] == 0
-    assert state["teacher"] is None and state["drs"] is None
+    assert "teacher" not in state["method"] and "drs" not in state["method"]
     assert not any(
         ".time." in k or k.startswith("decoder_") for k in state["model"]
     )  # a plain VNet
@@ -237,8 +250,8 @@ def test_mean_teacher_keeps_an_ema_teacher_and_logs_the_consistency(organs, tmp_
     result = run_cli("mean-teacher", "uda", organs, out)
     assert result.exit_code == 0, result.output
     state = checkpoint(out)
-    assert state["teacher"] is not None
-    student, teacher = state["model"], state["teacher"]
+    assert state["method"]["teacher"] is not None
+    student, teacher = state["model"], state["method"]["teacher"]
     weight = next(k for k in student if k.endswith("conv.weight"))
     assert not torch.equal(student[weight], teacher[weight])
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -254,7 +267,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(organs, tmp_path, monkey
 
     straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
     assert resumed["step"] == 4 and resumed["classes"] == straight["classes"]
-    assert set(resumed["drs"]) and resumed["drs"].keys() == straight["drs"].keys()
+    assert (
+        set(resumed["method"]["drs"])
+        and resumed["method"]["drs"].keys() == straight["method"]["drs"].keys()
+    )
     for name, value in straight["model"].items():
         torch.testing.assert_close(
             resumed["model"][name],
@@ -263,9 +279,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(organs, tmp_path, monkey
             atol=1e-6,
             msg=lambda m, name=name: f"{name} differs after resume: {m}",
         )
-    for key, value in straight["drs"].items():
+    for key, value in straight["method"]["drs"].items():
         torch.testing.assert_close(
-            torch.as_tensor(resumed["drs"][key]), torch.as_tensor(value), msg=key
+            torch.as_tensor(resumed["method"]["drs"][key]), torch.as_tensor(value), msg=key
         )
 
 
@@ -401,10 +417,13 @@ def test_bcp_pretrains_then_self_trains_and_exports_and_scores_like_ad(organs, t
     index = json.loads((out / "checkpoints" / "index.json").read_text())
     assert index["best_step"] == 4  # best.pt is a self-trained student, never a pre-trained one
     pretrained, final = checkpoint(out, "step_00000002.pt"), checkpoint(out)
-    assert pretrained["bcp"]["best_model"] is not None and pretrained["bcp"]["best_step"] == 2
-    assert final["bcp"]["best_model"] is None and final["bcp"]["best_step"] == 2
+    assert (
+        pretrained["method"]["bcp"]["best_model"] is not None
+        and pretrained["method"]["bcp"]["best_step"] == 2
+    )
+    assert final["method"]["bcp"]["best_model"] is None and final["method"]["bcp"]["best_step"] == 2
     weight = next(k for k in final["model"] if k.endswith("conv.weight"))
-    assert not torch.equal(final["model"][weight], final["teacher"][weight])
+    assert not torch.equal(final["model"][weight], final["method"]["teacher"][weight])
     metrics = json.loads((out / "test" / "metrics.json").read_text())
     assert set(metrics["classes"]["1"]) >= METRICS
     assert (out / "test" / "predictions" / "A__organs_0005.nii.gz").is_file()
@@ -443,13 +462,13 @@ def test_bcp_self_training_starts_from_the_best_pretrained_checkpoint(
         checkpoint(tmp_path / "run", "step_00000001.pt"),
         checkpoint(tmp_path / "run", "step_00000003.pt"),
     )
-    assert (last["bcp"]["best_step"], last["bcp"]["best_dice"]) == (1, 0.9)
+    assert (last["method"]["bcp"]["best_step"], last["method"]["bcp"]["best_dice"]) == (1, 0.9)
     assert last["metrics"] == {"dice": 0.5} and first["metrics"] == {"pretrain_dice": 0.9}
-    for name, _ in build_segmenter(
-        cfg, 2
-    ).named_parameters():  # the EMA skips BatchNorm buffers
+    for name, _ in build_segmenter(cfg, 2).named_parameters():  # the EMA skips BatchNorm buffers
         expected = 0.99 * first["model"][name] + 0.01 * last["model"][name]
-        torch.testing.assert_close(last["teacher"][name], expected, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            last["method"]["teacher"][name], expected, rtol=0, atol=1e-6, msg=name
+        )
 
 
 def test_an_interrupted_bcp_run_resumes_to_the_same_student_and_teacher_in_either_phase(
@@ -460,7 +479,7 @@ def test_an_interrupted_bcp_run_resumes_to_the_same_student_and_teacher_in_eithe
     cfg = tiny_config("bcp", "ssl", *BCP, "optim.steps=6", "data.n_validation=1")
     train_segmenter(cfg, organs, tmp_path / "straight", device="cpu")
 
-    real_step = seg_trainer.bcp_self_train_step
+    real_step = bcp_method.bcp_self_train_step
 
     def stop_at(call: int):
         calls = {"n": 0}
@@ -474,19 +493,22 @@ def test_an_interrupted_bcp_run_resumes_to_the_same_student_and_teacher_in_eithe
         return step
 
     run = tmp_path / "resumed"
-    monkeypatch.setattr(seg_trainer, "bcp_self_train_step", stop_at(1))
+    monkeypatch.setattr(bcp_method, "bcp_self_train_step", stop_at(1))
     with pytest.raises(KeyboardInterrupt):
         train_segmenter(cfg, organs, run, device="cpu")
     assert json.loads((run / "checkpoints" / "index.json").read_text())["last_step"] == 2
-    monkeypatch.setattr(seg_trainer, "bcp_self_train_step", stop_at(3))
+    monkeypatch.setattr(bcp_method, "bcp_self_train_step", stop_at(3))
     with pytest.raises(KeyboardInterrupt):
         train_segmenter(cfg, organs, run, resume=True, device="cpu")
     assert json.loads((run / "checkpoints" / "index.json").read_text())["last_step"] == 4
-    monkeypatch.setattr(seg_trainer, "bcp_self_train_step", real_step)
+    monkeypatch.setattr(bcp_method, "bcp_self_train_step", real_step)
     train_segmenter(cfg, organs, run, resume=True, device="cpu")
 
     straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(run)
-    assert resumed["step"] == 6 and resumed["bcp"]["best_step"] == straight["bcp"]["best_step"]
+    assert (
+        resumed["step"] == 6
+        and resumed["method"]["bcp"]["best_step"] == straight["method"]["bcp"]["best_step"]
+    )
     for key in ("model", "teacher"):
         for name, value in straight[key].items():
             torch.testing.assert_close(

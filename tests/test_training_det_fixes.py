@@ -21,6 +21,7 @@ from medssl.training.detection import trainer as det_trainer
 from medssl.training.detection.scans import split_luna16
 from medssl.training.detection.trainer import train_detector
 from medssl.training.loop import TrainingDivergedError
+from medssl.training.methods import focalmix as focalmix_method
 from medssl.training.networks.detector import FPNDetector
 from tests.test_train_detector import cache, luna, tiny_config  # noqa: F401 (fixtures)
 
@@ -253,10 +254,10 @@ def test_mining_runs_logs_checkpoints_its_lists_and_resume_continues_the_same_st
     state = torch.load(
         tmp_path / "straight" / "checkpoints" / "step_00000002.pt", weights_only=False
     )
-    assert state["mined"]["hard_negatives"]["version"] == 1
-    assert state["mined"]["unlabeled_candidates"]["version"] == 1
-    assert sum(len(c) for c in state["mined"]["unlabeled_candidates"]["centres"]) > 0
-    assert sum(len(c) for c in state["mined"]["hard_negatives"]["centres"]) > 0
+    assert state["data"]["hard_negatives"]["version"] == 1
+    assert state["data"]["unlabeled_candidates"]["version"] == 1
+    assert sum(len(c) for c in state["data"]["unlabeled_candidates"]["centres"]) > 0
+    assert sum(len(c) for c in state["data"]["hard_negatives"]["centres"]) > 0
     logged = [
         json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()
     ]
@@ -265,7 +266,7 @@ def test_mining_runs_logs_checkpoints_its_lists_and_resume_continues_the_same_st
     )  # the synthetic pool's hidden truth
     assert any("pseudo_objects" in r for r in logged)
 
-    real = det_trainer.focalmix_step
+    real = focalmix_method.focalmix_step
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -275,10 +276,10 @@ def test_mining_runs_logs_checkpoints_its_lists_and_resume_continues_the_same_st
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    monkeypatch.setattr(det_trainer, "focalmix_step", poisoned)
+    monkeypatch.setattr(focalmix_method, "focalmix_step", poisoned)
     with pytest.raises(TrainingDivergedError):
         train_detector(cfg, luna, tmp_path / "resumed", n_labeled=3, n_unlabeled=2, device="cpu")
-    monkeypatch.setattr(det_trainer, "focalmix_step", real)
+    monkeypatch.setattr(focalmix_method, "focalmix_step", real)
     train_detector(
         cfg, luna, tmp_path / "resumed", n_labeled=3, n_unlabeled=2, resume=True, device="cpu"
     )

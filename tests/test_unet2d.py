@@ -21,11 +21,12 @@ from medssl.cli.train import resolve_config, train
 from medssl.config import load_config, parse_overrides
 from medssl.errors import ConfigError
 from medssl.io.nifti import read_nifti
+from medssl.training.methods.mean_teacher import mean_teacher_step
+from medssl.training.methods.supervised_seg import supervised_seg_step
 from medssl.training.networks.segmenter import build_segmenter
 from medssl.training.networks.unet2d import DROPOUT, UNet2D
 from medssl.training.networks.vnet import VNet
 from medssl.training.segmentation.config import SegmentationExperiment
-from medssl.training.segmentation.steps import mean_teacher_step, supervised_seg_step
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -267,7 +268,7 @@ def test_a_mean_teacher_run_trains_the_unet2d_and_tests_on_the_source_grid(run_2
         48,
         48,
     ]
-    assert state["step"] == 4 and state["teacher"] is not None
+    assert state["step"] == 4 and state["method"]["teacher"] is not None
     assert any(k.startswith("encoder.4.") for k in state["model"]) and not any(
         "stem" in k for k in state["model"]
     )
@@ -364,7 +365,7 @@ def test_bcp_trains_the_unet2d_slice_wise(organs, tmp_path):
     )
     assert result.exit_code == 0, result.output
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
-    assert state["step"] == 4 and state["teacher"] is not None
+    assert state["step"] == 4 and state["method"]["teacher"] is not None
     assert any(v.ndim == 4 for k, v in state["model"].items() if k.endswith("weight"))
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any("in/loss" in row for row in logged) and any("pretrain/dice" in row for row in logged)

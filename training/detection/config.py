@@ -12,6 +12,7 @@ from typing import Literal
 
 from medssl.detection import AnchorSpec
 from medssl.training.detection.losses import FocalConfig
+from medssl.training.methods.registry import check_method
 from medssl.training.networks.detector import DetectorConfig
 
 __all__ = ["DataConfig", "DetectionExperiment", "EvalConfig", "FocalMixConfig", "OptimConfig"]
@@ -240,9 +241,10 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class DetectionExperiment:
-    """Everything a detector run needs; ``method`` picks the trainer."""
+    """Everything a detector run needs; ``method`` picks the registered method
+    (:mod:`medssl.training.methods`)."""
 
-    method: Literal["focalmix", "supervised-det"] = "focalmix"
+    method: str = "focalmix"
     seed: int = 0
     amp: bool = True
     model: DetectorConfig = field(default_factory=DetectorConfig)
@@ -259,6 +261,7 @@ class DetectionExperiment:
         return self.eval.window or self.data.patch
 
     def __post_init__(self) -> None:
+        check_method(self.method, "detection")
         stride = self.model.strides[-1]
         for name, edge in (("data.patch", self.data.patch), ("eval.window", self.window)):
             if edge % stride:

@@ -5,6 +5,9 @@ Before every validation and checkpoint the BatchNorm running statistics are re-e
 so validation, the checkpoints (and so the test and the export) use the statistics of the
 windows inference runs on.
 
+The loop (:func:`medssl.training.loop.fit`) runs the method (:mod:`medssl.training.methods`,
+``cfg.method``); this module is the detection :class:`~medssl.training.loop.Task`.
+
 A run folder holds ``config.yaml``, ``split.json``, ``checkpoints/`` (periodic, ``last.pt``,
 ``best.pt`` by validation CPM), ``tensorboard/``, ``log.jsonl`` and, at the end,
 ``test/submission.csv`` (LUNA16 format), ``test/cpm.json`` and ``test/froc.png``
@@ -12,7 +15,7 @@ computed with the best checkpoint on the held-out test subsets.
 
 With ``focalmix.object_policy: flexmatch`` the CPL memory of the object choice
 (:class:`~medssl.training.detection.focalmix.CPLObjectSelection`, keyed by cells of the unlabeled scans'
-cached volumes) is saved in the checkpoints (``threshold``), so a resumed run continues with the
+cached volumes) is saved in the checkpoints (``method.threshold``), so a resumed run continues with the
 same memory and thresholds.
 """
 
@@ -22,7 +25,6 @@ import json
 import math
 import warnings
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medssl.config import config_to_dict, dump_config
+from medssl.config import dump_config
 from medssl.datasets.luna16 import Finding, read_findings
 from medssl.datasets.splits import write_split
 from medssl.detection import AnchorGrid
@@ -40,12 +42,11 @@ from medssl.pipeline import Intensity
 from medssl.pipeline.detect import prepared_lung_mask, window_touches
 from medssl.training.batchnorm import inference_windows, reestimate_batchnorm
 from medssl.training.cache import CachedVolume, VolumeCache, default_cache_dir
-from medssl.training.checkpoint import CheckpointManager, resume_from_last, rng_state
+from medssl.training.checkpoint import CheckpointKind, CheckpointManager
 from medssl.training.detection.augment import ScannerAugment
 from medssl.training.detection.config import DetectionExperiment
 from medssl.training.detection.data import LabeledPatches, ScanBoxes, UnlabeledPatches
 from medssl.training.detection.eval import TorchDetectionRunner, detection_params, evaluate, predict
-from medssl.training.detection.focalmix import CPLObjectSelection
 from medssl.training.detection.mining import (
     CandidateLists,
     NoduleTruth,
@@ -60,15 +61,13 @@ from medssl.training.detection.scans import (
     _folder_sources,
     split_luna16,
 )
-from medssl.training.detection.steps import focalmix_step, supervised_step
-from medssl.training.distributed import DistEnv, cleanup, init_distributed, unwrap, wrap_ddp
-from medssl.training.logger import TrainLogger
-from medssl.training.loop import TrainingDivergedError
+from medssl.training.distributed import DistEnv, cleanup, init_distributed, unwrap
+from medssl.training.loop import Task, fit
+from medssl.training.methods.base import Batch, Method, load_method
 from medssl.training.networks.detector import FPNDetector
-from medssl.training.seed import seed_everything
 from medssl.training.streams import batch_stream, to_device
 
-__all__ = ["DetectionRun", "train_detector"]
+__all__ = ["DetectionRun", "DetectionTask", "train_detector"]
 
 #: Validation CPM is computed without a bootstrap (only the point value selects checkpoints).
 VALIDATION_BOOTSTRAP = 0
@@ -108,35 +107,6 @@ def _readable(cache: VolumeCache, sources: list[ScanSource]) -> list[CachedVolum
         except VolumeReadError as exc:
             warnings.warn(f"skipping unlabeled scan {source.key}: {exc}", stacklevel=2)
     return volumes
-
-
-def _state(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    cfg: DetectionExperiment,
-    step: int,
-    provenance: dict[str, Any],
-    metrics: dict[str, float] | None,
-    objects: CPLObjectSelection | None,
-    mined: dict[str, CandidateLists],
-) -> dict[str, Any]:
-    """A checkpoint; ``provenance`` and ``metrics`` (validation at this step) go to model cards;
-    ``threshold``: the CPL object selection's memory (None without CPL); ``mined``: the hard
-    negatives and unlabeled crop centres the following steps sample from."""
-    return {
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "config": config_to_dict(cfg),
-        "step": step,
-        "rng": rng_state(),
-        "kind": "medssl.detector",
-        "provenance": provenance,
-        "metrics": dict(metrics or {}),
-        "threshold": objects.state_dict() if objects is not None else None,
-        "mined": {name: lists.state_dict() for name, lists in mined.items()},
-    }
 
 
 def _unlabeled_truth(
@@ -248,6 +218,225 @@ def _test(
     return report
 
 
+class DetectionTask(Task):
+    """LUNA16 scans: split, cached scans, labeled and unlabeled patch streams (rebuilt when
+    mining refreshes their crop centres), BatchNorm re-estimation before validation, validation
+    CPM, hard-negative and candidate mining, the test and the operating point at the end."""
+
+    kind = CheckpointKind.DETECTOR
+    metric = "cpm"
+    cfg: DetectionExperiment
+
+    def __init__(
+        self,
+        cfg: DetectionExperiment,
+        data: Path,
+        out: Path,
+        n_labeled: int,
+        n_unlabeled: int,
+        env: DistEnv,
+        device: torch.device,
+    ) -> None:
+        super().__init__(cfg, out, env, device)
+        self.root, self.n_labeled, self.n_unlabeled = data, n_labeled, n_unlabeled
+        self.grad_clip = cfg.optim.grad_clip
+
+    def prepare(self, method: Method) -> None:
+        cfg, d, data = self.cfg, self.cfg.data, self.root
+        semi = self.semi = method.uses_unlabeled
+        if semi and self.n_unlabeled < 1:
+            raise MedsslError(f"{cfg.method} needs unlabeled scans: pass --unlabeled M with M >= 1")
+        split = self.split = split_luna16(
+            data,
+            self.n_labeled,
+            self.n_unlabeled if semi else 0,
+            d.test_subsets,
+            d.n_validation,
+            d.split_seed,
+            d.unlabeled_dirs,
+        )
+        if semi and not split.unlabeled:
+            raise MedsslError(
+                f"{data}: no unlabeled scans found (unlabeled/ folder or leftover training pool)"
+            )
+        if self.env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out / "config.yaml")
+            write_split(split.split, self.out / "split.json")
+        cache = self.cache = _cache(cfg)
+        self.labeled = [
+            _scan_boxes(cache.get(u, split.source(u).load), split.nodules(u), d.spacing_mm)
+            for u in split.labeled
+        ]
+        self.validation = {u: cache.get(u, split.source(u).load) for u in split.validation}
+        self.unlabeled = _readable(cache, split.unlabeled)
+        self.mine_negatives = d.hard_negative_fraction > 0
+        self.mine_unlabeled = semi and cfg.focalmix.candidate_fraction > 0
+        self.excluded = (
+            [
+                _scan_boxes(s.volume, split.luna.excluded(u), d.spacing_mm).boxes
+                for s, u in zip(self.labeled, split.labeled)
+            ]
+            if self.mine_negatives
+            else []
+        )
+        self.truth: NoduleTruth | None = (
+            _unlabeled_truth(data, split, self.unlabeled, d.spacing_mm) if semi else None
+        )
+        self.mined = {
+            "hard_negatives": CandidateLists.empty(len(self.labeled)),
+            "unlabeled_candidates": CandidateLists.empty(len(self.unlabeled)),
+        }
+        self._provenance = {
+            "method": cfg.method,
+            "data": str(data.resolve()),
+            "n_labeled": len(split.labeled),
+            "n_unlabeled": len(self.unlabeled),
+            "n_validation": len(split.validation),
+        }
+        self.grid = AnchorGrid.build(cfg.anchors, (d.patch,) * 3)
+        self.pad = Intensity(d.hu_min, d.hu_max).pad_value
+
+    def state_dict(self) -> dict[str, Any]:
+        """The hard negatives and unlabeled crop centres the following steps sample from."""
+        return {name: lists.state_dict() for name, lists in self.mined.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        sizes = {"hard_negatives": len(self.labeled), "unlabeled_candidates": len(self.unlabeled)}
+        self.mined.update(
+            {
+                name: CandidateLists.from_state(state[name], sizes[name])
+                for name in self.mined
+                if name in state
+            }
+        )
+
+    def _labeled_loader(self, first: int) -> Iterator[dict[str, torch.Tensor]]:
+        # samples are a pure function of (seed, index, mined list): rebuilt when the list changes
+        cfg, d = self.cfg, self.cfg.data
+        patches = LabeledPatches(
+            self.labeled,
+            self.grid,
+            d.positive_fraction,
+            True,
+            self.pad,
+            cfg.seed,
+            hard_negatives=self.mined["hard_negatives"].centres,
+            hard_negative_fraction=d.hard_negative_fraction,
+            scanner=ScannerAugment(d.scanner_augment, d.hu_max - d.hu_min)
+            if d.scanner_augment > 0
+            else None,
+        )
+        steps, batch = cfg.optim.steps, cfg.optim.batch_size
+        return batch_stream(patches, batch, first, steps - first, d.workers, self.env)
+
+    def _unlabeled_loader(self, first: int) -> Iterator[dict[str, torch.Tensor]]:
+        cfg, d = self.cfg, self.cfg.data
+        patches = UnlabeledPatches(
+            self.unlabeled,
+            d.patch,
+            self.pad,
+            cfg.seed,
+            candidates=self.mined["unlabeled_candidates"].centres,
+            candidate_fraction=cfg.focalmix.candidate_fraction,
+        )
+        steps, batch = cfg.optim.steps, cfg.optim.batch_size
+        return batch_stream(patches, batch, first, steps - first, d.workers, self.env)
+
+    def open_streams(self, start: int, method: Method) -> None:
+        self._labeled = self._labeled_loader(start)
+        self._unlabeled = self._unlabeled_loader(start) if self.semi else None
+        self.statistics_windows = _statistics_windows(self.labeled, self.cfg)
+
+    def _next_unlabeled(self) -> dict[str, torch.Tensor]:
+        if self._unlabeled is None:
+            raise MedsslError(f"{self.cfg.method} drew an unlabeled batch it did not declare")
+        return to_device(next(self._unlabeled), self.device)
+
+    def batch(self, step: int) -> Batch:
+        rng = np.random.default_rng([self.cfg.seed, 3, step, self.env.rank])
+        labeled = to_device(next(self._labeled), self.device)
+        return Batch(labeled, self._next_unlabeled, rng=rng)
+
+    def provenance(self) -> dict[str, Any]:
+        return self._provenance
+
+    def before_validation(self, network: torch.nn.Module) -> None:
+        if not self.statistics_windows:
+            return
+        # the statistics validation, mining, the checkpoint and the export use; every rank
+        # computes the same (same weights, same windows), so mining agrees
+        with self.amp:
+            reestimate_batchnorm(
+                network,
+                [s.volume.array for s in self.labeled],
+                self.statistics_windows,
+                window=self.cfg.window,
+                pad_value=self.pad,
+                batch_size=self.cfg.optim.batch_size,
+                device=self.device,
+            )
+
+    def validate(self, network: torch.nn.Module) -> dict[str, float] | None:
+        if not self.validation:
+            return None
+        return _validate(network, self.split, self.validation, self.cfg, self.device)
+
+    def after_validation(self, step: int, method: Method) -> dict[str, float]:
+        """Mine hard negatives and unlabeled candidates with the current weights (not after the
+        last step) and restart the streams that sample from them; the counts are logged."""
+        cfg, d, model = self.cfg, self.cfg.data, method.network
+        round_index, more = step // cfg.eval.every, step < cfg.optim.steps
+        mining: dict[str, float] = {}
+        if self.mine_negatives and more:
+            scans = refresh_scans(len(self.labeled), d.hard_negative_scans, round_index)
+            volumes = [s.volume for s in self.labeled]
+            found = _mine(model, volumes, scans, cfg, self.device, d.hard_negatives_per_scan)
+            self.mined["hard_negatives"] = self.mined["hard_negatives"].replace(
+                {
+                    i: hard_negatives(
+                        c, self.labeled[i].boxes, self.excluded[i], spacing_mm=d.spacing_mm
+                    )
+                    for i, c in found.items()
+                }
+            )
+            mining["hard_negatives"] = float(
+                sum(len(c) for c in self.mined["hard_negatives"].centres)
+            )
+            self._labeled = self._labeled_loader(step)
+        if self.mine_unlabeled and more:
+            fm = cfg.focalmix
+            scans = refresh_scans(len(self.unlabeled), fm.candidate_scans, round_index)
+            found = _mine(model, self.unlabeled, scans, cfg, self.device, fm.candidates_per_scan)
+            self.mined["unlabeled_candidates"] = self.mined["unlabeled_candidates"].replace(
+                {i: c[:, :3] for i, c in found.items()}
+            )
+            mining["unlabeled_candidates"] = float(sum(len(c) for c in found.values()))
+            if self.truth is not None:  # diagnostics only
+                hits, total = self.truth.precision({i: c[:, :3] for i, c in found.items()})
+                if total:
+                    mining["candidate_precision"] = hits / total
+            self._unlabeled = self._unlabeled_loader(step)
+        return {f"mining/{k}": v for k, v in mining.items()}
+
+    def finish(self, manager: CheckpointManager) -> DetectionRun:
+        out, cfg, dev = self.out, self.cfg, self.device
+        if not self.env.is_main:
+            return DetectionRun(out, manager.latest() or out, None, None)
+        best = manager.best() or manager.latest()
+        assert best is not None
+        net = FPNDetector(cfg.model, cfg.anchors)
+        net.load_state_dict(manager.load(best)["model"])
+        split = self.split
+        report = (
+            _test(net.to(dev), split, self.cache, cfg, dev, out / "test") if split.test else None
+        )
+        # validation/, and the test report at it
+        write_operating_point(net, split, self.cache, cfg, dev, out, report)
+        cpm = report["cpm"] if report else None
+        return DetectionRun(out, best, None if cpm is None or math.isnan(cpm) else cpm, report)
+
+
 def train_detector(
     cfg: DetectionExperiment,
     data: str | Path,
@@ -273,278 +462,8 @@ def train_detector(
     """
     env = init_distributed(prefer_cuda=device != "cpu")
     dev = torch.device(device) if device else env.device
-    out = Path(out)
     try:
-        return _train(cfg, Path(data), out, n_labeled, n_unlabeled, resume, env, dev)
+        task = DetectionTask(cfg, Path(data), Path(out), n_labeled, n_unlabeled, env, dev)
+        return fit(task, load_method(cfg.method)(cfg, task), resume)
     finally:
         cleanup()
-
-
-def _train(
-    cfg: DetectionExperiment,
-    data: Path,
-    out: Path,
-    n_labeled: int,
-    n_unlabeled: int,
-    resume: bool,
-    env: DistEnv,
-    dev: torch.device,
-) -> DetectionRun:
-    semi = cfg.method == "focalmix"
-    if semi and n_unlabeled < 1:
-        raise MedsslError("focalmix needs unlabeled scans: pass --unlabeled M with M >= 1")
-    seed_everything(cfg.seed + env.rank)
-    d = cfg.data
-    split = split_luna16(
-        data,
-        n_labeled,
-        n_unlabeled if semi else 0,
-        d.test_subsets,
-        d.n_validation,
-        d.split_seed,
-        d.unlabeled_dirs,
-    )
-    if semi and not split.unlabeled:
-        raise MedsslError(
-            f"{data}: no unlabeled scans found (unlabeled/ folder or leftover training pool)"
-        )
-    manager = CheckpointManager(out, metric="cpm")
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
-        write_split(split.split, out / "split.json")
-    cache = _cache(cfg)
-    labeled = [
-        _scan_boxes(cache.get(u, split.source(u).load), split.nodules(u), d.spacing_mm)
-        for u in split.labeled
-    ]
-    validation = {u: cache.get(u, split.source(u).load) for u in split.validation}
-    unlabeled = _readable(cache, split.unlabeled)
-    mine_negatives = d.hard_negative_fraction > 0
-    mine_unlabeled = semi and cfg.focalmix.candidate_fraction > 0
-    excluded = (
-        [
-            _scan_boxes(s.volume, split.luna.excluded(u), d.spacing_mm).boxes
-            for s, u in zip(labeled, split.labeled)
-        ]
-        if mine_negatives
-        else []
-    )
-    truth = _unlabeled_truth(data, split, unlabeled, d.spacing_mm) if semi else None
-    mined = {
-        "hard_negatives": CandidateLists.empty(len(labeled)),
-        "unlabeled_candidates": CandidateLists.empty(len(unlabeled)),
-    }
-    provenance = {
-        "method": cfg.method,
-        "data": str(data.resolve()),
-        "n_labeled": len(split.labeled),
-        "n_unlabeled": len(unlabeled),
-        "n_validation": len(split.validation),
-    }
-
-    grid = AnchorGrid.build(cfg.anchors, (d.patch,) * 3)
-    pad = Intensity(d.hu_min, d.hu_max).pad_value
-    model = FPNDetector(cfg.model, cfg.anchors).to(dev)
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.optim.steps)
-    fm = cfg.focalmix
-    objects = (
-        CPLObjectSelection(
-            [v.array.shape for v in unlabeled],
-            tau=fm.object_threshold,
-            memory_stride=fm.object_memory_stride,
-        )
-        if semi and fm.object_policy == "flexmatch"
-        else None
-    )
-    start = 0
-    if resume:
-        state = resume_from_last(manager, model, optimizer, scheduler)
-        if objects is not None:
-            if state.get("threshold") is None:
-                raise MedsslError(
-                    f"{out}: the last checkpoint has no CPL memory (written with "
-                    "focalmix.object_policy fixed?); resume with the run's own config"
-                )
-            objects.load_state_dict(state["threshold"])
-        start = int(state["step"])
-        saved = state.get("mined") or {}
-        sizes = {"hard_negatives": len(labeled), "unlabeled_candidates": len(unlabeled)}
-        mined.update(
-            {
-                name: CandidateLists.from_state(saved[name], sizes[name])
-                for name in mined
-                if name in saved
-            }
-        )
-    model = wrap_ddp(model, env)
-    model.train()
-
-    steps = cfg.optim.steps
-    batch = cfg.optim.batch_size
-
-    def labeled_loader(first: int) -> Iterator[dict[str, torch.Tensor]]:
-        # samples are a pure function of (seed, index, mined list): rebuilt when the list changes
-        patches = LabeledPatches(
-            labeled,
-            grid,
-            d.positive_fraction,
-            True,
-            pad,
-            cfg.seed,
-            hard_negatives=mined["hard_negatives"].centres,
-            hard_negative_fraction=d.hard_negative_fraction,
-            scanner=ScannerAugment(d.scanner_augment, d.hu_max - d.hu_min)
-            if d.scanner_augment > 0
-            else None,
-        )
-        return batch_stream(patches, batch, first, steps - first, d.workers, env)
-
-    def unlabeled_loader(first: int) -> Iterator[dict[str, torch.Tensor]]:
-        patches = UnlabeledPatches(
-            unlabeled,
-            d.patch,
-            pad,
-            cfg.seed,
-            candidates=mined["unlabeled_candidates"].centres,
-            candidate_fraction=cfg.focalmix.candidate_fraction,
-        )
-        return batch_stream(patches, batch, first, steps - first, d.workers, env)
-
-    labeled_stream = labeled_loader(start)
-    unlabeled_stream = unlabeled_loader(start) if semi else None
-    amp = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if cfg.amp and dev.type == "cuda"
-        else nullcontext()
-    )
-    statistics_windows = _statistics_windows(labeled, cfg)
-    with TrainLogger(
-        out, steps, enabled=env.is_main, resume_step=start if resume else None
-    ) as logger:
-        for step in range(start, steps):
-            rng = np.random.default_rng([cfg.seed, 3, step, env.rank])
-            labeled_batch = to_device(next(labeled_stream), dev)
-            with amp:
-                if unlabeled_stream is not None:
-                    losses = focalmix_step(
-                        model,
-                        unwrap(model),
-                        labeled_batch,
-                        to_device(next(unlabeled_stream), dev),
-                        grid,
-                        step,
-                        cfg,
-                        rng,
-                        objects,
-                        truth,
-                    )
-                else:
-                    losses = supervised_step(model, labeled_batch, cfg)
-            loss = losses["loss"]
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"loss became {loss.item()} at step {step}; stopping. The last good checkpoint "
-                    f"({manager.latest() or 'none yet'}) is kept; lower optim.lr or check the data."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            scalars = {k: float(v.detach()) for k, v in losses.items()}
-            logger.log(step + 1, lr=scheduler.get_last_lr()[0], **scalars)
-            logger.advance(step + 1, loss=scalars["loss"])
-            if (step + 1) % cfg.eval.every == 0 or step + 1 == steps:
-                if statistics_windows:
-                    # the statistics validation, mining, the checkpoint and the export use; every
-                    # rank computes the same (same weights, same windows), so mining agrees
-                    with amp:
-                        reestimate_batchnorm(
-                            unwrap(model),
-                            [s.volume.array for s in labeled],
-                            statistics_windows,
-                            window=cfg.window,
-                            pad_value=pad,
-                            batch_size=batch,
-                            device=dev,
-                        )
-                metrics = (
-                    _validate(model, split, validation, cfg, dev)
-                    if (validation and env.is_main)
-                    else None
-                )
-                round_index, more = (step + 1) // cfg.eval.every, step + 1 < steps
-                mining: dict[str, float] = {}
-                if mine_negatives and more:
-                    scans = refresh_scans(len(labeled), d.hard_negative_scans, round_index)
-                    found = _mine(
-                        model,
-                        [s.volume for s in labeled],
-                        scans,
-                        cfg,
-                        dev,
-                        d.hard_negatives_per_scan,
-                    )
-                    mined["hard_negatives"] = mined["hard_negatives"].replace(
-                        {
-                            i: hard_negatives(
-                                c, labeled[i].boxes, excluded[i], spacing_mm=d.spacing_mm
-                            )
-                            for i, c in found.items()
-                        }
-                    )
-                    mining["hard_negatives"] = float(
-                        sum(len(c) for c in mined["hard_negatives"].centres)
-                    )
-                    labeled_stream = labeled_loader(step + 1)
-                if mine_unlabeled and more:
-                    scans = refresh_scans(len(unlabeled), cfg.focalmix.candidate_scans, round_index)
-                    found = _mine(
-                        model, unlabeled, scans, cfg, dev, cfg.focalmix.candidates_per_scan
-                    )
-                    mined["unlabeled_candidates"] = mined["unlabeled_candidates"].replace(
-                        {i: c[:, :3] for i, c in found.items()}
-                    )
-                    mining["unlabeled_candidates"] = float(sum(len(c) for c in found.values()))
-                    if truth is not None:  # diagnostics only
-                        hits, total = truth.precision({i: c[:, :3] for i, c in found.items()})
-                        if total:
-                            mining["candidate_precision"] = hits / total
-                    unlabeled_stream = unlabeled_loader(step + 1)
-                if env.is_main:
-                    if metrics:
-                        logger.log(step + 1, **{f"val/{k}": v for k, v in metrics.items()})
-                    if mining:
-                        logger.log(step + 1, **{f"mining/{k}": v for k, v in mining.items()})
-                    manager.save(
-                        _state(
-                            model,
-                            optimizer,
-                            scheduler,
-                            cfg,
-                            step + 1,
-                            provenance,
-                            metrics,
-                            objects,
-                            mined,
-                        ),
-                        step + 1,
-                        metrics,
-                    )
-    if not env.is_main:
-        return DetectionRun(out, manager.latest() or out, None, None)
-    best = manager.best() or manager.latest()
-    assert best is not None
-    net = FPNDetector(cfg.model, cfg.anchors)
-    net.load_state_dict(manager.load(best)["model"])
-    report = _test(net.to(dev), split, cache, cfg, dev, out / "test") if split.test else None
-    write_operating_point(
-        net, split, cache, cfg, dev, out, report
-    )  # validation/, and the test report at it
-    cpm = report["cpm"] if report else None
-    return DetectionRun(out, best, None if cpm is None or math.isnan(cpm) else cpm, report)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from medssl.errors import ConfigError
+from medssl.training.methods.registry import check_method
 from medssl.training.networks.diffusion import LabelDiffusion
 from medssl.training.networks.vnet import VNetConfig
 
@@ -38,7 +39,6 @@ __all__ = [
 ]
 
 Setting = Literal["ssl", "imbssl", "uda", "semidg"]
-Method = Literal["ad", "supervised-seg", "mean-teacher", "bcp", "fixmatch", "flexmatch", "patchcl"]
 Network = Literal["vnet", "unet2d"]
 
 
@@ -458,9 +458,10 @@ class SegEvalConfig:
 
 @dataclass(frozen=True)
 class SegmentationExperiment:
-    """Everything a segmentation run needs; ``method`` picks the trainer step."""
+    """Everything a segmentation run needs; ``method`` picks the registered method
+    (:mod:`medssl.training.methods`)."""
 
-    method: Method = "ad"
+    method: str = "ad"
     setting: Setting = "ssl"
     seed: int = 0
     amp: bool = True
@@ -485,6 +486,7 @@ class SegmentationExperiment:
         return {"fixmatch": "fixed", "flexmatch": "flexmatch"}.get(self.method, "none")  # type: ignore[return-value]
 
     def __post_init__(self) -> None:
+        check_method(self.method, "segmentation")
         policy, own = (
             self.threshold.policy,
             {"fixmatch": "fixed", "flexmatch": "flexmatch"}.get(self.method),
