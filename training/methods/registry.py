@@ -91,6 +91,14 @@ REGISTRY: dict[str, MethodEntry] = {
             "class thresholds from a voxel-grid memory over the unlabeled cases (threshold.* "
             "settings).",
         ),
+        MethodEntry(
+            "patchcl",
+            "segmentation",
+            "patchcl:PatchCL",
+            "Train PatchCL: the mean teacher (strong/weak views, CE on the teacher's pseudo-labels) "
+            "plus the pseudo-label guided patch contrastive loss (PLGCL) on 3D class-aware patches "
+            "after a warm-up (patchcl.* settings; threshold.policy filters its pseudo-labels).",
+        ),
     )
 }
 
