@@ -21,6 +21,7 @@ from medssl.models.anatomy import organ_label
 from medssl.models.card import NODULE_LABEL, Decoding, Label, Task, TensorSpec
 from medssl.pipeline.preprocess import Intensity, PercentileIntensity
 from medssl.synth.patches import chest_patch, organ_patch
+from medssl.training.checkpoint import CheckpointKind
 from medssl.training.detection.config import DetectionExperiment
 from medssl.training.detection.eval import detection_params
 from medssl.training.networks.detector import DetectorInference, FPNDetector
@@ -198,8 +199,8 @@ def _segmenter(state: Mapping[str, Any], path: Path) -> Exportable:
 
 #: checkpoint ``kind`` → builder.
 EXPORTERS: dict[str, Callable[[Mapping[str, Any], Path], Exportable]] = {
-    "medssl.detector": _detector,
-    "medssl.segmenter": _segmenter,
+    CheckpointKind.DETECTOR.value: _detector,
+    CheckpointKind.SEGMENTER.value: _segmenter,
 }
 
 
