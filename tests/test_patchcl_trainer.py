@@ -20,7 +20,7 @@ from medssl.training.segmentation.config import SegmentationExperiment, SegModel
 from medssl.training.segmentation.patchcl import ProjectionHead
 from medssl.training.segmentation.trainer import train_segmenter
 from tests.test_fixmatch import TINY, cache, checkpoint, logged, organs, tiny_config  # noqa: F401 (fixtures)
-from tests.test_seg_trainer import train_interrupted_then_resumed
+from tests.test_seg_trainer import train_interrupted_then_resumed, weights
 
 pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.slow]
 
@@ -134,8 +134,8 @@ def test_an_interrupted_patchcl_run_resumes_to_the_same_weights_head_and_queues(
         > 0
     )
     for part in ("model", "teacher"):
-        for name, value in straight[part].items():
-            torch.testing.assert_close(resumed[part][name], value, rtol=0, atol=1e-6)
+        for name, value in weights(straight, part).items():
+            torch.testing.assert_close(weights(resumed, part)[name], value, rtol=0, atol=1e-6)
     for part in ("head", "teacher_head"):
         for name, value in straight["method"]["patchcl"][part].items():
             torch.testing.assert_close(

@@ -108,6 +108,11 @@ def checkpoint(run: Path, name: str = "last.pt") -> dict:
     return torch.load(run / "checkpoints" / name, weights_only=False)
 
 
+def weights(state: dict, part: str) -> dict:
+    """A checkpoint's ``model`` weights, or the method's network ``part`` (``teacher``)."""
+    return state["model"] if part == "model" else state["method"][part]
+
+
 def train_interrupted_then_resumed(
     cfg, data, out, monkeypatch, step_name: str, at_call: int = 3
 ) -> None:
@@ -300,9 +305,9 @@ def test_an_interrupted_mean_teacher_run_resumes_to_the_same_student_and_teacher
     straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
     assert resumed["step"] == 4
     for part in ("model", "teacher"):
-        for name, value in straight[part].items():
+        for name, value in weights(straight, part).items():
             torch.testing.assert_close(
-                resumed[part][name],
+                weights(resumed, part)[name],
                 value,
                 rtol=0,
                 atol=1e-6,
@@ -510,9 +515,9 @@ def test_an_interrupted_bcp_run_resumes_to_the_same_student_and_teacher_in_eithe
         and resumed["method"]["bcp"]["best_step"] == straight["method"]["bcp"]["best_step"]
     )
     for key in ("model", "teacher"):
-        for name, value in straight[key].items():
+        for name, value in weights(straight, key).items():
             torch.testing.assert_close(
-                resumed[key][name],
+                weights(resumed, key)[name],
                 value,
                 rtol=0,
                 atol=1e-6,

@@ -132,7 +132,7 @@ class FocalMixConfig:
             cell of each unlabeled scan (default 8: about one nodule centre per cell).
         unlabeled_weight: weight of the unlabeled SFL term after ramp-up. The paper does
             not give it; SFL on mixed targets has the labeled loss's scale, and with one
-            normaliser for the joint batch (:func:`~medssl.training.detection.steps.joint_loss`)
+            normaliser for the joint batch (:func:`~medssl.training.methods.focalmix.joint_loss`)
             weight 1.0 gives an unlabeled anchor the weight of a labeled one. (MixMatch's
             λ_U = 100, ramped linearly over its first 16k steps, goes with an L2 unlabeled
             loss between probability vectors averaged over the classes, on a far smaller

@@ -415,7 +415,7 @@ class PatchCLConfig:
 
 @dataclass(frozen=True)
 class SegLossConfig:
-    """The loss every method puts on labeled crops (Dice + CE, :func:`~medssl.training.segmentation.steps.supervised_loss`).
+    """The loss every method puts on labeled crops (Dice + CE, :func:`~medssl.training.segmentation.losses.supervised_loss`).
 
     Attributes:
         class_weighting: ``"none"`` (the official A&D / SSL4MIS / BCP losses) or ``"frequency"``:
