@@ -159,7 +159,10 @@ def fit(task: Task, method: Method, resume: bool = False) -> Any:
     start = 0
     if resume:
         state = resume_from_last(manager, method.network, method.optimizer, method.scheduler)
-        method.load_state_dict(state["method"])
+        try:
+            method.load_state_dict(state["method"])
+        except MedsslError as exc:  # name the run whose checkpoint does not fit
+            raise MedsslError(f"{task.out}: {exc}") from exc
         task.load_state_dict(state["data"])
         start = int(state["step"])
     method.start(env, resumed=resume)
