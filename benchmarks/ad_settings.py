@@ -203,10 +203,10 @@ def source_dice(out: Path, data: str) -> dict[str, Any]:
     import torch
 
     from medssl.config import config_from_dict
-    from medssl.training.seg_config import SegmentationExperiment
-    from medssl.training.seg_data import class_names, label_lookup, split_domains
-    from medssl.training.seg_eval import segmentation_params, test_segmenter
-    from medssl.training.seg_trainer import inference_net
+    from medssl.training.networks.segmenter import inference_net
+    from medssl.training.segmentation.config import SegmentationExperiment
+    from medssl.training.segmentation.data import class_names, label_lookup, split_domains
+    from medssl.training.segmentation.eval import segmentation_params, test_segmenter
 
     state = torch.load(out / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
     cfg = config_from_dict(SegmentationExperiment, state["config"])

@@ -17,7 +17,7 @@
 # synthetic chest CT of the "train" generator family (medssl synth), a supervised run of the
 # CPU-sized FocalMix network with the false-positive controls (lung mask at inference,
 # hard-negative crops, BatchNorm statistics re-estimated on inference windows), scanner
-# augmentation (noise, soft and sharp kernels, thick slices: training/det_augment.py) for
+# augmentation (noise, soft and sharp kernels, thick slices: training/detection/augment.py) for
 # scanners and protocols the training data do not cover, 64^3 inference windows
 # (benchmarks/results/detector_window.md: validation CPM 0.834 at 64 vs 0.770 at 32, for 15 %
 # more time), Platt calibration, and an fp32 export with its parity check (medssl-export) whose

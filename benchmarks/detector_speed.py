@@ -46,10 +46,11 @@ from medssl.pipeline import Preparation, prepare
 from medssl.pipeline.detect import detect
 from medssl.pipeline.windows import extract_window, plan_windows
 from medssl.synth.chest import ChestConfig, generate_chest_ct
-from medssl.training.det_config import DetectionExperiment
-from medssl.training.det_eval import TorchDetectionRunner, detection_params
-from medssl.training.det_steps import focalmix_step, supervised_step
-from medssl.training.detector import FPNDetector
+from medssl.training.detection.config import DetectionExperiment
+from medssl.training.detection.eval import TorchDetectionRunner, detection_params
+from medssl.training.methods.focalmix import focalmix_step
+from medssl.training.methods.supervised_det import supervised_step
+from medssl.training.networks.detector import FPNDetector
 
 RESULTS = Path(__file__).parent / "results"
 

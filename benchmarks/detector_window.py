@@ -35,11 +35,11 @@ from medssl.datasets.splits import read_split
 from medssl.metrics import FP_RATES
 from medssl.pipeline.detect import detect_preprocessed
 from medssl.training.batchnorm import reestimate_batchnorm
-from medssl.training.det_config import DetectionExperiment
-from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate
-from medssl.training.det_scans import split_luna16
-from medssl.training.det_trainer import _cache, _scan_boxes, _statistics_windows
-from medssl.training.detector import FPNDetector
+from medssl.training.detection.config import DetectionExperiment
+from medssl.training.detection.eval import TorchDetectionRunner, detection_params, evaluate
+from medssl.training.detection.scans import split_luna16
+from medssl.training.detection.trainer import _cache, _scan_boxes, _statistics_windows
+from medssl.training.networks.detector import FPNDetector
 
 RESULTS = Path(__file__).parent / "results"
 

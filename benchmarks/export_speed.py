@@ -44,8 +44,8 @@ from medssl.models.triton_config import ServingOptions
 from medssl.runners import OnnxRunner, TritonRunner
 from medssl.testing import LocalTritonServer
 from medssl.testing.triton import python_backend_repository
-from medssl.training.det_config import DetectionExperiment
-from medssl.training.detector import FPNDetector
+from medssl.training.detection.config import DetectionExperiment
+from medssl.training.networks.detector import FPNDetector
 
 BATCHES = (1, 4)
 RUNTIMES = ("pytorch", "onnxruntime", "onnxruntime-openvino", "triton-http", "triton-grpc")

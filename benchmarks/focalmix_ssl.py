@@ -277,7 +277,7 @@ def experiment(settings: dict[str, Any], run: Run, *, steps: int) -> Any:
     between the budget curve and the runs."""
     from medssl.cli.train import resolve_config
     from medssl.config import load_config, parse_overrides
-    from medssl.training.det_config import DetectionExperiment
+    from medssl.training.detection.config import DetectionExperiment
 
     overrides = {
         **parse_overrides(settings["set"]),
@@ -313,7 +313,7 @@ def execute(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
     """Train and test one run (in this process); its result record."""
     import torch
 
-    from medssl.training.det_trainer import train_detector
+    from medssl.training.detection.trainer import train_detector
 
     steps = settings["steps"]
     cfg = experiment(settings, run, steps=steps)
@@ -735,12 +735,17 @@ def budget_curve(settings: dict[str, Any], labeled: int, seed: int) -> list[dict
     import torch
 
     from medssl.pipeline import Intensity
-    from medssl.training.cache import VolumeCache
+    from medssl.training.cache import VolumeCache, default_cache_dir
     from medssl.training.checkpoint import load_checkpoint
-    from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
-    from medssl.training.det_scans import split_luna16
-    from medssl.training.det_trainer import default_cache_dir, train_detector
-    from medssl.training.detector import FPNDetector
+    from medssl.training.detection.eval import (
+        TorchDetectionRunner,
+        detection_params,
+        evaluate,
+        predict,
+    )
+    from medssl.training.detection.scans import split_luna16
+    from medssl.training.detection.trainer import train_detector
+    from medssl.training.networks.detector import FPNDetector
 
     steps = settings["steps"]
     run = Run(SUPERVISED, "supervised-det", labeled, seed, {})

@@ -319,8 +319,8 @@ def side_monai(data: Path, batch_size: int, loader_workers: int) -> dict[str, An
     from medssl.detection import AnchorGrid
     from medssl.detection.nms import nms_3d
     from medssl.scoring.run import RunnerSpec
-    from medssl.training.det_config import DetectionExperiment
-    from medssl.training.detector import FPNDetector, decode_boxes, flatten_levels
+    from medssl.training.detection.config import DetectionExperiment
+    from medssl.training.networks.detector import FPNDetector, decode_boxes, flatten_levels
 
     warnings.filterwarnings(
         "ignore", message=".*output roi range is not int.*"

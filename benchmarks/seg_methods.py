@@ -16,7 +16,7 @@ variation of contrast and noise; one data folder serves every task):
 
 Each task also has its **ceiling**: the supervised VNet on every training case labeled.
 
-Split (``medssl.training.seg_data.split_domains``, ``data.split_seed=0`` for every method and
+Split (``medssl.training.segmentation.data.split_domains``, ``data.split_seed=0`` for every method and
 seed; the seed changes only the training): ``data.n_validation`` training cases are held out to
 pick the checkpoint (never the test set), then ``max(1, round(fraction * rest))`` are labeled
 and the rest unlabeled. With 40 training cases and 4 for validation: 2 / 4 / 7 labeled at 5 /
@@ -235,7 +235,7 @@ def known_methods() -> list[str]:
     """The methods the installed medssl's segmentation trainer accepts."""
     import typing
 
-    from medssl.training.seg_config import Method
+    from medssl.training.segmentation.config import Method
 
     return list(typing.get_args(Method))
 
@@ -285,7 +285,7 @@ def class_share(data: Path, cfg: Any) -> dict[str, float]:
     reader sees which organs are small."""
     import numpy as np
 
-    from medssl.training.seg_data import class_names, label_lookup, split_domains
+    from medssl.training.segmentation.data import class_names, label_lookup, split_domains
 
     split = split_domains(data, cfg.data)
     names, lookup = class_names(split, cfg.data), label_lookup(split, cfg.data)

@@ -1,7 +1,8 @@
 """``medssl-train``: semi-supervised training.
 
-Detection: ``focalmix`` and ``supervised-det``. Segmentation: ``ad`` (A&D), ``bcp`` (BCP),
-``supervised-seg``, ``mean-teacher``, ``fixmatch`` and ``flexmatch``, each in the settings ``ssl``,
+One command per registered method (:mod:`medssl.training.methods`). Detection: ``focalmix`` and
+``supervised-det``. Segmentation: ``ad`` (A&D), ``bcp`` (BCP), ``supervised-seg``,
+``mean-teacher``, ``fixmatch``, ``flexmatch`` and ``patchcl``, each in the settings ``ssl``,
 ``imbssl``, ``uda`` and ``semidg``.
 """
 
@@ -100,8 +101,8 @@ def _detector_command(method: str, summary: str) -> click.Command:
     ) -> None:
         # Imported here: torch loads only when training actually starts.
         from medssl.config import load_config, parse_overrides
-        from medssl.training.det_config import DetectionExperiment
-        from medssl.training.det_trainer import train_detector
+        from medssl.training.detection.config import DetectionExperiment
+        from medssl.training.detection.trainer import train_detector
 
         values = {**parse_overrides(overrides), "method": method}
         cfg = load_config(DetectionExperiment, resolve_config(config_name), values)
@@ -119,12 +120,6 @@ def _detector_command(method: str, summary: str) -> click.Command:
             )
 
     return command
-
-
-_detector_command("focalmix", "Train the FocalMix nodule detector (labeled + unlabeled scans).")
-_detector_command(
-    "supervised-det", "Train the fully supervised nodule detector (labeled scans only)."
-)
 
 
 def _segmentation_command(method: str, summary: str) -> click.Command:
@@ -180,8 +175,8 @@ def _segmentation_command(method: str, summary: str) -> click.Command:
         overrides: tuple[str, ...],
     ) -> None:
         from medssl.config import load_config, parse_overrides
-        from medssl.training.seg_config import SegmentationExperiment
-        from medssl.training.seg_trainer import train_segmenter
+        from medssl.training.segmentation.config import SegmentationExperiment
+        from medssl.training.segmentation.trainer import train_segmenter
 
         bundled = f"seg-{setting}" + ("-cpu" if profile == "cpu" else "")
         values = {**parse_overrides(overrides), "method": method}
@@ -201,39 +196,16 @@ def _segmentation_command(method: str, summary: str) -> click.Command:
     return command
 
 
-_segmentation_command(
-    "ad", "Train A&D (Diff-VNet, SVDA, DRS, pseudo-label fusion) on labeled + unlabeled cases."
-)
-_segmentation_command("supervised-seg", "Train the supervised VNet baseline (labeled cases only).")
-_segmentation_command(
-    "mean-teacher",
-    "Train the mean-teacher VNet baseline (labeled + unlabeled cases). "
-    "--set threshold.policy=fixed|flexmatch masks its consistency to confident voxels.",
-)
-_segmentation_command(
-    "bcp",
-    "Train BCP (bidirectional copy-paste: copy-paste pre-training, then an EMA teacher's "
-    "pseudo-labels) on labeled + unlabeled cases. --config seg-bcp-la is the official LA "
-    "configuration (VNet width 16, 80x112x112 crops, 2000 + 15000 steps). --set "
-    "threshold.policy=fixed|flexmatch filters its pseudo-labels.",
-)
-_segmentation_command(
-    "fixmatch",
-    "Train FixMatch for segmentation: pseudo-labels from the weak view kept where the "
-    "softmax >= threshold.tau (0.95), cross-entropy on the strong (SVDA intensity) view.",
-)
-_segmentation_command(
-    "flexmatch",
-    "Train FlexMatch for segmentation: FixMatch with curriculum pseudo-labelling (CPL) "
-    "class thresholds from a voxel-grid memory over the unlabeled cases (threshold.* settings).",
-)
+def _register_methods() -> None:
+    """One command per registered method (:data:`medssl.training.methods.REGISTRY`)."""
+    from medssl.training.methods.registry import REGISTRY
 
-_segmentation_command(
-    "patchcl",
-    "Train PatchCL: the mean teacher (strong/weak views, CE on the teacher's pseudo-labels) "
-    "plus the pseudo-label guided patch contrastive loss (PLGCL) on 3D class-aware patches after a "
-    "warm-up (patchcl.* settings; threshold.policy filters its pseudo-labels).",
-)
+    for entry in REGISTRY.values():
+        make = _detector_command if entry.family == "detection" else _segmentation_command
+        make(entry.name, entry.summary)
+
+
+_register_methods()
 
 
 if __name__ == "__main__":

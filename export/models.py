@@ -21,12 +21,13 @@ from medssl.models.anatomy import organ_label
 from medssl.models.card import NODULE_LABEL, Decoding, Label, Task, TensorSpec
 from medssl.pipeline.preprocess import Intensity, PercentileIntensity
 from medssl.synth.patches import chest_patch, organ_patch
-from medssl.training.det_config import DetectionExperiment
-from medssl.training.det_eval import detection_params
-from medssl.training.detector import DetectorInference, FPNDetector
-from medssl.training.seg_config import SegmentationExperiment
-from medssl.training.seg_eval import segmentation_params
-from medssl.training.seg_trainer import CHECKPOINT_KIND, inference_net
+from medssl.training.checkpoint import CheckpointKind
+from medssl.training.detection.config import DetectionExperiment
+from medssl.training.detection.eval import detection_params
+from medssl.training.networks.detector import DetectorInference, FPNDetector
+from medssl.training.networks.segmenter import inference_net
+from medssl.training.segmentation.config import SegmentationExperiment
+from medssl.training.segmentation.eval import segmentation_params
 
 __all__ = ["EXPORTERS", "Exportable", "SegmenterInference", "exportable"]
 
@@ -200,8 +201,8 @@ def _segmenter(state: Mapping[str, Any], path: Path) -> Exportable:
 
 #: checkpoint ``kind`` → builder.
 EXPORTERS: dict[str, Callable[[Mapping[str, Any], Path], Exportable]] = {
-    "medssl.detector": _detector,
-    CHECKPOINT_KIND: _segmenter,
+    CheckpointKind.DETECTOR.value: _detector,
+    CheckpointKind.SEGMENTER.value: _segmenter,
 }
 
 

@@ -113,8 +113,8 @@ def detector_checkpoint(tmp_path_factory) -> Path:
 
     from medssl.cli.train import resolve_config
     from medssl.config import config_to_dict, load_config
-    from medssl.training.det_config import DetectionExperiment
-    from medssl.training.detector import FPNDetector
+    from medssl.training.detection.config import DetectionExperiment
+    from medssl.training.networks.detector import FPNDetector
 
     cfg = load_config(DetectionExperiment, resolve_config("focalmix-cpu"))
     torch.manual_seed(0)
@@ -222,8 +222,8 @@ def seg_run(tmp_path_factory) -> Path:
     from medssl.cli.train import resolve_config
     from medssl.config import load_config
     from medssl.synth.datasets import write_organ_dataset
-    from medssl.training.seg_config import SegmentationExperiment
-    from medssl.training.seg_trainer import train_segmenter
+    from medssl.training.segmentation.config import SegmentationExperiment
+    from medssl.training.segmentation.trainer import train_segmenter
 
     root = tmp_path_factory.mktemp("organs")
     write_organ_dataset(root / "A", cases=5, n_test=2, domain="A", shape=ORGAN_SHAPE)

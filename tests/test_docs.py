@@ -231,8 +231,8 @@ def _leaf_keys(tree: dict, prefix: str = "") -> set[str]:
 
 def _experiments():
     from medssl.serving.config import GatewayConfig, RouteConfig
-    from medssl.training.det_config import DetectionExperiment
-    from medssl.training.seg_config import SegmentationExperiment
+    from medssl.training.detection.config import DetectionExperiment
+    from medssl.training.segmentation.config import SegmentationExperiment
 
     gateway = GatewayConfig(routes=(RouteConfig(model="m"),))
     return [DetectionExperiment(), SegmentationExperiment(), gateway]
@@ -248,7 +248,7 @@ def test_config_tables_list_every_key_the_config_has(index):
 
 
 def test_config_tables_show_defaults_types_and_descriptions():
-    from medssl.training.det_config import DetectionExperiment
+    from medssl.training.detection.config import DetectionExperiment
 
     rows = {row.key: row for row in config_keys.config_keys(DetectionExperiment)}
     assert rows["data.patch"].default == "160" and rows["data.patch"].type == "int"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,12 +39,17 @@ from medssl.atomic import atomic_write
 from medssl.pipeline.preprocess import Intensity, PercentileIntensity, Preparation, prepare
 from medssl.volume import Volume
 
-__all__ = ["CachedVolume", "VolumeCache"]
+__all__ = ["CachedVolume", "VolumeCache", "default_cache_dir"]
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+
+def default_cache_dir() -> Path:
+    """``$MEDSSL_CACHE``, else ``~/.cache/medssl``: where ``data.cache_dir: null`` caches."""
+    return Path(os.environ.get("MEDSSL_CACHE", Path.home() / ".cache" / "medssl"))
 
 
 @dataclass

@@ -10,6 +10,11 @@ Layout under ``run_dir/checkpoints/``::
 
 Every file is written to a temporary name in the same folder, fsynced, then renamed with
 ``os.replace``: a reader sees the old file or the new one, never half of one.
+
+What a checkpoint holds is :data:`SCHEMA_VERSION` of the schema in
+``docs/reference/checkpoint.md``: :class:`CheckpointKind` names the model type, ``method`` holds
+the training method's own state and ``data`` the sampler's; :func:`migrate` brings a checkpoint of
+an older schema (read back by :func:`load_checkpoint`) to the current one.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import random
 import re
 import shutil
 from collections.abc import Mapping
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +36,71 @@ import torch
 from medssl.atomic import atomic_write, fsync_dir
 from medssl.errors import CheckpointError, MedsslError
 
-__all__ = ["CheckpointManager", "load_checkpoint", "resume_from_last", "rng_state", "set_rng_state"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "CheckpointKind",
+    "CheckpointManager",
+    "load_checkpoint",
+    "migrate",
+    "resume_from_last",
+    "rng_state",
+    "set_rng_state",
+]
+
+#: The checkpoint layout :class:`CheckpointManager` users write (``state["schema"]``).
+#: 1: no ``schema`` key; method state at the top level (``teacher``, ``drs``, ``bcp``,
+#: ``threshold``, ``patchcl``; detection: ``threshold``, ``mined``). 2: ``method`` and ``data``.
+SCHEMA_VERSION = 2
+
+
+class CheckpointKind(Enum):
+    """What a checkpoint's ``model`` weights are (``state["kind"]``; ``medssl-export`` dispatches
+    on it). Accepts the value string: ``CheckpointKind("medssl.detector")``."""
+
+    DETECTOR = "medssl.detector"
+    SEGMENTER = "medssl.segmenter"
+
+
+#: Schema 1's top-level method entries of each kind, moved under ``method`` by :func:`migrate`.
+_V1_METHOD_KEYS = {
+    CheckpointKind.SEGMENTER: ("teacher", "drs", "bcp", "threshold", "patchcl"),
+    CheckpointKind.DETECTOR: ("threshold",),
+}
+
+
+def migrate(state: Mapping[str, Any], path: str | Path = "<checkpoint>") -> dict[str, Any]:
+    """``state`` in the current schema (:data:`SCHEMA_VERSION`); a copy, the input is unchanged.
+
+    Schema 1 (no ``schema`` key) moves its method entries that are not None under ``method``
+    and the detector's ``mined`` lists to ``data``; ``kind`` stays the same string.
+
+    Raises:
+        CheckpointError: ``kind`` is missing or unknown, or ``schema`` is newer than this code.
+    """
+    out = dict(state)
+    try:
+        kind = CheckpointKind(out.get("kind"))
+    except ValueError:
+        known = ", ".join(k.value for k in CheckpointKind)
+        raise CheckpointError(
+            Path(path),
+            f"unknown checkpoint kind {out.get('kind')!r} (expected one of {known}); "
+            "only checkpoints written by medssl-train load here",
+        ) from None
+    version = int(out.get("schema", 1))
+    if version > SCHEMA_VERSION:
+        raise CheckpointError(
+            Path(path),
+            f"checkpoint schema {version} is newer than this medssl's ({SCHEMA_VERSION}); "
+            "upgrade medssl to read it",
+        )
+    if version == 1:
+        method = {k: out.pop(k) for k in _V1_METHOD_KEYS[kind] if k in out}
+        out["method"] = {k: v for k, v in method.items() if v is not None}
+        out["data"] = dict(out.pop("mined", None) or {})
+        out["schema"] = SCHEMA_VERSION
+    return out
+
 
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
 
@@ -235,7 +305,8 @@ def resume_from_last(
     """Load ``last.pt`` into the model, optimiser, scheduler and the global RNGs.
 
     Returns:
-        The checkpoint, for trainer-specific state (``step``, an EMA teacher, ...).
+        The checkpoint in the current schema (:func:`migrate`), for the rest of the state
+        (``step``, ``method``, ``data``).
 
     Raises:
         MedsslError: the run folder has no checkpoint to resume.
@@ -243,7 +314,7 @@ def resume_from_last(
     last = manager.latest()
     if last is None:
         raise MedsslError(f"{manager.run_dir}: nothing to resume (no checkpoints/last.pt)")
-    state = manager.load(last)
+    state = migrate(manager.load(last), last)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

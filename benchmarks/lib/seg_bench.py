@@ -1,7 +1,7 @@
 """The protocol shared by the segmentation benchmarks (``ad_settings.py``, ``seg_methods.py``).
 
 One run = one fresh ``python <script> --one JOB`` subprocess that trains and tests a
-``medssl.training.seg_trainer`` run on the CPU (:func:`run_one` on the child side,
+``medssl.training.segmentation.trainer`` run on the CPU (:func:`run_one` on the child side,
 :func:`execute` on the parent side); preprocessed volumes are shared through ``MEDSSL_CACHE``
 (warmed once, :func:`warm_cache`); each finished run is a JSON file, so a rerun skips the runs
 already done (:func:`run_all`); results are aggregated over seeds (:func:`aggregate`: mean ±
@@ -91,7 +91,7 @@ def experiment(config: str, overrides: Mapping[str, Any]) -> Any:
     """The :class:`SegmentationExperiment` of a bundled config (``seg-ssl-cpu``...) + overrides."""
     from medssl.cli.train import resolve_config
     from medssl.config import load_config
-    from medssl.training.seg_config import SegmentationExperiment
+    from medssl.training.segmentation.config import SegmentationExperiment
 
     return load_config(SegmentationExperiment, resolve_config(config), dict(overrides))
 
@@ -99,10 +99,9 @@ def experiment(config: str, overrides: Mapping[str, Any]) -> Any:
 def warm_cache(data: Path, configs: Mapping[str, Any]) -> dict[str, dict[str, int]]:
     """Preprocess every case the runs of ``configs`` (name -> experiment) read, in this
     process, once; returns each name's split counts (``split.json`` shape)."""
-    from medssl.training.cache import VolumeCache
-    from medssl.training.det_trainer import default_cache_dir
-    from medssl.training.seg_data import cache_case, split_domains
-    from medssl.training.seg_eval import normalisation
+    from medssl.training.cache import VolumeCache, default_cache_dir
+    from medssl.training.segmentation.data import cache_case, split_domains
+    from medssl.training.segmentation.eval import normalisation
 
     counts = {}
     for name, cfg in configs.items():
@@ -129,8 +128,9 @@ def run_one(job: Mapping[str, Any]) -> dict[str, Any]:
     import torch
 
     from medssl.config import config_to_dict
-    from medssl.training.seg_data import class_names, split_domains
-    from medssl.training.seg_trainer import build_segmenter, train_segmenter
+    from medssl.training.networks.segmenter import build_segmenter
+    from medssl.training.segmentation.data import class_names, split_domains
+    from medssl.training.segmentation.trainer import train_segmenter
 
     cfg = experiment(job["config"], job["overrides"])
     out = Path(job["out"])

@@ -2,7 +2,7 @@
 
 A page asks for a table with a marker on a line of its own::
 
-    <!-- config-keys: medssl.training.det_config:DetectionExperiment -->
+    <!-- config-keys: medssl.training.detection.config:DetectionExperiment -->
 
 and the hook replaces it with one row per key, in dotted form as ``--set`` and YAML files take
 it (``data.patch``; ``routes[].model`` for a list of sections): its type, its default and the

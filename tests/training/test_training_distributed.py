@@ -150,10 +150,10 @@ def _ad_worker(rank: int, port: int, out_dir: str) -> None:
     shared encoder), so find_unused_parameters=False must hold and ranks must stay identical."""
     from medssl.cli.train import resolve_config
     from medssl.config import load_config
-    from medssl.training.drs import DifficultyWeights
-    from medssl.training.seg_config import SegmentationExperiment
-    from medssl.training.seg_steps import ad_step
-    from medssl.training.vnet import DiffVNet, VNetConfig
+    from medssl.training.methods.ad import ad_step
+    from medssl.training.networks.vnet import DiffVNet, VNetConfig
+    from medssl.training.segmentation.config import SegmentationExperiment
+    from medssl.training.segmentation.drs import DifficultyWeights
 
     os.environ.update(
         RANK=str(rank),
@@ -218,16 +218,13 @@ def test_ad_step_trains_under_ddp_with_every_parameter_used(tmp_path):
 def _issue9_worker(rank: int, port: int, out_dir: str) -> None:
     """CPL memory and PatchCL under DDP: ranks with different batches must end with the same
     memory, the same weights and the same embedding queues."""
-    from medssl.training.patchcl import EmbeddingQueues, ProjectionHead
-    from medssl.training.seg_config import SegmentationExperiment, SegModelConfig
-    from medssl.training.seg_steps import (
-        PatchCLParts,
-        ema_update,
-        filter_pseudo_labels,
-        patchcl_step,
-    )
+    from medssl.training.methods.base import ema_update
+    from medssl.training.methods.common import filter_pseudo_labels
+    from medssl.training.methods.patchcl import PatchCLParts, patchcl_step
+    from medssl.training.networks.vnet import VNet
+    from medssl.training.segmentation.config import SegmentationExperiment, SegModelConfig
+    from medssl.training.segmentation.patchcl import EmbeddingQueues, ProjectionHead
     from medssl.training.threshold import FlexMatchThreshold
-    from medssl.training.vnet import VNet
 
     os.environ.update(
         RANK=str(rank),

@@ -157,9 +157,14 @@ def test_scoring_a_luna16_split_gives_the_cpm_of_the_training_evaluation(tmp_pat
     from medssl.datasets.luna16 import Luna16
     from medssl.metrics import evaluate_luna16_files
     from medssl.training.cache import VolumeCache
-    from medssl.training.det_config import DetectionExperiment
-    from medssl.training.det_eval import TorchDetectionRunner, detection_params, evaluate, predict
-    from medssl.training.detector import FPNDetector
+    from medssl.training.detection.config import DetectionExperiment
+    from medssl.training.detection.eval import (
+        TorchDetectionRunner,
+        detection_params,
+        evaluate,
+        predict,
+    )
+    from medssl.training.networks.detector import FPNDetector
 
     luna = tmp_path / "luna16"
     made = CliRunner().invoke(

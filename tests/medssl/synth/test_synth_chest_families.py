@@ -272,7 +272,7 @@ def _rows(path) -> list[dict[str, str]]:
 
 
 def test_the_unlabeled_pool_has_hidden_truth_the_split_does_not_read(tmp_path) -> None:
-    from medssl.training.det_scans import split_luna16
+    from medssl.training.detection.scans import split_luna16
 
     out = tmp_path / "luna"
     write_chest_dataset(out, cases=2, unlabeled=2, matrix=64, n_slices=32, seed=3)

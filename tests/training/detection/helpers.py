@@ -9,7 +9,7 @@ import torch
 
 from medssl.cli.train import resolve_config
 from medssl.config import load_config, parse_overrides
-from medssl.training.det_config import DetectionExperiment
+from medssl.training.detection.config import DetectionExperiment
 
 # A few steps of the CPU-sized network on 32^3 patches: enough to exercise the machinery
 # (splits, cache, checkpoints, resume, logs, report), not to learn anything.
@@ -41,7 +41,7 @@ def checkpoint(run: Path) -> dict:
 def noise_scans(n: int = 2, shape: tuple[int, int, int] = (40, 64, 64)) -> list:
     """`n` cached noise volumes of `shape` (z, y, x), each with one 6 mm box at (20, 30, 30)."""
     from medssl.training.cache import CachedVolume
-    from medssl.training.det_data import ScanBoxes
+    from medssl.training.detection.data import ScanBoxes
 
     rng = np.random.default_rng(0)
     out = []

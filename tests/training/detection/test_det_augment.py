@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from medssl.detection import AnchorGrid, AnchorSpec
-from medssl.training.det_augment import (
+from medssl.training.detection.augment import (
     NOISE_HU,
     SHARP_KERNEL,
     SOFT_KERNEL,
@@ -18,7 +18,7 @@ from medssl.training.det_augment import (
     ScannerParams,
     apply_scanner,
 )
-from medssl.training.det_config import DataConfig
+from medssl.training.detection.config import DataConfig
 from tests.training.detection.helpers import checkpoint, noise_scans, tiny_config
 
 pytestmark = [pytest.mark.slow]
@@ -86,7 +86,7 @@ def test_draws_follow_the_documented_probabilities():
     draws = [ScannerAugment(0.8, HU_RANGE).sample(rng) for _ in range(4000)]
     fields = ("blur_sigma", "sharpen", "z_sigma", "noise_hu")
     augmented = [d for d in draws if any(getattr(d, f) is not None for f in fields)]
-    share = lambda field: np.mean([getattr(d, field) is not None for d in draws])  # noqa: E731
+    share = lambda field: np.mean([getattr(d, field) is not None for d in draws])
     assert share("blur_sigma") == pytest.approx(0.8 * SOFT_KERNEL[0], abs=0.03)
     assert share("sharpen") == pytest.approx(0.8 * SHARP_KERNEL[0], abs=0.03)
     assert share("z_sigma") == pytest.approx(0.8 * THICK_SLICES[0], abs=0.03)
@@ -104,7 +104,7 @@ def test_draws_follow_the_documented_probabilities():
 
 
 def test_labeled_crops_keep_their_targets_and_change_only_their_intensities():
-    from medssl.training.det_data import LabeledPatches
+    from medssl.training.detection.data import LabeledPatches
 
     grid = AnchorGrid.build(AnchorSpec(), (32, 32, 32))
     scans = noise_scans()
@@ -129,7 +129,7 @@ def test_the_trainer_augments_when_the_config_asks(luna, tmp_path):
     runs = {}
     for p in (0.0, 1.0):
         out = tmp_path / f"p{p}"
-        from medssl.training.det_trainer import train_detector
+        from medssl.training.detection.trainer import train_detector
 
         train_detector(
             tiny_config("supervised-det", *short, f"data.scanner_augment={p}"),

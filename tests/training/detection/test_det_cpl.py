@@ -13,9 +13,11 @@ torch = pytest.importorskip("torch")
 
 from medssl.cli.train import resolve_config
 from medssl.config import load_config, parse_overrides
-from medssl.training import det_trainer
-from medssl.training.det_config import DetectionExperiment
-from medssl.training.det_trainer import TrainingDivergedError, train_detector
+from medssl.errors import MedsslError
+from medssl.training.detection.config import DetectionExperiment
+from medssl.training.detection.trainer import train_detector
+from medssl.training.loop import TrainingDivergedError
+from medssl.training.methods import focalmix as focalmix_method
 from tests.training.detection.helpers import TINY as DETECTOR_TINY
 
 pytestmark = [pytest.mark.slow]
@@ -39,12 +41,12 @@ def test_cpl_focalmix_checkpoints_its_memory_and_resumes_with_it(luna, tmp_path,
     assert all(0 <= r["cpl_threshold"] <= 0.8 and r["objects"] >= 0 for r in steps)
     # 8 unlabeled crops of 32^3 per step write confident verdicts into many 8^3 cells
     assert steps[-1]["cpl_background_cells"] + steps[-1]["cpl_nodule_cells"] > 0
-    state = last(tmp_path / "straight")["threshold"]
+    state = last(tmp_path / "straight")["method"]["threshold"]
     assert state["policy"] == "flexmatch" and state["n_classes"] == 2 and state["tau"] == 0.8
     written = int((state["memory"] >= 0).sum())
     assert written == steps[-1]["cpl_background_cells"] + steps[-1]["cpl_nodule_cells"]
 
-    real_step = det_trainer.focalmix_step
+    real_step = focalmix_method.focalmix_step
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -54,15 +56,15 @@ def test_cpl_focalmix_checkpoints_its_memory_and_resumes_with_it(luna, tmp_path,
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    monkeypatch.setattr(det_trainer, "focalmix_step", poisoned)
+    monkeypatch.setattr(focalmix_method, "focalmix_step", poisoned)
     with pytest.raises(TrainingDivergedError, match="step 2"):
         train_detector(cfg, luna, tmp_path / "broken", n_labeled=4, n_unlabeled=2, device="cpu")
-    monkeypatch.setattr(det_trainer, "focalmix_step", real_step)
+    monkeypatch.setattr(focalmix_method, "focalmix_step", real_step)
     train_detector(
         cfg, luna, tmp_path / "broken", n_labeled=4, n_unlabeled=2, resume=True, device="cpu"
     )
     straight, resumed = last(tmp_path / "straight"), last(tmp_path / "broken")
-    assert torch.equal(resumed["threshold"]["memory"], state["memory"])
+    assert torch.equal(resumed["method"]["threshold"]["memory"], state["memory"])
     for name, value in straight["model"].items():
         torch.testing.assert_close(
             resumed["model"][name], value, msg=f"{name} differs after resume"
@@ -77,7 +79,7 @@ def test_resuming_a_fixed_threshold_run_with_cpl_is_refused(luna, tmp_path):
     )
     train_detector(fixed, luna, tmp_path / "run", n_labeled=4, n_unlabeled=2, device="cpu")
     cpl = load_config(DetectionExperiment, resolve_config("focalmix-cpu"), parse_overrides(TINY))
-    with pytest.raises(det_trainer.MedsslError, match="no CPL memory"):
+    with pytest.raises(MedsslError, match="no CPL memory"):
         train_detector(
             cpl, luna, tmp_path / "run", n_labeled=4, n_unlabeled=2, resume=True, device="cpu"
         )

@@ -10,14 +10,7 @@ torch = pytest.importorskip("torch")
 from torch.nn import functional as F
 
 from medssl.detection import CUBE_GROUP, AnchorGrid, AnchorSpec, assign_anchors
-from medssl.training.detector import (
-    CPU_SMALL,
-    DetectorInference,
-    FPNDetector,
-    decode_boxes,
-    flatten_levels,
-)
-from medssl.training.focalmix import (
+from medssl.training.detection.focalmix import (
     apply_symmetry,
     guess_targets,
     image_mixup,
@@ -27,7 +20,14 @@ from medssl.training.focalmix import (
     sharpen,
     transform_anchor_targets,
 )
-from medssl.training.losses import FocalConfig, detection_loss, soft_focal_loss
+from medssl.training.detection.losses import FocalConfig, detection_loss, soft_focal_loss
+from medssl.training.networks.detector import (
+    CPU_SMALL,
+    DetectorInference,
+    FPNDetector,
+    decode_boxes,
+    flatten_levels,
+)
 
 SPEC = AnchorSpec()
 

@@ -16,10 +16,9 @@ from medssl.config import load_config
 from medssl.detection import AnchorGrid, AnchorSpec
 from medssl.errors import ConfigError
 from medssl.pipeline.windows import extract_window
-from medssl.training.det_config import DetectionExperiment, FocalMixConfig
-from medssl.training.det_data import UnlabeledPatches
-from medssl.training.det_steps import focalmix_step
-from medssl.training.focalmix import (
+from medssl.training.detection.config import DetectionExperiment, FocalMixConfig
+from medssl.training.detection.data import UnlabeledPatches
+from medssl.training.detection.focalmix import (
     CPLObjectSelection,
     anchor_cell_ids,
     cell_probabilities,
@@ -27,6 +26,7 @@ from medssl.training.focalmix import (
     objects_from_mask,
     objects_from_targets,
 )
+from medssl.training.methods.focalmix import focalmix_step
 from medssl.training.threshold import VoxelMemoryLayout
 
 #: Two levels on an 8^3 crop: stride 2 (4^3 anchors of edge 4, reference voxel 2i) and

@@ -16,11 +16,11 @@ from medssl.config import config_from_dict
 from medssl.detection import CUBE_GROUP, AnchorGrid, AnchorSpec
 from medssl.pipeline.windows import extract_window, plan_windows
 from medssl.training.batchnorm import batch_statistics_only, inference_windows, reestimate_batchnorm
-from medssl.training.det_config import DetectionExperiment
-from medssl.training.det_steps import focalmix_step, joint_loss
-from medssl.training.detector import CPU_SMALL, FPNDetector
-from medssl.training.focalmix import guess_targets
-from medssl.training.losses import FocalConfig
+from medssl.training.detection.config import DetectionExperiment
+from medssl.training.detection.focalmix import guess_targets
+from medssl.training.detection.losses import FocalConfig
+from medssl.training.methods.focalmix import focalmix_step, joint_loss
+from medssl.training.networks.detector import CPU_SMALL, FPNDetector
 
 SPEC = AnchorSpec()
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")

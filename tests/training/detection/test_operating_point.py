@@ -591,11 +591,11 @@ def test_end_of_training_writes_the_validation_operating_point_and_the_test_repo
     from medssl.metrics.calibration import Calibration
     from medssl.synth.datasets import write_chest_dataset
     from medssl.training.cache import VolumeCache
-    from medssl.training.det_config import DetectionExperiment
-    from medssl.training.det_eval import TorchDetectionRunner, detection_params, predict
-    from medssl.training.det_operating import write_operating_point
-    from medssl.training.det_scans import split_luna16
-    from medssl.training.detector import FPNDetector
+    from medssl.training.detection.config import DetectionExperiment
+    from medssl.training.detection.eval import TorchDetectionRunner, detection_params, predict
+    from medssl.training.detection.operating import write_operating_point
+    from medssl.training.detection.scans import split_luna16
+    from medssl.training.networks.detector import FPNDetector
 
     write_chest_dataset(
         tmp_path / "luna16", cases=4, matrix=96, n_slices=48, seed=31

@@ -21,10 +21,13 @@ torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner
 
-from medssl.cli.train import train
+from medssl.cli.train import (
+    train,
+)
 from medssl.errors import ConfigError, MedsslError
-from medssl.training import det_trainer
-from medssl.training.det_trainer import TrainingDivergedError, train_detector
+from medssl.training.detection.trainer import train_detector
+from medssl.training.loop import TrainingDivergedError
+from medssl.training.methods import supervised_det as supervised_det_method
 from tests.training.detection.helpers import TINY, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
@@ -121,7 +124,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_and_resume_reproduces_the_
     cfg = tiny_config("supervised-det")
     train_detector(cfg, luna, tmp_path / "straight", n_labeled=4, device="cpu")
 
-    real_step = det_trainer.supervised_step
+    real_step = supervised_det_method.supervised_step
     calls = {"n": 0}
 
     def poisoned(model, batch, config):
@@ -131,14 +134,14 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_and_resume_reproduces_the_
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    monkeypatch.setattr(det_trainer, "supervised_step", poisoned)
+    monkeypatch.setattr(supervised_det_method, "supervised_step", poisoned)
     with pytest.raises(
         TrainingDivergedError, match=r"loss became nan at step 2.*step_00000002\.pt|last\.pt"
     ):
         train_detector(cfg, luna, tmp_path / "broken", n_labeled=4, device="cpu")
     index = json.loads((tmp_path / "broken" / "checkpoints" / "index.json").read_text())
     assert index["last_step"] == 2
-    monkeypatch.setattr(det_trainer, "supervised_step", real_step)
+    monkeypatch.setattr(supervised_det_method, "supervised_step", real_step)
     train_detector(cfg, luna, tmp_path / "broken", n_labeled=4, resume=True, device="cpu")
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "broken")
     for name, value in straight.items():

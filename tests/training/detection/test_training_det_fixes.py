@@ -15,11 +15,13 @@ from torch import nn
 from medssl.detection import AnchorGrid, AnchorSpec
 from medssl.pipeline import Intensity
 from medssl.pipeline.windows import plan_windows
-from medssl.training import det_trainer
 from medssl.training.batchnorm import inference_windows, reestimate_batchnorm
-from medssl.training.det_scans import split_luna16
-from medssl.training.det_trainer import train_detector
-from medssl.training.detector import FPNDetector
+from medssl.training.detection import trainer as det_trainer
+from medssl.training.detection.scans import split_luna16
+from medssl.training.detection.trainer import train_detector
+from medssl.training.loop import TrainingDivergedError
+from medssl.training.methods import focalmix as focalmix_method
+from medssl.training.networks.detector import FPNDetector
 from tests.training.detection.helpers import checkpoint, noise_scans, tiny_config
 
 pytestmark = [pytest.mark.slow]
@@ -113,7 +115,7 @@ def _crop_holds(start: np.ndarray, centre: np.ndarray, patch: int, margin: float
 
 
 def test_labeled_crops_centre_on_hard_negatives_as_a_pure_function_of_seed_index_and_list():
-    from medssl.training.det_data import LabeledPatches
+    from medssl.training.detection.data import LabeledPatches
 
     grid = AnchorGrid.build(AnchorSpec(), (32, 32, 32))
     scans = noise_scans()
@@ -157,7 +159,7 @@ def test_labeled_crops_centre_on_hard_negatives_as_a_pure_function_of_seed_index
 
 
 def test_unlabeled_crops_centre_on_candidates_with_jitter():
-    from medssl.training.det_data import UnlabeledPatches
+    from medssl.training.detection.data import UnlabeledPatches
 
     volumes = [s.volume for s in noise_scans(3)]
     candidates = [
@@ -186,7 +188,7 @@ def test_unlabeled_crops_centre_on_candidates_with_jitter():
 
 
 def test_hard_negatives_keep_away_from_nodules_and_excluded_findings():
-    from medssl.training.det_mining import hard_negatives, refresh_scans
+    from medssl.training.detection.mining import hard_negatives, refresh_scans
 
     candidates = np.array(
         [[10, 10, 10, 0.9], [30, 30, 30, 0.8], [50, 50, 50, 0.7], [12, 40, 40, 0.6]], np.float32
@@ -200,7 +202,7 @@ def test_hard_negatives_keep_away_from_nodules_and_excluded_findings():
 
 
 def test_pseudo_precision_counts_guessed_objects_on_true_nodules():
-    from medssl.training.det_mining import NoduleTruth
+    from medssl.training.detection.mining import NoduleTruth
 
     truth = NoduleTruth([np.array([[10, 10, 10, 8]], np.float32), None])
     assert truth.hits(0, np.array([[12, 10, 10], [20, 10, 10]])).tolist() == [True, False]
@@ -235,10 +237,10 @@ def test_mining_runs_logs_checkpoints_its_lists_and_resume_continues_the_same_st
     state = torch.load(
         tmp_path / "straight" / "checkpoints" / "step_00000002.pt", weights_only=False
     )
-    assert state["mined"]["hard_negatives"]["version"] == 1
-    assert state["mined"]["unlabeled_candidates"]["version"] == 1
-    assert sum(len(c) for c in state["mined"]["unlabeled_candidates"]["centres"]) > 0
-    assert sum(len(c) for c in state["mined"]["hard_negatives"]["centres"]) > 0
+    assert state["data"]["hard_negatives"]["version"] == 1
+    assert state["data"]["unlabeled_candidates"]["version"] == 1
+    assert sum(len(c) for c in state["data"]["unlabeled_candidates"]["centres"]) > 0
+    assert sum(len(c) for c in state["data"]["hard_negatives"]["centres"]) > 0
     logged = [
         json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()
     ]
@@ -247,7 +249,7 @@ def test_mining_runs_logs_checkpoints_its_lists_and_resume_continues_the_same_st
     )  # the synthetic pool's hidden truth
     assert any("pseudo_objects" in r for r in logged)
 
-    real = det_trainer.focalmix_step
+    real = focalmix_method.focalmix_step
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -257,10 +259,10 @@ def test_mining_runs_logs_checkpoints_its_lists_and_resume_continues_the_same_st
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    monkeypatch.setattr(det_trainer, "focalmix_step", poisoned)
-    with pytest.raises(det_trainer.TrainingDivergedError):
+    monkeypatch.setattr(focalmix_method, "focalmix_step", poisoned)
+    with pytest.raises(TrainingDivergedError):
         train_detector(cfg, luna, tmp_path / "resumed", n_labeled=3, n_unlabeled=2, device="cpu")
-    monkeypatch.setattr(det_trainer, "focalmix_step", real)
+    monkeypatch.setattr(focalmix_method, "focalmix_step", real)
     train_detector(
         cfg, luna, tmp_path / "resumed", n_labeled=3, n_unlabeled=2, resume=True, device="cpu"
     )

@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch")
 
 from torch.nn import functional as F
 
-from medssl.training.drs import DifficultyWeights, hard_batch_dice
-from medssl.training.seg_losses import dice_ce_loss, soft_dice
-from medssl.training.svda import OPS, SVDA, SVDAParams, apply_svda
+from medssl.training.segmentation.drs import DifficultyWeights, hard_batch_dice
+from medssl.training.segmentation.losses import dice_ce_loss, soft_dice
+from medssl.training.segmentation.svda import OPS, SVDA, SVDAParams, apply_svda
 
 
 def patch(shape=(12, 16, 16), seed=0) -> np.ndarray:

@@ -17,7 +17,9 @@ from torch.nn import functional as F
 from medssl.cli.train import resolve_config
 from medssl.config import load_config, parse_overrides
 from medssl.errors import ConfigError
-from medssl.training.bcp import (
+from medssl.training.methods.base import ema_update
+from medssl.training.methods.bcp import bcp_pretrain_step, bcp_self_train_step
+from medssl.training.segmentation.bcp import (
     BCPPhases,
     Box,
     bidirectional_mix,
@@ -29,8 +31,7 @@ from medssl.training.bcp import (
     pseudo_labels,
     sample_box,
 )
-from medssl.training.seg_config import BCPConfig, SegmentationExperiment
-from medssl.training.seg_steps import bcp_pretrain_step, bcp_self_train_step, ema_update
+from medssl.training.segmentation.config import BCPConfig, SegmentationExperiment
 
 S = 1e-5  # mask_DiceLoss smoothing
 BIG = 100.0  # logits of ±100: softmax is exactly one-hot in float32, CE exactly 0 or 200

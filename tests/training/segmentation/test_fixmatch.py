@@ -13,11 +13,15 @@ torch = pytest.importorskip("torch")
 from click.testing import CliRunner
 
 from medssl.cli.train import train
-from medssl.training.seg_config import FixMatchConfig, SegmentationExperiment, ThresholdConfig
-from medssl.training.seg_data import LabeledVolume, SegCrops
-from medssl.training.seg_steps import unlabeled_ce
-from medssl.training.seg_trainer import train_segmenter
-from medssl.training.svda import SVDA, apply_svda
+from medssl.training.segmentation.config import (
+    FixMatchConfig,
+    SegmentationExperiment,
+    ThresholdConfig,
+)
+from medssl.training.segmentation.data import LabeledVolume, SegCrops
+from medssl.training.segmentation.losses import unlabeled_ce
+from medssl.training.segmentation.svda import SVDA, apply_svda
+from medssl.training.segmentation.trainer import train_segmenter
 from medssl.training.threshold import VoxelMemoryLayout
 from tests.training.segmentation.helpers import (
     TINY,
@@ -63,7 +67,7 @@ def test_unlabeled_ce_is_zero_with_a_gradient_path_when_nothing_is_kept():
 
 
 def test_the_step_weights_the_unlabeled_term_by_lambda_u():
-    from medssl.training.seg_steps import fixmatch_step
+    from medssl.training.methods.fixmatch import fixmatch_step
     from medssl.training.threshold import FixedThreshold
 
     torch.manual_seed(0)
@@ -202,11 +206,11 @@ def test_fixmatch_cli_runs_and_logs_every_term_and_the_kept_fraction(organs, tmp
     assert all(0.0 <= r["u/kept"] <= 1.0 for r in steps)
     assert not any(k.startswith("threshold/") for k in steps[0])
     state = checkpoint(out)
-    assert state["config"]["method"] == "fixmatch" and state["threshold"] == {
+    assert state["config"]["method"] == "fixmatch" and state["method"]["threshold"] == {
         "policy": "fixed",
         "tau": 0.95,
     }
-    assert state["teacher"] is None
+    assert "teacher" not in state["method"]
     assert (out / "test" / "metrics.json").is_file()
 
 
@@ -221,7 +225,7 @@ def test_flexmatch_logs_thresholds_and_checkpoints_its_memory(organs, tmp_path):
         and steps[0]["threshold/1"] == 0.0
         and steps[0]["u/kept"] == 1.0
     )
-    memory = checkpoint(run.out)["threshold"]
+    memory = checkpoint(run.out)["method"]["threshold"]
     assert memory["policy"] == "flexmatch" and memory["n_classes"] == 2
     n_unlabeled = checkpoint(run.out)["provenance"]["n_unlabeled"]
     assert n_unlabeled >= 1 and memory["n_samples"] > 0
@@ -239,11 +243,14 @@ def test_an_interrupted_flexmatch_run_resumes_to_the_same_weights_and_memory(
 
     straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
     assert resumed["step"] == 4
-    assert (straight["threshold"]["memory"] >= 0).any(), (
+    assert (straight["method"]["threshold"]["memory"] >= 0).any(), (
         "tau 0.6 should fill some memory in 4 steps"
     )
     torch.testing.assert_close(
-        resumed["threshold"]["memory"], straight["threshold"]["memory"], rtol=0, atol=0
+        resumed["method"]["threshold"]["memory"],
+        straight["method"]["threshold"]["memory"],
+        rtol=0,
+        atol=0,
     )
     for name, value in straight["model"].items():
         torch.testing.assert_close(

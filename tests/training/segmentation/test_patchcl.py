@@ -17,7 +17,7 @@ import itertools
 
 from torch.nn import functional as F
 
-from medssl.training.patchcl import (
+from medssl.training.segmentation.patchcl import (
     EmbeddingQueues,
     PatchSelection,
     ProjectionHead,

@@ -14,17 +14,18 @@ from click.testing import CliRunner
 
 from medssl.cli.train import train
 from medssl.errors import ConfigError
-from medssl.training.patchcl import ProjectionHead
-from medssl.training.seg_config import SegmentationExperiment, SegModelConfig
-from medssl.training.seg_steps import _embed
-from medssl.training.seg_trainer import train_segmenter
-from medssl.training.vnet import VNet
+from medssl.training.methods.patchcl import _embed
+from medssl.training.networks.vnet import VNet
+from medssl.training.segmentation.config import SegmentationExperiment, SegModelConfig
+from medssl.training.segmentation.patchcl import ProjectionHead
+from medssl.training.segmentation.trainer import train_segmenter
 from tests.training.segmentation.helpers import (
     TINY,
     checkpoint,
     logged,
     tiny_config,
     train_interrupted_then_resumed,
+    weights,
 )
 
 pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.slow]
@@ -107,7 +108,7 @@ def test_patchcl_warms_up_supervised_then_adds_the_teachers_pseudo_labels_at_ful
             steps[s]["sup"] + 4.0 * steps[s]["reg"] + 0.5 * steps[s]["plgcl"], rel=1e-5
         )
     state = checkpoint(run.out)
-    pc = state["patchcl"]
+    pc = state["method"]["patchcl"]
     assert set(pc) == {"head", "teacher_head", "queues"}
     # four PLGCL steps enqueued at most per_class (4) teacher embeddings per class each
     fill = pc["queues"]["fill"].tolist()
@@ -116,7 +117,7 @@ def test_patchcl_warms_up_supervised_then_adds_the_teachers_pseudo_labels_at_ful
     head.load_state_dict(pc["head"])
     weight = next(k for k in pc["head"] if k.endswith("weight"))
     assert not torch.equal(pc["head"][weight], pc["teacher_head"][weight])  # EMA, not a copy
-    assert state["teacher"] is not None
+    assert state["method"]["teacher"] is not None
     VNet(cfg.model, 2).load_state_dict(state["model"])  # the exported network is the VNet alone
 
 
@@ -133,17 +134,24 @@ def test_an_interrupted_patchcl_run_resumes_to_the_same_weights_head_and_queues(
     straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
     assert resumed["step"] == 4
     assert (
-        checkpoint(tmp_path / "resumed", "step_00000003.pt")["patchcl"]["queues"]["fill"].sum() > 0
+        checkpoint(tmp_path / "resumed", "step_00000003.pt")["method"]["patchcl"]["queues"][
+            "fill"
+        ].sum()
+        > 0
     )
     for part in ("model", "teacher"):
-        for name, value in straight[part].items():
-            torch.testing.assert_close(resumed[part][name], value, rtol=0, atol=1e-6)
+        for name, value in weights(straight, part).items():
+            torch.testing.assert_close(weights(resumed, part)[name], value, rtol=0, atol=1e-6)
     for part in ("head", "teacher_head"):
-        for name, value in straight["patchcl"][part].items():
-            torch.testing.assert_close(resumed["patchcl"][part][name], value, rtol=0, atol=1e-6)
-    for name, value in straight["patchcl"]["queues"].items():
+        for name, value in straight["method"]["patchcl"][part].items():
+            torch.testing.assert_close(
+                resumed["method"]["patchcl"][part][name], value, rtol=0, atol=1e-6
+            )
+    for name, value in straight["method"]["patchcl"]["queues"].items():
         if isinstance(value, torch.Tensor):
-            torch.testing.assert_close(resumed["patchcl"]["queues"][name], value, rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                resumed["method"]["patchcl"]["queues"][name], value, rtol=0, atol=1e-6
+            )
 
 
 def test_patch_embeddings_use_batch_statistics_but_leave_the_running_ones_alone():

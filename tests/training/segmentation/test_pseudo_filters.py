@@ -8,10 +8,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from medssl.errors import ConfigError
-from medssl.training.bcp import mix_loss
-from medssl.training.seg_config import BCPConfig, SegmentationExperiment, ThresholdConfig
-from medssl.training.seg_steps import bcp_self_train_step, mean_teacher_step
-from medssl.training.seg_trainer import train_segmenter
+from medssl.training.methods.bcp import bcp_self_train_step
+from medssl.training.methods.mean_teacher import mean_teacher_step
+from medssl.training.segmentation.bcp import mix_loss
+from medssl.training.segmentation.config import BCPConfig, SegmentationExperiment, ThresholdConfig
+from medssl.training.segmentation.trainer import train_segmenter
 from medssl.training.threshold import FixedThreshold
 from tests.training.segmentation.helpers import checkpoint, logged, tiny_config
 
@@ -182,8 +183,11 @@ def test_mean_teacher_with_cpl_filters_logs_and_checkpoints_its_memory(organs, t
     assert all("u/kept" in r and 0.0 <= r["u/kept"] <= 1.0 for r in steps)
     assert steps[0]["u/kept"] == 1.0  # CPL warm-up: every threshold 0 at t = 0
     state = checkpoint(run.out)
-    assert state["threshold"]["policy"] == "flexmatch" and state["threshold"]["n_samples"] > 0
-    assert state["teacher"] is not None
+    assert (
+        state["method"]["threshold"]["policy"] == "flexmatch"
+        and state["method"]["threshold"]["n_samples"] > 0
+    )
+    assert state["method"]["teacher"] is not None
 
 
 def test_bcp_with_a_fixed_threshold_runs_and_checkpoints_its_policy(organs, tmp_path):
@@ -199,4 +203,4 @@ def test_bcp_with_a_fixed_threshold_runs_and_checkpoints_its_policy(organs, tmp_
     assert "u/kept" not in steps[1] and all(
         "u/kept" in r for r in steps[2:]
     )  # pre-training has no pseudo-labels
-    assert checkpoint(run.out)["threshold"] == {"policy": "fixed", "tau": 0.6}
+    assert checkpoint(run.out)["method"]["threshold"] == {"policy": "fixed", "tau": 0.6}

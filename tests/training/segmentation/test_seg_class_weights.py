@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from medssl.training import seg_steps
-from medssl.training.seg_losses import dice_ce_loss, frequency_weights, soft_dice
-from medssl.training.seg_trainer import train_segmenter
+from medssl.training.segmentation import losses as seg_losses
+from medssl.training.segmentation.losses import dice_ce_loss, frequency_weights, soft_dice
+from medssl.training.segmentation.trainer import train_segmenter
 from tests.training.segmentation.helpers import checkpoint, tiny_config
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -44,13 +44,13 @@ def test_the_trainer_weighs_every_methods_labeled_loss_from_the_labeled_voxel_co
     method, organs, tmp_path, monkeypatch
 ):
     seen = []
-    original = seg_steps.dice_ce_loss
+    original = seg_losses.dice_ce_loss
 
     def spy(logits, target, class_weights=None, ce_weights=None):
         seen.append(ce_weights)
         return original(logits, target, class_weights, ce_weights)
 
-    monkeypatch.setattr(seg_steps, "dice_ce_loss", spy)
+    monkeypatch.setattr(seg_losses, "dice_ce_loss", spy)
     cfg = tiny_config(method, "loss.class_weighting=frequency")
     run = train_segmenter(cfg, organs, tmp_path / "w", device="cpu")
     weights = checkpoint(run.out)["provenance"]["ce_weights"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.training.seg_data import LabeledVolume, SegCrops
-from medssl.training.vnet import VNet, VNetConfig
+from medssl.training.networks.vnet import VNet, VNetConfig
+from medssl.training.segmentation.data import LabeledVolume, SegCrops
 
 
 class _Array:

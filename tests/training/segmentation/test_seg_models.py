@@ -18,18 +18,15 @@ torch = pytest.importorskip("torch")
 from medssl.cli.train import resolve_config
 from medssl.config import load_config, parse_overrides
 from medssl.errors import ConfigError
-from medssl.training.diffusion import LabelDiffusion, label_to_x0, spaced_steps
-from medssl.training.drs import DifficultyWeights
-from medssl.training.seg_config import SegmentationExperiment
-from medssl.training.seg_steps import (
-    ad_step,
-    ema_update,
-    gaussian_smooth,
-    mean_teacher_step,
-    rampup,
-    supervised_seg_step,
-)
-from medssl.training.vnet import DiffVNet, VNet, VNetConfig, timestep_embedding
+from medssl.training.methods.ad import ad_step, gaussian_smooth
+from medssl.training.methods.base import ema_update
+from medssl.training.methods.common import rampup
+from medssl.training.methods.mean_teacher import mean_teacher_step
+from medssl.training.methods.supervised_seg import supervised_seg_step
+from medssl.training.networks.diffusion import LabelDiffusion, label_to_x0, spaced_steps
+from medssl.training.networks.vnet import DiffVNet, VNet, VNetConfig, timestep_embedding
+from medssl.training.segmentation.config import SegmentationExperiment
+from medssl.training.segmentation.drs import DifficultyWeights
 
 W, C = 4, 3  # network width, classes (background included)
 SHAPE = (16, 16, 16)
@@ -518,7 +515,7 @@ def test_an_unknown_key_is_named_with_a_suggestion():
 
 
 def test_gumbel_softmax_draws_from_the_step_generator_and_samples_the_softmax():
-    from medssl.training.seg_steps import _gumbel_softmax
+    from medssl.training.methods.ad import _gumbel_softmax
 
     logits = torch.tensor([0.0, float(np.log(3.0))]).view(1, 2, 1, 1, 1).expand(20000, 2, 1, 1, 1)
     first = _gumbel_softmax(logits, torch.Generator().manual_seed(7))

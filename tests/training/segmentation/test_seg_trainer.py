@@ -25,9 +25,11 @@ from medssl.io.nifti import read_nifti
 from medssl.synth.datasets import write_organ_dataset
 from medssl.synth.organ_scene import LABELS
 from medssl.synth.organs import generate_organ_phantom
-from medssl.training import seg_trainer
-from medssl.training.seg_config import SegmentationExperiment
-from medssl.training.seg_trainer import train_segmenter
+from medssl.training.methods import bcp as bcp_method
+from medssl.training.networks.segmenter import build_segmenter
+from medssl.training.segmentation import trainer as seg_trainer
+from medssl.training.segmentation.config import SegmentationExperiment
+from medssl.training.segmentation.trainer import train_segmenter
 
 DOMAINS = ("A", "B", "ct", "mr")
 TINY = [
@@ -39,9 +41,10 @@ TINY = [
     "ad.diffusion_process.sample_steps=2",
 ]
 METRICS = {"dice", "jaccard", "hd95_mm", "asd_mm"}
+#: step function -> its method module under medssl.training.methods
 
 
-from tests.training.segmentation.helpers import checkpoint, train_interrupted_then_resumed
+from tests.training.segmentation.helpers import checkpoint, train_interrupted_then_resumed, weights
 
 pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.slow]
 
@@ -157,7 +160,7 @@ def test_ad_run_writes_config_split_checkpoints_logs_and_test_predictions(organs
     }
     assert list(state["config"]["data"]["patch"]) == [16, 32, 32]
     assert state["provenance"]["n_labeled"] == len(split["labeled"])
-    assert state["drs"] is not None
+    assert state["method"]["drs"] is not None
 
     source = read_nifti(organs / "A" / "imagesTs" / "organs_0005.nii.gz")
     predicted = read_nifti(out / "test" / "predictions" / "A__organs_0005.nii.gz", label=True)
@@ -201,7 +204,7 @@ def test_supervised_baseline_trains_on_labeled_cases_only(organs, tmp_path):
     assert result.exit_code == 0, result.output
     state = checkpoint(out, "best.pt")
     assert state["config"]["method"] == "supervised-seg" and state["provenance"]["n_unlabeled"] == 0
-    assert state["teacher"] is None and state["drs"] is None
+    assert "teacher" not in state["method"] and "drs" not in state["method"]
     assert not any(
         ".time." in k or k.startswith("decoder_") for k in state["model"]
     )  # a plain VNet
@@ -213,8 +216,8 @@ def test_mean_teacher_keeps_an_ema_teacher_and_logs_the_consistency(organs, tmp_
     result = run_cli("mean-teacher", "uda", organs, out)
     assert result.exit_code == 0, result.output
     state = checkpoint(out)
-    assert state["teacher"] is not None
-    student, teacher = state["model"], state["teacher"]
+    assert state["method"]["teacher"] is not None
+    student, teacher = state["model"], state["method"]["teacher"]
     weight = next(k for k in student if k.endswith("conv.weight"))
     assert not torch.equal(student[weight], teacher[weight])
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -230,7 +233,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(organs, tmp_path, monkey
 
     straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
     assert resumed["step"] == 4 and resumed["classes"] == straight["classes"]
-    assert set(resumed["drs"]) and resumed["drs"].keys() == straight["drs"].keys()
+    assert (
+        set(resumed["method"]["drs"])
+        and resumed["method"]["drs"].keys() == straight["method"]["drs"].keys()
+    )
     for name, value in straight["model"].items():
         torch.testing.assert_close(
             resumed["model"][name],
@@ -239,9 +245,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(organs, tmp_path, monkey
             atol=1e-6,
             msg=lambda m, name=name: f"{name} differs after resume: {m}",
         )
-    for key, value in straight["drs"].items():
+    for key, value in straight["method"]["drs"].items():
         torch.testing.assert_close(
-            torch.as_tensor(resumed["drs"][key]), torch.as_tensor(value), msg=key
+            torch.as_tensor(resumed["method"]["drs"][key]), torch.as_tensor(value), msg=key
         )
 
 
@@ -260,9 +266,9 @@ def test_an_interrupted_mean_teacher_run_resumes_to_the_same_student_and_teacher
     straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(tmp_path / "resumed")
     assert resumed["step"] == 4
     for part in ("model", "teacher"):
-        for name, value in straight[part].items():
+        for name, value in weights(straight, part).items():
             torch.testing.assert_close(
-                resumed[part][name],
+                weights(resumed, part)[name],
                 value,
                 rtol=0,
                 atol=1e-6,
@@ -377,10 +383,13 @@ def test_bcp_pretrains_then_self_trains_and_exports_and_scores_like_ad(organs, t
     index = json.loads((out / "checkpoints" / "index.json").read_text())
     assert index["best_step"] == 4  # best.pt is a self-trained student, never a pre-trained one
     pretrained, final = checkpoint(out, "step_00000002.pt"), checkpoint(out)
-    assert pretrained["bcp"]["best_model"] is not None and pretrained["bcp"]["best_step"] == 2
-    assert final["bcp"]["best_model"] is None and final["bcp"]["best_step"] == 2
+    assert (
+        pretrained["method"]["bcp"]["best_model"] is not None
+        and pretrained["method"]["bcp"]["best_step"] == 2
+    )
+    assert final["method"]["bcp"]["best_model"] is None and final["method"]["bcp"]["best_step"] == 2
     weight = next(k for k in final["model"] if k.endswith("conv.weight"))
-    assert not torch.equal(final["model"][weight], final["teacher"][weight])
+    assert not torch.equal(final["model"][weight], final["method"]["teacher"][weight])
     metrics = json.loads((out / "test" / "metrics.json").read_text())
     assert set(metrics["classes"]["1"]) >= METRICS
     assert (out / "test" / "predictions" / "A__organs_0005.nii.gz").is_file()
@@ -419,13 +428,13 @@ def test_bcp_self_training_starts_from_the_best_pretrained_checkpoint(
         checkpoint(tmp_path / "run", "step_00000001.pt"),
         checkpoint(tmp_path / "run", "step_00000003.pt"),
     )
-    assert (last["bcp"]["best_step"], last["bcp"]["best_dice"]) == (1, 0.9)
+    assert (last["method"]["bcp"]["best_step"], last["method"]["bcp"]["best_dice"]) == (1, 0.9)
     assert last["metrics"] == {"dice": 0.5} and first["metrics"] == {"pretrain_dice": 0.9}
-    for name, _ in seg_trainer.build_segmenter(
-        cfg, 2
-    ).named_parameters():  # the EMA skips BatchNorm buffers
+    for name, _ in build_segmenter(cfg, 2).named_parameters():  # the EMA skips BatchNorm buffers
         expected = 0.99 * first["model"][name] + 0.01 * last["model"][name]
-        torch.testing.assert_close(last["teacher"][name], expected, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            last["method"]["teacher"][name], expected, rtol=0, atol=1e-6, msg=name
+        )
 
 
 def test_an_interrupted_bcp_run_resumes_to_the_same_student_and_teacher_in_either_phase(
@@ -436,7 +445,7 @@ def test_an_interrupted_bcp_run_resumes_to_the_same_student_and_teacher_in_eithe
     cfg = tiny_config("bcp", "ssl", *BCP, "optim.steps=6", "data.n_validation=1")
     train_segmenter(cfg, organs, tmp_path / "straight", device="cpu")
 
-    real_step = seg_trainer.bcp_self_train_step
+    real_step = bcp_method.bcp_self_train_step
 
     def stop_at(call: int):
         calls = {"n": 0}
@@ -450,23 +459,26 @@ def test_an_interrupted_bcp_run_resumes_to_the_same_student_and_teacher_in_eithe
         return step
 
     run = tmp_path / "resumed"
-    monkeypatch.setattr(seg_trainer, "bcp_self_train_step", stop_at(1))
+    monkeypatch.setattr(bcp_method, "bcp_self_train_step", stop_at(1))
     with pytest.raises(KeyboardInterrupt):
         train_segmenter(cfg, organs, run, device="cpu")
     assert json.loads((run / "checkpoints" / "index.json").read_text())["last_step"] == 2
-    monkeypatch.setattr(seg_trainer, "bcp_self_train_step", stop_at(3))
+    monkeypatch.setattr(bcp_method, "bcp_self_train_step", stop_at(3))
     with pytest.raises(KeyboardInterrupt):
         train_segmenter(cfg, organs, run, resume=True, device="cpu")
     assert json.loads((run / "checkpoints" / "index.json").read_text())["last_step"] == 4
-    monkeypatch.setattr(seg_trainer, "bcp_self_train_step", real_step)
+    monkeypatch.setattr(bcp_method, "bcp_self_train_step", real_step)
     train_segmenter(cfg, organs, run, resume=True, device="cpu")
 
     straight, resumed = checkpoint(tmp_path / "straight"), checkpoint(run)
-    assert resumed["step"] == 6 and resumed["bcp"]["best_step"] == straight["bcp"]["best_step"]
+    assert (
+        resumed["step"] == 6
+        and resumed["method"]["bcp"]["best_step"] == straight["method"]["bcp"]["best_step"]
+    )
     for key in ("model", "teacher"):
-        for name, value in straight[key].items():
+        for name, value in weights(straight, key).items():
             torch.testing.assert_close(
-                resumed[key][name],
+                weights(resumed, key)[name],
                 value,
                 rtol=0,
                 atol=1e-6,

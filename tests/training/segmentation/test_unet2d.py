@@ -21,11 +21,12 @@ from medssl.cli.train import resolve_config, train
 from medssl.config import load_config, parse_overrides
 from medssl.errors import ConfigError
 from medssl.io.nifti import read_nifti
-from medssl.training.seg_config import SegmentationExperiment
-from medssl.training.seg_steps import mean_teacher_step, supervised_seg_step
-from medssl.training.seg_trainer import build_segmenter
-from medssl.training.unet2d import DROPOUT, UNet2D
-from medssl.training.vnet import VNet
+from medssl.training.methods.mean_teacher import mean_teacher_step
+from medssl.training.methods.supervised_seg import supervised_seg_step
+from medssl.training.networks.segmenter import build_segmenter
+from medssl.training.networks.unet2d import DROPOUT, UNet2D
+from medssl.training.networks.vnet import VNet
+from medssl.training.segmentation.config import SegmentationExperiment
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -267,7 +268,7 @@ def test_a_mean_teacher_run_trains_the_unet2d_and_tests_on_the_source_grid(run_2
         48,
         48,
     ]
-    assert state["step"] == 4 and state["teacher"] is not None
+    assert state["step"] == 4 and state["method"]["teacher"] is not None
     assert any(k.startswith("encoder.4.") for k in state["model"]) and not any(
         "stem" in k for k in state["model"]
     )
@@ -288,8 +289,8 @@ def test_the_unet2d_exports_with_parity_and_scores_like_the_trainer(run_2d, orga
     from medssl.pipeline.segment import segment_preprocessed
     from medssl.runners import open_runner
     from medssl.scoring import RunnerSpec, ScoreOptions, score
-    from medssl.training.seg_eval import TorchSegmentationRunner
-    from medssl.training.seg_trainer import inference_net
+    from medssl.training.networks.segmenter import inference_net
+    from medssl.training.segmentation.eval import TorchSegmentationRunner
 
     exported = export_checkpoint(
         run_2d, tmp_path / "repo", "organs2d", ExportOptions(max_batch_size=2)
@@ -363,7 +364,7 @@ def test_bcp_trains_the_unet2d_slice_wise(organs, tmp_path):
     )
     assert result.exit_code == 0, result.output
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
-    assert state["step"] == 4 and state["teacher"] is not None
+    assert state["step"] == 4 and state["method"]["teacher"] is not None
     assert any(v.ndim == 4 for k, v in state["model"].items() if k.endswith("weight"))
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any("in/loss" in row for row in logged) and any("pretrain/dice" in row for row in logged)

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from medssl.detection import AnchorSpec
-from medssl.training.detector import DetectorConfig
-from medssl.training.losses import FocalConfig
+from medssl.training.detection.losses import FocalConfig
+from medssl.training.methods.registry import check_method
+from medssl.training.networks.detector import DetectorConfig
 
 __all__ = ["DataConfig", "DetectionExperiment", "EvalConfig", "FocalMixConfig", "OptimConfig"]
 
@@ -36,12 +37,12 @@ class DataConfig:
         workers: DataLoader worker processes per loader.
         hard_negative_fraction: share of labeled crops centred on hard negatives: candidates
             the current model finds on the labeled training scans away from every nodule and
-            excluded finding, mined at every validation round (:mod:`medssl.training.det_mining`);
+            excluded finding, mined at every validation round (:mod:`medssl.training.detection.mining`);
             random crops until the first round. 0: off (the ablation; the paper has none).
         hard_negatives_per_scan: the best candidates of a scan kept as hard negatives at most.
         hard_negative_scans: labeled scans mined per round, in turn (0: all of them).
         scanner_augment: probability that a labeled crop gets scanner augmentation: noise,
-            a softer or sharper kernel, thicker slices (:mod:`medssl.training.det_augment`;
+            a softer or sharper kernel, thicker slices (:mod:`medssl.training.detection.augment`;
             0: off, the paper has none). For a detector that must work on other scanners
             and protocols than its training data's.
     """
@@ -64,7 +65,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not (
-            0 <= self.hard_negative_fraction
+            self.hard_negative_fraction >= 0
             and self.positive_fraction + self.hard_negative_fraction <= 1
         ):
             raise ValueError(
@@ -123,15 +124,15 @@ class FocalMixConfig:
         image_mixup, object_mixup: the two MixUp levels.
         object_threshold: guessed probability that makes an unlabeled anchor an object
             (``object_policy: fixed``); with ``flexmatch``, CPL's τ: the memory-write cut and
-            the ceiling of the curriculum thresholds (:mod:`medssl.training.focalmix`).
+            the ceiling of the curriculum thresholds (:mod:`medssl.training.detection.focalmix`).
         object_policy: how unlabeled objects for object MixUp are chosen: ``"fixed"``
             (FocalMix: ``p ≥ object_threshold``) or ``"flexmatch"`` (FlexMatch CPL over two
-            classes, background / nodule, :class:`~medssl.training.focalmix.CPLObjectSelection`).
+            classes, background / nodule, :class:`~medssl.training.detection.focalmix.CPLObjectSelection`).
         object_memory_stride: CPL: memory cell edge, voxels of the model grid; one entry per
             cell of each unlabeled scan (default 8: about one nodule centre per cell).
         unlabeled_weight: weight of the unlabeled SFL term after ramp-up. The paper does
             not give it; SFL on mixed targets has the labeled loss's scale, and with one
-            normaliser for the joint batch (:func:`~medssl.training.det_steps.joint_loss`)
+            normaliser for the joint batch (:func:`~medssl.training.methods.focalmix.joint_loss`)
             weight 1.0 gives an unlabeled anchor the weight of a labeled one. (MixMatch's
             λ_U = 100, ramped linearly over its first 16k steps, goes with an L2 unlabeled
             loss between probability vectors averaged over the classes, on a far smaller
@@ -240,9 +241,10 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class DetectionExperiment:
-    """Everything a detector run needs; ``method`` picks the trainer."""
+    """Everything a detector run needs; ``method`` picks the registered method
+    (:mod:`medssl.training.methods`)."""
 
-    method: Literal["focalmix", "supervised-det"] = "focalmix"
+    method: str = "focalmix"
     seed: int = 0
     amp: bool = True
     model: DetectorConfig = field(default_factory=DetectorConfig)
@@ -259,6 +261,7 @@ class DetectionExperiment:
         return self.eval.window or self.data.patch
 
     def __post_init__(self) -> None:
+        check_method(self.method, "detection")
         stride = self.model.strides[-1]
         for name, edge in (("data.patch", self.data.patch), ("eval.window", self.window)):
             if edge % stride:

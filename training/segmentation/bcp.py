@@ -27,8 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from medssl.pipeline.segment import largest_component
-from medssl.training.seg_config import BCPConfig
-from medssl.training.seg_losses import as_label_map
+from medssl.training.segmentation.config import BCPConfig
+from medssl.training.segmentation.losses import as_label_map
 
 __all__ = [
     "BCPPhases",

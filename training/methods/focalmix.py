@@ -1,21 +1,23 @@
-"""One optimisation step of the supervised detector and of FocalMix (paper §3, §4.1).
+"""``focalmix``: FocalMix (paper §3, §4.1; config section ``focalmix``,
+:class:`~medssl.training.detection.config.FocalMixConfig`; the mixing, target guessing and CPL
+object selection are :mod:`medssl.training.detection.focalmix`).
 
-Both return the loss terms; the trainer does backward, clipping and the optimiser.
-Batches come from :mod:`medssl.training.det_data`.
+The step returns the loss terms; the loop does backward, clipping and the optimiser.
+Batches come from :mod:`medssl.training.detection.data`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from medssl.detection import CUBE_GROUP, AnchorGrid, CubeSymmetry
-from medssl.training.det_config import DetectionExperiment
-from medssl.training.det_mining import NoduleTruth
-from medssl.training.detector import flatten_levels
-from medssl.training.distributed import all_gather_cat
-from medssl.training.focalmix import (
+from medssl.errors import MedsslError
+from medssl.training.detection.config import DetectionExperiment
+from medssl.training.detection.focalmix import (
     CPLObjectSelection,
     apply_symmetry,
     guess_targets,
@@ -26,19 +28,13 @@ from medssl.training.focalmix import (
     sample_lambda,
     transform_anchor_targets,
 )
-from medssl.training.losses import FocalConfig, detection_loss, positive_count
+from medssl.training.detection.losses import FocalConfig, detection_loss, positive_count
+from medssl.training.detection.mining import NoduleTruth
+from medssl.training.distributed import all_gather_cat
+from medssl.training.methods.base import Batch, DetectionMethod
+from medssl.training.networks.detector import flatten_levels
 
-__all__ = ["focalmix_step", "joint_loss", "supervised_step", "unlabeled_weight"]
-
-
-def supervised_step(
-    model: nn.Module, batch: dict[str, torch.Tensor], cfg: DetectionExperiment
-) -> dict[str, torch.Tensor]:
-    """Focal loss + smooth L1 on a labeled batch (the fully supervised baseline)."""
-    out = flatten_levels(model(batch["image"]))
-    return detection_loss(
-        out.float(), batch["labels"], batch["deltas"], batch["labels"] == 1, cfg.loss
-    )
+__all__ = ["FocalMix", "focalmix_step", "joint_loss", "unlabeled_weight"]
 
 
 def unlabeled_weight(step: int, cfg: DetectionExperiment) -> float:
@@ -235,3 +231,50 @@ def focalmix_step(
         "guessed_positives": (sharp >= 0.5).sum(dim=1).float().mean(),
         **stats,
     }
+
+
+class FocalMix(DetectionMethod):
+    """FocalMix on the FPN detector; with ``focalmix.object_policy: flexmatch`` the CPL memory
+    of the object choice (keyed by cells of the unlabeled scans' cached volumes) is checkpointed
+    (``method.threshold``), so a resumed run continues with the same memory and thresholds."""
+
+    def build(self, device: torch.device) -> None:
+        super().build(device)
+        fm = self.cfg.focalmix
+        self.objects = (
+            CPLObjectSelection(
+                [v.array.shape for v in self.data.unlabeled],
+                tau=fm.object_threshold,
+                memory_stride=fm.object_memory_stride,
+            )
+            if fm.object_policy == "flexmatch"
+            else None
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.objects is None else {"threshold": self.objects.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.objects is None:
+            return
+        if state.get("threshold") is None:
+            raise MedsslError(
+                "the last checkpoint has no CPL memory (written with focalmix.object_policy "
+                "fixed?); resume with the run's own config"
+            )
+        self.objects.load_state_dict(state["threshold"])
+
+    def step(self, step: int, batch: Batch) -> dict[str, torch.Tensor]:
+        assert batch.rng is not None
+        return focalmix_step(
+            self.model,
+            self.network,
+            batch.labeled,
+            batch.unlabeled(),
+            self.data.grid,
+            step,
+            self.cfg,
+            batch.rng,
+            self.objects,
+            self.data.truth,
+        )

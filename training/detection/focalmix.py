@@ -85,7 +85,7 @@ from torch.nn import functional as F
 from medssl.detection import AnchorGrid, CubeSymmetry
 from medssl.detection.nms import nms_3d
 from medssl.training.batchnorm import batch_statistics_only
-from medssl.training.detector import flatten_levels
+from medssl.training.networks.detector import flatten_levels
 from medssl.training.threshold import FlexMatchThreshold, VoxelMemoryLayout
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Training patches for the nodule detector, from cached preprocessed scans.
 
 Every sample is a pure function of ``(seed, index)`` and the mined crop centres the dataset
-holds (hard negatives, unlabeled candidates: :mod:`medssl.training.det_mining`): the sampler
+holds (hard negatives, unlabeled candidates: :mod:`medssl.training.detection.mining`): the sampler
 hands out a running index, so a run is reproducible with any number of DataLoader workers and
 a resumed run (with its checkpoint's mined lists) continues the same sample stream.
 
@@ -12,19 +12,19 @@ patch's voxel frame.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from medssl.detection import CUBE_GROUP, AnchorGrid, assign_anchors
 from medssl.pipeline.windows import extract_window
 from medssl.training.cache import CachedVolume
-from medssl.training.det_augment import ScannerAugment
+from medssl.training.detection.augment import ScannerAugment
 
-__all__ = ["MAX_BOXES", "IndexStream", "LabeledPatches", "ScanBoxes", "UnlabeledPatches"]
+__all__ = ["MAX_BOXES", "LabeledPatches", "ScanBoxes", "UnlabeledPatches"]
 
 #: Ground-truth cubes returned per patch (padded with zeros); extra ones still get anchors.
 MAX_BOXES = 16
@@ -76,12 +76,12 @@ class LabeledPatches(Dataset):
         pad_value: intensity outside the scan (preprocessed air).
         seed: sample stream seed.
         hard_negatives: per scan, ``(M_i, 3)`` voxel centres of mined false positives
-            (:mod:`medssl.training.det_mining`); None or empty lists: none yet.
+            (:mod:`medssl.training.detection.mining`); None or empty lists: none yet.
         hard_negative_fraction: share of crops centred (with jitter: the centre anywhere at
             least ``P/4`` inside the crop) on a hard negative, drawn from the random share;
             ``positive_fraction + hard_negative_fraction <= 1``.
         scanner: scanner augmentation (noise, kernel, slice thickness) of the crop's
-            intensities after the cube-group transform (:mod:`medssl.training.det_augment`);
+            intensities after the cube-group transform (:mod:`medssl.training.detection.augment`);
             None: none. Its draws come after every other draw of the item, so the crops and
             targets are those of the stream without it.
 
@@ -106,7 +106,7 @@ class LabeledPatches(Dataset):
     ) -> None:
         if not scans:
             raise ValueError("no labeled scans")
-        if not (0 <= hard_negative_fraction and positive_fraction + hard_negative_fraction <= 1):
+        if not (hard_negative_fraction >= 0 and positive_fraction + hard_negative_fraction <= 1):
             raise ValueError(
                 f"need hard_negative_fraction >= 0 and positive_fraction + hard_negative_fraction "
                 f"<= 1, got {positive_fraction} + {hard_negative_fraction}"
@@ -180,7 +180,7 @@ class UnlabeledPatches(Dataset):
         pad_value: intensity outside a scan.
         seed: sample stream seed.
         candidates: per scan, ``(M_i, 3)`` voxel centres the current detector found
-            (:mod:`medssl.training.det_mining`); None or empty lists: random crops only.
+            (:mod:`medssl.training.detection.mining`); None or empty lists: random crops only.
         candidate_fraction: share of crops centred (with jitter: the centre anywhere at least
             ``P/4`` inside the crop) on a candidate of a uniformly chosen scan that has one.
 
@@ -240,17 +240,3 @@ class UnlabeledPatches(Dataset):
             "case": torch.tensor(case, dtype=torch.int64),
             "start": torch.as_tensor(start, dtype=torch.int64),
         }
-
-
-class IndexStream(Sampler[int]):
-    """Sample indices ``start, start + 1, ...`` (``count`` of them), strided over DDP ranks."""
-
-    def __init__(self, start: int, count: int, rank: int = 0, world_size: int = 1) -> None:
-        self.start, self.count, self.rank, self.world_size = start, count, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        for i in range(self.count):
-            yield (self.start + i) * self.world_size + self.rank
-
-    def __len__(self) -> int:
-        return self.count

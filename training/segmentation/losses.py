@@ -21,7 +21,14 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
-__all__ = ["as_label_map", "dice_ce_loss", "frequency_weights", "soft_dice"]
+__all__ = [
+    "as_label_map",
+    "dice_ce_loss",
+    "frequency_weights",
+    "soft_dice",
+    "supervised_loss",
+    "unlabeled_ce",
+]
 
 
 def as_label_map(
@@ -152,3 +159,20 @@ def frequency_weights(counts: torch.Tensor | Sequence[int], power: float = 0.25)
     if not present.all():
         w[~present] = w[present].max()
     return w.float()
+
+
+def supervised_loss(logits: torch.Tensor, labeled: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Every method's loss on labeled crops: Dice + CE against ``labeled["label"]``, the CE
+    weighted by ``labeled["ce_weights"]`` when the trainer adds them (``loss.class_weighting``)."""
+    return dice_ce_loss(logits, labeled["label"], ce_weights=labeled.get("ce_weights"))
+
+
+def unlabeled_ce(logits: torch.Tensor, pseudo: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """FixMatch's unlabeled term for segmentation: cross-entropy of the strong view's ``logits
+    (B, C, *S)`` against ``pseudo (B, *S)``, averaged over the kept voxels ``keep (B, *S)`` only;
+    0 (still attached to the graph) when none is kept. (FixMatch averages over the whole batch
+    with the mask as a weight; over voxels of a 3D crop that would let the kept fraction,
+    mostly background early on, scale the term, so the mean is over kept voxels.)"""
+    ce = F.cross_entropy(logits.float(), pseudo, reduction="none")
+    kept = keep.to(ce.dtype)
+    return (ce * kept).sum() / kept.sum().clamp_min(1.0)

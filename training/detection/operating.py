@@ -2,7 +2,7 @@
 
 After the best checkpoint is loaded and the test report written, :func:`write_operating_point`
 runs the best weights on the validation scans through the shared pipeline
-(:func:`medssl.training.det_eval.predict`, the code scoring runs), then
+(:func:`medssl.training.detection.eval.predict`, the code scoring runs), then
 
 1. labels each validation mark the LUNA16 way (:func:`medssl.metrics.label_candidates`:
    true positive, false positive, ignored) and fits a Platt calibration on the true and false
@@ -57,13 +57,13 @@ from medssl.metrics.operating_point import (
     choose_operating_point,
 )
 from medssl.training.cache import VolumeCache
-from medssl.training.det_config import DetectionExperiment
-from medssl.training.det_eval import TorchDetectionRunner, detection_params, predict
-from medssl.training.det_scans import DetectionSplit
+from medssl.training.detection.config import DetectionExperiment
+from medssl.training.detection.eval import TorchDetectionRunner, detection_params, predict
+from medssl.training.detection.scans import DetectionSplit
 
 __all__ = ["VALIDATION_DIR", "calibrated", "write_operating_point"]
 
-log = logging.getLogger("medssl.training.det_operating")
+log = logging.getLogger("medssl.training.detection.operating")
 
 #: The run's sub-folder of validation results.
 VALIDATION_DIR = "validation"
@@ -146,7 +146,7 @@ def write_operating_point(
     """Calibrate and choose the operating point on the validation scans (see the module doc).
 
     Args:
-        model: the best weights (an :class:`~medssl.training.detector.FPNDetector`).
+        model: the best weights (an :class:`~medssl.training.networks.detector.FPNDetector`).
         split: the run's scans; ``split.validation`` are used, ``split.test`` for the report.
         cache: the run's volume cache (preprocessed scans).
         cfg: the experiment (window, pipeline parameters).
@@ -219,7 +219,6 @@ def _none(out: Path, test_report: dict[str, Any] | None, reason: str) -> None:
     if test_report is not None:
         test_report["at_validation_operating_point"] = {"error": reason}
         _rewrite(out / "test" / "cpm.json", test_report)
-    return None
 
 
 def _rewrite(path: Path, report: Mapping[str, Any]) -> None:

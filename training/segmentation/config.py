@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from medssl.errors import ConfigError
-from medssl.training.diffusion import LabelDiffusion
-from medssl.training.vnet import VNetConfig
+from medssl.training.methods.registry import check_method
+from medssl.training.networks.diffusion import LabelDiffusion
+from medssl.training.networks.vnet import VNetConfig
 
 __all__ = [
     "ADConfig",
@@ -38,7 +39,6 @@ __all__ = [
 ]
 
 Setting = Literal["ssl", "imbssl", "uda", "semidg"]
-Method = Literal["ad", "supervised-seg", "mean-teacher", "bcp", "fixmatch", "flexmatch", "patchcl"]
 Network = Literal["vnet", "unet2d"]
 
 
@@ -48,7 +48,7 @@ class SegModelConfig(VNetConfig):
 
     Attributes:
         network: ``"vnet"`` (3D VNet; A&D's Diff-VNet for ``ad``) or ``"unet2d"``: SSL4MIS's 2D
-            UNet run on every axial slice (:mod:`medssl.training.unet2d`), for slice-wise
+            UNet run on every axial slice (:mod:`medssl.training.networks.unet2d`), for slice-wise
             (ACDC-style) data; ``width: 16`` and ``dropout: true`` are SSL4MIS's UNet. Every
             method but ``ad`` (whose Diff-VNet is 3D) takes it. Any patch depth works (``1``:
             one slice per crop); the in-plane edges stay multiples of 16.
@@ -84,7 +84,7 @@ class SegDataConfig:
             crop only; A&D's "w/o SVDA" ablation).
         foreground_fraction: share of labeled crops centred on a voxel of a class drawn
             uniformly among those present (nnU-Net's ``oversample_foreground_percent`` 0.33;
-            :class:`~medssl.training.seg_data.SegCrops`). Every method's labeled crops use it;
+            :class:`~medssl.training.segmentation.data.SegCrops`). Every method's labeled crops use it;
             unlabeled crops stay uniform. 0: uniform random crops only, as the official A&D,
             BCP and SSL4MIS loaders (the paper-size configs keep 0).
         split_seed: seed of the split.
@@ -340,7 +340,7 @@ class FixMatchConfig:
 @dataclass(frozen=True)
 class PatchCLConfig:
     """PatchCL (Basak & Yin, CVPR 2023): pseudo-label guided patch contrastive learning on top of
-    the mean-teacher trainer (:mod:`medssl.training.patchcl`). Loss (eq. 8)::
+    the mean-teacher trainer (:mod:`medssl.training.segmentation.patchcl`). Loss (eq. 8)::
 
         warm-up: L = Sup + γ·PLGCL(labeled)      (step < warmup_fraction·steps)
         then:    L = Sup + β·Reg + γ·PLGCL
@@ -415,13 +415,13 @@ class PatchCLConfig:
 
 @dataclass(frozen=True)
 class SegLossConfig:
-    """The loss every method puts on labeled crops (Dice + CE, :func:`~medssl.training.seg_steps.supervised_loss`).
+    """The loss every method puts on labeled crops (Dice + CE, :func:`~medssl.training.segmentation.losses.supervised_loss`).
 
     Attributes:
         class_weighting: ``"none"`` (the official A&D / SSL4MIS / BCP losses) or ``"frequency"``:
             the CE term weighs class k by ``(n_0 / n_k) ** weight_power``, ``n`` the voxel counts
             of the labeled training cases on the model grid
-            (:func:`~medssl.training.seg_losses.frequency_weights`), so that a 40-voxel adrenal
+            (:func:`~medssl.training.segmentation.losses.frequency_weights`), so that a 40-voxel adrenal
             gland is not drowned by 60 000 background voxels in its crop. A&D's L_diff keeps its
             DRS weights and BCP's self-training its mix losses.
         weight_power: the damping exponent of ``"frequency"``.
@@ -458,9 +458,10 @@ class SegEvalConfig:
 
 @dataclass(frozen=True)
 class SegmentationExperiment:
-    """Everything a segmentation run needs; ``method`` picks the trainer step."""
+    """Everything a segmentation run needs; ``method`` picks the registered method
+    (:mod:`medssl.training.methods`)."""
 
-    method: Method = "ad"
+    method: str = "ad"
     setting: Setting = "ssl"
     seed: int = 0
     amp: bool = True
@@ -485,6 +486,7 @@ class SegmentationExperiment:
         return {"fixmatch": "fixed", "flexmatch": "flexmatch"}.get(self.method, "none")  # type: ignore[return-value]
 
     def __post_init__(self) -> None:
+        check_method(self.method, "segmentation")
         policy, own = (
             self.threshold.policy,
             {"fixmatch": "fixed", "flexmatch": "flexmatch"}.get(self.method),

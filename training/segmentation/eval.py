@@ -22,8 +22,8 @@ from medssl.io.nifti import write_nifti
 from medssl.metrics.segmentation import segmentation_metrics, summarize_cases
 from medssl.pipeline.preprocess import Intensity, PercentileIntensity
 from medssl.pipeline.segment import SegmentationParams, segment, segment_preprocessed
-from medssl.training.seg_config import SegDataConfig, SegmentationExperiment
-from medssl.training.seg_data import DomainCase, LabeledVolume
+from medssl.training.segmentation.config import SegDataConfig, SegmentationExperiment
+from medssl.training.segmentation.data import DomainCase, LabeledVolume
 
 __all__ = [
     "TorchSegmentationRunner",

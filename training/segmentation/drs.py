@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from medssl.training.seg_losses import as_label_map
+from medssl.training.segmentation.losses import as_label_map
 
 __all__ = ["DifficultyWeights", "hard_batch_dice"]
 

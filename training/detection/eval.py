@@ -18,8 +18,8 @@ from medssl.metrics import FrocResult, evaluate_luna16
 from medssl.pipeline import Intensity
 from medssl.pipeline.detect import DetectionParams, detect_preprocessed
 from medssl.training.cache import CachedVolume
-from medssl.training.det_config import DetectionExperiment
-from medssl.training.detector import DetectorInference, FPNDetector
+from medssl.training.detection.config import DetectionExperiment
+from medssl.training.networks.detector import DetectorInference, FPNDetector
 
 __all__ = ["TorchDetectionRunner", "detection_params", "evaluate", "predict"]
 

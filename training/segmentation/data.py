@@ -1,7 +1,7 @@
 """Segmentation data: domain splits, cached volumes, and training crops.
 
 Every crop is a pure function of ``(seed, stream, index)``, as for the detector
-(:mod:`medssl.training.det_data`), so a run is reproducible with any number of workers
+(:mod:`medssl.training.detection.data`), so a run is reproducible with any number of workers
 and a resumed run continues the same stream. Volumes are cached on the model grid
 (:class:`~medssl.training.cache.VolumeCache`); labels are renumbered to ``0..K`` at crop time.
 """
@@ -20,8 +20,8 @@ from medssl.datasets.decathlon import Decathlon, DecathlonCase
 from medssl.errors import MedsslError
 from medssl.pipeline.windows import extract_window
 from medssl.training.cache import CachedVolume, VolumeCache
-from medssl.training.seg_config import SegDataConfig
-from medssl.training.svda import SVDA, apply_svda
+from medssl.training.segmentation.config import SegDataConfig
+from medssl.training.segmentation.svda import SVDA, apply_svda
 from medssl.training.threshold import VoxelMemoryLayout
 
 __all__ = [
@@ -82,7 +82,7 @@ def _open_domain(data: Path, domain: str) -> Decathlon:
 
 
 def split_domains(data: str | Path, cfg: SegDataConfig) -> SegSplit:
-    """The run's cases (see :class:`~medssl.training.seg_config.SegDataConfig`).
+    """The run's cases (see :class:`~medssl.training.segmentation.config.SegDataConfig`).
 
     Per labeled-pool domain, training cases are shuffled with ``split_seed``; validation
     cases are dealt round-robin over domains first, then ``labeled_fraction`` of each
