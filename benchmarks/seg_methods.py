@@ -16,7 +16,8 @@ variation of contrast and noise; one data folder serves every task):
 
 Each task also has its **ceiling**: the supervised VNet on every training case labeled.
 
-Split (``medssl.training.segmentation.data.split_domains``, ``data.split_seed=0`` for every method and
+Split (``medssl.training.segmentation.data.split_domains``, ``data.split_seed=0`` for every method
+and
 seed; the seed changes only the training): ``data.n_validation`` training cases are held out to
 pick the checkpoint (never the test set), then ``max(1, round(fraction * rest))`` are labeled
 and the rest unlabeled. With 40 training cases and 4 for validation: 2 / 4 / 7 labeled at 5 /

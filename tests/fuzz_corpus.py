@@ -1,7 +1,9 @@
 """A corpus of hostile DICOM datasets and garbage PDUs, made by code, each carrying planted PHI.
 
-Not a test module: :mod:`tests.serving.test_serving_fuzz` sends the corpus to a real gateway process,
-and :mod:`tests.serving.test_serving_phi` sends single cases. Every case starts from one small valid CT
+Not a test module: :mod:`tests.serving.test_serving_fuzz` sends the corpus to a real gateway
+process,
+and :mod:`tests.serving.test_serving_phi` sends single cases. Every case starts from one small
+valid CT
 instance (16 x 16 pixels, 1 mm voxels, Explicit VR Little Endian) that holds the patient name
 :data:`PHI_NAME`, ID :data:`PHI_ID` and birth date :data:`PHI_BIRTH_DATE` (also inside a
 sequence), then is damaged in one way (``kind``) or two (``combo``):

@@ -4,7 +4,8 @@ Layout::
 
     root/<params hash>/params.json        the preprocessing parameters the hash stands for
     root/<params hash>/<key>.npy          float32 (z, y, x) in [-1, 1] (prepare output)
-    root/<params hash>/<key>.json         {"shape", "affine" (4x4 index->LPS), "source_spacing", ...}
+    root/<params hash>/<key>.json         {"shape", "affine" (4x4 index->LPS), "source_spacing",
+    ...}
     root/<params hash>/masks/<key>.npy    uint8 (z, y, x) on the same grid (nearest resampling)
     root/<params hash>/masks/<key>.json
 

@@ -99,7 +99,7 @@ class Task(ABC):
     def finish(self, manager: CheckpointManager) -> Any:
         """The run's result after the last step (the test of the best checkpoint on rank 0)."""
 
-    def before_validation(self, network: torch.nn.Module) -> None:
+    def before_validation(self, network: torch.nn.Module) -> None:  # noqa: B027 - an optional hook: doing nothing is the default
         """Runs on every rank before each validation and checkpoint (detection re-estimates
         BatchNorm statistics here)."""
 
@@ -116,7 +116,7 @@ class Task(ABC):
         """The data samplers' state a resumed run needs (checkpoint ``data``)."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - an optional hook: doing nothing is the default
         """Restore :meth:`state_dict` (after :meth:`prepare`)."""
 
 

@@ -89,7 +89,8 @@ of 64×128×128 voxels at stride 4: 100 · 16·32·32 = 1,638,400 entries = 1,63
 per update, never a pass over the memory).
 
 Distributed training: every rank must apply the same updates, or the ranks' memories and
-thresholds drift apart. The segmentation trainers do (:func:`medssl.training.methods.common.filter_pseudo_labels`
+thresholds drift apart. The segmentation trainers do
+(:func:`medssl.training.methods.common.filter_pseudo_labels`
 masks with the rank's own batch, then updates with every rank's probabilities and ids,
 all-gathered), so every rank holds the same memory — tested on two gloo ranks.
 """

@@ -37,7 +37,8 @@ class DataConfig:
         workers: DataLoader worker processes per loader.
         hard_negative_fraction: share of labeled crops centred on hard negatives: candidates
             the current model finds on the labeled training scans away from every nodule and
-            excluded finding, mined at every validation round (:mod:`medssl.training.detection.mining`);
+            excluded finding, mined at every validation round
+            (:mod:`medssl.training.detection.mining`);
             random crops until the first round. 0: off (the ablation; the paper has none).
         hard_negatives_per_scan: the best candidates of a scan kept as hard negatives at most.
         hard_negative_scans: labeled scans mined per round, in turn (0: all of them).
@@ -69,7 +70,8 @@ class DataConfig:
             and self.positive_fraction + self.hard_negative_fraction <= 1
         ):
             raise ValueError(
-                f"need hard_negative_fraction >= 0 and positive_fraction + hard_negative_fraction <= 1, "
+                "need hard_negative_fraction >= 0 and positive_fraction + hard_negative_fraction "
+                "<= 1, "
                 f"got {self.positive_fraction} + {self.hard_negative_fraction}"
             )
         if self.hard_negatives_per_scan < 1 or self.hard_negative_scans < 0:
@@ -127,7 +129,8 @@ class FocalMixConfig:
             the ceiling of the curriculum thresholds (:mod:`medssl.training.detection.focalmix`).
         object_policy: how unlabeled objects for object MixUp are chosen: ``"fixed"``
             (FocalMix: ``p ≥ object_threshold``) or ``"flexmatch"`` (FlexMatch CPL over two
-            classes, background / nodule, :class:`~medssl.training.detection.focalmix.CPLObjectSelection`).
+            classes, background / nodule,
+            :class:`~medssl.training.detection.focalmix.CPLObjectSelection`).
         object_memory_stride: CPL: memory cell edge, voxels of the model grid; one entry per
             cell of each unlabeled scan (default 8: about one nodule centre per cell).
         unlabeled_weight: weight of the unlabeled SFL term after ramp-up. The paper does
@@ -169,7 +172,8 @@ class FocalMixConfig:
             or self.candidate_scans < 0
         ):
             raise ValueError(
-                f"need candidate_fraction in [0, 1], candidates_per_scan >= 1 and candidate_scans >= 0, "
+                "need candidate_fraction in [0, 1], candidates_per_scan >= 1 and candidate_scans "
+                ">= 0, "
                 f"got {self.candidate_fraction}, {self.candidates_per_scan}, {self.candidate_scans}"
             )
         if not 1 <= self.k <= 48:
@@ -267,7 +271,8 @@ class DetectionExperiment:
             if edge % stride:
                 raise ValueError(
                     f"{name} = {edge} must be divisible by the model's largest stride {stride} "
-                    "(model.widths sets the number of stages), so that flips and rotations map anchors "
+                    "(model.widths sets the number of stages), so that flips and rotations map "
+                    "anchors "
                     "onto anchors"
                 )
         if not set(self.anchors.strides) <= set(self.model.strides):

@@ -63,7 +63,8 @@ warm-up on, convex mapping).
 * **Class imbalance.** Nodule cells are rare (a few per scan against thousands of background
   cells), so ``σ(nodule) ≪ σ(background)``: ``β(background) → 1`` and ``T(background) → τ``,
   while ``β(nodule)`` is ~10⁻³ and ``T(nodule) = M(β)·τ ≈ 0``. ``T(nodule)`` only exceeds the
-  argmax cut 0.5 when ``M(β) > 0.5/τ = 0.625`` (τ = 0.8), i.e. ``β(nodule) > 0.77``: nodule cells at least 77 % as
+  argmax cut 0.5 when ``M(β) > 0.5/τ = 0.625`` (τ = 0.8), i.e. ``β(nodule) > 0.77``: nodule cells
+  at least 77 % as
   many as background cells, which detection never reaches. In practice CPL therefore selects
   the anchors with ``p > 0.5`` during the whole run (at t = 0 every threshold is 0, as in
   FlexMatch), a lower, constant cut than FocalMix's 0.8 — CPL's "lenient thresholds for

@@ -130,7 +130,8 @@ class CandidateLists:
         centres = [np.asarray(c, dtype=np.float32).reshape(-1, 3) for c in state["centres"]]
         if len(centres) != n_scans:
             raise ValueError(
-                f"the checkpoint's candidate lists cover {len(centres)} scans, this run has {n_scans}"
+                f"the checkpoint's candidate lists cover {len(centres)} scans, this run has "
+                f"{n_scans}"
             )
         return cls(centres, int(state["version"]))
 
@@ -166,7 +167,8 @@ class NoduleTruth:
         return np.any(distance <= truth[None, :, 3] / 2, axis=1)
 
     def precision(self, centres: Mapping[int, np.ndarray]) -> tuple[int, int]:
-        """``(hits, total)`` over the centres ``{case: (M, 3)}`` of the scans whose truth is known."""
+        """``(hits, total)`` over the centres ``{case: (M, 3)}`` of the scans whose truth is
+        known."""
         hits = total = 0
         for case, points in centres.items():
             if self.knows(case):

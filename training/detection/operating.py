@@ -93,7 +93,8 @@ def _fit(
         calibration = fit_calibration(raw, y, method="platt")
     except ValueError as exc:
         log.warning(
-            "validation calibration not fitted (%s): the operating point is chosen on the raw scores",
+            "validation calibration not fitted (%s): the operating point is chosen on the raw "
+            "scores",
             exc,
         )
         return Calibration(), {
@@ -192,8 +193,10 @@ def write_operating_point(
             marks,
             rule=rule,
             target=target,
-            source=f"medssl-train: best checkpoint in PyTorch on the {len(uids)} validation scans of "
-            f"{out / 'split.json'}",
+            source=(
+                f"medssl-train: best checkpoint in PyTorch on the {len(uids)} validation scans "
+                f"of {out / 'split.json'}"
+            ),
         )
     except OperatingPointError as exc:
         return _none(out, test_report, str(exc))

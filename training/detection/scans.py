@@ -93,7 +93,8 @@ def split_luna16(
     pool = [u for u in luna.seriesuids if luna.subset_of(u) not in test_subsets]
     if n_labeled < 1 or n_labeled + n_validation > len(pool):
         raise DatasetLayoutError(
-            f"{root}: asked for {n_labeled} labeled + {n_validation} validation scans, but the training "
+            f"{root}: asked for {n_labeled} labeled + {n_validation} validation scans, but the "
+            "training "
             f"pool (subsets other than {list(test_subsets)}) has {len(pool)}"
         )
     split = make_split(pool, n_labeled, split_seed, n_validation)

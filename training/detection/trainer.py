@@ -1,7 +1,8 @@
 """The detector trainer behind ``medssl-train focalmix`` and ``medssl-train supervised-det``.
 
 Before every validation and checkpoint the BatchNorm running statistics are re-estimated on
-``eval.bn_windows`` sliding windows of the labeled training scans (:mod:`medssl.training.batchnorm`),
+``eval.bn_windows`` sliding windows of the labeled training scans
+(:mod:`medssl.training.batchnorm`),
 so validation, the checkpoints (and so the test and the export) use the statistics of the
 windows inference runs on.
 
@@ -14,8 +15,10 @@ A run folder holds ``config.yaml``, ``split.json``, ``checkpoints/`` (periodic, 
 computed with the best checkpoint on the held-out test subsets.
 
 With ``focalmix.object_policy: flexmatch`` the CPL memory of the object choice
-(:class:`~medssl.training.detection.focalmix.CPLObjectSelection`, keyed by cells of the unlabeled scans'
-cached volumes) is saved in the checkpoints (``method.threshold``), so a resumed run continues with the
+(:class:`~medssl.training.detection.focalmix.CPLObjectSelection`, keyed by cells of the unlabeled
+scans'
+cached volumes) is saved in the checkpoints (``method.threshold``), so a resumed run continues with
+the
 same memory and thresholds.
 """
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,7 +163,10 @@ def _statistics_windows(
         params = detection_params(cfg)
         masks = [prepared_lung_mask(s.volume.to_volume(), params) for s in labeled]
         # a scan where no lung is found is run whole by inference (detect_preprocessed)
-        keep = lambda i, start: not masks[i].any() or window_touches(masks[i], start, params.window)
+
+        def keep(i: int, start: Sequence[int]) -> bool:
+            return not masks[i].any() or window_touches(masks[i], start, params.window)
+
     return inference_windows(
         [s.volume.array.shape for s in labeled],
         window=cfg.window,

@@ -95,7 +95,7 @@ def ad_step(
     if raw.time_mlp is not None:
         diffusion = ad.diffusion_process
         t = diffusion.sample_t(x.shape[0], generator, x.device)
-        noise = torch.randn(x.shape[:1] + (raw.n_classes,) + x.shape[2:], generator=generator).to(
+        noise = torch.randn((*x.shape[:1], raw.n_classes, *x.shape[2:]), generator=generator).to(
             x.device
         )
         x_t = diffusion.q_sample(label_to_x0(y, raw.n_classes), t, noise)

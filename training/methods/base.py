@@ -120,7 +120,7 @@ class Method(ABC):
         ``method``): teachers, heads, queues, threshold memories..."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - an optional hook: doing nothing is the default
         """Restore :meth:`state_dict` (after :meth:`build`, before :meth:`start`)."""
 
     def start(self, env: DistEnv, resumed: bool) -> None:
@@ -128,10 +128,10 @@ class Method(ABC):
         self.model = wrap_ddp(self.model, env)
         self.model.train()
 
-    def before_step(self, step: int) -> None:
+    def before_step(self, step: int) -> None:  # noqa: B027 - an optional hook: doing nothing is the default
         """Runs before ``step``'s batch is drawn (phase switches)."""
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int) -> None:  # noqa: B027 - an optional hook: doing nothing is the default
         """Runs after ``step``'s optimiser step (EMA updates)."""
 
     def evaluation_due(self, done: int) -> bool:

@@ -95,7 +95,8 @@ REGISTRY: dict[str, MethodEntry] = {
             "patchcl",
             "segmentation",
             "patchcl:PatchCL",
-            "Train PatchCL: the mean teacher (strong/weak views, CE on the teacher's pseudo-labels) "
+            "Train PatchCL: the mean teacher (strong/weak views, CE on the teacher's "
+            "pseudo-labels) "
             "plus the pseudo-label guided patch contrastive loss (PLGCL) on 3D class-aware patches "
             "after a warm-up (patchcl.* settings; threshold.policy filters its pseudo-labels).",
         ),

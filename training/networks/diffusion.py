@@ -59,7 +59,8 @@ class LabelDiffusion:
     def __post_init__(self) -> None:
         if self.steps < 2 or not 1 <= self.sample_steps <= self.steps:
             raise ValueError(
-                f"need steps >= 2 and 1 <= sample_steps <= steps, got {self.steps}, {self.sample_steps}"
+                f"need steps >= 2 and 1 <= sample_steps <= steps, got {self.steps}, "
+                f"{self.sample_steps}"
             )
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ValueError(

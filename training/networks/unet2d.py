@@ -133,7 +133,8 @@ class UNet2D(nn.Module):
             return self.forward_2d(image)
         if image.ndim != 5:
             raise ValueError(
-                f"UNet2D takes (B, C, D, H, W) or (B, C, H, W) images, got shape {tuple(image.shape)}"
+                "UNet2D takes (B, C, D, H, W) or (B, C, H, W) images, got shape "
+                f"{tuple(image.shape)}"
             )
         b, c, d, h, w = image.shape
         slices = image.transpose(1, 2).reshape(b * d, c, h, w)

@@ -2,7 +2,8 @@
 
 Follows the official ``code/DiffVNet/diff_vnet.py`` (xmed-lab/GenericSSL): a VNet with
 four stride-2 downsamplings (width ``w, 2w, 4w, 8w, 16w``; the paper uses w = 32, so
-32 → 512), BatchNorm, Dropout3d(0.1) after every convolution (``stage_dropout``), Dropout3d(0.5) on the
+32 → 512), BatchNorm, Dropout3d(0.1) after every convolution (``stage_dropout``), Dropout3d(0.5) on
+the
 deepest features and before the output convolution (when ``dropout`` is on), residual
 additions (not concatenations) between encoder and decoder.
 
@@ -217,7 +218,8 @@ class VNet(nn.Module):
         return self.decoder(self.encoder(self.stem(image, None)))
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """The deepest encoder features ``(B, 16·width, Z/16, Y/16, X/16)`` of ``image (B, 1, Z, Y, X)``
+        """The deepest encoder features ``(B, 16·width, Z/16, Y/16, X/16)`` of ``image (B, 1, Z, Y,
+        X)``
         (PatchCL's patch embeddings start from them)."""
         return self.encoder(self.stem(image, None))[-1]
 

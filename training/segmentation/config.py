@@ -84,7 +84,8 @@ class SegDataConfig:
             crop only; A&D's "w/o SVDA" ablation).
         foreground_fraction: share of labeled crops centred on a voxel of a class drawn
             uniformly among those present (nnU-Net's ``oversample_foreground_percent`` 0.33;
-            :class:`~medssl.training.segmentation.data.SegCrops`). Every method's labeled crops use it;
+            :class:`~medssl.training.segmentation.data.SegCrops`). Every method's labeled crops use
+            it;
             unlabeled crops stay uniform. 0: uniform random crops only, as the official A&D,
             BCP and SSL4MIS loaders (the paper-size configs keep 0).
         split_seed: seed of the split.
@@ -255,7 +256,8 @@ class BCPConfig:
     def __post_init__(self) -> None:
         if self.pretrain_steps < 1 or self.lr_step < 1:
             raise ValueError(
-                f"need pretrain_steps >= 1 and lr_step >= 1, got {self.pretrain_steps}, {self.lr_step}"
+                f"need pretrain_steps >= 1 and lr_step >= 1, got {self.pretrain_steps}, "
+                f"{self.lr_step}"
             )
         if not 0 < self.mask_ratio < 1 or not 0 < self.pseudo_threshold < 1:
             raise ValueError(
@@ -324,7 +326,8 @@ class FixMatchConfig:
     (``threshold:``, :mod:`medssl.training.threshold`) turns them into pseudo-labels and a keep
     mask; the strong view (SVDA's intensity ops only, so voxels stay aligned with the weak view)
     through the model with grad is trained with CE on the kept voxels (mean over kept voxels, 0 if
-    none), weighted ``lambda_u``. No EMA teacher: the model labels its own weak view, as in FixMatch.
+    none), weighted ``lambda_u``. No EMA teacher: the model labels its own weak view, as in
+    FixMatch.
 
     Attributes:
         lambda_u: weight of the unlabeled loss (FixMatch's default 1).
@@ -415,13 +418,15 @@ class PatchCLConfig:
 
 @dataclass(frozen=True)
 class SegLossConfig:
-    """The loss every method puts on labeled crops (Dice + CE, :func:`~medssl.training.segmentation.losses.supervised_loss`).
+    """The loss every method puts on labeled crops (Dice + CE,
+    :func:`~medssl.training.segmentation.losses.supervised_loss`).
 
     Attributes:
         class_weighting: ``"none"`` (the official A&D / SSL4MIS / BCP losses) or ``"frequency"``:
             the CE term weighs class k by ``(n_0 / n_k) ** weight_power``, ``n`` the voxel counts
             of the labeled training cases on the model grid
-            (:func:`~medssl.training.segmentation.losses.frequency_weights`), so that a 40-voxel adrenal
+            (:func:`~medssl.training.segmentation.losses.frequency_weights`), so that a 40-voxel
+            adrenal
             gland is not drowned by 60 000 background voxels in its crop. A&D's L_diff keeps its
             DRS weights and BCP's self-training its mix losses.
         weight_power: the damping exponent of ``"frequency"``.
@@ -500,7 +505,8 @@ class SegmentationExperiment:
             )
         if self.method in ("supervised-seg", "ad") and policy not in ("auto", "none"):
             raise ConfigError(
-                f"config key 'threshold.policy': method {self.method!r} has no pseudo-label filter; "
+                f"config key 'threshold.policy': method {self.method!r} has no pseudo-label "
+                "filter; "
                 f"it applies to mean-teacher, bcp, patchcl, fixmatch and flexmatch",
                 key="threshold.policy",
             )

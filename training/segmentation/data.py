@@ -74,8 +74,10 @@ def _open_domain(data: Path, domain: str) -> Decathlon:
     root = data if domain == "." else data / domain
     if not (root / "dataset.json").is_file():
         raise MedsslError(
-            f"{root}: no dataset.json for domain {domain!r}. --data must hold one Decathlon dataset per "
-            f"domain (DATA/<domain>/dataset.json, e.g. from `medssl synth organs --domain {domain} DATA/{domain}`), "
+            f"{root}: no dataset.json for domain {domain!r}. --data must hold one Decathlon "
+            "dataset per "
+            "domain (DATA/<domain>/dataset.json, e.g. from `medssl synth organs --domain "
+            f"{domain} DATA/{domain}`), "
             "or be a Decathlon dataset itself (domain '.')"
         )
     return Decathlon(root)
@@ -111,7 +113,7 @@ def split_domains(data: str | Path, cfg: SegDataConfig) -> SegSplit:
             )
         validation.append(pool.pop())
     labeled, unlabeled = [], []
-    for domain, pool in pools.items():
+    for pool in pools.values():
         n = max(1, round(cfg.labeled_fraction * len(pool)))
         labeled += pool[:n]
         unlabeled += pool[n:]
@@ -124,7 +126,8 @@ def split_domains(data: str | Path, cfg: SegDataConfig) -> SegSplit:
         missing = [c.case_id for c in ds.test if c.label is None]
         if missing:
             raise MedsslError(
-                f"test domain {domain!r}: no labelsTs for {missing[:3]}... (needed to score the test set)"
+                f"test domain {domain!r}: no labelsTs for {missing[:3]}... (needed to score the "
+                "test set)"
             )
         test += [DomainCase(domain, ds, c) for c in ds.test]
     if cfg.classes:

@@ -12,7 +12,8 @@ Validation (checkpoint choice) uses only the held-out labeled-pool cases (``data
 never the test set. BCP runs in two phases (:class:`~medssl.training.segmentation.bcp.BCPPhases`):
 pre-training checkpoints record ``pretrain_dice`` (so ``best.pt`` is always a self-trained
 student) and carry the best pre-trained weights, from which self-training starts.
-FixMatch/FlexMatch and PatchCL draw weak + strong views of the unlabeled crops. The pseudo-label policy (``threshold:``; fixed or CPL, also as a filter in
+FixMatch/FlexMatch and PatchCL draw weak + strong views of the unlabeled crops. The pseudo-label
+policy (``threshold:``; fixed or CPL, also as a filter in
 mean teacher and BCP) is the methods'; CPL's memory is keyed by a voxel grid over the unlabeled
 cases' cached volumes (:class:`~medssl.training.threshold.VoxelMemoryLayout`,
 ``threshold.memory_stride``; the crops carry their voxels' ids) and saved in the checkpoints

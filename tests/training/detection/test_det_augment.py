@@ -86,7 +86,10 @@ def test_draws_follow_the_documented_probabilities():
     draws = [ScannerAugment(0.8, HU_RANGE).sample(rng) for _ in range(4000)]
     fields = ("blur_sigma", "sharpen", "z_sigma", "noise_hu")
     augmented = [d for d in draws if any(getattr(d, f) is not None for f in fields)]
-    share = lambda field: np.mean([getattr(d, field) is not None for d in draws])
+
+    def share(field: str) -> float:
+        return np.mean([getattr(d, field) is not None for d in draws])
+
     assert share("blur_sigma") == pytest.approx(0.8 * SOFT_KERNEL[0], abs=0.03)
     assert share("sharpen") == pytest.approx(0.8 * SHARP_KERNEL[0], abs=0.03)
     assert share("z_sigma") == pytest.approx(0.8 * THICK_SLICES[0], abs=0.03)

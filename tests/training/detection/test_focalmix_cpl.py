@@ -44,7 +44,8 @@ def test_nodule_probabilities_are_background_then_nodule():
 
 
 def test_anchor_cells_follow_the_crop_corner_in_the_scan():
-    # cells of 4 voxels: case 0 (8, 8, 8) → 2x2x2 cells (ids 0..7), case 1 (12, 8, 8) → 3x2x2 (ids 8..19)
+    # cells of 4 voxels: case 0 (8, 8, 8) → 2x2x2 cells (ids 0..7), case 1 (12, 8, 8) → 3x2x2 (ids
+    # 8..19)
     layout = VoxelMemoryLayout([(8, 8, 8), (12, 8, 8)], stride=4)
     grid = small_grid()
     ids = anchor_cell_ids(layout, grid, torch.tensor([1, 0]), torch.tensor([[4, 0, 0], [4, 0, 0]]))
@@ -89,7 +90,8 @@ def update(selection: CPLObjectSelection, p: torch.Tensor) -> None:
 
 
 def test_cpl_thresholds_move_as_the_memory_fills():
-    # one 8^3 case, cells of 4 voxels: N = 8 memory entries; τ = 0.8, warm-up, convex M(x) = x/(2 − x)
+    # one 8^3 case, cells of 4 voxels: N = 8 memory entries; τ = 0.8, warm-up, convex M(x) = x/(2 −
+    # x)
     selection = CPLObjectSelection([(8, 8, 8)], tau=0.8, memory_stride=4)
     assert selection.layout.n_samples == 8
     assert selection.nodule_threshold() == 0.0  # t = 0: every β is 0

@@ -491,7 +491,8 @@ def _score(archive: Path, repository: Path, out: Path, *extra: str):
 
 
 def _check_run(out: Path, threshold: float, source: str) -> None:
-    """Every candidate in findings.parquet with ``passed``; each SR holds exactly the passed ones."""
+    """Every candidate in findings.parquet with ``passed``; each SR holds exactly the passed
+    ones."""
     series = pq.read_table(out / "series.parquet").to_pylist()
     findings = pq.read_table(out / "findings.parquet").to_pylist()
     assert len(series) == 3 and all(s["status"] == "ok" for s in series)

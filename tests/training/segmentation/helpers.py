@@ -1,4 +1,5 @@
-"""Helpers shared by the segmentation-training tests (plain functions; fixtures are in conftest.py)."""
+"""Helpers shared by the segmentation-training tests (plain functions; fixtures are in
+conftest.py)."""
 
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ def test_unlabeled_ce_averages_cross_entropy_over_kept_voxels_only():
     ce = [-torch.log_softmax(logits[0, :, v], 0)[pseudo[0, v]] for v in range(4)]
     expected = (ce[0] + ce[2]) / 2  # voxels 1 and 3 dropped, mean over the 2 kept
     torch.testing.assert_close(unlabeled_ce(logits, pseudo, keep), expected)
-    # hand values: voxel 0 logits (0, 1) label 1 -> log(1 + e^-1); voxel 2 (0, 3) label 0 -> log(1 + e^3)
+    # hand values: voxel 0 logits (0, 1) label 1 -> log(1 + e^-1); voxel 2 (0, 3) label 0 -> log(1
+    # + e^3)
     torch.testing.assert_close(
         unlabeled_ce(logits, pseudo, keep),
         torch.tensor((np.log1p(np.exp(-1.0)) + np.log1p(np.exp(3.0))) / 2, dtype=torch.float32),

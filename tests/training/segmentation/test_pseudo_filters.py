@@ -31,7 +31,7 @@ class _Fixed(torch.nn.Module):
         return self.logits[: x.shape[0]] * self.scale
 
 
-# -- config -----------------------------------------------------------------------------------------
+# -- config ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -72,7 +72,7 @@ def test_a_policy_that_contradicts_the_method_is_a_config_error_naming_the_key(
     assert err.value.key == "threshold.policy"
 
 
-# -- mean teacher -----------------------------------------------------------------------------------
+# -- mean teacher ----------------------------------------------------------------------------------
 
 
 def _mt_batch():
@@ -108,7 +108,7 @@ def test_mean_teacher_consistency_is_averaged_over_the_kept_voxels_only():
     torch.testing.assert_close(everything["consistency"], plain["consistency"])
 
 
-# -- BCP --------------------------------------------------------------------------------------------
+# -- BCP -------------------------------------------------------------------------------------------
 
 
 def test_mix_loss_with_valid_drops_the_rejected_voxels_and_equals_the_official_when_all_are_valid():
@@ -142,7 +142,7 @@ def _bcp_batch(n_classes: int):
     return labeled, unlabeled, _Fixed(torch.randn(2, n_classes, 6, 6, 6, generator=g) * 2)
 
 
-def test_bcp_with_a_policy_that_keeps_everything_is_official_bcp_and_rejecting_all_leaves_ground_truth():
+def test_bcp_keeping_everything_is_official_bcp_and_rejecting_all_leaves_ground_truth():
     labeled, unlabeled, teacher = _bcp_batch(3)
     student = _Fixed(torch.randn(4, 3, 6, 6, 6, generator=torch.Generator().manual_seed(3)))
     cfg = SegmentationExperiment(method="bcp", bcp=BCPConfig(pretrain_steps=1, largest_cc=False))
@@ -155,7 +155,8 @@ def test_bcp_with_a_policy_that_keeps_everything_is_official_bcp_and_rejecting_a
     official, everything, nothing = run(None), run(FixedThreshold(1e-6)), run(FixedThreshold(1.0))
     torch.testing.assert_close(everything["loss"], official["loss"])  # 3 classes: argmax either way
     assert everything["u/kept"].item() == 1.0 and nothing["u/kept"].item() == 0.0
-    # nothing kept: the pseudo-labelled region (inside of the in-mix, outside of the out-mix) is gone
+    # nothing kept: the pseudo-labelled region (inside of the in-mix, outside of the out-mix) is
+    # gone
     torch.testing.assert_close(
         nothing["in/loss"], run_ground_truth_only(student, labeled, unlabeled, teacher, cfg)[0]
     )
@@ -173,7 +174,7 @@ def run_ground_truth_only(student, labeled, unlabeled, teacher, cfg):
     return out["in/loss"], out["out/loss"]
 
 
-# -- end to end -------------------------------------------------------------------------------------
+# -- end to end ------------------------------------------------------------------------------------
 
 
 def test_mean_teacher_with_cpl_filters_logs_and_checkpoints_its_memory(organs, tmp_path):

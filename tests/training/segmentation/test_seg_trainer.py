@@ -1,4 +1,5 @@
-"""`medssl-train ad` / `supervised-seg` / `mean-teacher` / `bcp` end to end on tiny synthetic organs.
+"""`medssl-train ad` / `supervised-seg` / `mean-teacher` / `bcp` end to end on tiny synthetic
+organs.
 
 Four domains (CT A and B, the UDA pair ct and mr) of 5 training + 1 test case on 32x48x48
 grids; runs are 4 steps of a width-4 network on 16^3 (or 16x32x32) crops. They check the
@@ -440,8 +441,10 @@ def test_bcp_self_training_starts_from_the_best_pretrained_checkpoint(
 def test_an_interrupted_bcp_run_resumes_to_the_same_student_and_teacher_in_either_phase(
     organs, tmp_path, monkeypatch
 ):
-    """6 straight steps (2 pre-training) == a run stopped in the first self-training step (resumed from
-    the pre-training checkpoint at step 2), stopped again at step 5 (resumed from step 4), finished."""
+    """6 straight steps (2 pre-training) == a run stopped in the first self-training step (resumed
+    from
+    the pre-training checkpoint at step 2), stopped again at step 5 (resumed from step 4),
+    finished."""
     cfg = tiny_config("bcp", "ssl", *BCP, "optim.steps=6", "data.n_validation=1")
     train_segmenter(cfg, organs, tmp_path / "straight", device="cpu")
 
