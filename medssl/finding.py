@@ -90,7 +90,7 @@ class Finding:
 
 
 def _triple(values: Sequence[float], name: str) -> tuple[float, float, float]:
-    point = tuple(float(v) for v in values)
+    point = [float(v) for v in values]
     if len(point) != 3:
         raise ValueError(f"Finding.{name} must be three numbers, got {values!r}")
-    return point  # type: ignore[return-value]
+    return point[0], point[1], point[2]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -271,7 +271,8 @@ class ModelCard:
         """The shared pipeline's parameters for this detector.
 
         Raises:
-            ValueError: the card is not a detection card, or its patch is not a cube.
+            ValueError: the card is not a detection card, its patch is not a cube, or its
+                normalisation is not an HU window (the detector's lung mask reads HU).
         """
         if self.task is not Task.DETECTION or self.decoding is None:
             raise ValueError(f"model {self.name!r} is a {self.task.value} model, not a detector")
@@ -281,6 +282,11 @@ class ModelCard:
             raise ValueError(
                 f"model {self.name!r}: detection needs a cubic patch and isotropic "
                 f"spacing, got patch {self.patch_size}, spacing {self.input_spacing}"
+            )
+        if not isinstance(self.normalisation, Intensity):
+            raise ValueError(
+                f"model {self.name!r}: detection needs an HU-window normalisation "
+                f"(kind 'hu_window'), got {self.normalisation.to_json().get('kind')!r}"
             )
         d = self.decoding
         return DetectionParams(
@@ -542,6 +548,12 @@ def _code(data: Mapping[str, Any]) -> Code:
     return Code(str(data["value"]), str(data["scheme"]), str(data["meaning"]))
 
 
+def _colour(values: Sequence[Any]) -> tuple[int, int, int]:
+    """A label's display colour: three integers (R, G, B)."""
+    r, g, b = (int(c) for c in values)
+    return r, g, b
+
+
 def _label(data: Mapping[str, Any]) -> Label:
     region, colour = data.get("anatomic_region"), data.get("colour")
     return Label(
@@ -550,7 +562,7 @@ def _label(data: Mapping[str, Any]) -> Label:
         _code(data["category"]),
         _code(data["type"]),
         _code(region) if region else None,
-        tuple(int(c) for c in colour) if colour else None,
+        _colour(colour) if colour else None,
     )
 
 

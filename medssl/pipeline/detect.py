@@ -168,7 +168,7 @@ class DetectionParams:
 
     spacing_mm: float = 1.0
     normalisation: Intensity = field(default_factory=Intensity)
-    window: tuple[int, int, int] | int = (128, 128, 128)
+    window: tuple[int, int, int] = (128, 128, 128)  # an int is taken as a cube
     divisor: int = 16
     overlap: float = 0.25
     batch_size: int = 2
@@ -183,7 +183,7 @@ class DetectionParams:
     calibration: Calibration = field(default_factory=Calibration)
 
     def __post_init__(self) -> None:
-        window = self.window
+        window: Any = self.window
         if positive_int(window):
             window = (window, window, window)
         elif isinstance(window, (list, np.ndarray)):
@@ -391,7 +391,7 @@ def prepared_lung_mask(prepared: Volume, params: DetectionParams) -> np.ndarray:
     scale = np.float32((window.hu_max - window.hu_min) / 2.0)
     hu = prepared.array * scale
     hu += np.float32(window.hu_min + scale)
-    return lung_mask(hu, prepared.spacing, params=params.lung_mask_params)
+    return lung_mask(hu, prepared.spacing.tolist(), params=params.lung_mask_params)
 
 
 def window_touches(mask: np.ndarray, start: Sequence[int], window: Sequence[int]) -> bool:

@@ -130,6 +130,24 @@ def normalisation_from_json(data: Mapping[str, Any]) -> Intensity | PercentileIn
     raise ValueError(f"normalisation kind must be 'hu_window' or 'percentile', got {kind!r}")
 
 
+class Normalisation(Protocol):
+    """Intensity normalisation of a model (part of its card).
+
+    :class:`~medssl.pipeline.preprocess.Intensity` is one; any object with this interface works.
+    """
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """Source intensities of any shape → float32 model input of the same shape."""
+        ...
+
+    @property
+    def pad_value(self) -> float:
+        """Normalised value of voxels outside the scan (window padding)."""
+        ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
 class ModelGrid(Protocol):
     """What :func:`prepare` reads from a model's parameters (the shared vocabulary).
 
@@ -145,7 +163,7 @@ class ModelGrid(Protocol):
     def spacing_mm(self) -> float | tuple[float, float, float]: ...
 
     @property
-    def normalisation(self) -> Intensity | PercentileIntensity: ...
+    def normalisation(self) -> Normalisation: ...
 
     @property
     def crop_to_body(self) -> bool: ...
@@ -201,11 +219,15 @@ def prepare(volume: Volume, params: ModelGrid, timings: dict[str, float] | None 
         ValueError: the normalisation changed the array's shape.
     """
     normalisation = params.normalisation
-    target = np.broadcast_to(np.asarray(params.spacing_mm, dtype=np.float64), (3,))
+    target = [float(s) for s in np.broadcast_to(np.asarray(params.spacing_mm, dtype=float), (3,))]
     hu_window = isinstance(normalisation, Intensity)
     crop = hu_window and params.crop_to_body
     tic = perf_counter()
-    if hu_window and not crop and not np.allclose(volume.spacing, target, atol=1e-3):
+    if (
+        isinstance(normalisation, Intensity)
+        and not crop
+        and not np.allclose(volume.spacing, target, atol=1e-3)
+    ):
         # the window is elementwise: applied to each resampled block in its thread, while in cache
         prepared = volume.resample(target, post=normalisation.apply_inplace)
         if timings is not None:
@@ -281,7 +303,7 @@ def resample_to_spacing(volume: Volume, spacing_mm: Sequence[float] | float) -> 
         volume: any volume, any spacing and direction.
         spacing_mm: target voxel size ``(z, y, x)`` mm or one number (isotropic).
     """
-    target = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
+    target = [float(s) for s in np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))]
     if np.allclose(volume.spacing, target, atol=1e-3):
         return volume
     return volume.resample(target)

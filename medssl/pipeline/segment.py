@@ -55,7 +55,12 @@ from medssl.pipeline.checks import (
     positive_int,
     positive_number,
 )
-from medssl.pipeline.preprocess import check_model_grid, normalisation_from_json, prepare
+from medssl.pipeline.preprocess import (
+    Normalisation,
+    check_model_grid,
+    normalisation_from_json,
+    prepare,
+)
 from medssl.pipeline.windows import extract_window, plan_windows
 from medssl.volume import Volume, lerp_axis
 
@@ -98,24 +103,6 @@ class SegmentationRunner(Protocol):
     """
 
     def __call__(self, patches: np.ndarray) -> np.ndarray: ...
-
-
-class Normalisation(Protocol):
-    """Intensity normalisation of a model (part of its card).
-
-    :class:`~medssl.pipeline.preprocess.Intensity` is one; any object with this interface works.
-    """
-
-    def apply(self, array: np.ndarray) -> np.ndarray:
-        """Source intensities of any shape → float32 model input of the same shape."""
-        ...
-
-    @property
-    def pad_value(self) -> float:
-        """Normalised value of voxels outside the scan (window padding)."""
-        ...
-
-    def to_json(self) -> dict[str, Any]: ...
 
 
 class Blending(str, Enum):
@@ -460,7 +447,8 @@ def _blend_windows(
     scores, n_windows = _blend_box(full[region], runner, params, timings)
     out = np.zeros((params.n_classes, *full.shape), dtype=np.float32)
     out[0] = 1.0
-    out[(slice(None), *region)] = scores
+    index = (slice(None), *region)
+    out[index] = scores
     every = len(plan_windows(full.shape, params.window, params.overlap))
     return out, n_windows, max(every - n_windows, 0)
 
@@ -489,7 +477,8 @@ def _blend_box(
         for start, window_scores in zip(batch, scores):
             target, crop = _overlap_slices(start, window, shape)
             w = weights[crop]
-            scores_sum[(slice(None), *target)] += window_scores[(slice(None), *crop)] * w
+            into, part = (slice(None), *target), (slice(None), *crop)
+            scores_sum[into] += window_scores[part] * w
             weight_sum[target] += w
         timings["blend"] += perf_counter() - tic
     tic = perf_counter()

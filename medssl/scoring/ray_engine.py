@@ -174,7 +174,7 @@ def _quiet_console() -> list[logging.Handler]:
     """Filter Ray Data's console handlers (its log file keeps everything); returns them."""
     import ray.data  # noqa: F401 - configures the "ray.data" logger
 
-    handlers = [
+    handlers: list[logging.Handler] = [
         h
         for h in logging.getLogger("ray.data").handlers
         if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
@@ -203,11 +203,11 @@ def _dataset(
     context.verbose_stats_logs = False
     with ray.data.DataContext.current(context):  # the dataset keeps a copy of this context
         # One block per series, so series are prepared in parallel (a task maps a whole block).
-        ds = ray.data.from_items(
+        ds: ray.data.Dataset = ray.data.from_items(
             [{"item": json.dumps(item.to_json())} for item in items], override_num_blocks=len(items)
         )
         ds = ds.map_batches(
-            _prepare_batch,
+            _prepare_batch,  # type: ignore[arg-type]  # Ray's stubs ignore fn_kwargs
             fn_kwargs={"params": params, "limits": options.limits},
             batch_size=1,
             batch_format="pyarrow",

@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -113,7 +114,7 @@ def _read(
     if grid is not None:
         limits.check(*grid, item.paths[0], spacing_mm)
     volume = read_volume(item.paths[0])
-    limits.check(volume.shape, volume.spacing, item.paths[0], spacing_mm)
+    limits.check(volume.shape, volume.spacing.tolist(), item.paths[0], spacing_mm)
     return volume, None
 
 
@@ -333,7 +334,8 @@ def infer(
     if isinstance(params, SegmentationParams):
         return _infer_segmentation(prepared, runner, card, params, dicom, label_maps)  # type: ignore[arg-type]
     try:
-        result = detect_preprocessed(prepared.volume, runner, params)
+        # a detection card's runner returns the detector's boxes
+        result = detect_preprocessed(prepared.volume, cast(DetectionRunner, runner), params)
     except Exception as exc:  # noqa: BLE001 - a failed result, not a dead run
         return _failure(prepared, card, exc)
     threshold = card.report_threshold(dicom.min_probability if dicom is not None else None)
