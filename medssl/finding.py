@@ -13,9 +13,11 @@ continuous ``(z, y, x)`` index of that point in the source scan (voxel ``i`` cen
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from medssl.volume import float_triple
 
 __all__ = ["FINDING_ROW_COLUMNS", "Finding"]
 
@@ -54,9 +56,11 @@ class Finding:
     score: float | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "centre_lps", _triple(self.centre_lps, "centre_lps"))
+        object.__setattr__(self, "centre_lps", float_triple(self.centre_lps, "Finding.centre_lps"))
         if self.centre_voxel is not None:
-            object.__setattr__(self, "centre_voxel", _triple(self.centre_voxel, "centre_voxel"))
+            object.__setattr__(
+                self, "centre_voxel", float_triple(self.centre_voxel, "Finding.centre_voxel")
+            )
 
     def to_row(self) -> dict[str, Any]:
         """The finding's columns of ``findings.parquet``: ``series_uid``, ``x_mm``, ``y_mm``,
@@ -87,10 +91,3 @@ class Finding:
             probability=float(row["probability"]),
             series_uid=str(row["series_uid"] or ""),
         )
-
-
-def _triple(values: Sequence[float], name: str) -> tuple[float, float, float]:
-    point = [float(v) for v in values]
-    if len(point) != 3:
-        raise ValueError(f"Finding.{name} must be three numbers, got {values!r}")
-    return point[0], point[1], point[2]

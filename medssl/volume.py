@@ -22,9 +22,23 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Volume", "affine_from_geometry", "lerp_axis", "resample_array"]
+__all__ = ["Volume", "affine_from_geometry", "float_triple", "lerp_axis", "resample_array"]
 
 Interpolation = Literal["linear", "nearest"]
+
+
+def float_triple(
+    values: Sequence[float] | np.ndarray, what: str = "value"
+) -> tuple[float, float, float]:
+    """Three numbers as a tuple of Python floats: a ``(z, y, x)`` spacing or voxel, an LPS point.
+
+    Raises:
+        ValueError: ``values`` does not hold exactly three numbers (``what`` names it).
+    """
+    items = [float(v) for v in values]
+    if len(items) != 3:
+        raise ValueError(f"{what} must be three numbers, got {values!r}")
+    return items[0], items[1], items[2]
 
 
 def affine_from_geometry(

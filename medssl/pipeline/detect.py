@@ -60,7 +60,7 @@ from medssl.pipeline.preprocess import (
     prepare,
 )
 from medssl.pipeline.windows import extract_window, plan_windows
-from medssl.volume import Volume
+from medssl.volume import Volume, float_triple
 
 __all__ = [
     "DetectionParams",
@@ -526,10 +526,10 @@ def _merge(
     voxels = lps @ inverse[:3, :3].T + inverse[:3, 3]
     return [
         Finding(
-            centre_lps=_triple(point),
+            centre_lps=float_triple(point),
             diameter_mm=float(box[3] * params.spacing_mm),
             probability=float(probability),
-            centre_voxel=_triple(voxel),
+            centre_voxel=float_triple(voxel),
             score=float(score),
         )
         for point, box, score, probability, voxel in zip(lps, boxes, scores, probabilities, voxels)
@@ -543,7 +543,3 @@ def _check_prepared(prepared: Volume, params: DetectionParams) -> None:
         params.spacing_mm,
         "prepare(volume, params) or call detect()",
     )
-
-
-def _triple(values: np.ndarray) -> tuple[float, float, float]:
-    return (float(values[0]), float(values[1]), float(values[2]))

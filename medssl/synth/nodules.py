@@ -52,6 +52,7 @@ from medssl.synth.chest_anatomy import (
     sphere_directions,
     sphere_lung_occupancy,
 )
+from medssl.volume import float_triple
 
 __all__ = [
     "ATTACHMENTS",
@@ -564,7 +565,7 @@ class _Placer:
                     np.array([True]),
                 )
                 shape = _shape(self.rng, float(bulge[i]), 0.05, 0).moved(points[i])
-                record = Confuser(_tuple(points[i]), float(2 * bulge[i]), "vessel-crossing")
+                record = Confuser(float_triple(points[i]), float(2 * bulge[i]), "vessel-crossing")
                 return Lesion(((shape, vessel_hu, 0.0),), 0, record), crossing
         return None
 
@@ -573,10 +574,6 @@ def check_shares(name: str, shares: tuple[float, ...]) -> None:
     """Raise ValueError naming ``name`` unless ``shares`` are 3 probabilities summing to 1."""
     if len(shares) != 3 or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
         raise ValueError(f"{name} must be 3 non-negative probabilities summing to 1, got {shares}")
-
-
-def _tuple(p: np.ndarray) -> tuple[float, float, float]:
-    return float(p[0]), float(p[1]), float(p[2])
 
 
 def place_lesions(
@@ -670,7 +667,7 @@ def place_lesions(
                 f"{where}; use a larger matrix or n_slices, or a smaller nodule_diameter_range"
             )
         location, attached_to = _RECORDED[mode]
-        record = Nodule(_tuple(centre), float(diameter), kind, location, label, attached_to)
+        record = Nodule(float_triple(centre), float(diameter), kind, location, label, attached_to)
         nodules.append(
             Lesion(
                 tuple((s.moved(s.centre + centre), hu, haze) for s, hu, haze in layers),
@@ -695,7 +692,7 @@ def place_lesions(
         centre = placer.find("free", shape.extent, diameter / 2, nodules + confusers, 3.0)
         if centre is None:
             continue
-        micronodule = Confuser(_tuple(centre), diameter, "micronodule")
+        micronodule = Confuser(float_triple(centre), diameter, "micronodule")
         confusers.append(Lesion(((shape.moved(centre), hu, 0.0),), 0, micronodule))
     return nodules, confusers, Tubes.concat(crossings)
 
@@ -738,7 +735,7 @@ def place_lookalikes(
             centre = placer.find("free", shape.extent, diameter / 2, taken, 3.0)
             if centre is None:
                 continue
-            record = Confuser(_tuple(centre), diameter, "granuloma")
+            record = Confuser(float_triple(centre), diameter, "granuloma")
             lesion = Lesion(((shape.moved(centre), hu, 0.0),), 0, record)
             granulomas.append(lesion)
         else:
@@ -757,7 +754,7 @@ def place_lookalikes(
             if occ.min() < 1:
                 continue
             scars.append(Tubes.polyline(points, np.array([0.7, 1.0, 0.7]) * half, clipped=True))
-            record = Confuser(_tuple(points[1]), length, "scar")  # the band's middle
+            record = Confuser(float_triple(points[1]), length, "scar")  # the band's middle
             shape = _shape(rng, 0.5 * length, 0.0, 0).moved(centre)  # its room, never drawn
             lesion = Lesion(((shape, scar_hu, 0.0),), 0, record)
         taken.append(lesion)

@@ -40,7 +40,7 @@ from medssl.synth.organ_case import RANDOMISED, OrganCase, organ_grid
 from medssl.synth.organ_raster import rasterise
 from medssl.synth.organ_scene import LABELS, Tissue
 from medssl.synth.primitives import smooth_random_field
-from medssl.volume import Volume
+from medssl.volume import Volume, float_triple
 
 __all__ = ["RANDOMISED", "DomainRandomisation", "RandomisedDraw", "randomised_organ_phantom"]
 
@@ -155,7 +155,7 @@ class DomainRandomisation:
             bias_strength=rng.uniform(*self.bias_strength),
             spacing=(thickness, pixel, pixel),
             shape=shape,
-            fov_centre_mm=_zyx(rng.normal(0.0, self.fov_shift_mm)),
+            fov_centre_mm=float_triple(rng.normal(0.0, self.fov_shift_mm)),
             case_intensity_sd=0.0,
             case_noise_sd=0.0,  # drawn here already, once per case
         )
@@ -177,12 +177,6 @@ class RandomisedDraw:
     realistic: bool
     body_scale: float
     deformation_mm: float
-
-
-def _zyx(values: np.ndarray) -> tuple[float, float, float]:
-    """A ``(3,)`` array as a ``(z, y, x)`` tuple of floats."""
-    z, y, x = (float(v) for v in values)
-    return z, y, x
 
 
 def _deform(

@@ -98,3 +98,12 @@ def test_resample_array_fills_samples_outside_the_input():
     assert out[:, 0, 0].tolist() == [0, 1, 2, 3, -5, -5]
     edge = resample_array(image, (1.0, 1.0, 1.0), (6, 2, 2))
     assert edge[:, 0, 0].tolist() == [0, 1, 2, 3, 3, 3]
+
+
+def test_float_triple_gives_python_floats_and_names_a_wrong_length():
+    from medssl.volume import float_triple
+
+    got = float_triple(np.array([1, 2.5, 3], dtype=np.float32))
+    assert got == (1.0, 2.5, 3.0) and all(type(v) is float for v in got)
+    with pytest.raises(ValueError, match=r"spacing must be three numbers, got \[1.0, 2.0\]"):
+        float_triple([1.0, 2.0], "spacing")
