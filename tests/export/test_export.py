@@ -56,7 +56,7 @@ def test_the_card_holds_what_serving_needs(exported_detector):
     assert card.input_spacing == (1.0, 1.0, 1.0) and card.overlap == 0.25
     assert card.output_names == ("boxes", "scores") and card.outputs[0].shape == (4680, 4)
     params = card.detection_params(batch_size=3)
-    assert params.window == 32 and params.divisor == 16 and params.batch_size == 3
+    assert params.window == (32, 32, 32) and params.divisor == 16 and params.batch_size == 3
     assert params.normalisation.hu_min == -1200 and params.nms_iou == 0.1
     assert card.labels == (NODULE_LABEL,)
     data = json.loads((exported_detector.model_dir / "medssl.json").read_text())
