@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydicom.dataset import Dataset
 
 from medssl.atomic import atomic_write
 from medssl.errors import CorruptFileError, MedsslError
@@ -106,6 +107,9 @@ class DicomIndex:
 
     series: list[SeriesRecord]
     unreadable: list[tuple[str, str]]
+    #: With ``index_files(..., keep_headers=True)``: each indexed file's dataset by its path
+    #: (absolute), pixel data left on disk, for the reader to use instead of parsing it again.
+    headers: dict[str, Dataset] = field(default_factory=dict)
 
     @property
     def n_files(self) -> int:
@@ -274,15 +278,26 @@ def _write_parquet(path: Path, table: pa.Table) -> None:
     atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
 
 
-def index_files(paths: Sequence[str | Path]) -> DicomIndex:
+def index_files(paths: Sequence[str | Path], keep_headers: bool = False) -> DicomIndex:
     """Index the given files by their headers, in this process (e.g. one study's instances).
+
+    Args:
+        paths: the files.
+        keep_headers: also return each file's dataset (``DicomIndex.headers``, pixel data
+            deferred), so that reading a series parses no header a second time
+            (:func:`medssl.io.dicom_series.load_dicom_series`'s ``headers``). For one study,
+            not an archive: the datasets stay in memory.
 
     Returns:
         As :func:`index_tree`: series sorted by (patient, study, series number, series key),
         files within a series sorted by path (absolute), files whose header does not parse
         (or raises anything) listed.
     """
-    return _index(_read_headers([str(Path(p).absolute()) for p in paths]))
+    kept: dict[str, Dataset] | None = {} if keep_headers else None
+    index = _index(_read_headers([str(Path(p).absolute()) for p in paths], kept=kept))
+    if kept is not None:
+        index.headers = kept
+    return index
 
 
 def _index(headers: list[dict[str, object]]) -> DicomIndex:
@@ -293,17 +308,26 @@ def _index(headers: list[dict[str, object]]) -> DicomIndex:
     )
 
 
-def _read_headers(paths: Sequence[str], root: str | None = None) -> list[dict[str, object]]:
+def _read_headers(
+    paths: Sequence[str], root: str | None = None, kept: dict[str, Dataset] | None = None
+) -> list[dict[str, object]]:
     """Header fields of each file (picklable dicts, for worker processes).
 
     A file whose header raises anything is ``{"path", "error"}``: the reason of a
     CorruptFileError, else the exception's type only (its message may quote header values).
     ``root``: derived series keys name folders relative to it (absolute without it).
+    ``kept``: each file's dataset is read whole with its pixel data deferred and stored here
+    by path (in this process only).
     """
     out: list[dict[str, object]] = []
     for path in paths:
         try:
-            out.append(_header(path, root))
+            if kept is None:
+                out.append(_header(read_dataset(path, stop_before_pixels=True), path, root))
+            else:
+                ds = read_dataset(path, defer_pixels=True)
+                out.append(_header(ds, path, root))
+                kept[path] = ds
         except CorruptFileError as exc:
             out.append({"path": path, "error": exc.problem})
         except Exception as exc:  # noqa: BLE001 - one file's header never stops the index
@@ -311,8 +335,8 @@ def _read_headers(paths: Sequence[str], root: str | None = None) -> list[dict[st
     return out
 
 
-def _header(path: str, root: str | None) -> dict[str, object]:
-    ds = read_dataset(path, stop_before_pixels=True)
+def _header(ds: Dataset, path: str, root: str | None) -> dict[str, object]:
+    """The index fields of ``ds``, the dataset of the file at ``path``."""
     folder = os.path.dirname(path)
     if root is not None:
         folder = os.path.relpath(folder, root)

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
+
 from medssl.dicom.written import WrittenObject
 from medssl.errors import MedsslError, RunnerError
 from medssl.index import index_files
@@ -307,7 +309,9 @@ def process_study(
             never one series' headers, pixels or size; the outputs of series finished before stay on
             disk and are rewritten identically by the retry.
     """
-    index = index_files(files)
+    # One parse per file: the datasets read to group and route the study are the ones the
+    # series are read from (their pixel data left on disk until then).
+    index = index_files(files, keep_headers=True)
     for path, reason in index.unreadable:
         log.warning("skipping %s, not a readable DICOM file: %s", Path(path).name, reason)
     items = [ScanItem.from_record(record) for record in index.series]
@@ -319,7 +323,7 @@ def process_study(
             log.info("series %s, model %s: skipped (%s)", skip.item.key, route.model, skip.reason)
             result.series.append(skipped_result(skip.item, loaded.card, skip.reason))
         for item in chosen:
-            _run_series(item, route, loaded, Path(out_dir), result, limits)
+            _run_series(item, route, loaded, Path(out_dir), result, limits, index.headers)
     return result
 
 
@@ -330,10 +334,12 @@ def _run_series(
     out_dir: Path,
     result: StudyResult,
     limits: GeometryLimits,
+    headers: dict[str, Dataset],
 ) -> None:
-    """Score one series with one route's model; add its result and timings."""
+    """Score one series with one route's model; add its result and timings. ``headers``: the
+    study's datasets from its index, used (and taken out) by the first route to read a file."""
     card = loaded.card
-    prepared = prepare_series(item, loaded.params, limits)
+    prepared = prepare_series(item, loaded.params, limits, headers)
     output = DicomOutput(
         out_dir / card.name,
         route.min_probability,

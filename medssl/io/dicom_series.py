@@ -10,7 +10,7 @@ each slice's RescaleSlope / RescaleIntercept.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -116,11 +116,15 @@ def load_dicom_series(
     workers: int = DEFAULT_WORKERS,
     limits: GeometryLimits | None = None,
     target_spacing_mm: Sequence[float] | float | None = None,
+    headers: MutableMapping[str, Dataset] | None = None,
 ) -> DicomSeries:
     """:func:`read_dicom_series`, keeping the headers it read (each file is parsed once).
 
-    Arguments and errors are :func:`read_dicom_series`'s. Returns the volume and the chosen
-    series' datasets (:class:`DicomSeries`), without their pixel data.
+    Arguments and errors are :func:`read_dicom_series`'s, plus ``headers``: datasets already
+    read with their pixel data deferred (:func:`medssl.index.index_files` with
+    ``keep_headers``), by file path as given. Each one used is taken out of the mapping (its
+    pixel data is dropped once read); a file without one is read here. Returns the volume and
+    the chosen series' datasets (:class:`DicomSeries`), without their pixel data.
     """
     if isinstance(source, (str, Path)):
         label = Path(source)
@@ -129,7 +133,11 @@ def load_dicom_series(
     paths, ignored = _collect(source)
     if not paths:
         raise VolumeReadError(label, "holds no DICOM files")
-    read = partial(read_dataset, defer_pixels=True)
+
+    def read(path: Path) -> Dataset:
+        known = headers.pop(str(path), None) if headers is not None else None
+        return known if known is not None else read_dataset(path, defer_pixels=True)
+
     if workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             datasets = list(pool.map(read, paths))

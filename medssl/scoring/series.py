@@ -18,7 +18,7 @@ the result writers (SR, SEG) reference the same datasets, carried in :attr:`Prep
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
@@ -101,14 +101,19 @@ def _describe(exc: BaseException) -> str:
 
 
 def _read(
-    item: ScanItem, limits: GeometryLimits, spacing_mm: Sequence[float] | float
+    item: ScanItem,
+    limits: GeometryLimits,
+    spacing_mm: Sequence[float] | float,
+    headers: MutableMapping[str, Dataset] | None = None,
 ) -> tuple[Volume, list[Dataset] | None]:
     """The series in HU and, for DICOM, its headers; its geometry checked against ``limits``
     (with the resampled size on the model grid ``spacing_mm``) from its headers before its
     pixels are read (DICOM, NIfTI, MetaImage), and for any other volume path after reading,
     before resampling."""
     if item.is_dicom:
-        series = load_dicom_series(list(item.paths), limits=limits, target_spacing_mm=spacing_mm)
+        series = load_dicom_series(
+            list(item.paths), limits=limits, target_spacing_mm=spacing_mm, headers=headers
+        )
         return series.volume, series.headers
     grid = read_grid(item.paths[0])  # NIfTI / MetaImage headers: checked before the data is read
     if grid is not None:
@@ -119,7 +124,10 @@ def _read(
 
 
 def prepare_series(
-    item: ScanItem, params: ModelParams, limits: GeometryLimits = DEFAULT_LIMITS
+    item: ScanItem,
+    params: ModelParams,
+    limits: GeometryLimits = DEFAULT_LIMITS,
+    headers: MutableMapping[str, Dataset] | None = None,
 ) -> Prepared:
     """Read a series and prepare it for the model (:func:`medssl.pipeline.preprocess.prepare`);
     errors become ``Prepared.error``.
@@ -135,11 +143,14 @@ def prepare_series(
         params: the model's pipeline parameters (its grid ``spacing_mm``).
         limits: the plausible geometry (:mod:`medssl.io.limits`); they bound the memory one
             series may take.
+        headers: the series' datasets already read (``index_files(..., keep_headers=True)``),
+            by path; those used are taken out (see
+            :func:`~medssl.io.dicom_series.load_dicom_series`).
     """
     timings = {"read": 0.0, "preprocess": 0.0}
     start = time.perf_counter()
     try:
-        source, headers = _read(item, limits, params.spacing_mm)
+        source, kept = _read(item, limits, params.spacing_mm, headers)
         timings["read"] = time.perf_counter() - start
         start = time.perf_counter()
         volume = prepare(source, params)
@@ -161,7 +172,7 @@ def prepare_series(
         n_slices=source.shape[0],
         source_affine=source.affine.copy(),
         source_shape=source.shape,
-        headers=headers,
+        headers=kept,
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import highdicom as hd
@@ -185,6 +186,33 @@ def test_a_route_without_min_probability_reports_from_the_card_s_operating_point
         assert len(warned) == (0 if card_op else 1)
     assert len(every[every[:, 4] >= threshold]) == at_half + 1
     assert f"model {MODEL} v1" in warned[0] and ">= 0.5" in warned[0]
+
+
+def test_each_received_file_is_parsed_once_and_a_second_route_reads_its_own(
+    chest, detector, tmp_path, monkeypatch
+):
+    """The datasets read to group and route the study are the ones the series is read from
+    (pixel data deferred), and the writers reuse them: one dcmread per file. A second route on
+    the same series reads the files again (the first one's datasets have had their pixel data
+    dropped), so it still gets the same findings."""
+    reads: Counter[str] = Counter()
+    real = pydicom.dcmread
+
+    def counting(path, *args, **kwargs):
+        reads[str(path)] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    files = _files(chest / "good")
+    result = process_study(files, [ROUTE], detector, tmp_path / "one")
+    assert [o.status for o in result.series] == ["ok"]
+    assert reads == Counter({str(f.absolute()): 1 for f in files})
+
+    reads.clear()
+    twice = process_study(files, [ROUTE, ROUTE], detector, tmp_path / "two")
+    assert [o.status for o in twice.series] == ["ok", "ok"]
+    assert twice.series[0].n_reported == twice.series[1].n_reported == result.series[0].n_reported
+    assert reads == Counter({str(f.absolute()): 2 for f in files})
 
 
 def test_a_study_whose_series_fail_selection_gives_no_outputs_with_the_reasons(
