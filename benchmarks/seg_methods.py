@@ -234,11 +234,9 @@ def overrides_of(run: Run, budget: dict[str, Any]) -> dict[str, Any]:
 
 def known_methods() -> list[str]:
     """The methods the installed medssl's segmentation trainer accepts."""
-    import typing
+    from medssl.training.methods.registry import method_names
 
-    from medssl.training.segmentation.config import Method
-
-    return list(typing.get_args(Method))
+    return list(method_names("segmentation"))
 
 
 def warm(job: dict[str, Any]) -> dict[str, Any]:
