@@ -444,7 +444,15 @@ class ApiConfig:
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    """Everything ``medssl-serve`` needs (``examples/gateway.yaml`` documents each key)."""
+    """Everything ``medssl-serve`` needs (``examples/gateway.yaml`` documents each key).
+
+    Attributes:
+        routes: which model runs on which series: a list of sections (``model``, ``select``
+            rules, ``min_probability``, ``companion_seg``, ``seg_type``, ...); at least one.
+        destinations: where results are sent (DICOM C-STORE or STOW-RS), each with a unique
+            ``name``; none keeps results in the spool only.
+        log_level: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR`` (JSON lines on stderr).
+    """
 
     scp: ScpConfig = field(default_factory=ScpConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)

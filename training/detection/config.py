@@ -246,7 +246,13 @@ class EvalConfig:
 @dataclass(frozen=True)
 class DetectionExperiment:
     """Everything a detector run needs; ``method`` picks the registered method
-    (:mod:`medssl.training.methods`)."""
+    (:mod:`medssl.training.methods`).
+
+    Attributes:
+        method: the registered detection method (``focalmix`` or ``supervised-det``).
+        seed: seed of the training (weights, patches, augmentation).
+        amp: bfloat16 autocast on a GPU (ignored on the CPU).
+    """
 
     method: str = "focalmix"
     seed: int = 0
@@ -272,8 +278,7 @@ class DetectionExperiment:
                 raise ValueError(
                     f"{name} = {edge} must be divisible by the model's largest stride {stride} "
                     "(model.widths sets the number of stages), so that flips and rotations map "
-                    "anchors "
-                    "onto anchors"
+                    "anchors onto anchors"
                 )
         if not set(self.anchors.strides) <= set(self.model.strides):
             raise ValueError(

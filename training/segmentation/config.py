@@ -78,15 +78,16 @@ class SegDataConfig:
             Synapse clips to [-75, 275]); ``"percentile"``: per-volume 0.5–99.5 percentile
             window onto ``[-1, 1]`` (A&D's M&Ms / MR preprocessing; needed when domains
             differ in modality).
+        hu_min, hu_max: the HU window of ``normalisation: hu`` (default -75..275 HU, A&D's
+            Synapse clip).
         patch: training crop ``(z, y, x)``; ``y`` and ``x`` multiples of 16, ``z`` too for
             the VNet (any depth for ``model.network: unet2d``).
         svda: SVDA on every crop, labeled and unlabeled, for every method (off: random
             crop only; A&D's "w/o SVDA" ablation).
         foreground_fraction: share of labeled crops centred on a voxel of a class drawn
             uniformly among those present (nnU-Net's ``oversample_foreground_percent`` 0.33;
-            :class:`~medssl.training.segmentation.data.SegCrops`). Every method's labeled crops use
-            it;
-            unlabeled crops stay uniform. 0: uniform random crops only, as the official A&D,
+            :class:`~medssl.training.segmentation.data.SegCrops`). Every method's labeled crops
+            use it; unlabeled crops stay uniform. 0: uniform random crops only, as the official A&D,
             BCP and SSL4MIS loaders (the paper-size configs keep 0).
         split_seed: seed of the split.
         cache_dir: preprocessed-volume cache; default ``$MEDSSL_CACHE`` or ``~/.cache/medssl``.
@@ -143,6 +144,10 @@ class SegOptimConfig:
 
     Attributes:
         steps: optimisation steps (the same budget for every method).
+        batch_size: labeled crops per step (and as many unlabeled ones for the SSL methods).
+        momentum: SGD momentum (Nesterov).
+        weight_decay: SGD weight decay.
+        poly_power: exponent of the poly schedule ``lr * (1 - step / steps) ** poly_power``.
         lr: base learning rate: 1e-2, the official A&D training command (GenericSSL
             ``README.md``: ``train.sh ... -l 1e-2 -w 10``; 1e-3 is only ``train_diffusion.py``'s
             unused argparse default) and the official lr of SSL4MIS's mean teacher, UA-MT and
@@ -464,7 +469,17 @@ class SegEvalConfig:
 @dataclass(frozen=True)
 class SegmentationExperiment:
     """Everything a segmentation run needs; ``method`` picks the registered method
-    (:mod:`medssl.training.methods`)."""
+    (:mod:`medssl.training.methods`).
+
+    Attributes:
+        method: the registered segmentation method (``medssl-train --help`` lists them).
+        setting: ``ssl``, ``imbssl`` (class-imbalanced SSL), ``uda`` (labeled source,
+            unlabeled target domain) or ``semidg`` (few labels over several domains, an unseen
+            test domain): A&D's four settings; they shape the split.
+        seed: seed of the training (weights, crops, augmentation); the split has its own
+            ``data.split_seed``.
+        amp: bfloat16 autocast on a GPU (ignored on the CPU).
+    """
 
     method: str = "ad"
     setting: Setting = "ssl"
