@@ -50,9 +50,14 @@ pessimistic for shorter budgets.
 
 Results are appended to ``benchmarks/results/focalmix_ssl.json`` after every run (a run already
 there is skipped, so an interrupted benchmark resumes), with its wall time, and summarised in
-``focalmix_ssl.md`` and ``focalmix_ssl.png`` (CPM vs labeled count). ``--jobs N`` runs N
-trainings side by side, each in its own process with ``--threads`` (default 1) torch/OpenMP
-threads.
+``focalmix_ssl.md`` and ``focalmix_ssl.png`` (CPM vs labeled count). Each finished run's test
+submission is kept beside them, gzipped, in ``focalmix_ssl_runs/`` (``--results``' folder): the
+statistics read those, not the work folder, so the results file and that folder are the whole
+state of a benchmark that spans machines (a session's ``/tmp`` does not outlive it). The data are
+regenerated from the same settings on a new machine, and the meta's ``data_fingerprint``
+(:func:`medssl.bench.data.dataset_fingerprint`) refuses to mix runs made on other bytes.
+``--jobs N`` runs N trainings side by side, each in its own process with ``--threads`` (default
+1) torch/OpenMP threads.
 
     python benchmarks/focalmix_ssl.py --learning-curve --steps 3000
     python benchmarks/focalmix_ssl.py --steps 1500 --jobs 2
@@ -63,12 +68,15 @@ threads.
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import math
 import multiprocessing
 import os
+import shutil
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -80,7 +88,7 @@ from typing import Any
 
 import numpy as np
 
-from medssl.bench.data import generated_dataset
+from medssl.bench.data import dataset_fingerprint, generated_dataset
 from medssl.bench.machine import cpu_device
 from medssl.datasets.luna16 import Luna16
 from medssl.metrics import (
@@ -199,10 +207,15 @@ def prepare_data(
     )
 
 
+def test_seriesuids(luna: Luna16, test_subsets: Sequence[int]) -> list[str]:
+    """The scans of the test subsets, in the dataset's order: every run is scored on these."""
+    return [u for u in luna.seriesuids if luna.subset_of(u) in test_subsets]
+
+
 def test_set_size(data: Path, test_subsets: Sequence[int]) -> tuple[int, int]:
     """``(scans, nodules)`` of the test subsets."""
     luna = Luna16(data)
-    test = [u for u in luna.seriesuids if luna.subset_of(u) in test_subsets]
+    test = test_seriesuids(luna, test_subsets)
     return len(test), sum(len(luna.annotations(u)) for u in test)
 
 
@@ -331,6 +344,12 @@ def execute(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
     )
     wall = time.perf_counter() - start
     report = result.test_report or {}
+    tested = set(read_seriesuids(out / "test" / "seriesuids.csv"))
+    if tested != set(settings["test_uids"]):
+        raise RuntimeError(f"{run.key} was tested on other scans than the benchmark's test subsets")
+    submission = keep_submission(
+        out / "test" / "submission.csv", Path(settings["runs_dir"]), run.folder
+    )
     return {
         "key": run.key,
         "name": run.name,
@@ -353,6 +372,7 @@ def execute(run: Run, settings: dict[str, Any]) -> dict[str, Any]:
         "train_wall_s": train_wall_s(out),
         "threads": torch.get_num_threads(),
         "run_dir": str(out),
+        "submission": submission,
         **object_stats(out),
     }
 
@@ -396,16 +416,39 @@ def run_all(
 # --------------------------------------------------------------------------- statistics
 
 
-def run_froc(record: dict[str, Any], luna: Luna16) -> FrocResult:
-    """The LUNA16 evaluation of a finished run, from its ``test/submission.csv`` (no bootstrap:
-    the paired analysis draws its own)."""
-    test = Path(record["run_dir"]) / "test"
-    uids = read_seriesuids(test / "seriesuids.csv")
+def keep_submission(submission: Path, runs_dir: Path, name: str) -> str:
+    """Copy a finished run's ``submission.csv`` to ``runs_dir/name.csv.gz`` (gzip with no
+    timestamp, so the same submission gives the same bytes); its name, relative to
+    ``runs_dir``'s parent (the results folder)."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    target = runs_dir / f"{name}.csv.gz"
+    partial = target.with_suffix(".part")
+    with (
+        open(submission, "rb") as src,
+        open(partial, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as dst,
+    ):
+        shutil.copyfileobj(src, dst)
+    partial.replace(target)
+    return target.relative_to(runs_dir.parent).as_posix()
+
+
+def run_froc(
+    record: dict[str, Any], luna: Luna16, test_uids: Sequence[str], results: Path
+) -> FrocResult:
+    """The LUNA16 evaluation of a finished run on the scans ``test_uids``, from its kept
+    submission (``record["submission"]``, relative to the folder ``results``), no bootstrap:
+    the paired analysis draws its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "submission.csv"
+        with gzip.open(results / record["submission"], "rb") as src, open(plain, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        predictions = read_predictions(plain)
     return evaluate_luna16(
-        [f for u in uids for f in luna.annotations(u)],
-        [f for u in uids for f in luna.excluded(u)],
-        uids,
-        read_predictions(test / "submission.csv"),
+        [f for u in test_uids for f in luna.annotations(u)],
+        [f for u in test_uids for f in luna.excluded(u)],
+        test_uids,
+        predictions,
         n_bootstrap=0,
     )
 
@@ -872,7 +915,7 @@ EXPERIMENT_KEYS = (
     "config",
     "overrides",
     "steps",
-    "data",
+    "data_fingerprint",
     "matrix",
     "test_subsets",
     "unlabeled_pool",
@@ -900,14 +943,12 @@ def resumable_runs(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
             f"{path} holds another experiment (saved vs now: {differ}); move it away to start "
             "afresh, or pass --results with another file"
         )
-    runs = list(saved["runs"])
-    for r in runs:  # records written before train_wall_s existed: counted from their logs
-        if (
-            "train_wall_s" not in r
-            and "run_dir" in r
-            and (Path(r["run_dir"]) / "log.jsonl").is_file()
-        ):
-            r["train_wall_s"] = train_wall_s(Path(r["run_dir"]))
+    runs = []
+    for r in saved["runs"]:
+        if "submission" not in r or not (path.parent / r["submission"]).is_file():
+            print(f"{r.get('key')}: its test submission is not in {path.parent}; it runs again")
+            continue
+        runs.append(r)
     return runs
 
 
@@ -989,7 +1030,11 @@ def main() -> None:
             f"nodules; the benchmark needs >= {MIN_TEST_SCANS} and >= {MIN_TEST_NODULES}: "
             "generate more --cases (into a new --data folder) or pass more --test-subsets"
         )
+    luna = Luna16(args.data)
+    test_uids = test_seriesuids(luna, args.test_subsets)
     settings = {
+        "test_uids": test_uids,
+        "runs_dir": str(args.results.with_name(args.results.stem + "_runs")),
         "data": str(args.data),
         "work": str(args.work),
         "config": args.config,
@@ -1010,6 +1055,7 @@ def main() -> None:
         "overrides": args.set,
         "steps": args.steps,
         "data": str(args.data),
+        "data_fingerprint": dataset_fingerprint(args.data),
         "matrix": args.matrix,
         "generator_family": "train (training, validation, unlabeled and test scans)",
         "test_subsets": args.test_subsets,
@@ -1047,13 +1093,12 @@ def main() -> None:
         ablation_seeds=ablation_seeds,
     )
     done = resumable_runs(args.results, meta)
-    luna = Luna16(args.data)
     frocs: dict[str, FrocResult] = {}
 
     def save(results: list[dict[str, Any]]) -> None:
         for r in results:
             if r["key"] not in frocs:
-                frocs[r["key"]] = run_froc(r, luna)
+                frocs[r["key"]] = run_froc(r, luna, test_uids, args.results.parent)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps({"meta": meta, "runs": results}, indent=2) + "\n")
         title = "# FocalMix vs supervised on synthetic chest CT" + (

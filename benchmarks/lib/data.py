@@ -3,6 +3,7 @@ benchmarks (:func:`generated_dataset`) and whole-chest DICOM series (:func:`writ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["generated_dataset", "write_scans"]
+__all__ = ["dataset_fingerprint", "generated_dataset", "write_scans"]
 
 
 def generated_dataset(data: Path, wanted: dict[str, Any]) -> dict[str, Any]:
@@ -41,6 +42,28 @@ def generated_dataset(data: Path, wanted: dict[str, Any]) -> dict[str, Any]:
     write_chest_dataset(data, **wanted)
     record.write_text(json.dumps(wanted, indent=2) + "\n")
     return wanted
+
+
+def dataset_fingerprint(data: Path) -> str:
+    """SHA-256 (hex) over the relative path and bytes of every file under ``data`` but
+    ``benchmark_data.json``, in sorted order.
+
+    Benchmarks whose runs span machines (a session's ``/tmp`` does not outlive it) regenerate
+    their data from the same settings; the fingerprint in their results' meta makes sure the
+    runs they mix were trained and tested on the same bytes, not on the output of a generator
+    that has changed since.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in data.rglob("*") if p.is_file()):
+        rel = path.relative_to(data).as_posix()
+        if rel == "benchmark_data.json":
+            continue
+        digest.update(rel.encode() + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def write_scans(folder: Path, n: int, seed: int) -> list[Path]:

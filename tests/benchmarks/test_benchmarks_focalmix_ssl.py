@@ -20,16 +20,18 @@ from benchmarks.focalmix_ssl import (
     Run,
     experiment,
     keep_checkpoints,
+    keep_submission,
     plan,
     pooled_paired_delta,
     resumable,
     resumable_runs,
+    run_froc,
     summarise,
     train_wall_s,
     verdict,
 )
 from medssl.finding import Finding
-from medssl.metrics import FrocResult, evaluate_luna16, paired_bootstrap_cpm
+from medssl.metrics import FrocResult, evaluate_luna16, paired_bootstrap_cpm, read_predictions
 
 N_SCANS = 30
 
@@ -182,10 +184,10 @@ def test_a_results_file_of_another_experiment_is_not_resumed(tmp_path: Path) -> 
     path = tmp_path / "focalmix_ssl.json"
     meta = dict.fromkeys(EXPERIMENT_KEYS) | {"steps": 1500, "split_seed": 0, "device": "here"}
     assert resumable_runs(path, meta) == []
-    path.write_text(
-        json.dumps({"meta": meta | {"device": "elsewhere", "jobs": 2}, "runs": [{"key": "a"}]})
-    )
-    assert resumable_runs(path, meta) == [{"key": "a"}]
+    (tmp_path / "a.csv.gz").write_bytes(b"")
+    run = {"key": "a", "submission": "a.csv.gz"}
+    path.write_text(json.dumps({"meta": meta | {"device": "elsewhere", "jobs": 2}, "runs": [run]}))
+    assert resumable_runs(path, meta) == [run]
     path.write_text(json.dumps({"meta": {"steps": 500, "config": None}, "runs": [{"key": "a"}]}))
     with pytest.raises(SystemExit, match="another experiment.*steps"):
         resumable_runs(path, meta)
@@ -235,12 +237,62 @@ def test_training_wall_time_counts_every_segment_of_a_resumed_run_and_no_pause(
     assert train_wall_s(tmp_path, pause_s=50.0) == pytest.approx(18.0 + 8.0)
 
 
-def test_results_written_before_training_wall_time_get_it_from_their_logs(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "log.jsonl").write_text('{"step": 1, "time": 10.0}\n{"step": 2, "time": 13.0}\n')
+def test_a_run_is_resumed_from_its_kept_submission_only(tmp_path: Path) -> None:
+    """The results file and the kept submissions are the benchmark's whole state across
+    machines: a record whose submission file is missing (or that predates them) runs again."""
     meta = dict.fromkeys(EXPERIMENT_KEYS)
-    (tmp_path / "r.json").write_text(
-        json.dumps({"meta": meta, "runs": [{"run_dir": str(run_dir), "wall_s": 1.0}]})
+    submission = tmp_path / "work" / "submission.csv"
+    submission.parent.mkdir()
+    submission.write_text("seriesuid,coordX,coordY,coordZ,probability\nscan00,1.5,-2.25,3,0.75\n")
+    kept = keep_submission(submission, tmp_path / "r_runs", "FocalMix_L10_s1")
+    assert kept == "r_runs/FocalMix_L10_s1.csv.gz"
+    again = keep_submission(submission, tmp_path / "r_runs", "other")
+    assert (tmp_path / kept).read_bytes() == (tmp_path / again).read_bytes()
+    assert (tmp_path / kept).read_bytes()[4:8] == bytes(4)  # gzip's MTIME field: none
+    runs = [{"key": "a", "submission": kept}, {"key": "b", "submission": "r_runs/gone.csv.gz"}]
+    (tmp_path / "r.json").write_text(json.dumps({"meta": meta, "runs": [*runs, {"key": "c"}]}))
+    assert [r["key"] for r in resumable_runs(tmp_path / "r.json", meta)] == ["a"]
+
+
+def test_the_statistics_read_the_kept_submission(tmp_path: Path) -> None:
+    from medssl.datasets.luna16 import Luna16
+    from medssl.synth.datasets import write_chest_dataset
+
+    data = tmp_path / "luna"
+    write_chest_dataset(data, cases=2, unlabeled=0, matrix=48, seed=3)
+    luna = Luna16(data)
+    uids = luna.seriesuids
+    nodule = luna.annotations(uids[0])[0]
+    x, y, z = nodule.centre_lps
+    (tmp_path / "submission.csv").write_text(
+        "seriesuid,coordX,coordY,coordZ,probability\n"
+        f"{uids[0]},{x!r},{y!r},{z!r},0.9\n{uids[1]},{x + 500},{y},{z},0.8\n"
     )
-    assert resumable_runs(tmp_path / "r.json", meta)[0]["train_wall_s"] == pytest.approx(3.0)
+    record = {"submission": keep_submission(tmp_path / "submission.csv", tmp_path / "runs", "r")}
+    froc = run_froc(record, luna, uids, tmp_path)
+    direct = evaluate_luna16(
+        [f for u in uids for f in luna.annotations(u)],
+        [f for u in uids for f in luna.excluded(u)],
+        uids,
+        read_predictions(tmp_path / "submission.csv"),
+        n_bootstrap=0,
+    )
+    assert froc.cpm == direct.cpm
+    assert froc.n_nodules == direct.n_nodules > 0
+    assert froc.cpm > 0
+
+
+def test_the_data_fingerprint_sees_every_byte_but_its_own_record(tmp_path: Path) -> None:
+    from medssl.bench.data import dataset_fingerprint
+
+    (tmp_path / "subset0").mkdir()
+    (tmp_path / "subset0" / "a.raw").write_bytes(b"\x00\x01")
+    (tmp_path / "annotations.csv").write_text("x\n")
+    before = dataset_fingerprint(tmp_path)
+    (tmp_path / "benchmark_data.json").write_text("{}")
+    assert dataset_fingerprint(tmp_path) == before
+    (tmp_path / "subset0" / "a.raw").write_bytes(b"\x00\x02")
+    assert dataset_fingerprint(tmp_path) != before
+    (tmp_path / "subset0" / "a.raw").write_bytes(b"\x00\x01")
+    (tmp_path / "subset0" / "a.raw").rename(tmp_path / "subset0" / "b.raw")
+    assert dataset_fingerprint(tmp_path) != before
