@@ -28,7 +28,8 @@ changes only the training.
 Statistics (``seg_bench.evidence``, ``medssl.metrics.seeds``): per (setting, method) the mean
 Dice over seeds with its Student's t 95 % interval, the paired per-seed difference to the
 supervised VNet and the gap recovered with a bootstrap interval. Protocol (fresh subprocess per
-run, shared cache, resumable results) as ``benchmarks/lib/seg_bench.py``.
+run, shared cache, results resumable across machines in ``OUT_runs/``) as
+``benchmarks/seg_methods.py``.
 
     .venv/bin/python benchmarks/ad_settings.py [--steps N] [--every N] [--seeds 0 1 2 3 4] \
         [--settings ssl imbssl uda semidg] [--methods supervised-seg mean-teacher ad] \
@@ -53,6 +54,7 @@ from typing import Any
 from medssl.bench import (
     seg_bench,  # the run protocol shared with seg_methods.py (benchmarks/lib/seg_bench.py)
 )
+from medssl.bench.data import dataset_fingerprint
 from medssl.bench.machine import cpu_device, write_report
 from medssl.bench.seg_bench import BUSY_LOAD, aggregate, interval
 from medssl.bench.seg_bench import num as _num
@@ -249,10 +251,15 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def execute(
-    run: Run, args: argparse.Namespace, budget: dict[str, Any], env: dict[str, str]
+    run: Run,
+    args: argparse.Namespace,
+    budget: dict[str, Any],
+    env: dict[str, str],
+    fingerprint: str,
 ) -> dict[str, Any]:
+    """Train and test ``run`` in a subprocess; its result row (``fingerprint``: the data's)."""
     out = args.work / "runs" / run.name
-    scratch = args.work / "results" / f".{run.name}.partial.json"
+    scratch = args.work / "scratch" / f"{run.name}.partial.json"
     job = {
         "setting": run.setting,
         "variant": run.variant,
@@ -269,7 +276,7 @@ def execute(
         name=run.name,
         quiet=args.quiet_runs,
         sequential=args.jobs == 1,
-        extra={"budget": budget},
+        extra={"budget": budget, "data_fingerprint": fingerprint},
     )
 
 
@@ -500,7 +507,11 @@ def main() -> None:
     parser.add_argument("--test-cases", type=int, default=6, help="test cases per domain")
     parser.add_argument("--seed-base", type=int, default=0, help="seed of domain A's first case")
     parser.add_argument(
-        "--out", type=Path, default=RESULTS / "ad_settings", help="writes OUT.json and OUT.md"
+        "--out",
+        type=Path,
+        default=None,
+        help="writes OUT.json and OUT.md, and one JSON per finished run in OUT_runs/ (default "
+        "benchmarks/results/ad_settings; with --quick WORK/ad_settings)",
     )
     parser.add_argument(
         "--report-only",
@@ -535,6 +546,7 @@ def main() -> None:
         args.methods = [*args.methods, *(a for a in ABLATIONS if a not in args.methods)]
     args.work = args.work or Path("/tmp/medssl-ad-bench" + ("-quick" if args.quick else ""))
     args.data = args.data or args.work / "data"
+    args.out = seg_bench.output_paths(args.out, args.work, "ad_settings", args.quick)
     budget = {
         "steps": args.steps,
         "every": args.every,
@@ -543,8 +555,10 @@ def main() -> None:
     data_spec = ensure_data(args.data, args.cases, args.test_cases, args.seed_base)
     env = {**os.environ, "MEDSSL_CACHE": str(args.work / "cache")}
     os.environ["MEDSSL_CACHE"] = env["MEDSSL_CACHE"]
-    results = args.work / "results"
+    results = seg_bench.runs_folder(args.out)
     results.mkdir(parents=True, exist_ok=True)
+    (args.work / "scratch").mkdir(parents=True, exist_ok=True)
+    fingerprint = dataset_fingerprint(args.data)
 
     start = time.perf_counter()
     job = {"data": str(args.data), "settings": args.settings, "budget": budget}
@@ -573,8 +587,8 @@ def main() -> None:
     rows = seg_bench.run_all(
         runs,
         results,
-        lambda run: {"budget": budget, "split": split_of(run)},
-        lambda run: execute(run, args, budget, env),
+        lambda run: {"budget": budget, "split": split_of(run), "data_fingerprint": fingerprint},
+        lambda run: execute(run, args, budget, env, fingerprint),
         args.jobs,
     )
     if not rows:

@@ -43,8 +43,10 @@ Protocol (``benchmarks/lib/seg_bench.py``, shared with ``ad_settings.py``): each
 ``python benchmarks/seg_methods.py --one ...`` subprocess on the CPU (``data.workers=0``;
 ``--jobs`` runs at a time, each torch with one thread when more than one); preprocessed volumes
 are shared through ``MEDSSL_CACHE=WORK/cache``; each run's result is written to
-``WORK/results/<name>.json`` as soon as it ends and a rerun skips those, so an interrupted
-benchmark continues where it stopped (``--report-only`` renders what is done).
+``OUT_runs/<name>.json`` (``benchmarks/results/seg_methods_runs/``, kept in the repository) as
+soon as it ends, with the data's fingerprint, and a rerun skips those: an interrupted benchmark
+continues where it stopped, on this machine or a new one that regenerates the same data
+(``--report-only`` renders what is done).
 
 Cost: 26 runs per seed with the default rows (19 pancreas, 7 organs); on this 2-core CPU, two
 at a time, about 5 hours of wall time per seed (A&D is about half of it), so ~25 h for 5 seeds:
@@ -72,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from medssl.bench import seg_bench  # benchmarks/lib/seg_bench.py
+from medssl.bench.data import dataset_fingerprint
 from medssl.bench.machine import cpu_device, write_report
 from medssl.bench.seg_bench import BUSY_LOAD, interval, mean_std, num, pm
 
@@ -605,7 +608,11 @@ def main() -> None:
     )
     parser.add_argument("--seed-base", type=int, default=0, help="seed of the first case")
     parser.add_argument(
-        "--out", type=Path, default=RESULTS / "seg_methods", help="writes OUT.json and OUT.md"
+        "--out",
+        type=Path,
+        default=None,
+        help="writes OUT.json and OUT.md, and one JSON per finished run in OUT_runs/ (default "
+        "benchmarks/results/seg_methods; with --quick WORK/seg_methods)",
     )
     parser.add_argument(
         "--jobs",
@@ -644,6 +651,7 @@ def main() -> None:
         parser.error("--bcp-pretrain-steps must be in (0, the smallest task budget)")
     args.work = args.work or Path("/tmp/medssl-seg-methods" + ("-quick" if args.quick else ""))
     args.data = args.data or args.work / "data"
+    args.out = seg_bench.output_paths(args.out, args.work, "seg_methods", args.quick)
     budget = {
         "steps": args.steps,
         "every": args.every,
@@ -655,8 +663,10 @@ def main() -> None:
     )
     env = {**os.environ, "MEDSSL_CACHE": str(args.work / "cache")}
     os.environ["MEDSSL_CACHE"] = env["MEDSSL_CACHE"]
-    results = args.work / "results"
+    results = seg_bench.runs_folder(args.out)
     results.mkdir(parents=True, exist_ok=True)
+    (args.work / "scratch").mkdir(parents=True, exist_ok=True)
+    fingerprint = dataset_fingerprint(args.data)
 
     start = time.perf_counter()
     job = {
@@ -701,7 +711,7 @@ def main() -> None:
             "overrides": overrides_of(run, budget),
             "data": str(args.data),
             "out": str(args.work / "runs" / run.name),
-            "result": str(results / f".{run.name}.partial.json"),
+            "result": str(args.work / "scratch" / f"{run.name}.partial.json"),
         }
         return seg_bench.execute(
             Path(__file__),
@@ -710,7 +720,7 @@ def main() -> None:
             name=run.name,
             quiet=args.quiet_runs,
             sequential=args.jobs == 1,
-            extra={"budget": budget},
+            extra={"budget": budget, "data_fingerprint": fingerprint},
         )
 
     started = time.perf_counter()
@@ -721,6 +731,7 @@ def main() -> None:
             "budget": budget,
             "split": split_counts[run.cell],
             "overrides": overrides_of(run, budget),
+            "data_fingerprint": fingerprint,
         },
         execute,
         args.jobs,

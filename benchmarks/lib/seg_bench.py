@@ -35,6 +35,22 @@ METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm", "wall_s", "step_s_median", "u
 # --------------------------------------------------------------------------- data
 
 
+def runs_folder(out: Path) -> Path:
+    """Where a benchmark writing ``OUT.json`` keeps one JSON per finished run: ``OUT_runs/``,
+    beside the report. Kept in the repository with it, they are the benchmark's state: the
+    work folder (data, cache, run folders) lives in ``/tmp`` and does not outlive the machine,
+    and a rerun on a new machine regenerates the data and skips the runs found here."""
+    return out.with_name(out.name + "_runs")
+
+
+def output_paths(out: Path | None, work: Path, name: str, quick: bool) -> Path:
+    """``--out``: as given, else ``benchmarks/results/NAME``, or ``WORK/NAME`` for a ``--quick``
+    smoke run (which must not overwrite the committed report or its runs)."""
+    if out is not None:
+        return out
+    return work / name if quick else Path(__file__).resolve().parents[1] / "results" / name
+
+
 def ensure_data(
     data: Path, cases: int, test_cases: int, seed_base: int, domains: Sequence[str], marker: str
 ) -> dict[str, Any]:
@@ -248,8 +264,9 @@ def run_all(
 ) -> list[dict[str, Any]]:
     """Every run (``.name``), ``jobs`` at a time, each result kept in ``results/<name>.json``.
 
-    A result already there is reused when its fields match ``expected(run)`` (e.g. budget and
-    split) and refused otherwise; a new one must match the ``split`` expected."""
+    A result already there is reused when its fields match ``expected(run)`` (e.g. budget,
+    split and ``data_fingerprint``) and refused otherwise; a new one must match the ``split``
+    expected."""
 
     def one(i: int, item: Any) -> dict[str, Any]:
         path = results / f"{item.name}.json"
