@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from medssl.cli.errors import MedsslGroup
+from medssl.errors import ConfigError
 
 __all__ = ["export"]
 
@@ -84,6 +85,15 @@ def export() -> None:
 )
 @click.option("--intended-use", default=None, help="The card's intended-use statement.")
 @click.option(
+    "--select",
+    "select_rules",
+    default=None,
+    help="The series the model is for, as medssl-score --select rules (key=value pairs or a "
+    "YAML/JSON file), e.g. min_slices=16,max_thickness_mm=5 for a segmenter trained on "
+    "2.5-5 mm slices. Written to the card's 'selection'; medssl-score starts from it "
+    "[default: none, the defaults: thin-slice axial CT].",
+)
+@click.option(
     "--op-rule",
     type=click.Choice(["fp_per_scan", "sensitivity"]),
     default="fp_per_scan",
@@ -135,6 +145,7 @@ def export_model(
     trt_accelerator: bool,
     tensorrt: bool,
     intended_use: str | None,
+    select_rules: str | None,
     op_rule: str,
     op_target: float | None,
     op_data: Path | None,
@@ -172,7 +183,14 @@ def export_model(
         raise click.UsageError(
             "--op-rule sensitivity needs --op-target, the sensitivity to reach (e.g. 0.9)"
         )
+    from medssl.scoring.select import parse_rules, rules_to_mapping
+
     extra: dict[str, Any] = {"intended_use": intended_use} if intended_use else {}
+    if select_rules:
+        try:
+            extra["selection"] = rules_to_mapping(parse_rules(select_rules))
+        except ConfigError as exc:
+            raise click.UsageError(f"--select: {exc}") from None
     options = ExportOptions(
         version=version,
         precision=precision,

@@ -82,7 +82,9 @@ def _default_repository() -> Path:
     "select_rules",
     default=None,
     help="Selection rules: a YAML/JSON file or key=value "
-    "pairs, e.g. per_study=thinnest,min_slices=64.",
+    "pairs, e.g. per_study=thinnest,min_slices=64. They replace, key by key, the series the "
+    "model card says the model is for (its 'selection'; without one: thin-slice axial CT, "
+    "min_slices=32, max_thickness_mm=2.5).",
 )
 @click.option(
     "--write-dicom", is_flag=True, help="Also write a TID 1500 SR per DICOM series (OUT/dicom/)."
@@ -191,7 +193,8 @@ def score(
             highlight=False,
         )
 
-    summary = run_score(source, out, spec, parse_rules(select_rules), options, progress)
+    rules = parse_rules(select_rules, base=spec.card().selection_rules()) if select_rules else None
+    summary = run_score(source, out, spec, rules, options, progress)
     table = Table(
         title=f"medssl-score: {source} → {out}"
         + (f" (shard {options.shard})" if options.shard else "")

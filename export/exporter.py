@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,6 +88,8 @@ class ExportOptions:
         op_data: with ``"validation"``, a LUNA16 folder whose every scan validates the operating
             point instead of the run's validation split: scans of the geometry the model will
             score (:func:`~medssl.export.operating.operating_point_on_validation`).
+        selection: the card's ``selection``: the series the model is for, as selection rules
+            that differ from the defaults (:func:`medssl.scoring.select.rules_to_mapping`).
     """
 
     version: int | None = None
@@ -100,6 +103,7 @@ class ExportOptions:
     op_rule: str = "fp_per_scan"
     op_target: float = 1.0
     op_data: Path | None = None
+    selection: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.operating_point not in ("validation", "run", "none"):
@@ -286,6 +290,7 @@ def _card(
         decoding=ex.decoding,
         precision=options.precision,
         intended_use=options.intended_use,
+        selection=options.selection,
         provenance=provenance,
     )
 

@@ -16,15 +16,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from medssl.atomic import atomic_write
-from medssl.errors import ModelCardError
+from medssl.errors import ConfigError, ModelCardError
 from medssl.metrics.calibration import Calibration
 from medssl.metrics.operating_point import OperatingPoint
 from medssl.pipeline.detect import DetectionParams
 from medssl.pipeline.preprocess import Intensity, PercentileIntensity, normalisation_from_json
 from medssl.pipeline.segment import SegmentationParams
+
+if TYPE_CHECKING:
+    from medssl.scoring.select import SelectionRules
 
 __all__ = [
     "CARD_FILE",
@@ -232,6 +235,12 @@ class ModelCard:
             cards carried one (reports from :data:`LEGACY_REPORT_THRESHOLD`, with a warning).
         precision: ``fp32`` or ``fp16`` weights of the exported graph.
         intended_use: a plain statement of what the model is (and is not) for.
+        selection: the series the model is meant for, as ``medssl-score --select`` rules that
+            differ from the defaults (:func:`medssl.scoring.select.rules_to_mapping`), e.g.
+            ``{"min_slices": 16, "max_thickness_mm": 5.0}`` for a segmenter trained on
+            2.5-5 mm abdominal CT. ``medssl-score`` starts from them (``--select`` overrides
+            key by key); empty: the defaults, thin-slice axial CT. A gateway route states its
+            own ``select``.
         provenance: method, data, labeled/unlabeled counts, metrics, code version, export
             time, parity error, source checkpoint (free-form JSON).
     """
@@ -250,10 +259,12 @@ class ModelCard:
     operating_point: OperatingPoint | None = None
     precision: str = "fp32"
     intended_use: str = "Research use only; not for clinical use."
+    selection: Mapping[str, Any] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", Task(self.task))
+        object.__setattr__(self, "selection", dict(self.selection))
         problems = _problems(self)
         if problems:
             raise ValueError(f"model card {self.name!r}: " + "; ".join(problems))
@@ -368,6 +379,7 @@ class ModelCard:
             "operating_point": self.operating_point.to_json() if self.operating_point else None,
             "labels": [label.to_json() for label in self.labels],
             "precision": self.precision,
+            "selection": dict(self.selection),
             "provenance": dict(self.provenance),
         }
 
@@ -444,8 +456,15 @@ class ModelCard:
                 operating_point=operating_point,
                 precision=body.get("precision", "fp32"),
                 intended_use=body.get("intended_use", cls.intended_use),
+                selection=dict(body.get("selection") or {}),
                 provenance=dict(body.get("provenance") or {}),
             )
+
+    def selection_rules(self) -> SelectionRules:
+        """The series this model is meant for: the defaults with the card's ``selection``."""
+        from medssl.scoring.select import rules_from_mapping  # medssl.scoring imports this module
+
+        return rules_from_mapping(self.selection)
 
     def save(self, path: str | Path) -> Path:
         """Write the card as JSON (atomically); returns the path."""
@@ -589,6 +608,10 @@ def _problems(card: ModelCard) -> list[str]:
         problems.append(f"input_spacing must be 3 positive mm values, got {card.input_spacing}")
     if not 0.0 <= card.overlap < 1.0:
         problems.append(f"overlap must be in [0, 1), got {card.overlap}")
+    try:
+        card.selection_rules()
+    except ConfigError as exc:
+        problems.append(f"selection: {exc}")
     if card.precision not in ("fp32", "fp16"):
         problems.append(f"precision must be 'fp32' or 'fp16', got {card.precision!r}")
     if not card.labels:

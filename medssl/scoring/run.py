@@ -74,6 +74,9 @@ def score(
 ) -> ScoreSummary:
     """Score every selected series of ``source`` into ``out_dir``.
 
+    ``rules`` chooses the series; None: the model card's
+    (:meth:`medssl.models.card.ModelCard.selection_rules`).
+
     Resumable: series already ``ok``/``skipped`` in ``out_dir`` for the same model version
     are not run again; ``failed`` ones are retried.
 
@@ -90,7 +93,7 @@ def score(
     items = manifest.items if options.shard is None else options.shard.select(manifest.items)
     store = ResultStore(out_dir)
     try:
-        chosen, left_out = select_series(items, rules or SelectionRules())
+        chosen, left_out = select_series(items, rules or card.selection_rules())
         done = store.done(card.name, card.version)
         store.commit_many(
             [

@@ -16,7 +16,14 @@ from typing import Any
 from medssl.errors import ConfigError
 from medssl.scoring.manifest import ScanItem
 
-__all__ = ["SelectionRules", "Skip", "parse_rules", "select_series"]
+__all__ = [
+    "SelectionRules",
+    "Skip",
+    "parse_rules",
+    "rules_from_mapping",
+    "rules_to_mapping",
+    "select_series",
+]
 
 
 #: Modality defined terms (PS3.3 C.7.3.1.1.1) a skip reason may quote; any other value is
@@ -264,17 +271,18 @@ def _thinner(a: ScanItem, b: ScanItem) -> bool:
     return rank(a) < rank(b)
 
 
-def parse_rules(text: str | None) -> SelectionRules:
-    """Rules from a YAML/JSON file path, or ``key=value[,key=value...]``; None → defaults.
+def parse_rules(text: str | None, base: SelectionRules | None = None) -> SelectionRules:
+    """Rules from a YAML/JSON file path, or ``key=value[,key=value...]``; None → ``base``.
 
-    ``image_type`` and ``body_part`` take values joined by ``/`` (``ORIGINAL/PRIMARY``,
-    ``ABDOMEN/ABDOMENPELVIS``) in the pair form.
+    The keys given replace those of ``base`` (default :class:`SelectionRules`'s defaults; for
+    ``medssl-score``, the model card's ``selection``). ``image_type`` and ``body_part`` take
+    values joined by ``/`` (``ORIGINAL/PRIMARY``, ``ABDOMEN/ABDOMENPELVIS``) in the pair form.
 
     Raises:
         ConfigError: unreadable file, unknown key (named, with the known ones), bad value.
     """
     if not text:
-        return SelectionRules()
+        return base or SelectionRules()
     path = Path(text)
     if path.is_file():
         try:
@@ -297,17 +305,26 @@ def parse_rules(text: str | None) -> SelectionRules:
                     f"--select {text!r}: expected a rules file or key=value pairs", key="--select"
                 )
             data[key.strip()] = value.strip()
-    return _rules(data)
+    return rules_from_mapping(data, base)
 
 
-def _rules(data: Mapping[str, Any]) -> SelectionRules:
+def rules_from_mapping(
+    data: Mapping[str, Any], base: SelectionRules | None = None
+) -> SelectionRules:
+    """Rules from ``{key: value}`` (the form of a rules file, a gateway route's ``select`` and a
+    model card's ``selection``); the keys given replace those of ``base`` (default: the
+    defaults).
+
+    Raises:
+        ConfigError: unknown key (named, with the known ones), bad value.
+    """
     known = {f.name: f for f in fields(SelectionRules)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(
             f"unknown selection rule(s) {unknown}; known: {sorted(known)}", key=unknown[0]
         )
-    rules = SelectionRules()
+    rules = base or SelectionRules()
     values: dict[str, Any] = {}
     for key, value in data.items():
         try:
@@ -327,3 +344,14 @@ def _rules(data: Mapping[str, Any]) -> SelectionRules:
                 f"selection rule {key}: bad value {value!r} ({exc})", key=key
             ) from exc
     return replace(rules, **values)
+
+
+def rules_to_mapping(rules: SelectionRules) -> dict[str, Any]:
+    """The rules that differ from the defaults, as JSON values (what a model card's
+    ``selection`` holds); :func:`rules_from_mapping` reads it back to ``rules``."""
+    default = SelectionRules()
+    return {
+        f.name: list(value) if isinstance(value, tuple) else value
+        for f in fields(SelectionRules)
+        if (value := getattr(rules, f.name)) != getattr(default, f.name)
+    }

@@ -288,6 +288,8 @@ def test_cli_exports_and_checks(tmp_path, detector_checkpoint):
             "2",
             "--warmup",
             "--no-operating-point",
+            "--select",
+            "min_slices=48,per_study=thinnest,max_thickness_mm=2.5",
             "--json",
         ],
         capture_output=True,
@@ -296,6 +298,9 @@ def test_cli_exports_and_checks(tmp_path, detector_checkpoint):
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert out["version"] == 1 and out["parity"]["passed"] and out["parity"]["max_rel"] < 1e-3
+    # the series the model is for: only what differs from the defaults (2.5 mm is the default)
+    card = json.loads((repo / "fm" / "1" / "medssl.json").read_text())
+    assert card["selection"] == {"min_slices": 48, "per_study": "thinnest"}
     checked = subprocess.run([str(exe), "check", str(repo)], capture_output=True, text=True)
     assert checked.returncode == 0 and "fm: versions [1]: ok" in checked.stdout
 

@@ -121,6 +121,45 @@ def test_medssl_score_prints_the_label_volumes_of_a_segmenter(
     assert "liver" in result.output and "organs_0005" in result.output
 
 
+def test_medssl_score_starts_from_the_series_the_card_says_the_model_is_for(
+    exported_segmenter, tmp_path
+):
+    """A card's ``selection`` (here: up to 5 mm slices) is medssl-score's default; ``--select``
+    replaces it key by key; a card without one keeps the thin-slice defaults."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from medssl.cli.score import score as score_command
+
+    case = generate_organ_phantom(13, "A", shape=ORGAN_SHAPE)  # 4 mm slices
+    write_dicom_series(case.image, tmp_path / "dicom" / "series", SeriesInfo(uid_seed="select"))
+    plain = tmp_path / "plain"
+    shutil.copytree(exported_segmenter.repository, plain)
+    thick = tmp_path / "thick"
+    shutil.copytree(exported_segmenter.repository, thick)
+    card_path = thick / "organs" / "1" / "medssl.json"
+    card = json.loads(card_path.read_text())
+    assert card["selection"] == {}
+    card_path.write_text(json.dumps(card | {"selection": {"max_thickness_mm": 5.0}}))
+
+    def status(repository: Path, *select: str) -> str:
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        args = [str(tmp_path / "dicom"), "--repository", str(repository), "--model", "organs"]
+        args += ["--out", str(out), "--workers", "0", *select]
+        result = CliRunner().invoke(score_command, args)
+        assert result.exit_code == 0, result.output
+        row = pq.read_table(out / "series.parquet").to_pylist()[0]
+        return row["status"] + (f": {row['error']}" if row["error"] else "")
+
+    assert status(plain) == "skipped: 4 mm slices, thicker than 2.5 mm"
+    assert status(thick) == "ok"
+    assert status(thick, "--select", "min_slices=8") == "ok"  # the card's 5 mm stays
+    assert status(thick, "--select", "max_thickness_mm=3") == (
+        "skipped: 4 mm slices, thicker than 3 mm"
+    )
+
+
 def test_medssl_score_writes_a_labelmap_seg_when_asked(exported_segmenter, tmp_path):
     """``--write-dicom --seg-type labelmap``: a LABELMAP SEG holding the label
     map medssl-score wrote; the default stays BINARY with empty frames omitted."""
