@@ -76,7 +76,9 @@ system-deps:
 	@command -v Orthanc >/dev/null 2>&1 || echo "note: Orthanc not found; the gateway's PACS tests will be skipped (apt-get install orthanc)"
 
 # The main job: a synthetic chest CT study as DICOM, its header index, its geometry and its
-# findings from the shipped detector (medssl-score, embedded runtime: OpenVINO on a CPU); then a
+# findings from the shipped detector (medssl-score, embedded runtime: OpenVINO on a CPU); a
+# synthetic abdominal CT study segmented by the shipped organ model (organ volumes in mL, a DICOM
+# SEG; its card's selection takes the 4 mm slices); then a
 # short FocalMix run (labeled + unlabeled synthetic LUNA16 scans) that ends with a LUNA16
 # submission and CPM report. 30 steps of a small network: it shows the machinery, not accuracy
 # (docs/how-to/train-focalmix.md for real runs). Then it exports that run to a Triton model
@@ -89,6 +91,9 @@ demo: setup
 	$(VENV)/bin/medssl index $(DEMO)/dicom --out $(DEMO)/index.parquet
 	$(VENV)/bin/medssl info "$$(dirname "$$(find $(DEMO)/dicom -name 'IM00001.dcm' | head -1)")"
 	$(VENV)/bin/medssl-score $(DEMO)/dicom --out $(DEMO)/scores --workers 1 --write-dicom
+	$(VENV)/bin/medssl synth organs --cases 1 --format dicom --seed 900 $(DEMO)/abdomen
+	$(VENV)/bin/medssl-score "$$(dirname "$$(find $(DEMO)/abdomen -name 'IM00001.dcm' | head -1)")" \
+		--model abdomen-organs --out $(DEMO)/abdomen-scores --workers 1 --write-dicom
 	$(VENV)/bin/medssl synth chest --cases 10 --unlabeled 4 --matrix 96 --slices 64 --seed 100 $(DEMO)/luna16
 	MEDSSL_CACHE=$(DEMO)/cache $(VENV)/bin/medssl-train focalmix $(DEMO_TRAIN) --data $(DEMO)/luna16 \
 		--labeled 6 --unlabeled 4 --out $(DEMO)/focalmix

@@ -24,6 +24,7 @@ from medssl.errors import (
 from medssl.export import ExportOptions, export_checkpoint
 from medssl.export.parity import compare
 from medssl.models import NODULE_LABEL, ModelCard, load_card
+from medssl.models.card import Task
 from medssl.models.repository import check_model, check_repository, next_version, versions
 from medssl.models.triton_config import ServingOptions, model_config, read_config, write_config
 from tests.paths import MODEL_REPOSITORY
@@ -317,8 +318,19 @@ def test_repository_check_does_not_import_torch(exported_detector):
 def test_the_shipped_repository_passes_the_check_and_says_it_is_synthetic():
     repository = MODEL_REPOSITORY
     reports = check_repository(repository)
-    # benchmarks/build_ad_model.sh may have added ad-organs (not committed); every model must pass.
-    assert "focalmix-nodules" in [r.name for r in reports] and all(r.ok for r in reports), reports
+    # every shipped model must pass (the detector and the organ segmenter).
+    names = [r.name for r in reports]
+    assert {"focalmix-nodules", "abdomen-organs"} <= set(names) and all(r.ok for r in reports)
+    organs = load_card(repository / "abdomen-organs")
+    assert organs.task is Task.SEGMENTATION and len(organs.labels) == 11
+    for label in organs.labels:  # what a viewer needs to name and colour each segment
+        assert label.category.scheme == label.type.scheme == "SCT" and label.colour is not None
+    assert "synthetic" in organs.intended_use and "Not for clinical use" in organs.intended_use
+    assert organs.selection == {"min_slices": 16, "max_thickness_mm": 5.0}
+    assert organs.provenance["method"] == "supervised-seg"
+    # its validation and test Dice, in the card
+    assert 0.5 < organs.provenance["validation_metrics"]["dice"] <= 1.0
+    assert 0.5 < organs.provenance["test_metrics"]["mean"]["dice"]["mean"] <= 1.0
     card = load_card(repository / "focalmix-nodules")
     assert "synthetic" in card.intended_use and "Not for clinical use" in card.intended_use
     assert card.provenance["method"] == "supervised-det" and card.provenance["n_labeled"] == 70
