@@ -241,10 +241,11 @@ def synth_organs(
                 fmt=fmt,
             )
     where = f"{out}/{{{','.join(domains)}}}" if several else str(out)
-    click.echo(
-        f"wrote {cases} training and {n_test} test cases "
-        f"per domain ({', '.join(domains)}) to {where}"
-    )
+    if fmt == "dicom":
+        made = f"{cases + n_test} abdominal CT studies (truth in labels/ and cases.csv)"
+    else:
+        made = f"{cases} training and {n_test} test cases"
+    click.echo(f"wrote {made} per domain ({', '.join(domains)}) to {where}")
 
 
 @cli.group(cls=MedsslGroup)

@@ -36,6 +36,7 @@ def test_organs_as_dicom_are_abdominal_ct_studies_with_their_truth_beside_them(t
         ],
     )
     assert result.exit_code == 0, result.output
+    assert "wrote 2 abdominal CT studies (truth in labels/ and cases.csv)" in result.output
     rows = list(csv.DictReader((out / "cases.csv").open()))
     assert [(r["case_id"], r["split"]) for r in rows] == [
         ("organs_0007", "training"),
