@@ -242,7 +242,8 @@ def synth_organs(
             )
     where = f"{out}/{{{','.join(domains)}}}" if several else str(out)
     if fmt == "dicom":
-        made = f"{cases + n_test} abdominal CT studies (truth in labels/ and cases.csv)"
+        n = cases + n_test
+        made = f"{n} abdominal CT stud{'y' if n == 1 else 'ies'} (truth in labels/ and cases.csv)"
     else:
         made = f"{cases} training and {n_test} test cases"
     click.echo(f"wrote {made} per domain ({', '.join(domains)}) to {where}")
