@@ -712,7 +712,7 @@ def plot_learning_curve(results: Sequence[dict[str, Any]], path: Path) -> Path:
         ]
         mean = np.array([s.value for s in stats_])
         lo = np.array([s.lo for s in stats_])
-        hi = np.array([s[2] for s in stats_])
+        hi = np.array([s.hi for s in stats_])
         ax.plot(counts, mean, style, label=name)
         ax.fill_between(
             counts, np.where(np.isnan(lo), mean, lo), np.where(np.isnan(hi), mean, hi), alpha=0.2

@@ -296,3 +296,23 @@ def test_the_data_fingerprint_sees_every_byte_but_its_own_record(tmp_path: Path)
     (tmp_path / "subset0" / "a.raw").write_bytes(b"\x00\x01")
     (tmp_path / "subset0" / "a.raw").rename(tmp_path / "subset0" / "b.raw")
     assert dataset_fingerprint(tmp_path) != before
+
+
+def test_the_learning_curve_plots_a_partial_and_a_full_matrix(tmp_path: Path) -> None:
+    """The plot is redrawn after every run: one run of one arm (no interval yet), several seeds,
+    and the ceiling must all draw (it once indexed an Interval as a tuple, and the first finished
+    run stopped the matrix)."""
+    from benchmarks.focalmix_ssl import plot_learning_curve
+
+    def run(name: str, labeled: int, seed: int, cpm: float) -> dict[str, object]:
+        return {"name": name, "labeled": labeled, "seed": seed, "cpm": cpm}
+
+    first = [run(SUPERVISED, 5, 0, 0.5)]
+    assert plot_learning_curve(first, tmp_path / "one.png").stat().st_size > 0
+    full = [
+        run(name, n, s, 0.4 + 0.01 * n + 0.02 * s + (0.03 if name == FOCALMIX else 0.0))
+        for name in (SUPERVISED, FOCALMIX, ZERO_WEIGHT)
+        for n in (5, 10, 25)
+        for s in range(3)
+    ] + [run(CEILING, 129, s, 0.8 + 0.01 * s) for s in range(3)]
+    assert plot_learning_curve(full, tmp_path / "full.png").stat().st_size > 0
