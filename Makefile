@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 DEMO   ?= demo
 
-.PHONY: demo test test-fast lint docs setup setup-test system-deps triton-env ohif openvino-env openvino-score-env clean
+.PHONY: organs-model demo test test-fast lint docs setup setup-test system-deps triton-env ohif openvino-env openvino-score-env clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ $(VENV)/.docs: $(VENV)/.core
 
 setup: $(VENV)/.core
 
-setup-test: $(VENV)/.test system-deps triton-env ohif
+setup-test: $(VENV)/.test system-deps triton-env ohif organs-model
 
 # The OHIF viewer tests/medssl/dicom/test_viewer_ohif.py opens our SR in: the prebuilt app of npm
 # @ohif/app (50 MB tarball, its package/dist is the site), unpacked under .cache/ohif/.
@@ -75,6 +75,15 @@ system-deps:
 	@command -v dcmcjpeg >/dev/null 2>&1 || echo "note: dcmtk not found; JPEG Lossless tests will be skipped (apt-get install dcmtk)"
 	@command -v Orthanc >/dev/null 2>&1 || echo "note: Orthanc not found; the gateway's PACS tests will be skipped (apt-get install orthanc)"
 
+# The shipped organ segmenter is generated, not committed (9 MB of weights):
+# benchmarks/build_default_models.sh organs rebuilds it from nothing in about 22 min on 2 cores,
+# once; later runs find it.
+ORGANS_MODEL := model_repository/abdomen-organs/1/model.onnx
+$(ORGANS_MODEL): | $(VENV)/.core
+	benchmarks/build_default_models.sh organs
+
+organs-model: $(ORGANS_MODEL)
+
 # The main job: a synthetic chest CT study as DICOM, its header index, its geometry and its
 # findings from the shipped detector (medssl-score, embedded runtime: OpenVINO on a CPU); a
 # synthetic abdominal CT study segmented by the shipped organ model (organ volumes in mL, a DICOM
@@ -85,7 +94,7 @@ system-deps:
 # repository with its parity check, and checks it and the shipped one.
 DEMO_TRAIN := --config focalmix-cpu --set optim.steps=30 --set eval.every=15 \
 	--set data.n_validation=1 --set 'data.test_subsets=[9]' --set eval.bootstrap=100
-demo: setup
+demo: setup $(ORGANS_MODEL)
 	rm -rf $(DEMO)
 	$(VENV)/bin/medssl synth chest --cases 1 --format dicom $(DEMO)/dicom
 	$(VENV)/bin/medssl index $(DEMO)/dicom --out $(DEMO)/index.parquet
