@@ -27,7 +27,7 @@ from torch import nn
 from medssl.training.distributed import DistEnv, unwrap, wrap_ddp
 from medssl.training.methods.registry import REGISTRY
 from medssl.training.networks.detector import FPNDetector
-from medssl.training.networks.segmenter import build_segmenter
+from medssl.training.networks.segmenter import build_segmenter, place
 
 if TYPE_CHECKING:
     from medssl.detection import AnchorGrid
@@ -180,7 +180,7 @@ class SegmentationMethod(Method):
     data: SegmentationData
 
     def build(self, device: torch.device) -> None:
-        self.model = build_segmenter(self.cfg, self.data.n_classes).to(device)
+        self.model = place(build_segmenter(self.cfg, self.data.n_classes), device)
 
     def parameters(self) -> list[nn.Parameter]:
         """The optimised parameters."""
@@ -221,7 +221,7 @@ class TeacherMethod(SegmentationMethod):
 
     def build(self, device: torch.device) -> None:
         super().build(device)
-        self.teacher = build_segmenter(self.cfg, self.data.n_classes).to(device)
+        self.teacher = place(build_segmenter(self.cfg, self.data.n_classes), device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"teacher": self.teacher.state_dict()}

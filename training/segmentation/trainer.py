@@ -37,7 +37,7 @@ from medssl.training.checkpoint import CheckpointKind, CheckpointManager
 from medssl.training.distributed import cleanup, init_distributed
 from medssl.training.loop import Task, fit
 from medssl.training.methods.base import Batch, Method, SegmentationMethod, load_method
-from medssl.training.networks.segmenter import inference_net
+from medssl.training.networks.segmenter import inference_net, place
 from medssl.training.segmentation.config import SegmentationExperiment
 from medssl.training.segmentation.data import (
     LabeledVolume,
@@ -215,7 +215,7 @@ class SegmentationTask(Task):
             return SegmentationRun(self.out, manager.latest() or self.out, None)
         best = manager.best() or manager.latest()
         assert best is not None
-        net = inference_net(manager.load(best)).to(self.device)
+        net = place(inference_net(manager.load(best)), self.device)
         split, cfg = self.split, self.cfg
         report = (
             test_segmenter(

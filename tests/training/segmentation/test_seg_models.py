@@ -524,3 +524,36 @@ def test_gumbel_softmax_draws_from_the_step_generator_and_samples_the_softmax():
     torch.testing.assert_close(first.sum(dim=1), torch.ones(20000, 1, 1, 1))
     # Gumbel-max: the argmax of logits + Gumbel noise is a sample of softmax(logits) = (1/4, 3/4).
     assert abs(first.argmax(dim=1).float().mean().item() - 0.75) < 0.015
+
+
+@pytest.mark.parametrize("diffusion", [None, True])
+def test_place_puts_conv_weights_channels_last_on_the_cpu_and_computes_the_same(diffusion):
+    """``place``: 5-D tensors channels-last on the CPU; logits and gradients as in the default
+    layout up to summation order; checkpoints of either layout load into the other.
+
+    Eval mode: in train mode the deepest BatchNorms of a 16^3 crop normalise 2 values per
+    channel, which turns summation-order differences into large ones (both layouts alike)."""
+    from medssl.training.networks.segmenter import place
+
+    def build():
+        torch.manual_seed(0)
+        cfg = VNetConfig(width=W, dropout=False, stage_dropout=0.0)
+        return VNet(cfg, C) if diffusion is None else DiffVNet(cfg, C, diffusion=True)
+
+    ref, net = build().eval(), place(build(), torch.device("cpu")).eval()
+    convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)
+    x, y = image(), label()
+    out_ref, out = ref.theta(x) if diffusion else ref(x), net.theta(x) if diffusion else net(x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    torch.nn.functional.cross_entropy(out_ref, y).backward()
+    torch.nn.functional.cross_entropy(out, y).backward()
+    for (name, a), b in zip(ref.named_parameters(), net.parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6, msg=name)
+    back = build().eval()
+    back.load_state_dict(net.state_dict())
+    torch.testing.assert_close(
+        back.theta(x) if diffusion else back(x), out_ref, rtol=1e-4, atol=1e-5
+    )
