@@ -19,11 +19,19 @@ cases. A transfer number means something only when the method segments its own d
 method below :data:`SANE_SOURCE_DICE` there gets no transfer figure (the previous version of this
 benchmark reported "+13 on domain D" for networks that scored 0 on every domain).
 
-Data (generated once into ``--data``): ``write_organ_dataset`` for the domains A, B, C, D, ct,
-mr, ``--cases`` training + ``--test-cases`` test cases each, the domain's native grid, domain k
-seeded ``--seed-base + k*(cases + test_cases)`` (``medssl synth organs --domain A ... --domain
-mr``). The split is the same for every method and every seed (``data.split_seed=0``): the seed
-changes only the training.
+**ssl and imbssl are seg_methods.py's runs.** Those two settings are the cells ``pancreas20``
+and ``organs20`` of ``benchmarks/seg_methods.py`` (same config, overrides, step budget and
+seeds; its ceilings ``pancreas100`` and ``organs100``), so they are not trained again here:
+their rows are read from seg_methods' kept runs (``--borrow-from``, default
+``benchmarks/results/seg_methods_runs/``), on seg_methods' data (40 + 8 cases of domain A). A run
+seg_methods has not finished yet is listed as missing. The Table 5 ablations therefore run in
+uda and semidg only.
+
+Data of uda and semidg (generated once into ``--data``): ``write_organ_dataset`` for the
+domains A, B, C, D, ct, mr, ``--cases`` training + ``--test-cases`` test cases each, the
+domain's native grid, domain k seeded ``--seed-base + k*(cases + test_cases)`` (``medssl synth
+organs --domain A ... --domain mr``). The split is the same for every method and every seed
+(``data.split_seed=0``): the seed changes only the training.
 
 Statistics (``seg_bench.evidence``, ``medssl.metrics.seeds``): per (setting, method) the mean
 Dice over seeds with its Student's t 95 % interval, the paired per-seed difference to the
@@ -64,8 +72,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 SETTINGS = ("ssl", "imbssl", "uda", "semidg")
 DOMAINS = ("A", "B", "C", "D", "ct", "mr")
-#: Table 5 covers these settings.
-ABLATION_SETTINGS = ("imbssl", "uda", "semidg")
+#: Table 5 covers imbssl, uda and semidg; imbssl's runs are seg_methods' (BORROWED), so its
+#: ablations would need seg_methods' data: they run in these two.
+ABLATION_SETTINGS = ("uda", "semidg")
 #: a method whose source-domain Dice (%) is below this gets no domain-transfer figure
 SANE_SOURCE_DICE = 70.0
 BASELINE, CEILING = "supervised-seg", "ceiling"
@@ -120,6 +129,14 @@ CEILING_OVERRIDES: dict[str, dict[str, Any]] = {
 SETTING_OVERRIDES: dict[str, dict[str, Any]] = {"ssl": {"data.classes": [9]}}
 #: settings whose test domain is not a training domain: their runs are also tested on the source
 SHIFTED = ("uda", "semidg")
+#: settings that are seg_methods.py cells: setting -> (cell, ceiling cell). The configs agree
+#: (seg-ssl-cpu with the pancreas / seg-imbssl-cpu, domain A, 20 % labeled, 4 validation
+#: cases, split_seed 0, 3000 / 4000 steps), so their runs are read, not trained again.
+BORROWED: dict[str, tuple[str, str]] = {
+    "ssl": ("pancreas20", "pancreas100"),
+    "imbssl": ("organs20", "organs100"),
+}
+SEG_METHODS_RUNS = RESULTS / "seg_methods_runs"
 
 
 @dataclass(frozen=True)
@@ -134,11 +151,14 @@ class Run:
 
 
 def plan(settings: list[str], variants: list[str], seeds: list[int]) -> list[Run]:
-    """Seed-major, so a stopped benchmark has whole seeds done first; every setting's ceiling
-    with its supervised baseline."""
+    """The runs to train here: seed-major, so a stopped benchmark has whole seeds done first;
+    every setting's ceiling with its supervised baseline; none of the :data:`BORROWED`
+    settings."""
     runs = []
     for seed in seeds:
         for setting in settings:
+            if setting in BORROWED:
+                continue
             for variant in (*VARIANTS, CEILING):
                 if variant == CEILING:
                     if BASELINE in variants:
@@ -171,6 +191,47 @@ def overrides_of(run: Run, budget: dict[str, Any]) -> dict[str, Any]:
         **task,
         **extra,
     }
+
+
+def borrowed_rows(
+    settings: list[str],
+    variants: list[str],
+    seeds: list[int],
+    folder: Path,
+    budget: dict[str, Any],
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of the :data:`BORROWED` settings among ``settings``: seg_methods' kept runs in
+    ``folder`` (``<cell>-<variant>-<seed>.json``), relabelled with this benchmark's ``setting``
+    and ``variant`` (the ceiling: ``<ceiling cell>-supervised-seg-<seed>``); and the names of
+    the runs not there yet. A kept run made with another step budget or validation interval
+    than ``budget`` gives for the setting is refused (SystemExit)."""
+    rows, missing = [], []
+    for seed in seeds:
+        for setting in settings:
+            if setting not in BORROWED:
+                continue
+            cell, top = BORROWED[setting]
+            wanted = [(v, f"{cell}-{v}-{seed}") for v in BASELINES if v in variants]
+            if BASELINE in variants:
+                wanted.append((CEILING, f"{top}-{BASELINE}-{seed}"))
+            for variant, name in wanted:
+                path = folder / f"{name}.json"
+                if not path.is_file():
+                    missing.append(name)
+                    continue
+                row = json.loads(path.read_text())
+                made = {k: row["overrides"].get(k) for k in ("optim.steps", "eval.every")}
+                want = {
+                    "optim.steps": int(budget["steps"] or SETTING_STEPS[setting]),
+                    "eval.every": budget["every"],
+                }
+                if made != want:
+                    raise SystemExit(
+                        f"{path} was made with {made}, {setting} here needs {want}: run "
+                        "seg_methods.py with the same budget, or pass another --borrow-from"
+                    )
+                rows.append({**row, "setting": setting, "variant": variant, "borrowed_from": name})
+    return rows, missing
 
 
 # --------------------------------------------------------------------------- data
@@ -348,6 +409,21 @@ def verdict(setting: str, agg: dict[str, dict[str, Any]]) -> str | None:
     return f"**{setting}**: " + "; ".join(parts) + "." if parts else None
 
 
+def _borrowed_note(report: dict[str, Any]) -> list[str]:
+    b = report.get("borrowed") or {}
+    if not b.get("settings"):
+        return []
+    cells = ", ".join(f"{s}: `{c}` (ceiling `{t}`)" for s, (c, t) in b["settings"].items())
+    text = (
+        f"**{', '.join(b['settings'])}** are benchmarks/seg_methods.py's runs ({cells}; "
+        "same config, budget and seeds, on its data: 40 + 8 cases of domain A), read from its "
+        "kept runs, not trained again."
+    )
+    if b.get("missing"):
+        text += f" Not finished there yet: {len(b['missing'])} run(s)."
+    return ["", text]
+
+
 def render(report: dict[str, Any]) -> str:
     agg = report["aggregates"]
     b = report["budget"]
@@ -365,6 +441,7 @@ def render(report: dict[str, Any]) -> str:
         "same for every method and seed (split_seed 0); the seed changes only the "
         f"training. Data: synthetic organ phantoms, {report['data']['cases']} "
         f"training + {report['data']['test_cases']} test cases per domain.",
+        *_borrowed_note(report),
         "",
         "| setting | cases (labeled / unlabeled / validation / test) | ceiling's cases |",
         "|---|---|---|",
@@ -527,6 +604,13 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 4 steps, every 2, seed 0, 6 + 2 cases"
     )
+    parser.add_argument(
+        "--borrow-from",
+        type=Path,
+        default=None,
+        help="seg_methods.py's kept runs, the rows of ssl and imbssl (default "
+        "benchmarks/results/seg_methods_runs; with --quick, those of seg_methods.py --quick)",
+    )
     parser.add_argument("--quiet-runs", action="store_true", help="hide the runs' progress output")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--warm", help=argparse.SUPPRESS)
@@ -547,11 +631,15 @@ def main() -> None:
     args.work = args.work or Path("/tmp/medssl-ad-bench" + ("-quick" if args.quick else ""))
     args.data = args.data or args.work / "data"
     args.out = seg_bench.output_paths(args.out, args.work, "ad_settings", args.quick)
+    if args.borrow_from is None:
+        quick_runs = seg_bench.runs_folder(Path("/tmp/medssl-seg-methods-quick/seg_methods"))
+        args.borrow_from = quick_runs if args.quick else SEG_METHODS_RUNS
     budget = {
         "steps": args.steps,
         "every": args.every,
         "patch": list(args.patch) if args.patch else None,
     }
+    own = [s for s in args.settings if s not in BORROWED]
     data_spec = ensure_data(args.data, args.cases, args.test_cases, args.seed_base)
     env = {**os.environ, "MEDSSL_CACHE": str(args.work / "cache")}
     os.environ["MEDSSL_CACHE"] = env["MEDSSL_CACHE"]
@@ -561,7 +649,7 @@ def main() -> None:
     fingerprint = dataset_fingerprint(args.data)
 
     start = time.perf_counter()
-    job = {"data": str(args.data), "settings": args.settings, "budget": budget}
+    job = {"data": str(args.data), "settings": own, "budget": budget}
     warm = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--warm", json.dumps(job)],
         env=env,
@@ -591,6 +679,19 @@ def main() -> None:
         lambda run: execute(run, args, budget, env, fingerprint),
         args.jobs,
     )
+    borrowed, missing = borrowed_rows(
+        args.settings, args.methods, args.seeds, args.borrow_from, budget
+    )
+    if missing:
+        print(
+            f"{len(missing)} run(s) of ssl/imbssl not finished by seg_methods.py yet: "
+            + ", ".join(missing),
+            file=sys.stderr,
+        )
+    for row in borrowed:
+        key = f"{row['setting']}/{CEILING}" if row["variant"] == CEILING else row["setting"]
+        split_counts.setdefault(key, row["split"])
+    rows = [*rows, *borrowed]
     if not rows:
         raise SystemExit("no runs to report")
     first = rows[0]["config"]
@@ -620,6 +721,11 @@ def main() -> None:
         },
         "load_average_1min": {"min": min(loads), "max": max(loads)} if loads else None,
         "data": {**data_spec, "path": str(args.data)},
+        "borrowed": {
+            "settings": {s: BORROWED[s] for s in args.settings if s in BORROWED},
+            "from": str(args.borrow_from),
+            "missing": missing,
+        },
         "split_counts": split_counts,
         "warm_s": warm_s,
         "total_wall_s": sum(r["wall_s"] for r in rows),
