@@ -23,7 +23,8 @@ benchmark reported "+13 on domain D" for networks that scored 0 on every domain)
 and ``organs20`` of ``benchmarks/seg_methods.py`` (same config, overrides, step budget and
 seeds; its ceilings ``pancreas100`` and ``organs100``), so they are not trained again here:
 their rows are read from seg_methods' kept runs (``--borrow-from``, default
-``benchmarks/results/seg_methods_runs/``), on seg_methods' data (40 + 8 cases of domain A). A run
+``benchmarks/results/seg_methods_runs/``), on seg_methods' data (domain A, 40 + 8 cases by
+default). A run
 seg_methods has not finished yet is listed as missing. The Table 5 ablations therefore run in
 uda and semidg only.
 
@@ -416,8 +417,8 @@ def _borrowed_note(report: dict[str, Any]) -> list[str]:
     cells = ", ".join(f"{s}: `{c}` (ceiling `{t}`)" for s, (c, t) in b["settings"].items())
     text = (
         f"**{', '.join(b['settings'])}** are benchmarks/seg_methods.py's runs ({cells}; "
-        "same config, budget and seeds, on its data: 40 + 8 cases of domain A), read from its "
-        "kept runs, not trained again."
+        "same config, budget and seeds, on its own domain-A data: the case counts below), "
+        "read from its kept runs, not trained again."
     )
     if b.get("missing"):
         text += f" Not finished there yet: {len(b['missing'])} run(s)."
