@@ -139,6 +139,12 @@ def test_verdict_needs_an_interval_that_excludes_zero() -> None:
     assert verdict((-0.05, 0.1)) == "no difference shown"
 
 
+def test_verdict_waits_for_every_planned_seed() -> None:
+    """One seed's interval over test scans leaves out the seed-to-seed spread."""
+    assert verdict((0.01, 0.2), n_seeds=1, min_seeds=5) == "pending (1 of 5 seeds)"
+    assert verdict((0.01, 0.2), n_seeds=5, min_seeds=5) == "FocalMix better"
+
+
 def test_summary_table_has_one_decisive_row_per_labeled_count() -> None:
     frocs, records = {}, []
     for seed in (0, 1):
@@ -159,10 +165,13 @@ def test_summary_table_has_one_decisive_row_per_labeled_count() -> None:
                     "threads": 1,
                 }
             )
-    text = summarise(records, frocs, ablation_labeled=None, n_bootstrap=200)
+    text = summarise(records, frocs, ablation_labeled=None, n_bootstrap=200, min_seeds=2)
     row = next(line for line in text.splitlines() if line.startswith("| 5 |"))
     assert row.endswith("| FocalMix better |")
     assert "(n=2)" in row
+    text = summarise(records, frocs, ablation_labeled=None, n_bootstrap=200, min_seeds=5)
+    row = next(line for line in text.splitlines() if line.startswith("| 5 |"))
+    assert row.endswith("| pending (2 of 5 seeds) |")
 
 
 def test_budget_curve_keeps_the_checkpoints_the_trainer_prunes(tmp_path: Path) -> None:
