@@ -90,6 +90,7 @@ import numpy as np
 
 from medssl.bench.data import dataset_fingerprint, generated_dataset
 from medssl.bench.machine import cpu_device
+from medssl.bench.runs import resumable, train_wall_s
 from medssl.datasets.luna16 import Luna16
 from medssl.metrics import (
     FrocResult,
@@ -246,22 +247,6 @@ def throughput(run_dir: Path, patches_per_step: int) -> float:
     return patches_per_step / statistics.median(deltas)
 
 
-#: A gap between two ``log.jsonl`` lines longer than this, in s, is a pause (the run was
-#: interrupted and resumed later), not training: a validation round here takes 1-3 minutes.
-PAUSE_S = 600.0
-
-
-def train_wall_s(run_dir: Path, pause_s: float = PAUSE_S) -> float:
-    """Training wall time in s from the timestamps of ``run_dir/log.jsonl``: validation rounds
-    included, the pauses of an interrupted and resumed run (gaps over ``pause_s``) left out.
-
-    A run's ``wall_s`` is the time of the process that finished it, so it misses the part done
-    before an interruption; this counts every segment.
-    """
-    times = [json.loads(line)["time"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return float(sum(d for a, b in itertools.pairwise(times) if 0 <= (d := b - a) <= pause_s))
-
-
 #: ``log.jsonl`` keys of the FocalMix diagnostics → result keys (means over the logged steps).
 DIAGNOSTICS = {
     "objects": "objects_per_patch",
@@ -303,23 +288,6 @@ def experiment(settings: dict[str, Any], run: Run, *, steps: int) -> Any:
         "data.workers": settings["data_workers"],
     }
     return load_config(DetectionExperiment, resolve_config(settings["config"]), overrides)
-
-
-def resumable(cfg: Any, out: Path) -> bool:
-    """Whether ``out`` holds an interrupted (or finished) run of exactly ``cfg``: its
-    ``checkpoints/last.pt`` exists and its ``config.yaml`` reads back as ``cfg`` (compared as
-    configs, so a field added since, at its default, does not count as a change). Such a run
-    continues from its last checkpoint (a finished one only re-runs its test); a folder of another
-    experiment (another budget, say) is trained afresh, as resuming it would mix two
-    learning-rate schedules."""
-    from medssl.config import ConfigError, load_config
-
-    if not (out / "checkpoints" / "last.pt").is_file() or not (out / "config.yaml").is_file():
-        return False
-    try:
-        return load_config(type(cfg), out / "config.yaml") == cfg
-    except ConfigError:  # written by another version of the config classes
-        return False
 
 
 def execute(run: Run, settings: dict[str, Any]) -> dict[str, Any]:

@@ -46,7 +46,10 @@ are shared through ``MEDSSL_CACHE=WORK/cache``; each run's result is written to
 ``OUT_runs/<name>.json`` (``benchmarks/results/seg_methods_runs/``, kept in the repository) as
 soon as it ends, with the data's fingerprint, and a rerun skips those: an interrupted benchmark
 continues where it stopped, on this machine or a new one that regenerates the same data
-(``--report-only`` renders what is done).
+(``--report-only`` renders what is done). A run cut off mid-way continues from its last
+checkpoint (saved at every validation) when its folder is still there
+(``medssl.bench.runs.resumable``); its wall time then adds the training time of the earlier
+sittings.
 
 Cost: 26 runs per seed with the default rows (19 pancreas, 7 organs); on this 2-core CPU, two
 at a time, about 5 hours of wall time per seed (A&D is about half of it), so ~25 h for 5 seeds:

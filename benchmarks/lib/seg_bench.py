@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from medssl.bench.runs import resumable, train_wall_s
+
 ROOT = Path(__file__).resolve().parents[1]
 #: a 1-min load average above this (around a run) marks its wall time as disturbed
 BUSY_LOAD = (os.cpu_count() or 1) + 0.5
@@ -150,8 +152,14 @@ def run_one(job: Mapping[str, Any]) -> dict[str, Any]:
 
     cfg = experiment(job["config"], job["overrides"])
     out = Path(job["out"])
+    # an interrupted run of the same config continues from its last checkpoint (a session
+    # ending mid-run loses minutes, not the run); any other folder is trained afresh
+    resume = resumable(cfg, out)
+    earlier_s = train_wall_s(out, before=time.time()) if resume else 0.0
+    if out.exists() and not resume:
+        shutil.rmtree(out)
     start = time.perf_counter()
-    run = train_segmenter(cfg, job["data"], out, device="cpu")
+    run = train_segmenter(cfg, job["data"], out, resume=resume, device="cpu")
     train_and_test_s = time.perf_counter() - start
     names = class_names(split_domains(job["data"], cfg.data), cfg.data)
     net = build_segmenter(cfg, len(names))
@@ -193,6 +201,8 @@ def run_one(job: Mapping[str, Any]) -> dict[str, Any]:
         "best_val_dice": index.get("best_value"),
         "split": {k: len(v) for k, v in split.items()},
         "train_and_test_s": train_and_test_s,
+        "resumed": resume,
+        "earlier_train_s": earlier_s,
         "log_span_s": (step_times[-1] - step_times[0]) if len(step_times) > 1 else None,
         "step_s_median": statistics.median(intervals) if intervals else None,
         "torch_threads": torch.get_num_threads(),
@@ -215,14 +225,13 @@ def execute(
     sequential: bool,
     extra: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Run ``python script --one JOB`` (``job["out"]``: the run folder, removed first;
+    """Run ``python script --one JOB`` (``job["out"]``: the run folder, which the child resumes
+    when it holds an interrupted run of the same config, see :func:`run_one`;
     ``job["result"]``: where the child writes its row) and return the row plus ``name``,
-    ``wall_s`` (the subprocess's wall clock), ``extra``, ``cpu_s`` (only when ``sequential``:
-    children's CPU time is attributable to one run only when runs go one at a time) and the
-    1-min load average before and after."""
-    out = Path(job["out"])
-    if out.exists():
-        shutil.rmtree(out)  # an interrupted attempt: start it afresh, so its time is one whole run
+    ``wall_s`` (the subprocess's wall clock, plus the training time of earlier sittings of a
+    resumed run), ``extra``, ``cpu_s`` (only when ``sequential`` and not resumed: children's CPU
+    time is attributable to one run only when runs go one at a time) and the 1-min load average
+    before and after."""
     scratch = Path(job["result"])
     load_before = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -236,17 +245,19 @@ def execute(
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if process.returncode != 0:
-        raise SystemExit(f"run {name} failed (exit {process.returncode}); its folder is {out}")
+        raise SystemExit(
+            f"run {name} failed (exit {process.returncode}); its folder is {job['out']}"
+        )
     result = json.loads(scratch.read_text())
     scratch.unlink()
     result.update(
         {
             "name": name,
-            "wall_s": wall,
+            "wall_s": wall + result.get("earlier_train_s", 0.0),
             **extra,
             "cpu_s": (
                 (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-                if sequential
+                if sequential and not result.get("resumed")
                 else None
             ),
             "load_average_1min": [load_before, os.getloadavg()[0]],
