@@ -565,8 +565,13 @@ def summarise(
     def call(d: PooledDelta, method: str, baseline: str, need: int = min_seeds) -> str:
         return verdict(d.ci, method, baseline, n_seeds=len(d.seeds), min_seeds=need)
 
-    def mean_cpm(name: str, labeled: int) -> str:
-        cpms = [r["cpm"] for r in results if r["name"] == name and r["labeled"] == labeled]
+    def mean_cpm(name: str, labeled: int, seeds: Sequence[int]) -> str:
+        """Over the seeds of the paired comparison, so that the two means differ by ΔCPM."""
+        cpms = [
+            r["cpm"]
+            for r in results
+            if r["name"] == name and r["labeled"] == labeled and r["seed"] in seeds
+        ]
         return f"{statistics.mean(cpms):.3f} (n={len(cpms)})" if cpms else "—"
 
     counts = sorted({r["labeled"] for r in results if r["name"] == SUPERVISED})
@@ -578,11 +583,14 @@ def summarise(
     lines = [
         "## FocalMix − supervised (paired over test scans, pooled over seeds)",
         "",
+        "Means over the seeds both arms have finished (n), so that they differ by ΔCPM; a run "
+        "without its pair yet is only in the last table.",
+        "",
         "| labeled | supervised mean CPM | FocalMix mean CPM | ΔCPM | 95 % CI | verdict |",
         "|---:|---:|---:|---:|---|---|",
     ]
     lines += [
-        f"| {n} | {mean_cpm(SUPERVISED, n)} | {mean_cpm(FOCALMIX, n)} "
+        f"| {n} | {mean_cpm(SUPERVISED, n, d.seeds)} | {mean_cpm(FOCALMIX, n, d.seeds)} "
         f"| {d.delta:+.3f} | {_ci(d.ci)} | {call(d, FOCALMIX, SUPERVISED)} |"
         for n, d in main.items()
     ]
@@ -612,13 +620,13 @@ def summarise(
         d = compare(results, frocs, ZERO_WEIGHT, SUPERVISED, n, n_bootstrap=n_bootstrap)
         if d is not None:
             lines.append(
-                f"| {ZERO_WEIGHT} | {n} | {mean_cpm(ZERO_WEIGHT, n)} | supervised "
+                f"| {ZERO_WEIGHT} | {n} | {mean_cpm(ZERO_WEIGHT, n, d.seeds)} | supervised "
                 f"| {d.delta:+.3f} | {_ci(d.ci)} | {call(d, ZERO_WEIGHT, SUPERVISED)} |"
             )
         d = compare(results, frocs, FOCALMIX, ZERO_WEIGHT, n, n_bootstrap=n_bootstrap)
         if d is not None:
             lines.append(
-                f"| {FOCALMIX} | {n} | {mean_cpm(FOCALMIX, n)} | unlabeled weight 0 | "
+                f"| {FOCALMIX} | {n} | {mean_cpm(FOCALMIX, n, d.seeds)} | unlabeled weight 0 | "
                 f"{d.delta:+.3f} | {_ci(d.ci)} | {call(d, FOCALMIX, ZERO_WEIGHT)} |"
             )
     for n in sorted({r["labeled"] for r in results if r["name"] == CEILING}):
@@ -643,7 +651,7 @@ def summarise(
             d = compare(results, frocs, name, FOCALMIX, ablation_labeled, n_bootstrap=n_bootstrap)
             if d is not None:
                 lines.append(
-                    f"| {name} | {mean_cpm(name, ablation_labeled)} | {d.delta:+.3f} "
+                    f"| {name} | {mean_cpm(name, ablation_labeled, d.seeds)} | {d.delta:+.3f} "
                     f"| {_ci(d.ci)} | {call(d, 'ablation', 'full FocalMix', min_ablation_seeds)} |"
                 )
 
